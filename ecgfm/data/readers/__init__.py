@@ -1,0 +1,1 @@
+"""ecgfm.data.readers"""

@@ -1,0 +1,335 @@
+"""Base LightningModule shared by every pretraining method (MAE, SimCLR, CLOCS, CREMA).
+
+A method subclasses :class:`PretrainModule` and implements :meth:`PretrainModule.shared_step`, which maps a
+:class:`~ecgfm.data.datamodules.PretrainDataModule` batch (dict: ``x (B, 12, T)``, optionally ``x2 (B, 12, T)``,
+``lead_mask (B, 12)`` bool, ``patient (B,)`` int64 with -1 for unknown, ``index (B,)`` int64 and, for labelled
+validation data, ``y``) to ``(loss, terms)``. The base class provides
+
+* ``training_step`` / ``validation_step`` that call ``shared_step`` and log ``train/<term>`` / ``val/<term>``;
+* ``configure_optimizers``: AdamW (fused on CUDA, ``foreach`` otherwise) without weight decay on biases, norm
+  layers and embeddings (positional embeddings, class/mask tokens, ``nn.Embedding``), with a linear warm-up followed
+  by a cosine decay to zero at ``max_steps``, stepped every optimiser step;
+* an *online linear probe* (optional, ``probe_num_classes``): see :meth:`PretrainModule.on_validation_epoch_end`.
+
+Online probe, the chosen design: during validation the (frozen, eval-mode) backbone embeds every labelled batch;
+at the end of the validation epoch the embeddings of all ranks are gathered, de-duplicated by ``index``, split
+50/50 by a fixed-seed random permutation (so a multi-corpus validation set in index order is not split by corpus),
+and a scikit-learn ``LogisticRegression`` on standardised embeddings is fitted on one half; the macro AUROC over the
+classes that have both outcomes in the other half is logged as ``val/probe_auroc`` (plus ``val/probe_n`` for the
+number of embeddings). It never touches training (no extra optimiser, no gradient), so it is an honest monitor of
+representation quality; it is not a benchmark number (the halves may share patients: use ``ecgfm.evaluate`` for
+results).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch import nn
+
+# Parameter names (last component) that are embeddings/tokens and get no weight decay, as in timm/MAE.
+_NO_DECAY_NAMES = ("pos_embed", "cls_token", "mask_token", "lead_embed", "sep_embed", "dist_token", "pos_embedding")
+_NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
+if hasattr(nn, "RMSNorm"):
+    _NORM_TYPES = _NORM_TYPES + (nn.RMSNorm,)
+
+
+def param_groups_no_decay(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Split trainable parameters into a weight-decay group and a no-weight-decay group.
+
+    No decay for: biases, every parameter with ``ndim <= 1``, parameters of normalisation layers and
+    ``nn.Embedding``, parameters whose name ends with a known token/embedding name (``pos_embed``, ``cls_token``,
+    ``mask_token``, ...), and names a module lists in a timm-style ``no_weight_decay()`` method.
+    (Written here rather than taken from ``timm.optim`` because timm's helper does not look at module types and its
+    signature has changed between releases.)
+
+    Args:
+        model: the module whose ``named_parameters()`` are grouped (frozen parameters are skipped).
+        weight_decay: decay of the decayed group.
+
+    Returns:
+        ``[{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]``
+        (empty groups dropped), each with a ``"names"`` list for inspection.
+    """
+    skip: set[str] = set()
+    for mod_name, module in model.named_modules():
+        prefix = f"{mod_name}." if mod_name else ""
+        if isinstance(module, _NORM_TYPES + (nn.Embedding,)):
+            skip.update(prefix + n for n, _ in module.named_parameters(recurse=False))
+        nwd = getattr(module, "no_weight_decay", None)
+        if callable(nwd):
+            skip.update(prefix + n for n in nwd())
+    decay, no_decay, decay_names, no_decay_names = [], [], [], []
+    seen: set[int] = set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        last = name.rsplit(".", 1)[-1]
+        if p.ndim <= 1 or name.endswith(".bias") or name in skip or last in _NO_DECAY_NAMES:
+            no_decay.append(p)
+            no_decay_names.append(name)
+        else:
+            decay.append(p)
+            decay_names.append(name)
+    groups = []
+    if decay:
+        groups.append({"params": decay, "weight_decay": float(weight_decay), "names": decay_names})
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0, "names": no_decay_names})
+    return groups
+
+
+def warmup_cosine(step: int, warmup_steps: int, max_steps: int) -> float:
+    """LR multiplier: linear warm-up from ``1/(warmup+1)`` to 1 over ``warmup_steps``, then cosine to 0.
+
+    Args:
+        step: optimiser step (0-based).
+        warmup_steps: number of warm-up steps (0 = none).
+        max_steps: step at which the multiplier reaches 0 (and stays there).
+    """
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    if max_steps <= warmup_steps:
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / (max_steps - warmup_steps))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def macro_auroc(y_true: np.ndarray, scores: np.ndarray) -> tuple[float, int]:
+    """Macro AUROC over the columns that contain both outcomes.
+
+    Args:
+        y_true: ``(N, C)`` binary targets.
+        scores: ``(N, C)`` scores.
+
+    Returns:
+        ``(auroc, n_classes_used)``; ``(nan, 0)`` when no column has both outcomes.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    aucs = []
+    for c in range(y_true.shape[1]):
+        col = y_true[:, c]
+        if 0 < col.sum() < len(col):
+            aucs.append(roc_auc_score(col, scores[:, c]))
+    return (float(np.mean(aucs)), len(aucs)) if aucs else (float("nan"), 0)
+
+
+def fit_probe_auroc(emb: np.ndarray, y: np.ndarray, multilabel: bool, num_classes: int, seed: int = 0,
+                    max_iter: int = 500) -> tuple[float, int]:
+    """Fit a logistic-regression probe on a random half of ``emb`` and return macro AUROC on the other half.
+
+    Args:
+        emb: ``(N, D)`` embeddings.
+        y: ``(N, C)`` multi-hot targets (``multilabel``) or ``(N,)`` class indices / ``(N, C)`` one-hot.
+        multilabel: one-vs-rest binary problems instead of one multinomial problem.
+        num_classes: number of classes ``C``.
+        seed: seed of the 50/50 split.
+        max_iter: iterations of the lbfgs solver.
+
+    Returns:
+        ``(macro AUROC on the held-out half, number of classes scored)``; ``(nan, 0)`` if not computable.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.multiclass import OneVsRestClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    n = len(emb)
+    if multilabel:
+        Y = np.asarray(y, dtype=np.float64).reshape(n, -1) > 0.5
+    else:
+        y = np.asarray(y)
+        labels = y.argmax(1) if y.ndim == 2 else y.astype(np.int64)
+        Y = np.zeros((n, num_classes), dtype=bool)
+        Y[np.arange(n), labels] = True
+    perm = np.random.default_rng(seed).permutation(n)
+    fit_idx, eval_idx = perm[: n // 2], perm[n // 2:]
+    if len(fit_idx) < 2 or len(eval_idx) < 2:
+        return float("nan"), 0
+    Yf = Y[fit_idx]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # convergence / constant-label warnings on tiny validation sets
+        if multilabel:
+            usable = (Yf.sum(0) > 0) & (Yf.sum(0) < len(Yf))
+            if not usable.any():
+                return float("nan"), 0
+            clf = make_pipeline(StandardScaler(), OneVsRestClassifier(LogisticRegression(max_iter=max_iter)))
+            clf.fit(emb[fit_idx], Yf[:, usable].astype(np.int64))
+            scores = clf.predict_proba(emb[eval_idx])
+            return macro_auroc(Y[eval_idx][:, usable], scores)
+        classes = np.flatnonzero(Yf.sum(0) > 0)
+        if len(classes) < 2:
+            return float("nan"), 0
+        clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=max_iter))
+        clf.fit(emb[fit_idx], Yf.argmax(1))
+        scores = clf.predict_proba(emb[eval_idx])  # columns follow clf.classes_ == classes
+        return macro_auroc(Y[eval_idx][:, classes], scores)
+
+
+class PretrainModule(L.LightningModule):
+    """Base class of the pretraining methods (see the module docstring).
+
+    Args:
+        backbone: encoder following the :mod:`ecgfm.backbones.registry` contract (``embed``, ``num_features``);
+            kept as ``self.backbone`` (what gets exported). Its ``name`` / ``init_args`` are stored in the
+            hyper-parameters so a checkpoint can rebuild it with ``create_backbone``.
+        lr: peak learning rate (after warm-up).
+        weight_decay: AdamW weight decay (not applied to biases, norms and embeddings).
+        warmup_steps: linear warm-up steps.
+        max_steps: step at which the cosine schedule reaches zero (normally the trainer's ``max_steps``).
+        betas: AdamW betas.
+        probe_num_classes: enable the online linear probe on labelled validation batches (``batch["y"]``)
+            with this many classes; ``None`` disables it.
+        probe_multilabel: ``y`` is multi-hot ``(B, C)`` (one-vs-rest probe) instead of class indices ``(B,)``.
+    """
+
+    def __init__(self, backbone: nn.Module, lr: float = 1e-3, weight_decay: float = 0.05, warmup_steps: int = 100,
+                 max_steps: int = 10000, betas: tuple[float, float] = (0.9, 0.95),
+                 probe_num_classes: int | None = None, probe_multilabel: bool = False) -> None:
+        super().__init__()
+        if lr <= 0:
+            raise ValueError(f"lr must be > 0, got {lr}")
+        if weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        if warmup_steps < 0 or max_steps < 1:
+            raise ValueError(f"need warmup_steps >= 0 and max_steps >= 1, got {warmup_steps}, {max_steps}")
+        if probe_num_classes is not None and probe_num_classes < 2 and not probe_multilabel:
+            raise ValueError(f"probe_num_classes must be >= 2 for a multiclass probe, got {probe_num_classes}")
+        if not hasattr(backbone, "embed") or not hasattr(backbone, "num_features"):
+            raise ValueError(f"backbone {type(backbone).__name__} does not follow the contract (embed, num_features)")
+        # Collects the arguments of every __init__ in the subclass chain; the module itself is not plain data.
+        self.save_hyperparameters(ignore=["backbone"])
+        self.hparams["backbone_name"] = getattr(backbone, "name", None) or None
+        self.hparams["backbone_args"] = dict(getattr(backbone, "init_args", {}) or {})
+        self.backbone = backbone
+        self._probe_emb: list[torch.Tensor] = []
+        self._probe_y: list[torch.Tensor] = []
+        self._probe_idx: list[torch.Tensor] = []
+
+    # ------------------------------------------------------------------ steps
+    def shared_step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Compute the method's loss on one batch.
+
+        Args:
+            batch: PretrainDataModule batch (see module docstring).
+
+        Returns:
+            ``(loss, terms)``: scalar loss to minimise and a dict of named scalar terms to log (the loss itself is
+            logged as ``loss`` by the caller).
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement shared_step(batch) -> (loss, terms)")
+
+    def log_terms(self, prefix: str, terms: dict[str, Any], batch_size: int | None = None) -> None:
+        """Log ``{prefix}/{name}`` for every term (per step in training, per epoch with DDP sync otherwise).
+
+        Args:
+            prefix: ``"train"`` or ``"val"`` (any string is accepted).
+            terms: name -> scalar tensor or number.
+            batch_size: batch size used for epoch averaging (avoids Lightning guessing it from a dict batch).
+        """
+        train = prefix == "train"
+        values = {f"{prefix}/{k}": (v.detach().float() if torch.is_tensor(v) else float(v)) for k, v in terms.items()}
+        self.log_dict(values, on_step=train, on_epoch=not train, prog_bar=False, sync_dist=not train,
+                      batch_size=batch_size)
+
+    @staticmethod
+    def _batch_size(batch: dict[str, torch.Tensor]) -> int:
+        return int(batch["x"].shape[0])
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss, terms = self.shared_step(batch)
+        self.log_terms("train", {"loss": loss, **terms}, batch_size=self._batch_size(batch))
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss, terms = self.shared_step(batch)
+        self.log_terms("val", {"loss": loss, **terms}, batch_size=self._batch_size(batch))
+        if self.hparams.probe_num_classes is not None and "y" in batch:
+            self._collect_probe(batch)
+        return loss
+
+    # ------------------------------------------------------------ online probe
+    @torch.no_grad()
+    def probe_embed(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Embedding used by the online probe: ``backbone.embed(x)`` ``(B, D)``. Override to change it."""
+        x = batch["x"]
+        if "lead_mask" in batch:
+            x = x * batch["lead_mask"].to(x.dtype)[:, :, None]
+        return self.backbone.embed(x)
+
+    def _collect_probe(self, batch: dict[str, torch.Tensor]) -> None:
+        emb = self.probe_embed(batch).detach().float()
+        self._probe_emb.append(emb)
+        self._probe_y.append(batch["y"].detach().float())
+        idx = batch.get("index")
+        if idx is None:  # no index: make unique ids from the running count
+            start = sum(len(e) for e in self._probe_emb[:-1])
+            idx = torch.arange(start, start + len(emb), device=emb.device)
+        self._probe_idx.append(idx.detach().long())
+
+    def on_validation_epoch_start(self) -> None:
+        self._probe_emb, self._probe_y, self._probe_idx = [], [], []
+
+    def _gather_probe(self) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        if not self._probe_emb:
+            return None
+        emb = torch.cat(self._probe_emb)
+        y = torch.cat(self._probe_y)
+        idx = torch.cat(self._probe_idx)
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if world > 1:  # all_gather needs equal shapes: pad to the largest local count, then trim
+            n = torch.tensor([len(emb)], device=emb.device)
+            counts = self.all_gather(n).reshape(-1)
+            m = int(counts.max())
+            pad = m - len(emb)
+            emb = torch.cat([emb, emb.new_zeros(pad, *emb.shape[1:])])
+            y = torch.cat([y, y.new_zeros(pad, *y.shape[1:])])
+            idx = torch.cat([idx, idx.new_full((pad,), -1)])
+            emb, y, idx = (self.all_gather(t) for t in (emb, y, idx))  # (world, m, ...)
+            keep = torch.cat([torch.arange(m, device=emb.device) < c for c in counts])
+            emb, y, idx = (t.reshape(-1, *t.shape[2:])[keep] for t in (emb, y, idx))
+        idx_np = idx.cpu().numpy()
+        _, first = np.unique(idx_np, return_index=True)  # DistributedSampler repeats samples to even out ranks
+        first = np.sort(first)
+        return emb.cpu().numpy()[first], y.cpu().numpy()[first], idx_np[first]
+
+    def on_validation_epoch_end(self) -> None:
+        """Fit the online linear probe on the collected validation embeddings and log ``val/probe_auroc``."""
+        if self.hparams.probe_num_classes is None:
+            return
+        gathered = self._gather_probe()
+        self._probe_emb, self._probe_y, self._probe_idx = [], [], []
+        if gathered is None:
+            return
+        emb, y, idx = gathered
+        order = np.argsort(idx, kind="stable")  # same order on every rank, whatever the sampler did
+        auroc, n_classes = fit_probe_auroc(emb[order], y[order], bool(self.hparams.probe_multilabel),
+                                           int(self.hparams.probe_num_classes))
+        if n_classes == 0:
+            warnings.warn(f"online probe: {len(emb)} labelled validation embeddings have no class with both "
+                          "outcomes in each half; val/probe_auroc not logged", stacklevel=1)
+            return
+        # Every rank computed the same value from the same gathered data: no sync needed.
+        self.log("val/probe_auroc", auroc, on_epoch=True, sync_dist=False, rank_zero_only=False)
+        self.log("val/probe_n", float(len(emb)), on_epoch=True, sync_dist=False)
+
+    # --------------------------------------------------------------- optimiser
+    def configure_optimizers(self) -> dict[str, Any]:
+        """AdamW over :func:`param_groups_no_decay` with a per-step warm-up + cosine ``LambdaLR``."""
+        groups = param_groups_no_decay(self, self.hparams.weight_decay)
+        for g in groups:
+            g.pop("names")
+        params = [p for g in groups for p in g["params"]]
+        on_cuda = bool(params) and all(p.is_cuda for p in params)
+        kwargs = {"fused": True} if on_cuda else {"foreach": True}
+        opt = torch.optim.AdamW(groups, lr=self.hparams.lr, betas=tuple(self.hparams.betas), **kwargs)
+        warm, total = int(self.hparams.warmup_steps), int(self.hparams.max_steps)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, warm, total))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}

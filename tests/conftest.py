@@ -1,0 +1,40 @@
+"""Shared test fixtures: paths to the real data, skip markers, seeds."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = (ROOT / ".." / "shared" / "data").resolve()
+FIXTURE = SHARED_DATA / "fixture"
+
+
+def _require(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"real data not found at {path} (expected ../shared/data beside the project root)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """``../shared/data``; skips the test with a clear message when absent."""
+    return _require(SHARED_DATA)
+
+
+@pytest.fixture(scope="session")
+def fixture_dir() -> Path:
+    """``../shared/data/fixture`` (4 MB of real records for fast tests)."""
+    return _require(FIXTURE)
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(0)
