@@ -1,0 +1,179 @@
+"""Any folder of WFDB records (``.hea`` + ``.dat``/``.xyz``/..., or ``.hea`` + ``.mat``), with optional labels."""
+
+from __future__ import annotations
+
+import collections
+import csv
+import math
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from ecgfm.data.readers._scan import scan_records
+from ecgfm.data.readers.formats import read_wfdb
+from ecgfm.data.record import ECGDataError, ECGRecord
+
+__all__ = ["FolderSource", "WFDBFolderSource"]
+
+_SPLIT_COLUMNS = frozenset({"split", "fold", "strat_fold"})
+_BINARY = {"0", "1", "0.0", "1.0", "true", "false", ""}
+
+
+def _is_true(value: str) -> bool:
+    return value.strip().lower() in ("1", "1.0", "true")
+
+
+class FolderSource:
+    """Every WFDB record under ``root`` (recursive), optionally labelled from a CSV.
+
+    ``record_id`` is the record's path relative to ``root`` without extension (``"rec1"``, ``"sub/rec2"``); the
+    CSV may also give the bare file name (``"rec2"``) where it is unique in the tree.
+    The labels CSV has one row per record with the id in ``id_column`` and one or more label columns:
+
+    - a column whose values are all 0/1 (or true/false, or empty) is a binary column: the record gets the
+      column name as a label where the value is 1;
+    - any other column holds label names, several separated by ``;`` (empty = none).
+
+    ``meta`` holds the raw CSV values of the record (``{column: value}`` for every column but the id, so a
+    split or fold column is available to the split helpers) plus age/sex from the header comments.
+
+    Args:
+        root: folder to scan.
+        labels_csv: optional CSV path (relative paths are taken relative to ``root`` first, then the current
+            directory).
+        id_column: CSV column holding the record id.
+        label_columns: CSV columns to use as labels (default: every column except ``id_column``,
+            ``patient_column`` and split columns named ``split``, ``fold`` or ``strat_fold``).
+        name: value of ``record.source``.
+        patient_column: CSV column giving the patient id (for patient-wise splits). Default: the column
+            ``patient_id`` when the CSV has one (it is then not a label column); ``""`` for none.
+        include_unlabelled: with a CSV, also list records that have no CSV row (loaded with ``labels=()``).
+        rename_leads: optional published-name -> lead-name mapping applied before the lead mapping, e.g.
+            ``{"ECG": "I"}`` for single-lead devices that do not name their lead.
+
+    Raises:
+        ECGDataError: no record found, labels CSV missing, id / label / patient column missing, duplicated
+            ids in the CSV, CSV ids that match no record (the message lists them).
+    """
+
+    def __init__(self, root: str | os.PathLike, labels_csv: str | os.PathLike | None = None,
+                 id_column: str = "record_id", label_columns: Sequence[str] | None = None,
+                 name: str = "folder", patient_column: str | None = None, include_unlabelled: bool = True,
+                 rename_leads: Mapping[str, str] | None = None):
+        self.root = Path(root)
+        self.name = str(name)
+        self.rename_leads = {str(k): str(v) for k, v in rename_leads.items()} if rename_leads else None
+        self.include_unlabelled = bool(include_unlabelled)
+        self._files = scan_records(self.root, ".hea", recursive=True, ids="relative")
+        if not self._files:
+            raise ECGDataError(self.root, "no WFDB records (*.hea) found in the folder or its sub-folders")
+        self.labels_csv: Path | None = None
+        self.label_columns: list[str] = []
+        self._labels: dict[str, tuple[str, ...]] = {}
+        self._meta: dict[str, dict[str, Any]] = {}
+        self._patients: dict[str, str | None] = {}
+        if labels_csv is not None:
+            self._read_labels(labels_csv, id_column, label_columns, patient_column)
+        ids = self._files if (labels_csv is None or self.include_unlabelled) else self._labels
+        self._ids = sorted(ids)
+
+    def _read_labels(self, labels_csv: str | os.PathLike, id_column: str, label_columns: Sequence[str] | None,
+                     patient_column: str | None) -> None:
+        path = Path(labels_csv)
+        if not path.is_absolute() and (self.root / path).is_file():
+            path = self.root / path
+        if not path.is_file():
+            raise ECGDataError(path, "labels CSV not found")
+        self.labels_csv = path
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            columns = list(reader.fieldnames or [])
+            rows = list(reader)
+        if id_column not in columns:
+            raise ECGDataError(path, f"id column {id_column!r} not found; columns are {columns}")
+        if patient_column is None:
+            patient_column = "patient_id" if "patient_id" in columns and id_column != "patient_id" else None
+        elif patient_column == "":
+            patient_column = None
+        if patient_column is not None and patient_column not in columns:
+            raise ECGDataError(path, f"patient column {patient_column!r} not found; columns are {columns}")
+        if label_columns is None:
+            label_columns = [c for c in columns
+                             if c not in (id_column, patient_column) and c.lower() not in _SPLIT_COLUMNS]
+        elif isinstance(label_columns, str):
+            label_columns = [label_columns]
+        missing = [c for c in label_columns if c not in columns]
+        if missing:
+            raise ECGDataError(path, f"label column(s) {missing} not found; columns are {columns}")
+        if not label_columns:
+            raise ECGDataError(path, "no label column (the CSV has only the id column)")
+        self.label_columns = list(label_columns)
+        ids = [str(r[id_column]).strip() for r in rows]
+        # An id is the relative path without extension; a file name alone is accepted when it is unique.
+        stems: dict[str, list[str]] = {}
+        for rid in self._files:
+            stems.setdefault(rid.rsplit("/", 1)[-1], []).append(rid)
+        ids = [i if i in self._files or len(stems.get(i, [])) != 1 else stems[i][0] for i in ids]
+        unknown = [i for i in ids if i not in self._files]
+        if unknown:
+            raise ECGDataError(path, f"{len(unknown)} id(s) in the CSV match no record under {self.root}: "
+                                     f"{unknown[:10]}{' ...' if len(unknown) > 10 else ''} (record ids are "
+                                     f"paths relative to the folder without extension, e.g. "
+                                     f"{next(iter(self._files))!r})")
+        dups = sorted(rid for rid, n in collections.Counter(ids).items() if n > 1)
+        if dups:
+            raise ECGDataError(path, f"{len(dups)} duplicated id(s) in column {id_column!r}: {dups[:10]}")
+        binary = {c: all(str(r[c] or "").strip().lower() in _BINARY for r in rows) for c in self.label_columns}
+        for rid, row in zip(ids, rows):
+            labels: list[str] = []
+            for col in self.label_columns:
+                value = str(row[col] or "").strip()
+                if binary[col]:
+                    if _is_true(value):
+                        labels.append(col)
+                else:
+                    labels.extend(v.strip() for v in value.split(";") if v.strip())
+            self._labels[rid] = tuple(dict.fromkeys(labels))  # de-duplicated, CSV order kept
+            self._meta[rid] = {col: _json_value(row[col]) for col in columns if col != id_column}
+            if patient_column is not None:
+                pid = str(row[patient_column] or "").strip()
+                self._patients[rid] = pid or None
+
+    def __repr__(self) -> str:
+        return f"FolderSource(root={str(self.root)!r}, name={self.name!r}, n={len(self._ids)})"
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def record_ids(self) -> list[str]:
+        return list(self._ids)
+
+    def load(self, record_id: str) -> ECGRecord:
+        rel = self._files.get(record_id)
+        if rel is None:
+            raise ECGDataError(self.root, f"no record {record_id!r} in the folder")
+        record = read_wfdb(self.root / rel, source=self.name, rename_leads=self.rename_leads)
+        meta = {**record.meta, **self._meta.get(record_id, {})}
+        return record.replace(record_id=record_id, labels=self._labels.get(record_id, ()), meta=meta,
+                              patient_id=self._patients.get(record_id))
+
+
+def _json_value(value: Any) -> Any:
+    """CSV cell -> int / float / str (JSON-able), empty -> None."""
+    s = str(value if value is not None else "").strip()
+    if not s:
+        return None
+    for cast in (int, float):
+        try:
+            v = cast(s)
+        except ValueError:
+            continue
+        return v if not (isinstance(v, float) and not math.isfinite(v)) else None
+    return s
+
+
+class WFDBFolderSource(FolderSource):
+    """A :class:`FolderSource` without labels, named ``"wfdb"`` by default (e.g. PTB Diagnostic records)."""
+
+    def __init__(self, root: str | os.PathLike, name: str = "wfdb", rename_leads: Mapping[str, str] | None = None):
+        super().__init__(root, name=name, rename_leads=rename_leads)

@@ -1,0 +1,314 @@
+"""Sources for the PhysioNet / CPSC corpora: CinC 2017, challenge 2020/2021, CPSC 2021, CPSC 2018, MIT-BIH."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import wfdb
+
+from ecgfm.data.readers._scan import scan_records
+from ecgfm.data.readers.formats import parse_header_comments, read_challenge, read_cpsc2018, read_wfdb
+from ecgfm.data.record import ECGDataError, ECGRecord
+
+__all__ = [
+    "BEAT_SYMBOLS",
+    "CHALLENGE_EQUIVALENT_CODES",
+    "CINC2017_CLASSES",
+    "CPSC2021_CLASSES",
+    "CPSC2018Source",
+    "CPSC2021Source",
+    "Challenge2021Source",
+    "CinC2017Source",
+    "MITBIHSource",
+    "challenge_subset",
+    "merge_equivalent_codes",
+]
+
+#: CinC 2017 classes: normal sinus rhythm, atrial fibrillation, other rhythm, too noisy to classify.
+CINC2017_CLASSES: tuple[str, ...] = ("N", "A", "O", "~")
+
+#: SNOMED-CT codes the challenge 2020/2021 scoring treats as the same class (evaluate_model.py,
+#: ``equivalent_classes``): the second code of each pair is replaced by the first.
+CHALLENGE_EQUIVALENT_CODES: dict[str, str] = {
+    "59118001": "713427006",   # RBBB -> CRBBB (complete right bundle branch block)
+    "63593006": "284470004",   # SVPB -> PAC (premature atrial contraction)
+    "17338001": "427172004",   # VPB -> PVC (premature ventricular contraction)
+    "164909002": "733534002",  # LBBB -> CLBBB (complete left bundle branch block)
+}
+
+#: CPSC 2021 record classes (header comment -> label).
+CPSC2021_CLASSES: dict[str, str] = {
+    "non atrial fibrillation": "non_af",
+    "paroxysmal atrial fibrillation": "paroxysmal_af",
+    "persistent atrial fibrillation": "persistent_af",
+}
+
+#: PhysioNet beat annotation symbols (the rest are rhythm, noise and other non-beat annotations).
+BEAT_SYMBOLS: frozenset[str] = frozenset("NLRBaJASVrFejnE/fQ?")
+
+
+def merge_equivalent_codes(codes: list[str]) -> list[str]:
+    """Sorted, de-duplicated codes with the challenge's equivalent pairs merged (see
+    :data:`CHALLENGE_EQUIVALENT_CODES`)."""
+    return sorted({CHALLENGE_EQUIVALENT_CODES.get(c, c) for c in codes})
+
+
+def challenge_subset(record_id: str) -> str:
+    """Sub-database of a challenge 2020/2021 record from its id prefix.
+
+    A: CPSC 2018, Q: CPSC 2018 extra, I: St Petersburg INCART, S: PTB, HR: PTB-XL, E: Georgia,
+    JS: Chapman-Shaoxing (JS00001-JS10646) or Ningbo (JS10647 on), as listed by the challenge.
+    """
+    rid = record_id.upper()
+    if rid.startswith("HR"):
+        return "ptbxl"
+    if rid.startswith("JS"):
+        digits = rid[2:]
+        return "chapman_shaoxing" if digits.isdigit() and int(digits) <= 10646 else "ningbo"
+    return {"A": "cpsc2018", "Q": "cpsc2018_extra", "I": "incart", "S": "ptb", "E": "georgia"}.get(rid[:1],
+                                                                                                  "unknown")
+
+
+class _FolderIndex:
+    """Shared plumbing of the folder-based sources: ``self._files`` maps record id -> path relative to root."""
+
+    name = "source"
+    _what = "record"
+    root: Path
+    _files: dict[str, str]
+
+    def record_ids(self) -> list[str]:
+        """Sorted record ids (file names without extension)."""
+        return list(self._files)
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(root={str(self.root)!r}, n={len(self._files)})"
+
+    def _base(self, record_id: str) -> Path:
+        rel = self._files.get(record_id)
+        if rel is None:
+            raise ECGDataError(self.root, f"no {self._what} {record_id!r} in this folder")
+        return self.root / rel
+
+
+class CinC2017Source(_FolderIndex):
+    """PhysioNet/CinC 2017 AF challenge: single-lead AliveCor ECG at 300 Hz, records of different lengths.
+
+    The AliveCor lead (published as ``ECG``) is recorded between the two hands, a lead-I configuration, so
+    it is placed in the ``I`` row; ``header["lead_renamed"] == {"ECG": "I"}`` records the choice.
+    Labels from ``REFERENCE.csv`` (no header line): ``(label,)`` with label in :data:`CINC2017_CLASSES`, and
+    ``meta["label"]``. Records without a reference row load unlabelled.
+
+    Args:
+        root: folder with ``A*.hea`` + ``A*.mat`` and ``REFERENCE.csv``.
+    """
+
+    name = "cinc2017"
+    _what = "CinC 2017 record"
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self._files = scan_records(self.root, ".hea")
+        if not self._files:
+            raise ECGDataError(self.root, "no CinC 2017 records (*.hea) found")
+        ref = self.root / "REFERENCE.csv"
+        if not ref.is_file():
+            raise ECGDataError(ref, "CinC 2017 REFERENCE.csv not found")
+        self._labels: dict[str, str] = {}
+        with open(ref, newline="") as fh:
+            for lineno, row in enumerate(csv.reader(fh), start=1):
+                if not row or not "".join(row).strip():
+                    continue
+                if len(row) != 2 or row[1].strip() not in CINC2017_CLASSES:
+                    raise ECGDataError(ref, f"line {lineno}: expected 'record,label' with label in "
+                                            f"{CINC2017_CLASSES}, got {row}")
+                self._labels[row[0].strip()] = row[1].strip()
+
+    def load(self, record_id: str) -> ECGRecord:
+        base = self._base(record_id)
+        record = read_challenge(base, source=self.name, rename_leads={"ECG": "I"})
+        label = self._labels.get(record_id)
+        meta = dict(record.meta)
+        if label is not None:
+            meta["label"] = label
+        return record.replace(record_id=record_id, labels=(label,) if label else (), meta=meta)
+
+
+class Challenge2021Source(_FolderIndex):
+    """PhysioNet/CinC challenge 2020/2021 records (``.hea`` + ``.mat``, 12 leads), searched recursively.
+
+    ``labels`` and ``meta["dx"]``: the ``# Dx:`` SNOMED-CT codes with the scoring's equivalent pairs merged
+    (sorted); ``meta["dx_raw"]``: the codes as published; ``meta["subset"]``: the sub-database from the id
+    prefix (:func:`challenge_subset`); ``meta["ptbxl_ecg_id"]``: for ``HR`` records, the PTB-XL ``ecg_id``
+    (``HR06000`` is PTB-XL record 6000), used to guard against PTB-XL leakage. ``age`` / ``sex`` as parsed.
+
+    Args:
+        root: folder (tree) holding the records.
+    """
+
+    name = "challenge2021"
+    _what = "challenge record"
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self._files = scan_records(self.root, ".hea", recursive=True)
+        if not self._files:
+            raise ECGDataError(self.root, "no challenge records (*.hea) found")
+
+    def load(self, record_id: str) -> ECGRecord:
+        base = self._base(record_id)
+        record = read_challenge(base, source=self.name)
+        fields = parse_header_comments(record.header.get("comments", []))
+        raw = [c.strip() for c in fields.get("dx", "").split(",") if c.strip()]
+        merged = merge_equivalent_codes(raw)
+        meta: dict[str, Any] = dict(record.meta)
+        meta.pop("dx_text", None)
+        meta.update({"dx": merged, "dx_raw": raw, "subset": challenge_subset(record_id)})
+        if record_id.upper().startswith("HR") and record_id[2:].isdigit():
+            meta["ptbxl_ecg_id"] = int(record_id[2:])
+        return record.replace(record_id=record_id, labels=tuple(merged), meta=meta)
+
+
+def _af_episodes(ann: wfdb.Annotation, sig_len: int) -> list[list[int]]:
+    """``[[start, end], ...]`` sample ranges (inclusive) between ``(AFIB``/``(AFL`` and the next rhythm change.
+
+    CPSC 2021 convention: an episode opens at an ``(AFIB`` or ``(AFL`` rhythm annotation and closes at the
+    next rhythm annotation (``(N``); one still open at the end closes at the last sample. Ends are
+    clipped to the last sample.
+    """
+    episodes: list[list[int]] = []
+    start: int | None = None
+    for sample, symbol, note in zip(ann.sample, ann.symbol, ann.aux_note or [""] * len(ann.sample)):
+        if symbol != "+":
+            continue
+        rhythm = str(note).strip("\x00 ").upper()
+        if rhythm in ("(AFIB", "(AFL"):
+            if start is None:
+                start = int(sample)
+        elif start is not None:
+            episodes.append([start, int(sample)])
+            start = None
+    if start is not None:
+        episodes.append([start, int(sig_len) - 1])
+    # Some published annotations put the closing "(N" one sample past the end (data_101_6): clip to the record.
+    return [[min(s, int(sig_len) - 1), min(e, int(sig_len) - 1)] for s, e in episodes]
+
+
+def _read_atr(base: Path, extension: str = "atr") -> wfdb.Annotation | None:
+    path = base.with_name(base.name + "." + extension)
+    if not path.is_file():
+        return None
+    try:
+        return wfdb.rdann(str(base), extension)
+    except Exception as exc:
+        raise ECGDataError(path, f"unreadable annotation file: {type(exc).__name__}: {exc}") from None
+
+
+class CPSC2021Source(_FolderIndex):
+    """CPSC 2021 paroxysmal AF: 2-lead (I, II) 200 Hz WFDB records with ``.atr`` annotations.
+
+    ``labels``: the record class from the header comment, one of ``non_af``, ``paroxysmal_af``,
+    ``persistent_af`` (also ``meta["class"]``). ``annotations``: ``{"r_peaks": (n,) int64 sample indices of
+    beat annotations, "af_episodes": [[start, end], ...]}`` (inclusive, in samples), or None when the
+    ``.atr`` file is absent. ``patient_id``: the patient number of ``data_<patient>_<record>``.
+
+    Args:
+        root: folder with ``data_*.hea`` / ``.dat`` / ``.atr``.
+    """
+
+    name = "cpsc2021"
+    _what = "CPSC 2021 record"
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self._files = scan_records(self.root, ".hea")
+        if not self._files:
+            raise ECGDataError(self.root, "no CPSC 2021 records (*.hea) found")
+
+    def load(self, record_id: str) -> ECGRecord:
+        base = self._base(record_id)
+        record = read_wfdb(base, source=self.name)
+        comments = [c.strip().lower() for c in record.header.get("comments", []) if c.strip()]
+        cls = next((CPSC2021_CLASSES[c] for c in comments if c in CPSC2021_CLASSES), None)
+        if cls is None:
+            raise ECGDataError(record.header["path"], f"no CPSC 2021 record class among the header comments "
+                                                      f"{comments} (expected one of {list(CPSC2021_CLASSES)})")
+        parts = record_id.split("_")
+        patient = parts[1] if len(parts) == 3 and parts[0] == "data" else None
+        ann = _read_atr(base)
+        annotations = None
+        if ann is not None:
+            beats = np.array([s in BEAT_SYMBOLS for s in ann.symbol], dtype=bool)
+            annotations = {"r_peaks": np.asarray(ann.sample, dtype=np.int64)[beats],
+                           "af_episodes": _af_episodes(ann, record.n_samples)}
+        return record.replace(record_id=record_id, patient_id=patient, labels=(cls,),
+                              meta={**record.meta, "class": cls}, annotations=annotations)
+
+
+class CPSC2018Source(_FolderIndex):
+    """Original CPSC 2018 MATLAB files (``A*.mat``, struct ``ECG``): 12 leads at 500 Hz, unlabelled here.
+
+    Args:
+        root: folder with the ``.mat`` files.
+    """
+
+    name = "cpsc2018"
+    _what = "CPSC 2018 record"
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self._files = scan_records(self.root, ".mat")
+        if not self._files:
+            raise ECGDataError(self.root, "no CPSC 2018 records (*.mat) found")
+
+    def load(self, record_id: str) -> ECGRecord:
+        base = self._base(record_id)
+        return read_cpsc2018(base.with_name(base.name + ".mat"), source=self.name).replace(record_id=record_id)
+
+
+class MITBIHSource(_FolderIndex):
+    """MIT-BIH Arrhythmia records (WFDB format 212, 360 Hz, 2 leads) with their beat annotations.
+
+    Lists every record of ``root`` that has an ``.atr`` file (other records in the folder are ignored).
+    MLII is placed in lead II, V1/V2/V4/V5 in their rows. ``annotations``: ``{"sample": (n,) int64,
+    "symbol": (n,) str, "aux_note": (n,) str}`` (all annotations, beats and rhythm changes). ``meta``: age
+    and sex from the header comment ``# 69 M ...``. ``patient_id``: the record name.
+
+    Args:
+        root: folder with ``*.hea`` / ``*.dat`` / ``*.atr``.
+    """
+
+    name = "mitbih"
+    _what = "MIT-BIH record"
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        heads = scan_records(self.root, ".hea")
+        atrs = scan_records(self.root, ".atr")
+        self._files = {k: v for k, v in heads.items() if k in atrs}
+        if not self._files:
+            raise ECGDataError(self.root, "no MIT-BIH records (*.hea with *.atr) found")
+
+    def load(self, record_id: str) -> ECGRecord:
+        base = self._base(record_id)
+        record = read_wfdb(base, source=self.name)
+        meta = dict(record.meta)
+        for comment in record.header.get("comments", []):  # "<age> <sex> ..." (first such comment)
+            tok = str(comment).split()
+            if len(tok) >= 2 and tok[0].isdigit() and tok[1].upper() in ("M", "F"):
+                meta.update({"age": float(tok[0]), "sex": tok[1].upper()})
+                break
+        ann = _read_atr(base)
+        if ann is None:
+            raise ECGDataError(base.with_name(base.name + ".atr"), "annotation file not found")
+        annotations = {"sample": np.asarray(ann.sample, dtype=np.int64),
+                       "symbol": np.asarray(ann.symbol, dtype=str),
+                       "aux_note": np.asarray([str(n).strip("\x00") for n in (ann.aux_note or [])], dtype=str)}
+        return record.replace(record_id=record_id, patient_id=record_id, meta=meta, annotations=annotations)

@@ -1,0 +1,253 @@
+"""PTB-XL in its original layout, and the label tasks of the PTB-XL benchmark.
+
+Layout (Wagner et al., Sci Data 2020): ``ptbxl_database.csv`` (one row per ``ecg_id``: ``patient_id``,
+``scp_codes`` as a Python dict literal ``{code: likelihood}``, ``strat_fold`` 1-10, ``age``, ``sex`` 0=male
+1=female, ...), ``scp_statements.csv`` (the 71 SCP statements with their ``diagnostic`` / ``form`` / ``rhythm``
+flags and ``diagnostic_class`` / ``diagnostic_subclass``), ``records100/NNNNN/{id:05d}_lr`` and
+``records500/NNNNN/{id:05d}_hr`` WFDB records.
+
+The label tasks follow ``compute_label_aggregations`` in the benchmark code of Strodthoff et al., "Deep
+learning for ECG analysis: benchmarks and insights from PTB-XL" (IEEE JBHI 2021), ``code/utils/utils.py``:
+
+- ``all``: every key of ``scp_codes`` (71 possible statements);
+- ``diagnostic``: keys whose statement has ``diagnostic == 1`` (44);
+- ``subdiagnostic``: their ``diagnostic_subclass`` (23);
+- ``superdiagnostic``: their ``diagnostic_class`` (5: NORM, MI, STTC, CD, HYP);
+- ``form`` / ``rhythm``: keys whose statement has ``form == 1`` / ``rhythm == 1`` (19 / 12).
+
+The benchmark keeps a statement whatever its likelihood (it uses the dict's keys; a likelihood of 0 means
+"unknown", not "absent"); ``min_likelihood`` (default 0.0, i.e. the benchmark's behaviour) can drop
+statements below a likelihood instead.
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import pandas as pd
+
+from ecgfm.data.readers.formats import normalise_sex, read_wfdb
+from ecgfm.data.record import ECGDataError, ECGRecord
+
+__all__ = [
+    "PTBXL_TASKS",
+    "PTBXLSource",
+    "load_ptbxl_table",
+    "load_scp_statements",
+    "ptbxl_label_space",
+    "ptbxl_task_labels",
+    "ptbxl_task_map",
+]
+
+PTBXL_TASKS: tuple[str, ...] = ("all", "diagnostic", "subdiagnostic", "superdiagnostic", "form", "rhythm")
+_RATES = {100: ("records100", "_lr"), 500: ("records500", "_hr")}
+
+
+def _parse_scp_codes(text: Any, where: Path, ecg_id: Any) -> dict[str, float]:
+    # ast.literal_eval parses the dict literal without executing code (the benchmark uses it too).
+    try:
+        value = ast.literal_eval(str(text))
+    except (ValueError, SyntaxError):
+        raise ECGDataError(where, f"ecg_id {ecg_id}: scp_codes {text!r} is not a dict literal") from None
+    if not isinstance(value, dict):
+        raise ECGDataError(where, f"ecg_id {ecg_id}: scp_codes {text!r} is not a dict")
+    return {str(k): float(v) for k, v in value.items()}
+
+
+def load_ptbxl_table(root: str | os.PathLike) -> pd.DataFrame:
+    """``ptbxl_database.csv`` indexed by ``ecg_id``, with ``scp_codes`` parsed into ``{code: likelihood}``.
+
+    Raises:
+        ECGDataError: missing file, missing columns, unparsable ``scp_codes``.
+    """
+    path = Path(root) / "ptbxl_database.csv"
+    if not path.is_file():
+        raise ECGDataError(path, "PTB-XL metadata file not found")
+    try:
+        df = pd.read_csv(path, index_col="ecg_id")
+    except ValueError as exc:
+        raise ECGDataError(path, f"unreadable PTB-XL metadata: {exc}") from None
+    missing = {"patient_id", "scp_codes", "strat_fold", "age", "sex"} - set(df.columns)
+    if missing:
+        raise ECGDataError(path, f"missing columns {sorted(missing)}")
+    df["scp_codes"] = [_parse_scp_codes(t, path, i) for i, t in zip(df.index, df["scp_codes"])]
+    return df
+
+
+def load_scp_statements(root: str | os.PathLike) -> pd.DataFrame:
+    """``scp_statements.csv`` indexed by SCP code (71 rows)."""
+    path = Path(root) / "scp_statements.csv"
+    if not path.is_file():
+        raise ECGDataError(path, "PTB-XL scp_statements.csv not found")
+    df = pd.read_csv(path, index_col=0)
+    missing = {"diagnostic", "form", "rhythm", "diagnostic_class", "diagnostic_subclass"} - set(df.columns)
+    if missing:
+        raise ECGDataError(path, f"missing columns {sorted(missing)}")
+    return df
+
+
+def _check_task(task: str) -> None:
+    if task not in PTBXL_TASKS:
+        raise ValueError(f"unknown PTB-XL task {task!r}; choose one of {PTBXL_TASKS}")
+
+
+def ptbxl_task_map(statements: pd.DataFrame, task: str) -> dict[str, str]:
+    """Map each SCP code that counts for ``task`` to its label (the code itself, or its (sub)class)."""
+    _check_task(task)
+
+    def flag(col: str) -> pd.Series:
+        return statements[col].fillna(0).astype(float) == 1.0
+
+    if task == "all":
+        return {str(c): str(c) for c in statements.index}
+    if task in ("form", "rhythm"):
+        return {str(c): str(c) for c in statements.index[flag(task)]}
+    diag = statements[flag("diagnostic")]
+    if task == "diagnostic":
+        return {str(c): str(c) for c in diag.index}
+    col = "diagnostic_subclass" if task == "subdiagnostic" else "diagnostic_class"
+    out: dict[str, str] = {}
+    for code, value in zip(diag.index, diag[col]):
+        if isinstance(value, str) and value and value.lower() != "nan":
+            out[str(code)] = value
+    return out
+
+
+def ptbxl_task_labels(scp_codes: Mapping[str, float], task: str,
+                      statements: pd.DataFrame | Mapping[str, str], min_likelihood: float = 0.0,
+                      ) -> list[str]:
+    """Labels of one record for a PTB-XL benchmark task.
+
+    Args:
+        scp_codes: ``{code: likelihood}`` of the record (``record.meta["scp_codes"]``).
+        task: one of :data:`PTBXL_TASKS`.
+        statements: ``scp_statements.csv`` as from :func:`load_scp_statements`, or a code -> label map from
+            :func:`ptbxl_task_map` (faster in loops; then ``task`` must match the map).
+        min_likelihood: keep a code only if its likelihood is >= this. The default 0.0 keeps every code, as
+            the benchmark does (for ``all`` the benchmark keeps every key even if it is not a statement).
+
+    Returns:
+        Sorted, de-duplicated labels.
+    """
+    _check_task(task)
+    mapping = ptbxl_task_map(statements, task) if isinstance(statements, pd.DataFrame) else statements
+    out = set()
+    for code, likelihood in scp_codes.items():
+        if float(likelihood) < min_likelihood:
+            continue
+        if task == "all":
+            out.add(str(code))
+        elif code in mapping:
+            out.add(mapping[code])
+    return sorted(out)
+
+
+def ptbxl_label_space(root: str | os.PathLike, task: str) -> list[str]:
+    """Every label a task can take, from ``scp_statements.csv`` (sorted; independent of the records present).
+
+    71 for ``all``, 44 ``diagnostic``, 23 ``subdiagnostic``, 5 ``superdiagnostic``, 19 ``form``, 12 ``rhythm``.
+    """
+    return sorted(set(ptbxl_task_map(load_scp_statements(root), task).values()))
+
+
+def _finite_or_none(value: Any) -> float | None:
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+class PTBXLSource:
+    """Every PTB-XL record file present under ``root`` at one rate.
+
+    Ids have gaps; records without a row in ``ptbxl_database.csv`` load as unlabelled pretraining data
+    (``labels=()``, ``meta={}``, ``patient_id=None``). Labelled records get ``patient_id`` (string),
+    ``labels`` = their SCP codes (sorted keys of ``scp_codes``, any likelihood) and ``meta`` =
+    ``{"scp_codes", "strat_fold", "age", "sex"}``. ``record_id`` is the zero-padded ``ecg_id`` (``"00001"``).
+
+    Args:
+        root: folder holding ``records100/`` and/or ``records500/`` and (optionally) the CSVs.
+        fs: 100 or 500 (which record folder to read).
+        include_unlabelled: also list records that have no metadata row.
+    """
+
+    name = "ptbxl"
+
+    def __init__(self, root: str | os.PathLike, fs: int = 100, include_unlabelled: bool = True):
+        self.root = Path(root)
+        if int(fs) not in _RATES:
+            raise ValueError(f"PTB-XL fs must be 100 or 500, got {fs!r}")
+        self.fs = int(fs)
+        self.include_unlabelled = bool(include_unlabelled)
+        folder, suffix = _RATES[self.fs]
+        base = self.root / folder
+        if not base.is_dir():
+            raise ECGDataError(base, f"PTB-XL record folder for {self.fs} Hz not found")
+        self._files: dict[str, str] = {}
+        # os.scandir: one pass over the 2 levels of the layout (faster than glob on 20k files).
+        for sub in sorted(os.scandir(base), key=lambda e: e.name):
+            if not sub.is_dir():
+                continue
+            for entry in os.scandir(sub.path):
+                if entry.name.endswith(suffix + ".hea"):
+                    stem = entry.name[: -len(suffix) - 4]
+                    if stem.isdigit():
+                        self._files[f"{int(stem):05d}"] = f"{folder}/{sub.name}/{entry.name[:-4]}"
+        self._rows: dict[str, tuple[str | None, dict[str, Any]]] = {}
+        if (self.root / "ptbxl_database.csv").is_file():
+            df = load_ptbxl_table(self.root)
+            for ecg_id, pid, codes, fold, age, sex in zip(df.index, df["patient_id"], df["scp_codes"],
+                                                          df["strat_fold"], df["age"], df["sex"]):
+                pid_f = _finite_or_none(pid)
+                fold_f = _finite_or_none(fold)
+                meta = {"scp_codes": codes, "strat_fold": int(fold_f) if fold_f is not None else None,
+                        "age": _finite_or_none(age), "sex": normalise_sex(_finite_or_none(sex))}
+                self._rows[f"{int(ecg_id):05d}"] = (str(int(pid_f)) if pid_f is not None else None, meta)
+        elif not self.include_unlabelled:
+            raise ECGDataError(self.root / "ptbxl_database.csv",
+                               "PTB-XL metadata file not found (needed with include_unlabelled=False)")
+        ids = self._files if self.include_unlabelled else [i for i in self._files if i in self._rows]
+        self._ids = sorted(ids)
+        if not self._ids:
+            raise ECGDataError(base, "no PTB-XL records found")
+
+    def __repr__(self) -> str:
+        return f"PTBXLSource(root={str(self.root)!r}, fs={self.fs}, n={len(self._ids)})"
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def record_ids(self) -> list[str]:
+        """Sorted zero-padded ecg_ids of the records present (``"00001"``, ...)."""
+        return list(self._ids)
+
+    def is_labelled(self, record_id: str) -> bool:
+        return record_id in self._rows
+
+    def load(self, record_id: str) -> ECGRecord:
+        """Read one record; raises :class:`ECGDataError` for an unknown id or a bad file."""
+        rel = self._files.get(record_id)
+        if rel is None:
+            raise ECGDataError(self.root, f"no PTB-XL record {record_id!r} at {self.fs} Hz")
+        record = read_wfdb(self.root / rel, source=self.name)
+        pid, meta = self._rows.get(record_id, (None, None))
+        if meta is None:
+            return record.replace(record_id=record_id, meta={}, labels=())
+        meta = {**meta, "scp_codes": dict(meta["scp_codes"])}
+        return record.replace(record_id=record_id, patient_id=pid, meta=meta,
+                              labels=tuple(sorted(meta["scp_codes"])))
+
+    def labels(self, task: str = "superdiagnostic", min_likelihood: float = 0.0) -> dict[str, list[str]]:
+        """Task labels of every labelled record listed by this source, without reading any signal."""
+        mapping = ptbxl_task_map(load_scp_statements(self.root), task)
+        return {rid: ptbxl_task_labels(self._rows[rid][1]["scp_codes"], task, mapping, min_likelihood)
+                for rid in self._ids if rid in self._rows}
+
+    def folds(self) -> dict[str, int | None]:
+        """``strat_fold`` of every labelled record listed by this source."""
+        return {rid: self._rows[rid][1]["strat_fold"] for rid in self._ids if rid in self._rows}
