@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -15,6 +16,10 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = (ROOT / ".." / "shared" / "data").resolve()
 FIXTURE = SHARED_DATA / "fixture"
+
+# One intra-op thread: tests use tiny models, where thread start-up dominates (7.7 s vs 0.25 s seen on a busy
+# 2-core machine). Tests that need more set it themselves.
+torch.set_num_threads(1)
 
 
 def _require(path: Path) -> Path:

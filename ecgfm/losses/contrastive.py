@@ -1,0 +1,214 @@
+"""Contrastive losses: SimCLR's NT-Xent and CLOCS's patient-aware multi-view InfoNCE.
+
+Both are plain functions of embeddings, DDP-aware: with ``gather=True`` and an initialised process group, the
+embeddings of every rank are gathered *with gradients* (:func:`gather_with_grad`, whose backward sums the
+incoming gradients over ranks), each rank uses its local samples as anchors against the global
+set of candidates, and the loss is normalised so that the mean over ranks (what DDP's gradient averaging
+optimises) equals the single-process loss on the concatenated global batch. All ranks must hold the same local
+batch size (``DistributedSampler`` guarantees this; use ``drop_last`` for the last batch). Without a process
+group, gathering is the identity.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+__all__ = ["nt_xent", "clocs_loss", "gather_with_grad", "world_info"]
+
+_NEG = -1e9  # logit of an absent candidate (exp underflows to 0 in float32)
+
+
+def world_info() -> tuple[int, int]:
+    """``(rank, world_size)`` of the default process group, ``(0, 1)`` when none is initialised."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` from all ranks along dim 0, keeping the autograd graph; identity without DDP.
+
+    Args:
+        x: ``(n, ...)`` local tensor; same shape on every rank.
+
+    Returns:
+        ``(world * n, ...)``: rank 0's rows first.
+    """
+    _, world = world_info()
+    if world == 1:
+        return x
+    return torch.cat(_GatherWithGrad.apply(x.contiguous()), dim=0)
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward all-reduces (sums) the gradients and keeps this rank's slice.
+
+    Written here (as in lightly's ``GatherLayer``) because ``torch.distributed.nn.functional.all_gather`` is
+    deprecated in recent torch and, on gloo, gave wrong gradients for CLOCS's transposed ``(n, V, D)`` layout
+    (likely non-contiguous incoming gradients). The equivalence is checked by
+    ``tests/unit/test_contrastive_losses.py::test_ddp_gather_equals_single_process``.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(out, x)
+        return tuple(out)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor) -> torch.Tensor:
+        all_grads = torch.stack([g.contiguous() for g in grads])
+        dist.all_reduce(all_grads)
+        return all_grads[dist.get_rank()]
+
+
+def _gather_no_grad(x: torch.Tensor) -> torch.Tensor:
+    _, world = world_info()
+    if world == 1:
+        return x
+    out = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out, dim=0)
+
+
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1, gather: bool = True) -> torch.Tensor:
+    """NT-Xent (normalised temperature-scaled cross-entropy), SimCLR (Chen et al. 2020, eq. 1).
+
+    For the ``2N`` L2-normalised embeddings ``u = [z1; z2]`` of a (global) batch of ``N`` pairs, anchor ``a``'s
+    positive is its other view and its ``2N - 2`` negatives are all remaining embeddings:
+    ``loss = mean_a -log( exp(u_a.u_p(a)/t) / sum_{k != a} exp(u_a.u_k/t) )`` over all ``2N`` anchors.
+
+    Args:
+        z1: ``(n, D)`` projections of the first views (local batch).
+        z2: ``(n, D)`` projections of the second views, row ``i`` pairs with ``z1[i]``.
+        temperature: softmax temperature ``t > 0``.
+        gather: use the embeddings of all DDP ranks as candidates (see module docstring).
+
+    Returns:
+        Scalar loss.
+    """
+    if z1.shape != z2.shape or z1.ndim != 2:
+        raise ValueError(f"z1 and z2 must both be (n, D), got {tuple(z1.shape)} and {tuple(z2.shape)}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    with _fp32(z1):
+        return _nt_xent(z1, z2, temperature, gather)
+
+
+def _fp32(t: torch.Tensor) -> torch.autocast:
+    """Disable autocast: logits / temperature need float32 (bf16 keeps ~3 significant digits)."""
+    return torch.autocast(device_type=t.device.type, enabled=False)
+
+
+def _nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float, gather: bool) -> torch.Tensor:
+    n = z1.shape[0]
+    z1 = F.normalize(z1.float(), dim=1)
+    z2 = F.normalize(z2.float(), dim=1)
+    rank, world = world_info() if gather else (0, 1)
+    g1 = gather_with_grad(z1) if world > 1 else z1  # (N, D), N = world * n
+    g2 = gather_with_grad(z2) if world > 1 else z2
+    big_n = g1.shape[0]
+    anchors = torch.cat([z1, z2])                   # (2n, D) local anchors
+    cands = torch.cat([g1, g2])                     # (2N, D) global candidates
+    logits = anchors @ cands.T / temperature        # (2n, 2N)
+    local = torch.arange(n, device=z1.device) + rank * n
+    self_idx = torch.cat([local, local + big_n])    # column of each anchor itself
+    pos_idx = torch.cat([local + big_n, local])     # column of its positive
+    logits = logits.masked_fill(F.one_hot(self_idx, 2 * big_n).bool(), float("-inf"))
+    return F.cross_entropy(logits, pos_idx)
+
+
+def clocs_loss(z_views: torch.Tensor, patient: torch.Tensor | None = None, temperature: float = 0.1,
+               patient_aware: bool = True, gather: bool = True,
+               view_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """CLOCS contrastive loss over views of the same recording (Kiyasseh, Zhu & Clifton, ICML 2021).
+
+    Views are temporal segments (CMSC), leads (CMLC) or both (CMSMLC). For every unordered pair of views
+    ``(a, b)`` the similarities ``s_ij = cos(z_a[i], z_b[j]) / t`` are formed; the positives are the pairs ``(i, j)``
+    of the same recording (``i == j``) and, with ``patient_aware``, of different recordings of the same known
+    patient (``patient[i] == patient[j] >= 0``). Following the paper's loss (expectation over positive pairs of
+    both directions),
+
+    ``L_ab = 1/2 [ mean_{(i,j) in P} -log softmax_j(s_i.)  +  mean_{(i,j) in P} -log softmax_i(s_.j) ]``
+
+    and ``L`` is the mean of ``L_ab`` over view pairs (a pair with no valid positive is skipped). Unlike the
+    authors' code, which averages the diagonal and the off-diagonal positives as separate terms and only
+    half-symmetrises the latter, every positive pair has the same weight in both directions.
+
+    Args:
+        z_views: ``(V, n, D)`` embeddings of ``V >= 2`` views of ``n`` recordings (local batch).
+        patient: ``(n,)`` int64 patient ids, ``-1`` unknown; ``None`` = all unknown.
+        temperature: softmax temperature ``t > 0``.
+        patient_aware: also treat other recordings of the same patient as positives.
+        gather: use the embeddings of all DDP ranks as candidates (see module docstring).
+        view_mask: ``(V, n)`` bool, ``False`` where a view does not exist (e.g. an absent lead); such views are
+            neither anchors, positives nor negatives. ``None`` = all views exist.
+
+    Returns:
+        Scalar loss (0, still attached to the graph, if the batch holds no valid positive pair at all).
+    """
+    if z_views.ndim != 3 or z_views.shape[0] < 2:
+        raise ValueError(f"z_views must be (V>=2, n, D), got {tuple(z_views.shape)}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    with _fp32(z_views):
+        return _clocs_loss(z_views, patient, temperature, patient_aware, gather, view_mask)
+
+
+def _clocs_loss(z_views: torch.Tensor, patient: torch.Tensor | None, temperature: float, patient_aware: bool,
+                gather: bool, view_mask: torch.Tensor | None) -> torch.Tensor:
+    v, n, _ = z_views.shape
+    device = z_views.device
+    if patient is None:
+        patient = torch.full((n,), -1, dtype=torch.long, device=device)
+    if patient.shape != (n,):
+        raise ValueError(f"patient must be ({n},), got {tuple(patient.shape)}")
+    if view_mask is None:
+        view_mask = torch.ones(v, n, dtype=torch.bool, device=device)
+    if view_mask.shape != (v, n):
+        raise ValueError(f"view_mask must be ({v}, {n}), got {tuple(view_mask.shape)}")
+    z = F.normalize(z_views.float(), dim=-1)
+    rank, world = world_info() if gather else (0, 1)
+    patient = patient.to(device).long()
+    view_mask = view_mask.to(device).bool()
+    if world > 1:
+        zg = gather_with_grad(z.transpose(0, 1).contiguous()).transpose(0, 1)  # (V, N, D)
+        pg = _gather_no_grad(patient)
+        mg = _gather_no_grad(view_mask.t().contiguous()).t()                    # (V, N)
+    else:
+        zg, pg, mg = z, patient, view_mask
+    big_n = zg.shape[1]
+    local = torch.arange(n, device=device) + rank * n
+    same = local[:, None] == torch.arange(big_n, device=device)[None, :]      # (n, N) same recording
+    if patient_aware:
+        same = same | ((patient[:, None] == pg[None, :]) & (patient[:, None] >= 0))
+
+    # For every ordered view pair (src, dst): the sum of -log p over the positives of the local anchors of view src
+    # among the global candidates of view dst, and their count. One (n, V, N) block per anchor view keeps memory
+    # at V * n * N while vectorising over the candidate views.
+    not_self = ~torch.eye(v, dtype=torch.bool, device=device)
+    row_sums, row_counts = [], []
+    for src in range(v):
+        logits = torch.einsum("nd,wmd->nwm", z[src], zg) / temperature         # (n, V, N)
+        # Finite fill: a row whose candidates are all absent stays finite (and has no positive).
+        logits = logits.masked_fill(~mg[None], _NEG)
+        logp = torch.log_softmax(logits, dim=-1)
+        pos = same[:, None, :] & view_mask[src][:, None, None] & mg[None] & not_self[src][None, :, None]
+        row_sums.append(-torch.where(pos, logp, torch.zeros_like(logp)).sum(dim=(0, 2)))   # (V,)
+        row_counts.append(pos.sum(dim=(0, 2)))
+    ordered_sums = torch.stack(row_sums)                                       # (V, V) [src, dst]
+    ordered_counts = torch.stack(row_counts).to(z.dtype)
+    iu = torch.triu_indices(v, v, offset=1, device=device)                     # unordered pairs a < b
+    sums = ordered_sums[iu[0], iu[1]] + ordered_sums[iu[1], iu[0]]             # (P,) both directions
+    counts = ordered_counts[iu[0], iu[1]] + ordered_counts[iu[1], iu[0]]       # (P,) local counts
+    # so that sum / global_count * world, averaged over ranks (DDP), equals the full-batch mean
+    if world > 1:
+        counts_global = counts.detach().clone()
+        dist.all_reduce(counts_global)
+    else:
+        counts_global = counts
+    valid = (counts_global > 0).float()      # no host sync: pairs without positives get weight 0
+    per_pair = sums / counts_global.clamp_min(1) * world
+    return (per_pair * valid).sum() / valid.sum().clamp_min(1.0)
