@@ -5,7 +5,8 @@ an exported encoder stores it in its JSON, and downstream code reads it back and
 new records, so every stage sees the same signal.
 
 Order of operations in :func:`preprocess_record` (fixed, documented so that results are reproducible):
-1. NaN handling (linear interpolation inside a lead; a lead that is entirely NaN or flat is marked absent);
+1. NaN handling (linear interpolation inside a lead, +-inf counts as NaN; a lead that is entirely NaN or flat is
+   marked absent);
 2. resampling to ``spec.fs`` with a polyphase filter (:func:`scipy.signal.resample_poly`);
 3. band-pass / baseline-wander removal (zero-phase Butterworth, second-order sections);
 4. powerline notch (zero-phase IIR notch at ``spec.notch`` Hz);
@@ -62,6 +63,14 @@ class PreprocessSpec:
             raise ValueError(f"PreprocessSpec.lowpass={self.lowpass} must be below fs/2={self.fs / 2}")
         if self.highpass is not None and self.highpass <= 0:
             raise ValueError(f"PreprocessSpec.highpass must be positive, got {self.highpass}")
+        if self.lowpass is not None and self.lowpass <= 0:
+            raise ValueError(f"PreprocessSpec.lowpass must be positive, got {self.lowpass}")
+        if self.highpass is not None and self.lowpass is not None and self.highpass >= self.lowpass:
+            raise ValueError(f"PreprocessSpec.highpass={self.highpass} must be below lowpass={self.lowpass}")
+        if self.notch is not None and self.notch <= 0:
+            raise ValueError(f"PreprocessSpec.notch must be a positive frequency in Hz, got {self.notch}")
+        if int(self.filter_order) < 1:
+            raise ValueError(f"PreprocessSpec.filter_order must be at least 1, got {self.filter_order}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -82,8 +91,8 @@ class PreprocessSpec:
 
 
 def _interpolate_nans(x: np.ndarray) -> np.ndarray:
-    """Linear interpolation over NaN runs of a 1-D signal (edges hold the nearest valid value)."""
-    bad = np.isnan(x)
+    """Linear interpolation over NaN (and +-inf) runs of a 1-D signal (edges hold the nearest valid value)."""
+    bad = ~np.isfinite(x)
     if not bad.any():
         return x
     idx = np.arange(x.shape[0])
@@ -161,7 +170,7 @@ def preprocess_signal(sig: np.ndarray, fs: float, mask: np.ndarray, spec: Prepro
     sig = sig.copy()
     for i in np.flatnonzero(mask):
         lead = sig[i]
-        if np.isnan(lead).all():
+        if not np.isfinite(lead).any():
             mask[i] = False
             sig[i] = 0.0
             continue
@@ -210,6 +219,8 @@ def crop_or_pad(sig: np.ndarray, length: int, start: int | None = None,
     Returns:
         ``(window, start)`` where ``window`` is ``(..., length)``.
     """
+    if int(length) < 1:
+        raise ValueError(f"crop_or_pad: length must be a positive number of samples, got {length}")
     t = sig.shape[-1]
     if t >= length:
         if start is None:
@@ -223,6 +234,9 @@ def crop_or_pad(sig: np.ndarray, length: int, start: int | None = None,
 def sliding_windows(sig: np.ndarray, length: int, stride: int) -> np.ndarray:
     """All windows of ``length`` samples every ``stride`` samples (the last window is aligned to the end so
     the whole record is covered). ``(L, T) -> (n_windows, L, length)``; shorter records are zero-padded."""
+    if int(length) < 1 or int(stride) < 1:
+        raise ValueError(f"sliding_windows: length and stride must be positive, got length={length}, "
+                         f"stride={stride}")
     t = sig.shape[-1]
     if t <= length:
         return crop_or_pad(sig, length, start=0)[0][None]
