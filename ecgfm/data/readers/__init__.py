@@ -67,7 +67,7 @@ SOURCES: dict[str, Any] = {
 }
 
 
-def get_source(name: str, **kwargs: Any):
+def get_source(name: str, /, **kwargs: Any):
     """Build the record source registered as ``name`` (see :data:`SOURCES`) with ``kwargs``.
 
     Raises:

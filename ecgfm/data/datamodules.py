@@ -1,0 +1,507 @@
+"""LightningDataModules over corpus caches: mixtures of caches for pretraining, labelled splits downstream.
+
+Both modules read :class:`~ecgfm.data.cache.CorpusCache` directories (memory-mapped, opened lazily in every
+DataLoader worker, so datasets pickle to a few hundred bytes) and return batches as dicts:
+
+* :class:`PretrainDataModule`: ``x (B, 12, T)`` float32, ``x2 (B, 12, T)`` (``views="adjacent"`` only: the
+  segment right after ``x`` in the same record, CLOCS CMSC), ``lead_mask (B, 12)`` bool, ``patient (B,)`` int64
+  (stable hash, -1 unknown), ``index (B,)`` int64 (position in the concatenation of the caches, in the order of
+  ``cache_dirs``) and ``y (B, C)`` float32 when ``probe_labels`` is given.
+* :class:`DownstreamDataModule`: ``x``, ``y`` (``(B, C)`` float32 multi-label, ``(B,)`` int64 otherwise),
+  ``lead_mask``, ``index`` (record index in the cache; with ``test_stride`` one item per sliding window, so
+  aggregate predictions by ``index``).
+
+Training crops are random; evaluation crops are centred (or sliding windows), so validation is the same every
+epoch. Records shorter than a crop (or than two crops for adjacent views) are zero-padded at the end.
+
+Sampling and resume: the order of an epoch is a pure function of ``(seed, epoch)`` (see :class:`MixtureSampler`
+and :class:`EpochShuffleSampler`); Lightning calls ``set_epoch`` before every epoch, so a run resumed from a
+checkpoint at epoch ``e`` sees exactly the batches an uninterrupted run sees from epoch ``e`` on (an epoch that
+was interrupted half-way is replayed from its start, in the same order). The samplers subclass
+``torch.utils.data.DistributedSampler`` and read rank / world size from ``torch.distributed`` when it is
+initialised: each rank gets its own slice ``[rank::world_size]`` of the global sequence, and Lightning does not
+wrap them again.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate, get_worker_info
+
+from ecgfm.data.cache import CorpusCache
+from ecgfm.data.record import N_LEADS
+
+VIEWS = ("single", "adjacent")
+
+
+def _dist_rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """Explicit values win; else ``torch.distributed`` when initialised; else ``(0, 1)``."""
+    if rank is None or world_size is None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            rank = torch.distributed.get_rank() if rank is None else rank
+            world_size = torch.distributed.get_world_size() if world_size is None else world_size
+        else:
+            rank = 0 if rank is None else rank
+            world_size = 1 if world_size is None else world_size
+    if not 0 <= int(rank) < int(world_size):
+        raise ValueError(f"rank {rank} out of range for world size {world_size}")
+    return int(rank), int(world_size)
+
+
+def _pairs(pos: np.ndarray, u: np.ndarray, chunk: int = 8192) -> Iterator[tuple[int, float]]:
+    """Yield ``(int, float)`` pairs, converting to Python objects a chunk at a time (an epoch of millions of
+    draws stays a few numpy arrays)."""
+    for a in range(0, len(pos), chunk):
+        yield from zip(pos[a:a + chunk].tolist(), u[a:a + chunk].tolist())
+
+
+class MixtureSampler(DistributedSampler):
+    """Weighted mixture of record pools, drawn with replacement; deterministic by ``(seed, epoch)``; DDP-aware.
+
+    Each draw picks a pool with probability ``weights[k]`` and then a record of that pool uniformly, like
+    ``WeightedRandomSampler`` with per-record weight ``weights[k] / len(pool_k)``. It yields
+    ``(position, u)`` tuples: ``position`` in ``[0, sum(pool_sizes))`` (pools laid out one after another) and
+    ``u`` in ``[0, 1)``, the crop offset as a fraction of the free length, so crops are reproducible too.
+
+    Args:
+        pool_sizes: records in each pool.
+        weights: sampling probability of each pool (normalised; None: proportional to ``pool_sizes``).
+        num_samples: draws per epoch over all ranks (rounded up to a multiple of the world size).
+        seed: base seed.
+        rank, world_size: override ``torch.distributed``.
+    """
+
+    def __init__(self, pool_sizes: Sequence[int], weights: Sequence[float] | None = None,
+                 num_samples: int | None = None, seed: int = 0, rank: int | None = None,
+                 world_size: int | None = None):
+        sizes = np.asarray([int(s) for s in pool_sizes], dtype=np.int64)
+        if len(sizes) == 0 or sizes.sum() == 0:
+            raise ValueError("MixtureSampler needs at least one non-empty pool")
+        w = sizes.astype(np.float64) if weights is None else np.asarray([float(x) for x in weights])
+        if w.shape != sizes.shape or (w < 0).any() or w.sum() <= 0:
+            raise ValueError(f"weights must be {len(sizes)} non-negative numbers with a positive sum, got {weights}")
+        if ((w > 0) & (sizes == 0)).any():
+            raise ValueError(f"a pool with positive weight is empty: sizes {sizes.tolist()}, weights {w.tolist()}")
+        rank, world = _dist_rank_world(rank, world_size)
+        n = int(num_samples) if num_samples is not None else int(sizes.sum())
+        if n < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        super().__init__(range(n), num_replicas=world, rank=rank, shuffle=True, seed=int(seed), drop_last=False)
+        self.sizes, self.probs = sizes, w / w.sum()
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        self.total_size = int(math.ceil(n / world)) * world
+        self.num_samples = self.total_size // world
+
+    def global_order(self, epoch: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The whole epoch over all ranks: ``(positions (total,), u (total,))``. Pure function of (seed, epoch)."""
+        rng = np.random.default_rng([self.seed, self.epoch if epoch is None else int(epoch)])
+        pool = rng.choice(len(self.sizes), size=self.total_size, p=self.probs)
+        within = np.floor(rng.random(self.total_size) * self.sizes[pool]).astype(np.int64)
+        return self.offsets[pool] + within, rng.random(self.total_size)
+
+    def __iter__(self) -> Iterator[tuple[int, float]]:
+        pos, u = self.global_order()
+        sl = slice(self.rank, self.total_size, self.num_replicas)
+        return _pairs(pos[sl], u[sl])
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+class EpochShuffleSampler(DistributedSampler):
+    """Permutation of ``range(n)`` per epoch (deterministic by ``(seed, epoch)``), sliced per rank; yields
+    ``(position, u)`` like :class:`MixtureSampler`. The permutation is padded by wrapping around so every rank
+    gets the same number of items."""
+
+    def __init__(self, n: int, seed: int = 0, rank: int | None = None, world_size: int | None = None):
+        if int(n) < 1:
+            raise ValueError("EpochShuffleSampler needs at least one item (empty train split?)")
+        rank, world = _dist_rank_world(rank, world_size)
+        super().__init__(range(int(n)), num_replicas=world, rank=rank, shuffle=True, seed=int(seed),
+                         drop_last=False)
+
+    def __iter__(self) -> Iterator[tuple[int, float]]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        perm = rng.permutation(len(self.dataset))
+        if self.total_size > len(perm):
+            perm = np.resize(perm, self.total_size)
+        u = rng.random(self.total_size)
+        sl = slice(self.rank, self.total_size, self.num_replicas)
+        return _pairs(perm[sl], u[sl])
+
+
+class CachePool:
+    """Several caches seen as one flat index (cache order, then record order). Picklable (paths only)."""
+
+    def __init__(self, cache_dirs: Sequence[str | os.PathLike]):
+        self.caches = [c if isinstance(c, CorpusCache) else CorpusCache(c) for c in cache_dirs]
+        sizes = [len(c) for c in self.caches]
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        if not self.caches:
+            raise ValueError("no cache given")
+        rates = {c.fs for c in self.caches}
+        if None in rates or len(rates) != 1:
+            raise ValueError("caches must share one sampling rate (prepare them with the same spec.fs); got "
+                             + ", ".join(f"{c.path}: {c.fs}" for c in self.caches))
+        specs = {c.spec for c in self.caches}
+        if len(specs) != 1:
+            raise ValueError("caches must share one preprocessing spec (a model must see one kind of signal); "
+                             "got " + "; ".join(f"{c.path}: {c.spec}" for c in self.caches))
+        self.fs = float(rates.pop())
+        self.spec = specs.pop()
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def locate(self, flat: int) -> tuple[CorpusCache, int]:
+        k = int(np.searchsorted(self.offsets, flat, side="right")) - 1
+        return self.caches[k], int(flat - self.offsets[k])
+
+    def n_samples(self, flat: int) -> int:
+        cache, i = self.locate(flat)
+        return int(cache.columns()["n_samples"][i])
+
+
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Zero tensor; inside a DataLoader worker it is allocated in shared memory, as ``default_collate`` does,
+    so handing the batch to the main process costs no extra copy."""
+    if get_worker_info() is None:
+        return torch.zeros(shape, dtype=dtype)
+    proto = torch.empty(0, dtype=dtype)
+    storage = proto._typed_storage()._new_shared(math.prod(shape), device=proto.device)
+    return proto.new(storage).view(shape).zero_()
+
+
+def collate_batch(batch: Any) -> Any:
+    """DataLoader ``collate_fn``: batches built by ``__getitems__`` are already dicts of tensors."""
+    return batch if isinstance(batch, dict) else default_collate(batch)
+
+
+class CropDataset(Dataset):
+    """Crops of records of a :class:`CachePool`.
+
+    An item key is either ``k`` (int: the centred crop of record ``indices[k]``) or ``(k, u)`` (the crop
+    starting at ``floor(u * (T - need + 1))``, as yielded by the samplers). ``__getitems__`` builds a whole
+    batch into preallocated arrays (DataLoader uses it, with :func:`collate_batch`), which is several times
+    faster than collating per-item dicts.
+
+    Args:
+        pool: the caches.
+        indices: flat record indices this dataset covers.
+        crop_samples: crop length ``T`` in samples.
+        views: ``"single"`` or ``"adjacent"`` (also return ``x2``, the next ``T`` samples).
+        labels: optional ``(len(pool), C)`` float32 or ``(len(pool),)`` int64, returned as ``y``.
+        with_patient: include ``patient``.
+    """
+
+    def __init__(self, pool: CachePool, indices: np.ndarray, crop_samples: int, views: str = "single",
+                 labels: np.ndarray | None = None, with_patient: bool = True):
+        if views not in VIEWS:
+            raise ValueError(f"views must be one of {VIEWS}, got {views!r}")
+        if int(crop_samples) < 1:
+            raise ValueError(f"crop_samples must be >= 1, got {crop_samples}")
+        self.pool, self.indices = pool, np.asarray(indices, dtype=np.int64)
+        self.crop, self.views, self.labels, self.with_patient = int(crop_samples), views, labels, with_patient
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, key: int | tuple[int, float]) -> dict[str, torch.Tensor]:
+        return {k: v[0] for k, v in self.__getitems__([key]).items()}
+
+    def __getitems__(self, keys: Sequence[int | tuple[int, float]]) -> dict[str, torch.Tensor]:
+        n, views = len(keys), 2 if self.views == "adjacent" else 1
+        xs = [_zeros((n, N_LEADS, self.crop)) for _ in range(views)]
+        x = [t.numpy() for t in xs]
+        mask = np.zeros((n, N_LEADS), dtype=bool)
+        flats = np.empty(n, dtype=np.int64)
+        patient = np.empty(n, dtype=np.int64)
+        need = self.crop * views
+        for b, key in enumerate(keys):
+            k, u = (key if isinstance(key, (tuple, list)) else (key, None))
+            flat = int(self.indices[int(k)])
+            cache, i = self.pool.locate(flat)
+            fields = cache.columns()
+            free = max(int(fields["n_samples"][i]) - need, 0)
+            start = free // 2 if u is None else min(int(float(u) * (free + 1)), free)
+            mask[b] = cache.read_window_into(i, start, x[0][b])
+            if views == 2:
+                cache.read_window_into(i, start + self.crop, x[1][b])
+            flats[b], patient[b] = flat, int(fields["patient"][i])
+        batch = {"x": xs[0], "lead_mask": torch.from_numpy(mask), "index": torch.from_numpy(flats)}
+        if views == 2:
+            batch["x2"] = xs[1]
+        if self.with_patient:
+            batch["patient"] = torch.from_numpy(patient)
+        if self.labels is not None:
+            batch["y"] = torch.from_numpy(np.ascontiguousarray(self.labels[flats]))
+        return batch
+
+
+class WindowDataset(Dataset):
+    """Every sliding window (``crop_samples`` long, every ``stride`` samples, the last one aligned to the end,
+    like :func:`ecgfm.data.preprocess.sliding_windows`) of the given records; ``index`` is the record."""
+
+    def __init__(self, pool: CachePool, indices: np.ndarray, crop_samples: int, stride: int,
+                 labels: np.ndarray | None = None):
+        if int(stride) < 1 or int(crop_samples) < 1:
+            raise ValueError(f"crop_samples and stride must be >= 1, got {crop_samples}, {stride}")
+        self.pool, self.crop, self.labels = pool, int(crop_samples), labels
+        flats, starts = [], []
+        for flat in np.asarray(indices, dtype=np.int64):
+            t = pool.n_samples(int(flat))
+            s = list(range(0, t - self.crop + 1, int(stride))) if t > self.crop else [0]
+            if t > self.crop and s[-1] != t - self.crop:
+                s.append(t - self.crop)
+            flats.extend([int(flat)] * len(s))
+            starts.extend(s)
+        self.flats, self.starts = np.asarray(flats, dtype=np.int64), np.asarray(starts, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.flats)
+
+    def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
+        return {key: v[0] for key, v in self.__getitems__([k]).items()}
+
+    def __getitems__(self, keys: Sequence[int]) -> dict[str, torch.Tensor]:
+        ks = np.asarray([int(k) for k in keys], dtype=np.int64)
+        xt = _zeros((len(ks), N_LEADS, self.crop))
+        x = xt.numpy()
+        mask = np.zeros((len(ks), N_LEADS), dtype=bool)
+        flats = self.flats[ks]
+        for b, (flat, start) in enumerate(zip(flats.tolist(), self.starts[ks].tolist())):
+            cache, i = self.pool.locate(flat)
+            mask[b] = cache.read_window_into(i, start, x[b])
+        batch = {"x": xt, "lead_mask": torch.from_numpy(mask), "index": torch.from_numpy(flats)}
+        if self.labels is not None:
+            batch["y"] = torch.from_numpy(np.ascontiguousarray(self.labels[flats]))
+        return batch
+
+
+def patient_holdout(patients: np.ndarray, fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Hold out about ``fraction`` of the records, whole patients at a time (unknown patient: own group).
+
+    Args:
+        patients: ``(N,)`` int64 patient hashes (-1 unknown).
+        fraction: share of records to hold out (at least one record when > 0 and N > 1).
+        seed: which patients (pure function of the inputs and seed).
+
+    Returns:
+        ``(keep, held_out)`` sorted int64 indices.
+    """
+    n = len(patients)
+    target = int(round(fraction * n))
+    if fraction > 0 and n > 1:
+        target = max(target, 1)
+    if target <= 0 or n == 0:
+        return np.arange(n, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    groups = np.where(patients >= 0, patients, -2 - np.arange(n, dtype=np.int64))
+    uniq, inverse, counts = np.unique(groups, return_inverse=True, return_counts=True)
+    order = np.random.default_rng([int(seed), 0x5EED]).permutation(len(uniq))
+    taken = order[:int(np.searchsorted(np.cumsum(counts[order]), target) + 1)]
+    held = np.isin(inverse, taken)
+    if held.all() and n > 1:   # one patient owns everything: keep it for training
+        held[:] = False
+    return np.flatnonzero(~held).astype(np.int64), np.flatnonzero(held).astype(np.int64)
+
+
+def _loader(dataset: Dataset, batch_size: int, num_workers: int, persistent: bool, pin_memory: bool,
+            sampler: Any = None, drop_last: bool = False) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=num_workers,
+                      persistent_workers=bool(persistent and num_workers > 0), pin_memory=pin_memory,
+                      drop_last=drop_last, collate_fn=collate_batch)
+
+
+class PretrainDataModule(LightningDataModule):
+    """Random crops from a weighted mixture of caches for self-supervised pretraining.
+
+    Args:
+        cache_dirs: one cache directory or several (mixed).
+        weights: sampling probability of each cache (None: proportional to its training records).
+        crop_samples: crop length in samples (at the caches' common rate).
+        views: ``"single"`` or ``"adjacent"`` (``x2``: the next ``crop_samples`` of the same record).
+        batch_size: per-rank batch size.
+        num_workers: DataLoader worker processes (persistent when > 0).
+        val_fraction: share of each cache's records held out for validation, whole patients at a time.
+        seed: seed of the hold-out, of the epoch orders and of the crops.
+        probe_labels: optional labels for an online probe: ``(N_total, C)`` array over the concatenated caches,
+            or a list of class names (looked up with :meth:`CorpusCache.labels_matrix` in every cache). Batches
+            then carry ``y (B, C)`` float32.
+        samples_per_epoch: draws per epoch over all ranks (None: the number of training records).
+        pin_memory, persistent_workers, drop_last: DataLoader options (drop_last for training only).
+        rank, world_size: override ``torch.distributed`` (tests).
+    """
+
+    def __init__(self, cache_dirs: str | os.PathLike | Sequence[str | os.PathLike],
+                 weights: Sequence[float] | None = None, crop_samples: int = 250, views: str = "single",
+                 batch_size: int = 32, num_workers: int = 0, val_fraction: float = 0.05, seed: int = 0,
+                 probe_labels: np.ndarray | Sequence[str] | None = None, samples_per_epoch: int | None = None,
+                 pin_memory: bool = False, persistent_workers: bool = True, drop_last: bool = True,
+                 rank: int | None = None, world_size: int | None = None):
+        super().__init__()
+        if isinstance(cache_dirs, (str, os.PathLike)):
+            cache_dirs = [cache_dirs]
+        self.cache_dirs = [str(c) for c in cache_dirs]
+        if not self.cache_dirs:
+            raise ValueError("PretrainDataModule needs at least one cache directory")
+        if weights is not None and len(weights) != len(self.cache_dirs):
+            raise ValueError(f"{len(weights)} weights for {len(self.cache_dirs)} caches")
+        if views not in VIEWS:
+            raise ValueError(f"views must be one of {VIEWS}, got {views!r}")
+        if not 0 <= float(val_fraction) < 1:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        if int(batch_size) < 1 or int(crop_samples) < 1 or int(num_workers) < 0:
+            raise ValueError("batch_size and crop_samples must be >= 1 and num_workers >= 0")
+        self.weights = None if weights is None else [float(w) for w in weights]
+        self.crop_samples, self.views, self.batch_size = int(crop_samples), views, int(batch_size)
+        self.num_workers, self.val_fraction, self.seed = int(num_workers), float(val_fraction), int(seed)
+        self.probe_labels, self.samples_per_epoch = probe_labels, samples_per_epoch
+        self.pin_memory, self.persistent_workers, self.drop_last = pin_memory, persistent_workers, drop_last
+        self.rank, self.world_size = rank, world_size
+        self.pool: CachePool | None = None
+        self.train_pools: list[np.ndarray] = []
+        self.val_indices = np.zeros(0, dtype=np.int64)
+        self.labels: np.ndarray | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        """Open the caches and hold out the validation patients (idempotent)."""
+        if self.pool is not None:
+            return
+        pool = CachePool(self.cache_dirs)
+        self.train_pools, val = [], []
+        for k, cache in enumerate(pool.caches):
+            keep, held = patient_holdout(cache.patients, self.val_fraction, self.seed + k)
+            self.train_pools.append(keep + pool.offsets[k])
+            val.append(held + pool.offsets[k])
+        self.val_indices = np.concatenate(val).astype(np.int64)
+        if self.probe_labels is not None:
+            pl = self.probe_labels
+            if len(pl) and all(isinstance(c, str) for c in pl):
+                self.labels = np.concatenate([c.labels_matrix(list(pl)) for c in pool.caches]).astype(np.float32)
+            else:
+                self.labels = np.asarray(pl, dtype=np.float32)
+            if self.labels.ndim != 2 or len(self.labels) != len(pool):
+                raise ValueError(f"probe_labels must be (N_total={len(pool)}, C), got {self.labels.shape}")
+        self.pool = pool
+
+    @property
+    def fs(self) -> float:
+        """Sampling rate of the caches."""
+        self.setup()
+        return self.pool.fs
+
+    def train_dataset(self) -> CropDataset:
+        self.setup()
+        return CropDataset(self.pool, np.concatenate(self.train_pools), self.crop_samples, self.views,
+                           self.labels)
+
+    def train_sampler(self) -> MixtureSampler:
+        self.setup()
+        sizes = [len(p) for p in self.train_pools]
+        weights = self.weights
+        if weights is not None:   # a cache whose records all went to validation cannot be drawn
+            weights = [w if s > 0 else 0.0 for w, s in zip(weights, sizes)]
+        return MixtureSampler(sizes, weights, self.samples_per_epoch, self.seed, self.rank, self.world_size)
+
+    def train_dataloader(self) -> DataLoader:
+        return _loader(self.train_dataset(), self.batch_size, self.num_workers, self.persistent_workers,
+                       self.pin_memory, sampler=self.train_sampler(), drop_last=self.drop_last)
+
+    def val_dataloader(self) -> DataLoader | list:
+        self.setup()
+        if len(self.val_indices) == 0:
+            return []
+        ds = CropDataset(self.pool, self.val_indices, self.crop_samples, self.views, self.labels)
+        return _loader(ds, self.batch_size, self.num_workers, self.persistent_workers, self.pin_memory)
+
+
+class DownstreamDataModule(LightningDataModule):
+    """Labelled crops of one cache with fixed train / val / test splits.
+
+    Args:
+        cache_dir: the cache.
+        labels: ``(N, C)`` float32 multi-hot for every cache record (multi-label), or ``(N,)`` class indices /
+            ``(N, C)`` one-hot with ``multilabel=False``.
+        splits: ``{"train", "val", "test"}`` -> record indices (e.g. from :mod:`ecgfm.data.splits`).
+        crop_samples: crop length in samples.
+        batch_size, num_workers: DataLoader options.
+        multilabel: ``y`` is ``(B, C)`` float32 (True) or ``(B,)`` int64 class indices (False).
+        test_stride: if set, val/test loaders yield every sliding window (stride in samples) of each record,
+            to be aggregated by ``index``; otherwise one centred crop per record.
+        seed: seed of the training order and crops.
+        pin_memory, persistent_workers, drop_last: DataLoader options (drop_last for training only).
+        rank, world_size: override ``torch.distributed`` (tests).
+    """
+
+    def __init__(self, cache_dir: str | os.PathLike | CorpusCache, labels: np.ndarray,
+                 splits: Mapping[str, Sequence[int]], crop_samples: int = 250, batch_size: int = 32,
+                 num_workers: int = 0, multilabel: bool = True, test_stride: int | None = None, seed: int = 0,
+                 pin_memory: bool = False, persistent_workers: bool = True, drop_last: bool = False,
+                 rank: int | None = None, world_size: int | None = None):
+        super().__init__()
+        self.pool = CachePool([cache_dir])
+        n = len(self.pool)
+        y = np.asarray(labels)
+        if len(y) != n:
+            raise ValueError(f"labels have {len(y)} rows but the cache {self.pool.caches[0].path} has {n} records")
+        if multilabel:
+            if y.ndim != 2:
+                raise ValueError(f"multilabel=True needs labels (N, C), got shape {y.shape}")
+            y = y.astype(np.float32)
+            self.num_classes = int(y.shape[1])
+        else:
+            if y.ndim == 2:
+                y = y.argmax(axis=1)
+            y = y.astype(np.int64)
+            self.num_classes = int(y.max()) + 1 if len(y) else 0
+        self.labels = y
+        missing = [k for k in ("train", "val", "test") if k not in splits]
+        if missing:
+            raise ValueError(f"splits lacks {missing} (needs train, val, test)")
+        self.splits = {}
+        for k, idx in splits.items():
+            idx = np.asarray(idx, dtype=np.int64).ravel()
+            if len(idx) and (idx.min() < 0 or idx.max() >= n):
+                raise ValueError(f"split {k!r} has indices outside [0, {n})")
+            self.splits[k] = idx
+        if test_stride is not None and int(test_stride) < 1:
+            raise ValueError(f"test_stride must be >= 1, got {test_stride}")
+        self.crop_samples, self.batch_size, self.num_workers = int(crop_samples), int(batch_size), int(num_workers)
+        self.multilabel, self.test_stride, self.seed = multilabel, test_stride, int(seed)
+        self.pin_memory, self.persistent_workers, self.drop_last = pin_memory, persistent_workers, drop_last
+        self.rank, self.world_size = rank, world_size
+
+    @property
+    def fs(self) -> float:
+        return self.pool.fs
+
+    @property
+    def cache(self) -> CorpusCache:
+        return self.pool.caches[0]
+
+    def train_dataloader(self) -> DataLoader:
+        ds = CropDataset(self.pool, self.splits["train"], self.crop_samples, "single", self.labels,
+                         with_patient=False)
+        sampler = EpochShuffleSampler(len(ds), self.seed, self.rank, self.world_size)
+        return _loader(ds, self.batch_size, self.num_workers, self.persistent_workers, self.pin_memory,
+                       sampler=sampler, drop_last=self.drop_last)
+
+    def _eval_loader(self, split: str) -> DataLoader:
+        idx = self.splits[split]
+        if self.test_stride is not None:
+            ds: Dataset = WindowDataset(self.pool, idx, self.crop_samples, int(self.test_stride), self.labels)
+        else:
+            ds = CropDataset(self.pool, idx, self.crop_samples, "single", self.labels, with_patient=False)
+        return _loader(ds, self.batch_size, self.num_workers, self.persistent_workers, self.pin_memory)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")

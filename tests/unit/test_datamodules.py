@@ -1,0 +1,253 @@
+"""DataModules: batch contract, mixture weights, adjacent views, determinism, DDP slicing, workers."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from ecgfm.data.cache import CorpusCache, prepare_corpus
+from ecgfm.data.datamodules import (
+    DownstreamDataModule,
+    EpochShuffleSampler,
+    MixtureSampler,
+    PretrainDataModule,
+    patient_holdout,
+)
+from ecgfm.data.preprocess import PreprocessSpec
+from ecgfm.data.record import ECGRecord
+from ecgfm.data.splits import patient_stratified_split
+from ecgfm.data.synthetic import SyntheticSource
+
+SPEC = PreprocessSpec(fs=100)
+
+
+class ShortSource:
+    """Records of 0.8-1.6 s (shorter than two crops) with 1 or 12 leads and known patients."""
+
+    name = "short"
+
+    def __init__(self, n=6):
+        self.n = n
+
+    def record_ids(self):
+        return [f"s{i}" for i in range(self.n)]
+
+    def load(self, rid):
+        i = int(rid[1:])
+        t = 80 + 20 * i
+        sig = np.tile(np.sin(np.arange(t) / 3.0, dtype=np.float32), (12, 1)) * np.arange(1, 13)[:, None]
+        mask = np.ones(12, bool) if i % 2 else np.eye(12, dtype=bool)[1]
+        sig = (sig * mask[:, None]).astype(np.float32)
+        return ECGRecord(signal=sig, fs=100.0, lead_mask=mask, record_id=rid, source="short",
+                         patient_id=f"q{i // 2}", labels=("AF" if i % 3 == 0 else "N",))
+
+
+@pytest.fixture(scope="module")
+def caches(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dm")
+    prepare_corpus(SyntheticSource(40, seed=0, fs=100.0, duration=6.0), root / "a", SPEC, workers=0,
+                   progress=False)
+    prepare_corpus(ShortSource(6), root / "b", SPEC, workers=0, progress=False)
+    return str(root / "a"), str(root / "b")
+
+
+def _find_start(full, window):
+    for s in range(full.shape[1] - window.shape[1] + 1):
+        if np.array_equal(full[:, s:s + window.shape[1]], window):
+            return s
+    return None
+
+
+def test_pretrain_batch_contract_and_adjacent_views(caches):
+    dm = PretrainDataModule(caches[0], crop_samples=100, views="adjacent", batch_size=8, val_fraction=0.1, seed=0)
+    batch = next(iter(dm.train_dataloader()))
+    assert set(batch) == {"x", "x2", "lead_mask", "patient", "index"}
+    assert batch["x"].shape == batch["x2"].shape == (8, 12, 100) and batch["x"].dtype == torch.float32
+    assert batch["lead_mask"].shape == (8, 12) and batch["lead_mask"].dtype == torch.bool
+    assert batch["patient"].dtype == batch["index"].dtype == torch.int64 and (batch["patient"] >= 0).all()
+    cache = CorpusCache(caches[0])
+    for b in range(8):
+        full = cache.signal(int(batch["index"][b]))
+        s = _find_start(full, batch["x"][b].numpy())
+        assert s is not None, "x is not a crop of its record"
+        np.testing.assert_array_equal(batch["x2"][b].numpy(), full[:, s + 100:s + 200])   # the next 100 samples
+        assert cache.records["patient"][int(batch["index"][b])] == batch["patient"][b]
+    # validation holds out whole patients, fixed (centred) crops
+    val = list(dm.val_dataloader())
+    val_idx = torch.cat([v["index"] for v in val]).numpy()
+    assert len(val_idx) >= 4 and not set(val_idx) & set(np.concatenate(dm.train_pools).tolist())
+    assert not set(cache.patients[val_idx]) & set(cache.patients[np.concatenate(dm.train_pools)])
+    again = list(dm.val_dataloader())
+    assert all(torch.equal(a["x"], b["x"]) for a, b in zip(val, again))
+
+
+def test_short_records_are_zero_padded(caches):
+    dm = PretrainDataModule(caches[1], crop_samples=100, views="adjacent", batch_size=6, val_fraction=0.0,
+                            drop_last=False)
+    batch = next(iter(dm.train_dataloader()))
+    cache = CorpusCache(caches[1])
+    for b in range(len(batch["index"])):
+        i = int(batch["index"][b])
+        full, t = cache.signal(i), int(cache.n_samples[i])
+        both = np.concatenate([batch["x"][b].numpy(), batch["x2"][b].numpy()], axis=1)
+        np.testing.assert_array_equal(both[:, :t], full)        # starts at 0, then zeros
+        assert not both[:, t:].any()
+        assert batch["lead_mask"][b].sum() in (1, 12)
+        assert not batch["x"][b][~batch["lead_mask"][b]].any()   # absent leads stay zero
+
+
+def test_mixture_weights_and_determinism():
+    s = MixtureSampler([30, 10], weights=[0.8, 0.2], num_samples=4000, seed=1)
+    pos, u = s.global_order()
+    frac0 = (pos < 30).mean()
+    assert abs(frac0 - 0.8) < 0.03 and pos.max() < 40 and ((u >= 0) & (u < 1)).all()
+    assert set(pos[pos >= 30].tolist()) == set(range(30, 40))     # every record of the small pool drawn
+    assert list(s) == list(MixtureSampler([30, 10], [0.8, 0.2], 4000, seed=1))   # pure function of seed
+    s.set_epoch(1)
+    assert list(s) != list(MixtureSampler([30, 10], [0.8, 0.2], 4000, seed=1))   # ... and epoch
+    default = MixtureSampler([30, 10], None, 4000, seed=2).global_order()[0]
+    assert abs((default < 30).mean() - 0.75) < 0.03                # default: proportional to size
+    with pytest.raises(ValueError, match="weights"):
+        MixtureSampler([3, 4], weights=[1.0])
+
+
+def test_ddp_slices_are_disjoint_and_cover_the_epoch():
+    whole = list(MixtureSampler([7, 5], [0.5, 0.5], num_samples=101, seed=3, rank=0, world_size=1))
+    r0 = list(MixtureSampler([7, 5], [0.5, 0.5], num_samples=101, seed=3, rank=0, world_size=2))
+    r1 = list(MixtureSampler([7, 5], [0.5, 0.5], num_samples=101, seed=3, rank=1, world_size=2))
+    assert len(r0) == len(r1) == 51
+    assert r0 == whole_padded(3, 102)[0::2] and r1 == whole_padded(3, 102)[1::2]
+    assert whole == whole_padded(3, 101)
+    e0 = [k for k, _ in EpochShuffleSampler(10, seed=5, rank=0, world_size=2)]
+    e1 = [k for k, _ in EpochShuffleSampler(10, seed=5, rank=1, world_size=2)]
+    assert not set(e0) & set(e1) and sorted(e0 + e1) == list(range(10))
+    with pytest.raises(ValueError, match="rank"):
+        EpochShuffleSampler(10, rank=2, world_size=2)
+
+
+def whole_padded(seed, total):
+    s = MixtureSampler([7, 5], [0.5, 0.5], num_samples=total, seed=seed, rank=0, world_size=1)
+    return list(s)
+
+
+def test_two_caches_mixture_through_datamodule(caches):
+    dm = PretrainDataModule(list(caches), weights=[0.5, 0.5], crop_samples=50, batch_size=16, val_fraction=0.0,
+                            samples_per_epoch=320, seed=4)
+    idx = torch.cat([b["index"] for b in dm.train_dataloader()]).numpy()
+    assert len(idx) == 320 and 0.35 < (idx >= 40).mean() < 0.65 and idx.max() < 46
+    dm2 = PretrainDataModule(list(caches), weights=[0.5, 0.5], crop_samples=50, batch_size=16, val_fraction=0.0,
+                             samples_per_epoch=320, seed=4, rank=1, world_size=2)
+    assert len(dm2.train_dataloader()) == 10                    # 160 per rank
+
+
+def test_probe_labels_and_workers_match_in_process(caches):
+    kw = dict(crop_samples=50, batch_size=8, val_fraction=0.1, seed=7, samples_per_epoch=48)
+    classes = CorpusCache(caches[0]).label_space()
+    dm0 = PretrainDataModule(caches[0], probe_labels=classes, **kw)
+    dm2 = PretrainDataModule(caches[0], probe_labels=classes, num_workers=2, **kw)
+    b0, b2 = list(dm0.train_dataloader()), list(dm2.train_dataloader())
+    assert len(b0) == len(b2) == 6
+    for a, b in zip(b0, b2):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert b0[0]["y"].shape == (8, len(classes)) and b0[0]["y"].dtype == torch.float32
+    assert (b0[0]["y"].sum(1) == 1).all()                       # one synthetic class per record
+    v = next(iter(dm2.val_dataloader()))
+    assert "y" in v
+    ds = dm0.train_dataset()
+    assert len(pickle.dumps(ds)) < 20_000                      # no signal data travels to workers
+
+
+def test_lightning_fit_sets_epochs(caches):
+    import lightning as L
+
+    class Tiny(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(12 * 50, 1)
+            self.seen = []
+
+        def training_step(self, batch, _):
+            self.seen.append(batch["index"].clone())
+            return self.lin(batch["x"].flatten(1)).pow(2).mean()
+
+        def validation_step(self, batch, _):
+            return None
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    dm = PretrainDataModule(caches[0], crop_samples=50, batch_size=8, samples_per_epoch=16, val_fraction=0.1)
+    model = Tiny()
+    trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, datamodule=dm)
+    assert len(model.seen) == 4
+    sampler = dm.train_sampler()
+    expect = [sampler.global_order(e)[0] for e in (0, 1)]
+    got = [torch.cat(model.seen[:2]).numpy(), torch.cat(model.seen[2:]).numpy()]
+    flat_train = np.concatenate(dm.train_pools)
+    for e in (0, 1):
+        np.testing.assert_array_equal(got[e], flat_train[expect[e]])   # epoch e used the (seed, e) order
+
+
+def test_downstream_datamodule(caches):
+    cache = CorpusCache(caches[0])
+    classes = cache.label_space()
+    y = cache.labels_matrix(classes)
+    splits = patient_stratified_split(cache.index["patient_id"].tolist(), y, seed=0)
+    dm = DownstreamDataModule(caches[0], y, splits, crop_samples=250, batch_size=4, test_stride=125)
+    b = next(iter(dm.train_dataloader()))
+    assert set(b) == {"x", "y", "lead_mask", "index"} and b["x"].shape == (4, 12, 250)
+    assert b["y"].shape == (4, len(classes)) and b["y"].dtype == torch.float32
+    assert set(b["index"].tolist()) <= set(splits["train"].tolist())
+    test = list(dm.test_dataloader())
+    idx = torch.cat([t["index"] for t in test])
+    # 600-sample records, 250-sample windows every 125 -> starts 0,125,250,350: 4 windows per record
+    assert sorted(set(idx.tolist())) == splits["test"].tolist()
+    assert (torch.bincount(idx)[splits["test"]] == 4).all()
+    np.testing.assert_array_equal(test[0]["x"][1].numpy(), cache.window(int(idx[1]), 125, 250))
+    single = DownstreamDataModule(caches[0], y.argmax(1), splits, crop_samples=250, batch_size=4, multilabel=False)
+    v = next(iter(single.val_dataloader()))
+    assert v["y"].dtype == torch.int64 and v["y"].shape == (min(4, len(splits["val"])),)
+    with pytest.raises(ValueError, match="rows"):
+        DownstreamDataModule(caches[0], y[:3], splits)
+    with pytest.raises(ValueError, match="outside"):
+        DownstreamDataModule(caches[0], y, {"train": [0], "val": [1], "test": [999]})
+
+
+def test_patient_holdout():
+    pats = np.array([5, 5, 5, 7, 7, -1, -1, 9, 9, 9])
+    keep, held = patient_holdout(pats, 0.3, seed=0)
+    assert sorted(keep.tolist() + held.tolist()) == list(range(10)) and len(held) >= 1
+    assert not set(pats[keep][pats[keep] >= 0]) & set(pats[held][pats[held] >= 0])
+    assert len(patient_holdout(pats, 0.0)[1]) == 0
+
+
+def test_mixed_rates_refused(tmp_path, caches):
+    prepare_corpus(ShortSource(2), tmp_path, PreprocessSpec(fs=50), workers=0, progress=False)
+    dm = PretrainDataModule([caches[0], str(tmp_path)])
+    with pytest.raises(ValueError, match="sampling rate"):
+        dm.setup()
+
+
+def test_mixed_specs_refused(tmp_path, caches):
+    prepare_corpus(ShortSource(2), tmp_path, PreprocessSpec(fs=100, normalize="robust"), workers=0, progress=False)
+    with pytest.raises(ValueError, match="preprocessing spec"):
+        PretrainDataModule([caches[0], str(tmp_path)]).setup()
+
+
+def test_samplers_read_torch_distributed(tmp_path):
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        s = MixtureSampler([5, 5], num_samples=9, seed=0)
+        assert (s.rank, s.num_replicas, len(s)) == (0, 1, 9)
+        s2 = MixtureSampler([5, 5], num_samples=9, seed=0, rank=1, world_size=2)   # explicit values win
+        assert (s2.rank, s2.num_replicas, len(s2)) == (1, 2, 5)
+    finally:
+        dist.destroy_process_group()
