@@ -212,12 +212,12 @@ class ViT1D(Backbone):
         b, _, d = tokens.shape
         return tokens[:, :k].reshape(b, self.num_leads, k // self.num_leads, d).permute(0, 3, 1, 2)
 
-    @torch.no_grad()
     def attention_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Attention probabilities of every block, computed explicitly (for attention rollout).
 
         The fused attention kernel never materialises the probabilities, so they are recomputed here from each
-        block's ``qkv`` projection on the block input; the forward pass itself is unchanged.
+        block's ``qkv`` projection on the block input; the forward pass itself is unchanged. The maps stay in the
+        autograd graph (for gradient-weighted rollout); call under ``torch.no_grad()`` when that is not needed.
 
         Args:
             x: ``(B, L, T)`` signal.

@@ -1,0 +1,84 @@
+"""CREMA-style hybrid: masked-autoencoder reconstruction regularised by a contrastive term.
+
+Song et al. 2024, "CREMA: Contrastive Regularized Masked Autoencoder" (arXiv 2407.07110; first titled as an ECG
+foundation-model study). No public code exists; this is our reading of the recipe:
+
+``loss = recon(view 1) + contrastive_weight * NT-Xent(g(pool(enc(view 1))), g(pool(enc(view 2))))``
+
+where view 1 and view 2 are two independently masked copies of the same ECG (each encoder pass sees only its own
+visible patches), ``pool`` is the mean of the visible patch tokens (the backbone's ``embed`` pooling), ``g`` a small
+projection head (Linear-BN-ReLU-Linear, as SimCLR) and NT-Xent (:func:`ecgfm.losses.nt_xent`) uses the other
+samples of the (DDP-gathered) batch as negatives. Only view 1 is decoded, so ``contrastive_weight=0`` is *exactly*
+:class:`~ecgfm.methods.mae.MAEModule` (the second view is then not even computed): same random masks, same loss,
+same gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ecgfm.losses.contrastive import nt_xent
+from ecgfm.methods.mae import MAEModule
+
+__all__ = ["CREMAModule", "projection_head"]
+
+
+def projection_head(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
+    """SimCLR-style projection MLP ``Linear -> BatchNorm1d -> ReLU -> Linear``: ``(B, in) -> (B, out)``."""
+    return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
+                         nn.Linear(hidden_dim, out_dim))
+
+
+class CREMAModule(MAEModule):
+    """MAE + contrastive regularisation between two masked views (see module docstring).
+
+    Args:
+        backbone: a :class:`~ecgfm.backbones.vit1d.ViT1D`.
+        contrastive_weight: weight of the NT-Xent term (0 gives plain MAE).
+        temperature: NT-Xent temperature.
+        proj_hidden_dim: hidden width of the projection head (``None``: the encoder width).
+        proj_dim: output width of the projection head.
+        mask_ratio, decoder_dim, decoder_depth, decoder_heads, decoder_mlp_ratio, norm_pix_loss, mask_mode,
+            decoder_layout: see :class:`~ecgfm.methods.mae.MAEModule`.
+        lr, weight_decay, warmup_steps, max_steps, betas, probe_num_classes, probe_multilabel: see
+            :class:`~ecgfm.methods.base.PretrainModule`.
+    """
+
+    def __init__(self, backbone: nn.Module, contrastive_weight: float = 0.1, temperature: float = 0.1,
+                 proj_hidden_dim: int | None = None, proj_dim: int = 128, mask_ratio: float = 0.75,
+                 decoder_dim: int = 256, decoder_depth: int = 4, decoder_heads: int = 8,
+                 decoder_mlp_ratio: float = 4.0, norm_pix_loss: bool = True, mask_mode: str = "global",
+                 decoder_layout: str = "joint", lr: float = 1e-3, weight_decay: float = 0.05,
+                 warmup_steps: int = 100, max_steps: int = 10000, betas: tuple[float, float] = (0.9, 0.95),
+                 probe_num_classes: int | None = None, probe_multilabel: bool = False) -> None:
+        super().__init__(backbone, mask_ratio=mask_ratio, decoder_dim=decoder_dim, decoder_depth=decoder_depth,
+                         decoder_heads=decoder_heads, decoder_mlp_ratio=decoder_mlp_ratio,
+                         norm_pix_loss=norm_pix_loss, mask_mode=mask_mode, decoder_layout=decoder_layout, lr=lr,
+                         weight_decay=weight_decay, warmup_steps=warmup_steps, max_steps=max_steps, betas=betas,
+                         probe_num_classes=probe_num_classes, probe_multilabel=probe_multilabel)
+        if contrastive_weight < 0:
+            raise ValueError(f"contrastive_weight must be >= 0, got {contrastive_weight}")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.contrastive_weight = float(contrastive_weight)
+        self.temperature = float(temperature)
+        d = backbone.num_features
+        self.projector = projection_head(d, proj_hidden_dim or d, proj_dim)
+
+    def shared_step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``loss = recon + w * contrastive``; terms ``recon`` and (when ``w > 0``) ``contrastive``."""
+        x, lead_mask = batch["x"], batch.get("lead_mask")
+        gen = self._val_generator(x)
+        latent1, mask1, ids_restore1 = self.forward_encoder(x, gen)                 # view 1: (B, K + 2L, D)
+        pred = self.forward_decoder(latent1, ids_restore1, mask1.shape[2])           # (B, L, N, P)
+        recon = self.forward_loss(x, pred, mask1, lead_mask)
+        terms = {"recon": recon.detach()}
+        if self.contrastive_weight == 0:
+            return recon, terms
+        latent2, _, _ = self.forward_encoder(x, gen)                                 # view 2: new masks
+        z1 = self.projector(self.backbone.pool(latent1))                             # (B, proj_dim)
+        z2 = self.projector(self.backbone.pool(latent2))
+        contrastive = nt_xent(z1, z2, temperature=self.temperature)
+        terms["contrastive"] = contrastive.detach()
+        return recon + self.contrastive_weight * contrastive, terms

@@ -1,0 +1,255 @@
+"""Masked autoencoder pretraining on ECG patches (MAE, He et al. 2022; ST-MEM, Na et al. 2024).
+
+The structure follows facebookresearch/mae ``models_mae.py``: :meth:`MAEModule.patchify`,
+:meth:`MAEModule.random_masking`, :meth:`MAEModule.forward_encoder`, :meth:`MAEModule.forward_decoder`,
+:meth:`MAEModule.forward_loss`. The encoder is an ST-MEM-style :class:`~ecgfm.backbones.vit1d.ViT1D`; masking is
+spatio-temporal (random over the ``leads x patches`` grid, independently per sample) and the encoder only ever sees
+the visible patches (+ the SEP tokens). The lightweight decoder sees only the ``L * N`` patch positions (visible
+tokens and mask tokens, no SEP tokens), with its own lead embeddings and fixed sin-cos positions, and predicts every
+patch; the loss (:func:`ecgfm.losses.masked_patch_mse`) counts only masked patches of present leads.
+
+Choices, and how they differ from the ST-MEM code:
+
+* ``mask_mode="global"`` (default) draws the visible set uniformly over all ``L * N`` patches;
+  ``mask_mode="per_lead"`` keeps the same number of patches in every lead (ST-MEM's ``random_masking``).
+* ``decoder_layout="joint"`` (default) lets all ``L * N`` decoder tokens attend to each other;
+  ``decoder_layout="per_lead"`` decodes every lead on its own (ST-MEM's lead-wise decoding), batched as
+  ``(B * L, N, D)`` instead of a Python loop over leads, and without the SEP tokens ST-MEM carries through it.
+* Absent leads (``lead_mask`` false, zero-filled by the data layer) are still encoded (the model learns that a lead
+  is missing) but never counted in the loss.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from timm.models.vision_transformer import Block
+from torch import nn
+
+from ecgfm.backbones.vit1d import sincos_1d
+from ecgfm.losses.mae import masked_patch_mse
+from ecgfm.methods.base import PretrainModule
+
+__all__ = ["MAEDecoder", "MAEModule", "random_masking"]
+
+MASK_MODES = ("global", "per_lead")
+DECODER_LAYOUTS = ("joint", "per_lead")
+
+
+def random_masking(batch: int, num_leads: int, num_patches: int, mask_ratio: float, mode: str = "global",
+                   device: torch.device | str = "cpu", generator: torch.Generator | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-sample random masking of the ``leads x patches`` grid by sorting uniform noise (MAE / ST-MEM).
+
+    Args:
+        batch: ``B``.
+        num_leads: ``L``.
+        num_patches: ``N`` patches per lead.
+        mask_ratio: fraction of patches hidden from the encoder, in ``[0, 1)``.
+        mode: ``"global"`` (keep ``int(L*N*(1-r))`` patches anywhere) or ``"per_lead"`` (keep ``int(N*(1-r))``
+            patches in every lead).
+        device: device of the outputs.
+        generator: optional RNG (validation uses a fixed one); the global RNG otherwise.
+
+    Returns:
+        ``ids_keep (B, K)`` int64 visible positions into the lead-major ``L*N`` grid (in shuffled order),
+        ``ids_restore (B, L*N)`` int64 such that gathering ``[visible tokens, mask tokens]`` with it restores grid
+        order, ``mask (B, L, N)`` bool, true where the patch is hidden (to be reconstructed).
+    """
+    if not 0.0 <= mask_ratio < 1.0:
+        raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
+    if mode not in MASK_MODES:
+        raise ValueError(f"mask mode must be one of {MASK_MODES}, got {mode!r}")
+    total = num_leads * num_patches
+    if mode == "global":
+        keep = int(total * (1 - mask_ratio))
+        noise = torch.rand(batch, total, device=device, generator=generator)
+        ids_shuffle = torch.argsort(noise, dim=1)                                   # ascending: small noise kept
+    else:
+        k_lead = int(num_patches * (1 - mask_ratio))
+        keep = k_lead * num_leads
+        noise = torch.rand(batch, num_leads, num_patches, device=device, generator=generator)
+        offset = torch.arange(num_leads, device=device)[None, :, None] * num_patches
+        per_lead = torch.argsort(noise, dim=2) + offset                             # (B, L, N) grid positions
+        ids_shuffle = torch.cat([per_lead[:, :, :k_lead].reshape(batch, -1),
+                                 per_lead[:, :, k_lead:].reshape(batch, -1)], dim=1)
+    if keep < 1:
+        raise ValueError(f"mask_ratio={mask_ratio} leaves no visible patch of {num_leads} x {num_patches} "
+                         f"(mode {mode!r})")
+    ids_restore = torch.argsort(ids_shuffle, dim=1)                                 # (B, L*N)
+    ids_keep = ids_shuffle[:, :keep]                                                # (B, K)
+    mask = (ids_restore >= keep).reshape(batch, num_leads, num_patches)             # rank >= K: hidden
+    return ids_keep, ids_restore, mask
+
+
+class MAEDecoder(nn.Module):
+    """Lightweight MAE decoder over the ``L * N`` patch positions (no SEP tokens, no wasted tokens).
+
+    Args:
+        num_leads: ``L``.
+        patch_size: ``P`` (output samples per patch).
+        max_patches: largest ``N``.
+        encoder_dim: width of the encoder tokens.
+        dim: decoder width.
+        depth: decoder blocks.
+        num_heads: decoder attention heads.
+        mlp_ratio: MLP hidden width / ``dim``.
+        layout: ``"joint"`` or ``"per_lead"`` attention (see module docstring).
+    """
+
+    def __init__(self, num_leads: int, patch_size: int, max_patches: int, encoder_dim: int, dim: int = 256,
+                 depth: int = 4, num_heads: int = 8, mlp_ratio: float = 4.0, layout: str = "joint"):
+        super().__init__()
+        if layout not in DECODER_LAYOUTS:
+            raise ValueError(f"decoder layout must be one of {DECODER_LAYOUTS}, got {layout!r}")
+        if dim % num_heads:
+            raise ValueError(f"decoder dim ({dim}) must be divisible by decoder heads ({num_heads})")
+        self.num_leads, self.patch_size, self.dim, self.layout = num_leads, patch_size, dim, layout
+        self.embed = nn.Linear(encoder_dim, dim)
+        self.mask_token = nn.Parameter(torch.zeros(dim))
+        self.lead_embed = nn.Parameter(torch.zeros(num_leads, dim))
+        self.register_buffer("pos_embed", sincos_1d(max_patches + 2, dim), persistent=False)  # as the encoder
+        self.blocks = nn.ModuleList(Block(dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True,
+                                          norm_layer=partial(nn.LayerNorm, eps=1e-6)) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.pred = nn.Linear(dim, patch_size)
+        nn.init.normal_(self.mask_token, std=0.02)
+        nn.init.normal_(self.lead_embed, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, visible: torch.Tensor, ids_restore: torch.Tensor, num_patches: int) -> torch.Tensor:
+        """Predict every patch.
+
+        Args:
+            visible: ``(B, K, D_enc)`` encoder outputs of the visible patch tokens (in ``ids_keep`` order).
+            ids_restore: ``(B, L*N)`` from :func:`random_masking`.
+            num_patches: ``N``.
+
+        Returns:
+            ``(B, L, N, P)`` predicted patches.
+        """
+        b, k, _ = visible.shape
+        total = ids_restore.shape[1]
+        z = self.embed(visible)                                                      # (B, K, Dd)
+        z = torch.cat([z, self.mask_token.to(z.dtype).expand(b, total - k, -1)], dim=1)  # (B, L*N, Dd) shuffled
+        z = torch.gather(z, 1, ids_restore[..., None].expand(-1, -1, self.dim))      # (B, L*N, Dd) grid order
+        pos = self.pos_embed[1:num_patches + 1]                                      # (N, Dd)
+        z = z + (self.lead_embed[:, None, :] + pos[None]).reshape(total, self.dim)
+        if self.layout == "per_lead":
+            z = z.reshape(b * self.num_leads, num_patches, self.dim)                 # (B*L, N, Dd)
+        for blk in self.blocks:
+            z = blk(z)
+        z = self.pred(self.norm(z))                                                  # (B*L, N, P) or (B, L*N, P)
+        return z.reshape(b, self.num_leads, num_patches, self.patch_size)
+
+
+class MAEModule(PretrainModule):
+    """Masked-autoencoder pretraining (MAE / ST-MEM) as a LightningModule.
+
+    Args:
+        backbone: a :class:`~ecgfm.backbones.vit1d.ViT1D` (the exported encoder).
+        mask_ratio: fraction of patches hidden from the encoder (ST-MEM: 0.75).
+        decoder_dim: decoder width (ST-MEM: 256).
+        decoder_depth: decoder blocks (ST-MEM: 4).
+        decoder_heads: decoder attention heads.
+        decoder_mlp_ratio: decoder MLP ratio.
+        norm_pix_loss: standardise every target patch (MAE ``norm_pix_loss``).
+        mask_mode: ``"global"`` or ``"per_lead"`` (see module docstring).
+        decoder_layout: ``"joint"`` or ``"per_lead"`` (see module docstring).
+        lr, weight_decay, warmup_steps, max_steps, betas, probe_num_classes, probe_multilabel: see
+            :class:`~ecgfm.methods.base.PretrainModule`.
+    """
+
+    def __init__(self, backbone: nn.Module, mask_ratio: float = 0.75, decoder_dim: int = 256, decoder_depth: int = 4,
+                 decoder_heads: int = 8, decoder_mlp_ratio: float = 4.0, norm_pix_loss: bool = True,
+                 mask_mode: str = "global", decoder_layout: str = "joint", lr: float = 1e-3,
+                 weight_decay: float = 0.05, warmup_steps: int = 100, max_steps: int = 10000,
+                 betas: tuple[float, float] = (0.9, 0.95), probe_num_classes: int | None = None,
+                 probe_multilabel: bool = False) -> None:
+        super().__init__(backbone, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps, max_steps=max_steps,
+                         betas=betas, probe_num_classes=probe_num_classes, probe_multilabel=probe_multilabel)
+        needed = ("patchify", "embed_tokens", "num_patch_tokens", "num_leads", "patch_size", "num_patches")
+        if not all(hasattr(backbone, a) for a in needed):
+            raise ValueError(f"MAEModule needs a patch-token backbone (ViT1D: {', '.join(needed)}); got "
+                             f"{type(backbone).__name__} ({getattr(backbone, 'name', '?')})")
+        if not 0.0 <= mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
+        if mask_mode not in MASK_MODES:
+            raise ValueError(f"mask_mode must be one of {MASK_MODES}, got {mask_mode!r}")
+        self.mask_ratio = float(mask_ratio)
+        self.mask_mode = mask_mode
+        self.norm_pix_loss = bool(norm_pix_loss)
+        self.decoder = MAEDecoder(backbone.num_leads, backbone.patch_size, backbone.num_patches,
+                                  backbone.num_features, dim=decoder_dim, depth=decoder_depth,
+                                  num_heads=decoder_heads, mlp_ratio=decoder_mlp_ratio, layout=decoder_layout)
+
+    # ------------------------------------------------------------------ MAE steps
+    def patchify(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, L, T) -> (B, L, N, P)``."""
+        return self.backbone.patchify(x)
+
+    def random_masking(self, x: torch.Tensor, generator: torch.Generator | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Masks for ``x (B, L, T)``: ``ids_keep (B, K)``, ``ids_restore (B, L*N)``, ``mask (B, L, N)`` bool."""
+        b, n_leads, t = x.shape
+        return random_masking(b, n_leads, t // self.backbone.patch_size, self.mask_ratio, self.mask_mode,
+                              device=x.device, generator=generator)
+
+    def forward_encoder(self, x: torch.Tensor, generator: torch.Generator | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Mask and encode.
+
+        Args:
+            x: ``(B, L, T)``.
+            generator: optional RNG for the masks.
+
+        Returns:
+            ``latent (B, K + 2L, D)`` (visible patch tokens, then SEP tokens), ``mask (B, L, N)`` bool,
+            ``ids_restore (B, L*N)``.
+        """
+        self.backbone.patchify(x)  # validates the input shape with a clear error
+        ids_keep, ids_restore, mask = self.random_masking(x, generator)
+        latent = self.backbone.forward_features(x, ids_keep=ids_keep)                 # (B, K + 2L, D)
+        return latent, mask, ids_restore
+
+    def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor, num_patches: int) -> torch.Tensor:
+        """``latent (B, K + 2L, D) -> pred (B, L, N, P)`` (the SEP tokens are dropped before decoding)."""
+        k = self.backbone.num_patch_tokens(latent)                                   # visible patch tokens
+        return self.decoder(latent[:, :k], ids_restore, num_patches)
+
+    def forward_loss(self, x: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor,
+                     lead_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Masked-patch MSE over hidden patches of present leads.
+
+        Args:
+            x: ``(B, L, T)`` signal.
+            pred: ``(B, L, N, P)``.
+            mask: ``(B, L, N)`` bool, true = hidden.
+            lead_mask: ``(B, L)`` bool, false = absent lead (excluded); ``None`` = all present.
+        """
+        target = self.patchify(x)                                                     # (B, L, N, P)
+        if lead_mask is not None:
+            mask = mask & lead_mask.to(torch.bool)[:, :, None]
+        return masked_patch_mse(pred, target, mask, norm_pix=self.norm_pix_loss)
+
+    def forward(self, x: torch.Tensor, lead_mask: torch.Tensor | None = None,
+                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """Full MAE pass: ``{"loss", "pred" (B, L, N, P), "mask" (B, L, N), "latent" (B, K + 2L, D)}``."""
+        latent, mask, ids_restore = self.forward_encoder(x, generator)
+        pred = self.forward_decoder(latent, ids_restore, mask.shape[2])
+        loss = self.forward_loss(x, pred, mask, lead_mask)
+        return {"loss": loss, "pred": pred, "mask": mask, "latent": latent}
+
+    def _val_generator(self, x: torch.Tensor) -> torch.Generator | None:
+        """Fixed masks in evaluation mode, so validation losses are comparable between epochs."""
+        if self.training:
+            return None
+        return torch.Generator(device=x.device).manual_seed(0)
+
+    def shared_step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        out = self(batch["x"], batch.get("lead_mask"), self._val_generator(batch["x"]))
+        return out["loss"], {"recon": out["loss"].detach()}

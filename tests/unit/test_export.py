@@ -1,0 +1,155 @@
+"""Encoder export: safetensors + JSON round trip, and refusals (unknown names, tampered JSON, missing files)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ecgfm.backbones import create_backbone
+from ecgfm.data.preprocess import PreprocessSpec
+from ecgfm.export import (META_FILE, WEIGHTS_FILE, backbone_from_lightning_checkpoint, export_encoder,
+                          load_encoder)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run fastest on one thread (and far faster on a busy machine); restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("name,kwargs", [("vit1d_test", {}), ("resnet1d_test", {"pool": "avg"}),
+                                         ("vit1d_test", {"seq_len": 500, "embed_dim": 8, "num_heads": 2})])
+def test_round_trip_gives_the_same_outputs(tmp_path, name, kwargs):
+    torch.manual_seed(0)
+    model = create_backbone(name, **kwargs)
+    if name.startswith("resnet"):  # non-trivial BatchNorm statistics must travel too
+        model.train()
+        model(torch.randn(8, 12, 250))
+    model.eval()
+    spec = PreprocessSpec(fs=250.0, lowpass=40.0)
+    out = export_encoder(model, tmp_path / "enc", spec, extra={"method": "mae", "crop_samples": 250, "fs": 250.0})
+    assert (out / WEIGHTS_FILE).is_file() and (out / META_FILE).is_file()
+    loaded, spec2, info = load_encoder(out)
+    assert spec2 == spec
+    assert info["name"] == name and info["init_args"] == kwargs and info["extra"]["method"] == "mae"
+    assert info["num_features"] == model.num_features
+    assert not loaded.training
+    x = torch.randn(3, 12, 250)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.embed(x), model.embed(x), rtol=0, atol=0)
+    # either file path works too
+    assert load_encoder(out / META_FILE)[0].name == name
+
+
+def test_preprocess_as_dict_and_json_only_content(tmp_path):
+    model = create_backbone("vit1d_test")
+    export_encoder(model, tmp_path, PreprocessSpec().to_dict())
+    meta = json.loads((tmp_path / META_FILE).read_text())
+    assert meta["format"] == "ecgfm-encoder" and meta["format_version"] == 1
+    assert meta["tensors"]["lead_embed"] == [12, 16]
+    # the weights file is safetensors (8-byte header length + JSON header), not a pickle
+    raw = (tmp_path / WEIGHTS_FILE).read_bytes()
+    header_len = int.from_bytes(raw[:8], "little")
+    assert json.loads(raw[8:8 + header_len])["lead_embed"]["shape"] == [12, 16]
+
+
+def test_export_refuses_unregistered_models_and_bad_extra(tmp_path):
+    model = create_backbone("vit1d_test")
+    with pytest.raises(ValueError, match="JSON"):
+        export_encoder(model, tmp_path, PreprocessSpec(), extra={"f": object()})
+    model.name = "my_private_net"
+    with pytest.raises(ValueError, match="unregistered"):
+        export_encoder(model, tmp_path, PreprocessSpec())
+
+
+def _tamper(path, **changes):
+    meta = json.loads((path / META_FILE).read_text())
+    meta.update(changes)
+    (path / META_FILE).write_text(json.dumps(meta))
+
+
+@pytest.fixture
+def exported(tmp_path):
+    export_encoder(create_backbone("vit1d_test"), tmp_path, PreprocessSpec())
+    return tmp_path
+
+
+def test_unknown_name_is_refused(exported):
+    _tamper(exported, name="os.system")
+    with pytest.raises(ValueError, match="unknown backbone name 'os.system'"):
+        load_encoder(exported)
+
+
+def test_shape_mismatch_is_refused(exported):
+    _tamper(exported, init_args={"embed_dim": 32})
+    with pytest.raises(ValueError, match="shape mismatch"):
+        load_encoder(exported)
+
+
+def test_other_architecture_is_refused(exported):
+    _tamper(exported, name="resnet1d_test")
+    with pytest.raises(ValueError, match="do not match"):
+        load_encoder(exported)
+
+
+def test_bad_init_args_bad_version_bad_spec_bad_json(exported):
+    _tamper(exported, init_args={"no_such_argument": 1})
+    with pytest.raises(ValueError, match="cannot build"):
+        load_encoder(exported)
+    _tamper(exported, init_args={}, format_version=99)
+    with pytest.raises(ValueError, match="format_version"):
+        load_encoder(exported)
+    _tamper(exported, format_version=1, preprocess={"fs": 100, "colour": "red"})
+    with pytest.raises(ValueError, match="preprocess"):
+        load_encoder(exported)
+    (exported / META_FILE).write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_encoder(exported)
+
+
+def test_missing_files(tmp_path, exported):
+    with pytest.raises(FileNotFoundError, match="not an exported encoder"):
+        load_encoder(tmp_path / "nothing.pt")
+    (exported / WEIGHTS_FILE).unlink()
+    with pytest.raises(FileNotFoundError, match="encoder.safetensors"):
+        load_encoder(exported)
+
+
+def test_corrupt_weights(exported):
+    (exported / WEIGHTS_FILE).write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="safetensors"):
+        load_encoder(exported)
+
+
+def test_backbone_from_lightning_checkpoint(tmp_path):
+    """A real Lightning checkpoint of a pretraining module rebuilds its backbone with weights_only loading."""
+    import lightning as L
+
+    from ecgfm.methods.mae import MAEModule
+
+    torch.manual_seed(0)
+    module = MAEModule(create_backbone("vit1d_test", drop_path=0.0), decoder_dim=16, decoder_depth=1,
+                       decoder_heads=2, warmup_steps=0, max_steps=2)
+    x = torch.randn(4, 12, 250)
+    loader = torch.utils.data.DataLoader([{"x": xi, "lead_mask": torch.ones(12, dtype=torch.bool)} for xi in x],
+                                         batch_size=2)
+    trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu", default_root_dir=tmp_path)
+    trainer.fit(module, loader)
+    ckpt = tmp_path / "m.ckpt"
+    trainer.save_checkpoint(ckpt)
+    backbone, hparams = backbone_from_lightning_checkpoint(ckpt)
+    assert hparams["backbone_name"] == "vit1d_test" and hparams["mask_ratio"] == 0.75
+    module.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(backbone.embed(x), module.backbone.embed(x))
+    with pytest.raises(FileNotFoundError):
+        backbone_from_lightning_checkpoint(tmp_path / "absent.ckpt")
+    torch.save({"state_dict": {}, "hyper_parameters": {"lr": 1.0}}, tmp_path / "bad.ckpt")
+    with pytest.raises(ValueError, match="no backbone description"):
+        backbone_from_lightning_checkpoint(tmp_path / "bad.ckpt")
