@@ -1,0 +1,403 @@
+"""Typed configuration schemas and validation for the Hydra entry points.
+
+Two layers catch configuration mistakes before anything is built, each with a message naming the key:
+
+1. :class:`TrainConfig` (a dataclass schema) covers the fixed, top-level part of ``conf/train.yaml``: seed,
+   paths, crop, preprocessing, checkpointing, resume. :func:`validate_train_config` merges the composed config
+   into ``OmegaConf.structured(TrainConfig)``, so ``+foo=1`` or ``preprocess.fs=abc`` fail with
+   ``ConfigError("preprocess.fs: ...")``.
+2. The ``_target_`` nodes (``data``, ``backbone``, ``method``, ``trainer``, ``logger`` and anything nested in them)
+   are checked against the *signature of the callable they name* (:func:`check_target_node`): an unknown key
+   (``method.mask_ratoi``, ``trainer.max_step``), a missing required argument, or a value whose type does not
+   match a simple annotation (``trainer.max_steps=abc``) is reported with the key, the target and the closest
+   valid name. The constructor signatures are the single source of truth, so these checks cannot drift from the
+   code the way a duplicated dataclass per method would. Backbones built through
+   ``ecgfm.backbones.create_backbone`` are checked against the factory registered under ``name``.
+
+Resolvers registered on import (so configs can use them once :mod:`ecgfm.config` is imported):
+``${ecgfm.samples:seconds,fs}`` -> ``int(round(seconds * fs))``; ``${ecgfm.len:list}`` -> its length (None stays
+None; used for ``method.probe_num_classes: ${ecgfm.len:${data.probe_labels}}``).
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from typing import Any, Optional
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from ecgfm.data.preprocess import PreprocessSpec
+
+
+class ConfigError(ValueError):
+    """A configuration mistake. The message starts with the dotted key that is wrong."""
+
+    def __init__(self, key: str, problem: str):
+        self.key = key
+        self.problem = problem
+        super().__init__(f"config key '{key}': {problem}" if key else problem)
+
+
+def _seconds_to_samples(seconds: Any, fs: Any) -> int:
+    return int(round(float(seconds) * float(fs)))
+
+
+def _length(value: Any) -> int | None:
+    return None if value is None else len(value)
+
+
+OmegaConf.register_new_resolver("ecgfm.samples", _seconds_to_samples, replace=True)
+OmegaConf.register_new_resolver("ecgfm.len", _length, replace=True)
+
+
+# --------------------------------------------------------------------------------------------- dataclass schemas
+@dataclass
+class PreprocessConfig:
+    """Mirror of :class:`ecgfm.data.preprocess.PreprocessSpec` (a test keeps the two identical)."""
+
+    fs: Optional[float] = 100.0
+    highpass: Optional[float] = 0.5
+    lowpass: Optional[float] = None
+    notch: Optional[float] = None
+    filter_order: int = 3
+    normalize: str = "zscore"
+    flat_threshold: float = 1e-4
+    clip: Optional[float] = 20.0
+
+
+@dataclass
+class PathsConfig:
+    """Where things live. Relative paths are relative to the working directory (run from the project root).
+
+    Attributes:
+        cache_root: folder holding prepared corpus caches (one sub-folder per corpus + spec fingerprint).
+        data_root: folder holding the original datasets (``ptbxl/``, ``cinc2017/``...).
+        output_root: folder under which runs are written when ``hydra.run.dir`` is not given.
+    """
+
+    cache_root: str = "cache"
+    data_root: str = "../shared/data"
+    output_root: str = "outputs"
+
+
+@dataclass
+class CheckpointConfig:
+    """Arguments of Lightning's ``ModelCheckpoint`` used by :func:`ecgfm.pipelines.train`.
+
+    Attributes:
+        every_n_train_steps: save a periodic checkpoint every this many optimiser steps (and ``last.ckpt``).
+        save_top_k: how many periodic checkpoints to keep: the ``k`` newest (-1 keeps all, 0 none).
+        save_last: also keep ``checkpoints/last.ckpt`` (needed for auto-resume).
+    """
+
+    every_n_train_steps: int = 100
+    save_top_k: int = 3
+    save_last: bool = True
+
+
+@dataclass
+class TrainConfig:
+    """Schema of ``conf/train.yaml`` after composition (the ``hydra`` node excluded).
+
+    Attributes:
+        seed: global seed (weights, sampler order, masks, augmentations).
+        out_dir: run folder (checkpoints, logs, exported encoder, summary). Defaults to Hydra's run dir.
+        resume: checkpoint to resume from; ``None`` auto-resumes from ``<out_dir>/checkpoints/last.ckpt`` if present.
+        crop_seconds: length of the training crops in seconds.
+        crop_samples: length in samples (derived from ``crop_seconds`` and ``preprocess.fs`` by default).
+        compile: wrap the backbone's ``forward_features`` with ``torch.compile``.
+        torch_threads: ``torch.set_num_threads`` for CPU ops (None: torch's default). On a shared machine with
+            few cores, 1 thread avoids OpenMP oversubscription (measured 4-5x faster for the small CPU demos).
+        deterministic_steps: reseed torch/numpy/random from ``(seed, rank, global_step)`` before every step so
+            a resumed run draws the same masks/augmentations as an uninterrupted one.
+        progress_refresh: TQDM progress bar refresh rate in steps.
+        export: export the encoder to ``<out_dir>/encoder`` at the end.
+        data, backbone, method, trainer, logger: ``_target_`` nodes, checked by :func:`check_target_node`.
+    """
+
+    seed: int = 0
+    out_dir: str = "outputs/train"
+    resume: Optional[str] = None
+    crop_seconds: float = 2.5
+    crop_samples: int = 250
+    compile: bool = False
+    torch_threads: Optional[int] = None
+    deterministic_steps: bool = True
+    progress_refresh: int = 10
+    export: bool = True
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    data: Any = None
+    backbone: Any = None
+    method: Any = None
+    trainer: Any = None
+    logger: Any = None
+
+
+# ----------------------------------------------------------------------------------------- target-node checking
+def _close(name: str, options: list[str]) -> str:
+    match = difflib.get_close_matches(name, options, n=1, cutoff=0.6)
+    return f"; did you mean '{match[0]}'?" if match else ""
+
+
+def _resolve_target(target: str, key: str) -> Any:
+    from hydra.utils import get_object
+
+    try:
+        return get_object(target)
+    except Exception as err:  # ImportError, AttributeError, ValueError depending on what is missing
+        raise ConfigError(f"{key}._target_" if key else "_target_",
+                          f"cannot import {target!r}: {err}") from None
+
+
+def _backbone_factory(node: DictConfig, key: str) -> Any | None:
+    """The registered factory behind ``create_backbone(name=...)`` (so its arguments can be checked)."""
+    from ecgfm.backbones import registry
+
+    name = node.get("name")
+    names = registry.list_backbones()
+    if name not in names:
+        raise ConfigError(f"{key}.name", f"unknown backbone {name!r}{_close(str(name), names)} "
+                                         f"(registered: {', '.join(names)})")
+    factory = registry._REGISTRY[name]
+    # Registry factories are often ``f(**kwargs) -> ViT1D``: check the keys against the class they build.
+    try:
+        built = typing.get_type_hints(factory).get("return")
+    except Exception:
+        built = None
+    return built if inspect.isclass(built) else factory
+
+
+def _parameters(obj: Any) -> tuple[dict[str, inspect.Parameter], dict[str, Any], bool]:
+    """Named parameters, type hints and whether arbitrary keywords are accepted, following ``**kwargs`` up the MRO.
+
+    A class whose ``__init__`` forwards ``**kwargs`` to its base accepts the base's parameters too; we collect
+    them so that a typo is still caught.
+    """
+    params: dict[str, inspect.Parameter] = {}
+    hints: dict[str, Any] = {}
+    funcs = [c.__init__ for c in inspect.getmro(obj) if "__init__" in vars(c)] if inspect.isclass(obj) else [obj]
+    open_kwargs = False
+    for depth, func in enumerate(funcs):
+        try:
+            sig = inspect.signature(func)
+        except (TypeError, ValueError):
+            return params, hints, True
+        try:
+            func_hints = typing.get_type_hints(func)
+        except Exception:  # unresolvable forward references: skip type checks, keep key checks
+            func_hints = {}
+        var_kw = False
+        for p in sig.parameters.values():
+            if p.name == "self" or p.kind == p.VAR_POSITIONAL:
+                continue
+            if p.kind == p.VAR_KEYWORD:
+                var_kw = True
+                continue
+            if depth > 0 and p.default is inspect.Parameter.empty:
+                # reached through **kwargs: the subclass may supply it, so it is not required from the config
+                p = p.replace(default=None)
+            params.setdefault(p.name, p)
+            if p.name in func_hints:
+                hints.setdefault(p.name, func_hints[p.name])
+        if not var_kw:
+            return params, hints, False
+        open_kwargs = True
+        if not inspect.isclass(obj):
+            break
+    return params, hints, open_kwargs
+
+
+def _type_ok(value: Any, hint: Any) -> bool | None:
+    """Whether ``value`` fits a simple annotation; ``None`` when the annotation is too complex to judge."""
+    if hint is Any:
+        return True
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        verdicts = [_type_ok(value, h) for h in typing.get_args(hint)]
+        if any(v is True for v in verdicts):
+            return True
+        return None if any(v is None for v in verdicts) else False
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (list, tuple, typing.Sequence) or hint in (list, tuple):
+        return isinstance(value, (list, tuple, ListConfig))
+    if origin is dict or hint is dict:
+        return isinstance(value, (dict, DictConfig))
+    return None
+
+
+def _describe(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def check_target_node(node: Any, key: str, provided: tuple[str, ...] = ()) -> None:
+    """Check a ``_target_`` node (and every ``_target_`` node inside it) against the named callable.
+
+    Args:
+        node: a DictConfig with ``_target_`` (or a container holding such nodes).
+        key: dotted path of ``node`` in the full config, used in error messages.
+        provided: argument names that the caller passes at instantiation time (``backbone`` for a method), so
+            they are not reported as missing.
+
+    Raises:
+        ConfigError: unknown key, missing required argument, wrong simple type, or an unimportable target.
+    """
+    if isinstance(node, ListConfig):
+        for i, item in enumerate(node):
+            check_target_node(item, f"{key}[{i}]")
+        return
+    if not isinstance(node, DictConfig):
+        return
+    if "_target_" not in node:
+        for k in node:
+            check_target_node(node._get_node(k), f"{key}.{k}" if key else str(k))
+        return
+    target = node["_target_"]
+    obj = _resolve_target(target, key)
+    if target in ("ecgfm.backbones.create_backbone", "ecgfm.backbones.registry.create_backbone"):
+        factory = _backbone_factory(node, key)
+        params, hints, open_kwargs = _parameters(factory)
+        params = {"name": inspect.Parameter("name", inspect.Parameter.KEYWORD_ONLY), **params}
+        hints = {"name": str, **hints}
+    else:
+        params, hints, open_kwargs = _parameters(obj)
+    partial = bool(node.get("_partial_", False))
+    for k in node:
+        if str(k).startswith("_"):
+            continue
+        sub = f"{key}.{k}" if key else str(k)
+        if k not in params and not open_kwargs:
+            raise ConfigError(sub, f"unknown key for {target}{_close(str(k), list(params))} "
+                                   f"(accepted: {', '.join(sorted(params))})")
+        child = node._get_node(k)
+        if isinstance(child, (DictConfig, ListConfig)):
+            check_target_node(child, sub)
+        if k in hints and not OmegaConf.is_missing(node, k):
+            try:
+                value = node[k]
+            except OmegaConfBaseException as err:
+                raise ConfigError(sub, f"cannot resolve value: {err}") from None
+            if isinstance(value, DictConfig) and "_target_" in value:
+                continue
+            if _type_ok(value, hints[k]) is False:
+                origin = f" (from {child._value()})" if OmegaConf.is_interpolation(node, k) else ""
+                raise ConfigError(sub, f"expected {_describe(hints[k])} for {target}, got {value!r} "
+                                       f"({type(value).__name__}){origin}")
+    if not partial:
+        missing = [n for n, p in params.items()
+                   if p.default is inspect.Parameter.empty and n not in node and n not in provided]
+        if missing:
+            raise ConfigError(f"{key}.{missing[0]}" if key else missing[0],
+                              f"required argument of {target} is not set")
+    for k in node:
+        if not str(k).startswith("_") and OmegaConf.is_missing(node, k):
+            raise ConfigError(f"{key}.{k}" if key else str(k), "mandatory value '???' is not set")
+
+
+def strip_params(node: DictConfig) -> DictConfig:
+    """A resolved copy of a ``_target_`` node without its ``params`` sub-node.
+
+    ``params`` holds user-facing knobs of a config option (``data.params.root``, ``data.params.n_records``) that
+    the node's own arguments refer to by interpolation; it is not an argument of the target.
+    """
+    if "params" not in node:
+        return node
+    plain = OmegaConf.to_container(node, resolve=True)
+    plain.pop("params")
+    return OmegaConf.create(plain)
+
+
+# --------------------------------------------------------------------------------------------------- entry point
+def _reformat(err: OmegaConfBaseException, schema_cls: type) -> ConfigError:
+    key = getattr(err, "full_key", None) or ""
+    msg = str(err).split("\n")[0]
+    if "not in" in msg and key:
+        parent_names: list[str] = []
+        node_cls: Any = schema_cls
+        for part in key.split(".")[:-1]:
+            sub = {f.name: f for f in fields(node_cls)}.get(part) if hasattr(node_cls, "__dataclass_fields__") \
+                else None
+            node_cls = sub.default_factory if sub is not None and callable(sub.default_factory) else None
+        if node_cls is not None and hasattr(node_cls, "__dataclass_fields__"):
+            parent_names = [f.name for f in fields(node_cls)]
+        return ConfigError(key, f"unknown key{_close(key.split('.')[-1], parent_names)}"
+                                + (f" (accepted: {', '.join(parent_names)})" if parent_names else ""))
+    return ConfigError(key, msg)
+
+
+def _missing_keys(node: Any, key: str = "") -> list[str]:
+    """Keys whose literal value is ``???`` (not following interpolations, unlike ``OmegaConf.missing_keys``)."""
+    out: list[str] = []
+    if isinstance(node, DictConfig):
+        items = [(str(k), node._get_node(k)) for k in node]
+        sep = "."
+    elif isinstance(node, ListConfig):
+        items = [(f"[{i}]", node._get_node(i)) for i in range(len(node))]
+        sep = ""
+    else:
+        return out
+    for name, child in items:
+        sub = f"{key}{sep}{name}" if key else name
+        if isinstance(child, (DictConfig, ListConfig)):
+            out += _missing_keys(child, sub)
+        elif child is not None and not child._is_interpolation() and child._is_missing():
+            out.append(sub)
+    return out
+
+
+def validate_train_config(cfg: DictConfig, provided: dict[str, tuple[str, ...]] | None = None) -> DictConfig:
+    """Validate a composed training config and return it merged into the :class:`TrainConfig` schema.
+
+    Args:
+        cfg: the composed config (``hydra`` node absent or ignored).
+        provided: per top-level node, argument names supplied at instantiation time
+            (default: ``{"method": ("backbone",)}``).
+
+    Returns:
+        A new DictConfig typed by :class:`TrainConfig` (interpolations kept; everything resolvable).
+
+    Raises:
+        ConfigError: naming the first wrong key.
+    """
+    provided = {"method": ("backbone",), "trainer": (), "logger": (), "data": ()} if provided is None else provided
+    plain = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    if "hydra" in plain:
+        del plain["hydra"]
+    missing = _missing_keys(plain)
+    if missing:
+        raise ConfigError(missing[0], "mandatory value '???' is not set (give it on the command line)")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), plain)
+        OmegaConf.to_container(merged, resolve=True)  # every interpolation resolves, every value converts
+    except OmegaConfBaseException as err:
+        raise _reformat(err, TrainConfig) from None
+    # trainer/logger first: method and data refer to them by interpolation (max_steps: ${trainer.max_steps}), and a
+    # wrong value should be reported where the user wrote it.
+    for name in ("trainer", "logger", "backbone", "method", "data"):
+        node = merged._get_node(name)
+        if name in ("data", "backbone", "method", "trainer") and (node is None or node._is_none()):
+            raise ConfigError(name, "is not set (choose one of the conf/" + name + "/ options)")
+        if isinstance(node, DictConfig):
+            check_target_node(strip_params(node), name, provided.get(name, ()))
+    try:
+        PreprocessSpec.from_dict(OmegaConf.to_container(merged.preprocess, resolve=True))  # value checks
+    except ValueError as err:
+        raise ConfigError("preprocess", str(err)) from None
+    if merged.crop_samples <= 0:
+        raise ConfigError("crop_samples", f"must be positive, got {merged.crop_samples}")
+    return merged

@@ -1,0 +1,145 @@
+"""A run that is interrupted mid-epoch and resumed ends with exactly the weights of an uninterrupted run.
+
+Fast variant: in-process, the first run stops at ``trainer.max_steps=K`` (mid-epoch) and a rerun into the same
+folder continues to ``N`` (the LR schedule length is pinned with ``method.max_steps``).
+Slow variant (``-m slow``): ``python train.py`` in a subprocess is SIGKILLed after a mid-epoch checkpoint exists,
+then rerun into the same folder.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from ecgfm.pipelines import train
+
+ROOT = Path(__file__).resolve().parents[2]
+CONF = ROOT / "conf"
+TOTAL = 10            # steps of the full run
+EPOCH = 5             # batches per epoch: 48 records, 8 held out, batch 8 -> 5 (so steps 4 and 6 are mid-epoch)
+COMMON = ["+experiment=mae", "backbone=vit1d_test", "data.params.n_records=48", "data.params.duration=5.0",
+          "data.val_fraction=0.15", "data.batch_size=8", "method.decoder_dim=16", "method.decoder_heads=2",
+          "method.decoder_depth=1", "method.warmup_steps=2", f"method.max_steps={TOTAL}",
+          "checkpoint.every_n_train_steps=2", "checkpoint.save_top_k=-1", "trainer.enable_progress_bar=false",
+          "trainer.enable_model_summary=false", "trainer.deterministic=true", "trainer.log_every_n_steps=1",
+          "torch_threads=1", "logger=csv"]
+
+
+def _cfg(out_dir: Path, cache_root: Path, steps: int):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="train", overrides=[*COMMON, f"trainer.max_steps={steps}", f"out_dir={out_dir}",
+                                                       f"paths.cache_root={cache_root}"])
+
+
+def _final_state(run: Path) -> dict:
+    return torch.load(run / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+
+
+def _assert_same_training_state(a: dict, b: dict) -> None:
+    assert a["global_step"] == b["global_step"] == TOTAL
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for key in a["state_dict"]:
+        assert torch.equal(a["state_dict"][key], b["state_dict"][key]), f"weights differ at {key}"
+    opt_a, opt_b = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
+    assert opt_a.keys() == opt_b.keys()
+    for pid in opt_a:
+        for name in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(opt_a[pid][name], opt_b[pid][name]), f"optimiser {name} differs for param {pid}"
+    assert a["lr_schedulers"][0]["last_epoch"] == b["lr_schedulers"][0]["last_epoch"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> tuple[Path, Path]:
+    """An uninterrupted run of TOTAL steps (and the cache root it used)."""
+    base = tmp_path_factory.mktemp("resume")
+    cache_root = base / "cache"
+    run = base / "reference"
+    summary = train(_cfg(run, cache_root, TOTAL))
+    assert summary["steps"] == TOTAL and summary["resumed_from"] is None
+    return run, cache_root
+
+
+def test_stop_mid_epoch_then_resume_matches_uninterrupted_run(reference, tmp_path):
+    ref_run, cache_root = reference
+    run = tmp_path / "interrupted"
+    first = train(_cfg(run, cache_root, 6))
+    assert first["steps"] == 6 and 6 % EPOCH != 0          # stopped inside the second epoch
+    second = train(_cfg(run, cache_root, TOTAL))
+    assert second["resumed_from"] == str(run / "checkpoints" / "last.ckpt")
+    _assert_same_training_state(_final_state(run), _final_state(ref_run))
+    # the per-step losses of the resumed run continue those of the reference exactly
+    ref_losses = _final_state(ref_run)["callbacks"]["LossHistory"]["losses"]
+    assert _final_state(run)["callbacks"]["LossHistory"]["losses"] == ref_losses
+
+
+def test_resume_from_periodic_mid_epoch_checkpoint(reference, tmp_path):
+    """Resume from a periodic checkpoint written during the first epoch (step 4 of 5) by an explicit path."""
+    ref_run, cache_root = reference
+    ckpt = ref_run / "checkpoints" / "step0000004.ckpt"
+    assert torch.load(ckpt, weights_only=True)["global_step"] == 4
+    run = tmp_path / "from_step4"
+    cfg = _cfg(run, cache_root, TOTAL)
+    cfg.resume = str(ckpt)
+    train(cfg)
+    _assert_same_training_state(_final_state(run), _final_state(ref_run))
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_rerun_matches_uninterrupted_run(reference, tmp_path):
+    ref_run, cache_root = reference
+    run = tmp_path / "killed"
+    cmd = [sys.executable, str(ROOT / "train.py"), *COMMON, f"trainer.max_steps={TOTAL}",
+           f"paths.cache_root={cache_root}", f"hydra.run.dir={run}"]
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    target = run / "checkpoints" / "step0000006.ckpt"
+    deadline = time.time() + 300
+    while not target.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert target.exists(), "the training subprocess never wrote a mid-epoch checkpoint"
+    assert not (run / "summary.json").exists(), "the run finished before it could be killed"
+    # last.ckpt is written (atomically) just after the periodic file, so the kill may land before or after it
+    killed_at = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+    assert killed_at in (4, 6, 8) and killed_at % EPOCH != 0      # a mid-epoch state
+
+    rerun = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    _assert_same_training_state(_final_state(run), _final_state(ref_run))
+
+
+def test_resumable_loader_skips_the_batches_already_trained(reference):
+    """Unit check of the mechanism: after load_state_dict((epoch e, k batches)) the loader yields exactly the
+    batches an uninterrupted epoch e yields after its first k; a position at the end of an epoch starts the next."""
+    from ecgfm.data.datamodules import PretrainDataModule
+    from ecgfm.pipelines import ResumableDataLoader
+
+    cache = next((reference[1]).glob("synthetic-*"))
+    dm = PretrainDataModule([str(cache)], batch_size=8, val_fraction=0.15, seed=0)
+    plain = dm.train_dataloader()
+    resumable = ResumableDataLoader.wrap(dm.train_dataloader(), progress=lambda: (1, 3))
+    assert type(resumable.sampler) is type(plain.sampler)   # Lightning sees the DDP-aware sampler, not a default
+    assert resumable.state_dict() == {"epoch": 1, "batches": 3}
+
+    plain.sampler.set_epoch(1)
+    expected = [b["index"] for b in plain][3:]
+    resumable.load_state_dict({"epoch": 1, "batches": 3})
+    got = [b["index"] for b in resumable]
+    assert len(got) == len(expected) == len(plain) - 3
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    # the skip applies once: the next pass is a whole epoch
+    assert len(list(resumable)) == len(plain)
+
+    resumable.load_state_dict({"epoch": 1, "batches": len(plain)})   # saved on the last batch of epoch 1
+    assert resumable.sampler.epoch == 2
+    plain.sampler.set_epoch(2)
+    assert all(torch.equal(a["x"], b["x"]) for a, b in zip(resumable, plain))

@@ -1,0 +1,242 @@
+"""End-to-end pretraining runs of every experiment on a tiny synthetic corpus (ecgfm.pipelines.train)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from ecgfm.config import ConfigError
+from ecgfm.data.record import ECGDataError
+from ecgfm.export import load_encoder
+from ecgfm.pipelines import PREPARED_MARKER, prepare_cache, train
+
+ROOT = Path(__file__).resolve().parents[2]
+CONF = ROOT / "conf"
+
+# A corpus, model and run small enough for seconds per run on a busy 2-core machine.
+TINY = ["backbone=vit1d_test", "data.params.n_records=24", "data.params.duration=6.0", "data.batch_size=8",
+        "data.val_fraction=0.2", "trainer.max_steps=3", "checkpoint.every_n_train_steps=2",
+        "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "torch_threads=1",
+        "trainer.log_every_n_steps=1", "trainer.deterministic=true", "method.warmup_steps=1"]
+METHOD_TINY = {
+    "mae": ["method.decoder_dim=16", "method.decoder_heads=2", "method.decoder_depth=1"],
+    "crema": ["method.decoder_dim=16", "method.decoder_heads=2", "method.decoder_depth=1", "method.proj_dim=16"],
+    "simclr": ["method.proj_dim=16", "method.proj_hidden=32"],
+    "clocs": ["method.proj_dim=16"],
+}
+
+
+@pytest.fixture(scope="module")
+def cache_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+def tiny_cfg(out_dir: Path, cache_root: Path, experiment: str = "mae", extra: list[str] | None = None):
+    extra = extra or []
+    tiny = [o for o in TINY if not (o.startswith("data.params.") and any(e.startswith("data=") for e in extra))]
+    overrides = [f"+experiment={experiment}", f"out_dir={out_dir}", f"paths.cache_root={cache_root}", *tiny,
+                 *METHOD_TINY[experiment], *extra]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
+@pytest.mark.parametrize("experiment", ["mae", "simclr", "clocs", "crema"])
+def test_experiment_runs_end_to_end(experiment, tmp_path, cache_root):
+    out = tmp_path / "run"
+    summary = train(tiny_cfg(out, cache_root, experiment))
+
+    assert summary["steps"] == 3
+    assert summary["method"].lower().startswith(experiment)
+    assert math.isfinite(summary["first_loss"]) and math.isfinite(summary["last_loss"])
+    assert summary["loss_history_steps"] == 3
+    assert json.loads((out / "summary.json").read_text())["steps"] == 3
+    ckpts = sorted(p.name for p in (out / "checkpoints").glob("*.ckpt"))
+    assert ckpts == ["last.ckpt", "step0000002.ckpt"]
+    # checkpoints hold plain data only: loadable without unpickling arbitrary objects
+    state = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    assert state["global_step"] == 3
+    assert any(k.startswith("backbone.") for k in state["state_dict"])
+    # the exported encoder reloads without Hydra and embeds a crop of the trained length
+    backbone, spec, info = load_encoder(out / "encoder")
+    assert spec.fs == 100.0
+    assert info["extra"]["crop_samples"] == 250
+    emb = backbone.embed(torch.randn(2, 12, 250))
+    assert emb.shape == (2, backbone.num_features)
+    assert (out / "config.yaml").is_file()
+    assert (out / "csv").is_dir()
+
+
+def test_rerun_into_same_folder_resumes(tmp_path, cache_root):
+    out = tmp_path / "run"
+    first = train(tiny_cfg(out, cache_root))
+    assert first["resumed_from"] is None
+    second = train(tiny_cfg(out, cache_root, extra=["trainer.max_steps=5"]))
+    assert second["resumed_from"] == str(out / "checkpoints" / "last.ckpt")
+    assert second["steps"] == 5
+    # the loss history survives the resume (kept in the checkpoint)
+    assert second["first_loss"] == pytest.approx(first["first_loss"])
+    assert second["loss_history_steps"] == 5
+
+
+def test_resume_from_explicit_checkpoint(tmp_path, cache_root):
+    first = tmp_path / "first"
+    train(tiny_cfg(first, cache_root, extra=["trainer.max_steps=2"]))
+    ckpt = first / "checkpoints" / "step0000002.ckpt"
+    summary = train(tiny_cfg(tmp_path / "second", cache_root, extra=[f"resume={ckpt}"]))
+    assert summary["resumed_from"] == str(ckpt)
+    assert summary["steps"] == 3
+
+
+def test_resume_from_missing_checkpoint_is_a_clear_error(tmp_path, cache_root):
+    with pytest.raises(ConfigError, match="resume.*not found"):
+        train(tiny_cfg(tmp_path / "run", cache_root, extra=[f"resume={tmp_path / 'nope.ckpt'}"]))
+
+
+def test_missing_data_path_is_a_clear_error(tmp_path, cache_root):
+    cfg = tiny_cfg(tmp_path / "run", cache_root, extra=["data=ptbxl", f"paths.data_root={tmp_path / 'absent'}"])
+    with pytest.raises(ECGDataError, match=str(tmp_path / "absent" / "ptbxl")):
+        train(cfg)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_bad_config_fails_before_any_work(tmp_path, cache_root):
+    with pytest.raises(ConfigError, match="trainer.max_step"):
+        train(tiny_cfg(tmp_path / "run", cache_root, extra=["+trainer.max_step=3"]))
+    assert not (tmp_path / "run").exists()
+
+
+def test_prepare_cache_is_keyed_and_reused(tmp_path):
+    src = {"_target_": "ecgfm.data.synthetic.SyntheticSource", "n_records": 4, "seed": 0, "fs": 500.0,
+           "duration": 3.0}
+    pre = {"fs": 100.0}
+    a = prepare_cache([src], str(tmp_path), pre, name="syn", progress=False)
+    stamp = (Path(a) / PREPARED_MARKER).stat().st_mtime_ns
+    assert prepare_cache([dict(src)], str(tmp_path), pre, name="syn", progress=False) == a
+    assert (Path(a) / PREPARED_MARKER).stat().st_mtime_ns == stamp
+    b = prepare_cache([{**src, "n_records": 5}], str(tmp_path), pre, name="syn", progress=False)
+    c = prepare_cache([src], str(tmp_path), {"fs": 50.0}, name="syn", progress=False)
+    assert len({a, b, c}) == 3
+
+
+def test_debug_trainer_runs_one_batch_and_exports(tmp_path, cache_root):
+    summary = train(tiny_cfg(tmp_path / "run", cache_root, extra=["trainer=debug"]))
+    assert summary["steps"] == 1
+    assert (tmp_path / "run" / "encoder" / "encoder.safetensors").is_file()
+
+
+def test_pretrain_on_prepared_cache_then_load_encoder(tmp_path):
+    """The quickstart notebook's path: prepare a cache, train with data=cached, reload the encoder and embed."""
+    from ecgfm.data.cache import prepare_corpus
+    from ecgfm.data.preprocess import PreprocessSpec
+    from ecgfm.data.synthetic import SyntheticSource
+
+    cache = tmp_path / "cache" / "syn"
+    prepare_corpus(SyntheticSource(24, seed=3, duration=5.0), cache, PreprocessSpec(fs=100.0), workers=0,
+                   progress=False)
+    tiny = [o for o in TINY if not o.startswith("data.params.")]
+    overrides = ["+experiment=mae", "data=cached", f"data.cache_dirs=[{cache}]", "data.num_workers=0",
+                 f"out_dir={tmp_path / 'run'}", *tiny, *METHOD_TINY["mae"]]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides)
+    summary = train(cfg)
+    assert summary["cache_dirs"] == [str(cache)]
+    backbone, spec, info = load_encoder(summary["encoder_dir"])
+    assert spec == PreprocessSpec(fs=100.0)
+    assert backbone.embed(torch.zeros(3, 12, info["extra"]["crop_samples"])).shape == (3, backbone.num_features)
+
+
+def test_missing_cache_folder_is_a_clear_error(tmp_path):
+    tiny = [o for o in TINY if not o.startswith("data.params.")]
+    overrides = ["+experiment=mae", "data=cached", f"data.cache_dirs=[{tmp_path / 'gone'}]",
+                 f"out_dir={tmp_path / 'run'}", *tiny]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides)
+    with pytest.raises(ECGDataError, match=r"gone.*data\.cache_dirs\[0\]"):
+        train(cfg)
+
+
+def test_compile_keeps_parameter_names():
+    """compile=true swaps in a compiled forward_features on the instance; checkpoints and exports are unchanged."""
+    from ecgfm.backbones import create_backbone
+    from ecgfm.pipelines import compile_backbone
+
+    backbone = create_backbone("vit1d_test")
+    keys = list(backbone.state_dict())
+    compile_backbone(backbone)
+    assert list(backbone.state_dict()) == keys
+    assert "forward_features" in vars(backbone)        # instance attribute: the compiled callable
+
+
+@pytest.mark.slow
+def test_compiled_backbone_trains_and_exports(tmp_path, cache_root):
+    summary = train(tiny_cfg(tmp_path / "run", cache_root, extra=["compile=true", "trainer.max_steps=2"]))
+    assert summary["steps"] == 2
+    backbone, _, _ = load_encoder(tmp_path / "run" / "encoder")
+    assert backbone.embed(torch.zeros(1, 12, 250)).shape == (1, backbone.num_features)
+
+
+@pytest.mark.realdata
+def test_pretrain_on_ptbxl_fixture(tmp_path, fixture_dir):
+    """data=ptbxl prepares the PTB-XL cache from paths.data_root on first use (the 100-record fixture here)."""
+    cfg = tiny_cfg(tmp_path / "run", tmp_path / "cache",
+                   extra=["data=ptbxl", f"paths.data_root={fixture_dir}", "data.num_workers=0",
+                          "data.cache_dirs.0.workers=0", "trainer.max_steps=2"])
+    summary = train(cfg)
+    assert summary["steps"] == 2
+    assert Path(summary["cache_dirs"][0]).name.startswith("ptbxl-")
+    from ecgfm.data.cache import CorpusCache
+
+    assert len(CorpusCache(summary["cache_dirs"][0])) == 100
+
+
+def test_no_logger_trains(tmp_path, cache_root):
+    summary = train(tiny_cfg(tmp_path / "run", cache_root, extra=["~logger", "trainer.max_steps=1"]))
+    assert summary["steps"] == 1
+    assert not (tmp_path / "run" / "csv").exists()
+
+
+def test_find_resume_checkpoint_prefers_the_newest(tmp_path):
+    import os
+
+    from ecgfm.pipelines import find_resume_checkpoint
+
+    assert find_resume_checkpoint(tmp_path, None) is None
+    (tmp_path / "checkpoints").mkdir()
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    last.write_bytes(b"x")
+    assert find_resume_checkpoint(tmp_path, None) == str(last)
+    hpc = tmp_path / "hpc_ckpt_1.ckpt"          # Lightning's SLURM pre-emption checkpoint
+    hpc.write_bytes(b"x")
+    os.utime(last, ns=(1, 1))
+    assert find_resume_checkpoint(tmp_path, None) == str(hpc)
+    assert find_resume_checkpoint(tmp_path, str(last)) == str(last)
+
+
+def test_folder_of_wfdb_records(tmp_path, cache_root):
+    """data=folder: a WFDB folder with a labels CSV (relative to the folder) is cached and trained on."""
+    from ecgfm.data.synthetic import write_wfdb
+
+    folder = tmp_path / "wfdb"
+    write_wfdb(folder, 12, seed=5, duration=5.0)
+    cfg = tiny_cfg(tmp_path / "run", cache_root,
+                   extra=["data=folder", f"data.params.root={folder}", "data.params.labels_csv=labels.csv",
+                          "data.params.label_columns=[label]", "data.params.patient_column=patient_id",
+                          "data.num_workers=0", "data.cache_dirs.0.workers=0", "trainer=debug"])
+    summary = train(cfg)
+    assert summary["steps"] == 1
+    from ecgfm.data.cache import CorpusCache
+
+    assert len(CorpusCache(summary["cache_dirs"][0])) == 12
+
+
+def test_only_the_newest_periodic_checkpoints_are_kept(tmp_path, cache_root):
+    out = tmp_path / "run"
+    train(tiny_cfg(out, cache_root, extra=["trainer.max_steps=8", "checkpoint.every_n_train_steps=2",
+                                           "checkpoint.save_top_k=2"]))
+    names = sorted(p.name for p in (out / "checkpoints").glob("*.ckpt"))
+    assert names == ["last.ckpt", "step0000006.ckpt", "step0000008.ckpt"]
