@@ -22,6 +22,15 @@ FIXTURE = SHARED_DATA / "fixture"
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Keep every test at one intra-op thread (a test that changes it is restored afterwards)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _require(path: Path) -> Path:
     if not path.exists():
         pytest.skip(f"real data not found at {path} (expected ../shared/data beside the project root)")

@@ -993,3 +993,24 @@ def write_wfdb(out_dir: str | os.PathLike, n: int, seed: int = 0, fs: float = 50
         writer.writerow(["record_id", "label", "patient_id"])
         writer.writerows(rows)
     return paths
+
+
+def class_subset(n: int, seed: int, classes: tuple[str, ...] | list[str], fs: float = 100.0,
+                 duration: float = 2.5) -> tuple[np.ndarray, np.ndarray]:
+    """Records of a few classes, z-scored per lead, with labels re-indexed into ``classes``.
+
+    Generates ``n`` records (all classes, balanced) and keeps those whose class is in ``classes``; handy for
+    small classifiers in tests, examples and explanation demos.
+
+    Returns:
+        ``(X, y)``: ``X (m, 12, T)`` float32 per-lead z-scored, ``y (m,)`` int64 index into ``classes``.
+    """
+    unknown = [c for c in classes if c not in SYNTHETIC_CLASSES]
+    if unknown:
+        raise ValueError(f"unknown synthetic classes {unknown}; known: {list(SYNTHETIC_CLASSES)}")
+    x, y, _ = generate_arrays(n, seed=seed, fs=fs, duration=duration)
+    keep = np.isin(y, [SYNTHETIC_CLASSES.index(c) for c in classes])
+    x = x[keep]
+    x = (x - x.mean(-1, keepdims=True)) / (x.std(-1, keepdims=True) + 1e-6)
+    y = np.array([list(classes).index(SYNTHETIC_CLASSES[i]) for i in y[keep]], dtype=np.int64)
+    return x.astype(np.float32), y

@@ -16,13 +16,6 @@ from ecgfm.augment import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # 2 shared cores: intra-op threads of many processes oversubscribe them and slow tiny tests 30x
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _batch(b=6, t=250, seed=0):

@@ -12,13 +12,6 @@ from ecgfm.backbones.resnet1d import XResNet1d
 from ecgfm.backbones.vit1d import ViT1D, sincos_1d
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread (and far faster on a busy machine); restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 # Big sizes run on a short input and a batch of one; the big ViTs with depth 1 (their width, heads and default
 # depth are checked in test_vit_size_table without building 85 M parameters twice).

@@ -13,13 +13,6 @@ from torch import nn
 from ecgfm.methods.base import PretrainModule, fit_probe_auroc, macro_auroc, param_groups_no_decay, warmup_cosine
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # 2 shared cores: intra-op threads of many processes oversubscribe them and slow tiny tests 30x
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 class TinyBackbone(nn.Module):

@@ -12,13 +12,6 @@ import torch.nn.functional as F
 from ecgfm.losses.contrastive import clocs_loss, gather_with_grad, nt_xent
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # 2 shared cores: intra-op threads of many processes oversubscribe them and slow tiny tests 30x
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # ----------------------------------------------------------------------------- slow, obviously-correct references

@@ -11,13 +11,6 @@ from ecgfm.methods.crema import CREMAModule
 from ecgfm.methods.mae import MAEModule
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread (and far faster on a busy machine); restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 DEC = dict(decoder_dim=16, decoder_depth=1, decoder_heads=2, warmup_steps=0, max_steps=10)

@@ -13,13 +13,6 @@ from ecgfm.export import (META_FILE, WEIGHTS_FILE, backbone_from_lightning_check
                           load_encoder)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread (and far faster on a busy machine); restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.mark.parametrize("name,kwargs", [("vit1d_test", {}), ("resnet1d_test", {"pool": "avg"}),

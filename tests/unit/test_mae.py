@@ -12,13 +12,6 @@ from ecgfm.losses import masked_patch_mse
 from ecgfm.methods.mae import MAEModule, random_masking
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread (and far faster on a busy machine); restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _module(**kwargs) -> MAEModule:

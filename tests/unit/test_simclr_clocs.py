@@ -11,13 +11,6 @@ from ecgfm.methods.clocs import CLOCSModule
 from ecgfm.methods.simclr import SimCLRModule
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # 2 shared cores: intra-op threads of many processes oversubscribe them and slow tiny tests 30x
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 class TinyBackbone(nn.Module):
