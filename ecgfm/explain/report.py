@@ -1,0 +1,350 @@
+"""Explanation reports: figures + a JSON summary for a few records, and the ``explain.py`` entry point.
+
+:func:`explain_records` is the Python API: for each record it converts the signal with the model's own
+preprocessing (:meth:`~ecgfm.explain.wrapper.ECGWrapper.prepare`), predicts, runs each attribution method
+(:class:`~ecgfm.explain.attribution.Explainer`), scores it (:func:`~ecgfm.explain.faithfulness.faithfulness_report`:
+deletion / insertion AOPC against random attributions, localisation when the record has a ground-truth evidence
+mask), optionally computes a counterfactual (:func:`~ecgfm.explain.counterfactual.counterfactual`), and writes
+
+* ``<record>_chart_<method>.{png,svg,pdf}``: the clinical 12-lead chart with the signed attribution overlay;
+* ``<record>_methods.*``: the method comparison (one row per method);
+* ``<record>_leads.*``: per-lead importance bars;
+* ``<record>_counterfactual.*`` (when requested);
+* ``report.json``: predictions with class names, per method the per-lead and per-wave importance, timing and
+  faithfulness scores, and the counterfactual summary.
+
+The chart shows the record in millivolts at the model's rate, filtered like the model input but not normalised
+(the model itself sees the normalised signal; the attribution is aligned sample by sample).
+
+:func:`explain_main` is what ``python explain.py`` runs (see ``conf/explain.yaml``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from ecgfm.data.preprocess import PreprocessSpec, preprocess_signal, resample
+from ecgfm.data.record import CANONICAL_LEADS, ECGDataError, ECGRecord
+from ecgfm.explain import visualize as viz
+from ecgfm.explain import waves as waves_mod
+from ecgfm.explain.attribution import Explainer, canonical_method
+from ecgfm.explain.wrapper import ECGWrapper
+
+log = logging.getLogger(__name__)
+
+DEFAULT_METHODS = ("integrated_gradients", "gradcam", "occlusion")
+
+
+def load_model(checkpoint: str | os.PathLike, map_location: str = "cpu") -> ECGWrapper:
+    """Load a classifier for explanation: a classifier directory (:mod:`ecgfm.explain.classifier`) or anything
+    :meth:`ECGWrapper.from_checkpoint` accepts (a ``weights_only`` torch checkpoint, an exported encoder).
+
+    Raises:
+        ECGDataError: the path does not exist or holds no usable model.
+    """
+    from ecgfm.explain.classifier import is_classifier_dir, load_classifier
+
+    path = Path(checkpoint)
+    if not path.exists():
+        raise ECGDataError(path, "checkpoint not found")
+    if is_classifier_dir(path):
+        return load_classifier(path, map_location=map_location)
+    return ECGWrapper.from_checkpoint(path, map_location=map_location)
+
+
+def display_signal(record: ECGRecord, wrapper: ECGWrapper) -> np.ndarray:
+    """The record in mV at the model's rate and lead order, filtered like the model input but not normalised:
+    ``(L_model, T)`` float32 (absent leads are 0)."""
+    rows = np.zeros((wrapper.n_leads, record.n_samples), dtype=np.float32)
+    mask = np.zeros(wrapper.n_leads, dtype=bool)
+    for j, lead in enumerate(wrapper.lead_names):
+        i = CANONICAL_LEADS.index(lead)
+        if record.lead_mask[i]:
+            rows[j] = record.signal[i]
+            mask[j] = True
+    if wrapper.spec is not None:
+        spec = PreprocessSpec(**{**wrapper.spec.to_dict(), "fs": wrapper.fs, "normalize": "none", "clip": None})
+        out, _, _ = preprocess_signal(rows, record.fs, mask, spec, record.key)
+        return out
+    return resample(np.nan_to_num(rows), record.fs, wrapper.fs)
+
+
+def _evidence(record: ECGRecord, wrapper: ECGWrapper, n_t: int) -> np.ndarray | None:
+    """The record's ground-truth evidence mask at the model's rate and lead order, or None."""
+    if record.evidence is None or not record.evidence.any():
+        return None
+    ev = record.evidence
+    idx = np.minimum((np.arange(n_t) * record.fs / wrapper.fs).astype(np.int64), ev.shape[1] - 1)
+    return np.stack([ev[CANONICAL_LEADS.index(lead)][idx] for lead in wrapper.lead_names])
+
+
+def _predictions(wrapper: ECGWrapper, proba: torch.Tensor) -> list[dict[str, Any]]:
+    names = wrapper.class_names or tuple(str(i) for i in range(proba.shape[-1]))
+    order = proba.argsort(descending=True).tolist()
+    return [{"class": names[c], "index": int(c), "probability": float(proba[c])} for c in order]
+
+
+def _wave_summary(att, windows: dict[str, np.ndarray]) -> dict[str, Any]:
+    share = att.per_wave(windows, reduce="abs")
+    total = sum(float(v[0]) for v in share.values()) or 1.0
+    density = att.per_wave(windows, reduce="abs", normalize=True)
+    signed = att.per_wave(windows, reduce="signed")
+    return {w: {"share_abs": float(share[w][0]) / total, "density_abs": float(density[w][0]),
+                "sum_signed": float(signed[w][0])} for w in share}
+
+
+def _lead_summary(att, lead_names: Sequence[str]) -> dict[str, Any]:
+    per = att.per_lead("abs")[0]
+    signed = att.per_lead("signed")[0]
+    total = float(per.sum()) or 1.0
+    ranked = sorted(zip(lead_names, per.tolist()), key=lambda t: -t[1])
+    return {"share_abs": {n: float(v) / total for n, v in zip(lead_names, per.tolist())},
+            "sum_signed": {n: float(v) for n, v in zip(lead_names, signed.tolist())},
+            "top": [n for n, _ in ranked[:3]]}
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().tolist() if value.numel() <= 64 else f"tensor{tuple(value.shape)}"
+    if isinstance(value, np.ndarray):
+        return value.tolist() if value.size <= 64 else f"array{value.shape}"
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def explain_records(wrapper: ECGWrapper, records: Sequence[ECGRecord], out_dir: str | os.PathLike,
+                    methods: Sequence[str] = DEFAULT_METHODS, target: Any = None,
+                    method_options: Mapping[str, Mapping[str, Any]] | None = None, faithfulness: bool = True,
+                    faithfulness_options: Mapping[str, Any] | None = None,
+                    counterfactual: Mapping[str, Any] | None = None, formats: Sequence[str] = viz.FORMATS,
+                    overlay: str = "line", chart_methods: Sequence[str] | None = None, dpi: int = 150,
+                    extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Explain records and write figures and ``report.json`` into ``out_dir``.
+
+    Args:
+        wrapper: the model (:func:`load_model`).
+        records: records in any rate / lead layout (converted by the model's preprocessing; absent leads are
+            fed as zeros, ecgfm's convention).
+        out_dir: output folder (created).
+        methods: attribution methods (names or aliases of :data:`ecgfm.explain.attribution.METHODS`).
+        target: class (index or name) to explain for every record; None: each record's predicted class.
+        method_options: per method (canonical name or alias) extra options, e.g. ``{"ig": {"n_steps": 32}}``.
+        faithfulness: compute deletion / insertion AOPC vs random (and localisation when the record has an
+            evidence mask).
+        faithfulness_options: options of :func:`~ecgfm.explain.faithfulness.faithfulness_report`
+            (``n_random``, ``segment_s``, ``steps``...).
+        counterfactual: None (off) or options of :func:`~ecgfm.explain.counterfactual.counterfactual` with a
+            ``target`` (class name / index; default: the second most probable class).
+        formats: figure formats (``png``, ``svg``, ``pdf``).
+        overlay: chart overlay style (``"line"`` or ``"band"``).
+        chart_methods: methods that get a full 12-lead chart (default: all).
+        dpi: raster resolution.
+        extra: JSON-able facts added to the report (checkpoint, data source...).
+
+    Returns:
+        the report (also written to ``out_dir/report.json``).
+
+    Raises:
+        ValueError / ECGDataError: unknown method, bad record, target outside the classes.
+    """
+    from ecgfm.explain.faithfulness import faithfulness_report
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    keys = [canonical_method(m) for m in methods]
+    if not keys:
+        raise ValueError("give at least one attribution method")
+    opts = {canonical_method(k): dict(v) for k, v in (method_options or {}).items()}
+    chart_keys = keys if chart_methods is None else [canonical_method(m) for m in chart_methods]
+    explainer = Explainer(wrapper)
+    report: dict[str, Any] = {
+        "model": {"class_names": list(wrapper.class_names or []), "fs": wrapper.fs, "n_samples": wrapper.n_samples,
+                  "lead_names": list(wrapper.lead_names), "postprocess": wrapper.postprocess,
+                  "preprocess": None if wrapper.spec is None else wrapper.spec.to_dict()},
+        "methods": keys, "extra": dict(extra or {}), "records": [],
+        "notes": {
+            "per_lead.share_abs": "share of the summed |attribution| in each lead",
+            "per_wave": "P / QRS / T windows from R peaks detected on the model input (ecgfm.explain.waves); "
+                        "share_abs: share of |attribution|; density_abs: mean |attribution| per sample",
+            "faithfulness": "deletion AOPC (higher = more faithful) and insertion AUC (higher = better) of the "
+                            "explained class's probability; (lead x segment_s) segments ordered by signed "
+                            "attribution (most supporting first) and replaced by the record's own smoothed "
+                            "baseline; *_gain = method minus the mean of random attributions (> 0 beats random)",
+        },
+    }
+    for record in records:
+        t0 = time.perf_counter()
+        rid = f"{record.source}_{record.record_id}".replace("/", "_")
+        x = wrapper.prepare(record, missing_leads="zero")
+        with torch.no_grad():
+            proba = wrapper.postprocess_fn(wrapper(x))[0].cpu()
+        tgt = int(wrapper.resolve_target(target, x=x)[0]) if target is not None else int(proba.argmax())
+        names = wrapper.class_names or tuple(str(i) for i in range(proba.shape[0]))
+        shown = display_signal(record, wrapper)
+        if shown.shape[1] != x.shape[2]:
+            shown = shown[:, :x.shape[2]] if shown.shape[1] > x.shape[2] else np.pad(
+                shown, ((0, 0), (0, x.shape[2] - shown.shape[1])))
+        r_peaks = waves_mod.detect_r_peaks(x[0], wrapper.fs)
+        windows = waves_mod.wave_windows(r_peaks, wrapper.fs, x.shape[2])
+        evidence = _evidence(record, wrapper, x.shape[2])
+        entry: dict[str, Any] = {
+            "record_id": record.record_id, "source": record.source, "labels": list(record.labels),
+            "fs_original": float(record.fs), "predictions": _predictions(wrapper, proba),
+            "target": {"class": names[tgt], "index": tgt, "probability": float(proba[tgt])},
+            "n_beats_detected": int(len(r_peaks)), "methods": {}, "figures": [],
+        }
+        atts = {}
+        for key in keys:
+            att = explainer.explain(x, target=tgt, method=key, **opts.get(key, {}))
+            atts[key] = att
+            summary: dict[str, Any] = {"options": _jsonable(att.options), "elapsed_s": float(att.elapsed_s),
+                                       "per_lead": _lead_summary(att, wrapper.lead_names),
+                                       "per_wave": _wave_summary(att, windows)}
+            if att.delta is not None:
+                summary["convergence_delta_abs"] = float(att.delta.abs().max())
+            if not bool(att.values.abs().gt(0).any()):
+                # e.g. Grad-CAM's ReLU when the layer holds no positive evidence for the class
+                summary["warning"] = "all-zero attribution: the method found no evidence for this class"
+            if faithfulness:
+                fo = dict(faithfulness_options or {})
+                fo.setdefault("n_random", 3)
+                # signed order: delete / insert the segments that most support the explained class first
+                # (Samek et al.'s "most relevant first"); |attribution| would mix in the evidence against it.
+                fo.setdefault("order", "signed")
+                mask = None if evidence is None else torch.as_tensor(evidence[None])
+                scores = faithfulness_report(explainer, att, mask=mask, **fo)
+                summary["faithfulness"] = _jsonable(scores)
+            entry["methods"][key] = summary
+            if key in chart_keys:
+                fig = viz.plot_ecg_chart(shown, wrapper.fs, wrapper.lead_names, attribution=att.values[0],
+                                         overlay=overlay,
+                                         title=f"{record.source} {record.record_id} | labels: "
+                                               f"{', '.join(record.labels) or '-'} | {key} for "
+                                               f"{names[tgt]} (p = {float(proba[tgt]):.2f})")
+                entry["figures"] += [str(p.name) for p in viz.save_figure(fig, out / f"{rid}_chart_{key}",
+                                                                          formats, dpi)]
+        fig = viz.plot_method_comparison(shown, wrapper.fs, {k: a.values[0] for k, a in atts.items()},
+                                         wrapper.lead_names,
+                                         title=f"{record.source} {record.record_id}: methods for {names[tgt]}")
+        entry["figures"] += [p.name for p in viz.save_figure(fig, out / f"{rid}_methods", formats, dpi)]
+        fig = viz.plot_lead_importance({k: a.per_lead()[0] for k, a in atts.items()}, wrapper.lead_names,
+                                       title=f"{record.record_id}: per-lead share of |attribution| ({names[tgt]})")
+        entry["figures"] += [p.name for p in viz.save_figure(fig, out / f"{rid}_leads", formats, dpi)]
+        if counterfactual is not None:
+            from ecgfm.explain.counterfactual import counterfactual as make_cf
+
+            cf_opts = dict(counterfactual)
+            cf_target = cf_opts.pop("target", None)
+            if cf_target is None:
+                cf_target = int(proba.argsort(descending=True)[1])
+            cf = make_cf(wrapper, x, cf_target, **cf_opts)
+            entry["counterfactual"] = cf.to_dict()
+            fig = viz.plot_counterfactual(cf.original[0], cf.counterfactual[0], wrapper.fs, wrapper.lead_names,
+                                          windows=windows, title=f"{record.record_id}: counterfactual towards "
+                                          f"{names[int(cf.target[0])]} (valid: {bool(cf.valid[0])})")
+            entry["figures"] += [p.name for p in viz.save_figure(fig, out / f"{rid}_counterfactual", formats,
+                                                                 dpi)]
+        entry["elapsed_s"] = time.perf_counter() - t0
+        report["records"].append(entry)
+    (out / "report.json").write_text(json.dumps(_jsonable(report), indent=2))
+    return report
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Entry point
+
+
+def source_from_config(data_cfg: Any, source_cfg: Any = None) -> Any:
+    """The record source of an explain run: ``source_cfg`` (a ``_target_`` node) when given, else the first
+    record source of the ``data`` group node (``cache_dirs[*].sources[*]``, the node ``train.py`` prepares
+    caches from), so ``data=ptbxl`` / ``data=synthetic`` / ``data=folder`` mean the same corpora everywhere.
+
+    Raises:
+        ValueError: no source found.
+    """
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    if source_cfg is not None:
+        return instantiate(source_cfg)
+    for entry in OmegaConf.select(data_cfg, "cache_dirs", default=None) or []:
+        sources = OmegaConf.select(entry, "sources", default=None) if OmegaConf.is_config(entry) else None
+        if sources:
+            return instantiate(sources[0])
+    raise ValueError("the data config names no record source (data.cache_dirs[*].sources); pass "
+                     "source={_target_: ...} or choose data=ptbxl / synthetic / folder")
+
+
+def explain_main(cfg: Any) -> dict[str, Any]:
+    """Run an explanation from a Hydra config (``conf/explain.yaml``)."""
+    from omegaconf import OmegaConf
+
+    from ecgfm.explain.classifier import train_synthetic_demo
+
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
+    out_dir = Path(cfg.out_dir)
+    source = source_from_config(cfg.get("data"), cfg.get("source"))
+    if cfg.checkpoint is None:
+        if getattr(source, "name", "") != "synthetic":
+            raise ValueError("checkpoint= is required for real data (train one with scripts/train_explain_demo.py)")
+        log.info("no checkpoint given: training a small synthetic demo classifier (%s)", out_dir / "demo_classifier")
+        train_synthetic_demo(out_dir / "demo_classifier", **OmegaConf.to_container(cfg.demo, resolve=True))
+        checkpoint = out_dir / "demo_classifier"
+    else:
+        checkpoint = Path(cfg.checkpoint)
+    wrapper = load_model(checkpoint, map_location=cfg.device)
+    ids = cfg.record
+    if ids is None:
+        ids = [source.record_ids()[0]]
+    elif isinstance(ids, (str, int)):
+        ids = [ids]
+    all_ids = set(source.record_ids())
+    records = []
+    for rid in ids:
+        rid = str(rid)
+        if rid not in all_ids and rid.isdigit() and f"{int(rid):05d}" in all_ids:  # PTB-XL ids are zero-padded
+            rid = f"{int(rid):05d}"
+        records.append(source.load(rid))
+    cf = cfg.get("counterfactual")
+    cf_opts = None
+    if cf is not None and cf.get("enabled", False):
+        cf_opts = {k: v for k, v in OmegaConf.to_container(cf, resolve=True).items() if k != "enabled"}
+    report = explain_records(
+        wrapper, records, out_dir, methods=list(cfg.methods), target=cfg.get("target"),
+        method_options=OmegaConf.to_container(cfg.method_options, resolve=True) if cfg.get("method_options") else None,
+        faithfulness=bool(cfg.faithfulness.enabled),
+        faithfulness_options={k: v for k, v in OmegaConf.to_container(cfg.faithfulness, resolve=True).items()
+                              if k != "enabled"},
+        counterfactual=cf_opts, formats=list(cfg.formats), overlay=cfg.overlay,
+        extra={"checkpoint": str(checkpoint), "source": repr(source)})
+    for rec in report["records"]:
+        pred = rec["predictions"][0]
+        print(f"record {rec['source']}/{rec['record_id']} (labels {rec['labels']}): predicted {pred['class']} "
+              f"p={pred['probability']:.3f}; explained {rec['target']['class']}")
+        for key, m in rec["methods"].items():
+            line = f"  {key:22s} {m['elapsed_s']:.2f} s  top leads {m['per_lead']['top']}"
+            f = m.get("faithfulness")
+            if f:
+                g = f["deletion_aopc_gain"]
+                line += (f"  deletion AOPC gain vs random (this record, {g['n']} record) {g['mean']:+.3f}")
+            print(line)
+    print(f"report: {out_dir / 'report.json'}")
+    return report

@@ -1,0 +1,509 @@
+"""Figures for ECG explanations (matplotlib, headless, object-oriented: no pyplot state).
+
+* :func:`plot_ecg_chart`: the clinical 12-lead chart: a 3 x 4 layout of 2.5 s segments (I/II/III,
+  aVR/aVL/aVF, V1-V3, V4-V6) and a 10 s rhythm strip (lead II), at true paper scale (25 mm/s, 10 mm/mV) on
+  a 1 mm / 5 mm grid in ECG-paper colours, with lead labels and a 1 mV calibration pulse per row; optionally a
+  signed attribution overlay (diverging colormap, symmetric normalisation: red drives the explained score up,
+  blue down) as coloured trace segments (``overlay="line"``) or a translucent band (``overlay="band"``).
+  Records without all 12 leads get one full-length row per lead.
+* :func:`plot_method_comparison`: one row per attribution method, one column per lead, on the same record.
+* :func:`plot_lead_importance`: per-lead importance bars (share of |attribution| per lead, grouped by method).
+* :func:`plot_counterfactual`: original vs counterfactual traces and their difference, with wave windows.
+* :func:`plot_tcav`: TCAV scores with error bars, the random-concept reference and significance stars.
+* :func:`save_figure`: PNG / SVG / PDF.
+
+Every function returns a :class:`matplotlib.figure.Figure` built without pyplot (so no GUI backend and no global
+figure registry is involved). Colormaps come from :data:`matplotlib.colormaps` (``cm.get_cmap`` was removed in
+matplotlib 3.9).
+
+Conventions: ``signal`` is ``(L, T)`` (numpy or torch), in mV for the chart (pass ``units`` otherwise), sampled
+at ``fs``; an attribution is ``(L, T')`` at ``attribution_fs`` (default ``fs``; it is interpolated onto the
+signal's time axis when the rates differ).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import matplotlib
+import numpy as np
+from matplotlib.collections import LineCollection
+from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
+
+from ecgfm.data.record import CANONICAL_LEADS, canonical_lead
+
+# ECG paper: 25 mm/s, 10 mm/mV; 1 mm minor and 5 mm major squares.
+MM_PER_S = 25.0
+MM_PER_MV = 10.0
+MINOR_S, MAJOR_S = 1.0 / MM_PER_S, 5.0 / MM_PER_S            # 0.04 s, 0.2 s
+MINOR_MV, MAJOR_MV = 1.0 / MM_PER_MV, 5.0 / MM_PER_MV        # 0.1 mV, 0.5 mV
+PAPER_BG = "#fffafa"
+GRID_MINOR = "#f4c7c7"
+GRID_MAJOR = "#e38d8d"
+TRACE = "#111111"
+CMAP = "RdBu_r"
+# The standard layout: 4 columns of 3 leads, each column 2.5 s of a 10 s recording.
+LAYOUT_3X4: tuple[tuple[str, ...], ...] = (("I", "aVR", "V1", "V4"), ("II", "aVL", "V2", "V5"),
+                                           ("III", "aVF", "V3", "V6"))
+FORMATS = ("png", "svg", "pdf")
+_MM = 1.0 / 25.4  # inches per mm
+
+
+def _np(a: Any) -> np.ndarray:
+    if a is None:
+        return None
+    if hasattr(a, "detach"):
+        a = a.detach().float().cpu().numpy()
+    return np.asarray(a, dtype=np.float64)
+
+
+def _lead_index(lead_names: Sequence[str]) -> dict[str, int]:
+    out = {}
+    for i, name in enumerate(lead_names):
+        try:
+            lead = canonical_lead(name)
+        except KeyError:
+            lead = str(name)
+        out[lead or str(name)] = i
+    return out
+
+
+def symmetric_norm(values: np.ndarray, percentile: float = 99.0) -> Normalize:
+    """Symmetric colour normalisation ``[-v, v]`` with ``v`` the ``percentile`` of ``|values|`` (robust to a
+    few extreme samples; zero maps to the colormap's centre)."""
+    v = np.abs(np.asarray(values, dtype=np.float64))
+    v = v[np.isfinite(v)]
+    vmax = float(np.percentile(v, percentile)) if v.size else 0.0
+    if not vmax > 0:
+        vmax = float(v.max()) if v.size and v.max() > 0 else 1.0
+    return Normalize(vmin=-vmax, vmax=vmax)
+
+
+def _cmap(name: str = CMAP):
+    return matplotlib.colormaps[name]
+
+
+def _resample_to(att: np.ndarray, att_fs: float, n: int, fs: float) -> np.ndarray:
+    """Attribution ``(L, T')`` at ``att_fs`` onto ``n`` samples at ``fs`` (linear interpolation)."""
+    if att.shape[-1] == n and float(att_fs) == float(fs):
+        return att
+    t_sig = np.arange(n) / fs
+    t_att = np.arange(att.shape[-1]) / att_fs
+    return np.stack([np.interp(t_sig, t_att, row) for row in att])
+
+
+def paper_grid(ax, xlim: tuple[float, float], ylim: tuple[float, float], minor: bool = True,
+               background: str = PAPER_BG) -> None:
+    """ECG-paper grid on ``ax`` (x in seconds, y in mV): 1 mm (0.04 s x 0.1 mV) minor and 5 mm (0.2 s x 0.5 mV)
+    major lines in data coordinates, so they stay exact at any figure size. Each set is one
+    :class:`~matplotlib.collections.LineCollection` (``gid="grid_minor"`` / ``"grid_major"``): drawing hundreds
+    of tick grid lines instead is several times slower to render, especially to SVG / PDF. Ticks are hidden."""
+    x0, x1 = xlim
+    y0, y1 = ylim
+    ax.set_facecolor(background)
+
+    def ticks(lo: float, hi: float, step: float) -> np.ndarray:
+        return np.arange(np.ceil(lo / step - 1e-9), np.floor(hi / step + 1e-9) + 1) * step
+
+    def lines(step_x: float, step_y: float) -> np.ndarray:
+        vx = [[(x, y0), (x, y1)] for x in ticks(x0, x1, step_x)]
+        hy = [[(x0, y), (x1, y)] for y in ticks(y0, y1, step_y)]
+        return np.asarray(vx + hy, dtype=float)
+
+    if minor:
+        lc = LineCollection(lines(MINOR_S, MINOR_MV), colors=GRID_MINOR, linewidths=0.3, zorder=0)
+        lc.set_gid("grid_minor")
+        ax.add_collection(lc)
+    lc = LineCollection(lines(MAJOR_S, MAJOR_MV), colors=GRID_MAJOR, linewidths=0.6, zorder=0.5)
+    lc.set_gid("grid_major")
+    ax.add_collection(lc)
+    ax.set_xlim(x0, x1)
+    ax.set_ylim(y0, y1)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+
+
+def calibration_pulse(ax, x: float, baseline: float, height: float = 1.0, width: float = 0.2,
+                      color: str = TRACE, gid: str = "calibration") -> Any:
+    """Draw a standard calibration pulse (``height`` mV for ``width`` s) starting at ``x`` on ``baseline``."""
+    xs = [x, x + 0.05, x + 0.05, x + 0.05 + width, x + 0.05 + width, x + 0.1 + width]
+    ys = [baseline, baseline, baseline + height, baseline + height, baseline, baseline]
+    (line,) = ax.plot(xs, ys, color=color, linewidth=1.0, solid_joinstyle="miter")
+    line.set_gid(gid)
+    return line
+
+
+def _trace(ax, t: np.ndarray, y: np.ndarray, att: np.ndarray | None, norm: Normalize | None, overlay: str,
+           offset: float, band_height: float, cmap_name: str, linewidth: float = 0.8) -> None:
+    """One trace at vertical ``offset`` with an optional attribution overlay."""
+    if att is None:
+        ax.plot(t, y + offset, color=TRACE, linewidth=linewidth)
+        return
+    cmap = _cmap(cmap_name)
+    if overlay == "band":
+        rgba = cmap(norm(att))                                            # (T, 4)
+        alpha = np.clip(np.abs(att) / max(norm.vmax, 1e-12), 0, 1) * 0.85
+        rgba[:, 3] = alpha
+        img = ax.imshow(rgba[None], aspect="auto", interpolation="nearest",
+                        extent=(t[0], t[-1] + (t[1] - t[0] if len(t) > 1 else 0), offset - band_height / 2,
+                                offset + band_height / 2), zorder=1)
+        img.set_gid("attribution")
+        ax.plot(t, y + offset, color=TRACE, linewidth=linewidth, zorder=3)
+    elif overlay == "line":
+        ax.plot(t, y + offset, color=TRACE, linewidth=linewidth, zorder=2)
+        pts = np.stack([t, y + offset], 1)
+        segs = np.stack([pts[:-1], pts[1:]], 1)
+        seg_att = 0.5 * (att[:-1] + att[1:])
+        # Colour by sign and size, opacity by size: unimportant samples leave the black trace readable.
+        rgba = cmap(norm(seg_att))
+        rgba[:, 3] = np.clip(np.abs(seg_att) / max(norm.vmax, 1e-12), 0, 1) ** 0.7
+        keep = rgba[:, 3] > 0.05          # invisible segments are not drawn (much smaller, faster SVG / PDF)
+        lc = LineCollection(segs[keep], colors=rgba[keep], linewidths=linewidth * 3.0, zorder=3, capstyle="round")
+        lc.set_gid("attribution")
+        ax.add_collection(lc)
+    else:
+        raise ValueError(f"overlay must be 'line' or 'band', got {overlay!r}")
+
+
+def plot_ecg_chart(signal: Any, fs: float, lead_names: Sequence[str] = CANONICAL_LEADS,
+                   attribution: Any = None, attribution_fs: float | None = None, overlay: str = "line",
+                   title: str | None = None, rhythm_lead: str = "II", units: str = "mV",
+                   row_spacing_mv: float = 3.0, percentile: float = 99.0, cmap: str = CMAP,
+                   colorbar_label: str = "attribution (signed; red raises the score)") -> Figure:
+    """The clinical 12-lead chart, optionally with a signed attribution overlay.
+
+    Args:
+        signal: ``(L, T)`` ECG (mV) at ``fs``; 12 canonical leads give the 3 x 4 + rhythm layout, anything else
+            one row per lead over the whole record.
+        fs: sampling rate in Hz.
+        lead_names: name of each row of ``signal``.
+        attribution: optional ``(L, T')`` signed attribution, rows in the same lead order.
+        attribution_fs: its rate (default ``fs``).
+        overlay: ``"line"`` (coloured trace segments) or ``"band"`` (translucent band behind the trace).
+        title: figure title.
+        rhythm_lead: lead of the rhythm strip.
+        units: signal units (the calibration pulse is 1 unit high; the scale is 10 mm per unit).
+        row_spacing_mv: vertical distance between rows (in units).
+        percentile: symmetric colour scale up to this percentile of ``|attribution|`` over all leads.
+        cmap: diverging colormap name (``matplotlib.colormaps``).
+        colorbar_label: label of the colour bar.
+
+    Returns:
+        the figure; its chart axes has ``gid="ecg_chart"``, the calibration pulses ``gid="calibration"``,
+        the lead labels ``gid="lead_label"`` and the overlays ``gid="attribution"``.
+
+    Raises:
+        ValueError: shapes that do not match, an unknown overlay or rhythm lead.
+    """
+    sig = _np(signal)
+    if sig.ndim != 2 or sig.shape[0] != len(lead_names):
+        raise ValueError(f"signal must be (leads, samples) with {len(lead_names)} rows, got {sig.shape}")
+    n_t = sig.shape[1]
+    att = None
+    if attribution is not None:
+        att = _np(attribution)
+        if att.shape[0] != sig.shape[0]:
+            raise ValueError(f"attribution has {att.shape[0]} rows but the signal has {sig.shape[0]}")
+        att = _resample_to(att, attribution_fs or fs, n_t, fs)
+    norm = symmetric_norm(att, percentile) if att is not None else None
+    idx = _lead_index(lead_names)
+    duration = n_t / fs
+    full = all(lead in idx for lead in CANONICAL_LEADS)
+    if full:
+        if rhythm_lead not in idx:
+            raise ValueError(f"rhythm lead {rhythm_lead!r} not among {list(lead_names)}")
+        rows: list[list[tuple[str, float, float]]] = []
+        seg = duration / 4.0
+        for r in LAYOUT_3X4:
+            rows.append([(lead, c * seg, (c + 1) * seg) for c, lead in enumerate(r)])
+        rows.append([(rhythm_lead, 0.0, duration)])
+    else:
+        rows = [[(name, 0.0, duration)] for name in idx]
+    n_rows = len(rows)
+    cal_w = 0.4                                                            # room for the calibration pulse
+    x0, x1 = -cal_w - 0.04, duration + 0.04
+    top = row_spacing_mv * 0.55
+    y1 = top
+    y0 = -(n_rows - 1) * row_spacing_mv - row_spacing_mv * 0.45
+    # True paper scale: the axes is (x1 - x0) * 25 mm wide and (y1 - y0) * 10 mm high.
+    ax_w, ax_h = (x1 - x0) * MM_PER_S * _MM, (y1 - y0) * MM_PER_MV * _MM
+    left, right, bottom = 0.25, (1.3 if att is not None else 0.25), 0.3
+    top_margin = 0.55 if title else 0.25
+    fig = Figure(figsize=(ax_w + left + right, ax_h + bottom + top_margin))
+    W, H = fig.get_size_inches()
+    ax = fig.add_axes((left / W, bottom / H, ax_w / W, ax_h / H))
+    ax.set_gid("ecg_chart")
+    paper_grid(ax, (x0, x1), (y0, y1))
+    t_all = np.arange(n_t) / fs
+    for r, row in enumerate(rows):
+        base = -r * row_spacing_mv
+        calibration_pulse(ax, -cal_w, base)
+        for lead, a, b in row:
+            i = idx[lead]
+            sl = slice(int(round(a * fs)), min(n_t, int(round(b * fs)) + 1))
+            _trace(ax, t_all[sl], sig[i, sl], None if att is None else att[i, sl], norm, overlay, base,
+                   row_spacing_mv * 0.9, cmap)
+            txt = ax.text(a + 0.05, base + row_spacing_mv * 0.3, lead, fontsize=9, fontweight="bold",
+                          color=TRACE, zorder=4)
+            txt.set_gid("lead_label")
+            if a > 0:  # lead-change marker as on printed ECGs
+                ax.plot([a, a], [base - 0.25, base + 0.25], color=TRACE, linewidth=0.8)
+    ax.text(x1, y0 + 0.05, f"{MM_PER_S:g} mm/s   {MM_PER_MV:g} mm/{units}   {fs:g} Hz", ha="right",
+            va="bottom", fontsize=7, color="#555555")
+    if title:
+        fig.suptitle(title, x=left / W, ha="left", fontsize=10, y=1 - 0.12 / H)
+    if att is not None:
+        cax = fig.add_axes(((left + ax_w + 0.25) / W, bottom / H, 0.15 / W, ax_h / H))
+        sm = matplotlib.cm.ScalarMappable(norm=norm, cmap=_cmap(cmap))
+        cb = fig.colorbar(sm, cax=cax)
+        cb.set_label(colorbar_label, fontsize=8)
+        cb.ax.tick_params(labelsize=7)
+    return fig
+
+
+def _select_leads(lead_names: Sequence[str], leads: Sequence[str] | None, scores: np.ndarray | None,
+                  k: int) -> list[int]:
+    idx = _lead_index(lead_names)
+    if leads is not None:
+        missing = [lead for lead in leads if lead not in idx]
+        if missing:
+            raise ValueError(f"leads {missing} not among {list(lead_names)}")
+        return [idx[lead] for lead in leads]
+    if scores is None:
+        return list(range(min(k, len(lead_names))))
+    return sorted(np.argsort(-scores)[:k].tolist())
+
+
+def plot_method_comparison(signal: Any, fs: float, attributions: Mapping[str, Any],
+                           lead_names: Sequence[str] = CANONICAL_LEADS, leads: Sequence[str] | None = None,
+                           n_leads: int = 3, overlay: str = "line", title: str | None = None, cmap: str = CMAP,
+                           units: str = "mV", percentile: float = 99.0) -> Figure:
+    """Several attributions of one record side by side: one row per method, one column per lead.
+
+    Each method is normalised on its own (symmetric, over all its leads), so the figure compares *where* the
+    methods put relevance, not their scales (which differ by orders of magnitude between methods).
+
+    Args:
+        signal: ``(L, T)`` at ``fs``.
+        fs: sampling rate.
+        attributions: ``{method: (L, T') values}`` (numpy / torch; interpolated onto the signal's time axis).
+        lead_names: rows of ``signal``.
+        leads: leads to show (default: the ``n_leads`` with the largest summed share of |attribution| over the
+            methods).
+        n_leads: number of leads when ``leads`` is None.
+        overlay, cmap, percentile: see :func:`plot_ecg_chart`.
+        title: figure title.
+        units: signal units.
+
+    Returns:
+        the figure (axes ``gid="method:<name>|lead:<lead>"``).
+    """
+    sig = _np(signal)
+    if not attributions:
+        raise ValueError("no attributions to compare")
+    n_t = sig.shape[1]
+    atts = {}
+    for name, a in attributions.items():
+        a = _np(a)
+        if a.shape[0] != sig.shape[0]:
+            raise ValueError(f"attribution {name!r} has {a.shape[0]} rows, signal {sig.shape[0]}")
+        atts[name] = _resample_to(a, fs * a.shape[1] / n_t if a.shape[1] != n_t else fs, n_t, fs)
+    share = sum(np.abs(a).sum(1) / max(np.abs(a).sum(), 1e-12) for a in atts.values())
+    cols = _select_leads(lead_names, leads, share, n_leads)
+    t = np.arange(n_t) / fs
+    lo = float(np.min(sig[cols])) - 0.2
+    hi = float(np.max(sig[cols])) + 0.2
+    n_r, n_c = len(atts), len(cols)
+    fig = Figure(figsize=(3.6 * n_c + 0.8, 1.5 * n_r + (0.6 if title else 0.3)), layout="constrained")
+    axes = np.atleast_2d(fig.subplots(n_r, n_c, squeeze=False, sharex=True, sharey=True))
+    for r, (name, a) in enumerate(atts.items()):
+        norm = symmetric_norm(a, percentile)
+        for c, li in enumerate(cols):
+            ax = axes[r, c]
+            ax.set_gid(f"method:{name}|lead:{lead_names[li]}")
+            paper_grid(ax, (0, t[-1]), (lo, hi), minor=False)
+            _trace(ax, t, sig[li], a[li], norm, overlay, 0.0, hi - lo, cmap, linewidth=0.7)
+            if r == 0:
+                ax.set_title(str(lead_names[li]), fontsize=9)
+            if c == 0:
+                ax.set_ylabel(name, fontsize=9, rotation=0, ha="right", va="center")
+        share_txt = ", ".join(f"{lead_names[i]} {100 * np.abs(a[i]).sum() / max(np.abs(a).sum(), 1e-12):.0f}%"
+                              for i in cols)
+        axes[r, -1].text(1.0, 1.02, share_txt, transform=axes[r, -1].transAxes, ha="right", va="bottom",
+                         fontsize=6.5, color="#444444")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def plot_lead_importance(importance: Mapping[str, Any] | Any, lead_names: Sequence[str] = CANONICAL_LEADS,
+                         normalize: bool = True, title: str | None = None) -> Figure:
+    """Per-lead importance bars, grouped by method.
+
+    Args:
+        importance: ``{method: (L,)}`` or one ``(L,)`` array (e.g. ``Attribution.per_lead()[i]``).
+        lead_names: the ``L`` leads.
+        normalize: show each method's share (sum 1) instead of raw values.
+        title: figure title.
+
+    Returns:
+        the figure (one bar container per method, labelled with the method name).
+    """
+    if not isinstance(importance, Mapping):
+        importance = {"importance": importance}
+    vals = {k: _np(v).ravel() for k, v in importance.items()}
+    for k, v in vals.items():
+        if v.shape[0] != len(lead_names):
+            raise ValueError(f"importance {k!r} has {v.shape[0]} values for {len(lead_names)} leads")
+        if normalize:
+            vals[k] = v / max(float(np.abs(v).sum()), 1e-12)
+    n_m = len(vals)
+    x = np.arange(len(lead_names))
+    width = 0.8 / n_m
+    fig = Figure(figsize=(max(6.0, 0.55 * len(lead_names) * max(1, n_m ** 0.5)), 3.2), layout="constrained")
+    ax = fig.add_subplot()
+    colors = matplotlib.colormaps["tab10"]
+    for j, (k, v) in enumerate(vals.items()):
+        ax.bar(x - 0.4 + width * (j + 0.5), v, width, label=k, color=colors(j % 10))
+    ax.set_xticks(x, [str(n) for n in lead_names])
+    ax.set_ylabel("share of |attribution|" if normalize else "importance")
+    ax.axhline(0, color="#333333", linewidth=0.6)
+    if normalize:
+        ax.axhline(1.0 / len(lead_names), color="#999999", linewidth=0.8, linestyle="--", label="uniform")
+    ax.legend(fontsize=7, ncols=min(4, n_m + 1))
+    if title:
+        ax.set_title(title, fontsize=10)
+    return fig
+
+
+def plot_counterfactual(original: Any, counterfactual: Any, fs: float, lead_names: Sequence[str] = CANONICAL_LEADS,
+                        leads: Sequence[str] | None = None, n_leads: int = 4,
+                        windows: Mapping[str, np.ndarray] | None = None, title: str | None = None,
+                        units: str = "model units") -> Figure:
+    """Original vs counterfactual (left) and their difference (right) for the most-changed leads.
+
+    Args:
+        original: ``(L, T)``.
+        counterfactual: ``(L, T)``.
+        fs: sampling rate.
+        lead_names: rows.
+        leads: leads to show (default the ``n_leads`` with the largest L1 change).
+        n_leads: number of leads when ``leads`` is None.
+        windows: optional wave windows (:func:`ecgfm.explain.waves.wave_windows`) shaded on the difference.
+        title: figure title.
+        units: y-axis units.
+
+    Returns:
+        the figure (axes ``gid="overlay:<lead>"`` and ``"difference:<lead>"``).
+    """
+    x0, x1 = _np(original), _np(counterfactual)
+    if x0.shape != x1.shape or x0.ndim != 2:
+        raise ValueError(f"original {x0.shape} and counterfactual {x1.shape} must both be (leads, samples)")
+    diff = x1 - x0
+    rows = _select_leads(lead_names, leads, np.abs(diff).sum(1), n_leads)
+    t = np.arange(x0.shape[1]) / fs
+    fig = Figure(figsize=(11, 1.6 * len(rows) + 0.6), layout="constrained")
+    axes = fig.subplots(len(rows), 2, squeeze=False, sharex=True, gridspec_kw={"width_ratios": [3, 2]})
+    dmax = float(np.abs(diff[rows]).max()) or 1.0
+    wave_colors = {"P": "#7fc97f", "QRS": "#beaed4", "T": "#fdc086"}
+    for r, li in enumerate(rows):
+        ax, axd = axes[r]
+        ax.set_gid(f"overlay:{lead_names[li]}")
+        axd.set_gid(f"difference:{lead_names[li]}")
+        ax.plot(t, x0[li], color=TRACE, linewidth=0.8, label="original")
+        ax.plot(t, x1[li], color="#d62728", linewidth=0.8, alpha=0.85, label="counterfactual")
+        ax.set_ylabel(str(lead_names[li]), rotation=0, ha="right", va="center", fontsize=9)
+        axd.plot(t, diff[li], color="#d62728", linewidth=0.8)
+        axd.axhline(0, color="#888888", linewidth=0.5)
+        axd.set_ylim(-1.1 * dmax, 1.1 * dmax)
+        if windows is not None:
+            for wave, win in windows.items():
+                for a, b in np.asarray(win):
+                    if b > a:
+                        axd.axvspan(a / fs, b / fs, color=wave_colors.get(wave, "#dddddd"), alpha=0.35, lw=0)
+        for a_ in (ax, axd):
+            a_.tick_params(labelsize=7)
+            a_.grid(True, color="#eeeeee", linewidth=0.5)
+    axes[0, 0].legend(fontsize=7, loc="upper right")
+    axes[0, 0].set_title(f"original vs counterfactual ({units})", fontsize=9)
+    axes[0, 1].set_title("difference (counterfactual - original)"
+                         + ("; shaded: P / QRS / T windows" if windows is not None else ""), fontsize=9)
+    axes[-1, 0].set_xlabel("time (s)")
+    axes[-1, 1].set_xlabel("time (s)")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def significance_stars(p: float) -> str:
+    """``***`` p < 0.001, ``**`` p < 0.01, ``*`` p < 0.05, else ``n.s.`` (apply to corrected p-values)."""
+    if not np.isfinite(p):
+        return "n/a"
+    return "***" if p < 1e-3 else "**" if p < 1e-2 else "*" if p < 0.05 else "n.s."
+
+
+def plot_tcav(results: Sequence[Mapping[str, Any]] | Any, title: str | None = None) -> Figure:
+    """TCAV scores: one bar per (concept, layer) with its spread over random counterparts, the random-vs-random
+    reference next to it, and significance stars from the (Bonferroni-corrected) p-values.
+
+    Args:
+        results: a :class:`~ecgfm.explain.concepts.TCAVResult` or its ``rows``: dicts with ``concept``,
+            ``layer``, ``score_mean``, ``score_std``, ``random_mean``, ``random_std``, ``p_adjusted``.
+        title: figure title (the target class is a good one).
+
+    Returns:
+        the figure (bar containers labelled ``"concept"`` and ``"random"``, star texts ``gid="significance"``).
+    """
+    rows = list(getattr(results, "rows", results))
+    if not rows:
+        raise ValueError("no TCAV results to plot")
+    labels = [f"{r['concept']}\n@{r['layer']}" for r in rows]
+    x = np.arange(len(rows))
+    fig = Figure(figsize=(max(4.5, 1.4 * len(rows) + 1.5), 3.6), layout="constrained")
+    ax = fig.add_subplot()
+    ax.bar(x - 0.2, [r["score_mean"] for r in rows], 0.4, yerr=[r["score_std"] for r in rows], capsize=3,
+           color="#1f77b4", label="concept")
+    ax.bar(x + 0.2, [r["random_mean"] for r in rows], 0.4, yerr=[r["random_std"] for r in rows], capsize=3,
+           color="#bbbbbb", label="random")
+    for xi, r in zip(x, rows):
+        top = max(r["score_mean"] + r["score_std"], r["random_mean"] + r["random_std"])
+        txt = ax.text(xi, min(top + 0.04, 1.08), significance_stars(float(r["p_adjusted"])), ha="center",
+                      va="bottom", fontsize=9)
+        txt.set_gid("significance")
+    ax.axhline(0.5, color="#888888", linewidth=0.7, linestyle="--")
+    ax.set_ylim(0, 1.18)
+    ax.set_xticks(x, labels, fontsize=8)
+    ax.set_ylabel("TCAV score")
+    ax.legend(fontsize=7, loc="upper right")
+    ax.set_title(title or "TCAV (stars: two-sided t-test vs random, Bonferroni-corrected)", fontsize=9)
+    return fig
+
+
+def save_figure(fig: Figure, path: str | os.PathLike, formats: Sequence[str] = FORMATS, dpi: int = 150
+                ) -> list[Path]:
+    """Save ``fig`` as ``path`` with each suffix of ``formats`` (``path``'s own suffix is replaced).
+
+    Returns:
+        the written files.
+
+    Raises:
+        ValueError: an unsupported format.
+    """
+    base = Path(path)
+    if base.suffix.lstrip(".") in FORMATS:
+        base = base.with_suffix("")
+    base.parent.mkdir(parents=True, exist_ok=True)
+    out = []
+    for fmt in formats:
+        fmt = fmt.lower().lstrip(".")
+        if fmt not in FORMATS:
+            raise ValueError(f"unsupported figure format {fmt!r}; use {FORMATS}")
+        p = base.with_name(base.name + "." + fmt)
+        fig.savefig(p, format=fmt, dpi=dpi, facecolor="white")
+        out.append(p)
+    return out

@@ -1,0 +1,567 @@
+"""A batched wrapper that makes any ECG classifier (or bare SSL encoder) explainable.
+
+:class:`ECGWrapper` is the one object every explainer in :mod:`ecgfm.explain` talks to. It holds
+
+* the model (an ecgfm encoder + head, or any user ``nn.Module``) and its input layout (``"BLT"`` or ``"BTL"``);
+* what the model expects: sampling rate ``fs``, ``lead_names``, optional ``n_samples`` and the
+  :class:`~ecgfm.data.preprocess.PreprocessSpec` it was trained with;
+* the post-processing (``"softmax"``, ``"sigmoid"`` or none) that turns logits into probabilities.
+
+Inputs to the explainers are always ``(batch, leads, samples)`` in the model's lead order and rate. Data in
+another rate or lead order goes through :meth:`ECGWrapper.prepare`, which uses the shared preprocessing of
+:mod:`ecgfm.data.preprocess`; anything ambiguous (unknown rate, wrong number of leads, NaN samples) is an error,
+never a silent mis-feed.
+
+Unlike ExECG's ``TorchModelWrapper`` (batch size 1, one hooked module), the wrapper is batched, exposes every
+named layer's activations and gradients, the encoder's embeddings, and a reshape of transformer tokens back to a
+``(lead, time-patch)`` grid so that layer methods (Grad-CAM, Grad-CAM++) work on ViT-1D as on CNNs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ecgfm.data.preprocess import PreprocessSpec, preprocess_signal, resample
+from ecgfm.data.record import CANONICAL_LEADS, ECGDataError, ECGRecord, canonical_lead
+
+POSTPROCESS = ("softmax", "sigmoid", None)
+LAYOUTS = ("BLT", "BTL")
+
+
+class EncoderClassifier(nn.Module):
+    """An ecgfm classifier: ``head(encoder.embed(x))``.
+
+    Args:
+        encoder: a backbone following the :mod:`ecgfm.backbones.registry` contract (``embed(x) -> (B, D)``) or
+            any module mapping ``(B, L, T) -> (B, D)``.
+        head: module mapping ``(B, D) -> (B, C)`` logits.
+    """
+
+    def __init__(self, encoder: nn.Module, head: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+        self.head = head
+
+    def embed(self, x: Tensor) -> Tensor:
+        """``(B, L, T) -> (B, D)``."""
+        fn = getattr(self.encoder, "embed", None)
+        return fn(x) if callable(fn) else self.encoder(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(B, L, T) -> (B, C)`` logits."""
+        return self.head(self.embed(x))
+
+
+def _find_encoder(model: nn.Module) -> nn.Module | None:
+    """The encoder inside ``model``: ``model.encoder`` / ``model.backbone`` or ``model`` itself when it has
+    ``embed``; else the first child of an ``nn.Sequential`` of two (encoder, head)."""
+    for attr in ("encoder", "backbone"):
+        sub = getattr(model, attr, None)
+        if isinstance(sub, nn.Module):
+            return sub
+    if callable(getattr(model, "embed", None)):
+        return model
+    if isinstance(model, nn.Sequential) and len(model) == 2:
+        return model[0]
+    return None
+
+
+class ECGWrapper(nn.Module):
+    """Wraps an ECG model for explanation.
+
+    Args:
+        model: ``nn.Module`` mapping ``(B, L, T)`` (or ``(B, T, L)`` with ``input_layout="BTL"``) to logits
+            ``(B, C)`` (a ``(B,)`` output is treated as one logit). For an SSL encoder with no classifier, pass
+            the encoder: ``forward`` then returns its embedding ``(B, D)`` and :meth:`embed` works.
+        fs: sampling rate the model expects, in Hz. With a ``preprocess`` spec whose ``fs`` is set, they must
+            agree.
+        lead_names: lead order the model expects (canonical names, see
+            :data:`ecgfm.data.record.CANONICAL_LEADS`).
+        preprocess: the spec the model was trained with; :meth:`prepare` applies it to raw data. ``None``: raw
+            data is only resampled and reordered.
+        postprocess: ``"softmax"`` (single-label), ``"sigmoid"`` (multi-label) or ``None`` (the outputs are
+            already the quantity to explain).
+        input_layout: ``"BLT"`` (ecgfm) or ``"BTL"`` (channels-last user models). Explainers always pass
+            ``(B, L, T)``; the wrapper transposes.
+        class_names: names of the output classes (sets ``num_classes``).
+        num_classes: number of outputs; found with one forward pass when needed and not given.
+        n_samples: input length the model expects, if fixed (checked by :meth:`check`; lets :meth:`prepare`
+            catch inputs at another rate).
+        encoder: the encoder part of ``model`` (for :meth:`embed`; should be a sub-module of ``model``); found
+            automatically for ecgfm classifiers (``model.encoder`` / ``model.backbone`` / a 2-module Sequential).
+
+    Raises:
+        ValueError: unknown ``postprocess`` / ``input_layout``, unknown lead names, or ``fs`` disagreeing with
+            ``preprocess.fs``.
+    """
+
+    def __init__(self, model: nn.Module, fs: float, lead_names: Sequence[str] = CANONICAL_LEADS,
+                 preprocess: PreprocessSpec | None = None, postprocess: str | None = "softmax",
+                 input_layout: str = "BLT", class_names: Sequence[str] | None = None,
+                 num_classes: int | None = None, n_samples: int | None = None,
+                 encoder: nn.Module | None = None):
+        super().__init__()
+        if postprocess not in POSTPROCESS:
+            raise ValueError(f"postprocess must be one of {POSTPROCESS}, got {postprocess!r}")
+        if input_layout not in LAYOUTS:
+            raise ValueError(f"input_layout must be one of {LAYOUTS}, got {input_layout!r}")
+        if not (np.isfinite(fs) and fs > 0):
+            raise ValueError(f"fs must be a positive sampling rate in Hz, got {fs!r}")
+        if preprocess is not None and preprocess.fs is not None and float(preprocess.fs) != float(fs):
+            raise ValueError(f"fs={fs} disagrees with the preprocessing spec's fs={preprocess.fs}")
+        names = []
+        for name in lead_names:
+            try:
+                lead = canonical_lead(name)
+            except KeyError:
+                lead = None
+            if lead is None:
+                raise ValueError(f"unknown lead name {name!r} in lead_names (known: {', '.join(CANONICAL_LEADS)})")
+            names.append(lead)
+        if len(set(names)) != len(names):
+            raise ValueError(f"lead_names has duplicates: {list(lead_names)}")
+        if class_names is not None:
+            class_names = tuple(str(c) for c in class_names)
+            if num_classes is not None and num_classes != len(class_names):
+                raise ValueError(f"num_classes={num_classes} but {len(class_names)} class_names")
+            num_classes = len(class_names)
+        self.model = model
+        self.fs = float(fs)
+        self.lead_names: tuple[str, ...] = tuple(names)
+        self.spec = preprocess
+        self.postprocess = postprocess
+        self.input_layout = input_layout
+        self.class_names = class_names
+        self._num_classes = num_classes
+        self.n_samples = None if n_samples is None else int(n_samples)
+        # Kept out of the module tree (it is normally a sub-module of ``model``): registering it twice would make
+        # hook-based methods (captum DeepLift's ``model.apply``) hook its layers twice.
+        object.__setattr__(self, "encoder", encoder if encoder is not None else _find_encoder(model))
+        self.model.eval()
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_encoder_and_head(cls, backbone: nn.Module, head: nn.Module | None, spec: PreprocessSpec | None,
+                              fs: float | None = None, **kwargs: Any) -> "ECGWrapper":
+        """Wrap an ecgfm encoder and a classification head (``head(backbone.embed(x))``).
+
+        Args:
+            backbone: ecgfm backbone (``embed(x) -> (B, D)``).
+            head: ``(B, D) -> (B, C)``; ``None`` wraps the bare encoder (for :meth:`Explainer.explain_embedding`),
+                with ``postprocess=None``.
+            spec: preprocessing the encoder was trained with (its ``fs`` is the model's rate unless ``fs`` given).
+            fs: model rate; required when ``spec`` is None or has no ``fs``.
+            **kwargs: other :class:`ECGWrapper` arguments.
+        """
+        if fs is None:
+            if spec is None or spec.fs is None:
+                raise ValueError("pass fs= (the preprocessing spec does not fix the sampling rate)")
+            fs = float(spec.fs)
+        if head is None:
+            kwargs.setdefault("postprocess", None)
+            return cls(backbone, fs=fs, preprocess=spec, encoder=backbone, **kwargs)
+        return cls(EncoderClassifier(backbone, head), fs=fs, preprocess=spec, encoder=backbone, **kwargs)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, head: nn.Module | None = None,
+                        map_location: str | torch.device = "cpu", **kwargs: Any) -> "ECGWrapper":
+        """Load an ecgfm classifier or encoder from disk (no unpickling: ``weights_only=True`` / safetensors).
+
+        Accepted:
+
+        * a classifier directory (``classifier.json`` + ``classifier.safetensors``, the on-disk classifier
+          format of :mod:`ecgfm.explain.classifier`), loaded with
+          :func:`~ecgfm.explain.classifier.load_classifier`;
+        * an exported encoder (a directory or ``encoder.json`` written by :func:`ecgfm.export.export_encoder`):
+          wrapped bare, or with ``head`` (whose weights the caller loaded);
+        * a classifier checkpoint file: a ``torch.save``-d dict with ``backbone`` (``{"name", "init_args"}``),
+          ``state_dict`` (of :class:`EncoderClassifier`: ``encoder.*`` and ``head.*`` keys; the head is a linear
+          layer rebuilt from ``head.weight`` unless ``head`` is passed) and optional ``preprocess`` (spec dict),
+          ``fs``, ``class_names``, ``postprocess``, ``n_samples``, ``lead_names``.
+
+        Args:
+            path: file or directory.
+            head: head module for an exported encoder.
+            map_location: device for the tensors.
+            **kwargs: override any :class:`ECGWrapper` argument.
+
+        Raises:
+            ECGDataError: the file does not exist or is not one of the accepted forms.
+        """
+        path = Path(path)
+        if not path.exists():
+            raise ECGDataError(path, "checkpoint not found")
+        from ecgfm.explain.classifier import is_classifier_dir, load_classifier
+
+        if is_classifier_dir(path):
+            loaded = load_classifier(path, map_location=map_location)
+            if not kwargs:
+                return loaded
+            args = {"fs": loaded.fs, "lead_names": loaded.lead_names, "preprocess": loaded.spec,
+                    "postprocess": loaded.postprocess, "class_names": loaded.class_names,
+                    "n_samples": loaded.n_samples, "encoder": loaded.encoder, **kwargs}
+            return cls(loaded.model, **args)
+        if path.is_dir() or path.suffix == ".json":
+            from ecgfm.export import load_encoder
+
+            backbone, spec, _info = load_encoder(path)
+            return cls.from_encoder_and_head(backbone.to(map_location), head, spec, **kwargs)
+        try:
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - re-raised with the path
+            raise ECGDataError(path, f"cannot load checkpoint with weights_only=True: {exc}") from exc
+        if not isinstance(ckpt, dict) or "backbone" not in ckpt or "state_dict" not in ckpt:
+            raise ECGDataError(path, "not an ecgfm classifier checkpoint (expected keys 'backbone' and "
+                                     f"'state_dict', found {sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt)})")
+        from ecgfm.backbones.registry import create_backbone
+
+        info = ckpt["backbone"]
+        backbone = create_backbone(info["name"], **dict(info.get("init_args", {})))
+        state = ckpt["state_dict"]
+        if head is None:
+            head = _head_from_state(state, ckpt.get("head"), path)
+        model = EncoderClassifier(backbone, head)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ECGDataError(path, f"checkpoint weights do not fit the model: missing {missing[:5]}, "
+                                     f"unexpected {unexpected[:5]}")
+        spec = PreprocessSpec.from_dict(ckpt["preprocess"]) if ckpt.get("preprocess") is not None else None
+        args: dict[str, Any] = {
+            "fs": ckpt.get("fs", spec.fs if spec is not None else None),
+            "class_names": ckpt.get("class_names"),
+            "postprocess": ckpt.get("postprocess", "sigmoid"),
+            "n_samples": ckpt.get("n_samples"),
+        }
+        if ckpt.get("lead_names") is not None:
+            args["lead_names"] = tuple(ckpt["lead_names"])
+        args.update(kwargs)
+        if args["fs"] is None:
+            raise ECGDataError(path, "checkpoint has neither 'fs' nor a preprocessing spec with fs: pass fs=")
+        return cls(model.to(map_location), preprocess=spec, encoder=backbone, **args)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def device(self) -> torch.device:
+        for p in self.model.parameters():
+            return p.device
+        return torch.device("cpu")
+
+    @property
+    def n_leads(self) -> int:
+        return len(self.lead_names)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of model outputs (one probe forward pass when not given)."""
+        if self._num_classes is None:
+            t = self.n_samples or getattr(self.encoder, "seq_len", None) or int(round(2.5 * self.fs))
+            with torch.no_grad():
+                out = self.forward(torch.zeros(1, self.n_leads, t, device=self.device))
+            self._num_classes = int(out.shape[1])
+        return self._num_classes
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: Tensor) -> Tensor:
+        """``(B, L, T) -> (B, C)`` logits (or ``(B, D)`` embeddings for a bare encoder)."""
+        if self.input_layout == "BTL":
+            x = x.transpose(1, 2)
+        out = self.model(x)
+        if out.ndim == 1:
+            out = out[:, None]
+        return out
+
+    def postprocess_fn(self, logits: Tensor) -> Tensor:
+        """Apply the post-processing to ``(B, C)`` logits."""
+        if self.postprocess == "softmax":
+            return logits.softmax(dim=1)
+        if self.postprocess == "sigmoid":
+            return logits.sigmoid()
+        return logits
+
+    def predict_proba(self, x: Tensor) -> Tensor:
+        """``(B, L, T) -> (B, C)`` probabilities (after ``postprocess``), without gradients."""
+        self.check(x)
+        with torch.inference_mode():
+            return self.postprocess_fn(self.forward(x.to(self.device)))
+
+    def probability_forward(self, x: Tensor) -> Tensor:
+        """Differentiable ``(B, L, T) -> (B, C)`` probabilities (explain the probability, not the logit)."""
+        return self.postprocess_fn(self.forward(x))
+
+    def embed(self, x: Tensor) -> Tensor:
+        """Encoder embeddings ``(B, L, T) -> (B, D)`` (differentiable).
+
+        Raises:
+            ValueError: when the wrapped model has no identifiable encoder.
+        """
+        if self.encoder is None:
+            raise ValueError("the wrapped model has no encoder: pass encoder= to ECGWrapper, or build it with "
+                             "ECGWrapper.from_encoder_and_head")
+        if self.input_layout == "BTL" and self.encoder is self.model:
+            x = x.transpose(1, 2)
+        fn = getattr(self.encoder, "embed", None)
+        out = fn(x) if callable(fn) else self.encoder(x)
+        if out.ndim > 2:  # feature map (B, C, T') of a plain CNN encoder: global average pool
+            out = out.flatten(2).mean(-1)
+        return out
+
+    # ------------------------------------------------------------------ input checks and conversion
+    def check(self, x: Tensor, where: Any = "<inputs>") -> Tensor:
+        """Validate a model-space batch ``(B, L, T)``: lead count, length, finiteness.
+
+        Raises:
+            ValueError: not 3-D, wrong number of leads, wrong length (when ``n_samples`` is fixed), NaN or inf.
+        """
+        if not isinstance(x, Tensor):
+            raise ValueError(f"{where}: expected a torch.Tensor (B, leads, samples), got {type(x).__name__}; "
+                             "use ECGWrapper.prepare for numpy arrays or records")
+        if x.ndim != 3:
+            raise ValueError(f"{where}: expected (batch, leads, samples), got shape {tuple(x.shape)}")
+        if x.shape[1] != self.n_leads:
+            raise ValueError(f"{where}: {x.shape[1]} leads but the model expects {self.n_leads} "
+                             f"({', '.join(self.lead_names)}); pass lead_names= to ECGWrapper.prepare to convert")
+        if self.n_samples is not None and x.shape[2] != self.n_samples:
+            raise ValueError(f"{where}: {x.shape[2]} samples but the model expects {self.n_samples} "
+                             f"({self.n_samples / self.fs:g} s at {self.fs:g} Hz); a recording at another rate "
+                             "must go through ECGWrapper.prepare(x, fs=...)")
+        if not torch.isfinite(x).all():
+            bad = (~torch.isfinite(x)).nonzero()[0].tolist()
+            raise ValueError(f"{where}: NaN or infinite sample (first at batch {bad[0]}, lead "
+                             f"{self.lead_names[bad[1]]}, sample {bad[2]})")
+        return x
+
+    def prepare(self, x: Any, fs: float | None = None, lead_names: Sequence[str] | None = None,
+                where: Any = "<inputs>", missing_leads: str = "error") -> Tensor:
+        """Convert raw ECGs into the model's input space ``(B, L_model, T_model)``.
+
+        Steps: lead mapping (``lead_names`` -> the model's order, via the canonical layout), resampling to the
+        model's rate and the model's :class:`~ecgfm.data.preprocess.PreprocessSpec` (filters, normalisation)
+        when the wrapper has one, then :meth:`check`.
+
+        Args:
+            x: ``(L, T)`` or ``(B, L, T)`` numpy array / tensor in mV, an :class:`~ecgfm.data.record.ECGRecord`,
+                or a list of records (same length after resampling).
+            fs: sampling rate of ``x`` in Hz. Required for arrays unless their length equals the model's fixed
+                ``n_samples`` (then the model's rate is assumed). Records carry their own rate.
+            lead_names: lead names of the rows of ``x``; required when ``x`` does not already have the model's
+                number of leads.
+            where: name used in error messages (file, record id).
+            missing_leads: ``"error"`` (default) or ``"zero"``: fill leads the model needs but ``x`` lacks with 0,
+                ecgfm's absent-lead convention.
+
+        Returns:
+            float32 tensor on the model's device.
+
+        Raises:
+            ECGDataError: wrong lead count without ``lead_names``, unknown rate, NaN samples, missing leads.
+        """
+        if isinstance(x, ECGRecord):
+            return self.prepare([x], where=x.key, missing_leads=missing_leads)
+        if isinstance(x, (list, tuple)) and x and all(isinstance(r, ECGRecord) for r in x):
+            return self.check(torch.cat([self._prepare_one(r.signal, r.fs, CANONICAL_LEADS, r.lead_mask, r.key,
+                                                           missing_leads)[None] for r in x]), where)
+        arr = x.detach().cpu().numpy() if isinstance(x, Tensor) else np.asarray(x)
+        if arr.ndim == 2:
+            arr = arr[None]
+        if arr.ndim != 3:
+            raise ECGDataError(where, f"expected (leads, samples) or (batch, leads, samples), got {arr.shape}")
+        arr = arr.astype(np.float32, copy=False)
+        if lead_names is None:
+            if arr.shape[1] != self.n_leads:
+                raise ECGDataError(where, f"{arr.shape[1]} leads given but the model expects {self.n_leads} "
+                                          f"({', '.join(self.lead_names)}): pass lead_names= naming each row")
+            lead_names = self.lead_names
+        elif len(lead_names) != arr.shape[1]:
+            raise ECGDataError(where, f"{len(lead_names)} lead_names for {arr.shape[1]} rows")
+        if np.isnan(arr).any():
+            b, l, t = (int(v[0]) for v in np.nonzero(np.isnan(arr)))
+            raise ECGDataError(where, f"NaN sample (batch {b}, lead {lead_names[l]}, sample {t}); interpolate or "
+                                      "drop it before explaining")
+        if fs is None:
+            if self.n_samples is not None and arr.shape[2] == self.n_samples:
+                fs = self.fs
+            else:
+                raise ECGDataError(where, f"sampling rate unknown: pass fs= (the model expects {self.fs:g} Hz"
+                                          + (f", {self.n_samples} samples" if self.n_samples else "") + ")")
+        out = [self._prepare_one(a, float(fs), lead_names, None, f"{where}[{i}]", missing_leads)
+               for i, a in enumerate(arr)]
+        return self.check(torch.stack(out), where)
+
+    def _prepare_one(self, sig: np.ndarray, fs: float, names: Sequence[str], mask: np.ndarray | None,
+                     where: Any, missing_leads: str) -> Tensor:
+        """One ``(n, T)`` signal -> ``(L_model, T')`` tensor."""
+        if missing_leads not in ("error", "zero"):
+            raise ValueError(f"missing_leads must be 'error' or 'zero', got {missing_leads!r}")
+        sig = np.asarray(sig, dtype=np.float32)
+        if mask is None:
+            mask = np.ones(len(names), dtype=bool)
+        if np.isnan(sig[mask]).any():
+            raise ECGDataError(where, "NaN samples in a present lead; interpolate or drop them before explaining")
+        by_name: dict[str, int] = {}
+        for i, name in enumerate(names):
+            try:
+                lead = canonical_lead(name)
+            except KeyError:
+                raise ECGDataError(where, f"unknown lead name {name!r}") from None
+            if lead is not None and mask[i]:
+                by_name[lead] = i
+        absent = [lead for lead in self.lead_names if lead not in by_name]
+        if absent and missing_leads == "error":
+            raise ECGDataError(where, f"leads {absent} needed by the model are missing (pass missing_leads='zero' "
+                                      "to feed them as absent/zero)")
+        rows = np.zeros((self.n_leads, sig.shape[1]), dtype=np.float32)
+        present = np.zeros(self.n_leads, dtype=bool)
+        for j, lead in enumerate(self.lead_names):
+            if lead in by_name:
+                rows[j] = sig[by_name[lead]]
+                present[j] = True
+        if self.spec is not None:
+            spec = self.spec if self.spec.fs is not None else PreprocessSpec(**{**self.spec.to_dict(), "fs": self.fs})
+            rows, out_fs, _ = preprocess_signal(rows, fs, present, spec, where)
+        else:
+            rows = resample(rows, fs, self.fs)
+            out_fs = self.fs
+        assert out_fs == self.fs
+        t = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32))
+        if self.n_samples is not None and t.shape[1] != self.n_samples:
+            raise ECGDataError(where, f"{t.shape[1]} samples at {self.fs:g} Hz after conversion but the model "
+                                      f"expects {self.n_samples}; crop or pad first "
+                                      "(ecgfm.data.preprocess.crop_or_pad)")
+        return t.to(self.device)
+
+    # ------------------------------------------------------------------ layers
+    def layer_names(self) -> list[str]:
+        """Names of every sub-module of the wrapped model (as accepted by :meth:`layer`)."""
+        return [name for name, _ in self.model.named_modules() if name]
+
+    def layer(self, name: str | nn.Module) -> nn.Module:
+        """The sub-module called ``name`` (a module is returned as is).
+
+        Raises:
+            ValueError: unknown name; the message lists the available names.
+        """
+        if isinstance(name, nn.Module):
+            return name
+        modules = dict(self.model.named_modules())
+        if name not in modules or not name:
+            raise ValueError(f"no layer named {name!r}; available layers: {', '.join(self.layer_names())}")
+        return modules[name]
+
+    def activations_and_gradients(self, x: Tensor, layer: str | nn.Module, target: Any = None,
+                                  objective: Callable[[Tensor], Tensor] | None = None,
+                                  ) -> tuple[Tensor, Tensor, Tensor]:
+        """Run ``x`` through the model, recording a layer's output and the gradient of the target score.
+
+        Args:
+            x: ``(B, L, T)``.
+            layer: name (see :meth:`layer_names`) or module.
+            target: class index (int or ``(B,)``); ``None`` takes each input's predicted class.
+            objective: instead of a class score, a function ``(B, L, T) -> (B,)`` of the input through the same
+                model (e.g. an embedding similarity); its hooked layer output is recorded.
+
+        Returns:
+            ``(activations, gradients, scores)``: the layer output (e.g. ``(B, C, T')`` or ``(B, N, D)``), the
+            gradient of ``scores.sum()`` with respect to it (same shape) and the per-input scores ``(B,)``.
+        """
+        module = self.layer(layer)
+        store: dict[str, Tensor] = {}
+
+        def hook(_m: nn.Module, _inp: Any, out: Any) -> None:
+            out = out[0] if isinstance(out, (tuple, list)) else out
+            store["act"] = out
+
+        handle = module.register_forward_hook(hook)
+        try:
+            with torch.enable_grad():
+                x = x.to(self.device).detach().requires_grad_(True)
+                if objective is not None:
+                    scores = objective(x)
+                else:
+                    logits = self.forward(x)
+                    idx = self.resolve_target(target, logits)
+                    scores = logits.gather(1, idx[:, None])[:, 0]
+                if "act" not in store:
+                    raise ValueError(f"layer {layer!r} was not used in the forward pass")
+                grads = torch.autograd.grad(scores.sum(), store["act"])[0]
+        finally:
+            handle.remove()
+        return store["act"].detach(), grads.detach(), scores.detach()
+
+    def resolve_target(self, target: Any, logits: Tensor | None = None, x: Tensor | None = None) -> Tensor:
+        """Turn ``target`` (None, int, class name, sequence or tensor) into a ``(B,)`` long tensor.
+
+        ``None`` picks each input's predicted class (from ``logits``, or a forward pass on ``x``).
+
+        Raises:
+            ValueError: an index outside ``[0, num_classes)``, an unknown class name or a length mismatch.
+        """
+        if logits is None:
+            if x is None:
+                raise ValueError("resolve_target needs logits or inputs")
+            with torch.no_grad():
+                logits = self.forward(x.to(self.device))
+        b, c = logits.shape
+        if target is None:
+            return logits.argmax(dim=1)
+        if isinstance(target, str):
+            target = self._class_index(target)
+        if isinstance(target, (list, tuple)):
+            target = [self._class_index(t) if isinstance(t, str) else int(t) for t in target]
+        t = torch.as_tensor(target, dtype=torch.long, device=logits.device)
+        if t.ndim == 0:
+            t = t.expand(b)
+        if t.ndim != 1 or t.shape[0] != b:
+            raise ValueError(f"target must be an int or one class per input ({b}), got shape {tuple(t.shape)}")
+        if (t < 0).any() or (t >= c).any():
+            names = f" ({', '.join(self.class_names)})" if self.class_names else ""
+            raise ValueError(f"target {t.tolist()} outside the model's {c} classes [0, {c - 1}]{names}")
+        return t.clone()
+
+    def _class_index(self, name: str) -> int:
+        if not self.class_names or name not in self.class_names:
+            raise ValueError(f"unknown class name {name!r}; classes: {self.class_names}")
+        return self.class_names.index(name)
+
+    # ------------------------------------------------------------------ token grids
+    def grid_reshape(self, layer_output: Tensor) -> Tensor:
+        """Reshape a layer output to a ``(B, D, rows, time)`` grid for layer attribution methods.
+
+        * ``(B, C, T')`` CNN feature maps -> ``(B, C, 1, T')`` (the lead axis was mixed by the first conv);
+        * ``(B, C, H, W)`` 2-D maps pass through;
+        * ``(B, N, D)`` transformer tokens -> ``(B, D, leads, patches)`` with the backbone's
+          ``tokens_to_grid`` (ViT-1D drops its class/separator tokens there).
+
+        Raises:
+            ValueError: tokens from a model without ``tokens_to_grid``, or an unsupported rank.
+        """
+        if layer_output.ndim == 4:
+            return layer_output
+        if layer_output.ndim == 3 and self._is_token_output(layer_output):
+            to_grid = getattr(self.encoder, "tokens_to_grid", None)
+            if not callable(to_grid):
+                raise ValueError("transformer tokens (B, N, D) but the encoder has no tokens_to_grid(tokens)")
+            return to_grid(layer_output)
+        if layer_output.ndim == 3:
+            return layer_output[:, :, None, :]
+        raise ValueError(f"cannot reshape a layer output of shape {tuple(layer_output.shape)} to a grid")
+
+    def _is_token_output(self, out: Tensor) -> bool:
+        """Heuristic: a 3-D output is tokens ``(B, N, D)`` when the encoder is a token model (has
+        ``tokens_to_grid``) and the last axis is its width."""
+        to_grid = getattr(self.encoder, "tokens_to_grid", None)
+        width = getattr(self.encoder, "embed_dim", getattr(self.encoder, "num_features", None))
+        return callable(to_grid) and width is not None and out.shape[-1] == width
+
+
+def _head_from_state(state: dict[str, Tensor], info: dict | None, path: Path) -> nn.Module:
+    """Rebuild a linear head from its weights (``head.weight`` ``(C, D)``); other heads must be passed."""
+    if "head.weight" in state and state["head.weight"].ndim == 2:
+        w = state["head.weight"]
+        return nn.Linear(w.shape[1], w.shape[0], bias="head.bias" in state)
+    raise ECGDataError(path, f"cannot infer the head from the checkpoint (head info {info}, head keys "
+                             f"{sorted(k for k in state if k.startswith('head.'))[:6]}); pass head=")

@@ -1,0 +1,151 @@
+"""The explain entry point end to end (synthetic and real PTB-XL records, tiny classifier, seconds), the
+classifier format, and the errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from ecgfm.backbones import create_backbone
+from ecgfm.data.preprocess import PreprocessSpec
+from ecgfm.data.record import ECGDataError
+from ecgfm.data.synthetic import SYNTHETIC_CLASSES, SyntheticSource
+from ecgfm.explain.classifier import classifier_info, load_classifier, save_classifier
+from ecgfm.explain.report import explain_main, explain_records, load_model
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+
+
+def _classifier(out: Path, classes, n_samples: int = 1000) -> Path:
+    torch.manual_seed(0)
+    bb = create_backbone("resnet1d_test")
+    head = torch.nn.Linear(bb.num_features, len(classes))
+    return save_classifier(out, bb, head, PreprocessSpec(fs=100.0), classes, multilabel=False, n_samples=n_samples,
+                           extra={"note": "untrained test classifier"})
+
+
+@pytest.fixture(scope="module")
+def synthetic_ckpt(tmp_path_factory) -> Path:
+    return _classifier(tmp_path_factory.mktemp("clf") / "synthetic", SYNTHETIC_CLASSES)
+
+
+def _cfg(tmp: Path, *overrides: str):
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        return compose("explain", overrides=[f"out_dir={tmp}", "formats=[png,svg,pdf]",
+                                             "faithfulness.n_random=1", "faithfulness.steps=5"] + list(overrides))
+
+
+def test_explain_entry_synthetic(tmp_path, synthetic_ckpt):
+    cfg = _cfg(tmp_path, f"checkpoint={synthetic_ckpt}", "record=syn000006", "methods=[ig,gradcam,occlusion]",
+               "formats=[png]",
+               "method_options={ig: {n_steps: 8}}", "counterfactual.enabled=true", "counterfactual.max_steps=20")
+    report = explain_main(cfg)
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert saved["methods"] == ["integrated_gradients", "gradcam", "occlusion"]
+    rec = saved["records"][0]
+    assert rec["record_id"] == "syn000006" and rec["labels"][0] in SYNTHETIC_CLASSES
+    assert report["records"][0]["target"] == rec["target"]
+    names = {p["class"] for p in rec["predictions"]}
+    assert names == set(SYNTHETIC_CLASSES)
+    np.testing.assert_allclose(sum(p["probability"] for p in rec["predictions"]), 1.0, rtol=1e-5)
+    for key, m in rec["methods"].items():
+        assert set(m["per_lead"]["share_abs"]) == set(saved["model"]["lead_names"])
+        assert set(m["per_wave"]) == {"P", "QRS", "T", "other"}
+        assert m["elapsed_s"] >= 0
+        f = m["faithfulness"]
+        assert {"deletion_aopc", "random_deletion_aopc", "deletion_aopc_gain", "insertion_auc"} <= set(f)
+        assert "localisation" in f                                   # the synthetic record has an evidence mask
+    assert "convergence_delta_abs" in rec["methods"]["integrated_gradients"]
+    assert rec["counterfactual"]["records"][0]["top_leads"]
+    files = {p.name for p in tmp_path.iterdir()}
+    for stem in ("chart_integrated_gradients", "chart_gradcam", "chart_occlusion", "methods", "leads",
+                 "counterfactual"):
+        assert f"synthetic_syn000006_{stem}.png" in files         # (svg / pdf: tests/unit/test_visualize.py)
+    assert set(rec["figures"]) <= files
+
+
+def test_explain_entry_real_ptbxl_record(tmp_path, fixture_dir):
+    from ecgfm.data.readers import ptbxl_label_space
+
+    classes = ptbxl_label_space(fixture_dir / "ptbxl", "superdiagnostic")
+    ckpt = _classifier(tmp_path / "clf", classes)
+    cfg = _cfg(tmp_path / "run", f"checkpoint={ckpt}", "data=ptbxl", "record=8", "methods=[saliency]",
+               f"paths.data_root={fixture_dir}", "faithfulness.enabled=false", "formats=[png]")
+    rec = explain_main(cfg)["records"][0]
+    assert rec["record_id"] == "00008" and rec["source"] == "ptbxl" and rec["fs_original"] == 100.0
+    assert {p["class"] for p in rec["predictions"]} == set(classes)
+    assert "faithfulness" not in rec["methods"]["saliency"]
+    assert (tmp_path / "run" / "ptbxl_00008_chart_saliency.png").stat().st_size > 10_000
+    with pytest.raises(ValueError, match="checkpoint= is required"):
+        explain_main(_cfg(tmp_path / "run2", "data=ptbxl", f"paths.data_root={fixture_dir}"))
+
+
+def test_explain_records_api_other_rate(tmp_path, synthetic_ckpt):
+    wrapper = load_model(synthetic_ckpt)
+    rec = SyntheticSource(4, seed=3, fs=250.0).load("syn000002")          # 250 Hz: converted by prepare
+    report = explain_records(wrapper, [rec], tmp_path, methods=["saliency"], target="st_elevation",
+                             faithfulness=False, formats=["png"])
+    r = report["records"][0]
+    assert r["target"]["class"] == "st_elevation" and r["fs_original"] == 250.0
+
+
+def test_classifier_round_trip_and_errors(tmp_path, synthetic_ckpt):
+    w1 = load_model(synthetic_ckpt)
+    w2 = load_classifier(synthetic_ckpt / "classifier.json")
+    x = torch.randn(2, 12, 1000)
+    torch.testing.assert_close(w1(x), w2(x))
+    info = classifier_info(synthetic_ckpt)
+    assert info["format"] == "ecgfm-classifier" and info["backbone"]["name"] == "resnet1d_test"
+    assert w1.class_names == SYNTHETIC_CLASSES and w1.n_samples == 1000 and w1.spec == PreprocessSpec(fs=100.0)
+    # bad files
+    with pytest.raises(ECGDataError, match="not found"):
+        load_model(tmp_path / "nope")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "classifier.json").write_text(json.dumps({**info, "backbone": {"name": "os.system"}}))
+    (bad / "classifier.safetensors").write_bytes((synthetic_ckpt / "classifier.safetensors").read_bytes())
+    with pytest.raises(ECGDataError, match="unknown backbone"):
+        load_classifier(bad)
+    (bad / "classifier.json").write_text("{not json")
+    with pytest.raises(ECGDataError, match="JSON"):
+        load_classifier(bad)
+    (bad / "classifier.json").write_text(json.dumps({**info, "head": {"name": "linear", "args": {
+        "in_dim": 3, "num_classes": 9}}}))
+    with pytest.raises(ECGDataError, match="do not fit"):
+        load_classifier(bad)
+    with pytest.raises(ValueError, match="class_names"):
+        save_classifier(tmp_path / "x", create_backbone("resnet1d_test"), torch.nn.Linear(32, 2), None, ["a"],
+                        multilabel=True, fs=100.0)
+
+
+def test_entry_bad_input(tmp_path, synthetic_ckpt):
+    with pytest.raises(ECGDataError, match="not a synthetic record id"):
+        explain_main(_cfg(tmp_path, f"checkpoint={synthetic_ckpt}", "record=00008"))
+    with pytest.raises(ValueError, match="unknown attribution method"):
+        explain_main(_cfg(tmp_path, f"checkpoint={synthetic_ckpt}", "methods=[magic]"))
+    with pytest.raises(ValueError, match="outside"):
+        explain_main(_cfg(tmp_path, f"checkpoint={synthetic_ckpt}", "target=42", "methods=[saliency]"))
+    with pytest.raises(ValueError, match="unknown class name"):
+        explain_main(_cfg(tmp_path, f"checkpoint={synthetic_ckpt}", "target=AFIB", "methods=[saliency]"))
+    with pytest.raises(ValueError, match="no layer named"):
+        explain_main(_cfg(tmp_path, f"checkpoint={synthetic_ckpt}", "methods=[gradcam]",
+                          "method_options={gradcam: {layer: encoder.nope}}", "faithfulness.enabled=false"))
+
+
+@pytest.mark.slow
+def test_explain_py_subprocess(tmp_path, synthetic_ckpt):
+    """The real command line (Hydra decorator included)."""
+    out = subprocess.run([sys.executable, "explain.py", f"checkpoint={synthetic_ckpt}", "methods=[saliency]",
+                          "faithfulness.enabled=false", "formats=[png]", f"hydra.run.dir={tmp_path}"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "report:" in out.stdout and (tmp_path / "report.json").exists()

@@ -1,0 +1,248 @@
+"""Explainer / Attribution: every method, agreement with captum, aggregations, errors, encoder explanations."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from ecgfm.explain.attribution import (METHODS, Attribution, Explainer, canonical_method, make_baseline,
+                                       smoothed_copy)
+from ecgfm.explain.waves import wave_windows
+from ecgfm.explain.wrapper import ECGWrapper
+
+FS = 100.0
+T = 250
+
+
+class TinyCNN(nn.Module):
+    def __init__(self, classes: int = 3):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv1d(12, 8, 7, padding=3), nn.ReLU(),
+                                      nn.Conv1d(8, 8, 7, padding=3, stride=2), nn.ReLU())
+        self.head = nn.Linear(8, classes)
+
+    def forward(self, x):
+        return self.head(self.features(x).mean(-1))
+
+
+def _ecg_like(b: int, seed: int = 0) -> torch.Tensor:
+    """Spiky periodic signals (QRS-like bumps every 0.8 s) plus noise: something for R-peak detection."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.arange(T) / FS
+    beats = sum(torch.exp(-((t - c) ** 2) / (2 * 0.015 ** 2)) for c in np.arange(0.3, T / FS, 0.8))
+    amp = torch.randn(b, 12, 1, generator=g)
+    return (amp * beats + 0.05 * torch.randn(b, 12, T, generator=g)).float()
+
+
+@pytest.fixture(scope="module")
+def explainer() -> Explainer:
+    torch.manual_seed(0)
+    return Explainer(ECGWrapper(TinyCNN(), fs=FS, class_names=("a", "b", "c")))
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "attention_rollout"])
+def test_every_method_returns_input_shaped_values(explainer, method):
+    x = _ecg_like(2)
+    opts = {"n_samples": 4} if method in ("smoothgrad", "gradient_shap") else {}
+    att = explainer.explain(x, target=[0, 2], method=method, **opts)
+    assert isinstance(att, Attribution)
+    assert att.values.shape == x.shape and torch.isfinite(att.values).all()
+    assert att.method == method and att.target.tolist() == [0, 2]
+    assert att.elapsed_s > 0 and att.fs == FS and len(att.lead_names) == 12
+    assert att.values.abs().sum() > 0
+    json.dumps(att.to_dict())
+
+
+def test_vit_methods_including_rollout():
+    from ecgfm.backbones.registry import create_backbone
+    from ecgfm.data.preprocess import PreprocessSpec
+
+    torch.manual_seed(0)
+    vit = create_backbone("vit1d_test")
+    ex = Explainer(ECGWrapper.from_encoder_and_head(vit, nn.Linear(vit.num_features, 2), PreprocessSpec(fs=100)))
+    x = _ecg_like(2)
+    for method in ("gradcam", "gradcam++", "attention_rollout", "integrated_gradients"):
+        att = ex.explain(x, method=method)
+        assert att.values.shape == x.shape and torch.isfinite(att.values).all()
+    # Rollout of a token grid varies by lead and patch, constant within a patch up to linear interpolation.
+    roll = ex.explain(x, method="attention_rollout").values
+    assert roll.min() >= 0 and roll[:, :, 0].std() > 0
+    cam = ex.explain(x, method="gradcam", layer="encoder.blocks.0")
+    assert cam.options["impl"] == "tokens_to_grid" and cam.values.min() >= 0
+
+
+def test_aliases_and_errors(explainer):
+    assert canonical_method("IG") == "integrated_gradients" and canonical_method("Grad-CAM++") == "gradcam++"
+    x = _ecg_like(1)
+    with pytest.raises(ValueError, match="unknown attribution method 'lime'"):
+        explainer.explain(x, method="lime")
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['n_step'\]"):
+        explainer.explain(x, method="ig", n_step=5)
+    with pytest.raises(ValueError, match="outside the model's 3 classes"):
+        explainer.explain(x, target=7, method="saliency")
+    with pytest.raises(ValueError, match="no layer named 'conv9'"):
+        explainer.explain(x, method="gradcam", layer="conv9")
+    with pytest.raises(ValueError, match="5 leads but the model expects 12"):
+        explainer.explain(torch.zeros(1, 5, T), method="saliency")
+    bad = x.clone()
+    bad[0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        explainer.explain(bad, method="saliency")
+    with pytest.raises(ValueError, match="attention_maps"):
+        explainer.explain(x, method="attention_rollout")
+    with pytest.raises(ValueError, match="baseline tensor"):
+        explainer.explain(x, method="ig", baselines=torch.zeros(1, 12, 10))
+
+
+def test_ig_matches_captum_and_is_complete(explainer):
+    from captum.attr import IntegratedGradients
+
+    x = _ecg_like(3, seed=1)
+    base = smoothed_copy(x, FS)
+    att = explainer.explain(x, target=1, method="ig", n_steps=32)
+    ref = IntegratedGradients(explainer.wrapper.model).attribute(x, baselines=base, target=1, n_steps=32,
+                                                                method="gausslegendre")
+    assert torch.allclose(att.values, ref, atol=1e-6)
+    with torch.no_grad():
+        f = explainer.wrapper(x)[:, 1] - explainer.wrapper(base)[:, 1]
+    err = (att.values.sum((1, 2)) - f).abs()
+    assert torch.allclose(err, att.delta.abs(), atol=1e-5)
+    assert err.max() < 1e-3 * max(1.0, f.abs().max().item())
+
+
+def test_gradient_shap_smoothed_equals_captum_per_record(explainer):
+    """The batched shift trick equals captum's GradientShap with the record's own baseline (same random draws)."""
+    from captum.attr import GradientShap
+
+    x = _ecg_like(1, seed=2)
+    torch.manual_seed(5)
+    np.random.seed(5)  # captum draws the path coefficients and baseline choices with numpy
+    att = explainer.explain(x, target=0, method="gradient_shap", baselines="smoothed", n_samples=8)
+    torch.manual_seed(5)
+    np.random.seed(5)
+    ref = GradientShap(explainer.wrapper.model).attribute(x, baselines=smoothed_copy(x, FS), target=0, n_samples=8)
+    assert torch.allclose(att.values, ref, atol=1e-7)
+    bank = _ecg_like(5, seed=3)
+    att = explainer.explain(x, method="gradient_shap", baselines=bank, n_samples=6)
+    assert att.values.shape == x.shape and att.options["baselines"] == "tensor(5, 12, 250)"
+
+
+def test_gradcam_matches_hand_computation(explainer):
+    x = _ecg_like(2, seed=4)
+    w = explainer.wrapper
+    att = explainer.explain(x, target=2, method="gradcam", layer="features.3")
+    acts, grads, _ = w.activations_and_gradients(x, "features.3", target=2)
+    cam = (grads.mean(-1, keepdim=True) * acts).sum(1).clamp_min(0)                 # (B, T')
+    up = torch.nn.functional.interpolate(cam[:, None], size=T, mode="linear", align_corners=False)[:, 0]
+    assert torch.allclose(att.values[:, 0], up, atol=1e-6)
+    assert torch.allclose(att.values[:, 5], att.values[:, 0])                      # broadcast to every lead
+    pp = explainer.explain(x, target=2, method="gradcam++", layer="features.3")
+    assert pp.values.min() >= 0 and pp.values.shape == x.shape
+
+
+def test_ablation_values_sum_to_effects(explainer):
+    x = _ecg_like(2, seed=6)
+    w = explainer.wrapper
+    att = explainer.explain(x, target=0, method="lead_ablation")
+    with torch.no_grad():
+        full = w(x)[:, 0]
+        for lead in (0, 7):
+            xa = x.clone()
+            xa[:, lead] = 0
+            assert torch.allclose(att.per_lead("signed")[:, lead], full - w(xa)[:, 0], atol=1e-5)
+    wave = explainer.explain(x, target=0, method="wave_ablation", baselines="zeros")
+    assert wave.options["n_beats"] == [3, 3]
+    per_wave = wave.per_wave(reduce="signed")
+    r = [np.array([30, 110, 190])] * 2
+    win = wave_windows(r[0], FS, T)
+    with torch.no_grad():
+        xa = x.clone()
+        for a, b in win["QRS"]:
+            xa[:, :, a:b] = 0
+        effect = full - w(xa)[:, 0]
+    assert torch.allclose(per_wave["QRS"], effect, atol=1e-4)
+
+
+def test_occlusion_matches_manual_window(explainer):
+    x = _ecg_like(1, seed=7)
+    w = explainer.wrapper
+    att = explainer.explain(x, target=1, method="occlusion", window_s=0.2, stride_s=0.2, baselines="zeros")
+    with torch.no_grad():
+        xa = x.clone()
+        xa[:, 4, 20:40] = 0
+        effect = (w(x) - w(xa))[0, 1]
+    assert torch.allclose(att.values[0, 4, 25], effect, atol=1e-5)
+    assert att.options["window"] == 20
+
+
+def test_aggregations(explainer):
+    x = _ecg_like(2, seed=8)
+    att = explainer.explain(x, method="input_x_gradient")
+    assert torch.allclose(att.per_lead().sum(1), att.values.abs().sum((1, 2)))
+    beats = att.per_beat()
+    assert [b.shape[0] for b in beats] == [3, 3]
+    assert torch.allclose(torch.stack([b.sum() for b in beats]), att.values.abs().sum((1, 2)), atol=1e-4)
+    waves = att.per_wave()
+    total = sum(waves[k] for k in ("P", "QRS", "T", "other"))
+    assert torch.allclose(total, att.values.abs().sum((1, 2)), atol=1e-4)
+    assert waves["QRS"].shape == (2,) and att.per_wave(by_lead=True)["T"].shape == (2, 12)
+    d = att.to_dict()
+    assert d["method"] == "input_x_gradient" and len(d["per_lead"]) == 2 and d["shape"] == [2, 12, T]
+
+
+def test_baselines():
+    x = _ecg_like(2)
+    assert make_baseline("zeros", x, FS).abs().sum() == 0
+    sm = make_baseline("smoothed", x, FS)
+    assert sm.shape == x.shape and sm.abs().max() < 0.5 * x.abs().max()   # the QRS-like spikes are gone
+    assert make_baseline("median", x, FS).shape == x.shape
+    assert make_baseline(torch.ones(12, T), x, FS).shape == (1, 12, T)
+    with pytest.raises(ValueError, match="unknown baseline"):
+        make_baseline("noise", x, FS)
+
+
+@pytest.mark.parametrize("backbone", ["resnet1d_test", "vit1d_test"])
+def test_explain_embedding(backbone):
+    from ecgfm.backbones.registry import create_backbone
+    from ecgfm.data.preprocess import PreprocessSpec
+
+    torch.manual_seed(0)
+    enc = create_backbone(backbone)
+    ex = Explainer(ECGWrapper.from_encoder_and_head(enc, None, PreprocessSpec(fs=100)))
+    x = _ecg_like(2, seed=9)
+    att = ex.explain_embedding(x, method="ig", n_steps=64)
+    assert att.target is None and "own" in att.options["objective"]
+    with torch.no_grad():
+        e = enc.embed(x)
+        u = e / e.norm(dim=1, keepdim=True)
+        f = (e * u).sum(1) - (enc.embed(smoothed_copy(x, FS)) * u).sum(1)
+    assert torch.allclose(att.values.sum((1, 2)) - f, att.delta, atol=1e-4)
+    ref = ex.explain_embedding(x, reference=x[:1], method="saliency")
+    assert ref.values.shape == x.shape and "reference" in ref.options["objective"]
+    # Input 0 compared with itself: cosine is maximal, so its gradient vanishes; input 1's does not.
+    assert ref.values[0].abs().max() < 1e-3 * ref.values[1].abs().max()
+    d = torch.randn(enc.num_features)
+    att = ex.explain_embedding(x, direction=d, method="gradcam")
+    assert att.values.shape == x.shape
+    with pytest.raises(ValueError, match="direction has 3 values"):
+        ex.explain_embedding(x, direction=torch.ones(3))
+    with pytest.raises(ValueError, match="either reference= or direction="):
+        ex.explain_embedding(x, reference=x, direction=d)
+
+
+def test_baseline_bank_from_normal_records(explainer):
+    from ecgfm.data.synthetic import generate_record
+
+    from ecgfm.explain.attribution import baseline_bank
+
+    recs = [generate_record(i, seed=0, fs=500.0, duration=3.0, cls="normal_sinus") for i in range(3)]
+    bank = baseline_bank(explainer.wrapper, recs, n_samples=T, max_records=2)
+    assert bank.shape == (2, 12, T) and torch.isfinite(bank).all()
+    att = explainer.explain(_ecg_like(2), method="gradient_shap", baselines=bank, n_samples=4)
+    assert att.values.shape == (2, 12, T)
+    with pytest.raises(ValueError, match="at least one record"):
+        baseline_bank(explainer.wrapper, [])
