@@ -108,7 +108,6 @@ def _assert_equal(ddp_loss: float, ddp_grads: dict, loss_1: float, grads_1: dict
         torch.testing.assert_close(ddp_grads[name], g, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
 
 
-@pytest.mark.slow
 def test_two_processes_equal_one_process(tmp_path):
     """Real process group (2 spawned processes, gloo): MAE and CLOCS. ~1 min on a busy 2-core machine."""
     torch.set_num_threads(1)

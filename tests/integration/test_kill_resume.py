@@ -92,7 +92,6 @@ def test_resume_from_periodic_mid_epoch_checkpoint(reference, tmp_path):
     _assert_same_training_state(_final_state(run), _final_state(ref_run))
 
 
-@pytest.mark.slow
 def test_sigkill_mid_epoch_then_rerun_matches_uninterrupted_run(reference, tmp_path):
     ref_run, cache_root = reference
     run = tmp_path / "killed"

@@ -18,7 +18,6 @@ ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOK = ROOT / "notebooks" / "explain.ipynb"
 
 
-@pytest.mark.slow
 @pytest.mark.realdata
 def test_explain_notebook_runs(shared_data):
     if not (shared_data / "ptbxl" / "records100").is_dir():
