@@ -1,0 +1,205 @@
+"""Leakage guard: pretraining corpora versus downstream test splits.
+
+Self-supervised pretraining never sees labels, but an encoder pretrained on the very records (or patients) it is
+later tested on has seen the test distribution record by record; published ECG numbers have been inflated that
+way (PhysioNet/CinC 2021 contains PTB-XL, so pretraining on it leaks PTB-XL test records). Before a head is
+evaluated, :func:`check_leakage` compares identities and raises :class:`LeakageError` on any overlap unless
+``allow=True`` (then the overlap is reported in the results cell).
+
+Identities are canonical strings so that the same recording is recognised across datasets:
+
+* ``rec:<source>/<record_id>`` for every record;
+* ``rec:ptbxl/<ecg_id>`` for PTB-XL records (``record_id`` normalised to the integer ecg_id) and for records of
+  other corpora that carry ``meta["ptbxl_ecg_id"]`` (the PhysioNet 2021 ``HR*`` records, set by
+  ``Challenge2021Source``);
+* synthetic records are namespaced by their corpus seed (``meta["seed"]``): ids repeat across seeds;
+* ``pat:<source>/<patient_id>`` for records with a patient id (PTB-XL ``patient_id``; CinC 2017 has none, each
+  record is then its own patient and only record identity is checked).
+
+Where the pretraining identities come from (first found wins, all are merged):
+``encoder.json`` ``extra.pretrain_record_keys`` (a list of ``source/record_id`` strings written by the
+pretraining pipeline), ``extra.pretrain_caches`` (cache directories; their whole index is used), or the
+``pretrain_caches`` passed explicitly by the caller.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+
+class LeakageError(ValueError):
+    """Pretraining and downstream test data share records or patients."""
+
+
+def _norm_patient(pid: Any) -> str | None:
+    if pid is None:
+        return None
+    if isinstance(pid, float):
+        if np.isnan(pid):
+            return None
+        if pid.is_integer():
+            return str(int(pid))
+    s = str(pid).strip()
+    if not s or s.lower() in ("nan", "none"):
+        return None
+    if re.fullmatch(r"\d+\.0+", s):
+        s = s.split(".")[0]
+    return s
+
+
+def _ptbxl_int(record_id: Any) -> str | None:
+    """``"00001_lr"`` / ``"records100/00000/00001_lr"`` / ``"1"`` / ``1.0`` -> ``"1"``; None if no number."""
+    if isinstance(record_id, (int, np.integer)):
+        return str(int(record_id))
+    if isinstance(record_id, float) and record_id == record_id:
+        return str(int(record_id))
+    m = re.findall(r"(\d+)(?:_[lh]r)?$", str(record_id).strip())
+    return str(int(m[-1])) if m else None
+
+
+def record_identities(source: str, record_id: Any, patient_id: Any = None,
+                      meta: Mapping[str, Any] | None = None) -> set[str]:
+    """Canonical identity strings of one record (see module docstring)."""
+    source = str(source)
+    meta = meta or {}
+    if source == "synthetic" and meta.get("seed") is not None:
+        source = f"synthetic@seed{int(meta['seed'])}"  # synthetic ids repeat across corpus seeds
+    ids = {f"rec:{source}/{record_id}"}
+    if source.lower().startswith("ptbxl"):
+        ecg = _ptbxl_int(meta.get("ecg_id", record_id))
+        if ecg is not None:
+            ids.add(f"rec:ptbxl/{ecg}")
+    if meta.get("ptbxl_ecg_id") not in (None, ""):
+        ecg = _ptbxl_int(meta["ptbxl_ecg_id"])
+        if ecg is not None:
+            ids.add(f"rec:ptbxl/{ecg}")
+    pid = _norm_patient(patient_id)
+    if pid is not None:
+        src = "ptbxl" if source.lower().startswith("ptbxl") else source
+        ids.add(f"pat:{src}/{pid}")
+    return ids
+
+
+def index_identities(index: pd.DataFrame, rows: Sequence[int] | np.ndarray | None = None) -> dict[str, list[str]]:
+    """Identities of (some rows of) a cache index -> the ``source/record_id`` keys that carry each one.
+
+    Args:
+        index: a :class:`~ecgfm.data.cache.CorpusCache` index (columns ``record_id``, ``source``, ``patient_id``,
+            ``meta``).
+        rows: positional rows to use (default all).
+    """
+    sub = index if rows is None else index.iloc[np.asarray(rows, dtype=np.int64)]
+    out: dict[str, list[str]] = {}
+    metas = sub["meta"] if "meta" in sub.columns else [None] * len(sub)
+    pids = sub["patient_id"] if "patient_id" in sub.columns else [None] * len(sub)
+    for src, rid, pid, meta in zip(sub["source"], sub["record_id"], pids, metas):
+        for ident in record_identities(src, rid, pid, meta if isinstance(meta, Mapping) else None):
+            out.setdefault(ident, []).append(f"{src}/{rid}")
+    return out
+
+
+def keys_identities(keys: Iterable[str]) -> dict[str, list[str]]:
+    """Identities of ``source/record_id`` strings (record identity only; no patient information)."""
+    out: dict[str, list[str]] = {}
+    for key in keys:
+        src, _, rid = str(key).partition("/")
+        if not rid:
+            raise ValueError(f"pretraining record key {key!r} is not of the form 'source/record_id'")
+        for ident in record_identities(src, rid):
+            out.setdefault(ident, []).append(str(key))
+    return out
+
+
+@dataclass
+class LeakageReport:
+    """Overlap between pretraining and test identities."""
+
+    shared_records: list[str] = field(default_factory=list)  # test record keys source/record_id
+    shared_patients: list[str] = field(default_factory=list)
+    examples: list[tuple[str, str]] = field(default_factory=list)  # (test record, pretraining record)
+    checked: bool = True
+    n_pretrain: int = 0
+    n_test: int = 0
+
+    @property
+    def leaked(self) -> bool:
+        return bool(self.shared_records or self.shared_patients)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"checked": self.checked, "leaked": self.leaked, "n_shared_records": len(self.shared_records),
+                "n_shared_patients": len(self.shared_patients), "examples": [list(e) for e in self.examples[:10]],
+                "n_pretrain_identities": self.n_pretrain, "n_test_identities": self.n_test}
+
+
+def find_overlap(pretrain: Mapping[str, list[str]], test: Mapping[str, list[str]]) -> LeakageReport:
+    """Shared identities between two identity maps (from :func:`index_identities` / :func:`keys_identities`)."""
+    shared = sorted(set(pretrain) & set(test))
+    report = LeakageReport(n_pretrain=len(pretrain), n_test=len(test))
+    records: set[str] = set()
+    seen_examples: set[tuple[str, str]] = set()
+    for ident in shared:
+        if ident.startswith("pat:"):
+            report.shared_patients.append(ident)
+        else:
+            records.update(test[ident])  # count test records, not identities (a record has several)
+        ex = (test[ident][0], pretrain[ident][0])
+        if len(report.examples) < 10 and ex not in seen_examples:
+            seen_examples.add(ex)
+            report.examples.append(ex)
+    report.shared_records = sorted(records)
+    return report
+
+
+def pretrain_identities(encoder_info: Mapping[str, Any] | None, pretrain_caches: Sequence[str] = ()
+                        ) -> tuple[dict[str, list[str]], list[str]]:
+    """Collect pretraining identities from an encoder description and explicit cache directories.
+
+    Returns:
+        ``(identities, provenance)`` where provenance lists what was read (for the results cell).
+    """
+    from ecgfm.data.cache import CorpusCache  # local import: keeps this module usable without the cache layer
+
+    idents: dict[str, list[str]] = {}
+    provenance: list[str] = []
+    extra = dict((encoder_info or {}).get("extra") or {})
+    keys = extra.get("pretrain_record_keys")
+    if keys:
+        for k, v in keys_identities(keys).items():
+            idents.setdefault(k, []).extend(v)
+        provenance.append(f"encoder.json extra.pretrain_record_keys ({len(keys)} records)")
+    caches = list(extra.get("pretrain_caches") or []) + [str(c) for c in pretrain_caches or ()]
+    for path in caches:
+        try:
+            cache = CorpusCache(path)
+        except (FileNotFoundError, OSError, ValueError) as exc:
+            raise LeakageError(f"{path}: pretraining cache listed for the leakage check cannot be opened ({exc}); "
+                               f"pass allow_leakage=true to skip the check knowingly") from exc
+        for k, v in index_identities(cache.index).items():
+            idents.setdefault(k, []).extend(v)
+        provenance.append(f"cache {path} ({len(cache)} records)")
+    return idents, provenance
+
+
+def check_leakage(pretrain: Mapping[str, list[str]], test: Mapping[str, list[str]], allow: bool = False,
+                  what: str = "test split") -> LeakageReport:
+    """Raise :class:`LeakageError` when pretraining and test identities overlap (unless ``allow``).
+
+    Args:
+        pretrain: identities of the pretraining corpora.
+        test: identities of the downstream test records.
+        allow: report the overlap instead of raising.
+        what: name of the test data for the message (e.g. ``"ptbxl_super test split (fold 10)"``).
+    """
+    report = find_overlap(pretrain, test)
+    if report.leaked and not allow:
+        ex = ", ".join(f"{t} ~ {p}" for t, p in report.examples[:5])
+        raise LeakageError(
+            f"leakage: the encoder's pretraining data shares {len(report.shared_records)} record(s) and "
+            f"{len(report.shared_patients)} patient(s) with the {what} (e.g. test ~ pretraining: {ex}). Exclude "
+            f"those records from pretraining, or pass allow_leakage=true to report the overlap and continue.")
+    return report

@@ -1,0 +1,361 @@
+"""Classification metrics with bootstrap confidence intervals over test records.
+
+Point estimates come from scikit-learn (``roc_auc_score``, ``f1_score``, ``accuracy_score``,
+``precision_recall_curve``). Two pieces are written here because no library provides them:
+
+* **Fmax** (the sample-centric maximum F-measure of CAFA, used by Strodthoff et al. 2020 for PTB-XL);
+* **vectorised bootstrap**: a percentile bootstrap needs the metrics on ~1000 resamples; calling
+  ``roc_auc_score`` 1000 times per class costs seconds per results cell, which dominates a sweep of hundreds of
+  cells on a CPU. A resample is represented by its multiplicity weights ``W (B, n)`` (multinomial counts), and
+  AUROC (Mann-Whitney with mid-rank ties), F1, accuracy and Fmax are computed for all resamples at once with
+  matrix products. Tests check every weighted formula against scikit-learn called with ``sample_weight``.
+
+Degenerate resamples (explicit policy): a class that has only one label value on the whole test set has no
+AUROC; it is excluded from the macro averages and listed in ``excluded_classes``. A resample in which a class
+that *is* defined on the test set loses all its positives or all its negatives is redrawn, as in the PTB-XL
+benchmark code (up to ``max_redraws`` rounds); resamples still degenerate after that (only possible for classes
+with one or two positives) average over the classes defined in that resample, and their number is reported as
+``n_degenerate``.
+
+Shapes: ``n`` test records, ``C`` classes. Multi-label targets are ``(n, C)`` in {0, 1} with scores ``(n, C)``
+(sigmoid probabilities); single-label targets are ``(n,)`` integer classes with scores ``(n, C)`` (softmax).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+from sklearn.metrics import accuracy_score, f1_score, precision_recall_curve, roc_auc_score
+
+FMAX_THRESHOLDS = np.linspace(0.0, 1.0, 101)
+
+
+def _as_onehot(y: np.ndarray, n_classes: int) -> np.ndarray:
+    """``(n,)`` int -> ``(n, C)`` float one-hot; ``(n, C)`` passes through as float."""
+    y = np.asarray(y)
+    if y.ndim == 1:
+        if y.size and (y.min() < 0 or y.max() >= n_classes):
+            raise ValueError(f"class index out of range [0, {n_classes}): min {y.min()}, max {y.max()}")
+        out = np.zeros((y.shape[0], n_classes), dtype=np.float64)
+        out[np.arange(y.shape[0]), y.astype(np.int64)] = 1.0
+        return out
+    if y.ndim != 2 or y.shape[1] != n_classes:
+        raise ValueError(f"targets must be (n,) class indices or (n, {n_classes}) indicators, got {y.shape}")
+    return y.astype(np.float64)
+
+
+def _check(y: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.ndim != 2:
+        raise ValueError(f"scores must be (n, C), got {scores.shape}")
+    y = np.asarray(y)
+    if y.shape[0] != scores.shape[0]:
+        raise ValueError(f"{y.shape[0]} targets but {scores.shape[0]} score rows")
+    if not np.isfinite(scores).all():
+        raise ValueError("scores contain NaN or inf")
+    return y, scores
+
+
+def defined_classes(y_onehot: np.ndarray) -> np.ndarray:
+    """``(C,)`` bool: classes with at least one positive and one negative (AUROC is defined)."""
+    pos = y_onehot.sum(axis=0)
+    return (pos > 0) & (pos < y_onehot.shape[0])
+
+
+def per_class_auroc(y: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """One-vs-rest AUROC of each class (scikit-learn); NaN for a class without both label values.
+
+    Args:
+        y: ``(n,)`` class indices or ``(n, C)`` binary indicators.
+        scores: ``(n, C)`` scores.
+
+    Returns:
+        ``(C,)`` float array.
+    """
+    y, scores = _check(y, scores)
+    yo = _as_onehot(y, scores.shape[1])
+    out = np.full(scores.shape[1], np.nan)
+    for c in np.flatnonzero(defined_classes(yo)):
+        out[c] = roc_auc_score(yo[:, c], scores[:, c])
+    return out
+
+
+def macro_auroc(y: np.ndarray, scores: np.ndarray) -> float:
+    """Unweighted mean of the defined per-class AUROCs (equals scikit-learn's ``average="macro"``,
+    ``multi_class="ovr"`` when every class is defined). NaN when no class is defined."""
+    per = per_class_auroc(y, scores)
+    return float(np.nanmean(per)) if np.isfinite(per).any() else float("nan")
+
+
+def choose_thresholds(y_val: np.ndarray, p_val: np.ndarray) -> np.ndarray:
+    """Per-class decision thresholds maximising F1 on the validation set.
+
+    Args:
+        y_val: ``(n, C)`` binary indicators (or ``(n,)`` class indices).
+        p_val: ``(n, C)`` probabilities.
+
+    Returns:
+        ``(C,)`` thresholds; 0.5 for a class without positives on validation.
+    """
+    y_val, p_val = _check(y_val, p_val)
+    yo = _as_onehot(y_val, p_val.shape[1])
+    th = np.full(p_val.shape[1], 0.5)
+    for c in range(p_val.shape[1]):
+        if yo[:, c].sum() == 0:
+            continue
+        prec, rec, cut = precision_recall_curve(yo[:, c], p_val[:, c])
+        f1 = np.where(prec + rec > 0, 2 * prec * rec / np.maximum(prec + rec, 1e-12), 0.0)[:-1]
+        th[c] = float(cut[int(np.argmax(f1))])
+    return th
+
+
+def predict_labels(scores: np.ndarray, multilabel: bool, thresholds: np.ndarray | None = None) -> np.ndarray:
+    """Hard predictions ``(n, C)`` in {0, 1}: per-class thresholds (multi-label) or the argmax (single-label)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if multilabel:
+        th = np.full(scores.shape[1], 0.5) if thresholds is None else np.asarray(thresholds, dtype=np.float64)
+        return (scores >= th[None, :]).astype(np.float64)
+    return _as_onehot(scores.argmax(axis=1), scores.shape[1])
+
+
+def macro_f1(y: np.ndarray, scores: np.ndarray, multilabel: bool, thresholds: np.ndarray | None = None) -> float:
+    """Macro F1 (scikit-learn, ``zero_division=0``) of the thresholded (multi-label) or argmax predictions."""
+    y, scores = _check(y, scores)
+    yo = _as_onehot(y, scores.shape[1])
+    pred = predict_labels(scores, multilabel, thresholds)
+    return float(f1_score(yo, pred, average="macro", zero_division=0))
+
+
+def accuracy(y: np.ndarray, scores: np.ndarray) -> float:
+    """Single-label accuracy of the argmax (scikit-learn)."""
+    y, scores = _check(y, scores)
+    return float(accuracy_score(np.asarray(y).astype(np.int64), scores.argmax(axis=1)))
+
+
+def fmax(y: np.ndarray, scores: np.ndarray, thresholds: np.ndarray = FMAX_THRESHOLDS) -> float:
+    """Sample-centric maximum F-measure (CAFA; Strodthoff et al. 2020).
+
+    For a threshold ``t``: precision is averaged over records with at least one predicted label, recall over
+    records with at least one true label; ``F(t) = 2 P R / (P + R)``; Fmax is the maximum over ``thresholds``.
+    Written by hand: no maintained library implements it.
+    """
+    y, scores = _check(y, scores)
+    yo = _as_onehot(y, scores.shape[1])
+    return float(_weighted_fmax(yo, scores, np.ones((1, yo.shape[0])), thresholds)[0])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Weighted (bootstrap) versions: W is (B, n) multiplicity weights, one row per resample.
+
+
+def _weighted_auroc(y: np.ndarray, s: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """AUROC of one class for every weight row (Mann-Whitney statistic with mid-rank ties).
+
+    Args:
+        y: ``(n,)`` binary targets.
+        s: ``(n,)`` scores.
+        w: ``(B, n)`` non-negative weights.
+
+    Returns:
+        ``(B,)``; NaN where a row has no weighted positive or no weighted negative.
+    """
+    order = np.argsort(s, kind="mergesort")
+    s_sorted = s[order]
+    starts = np.flatnonzero(np.r_[True, s_sorted[1:] != s_sorted[:-1]])  # first index of each tie group
+    ws = w[:, order]
+    pos = y[order] > 0.5
+    pos_g = np.add.reduceat(ws * pos, starts, axis=1)  # (B, G) weighted positives per tie group
+    neg_g = np.add.reduceat(ws * ~pos, starts, axis=1)
+    neg_below = np.cumsum(neg_g, axis=1) - neg_g  # weighted negatives with a strictly lower score
+    n_pos = pos_g.sum(axis=1)
+    n_neg = neg_g.sum(axis=1)
+    u = (pos_g * (neg_below + 0.5 * neg_g)).sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        auc = u / (n_pos * n_neg)
+    auc[(n_pos <= 0) | (n_neg <= 0)] = np.nan
+    return auc
+
+
+def _weighted_f1(yo: np.ndarray, pred: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Macro F1 (``zero_division=0``) for every weight row. ``yo, pred (n, C)``, ``w (B, n)`` -> ``(B,)``."""
+    tp = w @ (yo * pred)
+    fp = w @ ((1 - yo) * pred)
+    fn = w @ (yo * (1 - pred))
+    denom = 2 * tp + fp + fn
+    f1 = np.where(denom > 0, 2 * tp / np.maximum(denom, 1e-12), 0.0)
+    return f1.mean(axis=1)
+
+
+def _weighted_accuracy(yo: np.ndarray, pred: np.ndarray, w: np.ndarray) -> np.ndarray:
+    correct = (yo * pred).sum(axis=1)  # (n,) 1 where the argmax is the true class
+    return (w @ correct) / w.sum(axis=1)
+
+
+def _weighted_fmax(yo: np.ndarray, scores: np.ndarray, w: np.ndarray,
+                   thresholds: np.ndarray = FMAX_THRESHOLDS) -> np.ndarray:
+    """Sample-centric Fmax for every weight row. ``yo, scores (n, C)``, ``w (B, n)`` -> ``(B,)``."""
+    n_true = yo.sum(axis=1)  # (n,)
+    has_true = (n_true > 0).astype(np.float64)
+    best = np.zeros(w.shape[0])
+    for t in thresholds:
+        pred = scores >= t
+        n_pred = pred.sum(axis=1)
+        tp = (pred * yo).sum(axis=1)
+        has_pred = (n_pred > 0).astype(np.float64)
+        prec_i = np.where(n_pred > 0, tp / np.maximum(n_pred, 1), 0.0)
+        rec_i = np.where(n_true > 0, tp / np.maximum(n_true, 1), 0.0)
+        wp = w @ has_pred
+        wt = w @ has_true
+        with np.errstate(invalid="ignore", divide="ignore"):
+            p = np.where(wp > 0, (w @ prec_i) / np.maximum(wp, 1e-12), 0.0)
+            r = np.where(wt > 0, (w @ rec_i) / np.maximum(wt, 1e-12), 0.0)
+            f = np.where(p + r > 0, 2 * p * r / np.maximum(p + r, 1e-12), 0.0)
+        best = np.maximum(best, f)
+    return best
+
+
+def bootstrap_weights(n: int, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    """``(n_boot, n)`` multinomial counts: each row is one resample of ``n`` records with replacement."""
+    return rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot).astype(np.float64)
+
+
+def _summary(value: float, samples: np.ndarray, ci: float) -> dict[str, float]:
+    samples = samples[np.isfinite(samples)]
+    if samples.size == 0 or not np.isfinite(value):
+        return {"value": float(value), "ci_low": float("nan"), "ci_high": float("nan")}
+    a = (1.0 - ci) / 2.0
+    lo, hi = np.percentile(samples, [100 * a, 100 * (1 - a)])
+    return {"value": float(value), "ci_low": float(lo), "ci_high": float(hi)}
+
+
+def evaluate_scores(y: np.ndarray, scores: np.ndarray, multilabel: bool,
+                    class_names: Sequence[str] | None = None, thresholds: np.ndarray | None = None,
+                    n_boot: int = 1000, seed: int = 0, ci: float = 0.95, max_redraws: int = 50,
+                    ) -> dict[str, Any]:
+    """All metrics of one prediction set with percentile bootstrap confidence intervals over records.
+
+    Args:
+        y: ``(n, C)`` binary indicators (multi-label) or ``(n,)`` class indices (single-label).
+        scores: ``(n, C)`` probabilities.
+        multilabel: multi-label (thresholded sigmoid) or single-label (argmax of softmax).
+        class_names: ``C`` names (default ``"0".."C-1"``).
+        thresholds: ``(C,)`` decision thresholds chosen on validation (multi-label F1); default 0.5.
+        n_boot: bootstrap resamples (0: no CIs).
+        seed: bootstrap seed.
+        ci: confidence level.
+        max_redraws: rounds of redrawing resamples in which a test-defined class is degenerate.
+
+    Returns:
+        ``{"macro_auroc": {"value", "ci_low", "ci_high"}, "macro_f1": ..., "fmax": ..., "accuracy": ...
+        (single-label only), "per_class_auroc": {name: {...}}, "excluded_classes": [...], "n": n,
+        "n_boot": B, "n_degenerate": k, "thresholds": [...]}``.
+    """
+    y, scores = _check(y, scores)
+    n, n_classes = scores.shape
+    names = list(class_names) if class_names is not None else [str(i) for i in range(n_classes)]
+    if len(names) != n_classes:
+        raise ValueError(f"{len(names)} class names for {n_classes} score columns")
+    yo = _as_onehot(y, n_classes)
+    if not multilabel and (yo.sum(axis=1) != 1).any():
+        raise ValueError("single-label targets must have exactly one class per record")
+    defined = defined_classes(yo)
+    pred = predict_labels(scores, multilabel, thresholds)
+
+    per = per_class_auroc(yo, scores)
+    point = {
+        "macro_auroc": float(np.nanmean(per)) if defined.any() else float("nan"),
+        "macro_f1": float(f1_score(yo, pred, average="macro", zero_division=0)),
+        "fmax": fmax(yo, scores),
+    }
+    if not multilabel:
+        point["accuracy"] = float(accuracy_score(yo.argmax(axis=1), scores.argmax(axis=1)))
+
+    rng = np.random.default_rng(seed)
+    out: dict[str, Any] = {}
+    n_degenerate = 0
+    if n_boot > 0 and n > 1:
+        w = bootstrap_weights(n, n_boot, rng)
+        aucs = np.stack([_weighted_auroc(yo[:, c], scores[:, c], w) if defined[c] else np.full(n_boot, np.nan)
+                         for c in range(n_classes)], axis=1)  # (B, C)
+        for _ in range(max_redraws):
+            bad = np.isnan(aucs[:, defined]).any(axis=1)
+            if not bad.any():
+                break
+            w[bad] = bootstrap_weights(n, int(bad.sum()), rng)
+            for c in np.flatnonzero(defined):
+                aucs[bad, c] = _weighted_auroc(yo[:, c], scores[:, c], w[bad])
+        n_degenerate = int(np.isnan(aucs[:, defined]).any(axis=1).sum()) if defined.any() else 0
+        with np.errstate(invalid="ignore"):
+            macro_samples = (np.nanmean(aucs[:, defined], axis=1) if defined.any()
+                             else np.full(n_boot, np.nan))
+        samples = {
+            "macro_auroc": macro_samples,
+            "macro_f1": _weighted_f1(yo, pred, w),
+            "fmax": _weighted_fmax(yo, scores, w),
+        }
+        if not multilabel:
+            samples["accuracy"] = _weighted_accuracy(yo, pred, w)
+        for key, value in point.items():
+            out[key] = _summary(value, samples[key], ci)
+        out["per_class_auroc"] = {names[c]: _summary(per[c], aucs[:, c], ci) for c in range(n_classes)}
+    else:
+        nan = float("nan")
+        for key, value in point.items():
+            out[key] = {"value": value, "ci_low": nan, "ci_high": nan}
+        out["per_class_auroc"] = {names[c]: {"value": float(per[c]), "ci_low": nan, "ci_high": nan}
+                                  for c in range(n_classes)}
+    out["excluded_classes"] = [names[c] for c in range(n_classes) if not defined[c]]
+    out["n"] = int(n)
+    out["n_boot"] = int(n_boot)
+    out["n_degenerate"] = n_degenerate
+    out["ci_level"] = float(ci)
+    out["thresholds"] = None if thresholds is None else [float(t) for t in thresholds]
+    return out
+
+
+def paired_bootstrap_delta(y: np.ndarray, scores_a: np.ndarray, scores_b: np.ndarray, n_boot: int = 1000,
+                           seed: int = 0, ci: float = 0.95, max_redraws: int = 50) -> dict[str, float]:
+    """Macro AUROC difference ``A - B`` of two models scored on the same records, with a paired percentile
+    bootstrap (the same resample for both models, so the record-to-record variation cancels).
+
+    Args:
+        y: ``(n, C)`` indicators or ``(n,)`` class indices.
+        scores_a, scores_b: ``(n, C)`` scores of the two models on the same records, in the same order.
+        n_boot: resamples.
+        seed: bootstrap seed.
+        ci: confidence level.
+        max_redraws: rounds of redrawing resamples in which a defined class is degenerate.
+
+    Returns:
+        ``{"delta", "ci_low", "ci_high", "p_not_positive" (share of resamples with delta <= 0), "n"}``.
+    """
+    y, scores_a = _check(y, scores_a)
+    _, scores_b = _check(y, scores_b)
+    if scores_a.shape != scores_b.shape:
+        raise ValueError(f"score shapes differ: {scores_a.shape} vs {scores_b.shape}")
+    n, n_classes = scores_a.shape
+    yo = _as_onehot(y, n_classes)
+    defined = np.flatnonzero(defined_classes(yo))
+    if len(defined) == 0:
+        raise ValueError("no class has both label values: AUROC is undefined")
+    delta = float(np.mean(per_class_auroc(yo, scores_a)[defined] - per_class_auroc(yo, scores_b)[defined]))
+    rng = np.random.default_rng(seed)
+    w = bootstrap_weights(n, n_boot, rng)
+
+    def macro(weights: np.ndarray, s: np.ndarray) -> np.ndarray:
+        return np.stack([_weighted_auroc(yo[:, c], s[:, c], weights) for c in defined], axis=1)
+
+    a, b = macro(w, scores_a), macro(w, scores_b)
+    for _ in range(max_redraws):
+        bad = np.isnan(a).any(axis=1)
+        if not bad.any():
+            break
+        w[bad] = bootstrap_weights(n, int(bad.sum()), rng)
+        a[bad], b[bad] = macro(w[bad], scores_a), macro(w[bad], scores_b)
+    with np.errstate(invalid="ignore"):
+        d = np.nanmean(a - b, axis=1)
+    d = d[np.isfinite(d)]
+    lo, hi = np.percentile(d, [50 * (1 - ci), 100 - 50 * (1 - ci)])
+    return {"delta": delta, "ci_low": float(lo), "ci_high": float(hi), "p_not_positive": float(np.mean(d <= 0)),
+            "n": int(n)}

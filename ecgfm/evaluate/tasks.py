@@ -1,0 +1,285 @@
+"""Downstream tasks as configs: a task turns a prepared corpus cache into labels, class names and splits.
+
+A task is a YAML file in ``conf/task/`` (a new task needs no code)::
+
+    name: ptbxl_super                 # results are filed under this name
+    dataset: ptbxl                    # readable cache name (the cache folder is <cache_root>/<dataset>-<key>)
+    sources:                          # RecordSource _target_ configs, instantiated only to prepare the cache
+      - {_target_: ecgfm.data.readers.PTBXLSource, root: ${paths.data_root}/ptbxl, fs: 100,
+         include_unlabelled: false}
+    labels: ptbxl:superdiagnostic     # "record" (record.labels) or "ptbxl:<PTBXL task>" (from meta.scp_codes)
+    label_root: ${paths.data_root}/ptbxl   # where scp_statements.csv lives (ptbxl:* labels only)
+    classes: null                     # fixed class list, or null: every label with >= min_count records
+    min_count: 1
+    multilabel: true                  # false: exactly one class per record, softmax
+    split: {kind: folds, key: strat_fold, train: [1, 2, 3, 4, 5, 6, 7, 8], val: [9], test: [10]}
+    crop_seconds: 2.5                 # training crop / probe window
+    stride_seconds: 1.25              # test-time sliding-window hop
+
+Split kinds: ``folds`` (published folds in ``meta[key]``, :func:`ecgfm.data.splits.fold_split`),
+``stratified`` (``fractions: [train, val, test]``, ``seed``; patient-level iterative stratification,
+:func:`ecgfm.data.splits.patient_stratified_split`; records without a patient id are their own patient),
+``column`` (a per-record split name in ``meta[key]``: train / val / test) and ``all`` (every labelled record
+is test data: external validation sets).
+
+Records without any label of the class space are left out of every split (as in the PTB-XL benchmark). The cache
+is prepared on first use with :func:`ecgfm.pipelines.prepare_cache` and the *encoder's* preprocessing, so the
+downstream signal matches pretraining unless the caller overrides it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from ecgfm.data.preprocess import PreprocessSpec
+
+SPLIT_KINDS = ("folds", "stratified", "column", "all")
+
+
+@dataclass
+class TaskSpec:
+    """A downstream task (see the module docstring for every field)."""
+
+    name: str
+    dataset: str
+    sources: list[Any]
+    labels: str = "record"
+    label_root: str | None = None
+    classes: list[str] | None = None
+    min_count: int = 1
+    multilabel: bool = True
+    split: dict[str, Any] = field(default_factory=lambda: {"kind": "stratified"})
+    crop_seconds: float = 2.5
+    stride_seconds: float = 1.25
+    description: str = ""
+    root: str | None = None  # bring-your-own folders: sources refer to it by interpolation (${task.root})
+    params: dict[str, Any] = field(default_factory=dict)  # free knobs the sources interpolate (n_records...)
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any] | Any) -> "TaskSpec":
+        """Build from a (resolved) mapping, e.g. ``cfg.task`` of ``conf/probe.yaml``; clear errors for typos."""
+        try:
+            from omegaconf import DictConfig, OmegaConf
+
+            if isinstance(cfg, DictConfig):
+                cfg = OmegaConf.to_container(cfg, resolve=True)
+        except ImportError:  # pragma: no cover - omegaconf is a dependency
+            pass
+        data = dict(cfg)
+        data.pop("_target_", None)
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"task config: unknown key(s) {unknown}; known: {sorted(known)}")
+        for key in ("name", "dataset", "sources"):
+            if not data.get(key):
+                raise ValueError(f"task config: {key!r} is required")
+        spec = cls(**data)
+        kind = spec.split.get("kind")
+        if kind not in SPLIT_KINDS:
+            raise ValueError(f"task {spec.name}: split.kind must be one of {SPLIT_KINDS}, got {kind!r}")
+        if not (spec.labels == "record" or spec.labels.startswith("ptbxl:")):
+            raise ValueError(f"task {spec.name}: labels must be 'record' or 'ptbxl:<task>', got {spec.labels!r}")
+        return spec
+
+
+@dataclass
+class TaskData:
+    """A task bound to its prepared cache.
+
+    Attributes:
+        spec: the task.
+        cache_dir: the corpus cache folder.
+        cache: the opened :class:`~ecgfm.data.cache.CorpusCache`.
+        labels: ``(N, C)`` float32 indicators for every cache row (zero rows for records outside the splits).
+        class_names: the ``C`` classes.
+        multilabel: multi-label task.
+        splits: ``{"train", "val", "test"}`` -> sorted cache rows.
+        patient_ids: ``(N,)`` object array (None where unknown: the record is its own patient).
+        crop_samples: training crop / probe window in samples.
+        stride_samples: test-time sliding-window hop in samples.
+        notes: facts worth printing with the results (dropped classes, patient-id caveats...).
+    """
+
+    spec: TaskSpec
+    cache_dir: str
+    cache: Any
+    labels: np.ndarray
+    class_names: list[str]
+    multilabel: bool
+    splits: dict[str, np.ndarray]
+    patient_ids: np.ndarray
+    crop_samples: int
+    stride_samples: int
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def dataset(self) -> str:
+        return self.spec.dataset
+
+    def record_keys(self, rows: Sequence[int]) -> list[str]:
+        keys = self.cache.keys
+        return [keys[int(i)] for i in rows]
+
+
+def _label_fn(spec: TaskSpec):
+    """``(labels tuple, meta dict) -> list of class names`` for the task's label kind."""
+    if spec.labels == "record":
+        return lambda labels, meta: [str(x) for x in labels]
+    from ecgfm.data.readers import load_scp_statements, ptbxl_task_map
+
+    task = spec.labels.split(":", 1)[1]
+    if spec.label_root is None:
+        raise ValueError(f"task {spec.name}: labels {spec.labels!r} need label_root (the PTB-XL folder holding "
+                         f"scp_statements.csv)")
+    from ecgfm.data.readers import ptbxl_task_labels
+
+    mapping = ptbxl_task_map(load_scp_statements(spec.label_root), task)
+    return lambda labels, meta: ptbxl_task_labels((meta or {}).get("scp_codes") or {}, task, mapping)
+
+
+def prepare_task_cache(spec: TaskSpec, cache_root: str, preprocess: PreprocessSpec, workers: int = 0,
+                       progress: bool = False) -> str:
+    """The task's corpus cache folder, prepared on first use (shared with pretraining when the source configs
+    and the preprocessing are the same)."""
+    from ecgfm.pipelines import prepare_cache
+
+    return prepare_cache(list(spec.sources), cache_root, preprocess, name=spec.dataset, workers=workers,
+                         progress=progress)
+
+
+def build_task(spec: TaskSpec, cache_root: str, preprocess: PreprocessSpec, classes: Sequence[str] | None = None,
+               workers: int = 0, progress: bool = False) -> TaskData:
+    """Prepare (or open) the cache and derive labels, classes and splits.
+
+    Args:
+        spec: the task.
+        cache_root: folder of corpus caches.
+        preprocess: preprocessing of the cache (normally the encoder's).
+        classes: impose this class list (external validation: the training task's classes).
+        workers: cache preparation worker processes.
+        progress: show a progress bar while preparing.
+
+    Raises:
+        ValueError: no labelled record, a single-label task with multi-label records, bad split settings.
+    """
+    from ecgfm.data.cache import CorpusCache
+    from ecgfm.data.splits import fold_split, patient_stratified_split
+
+    cache_dir = prepare_task_cache(spec, cache_root, preprocess, workers=workers, progress=progress)
+    cache = CorpusCache(cache_dir)
+    index = cache.index
+    notes: list[str] = []
+    label_fn = _label_fn(spec)
+    if classes is not None:
+        class_names = [str(c) for c in classes]
+        if spec.classes is not None and list(map(str, spec.classes)) != class_names:
+            raise ValueError(f"task {spec.name}: its classes {list(spec.classes)} differ from the imposed label "
+                             f"space {class_names}")
+    elif spec.classes is not None:
+        class_names = [str(c) for c in spec.classes]
+    else:
+        space = cache.label_space(label_fn)
+        y_all = cache.labels_matrix(space, label_fn)
+        counts = y_all.sum(axis=0)
+        class_names = [c for c, n in zip(space, counts) if n >= spec.min_count]
+        dropped = [c for c, n in zip(space, counts) if n < spec.min_count]
+        if dropped:
+            notes.append(f"classes with fewer than {spec.min_count} records dropped: {dropped}")
+    if not class_names:
+        raise ValueError(f"task {spec.name}: no class found in the cache {cache_dir}")
+    y = cache.labels_matrix(class_names, label_fn).astype(np.float32)
+    labelled = y.sum(axis=1) > 0
+    if not labelled.any():
+        raise ValueError(f"task {spec.name}: no record of {cache_dir} has a label among {class_names}")
+    if not spec.multilabel:
+        multi = np.flatnonzero(y.sum(axis=1) > 1)
+        if len(multi):
+            raise ValueError(f"task {spec.name} is single-label but {len(multi)} record(s) carry several classes "
+                             f"(e.g. {cache.keys[int(multi[0])]}); set multilabel: true")
+    n_unlabelled = int((~labelled).sum())
+    if n_unlabelled:
+        notes.append(f"{n_unlabelled} record(s) without a label of the class space are in no split")
+
+    pids = np.array([None if p is None or (isinstance(p, float) and np.isnan(p)) else str(p)
+                     for p in index["patient_id"]], dtype=object)
+    if all(p is None for p in pids[labelled]):
+        notes.append(f"{spec.dataset} gives no patient ids: each record is treated as its own patient")
+
+    kind = spec.split.get("kind")
+    rows = np.flatnonzero(labelled)
+    if kind == "folds":
+        key = spec.split.get("key", "strat_fold")
+        folds = [(m or {}).get(key) for m in index["meta"]]
+        sp = fold_split([folds[i] if labelled[i] else None for i in range(len(folds))],
+                        train=spec.split.get("train", range(1, 9)), val=spec.split.get("val", (9,)),
+                        test=spec.split.get("test", (10,)))
+    elif kind == "stratified":
+        fr = spec.split.get("fractions", [0.7, 0.15, 0.15])
+        target = y[rows] if spec.multilabel else y[rows].argmax(axis=1)
+        local = patient_stratified_split(list(pids[rows]), target, fractions=fr,
+                                         seed=int(spec.split.get("seed", 0)))
+        sp = {k: rows[v] for k, v in local.items()}
+    elif kind == "column":
+        key = spec.split.get("key", "split")
+        names = np.array([str((m or {}).get(key, "")).lower() for m in index["meta"]])
+        sp = {k: np.flatnonzero((names == k) & labelled) for k in ("train", "val", "test")}
+    else:  # all
+        sp = {"train": np.zeros(0, np.int64), "val": np.zeros(0, np.int64), "test": rows}
+    splits = {k: np.sort(np.asarray(sp.get(k, []), dtype=np.int64)) for k in ("train", "val", "test")}
+    fs = float(cache.fs or preprocess.fs or 100.0)
+    return TaskData(spec=spec, cache_dir=str(cache_dir), cache=cache, labels=y, class_names=class_names,
+                    multilabel=bool(spec.multilabel), splits=splits, patient_ids=pids,
+                    crop_samples=int(round(spec.crop_seconds * fs)),
+                    stride_samples=max(1, int(round(spec.stride_seconds * fs))), notes=notes)
+
+
+def holdout_record_ids(task: TaskData, parts: Sequence[str] = ("val", "test")) -> dict[str, set[str]]:
+    """``{source name: record ids}`` of the task's evaluation records, to exclude from a pretraining pool."""
+    out: dict[str, set[str]] = {}
+    index = task.cache.index
+    for part in parts:
+        for i in task.splits[part]:
+            out.setdefault(str(index["source"].iat[int(i)]), set()).add(str(index["record_id"].iat[int(i)]))
+    return out
+
+
+class ExcludingSource:
+    """A :class:`~ecgfm.data.record.RecordSource` that hides some record ids of another source.
+
+    Used to build a pretraining pool without the downstream validation / test records (the leakage guard
+    would otherwise reject the encoder). Picklable when the wrapped source is.
+
+    Args:
+        source: the wrapped source.
+        exclude: record ids to hide.
+    """
+
+    def __init__(self, source: Any, exclude: Sequence[str]):
+        self.source = source
+        self.name = source.name
+        self.exclude = frozenset(str(x) for x in exclude)
+
+    def __repr__(self) -> str:
+        # the repr keys the prepared cache (ecgfm.pipelines.prepare_cache): it names the excluded set exactly
+        digest = hashlib.sha256("\n".join(sorted(self.exclude)).encode()).hexdigest()[:12]
+        return f"ExcludingSource({self.source!r}, excluded={len(self.exclude)}:{digest})"
+
+    def record_ids(self) -> list[str]:
+        return [r for r in self.source.record_ids() if r not in self.exclude]
+
+    def load(self, record_id: str):
+        if record_id in self.exclude:
+            from ecgfm.data.record import ECGDataError
+
+            raise ECGDataError(f"{self.name}/{record_id}", "record excluded from this pool (held-out record)")
+        return self.source.load(record_id)
+

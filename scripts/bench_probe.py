@@ -1,0 +1,116 @@
+"""Feature-extraction throughput and the one-frozen-pass-per-checkpoint-and-corpus property of probe sweeps.
+
+Runs the cells of a probe sweep one by one, exactly as ``python probe.py -m checkpoint=a,b task=... fraction=...
+seed=...`` does with Hydra's basic launcher (one ``probe_main`` call per cell, in one process), and reports
+
+* feature-extraction throughput per checkpoint (windows/s and records/s, with the window settings);
+* the number of encoder passes over each corpus (``ecgfm.evaluate.features.STATS["extractions"]``) against the
+  number of cells, and the feature files on disk (one per checkpoint and corpus);
+* the time spent training and scoring heads per cell.
+
+Example (about a minute on 2 CPU cores)::
+
+    python scripts/bench_probe.py --checkpoints random:vit1d_tiny random:resnet1d_tiny --tasks synthetic \\
+        --fractions 0.1 0.3 1 --seeds 0 1 2
+
+Real data: ``--tasks ptbxl_super cinc2017`` (prepares the caches on first use from ../shared/data).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoints", nargs="+", default=["random:vit1d_tiny", "random:resnet1d_tiny"])
+    ap.add_argument("--tasks", nargs="+", default=["synthetic"])
+    ap.add_argument("--fractions", nargs="+", type=float, default=[0.1, 0.3, 1.0])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--synthetic-records", type=int, default=300)
+    ap.add_argument("--work", default=None, help="folder for caches and results (default: a temporary folder)")
+    ap.add_argument("--bootstrap", type=int, default=200)
+    ap.add_argument("--keep", action="store_true", help="keep the work folder")
+    ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for conf/probe.yaml")
+    args = ap.parse_args(argv)
+
+    from hydra import compose, initialize_config_dir
+
+    from ecgfm.evaluate import features as F
+    from ecgfm.evaluate.sweep import probe_main
+
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench_probe_"))
+    feat_dir = work / "cache" / "features"
+    results_dir = work / "results"
+    cells = [(c, t, f, s) for c in args.checkpoints for t in args.tasks for f in args.fractions for s in args.seeds]
+    per_cell = []
+    t_all = time.perf_counter()
+    passes: dict[tuple[str, str], dict] = {}
+    for ckpt, task, frac, seed in cells:
+        over = [f"checkpoint={ckpt}", f"task={task}", f"fraction={frac}", f"seed={seed}",
+                f"paths.cache_root={work / 'cache'}", f"results_dir={results_dir}",
+                f"bootstrap.n={args.bootstrap}", "plot=false", *args.overrides]
+        if task == "synthetic":
+            over.append(f"task.params.n_records={args.synthetic_records}")
+        with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+            cfg = compose("probe", overrides=over)
+        before = dict(F.STATS)
+        t0 = time.perf_counter()
+        out = probe_main(cfg)
+        dt = time.perf_counter() - t0
+        extracted = F.STATS["extractions"] - before.get("extractions", 0)
+        if extracted:
+            windows = F.STATS["windows"] - before.get("windows", 0)
+            secs = F.STATS["seconds"] - before.get("seconds", 0.0)
+            cell = json.loads(Path(out["cells_written"][0]).read_text())
+            n_rec = sum(cell["splits"].values())
+            passes[(ckpt, task)] = {"windows": windows, "seconds": secs, "window_samples": cell["window_samples"],
+                                    "stride_samples": cell["stride_samples"], "backbone": cell["backbone"],
+                                    "cache_records": None, "labelled_records": n_rec}
+        per_cell.append({"checkpoint": ckpt, "task": task, "fraction": frac, "seed": seed, "seconds": dt,
+                         "encoder_passes": extracted})
+    total = time.perf_counter() - t_all
+    n_files = len(list(feat_dir.glob("*.npz")))
+
+    print(f"\n== probe sweep: {len(cells)} cells = {len(args.checkpoints)} checkpoint(s) x {len(args.tasks)} task(s) "
+          f"x {len(args.fractions)} fraction(s) x {len(args.seeds)} seed(s); torch threads: "
+          f"{__import__('torch').get_num_threads()}")
+    print("feature extraction (frozen encoder, every sliding window of every record of the corpus):")
+    for (ckpt, task), p in passes.items():
+        print(f"  {ckpt:<28} {task:<12} backbone {p['backbone']:<14} window {p['window_samples']} / stride "
+              f"{p['stride_samples']} samples: {p['windows']} windows in {p['seconds']:.2f} s = "
+              f"{p['windows'] / max(p['seconds'], 1e-9):.0f} windows/s")
+    n_pass = sum(c["encoder_passes"] for c in per_cell)
+    print(f"encoder passes over a corpus: {n_pass} for {len(cells)} cells "
+          f"(expected {len(args.checkpoints) * len(set(_dataset(t) for t in args.tasks))} = checkpoints x corpora); "
+          f"feature files on disk: {n_files}")
+    heads = [c["seconds"] for c in per_cell if not c["encoder_passes"]]
+    if heads:
+        print(f"cells without an encoder pass (heads on cached features): mean {sum(heads) / len(heads):.2f} s, "
+              f"max {max(heads):.2f} s per cell (C grid x bootstrap {args.bootstrap})")
+    print(f"total {total:.1f} s; results table: {results_dir / 'results.md'}")
+    ok = n_pass == len(args.checkpoints) * len(set(_dataset(t) for t in args.tasks))
+    print("ONE PASS PER CHECKPOINT AND CORPUS:", "yes" if ok else "NO")
+    if not args.keep and not args.work:
+        shutil.rmtree(work, ignore_errors=True)
+    return {"cells": len(cells), "encoder_passes": n_pass, "feature_files": n_files, "one_pass": ok,
+            "passes": {f"{k[0]}|{k[1]}": v for k, v in passes.items()}, "total_s": total}
+
+
+def _dataset(task: str) -> str:
+    """PTB-XL tasks share one corpus (and one feature file)."""
+    return "ptbxl" if task.startswith("ptbxl_") else task
+
+
+if __name__ == "__main__":
+    res = main()
+    sys.exit(0 if res["one_pass"] else 1)

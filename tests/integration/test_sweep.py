@@ -1,0 +1,198 @@
+"""probe.py / finetune.py cells: resumable sweep, one frozen pass per checkpoint and corpus, leakage guard."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+
+from ecgfm.evaluate import features as F
+from ecgfm.evaluate.leakage import LeakageError
+from ecgfm.evaluate.sweep import cell_path, finetune_main, probe_main
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _cfg(name: str, tmp: Path, *overrides: str):
+    base = [f"paths.cache_root={tmp / 'cache'}", f"results_dir={tmp / 'results'}", "prepare_workers=0",
+            "task=synthetic", "task.params.n_records=180", "bootstrap.n=50", "plot=true", "torch_threads=1"]
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        return compose(name, overrides=base + list(overrides))
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("sweep")
+
+
+def test_probe_sweep_resumes_and_extracts_once(work):
+    before = dict(F.STATS)
+    cfg = _cfg("probe", work, "checkpoint=random:resnet1d_test", "fraction=[0.3,1.0]", "seed=[0,1]",
+               "probe.Cs=[0.1,1.0]")
+    out = probe_main(cfg)
+    assert len(out["cells_written"]) == 4 and out["cells_skipped"] == 0
+    cell = json.loads(Path(out["cells_written"][-1]).read_text())
+    assert cell["mode"] == "linear" and cell["method"] == "random-init" and cell["dataset"] == "synthetic"
+    assert cell["results"]["test"]["macro_auroc"]["value"] > 0.8  # separable synthetic classes
+    assert cell["task_notes"] == [] or all("patient" not in n for n in cell["task_notes"])
+    assert F.STATS["extractions"] == before.get("extractions", 0) + 1
+
+    # rerun: every cell exists -> nothing recomputed, no encoder pass
+    again = probe_main(cfg)
+    assert again["cells_written"] == [] and again["cells_skipped"] == 4
+    assert F.STATS["extractions"] == before.get("extractions", 0) + 1
+
+    # new cells of the same checkpoint and corpus: heads retrained on the cached features, no new pass
+    more = probe_main(_cfg("probe", work, "checkpoint=random:resnet1d_test", "fraction=0.1", "seed=2",
+                           "probe.Cs=[1.0]"))
+    assert len(more["cells_written"]) == 1
+    assert F.STATS["extractions"] == before.get("extractions", 0) + 1
+    assert F.STATS["cache_hits"] >= before.get("cache_hits", 0) + 1
+
+    # the 10 % subset of seed 2 is the one any method gets (cell records n_train)
+    c = json.loads(Path(more["cells_written"][0]).read_text())
+    assert 0 < c["n_train"] < cell["n_train"]
+
+    # report: tidy CSV, Markdown, plot
+    res = work / "results"
+    import pandas as pd
+
+    df = pd.read_csv(res / "results.csv")
+    assert {"mode", "task", "dataset", "split", "method", "fraction", "seed", "metric", "value", "ci_low",
+            "ci_high"} <= set(df.columns)
+    assert set(df["fraction"]) == {0.1, 0.3, 1.0} and set(df["seed"]) == {0, 1, 2}
+    assert (res / "results.png").stat().st_size > 0
+    assert "random-init" in (res / "results.md").read_text()
+
+
+def test_finetune_cell_and_supervised_baseline(work):
+    cfg = _cfg("finetune", work, "checkpoint=supervised:resnet1d_test", "fraction=1.0", "seed=0",
+               "finetune.epochs=2", "finetune.batch_size=32", "finetune.patience=2")
+    out = finetune_main(cfg)
+    assert len(out["cells_written"]) == 1
+    cell = json.loads(Path(out["cells_written"][0]).read_text())
+    assert cell["mode"] == "finetune" and cell["method"] == "supervised"
+    assert cell["finetune"]["layer_decay"] == 1.0  # the supervised recipe
+    assert 0.0 <= cell["results"]["test"]["macro_auroc"]["value"] <= 1.0
+    assert cell["epochs_run"] >= 1
+    assert finetune_main(cfg)["cells_skipped"] == 1
+    md = (work / "results" / "results.md").read_text()
+    assert "fine-tune" in md
+
+
+def test_supervised_checkpoint_is_not_a_probe(work):
+    with pytest.raises(ValueError, match="fine-tuning baseline"):
+        probe_main(_cfg("probe", work, "checkpoint=supervised:resnet1d_test"))
+
+
+def test_leakage_guard_in_the_pipeline(work, tmp_path):
+    # an "encoder pretrained on" the downstream cache itself: the test split is in it
+    probe_main(_cfg("probe", work, "checkpoint=random:resnet1d_test", "fraction=1.0", "seed=0"))
+    cache_dir = next(p for p in (work / "cache").iterdir() if p.name.startswith("synthetic-"))
+    cfg = _cfg("probe", work, "checkpoint=random:resnet1d_test", f"pretrain_caches=[{cache_dir}]",
+               f"results_dir={tmp_path / 'r'}", "fraction=1.0", "seed=0")
+    with pytest.raises(LeakageError, match="shares"):
+        probe_main(cfg)
+    cfg = _cfg("probe", work, "checkpoint=random:resnet1d_test", f"pretrain_caches=[{cache_dir}]",
+               f"results_dir={tmp_path / 'r'}", "fraction=1.0", "seed=0", "allow_leakage=true")
+    out = probe_main(cfg)
+    cell = json.loads(Path(out["cells_written"][0]).read_text())
+    assert cell["leakage"]["leaked"] and cell["leakage"]["test"]["n_shared_records"] > 0
+
+
+def test_cell_paths_are_distinct():
+    a = cell_path("r", "linear", "t", "runs/a/encoder", 0.1, 0)
+    b = cell_path("r", "linear", "t", "runs/b/encoder", 0.1, 0)
+    c = cell_path("r", "linear", "t", "runs/a/encoder", 0.1, 0, eval_name="folder")
+    assert len({a, b, c}) == 3 and np.all([p.suffix == ".json" for p in (a, b, c)])
+
+
+def test_exported_encoder_probe_and_paired_comparison(work):
+    """A checkpoint path (ecgfm.export format) next to its random-init twin: method names, leakage note, and
+    the paired comparison table in the report."""
+    import torch
+
+    from ecgfm.backbones import create_backbone
+    from ecgfm.data.preprocess import PreprocessSpec
+    from ecgfm.export import export_encoder
+
+    torch.manual_seed(123)
+    enc_dir = export_encoder(create_backbone("resnet1d_test"), work / "runs" / "toy" / "encoder", PreprocessSpec(),
+                             extra={"method": "ToyModule", "crop_samples": 250})
+    res = work / "results_pair"
+    outs = [probe_main(_cfg("probe", work, f"checkpoint={ck}", f"results_dir={res}", "fraction=1.0", "seed=0",
+                            "probe.Cs=[1.0]"))
+            for ck in (str(enc_dir), f"random:{enc_dir}")]
+    cells = [json.loads(Path(o["cells_written"][0]).read_text()) for o in outs]
+    assert [c["method"] for c in cells] == ["toy", "random-init"]
+    assert cells[0]["backbone"] == cells[1]["backbone"] == "resnet1d_test"
+    assert cells[0]["encoder_fingerprint"] != cells[1]["encoder_fingerprint"]
+    assert cells[0]["leakage"]["checked"] is False  # no record of its pretraining data: said, not hidden
+    assert len(cells[0]["predictions"]["test"]["keys"]) == cells[0]["splits"]["test"]
+    import pandas as pd
+
+    comp = pd.read_csv(res / "comparisons.csv")
+    assert list(comp["method"]) == ["toy"] and comp["ci_low"].iloc[0] <= comp["delta"].iloc[0]
+    assert "Paired comparison" in (res / "results.md").read_text()
+
+    # a rerun skips the cell; an encoder retrained into the same folder gets its cell recomputed
+    again = _cfg("probe", work, f"checkpoint={enc_dir}", f"results_dir={res}", "fraction=1.0", "seed=0",
+                 "probe.Cs=[1.0]")
+    assert probe_main(again)["cells_skipped"] == 1
+    torch.manual_seed(7)
+    export_encoder(create_backbone("resnet1d_test"), enc_dir, PreprocessSpec(),
+                   extra={"method": "ToyModule", "crop_samples": 250})
+    assert len(probe_main(again)["cells_written"]) == 1
+
+
+def test_mlp_probe_mode_uses_the_same_features(work):
+    mlp = ["checkpoint=random:resnet1d_test", "probe.mode=mlp", "probe.lrs=[0.01]", "probe.mlp.epochs=60",
+           "probe.mlp.hidden_dim=32", "fraction=1.0"]
+    out = probe_main(_cfg("probe", work, *mlp, "seed=0"))
+    cell = json.loads(Path(out["cells_written"][0]).read_text())
+    assert cell["mode"] == "mlp" and "/mlp/" in out["cells_written"][0]
+    assert cell["results"]["test"]["macro_auroc"]["value"] > 0.7
+    before = F.STATS["extractions"]
+    probe_main(_cfg("probe", work, *mlp, "seed=1"))
+    assert F.STATS["extractions"] == before  # the features of this encoder and corpus are on disk
+
+
+def test_report_callback_builds_the_table_at_multirun_end(work, tmp_path):
+    """The fast path of the CLI multirun: jobs skip the report (report=never here), the callback builds it."""
+    from ecgfm.evaluate.sweep import ReportCallback
+
+    res = tmp_path / "r"
+    cfg = _cfg("probe", work, "checkpoint=random:resnet1d_test", f"results_dir={res}", "fraction=1.0", "seed=0",
+               "report=never")
+    out = probe_main(cfg)
+    assert out["report"] is None and not (res / "results.csv").exists()
+    ReportCallback().on_multirun_end(_cfg("probe", work, f"results_dir={res}"))
+    assert (res / "results.csv").exists() and (res / "results.md").exists()
+
+
+@pytest.mark.slow
+def test_cli_multirun_builds_one_table(work, tmp_path):
+    """`python probe.py -m ...`: one job per cell, the table built once by the sweep's Hydra callback."""
+    import os
+    import subprocess
+    import sys
+
+    res = tmp_path / "multirun_results"
+    cmd = [sys.executable, "probe.py", "-m", "checkpoint=random:resnet1d_test,random:vit1d_test", "task=synthetic",
+           "fraction=0.5,1", "seed=0", "task.params.n_records=180", f"paths.cache_root={work / 'cache'}",
+           f"results_dir={res}", "bootstrap.n=20", "prepare_workers=0", "torch_threads=1", "plot=false",
+           f"hydra.sweep.dir={tmp_path / 'multirun'}"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HYDRA_FULL_ERROR="1")
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Launching 4 jobs" in proc.stdout + proc.stderr
+    cells = sorted((res / "cells").rglob("*.json"))
+    assert len(cells) == 4
+    import pandas as pd
+
+    df = pd.read_csv(res / "results.csv")  # written once, by ReportCallback.on_multirun_end
+    assert df["cell"].nunique() == 4 and set(df["method"]) == {"random-init"}
+    assert set(df["backbone"]) == {"resnet1d_test", "vit1d_test"}

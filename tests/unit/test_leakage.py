@@ -1,0 +1,120 @@
+"""Leakage guard: shared records / patients between pretraining and test, across datasets."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from ecgfm.evaluate.leakage import (
+    LeakageError,
+    check_leakage,
+    index_identities,
+    keys_identities,
+    pretrain_identities,
+    record_identities,
+)
+
+
+def _index(rows):
+    return pd.DataFrame(rows, columns=["record_id", "source", "patient_id", "meta"])
+
+
+PTBXL_TEST = _index([
+    ("00010", "ptbxl", "15709", {"strat_fold": 10}),
+    ("00011", "ptbxl", "13243", {"strat_fold": 10}),
+])
+
+
+def test_same_record_is_an_error_unless_allowed():
+    pre = index_identities(_index([("00010", "ptbxl", None, {}), ("00500", "ptbxl", None, {})]))
+    with pytest.raises(LeakageError, match="1 record"):
+        check_leakage(pre, index_identities(PTBXL_TEST), what="ptbxl_super test split")
+    rep = check_leakage(pre, index_identities(PTBXL_TEST), allow=True)
+    assert rep.leaked and rep.to_dict()["n_shared_records"] == 1
+    assert rep.examples[0] == ("ptbxl/00010", "ptbxl/00010")
+
+
+def test_shared_patient_other_record_is_detected():
+    pre = index_identities(_index([("00200", "ptbxl", "15709.0", {})]))  # float-looking id, same patient
+    with pytest.raises(LeakageError, match="1 patient"):
+        check_leakage(pre, index_identities(PTBXL_TEST))
+
+
+def test_physionet2021_hr_record_leaks_ptbxl():
+    # Challenge2021Source sets meta["ptbxl_ecg_id"] on HR records: HR00011 is PTB-XL ecg_id 11
+    pre = index_identities(_index([("HR00011", "challenge2021", None, {"ptbxl_ecg_id": 11}),
+                                   ("E07500", "challenge2021", None, {})]))
+    rep = check_leakage(pre, index_identities(PTBXL_TEST), allow=True)
+    assert rep.shared_records == ["ptbxl/00011"]
+    assert rep.examples == [("ptbxl/00011", "challenge2021/HR00011")]
+    with pytest.raises(LeakageError):
+        check_leakage(pre, index_identities(PTBXL_TEST))
+
+
+def test_disjoint_is_clean_and_record_keys_from_export():
+    pre = keys_identities(["ptbxl/00501", "cinc2017/A00002"])
+    rep = check_leakage(pre, index_identities(PTBXL_TEST))
+    assert not rep.leaked
+    assert "rec:ptbxl/501" in pre
+    rep = check_leakage(keys_identities(["cinc2017/A00002"]),
+                        index_identities(_index([("A00002", "cinc2017", None, {})])), allow=True)
+    assert rep.leaked
+    with pytest.raises(ValueError, match="source/record_id"):
+        keys_identities(["no-slash"])
+
+
+def test_identities_of_unknown_patient_and_export_info():
+    ids = record_identities("cinc2017", "A00001", None, {})
+    assert ids == {"rec:cinc2017/A00001"}
+    idents, prov = pretrain_identities({"extra": {"pretrain_record_keys": ["ptbxl/00010"]}})
+    assert "rec:ptbxl/10" in idents and "pretrain_record_keys" in prov[0]
+    with pytest.raises(LeakageError, match="cannot be opened"):
+        pretrain_identities({}, pretrain_caches=["/nonexistent/cache"])
+
+
+@pytest.mark.realdata
+def test_real_fixture_ptbxl_task_and_physionet2021_hr_identity(fixture_dir, tmp_path):
+    """Real readers: the PTB-XL fixture as the ptbxl_super task (folds) and the PhysioNet 2021 HR records, whose
+    identities name their PTB-XL ecg_id (HR06000 is PTB-XL record 06000)."""
+    from ecgfm.data.cache import CorpusCache
+    from ecgfm.data.preprocess import PreprocessSpec
+    from ecgfm.evaluate.tasks import TaskSpec, build_task
+    from ecgfm.pipelines import prepare_cache
+
+    spec = TaskSpec.from_config({
+        "name": "ptbxl_super", "dataset": "ptbxl", "labels": "ptbxl:superdiagnostic",
+        "label_root": str(fixture_dir / "ptbxl"),
+        "sources": [{"_target_": "ecgfm.data.readers.PTBXLSource", "root": str(fixture_dir / "ptbxl"), "fs": 100,
+                     "include_unlabelled": False}],
+        "split": {"kind": "folds", "key": "strat_fold", "train": [1, 2, 3, 4, 5, 6, 7, 8], "val": [9],
+                  "test": [10]}})
+    task = build_task(spec, str(tmp_path), PreprocessSpec())
+    assert task.class_names == ["CD", "HYP", "MI", "NORM", "STTC"] and task.multilabel
+    folds = [m.get("strat_fold") for m in task.cache.index["meta"]]
+    assert all(folds[i] == 10 for i in task.splits["test"]) and all(folds[i] <= 8 for i in task.splits["train"])
+    test_ids = index_identities(task.cache.index, task.splits["test"])
+    assert any(k.startswith("pat:ptbxl/") for k in test_ids)
+
+    hr_dir = prepare_cache([{"_target_": "ecgfm.data.readers.Challenge2021Source",
+                             "root": str(fixture_dir / "cinc2021")}], str(tmp_path), PreprocessSpec(), name="c2021")
+    hr = index_identities(CorpusCache(hr_dir).index)
+    assert "rec:ptbxl/6000" in hr
+    fake_ptbxl_test = index_identities(_index([("06000", "ptbxl", "1", {"strat_fold": 10})]))
+    with pytest.raises(LeakageError, match="1 record"):
+        check_leakage(hr, fake_ptbxl_test)
+    assert not check_leakage(hr, test_ids).leaked  # ecg_id 1-100 are not among HR06000-06002
+
+
+def test_excluding_source_hides_held_out_records():
+    from ecgfm.data.record import ECGDataError
+    from ecgfm.data.synthetic import SyntheticSource
+    from ecgfm.evaluate.tasks import ExcludingSource
+
+    src = SyntheticSource(6, seed=0, fs=100.0, duration=3.0)
+    ex = ExcludingSource(src, ["syn000001", "syn000004"])
+    assert ex.name == "synthetic" and ex.record_ids() == ["syn000000", "syn000002", "syn000003", "syn000005"]
+    assert ex.load("syn000002").record_id == "syn000002"
+    with pytest.raises(ECGDataError, match="excluded"):
+        ex.load("syn000004")
+    # the repr keys the prepared cache: another held-out set of the same size is another cache
+    assert repr(ex) != repr(ExcludingSource(src, ["syn000001", "syn000003"]))
