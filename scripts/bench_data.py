@@ -4,11 +4,15 @@
     .venv/bin/python scripts/bench_data.py --quick    # small subsets, a minute or two
 
 Measures, on the shared real data (``../shared/data``):
-1. conversion of PTB-XL (1,999 records at 100 Hz) + CinC 2017 (2,558) with ``--workers`` processes: wall time,
-   records/s, peak RSS of the converting process tree (psutil, sampled every 50 ms, parent + children);
+1. conversion of PTB-XL (1,999 records at 100 Hz) + CinC 2017 (2,558) with ``--workers`` processes (automatic
+   shard size, as ``prepare_corpus`` defaults to): wall time, records/s, CPU seconds (user + system of the whole
+   process tree: interpreter start-up, imports, workers; ``getrusage(RUSAGE_CHILDREN)``) per record, peak RSS
+   of the converting process tree (psutil, sampled every 50 ms, parent + children), and the wall time that
+   CPU time projects on an idle machine with ``--workers`` free cores (serial parent CPU + worker CPU / workers).
+   The CPU figures do not depend on what else the machine runs; the wall time does (the load average is shown);
 2. loader throughput (samples/s) of random 2.5 s crops (12 leads at 100 Hz) through ``PretrainDataModule``
    with ``--loader-workers`` workers, against a naive loader that calls ``wfdb.rdrecord`` + resampling per item
-   with the same workers; the ratio (target >= 100x);
+   with the same workers; the ratio (target >= 100x); plus the CPU cost per sample of both in one process;
 3. peak RSS while converting synthetic corpora of 10k and 100k records (flat: memory does not grow with size).
 
 Throughputs are means over timing blocks with a 95% t-interval across blocks. Caches go to a temporary folder
@@ -21,6 +25,8 @@ import argparse
 import glob
 import json
 import math
+import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -55,8 +61,16 @@ def _tree_rss(pid: int) -> int:
         return 0
 
 
-def run_measured(args: list[str]) -> tuple[dict, float, float]:
-    """Run this script as a child with ``args``; returns (its JSON result, wall s, peak RSS MiB of its tree)."""
+def _children_cpu() -> float:
+    """User + system CPU seconds of every reaped descendant of this process so far."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def run_measured(args: list[str]) -> tuple[dict, float, float, float]:
+    """Run this script as a child with ``args``; returns (its JSON result, wall s, peak RSS MiB of its tree,
+    CPU s of its tree). The child reaps its own workers, so RUSAGE_CHILDREN counts them when it has exited."""
+    cpu0 = _children_cpu()
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, __file__, *args], stdout=subprocess.PIPE, text=True, cwd=ROOT)
     peak = 0
@@ -67,7 +81,15 @@ def run_measured(args: list[str]) -> tuple[dict, float, float]:
     out = proc.stdout.read()
     if proc.returncode != 0:
         raise RuntimeError(f"child {args} failed with {proc.returncode}:\n{out[-3000:]}")
-    return json.loads(out.strip().splitlines()[-1]), wall, peak / 2**20
+    return json.loads(out.strip().splitlines()[-1]), wall, peak / 2**20, _children_cpu() - cpu0
+
+
+def load_average() -> str:
+    """The 1-minute load average and the CPU count, e.g. ``"load 0.4 on 2 CPUs"``."""
+    try:
+        return f"load {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
+    except OSError:  # pragma: no cover
+        return f"{os.cpu_count()} CPUs"
 
 
 def t_interval(values: list[float]) -> tuple[float, float, float]:
@@ -116,7 +138,9 @@ def _child_convert(spec_json: str) -> None:
                          workers=job["workers"], progress=False)
     print(json.dumps({"converted": rep.n_converted, "skipped": rep.n_skipped, "wall_s": rep.wall_s,
                       "records_per_s": rep.records_per_s, "peak_rss_mb_self": rep.peak_rss_mb,
-                      "skipped_reasons": rep.skipped_reasons}))
+                      "skipped_reasons": rep.skipped_reasons, "cpu_s": rep.cpu_s,
+                      "cpu_s_workers": rep.cpu_s_workers, "n_shards": rep.n_shards,
+                      "torch_imported": "torch" in sys.modules}))
 
 
 class NaiveDataset:
@@ -170,6 +194,16 @@ def _time_loader(loader, n_batches: int, blocks: int, warmup: int = 2) -> tuple[
     return m, lo, hi, total
 
 
+def _cpu_per_sample(loader, n_batches: int) -> float:
+    """CPU seconds per sample of ``loader`` run in this process (``num_workers=0``), after one warm-up batch."""
+    it = iter(loader)
+    next(it)
+    t0, n = time.process_time(), 0
+    for _ in range(n_batches):
+        n += next(it)["x"].shape[0]
+    return (time.process_time() - t0) / n
+
+
 def _child_loaders(job_json: str) -> None:
     import torch
     from torch.utils.data import DataLoader
@@ -178,19 +212,30 @@ def _child_loaders(job_json: str) -> None:
 
     job = json.loads(job_json)
     torch.set_num_threads(1)
-    dm = PretrainDataModule(job["caches"], crop_samples=job["crop"], batch_size=job["batch"],
-                            num_workers=job["workers"], val_fraction=0.0, seed=0,
-                            samples_per_epoch=(job["fast_batches"] + 8) * job["batch"])
-    fast = _time_loader(dm.train_dataloader(), job["fast_batches"], job["blocks"])
+
+    def datamodule(workers: int, batches: int) -> PretrainDataModule:
+        return PretrainDataModule(job["caches"], crop_samples=job["crop"], batch_size=job["batch"],
+                                  num_workers=workers, val_fraction=0.0, seed=0,
+                                  samples_per_epoch=(batches + 8) * job["batch"])
+
     paths = sorted(glob.glob(str(DATA / "ptbxl" / "records100" / "*" / "*_lr.hea")))
     paths += sorted(glob.glob(str(DATA / "cinc2017" / "A*.hea")))
     paths = [p[:-4] for p in paths]
     rng = np.random.default_rng(0)
     paths = [paths[i] for i in rng.permutation(len(paths))]
-    naive_loader = DataLoader(NaiveDataset(paths, job["crop"]), batch_size=job["naive_batch"],
-                              num_workers=job["workers"], shuffle=False, persistent_workers=job["workers"] > 0)
-    naive = _time_loader(naive_loader, job["naive_batches"], job["blocks"], warmup=1)
-    print(json.dumps({"fast": fast, "naive": naive}))
+
+    def naive_loader(workers: int) -> DataLoader:
+        return DataLoader(NaiveDataset(paths, job["crop"]), batch_size=job["naive_batch"], num_workers=workers,
+                          shuffle=False, persistent_workers=workers > 0)
+
+    # CPU cost per sample in this one process (independent of the machine's load) ...
+    cpu_fast = _cpu_per_sample(datamodule(0, 20).train_dataloader(), 20)
+    cpu_naive = _cpu_per_sample(naive_loader(0), 8)
+    # ... and throughput with the worker processes.
+    fast = _time_loader(datamodule(job["workers"], job["fast_batches"]).train_dataloader(), job["fast_batches"],
+                        job["blocks"])
+    naive = _time_loader(naive_loader(job["workers"]), job["naive_batches"], job["blocks"], warmup=1)
+    print(json.dumps({"fast": fast, "naive": naive, "cpu_fast": cpu_fast, "cpu_naive": cpu_naive}))
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -226,15 +271,29 @@ def main() -> None:
         # 1. conversion --------------------------------------------------------------------------------------
         cache = work / "real"
         shutil.rmtree(cache, ignore_errors=True)
-        job = {"kind": "real", "out": str(cache), "workers": args.workers, "shard_records": 256, "limit": limit}
-        rep, wall, peak = run_measured(["--_child", "convert", json.dumps(job)])
+        job = {"kind": "real", "out": str(cache), "workers": args.workers, "shard_records": None, "limit": limit}
+        load_before = load_average()
+        rep, wall, peak, cpu = run_measured(["--_child", "convert", json.dumps(job)])
+        n_rec = rep["converted"] + rep["skipped"]
+        serial = cpu - rep["cpu_s_workers"]          # interpreter start, imports, plan, finalise, polling
+        projected = serial + rep["cpu_s_workers"] / max(args.workers, 1)
         results["conversion"] = {"records": rep["converted"], "skipped": rep["skipped"], "wall_s": wall,
-                                 "records_per_s_in_prepare": rep["records_per_s"], "peak_rss_mb": peak,
-                                 "skipped_reasons": rep["skipped_reasons"]}
-        print(f"[conversion] {what}, {args.workers} workers: {rep['converted']} records converted, "
-              f"{rep['skipped']} skipped, {wall:.1f} s wall (process start included), "
-              f"{rep['records_per_s']:.1f} records/s inside prepare_corpus, peak RSS {peak:.0f} MiB "
-              f"(parent + workers, single run)", flush=True)
+                                 "records_per_s": n_rec / wall, "cpu_s": cpu, "cpu_ms_per_record": 1000 * cpu / n_rec,
+                                 "cpu_s_workers": rep["cpu_s_workers"], "projected_wall_s_idle": projected,
+                                 "peak_rss_mb": peak, "n_shards": rep["n_shards"],
+                                 "torch_imported": rep["torch_imported"], "skipped_reasons": rep["skipped_reasons"],
+                                 "load_before": load_before, "load_after": load_average()}
+        print(f"[conversion] {what}, {args.workers} workers, {rep['n_shards']} shards (automatic size): "
+              f"{rep['converted']} records converted, {rep['skipped']} skipped (single run)", flush=True)
+        print(f"    wall {wall:.1f} s (process start included; {load_before} before, {load_average()} after): "
+              f"{n_rec / wall:.1f} records/s")
+        print(f"    CPU {cpu:.1f} s user+sys for the whole process tree = {1000 * cpu / n_rec:.2f} ms per record "
+              f"(workers {rep['cpu_s_workers']:.1f} s, parent incl. start-up and imports {serial:.1f} s; "
+              f"budget: {1000 * 120 / 4557:.1f} ms per record = 120 CPU-s for the 4,557 records in 60 s on 2 cores)")
+        print(f"    projected wall on an idle machine with {args.workers} free cores: {projected:.1f} s "
+              f"(parent CPU + worker CPU / {args.workers}; target < 60 s for the full sets)")
+        print(f"    peak RSS {peak:.0f} MiB (parent + workers, sampled every 50 ms); "
+              f"torch imported by the conversion: {rep['torch_imported']}", flush=True)
         for reason, n in rep["skipped_reasons"].items():
             print(f"    skipped {n}: {reason}")
 
@@ -242,17 +301,24 @@ def main() -> None:
         job = {"caches": [str(cache)], "crop": 250, "batch": 256, "workers": args.loader_workers,
                "fast_batches": 40 if quick else 200, "naive_batch": 16, "naive_batches": 10 if quick else 40,
                "blocks": 5}
-        lo, _, _ = run_measured(["--_child", "loaders", json.dumps(job)])
+        lo, _, _, _ = run_measured(["--_child", "loaders", json.dumps(job)])
         (fm, flo, fhi, fn), (nm, nlo, nhi, nn) = lo["fast"], lo["naive"]
         ratio = fm / nm
+        cpu_ratio = lo["cpu_naive"] / lo["cpu_fast"]
         results["loader"] = {"cached_samples_per_s": [fm, flo, fhi], "cached_samples": fn,
-                             "naive_samples_per_s": [nm, nlo, nhi], "naive_samples": nn, "ratio": ratio}
+                             "naive_samples_per_s": [nm, nlo, nhi], "naive_samples": nn, "ratio": ratio,
+                             "cached_cpu_us_per_sample": 1e6 * lo["cpu_fast"],
+                             "naive_cpu_us_per_sample": 1e6 * lo["cpu_naive"], "cpu_ratio": cpu_ratio,
+                             "load_after": load_average()}
         print(f"[loader] random 2.5 s crops, 12 leads @ 100 Hz, {args.loader_workers} workers, {what}:")
         print(f"    PretrainDataModule (cache): {fm:,.0f} samples/s (95% CI {flo:,.0f}-{fhi:,.0f}, {fn} samples)")
         print(f"    naive wfdb.rdrecord + resample: {nm:,.1f} samples/s (95% CI {nlo:,.1f}-{nhi:,.1f}, "
               f"{nn} samples)")
         print(f"    ratio {ratio:,.0f}x (target >= 100x; interval of the ratio from the CI ends: "
-              f"{flo / nhi:,.0f}-{fhi / nlo:,.0f}x)", flush=True)
+              f"{flo / nhi:,.0f}-{fhi / nlo:,.0f}x; {load_average()})")
+        print(f"    CPU per sample in one process (no workers; single measurement): cache "
+              f"{1e6 * lo['cpu_fast']:,.1f} us, naive {1e6 * lo['cpu_naive']:,.0f} us: {cpu_ratio:,.0f}x",
+              flush=True)
 
         # 3. memory flatness ---------------------------------------------------------------------------------
         if not args.skip_synthetic:
@@ -266,15 +332,17 @@ def main() -> None:
                 shutil.rmtree(out, ignore_errors=True)
                 job = {"kind": "synthetic", "n": n, "duration": duration, "out": str(out),
                        "workers": args.workers, "shard_records": shard_records}
-                rep, wall, peak = run_measured(["--_child", "convert", json.dumps(job)])
-                mem[n] = {"peak_rss_mb": peak, "wall_s": wall, "records_per_s": rep["records_per_s"]}
-                print(f"[memory] synthetic corpus of {n:,} records ({duration} s @ 100 Hz), {args.workers} workers: "
-                      f"peak RSS {peak:.0f} MiB (parent + workers), {wall:.1f} s wall, "
-                      f"{rep['records_per_s']:.0f} records/s (single run)", flush=True)
+                rep, wall, peak, cpu = run_measured(["--_child", "convert", json.dumps(job)])
+                mem[n] = {"peak_rss_mb": peak, "wall_s": wall, "records_per_s": n / wall, "cpu_s": cpu,
+                          "cpu_ms_per_record": 1000 * cpu / n}
+                print(f"[memory] synthetic corpus of {n:,} records ({duration} s @ 100 Hz), {args.workers} workers, "
+                      f"{rep['n_shards']} shards: peak RSS {peak:.0f} MiB (parent + workers, sampled), {wall:.1f} s "
+                      f"wall, {n / wall:.0f} records/s, CPU {1000 * cpu / n:.2f} ms per record ({load_average()}; "
+                      f"single run)", flush=True)
                 shutil.rmtree(out, ignore_errors=True)
             a, b = sizes
             growth = mem[b]["peak_rss_mb"] / mem[a]["peak_rss_mb"]
-            print(f"    peak memory {b // a}x more records: x{growth:.2f} (flat when close to 1)")
+            print(f"    peak memory with {b // a}x more records: x{growth:.2f} (flat when close to 1)")
             results["memory"] = {str(k): v for k, v in mem.items()} | {"growth": growth}
     finally:
         if not args.keep and not args.work:

@@ -29,8 +29,9 @@ Guarantees:
   size). After a SIGKILL at any moment a rerun with the same arguments converts only the missing shards.
   :class:`CorpusCache` opens a directory only when ``manifest.json`` exists, so a partial cache is never readable.
 * **Deterministic.** The plan is a pure function of the sources (ids sorted in natural order per source, sources in
-  the given order) and ``shard_records``; outputs carry no timestamps; two conversions of the same inputs give
-  byte-identical files (sha256 of each is in the manifest).
+  the given order) and ``shard_records`` (when left to ``None``, a function of the number of planned records
+  only, never of the worker count: see :func:`auto_shard_records`); outputs carry no timestamps; two conversions
+  of the same inputs give byte-identical files (sha256 of each is in the manifest), whatever ``workers`` is.
 * **Bounded memory.** Workers hold one record at a time (records are streamed to the shard file); the parent holds
   the list of record ids and a few shard results. Peak memory does not grow with the corpus.
 * **Bad records are skipped, never fatal.** Any exception while loading or preprocessing a record (normally
@@ -46,6 +47,12 @@ floats as null).
 Scale: ``records.npy`` costs 49 bytes per record (49 MB for 1 M records, memory-mapped); ``index.jsonl`` is read
 only when the pandas ``index`` is asked for (labels, meta). The conversion parent holds the planned record ids
 (on the order of 100-200 bytes per record).
+
+Speed: converting the shared PTB-XL (100 Hz) + CinC 2017 sets costs about 2.5 ms of CPU per record with 2
+workers, start-up and imports of the whole process tree included (``scripts/bench_data.py`` prints it with the
+wall time; ``PrepareReport.cpu_s``). Workers import numpy, scipy, pandas and wfdb, never torch; preprocessing
+touches only the present leads and reuses its filter designs (:mod:`ecgfm.data.preprocess`). Records are
+streamed to the shard file one ``write`` each, so a worker never holds a whole shard of signals.
 
 Testing hook: the environment variable ``ECGFM_PREPARE_RECORD_DELAY`` (seconds) makes every conversion worker
 sleep after each record, so tests can kill a conversion in the middle of a shard.
@@ -213,6 +220,9 @@ class PrepareReport:
         wall_s: wall-clock seconds of this call.
         peak_rss_mb: peak resident memory of this process and its workers during this call (sampled, MiB).
         workers: worker processes used (0: in-process).
+        cpu_s: CPU seconds (user + system) spent by this call: this process (all its threads) plus its
+            worker processes, start-up and imports included (``resource.getrusage``; NaN where unavailable).
+        cpu_s_workers: the part of ``cpu_s`` spent in the worker processes.
     """
 
     out_dir: str
@@ -226,11 +236,20 @@ class PrepareReport:
     wall_s: float = 0.0
     peak_rss_mb: float = float("nan")
     workers: int = 0
+    cpu_s: float = float("nan")
+    cpu_s_workers: float = float("nan")
 
     @property
     def records_per_s(self) -> float:
         """Records processed (converted or skipped) per second by this call, worker start-up included."""
         return self.n_converted_now / self.wall_s if self.wall_s > 0 else 0.0
+
+    @property
+    def cpu_ms_per_record(self) -> float:
+        """CPU milliseconds per record processed by this call (``cpu_s / n_converted_now``; NaN if none).
+
+        Unlike ``wall_s`` it does not depend on what else the machine is running."""
+        return 1000.0 * self.cpu_s / self.n_converted_now if self.n_converted_now else float("nan")
 
     def summary(self) -> str:
         """Human-readable multi-line summary."""
@@ -239,13 +258,24 @@ class PrepareReport:
             f"{self.n_shards} shards ({self.n_shards_reused} reused from an earlier run)",
             f"this run: {self.n_converted_now} records in {self.wall_s:.1f} s "
             f"({self.records_per_s:.1f} records/s, {self.workers} workers), peak RSS {self.peak_rss_mb:.0f} MiB "
-            f"(parent + workers, sampled)",
+            f"(parent + workers, sampled), CPU {self.cpu_s:.1f} s ({self.cpu_ms_per_record:.2f} ms per record, "
+            f"{self.cpu_s_workers:.1f} s in workers)",
         ]
         if self.skipped_reasons:
             lines.append("skipped (see skipped.csv):")
             for reason, count in sorted(self.skipped_reasons.items(), key=lambda kv: (-kv[1], kv[0]))[:15]:
                 lines.append(f"  {count:6d}  {reason}")
         return "\n".join(lines)
+
+
+def _cpu_times() -> tuple[float, float]:
+    """``(user + system CPU seconds of this process, of its reaped child processes)``; NaN without ``resource``."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - non-POSIX
+        return float("nan"), float("nan")
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime, kids.ru_utime + kids.ru_stime
 
 
 def _reason_category(reason: str) -> str:
@@ -265,7 +295,23 @@ class _Plan:
     header: dict[str, Any]
 
 
-def _make_plan(sources: Sequence[RecordSource], spec: PreprocessSpec, shard_records: int,
+#: Bounds of the automatic shard size (records per shard) and the number of shards it aims for.
+AUTO_SHARD_MIN, AUTO_SHARD_MAX, AUTO_SHARD_TARGET = 64, 1024, 32
+
+
+def auto_shard_records(n_records: int) -> int:
+    """Records per shard when ``prepare_corpus(shard_records=None)``: about :data:`AUTO_SHARD_TARGET` shards,
+    each of :data:`AUTO_SHARD_MIN` to :data:`AUTO_SHARD_MAX` records.
+
+    A shard is the unit of parallel work, so with many shards every worker stays busy until the end (the last
+    shard of a 5-shard plan on 2 workers would leave one worker idle for a fifth of the run); the upper bound
+    keeps a worker's shard index small and resume granular on big corpora; the lower bound avoids a swarm of
+    tiny files. Depends on the number of records only, so the bytes do not depend on ``workers``.
+    """
+    return int(min(AUTO_SHARD_MAX, max(AUTO_SHARD_MIN, math.ceil(max(int(n_records), 1) / AUTO_SHARD_TARGET))))
+
+
+def _make_plan(sources: Sequence[RecordSource], spec: PreprocessSpec, shard_records: int | None,
                allow_duplicate_ids: bool) -> _Plan:
     keys_seen: dict[str, int] = {}        # "source/record_id" -> source index
     ids_seen: dict[str, int] = {}         # record_id -> source index
@@ -295,6 +341,8 @@ def _make_plan(sources: Sequence[RecordSource], spec: PreprocessSpec, shard_reco
             keys_seen[key] = si
             ids_seen.setdefault(rid, si)
             items.append((si, rid))
+    if shard_records is None:
+        shard_records = auto_shard_records(len(items))
     shards = [items[i:i + shard_records] for i in range(0, len(items), shard_records)]
     header = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "dtype": DTYPE,
@@ -435,7 +483,7 @@ class _Lock:
 
 
 def prepare_corpus(sources: RecordSource | Sequence[RecordSource], out_dir: str | os.PathLike,
-                   spec: PreprocessSpec | dict | None = None, shard_records: int = 1024, workers: int = 2,
+                   spec: PreprocessSpec | dict | None = None, shard_records: int | None = None, workers: int = 2,
                    progress: bool = True, allow_duplicate_ids: bool = False) -> PrepareReport:
     """Convert record sources into a sharded cache (resumable, atomic, deterministic; see the module docstring).
 
@@ -444,7 +492,8 @@ def prepare_corpus(sources: RecordSource | Sequence[RecordSource], out_dir: str 
         out_dir: cache directory (created). Rerunning with the same arguments resumes an interrupted run, or
             returns at once when the cache is complete.
         spec: preprocessing applied to every record (:class:`PreprocessSpec` or its dict; None: defaults).
-        shard_records: records per shard (the unit of work, of resume and of one worker's memory).
+        shard_records: records per shard (the unit of work, of resume and of one worker's memory); None:
+            :func:`auto_shard_records` of the number of planned records (about 32 shards of 64-1024 records).
         workers: conversion worker processes (spawned); 0 converts in this process.
         progress: show a tqdm progress bar (records).
         allow_duplicate_ids: keep a ``record_id`` that another source already provided (as a distinct
@@ -458,6 +507,7 @@ def prepare_corpus(sources: RecordSource | Sequence[RecordSource], out_dir: str 
         RuntimeError: a worker process died (finished shards are kept: rerun to resume).
     """
     t0 = time.perf_counter()
+    cpu0 = _cpu_times()
     if isinstance(sources, RecordSource) or not isinstance(sources, (list, tuple)):
         sources = [sources]  # type: ignore[list-item]
     sources = list(sources)
@@ -470,11 +520,12 @@ def prepare_corpus(sources: RecordSource | Sequence[RecordSource], out_dir: str 
         spec = PreprocessSpec()
     elif isinstance(spec, dict):
         spec = PreprocessSpec.from_dict(spec)
-    if int(shard_records) < 1:
-        raise ValueError(f"shard_records must be >= 1, got {shard_records}")
+    if shard_records is not None and int(shard_records) < 1:
+        raise ValueError(f"shard_records must be >= 1 (or None: automatic), got {shard_records}")
     if int(workers) < 0:
         raise ValueError(f"workers must be >= 0, got {workers}")
-    shard_records, workers = int(shard_records), int(workers)
+    shard_records = None if shard_records is None else int(shard_records)
+    workers = int(workers)
     if workers > 0:
         for s in sources:
             try:
@@ -527,6 +578,7 @@ def prepare_corpus(sources: RecordSource | Sequence[RecordSource], out_dir: str 
             _finalize(out, plan, plan_doc)
         manifest = json.loads((out / "manifest.json").read_text())
 
+    cpu1 = _cpu_times()   # the worker pool has been joined (reaped) by now, so RUSAGE_CHILDREN holds its CPU
     counts = manifest["counts"]
     reasons: collections.Counter[str] = collections.Counter()
     with open(out / "skipped.csv", newline="") as f:
@@ -537,7 +589,7 @@ def prepare_corpus(sources: RecordSource | Sequence[RecordSource], out_dir: str 
         n_converted=int(counts["converted"]), n_skipped=int(counts["skipped"]), n_shards=n_shards,
         n_shards_reused=reused, n_converted_now=n_todo_records, skipped_reasons=dict(reasons),
         wall_s=time.perf_counter() - t0, peak_rss_mb=max((p for p in peak if p == p), default=float("nan")),
-        workers=workers)
+        workers=workers, cpu_s=(cpu1[0] - cpu0[0]) + (cpu1[1] - cpu0[1]), cpu_s_workers=cpu1[1] - cpu0[1])
 
 
 def _run_shards(plan: _Plan, todo: list[int], sources: list[RecordSource], spec: PreprocessSpec,
@@ -866,6 +918,32 @@ class CorpusCache:
             out[mask, lo - int(start):hi - int(start)] = data[:, lo:hi]
         return mask
 
+    def read_windows_into(self, indices: np.ndarray, starts: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """Batched :meth:`read_window_into`: window ``b`` of record ``indices[b]`` from ``starts[b]`` into
+        ``out[b]`` ``(n, 12, length)`` (zero where nothing is read). The record table is looked up for the whole
+        batch at once, so a crop costs one slice copy (the loaders' hot path). Returns the ``(n, 12)`` masks."""
+        idx = np.asarray(indices, dtype=np.int64)
+        if len(idx) and (idx.min() < -self._n or idx.max() >= self._n):
+            raise IndexError(f"record index out of range for {self.path} ({self._n} records)")
+        idx = idx % max(self._n, 1)
+        c = self.columns()
+        length = out.shape[-1]
+        n_samples, n_leads = c["n_samples"][idx], c["n_leads"][idx].astype(np.int64)
+        first, shards, masks = c["offset"][idx] // 4, c["shard"][idx], c["lead_mask"][idx]
+        starts = np.asarray(starts, dtype=np.int64)
+        lo, hi = np.maximum(starts, 0), np.minimum(starts + length, n_samples)
+        for b, (f, nl, t, s, a, z, sh) in enumerate(zip(first.tolist(), n_leads.tolist(), n_samples.tolist(),
+                                                        starts.tolist(), lo.tolist(), hi.tolist(),
+                                                        shards.tolist())):
+            if z <= a:
+                continue
+            data = self._shard_map(sh)[f:f + nl * t].reshape(nl, t)
+            if nl == N_LEADS:
+                out[b, :, a - s:z - s] = data[:, a:z]
+            else:
+                out[b, masks[b], a - s:z - s] = data[:, a:z]
+        return masks
+
     def record(self, i: int) -> ECGRecord:
         """Record ``i`` as an :class:`ECGRecord` (preprocessed signal, ids, labels, meta, header)."""
         i = self._check(i)
@@ -963,6 +1041,11 @@ def build_sources(names: Sequence[str], presets: dict[str, dict[str, Any]],
     return out
 
 
+def _shard_setting(value: Any) -> int | None:
+    """``shard_records`` of a config: an int, or null / ``"auto"`` for :func:`auto_shard_records`."""
+    return None if value is None or str(value).lower() == "auto" else int(value)
+
+
 #: Settings of ``conf/prepare.yaml``; every other top-level key is a source preset.
 PREPARE_SETTINGS = ("sources", "out", "spec", "shard_records", "workers", "progress", "allow_duplicate_ids")
 
@@ -987,7 +1070,8 @@ def prepare_from_config(cfg: Mapping[str, Any], base_dir: str | os.PathLike | No
     out_path = out if out.is_absolute() else base / out
     report = prepare_corpus(build_sources(names, presets, base), out_path,
                             PreprocessSpec.from_dict(dict(cfg.get("spec") or {})),
-                            shard_records=int(cfg.get("shard_records", 1024)), workers=int(cfg.get("workers", 2)),
+                            shard_records=_shard_setting(cfg.get("shard_records")),
+                            workers=int(cfg.get("workers", 2)),
                             progress=bool(cfg.get("progress", True)),
                             allow_duplicate_ids=bool(cfg.get("allow_duplicate_ids", False)))
     print(report.summary(), file=sys.stdout, flush=True)

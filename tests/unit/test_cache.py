@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ecgfm.data.cache import CorpusCache, natural_key, patient_hash, prepare_corpus
-from ecgfm.data.preprocess import PreprocessSpec, preprocess_record
+from ecgfm.data.cache import CorpusCache, auto_shard_records, natural_key, patient_hash, prepare_corpus
+from ecgfm.data.preprocess import PreprocessSpec, preprocess_record, preprocess_signal, resample
 from ecgfm.data.record import ECGDataError, ECGRecord
 
 SPEC = PreprocessSpec(fs=100)
@@ -256,3 +256,46 @@ def test_real_fixture_records_round_trip(fixture_dir, tmp_path):
     assert cache.index.loc[i, "patient_id"] == ref.patient_id is not None
     j = len(cache) - 1
     assert cache.keys[j].startswith(chal.name + "/") and cache.n_samples[j] == 1000    # 10 s at 100 Hz
+
+
+def test_automatic_shard_size_and_cpu_accounting(tmp_path):
+    """shard_records=None: about 32 shards of 64-1024 records, a function of the record count only."""
+    assert auto_shard_records(10) == 64 and auto_shard_records(4557) == 143 and auto_shard_records(10**6) == 1024
+    rep = prepare_corpus(SineSource(n=70), tmp_path / "a", SPEC, workers=0, progress=False)
+    assert rep.n_shards == 2 and CorpusCache(tmp_path / "a").manifest["shard_records"] == 64
+    assert rep.cpu_s > 0 and 0 < rep.cpu_ms_per_record < 1000 and rep.cpu_s_workers >= 0
+    assert "ms per record" in rep.summary()
+    same = prepare_corpus(SineSource(n=70), tmp_path / "b", SPEC, shard_records=64, workers=0, progress=False)
+    assert same.n_shards == 2 and _files(tmp_path / "a") == _files(tmp_path / "b")
+
+
+def test_fast_preprocessing_matches_plain_scipy_bit_for_bit():
+    """The conversion's shortcuts (present leads only, cached filter designs) change no bit of the output:
+    reference = the plain scipy calls on all 12 rows, absent rows zeroed afterwards."""
+    from scipy import signal as sps
+
+    rng = np.random.default_rng(5)
+    sig = np.cumsum(rng.standard_normal((12, 3000)), axis=1).astype(np.float32)
+    mask = np.zeros(12, bool)
+    mask[[0, 7, 9]] = True
+    sig[~mask] = 0.0
+    spec = PreprocessSpec(fs=100, highpass=0.5, lowpass=40.0, clip=3.0)
+    out, fs, out_mask = preprocess_signal(sig, 300.0, mask, spec)
+    ref = sps.resample_poly(sig, 1, 3, axis=-1).astype(np.float32)
+    sos = sps.butter(3, [0.5, 40.0], btype="bandpass", fs=100.0, output="sos")
+    ref = sps.sosfiltfilt(sos, ref, axis=-1, padlen=21).astype(np.float32)
+    x = ref[mask]
+    ref[mask] = np.clip((x - x.mean(axis=1, keepdims=True)) / np.maximum(x.std(axis=1, keepdims=True), 1e-6), -3, 3)
+    ref[~mask] = 0.0
+    assert fs == 100.0 and (out_mask == mask).all() and out.tobytes() == ref.tobytes()
+    for fs_in, fs_out in ((300, 100), (500, 100), (360, 100), (100, 250)):
+        y = sig[:2, :1800]
+        assert resample(y, fs_in, fs_out).tobytes() == sps.resample_poly(
+            y, *_ratio(fs_out, fs_in), axis=-1).astype(np.float32).tobytes()
+
+
+def _ratio(num: float, den: float) -> tuple[int, int]:
+    from fractions import Fraction
+
+    r = Fraction(num / den).limit_denominator(1000)
+    return r.numerator, r.denominator

@@ -251,3 +251,51 @@ def test_samplers_read_torch_distributed(tmp_path):
         assert (s2.rank, s2.num_replicas, len(s2)) == (1, 2, 5)
     finally:
         dist.destroy_process_group()
+
+
+def test_batched_crops_equal_per_record_windows(caches):
+    """The batched reader (CropDataset / WindowDataset over a two-cache pool) gives exactly the crops of the slow
+    reference: one ``CorpusCache.window`` call per item, start = floor(u * (free + 1)) or centred."""
+    from ecgfm.data.datamodules import CachePool, CropDataset, WindowDataset
+
+    pool = CachePool(list(caches))
+    crop = 150
+    rng = np.random.default_rng(3)
+    keys = [(int(k), float(u)) for k, u in zip(rng.integers(0, len(pool), 40), rng.random(40))] + [0, 41, 45]
+    for views in ("single", "adjacent"):
+        ds = CropDataset(pool, np.arange(len(pool)), crop, views)
+        batch = ds.__getitems__(keys)
+        for b, key in enumerate(keys):
+            k, u = key if isinstance(key, tuple) else (key, None)
+            cache, i = pool.locate(k)
+            need = crop * (2 if views == "adjacent" else 1)
+            free = max(int(cache.n_samples[i]) - need, 0)
+            start = free // 2 if u is None else min(int(u * (free + 1)), free)
+            np.testing.assert_array_equal(batch["x"][b].numpy(), cache.window(i, start, crop))
+            if views == "adjacent":
+                np.testing.assert_array_equal(batch["x2"][b].numpy(), cache.window(i, start + crop, crop))
+            assert torch.equal(batch["lead_mask"][b], torch.from_numpy(cache.lead_mask(i)))
+            assert int(batch["patient"][b]) == int(cache.patients[i]) and int(batch["index"][b]) == k
+    wins = WindowDataset(pool, np.array([1, 40, 43]), crop, stride=70)
+    got = wins.__getitems__(list(range(len(wins))))
+    for b in range(len(wins)):
+        cache, i = pool.locate(int(wins.flats[b]))
+        np.testing.assert_array_equal(got["x"][b].numpy(), cache.window(i, int(wins.starts[b]), crop))
+
+
+def test_batch_buffers_share_one_zeroed_storage():
+    """One storage per batch (one shared-memory segment and one file descriptor per batch in a worker)."""
+    from ecgfm.data.datamodules import batch_buffers
+
+    bufs = batch_buffers({"x": ((3, 12, 5), torch.float32), "lead_mask": ((3, 12), torch.bool),
+                          "index": ((3,), torch.int64), "y": ((3, 2), torch.float32)})
+    assert list(bufs) == ["x", "lead_mask", "index", "y"]
+    ptrs = {t.untyped_storage().data_ptr() for t in bufs.values()}
+    assert len(ptrs) == 1
+    for name, (shape, dtype) in {"x": ((3, 12, 5), torch.float32), "lead_mask": ((3, 12), torch.bool),
+                                 "index": ((3,), torch.int64), "y": ((3, 2), torch.float32)}.items():
+        t = bufs[name]
+        assert t.shape == shape and t.dtype == dtype and t.is_contiguous() and not t.any()
+        assert t.data_ptr() % t.element_size() == 0
+    bufs["index"][:] = -1                            # views do not overlap
+    assert not bufs["x"].any() and not bufs["lead_mask"].any() and not bufs["y"].any()
