@@ -538,6 +538,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             "fs": fs, "crop_samples": int(cfg.crop_samples), "crop_seconds": int(cfg.crop_samples) / fs if fs else None,
             "method": summary["method"], "steps": summary["steps"], "seed": int(cfg.seed),
             "method_hparams": _jsonable(OmegaConf.to_container(cfg.method, resolve=True)),
+            # what the encoder saw: the benchmarking leakage guard compares these caches with test splits
+            "pretrain_caches": [str(Path(c).resolve()) for c in cache_dirs or []],
         })
         summary["encoder_dir"] = str(enc_dir)
     else:

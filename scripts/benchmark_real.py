@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tasks", nargs="+", default=["ptbxl_super", "cinc2017"])
     ap.add_argument("--fractions", nargs="+", default=["0.1", "1"])
     ap.add_argument("--seeds", nargs="+", default=["0", "1", "2"])
-    ap.add_argument("--ft-epochs", type=int, default=4)
+    ap.add_argument("--ft-epochs", type=int, default=10)
     ap.add_argument("--bootstrap", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--workers", type=int, default=2, help="cache preparation processes")

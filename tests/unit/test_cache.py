@@ -222,9 +222,10 @@ def test_prepare_config_composes_and_runs(tmp_path, capsys):
 def test_build_sources_resolves_relative_roots(fixture_dir, tmp_path):
     from ecgfm.data.cache import build_sources, project_root
 
-    rel = Path("..") / fixture_dir.relative_to(project_root().parent) / "ptbxl"
+    rel = Path("..") / "shared" / "data" / "fixture" / "ptbxl"        # as written in conf/prepare.yaml
+    assert (project_root() / rel).resolve() == (fixture_dir / "ptbxl").resolve()
     (src,) = build_sources(["ptbxl"], {"ptbxl": {"root": str(rel), "fs": 100}})
-    assert Path(src.root) == (fixture_dir / "ptbxl").resolve() and len(src.record_ids()) == 100
+    assert Path(src.root).resolve() == (fixture_dir / "ptbxl").resolve() and len(src.record_ids()) == 100
     (folder,) = build_sources(["mine"], {"mine": {"type": "folder", "root": str(fixture_dir / "ptbxl"),
                                                   "name": "mine"}})
     assert folder.name == "mine"
