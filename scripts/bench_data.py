@@ -46,19 +46,9 @@ DATA = (ROOT / ".." / "shared" / "data").resolve()
 
 
 def _tree_rss(pid: int) -> int:
-    import psutil
+    from ecgfm.data.cache import rss_tree_bytes
 
-    try:
-        proc = psutil.Process(pid)
-        total = proc.memory_info().rss
-        for child in proc.children(recursive=True):
-            try:
-                total += child.memory_info().rss
-            except psutil.Error:
-                pass
-        return total
-    except psutil.Error:
-        return 0
+    return rss_tree_bytes(pid)
 
 
 def _children_cpu() -> float:

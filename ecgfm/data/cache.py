@@ -184,21 +184,26 @@ def describe_source(source: RecordSource) -> dict[str, Any]:
     return desc
 
 
-def _rss_tree_mb() -> float:
-    """Resident memory of this process plus all its children, in MiB."""
+def rss_tree_bytes(pid: int | None = None) -> int:
+    """Resident memory of process ``pid`` (default: this one) plus all its children, in bytes (0 if gone)."""
     import psutil
 
     try:
-        proc = psutil.Process()
+        proc = psutil.Process(pid)
         total = proc.memory_info().rss
         for child in proc.children(recursive=True):
             try:
                 total += child.memory_info().rss
             except psutil.Error:
                 pass
-    except Exception:  # pragma: no cover - psutil unavailable in a sandbox
-        return float("nan")
-    return total / 2**20
+        return total
+    except psutil.Error:
+        return 0
+
+
+def _rss_tree_mb() -> float:
+    """Resident memory of this process plus all its children, in MiB."""
+    return rss_tree_bytes() / 2**20
 
 
 # ----------------------------------------------------------------------------------------------- report

@@ -12,13 +12,6 @@ from ecgfm.evaluate.features import FeatureSet, cached_features, encoder_fingerp
 from ecgfm.evaluate.probe import LinearProbe, MLPProbe, ProbeData, run_probe_grid
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one torch thread avoids OpenMP oversubscription on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _blobs(n=300, d=16, c=3, seed=0, multilabel=False, windows=1):
