@@ -111,6 +111,9 @@ class TrainConfig:
         crop_seconds: length of the training crops in seconds.
         crop_samples: length in samples (derived from ``crop_seconds`` and ``preprocess.fs`` by default).
         compile: wrap the backbone's ``forward_features`` with ``torch.compile``.
+        cpu_linear: how float32 linear layers run when training on CPU: ``"auto"`` (oneDNN where it is present and
+            the CPU is not an Intel one, whose MKL path is the tuned one), ``"onednn"`` or ``"aten"`` (PyTorch's
+            MKL ``sgemm``); same mathematics, see :mod:`ecgfm.accel`.
         torch_threads: ``torch.set_num_threads`` for CPU ops (None: torch's default). On a shared machine with
             few cores, 1 thread avoids OpenMP oversubscription (measured 4-5x faster for the small CPU demos).
         deterministic_steps: reseed torch/numpy/random from ``(seed, rank, global_step)`` before every step so
@@ -126,6 +129,7 @@ class TrainConfig:
     crop_seconds: float = 2.5
     crop_samples: int = 250
     compile: bool = False
+    cpu_linear: str = "auto"
     torch_threads: Optional[int] = None
     deterministic_steps: bool = True
     progress_refresh: int = 10
@@ -400,4 +404,9 @@ def validate_train_config(cfg: DictConfig, provided: dict[str, tuple[str, ...]] 
         raise ConfigError("preprocess", str(err)) from None
     if merged.crop_samples <= 0:
         raise ConfigError("crop_samples", f"must be positive, got {merged.crop_samples}")
+    from ecgfm.accel import CPU_LINEAR_MODES  # torch import: deferred, like the target checks
+
+    if merged.cpu_linear not in CPU_LINEAR_MODES:
+        raise ConfigError("cpu_linear", f"must be one of {', '.join(CPU_LINEAR_MODES)}, got {merged.cpu_linear!r}"
+                                        f"{_close(str(merged.cpu_linear), list(CPU_LINEAR_MODES))}")
     return merged

@@ -8,16 +8,20 @@ synthetic random batch (there is no data split: the numbers describe compute onl
   tokens (SEP included) through the decoder embedding, the decoder run lead by lead in a Python loop over
   ``N + 2`` tokens (SEP tokens included), ``torch.optim.AdamW`` with its defaults (a for-loop over parameters on
   CPU);
+* ``reference_onednn``: the same reference step with its float32 linear layers on oneDNN
+  (:func:`ecgfm.accel.use_onednn_linears`): shows how much of ecgfm's lead comes from the GEMM library alone;
 * ``mae_stmem``: :class:`~ecgfm.methods.mae.MAEModule` with the same configuration as the reference (per-lead
   masking, lead-wise decoder, 4 decoder heads): the comparison that keeps the math (only the decoder's unused
-  SEP tokens are gone);
+  SEP tokens are gone), with ecgfm's training defaults: fused AdamW and, on CPU, ``--cpu-linear`` (default
+  ``auto``: float32 linears on oneDNN on non-Intel CPUs, see :mod:`ecgfm.accel`);
 * ``mae``: MAEModule with ecgfm's defaults (global masking, joint decoder);
 * ``crema``, ``simclr``, ``clocs``: the other methods on the same backbone.
 
 Default configuration: ST-MEM ViT-S MAE (embed 384, depth 12, 6 heads, decoder 256 x 4, 12 leads x 2,250
 samples, patch 75, mask 0.75, batch 8). FLOPs of one step (forward + backward, optimiser excluded) are counted with
 :class:`torch.utils.flop_counter.FlopCounterMode`; the machine's dense matmul peak is measured in the same run by
-timing a large ``torch.matmul`` (float32, and bfloat16 with ``--bf16``); MFU = FLOPs/step x steps/s / peak.
+timing a large matrix product (float32 on both MKL and oneDNN on CPU, the faster counting; bfloat16 with
+``--bf16``); MFU = FLOPs/step x steps/s / peak.
 Throughput is the mean over the timed steps with a 95 % confidence interval from the per-step times
 (normal approximation). All methods are built first and their timed steps are interleaved (round robin), so a
 change of machine load during the run affects every method alike.
@@ -49,11 +53,13 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ecgfm.accel import (CPU_LINEAR_MODES, onednn_flop_formulas, onednn_linear_available,  # noqa: E402
+                         resolve_cpu_linear, use_onednn_linears)
 from ecgfm.backbones import create_backbone  # noqa: E402
 from ecgfm.backbones.vit1d import sincos_1d  # noqa: E402
 
 SIZES = {"test": "vit1d_test", "tiny": "vit1d_tiny", "small": "vit1d_small", "base": "vit1d_base"}
-ALL_METHODS = ("reference", "mae_stmem", "mae", "crema", "simclr", "clocs")
+ALL_METHODS = ("reference", "reference_onednn", "mae_stmem", "mae", "crema", "simclr", "clocs")
 
 
 # ====================================================================== reference (ST-MEM-style) MAE
@@ -190,13 +196,15 @@ def build(method: str, args: argparse.Namespace) -> tuple[nn.Module, Callable[[d
     vit_kw = dict(seq_len=args.seq_len, patch_size=args.patch_size)
     dec = dict(decoder_dim=args.decoder_dim, decoder_depth=args.decoder_depth, mask_ratio=args.mask_ratio,
                warmup_steps=10, max_steps=10_000)
-    if method == "reference":
+    if method in ("reference", "reference_onednn"):
         bb = create_backbone(SIZES[args.size], **vit_kw)  # only to read the size
         mlp_ratio = bb.blocks[0].mlp.fc1.out_features / bb.embed_dim if bb.depth else 4.0
         model = ReferenceSTMEM(args.seq_len, args.patch_size, 12, bb.embed_dim, bb.depth, bb.num_heads,
                                args.decoder_dim, args.decoder_depth, args.decoder_heads,
                                mlp_ratio=mlp_ratio).to(args.device)
         del bb
+        if method == "reference_onednn":
+            use_onednn_linears(model, "onednn")
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
         return model, lambda batch: model(batch["x"], args.mask_ratio), opt
     backbone = create_backbone(SIZES[args.size], **vit_kw)
@@ -219,7 +227,9 @@ def build(method: str, args: argparse.Namespace) -> tuple[nn.Module, Callable[[d
     else:
         raise ValueError(f"unknown method {method!r}; choose from {ALL_METHODS}")
     module = module.to(args.device).train()
-    opt = module.configure_optimizers()["optimizer"]  # AdamW, fused on CUDA / foreach on CPU
+    if not args.device.startswith("cuda"):
+        use_onednn_linears(module, args.cpu_linear)  # as ecgfm.pipelines.train does on CPU
+    opt = module.configure_optimizers()["optimizer"]  # AdamW, fused where PyTorch has it (ecgfm.accel.adamw_kwargs)
     return module, lambda batch: module.shared_step(batch)[0], opt
 
 
@@ -229,7 +239,7 @@ def count_flops(loss_fn: Callable, batch: dict, autocast) -> int:
     Counted with the math attention backend: FlopCounterMode has no formula for the CPU flash-attention kernel,
     and the math backend decomposes attention into the same matmuls (same FLOPs on every backend).
     """
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping=onednn_flop_formulas())
     with counter, sdpa_kernel(SDPBackend.MATH):
         with autocast():
             loss = loss_fn(batch)
@@ -238,18 +248,27 @@ def count_flops(loss_fn: Callable, batch: dict, autocast) -> int:
 
 
 def matmul_peak(device: str, dtype: torch.dtype, n: int, reps: int) -> float:
-    """Measured dense matmul throughput (FLOP/s) of an ``n x n`` ``torch.matmul`` (best of ``reps``)."""
+    """Measured dense matmul throughput (FLOP/s) of an ``n x n`` product (best of ``reps``).
+
+    On CPU in float32 both GEMM libraries PyTorch ships are timed (``torch.matmul`` on MKL and the oneDNN inner
+    product of :mod:`ecgfm.accel`) and the faster one is the peak, so routing linears to oneDNN cannot inflate
+    the MFU.
+    """
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    torch.matmul(a, b)
-    sync()
+    products = [lambda: torch.matmul(a, b)]
+    if device == "cpu" and dtype == torch.float32 and onednn_linear_available():
+        products.append(lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], ""))
     best = math.inf
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        torch.matmul(a, b)
+    for product in products:
+        product()
         sync()
-        best = min(best, time.perf_counter() - t0)
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            product()
+            sync()
+            best = min(best, time.perf_counter() - t0)
     return 2 * n ** 3 / best
 
 
@@ -323,6 +342,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--steps", type=int, default=10, help="timed steps")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     ap.add_argument("--compile", action="store_true", help="torch.compile the loss computation")
+    ap.add_argument("--cpu-linear", default="auto", choices=CPU_LINEAR_MODES,
+                    help="float32 CPU linears of the ecgfm methods: oneDNN or ATen/MKL (default: auto, as training)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--peak-size", type=int, default=None, help="matmul size for the peak (default 2048 CPU / 8192 GPU)")
     ap.add_argument("--check-finite", action="store_true", help="check the loss every step (adds a sync)")
@@ -343,7 +364,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     device_name = torch.cuda.get_device_name(args.device) if gpu else platform.processor() or platform.machine()
     print(f"# bench_train: data = synthetic random batch (no split); device {args.device} ({device_name}), "
           f"threads {torch.get_num_threads()}, torch {torch.__version__}, dtype {'bf16 autocast' if args.bf16 else 'fp32'}"
-          f"{', compiled' if args.compile else ''}")
+          f"{', compiled' if args.compile else ''}"
+          + ("" if gpu else f", ecgfm CPU linears on {'oneDNN' if resolve_cpu_linear(args.cpu_linear) else 'ATen/MKL'}"
+                            f" (--cpu-linear {args.cpu_linear})"))
     print(f"# config: vit1d_{args.size}, 12 leads x {args.seq_len} samples, patch {args.patch_size}, mask "
           f"{args.mask_ratio}, decoder {args.decoder_dim} x {args.decoder_depth} ({args.decoder_heads} heads), "
           f"batch {args.batch}; {args.warmup} warm-up + {args.steps} timed steps")
@@ -362,9 +385,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     peaks = {k: max(v, matmul_peak(args.device, getattr(torch, k), peak_n, 5 if gpu else 3)) for k, v in peaks.items()}
     peak = peaks["bfloat16" if args.bf16 else "float32"]
     print("# measured matmul peak (" + ", ".join(f"{k} {v / 1e12:.3f} TFLOP/s" for k, v in peaks.items())
-          + f"; {peak_n}x{peak_n}, best of reps before and after the timed steps)")
+          + f"; {peak_n}x{peak_n}, best of reps before and after the timed steps"
+          + (", best of MKL and oneDNN)" if not gpu and onednn_linear_available() else ")"))
     results = []
-    header = f"{'method':<10} {'params':>10} {'GFLOP/step':>11} {'samples/s':>10} {'95% CI':>19} {'MFU':>7}"
+    header = f"{'method':<16} {'params':>10} {'GFLOP/step':>11} {'samples/s':>10} {'95% CI':>19} {'MFU':>7}"
     print(header)
     for runner in runners:
         r = runner.result()
@@ -372,7 +396,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results.append(r)
         m = r["method"]
         lo, hi = r["samples_per_s_ci95"]
-        print(f"{m:<10} {r['params']:>10,} {r['flops_per_step'] / 1e9:>11.1f} {r['samples_per_s']:>10.2f} "
+        print(f"{m:<16} {r['params']:>10,} {r['flops_per_step'] / 1e9:>11.1f} {r['samples_per_s']:>10.2f} "
               f"{f'[{lo:.2f}, {hi:.2f}]':>19} {100 * r['mfu']:>6.1f}%", flush=True)
     by = {r["method"]: r for r in results}
     summary: dict[str, Any] = {}
@@ -385,6 +409,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                            "flop_ratio": ours["flops_per_step"] / ref["flops_per_step"]}
         print(f"# mae_stmem / reference throughput: {ratio:.2f}x (range from the two 95% CIs: [{lo:.2f}, {hi:.2f}]); "
               f"counted FLOPs ratio {ours['flops_per_step'] / ref['flops_per_step']:.3f} (target >= 1.2x)")
+    if "reference_onednn" in by and "mae_stmem" in by:
+        ref1, ours = by["reference_onednn"], by["mae_stmem"]
+        ratio = ours["samples_per_s"] / ref1["samples_per_s"]
+        summary["speedup_vs_reference_onednn"] = {"ratio": ratio}
+        print(f"# mae_stmem / reference_onednn (both with oneDNN linears): {ratio:.2f}x; reference_onednn / "
+              f"reference: {ref1['samples_per_s'] / by['reference']['samples_per_s']:.2f}x" if "reference" in by
+              else f"# mae_stmem / reference_onednn: {ratio:.2f}x")
     report = {"device": args.device, "device_name": device_name, "torch": torch.__version__,
               "threads": torch.get_num_threads(), "dtype": "bf16" if args.bf16 else "fp32", "compile": args.compile,
               "config": {k: v for k, v in vars(args).items() if k not in ("out",)}, "peaks_flops": peaks,

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ecgfm.accel import adamw_kwargs
 from ecgfm.evaluate.metrics import macro_auroc
 
 VAL_METRIC = "val/macro_auroc"
@@ -165,7 +166,8 @@ class FinetuneModule(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         groups = param_groups(self.backbone, self.head, self.lr, self.weight_decay, self.layer_decay)
-        opt = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups], lr=self.lr)
+        groups = [{k: v for k, v in g.items() if k != "names"} for g in groups]
+        opt = torch.optim.AdamW(groups, lr=self.lr, **adamw_kwargs([p for g in groups for p in g["params"]]))
         total = max(1, int(self.trainer.estimated_stepping_batches))
         per_epoch = max(1, total // max(1, self.trainer.max_epochs or self.max_epochs))
         warm = int(round(self.warmup_epochs * per_epoch))

@@ -6,9 +6,9 @@ A method subclasses :class:`PretrainModule` and implements :meth:`PretrainModule
 validation data, ``y``) to ``(loss, terms)``. The base class provides
 
 * ``training_step`` / ``validation_step`` that call ``shared_step`` and log ``train/<term>`` / ``val/<term>``;
-* ``configure_optimizers``: AdamW (fused on CUDA, ``foreach`` otherwise) without weight decay on biases, norm
-  layers and embeddings (positional embeddings, class/mask tokens, ``nn.Embedding``), with a linear warm-up followed
-  by a cosine decay to zero at ``max_steps``, stepped every optimiser step;
+* ``configure_optimizers``: AdamW (fused on CUDA, and on CPU where PyTorch has it; ``foreach`` otherwise) without
+  weight decay on biases, norm layers and embeddings (positional embeddings, class/mask tokens, ``nn.Embedding``),
+  with a linear warm-up followed by a cosine decay to zero at ``max_steps``, stepped every optimiser step;
 * an *online linear probe* (optional, ``probe_num_classes``): see :meth:`PretrainModule.on_validation_epoch_end`.
 
 Online probe, the chosen design: during validation the (frozen, eval-mode) backbone embeds every labelled batch;
@@ -32,6 +32,8 @@ import lightning as L
 import numpy as np
 import torch
 from torch import nn
+
+from ecgfm.accel import adamw_kwargs
 
 # Parameter names (last component) that are embeddings/tokens and get no weight decay, as in timm/MAE.
 _NO_DECAY_NAMES = ("pos_embed", "cls_token", "mask_token", "lead_embed", "sep_embed", "dist_token", "pos_embedding")
@@ -354,9 +356,7 @@ class PretrainModule(L.LightningModule):
         for g in groups:
             g.pop("names")
         params = [p for g in groups for p in g["params"]]
-        on_cuda = bool(params) and all(p.is_cuda for p in params)
-        kwargs = {"fused": True} if on_cuda else {"foreach": True}
-        opt = torch.optim.AdamW(groups, lr=self.hparams.lr, betas=tuple(self.hparams.betas), **kwargs)
+        opt = torch.optim.AdamW(groups, lr=self.hparams.lr, betas=tuple(self.hparams.betas), **adamw_kwargs(params))
         warm, total = int(self.hparams.warmup_steps), int(self.hparams.max_steps)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, warm, total))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}

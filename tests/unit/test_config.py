@@ -112,6 +112,7 @@ def test_trainer_and_logger_options_instantiate(tmp_path):
     ("preprocess.fs=abc", "preprocess.fs", "abc"),
     ("preprocess.normalize=minmax", "preprocess", "normalize"),
     ("seed=abc", "seed", "abc"),
+    ("cpu_linear=onednnn", "cpu_linear", "did you mean 'onednn'"),
     ("backbone.name=vit1d_tny", "backbone.name", "vit1d_tiny"),
     ("+backbone.depht=2", "backbone.depht", "depth"),
     ("+backbone.depth=two", "backbone.depth", "int"),
