@@ -51,36 +51,28 @@ def run(cmd: list[str], env: dict[str, str]) -> None:
 
 
 def stage_pool(args: argparse.Namespace) -> list[str]:
-    """Pool caches without the downstream validation / test records."""
-    from omegaconf import OmegaConf
+    """Pool caches without the downstream validation / test records.
 
+    The same pool as ``train.py data=pretrain_pool_heldout_free`` (both go through
+    :func:`ecgfm.evaluate.tasks.heldout_free_source`); the cache folders are keyed by the excluded set, so an
+    unchanged split reuses them.
+    """
     from ecgfm.data.preprocess import PreprocessSpec
     from ecgfm.data.readers import CinC2017Source, PTBXLSource
-    from ecgfm.evaluate.tasks import ExcludingSource, TaskSpec, build_task, holdout_record_ids
+    from ecgfm.evaluate.tasks import heldout_free_source
     from ecgfm.pipelines import prepare_cache
 
     spec = PreprocessSpec()  # conf/train.yaml's preprocessing (the encoders export it; tasks reuse it)
     data_root = Path(args.data_root)
-    held: dict[str, set[str]] = {}
-    for task_name in ("ptbxl_super", "cinc2017"):
-        node = OmegaConf.create({"task": OmegaConf.load(ROOT / "conf" / "task" / f"{task_name}.yaml"),
-                                 "paths": {"data_root": str(data_root), "cache_root": args.cache_root}})
-        task = build_task(TaskSpec.from_config(node.task), args.cache_root, spec, workers=args.workers,
-                          progress=True)
-        for src, ids in holdout_record_ids(task, ("val", "test")).items():
-            held.setdefault(src, set()).update(ids)
-        log(f"{task_name}: splits {({k: len(v) for k, v in task.splits.items()})}; notes {task.notes}")
-    ptbxl_all = PTBXLSource(data_root / "ptbxl", fs=100, include_unlabelled=True)
-    # every PTB-XL record of folds 9 / 10 (whatever the task), not only those with a superdiagnostic label
-    folds = ptbxl_all.folds()
-    ptbxl_held = held.get("ptbxl", set()) | {r for r, f in folds.items() if f in (9, 10)}
-    cinc_held = held.get("cinc2017", set())
     pools = []
-    for name, source, excl in (("pool_ptbxl", ptbxl_all, ptbxl_held),
-                               ("pool_cinc2017", CinC2017Source(data_root / "cinc2017"), cinc_held)):
-        src = ExcludingSource(source, sorted(excl))
+    for name, source in (("pool_ptbxl", PTBXLSource(data_root / "ptbxl", fs=100, include_unlabelled=True)),
+                         ("pool_cinc2017", CinC2017Source(data_root / "cinc2017"))):
+        # the validation / test records of both tasks, and every PTB-XL record of strat_fold 9 / 10
+        src = heldout_free_source(source, ["ptbxl_super", "cinc2017"], parts=("val", "test"),
+                                  data_root=str(data_root), cache_root=args.cache_root, preprocess=spec,
+                                  exclude_ptbxl_folds=(9, 10), workers=args.workers, progress=True)
         pools.append(prepare_cache([src], args.cache_root, spec, name=name, workers=args.workers, progress=True))
-        log(f"{name}: {len(src.record_ids())} records ({len(excl)} held-out val/test records excluded) -> "
+        log(f"{name}: {len(src.record_ids())} records ({len(src.exclude)} held-out val/test records excluded) -> "
             f"{pools[-1]}")
     return pools
 

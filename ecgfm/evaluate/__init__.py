@@ -4,7 +4,8 @@ Modules (each documents its contract):
 
 * :mod:`ecgfm.evaluate.tasks`: ``TaskSpec.from_config(cfg.task)``, ``build_task(spec, cache_root, preprocess)
   -> TaskData`` (cache, ``labels (N, C)``, ``class_names``, ``multilabel``, ``splits``, ``patient_ids``),
-  ``holdout_record_ids``, ``ExcludingSource`` (pretraining pools without downstream val/test records).
+  ``holdout_record_ids``, ``ExcludingSource``, ``heldout_free_source`` / ``tasks_holdout_record_ids`` (pretraining
+  pools without downstream val/test records: ``data=pretrain_pool_heldout_free``).
 * :mod:`ecgfm.evaluate.fractions`: ``fraction_subsets(train_rows, labels, patient_ids, fractions, seed)``:
   stratified, patient-level, nested label subsets, identical for every method.
 * :mod:`ecgfm.evaluate.features`: ``cached_features(backbone, cache, window, stride, feature_dir) -> FeatureSet``:

@@ -283,3 +283,176 @@ class ExcludingSource:
             raise ECGDataError(f"{self.name}/{record_id}", "record excluded from this pool (held-out record)")
         return self.source.load(record_id)
 
+
+# ------------------------------------------------------------------------------- held-out-free pretraining pools
+SPLIT_PARTS = ("train", "val", "test")
+
+
+def task_conf_dir() -> str:
+    """The project's task folder, ``conf/task/`` (where task names are looked up)."""
+    from pathlib import Path
+
+    return str(Path(__file__).resolve().parents[2] / "conf" / "task")
+
+
+def load_task_spec(task: str | Mapping[str, Any], data_root: str = "../shared/data", cache_root: str = "cache",
+                   task_dir: str | None = None) -> TaskSpec:
+    """A :class:`TaskSpec` from a task name (``conf/task/<name>.yaml``), a YAML file path or a task mapping.
+
+    The task file is resolved the way ``probe.py`` resolves ``cfg.task``: ``${paths.data_root}`` and
+    ``${paths.cache_root}`` from the arguments, ``${task.*}`` from the task itself.
+
+    Args:
+        task: a task name (``"ptbxl_super"``), a path to a task YAML file, or a task config mapping.
+        data_root: folder holding the original datasets (``paths.data_root``).
+        cache_root: folder of corpus caches (``paths.cache_root``).
+        task_dir: folder of the task YAML files (default :func:`task_conf_dir`).
+
+    Raises:
+        ValueError: an unknown task name (the message lists the available ones) or a bad task config.
+    """
+    from pathlib import Path
+
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(task, (Mapping, DictConfig)):
+        cfg = OmegaConf.create(OmegaConf.to_container(task, resolve=False) if isinstance(task, DictConfig)
+                               else dict(task))
+        where = f"task config {cfg.get('name', '?')!r}"
+    else:
+        name = str(task)
+        folder = Path(task_dir or task_conf_dir())
+        path = Path(name) if name.endswith((".yaml", ".yml")) else folder / f"{name}.yaml"
+        if not path.is_file():
+            import difflib
+
+            known = sorted(p.stem for p in folder.glob("*.yaml"))
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"unknown task {name!r}: no task file {path}{hint} (tasks in {folder}: "
+                             f"{', '.join(known) or 'none'})")
+        cfg = OmegaConf.load(path)
+        where = f"task {name!r} ({path})"
+    node = OmegaConf.create({"task": cfg, "paths": {"data_root": str(data_root), "cache_root": str(cache_root)}})
+    try:
+        return TaskSpec.from_config(node.task)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
+    except Exception as err:  # omegaconf: an interpolation that does not resolve, a '???' value...
+        raise ValueError(f"{where}: cannot resolve the task config ({type(err).__name__}: {err})") from None
+
+
+def tasks_holdout_record_ids(tasks: Sequence[str | Mapping[str, Any]], parts: Sequence[str] = ("val", "test"),
+                             data_root: str = "../shared/data", cache_root: str = "cache", preprocess: Any = None,
+                             task_dir: str | None = None, workers: int = 0, progress: bool = False
+                             ) -> dict[str, set[str]]:
+    """``{source name: record ids}`` of the ``parts`` splits of every task, merged (see :func:`holdout_record_ids`).
+
+    Each task is built with :func:`build_task` (its cache is prepared on first use with ``preprocess``, which
+    should be the pretraining preprocessing: the encoder exports it and the evaluation reuses it, so these are
+    exactly the records the evaluation will hold out).
+
+    Args:
+        tasks: task names (``conf/task/<name>.yaml``), task YAML paths or task mappings (:func:`load_task_spec`).
+        parts: which splits to collect (of ``"train"``, ``"val"``, ``"test"``).
+        data_root: ``paths.data_root`` for the task files.
+        cache_root: folder of corpus caches (the tasks' caches are prepared or reused there).
+        preprocess: :class:`PreprocessSpec`, a mapping of its fields, or None (the default spec).
+        task_dir: folder of the task YAML files (default :func:`task_conf_dir`).
+        workers: cache preparation worker processes.
+        progress: show progress bars while preparing.
+
+    Raises:
+        ValueError: an empty task list, an unknown part or task name (named in the message).
+    """
+    import logging
+
+    log = logging.getLogger(__name__)
+    if isinstance(tasks, str):
+        tasks = [tasks]
+    if not tasks:
+        raise ValueError("tasks: give at least one task whose evaluation records to exclude")
+    bad = [p for p in parts if p not in SPLIT_PARTS]
+    if bad or not parts:
+        raise ValueError(f"parts: expected a non-empty subset of {SPLIT_PARTS}, got {list(parts)}")
+    spec = _preprocess_spec(preprocess)
+    specs = [load_task_spec(t, data_root, cache_root, task_dir) for t in tasks]  # every name checked first
+    held: dict[str, set[str]] = {}
+    for task_spec in specs:
+        task = build_task(task_spec, str(cache_root), spec, workers=workers, progress=progress)
+        for src, ids in holdout_record_ids(task, parts).items():
+            held.setdefault(src, set()).update(ids)
+        log.info("%s: splits %s; notes %s", task.name, {k: len(v) for k, v in task.splits.items()}, task.notes)
+    return held
+
+
+def _preprocess_spec(preprocess: Any) -> PreprocessSpec:
+    if preprocess is None:
+        return PreprocessSpec()
+    if isinstance(preprocess, PreprocessSpec):
+        return preprocess
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(preprocess, DictConfig):
+        preprocess = OmegaConf.to_container(preprocess, resolve=True)
+    return PreprocessSpec.from_dict(dict(preprocess))
+
+
+def heldout_free_source(source: Any, tasks: Sequence[str | Mapping[str, Any]],
+                        parts: Sequence[str] = ("val", "test"), data_root: str = "../shared/data",
+                        cache_root: str = "cache", preprocess: Any = None,
+                        exclude_ptbxl_folds: Sequence[int] = (9, 10), task_dir: str | None = None,
+                        workers: int = 0, progress: bool = False) -> ExcludingSource:
+    """``source`` without the evaluation records of ``tasks``: a pretraining pool the leakage guard accepts.
+
+    Excluded: every record of ``source`` that is in a ``parts`` split of one of the tasks (matched by source name
+    and record id, :func:`tasks_holdout_record_ids`) and, for a PTB-XL source, every record whose ``strat_fold``
+    is in ``exclude_ptbxl_folds`` whatever its labels (the validation / test folds of every PTB-XL task, not
+    only of the tasks named). Records of other sources are untouched; a task whose records belong to another
+    source excludes nothing here.
+
+    Usable from Python and as a Hydra ``_target_`` inside the ``sources`` of :func:`ecgfm.pipelines.prepare_cache`
+    when that node is instantiated recursively (``conf/data/pretrain_pool_heldout_free.yaml``): the cache is then
+    keyed by the returned source's repr, which names the excluded set by digest, so another task list, split or
+    task file gives another cache and an unchanged one reuses it.
+
+    Patients: the guard also rejects shared patients. PTB-XL folds are patient-disjoint (all records of a patient
+    are in one fold) and CinC 2017 has no patient ids, so excluding records suffices for the shipped tasks; for a
+    task with a patient-level split whose patients also have records outside its splits, the guard stays the
+    backstop.
+
+    Args:
+        source: a :class:`~ecgfm.data.record.RecordSource` (or a ``_target_`` mapping of one).
+        tasks: task names (``conf/task/<name>.yaml``), task YAML paths or task mappings.
+        parts: which task splits to exclude.
+        data_root: ``paths.data_root`` for the task files.
+        cache_root: folder of corpus caches (the tasks' caches are prepared or reused there).
+        preprocess: preprocessing of the task caches (normally the pool's: the evaluation reuses the encoder's).
+        exclude_ptbxl_folds: PTB-XL ``strat_fold`` values excluded outright (empty: none).
+        task_dir: folder of the task YAML files (default :func:`task_conf_dir`).
+        workers: cache preparation worker processes for the task caches.
+        progress: show progress bars while preparing.
+
+    Returns:
+        An :class:`ExcludingSource` wrapping ``source``.
+
+    Raises:
+        ValueError: an unknown task name (named), an empty task list or a bad ``parts``.
+        ECGDataError: a task's data is missing or unreadable.
+    """
+    from omegaconf import DictConfig
+
+    if isinstance(source, (Mapping, DictConfig)):
+        from hydra.utils import instantiate
+
+        source = instantiate(source, _convert_="all")
+    held = tasks_holdout_record_ids(tasks, parts, data_root=data_root, cache_root=cache_root, preprocess=preprocess,
+                                    task_dir=task_dir, workers=workers, progress=progress)
+    name = str(source.name)
+    exclude = set(held.get(name, set()))
+    folds = {int(f) for f in exclude_ptbxl_folds or ()}
+    if folds and name == "ptbxl" and hasattr(source, "folds"):
+        # every PTB-XL record of the held-out folds (whatever the task), not only those with the tasks' labels
+        exclude |= {r for r, f in source.folds().items() if f in folds}
+    listed = set(source.record_ids())
+    return ExcludingSource(source, sorted(exclude & listed))

@@ -37,7 +37,8 @@ def _base(tmp_path: Path) -> list[str]:
 
 def test_tree_has_the_documented_options():
     assert set(EXPERIMENTS) >= {"mae", "simclr", "clocs", "crema"}
-    assert set(_options("data")) >= {"synthetic", "cached", "pretrain_pool", "ptbxl", "cinc2017", "folder"}
+    assert set(_options("data")) >= {"synthetic", "cached", "pretrain_pool", "pretrain_pool_heldout_free", "ptbxl",
+                                        "cinc2017", "folder"}
     assert set(_options("trainer")) >= {"cpu", "gpu", "ddp", "debug"}
     assert set(_options("logger")) >= {"csv", "wandb", "tensorboard"}
     assert (CONF / "hydra" / "launcher" / "submitit_slurm.yaml").is_file()
