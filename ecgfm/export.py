@@ -7,6 +7,11 @@ An export directory holds
   "preprocess" (a :class:`~ecgfm.data.preprocess.PreprocessSpec` as a dict), "tensors" (name -> shape),
   "extra" (JSON-able: method, crop_samples, fs, ...)}``.
 
+``init_args`` lists every constructor argument of the backbone (the registered size's defaults included, see
+:mod:`ecgfm.backbones.registry`), so the JSON describes the architecture on its own. Exports written before that
+hold only the arguments given to ``create_backbone``; they still load, the others taking the registry's current
+defaults.
+
 :func:`load_encoder` rebuilds the backbone only through :func:`ecgfm.backbones.create_backbone` (so only registered
 names can be instantiated, never an arbitrary class) and loads the weights strictly, so downstream code gets the
 same network and the same preprocessing that pretraining used.
@@ -77,7 +82,10 @@ def export_encoder(backbone: nn.Module, out_dir: str | os.PathLike, preprocess: 
     if name not in list_backbones():
         raise ValueError(f"cannot export a backbone with unregistered name {name!r}: build it with "
                          f"ecgfm.backbones.create_backbone (registered: {', '.join(list_backbones())})")
-    init_args = _json_check(dict(getattr(backbone, "init_args", {})), f"init_args of backbone {name!r}")
+    init_args = getattr(backbone, "init_args", None)
+    if init_args is None:  # a registered class built directly (not by create_backbone): its recorded constructor call
+        init_args = getattr(backbone, "_constructor_args", None) or {}
+    init_args = _json_check(dict(init_args), f"init_args of backbone {name!r}")
     spec = preprocess if isinstance(preprocess, PreprocessSpec) else PreprocessSpec.from_dict(dict(preprocess))
     state = {k: v.detach().to("cpu").contiguous() for k, v in backbone.state_dict().items()}
     meta = {

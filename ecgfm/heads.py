@@ -12,8 +12,10 @@ class ProjectionHead(nn.Module):
     """SimCLR-style projection MLP ``in_dim -> hidden_dim (-> hidden_dim ...) -> out_dim``.
 
     Hidden layers are ``Linear -> BatchNorm1d -> ReLU`` (``batch_norm=True``, as in SimCLR v2 / lightly) or
-    ``Linear -> ReLU``; the last layer is a ``Linear``, followed by a non-affine BatchNorm when ``batch_norm``
-    (as MoCo v3's projector).
+    ``Linear -> ReLU``; the last layer is a ``Linear``, followed by a non-affine BatchNorm when ``batch_norm`` and
+    ``final_batch_norm`` (as MoCo v3's projector). A ``Linear`` directly followed by a BatchNorm has no bias (the
+    BatchNorm subtracts it again, so it would only be a parameter without gradient); the last ``Linear`` has a
+    bias when no BatchNorm follows it.
 
     Args:
         in_dim: embedding size ``D`` of the backbone.
@@ -21,13 +23,16 @@ class ProjectionHead(nn.Module):
         out_dim: projection size.
         num_layers: number of linear layers (``>= 1``; 1 = a single linear map).
         batch_norm: use BatchNorm in the head.
+        final_batch_norm: with ``batch_norm``, also normalise the output (non-affine BatchNorm after the last
+            ``Linear``); ``False`` gives SimCLR v1's ``Linear -> BN -> ReLU -> Linear``. Ignored without
+            ``batch_norm``.
 
     Shapes:
         ``(B, in_dim) -> (B, out_dim)``.
     """
 
     def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, num_layers: int = 2,
-                 batch_norm: bool = True) -> None:
+                 batch_norm: bool = True, final_batch_norm: bool = True) -> None:
         super().__init__()
         if num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
@@ -41,12 +46,14 @@ class ProjectionHead(nn.Module):
                 layers.append(nn.BatchNorm1d(hidden_dim))
             layers.append(nn.ReLU(inplace=True))
             dim = hidden_dim
-        layers.append(nn.Linear(dim, out_dim, bias=not batch_norm))
-        if batch_norm:
+        final_bn = batch_norm and final_batch_norm
+        layers.append(nn.Linear(dim, out_dim, bias=not final_bn))
+        if final_bn:
             layers.append(nn.BatchNorm1d(out_dim, affine=False))
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:
+        """Project ``x (B, in_dim) -> (B, out_dim)``."""
         return self.net(x)
 
 

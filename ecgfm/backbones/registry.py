@@ -7,16 +7,58 @@ Every backbone takes ``(batch, leads, samples)`` and provides:
 * ``num_features`` (int), ``name`` (registry name) and ``init_args`` (JSON-able constructor arguments),
   so that an exported encoder is rebuilt with ``create_backbone(name, **init_args)`` and no pickling.
 
+``init_args`` holds *every* constructor argument, resolved: the size defaults of the registered factory and the
+constructor's own defaults merged with the keyword arguments given to :func:`create_backbone`. An exported encoder
+or a checkpoint therefore describes its architecture completely and does not depend on the registry's defaults
+staying the same (a description holding only some arguments, as written by older versions, still works: the
+missing ones come from the registry's current defaults).
+
 Only names registered here can be instantiated from a checkpoint or an exported JSON.
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable
 
 from torch import nn
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+
+
+def _bind(fn: Callable[..., Any], args: tuple, kwargs: dict[str, Any], skip_first: bool = False
+          ) -> dict[str, Any] | None:
+    """Keyword arguments of the call ``fn(*args, **kwargs)`` with ``fn``'s defaults filled in.
+
+    ``skip_first`` drops the first parameter (``self`` of an unbound ``__init__``). Returns ``None`` when the call
+    cannot be written as keyword arguments only (it does not bind, or extra positional arguments go to ``*args``).
+    """
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):  # builtins without a signature
+        return None
+    params = list(sig.parameters.values())
+    if skip_first:
+        params = params[1:]
+    sig = sig.replace(parameters=params)
+    try:
+        bound = sig.bind(*args, **kwargs)
+    except TypeError:
+        return None
+    bound.apply_defaults()
+    out: dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        kind = sig.parameters[name].kind
+        if kind is inspect.Parameter.VAR_POSITIONAL:
+            if value:
+                return None
+        elif kind is inspect.Parameter.VAR_KEYWORD:
+            out.update(value)
+        elif kind is inspect.Parameter.POSITIONAL_ONLY:
+            return None
+        else:
+            out[name] = value
+    return out
 
 
 class Backbone(nn.Module):
@@ -25,6 +67,14 @@ class Backbone(nn.Module):
     name: str = ""
     num_features: int = 0
     init_args: dict[str, Any]
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "Backbone":
+        # Record the complete constructor call (every argument, defaults filled in) before __init__ runs, so that
+        # create_backbone can store it as ``init_args`` whatever defaults a registry factory added. Done here
+        # rather than in each subclass's __init__ so every family gets it without code of its own.
+        obj = super().__new__(cls)
+        object.__setattr__(obj, "_constructor_args", _bind(cls.__init__, args, kwargs, skip_first=True))
+        return obj
 
     def forward_features(self, x):  # pragma: no cover - abstract
         raise NotImplementedError
@@ -58,12 +108,35 @@ def list_backbones() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def resolved_init_args(name: str, model: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Complete keyword arguments that rebuild ``model`` (made by ``factory(**kwargs)``) through the registry.
+
+    The constructor call recorded by :class:`Backbone` is used when the factory passed the given ``kwargs``
+    through unchanged (the built-in factories do: ``Class(**{**size_defaults, **kwargs})``); otherwise (or for a
+    model that is not a :class:`Backbone`) the factory's own signature with its defaults; failing both, ``kwargs``.
+    """
+    ctor = getattr(model, "_constructor_args", None)
+    if ctor is not None and all(k in ctor and ctor[k] is v for k, v in kwargs.items()):
+        return dict(ctor)
+    bound = _bind(_REGISTRY[name], (), kwargs)
+    return dict(kwargs) if bound is None else bound
+
+
 def create_backbone(name: str, **kwargs: Any) -> nn.Module:
-    """Build a registered backbone; the result records ``name`` and its ``init_args``."""
+    """Build a registered backbone; the result records ``name`` and its complete ``init_args``.
+
+    Args:
+        name: a registered name (:func:`list_backbones`).
+        **kwargs: constructor arguments overriding the registered size's defaults.
+
+    Returns:
+        The backbone, with ``name`` and ``init_args`` (every constructor argument, resolved; see the module
+        docstring) set.
+    """
     _ensure_builtin()
     if name not in _REGISTRY:
         raise KeyError(f"unknown backbone {name!r}; registered: {', '.join(sorted(_REGISTRY))}")
     model = _REGISTRY[name](**kwargs)
     model.name = name
-    model.init_args = dict(kwargs)
+    model.init_args = resolved_init_args(name, model, kwargs)
     return model

@@ -7,8 +7,8 @@ foundation-model study). No public code exists; this is our reading of the recip
 
 where view 1 and view 2 are two independently masked copies of the same ECG (each encoder pass sees only its own
 visible patches), ``pool`` is the mean of the visible patch tokens (the backbone's ``embed`` pooling), ``g`` a small
-projection head (Linear-BN-ReLU-Linear, as SimCLR) and NT-Xent (:func:`ecgfm.losses.nt_xent`) uses the other
-samples of the (DDP-gathered) batch as negatives. Only view 1 is decoded, so ``contrastive_weight=0`` is *exactly*
+projection head (:class:`~ecgfm.heads.ProjectionHead` as in SimCLR v1: Linear-BN-ReLU-Linear, no BatchNorm on the
+output) and NT-Xent (:func:`ecgfm.losses.nt_xent`) uses the other samples of the (DDP-gathered) batch as negatives. Only view 1 is decoded, so ``contrastive_weight=0`` is *exactly*
 :class:`~ecgfm.methods.mae.MAEModule` (the second view is then not even computed): same random masks, same loss,
 same gradients.
 """
@@ -18,16 +18,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ecgfm.heads import ProjectionHead
 from ecgfm.losses.contrastive import nt_xent
 from ecgfm.methods.mae import MAEModule
 
-__all__ = ["CREMAModule", "projection_head"]
-
-
-def projection_head(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
-    """SimCLR-style projection MLP ``Linear -> BatchNorm1d -> ReLU -> Linear``: ``(B, in) -> (B, out)``."""
-    return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
-                         nn.Linear(hidden_dim, out_dim))
+__all__ = ["CREMAModule"]
 
 
 class CREMAModule(MAEModule):
@@ -39,6 +34,8 @@ class CREMAModule(MAEModule):
         temperature: NT-Xent temperature.
         proj_hidden_dim: hidden width of the projection head (``None``: the encoder width).
         proj_dim: output width of the projection head.
+        proj_batch_norm: BatchNorm after the hidden layer of the projection head (``False``: Linear-ReLU-Linear,
+            e.g. for very small per-device batches).
         mask_ratio, decoder_dim, decoder_depth, decoder_heads, decoder_mlp_ratio, norm_pix_loss, mask_mode,
             decoder_layout: see :class:`~ecgfm.methods.mae.MAEModule`.
         lr, weight_decay, warmup_steps, max_steps, betas, probe_num_classes, probe_multilabel: see
@@ -46,7 +43,8 @@ class CREMAModule(MAEModule):
     """
 
     def __init__(self, backbone: nn.Module, contrastive_weight: float = 0.1, temperature: float = 0.1,
-                 proj_hidden_dim: int | None = None, proj_dim: int = 128, mask_ratio: float = 0.75,
+                 proj_hidden_dim: int | None = None, proj_dim: int = 128, proj_batch_norm: bool = True,
+                 mask_ratio: float = 0.75,
                  decoder_dim: int = 256, decoder_depth: int = 4, decoder_heads: int = 8,
                  decoder_mlp_ratio: float = 4.0, norm_pix_loss: bool = True, mask_mode: str = "global",
                  decoder_layout: str = "joint", lr: float = 1e-3, weight_decay: float = 0.05,
@@ -64,7 +62,9 @@ class CREMAModule(MAEModule):
         self.contrastive_weight = float(contrastive_weight)
         self.temperature = float(temperature)
         d = backbone.num_features
-        self.projector = projection_head(d, proj_hidden_dim or d, proj_dim)
+        # (B, D) -> (B, proj_dim): Linear -> BN -> ReLU -> Linear (with bias), no BatchNorm on the output
+        self.projector = ProjectionHead(d, proj_hidden_dim or d, proj_dim, num_layers=2,
+                                        batch_norm=proj_batch_norm, final_batch_norm=False)
 
     def shared_step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``loss = recon + w * contrastive``; terms ``recon`` and (when ``w > 0``) ``contrastive``."""

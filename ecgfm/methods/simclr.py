@@ -2,10 +2,17 @@
 
 Two augmented views of every crop are encoded by the backbone, projected by an MLP head and pulled together with
 NT-Xent against the other ``2N - 2`` embeddings of the (DDP-global) batch.
+
+Augmentation randomness: with ``aug_seed=None`` the augmentations draw from torch's global generator, which the
+training pipeline reseeds from ``(seed, rank, step)`` before every step (:class:`ecgfm.pipelines.StepSeedCallback`),
+so a resumed run draws what an uninterrupted one would. With a fixed ``aug_seed`` the module keeps its own
+generator per rank; its state (one ``uint8`` tensor per rank, from :meth:`torch.Generator.get_state`) is saved in
+the checkpoint under :data:`AUG_STATE_KEY` and restored on load, with the same effect.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -17,7 +24,11 @@ from ecgfm.heads import ProjectionHead
 from ecgfm.losses.contrastive import nt_xent
 from ecgfm.methods.base import PretrainModule
 
-__all__ = ["SimCLRModule"]
+__all__ = ["SimCLRModule", "AUG_STATE_KEY"]
+
+#: checkpoint entry holding the training augmentation generators: ``{"aug_seed": int, "device_type": str,
+#: "states": [uint8 tensor per rank]}`` (plain data and tensors: loads with ``weights_only=True``)
+AUG_STATE_KEY = "simclr_aug_generator"
 
 
 class SimCLRModule(PretrainModule):
@@ -41,8 +52,8 @@ class SimCLRModule(PretrainModule):
         p_lead_mask: probability of masking some present leads.
         p_lowpass: probability of the random low-pass filter.
         aug_seed: seed of the augmentation generator (rank ``r`` uses ``aug_seed + 1000 r``; validation always
-            restarts from ``aug_seed``, so validation losses are comparable between epochs); ``None`` draws from
-            torch's global generator.
+            restarts from its own seed, so validation losses are comparable between epochs; the training
+            generator's state travels in checkpoints); ``None`` draws from torch's global generator.
         lr, weight_decay, warmup_steps, max_steps, betas, probe_num_classes, probe_multilabel: see
             :class:`~ecgfm.methods.base.PretrainModule`.
     """
@@ -68,17 +79,82 @@ class SimCLRModule(PretrainModule):
                                       p_lead_mask=p_lead_mask, p_lowpass=p_lowpass)
         self.aug_seed = aug_seed
         self._gens: dict[str, torch.Generator] = {}
+        self._restored_aug_state: dict[str, Any] | None = None  # from on_load_checkpoint, until first use
+
+    def _rank_world(self) -> tuple[int, int]:
+        if self._trainer is None:
+            return 0, 1
+        return int(self.trainer.global_rank), int(self.trainer.world_size)
 
     def _generator(self, device: torch.device) -> torch.Generator | None:
         if self.aug_seed is None:
             return None
-        key = "train" if self.training else "val"
+        return self._generator_for("train" if self.training else "val", device)
+
+    def _generator_for(self, key: str, device: torch.device) -> torch.Generator:
         gen = self._gens.get(key)
         if gen is None or gen.device != device:
-            rank = self.global_rank if self._trainer is not None else 0
+            rank, world = self._rank_world()
             seed = self.aug_seed + 1000 * rank + (0 if key == "train" else 999_983)
             gen = self._gens[key] = make_generator(seed, device)
+            if key == "train" and self._restored_aug_state is not None:
+                self._apply_restored_state(gen, rank, world)
         return gen
+
+    def _apply_restored_state(self, gen: torch.Generator, rank: int, world: int) -> None:
+        """Set the training generator to the state saved in the checkpoint (once), or warn why not."""
+        saved, self._restored_aug_state = self._restored_aug_state, None
+        states = saved["states"]
+        problem = None
+        if saved["aug_seed"] != self.aug_seed:
+            problem = f"it was saved with aug_seed={saved['aug_seed']}, this run uses aug_seed={self.aug_seed}"
+        elif saved["device_type"] != gen.device.type:
+            problem = f"it is a {saved['device_type']} generator state, this run draws on {gen.device.type}"
+        elif len(states) != world:
+            problem = f"it holds {len(states)} rank(s), this run has {world}"
+        if problem is not None:
+            warnings.warn(f"SimCLR augmentation generator not restored from the checkpoint ({problem}): "
+                          f"augmentations restart from aug_seed and differ from an uninterrupted run",
+                          stacklevel=2)
+            return
+        gen.set_state(states[rank].detach().to("cpu", torch.uint8))
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store the training augmentation generator state of every rank under :data:`AUG_STATE_KEY`.
+
+        Called on every rank (Lightning's ``dump_checkpoint``); under DDP the per-rank states are all-gathered, so
+        each rank continues its own stream after a resume.
+        """
+        super().on_save_checkpoint(checkpoint)
+        if self.aug_seed is None:
+            return
+        # Creating the generator here (if no step ran yet) draws nothing: it is the one the next step would make.
+        gen = self._generator_for("train", self.device)
+        state = gen.get_state()                                         # (n,) uint8, on the CPU
+        _, world = self._rank_world()
+        if world > 1:
+            gathered = self.all_gather(state.to(self.device))           # (world, n): same n on every rank
+            states = [s.to("cpu", torch.uint8).clone() for s in gathered.reshape(world, -1)]
+        else:
+            states = [state.clone()]
+        checkpoint[AUG_STATE_KEY] = {"aug_seed": int(self.aug_seed), "device_type": gen.device.type,
+                                     "states": states}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep the saved augmentation generator states; applied when the training generator is next made."""
+        super().on_load_checkpoint(checkpoint)
+        saved = checkpoint.get(AUG_STATE_KEY)
+        if saved is None:
+            if self.aug_seed is not None:
+                warnings.warn("checkpoint holds no SimCLR augmentation generator state (written by an older "
+                              "ecgfm?): augmentations restart from aug_seed", stacklevel=2)
+            return
+        if not (isinstance(saved, dict) and {"aug_seed", "device_type", "states"} <= set(saved)
+                and all(torch.is_tensor(t) and t.dtype == torch.uint8 for t in saved["states"])):
+            raise ValueError(f"checkpoint entry {AUG_STATE_KEY!r} is malformed: expected aug_seed, device_type and "
+                             f"a list of uint8 tensors")
+        self._restored_aug_state = dict(saved)
+        self._gens.pop("train", None)  # the next training draw starts from the restored state
 
     def on_validation_epoch_start(self) -> None:
         super().on_validation_epoch_start()

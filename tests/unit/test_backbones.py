@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 
 import pytest
@@ -38,7 +39,10 @@ def test_every_backbone_follows_the_contract(name):
     kwargs = _kwargs(name)
     model = create_backbone(name, **kwargs).eval()
     assert model.name == name
-    assert model.init_args == kwargs
+    # init_args: every constructor argument, resolved (the given kwargs win over the size defaults)
+    ctor = inspect.signature(type(model).__init__).parameters
+    assert set(model.init_args) == set(ctor) - {"self"}
+    assert {k: model.init_args[k] for k in kwargs} == kwargs
     json.dumps(model.init_args)  # JSON-able
     t = 100 if name.startswith("vit") and name != "vit1d_test" else 250
     x = torch.randn(1 if name in BIG else 2, 12, t)

@@ -102,3 +102,25 @@ def test_crema_trains_through_lightning(tmp_path):
     assert {"train/loss", "train/recon", "train/contrastive"} <= set(logged)
     assert torch.isfinite(logged["train/loss"])
     assert module.hparams["contrastive_weight"] == 0.1 and module.hparams["backbone_name"] == "vit1d_test"
+
+
+def test_projector_is_the_shared_projection_head():
+    from ecgfm.heads import ProjectionHead
+
+    crema = CREMAModule(create_backbone("vit1d_test"), proj_hidden_dim=24, proj_dim=8, **DEC)
+    assert isinstance(crema.projector, ProjectionHead)
+    # Linear -> BN -> ReLU -> Linear (with bias), no BatchNorm on the output
+    kinds = [type(m).__name__ for m in crema.projector.net]
+    assert kinds == ["Linear", "BatchNorm1d", "ReLU", "Linear"] and crema.projector.net[3].bias is not None
+    assert crema.projector(torch.randn(5, 16)).shape == (5, 8)
+    assert CREMAModule(create_backbone("vit1d_test"), **DEC).projector.net[0].out_features == 16  # default: D
+
+
+def test_projector_without_batch_norm():
+    torch.manual_seed(0)
+    crema = CREMAModule(create_backbone("vit1d_test"), contrastive_weight=0.5, proj_batch_norm=False, proj_dim=8,
+                        **DEC).train()
+    assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in crema.projector.modules())
+    loss, terms = crema.shared_step(_batch(b=2))
+    assert set(terms) == {"recon", "contrastive"} and torch.isfinite(loss)
+    assert crema.hparams["proj_batch_norm"] is False

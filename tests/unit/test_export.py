@@ -29,7 +29,8 @@ def test_round_trip_gives_the_same_outputs(tmp_path, name, kwargs):
     assert (out / WEIGHTS_FILE).is_file() and (out / META_FILE).is_file()
     loaded, spec2, info = load_encoder(out)
     assert spec2 == spec
-    assert info["name"] == name and info["init_args"] == kwargs and info["extra"]["method"] == "mae"
+    assert info["name"] == name and info["init_args"] == json.loads(json.dumps(model.init_args))
+    assert {k: info["init_args"][k] for k in kwargs} == kwargs and info["extra"]["method"] == "mae"
     assert info["num_features"] == model.num_features
     assert not loaded.training
     x = torch.randn(3, 12, 250)
@@ -85,7 +86,10 @@ def test_shape_mismatch_is_refused(exported):
 
 
 def test_other_architecture_is_refused(exported):
-    _tamper(exported, name="resnet1d_test")
+    _tamper(exported, name="resnet1d_test")  # the complete ViT arguments do not even fit the ResNet constructor
+    with pytest.raises(ValueError, match="cannot build backbone 'resnet1d_test'.*unexpected keyword"):
+        load_encoder(exported)
+    _tamper(exported, init_args={})          # builds, but the ViT weights do not fit
     with pytest.raises(ValueError, match="do not match"):
         load_encoder(exported)
 
@@ -146,3 +150,56 @@ def test_backbone_from_lightning_checkpoint(tmp_path):
     torch.save({"state_dict": {}, "hyper_parameters": {"lr": 1.0}}, tmp_path / "bad.ckpt")
     with pytest.raises(ValueError, match="no backbone description"):
         backbone_from_lightning_checkpoint(tmp_path / "bad.ckpt")
+
+
+@pytest.mark.parametrize("name,kwargs", [("vit1d_test", {"depth": 2}), ("resnet1d_test", {})])
+def test_export_json_lists_every_constructor_argument(tmp_path, name, kwargs):
+    import inspect
+
+    model = create_backbone(name, **kwargs)
+    export_encoder(model, tmp_path, PreprocessSpec())
+    meta = json.loads((tmp_path / META_FILE).read_text())
+    ctor = set(inspect.signature(type(model).__init__).parameters) - {"self"}
+    assert set(meta["init_args"]) == ctor
+    assert meta["init_args"] == json.loads(json.dumps(model.init_args))
+    # the JSON alone rebuilds the architecture, directly through the class (no registry defaults involved)
+    rebuilt = type(model)(**meta["init_args"])
+    assert {k: list(v.shape) for k, v in rebuilt.state_dict().items()} == meta["tensors"]
+
+
+def test_old_style_export_with_only_the_given_arguments_still_loads(tmp_path, monkeypatch):
+    from ecgfm.backbones.vit1d import VIT_SIZES
+
+    torch.manual_seed(0)
+    model = create_backbone("vit1d_test", depth=2).eval()
+    export_encoder(model, tmp_path / "new", PreprocessSpec())
+    export_encoder(model, tmp_path / "old", PreprocessSpec())
+    _tamper(tmp_path / "old", init_args={"depth": 2})        # what older versions wrote: the given kwargs only
+    x = torch.randn(2, 12, 250)
+    with torch.no_grad():
+        ref = model.embed(x)
+        for folder in ("new", "old"):
+            loaded, _, _ = load_encoder(tmp_path / folder)
+            assert loaded.init_args == model.init_args       # rebuilt with the (unchanged) registry defaults
+            torch.testing.assert_close(loaded.embed(x), ref, rtol=0, atol=0)
+    # if the registry's defaults change later, only the self-describing export still loads
+    monkeypatch.setitem(VIT_SIZES["vit1d_test"], "embed_dim", 32)
+    loaded, _, _ = load_encoder(tmp_path / "new")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.embed(x), ref, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="shape mismatch"):
+        load_encoder(tmp_path / "old")
+
+
+def test_registered_class_built_directly_exports_its_constructor_call(tmp_path):
+    from ecgfm.backbones.vit1d import ViT1D
+
+    torch.manual_seed(0)
+    model = ViT1D(seq_len=250, patch_size=25, embed_dim=8, depth=1, num_heads=2).eval()
+    model.name = "vit1d_test"                                # no create_backbone, so no init_args
+    export_encoder(model, tmp_path, PreprocessSpec())
+    loaded, _, info = load_encoder(tmp_path)
+    assert info["init_args"]["embed_dim"] == 8 and info["init_args"]["mlp_ratio"] == 4.0
+    x = torch.randn(2, 12, 250)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.embed(x), model.embed(x), rtol=0, atol=0)
