@@ -29,7 +29,8 @@ change of machine load during the run affects every method alike.
 Examples::
 
     python scripts/bench_train.py --steps 3                        # quick CPU look
-    python scripts/bench_train.py --device cuda --bf16 --size base # GPU samples/s and MFU
+    python scripts/bench_train.py --device cuda --bf16 --size base --batch 256 --methods mae_stmem,mae,simclr
+        # GPU samples/s and MFU (batch 8 leaves an H100 idle: use a GPU-sized batch; add --compile to fuse)
     python scripts/bench_train.py --methods reference,mae_stmem --steps 20 --out docs/bench_train_cpu.json
 """
 

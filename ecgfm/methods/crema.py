@@ -71,8 +71,7 @@ class CREMAModule(MAEModule):
         x, lead_mask = batch["x"], batch.get("lead_mask")
         gen = self._val_generator(x)
         latent1, mask1, ids_restore1 = self.forward_encoder(x, gen)                 # view 1: (B, K + 2L, D)
-        pred = self.forward_decoder(latent1, ids_restore1, mask1.shape[2])           # (B, L, N, P)
-        recon = self.forward_loss(x, pred, mask1, lead_mask)
+        recon = self.reconstruction_loss(x, latent1, mask1, ids_restore1, lead_mask)
         terms = {"recon": recon.detach()}
         if self.contrastive_weight == 0:
             return recon, terms

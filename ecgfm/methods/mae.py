@@ -6,7 +6,9 @@ The structure follows facebookresearch/mae ``models_mae.py``: :meth:`MAEModule.p
 spatio-temporal (random over the ``leads x patches`` grid, independently per sample) and the encoder only ever sees
 the visible patches (+ the SEP tokens). The lightweight decoder sees only the ``L * N`` patch positions (visible
 tokens and mask tokens, no SEP tokens), with its own lead embeddings and fixed sin-cos positions, and predicts every
-patch; the loss (:func:`ecgfm.losses.masked_patch_mse`) counts only masked patches of present leads.
+patch; the loss (:func:`ecgfm.losses.masked_patch_mse`) counts only masked patches of present leads. In training
+(:meth:`MAEModule.reconstruction_loss`) the decoder's last block runs its MLP, and the head predicts, only for those
+patches: the other outputs would be discarded, so the loss and gradients are unchanged.
 
 Choices, and how they differ from the ST-MEM code:
 
@@ -121,16 +123,22 @@ class MAEDecoder(nn.Module):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def forward(self, visible: torch.Tensor, ids_restore: torch.Tensor, num_patches: int) -> torch.Tensor:
-        """Predict every patch.
+    def forward(self, visible: torch.Tensor, ids_restore: torch.Tensor, num_patches: int,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Predict every patch, or only the patches at ``rows``.
 
         Args:
             visible: ``(B, K, D_enc)`` encoder outputs of the visible patch tokens (in ``ids_keep`` order).
             ids_restore: ``(B, L*N)`` from :func:`random_masking`.
             num_patches: ``N``.
+            rows: optional ``(R,)`` int64 positions in the flattened ``(B, L, N)`` grid whose predictions are
+                needed (training: the masked patches the loss counts). Every token still goes through every block
+                (they are the keys and values of the attention), but the last block's projection residual, MLP,
+                final norm and prediction head run on these rows only: the outputs of the other tokens would be
+                thrown away, so the loss and all gradients are the same as with the full prediction.
 
         Returns:
-            ``(B, L, N, P)`` predicted patches.
+            ``(B, L, N, P)`` predicted patches, or ``(R, P)`` with ``rows``.
         """
         b, k, _ = visible.shape
         total = ids_restore.shape[1]
@@ -141,10 +149,35 @@ class MAEDecoder(nn.Module):
         z = z + (self.lead_embed[:, None, :] + pos[None]).reshape(total, self.dim)
         if self.layout == "per_lead":
             z = z.reshape(b * self.num_leads, num_patches, self.dim)                 # (B*L, N, Dd)
-        for blk in self.blocks:
+        if rows is None or not self.blocks or not _rows_ok(self.blocks[-1]):
+            for blk in self.blocks:
+                z = blk(z)
+            z = self.pred(self.norm(z))                                              # (B*L, N, P) or (B, L*N, P)
+            z = z.reshape(b, self.num_leads, num_patches, self.patch_size)
+            return z if rows is None else z.reshape(-1, self.patch_size)[rows]
+        for blk in self.blocks[:-1]:
             z = blk(z)
-        z = self.pred(self.norm(z))                                                  # (B*L, N, P) or (B, L*N, P)
-        return z.reshape(b, self.num_leads, num_patches, self.patch_size)
+        return self.pred(self.norm(_block_at_rows(self.blocks[-1], z, rows)))       # (R, P)
+
+
+def _rows_ok(blk: nn.Module) -> bool:
+    """Row selection keeps the block's mathematics only without stochastic depth (it drops whole samples)."""
+    return isinstance(blk.drop_path1, nn.Identity) and isinstance(blk.drop_path2, nn.Identity)
+
+
+def _block_at_rows(blk: Block, z: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """A timm pre-norm :class:`~timm.models.vision_transformer.Block` evaluated at some token rows only.
+
+    Args:
+        blk: the block (no stochastic depth).
+        z: ``(B', S, D)`` block input; all tokens are attended to.
+        rows: ``(R,)`` int64 positions in the flattened ``(B' * S)`` tokens.
+
+    Returns:
+        ``(R, D)``: ``blk(z).flatten(0, 1)[rows]``, with the MLP computed on the ``R`` rows only.
+    """
+    h = (z + blk.ls1(blk.attn(blk.norm1(z)))).flatten(0, 1)[rows]                   # (R, D)
+    return h + blk.ls2(blk.mlp(blk.norm2(h)))
 
 
 class MAEModule(PretrainModule):
@@ -236,6 +269,29 @@ class MAEModule(PretrainModule):
             mask = mask & lead_mask.to(torch.bool)[:, :, None]
         return masked_patch_mse(pred, target, mask, norm_pix=self.norm_pix_loss)
 
+    def reconstruction_loss(self, x: torch.Tensor, latent: torch.Tensor, mask: torch.Tensor,
+                            ids_restore: torch.Tensor, lead_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The MAE loss of an encoded batch, decoding only what the loss counts (the training path).
+
+        Equal to ``forward_loss(x, forward_decoder(latent, ids_restore, N), mask, lead_mask)`` (tested), without
+        the last decoder block's work on visible patches and absent leads (see :meth:`MAEDecoder.forward`).
+
+        Args:
+            x: ``(B, L, T)`` signal.
+            latent: ``(B, K + 2L, D)`` from :meth:`forward_encoder`.
+            mask: ``(B, L, N)`` bool, true = hidden.
+            ids_restore: ``(B, L*N)``.
+            lead_mask: ``(B, L)`` bool, false = absent lead; ``None`` = all present.
+        """
+        if lead_mask is not None:
+            mask = mask & lead_mask.to(torch.bool)[:, :, None]
+        rows = mask.reshape(-1).nonzero().squeeze(1)                                 # (R,) counted patches
+        k = self.backbone.num_patch_tokens(latent)
+        pred = self.decoder(latent[:, :k], ids_restore, mask.shape[2], rows=rows)    # (R, P)
+        target = self.patchify(x).reshape(-1, pred.shape[-1])[rows]                  # (R, P)
+        return masked_patch_mse(pred, target, torch.ones(rows.shape, dtype=torch.bool, device=rows.device),
+                                norm_pix=self.norm_pix_loss)
+
     def forward(self, x: torch.Tensor, lead_mask: torch.Tensor | None = None,
                 generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """Full MAE pass: ``{"loss", "pred" (B, L, N, P), "mask" (B, L, N), "latent" (B, K + 2L, D)}``."""
@@ -251,5 +307,7 @@ class MAEModule(PretrainModule):
         return torch.Generator(device=x.device).manual_seed(0)
 
     def shared_step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        out = self(batch["x"], batch.get("lead_mask"), self._val_generator(batch["x"]))
-        return out["loss"], {"recon": out["loss"].detach()}
+        x = batch["x"]
+        latent, mask, ids_restore = self.forward_encoder(x, self._val_generator(x))
+        loss = self.reconstruction_loss(x, latent, mask, ids_restore, batch.get("lead_mask"))
+        return loss, {"recon": loss.detach()}

@@ -235,3 +235,43 @@ def test_bench_train_script_runs_tiny(tmp_path):
     assert abs(rows["reference"]["params"] - rows["mae_stmem"]["params"]) < 0.05 * rows["mae_stmem"]["params"]
     # the ST-MEM-style step does more work (all patches embedded, SEP tokens through the decoder)
     assert rows["reference"]["flops_per_step"] > rows["mae_stmem"]["flops_per_step"]
+
+
+@pytest.mark.parametrize("layout, mode, depth", [("joint", "global", 2), ("per_lead", "per_lead", 2),
+                                                 ("per_lead", "global", 1)])
+def test_training_loss_decodes_only_counted_patches_with_the_same_loss_and_gradients(layout, mode, depth):
+    """reconstruction_loss (last decoder block and head on the counted rows only) == the full forward's loss."""
+    m = _module(decoder_layout=layout, mask_mode=mode, decoder_depth=depth).train()
+    x = torch.randn(3, 12, 250, generator=torch.Generator().manual_seed(1))
+    lead_mask = torch.ones(3, 12, dtype=torch.bool)
+    lead_mask[1, 3:] = False                                           # a partly absent record
+    gen = lambda: torch.Generator().manual_seed(7)                     # noqa: E731 - same masks both ways
+    full = m(x, lead_mask, gen())["loss"]
+    g_full = torch.autograd.grad(full, [p for p in m.parameters() if p.requires_grad], allow_unused=True)
+    latent, mask, ids_restore = m.forward_encoder(x, gen())
+    fast = m.reconstruction_loss(x, latent, mask, ids_restore, lead_mask)
+    g_fast = torch.autograd.grad(fast, [p for p in m.parameters() if p.requires_grad], allow_unused=True)
+    torch.testing.assert_close(fast, full, rtol=1e-6, atol=1e-7)
+    for (name, _), a, b in zip([(n, p) for n, p in m.named_parameters() if p.requires_grad], g_fast, g_full):
+        if a is None or b is None:
+            assert a is None and b is None or (a if b is None else b).abs().max() == 0, name
+            continue
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)
+    # the decoder's row path returns exactly the full prediction at those rows
+    rows = (mask & lead_mask[:, :, None]).reshape(-1).nonzero().squeeze(1)
+    k = m.backbone.num_patch_tokens(latent)
+    pred_full = m.decoder(latent[:, :k], ids_restore, mask.shape[2])
+    pred_rows = m.decoder(latent[:, :k], ids_restore, mask.shape[2], rows=rows)
+    torch.testing.assert_close(pred_rows, pred_full.reshape(-1, pred_full.shape[-1])[rows], rtol=1e-5, atol=1e-6)
+    assert pred_rows.shape[0] < pred_full.shape[0] * 12 * pred_full.shape[2] * 0.8   # hidden and present only
+    # shared_step uses this path
+    assert torch.isfinite(m.shared_step({"x": x, "lead_mask": lead_mask})[0])
+
+
+def test_training_loss_with_stochastic_depth_falls_back_to_the_full_decoder():
+    m = _module()
+    m.decoder.blocks[-1].drop_path2 = torch.nn.Dropout(0.0)            # not Identity: no row shortcut
+    x = torch.randn(2, 12, 250)
+    latent, mask, ids_restore = m.forward_encoder(x, torch.Generator().manual_seed(3))
+    fast = m.reconstruction_loss(x, latent, mask, ids_restore)
+    torch.testing.assert_close(fast, m.forward_loss(x, m.forward_decoder(latent, ids_restore, mask.shape[2]), mask))
