@@ -15,6 +15,16 @@
 * final validation (for the F1 thresholds) and test predictions on whole records: sliding windows, window
   probabilities averaged per record (the PTB-XL benchmark's test-time aggregation).
 
+**Head initialisation** (``head_init``): ``"lp"`` is LP-FT (Kumar et al. 2022, "Fine-tuning can distort
+pretrained features and underperform out-of-distribution"): the linear head starts as a linear probe fitted on the
+frozen encoder's features of the training split (:func:`fit_probe_head`: record mean embeddings with
+``window_aggregate="logit"``, windows with ``"prob"``), and those initial weights are a
+candidate of the best-weights restore (validated before the first step, ``best_epoch == -1``), so fine-tuning
+keeps the probe when no epoch beats it on validation. ``"random"`` is the usual randomly initialised head (the
+supervised-from-scratch recipe). With a random head on a small labelled set the first steps back-propagate the
+gradients of an arbitrary head into the pretrained features and distort them (measured on this project's real
+benchmark: ViT-1D fine-tunes below its own linear probe).
+
 Multi-label: ``BCEWithLogits``, sigmoid probabilities; single-label: cross-entropy, softmax.
 :func:`run_finetune` trains one model and returns record-level validation and test probabilities; thresholds and
 metrics are computed by the caller (:mod:`ecgfm.evaluate.sweep`).
@@ -37,6 +47,15 @@ from ecgfm.accel import adamw_kwargs
 from ecgfm.evaluate.metrics import macro_auroc
 
 VAL_METRIC = "val/macro_auroc"
+#: accepted values of ``finetune.head_init``.
+HEAD_INITS = ("lp", "random")
+#: accepted values of ``finetune.window_aggregate``.
+WINDOW_AGGREGATES = ("prob", "logit")
+#: L2 grid of the head-initialising linear probe (the probe's default grid, conf/probe.yaml ``probe.Cs``).
+LP_CS = (0.001, 0.01, 0.1, 1.0, 10.0, 100.0)
+#: logit given to a class the probe can never predict (absent from a single-label training subset, or a
+#: multi-label class constant on it): exp(-1e4) underflows to exactly 0 in float32, as the probe's 0 / 1.
+_NEVER = 1.0e4
 
 
 def layer_ids(backbone: nn.Module) -> tuple[dict[str, int], int]:
@@ -104,12 +123,20 @@ class FinetuneModule(L.LightningModule):
         max_epochs: schedule length (cosine decay to 0 at the end).
         head: ``"linear"`` or ``"mlp"`` (:class:`ecgfm.heads.MLPHead`).
         freeze_backbone: train the head only (a linear probe trained end-to-end on crops).
+        window_aggregate: how window outputs make a record's prediction: ``"prob"`` (mean window probability,
+            the PTB-XL benchmark's test-time aggregation) or ``"logit"`` (mean window logit, then the
+            sigmoid / softmax: with a linear head this is the head applied to the record's mean window
+            embedding, i.e. the linear probe's ``mean_embedding`` aggregation).
     """
 
     def __init__(self, backbone: nn.Module, num_classes: int, multilabel: bool, lr: float = 1e-3,
                  weight_decay: float = 0.05, layer_decay: float = 0.75, warmup_epochs: float = 1.0,
-                 max_epochs: int = 30, head: str = "linear", freeze_backbone: bool = False):
+                 max_epochs: int = 30, head: str = "linear", freeze_backbone: bool = False,
+                 window_aggregate: str = "prob"):
         super().__init__()
+        if window_aggregate not in WINDOW_AGGREGATES:
+            raise ValueError(f"finetune.window_aggregate must be one of {WINDOW_AGGREGATES}, got {window_aggregate!r}")
+        self.window_aggregate = window_aggregate
         self.backbone = backbone
         d = int(backbone.num_features)
         if head == "linear":
@@ -137,6 +164,17 @@ class FinetuneModule(L.LightningModule):
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(logits) if self.multilabel else torch.softmax(logits, dim=1)
 
+    def window_outputs(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, 12, T) -> (B, C)``: what is averaged over a record's windows (probabilities or logits)."""
+        logits = self(x)
+        return logits if self.window_aggregate == "logit" else self.probs(logits)
+
+    def record_probs(self, mean_outputs: np.ndarray) -> np.ndarray:
+        """``(R, C)`` mean window outputs -> ``(R, C)`` record probabilities."""
+        if self.window_aggregate == "prob":
+            return mean_outputs
+        return self.probs(torch.from_numpy(np.asarray(mean_outputs, dtype=np.float64))).numpy()
+
     def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.multilabel:
             return nn.functional.binary_cross_entropy_with_logits(logits, y.float())
@@ -151,8 +189,7 @@ class FinetuneModule(L.LightningModule):
         self._val_probs, self._val_index, self._val_y = [], [], []
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        logits = self(batch["x"])
-        self._val_probs.append(self.probs(logits).detach().cpu())
+        self._val_probs.append(self.window_outputs(batch["x"]).detach().cpu())
         self._val_index.append(batch["index"].cpu())
         self._val_y.append(batch["y"].cpu())
 
@@ -161,6 +198,7 @@ class FinetuneModule(L.LightningModule):
             return
         p, y = aggregate_windows(torch.cat(self._val_probs).double().numpy(), torch.cat(self._val_index).numpy(),
                                  torch.cat(self._val_y).numpy())[1:]
+        p = self.record_probs(p)
         auc = macro_auroc(y, p)
         self.log(VAL_METRIC, float(auc) if np.isfinite(auc) else 0.0, prog_bar=True)
 
@@ -183,7 +221,10 @@ class FinetuneModule(L.LightningModule):
 
 
 class BestWeights(L.Callback):
-    """Keep (in memory) the weights of the epoch with the best validation metric; restore them at the end."""
+    """Keep (in memory) the weights of the epoch with the best validation metric; restore them at the end.
+
+    A ``trainer.validate`` call before ``trainer.fit`` makes the initial weights a candidate (``best_epoch == -1``).
+    """
 
     def __init__(self, monitor: str = VAL_METRIC):
         self.monitor = monitor
@@ -197,7 +238,8 @@ class BestWeights(L.Callback):
         value = trainer.callback_metrics.get(self.monitor)
         if value is not None and float(value) > self.best:
             self.best = float(value)
-            self.best_epoch = int(trainer.current_epoch)
+            # a validation run before fit (trainer.validate) scores the initial weights: epoch -1
+            self.best_epoch = int(trainer.current_epoch) if trainer.state.fn == "fit" else -1
             self.state = copy.deepcopy({k: v.detach().cpu() for k, v in pl_module.state_dict().items()})
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -231,14 +273,173 @@ def aggregate_windows(probs: np.ndarray, index: np.ndarray, y: np.ndarray | None
 
 @torch.no_grad()
 def predict_records(model: FinetuneModule, loader: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Record-level probabilities over a sliding-window loader: ``(records (R,), probs (R, C))``."""
+    """Record-level probabilities over a sliding-window loader: ``(records (R,), probs (R, C))`` (window outputs
+    averaged as ``model.window_aggregate`` says)."""
     model.eval()
     probs, index = [], []
     for batch in loader:
-        probs.append(model.probs(model(batch["x"].to(model.device))).double().cpu().numpy())
+        probs.append(model.window_outputs(batch["x"].to(model.device)).double().cpu().numpy())
         index.append(batch["index"].numpy())
     recs, p, _ = aggregate_windows(np.concatenate(probs), np.concatenate(index))
-    return recs, p
+    return recs, model.record_probs(p)
+
+
+def check_head_init(head_init: str, head: str = "linear") -> str:
+    """Validate ``finetune.head_init`` (and that ``"lp"`` has a linear head to initialise).
+
+    Raises:
+        ValueError: naming the ``finetune.head_init`` key.
+    """
+    if head_init not in HEAD_INITS:
+        raise ValueError(f"finetune.head_init must be one of {HEAD_INITS}, got {head_init!r}")
+    if head_init == "lp" and head != "linear":
+        raise ValueError(f"finetune.head_init='lp' initialises a linear head from a linear probe; finetune.head is "
+                         f"{head!r}: use head=linear or head_init=random")
+    return head_init
+
+
+@torch.no_grad()
+def init_head_from_probe(head: nn.Linear, probe: Any) -> nn.Linear:
+    """Copy a fitted :class:`ecgfm.evaluate.probe.LinearProbe` into ``head`` so that it gives the same predictions.
+
+    The probe is ``StandardScaler`` + logistic regression; the scaler is folded into the weights
+    (``W' = W / scale``, ``b' = b - W' @ mean``), so ``probs(head(x))`` (softmax, or per-class sigmoids) equals
+    ``probe.predict_proba(x)`` for raw features ``x (n, D)``, up to float32 rounding.
+
+    * single-label, ``K > 2`` classes seen in training: one softmax row per class (scikit-learn's multinomial
+      ``coef_ (K, D)``); ``K == 2``: scikit-learn's single binary logit ``s`` becomes the symmetric pair
+      ``(-s/2, s/2)`` (same softmax, balanced gradients); classes absent from training: a constant logit of
+      ``-1e4`` (probability exactly 0, as the probe);
+    * multi-label: one sigmoid per class from the ``OneVsRestClassifier`` estimators; a class constant on the
+      training subset (scikit-learn's constant predictor) gets weight 0 and bias ``+-1e4`` (probability 1 / 0).
+
+    Args:
+        head: ``nn.Linear(D, C)``, overwritten in place.
+        probe: a fitted ``LinearProbe`` (``_model`` = scaler + classifier pipeline).
+
+    Returns:
+        ``head``.
+    """
+    model = getattr(probe, "_model", None)
+    if model is None:
+        raise RuntimeError("init_head_from_probe: the probe is not fitted")
+    scaler, clf = model.steps[0][1], model.steps[-1][1]
+    mean = np.asarray(scaler.mean_, dtype=np.float64)
+    scale = np.asarray(scaler.scale_, dtype=np.float64)
+    n_out, dim = head.weight.shape
+    if len(mean) != dim:
+        raise ValueError(f"the probe was fitted on {len(mean)} features, the head takes {dim}")
+    w = np.zeros((n_out, dim))   # on standardised features
+    b = np.zeros(n_out)
+    if probe.multilabel:
+        if len(clf.estimators_) != n_out:
+            raise ValueError(f"the probe has {len(clf.estimators_)} classes, the head {n_out}")
+        for c, est in enumerate(clf.estimators_):
+            if hasattr(est, "coef_"):
+                w[c], b[c] = est.coef_.ravel(), float(est.intercept_.ravel()[0])
+            else:   # sklearn.multiclass._ConstantPredictor: the class was constant (0 or 1) in training
+                b[c] = _NEVER if float(np.ravel(est.y_)[0]) > 0.5 else -_NEVER
+    else:
+        classes = np.asarray(clf.classes_, dtype=np.int64)
+        if classes.max() >= n_out:
+            raise ValueError(f"the probe saw class {classes.max()}, the head has {n_out} classes")
+        b[:] = -_NEVER
+        coef, icpt = np.asarray(clf.coef_, dtype=np.float64), np.asarray(clf.intercept_, dtype=np.float64)
+        if len(classes) == 2:   # binary: one logit s = P(classes[1]) in log-odds
+            w[classes[0]], b[classes[0]] = -coef[0] / 2, -icpt[0] / 2
+            w[classes[1]], b[classes[1]] = coef[0] / 2, icpt[0] / 2
+        else:
+            w[classes], b[classes] = coef, icpt
+    w_raw = w / scale[None, :]
+    b_raw = b - w_raw @ mean
+    head.weight.copy_(torch.from_numpy(w_raw).to(head.weight))
+    head.bias.copy_(torch.from_numpy(b_raw).to(head.bias))
+    return head
+
+
+def fit_probe_head(backbone: nn.Module, cache: Any, labels: np.ndarray, splits: dict[str, np.ndarray],
+                   multilabel: bool, window: int, stride: int, Cs: Sequence[float] = LP_CS, seed: int = 0,
+                   batch_size: int = 256, feature_dir: str | None = None, aggregate: str = "prob"
+                   ) -> tuple[Any, dict[str, Any]]:
+    """The linear probe that initialises the LP-FT head, on the frozen encoder's features.
+
+    Choice (closed form rather than head-only epochs): the project's probe
+    (:class:`ecgfm.evaluate.probe.LinearProbe`: standardise + L2 logistic regression, L-BFGS) is convex, so it
+    reaches the optimum of the head-only problem with no learning-rate / epoch / batch-size grid, in seconds on
+    these sizes, and it is the same model as the benchmark's linear-probe rows. It matches the fine-tuning
+    evaluation's aggregation of window outputs, so that the initialised model *is* the probe at record level:
+
+    * ``aggregate="logit"`` (mean window logit): the probe is fitted on each record's mean window embedding
+      (the benchmark probe's ``mean_embedding``); a linear head's mean window logit equals its logit of the
+      mean embedding;
+    * ``aggregate="prob"`` (mean window probability): fitted on every sliding window of the training records
+      (each labelled with its record's labels), validated on the mean window probability (``mean_prediction``).
+
+    ``C`` is chosen on validation macro AUROC of the record-level predictions.
+
+    Args:
+        backbone: the encoder (put in eval mode for the extraction, its mode restored afterwards).
+        cache: the task's :class:`~ecgfm.data.cache.CorpusCache`.
+        labels: ``(N, C)`` indicators for every cache row.
+        splits: ``train`` and ``val`` cache rows.
+        multilabel: one-vs-rest sigmoids (else softmax).
+        window, stride: window length and hop in samples.
+        Cs: L2 grid.
+        seed: probe ``random_state``.
+        batch_size: windows per forward pass.
+        aggregate: ``"logit"`` or ``"prob"``, the fine-tuning model's ``window_aggregate`` (see above).
+        feature_dir: on-disk feature cache (:func:`ecgfm.evaluate.features.cached_features`, shared with
+            probe.py: a pretrained encoder already probed costs no encoder pass); None: embed the train and val
+            records now, no cache.
+
+    Returns:
+        ``(probe, info)`` with ``info = {"C", "val_macro_auroc", "grid", "windows", "seconds"}``.
+    """
+    from threadpoolctl import threadpool_limits
+
+    from ecgfm.evaluate.features import cached_features, extract_features
+    from ecgfm.evaluate.probe import LinearProbe
+
+    t0 = time.perf_counter()
+    train, val = (np.asarray(splits[k], dtype=np.int64) for k in ("train", "val"))
+    labels = np.asarray(labels, dtype=np.float32)
+    device = next(backbone.parameters()).device
+    if feature_dir:
+        fs = cached_features(backbone, cache, int(window), int(stride), feature_dir, batch_size=batch_size,
+                             device=device)
+    else:
+        fs = extract_features(backbone, cache, int(window), int(stride), batch_size=batch_size, device=device,
+                              rows=np.concatenate([train, val]))
+    if aggregate not in WINDOW_AGGREGATES:
+        raise ValueError(f"finetune.window_aggregate must be one of {WINDOW_AGGREGATES}, got {aggregate!r}")
+    if aggregate == "logit":
+        means = fs.record_means()
+        x_tr, y_tr = means[train], labels[train]
+        x_val, pos_val = means[val], np.arange(len(val))
+    else:
+        x_tr, pos = fs.windows_of(train)
+        y_tr = labels[train][pos]
+        x_val, pos_val = fs.windows_of(val)
+    grid: dict[str, float] = {}
+    best: tuple[float, Any, float] | None = None
+    with threadpool_limits(limits=1):  # small convex problems: one BLAS thread is as fast, no oversubscription
+        for C in Cs:
+            probe = LinearProbe(multilabel, C=float(C), seed=int(seed)).fit(x_tr, y_tr)
+            p = probe.predict_proba(x_val)
+            p_rec = np.zeros((len(val), p.shape[1]))
+            np.add.at(p_rec, pos_val, p)
+            p_rec /= np.maximum(np.bincount(pos_val, minlength=len(val)), 1)[:, None]
+            auc = macro_auroc(labels[val], p_rec)
+            grid[f"{C:g}"] = float(auc)
+            score = auc if np.isfinite(auc) else -np.inf
+            if best is None or score > best[0]:
+                best = (score, probe, float(C))
+    assert best is not None
+    info = {"C": best[2], "val_macro_auroc": float(best[0]), "grid": grid, "aggregate": aggregate,
+            "windows": int(len(x_tr)),
+            "seconds": time.perf_counter() - t0}
+    return best[1], info
+
 
 
 def run_finetune(backbone: nn.Module, cache_dir: str, labels: np.ndarray, splits: dict[str, np.ndarray],
@@ -248,7 +449,8 @@ def run_finetune(backbone: nn.Module, cache_dir: str, labels: np.ndarray, splits
                  accelerator: str = "cpu", num_workers: int = 0, min_epochs: int = 1,
                  val_sliding: bool = False, predict_val: bool = True,
                  external: dict[str, tuple[str, np.ndarray, np.ndarray]] | None = None,
-                 ) -> dict[str, Any]:
+                 head_init: str = "lp", lp_Cs: Sequence[float] = LP_CS, feature_dir: str | None = None,
+                 window_aggregate: str = "prob") -> dict[str, Any]:
     """Fine-tune ``backbone`` on the ``train`` rows; early-stop on ``val``; predict val / test (and externals).
 
     Args:
@@ -270,13 +472,27 @@ def run_finetune(backbone: nn.Module, cache_dir: str, labels: np.ndarray, splits
             always use sliding windows over whole records.
         predict_val: return whole-record validation predictions (needed for multi-label F1 thresholds only).
         external: ``{name: (cache_dir, labels (M, C), rows)}`` evaluated without retraining.
+        head_init: ``"lp"`` (LP-FT: the head starts as the linear probe of :func:`fit_probe_head`, and the
+            initial weights are a best-weights candidate) or ``"random"``.
+        lp_Cs: L2 grid of that probe.
+        feature_dir: frozen-feature cache of that probe (see :func:`fit_probe_head`).
+        window_aggregate: ``"prob"`` or ``"logit"``: record prediction = mean window probability, or the
+            sigmoid / softmax of the mean window logit (see :class:`FinetuneModule`); used for validation
+            (early stopping, best weights), the returned predictions and the LP-FT probe.
 
     Returns:
-        ``{"val": (rows, probs) or None, "test": (rows, probs), "external": {name: (rows, probs)}, "best_epoch",
-        "best_val_macro_auroc", "epochs_run", "seconds"}``; ``rows`` are cache rows (sorted).
+        ``{"val": (rows, probs) or None, "test": (rows, probs), "external": {name: (rows, probs)}, "best_epoch"
+        (-1: the initial LP-FT weights were never beaten on validation), "best_val_macro_auroc", "epochs_run",
+        "seconds", "lp" (probe info of :func:`fit_probe_head`, or None)}``; ``rows`` are cache rows (sorted).
+
+    Raises:
+        ValueError: a bad ``head_init`` (naming ``finetune.head_init``).
     """
     from ecgfm.data.datamodules import DownstreamDataModule
 
+    check_head_init(head_init, head)
+    if window_aggregate not in WINDOW_AGGREGATES:
+        raise ValueError(f"finetune.window_aggregate must be one of {WINDOW_AGGREGATES}, got {window_aggregate!r}")
     t0 = time.perf_counter()
     L.seed_everything(int(seed), workers=True, verbose=False)
     target = labels if multilabel else labels.argmax(axis=1)
@@ -288,13 +504,22 @@ def run_finetune(backbone: nn.Module, cache_dir: str, labels: np.ndarray, splits
                                    num_workers=num_workers, multilabel=multilabel, test_stride=stride_samples)
     model = FinetuneModule(backbone, labels.shape[1], multilabel, lr=lr, weight_decay=weight_decay,
                            layer_decay=layer_decay, warmup_epochs=warmup_epochs, max_epochs=epochs, head=head,
-                           freeze_backbone=freeze_backbone)
+                           freeze_backbone=freeze_backbone, window_aggregate=window_aggregate)
+    lp_info = None
+    if head_init == "lp":
+        probe, lp_info = fit_probe_head(backbone, windows.cache, labels, splits, multilabel, crop_samples,
+                                        stride_samples, Cs=lp_Cs, seed=int(seed), batch_size=max(batch_size, 256),
+                                        feature_dir=feature_dir, aggregate=window_aggregate)
+        init_head_from_probe(model.head, probe)
     best = BestWeights()
     early = L.pytorch.callbacks.EarlyStopping(monitor=VAL_METRIC, mode="max", patience=int(patience))
     trainer = L.Trainer(max_epochs=int(epochs), min_epochs=int(min_epochs), accelerator=accelerator, devices=1,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=[best, early], num_sanity_val_steps=0,
                         deterministic=False)
+    if head_init == "lp":  # score the LP-initialised weights: fine-tuning must beat them on validation
+        trainer.validate(model, datamodule=dm, verbose=False)
+        model.train()  # validate leaves the modules in eval mode and fit keeps the mode it finds
     trainer.fit(model, datamodule=dm)
     out: dict[str, Any] = {"val": predict_records(model, windows.val_dataloader()) if predict_val else None,
                            "test": predict_records(model, windows.test_dataloader()), "external": {}}
@@ -305,7 +530,7 @@ def run_finetune(backbone: nn.Module, cache_dir: str, labels: np.ndarray, splits
                                    multilabel=multilabel, test_stride=stride_samples)
         out["external"][name] = predict_records(model, edm.test_dataloader())
     out.update(best_epoch=best.best_epoch, best_val_macro_auroc=best.best, epochs_run=int(trainer.current_epoch),
-               seconds=time.perf_counter() - t0)
+               seconds=time.perf_counter() - t0, lp=lp_info)
     return out
 
 
@@ -314,4 +539,6 @@ def count_trainable(module: nn.Module) -> int:
 
 
 __all__: Sequence[str] = ("FinetuneModule", "BestWeights", "layer_ids", "param_groups", "aggregate_windows",
-                          "predict_records", "run_finetune", "count_trainable")
+                          "predict_records", "run_finetune", "count_trainable", "check_head_init",
+                          "init_head_from_probe", "fit_probe_head", "HEAD_INITS", "LP_CS",
+                          "WINDOW_AGGREGATES")

@@ -439,14 +439,15 @@ def probe_main(cfg: DictConfig) -> dict[str, Any]:
 def _predictions(preds: dict[str, tuple[np.ndarray, np.ndarray]], task: TaskData, ext: TaskData | None
                  ) -> dict[str, Any]:
     """Record-level test (and external) predictions for paired comparisons between methods: record keys,
-    targets (indicator rows) and scores rounded to 5 decimals."""
+    targets (indicator rows) and scores at full float64 precision (rounding ties near-one-hot fine-tuned
+    probabilities and destroys their ranking: a stored-score AUROC of 0.547 against 0.721 was seen)."""
     out = {}
     for split, (rows, p) in preds.items():
         t = task if split == "test" else ext
         assert t is not None
         rows = np.asarray(rows, dtype=np.int64)
         out[split] = {"keys": t.record_keys(rows), "y": t.labels[rows].astype(np.int8).tolist(),
-                      "scores": np.round(np.asarray(p, dtype=np.float64), 5).tolist()}
+                      "scores": np.asarray(p, dtype=np.float64).tolist()}
     return out
 
 
@@ -483,7 +484,7 @@ def finetune_main(cfg: DictConfig) -> dict[str, Any]:
     recipe = dict(_container(cfg.finetune))
     if desc.kind == "supervised":
         recipe.update(_container(cfg.supervised) or {})
-    from ecgfm.evaluate.finetune import run_finetune
+    from ecgfm.evaluate.finetune import LP_CS, run_finetune
     from ecgfm.evaluate.fractions import fraction_subsets
 
     written: list[str] = []
@@ -512,13 +513,17 @@ def finetune_main(cfg: DictConfig) -> dict[str, Any]:
                                num_workers=int(recipe.get("num_workers", 0)),
                                min_epochs=int(recipe.get("min_epochs", 1)),
                                val_sliding=bool(recipe.get("val_sliding", False)),
-                               predict_val=task.multilabel, external=external)
+                               predict_val=task.multilabel, external=external,
+                               head_init=str(recipe.get("head_init", "lp")),
+                               lp_Cs=[float(c) for c in recipe.get("lp_Cs", LP_CS)],
+                               feature_dir=str(cfg.features.dir) if cfg.get("features") else None,
+                               window_aggregate=str(recipe.get("window_aggregate", "prob")))
             results = _score(task, out, cfg, ext)
             preds = {"test": out["test"], **out["external"]}
             cell = dict(common, fraction=float(frac), seed=int(seed), n_train=int(len(splits["train"])),
                         hparam={k: recipe[k] for k in ("lr", "layer_decay", "warmup_epochs", "epochs")},
                         val_macro_auroc=float(out["best_val_macro_auroc"]), best_epoch=out["best_epoch"],
-                        epochs_run=out["epochs_run"], results=results, seconds=out["seconds"],
+                        epochs_run=out["epochs_run"], results=results, seconds=out["seconds"], lp=out.get("lp"),
                         finetune=recipe, predictions=_predictions(preds, task, ext))
             p = cell_path(ctx.results_dir, "finetune", task.name, checkpoint, frac, seed, eval_name)
             _atomic_json(p, cell)
