@@ -1,15 +1,6 @@
-"""Explain a classifier's predictions: figures + report.json (see conf/explain.yaml and docs/EXPLAIN.md)."""
+"""Explain a classifier artifact's predictions (same as ``ecgfm-explain``; see docs/EXPLAIN.md)."""
 
-import hydra
-from omegaconf import DictConfig
-
-
-@hydra.main(version_base="1.3", config_path="conf", config_name="explain")
-def main(cfg: DictConfig) -> None:
-    from ecgfm.explain.report import explain_main
-
-    explain_main(cfg)
-
+from ecgfm.cli.explain import main
 
 if __name__ == "__main__":
     main()

@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
                 f"bootstrap.n={args.bootstrap}", "plot=false", *args.overrides]
         if task == "synthetic":
             over.append(f"task.params.n_records={args.synthetic_records}")
-        with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        with initialize_config_dir(str(ROOT / "ecgfm" / "conf"), version_base="1.3"):
             cfg = compose("probe", overrides=over)
         before = dict(F.STATS)
         t0 = time.perf_counter()

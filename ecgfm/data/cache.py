@@ -1003,8 +1003,10 @@ class CorpusCache:
 
 
 def project_root() -> Path:
-    """The project root (the folder holding ``ecgfm/``): base of relative paths in ``conf/prepare.yaml``."""
-    return Path(__file__).resolve().parents[2]
+    """Base of relative paths in ``prepare.yaml`` and the data configs: the directory the command runs from
+    (the same rule as every other entry point; Hydra does not change it). An installed ecgfm has no checkout to
+    walk up to, so relative paths never depend on where the package lives."""
+    return Path.cwd()
 
 
 _PATH_KEYS = ("root", "labels_csv", "path")

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from ecgfm.conf import config_dir
 from ecgfm.data.preprocess import PreprocessSpec
 from ecgfm.evaluate.features import cached_features, encoder_fingerprint
 from ecgfm.evaluate.leakage import check_leakage, index_identities, pretrain_identities
@@ -93,7 +94,7 @@ def _backbone_from_conf(name: str, crop_samples: int, overrides: dict[str, Any])
 
     from ecgfm.backbones import create_backbone
 
-    conf = Path(__file__).resolve().parents[2] / "conf" / "backbone" / f"{name}.yaml"
+    conf = config_dir() / "backbone" / f"{name}.yaml"
     if conf.is_file():
         node = OmegaConf.create({"crop_samples": int(crop_samples), "b": OmegaConf.load(conf)})
         cfg = OmegaConf.to_container(node, resolve=True)["b"]
@@ -219,10 +220,10 @@ def _pretraining_identities(enc: Encoder, extra_caches: Sequence[str]) -> tuple[
         extra = enc.info.get("extra") or {}
         if not extra.get("pretrain_record_keys") and not extra.get("pretrain_caches") and summary.is_file():
             for c in json.loads(summary.read_text()).get("cache_dirs") or []:
-                # train.py records the cache folders as given: relative to where it ran (the project root)
+                # older train.py runs recorded the cache folders as given, relative to where they ran
                 p = Path(str(c))
                 if not p.is_absolute() and not p.exists():
-                    p = Path(__file__).resolve().parents[2] / p
+                    p = Path.cwd() / p
                 caches.append(str(p))
     return pretrain_identities(enc.info if enc.kind == "pretrained" else {}, caches)
 

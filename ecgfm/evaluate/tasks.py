@@ -35,6 +35,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from ecgfm.conf import config_dir
 from ecgfm.data.preprocess import PreprocessSpec
 
 SPLIT_KINDS = ("folds", "stratified", "column", "all")
@@ -289,10 +290,8 @@ SPLIT_PARTS = ("train", "val", "test")
 
 
 def task_conf_dir() -> str:
-    """The project's task folder, ``conf/task/`` (where task names are looked up)."""
-    from pathlib import Path
-
-    return str(Path(__file__).resolve().parents[2] / "conf" / "task")
+    """The package's task folder, ``ecgfm/conf/task/`` (where task names are looked up)."""
+    return str(config_dir() / "task")
 
 
 def load_task_spec(task: str | Mapping[str, Any], data_root: str = "../shared/data", cache_root: str = "cache",

@@ -39,7 +39,7 @@ def synthetic_ckpt(tmp_path_factory) -> Path:
 
 
 def _cfg(tmp: Path, *overrides: str):
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(str(ROOT / "ecgfm" / "conf"), version_base="1.3"):
         return compose("explain", overrides=[f"out_dir={tmp}", "formats=[png,svg,pdf]",
                                              "faithfulness.n_random=1", "faithfulness.steps=5"] + list(overrides))
 

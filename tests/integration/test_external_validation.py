@@ -33,7 +33,7 @@ def _cfg(name: str, tmp: Path, cache: Path, *overrides: str):
             "checkpoint=random:resnet1d_test"]
     if any(o.startswith("task=") for o in overrides):  # another task: drop the synthetic task's knobs
         base = [b for b in base if not b.startswith("task")]
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(str(ROOT / "ecgfm" / "conf"), version_base="1.3"):
         return compose(name, overrides=base + list(overrides))
 
 

@@ -22,7 +22,7 @@ from hydra import compose, initialize_config_dir
 from ecgfm.pipelines import train
 
 ROOT = Path(__file__).resolve().parents[2]
-CONF = ROOT / "conf"
+CONF = ROOT / "ecgfm" / "conf"
 TOTAL = 10            # steps of the full run
 EPOCH = 5             # batches per epoch: 48 records, 8 held out, batch 8 -> 5 (so steps 4 and 6 are mid-epoch)
 COMMON = ["+experiment=mae", "backbone=vit1d_test", "data.params.n_records=48", "data.params.duration=5.0",

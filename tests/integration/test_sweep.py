@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def _cfg(name: str, tmp: Path, *overrides: str):
     base = [f"paths.cache_root={tmp / 'cache'}", f"results_dir={tmp / 'results'}", "prepare_workers=0",
             "task=synthetic", "task.params.n_records=180", "bootstrap.n=50", "plot=true", "torch_threads=1"]
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(str(ROOT / "ecgfm" / "conf"), version_base="1.3"):
         return compose(name, overrides=base + list(overrides))
 
 

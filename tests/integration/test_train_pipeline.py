@@ -16,7 +16,7 @@ from ecgfm.export import load_encoder
 from ecgfm.pipelines import PREPARED_MARKER, prepare_cache, train
 
 ROOT = Path(__file__).resolve().parents[2]
-CONF = ROOT / "conf"
+CONF = ROOT / "ecgfm" / "conf"
 
 # A corpus, model and run small enough for seconds per run on a busy 2-core machine.
 TINY = ["backbone=vit1d_test", "data.params.n_records=24", "data.params.duration=6.0", "data.batch_size=8",

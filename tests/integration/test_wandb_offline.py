@@ -13,7 +13,7 @@ from ecgfm.pipelines import build_logger, train
 pytest.importorskip("wandb")
 
 ROOT = Path(__file__).resolve().parents[2]
-CONF = ROOT / "conf"
+CONF = ROOT / "ecgfm" / "conf"
 TINY = ["+experiment=mae", "backbone=vit1d_test", "data.params.n_records=16", "data.params.duration=3.0",
         "data.batch_size=4", "data.val_fraction=0.25", "trainer.max_steps=2", "checkpoint.every_n_train_steps=2",
         "method.decoder_dim=16", "method.decoder_heads=2", "method.decoder_depth=1", "method.warmup_steps=1",

@@ -204,7 +204,7 @@ def test_prepare_config_composes_and_runs(tmp_path, capsys):
 
     from ecgfm.data.cache import prepare_from_config, project_root
 
-    with initialize_config_dir(str(project_root() / "conf"), version_base="1.3"):
+    with initialize_config_dir(str(project_root() / "ecgfm" / "conf"), version_base="1.3"):
         cfg = compose("prepare", overrides=["sources=[synthetic]", "synthetic.n_records=5", "synthetic.fs=100",
                                             "synthetic.duration=2.5", f"out={tmp_path / 'syn'}", "workers=0",
                                             "progress=false", "spec.fs=50"])

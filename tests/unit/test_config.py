@@ -17,7 +17,7 @@ from ecgfm.data.record import ECGDataError
 from ecgfm.pipelines import check_data_paths
 
 ROOT = Path(__file__).resolve().parents[2]
-CONF = ROOT / "conf"
+CONF = ROOT / "ecgfm" / "conf"
 GROUPS = ("data", "backbone", "method", "trainer", "logger")
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 

@@ -105,13 +105,13 @@ def test_task_names_resolve_like_probe_py(tmp_path):
     assert spec.sources[0]["root"] == "/data/ptbxl" and spec.label_root == "/data/ptbxl"
     assert spec.split == {"kind": "folds", "key": "strat_fold", "train": [1, 2, 3, 4, 5, 6, 7, 8], "val": [9],
                           "test": [10]}
-    assert load_task_spec(str(ROOT / "conf" / "task" / "cinc2017.yaml"), data_root="/d").sources[0]["root"] == \
+    assert load_task_spec(str(ROOT / "ecgfm" / "conf" / "task" / "cinc2017.yaml"), data_root="/d").sources[0]["root"] == \
         "/d/cinc2017"
 
 
 # ------------------------------------------------------------------------------ real readers (PTB-XL fixture)
 def _compose(overrides: list[str]):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(ROOT / "ecgfm" / "conf"), version_base="1.3"):
         return compose(config_name="train", overrides=overrides)
 
 

@@ -205,7 +205,7 @@ def test_recipe_defaults_in_conf():
     from hydra import compose, initialize_config_dir
 
     root = Path(__file__).resolve().parents[2]
-    with initialize_config_dir(str(root / "conf"), version_base="1.3"):
+    with initialize_config_dir(str(root / "ecgfm" / "conf"), version_base="1.3"):
         cfg = compose("finetune")
     assert cfg.finetune.head_init == "lp" and cfg.finetune.window_aggregate in ("prob", "logit")
     assert cfg.supervised.head_init == "random"

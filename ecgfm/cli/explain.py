@@ -1,0 +1,20 @@
+"""``ecgfm-explain``: explain a classifier artifact's predictions: attribution figures, faithfulness, report.json."""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+from ecgfm.conf import CONFIG_PATH
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="explain")
+def main(cfg: DictConfig) -> None:
+    """Explain a classifier artifact's predictions: attribution figures, faithfulness, report.json."""
+    from ecgfm.explain.report import explain_main
+
+    explain_main(cfg)
+
+
+if __name__ == "__main__":
+    main()

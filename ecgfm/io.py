@@ -1,0 +1,175 @@
+"""The one place for file plumbing: atomic writes, JSON of NumPy / paths / configs, hashing, and file locks.
+
+Every module that keeps something on disk writes through these functions, so "written" always means: a temporary
+file in the same folder, flushed and fsync'ed, renamed over the final name, and the folder fsync'ed. A crash or a
+full disk leaves either the old file or the new one under the final name, never a torn one. The standard library
+has no atomic write, so these few lines are written by hand (as in most projects of this kind).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+__all__ = ["jsonable", "dumps", "atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_write_json",
+           "read_json", "sha256_file", "sha256_bytes", "fsync_dir", "file_lock", "LockBusy", "to_container"]
+
+
+def to_container(value: Any) -> Any:
+    """An OmegaConf node as plain Python data (resolved); anything else unchanged."""
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+    except ImportError:  # pragma: no cover - omegaconf is a dependency
+        return value
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
+
+
+def jsonable(value: Any) -> Any:
+    """Plain JSON data from NumPy scalars / arrays, tuples, sets, paths, OmegaConf nodes and dataclass-like
+    objects; non-finite floats become ``None`` (JSON has no NaN); anything else becomes its ``str``."""
+    value = to_container(value)
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        return jsonable(value.item())
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, (str, int, bool)) or value is None:
+        return value
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return str(value)
+
+
+def dumps(obj: Any, indent: int | None = None) -> str:
+    """Deterministic JSON text (sorted keys) of :func:`jsonable` ``(obj)``; compact unless ``indent``."""
+    seps = (",", ":") if indent is None else (",", ": ")
+    return json.dumps(jsonable(obj), sort_keys=True, indent=indent, separators=seps, ensure_ascii=False,
+                      allow_nan=False)
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """fsync a folder so a rename inside it survives a power cut (no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> Path:
+    """Write ``path`` atomically: ``write(tmp_path)`` fills a temporary file beside it, which is fsync'ed and
+    renamed over ``path``. On any error the temporary file is removed and ``path`` is untouched.
+
+    Args:
+        path: final file name (its folder is created).
+        write: callable receiving the temporary path (e.g. ``lambda p: save_file(state, p)``).
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+    """
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    fsync_dir(final.parent)
+    return final
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> str:
+    """Write ``data`` atomically; returns its sha256 hex digest."""
+    atomic_write(path, lambda p: Path(p).write_bytes(data))
+    return hashlib.sha256(data).hexdigest()
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write UTF-8 ``text`` atomically."""
+    return atomic_write(path, lambda p: Path(p).write_text(text, encoding="utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 1) -> Path:
+    """Write :func:`dumps` ``(obj)`` atomically (``indent`` 1 by default: readable and compact)."""
+    return atomic_write_text(path, dumps(obj, indent=indent) + "\n")
+
+
+def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
+    """Parse a JSON file; ``ValueError`` naming the file when it is not valid UTF-8 JSON."""
+    p = Path(path)
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{p}: not a valid {what}: {exc}") from exc
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    """sha256 hex digest of a file, read in 4 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+class LockBusy(RuntimeError):
+    """A non-blocking :func:`file_lock` found the lock held by another process."""
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike, blocking: bool = True, what: str = "") -> Iterator[None]:
+    """Exclusive advisory lock (``fcntl.flock``) on ``path`` for the duration of the ``with`` block.
+
+    Args:
+        path: lock file (created with its folder).
+        blocking: wait for the lock (concurrent DDP ranks / sweep jobs preparing one cache: the others wait), or
+            raise :class:`LockBusy` at once (two conversions of the same cache: the second is refused).
+        what: text for the :class:`LockBusy` message (default: the lock's folder).
+
+    The lock is released when the block ends or the process dies (the kernel drops flocks of closed files).
+    """
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(p, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - non-POSIX: no locking
+            fcntl = None
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+            except BlockingIOError:
+                raise LockBusy(what or f"{p.parent}: locked by another process ({p})") from None
+        yield
+    finally:
+        os.close(fd)  # closing releases the flock
