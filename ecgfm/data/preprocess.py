@@ -7,13 +7,26 @@ new records, so every stage sees the same signal.
 Order of operations in :func:`preprocess_record` (fixed, documented so that results are reproducible):
 1. NaN handling (linear interpolation inside a lead, +-inf counts as NaN; a lead that is entirely NaN or flat is
    marked absent);
-2. resampling to ``spec.fs`` with a polyphase filter (:func:`scipy.signal.resample_poly`);
+2. resampling to ``spec.fs`` with a polyphase filter (:func:`scipy.signal.resample_poly`; or Fourier resampling);
 3. band-pass / baseline-wander removal (zero-phase Butterworth, second-order sections);
-4. powerline notch (zero-phase IIR notch at ``spec.notch`` Hz);
-5. per-lead normalisation (``zscore``, ``robust`` (median / IQR) or ``none``) over the whole record.
+4. powerline notch (zero-phase IIR notch at ``spec.notch`` Hz; or before step 3 with ``notch_first``);
+5. running-median baseline removal (``median_baseline``; off by default);
+6. per-lead normalisation (``zscore``, ``robust`` (median / IQR), ``range`` (min / max to -1 / 1) or ``none``) over
+   the whole record (or one statistic over all present leads with ``normalize_scope="record"``).
 Crop / pad / sliding windows are applied afterwards by the loaders (:func:`crop_or_pad`, :func:`sliding_windows`).
 
-Every step acts on each lead on its own, so :func:`preprocess_signal` processes only the present leads (a 1-lead
+Published models were trained with pipelines that differ in details, and an imported encoder (:mod:`ecgfm.zoo`)
+must see its own. The spec therefore also expresses (each field's default keeps the pipeline above unchanged, and
+a field at its default is left out of :meth:`PreprocessSpec.to_dict`, so the fingerprints of existing caches and
+artifacts do not change): the resampling method (``resample_method``: polyphase or Fourier), the band-pass design
+(``bandpass_mode``: one band-pass or a high-pass then a low-pass, each of ``filter_order``; ``filter_design``:
+second-order sections with ``sosfiltfilt`` or transfer-function coefficients with ``filtfilt``), the notch quality
+factor and whether it comes first (``notch_q``, ``notch_first``), a median-filter baseline removal after the filters
+(``median_baseline`` seconds) and the normalisation scope (``normalize_scope``: per lead, or one statistic over all
+present leads and time together).
+
+Every step acts on each lead on its own (except ``normalize_scope="record"``, whose statistic pools the present
+leads, never the absent ones), so :func:`preprocess_signal` processes only the present leads (a 1-lead
 record costs 1/12 of a 12-lead one) and reuses the filter designs (Butterworth sections, polyphase FIR); the output
 is bit-identical to the plain scipy calls on all 12 rows (tested). ``scipy.signal`` is imported on first use.
 """
@@ -44,7 +57,16 @@ class _LazySciPySignal:
 
 sps = _LazySciPySignal()
 
-NORMALIZATIONS = ("none", "zscore", "robust")
+NORMALIZATIONS = ("none", "zscore", "robust", "range")
+NORMALIZE_SCOPES = ("lead", "record")
+RESAMPLE_METHODS = ("polyphase", "fourier")
+BANDPASS_MODES = ("bandpass", "cascade")
+FILTER_DESIGNS = ("sos", "ba")
+# Fields added after the first release: left out of to_dict() (and so of the fingerprint) while at their default,
+# so every spec written before keeps its dict and fingerprint.
+_ADDED_DEFAULTS: dict[str, Any] = {"resample_method": "polyphase", "bandpass_mode": "bandpass",
+                                   "filter_design": "sos", "notch_q": 30.0, "notch_first": False,
+                                   "median_baseline": None, "normalize_scope": "lead"}
 
 
 @dataclass(frozen=True)
@@ -57,9 +79,23 @@ class PreprocessSpec:
         lowpass: low-pass cut-off in Hz (None: off). Must be below ``fs / 2``.
         notch: powerline frequency to remove in Hz (50 or 60; None: off).
         filter_order: Butterworth order of the band-pass.
-        normalize: per-lead normalisation, one of ``none``, ``zscore``, ``robust``.
+        normalize: normalisation, one of ``none``, ``zscore``, ``robust`` (median / IQR), ``range`` (min / max to
+            -1 / 1).
         flat_threshold: a present lead whose standard deviation (mV) is below this is marked absent.
         clip: after normalisation, clip values to ``[-clip, clip]`` (None: off).
+        resample_method: ``polyphase`` (:func:`scipy.signal.resample_poly`, anti-aliased FIR) or ``fourier``
+            (:func:`scipy.signal.resample`, as ST-MEM's ``Resample``).
+        bandpass_mode: ``bandpass`` (one Butterworth band-pass of ``filter_order`` when both cut-offs are set) or
+            ``cascade`` (a high-pass, then a low-pass, each a Butterworth of ``filter_order``: ST-MEM).
+        filter_design: ``sos`` (second-order sections, :func:`scipy.signal.sosfiltfilt`) or ``ba`` (transfer
+            function coefficients, :func:`scipy.signal.filtfilt`: ECGFounder). Both are zero-phase.
+        notch_q: quality factor of the notch (:func:`scipy.signal.iirnotch`).
+        notch_first: apply the notch before the band-pass (ECGFounder) instead of after it.
+        median_baseline: after the filters, subtract a running median of this many seconds (kernel
+            ``int(seconds * fs) + 1`` samples, made odd; zero padding at the edges as :func:`scipy.signal.medfilt`);
+            None: off.
+        normalize_scope: ``lead`` (one centre / scale per lead) or ``record`` (one centre / scale over all present
+            leads and time together: ST-MEM, ECGFounder).
     """
 
     fs: float | None = 100.0
@@ -70,8 +106,28 @@ class PreprocessSpec:
     normalize: str = "zscore"
     flat_threshold: float = 1e-4
     clip: float | None = 20.0
+    resample_method: str = "polyphase"
+    bandpass_mode: str = "bandpass"
+    filter_design: str = "sos"
+    notch_q: float = 30.0
+    notch_first: bool = False
+    median_baseline: float | None = None
+    normalize_scope: str = "lead"
 
     def __post_init__(self) -> None:
+        for name, allowed in (("normalize_scope", NORMALIZE_SCOPES), ("resample_method", RESAMPLE_METHODS),
+                              ("bandpass_mode", BANDPASS_MODES), ("filter_design", FILTER_DESIGNS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"PreprocessSpec.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        # numbers as floats, so that equal specs have equal dicts and fingerprints (30 vs 30.0)
+        object.__setattr__(self, "notch_q", float(self.notch_q))
+        if self.median_baseline is not None:
+            object.__setattr__(self, "median_baseline", float(self.median_baseline))
+        if not self.notch_q > 0:
+            raise ValueError(f"PreprocessSpec.notch_q must be positive, got {self.notch_q}")
+        if self.median_baseline is not None and not float(self.median_baseline) > 0:
+            raise ValueError(f"PreprocessSpec.median_baseline must be a positive number of seconds, got "
+                             f"{self.median_baseline}")
         if self.normalize not in NORMALIZATIONS:
             raise ValueError(f"PreprocessSpec.normalize must be one of {NORMALIZATIONS}, got {self.normalize!r}")
         if self.fs is not None and not (0 < float(self.fs) <= 100_000):
@@ -90,7 +146,13 @@ class PreprocessSpec:
             raise ValueError(f"PreprocessSpec.filter_order must be at least 1, got {self.filter_order}")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Plain-data form; the fields added after the first release appear only when they differ from their
+        defaults (so the dict and :meth:`fingerprint` of every earlier spec stay the same)."""
+        out = asdict(self)
+        for name, default in _ADDED_DEFAULTS.items():
+            if out[name] == default and type(out[name]) is type(default):
+                del out[name]
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> "PreprocessSpec":
@@ -130,10 +192,19 @@ def _polyphase_fir(up: int, down: int, dtype: str) -> np.ndarray:
     return sps.firwin(2 * 10 * max_rate + 1, 1.0 / max_rate, window=("kaiser", 5.0)).astype(dtype)
 
 
-def resample(sig: np.ndarray, fs_in: float, fs_out: float) -> np.ndarray:
-    """Polyphase resampling along the last axis (anti-aliased). ``(..., T) -> (..., T * fs_out / fs_in)``."""
+def resample(sig: np.ndarray, fs_in: float, fs_out: float, method: str = "polyphase") -> np.ndarray:
+    """Resampling along the last axis. ``(..., T) -> (..., T * fs_out / fs_in)``.
+
+    ``method="polyphase"`` (default): anti-aliased polyphase filter. ``"fourier"``: :func:`scipy.signal.resample`
+    to ``int(T * fs_out / fs_in)`` samples (ST-MEM's ``Resample``), computed in float64.
+    """
     if float(fs_in) == float(fs_out):
         return sig
+    if method == "fourier":
+        n_out = int(sig.shape[-1] * float(fs_out) / float(fs_in))
+        return sps.resample(np.asarray(sig, dtype=np.float64), n_out, axis=-1).astype(np.float32)
+    if method != "polyphase":
+        raise ValueError(f"resample: method must be one of {RESAMPLE_METHODS}, got {method!r}")
     ratio = Fraction(float(fs_out) / float(fs_in)).limit_denominator(1000)
     up, down = ratio.numerator, ratio.denominator
     sig = np.asarray(sig)
@@ -166,6 +237,73 @@ def bandpass(sig: np.ndarray, fs: float, highpass: float | None, lowpass: float 
     return sps.sosfiltfilt(sos, sig, axis=-1, padlen=max(padlen, 0)).astype(np.float32)
 
 
+@functools.lru_cache(maxsize=64)
+def _butter_design(order: int, cutoff: tuple[float, ...], btype: str, fs: float, design: str) -> Any:
+    """Butterworth design as ``sos`` sections or ``(b, a)``, cached."""
+    wn = cutoff[0] if len(cutoff) == 1 else list(cutoff)
+    return sps.butter(order, wn, btype=btype, fs=fs, output="sos" if design == "sos" else "ba")
+
+
+def _zero_phase(sig: np.ndarray, design: str, coeffs: Any) -> np.ndarray:
+    """Forward-backward filtering with scipy's default edge padding (odd extension of its default length),
+    shortened for records shorter than that: ``sosfiltfilt`` for sections, ``filtfilt`` for ``(b, a)``."""
+    t = sig.shape[-1]
+    if design == "sos":
+        sos = coeffs
+        # scipy.signal.sosfiltfilt's default padlen (it discounts trailing zero coefficients of first-order sections)
+        ntaps = 2 * len(sos) + 1 - min(int((sos[:, 2] == 0).sum()), int((sos[:, 5] == 0).sum()))
+        return sps.sosfiltfilt(sos, sig, axis=-1, padlen=max(min(t - 1, 3 * ntaps), 0))
+    b, a = coeffs
+    return sps.filtfilt(b, a, sig, axis=-1, padlen=max(min(t - 1, 3 * max(len(a), len(b))), 0))
+
+
+def butterworth(sig: np.ndarray, fs: float, highpass: float | None, lowpass: float | None, order: int,
+                mode: str = "cascade", design: str = "sos") -> np.ndarray:
+    """Zero-phase Butterworth filtering with an explicit design, for pipelines that must be reproduced exactly.
+
+    Args:
+        sig: ``(..., T)`` signal.
+        fs: its rate in Hz.
+        highpass, lowpass: cut-offs in Hz (None: that side off; a cut-off at or above Nyquist is skipped).
+        order: Butterworth order of each filter.
+        mode: ``bandpass`` (one band-pass when both cut-offs are set) or ``cascade`` (high-pass, then low-pass).
+        design: ``sos`` (:func:`scipy.signal.sosfiltfilt`) or ``ba`` (:func:`scipy.signal.filtfilt`).
+
+    Returns:
+        Filtered float32 ``(..., T)`` (computed in float64).
+    """
+    nyq = fs / 2.0
+    hp = highpass if highpass is not None and highpass < nyq else None
+    lp = lowpass if lowpass is not None and lowpass < nyq else None
+    if mode == "bandpass" and hp is not None and lp is not None:
+        steps = [((float(hp), float(lp)), "bandpass")]
+    else:
+        steps = ([((float(hp),), "highpass")] if hp is not None else []) + \
+                ([((float(lp),), "lowpass")] if lp is not None else [])
+    if not steps:
+        return sig
+    x = np.asarray(sig, dtype=np.float64)
+    for cutoff, btype in steps:
+        x = _zero_phase(x, design, _butter_design(int(order), cutoff, btype, float(fs), design))
+    return x.astype(np.float32)
+
+
+def median_baseline(sig: np.ndarray, fs: float, seconds: float) -> np.ndarray:
+    """Subtract a running median (baseline wander) of ``seconds`` along the last axis.
+
+    The kernel is ``int(seconds * fs) + 1`` samples, made odd (ECGFounder's ``filter_bandpass``); the edges are
+    zero-padded as :func:`scipy.signal.medfilt` does. :func:`scipy.ndimage.median_filter` computes the same
+    medians, much faster than ``medfilt``.
+    """
+    from scipy import ndimage
+
+    k = int(seconds * fs) + 1
+    k += 1 - k % 2
+    x = np.asarray(sig, dtype=np.float32)
+    size = (1,) * (x.ndim - 1) + (k,)
+    return (x - ndimage.median_filter(x, size=size, mode="constant", cval=0.0)).astype(np.float32)
+
+
 def notch(sig: np.ndarray, fs: float, freq: float | None, quality: float = 30.0) -> np.ndarray:
     """Zero-phase IIR notch at ``freq`` Hz (skipped when ``freq`` is at or above Nyquist)."""
     if freq is None or freq >= fs / 2:
@@ -175,24 +313,30 @@ def notch(sig: np.ndarray, fs: float, freq: float | None, quality: float = 30.0)
     return sps.filtfilt(b, a, sig, axis=-1, padlen=max(padlen, 0)).astype(np.float32)
 
 
-def _normalize_rows(x: np.ndarray, method: str) -> np.ndarray:
-    """Normalise every row of ``x`` ``(k, T)`` over its samples (``zscore`` or ``robust``)."""
+def _normalize_rows(x: np.ndarray, method: str, scope: str = "lead") -> np.ndarray:
+    """Normalise ``x`` ``(k, T)`` (``zscore``, ``robust`` or ``range``): every row over its samples
+    (``scope="lead"``), or all rows with one centre and scale over all their samples together (``scope="record"``)."""
+    axis = 1 if scope == "lead" else None
     if method == "zscore":
-        center = x.mean(axis=1, keepdims=True)
-        scale = x.std(axis=1, keepdims=True)
+        center = x.mean(axis=axis, keepdims=True)
+        scale = x.std(axis=axis, keepdims=True)
+    elif method == "range":  # min and max to -1 and 1 (HuBERT-ECG's scaling)
+        lo, hi = x.min(axis=axis, keepdims=True), x.max(axis=axis, keepdims=True)
+        center, scale = (hi + lo) / 2, (hi - lo) / 2
     else:  # robust
-        center = np.median(x, axis=1, keepdims=True)
-        q75, q25 = np.percentile(x, [75, 25], axis=1, keepdims=True)
+        center = np.median(x, axis=axis, keepdims=True)
+        q75, q25 = np.percentile(x, [75, 25], axis=axis, keepdims=True)
         scale = (q75 - q25) / 1.349
     return (x - center) / np.maximum(scale, 1e-6)
 
 
-def normalize(sig: np.ndarray, mask: np.ndarray, method: str) -> np.ndarray:
-    """Per-lead normalisation of the present leads; absent leads stay 0. ``(12, T) -> (12, T)``."""
+def normalize(sig: np.ndarray, mask: np.ndarray, method: str, scope: str = "lead") -> np.ndarray:
+    """Normalisation of the present leads (per lead, or ``scope="record"``: one statistic over all present leads
+    and time); absent leads stay 0. ``(12, T) -> (12, T)``."""
     if method == "none":
         return sig
     out = np.zeros_like(sig)
-    out[mask] = _normalize_rows(sig[mask], method)
+    out[mask] = _normalize_rows(sig[mask], method, scope)
     return out
 
 
@@ -233,14 +377,23 @@ def preprocess_signal(sig: np.ndarray, fs: float, mask: np.ndarray, spec: Prepro
         raise ECGDataError(where, "no usable lead after preprocessing (all leads NaN or flat)")
     out_fs = float(fs)
     if spec.fs is not None and float(spec.fs) != float(fs):
-        x = resample(x, fs, spec.fs)
+        x = resample(x, fs, spec.fs, spec.resample_method)
         out_fs = float(spec.fs)
     if x.shape[-1] < 8:
         raise ECGDataError(where, f"record too short to preprocess ({x.shape[-1]} samples at {out_fs} Hz)")
-    x = bandpass(x, out_fs, spec.highpass, spec.lowpass, spec.filter_order)
-    x = notch(x, out_fs, spec.notch)
+    if spec.notch_first:
+        x = notch(x, out_fs, spec.notch, spec.notch_q)
+    if spec.bandpass_mode == "bandpass" and spec.filter_design == "sos":
+        x = bandpass(x, out_fs, spec.highpass, spec.lowpass, spec.filter_order)  # the original path, unchanged
+    else:
+        x = butterworth(x, out_fs, spec.highpass, spec.lowpass, spec.filter_order, spec.bandpass_mode,
+                        spec.filter_design)
+    if not spec.notch_first:
+        x = notch(x, out_fs, spec.notch, spec.notch_q)
+    if spec.median_baseline is not None:
+        x = median_baseline(x, out_fs, spec.median_baseline)
     if spec.normalize != "none":
-        x = _normalize_rows(x, spec.normalize)
+        x = _normalize_rows(x, spec.normalize, spec.normalize_scope)
     if spec.clip is not None:
         np.clip(x, -spec.clip, spec.clip, out=x)
     out = np.zeros((N_LEADS, x.shape[-1]), dtype=np.float32)

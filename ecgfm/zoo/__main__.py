@@ -1,0 +1,90 @@
+"""``python -m ecgfm.zoo KIND CHECKPOINT OUT_DIR [options]``: import a published checkpoint (see docs/ZOO.md)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+
+def _class_names(value: str | None) -> list[str] | None:
+    """``--class-names``: a JSON list file, a text file (one name a line) or a comma-separated list."""
+    if value is None:
+        return None
+    p = Path(value)
+    if p.is_file():
+        text = p.read_text()
+        if p.suffix == ".json":
+            names = json.loads(text)
+            return [str(n) for n in (names if isinstance(names, list) else names.get("classes", []))]
+        return [line.strip() for line in text.splitlines() if line.strip()]
+    return [n.strip() for n in value.split(",") if n.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ecgfm.zoo.importer import KINDS
+
+    kinds = "\n".join(f"  {k}: {s.title}; options: " + "; ".join(f"{o} ({h})" for o, h in s.options.items())
+                      for k, s in KINDS.items())
+    ap = argparse.ArgumentParser(
+        prog="python -m ecgfm.zoo", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Import a published ECG foundation model checkpoint (a local file) as an ecgfm encoder "
+                    "folder (or, with --classifier, a classifier folder).",
+        epilog=f"kinds:\n{kinds}\n\nexample: python -m ecgfm.zoo stmem st_mem_vit_base.pth encoders/stmem_base")
+    ap.add_argument("kind", choices=sorted(KINDS))
+    ap.add_argument("checkpoint", help="local weights file (.pth / .pt / .bin read with weights_only, .safetensors)")
+    ap.add_argument("out_dir", help="artifact folder to create")
+    ap.add_argument("--num-heads", type=int, help="stmem: attention heads (ViT-S 6, ViT-B 12 are recognised)")
+    ap.add_argument("--leads", help="comma-separated canonical lead names of the model's input channels")
+    ap.add_argument("--stride", type=int, help="ecgfounder: stage downsampling stride (default 2)")
+    ap.add_argument("--use-bn", dest="use_bn", action="store_true", default=None,
+                    help="ecgfounder: the model uses BatchNorm (default: inferred)")
+    ap.add_argument("--no-bn", dest="use_bn", action="store_false", help="ecgfounder: no BatchNorm")
+    ap.add_argument("--window-seconds", type=float, help="ecgfounder / hubert_ecg: input window in seconds")
+    ap.add_argument("--config", help="hubert_ecg: the model's config.json (default: the one beside CHECKPOINT)")
+    ap.add_argument("--conv-stride", help="hubert_ecg: comma-separated feature-encoder strides")
+    ap.add_argument("--stable-layer-norm", dest="stable_layer_norm", action="store_true", default=None,
+                    help="hubert_ecg: pre-norm transformer layers")
+    ap.add_argument("--post-norm", dest="stable_layer_norm", action="store_false",
+                    help="hubert_ecg: post-norm transformer layers")
+    ap.add_argument("--classifier", action="store_true", help="write a classifier (encoder + the checkpoint's head)")
+    ap.add_argument("--class-names", help="classifier: JSON list file, text file (one a line) or comma list")
+    ap.add_argument("--multiclass", action="store_true", help="classifier: softmax outputs (default: sigmoid)")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from ecgfm.zoo.base import ZooImportError
+    from ecgfm.zoo.importer import KINDS, import_classifier, import_encoder
+
+    args = build_parser().parse_args(argv)
+    known = KINDS[args.kind].options
+    given = {"num_heads": args.num_heads, "stride": args.stride, "use_bn": args.use_bn,
+             "window_seconds": args.window_seconds, "config": args.config,
+             "stable_layer_norm": args.stable_layer_norm,
+             "conv_stride": None if args.conv_stride is None else [int(x) for x in args.conv_stride.split(",")],
+             "leads": None if args.leads is None else [x.strip() for x in args.leads.split(",") if x.strip()]}
+    misplaced = sorted(k for k, v in given.items() if v is not None and k not in known)
+    if misplaced:
+        print(f"error: option(s) {', '.join('--' + k.replace('_', '-') for k in misplaced)} do not apply to "
+              f"{args.kind}", file=sys.stderr)
+        return 2
+    options = {k: v for k, v in given.items() if v is not None}
+    try:
+        if args.classifier:
+            out = import_classifier(args.kind, args.checkpoint, args.out_dir,
+                                    class_names=_class_names(args.class_names), multilabel=not args.multiclass, overwrite=args.overwrite, **options)
+        else:
+            out = import_encoder(args.kind, args.checkpoint, args.out_dir, overwrite=args.overwrite, **options)
+    except (ZooImportError, FileNotFoundError, FileExistsError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {'classifier' if args.classifier else 'encoder'} {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,197 @@
+"""ST-MEM (bakqui/ST-MEM) checkpoints -> :class:`~ecgfm.backbones.stmem.StMemViT`.
+
+The published encoder checkpoint is ``{"model": state_dict}`` of the authors' ``ST_MEM_ViT``. Every size argument
+is read from tensor shapes except the number of attention heads (the q, k, v projection holds ``heads * dim_head``
+rows, and any split fits): give ``num_heads``; the two published sizes (ViT-S: width 384, 6 heads; ViT-B: width
+768, 12 heads, both with 64-wide heads and 12 blocks) are recognised without it.
+
+Key layout (authors -> ecgfm)::
+
+    pos_embedding (1, N+2, D)            -> pos_embed (N+2, D)
+    sep_embedding (D)                    -> sep_embed (D)
+    lead_embeddings.{l} (D)              -> lead_embed (L, D)             (stacked)
+    to_patch_embedding.{1,2,3}.*         -> patch_embed.{0,1,2}.*         (LayerNorm, Linear, LayerNorm)
+    block{i}.attn.norm.*                 -> blocks.{i}.norm1.*
+    block{i}.attn.fn.to_qkv.*            -> blocks.{i}.attn.qkv.*
+    block{i}.attn.fn.to_out.0.*          -> blocks.{i}.attn.proj.*        (absent when heads == 1, dim_head == D)
+    block{i}.ff.norm.*                   -> blocks.{i}.norm2.*
+    block{i}.ff.fn.net.{0,3}.*           -> blocks.{i}.mlp.fc{1,2}.*
+    norm.*                               -> norm.*
+    head.*  (fine-tuned models only)     -> the classifier head
+
+A whole pretraining model (``encoder.*`` beside ``decoder*`` / ``mask_token``) imports its encoder part.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Mapping
+
+import torch
+
+from ecgfm.backbones import create_backbone
+from ecgfm.data.preprocess import PreprocessSpec
+from ecgfm.data.record import CANONICAL_LEADS
+from ecgfm.zoo.base import ImportedWeights, StateDict, ZooImportError, ZooKind, check_keys, indices, need
+
+KIND = "stmem"
+BACKBONE = "stmem_vit"
+# (width, attention width, depth) -> heads of the published sizes (models/encoder/st_mem_vit.py).
+PUBLISHED_HEADS = {(384, 384, 12): (6, "ST-MEM ViT-S"), (768, 768, 12): (12, "ST-MEM ViT-B")}
+
+_BLOCK_RULES = [  # (authors' suffix in block{i}., ecgfm suffix in blocks.{i}.)
+    ("attn.norm.", "norm1."), ("attn.fn.to_qkv.", "attn.qkv."), ("attn.fn.to_out.0.", "attn.proj."),
+    ("ff.norm.", "norm2."), ("ff.fn.net.0.", "mlp.fc1."), ("ff.fn.net.3.", "mlp.fc2."),
+]
+_PATCH_RULES = [("to_patch_embedding.1.", "patch_embed.0."), ("to_patch_embedding.2.", "patch_embed.1."),
+                ("to_patch_embedding.3.", "patch_embed.2.")]
+
+
+def _leads_option(options: Mapping[str, Any], num_leads: int) -> tuple[list[str] | None, str]:
+    leads = options.get("leads")
+    if leads is None:
+        if num_leads == len(CANONICAL_LEADS):
+            return None, "12 lead embeddings: the canonical order I, II, III, aVR, aVL, aVF, V1-V6 (ST-MEM's)"
+        raise ZooImportError(KIND, f"the checkpoint has {num_leads} lead embeddings: pass leads= (--leads) with the "
+                                   f"{num_leads} canonical lead names it was trained on, in order")
+    leads = [str(x) for x in leads]
+    if len(leads) > num_leads:
+        raise ZooImportError(KIND, f"leads= names {len(leads)} leads but the checkpoint has {num_leads} lead "
+                                   f"embeddings")
+    return leads, "option"
+
+
+def infer_args(state: Mapping[str, torch.Tensor], options: Mapping[str, Any]) -> tuple[dict[str, Any], dict]:
+    """Constructor arguments of :class:`~ecgfm.backbones.stmem.StMemViT` from the authors' state dict."""
+    pos = need(KIND, state, "pos_embedding", 3)
+    n_pos, width = int(pos.shape[1]), int(pos.shape[2])
+    patch_w = need(KIND, state, "to_patch_embedding.2.weight", 2)
+    patch_size = int(patch_w.shape[1])
+    num_leads = len(indices(state, r"lead_embeddings\.(\d+)$"))
+    depth = len(indices(state, r"block(\d+)\."))
+    if num_leads == 0 or depth == 0 or n_pos < 3:
+        raise ZooImportError(KIND, f"found {num_leads} lead embeddings, {depth} blocks and a position table of "
+                                   f"{n_pos} rows: not an ST-MEM encoder")
+    qkv = need(KIND, state, "block0.attn.fn.to_qkv.weight", 2)
+    inner = int(qkv.shape[0]) // 3
+    mlp_dim = int(need(KIND, state, "block0.ff.fn.net.0.weight", 2).shape[0])
+    inferred = {"seq_len": "rows of pos_embedding - 2, times patch_size", "patch_size": "to_patch_embedding.2",
+                "num_leads": "count of lead_embeddings.*", "width": "pos_embedding", "depth": "count of block*",
+                "mlp_dim": "block0.ff.fn.net.0", "qkv_bias": "presence of block0.attn.fn.to_qkv.bias"}
+    heads = options.get("num_heads")
+    if heads is None:
+        published = PUBLISHED_HEADS.get((width, inner, depth))
+        if published is None:
+            raise ZooImportError(KIND, f"the number of attention heads cannot be read from the weights (to_qkv "
+                                       f"holds heads * dim_head = {inner} rows per q, k, v): pass num_heads= "
+                                       f"(--num-heads); the published sizes are ViT-S 6 heads, ViT-B 12 heads")
+        heads, inferred["heads"] = published[0], f"the published {published[1]} configuration"
+    else:
+        heads, inferred["heads"] = int(heads), "option num_heads"
+    if heads <= 0 or inner % heads:
+        raise ZooImportError(KIND, f"num_heads={heads} does not divide the attention width {inner}")
+    leads, inferred["input_leads"] = _leads_option(options, num_leads)
+    args = dict(seq_len=(n_pos - 2) * patch_size, patch_size=patch_size, num_leads=num_leads, width=width,
+                depth=depth, mlp_dim=mlp_dim, heads=heads, dim_head=inner // heads,
+                qkv_bias="block0.attn.fn.to_qkv.bias" in state, input_leads=leads)
+    inferred["dim_head"] = "attention width / heads"
+    return args, inferred
+
+
+def to_peer(native: Mapping[str, torch.Tensor]) -> StateDict:
+    """An :class:`~ecgfm.backbones.stmem.StMemViT` state dict in the authors' key layout (inverse of
+    :func:`from_peer`): used to check a checkpoint's keys and shapes, and by the tests."""
+    out: StateDict = {}
+    for k, v in native.items():
+        if k == "pos_embed":
+            out["pos_embedding"] = v[None]
+        elif k == "sep_embed":
+            out["sep_embedding"] = v
+        elif k == "lead_embed":
+            out.update({f"lead_embeddings.{i}": row for i, row in enumerate(v)})
+        elif k.startswith("patch_embed."):
+            out[next(a + k[len(b):] for a, b in _PATCH_RULES if k.startswith(b))] = v
+        elif k.startswith("blocks."):
+            i, rest = re.match(r"blocks\.(\d+)\.(.*)$", k).groups()
+            out[f"block{i}." + next(a + rest[len(b):] for a, b in _BLOCK_RULES if rest.startswith(b))] = v
+        else:  # norm.*
+            out[k] = v
+    return out
+
+
+def from_peer(state: Mapping[str, torch.Tensor], num_leads: int) -> StateDict:
+    """The authors' state dict in ecgfm's key layout (keys it does not know are left out)."""
+    out: StateDict = {"pos_embed": state["pos_embedding"][0], "sep_embed": state["sep_embedding"],
+                      "lead_embed": torch.stack([state[f"lead_embeddings.{i}"] for i in range(num_leads)])}
+    for k, v in state.items():
+        m = re.match(r"block(\d+)\.(.*)$", k)
+        if m:
+            rule = [b + m.group(2)[len(a):] for a, b in _BLOCK_RULES if m.group(2).startswith(a)]
+            if rule:
+                out[f"blocks.{m.group(1)}.{rule[0]}"] = v
+        elif k.startswith("to_patch_embedding."):
+            rule = [b + k[len(a):] for a, b in _PATCH_RULES if k.startswith(a)]
+            if rule:
+                out[rule[0]] = v
+        elif k.startswith("norm."):
+            out[k] = v
+    return out
+
+
+def _encoder_part(state: StateDict) -> tuple[StateDict, dict[str, str]]:
+    """The encoder of a whole ST-MEM pretraining model (``encoder.*`` beside the decoder's keys), else ``state``."""
+    if "sep_embedding" in state or "encoder.sep_embedding" not in state:
+        return state, {}
+    inner = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
+    return inner, {k: "ST-MEM pretraining model outside the encoder (decoder, mask token)"
+                   for k in state if not k.startswith("encoder.")}
+
+
+def convert(state: StateDict, options: Mapping[str, Any]) -> ImportedWeights:
+    state, outside = _encoder_part(state)
+    args, inferred = infer_args(state, options)
+    model = create_backbone(BACKBONE, **args)
+    head = None
+    if "head.weight" in state:  # a fine-tuned model: its head becomes the classifier head
+        head = {n: state[f"head.{n}"] for n in ("weight", "bias") if f"head.{n}" in state}
+    ignored = {f"head.{n}": "classification head (importable as a classifier)" for n in (head or {})}
+    check_keys(KIND, to_peer(model.state_dict()), state, ignored)
+    ignored.update(outside)
+    return ImportedWeights(BACKBONE, args, from_peer(state, args["num_leads"]), head, inferred, ignored)
+
+
+def preprocess(options: Mapping[str, Any]) -> PreprocessSpec:
+    """ST-MEM's downstream pipeline (configs/downstream/st_mem.yaml, util/transforms.py): 250 Hz (Fourier
+    resampling), 5th-order Butterworth high-pass 0.67 Hz then low-pass 40 Hz (``sosfiltfilt``), one standardisation
+    over leads and time together, no clipping."""
+    return PreprocessSpec(fs=250.0, highpass=0.67, lowpass=40.0, notch=None, filter_order=5, normalize="zscore",
+                          clip=None, resample_method="fourier", bandpass_mode="cascade", filter_design="sos",
+                          normalize_scope="record")
+
+
+def window(init_args: Mapping[str, Any], options: Mapping[str, Any]) -> int:
+    return int(init_args["seq_len"])
+
+
+def lead_order(init_args: Mapping[str, Any]) -> list[str]:
+    leads = init_args.get("input_leads")
+    return list(leads) if leads is not None else list(CANONICAL_LEADS[: int(init_args["num_leads"])])
+
+
+SPEC = ZooKind(
+    name=KIND, title="ST-MEM ViT encoder", container="model", signature="sep_embedding", convert=convert,
+    preprocess=preprocess, window=window, lead_order=lead_order,
+    provenance={
+        "model": "ST-MEM (spatio-temporal masked electrocardiogram modeling), ViT encoder",
+        "licence": "CC BY-NC 4.0 (code and weights; non-commercial use only)",
+        "code": "https://github.com/bakqui/ST-MEM",
+        "weights": "https://github.com/bakqui/ST-MEM (README: st_mem_vit_base encoder checkpoint)",
+        "citation": "Na, Y., Park, M., Tae, Y., Joo, S. Guiding Masked Representation Learning to Capture "
+                    "Spatio-Temporal Relationship of Electrocardiogram. ICLR 2024.",
+        "notes": "ST-MEM filters and standardises each 9 s crop; ecgfm filters and standardises the whole record "
+                 "and then cuts windows, which differs only near crop edges (identical on a record one window "
+                 "long). ST-MEM's evaluation averages 3 crops; the probe averages sliding windows.",
+    },
+    options={"num_heads": "attention heads (not stored in the weights; ViT-S 6 and ViT-B 12 are recognised)",
+             "leads": "canonical lead names of the model's input channels (needed when it has other than 12)"},
+)
