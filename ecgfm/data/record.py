@@ -32,13 +32,32 @@ NON_STANDARD_LEADS: frozenset[str] = frozenset({"vx", "vy", "vz", "x", "y", "z",
                                                 "v3r", "v4r", "v5r", "cm5", "ecg"})
 
 
+def printable(text: Any) -> str:
+    """``str(text)`` that can be written as UTF-8: bytes of an undecodable file name (kept by Python as lone
+    surrogates) are shown as ``\\xNN``."""
+    s = str(text)
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        s = s.encode("utf-8", "surrogateescape" if _only_escapes(s) else "backslashreplace").decode(
+            "utf-8", "backslashreplace")
+    return s
+
+
+def _only_escapes(s: str) -> bool:
+    return all(not 0xD800 <= ord(c) <= 0xDFFF or 0xDC80 <= ord(c) <= 0xDCFF for c in s)
+
+
 class ECGDataError(ValueError):
-    """Bad ECG input. The message always names the file (or record) and the problem."""
+    """Bad ECG input. The message always names the file (or record) and the problem.
+
+    Both are made printable (:func:`printable`), so that a report of the error can always be written.
+    """
 
     def __init__(self, path: Any, problem: str):
-        self.path = str(path)
-        self.problem = problem
-        super().__init__(f"{self.path}: {problem}")
+        self.path = printable(path)
+        self.problem = printable(problem)
+        super().__init__(f"{self.path}: {self.problem}")
 
 
 def canonical_lead(name: str) -> str | None:

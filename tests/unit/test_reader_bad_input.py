@@ -296,7 +296,7 @@ def test_folder_csv_ids_not_found(folder):
 
 def test_folder_duplicated_ids(folder):
     (folder / "l.csv").write_text("record_id,AF\n00001_lr,1\n00002_lr,0\n00001_lr,0\n")
-    _raises("l.csv", r"1 duplicated id\(s\) in column 'record_id': \['00001_lr'\]", FolderSource, folder,
+    _raises("l.csv", r"duplicate id '00001_lr' in column 'record_id': lines 2 and 4", FolderSource, folder,
             labels_csv=folder / "l.csv")
 
 

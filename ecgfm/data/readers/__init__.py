@@ -1,6 +1,7 @@
 """Readers for real ECG corpora in their published formats.
 
-One-record readers (:func:`read_wfdb`, :func:`read_challenge`, :func:`read_cpsc2018`) and one
+One-record readers (:func:`read_wfdb`, :func:`read_challenge`, :func:`read_cpsc2018`), one label-table reader
+(:func:`read_label_table`, used by every source that reads a CSV) and one
 :class:`~ecgfm.data.record.RecordSource` per corpus. Every reader returns a validated
 :class:`~ecgfm.data.record.ECGRecord` (``(12, T)`` float32 mV in canonical lead order) and raises
 :class:`~ecgfm.data.record.ECGDataError` naming the file and the problem for bad input.
@@ -18,7 +19,9 @@ from typing import Any
 
 from ecgfm.data.readers.folder import FolderSource, WFDBFolderSource
 from ecgfm.data.readers.formats import (
+    FS_RANGE,
     WFDBHeader,
+    check_fs_range,
     header_path,
     normalise_sex,
     parse_header,
@@ -47,9 +50,11 @@ from ecgfm.data.readers.ptbxl import (
     load_ptbxl_table,
     load_scp_statements,
     ptbxl_label_space,
+    ptbxl_record_id,
     ptbxl_task_labels,
     ptbxl_task_map,
 )
+from ecgfm.data.readers.tables import LabelTable, read_label_table
 
 #: Source name -> class (or ``"module:Class"`` imported on first use, to avoid import cycles).
 SOURCES: dict[str, Any] = {
@@ -88,6 +93,7 @@ __all__ = [
     "CHALLENGE_EQUIVALENT_CODES",
     "CINC2017_CLASSES",
     "CPSC2021_CLASSES",
+    "FS_RANGE",
     "PTBXL_TASKS",
     "SOURCES",
     "CPSC2018Source",
@@ -95,11 +101,13 @@ __all__ = [
     "Challenge2021Source",
     "CinC2017Source",
     "FolderSource",
+    "LabelTable",
     "MITBIHSource",
     "PTBXLSource",
     "WFDBFolderSource",
     "WFDBHeader",
     "challenge_subset",
+    "check_fs_range",
     "get_source",
     "header_path",
     "load_ptbxl_table",
@@ -109,10 +117,12 @@ __all__ = [
     "parse_header",
     "parse_header_comments",
     "ptbxl_label_space",
+    "ptbxl_record_id",
     "ptbxl_task_labels",
     "ptbxl_task_map",
     "read_challenge",
     "read_cpsc2018",
     "read_header",
+    "read_label_table",
     "read_wfdb",
 ]

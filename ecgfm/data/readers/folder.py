@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import collections
-import csv
 import math
 import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from ecgfm.data.readers._scan import scan_records
-from ecgfm.data.readers.formats import read_wfdb
+from ecgfm.data.readers._scan import check_decodable, scan_records
+from ecgfm.data.readers.formats import check_fs_range, read_wfdb
+from ecgfm.data.readers.tables import read_label_table
 from ecgfm.data.record import ECGDataError, ECGRecord
 
 __all__ = ["FolderSource", "WFDBFolderSource"]
@@ -50,18 +49,25 @@ class FolderSource:
         include_unlabelled: with a CSV, also list records that have no CSV row (loaded with ``labels=()``).
         rename_leads: optional published-name -> lead-name mapping applied before the lead mapping, e.g.
             ``{"ECG": "I"}`` for single-lead devices that do not name their lead.
+        labels_encoding: text encoding of the labels CSV (default UTF-8; a byte-order mark is honoured).
+        fs_range: plausible sampling rates ``(low, high)`` in Hz (default
+            :data:`~ecgfm.data.readers.formats.FS_RANGE`); a header outside is a skipped record.
 
     Raises:
-        ECGDataError: no record found, labels CSV missing, id / label / patient column missing, duplicated
-            ids in the CSV, CSV ids that match no record (the message lists them).
+        ECGDataError: no record found, labels CSV missing or undecodable (naming the line and encoding), id /
+            label / patient column missing, a duplicated id (naming both lines), a ragged row, CSV ids that
+            match no record (the message lists them). The CSV is read by
+            :func:`~ecgfm.data.readers.tables.read_label_table`.
     """
 
     def __init__(self, root: str | os.PathLike, labels_csv: str | os.PathLike | None = None,
                  id_column: str = "record_id", label_columns: Sequence[str] | None = None,
                  name: str = "folder", patient_column: str | None = None, include_unlabelled: bool = True,
-                 rename_leads: Mapping[str, str] | None = None):
+                 rename_leads: Mapping[str, str] | None = None, labels_encoding: str = "utf-8",
+                 fs_range: Sequence[float] | None = None):
         self.root = Path(root)
         self.name = str(name)
+        self.fs_range = check_fs_range(fs_range)
         self.rename_leads = {str(k): str(v) for k, v in rename_leads.items()} if rename_leads else None
         self.include_unlabelled = bool(include_unlabelled)
         self._files = scan_records(self.root, ".hea", recursive=True, ids="relative")
@@ -73,24 +79,34 @@ class FolderSource:
         self._meta: dict[str, dict[str, Any]] = {}
         self._patients: dict[str, str | None] = {}
         if labels_csv is not None:
-            self._read_labels(labels_csv, id_column, label_columns, patient_column)
+            self._read_labels(labels_csv, id_column, label_columns, patient_column, labels_encoding)
         ids = self._files if (labels_csv is None or self.include_unlabelled) else self._labels
         self._ids = sorted(ids)
 
     def _read_labels(self, labels_csv: str | os.PathLike, id_column: str, label_columns: Sequence[str] | None,
-                     patient_column: str | None) -> None:
+                     patient_column: str | None, encoding: str) -> None:
         path = Path(labels_csv)
         if not path.is_absolute() and (self.root / path).is_file():
             path = self.root / path
         if not path.is_file():
             raise ECGDataError(path, "labels CSV not found")
         self.labels_csv = path
-        with open(path, newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh)
-            columns = list(reader.fieldnames or [])
-            rows = list(reader)
-        if id_column not in columns:
-            raise ECGDataError(path, f"id column {id_column!r} not found; columns are {columns}")
+        # An id is the relative path without extension; a file name alone is accepted when it is unique. Ids
+        # are compared after this mapping, so "rec2" and "sub/rec2" on two lines are a duplicate.
+        stems: dict[str, list[str]] = {}
+        for rid in self._files:
+            stems.setdefault(rid.rsplit("/", 1)[-1], []).append(rid)
+
+        def record_id(cell: str) -> str:
+            return cell if cell in self._files or len(stems.get(cell, [])) != 1 else stems[cell][0]
+
+        table = read_label_table(path, id_column=id_column, encoding=encoding, normalise_id=record_id,
+                                 what="labels CSV")
+        columns = table.columns
+        id_column = table.id_column
+        rows = list(table.rows.values())
+        if patient_column is not None:
+            patient_column = str(patient_column).strip()
         if patient_column is None:
             patient_column = "patient_id" if "patient_id" in columns and id_column != "patient_id" else None
         elif patient_column == "":
@@ -102,32 +118,25 @@ class FolderSource:
                              if c not in (id_column, patient_column) and c.lower() not in _SPLIT_COLUMNS]
         elif isinstance(label_columns, str):
             label_columns = [label_columns]
+        label_columns = [str(c).strip() for c in label_columns]
         missing = [c for c in label_columns if c not in columns]
         if missing:
             raise ECGDataError(path, f"label column(s) {missing} not found; columns are {columns}")
         if not label_columns:
             raise ECGDataError(path, "no label column (the CSV has only the id column)")
         self.label_columns = list(label_columns)
-        ids = [str(r[id_column]).strip() for r in rows]
-        # An id is the relative path without extension; a file name alone is accepted when it is unique.
-        stems: dict[str, list[str]] = {}
-        for rid in self._files:
-            stems.setdefault(rid.rsplit("/", 1)[-1], []).append(rid)
-        ids = [i if i in self._files or len(stems.get(i, [])) != 1 else stems[i][0] for i in ids]
+        ids = list(table.rows)
         unknown = [i for i in ids if i not in self._files]
         if unknown:
             raise ECGDataError(path, f"{len(unknown)} id(s) in the CSV match no record under {self.root}: "
                                      f"{unknown[:10]}{' ...' if len(unknown) > 10 else ''} (record ids are "
                                      f"paths relative to the folder without extension, e.g. "
                                      f"{next(iter(self._files))!r})")
-        dups = sorted(rid for rid, n in collections.Counter(ids).items() if n > 1)
-        if dups:
-            raise ECGDataError(path, f"{len(dups)} duplicated id(s) in column {id_column!r}: {dups[:10]}")
-        binary = {c: all(str(r[c] or "").strip().lower() in _BINARY for r in rows) for c in self.label_columns}
+        binary = {c: all(r[c].lower() in _BINARY for r in rows) for c in self.label_columns}
         for rid, row in zip(ids, rows):
             labels: list[str] = []
             for col in self.label_columns:
-                value = str(row[col] or "").strip()
+                value = row[col]
                 if binary[col]:
                     if _is_true(value):
                         labels.append(col)
@@ -136,7 +145,7 @@ class FolderSource:
             self._labels[rid] = tuple(dict.fromkeys(labels))  # de-duplicated, CSV order kept
             self._meta[rid] = {col: _json_value(row[col]) for col in columns if col != id_column}
             if patient_column is not None:
-                pid = str(row[patient_column] or "").strip()
+                pid = row[patient_column]
                 self._patients[rid] = pid or None
 
     def __repr__(self) -> str:
@@ -148,11 +157,17 @@ class FolderSource:
     def record_ids(self) -> list[str]:
         return list(self._ids)
 
+    def label_files(self) -> list[Path]:
+        """``[labels_csv]`` when the source has one (for the cache's freshness check), else ``[]``."""
+        return [self.labels_csv] if self.labels_csv is not None else []
+
     def load(self, record_id: str) -> ECGRecord:
         rel = self._files.get(record_id)
         if rel is None:
             raise ECGDataError(self.root, f"no record {record_id!r} in the folder")
-        record = read_wfdb(self.root / rel, source=self.name, rename_leads=self.rename_leads)
+        check_decodable(self.root, rel, ".hea")
+        record = read_wfdb(self.root / rel, source=self.name, rename_leads=self.rename_leads, root=self.root,
+                           fs_range=self.fs_range)
         meta = {**record.meta, **self._meta.get(record_id, {})}
         return record.replace(record_id=record_id, labels=self._labels.get(record_id, ()), meta=meta,
                               patient_id=self._patients.get(record_id))
@@ -175,5 +190,6 @@ def _json_value(value: Any) -> Any:
 class WFDBFolderSource(FolderSource):
     """A :class:`FolderSource` without labels, named ``"wfdb"`` by default (e.g. PTB Diagnostic records)."""
 
-    def __init__(self, root: str | os.PathLike, name: str = "wfdb", rename_leads: Mapping[str, str] | None = None):
-        super().__init__(root, name=name, rename_leads=rename_leads)
+    def __init__(self, root: str | os.PathLike, name: str = "wfdb", rename_leads: Mapping[str, str] | None = None,
+                 fs_range: Sequence[float] | None = None):
+        super().__init__(root, name=name, rename_leads=rename_leads, fs_range=fs_range)

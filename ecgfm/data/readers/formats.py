@@ -16,6 +16,19 @@ What is written by hand, and why (``wfdb`` is used for everything else):
 - decoding of the plain-integer formats 16, 61, 32 and 80 with ``numpy.fromfile`` (same rules as
   ``wfdb.rdrecord(physical=True)``, tested to agree); every other format (212, 24, 310, 311, FLAC, several
   samples per frame, skew) is decoded by ``wfdb.rdrecord``.
+
+Strict validation (nothing is read that the header does not account for exactly; each failure is an
+:class:`~ecgfm.data.record.ECGDataError`, i.e. a skipped record with its reason in a conversion report):
+
+- signal files named by a header must resolve inside the dataset root (``root``; default the header's folder):
+  an absolute name or one that climbs out with ``..`` is refused before anything is opened;
+- the byte size of each signal file must agree with signals x samples x bytes per sample of its format (plus
+  the byte offset); a file too long means the header's signal count or length is wrong (leads would be
+  scrambled), one too short is truncated. For ``.mat`` files, the ``val`` array's shape must agree;
+- the header's checksums (16-bit sums of each signal's samples) must match the samples, computed on the integer
+  samples already read (one vectorised sum). Headers whose checksums are all 0 (CinC 2017 writes 0 as a
+  placeholder) are not verified; ``record.header["checksum"]`` says ``"verified"`` or why not;
+- the sampling rate must be plausible: within ``fs_range`` (default :data:`FS_RANGE`, 50-10,000 Hz).
 """
 
 from __future__ import annotations
@@ -34,8 +47,10 @@ import wfdb
 from ecgfm.data.record import ECGDataError, ECGRecord, map_leads
 
 __all__ = [
+    "FS_RANGE",
     "MAX_FS",
     "WFDBHeader",
+    "check_fs_range",
     "header_path",
     "normalise_sex",
     "parse_header",
@@ -46,8 +61,30 @@ __all__ = [
     "read_wfdb",
 ]
 
-#: Highest plausible ECG sampling rate (Hz); anything above is treated as a corrupt header.
+#: Highest possible sampling rate (Hz) of any header; anything above is a corrupt header whatever ``fs_range`` says.
 MAX_FS = 100_000.0
+
+#: Default range of plausible ECG sampling rates (Hz, inclusive): a header outside it is treated as corrupt
+#: (1 Hz, or 100 kHz, are typos or wrong units, not ECGs). Every reader and source takes ``fs_range`` to change it.
+FS_RANGE: tuple[float, float] = (50.0, 10_000.0)
+
+
+def check_fs_range(fs_range: Sequence[float] | None) -> tuple[float, float]:
+    """Validate a ``(low, high)`` sampling-rate range in Hz (None: :data:`FS_RANGE`).
+
+    Raises:
+        ValueError: not two finite numbers with ``0 < low <= high <= MAX_FS``.
+    """
+    if fs_range is None:
+        return FS_RANGE
+    try:
+        low, high = (float(v) for v in fs_range)
+    except (TypeError, ValueError):
+        raise ValueError(f"fs_range must be two numbers (low, high) in Hz, got {fs_range!r}") from None
+    if not (math.isfinite(low) and math.isfinite(high) and 0 < low <= high <= MAX_FS):
+        raise ValueError(f"fs_range must satisfy 0 < low <= high <= {MAX_FS:g} Hz, got {fs_range!r}")
+    return low, high
+
 
 # Bytes per sample of each WFDB storage format (WFDB signal(5) man page). FLAC formats (508/516/524) are
 # compressed: their size cannot be predicted and is not checked.
@@ -85,7 +122,7 @@ class WFDBHeader:
     """The fields of a WFDB header (attribute names as in ``wfdb.Record``), parsed and validated.
 
     Per-signal fields are lists of length ``n_sig``. ``sig_len`` is None when the header leaves the length
-    to the signal file size.
+    to the signal file size; ``init_value`` / ``checksum`` entries are None where the header omits them.
     """
 
     record_name: str
@@ -104,6 +141,8 @@ class WFDBHeader:
     adc_zero: list[int]
     sig_name: list[str]
     comments: list[str] = field(default_factory=list)
+    init_value: list[int | None] = field(default_factory=list)
+    checksum: list[int | None] = field(default_factory=list)
 
 
 _RX_FMT = re.compile(r"^(\d+)(?:x(\d+))?(?::(\d+))?(?:\+(\d+))?$")
@@ -117,7 +156,8 @@ def _int_field(token: str, what: str, line: str, hea: Path) -> int:
         raise ECGDataError(hea, f"{what} {token!r} is not an integer in line {line!r}") from None
 
 
-def parse_header(text: str, hea: str | os.PathLike = "<header>") -> WFDBHeader:
+def parse_header(text: str, hea: str | os.PathLike = "<header>", fs_range: Sequence[float] | None = None,
+                 ) -> WFDBHeader:
     """Parse and validate the text of a single-segment WFDB header (format of the WFDB ``header(5)`` page).
 
     Written by hand instead of calling ``wfdb.rdheader`` for two reasons: ``wfdb.rdheader`` silently replaces
@@ -126,10 +166,17 @@ def parse_header(text: str, hea: str | os.PathLike = "<header>") -> WFDBHeader:
     reading a 10 s 12-lead signal, which would dominate the conversion of a corpus. The result agrees with
     ``wfdb.rdheader`` on valid headers (tested).
 
+    Args:
+        text: the header's text.
+        hea: the header file, for error messages.
+        fs_range: plausible sampling rates ``(low, high)`` in Hz (default :data:`FS_RANGE`).
+
     Raises:
-        ECGDataError: malformed lines, multi-segment records, impossible rate, length, gain or format.
+        ECGDataError: malformed lines, multi-segment records, impossible or implausible rate, impossible
+            length, gain or format.
     """
     hea = Path(hea)
+    fs_low, fs_high = check_fs_range(fs_range)
     comments: list[str] = []
     lines: list[str] = []
     for raw in text.splitlines():
@@ -158,6 +205,10 @@ def parse_header(text: str, hea: str | os.PathLike = "<header>") -> WFDBHeader:
         if fs_value is None or not math.isfinite(fs_value) or fs_value <= 0 or fs_value > MAX_FS:
             raise ECGDataError(hea, f"impossible sampling rate {fs_token!r} Hz in record line {rec_line!r} "
                                     f"(must be a finite number in (0, {MAX_FS:g}])")
+        if not fs_low <= fs_value <= fs_high:
+            raise ECGDataError(hea, f"implausible sampling rate for an ECG: {fs_token!r} Hz in record line "
+                                    f"{rec_line!r} (allowed {fs_low:g}-{fs_high:g} Hz; set fs_range to accept "
+                                    "it)")
         fs = fs_value
     sig_len: int | None = None
     if len(rec) >= 4:
@@ -206,23 +257,31 @@ def parse_header(text: str, hea: str | os.PathLike = "<header>") -> WFDBHeader:
         h.adc_res.append(adc_res)
         h.adc_zero.append(adc_zero)
         h.sig_name.append(tok[8].strip() if len(tok) >= 9 else "")
+        h.init_value.append(_int_field(tok[5], "initial value", line, hea) if len(tok) >= 6 else None)
+        h.checksum.append(_int_field(tok[6], "checksum", line, hea) if len(tok) >= 7 else None)
     return h
 
 
-def read_header(path: str | os.PathLike) -> WFDBHeader:
+def read_header(path: str | os.PathLike, fs_range: Sequence[float] | None = None) -> WFDBHeader:
     """Read and validate the WFDB header of a record (given with or without ``.hea``); see :func:`parse_header`.
 
+    The text is decoded as UTF-8, or as Latin-1 when it is not valid UTF-8 (older headers' comments).
+
     Raises:
-        ECGDataError: missing or unreadable header, impossible rate, gain or length.
+        ECGDataError: missing or unreadable header, impossible or implausible rate, impossible gain or length.
     """
     hea = header_path(path)
     try:
-        text = hea.read_text(encoding="latin-1")
+        raw = hea.read_bytes()
     except FileNotFoundError:
         raise ECGDataError(hea, "header file not found") from None
     except OSError as exc:
         raise ECGDataError(hea, f"cannot read header: {exc}") from None
-    return parse_header(text, hea)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = raw.decode("latin-1")  # every byte decodes: never fails
+    return parse_header(text, hea, fs_range)
 
 
 def parse_header_comments(comments: Sequence[str]) -> dict[str, str]:
@@ -270,10 +329,44 @@ def _units_factor(unit: str | None, lead: str, where: Path) -> float:
     return _TO_MV[key]
 
 
-def _check_signal_files(header: WFDBHeader, hea: Path) -> None:
-    """Check that every signal file exists and holds at least the samples the header announces.
+def _signal_file(hea: Path, fname: str, root: str | os.PathLike | None) -> Path:
+    """The path of a signal file named in a header, refused unless it lies inside ``root``.
 
-    Done before decoding so that a truncated file gets a clear message (wfdb's errors do not name it).
+    WFDB names signal files relative to the header's folder. A name that is absolute, or that climbs out of the
+    dataset with ``..``, would read a file the dataset does not hold: refused, before anything is opened. The
+    check is on the normalised path (symbolic links inside the dataset are followed as the user set them up).
+
+    Args:
+        hea: the header file.
+        fname: the file name as written in the header.
+        root: the dataset root (default: the header's folder).
+
+    Raises:
+        ECGDataError: the file lies outside ``root``.
+    """
+    base = os.path.abspath(root if root is not None else hea.parent)
+    if os.path.isabs(fname) or re.match(r"^[A-Za-z]:[\\/]", fname) or fname.startswith("\\"):
+        raise ECGDataError(hea, f"signal file outside the dataset root: the header names the absolute path "
+                                f"{fname!r} (signal files must be relative to the header's folder, inside {base})")
+    path = os.path.abspath(os.path.join(hea.parent, fname))
+    if os.path.commonpath([path, base]) != base:
+        raise ECGDataError(hea, f"signal file outside the dataset root: the header names {fname!r}, which "
+                                f"resolves to {path} (outside {base})")
+    return Path(path)
+
+
+# Samples per group and bytes per group of the packed formats (2 samples in 3 bytes, 3 samples in 4 bytes).
+_PACKED: dict[str, tuple[int, int]] = {"212": (2, 3), "310": (3, 4), "311": (3, 4)}
+
+
+def _check_signal_files(header: WFDBHeader, hea: Path, root: str | os.PathLike | None = None) -> None:
+    """Check every signal file: inside ``root``, present, and exactly as large as the header says.
+
+    Size = byte offset + signals x samples (x samples per frame) x bytes per sample of the format; packed
+    formats (212, 310, 311) may end with one partly filled group. A file too short is truncated; one too long
+    means the header's signal count or length is wrong and the samples would be assigned to the wrong leads.
+    Without a length in the header, the size must be a whole number of frames (plain-integer formats). Done
+    before decoding, so that the message names the file and the problem (wfdb's errors name neither).
     """
     per_file: dict[str, list[int]] = {}
     for i, fname in enumerate(header.file_name):
@@ -282,7 +375,7 @@ def _check_signal_files(header: WFDBHeader, hea: Path) -> None:
     for fname, idx in per_file.items():
         if fname in ("-", "~"):  # WFDB null / absent signal file
             continue
-        f = hea.parent / fname
+        f = _signal_file(hea, fname, root)
         if not f.is_file():
             raise ECGDataError(hea, f"signal file {fname!r} named in the header is missing (looked for {f})")
         fmt = str(header.fmt[idx[0]])
@@ -292,14 +385,66 @@ def _check_signal_files(header: WFDBHeader, hea: Path) -> None:
             raise ECGDataError(f, f"unsupported WFDB storage format {fmt!r} (header {hea.name})")
         offset = int((header.byte_offset or [0] * header.n_sig)[idx[0]] or 0)
         size = f.stat().st_size
+        per_frame = sum(int(spf[i] or 1) for i in idx)
+        what = (f"format {fmt}, {len(idx)} signal{'s' if len(idx) != 1 else ''}"
+                f"{f', {per_frame} samples per frame' if per_frame != len(idx) else ''}"
+                f"{f', offset {offset}' if offset else ''}")
         if header.sig_len is None:  # length left to the file size (allowed by WFDB)
+            frame_bytes = per_frame * _BYTES_PER_SAMPLE[fmt]
+            if fmt not in _PACKED and (size - offset) % frame_bytes:
+                raise ECGDataError(f, f"signal file size disagrees with the header: {size} bytes is not a whole "
+                                      f"number of {frame_bytes:g}-byte frames after the offset ({what}; wrong "
+                                      f"signal count in the header {hea.name}?)")
             continue
-        n_samples = header.sig_len * sum(int(spf[i] or 1) for i in idx)
-        expected = offset + math.floor(n_samples * _BYTES_PER_SAMPLE[fmt])
-        if size < expected:
+        n_samples = header.sig_len * per_frame
+        group, group_bytes = _PACKED.get(fmt, (1, int(_BYTES_PER_SAMPLE[fmt])))
+        low = offset + (n_samples * group_bytes) // group
+        high = offset + -(-n_samples // group) * group_bytes
+        if size < low:
             raise ECGDataError(f, f"truncated signal file: {size} bytes, but the header {hea.name} needs "
-                                  f"{expected} (format {fmt}, {header.sig_len} samples x {len(idx)} signals"
-                                  f"{f', offset {offset}' if offset else ''})")
+                                  f"{low} ({what}, {header.sig_len} samples)")
+        if size > high:
+            raise ECGDataError(f, f"signal file size disagrees with the header: {size} bytes, but the header "
+                                  f"{hea.name} accounts for {high} ({what}, {header.sig_len} samples); wrong "
+                                  f"signal count or length in the header")
+
+
+def _checksum_status(header: WFDBHeader) -> str:
+    """Whether the header's checksums can be verified: ``"verified"`` (they will be), or why not."""
+    given = [c for c in header.checksum if c is not None]
+    if not given:
+        return "not in header"
+    if not any(given):
+        return "not verified: all 0 (placeholder)"
+    return "verified"
+
+
+def _verify_checksums(header: WFDBHeader, sums: Sequence[int] | np.ndarray, where: Path,
+                      signals: Sequence[int] | None = None) -> None:
+    """Compare the header's checksums with the 16-bit sums of the samples.
+
+    Args:
+        header: the parsed header.
+        sums: sum of the integer (digital) samples of each signal in ``signals``.
+        where: file named in the error.
+        signals: the header's signal indices that ``sums`` covers (default: all, in order).
+
+    Raises:
+        ECGDataError: a checksum differs (modulo 2**16; headers write them signed or unsigned).
+    """
+    if _checksum_status(header) != "verified":
+        return
+    idx = list(range(header.n_sig)) if signals is None else list(signals)
+    bad = []
+    for i, total in zip(idx, np.asarray(sums, dtype=np.int64).tolist()):
+        expected = header.checksum[i]
+        if expected is not None and (int(total) - int(expected)) % 65536:
+            got = (int(total) + 32768) % 65536 - 32768
+            bad.append(f"{header.sig_name[i] or f'signal {i}'} header {expected}, samples {got}")
+    if bad:
+        raise ECGDataError(where, f"header checksum mismatch: {len(bad)} of {header.n_sig} signals "
+                                  f"({'; '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}); corrupt signal file "
+                                  "or a header that does not describe it")
 
 
 def _finish(signal: np.ndarray, names: Sequence[str], header: WFDBHeader, hea: Path, source: str,
@@ -341,7 +486,7 @@ def _finish(signal: np.ndarray, names: Sequence[str], header: WFDBHeader, hea: P
 
 
 def read_wfdb(path: str | os.PathLike, source: str = "wfdb", rename_leads: Mapping[str, str] | None = None,
-              ) -> ECGRecord:
+              root: str | os.PathLike | None = None, fs_range: Sequence[float] | None = None) -> ECGRecord:
     """Read one WFDB record (any format wfdb decodes: 16, 212, 24, 32, 80, ..., several signal files).
 
     Args:
@@ -349,31 +494,40 @@ def read_wfdb(path: str | os.PathLike, source: str = "wfdb", rename_leads: Mappi
         source: value of ``record.source``.
         rename_leads: optional published-name -> lead-name mapping applied before :func:`map_leads`
             (e.g. ``{"ECG": "I"}``); recorded in ``header["lead_renamed"]``.
+        root: dataset root: signal files named by the header must lie inside it (default: the header's folder).
+        fs_range: plausible sampling rates ``(low, high)`` in Hz (default :data:`FS_RANGE`).
 
     Returns:
         The record: ``signal (12, T)`` float32 mV, ``record_id`` = record name, ``meta`` with ``age`` /
         ``sex`` when the header comments give them, non-standard leads (Frank vx/vy/vz) listed in
-        ``header["dropped_leads"]``.
+        ``header["dropped_leads"]``, ``header["checksum"]`` = ``"verified"`` or why not.
 
     Raises:
-        ECGDataError: missing header or signal file, truncated signal file, impossible rate or gain,
-            zero-length or all-NaN record, units that are not a voltage, unknown lead names.
+        ECGDataError: missing header or signal file, a signal file outside ``root``, a signal file whose size
+            disagrees with the header (truncated, or wrong signal count / length), a header checksum that does
+            not match the samples, impossible or implausible rate, impossible gain, zero-length or all-NaN
+            record, units that are not a voltage, unknown lead names.
     """
     hea = header_path(path)
-    header = read_header(hea)
+    header = read_header(hea, fs_range)
     if any(str(f).lower().endswith(".mat") for f in header.file_name):
-        return _read_mat_record(hea, header, source, rename_leads)
-    _check_signal_files(header, hea)
+        return _read_mat_record(hea, header, source, rename_leads, root)
+    _check_signal_files(header, hea, root)
     signal = _decode_simple(header, hea)
     if signal is None:
         signal = _decode_with_wfdb(header, hea)
-    return _finish(signal, header.sig_name, header, hea, source, rename=rename_leads)
+    return _finish(signal, header.sig_name, header, hea, source, rename=rename_leads,
+                   extra_header={"checksum": _checksum_status(header)})
 
 
 # numpy dtype and invalid-sample value of the WFDB formats that are plain arrays of integers.
 _SIMPLE_FORMATS: dict[str, tuple[str, int, int]] = {  # fmt -> (dtype, offset added, invalid value)
     "16": ("<i2", 0, -32768), "61": (">i2", 0, -32768), "32": ("<i4", 0, -2**31), "80": ("u1", -128, -128),
 }
+# Invalid-sample value of every format wfdb decodes (WFDB signal(5); None: the format has none).
+_INVALID: dict[str, int | None] = {"8": None, "16": -32768, "61": -32768, "80": -128, "160": -32768,
+                                   "212": -2048, "24": -8388608, "32": -2**31, "310": -512, "311": -512,
+                                   "508": -128, "516": -32768, "524": -8388608}
 
 
 def _decode_simple(header: WFDBHeader, hea: Path) -> np.ndarray | None:
@@ -381,11 +535,15 @@ def _decode_simple(header: WFDBHeader, hea: Path) -> np.ndarray | None:
 
     Written by hand for speed (see :func:`parse_header`: ``wfdb.rdrecord`` parses the header again); it
     applies the same rules as ``wfdb.rdrecord(physical=True)`` (tested to agree): physical value =
-    (digital - baseline) / gain, invalid-sample value -> NaN. Returns None for anything else (format 212,
-    24, difference formats, several samples per frame, skew), which goes to wfdb.
+    (digital - baseline) / gain, invalid-sample value -> NaN. The header's checksums are verified on the
+    integer samples (one vectorised sum per file). Returns None for anything else (format 212, 24, difference
+    formats, several samples per frame, skew), which goes to wfdb.
 
     Returns:
         ``(n_sig, T)`` float32 physical values, or None.
+
+    Raises:
+        ECGDataError: truncated file, files of different lengths, checksum mismatch.
     """
     if any(f not in _SIMPLE_FORMATS for f in header.fmt):
         return None
@@ -409,6 +567,8 @@ def _decode_simple(header: WFDBHeader, hea: Path) -> np.ndarray | None:
                                                    f"header {hea.name} announces {header.sig_len} ({width} bytes "
                                                    "per sample)")
         digital = raw[: n * len(idx)].reshape(n, len(idx)).T.astype(np.int64) + shift
+        if n:  # an empty file is reported as a zero-length record
+            _verify_checksums(header, digital.sum(axis=1), hea.parent / fname, idx)
         if out is None:
             out = np.empty((header.n_sig, n), dtype=np.float32)
         elif out.shape[1] != n:
@@ -422,22 +582,44 @@ def _decode_simple(header: WFDBHeader, hea: Path) -> np.ndarray | None:
 
 
 def _decode_with_wfdb(header: WFDBHeader, hea: Path) -> np.ndarray:
-    """Decode any other WFDB format (212, 24, 310, FLAC, several samples per frame, ...) with wfdb."""
+    """Decode any other WFDB format (212, 24, 310, FLAC, several samples per frame, ...) with wfdb.
+
+    Reads the integer samples once (``physical=False``, every sample of every frame), verifies the header's
+    checksums on them and converts to physical values as ``wfdb.rdrecord(physical=True)`` does: (digital -
+    baseline) / gain, invalid-sample value -> NaN. Several samples per frame are averaged exactly (wfdb truncates
+    the mean to an integer); a frame holding an invalid sample is NaN (wfdb would average the sentinel in).
+    """
     try:
-        rec = wfdb.rdrecord(str(hea.with_suffix("")), physical=True, return_res=32)
+        rec = wfdb.rdrecord(str(hea.with_suffix("")), physical=False, smooth_frames=False, return_res=64)
     except Exception as exc:
         raise ECGDataError(hea, f"wfdb could not decode the signal: {type(exc).__name__}: {exc}") from None
-    sig = rec.p_signal
-    if sig is None or sig.ndim != 2 or sig.shape[1] != header.n_sig:
-        raise ECGDataError(hea, f"decoded signal has shape {None if sig is None else sig.shape}, expected "
-                                f"(samples, {header.n_sig})")
-    if header.sig_len is not None and sig.shape[0] != header.sig_len:
-        raise ECGDataError(hea, f"decoded {sig.shape[0]} samples but the header announces {header.sig_len}")
-    return np.ascontiguousarray(sig.T, dtype=np.float32)
+    channels = rec.e_d_signal
+    if channels is None or len(channels) != header.n_sig:
+        raise ECGDataError(hea, f"decoded {0 if channels is None else len(channels)} signals, expected "
+                                f"{header.n_sig}")
+    spf = [int(n or 1) for n in header.samps_per_frame]
+    lengths = {len(c) // s for c, s in zip(channels, spf)}
+    if len(lengths) != 1 or any(len(c) % s for c, s in zip(channels, spf)):
+        raise ECGDataError(hea, f"decoded signals of different lengths {sorted(lengths)}")
+    n = lengths.pop()
+    if header.sig_len is not None and n != header.sig_len:
+        raise ECGDataError(hea, f"decoded {n} samples but the header announces {header.sig_len}")
+    if n:
+        _verify_checksums(header, [int(np.asarray(c, dtype=np.int64).sum()) for c in channels], hea)
+    out = np.empty((header.n_sig, n), dtype=np.float32)
+    for i, (digital, k) in enumerate(zip(channels, spf)):
+        digital = np.asarray(digital, dtype=np.int64)
+        phys = (digital - float(header.baseline[i])) / float(header.adc_gain[i])
+        invalid = _INVALID.get(str(header.fmt[i]))
+        if invalid is not None:
+            phys[digital == invalid] = np.nan
+        out[i] = phys.reshape(n, k).mean(axis=1) if k > 1 else phys
+    return out
 
 
 def read_challenge(path: str | os.PathLike, source: str = "challenge",
-                   rename_leads: Mapping[str, str] | None = None) -> ECGRecord:
+                   rename_leads: Mapping[str, str] | None = None, root: str | os.PathLike | None = None,
+                   fs_range: Sequence[float] | None = None) -> ECGRecord:
     """Read a PhysioNet challenge record: WFDB ``.hea`` + MATLAB ``.mat`` holding ``val`` in ADC units.
 
     Physical values are ``(val - baseline) / gain`` with gain, baseline and units from the header; the
@@ -447,25 +629,29 @@ def read_challenge(path: str | os.PathLike, source: str = "challenge",
         path: the record, with or without ``.hea`` / ``.mat``.
         source: value of ``record.source``.
         rename_leads: optional published-name -> lead-name mapping (CinC 2017: ``{"ECG": "I"}``).
+        root: dataset root: the ``.mat`` file named by the header must lie inside it (default: the header's
+            folder).
+        fs_range: plausible sampling rates ``(low, high)`` in Hz (default :data:`FS_RANGE`).
 
     Returns:
         The validated record; ``meta`` holds ``age`` / ``sex`` from ``# Age:`` / ``# Sex:`` and the raw
         ``# Dx:`` string as ``dx_text`` when present.
 
     Raises:
-        ECGDataError: missing/unreadable/corrupt ``.mat``, a ``val`` array whose shape disagrees with the
-            header, plus everything :func:`read_wfdb` checks in the header.
+        ECGDataError: missing/unreadable/corrupt ``.mat`` or one outside ``root``, a ``val`` array whose shape
+            disagrees with the header or that holds non-integer values, a header checksum that does not match
+            ``val``, plus everything :func:`read_wfdb` checks in the header.
     """
     hea = header_path(path)
-    return _read_mat_record(hea, read_header(hea), source, rename_leads)
+    return _read_mat_record(hea, read_header(hea, fs_range), source, rename_leads, root)
 
 
-def _read_mat_record(hea: Path, header: WFDBHeader, source: str,
-                     rename_leads: Mapping[str, str] | None) -> ECGRecord:
+def _read_mat_record(hea: Path, header: WFDBHeader, source: str, rename_leads: Mapping[str, str] | None,
+                     root: str | os.PathLike | None = None) -> ECGRecord:
     files = sorted(set(header.file_name))
     if len(files) != 1 or not files[0].lower().endswith(".mat"):
         raise ECGDataError(hea, f"expected one .mat signal file in the header, found {files}")
-    mat = hea.parent / files[0]
+    mat = _signal_file(hea, files[0], root)
     if not mat.is_file():
         raise ECGDataError(hea, f"signal file {files[0]!r} named in the header is missing (looked for {mat})")
     try:
@@ -475,23 +661,30 @@ def _read_mat_record(hea: Path, header: WFDBHeader, source: str,
     if "val" not in content:
         raise ECGDataError(mat, "the .mat file holds no 'val' array")
     val = np.asarray(content["val"])
-    if val.ndim != 2 or not np.issubdtype(val.dtype, np.number):
-        raise ECGDataError(mat, f"'val' must be a 2-D numeric array, got {val.dtype} {val.shape}")
+    if val.ndim != 2 or not np.issubdtype(val.dtype, np.number) or np.issubdtype(val.dtype, np.complexfloating):
+        raise ECGDataError(mat, f"'val' must be a 2-D real numeric array, got {val.dtype} {val.shape}")
     n_sig = header.n_sig
     if val.shape[0] != n_sig:
         raise ECGDataError(mat, f"'val' has {val.shape[0]} rows but the header {hea.name} lists {n_sig} signals")
     if header.sig_len is not None and val.shape[1] != header.sig_len:
         raise ECGDataError(mat, f"'val' has {val.shape[1]} samples but the header {hea.name} announces "
                                 f"{header.sig_len} (truncated or mismatched file)")
+    if not np.issubdtype(val.dtype, np.integer):
+        if not np.isfinite(val).all() or (val != np.round(val)).any():
+            raise ECGDataError(mat, f"'val' holds non-integer values ({val.dtype}): the challenge format stores "
+                                    "ADC units, which are integers")
+    digital = val.astype(np.int64)
+    _verify_checksums(header, digital.sum(axis=1), mat)
     gain = np.asarray(header.adc_gain, dtype=np.float64)[:, None]
     baseline = np.asarray(header.baseline, dtype=np.float64)[:, None]
-    signal = ((val.astype(np.float64) - baseline) / gain).astype(np.float32)
-    invalid = val == _INVALID_16
+    signal = ((digital - baseline) / gain).astype(np.float32)
+    invalid = digital == _INVALID_16
     if invalid.any() and all(str(f).startswith("16") for f in header.fmt):
         signal[invalid] = np.nan
     fields = parse_header_comments(header.comments or [])
     record = _finish(signal, header.sig_name, header, hea, source,
-                     extra_header={"signal_file": str(mat)}, rename=rename_leads)
+                     extra_header={"signal_file": str(mat), "checksum": _checksum_status(header)},
+                     rename=rename_leads)
     if "dx" in fields:
         record.meta["dx_text"] = fields["dx"]
     return record

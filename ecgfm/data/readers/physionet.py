@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
-import csv
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import wfdb
 
-from ecgfm.data.readers._scan import scan_records
-from ecgfm.data.readers.formats import parse_header_comments, read_challenge, read_cpsc2018, read_wfdb
+from ecgfm.data.readers._scan import check_decodable, scan_records
+from ecgfm.data.readers.formats import (
+    check_fs_range,
+    parse_header_comments,
+    read_challenge,
+    read_cpsc2018,
+    read_wfdb,
+)
+from ecgfm.data.readers.tables import read_label_table
 from ecgfm.data.record import ECGDataError, ECGRecord
 
 __all__ = [
@@ -78,8 +84,10 @@ class _FolderIndex:
 
     name = "source"
     _what = "record"
+    _suffix = ".hea"
     root: Path
     _files: dict[str, str]
+    fs_range: tuple[float, float] | None = None
 
     def record_ids(self) -> list[str]:
         """Sorted record ids (file names without extension)."""
@@ -91,10 +99,16 @@ class _FolderIndex:
     def __repr__(self) -> str:
         return f"{type(self).__name__}(root={str(self.root)!r}, n={len(self._files)})"
 
+    def label_files(self) -> list[Path]:
+        """The label tables this source reads (none: labels come from the headers), for the cache's freshness
+        check."""
+        return []
+
     def _base(self, record_id: str) -> Path:
         rel = self._files.get(record_id)
         if rel is None:
             raise ECGDataError(self.root, f"no {self._what} {record_id!r} in this folder")
+        check_decodable(self.root, rel, self._suffix)
         return self.root / rel
 
 
@@ -107,33 +121,41 @@ class CinC2017Source(_FolderIndex):
     ``meta["label"]``. Records without a reference row load unlabelled.
 
     Args:
-        root: folder with ``A*.hea`` + ``A*.mat`` and ``REFERENCE.csv``.
+        root: folder with ``A*.hea`` + ``A*.mat`` and ``REFERENCE.csv`` (read with
+            :func:`~ecgfm.data.readers.tables.read_label_table`).
+        fs_range: plausible sampling rates ``(low, high)`` in Hz (default
+            :data:`~ecgfm.data.readers.formats.FS_RANGE`).
     """
 
     name = "cinc2017"
     _what = "CinC 2017 record"
 
-    def __init__(self, root: str | os.PathLike):
+    def __init__(self, root: str | os.PathLike, fs_range: Sequence[float] | None = None):
         self.root = Path(root)
+        self.fs_range = check_fs_range(fs_range)
         self._files = scan_records(self.root, ".hea")
         if not self._files:
             raise ECGDataError(self.root, "no CinC 2017 records (*.hea) found")
         ref = self.root / "REFERENCE.csv"
         if not ref.is_file():
             raise ECGDataError(ref, "CinC 2017 REFERENCE.csv not found")
+        table = read_label_table(ref, header=False, columns=("record", "label"), id_column="record",
+                                 what="CinC 2017 REFERENCE.csv")
         self._labels: dict[str, str] = {}
-        with open(ref, newline="") as fh:
-            for lineno, row in enumerate(csv.reader(fh), start=1):
-                if not row or not "".join(row).strip():
-                    continue
-                if len(row) != 2 or row[1].strip() not in CINC2017_CLASSES:
-                    raise ECGDataError(ref, f"line {lineno}: expected 'record,label' with label in "
-                                            f"{CINC2017_CLASSES}, got {row}")
-                self._labels[row[0].strip()] = row[1].strip()
+        for rid, row in table.rows.items():
+            if row["label"] not in CINC2017_CLASSES:
+                raise ECGDataError(ref, f"line {table.lines[rid]}: expected 'record,label' with label in "
+                                        f"{CINC2017_CLASSES}, got label {row['label']!r}")
+            self._labels[rid] = row["label"]
+
+    def label_files(self) -> list[Path]:
+        """``[REFERENCE.csv]``: the label table this source reads (for the cache's freshness check)."""
+        return [self.root / "REFERENCE.csv"]
 
     def load(self, record_id: str) -> ECGRecord:
         base = self._base(record_id)
-        record = read_challenge(base, source=self.name, rename_leads={"ECG": "I"})
+        record = read_challenge(base, source=self.name, rename_leads={"ECG": "I"}, root=self.root,
+                                fs_range=self.fs_range)
         label = self._labels.get(record_id)
         meta = dict(record.meta)
         if label is not None:
@@ -151,20 +173,23 @@ class Challenge2021Source(_FolderIndex):
 
     Args:
         root: folder (tree) holding the records.
+        fs_range: plausible sampling rates ``(low, high)`` in Hz (default
+            :data:`~ecgfm.data.readers.formats.FS_RANGE`).
     """
 
     name = "challenge2021"
     _what = "challenge record"
 
-    def __init__(self, root: str | os.PathLike):
+    def __init__(self, root: str | os.PathLike, fs_range: Sequence[float] | None = None):
         self.root = Path(root)
+        self.fs_range = check_fs_range(fs_range)
         self._files = scan_records(self.root, ".hea", recursive=True)
         if not self._files:
             raise ECGDataError(self.root, "no challenge records (*.hea) found")
 
     def load(self, record_id: str) -> ECGRecord:
         base = self._base(record_id)
-        record = read_challenge(base, source=self.name)
+        record = read_challenge(base, source=self.name, root=self.root, fs_range=self.fs_range)
         fields = parse_header_comments(record.header.get("comments", []))
         raw = [c.strip() for c in fields.get("dx", "").split(",") if c.strip()]
         merged = merge_equivalent_codes(raw)
@@ -221,20 +246,23 @@ class CPSC2021Source(_FolderIndex):
 
     Args:
         root: folder with ``data_*.hea`` / ``.dat`` / ``.atr``.
+        fs_range: plausible sampling rates ``(low, high)`` in Hz (default
+            :data:`~ecgfm.data.readers.formats.FS_RANGE`).
     """
 
     name = "cpsc2021"
     _what = "CPSC 2021 record"
 
-    def __init__(self, root: str | os.PathLike):
+    def __init__(self, root: str | os.PathLike, fs_range: Sequence[float] | None = None):
         self.root = Path(root)
+        self.fs_range = check_fs_range(fs_range)
         self._files = scan_records(self.root, ".hea")
         if not self._files:
             raise ECGDataError(self.root, "no CPSC 2021 records (*.hea) found")
 
     def load(self, record_id: str) -> ECGRecord:
         base = self._base(record_id)
-        record = read_wfdb(base, source=self.name)
+        record = read_wfdb(base, source=self.name, root=self.root, fs_range=self.fs_range)
         comments = [c.strip().lower() for c in record.header.get("comments", []) if c.strip()]
         cls = next((CPSC2021_CLASSES[c] for c in comments if c in CPSC2021_CLASSES), None)
         if cls is None:
@@ -261,6 +289,7 @@ class CPSC2018Source(_FolderIndex):
 
     name = "cpsc2018"
     _what = "CPSC 2018 record"
+    _suffix = ".mat"
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
@@ -283,13 +312,16 @@ class MITBIHSource(_FolderIndex):
 
     Args:
         root: folder with ``*.hea`` / ``*.dat`` / ``*.atr``.
+        fs_range: plausible sampling rates ``(low, high)`` in Hz (default
+            :data:`~ecgfm.data.readers.formats.FS_RANGE`).
     """
 
     name = "mitbih"
     _what = "MIT-BIH record"
 
-    def __init__(self, root: str | os.PathLike):
+    def __init__(self, root: str | os.PathLike, fs_range: Sequence[float] | None = None):
         self.root = Path(root)
+        self.fs_range = check_fs_range(fs_range)
         heads = scan_records(self.root, ".hea")
         atrs = scan_records(self.root, ".atr")
         self._files = {k: v for k, v in heads.items() if k in atrs}
@@ -298,7 +330,7 @@ class MITBIHSource(_FolderIndex):
 
     def load(self, record_id: str) -> ECGRecord:
         base = self._base(record_id)
-        record = read_wfdb(base, source=self.name)
+        record = read_wfdb(base, source=self.name, root=self.root, fs_range=self.fs_range)
         meta = dict(record.meta)
         for comment in record.header.get("comments", []):  # "<age> <sex> ..." (first such comment)
             tok = str(comment).split()

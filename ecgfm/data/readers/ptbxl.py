@@ -26,11 +26,13 @@ import ast
 import math
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import pandas as pd
 
-from ecgfm.data.readers.formats import normalise_sex, read_wfdb
+from ecgfm.data.readers._scan import check_decodable
+from ecgfm.data.readers.formats import check_fs_range, normalise_sex, read_wfdb
+from ecgfm.data.readers.tables import read_label_table, table_frame
 from ecgfm.data.record import ECGDataError, ECGRecord
 
 __all__ = [
@@ -39,6 +41,7 @@ __all__ = [
     "load_ptbxl_table",
     "load_scp_statements",
     "ptbxl_label_space",
+    "ptbxl_record_id",
     "ptbxl_task_labels",
     "ptbxl_task_map",
 ]
@@ -58,35 +61,54 @@ def _parse_scp_codes(text: Any, where: Path, ecg_id: Any) -> dict[str, float]:
     return {str(k): float(v) for k, v in value.items()}
 
 
-def load_ptbxl_table(root: str | os.PathLike) -> pd.DataFrame:
-    """``ptbxl_database.csv`` indexed by ``ecg_id``, with ``scp_codes`` parsed into ``{code: likelihood}``.
+def ptbxl_record_id(ecg_id: Any) -> str:
+    """The zero-padded record id of a PTB-XL ``ecg_id`` (``1``, ``"1"``, ``"1.0"`` -> ``"00001"``).
 
     Raises:
-        ECGDataError: missing file, missing columns, unparsable ``scp_codes``.
+        ValueError: not a positive whole number.
+    """
+    text = str(ecg_id).strip()
+    try:
+        value = int(text)
+    except ValueError:
+        f = float(text)  # raises ValueError for text
+        if not math.isfinite(f) or not f.is_integer():
+            raise ValueError("not a whole number") from None
+        value = int(f)
+    if value < 1:
+        raise ValueError("not a positive number")
+    return f"{value:05d}"
+
+
+def load_ptbxl_table(root: str | os.PathLike) -> pd.DataFrame:
+    """``ptbxl_database.csv`` indexed by ``ecg_id`` (int), with ``scp_codes`` parsed into ``{code: likelihood}``.
+
+    Read with :func:`~ecgfm.data.readers.tables.read_label_table` (BOM-tolerant, names and cells stripped,
+    strict decoding); column types are inferred as ``pandas.read_csv`` does.
+
+    Raises:
+        ECGDataError: missing or undecodable file, missing columns, a duplicated or non-integer ``ecg_id``
+            (naming the lines), unparsable ``scp_codes``.
     """
     path = Path(root) / "ptbxl_database.csv"
-    if not path.is_file():
-        raise ECGDataError(path, "PTB-XL metadata file not found")
-    try:
-        df = pd.read_csv(path, index_col="ecg_id")
-    except ValueError as exc:
-        raise ECGDataError(path, f"unreadable PTB-XL metadata: {exc}") from None
-    missing = {"patient_id", "scp_codes", "strat_fold", "age", "sex"} - set(df.columns)
+    table = read_label_table(path, id_column="ecg_id", normalise_id=ptbxl_record_id, what="PTB-XL metadata file")
+    missing = {"patient_id", "scp_codes", "strat_fold", "age", "sex"} - set(table.columns)
     if missing:
         raise ECGDataError(path, f"missing columns {sorted(missing)}")
+    df = table_frame(table, index=int)
     df["scp_codes"] = [_parse_scp_codes(t, path, i) for i, t in zip(df.index, df["scp_codes"])]
     return df
 
 
 def load_scp_statements(root: str | os.PathLike) -> pd.DataFrame:
-    """``scp_statements.csv`` indexed by SCP code (71 rows)."""
+    """``scp_statements.csv`` indexed by SCP code (71 rows); a duplicated code is an error naming both lines."""
     path = Path(root) / "scp_statements.csv"
-    if not path.is_file():
-        raise ECGDataError(path, "PTB-XL scp_statements.csv not found")
-    df = pd.read_csv(path, index_col=0)
-    missing = {"diagnostic", "form", "rhythm", "diagnostic_class", "diagnostic_subclass"} - set(df.columns)
+    table = read_label_table(path, id_column=0, what="PTB-XL scp_statements.csv")
+    missing = {"diagnostic", "form", "rhythm", "diagnostic_class", "diagnostic_subclass"} - set(table.columns)
     if missing:
         raise ECGDataError(path, f"missing columns {sorted(missing)}")
+    df = table_frame(table)
+    df.index.name = None
     return df
 
 
@@ -174,12 +196,20 @@ class PTBXLSource:
         root: folder holding ``records100/`` and/or ``records500/`` and (optionally) the CSVs.
         fs: 100 or 500 (which record folder to read).
         include_unlabelled: also list records that have no metadata row.
+        fs_range: plausible sampling rates ``(low, high)`` in Hz (default
+            :data:`~ecgfm.data.readers.formats.FS_RANGE`).
+
+    Raises:
+        ECGDataError: no record folder or record; an unreadable ``ptbxl_database.csv`` (undecodable, a duplicated
+            or non-integer ``ecg_id``, ...; see :func:`load_ptbxl_table`).
     """
 
     name = "ptbxl"
 
-    def __init__(self, root: str | os.PathLike, fs: int = 100, include_unlabelled: bool = True):
+    def __init__(self, root: str | os.PathLike, fs: int = 100, include_unlabelled: bool = True,
+                 fs_range: Sequence[float] | None = None):
         self.root = Path(root)
+        self.fs_range = check_fs_range(fs_range)
         if int(fs) not in _RATES:
             raise ValueError(f"PTB-XL fs must be 100 or 500, got {fs!r}")
         self.fs = int(fs)
@@ -226,6 +256,11 @@ class PTBXLSource:
         """Sorted zero-padded ecg_ids of the records present (``"00001"``, ...)."""
         return list(self._ids)
 
+    def label_files(self) -> list[Path]:
+        """The metadata tables present (``ptbxl_database.csv``, ``scp_statements.csv``), for the cache's freshness
+        check."""
+        return [p for p in (self.root / "ptbxl_database.csv", self.root / "scp_statements.csv") if p.is_file()]
+
     def is_labelled(self, record_id: str) -> bool:
         return record_id in self._rows
 
@@ -234,7 +269,8 @@ class PTBXLSource:
         rel = self._files.get(record_id)
         if rel is None:
             raise ECGDataError(self.root, f"no PTB-XL record {record_id!r} at {self.fs} Hz")
-        record = read_wfdb(self.root / rel, source=self.name)
+        check_decodable(self.root, rel, ".hea")
+        record = read_wfdb(self.root / rel, source=self.name, root=self.root, fs_range=self.fs_range)
         pid, meta = self._rows.get(record_id, (None, None))
         if meta is None:
             return record.replace(record_id=record_id, meta={}, labels=())
