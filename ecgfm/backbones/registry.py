@@ -14,11 +14,18 @@ staying the same (a description holding only some arguments, as written by older
 missing ones come from the registry's current defaults).
 
 Only names registered here can be instantiated from a checkpoint or an exported JSON.
+
+Registration (timm's pattern): each model module calls :func:`register_backbone` (or :func:`register_sizes` for a
+table of named sizes) when it is imported, and the package ``ecgfm/backbones/__init__.py`` imports the built-in
+model modules. Python always runs a package's ``__init__`` before any of its submodules, so importing this module
+(by any path) registers every built-in family, while this module imports nothing from the models it lists (no
+import circle). A new built-in family is one line in ``ecgfm/backbones/__init__.py``.
 """
 
 from __future__ import annotations
 
 import inspect
+import re
 from typing import Any, Callable
 
 from torch import nn
@@ -85,6 +92,36 @@ class Backbone(nn.Module):
     def forward(self, x):
         return self.embed(x)
 
+    # ------------------------------------------------------------------ layer ids (layer-wise lr decay)
+    # Two layouts are recognised by attribute, so every family gets layer ids without code of its own (override
+    # both members for another layout). Transformer: ``blocks`` (nn.ModuleList): embeddings and tokens are layer 0,
+    # block i is layer i + 1, the final ``norm*`` is the top backbone layer. CNN: ``stages`` (nn.Sequential): the
+    # stem and anything else before the stages is layer 0, stage i is layer i + 1, anything after the stages is
+    # the top backbone layer ("per-stage" decay). Otherwise the backbone is a single layer 0.
+    @property
+    def num_layer_ids(self) -> int:
+        """Number of backbone layer ids: ``layer_id`` is in ``[0, num_layer_ids)``, a head on top gets this id."""
+        blocks, stages = getattr(self, "blocks", None), getattr(self, "stages", None)
+        if isinstance(blocks, nn.ModuleList):
+            return len(blocks) + 2
+        if isinstance(stages, nn.Sequential):
+            return len(stages) + 2
+        return 1
+
+    def layer_id(self, name: str) -> int:
+        """Layer id of the parameter called ``name`` (as in ``self.named_parameters()``), 0 on the input side.
+
+        Used by :func:`ecgfm.optim.param_groups` for layer-wise learning-rate decay (BEiT / MAE fine-tuning).
+        """
+        blocks, stages = getattr(self, "blocks", None), getattr(self, "stages", None)
+        if isinstance(blocks, nn.ModuleList):
+            m = re.match(r"blocks\.(\d+)\.", name)
+            return int(m.group(1)) + 1 if m else (len(blocks) + 1 if name.startswith("norm") else 0)
+        if isinstance(stages, nn.Sequential):
+            m = re.match(r"stages\.(\d+)\.", name)
+            return int(m.group(1)) + 1 if m else (0 if name.startswith("stem") else len(stages) + 1)
+        return 0
+
 
 def register_backbone(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
     """Decorator registering a factory ``f(**kwargs) -> Backbone`` under ``name``."""
@@ -98,13 +135,33 @@ def register_backbone(name: str) -> Callable[[Callable[..., nn.Module]], Callabl
     return deco
 
 
-def _ensure_builtin() -> None:
-    # Import the built-in families so their @register_backbone decorators run.
-    from ecgfm.backbones import resnet1d, vit1d  # noqa: F401
+def register_sizes(cls: type[nn.Module], sizes: dict[str, dict[str, Any]]) -> None:
+    """Register one factory per named size of a family: ``name -> cls(**{**sizes[name], **kwargs})``.
+
+    The factories read ``sizes[name]`` when called (a later change of the table reaches new models; exported ones
+    keep their recorded ``init_args``), and their return annotation is ``cls`` (config checks read the constructor
+    from it).
+
+    Args:
+        cls: the backbone class.
+        sizes: registered name -> constructor defaults of that size.
+    """
+    for name, defaults in sizes.items():
+        register_backbone(name)(_size_factory(cls, name, defaults))
+
+
+def _size_factory(cls: type[nn.Module], name: str, defaults: dict[str, Any]) -> Callable[..., nn.Module]:
+    def factory(**kwargs: Any) -> nn.Module:
+        return cls(**{**defaults, **kwargs})
+
+    factory.__name__ = factory.__qualname__ = name
+    factory.__doc__ = f"{name}: {cls.__name__} with defaults {defaults or 'of the class'}."
+    factory.__annotations__ = {"kwargs": Any, "return": cls}
+    return factory
 
 
 def list_backbones() -> list[str]:
-    _ensure_builtin()
+    """Registered names (the built-in families register when :mod:`ecgfm.backbones` is imported)."""
     return sorted(_REGISTRY)
 
 
@@ -133,7 +190,6 @@ def create_backbone(name: str, **kwargs: Any) -> nn.Module:
         The backbone, with ``name`` and ``init_args`` (every constructor argument, resolved; see the module
         docstring) set.
     """
-    _ensure_builtin()
     if name not in _REGISTRY:
         raise KeyError(f"unknown backbone {name!r}; registered: {', '.join(sorted(_REGISTRY))}")
     model = _REGISTRY[name](**kwargs)

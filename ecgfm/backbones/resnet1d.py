@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from ecgfm.backbones.registry import Backbone, register_backbone
+from ecgfm.backbones.registry import Backbone, register_sizes
 
 __all__ = ["XResNet1d", "RESNET_SIZES"]
 
@@ -155,14 +155,4 @@ RESNET_SIZES: dict[str, dict[str, Any]] = {
 }
 
 
-def _make_factory(name: str, defaults: dict[str, Any]):
-    def factory(**kwargs: Any) -> XResNet1d:
-        return XResNet1d(**{**defaults, **kwargs})
-
-    factory.__name__ = name
-    factory.__doc__ = f"{name}: XResNet1d with defaults {defaults}."
-    return factory
-
-
-for _name, _defaults in RESNET_SIZES.items():
-    register_backbone(_name)(_make_factory(_name, _defaults))
+register_sizes(XResNet1d, RESNET_SIZES)

@@ -21,15 +21,15 @@ and ``N + 1`` (ST-MEM gives both a zero vector, which makes them identical input
 from __future__ import annotations
 
 from functools import partial
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from ecgfm.backbones.registry import Backbone, register_backbone
+from ecgfm.backbones.registry import Backbone, register_sizes
 
-__all__ = ["ViT1D", "sincos_1d", "VIT_SIZES"]
+__all__ = ["ViT1D", "sincos_1d", "block_attention_maps", "VIT_SIZES"]
 
 
 def sincos_1d(num_positions: int, dim: int, temperature: float = 10000.0) -> torch.Tensor:
@@ -48,6 +48,33 @@ def sincos_1d(num_positions: int, dim: int, temperature: float = 10000.0) -> tor
     omega = 1.0 / temperature ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2.0))
     grid = torch.arange(num_positions, dtype=torch.float64)[:, None] * omega[None, :]
     return torch.cat([grid.sin(), grid.cos()], dim=1).float()
+
+
+def block_attention_maps(blocks: Iterable[Block], tokens: torch.Tensor) -> list[torch.Tensor]:
+    """Attention probabilities of every timm :class:`~timm.models.vision_transformer.Block`, computed explicitly.
+
+    The fused attention kernel never materialises the probabilities, so they are recomputed from each block's
+    ``qkv`` projection of its (pre-normed) input while ``tokens`` run through the blocks unchanged. The maps stay in
+    the autograd graph; call under ``torch.no_grad()`` when that is not needed.
+
+    Args:
+        blocks: the transformer blocks, in order.
+        tokens: ``(B, N_tok, D)`` input of the first block.
+
+    Returns:
+        one ``(B, heads, N_tok, N_tok)`` tensor per block, rows summing to 1.
+    """
+    maps = []
+    for blk in blocks:
+        attn = blk.attn
+        h = blk.norm1(tokens)
+        b, n, _ = h.shape
+        qkv = attn.qkv(h).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, _ = qkv.unbind(0)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        maps.append(((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1))
+        tokens = blk(tokens)
+    return maps
 
 
 class ViT1D(Backbone):
@@ -94,7 +121,7 @@ class ViT1D(Backbone):
         # positions 0 and N+1 belong to the SEP tokens, 1..N to the patches; fixed, so not saved.
         self.register_buffer("pos_embed", sincos_1d(self.num_patches + 2, embed_dim), persistent=False)
         self.pos_drop = nn.Dropout(drop_rate)
-        dpr = torch.linspace(0, drop_path, depth).tolist() if depth else []
+        dpr = torch.linspace(0, drop_path, depth, device="cpu").tolist() if depth else []  # cpu: also under a meta device
         self.blocks = nn.ModuleList(
             Block(embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=drop_rate,
                   drop_path=dpr[i], norm_layer=norm)
@@ -226,18 +253,7 @@ class ViT1D(Backbone):
             ``depth`` tensors ``(B, heads, N_tok, N_tok)``, rows summing to 1, token layout as
             :meth:`forward_features`.
         """
-        tokens = self.embed_tokens(x)
-        maps = []
-        for blk in self.blocks:
-            attn = blk.attn
-            h = blk.norm1(tokens)
-            b, n, _ = h.shape
-            qkv = attn.qkv(h).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-            q, k, _ = qkv.unbind(0)
-            q, k = attn.q_norm(q), attn.k_norm(k)
-            maps.append(((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1))
-            tokens = blk(tokens)
-        return maps
+        return block_attention_maps(self.blocks, self.embed_tokens(x))
 
     def extra_repr(self) -> str:
         return (f"seq_len={self.seq_len}, patch_size={self.patch_size}, num_leads={self.num_leads}, "
@@ -254,14 +270,4 @@ VIT_SIZES: dict[str, dict[str, Any]] = {
 }
 
 
-def _make_factory(name: str, defaults: dict[str, Any]):
-    def factory(**kwargs: Any) -> ViT1D:
-        return ViT1D(**{**defaults, **kwargs})
-
-    factory.__name__ = name
-    factory.__doc__ = f"{name}: ViT1D with defaults {defaults} (seq_len 2250 / patch 75 unless given)."
-    return factory
-
-
-for _name, _defaults in VIT_SIZES.items():
-    register_backbone(_name)(_make_factory(_name, _defaults))
+register_sizes(ViT1D, VIT_SIZES)

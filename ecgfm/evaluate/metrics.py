@@ -10,6 +10,13 @@ Point estimates come from scikit-learn (``roc_auc_score``, ``f1_score``, ``accur
   AUROC (Mann-Whitney with mid-rank ties), F1, accuracy and Fmax are computed for all resamples at once with
   matrix products. Tests check every weighted formula against scikit-learn called with ``sample_weight``.
 
+This is ecgfm's one place for AUROC and bootstrap CIs: :func:`evaluate_scores` (all metrics),
+:func:`macro_auroc_ci` (macro AUROC only), :func:`paired_bootstrap_delta` (two models on the same resamples) and
+:func:`bootstrap_mean` (per-record values) share :func:`bootstrap_weights`, and the AUROC ones share one resampling
+routine with its redraw policy. torchmetrics is not used: every metric here is computed once, on record-level
+predictions aggregated over windows (no per-step metric state to accumulate), with a bootstrap torchmetrics
+does not provide.
+
 Degenerate resamples (explicit policy): a class that has only one label value on the whole test set has no
 AUROC; it is excluded from the macro averages and listed in ``excluded_classes``. A resample in which a class
 that *is* defined on the test set loses all its positives or all its negatives is redrawn, as in the PTB-XL
@@ -23,6 +30,7 @@ Shapes: ``n`` test records, ``C`` classes. Multi-label targets are ``(n, C)`` in
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Sequence
 
 import numpy as np
@@ -220,6 +228,43 @@ def bootstrap_weights(n: int, n_boot: int, rng: np.random.Generator) -> np.ndarr
     return rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot).astype(np.float64)
 
 
+def _resampled_aurocs(yo: np.ndarray, score_sets: Sequence[np.ndarray], classes: np.ndarray, n_boot: int,
+                      rng: np.random.Generator, max_redraws: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The bootstrap of this module: resamples and the per-class AUROCs of every score set on them.
+
+    Resamples in which a class of ``classes`` loses all its positives or all its negatives are redrawn (up to
+    ``max_redraws`` rounds; see the module docstring). Every score set is scored on the same resamples (paired).
+
+    Args:
+        yo: ``(n, C)`` indicators.
+        score_sets: ``(n, C)`` score arrays.
+        classes: indices of the classes to score (those defined on the whole set).
+        n_boot: resamples ``B``.
+        rng: generator (consumed in a fixed order: the initial draw, then one draw per redraw round).
+        max_redraws: redraw rounds.
+
+    Returns:
+        ``(w (B, n) multiplicity weights, [(B, len(classes)) AUROCs per score set])``; NaN in a resample still
+        degenerate after the redraws.
+    """
+    n = yo.shape[0]
+    w = bootstrap_weights(n, n_boot, rng)
+
+    def aurocs(weights: np.ndarray, s: np.ndarray) -> np.ndarray:
+        cols = [_weighted_auroc(yo[:, c], s[:, c], weights) for c in classes]
+        return np.stack(cols, axis=1) if cols else np.empty((len(weights), 0))
+
+    out = [aurocs(w, s) for s in score_sets]
+    for _ in range(max_redraws):
+        bad = np.isnan(out[0]).any(axis=1)   # degeneracy depends on the labels and weights only, not the scores
+        if not bad.any():
+            break
+        w[bad] = bootstrap_weights(n, int(bad.sum()), rng)
+        for a, s in zip(out, score_sets):
+            a[bad] = aurocs(w[bad], s)
+    return w, out
+
+
 def _summary(value: float, samples: np.ndarray, ci: float) -> dict[str, float]:
     samples = samples[np.isfinite(samples)]
     if samples.size == 0 or not np.isfinite(value):
@@ -275,16 +320,9 @@ def evaluate_scores(y: np.ndarray, scores: np.ndarray, multilabel: bool,
     out: dict[str, Any] = {}
     n_degenerate = 0
     if n_boot > 0 and n > 1:
-        w = bootstrap_weights(n, n_boot, rng)
-        aucs = np.stack([_weighted_auroc(yo[:, c], scores[:, c], w) if defined[c] else np.full(n_boot, np.nan)
-                         for c in range(n_classes)], axis=1)  # (B, C)
-        for _ in range(max_redraws):
-            bad = np.isnan(aucs[:, defined]).any(axis=1)
-            if not bad.any():
-                break
-            w[bad] = bootstrap_weights(n, int(bad.sum()), rng)
-            for c in np.flatnonzero(defined):
-                aucs[bad, c] = _weighted_auroc(yo[:, c], scores[:, c], w[bad])
+        w, (aucs_defined,) = _resampled_aurocs(yo, [scores], np.flatnonzero(defined), n_boot, rng, max_redraws)
+        aucs = np.full((n_boot, n_classes), np.nan)  # (B, C), NaN for the classes not defined on the whole set
+        aucs[:, defined] = aucs_defined
         n_degenerate = int(np.isnan(aucs[:, defined]).any(axis=1).sum()) if defined.any() else 0
         with np.errstate(invalid="ignore"):
             macro_samples = (np.nanmean(aucs[:, defined], axis=1) if defined.any()
@@ -314,6 +352,59 @@ def evaluate_scores(y: np.ndarray, scores: np.ndarray, multilabel: bool,
     return out
 
 
+def macro_auroc_ci(y: np.ndarray, scores: np.ndarray, n_boot: int = 1000, seed: int = 0, ci: float = 0.95,
+                   max_redraws: int = 50) -> dict[str, float]:
+    """Macro AUROC with its percentile bootstrap CI over records: :func:`evaluate_scores`'s ``"macro_auroc"``
+    (same resamples, same numbers) without the other metrics.
+
+    Args:
+        y: ``(n, C)`` indicators or ``(n,)`` class indices.
+        scores: ``(n, C)`` scores.
+        n_boot: resamples (0: no CI).
+        seed: bootstrap seed.
+        ci: confidence level.
+        max_redraws: rounds of redrawing resamples in which a defined class is degenerate.
+
+    Returns:
+        ``{"value", "ci_low", "ci_high", "n", "n_boot", "n_degenerate"}`` (NaN value and CI when no class has both
+        label values).
+    """
+    y, scores = _check(y, scores)
+    n, n_classes = scores.shape
+    yo = _as_onehot(y, n_classes)
+    defined = np.flatnonzero(defined_classes(yo))
+    samples, n_degenerate = np.empty(0), 0
+    if n_boot > 0 and n > 1 and defined.size:
+        _, (aucs,) = _resampled_aurocs(yo, [scores], defined, n_boot, np.random.default_rng(seed), max_redraws)
+        n_degenerate = int(np.isnan(aucs).any(axis=1).sum())
+        with warnings.catch_warnings():   # a resample degenerate in every class has no mean: NaN, dropped
+            warnings.simplefilter("ignore", RuntimeWarning)
+            samples = np.nanmean(aucs, axis=1)
+    return {**_summary(macro_auroc(yo, scores), samples, ci), "n": int(n), "n_boot": int(n_boot),
+            "n_degenerate": n_degenerate}
+
+
+def bootstrap_mean(values: Any, n_boot: int = 1000, seed: int = 0, ci: float = 0.95) -> dict[str, float]:
+    """Mean of per-record values with a percentile bootstrap CI over records (the resampling of this module).
+
+    Args:
+        values: per-record values (array-like; NaN / inf are dropped).
+        n_boot: resamples.
+        seed: bootstrap seed.
+        ci: confidence level.
+
+    Returns:
+        ``{"value", "ci_low", "ci_high", "n"}``; a single value is its own CI; no finite value gives NaNs, ``n = 0``.
+    """
+    v = np.asarray(values, dtype=np.float64).ravel()
+    v = v[np.isfinite(v)]
+    if v.size <= 1:
+        value = float(v[0]) if v.size else float("nan")
+        return {"value": value, "ci_low": value, "ci_high": value, "n": int(v.size)}
+    w = bootstrap_weights(v.size, n_boot, np.random.default_rng(seed))
+    return {**_summary(float(v.mean()), w @ v / v.size, ci), "n": int(v.size)}
+
+
 def paired_bootstrap_delta(y: np.ndarray, scores_a: np.ndarray, scores_b: np.ndarray, n_boot: int = 1000,
                            seed: int = 0, ci: float = 0.95, max_redraws: int = 50) -> dict[str, float]:
     """Macro AUROC difference ``A - B`` of two models scored on the same records, with a paired percentile
@@ -340,19 +431,8 @@ def paired_bootstrap_delta(y: np.ndarray, scores_a: np.ndarray, scores_b: np.nda
     if len(defined) == 0:
         raise ValueError("no class has both label values: AUROC is undefined")
     delta = float(np.mean(per_class_auroc(yo, scores_a)[defined] - per_class_auroc(yo, scores_b)[defined]))
-    rng = np.random.default_rng(seed)
-    w = bootstrap_weights(n, n_boot, rng)
-
-    def macro(weights: np.ndarray, s: np.ndarray) -> np.ndarray:
-        return np.stack([_weighted_auroc(yo[:, c], s[:, c], weights) for c in defined], axis=1)
-
-    a, b = macro(w, scores_a), macro(w, scores_b)
-    for _ in range(max_redraws):
-        bad = np.isnan(a).any(axis=1)
-        if not bad.any():
-            break
-        w[bad] = bootstrap_weights(n, int(bad.sum()), rng)
-        a[bad], b[bad] = macro(w[bad], scores_a), macro(w[bad], scores_b)
+    _, (a, b) = _resampled_aurocs(yo, [scores_a, scores_b], defined, n_boot, np.random.default_rng(seed),
+                                  max_redraws)
     with np.errstate(invalid="ignore"):
         d = np.nanmean(a - b, axis=1)
     d = d[np.isfinite(d)]

@@ -33,6 +33,15 @@ def test_registry_lists_the_documented_names():
         create_backbone("no_such_backbone")
 
 
+@pytest.mark.parametrize("name", [n for n in list_backbones() if n.endswith("_test")])
+def test_layer_ids_cover_every_parameter(name):
+    # layer-wise lr decay (ecgfm.optim.param_groups): ids in [0, num_layer_ids), the first and the last used
+    model = create_backbone(name)
+    ids = {n: model.layer_id(n) for n, _ in model.named_parameters()}
+    assert set(ids.values()) <= set(range(model.num_layer_ids))
+    assert min(ids.values()) == 0 and max(ids.values()) >= model.num_layer_ids - 2
+
+
 @pytest.mark.parametrize("name", list_backbones())
 def test_every_backbone_follows_the_contract(name):
     torch.manual_seed(0)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import lightning as L
 import numpy as np
 import pytest
@@ -11,7 +9,7 @@ import torch
 from torch import nn
 
 from ecgfm.accel import adamw_kwargs
-from ecgfm.methods.base import PretrainModule, fit_probe_auroc, macro_auroc, param_groups_no_decay, warmup_cosine
+from ecgfm.methods.base import PretrainModule, fit_probe_auroc
 
 
 
@@ -51,17 +49,6 @@ class Recon(PretrainModule):
         return loss, {"target_var": target.var()}
 
 
-def test_param_groups_exclude_norms_biases_embeddings():
-    module = Recon(TinyBackbone())
-    groups = {g["weight_decay"]: set(g["names"]) for g in param_groups_no_decay(module, 0.05)}
-    assert groups[0.05] == {"backbone.conv.weight", "backbone.proj.weight", "dec.weight"}
-    assert groups[0.0] == {"backbone.conv.bias", "backbone.norm.weight", "backbone.norm.bias", "backbone.pos_embed",
-                           "backbone.lead_table.weight", "backbone.proj.bias", "dec.bias"}
-    module.backbone.conv.weight.requires_grad_(False)
-    names = {n for g in param_groups_no_decay(module, 0.05) for n in g["names"]}
-    assert "backbone.conv.weight" not in names
-
-
 def test_configure_optimizers_adamw_groups_and_step_schedule():
     module = Recon(TinyBackbone(), lr=2e-3, weight_decay=0.1, warmup_steps=4, max_steps=20, betas=(0.9, 0.99))
     conf = module.configure_optimizers()
@@ -70,7 +57,10 @@ def test_configure_optimizers_adamw_groups_and_step_schedule():
     assert opt.defaults.get("fused") or opt.defaults.get("foreach")  # CPU: fused where PyTorch has it
     assert bool(opt.defaults.get("fused")) == adamw_kwargs(list(module.parameters())).get("fused", False)
     assert opt.defaults["betas"] == (0.9, 0.99)
-    assert sorted(g["weight_decay"] for g in opt.param_groups) == [0.0, 0.1]
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]   # decayed first (checkpoint order)
+    no_decay = {n for n, p in module.named_parameters() if any(p is q for q in opt.param_groups[1]["params"])}
+    assert no_decay == {"backbone.conv.bias", "backbone.norm.weight", "backbone.norm.bias", "backbone.pos_embed",
+                        "backbone.lead_table.weight", "backbone.proj.bias", "dec.bias"}
     assert sched["interval"] == "step"
     n_params = sum(len(g["params"]) for g in opt.param_groups)
     assert n_params == len([p for p in module.parameters() if p.requires_grad])
@@ -83,13 +73,6 @@ def test_configure_optimizers_adamw_groups_and_step_schedule():
     assert lrs[4] == pytest.approx(2e-3)                   # peak right after warm-up
     assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))   # cosine decay is monotone
     assert lrs[20] == pytest.approx(0.0, abs=1e-12) and lrs[21] == pytest.approx(0.0, abs=1e-12)
-
-
-def test_warmup_cosine_values():
-    assert warmup_cosine(0, 0, 10) == 1.0
-    assert warmup_cosine(5, 0, 10) == pytest.approx(0.5)
-    assert warmup_cosine(3, 10, 10) == pytest.approx(4 / 11)
-    assert warmup_cosine(100, 0, 10) == 0.0
 
 
 def test_hparams_are_plain_and_backbone_is_recorded():
@@ -108,11 +91,7 @@ def test_base_shared_step_is_abstract():
         PretrainModule(TinyBackbone()).shared_step({"x": torch.zeros(1, 12, 10)})
 
 
-def test_macro_auroc_and_probe_fit():
-    y = np.array([[1, 0], [0, 0], [1, 0], [0, 0]])
-    s = np.array([[0.9, 0.1], [0.1, 0.2], [0.8, 0.3], [0.3, 0.4]])
-    assert macro_auroc(y, s) == (1.0, 1)          # second column has one outcome only: skipped
-    assert math.isnan(macro_auroc(np.zeros((3, 2)), np.zeros((3, 2)))[0])
+def test_probe_fit():
     rng = np.random.default_rng(0)
     emb = rng.normal(size=(400, 6))
     labels = (emb[:, 0] + 0.5 * emb[:, 1] > 0).astype(int) + (emb[:, 2] > 1).astype(int)  # 3 classes

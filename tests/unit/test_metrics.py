@@ -149,3 +149,51 @@ def test_paired_bootstrap_delta():
     assert 0 < d["ci_low"] <= d["delta"] <= d["ci_high"] and d["p_not_positive"] == 0.0
     same = M.paired_bootstrap_delta(y, good, good, n_boot=50)
     assert same["delta"] == 0.0 and same["ci_low"] == same["ci_high"] == 0.0
+
+
+def _golden_problem():
+    rng = np.random.default_rng(7)
+    n, c = 40, 4
+    y = (rng.random((n, c)) < 0.3).astype(float)
+    y[:, 0] = 0                          # undefined class
+    y[:2, 1], y[2:, 1] = 1, 0            # two positives: resamples without them are redrawn
+    return y, rng.random((n, c)) + 0.5 * y, rng.random((n, c))
+
+
+def test_bootstrap_numbers_are_unchanged():
+    # values of the implementation before the shared resampling routine (_resampled_aurocs): same draws, same CIs
+    y, s, s2 = _golden_problem()
+    r = M.evaluate_scores(y, s, True, n_boot=200, seed=1)
+    for key, (v, lo, hi) in {"macro_auroc": (0.9429059829059829, 0.8996575981489774, 0.9781757115088595),
+                             "macro_f1": (0.3530020703933747, 0.2834618048282363, 0.4286385769422154),
+                             "fmax": (0.7647058823529412, 0.6229508196721312, 0.898550724637681)}.items():
+        assert (r[key]["value"], r[key]["ci_low"], r[key]["ci_high"]) == pytest.approx((v, lo, hi), rel=1e-12)
+    d = M.paired_bootstrap_delta(y, s, s2, n_boot=200, seed=2)
+    assert (d["delta"], d["ci_low"], d["ci_high"]) == pytest.approx(
+        (0.615036237316939, 0.4882084578722753, 0.753122768568171), rel=1e-12)
+
+
+@pytest.mark.parametrize("max_redraws", [0, 50])
+def test_macro_auroc_ci_is_the_evaluate_scores_bootstrap(max_redraws):
+    y, s, _ = _golden_problem()
+    full = M.evaluate_scores(y, s, True, n_boot=150, seed=4, max_redraws=max_redraws)
+    only = M.macro_auroc_ci(y, s, n_boot=150, seed=4, max_redraws=max_redraws)
+    assert {k: only[k] for k in ("value", "ci_low", "ci_high")} == full["macro_auroc"]
+    assert only["n_degenerate"] == full["n_degenerate"] and only["n"] == 40
+    assert (max_redraws == 0) == (only["n_degenerate"] > 0)
+    none = M.macro_auroc_ci(np.zeros((5, 2)), np.ones((5, 2)))
+    assert np.isnan(none["value"]) and np.isnan(none["ci_low"])
+
+
+def test_bootstrap_mean():
+    rng = np.random.default_rng(0)
+    v = np.r_[rng.normal(1.0, 1.0, 200), np.nan]
+    r = M.bootstrap_mean(v, n_boot=500, seed=3)
+    assert r["n"] == 200 and r["value"] == pytest.approx(np.nanmean(v))
+    assert r["ci_low"] < r["value"] < r["ci_high"] and r["ci_high"] - r["ci_low"] < 4 * 1.96 / np.sqrt(200)
+    # each resample's mean, written out record by record
+    w = M.bootstrap_weights(200, 500, np.random.default_rng(3))
+    ref = [np.repeat(v[:200], row.astype(int)).mean() for row in w]
+    assert (r["ci_low"], r["ci_high"]) == pytest.approx(tuple(np.percentile(ref, [2.5, 97.5])))
+    assert M.bootstrap_mean([2.0]) == {"value": 2.0, "ci_low": 2.0, "ci_high": 2.0, "n": 1}
+    assert M.bootstrap_mean([np.nan])["n"] == 0

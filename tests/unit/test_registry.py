@@ -87,3 +87,35 @@ def test_copy_and_pickle_keep_the_backbone_and_its_arguments():
         assert clone.init_args == model.init_args and clone.name == "resnet1d_test"
         with torch.no_grad():
             assert torch.equal(clone.embed(x), model.embed(x))
+
+
+def test_registry_imports_nothing_from_the_models_it_lists():
+    # No import circle: the models import the registry; the package __init__ imports the models (registration).
+    import ast
+    import importlib
+    import pathlib
+    import sys
+
+    tree = ast.parse(pathlib.Path(registry.__file__).read_text())
+    imported = [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    assert not [m for m in imported if m.startswith("ecgfm")], imported
+    assert "importlib" not in imported
+    # every model module of the package is imported (so registered) by importing the package
+    importlib.import_module("ecgfm.backbones")
+    for path in pathlib.Path(registry.__file__).parent.glob("*.py"):
+        if path.stem not in ("__init__", "registry"):
+            assert f"ecgfm.backbones.{path.stem}" in sys.modules, f"{path.name}: add it to ecgfm/backbones/__init__.py"
+
+
+def test_size_factories_name_their_class(monkeypatch):
+    # ecgfm.config checks a backbone's config keys against the class a factory's return annotation names
+    import typing
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    registry.register_sizes(ViT1D, {"vit1d_probe_size": {"embed_dim": 8, "depth": 1, "num_heads": 2}})
+    factory = registry._REGISTRY["vit1d_probe_size"]
+    assert typing.get_type_hints(factory)["return"] is ViT1D and factory.__name__ == "vit1d_probe_size"
+    assert create_backbone("vit1d_probe_size", seq_len=50, patch_size=25).num_features == 8
+    with pytest.raises(ValueError, match="registered twice"):
+        registry.register_sizes(ViT1D, {"vit1d_probe_size": {}})
