@@ -6,12 +6,19 @@ see :mod:`ecgfm.evaluate.sweep`). :func:`build_report` reads every cell and writ
 * ``results.csv``: the tidy table, one row per (cell, evaluated split, metric) with columns
   :data:`TIDY_COLUMNS` (``split`` is ``test`` or ``external:<dataset>``; ``seed`` is the label-subset / head
   seed; every value carries its 95 % bootstrap CI over the records of that split);
-* ``results.md``: per task and split, a table of methods x label fractions: mean over seeds +- standard deviation
-  over seeds, then the mean of the per-seed 95 % bootstrap CIs in brackets, and the number of seeds;
+* ``results.md``: per task and split, a table of checkpoints x label fractions: mean over seeds +- standard
+  deviation over seeds, then the mean of the per-seed 95 % bootstrap CIs in brackets, and the number of seeds;
 * ``results.png``: macro AUROC against label fraction (log axis), one line per method and mode, shaded band =
   mean per-seed 95 % CI;
 * ``comparisons.csv`` (and a section of ``results.md``): every method minus its random-init twin on the same test
   records (same mode, task, fraction, seed), with a paired bootstrap CI (needs the predictions the cells store).
+
+Rows are grouped by checkpoint *identity*, not by method name: each cell stores the content hash of its
+checkpoint (``checkpoint_id``) and of its full recipe (``recipe_id``, :mod:`ecgfm.evaluate.identity`). Only cells
+of one checkpoint and one recipe are averaged over seeds. A row's ``label`` is the method name, plus ``@`` and a
+short checkpoint hash when that method (and backbone) has several checkpoints in the table, plus the recipe hash
+when one checkpoint was run with several recipes; cells written before identities existed are labelled
+``@legacy-...`` and never merged with others.
 
 Run it by hand with ``python -m ecgfm.evaluate.report <results_dir>``.
 """
@@ -19,27 +26,58 @@ Run it by hand with ``python -m ecgfm.evaluate.report <results_dir>``.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
 import pandas as pd
 
-TIDY_COLUMNS = ["mode", "task", "dataset", "split", "method", "checkpoint", "backbone", "fraction", "seed",
-                "n_train", "n_test", "metric", "value", "ci_low", "ci_high", "cell"]
+from ecgfm.io import atomic_write, atomic_write_text
+
+log = logging.getLogger(__name__)
+TIDY_COLUMNS = ["mode", "task", "dataset", "split", "label", "method", "checkpoint", "checkpoint_id", "recipe_id",
+                "backbone", "fraction", "seed", "n_train", "n_test", "metric", "value", "ci_low", "ci_high", "cell"]
 SUMMARY_METRICS = ("macro_auroc", "macro_f1", "fmax", "accuracy")
 MODE_NAMES = {"linear": "linear probe", "mlp": "MLP probe", "finetune": "fine-tune"}
+GROUP_KEYS = ["task", "dataset", "split", "mode", "label", "method", "backbone", "checkpoint_id", "recipe_id",
+              "fraction"]
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    atomic_write_text(path, text)
+
+
+def cell_identity(cell: dict[str, Any]) -> tuple[str, str]:
+    """``(checkpoint_id, recipe_id)`` of a cell; a cell written before identities existed gets
+    ``legacy-<hash of its checkpoint string>`` and ``legacy`` (never equal to a real identity)."""
+    ck = cell.get("checkpoint_id")
+    if not ck:
+        ck = "legacy-" + hashlib.sha256(str(cell.get("checkpoint")).encode()).hexdigest()[:6]
+    return str(ck), str(cell.get("recipe_id") or "legacy")
+
+
+def assign_labels(cells: list[dict[str, Any]]) -> None:
+    """Set ``cell["label"]``: the method name, ``@<checkpoint hash>`` when the method (and backbone) has several
+    checkpoint identities among ``cells``, ``[recipe <hash>]`` when one checkpoint has several recipes in the same
+    (mode, task)."""
+    ckpts: dict[tuple, set[str]] = {}
+    recipes: dict[tuple, set[str]] = {}
+    for c in cells:
+        ck, rc = cell_identity(c)
+        ckpts.setdefault((c.get("method"), c.get("backbone")), set()).add(ck)
+        recipes.setdefault((c.get("mode"), c.get("task"), c.get("method"), c.get("backbone"), ck), set()).add(rc)
+    for c in cells:
+        ck, rc = cell_identity(c)
+        label = str(c.get("method"))
+        if len(ckpts[(c.get("method"), c.get("backbone"))]) > 1 or ck.startswith("legacy-"):
+            label += f"@{ck if ck.startswith('legacy-') else ck[:7]}"
+        if len(recipes[(c.get("mode"), c.get("task"), c.get("method"), c.get("backbone"), ck)]) > 1:
+            label += f" [recipe {rc[:7]}]"
+        c["label"] = label
 
 
 def load_cells(results_dir: str | os.PathLike) -> list[dict[str, Any]]:
@@ -53,15 +91,20 @@ def load_cells(results_dir: str | os.PathLike) -> list[dict[str, Any]]:
             raise ValueError(f"{p}: unreadable results cell ({exc}); delete it to recompute the cell") from exc
         cell["_path"] = str(p.relative_to(root))
         cells.append(cell)
+    assign_labels(cells)
     return cells
 
 
 def tidy_rows(cells: Iterable[dict[str, Any]]) -> pd.DataFrame:
     """Cells -> the tidy table (:data:`TIDY_COLUMNS`), including per-class AUROC rows ``auroc[<class>]``."""
     rows = []
+    cells = list(cells)
+    if any("label" not in c for c in cells):
+        assign_labels(cells)
     for cell in cells:
-        base = {k: cell.get(k) for k in ("mode", "task", "dataset", "method", "checkpoint", "backbone",
+        base = {k: cell.get(k) for k in ("mode", "task", "dataset", "label", "method", "checkpoint", "backbone",
                                          "fraction", "seed", "n_train")}
+        base["checkpoint_id"], base["recipe_id"] = cell_identity(cell)
         for split, metrics in (cell.get("results") or {}).items():
             common = dict(base, split=split, n_test=metrics.get("n"), cell=cell.get("_path", ""))
             for metric in SUMMARY_METRICS:
@@ -74,17 +117,30 @@ def tidy_rows(cells: Iterable[dict[str, Any]]) -> pd.DataFrame:
                                  ci_high=m["ci_high"]))
     df = pd.DataFrame(rows, columns=TIDY_COLUMNS)
     if len(df):
-        df = df.sort_values(["task", "split", "mode", "method", "fraction", "seed", "metric"], kind="mergesort")
+        df = df.sort_values(["task", "split", "mode", "label", "fraction", "seed", "metric"], kind="mergesort")
     return df.reset_index(drop=True)
 
 
 def summarize(df: pd.DataFrame, metric: str = "macro_auroc") -> pd.DataFrame:
-    """Mean / sd over seeds and mean per-seed CI bounds per (task, dataset, split, mode, method, fraction)."""
+    """Mean / sd over seeds and mean per-seed CI bounds per (task, dataset, split, mode, checkpoint identity,
+    recipe, fraction) (:data:`GROUP_KEYS`): only seeds of one checkpoint and one recipe are averaged. A seed
+    present twice in a group (the same checkpoint reached through two paths) counts once."""
     sub = df[df["metric"] == metric]
     if sub.empty:
-        return pd.DataFrame(columns=["task", "dataset", "split", "mode", "method", "backbone", "fraction", "mean",
-                                     "sd", "ci_low", "ci_high", "n_seeds", "n_test"])
-    keys = ["task", "dataset", "split", "mode", "method", "backbone", "fraction"]
+        return pd.DataFrame(columns=GROUP_KEYS + ["mean", "sd", "ci_low", "ci_high", "n_seeds", "n_test"])
+    sub = sub.copy()
+    if "label" not in sub.columns:
+        sub["label"] = sub["method"]
+    for col, fill in (("checkpoint_id", "legacy"), ("recipe_id", "legacy")):
+        if col not in sub.columns:
+            sub[col] = fill
+        sub[col] = sub[col].fillna(fill)
+    keys = GROUP_KEYS
+    dup = sub.duplicated(keys + ["seed"], keep="first")
+    if dup.any():
+        log.warning("%d %s row(s) repeat a (checkpoint, recipe, seed) already in the table (the same checkpoint "
+                    "under another path?): counted once", int(dup.sum()), metric)
+        sub = sub[~dup]
     g = sub.groupby(keys, dropna=False)
     out = g.agg(mean=("value", "mean"), sd=("value", "std"), ci_low=("ci_low", "mean"),
                 ci_high=("ci_high", "mean"), n_seeds=("seed", "nunique"), n_test=("n_test", "max"))
@@ -100,7 +156,9 @@ def markdown_table(df: pd.DataFrame, metrics: Iterable[str] = ("macro_auroc", "m
     lines = ["# Results", "",
              "Each entry: mean over seeds +- sd over seeds [mean of the per-seed 95 % bootstrap CIs over the "
              "records of the split] (number of seeds). `seed` draws the label subset (stratified, patient-level, "
-             "nested) and initialises the head.", ""]
+             "nested) and initialises the head. One row per checkpoint identity (content hash) and recipe: "
+             "`method@<hash>` when a method has several checkpoints here, `[recipe <hash>]` when one checkpoint "
+             "was run with several recipes; only seeds of one row are averaged.", ""]
     for metric in metrics:
         summ = summarize(df, metric)
         if summ.empty:
@@ -111,7 +169,7 @@ def markdown_table(df: pd.DataFrame, metrics: Iterable[str] = ("macro_auroc", "m
             fracs = sorted(block["fraction"].unique())
             lines.append("| method | backbone | mode | " + " | ".join(_fmt_frac(f) for f in fracs) + " |")
             lines.append("|---|---|---|" + "---|" * len(fracs))
-            for (method, backbone, mode), rows in block.groupby(["method", "backbone", "mode"], sort=True):
+            for (method, backbone, mode), rows in block.groupby(["label", "backbone", "mode"], sort=True):
                 cells = []
                 for f in fracs:
                     r = rows[rows["fraction"] == f]
@@ -141,7 +199,7 @@ def plot_results(df: pd.DataFrame, out_path: str | os.PathLike, metric: str = "m
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), squeeze=False)
     for ax, ((task, dataset, split), block) in zip(axes[0], panels):
         several = block["backbone"].nunique() > 1
-        for (method, backbone, mode), rows in block.groupby(["method", "backbone", "mode"], sort=True):
+        for (method, backbone, mode), rows in block.groupby(["label", "backbone", "mode"], sort=True):
             rows = rows.sort_values("fraction")
             x = rows["fraction"].to_numpy(dtype=float)
             label = f"{method}{f' [{backbone}]' if several else ''} ({MODE_NAMES.get(mode, mode)})"
@@ -163,57 +221,75 @@ def plot_results(df: pd.DataFrame, out_path: str | os.PathLike, metric: str = "m
         ax.legend(fontsize=7)
     fig.tight_layout()
     out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, out)
+    try:
+        atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    finally:
+        plt.close(fig)
     return out
 
 
 def paired_comparisons(cells: Iterable[dict[str, Any]], baseline: str = "random-init", n_boot: int = 1000,
                        seed: int = 0) -> pd.DataFrame:
-    """Macro AUROC of every method minus the ``baseline`` method's, on the same test records, same mode, task,
-    fraction and seed (paired bootstrap, :func:`ecgfm.evaluate.metrics.paired_bootstrap_delta`).
+    """Macro AUROC of every method minus its ``baseline`` twin's, on the same test records (paired bootstrap,
+    :func:`ecgfm.evaluate.metrics.paired_bootstrap_delta`).
 
-    Needs the ``predictions`` stored in the cells. Returns one row per (mode, task, split, method, fraction, seed)
-    with ``delta, ci_low, ci_high, p_not_positive, n``.
+    The twin is a ``baseline`` cell of the same mode, task, fraction and seed, the same architecture (backbone
+    name and arguments; the backbone name for cells without it) and the same recipe: never the random-init cell
+    of another backbone or another probe grid. Several matching twins (e.g. two init seeds) give one row each.
+
+    Needs the ``predictions`` stored in the cells. Returns one row per (mode, task, split, method checkpoint,
+    baseline, fraction, seed) with ``label``, ``baseline`` (the twin's label), ``delta, ci_low, ci_high,
+    p_not_positive, n``.
     """
-    from ecgfm.evaluate.metrics import paired_bootstrap_delta
-
     cells = [c for c in cells if c.get("predictions")]
-    base = {(c["mode"], c["task"], float(c["fraction"]), int(c["seed"])): c for c in cells
-            if c.get("method") == baseline}
+    if any("label" not in c for c in cells):
+        assign_labels(cells)
+
+    def twin_key(c: dict[str, Any]) -> tuple:
+        return (c["mode"], c["task"], float(c["fraction"]), int(c["seed"]),
+                c.get("architecture") or c.get("backbone"), c.get("recipe_id"))
+
+    base: dict[tuple, list[dict[str, Any]]] = {}
+    for c in cells:
+        if c.get("method") == baseline:
+            base.setdefault(twin_key(c), []).append(c)
     rows = []
     for c in cells:
         if c.get("method") == baseline:
             continue
-        b = base.get((c["mode"], c["task"], float(c["fraction"]), int(c["seed"])))
-        if b is None:
+        for b in base.get(twin_key(c), []):
+            rows += _paired_rows(c, b, n_boot, seed)
+    return pd.DataFrame(rows, columns=["mode", "task", "dataset", "split", "method", "label", "baseline", "fraction",
+                                       "seed", "delta", "ci_low", "ci_high", "p_not_positive", "n"])
+
+
+def _paired_rows(c: dict[str, Any], b: dict[str, Any], n_boot: int, seed: int) -> list[dict[str, Any]]:
+    """Paired deltas of cell ``c`` against its twin ``b`` on every split both predicted."""
+    from ecgfm.evaluate.metrics import paired_bootstrap_delta
+
+    rows = []
+    for split, pa in c["predictions"].items():
+        pb = b["predictions"].get(split)
+        if pb is None:
             continue
-        for split, pa in c["predictions"].items():
-            pb = b["predictions"].get(split)
-            if pb is None:
-                continue
-            pos = {k: i for i, k in enumerate(pb["keys"])}
-            common = [(i, pos[k]) for i, k in enumerate(pa["keys"]) if k in pos]
-            if len(common) < 2:
-                continue
-            ia, ib = np.array(common).T
-            y = np.asarray(pa["y"])[ia]
-            sa, sb = np.asarray(pa["scores"])[ia], np.asarray(pb["scores"])[ib]
-            if not c.get("multilabel", True):
-                y = y.argmax(axis=1)
-            try:
-                d = paired_bootstrap_delta(y, sa, sb, n_boot=n_boot, seed=seed)
-            except ValueError:
-                continue
-            rows.append({"mode": c["mode"], "task": c["task"], "dataset": c.get("dataset"), "split": split,
-                         "method": c["method"], "baseline": baseline, "fraction": float(c["fraction"]),
-                         "seed": int(c["seed"]), **d})
-    return pd.DataFrame(rows, columns=["mode", "task", "dataset", "split", "method", "baseline", "fraction", "seed",
-                                       "delta", "ci_low", "ci_high", "p_not_positive", "n"])
+        pos = {k: i for i, k in enumerate(pb["keys"])}
+        common = [(i, pos[k]) for i, k in enumerate(pa["keys"]) if k in pos]
+        if len(common) < 2:
+            continue
+        ia, ib = np.array(common).T
+        y = np.asarray(pa["y"])[ia]
+        sa, sb = np.asarray(pa["scores"])[ia], np.asarray(pb["scores"])[ib]
+        if not c.get("multilabel", True):
+            y = y.argmax(axis=1)
+        try:
+            d = paired_bootstrap_delta(y, sa, sb, n_boot=n_boot, seed=seed)
+        except ValueError:
+            continue
+        rows.append({"mode": c["mode"], "task": c["task"], "dataset": c.get("dataset"), "split": split,
+                     "method": c["method"], "label": c.get("label", c["method"]),
+                     "baseline": b.get("label", b.get("method")), "fraction": float(c["fraction"]),
+                     "seed": int(c["seed"]), **d})
+    return rows
 
 
 def comparison_markdown(comp: pd.DataFrame) -> str:
@@ -222,12 +298,14 @@ def comparison_markdown(comp: pd.DataFrame) -> str:
         return ""
     lines = ["## Paired comparison with the random-init twin (macro AUROC difference, same test records)", "",
              "delta = method - random-init; per seed: delta [95 % paired bootstrap CI].", "",
-             "| mode | task | split | method | fraction | mean delta | per seed |", "|---|---|---|---|---|---|---|"]
-    keys = ["mode", "task", "split", "method", "fraction"]
+             "| mode | task | split | method | twin | fraction | mean delta | per seed |",
+             "|---|---|---|---|---|---|---|---|"]
+    comp = comp.assign(label=comp["label"].fillna(comp["method"]) if "label" in comp else comp["method"])
+    keys = ["mode", "task", "split", "label", "baseline", "fraction"]
     for key, g in comp.sort_values(keys + ["seed"]).groupby(keys, sort=True):
         per = "; ".join(f"s{int(r.seed)}: {r.delta:+.3f} [{r.ci_low:+.3f}, {r.ci_high:+.3f}]" for r in g.itertuples())
-        lines.append(f"| {MODE_NAMES.get(key[0], key[0])} | {key[1]} | {key[2]} | {key[3]} | {_fmt_frac(key[4])} | "
-                     f"{g['delta'].mean():+.3f} | {per} |")
+        lines.append(f"| {MODE_NAMES.get(key[0], key[0])} | {key[1]} | {key[2]} | {key[3]} | {key[4]} | "
+                     f"{_fmt_frac(key[5])} | {g['delta'].mean():+.3f} | {per} |")
     lines.append("")
     return "\n".join(lines)
 

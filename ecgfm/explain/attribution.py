@@ -44,6 +44,14 @@ a direction (default: the input's own embedding direction, i.e. which samples bu
 Every method above works on that objective (attention rollout is target-free anyway).
 
 GradientSHAP's bank of real normal ECGs: :func:`baseline_bank` (records through the model's preprocessing).
+
+**Lead resolution.** Not every method can rank leads. Grad-CAM / Grad-CAM++ on a CNN's last feature map (the first
+convolution already mixed the leads) or on a transformer whose tokens span all leads produce one map for every
+lead, so every lead gets exactly 1/L of the attribution: a "top leads" list from it would be an artefact of
+sorting equal numbers. Each :class:`Attribution` therefore says ``lead_resolution`` (``"per-lead"``, ``"none"``:
+one map broadcast to every lead, ``"interpolated"``: fewer rows than leads) and ``ranks_leads``, which is also
+False whenever the per-lead totals are degenerate (all equal up to float noise, all zero, non-finite) whatever
+the method; :meth:`Attribution.top_leads` then returns None instead of a ranking (:func:`lead_ranking`).
 """
 
 from __future__ import annotations
@@ -86,6 +94,40 @@ def _jsonable(v: Any) -> Any:
     return repr(v)
 
 
+LEAD_RESOLUTIONS = ("per-lead", "none", "interpolated")
+
+
+def lead_ranking(per_lead: Tensor | np.ndarray | Sequence[float], k: int = 3, rtol: float = 1e-4
+                 ) -> list[int] | None:
+    """Indices of the (at most ``k``) leads whose importance clearly exceeds the rest, largest first.
+
+    A lead is listed only if its value exceeds the largest value left out by more than ``rtol`` times the
+    largest magnitude, so ties at the cut are never broken by sort order and equal shares (e.g. a map broadcast
+    to every lead) give no ranking at all.
+
+    Args:
+        per_lead: ``(L,)`` importance per lead (e.g. :meth:`Attribution.per_lead` ``[i]`` or change shares).
+        k: at most this many leads.
+        rtol: relative tolerance below which two values count as equal.
+
+    Returns:
+        lead indices, or None when no lead stands out (all equal, all zero, or non-finite values).
+    """
+    v = np.asarray(per_lead.detach().cpu() if isinstance(per_lead, Tensor) else per_lead, dtype=np.float64)
+    v = v.reshape(-1)
+    if v.size == 0 or not np.all(np.isfinite(v)):
+        return None
+    scale = float(np.abs(v).max())
+    if scale == 0.0:
+        return None
+    tol = rtol * scale
+    order = np.argsort(-v, kind="stable")
+    k = max(0, min(int(k), v.size))
+    cut = v[order[k]] if k < v.size else -np.inf
+    top = [int(i) for i in order[:k] if v[i] > cut + tol]
+    return top or None
+
+
 def _reduce(values: Tensor, reduce: str) -> Tensor:
     if reduce == "abs":
         return values.abs()
@@ -114,6 +156,9 @@ class Attribution:
         delta: ``(B,)`` convergence delta (sum of attributions - (f(x) - f(baseline))) for IG / DeepLift /
             GradientSHAP, else None.
         scores: faithfulness / sanity scores attached later (:mod:`ecgfm.explain.faithfulness`).
+
+    ``lead_resolution`` comes from ``options["lead_resolution"]`` (set by methods whose map may lack a lead axis;
+    ``"per-lead"`` otherwise); see the module docstring.
     """
 
     values: Tensor
@@ -135,6 +180,30 @@ class Attribution:
     @property
     def batch_size(self) -> int:
         return int(self.values.shape[0])
+
+    @property
+    def lead_resolution(self) -> str:
+        """``"per-lead"``, ``"none"`` (one map broadcast to every lead) or ``"interpolated"``."""
+        return str(self.options.get("lead_resolution", "per-lead"))
+
+    @property
+    def ranks_leads(self) -> bool:
+        """Whether this attribution can rank leads: the method resolves leads and, for every input, the
+        per-lead totals are not degenerate (:func:`lead_ranking`)."""
+        if self.lead_resolution != "per-lead":
+            return False
+        return all(r is not None for r in self.top_leads())
+
+    def top_leads(self, k: int = 3, reduce: str = "abs") -> list[list[str] | None]:
+        """Per input, the (at most ``k``) most important leads, or None where the attribution cannot rank leads
+        (a lead-agnostic method, or degenerate equal / zero per-lead totals)."""
+        if self.lead_resolution != "per-lead":
+            return [None] * self.batch_size
+        out: list[list[str] | None] = []
+        for row in self.per_lead(reduce):
+            idx = lead_ranking(row, k)
+            out.append(None if idx is None else [self.lead_names[j] for j in idx])
+        return out
 
     def per_lead(self, reduce: str = "abs") -> Tensor:
         """``(B, L)`` importance of each lead: sum over time of ``|values|`` (``reduce``: ``"abs"``,
@@ -209,6 +278,9 @@ class Attribution:
             "target": None if self.target is None else self.target.detach().cpu().tolist(),
             "elapsed_s": float(self.elapsed_s),
             "per_lead": self.per_lead().detach().cpu().tolist(),
+            "lead_resolution": self.lead_resolution,
+            "ranks_leads": self.ranks_leads,
+            "top_leads": self.top_leads(),
             "scores": _jsonable(self.scores),
         }
         if self.delta is not None:
@@ -562,6 +634,12 @@ def _m_wave_ablation(job: _Job, r_peaks: Sequence[np.ndarray] | None = None, per
                      "n_beats": [int(len(r)) for r in r_peaks], "perturbations_per_eval": perturbations_per_eval}
 
 
+def _grid_lead_resolution(cam: Tensor, n_leads: int) -> str:
+    """How a ``(B, 1, H, W)`` map resolves ``n_leads`` leads (see :data:`LEAD_RESOLUTIONS`)."""
+    h = int(cam.shape[2])
+    return "per-lead" if h == n_leads else ("none" if h == 1 else "interpolated")
+
+
 def _upsample_grid(cam: Tensor, n_leads: int, n_t: int) -> Tensor:
     """``(B, 1, H, W)`` -> ``(B, L, T)``: rows equal to the leads keep their lead, a single row is broadcast to
     every lead; time is linearly interpolated (patch / feature-map centres aligned)."""
@@ -637,7 +715,8 @@ def _m_gradcam(job: _Job, layer: str | None = None, relu: bool = True) -> tuple[
         if relu:
             cam = cam.clamp_min(0)
         impl = "tokens_to_grid"
-    return _upsample_grid(cam.detach(), n_l, n_t), None, {"layer": layer, "relu": relu, "impl": impl}
+    return _upsample_grid(cam.detach(), n_l, n_t), None, {"layer": layer, "relu": relu, "impl": impl,
+                                                          "lead_resolution": _grid_lead_resolution(cam, n_l)}
 
 
 def _m_gradcam_pp(job: _Job, layer: str | None = None) -> tuple[Tensor, None, dict]:
@@ -651,7 +730,8 @@ def _m_gradcam_pp(job: _Job, layer: str | None = None) -> tuple[Tensor, None, di
     alpha = g2 / torch.where(denom != 0, denom, torch.ones_like(denom))
     weights = (alpha * grads.clamp_min(0)).sum(dim=(2, 3), keepdim=True)
     cam = (weights * acts).sum(1, keepdim=True).clamp_min(0)
-    return _upsample_grid(cam, n_l, n_t), None, {"layer": layer}
+    return _upsample_grid(cam, n_l, n_t), None, {"layer": layer,
+                                                 "lead_resolution": _grid_lead_resolution(cam, n_l)}
 
 
 def _m_attention_rollout(job: _Job, head_fusion: str = "mean", residual: float = 0.5,
@@ -688,7 +768,9 @@ def _m_attention_rollout(job: _Job, head_fusion: str = "mean", residual: float =
         k = int(count(roll)) if callable(count) else n
         rel = roll[:, :k].mean(1)                                  # (B, N_tok)
         grid = to_grid(rel[:, :, None])                            # (B, 1, leads, patches)
-    return _upsample_grid(grid, *job.x.shape[1:]), None, {"head_fusion": head_fusion, "residual": residual}
+    return _upsample_grid(grid, *job.x.shape[1:]), None, {
+        "head_fusion": head_fusion, "residual": residual,
+        "lead_resolution": _grid_lead_resolution(grid, job.x.shape[1])}
 
 
 METHODS: dict[str, Callable[..., tuple[Tensor, Tensor | None, dict]]] = {

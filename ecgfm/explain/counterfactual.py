@@ -9,6 +9,12 @@ with the temporal-smoothness term of time-series counterfactuals)::
                 + lambda_smooth * sum |delta[t+1] - delta[t]|          # total variation: no spikes / noise
                 + lambda_plaus  * (R(x + delta) - R(x))                # optional plausibility prior
 
+**Record ends.** A network with zero padding sees its first and last samples through a truncated receptive
+field, so an unconstrained search finds the cheapest flip at the ends (a step in the first 0.3 s). By default the
+change is therefore multiplied by an edge taper (:func:`edge_taper`): zero in the first and last ``edge_s``
+seconds, rising smoothly (raised cosine) over the next ``ramp_s``; and the total variation is taken on the change
+padded with zeros, so a change that does reach an end pays for its jump there.
+
 The proximity and smoothness terms are sums over leads and time (an integral over time for the proximity), not
 means: a mean divides their gradient by the number of samples (12,000 for 10 s at 100 Hz), which leaves it far
 below the classification gradient whatever the weight, and the optimiser then ignores them.
@@ -88,6 +94,22 @@ def total_variation(delta: Tensor) -> Tensor:
     return (delta[..., 1:] - delta[..., :-1]).abs().flatten(1).sum(1)
 
 
+def edge_taper(n_t: int, fs: float, edge_s: float, ramp_s: float) -> Tensor:
+    """``(T,)`` weights of the change along time: 0 in the first and last ``edge_s`` seconds, a raised-cosine
+    ramp over the next ``ramp_s`` seconds, 1 in between. Each margin is capped at a quarter (edge) and an eighth
+    (ramp) of the record, so short records keep a free middle. ``edge_s = ramp_s = 0``: all ones."""
+    w = torch.ones(n_t)
+    edge = min(int(round(edge_s * fs)), n_t // 4)
+    ramp = min(int(round(ramp_s * fs)), n_t // 8)
+    if edge == 0 and ramp == 0:
+        return w
+    rise = 0.5 - 0.5 * torch.cos(torch.pi * (torch.arange(ramp, dtype=torch.float32) + 1) / (ramp + 1))
+    head = torch.cat([torch.zeros(edge), rise])
+    w[:len(head)] = head
+    w[n_t - len(head):] = head.flip(0)
+    return w
+
+
 def _is_valid(proba: Tensor, target: Tensor, multilabel: bool, threshold: float) -> Tensor:
     if multilabel:
         return proba.gather(1, target[:, None])[:, 0] > threshold
@@ -146,10 +168,17 @@ class Counterfactual:
         """``(B, L, T)`` counterfactual minus original."""
         return self.counterfactual - self.original
 
-    def top_leads(self, k: int = 3) -> list[list[str]]:
-        """Per input, the ``k`` leads with the largest change."""
-        idx = self.per_lead.argsort(1, descending=True)[:, :k]
-        return [[self.lead_names[j] for j in row] for row in idx.tolist()]
+    def top_leads(self, k: int = 3) -> list[list[str] | None]:
+        """Per input, the (at most ``k``) leads whose change is clearly largest, or None when the change does not
+        rank the leads (equal in every lead, or all zero; see
+        :func:`ecgfm.explain.attribution.lead_ranking`)."""
+        from ecgfm.explain.attribution import lead_ranking
+
+        out: list[list[str] | None] = []
+        for row in self.per_lead:
+            idx = lead_ranking(row, k)
+            out.append(None if idx is None else [self.lead_names[j] for j in idx])
+        return out
 
     def _name(self, c: int) -> Any:
         return self.class_names[c] if self.class_names else int(c)
@@ -157,6 +186,7 @@ class Counterfactual:
     def to_dict(self) -> dict[str, Any]:
         """JSON-able summary, one entry per input."""
         out = []
+        top = self.top_leads()
         for i in range(self.original.shape[0]):
             t = int(self.target[i])
             d = {
@@ -169,10 +199,14 @@ class Counterfactual:
                 "steps": int(self.steps[i]),
                 "l1": float(self.l1[i]),
                 "l2": float(self.l2[i]),
-                "top_leads": self.top_leads()[i],
+                "top_leads": top[i],
+                "ranks_leads": top[i] is not None,
                 "per_lead_share": {n: float(v) for n, v in zip(self.lead_names, self.per_lead[i].tolist())},
                 "per_wave_share": {w: float(v[i]) for w, v in self.per_wave.items()},
-                "top_segments": self.segments[i][:5],
+                # (lead, wave) pairs rank leads too: without a lead ranking, only the waves are ranked
+                "top_segments": self.segments[i][:5] if top[i] is not None else sorted(
+                    ({"lead": "all", "wave": w, "share": float(v[i])} for w, v in self.per_wave.items()),
+                    key=lambda r: -r["share"]),
             }
             if self.plausibility is not None:
                 d["mae_reconstruction_error"] = {k: float(v[i]) for k, v in self.plausibility.items()}
@@ -218,8 +252,8 @@ def change_summary(delta: Tensor, original: Tensor, fs: float, lead_names: Seque
 def counterfactual(wrapper: ECGWrapper, inputs: Tensor, target: Any, lambda_prox: float = 0.1,
                    proximity: str = "l1", lambda_smooth: float = 0.003, prior: nn.Module | None = None,
                    lambda_plaus: float = 0.1, lr: float = 0.01, max_steps: int = 500, early_stop: bool = True,
-                   threshold: float = 0.5, leads: Sequence[str] | None = None, knot_s: float | None = 0.04
-                   ) -> Counterfactual:
+                   threshold: float = 0.5, leads: Sequence[str] | None = None, knot_s: float | None = 0.04,
+                   edge_s: float = 0.3, ramp_s: float = 0.1) -> Counterfactual:
     """Counterfactual ECGs for a target class.
 
     Args:
@@ -241,6 +275,10 @@ def counterfactual(wrapper: ECGWrapper, inputs: Tensor, target: Any, lambda_prox
             parameter by about ``lr`` per step whatever its gradient, so a free per-sample change turns into
             high-frequency, adversarial-looking noise before the total-variation term can act; the knots rule
             that out by construction. ``None``: one free value per sample.
+        edge_s: seconds at each end of the record left unchanged (see the module docstring: the ends are where
+            zero padding makes a model cheapest to fool). 0: the whole record may change (the zero-padded total
+            variation still charges a jump at an end).
+        ramp_s: seconds over which the change ramps in after the untouched ends (raised cosine, no step).
 
     Returns:
         :class:`Counterfactual`.
@@ -253,6 +291,8 @@ def counterfactual(wrapper: ECGWrapper, inputs: Tensor, target: Any, lambda_prox
         raise ValueError(f"proximity must be one of {PROXIMITY}, got {proximity!r}")
     if max_steps < 1:
         raise ValueError(f"max_steps must be >= 1, got {max_steps}")
+    if not (edge_s >= 0 and ramp_s >= 0):
+        raise ValueError(f"edge_s and ramp_s must be >= 0 seconds, got edge_s={edge_s}, ramp_s={ramp_s}")
     x = wrapper.check(torch.as_tensor(inputs, dtype=torch.float32).to(wrapper.device), "<counterfactual inputs>")
     multilabel = wrapper.postprocess == "sigmoid"
     was_training = wrapper.model.training
@@ -270,6 +310,7 @@ def counterfactual(wrapper: ECGWrapper, inputs: Tensor, target: Any, lambda_prox
             raise ValueError(f"unknown leads {unknown}; the model's leads are {wrapper.lead_names}")
         lead_mask = torch.tensor([[[float(n in leads)] for n in wrapper.lead_names]], device=x.device)
     n_t = x.shape[-1]
+    lead_mask = lead_mask * edge_taper(n_t, wrapper.fs, edge_s, ramp_s).to(x.device)     # (1, L, T)
     step_n = 1 if knot_s is None else max(1, int(round(knot_s * wrapper.fs)))
     n_knots = n_t if step_n == 1 else -(-(n_t - 1) // step_n) + 1
 
@@ -304,7 +345,7 @@ def counterfactual(wrapper: ECGWrapper, inputs: Tensor, target: Any, lambda_prox
         else:
             cls = F.cross_entropy(logits, tgt, reduction="none")
         prox = (d.abs() if proximity == "l1" else d.pow(2)).flatten(1).sum(1) / wrapper.fs
-        loss = cls + lambda_prox * prox + lambda_smooth * total_variation(d)
+        loss = cls + lambda_prox * prox + lambda_smooth * total_variation(F.pad(d, (1, 1)))  # ends charged
         if prior is not None:
             loss = loss + lambda_plaus * (prior(xc) - plaus0)
         loss = (loss * (~done).float()).sum()                              # finished inputs stop moving
@@ -333,6 +374,6 @@ def counterfactual(wrapper: ECGWrapper, inputs: Tensor, target: Any, lambda_prox
         options={"lambda_prox": lambda_prox, "proximity": proximity, "lambda_smooth": lambda_smooth,
                  "lambda_plaus": lambda_plaus if prior is not None else None, "lr": lr, "max_steps": max_steps,
                  "early_stop": early_stop, "threshold": threshold, "leads": list(leads) if leads else None,
-                 "knot_s": knot_s,
+                 "knot_s": knot_s, "edge_s": float(edge_s), "ramp_s": float(ramp_s),
                  "prior": type(prior).__name__ if prior is not None else None},
         history=history, elapsed_s=time.perf_counter() - t0)

@@ -196,3 +196,149 @@ def test_cli_multirun_builds_one_table(work, tmp_path):
     df = pd.read_csv(res / "results.csv")  # written once, by ReportCallback.on_multirun_end
     assert df["cell"].nunique() == 4 and set(df["method"]) == {"random-init"}
     assert set(df["backbone"]) == {"resnet1d_test", "vit1d_test"}
+
+
+# ------------------------------------------------------------------------------ issue 9: cell identity, crop rate
+def _toy_encoder(path: Path, seed: int, fs: float | None = 100.0, extra_fs: float | None = None):
+    import torch
+
+    from ecgfm.backbones import create_backbone
+    from ecgfm.data.preprocess import PreprocessSpec
+    from ecgfm.export import export_encoder
+
+    torch.manual_seed(seed)
+    extra = {"method": "ToyModule", "crop_samples": 250}
+    if extra_fs is not None:
+        extra["fs"] = extra_fs
+    return export_encoder(create_backbone("resnet1d_test"), path, PreprocessSpec(fs=fs), extra=extra)
+
+
+@pytest.mark.parametrize("change", ["probe.Cs=[0.1]", "probe.aggregate=mean_prediction", "window_seconds=2.0",
+                                    "stride_seconds=1.0", "bootstrap.n=30", "task.params.n_records=200",
+                                    "preprocess={fs:100.0,highpass:1.0}"])
+def test_changed_recipe_recomputes_the_cell(work, tmp_path, caplog, change):
+    """A finished cell is reused only for the same recipe: a changed probe grid, aggregation, window, stride,
+    bootstrap, task or preprocessing recomputes it, and the log says what changed."""
+    base = ["checkpoint=random:resnet1d_test", f"results_dir={tmp_path / 'r'}", "fraction=1.0", "seed=0",
+            "probe.Cs=[1.0]", "plot=false"]
+    first = probe_main(_cfg("probe", work, *base))
+    assert len(first["cells_written"]) == 1
+    assert probe_main(_cfg("probe", work, *base))["cells_skipped"] == 1
+    caplog.set_level("INFO", logger="ecgfm.evaluate.sweep")
+    again = probe_main(_cfg("probe", work, *base, change))
+    assert len(again["cells_written"]) == 1, change
+    key = change.split("=")[0].split(".")[-1].strip("{")
+    assert any("recipe changed" in r.getMessage() and "recomputing" in r.getMessage() for r in caplog.records)
+    assert any(key in r.getMessage() for r in caplog.records if "recipe changed" in r.getMessage()), key
+
+
+def test_changed_finetune_recipe_recomputes(work, tmp_path, caplog):
+    base = ["checkpoint=supervised:resnet1d_test", f"results_dir={tmp_path / 'r'}", "fraction=1.0", "seed=0",
+            "finetune.epochs=1", "finetune.batch_size=32", "finetune.patience=1", "plot=false"]
+    assert len(finetune_main(_cfg("finetune", work, *base))["cells_written"]) == 1
+    assert finetune_main(_cfg("finetune", work, *base))["cells_skipped"] == 1
+    caplog.set_level("INFO", logger="ecgfm.evaluate.sweep")
+    for change in ("supervised.lr=0.003", "supervised.window_aggregate=logit", "finetune.head=mlp"):
+        out = finetune_main(_cfg("finetune", work, *base, change))
+        assert len(out["cells_written"]) == 1, change
+    msgs = " ".join(r.getMessage() for r in caplog.records if "recipe changed" in r.getMessage())
+    assert "lr" in msgs and "window_aggregate" in msgs and "head" in msgs
+
+
+def test_cell_without_identity_is_not_reused(work, tmp_path, caplog):
+    base = ["checkpoint=random:resnet1d_test", f"results_dir={tmp_path / 'r'}", "fraction=1.0", "seed=0",
+            "probe.Cs=[1.0]", "plot=false"]
+    p = Path(probe_main(_cfg("probe", work, *base))["cells_written"][0])
+    cell = json.loads(p.read_text())
+    for k in ("checkpoint_id", "recipe_id", "recipe", "checkpoint_identity"):
+        cell.pop(k, None)
+    p.write_text(json.dumps(cell))                       # as written by an older ecgfm
+    caplog.set_level("INFO", logger="ecgfm.evaluate.sweep")
+    assert len(probe_main(_cfg("probe", work, *base))["cells_written"]) == 1
+    assert any("no checkpoint / recipe identity" in r.getMessage() for r in caplog.records)
+    assert json.loads(p.read_text())["checkpoint_id"]
+    p.write_text('{"mode": "linear", "trunc')            # a torn / corrupted cell: recomputed, not a crash
+    assert len(probe_main(_cfg("probe", work, *base))["cells_written"]) == 1
+    assert any("unreadable cell" in r.getMessage() for r in caplog.records)
+
+
+def test_random_init_seed_is_part_of_the_identity(work, tmp_path):
+    base = ["checkpoint=random:resnet1d_test", f"results_dir={tmp_path / 'r'}", "fraction=1.0", "seed=0",
+            "probe.Cs=[1.0]", "plot=false"]
+    a = json.loads(Path(probe_main(_cfg("probe", work, *base))["cells_written"][0]).read_text())
+    out = probe_main(_cfg("probe", work, *base, "init_seed=5"))
+    assert len(out["cells_written"]) == 1
+    b = json.loads(Path(out["cells_written"][0]).read_text())
+    assert a["checkpoint_id"] != b["checkpoint_id"] and a["recipe_id"] == b["recipe_id"]
+
+
+def test_two_checkpoints_of_one_method_are_not_averaged_as_seeds(work, tmp_path):
+    """Two different encoders of the same method: two rows in the table (method + short hash), each with its
+    own seed count; the same weights copied to another folder keep their identity."""
+    import shutil
+
+    import pandas as pd
+
+    a = _toy_encoder(tmp_path / "a" / "encoder", seed=1)
+    b = _toy_encoder(tmp_path / "b" / "encoder", seed=2)
+    c = tmp_path / "c" / "encoder"
+    shutil.copytree(a, c)
+    res = tmp_path / "r"
+    cells = []
+    for ck in (a, b, c):
+        out = probe_main(_cfg("probe", work, f"checkpoint={ck}", f"results_dir={res}", "fraction=1.0", "seed=0",
+                              "probe.Cs=[1.0]", "plot=false"))
+        cells.append(json.loads(Path(out["cells_written"][0]).read_text()))
+    assert cells[0]["checkpoint_id"] != cells[1]["checkpoint_id"]
+    assert cells[0]["checkpoint_id"] == cells[2]["checkpoint_id"]      # content, not path
+    assert cells[0]["recipe_id"] == cells[1]["recipe_id"]
+    md = (res / "results.md").read_text()
+    auroc = md.split("## macro_auroc")[1].split("## ")[0]
+    rows = [line for line in auroc.splitlines() if line.startswith("| toy")]
+    assert len(rows) == 2, md
+    assert {cells[0]["checkpoint_id"][:7], cells[1]["checkpoint_id"][:7]} == \
+        {r.split("|")[1].strip().split("@")[1] for r in rows}
+    assert all(r.rstrip(" |").endswith("(1)") for r in rows)          # one seed each, a and c not double counted
+    df = pd.read_csv(res / "results.csv")
+    assert df["checkpoint_id"].nunique() == 2
+
+
+def test_encoder_rate_mismatch_is_refused(work, tmp_path):
+    """A 100 Hz encoder: the synthetic task's records (500 Hz) are resampled into a 100 Hz cache; a preprocessing
+    override at another rate is refused with one clear line instead of feeding 250 Hz windows to it."""
+    enc = _toy_encoder(tmp_path / "e100" / "encoder", seed=3, fs=100.0, extra_fs=100.0)
+    base = [f"checkpoint={enc}", f"results_dir={tmp_path / 'r'}", "fraction=1.0", "seed=0", "probe.Cs=[1.0]",
+            "plot=false"]
+    cell = json.loads(Path(probe_main(_cfg("probe", work, *base))["cells_written"][0]).read_text())
+    assert cell["fs"] == 100.0 and cell["window_samples"] == 250
+    with pytest.raises(ValueError, match=r"trained at 100 Hz.*250"):
+        probe_main(_cfg("probe", work, *base, "preprocess={fs:250.0}"))
+    with pytest.raises(ValueError, match=r"trained at 100 Hz.*250"):
+        finetune_main(_cfg("finetune", work, *base[:-2], "preprocess={fs:250.0}", "finetune.epochs=1"))
+
+
+def test_encoder_without_a_spec_rate_gets_a_cache_at_its_rate(work, tmp_path):
+    """encoder.json keeps the record rate (preprocess.fs null) but says it was trained at 100 Hz: the task
+    cache is built at 100 Hz (the synthetic records are 500 Hz), never fed at 500 Hz."""
+    enc = _toy_encoder(tmp_path / "enone" / "encoder", seed=4, fs=None, extra_fs=100.0)
+    out = probe_main(_cfg("probe", work, f"checkpoint={enc}", f"results_dir={tmp_path / 'r'}", "fraction=1.0",
+                          "seed=0", "probe.Cs=[1.0]", "plot=false"))
+    cell = json.loads(Path(out["cells_written"][0]).read_text())
+    assert cell["fs"] == 100.0 and cell["window_samples"] == 250 and cell["preprocess"]["fs"] == 100.0
+
+
+def test_cli_user_errors_are_one_line(work, tmp_path, capsys):
+    """probe.py / finetune.py through run_cli: a refused run ends with one 'error: ...' line and exit 2."""
+    from ecgfm.evaluate.sweep import EXIT_USER_ERROR, run_cli
+
+    enc = _toy_encoder(tmp_path / "e100" / "encoder", seed=3, fs=100.0, extra_fs=100.0)
+    cases = [(probe_main, _cfg("probe", work, f"checkpoint={enc}", "preprocess={fs:250.0}")),
+             (probe_main, _cfg("probe", work, "checkpoint=supervised:resnet1d_test")),
+             (probe_main, _cfg("probe", work, f"checkpoint={tmp_path / 'nothing'}")),
+             (finetune_main, _cfg("finetune", work, f"checkpoint={enc}", "preprocess={fs:250.0}"))]
+    for main, cfg in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            run_cli(main, cfg)
+        assert exit_info.value.code == EXIT_USER_ERROR
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: "), err

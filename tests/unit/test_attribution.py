@@ -246,3 +246,66 @@ def test_baseline_bank_from_normal_records(explainer):
     assert att.values.shape == (2, 12, T)
     with pytest.raises(ValueError, match="at least one record"):
         baseline_bank(explainer.wrapper, [])
+
+
+# ------------------------------------------------------------------------ issue 9: a method that cannot rank leads
+def test_lead_ranking_withholds_ties_and_degenerate_shares():
+    from ecgfm.explain.attribution import lead_ranking
+
+    assert lead_ranking(torch.tensor([0.1, 0.5, 0.3, 0.2]), 2) == [1, 2]
+    assert lead_ranking(torch.full((12,), 1 / 12), 3) is None              # equal shares: no ranking
+    assert lead_ranking(torch.full((12,), 1 / 12) + 1e-9 * torch.arange(12), 3) is None   # float noise only
+    assert lead_ranking(torch.zeros(12), 3) is None
+    assert lead_ranking(torch.tensor([0.5, 0.5, 0.0, 0.0]), 3) == [0, 1]  # a tie at the cut is not broken
+    assert lead_ranking(torch.tensor([0.4, 0.2, 0.2, 0.2]), 2) == [0]
+    assert lead_ranking(torch.tensor([float("nan"), 0.1, 0.2]), 2) is None
+
+
+def test_cnn_gradcam_cannot_rank_leads(explainer):
+    """A CNN's last feature map has no lead axis: Grad-CAM's map is the same in every lead, so its per-lead
+    shares are exactly 1/12 and it must say it cannot rank leads rather than list "top leads"."""
+    att = explainer.explain(_ecg_like(2), target=[0, 1], method="gradcam", relu=False)
+    shares = att.per_lead() / att.per_lead().sum(1, keepdim=True)
+    assert torch.allclose(shares, torch.full_like(shares, 1 / 12))
+    assert att.lead_resolution == "none" and att.ranks_leads is False
+    assert att.top_leads() == [None, None]
+    d = json.loads(json.dumps(att.to_dict()))
+    assert d["ranks_leads"] is False and d["top_leads"] == [None, None] and d["lead_resolution"] == "none"
+
+
+def test_equal_shares_are_detected_whatever_the_method(explainer):
+    x = _ecg_like(1)
+    att = explainer.explain(x, target=0, method="saliency")
+    assert att.ranks_leads and att.top_leads()[0] is not None and len(att.top_leads()[0]) == 3
+    flat = Attribution(values=att.values[:, :1].expand_as(att.values).clone(), method="saliency", options={},
+                       target=att.target, inputs=x, fs=FS, lead_names=att.lead_names, elapsed_s=0.0)
+    assert flat.lead_resolution == "per-lead" and flat.ranks_leads is False and flat.top_leads() == [None]
+
+
+def test_vit_token_gradcam_ranks_leads():
+    from ecgfm.backbones.registry import create_backbone
+    from ecgfm.data.preprocess import PreprocessSpec
+
+    torch.manual_seed(0)
+    vit = create_backbone("vit1d_test")
+    ex = Explainer(ECGWrapper.from_encoder_and_head(vit, nn.Linear(vit.num_features, 2), PreprocessSpec(fs=100)))
+    att = ex.explain(_ecg_like(1), method="gradcam")
+    assert att.lead_resolution == "per-lead" and att.ranks_leads
+
+
+def test_explain_report_prints_no_top_leads_for_a_lead_agnostic_method(explainer):
+    from ecgfm.explain.report import _lead_summary
+
+    att = explainer.explain(_ecg_like(1), target=0, method="gradcam", relu=False)
+    summary = _lead_summary(att, att.lead_names)
+    assert summary["top"] is None and summary["ranks_leads"] is False and "no lead ranking" in summary["note"]
+    ok = _lead_summary(explainer.explain(_ecg_like(1), target=0, method="saliency"), att.lead_names)
+    assert ok["ranks_leads"] is True and len(ok["top"]) == 3
+
+
+def test_lead_importance_figure_flags_a_method_without_lead_ranking():
+    from ecgfm.explain.visualize import plot_lead_importance
+
+    fig = plot_lead_importance({"gradcam": np.full(12, 2.0), "ig": np.arange(12.0)})
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert "gradcam (no lead ranking)" in labels and "ig" in labels

@@ -62,7 +62,8 @@ def test_counterfactual_flips_class_and_reports_where(model):
 
 def test_change_is_piecewise_linear_between_knots(model):
     wrapper, normal = model
-    cf = counterfactual(wrapper, normal[:1], "atrial_fibrillation", max_steps=30, early_stop=False, knot_s=0.04)
+    cf = counterfactual(wrapper, normal[:1], "atrial_fibrillation", max_steps=30, early_stop=False, knot_s=0.04,
+                        edge_s=0.0, ramp_s=0.0)                   # no end taper: the knots alone
     d = cf.delta[0].numpy()
     second = np.abs(np.diff(d, 2, axis=-1))                      # zero except at knots (every 4 samples)
     off_knot = np.ones(second.shape[-1], bool)
@@ -148,3 +149,51 @@ def test_bad_input(model):
         counterfactual(wrapper, normal, 1, proximity="l3")
     with pytest.raises(ValueError, match="unknown leads"):
         counterfactual(wrapper, normal, 1, leads=["V9"])
+
+
+def _edge_share(cf, seconds: float) -> np.ndarray:
+    m = cf.delta.abs().sum(1)                                          # (B, T)
+    n = int(round(seconds * cf.fs))
+    return ((m[:, :n].sum(1) + m[:, -n:].sum(1)) / m.sum(1).clamp_min(1e-12)).numpy()
+
+
+@pytest.mark.parametrize("target", ["st_elevation", "atrial_fibrillation"])
+def test_change_is_not_concentrated_at_the_record_ends(model, target):
+    """Issue 9: the change must not pile up in the first / last 0.3 s (where padding makes the model cheapest to
+    fool): by default the search leaves the record's ends untouched and ramps in smoothly."""
+    wrapper, normal = model
+    cf = counterfactual(wrapper, normal, target, max_steps=400)
+    assert cf.valid.all()
+    assert cf.options["edge_s"] == pytest.approx(0.3)
+    assert _edge_share(cf, 0.3).max() == 0.0                         # the ends are excluded
+    # the outer 0.5 s on each side (40 % of a 2.5 s record) hold less than their share of time
+    assert _edge_share(cf, 0.5).max() < 0.4
+    # the change lives where the ECG is, not at the boundary: its peak is inside
+    peak = cf.delta.abs().sum(1).argmax(1).numpy() / cf.fs
+    assert ((peak > 0.3) & (peak < 2.2)).all()
+
+
+def test_edge_margin_can_be_turned_off_and_still_pads(model):
+    wrapper, normal = model
+    cf = counterfactual(wrapper, normal[:2], "st_elevation", max_steps=200, edge_s=0.0)
+    assert cf.options["edge_s"] == 0.0 and cf.valid.all()
+    with pytest.raises(ValueError, match="edge_s"):
+        counterfactual(wrapper, normal[:1], "st_elevation", edge_s=-1.0)
+
+
+def test_counterfactual_lead_ranking_is_withheld_when_every_lead_changes_alike(model):
+    """A change spread equally over the leads ranks no lead: top_leads says so instead of listing three."""
+    wrapper, normal = model
+    cf = counterfactual(wrapper, normal[:1], "st_elevation", max_steps=200)
+    cf.per_lead = torch.full_like(cf.per_lead, 1.0 / cf.per_lead.shape[1])
+    assert cf.top_leads() == [None]
+    rec = json.loads(json.dumps(cf.to_dict()))["records"][0]
+    assert rec["top_leads"] is None and rec["ranks_leads"] is False
+
+
+def test_top_segments_rank_only_waves_when_leads_cannot_be_ranked(model):
+    wrapper, normal = model
+    cf = counterfactual(wrapper, normal[:1], "st_elevation", max_steps=200)
+    cf.per_lead = torch.full_like(cf.per_lead, 1.0 / cf.per_lead.shape[1])
+    segs = cf.to_dict()["records"][0]["top_segments"]
+    assert {s["lead"] for s in segs} == {"all"} and segs[0]["share"] >= segs[-1]["share"]

@@ -158,27 +158,6 @@ def test_probe_on_synthetic_corpus_reaches_high_auroc(tmp_path):
     assert res[0]["n_test"] == len(task.splits["test"]) > 30
 
 
-def test_layer_wise_decay_groups():
-    from ecgfm.backbones import create_backbone
-    from ecgfm.evaluate.finetune import layer_ids, param_groups
-
-    vit = create_backbone("vit1d_test", seq_len=250, patch_size=25, depth=2)
-    ids, top = layer_ids(vit)
-    assert top == 4 and ids["patch_embed.1.weight"] == 0 and ids["blocks.1.attn.qkv.weight"] == 2
-    assert ids["norm.weight"] == 3
-    groups = param_groups(vit, nn.Linear(vit.num_features, 3), lr=1.0, weight_decay=0.1, layer_decay=0.5)
-    by_layer = {(g["layer"], g["weight_decay"] > 0): g for g in groups}
-    assert by_layer[(4, True)]["lr"] == pytest.approx(1.0)  # the head
-    assert by_layer[(0, True)]["lr"] == pytest.approx(0.5 ** 4)
-    assert all(p.ndim == 1 for g in groups if g["weight_decay"] == 0 for p in g["params"])
-    n = sum(p.numel() for g in groups for p in g["params"])
-    assert n == sum(p.numel() for p in vit.parameters()) + vit.num_features * 3 + 3
-
-    cnn = create_backbone("resnet1d_test")
-    ids, top = layer_ids(cnn)
-    assert top == 4 and ids["stem.0.0.weight"] == 0 and max(ids.values()) == 2  # per-stage decay
-
-
 def test_aggregate_windows():
     from ecgfm.evaluate.finetune import aggregate_windows
 
