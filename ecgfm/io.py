@@ -37,7 +37,11 @@ def to_container(value: Any) -> Any:
 def jsonable(value: Any) -> Any:
     """Plain JSON data from NumPy scalars / arrays, tuples, sets, paths, OmegaConf nodes and dataclass-like
     objects; non-finite floats become ``None`` (JSON has no NaN); anything else becomes its ``str``."""
-    value = to_container(value)
+    # the plain types first: this runs on every record's metadata while a cache is built (hot path)
+    if value is None or isinstance(value, (str, bool, int)):
+        return value
+    if type(value) is float:
+        return value if math.isfinite(value) else None
     if isinstance(value, dict):
         return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple, set, frozenset)):
@@ -48,18 +52,22 @@ def jsonable(value: Any) -> Any:
         return jsonable(value.item())
     if isinstance(value, float):
         return value if math.isfinite(value) else None
-    if isinstance(value, (str, int, bool)) or value is None:
-        return value
     if isinstance(value, os.PathLike):
         return os.fspath(value)
+    converted = to_container(value)
+    if converted is not value:
+        return jsonable(converted)
     return str(value)
 
 
-def dumps(obj: Any, indent: int | None = None) -> str:
-    """Deterministic JSON text (sorted keys) of :func:`jsonable` ``(obj)``; compact unless ``indent``."""
+def dumps(obj: Any, indent: int | None = None, convert: bool = True) -> str:
+    """Deterministic JSON text (sorted keys) of :func:`jsonable` ``(obj)``; compact unless ``indent``.
+
+    ``convert=False`` skips the :func:`jsonable` walk for data that is already plain JSON (hot paths, e.g. the
+    corpus cache's per-record indexes); anything else then raises ``TypeError`` / ``ValueError`` (NaN)."""
     seps = (",", ":") if indent is None else (",", ": ")
-    return json.dumps(jsonable(obj), sort_keys=True, indent=indent, separators=seps, ensure_ascii=False,
-                      allow_nan=False)
+    return json.dumps(jsonable(obj) if convert else obj, sort_keys=True, indent=indent, separators=seps,
+                      ensure_ascii=False, allow_nan=False)
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -125,7 +133,7 @@ def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
     try:
         return json.loads(p.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{p}: not a valid {what}: {exc}") from exc
+        raise ValueError(f"{p}: not valid JSON ({what}): {exc}") from exc
 
 
 def sha256_bytes(data: bytes) -> str:

@@ -42,8 +42,8 @@ def main() -> None:
     auc = info["val_macro_auroc"]
     print(f"data: {info['data']}")
     print(f"classes: {', '.join(info['classes'])}")
-    print(f"validation (strat_fold 9, {auc['n_records']} records) macro AUROC {auc['value']:.3f} "
-          f"(95% bootstrap CI {auc['lo']:.3f}-{auc['hi']:.3f}); best epoch {info['best_epoch']} of "
+    print(f"validation (strat_fold 9, {auc['n']} records) macro AUROC {auc['value']:.3f} "
+          f"(95% bootstrap CI {auc['ci_low']:.3f}-{auc['ci_high']:.3f}); best epoch {info['best_epoch']} of "
           f"{info['epochs_run']}")
     print(f"saved {Path(args.out).resolve()} in {time.perf_counter() - t0:.0f} s")
     print(json.dumps({"val_macro_auroc": auc}))

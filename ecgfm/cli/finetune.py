@@ -11,9 +11,9 @@ from ecgfm.conf import CONFIG_PATH
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="finetune")
 def main(cfg: DictConfig) -> None:
     """Fine-tune an encoder (or a supervised baseline); every cell saves a classifier artifact."""
-    from ecgfm.evaluate.sweep import finetune_main
+    from ecgfm.evaluate.sweep import finetune_main, run_cli
 
-    finetune_main(cfg)
+    run_cli(finetune_main, cfg)  # a user error: one "error: ..." line, exit status 2
 
 
 if __name__ == "__main__":

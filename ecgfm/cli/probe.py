@@ -11,9 +11,9 @@ from ecgfm.conf import CONFIG_PATH
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="probe")
 def main(cfg: DictConfig) -> None:
     """Linear / MLP probes on frozen encoder features (cells x fractions x seeds, bootstrap CIs)."""
-    from ecgfm.evaluate.sweep import probe_main
+    from ecgfm.evaluate.sweep import probe_main, run_cli
 
-    probe_main(cfg)
+    run_cli(probe_main, cfg)  # a user error: one "error: ..." line, exit status 2
 
 
 if __name__ == "__main__":

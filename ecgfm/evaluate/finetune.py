@@ -2,13 +2,12 @@
 
 :class:`FinetuneModule` = backbone + a linear (or MLP) head, trained on random crops with
 
-* AdamW, linear warm-up then cosine decay (per step);
-* layer-wise learning-rate decay (BEiT / MAE fine-tuning): parameter group ``l`` of ``L`` gets
-  ``lr * layer_decay ** (L - l)``. ViT-1D: patch / lead / SEP embeddings are layer 0, block ``i`` is layer
-  ``i + 1``, the final norm and the head are the top. XResNet1d: the stem is layer 0, stage ``i`` is layer
-  ``i + 1``, the head is the top ("per-stage" decay). timm's ``param_groups_layer_decay`` implements the same rule
-  but needs a timm ``group_matcher`` that ecgfm's backbones do not define, hence :func:`layer_ids` (a few lines).
-  Biases and normalisation weights (1-D parameters) get no weight decay, as in timm;
+* :mod:`ecgfm.optim`'s AdamW, linear warm-up then cosine decay (per step);
+* layer-wise learning-rate decay (BEiT / MAE fine-tuning): a parameter of layer ``l`` gets
+  ``lr * layer_decay ** (top - l)``, layers from the backbone (``Backbone.layer_id``). ViT-1D: patch / lead / SEP
+  embeddings are layer 0, block ``i`` is layer ``i + 1``, the final norm is ``depth + 1`` and the head is the top.
+  XResNet1d: the stem is layer 0, stage ``i`` is layer ``i + 1``, the head is the top ("per-stage" decay).
+  Biases, 1-D parameters and norm / embedding layers get no weight decay (:data:`FINETUNE_NO_DECAY_NAMES`);
 * validation after every epoch (one centred crop per record, or whole records with ``val_sliding=True``), early
   stopping on validation macro AUROC (Lightning ``EarlyStopping``), and the best epoch's weights restored
   (kept in memory: no pickled checkpoint is written or read);
@@ -26,91 +25,55 @@ gradients of an arbitrary head into the pretrained features and distort them (me
 benchmark: ViT-1D fine-tunes below its own linear probe).
 
 Multi-label: ``BCEWithLogits``, sigmoid probabilities; single-label: cross-entropy, softmax.
-:func:`run_finetune` trains one model and returns record-level validation and test probabilities; thresholds and
-metrics are computed by the caller (:mod:`ecgfm.evaluate.sweep`).
+:func:`run_finetune` trains one model with a :class:`ecgfm.recipes.FinetuneRecipe` (the one place the recipe's
+defaults live) and returns record-level validation and test probabilities; thresholds and metrics are computed by
+the caller (:mod:`ecgfm.evaluate.sweep`). It logs one line per epoch (:class:`EpochProgress`) and keeps Lightning's
+own start-up chatter out of the console (:func:`quiet_lightning`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import logging
 import math
-import re
 import time
-from typing import Any, Sequence
+import warnings
+from typing import Any, Iterator, Mapping, Sequence
 
 import lightning as L
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 from torch import nn
 
-from ecgfm.accel import adamw_kwargs
+from ecgfm.data.datamodules import DownstreamDataModule
+from ecgfm.evaluate.features import cached_features, extract_features
 from ecgfm.evaluate.metrics import macro_auroc
+from ecgfm.evaluate.probe import LinearProbe
+from ecgfm.heads import MLPHead
+from ecgfm.optim import lightning_optimizers, param_groups
+from ecgfm.recipes import HEAD_INITS, LP_CS, WINDOW_AGGREGATES, FinetuneRecipe, as_finetune_recipe
 
+log = logging.getLogger(__name__)
 VAL_METRIC = "val/macro_auroc"
-#: accepted values of ``finetune.head_init``.
-HEAD_INITS = ("lp", "random")
-#: accepted values of ``finetune.window_aggregate``.
-WINDOW_AGGREGATES = ("prob", "logit")
-#: L2 grid of the head-initialising linear probe (the probe's default grid, conf/probe.yaml ``probe.Cs``).
-LP_CS = (0.001, 0.01, 0.1, 1.0, 10.0, 100.0)
+# HEAD_INITS, WINDOW_AGGREGATES (accepted values of finetune.head_init / window_aggregate) and LP_CS (the L2 grid of
+# the head-initialising linear probe) live in ecgfm.recipes, re-exported here.
 #: logit given to a class the probe can never predict (absent from a single-label training subset, or a
 #: multi-label class constant on it): exp(-1e4) underflows to exactly 0 in float32, as the probe's 0 / 1.
 _NEVER = 1.0e4
-
-
-def layer_ids(backbone: nn.Module) -> tuple[dict[str, int], int]:
-    """Layer index of every backbone parameter for layer-wise decay, and the index of the top (head) layer.
-
-    Returns:
-        ``(name -> layer id, top)``; ids run from 0 (input side) to ``top - 1``; the head gets ``top``.
-    """
-    names = [n for n, _ in backbone.named_parameters()]
-    if hasattr(backbone, "blocks") and isinstance(getattr(backbone, "blocks"), nn.ModuleList):
-        depth = len(backbone.blocks)
-        ids = {}
-        for n in names:
-            m = re.match(r"blocks\.(\d+)\.", n)
-            ids[n] = int(m.group(1)) + 1 if m else (depth + 1 if n.startswith("norm") else 0)
-        return ids, depth + 2
-    if hasattr(backbone, "stages") and isinstance(getattr(backbone, "stages"), nn.Sequential):
-        n_stages = len(backbone.stages)
-        ids = {}
-        for n in names:
-            m = re.match(r"stages\.(\d+)\.", n)
-            ids[n] = int(m.group(1)) + 1 if m else (0 if n.startswith("stem") else n_stages + 1)
-        return ids, n_stages + 2
-    return {n: 0 for n in names}, 1
-
-
-def param_groups(backbone: nn.Module, head: nn.Module, lr: float, weight_decay: float, layer_decay: float
-                 ) -> list[dict[str, Any]]:
-    """AdamW parameter groups with layer-wise lr scales (``lr_scale``) and no decay for 1-D parameters."""
-    ids, top = layer_ids(backbone)
-    groups: dict[tuple[int, bool], dict[str, Any]] = {}
-
-    def add(name: str, p: nn.Parameter, layer: int) -> None:
-        if not p.requires_grad:
-            return
-        decay = p.ndim > 1
-        g = groups.setdefault((layer, decay), {"params": [], "names": [], "weight_decay": weight_decay if decay
-                                               else 0.0, "lr_scale": layer_decay ** (top - layer)})
-        g["params"].append(p)
-        g["names"].append(name)
-
-    for n, p in backbone.named_parameters():
-        add(f"backbone.{n}", p, ids[n])
-    for n, p in head.named_parameters():
-        add(f"head.{n}", p, top)
-    out = []
-    for (layer, _), g in sorted(groups.items()):
-        g["lr"] = lr * g["lr_scale"]
-        g["layer"] = layer
-        out.append(g)
-    return out
+#: Parameter names fine-tuning exempts from weight decay beyond biases, 1-D parameters and norm / embedding layers:
+#: none, so ViT-1D's learned ``lead_embed`` is decayed, the recipe of the fine-tuning results so far. Pretraining
+#: uses :data:`ecgfm.optim.NO_DECAY_NAMES` (which exempts it, as MAE fine-tuning exempts ``pos_embed``); using that
+#: here as well is a recipe change, to make with a rerun of the benchmark.
+FINETUNE_NO_DECAY_NAMES: tuple[str, ...] = ()
 
 
 class FinetuneModule(L.LightningModule):
     """Backbone + classification head for fine-tuning.
+
+    The recipe arguments default to :class:`ecgfm.recipes.FinetuneRecipe`'s values (one default per setting);
+    :meth:`from_recipe` builds the module from a recipe.
 
     Args:
         backbone: encoder (``embed (B, 12, T) -> (B, D)``), pretrained or randomly initialised.
@@ -129,10 +92,11 @@ class FinetuneModule(L.LightningModule):
             embedding, i.e. the linear probe's ``mean_embedding`` aggregation).
     """
 
-    def __init__(self, backbone: nn.Module, num_classes: int, multilabel: bool, lr: float = 1e-3,
-                 weight_decay: float = 0.05, layer_decay: float = 0.75, warmup_epochs: float = 1.0,
-                 max_epochs: int = 30, head: str = "linear", freeze_backbone: bool = False,
-                 window_aggregate: str = "prob"):
+    def __init__(self, backbone: nn.Module, num_classes: int, multilabel: bool, lr: float = FinetuneRecipe.lr,
+                 weight_decay: float = FinetuneRecipe.weight_decay, layer_decay: float = FinetuneRecipe.layer_decay,
+                 warmup_epochs: float = FinetuneRecipe.warmup_epochs, max_epochs: int = FinetuneRecipe.epochs,
+                 head: str = FinetuneRecipe.head, freeze_backbone: bool = False,
+                 window_aggregate: str = FinetuneRecipe.window_aggregate):
         super().__init__()
         if window_aggregate not in WINDOW_AGGREGATES:
             raise ValueError(f"finetune.window_aggregate must be one of {WINDOW_AGGREGATES}, got {window_aggregate!r}")
@@ -142,8 +106,6 @@ class FinetuneModule(L.LightningModule):
         if head == "linear":
             self.head: nn.Module = nn.Linear(d, num_classes)
         elif head == "mlp":
-            from ecgfm.heads import MLPHead
-
             self.head = MLPHead(d, num_classes)
         else:
             raise ValueError(f"head must be 'linear' or 'mlp', got {head!r}")
@@ -156,6 +118,15 @@ class FinetuneModule(L.LightningModule):
         self._val_probs: list[torch.Tensor] = []
         self._val_index: list[torch.Tensor] = []
         self._val_y: list[torch.Tensor] = []
+
+    @classmethod
+    def from_recipe(cls, backbone: nn.Module, num_classes: int, multilabel: bool, recipe: FinetuneRecipe,
+                    freeze_backbone: bool = False) -> "FinetuneModule":
+        """The module of a :class:`~ecgfm.recipes.FinetuneRecipe` (its lr, weight decay, layer decay, warm-up,
+        epochs, head and window aggregation)."""
+        return cls(backbone, num_classes, multilabel, lr=recipe.lr, weight_decay=recipe.weight_decay,
+                   layer_decay=recipe.layer_decay, warmup_epochs=recipe.warmup_epochs, max_epochs=recipe.epochs,
+                   head=recipe.head, freeze_backbone=freeze_backbone, window_aggregate=recipe.window_aggregate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, 12, T) -> (B, C)`` logits."""
@@ -203,21 +174,14 @@ class FinetuneModule(L.LightningModule):
         self.log(VAL_METRIC, float(auc) if np.isfinite(auc) else 0.0, prog_bar=True)
 
     def configure_optimizers(self) -> Any:
-        groups = param_groups(self.backbone, self.head, self.lr, self.weight_decay, self.layer_decay)
-        groups = [{k: v for k, v in g.items() if k != "names"} for g in groups]
-        opt = torch.optim.AdamW(groups, lr=self.lr, **adamw_kwargs([p for g in groups for p in g["params"]]))
+        """AdamW with layer-wise lr decay and the per-step warm-up cosine schedule of :mod:`ecgfm.optim`
+        (warm-up ``warmup_epochs``, cosine to 0 at the trainer's estimated number of optimiser steps)."""
+        groups = param_groups(self, self.weight_decay, lr=self.lr, layer_decay=self.layer_decay,
+                              no_decay_names=FINETUNE_NO_DECAY_NAMES)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         per_epoch = max(1, total // max(1, self.trainer.max_epochs or self.max_epochs))
         warm = int(round(self.warmup_epochs * per_epoch))
-
-        def schedule(step: int) -> float:
-            if step < warm:
-                return (step + 1) / (warm + 1)
-            progress = (step - warm) / max(1, total - warm)
-            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return lightning_optimizers(groups, self.lr, warm, total)
 
 
 class BestWeights(L.Callback):
@@ -245,6 +209,75 @@ class BestWeights(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.state is not None:
             pl_module.load_state_dict(self.state)
+
+
+def _epoch_name(epoch: int) -> str:
+    """A :class:`BestWeights` epoch (0-based; -1 the LP-FT initial weights) as printed (1-based)."""
+    return "the LP init" if epoch < 0 else f"epoch {epoch + 1}"
+
+
+class EpochProgress(L.Callback):
+    """One log line per fine-tuning epoch, e.g.
+    ``epoch 3/30: train loss 0.412, val macro AUROC 0.812 (best 0.820 @ epoch 2)``.
+
+    The train loss is the mean over the epoch's steps; the validation metric and the best so far are those of
+    ``best`` (the :class:`BestWeights` that restores them, listed before this callback).
+
+    Args:
+        best: the run's :class:`BestWeights`.
+        val_name: how the validation split is named (e.g. ``"val (30 records, whole-record windows)"``).
+        logger: where the lines go.
+    """
+
+    def __init__(self, best: BestWeights, val_name: str = "val", logger: logging.Logger | None = None):
+        self.best = best
+        self.val_name = val_name
+        self._logger = logger or log
+        self._losses: list[float] = []
+        self.lines: list[str] = []
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._losses = []
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        if loss is not None:
+            self._losses.append(float(loss))
+
+    def _emit(self, line: str) -> None:
+        self.lines.append(line)
+        self._logger.info("%s", line)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        value = trainer.callback_metrics.get(VAL_METRIC)
+        metric = "n/a" if value is None else f"{float(value):.3f}"
+        if trainer.state.fn != "fit":  # trainer.validate before fit: the LP-FT initial weights
+            self._emit(f"LP init: {self.val_name} macro AUROC {metric} (the weights to beat)")
+            return
+        loss = f"{sum(self._losses) / len(self._losses):.3f}" if self._losses else "n/a"
+        self._emit(f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}: train loss {loss}, {self.val_name} "
+                   f"macro AUROC {metric} (best {self.best.best:.3f} @ {_epoch_name(self.best.best_epoch)})")
+
+
+@contextlib.contextmanager
+def quiet_lightning() -> Iterator[None]:
+    """Silence Lightning's INFO chatter ("GPU available", tips, "Trainer.fit stopped": printed twice under Hydra,
+    by Lightning's own handler and the root logger's) and its pytree deprecation warning, restoring the logger
+    levels afterwards. Lightning's warnings (``UserWarning``) still show."""
+    quiet = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric", "lightning")]
+    levels = [lg.level for lg in quiet]
+    for lg in quiet:
+        lg.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+            yield
+    finally:
+        for lg, level in zip(quiet, levels):
+            lg.setLevel(level)
 
 
 def aggregate_windows(probs: np.ndarray, index: np.ndarray, y: np.ndarray | None = None
@@ -359,8 +392,8 @@ def init_head_from_probe(head: nn.Linear, probe: Any) -> nn.Linear:
 
 def fit_probe_head(backbone: nn.Module, cache: Any, labels: np.ndarray, splits: dict[str, np.ndarray],
                    multilabel: bool, window: int, stride: int, Cs: Sequence[float] = LP_CS, seed: int = 0,
-                   batch_size: int = 256, feature_dir: str | None = None, aggregate: str = "prob"
-                   ) -> tuple[Any, dict[str, Any]]:
+                   batch_size: int = 256, feature_dir: str | None = None,
+                   aggregate: str = FinetuneRecipe.window_aggregate) -> tuple[Any, dict[str, Any]]:
     """The linear probe that initialises the LP-FT head, on the frozen encoder's features.
 
     Choice (closed form rather than head-only epochs): the project's probe
@@ -395,11 +428,6 @@ def fit_probe_head(backbone: nn.Module, cache: Any, labels: np.ndarray, splits: 
     Returns:
         ``(probe, info)`` with ``info = {"C", "val_macro_auroc", "grid", "windows", "seconds"}``.
     """
-    from threadpoolctl import threadpool_limits
-
-    from ecgfm.evaluate.features import cached_features, extract_features
-    from ecgfm.evaluate.probe import LinearProbe
-
     t0 = time.perf_counter()
     train, val = (np.asarray(splits[k], dtype=np.int64) for k in ("train", "val"))
     labels = np.asarray(labels, dtype=np.float32)
@@ -443,14 +471,10 @@ def fit_probe_head(backbone: nn.Module, cache: Any, labels: np.ndarray, splits: 
 
 
 def run_finetune(backbone: nn.Module, cache_dir: str, labels: np.ndarray, splits: dict[str, np.ndarray],
-                 multilabel: bool, crop_samples: int, stride_samples: int, seed: int = 0, epochs: int = 30,
-                 batch_size: int = 64, lr: float = 1e-3, weight_decay: float = 0.05, layer_decay: float = 0.75,
-                 warmup_epochs: float = 1.0, patience: int = 5, head: str = "linear", freeze_backbone: bool = False,
-                 accelerator: str = "cpu", num_workers: int = 0, min_epochs: int = 1,
-                 val_sliding: bool = False, predict_val: bool = True,
+                 multilabel: bool, crop_samples: int, stride_samples: int,
+                 recipe: FinetuneRecipe | Mapping[str, Any] | None = None, *, seed: int = 0, accelerator: str = "cpu",
                  external: dict[str, tuple[str, np.ndarray, np.ndarray]] | None = None,
-                 head_init: str = "lp", lp_Cs: Sequence[float] = LP_CS, feature_dir: str | None = None,
-                 window_aggregate: str = "prob") -> dict[str, Any]:
+                 feature_dir: str | None = None, predict_val: bool = True) -> dict[str, Any]:
     """Fine-tune ``backbone`` on the ``train`` rows; early-stop on ``val``; predict val / test (and externals).
 
     Args:
@@ -461,76 +485,79 @@ def run_finetune(backbone: nn.Module, cache_dir: str, labels: np.ndarray, splits
         multilabel: multi-label task.
         crop_samples: training crop and evaluation window in samples.
         stride_samples: evaluation sliding-window hop.
+        recipe: the training recipe (:class:`ecgfm.recipes.FinetuneRecipe`, or a mapping of its fields; None: its
+            defaults, those of ``conf/finetune.yaml``): epochs, batch size, lr, weight decay, layer decay, warm-up,
+            patience, min_epochs, head, ``head_init`` (``"lp"``: LP-FT, the head starts as the linear probe of
+            :func:`fit_probe_head` on ``lp_Cs`` and the initial weights are a best-weights candidate; or
+            ``"random"``), ``window_aggregate`` (record prediction = the sigmoid / softmax of the mean window logit,
+            or the mean window probability; used for validation, the returned predictions and the LP-FT probe),
+            ``val_sliding`` (early-stop on whole-record sliding-window validation, else one centred crop per record;
+            the final validation and test predictions always use whole records) and DataLoader ``num_workers``.
         seed: seed of initialisation of the head, crop positions and order.
-        epochs, batch_size, lr, weight_decay, layer_decay, warmup_epochs, patience, head, freeze_backbone:
-            training recipe (see :class:`FinetuneModule`).
         accelerator: Lightning accelerator.
-        num_workers: DataLoader workers.
-        min_epochs: epochs before early stopping may trigger.
-        val_sliding: early-stop on whole-record (sliding-window) validation AUROC; False (default, cheaper):
-            on one centred crop per validation record. The final validation (thresholds) and test predictions
-            always use sliding windows over whole records.
-        predict_val: return whole-record validation predictions (needed for multi-label F1 thresholds only).
         external: ``{name: (cache_dir, labels (M, C), rows)}`` evaluated without retraining.
-        head_init: ``"lp"`` (LP-FT: the head starts as the linear probe of :func:`fit_probe_head`, and the
-            initial weights are a best-weights candidate) or ``"random"``.
-        lp_Cs: L2 grid of that probe.
-        feature_dir: frozen-feature cache of that probe (see :func:`fit_probe_head`).
-        window_aggregate: ``"prob"`` or ``"logit"``: record prediction = mean window probability, or the
-            sigmoid / softmax of the mean window logit (see :class:`FinetuneModule`); used for validation
-            (early stopping, best weights), the returned predictions and the LP-FT probe.
+        feature_dir: frozen-feature cache of the LP-FT probe (see :func:`fit_probe_head`).
+        predict_val: return whole-record validation predictions (needed for multi-label F1 thresholds only).
 
     Returns:
         ``{"val": (rows, probs) or None, "test": (rows, probs), "external": {name: (rows, probs)}, "best_epoch"
-        (-1: the initial LP-FT weights were never beaten on validation), "best_val_macro_auroc", "epochs_run",
-        "seconds", "lp" (probe info of :func:`fit_probe_head`, or None)}``; ``rows`` are cache rows (sorted).
+        (0-based; -1: the initial LP-FT weights were never beaten on validation), "best_val_macro_auroc",
+        "epochs_run", "seconds", "lp" (probe info of :func:`fit_probe_head`, or None), "progress" (the per-epoch
+        lines of :class:`EpochProgress`), "model" (the trained :class:`FinetuneModule` with its best weights, in
+        eval mode: ``backbone`` + ``head``)}``; ``rows`` are cache rows (sorted).
 
     Raises:
-        ValueError: a bad ``head_init`` (naming ``finetune.head_init``).
+        ecgfm.config.ConfigError: a bad recipe value (a ``ValueError`` naming ``finetune.<key>``), before any work.
     """
-    from ecgfm.data.datamodules import DownstreamDataModule
-
-    check_head_init(head_init, head)
-    if window_aggregate not in WINDOW_AGGREGATES:
-        raise ValueError(f"finetune.window_aggregate must be one of {WINDOW_AGGREGATES}, got {window_aggregate!r}")
+    r = as_finetune_recipe(recipe)
     t0 = time.perf_counter()
     L.seed_everything(int(seed), workers=True, verbose=False)
     target = labels if multilabel else labels.argmax(axis=1)
-    dm = DownstreamDataModule(cache_dir, target, splits, crop_samples=crop_samples, batch_size=batch_size,
-                              num_workers=num_workers, multilabel=multilabel,
-                              test_stride=stride_samples if val_sliding else None,
-                              seed=int(seed), drop_last=len(splits["train"]) > batch_size)
-    windows = DownstreamDataModule(cache_dir, target, splits, crop_samples=crop_samples, batch_size=batch_size,
-                                   num_workers=num_workers, multilabel=multilabel, test_stride=stride_samples)
-    model = FinetuneModule(backbone, labels.shape[1], multilabel, lr=lr, weight_decay=weight_decay,
-                           layer_decay=layer_decay, warmup_epochs=warmup_epochs, max_epochs=epochs, head=head,
-                           freeze_backbone=freeze_backbone, window_aggregate=window_aggregate)
+    dm = DownstreamDataModule(cache_dir, target, splits, crop_samples=crop_samples, batch_size=r.batch_size,
+                              num_workers=r.num_workers, multilabel=multilabel,
+                              test_stride=stride_samples if r.val_sliding else None,
+                              seed=int(seed), drop_last=len(splits["train"]) > r.batch_size)
+    windows = DownstreamDataModule(cache_dir, target, splits, crop_samples=crop_samples, batch_size=r.batch_size,
+                                   num_workers=r.num_workers, multilabel=multilabel, test_stride=stride_samples)
+    model = FinetuneModule.from_recipe(backbone, labels.shape[1], multilabel, r)
+    val_name = (f"val ({len(splits['val'])} records, "
+                f"{'whole-record windows' if r.val_sliding else 'centred crops'})")
+    log.info("fine-tuning: %d train records, %s; up to %d epochs (patience %d), lr %g, %s head (%s init)",
+             len(splits["train"]), val_name, r.epochs, r.patience, r.lr, r.head, r.head_init)
     lp_info = None
-    if head_init == "lp":
+    if r.head_init == "lp":
         probe, lp_info = fit_probe_head(backbone, windows.cache, labels, splits, multilabel, crop_samples,
-                                        stride_samples, Cs=lp_Cs, seed=int(seed), batch_size=max(batch_size, 256),
-                                        feature_dir=feature_dir, aggregate=window_aggregate)
+                                        stride_samples, Cs=r.lp_Cs, seed=int(seed), batch_size=max(r.batch_size, 256),
+                                        feature_dir=feature_dir, aggregate=r.window_aggregate)
         init_head_from_probe(model.head, probe)
+        log.info("LP head: linear probe C=%g fitted on the frozen features (%.1f s)", lp_info["C"],
+                 lp_info["seconds"])
     best = BestWeights()
-    early = L.pytorch.callbacks.EarlyStopping(monitor=VAL_METRIC, mode="max", patience=int(patience))
-    trainer = L.Trainer(max_epochs=int(epochs), min_epochs=int(min_epochs), accelerator=accelerator, devices=1,
-                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[best, early], num_sanity_val_steps=0,
-                        deterministic=False)
-    if head_init == "lp":  # score the LP-initialised weights: fine-tuning must beat them on validation
-        trainer.validate(model, datamodule=dm, verbose=False)
-        model.train()  # validate leaves the modules in eval mode and fit keeps the mode it finds
-    trainer.fit(model, datamodule=dm)
+    early = L.pytorch.callbacks.EarlyStopping(monitor=VAL_METRIC, mode="max", patience=int(r.patience))
+    progress = EpochProgress(best, val_name)
+    with quiet_lightning():
+        trainer = L.Trainer(max_epochs=int(r.epochs), min_epochs=int(r.min_epochs), accelerator=accelerator,
+                            devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False, callbacks=[best, early, progress], num_sanity_val_steps=0,
+                            deterministic=False)
+        if r.head_init == "lp":  # score the LP-initialised weights: fine-tuning must beat them on validation
+            trainer.validate(model, datamodule=dm, verbose=False)
+            model.train()  # validate leaves the modules in eval mode and fit keeps the mode it finds
+        trainer.fit(model, datamodule=dm)
+    epochs_run = int(trainer.current_epoch)
+    why = "max epochs" if epochs_run >= r.epochs else f"early stopping, patience {r.patience}"
+    log.info("fine-tuning done: %d/%d epochs (%s), best val macro AUROC %.3f @ %s (weights restored), %.1f s",
+             epochs_run, r.epochs, why, best.best, _epoch_name(best.best_epoch), time.perf_counter() - t0)
     out: dict[str, Any] = {"val": predict_records(model, windows.val_dataloader()) if predict_val else None,
                            "test": predict_records(model, windows.test_dataloader()), "external": {}}
     for name, (ext_dir, ext_labels, rows) in (external or {}).items():
         ext_target = ext_labels if multilabel else ext_labels.argmax(axis=1)
         edm = DownstreamDataModule(ext_dir, ext_target, {"train": rows[:0], "val": rows[:0], "test": rows},
-                                   crop_samples=crop_samples, batch_size=batch_size, num_workers=num_workers,
+                                   crop_samples=crop_samples, batch_size=r.batch_size, num_workers=r.num_workers,
                                    multilabel=multilabel, test_stride=stride_samples)
         out["external"][name] = predict_records(model, edm.test_dataloader())
-    out.update(best_epoch=best.best_epoch, best_val_macro_auroc=best.best, epochs_run=int(trainer.current_epoch),
-               seconds=time.perf_counter() - t0, lp=lp_info)
+    out.update(best_epoch=best.best_epoch, best_val_macro_auroc=best.best, epochs_run=epochs_run,
+               seconds=time.perf_counter() - t0, lp=lp_info, progress=list(progress.lines), model=model.eval())
     return out
 
 
@@ -538,7 +565,7 @@ def count_trainable(module: nn.Module) -> int:
     return int(sum(p.numel() for p in module.parameters() if p.requires_grad))
 
 
-__all__: Sequence[str] = ("FinetuneModule", "BestWeights", "layer_ids", "param_groups", "aggregate_windows",
-                          "predict_records", "run_finetune", "count_trainable", "check_head_init",
-                          "init_head_from_probe", "fit_probe_head", "HEAD_INITS", "LP_CS",
-                          "WINDOW_AGGREGATES")
+__all__: Sequence[str] = ("FinetuneModule", "BestWeights", "EpochProgress", "FINETUNE_NO_DECAY_NAMES",
+                          "aggregate_windows", "predict_records", "run_finetune", "count_trainable",
+                          "check_head_init", "init_head_from_probe", "fit_probe_head", "quiet_lightning",
+                          "FinetuneRecipe", "HEAD_INITS", "LP_CS", "WINDOW_AGGREGATES")

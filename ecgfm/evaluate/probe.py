@@ -315,5 +315,6 @@ def run_probe_grid(data: ProbeData, fractions: Sequence[float], seeds: Sequence[
                 "hparam": {"C" if mode == "linear" else "lr": float(hp)},
                 "val_macro_auroc": float(grid[f"{hp:g}"]), "grid": grid, "test": metrics, "external": external,
                 "predictions": predictions, "seconds": time.perf_counter() - t0,
+                "model": model, "thresholds": thresholds,   # the chosen probe (a classifier artifact on request)
             })
     return results

@@ -8,12 +8,19 @@ A Hydra multirun such as::
 
 runs one job per combination. Each job
 
-1. skips at once when its cell file exists (unless ``overwrite=true``): a rerun only does the missing cells;
+1. skips a cell whose file exists *and* was computed from the same checkpoint content and the same recipe
+   (:mod:`ecgfm.evaluate.identity`: the weights' sha256, or backbone + arguments + init seed for ``random:`` /
+   ``supervised:``; the probe / fine-tuning recipe, window, stride, task, preprocessing and bootstrap); any
+   other existing cell (retrained encoder, changed recipe, a cell without identity) is recomputed, with a log
+   line saying why; ``overwrite=true`` recomputes everything;
 2. resolves ``checkpoint``: a path to an exported encoder (:func:`ecgfm.export.load_encoder`), or
    ``random:<backbone name | export path>`` (same architecture, random weights from ``init_seed``: the
    random-init twin), or ``supervised:<backbone name | export path>`` (fine-tuning only: supervised training
    from scratch with the ``supervised`` recipe);
-3. builds the task (:mod:`ecgfm.evaluate.tasks`) on a cache prepared with the *encoder's* preprocessing;
+3. builds the task (:mod:`ecgfm.evaluate.tasks`) on a cache prepared with the *encoder's* preprocessing, at the
+   rate the encoder was trained at (records are resampled; a ``preprocess`` override at another rate, or a cache
+   mixing rates, is refused: :func:`rate_checked_spec`); windows in seconds are converted with the cache's own
+   rate from its manifest;
 4. runs the leakage guard (:mod:`ecgfm.evaluate.leakage`) on the test split (and the external set);
 5. probe: loads / extracts the frozen features (:mod:`ecgfm.evaluate.features`; one encoder pass per
    checkpoint and corpus for the whole sweep) and trains the heads (:func:`ecgfm.evaluate.probe.run_probe_grid`);
@@ -32,9 +39,8 @@ import json
 import logging
 import os
 import re
-import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -45,13 +51,59 @@ from omegaconf import DictConfig, OmegaConf
 from ecgfm.conf import config_dir
 from ecgfm.data.preprocess import PreprocessSpec
 from ecgfm.evaluate.features import cached_features, encoder_fingerprint
+from ecgfm.evaluate.identity import checkpoint_identity, recipe_identity, short_hash, stale_reason
 from ecgfm.evaluate.leakage import check_leakage, index_identities, pretrain_identities
 from ecgfm.evaluate.metrics import choose_thresholds, evaluate_scores
 from ecgfm.evaluate.report import build_report
 from ecgfm.evaluate.tasks import TaskData, TaskSpec, build_task
+from ecgfm.io import atomic_write_json
 
 log = logging.getLogger(__name__)
 KEYWORDS = ("random", "supervised")
+EXIT_USER_ERROR = 2  # exit status of probe.py / finetune.py stopped by a user error (:func:`run_cli`)
+
+
+class EvaluationError(ValueError):
+    """A probe / fine-tuning run refused for a reason the user can fix (the message says how): an encoder fed
+    at the wrong rate, a cache mixing rates, a fine-tuning baseline asked of the probe, an unknown keyword."""
+
+
+class CheckpointNotFound(EvaluationError, FileNotFoundError):
+    """The ``checkpoint`` names no exported encoder folder."""
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from ecgfm.data.record import ECGDataError
+    from ecgfm.evaluate.leakage import LeakageError
+
+    errors: list[type[BaseException]] = [EvaluationError, LeakageError, ECGDataError]
+    try:
+        from ecgfm.artifacts import ArtifactError
+
+        errors.append(ArtifactError)
+    except ImportError:  # pragma: no cover - older trees without the artifact module
+        pass
+    return tuple(errors)
+
+
+def run_cli(main: Any, cfg: DictConfig) -> dict[str, Any]:
+    """Run :func:`probe_main` / :func:`finetune_main` for a command line: a user error (:class:`EvaluationError`,
+    a leakage refusal, unreadable data, a bad artifact) ends with one ``error: ...`` line on stderr (also logged)
+    and exit status :data:`EXIT_USER_ERROR`, not a traceback.
+
+    Args:
+        main: :func:`probe_main` or :func:`finetune_main`.
+        cfg: the composed config.
+    """
+    import sys
+
+    try:
+        return main(cfg)
+    except _user_errors() as err:
+        line = " ".join(str(err).split())
+        log.error("%s", line)
+        print(f"error: {line}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_USER_ERROR) from None
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
@@ -72,6 +124,83 @@ class Encoder:
     def backbone_name(self) -> str:
         return str(getattr(self.backbone, "name", self.info.get("name", "?")))
 
+    @property
+    def trained_fs(self) -> float | None:
+        """Sampling rate (Hz) of the data the weights were trained on (see :func:`trained_fs`)."""
+        return trained_fs(self.info)
+
+    @property
+    def architecture(self) -> str:
+        """Short hash of the backbone name and constructor arguments: a random-init twin shares it."""
+        args = getattr(self.backbone, "init_args", None)
+        return short_hash({"name": self.backbone_name,
+                           "init_args": self.info.get("init_args") if args is None else args})
+
+
+def encoder_meta(folder: str | os.PathLike) -> dict[str, Any]:
+    """An encoder artifact's description without its weights (:func:`ecgfm.artifacts.read_meta`, format 1 or 2),
+    with the version-1 keys ``name`` / ``init_args`` this module reads.
+
+    Raises:
+        FileNotFoundError / ValueError: not an encoder folder (the message names the file and the problem).
+    """
+    from ecgfm.artifacts import read_meta
+
+    _, meta = read_meta(folder, "encoder")
+    arch = meta.get("architecture") or {}
+    return dict(meta, name=meta.get("name", arch.get("name")),
+                init_args=meta.get("init_args", arch.get("init_args")) or {})
+
+
+def _crop_of(info: dict[str, Any]) -> int | None:
+    """The encoder's training window in samples (``input.window_samples``, else ``extra.crop_samples``)."""
+    crop = (info.get("input") or {}).get("window_samples") or (info.get("extra") or {}).get("crop_samples")
+    return None if crop is None else int(crop)
+
+
+def trained_fs(info: dict[str, Any]) -> float | None:
+    """The rate an exported encoder was trained at: ``input.fs`` of its description, else ``extra.fs``, else its
+    ``preprocess.fs``; None when none says (a registry name's random weights, a rate-keeping export)."""
+    for value in ((info.get("input") or {}).get("fs"), (info.get("extra") or {}).get("fs"),
+                  (info.get("preprocess") or {}).get("fs")):
+        try:
+            fs = float(value)
+        except (TypeError, ValueError):
+            continue
+        if fs > 0:
+            return fs
+    return None
+
+
+def rate_checked_spec(checkpoint: str, spec: PreprocessSpec, fs: float | None, override: bool = True
+                      ) -> PreprocessSpec:
+    """The task-cache preprocessing for an encoder trained at ``fs`` Hz: ``spec`` itself, or ``spec`` at ``fs``
+    when it keeps the record rate (``spec.fs`` None: the cache is then resampled to the encoder's rate).
+
+    Args:
+        checkpoint: the checkpoint value (for messages).
+        spec: the preprocessing asked for (the ``preprocess`` override, or the encoder's own).
+        fs: the encoder's training rate (:func:`trained_fs`), None when unknown (no check).
+        override: ``spec`` is the user's ``preprocess`` override (else the encoder's own description).
+
+    Raises:
+        ValueError: ``spec`` asks for another rate than the encoder's (its windows would span another duration
+            than in pretraining, and a fixed-length ViT would see a different signal per patch).
+    """
+    if fs is None:
+        return spec
+    if spec.fs is None:
+        log.info("checkpoint %s: the preprocessing keeps the record rate; task records are resampled to the "
+                 "encoder's %g Hz", checkpoint, fs)
+        return replace(spec, fs=float(fs))
+    if abs(float(spec.fs) - float(fs)) > 1e-6:
+        fix = (f"drop the preprocess override or set preprocess.fs={fs:g}" if override else
+               "its description contradicts itself (input.fs / extra.fs vs preprocess.fs): re-export it")
+        raise EvaluationError(f"checkpoint {checkpoint!r} was trained at {fs:g} Hz but the preprocessing asks for "
+                              f"{float(spec.fs):g} Hz (preprocess.fs): the encoder would be fed windows at another "
+                              f"rate; {fix}")
+    return spec
+
 
 def checkpoint_slug(checkpoint: str) -> str:
     """Readable, file-system safe cell folder name of a checkpoint value (+ a short hash against collisions)."""
@@ -81,7 +210,8 @@ def checkpoint_slug(checkpoint: str) -> str:
 
 
 def _method_of(info: dict[str, Any], path: str) -> str:
-    method = str((info.get("extra") or {}).get("method") or "").strip()
+    method = str((info.get("extra") or {}).get("method") or (info.get("provenance") or {}).get("method")
+                 or "").strip()
     if method:
         return re.sub(r"module$", "", method, flags=re.IGNORECASE).lower() or method
     return Path(path).resolve().name
@@ -127,11 +257,11 @@ def resolve_checkpoint(checkpoint: str, crop_samples: int, init_seed: int = 0,
             export_dir = target
             meta = Path(target) / "encoder.json"
             if not meta.is_file():
-                raise FileNotFoundError(f"checkpoint {text!r}: {meta} missing (a random twin copies the architecture "
-                                        f"of an exported encoder folder)")
-            info = json.loads(meta.read_text())
+                raise CheckpointNotFound(f"checkpoint {text!r}: {meta} missing (a random twin copies the architecture "
+                                         f"of an exported encoder folder)")
+            info = encoder_meta(target)
             spec = PreprocessSpec.from_dict(info.get("preprocess"))
-            crop = (info.get("extra") or {}).get("crop_samples")
+            crop = _crop_of(info)
             backbone = None
             if load_weights:
                 from ecgfm.backbones import create_backbone
@@ -146,24 +276,24 @@ def resolve_checkpoint(checkpoint: str, crop_samples: int, init_seed: int = 0,
                 torch.manual_seed(int(init_seed))
                 backbone = _backbone_from_conf(target, crop_samples, dict(backbone_args or {}))
         method = "random-init" if kind == "random" else "supervised"
-        return Encoder(text, kind, method, backbone, preprocess or spec, info, crop, export_dir)
+        spec = rate_checked_spec(text, preprocess or spec, trained_fs(info), override=preprocess is not None)
+        return Encoder(text, kind, method, backbone, spec, info, crop, export_dir)
     if ":" in text and not Path(text).exists() and kind not in KEYWORDS and len(kind) > 1:
-        raise ValueError(f"checkpoint {text!r}: unknown keyword {kind!r}; use a path to an exported encoder, "
-                         f"random:<backbone|path> or supervised:<backbone|path>")
+        raise EvaluationError(f"checkpoint {text!r}: unknown keyword {kind!r}; use a path to an exported encoder, "
+                              f"random:<backbone|path> or supervised:<backbone|path>")
     path = Path(text)
     if not path.exists():
-        raise FileNotFoundError(f"checkpoint {text!r}: no such exported encoder folder (expected encoder.json + "
-                                f"encoder.safetensors, written by train.py / ecgfm.export.export_encoder)")
+        raise CheckpointNotFound(f"checkpoint {text!r}: no such exported encoder folder (expected encoder.json + "
+                                 f"encoder.safetensors, written by train.py / ecgfm.export.export_encoder)")
     if load_weights:
         backbone, spec, info = load_encoder(path)
     else:
-        meta = path / "encoder.json" if path.is_dir() else path.parent / "encoder.json"
-        info = json.loads(meta.read_text())
+        info = encoder_meta(path)
         spec, backbone = PreprocessSpec.from_dict(info.get("preprocess")), None
     export_dir = str(path if path.is_dir() else path.parent)
-    crop = (info.get("extra") or {}).get("crop_samples")
-    return Encoder(text, "pretrained", _method_of(info, export_dir), backbone, preprocess or spec, info,
-                   None if crop is None else int(crop), export_dir)
+    spec = rate_checked_spec(text, preprocess or spec, trained_fs(info), override=preprocess is not None)
+    return Encoder(text, "pretrained", _method_of(info, export_dir), backbone, spec, info, _crop_of(info),
+                   export_dir)
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -178,27 +308,10 @@ def _container(node: Any) -> Any:
         else node
 
 
-def _atomic_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, default=_json_default)
-    os.replace(tmp, path)
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    return str(o)
-
-
 def cell_path(results_dir: str | os.PathLike, mode: str, task: str, checkpoint: str, fraction: float, seed: int,
               eval_name: str | None = None) -> Path:
-    """Where one cell's JSON lives; the path is the cell's identity (rerun skip check)."""
+    """Where one cell's JSON lives (named after the ``checkpoint`` string; what the cell was computed from is
+    its stored ``checkpoint_id`` / ``recipe_id``, checked before a rerun skips it)."""
     task_dir = task if not eval_name else f"{task}@{eval_name}"
     return (Path(results_dir) / "cells" / mode / task_dir / checkpoint_slug(checkpoint)
             / f"f{float(fraction):g}_s{int(seed)}.json")
@@ -261,6 +374,8 @@ class _Context:
     fractions: list[float]
     seeds: list[int]
     results_dir: Path
+    identity: dict[str, Any] | None = None   # checkpoint_identity() of this job's checkpoint
+    recipe: dict[str, Any] | None = None     # _recipe() of this job
 
 
 def _context(cfg: DictConfig, mode: str) -> _Context:
@@ -276,27 +391,57 @@ def _context(cfg: DictConfig, mode: str) -> _Context:
     return _Context(cfg, mode, task_spec, eval_spec, fractions, seeds, Path(str(cfg.results_dir)))
 
 
+def _recipe(ctx: _Context, desc: Encoder, head: dict[str, Any]) -> dict[str, Any]:
+    """Everything besides the checkpoint that changes a cell's numbers (hashed into its ``recipe_id``): the
+    probe / fine-tuning recipe, window and stride settings, the encoder's crop, the preprocessing, the task and
+    external-set specs and the bootstrap settings. Settings that only change speed are left out."""
+    cfg = ctx.cfg
+    return {"mode": ctx.mode, "head": {k: v for k, v in head.items() if k not in ("num_workers",)},
+            "window_seconds": cfg.get("window_seconds"), "stride_seconds": cfg.get("stride_seconds"),
+            "encoder_crop_samples": desc.crop_samples, "preprocess": desc.preprocess.to_dict(),
+            "task": asdict(ctx.task_spec), "eval_data": asdict(ctx.eval_spec) if ctx.eval_spec else None,
+            "bootstrap": {"n": int(cfg.bootstrap.n), "seed": int(cfg.bootstrap.seed)}}
+
+
+def _probe_recipe(probe: dict[str, Any]) -> dict[str, Any]:
+    """The probe settings that change a probe cell's numbers: a linear probe's ``Cs`` / ``max_iter``, an MLP
+    probe's ``lrs`` / ``mlp`` (the other head's settings do not touch it), and the aggregation."""
+    unused = ("lrs", "mlp") if str(probe.get("mode", "linear")) == "linear" else ("Cs", "max_iter")
+    return {k: v for k, v in probe.items() if k not in unused}
+
+
+def _identify(ctx: _Context, desc: Encoder, head: dict[str, Any]) -> None:
+    """Fill ``ctx.identity`` (the checkpoint's content identity) and ``ctx.recipe`` for this job."""
+    cfg = ctx.cfg
+    ctx.identity = checkpoint_identity(desc.checkpoint, int(cfg.get("init_seed", 0)),
+                                       _container(cfg.get("backbone_args")) or {})
+    ctx.recipe = _recipe(ctx, desc, head)
+
+
 def _todo(ctx: _Context, checkpoint: str) -> list[tuple[float, int]]:
-    """Cells of this job still to compute: missing ones, and (for exported encoders) ones whose stored encoder
-    fingerprint differs from the weights now at that path (a retrained encoder never reuses stale cells)."""
+    """Cells of this job still to compute: missing ones, and those whose stored checkpoint identity or recipe
+    differs from this job's (:func:`ecgfm.evaluate.identity.stale_reason`, logged): a retrained encoder, a
+    changed probe grid / learning rate / window / preprocessing, or a cell without identity (older ecgfm) is
+    recomputed, never silently reused. Needs :func:`_identify` first."""
+    assert ctx.identity is not None and ctx.recipe is not None, "call _identify(ctx, ...) first"
     eval_name = ctx.eval_spec.name if ctx.eval_spec else None
+    rid = recipe_identity(ctx.recipe)
     out = []
-    current: str | None = None
     for s in ctx.seeds:
         for f in ctx.fractions:
             p = cell_path(ctx.results_dir, ctx.mode, ctx.task_spec.name, checkpoint, f, s, eval_name)
             if ctx.cfg.get("overwrite") or not p.exists():
                 out.append((f, s))
                 continue
-            if ":" in checkpoint.split("/")[0]:  # random:/supervised: weights are a function of the config
+            try:
+                stored = json.loads(p.read_text())
+            except (OSError, ValueError) as exc:
+                log.warning("%s: unreadable cell (%s): recomputing", p, exc)
+                out.append((f, s))
                 continue
-            stored = json.loads(p.read_text()).get("encoder_fingerprint")
-            if current is None:
-                from ecgfm.export import load_encoder
-
-                current = encoder_fingerprint(load_encoder(checkpoint)[0])
-            if stored != current:
-                log.warning("%s: the encoder at %s changed since this cell was computed: recomputing", p, checkpoint)
+            why = stale_reason(stored, ctx.identity, rid, ctx.recipe)
+            if why is not None:
+                log.warning("%s: %s since this cell was computed: recomputing", p, why)
                 out.append((f, s))
     return out
 
@@ -306,10 +451,30 @@ def _prepare(ctx: _Context, enc: Encoder) -> tuple[TaskData, TaskData | None]:
     cache_root = str(cfg.paths.cache_root)
     workers = int(cfg.get("prepare_workers", 0))
     task = build_task(ctx.task_spec, cache_root, enc.preprocess, workers=workers)
+    _check_cache_rate(task, enc)
     ext = None
     if ctx.eval_spec is not None:
         ext = build_task(ctx.eval_spec, cache_root, enc.preprocess, classes=task.class_names, workers=workers)
+        _check_cache_rate(ext, enc)
     return task, ext
+
+
+def _check_cache_rate(task: TaskData, enc: Encoder) -> float:
+    """The task cache's own rate (its manifest), checked against the encoder's preprocessing.
+
+    Raises:
+        ValueError: the cache mixes rates (windows in seconds have no fixed length in samples) or is not at the
+            rate the encoder takes.
+    """
+    fs = task.cache.fs
+    if fs is None:
+        raise EvaluationError(f"task {task.name}: its cache {task.cache_dir} mixes sampling rates (preprocess.fs is "
+                              f"null), so a window in seconds has no fixed length in samples; set preprocess.fs")
+    want = enc.preprocess.fs if enc.preprocess.fs is not None else enc.trained_fs
+    if want is not None and abs(float(fs) - float(want)) > 1e-6:
+        raise EvaluationError(f"task {task.name}: its cache {task.cache_dir} is at {float(fs):g} Hz but checkpoint "
+                              f"{enc.checkpoint!r} takes {float(want):g} Hz; refusing to feed it at the wrong rate")
+    return float(fs)
 
 
 def _cell_common(ctx: _Context, enc: Encoder, task: TaskData, ext: TaskData | None, window: int, stride: int,
@@ -318,6 +483,9 @@ def _cell_common(ctx: _Context, enc: Encoder, task: TaskData, ext: TaskData | No
         "mode": ctx.mode, "task": task.name, "dataset": task.dataset, "method": enc.method,
         "checkpoint": enc.checkpoint, "checkpoint_kind": enc.kind, "backbone": enc.backbone_name,
         "encoder_fingerprint": encoder_fingerprint(enc.backbone) if enc.backbone is not None else None,
+        "checkpoint_id": (ctx.identity or {}).get("id"), "checkpoint_identity": ctx.identity,
+        "recipe_id": recipe_identity(ctx.recipe) if ctx.recipe is not None else None, "recipe": ctx.recipe,
+        "architecture": enc.architecture,
         "preprocess": enc.preprocess.to_dict(), "window_samples": int(window), "stride_samples": int(stride),
         "fs": float(task.cache.fs or 0.0), "classes": task.class_names, "multilabel": task.multilabel,
         "splits": {k: int(len(v)) for k, v in task.splits.items()}, "task_notes": task.notes,
@@ -375,27 +543,32 @@ def probe_main(cfg: DictConfig) -> dict[str, Any]:
         ValueError: ``supervised:`` checkpoints (a fine-tuning baseline), bad task or probe settings.
         LeakageError: pretraining and test data overlap and ``allow_leakage`` is false.
     """
+    from ecgfm.recipes import validate_probe_config
+
     t0 = time.perf_counter()
+    validate_probe_config(cfg)  # ConfigError naming the key (probe.Cs=x, +probe.foo=1)
     mode = str(cfg.probe.mode)
     ctx = _context(cfg, mode)
     checkpoint = str(cfg.checkpoint)
     if checkpoint.startswith("supervised:"):
-        raise ValueError(f"checkpoint {checkpoint!r}: 'supervised:' is a fine-tuning baseline (supervised training "
-                         f"from scratch); run it with finetune.py. For frozen random features use 'random:'.")
+        raise EvaluationError(f"checkpoint {checkpoint!r}: 'supervised:' is a fine-tuning baseline (supervised "
+                              f"training from scratch); run it with finetune.py. For frozen random features use "
+                              f"'random:'.")
+    override = _spec_override(cfg)
+    desc = resolve_checkpoint(checkpoint, 0, load_weights=False, preprocess=override)
+    _identify(ctx, desc, _probe_recipe(_container(cfg.probe)))
     todo = _todo(ctx, checkpoint)
     n_all = len(ctx.fractions) * len(ctx.seeds)
     if not todo:
         log.info("every cell of %s / %s / %s exists: nothing to do", mode, ctx.task_spec.name, checkpoint)
         return _finish(ctx, [], n_all, t0)
     probe_cfg = cfg.probe
-    override = _spec_override(cfg)
-    fs_guess = float((override or PreprocessSpec()).fs or 100.0)
-    enc = resolve_checkpoint(checkpoint, _window(cfg, ctx.task_spec.crop_seconds, fs_guess, None),
-                             int(cfg.init_seed), _container(cfg.get("backbone_args")) or {}, override)
-    task, ext = _prepare(ctx, enc)
+    task, ext = _prepare(ctx, desc)
+    fs = float(task.cache.fs)  # checked against the encoder's rate by _prepare
+    window = _window(cfg, ctx.task_spec.crop_seconds, fs, desc.crop_samples)
+    enc = resolve_checkpoint(checkpoint, window, int(cfg.init_seed), _container(cfg.get("backbone_args")) or {},
+                             override)
     leakage = leakage_check(enc, task, ext, bool(cfg.allow_leakage), _container(cfg.pretrain_caches) or [])
-    fs = float(task.cache.fs or 100.0)
-    window = _window(cfg, ctx.task_spec.crop_seconds, fs, enc.crop_samples)
     stride = int(round(float(cfg.stride_seconds) * fs)) if cfg.get("stride_seconds") is not None \
         else task.stride_samples
     feat_dir = str(cfg.features.dir)
@@ -431,7 +604,12 @@ def probe_main(cfg: DictConfig) -> dict[str, Any]:
                         probe={"aggregate": str(probe_cfg.aggregate), "head": mode},
                         predictions=_predictions(r["predictions"], task, ext))
             p = cell_path(ctx.results_dir, mode, task.name, checkpoint, r["fraction"], r["seed"], eval_name)
-            _atomic_json(p, cell)
+            if bool(cfg.get("save_classifier", False)):
+                head = probe_head(r["model"], enc.backbone, task)
+                agg = "logit" if str(probe_cfg.aggregate) == "mean_embedding" else "prob"
+                cell["classifier"] = str(_save_cell_classifier(p, head, task, enc, dict(_container(probe_cfg)),
+                                                               window, stride, r["thresholds"], cell, agg))
+            atomic_write_json(p, cell)
             written.append(str(p))
             _log_cell(cell)
     return _finish(ctx, written, n_all - len(todo), t0)
@@ -468,24 +646,29 @@ def _log_cell(cell: dict[str, Any]) -> None:
 # ------------------------------------------------------------------------------------------------ fine-tune
 def finetune_main(cfg: DictConfig) -> dict[str, Any]:
     """Fine-tuning / supervised-from-scratch cells (``conf/finetune.yaml``); same cell layout as the probe."""
+    from ecgfm.recipes import finetune_recipe, validate_finetune_config
+
     t0 = time.perf_counter()
+    checked = validate_finetune_config(cfg)  # ConfigError naming the key (finetune.epochs=abc, +finetune.lrr=1)
     ctx = _context(cfg, "finetune")
     checkpoint = str(cfg.checkpoint)
+    desc = resolve_checkpoint(checkpoint, 0, load_weights=False, preprocess=_spec_override(cfg))
+    recipe = dict(_container(cfg.finetune))  # as composed: the cell's identity and record
+    if desc.kind == "supervised":
+        recipe.update(_container(cfg.supervised) or {})
+    typed_recipe = finetune_recipe(checked, supervised=desc.kind == "supervised")  # what run_finetune gets
+    _identify(ctx, desc, recipe)
     todo = _todo(ctx, checkpoint)
     n_all = len(ctx.fractions) * len(ctx.seeds)
     if not todo:
         log.info("every cell of finetune / %s / %s exists: nothing to do", ctx.task_spec.name, checkpoint)
         return _finish(ctx, [], n_all, t0)
-    desc = resolve_checkpoint(checkpoint, 0, load_weights=False, preprocess=_spec_override(cfg))
     task, ext = _prepare(ctx, desc)
-    fs = float(task.cache.fs or 100.0)
+    fs = float(task.cache.fs)  # checked against the encoder's rate by _prepare
     window = _window(cfg, ctx.task_spec.crop_seconds, fs, desc.crop_samples)
     stride = int(round(float(cfg.stride_seconds) * fs)) if cfg.get("stride_seconds") is not None \
         else task.stride_samples
-    recipe = dict(_container(cfg.finetune))
-    if desc.kind == "supervised":
-        recipe.update(_container(cfg.supervised) or {})
-    from ecgfm.evaluate.finetune import LP_CS, run_finetune
+    from ecgfm.evaluate.finetune import run_finetune
     from ecgfm.evaluate.fractions import fraction_subsets
 
     written: list[str] = []
@@ -505,21 +688,11 @@ def finetune_main(cfg: DictConfig) -> dict[str, Any]:
             external = None
             if ext is not None:
                 external = {f"external:{ext.dataset}": (ext.cache_dir, ext.labels, ext.splits["test"])}
+            log.info("fine-tuning %s on %s: fraction %g, seed %d", checkpoint, task.name, frac, seed)
             out = run_finetune(enc.backbone, task.cache_dir, task.labels, splits, task.multilabel, window, stride,
-                               seed=seed, epochs=int(recipe["epochs"]), batch_size=int(recipe["batch_size"]),
-                               lr=float(recipe["lr"]), weight_decay=float(recipe["weight_decay"]),
-                               layer_decay=float(recipe["layer_decay"]),
-                               warmup_epochs=float(recipe["warmup_epochs"]), patience=int(recipe["patience"]),
-                               head=str(recipe.get("head", "linear")), accelerator=str(cfg.accelerator),
-                               num_workers=int(recipe.get("num_workers", 0)),
-                               min_epochs=int(recipe.get("min_epochs", 1)),
-                               val_sliding=bool(recipe.get("val_sliding", False)),
-                               predict_val=task.multilabel, external=external,
-                               head_init=str(recipe.get("head_init", "lp")),
-                               lp_Cs=[float(c) for c in recipe.get("lp_Cs", LP_CS)],
-                               feature_dir=str(cfg.features.dir) if cfg.get("features") else None,
-                               window_aggregate=str(recipe.get("window_aggregate", "prob")))
-            results = _score(task, out, cfg, ext)
+                               typed_recipe, seed=seed, accelerator=str(cfg.accelerator), external=external,
+                               feature_dir=str(checked.features.dir), predict_val=task.multilabel)
+            results, thresholds = _score(task, out, cfg, ext)
             preds = {"test": out["test"], **out["external"]}
             cell = dict(common, fraction=float(frac), seed=int(seed), n_train=int(len(splits["train"])),
                         hparam={k: recipe[k] for k in ("lr", "layer_decay", "warmup_epochs", "epochs")},
@@ -527,14 +700,83 @@ def finetune_main(cfg: DictConfig) -> dict[str, Any]:
                         epochs_run=out["epochs_run"], results=results, seconds=out["seconds"], lp=out.get("lp"),
                         finetune=recipe, predictions=_predictions(preds, task, ext))
             p = cell_path(ctx.results_dir, "finetune", task.name, checkpoint, frac, seed, eval_name)
-            _atomic_json(p, cell)
+            cell["classifier"] = str(_save_cell_classifier(p, out["model"], task, enc, recipe, window, stride,
+                                                           thresholds, cell))
+            atomic_write_json(p, cell)
             written.append(str(p))
+            print(f"classifier artifact: {cell['classifier']}\n  explain it:  python explain.py "
+                  f"checkpoint={cell['classifier']}\n  use it:      ecgfm.Classifier.load('{cell['classifier']}')"
+                  f".predict_proba(signal, fs=..., leads=[...])", flush=True)
             _log_cell(cell)
     return _finish(ctx, written, n_all - len(todo), t0)
 
 
-def _score(task: TaskData, out: dict[str, Any], cfg: DictConfig, ext: TaskData | None) -> dict[str, Any]:
-    """Metrics of fine-tuning predictions: thresholds on validation, bootstrap CIs on test / external."""
+def classifier_dir(cell_file: str | os.PathLike) -> Path:
+    """The classifier artifact folder of a cell (``<cell>.classifier/`` beside ``<cell>.json``)."""
+    p = Path(cell_file)
+    return p.with_name(p.stem + ".classifier")
+
+
+def probe_head(probe: Any, backbone: torch.nn.Module, task: TaskData) -> Any:
+    """A fitted linear probe as an ``nn.Linear`` head on the backbone's window embeddings (scaler folded in,
+    :func:`ecgfm.evaluate.finetune.init_head_from_probe`), inside an object with ``backbone`` and ``head``."""
+    from types import SimpleNamespace
+
+    from ecgfm.evaluate.finetune import init_head_from_probe
+    from ecgfm.evaluate.probe import LinearProbe
+
+    if not isinstance(probe, LinearProbe):
+        raise EvaluationError("save_classifier=true needs probe.mode=linear (an MLP probe is not saved as a classifier "
+                         "artifact; fine-tune with finetune.head=mlp instead)")
+    head = torch.nn.Linear(int(backbone.num_features), len(task.class_names))
+    with torch.no_grad():
+        init_head_from_probe(head, probe)
+    return SimpleNamespace(backbone=backbone, head=head, kind="linear probe on frozen features")
+
+
+def _save_cell_classifier(cell_file: Path, model: Any, task: TaskData, enc: Encoder, recipe: dict[str, Any],
+                          window: int, stride: int, thresholds: np.ndarray | None, cell: dict[str, Any],
+                          window_aggregate: str | None = None) -> Path:
+    """Write a cell's classifier artifact (fine-tuned model, or a probe as :func:`probe_head`) and its test
+    predictions (``predictions_test.csv``: record key, label columns, score columns) into
+    :func:`classifier_dir`; returns the folder."""
+    import pandas as pd
+
+    from ecgfm.artifacts import save_classifier
+
+    test = cell["results"]["test"]["macro_auroc"]
+    how = getattr(model, "kind", "fine-tuned")
+    out = save_classifier(
+        classifier_dir(cell_file), model.backbone, model.head, task.cache.spec, task.class_names, task.multilabel,
+        fs=float(task.cache.fs), window_samples=window, stride_samples=stride,
+        window_aggregate=window_aggregate or str(recipe.get("window_aggregate", "prob")),
+        thresholds=None if thresholds is None else [float(t) for t in thresholds],
+        provenance={"data": f"task {task.name} ({task.dataset}), train split fraction {cell['fraction']:g} "
+                            f"({cell['n_train']} records), hyper-parameters chosen on val, cache {task.cache_dir}",
+                    "method": f"{how} {enc.kind} encoder {enc.method} ({enc.checkpoint})",
+                    "recipe": recipe, "seed": cell["seed"], "checkpoint": enc.checkpoint},
+        evaluation={f"test macro AUROC (n={cell['results']['test']['n']})":
+                    f"{test['value']:.3f} [95% CI {test['ci_low']:.3f}, {test['ci_high']:.3f}]",
+                    "validation macro AUROC (early stopping)": round(float(cell["val_macro_auroc"]), 4)})
+    pred = cell["predictions"]["test"]
+    scores = np.asarray(pred["scores"], dtype=np.float64)
+    table = pd.DataFrame(scores, columns=[f"p_{c}" for c in task.class_names])
+    table.insert(0, "record", pred["keys"])
+    for j, c in enumerate(task.class_names):
+        table.insert(1 + j, f"y_{c}", np.asarray(pred["y"])[:, j])
+    from ecgfm.io import atomic_write_text
+
+    atomic_write_text(out / "predictions_test.csv", table.to_csv(index=False, float_format="%.17g"))
+    return out
+
+
+def _score(task: TaskData, out: dict[str, Any], cfg: DictConfig, ext: TaskData | None
+           ) -> tuple[dict[str, Any], np.ndarray | None]:
+    """Metrics of fine-tuning predictions: thresholds on validation, bootstrap CIs on test / external.
+
+    Returns:
+        ``(results per split, thresholds (C,) chosen on validation or None for single-label tasks)``.
+    """
     thresholds = None
     if task.multilabel:  # single-label predictions are the argmax: no threshold to choose
         val_rows, p_val = out["val"]
@@ -550,4 +792,4 @@ def _score(task: TaskData, out: dict[str, Any], cfg: DictConfig, ext: TaskData |
     for name, (rows, p) in out["external"].items():
         assert ext is not None
         res[name] = score(ext.labels, rows, p)
-    return res
+    return res, thresholds

@@ -1,19 +1,8 @@
-"""Saving, loading and quickly training an ecgfm classifier (encoder + head) for the explain stage.
+"""Classifier artifacts as :class:`~ecgfm.explain.wrapper.ECGWrapper` objects, and quick classifier training for
+the explain stage's demos.
 
-``ecgfm.evaluate`` trains heads (:class:`~ecgfm.evaluate.finetune.FinetuneModule`) but keeps the best weights in
-memory and writes no classifier to disk, so the explain stage defines the one on-disk classifier format here,
-built like an exported encoder (:mod:`ecgfm.export`): no pickles.
-
-A classifier directory holds
-
-* ``classifier.safetensors``: the :class:`~ecgfm.explain.wrapper.EncoderClassifier` ``state_dict``
-  (``encoder.*`` and ``head.*`` keys);
-* ``classifier.json``: ``{"format": "ecgfm-classifier", "format_version": 1, "backbone": {"name",
-  "init_args"}, "head": {"name", "args"}, "preprocess" (spec dict), "fs", "n_samples", "lead_names",
-  "class_names", "postprocess", "extra"}``.
-
-The backbone is rebuilt only through :func:`ecgfm.backbones.create_backbone` and the head only from
-:data:`HEADS` (``linear``, ``linear_probe``, ``mlp``), so loading never instantiates an arbitrary class.
+The on-disk format is the one artifact format of :mod:`ecgfm.artifacts` (kind ``classifier``); this module only
+adapts it to the explain stage: :func:`save_classifier` keeps the argument names the explain demos use and
 :func:`load_classifier` returns a ready :class:`~ecgfm.explain.wrapper.ECGWrapper` carrying the preprocessing,
 rate, lead order and class names.
 
@@ -23,63 +12,30 @@ rate, lead order and class names.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
+from ecgfm import artifacts
+from ecgfm.artifacts import HEADS, EncoderClassifier, head_description
 from ecgfm.data.preprocess import PreprocessSpec
 from ecgfm.data.record import CANONICAL_LEADS, ECGDataError
-from ecgfm.explain.wrapper import ECGWrapper, EncoderClassifier
+from ecgfm.evaluate.metrics import macro_auroc_ci
+from ecgfm.explain.wrapper import ECGWrapper
 
-FORMAT = "ecgfm-classifier"
-FORMAT_VERSION = 1
-WEIGHTS_FILE = "classifier.safetensors"
-META_FILE = "classifier.json"
+__all__ = ["HEADS", "EncoderClassifier", "head_description", "save_classifier", "is_classifier_dir",
+           "load_classifier", "classifier_info", "wrapper_from_artifact", "train_classifier",
+           "train_synthetic_demo", "load_ptbxl_superdiagnostic", "train_ptbxl_demo"]
 
-
-def _linear(in_dim: int, num_classes: int, bias: bool = True) -> nn.Module:
-    return nn.Linear(in_dim, num_classes, bias=bias)
-
-
-def _linear_probe(in_dim: int, num_classes: int, batch_norm: bool = True) -> nn.Module:
-    from ecgfm.heads import LinearProbeHead
-
-    return LinearProbeHead(in_dim, num_classes, batch_norm=batch_norm)
-
-
-def _mlp(in_dim: int, num_classes: int, **kwargs: Any) -> nn.Module:
-    from ecgfm.heads import MLPHead
-
-    return MLPHead(in_dim, num_classes, **kwargs)
-
-
-# Head name -> factory(in_dim, num_classes, **args). Only these can be rebuilt from a classifier.json.
-HEADS: dict[str, Callable[..., nn.Module]] = {"linear": _linear, "linear_probe": _linear_probe, "mlp": _mlp}
-
-
-def head_description(head: nn.Module, num_classes: int | None = None) -> dict[str, Any]:
-    """``{"name", "args"}`` rebuilding ``head`` through :data:`HEADS` (an ``nn.Linear`` is recognised; other
-    heads need an explicit description, see :func:`save_classifier`)."""
-    if isinstance(head, nn.Linear):
-        return {"name": "linear", "args": {"in_dim": head.in_features, "num_classes": head.out_features,
-                                           "bias": head.bias is not None}}
-    raise ValueError(f"cannot describe a head of type {type(head).__name__} automatically: pass head_spec="
-                     f"{{'name': one of {sorted(HEADS)}, 'args': {{...}}}}")
-
-
-def _json(value: Any, what: str) -> Any:
-    try:
-        return json.loads(json.dumps(value))
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{what} must be JSON-serialisable plain data: {exc}") from exc
+META_FILE = artifacts.meta_file("classifier")
+WEIGHTS_FILE = artifacts.weights_file("classifier")
 
 
 def save_classifier(out_dir: str | os.PathLike, backbone: nn.Module, head: nn.Module,
@@ -87,7 +43,7 @@ def save_classifier(out_dir: str | os.PathLike, backbone: nn.Module, head: nn.Mo
                     multilabel: bool, fs: float | None = None, n_samples: int | None = None,
                     lead_names: Sequence[str] = CANONICAL_LEADS, head_spec: Mapping[str, Any] | None = None,
                     extra: Mapping[str, Any] | None = None) -> Path:
-    """Write ``classifier.safetensors`` + ``classifier.json``.
+    """Write a classifier artifact (:func:`ecgfm.artifacts.save_classifier`) with the explain demos' arguments.
 
     Args:
         out_dir: directory (created).
@@ -97,119 +53,54 @@ def save_classifier(out_dir: str | os.PathLike, backbone: nn.Module, head: nn.Mo
         class_names: the ``C`` output names.
         multilabel: sigmoid outputs (else softmax).
         fs: model rate in Hz (default ``preprocess.fs``).
-        n_samples: fixed input length, if any.
+        n_samples: fixed input length (the window), if any.
         lead_names: lead order of the input rows.
-        head_spec: ``{"name": key of HEADS, "args": {...}}`` (default: inferred for ``nn.Linear``).
-        extra: JSON-able extra information (training data, metrics, command).
+        head_spec: ``{"name": key of HEADS, "args": {...}}`` (default: recognised from the head's layers).
+        extra: JSON-able information (training data, metrics); ``data`` / ``val_macro_auroc`` also go to the
+            model card.
 
     Returns:
         ``out_dir``.
-
-    Raises:
-        ValueError: unregistered backbone, unknown head, non-JSON-able arguments, class count mismatch.
     """
-    from safetensors.torch import save_file
-
-    from ecgfm.backbones.registry import list_backbones
-
-    name = getattr(backbone, "name", "")
-    if name not in list_backbones():
-        raise ValueError(f"backbone name {name!r} is not registered (build it with ecgfm.backbones.create_backbone)")
-    spec = None if preprocess is None else (preprocess if isinstance(preprocess, PreprocessSpec)
-                                            else PreprocessSpec.from_dict(dict(preprocess)))
-    fs = float(fs if fs is not None else (spec.fs if spec is not None and spec.fs is not None else float("nan")))
-    if not np.isfinite(fs):
-        raise ValueError("pass fs= (the preprocessing spec does not fix the sampling rate)")
-    hs = dict(head_spec) if head_spec is not None else head_description(head)
-    if hs.get("name") not in HEADS:
-        raise ValueError(f"unknown head name {hs.get('name')!r}; known: {sorted(HEADS)}")
-    model = EncoderClassifier(backbone, head)
-    with torch.no_grad():
-        out = model.eval()(torch.zeros(1, len(lead_names), int(n_samples or round(2.5 * fs))))
-    model.train(False)
-    if out.shape[1] != len(class_names):
-        raise ValueError(f"the head has {out.shape[1]} outputs but {len(class_names)} class_names were given")
-    meta = {
-        "format": FORMAT, "format_version": FORMAT_VERSION,
-        "backbone": {"name": name, "init_args": _json(dict(getattr(backbone, "init_args", {})), "init_args")},
-        "head": {"name": hs["name"], "args": _json(dict(hs.get("args", {})), "head args")},
-        "preprocess": None if spec is None else spec.to_dict(),
-        "fs": fs, "n_samples": None if n_samples is None else int(n_samples),
-        "lead_names": list(lead_names), "class_names": [str(c) for c in class_names],
-        "postprocess": "sigmoid" if multilabel else "softmax",
-        "extra": _json(dict(extra or {}), "extra"),
-    }
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    out_path = Path(out_dir)
-    out_path.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(out_path / WEIGHTS_FILE), metadata={"format": FORMAT})
-    (out_path / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
-    return out_path
+    extra = dict(extra or {})
+    evaluation = {"validation macro AUROC": extra["val_macro_auroc"]} if "val_macro_auroc" in extra else None
+    provenance = {"data": extra["data"]} if "data" in extra else None
+    return artifacts.save_classifier(out_dir, backbone, head, preprocess, class_names, multilabel, fs=fs,
+                                     window_samples=n_samples, leads=lead_names, head_spec=head_spec,
+                                     provenance=provenance, evaluation=evaluation, extra=extra)
 
 
 def is_classifier_dir(path: str | os.PathLike) -> bool:
-    """True when ``path`` is a classifier directory (or its JSON file)."""
-    p = Path(path)
-    return (p.is_dir() and (p / META_FILE).is_file()) or (p.name == META_FILE and p.is_file())
+    """True when ``path`` is a classifier artifact folder (or one of its files)."""
+    return artifacts.artifact_kind(path) == "classifier"
+
+
+def wrapper_from_artifact(model: nn.Module, spec: PreprocessSpec | None, meta: Mapping[str, Any]) -> ECGWrapper:
+    """An :class:`ECGWrapper` around a loaded classifier artifact (:func:`ecgfm.artifacts.load_classifier`)."""
+    inp = meta.get("input") or {}
+    return ECGWrapper(model, fs=float(inp["fs"]), lead_names=tuple(inp.get("leads") or CANONICAL_LEADS),
+                      preprocess=spec, postprocess="sigmoid" if meta.get("multilabel") else "softmax",
+                      class_names=meta.get("classes"), n_samples=inp.get("window_samples"),
+                      encoder=getattr(model, "encoder", None), window="center")
 
 
 def load_classifier(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> ECGWrapper:
-    """Load a classifier directory written by :func:`save_classifier` as an :class:`ECGWrapper`.
+    """Load a classifier artifact folder as an :class:`ECGWrapper`.
 
     Raises:
-        ECGDataError: missing files, malformed JSON, wrong format, unknown backbone / head, weights that do not
-            fit.
+        ECGDataError: not a classifier folder (an encoder folder is told how to make one), missing or malformed
+            files, unknown backbone / head, weights that do not fit (the file and the problem named).
     """
-    from safetensors.torch import load_file
-
-    from ecgfm.backbones.registry import create_backbone, list_backbones
-
-    p = Path(path)
-    d = p.parent if p.name in (META_FILE, WEIGHTS_FILE) else p
-    meta_path, weights_path = d / META_FILE, d / WEIGHTS_FILE
-    for f in (meta_path, weights_path):
-        if not f.is_file():
-            raise ECGDataError(f, f"missing: a classifier directory needs {META_FILE} and {WEIGHTS_FILE}")
     try:
-        meta = json.loads(meta_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ECGDataError(meta_path, f"not valid JSON: {exc}") from exc
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ECGDataError(meta_path, f"not an ecgfm classifier description (format must be {FORMAT!r})")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ECGDataError(meta_path, f"unsupported format_version {meta.get('format_version')!r}")
-    bb = meta.get("backbone") or {}
-    if bb.get("name") not in list_backbones():
-        raise ECGDataError(meta_path, f"unknown backbone {bb.get('name')!r}; registered: {', '.join(list_backbones())}")
-    hd = meta.get("head") or {}
-    if hd.get("name") not in HEADS:
-        raise ECGDataError(meta_path, f"unknown head {hd.get('name')!r}; known: {sorted(HEADS)}")
-    try:
-        backbone = create_backbone(bb["name"], **dict(bb.get("init_args") or {}))
-        head = HEADS[hd["name"]](**dict(hd.get("args") or {}))
-    except (TypeError, ValueError) as exc:
-        raise ECGDataError(meta_path, f"cannot build the classifier: {exc}") from exc
-    model = EncoderClassifier(backbone, head)
-    try:
-        state = load_file(str(weights_path), device=str(map_location))
-    except Exception as exc:  # noqa: BLE001 - safetensors raises several error types
-        raise ECGDataError(weights_path, f"cannot read safetensors weights: {exc}") from exc
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise ECGDataError(weights_path, f"weights do not fit the described classifier: {exc}") from exc
-    spec = PreprocessSpec.from_dict(meta["preprocess"]) if meta.get("preprocess") is not None else None
-    return ECGWrapper(model.to(map_location).eval(), fs=float(meta["fs"]),
-                      lead_names=tuple(meta.get("lead_names") or CANONICAL_LEADS), preprocess=spec,
-                      postprocess=meta.get("postprocess", "softmax"), class_names=meta.get("class_names"),
-                      n_samples=meta.get("n_samples"), encoder=backbone)
+        model, spec, meta = artifacts.load_classifier(path, map_location=map_location)
+    except artifacts.ArtifactError as exc:
+        raise ECGDataError(exc.path, exc.problem) from exc
+    return wrapper_from_artifact(model, spec, meta)
 
 
 def classifier_info(path: str | os.PathLike) -> dict[str, Any]:
-    """The parsed ``classifier.json`` of a classifier directory."""
-    p = Path(path)
-    d = p.parent if p.name in (META_FILE, WEIGHTS_FILE) else p
-    return json.loads((d / META_FILE).read_text())
+    """The parsed description of a classifier artifact (version-2 layout)."""
+    return artifacts.read_meta(path, "classifier")[1]
 
 
 class _ArrayDataset(torch.utils.data.Dataset):
@@ -263,7 +154,8 @@ def train_classifier(backbone: nn.Module, x_train: np.ndarray, y_train: np.ndarr
     if num_classes is None:
         num_classes = int(y_train.shape[1]) if multilabel else int(y_train.max()) + 1
     module = FinetuneModule(backbone, num_classes, multilabel, lr=lr, weight_decay=weight_decay, layer_decay=1.0,
-                            warmup_epochs=min(1.0, epochs / 4), max_epochs=epochs, head="linear")
+                            warmup_epochs=min(1.0, epochs / 4), max_epochs=epochs, head="linear",
+                            window_aggregate="prob")
     train_dl = torch.utils.data.DataLoader(_ArrayDataset(x_train, y_train, shift, seed), batch_size=batch_size,
                                            shuffle=True, drop_last=len(y_train) > batch_size,
                                            generator=torch.Generator().manual_seed(seed))
@@ -302,23 +194,6 @@ def train_classifier(backbone: nn.Module, x_train: np.ndarray, y_train: np.ndarr
 DEMO_BACKBONE = {"name": "resnet1d_tiny", "init_args": {"widths": [16, 32, 32, 64], "stem_widths": [16, 16, 16]}}
 
 
-def _macro_auroc_ci(y: np.ndarray, p: np.ndarray, n_boot: int = 500, seed: int = 0) -> dict[str, float]:
-    """Macro AUROC with a percentile bootstrap 95 % CI over records (classes without both labels skipped)."""
-    from sklearn.metrics import roc_auc_score
-
-    def macro(yy: np.ndarray, pp: np.ndarray) -> float:
-        if yy.ndim == 1:
-            yy = np.eye(pp.shape[1])[yy]
-        cols = [c for c in range(yy.shape[1]) if 0 < yy[:, c].sum() < len(yy)]
-        return float(np.mean([roc_auc_score(yy[:, c], pp[:, c]) for c in cols])) if cols else float("nan")
-
-    rng = np.random.default_rng(seed)
-    boots = [macro(y[i], p[i]) for i in (rng.integers(0, len(y), len(y)) for _ in range(n_boot))]
-    boots = np.asarray([b for b in boots if np.isfinite(b)])
-    return {"value": macro(y, p), "lo": float(np.quantile(boots, 0.025)) if boots.size else float("nan"),
-            "hi": float(np.quantile(boots, 0.975)) if boots.size else float("nan"), "n_records": int(len(y))}
-
-
 def _predict(wrapper: ECGWrapper, x: np.ndarray, batch: int = 64) -> np.ndarray:
     with torch.no_grad():
         return torch.cat([wrapper.predict_proba(torch.as_tensor(x[i:i + batch]))
@@ -350,7 +225,7 @@ def train_synthetic_demo(out_dir: str | os.PathLike, n_records: int = 360, seed:
                                   seed=seed)
     wrapper = ECGWrapper.from_encoder_and_head(bb, head, spec, class_names=SYNTHETIC_CLASSES,
                                                n_samples=x.shape[-1], postprocess="softmax")
-    info["val_macro_auroc"] = _macro_auroc_ci(y[n_tr:], _predict(wrapper, x[n_tr:]))
+    info["val_macro_auroc"] = macro_auroc_ci(y[n_tr:], _predict(wrapper, x[n_tr:]), n_boot=500, seed=0)
     info["data"] = f"synthetic seed {seed}: records 0-{n_tr - 1} train, {n_tr}-{len(y) - 1} validation"
     save_classifier(out_dir, bb, head, spec, SYNTHETIC_CLASSES, multilabel=False, n_samples=x.shape[-1],
                     extra=info)
@@ -398,7 +273,7 @@ def train_ptbxl_demo(root: str | os.PathLike, out_dir: str | os.PathLike, epochs
                                   batch_size=batch_size, seed=seed)
     wrapper = ECGWrapper.from_encoder_and_head(bb, head, spec, class_names=classes, n_samples=x.shape[-1],
                                                postprocess="sigmoid")
-    info["val_macro_auroc"] = _macro_auroc_ci(y[va], _predict(wrapper, x[va]))
+    info["val_macro_auroc"] = macro_auroc_ci(y[va], _predict(wrapper, x[va]), n_boot=500, seed=0)
     info.update(data=f"PTB-XL superdiagnostic, ecg_id <= {max_id}, 100 Hz; strat_fold 1-8 train "
                      f"({int(tr.sum())} records), 9 validation ({int(va.sum())})", classes=classes)
     save_classifier(out_dir, bb, head, spec, classes, multilabel=True, n_samples=x.shape[-1], extra=info)

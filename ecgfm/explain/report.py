@@ -31,12 +31,15 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
+from ecgfm.artifacts import ArtifactError, artifact_kind
+from ecgfm.artifacts import load_classifier as load_classifier_artifact
 from ecgfm.data.preprocess import PreprocessSpec, preprocess_signal, resample
 from ecgfm.data.record import CANONICAL_LEADS, ECGDataError, ECGRecord
 from ecgfm.explain import visualize as viz
 from ecgfm.explain import waves as waves_mod
 from ecgfm.explain.attribution import Explainer, canonical_method
-from ecgfm.explain.wrapper import ECGWrapper
+from ecgfm.explain.classifier import train_synthetic_demo, wrapper_from_artifact
+from ecgfm.explain.wrapper import ECGWrapper, window_start
 
 log = logging.getLogger(__name__)
 
@@ -44,19 +47,23 @@ DEFAULT_METHODS = ("integrated_gradients", "gradcam", "occlusion")
 
 
 def load_model(checkpoint: str | os.PathLike, map_location: str = "cpu") -> ECGWrapper:
-    """Load a classifier for explanation: a classifier directory (:mod:`ecgfm.explain.classifier`) or anything
-    :meth:`ECGWrapper.from_checkpoint` accepts (a ``weights_only`` torch checkpoint, an exported encoder).
+    """Load a classifier for explanation: a classifier artifact folder (from fine-tuning, probing, the zoo or the
+    demos) or a ``weights_only`` torch classifier checkpoint (:meth:`ECGWrapper.from_checkpoint`).
 
     Raises:
-        ECGDataError: the path does not exist or holds no usable model.
+        ECGDataError: the path does not exist, holds no usable model, or is an encoder (a pretrained backbone has
+            no classes to explain: the message gives the command that makes a classifier from it).
     """
-    from ecgfm.explain.classifier import is_classifier_dir, load_classifier
-
     path = Path(checkpoint)
     if not path.exists():
         raise ECGDataError(path, "checkpoint not found")
-    if is_classifier_dir(path):
-        return load_classifier(path, map_location=map_location)
+    kind = artifact_kind(path)
+    try:
+        if kind is not None:  # an encoder folder gets ArtifactError's "this is an encoder ..." advice
+            model, spec, meta = load_classifier_artifact(path, map_location=map_location)
+            return wrapper_from_artifact(model, spec, meta)
+    except ArtifactError as exc:
+        raise ECGDataError(exc.path, exc.problem) from exc
     return ECGWrapper.from_checkpoint(path, map_location=map_location)
 
 
@@ -102,13 +109,20 @@ def _wave_summary(att, windows: dict[str, np.ndarray]) -> dict[str, Any]:
 
 
 def _lead_summary(att, lead_names: Sequence[str]) -> dict[str, Any]:
+    """Per-lead shares of the first input; ``top`` is None (with a ``note``) when the attribution cannot rank
+    leads (:attr:`ecgfm.explain.attribution.Attribution.ranks_leads`)."""
     per = att.per_lead("abs")[0]
     signed = att.per_lead("signed")[0]
     total = float(per.sum()) or 1.0
-    ranked = sorted(zip(lead_names, per.tolist()), key=lambda t: -t[1])
-    return {"share_abs": {n: float(v) / total for n, v in zip(lead_names, per.tolist())},
-            "sum_signed": {n: float(v) for n, v in zip(lead_names, signed.tolist())},
-            "top": [n for n, _ in ranked[:3]]}
+    top = att.top_leads(3)[0]
+    out = {"share_abs": {n: float(v) / total for n, v in zip(lead_names, per.tolist())},
+           "sum_signed": {n: float(v) for n, v in zip(lead_names, signed.tolist())},
+           "top": top, "ranks_leads": top is not None, "lead_resolution": att.lead_resolution}
+    if top is None:
+        out["note"] = ("no lead ranking: this method gives every lead the same map (lead resolution "
+                       f"{att.lead_resolution!r})" if att.lead_resolution != "per-lead" else
+                       "no lead ranking: the per-lead totals are equal (or zero)")
+    return out
 
 
 def _jsonable(value: Any) -> Any:
@@ -198,6 +212,11 @@ def explain_records(wrapper: ECGWrapper, records: Sequence[ECGRecord], out_dir: 
         tgt = int(wrapper.resolve_target(target, x=x)[0]) if target is not None else int(proba.argmax())
         names = wrapper.class_names or tuple(str(i) for i in range(proba.shape[0]))
         shown = display_signal(record, wrapper)
+        crop = None
+        if wrapper.n_samples is not None and wrapper.window == "center" and shown.shape[1] > x.shape[2]:
+            start = window_start(shown.shape[1], x.shape[2])  # the window the wrapper fed the model
+            shown = shown[:, start:start + x.shape[2]]
+            crop = {"start_s": start / wrapper.fs, "length_s": x.shape[2] / wrapper.fs}
         if shown.shape[1] != x.shape[2]:
             shown = shown[:, :x.shape[2]] if shown.shape[1] > x.shape[2] else np.pad(
                 shown, ((0, 0), (0, x.shape[2] - shown.shape[1])))
@@ -209,6 +228,7 @@ def explain_records(wrapper: ECGWrapper, records: Sequence[ECGRecord], out_dir: 
             "fs_original": float(record.fs), "predictions": _predictions(wrapper, proba),
             "target": {"class": names[tgt], "index": tgt, "probability": float(proba[tgt])},
             "n_beats_detected": int(len(r_peaks)), "methods": {}, "figures": [],
+            "window": crop,   # None: the whole record; else the centred window a windowed classifier sees
         }
         atts = {}
         for key in keys:
@@ -234,7 +254,7 @@ def explain_records(wrapper: ECGWrapper, records: Sequence[ECGRecord], out_dir: 
             entry["methods"][key] = summary
             if key in chart_keys:
                 fig = viz.plot_ecg_chart(shown, wrapper.fs, wrapper.lead_names, attribution=att.values[0],
-                                         overlay=overlay,
+                                         overlay=overlay, record_id=f"{record.source}/{record.record_id}",
                                          title=f"{record.source} {record.record_id} | labels: "
                                                f"{', '.join(record.labels) or '-'} | {key} for "
                                                f"{names[tgt]} (p = {float(proba[tgt]):.2f})")
@@ -293,11 +313,16 @@ def source_from_config(data_cfg: Any, source_cfg: Any = None) -> Any:
 
 
 def explain_main(cfg: Any) -> dict[str, Any]:
-    """Run an explanation from a Hydra config (``conf/explain.yaml``)."""
+    """Run an explanation from a Hydra config (``conf/explain.yaml``).
+
+    Raises:
+        ecgfm.config.ConfigError: a wrong key or value, named (``+faithfulness.stepz=3``, ``threads=abc``).
+    """
     from omegaconf import OmegaConf
 
-    from ecgfm.explain.classifier import train_synthetic_demo
+    from ecgfm.recipes import validate_explain_config
 
+    validate_explain_config(cfg)
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     out_dir = Path(cfg.out_dir)
@@ -340,7 +365,9 @@ def explain_main(cfg: Any) -> dict[str, Any]:
         print(f"record {rec['source']}/{rec['record_id']} (labels {rec['labels']}): predicted {pred['class']} "
               f"p={pred['probability']:.3f}; explained {rec['target']['class']}")
         for key, m in rec["methods"].items():
-            line = f"  {key:22s} {m['elapsed_s']:.2f} s  top leads {m['per_lead']['top']}"
+            leads = m["per_lead"]
+            line = (f"  {key:22s} {m['elapsed_s']:.2f} s  " + (f"top leads {leads['top']}" if leads.get("top")
+                                                               else leads.get("note", "no lead ranking")))
             f = m.get("faithfulness")
             if f:
                 g = f["deletion_aopc_gain"]

@@ -1,8 +1,11 @@
 """Figures for ECG explanations (matplotlib, headless, object-oriented: no pyplot state).
 
 * :func:`plot_ecg_chart`: the clinical 12-lead chart: a 3 x 4 layout of 2.5 s segments (I/II/III,
-  aVR/aVL/aVF, V1-V3, V4-V6) and a 10 s rhythm strip (lead II), at true paper scale (25 mm/s, 10 mm/mV) on
-  a 1 mm / 5 mm grid in ECG-paper colours, with lead labels and a 1 mV calibration pulse per row; optionally a
+  aVR/aVL/aVF, V1-V3, V4-V6) and a 10 s rhythm strip (lead II), at true paper scale (25 mm/s; gain 10, 5 or
+  2.5 mm/mV, chosen from the amplitude for the limb and the chest leads separately so tall V1-V3 complexes do not
+  run into the next row: :func:`choose_gain`) on a 1 mm / 5 mm grid in ECG-paper colours, with lead labels, a
+  1 mV calibration pulse per row at the row's gain and a header (record id, sampling rate, gain, paper speed);
+  optionally a
   signed attribution overlay (diverging colormap, symmetric normalisation: red drives the explained score up,
   blue down) as coloured trace segments (``overlay="line"``) or a translucent band (``overlay="band"``).
   Records without all 12 leads get one full-length row per lead.
@@ -35,9 +38,13 @@ from matplotlib.figure import Figure
 
 from ecgfm.data.record import CANONICAL_LEADS, canonical_lead
 
-# ECG paper: 25 mm/s, 10 mm/mV; 1 mm minor and 5 mm major squares.
+# ECG paper: 25 mm/s, 10 mm/mV; 1 mm minor and 5 mm major squares. The chart's y axis is in "paper mV" (10 mm);
+# a trace drawn at gain g mm/mV is scaled by g / MM_PER_MV.
 MM_PER_S = 25.0
 MM_PER_MV = 10.0
+#: standard gains (mm/mV) of electrocardiographs, the largest first: :func:`choose_gain` picks among them.
+GAINS_MM_PER_MV = (10.0, 5.0, 2.5)
+LIMB_LEADS = ("I", "II", "III", "aVR", "aVL", "aVF")
 MINOR_S, MAJOR_S = 1.0 / MM_PER_S, 5.0 / MM_PER_S            # 0.04 s, 0.2 s
 MINOR_MV, MAJOR_MV = 1.0 / MM_PER_MV, 5.0 / MM_PER_MV        # 0.1 mV, 0.5 mV
 PAPER_BG = "#fffafa"
@@ -138,6 +145,27 @@ def calibration_pulse(ax, x: float, baseline: float, height: float = 1.0, width:
     return line
 
 
+def choose_gain(excursion: float, room: float, gains: Sequence[float] = GAINS_MM_PER_MV) -> float:
+    """The largest standard gain at which a trace fits its row.
+
+    Args:
+        excursion: the largest ``|amplitude|`` of the trace (signal units, mV) about its baseline.
+        room: the half-height of its row in paper units (mV at 10 mm/mV): the trace may reach that far up or down.
+        gains: candidate gains in mm per unit, the largest first.
+
+    Returns:
+        the first gain ``g`` with ``excursion * g / 10 <= room``, else the smallest gain.
+    """
+    for g in gains:
+        if float(excursion) * float(g) / MM_PER_MV <= float(room) + 1e-9:
+            return float(g)
+    return float(gains[-1])
+
+
+def _gain_text(g: float, units: str) -> str:
+    return f"{g:g} mm/{units}"
+
+
 def _trace(ax, t: np.ndarray, y: np.ndarray, att: np.ndarray | None, norm: Normalize | None, overlay: str,
            offset: float, band_height: float, cmap_name: str, linewidth: float = 0.8) -> None:
     """One trace at vertical ``offset`` with an optional attribution overlay."""
@@ -174,8 +202,17 @@ def plot_ecg_chart(signal: Any, fs: float, lead_names: Sequence[str] = CANONICAL
                    attribution: Any = None, attribution_fs: float | None = None, overlay: str = "line",
                    title: str | None = None, rhythm_lead: str = "II", units: str = "mV",
                    row_spacing_mv: float = 3.0, percentile: float = 99.0, cmap: str = CMAP,
-                   colorbar_label: str = "attribution (signed; red raises the score)") -> Figure:
+                   colorbar_label: str = "attribution (signed; red raises the score)", gain: float | str = "auto",
+                   chest_gain: float | str | None = "auto", record_id: str | None = None) -> Figure:
     """The clinical 12-lead chart, optionally with a signed attribution overlay.
+
+    Gain: a trace drawn at ``g`` mm/mV is ``g / 10`` of its amplitude in paper units (the grid stays 1 mm =
+    0.1 paper mV). ``"auto"`` chooses 10, 5 or 2.5 mm/mV (:func:`choose_gain`) so that the plotted samples stay
+    within half a row (``row_spacing_mv / 2``) of their baseline: the limb leads and the rhythm strip take
+    ``gain``, the chest leads V1-V6 ``chest_gain`` (their QRS complexes are often two or three times taller), as
+    electrocardiographs print "10 / 5 mm/mV". The calibration pulse of a row is 1 mV at the gain of the row's
+    first lead; a lead drawn at another gain carries its gain beside its label (``gid="lead_gain"``). The
+    header (``gid="chart_header"``) gives the record id, the sampling rate, the gains and the paper speed.
 
     Args:
         signal: ``(L, T)`` ECG (mV) at ``fs``; 12 canonical leads give the 3 x 4 + rhythm layout, anything else
@@ -187,18 +224,24 @@ def plot_ecg_chart(signal: Any, fs: float, lead_names: Sequence[str] = CANONICAL
         overlay: ``"line"`` (coloured trace segments) or ``"band"`` (translucent band behind the trace).
         title: figure title.
         rhythm_lead: lead of the rhythm strip.
-        units: signal units (the calibration pulse is 1 unit high; the scale is 10 mm per unit).
+        units: signal units (the calibration pulse is 1 unit at the row's gain; gains are in mm per unit).
         row_spacing_mv: vertical distance between rows (in units).
         percentile: symmetric colour scale up to this percentile of ``|attribution|`` over all leads.
         cmap: diverging colormap name (``matplotlib.colormaps``).
         colorbar_label: label of the colour bar.
+        gain: mm per unit of the limb leads, the rhythm strip and any non-chest lead; ``"auto"``: from the
+            amplitude (10, 5 or 2.5).
+        chest_gain: mm per unit of V1-V6; ``"auto"``: from their amplitude; None: ``gain``.
+        record_id: shown in the header.
 
     Returns:
         the figure; its chart axes has ``gid="ecg_chart"``, the calibration pulses ``gid="calibration"``,
-        the lead labels ``gid="lead_label"`` and the overlays ``gid="attribution"``.
+        the lead labels ``gid="lead_label"``, per-lead gain notes ``gid="lead_gain"`` and the overlays
+        ``gid="attribution"``; the figure's header text ``gid="chart_header"``. ``fig.ecg_gains`` maps each
+        plotted lead to its gain (mm per unit).
 
     Raises:
-        ValueError: shapes that do not match, an unknown overlay or rhythm lead.
+        ValueError: shapes that do not match, an unknown overlay or rhythm lead, a gain that is not positive.
     """
     sig = _np(signal)
     if sig.ndim != 2 or sig.shape[0] != len(lead_names):
@@ -224,6 +267,27 @@ def plot_ecg_chart(signal: Any, fs: float, lead_names: Sequence[str] = CANONICAL
         rows.append([(rhythm_lead, 0.0, duration)])
     else:
         rows = [[(name, 0.0, duration)] for name in idx]
+
+    def plotted(lead: str, a: float, b: float) -> slice:
+        return slice(int(round(a * fs)), min(n_t, int(round(b * fs)) + 1))
+
+    chest = {lead for row in rows for lead, _, _ in row if lead in CANONICAL_LEADS[6:]}
+    room = row_spacing_mv / 2.0
+    gains: dict[str, float] = {}
+    for group, setting in (("limb", gain), ("chest", gain if chest_gain is None else chest_gain)):
+        members = [(lead, a, b) for row in rows for lead, a, b in row if (lead in chest) == (group == "chest")]
+        if not members:
+            continue
+        if setting == "auto":
+            exc = max(float(np.max(np.abs(sig[idx[lead], plotted(lead, a, b)]), initial=0.0))
+                      for lead, a, b in members)
+            g = choose_gain(exc, room)
+        else:
+            g = float(setting)
+            if not g > 0:
+                raise ValueError(f"{'chest_' if group == 'chest' else ''}gain must be positive or 'auto', "
+                                 f"got {setting!r}")
+        gains.update({lead: g for lead, _, _ in members})
     n_rows = len(rows)
     cal_w = 0.4                                                            # room for the calibration pulse
     x0, x1 = -cal_w - 0.04, duration + 0.04
@@ -233,8 +297,9 @@ def plot_ecg_chart(signal: Any, fs: float, lead_names: Sequence[str] = CANONICAL
     # True paper scale: the axes is (x1 - x0) * 25 mm wide and (y1 - y0) * 10 mm high.
     ax_w, ax_h = (x1 - x0) * MM_PER_S * _MM, (y1 - y0) * MM_PER_MV * _MM
     left, right, bottom = 0.25, (1.3 if att is not None else 0.25), 0.3
-    top_margin = 0.55 if title else 0.25
+    top_margin = 0.45 + (0.25 if title else 0.0)
     fig = Figure(figsize=(ax_w + left + right, ax_h + bottom + top_margin))
+    fig.ecg_gains = dict(gains)
     W, H = fig.get_size_inches()
     ax = fig.add_axes((left / W, bottom / H, ax_w / W, ax_h / H))
     ax.set_gid("ecg_chart")
@@ -242,18 +307,36 @@ def plot_ecg_chart(signal: Any, fs: float, lead_names: Sequence[str] = CANONICAL
     t_all = np.arange(n_t) / fs
     for r, row in enumerate(rows):
         base = -r * row_spacing_mv
-        calibration_pulse(ax, -cal_w, base)
+        row_gain = gains[row[0][0]]
+        calibration_pulse(ax, -cal_w, base, height=row_gain / MM_PER_MV)
         for lead, a, b in row:
             i = idx[lead]
-            sl = slice(int(round(a * fs)), min(n_t, int(round(b * fs)) + 1))
-            _trace(ax, t_all[sl], sig[i, sl], None if att is None else att[i, sl], norm, overlay, base,
+            sl = plotted(lead, a, b)
+            scale = gains[lead] / MM_PER_MV
+            _trace(ax, t_all[sl], sig[i, sl] * scale, None if att is None else att[i, sl], norm, overlay, base,
                    row_spacing_mv * 0.9, cmap)
             txt = ax.text(a + 0.05, base + row_spacing_mv * 0.3, lead, fontsize=9, fontweight="bold",
                           color=TRACE, zorder=4)
             txt.set_gid("lead_label")
+            if gains[lead] != row_gain:  # drawn at another gain than the row's calibration pulse
+                note = ax.text(a + 0.05 + 0.09 * (len(lead) + 1), base + row_spacing_mv * 0.3,
+                               _gain_text(gains[lead], units), fontsize=7, color="#555555", zorder=4)
+                note.set_gid("lead_gain")
             if a > 0:  # lead-change marker as on printed ECGs
                 ax.plot([a, a], [base - 0.25, base + 0.25], color=TRACE, linewidth=0.8)
-    ax.text(x1, y0 + 0.05, f"{MM_PER_S:g} mm/s   {MM_PER_MV:g} mm/{units}   {fs:g} Hz", ha="right",
+    limb_g = sorted({g for lead, g in gains.items() if lead not in chest})
+    chest_g = sorted({g for lead, g in gains.items() if lead in chest})
+    if chest_g and limb_g and chest_g != limb_g:
+        gain_txt = (f"gain {', '.join(_gain_text(g, units) for g in limb_g)} (limb), "
+                    f"{', '.join(_gain_text(g, units) for g in chest_g)} (chest)")
+    else:
+        gain_txt = f"gain {', '.join(_gain_text(g, units) for g in sorted(set(gains.values())))}"
+    header = " | ".join(([f"record {record_id}"] if record_id is not None else [])
+                        + [f"{fs:g} Hz", gain_txt, f"paper speed {MM_PER_S:g} mm/s"])
+    head = fig.text(left / W, 1 - ((0.37 if title else 0.12) / H), header, ha="left", va="top", fontsize=8,
+                    color="#333333")
+    head.set_gid("chart_header")
+    ax.text(x1, y0 + 0.05, f"{MM_PER_S:g} mm/s   {gain_txt[5:]}   {fs:g} Hz", ha="right",
             va="bottom", fontsize=7, color="#555555")
     if title:
         fig.suptitle(title, x=left / W, ha="left", fontsize=10, y=1 - 0.12 / H)
@@ -352,8 +435,12 @@ def plot_lead_importance(importance: Mapping[str, Any] | Any, lead_names: Sequen
         title: figure title.
 
     Returns:
-        the figure (one bar container per method, labelled with the method name).
+        the figure (one bar container per method, labelled with the method name; ``"(no lead ranking)"`` is
+        appended for a method whose values do not rank the leads, e.g. equal shares from a map broadcast to every
+        lead, :func:`ecgfm.explain.attribution.lead_ranking`).
     """
+    from ecgfm.explain.attribution import lead_ranking
+
     if not isinstance(importance, Mapping):
         importance = {"importance": importance}
     vals = {k: _np(v).ravel() for k, v in importance.items()}
@@ -369,7 +456,8 @@ def plot_lead_importance(importance: Mapping[str, Any] | Any, lead_names: Sequen
     ax = fig.add_subplot()
     colors = matplotlib.colormaps["tab10"]
     for j, (k, v) in enumerate(vals.items()):
-        ax.bar(x - 0.4 + width * (j + 0.5), v, width, label=k, color=colors(j % 10))
+        label = k if lead_ranking(v) is not None else f"{k} (no lead ranking)"
+        ax.bar(x - 0.4 + width * (j + 0.5), v, width, label=label, color=colors(j % 10))
     ax.set_xticks(x, [str(n) for n in lead_names])
     ax.set_ylabel("share of |attribution|" if normalize else "importance")
     ax.axhline(0, color="#333333", linewidth=0.6)

@@ -27,34 +27,21 @@ import torch
 from torch import Tensor, nn
 
 from ecgfm.data.preprocess import PreprocessSpec, preprocess_signal, resample
+from ecgfm.artifacts import ArtifactError, EncoderClassifier, artifact_kind, load_classifier, load_encoder
 from ecgfm.data.record import CANONICAL_LEADS, ECGDataError, ECGRecord, canonical_lead
 
 POSTPROCESS = ("softmax", "sigmoid", None)
 LAYOUTS = ("BLT", "BTL")
 
 
-class EncoderClassifier(nn.Module):
-    """An ecgfm classifier: ``head(encoder.embed(x))``.
+#: How an input longer or shorter than a fixed-length model's window is handled: refused, or the centred window
+#: (zero-padded at the end when shorter), as for a classifier artifact trained on windows.
+WINDOW_POLICIES = ("error", "center")
 
-    Args:
-        encoder: a backbone following the :mod:`ecgfm.backbones.registry` contract (``embed(x) -> (B, D)``) or
-            any module mapping ``(B, L, T) -> (B, D)``.
-        head: module mapping ``(B, D) -> (B, C)`` logits.
-    """
 
-    def __init__(self, encoder: nn.Module, head: nn.Module):
-        super().__init__()
-        self.encoder = encoder
-        self.head = head
-
-    def embed(self, x: Tensor) -> Tensor:
-        """``(B, L, T) -> (B, D)``."""
-        fn = getattr(self.encoder, "embed", None)
-        return fn(x) if callable(fn) else self.encoder(x)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """``(B, L, T) -> (B, C)`` logits."""
-        return self.head(self.embed(x))
+def window_start(n_total: int, n_window: int) -> int:
+    """Start of the centred window of ``n_window`` samples in ``n_total`` (0 when the record is shorter)."""
+    return max(0, (int(n_total) - int(n_window)) // 2)
 
 
 def _find_encoder(model: nn.Module) -> nn.Module | None:
@@ -104,8 +91,11 @@ class ECGWrapper(nn.Module):
                  preprocess: PreprocessSpec | None = None, postprocess: str | None = "softmax",
                  input_layout: str = "BLT", class_names: Sequence[str] | None = None,
                  num_classes: int | None = None, n_samples: int | None = None,
-                 encoder: nn.Module | None = None):
+                 encoder: nn.Module | None = None, window: str = "error"):
         super().__init__()
+        if window not in WINDOW_POLICIES:
+            raise ValueError(f"window must be one of {WINDOW_POLICIES}, got {window!r}")
+        self.window = window
         if postprocess not in POSTPROCESS:
             raise ValueError(f"postprocess must be one of {POSTPROCESS}, got {postprocess!r}")
         if input_layout not in LAYOUTS:
@@ -196,20 +186,20 @@ class ECGWrapper(nn.Module):
         path = Path(path)
         if not path.exists():
             raise ECGDataError(path, "checkpoint not found")
-        from ecgfm.explain.classifier import is_classifier_dir, load_classifier
-
-        if is_classifier_dir(path):
-            loaded = load_classifier(path, map_location=map_location)
-            if not kwargs:
-                return loaded
-            args = {"fs": loaded.fs, "lead_names": loaded.lead_names, "preprocess": loaded.spec,
-                    "postprocess": loaded.postprocess, "class_names": loaded.class_names,
-                    "n_samples": loaded.n_samples, "encoder": loaded.encoder, **kwargs}
-            return cls(loaded.model, **args)
-        if path.is_dir() or path.suffix == ".json":
-            from ecgfm.export import load_encoder
-
-            backbone, spec, _info = load_encoder(path)
+        kind = artifact_kind(path)
+        if kind == "classifier":
+            model, spec, meta = load_classifier(path, map_location=map_location)
+            inp = meta.get("input") or {}
+            args = {"fs": float(inp["fs"]), "lead_names": tuple(inp.get("leads") or CANONICAL_LEADS),
+                    "preprocess": spec, "postprocess": "sigmoid" if meta.get("multilabel") else "softmax",
+                    "class_names": meta.get("classes"), "n_samples": inp.get("window_samples"),
+                    "encoder": model.encoder, **kwargs}
+            return cls(model, **args)
+        if kind == "encoder" or path.is_dir() or path.suffix == ".json":
+            try:
+                backbone, spec, _info = load_encoder(path, map_location=map_location)
+            except ArtifactError as exc:
+                raise ECGDataError(path, exc.problem) from exc
             return cls.from_encoder_and_head(backbone.to(map_location), head, spec, **kwargs)
         try:
             ckpt = torch.load(path, map_location=map_location, weights_only=True)
@@ -428,6 +418,10 @@ class ECGWrapper(nn.Module):
             out_fs = self.fs
         assert out_fs == self.fs
         t = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32))
+        if self.n_samples is not None and t.shape[1] != self.n_samples and self.window == "center":
+            start = window_start(t.shape[1], self.n_samples)
+            t = t[:, start:start + self.n_samples] if t.shape[1] > self.n_samples else \
+                torch.nn.functional.pad(t, (0, self.n_samples - t.shape[1]))
         if self.n_samples is not None and t.shape[1] != self.n_samples:
             raise ECGDataError(where, f"{t.shape[1]} samples at {self.fs:g} Hz after conversion but the model "
                                       f"expects {self.n_samples}; crop or pad first "

@@ -104,14 +104,15 @@ def test_classifier_round_trip_and_errors(tmp_path, synthetic_ckpt):
     x = torch.randn(2, 12, 1000)
     torch.testing.assert_close(w1(x), w2(x))
     info = classifier_info(synthetic_ckpt)
-    assert info["format"] == "ecgfm-classifier" and info["backbone"]["name"] == "resnet1d_test"
+    assert info["format"] == "ecgfm-artifact" and info["kind"] == "classifier"
+    assert info["architecture"]["name"] == "resnet1d_test"
     assert w1.class_names == SYNTHETIC_CLASSES and w1.n_samples == 1000 and w1.spec == PreprocessSpec(fs=100.0)
     # bad files
     with pytest.raises(ECGDataError, match="not found"):
         load_model(tmp_path / "nope")
     bad = tmp_path / "bad"
     bad.mkdir()
-    (bad / "classifier.json").write_text(json.dumps({**info, "backbone": {"name": "os.system"}}))
+    (bad / "classifier.json").write_text(json.dumps({**info, "architecture": {"name": "os.system", "init_args": {}}}))
     (bad / "classifier.safetensors").write_bytes((synthetic_ckpt / "classifier.safetensors").read_bytes())
     with pytest.raises(ECGDataError, match="unknown backbone"):
         load_classifier(bad)

@@ -17,10 +17,13 @@ nbclient = pytest.importorskip("nbclient")
 NOTEBOOK = Path(__file__).resolve().parents[2] / "notebooks" / "quickstart.ipynb"
 
 
-def test_quickstart_notebook_runs():
+@pytest.mark.parametrize("cwd", ["notebooks", "root"])
+def test_quickstart_notebook_runs(cwd):
+    """From its own folder (Jupyter's default) and from the project root."""
     nb = nbformat.read(NOTEBOOK, as_version=4)
+    where = NOTEBOOK.parent if cwd == "notebooks" else NOTEBOOK.parents[1]
     client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
-                                     resources={"metadata": {"path": str(NOTEBOOK.parent)}})
+                                     resources={"metadata": {"path": str(where)}})
     client.execute()
     outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "embeddings: (4, " in outputs

@@ -44,8 +44,9 @@ def test_preprocess_as_dict_and_json_only_content(tmp_path):
     model = create_backbone("vit1d_test")
     export_encoder(model, tmp_path, PreprocessSpec().to_dict())
     meta = json.loads((tmp_path / META_FILE).read_text())
-    assert meta["format"] == "ecgfm-encoder" and meta["format_version"] == 1
+    assert meta["format"] == "ecgfm-artifact" and meta["format_version"] == 2 and meta["kind"] == "encoder"
     assert meta["tensors"]["lead_embed"] == [12, 16]
+    assert (tmp_path / "README.md").read_text().startswith("# ecgfm encoder: vit1d_test")
     # the weights file is safetensors (8-byte header length + JSON header), not a pickle
     raw = (tmp_path / WEIGHTS_FILE).read_bytes()
     header_len = int.from_bytes(raw[:8], "little")
@@ -62,7 +63,11 @@ def test_export_refuses_unregistered_models_and_bad_extra(tmp_path):
 
 
 def _tamper(path, **changes):
+    """Edit an encoder description: ``name`` / ``init_args`` are architecture entries, the rest top-level."""
     meta = json.loads((path / META_FILE).read_text())
+    for key in ("name", "init_args"):
+        if key in changes:
+            meta["architecture"][key] = changes.pop(key)
     meta.update(changes)
     (path / META_FILE).write_text(json.dumps(meta))
 
@@ -90,7 +95,7 @@ def test_other_architecture_is_refused(exported):
     with pytest.raises(ValueError, match="cannot build backbone 'resnet1d_test'.*unexpected keyword"):
         load_encoder(exported)
     _tamper(exported, init_args={})          # builds, but the ViT weights do not fit
-    with pytest.raises(ValueError, match="do not match"):
+    with pytest.raises(ValueError, match="do not fit"):
         load_encoder(exported)
 
 
@@ -101,7 +106,7 @@ def test_bad_init_args_bad_version_bad_spec_bad_json(exported):
     _tamper(exported, init_args={}, format_version=99)
     with pytest.raises(ValueError, match="format_version"):
         load_encoder(exported)
-    _tamper(exported, format_version=1, preprocess={"fs": 100, "colour": "red"})
+    _tamper(exported, format_version=2, preprocess={"fs": 100, "colour": "red"})
     with pytest.raises(ValueError, match="preprocess"):
         load_encoder(exported)
     (exported / META_FILE).write_text("{not json")
@@ -110,7 +115,7 @@ def test_bad_init_args_bad_version_bad_spec_bad_json(exported):
 
 
 def test_missing_files(tmp_path, exported):
-    with pytest.raises(FileNotFoundError, match="not an exported encoder"):
+    with pytest.raises(FileNotFoundError, match="not found"):
         load_encoder(tmp_path / "nothing.pt")
     (exported / WEIGHTS_FILE).unlink()
     with pytest.raises(FileNotFoundError, match="encoder.safetensors"):
@@ -160,10 +165,11 @@ def test_export_json_lists_every_constructor_argument(tmp_path, name, kwargs):
     export_encoder(model, tmp_path, PreprocessSpec())
     meta = json.loads((tmp_path / META_FILE).read_text())
     ctor = set(inspect.signature(type(model).__init__).parameters) - {"self"}
-    assert set(meta["init_args"]) == ctor
-    assert meta["init_args"] == json.loads(json.dumps(model.init_args))
+    init_args = meta["architecture"]["init_args"]
+    assert set(init_args) == ctor
+    assert init_args == json.loads(json.dumps(model.init_args))
     # the JSON alone rebuilds the architecture, directly through the class (no registry defaults involved)
-    rebuilt = type(model)(**meta["init_args"])
+    rebuilt = type(model)(**init_args)
     assert {k: list(v.shape) for k, v in rebuilt.state_dict().items()} == meta["tensors"]
 
 
@@ -203,3 +209,84 @@ def test_registered_class_built_directly_exports_its_constructor_call(tmp_path):
     x = torch.randn(2, 12, 250)
     with torch.no_grad():
         torch.testing.assert_close(loaded.embed(x), model.embed(x), rtol=0, atol=0)
+
+
+def _write_v1(folder, model, spec, extra):
+    """An encoder folder as format version 1 wrote it (``encoder.json`` with top-level name / init_args)."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(folder / WEIGHTS_FILE))
+    (folder / META_FILE).write_text(json.dumps({
+        "format": "ecgfm-encoder", "format_version": 1, "name": model.name, "init_args": model.init_args,
+        "num_features": model.num_features, "preprocess": spec.to_dict(),
+        "tensors": {k: list(v.shape) for k, v in state.items()}, "extra": extra}))
+
+
+def test_version_1_encoder_folders_still_load(tmp_path):
+    torch.manual_seed(0)
+    model = create_backbone("vit1d_test").eval()
+    spec = PreprocessSpec(fs=100.0)
+    _write_v1(tmp_path / "v1", model, spec, {"fs": 100.0, "crop_samples": 250, "method": "MAE"})
+    loaded, spec2, info = load_encoder(tmp_path / "v1")
+    assert spec2 == spec and info["format_version"] == 1 and info["input"]["window_samples"] == 250
+    assert info["extra"]["crop_samples"] == 250 and info["name"] == "vit1d_test"
+    x = torch.randn(2, 12, 250)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.embed(x), model.embed(x), rtol=0, atol=0)
+
+
+def test_huge_constructor_arguments_are_refused_before_allocating(exported):
+    """A description asking for a ~13 GB model is compared with the weights' header on the meta device."""
+    import resource
+
+    _tamper(exported, init_args={**json.loads((exported / META_FILE).read_text())["architecture"]["init_args"],
+                                 "embed_dim": 32768, "depth": 12, "num_heads": 8})
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(ValueError, match="do not fit backbone 'vit1d_test'.*shape mismatch"):
+        load_encoder(exported)
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert grown_mb < 200, f"peak memory grew by {grown_mb:.0f} MB while refusing"
+
+
+def test_new_folder_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    import ecgfm.artifacts as art
+
+    model = create_backbone("vit1d_test")
+
+    def broken(*_a, **_k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(art, "atomic_write_json", broken)
+    with pytest.raises(OSError, match="No space"):
+        export_encoder(model, tmp_path / "enc", PreprocessSpec())
+    assert not (tmp_path / "enc").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_encoder_and_classifier_folders_are_told_apart(tmp_path):
+    from ecgfm.artifacts import ArtifactError, artifact_kind, load_classifier, save_classifier
+
+    model = create_backbone("vit1d_test")
+    export_encoder(model, tmp_path / "enc", PreprocessSpec(fs=100.0))
+    save_classifier(tmp_path / "clf", model, torch.nn.Linear(model.num_features, 3), PreprocessSpec(fs=100.0),
+                    ["a", "b", "c"], multilabel=False, window_samples=250)
+    assert artifact_kind(tmp_path / "enc") == "encoder" and artifact_kind(tmp_path / "clf") == "classifier"
+    with pytest.raises(ArtifactError, match="this is an encoder.*finetune.py checkpoint="):
+        load_classifier(tmp_path / "enc")
+    with pytest.raises(ArtifactError, match="this is an classifier artifact, not a encoder|not a encoder"):
+        load_encoder(tmp_path / "clf")
+    clf, _, meta = load_classifier(tmp_path / "clf")
+    assert meta["classes"] == ["a", "b", "c"] and meta["input"]["window_samples"] == 250
+    assert "Classifier.load" in (tmp_path / "clf" / "README.md").read_text()
+
+
+def test_every_registered_backbone_builds_on_the_meta_device():
+    """Loading checks descriptions against the weights on the meta device; a backbone whose constructor cannot
+    run there would fall back to a real build (and lose the cheap refusal of absurd descriptions)."""
+    from ecgfm.backbones import list_backbones
+
+    for name in list_backbones():
+        with torch.device("meta"):
+            model = create_backbone(name)
+        assert all(p.is_meta for p in model.parameters()), name

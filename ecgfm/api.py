@@ -1,0 +1,239 @@
+"""The Python API: load an artifact, give it an ECG as its publisher ships it, get embeddings or probabilities.
+
+>>> enc = ecgfm.Encoder.load("runs/mae/encoder")
+>>> z = enc.embed(signal, fs=500, leads=["I", "II", ..., "V6"])      # (12, 5000) array -> (D,) vector
+>>> clf = ecgfm.Classifier.load("results/finetune/.../classifier")
+>>> clf.predict_proba("path/to/record")                                 # a WFDB record -> DataFrame (1, C)
+
+Both apply the artifact's own preprocessing, so a caller never re-implements it:
+
+1. **Leads**: rows named by ``leads`` are placed into the canonical 12-lead layout (aliases such as ``MLII``
+   accepted, non-standard leads dropped, absent leads zero and masked), then into the artifact's input order.
+2. **Preprocessing**: :func:`ecgfm.data.preprocess.preprocess_signal` with the artifact's spec: resampling from
+   ``fs`` to the artifact's rate, filters, baseline removal, normalisation.
+3. **Windows**: records are cut into the artifact's window (sliding, the last window aligned to the end; a shorter
+   record is zero-padded), the windows go through the network in batches, and window outputs are averaged: the
+   mean window embedding (encoders), or the mean window probability / the activation of the mean logit as the
+   classifier was validated with (classifiers; ``window_aggregate`` in its description).
+
+Inputs: a NumPy array ``(leads, samples)`` for one record or ``(batch, leads, samples)`` for records of one
+length, or a WFDB record path (``.hea`` + ``.dat``, or challenge ``.hea`` + ``.mat``), whose rate and lead names
+come from its header. Nothing is downloaded; artifacts load without pickle (:mod:`ecgfm.artifacts`).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from ecgfm.artifacts import load_classifier, load_encoder
+from ecgfm.data.preprocess import PreprocessSpec, preprocess_signal, sliding_windows
+from ecgfm.data.record import CANONICAL_LEADS, ECGDataError, ECGRecord, map_leads
+
+__all__ = ["Encoder", "Classifier", "load_record"]
+
+
+def load_record(path: str | os.PathLike) -> tuple[np.ndarray, float, list[str]]:
+    """Read one WFDB record (``.hea`` + ``.dat``) or challenge record (``.hea`` + ``.mat``).
+
+    Returns:
+        ``(signal (12, T) float32 mV in canonical order, fs, lead names present)``.
+    """
+    from ecgfm.data.readers.formats import header_path, read_challenge, read_wfdb
+
+    hea = header_path(path)
+    rec = read_challenge(hea) if hea.with_suffix(".mat").is_file() else read_wfdb(hea)
+    present = [name for name, m in zip(CANONICAL_LEADS, rec.lead_mask) if m]
+    return rec.signal[np.asarray(rec.lead_mask, dtype=bool)], float(rec.fs), present
+
+
+class _Model:
+    """What :class:`Encoder` and :class:`Classifier` share: input handling and windowing."""
+
+    def __init__(self, network: nn.Module, spec: PreprocessSpec | None, meta: dict[str, Any], device: str):
+        self.network = network.to(device).eval()
+        self.spec = spec
+        self.meta = meta
+        self.device = torch.device(device)
+        inp = meta.get("input") or {}
+        self.fs: float | None = inp.get("fs") if inp.get("fs") is not None else (spec.fs if spec else None)
+        self.leads: tuple[str, ...] = tuple(inp.get("leads") or CANONICAL_LEADS)
+        self.window_samples: int | None = inp.get("window_samples")
+        self.stride_samples: int | None = inp.get("stride_samples") or self.window_samples
+
+    # ------------------------------------------------------------------------------------------ inputs
+    def _records(self, signal: Any, fs: float | None, leads: Sequence[str] | None
+                 ) -> tuple[list[np.ndarray], list[str]]:
+        """Model-space records ``[(L_model, T_i)]`` and their names."""
+        if isinstance(signal, ECGRecord):
+            mask = np.asarray(signal.lead_mask, dtype=bool)
+            names = [lead for lead, m in zip(CANONICAL_LEADS, mask) if m]
+            return [self._prepare(signal.signal[mask], float(signal.fs), names, signal.key)], [signal.key]
+        if isinstance(signal, (str, os.PathLike)):
+            sig, rec_fs, names = load_record(signal)
+            if fs is not None and float(fs) != rec_fs:
+                raise ValueError(f"{signal}: fs={fs} given but the header says {rec_fs} Hz")
+            return [self._prepare(sig, rec_fs, names, str(signal))], [str(signal)]
+        x = np.asarray(signal, dtype=np.float32)
+        if x.ndim not in (2, 3):
+            raise ValueError(f"signal must be (leads, samples) or (batch, leads, samples), got shape {x.shape}")
+        batch = x[None] if x.ndim == 2 else x
+        if fs is None:
+            raise ValueError("pass fs= (the sampling rate of the signal in Hz)")
+        names = list(leads) if leads is not None else None
+        if names is None:
+            if batch.shape[1] != len(CANONICAL_LEADS):
+                raise ValueError(f"the signal has {batch.shape[1]} leads: pass leads=[names of its rows] "
+                                 f"(e.g. ['II'] for one lead)")
+            names = list(CANONICAL_LEADS)
+        if len(names) != batch.shape[1]:
+            raise ValueError(f"{len(names)} lead names for {batch.shape[1]} signal rows")
+        recs = [self._prepare(b, float(fs), names, f"record {i}") for i, b in enumerate(batch)]
+        return recs, [str(i) for i in range(len(batch))]
+
+    def _prepare(self, sig: np.ndarray, fs: float, names: Sequence[str], where: str) -> np.ndarray:
+        x12, mask, _dropped = map_leads(sig, names, where)
+        if self.spec is not None:
+            x12, out_fs, mask = preprocess_signal(x12, fs, mask, self.spec, where)
+        else:
+            out_fs = fs
+        if self.fs is not None and abs(float(out_fs) - float(self.fs)) > 1e-6:
+            raise ECGDataError(where, f"the signal is at {out_fs} Hz after preprocessing but the model expects "
+                                      f"{self.fs} Hz (the artifact's preprocessing spec has no resampling rate)")
+        order = [CANONICAL_LEADS.index(lead) for lead in self.leads]
+        return np.ascontiguousarray(x12[order], dtype=np.float32)
+
+    def _windows(self, x: np.ndarray, stride: int | None) -> np.ndarray:
+        """``(L, T) -> (W, L, window)`` (the whole record when the artifact has no window)."""
+        if not self.window_samples:
+            return x[None]
+        return sliding_windows(x, int(self.window_samples), int(stride or self.stride_samples or self.window_samples))
+
+    @torch.no_grad()
+    def _forward(self, windows: np.ndarray, fn: Any, batch_size: int) -> np.ndarray:
+        out = [fn(torch.from_numpy(windows[i:i + batch_size]).to(self.device)).double().cpu().numpy()
+               for i in range(0, len(windows), batch_size)]
+        return np.concatenate(out)
+
+
+class Encoder(_Model):
+    """An encoder artifact, ready to embed ECGs. Build with :meth:`load`."""
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str = "cpu") -> "Encoder":
+        """Load an encoder folder (written by ``train.py``, :mod:`ecgfm.zoo` or :func:`ecgfm.artifacts.save_encoder`).
+
+        Raises:
+            ecgfm.artifacts.ArtifactError: not an encoder folder, or files that do not load.
+        """
+        backbone, spec, info = load_encoder(path)
+        return cls(backbone, spec, info, device)
+
+    @property
+    def num_features(self) -> int:
+        """Embedding size ``D``."""
+        return int(getattr(self.network, "num_features", 0) or self.meta.get("num_features") or 0)
+
+    def embed(self, signal: Any, fs: float | None = None, leads: Sequence[str] | None = None,
+              per_window: bool = False, stride_samples: int | None = None, batch_size: int = 64
+              ) -> np.ndarray | list[np.ndarray]:
+        """Embed one record or a batch.
+
+        Args:
+            signal: ``(L, T)`` or ``(B, L, T)`` array in mV, a WFDB record path, or an
+                :class:`~ecgfm.data.record.ECGRecord` from an ecgfm reader.
+            fs: the signal's sampling rate in Hz (read from the header / record for a path / record).
+            leads: names of the signal's rows (default: the 12 standard leads in order I..V6).
+            per_window: return every window's embedding instead of their mean.
+            stride_samples: hop between windows at the model rate (default: the window, no overlap).
+            batch_size: windows per forward pass.
+
+        Returns:
+            ``(D,)`` for one record or ``(B, D)`` for a batch (float32); with ``per_window`` a ``(W, D)`` array
+            per record (a list for a batch).
+        """
+        recs, _names = self._records(signal, fs, leads)
+        single = len(recs) == 1 and (not isinstance(signal, np.ndarray) or np.ndim(signal) == 2)
+        outs = []
+        for x in recs:
+            z = self._forward(self._windows(x, stride_samples), self.network.embed, batch_size)
+            outs.append((z if per_window else z.mean(axis=0)).astype(np.float32))
+        if per_window:
+            return outs[0] if single else outs
+        return outs[0] if single else np.stack(outs)
+
+
+class Classifier(_Model):
+    """A classifier artifact, ready to score ECGs. Build with :meth:`load`."""
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str = "cpu") -> "Classifier":
+        """Load a classifier folder (written by fine-tuning, probing, the explain demo or the zoo).
+
+        Raises:
+            ecgfm.artifacts.ArtifactError: not a classifier folder (an encoder folder is told how to make one), or
+                files that do not load.
+        """
+        model, spec, meta = load_classifier(path)
+        return cls(model, spec, meta, device)
+
+    @property
+    def classes(self) -> list[str]:
+        """The ``C`` class names, in output order."""
+        return list(self.meta.get("classes") or [])
+
+    @property
+    def multilabel(self) -> bool:
+        return bool(self.meta.get("multilabel"))
+
+    @property
+    def thresholds(self) -> np.ndarray | None:
+        """``(C,)`` decision thresholds chosen on validation (multi-label), or ``None``."""
+        t = self.meta.get("thresholds")
+        return None if t is None else np.asarray(t, dtype=np.float64)
+
+    def _activate(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(logits) if self.multilabel else torch.softmax(logits, dim=-1)
+
+    def predict_proba(self, signal: Any, fs: float | None = None, leads: Sequence[str] | None = None,
+                      batch_size: int = 64) -> pd.DataFrame:
+        """Class probabilities per record.
+
+        Args:
+            signal: ``(L, T)`` or ``(B, L, T)`` array in mV, a WFDB record path, or an
+                :class:`~ecgfm.data.record.ECGRecord` from an ecgfm reader.
+            fs: the signal's sampling rate in Hz (read from the header / record for a path / record).
+            leads: names of the signal's rows (default: the 12 standard leads in order I..V6).
+            batch_size: windows per forward pass.
+
+        Returns:
+            A ``(records, C)`` DataFrame of float64 probabilities, columns = :attr:`classes`, index = record
+            number (or the path). Records are scored over sliding windows, aggregated as the classifier was
+            validated (``window_aggregate``).
+        """
+        recs, names = self._records(signal, fs, leads)
+        aggregate = self.meta.get("window_aggregate", "prob")
+        rows = []
+        for x in recs:
+            w = self._windows(x, None)
+            if aggregate == "logit":
+                mean_logit = self._forward(w, self.network, batch_size).mean(axis=0)
+                rows.append(self._activate(torch.from_numpy(mean_logit)).numpy())
+            else:
+                rows.append(self._forward(w, lambda t: self._activate(self.network(t)), batch_size).mean(axis=0))
+        return pd.DataFrame(np.stack(rows), index=names, columns=self.classes)
+
+    def predict(self, signal: Any, fs: float | None = None, leads: Sequence[str] | None = None) -> pd.DataFrame:
+        """Decisions: the arg-max class (single-label) or probabilities above the validation thresholds
+        (multi-label; 0.5 where none were stored), as a 0/1 DataFrame like :meth:`predict_proba`."""
+        p = self.predict_proba(signal, fs, leads)
+        if self.multilabel:
+            t = self.thresholds if self.thresholds is not None else np.full(p.shape[1], 0.5)
+            return (p >= t).astype(int)
+        return pd.DataFrame(np.eye(p.shape[1], dtype=int)[p.to_numpy().argmax(axis=1)], index=p.index,
+                            columns=p.columns)

@@ -1,0 +1,596 @@
+"""The one on-disk format for everything a user keeps: encoder and classifier artifacts.
+
+An artifact is a folder::
+
+    <kind>.json          description: kind, version, architecture + constructor arguments, preprocessing spec,
+                         input (fs, lead order, window), classes / head / thresholds / window aggregation
+                         (classifiers), provenance (data, recipe, seed, code version), evaluation numbers
+    <kind>.safetensors   weights (no pickle: loading never executes code)
+    README.md            a short generated model card (what it was trained on, how to load it, its numbers)
+
+with ``kind`` one of :data:`KINDS` (``encoder``: a backbone; ``classifier``: backbone + head). This module is the
+only reader and writer of the format; everything else (training export, fine-tuning, probing, the model zoo,
+explain, :mod:`ecgfm.api`) goes through it.
+
+Guarantees:
+
+* **Atomic.** A new folder is written beside its final name and renamed into place, so it exists complete or not
+  at all; an existing folder has its files replaced one by one atomically, the JSON last (a reader sees the old
+  artifact or the new one).
+* **Safe to load.** Backbones are rebuilt only through :func:`ecgfm.backbones.create_backbone` (registered names)
+  and heads only from :data:`HEADS`; the architecture is first built on the ``meta`` device and compared with the
+  safetensors header, so a description that does not fit its weights (or asks for a huge model) is refused
+  naming the mismatch before any memory is allocated.
+* **Backward compatible.** Folders of format version 1 (``encoder.json`` with ``"format": "ecgfm-encoder"`` and
+  ``classifier.json`` with ``"format": "ecgfm-classifier"``) still load; :func:`read_meta` returns them in the
+  version-2 layout.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import functools
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from ecgfm import __version__
+from ecgfm.backbones.registry import create_backbone, list_backbones
+from ecgfm.data.preprocess import PreprocessSpec
+from ecgfm.data.record import CANONICAL_LEADS
+from ecgfm.heads import LinearProbeHead, MLPHead
+from ecgfm.io import atomic_write, atomic_write_json, atomic_write_text, fsync_dir, jsonable, read_json
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "KINDS", "HEADS", "ArtifactError", "ArtifactNotFound", "EncoderClassifier", "meta_file",
+           "weights_file", "artifact_kind", "read_meta", "write_artifact", "save_encoder", "load_encoder",
+           "save_classifier", "load_classifier", "build_backbone", "head_description", "code_version",
+           "model_card"]
+
+FORMAT = "ecgfm-artifact"
+FORMAT_VERSION = 2
+KINDS = ("encoder", "classifier")
+_V1_FORMATS = {"ecgfm-encoder": "encoder", "ecgfm-classifier": "classifier"}
+WINDOW_AGGREGATES = ("prob", "logit")
+
+
+class ArtifactError(ValueError):
+    """A folder or file that is not a loadable artifact; the message names the file and the problem."""
+
+    def __init__(self, path: Any, problem: str):
+        self.path, self.problem = Path(str(path)), problem
+        super().__init__(f"{path}: {problem}")
+
+
+class ArtifactNotFound(ArtifactError, FileNotFoundError):
+    """The folder, or one of its files, does not exist."""
+
+
+def meta_file(kind: str) -> str:
+    return f"{kind}.json"
+
+
+def weights_file(kind: str) -> str:
+    return f"{kind}.safetensors"
+
+
+# --------------------------------------------------------------------------------------------------- models
+class EncoderClassifier(nn.Module):
+    """An ecgfm classifier: ``head(encoder.embed(x))``.
+
+    Args:
+        encoder: a backbone following the :mod:`ecgfm.backbones.registry` contract (``embed(x) -> (B, D)``) or
+            any module mapping ``(B, L, T) -> (B, D)``.
+        head: module mapping ``(B, D) -> (B, C)`` logits.
+    """
+
+    def __init__(self, encoder: nn.Module, head: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+        self.head = head
+
+    def embed(self, x: Tensor) -> Tensor:
+        """``(B, L, T) -> (B, D)``."""
+        fn = getattr(self.encoder, "embed", None)
+        return fn(x) if callable(fn) else self.encoder(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(B, L, T) -> (B, C)`` logits."""
+        return self.head(self.embed(x))
+
+
+def _linear(in_dim: int, num_classes: int, bias: bool = True) -> nn.Module:
+    return nn.Linear(in_dim, num_classes, bias=bias)
+
+
+#: Head name -> factory(in_dim, num_classes, **args). Only these can be rebuilt from a classifier description.
+HEADS: dict[str, Callable[..., nn.Module]] = {"linear": _linear, "linear_probe": LinearProbeHead, "mlp": MLPHead}
+
+
+def head_description(head: nn.Module) -> dict[str, Any]:
+    """``{"name", "args"}`` rebuilding ``head`` through :data:`HEADS` (``nn.Linear``, :class:`LinearProbeHead` and
+    :class:`MLPHead` are recognised from their layers)."""
+    if isinstance(head, nn.Linear):
+        return {"name": "linear", "args": {"in_dim": head.in_features, "num_classes": head.out_features,
+                                           "bias": head.bias is not None}}
+    if isinstance(head, LinearProbeHead):
+        return {"name": "linear_probe", "args": {"in_dim": head.linear.in_features,
+                                                 "num_classes": head.linear.out_features,
+                                                 "batch_norm": isinstance(head.norm, nn.BatchNorm1d)}}
+    if isinstance(head, MLPHead):
+        linears = [m for m in head.net if isinstance(m, nn.Linear)]
+        drops = [m.p for m in head.net if isinstance(m, nn.Dropout)]
+        return {"name": "mlp", "args": {"in_dim": linears[0].in_features, "num_classes": linears[-1].out_features,
+                                        "hidden_dim": linears[0].out_features if len(linears) > 1 else 256,
+                                        "num_layers": len(linears), "dropout": drops[0] if drops else 0.1,
+                                        "batch_norm": any(isinstance(m, nn.BatchNorm1d) for m in head.net)}}
+    raise ValueError(f"cannot describe a head of type {type(head).__name__} automatically: pass head_spec="
+                     f"{{'name': one of {sorted(HEADS)}, 'args': {{...}}}}")
+
+
+# ------------------------------------------------------------------------------------------------ provenance
+@functools.lru_cache(maxsize=1)
+def code_version() -> str:
+    """``ecgfm <version>`` plus the git commit when the package runs from a checkout (``+dirty`` if modified)."""
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "-C", str(here), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                             text=True, timeout=5, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no", "--",
+                                str(here)], capture_output=True, text=True, timeout=5, check=True).stdout.strip()
+        return f"ecgfm {__version__} (git {sha}{'+dirty' if dirty else ''})"
+    except (OSError, subprocess.SubprocessError):
+        return f"ecgfm {__version__}"
+
+
+# ------------------------------------------------------------------------------------------------ reading
+def _folder_of(path: str | os.PathLike) -> Path:
+    p = Path(path)
+    if p.is_file() and p.suffix in (".json", ".safetensors") and p.stem in KINDS:
+        return p.parent
+    return p
+
+
+def artifact_kind(path: str | os.PathLike) -> str | None:
+    """``"encoder"`` / ``"classifier"`` for an artifact folder (or one of its files), ``None`` otherwise."""
+    d = _folder_of(path)
+    if not d.is_dir():
+        return None
+    for kind in ("classifier", "encoder"):  # a classifier folder is never mistaken for its encoder
+        if (d / meta_file(kind)).is_file():
+            return kind
+    return None
+
+
+def _upgrade_v1(meta: dict[str, Any], kind: str) -> dict[str, Any]:
+    """A version-1 ``encoder.json`` / ``classifier.json`` in the version-2 layout (read-only view)."""
+    extra = dict(meta.get("extra") or {})
+    if kind == "encoder":
+        arch = {"name": meta.get("name"), "init_args": meta.get("init_args") or {},
+                "num_features": meta.get("num_features")}
+        fs = extra.get("fs")
+        window = extra.get("crop_samples")
+        inp = {"fs": fs, "leads": list(CANONICAL_LEADS), "window_samples": window,
+               "window_seconds": (window / fs) if window and fs else None, "stride_samples": None}
+        out = {"architecture": arch, "input": inp, "provenance": {k: extra[k] for k in ("method", "steps", "seed")
+                                                                  if k in extra}}
+    else:
+        bb = meta.get("backbone") or {}
+        arch = {"name": bb.get("name"), "init_args": bb.get("init_args") or {}, "num_features": None}
+        fs, n = meta.get("fs"), meta.get("n_samples")
+        inp = {"fs": fs, "leads": list(meta.get("lead_names") or CANONICAL_LEADS), "window_samples": n,
+               "window_seconds": (n / fs) if n and fs else None, "stride_samples": None}
+        out = {"architecture": arch, "input": inp, "head": meta.get("head"), "classes": meta.get("class_names"),
+               "multilabel": meta.get("postprocess") == "sigmoid", "thresholds": None, "window_aggregate": "prob",
+               "provenance": {}}
+    out.update(format=FORMAT, format_version=1, kind=kind, preprocess=meta.get("preprocess"),
+               tensors=meta.get("tensors") or {}, evaluation={}, extra=extra)
+    return out
+
+
+def read_meta(path: str | os.PathLike, kind: str | None = None) -> tuple[Path, dict[str, Any]]:
+    """Find and parse an artifact's description.
+
+    Args:
+        path: the artifact folder or one of its files.
+        kind: the kind expected (``None``: whichever is there).
+
+    Returns:
+        ``(folder, meta)`` with ``meta`` in the version-2 layout (version-1 folders are upgraded in memory).
+
+    Raises:
+        ArtifactError: not an artifact folder, the wrong kind, missing files, malformed JSON or a newer version.
+    """
+    d = _folder_of(path)
+    if not d.exists():
+        raise ArtifactNotFound(d, "not found")
+    found = artifact_kind(d)
+    if found is None:
+        raise ArtifactNotFound(d, f"not an ecgfm artifact folder (expected {meta_file('encoder')} or "
+                               f"{meta_file('classifier')} with its .safetensors weights)")
+    if kind is not None and found != kind:
+        raise ArtifactError(d, f"this is an {found} artifact, not a {kind}")
+    mpath, wpath = d / meta_file(found), d / weights_file(found)
+    if not wpath.is_file():
+        raise ArtifactNotFound(wpath, f"missing: an {found} artifact needs {meta_file(found)} and {weights_file(found)}")
+    try:
+        meta = read_json(mpath, f"{found} description")
+    except ValueError as exc:
+        raise ArtifactError(mpath, str(exc).split(": ", 1)[-1]) from exc
+    if not isinstance(meta, dict):
+        raise ArtifactError(mpath, "not a JSON object")
+    fmt = meta.get("format")
+    if fmt in _V1_FORMATS:
+        if _V1_FORMATS[fmt] != found or meta.get("format_version") != 1:
+            raise ArtifactError(mpath, f"unsupported format {fmt!r} version {meta.get('format_version')!r}")
+        return d, _upgrade_v1(meta, found)
+    if fmt != FORMAT or meta.get("kind") != found:
+        raise ArtifactError(mpath, f"not an ecgfm {found} description (format must be {FORMAT!r}, kind {found!r})")
+    version = meta.get("format_version")
+    if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
+        raise ArtifactError(mpath, f"unsupported format_version {version!r} (this ecgfm reads 1..{FORMAT_VERSION}; "
+                                   "upgrade ecgfm to read newer artifacts)")
+    return d, meta
+
+
+def _header_shapes(weights_path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes from a safetensors header (reads the header only, not the tensors)."""
+    try:
+        with safe_open(str(weights_path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ArtifactError(weights_path, f"cannot read safetensors weights: {exc}") from exc
+
+
+def _mismatch(expected: Mapping[str, tuple[int, ...]], found: Mapping[str, tuple[int, ...]]) -> str | None:
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    shapes = [f"{k}: weights {found[k]} vs description {expected[k]}" for k in expected
+              if k in found and tuple(found[k]) != tuple(expected[k])]
+    if not (missing or unexpected or shapes):
+        return None
+
+    def first(items: list[str]) -> str:
+        return f"{items[:5]}{' ...' if len(items) > 5 else ''} ({len(items)})"
+
+    return (f"missing {first(missing)}, unexpected {first(unexpected)}, shape mismatch {first(shapes)}")
+
+
+def _on_meta(factory: Callable[[], nn.Module]) -> nn.Module | None:
+    """Build a module on the meta device (no memory); ``None`` when its constructor cannot run there."""
+    try:
+        with torch.device("meta"):
+            return factory()
+    except (NotImplementedError, RuntimeError):
+        return None
+
+
+def build_backbone(name: Any, init_args: Any, where: Any, weights_shapes: Mapping[str, tuple[int, ...]] | None = None,
+                   prefix: str = "") -> nn.Module:
+    """Rebuild a registered backbone from ``name`` + ``init_args``, after checking it against the weights.
+
+    Args:
+        name: registered backbone name.
+        init_args: constructor arguments.
+        where: file named in errors.
+        weights_shapes: ``{key: shape}`` of the stored weights (safetensors header); when given, the architecture
+            is first built on the meta device and compared with them, so a mismatch (or a description asking for
+            gigabytes) is refused before memory is allocated.
+        prefix: key prefix of the backbone's tensors in ``weights_shapes`` (``"encoder."`` in a classifier).
+
+    Raises:
+        ArtifactError: unknown name, bad arguments, or a description that does not fit the weights.
+    """
+    if not isinstance(name, str) or name not in list_backbones():
+        raise ArtifactError(where, f"unknown backbone name {name!r}; only registered backbones can be loaded "
+                                   f"({', '.join(list_backbones())})")
+    if not isinstance(init_args, dict):
+        raise ArtifactError(where, f"init_args must be a JSON object, got {type(init_args).__name__}")
+
+    def factory() -> nn.Module:
+        return create_backbone(name, **init_args)
+
+    try:
+        if weights_shapes is not None:
+            shell = _on_meta(factory)
+            if shell is not None:
+                expected = {prefix + k: tuple(v.shape) for k, v in shell.state_dict().items()}
+                found = {k: v for k, v in weights_shapes.items() if k.startswith(prefix)}
+                problem = _mismatch(expected, found)
+                if problem:
+                    raise ArtifactError(where, f"the weights do not fit backbone {name!r} with init_args "
+                                               f"{init_args}: {problem}")
+        return factory()
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, ArtifactError):
+            raise
+        raise ArtifactError(where, f"cannot build backbone {name!r} with init_args {init_args}: {exc}") from exc
+
+
+def _load_weights(module: nn.Module, weights_path: Path, map_location: str | torch.device) -> None:
+    try:
+        state = load_file(str(weights_path), device=str(map_location))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ArtifactError(weights_path, f"cannot read safetensors weights: {exc}") from exc
+    problem = _mismatch({k: tuple(v.shape) for k, v in module.state_dict().items()},
+                        {k: tuple(v.shape) for k, v in state.items()})
+    if problem:
+        raise ArtifactError(weights_path, f"weights do not fit the described model: {problem}")
+    module.load_state_dict(state, strict=True)
+
+
+# ------------------------------------------------------------------------------------------------ writing
+def model_card(meta: Mapping[str, Any], folder_name: str = "<this folder>") -> str:
+    """A short Markdown model card for an artifact description."""
+    kind = meta["kind"]
+    arch, inp, prov = meta.get("architecture") or {}, meta.get("input") or {}, meta.get("provenance") or {}
+    spec = meta.get("preprocess") or {}
+    lines = [f"# ecgfm {kind}: {arch.get('name')}", ""]
+    summary = {"encoder": "An ECG encoder: signal (leads x samples) -> one embedding vector per window.",
+               "classifier": "An ECG classifier: encoder + head -> class probabilities per record."}[kind]
+    lines += [summary, "", "## Input", ""]
+    lines.append(f"- sampling rate: {inp.get('fs')} Hz; window: {inp.get('window_samples')} samples "
+                 f"({inp.get('window_seconds')} s)")
+    lines.append(f"- leads (order): {', '.join(inp.get('leads') or [])}")
+    steps = [f"{k}={v}" for k, v in sorted(spec.items()) if v is not None]
+    lines.append(f"- preprocessing (applied by `Encoder.embed` / `Classifier.predict_proba`): {'; '.join(steps)}")
+    if kind == "classifier":
+        lines += ["", "## Outputs", ""]
+        lines.append(f"- classes: {', '.join(map(str, meta.get('classes') or []))}")
+        lines.append(f"- {'multi-label (sigmoid)' if meta.get('multilabel') else 'single-label (softmax)'}; "
+                     f"record prediction = {meta.get('window_aggregate')} mean over windows")
+    lines += ["", "## Training", ""]
+    for key in ("data", "method", "recipe", "seed", "steps", "source", "source_sha256", "licence", "license",
+                "citation", "code_version", "created"):
+        if prov.get(key) not in (None, "", {}, []):
+            lines.append(f"- {key}: {prov[key]}")
+    evaluation = meta.get("evaluation") or {}
+    if evaluation:
+        lines += ["", "## Evaluation", ""]
+        for split, value in evaluation.items():
+            lines.append(f"- {split}: {value}")
+    api = "Encoder" if kind == "encoder" else "Classifier"
+    call = "embed(signal, fs=500, leads=leads)" if kind == "encoder" else "predict_proba(signal, fs=500, leads=leads)"
+    lines += ["", "## Load", "", "```python", "import ecgfm", "", f"model = ecgfm.{api}.load({folder_name!r})",
+              f"out = model.{call}   # signal: (leads, samples) or (batch, leads, samples) NumPy array",
+              "```", ""]
+    if kind == "classifier":
+        lines += ["Explain it: `python explain.py checkpoint=" + folder_name + "`", ""]
+    return "\n".join(lines)
+
+
+def write_artifact(out_dir: str | os.PathLike, kind: str, state: Mapping[str, Tensor], meta: Mapping[str, Any]
+                   ) -> Path:
+    """Write ``<kind>.safetensors``, ``<kind>.json`` and ``README.md`` atomically.
+
+    A folder that does not exist yet is written under a temporary name beside it and renamed, so it appears
+    complete or not at all. In an existing folder each file is replaced atomically, the JSON last.
+
+    Args:
+        out_dir: the artifact folder.
+        kind: one of :data:`KINDS`.
+        state: tensors to store (moved to CPU, made contiguous).
+        meta: the description without ``format`` / ``format_version`` / ``kind`` / ``tensors`` (filled here).
+
+    Returns:
+        ``out_dir`` as a :class:`~pathlib.Path`.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"artifact kind must be one of {KINDS}, got {kind!r}")
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    doc = jsonable({"format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind, **meta,
+                    "tensors": {k: list(v.shape) for k, v in tensors.items()}})
+    out = Path(out_dir)
+
+    def write_into(folder: Path) -> None:
+        atomic_write(folder / weights_file(kind), lambda p: save_file(tensors, p, metadata={"format": FORMAT,
+                                                                                             "kind": kind}))
+        atomic_write_text(folder / "README.md", model_card(doc, str(out)))
+        atomic_write_json(folder / meta_file(kind), doc, indent=2)
+
+    if out.is_dir() and any(out.iterdir()):
+        other = [k for k in KINDS if k != kind and (out / meta_file(k)).exists()]
+        if other:
+            raise ArtifactError(out, f"holds an {other[0]} artifact; write the {kind} to another folder")
+        write_into(out)
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        write_into(tmp)
+        if out.is_dir():
+            out.rmdir()  # empty
+        os.replace(tmp, out)
+        fsync_dir(out.parent)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _spec(preprocess: PreprocessSpec | Mapping[str, Any] | None) -> PreprocessSpec | None:
+    if preprocess is None or isinstance(preprocess, PreprocessSpec):
+        return preprocess
+    return PreprocessSpec.from_dict(dict(preprocess))
+
+
+def _architecture(backbone: nn.Module) -> dict[str, Any]:
+    backbone = getattr(backbone, "_orig_mod", backbone)  # a torch.compile wrapper: describe the wrapped module
+    name = getattr(backbone, "name", "")
+    if name not in list_backbones():
+        raise ValueError(f"cannot save a backbone with unregistered name {name!r}: build it with "
+                         f"ecgfm.backbones.create_backbone (registered: {', '.join(list_backbones())})")
+    init_args = getattr(backbone, "init_args", None)
+    if init_args is None:
+        init_args = getattr(backbone, "_constructor_args", None) or {}
+    return {"name": name, "init_args": jsonable(dict(init_args)),
+            "num_features": int(getattr(backbone, "num_features", 0))}
+
+
+def _input(fs: float | None, leads: Sequence[str] | None, window_samples: int | None,
+           stride_samples: int | None) -> dict[str, Any]:
+    fs = None if fs is None else float(fs)
+    w = None if window_samples is None else int(window_samples)
+    return {"fs": fs, "leads": list(leads or CANONICAL_LEADS), "window_samples": w,
+            "window_seconds": (w / fs) if w and fs else None,
+            "stride_samples": None if stride_samples is None else int(stride_samples)}
+
+
+def _provenance(provenance: Mapping[str, Any] | None) -> dict[str, Any]:
+    prov = dict(provenance or {})
+    prov.setdefault("code_version", code_version())
+    prov.setdefault("created", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    return prov
+
+
+def save_encoder(out_dir: str | os.PathLike, backbone: nn.Module,
+                 preprocess: PreprocessSpec | Mapping[str, Any] | None, *, fs: float | None = None,
+                 window_samples: int | None = None, leads: Sequence[str] | None = None,
+                 provenance: Mapping[str, Any] | None = None, evaluation: Mapping[str, Any] | None = None,
+                 extra: Mapping[str, Any] | None = None) -> Path:
+    """Write an encoder artifact.
+
+    Args:
+        out_dir: the folder.
+        backbone: a registered backbone (built by :func:`ecgfm.backbones.create_backbone`).
+        preprocess: the preprocessing the encoder expects (applied by :meth:`ecgfm.api.Encoder.embed`).
+        fs: input sampling rate in Hz (default ``preprocess.fs``).
+        window_samples: the window the encoder was trained on (its crop), in samples at ``fs``.
+        leads: lead order of the input rows (default: the 12 canonical leads).
+        provenance: training data, method, recipe, seed... (``code_version`` and ``created`` are added).
+        evaluation: numbers to show on the model card, e.g. ``{"test macro AUROC": "0.81 [0.78, 0.84]"}``.
+        extra: other JSON-able information (kept for older readers: ``fs``, ``crop_samples``, ``method``...).
+
+    Returns:
+        ``out_dir``.
+    """
+    spec = _spec(preprocess)
+    fs = fs if fs is not None else (None if spec is None else spec.fs)
+    meta = {"architecture": _architecture(backbone), "preprocess": None if spec is None else spec.to_dict(),
+            "input": _input(fs, leads, window_samples, None), "provenance": _provenance(provenance),
+            "evaluation": dict(evaluation or {}), "extra": dict(extra or {})}
+    return write_artifact(out_dir, "encoder", getattr(backbone, "_orig_mod", backbone).state_dict(), meta)
+
+
+def load_encoder(path: str | os.PathLike, map_location: str | torch.device = "cpu"
+                 ) -> tuple[nn.Module, PreprocessSpec, dict[str, Any]]:
+    """Load an encoder artifact (format version 1 or 2).
+
+    Returns:
+        ``(backbone in eval mode, PreprocessSpec, info)``; ``info`` is the version-2 description plus the
+        version-1 keys older callers read (``name``, ``init_args``, ``num_features``).
+
+    Raises:
+        ArtifactError: not an encoder folder (a classifier folder says so), missing or malformed files, unknown
+            backbone, or weights that do not fit the description.
+    """
+    d, meta = read_meta(path, "encoder")
+    mpath, wpath = d / meta_file("encoder"), d / weights_file("encoder")
+    try:
+        spec = PreprocessSpec.from_dict(meta.get("preprocess"))
+    except (TypeError, ValueError) as exc:
+        raise ArtifactError(mpath, f"bad preprocess entry: {exc}") from exc
+    arch = meta.get("architecture") or {}
+    backbone = build_backbone(arch.get("name"), arch.get("init_args") or {}, mpath, _header_shapes(wpath))
+    _load_weights(backbone, wpath, map_location)
+    info = dict(meta, name=arch.get("name"), init_args=arch.get("init_args") or {},
+                num_features=arch.get("num_features") or int(getattr(backbone, "num_features", 0)), dir=str(d))
+    return backbone.to(map_location).eval(), spec, info
+
+
+def save_classifier(out_dir: str | os.PathLike, backbone: nn.Module, head: nn.Module,
+                    preprocess: PreprocessSpec | Mapping[str, Any] | None, class_names: Sequence[str],
+                    multilabel: bool, *, fs: float | None = None, window_samples: int | None = None,
+                    stride_samples: int | None = None, window_aggregate: str = "prob",
+                    thresholds: Sequence[float] | None = None, leads: Sequence[str] | None = None,
+                    head_spec: Mapping[str, Any] | None = None, provenance: Mapping[str, Any] | None = None,
+                    evaluation: Mapping[str, Any] | None = None, extra: Mapping[str, Any] | None = None) -> Path:
+    """Write a classifier artifact (encoder + head + how records are scored).
+
+    Args:
+        out_dir: the folder.
+        backbone: a registered backbone.
+        head: ``(B, D) -> (B, C)`` logits; described by ``head_spec`` or recognised (:func:`head_description`).
+        preprocess: the preprocessing the classifier expects.
+        class_names: the ``C`` output names.
+        multilabel: sigmoid outputs (else softmax).
+        fs: input rate in Hz (default ``preprocess.fs``).
+        window_samples: the window each forward pass sees (records are scored over sliding windows).
+        stride_samples: hop between windows (default: ``window_samples``).
+        window_aggregate: ``"prob"`` (mean window probability) or ``"logit"`` (activation of the mean logit).
+        thresholds: ``(C,)`` decision thresholds chosen on validation (multi-label), if any.
+        leads: lead order of the input rows.
+        head_spec: ``{"name": key of HEADS, "args": {...}}``.
+        provenance, evaluation, extra: as in :func:`save_encoder`.
+
+    Raises:
+        ValueError: unregistered backbone, unknown head, class-count mismatch, bad ``window_aggregate``.
+    """
+    if window_aggregate not in WINDOW_AGGREGATES:
+        raise ValueError(f"window_aggregate must be one of {WINDOW_AGGREGATES}, got {window_aggregate!r}")
+    spec = _spec(preprocess)
+    fs = fs if fs is not None else (None if spec is None else spec.fs)
+    if fs is None:
+        raise ValueError("pass fs= (the preprocessing spec does not fix the sampling rate)")
+    hs = dict(head_spec) if head_spec is not None else head_description(head)
+    if hs.get("name") not in HEADS:
+        raise ValueError(f"unknown head name {hs.get('name')!r}; known: {sorted(HEADS)}")
+    model = EncoderClassifier(getattr(backbone, "_orig_mod", backbone), head)
+    n_out = [m for m in head.modules() if isinstance(m, nn.Linear)][-1].out_features
+    if n_out != len(class_names):
+        raise ValueError(f"the head has {n_out} outputs but {len(class_names)} class_names were given")
+    if thresholds is not None and len(thresholds) != len(class_names):
+        raise ValueError(f"{len(thresholds)} thresholds for {len(class_names)} classes")
+    meta = {"architecture": _architecture(backbone), "head": {"name": hs["name"], "args": dict(hs.get("args", {}))},
+            "preprocess": None if spec is None else spec.to_dict(),
+            "input": _input(fs, leads, window_samples, stride_samples if stride_samples else window_samples),
+            "classes": [str(c) for c in class_names], "multilabel": bool(multilabel),
+            "thresholds": None if thresholds is None else [float(t) for t in thresholds],
+            "window_aggregate": window_aggregate, "provenance": _provenance(provenance),
+            "evaluation": dict(evaluation or {}), "extra": dict(extra or {})}
+    return write_artifact(out_dir, "classifier", model.state_dict(), meta)
+
+
+def load_classifier(path: str | os.PathLike, map_location: str | torch.device = "cpu"
+                    ) -> tuple[EncoderClassifier, PreprocessSpec | None, dict[str, Any]]:
+    """Load a classifier artifact (format version 1 or 2).
+
+    Returns:
+        ``(EncoderClassifier in eval mode, PreprocessSpec or None, meta)`` with ``meta`` in the version-2 layout.
+
+    Raises:
+        ArtifactError: not a classifier folder (an encoder folder gets the command that makes a classifier),
+            missing or malformed files, unknown backbone or head, weights that do not fit.
+    """
+    d = _folder_of(path)
+    if artifact_kind(d) == "encoder":
+        raise ArtifactError(d, "this is an encoder (a pretrained backbone without a classification head), not a "
+                               "classifier. Make a classifier from it first, e.g. `python finetune.py "
+                               f"checkpoint={d} task=ptbxl_super` (every fine-tune cell saves a classifier "
+                               "folder) or `python probe.py checkpoint=... save_classifier=true`; then explain "
+                               "that folder.")
+    d, meta = read_meta(d, "classifier")
+    mpath, wpath = d / meta_file("classifier"), d / weights_file("classifier")
+    arch, hd = meta.get("architecture") or {}, meta.get("head") or {}
+    if hd.get("name") not in HEADS:
+        raise ArtifactError(mpath, f"unknown head {hd.get('name')!r}; known: {sorted(HEADS)}")
+    shapes = _header_shapes(wpath)
+    backbone = build_backbone(arch.get("name"), arch.get("init_args") or {}, mpath, shapes, prefix="encoder.")
+    try:
+        head = HEADS[hd["name"]](**dict(hd.get("args") or {}))
+    except (TypeError, ValueError) as exc:
+        raise ArtifactError(mpath, f"cannot build head {hd['name']!r} with args {hd.get('args')}: {exc}") from exc
+    model = EncoderClassifier(backbone, head)
+    _load_weights(model, wpath, map_location)
+    try:
+        spec = PreprocessSpec.from_dict(meta["preprocess"]) if meta.get("preprocess") is not None else None
+    except (TypeError, ValueError) as exc:
+        raise ArtifactError(mpath, f"bad preprocess entry: {exc}") from exc
+    return model.to(map_location).eval(), spec, dict(meta, dir=str(d))
