@@ -27,6 +27,7 @@ signal's time axis when the rates differ).
 from __future__ import annotations
 
 import os
+import textwrap
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -166,6 +167,22 @@ def _gain_text(g: float, units: str) -> str:
     return f"{g:g} mm/{units}"
 
 
+def _chars_per_line(width_in: float, fontsize: float) -> int:
+    """About how many characters of ``fontsize`` points fit in ``width_in`` inches (0.55 em per character)."""
+    return max(20, int(width_in / (0.55 * fontsize / 72)))
+
+
+def _wrap_parts(parts: Sequence[str], sep: str, width: int) -> list[str]:
+    """Join ``parts`` with ``sep`` into lines of at most ``width`` characters, breaking only between parts."""
+    lines: list[str] = []
+    for part in parts:
+        if lines and len(lines[-1]) + len(sep) + len(part) <= width:
+            lines[-1] += sep + part
+        else:
+            lines.append(part)
+    return lines
+
+
 def _trace(ax, t: np.ndarray, y: np.ndarray, att: np.ndarray | None, norm: Normalize | None, overlay: str,
            offset: float, band_height: float, cmap_name: str, linewidth: float = 0.8) -> None:
     """One trace at vertical ``offset`` with an optional attribution overlay."""
@@ -211,8 +228,9 @@ def plot_ecg_chart(signal: Any, fs: float, lead_names: Sequence[str] = CANONICAL
     within half a row (``row_spacing_mv / 2``) of their baseline: the limb leads and the rhythm strip take
     ``gain``, the chest leads V1-V6 ``chest_gain`` (their QRS complexes are often two or three times taller), as
     electrocardiographs print "10 / 5 mm/mV". The calibration pulse of a row is 1 mV at the gain of the row's
-    first lead; a lead drawn at another gain carries its gain beside its label (``gid="lead_gain"``). The
-    header (``gid="chart_header"``) gives the record id, the sampling rate, the gains and the paper speed.
+    first lead; a lead drawn at another gain carries its gain under its label (``gid="lead_gain"``). The
+    header (``gid="chart_header"``) gives the record id, the sampling rate, the gains and the paper speed
+    (wrapped, as the title, to the width of a short record's chart).
 
     Args:
         signal: ``(L, T)`` ECG (mV) at ``fs``; 12 canonical leads give the 3 x 4 + rhythm layout, anything else
@@ -297,8 +315,22 @@ def plot_ecg_chart(signal: Any, fs: float, lead_names: Sequence[str] = CANONICAL
     # True paper scale: the axes is (x1 - x0) * 25 mm wide and (y1 - y0) * 10 mm high.
     ax_w, ax_h = (x1 - x0) * MM_PER_S * _MM, (y1 - y0) * MM_PER_MV * _MM
     left, right, bottom = 0.25, (1.3 if att is not None else 0.25), 0.3
-    top_margin = 0.45 + (0.25 if title else 0.0)
-    fig = Figure(figsize=(ax_w + left + right, ax_h + bottom + top_margin))
+    width = ax_w + left + right
+    limb_g = sorted({g for lead, g in gains.items() if lead not in chest})
+    chest_g = sorted({g for lead, g in gains.items() if lead in chest})
+    if chest_g and limb_g and chest_g != limb_g:
+        gain_txt = (f"gain {', '.join(_gain_text(g, units) for g in limb_g)} (limb), "
+                    f"{', '.join(_gain_text(g, units) for g in chest_g)} (chest)")
+    else:
+        gain_txt = f"gain {', '.join(_gain_text(g, units) for g in sorted(set(gains.values())))}"
+    header_parts = ([f"record {record_id}"] if record_id is not None else []) + [
+        f"{fs:g} Hz", gain_txt, f"paper speed {MM_PER_S:g} mm/s"]
+    # a short window makes a narrow chart: wrap the title and the header to its width (about 0.55 em per character)
+    header_lines = _wrap_parts(header_parts, " | ", _chars_per_line(width - left, 8))
+    title_lines = textwrap.wrap(title, _chars_per_line(width - left, 10)) if title else []
+    title_h, header_h = 10 * 1.35 / 72, 8 * 1.35 / 72                      # line heights in inches
+    top_margin = 0.12 + len(title_lines) * title_h + 0.04 + len(header_lines) * header_h + 0.12
+    fig = Figure(figsize=(width, ax_h + bottom + top_margin))
     fig.ecg_gains = dict(gains)
     W, H = fig.get_size_inches()
     ax = fig.add_axes((left / W, bottom / H, ax_w / W, ax_h / H))
@@ -318,28 +350,18 @@ def plot_ecg_chart(signal: Any, fs: float, lead_names: Sequence[str] = CANONICAL
             txt = ax.text(a + 0.05, base + row_spacing_mv * 0.3, lead, fontsize=9, fontweight="bold",
                           color=TRACE, zorder=4)
             txt.set_gid("lead_label")
-            if gains[lead] != row_gain:  # drawn at another gain than the row's calibration pulse
-                note = ax.text(a + 0.05 + 0.09 * (len(lead) + 1), base + row_spacing_mv * 0.3,
-                               _gain_text(gains[lead], units), fontsize=7, color="#555555", zorder=4)
+            if gains[lead] != row_gain:  # drawn at another gain than the row's calibration pulse: say so
+                note = ax.text(a + 0.05, base + row_spacing_mv * 0.3 - 0.08, _gain_text(gains[lead], units),
+                               fontsize=6.5, color="#555555", va="top", zorder=4)
                 note.set_gid("lead_gain")
             if a > 0:  # lead-change marker as on printed ECGs
                 ax.plot([a, a], [base - 0.25, base + 0.25], color=TRACE, linewidth=0.8)
-    limb_g = sorted({g for lead, g in gains.items() if lead not in chest})
-    chest_g = sorted({g for lead, g in gains.items() if lead in chest})
-    if chest_g and limb_g and chest_g != limb_g:
-        gain_txt = (f"gain {', '.join(_gain_text(g, units) for g in limb_g)} (limb), "
-                    f"{', '.join(_gain_text(g, units) for g in chest_g)} (chest)")
-    else:
-        gain_txt = f"gain {', '.join(_gain_text(g, units) for g in sorted(set(gains.values())))}"
-    header = " | ".join(([f"record {record_id}"] if record_id is not None else [])
-                        + [f"{fs:g} Hz", gain_txt, f"paper speed {MM_PER_S:g} mm/s"])
-    head = fig.text(left / W, 1 - ((0.37 if title else 0.12) / H), header, ha="left", va="top", fontsize=8,
-                    color="#333333")
+    head = fig.text(left / W, 1 - (0.12 + len(title_lines) * title_h + 0.04) / H, "\n".join(header_lines),
+                    ha="left", va="top", fontsize=8, color="#333333", linespacing=1.2)
     head.set_gid("chart_header")
-    ax.text(x1, y0 + 0.05, f"{MM_PER_S:g} mm/s   {gain_txt[5:]}   {fs:g} Hz", ha="right",
-            va="bottom", fontsize=7, color="#555555")
     if title:
-        fig.suptitle(title, x=left / W, ha="left", fontsize=10, y=1 - 0.12 / H)
+        fig.suptitle("\n".join(title_lines), x=left / W, ha="left", va="top", fontsize=10, y=1 - 0.12 / H,
+                     linespacing=1.2)
     if att is not None:
         cax = fig.add_axes(((left + ax_w + 0.25) / W, bottom / H, 0.15 / W, ax_h / H))
         sm = matplotlib.cm.ScalarMappable(norm=norm, cmap=_cmap(cmap))

@@ -20,6 +20,7 @@ from ecgfm.evaluate.finetune import (
 )
 from ecgfm.evaluate.metrics import macro_auroc
 from ecgfm.evaluate.probe import LinearProbe
+from ecgfm.recipes import FinetuneRecipe
 
 WINDOW = STRIDE = 250   # vit1d_test's sequence length; 6 s records at 100 Hz -> 3 windows each
 
@@ -113,19 +114,22 @@ def _backbone(seed: int = 0) -> nn.Module:
     return create_backbone("vit1d_test")
 
 
-def _run(task, **kw):
+def _run(task, backbone=None, **kw):
+    """run_finetune with a small recipe: the FinetuneRecipe defaults except ``epochs=1, batch_size=32,
+    warmup_epochs=0, patience=3`` and ``kw``."""
     cache_dir, _, labels, splits = task
-    args = dict(seed=0, epochs=1, batch_size=32, warmup_epochs=0, patience=3, predict_val=True)
-    args.update(kw)
-    return run_finetune(args.pop("backbone", None) or _backbone(), cache_dir, labels, splits, False, WINDOW,
-                        STRIDE, **args)
+    recipe = dict(epochs=1, batch_size=32, warmup_epochs=0, patience=3)
+    recipe.update(kw)
+    return run_finetune(backbone or _backbone(), cache_dir, labels, splits, False, WINDOW, STRIDE, recipe, seed=0,
+                        predict_val=True)
 
 
 def test_initialised_model_predicts_as_the_probe(task):
     """The whole model (encoder + LP head), before any step, gives the probe's probabilities window by window."""
     _, cache, labels, splits = task
     backbone = _backbone()
-    probe, info = fit_probe_head(backbone, cache, labels, splits, False, WINDOW, STRIDE, Cs=(0.1, 1.0))
+    probe, info = fit_probe_head(backbone, cache, labels, splits, False, WINDOW, STRIDE, Cs=(0.1, 1.0),
+                                 aggregate="prob")
     assert info["C"] in (0.1, 1.0) and info["windows"] == 3 * len(splits["train"])
     model = FinetuneModule(backbone, labels.shape[1], multilabel=False)
     init_head_from_probe(model.head, probe)
@@ -173,6 +177,43 @@ def test_run_finetune_rejects_bad_options_before_any_work(task):
         _run(task, head_init="probe")
     with pytest.raises(ValueError, match=r"finetune\.window_aggregate"):
         _run(task, window_aggregate="median")
+    with pytest.raises(ValueError, match=r"finetune\.lrr.*did you mean 'lr'"):
+        _run(task, lrr=0.1)
+    with pytest.raises(ValueError, match=r"finetune\.epochs"):
+        _run(task, epochs="abc")
+
+
+def test_one_default_per_setting():
+    """FinetuneModule, fit_probe_head and run_finetune take their defaults from FinetuneRecipe (no drifting copy:
+    lr 1e-3 / prob / val_sliding false were the old signature defaults, conf/finetune.yaml's are 3e-4 / logit /
+    true)."""
+    import inspect
+
+    r = FinetuneRecipe()
+    sig = inspect.signature(FinetuneModule.__init__).parameters
+    assert (sig["lr"].default, sig["window_aggregate"].default, sig["warmup_epochs"].default) == \
+        (r.lr, r.window_aggregate, r.warmup_epochs)
+    assert inspect.signature(fit_probe_head).parameters["aggregate"].default == r.window_aggregate
+    assert set(inspect.signature(run_finetune).parameters) == {
+        "backbone", "cache_dir", "labels", "splits", "multilabel", "crop_samples", "stride_samples", "recipe",
+        "seed", "accelerator", "external", "feature_dir", "predict_val"}
+
+
+def test_epoch_progress_lines(task, caplog):
+    """One line per epoch with the train loss, the named validation split and the best epoch so far."""
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="ecgfm.evaluate.finetune"):
+        out = _run(task, head_init="lp", epochs=2, patience=5, lp_Cs=(1.0,))
+    lines = out["progress"]
+    assert lines[0].startswith("LP init: val (30 records, whole-record windows) macro AUROC ")
+    assert len(lines) == 1 + out["epochs_run"]
+    assert lines[1].startswith("epoch 1/2: train loss ") and "val (30 records" in lines[1] and "(best " in lines[1]
+    assert lines[-1].startswith("epoch 2/2: ")
+    logged = [r.getMessage() for r in caplog.records if r.name == "ecgfm.evaluate.finetune"]
+    assert all(line in logged for line in lines)
+    assert any(m.startswith("fine-tuning done: 2/2 epochs (max epochs), best val macro AUROC ") for m in logged)
+    assert not [r for r in caplog.records if r.name.startswith("lightning") and r.levelno < logging.WARNING]
 
 
 @pytest.mark.parametrize("aggregate,val_sliding", [("prob", False), ("logit", True)])

@@ -75,6 +75,48 @@ def test_chart_grid_scale_calibration_labels(record, attribution):
     assert len(cbar_axes) == 1
 
 
+def test_chart_gain_keeps_tall_chest_leads_in_their_row(record):
+    """V1-V3 three times taller than the limb leads: the chest leads are drawn at a lower gain (one of 10 / 5 /
+    2.5 mm/mV), every trace stays within half a row of its baseline, the gains are printed in the header and beside
+    the chest leads, and the limb leads keep 10 mm/mV (their calibration pulse is 1 mV = 10 mm)."""
+    sig = np.array(record.signal, dtype=np.float64)
+    sig[:6] *= 1.2 / np.abs(sig[:6]).max()          # limb leads peak at 1.2 mV
+    sig[6:9] *= 3.3 / np.abs(sig[6:9]).max()        # V1-V3 at 3.3 mV: 33 mm at 10 mm/mV, beyond their 15 mm half-row
+    fig = viz.plot_ecg_chart(sig, record.fs, record_id="ptbxl/00008")
+    gains = fig.ecg_gains
+    assert all(gains[lead] == 10.0 for lead in CANONICAL_LEADS[:6])
+    assert all(gains[lead] == 2.5 for lead in CANONICAL_LEADS[6:])    # 3.3 mV x 0.5 = 16.5 mm > 15 mm at 5 mm/mV
+    ax = _chart_axes(fig)
+    traces = [line for line in ax.lines if line.get_gid() is None and len(line.get_ydata()) > 10]
+    assert len(traces) == 13
+    for r, row_lines in enumerate([traces[i * 4:(i + 1) * 4] for i in range(3)] + [traces[12:]]):
+        base = -r * 3.0
+        for line in row_lines:
+            assert np.abs(np.asarray(line.get_ydata()) - base).max() <= 1.5 + 1e-9
+    cal = _by_gid(ax, "calibration")
+    assert [max(c.get_ydata()) - min(c.get_ydata()) for c in cal] == pytest.approx([1.0] * 4)
+    assert sorted(t.get_text() for t in _by_gid(ax, "lead_gain")) == ["2.5 mm/mV"] * 6
+    (header,) = [t for t in fig.texts if t.get_gid() == "chart_header"]
+    assert header.get_text() == ("record ptbxl/00008 | 100 Hz | gain 10 mm/mV (limb), 2.5 mm/mV (chest) | "
+                                 "paper speed 25 mm/s")
+    # a fixed gain for the whole chart; the calibration pulse follows it
+    fig = viz.plot_ecg_chart(sig, record.fs, gain=5, chest_gain=None)
+    assert set(fig.ecg_gains.values()) == {5.0} and not _by_gid(_chart_axes(fig), "lead_gain")
+    assert all(max(c.get_ydata()) - min(c.get_ydata()) == pytest.approx(0.5)
+               for c in _by_gid(_chart_axes(fig), "calibration"))
+    (header,) = [t for t in fig.texts if t.get_gid() == "chart_header"]
+    assert header.get_text() == "100 Hz | gain 5 mm/mV | paper speed 25 mm/s"
+    with pytest.raises(ValueError, match="gain"):
+        viz.plot_ecg_chart(sig, record.fs, gain=0)
+
+
+def test_choose_gain():
+    assert viz.choose_gain(1.4, 1.5) == 10.0
+    assert viz.choose_gain(2.9, 1.5) == 5.0
+    assert viz.choose_gain(3.1, 1.5) == 2.5
+    assert viz.choose_gain(9.0, 1.5) == 2.5          # nothing fits: the smallest standard gain
+
+
 def test_chart_saved_in_all_formats(tmp_path, record, attribution):
     fig = viz.plot_ecg_chart(record.signal, record.fs, attribution=attribution, overlay="band")
     assert all(isinstance(o, AxesImage) for o in _by_gid(_chart_axes(fig), "attribution"))
