@@ -76,7 +76,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from ecgfm.data.record import ECGDataError
     from ecgfm.evaluate.leakage import LeakageError
 
-    errors: list[type[BaseException]] = [EvaluationError, LeakageError, ECGDataError]
+    from ecgfm.config import ConfigError
+
+    errors: list[type[BaseException]] = [EvaluationError, LeakageError, ECGDataError, ConfigError]
     try:
         from ecgfm.artifacts import ArtifactError
 

@@ -32,7 +32,7 @@ def chain(tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("chain")
     run = tmp / "run"
     summary = train(_compose("train", ["+experiment=mae", "backbone=vit1d_test", "trainer.max_steps=3",
-                                       "data.params.n_records=24", f"paths.cache_root={tmp / 'cache'}",
+                                       "data.params.n_records=24", "data.batch_size=8", f"paths.cache_root={tmp / 'cache'}",
                                        f"out_dir={run}", "logger=csv", "torch_threads=1"]))
     enc_dir = Path(summary["encoder_dir"])
     cfg = _compose("finetune", [f"paths.cache_root={tmp / 'cache'}", f"results_dir={tmp / 'results'}",
