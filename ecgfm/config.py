@@ -28,7 +28,7 @@ import typing
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ecgfm.data.preprocess import PreprocessSpec
@@ -68,6 +68,13 @@ class PreprocessConfig:
     normalize: str = "zscore"
     flat_threshold: float = 1e-4
     clip: Optional[float] = 20.0
+    resample_method: str = "polyphase"
+    bandpass_mode: str = "bandpass"
+    filter_design: str = "sos"
+    notch_q: float = 30.0
+    notch_first: bool = False
+    median_baseline: Optional[float] = None
+    normalize_scope: str = "lead"
 
 
 @dataclass
@@ -87,7 +94,7 @@ class PathsConfig:
 
 @dataclass
 class CheckpointConfig:
-    """Arguments of Lightning's ``ModelCheckpoint`` used by :func:`ecgfm.pipelines.train`.
+    """Arguments of Lightning's ``ModelCheckpoint`` used by :func:`ecgfm.train.run.train`.
 
     Attributes:
         every_n_train_steps: save a periodic checkpoint every this many optimiser steps (and ``last.ckpt``).
@@ -107,9 +114,16 @@ class TrainConfig:
     Attributes:
         seed: global seed (weights, sampler order, masks, augmentations).
         out_dir: run folder (checkpoints, logs, exported encoder, summary). Defaults to Hydra's run dir.
-        resume: checkpoint to resume from; ``None`` auto-resumes from ``<out_dir>/checkpoints/last.ckpt`` if present.
-        crop_seconds: length of the training crops in seconds.
-        crop_samples: length in samples (derived from ``crop_seconds`` and ``preprocess.fs`` by default).
+        resume: checkpoint to resume from; ``None`` auto-resumes from the newest checkpoint of ``<out_dir>`` that
+            loads (``checkpoints/last.ckpt``, then the periodic ones), logging any it skips.
+        overwrite: allow a fresh start (step 0) in a folder that already holds a trained run (``encoder/`` or
+            ``summary.json``) and no checkpoint to resume from; the earlier run's files are removed.
+        crop_seconds: length of the training crops in seconds (converted with the sampling rate of the cache
+            actually used, read from its manifest).
+        crop_samples: the same in samples. The config's value (``crop_seconds`` x ``preprocess.fs``) is provisional:
+            the run replaces it with ``crop_seconds`` x the cache's rate; a literal value must agree with it.
+        nonfinite: what a batch with non-finite values (NaN/Inf, a damaged cache) does: ``"error"`` stops the run
+            naming the shard and records; ``"skip"`` leaves those records out, counted in ``summary.json``.
         compile: wrap the backbone's ``forward_features`` with ``torch.compile``.
         cpu_linear: how float32 linear layers run when training on CPU: ``"auto"`` (oneDNN where it is present and
             the CPU is not an Intel one, whose MKL path is the tuned one), ``"onednn"`` or ``"aten"`` (PyTorch's
@@ -126,8 +140,10 @@ class TrainConfig:
     seed: int = 0
     out_dir: str = "outputs/train"
     resume: Optional[str] = None
+    overwrite: bool = False
     crop_seconds: float = 2.5
     crop_samples: int = 250
+    nonfinite: str = "error"
     compile: bool = False
     cpu_linear: str = "auto"
     torch_threads: Optional[int] = None
@@ -142,6 +158,37 @@ class TrainConfig:
     method: Any = None
     trainer: Any = None
     logger: Any = None
+
+
+#: values of ``TrainConfig.nonfinite`` (used by :class:`ecgfm.train.safety.NonFiniteGuard`)
+NONFINITE_MODES = ("error", "skip")
+
+
+def crop_samples_for(cfg: DictConfig, fs: float) -> int:
+    """Training crop in samples: ``crop_seconds`` converted with ``fs``, the rate of the cache actually used.
+
+    The composed ``crop_samples`` (``${ecgfm.samples:${crop_seconds},${preprocess.fs}}``) only stands in until the
+    cache is known; a literal ``crop_samples`` given by the user must agree with ``crop_seconds`` at ``fs``.
+
+    Args:
+        cfg: a validated training config (:func:`validate_train_config`).
+        fs: sampling rate of the training cache(s) in Hz.
+
+    Returns:
+        ``round(crop_seconds * fs)``.
+
+    Raises:
+        ConfigError: a literal ``crop_samples`` that disagrees, or a crop shorter than one sample.
+    """
+    seconds = float(cfg.crop_seconds)
+    samples = _seconds_to_samples(seconds, fs)
+    if samples < 1:
+        raise ConfigError("crop_seconds", f"{seconds:g} s at the cache's {fs:g} Hz is less than one sample")
+    if not OmegaConf.is_interpolation(cfg, "crop_samples") and int(cfg.crop_samples) != samples:
+        raise ConfigError("crop_samples", f"is {cfg.crop_samples}, but crop_seconds={seconds:g} at the cache's "
+                                          f"{fs:g} Hz is {samples} samples: crops are set in seconds, so give "
+                                          f"crop_seconds={int(cfg.crop_samples) / fs:g} instead of crop_samples")
+    return samples
 
 
 # ----------------------------------------------------------------------------------------- target-node checking
@@ -402,11 +449,106 @@ def validate_train_config(cfg: DictConfig, provided: dict[str, tuple[str, ...]] 
         PreprocessSpec.from_dict(OmegaConf.to_container(merged.preprocess, resolve=True))  # value checks
     except ValueError as err:
         raise ConfigError("preprocess", str(err)) from None
+    if not merged.crop_seconds > 0:
+        raise ConfigError("crop_seconds", f"must be positive, got {merged.crop_seconds}")
     if merged.crop_samples <= 0:
         raise ConfigError("crop_samples", f"must be positive, got {merged.crop_samples}")
+    if merged.nonfinite not in NONFINITE_MODES:
+        raise ConfigError("nonfinite", f"must be one of {', '.join(NONFINITE_MODES)}, got {merged.nonfinite!r}"
+                                       f"{_close(str(merged.nonfinite), list(NONFINITE_MODES))}")
     from ecgfm.accel import CPU_LINEAR_MODES  # torch import: deferred, like the target checks
 
     if merged.cpu_linear not in CPU_LINEAR_MODES:
         raise ConfigError("cpu_linear", f"must be one of {', '.join(CPU_LINEAR_MODES)}, got {merged.cpu_linear!r}"
                                         f"{_close(str(merged.cpu_linear), list(CPU_LINEAR_MODES))}")
     return merged
+
+
+# ------------------------------------------------------------------------------------------------- prepare.yaml
+@dataclass
+class PrepareConfig:
+    """Schema of the settings of ``conf/prepare.yaml`` (``ecgfm-prepare``); every other top-level key is a source
+    preset (a mapping of reader keyword arguments, see :func:`ecgfm.data.cache.prepare_from_config`).
+
+    Attributes:
+        sources: preset names to convert (a list, or one name).
+        out: cache folder to write.
+        spec: the preprocessing (:class:`ecgfm.data.preprocess.PreprocessSpec` fields).
+        shard_records: records per shard; ``None`` or ``"auto"``: automatic.
+        workers: conversion processes (0: in this process).
+        progress: show a progress bar.
+        allow_duplicate_ids: keep records whose ids repeat (else an error).
+        verify: hash every file of an existing cache and convert damaged shards again.
+    """
+
+    sources: Any = field(default_factory=lambda: ["ptbxl"])
+    out: str = MISSING
+    spec: PreprocessConfig = field(default_factory=PreprocessConfig)
+    shard_records: Any = None
+    workers: int = 2
+    progress: bool = True
+    allow_duplicate_ids: bool = False
+    verify: bool = False
+
+
+def validate_prepare_config(cfg: Any) -> dict[str, Any]:
+    """Validate a composed ``prepare.yaml`` and return it as a plain, resolved dict.
+
+    Args:
+        cfg: the composed config (DictConfig or dict; a ``hydra`` node is ignored).
+
+    Returns:
+        Settings (typed by :class:`PrepareConfig`) and the source presets, for
+        :func:`ecgfm.data.cache.prepare_from_config`.
+
+    Raises:
+        ConfigError: naming the first wrong key (``spec.fs=abc``, ``+worker=3``, an unknown source name, a
+            missing ``out`` or a missing argument of a selected preset).
+    """
+    plain = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False) if isinstance(cfg, (DictConfig, ListConfig))
+                             else dict(cfg))
+    if "hydra" in plain:
+        del plain["hydra"]
+    names = [f.name for f in fields(PrepareConfig)]
+    settings = OmegaConf.create({k: plain._get_node(k) for k in plain if k in names})
+    presets = [str(k) for k in plain if k not in names]
+    for k in presets:
+        node = plain._get_node(k)
+        if not isinstance(node, DictConfig) and not node._is_none():
+            raise ConfigError(k, f"unknown setting{_close(k, names)} (settings: {', '.join(names)}; any other key "
+                                 "must be a source preset: a mapping of reader arguments)")
+    missing = _missing_keys(settings)
+    if missing:
+        raise ConfigError(missing[0], "mandatory value '???' is not set (give it on the command line)")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(PrepareConfig), settings)
+        out = OmegaConf.to_container(merged, resolve=True)
+    except OmegaConfBaseException as err:
+        raise _reformat(err, PrepareConfig) from None
+    sources = [out["sources"]] if isinstance(out["sources"], str) else out["sources"]
+    if not isinstance(sources, list) or not sources or not all(isinstance(s, str) for s in sources):
+        raise ConfigError("sources", f"must be a non-empty list of preset names, got {out['sources']!r}")
+    for name in sources:
+        if name not in presets:
+            raise ConfigError("sources", f"unknown source {name!r}{_close(name, presets)} (presets: "
+                                         f"{', '.join(presets)})")
+        miss = _missing_keys(plain._get_node(name), name)
+        if miss:
+            raise ConfigError(miss[0], f"mandatory value '???' is not set for source {name!r} (give it on the "
+                                       "command line)")
+    shard = out["shard_records"]
+    if not (shard is None or str(shard).lower() == "auto" or (isinstance(shard, int) and not isinstance(shard, bool)
+                                                              and shard >= 1)):
+        raise ConfigError("shard_records", f"must be a positive integer, null or 'auto', got {shard!r}")
+    if out["workers"] < 0:
+        raise ConfigError("workers", f"must be >= 0, got {out['workers']}")
+    try:
+        PreprocessSpec.from_dict(out["spec"])
+    except ValueError as err:
+        raise ConfigError("spec", str(err)) from None
+    try:
+        presets_plain = {k: OmegaConf.to_container(plain._get_node(k), resolve=True)
+                         if isinstance(plain._get_node(k), DictConfig) else None for k in presets}
+    except OmegaConfBaseException as err:
+        raise ConfigError(getattr(err, "full_key", "") or "", str(err).split("\n")[0]) from None
+    return {**presets_plain, **out}

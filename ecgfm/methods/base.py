@@ -6,9 +6,9 @@ A method subclasses :class:`PretrainModule` and implements :meth:`PretrainModule
 validation data, ``y``) to ``(loss, terms)``. The base class provides
 
 * ``training_step`` / ``validation_step`` that call ``shared_step`` and log ``train/<term>`` / ``val/<term>``;
-* ``configure_optimizers``: AdamW (fused on CUDA, and on CPU where PyTorch has it; ``foreach`` otherwise) without
-  weight decay on biases, norm layers and embeddings (positional embeddings, class/mask tokens, ``nn.Embedding``),
-  with a linear warm-up followed by a cosine decay to zero at ``max_steps``, stepped every optimiser step;
+* ``configure_optimizers``: :mod:`ecgfm.optim`'s AdamW (fused where PyTorch has it) without weight decay on
+  biases, norm layers and embeddings (positional embeddings, class/mask tokens, ``nn.Embedding``), with a linear
+  warm-up followed by a cosine decay to zero at ``max_steps``, stepped every optimiser step;
 * an *online linear probe* (optional, ``probe_num_classes``): see :meth:`PretrainModule.on_validation_epoch_end`.
 
 Online probe, the chosen design: during validation the (frozen, eval-mode) backbone embeds every labelled batch;
@@ -24,7 +24,6 @@ results).
 
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Any
 
@@ -33,59 +32,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ecgfm.accel import adamw_kwargs
-
-# Parameter names (last component) that are embeddings/tokens and get no weight decay, as in timm/MAE.
-_NO_DECAY_NAMES = ("pos_embed", "cls_token", "mask_token", "lead_embed", "sep_embed", "dist_token", "pos_embedding")
-_NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
-if hasattr(nn, "RMSNorm"):
-    _NORM_TYPES = _NORM_TYPES + (nn.RMSNorm,)
-
-
-def param_groups_no_decay(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Split trainable parameters into a weight-decay group and a no-weight-decay group.
-
-    No decay for: biases, every parameter with ``ndim <= 1``, parameters of normalisation layers and
-    ``nn.Embedding``, parameters whose name ends with a known token/embedding name (``pos_embed``, ``cls_token``,
-    ``mask_token``, ...), and names a module lists in a timm-style ``no_weight_decay()`` method.
-    (Written here rather than taken from ``timm.optim`` because timm's helper does not look at module types and its
-    signature has changed between releases.)
-
-    Args:
-        model: the module whose ``named_parameters()`` are grouped (frozen parameters are skipped).
-        weight_decay: decay of the decayed group.
-
-    Returns:
-        ``[{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]``
-        (empty groups dropped), each with a ``"names"`` list for inspection.
-    """
-    skip: set[str] = set()
-    for mod_name, module in model.named_modules():
-        prefix = f"{mod_name}." if mod_name else ""
-        if isinstance(module, _NORM_TYPES + (nn.Embedding,)):
-            skip.update(prefix + n for n, _ in module.named_parameters(recurse=False))
-        nwd = getattr(module, "no_weight_decay", None)
-        if callable(nwd):
-            skip.update(prefix + n for n in nwd())
-    decay, no_decay, decay_names, no_decay_names = [], [], [], []
-    seen: set[int] = set()
-    for name, p in model.named_parameters():
-        if not p.requires_grad or id(p) in seen:
-            continue
-        seen.add(id(p))
-        last = name.rsplit(".", 1)[-1]
-        if p.ndim <= 1 or name.endswith(".bias") or name in skip or last in _NO_DECAY_NAMES:
-            no_decay.append(p)
-            no_decay_names.append(name)
-        else:
-            decay.append(p)
-            decay_names.append(name)
-    groups = []
-    if decay:
-        groups.append({"params": decay, "weight_decay": float(weight_decay), "names": decay_names})
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0, "names": no_decay_names})
-    return groups
+from ecgfm.evaluate.metrics import per_class_auroc
+from ecgfm.optim import lightning_optimizers, param_groups
 
 
 def _plain(value: Any) -> Any:
@@ -101,42 +49,6 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return type(value)(_plain(v) for v in value)
     return value
-
-
-def warmup_cosine(step: int, warmup_steps: int, max_steps: int) -> float:
-    """LR multiplier: linear warm-up from ``1/(warmup+1)`` to 1 over ``warmup_steps``, then cosine to 0.
-
-    Args:
-        step: optimiser step (0-based).
-        warmup_steps: number of warm-up steps (0 = none).
-        max_steps: step at which the multiplier reaches 0 (and stays there).
-    """
-    if step < warmup_steps:
-        return (step + 1) / (warmup_steps + 1)
-    if max_steps <= warmup_steps:
-        return 1.0
-    progress = min(1.0, (step - warmup_steps) / (max_steps - warmup_steps))
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def macro_auroc(y_true: np.ndarray, scores: np.ndarray) -> tuple[float, int]:
-    """Macro AUROC over the columns that contain both outcomes.
-
-    Args:
-        y_true: ``(N, C)`` binary targets.
-        scores: ``(N, C)`` scores.
-
-    Returns:
-        ``(auroc, n_classes_used)``; ``(nan, 0)`` when no column has both outcomes.
-    """
-    from sklearn.metrics import roc_auc_score
-
-    aucs = []
-    for c in range(y_true.shape[1]):
-        col = y_true[:, c]
-        if 0 < col.sum() < len(col):
-            aucs.append(roc_auc_score(col, scores[:, c]))
-    return (float(np.mean(aucs)), len(aucs)) if aucs else (float("nan"), 0)
 
 
 def fit_probe_auroc(emb: np.ndarray, y: np.ndarray, multilabel: bool, num_classes: int, seed: int = 0,
@@ -189,7 +101,9 @@ def fit_probe_auroc(emb: np.ndarray, y: np.ndarray, multilabel: bool, num_classe
     probe = make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-2, 5, 8)))
     probe.fit(emb[fit_idx], np.where(Yf[:, usable], 1.0, -1.0))
     scores = probe.predict(emb[eval_idx]).reshape(len(eval_idx), -1)
-    return macro_auroc(Y[eval_idx][:, usable], scores)
+    per = per_class_auroc(Y[eval_idx][:, usable], scores)  # NaN for a class without both outcomes in this half
+    per = per[np.isfinite(per)]
+    return (float(np.mean(per)), int(per.size)) if per.size else (float("nan"), 0)
 
 
 class PretrainModule(L.LightningModule):
@@ -272,12 +186,16 @@ class PretrainModule(L.LightningModule):
     def _batch_size(batch: dict[str, torch.Tensor]) -> int:
         return int(batch["x"].shape[0])
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
+        if self._batch_size(batch) == 0:  # every record dropped (nonfinite=skip): no step (Lightning skips None)
+            return None
         loss, terms = self.shared_step(batch)
         self.log_terms("train", {"loss": loss, **terms}, batch_size=self._batch_size(batch))
         return loss
 
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
+        if self._batch_size(batch) == 0:
+            return None
         loss, terms = self.shared_step(batch)
         self.log_terms("val", {"loss": loss, **terms}, batch_size=self._batch_size(batch))
         if self.hparams.probe_num_classes is not None and "y" in batch:
@@ -351,12 +269,8 @@ class PretrainModule(L.LightningModule):
 
     # --------------------------------------------------------------- optimiser
     def configure_optimizers(self) -> dict[str, Any]:
-        """AdamW over :func:`param_groups_no_decay` with a per-step warm-up + cosine ``LambdaLR``."""
-        groups = param_groups_no_decay(self, self.hparams.weight_decay)
-        for g in groups:
-            g.pop("names")
-        params = [p for g in groups for p in g["params"]]
-        opt = torch.optim.AdamW(groups, lr=self.hparams.lr, betas=tuple(self.hparams.betas), **adamw_kwargs(params))
-        warm, total = int(self.hparams.warmup_steps), int(self.hparams.max_steps)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, warm, total))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+        """AdamW over :func:`ecgfm.optim.param_groups` with the per-step warm-up cosine schedule of
+        :mod:`ecgfm.optim`."""
+        groups = param_groups(self, self.hparams.weight_decay)
+        return lightning_optimizers(groups, self.hparams.lr, int(self.hparams.warmup_steps),
+                                    int(self.hparams.max_steps), betas=tuple(self.hparams.betas))

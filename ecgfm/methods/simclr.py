@@ -4,7 +4,7 @@ Two augmented views of every crop are encoded by the backbone, projected by an M
 NT-Xent against the other ``2N - 2`` embeddings of the (DDP-global) batch.
 
 Augmentation randomness: with ``aug_seed=None`` the augmentations draw from torch's global generator, which the
-training pipeline reseeds from ``(seed, rank, step)`` before every step (:class:`ecgfm.pipelines.StepSeedCallback`),
+training pipeline reseeds from ``(seed, rank, step)`` before every step (:class:`ecgfm.train.loop.StepSeedCallback`),
 so a resumed run draws what an uninterrupted one would. With a fixed ``aug_seed`` the module keeps its own
 generator per rank; its state (one ``uint8`` tensor per rank, from :meth:`torch.Generator.get_state`) is saved in
 the checkpoint under :data:`AUG_STATE_KEY` and restored on load, with the same effect.

@@ -205,16 +205,45 @@ def test_find_resume_checkpoint_prefers_the_newest(tmp_path):
 
     from ecgfm.pipelines import find_resume_checkpoint
 
+    def ckpt(path: Path, step: int) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"state_dict": {}, "global_step": step}, path)
+        return path
+
     assert find_resume_checkpoint(tmp_path, None) is None
-    (tmp_path / "checkpoints").mkdir()
-    last = tmp_path / "checkpoints" / "last.ckpt"
-    last.write_bytes(b"x")
+    last = ckpt(tmp_path / "checkpoints" / "last.ckpt", 4)
     assert find_resume_checkpoint(tmp_path, None) == str(last)
-    hpc = tmp_path / "hpc_ckpt_1.ckpt"          # Lightning's SLURM pre-emption checkpoint
-    hpc.write_bytes(b"x")
+    hpc = ckpt(tmp_path / "hpc_ckpt_1.ckpt", 5)          # Lightning's SLURM pre-emption checkpoint
     os.utime(last, ns=(1, 1))
     assert find_resume_checkpoint(tmp_path, None) == str(hpc)
     assert find_resume_checkpoint(tmp_path, str(last)) == str(last)
+    periodic = ckpt(tmp_path / "checkpoints" / "step0000002.ckpt", 2)
+    os.utime(periodic, ns=(2, 2))
+    hpc.write_bytes(b"x")                                 # damaged: the newest one that loads is last.ckpt
+    assert find_resume_checkpoint(tmp_path, None) == str(periodic)
+    os.utime(last, ns=(3, 3))
+    assert find_resume_checkpoint(tmp_path, None) == str(last)
+
+
+def test_cli_prints_where_everything_is(tmp_path, cache_root):
+    """python train.py ends with one block naming the encoder, run folder, logs, summary and the next command."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    overrides = [o for o in TINY if o != "trainer.max_steps=3"]
+    cmd = [sys.executable, str(ROOT / "train.py"), "+experiment=mae", *overrides, *METHOD_TINY["mae"],
+           "trainer.max_steps=1", f"paths.cache_root={cache_root}", f"hydra.run.dir={out}"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    block = proc.stdout[proc.stdout.index("== training finished"):]
+    summary = json.loads((out / "summary.json").read_text())
+    assert f"encoder     {out / 'encoder'}" in block
+    assert "fs 100 Hz, crop 2.5 s = 250 samples" in block
+    assert str(out) in block and str(out / "summary.json") in block
+    assert summary["log_dir"] in block and Path(summary["log_dir"]).is_dir()
+    assert f"python probe.py checkpoint={out / 'encoder'} task=synthetic" in block
+    assert f"python finetune.py checkpoint={out / 'encoder'} task=synthetic" in block
 
 
 def test_folder_of_wfdb_records(tmp_path, cache_root):

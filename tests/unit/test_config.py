@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from ecgfm.config import ConfigError, PreprocessConfig, TrainConfig, check_target_node, validate_train_config
 from ecgfm.data.preprocess import PreprocessSpec
 from ecgfm.data.record import ECGDataError
-from ecgfm.pipelines import check_data_paths
+from ecgfm.data.prepare import check_data_paths
 
 ROOT = Path(__file__).resolve().parents[2]
 CONF = ROOT / "ecgfm" / "conf"
@@ -183,3 +183,48 @@ def test_submitit_slurm_launcher_config_composes(tmp_path):
     assert set(launcher) <= slurm_keys
     assert launcher._target_.endswith("SlurmLauncher")
     assert launcher.tasks_per_node == launcher.gpus_per_node
+
+
+def _compose_prepare(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="prepare", overrides=overrides)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("spec.fs=abc", "spec.fs"),
+    ("+spec.highpas=1", "spec.highpas"),
+    ("+worker=3", "worker"),
+    ("workers=-1", "workers"),
+    ("shard_records=abc", "shard_records"),
+    ("sources=[ptbxl,nosuch]", "sources"),
+    ("sources=[folder]", "folder.root"),
+    ("spec.normalize=nope", "spec"),
+])
+def test_prepare_config_errors_name_the_key(override, key):
+    """ecgfm-prepare's config is typed (issue 9, item 13): a bad value names its key instead of a bare error."""
+    from ecgfm.config import validate_prepare_config
+
+    with pytest.raises(ConfigError) as info:
+        validate_prepare_config(_compose_prepare(["out=/tmp/x", override]))
+    assert info.value.key == key, str(info.value)
+
+
+def test_prepare_config_is_missing_out_and_valid_otherwise():
+    from ecgfm.config import validate_prepare_config
+
+    with pytest.raises(ConfigError, match="'out'"):
+        validate_prepare_config(_compose_prepare([]))
+    settings = validate_prepare_config(_compose_prepare(["out=cache/x", "sources=[ptbxl500]", "spec.fs=500"]))
+    assert settings["spec"]["fs"] == 500.0 and settings["sources"] == ["ptbxl500"]
+    assert settings["ptbxl500"]["fs"] == 500 and settings["workers"] == 2
+
+
+def test_prepare_cli_bad_value_is_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, str(ROOT / "prepare.py"), f"out={tmp_path / 'c'}", "spec.fs=abc"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip().splitlines()[-1]]
+    assert proc.stderr.startswith("error: config key 'spec.fs'"), proc.stderr[-2000:]

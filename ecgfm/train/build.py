@@ -1,0 +1,133 @@
+"""Building a run from its config: the data rate and crop, the backbone checks, callbacks, logger.
+
+Everything here takes explicit values or config nodes and returns objects; :func:`ecgfm.train.run.train` wires
+them together.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from ecgfm.config import ConfigError
+from ecgfm.data.preprocess import PreprocessSpec
+from ecgfm.train.loop import LossHistory, StepSeedCallback, ThroughputCallback
+from ecgfm.train.safety import NonFiniteGuard
+
+__all__ = ["compile_backbone", "data_rate", "check_backbone_fits_crop", "build_callbacks", "build_logger",
+           "log_dir"]
+
+
+def compile_backbone(backbone: torch.nn.Module) -> torch.nn.Module:
+    """Compile the backbone's hot path in place with ``torch.compile``.
+
+    ``forward_features`` (used by ``embed``/``forward`` and by the methods) is replaced by its compiled version on
+    the instance, so parameter names, checkpoints and the exported encoder are unchanged.
+    """
+    backbone.forward_features = torch.compile(backbone.forward_features)  # type: ignore[method-assign]
+    return backbone
+
+
+def _cache_spec(cache_dirs: Sequence[str], key_hint: str = "data.cache_dirs") -> tuple[PreprocessSpec, float]:
+    """The preprocessing spec and rate shared by every cache (an error if they differ)."""
+    from ecgfm.data.cache import CorpusCache
+
+    specs = [(d, CorpusCache(d).spec) for d in cache_dirs]
+    first = specs[0][1]
+    for d, spec in specs[1:]:
+        if spec != first:
+            raise ConfigError(key_hint, f"caches were prepared with different preprocessing: {specs[0][0]} has "
+                                        f"{first.to_dict()}, {d} has {spec.to_dict()}")
+    rates = {d: CorpusCache(d).fs for d in cache_dirs}
+    if None in rates.values() or len(set(rates.values())) != 1:
+        raise ConfigError(key_hint, "the caches must share one sampling rate (prepare them with one spec.fs); got "
+                                    + ", ".join(f"{d}: {fs}" for d, fs in rates.items()))
+    return first, float(rates[cache_dirs[0]])
+
+
+def data_rate(cache_dirs: Sequence[str], cfg: DictConfig) -> tuple[PreprocessSpec, float]:
+    """Preprocessing spec and sampling rate of the training data: those of the caches (from their manifests) when
+    the data node has caches, else ``cfg.preprocess``."""
+    if cache_dirs:
+        return _cache_spec(cache_dirs)
+    spec = PreprocessSpec.from_dict(OmegaConf.to_container(cfg.preprocess, resolve=True))
+    if not spec.fs:
+        raise ConfigError("preprocess.fs", "is needed to convert crop_seconds to samples when the data node has no "
+                                           "caches")
+    return spec, float(spec.fs)
+
+
+def check_backbone_fits_crop(cfg: DictConfig, fs: float, backbone: torch.nn.Module | None = None) -> None:
+    """The backbone's crop-dependent arguments agree with the crop: ``seq_len`` (ViT position table) at least the
+    crop, the crop a multiple of ``patch_size``. Checked on the config node, and on the built ``backbone``.
+
+    Raises:
+        ConfigError: naming ``crop_seconds`` or ``backbone.seq_len``.
+    """
+    crop = int(cfg.crop_samples)
+    node = cfg.backbone
+    patch = getattr(backbone, "patch_size", None) if backbone is not None else node.get("patch_size")
+    seq_len = getattr(backbone, "seq_len", None) if backbone is not None else node.get("seq_len")
+    if isinstance(patch, int) and patch > 0 and crop % patch:
+        raise ConfigError("crop_seconds", f"{float(cfg.crop_seconds):g} s at the cache's {fs:g} Hz is {crop} samples, "
+                                          f"not a multiple of backbone.patch_size={patch}: choose crop_seconds so that "
+                                          f"crop_seconds x {fs:g} is a multiple of {patch}")
+    if isinstance(seq_len, int) and seq_len < crop:
+        raise ConfigError("backbone.seq_len", f"is {seq_len}, shorter than the {crop}-sample crop (crop_seconds="
+                                              f"{float(cfg.crop_seconds):g} at the cache's {fs:g} Hz); leave "
+                                              "backbone.seq_len=${crop_samples}")
+
+
+def build_callbacks(cfg: DictConfig, out_dir: Path) -> tuple[list[L.Callback], LossHistory]:
+    """Non-finite guard, checkpointing, progress bar, throughput, per-step seeding and loss history."""
+    from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+
+    history = LossHistory()
+    callbacks: list[L.Callback] = [NonFiniteGuard(str(cfg.get("nonfinite", "error"))), history, ThroughputCallback()]
+    if cfg.deterministic_steps:
+        callbacks.insert(0, StepSeedCallback(cfg.seed))
+    ck = cfg.checkpoint
+    # save_top_k > 1 keeps the k newest periodic checkpoints: rank them by "step", which ModelCheckpoint always
+    # offers as a monitor candidate (monitor=None only allows -1, 0 or 1).
+    monitor = "step" if ck.save_top_k > 1 else None
+    callbacks.append(ModelCheckpoint(dirpath=str(out_dir / "checkpoints"), filename="step{step:07d}",
+                                     auto_insert_metric_name=False, every_n_train_steps=ck.every_n_train_steps,
+                                     save_top_k=ck.save_top_k, save_last=ck.save_last, monitor=monitor,
+                                     mode="max"))
+    if cfg.trainer.get("enable_progress_bar", True):
+        callbacks.append(TQDMProgressBar(refresh_rate=cfg.progress_refresh))
+    return callbacks, history
+
+
+def build_logger(cfg: DictConfig, out_dir: Path) -> Any:
+    """Instantiate ``cfg.logger`` (``False`` when it is null). A W&B logger stays offline unless the user asked for
+    online mode (``WANDB_MODE=online`` or ``logger.offline=false``)."""
+    node = cfg.get("logger")
+    if node is None:
+        return False
+    kwargs: dict[str, Any] = {}
+    if str(node.get("_target_", "")).endswith("WandbLogger"):
+        if os.environ.get("WANDB_MODE", "").lower() == "online":
+            kwargs["offline"] = False
+        Path(str(node.get("save_dir") or out_dir)).mkdir(parents=True, exist_ok=True)
+    return instantiate(node, **kwargs, _convert_="all")
+
+
+def log_dir(logger: Any) -> str | None:
+    """Folder a Lightning logger writes to (``log_dir``, else ``save_dir``), absolute; ``None`` without one."""
+    if not logger:
+        return None
+    for attr in ("log_dir", "save_dir"):
+        try:
+            value = getattr(logger, attr, None)
+        except Exception:  # some loggers compute these lazily and may fail offline
+            value = None
+        if value:
+            return str(Path(str(value)).resolve())
+    return None

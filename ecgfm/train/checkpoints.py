@@ -1,0 +1,219 @@
+"""Checkpoints a crash, a full disk or a truncated copy cannot turn into a lost run.
+
+* :class:`AtomicCheckpointIO` is the Lightning ``CheckpointIO`` of every training run: each checkpoint (periodic,
+  ``last.ckpt``, the final save) is written to a temporary file beside its final name, fsync'ed and renamed
+  (:func:`ecgfm.io.atomic_write`), so the final name always holds a whole checkpoint; a file that does not load
+  is reported as "not a checkpoint" rather than with torch's unpickling advice.
+* :func:`find_resume_checkpoint` picks the newest checkpoint of a run folder that loads (``last.ckpt``, Lightning's
+  SLURM ``hpc_ckpt_*.ckpt``, the periodic ``checkpoints/step*.ckpt``), logging each one it skips and why.
+* :class:`DataFacts` keeps the data's sampling rate and crop in every checkpoint and refuses a resume on data of
+  another rate or crop.
+* :func:`guard_fresh_start` refuses to start from step 0 in a folder that already holds a trained run (exported
+  encoder or ``summary.json``) unless ``overwrite=true``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import lightning as L
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+from ecgfm.config import ConfigError
+from ecgfm.io import atomic_write
+
+log = logging.getLogger(__name__)
+
+#: keys every Lightning training checkpoint has (an exported encoder or a bare state_dict lacks them)
+_REQUIRED_KEYS = ("state_dict", "global_step")
+
+
+class NotACheckpointError(ValueError):
+    """A file that does not load as a Lightning training checkpoint (truncated, damaged, or something else)."""
+
+    def __init__(self, path: Any, reason: str):
+        self.path, self.reason = str(path), reason
+        super().__init__(f"{path}: not a checkpoint ({reason})")
+
+
+def _load(path: str | os.PathLike, map_location: Any = "cpu", mmap: bool = False) -> dict[str, Any]:
+    """``torch.load(weights_only=True)`` that raises :class:`NotACheckpointError` with a short reason."""
+    p = Path(path)
+    try:
+        with open(p, "rb") as fh:
+            magic = fh.read(4)
+    except IsADirectoryError:
+        raise NotACheckpointError(p, "a folder; an exported encoder folder cannot be resumed") from None
+    try:
+        state = torch.load(p, map_location=map_location, weights_only=True, mmap=mmap)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # UnpicklingError, RuntimeError (zip reader), EOFError, KeyError...: all "unreadable"
+        if magic == b"PK\x03\x04":  # a zip archive, like every torch.save since 1.6: cut short or damaged
+            detail = str(exc).splitlines()[0].split(". ")[0][:160] if str(exc) else type(exc).__name__
+            raise NotACheckpointError(p, f"truncated or damaged: {detail}") from None
+        raise NotACheckpointError(p, f"{p.stat().st_size} bytes that are not a PyTorch checkpoint file") from None
+    if not isinstance(state, dict) or any(k not in state for k in _REQUIRED_KEYS):
+        raise NotACheckpointError(p, "loads, but is not a Lightning training checkpoint (no state_dict / "
+                                     "global_step)")
+    return state
+
+
+def checkpoint_problem(path: str | os.PathLike) -> Optional[str]:
+    """Why ``path`` cannot be resumed from (``None`` when it loads). Cheap: tensors are memory-mapped, not read."""
+    try:
+        _load(path, mmap=True)
+    except NotACheckpointError as err:
+        return err.reason
+    except OSError as err:
+        return f"unreadable: {err.strerror or err}"
+    return None
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning ``CheckpointIO``: atomic saves (temp + fsync + rename), loads that name a non-checkpoint."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Optional[Any] = None) -> None:
+        """Write ``checkpoint`` to ``path`` atomically: on any error (full disk...) ``path`` keeps its old content.
+
+        Args:
+            checkpoint: the state Lightning dumps.
+            path: final file name (a local path).
+            storage_options: not supported (``TypeError`` when given, like ``TorchCheckpointIO``).
+        """
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} does not support storage_options")
+        atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
+
+    def load_checkpoint(self, path: Any, map_location: Optional[Callable] = lambda storage, loc: storage,
+                        weights_only: Optional[bool] = None) -> dict[str, Any]:
+        """Load with ``weights_only=True`` (plain data only); :class:`NotACheckpointError` when it does not load."""
+        if not Path(path).exists():
+            raise FileNotFoundError(f"checkpoint file not found: {path}")
+        return _load(path, map_location=map_location)
+
+
+def _candidates(out_dir: Path) -> list[Path]:
+    found = [out_dir / "checkpoints" / "last.ckpt", *out_dir.glob("hpc_ckpt_*.ckpt"),
+             *(out_dir / "checkpoints").glob("*.ckpt")]
+    unique = list(dict.fromkeys(p for p in found if p.is_file()))
+    return sorted(unique, key=lambda p: p.stat().st_mtime_ns, reverse=True)
+
+
+def find_resume_checkpoint(out_dir: str | os.PathLike, resume: Optional[str]) -> Optional[str]:
+    """The checkpoint a run resumes from.
+
+    Args:
+        out_dir: the run folder.
+        resume: an explicit checkpoint (``resume=``): it must exist and load.
+
+    Returns:
+        ``resume`` if given; else the newest (by modification time) of ``checkpoints/last.ckpt``,
+        ``hpc_ckpt_*.ckpt`` (Lightning's SLURM pre-emption saves) and the periodic ``checkpoints/*.ckpt`` that
+        loads, each skipped one logged with its reason; ``None`` when there is none.
+
+    Raises:
+        ConfigError: ``resume`` does not exist or is not a checkpoint.
+    """
+    if resume:
+        path = Path(resume)
+        if not path.exists():
+            raise ConfigError("resume", f"checkpoint not found: {path.resolve()}")
+        problem = checkpoint_problem(path)
+        if problem is not None:
+            raise ConfigError("resume", f"{path.resolve()} is not a checkpoint ({problem}); point resume= at a .ckpt "
+                                        "file of a training run (its checkpoints/ folder)")
+        return str(path)
+    for path in _candidates(Path(out_dir)):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return str(path)
+        log.warning("resume: skipping checkpoint %s: %s", path, problem)
+    return None
+
+
+def finished_run_files(out_dir: str | os.PathLike) -> list[Path]:
+    """What a finished run leaves in its folder: the exported encoder and ``summary.json`` (those present)."""
+    out = Path(out_dir)
+    return [p for p in (out / "encoder", out / "summary.json") if p.exists()]
+
+
+def guard_fresh_start(out_dir: str | os.PathLike, overwrite: bool, is_global_zero: bool = True) -> None:
+    """Refuse a fresh start (no checkpoint to resume from) in a folder holding a trained run, unless ``overwrite``.
+
+    With ``overwrite`` the run starts afresh: the earlier run's encoder, summary and checkpoints are removed (on
+    rank 0) so that nothing of it can be mistaken for the new run's (or resumed from later).
+
+    Args:
+        out_dir: the run folder.
+        overwrite: the ``overwrite`` option.
+        is_global_zero: this process is rank 0 (the only one that deletes).
+
+    Raises:
+        ConfigError: the folder holds an encoder or ``summary.json`` and ``overwrite`` is false.
+    """
+    out = Path(out_dir)
+    found = finished_run_files(out)
+    if not overwrite:
+        if found:
+            names = ", ".join(p.name + ("/" if p.is_dir() else "") for p in found)
+            damaged = len(_candidates(out))
+            why = f" ({damaged} damaged checkpoint(s) skipped, see the log)" if damaged else ""
+            raise ConfigError("overwrite", f"{out} already holds a trained run ({names}) and no checkpoint to "
+                                           f"resume from{why}: a fresh start would overwrite it. Pass overwrite=true "
+                                           "to replace it, or give another run folder (hydra.run.dir=... / "
+                                           "out_dir=...)")
+        return
+    gone = [p for p in [*found, out / "checkpoints"] if p.exists()]
+    if is_global_zero and gone:
+        for p in gone:
+            if p.is_dir():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+        log.warning("overwrite=true: removed the earlier run's %s from %s", ", ".join(p.name for p in gone), out)
+
+
+def remove_stale_temporaries(out_dir: str | os.PathLike) -> None:
+    """Delete temporary checkpoint files left by a process killed while saving (``checkpoints/.*.tmp``)."""
+    for tmp in (Path(out_dir) / "checkpoints").glob(".*.tmp"):
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+
+
+class DataFacts(L.Callback):
+    """Saves the training data's sampling rate and crop in every checkpoint, and refuses to resume a checkpoint
+    trained on another rate or crop (Lightning's callback ``state_dict`` / ``load_state_dict``).
+
+    Crops are set in seconds and converted with the cache's rate, so resuming into a run whose cache has another
+    rate would feed the weights signals of another time scale, with the same tensor shapes when the sample counts
+    happen to agree: refused, naming both.
+
+    Args:
+        fs: sampling rate of the training caches (Hz).
+        crop_seconds: training crop in seconds.
+        crop_samples: the same in samples at ``fs``.
+    """
+
+    def __init__(self, fs: float, crop_seconds: float, crop_samples: int) -> None:
+        self.facts = {"fs": float(fs), "crop_seconds": float(crop_seconds), "crop_samples": int(crop_samples)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(self.facts)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = {k: state_dict.get(k) for k in self.facts}
+        if any(v is not None and not math.isclose(float(v), float(self.facts[k])) for k, v in saved.items()):
+            raise ConfigError("resume", f"the checkpoint was trained on {saved['fs']:g} Hz data with "
+                                        f"{saved['crop_seconds']:g} s = {saved['crop_samples']} sample crops; this "
+                                        f"run's data is {self.facts['fs']:g} Hz with {self.facts['crop_seconds']:g} "
+                                        f"s = {self.facts['crop_samples']} samples. Resume with the same data and "
+                                        "crop_seconds, or start a new run folder")

@@ -1,0 +1,219 @@
+"""The training loop's own pieces: per-step reseeding, throughput, loss history and a resumable training loader.
+
+Resume reproduces the uninterrupted run: Lightning restores weights, optimiser, scheduler and loop position;
+:class:`StepSeedCallback` makes every step's random draws (masks, augmentations, dropout) a function of
+``(seed, rank, global_step)`` instead of the history of the global RNG; the DataModule's sampler order is a
+function of ``(seed, epoch)`` and its train loader is made resumable (:func:`make_resumable`: Lightning saves its
+``state_dict``). Callback states are plain data, keyed by class name (checkpoints load with ``weights_only=True``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import time
+from typing import Any, Iterator
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.fabric.utilities.throughput import Throughput
+from torch.utils.data import BatchSampler, DataLoader
+
+log = logging.getLogger(__name__)
+
+__all__ = ["StepSeedCallback", "ThroughputCallback", "LossHistory", "ResumableBatchSampler", "ResumableDataLoader",
+           "make_resumable"]
+
+
+# ---------------------------------------------------------------------------------------------------- callbacks
+class StepSeedCallback(L.Callback):
+    """Reseed ``torch``, ``numpy`` and ``random`` from ``(seed, rank, global_step)`` before every training step.
+
+    Lightning checkpoints do not hold the global RNG states, so after a resume the masks / augmentations drawn by
+    the method would differ from an uninterrupted run. Seeding per step makes them a pure function of the step
+    (and different on every DDP rank). Validation batches are seeded from ``(seed, rank, step, batch_idx)`` so
+    validation never changes what training draws.
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.seed = int(seed)
+
+    def _reseed(self, *parts: int) -> None:
+        digest = hashlib.sha256(repr((self.seed,) + parts).encode()).digest()
+        s = int.from_bytes(digest[:8], "little") & (2**63 - 1)
+        torch.manual_seed(s)
+        np.random.seed(s % 2**32)
+        random.seed(s)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self._reseed(trainer.global_rank, trainer.global_step, 0)
+
+    def on_validation_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                                  batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._reseed(trainer.global_rank, trainer.global_step, 1, batch_idx)
+
+
+class ThroughputCallback(L.Callback):
+    """Log training throughput (``train/samples_per_s``, all ranks together) to the progress bar and loggers.
+
+    Uses Lightning's :class:`~lightning.fabric.utilities.throughput.Throughput` rolling window.
+    """
+
+    def __init__(self, window_size: int = 5) -> None:
+        self.window_size = window_size
+        self._throughput: Throughput | None = None
+        self._t0 = 0.0
+        self._samples = 0
+        self._batches = 0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._throughput = Throughput(window_size=self.window_size, world_size=trainer.world_size)
+        self._t0 = time.perf_counter()
+        self._samples = self._batches = 0
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self._throughput is None:
+            return
+        x = batch["x"] if isinstance(batch, dict) else batch[0]
+        self._batches += 1
+        self._samples += int(x.shape[0])
+        self._throughput.update(time=time.perf_counter() - self._t0, batches=self._batches, samples=self._samples)
+        metrics = self._throughput.compute()
+        rate = metrics.get("device/samples_per_sec")
+        if rate is not None:
+            pl_module.log("train/samples_per_s", float(rate) * trainer.world_size, prog_bar=True, on_step=True,
+                          on_epoch=False, batch_size=int(x.shape[0]))
+
+
+class LossHistory(L.Callback):
+    """Record ``(global_step, loss)`` of every training step on this rank; kept in checkpoints so a resumed run
+    still knows its first loss. Plain lists of numbers: loadable with ``weights_only=True``."""
+
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is not None:
+            self.steps.append(int(trainer.global_step))
+            self.losses.append(float(loss.detach().float().cpu()))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"steps": list(self.steps), "losses": list(self.losses)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.steps = [int(s) for s in state_dict.get("steps", [])]
+        self.losses = [float(v) for v in state_dict.get("losses", [])]
+
+    def summary(self, n: int = 10) -> dict[str, Any]:
+        """First/last loss and the means of the first/last ``n`` steps (less noisy), ``None`` when empty."""
+        if not self.losses:
+            return {"first_loss": None, "last_loss": None, f"first{n}_mean_loss": None, f"last{n}_mean_loss": None}
+        return {"first_loss": self.losses[0], "last_loss": self.losses[-1],
+                f"first{n}_mean_loss": float(np.mean(self.losses[:n])),
+                f"last{n}_mean_loss": float(np.mean(self.losses[-n:]))}
+
+
+# ----------------------------------------------------------------------------------------- resumable data order
+class ResumableBatchSampler(BatchSampler):
+    """``BatchSampler`` that can start an epoch ``skip`` batches in (indices only: no data is read to skip)."""
+
+    def __init__(self, sampler: Any, batch_size: int, drop_last: bool) -> None:
+        super().__init__(sampler, batch_size, drop_last)
+        self.skip = 0
+
+    def __iter__(self) -> Iterator[list[Any]]:
+        skip, self.skip = self.skip, 0
+        for i, batch in enumerate(super().__iter__()):
+            if i >= skip:
+                yield batch
+
+
+class ResumableDataLoader(DataLoader):
+    """A training DataLoader whose position is saved in checkpoints (Lightning's ``state_dict`` protocol).
+
+    Lightning restores weights, optimiser, scheduler and loop counters, but a plain DataLoader restarts an
+    interrupted epoch from its first batch. The DataModule's sampler already makes the order of every epoch a pure
+    function of ``(seed, epoch)``; this loader adds the missing piece: ``state_dict()`` records ``(epoch, batches
+    the trainer has processed in it)`` and ``load_state_dict`` (called by Lightning before the first ``iter()`` of
+    a resumed fit) sets the sampler's epoch and skips those batches at the index level.
+
+    The position comes from the trainer (``progress`` callable) rather than from counting yielded batches, because
+    Lightning's fetcher pre-fetches one batch ahead of the one being trained on.
+
+    ``sampler`` reads through to the batch sampler's sampler so Lightning sees the DataModule's DDP-aware
+    ``DistributedSampler`` and neither replaces it nor wraps it again; ``set_epoch`` reaches it as usual.
+    (Written here because neither Lightning nor torch offers a resumable map-style loader without extra packages.)
+    """
+
+    def __init__(self, dataset: Any, batch_sampler: ResumableBatchSampler, progress: Any = None, **kwargs: Any):
+        super().__init__(dataset, batch_sampler=batch_sampler, **kwargs)
+        self.progress = progress
+
+    @property  # type: ignore[override]
+    def sampler(self) -> Any:
+        return self.batch_sampler.sampler
+
+    @sampler.setter
+    def sampler(self, value: Any) -> None:  # DataLoader.__init__ assigns its default sampler: keep ours
+        pass
+
+    @classmethod
+    def wrap(cls, loader: DataLoader, progress: Any) -> DataLoader:
+        """The same loader made resumable; returned unchanged when it has no plain sampler + batch size."""
+        if not isinstance(loader, DataLoader) or loader.batch_size is None or \
+                type(loader.batch_sampler) is not BatchSampler:
+            log.warning("train loader %r is not a plain DataLoader with a sampler: mid-epoch resume replays the "
+                        "interrupted epoch from its start", type(loader).__name__)
+            return loader
+        kwargs = dict(num_workers=loader.num_workers, collate_fn=loader.collate_fn, pin_memory=loader.pin_memory,
+                      timeout=loader.timeout, worker_init_fn=loader.worker_init_fn,
+                      multiprocessing_context=loader.multiprocessing_context, generator=loader.generator,
+                      persistent_workers=loader.persistent_workers)
+        if loader.num_workers > 0:
+            kwargs["prefetch_factor"] = loader.prefetch_factor
+        batch_sampler = ResumableBatchSampler(loader.batch_sampler.sampler, loader.batch_size, loader.drop_last)
+        return cls(loader.dataset, batch_sampler, progress=progress, **kwargs)
+
+    def state_dict(self) -> dict[str, int]:
+        epoch, batches = self.progress() if self.progress is not None else (0, 0)
+        return {"epoch": int(epoch), "batches": int(batches)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        epoch, batches = int(state.get("epoch", 0)), int(state.get("batches", 0))
+        if batches >= len(self):  # saved on the last batch of an epoch: the next epoch starts afresh
+            epoch, batches = epoch + 1, 0
+        set_epoch = getattr(self.sampler, "set_epoch", None)
+        if callable(set_epoch):
+            set_epoch(epoch)
+        self.batch_sampler.skip = batches
+
+
+class _ResumableTrainLoader:
+    """Replacement for a DataModule's ``train_dataloader`` method (a picklable object, so ``ddp_spawn`` works)."""
+
+    def __init__(self, datamodule: L.LightningDataModule, original: Any) -> None:
+        self.datamodule = datamodule
+        self.original = original
+
+    def progress(self) -> tuple[int, int]:
+        trainer = self.datamodule.trainer
+        return trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed
+
+    def train_dataloader(self) -> DataLoader:
+        return ResumableDataLoader.wrap(self.original(), self.progress)
+
+
+def make_resumable(datamodule: L.LightningDataModule) -> None:
+    """Make ``datamodule.train_dataloader()`` return a :class:`ResumableDataLoader` (instance-level override).
+
+    The position saved in checkpoints is read from the trainer the DataModule is attached to.
+    """
+    # a bound method (not a closure): Lightning inspects its ``__code__`` and ``ddp_spawn`` pickles it
+    datamodule.train_dataloader = _ResumableTrainLoader(datamodule, datamodule.train_dataloader).train_dataloader

@@ -1,0 +1,94 @@
+"""What ``ecgfm-train`` / ``python train.py`` prints: one ``error: ...`` line and a non-zero exit for a mistake the
+user can fix (config, data, divergence, checkpoint), or a final block saying where everything is and what to run
+next."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from ecgfm.config import ConfigError
+from ecgfm.data.record import ECGDataError
+from ecgfm.train.checkpoints import NotACheckpointError
+from ecgfm.train.safety import NonFiniteLossError, NonFiniteWeightsError
+
+log = logging.getLogger("ecgfm.train")
+
+#: errors reported as one line (their messages name the key / file / step); anything else keeps its traceback
+USER_ERRORS = (ConfigError, ECGDataError, NonFiniteLossError, NonFiniteWeightsError, NotACheckpointError)
+#: exit status of a run stopped by one of :data:`USER_ERRORS`
+EXIT_USER_ERROR = 2
+
+
+def next_task(summary: Mapping[str, Any]) -> str:
+    """A downstream task for the "next command" line: ``synthetic`` for synthetic pretraining, else
+    ``ptbxl_super``."""
+    caches = [Path(str(c)).name for c in summary.get("cache_dirs") or []]
+    return "synthetic" if caches and all(c.startswith("synthetic") for c in caches) else "ptbxl_super"
+
+
+def final_block(summary: Mapping[str, Any]) -> str:
+    """The lines printed at the end of a training run (encoder, run folder, logs, summary, next commands)."""
+    enc = summary.get("encoder_dir")
+    crop = summary.get("crop_seconds")
+    rows = [("encoder", f"{enc}   (fs {summary.get('fs'):g} Hz, crop {crop:g} s = {summary.get('crop_samples')} "
+                        "samples)" if enc and crop is not None and summary.get("fs") else
+             (enc or "not exported (export=false)")),
+            ("run folder", summary.get("out_dir")),
+            ("logs", summary.get("log_dir") or "no logger"),
+            *([("log file", str(Path(str(summary.get("out_dir"))) / "train.log"))]
+              if (Path(str(summary.get("out_dir"))) / "train.log").is_file() else []),
+            ("summary", str(Path(str(summary.get("out_dir"))) / "summary.json")),
+            ("checkpoint", summary.get("last_checkpoint") or "none")]
+    if summary.get("nonfinite_records_skipped"):
+        rows.append(("skipped", f"{summary['nonfinite_records_skipped']} record(s) with non-finite values "
+                                "(nonfinite=skip; keys in summary.json)"))
+    width = max(len(k) for k, _ in rows)
+    lines = [f"== training finished: {summary.get('method')} / {summary.get('backbone')}, {summary.get('steps')} "
+             "steps =="]
+    lines += [f"  {k:<{width}}  {v}" for k, v in rows]
+    if enc:
+        task = next_task(summary)
+        lines += ["  next:", f"    python probe.py checkpoint={enc} task={task}",
+                  f"    python finetune.py checkpoint={enc} task={task}"]
+    return "\n".join(lines)
+
+
+def _fail(message: str) -> None:
+    line = " ".join(message.split())    # one line, whatever the message holds
+    log.error("%s", line)
+    print(f"error: {line}", file=sys.stderr, flush=True)
+    raise SystemExit(EXIT_USER_ERROR)
+
+
+def run_cli(train: Callable[[Any], dict[str, Any]], cfg: Any) -> dict[str, Any]:
+    """Run ``train(cfg)`` for a command line: user errors become one ``error: ...`` line on stderr (also logged)
+    and exit status :data:`EXIT_USER_ERROR`; success prints :func:`final_block` on rank 0.
+
+    Args:
+        train: the training function (:func:`ecgfm.train.run.train`).
+        cfg: the composed config.
+
+    Returns:
+        The run summary.
+
+    Raises:
+        SystemExit: status :data:`EXIT_USER_ERROR` after a user error or a full disk (``ENOSPC`` / ``EDQUOT``).
+    """
+    try:
+        summary = train(cfg)
+    except USER_ERRORS as err:
+        _fail(str(err))
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        _fail(f"{err.filename or ''}: disk full ({err.strerror}); files are written atomically, so the checkpoints "
+              "and outputs already there are whole: free space and rerun the same command to resume")
+    from lightning.pytorch.utilities import rank_zero_only
+
+    if rank_zero_only.rank == 0:
+        print(final_block(summary), flush=True)
+    return summary

@@ -1,0 +1,190 @@
+"""The training pipeline behind ``train.py``: config in, checkpoints + exported encoder + summary out.
+
+:func:`train` is what ``ecgfm-train`` / ``python train.py`` (Hydra, through :func:`ecgfm.train.report.run_cli`)
+and the tests call. It
+
+1. validates the composed config (:func:`ecgfm.config.validate_train_config`: typos and wrong types fail early,
+   naming the key);
+2. decides between resuming (the newest checkpoint of the run folder that loads, or ``resume=<path>``) and a fresh
+   start, which is refused in a folder holding a trained run unless ``overwrite=true``
+   (:mod:`ecgfm.train.checkpoints`);
+3. prepares or reuses every corpus cache the data node asks for (:func:`ecgfm.data.prepare.prepare_cache`), reads
+   their sampling rate and converts ``crop_seconds`` to samples at that rate (``${crop_samples}`` in the data and
+   backbone nodes follows);
+4. builds the DataModule, the backbone (``ecgfm.backbones.create_backbone`` + name) and the method from their
+   ``_target_`` nodes with explicit arguments;
+5. fits with a Lightning ``Trainer`` (atomic periodic + last checkpoints, :class:`~ecgfm.train.safety.NonFiniteGuard`,
+   checkpoints loaded with ``weights_only=True``);
+6. exports the encoder (:func:`ecgfm.export.export_encoder`) with the cache's preprocessing spec, rate and crop to
+   ``<out_dir>/encoder/`` (after checking its weights are finite) and writes ``<out_dir>/summary.json``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from ecgfm.accel import use_onednn_linears
+from ecgfm.config import ConfigError, crop_samples_for, strip_params, validate_train_config
+from ecgfm.data.prepare import build_cache_dirs, check_data_paths
+from ecgfm.io import atomic_write_json, atomic_write_text, jsonable
+from ecgfm.train.build import (build_callbacks, build_logger, check_backbone_fits_crop, compile_backbone, data_rate,
+                               log_dir)
+from ecgfm.train.checkpoints import (AtomicCheckpointIO, DataFacts, find_resume_checkpoint, guard_fresh_start,
+                                     remove_stale_temporaries)
+from ecgfm.train.loop import make_resumable
+from ecgfm.train.safety import NonFiniteGuard, check_finite_state
+
+log = logging.getLogger(__name__)
+
+__all__ = ["train"]
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Pretrain a backbone with a self-supervised method as described by ``cfg`` (``conf/train.yaml``).
+
+    Args:
+        cfg: composed config (from ``train.py`` or ``hydra.compose``).
+
+    Returns:
+        The summary written to ``<out_dir>/summary.json``: ``method``, ``backbone``, ``steps``, ``epochs``,
+        ``first_loss``/``last_loss`` (train split, this rank) and means of the first/last 10 steps,
+        ``fs``/``crop_seconds``/``crop_samples`` (the crop at the cache's rate), ``nonfinite`` and
+        ``nonfinite_records_skipped``, ``wall_time_s``, ``resumed_from``, ``out_dir``, ``log_dir``,
+        ``last_checkpoint``, ``encoder_dir``, ``cache_dirs``.
+
+    Raises:
+        ConfigError: a wrong key, type or value in the config; ``resume`` is not a checkpoint; a fresh start would
+            overwrite a trained run (``overwrite=false``).
+        ECGDataError: a data path that does not exist, unreadable data, or non-finite values in a cache
+            (:class:`~ecgfm.train.safety.NonFiniteDataError`, with ``nonfinite=error``).
+        NonFiniteLossError, NonFiniteWeightsError: the run diverged (nothing is exported).
+    """
+    from lightning.pytorch.utilities import rank_zero_only
+
+    t_start = time.perf_counter()
+    cfg = validate_train_config(cfg)
+    out_dir = Path(str(cfg.out_dir)).resolve()
+    is_zero = rank_zero_only.rank == 0
+    # Decide resume vs fresh start before anything is prepared or written: a damaged last.ckpt falls back to the
+    # newest checkpoint that loads; a finished run is not restarted from step 0 unless overwrite=true.
+    if cfg.overwrite and not cfg.resume:
+        guard_fresh_start(out_dir, overwrite=True, is_global_zero=is_zero)
+        ckpt_path = None
+    else:
+        ckpt_path = find_resume_checkpoint(out_dir, cfg.resume)
+        if ckpt_path is None:
+            guard_fresh_start(out_dir, overwrite=False)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if is_zero:
+        remove_stale_temporaries(out_dir)
+    if cfg.torch_threads is not None:
+        torch.set_num_threads(int(cfg.torch_threads))
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+
+    data_node = strip_params(cfg.data)
+    check_data_paths(data_node)
+    cache_dirs = build_cache_dirs(data_node)
+    spec, fs = data_rate(cache_dirs, cfg)
+    cfg.crop_samples = crop_samples_for(cfg, fs)   # crop_seconds at the cache's own rate; ${crop_samples} follows
+    check_backbone_fits_crop(cfg, fs)
+    data_cfg = strip_params(cfg.data)
+    data_kwargs: dict[str, Any] = {"cache_dirs": cache_dirs} if "cache_dirs" in data_cfg else {}
+    datamodule = instantiate(data_cfg, **data_kwargs, _convert_="all")
+    make_resumable(datamodule)
+
+    backbone = instantiate(cfg.backbone, _convert_="all")
+    check_backbone_fits_crop(cfg, fs, backbone)
+    model = instantiate(cfg.method, backbone=backbone, _convert_="all")
+    if str(cfg.trainer.get("accelerator", "auto")) == "cpu" or not torch.cuda.is_available():
+        try:  # float32 CPU linears on oneDNN: same mathematics, faster GEMMs on non-Intel CPUs (ecgfm/accel.py)
+            n_linear = use_onednn_linears(model, str(cfg.cpu_linear))
+        except ValueError as err:
+            raise ConfigError("cpu_linear", str(err)) from None
+        log.info("cpu_linear=%s: %d linear layers on oneDNN", cfg.cpu_linear, n_linear)
+    if cfg.compile:
+        compile_backbone(model.backbone)
+
+    callbacks, history = build_callbacks(cfg, out_dir)
+    callbacks.append(DataFacts(fs, float(cfg.crop_seconds), int(cfg.crop_samples)))
+    guard = next(c for c in callbacks if isinstance(c, NonFiniteGuard))
+    logger = build_logger(cfg, out_dir)
+    # AtomicCheckpointIO: every checkpoint is written to a temporary file, fsync'ed and renamed
+    trainer = instantiate(cfg.trainer, default_root_dir=str(out_dir), callbacks=callbacks, logger=logger,
+                          plugins=[AtomicCheckpointIO()], _convert_="all")
+    if trainer.is_global_zero:
+        atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        log.info("training crops: %g s = %d samples at the cache's %g Hz", float(cfg.crop_seconds),
+                 int(cfg.crop_samples), fs)
+        if ckpt_path:
+            log.info("resuming from %s", ckpt_path)
+    t_fit = time.perf_counter()
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    fit_s = time.perf_counter() - t_fit
+    if trainer.global_step == 0 and int(cfg.trainer.get("max_steps", -1) or -1) != 0:
+        n_train = sum(len(p) for p in getattr(datamodule, "train_pools", [])) or "too few"
+        raise ConfigError("data.batch_size", f"the run trained 0 steps: the training loader gave no batch "
+                                             f"({n_train} training records, batch size {cfg.data.get('batch_size')}, "
+                                             "incomplete batches dropped); lower data.batch_size or add records. "
+                                             "Nothing was exported")
+    last = out_dir / "checkpoints" / "last.ckpt"
+    ck = trainer.checkpoint_callback
+    if cfg.checkpoint.save_last and ck is not None and not trainer.fast_dev_run and \
+            getattr(ck, "_last_global_step_saved", -1) != trainer.global_step:
+        # ModelCheckpoint saves every N steps; make last.ckpt the final state so a rerun does not repeat steps.
+        trainer.save_checkpoint(str(last))
+
+    summary: dict[str, Any] = {
+        "method": str(cfg.method._target_).rsplit(".", 1)[-1],
+        "backbone": getattr(model.backbone, "name", type(model.backbone).__name__),
+        "n_parameters": int(sum(p.numel() for p in model.backbone.parameters())),
+        "steps": int(trainer.global_step),
+        "epochs": int(trainer.current_epoch),
+        "split": "train",
+        **history.summary(),
+        "loss_history_steps": len(history.losses),
+        "fit_time_s": fit_s,
+        "resumed_from": ckpt_path,
+        "out_dir": str(out_dir),
+        "log_dir": log_dir(trainer.logger),
+        "cache_dirs": cache_dirs,
+        "fs": fs,
+        "crop_seconds": float(cfg.crop_seconds),
+        "crop_samples": int(cfg.crop_samples),
+        **guard.summary(),
+        # last validation-epoch values (validation split): val/loss, val/<terms>, val/probe_auroc when enabled
+        "val_metrics": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")},
+    }
+    summary["last_checkpoint"] = str(last) if last.is_file() else None
+    if summary["nonfinite_records_skipped"]:
+        log.warning("nonfinite=skip: %d record(s) with non-finite values were left out (%d crops): %s%s",
+                    summary["nonfinite_records_skipped"], summary["nonfinite_crops_skipped"],
+                    ", ".join(summary["nonfinite_skipped_keys"]),
+                    " ..." if summary["nonfinite_records_skipped"] > len(summary["nonfinite_skipped_keys"]) else "")
+    if cfg.export and trainer.is_global_zero:
+        from ecgfm.export import export_encoder
+
+        check_finite_state(model.backbone.state_dict(), f"encoder at step {trainer.global_step}")
+        enc_dir = out_dir / "encoder"
+        export_encoder(model.backbone, enc_dir, spec, extra={
+            "fs": fs, "crop_samples": int(cfg.crop_samples), "crop_seconds": float(cfg.crop_seconds),
+            "method": summary["method"], "steps": summary["steps"], "seed": int(cfg.seed),
+            "method_hparams": jsonable(OmegaConf.to_container(cfg.method, resolve=True)),
+            # what the encoder saw: the benchmarking leakage guard compares these caches with test splits
+            "pretrain_caches": [str(Path(c).resolve()) for c in cache_dirs or []],
+            "nonfinite_records_skipped": summary["nonfinite_records_skipped"],
+        })
+        summary["encoder_dir"] = str(enc_dir)
+    else:
+        summary["encoder_dir"] = None
+    summary["wall_time_s"] = time.perf_counter() - t_start
+    if trainer.is_global_zero:
+        atomic_write_json(out_dir / "summary.json", summary, indent=2)
+    return summary
