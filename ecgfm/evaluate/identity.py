@@ -79,8 +79,8 @@ def checkpoint_identity(checkpoint: str, init_seed: int = 0, backbone_args: Mapp
     """The content identity of a ``checkpoint`` value of ``probe.py`` / ``finetune.py``.
 
     Args:
-        checkpoint: an exported encoder folder (or one of its files), ``random:<name | folder>`` or
-            ``supervised:<name | folder>``.
+        checkpoint: an exported encoder folder (or one of its files), ``random:<name | folder>``,
+            ``supervised:<name | folder>`` or ``handcrafted`` (identity: feature version + neurokit2 version).
         init_seed: seed of the random initialisation (pseudo-checkpoints only).
         backbone_args: constructor overrides of a registry name (pseudo-checkpoints only).
         conf_dir: the backbone config folder (``ecgfm/conf/backbone``) whose YAML builds a registry name; its text
@@ -94,9 +94,13 @@ def checkpoint_identity(checkpoint: str, init_seed: int = 0, backbone_args: Mapp
     """
     text = str(checkpoint).strip()
     kind, _, target = text.partition(":")
-    if kind in ("random", "supervised") and target:
-        basis: dict[str, Any] = {"kind": kind, "init_seed": int(init_seed),
-                                 "backbone_args": dict(backbone_args or {})}
+    if text == "handcrafted":  # no weights: the feature definitions (and the peak detector's version) are its identity
+        from ecgfm.evaluate.handcrafted import FEATURE_VERSION, neurokit_version
+
+        basis: dict[str, Any] = {"kind": "handcrafted", "feature_version": FEATURE_VERSION,
+                                 "neurokit2": neurokit_version()}
+    elif kind in ("random", "supervised") and target:
+        basis = {"kind": kind, "init_seed": int(init_seed), "backbone_args": dict(backbone_args or {})}
         p = Path(target)
         if p.is_dir():
             basis.update(_architecture(p))

@@ -11,7 +11,9 @@ see :mod:`ecgfm.evaluate.sweep`). :func:`build_report` reads every cell and writ
 * ``results.png``: macro AUROC against label fraction (log axis), one line per method and mode, shaded band =
   mean per-seed 95 % CI;
 * ``comparisons.csv`` (and a section of ``results.md``): every method minus its random-init twin on the same test
-  records (same mode, task, fraction, seed), with a paired bootstrap CI (needs the predictions the cells store).
+  records (same mode, task, fraction, seed), with a paired bootstrap CI (needs the predictions the cells store);
+  and every method minus the handcrafted baseline (``checkpoint=handcrafted``, :func:`baseline_comparisons`) when
+  the results hold it (column ``baseline`` names the reference row).
 
 Rows are grouped by checkpoint *identity*, not by method name: each cell stores the content hash of its
 checkpoint (``checkpoint_id``) and of its full recipe (``recipe_id``, :mod:`ecgfm.evaluate.identity`). Only cells
@@ -292,12 +294,46 @@ def _paired_rows(c: dict[str, Any], b: dict[str, Any], n_boot: int, seed: int) -
     return rows
 
 
-def comparison_markdown(comp: pd.DataFrame) -> str:
-    """Markdown of :func:`paired_comparisons`: mean delta over seeds, and each seed's delta with its 95 % CI."""
+#: method label of the handcrafted baseline rows (:data:`ecgfm.evaluate.handcrafted.METHOD`)
+HANDCRAFTED_METHOD = "handcrafted (RR/HRV + morphology)"
+
+
+def baseline_comparisons(cells: Iterable[dict[str, Any]], baseline: str = HANDCRAFTED_METHOD, n_boot: int = 1000,
+                         seed: int = 0) -> pd.DataFrame:
+    """Macro AUROC of every row minus the ``baseline`` method's (the handcrafted-feature probe) on the same test
+    records, with a paired bootstrap CI (:func:`ecgfm.evaluate.metrics.paired_bootstrap_delta`).
+
+    Unlike :func:`paired_comparisons` the baseline has no architecture to share: a cell is paired with the
+    ``baseline`` cells of the same task, label fraction and seed (so the same training subset) and the same probe
+    mode (a fine-tune cell with the baseline's linear probe); only records both cells predicted are compared
+    (matched by record key). Same columns as :func:`paired_comparisons`.
+    """
+    cells = [c for c in cells if c.get("predictions")]
+    if any("label" not in c for c in cells):
+        assign_labels(cells)
+    base: dict[tuple, list[dict[str, Any]]] = {}
+    for c in cells:
+        if c.get("method") == baseline:
+            base.setdefault((c["mode"], c["task"], float(c["fraction"]), int(c["seed"])), []).append(c)
+    rows = []
+    for c in cells:
+        if c.get("method") == baseline:
+            continue
+        mode = "linear" if c["mode"] == "finetune" else c["mode"]
+        for b in base.get((mode, c["task"], float(c["fraction"]), int(c["seed"])), []):
+            rows += _paired_rows(c, b, n_boot, seed)
+    return pd.DataFrame(rows, columns=["mode", "task", "dataset", "split", "method", "label", "baseline", "fraction",
+                                       "seed", "delta", "ci_low", "ci_high", "p_not_positive", "n"])
+
+
+def comparison_markdown(comp: pd.DataFrame, reference: str = "random-init", title: str | None = None) -> str:
+    """Markdown of :func:`paired_comparisons` (or :func:`baseline_comparisons` with ``reference`` its method):
+    mean delta over seeds, and each seed's delta with its 95 % CI."""
     if comp.empty:
         return ""
-    lines = ["## Paired comparison with the random-init twin (macro AUROC difference, same test records)", "",
-             "delta = method - random-init; per seed: delta [95 % paired bootstrap CI].", "",
+    title = title or "Paired comparison with the random-init twin"
+    lines = [f"## {title} (macro AUROC difference, same test records)", "",
+             f"delta = method - {reference}; per seed: delta [95 % paired bootstrap CI].", "",
              "| mode | task | split | method | twin | fraction | mean delta | per seed |",
              "|---|---|---|---|---|---|---|---|"]
     comp = comp.assign(label=comp["label"].fillna(comp["method"]) if "label" in comp else comp["method"])
@@ -317,7 +353,7 @@ def build_report(results_dir: str | os.PathLike, plot: bool = True, compare: boo
     Args:
         results_dir: the sweep's results folder.
         plot: draw ``results.png``.
-        compare: add the paired comparison with the random-init twin.
+        compare: add the paired comparisons with the random-init twin and with the handcrafted baseline.
         n_boot: resamples of the paired bootstrap.
 
     Returns:
@@ -330,9 +366,15 @@ def build_report(results_dir: str | os.PathLike, plot: bool = True, compare: boo
     md = markdown_table(df)
     if compare:
         comp = paired_comparisons(cells, n_boot=n_boot)
+        hand = baseline_comparisons(cells, n_boot=n_boot)
+        if not comp.empty or not hand.empty:
+            both = pd.concat([d for d in (comp, hand) if not d.empty], ignore_index=True)
+            _atomic_write_text(root / "comparisons.csv", both.to_csv(index=False))
         if not comp.empty:
-            _atomic_write_text(root / "comparisons.csv", comp.to_csv(index=False))
             md += "\n" + comparison_markdown(comp)
+        if not hand.empty:
+            md += "\n" + comparison_markdown(hand, reference=HANDCRAFTED_METHOD,
+                                              title="Paired comparison with the handcrafted baseline")
     _atomic_write_text(root / "results.md", md)
     png = plot_results(df, root / "results.png") if plot and len(df) else None
     return {"csv": str(root / "results.csv"), "markdown": str(root / "results.md"),

@@ -60,6 +60,7 @@ from ecgfm.io import atomic_write_json
 
 log = logging.getLogger(__name__)
 KEYWORDS = ("random", "supervised")
+HANDCRAFTED = "handcrafted"  # checkpoint=handcrafted: the RR/HRV + morphology baseline (ecgfm.evaluate.handcrafted)
 EXIT_USER_ERROR = 2  # exit status of probe.py / finetune.py stopped by a user error (:func:`run_cli`)
 
 
@@ -114,7 +115,7 @@ class Encoder:
     """A resolved ``checkpoint`` value."""
 
     checkpoint: str
-    kind: str  # "pretrained" | "random" | "supervised"
+    kind: str  # "pretrained" | "random" | "supervised" | "handcrafted"
     method: str
     backbone: torch.nn.Module | None
     preprocess: PreprocessSpec
@@ -251,6 +252,8 @@ def resolve_checkpoint(checkpoint: str, crop_samples: int, init_seed: int = 0,
     from ecgfm.export import load_encoder
 
     text = str(checkpoint).strip()
+    if text == HANDCRAFTED:
+        return handcrafted_encoder(preprocess)
     kind, _, target = text.partition(":")
     if kind in KEYWORDS and target:
         info: dict[str, Any] = {}
@@ -286,7 +289,8 @@ def resolve_checkpoint(checkpoint: str, crop_samples: int, init_seed: int = 0,
     path = Path(text)
     if not path.exists():
         raise CheckpointNotFound(f"checkpoint {text!r}: no such exported encoder folder (expected encoder.json + "
-                                 f"encoder.safetensors, written by train.py / ecgfm.export.export_encoder)")
+                                 f"encoder.safetensors, written by train.py / ecgfm.export.export_encoder), or "
+                                 f"{HANDCRAFTED!r} for the handcrafted-feature baseline")
     if load_weights:
         backbone, spec, info = load_encoder(path)
     else:
@@ -296,6 +300,18 @@ def resolve_checkpoint(checkpoint: str, crop_samples: int, init_seed: int = 0,
     spec = rate_checked_spec(text, preprocess or spec, trained_fs(info), override=preprocess is not None)
     return Encoder(text, "pretrained", _method_of(info, export_dir), backbone, spec, info, _crop_of(info),
                    export_dir)
+
+
+def handcrafted_encoder(preprocess: PreprocessSpec | None = None) -> Encoder:
+    """The ``checkpoint=handcrafted`` pseudo-encoder: no network, features from
+    :mod:`ecgfm.evaluate.handcrafted` on the task cache. Its preprocessing is the ``preprocess`` override, else
+    the default :class:`PreprocessSpec` (100 Hz, high-pass 0.5 Hz, z-score: the encoders' default, so the task
+    cache and its splits are the ones the encoder rows use)."""
+    from ecgfm.evaluate.handcrafted import FEATURE_NAMES, FEATURE_VERSION, METHOD
+
+    info = {"name": HANDCRAFTED, "init_args": {"feature_version": FEATURE_VERSION},
+            "feature_version": FEATURE_VERSION, "features": list(FEATURE_NAMES)}
+    return Encoder(HANDCRAFTED, HANDCRAFTED, METHOD, None, preprocess or PreprocessSpec(), info)
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -346,6 +362,10 @@ def _pretraining_identities(enc: Encoder, extra_caches: Sequence[str]) -> tuple[
 def leakage_check(enc: Encoder, task: TaskData, external: TaskData | None, allow: bool,
                   pretrain_caches: Sequence[str]) -> dict[str, Any]:
     """Run the leakage guard for the test split (and the external set); returns a JSON-able report."""
+    if enc.kind == HANDCRAFTED:  # nothing is learned outside the task's own training split
+        return {"checked": True, "leaked": False,
+                "note": f"{enc.method}: no pretraining data (fixed feature definitions; the probe sees only the "
+                        f"training split), no leakage check needed"}
     if enc.kind != "pretrained" and not pretrain_caches:
         return {"checked": True, "leaked": False, "note": f"{enc.method}: no pretraining data"}
     pre, provenance = _pretraining_identities(enc, pretrain_caches)
@@ -558,6 +578,9 @@ def probe_main(cfg: DictConfig) -> dict[str, Any]:
                               f"'random:'.")
     override = _spec_override(cfg)
     desc = resolve_checkpoint(checkpoint, 0, load_weights=False, preprocess=override)
+    if desc.kind == HANDCRAFTED and bool(cfg.get("save_classifier", False)):
+        raise EvaluationError(f"checkpoint {checkpoint!r}: save_classifier=true needs an encoder; the handcrafted "
+                              f"baseline has no network to save (run it with save_classifier=false)")
     _identify(ctx, desc, _probe_recipe(_container(cfg.probe)))
     todo = _todo(ctx, checkpoint)
     n_all = len(ctx.fractions) * len(ctx.seeds)
@@ -574,15 +597,24 @@ def probe_main(cfg: DictConfig) -> dict[str, Any]:
     stride = int(round(float(cfg.stride_seconds) * fs)) if cfg.get("stride_seconds") is not None \
         else task.stride_samples
     feat_dir = str(cfg.features.dir)
-    assert enc.backbone is not None
-    efp = encoder_fingerprint(enc.backbone)
-    feats = cached_features(enc.backbone, task.cache, window, stride, feat_dir,
-                            batch_size=int(cfg.features.batch_size), device=str(cfg.device), encoder_fp=efp)
     external = {}
-    if ext is not None:
-        efeats = cached_features(enc.backbone, ext.cache, window, stride, feat_dir,
-                                 batch_size=int(cfg.features.batch_size), device=str(cfg.device), encoder_fp=efp)
-        external[f"external:{ext.dataset}"] = (efeats, ext.labels, ext.splits["test"])
+    if enc.kind == HANDCRAFTED:  # one feature row per whole record; window / stride unused
+        from ecgfm.evaluate.handcrafted import cached_handcrafted
+
+        feats = cached_handcrafted(task.cache, feat_dir)
+        if ext is not None:
+            external[f"external:{ext.dataset}"] = (cached_handcrafted(ext.cache, feat_dir), ext.labels,
+                                                   ext.splits["test"])
+    else:
+        assert enc.backbone is not None
+        efp = encoder_fingerprint(enc.backbone)
+        feats = cached_features(enc.backbone, task.cache, window, stride, feat_dir,
+                                batch_size=int(cfg.features.batch_size), device=str(cfg.device), encoder_fp=efp)
+        if ext is not None:
+            efeats = cached_features(enc.backbone, ext.cache, window, stride, feat_dir,
+                                     batch_size=int(cfg.features.batch_size), device=str(cfg.device),
+                                     encoder_fp=efp)
+            external[f"external:{ext.dataset}"] = (efeats, ext.labels, ext.splits["test"])
     from ecgfm.evaluate.probe import ProbeData, run_probe_grid
 
     data = ProbeData(features=feats, labels=task.labels, splits=task.splits, multilabel=task.multilabel,
@@ -590,6 +622,11 @@ def probe_main(cfg: DictConfig) -> dict[str, Any]:
     common = _cell_common(ctx, enc, task, ext, window, stride, leakage)
     common["feature_key"] = feats.key
     common["feature_seconds"] = feats.seconds
+    if enc.kind == HANDCRAFTED:
+        from ecgfm.evaluate.handcrafted import neurokit_version
+
+        common["handcrafted"] = {"feature_version": enc.info["feature_version"], "features": enc.info["features"],
+                                 "neurokit2": neurokit_version(), "unit": "whole record"}
     written = []
     eval_name = ctx.eval_spec.name if ctx.eval_spec else None
     for seed in sorted({s for _, s in todo}):
@@ -655,6 +692,9 @@ def finetune_main(cfg: DictConfig) -> dict[str, Any]:
     ctx = _context(cfg, "finetune")
     checkpoint = str(cfg.checkpoint)
     desc = resolve_checkpoint(checkpoint, 0, load_weights=False, preprocess=_spec_override(cfg))
+    if desc.kind == HANDCRAFTED:
+        raise EvaluationError(f"checkpoint {checkpoint!r}: the handcrafted-feature baseline has no network to "
+                              f"fine-tune; run it with probe.py checkpoint={HANDCRAFTED}")
     recipe = dict(_container(cfg.finetune))  # as composed: the cell's identity and record
     if desc.kind == "supervised":
         recipe.update(_container(cfg.supervised) or {})

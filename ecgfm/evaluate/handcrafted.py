@@ -1,0 +1,351 @@
+"""The handcrafted baseline: R-peaks, RR / HRV and basic morphology features per record, for a linear probe.
+
+An honest table needs a row that owes nothing to pretraining: ``python probe.py checkpoint=handcrafted task=...``
+puts a logistic regression on the features below in the same table, with the same splits, label fractions,
+bootstrap CIs and paired comparisons as the encoder rows (:mod:`ecgfm.evaluate.sweep`).
+
+Per record of a task cache (the preprocessed signal at the cache's rate, :meth:`CorpusCache.signal`):
+
+1. the analysed lead is II when present, else the first present lead (CinC 2017: its single lead);
+2. neurokit2 (Makowski et al. 2021, "NeuroKit2: A Python toolbox for neurophysiological signal processing")
+   corrects an inverted polarity (``nk.ecg_invert``), cleans (``nk.ecg_clean``) and finds the R-peaks
+   (``nk.ecg_peaks``, method ``neurokit``); each peak is moved to the local maximum of the cleaned signal within
+   50 ms and refined to sub-sample precision by a parabola through its three samples (at 100 Hz a 10 ms grid
+   would otherwise dominate RMSSD / pNN50 of regular rhythms);
+3. features (:data:`FEATURE_NAMES`), RR intervals in seconds:
+
+   * rate / RR: beats per minute by count, mean / median RR, heart rate, SDNN, CV, RR percentiles 5-95 and IQR / MAD
+     relative to the median RR, min / max relative RR, Shannon entropy of the relative-RR histogram;
+   * irregularity (successive differences, the classic AF markers): RMSSD (absolute and relative to the mean RR),
+     SD of the differences, mean absolute difference relative to the mean RR, pNN20, pNN50, share of successive
+     differences above 10 % of the preceding interval, Poincare SD1 / SD2 and their ratio, turning-point ratio;
+   * morphology: beats cut from 0.25 s before to 0.45 s after each R-peak, template = median beat; R amplitude mean
+     and CV, beat-to-template correlation (mean, 10th percentile, minimum, share below 0.8), residual RMS relative
+     to the R amplitude, P-region (0.25-0.05 s before R) correlation with the template's P region and the
+     template's P-region SD relative to R, QRS width at half the R amplitude, T-region (0.1-0.45 s after R) peak
+     relative to R.
+
+   Missing values are explicit, never NaN: a group that cannot be computed (fewer than 3 beats for RR, fewer than
+   4 for successive differences, fewer than 3 complete beats for morphology) is filled with 0 and flagged by its
+   indicator column (``missing_rr``, ``missing_drr``, ``missing_morph``); the probe standardises the columns, so
+   the indicator's weight absorbs the fill value.
+
+The features of a cache are computed once and cached on disk like encoder features (:mod:`ecgfm.evaluate.features`:
+a :class:`~ecgfm.evaluate.features.FeatureSet` with one "window" per record, written atomically, validated on
+read), keyed by the cache fingerprint, :data:`FEATURE_VERSION` and the neurokit2 version. Cost: 11-16 ms per
+record on one busy core (CinC 2017 at 100 Hz, records 9-61 s: 2,558 records in 40.5 s; neurokit2's polarity check,
+cleaning and peak detection are ~85 % of it; the features themselves are vectorised over beats).
+neurokit2 is imported only when features are computed (``pip install neurokit2``).
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ecgfm.evaluate.features import FeatureSet, _load_features, _nonfinite_error, _save_features, cache_fingerprint
+
+log = logging.getLogger(__name__)
+
+#: the ``checkpoint`` keyword of probe.py for this baseline, and the method label of its rows.
+KEYWORD = "handcrafted"
+METHOD = "handcrafted (RR/HRV + morphology)"
+#: bump when a feature's definition changes: cached features and results cells are then recomputed.
+FEATURE_VERSION = "hc-1"
+
+RR_FEATURES = ("mean_rr", "median_rr", "hr_mean", "sdnn", "cv_rr", "rr_p5_rel", "rr_p25_rel", "rr_p75_rel",
+               "rr_p95_rel", "rr_iqr_rel", "rr_mad_rel", "rr_min_rel", "rr_max_rel", "rr_entropy")
+DRR_FEATURES = ("rmssd", "rmssd_rel", "sd_drr", "mean_abs_drr_rel", "pnn20", "pnn50", "frac_drr_gt10pct", "sd1",
+                "sd2", "sd1_sd2", "tpr")
+MORPH_FEATURES = ("r_amp_mean", "r_amp_cv", "tmpl_corr_mean", "tmpl_corr_p10", "tmpl_corr_min",
+                  "frac_corr_below_0p8", "resid_rms_rel", "p_corr_mean", "p_tmpl_sd_rel", "qrs_width_s",
+                  "t_peak_rel")
+ALWAYS_FEATURES = ("beats_per_min_count",)
+INDICATORS = ("missing_rr", "missing_drr", "missing_morph")
+FEATURE_NAMES: tuple[str, ...] = ALWAYS_FEATURES + RR_FEATURES + DRR_FEATURES + MORPH_FEATURES + INDICATORS
+_GROUPS = ((RR_FEATURES, "missing_rr"), (DRR_FEATURES, "missing_drr"), (MORPH_FEATURES, "missing_morph"))
+
+#: counters of real work done in this process: ``extractions`` (feature passes over a cache), ``records``,
+#: ``cache_hits`` (feature sets loaded from disk), ``seconds``.
+STATS: collections.Counter = collections.Counter()
+
+_PRE_S, _POST_S = 0.25, 0.45       # beat window around the R-peak
+_P_REGION_S = (0.25, 0.05)          # P region: from 0.25 s to 0.05 s before R
+_T_REGION_S = (0.10, 0.45)          # T region: 0.10 s to 0.45 s after R
+
+
+def neurokit_version() -> str:
+    """The installed neurokit2 version (part of the feature key: peak detection may change between versions)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("neurokit2")
+    except PackageNotFoundError:
+        return "missing"
+
+
+def _neurokit() -> Any:
+    try:
+        import neurokit2 as nk
+    except ImportError as exc:  # pragma: no cover - neurokit2 is a dependency
+        raise ImportError("the handcrafted baseline needs neurokit2: pip install 'neurokit2>=0.2'") from exc
+    return nk
+
+
+def analysed_lead(mask: np.ndarray) -> int:
+    """Row of the lead to analyse: II (row 1) when present, else the first present lead (-1: none)."""
+    mask = np.asarray(mask, dtype=bool)
+    if mask.shape[0] > 1 and mask[1]:
+        return 1
+    present = np.flatnonzero(mask)
+    return int(present[0]) if len(present) else -1
+
+
+def detect_rpeaks(x: np.ndarray, fs: float) -> tuple[np.ndarray, np.ndarray]:
+    """R-peaks of one lead with neurokit2, refined to sub-sample positions.
+
+    Args:
+        x: ``(T,)`` one lead.
+        fs: sampling rate in Hz.
+
+    Returns:
+        ``(positions (n,) float64 sample positions, cleaned signal (T,) float64 with upright polarity)``; no peaks
+        (``n = 0``) when neurokit2 finds none or fails on a degenerate signal.
+    """
+    nk = _neurokit()
+    x = np.asarray(x, dtype=np.float64)
+    if len(x) < int(2 * fs) or not np.isfinite(x).all() or np.std(x) < 1e-8:
+        return np.zeros(0), x
+    try:
+        x, _ = nk.ecg_invert(x, sampling_rate=int(round(fs)))
+        clean = np.asarray(nk.ecg_clean(x, sampling_rate=int(round(fs))), dtype=np.float64)
+        _, info = nk.ecg_peaks(clean, sampling_rate=int(round(fs)))
+        peaks = np.asarray(info["ECG_R_Peaks"], dtype=np.int64)
+    except Exception as exc:  # noqa: BLE001 - neurokit2 raises many types on flat / tiny / odd signals
+        log.debug("neurokit2 found no R-peaks (%s: %s)", type(exc).__name__, exc)
+        return np.zeros(0), np.asarray(x, dtype=np.float64)
+    if len(peaks) == 0:
+        return np.zeros(0), clean
+    # snap each peak to the local maximum within 50 ms (vectorised over peaks)
+    half = max(1, int(round(0.05 * fs)))
+    offs = np.arange(-half, half + 1)
+    idx = np.clip(peaks[:, None] + offs[None, :], 0, len(clean) - 1)
+    peaks = idx[np.arange(len(peaks)), np.argmax(clean[idx], axis=1)]
+    peaks = np.unique(peaks)
+    # parabolic sub-sample refinement
+    inner = (peaks > 0) & (peaks < len(clean) - 1)
+    pos = peaks.astype(np.float64)
+    p = peaks[inner]
+    ym, y0, yp = clean[p - 1], clean[p], clean[p + 1]
+    den = ym - 2 * y0 + yp
+    with np.errstate(divide="ignore", invalid="ignore"):
+        delta = np.where(np.abs(den) > 1e-12, 0.5 * (ym - yp) / den, 0.0)
+    pos[inner] += np.clip(delta, -0.5, 0.5)
+    return pos, clean
+
+
+def _rr_features(rr: np.ndarray) -> dict[str, float]:
+    med = float(np.median(rr))
+    mean = float(np.mean(rr))
+    p5, p25, p75, p95 = np.percentile(rr, [5, 25, 75, 95])
+    rel = rr / med
+    hist, _ = np.histogram(np.clip(rel, 0.5, 1.5), bins=16, range=(0.5, 1.5))
+    prob = hist[hist > 0] / len(rel)
+    return {"mean_rr": mean, "median_rr": med, "hr_mean": 60.0 / mean, "sdnn": float(np.std(rr)),
+            "cv_rr": float(np.std(rr)) / mean, "rr_p5_rel": p5 / med, "rr_p25_rel": p25 / med,
+            "rr_p75_rel": p75 / med, "rr_p95_rel": p95 / med, "rr_iqr_rel": (p75 - p25) / med,
+            "rr_mad_rel": float(np.median(np.abs(rr - med))) / med, "rr_min_rel": float(rr.min()) / med,
+            "rr_max_rel": float(rr.max()) / med, "rr_entropy": float(-(prob * np.log2(prob)).sum() / 4.0)}
+
+
+def _drr_features(rr: np.ndarray) -> dict[str, float]:
+    d = np.diff(rr)
+    mean = float(np.mean(rr))
+    rmssd = float(np.sqrt(np.mean(d ** 2)))
+    sd1 = float(np.std(d) / np.sqrt(2.0))
+    sd2 = float(np.sqrt(max(2 * np.var(rr) - 0.5 * np.var(d), 0.0)))
+    mid = rr[1:-1]
+    turning = ((mid > rr[:-2]) & (mid > rr[2:])) | ((mid < rr[:-2]) & (mid < rr[2:]))
+    return {"rmssd": rmssd, "rmssd_rel": rmssd / mean, "sd_drr": float(np.std(d)),
+            "mean_abs_drr_rel": float(np.mean(np.abs(d))) / mean, "pnn20": float(np.mean(np.abs(d) > 0.02)),
+            "pnn50": float(np.mean(np.abs(d) > 0.05)), "frac_drr_gt10pct": float(np.mean(np.abs(d) > 0.1 * rr[:-1])),
+            "sd1": sd1, "sd2": sd2, "sd1_sd2": sd1 / max(sd2, 0.005),  # SD2 under 5 ms is timing noise
+            # turning-point ratio: 2/3 of the inner points for a random series, fewer for a regular drift
+            "tpr": float(np.mean(turning)) if len(mid) else 0.0}
+
+
+def _corr_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pearson correlation of every row of ``a`` ``(n, L)`` with ``b`` ``(L,)`` (0 for a constant row)."""
+    a = a - a.mean(axis=1, keepdims=True)
+    b = b - b.mean()
+    den = np.linalg.norm(a, axis=1) * np.linalg.norm(b)
+    return np.where(den > 1e-12, a @ b / np.maximum(den, 1e-12), 0.0)
+
+
+def _morph_features(clean: np.ndarray, peaks: np.ndarray, fs: float) -> dict[str, float] | None:
+    pre, post = int(round(_PRE_S * fs)), int(round(_POST_S * fs))
+    centre = np.round(peaks).astype(np.int64)
+    keep = (centre - pre >= 0) & (centre + post < len(clean))
+    centre = centre[keep]
+    if len(centre) < 3:
+        return None
+    beats = clean[centre[:, None] + np.arange(-pre, post + 1)[None, :]]           # (n, L)
+    beats = beats - np.median(beats, axis=1, keepdims=True)
+    r_amp = beats[:, pre]
+    tmpl = np.median(beats, axis=0)
+    t_r = float(tmpl[pre])
+    scale = max(abs(t_r), 1e-6)
+    corr = _corr_rows(beats, tmpl)
+    resid = np.sqrt(np.mean((beats - tmpl[None, :]) ** 2, axis=1)) / scale
+    p0, p1 = pre - int(round(_P_REGION_S[0] * fs)), pre - int(round(_P_REGION_S[1] * fs))
+    p_corr = _corr_rows(beats[:, p0:p1], tmpl[p0:p1]) if p1 - p0 >= 3 else np.zeros(len(beats))
+    above = tmpl >= 0.5 * t_r
+    lo = pre
+    while lo > 0 and above[lo - 1]:
+        lo -= 1
+    hi = pre
+    while hi < len(tmpl) - 1 and above[hi + 1]:
+        hi += 1
+    t0, t1 = pre + int(round(_T_REGION_S[0] * fs)), min(pre + int(round(_T_REGION_S[1] * fs)), len(tmpl) - 1)
+    t_region = tmpl[t0:t1 + 1]
+    amp_mean = float(np.mean(r_amp))
+    return {"r_amp_mean": amp_mean, "r_amp_cv": float(np.std(r_amp)) / max(abs(amp_mean), 1e-6),
+            "tmpl_corr_mean": float(np.mean(corr)), "tmpl_corr_p10": float(np.percentile(corr, 10)),
+            "tmpl_corr_min": float(corr.min()), "frac_corr_below_0p8": float(np.mean(corr < 0.8)),
+            "resid_rms_rel": float(np.mean(resid)), "p_corr_mean": float(np.mean(p_corr)),
+            "p_tmpl_sd_rel": float(np.std(tmpl[p0:p1])) / scale if p1 > p0 else 0.0,
+            "qrs_width_s": (hi - lo + 1) / fs,
+            "t_peak_rel": float(t_region[np.argmax(np.abs(t_region))]) / scale if len(t_region) else 0.0}
+
+
+def raw_features(x: np.ndarray, fs: float) -> np.ndarray:
+    """Features of one lead before missing values are filled: ``(len(FEATURE_NAMES),)`` float64 with NaN for
+    every feature of a group that cannot be computed (indicator columns are NaN here too; see
+    :func:`fill_missing`).
+
+    Args:
+        x: ``(T,)`` one lead of a preprocessed record.
+        fs: its sampling rate in Hz.
+    """
+    out = dict.fromkeys(FEATURE_NAMES, np.nan)
+    peaks, clean = detect_rpeaks(x, fs)
+    duration = len(x) / float(fs)
+    out["beats_per_min_count"] = 60.0 * len(peaks) / max(duration, 1e-9)
+    rr = np.diff(peaks) / float(fs)
+    if len(rr) >= 2:
+        out.update(_rr_features(rr))
+    if len(rr) >= 3:
+        out.update(_drr_features(rr))
+    morph = _morph_features(clean, peaks, fs) if len(peaks) >= 3 else None
+    if morph is not None:
+        out.update(morph)
+    return np.array([out[k] for k in FEATURE_NAMES], dtype=np.float64)
+
+
+def fill_missing(raw: np.ndarray) -> np.ndarray:
+    """``(N, F)`` raw features -> finite float32 features: each group with any non-finite value is set to 0 and
+    its indicator to 1 (else 0). Vectorised over records."""
+    raw = np.atleast_2d(np.asarray(raw, dtype=np.float64)).copy()
+    col = {k: j for j, k in enumerate(FEATURE_NAMES)}
+    for names, flag in _GROUPS:
+        cols = [col[k] for k in names]
+        missing = ~np.isfinite(raw[:, cols]).all(axis=1)
+        raw[np.ix_(missing, cols)] = 0.0
+        raw[:, col[flag]] = missing.astype(np.float64)
+    for k in ALWAYS_FEATURES:
+        j = col[k]
+        raw[~np.isfinite(raw[:, j]), j] = 0.0
+    assert np.isfinite(raw).all()
+    return raw.astype(np.float32)
+
+
+def record_features(signal: np.ndarray, mask: np.ndarray, fs: float) -> np.ndarray:
+    """Filled features ``(len(FEATURE_NAMES),)`` of one record ``(12, T)`` (lead :func:`analysed_lead`)."""
+    lead = analysed_lead(mask)
+    if lead < 0:
+        return fill_missing(np.full(len(FEATURE_NAMES), np.nan))[0]
+    return fill_missing(raw_features(signal[lead], fs))[0]
+
+
+def extract_handcrafted(cache: Any, rows: np.ndarray | None = None, nonfinite: str = "error") -> FeatureSet:
+    """Handcrafted features of every record (or ``rows``) of ``cache``; no disk cache.
+
+    Args:
+        cache: a :class:`~ecgfm.data.cache.CorpusCache` (``signal(i)``, ``lead_mask(i)``, ``fs``).
+        rows: records to featurise (default all).
+        nonfinite: a record whose signal holds NaN / Inf raises
+            :class:`~ecgfm.data.cache.NonFiniteDataError` naming it (``"error"``), or is left out and listed in
+            ``FeatureSet.skipped`` (``"skip"``).
+
+    Returns:
+        :class:`FeatureSet` with one row ("window") per record, ``features (n, len(FEATURE_NAMES))``.
+
+    Raises:
+        ValueError: the cache mixes sampling rates (``cache.fs`` is None).
+    """
+    fs = getattr(cache, "fs", None)
+    if fs is None:
+        raise ValueError(f"{getattr(cache, 'path', 'cache')}: mixes sampling rates (preprocess.fs null); the "
+                         f"handcrafted features need one rate")
+    fs = float(fs)
+    t0 = time.perf_counter()
+    rows = np.arange(len(cache)) if rows is None else np.asarray(rows, dtype=np.int64)
+    feats, owners, skipped = [], [], []
+    for n, i in enumerate(rows):
+        signal = cache.signal(int(i))
+        if not np.isfinite(signal).all():
+            if nonfinite == "error":
+                raise _nonfinite_error(cache, [int(i)], "the input signal")
+            skipped.append(int(i))
+            continue
+        mask = cache.lead_mask(int(i)) if hasattr(cache, "lead_mask") else np.abs(signal).sum(axis=1) > 0
+        feats.append(record_features(signal, mask, fs))
+        owners.append(int(i))
+        if (n + 1) % 500 == 0:
+            log.info("handcrafted features: %d/%d records in %.0f s", n + 1, len(rows), time.perf_counter() - t0)
+    seconds = time.perf_counter() - t0
+    out = FeatureSet(features=np.stack(feats) if feats else np.zeros((0, len(FEATURE_NAMES)), np.float32),
+                     record=np.asarray(owners, dtype=np.int64), n_records=len(cache), seconds=seconds,
+                     skipped=np.asarray(skipped, dtype=np.int64))
+    STATS["extractions"] += 1
+    STATS["records"] += len(owners)
+    STATS["seconds"] += seconds
+    log.info("handcrafted features (%s, %d features) of %d records at %g Hz in %.1f s = %.1f ms/record",
+             FEATURE_VERSION, len(FEATURE_NAMES), len(rows), fs, seconds, 1000 * seconds / max(len(rows), 1))
+    return out
+
+
+def handcrafted_key(cache: Any) -> str:
+    """Feature-cache key: cache fingerprint + :data:`FEATURE_VERSION` + neurokit2 version."""
+    text = f"{KEYWORD}|{FEATURE_VERSION}|nk{neurokit_version()}|{cache_fingerprint(cache)}"
+    return "hc-" + hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def cached_handcrafted(cache: Any, feature_dir: str | os.PathLike, nonfinite: str = "error") -> FeatureSet:
+    """:func:`extract_handcrafted` behind the on-disk feature cache (``<feature_dir>/<handcrafted_key>.npz``,
+    the encoder features' format with window = stride = 0). An unreadable or invalid file is recomputed."""
+    key = handcrafted_key(cache)
+    path = Path(feature_dir) / f"{key}.npz"
+    if path.exists():
+        try:
+            fs = _load_features(path, key, len(cache), 0, 0)
+            if fs.dim != len(FEATURE_NAMES):
+                raise ValueError(f"{fs.dim} features, expected {len(FEATURE_NAMES)}")
+        except ValueError as exc:
+            log.warning("handcrafted feature cache %s: %s; recomputing it", path, exc)
+        else:
+            if len(fs.skipped) and nonfinite == "error":
+                raise _nonfinite_error(cache, fs.skipped, "the input (feature cache written with nonfinite='skip')")
+            STATS["cache_hits"] += 1
+            return fs
+    fs = extract_handcrafted(cache, nonfinite=nonfinite)
+    fs.key = key
+    _save_features(path, fs, 0, 0)
+    return fs
