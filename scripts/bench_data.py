@@ -13,7 +13,9 @@ Measures, on the shared real data (``../shared/data``):
 2. loader throughput (samples/s) of random 2.5 s crops (12 leads at 100 Hz) through ``PretrainDataModule``
    with ``--loader-workers`` workers, against a naive loader that calls ``wfdb.rdrecord`` + resampling per item
    with the same workers; the ratio (target >= 100x); plus the CPU cost per sample of both in one process;
-3. peak RSS while converting synthetic corpora of 10k and 100k records (flat: memory does not grow with size).
+3. peak RSS while converting synthetic corpora of 10k and 100k records (flat: memory does not grow with size);
+4. (after 1) the cost of the cache's integrity check on open (stat check vs none vs full sha256) and of the
+   input-freshness check (:func:`ecgfm.data.cache.input_changes`).
 
 Throughputs are means over timing blocks with a 95% t-interval across blocks. Caches go to a temporary folder
 (``--work``) that is deleted afterwards unless ``--keep``.
@@ -92,6 +94,30 @@ def t_interval(values: list[float]) -> tuple[float, float, float]:
         return m, float("nan"), float("nan")
     h = float(stats.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x)))
     return m, m - h, m + h
+
+
+def integrity_costs(cache_dir: Path) -> dict:
+    """Milliseconds per call of the cache's open-time integrity check (``check="stat"``, the default, vs
+    ``"none"`` and ``"full"``) and of :func:`ecgfm.data.cache.input_changes` (medians of repeated calls)."""
+    from ecgfm.data.cache import CorpusCache, input_changes
+
+    def ms(fn, n: int) -> float:
+        fn()
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - t0))
+        return float(np.median(times))
+
+    inputs = json.loads((cache_dir / "inputs.json").read_text())
+    bins = list((cache_dir / "shards").glob("*.bin"))
+    return {"shards": len(bins), "shard_mib": sum(p.stat().st_size for p in bins) / 2**20,
+            "open_none_ms": ms(lambda: CorpusCache(cache_dir, check="none"), 20),
+            "open_stat_ms": ms(lambda: CorpusCache(cache_dir), 20),
+            "open_full_ms": ms(lambda: CorpusCache(cache_dir, check="full"), 3),
+            "input_files": len(inputs["records"]) + len(inputs["labels"]),
+            "input_changes_ms": ms(lambda: input_changes(cache_dir), 5)}
 
 
 # ------------------------------------------------------------------------------------------------ children
@@ -286,6 +312,14 @@ def main() -> None:
               f"torch imported by the conversion: {rep['torch_imported']}", flush=True)
         for reason, n in rep["skipped_reasons"].items():
             print(f"    skipped {n}: {reason}")
+
+        # 1b. integrity and freshness checks of the finished cache (what every open / prepare_cache call costs)
+        results["checks"] = integrity_costs(cache)
+        ck = results["checks"]
+        print(f"[checks] opening the cache ({ck['shards']} shards, {ck['shard_mib']:.0f} MiB): "
+              f"{ck['open_stat_ms']:.1f} ms with the stat check vs {ck['open_none_ms']:.1f} ms without, "
+              f"{ck['open_full_ms']:.0f} ms hashing everything; input freshness check "
+              f"({ck['input_files']} files): {ck['input_changes_ms']:.0f} ms ({load_average()})", flush=True)
 
         # 2. loaders ----------------------------------------------------------------------------------------
         job = {"caches": [str(cache)], "crop": 250, "batch": 256, "workers": args.loader_workers,

@@ -60,7 +60,7 @@ def stage_pool(args: argparse.Namespace) -> list[str]:
     from ecgfm.data.preprocess import PreprocessSpec
     from ecgfm.data.readers import CinC2017Source, PTBXLSource
     from ecgfm.evaluate.tasks import heldout_free_source
-    from ecgfm.pipelines import prepare_cache
+    from ecgfm.data.prepare import prepare_cache
 
     spec = PreprocessSpec()  # conf/train.yaml's preprocessing (the encoders export it; tasks reuse it)
     data_root = Path(args.data_root)

@@ -25,6 +25,7 @@ wrap them again.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import Any, Iterator, Mapping, Sequence
@@ -34,7 +35,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate, get_worker_info
 
-from ecgfm.data.cache import CorpusCache
+from ecgfm.data.cache import CorpusCache, NonFiniteDataError, die_with_parent
 from ecgfm.data.record import N_LEADS
 
 VIEWS = ("single", "adjacent")
@@ -155,9 +156,49 @@ class CachePool:
                              "got " + "; ".join(f"{c.path}: {c.spec}" for c in self.caches))
         self.fs = float(rates.pop())
         self.spec = specs.pop()
+        self._finite: np.ndarray | None = None    # per record: 0 not checked yet, 1 finite, 2 NaN / Inf
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_finite": None}
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
+
+    def known_nonfinite(self, flats: np.ndarray) -> np.ndarray:
+        """``(n,)`` bool: records of ``flats`` already found to hold NaN / Inf in this process (a look-up)."""
+        if self._finite is None:
+            return np.zeros(len(flats), dtype=bool)
+        return self._finite[np.asarray(flats, dtype=np.int64)] == 2
+
+    def mark_nonfinite(self, flats: np.ndarray) -> None:
+        """Remember that records ``flats`` hold NaN / Inf (found in a crop)."""
+        if self._finite is None:
+            self._finite = np.zeros(len(self), dtype=np.int8)
+        self._finite[np.asarray(flats, dtype=np.int64)] = 2
+
+    def nonfinite_mask(self, flats: np.ndarray) -> np.ndarray:
+        """``(n,)`` bool: which of the records ``flats`` hold a NaN / Inf anywhere (a damaged shard).
+
+        Each record is checked whole, once per process, the first time it is asked for (about 5-15 us for 10 s
+        of 12 leads at 100 Hz: it reads the record); later calls cost one array look-up. Used by the evaluation
+        windows (a record is scored on all its windows or none) and to pick replacement records; training batches
+        use the cheaper check of the crops themselves."""
+        if self._finite is None:
+            self._finite = np.zeros(len(self), dtype=np.int8)
+        flats = np.asarray(flats, dtype=np.int64)
+        state = self._finite[flats]
+        if (state == 0).any():
+            todo = np.unique(flats[state == 0])
+            for cache, rows, local in self.group(todo):
+                c = cache.columns()
+                first = (c["offset"][local] // 4).tolist()
+                size = (c["n_leads"][local].astype(np.int64) * c["n_samples"][local]).tolist()
+                flags = np.empty(len(local), dtype=np.int8)
+                for j, (sh, a, k) in enumerate(zip(c["shard"][local].tolist(), first, size)):
+                    flags[j] = 1 if np.isfinite(cache._shard_map(sh)[a:a + k]).all() else 2
+                self._finite[todo[rows]] = flags
+            state = self._finite[flats]
+        return state == 2
 
     def locate(self, flat: int) -> tuple[CorpusCache, int]:
         k = int(np.searchsorted(self.offsets, flat, side="right")) - 1
@@ -178,6 +219,23 @@ class CachePool:
     def n_samples(self, flat: int) -> int:
         cache, i = self.locate(flat)
         return int(cache.columns()["n_samples"][i])
+
+    def keys(self, flats: Sequence[int]) -> list[str]:
+        """``source/record_id`` of flat indices."""
+        out = []
+        for flat in flats:
+            cache, i = self.locate(int(flat))
+            out.append(cache.keys[i])
+        return out
+
+    def nonfinite_error(self, flats: Sequence[int], what: str = "input windows") -> NonFiniteDataError:
+        """:class:`NonFiniteDataError` naming the cache folder(s), shard file(s) and keys of records ``flats``."""
+        groups = self.group(np.unique(np.asarray(flats, dtype=np.int64)))
+        first = groups[0][0].nonfinite_error(groups[0][2], what)
+        if len(groups) == 1:
+            return first
+        more = "; ".join(cache.describe_records(local) for cache, _, local in groups[1:])
+        return NonFiniteDataError(first.path, f"{first.problem} Also {more}")
 
 
 def batch_buffers(fields: Mapping[str, tuple[tuple[int, ...], torch.dtype]]) -> dict[str, torch.Tensor]:
@@ -212,6 +270,83 @@ def batch_buffers(fields: Mapping[str, tuple[tuple[int, ...], torch.dtype]]) -> 
     return {name: views[name] for name in fields}
 
 
+# ------------------------------------------------------------------------------------------ non-finite windows
+
+#: what a dataset does with a window holding NaN / Inf: raise :class:`~ecgfm.data.cache.NonFiniteDataError`
+#: naming the cache, shard and records (``"error"``), or leave the record out and count it (``"skip"``).
+NONFINITE_MODES = ("error", "skip")
+
+
+def _check_nonfinite_mode(mode: str) -> str:
+    if mode not in NONFINITE_MODES:
+        raise ValueError(f"nonfinite must be one of {NONFINITE_MODES}, got {mode!r}")
+    return mode
+
+
+class NonFiniteCounter:
+    """Records skipped for non-finite values, counted across a loader's worker processes.
+
+    Two small tensors in shared memory (inherited or passed to the workers with the dataset), one row per
+    process (the main process and each worker write only their own row, so no lock is needed): the number of
+    windows skipped and the first ``keep`` distinct flat record indices.
+
+    Args:
+        slots: processes that may write (``num_workers + 1``); extra workers share the last row.
+        keep: distinct records remembered per process.
+    """
+
+    def __init__(self, slots: int, keep: int = 256):
+        self.counts = torch.zeros(max(int(slots), 1), dtype=torch.int64).share_memory_()
+        self.flats = torch.full((max(int(slots), 1), int(keep)), -1, dtype=torch.int64).share_memory_()
+
+    def add(self, flats: Sequence[int]) -> None:
+        """Count ``flats`` (one per skipped window) in this process's row."""
+        info = get_worker_info()
+        slot = min(0 if info is None else 1 + int(info.id), len(self.counts) - 1)
+        row = self.flats[slot]
+        for f in flats:
+            self.counts[slot] += 1
+            known = row.numpy()
+            if int(f) not in known:
+                free = np.flatnonzero(known < 0)
+                if len(free):
+                    row[int(free[0])] = int(f)
+
+    @property
+    def skipped(self) -> int:
+        """Windows skipped so far (all processes)."""
+        return int(self.counts.sum())
+
+    def records(self) -> np.ndarray:
+        """Sorted distinct flat indices of the skipped records (up to ``keep`` per process)."""
+        f = self.flats.numpy().ravel()
+        return np.unique(f[f >= 0])
+
+
+def _nonfinite_rows(batch: Mapping[str, torch.Tensor], names: Sequence[str]) -> np.ndarray | None:
+    """Rows of ``batch`` whose signal views hold a NaN / Inf, or None when all are finite.
+
+    One ``sum`` over the batch first (NaN and Inf propagate; finite crops of clipped / normalised signals cannot
+    overflow it): a clean batch costs one pass at memory speed (about 0.5 us per 12-lead 2.5 s crop), and the
+    per-row check runs only when it fails.
+    """
+    bad = None
+    for name in names:
+        x = batch[name]
+        if x.numel() == 0 or bool(torch.isfinite(x.sum())):
+            continue
+        rows = (~torch.isfinite(x.reshape(len(x), -1)).all(dim=1)).numpy()
+        bad = rows if bad is None else bad | rows
+    return bad if bad is not None and bad.any() else None
+
+
+def loader_worker_init(worker_id: int, parent_pid: int | None = None) -> None:
+    """DataLoader ``worker_init_fn`` of every loader built here: the worker exits when the process that started
+    it dies (:func:`ecgfm.data.cache.die_with_parent`), so a SIGKILLed run leaves no worker behind. Usable by
+    other loaders: ``functools.partial(loader_worker_init, parent_pid=os.getpid())``."""
+    die_with_parent(parent_pid)
+
+
 def collate_batch(batch: Any) -> Any:
     """DataLoader ``collate_fn``: batches built by ``__getitems__`` are already dicts of tensors."""
     return batch if isinstance(batch, dict) else default_collate(batch)
@@ -232,10 +367,25 @@ class CropDataset(Dataset):
         views: ``"single"`` or ``"adjacent"`` (also return ``x2``, the next ``T`` samples).
         labels: optional ``(len(pool), C)`` float32 or ``(len(pool),)`` int64, returned as ``y``.
         with_patient: include ``patient``.
+        nonfinite: a record holding NaN / Inf raises :class:`~ecgfm.data.cache.NonFiniteDataError` naming the
+            cache, shard and record (``"error"``), or is skipped and counted in ``counter`` (``"skip"``).
+        on_skip: what replaces the crop of a skipped record: ``"replace"`` (the next record of ``indices`` with
+            finite values, same crop position: the batch keeps its size, for training) or ``"drop"`` (the batch
+            gets smaller: evaluation never scores a record on another record's signal).
+
+    Every batch is checked (:func:`_nonfinite_rows`: one sum, the per-row check only when it is not finite); a
+    record found with NaN / Inf in a crop is remembered (:meth:`CachePool.mark_nonfinite`) and skipped for the
+    rest of the run in this process, also for crops that would miss its damaged samples.
+        counter: where skipped records are counted (a new one when None).
     """
 
     def __init__(self, pool: CachePool, indices: np.ndarray, crop_samples: int, views: str = "single",
-                 labels: np.ndarray | None = None, with_patient: bool = True):
+                 labels: np.ndarray | None = None, with_patient: bool = True, nonfinite: str = "error",
+                 on_skip: str = "replace", counter: NonFiniteCounter | None = None):
+        if on_skip not in ("replace", "drop"):
+            raise ValueError(f"on_skip must be 'replace' or 'drop', got {on_skip!r}")
+        self.nonfinite, self.on_skip = _check_nonfinite_mode(nonfinite), on_skip
+        self.counter = counter if counter is not None else NonFiniteCounter(1)
         if views not in VIEWS:
             raise ValueError(f"views must be one of {VIEWS}, got {views!r}")
         if int(crop_samples) < 1:
@@ -250,7 +400,47 @@ class CropDataset(Dataset):
         return {k: v[0] for k, v in self.__getitems__([key]).items()}
 
     def __getitems__(self, keys: Sequence[int | tuple[int, float]]) -> dict[str, torch.Tensor]:
-        n, views = len(keys), 2 if self.views == "adjacent" else 1
+        n = len(keys)
+        ks = np.empty(n, dtype=np.int64)
+        us = np.full(n, np.nan)             # NaN: centred crop
+        for b, key in enumerate(keys):
+            if isinstance(key, (tuple, list)):
+                ks[b], us[b] = int(key[0]), float(key[1])
+            else:
+                ks[b] = int(key)
+        known = self.pool.known_nonfinite(self.indices[ks])
+        if known.any():
+            ks, us = self._skip_nonfinite(ks, us, known)
+        while True:   # ends: every pass marks at least one more record bad (or raises)
+            batch = self._build(ks, us)
+            bad = _nonfinite_rows(batch, ["x", "x2"] if self.views == "adjacent" else ["x"])
+            if bad is None:
+                return batch
+            self.pool.mark_nonfinite(self.indices[ks][bad])
+            ks, us = self._skip_nonfinite(ks, us, bad)
+
+    def _skip_nonfinite(self, ks: np.ndarray, us: np.ndarray, bad: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Raise for the records ``bad`` (``nonfinite="error"``), or count them and drop / replace their keys."""
+        flats = self.indices[ks]
+        if self.nonfinite == "error":
+            raise self.pool.nonfinite_error(flats[bad])
+        self.counter.add(flats[bad])
+        if self.on_skip == "drop":
+            return ks[~bad], us[~bad]
+        ks = ks.copy()
+        for b in np.flatnonzero(bad).tolist():
+            for step in range(1, len(self.indices) + 1):
+                k2 = (int(ks[b]) + step) % len(self.indices)
+                if not self.pool.nonfinite_mask(self.indices[k2:k2 + 1])[0]:
+                    ks[b] = k2
+                    break
+            else:
+                raise self.pool.nonfinite_error(np.unique(self.indices), "every record (nothing left to train on)")
+        return ks, us
+
+    def _build(self, ks: np.ndarray, us: np.ndarray) -> dict[str, torch.Tensor]:
+        """The batch of crops ``(indices[ks[b]], u[b])`` (``u`` NaN: centred)."""
+        n, views = len(ks), 2 if self.views == "adjacent" else 1
         fields: dict[str, tuple[tuple[int, ...], torch.dtype]] = {
             "x": ((n, N_LEADS, self.crop), torch.float32), "lead_mask": ((n, N_LEADS), torch.bool),
             "index": ((n,), torch.int64)}
@@ -262,13 +452,6 @@ class CropDataset(Dataset):
             fields["y"] = (tuple((n,) + self.labels.shape[1:]), torch.from_numpy(self.labels[:0]).dtype)
         batch = batch_buffers(fields)
         out = {k: t.numpy() for k, t in batch.items()}
-        ks = np.empty(n, dtype=np.int64)
-        us = np.full(n, np.nan)             # NaN: centred crop
-        for b, key in enumerate(keys):
-            if isinstance(key, (tuple, list)):
-                ks[b], us[b] = int(key[0]), float(key[1])
-            else:
-                ks[b] = int(key)
         flats = self.indices[ks]
         out["index"][:] = flats
         need = self.crop * views
@@ -298,12 +481,20 @@ class CropDataset(Dataset):
 
 class WindowDataset(Dataset):
     """Every sliding window (``crop_samples`` long, every ``stride`` samples, the last one aligned to the end,
-    like :func:`ecgfm.data.preprocess.sliding_windows`) of the given records; ``index`` is the record."""
+    like :func:`ecgfm.data.preprocess.sliding_windows`) of the given records; ``index`` is the record.
+
+    A record holding any NaN / Inf (checked whole, :meth:`CachePool.nonfinite_mask`) raises
+    :class:`~ecgfm.data.cache.NonFiniteDataError` (``nonfinite="error"``) or loses *all* its windows
+    (``"skip"``: no record is scored on part of its signal; batches may then be smaller than ``batch_size``).
+    """
 
     def __init__(self, pool: CachePool, indices: np.ndarray, crop_samples: int, stride: int,
-                 labels: np.ndarray | None = None):
+                 labels: np.ndarray | None = None, nonfinite: str = "error",
+                 counter: NonFiniteCounter | None = None):
         if int(stride) < 1 or int(crop_samples) < 1:
             raise ValueError(f"crop_samples and stride must be >= 1, got {crop_samples}, {stride}")
+        self.nonfinite = _check_nonfinite_mode(nonfinite)
+        self.counter = counter if counter is not None else NonFiniteCounter(1)
         self.pool, self.crop, self.labels = pool, int(crop_samples), labels
         flats, starts = [], []
         for flat in np.asarray(indices, dtype=np.int64):
@@ -323,6 +514,12 @@ class WindowDataset(Dataset):
 
     def __getitems__(self, keys: Sequence[int]) -> dict[str, torch.Tensor]:
         ks = np.asarray([int(k) for k in keys], dtype=np.int64)
+        bad = self.pool.nonfinite_mask(self.flats[ks])
+        if bad.any():
+            if self.nonfinite == "error":
+                raise self.pool.nonfinite_error(self.flats[ks][bad])
+            self.counter.add(self.flats[ks][bad])
+            ks = ks[~bad]
         n = len(ks)
         fields: dict[str, tuple[tuple[int, ...], torch.dtype]] = {
             "x": ((n, N_LEADS, self.crop), torch.float32), "lead_mask": ((n, N_LEADS), torch.bool),
@@ -374,9 +571,18 @@ def patient_holdout(patients: np.ndarray, fraction: float, seed: int = 0) -> tup
 
 def _loader(dataset: Dataset, batch_size: int, num_workers: int, persistent: bool, pin_memory: bool,
             sampler: Any = None, drop_last: bool = False) -> DataLoader:
+    init = functools.partial(loader_worker_init, parent_pid=os.getpid()) if num_workers > 0 else None
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=num_workers,
                       persistent_workers=bool(persistent and num_workers > 0), pin_memory=pin_memory,
-                      drop_last=drop_last, collate_fn=collate_batch)
+                      drop_last=drop_last, collate_fn=collate_batch, worker_init_fn=init)
+
+
+def _nonfinite_report(mode: str, pool: CachePool | None, counters: Mapping[str, NonFiniteCounter]
+                      ) -> dict[str, Any]:
+    flats = np.unique(np.concatenate([c.records() for c in counters.values()] + [np.zeros(0, np.int64)]))
+    return {"mode": mode, "skipped": int(sum(c.skipped for c in counters.values())),
+            "by_split": {k: c.skipped for k, c in counters.items()},
+            "records": pool.keys(flats) if pool is not None and len(flats) else []}
 
 
 class PretrainDataModule(LightningDataModule):
@@ -397,6 +603,10 @@ class PretrainDataModule(LightningDataModule):
         samples_per_epoch: draws per epoch over all ranks (None: the number of training records).
         pin_memory, persistent_workers, drop_last: DataLoader options (drop_last for training only).
         rank, world_size: override ``torch.distributed`` (tests).
+        nonfinite: a crop holding NaN / Inf (a damaged cache) raises
+            :class:`~ecgfm.data.cache.NonFiniteDataError` naming the cache, shard file and record keys
+            (``"error"``, default), or is skipped (``"skip"``): in training replaced by the next finite record
+            (batches keep their size), in validation left out; counted, see :meth:`nonfinite_report`.
     """
 
     def __init__(self, cache_dirs: str | os.PathLike | Sequence[str | os.PathLike],
@@ -404,8 +614,10 @@ class PretrainDataModule(LightningDataModule):
                  batch_size: int = 32, num_workers: int = 0, val_fraction: float = 0.05, seed: int = 0,
                  probe_labels: np.ndarray | Sequence[str] | None = None, samples_per_epoch: int | None = None,
                  pin_memory: bool = False, persistent_workers: bool = True, drop_last: bool = True,
-                 rank: int | None = None, world_size: int | None = None):
+                 rank: int | None = None, world_size: int | None = None, nonfinite: str = "error"):
         super().__init__()
+        self.nonfinite = _check_nonfinite_mode(nonfinite)
+        self._counters = {k: NonFiniteCounter(int(num_workers) + 1) for k in ("train", "val")}
         if isinstance(cache_dirs, (str, os.PathLike)):
             cache_dirs = [cache_dirs]
         self.cache_dirs = [str(c) for c in cache_dirs]
@@ -460,7 +672,13 @@ class PretrainDataModule(LightningDataModule):
     def train_dataset(self) -> CropDataset:
         self.setup()
         return CropDataset(self.pool, np.concatenate(self.train_pools), self.crop_samples, self.views,
-                           self.labels)
+                           self.labels, nonfinite=self.nonfinite, on_skip="replace", counter=self._counters["train"])
+
+    def nonfinite_report(self) -> dict[str, Any]:
+        """Non-finite crops skipped so far (``nonfinite="skip"``), over all loader workers of this process:
+        ``{"mode", "skipped" (crops), "by_split": {"train", "val"}, "records": sorted record keys}`` (up to 256
+        distinct records per process). Each DDP rank counts its own."""
+        return _nonfinite_report(self.nonfinite, self.pool, self._counters)
 
     def train_sampler(self) -> MixtureSampler:
         self.setup()
@@ -478,7 +696,8 @@ class PretrainDataModule(LightningDataModule):
         self.setup()
         if len(self.val_indices) == 0:
             return []
-        ds = CropDataset(self.pool, self.val_indices, self.crop_samples, self.views, self.labels)
+        ds = CropDataset(self.pool, self.val_indices, self.crop_samples, self.views, self.labels,
+                         nonfinite=self.nonfinite, on_skip="drop", counter=self._counters["val"])
         return _loader(ds, self.batch_size, self.num_workers, self.persistent_workers, self.pin_memory)
 
 
@@ -498,14 +717,18 @@ class DownstreamDataModule(LightningDataModule):
         seed: seed of the training order and crops.
         pin_memory, persistent_workers, drop_last: DataLoader options (drop_last for training only).
         rank, world_size: override ``torch.distributed`` (tests).
+        nonfinite: ``"error"`` (default) or ``"skip"``, as in :class:`PretrainDataModule`; skipped records are
+            left out of validation / test entirely (every window), see :meth:`nonfinite_report`.
     """
 
     def __init__(self, cache_dir: str | os.PathLike | CorpusCache, labels: np.ndarray,
                  splits: Mapping[str, Sequence[int]], crop_samples: int = 250, batch_size: int = 32,
                  num_workers: int = 0, multilabel: bool = True, test_stride: int | None = None, seed: int = 0,
                  pin_memory: bool = False, persistent_workers: bool = True, drop_last: bool = False,
-                 rank: int | None = None, world_size: int | None = None):
+                 rank: int | None = None, world_size: int | None = None, nonfinite: str = "error"):
         super().__init__()
+        self.nonfinite = _check_nonfinite_mode(nonfinite)
+        self._counters = {k: NonFiniteCounter(int(num_workers) + 1) for k in ("train", "val", "test")}
         self.pool = CachePool([cache_dir])
         n = len(self.pool)
         y = np.asarray(labels)
@@ -548,7 +771,8 @@ class DownstreamDataModule(LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         ds = CropDataset(self.pool, self.splits["train"], self.crop_samples, "single", self.labels,
-                         with_patient=False)
+                         with_patient=False, nonfinite=self.nonfinite, on_skip="replace",
+                         counter=self._counters["train"])
         sampler = EpochShuffleSampler(len(ds), self.seed, self.rank, self.world_size)
         return _loader(ds, self.batch_size, self.num_workers, self.persistent_workers, self.pin_memory,
                        sampler=sampler, drop_last=self.drop_last)
@@ -556,10 +780,17 @@ class DownstreamDataModule(LightningDataModule):
     def _eval_loader(self, split: str) -> DataLoader:
         idx = self.splits[split]
         if self.test_stride is not None:
-            ds: Dataset = WindowDataset(self.pool, idx, self.crop_samples, int(self.test_stride), self.labels)
+            ds: Dataset = WindowDataset(self.pool, idx, self.crop_samples, int(self.test_stride), self.labels,
+                                        nonfinite=self.nonfinite, counter=self._counters[split])
         else:
-            ds = CropDataset(self.pool, idx, self.crop_samples, "single", self.labels, with_patient=False)
+            ds = CropDataset(self.pool, idx, self.crop_samples, "single", self.labels, with_patient=False,
+                             nonfinite=self.nonfinite, on_skip="drop", counter=self._counters[split])
         return _loader(ds, self.batch_size, self.num_workers, self.persistent_workers, self.pin_memory)
+
+    def nonfinite_report(self) -> dict[str, Any]:
+        """Non-finite windows skipped so far (``nonfinite="skip"``): ``{"mode", "skipped", "by_split",
+        "records"}`` as :meth:`PretrainDataModule.nonfinite_report`."""
+        return _nonfinite_report(self.nonfinite, self.pool, self._counters)
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("val")

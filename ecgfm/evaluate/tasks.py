@@ -23,7 +23,7 @@ Split kinds: ``folds`` (published folds in ``meta[key]``, :func:`ecgfm.data.spli
 is test data: external validation sets).
 
 Records without any label of the class space are left out of every split (as in the PTB-XL benchmark). The cache
-is prepared on first use with :func:`ecgfm.pipelines.prepare_cache` and the *encoder's* preprocessing, so the
+is prepared on first use with :func:`ecgfm.data.prepare.prepare_cache` and the *encoder's* preprocessing, so the
 downstream signal matches pretraining unless the caller overrides it.
 """
 
@@ -151,7 +151,7 @@ def prepare_task_cache(spec: TaskSpec, cache_root: str, preprocess: PreprocessSp
                        progress: bool = False) -> str:
     """The task's corpus cache folder, prepared on first use (shared with pretraining when the source configs
     and the preprocessing are the same)."""
-    from ecgfm.pipelines import prepare_cache
+    from ecgfm.data.prepare import prepare_cache
 
     return prepare_cache(list(spec.sources), cache_root, preprocess, name=spec.dataset, workers=workers,
                          progress=progress)
@@ -270,7 +270,7 @@ class ExcludingSource:
         self.exclude = frozenset(str(x) for x in exclude)
 
     def __repr__(self) -> str:
-        # the repr keys the prepared cache (ecgfm.pipelines.prepare_cache): it names the excluded set exactly
+        # the repr keys the prepared cache (ecgfm.data.prepare.prepare_cache): it names the excluded set exactly
         digest = hashlib.sha256("\n".join(sorted(self.exclude)).encode()).hexdigest()[:12]
         return f"ExcludingSource({self.source!r}, excluded={len(self.exclude)}:{digest})"
 
@@ -410,7 +410,7 @@ def heldout_free_source(source: Any, tasks: Sequence[str | Mapping[str, Any]],
     only of the tasks named). Records of other sources are untouched; a task whose records belong to another
     source excludes nothing here.
 
-    Usable from Python and as a Hydra ``_target_`` inside the ``sources`` of :func:`ecgfm.pipelines.prepare_cache`
+    Usable from Python and as a Hydra ``_target_`` inside the ``sources`` of :func:`ecgfm.data.prepare.prepare_cache`
     when that node is instantiated recursively (``conf/data/pretrain_pool_heldout_free.yaml``): the cache is then
     keyed by the returned source's repr, which names the excluded set by digest, so another task list, split or
     task file gives another cache and an unchanged one reuses it.

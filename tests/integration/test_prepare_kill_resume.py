@@ -33,8 +33,9 @@ def _prepare(out: Path, workers: int) -> object:
 
 
 def _files(path: Path) -> dict[str, bytes]:
+    """Content files (not the lock, nor the record of verified file stats, which names inodes and times)."""
     return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*"))
-            if p.is_file() and p.name != ".lock"}
+            if p.is_file() and p.name not in (".lock", ".verified.json")}
 
 
 def _stat(path: Path) -> tuple[int, int]:

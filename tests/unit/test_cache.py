@@ -53,8 +53,9 @@ class SineSource:
 
 
 def _files(path):
+    """The cache's content files (not its lock or its record of file stats, which name inodes and times)."""
     return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*"))
-            if p.is_file() and p.name != ".lock"}
+            if p.is_file() and p.name not in (".lock", ".verified.json")}
 
 
 def test_round_trip_and_manifest(tmp_path):

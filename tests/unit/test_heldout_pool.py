@@ -20,7 +20,7 @@ from ecgfm.evaluate.tasks import (
     load_task_spec,
     tasks_holdout_record_ids,
 )
-from ecgfm.pipelines import build_cache_dirs, cache_key, prepare_cache
+from ecgfm.data.prepare import build_cache_dirs, cache_key, prepare_cache
 
 ROOT = Path(__file__).resolve().parents[2]
 SPEC = PreprocessSpec()

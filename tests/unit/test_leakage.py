@@ -79,7 +79,7 @@ def test_real_fixture_ptbxl_task_and_physionet2021_hr_identity(fixture_dir, tmp_
     from ecgfm.data.cache import CorpusCache
     from ecgfm.data.preprocess import PreprocessSpec
     from ecgfm.evaluate.tasks import TaskSpec, build_task
-    from ecgfm.pipelines import prepare_cache
+    from ecgfm.data.prepare import prepare_cache
 
     spec = TaskSpec.from_config({
         "name": "ptbxl_super", "dataset": "ptbxl", "labels": "ptbxl:superdiagnostic",

@@ -369,8 +369,6 @@ def test_undecodable_table_name_beside_the_records_does_not_abort_prepare(fixtur
     assert (rep.n_converted, rep.n_skipped) == (1, 0)
 
 
-@pytest.mark.xfail(strict=True, reason="ecgfm/data/cache.py (_siblings) writes undecodable sibling file names "
-                                       "into the UTF-8 shard index; fix requested from the cache owner (issue 9)")
 def test_undecodable_sibling_name_does_not_abort_prepare(fixture_dir, tmp_path):
     root = tmp_path / "f"
     _copy_ptbxl(fixture_dir, root, "00001_lr")

@@ -1,0 +1,170 @@
+"""Corpus caches named by their configuration: the one preparation path of training, evaluation and scripts.
+
+:func:`prepare_cache` is what the Hydra data configs (``_target_: ecgfm.data.prepare.prepare_cache``), the
+evaluation tasks and ``scripts/benchmark_real.py`` call: it keys a cache folder by the source configs and the
+preprocessing fingerprint, checks the inputs of an existing one (:func:`ecgfm.data.cache.input_changes`: stat
+only, no source is built when nothing changed) and otherwise prepares / updates it with
+:func:`ecgfm.data.cache.prepare_corpus`'s machinery.
+
+One rule for relative paths: relative to the current working directory (:func:`ecgfm.data.cache.project_root`),
+for ``cache_root`` as for the data paths checked by :func:`check_data_paths` and the readers' ``root``.
+One lock: :func:`ecgfm.io.file_lock` on ``<cache>/.lock``. :func:`prepare_cache` waits for it (DDP ranks and
+sweep jobs preparing one cache: one prepares, the others wait and reuse); a direct ``prepare_corpus`` /
+``ecgfm-prepare`` refuses at once with ``another preparation is writing this cache``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from ecgfm.data.cache import (LOCK_FILE, _check_prepare_args, _prepare_locked, input_changes, project_root,
+                              stat_changes)
+from ecgfm.data.preprocess import PreprocessSpec
+from ecgfm.data.record import ECGDataError
+from ecgfm.io import atomic_write_json, file_lock, jsonable, to_container
+
+log = logging.getLogger(__name__)
+
+__all__ = ["PREPARED_MARKER", "build_cache_dirs", "cache_key", "check_data_paths", "prepare_cache"]
+
+PREPARED_MARKER = ".ecgfm_prepared.json"
+# Source-constructor arguments that name files or folders: checked before anything is built.
+_PATH_KEYS = ("root", "path", "labels_csv", "cache_dir")
+
+
+def _resolve(path: str | os.PathLike) -> Path:
+    """The one relative-path rule: relative to the current working directory."""
+    p = Path(str(path))
+    return p if p.is_absolute() else project_root() / p
+
+
+def check_data_paths(node: Any, key: str = "data") -> None:
+    """Raise :class:`ECGDataError` for a path argument (``root``, ``labels_csv``...) that does not exist.
+
+    Walks nested ``_target_`` nodes so a wrong ``data.root`` is reported with the path and the key to change,
+    before any reader or cache is built. Relative paths are relative to the current working directory.
+    """
+    if isinstance(node, dict):
+        node = OmegaConf.create(node)
+    if isinstance(node, ListConfig):
+        for i, item in enumerate(node):
+            check_data_paths(item, f"{key}[{i}]")
+        return
+    if not isinstance(node, DictConfig):
+        return
+    for k in node:
+        child = node._get_node(k)
+        sub = f"{key}.{k}"
+        if isinstance(child, (DictConfig, ListConfig)):
+            check_data_paths(child, sub)
+        elif k in _PATH_KEYS and "_target_" in node:
+            value = node[k]
+            if value is None:
+                continue
+            path = _resolve(value)
+            if k == "labels_csv" and not Path(str(value)).is_absolute() and node.get("root") is not None and \
+                    (_resolve(node["root"]) / str(value)).exists():   # readers accept a CSV path relative to root
+                continue
+            if not path.exists():
+                raise ECGDataError(path.resolve(), f"data path does not exist (config key '{sub}'; point it to "
+                                   "the data, e.g. paths.data_root=/folder/holding/datasets or "
+                                   "data.params.root=/path; relative paths are relative to the working directory "
+                                   f"{project_root()})")
+
+
+def cache_key(sources: Any, spec: PreprocessSpec) -> str:
+    """Stable 12-hex-digit key of a list of source configs (``_target_`` + arguments) and a preprocessing spec."""
+    payload = json.dumps({"sources": to_container(sources), "spec": spec.fingerprint()}, sort_keys=True,
+                         default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+
+def prepare_cache(sources: Sequence[Any], cache_root: str, preprocess: Any, name: str = "corpus",
+                  workers: int = 0, shard_records: int | None = None, progress: bool = True,
+                  verify: bool = False) -> str:
+    """Return the folder of a prepared cache of ``sources``, preparing or updating it when needed.
+
+    The folder is ``<cache_root>/<name>-<key>`` with ``key = cache_key(sources, spec)``: changing a source
+    argument (number of synthetic records, root...) or the preprocessing gives a new cache; the same config reuses
+    the existing one once its inputs are checked unchanged (:func:`~ecgfm.data.cache.input_changes`, stat only;
+    the sources are not built). When they changed, the sources are built and the cache updated: changed records'
+    shards converted again, changed label tables relabelled in place, and a changed set of records (files added
+    or removed) rebuilt, each with a log line naming what changed. Guarded by the cache's lock (waits for
+    another process preparing the same folder).
+
+    Args:
+        sources: ``_target_`` configs of :class:`~ecgfm.data.record.RecordSource` objects (instantiated here, only
+            when the cache is missing or stale), or already-built sources.
+        cache_root: folder holding caches (relative: to the working directory).
+        preprocess: :class:`PreprocessSpec` or a dict of its fields.
+        name: readable prefix of the folder name.
+        workers: conversion worker processes (0: in-process).
+        shard_records: records per shard (None: ``prepare_corpus``'s default).
+        progress: show a progress bar while preparing.
+        verify: hash every file of an existing cache and repair damaged shards (``prepare_corpus(verify=True)``).
+
+    Returns:
+        The cache folder (str).
+
+    Raises:
+        ECGDataError: a source path does not exist, or the source data is unreadable.
+    """
+    spec = preprocess if isinstance(preprocess, PreprocessSpec) else PreprocessSpec.from_dict(to_container(preprocess))
+    configs = [s for s in sources if isinstance(s, (DictConfig, dict))]
+    described = [to_container(s) if isinstance(s, (DictConfig, dict)) else repr(s) for s in sources]
+    out = _resolve(cache_root) / f"{name}-{cache_key(described, spec)}"
+    marker = out / PREPARED_MARKER
+
+    def fresh() -> bool:
+        # stat only: inputs unchanged and every cache file as last verified (else: checked, repaired, updated)
+        if verify or not marker.exists() or not (out / "manifest.json").exists():
+            return False
+        try:
+            return not input_changes(out, 1) and not stat_changes(out)
+        except ECGDataError:
+            return False
+
+    if fresh():
+        return str(out)
+    for i, cfg in enumerate(configs):
+        check_data_paths(OmegaConf.create(to_container(cfg)), f"{name}.sources[{i}]")
+    (out / "shards").mkdir(parents=True, exist_ok=True)
+    with file_lock(out / LOCK_FILE, blocking=True):
+        if fresh():  # another process finished while we waited
+            return str(out)
+        built = [instantiate(s, _convert_="all") if isinstance(s, (DictConfig, dict)) else s for s in sources]
+        log.info("preparing cache %s from %d source(s)", out, len(built))
+        args = _check_prepare_args(built, spec, shard_records, workers)
+        report = _prepare_locked(*args, out, progress=progress, verify=verify, rebuild_on_plan_change=True)
+        info = {"sources": described, "spec": spec.to_dict()}
+        for attr in ("n_planned", "n_converted", "n_skipped"):
+            info[attr] = jsonable(getattr(report, attr))
+        atomic_write_json(marker, info, indent=2)
+    return str(out)
+
+
+def build_cache_dirs(data_cfg: DictConfig) -> list[str]:
+    """Resolve ``data.cache_dirs``: plain paths are checked, ``_target_`` entries (e.g. :func:`prepare_cache`)
+    are called. Returns the list of cache folders."""
+    if "cache_dirs" not in data_cfg:
+        return []
+    dirs: list[str] = []
+    for i, entry in enumerate(data_cfg._get_node("cache_dirs")):
+        key = f"data.cache_dirs[{i}]"
+        if isinstance(entry, DictConfig) and "_target_" in entry:
+            dirs.append(str(instantiate(entry)))
+        else:
+            path = _resolve(str(entry._value() if hasattr(entry, "_value") else entry))
+            if not path.exists():
+                raise ECGDataError(path.resolve(), f"cache folder does not exist (config key '{key}'; prepare it "
+                                   "with ecgfm-prepare or use data=synthetic / data=ptbxl)")
+            dirs.append(str(path))
+    return dirs

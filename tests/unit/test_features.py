@@ -1,0 +1,143 @@
+"""Feature extraction never lets non-finite values through, and the feature cache repairs itself (issue 9)."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+from torch import nn
+
+from ecgfm.data.cache import CorpusCache, NonFiniteDataError, prepare_corpus
+from ecgfm.data.preprocess import PreprocessSpec
+from ecgfm.data.record import ECGRecord
+from ecgfm.evaluate import features as F
+from ecgfm.evaluate.features import cached_features, extract_features
+
+SPEC = PreprocessSpec(fs=100)
+
+
+class _Src:
+    name = "src"
+
+    def record_ids(self):
+        return [f"r{i}" for i in range(5)]
+
+    def load(self, rid):
+        i = int(rid[1:])
+        sig = np.cos(np.arange(400, dtype=np.float32)[None] / (3 + i) + np.arange(12)[:, None]).astype(np.float32)
+        return ECGRecord(signal=sig, fs=100.0, lead_mask=np.ones(12, bool), record_id=rid, source="src",
+                         labels=("a",))
+
+
+class _Enc(nn.Module):
+    name = "enc"
+    init_args: dict = {}
+
+    def __init__(self, nan_rows: tuple[int, ...] = ()):
+        super().__init__()
+        self.lin = nn.Linear(12, 3)
+        self.nan_rows = nan_rows
+
+    def embed(self, x):
+        z = self.lin(x.mean(-1))
+        for r in self.nan_rows:          # an encoder that blows up on some inputs
+            if r < len(z):
+                z[r] = float("nan")
+        return z
+
+
+@pytest.fixture
+def cache(tmp_path):
+    prepare_corpus(_Src(), tmp_path / "c", SPEC, workers=0, progress=False)
+    return CorpusCache(tmp_path / "c")
+
+
+def _poison(cache: CorpusCache, record: int) -> None:
+    from ecgfm.data import cache as cache_mod
+
+    c = cache.columns()
+    shard = cache.path / cache.manifest["shards"][int(c["shard"][record])]["bin"]
+    with open(shard, "r+b") as f:
+        f.seek(int(c["offset"][record]) + 100)
+        f.write(np.full(3, np.inf, np.float32).tobytes())
+    cache_mod._record_verified(cache.path, {str(shard.relative_to(cache.path)): shard})
+
+
+def test_nonfinite_input_is_an_error_naming_the_record_and_nothing_is_cached(cache, tmp_path):
+    _poison(cache, 2)
+    cache = CorpusCache(cache.path)
+    with pytest.raises(NonFiniteDataError, match=r"src/r2"):
+        extract_features(_Enc(), cache, window=100, stride=100)
+    with pytest.raises(NonFiniteDataError, match=r"src/r2"):
+        cached_features(_Enc(), cache, window=100, stride=100, feature_dir=tmp_path / "f")
+    assert not list((tmp_path / "f").glob("*.npz")) if (tmp_path / "f").exists() else True
+
+
+def test_nonfinite_input_skipped_on_request(cache, tmp_path):
+    _poison(cache, 2)
+    cache = CorpusCache(cache.path)
+    fs = cached_features(_Enc(), cache, window=100, stride=100, feature_dir=tmp_path / "f", nonfinite="skip")
+    assert fs.skipped.tolist() == [2] and 2 not in fs.record and np.isfinite(fs.features).all()
+    assert np.isnan(fs.record_means()[2]).all() and np.isfinite(np.delete(fs.record_means(), 2, 0)).all()
+    assert fs.valid_rows(np.arange(5)).tolist() == [0, 1, 3, 4]
+    again = cached_features(_Enc(), cache, window=100, stride=100, feature_dir=tmp_path / "f", nonfinite="skip")
+    assert again.skipped.tolist() == [2]
+    with pytest.raises(NonFiniteDataError, match="src/r2"):   # a strict caller is not handed the partial set
+        cached_features(_Enc(), cache, window=100, stride=100, feature_dir=tmp_path / "f")
+
+
+def test_nonfinite_embedding_is_an_error_or_skipped(cache, tmp_path):
+    enc = _Enc(nan_rows=(5,))      # 4 windows per record, one batch: row 5 is window 1 of record 1
+    bad = 1
+    with pytest.raises(NonFiniteDataError, match=rf"src/r{bad}.*embedding"):
+        cached_features(enc, cache, window=100, stride=100, feature_dir=tmp_path / "f")
+    fs = extract_features(enc, cache, window=100, stride=100, nonfinite="skip")
+    assert fs.skipped.tolist() == [bad] and np.isfinite(fs.features).all()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty", "wrong_arrays", "nan_features",
+                                    "rows_out_of_range"])
+def test_damaged_feature_file_is_recomputed_with_a_log_line(cache, tmp_path, caplog, damage):
+    enc = _Enc()
+    a = cached_features(enc, cache, window=100, stride=100, feature_dir=tmp_path)
+    (path,) = tmp_path.glob("*.npz")
+    data = path.read_bytes()
+    if damage == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif damage == "garbage":
+        path.write_bytes(b"\x00" * 100)
+    elif damage == "empty":
+        path.write_bytes(b"")
+    elif damage == "wrong_arrays":
+        np.savez(path, features=np.zeros((2, 2), np.float32))    # a valid zip without the other arrays
+    else:
+        with np.load(path) as z:
+            arrays = dict(z)
+        if damage == "nan_features":
+            arrays["features"][3, 1] = np.nan
+        else:
+            arrays["record"][0] = 99
+        np.savez(path, **arrays)
+    before = F.STATS["extractions"]
+    with caplog.at_level(logging.WARNING):
+        b = cached_features(enc, cache, window=100, stride=100, feature_dir=tmp_path)
+    assert F.STATS["extractions"] == before + 1 and path.name in caplog.text
+    np.testing.assert_allclose(a.features, b.features)
+    c = cached_features(enc, cache, window=100, stride=100, feature_dir=tmp_path)   # repaired on disk
+    assert F.STATS["extractions"] == before + 1 and np.allclose(c.features, a.features)
+
+
+def test_feature_key_follows_cache_content(cache, tmp_path):
+    """A shard rebuilt with other samples (same plan) must not reuse the old features."""
+    fp = F.cache_fingerprint(cache)
+    m = dict(cache.manifest)
+    m["shards"] = [dict(s, bin_sha256="0" * 64) for s in m["shards"]]
+
+    class _Other:
+        manifest = m
+
+        def __len__(self):
+            return len(cache)
+
+    assert F.cache_fingerprint(_Other()) != fp
