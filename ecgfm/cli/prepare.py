@@ -12,7 +12,6 @@ the working directory; ``+cache_root=/elsewhere`` changes it) and the folder is 
 
 from __future__ import annotations
 
-import sys
 from typing import Any, Sequence
 
 import hydra
@@ -62,13 +61,16 @@ def main(cfg: DictConfig) -> None:
     """
     from ecgfm.config import ConfigError, validate_prepare_config
     from ecgfm.data.cache import prepare_from_config
+    from ecgfm.data.record import ECGDataError
+    from ecgfm.errors import run_command
+    from ecgfm.io import LockBusy
 
-    try:
-        settings = validate_prepare_config(resolve_out(cfg))
-    except ConfigError as err:
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
-    prepare_from_config(settings)
+    def prepare(cfg: DictConfig) -> Any:
+        return prepare_from_config(validate_prepare_config(resolve_out(cfg)))
+
+    # a wrong key or value, unreadable data, a cache built from other inputs or spec (ValueError), a concurrent
+    # prepare of the same cache (RuntimeError / LockBusy): one line and exit status 2
+    run_command(prepare, cfg, (ConfigError, ECGDataError, LockBusy, ValueError, RuntimeError))
 
 
 if __name__ == "__main__":

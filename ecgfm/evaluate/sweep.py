@@ -56,12 +56,12 @@ from ecgfm.evaluate.leakage import check_leakage, index_identities, pretrain_ide
 from ecgfm.evaluate.metrics import choose_thresholds, evaluate_scores
 from ecgfm.evaluate.report import build_report
 from ecgfm.evaluate.tasks import TaskData, TaskSpec, build_task
+from ecgfm.errors import EXIT_USER_ERROR, run_command  # noqa: F401  (EXIT_USER_ERROR re-exported)
 from ecgfm.io import atomic_write_json
 
 log = logging.getLogger(__name__)
 KEYWORDS = ("random", "supervised")
 HANDCRAFTED = "handcrafted"  # checkpoint=handcrafted: the RR/HRV + morphology baseline (ecgfm.evaluate.handcrafted)
-EXIT_USER_ERROR = 2  # exit status of probe.py / finetune.py stopped by a user error (:func:`run_cli`)
 
 
 class EvaluationError(ValueError):
@@ -98,15 +98,7 @@ def run_cli(main: Any, cfg: DictConfig) -> dict[str, Any]:
         main: :func:`probe_main` or :func:`finetune_main`.
         cfg: the composed config.
     """
-    import sys
-
-    try:
-        return main(cfg)
-    except _user_errors() as err:
-        line = " ".join(str(err).split())
-        log.error("%s", line)
-        print(f"error: {line}", file=sys.stderr, flush=True)
-        raise SystemExit(EXIT_USER_ERROR) from None
+    return run_command(main, cfg, _user_errors())
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints

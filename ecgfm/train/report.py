@@ -4,14 +4,13 @@ next."""
 
 from __future__ import annotations
 
-import errno
 import logging
-import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from ecgfm.config import ConfigError
 from ecgfm.data.record import ECGDataError
+from ecgfm.errors import EXIT_USER_ERROR, run_command  # noqa: F401  (EXIT_USER_ERROR: re-exported for callers)
 from ecgfm.train.checkpoints import NotACheckpointError
 from ecgfm.train.safety import NonFiniteLossError, NonFiniteWeightsError
 
@@ -19,8 +18,6 @@ log = logging.getLogger("ecgfm.train")
 
 #: errors reported as one line (their messages name the key / file / step); anything else keeps its traceback
 USER_ERRORS = (ConfigError, ECGDataError, NonFiniteLossError, NonFiniteWeightsError, NotACheckpointError)
-#: exit status of a run stopped by one of :data:`USER_ERRORS`
-EXIT_USER_ERROR = 2
 
 
 def next_task(summary: Mapping[str, Any]) -> str:
@@ -57,13 +54,6 @@ def final_block(summary: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _fail(message: str) -> None:
-    line = " ".join(message.split())    # one line, whatever the message holds
-    log.error("%s", line)
-    print(f"error: {line}", file=sys.stderr, flush=True)
-    raise SystemExit(EXIT_USER_ERROR)
-
-
 def run_cli(train: Callable[[Any], dict[str, Any]], cfg: Any) -> dict[str, Any]:
     """Run ``train(cfg)`` for a command line: user errors become one ``error: ...`` line on stderr (also logged)
     and exit status :data:`EXIT_USER_ERROR`; success prints :func:`final_block` on rank 0.
@@ -78,15 +68,7 @@ def run_cli(train: Callable[[Any], dict[str, Any]], cfg: Any) -> dict[str, Any]:
     Raises:
         SystemExit: status :data:`EXIT_USER_ERROR` after a user error or a full disk (``ENOSPC`` / ``EDQUOT``).
     """
-    try:
-        summary = train(cfg)
-    except USER_ERRORS as err:
-        _fail(str(err))
-    except OSError as err:
-        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise
-        _fail(f"{err.filename or ''}: disk full ({err.strerror}); files are written atomically, so the checkpoints "
-              "and outputs already there are whole: free space and rerun the same command to resume")
+    summary = run_command(train, cfg, USER_ERRORS)
     from lightning.pytorch.utilities import rank_zero_only
 
     if rank_zero_only.rank == 0:

@@ -1,0 +1,44 @@
+"""How every command ends on a mistake the user can fix: one ``error: ...`` line, exit status 2.
+
+The entry points (``ecgfm-train``, ``-prepare``, ``-probe``, ``-finetune``, ``-explain``) each know which exceptions
+are user errors (a config key, bad data, a refused artifact, a diverged run...); :func:`run_command` turns those
+into one line on stderr (also logged) and :data:`EXIT_USER_ERROR`, and a full disk into a line saying that what was
+written is whole. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import sys
+from typing import Any, Callable, NoReturn
+
+log = logging.getLogger("ecgfm")
+
+#: Exit status of a command stopped by a user error.
+EXIT_USER_ERROR = 2
+
+
+def fail(message: str) -> NoReturn:
+    """Print ``error: <message>`` as one line on stderr (and log it), then exit with :data:`EXIT_USER_ERROR`."""
+    line = " ".join(str(message).split())
+    log.error("%s", line)
+    print(f"error: {line}", file=sys.stderr, flush=True)
+    raise SystemExit(EXIT_USER_ERROR)
+
+
+def run_command(fn: Callable[[Any], Any], cfg: Any, user_errors: tuple[type[BaseException], ...]) -> Any:
+    """``fn(cfg)``, with ``user_errors`` and a full disk (``ENOSPC`` / ``EDQUOT``) ending as one line.
+
+    Raises:
+        SystemExit: :data:`EXIT_USER_ERROR` after a user error or a full disk.
+    """
+    try:
+        return fn(cfg)
+    except user_errors as err:
+        fail(str(err))
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        fail(f"{err.filename or ''}: disk full ({err.strerror}); files are written atomically, so what is already "
+             "there is whole: free space and rerun the same command to resume")
