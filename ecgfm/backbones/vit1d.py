@@ -16,6 +16,12 @@ of the (final-normed) patch tokens, as in ST-MEM.
 Differences from the ST-MEM code, on purpose: the sin-cos table gives the two SEP tokens of a lead positions ``0``
 and ``N + 1`` (ST-MEM gives both a zero vector, which makes them identical inputs); masked patches are dropped
 *before* the patch projection (no work on tokens that are thrown away).
+
+Lead sets: :meth:`ViT1D.embed` and :meth:`ViT1D.forward_features` take an optional ``lead_mask (B, L)``; absent
+leads then get no tokens at all (a one-lead record is ``N + 2`` tokens, not ``L * N + 2L`` of mostly zero-padded
+leads), rows sharing a lead set are encoded together (one batch may mix 12-lead and 1-lead records), and the
+embedding is the mean over the present leads' patch tokens. Without a mask, or with every lead present, the
+computation is today's, bit for bit.
 """
 
 from __future__ import annotations
@@ -202,18 +208,93 @@ class ViT1D(Backbone):
         seps = self.sep_tokens(n).to(tokens.dtype).expand(b, -1, -1)  # (B, 2L, D)
         return self.pos_drop(torch.cat([tokens, seps], dim=1))
 
+    # ------------------------------------------------------------------ lead sets
+    def lead_groups(self, lead_mask: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Rows of a batch grouped by lead set: ``[(rows (b,), present leads (l,)), ...]`` (int64, sorted).
+
+        A row with no present lead counts as all present (its zero leads are encoded as today), so every row gets
+        an embedding. Rows of one group share one token sequence length and go through the blocks together.
+        """
+        lead_mask = self._check_mask(lead_mask)
+        lead_mask = lead_mask | ~lead_mask.any(dim=1, keepdim=True)
+        sets, inverse = torch.unique(lead_mask, dim=0, return_inverse=True)
+        return [((inverse == g).nonzero().flatten(), sets[g].nonzero().flatten()) for g in range(len(sets))]
+
+    def _check_mask(self, lead_mask: torch.Tensor) -> torch.Tensor:
+        if lead_mask.ndim != 2 or lead_mask.shape[1] != self.num_leads:
+            raise ValueError(f"lead_mask must be (batch, {self.num_leads}), got {tuple(lead_mask.shape)}")
+        return lead_mask.to(torch.bool)
+
+    def _all_present(self, x: torch.Tensor, lead_mask: torch.Tensor | None) -> bool:
+        if lead_mask is None:
+            return True
+        lead_mask = self._check_mask(lead_mask)
+        if lead_mask.shape[0] != x.shape[0]:
+            raise ValueError(f"lead_mask has {lead_mask.shape[0]} rows for a batch of {x.shape[0]}")
+        return bool(lead_mask.all())
+
+    def embed_lead_tokens(self, x: torch.Tensor, leads: torch.Tensor) -> torch.Tensor:
+        """Input tokens of the present ``leads`` only (every row of ``x`` has this lead set).
+
+        Each present lead keeps its own lead embedding and the usual patch positions; absent leads get no token
+        (their samples in ``x`` are never read).
+
+        Args:
+            x: ``(B, L, T)`` signal, ``L == num_leads``.
+            leads: ``(l,)`` int64 indices of the present leads, ascending.
+
+        Returns:
+            ``(B, l * N + 2l, D)``: ``l * N`` patch tokens (lead-major, present leads in order), ``l`` left SEPs,
+            ``l`` right SEPs.
+        """
+        n = self._check_input(x)
+        leads = leads.to(device=x.device, dtype=torch.long)
+        patches = x.index_select(1, leads).unflatten(-1, (n, self.patch_size))      # (B, l, N, P)
+        b, n_leads = patches.shape[:2]
+        pos_lead = self.patch_pos_lead(n).view(self.num_leads, n, self.embed_dim).index_select(0, leads)
+        tokens = self.patch_embed(patches.reshape(b, n_leads * n, self.patch_size)) \
+            + pos_lead.reshape(n_leads * n, self.embed_dim)
+        seps = self.sep_tokens(n).view(2, self.num_leads, self.embed_dim).index_select(1, leads)
+        seps = seps.reshape(2 * n_leads, self.embed_dim).to(tokens.dtype).expand(b, -1, -1)
+        return self.pos_drop(torch.cat([tokens, seps], dim=1))
+
+    def _encode(self, tokens: torch.Tensor) -> torch.Tensor:
+        for blk in self.blocks:
+            tokens = blk(tokens)
+        return self.norm(tokens)
+
     # ------------------------------------------------------------------ contract
-    def forward_features(self, x: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
+    #: ``embed`` / ``forward_features`` take ``lead_mask``: only present leads become tokens.
+    accepts_lead_mask = True
+
+    def forward_features(self, x: torch.Tensor, ids_keep: torch.Tensor | None = None,
+                         lead_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Encode ``x (B, L, T)`` to final-normed tokens ``(B, K + 2L, D)`` (patch tokens first, then SEPs).
 
         Args:
             x: ``(B, L, T)`` signal, ``L == num_leads`` and ``T`` a multiple of ``patch_size``.
             ids_keep: optional ``(B, K)`` visible patch positions (MAE): only those patches enter the encoder.
+            lead_mask: optional ``(B, L)`` bool, false = absent lead. Only present leads become tokens (rows
+                sharing a lead set are encoded together), so absent leads cost nothing and their content does not
+                matter; the result keeps the full layout ``(B, L*N + 2L, D)`` with zero tokens at absent leads
+                (use :meth:`embed` with the same mask to pool over present leads only). ``None`` or all true:
+                today's computation, bit for bit. Not combined with ``ids_keep``.
         """
-        tokens = self.embed_tokens(x, ids_keep)
-        for blk in self.blocks:
-            tokens = blk(tokens)
-        return self.norm(tokens)
+        if self._all_present(x, lead_mask):
+            return self._encode(self.embed_tokens(x, ids_keep))
+        if ids_keep is not None:
+            raise ValueError("forward_features: ids_keep and a partial lead_mask cannot be combined")
+        n = self._check_input(x)
+        out = x.new_zeros(x.shape[0], self.num_leads * (n + 2), self.embed_dim)
+        for rows, leads in self.lead_groups(lead_mask.to(x.device)):
+            tok = self._encode(self.embed_lead_tokens(x.index_select(0, rows), leads))
+            l, r = len(leads), rows[:, None]
+            grid = out[:, : self.num_leads * n].view(-1, self.num_leads, n, self.embed_dim)
+            grid[r, leads] = tok[:, : l * n].reshape(len(rows), l, n, self.embed_dim).to(out.dtype)
+            seps = out[:, self.num_leads * n:].view(-1, 2, self.num_leads, self.embed_dim)
+            seps[r, :, leads] = tok[:, l * n:].reshape(len(rows), 2, l, self.embed_dim).transpose(1, 2) \
+                .to(out.dtype)
+        return out
 
     def num_patch_tokens(self, tokens: torch.Tensor) -> int:
         """Number of patch tokens ``K`` at the front of a ``(B, K + 2L, D)`` token tensor."""
@@ -223,9 +304,23 @@ class ViT1D(Backbone):
         """Mean over the patch tokens (SEP tokens excluded): ``(B, K + 2L, D) -> (B, D)``."""
         return tokens[:, : self.num_patch_tokens(tokens)].mean(dim=1)
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Pooled embedding ``(B, D)``: mean of the patch tokens of :meth:`forward_features`."""
-        return self.pool(self.forward_features(x))
+    def embed(self, x: torch.Tensor, lead_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Pooled embedding ``(B, D)``: mean of the patch tokens of :meth:`forward_features`.
+
+        Args:
+            x: ``(B, L, T)`` signal.
+            lead_mask: optional ``(B, L)`` bool, false = absent lead: only present leads become tokens and the
+                mean runs over their patch tokens only; rows sharing a lead set are encoded together, so a batch
+                of one-lead windows costs about 1/12 of a 12-lead one (and less in attention). ``None`` or all
+                true: today's computation, bit for bit.
+        """
+        if self._all_present(x, lead_mask):
+            return self.pool(self.forward_features(x))
+        out = x.new_empty(x.shape[0], self.embed_dim)
+        for rows, leads in self.lead_groups(lead_mask.to(x.device)):
+            tok = self._encode(self.embed_lead_tokens(x.index_select(0, rows), leads))
+            out[rows] = tok[:, : tok.shape[1] - 2 * len(leads)].mean(dim=1).to(out.dtype)
+        return out
 
     def tokens_to_grid(self, tokens: torch.Tensor) -> torch.Tensor:
         """Patch tokens as a CNN-like feature map: ``(B, L*N + 2L, D) -> (B, D, L, N)``.

@@ -219,3 +219,99 @@ def test_attention_maps_keep_gradients(vit):
     assert x.grad is not None and x.grad.abs().sum() > 0
     with torch.no_grad():
         assert not vit.attention_maps(x)[0].requires_grad
+
+
+# ---------------------------------------------------------------------- lead-set-agnostic ViT (issue 12, item 1)
+def _today(vit: ViT1D, x: torch.Tensor) -> torch.Tensor:
+    """Today's code path, written out: every lead a token, mean of all patch tokens."""
+    tokens = vit.embed_tokens(x)
+    for blk in vit.blocks:
+        tokens = blk(tokens)
+    tokens = vit.norm(tokens)
+    return tokens[:, : tokens.shape[1] - 2 * vit.num_leads].mean(1)
+
+
+def test_vit_full_lead_mask_is_bit_identical_to_no_mask(vit):
+    torch.manual_seed(2)
+    x = torch.randn(4, 12, 250)
+    ones = torch.ones(4, 12, dtype=torch.bool)
+    with torch.no_grad():
+        ref = _today(vit, x)
+        assert torch.equal(vit.embed(x), ref)
+        assert torch.equal(vit.embed(x, lead_mask=ones), ref)
+        assert torch.equal(vit(x), ref)
+        assert torch.equal(vit.forward_features(x, lead_mask=ones), vit.forward_features(x))
+    assert ViT1D.accepts_lead_mask is True
+    assert "lead_mask" in inspect.signature(vit.embed).parameters
+
+
+def test_vit_one_lead_embedding_ignores_absent_leads(vit):
+    torch.manual_seed(3)
+    x = torch.randn(2, 12, 250)
+    mask = torch.zeros(2, 12, dtype=torch.bool)
+    mask[:, 0] = True
+    other = x.clone()
+    other[:, 1:] = torch.randn(2, 11, 250) * 5
+    padded = x.clone()
+    padded[:, 1:] = 0
+    with torch.no_grad():
+        a = vit.embed(x, lead_mask=mask)
+        assert torch.equal(a, vit.embed(other, lead_mask=mask))
+        assert torch.equal(a, vit.embed(padded, lead_mask=mask))
+        # zero-padded without the mask is a different (diluted) embedding
+        assert not torch.allclose(a, vit.embed(padded), atol=1e-3)
+        # == the present lead's tokens (own lead embedding, usual positions, its two SEPs) through the blocks alone
+        n = 10
+        full = vit.embed_tokens(x)
+        sel = torch.cat([torch.arange(n), torch.tensor([12 * n, 12 * n + 12])])
+        ref = full[:, sel]
+        for blk in vit.blocks:
+            ref = blk(ref)
+        ref = vit.norm(ref)[:, :n].mean(1)
+    torch.testing.assert_close(a, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_vit_mixed_batch_equals_per_record_results(vit):
+    torch.manual_seed(4)
+    x = torch.randn(6, 12, 250)
+    mask = torch.ones(6, 12, dtype=torch.bool)
+    mask[1, 1:] = False              # lead I only
+    mask[3, :] = False
+    mask[3, 1] = True                # lead II only
+    mask[4, 6:] = False              # limb leads only
+    mask[5, 1:] = False              # lead I only (same set as row 1)
+    x = x * mask[:, :, None]
+    with torch.no_grad():
+        mixed = vit.embed(x, lead_mask=mask)
+        single = torch.cat([vit.embed(x[i:i + 1], lead_mask=mask[i:i + 1]) for i in range(6)])
+        tokens = vit.forward_features(x, lead_mask=mask)
+        single_tok = torch.cat([vit.forward_features(x[i:i + 1], lead_mask=mask[i:i + 1]) for i in range(6)])
+    torch.testing.assert_close(mixed, single, atol=1e-5, rtol=1e-5)
+    # 12-lead rows of a mixed batch are today's numbers
+    torch.testing.assert_close(mixed[[0, 2]], _today(vit, x[[0, 2]]), atol=1e-5, rtol=1e-5)
+    # full layout kept: zero tokens at absent leads, pooling the present patch tokens gives embed
+    assert tokens.shape == (6, 12 * 10 + 24, 16)
+    torch.testing.assert_close(tokens, single_tok, atol=1e-5, rtol=1e-5)
+    grid = vit.tokens_to_grid(tokens)                                   # (B, D, L, N)
+    assert (grid[1, :, 1:] == 0).all() and (grid[1, :, 0] != 0).any()
+    assert (tokens[3, 12 * 10:].abs().sum(-1) != 0).tolist() == [i in (1, 13) for i in range(24)]
+    torch.testing.assert_close(grid[4, :, :6].mean((1, 2)), mixed[4], atol=1e-5, rtol=1e-5)
+
+
+def test_vit_lead_mask_edge_cases(vit):
+    x = torch.randn(2, 12, 250)
+    none_present = torch.zeros(2, 12, dtype=torch.bool)
+    with torch.no_grad():   # a row with no present lead is encoded as today (zeros everywhere), never NaN
+        torch.testing.assert_close(vit.embed(x, lead_mask=none_present), vit.embed(x))
+    with pytest.raises(ValueError, match="lead_mask"):
+        vit.embed(x, lead_mask=torch.ones(2, 11, dtype=torch.bool))
+    with pytest.raises(ValueError, match="rows"):
+        vit.embed(x, lead_mask=torch.ones(3, 12, dtype=torch.bool))
+    with pytest.raises(ValueError, match="ids_keep"):
+        vit.forward_features(x, ids_keep=torch.zeros(2, 3, dtype=torch.long), lead_mask=none_present | (torch.arange(12) == 0))
+    # gradients reach the encoder through the lead-aware path
+    mask = torch.zeros(2, 12, dtype=torch.bool)
+    mask[:, :2] = True
+    vit.embed(x, lead_mask=mask).sum().backward()
+    assert vit.patch_embed[1].weight.grad is not None and vit.lead_embed.grad[:2].abs().sum() > 0
+    assert vit.lead_embed.grad[2:].abs().sum() == 0
