@@ -152,6 +152,7 @@ class FeaturesConfig:
 
     dir: str = "${paths.cache_root}/features"
     batch_size: int = 256
+    lead_aware: bool = True  # probe.py: absent leads make no tokens for backbones that take lead_mask
 
 
 @dataclass

@@ -9,7 +9,16 @@ result, a :class:`FeatureSet` (window embeddings and the record each belongs to)
 * the encoder: registry name, constructor arguments and the bytes of every weight tensor (so a path, a random
   initialisation with a given seed, or a re-export of the same weights all map to the right entry);
 * the cache: its ``plan_fingerprint`` (sources + preprocessing spec + shard layout) and record count;
-* ``window`` and ``stride``.
+* ``window`` and ``stride``;
+* a ``leads`` flag when the extraction is lead-aware and the cache holds records with absent leads (below).
+
+Lead-aware extraction (default): a backbone whose ``embed`` takes ``lead_mask`` (:func:`accepts_lead_mask`,
+e.g. :class:`~ecgfm.backbones.vit1d.ViT1D`) gets each window's record mask from the cache, so absent
+(zero-padded) leads make no tokens and do not dilute the pooled embedding; a one-lead corpus then costs about 1/12
+of the zero-padded 12-lead grid. With every lead present the embeddings are bit-identical to the zero-padded path,
+so a cache whose records all have 12 leads keeps its old key (and feature files); a cache with partial lead sets
+gets a new key, so zero-padded features written before are never reused for it. ``lead_aware=False`` restores the
+zero-padded extraction (the fine-tuning LP-FT head uses it, to match the fine-tuned model's forward pass).
 
 Hence a sweep over many heads, label fractions and seeds (and every PTB-XL task, which share one cache) runs the
 encoder once per checkpoint and corpus. :data:`STATS` counts real extractions (encoder passes over a corpus) so
@@ -28,6 +37,7 @@ import collections
 import hashlib
 import json
 import logging
+import inspect
 import os
 import time
 from dataclasses import dataclass, field
@@ -98,6 +108,34 @@ class FeatureSet:
         return self.features[sel], pos[self.record[sel]]
 
 
+def accepts_lead_mask(backbone: nn.Module) -> bool:
+    """Whether ``backbone.embed`` takes ``lead_mask`` (class attribute ``accepts_lead_mask`` or the signature)."""
+    if getattr(backbone, "accepts_lead_mask", False):
+        return True
+    try:
+        return "lead_mask" in inspect.signature(backbone.embed).parameters
+    except (AttributeError, TypeError, ValueError):
+        return False
+
+
+def _lead_masks(cache: Any) -> np.ndarray | None:
+    """``(N, 12)`` bool record lead masks of ``cache``, or None when it cannot say."""
+    masks = getattr(cache, "lead_masks", None)
+    if masks is None:
+        return None
+    masks = np.asarray(masks, dtype=bool)
+    return masks if masks.ndim == 2 and len(masks) == len(cache) else None
+
+
+def uses_lead_masks(backbone: nn.Module, cache: Any, lead_aware: bool = True) -> bool:
+    """Whether a lead-aware extraction of ``cache`` differs from the zero-padded one: ``lead_aware``, the backbone
+    accepts ``lead_mask`` and some record of the cache lacks a lead."""
+    if not lead_aware or not accepts_lead_mask(backbone):
+        return False
+    masks = _lead_masks(cache)
+    return masks is not None and not bool(masks.all())
+
+
 def encoder_fingerprint(backbone: nn.Module) -> str:
     """Stable hash of a backbone's identity: name, ``init_args`` and every tensor of its ``state_dict``."""
     h = hashlib.sha256()
@@ -119,8 +157,11 @@ def cache_fingerprint(cache: Any) -> str:
     return hashlib.sha256(f"{fp}|{len(cache)}|{shards}".encode()).hexdigest()[:20]
 
 
-def feature_key(encoder_fp: str, cache_fp: str, window: int, stride: int) -> str:
-    return hashlib.sha256(f"{encoder_fp}|{cache_fp}|w{int(window)}|s{int(stride)}".encode()).hexdigest()[:24]
+def feature_key(encoder_fp: str, cache_fp: str, window: int, stride: int, lead_aware: bool = False) -> str:
+    """Feature-cache key; ``lead_aware`` (only when it changes the features, see :func:`uses_lead_masks`) adds a
+    flag, so zero-padded features are never reused for a lead-aware extraction."""
+    leads = "|leads" if lead_aware else ""
+    return hashlib.sha256(f"{encoder_fp}|{cache_fp}|w{int(window)}|s{int(stride)}{leads}".encode()).hexdigest()[:24]
 
 
 NONFINITE_MODES = ("error", "skip")
@@ -140,7 +181,7 @@ def _nonfinite_error(cache: Any, rows: Sequence[int], what: str) -> NonFiniteDat
 @torch.no_grad()
 def extract_features(backbone: nn.Module, cache: Any, window: int, stride: int, batch_size: int = 256,
                      device: str | torch.device = "cpu", rows: np.ndarray | None = None,
-                     nonfinite: str = "error") -> FeatureSet:
+                     nonfinite: str = "error", lead_aware: bool = True) -> FeatureSet:
     """Embed every sliding window of every record (or ``rows``) of ``cache``; no disk cache.
 
     Args:
@@ -154,6 +195,8 @@ def extract_features(backbone: nn.Module, cache: Any, window: int, stride: int, 
         nonfinite: a record whose signal or any window embedding holds NaN / Inf raises
             :class:`~ecgfm.data.cache.NonFiniteDataError` naming it (``"error"``), or is left out with all its
             windows and listed in ``FeatureSet.skipped`` (``"skip"``).
+        lead_aware: pass each window's record lead mask (``cache.lead_masks``) to a backbone that accepts it
+            (:func:`uses_lead_masks`); False: every window as a zero-padded 12-lead input.
 
     Returns:
         :class:`FeatureSet` with ``n_records = len(cache)``; every feature finite.
@@ -170,6 +213,7 @@ def extract_features(backbone: nn.Module, cache: Any, window: int, stride: int, 
     owners: list[np.ndarray] = []
     buf: list[np.ndarray] = []
     buf_owner: list[int] = []
+    masks = _lead_masks(cache) if uses_lead_masks(backbone, cache, lead_aware) else None
     bad_input: list[int] = []
     bad_embedding: set[int] = set()
 
@@ -177,8 +221,11 @@ def extract_features(backbone: nn.Module, cache: Any, window: int, stride: int, 
 
     def flush() -> None:
         x = torch.from_numpy(np.stack(buf)).to(device)
-        z = backbone.embed(x).float().cpu().numpy()
         owner = np.asarray(buf_owner, dtype=np.int64)
+        if masks is None:
+            z = backbone.embed(x).float().cpu().numpy()
+        else:
+            z = backbone.embed(x, lead_mask=torch.from_numpy(masks[owner]).to(device)).float().cpu().numpy()
         bad = ~np.isfinite(z).all(axis=1)
         if bad.any():
             if nonfinite == "error":
@@ -230,8 +277,9 @@ def extract_features(backbone: nn.Module, cache: Any, window: int, stride: int, 
     STATS["extractions"] += 1
     STATS["windows"] += int(out.features.shape[0])
     STATS["seconds"] += seconds
-    log.info("features: %d windows (%d samples, stride %d) of %d records in %.1f s = %.0f windows/s",
-             out.features.shape[0], window, stride, len(rows), seconds, out.features.shape[0] / max(seconds, 1e-9))
+    log.info("features: %d windows (%d samples, stride %d) of %d records in %.1f s = %.0f windows/s%s",
+             out.features.shape[0], window, stride, len(rows), seconds, out.features.shape[0] / max(seconds, 1e-9),
+             " (lead-aware)" if masks is not None else "")
     return out
 
 
@@ -275,7 +323,7 @@ def _load_features(path: Path, key: str, n_records: int, window: int, stride: in
 
 def cached_features(backbone: nn.Module, cache: Any, window: int, stride: int, feature_dir: str | os.PathLike,
                     batch_size: int = 256, device: str | torch.device = "cpu",
-                    encoder_fp: str | None = None, nonfinite: str = "error") -> FeatureSet:
+                    encoder_fp: str | None = None, nonfinite: str = "error", lead_aware: bool = True) -> FeatureSet:
     """:func:`extract_features` behind an on-disk cache (see the module docstring for the key).
 
     A feature file that cannot be read or fails validation is recomputed and replaced, with a log line. A file
@@ -292,9 +340,11 @@ def cached_features(backbone: nn.Module, cache: Any, window: int, stride: int, f
         device: torch device.
         encoder_fp: precomputed :func:`encoder_fingerprint` (computed when None).
         nonfinite: ``"error"`` or ``"skip"``, see :func:`extract_features`.
+        lead_aware: see :func:`extract_features`; part of the key when it changes the features.
     """
     encoder_fp = encoder_fp or encoder_fingerprint(backbone)
-    key = feature_key(encoder_fp, cache_fingerprint(cache), window, stride)
+    key = feature_key(encoder_fp, cache_fingerprint(cache), window, stride,
+                      uses_lead_masks(backbone, cache, lead_aware))
     path = Path(feature_dir) / f"{key}.npz"
     if path.exists():
         try:
@@ -308,7 +358,7 @@ def cached_features(backbone: nn.Module, cache: Any, window: int, stride: int, f
             STATS["cache_hits"] += 1
             return fs
     fs = extract_features(backbone, cache, window, stride, batch_size=batch_size, device=device,
-                          nonfinite=nonfinite)
+                          nonfinite=nonfinite, lead_aware=lead_aware)
     fs.key = key
     _save_features(path, fs, int(window), int(stride))
     return fs

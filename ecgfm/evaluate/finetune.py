@@ -432,12 +432,13 @@ def fit_probe_head(backbone: nn.Module, cache: Any, labels: np.ndarray, splits: 
     train, val = (np.asarray(splits[k], dtype=np.int64) for k in ("train", "val"))
     labels = np.asarray(labels, dtype=np.float32)
     device = next(backbone.parameters()).device
+    # zero-padded features (lead_aware=False): the fine-tuned model's forward pass sees zero-padded 12-lead input
     if feature_dir:
         fs = cached_features(backbone, cache, int(window), int(stride), feature_dir, batch_size=batch_size,
-                             device=device)
+                             device=device, lead_aware=False)
     else:
         fs = extract_features(backbone, cache, int(window), int(stride), batch_size=batch_size, device=device,
-                              rows=np.concatenate([train, val]))
+                              rows=np.concatenate([train, val]), lead_aware=False)
     if aggregate not in WINDOW_AGGREGATES:
         raise ValueError(f"finetune.window_aggregate must be one of {WINDOW_AGGREGATES}, got {aggregate!r}")
     if aggregate == "logit":

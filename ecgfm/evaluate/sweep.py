@@ -414,7 +414,8 @@ def _recipe(ctx: _Context, desc: Encoder, head: dict[str, Any]) -> dict[str, Any
             "window_seconds": cfg.get("window_seconds"), "stride_seconds": cfg.get("stride_seconds"),
             "encoder_crop_samples": desc.crop_samples, "preprocess": desc.preprocess.to_dict(),
             "task": asdict(ctx.task_spec), "eval_data": asdict(ctx.eval_spec) if ctx.eval_spec else None,
-            "bootstrap": {"n": int(cfg.bootstrap.n), "seed": int(cfg.bootstrap.seed)}}
+            "bootstrap": {"n": int(cfg.bootstrap.n), "seed": int(cfg.bootstrap.seed)},
+            **({"lead_aware": bool(cfg.features.get("lead_aware", True))} if ctx.mode != "finetune" else {})}
 
 
 def _probe_recipe(probe: dict[str, Any]) -> dict[str, Any]:
@@ -600,12 +601,14 @@ def probe_main(cfg: DictConfig) -> dict[str, Any]:
     else:
         assert enc.backbone is not None
         efp = encoder_fingerprint(enc.backbone)
+        lead_aware = bool(cfg.features.get("lead_aware", True))
         feats = cached_features(enc.backbone, task.cache, window, stride, feat_dir,
-                                batch_size=int(cfg.features.batch_size), device=str(cfg.device), encoder_fp=efp)
+                                batch_size=int(cfg.features.batch_size), device=str(cfg.device), encoder_fp=efp,
+                                lead_aware=lead_aware)
         if ext is not None:
             efeats = cached_features(enc.backbone, ext.cache, window, stride, feat_dir,
                                      batch_size=int(cfg.features.batch_size), device=str(cfg.device),
-                                     encoder_fp=efp)
+                                     encoder_fp=efp, lead_aware=lead_aware)
             external[f"external:{ext.dataset}"] = (efeats, ext.labels, ext.splits["test"])
     from ecgfm.evaluate.probe import ProbeData, run_probe_grid
 

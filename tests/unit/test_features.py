@@ -141,3 +141,66 @@ def test_feature_key_follows_cache_content(cache, tmp_path):
             return len(cache)
 
     assert F.cache_fingerprint(_Other()) != fp
+
+
+# ---------------------------------------------------------------------- lead-aware extraction (issue 12, item 1)
+class _MixedSrc(_Src):
+    """Records 0, 2, 4 have lead I only (zero-padded by the cache), 1 and 3 all twelve leads."""
+
+    def load(self, rid):
+        rec = super().load(rid)
+        if int(rid[1:]) % 2:
+            return rec
+        mask = np.zeros(12, bool)
+        mask[0] = True
+        return ECGRecord(signal=rec.signal * mask[:, None], fs=100.0, lead_mask=mask, record_id=rid, source="src",
+                         labels=("a",))
+
+
+def _vit():
+    import torch
+
+    from ecgfm.backbones import create_backbone
+
+    torch.manual_seed(0)
+    return create_backbone("vit1d_test", seq_len=100, patch_size=25)
+
+
+def test_lead_aware_extraction_passes_record_masks_and_keys_apart(tmp_path):
+    import torch
+
+    prepare_corpus(_MixedSrc(), tmp_path / "m", SPEC, workers=0, progress=False)
+    mixed = CorpusCache(tmp_path / "m")
+    assert mixed.lead_masks.sum(1).tolist() == [1, 12, 1, 12, 1]
+    vit = _vit()
+    assert F.accepts_lead_mask(vit) and not F.accepts_lead_mask(_Enc())
+    assert F.uses_lead_masks(vit, mixed) and not F.uses_lead_masks(vit, mixed, lead_aware=False)
+    aware = extract_features(vit, mixed, 100, 100, batch_size=3)
+    padded = extract_features(vit, mixed, 100, 100, batch_size=3, lead_aware=False)
+    assert np.array_equal(aware.record, padded.record)
+    from ecgfm.data.preprocess import sliding_windows
+
+    with torch.no_grad():
+        for j, (r, z) in enumerate(zip(aware.record, aware.features)):
+            w = int(np.sum(aware.record[:j] == r))
+            x = torch.from_numpy(np.ascontiguousarray(sliding_windows(mixed.signal(int(r)), 100, 100)[w]))[None]
+            m = torch.from_numpy(mixed.lead_mask(int(r)))[None]
+            np.testing.assert_allclose(z, vit.embed(x, lead_mask=m)[0].numpy(), atol=1e-5)
+            np.testing.assert_allclose(padded.features[j], vit.embed(x)[0].numpy(), atol=1e-5)
+    one = np.isin(aware.record, [0, 2, 4])
+    np.testing.assert_array_equal(aware.features[~one], padded.features[~one])    # 12-lead windows: same numbers
+    assert not np.allclose(aware.features[one], padded.features[one], atol=1e-3)
+    # the feature-cache key tells the two apart; zero-padded files are not reused for lead-aware extraction
+    fa = cached_features(vit, mixed, 100, 100, tmp_path / "f")
+    fp = cached_features(vit, mixed, 100, 100, tmp_path / "f", lead_aware=False)
+    assert fa.key != fp.key and len(list((tmp_path / "f").glob("*.npz"))) == 2
+    np.testing.assert_allclose(fa.features, aware.features, atol=1e-6)
+
+
+def test_lead_aware_extraction_of_a_twelve_lead_cache_keeps_its_key(cache, tmp_path):
+    vit = _vit()
+    assert not F.uses_lead_masks(vit, cache)
+    a = cached_features(vit, cache, 100, 100, tmp_path / "f")
+    b = cached_features(vit, cache, 100, 100, tmp_path / "f", lead_aware=False)
+    assert a.key == b.key and F.STATS["cache_hits"] >= 1
+    np.testing.assert_array_equal(a.features, extract_features(vit, cache, 100, 100, lead_aware=False).features)
