@@ -14,6 +14,18 @@ Example (about a minute on 2 CPU cores)::
         --fractions 0.1 0.3 1 --seeds 0 1 2
 
 Real data: ``--tasks ptbxl_super cinc2017`` (prepares the caches on first use from ../shared/data).
+
+Lead sets (issue 12): ``--lead-modes padded aware`` runs every checkpoint twice in the same process, once with
+every window as a zero-padded 12-lead input (``features.lead_aware=false``, the extraction before lead-aware
+backbones) and once lead-aware (absent leads make no tokens), each with its own feature folder, and prints the
+speed-up; ``--leads I`` makes the synthetic corpus one-lead (lead I kept, the others absent). Peak memory of each
+extraction is printed (peak resident set size of the process during that cell, reset before it where Linux
+allows; and the peak CUDA allocation on a GPU)::
+
+    python scripts/bench_probe.py --checkpoints random:vit1d_tiny --tasks synthetic --leads I \
+        --lead-modes padded aware --fractions 1 --seeds 0
+    python scripts/bench_probe.py --checkpoints random:vit1d_tiny --tasks cinc2017 --lead-modes padded aware \
+        --fractions 1 --seeds 0 paths.data_root=/abs/path/to/shared/data
 """
 
 from __future__ import annotations
@@ -40,6 +52,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--work", default=None, help="folder for caches and results (default: a temporary folder)")
     ap.add_argument("--bootstrap", type=int, default=200)
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
+    ap.add_argument("--lead-modes", nargs="+", choices=["aware", "padded"], default=["aware"],
+                    help="feature extraction: 'aware' (lead masks to backbones that take them, the default) and/or "
+                         "'padded' (zero-padded 12-lead windows, as before)")
+    ap.add_argument("--leads", nargs="+", default=None, help="synthetic corpus: keep only these leads (e.g. I)")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for conf/probe.yaml")
     args = ap.parse_args(argv)
 
@@ -51,19 +67,25 @@ def main(argv: list[str] | None = None) -> dict:
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench_probe_"))
     feat_dir = work / "cache" / "features"
     results_dir = work / "results"
-    cells = [(c, t, f, s) for c in args.checkpoints for t in args.tasks for f in args.fractions for s in args.seeds]
+    modes = list(dict.fromkeys(args.lead_modes))
+    cells = [(c, t, m, f, s) for c in args.checkpoints for t in args.tasks for m in modes for f in args.fractions
+             for s in args.seeds]
     per_cell = []
     t_all = time.perf_counter()
-    passes: dict[tuple[str, str], dict] = {}
-    for ckpt, task, frac, seed in cells:
+    passes: dict[tuple[str, str, str], dict] = {}
+    for ckpt, task, mode, frac, seed in cells:
         over = [f"checkpoint={ckpt}", f"task={task}", f"fraction={frac}", f"seed={seed}",
-                f"paths.cache_root={work / 'cache'}", f"results_dir={results_dir}",
-                f"bootstrap.n={args.bootstrap}", "plot=false", *args.overrides]
+                f"paths.cache_root={work / 'cache'}", f"results_dir={results_dir / mode}",
+                f"bootstrap.n={args.bootstrap}", "plot=false", f"features.lead_aware={mode == 'aware'}",
+                *([f"features.dir={feat_dir / mode}"] if len(modes) > 1 else []), *args.overrides]
         if task == "synthetic":
             over.append(f"task.params.n_records={args.synthetic_records}")
+            if args.leads:
+                over.append(f"+task.sources.0.leads=[{','.join(args.leads)}]")
         with initialize_config_dir(str(ROOT / "ecgfm" / "conf"), version_base="1.3"):
             cfg = compose("probe", overrides=over)
         before = dict(F.STATS)
+        _reset_peak_memory()
         t0 = time.perf_counter()
         out = probe_main(cfg)
         dt = time.perf_counter() - t0
@@ -73,37 +95,76 @@ def main(argv: list[str] | None = None) -> dict:
             secs = F.STATS["seconds"] - before.get("seconds", 0.0)
             cell = json.loads(Path(out["cells_written"][0]).read_text())
             n_rec = sum(cell["splits"].values())
-            passes[(ckpt, task)] = {"windows": windows, "seconds": secs, "window_samples": cell["window_samples"],
-                                    "stride_samples": cell["stride_samples"], "backbone": cell["backbone"],
-                                    "cache_records": None, "labelled_records": n_rec}
-        per_cell.append({"checkpoint": ckpt, "task": task, "fraction": frac, "seed": seed, "seconds": dt,
-                         "encoder_passes": extracted})
+            passes[(ckpt, task, mode)] = {"windows": windows, "seconds": secs,
+                                          "window_samples": cell["window_samples"],
+                                          "stride_samples": cell["stride_samples"], "backbone": cell["backbone"],
+                                          "cache_records": None, "labelled_records": n_rec,
+                                          "peak_memory": _peak_memory()}
+        per_cell.append({"checkpoint": ckpt, "task": task, "lead_mode": mode, "fraction": frac, "seed": seed,
+                         "seconds": dt, "encoder_passes": extracted})
     total = time.perf_counter() - t_all
-    n_files = len(list(feat_dir.glob("*.npz")))
+    n_files = len(list(feat_dir.rglob("*.npz")))
 
     print(f"\n== probe sweep: {len(cells)} cells = {len(args.checkpoints)} checkpoint(s) x {len(args.tasks)} task(s) "
-          f"x {len(args.fractions)} fraction(s) x {len(args.seeds)} seed(s); torch threads: "
+          f"x {len(modes)} lead mode(s) x {len(args.fractions)} fraction(s) x {len(args.seeds)} seed(s); torch threads: "
           f"{__import__('torch').get_num_threads()}")
     print("feature extraction (frozen encoder, every sliding window of every record of the corpus):")
-    for (ckpt, task), p in passes.items():
-        print(f"  {ckpt:<28} {task:<12} backbone {p['backbone']:<14} window {p['window_samples']} / stride "
-              f"{p['stride_samples']} samples: {p['windows']} windows in {p['seconds']:.2f} s = "
-              f"{p['windows'] / max(p['seconds'], 1e-9):.0f} windows/s")
+    for (ckpt, task, mode), p in passes.items():
+        print(f"  {ckpt:<28} {task:<12} {mode:<6} backbone {p['backbone']:<14} window {p['window_samples']} / "
+              f"stride {p['stride_samples']} samples: {p['windows']} windows in {p['seconds']:.2f} s = "
+              f"{p['windows'] / max(p['seconds'], 1e-9):.0f} windows/s; peak memory {p['peak_memory']}")
+    for ckpt in args.checkpoints:
+        for task in args.tasks:
+            a, b = passes.get((ckpt, task, "aware")), passes.get((ckpt, task, "padded"))
+            if a and b:
+                speed = (a["windows"] / max(a["seconds"], 1e-9)) / max(b["windows"] / max(b["seconds"], 1e-9), 1e-9)
+                print(f"  lead-aware vs zero-padded 12-lead grid, {ckpt} on {task}: {speed:.1f}x windows/s")
+                a["speedup_vs_padded"] = speed
     n_pass = sum(c["encoder_passes"] for c in per_cell)
+    expected = len(args.checkpoints) * len(set(_dataset(t) for t in args.tasks)) * len(modes)
     print(f"encoder passes over a corpus: {n_pass} for {len(cells)} cells "
-          f"(expected {len(args.checkpoints) * len(set(_dataset(t) for t in args.tasks))} = checkpoints x corpora); "
-          f"feature files on disk: {n_files}")
+          f"(expected {expected} = checkpoints x corpora x lead modes); feature files on disk: {n_files}")
     heads = [c["seconds"] for c in per_cell if not c["encoder_passes"]]
     if heads:
         print(f"cells without an encoder pass (heads on cached features): mean {sum(heads) / len(heads):.2f} s, "
               f"max {max(heads):.2f} s per cell (C grid x bootstrap {args.bootstrap})")
     print(f"total {total:.1f} s; results table: {results_dir / 'results.md'}")
-    ok = n_pass == len(args.checkpoints) * len(set(_dataset(t) for t in args.tasks))
+    ok = n_pass == expected
     print("ONE PASS PER CHECKPOINT AND CORPUS:", "yes" if ok else "NO")
     if not args.keep and not args.work:
         shutil.rmtree(work, ignore_errors=True)
     return {"cells": len(cells), "encoder_passes": n_pass, "feature_files": n_files, "one_pass": ok,
-            "passes": {f"{k[0]}|{k[1]}": v for k, v in passes.items()}, "total_s": total}
+            "passes": {"|".join(k): v for k, v in passes.items()}, "total_s": total}
+
+
+def _reset_peak_memory() -> None:
+    """Reset the process's peak RSS (Linux ``clear_refs`` 5) and the CUDA peak, where possible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_memory() -> str:
+    """Peak resident set size since :func:`_reset_peak_memory` (VmHWM), plus the CUDA peak on a GPU."""
+    out = "n/a"
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                out = f"RSS {int(line.split()[1]) / 1024:.0f} MiB"
+    except OSError:
+        import resource
+
+        out = f"RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB (since start)"
+    import torch
+
+    if torch.cuda.is_available():
+        out += f", CUDA {torch.cuda.max_memory_allocated() / 2 ** 20:.0f} MiB"
+    return out
 
 
 def _dataset(task: str) -> str:

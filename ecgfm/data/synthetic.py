@@ -99,7 +99,7 @@ import csv
 import functools
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import scipy.sparse
@@ -912,12 +912,20 @@ class SyntheticSource:
         fs: sampling rate in Hz.
         duration: record length in seconds.
         noise: add noise (see :func:`generate_record`).
+        leads: keep only these leads (canonical names, e.g. ``["I"]``): the others are zeroed and marked absent in
+            ``lead_mask`` (a one-lead corpus for lead-set tests and benchmarks); None: all twelve.
     """
 
     name = "synthetic"
 
     def __init__(self, n_records: int, seed: int = 0, fs: float = 500.0, duration: float = 10.0,
-                 noise: bool = True):
+                 noise: bool = True, leads: Sequence[str] | None = None):
+        if leads is not None:
+            leads = [str(v) for v in leads]
+            unknown = [v for v in leads if v not in CANONICAL_LEADS]
+            if unknown or not leads:
+                raise ValueError(f"leads must be a non-empty list of {list(CANONICAL_LEADS)}, got {leads}")
+        self.leads = leads
         self.fs, self.duration, self._n_samples = _check_args(fs, duration)
         _check_seed_index(seed)
         if int(n_records) <= 0:
@@ -932,8 +940,9 @@ class SyntheticSource:
         return state
 
     def __repr__(self) -> str:
+        leads = f", leads={self.leads}" if self.leads is not None else ""
         return (f"SyntheticSource(n_records={self.n_records}, seed={self.seed}, fs={self.fs}, "
-                f"duration={self.duration})")
+                f"duration={self.duration}{leads})")
 
     def __len__(self) -> int:
         return self.n_records
@@ -956,6 +965,10 @@ class SyntheticSource:
                                          self.noise))
         record = _make_record(self._block[1], index - block * _SOURCE_BLOCK, index, self.seed, self.fs,
                               self.noise)
+        if self.leads is not None:
+            mask = np.isin(np.asarray(CANONICAL_LEADS), self.leads)
+            record = record.replace(signal=(record.signal * mask[:, None]).astype(record.signal.dtype),
+                                    lead_mask=mask)
         return record.replace(record_id=rid)
 
 

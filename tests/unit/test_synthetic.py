@@ -456,3 +456,17 @@ def test_write_wfdb_round_trip(tmp_path):
     rec = folder.load("syn000002")
     assert rec.labels == src.load("syn000002").labels and rec.patient_id == "synp000000"
     np.testing.assert_allclose(rec.signal, src.load("syn000002").signal, atol=6e-4)
+
+
+def test_synthetic_source_lead_subset():
+    """``leads=["I"]``: a one-lead corpus (others zeroed and absent); repr (the plan fingerprint) unchanged without it."""
+    from ecgfm.data.synthetic import SyntheticSource
+
+    full, one = SyntheticSource(4, seed=3), SyntheticSource(4, seed=3, leads=["I"])
+    a, b = full.load("syn000002"), one.load("syn000002")
+    assert b.lead_mask.tolist() == [True] + [False] * 11
+    np.testing.assert_array_equal(b.signal[0], a.signal[0])
+    assert not b.signal[1:].any()
+    assert "leads" not in repr(full) and "leads=['I']" in repr(one)
+    with pytest.raises(ValueError, match="leads"):
+        SyntheticSource(4, leads=["X9"])
