@@ -278,13 +278,15 @@ class ViT1D(Backbone):
                 sharing a lead set are encoded together), so absent leads cost nothing and their content does not
                 matter; the result keeps the full layout ``(B, L*N + 2L, D)`` with zero tokens at absent leads
                 (use :meth:`embed` with the same mask to pool over present leads only). ``None`` or all true:
-                today's computation, bit for bit. Not combined with ``ids_keep``.
+                today's computation, bit for bit. With ``ids_keep`` (every kept patch of a row in one of its
+                present leads): the kept patches and the SEP tokens of the present leads are encoded, the output
+                is ``(B, K + 2L, D)`` with zero SEP tokens at absent leads (MAE's random lead subsets).
         """
         if self._all_present(x, lead_mask):
             return self._encode(self.embed_tokens(x, ids_keep))
-        if ids_keep is not None:
-            raise ValueError("forward_features: ids_keep and a partial lead_mask cannot be combined")
         n = self._check_input(x)
+        if ids_keep is not None:
+            return self._forward_kept(x, ids_keep, lead_mask.to(x.device), n)
         out = x.new_zeros(x.shape[0], self.num_leads * (n + 2), self.embed_dim)
         for rows, leads in self.lead_groups(lead_mask.to(x.device)):
             tok = self._encode(self.embed_lead_tokens(x.index_select(0, rows), leads))
@@ -294,6 +296,20 @@ class ViT1D(Backbone):
             seps = out[:, self.num_leads * n:].view(-1, 2, self.num_leads, self.embed_dim)
             seps[r, :, leads] = tok[:, l * n:].reshape(len(rows), 2, l, self.embed_dim).transpose(1, 2) \
                 .to(out.dtype)
+        return out
+
+    def _forward_kept(self, x: torch.Tensor, ids_keep: torch.Tensor, lead_mask: torch.Tensor, n: int
+                      ) -> torch.Tensor:
+        """:meth:`forward_features` with ``ids_keep`` and a partial ``lead_mask`` (rows bucketed by lead set)."""
+        tokens = self.embed_tokens(x, ids_keep)                                       # (B, K + 2L, D)
+        k = ids_keep.shape[1]
+        present = self._check_mask(lead_mask)
+        if not torch.gather(present, 1, ids_keep // n).all():
+            raise ValueError("forward_features: ids_keep holds patches of leads that lead_mask marks absent")
+        out = torch.zeros_like(tokens)
+        for rows, leads in self.lead_groups(present):
+            sel = torch.cat([torch.arange(k, device=x.device), k + leads, k + self.num_leads + leads])
+            out[rows[:, None], sel] = self._encode(tokens[rows][:, sel]).to(out.dtype)
         return out
 
     def num_patch_tokens(self, tokens: torch.Tensor) -> int:

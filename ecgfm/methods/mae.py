@@ -40,8 +40,8 @@ DECODER_LAYOUTS = ("joint", "per_lead")
 
 
 def random_masking(batch: int, num_leads: int, num_patches: int, mask_ratio: float, mode: str = "global",
-                   device: torch.device | str = "cpu", generator: torch.Generator | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   device: torch.device | str = "cpu", generator: torch.Generator | None = None,
+                   leads: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-sample random masking of the ``leads x patches`` grid by sorting uniform noise (MAE / ST-MEM).
 
     Args:
@@ -53,6 +53,9 @@ def random_masking(batch: int, num_leads: int, num_patches: int, mask_ratio: flo
             patches in every lead).
         device: device of the outputs.
         generator: optional RNG (validation uses a fixed one); the global RNG otherwise.
+        leads: optional ``(l,)`` int64 lead indices (a random lead subset): visible patches are drawn from these
+            leads only (``int(l*N*(1-r))`` of them, or ``int(N*(1-r))`` per lead), every patch of the other leads
+            is hidden. None: all leads (the default draws, unchanged).
 
     Returns:
         ``ids_keep (B, K)`` int64 visible positions into the lead-major ``L*N`` grid (in shuffled order),
@@ -64,9 +67,16 @@ def random_masking(batch: int, num_leads: int, num_patches: int, mask_ratio: flo
     if mode not in MASK_MODES:
         raise ValueError(f"mask mode must be one of {MASK_MODES}, got {mode!r}")
     total = num_leads * num_patches
+    if leads is not None:
+        leads = torch.as_tensor(leads, dtype=torch.long, device=device)
+        out_lead = torch.ones(num_leads, dtype=torch.bool, device=device)
+        out_lead[leads] = False
     if mode == "global":
-        keep = int(total * (1 - mask_ratio))
+        n_in = total if leads is None else len(leads) * num_patches
+        keep = int(n_in * (1 - mask_ratio))
         noise = torch.rand(batch, total, device=device, generator=generator)
+        if leads is not None:   # patches of the other leads sort last: never visible
+            noise = noise + 2.0 * out_lead.repeat_interleave(num_patches)[None].to(noise.dtype)
         ids_shuffle = torch.argsort(noise, dim=1)                                   # ascending: small noise kept
     else:
         k_lead = int(num_patches * (1 - mask_ratio))
@@ -74,8 +84,14 @@ def random_masking(batch: int, num_leads: int, num_patches: int, mask_ratio: flo
         noise = torch.rand(batch, num_leads, num_patches, device=device, generator=generator)
         offset = torch.arange(num_leads, device=device)[None, :, None] * num_patches
         per_lead = torch.argsort(noise, dim=2) + offset                             # (B, L, N) grid positions
-        ids_shuffle = torch.cat([per_lead[:, :, :k_lead].reshape(batch, -1),
-                                 per_lead[:, :, k_lead:].reshape(batch, -1)], dim=1)
+        if leads is None:
+            ids_shuffle = torch.cat([per_lead[:, :, :k_lead].reshape(batch, -1),
+                                     per_lead[:, :, k_lead:].reshape(batch, -1)], dim=1)
+        else:
+            keep = k_lead * len(leads)
+            ids_shuffle = torch.cat([per_lead[:, leads, :k_lead].reshape(batch, -1),
+                                     per_lead[:, leads, k_lead:].reshape(batch, -1),
+                                     per_lead[:, out_lead].reshape(batch, -1)], dim=1)
     if keep < 1:
         raise ValueError(f"mask_ratio={mask_ratio} leaves no visible patch of {num_leads} x {num_patches} "
                          f"(mode {mode!r})")
@@ -193,6 +209,11 @@ class MAEModule(PretrainModule):
         norm_pix_loss: standardise every target patch (MAE ``norm_pix_loss``).
         mask_mode: ``"global"`` or ``"per_lead"`` (see module docstring).
         decoder_layout: ``"joint"`` or ``"per_lead"`` (see module docstring).
+        lead_subset_prob: probability, per training batch, of a random lead subset (issue 12): ``l`` leads drawn
+            uniformly (``l`` uniform in ``1..L``), shared by the batch; only their visible patches and SEP tokens
+            enter the encoder (as the lead-aware :meth:`~ecgfm.backbones.vit1d.ViT1D.embed` sees a record with
+            those leads), and the decoder reconstructs the hidden patches of every present lead, the dropped
+            leads included. 0 (default): off, numbers unchanged. Never in evaluation.
         lr, weight_decay, warmup_steps, max_steps, betas, probe_num_classes, probe_multilabel: see
             :class:`~ecgfm.methods.base.PretrainModule`.
     """
@@ -202,7 +223,7 @@ class MAEModule(PretrainModule):
                  mask_mode: str = "global", decoder_layout: str = "joint", lr: float = 1e-3,
                  weight_decay: float = 0.05, warmup_steps: int = 100, max_steps: int = 10000,
                  betas: tuple[float, float] = (0.9, 0.95), probe_num_classes: int | None = None,
-                 probe_multilabel: bool = False) -> None:
+                 probe_multilabel: bool = False, lead_subset_prob: float = 0.0) -> None:
         super().__init__(backbone, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps, max_steps=max_steps,
                          betas=betas, probe_num_classes=probe_num_classes, probe_multilabel=probe_multilabel)
         needed = ("patchify", "embed_tokens", "num_patch_tokens", "num_leads", "patch_size", "num_patches")
@@ -213,6 +234,9 @@ class MAEModule(PretrainModule):
             raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
         if mask_mode not in MASK_MODES:
             raise ValueError(f"mask_mode must be one of {MASK_MODES}, got {mask_mode!r}")
+        if not 0.0 <= lead_subset_prob <= 1.0:
+            raise ValueError(f"lead_subset_prob must be in [0, 1], got {lead_subset_prob}")
+        self.lead_subset_prob = float(lead_subset_prob)
         self.mask_ratio = float(mask_ratio)
         self.mask_mode = mask_mode
         self.norm_pix_loss = bool(norm_pix_loss)
@@ -225,12 +249,19 @@ class MAEModule(PretrainModule):
         """``(B, L, T) -> (B, L, N, P)``."""
         return self.backbone.patchify(x)
 
-    def random_masking(self, x: torch.Tensor, generator: torch.Generator | None = None
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def random_masking(self, x: torch.Tensor, generator: torch.Generator | None = None,
+                       leads: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Masks for ``x (B, L, T)``: ``ids_keep (B, K)``, ``ids_restore (B, L*N)``, ``mask (B, L, N)`` bool."""
         b, n_leads, t = x.shape
         return random_masking(b, n_leads, t // self.backbone.patch_size, self.mask_ratio, self.mask_mode,
-                              device=x.device, generator=generator)
+                              device=x.device, generator=generator, leads=leads)
+
+    def draw_lead_subset(self, num_leads: int) -> torch.Tensor | None:
+        """A random lead subset for this training batch (``lead_subset_prob``), or None (all leads)."""
+        if not self.training or self.lead_subset_prob <= 0 or float(torch.rand(())) >= self.lead_subset_prob:
+            return None
+        k = int(torch.randint(1, num_leads + 1, ()))
+        return torch.randperm(num_leads)[:k].sort().values
 
     def forward_encoder(self, x: torch.Tensor, generator: torch.Generator | None = None
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -245,8 +276,14 @@ class MAEModule(PretrainModule):
             ``ids_restore (B, L*N)``.
         """
         self.backbone.patchify(x)  # validates the input shape with a clear error
-        ids_keep, ids_restore, mask = self.random_masking(x, generator)
-        latent = self.backbone.forward_features(x, ids_keep=ids_keep)                 # (B, K + 2L, D)
+        leads = self.draw_lead_subset(x.shape[1]) if generator is None else None
+        ids_keep, ids_restore, mask = self.random_masking(x, generator, leads)
+        if leads is None:
+            latent = self.backbone.forward_features(x, ids_keep=ids_keep)             # (B, K + 2L, D)
+        else:   # only the subset's visible patches and SEP tokens are encoded; zero SEP slots for the others
+            subset = torch.zeros(x.shape[0], x.shape[1], dtype=torch.bool, device=x.device)
+            subset[:, leads.to(x.device)] = True
+            latent = self.backbone.forward_features(x, ids_keep=ids_keep, lead_mask=subset)
         return latent, mask, ids_restore
 
     def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor, num_patches: int) -> torch.Tensor:

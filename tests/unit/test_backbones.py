@@ -307,8 +307,8 @@ def test_vit_lead_mask_edge_cases(vit):
         vit.embed(x, lead_mask=torch.ones(2, 11, dtype=torch.bool))
     with pytest.raises(ValueError, match="rows"):
         vit.embed(x, lead_mask=torch.ones(3, 12, dtype=torch.bool))
-    with pytest.raises(ValueError, match="ids_keep"):
-        vit.forward_features(x, ids_keep=torch.zeros(2, 3, dtype=torch.long), lead_mask=none_present | (torch.arange(12) == 0))
+    with pytest.raises(ValueError, match="absent"):   # kept patches of a lead the mask marks absent
+        vit.forward_features(x, ids_keep=torch.zeros(2, 3, dtype=torch.long), lead_mask=none_present | (torch.arange(12) == 1))
     # gradients reach the encoder through the lead-aware path
     mask = torch.zeros(2, 12, dtype=torch.bool)
     mask[:, :2] = True

@@ -275,3 +275,79 @@ def test_training_loss_with_stochastic_depth_falls_back_to_the_full_decoder():
     latent, mask, ids_restore = m.forward_encoder(x, torch.Generator().manual_seed(3))
     fast = m.reconstruction_loss(x, latent, mask, ids_restore)
     torch.testing.assert_close(fast, m.forward_loss(x, m.forward_decoder(latent, ids_restore, mask.shape[2]), mask))
+
+
+# ---------------------------------------------------------------------- random lead subsets (issue 12, item 1)
+@pytest.mark.parametrize("mode", ["global", "per_lead"])
+def test_masking_restricted_to_a_lead_subset(mode):
+    leads = torch.tensor([1, 4, 7])
+    ids_keep, ids_restore, mask = random_masking(5, 12, 10, 0.6, mode, leads=leads)
+    assert ids_keep.shape == (5, 3 * 4)                       # int(3 * 10 * 0.4) = int(10 * 0.4) * 3 = 12
+    assert torch.isin(ids_keep // 10, leads).all()
+    out = torch.ones(12, dtype=torch.bool)
+    out[leads] = False
+    assert mask[:, out].all() and (~mask).sum((1, 2)).eq(12).all()
+    flat = torch.zeros(5, 120, dtype=torch.bool)
+    flat.scatter_(1, ids_keep, True)
+    assert torch.equal(flat, ~mask.reshape(5, 120))
+    assert torch.equal(torch.sort(ids_restore, 1).values, torch.arange(120).expand(5, -1))
+
+
+def test_vit_ids_keep_with_a_lead_subset_encodes_only_those_leads():
+    torch.manual_seed(0)
+    vit = create_backbone("vit1d_test").eval()
+    x = torch.randn(3, 12, 250)
+    leads = torch.tensor([0, 5])
+    ids_keep, _, _ = random_masking(3, 12, 10, 0.5, leads=leads)
+    subset = torch.zeros(3, 12, dtype=torch.bool)
+    subset[:, leads] = True
+    with torch.no_grad():
+        out = vit.forward_features(x, ids_keep=ids_keep, lead_mask=subset)
+        other = x.clone()
+        other[:, 1:5] = 7.0
+        assert torch.equal(out, vit.forward_features(other, ids_keep=ids_keep, lead_mask=subset))
+        full_in = vit.embed_tokens(x, ids_keep)                                   # (B, K + 2L, D)
+        k = ids_keep.shape[1]
+        sel = torch.cat([torch.arange(k), k + leads, k + 12 + leads])
+        ref = full_in[:, sel]
+        for blk in vit.blocks:
+            ref = blk(ref)
+        ref = vit.norm(ref)
+    assert out.shape == (3, k + 24, 16)
+    torch.testing.assert_close(out[:, sel], ref, atol=1e-5, rtol=1e-5)
+    rest = torch.ones(k + 24, dtype=torch.bool)
+    rest[sel] = False
+    assert (out[:, rest] == 0).all()
+    with pytest.raises(ValueError, match="absent"):
+        bad = subset.clone()
+        bad[:, 5] = False
+        vit.forward_features(x, ids_keep=ids_keep, lead_mask=bad)
+
+
+def test_mae_lead_subset_augmentation_trains_and_is_off_by_default_and_in_eval():
+    torch.manual_seed(0)
+    m = _module(lead_subset_prob=1.0)
+    x = torch.randn(4, 12, 250)
+    batch = {"x": x, "lead_mask": torch.ones(4, 12, dtype=torch.bool)}
+    m.train()
+    seen = set()
+    for _ in range(6):
+        leads = m.draw_lead_subset(12)
+        assert leads is not None and 1 <= len(leads) <= 12
+        seen.add(len(leads))
+    assert len(seen) > 1
+    loss, _ = m.shared_step(batch)
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert m.backbone.patch_embed[1].weight.grad is not None
+    m.eval()
+    assert m.draw_lead_subset(12) is None
+    off = _module()
+    off.load_state_dict(m.state_dict())
+    off.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(m.shared_step(batch)[0], off.shared_step(batch)[0], atol=0, rtol=0)
+    off.train()
+    assert off.lead_subset_prob == 0 and off.draw_lead_subset(12) is None
+    with pytest.raises(ValueError, match="lead_subset_prob"):
+        _module(lead_subset_prob=1.5)
