@@ -4,6 +4,10 @@ Every backbone takes ``(batch, leads, samples)`` and provides:
 
 * ``forward_features(x)`` -> tokens ``(B, N, D)`` (transformers) or feature maps ``(B, C, T')`` (CNNs);
 * ``embed(x)`` -> pooled embedding ``(B, num_features)``; ``forward(x)`` is ``embed(x)``;
+* optionally ``embed(x, lead_mask=None)`` with ``lead_mask (B, 12)`` bool (false = absent lead) and the class
+  attribute ``accepts_lead_mask = True`` (:class:`~ecgfm.backbones.vit1d.ViT1D`): absent leads then cost nothing
+  and do not enter the pooled embedding; without a mask (or with every lead present) the result is the plain one.
+  Frozen-feature extraction passes each record's mask to such backbones (:mod:`ecgfm.evaluate.features`);
 * ``num_features`` (int), ``name`` (registry name) and ``init_args`` (JSON-able constructor arguments),
   so that an exported encoder is rebuilt with ``create_backbone(name, **init_args)`` and no pickling.
 

@@ -217,7 +217,7 @@ class ViT1D(Backbone):
         """
         lead_mask = self._check_mask(lead_mask)
         lead_mask = lead_mask | ~lead_mask.any(dim=1, keepdim=True)
-        sets, inverse = torch.unique(lead_mask, dim=0, return_inverse=True)
+        sets, inverse = torch.unique(lead_mask.to(torch.uint8), dim=0, return_inverse=True)  # uint8: any device
         return [((inverse == g).nonzero().flatten(), sets[g].nonzero().flatten()) for g in range(len(sets))]
 
     def _check_mask(self, lead_mask: torch.Tensor) -> torch.Tensor:
