@@ -152,7 +152,8 @@ class FeaturesConfig:
 
     dir: str = "${paths.cache_root}/features"
     batch_size: int = 256
-    lead_aware: bool = True  # probe.py: absent leads make no tokens for backbones that take lead_mask
+    lead_aware: bool = True  # probe.py only: absent leads make no tokens (backbones taking lead_mask); finetune.py
+    #                          and its LP-FT head stay zero-padded (the fine-tuned forward pass is not lead-aware yet)
 
 
 @dataclass
