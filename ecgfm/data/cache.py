@@ -76,7 +76,8 @@ Integrity and freshness (format version 2):
   may define ``input_files(record_id)`` and ``label_files()``; otherwise the files sharing the stem of the
   record's ``header["path"]`` and the ``*.csv`` tables of its ``root`` (and table-valued attributes such as
   ``labels_csv``) are used. Files are compared by size + mtime (a replacement with the same size and mtime is
-  not seen: use ``verify=true`` after copying data with preserved times); label tables by sha256.
+  not seen, and ``verify=true`` does not see it either: it hashes the cache's own files, not the source records;
+  rebuild into a new ``out=`` after replacing records with preserved times); label tables by sha256.
 * **Workers die with their parent** (:func:`die_with_parent`): a killed conversion leaves no process behind.
 
 Testing hook: the environment variable ``ECGFM_PREPARE_RECORD_DELAY`` (seconds) makes every conversion worker

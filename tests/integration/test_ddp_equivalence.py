@@ -59,7 +59,8 @@ def _fix_masks(model: torch.nn.Module, rank: int, world: int) -> None:
     """Masks of the global batch from a fixed seed; this rank keeps its rows."""
     from ecgfm.methods.mae import random_masking
 
-    def masking(x: torch.Tensor, generator: torch.Generator | None = None):
+    def masking(x: torch.Tensor, generator: torch.Generator | None = None, lead_subset: torch.Tensor | None = None):
+        assert lead_subset is None  # lead-subset augmentation is off in this test
         b, leads, t = x.shape
         gen = torch.Generator().manual_seed(99)
         ids_keep, ids_restore, mask = random_masking(b * world, leads, t // model.backbone.patch_size,

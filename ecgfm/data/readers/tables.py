@@ -82,8 +82,9 @@ def decode_table_bytes(raw: bytes, path: str | os.PathLike, encoding: str = "utf
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
         raise ECGDataError(path, f"line {line}: bytes {raw[exc.start:exc.end]!r} are not valid {encoding} "
-                                 f"(encoding tried: {encoding}); save the file as UTF-8 or pass its encoding "
-                                 f"(e.g. encoding='latin-1')") from None
+                                 f"(encoding tried: {encoding}); save the file as UTF-8 or give its encoding "
+                                 f"(folder sources: folder.labels_encoding=latin-1 on the command line, "
+                                 f"labels_encoding='latin-1' in Python)") from None
     except LookupError:
         raise ECGDataError(path, f"unknown text encoding {encoding!r}") from None
     return text[1:] if text.startswith("\ufeff") else text
