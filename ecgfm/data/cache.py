@@ -110,7 +110,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from ecgfm.data.preprocess import PreprocessSpec, preprocess_record
-from ecgfm.data.record import CANONICAL_LEADS, N_LEADS, ECGDataError, ECGRecord, RecordSource
+from ecgfm.data.readers._scan import is_decodable
+from ecgfm.data.record import CANONICAL_LEADS, N_LEADS, ECGDataError, ECGRecord, RecordSource, printable
 from ecgfm.io import LockBusy, atomic_write, atomic_write_bytes, atomic_write_json, dumps, file_lock, fsync_dir, \
     jsonable, sha256_file
 
@@ -359,8 +360,8 @@ def _make_plan(sources: Sequence[RecordSource], spec: PreprocessSpec, shard_reco
             continue
         for rid in sorted(ids, key=natural_key):
             key = f"{src.name}/{rid}"
-            if not _utf8(key):
-                skipped.append({"source": str(src.name), "record_id": _printable(rid), "path": "",
+            if not is_decodable(key):
+                skipped.append({"source": str(src.name), "record_id": printable(rid), "path": "",
                                 "reason": "record id is not valid UTF-8 (undecodable bytes in a file name)"})
                 continue
             if key in keys_seen:
@@ -465,7 +466,7 @@ def _record_inputs(src: RecordSource, rid: str, path: Any) -> list[list[Any]]:
         files = _siblings(os.path.abspath(str(path)))
     out = []
     for f in files:
-        if not _utf8(f):   # a name the UTF-8 index cannot hold (undecodable bytes): not fingerprinted
+        if not is_decodable(f):   # a name the UTF-8 index cannot hold (undecodable bytes): not fingerprinted
             continue
         try:
             st = os.stat(f)
@@ -475,27 +476,13 @@ def _record_inputs(src: RecordSource, rid: str, path: Any) -> list[list[Any]]:
     return out
 
 
-def _printable(text: str) -> str:
-    """``text`` with anything UTF-8 cannot encode (undecodable file-name bytes) backslash-escaped."""
-    return text if _utf8(text) else text.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
-def _utf8(text: str) -> bool:
-    """Whether ``text`` (a file name) can be written to the UTF-8 JSON files of the cache."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 def _label_files(src: RecordSource) -> list[Path]:
     """The label / metadata tables of a source: ``src.label_files()`` when defined; else the files named by its
     public attributes with a table suffix (``labels_csv``) and the ``*.csv`` / ``*.tsv`` files directly in its
     ``root`` folder (``ptbxl_database.csv``, ``scp_statements.csv``, ``REFERENCE.csv``...)."""
     fn = getattr(src, "label_files", None)
     if callable(fn):
-        return sorted({Path(p) for p in fn() if _utf8(str(p))})
+        return sorted({Path(p) for p in fn() if is_decodable(str(p))})
     found: set[Path] = set()
     for key, value in sorted(getattr(src, "__dict__", {}).items()):
         if key.startswith("_") or not isinstance(value, (str, os.PathLike)):
@@ -508,7 +495,7 @@ def _label_files(src: RecordSource) -> list[Path]:
         for entry in os.scandir(root):
             if entry.is_file() and Path(entry.name).suffix.lower() in (".csv", ".tsv"):
                 found.add(Path(entry.path).resolve())
-    return sorted(p for p in found if _utf8(str(p)))
+    return sorted(p for p in found if is_decodable(str(p)))
 
 
 def _label_fingerprint(src: RecordSource) -> dict[str, Any]:
@@ -522,7 +509,7 @@ def _label_fingerprint(src: RecordSource) -> dict[str, Any]:
 
 def _source_dirs(src: RecordSource) -> list[str]:
     root = getattr(src, "root", None)
-    if isinstance(root, (str, os.PathLike)) and Path(root).is_dir() and _utf8(str(Path(root).resolve())):
+    if isinstance(root, (str, os.PathLike)) and Path(root).is_dir() and is_decodable(str(Path(root).resolve())):
         return [str(Path(root).resolve())]
     return []
 
@@ -655,8 +642,8 @@ def _convert_shard(shard_index: int, items: Sequence[tuple[int, str]]) -> dict[s
                 kind = "" if isinstance(exc, ECGDataError) else f"{type(exc).__name__}: "
                 problem = exc.problem if isinstance(exc, ECGDataError) else str(exc)
                 path = _error_path(exc, src, rid)
-                skipped.append({"source": str(src.name), "record_id": rid, "path": _printable(str(path)),
-                                "reason": _printable(f"{kind}{problem}".replace("\n", " ")),
+                skipped.append({"source": str(src.name), "record_id": rid, "path": printable(str(path)),
+                                "reason": printable(f"{kind}{problem}".replace("\n", " ")),
                                 "inputs": _record_inputs(src, rid, path)})
             else:
                 data = np.ascontiguousarray(rec.signal[rec.lead_mask], dtype=DTYPE)
