@@ -209,6 +209,15 @@ class PretrainModule(L.LightningModule):
         x = batch["x"]
         if "lead_mask" in batch:
             x = x * batch["lead_mask"].to(x.dtype)[:, :, None]
+        return self.embed_batch(x, batch.get("lead_mask"))
+
+    def embed_batch(self, x: torch.Tensor, lead_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``backbone.embed`` of ``x (B, L, T)`` -> ``(B, D)``, over present leads only when the module is lead-aware
+        (attribute ``lead_aware``, default true), the backbone takes ``lead_mask`` and ``lead_mask (B, L)`` is
+        given; otherwise absent leads are encoded as zero leads."""
+        if (lead_mask is not None and getattr(self, "lead_aware", True)
+                and getattr(self.backbone, "accepts_lead_mask", False)):
+            return self.backbone.embed(x, lead_mask=lead_mask.to(torch.bool))
         return self.backbone.embed(x)
 
     def _collect_probe(self, batch: dict[str, torch.Tensor]) -> None:

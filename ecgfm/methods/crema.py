@@ -37,7 +37,7 @@ class CREMAModule(MAEModule):
         proj_batch_norm: BatchNorm after the hidden layer of the projection head (``False``: Linear-ReLU-Linear,
             e.g. for very small per-device batches).
         mask_ratio, decoder_dim, decoder_depth, decoder_heads, decoder_mlp_ratio, norm_pix_loss, mask_mode,
-            decoder_layout: see :class:`~ecgfm.methods.mae.MAEModule`.
+            decoder_layout, lead_aware: see :class:`~ecgfm.methods.mae.MAEModule`.
         lr, weight_decay, warmup_steps, max_steps, betas, probe_num_classes, probe_multilabel: see
             :class:`~ecgfm.methods.base.PretrainModule`.
     """
@@ -49,12 +49,14 @@ class CREMAModule(MAEModule):
                  decoder_mlp_ratio: float = 4.0, norm_pix_loss: bool = True, mask_mode: str = "global",
                  decoder_layout: str = "joint", lr: float = 1e-3, weight_decay: float = 0.05,
                  warmup_steps: int = 100, max_steps: int = 10000, betas: tuple[float, float] = (0.9, 0.95),
-                 probe_num_classes: int | None = None, probe_multilabel: bool = False) -> None:
+                 probe_num_classes: int | None = None, probe_multilabel: bool = False,
+                 lead_aware: bool = True) -> None:
         super().__init__(backbone, mask_ratio=mask_ratio, decoder_dim=decoder_dim, decoder_depth=decoder_depth,
                          decoder_heads=decoder_heads, decoder_mlp_ratio=decoder_mlp_ratio,
                          norm_pix_loss=norm_pix_loss, mask_mode=mask_mode, decoder_layout=decoder_layout, lr=lr,
                          weight_decay=weight_decay, warmup_steps=warmup_steps, max_steps=max_steps, betas=betas,
-                         probe_num_classes=probe_num_classes, probe_multilabel=probe_multilabel)
+                         probe_num_classes=probe_num_classes, probe_multilabel=probe_multilabel,
+                         lead_aware=lead_aware)
         if contrastive_weight < 0:
             raise ValueError(f"contrastive_weight must be >= 0, got {contrastive_weight}")
         if temperature <= 0:
@@ -67,17 +69,37 @@ class CREMAModule(MAEModule):
                                         batch_norm=proj_batch_norm, final_batch_norm=False)
 
     def shared_step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """``loss = recon + w * contrastive``; terms ``recon`` and (when ``w > 0``) ``contrastive``."""
+        """``loss = recon + w * contrastive``; terms ``recon`` and (when ``w > 0``) ``contrastive``.
+
+        With ``lead_aware`` each lead-set group of the batch is masked and encoded over its present leads (as
+        :meth:`MAEModule.shared_step`); the pooled views of all groups meet in one contrastive loss.
+        """
         x, lead_mask = batch["x"], batch.get("lead_mask")
-        gen = self._val_generator(x)
-        latent1, mask1, ids_restore1 = self.forward_encoder(x, gen)                 # view 1: (B, K + 2L, D)
-        recon = self.reconstruction_loss(x, latent1, mask1, ids_restore1, lead_mask)
+        recons, counts, pooled1, pooled2 = [], [], [], []
+        order = []
+        for rows, leads in self.lead_set_groups(batch):
+            xg = x.index_select(0, rows)
+            mg = None if lead_mask is None else lead_mask.index_select(0, rows).to(torch.bool)
+            gen = self._val_generator(xg)
+            latent1, mask1, ids_restore1 = self.forward_encoder(xg, gen, present=leads)   # view 1: (b, K + 2L, D)
+            recons.append(self.reconstruction_loss(xg, latent1, mask1, ids_restore1, mg))
+            counts.append(mask1.sum() if mg is None else (mask1 & mg[:, :, None]).sum())
+            order.append(rows)
+            if self.contrastive_weight != 0:
+                latent2, _, _ = self.forward_encoder(xg, gen, present=leads)                # view 2: new masks
+                pooled1.append(self.backbone.pool(latent1))
+                pooled2.append(self.backbone.pool(latent2))
+        if len(recons) == 1:
+            recon = recons[0]
+        else:
+            weights = torch.stack(counts).to(recons[0].dtype)
+            recon = (torch.stack(recons) * weights).sum() / weights.sum().clamp_min(1)
         terms = {"recon": recon.detach()}
         if self.contrastive_weight == 0:
             return recon, terms
-        latent2, _, _ = self.forward_encoder(x, gen)                                 # view 2: new masks
-        z1 = self.projector(self.backbone.pool(latent1))                             # (B, proj_dim)
-        z2 = self.projector(self.backbone.pool(latent2))
+        inverse = torch.argsort(torch.cat(order))                                      # back to batch order
+        z1 = self.projector(torch.cat(pooled1)[inverse])                               # (B, proj_dim)
+        z2 = self.projector(torch.cat(pooled2)[inverse])
         contrastive = nt_xent(z1, z2, temperature=self.temperature)
         terms["contrastive"] = contrastive.detach()
         return recon + self.contrastive_weight * contrastive, terms

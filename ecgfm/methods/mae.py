@@ -17,8 +17,13 @@ Choices, and how they differ from the ST-MEM code:
 * ``decoder_layout="joint"`` (default) lets all ``L * N`` decoder tokens attend to each other;
   ``decoder_layout="per_lead"`` decodes every lead on its own (ST-MEM's lead-wise decoding), batched as
   ``(B * L, N, D)`` instead of a Python loop over leads, and without the SEP tokens ST-MEM carries through it.
-* Absent leads (``lead_mask`` false, zero-filled by the data layer) are still encoded (the model learns that a lead
-  is missing) but never counted in the loss.
+* Absent leads (``lead_mask`` false, zero-filled by the data layer): with ``lead_aware=True`` (default) a batch is
+  split by lead set and each group is masked and encoded over its present leads only (as the lead-aware
+  :meth:`~ecgfm.backbones.vit1d.ViT1D.embed` sees it downstream), so a one-lead record costs ~1/12 of a 12-lead
+  one in the encoder and its visible patches are never empty-lead patches; the group losses are combined weighted by
+  their counted patches, which equals the loss over the whole batch. ``lead_aware=False``: absent leads are encoded
+  as zero leads (the model learns that a lead is missing). Either way they are never counted in the loss. A batch
+  whose rows all have every lead takes the same path (and random draws) either way.
 """
 
 from __future__ import annotations
@@ -209,11 +214,13 @@ class MAEModule(PretrainModule):
         norm_pix_loss: standardise every target patch (MAE ``norm_pix_loss``).
         mask_mode: ``"global"`` or ``"per_lead"`` (see module docstring).
         decoder_layout: ``"joint"`` or ``"per_lead"`` (see module docstring).
-        lead_subset_prob: probability, per training batch, of a random lead subset (issue 12): ``l`` leads drawn
-            uniformly (``l`` uniform in ``1..L``), shared by the batch; only their visible patches and SEP tokens
+        lead_subset_prob: probability, per training batch (per lead-set group with ``lead_aware``), of a random
+            lead subset (issue 12): ``l`` of the present leads drawn uniformly (``l`` uniform in ``1..present``),
+            shared by the batch (group); only their visible patches and SEP tokens
             enter the encoder (as the lead-aware :meth:`~ecgfm.backbones.vit1d.ViT1D.embed` sees a record with
             those leads), and the decoder reconstructs the hidden patches of every present lead, the dropped
             leads included. 0 (default): off, numbers unchanged. Never in evaluation.
+        lead_aware: encode every lead-set group of a batch over its present leads only (see the module docstring).
         lr, weight_decay, warmup_steps, max_steps, betas, probe_num_classes, probe_multilabel: see
             :class:`~ecgfm.methods.base.PretrainModule`.
     """
@@ -223,7 +230,7 @@ class MAEModule(PretrainModule):
                  mask_mode: str = "global", decoder_layout: str = "joint", lr: float = 1e-3,
                  weight_decay: float = 0.05, warmup_steps: int = 100, max_steps: int = 10000,
                  betas: tuple[float, float] = (0.9, 0.95), probe_num_classes: int | None = None,
-                 probe_multilabel: bool = False, lead_subset_prob: float = 0.0) -> None:
+                 probe_multilabel: bool = False, lead_subset_prob: float = 0.0, lead_aware: bool = True) -> None:
         super().__init__(backbone, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps, max_steps=max_steps,
                          betas=betas, probe_num_classes=probe_num_classes, probe_multilabel=probe_multilabel)
         needed = ("patchify", "embed_tokens", "num_patch_tokens", "num_leads", "patch_size", "num_patches")
@@ -237,6 +244,7 @@ class MAEModule(PretrainModule):
         if not 0.0 <= lead_subset_prob <= 1.0:
             raise ValueError(f"lead_subset_prob must be in [0, 1], got {lead_subset_prob}")
         self.lead_subset_prob = float(lead_subset_prob)
+        self.lead_aware = bool(lead_aware)
         self.mask_ratio = float(mask_ratio)
         self.mask_mode = mask_mode
         self.norm_pix_loss = bool(norm_pix_loss)
@@ -256,27 +264,45 @@ class MAEModule(PretrainModule):
         return random_masking(b, n_leads, t // self.backbone.patch_size, self.mask_ratio, self.mask_mode,
                               device=x.device, generator=generator, leads=leads)
 
-    def draw_lead_subset(self, num_leads: int) -> torch.Tensor | None:
-        """A random lead subset for this training batch (``lead_subset_prob``), or None (all leads)."""
+    def draw_lead_subset(self, num_leads: int, present: torch.Tensor | None = None) -> torch.Tensor | None:
+        """A random lead subset for this training batch (``lead_subset_prob``), or None (no subset drawn).
+
+        Args:
+            num_leads: ``L``.
+            present: optional ``(l,)`` int64 present leads to draw from (all ``L`` when None).
+
+        Returns:
+            ``(k,)`` int64 sorted lead indices, or None.
+        """
         if not self.training or self.lead_subset_prob <= 0 or float(torch.rand(())) >= self.lead_subset_prob:
             return None
-        k = int(torch.randint(1, num_leads + 1, ()))
-        return torch.randperm(num_leads)[:k].sort().values
+        if present is None:
+            k = int(torch.randint(1, num_leads + 1, ()))
+            return torch.randperm(num_leads)[:k].sort().values
+        present = present.cpu()
+        k = int(torch.randint(1, len(present) + 1, ()))
+        return present[torch.randperm(len(present))[:k]].sort().values
 
-    def forward_encoder(self, x: torch.Tensor, generator: torch.Generator | None = None
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward_encoder(self, x: torch.Tensor, generator: torch.Generator | None = None,
+                        present: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Mask and encode.
 
         Args:
             x: ``(B, L, T)``.
             generator: optional RNG for the masks.
+            present: optional ``(l,)`` int64 leads present in every row of ``x`` (a lead-set group): visible
+                patches are drawn from these leads only and only they are encoded. None: all leads.
 
         Returns:
-            ``latent (B, K + 2L, D)`` (visible patch tokens, then SEP tokens), ``mask (B, L, N)`` bool,
-            ``ids_restore (B, L*N)``.
+            ``latent (B, K + 2L, D)`` (visible patch tokens, then SEP tokens; zero SEP tokens at leads not
+            encoded), ``mask (B, L, N)`` bool, ``ids_restore (B, L*N)``.
         """
         self.backbone.patchify(x)  # validates the input shape with a clear error
-        leads = self.draw_lead_subset(x.shape[1]) if generator is None else None
+        if present is not None and len(present) == x.shape[1]:
+            present = None
+        leads = self.draw_lead_subset(x.shape[1], present) if generator is None else None
+        if leads is None:
+            leads = present
         ids_keep, ids_restore, mask = self.random_masking(x, generator, leads)
         if leads is None:
             latent = self.backbone.forward_features(x, ids_keep=ids_keep)             # (B, K + 2L, D)
@@ -343,8 +369,29 @@ class MAEModule(PretrainModule):
             return None
         return torch.Generator(device=x.device).manual_seed(0)
 
+    def lead_set_groups(self, batch: dict[str, torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """Rows of a batch by lead set: ``[(rows (b,), present leads (l,) or None = all), ...]``.
+
+        One group ``(all rows, None)`` unless ``lead_aware`` and some row lacks a lead.
+        """
+        x, lead_mask = batch["x"], batch.get("lead_mask")
+        if not self.lead_aware or lead_mask is None or bool(lead_mask.all()):
+            return [(torch.arange(x.shape[0], device=x.device), None)]
+        return self.backbone.lead_groups(lead_mask.to(x.device))
+
     def shared_step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        x = batch["x"]
-        latent, mask, ids_restore = self.forward_encoder(x, self._val_generator(x))
-        loss = self.reconstruction_loss(x, latent, mask, ids_restore, batch.get("lead_mask"))
+        x, lead_mask = batch["x"], batch.get("lead_mask")
+        groups = self.lead_set_groups(batch)
+        if len(groups) == 1 and groups[0][1] is None:
+            latent, mask, ids_restore = self.forward_encoder(x, self._val_generator(x))
+            loss = self.reconstruction_loss(x, latent, mask, ids_restore, lead_mask)
+            return loss, {"recon": loss.detach()}
+        losses, counts = [], []
+        for rows, leads in groups:   # each lead set masked and encoded over its present leads
+            xg, mg = x.index_select(0, rows), lead_mask.index_select(0, rows).to(torch.bool)
+            latent, mask, ids_restore = self.forward_encoder(xg, self._val_generator(xg), present=leads)
+            losses.append(self.reconstruction_loss(xg, latent, mask, ids_restore, mg))
+            counts.append((mask & mg[:, :, None]).sum())
+        weights = torch.stack(counts).to(losses[0].dtype)
+        loss = (torch.stack(losses) * weights).sum() / weights.sum().clamp_min(1)
         return loss, {"recon": loss.detach()}

@@ -54,6 +54,9 @@ class SimCLRModule(PretrainModule):
         aug_seed: seed of the augmentation generator (rank ``r`` uses ``aug_seed + 1000 r``; validation always
             restarts from its own seed, so validation losses are comparable between epochs; the training
             generator's state travels in checkpoints); ``None`` draws from torch's global generator.
+        lead_aware: for backbones whose ``embed`` takes ``lead_mask`` (ViT-1D), encode only the record's present
+            leads (as frozen features and fine-tuning see them downstream; a one-lead record costs ~1/12).
+            False: absent leads are encoded as zero leads.
         lr, weight_decay, warmup_steps, max_steps, betas, probe_num_classes, probe_multilabel: see
             :class:`~ecgfm.methods.base.PretrainModule`.
     """
@@ -65,13 +68,15 @@ class SimCLRModule(PretrainModule):
                  p_time_mask: float = 0.5, p_lead_mask: float = 0.5, p_lowpass: float = 0.3,
                  aug_seed: int | None = 0, lr: float = 1e-3, weight_decay: float = 0.05, warmup_steps: int = 100,
                  max_steps: int = 10000, betas: tuple[float, float] = (0.9, 0.95),
-                 probe_num_classes: int | None = None, probe_multilabel: bool = False) -> None:
+                 probe_num_classes: int | None = None, probe_multilabel: bool = False,
+                 lead_aware: bool = True) -> None:
         super().__init__(backbone, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
                          max_steps=max_steps, betas=betas, probe_num_classes=probe_num_classes,
                          probe_multilabel=probe_multilabel)
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.temperature = float(temperature)
+        self.lead_aware = bool(lead_aware)
         self.projector = ProjectionHead(int(backbone.num_features), proj_hidden, proj_dim, num_layers=proj_layers)
         self.augment = simclr_augment(fs=fs, crop_scale=tuple(crop_scale), p_crop=p_crop,
                                       noise_snr_db=tuple(noise_snr_db), p_noise=p_noise, p_amplitude=p_amplitude,
@@ -177,7 +182,10 @@ class SimCLRModule(PretrainModule):
         """
         v1, v2 = self.views(batch)
         n = v1.shape[0]
-        z = self.projector(self.backbone.embed(torch.cat([v1, v2])))  # one pass over both views: (2B, proj_dim)
+        lead_mask = batch.get("lead_mask")
+        if lead_mask is not None:
+            lead_mask = torch.cat([lead_mask, lead_mask])
+        z = self.projector(self.embed_batch(torch.cat([v1, v2]), lead_mask))  # both views in one pass: (2B, proj)
         z1, z2 = z[:n], z[n:]
         loss = nt_xent(z1, z2, temperature=self.temperature)
         with torch.no_grad():

@@ -24,18 +24,19 @@ def _batch(b: int = 4) -> dict[str, torch.Tensor]:
             "patient": torch.arange(b), "index": torch.arange(b)}
 
 
-def _pair(weight: float) -> tuple[MAEModule, CREMAModule]:
+def _pair(weight: float, lead_aware: bool = True) -> tuple[MAEModule, CREMAModule]:
     torch.manual_seed(0)
-    mae = MAEModule(create_backbone("vit1d_test"), **DEC)
-    crema = CREMAModule(create_backbone("vit1d_test"), contrastive_weight=weight, **DEC)
+    mae = MAEModule(create_backbone("vit1d_test"), lead_aware=lead_aware, **DEC)
+    crema = CREMAModule(create_backbone("vit1d_test"), contrastive_weight=weight, lead_aware=lead_aware, **DEC)
     missing, unexpected = crema.load_state_dict(mae.state_dict(), strict=False)
     assert not unexpected and all(k.startswith("projector.") for k in missing)
     return mae, crema
 
 
+@pytest.mark.parametrize("lead_aware", [True, False])
 @pytest.mark.parametrize("train", [True, False])
-def test_weight_zero_is_exactly_mae(train):
-    mae, crema = _pair(0.0)
+def test_weight_zero_is_exactly_mae(train, lead_aware):
+    mae, crema = _pair(0.0, lead_aware)
     mae.train(train)
     crema.train(train)
     batch = _batch()
@@ -57,7 +58,7 @@ def test_weight_zero_is_exactly_mae(train):
 
 
 def test_positive_weight_adds_the_contrastive_term_of_two_masked_views():
-    _, crema = _pair(0.5)
+    _, crema = _pair(0.5, lead_aware=False)   # one encoder pass per view over the zero-filled 12-lead grid
     crema.train()
     batch = _batch()
     torch.manual_seed(7)
@@ -124,3 +125,30 @@ def test_projector_without_batch_norm():
     loss, terms = crema.shared_step(_batch(b=2))
     assert set(terms) == {"recon", "contrastive"} and torch.isfinite(loss)
     assert crema.hparams["proj_batch_norm"] is False
+
+
+def test_lead_aware_views_of_a_mixed_batch_meet_in_one_contrastive_loss():
+    """Lead-aware CREMA: each lead-set group is masked / encoded over its present leads; the pooled views of all
+    groups, back in batch order, form one NT-Xent; the reconstruction is the patch-weighted mean of the groups."""
+    _, crema = _pair(0.5)
+    crema.train()
+    batch = _batch()
+    torch.manual_seed(7)
+    loss, terms = crema.shared_step(batch)
+    torch.testing.assert_close(loss.detach(), terms["recon"] + 0.5 * terms["contrastive"])
+
+    torch.manual_seed(7)
+    x, lm = batch["x"], batch["lead_mask"]
+    recons, counts, z1, z2 = [], [], torch.zeros(4, 16), torch.zeros(4, 16)
+    for rows, leads in crema.backbone.lead_groups(lm):
+        xg, mg = x[rows], lm[rows]
+        lat1, mask1, restore1 = crema.forward_encoder(xg, present=leads)
+        recons.append(crema.forward_loss(xg, crema.forward_decoder(lat1, restore1, 10), mask1, mg))
+        counts.append((mask1 & mg[:, :, None]).sum())
+        lat2, _, _ = crema.forward_encoder(xg, present=leads)
+        k = crema.backbone.num_patch_tokens(lat1)
+        z1[rows], z2[rows] = lat1[:, :k].mean(1), lat2[:, :k].mean(1)
+    w = torch.stack(counts).float()
+    torch.testing.assert_close(terms["recon"], ((torch.stack(recons) * w).sum() / w.sum()).detach())
+    want = nt_xent(crema.projector(z1), crema.projector(z2), temperature=0.1)
+    torch.testing.assert_close(terms["contrastive"], want.detach())

@@ -173,7 +173,9 @@ def test_option_composes_and_validates_without_data(tmp_path):
     base = ["data=pretrain_pool_heldout_free", f"out_dir={tmp_path / 'run'}", f"paths.data_root={tmp_path / 'no'}",
             f"paths.cache_root={tmp_path / 'cache'}"]
     data = strip_params(validate_train_config(_compose(base)).data)
-    assert [c.name for c in data.cache_dirs] == ["pool_ptbxl", "pool_cinc2017"]
+    assert [c.name for c in data.cache_dirs] == ["pool_ptbxl", "pool_cinc2017", "pool_other"]
+    assert [s._target_.rsplit(".", 1)[1] for s in data.cache_dirs[2].sources] == [
+        "CPSC2018Source", "CPSC2021Source", "MITBIHSource"]
     node = data.cache_dirs[1].sources[0]
     assert node._target_ == "ecgfm.evaluate.tasks.heldout_free_source"
     assert list(node.tasks) == ["ptbxl_super", "cinc2017"] and list(node.parts) == ["val", "test"]

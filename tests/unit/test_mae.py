@@ -351,3 +351,55 @@ def test_mae_lead_subset_augmentation_trains_and_is_off_by_default_and_in_eval()
     assert off.lead_subset_prob == 0 and off.draw_lead_subset(12) is None
     with pytest.raises(ValueError, match="lead_subset_prob"):
         _module(lead_subset_prob=1.5)
+
+
+def test_lead_aware_mae_encodes_each_lead_set_over_its_present_leads_only():
+    """A batch mixing 12-lead and one-lead rows: every visible patch lies in a present lead, absent leads are not
+    encoded, and the loss is the counted-patch-weighted mean of the per-group losses (= the loss of the batch)."""
+    from ecgfm.backbones import create_backbone
+    from ecgfm.methods.mae import MAEModule
+
+    torch.manual_seed(0)
+    m = MAEModule(create_backbone("vit1d_test"), decoder_dim=16, decoder_depth=1, decoder_heads=2,
+                  warmup_steps=0, max_steps=10)
+    m.train()
+    x = torch.randn(4, 12, 250)
+    lead_mask = torch.ones(4, 12, dtype=torch.bool)
+    lead_mask[2:, 1:] = False                                   # rows 2, 3: lead I only (zero-filled elsewhere)
+    x = x * lead_mask[:, :, None]
+    batch = {"x": x, "lead_mask": lead_mask}
+    groups = m.lead_set_groups(batch)
+    assert sorted(len(leads) for _, leads in groups) == [1, 12]
+    torch.manual_seed(5)
+    loss, _ = m.shared_step(batch)
+    torch.manual_seed(5)
+    losses, counts = [], []
+    for rows, leads in groups:
+        lat, mask, restore = m.forward_encoder(x[rows], present=leads)
+        if len(leads) == 1:                                     # one lead: N/4 visible patches, all in lead I
+            assert lat.shape[1] - 24 == int(10 * 0.25)
+            assert mask[:, 1:].all()
+        losses.append(m.forward_loss(x[rows], m.forward_decoder(lat, restore, 10), mask, lead_mask[rows]))
+        counts.append((mask & lead_mask[rows][:, :, None]).sum())
+    w = torch.stack(counts).float()
+    torch.testing.assert_close(loss, (torch.stack(losses) * w).sum() / w.sum())
+    loss.backward()
+    # the same batch without lead_aware encodes zero leads: a different (and dearer) computation
+    m.lead_aware = False
+    assert len(m.lead_set_groups(batch)) == 1
+
+
+def test_lead_aware_is_bit_identical_when_every_lead_is_present():
+    from ecgfm.backbones import create_backbone
+    from ecgfm.methods.mae import MAEModule
+
+    batch = {"x": torch.randn(3, 12, 250), "lead_mask": torch.ones(3, 12, dtype=torch.bool)}
+    out = []
+    for aware in (True, False):
+        torch.manual_seed(0)
+        m = MAEModule(create_backbone("vit1d_test"), decoder_dim=16, decoder_depth=1, decoder_heads=2,
+                      warmup_steps=0, max_steps=10, lead_aware=aware, lead_subset_prob=0.5)
+        m.train()
+        torch.manual_seed(3)
+        out.append(m.shared_step(batch)[0])
+    assert out[0].item() == out[1].item()
