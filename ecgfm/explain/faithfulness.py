@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from ecgfm.explain.attribution import (Attribution, Explainer, make_baseline, random_attribution)
 from ecgfm.explain.wrapper import ECGWrapper
+from ecgfm.evaluate.metrics import bootstrap_mean
 
 
 def mean_ci(values: Any, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> dict[str, float]:
@@ -43,17 +44,9 @@ def mean_ci(values: Any, n_boot: int = 1000, level: float = 0.95, seed: int = 0)
     Returns:
         ``{"mean", "lo", "hi", "n"}`` (NaNs are dropped; ``lo == hi == mean`` for a single value).
     """
-    v = np.asarray(torch.as_tensor(values).detach().cpu().double().numpy(), dtype=np.float64).ravel()
-    v = v[np.isfinite(v)]
-    if v.size == 0:
-        return {"mean": float("nan"), "lo": float("nan"), "hi": float("nan"), "n": 0}
-    rng = np.random.default_rng(seed)
-    if v.size == 1:
-        return {"mean": float(v[0]), "lo": float(v[0]), "hi": float(v[0]), "n": 1}
-    boots = v[rng.integers(0, v.size, size=(n_boot, v.size))].mean(1)
-    a = (1 - level) / 2
-    return {"mean": float(v.mean()), "lo": float(np.quantile(boots, a)), "hi": float(np.quantile(boots, 1 - a)),
-            "n": int(v.size)}
+    v = torch.as_tensor(values).detach().cpu().double().numpy()
+    r = bootstrap_mean(v, n_boot=n_boot, seed=seed, ci=level)   # the project's one bootstrap (evaluate/metrics.py)
+    return {"mean": r["value"], "lo": r["ci_low"], "hi": r["ci_high"], "n": r["n"]}
 
 
 # ---------------------------------------------------------------------------------------------------------------
