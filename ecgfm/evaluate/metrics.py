@@ -293,7 +293,8 @@ def evaluate_scores(y: np.ndarray, scores: np.ndarray, multilabel: bool,
 
     Returns:
         ``{"macro_auroc": {"value", "ci_low", "ci_high"}, "macro_f1": ..., "fmax": ..., "accuracy": ...
-        (single-label only), "per_class_auroc": {name: {...}}, "excluded_classes": [...], "n": n,
+        (single-label only), "per_class_auroc": {name: {...}}, "excluded_classes": [...] (not in the macro AUROC),
+        "f1_excluded_classes": [...] (no positive record: not in the macro F1), "n": n,
         "n_boot": B, "n_degenerate": k, "thresholds": [...]}``.
     """
     y, scores = _check(y, scores)
@@ -306,11 +307,15 @@ def evaluate_scores(y: np.ndarray, scores: np.ndarray, multilabel: bool,
         raise ValueError("single-label targets must have exactly one class per record")
     defined = defined_classes(yo)
     pred = predict_labels(scores, multilabel, thresholds)
+    has_pos = yo.any(axis=0)                                              # (C,) classes with a positive record
 
     per = per_class_auroc(yo, scores)
     point = {
         "macro_auroc": float(np.nanmean(per)) if defined.any() else float("nan"),
-        "macro_f1": float(f1_score(yo, pred, average="macro", zero_division=0)),
+        # macro F1 over the classes with a positive record in the set (as macro AUROC leaves out classes it cannot
+        # score): a class without positives has no F1, and counting it as 0 would drag the mean for no reason
+        "macro_f1": (float(f1_score(yo[:, has_pos], pred[:, has_pos], average="macro", zero_division=0))
+                     if has_pos.any() else float("nan")),
         "fmax": fmax(yo, scores),
     }
     if not multilabel:
@@ -329,7 +334,8 @@ def evaluate_scores(y: np.ndarray, scores: np.ndarray, multilabel: bool,
                              else np.full(n_boot, np.nan))
         samples = {
             "macro_auroc": macro_samples,
-            "macro_f1": _weighted_f1(yo, pred, w),
+            "macro_f1": (_weighted_f1(yo[:, has_pos], pred[:, has_pos], w) if has_pos.any()
+                         else np.full(n_boot, np.nan)),
             "fmax": _weighted_fmax(yo, scores, w),
         }
         if not multilabel:
@@ -344,6 +350,7 @@ def evaluate_scores(y: np.ndarray, scores: np.ndarray, multilabel: bool,
         out["per_class_auroc"] = {names[c]: {"value": float(per[c]), "ci_low": nan, "ci_high": nan}
                                   for c in range(n_classes)}
     out["excluded_classes"] = [names[c] for c in range(n_classes) if not defined[c]]
+    out["f1_excluded_classes"] = [names[c] for c in range(n_classes) if not has_pos[c]]
     out["n"] = int(n)
     out["n_boot"] = int(n_boot)
     out["n_degenerate"] = n_degenerate

@@ -165,7 +165,10 @@ def test_bootstrap_numbers_are_unchanged():
     y, s, s2 = _golden_problem()
     r = M.evaluate_scores(y, s, True, n_boot=200, seed=1)
     for key, (v, lo, hi) in {"macro_auroc": (0.9429059829059829, 0.8996575981489774, 0.9781757115088595),
-                             "macro_f1": (0.3530020703933747, 0.2834618048282363, 0.4286385769422154),
+                             # macro F1 averages the 3 classes with a positive record since issue 12 (class 0 has
+                             # none): exactly 4/3 of the old 4-class numbers, same draws
+                             "macro_f1": tuple(x * 4 / 3 for x in (0.3530020703933747, 0.2834618048282363,
+                                                                    0.4286385769422154)),
                              "fmax": (0.7647058823529412, 0.6229508196721312, 0.898550724637681)}.items():
         assert (r[key]["value"], r[key]["ci_low"], r[key]["ci_high"]) == pytest.approx((v, lo, hi), rel=1e-12)
     d = M.paired_bootstrap_delta(y, s, s2, n_boot=200, seed=2)
@@ -197,3 +200,20 @@ def test_bootstrap_mean():
     assert (r["ci_low"], r["ci_high"]) == pytest.approx(tuple(np.percentile(ref, [2.5, 97.5])))
     assert M.bootstrap_mean([2.0]) == {"value": 2.0, "ci_low": 2.0, "ci_high": 2.0, "n": 1}
     assert M.bootstrap_mean([np.nan])["n"] == 0
+
+
+def test_macro_f1_leaves_out_classes_without_a_positive_record():
+    """A class with no positive in the evaluated set has no F1: it is listed, not averaged in as 0."""
+    from ecgfm.evaluate.metrics import evaluate_scores
+
+    rng = np.random.default_rng(0)
+    y = np.zeros((40, 3), dtype=int)
+    y[:20, 0] = 1
+    y[20:, 1] = 1                                     # class 2: no positive record
+    scores = np.clip(y + rng.normal(0, 0.2, y.shape), 0, 1)
+    out = evaluate_scores(y, scores, multilabel=True, class_names=["a", "b", "c"], n_boot=50)
+    from sklearn.metrics import f1_score
+    want = f1_score(y[:, :2], (scores[:, :2] >= 0.5).astype(int), average="macro", zero_division=0)
+    assert out["macro_f1"]["value"] == pytest.approx(want)
+    assert out["f1_excluded_classes"] == ["c"] and out["excluded_classes"] == ["c"]
+    assert out["macro_f1"]["ci_low"] <= want <= out["macro_f1"]["ci_high"]
