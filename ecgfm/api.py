@@ -8,7 +8,9 @@
 Both apply the artifact's own preprocessing, so a caller never re-implements it:
 
 1. **Leads**: rows named by ``leads`` are placed into the canonical 12-lead layout (aliases such as ``MLII``
-   accepted, non-standard leads dropped, absent leads zero and masked), then into the artifact's input order.
+   accepted, non-standard leads dropped, absent leads zero and masked), then into the artifact's input order. A
+   network whose ``embed`` takes ``lead_mask`` (ViT-1D) gets the mask, so absent leads make no tokens, as in the
+   project's frozen features and fine-tuning (``lead_aware`` in the artifact's description, default true).
 2. **Preprocessing**: :func:`ecgfm.data.preprocess.preprocess_signal` with the artifact's spec: resampling from
    ``fs`` to the artifact's rate, filters, baseline removal, normalisation.
 3. **Windows**: records are cut into the artifact's window (sliding, the last window aligned to the end; a shorter
@@ -31,7 +33,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ecgfm.artifacts import load_classifier, load_encoder
+from ecgfm.artifacts import EncoderClassifier, load_classifier, load_encoder
 from ecgfm.data.preprocess import PreprocessSpec, preprocess_signal, sliding_windows
 from ecgfm.data.record import CANONICAL_LEADS, ECGDataError, ECGRecord, map_leads
 
@@ -68,8 +70,8 @@ class _Model:
 
     # ------------------------------------------------------------------------------------------ inputs
     def _records(self, signal: Any, fs: float | None, leads: Sequence[str] | None
-                 ) -> tuple[list[np.ndarray], list[str]]:
-        """Model-space records ``[(L_model, T_i)]`` and their names."""
+                 ) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[str]]:
+        """Model-space records ``[(x (L_model, T_i), lead mask (L_model,) bool)]`` and their names."""
         if isinstance(signal, ECGRecord):
             mask = np.asarray(signal.lead_mask, dtype=bool)
             names = [lead for lead, m in zip(CANONICAL_LEADS, mask) if m]
@@ -96,7 +98,8 @@ class _Model:
         recs = [self._prepare(b, float(fs), names, f"record {i}") for i, b in enumerate(batch)]
         return recs, [str(i) for i in range(len(batch))]
 
-    def _prepare(self, sig: np.ndarray, fs: float, names: Sequence[str], where: str) -> np.ndarray:
+    def _prepare(self, sig: np.ndarray, fs: float, names: Sequence[str], where: str
+                 ) -> tuple[np.ndarray, np.ndarray]:
         x12, mask, _dropped = map_leads(sig, names, where)
         if self.spec is not None:
             x12, out_fs, mask = preprocess_signal(x12, fs, mask, self.spec, where)
@@ -106,7 +109,7 @@ class _Model:
             raise ECGDataError(where, f"the signal is at {out_fs} Hz after preprocessing but the model expects "
                                       f"{self.fs} Hz (the artifact's preprocessing spec has no resampling rate)")
         order = [CANONICAL_LEADS.index(lead) for lead in self.leads]
-        return np.ascontiguousarray(x12[order], dtype=np.float32)
+        return np.ascontiguousarray(x12[order], dtype=np.float32), np.asarray(mask, dtype=bool)[order]
 
     def _windows(self, x: np.ndarray, stride: int | None) -> np.ndarray:
         """``(L, T) -> (W, L, window)`` (the whole record when the artifact has no window)."""
@@ -114,10 +117,22 @@ class _Model:
             return x[None]
         return sliding_windows(x, int(self.window_samples), int(stride or self.stride_samples or self.window_samples))
 
+    @property
+    def lead_aware(self) -> bool:
+        """Absent leads reach the network as a ``lead_mask`` (it takes one and the artifact does not say
+        ``lead_aware: false``); otherwise they are zero rows."""
+        return bool(self.meta.get("lead_aware", True)) and bool(getattr(self.network, "accepts_lead_mask", False))
+
     @torch.no_grad()
-    def _forward(self, windows: np.ndarray, fn: Any, batch_size: int) -> np.ndarray:
-        out = [fn(torch.from_numpy(windows[i:i + batch_size]).to(self.device)).double().cpu().numpy()
-               for i in range(0, len(windows), batch_size)]
+    def _forward(self, windows: np.ndarray, fn: Any, batch_size: int, mask: np.ndarray | None = None
+                 ) -> np.ndarray:
+        """``fn`` over ``windows (W, L, T)`` in batches -> ``(W, ...)`` float64; ``fn(x, lead_mask)`` gets the
+        record's ``mask (L,)`` (None when every lead is present or the model is not :attr:`lead_aware`)."""
+        m = None if mask is None or mask.all() or not self.lead_aware else torch.from_numpy(mask).to(self.device)
+        out = []
+        for i in range(0, len(windows), batch_size):
+            x = torch.from_numpy(windows[i:i + batch_size]).to(self.device)
+            out.append(fn(x, None if m is None else m.expand(len(x), -1)).double().cpu().numpy())
         return np.concatenate(out)
 
 
@@ -160,8 +175,10 @@ class Encoder(_Model):
         recs, _names = self._records(signal, fs, leads)
         single = len(recs) == 1 and (not isinstance(signal, np.ndarray) or np.ndim(signal) == 2)
         outs = []
-        for x in recs:
-            z = self._forward(self._windows(x, stride_samples), self.network.embed, batch_size)
+        embed = self.network.embed
+        for x, mask in recs:
+            z = self._forward(self._windows(x, stride_samples),
+                              lambda t, m: embed(t) if m is None else embed(t, lead_mask=m), batch_size, mask)
             outs.append((z if per_window else z.mean(axis=0)).astype(np.float32))
         if per_window:
             return outs[0] if single else outs
@@ -219,13 +236,16 @@ class Classifier(_Model):
         recs, names = self._records(signal, fs, leads)
         aggregate = self.meta.get("window_aggregate", "prob")
         rows = []
-        for x in recs:
+        net = self.network
+        logits = (lambda t, m: net(t)) if not isinstance(net, EncoderClassifier) else net
+        for x, mask in recs:
             w = self._windows(x, None)
             if aggregate == "logit":
-                mean_logit = self._forward(w, self.network, batch_size).mean(axis=0)
+                mean_logit = self._forward(w, logits, batch_size, mask).mean(axis=0)
                 rows.append(self._activate(torch.from_numpy(mean_logit)).numpy())
             else:
-                rows.append(self._forward(w, lambda t: self._activate(self.network(t)), batch_size).mean(axis=0))
+                rows.append(self._forward(w, lambda t, m: self._activate(logits(t, m)), batch_size,
+                                          mask).mean(axis=0))
         return pd.DataFrame(np.stack(rows), index=names, columns=self.classes)
 
     def predict(self, signal: Any, fs: float | None = None, leads: Sequence[str] | None = None) -> pd.DataFrame:

@@ -96,14 +96,24 @@ class EncoderClassifier(nn.Module):
         self.encoder = encoder
         self.head = head
 
-    def embed(self, x: Tensor) -> Tensor:
-        """``(B, L, T) -> (B, D)``."""
-        fn = getattr(self.encoder, "embed", None)
-        return fn(x) if callable(fn) else self.encoder(x)
+    @property
+    def accepts_lead_mask(self) -> bool:
+        """Whether the encoder's ``embed`` takes ``lead_mask`` (ViT-1D: absent leads make no tokens)."""
+        return bool(getattr(self.encoder, "accepts_lead_mask", False))
 
-    def forward(self, x: Tensor) -> Tensor:
-        """``(B, L, T) -> (B, C)`` logits."""
-        return self.head(self.embed(x))
+    def embed(self, x: Tensor, lead_mask: Tensor | None = None) -> Tensor:
+        """``(B, L, T) -> (B, D)``; ``lead_mask (B, L)`` bool (false = absent lead) reaches an encoder that takes it
+        (:attr:`accepts_lead_mask`) and is ignored otherwise (absent leads are zero rows of ``x``)."""
+        fn = getattr(self.encoder, "embed", None)
+        if not callable(fn):
+            return self.encoder(x)
+        if lead_mask is not None and self.accepts_lead_mask:
+            return fn(x, lead_mask=lead_mask)
+        return fn(x)
+
+    def forward(self, x: Tensor, lead_mask: Tensor | None = None) -> Tensor:
+        """``(B, L, T) -> (B, C)`` logits (``lead_mask``: see :meth:`embed`)."""
+        return self.head(self.embed(x, lead_mask))
 
 
 def _linear(in_dim: int, num_classes: int, bias: bool = True) -> nn.Module:

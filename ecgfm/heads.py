@@ -1,11 +1,13 @@
 """Heads put on top of a backbone embedding ``(B, D)``: projection heads for contrastive pretraining and probe /
-classification heads for downstream evaluation."""
+classification heads for downstream evaluation; :class:`AttentionPoolingHead` pools a record's frozen tokens
+``(B, T, D)`` itself (the attentive probe)."""
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
-__all__ = ["ProjectionHead", "LinearProbeHead", "MLPHead"]
+__all__ = ["ProjectionHead", "LinearProbeHead", "MLPHead", "AttentionPoolingHead"]
 
 
 class ProjectionHead(nn.Module):
@@ -122,3 +124,64 @@ class MLPHead(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
+
+
+class AttentionPoolingHead(nn.Module):
+    """Attentive probe: learnable queries cross-attend to all frozen tokens of a record, then LayerNorm + linear.
+
+    ``tokens -> LayerNorm(D) -> MultiheadAttention(queries, tokens, tokens, key_padding_mask) -> LayerNorm(D) per
+    query -> flatten -> Linear(Q * D, C)``. The tokens of a record are those of *all* its windows (concatenated),
+    so the head can weigh windows and patches differently and see across-window variability, which a mean
+    embedding discards. As in the linear / attentive probing protocols of frozen-encoder benchmarks (V-JEPA's
+    attentive probe; Psomas et al. 2025, "Attention, please! Revisiting attentive probing"), the encoder stays
+    frozen and only this head trains. Records of different length share a batch through padding and
+    ``key_padding_mask``.
+
+    Memory of the frozen input (:func:`ecgfm.evaluate.features.cached_tokens`, float16): records x windows per
+    record x tokens per window x ``D`` x 2 bytes; a batch in the head is ``B x T_max x D`` float32.
+
+    Args:
+        in_dim: token width ``D``.
+        num_classes: number of outputs ``C`` (logits).
+        num_queries: learnable queries ``Q`` (their outputs are concatenated).
+        num_heads: attention heads (must divide ``in_dim``).
+        dropout: dropout on the attention probabilities.
+
+    Shapes:
+        ``tokens (B, T, D)``, ``key_padding_mask (B, T)`` bool (True = padding, ignored) ``-> (B, num_classes)``.
+    """
+
+    def __init__(self, in_dim: int, num_classes: int, num_queries: int = 1, num_heads: int = 4,
+                 dropout: float = 0.0) -> None:
+        super().__init__()
+        if in_dim < 1 or num_classes < 1 or num_queries < 1 or num_heads < 1:
+            raise ValueError(f"in_dim, num_classes, num_queries and num_heads must be positive, got {in_dim}, "
+                             f"{num_classes}, {num_queries}, {num_heads}")
+        if in_dim % num_heads:
+            raise ValueError(f"num_heads={num_heads} must divide the token width {in_dim}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.num_queries = num_queries
+        self.norm_in = nn.LayerNorm(in_dim)
+        self.query = nn.Parameter(torch.zeros(1, num_queries, in_dim))
+        self.attn = nn.MultiheadAttention(in_dim, num_heads, dropout=dropout, batch_first=True)
+        self.norm = nn.LayerNorm(in_dim)
+        self.linear = nn.Linear(num_queries * in_dim, num_classes)
+        nn.init.trunc_normal_(self.query, std=0.02)
+        nn.init.trunc_normal_(self.linear.weight, std=0.01)
+        nn.init.zeros_(self.linear.bias)
+
+    def pool(self, tokens: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
+        """Attention-pooled, normed record representation ``(B, T, D) -> (B, Q, D)``."""
+        if tokens.ndim != 3:
+            raise ValueError(f"tokens must be (batch, tokens, dim), got shape {tuple(tokens.shape)}")
+        if key_padding_mask is not None and bool(key_padding_mask.all(dim=1).any()):
+            raise ValueError("a row of key_padding_mask masks every token: each record needs at least one token")
+        kv = self.norm_in(tokens)
+        q = self.query.expand(tokens.shape[0], -1, -1)
+        out, _ = self.attn(q, kv, kv, key_padding_mask=key_padding_mask, need_weights=False)
+        return self.norm(out)
+
+    def forward(self, tokens: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
+        """Logits ``(B, num_classes)`` of records given as ``tokens (B, T, D)`` (+ ``key_padding_mask (B, T)``)."""
+        return self.linear(self.pool(tokens, key_padding_mask).flatten(1))

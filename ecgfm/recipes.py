@@ -41,8 +41,8 @@ WINDOW_AGGREGATES = ("prob", "logit")
 #: L2 grid of the linear probes (``probe.Cs`` and the LP-FT head's ``finetune.lp_Cs``).
 LP_CS = (0.001, 0.01, 0.1, 1.0, 10.0, 100.0)
 #: accepted values of ``probe.mode`` and ``probe.aggregate`` (:mod:`ecgfm.evaluate.probe`).
-PROBE_MODES = ("linear", "mlp")
-PROBE_AGGREGATES = ("mean_embedding", "mean_prediction")
+PROBE_MODES = ("linear", "mlp", "attention")
+PROBE_AGGREGATES = ("mean_embedding", "mean_std", "mean_prediction")
 #: accepted values of ``report`` (probe.py / finetune.py).
 REPORT_WHEN = ("auto", "always", "never")
 #: accepted values of explain.py's ``overlay`` and ``faithfulness.order``.
@@ -116,17 +116,47 @@ class ProbeMLPRecipe:
 
 
 @dataclass
+class ProbeAttentionRecipe:
+    """Settings of the attention probe (:class:`ecgfm.evaluate.probe.AttentionProbe` with
+    :class:`ecgfm.heads.AttentionPoolingHead` on frozen tokens; ``probe.attention`` of ``conf/probe.yaml``).
+
+    Attributes:
+        lrs: AdamW learning-rate grid, chosen on validation macro AUROC.
+        weight_decays: AdamW weight-decay grid (every lr x weight decay pair is a head), chosen likewise.
+        num_queries: learnable queries of the head.
+        num_heads: attention heads (must divide the encoder's token width).
+        epochs: maximum epochs (early stopping on validation macro AUROC).
+        batch_size: records per step.
+        patience: epochs without validation improvement before stopping.
+        dropout: attention dropout.
+    """
+
+    lrs: List[float] = field(default_factory=lambda: [0.003, 0.001])
+    weight_decays: List[float] = field(default_factory=lambda: [0.01])
+    num_queries: int = 1
+    num_heads: int = 4
+    epochs: int = 30
+    batch_size: int = 64
+    patience: int = 5
+    dropout: float = 0.0
+
+
+@dataclass
 class ProbeRecipe:
     """Probes on frozen features (``probe:`` of ``conf/probe.yaml``; :func:`ecgfm.evaluate.probe.run_probe_grid`).
 
     Attributes:
-        mode: ``"linear"`` (scikit-learn logistic regression) or ``"mlp"`` (:class:`ecgfm.heads.MLPHead`).
-        aggregate: ``"mean_embedding"`` (one mean window embedding per record) or ``"mean_prediction"`` (train on
-            windows, average window predictions).
+        mode: ``"linear"`` (scikit-learn logistic regression), ``"mlp"`` (:class:`ecgfm.heads.MLPHead`) or
+            ``"attention"`` (:class:`ecgfm.heads.AttentionPoolingHead` over all frozen tokens of a record).
+        aggregate: ``"mean_embedding"`` (one mean window embedding per record), ``"mean_std"`` (mean and standard
+            deviation of the window embeddings, concatenated: keeps window-to-window variability) or
+            ``"mean_prediction"`` (train on windows, average window predictions). The attention probe pools by
+            itself and takes ``"mean_embedding"`` only.
         Cs: linear: L2 grid, chosen on validation macro AUROC.
         lrs: MLP: learning-rate grid, chosen on validation macro AUROC.
         max_iter: L-BFGS iterations of the linear probe.
         mlp: MLP probe settings.
+        attention: attention probe settings.
     """
 
     mode: str = "linear"
@@ -135,6 +165,7 @@ class ProbeRecipe:
     lrs: List[float] = field(default_factory=lambda: [0.001, 0.01])
     max_iter: int = 1000
     mlp: ProbeMLPRecipe = field(default_factory=ProbeMLPRecipe)
+    attention: ProbeAttentionRecipe = field(default_factory=ProbeAttentionRecipe)
 
 
 # ----------------------------------------------------------------------------------------------- config schemas
@@ -152,8 +183,8 @@ class FeaturesConfig:
 
     dir: str = "${paths.cache_root}/features"
     batch_size: int = 256
-    lead_aware: bool = True  # probe.py only: absent leads make no tokens (backbones taking lead_mask); finetune.py
-    #                          and its LP-FT head stay zero-padded (the fine-tuned forward pass is not lead-aware yet)
+    lead_aware: bool = True  # absent leads make no tokens (backbones taking lead_mask), in probe.py's frozen
+    #                          features and in finetune.py's forward pass and LP-FT head alike
 
 
 @dataclass
@@ -403,9 +434,37 @@ def validate_probe_config(cfg: Any) -> DictConfig:
         raise ConfigError("probe.Cs", "is empty: the linear probe needs at least one C")
     if merged.probe.mode == "mlp" and not list(merged.probe.lrs):
         raise ConfigError("probe.lrs", "is empty: the MLP probe needs at least one learning rate")
+    if merged.probe.mode == "attention":
+        _check_attention(merged)
+    if merged.save_classifier and (merged.probe.mode == "attention" or merged.probe.aggregate == "mean_std"):
+        what = "probe.mode" if merged.probe.mode == "attention" else "probe.aggregate"
+        raise ConfigError("save_classifier", f"a classifier artifact is a linear head on the mean window embedding; "
+                                             f"{what}={merged.probe[what.split('.')[1]]!r} is not one: use "
+                                             f"save_classifier=false")
     if merged.features.batch_size < 1:
         raise ConfigError("features.batch_size", f"must be >= 1, got {merged.features.batch_size}")
     return merged
+
+
+def _check_attention(merged: DictConfig) -> None:
+    """Value checks of ``probe.attention`` (and the aggregation it allows)."""
+    att = merged.probe.attention
+    if merged.probe.aggregate != "mean_embedding":
+        raise ConfigError("probe.aggregate", f"the attention probe pools all tokens of a record itself; leave "
+                                             f"probe.aggregate at mean_embedding (got {merged.probe.aggregate!r})")
+    for name in ("lrs", "weight_decays"):
+        values = list(att[name])
+        if not values:
+            raise ConfigError(f"probe.attention.{name}", "is empty: the attention probe needs at least one value")
+        bad = [v for v in values if not (v > 0 if name == "lrs" else v >= 0)]
+        if bad:
+            raise ConfigError(f"probe.attention.{name}", f"must be {'positive' if name == 'lrs' else '>= 0'}, got "
+                                                         f"{bad[0]}")
+    for name in ("num_queries", "num_heads", "epochs", "batch_size", "patience"):
+        if att[name] < 1:
+            raise ConfigError(f"probe.attention.{name}", f"must be >= 1, got {att[name]}")
+    if not 0.0 <= att.dropout < 1.0:
+        raise ConfigError("probe.attention.dropout", f"must be in [0, 1), got {att.dropout}")
 
 
 def validate_finetune_config(cfg: Any) -> DictConfig:
@@ -505,7 +564,8 @@ def validate_explain_config(cfg: Any) -> DictConfig:
     return merged
 
 
-__all__ = ["FinetuneRecipe", "ProbeRecipe", "ProbeMLPRecipe", "ProbeConfig", "FinetuneConfig", "ExplainConfig",
+__all__ = ["FinetuneRecipe", "ProbeRecipe", "ProbeMLPRecipe", "ProbeAttentionRecipe", "ProbeConfig",
+           "FinetuneConfig", "ExplainConfig",
            "BootstrapConfig", "FeaturesConfig", "FaithfulnessConfig", "CounterfactualConfig", "ExplainDemoConfig",
            "SUPERVISED_OVERRIDES", "HEADS", "HEAD_INITS", "WINDOW_AGGREGATES", "LP_CS", "PROBE_MODES",
            "PROBE_AGGREGATES", "REPORT_WHEN", "OVERLAYS", "FAITHFULNESS_ORDERS", "check_finetune_recipe",

@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
 # The acceptance benchmark on the shared real data (PTB-XL superdiagnostic ids 1-500, CinC 2017 dev set), one
-# command, CPU only, about 30-40 min on 2 cores with the defaults:
+# command, CPU only; it regenerates every table and plot:
 #   bash scripts/benchmark_real.sh                      # everything (resumes where it stopped)
 #   bash scripts/benchmark_real.sh --steps 1000 --seeds 0 1 2 3 4     # longer pretraining, more seeds
-#   bash scripts/benchmark_real.sh --stages report      # rebuild the table / plot only
-# Stages: pool (held-out-free pretraining caches) -> pretrain (MAE, SimCLR, CLOCS, hybrid) -> probe -> finetune
-# -> report (runs/benchmark_real/results/ and docs/benchmark/real_*). See scripts/benchmark_real.py.
+#   bash scripts/benchmark_real.sh --stages report      # rebuild the tables / plots only
+# Pretraining recipe: conf/experiment/<method>_cpu30.yaml when it exists and --steps is not given, else
+# +experiment=<method> for --steps (default 300) steps.
+# Stages: pool (held-out-free pretraining caches) -> pretrain (MAE, SimCLR, CLOCS, hybrid; wall time recorded)
+# -> curve (every saved checkpoint linear-probed: docs/benchmark/learning_curve.{md,png}) -> probe (encoders,
+# random-init twins, handcrafted baseline) -> finetune (encoders, twins, supervised ViT, supervised CNN on every
+# task) -> report (runs/benchmark_real/results/ and docs/benchmark/real_*: acceptance block, paired comparisons
+# with every baseline). See scripts/benchmark_real.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}

@@ -10,6 +10,7 @@ result, a :class:`FeatureSet` (window embeddings and the record each belongs to)
   initialisation with a given seed, or a re-export of the same weights all map to the right entry);
 * the cache: its ``plan_fingerprint`` (sources + preprocessing spec + shard layout) and record count;
 * ``window`` and ``stride``;
+* ``tokens`` for a token cache (:func:`cached_tokens`; embedding keys are unchanged);
 * a ``leads`` flag when the extraction is lead-aware and the cache holds records with absent leads (below).
 
 Lead-aware extraction (default): a backbone whose ``embed`` takes ``lead_mask`` (:func:`accepts_lead_mask`,
@@ -23,6 +24,26 @@ zero-padded extraction (the fine-tuning LP-FT head uses it, to match the fine-tu
 Hence a sweep over many heads, label fractions and seeds (and every PTB-XL task, which share one cache) runs the
 encoder once per checkpoint and corpus. :data:`STATS` counts real extractions (encoder passes over a corpus) so
 ``scripts/bench_probe.py`` and the tests can prove it.
+
+Aggregation that keeps beat-to-beat variability: :meth:`FeatureSet.record_stats` is the concatenation of the mean
+and the (population) standard deviation of a record's window embeddings, ``(N, 2D)`` (``probe.aggregate=mean_std``;
+a one-window record has std 0).
+
+Windows longer than the encoder's pretraining crop (``window_seconds=10`` for an encoder pretrained on 2.5 s):
+:func:`fit_window` gives the backbone that embeds them. A :class:`~ecgfm.backbones.vit1d.ViT1D` has fixed sin-cos
+positions (a non-persistent buffer) and no learned position weights, so it is rebuilt with a longer ``seq_len``
+and the same weights (checked tensor by tensor); its embedding of a window within the old ``seq_len`` is unchanged.
+A backbone with learned positions or another hard length limit (``seq_len`` attribute, e.g. ST-MEM's
+:class:`~ecgfm.backbones.stmem.StMemViT`) is refused with an error naming its limit; CNNs and HuBERT-ECG (no
+``seq_len``) take any length as they are. The window is part of every cache key.
+
+Token cache (``probe.mode=attention``, :func:`cached_tokens`): the frozen *tokens* of every window, float16, in the
+same folder under a distinct key (:func:`feature_key` with ``kind="tokens"``): a :class:`TokenSet` with per-window and
+per-record offsets. Tokens are what the pooled embedding averages: a ViT's patch tokens (the lead-aware ViT: the
+present leads' patch tokens only; SEP tokens excluded), HuBERT-ECG's frames, a CNN's final feature-map positions
+(``(B, C, T') -> T'`` tokens of width ``C``). Cost on disk and in memory: records x windows x tokens per window x
+dim x 2 bytes (CinC 2017 with a 1-lead ViT of width 192, 2.5 s windows of 10 patches: 33,262 windows x 10 x 192 x 2
+B = 128 MB; a 12-lead record multiplies the tokens per window by 12).
 
 Nothing non-finite gets through: a record whose signal holds NaN / Inf, or whose embedding does, raises
 :class:`~ecgfm.data.cache.NonFiniteDataError` naming the cache, shard and record keys (``nonfinite="error"``,
@@ -42,7 +63,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -93,6 +114,21 @@ class FeatureSet:
         means = (sums / np.maximum(counts, 1)).astype(np.float32)
         means[np.asarray(self.skipped, dtype=np.int64)] = np.nan
         return means
+
+    def record_stats(self) -> np.ndarray:
+        """``(n_records, 2D)`` record features that keep window-to-window variability: ``[mean, std]`` of each
+        record's window embeddings (population std, ddof 0: a one-window record has std 0). :attr:`skipped`
+        records are NaN rows, as in :meth:`record_means`."""
+        counts = np.bincount(self.record, minlength=self.n_records)[:, None].astype(np.float64)
+        sums = np.zeros((self.n_records, self.dim), dtype=np.float64)
+        np.add.at(sums, self.record, self.features)
+        mean = sums / np.maximum(counts, 1)
+        sq = np.zeros_like(sums)
+        np.add.at(sq, self.record, (self.features.astype(np.float64) - mean[self.record]) ** 2)
+        std = np.sqrt(sq / np.maximum(counts, 1))
+        out = np.concatenate([mean, std], axis=1).astype(np.float32)
+        out[np.asarray(self.skipped, dtype=np.int64)] = np.nan
+        return out
 
     def valid_rows(self, rows: np.ndarray) -> np.ndarray:
         """``rows`` without the :attr:`skipped` records (order kept)."""
@@ -157,11 +193,93 @@ def cache_fingerprint(cache: Any) -> str:
     return hashlib.sha256(f"{fp}|{len(cache)}|{shards}".encode()).hexdigest()[:20]
 
 
-def feature_key(encoder_fp: str, cache_fp: str, window: int, stride: int, lead_aware: bool = False) -> str:
+FEATURE_KINDS = ("embeddings", "tokens")
+
+
+def feature_key(encoder_fp: str, cache_fp: str, window: int, stride: int, lead_aware: bool = False,
+                kind: str = "embeddings") -> str:
     """Feature-cache key; ``lead_aware`` (only when it changes the features, see :func:`uses_lead_masks`) adds a
-    flag, so zero-padded features are never reused for a lead-aware extraction."""
+    flag, so zero-padded features are never reused for a lead-aware extraction; ``kind="tokens"`` (a
+    :func:`cached_tokens` file) adds another, so a token file and an embedding file never share a key (embedding
+    keys are the ones written before token caches existed)."""
+    if kind not in FEATURE_KINDS:
+        raise ValueError(f"kind must be one of {FEATURE_KINDS}, got {kind!r}")
     leads = "|leads" if lead_aware else ""
-    return hashlib.sha256(f"{encoder_fp}|{cache_fp}|w{int(window)}|s{int(stride)}{leads}".encode()).hexdigest()[:24]
+    tokens = "|tokens" if kind == "tokens" else ""
+    return hashlib.sha256(f"{encoder_fp}|{cache_fp}|w{int(window)}|s{int(stride)}{leads}{tokens}".encode()
+                          ).hexdigest()[:24]
+
+
+# ------------------------------------------------------------------------------------------------ long windows
+def window_limit(backbone: nn.Module) -> int | None:
+    """Longest window in samples ``backbone`` embeds as it is (its ``seq_len``), None when it has no limit (CNNs,
+    HuBERT-ECG: any length)."""
+    seq_len = getattr(backbone, "seq_len", None)
+    return None if seq_len is None else int(seq_len)
+
+
+def check_window(backbone: nn.Module, window: int) -> None:
+    """Raise ``ValueError`` naming the encoder's limit when :func:`fit_window` cannot give ``backbone`` windows of
+    ``window`` samples: a backbone with a ``seq_len`` limit that is not a :class:`~ecgfm.backbones.vit1d.ViT1D`
+    (learned positions, e.g. ST-MEM's published ViT), or a ViT1D window that is not a multiple of its patch."""
+    from ecgfm.backbones.vit1d import ViT1D
+
+    limit = window_limit(backbone)
+    if limit is None:
+        return
+    name = getattr(backbone, "name", type(backbone).__name__)
+    if isinstance(backbone, ViT1D):
+        if int(window) % backbone.patch_size:
+            raise ValueError(f"encoder {name}: a window of {int(window)} samples is not a multiple of its "
+                             f"patch_size={backbone.patch_size}; choose window_seconds so that it is")
+        return
+    if int(window) > limit:
+        raise ValueError(f"encoder {name} ({type(backbone).__name__}) embeds windows of at most seq_len={limit} "
+                         f"samples (learned positions or a fixed input length: it cannot be rebuilt for longer "
+                         f"windows); got a window of {int(window)} samples: set window_seconds to at most "
+                         f"{limit} samples' worth")
+
+
+def fit_window(backbone: nn.Module, window: int) -> nn.Module:
+    """A backbone that embeds windows of ``window`` samples: ``backbone`` itself when they fit (or it has no
+    length limit), else a :class:`~ecgfm.backbones.vit1d.ViT1D` rebuilt with ``seq_len=window`` and the same
+    weights.
+
+    The ViT-1D position table is a fixed sin-cos buffer (not saved, not learned), so the rebuilt model has exactly
+    the same parameters; every ``state_dict`` tensor is checked equal after loading (``strict=True``), and its
+    embedding of a window of at most the old ``seq_len`` equals the original's (the table's first rows are the
+    same). The rebuilt model keeps the original's train / eval mode, device and dtype; it is built under
+    :func:`torch.random.fork_rng`, so the global RNG is untouched.
+
+    Raises:
+        ValueError: see :func:`check_window`.
+    """
+    check_window(backbone, window)
+    limit = window_limit(backbone)
+    if limit is None or int(window) <= limit:
+        return backbone
+    from ecgfm.backbones import create_backbone
+
+    args = dict(getattr(backbone, "init_args", None) or {})
+    name = getattr(backbone, "name", "")
+    if not args or not name:
+        raise ValueError(f"encoder {type(backbone).__name__}: no registry name / init_args to rebuild it for "
+                         f"{int(window)}-sample windows (its seq_len is {limit})")
+    args["seq_len"] = int(window)
+    state = backbone.state_dict()
+    with torch.random.fork_rng(devices=[]):
+        longer = create_backbone(name, **args)
+    longer.load_state_dict(state, strict=True)
+    first = next(iter(state.values()), None)
+    if first is not None:
+        longer.to(device=first.device, dtype=first.dtype if first.is_floating_point() else None)
+    new_state = longer.state_dict()
+    assert new_state.keys() == state.keys() and all(torch.equal(new_state[k], state[k]) for k in state), \
+        f"rebuilding {name} with seq_len={int(window)} changed its weights"
+    longer.train(backbone.training)
+    log.info("features: %s rebuilt with seq_len=%d (was %d) for %d-sample windows; same weights (fixed sin-cos "
+             "positions)", name, int(window), limit, int(window))
+    return longer
 
 
 NONFINITE_MODES = ("error", "skip")
@@ -178,6 +296,45 @@ def _nonfinite_error(cache: Any, rows: Sequence[int], what: str) -> NonFiniteDat
                               f"to leave such records out")
 
 
+def _window_batches(cache: Any, rows: np.ndarray, window: int, stride: int, batch_size: int, nonfinite: str,
+                    bad_input: list[int]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Sliding windows of ``rows`` in batches: ``(windows (b, 12, window) float32, cache row of each (b,))``, in
+    record order (a record's windows are consecutive). A record whose signal is non-finite raises
+    (``nonfinite="error"``) or is appended to ``bad_input`` and left out (``"skip"``)."""
+    buf: list[np.ndarray] = []
+    owner: list[int] = []
+    for i in rows:
+        signal = cache.signal(int(i))
+        if not np.isfinite(signal).all():
+            if nonfinite == "error":
+                raise _nonfinite_error(cache, [int(i)], "the input signal")
+            bad_input.append(int(i))
+            continue
+        for w in sliding_windows(signal, int(window), int(stride)):  # (n, 12, window)
+            buf.append(np.ascontiguousarray(w, dtype=np.float32))
+            owner.append(int(i))
+            if len(buf) >= batch_size:
+                yield np.stack(buf), np.asarray(owner, dtype=np.int64)
+                buf, owner = [], []
+    if buf:
+        yield np.stack(buf), np.asarray(owner, dtype=np.int64)
+
+
+def _check_args(window: int, stride: int, nonfinite: str) -> None:
+    if window <= 0 or stride <= 0:
+        raise ValueError(f"window and stride must be positive, got {window}, {stride}")
+    if nonfinite not in NONFINITE_MODES:
+        raise ValueError(f"nonfinite must be one of {NONFINITE_MODES}, got {nonfinite!r}")
+
+
+def _embedding_error(cache: Any, rows_bad: list[int], what: str = "embeddings") -> NonFiniteDataError:
+    return NonFiniteDataError(str(getattr(cache, "path", "<cache>")),
+                              f"{_describe(cache, rows_bad)}: the encoder returned non-finite {what} (NaN/Inf) "
+                              f"for finite input windows of {len(rows_bad)} record(s); the encoder is broken "
+                              f"(non-finite weights?) or unstable on them; pass nonfinite='skip' to leave such "
+                              f"records out")
+
+
 @torch.no_grad()
 def extract_features(backbone: nn.Module, cache: Any, window: int, stride: int, batch_size: int = 256,
                      device: str | torch.device = "cpu", rows: np.ndarray | None = None,
@@ -185,7 +342,9 @@ def extract_features(backbone: nn.Module, cache: Any, window: int, stride: int, 
     """Embed every sliding window of every record (or ``rows``) of ``cache``; no disk cache.
 
     Args:
-        backbone: encoder with ``embed((B, 12, window)) -> (B, D)``; put in eval mode here.
+        backbone: encoder with ``embed((B, 12, window)) -> (B, D)``; put in eval mode here. A window longer than
+            its ``seq_len`` goes through :func:`fit_window` (a ViT-1D rebuilt with the same weights; other
+            length-limited backbones are refused).
         cache: a :class:`~ecgfm.data.cache.CorpusCache` (or any object with ``len`` and ``signal(i)``).
         window: window length in samples.
         stride: hop between windows in samples.
@@ -201,69 +360,39 @@ def extract_features(backbone: nn.Module, cache: Any, window: int, stride: int, 
     Returns:
         :class:`FeatureSet` with ``n_records = len(cache)``; every feature finite.
     """
-    if window <= 0 or stride <= 0:
-        raise ValueError(f"window and stride must be positive, got {window}, {stride}")
-    if nonfinite not in NONFINITE_MODES:
-        raise ValueError(f"nonfinite must be one of {NONFINITE_MODES}, got {nonfinite!r}")
+    _check_args(window, stride, nonfinite)
     t0 = time.perf_counter()
-    was_training = backbone.training
-    backbone.eval().to(device)
+    model = fit_window(backbone, int(window))
+    was_training = model.training
+    model.eval().to(device)
     rows = np.arange(len(cache)) if rows is None else np.asarray(rows, dtype=np.int64)
     feats: list[np.ndarray] = []
     owners: list[np.ndarray] = []
-    buf: list[np.ndarray] = []
-    buf_owner: list[int] = []
-    masks = _lead_masks(cache) if uses_lead_masks(backbone, cache, lead_aware) else None
+    masks = _lead_masks(cache) if uses_lead_masks(model, cache, lead_aware) else None
     bad_input: list[int] = []
     bad_embedding: set[int] = set()
-
-    done = [0]
-
-    def flush() -> None:
-        x = torch.from_numpy(np.stack(buf)).to(device)
-        owner = np.asarray(buf_owner, dtype=np.int64)
-        if masks is None:
-            z = backbone.embed(x).float().cpu().numpy()
-        else:
-            z = backbone.embed(x, lead_mask=torch.from_numpy(masks[owner]).to(device)).float().cpu().numpy()
-        bad = ~np.isfinite(z).all(axis=1)
-        if bad.any():
-            if nonfinite == "error":
-                rows_bad = sorted(set(owner[bad].tolist()))
-                raise NonFiniteDataError(str(getattr(cache, "path", "<cache>")),
-                                         f"{_describe(cache, rows_bad)}: the encoder returned non-finite embeddings "
-                                         f"(NaN/Inf) for finite input windows of {len(rows_bad)} record(s); the "
-                                         f"encoder is broken (non-finite weights?) or unstable on them; pass "
-                                         f"nonfinite='skip' to leave such records out")
-            bad_embedding.update(owner[bad].tolist())
-        feats.append(z)
-        owners.append(owner)
-        done[0] += len(buf)
-        buf.clear()
-        buf_owner.clear()
-        if len(feats) % 20 == 0:
-            dt = time.perf_counter() - t0
-            log.info("features: %d windows of %d/%d records in %.0f s (%.0f windows/s)", done[0],
-                     int(owners[-1][-1]) + 1, len(cache), dt, done[0] / max(dt, 1e-9))
-
+    done = 0
     try:
-        for i in rows:
-            signal = cache.signal(int(i))
-            if not np.isfinite(signal).all():
+        for xb, owner in _window_batches(cache, rows, window, stride, batch_size, nonfinite, bad_input):
+            x = torch.from_numpy(xb).to(device)
+            if masks is None:
+                z = model.embed(x).float().cpu().numpy()
+            else:
+                z = model.embed(x, lead_mask=torch.from_numpy(masks[owner]).to(device)).float().cpu().numpy()
+            bad = ~np.isfinite(z).all(axis=1)
+            if bad.any():
                 if nonfinite == "error":
-                    raise _nonfinite_error(cache, [int(i)], "the input signal")
-                bad_input.append(int(i))
-                continue
-            wins = sliding_windows(signal, int(window), int(stride))  # (n, 12, window)
-            for w in wins:
-                buf.append(np.ascontiguousarray(w, dtype=np.float32))
-                buf_owner.append(int(i))
-                if len(buf) >= batch_size:
-                    flush()
-        if buf:
-            flush()
+                    raise _embedding_error(cache, sorted(set(owner[bad].tolist())))
+                bad_embedding.update(owner[bad].tolist())
+            feats.append(z)
+            owners.append(owner)
+            done += len(xb)
+            if len(feats) % 20 == 0:
+                dt = time.perf_counter() - t0
+                log.info("features: %d windows of %d/%d records in %.0f s (%.0f windows/s)", done,
+                         int(owners[-1][-1]) + 1, len(cache), dt, done / max(dt, 1e-9))
     finally:
-        backbone.train(was_training)
+        model.train(was_training)
     seconds = time.perf_counter() - t0
     features = np.concatenate(feats) if feats else np.zeros((0, 0), np.float32)
     record = np.concatenate(owners) if owners else np.zeros(0, np.int64)
@@ -281,6 +410,242 @@ def extract_features(backbone: nn.Module, cache: Any, window: int, stride: int, 
              out.features.shape[0], window, stride, len(rows), seconds, out.features.shape[0] / max(seconds, 1e-9),
              " (lead-aware)" if masks is not None else "")
     return out
+
+
+# ------------------------------------------------------------------------------------------------ token cache
+@dataclass
+class TokenSet:
+    """Frozen tokens of every window of every record of a cache (the attention probe's input).
+
+    Memory: ``tokens`` holds records x windows per record x tokens per window x ``D`` x 2 bytes (float16).
+
+    Attributes:
+        tokens: ``(T, D)`` float16 tokens of all windows, window after window (a record's windows consecutive).
+        window_offsets: ``(W + 1,)`` int64: window ``w``'s tokens are ``tokens[window_offsets[w]:window_offsets[w+1]]``.
+        record: ``(W,)`` int64 cache row of each window.
+        n_records: number of records in the cache.
+        key: the cache key.
+        seconds: extraction time (0 when loaded).
+        skipped: ``(S,)`` int64 cache rows left out for non-finite input or tokens; they have no windows.
+    """
+
+    tokens: np.ndarray
+    window_offsets: np.ndarray
+    record: np.ndarray
+    n_records: int
+    key: str = ""
+    seconds: float = 0.0
+    skipped: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+
+    @property
+    def dim(self) -> int:
+        return int(self.tokens.shape[1])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the token array (records x windows x tokens x dim x 2)."""
+        return int(self.tokens.nbytes)
+
+    def record_offsets(self) -> np.ndarray:
+        """``(n_records, 2)`` int64 ``[start, end)`` token range of each record (``start == end``: no windows)."""
+        out = np.zeros((self.n_records, 2), dtype=np.int64)
+        if len(self.record):
+            w = np.arange(len(self.record))
+            first = np.full(self.n_records, len(self.record), dtype=np.int64)
+            last = np.full(self.n_records, -1, dtype=np.int64)
+            np.minimum.at(first, self.record, w)
+            np.maximum.at(last, self.record, w)
+            has = last >= 0
+            out[has, 0] = self.window_offsets[first[has]]
+            out[has, 1] = self.window_offsets[last[has] + 1]
+        return out
+
+    def record_tokens(self, row: int) -> np.ndarray:
+        """``(K_row, D)`` float16 tokens of every window of cache row ``row`` (a view)."""
+        start, end = self.record_offsets()[int(row)]
+        return self.tokens[start:end]
+
+    def window_means(self) -> np.ndarray:
+        """``(W, D)`` float32 mean token of each window (for a ViT-1D: its pooled embedding, up to float16)."""
+        sums = np.add.reduceat(self.tokens.astype(np.float32), self.window_offsets[:-1], axis=0) \
+            if len(self.record) else np.zeros((0, self.dim), np.float32)
+        return sums / np.diff(self.window_offsets)[:, None]
+
+    def valid_rows(self, rows: np.ndarray) -> np.ndarray:
+        """``rows`` without the :attr:`skipped` records (order kept)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        return rows[~np.isin(rows, np.asarray(self.skipped, dtype=np.int64))]
+
+
+_TRANSFORMER_NAMES = ("ViT1D", "StMemViT", "HubertECG")
+
+
+def window_tokens(backbone: nn.Module, x: torch.Tensor, lead_mask: torch.Tensor | None = None
+                  ) -> list[torch.Tensor]:
+    """Frozen tokens of each window, the ones ``backbone.embed`` pools.
+
+    * patch-token transformers (``num_patch_tokens``: :class:`~ecgfm.backbones.vit1d.ViT1D`, ST-MEM): the patch
+      tokens of ``forward_features`` (SEP tokens excluded); with ``lead_mask`` (a ViT1D) only the present leads'
+      patch tokens, lead-major (a row without any present lead counts as all present, as in ``embed``);
+    * HuBERT-ECG: its frames ``(B, N, D)``;
+    * any other backbone (CNNs): the final feature map ``(B, C, T')`` read as ``T'`` tokens of width ``C``.
+
+    Args:
+        backbone: the frozen encoder (eval mode, no grad: the caller's business).
+        x: ``(B, L, T)`` windows.
+        lead_mask: optional ``(B, L)`` bool for backbones taking ``lead_mask``.
+
+    Returns:
+        ``B`` tensors ``(K_b, D)`` (``K_b`` differs only between lead sets).
+    """
+    if hasattr(backbone, "num_patch_tokens"):
+        if lead_mask is None:
+            tok = backbone.forward_features(x)
+            return list(tok[:, : backbone.num_patch_tokens(tok)])
+        tok = backbone.forward_features(x, lead_mask=lead_mask)
+        k = backbone.num_patch_tokens(tok)
+        n_leads = int(backbone.num_leads)
+        grid = tok[:, :k].reshape(tok.shape[0], n_leads, k // n_leads, tok.shape[-1])
+        present = lead_mask.to(torch.bool)
+        present = present | ~present.any(dim=1, keepdim=True)
+        return [grid[b, present[b]].reshape(-1, tok.shape[-1]) for b in range(tok.shape[0])]
+    out = backbone.forward_features(x)
+    if type(backbone).__name__ in _TRANSFORMER_NAMES:
+        return list(out)
+    if out.ndim != 3:
+        raise ValueError(f"{type(backbone).__name__}.forward_features returned shape {tuple(out.shape)}; token "
+                         f"extraction expects a (B, C, T') feature map or (B, N, D) tokens")
+    return list(out.transpose(1, 2))
+
+
+@torch.no_grad()
+def extract_tokens(backbone: nn.Module, cache: Any, window: int, stride: int, batch_size: int = 256,
+                   device: str | torch.device = "cpu", rows: np.ndarray | None = None, nonfinite: str = "error",
+                   lead_aware: bool = True) -> TokenSet:
+    """The frozen tokens (:func:`window_tokens`) of every sliding window of every record (or ``rows``), float16;
+    no disk cache. Windows, batching, lead masks, long windows and ``nonfinite`` as :func:`extract_features`
+    (a token that overflows float16 counts as non-finite).
+
+    Returns:
+        :class:`TokenSet` with ``n_records = len(cache)``; every token finite.
+    """
+    _check_args(window, stride, nonfinite)
+    t0 = time.perf_counter()
+    model = fit_window(backbone, int(window))
+    was_training = model.training
+    model.eval().to(device)
+    rows = np.arange(len(cache)) if rows is None else np.asarray(rows, dtype=np.int64)
+    masks = _lead_masks(cache) if uses_lead_masks(model, cache, lead_aware) else None
+    chunks: list[np.ndarray] = []
+    counts: list[np.ndarray] = []
+    owners: list[np.ndarray] = []
+    bad_input: list[int] = []
+    bad_tokens: set[int] = set()
+    try:
+        for xb, owner in _window_batches(cache, rows, window, stride, batch_size, nonfinite, bad_input):
+            x = torch.from_numpy(xb).to(device)
+            m = None if masks is None else torch.from_numpy(masks[owner]).to(device)
+            per_window = window_tokens(model, x, m)
+            flat = torch.cat(per_window).to(torch.float16).cpu().numpy()
+            n_tok = np.asarray([len(t) for t in per_window], dtype=np.int64)
+            finite = np.isfinite(flat).all(axis=1)
+            if not finite.all():
+                bad = np.unique(np.repeat(owner, n_tok)[~finite])
+                if nonfinite == "error":
+                    raise _embedding_error(cache, bad.tolist(), "tokens (or tokens beyond float16's range)")
+                bad_tokens.update(bad.tolist())
+            chunks.append(flat)
+            counts.append(n_tok)
+            owners.append(owner)
+    finally:
+        model.train(was_training)
+    seconds = time.perf_counter() - t0
+    d = chunks[0].shape[1] if chunks else 0
+    tokens = np.concatenate(chunks) if chunks else np.zeros((0, d), np.float16)
+    n_tok = np.concatenate(counts) if counts else np.zeros(0, np.int64)
+    record = np.concatenate(owners) if owners else np.zeros(0, np.int64)
+    skipped = np.asarray(sorted(set(bad_input) | bad_tokens), dtype=np.int64)
+    if len(skipped):
+        keep = ~np.isin(record, skipped)
+        tokens, n_tok, record = tokens[np.repeat(keep, n_tok)], n_tok[keep], record[keep]
+        log.warning("tokens: left out %d record(s) with non-finite input or tokens (nonfinite='skip'): %s",
+                    len(skipped), _describe(cache, skipped))
+    offsets = np.concatenate([[0], np.cumsum(n_tok)]).astype(np.int64)
+    out = TokenSet(tokens=tokens, window_offsets=offsets, record=record, n_records=len(cache), seconds=seconds,
+                   skipped=skipped)
+    STATS["token_extractions"] += 1
+    STATS["windows"] += int(len(record))
+    STATS["seconds"] += seconds
+    log.info("tokens: %d windows (%d samples, stride %d) of %d records -> %d tokens x %d = %.1f MB float16 in "
+             "%.1f s%s", len(record), window, stride, len(rows), len(tokens), d, out.nbytes / 2**20, seconds,
+             " (lead-aware)" if masks is not None else "")
+    return out
+
+
+def _save_tokens(path: Path, ts: TokenSet, window: int, stride: int) -> None:
+    """Write a token set atomically (plain arrays, float16 tokens)."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, tokens=ts.tokens, window_offsets=ts.window_offsets, record=ts.record,
+                     n_records=np.asarray(ts.n_records), window=np.asarray(window), stride=np.asarray(stride),
+                     skipped=ts.skipped)
+
+    atomic_write(path, write)
+
+
+def _load_tokens(path: Path, key: str, n_records: int, window: int, stride: int) -> TokenSet:
+    """Read and validate a token file; ``ValueError`` saying what is wrong with it."""
+    names = ("tokens", "window_offsets", "record", "n_records", "window", "stride", "skipped")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            a = {k: z[k] for k in names}
+    except Exception as exc:  # noqa: BLE001 - BadZipFile, EOFError, zlib.error, KeyError, OSError...
+        raise ValueError(f"unreadable ({type(exc).__name__}: {exc})") from None
+    if int(a["n_records"]) != n_records or int(a["window"]) != window or int(a["stride"]) != stride:
+        raise ValueError("written for another cache or window (record count / window / stride differ)")
+    tok, off, rec = a["tokens"], a["window_offsets"], a["record"]
+    if tok.ndim != 2 or tok.dtype != np.float16 or off.ndim != 1 or rec.ndim != 1 or len(off) != len(rec) + 1 \
+            or off.dtype.kind not in "iu" or rec.dtype.kind not in "iu":
+        raise ValueError(f"wrong arrays (tokens {tok.shape} {tok.dtype}, offsets {off.shape}, record {rec.shape})")
+    if off[0] != 0 or off[-1] != len(tok) or (np.diff(off) <= 0).any():
+        raise ValueError("window offsets do not partition the tokens")
+    if len(rec) and (rec.min() < 0 or rec.max() >= n_records):
+        raise ValueError("record rows out of range")
+    if not np.isfinite(tok).all():
+        raise ValueError("holds non-finite tokens")
+    return TokenSet(tokens=tok, window_offsets=off.astype(np.int64), record=rec.astype(np.int64),
+                    n_records=n_records, key=key, skipped=np.asarray(a["skipped"], dtype=np.int64))
+
+
+def cached_tokens(backbone: nn.Module, cache: Any, window: int, stride: int, feature_dir: str | os.PathLike,
+                  batch_size: int = 256, device: str | torch.device = "cpu", encoder_fp: str | None = None,
+                  nonfinite: str = "error", lead_aware: bool = True) -> TokenSet:
+    """:func:`extract_tokens` behind the on-disk feature cache: ``<feature_dir>/<key>.npz`` with the key of
+    :func:`feature_key` (``kind="tokens"``: never an embedding file's key). Extracted once per (encoder, corpus,
+    window, stride, lead handling); a damaged file is recomputed with a log line; ``nonfinite`` as
+    :func:`cached_features`. Arguments as :func:`cached_features`."""
+    encoder_fp = encoder_fp or encoder_fingerprint(backbone)
+    check_window(backbone, int(window))
+    key = feature_key(encoder_fp, cache_fingerprint(cache), window, stride,
+                      uses_lead_masks(backbone, cache, lead_aware), kind="tokens")
+    path = Path(feature_dir) / f"{key}.npz"
+    if path.exists():
+        try:
+            ts = _load_tokens(path, key, len(cache), int(window), int(stride))
+        except ValueError as exc:
+            log.warning("token cache %s: %s; recomputing it", path, exc)
+        else:
+            if len(ts.skipped) and nonfinite == "error":
+                raise _nonfinite_error(cache, ts.skipped, "the input or tokens (token cache written with "
+                                                          "nonfinite='skip')")
+            STATS["token_cache_hits"] += 1
+            return ts
+    ts = extract_tokens(backbone, cache, window, stride, batch_size=batch_size, device=device, nonfinite=nonfinite,
+                        lead_aware=lead_aware)
+    ts.key = key
+    _save_tokens(path, ts, int(window), int(stride))
+    return ts
 
 
 def _describe(cache: Any, rows: Sequence[int]) -> str:
@@ -343,6 +708,7 @@ def cached_features(backbone: nn.Module, cache: Any, window: int, stride: int, f
         lead_aware: see :func:`extract_features`; part of the key when it changes the features.
     """
     encoder_fp = encoder_fp or encoder_fingerprint(backbone)
+    check_window(backbone, int(window))  # before a cached file is trusted: an encoder that cannot take the window
     key = feature_key(encoder_fp, cache_fingerprint(cache), window, stride,
                       uses_lead_masks(backbone, cache, lead_aware))
     path = Path(feature_dir) / f"{key}.npz"

@@ -7,7 +7,12 @@
   ``lr * layer_decay ** (top - l)``, layers from the backbone (``Backbone.layer_id``). ViT-1D: patch / lead / SEP
   embeddings are layer 0, block ``i`` is layer ``i + 1``, the final norm is ``depth + 1`` and the head is the top.
   XResNet1d: the stem is layer 0, stage ``i`` is layer ``i + 1``, the head is the top ("per-stage" decay).
-  Biases, 1-D parameters and norm / embedding layers get no weight decay (:data:`FINETUNE_NO_DECAY_NAMES`);
+  Biases, 1-D parameters, norm / embedding layers and token / embedding parameters (ViT-1D's ``lead_embed``,
+  :data:`FINETUNE_NO_DECAY_NAMES` = :data:`ecgfm.optim.NO_DECAY_NAMES`) get no weight decay;
+* absent leads (``lead_aware``, default): a backbone whose ``embed`` takes ``lead_mask`` (ViT-1D) gets each batch's
+  record lead mask in training, validation and test, as frozen-feature extraction does with
+  ``features.lead_aware=true`` (absent leads become no tokens instead of zero-signal tokens); other backbones
+  (the CNNs) see the zero-padded 12-lead input;
 * validation after every epoch (one centred crop per record, or whole records with ``val_sliding=True``), early
   stopping on validation macro AUROC (Lightning ``EarlyStopping``), and the best epoch's weights restored
   (kept in memory: no pickled checkpoint is written or read);
@@ -48,11 +53,11 @@ from threadpoolctl import threadpool_limits
 from torch import nn
 
 from ecgfm.data.datamodules import DownstreamDataModule
-from ecgfm.evaluate.features import cached_features, extract_features
+from ecgfm.evaluate.features import accepts_lead_mask, cached_features, extract_features
 from ecgfm.evaluate.metrics import macro_auroc
 from ecgfm.evaluate.probe import LinearProbe
 from ecgfm.heads import MLPHead
-from ecgfm.optim import lightning_optimizers, param_groups
+from ecgfm.optim import NO_DECAY_NAMES, lightning_optimizers, param_groups
 from ecgfm.recipes import HEAD_INITS, LP_CS, WINDOW_AGGREGATES, FinetuneRecipe, as_finetune_recipe
 
 log = logging.getLogger(__name__)
@@ -62,11 +67,11 @@ VAL_METRIC = "val/macro_auroc"
 #: logit given to a class the probe can never predict (absent from a single-label training subset, or a
 #: multi-label class constant on it): exp(-1e4) underflows to exactly 0 in float32, as the probe's 0 / 1.
 _NEVER = 1.0e4
-#: Parameter names fine-tuning exempts from weight decay beyond biases, 1-D parameters and norm / embedding layers:
-#: none, so ViT-1D's learned ``lead_embed`` is decayed, the recipe of the fine-tuning results so far. Pretraining
-#: uses :data:`ecgfm.optim.NO_DECAY_NAMES` (which exempts it, as MAE fine-tuning exempts ``pos_embed``); using that
-#: here as well is a recipe change, to make with a rerun of the benchmark.
-FINETUNE_NO_DECAY_NAMES: tuple[str, ...] = ()
+#: Parameter names (last component) fine-tuning exempts from weight decay beyond biases, 1-D parameters and norm /
+#: embedding layers: those of pretraining (:data:`ecgfm.optim.NO_DECAY_NAMES`), so ViT-1D's learned ``lead_embed``
+#: (and any ``pos_embed`` / token) is not decayed, as MAE fine-tuning exempts ``pos_embed``. (Fine-tuning results
+#: before 2026-12-05 decayed ``lead_embed``: ``FINETUNE_NO_DECAY_NAMES`` was empty.)
+FINETUNE_NO_DECAY_NAMES: tuple[str, ...] = NO_DECAY_NAMES
 
 
 class FinetuneModule(L.LightningModule):
@@ -90,18 +95,22 @@ class FinetuneModule(L.LightningModule):
             the PTB-XL benchmark's test-time aggregation) or ``"logit"`` (mean window logit, then the
             sigmoid / softmax: with a linear head this is the head applied to the record's mean window
             embedding, i.e. the linear probe's ``mean_embedding`` aggregation).
+        lead_aware: pass each batch's ``lead_mask (B, 12)`` to a backbone whose ``embed`` accepts it
+            (:func:`ecgfm.evaluate.features.accepts_lead_mask`), as lead-aware frozen features do; False (or a
+            backbone without it): zero-padded 12-lead input.
     """
 
     def __init__(self, backbone: nn.Module, num_classes: int, multilabel: bool, lr: float = FinetuneRecipe.lr,
                  weight_decay: float = FinetuneRecipe.weight_decay, layer_decay: float = FinetuneRecipe.layer_decay,
                  warmup_epochs: float = FinetuneRecipe.warmup_epochs, max_epochs: int = FinetuneRecipe.epochs,
                  head: str = FinetuneRecipe.head, freeze_backbone: bool = False,
-                 window_aggregate: str = FinetuneRecipe.window_aggregate):
+                 window_aggregate: str = FinetuneRecipe.window_aggregate, lead_aware: bool = True):
         super().__init__()
         if window_aggregate not in WINDOW_AGGREGATES:
             raise ValueError(f"finetune.window_aggregate must be one of {WINDOW_AGGREGATES}, got {window_aggregate!r}")
         self.window_aggregate = window_aggregate
         self.backbone = backbone
+        self.lead_aware = bool(lead_aware) and accepts_lead_mask(backbone)
         d = int(backbone.num_features)
         if head == "linear":
             self.head: nn.Module = nn.Linear(d, num_classes)
@@ -121,23 +130,28 @@ class FinetuneModule(L.LightningModule):
 
     @classmethod
     def from_recipe(cls, backbone: nn.Module, num_classes: int, multilabel: bool, recipe: FinetuneRecipe,
-                    freeze_backbone: bool = False) -> "FinetuneModule":
+                    freeze_backbone: bool = False, lead_aware: bool = True) -> "FinetuneModule":
         """The module of a :class:`~ecgfm.recipes.FinetuneRecipe` (its lr, weight decay, layer decay, warm-up,
         epochs, head and window aggregation)."""
         return cls(backbone, num_classes, multilabel, lr=recipe.lr, weight_decay=recipe.weight_decay,
                    layer_decay=recipe.layer_decay, warmup_epochs=recipe.warmup_epochs, max_epochs=recipe.epochs,
-                   head=recipe.head, freeze_backbone=freeze_backbone, window_aggregate=recipe.window_aggregate)
+                   head=recipe.head, freeze_backbone=freeze_backbone, window_aggregate=recipe.window_aggregate,
+                   lead_aware=lead_aware)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, 12, T) -> (B, C)`` logits."""
+    def forward(self, x: torch.Tensor, lead_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``(B, 12, T)`` (and the records' ``lead_mask (B, 12)`` bool, used when :attr:`lead_aware`) ->
+        ``(B, C)`` logits."""
+        if self.lead_aware and lead_mask is not None:
+            return self.head(self.backbone.embed(x, lead_mask=lead_mask.to(x.device)))
         return self.head(self.backbone.embed(x))
 
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(logits) if self.multilabel else torch.softmax(logits, dim=1)
 
-    def window_outputs(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, 12, T) -> (B, C)``: what is averaged over a record's windows (probabilities or logits)."""
-        logits = self(x)
+    def window_outputs(self, x: torch.Tensor, lead_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``(B, 12, T)`` (and ``lead_mask (B, 12)``) ``-> (B, C)``: what is averaged over a record's windows
+        (probabilities or logits)."""
+        logits = self(x, lead_mask)
         return logits if self.window_aggregate == "logit" else self.probs(logits)
 
     def record_probs(self, mean_outputs: np.ndarray) -> np.ndarray:
@@ -152,7 +166,7 @@ class FinetuneModule(L.LightningModule):
         return nn.functional.cross_entropy(logits, y.long())
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self.loss(self(batch["x"]), batch["y"])
+        loss = self.loss(self(batch["x"], batch.get("lead_mask")), batch["y"])
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["x"].shape[0])
         return loss
 
@@ -160,7 +174,7 @@ class FinetuneModule(L.LightningModule):
         self._val_probs, self._val_index, self._val_y = [], [], []
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._val_probs.append(self.window_outputs(batch["x"]).detach().cpu())
+        self._val_probs.append(self.window_outputs(batch["x"], batch.get("lead_mask")).detach().cpu())
         self._val_index.append(batch["index"].cpu())
         self._val_y.append(batch["y"].cpu())
 
@@ -311,7 +325,9 @@ def predict_records(model: FinetuneModule, loader: Any) -> tuple[np.ndarray, np.
     model.eval()
     probs, index = [], []
     for batch in loader:
-        probs.append(model.window_outputs(batch["x"].to(model.device)).double().cpu().numpy())
+        mask = batch.get("lead_mask")
+        probs.append(model.window_outputs(batch["x"].to(model.device), None if mask is None else mask.to(model.device))
+                     .double().cpu().numpy())
         index.append(batch["index"].numpy())
     recs, p, _ = aggregate_windows(np.concatenate(probs), np.concatenate(index))
     return recs, model.record_probs(p)
@@ -393,7 +409,8 @@ def init_head_from_probe(head: nn.Linear, probe: Any) -> nn.Linear:
 def fit_probe_head(backbone: nn.Module, cache: Any, labels: np.ndarray, splits: dict[str, np.ndarray],
                    multilabel: bool, window: int, stride: int, Cs: Sequence[float] = LP_CS, seed: int = 0,
                    batch_size: int = 256, feature_dir: str | None = None,
-                   aggregate: str = FinetuneRecipe.window_aggregate) -> tuple[Any, dict[str, Any]]:
+                   aggregate: str = FinetuneRecipe.window_aggregate, lead_aware: bool = True
+                   ) -> tuple[Any, dict[str, Any]]:
     """The linear probe that initialises the LP-FT head, on the frozen encoder's features.
 
     Choice (closed form rather than head-only epochs): the project's probe
@@ -424,6 +441,8 @@ def fit_probe_head(backbone: nn.Module, cache: Any, labels: np.ndarray, splits: 
         feature_dir: on-disk feature cache (:func:`ecgfm.evaluate.features.cached_features`, shared with
             probe.py: a pretrained encoder already probed costs no encoder pass); None: embed the train and val
             records now, no cache.
+        lead_aware: lead-aware features (the record lead masks passed to a backbone that accepts them), as the
+            :class:`FinetuneModule` it initialises sees its input (its ``lead_aware``); False: zero-padded.
 
     Returns:
         ``(probe, info)`` with ``info = {"C", "val_macro_auroc", "grid", "windows", "seconds"}``.
@@ -432,13 +451,13 @@ def fit_probe_head(backbone: nn.Module, cache: Any, labels: np.ndarray, splits: 
     train, val = (np.asarray(splits[k], dtype=np.int64) for k in ("train", "val"))
     labels = np.asarray(labels, dtype=np.float32)
     device = next(backbone.parameters()).device
-    # zero-padded features (lead_aware=False): the fine-tuned model's forward pass sees zero-padded 12-lead input
+    # the features the fine-tuned model's forward pass computes: lead-aware as FinetuneModule(lead_aware=...)
     if feature_dir:
         fs = cached_features(backbone, cache, int(window), int(stride), feature_dir, batch_size=batch_size,
-                             device=device, lead_aware=False)
+                             device=device, lead_aware=lead_aware)
     else:
         fs = extract_features(backbone, cache, int(window), int(stride), batch_size=batch_size, device=device,
-                              rows=np.concatenate([train, val]), lead_aware=False)
+                              rows=np.concatenate([train, val]), lead_aware=lead_aware)
     if aggregate not in WINDOW_AGGREGATES:
         raise ValueError(f"finetune.window_aggregate must be one of {WINDOW_AGGREGATES}, got {aggregate!r}")
     if aggregate == "logit":
@@ -465,7 +484,7 @@ def fit_probe_head(backbone: nn.Module, cache: Any, labels: np.ndarray, splits: 
                 best = (score, probe, float(C))
     assert best is not None
     info = {"C": best[2], "val_macro_auroc": float(best[0]), "grid": grid, "aggregate": aggregate,
-            "windows": int(len(x_tr)),
+            "windows": int(len(x_tr)), "lead_aware": bool(lead_aware and accepts_lead_mask(backbone)),
             "seconds": time.perf_counter() - t0}
     return best[1], info
 
@@ -475,7 +494,7 @@ def run_finetune(backbone: nn.Module, cache_dir: str, labels: np.ndarray, splits
                  multilabel: bool, crop_samples: int, stride_samples: int,
                  recipe: FinetuneRecipe | Mapping[str, Any] | None = None, *, seed: int = 0, accelerator: str = "cpu",
                  external: dict[str, tuple[str, np.ndarray, np.ndarray]] | None = None,
-                 feature_dir: str | None = None, predict_val: bool = True) -> dict[str, Any]:
+                 feature_dir: str | None = None, predict_val: bool = True, lead_aware: bool = True) -> dict[str, Any]:
     """Fine-tune ``backbone`` on the ``train`` rows; early-stop on ``val``; predict val / test (and externals).
 
     Args:
@@ -499,6 +518,8 @@ def run_finetune(backbone: nn.Module, cache_dir: str, labels: np.ndarray, splits
         external: ``{name: (cache_dir, labels (M, C), rows)}`` evaluated without retraining.
         feature_dir: frozen-feature cache of the LP-FT probe (see :func:`fit_probe_head`).
         predict_val: return whole-record validation predictions (needed for multi-label F1 thresholds only).
+        lead_aware: pass the records' lead masks to a backbone that accepts them (:class:`FinetuneModule`), in
+            training, validation, test and the LP-FT probe's features; False: zero-padded 12-lead input.
 
     Returns:
         ``{"val": (rows, probs) or None, "test": (rows, probs), "external": {name: (rows, probs)}, "best_epoch"
@@ -520,7 +541,7 @@ def run_finetune(backbone: nn.Module, cache_dir: str, labels: np.ndarray, splits
                               seed=int(seed), drop_last=len(splits["train"]) > r.batch_size)
     windows = DownstreamDataModule(cache_dir, target, splits, crop_samples=crop_samples, batch_size=r.batch_size,
                                    num_workers=r.num_workers, multilabel=multilabel, test_stride=stride_samples)
-    model = FinetuneModule.from_recipe(backbone, labels.shape[1], multilabel, r)
+    model = FinetuneModule.from_recipe(backbone, labels.shape[1], multilabel, r, lead_aware=lead_aware)
     val_name = (f"val ({len(splits['val'])} records, "
                 f"{'whole-record windows' if r.val_sliding else 'centred crops'})")
     log.info("fine-tuning: %d train records, %s; up to %d epochs (patience %d), lr %g, %s head (%s init)",
@@ -529,7 +550,8 @@ def run_finetune(backbone: nn.Module, cache_dir: str, labels: np.ndarray, splits
     if r.head_init == "lp":
         probe, lp_info = fit_probe_head(backbone, windows.cache, labels, splits, multilabel, crop_samples,
                                         stride_samples, Cs=r.lp_Cs, seed=int(seed), batch_size=max(r.batch_size, 256),
-                                        feature_dir=feature_dir, aggregate=r.window_aggregate)
+                                        feature_dir=feature_dir, aggregate=r.window_aggregate,
+                                        lead_aware=model.lead_aware)
         init_head_from_probe(model.head, probe)
         log.info("LP head: linear probe C=%g fitted on the frozen features (%.1f s)", lp_info["C"],
                  lp_info["seconds"])

@@ -1,4 +1,4 @@
-"""Linear and MLP probes on frozen features: many heads from one feature extraction.
+"""Linear, MLP and attention probes on frozen features: many heads from one feature extraction.
 
 **Choice of the linear probe** (documented and tested): scikit-learn ``LogisticRegression`` (L-BFGS, softmax
 over classes for single-label tasks; one binary model per class through ``OneVsRestClassifier`` for multi-label
@@ -13,10 +13,20 @@ epoch and batch-size grid to reach the same convex optimum.
 **MLP probe**: :class:`ecgfm.heads.MLPHead` trained full-batch with AdamW on the standardised features, with
 early stopping on validation macro AUROC; the learning rate is chosen from a grid on validation.
 
+**Attention probe** (``mode="attention"``): :class:`ecgfm.heads.AttentionPoolingHead` (learnable queries,
+multi-head cross-attention over *all* frozen tokens of a record, LayerNorm, linear) trained on the token cache
+(:class:`~ecgfm.evaluate.features.TokenSet`) with AdamW in shuffled minibatches (records padded, key padding mask),
+early stopping on validation macro AUROC (best epoch's weights kept); learning rate and weight decay are chosen on
+validation macro AUROC from a grid. Deterministic given the seed on CPU (initialisation and batch order).
+
 **Record-level aggregation** (the PTB-XL benchmark evaluates whole records from sliding windows):
 ``aggregate="mean_embedding"`` trains and predicts on the mean window embedding of each record;
+``aggregate="mean_std"`` on the concatenation of the mean and the standard deviation of its window embeddings
+(``2D`` features that keep window-to-window variability: rhythm irregularity such as AF changes the windows'
+embeddings from one window to the next, which a mean averages away; a one-window record has std 0);
 ``aggregate="mean_prediction"`` trains on every window (labelled with its record's labels) and averages the
-window probabilities of a record.
+window probabilities of a record. The attention probe aggregates by attention and takes ``mean_embedding`` only
+(the default; other values are refused).
 
 Multi-label heads use per-class sigmoids (binary cross-entropy) and per-class thresholds chosen on validation for
 F1; single-label heads use a softmax.
@@ -24,6 +34,7 @@ F1; single-label heads use a softmax.
 
 from __future__ import annotations
 
+import logging
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -37,11 +48,26 @@ from sklearn.multiclass import OneVsRestClassifier
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from ecgfm.evaluate.features import FeatureSet
+from ecgfm.evaluate.features import FeatureSet, TokenSet
 from ecgfm.evaluate.fractions import fraction_subsets
 from ecgfm.evaluate.metrics import choose_thresholds, evaluate_scores, macro_auroc
 
-AGGREGATIONS = ("mean_embedding", "mean_prediction")
+log = logging.getLogger(__name__)
+
+AGGREGATIONS = ("mean_embedding", "mean_std", "mean_prediction")
+#: aggregations that train on one feature row per record (:func:`record_matrix`).
+RECORD_AGGREGATIONS = ("mean_embedding", "mean_std")
+MODES = ("linear", "mlp", "attention")
+
+
+def record_matrix(fs: FeatureSet, aggregate: str) -> np.ndarray | None:
+    """One feature row per cache row: mean embeddings ``(N, D)`` (``mean_embedding``), mean + std ``(N, 2D)``
+    (``mean_std``), or None (``mean_prediction`` trains on windows)."""
+    if aggregate == "mean_embedding":
+        return fs.record_means()
+    if aggregate == "mean_std":
+        return fs.record_stats()
+    return None
 
 
 class LinearProbe:
@@ -89,7 +115,8 @@ class LinearProbe:
         return out
 
 
-__all__ = ["LinearProbe", "MLPProbe", "ProbeData", "run_probe_grid", "AGGREGATIONS"]
+__all__ = ["LinearProbe", "MLPProbe", "AttentionProbe", "ProbeData", "run_probe_grid", "record_matrix",
+           "AGGREGATIONS", "MODES"]
 
 
 class MLPProbe:
@@ -183,43 +210,169 @@ class MLPProbe:
         return self._probs(x)
 
 
+class AttentionProbe:
+    """:class:`ecgfm.heads.AttentionPoolingHead` on the frozen tokens of whole records (see the module docstring).
+
+    Records are batches of variable length: a batch of ``B`` records is padded to its longest record ``T_max``
+    (``B x T_max x D`` float32 in memory) with a key padding mask. AdamW on shuffled minibatches (order from a
+    generator seeded with ``seed``); after each epoch the validation macro AUROC decides early stopping and the
+    weights kept.
+
+    Args:
+        multilabel: BCE with sigmoids (else cross-entropy with softmax).
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        num_queries: learnable queries of the head.
+        num_heads: attention heads (must divide the token width).
+        epochs: maximum epochs.
+        batch_size: records per step.
+        patience: epochs without validation improvement before stopping.
+        dropout: attention dropout.
+        seed: torch seed of the initialisation and the batch order.
+        device: torch device of the head.
+    """
+
+    def __init__(self, multilabel: bool, lr: float = 1e-3, weight_decay: float = 0.01, num_queries: int = 1,
+                 num_heads: int = 4, epochs: int = 30, batch_size: int = 64, patience: int = 5,
+                 dropout: float = 0.0, seed: int = 0, device: str | torch.device = "cpu"):
+        self.multilabel = multilabel
+        self.lr, self.weight_decay = float(lr), float(weight_decay)
+        self.num_queries, self.num_heads, self.dropout = int(num_queries), int(num_heads), float(dropout)
+        self.epochs, self.batch_size, self.patience = int(epochs), int(batch_size), int(patience)
+        self.seed, self.device = int(seed), torch.device(device)
+        self.net: torch.nn.Module | None = None
+        self.best_val = float("nan")
+        self.best_epoch = 0
+
+    @staticmethod
+    def _records(ts: TokenSet, rows: np.ndarray) -> list[torch.Tensor]:
+        """float16 ``(K_r, D)`` token tensors of ``rows`` (views of the cache, no copy)."""
+        bounds = ts.record_offsets()[np.asarray(rows, dtype=np.int64)]
+        empty = bounds[:, 1] <= bounds[:, 0]
+        if empty.any():
+            raise ValueError(f"records without tokens (skipped for non-finite values?): cache rows "
+                             f"{np.asarray(rows)[empty][:10].tolist()}")
+        return [torch.from_numpy(ts.tokens[a:b]) for a, b in bounds]
+
+    def _batch(self, recs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pad to ``(B, T_max, D)`` float32 and the ``(B, T_max)`` padding mask (True = padding)."""
+        lengths = torch.tensor([len(r) for r in recs])
+        x = torch.nn.utils.rnn.pad_sequence(recs, batch_first=True).float()
+        pad = torch.arange(x.shape[1])[None, :] >= lengths[:, None]
+        return x.to(self.device), pad.to(self.device)
+
+    def _probs_of(self, recs: list[torch.Tensor]) -> np.ndarray:
+        assert self.net is not None
+        self.net.eval()
+        out = []
+        with torch.no_grad():
+            for i in range(0, len(recs), self.batch_size):
+                logits = self.net(*self._batch(recs[i:i + self.batch_size]))
+                out.append(torch.sigmoid(logits) if self.multilabel else torch.softmax(logits, dim=1))
+        return torch.cat(out).double().cpu().numpy()
+
+    def fit(self, ts: TokenSet, rows: np.ndarray, labels: np.ndarray, val_rows: np.ndarray | None = None,
+            labels_val: np.ndarray | None = None) -> "AttentionProbe":
+        """Train on the records ``rows`` (cache rows of ``ts``) with ``labels (len(rows), C)``; early-stop on
+        ``(val_rows, labels_val)`` macro AUROC when given (else train ``epochs`` epochs)."""
+        from ecgfm.heads import AttentionPoolingHead
+
+        if self.num_heads < 1 or ts.dim % self.num_heads:
+            raise ValueError(f"probe.attention.num_heads={self.num_heads} must divide the token width {ts.dim} of "
+                             f"this encoder")
+        torch.manual_seed(self.seed)
+        gen = torch.Generator().manual_seed(self.seed)
+        recs = self._records(ts, rows)
+        val = self._records(ts, val_rows) if val_rows is not None and labels_val is not None else None
+        n_classes = labels.shape[1]
+        self.net = AttentionPoolingHead(ts.dim, n_classes, num_queries=self.num_queries, num_heads=self.num_heads,
+                                        dropout=self.dropout).to(self.device)
+        if self.multilabel:
+            y = torch.from_numpy(labels.astype(np.float32))
+            loss_fn: torch.nn.Module = torch.nn.BCEWithLogitsLoss()
+        else:
+            y = torch.from_numpy(labels.argmax(axis=1).astype(np.int64))
+            loss_fn = torch.nn.CrossEntropyLoss()
+        opt = torch.optim.AdamW(self.net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        best_state, best, bad = None, -np.inf, 0
+        t0 = time.perf_counter()
+        epoch = 0
+        for epoch in range(1, self.epochs + 1):
+            self.net.train()
+            for idx in torch.randperm(len(recs), generator=gen).split(self.batch_size):
+                x, pad = self._batch([recs[i] for i in idx.tolist()])
+                opt.zero_grad()
+                loss = loss_fn(self.net(x, pad), y[idx].to(self.device))
+                loss.backward()
+                opt.step()
+            if val is None:
+                continue
+            auc = macro_auroc(labels_val, self._probs_of(val))
+            auc = -np.inf if not np.isfinite(auc) else auc
+            if auc > best:
+                best, bad, self.best_epoch = auc, 0, epoch
+                best_state = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
+            else:
+                bad += 1
+                if bad >= self.patience:
+                    break
+        if best_state is not None:
+            self.net.load_state_dict(best_state)
+            self.best_val = float(best)
+        log.info("attention probe lr %g, weight decay %g: %d epoch(s) in %.1f s, best validation macro AUROC %.4f "
+                 "(epoch %d)", self.lr, self.weight_decay, epoch, time.perf_counter() - t0, self.best_val,
+                 self.best_epoch)
+        return self
+
+    def predict_proba(self, ts: TokenSet, rows: np.ndarray) -> np.ndarray:
+        """Record probabilities ``(len(rows), C)`` of cache rows ``rows`` of ``ts``."""
+        if self.net is None:
+            raise RuntimeError("AttentionProbe.predict_proba called before fit")
+        return self._probs_of(self._records(ts, rows))
+
+
 @dataclass
 class ProbeData:
     """What a probe needs from a task: features, labels, splits.
 
     Attributes:
-        features: the frozen window features of the task's corpus.
+        features: the frozen window features of the task's corpus (a :class:`TokenSet` for the attention probe).
         labels: ``(N, C)`` float indicators for every cache row (rows outside the splits are ignored).
         splits: ``{"train", "val", "test"}`` -> cache rows.
         multilabel: multi-label task.
         class_names: ``C`` names.
         patient_ids: length-``N`` patient ids (None: each record is its own patient).
-        external: optional ``{name: (FeatureSet, labels (M, C), rows)}`` evaluated without retraining.
+        external: optional ``{name: (FeatureSet or TokenSet, labels (M, C), rows)}`` evaluated without retraining.
     """
 
-    features: FeatureSet
+    features: FeatureSet | TokenSet
     labels: np.ndarray
     splits: dict[str, np.ndarray]
     multilabel: bool
     class_names: list[str]
     patient_ids: Sequence[Any] | None = None
-    external: dict[str, tuple[FeatureSet, np.ndarray, np.ndarray]] = field(default_factory=dict)
+    external: dict[str, tuple[FeatureSet | TokenSet, np.ndarray, np.ndarray]] = field(default_factory=dict)
 
 
 def _design(fs: FeatureSet, labels: np.ndarray, rows: np.ndarray, aggregate: str, means: np.ndarray | None
             ) -> tuple[np.ndarray, np.ndarray]:
-    """Training matrix: record means ``(len(rows), D)`` or every window ``(w, D)`` with its record's labels."""
-    if aggregate == "mean_embedding":
+    """Training matrix: record rows of :func:`record_matrix` (``(len(rows), D)`` or ``2D``) or every window
+    ``(w, D)`` with its record's labels."""
+    if aggregate in RECORD_AGGREGATIONS:
         assert means is not None
         return means[rows], labels[rows]
     x, pos = fs.windows_of(rows)
     return x, labels[rows][pos]
 
 
-def _predict_records(model: Any, fs: FeatureSet, rows: np.ndarray, aggregate: str, means: np.ndarray | None
-                     ) -> np.ndarray:
-    """Record-level probabilities ``(len(rows), C)``: on the mean embedding, or the mean of window predictions."""
-    if aggregate == "mean_embedding":
+def _predict_records(model: Any, fs: FeatureSet | TokenSet, rows: np.ndarray, aggregate: str,
+                     means: np.ndarray | None) -> np.ndarray:
+    """Record-level probabilities ``(len(rows), C)``: on the record features, the mean of window predictions, or
+    the attention probe on the record's tokens."""
+    if isinstance(model, AttentionProbe):
+        assert isinstance(fs, TokenSet)
+        return model.predict_proba(fs, rows)
+    if aggregate in RECORD_AGGREGATIONS:
         assert means is not None
         return model.predict_proba(means[rows])
     x, pos = fs.windows_of(rows)
@@ -229,18 +382,29 @@ def _predict_records(model: Any, fs: FeatureSet, rows: np.ndarray, aggregate: st
     return out / np.maximum(np.bincount(pos, minlength=len(rows)), 1)[:, None]
 
 
+def _hp_name(hp: Any) -> str:
+    """Key of a head in the ``grid`` of a result: ``"0.01"`` (C or lr), ``"lr=0.001,wd=0.01"`` (attention)."""
+    return f"lr={hp[0]:g},wd={hp[1]:g}" if isinstance(hp, tuple) else f"{hp:g}"
+
+
 def run_probe_grid(data: ProbeData, fractions: Sequence[float], seeds: Sequence[int], mode: str = "linear",
                    Cs: Sequence[float] = (0.001, 0.01, 0.1, 1.0, 10.0), lrs: Sequence[float] = (1e-3,),
                    aggregate: str = "mean_embedding", n_boot: int = 1000, bootstrap_seed: int = 0,
                    max_iter: int = 1000, mlp_kwargs: dict[str, Any] | None = None, min_per_class: int = 1,
-                   blas_threads: int | None = 1) -> list[dict[str, Any]]:
+                   blas_threads: int | None = 1, attention_kwargs: dict[str, Any] | None = None
+                   ) -> list[dict[str, Any]]:
     """Train heads for every (fraction, seed) on one feature set; choose the hyper-parameter on validation.
 
     For each (fraction, seed): the training subset is drawn with
     :func:`~ecgfm.evaluate.fractions.fraction_subsets` (stratified, patient-level, nested, the same for every
-    method); one head per ``C`` (linear) or learning rate (MLP) is trained; the one with the best validation
-    macro AUROC is kept; thresholds for F1 are chosen on validation; test (and every external set) is scored with
-    bootstrap CIs.
+    method); one head per ``C`` (linear), learning rate (MLP) or (learning rate, weight decay) pair (attention)
+    is trained; the one with the best validation macro AUROC is kept; thresholds for F1 are chosen on
+    validation; test (and every external set) is scored with bootstrap CIs.
+
+    ``mode="attention"`` needs ``data.features`` (and every external set) as a
+    :class:`~ecgfm.evaluate.features.TokenSet`; ``attention_kwargs`` holds ``lrs`` and ``weight_decays`` (the
+    grid) and the other :class:`AttentionProbe` arguments (``num_queries``, ``num_heads``, ``epochs``,
+    ``batch_size``, ``patience``, ``dropout``, ``device``); ``aggregate`` must stay ``"mean_embedding"``.
 
     ``blas_threads`` caps the BLAS / OpenMP threads while the heads train (threadpoolctl): these problems are
     small (records x features), so one thread is as fast and immune to oversubscription; None leaves them.
@@ -256,20 +420,38 @@ def run_probe_grid(data: ProbeData, fractions: Sequence[float], seeds: Sequence[
 
         with threadpool_limits(limits=int(blas_threads)):
             return run_probe_grid(data, fractions, seeds, mode, Cs, lrs, aggregate, n_boot, bootstrap_seed,
-                                  max_iter, mlp_kwargs, min_per_class, blas_threads=None)
+                                  max_iter, mlp_kwargs, min_per_class, blas_threads=None,
+                                  attention_kwargs=attention_kwargs)
     if aggregate not in AGGREGATIONS:
         raise ValueError(f"aggregate must be one of {AGGREGATIONS}, got {aggregate!r}")
-    if mode not in ("linear", "mlp"):
-        raise ValueError(f"probe mode must be 'linear' or 'mlp', got {mode!r}")
+    if mode not in MODES:
+        raise ValueError(f"probe mode must be one of {MODES}, got {mode!r}")
+    att = dict(attention_kwargs or {})
+    grid_hps: list[Any] = list(Cs) if mode == "linear" else list(lrs)
+    if mode == "attention":
+        if aggregate != "mean_embedding":
+            raise ValueError(f"the attention probe pools a record's tokens itself; aggregate must stay "
+                             f"'mean_embedding', got {aggregate!r}")
+        sets = [("the task", data.features)] + [(k, v[0]) for k, v in data.external.items()]
+        for name, s in sets:
+            if not isinstance(s, TokenSet):
+                raise ValueError(f"mode='attention' needs frozen tokens (a TokenSet from cached_tokens) for "
+                                 f"{name}, got {type(s).__name__}")
+        att_lrs, att_wds = list(att.pop("lrs", [1e-3])), list(att.pop("weight_decays", [0.01]))
+        if not att_lrs or not att_wds:
+            raise ValueError("the attention probe needs at least one learning rate and one weight decay")
+        grid_hps = [(float(lr), float(wd)) for lr in att_lrs for wd in att_wds]
+    elif not isinstance(data.features, FeatureSet):
+        raise ValueError(f"mode={mode!r} needs window embeddings (a FeatureSet), got {type(data.features).__name__}")
     for part in ("train", "val", "test"):
         if part not in data.splits or len(data.splits[part]) == 0:
             raise ValueError(f"the task has no {part!r} records")
     fs, labels = data.features, np.asarray(data.labels, dtype=np.float32)
-    means = fs.record_means() if aggregate == "mean_embedding" else None
-    ext_means = {k: (v[0].record_means() if aggregate == "mean_embedding" else None)
-                 for k, v in data.external.items()}
+    tokens = mode == "attention"
+    means = None if tokens else record_matrix(fs, aggregate)
+    ext_means = {k: (None if tokens else record_matrix(v[0], aggregate)) for k, v in data.external.items()}
     train, val, test = (np.asarray(data.splits[k], dtype=np.int64) for k in ("train", "val", "test"))
-    x_val, y_val = _design(fs, labels, val, aggregate, means)
+    x_val, y_val = (None, labels[val]) if tokens else _design(fs, labels, val, aggregate, means)
     results = []
     for seed in seeds:
         subsets = fraction_subsets(train, labels if data.multilabel else labels.argmax(axis=1),
@@ -277,18 +459,22 @@ def run_probe_grid(data: ProbeData, fractions: Sequence[float], seeds: Sequence[
         for frac in fractions:
             t0 = time.perf_counter()
             rows = subsets[float(frac)]
-            x_tr, y_tr = _design(fs, labels, rows, aggregate, means)
+            x_tr, y_tr = (None, labels[rows]) if tokens else _design(fs, labels, rows, aggregate, means)
             grid: dict[str, float] = {}
-            best: tuple[float, Any, float] | None = None
-            for hp in (Cs if mode == "linear" else lrs):
+            best: tuple[float, Any, Any] | None = None
+            for hp in grid_hps:
                 if mode == "linear":
                     model = LinearProbe(data.multilabel, C=hp, max_iter=max_iter, seed=int(seed)).fit(x_tr, y_tr)
-                else:
+                elif mode == "mlp":
                     model = MLPProbe(data.multilabel, lr=hp, seed=int(seed), **(mlp_kwargs or {}))
                     model.fit(x_tr, y_tr, x_val, y_val)
+                else:
+                    model = AttentionProbe(data.multilabel, lr=hp[0], weight_decay=hp[1], seed=int(seed), **att)
+                    assert isinstance(fs, TokenSet)
+                    model.fit(fs, rows, y_tr, val, y_val)
                 p_val = _predict_records(model, fs, val, aggregate, means)
                 auc = macro_auroc(labels[val], p_val)
-                grid[f"{hp:g}"] = float(auc)
+                grid[_hp_name(hp)] = float(auc)
                 score = auc if np.isfinite(auc) else -np.inf
                 if best is None or score > best[0]:
                     best = (score, model, hp)
@@ -312,8 +498,9 @@ def run_probe_grid(data: ProbeData, fractions: Sequence[float], seeds: Sequence[
             results.append({
                 "fraction": float(frac), "seed": int(seed), "n_train": int(len(rows)),
                 "n_val": int(len(val)), "n_test": int(len(test)),
-                "hparam": {"C" if mode == "linear" else "lr": float(hp)},
-                "val_macro_auroc": float(grid[f"{hp:g}"]), "grid": grid, "test": metrics, "external": external,
+                "hparam": ({"lr": hp[0], "weight_decay": hp[1]} if mode == "attention"
+                           else {"C" if mode == "linear" else "lr": float(hp)}),
+                "val_macro_auroc": float(grid[_hp_name(hp)]), "grid": grid, "test": metrics, "external": external,
                 "predictions": predictions, "seconds": time.perf_counter() - t0,
                 "model": model, "thresholds": thresholds,   # the chosen probe (a classifier artifact on request)
             })

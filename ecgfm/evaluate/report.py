@@ -10,10 +10,15 @@ see :mod:`ecgfm.evaluate.sweep`). :func:`build_report` reads every cell and writ
   deviation over seeds, then the mean of the per-seed 95 % bootstrap CIs in brackets, and the number of seeds;
 * ``results.png``: macro AUROC against label fraction (log axis), one line per method and mode, shaded band =
   mean per-seed 95 % CI;
-* ``comparisons.csv`` (and a section of ``results.md``): every method minus its random-init twin on the same test
-  records (same mode, task, fraction, seed), with a paired bootstrap CI (needs the predictions the cells store);
-  and every method minus the handcrafted baseline (``checkpoint=handcrafted``, :func:`baseline_comparisons`) when
-  the results hold it (column ``baseline`` names the reference row).
+* ``comparisons.csv`` / ``comparisons_mean.csv`` (and sections of ``results.md``): every row minus each baseline
+  row of :data:`BASELINES` on the same test records (same task, label fraction and seed; needs the predictions the
+  cells store): the random-init twin (same mode, architecture and recipe), the handcrafted-feature probe
+  (``checkpoint=handcrafted``) and the supervised-from-scratch CNN (``supervised:<resnet1d / xresnet1d>``), one
+  mechanism (:class:`BaselineSpec`, :func:`compare_with_baseline`): per seed a paired bootstrap 95 % CI, and the
+  mean over seeds with a CI from resampling the records jointly for every seed; ``excludes_zero`` flags a CI
+  that excludes 0 (column ``reference`` names the baseline kind, ``baseline`` its row);
+* an acceptance block at the top of ``results.md`` (:func:`acceptance`): the criteria of issue 12, MET or
+  MISSED with the numbers, computed from the cells.
 
 Rows are grouped by checkpoint *identity*, not by method name: each cell stores the content hash of its
 checkpoint (``checkpoint_id``) and of its full recipe (``recipe_id``, :mod:`ecgfm.evaluate.identity`). Only cells
@@ -32,6 +37,7 @@ import hashlib
 import json
 import logging
 import os
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -44,7 +50,9 @@ log = logging.getLogger(__name__)
 TIDY_COLUMNS = ["mode", "task", "dataset", "split", "label", "method", "checkpoint", "checkpoint_id", "recipe_id",
                 "backbone", "fraction", "seed", "n_train", "n_test", "metric", "value", "ci_low", "ci_high", "cell"]
 SUMMARY_METRICS = ("macro_auroc", "macro_f1", "fmax", "accuracy")
-MODE_NAMES = {"linear": "linear probe", "mlp": "MLP probe", "finetune": "fine-tune"}
+MODE_NAMES = {"linear": "linear probe", "mlp": "MLP probe", "attention": "attention probe", "finetune": "fine-tune",
+              "linear+mean_std": "linear probe, mean+std", "mlp+mean_std": "MLP probe, mean+std",
+              "linear+mean_prediction": "linear probe, window-level", "mlp+mean_prediction": "MLP probe, window-level"}
 GROUP_KEYS = ["task", "dataset", "split", "mode", "label", "method", "backbone", "checkpoint_id", "recipe_id",
               "fraction"]
 
@@ -63,18 +71,23 @@ def cell_identity(cell: dict[str, Any]) -> tuple[str, str]:
 
 
 def assign_labels(cells: list[dict[str, Any]]) -> None:
-    """Set ``cell["label"]``: the method name, ``@<checkpoint hash>`` when the method (and backbone) has several
-    checkpoint identities among ``cells``, ``[recipe <hash>]`` when one checkpoint has several recipes in the same
-    (mode, task)."""
+    """Set ``cell["label"]``: the method name, `` (<backbone>)`` when the method has rows of several backbones
+    (e.g. ``supervised (resnet1d_tiny)`` beside ``supervised (vit1d_tiny)``), ``@<checkpoint hash>`` when the
+    method (and backbone) has several checkpoint identities among ``cells``, ``[recipe <hash>]`` when one
+    checkpoint has several recipes in the same (mode, task)."""
     ckpts: dict[tuple, set[str]] = {}
     recipes: dict[tuple, set[str]] = {}
+    backbones: dict[Any, set[str]] = {}
     for c in cells:
         ck, rc = cell_identity(c)
         ckpts.setdefault((c.get("method"), c.get("backbone")), set()).add(ck)
         recipes.setdefault((c.get("mode"), c.get("task"), c.get("method"), c.get("backbone"), ck), set()).add(rc)
+        backbones.setdefault(c.get("method"), set()).add(str(c.get("backbone")))
     for c in cells:
         ck, rc = cell_identity(c)
         label = str(c.get("method"))
+        if len(backbones[c.get("method")]) > 1:
+            label += f" ({c.get('backbone')})"
         if len(ckpts[(c.get("method"), c.get("backbone"))]) > 1 or ck.startswith("legacy-"):
             label += f"@{ck if ck.startswith('legacy-') else ck[:7]}"
         if len(recipes[(c.get("mode"), c.get("task"), c.get("method"), c.get("backbone"), ck)]) > 1:
@@ -230,118 +243,522 @@ def plot_results(df: pd.DataFrame, out_path: str | os.PathLike, metric: str = "m
     return out
 
 
-def paired_comparisons(cells: Iterable[dict[str, Any]], baseline: str = "random-init", n_boot: int = 1000,
-                       seed: int = 0) -> pd.DataFrame:
-    """Macro AUROC of every method minus its ``baseline`` twin's, on the same test records (paired bootstrap,
-    :func:`ecgfm.evaluate.metrics.paired_bootstrap_delta`).
+#: method label of the handcrafted baseline rows (:data:`ecgfm.evaluate.handcrafted.METHOD`)
+HANDCRAFTED_METHOD = "handcrafted (RR/HRV + morphology)"
+#: backbone families of the "strong supervised CNN" baseline (``supervised:<resnet1d / xresnet1d backbone>``)
+SUPERVISED_CNN_FAMILIES: tuple[str, ...] = ("resnet1d", "xresnet1d")
+#: columns of the per-seed paired comparison rows (``comparisons.csv``)
+COMPARISON_COLUMNS = ["reference", "mode", "task", "dataset", "split", "method", "label", "baseline",
+                      "baseline_mode", "fraction", "seed", "delta", "ci_low", "ci_high", "p_not_positive", "n",
+                      "excludes_zero"]
+#: columns of the seed-mean paired comparison rows (``comparisons_mean.csv``)
+COMPARISON_MEAN_COLUMNS = ["reference", "mode", "task", "dataset", "split", "method", "label", "baseline",
+                           "baseline_mode", "fraction", "seeds", "n_seeds", "delta", "ci_low", "ci_high",
+                           "p_not_positive", "n", "excludes_zero"]
 
-    The twin is a ``baseline`` cell of the same mode, task, fraction and seed, the same architecture (backbone
-    name and arguments; the backbone name for cells without it) and the same recipe: never the random-init cell
-    of another backbone or another probe grid. Several matching twins (e.g. two init seeds) give one row each.
 
-    Needs the ``predictions`` stored in the cells. Returns one row per (mode, task, split, method checkpoint,
-    baseline, fraction, seed) with ``label``, ``baseline`` (the twin's label), ``delta, ci_low, ci_high,
-    p_not_positive, n``.
+@dataclass(frozen=True)
+class BaselineSpec:
+    """One kind of baseline row and how a row is paired with it (:func:`compare_with_baseline`).
+
+    A row cell is paired with the baseline cells of the same task, label fraction and seed (the same training
+    subset), in the mode ``mode_map`` gives for the row's mode, and (``same_architecture``) the same architecture
+    and recipe. Only records both cells predicted are compared (matched by record key).
+
+    Args:
+        name: short name (the ``reference`` column), e.g. ``"random-init twin"``.
+        title: section title of ``results.md``.
+        methods: ``method`` values of the baseline cells.
+        backbone_families: when set, a baseline cell's ``backbone`` must start with one of these prefixes.
+        mode_map: row mode -> baseline mode (key ``"*"``: any other mode); a mode absent from it (and no ``"*"``)
+            is paired with the baseline cells of the same mode.
+        same_architecture: also require the same architecture (backbone name and arguments) and recipe: the
+            random-init twin of exactly this network.
     """
+
+    name: str
+    title: str
+    methods: tuple[str, ...]
+    backbone_families: tuple[str, ...] | None = None
+    mode_map: tuple[tuple[str, str], ...] = ()
+    same_architecture: bool = False
+
+    def is_baseline(self, cell: dict[str, Any]) -> bool:
+        """Whether ``cell`` is a row of this baseline."""
+        if cell.get("method") not in self.methods:
+            return False
+        if self.backbone_families is None:
+            return True
+        return str(cell.get("backbone") or "").startswith(self.backbone_families)
+
+    def baseline_mode(self, mode: str) -> str:
+        """The baseline's mode a row of ``mode`` is paired with."""
+        table = dict(self.mode_map)
+        return table.get(mode, table.get("*", mode))
+
+    def key(self, cell: dict[str, Any], mode: str) -> tuple:
+        """Pairing key of ``cell`` in ``mode`` (a baseline cell's own mode, or the mode a row maps to)."""
+        arch = (cell.get("architecture") or cell.get("backbone"), cell.get("recipe_id")) \
+            if self.same_architecture else ()
+        return (mode, cell["task"], float(cell["fraction"]), int(cell["seed"])) + arch
+
+
+#: every row minus its random-init twin: same mode, task, fraction, seed, architecture and recipe
+TWIN = BaselineSpec("random-init twin", "Paired comparison with the random-init twin", ("random-init",),
+                    same_architecture=True)
+#: every row (any probe variant or fine-tune) minus the handcrafted-feature linear probe
+HANDCRAFTED = BaselineSpec("handcrafted", "Paired comparison with the handcrafted baseline", (HANDCRAFTED_METHOD,),
+                           mode_map=(("*", "linear"),))
+#: every row (probe or fine-tune) minus the supervised-from-scratch CNN (a fine-tune cell)
+SUPERVISED_CNN = BaselineSpec("supervised CNN", "Paired comparison with the supervised-from-scratch CNN",
+                              ("supervised",), backbone_families=SUPERVISED_CNN_FAMILIES,
+                              mode_map=(("*", "finetune"),))
+#: the baselines of :func:`build_report`, in table order
+BASELINES: tuple[BaselineSpec, ...] = (TWIN, HANDCRAFTED, SUPERVISED_CNN)
+
+
+def matched_pairs(cells: Iterable[dict[str, Any]], spec: BaselineSpec) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """``(row cell, baseline cell)`` pairs of ``spec`` among the cells holding predictions (see
+    :class:`BaselineSpec`); a baseline cell is never compared with a cell of its own baseline."""
     cells = [c for c in cells if c.get("predictions")]
     if any("label" not in c for c in cells):
         assign_labels(cells)
-
-    def twin_key(c: dict[str, Any]) -> tuple:
-        return (c["mode"], c["task"], float(c["fraction"]), int(c["seed"]),
-                c.get("architecture") or c.get("backbone"), c.get("recipe_id"))
-
     base: dict[tuple, list[dict[str, Any]]] = {}
     for c in cells:
-        if c.get("method") == baseline:
-            base.setdefault(twin_key(c), []).append(c)
-    rows = []
+        if spec.is_baseline(c):
+            base.setdefault(spec.key(c, c["mode"]), []).append(c)
+    pairs = []
     for c in cells:
-        if c.get("method") == baseline:
+        if spec.is_baseline(c):
             continue
-        for b in base.get(twin_key(c), []):
-            rows += _paired_rows(c, b, n_boot, seed)
-    return pd.DataFrame(rows, columns=["mode", "task", "dataset", "split", "method", "label", "baseline", "fraction",
-                                       "seed", "delta", "ci_low", "ci_high", "p_not_positive", "n"])
+        for b in base.get(spec.key(c, spec.baseline_mode(c["mode"])), []):
+            pairs.append((c, b))
+    return pairs
 
 
-def _paired_rows(c: dict[str, Any], b: dict[str, Any], n_boot: int, seed: int) -> list[dict[str, Any]]:
-    """Paired deltas of cell ``c`` against its twin ``b`` on every split both predicted."""
+def _aligned(c: dict[str, Any], b: dict[str, Any], split: str) -> tuple[list[str], np.ndarray, np.ndarray,
+                                                                        np.ndarray] | None:
+    """Records both cells predicted on ``split``: ``(keys, y, scores of c, scores of b)`` (``y`` class indices for
+    single-label tasks, indicator rows for multi-label), or None when fewer than two are shared."""
+    pa, pb = c["predictions"].get(split), b["predictions"].get(split)
+    if pa is None or pb is None:
+        return None
+    pos = {k: i for i, k in enumerate(pb["keys"])}
+    common = [(i, pos[k]) for i, k in enumerate(pa["keys"]) if k in pos]
+    if len(common) < 2:
+        return None
+    ia, ib = np.array(common).T
+    y = np.asarray(pa["y"])[ia]
+    if not c.get("multilabel", True):
+        y = y.argmax(axis=1)
+    keys = [pa["keys"][i] for i in ia]
+    return keys, y, np.asarray(pa["scores"], dtype=np.float64)[ia], np.asarray(pb["scores"], dtype=np.float64)[ib]
+
+
+def _excludes_zero(lo: float, hi: float) -> str:
+    """``"+"`` (CI above 0), ``"-"`` (below 0) or ``""`` (it contains 0)."""
+    return "+" if lo > 0 else "-" if hi < 0 else ""
+
+
+def _comparison_row(reference: str, c: dict[str, Any], b: dict[str, Any], split: str, d: dict[str, float]
+                    ) -> dict[str, Any]:
+    """A per-seed comparison row (:data:`COMPARISON_COLUMNS`) of cell ``c`` minus baseline cell ``b``."""
+    return {"reference": reference, "mode": c["mode"], "task": c["task"], "dataset": c.get("dataset"),
+            "split": split, "method": c["method"], "label": c.get("label", c["method"]),
+            "baseline": b.get("label", b.get("method")), "baseline_mode": b["mode"],
+            "fraction": float(c["fraction"]), "seed": int(c["seed"]), **d,
+            "excludes_zero": _excludes_zero(d["ci_low"], d["ci_high"])}
+
+
+def _paired_rows(c: dict[str, Any], b: dict[str, Any], n_boot: int, seed: int,
+                 reference: str = TWIN.name) -> list[dict[str, Any]]:
+    """Paired deltas of cell ``c`` against baseline cell ``b`` on every split both predicted."""
     from ecgfm.evaluate.metrics import paired_bootstrap_delta
 
     rows = []
-    for split, pa in c["predictions"].items():
-        pb = b["predictions"].get(split)
-        if pb is None:
+    for split in c["predictions"]:
+        got = _aligned(c, b, split)
+        if got is None:
             continue
-        pos = {k: i for i, k in enumerate(pb["keys"])}
-        common = [(i, pos[k]) for i, k in enumerate(pa["keys"]) if k in pos]
-        if len(common) < 2:
-            continue
-        ia, ib = np.array(common).T
-        y = np.asarray(pa["y"])[ia]
-        sa, sb = np.asarray(pa["scores"])[ia], np.asarray(pb["scores"])[ib]
-        if not c.get("multilabel", True):
-            y = y.argmax(axis=1)
+        _, y, sa, sb = got
         try:
             d = paired_bootstrap_delta(y, sa, sb, n_boot=n_boot, seed=seed)
         except ValueError:
             continue
-        rows.append({"mode": c["mode"], "task": c["task"], "dataset": c.get("dataset"), "split": split,
-                     "method": c["method"], "label": c.get("label", c["method"]),
-                     "baseline": b.get("label", b.get("method")), "fraction": float(c["fraction"]),
-                     "seed": int(c["seed"]), **d})
+        rows.append(_comparison_row(reference, c, b, split, d))
     return rows
 
 
-#: method label of the handcrafted baseline rows (:data:`ecgfm.evaluate.handcrafted.METHOD`)
-HANDCRAFTED_METHOD = "handcrafted (RR/HRV + morphology)"
+def seed_mean_paired_delta(y: np.ndarray, pairs: list[tuple[np.ndarray, np.ndarray]], n_boot: int = 1000,
+                           seed: int = 0, ci: float = 0.95, max_redraws: int = 50, per_seed: bool = False
+                           ) -> dict[str, float] | tuple[dict[str, float], list[dict[str, float]]]:
+    """Mean over seeds of the macro AUROC difference ``A_s - B_s`` on the same records, with a paired percentile
+    bootstrap that resamples the records *jointly* for every seed and both models (the bootstrap of
+    :mod:`ecgfm.evaluate.metrics`: one resample scores every score set; degenerate resamples redrawn).
+
+    With one seed this is :func:`ecgfm.evaluate.metrics.paired_bootstrap_delta` (same resamples); so is each
+    seed's own delta of ``per_seed`` (the resamples depend on the labels and the seed only).
+
+    Args:
+        y: ``(n,)`` class indices or ``(n, C)`` indicators of the shared records.
+        pairs: per seed ``(scores_a (n, C), scores_b (n, C))``, rows in the order of ``y``.
+        n_boot: resamples.
+        seed: bootstrap seed.
+        ci: confidence level.
+        max_redraws: redraw rounds of degenerate resamples.
+        per_seed: also return each seed's delta with its CI from the same resamples.
+
+    Returns:
+        ``{"delta", "ci_low", "ci_high", "p_not_positive", "n"}`` (and, with ``per_seed``, the list of those of each
+        pair).
+    """
+    from ecgfm.evaluate.metrics import _as_onehot, _resampled_aurocs, defined_classes, per_class_auroc
+
+    def stats(point: float, d: np.ndarray) -> dict[str, float]:
+        d = d[np.isfinite(d)]
+        lo, hi = np.percentile(d, [50 * (1 - ci), 100 - 50 * (1 - ci)])
+        return {"delta": float(point), "ci_low": float(lo), "ci_high": float(hi),
+                "p_not_positive": float(np.mean(d <= 0)), "n": int(n)}
+
+    if not pairs:
+        raise ValueError("no score pairs")
+    sets = [np.asarray(s, dtype=np.float64) for pair in pairs for s in pair]
+    n, n_classes = sets[0].shape
+    if any(s.shape != (n, n_classes) for s in sets) or len(y) != n:
+        raise ValueError(f"every score set must be ({len(y)}, C) like the first, got {[s.shape for s in sets]}")
+    yo = _as_onehot(np.asarray(y), n_classes)
+    defined = np.flatnonzero(defined_classes(yo))
+    if len(defined) == 0:
+        raise ValueError("no class has both label values: AUROC is undefined")
+    points = [float(np.mean(per_class_auroc(yo, a)[defined] - per_class_auroc(yo, b)[defined])) for a, b in pairs]
+    _, res = _resampled_aurocs(yo, sets, defined, n_boot, np.random.default_rng(seed), max_redraws)
+    with np.errstate(invalid="ignore"):
+        each = [np.nanmean(res[2 * i] - res[2 * i + 1], axis=1) for i in range(len(pairs))]
+    mean = stats(float(np.mean(points)), np.mean(each, axis=0))
+    if not per_seed:
+        return mean
+    return mean, [stats(p, d) for p, d in zip(points, each)]
+
+
+def compare_with_baseline(cells: Iterable[dict[str, Any]], spec: BaselineSpec, n_boot: int = 1000, seed: int = 0
+                          ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Every row minus the ``spec`` baseline on the same test records: per seed and the mean over seeds.
+
+    Args:
+        cells: result cells (with ``predictions``).
+        spec: the baseline (:data:`TWIN`, :data:`HANDCRAFTED`, :data:`SUPERVISED_CNN` or your own).
+        n_boot: bootstrap resamples.
+        seed: bootstrap seed (the same resamples for every pair of a split).
+
+    Returns:
+        ``(per_seed, mean)``: per-seed rows (:data:`COMPARISON_COLUMNS`: delta with its paired 95 % CI,
+        ``excludes_zero`` ``"+"`` / ``"-"`` / ``""``) and one row per (mode, task, split, row label, baseline label,
+        fraction) (:data:`COMPARISON_MEAN_COLUMNS`): the mean delta over the seeds both rows have, its CI from
+        resampling the records jointly for all seeds (:func:`seed_mean_paired_delta`), on the records every seed
+        predicted.
+    """
+    pairs = matched_pairs(cells, spec)
+    per_seed: list[dict[str, Any]] = []
+    groups: dict[tuple, list[tuple[dict[str, Any], dict[str, Any]]]] = {}
+    for c, b in pairs:
+        groups.setdefault((c["mode"], c["task"], c.get("label", c["method"]), b.get("label", b["method"]),
+                           b["mode"], float(c["fraction"])), []).append((c, b))
+    means: list[dict[str, Any]] = []
+    for (mode, task, label, blabel, bmode, frac), group in sorted(groups.items(), key=lambda kv: str(kv[0])):
+        seen: dict[int, tuple[dict[str, Any], dict[str, Any]]] = {}
+        for c, b in group:
+            seen.setdefault(int(c["seed"]), (c, b))   # a seed reached twice (same checkpoint, two paths) counts once
+        c0 = next(iter(seen.values()))[0]
+        splits = list(c0["predictions"])
+        for s, (c, b) in seen.items():   # splits some seed lacks: per-seed rows only
+            for split in c["predictions"]:
+                if split not in splits:
+                    splits.append(split)
+        for split in splits:
+            aligned = {s: _aligned(c, b, split) for s, (c, b) in sorted(seen.items())}
+            aligned = {s: a for s, a in aligned.items() if a is not None}
+            shared = set.intersection(*(set(a[0]) for a in aligned.values())) if aligned else set()
+            ref_keys = [k for k in next(iter(aligned.values()))[0] if k in shared] if aligned else []
+            joint: dict[int, dict[str, float]] = {}
+            d = None
+            if len(ref_keys) >= 2:
+                score_pairs, y = [], None
+                for s in aligned:
+                    keys, ys, sa, sb = aligned[s]
+                    pos = {k: i for i, k in enumerate(keys)}
+                    idx = np.array([pos[k] for k in ref_keys])
+                    y = ys[idx] if y is None else y
+                    score_pairs.append((sa[idx], sb[idx]))
+                try:
+                    d, each = seed_mean_paired_delta(y, score_pairs, n_boot=n_boot, seed=seed, per_seed=True)
+                except ValueError:
+                    d, each = None, []
+                # a seed scored on exactly the shared records: its own paired bootstrap is the joint one's
+                joint = {s: e for s, e in zip(aligned, each) if len(aligned[s][0]) == len(ref_keys)}
+            for s, (c, b) in sorted(seen.items()):
+                if s in joint:
+                    per_seed.append(_comparison_row(spec.name, c, b, split, joint[s]))
+                elif split in c["predictions"]:
+                    per_seed += [r for r in _paired_rows(c, b, n_boot, seed, reference=spec.name)
+                                 if r["split"] == split]
+            if d is None:
+                continue
+            means.append({"reference": spec.name, "mode": mode, "task": task, "dataset": c0.get("dataset"),
+                          "split": split, "method": c0["method"], "label": label, "baseline": blabel,
+                          "baseline_mode": bmode, "fraction": frac,
+                          "seeds": " ".join(str(s) for s in sorted(aligned)), "n_seeds": len(aligned), **d,
+                          "excludes_zero": _excludes_zero(d["ci_low"], d["ci_high"])})
+    return (pd.DataFrame(per_seed, columns=COMPARISON_COLUMNS), pd.DataFrame(means, columns=COMPARISON_MEAN_COLUMNS))
+
+
+def paired_comparisons(cells: Iterable[dict[str, Any]], baseline: str = "random-init", n_boot: int = 1000,
+                       seed: int = 0) -> pd.DataFrame:
+    """Macro AUROC of every method minus its ``baseline`` twin's, on the same test records (paired bootstrap,
+    :func:`ecgfm.evaluate.metrics.paired_bootstrap_delta`): the per-seed rows of :func:`compare_with_baseline`
+    with :data:`TWIN` (``baseline`` another method name: a twin spec of that method).
+
+    The twin is a ``baseline`` cell of the same mode, task, fraction and seed, the same architecture (backbone
+    name and arguments; the backbone name for cells without it) and the same recipe: never the random-init cell
+    of another backbone or another probe grid. Several matching twins (e.g. two init seeds) give one row each.
+    """
+    spec = TWIN if baseline == "random-init" else replace(TWIN, name=f"{baseline} twin", methods=(baseline,))
+    return compare_with_baseline(cells, spec, n_boot=n_boot, seed=seed)[0]
 
 
 def baseline_comparisons(cells: Iterable[dict[str, Any]], baseline: str = HANDCRAFTED_METHOD, n_boot: int = 1000,
                          seed: int = 0) -> pd.DataFrame:
-    """Macro AUROC of every row minus the ``baseline`` method's (the handcrafted-feature probe) on the same test
-    records, with a paired bootstrap CI (:func:`ecgfm.evaluate.metrics.paired_bootstrap_delta`).
-
-    Unlike :func:`paired_comparisons` the baseline has no architecture to share: a cell is paired with the
-    ``baseline`` cells of the same task, label fraction and seed (so the same training subset) and the same probe
-    mode (a fine-tune cell with the baseline's linear probe); only records both cells predicted are compared
-    (matched by record key). Same columns as :func:`paired_comparisons`.
-    """
-    cells = [c for c in cells if c.get("predictions")]
-    if any("label" not in c for c in cells):
-        assign_labels(cells)
-    base: dict[tuple, list[dict[str, Any]]] = {}
-    for c in cells:
-        if c.get("method") == baseline:
-            base.setdefault((c["mode"], c["task"], float(c["fraction"]), int(c["seed"])), []).append(c)
-    rows = []
-    for c in cells:
-        if c.get("method") == baseline:
-            continue
-        mode = "linear" if c["mode"] == "finetune" else c["mode"]
-        for b in base.get((mode, c["task"], float(c["fraction"]), int(c["seed"])), []):
-            rows += _paired_rows(c, b, n_boot, seed)
-    return pd.DataFrame(rows, columns=["mode", "task", "dataset", "split", "method", "label", "baseline", "fraction",
-                                       "seed", "delta", "ci_low", "ci_high", "p_not_positive", "n"])
+    """Macro AUROC of every row minus the ``baseline`` method's (default the handcrafted-feature probe) on the
+    same test records: the per-seed rows of :func:`compare_with_baseline` with :data:`HANDCRAFTED` (a fine-tune
+    cell is paired with the baseline's linear probe)."""
+    spec = HANDCRAFTED if baseline == HANDCRAFTED_METHOD else replace(HANDCRAFTED, name=baseline,
+                                                                      methods=(baseline,))
+    return compare_with_baseline(cells, spec, n_boot=n_boot, seed=seed)[0]
 
 
-def comparison_markdown(comp: pd.DataFrame, reference: str = "random-init", title: str | None = None) -> str:
-    """Markdown of :func:`paired_comparisons` (or :func:`baseline_comparisons` with ``reference`` its method):
-    mean delta over seeds, and each seed's delta with its 95 % CI."""
+def _flag(excl: Any) -> str:
+    return {"+": "yes (> 0)", "-": "yes (< 0)"}.get(str(excl) if isinstance(excl, str) else "", "no")
+
+
+def comparison_markdown(comp: pd.DataFrame, reference: str = "random-init", title: str | None = None,
+                        means: pd.DataFrame | None = None) -> str:
+    """Markdown of a paired comparison: per (mode, task, split, row, baseline, fraction) the mean delta over seeds
+    (with its joint paired 95 % CI and whether it excludes 0, when ``means`` from :func:`compare_with_baseline`
+    is given) and each seed's delta with its 95 % CI (``*``: the CI excludes 0)."""
     if comp.empty:
         return ""
     title = title or "Paired comparison with the random-init twin"
     lines = [f"## {title} (macro AUROC difference, same test records)", "",
-             f"delta = method - {reference}; per seed: delta [95 % paired bootstrap CI].", "",
-             "| mode | task | split | method | twin | fraction | mean delta | per seed |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"delta = row - {reference}. Mean over seeds with its paired 95 % bootstrap CI (the test records "
+             f"resampled jointly for every seed and both rows); per seed: delta [95 % paired bootstrap CI], `*` = "
+             f"that CI excludes 0.", "",
+             "| mode | task | split | method | baseline | fraction | mean delta [95 % CI] | CI excludes 0 | per seed |",
+             "|---|---|---|---|---|---|---|---|---|"]
     comp = comp.assign(label=comp["label"].fillna(comp["method"]) if "label" in comp else comp["method"])
     keys = ["mode", "task", "split", "label", "baseline", "fraction"]
+    mean_of: dict[tuple, Any] = {}
+    if means is not None and not means.empty:
+        for r in means.itertuples():
+            mean_of[(r.mode, r.task, r.split, r.label, r.baseline, float(r.fraction))] = r
     for key, g in comp.sort_values(keys + ["seed"]).groupby(keys, sort=True):
-        per = "; ".join(f"s{int(r.seed)}: {r.delta:+.3f} [{r.ci_low:+.3f}, {r.ci_high:+.3f}]" for r in g.itertuples())
-        lines.append(f"| {MODE_NAMES.get(key[0], key[0])} | {key[1]} | {key[2]} | {key[3]} | {key[4]} | "
-                     f"{_fmt_frac(key[5])} | {g['delta'].mean():+.3f} | {per} |")
+        per = "; ".join(f"s{int(r.seed)}: {r.delta:+.3f} [{r.ci_low:+.3f}, {r.ci_high:+.3f}]"
+                        f"{'*' if r.ci_low > 0 or r.ci_high < 0 else ''}" for r in g.itertuples())
+        m = mean_of.get(key[:5] + (float(key[5]),))
+        if m is not None:
+            mean = f"{m.delta:+.3f} [{m.ci_low:+.3f}, {m.ci_high:+.3f}] ({int(m.n_seeds)})"
+            flag = _flag(m.excludes_zero)
+        else:
+            mean, flag = f"{g['delta'].mean():+.3f}", "n/a"
+        bmode = g["baseline_mode"].iloc[0] if "baseline_mode" in g else key[0]
+        base = key[4] if bmode == key[0] or pd.isna(bmode) else f"{key[4]} ({MODE_NAMES.get(bmode, bmode)})"
+        lines.append(f"| {MODE_NAMES.get(key[0], key[0])} | {key[1]} | {key[2]} | {key[3]} | {base} | "
+                     f"{_fmt_frac(key[5])} | {mean} | {flag} | {per} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+#: SSL methods the acceptance block counts as contrastive (CREMA, the MAE + contrastive hybrid, is not counted)
+CONTRASTIVE_METHODS: tuple[str, ...] = ("simclr", "clocs")
+#: the macro AUROC a best SSL linear probe must reach (issue 12)
+ACCEPT_PROBE_AUROC = 0.85
+
+
+def _rows_at(summ: pd.DataFrame, task: str, mode: str, fraction: float, labels: set[str] | None = None
+             ) -> pd.DataFrame:
+    """Test-split summary rows of ``task`` / ``mode`` / ``fraction`` (restricted to ``labels``), best first."""
+    if summ.empty:
+        return summ
+    sel = summ[(summ["task"] == task) & (summ["split"] == "test") & (summ["mode"] == mode)
+               & np.isclose(summ["fraction"].astype(float), float(fraction))]
+    if labels is not None:
+        sel = sel[sel["label"].isin(labels)]
+    return sel.sort_values("mean", ascending=False)
+
+
+#: frozen-feature probe modes (:func:`ecgfm.evaluate.sweep.probe_variant`): every mode but fine-tuning
+def _is_probe_mode(mode: Any) -> bool:
+    return isinstance(mode, str) and mode != "finetune"
+
+
+def _best_probe_on_val(cells: list[dict[str, Any]], summ: pd.DataFrame, task: str, fraction: float,
+                       labels: set[str]) -> pd.Series | None:
+    """The test-split summary row of the SSL frozen probe (any encoder in ``labels``, any probe variant) with the
+    highest *validation* macro AUROC (mean over seeds of the cells' ``val_macro_auroc``): "the best SSL probe" is
+    chosen on validation, as every recipe choice here, and then read on test once. None when nothing is
+    measured."""
+    val: dict[tuple[str, str], list[float]] = {}
+    for c in cells:
+        if (c.get("task") == task and c.get("label") in labels and _is_probe_mode(c.get("mode"))
+                and np.isclose(float(c.get("fraction", -1)), float(fraction))
+                and c.get("val_macro_auroc") is not None and np.isfinite(float(c["val_macro_auroc"]))):
+            val.setdefault((c["label"], c["mode"]), []).append(float(c["val_macro_auroc"]))
+    for (label, mode), _ in sorted(val.items(), key=lambda kv: -float(np.mean(kv[1]))):
+        rows = _rows_at(summ, task, mode, fraction, {label})
+        if not rows.empty:
+            row = rows.iloc[0].copy()
+            row["val_mean"] = float(np.mean(val[(label, mode)]))
+            return row
+    return None
+
+
+def _mean_delta(means: pd.DataFrame | None, task: str, mode: str, fraction: float, label: str
+                ) -> pd.Series | None:
+    """The seed-mean paired comparison row of ``label`` (test split), or None."""
+    if means is None or means.empty:
+        return None
+    sel = means[(means["task"] == task) & (means["split"] == "test") & (means["mode"] == mode)
+                & (means["label"] == label) & np.isclose(means["fraction"].astype(float), float(fraction))]
+    return None if sel.empty else sel.sort_values("ci_low").iloc[0]
+
+
+def _fmt_delta(d: pd.Series | None, against: str) -> str:
+    if d is None:
+        return f"no paired comparison with the {against}"
+    return (f"{d['delta']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}] vs {d['baseline']} "
+            f"({int(d['n_seeds'])} seeds, n = {int(d['n'])})")
+
+
+def _fmt_probe(r: pd.Series) -> str:
+    """A probe row with its variant and validation score: ``label (linear probe) test ... (val 0.xxx)``."""
+    return (f"{r['label']} ({MODE_NAMES.get(r['mode'], r['mode'])}) test {r['mean']:.3f} "
+            f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}] ({int(r['n_seeds'])} seeds; validation {r['val_mean']:.3f})")
+
+
+def _fmt_row(r: pd.Series) -> str:
+    return f"{r['label']} {r['mean']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}] ({int(r['n_seeds'])} seeds)"
+
+
+def acceptance(cells: Iterable[dict[str, Any]], summ: pd.DataFrame, means: dict[str, pd.DataFrame],
+               tasks: tuple[str, str] = ("cinc2017", "ptbxl_super"), fractions: tuple[float, float] = (0.1, 1.0)
+               ) -> list[dict[str, str]]:
+    """The acceptance criteria of issue 12, evaluated on the results (never hard-coded numbers).
+
+    SSL rows are the cells of pretrained checkpoints (``checkpoint_kind == "pretrained"``); numbers are test-split
+    macro AUROC means over seeds; "CI excludes 0" is the seed-mean paired bootstrap CI of
+    :func:`compare_with_baseline` (records resampled jointly for every seed).
+
+    1. CinC 2017 at 100 %: the best SSL frozen probe (any encoder, any probe variant: linear, MLP, attention,
+       mean+std; the one with the highest validation macro AUROC, then read on test) >= :data:`ACCEPT_PROBE_AUROC`
+       and above the handcrafted baseline with a paired CI excluding 0;
+    2. SSL above its random-init twin (linear probe) with a paired CI excluding 0 at 10 % and 100 % of the labels
+       on CinC 2017 and PTB-XL super, for MAE and for at least one contrastive method
+       (:data:`CONTRASTIVE_METHODS`);
+    3. PTB-XL super at 100 %: the best SSL frozen probe (chosen on validation as in 1) >= :data:`ACCEPT_PROBE_AUROC`;
+    4. at 10 % of the labels on both tasks: the best fine-tuned SSL row >= the supervised-from-scratch CNN
+       (the best CNN row when there are several).
+
+    Args:
+        cells: the result cells (labels assigned).
+        summ: :func:`summarize` of the tidy table (macro AUROC).
+        means: seed-mean comparison frames by :attr:`BaselineSpec.name`.
+        tasks: ``(CinC 2017 task, PTB-XL super task)``.
+        fractions: ``(low, full)`` label fractions.
+
+    Returns:
+        One dict per criterion: ``{"criterion", "status" ("MET" / "MISSED"), "evidence"}``.
+    """
+    cinc, ptb = tasks
+    low, full = fractions
+    cells = list(cells)
+    ssl = {c["label"] for c in cells if c.get("checkpoint_kind") == "pretrained" and "label" in c}
+    ssl_method = {c["label"]: str(c.get("method")) for c in cells if c.get("label") in ssl}
+    out: list[dict[str, str]] = []
+
+    # 1. CinC 2017 probe >= 0.85 and above handcrafted (the best SSL frozen probe chosen on validation)
+    crit1 = (f"{cinc} {_fmt_frac(full)}: best SSL frozen probe (chosen on validation) >= {ACCEPT_PROBE_AUROC:.2f} "
+             f"and above the handcrafted baseline (paired CI excludes 0)")
+    best = _best_probe_on_val(cells, summ, cinc, full, ssl)
+    if best is None:
+        out.append({"criterion": crit1, "status": "MISSED", "evidence": "not measured: no SSL probe cells"})
+    else:
+        d = _mean_delta(means.get(HANDCRAFTED.name), cinc, best["mode"], full, best["label"])
+        ok = best["mean"] >= ACCEPT_PROBE_AUROC and d is not None and d["ci_low"] > 0
+        out.append({"criterion": crit1, "status": "MET" if ok else "MISSED",
+                    "evidence": f"best on validation: {_fmt_probe(best)}; {_fmt_delta(d, 'handcrafted baseline')}"})
+
+    # 2. SSL beats the random-init twin
+    parts, ok_all = [], True
+    twin = means.get(TWIN.name)
+    for task in (cinc, ptb):
+        for frac in (low, full):
+            rows = _rows_at(summ, task, "linear", frac, ssl)
+            got = {}
+            for lab in rows["label"] if not rows.empty else []:
+                d = _mean_delta(twin, task, "linear", frac, lab)
+                got[lab] = d
+            mae = [lab for lab, d in got.items() if ssl_method[lab] == "mae" and d is not None and d["ci_low"] > 0]
+            con = [lab for lab, d in got.items()
+                   if ssl_method[lab] in CONTRASTIVE_METHODS and d is not None and d["ci_low"] > 0]
+            ok = bool(mae) and bool(con)
+            ok_all &= ok
+            detail = "; ".join(f"{lab} {'-' if d is None else f'{d.delta:+.3f} [{d.ci_low:+.3f}, {d.ci_high:+.3f}]'}"
+                               for lab, d in got.items()) or "not measured"
+            parts.append(f"{task} {_fmt_frac(frac)}: {'ok' if ok else 'no'} (MAE {'yes' if mae else 'no'}, "
+                         f"contrastive {'yes' if con else 'no'}: {detail})")
+    out.append({"criterion": f"SSL > random-init twin (linear probe, paired CI excludes 0) at {_fmt_frac(low)} and "
+                             f"{_fmt_frac(full)} on {cinc} and {ptb}, for MAE and >= 1 contrastive method "
+                             f"({', '.join(CONTRASTIVE_METHODS)})",
+                "status": "MET" if ok_all else "MISSED", "evidence": " <br> ".join(parts)})
+
+    # 3. PTB-XL super probe >= 0.85 (the best SSL frozen probe chosen on validation)
+    best = _best_probe_on_val(cells, summ, ptb, full, ssl)
+    out.append({"criterion": f"{ptb} {_fmt_frac(full)}: best SSL frozen probe (chosen on validation) >= "
+                             f"{ACCEPT_PROBE_AUROC:.2f}",
+                "status": "MET" if best is not None and best["mean"] >= ACCEPT_PROBE_AUROC else "MISSED",
+                "evidence": f"best on validation: {_fmt_probe(best)}" if best is not None else "not measured"})
+
+    # 4. fine-tuned SSL >= supervised CNN at the low fraction
+    cnn = {c["label"] for c in cells if SUPERVISED_CNN.is_baseline(c) and "label" in c}
+    parts, ok_all = [], True
+    for task in (cinc, ptb):
+        s_rows = _rows_at(summ, task, "finetune", low, ssl)
+        c_rows = _rows_at(summ, task, "finetune", low, cnn)
+        if s_rows.empty or c_rows.empty:
+            ok_all = False
+            parts.append(f"{task}: not measured ({'no SSL fine-tune' if s_rows.empty else 'no supervised CNN'} "
+                         f"cells at {_fmt_frac(low)})")
+            continue
+        s, c = s_rows.iloc[0], c_rows.iloc[0]
+        ok = s["mean"] >= c["mean"]
+        ok_all &= ok
+        d = _mean_delta(means.get(SUPERVISED_CNN.name), task, "finetune", low, s["label"])
+        parts.append(f"{task}: {'ok' if ok else 'no'}: SSL {_fmt_row(s)} vs CNN {_fmt_row(c)}; paired "
+                     f"{_fmt_delta(d, 'supervised CNN')}")
+    out.append({"criterion": f"{_fmt_frac(low)} of the labels: best fine-tuned SSL >= supervised-from-scratch CNN "
+                             f"on {cinc} and {ptb}",
+                "status": "MET" if ok_all else "MISSED", "evidence": " <br> ".join(parts)})
+    return out
+
+
+def acceptance_markdown(rows: list[dict[str, str]]) -> str:
+    """The acceptance block of ``results.md`` (:func:`acceptance`)."""
+    if not rows:
+        return ""
+    lines = ["## Acceptance (issue 12), computed from the cells", "",
+             "Test-split macro AUROC, mean over seeds [mean per-seed 95 % CI] (seeds); paired deltas: mean over "
+             "seeds [joint paired 95 % bootstrap CI].", "",
+             "| # | criterion | status | numbers |", "|---|---|---|---|"]
+    for i, r in enumerate(rows, 1):
+        lines.append(f"| {i} | {r['criterion']} | **{r['status']}** | {r['evidence']} |")
     lines.append("")
     return "\n".join(lines)
 
@@ -353,32 +770,46 @@ def build_report(results_dir: str | os.PathLike, plot: bool = True, compare: boo
     Args:
         results_dir: the sweep's results folder.
         plot: draw ``results.png``.
-        compare: add the paired comparisons with the random-init twin and with the handcrafted baseline.
+        compare: add the paired comparisons with every baseline of :data:`BASELINES` (``comparisons.csv``: per
+            seed; ``comparisons_mean.csv``: mean over seeds with the joint CI) and the acceptance block.
         n_boot: resamples of the paired bootstrap.
 
     Returns:
-        ``{"csv", "markdown", "plot" (or None), "n_cells"}``.
+        ``{"csv", "markdown", "plot" (or None), "n_cells", "comparisons" (or None), "acceptance" (list of
+        criteria, empty without ``compare``)}``.
     """
     root = Path(results_dir)
     cells = load_cells(root)
     df = tidy_rows(cells)
     _atomic_write_text(root / "results.csv", df.to_csv(index=False))
     md = markdown_table(df)
+    comp_path, accepted = None, []
     if compare:
-        comp = paired_comparisons(cells, n_boot=n_boot)
-        hand = baseline_comparisons(cells, n_boot=n_boot)
-        if not comp.empty or not hand.empty:
-            both = pd.concat([d for d in (comp, hand) if not d.empty], ignore_index=True)
-            _atomic_write_text(root / "comparisons.csv", both.to_csv(index=False))
-        if not comp.empty:
-            md += "\n" + comparison_markdown(comp)
-        if not hand.empty:
-            md += "\n" + comparison_markdown(hand, reference=HANDCRAFTED_METHOD,
-                                              title="Paired comparison with the handcrafted baseline")
+        per_seed, means = [], {}
+        sections = []
+        for spec in BASELINES:
+            comp, mean = compare_with_baseline(cells, spec, n_boot=n_boot)
+            means[spec.name] = mean
+            if comp.empty:
+                continue
+            per_seed.append(comp)
+            sections.append(comparison_markdown(comp, reference=spec.name, title=spec.title, means=mean))
+        if per_seed:
+            comp_path = root / "comparisons.csv"
+            _atomic_write_text(comp_path, pd.concat(per_seed, ignore_index=True).to_csv(index=False))
+            all_means = [m for m in means.values() if not m.empty]
+            if all_means:
+                _atomic_write_text(root / "comparisons_mean.csv",
+                                   pd.concat(all_means, ignore_index=True).to_csv(index=False))
+        accepted = acceptance(cells, summarize(df, "macro_auroc"), means)
+        if len(df):
+            md = md.replace("# Results\n", "# Results\n\n" + acceptance_markdown(accepted), 1)
+        md += "".join("\n" + s for s in sections)
     _atomic_write_text(root / "results.md", md)
     png = plot_results(df, root / "results.png") if plot and len(df) else None
     return {"csv": str(root / "results.csv"), "markdown": str(root / "results.md"),
-            "plot": None if png is None else str(png), "n_cells": len(cells)}
+            "plot": None if png is None else str(png), "n_cells": len(cells),
+            "comparisons": None if comp_path is None else str(comp_path), "acceptance": accepted}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -50,12 +50,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from ecgfm.conf import config_dir
 from ecgfm.data.preprocess import PreprocessSpec
-from ecgfm.evaluate.features import cached_features, encoder_fingerprint
+from ecgfm.evaluate.features import cached_features, cached_tokens, check_window, encoder_fingerprint, fit_window
 from ecgfm.evaluate.identity import checkpoint_identity, recipe_identity, short_hash, stale_reason
 from ecgfm.evaluate.leakage import check_leakage, index_identities, pretrain_identities
 from ecgfm.evaluate.metrics import choose_thresholds, evaluate_scores
 from ecgfm.evaluate.report import build_report
-from ecgfm.evaluate.tasks import TaskData, TaskSpec, build_task
+from ecgfm.evaluate.tasks import TaskData, TaskSpec, build_external, build_task
 from ecgfm.errors import EXIT_USER_ERROR, run_command  # noqa: F401  (EXIT_USER_ERROR re-exported)
 from ecgfm.io import atomic_write_json
 
@@ -318,6 +318,16 @@ def _container(node: Any) -> Any:
         else node
 
 
+def probe_variant(mode: str, aggregate: str) -> str:
+    """The ``mode`` of a probe cell (its folder under ``cells/`` and its row in the tables): the head, plus the record
+    aggregation when it is not the default mean window embedding (``linear``, ``mlp``, ``attention``,
+    ``linear+mean_std``, ``mlp+mean_prediction``, ...), so that variants in one ``results_dir`` are rows of their
+    own instead of overwriting each other's cells. The attention probe pools by itself."""
+    if mode == "attention" or aggregate == "mean_embedding":
+        return mode
+    return f"{mode}+{aggregate}"
+
+
 def cell_path(results_dir: str | os.PathLike, mode: str, task: str, checkpoint: str, fraction: float, seed: int,
               eval_name: str | None = None) -> Path:
     """Where one cell's JSON lives (named after the ``checkpoint`` string; what the cell was computed from is
@@ -415,13 +425,31 @@ def _recipe(ctx: _Context, desc: Encoder, head: dict[str, Any]) -> dict[str, Any
             "encoder_crop_samples": desc.crop_samples, "preprocess": desc.preprocess.to_dict(),
             "task": asdict(ctx.task_spec), "eval_data": asdict(ctx.eval_spec) if ctx.eval_spec else None,
             "bootstrap": {"n": int(cfg.bootstrap.n), "seed": int(cfg.bootstrap.seed)},
-            **({"lead_aware": bool(cfg.features.get("lead_aware", True))} if ctx.mode != "finetune" else {})}
+            "lead_aware": bool(cfg.features.get("lead_aware", True)), **_finetune_code_recipe(ctx.mode)}
+
+
+def _finetune_code_recipe(mode: str) -> dict[str, Any]:
+    """Fine-tuning settings fixed in code that change its numbers (part of a fine-tune cell's recipe identity):
+    the parameter names exempt from weight decay (:data:`ecgfm.evaluate.finetune.FINETUNE_NO_DECAY_NAMES`)."""
+    if mode != "finetune":
+        return {}
+    from ecgfm.evaluate.finetune import FINETUNE_NO_DECAY_NAMES
+
+    return {"finetune_no_decay_names": list(FINETUNE_NO_DECAY_NAMES)}
+
+
+#: probe settings a head does not read (left out of its cells' recipe identity, so that adding a setting for another
+#: head keeps the identity of existing cells).
+_PROBE_UNUSED = {"linear": ("lrs", "mlp", "attention"), "mlp": ("Cs", "max_iter", "attention"),
+                 "attention": ("Cs", "max_iter", "lrs", "mlp", "aggregate")}
 
 
 def _probe_recipe(probe: dict[str, Any]) -> dict[str, Any]:
     """The probe settings that change a probe cell's numbers: a linear probe's ``Cs`` / ``max_iter``, an MLP
-    probe's ``lrs`` / ``mlp`` (the other head's settings do not touch it), and the aggregation."""
-    unused = ("lrs", "mlp") if str(probe.get("mode", "linear")) == "linear" else ("Cs", "max_iter")
+    probe's ``lrs`` / ``mlp``, the attention probe's ``attention`` block (the other heads' settings do not touch
+    it), and the aggregation (``mean_embedding`` / ``mean_std`` / ``mean_prediction``; the attention probe pools
+    by itself)."""
+    unused = _PROBE_UNUSED.get(str(probe.get("mode", "linear")), ())
     return {k: v for k, v in probe.items() if k not in unused}
 
 
@@ -469,7 +497,7 @@ def _prepare(ctx: _Context, enc: Encoder) -> tuple[TaskData, TaskData | None]:
     _check_cache_rate(task, enc)
     ext = None
     if ctx.eval_spec is not None:
-        ext = build_task(ctx.eval_spec, cache_root, enc.preprocess, classes=task.class_names, workers=workers)
+        ext = build_external(ctx.eval_spec, task, cache_root, enc.preprocess, workers=workers)
         _check_cache_rate(ext, enc)
     return task, ext
 
@@ -505,7 +533,8 @@ def _cell_common(ctx: _Context, enc: Encoder, task: TaskData, ext: TaskData | No
         "fs": float(task.cache.fs or 0.0), "classes": task.class_names, "multilabel": task.multilabel,
         "splits": {k: int(len(v)) for k, v in task.splits.items()}, "task_notes": task.notes,
         "external_dataset": ext.dataset if ext is not None else None,
-        "external_notes": ext.notes if ext is not None else None, "leakage": leakage,
+        "external_notes": ext.notes if ext is not None else None,
+        "external_label_map": ext.label_report if ext is not None else None, "leakage": leakage,
         "cache_dir": task.cache_dir,
     }
 
@@ -552,10 +581,14 @@ class ReportCallback(_HydraCallback):  # type: ignore[misc,valid-type]
 
 # ------------------------------------------------------------------------------------------------ probe
 def probe_main(cfg: DictConfig) -> dict[str, Any]:
-    """Linear / MLP probe cells (``conf/probe.yaml``). Returns a summary (cells written / skipped, report paths).
+    """Linear / MLP / attention probe cells (``conf/probe.yaml``). Returns a summary (cells written / skipped,
+    report paths). ``probe.mode=attention`` trains on the frozen tokens (:func:`ecgfm.evaluate.features.cached_tokens`,
+    one extraction per checkpoint, corpus and window); the other heads on window embeddings.
 
     Raises:
-        ValueError: ``supervised:`` checkpoints (a fine-tuning baseline), bad task or probe settings.
+        ValueError: ``supervised:`` checkpoints (a fine-tuning baseline), bad task or probe settings, a window the
+            encoder cannot embed (learned positions: :func:`ecgfm.evaluate.features.check_window`), the attention
+            probe asked of the handcrafted baseline.
         LeakageError: pretraining and test data overlap and ``allow_leakage`` is false.
     """
     from ecgfm.recipes import validate_probe_config
@@ -563,7 +596,7 @@ def probe_main(cfg: DictConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     validate_probe_config(cfg)  # ConfigError naming the key (probe.Cs=x, +probe.foo=1)
     mode = str(cfg.probe.mode)
-    ctx = _context(cfg, mode)
+    ctx = _context(cfg, probe_variant(mode, str(cfg.probe.aggregate)))
     checkpoint = str(cfg.checkpoint)
     if checkpoint.startswith("supervised:"):
         raise EvaluationError(f"checkpoint {checkpoint!r}: 'supervised:' is a fine-tuning baseline (supervised "
@@ -574,6 +607,9 @@ def probe_main(cfg: DictConfig) -> dict[str, Any]:
     if desc.kind == HANDCRAFTED and bool(cfg.get("save_classifier", False)):
         raise EvaluationError(f"checkpoint {checkpoint!r}: save_classifier=true needs an encoder; the handcrafted "
                               f"baseline has no network to save (run it with save_classifier=false)")
+    if desc.kind == HANDCRAFTED and mode == "attention":
+        raise EvaluationError(f"checkpoint {checkpoint!r}: probe.mode=attention pools an encoder's frozen tokens; the "
+                              f"handcrafted baseline has one feature row per record (use probe.mode=linear or mlp)")
     _identify(ctx, desc, _probe_recipe(_container(cfg.probe)))
     todo = _todo(ctx, checkpoint)
     n_all = len(ctx.fractions) * len(ctx.seeds)
@@ -600,15 +636,19 @@ def probe_main(cfg: DictConfig) -> dict[str, Any]:
                                                    ext.splits["test"])
     else:
         assert enc.backbone is not None
+        try:
+            check_window(enc.backbone, window)  # a ViT-1D is rebuilt for longer windows; learned positions: refused
+        except ValueError as exc:
+            raise EvaluationError(f"checkpoint {checkpoint!r}: {exc}") from None
         efp = encoder_fingerprint(enc.backbone)
         lead_aware = bool(cfg.features.get("lead_aware", True))
-        feats = cached_features(enc.backbone, task.cache, window, stride, feat_dir,
-                                batch_size=int(cfg.features.batch_size), device=str(cfg.device), encoder_fp=efp,
-                                lead_aware=lead_aware)
+        extract = cached_tokens if mode == "attention" else cached_features
+        feats = extract(enc.backbone, task.cache, window, stride, feat_dir, batch_size=int(cfg.features.batch_size),
+                        device=str(cfg.device), encoder_fp=efp, lead_aware=lead_aware)
         if ext is not None:
-            efeats = cached_features(enc.backbone, ext.cache, window, stride, feat_dir,
-                                     batch_size=int(cfg.features.batch_size), device=str(cfg.device),
-                                     encoder_fp=efp, lead_aware=lead_aware)
+            efeats = extract(enc.backbone, ext.cache, window, stride, feat_dir,
+                             batch_size=int(cfg.features.batch_size), device=str(cfg.device), encoder_fp=efp,
+                             lead_aware=lead_aware)
             external[f"external:{ext.dataset}"] = (efeats, ext.labels, ext.splits["test"])
     from ecgfm.evaluate.probe import ProbeData, run_probe_grid
 
@@ -617,6 +657,9 @@ def probe_main(cfg: DictConfig) -> dict[str, Any]:
     common = _cell_common(ctx, enc, task, ext, window, stride, leakage)
     common["feature_key"] = feats.key
     common["feature_seconds"] = feats.seconds
+    if mode == "attention":
+        common["token_cache"] = {"key": feats.key, "tokens": int(feats.tokens.shape[0]), "dim": feats.dim,
+                                 "windows": int(len(feats.record)), "bytes": feats.nbytes, "dtype": "float16"}
     if enc.kind == HANDCRAFTED:
         from ecgfm.evaluate.handcrafted import neurokit_version
 
@@ -630,16 +673,18 @@ def probe_main(cfg: DictConfig) -> dict[str, Any]:
             data, fractions=fracs, seeds=[seed], mode=mode, Cs=[float(c) for c in probe_cfg.Cs],
             lrs=[float(x) for x in probe_cfg.lrs], aggregate=str(probe_cfg.aggregate),
             n_boot=int(cfg.bootstrap.n), bootstrap_seed=int(cfg.bootstrap.seed), max_iter=int(probe_cfg.max_iter),
-            mlp_kwargs=_container(probe_cfg.mlp) or {})
+            mlp_kwargs=_container(probe_cfg.mlp) or {},
+            attention_kwargs=dict(_container(probe_cfg.get("attention")) or {}, device=str(cfg.device)))
         for r in results:
             cell = dict(common, fraction=r["fraction"], seed=r["seed"], n_train=r["n_train"],
                         hparam=r["hparam"], grid=r["grid"], val_macro_auroc=r["val_macro_auroc"],
                         results={"test": r["test"], **r["external"]}, seconds=r["seconds"],
-                        probe={"aggregate": str(probe_cfg.aggregate), "head": mode},
+                        probe={"aggregate": "attention" if mode == "attention" else str(probe_cfg.aggregate),
+                               "head": mode},
                         predictions=_predictions(r["predictions"], task, ext))
-            p = cell_path(ctx.results_dir, mode, task.name, checkpoint, r["fraction"], r["seed"], eval_name)
+            p = cell_path(ctx.results_dir, ctx.mode, task.name, checkpoint, r["fraction"], r["seed"], eval_name)
             if bool(cfg.get("save_classifier", False)):
-                head = probe_head(r["model"], enc.backbone, task)
+                head = probe_head(r["model"], fit_window(enc.backbone, window), task)  # seq_len >= window
                 agg = "logit" if str(probe_cfg.aggregate) == "mean_embedding" else "prob"
                 cell["classifier"] = str(_save_cell_classifier(p, head, task, enc, dict(_container(probe_cfg)),
                                                                window, stride, r["thresholds"], cell, agg))
@@ -728,7 +773,8 @@ def finetune_main(cfg: DictConfig) -> dict[str, Any]:
             log.info("fine-tuning %s on %s: fraction %g, seed %d", checkpoint, task.name, frac, seed)
             out = run_finetune(enc.backbone, task.cache_dir, task.labels, splits, task.multilabel, window, stride,
                                typed_recipe, seed=seed, accelerator=str(cfg.accelerator), external=external,
-                               feature_dir=str(checked.features.dir), predict_val=task.multilabel)
+                               feature_dir=str(checked.features.dir), predict_val=task.multilabel,
+                               lead_aware=bool(checked.features.lead_aware))
             results, thresholds = _score(task, out, cfg, ext)
             preds = {"test": out["test"], **out["external"]}
             cell = dict(common, fraction=float(frac), seed=int(seed), n_train=int(len(splits["train"])),

@@ -25,6 +25,10 @@ is test data: external validation sets).
 Records without any label of the class space are left out of every split (as in the PTB-XL benchmark). The cache
 is prepared on first use with :func:`ecgfm.data.prepare.prepare_cache` and the *encoder's* preprocessing, so the
 downstream signal matches pretraining unless the caller overrides it.
+
+External validation sets (``conf/eval_data/``) are built with :func:`build_external` against the trained task: the
+task's classes, the task's own records excluded, and for a PTB-XL task on SNOMED CT-labelled records
+(``eval_data=cinc2021`` / ``cpsc2018``) the codes translated through :mod:`ecgfm.data.labelmaps`.
 """
 
 from __future__ import annotations
@@ -104,6 +108,8 @@ class TaskData:
         crop_samples: training crop / probe window in samples.
         stride_samples: test-time sliding-window hop in samples.
         notes: facts worth printing with the results (dropped classes, patient-id caveats...).
+        label_report: for an external set whose SNOMED CT codes were translated into the task's classes
+            (:func:`build_external`), :meth:`ecgfm.data.labelmaps.SnomedTaskMap.report`; else None.
     """
 
     spec: TaskSpec
@@ -117,6 +123,7 @@ class TaskData:
     crop_samples: int
     stride_samples: int
     notes: list[str] = field(default_factory=list)
+    label_report: dict[str, Any] | None = None  # external sets with translated labels: the mapping report
 
     @property
     def name(self) -> str:
@@ -131,8 +138,11 @@ class TaskData:
         return [keys[int(i)] for i in rows]
 
 
-def _label_fn(spec: TaskSpec):
-    """``(labels tuple, meta dict) -> list of class names`` for the task's label kind."""
+def _label_fn(spec: TaskSpec, mapper: Any = None):
+    """``(labels tuple, meta dict) -> list of class names`` for the task's label kind (through ``mapper``, a
+    :class:`~ecgfm.data.labelmaps.SnomedTaskMap`, when the records' SNOMED codes are translated)."""
+    if mapper is not None:
+        return lambda labels, meta: mapper.labels(record_codes(labels, meta))
     if spec.labels == "record":
         return lambda labels, meta: [str(x) for x in labels]
     from ecgfm.data.readers import load_scp_statements, ptbxl_task_map
@@ -158,7 +168,7 @@ def prepare_task_cache(spec: TaskSpec, cache_root: str, preprocess: PreprocessSp
 
 
 def build_task(spec: TaskSpec, cache_root: str, preprocess: PreprocessSpec, classes: Sequence[str] | None = None,
-               workers: int = 0, progress: bool = False) -> TaskData:
+               workers: int = 0, progress: bool = False, mapper: Any = None) -> TaskData:
     """Prepare (or open) the cache and derive labels, classes and splits.
 
     Args:
@@ -168,6 +178,8 @@ def build_task(spec: TaskSpec, cache_root: str, preprocess: PreprocessSpec, clas
         classes: impose this class list (external validation: the training task's classes).
         workers: cache preparation worker processes.
         progress: show a progress bar while preparing.
+        mapper: a :class:`~ecgfm.data.labelmaps.SnomedTaskMap` translating the records' SNOMED CT codes into
+            ``classes`` (external validation across vocabularies, :func:`build_external`); needs ``classes``.
 
     Raises:
         ValueError: no labelled record, a single-label task with multi-label records, bad split settings.
@@ -179,7 +191,9 @@ def build_task(spec: TaskSpec, cache_root: str, preprocess: PreprocessSpec, clas
     cache = CorpusCache(cache_dir)
     index = cache.index
     notes: list[str] = []
-    label_fn = _label_fn(spec)
+    if mapper is not None and classes is None:
+        raise ValueError(f"task {spec.name}: translating SNOMED CT codes needs the training task's classes")
+    label_fn = _label_fn(spec, mapper)
     if classes is not None:
         class_names = [str(c) for c in classes]
         if spec.classes is not None and list(map(str, spec.classes)) != class_names:
@@ -197,10 +211,24 @@ def build_task(spec: TaskSpec, cache_root: str, preprocess: PreprocessSpec, clas
             notes.append(f"classes with fewer than {spec.min_count} records dropped: {dropped}")
     if not class_names:
         raise ValueError(f"task {spec.name}: no class found in the cache {cache_dir}")
-    y = cache.labels_matrix(class_names, label_fn).astype(np.float32)
+    if mapper is not None:  # the codes may come from a labels table keyed by record (CPSC 2018 REFERENCE.csv)
+        codes = external_codes(spec, cache)
+        col = {c: j for j, c in enumerate(class_names)}
+        y = np.zeros((len(codes), len(class_names)), dtype=np.float32)
+        for i, rec in enumerate(codes):
+            for c in mapper.labels(rec):
+                if c in col:
+                    y[i, col[c]] = 1.0
+    else:
+        y = cache.labels_matrix(class_names, label_fn).astype(np.float32)
     labelled = y.sum(axis=1) > 0
     if not labelled.any():
-        raise ValueError(f"task {spec.name}: no record of {cache_dir} has a label among {class_names}")
+        why = ""
+        if mapper is not None:
+            from ecgfm.data.labelmaps import summary_lines
+
+            why = "\n" + "\n".join(summary_lines(mapper.report(dict(zip(cache.keys, codes)))))
+        raise ValueError(f"task {spec.name}: no record of {cache_dir} has a label among {class_names}{why}")
     if not spec.multilabel:
         multi = np.flatnonzero(y.sum(axis=1) > 1)
         if len(multi):
@@ -241,6 +269,185 @@ def build_task(spec: TaskSpec, cache_root: str, preprocess: PreprocessSpec, clas
                     multilabel=bool(spec.multilabel), splits=splits, patient_ids=pids,
                     crop_samples=int(round(spec.crop_seconds * fs)),
                     stride_samples=max(1, int(round(spec.stride_seconds * fs))), notes=notes)
+
+
+# ------------------------------------------------------------------ external validation across label vocabularies
+#: CPSC 2018 REFERENCE.csv class numbers (1-9), in the order of :data:`ecgfm.data.labelmaps.CPSC2018_CLASSES`.
+CPSC2018_NUMBERS = {str(i + 1): i for i in range(9)}
+
+
+def label_map_task(spec: TaskSpec) -> str | None:
+    """The PTB-XL task whose classes an external set's SNOMED CT codes are translated into, or None.
+
+    Read from ``spec.params["label_map"]``: ``"ptbxl:<task>"`` (``conf/eval_data/cinc2021.yaml`` sets it to the
+    training task's ``labels``), or ``"record"`` / null / absent (the records' own labels are the task's classes).
+
+    Raises:
+        ValueError: another value, or an unknown PTB-XL task.
+    """
+    value = (spec.params or {}).get("label_map")
+    if value in (None, "", "record"):
+        return None
+    value = str(value)
+    from ecgfm.data.readers import PTBXL_TASKS
+
+    task = value.split(":", 1)[1] if value.startswith("ptbxl:") else None
+    if task not in PTBXL_TASKS:
+        raise ValueError(f"external set {spec.name}: params.label_map must be 'record' or 'ptbxl:<task>' with a task "
+                         f"of {PTBXL_TASKS}, got {value!r} (only PTB-XL tasks have an SCP <-> SNOMED CT mapping)")
+    return task
+
+
+def record_codes(labels: Sequence[Any], meta: Mapping[str, Any] | None) -> list[str]:
+    """A record's SNOMED CT codes as published (``meta["dx_raw"]`` of
+    :class:`~ecgfm.data.readers.Challenge2021Source`, before the challenge's equivalent codes are merged), else its
+    labels."""
+    raw = meta.get("dx_raw") if isinstance(meta, Mapping) else None
+    if raw is None or (isinstance(raw, float) and raw != raw):
+        raw = labels
+    return [str(c).strip() for c in list(raw) if str(c).strip()]
+
+
+def _cpsc2018_codes(path: str) -> dict[str, list[str]]:
+    """``{record id: SNOMED CT codes}`` from a CPSC 2018 ``REFERENCE.csv`` (``Recording,First_label,...``; classes
+    as numbers 1-9 or names of :data:`~ecgfm.data.labelmaps.CPSC2018_CLASSES`), through the table's ``cpsc2018``
+    column (the codes the challenge gave the CPSC records)."""
+    import csv
+
+    from ecgfm.data.labelmaps import CPSC2018_CLASSES, load_scp_snomed
+
+    code_of = {r.cpsc2018: r.snomed_code for r in load_scp_snomed() if r.cpsc2018}
+    out: dict[str, list[str]] = {}
+    with open(path, newline="", encoding="utf-8") as fh:
+        rows = list(csv.reader(fh))
+    if not rows:
+        raise ValueError(f"{path}: empty CPSC 2018 labels table")
+    for lineno, row in enumerate(rows[1:], start=2):
+        if not row or not row[0].strip():
+            continue
+        codes = []
+        for value in (v.strip() for v in row[1:]):
+            if not value:
+                continue
+            name = CPSC2018_CLASSES[CPSC2018_NUMBERS[value]] if value in CPSC2018_NUMBERS else value
+            if name not in code_of:
+                raise ValueError(f"{path} line {lineno}: CPSC 2018 class {value!r} is neither 1-9 nor one of "
+                                 f"{list(CPSC2018_CLASSES)}")
+            codes.append(code_of[name])
+        out[row[0].strip()] = sorted(set(codes))
+    return out
+
+
+def external_codes(spec: TaskSpec, cache: Any) -> list[list[str]]:
+    """Every cache row's SNOMED CT codes (row order): from ``params.cpsc2018_reference`` (a CPSC 2018 ``REFERENCE.csv``)
+    when set, else :func:`record_codes`."""
+    index = cache.index
+    table = (spec.params or {}).get("cpsc2018_reference")
+    if table:
+        by_id = _cpsc2018_codes(str(table))
+        return [by_id.get(str(rid), []) for rid in index["record_id"]]
+    return [record_codes(lab, meta) for lab, meta in zip(index["labels"], index["meta"])]
+
+
+def build_external(spec: TaskSpec, task: TaskData, cache_root: str, preprocess: PreprocessSpec, workers: int = 0,
+                   progress: bool = False) -> TaskData:
+    """An external validation set for a trained task: the task's classes, every usable record in the test split.
+
+    1. Labels: the records' own labels when they are the task's classes (``eval_data=folder``); or, with
+       ``params.label_map: ptbxl:<task>`` (``eval_data=cinc2021`` / ``cpsc2018`` with a PTB-XL task), the records'
+       SNOMED CT codes translated through :mod:`ecgfm.data.labelmaps`. Records no code maps into the class space
+       are left out (their labels are unknown for this task, not negative); the mapping report (classes with their
+       codes and positives, classes no code reaches, codes unmapped / outside the task, excluded records) is
+       stored in ``label_report`` and summarised in ``notes``.
+    2. Records that are also records (or patients) of the task's own splits (train, val or test; e.g. a CinC 2021
+       ``HR*`` record that is a PTB-XL record of the head's training folds) are removed and counted: a record the
+       head was trained or selected on is no external evidence. The leakage guard only checks *pretraining* data.
+    3. With ``params.exclude_task_corpus`` (default true), records drawn from the task's own corpus but absent
+       from its splits (``HR*`` = PTB-XL records outside the prepared PTB-XL cache) are removed too and counted:
+       same hospital, devices and annotators, so not external either.
+
+    Args:
+        spec: the external set (``cfg.eval_data``).
+        task: the trained task, built with :func:`build_task`.
+        cache_root: folder of corpus caches.
+        preprocess: preprocessing (normally the encoder's, the same as the task's).
+        workers: cache preparation worker processes.
+        progress: show a progress bar while preparing.
+
+    Raises:
+        ValueError: a CPSC 2018 set without a labels table (the shared copy carries none), a bad ``label_map``,
+            no usable record left.
+    """
+    import logging
+
+    from ecgfm.evaluate.leakage import index_identities
+
+    log = logging.getLogger(__name__)
+    params = dict(spec.params or {})
+    if spec.dataset == "cpsc2018" and not params.get("cpsc2018_reference"):
+        raise ValueError("eval_data=cpsc2018: the CPSC 2018 records carry no labels (the shared copy has no "
+                         "REFERENCE.csv; see its PROVENANCE.md), so nothing can be scored. Give the official labels "
+                         "table with eval_data.params.cpsc2018_reference=/path/to/REFERENCE.csv (Recording,First_label,"
+                         "Second_label,Third_label; classes 1-9), or use eval_data=cinc2021")
+    mapped_task = label_map_task(spec)
+    if params.get("cpsc2018_reference") and mapped_task is None:
+        raise ValueError(f"external set {spec.name}: params.cpsc2018_reference holds CPSC 2018 classes; it needs "
+                         f"params.label_map: ptbxl:<task> (a PTB-XL training task)")
+    mapper = None
+    if mapped_task is not None:
+        from ecgfm.data.labelmaps import snomed_task_map
+
+        root = params.get("label_root") or task.spec.label_root
+        if not root:
+            raise ValueError(f"external set {spec.name}: translating SNOMED CT codes into PTB-XL {mapped_task} "
+                             f"classes needs the folder holding scp_statements.csv (params.label_root)")
+        mapper = snomed_task_map(mapped_task, str(root), task.class_names)
+    ext = build_task(spec, cache_root, preprocess, classes=task.class_names, workers=workers, progress=progress,
+                     mapper=mapper)
+    index = ext.cache.index
+    keys = ext.cache.keys
+    task_rows = np.concatenate([task.splits[k] for k in ("train", "val", "test")])
+    task_ids = index_identities(task.cache.index, task_rows)
+    task_spaces = {i.split("/", 1)[0] for i in task_ids if i.startswith("rec:")}
+    exclude_corpus = bool(params.get("exclude_task_corpus", True))
+    row_of = {k: i for i, k in enumerate(keys)}
+    hit: set[int] = set()
+    corpus: set[int] = set()
+    for ident, carriers in index_identities(index).items():
+        space = ident.split("/", 1)[0]
+        for key in carriers:
+            row = row_of[key]
+            if ident in task_ids:
+                hit.add(row)
+            elif (exclude_corpus and space in task_spaces
+                  and space != f"rec:{index['source'].iat[row]}"):
+                corpus.add(row)
+    overlap = sorted(hit)
+    same_corpus = sorted(corpus - hit)
+    reasons = {f"also a record or patient of {task.name}'s train/val/test splits": overlap,
+               f"drawn from {task.dataset}'s own corpus (not external; params.exclude_task_corpus)": same_corpus}
+    drop = np.asarray(sorted(set(overlap) | set(same_corpus)), dtype=np.int64)
+    test = ext.splits["test"]
+    kept = np.setdiff1d(test, drop)
+    for why, rows in reasons.items():
+        n_in = int(np.isin(rows, test).sum()) if rows else 0
+        if rows:
+            ext.notes.append(f"{len(rows)} record(s) excluded ({n_in} labelled): {why}, e.g. "
+                             f"{', '.join(keys[i] for i in rows[:3])}")
+    if not len(kept):
+        raise ValueError(f"external set {spec.name}: no labelled record is left after excluding the task's own "
+                         f"records ({'; '.join(ext.notes)})")
+    ext.splits = {**ext.splits, "test": kept}
+    if mapper is not None:
+        from ecgfm.data.labelmaps import summary_lines
+
+        codes = dict(zip(keys, external_codes(spec, ext.cache)))
+        ext.label_report = mapper.report(codes, excluded={k: [keys[i] for i in v] for k, v in reasons.items()})
+        lines = summary_lines(ext.label_report)
+        ext.notes.append(" | ".join(x.strip() for x in lines))
+        for line in lines:
+            log.info("external %s: %s", ext.dataset, line)
+    return ext
 
 
 def holdout_record_ids(task: TaskData, parts: Sequence[str] = ("val", "test")) -> dict[str, set[str]]:

@@ -213,7 +213,7 @@ def _toy_encoder(path: Path, seed: int, fs: float | None = 100.0, extra_fs: floa
     return export_encoder(create_backbone("resnet1d_test"), path, PreprocessSpec(fs=fs), extra=extra)
 
 
-@pytest.mark.parametrize("change", ["probe.Cs=[0.1]", "probe.aggregate=mean_prediction", "window_seconds=2.0",
+@pytest.mark.parametrize("change", ["probe.Cs=[0.1]", "window_seconds=2.0",
                                     "stride_seconds=1.0", "bootstrap.n=30", "task.params.n_records=200",
                                     "preprocess={fs:100.0,highpass:1.0}"])
 def test_changed_recipe_recomputes_the_cell(work, tmp_path, caplog, change):
@@ -230,6 +230,23 @@ def test_changed_recipe_recomputes_the_cell(work, tmp_path, caplog, change):
     key = change.split("=")[0].split(".")[-1].strip("{")
     assert any("recipe changed" in r.getMessage() and "recomputing" in r.getMessage() for r in caplog.records)
     assert any(key in r.getMessage() for r in caplog.records if "recipe changed" in r.getMessage()), key
+
+
+def test_probe_variants_are_rows_of_their_own(work, tmp_path):
+    """Another record aggregation is another probe variant: its cells live beside the default ones (mode folder
+    ``linear+mean_prediction``) instead of overwriting them, and the table gets a row for each."""
+    base = ["checkpoint=random:resnet1d_test", f"results_dir={tmp_path / 'r'}", "fraction=1.0", "seed=0",
+            "probe.Cs=[1.0]", "plot=false"]
+    first = probe_main(_cfg("probe", work, *base))
+    other = probe_main(_cfg("probe", work, *base, "probe.aggregate=mean_prediction"))
+    assert len(first["cells_written"]) == len(other["cells_written"]) == 1
+    assert Path(first["cells_written"][0]).parts[-4] == "linear"
+    assert Path(other["cells_written"][0]).parts[-4] == "linear+mean_prediction"
+    assert probe_main(_cfg("probe", work, *base))["cells_skipped"] == 1          # the default cell is still there
+    import pandas as pd
+
+    df = pd.read_csv(tmp_path / "r" / "results.csv")
+    assert set(df["mode"]) == {"linear", "linear+mean_prediction"}
 
 
 def test_changed_finetune_recipe_recomputes(work, tmp_path, caplog):

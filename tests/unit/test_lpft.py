@@ -196,7 +196,7 @@ def test_one_default_per_setting():
     assert inspect.signature(fit_probe_head).parameters["aggregate"].default == r.window_aggregate
     assert set(inspect.signature(run_finetune).parameters) == {
         "backbone", "cache_dir", "labels", "splits", "multilabel", "crop_samples", "stride_samples", "recipe",
-        "seed", "accelerator", "external", "feature_dir", "predict_val"}
+        "seed", "accelerator", "external", "feature_dir", "predict_val", "lead_aware"}
 
 
 def test_epoch_progress_lines(task, caplog):

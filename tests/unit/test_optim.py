@@ -69,7 +69,7 @@ def _ref_finetune_groups(backbone, head, lr, weight_decay, layer_decay) -> list[
     def add(name, p, layer):
         if not p.requires_grad:
             return
-        decay = p.ndim > 1
+        decay = p.ndim > 1 and name.rsplit(".", 1)[-1] not in FINETUNE_NO_DECAY_NAMES   # lead_embed: no decay
         g = groups.setdefault((layer, decay), {"params": [], "names": [], "weight_decay": weight_decay if decay
                                                else 0.0, "lr_scale": layer_decay ** (top - layer)})
         g["params"].append(p)
@@ -179,7 +179,8 @@ def test_layer_wise_decay_groups():
     by_layer = {(g["layer"], g["weight_decay"] > 0): g for g in groups}
     assert by_layer[(4, True)]["lr"] == pytest.approx(1.0)   # the head
     assert by_layer[(0, True)]["lr"] == pytest.approx(0.5 ** 4)
-    assert all(p.ndim == 1 for g in groups if g["weight_decay"] == 0 for p in g["params"])
+    assert all(p.ndim == 1 or n.rsplit(".", 1)[-1] in FINETUNE_NO_DECAY_NAMES
+               for g in groups if g["weight_decay"] == 0 for n, p in zip(g["names"], g["params"]))
     assert sum(p.numel() for g in groups for p in g["params"]) == sum(p.numel() for p in module.parameters())
     with pytest.raises(ValueError, match="lr"):
         param_groups(module, 0.1, layer_decay=0.5)

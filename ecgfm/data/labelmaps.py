@@ -1,0 +1,346 @@
+"""Label vocabularies across corpora: SCP-ECG statements (PTB-XL) <-> SNOMED CT codes (PhysioNet/CinC 2020/2021,
+which also recoded CPSC 2018, Georgia, Ningbo...).
+
+The table is package data, ``ecgfm/data/scp_snomed.csv`` (its comment header says where every code comes from, how
+each row was verified, and which codes / statements were left out). It is read in the direction SNOMED -> SCP:
+a record carrying a SNOMED code would have been given the row's SCP statement(s).
+
+:class:`SnomedTaskMap` turns that table into a record labeller for one PTB-XL task (``superdiagnostic``,
+``subdiagnostic``, ``diagnostic``, ``form``, ``rhythm`` or ``all``): a record is positive for a task class when one
+of its codes maps to an SCP statement of that class (``same`` / ``narrower`` rows), when a ``broader`` code's
+statements all fall into that one class, or through a ``sole`` rule (NORM <- sinus rhythm as the record's only
+code). :meth:`SnomedTaskMap.report` lists, for a set of records, the task classes with a code and their positives,
+the classes no code reaches (not evaluable), and every code present by fate: mapped, known but outside the task,
+ambiguous for the task, or unknown to the table, so nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+from collections import Counter
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+__all__ = [
+    "RELATIONS",
+    "EVIDENCE",
+    "CPSC2018_CLASSES",
+    "SnomedRow",
+    "SnomedTaskMap",
+    "load_scp_snomed",
+    "scp_snomed_table_path",
+    "snomed_task_map",
+    "summary_lines",
+    "table_digest",
+]
+
+RELATIONS = ("same", "narrower", "broader", "sole")
+EVIDENCE = ("challenge", "equivalent", "name", "meaning")
+#: CPSC 2018 classes (as numbered 1-9 in its REFERENCE.csv).
+CPSC2018_CLASSES = ("Normal", "AF", "I-AVB", "LBBB", "RBBB", "PAC", "PVC", "STD", "STE")
+_COLUMNS = ("snomed_code", "snomed_name", "abbreviation", "scp_codes", "relation", "evidence", "challenge_ptbxl_n",
+            "equivalent", "cpsc2018", "note")
+
+
+@dataclass(frozen=True)
+class SnomedRow:
+    """One row of the SCP <-> SNOMED table (see the CSV header for every field)."""
+
+    snomed_code: str
+    snomed_name: str
+    abbreviation: str
+    scp_codes: tuple[str, ...]
+    relation: str
+    evidence: str
+    challenge_ptbxl_n: int | None
+    equivalent: str | None
+    cpsc2018: str | None
+    note: str
+    line: int
+
+
+def scp_snomed_table_path() -> Path:
+    """Path of the packaged table ``ecgfm/data/scp_snomed.csv``."""
+    return Path(str(resources.files("ecgfm.data").joinpath("scp_snomed.csv")))
+
+
+def load_scp_snomed(path: str | Path | None = None) -> list[SnomedRow]:
+    """Read and check the SCP <-> SNOMED table.
+
+    Args:
+        path: a table in the packaged format (default :func:`scp_snomed_table_path`).
+
+    Returns:
+        The rows, in file order.
+
+    Raises:
+        ValueError: a malformed row (named by line): non-numeric code, unknown relation / evidence, a non-broader
+            row with several statements, a duplicated (code, statements) pair, an asymmetric equivalence, an
+            unknown CPSC 2018 class.
+    """
+    path = Path(path) if path is not None else scp_snomed_table_path()
+    text = path.read_text(encoding="utf-8")
+    lines = [(i + 1, ln) for i, ln in enumerate(text.splitlines()) if ln.strip() and not ln.lstrip().startswith("#")]
+    if not lines:
+        raise ValueError(f"{path}: no table rows")
+    reader = csv.reader(io.StringIO("\n".join(ln for _, ln in lines)))
+    header = next(reader)
+    if tuple(header) != _COLUMNS:
+        raise ValueError(f"{path} line {lines[0][0]}: expected columns {list(_COLUMNS)}, got {header}")
+    rows: list[SnomedRow] = []
+    seen: dict[tuple[str, tuple[str, ...], str], int] = {}
+    for (lineno, _), values in zip(lines[1:], reader):
+        where = f"{path} line {lineno}"
+        if len(values) != len(_COLUMNS):
+            raise ValueError(f"{where}: expected {len(_COLUMNS)} fields, got {len(values)}")
+        f = dict(zip(_COLUMNS, (v.strip() for v in values)))
+        code = f["snomed_code"]
+        if not code.isdigit():
+            raise ValueError(f"{where}: SNOMED CT code {code!r} is not numeric")
+        scp = tuple(f["scp_codes"].split())
+        if not scp:
+            raise ValueError(f"{where}: no SCP statement")
+        if f["relation"] not in RELATIONS:
+            raise ValueError(f"{where}: relation {f['relation']!r} not in {RELATIONS}")
+        if f["evidence"] not in EVIDENCE:
+            raise ValueError(f"{where}: evidence {f['evidence']!r} not in {EVIDENCE}")
+        if f["relation"] != "broader" and len(scp) != 1:
+            raise ValueError(f"{where}: a {f['relation']!r} row names one statement, got {list(scp)}")
+        if f["relation"] == "broader" and len(scp) < 2:
+            raise ValueError(f"{where}: a 'broader' row names at least two statements, got {list(scp)}")
+        if f["equivalent"] and not f["equivalent"].isdigit():
+            raise ValueError(f"{where}: equivalent code {f['equivalent']!r} is not numeric")
+        if f["cpsc2018"] and f["cpsc2018"] not in CPSC2018_CLASSES:
+            raise ValueError(f"{where}: CPSC 2018 class {f['cpsc2018']!r} not in {CPSC2018_CLASSES}")
+        n = f["challenge_ptbxl_n"]
+        if n and not n.isdigit():
+            raise ValueError(f"{where}: challenge_ptbxl_n {n!r} is not a count")
+        key = (code, tuple(sorted(scp)), f["relation"])
+        if key in seen:
+            raise ValueError(f"{where}: duplicates line {seen[key]} ({code} -> {' '.join(scp)})")
+        seen[key] = lineno
+        rows.append(SnomedRow(code, f["snomed_name"], f["abbreviation"], scp, f["relation"], f["evidence"],
+                              int(n) if n else None, f["equivalent"] or None, f["cpsc2018"] or None, f["note"],
+                              lineno))
+    _check_consistency(rows, path)
+    return rows
+
+
+def _check_consistency(rows: Sequence[SnomedRow], path: Path) -> None:
+    """Per-code facts agree across rows; equivalences are symmetric and map to the same statements."""
+    by_code: dict[str, list[SnomedRow]] = {}
+    for r in rows:
+        by_code.setdefault(r.snomed_code, []).append(r)
+    for code, group in by_code.items():
+        for attr in ("snomed_name", "abbreviation", "cpsc2018"):
+            values = {getattr(r, attr) for r in group}
+            if len(values) > 1:
+                raise ValueError(f"{path} lines {[r.line for r in group]}: code {code} has several {attr} "
+                                 f"{sorted(map(str, values))}")
+        direct = [r for r in group if r.relation in ("same", "narrower")]
+        scps = [r.scp_codes[0] for r in direct]
+        if len(set(scps)) != len(scps):
+            raise ValueError(f"{path}: code {code} maps to {scps} twice")
+    for r in rows:
+        if r.equivalent is None:
+            continue
+        back = [o for o in by_code.get(r.equivalent, []) if o.equivalent == r.snomed_code]
+        if not back:
+            raise ValueError(f"{path} line {r.line}: {r.snomed_code} is equivalent to {r.equivalent}, but no row of "
+                             f"{r.equivalent} names {r.snomed_code} back")
+        if not any(o.scp_codes == r.scp_codes for o in back):
+            raise ValueError(f"{path} line {r.line}: equivalent codes {r.snomed_code} / {r.equivalent} map to "
+                             f"different statements")
+
+
+def table_digest(path: str | Path | None = None) -> str:
+    """Short sha256 of the table file (recorded with every mapping report)."""
+    path = Path(path) if path is not None else scp_snomed_table_path()
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+
+
+@dataclass
+class _CodeFate:
+    classes: tuple[str, ...]          # task classes the code gives (any position in the record)
+    sole_classes: tuple[str, ...]     # task classes it gives when it is the record's only code
+    statements: tuple[str, ...]       # every SCP statement the table links it to
+    kind: str                         # mapped | outside_task | ambiguous
+
+
+class SnomedTaskMap:
+    """SNOMED CT codes -> the classes of one PTB-XL task (see the module docstring).
+
+    Args:
+        statement_classes: ``{SCP statement: task class}`` for the statements that count for the task (from
+            :func:`ecgfm.data.readers.ptbxl_task_map`).
+        classes: the task's class list (the trained head's outputs); classes outside ``statement_classes``'
+            values are listed as having no code.
+        rows: the table (default :func:`load_scp_snomed`).
+        task: the task's name, for the report.
+    """
+
+    def __init__(self, statement_classes: Mapping[str, str], classes: Sequence[str],
+                 rows: Sequence[SnomedRow] | None = None, task: str = ""):
+        self.task = task
+        self.classes = [str(c) for c in classes]
+        self.statement_classes = {str(k): str(v) for k, v in statement_classes.items()}
+        self.rows = list(rows) if rows is not None else load_scp_snomed()
+        self.names = {r.snomed_code: r.snomed_name for r in self.rows}
+        wanted = set(self.classes)
+        per_code: dict[str, dict[str, set[str]]] = {}
+        for r in self.rows:
+            slot = per_code.setdefault(r.snomed_code, {"any": set(), "sole": set(), "stmts": set(), "amb": set()})
+            slot["stmts"].update(r.scp_codes)
+            mapped = [self.statement_classes[s] for s in r.scp_codes if s in self.statement_classes]
+            if r.relation == "broader":
+                targets = set(mapped)
+                if len(targets) == 1 and len(mapped) == len(r.scp_codes):
+                    slot["any"].update(targets & wanted)
+                elif mapped:  # statements spread over several classes, or partly outside the task
+                    slot["amb"].update(targets)
+            elif r.relation == "sole":
+                slot["sole"].update(set(mapped) & wanted)
+            else:
+                slot["any"].update(set(mapped) & wanted)
+        self.fates: dict[str, _CodeFate] = {}
+        for code, slot in per_code.items():
+            if slot["any"] or slot["sole"]:
+                kind = "mapped"
+            elif slot["amb"]:
+                kind = "ambiguous"
+            else:
+                kind = "outside_task"
+            self.fates[code] = _CodeFate(tuple(sorted(slot["any"])), tuple(sorted(slot["sole"])),
+                                         tuple(sorted(slot["stmts"])), kind)
+
+    def codes_of(self, cls: str) -> list[str]:
+        """SNOMED codes that can make a record positive for ``cls`` (sole-rule codes included)."""
+        return sorted(c for c, f in self.fates.items() if cls in f.classes or cls in f.sole_classes)
+
+    def labels(self, codes: Iterable[str]) -> list[str]:
+        """Task classes of a record with these SNOMED codes (sorted; empty: no mapped label)."""
+        codes = [str(c).strip() for c in codes if str(c).strip()]
+        out: set[str] = set()
+        for c in codes:
+            fate = self.fates.get(c)
+            if fate is not None:
+                out.update(fate.classes)
+        if len(set(codes)) == 1:
+            fate = self.fates.get(codes[0])
+            if fate is not None:
+                out.update(fate.sole_classes)
+        return sorted(out)
+
+    def report(self, records: Mapping[str, Sequence[str]], excluded: Mapping[str, Sequence[str]] | None = None,
+               examples: int = 10) -> dict[str, Any]:
+        """How the codes of some records map into the task (JSON-able).
+
+        Args:
+            records: ``{record key: SNOMED codes}`` of the records considered (before any exclusion).
+            excluded: ``{reason: record keys}`` removed from evaluation for other reasons (leakage...): they are
+                counted under that reason and left out of the class and code counts.
+            examples: record keys listed per group.
+
+        Returns:
+            ``classes`` (per mapped class: codes, positives), ``classes_without_code`` (not evaluable: no code of
+            the table reaches them), ``classes_without_positives`` (a code exists, no record has it),
+            ``codes`` (``mapped`` / ``outside_task`` / ``ambiguous`` / ``unknown``: per code its name, classes or
+            statements and record count), ``records`` (total, evaluated, ``no_mapped_label`` (excluded: their
+            labels are unknown for this task, they are not negatives), ``partially_mapped`` (evaluated, but also
+            carrying an unknown or ambiguous code: some negatives may be missed positives), excluded per reason).
+        """
+        excluded = {k: sorted(set(map(str, v))) for k, v in (excluded or {}).items() if len(v)}
+        dropped = {k for keys in excluded.values() for k in keys}
+        positives: Counter[str] = Counter()
+        code_records: Counter[str] = Counter()
+        no_label: list[str] = []
+        partial: list[str] = []
+        evaluated = 0
+        for key, codes in records.items():
+            if str(key) in dropped:
+                continue
+            codes = sorted({str(c).strip() for c in codes if str(c).strip()})
+            code_records.update(codes)
+            labels = self.labels(codes)
+            if not labels:
+                no_label.append(str(key))
+                continue
+            evaluated += 1
+            positives.update(labels)
+            if any(self.fates.get(c) is None or self.fates[c].kind == "ambiguous" for c in codes):
+                partial.append(str(key))
+        classes = {c: {"snomed_codes": self.codes_of(c), "positives": int(positives.get(c, 0))}
+                   for c in self.classes if self.codes_of(c)}
+        codes_out: dict[str, dict[str, Any]] = {"mapped": {}, "outside_task": {}, "ambiguous": {}, "unknown": {}}
+        for code, n in sorted(code_records.items(), key=lambda kv: (-kv[1], kv[0])):
+            fate = self.fates.get(code)
+            if fate is None:
+                codes_out["unknown"][code] = {"records": int(n)}
+                continue
+            entry: dict[str, Any] = {"name": self.names.get(code, ""), "records": int(n)}
+            if fate.kind == "mapped":
+                entry["classes"] = list(fate.classes)
+                if fate.sole_classes:
+                    entry["classes_when_sole_code"] = list(fate.sole_classes)
+            else:
+                entry["statements"] = list(fate.statements)
+            codes_out[fate.kind][code] = entry
+        return {
+            "vocabulary": f"SNOMED CT -> PTB-XL {self.task}".strip(),
+            "table": "ecgfm/data/scp_snomed.csv", "table_sha256": table_digest(),
+            "classes": classes,
+            "classes_without_code": [c for c in self.classes if not self.codes_of(c)],
+            "classes_without_positives": [c for c, v in classes.items() if v["positives"] == 0],
+            "codes": codes_out,
+            "records": {
+                "total": len(records), "evaluated": evaluated,
+                "no_mapped_label": len(no_label), "no_mapped_label_examples": no_label[:examples],
+                "partially_mapped": len(partial), "partially_mapped_examples": partial[:examples],
+                "excluded": {k: len(v) for k, v in excluded.items()},
+                "excluded_examples": {k: v[:examples] for k, v in excluded.items()},
+            },
+        }
+
+
+def snomed_task_map(task: str, label_root: str | Path, classes: Sequence[str]) -> SnomedTaskMap:
+    """The :class:`SnomedTaskMap` of a PTB-XL task, from ``scp_statements.csv`` in ``label_root``.
+
+    Args:
+        task: a PTB-XL task (:data:`ecgfm.data.readers.PTBXL_TASKS`), e.g. ``"superdiagnostic"``.
+        label_root: the PTB-XL folder holding ``scp_statements.csv``.
+        classes: the task's classes (the trained head's outputs).
+    """
+    from ecgfm.data.readers import load_scp_statements, ptbxl_task_map
+
+    return SnomedTaskMap(ptbxl_task_map(load_scp_statements(label_root), task), classes, task=task)
+
+
+def summary_lines(report: Mapping[str, Any], top: int = 8) -> list[str]:
+    """A few printable lines of a :meth:`SnomedTaskMap.report`."""
+    rec = report["records"]
+    cls = ", ".join(f"{c} {v['positives']}" for c, v in report["classes"].items()) or "none"
+    out = [f"{report['vocabulary']}: {rec['evaluated']} of {rec['total']} records evaluated; positives per class: "
+           f"{cls}"]
+    if report["classes_without_code"]:
+        out.append(f"  not evaluable (no SNOMED code maps to them): {', '.join(report['classes_without_code'])}")
+    if report["classes_without_positives"]:
+        out.append(f"  no positive record: {', '.join(report['classes_without_positives'])}")
+    if rec["no_mapped_label"]:
+        out.append(f"  {rec['no_mapped_label']} record(s) without a mapped label left out (unknown labels, not "
+                   f"negatives), e.g. {', '.join(rec['no_mapped_label_examples'][:3])}")
+    if rec["partially_mapped"]:
+        out.append(f"  {rec['partially_mapped']} evaluated record(s) also carry unmapped codes")
+    for reason, n in rec["excluded"].items():
+        out.append(f"  {n} record(s) excluded: {reason}")
+    for kind in ("unknown", "ambiguous", "outside_task"):
+        codes = report["codes"][kind]
+        if codes:
+            shown = ", ".join(f"{c}{' ' + v['name'] if v.get('name') else ''} x{v['records']}"
+                              for c, v in list(codes.items())[:top])
+            more = f" (+{len(codes) - top} more)" if len(codes) > top else ""
+            out.append(f"  codes {kind.replace('_', ' ')}: {shown}{more}")
+    return out

@@ -1,0 +1,123 @@
+"""scripts/benchmark_real.py: the learning-curve stage on a tiny synthetic pretraining run (every saved checkpoint
+exported, probed with validation and test numbers, table and plot), and the pretraining recipe choice."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+ROOT = Path(__file__).resolve().parents[2]
+CONF = ROOT / "ecgfm" / "conf"
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("benchmark_real", ROOT / "scripts" / "benchmark_real.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["benchmark_real"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+B = _script()
+
+
+def _tiny_mae_run(run_dir: Path, cache_root: Path) -> dict:
+    """8 MAE steps of vit1d_test on 24 synthetic records, a checkpoint every 2 steps, all kept."""
+    from ecgfm.pipelines import train
+
+    overrides = ["+experiment=mae", f"out_dir={run_dir}", f"paths.cache_root={cache_root}", "backbone=vit1d_test",
+                 "data.params.n_records=24", "data.params.duration=6.0", "data.batch_size=8",
+                 "data.val_fraction=0.2", "trainer.max_steps=8", "checkpoint.every_n_train_steps=2",
+                 "checkpoint.save_top_k=-1", "trainer.enable_progress_bar=false",
+                 "trainer.enable_model_summary=false", "torch_threads=1", "trainer.log_every_n_steps=1",
+                 "method.warmup_steps=1", "method.decoder_dim=16", "method.decoder_heads=2",
+                 "method.decoder_depth=1", "~logger"]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides)
+    return train(cfg)
+
+
+def test_curve_stage_exports_probes_and_draws(tmp_path):
+    out = tmp_path / "bench"
+    cache_root = tmp_path / "cache"
+    run_dir = out / "pretrain" / "mae"
+    summary = _tiny_mae_run(run_dir, cache_root)
+    assert summary["steps"] == 8
+    sources = B.curve_sources(run_dir)
+    assert sorted(sources) == [2, 4, 6, 8] and sources[8] == run_dir / "encoder"
+
+    docs = tmp_path / "docs"
+    argv = ["--out", str(out), "--docs", str(docs), "--cache-root", str(cache_root), "--methods", "mae",
+            "--tasks", "synthetic", "--stages", "curve", "--bootstrap", "20", "--threads", "1", "--workers", "0",
+            "--eval-overrides", "task.params.n_records=60", "task.params.duration=6.0", "plot=false",
+            "--probe-overrides", "probe.Cs=[1.0]"]
+    B.main(argv)
+    for step in (2, 4, 6, 8):
+        enc = run_dir / "curve" / f"step{step}" / "encoder"
+        meta = json.loads((enc / "encoder.json").read_text())
+        extra = meta.get("extra") or {}
+        assert extra["steps"] == step and extra["pretrain_caches"]  # the leakage guard can check it
+    args = B_args(argv)
+    rows = B.curve_rows(args)
+    assert sorted(r["step"] for r in rows) == [2, 4, 6, 8]
+    assert all(0.0 <= r["ci_low"] <= r["test"] <= r["ci_high"] <= 1.0 and 0.0 <= r["val"] <= 1.0 for r in rows)
+    md = (docs / "learning_curve.md").read_text()
+    assert "| mae | 2 |" in md and "validation macro AUROC" in md and "Fewer points" not in md
+    assert (docs / "learning_curve.png").stat().st_size > 1000
+
+    # a rerun skips the finished exports (and probe.py skips the finished cells)
+    mtime = (run_dir / "curve" / "step2" / "encoder" / "encoder.json").stat().st_mtime
+    again = B.curve_encoders(args)
+    assert sorted(again["mae"]) == [2, 4, 6, 8]
+    assert (run_dir / "curve" / "step2" / "encoder" / "encoder.json").stat().st_mtime == mtime
+
+
+def B_args(argv: list[str]):
+    """The parsed arguments of ``argv`` (as main parses them)."""
+    import argparse
+
+    captured = {}
+    real = argparse.ArgumentParser.parse_args
+
+    def grab(self, args=None, namespace=None):
+        ns = real(self, args, namespace)
+        captured["ns"] = ns
+        raise SystemExit(0)
+
+    argparse.ArgumentParser.parse_args = grab
+    try:
+        with pytest.raises(SystemExit):
+            B.main(argv)
+    finally:
+        argparse.ArgumentParser.parse_args = real
+    return captured["ns"]
+
+
+def test_pretrain_recipe_choice(tmp_path, monkeypatch):
+    """No --steps: the <method>_cpu30 recipe when it exists (its own steps and sizes), else +experiment=<method>
+    for 300 steps with today's sizes; --steps N: +experiment=<method> for N steps, checkpoints every N // 4."""
+    conf = tmp_path / "ecgfm" / "conf" / "experiment"
+    conf.mkdir(parents=True)
+    (conf / "mae_cpu30.yaml").write_text("# @package _global_\n")
+    monkeypatch.setattr(B, "ROOT", tmp_path)
+    base = dict(steps=None, recipe="auto", embed_dim=None, depth=None, heads=None, batch_size=None)
+    ns = type("A", (), {})
+    a = ns()
+    a.__dict__.update(base)
+    name, over = B.pretrain_recipe(a, "mae")
+    assert name == "mae_cpu30" and over == []
+    name, over = B.pretrain_recipe(a, "simclr")   # no simclr_cpu30.yaml here
+    assert name == "simclr" and "trainer.max_steps=300" in over and "backbone.embed_dim=64" in over
+    a.steps = 40
+    name, over = B.pretrain_recipe(a, "mae")
+    assert name == "mae" and "trainer.max_steps=40" in over and "checkpoint.every_n_train_steps=10" in over
+    a.recipe, a.embed_dim = "cpu30", 32
+    name, over = B.pretrain_recipe(a, "mae")
+    assert name == "mae_cpu30" and "trainer.max_steps=40" in over and over[-1] == "backbone.embed_dim=32"
+    with pytest.raises(SystemExit):
+        B.pretrain_recipe(a, "clocs")

@@ -1,0 +1,57 @@
+"""The Python API passes absent leads as a lead mask to a lead-aware network (as frozen features and fine-tuning
+see them), and gives all-lead records the unmasked computation bit for bit."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from ecgfm.api import Classifier, Encoder
+from ecgfm.artifacts import EncoderClassifier
+from ecgfm.backbones import create_backbone
+from ecgfm.data.record import CANONICAL_LEADS
+
+
+def _models() -> tuple[Encoder, Classifier, nn.Module]:
+    torch.manual_seed(0)
+    backbone = create_backbone("vit1d_test").eval()          # seq_len 250, 12 leads
+    head = nn.Linear(backbone.num_features, 3)
+    meta = {"input": {"fs": 100.0, "leads": list(CANONICAL_LEADS), "window_samples": 250, "stride_samples": 250},
+            "classes": ["a", "b", "c"], "multilabel": False, "window_aggregate": "logit"}
+    return (Encoder(backbone, None, dict(meta), "cpu"), Classifier(EncoderClassifier(backbone, head), None, meta, "cpu"),
+            backbone)
+
+
+def test_one_lead_record_is_encoded_over_its_present_lead_only():
+    enc, clf, backbone = _models()
+    one = np.random.default_rng(0).normal(size=(1, 500)).astype(np.float32)     # lead II only, 2 windows
+    z = enc.embed(one, fs=100, leads=["II"])
+    x = torch.zeros(2, 12, 250)
+    x[:, 1] = torch.from_numpy(one[0].reshape(2, 250))
+    mask = torch.zeros(2, 12, dtype=torch.bool)
+    mask[:, 1] = True
+    with torch.no_grad():
+        want = backbone.embed(x, lead_mask=mask).double().mean(0).float().numpy()
+        padded = backbone.embed(x).double().mean(0).float().numpy()
+        logits = clf.network(x, mask).double().mean(0)
+    np.testing.assert_allclose(z, want, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(z, padded, atol=1e-4)                    # zero-padded leads would give another vector
+    p = clf.predict_proba(one, fs=100, leads=["II"]).to_numpy()[0]
+    np.testing.assert_allclose(p, torch.softmax(logits, -1).numpy(), rtol=1e-6, atol=1e-8)
+
+
+def test_all_lead_records_and_lead_unaware_artifacts_take_the_unmasked_path():
+    enc, clf, backbone = _models()
+    x = np.random.default_rng(1).normal(size=(12, 250)).astype(np.float32)
+    with torch.no_grad():
+        want = backbone.embed(torch.from_numpy(x)[None]).numpy()[0]
+    assert np.array_equal(enc.embed(x, fs=100), want)
+    enc.meta["lead_aware"] = False                                  # an artifact evaluated zero-padded
+    assert not enc.lead_aware
+    one = x[1:2]
+    x0 = np.zeros_like(x)
+    x0[1] = one[0]
+    with torch.no_grad():
+        padded = backbone.embed(torch.from_numpy(x0)[None]).numpy()[0]
+    np.testing.assert_allclose(enc.embed(one, fs=100, leads=["II"]), padded, rtol=1e-6, atol=1e-7)

@@ -1,0 +1,194 @@
+"""Report: one paired-comparison mechanism for every baseline (random-init twin, handcrafted probe, supervised
+CNN), seed-mean CIs from jointly resampled records, and the acceptance block computed from the cells."""
+
+from __future__ import annotations
+
+import json
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from ecgfm.evaluate import report as R
+from ecgfm.evaluate.metrics import evaluate_scores, paired_bootstrap_delta
+
+N = 160
+CLASSES = ["a", "b", "c"]
+
+
+def _labels(task: str, multilabel: bool) -> np.ndarray:
+    """The test labels of ``task`` (the same records for every seed and method)."""
+    rng = np.random.default_rng(zlib.crc32(task.encode()))
+    if multilabel:
+        y = (rng.random((N, 3)) < 0.4).astype(int)
+        y[:3] = np.eye(3, dtype=int)   # every class has positives
+        return y
+    return np.eye(3, dtype=int)[rng.integers(0, 3, N)]
+
+
+def _scores(y: np.ndarray, strength: float, noise_seed: int) -> np.ndarray:
+    return y * strength + np.random.default_rng(noise_seed).normal(size=y.shape)
+
+
+def _cell(res: Path, *, task: str, method: str, mode: str, seed: int, fraction: float, strength: float,
+          kind: str = "pretrained", backbone: str = "vit1d_tiny", arch: str = "vit-A", recipe: str = "r1",
+          ckpt: str | None = None, noise: int | None = None, scores: np.ndarray | None = None) -> dict:
+    multilabel = task == "ptbxl_super"
+    y = _labels(task, multilabel)
+    if noise is None:
+        noise = zlib.crc32(f"{method}|{mode}|{seed}|{fraction}".encode())
+    s = _scores(y, strength, noise) if scores is None else scores
+    target = y if multilabel else y.argmax(axis=1)
+    p = 1 / (1 + np.exp(-s))
+    cell = {"mode": mode, "task": task, "dataset": task, "method": method, "checkpoint": ckpt or f"runs/{method}",
+            "checkpoint_kind": kind, "backbone": backbone, "architecture": arch, "fraction": fraction, "seed": seed,
+            "n_train": 10, "multilabel": multilabel, "checkpoint_id": (ckpt or method).ljust(12, "0"),
+            "recipe_id": recipe,
+            "results": {"test": evaluate_scores(target, p, multilabel, CLASSES, n_boot=20)},
+            "val_macro_auroc": None,
+            "predictions": {"test": {"keys": [f"r{i}" for i in range(N)], "y": y.tolist(), "scores": p.tolist()}}}
+    if mode != "finetune":   # a probe's validation score (here: its test score), which picks "the best SSL probe"
+        cell["val_macro_auroc"] = cell["results"]["test"]["macro_auroc"]["value"]
+    path = res / "cells" / mode / task / (ckpt or method).replace("/", "_") / f"f{fraction:g}_s{seed}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(cell))
+    return cell
+
+
+def test_one_mechanism_for_every_baseline(tmp_path):
+    res = tmp_path / "results"
+    for seed in (0, 1):
+        kw = dict(task="cinc2017", seed=seed, fraction=1.0)
+        twin = _cell(res, method="random-init", mode="linear", strength=0.0, kind="random", ckpt="random:enc", **kw)
+        _cell(res, method="mae", mode="linear", strength=2.5, **kw)                       # clearly better
+        _cell(res, method="copy", mode="linear", strength=0.0, ckpt="copy", kind="pretrained",
+              scores=np.log(np.array(twin["predictions"]["test"]["scores"]) /
+                            (1 - np.array(twin["predictions"]["test"]["scores"]))), **kw)   # the twin's scores
+        _cell(res, method=R.HANDCRAFTED_METHOD, mode="linear", strength=0.3, kind="handcrafted",
+              backbone="handcrafted", arch=None, recipe="rh", ckpt="handcrafted", **kw)
+        _cell(res, method="mae", mode="finetune", strength=2.5, recipe="rf", **kw)
+        _cell(res, method="supervised", mode="finetune", strength=0.5, kind="supervised", backbone="resnet1d_tiny",
+              arch="cnn", recipe="rs", ckpt="supervised:resnet1d_tiny", **kw)
+        _cell(res, method="supervised", mode="finetune", strength=0.2, kind="supervised", backbone="vit1d_tiny",
+              recipe="rs", ckpt="supervised:enc", **kw)   # the ViT from scratch: a row, not the CNN baseline
+    cells = R.load_cells(res)
+
+    twin_seed, twin_mean = R.compare_with_baseline(cells, R.TWIN, n_boot=200)
+    assert set(twin_seed["label"]) == {"mae", "copy"}   # other architectures / recipes have no twin
+    good = twin_mean[twin_mean["label"] == "mae"].iloc[0]
+    assert good["delta"] > 0.2 and good["ci_low"] > 0 and good["excludes_zero"] == "+" and good["n_seeds"] == 2
+    same = twin_mean[twin_mean["label"] == "copy"].iloc[0]
+    assert abs(same["delta"]) < 1e-6 and same["ci_low"] <= 0 <= same["ci_high"] and same["excludes_zero"] == ""
+    assert (twin_seed[twin_seed["label"] == "mae"]["excludes_zero"] == "+").all()
+
+    hand_seed, hand_mean = R.compare_with_baseline(cells, R.HANDCRAFTED, n_boot=200)
+    ft = hand_mean[(hand_mean["label"] == "mae") & (hand_mean["mode"] == "finetune")].iloc[0]
+    assert ft["baseline_mode"] == "linear" and ft["ci_low"] > 0    # fine-tune rows against the handcrafted probe
+    assert R.HANDCRAFTED_METHOD not in set(hand_seed["method"])
+
+    cnn_seed, cnn_mean = R.compare_with_baseline(cells, R.SUPERVISED_CNN, n_boot=200)
+    cnn_label = {c["label"] for c in cells if c["backbone"] == "resnet1d_tiny"}
+    assert set(cnn_mean["baseline"]) == cnn_label and set(cnn_mean["baseline_mode"]) == {"finetune"}
+    assert {"linear", "finetune"} <= set(cnn_mean["mode"])             # probe and fine-tune rows both
+    vit = cnn_mean[cnn_mean["method"] == "supervised"]                 # the ViT from scratch is a compared row
+    assert len(vit) == 1 and vit["label"].iloc[0] not in cnn_label and vit["ci_high"].iloc[0] < 0
+    assert all(R.SUPERVISED_CNN.is_baseline(c) == (c["backbone"] == "resnet1d_tiny" and c["method"] == "supervised")
+               for c in cells)
+
+    # per-seed rows (from the joint resamples) equal each pair's own paired bootstrap
+    for c, b in R.matched_pairs(cells, R.TWIN):
+        own = R._paired_rows(c, b, 200, 0)[0]
+        row = twin_seed[(twin_seed["label"] == c["label"]) & (twin_seed["seed"] == c["seed"])].iloc[0]
+        assert (row["delta"], row["ci_low"], row["ci_high"]) == pytest.approx((own["delta"], own["ci_low"],
+                                                                                own["ci_high"]))
+
+    # the old entry points are the per-seed rows of the same mechanism
+    pd.testing.assert_frame_equal(R.paired_comparisons(cells, n_boot=200), twin_seed)
+    pd.testing.assert_frame_equal(R.baseline_comparisons(cells, n_boot=200), hand_seed)
+
+    out = R.build_report(res, plot=False, n_boot=100)
+    md = Path(out["markdown"]).read_text()
+    for spec in R.BASELINES:
+        assert spec.title in md
+    assert "yes (> 0)" in md and "CI excludes 0" in md
+    assert set(pd.read_csv(out["comparisons"])["reference"]) == {s.name for s in R.BASELINES}
+    assert set(pd.read_csv(res / "comparisons_mean.csv")["n_seeds"]) == {2}
+
+
+def test_seed_mean_with_one_seed_is_the_paired_bootstrap():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 80)
+    a, b = rng.random((80, 3)) + np.eye(3)[y], rng.random((80, 3))
+    one = R.seed_mean_paired_delta(y, [(a, b)], n_boot=300, seed=3)
+    ref = paired_bootstrap_delta(y, a, b, n_boot=300, seed=3)
+    for k in ("delta", "ci_low", "ci_high", "p_not_positive", "n"):
+        assert one[k] == pytest.approx(ref[k])
+    both, each = R.seed_mean_paired_delta(y, [(a, b), (b, b)], n_boot=300, seed=3, per_seed=True)
+    assert both["delta"] == pytest.approx(ref["delta"] / 2)
+    for k in ("delta", "ci_low", "ci_high", "p_not_positive"):   # each seed: its own paired bootstrap
+        assert each[0][k] == pytest.approx(ref[k])
+    assert each[1]["delta"] == each[1]["ci_low"] == each[1]["ci_high"] == 0.0
+
+
+def _acceptance_cells(res: Path, ssl_ptb_probe: float) -> None:
+    for task in ("cinc2017", "ptbxl_super"):
+        for frac in (0.1, 1.0):
+            for seed in (0, 1):
+                kw = dict(task=task, seed=seed, fraction=frac)
+                ssl = ssl_ptb_probe if task == "ptbxl_super" else 4.0
+                _cell(res, method="mae", mode="linear", strength=ssl, ckpt="mae", **kw)
+                _cell(res, method="simclr", mode="linear", strength=ssl, ckpt="simclr", **kw)
+                _cell(res, method="random-init", mode="linear", strength=0.0, kind="random", ckpt="random:mae", **kw)
+                _cell(res, method=R.HANDCRAFTED_METHOD, mode="linear", strength=0.8, kind="handcrafted",
+                      backbone="handcrafted", arch=None, recipe="rh", ckpt="handcrafted", **kw)
+                _cell(res, method="mae", mode="finetune", strength=4.0, recipe="rf", ckpt="mae", **kw)
+                _cell(res, method="supervised", mode="finetune", strength=1.0, kind="supervised",
+                      backbone="resnet1d_tiny", arch="cnn", recipe="rs", ckpt="supervised:resnet1d_tiny", **kw)
+
+
+def test_acceptance_block_met(tmp_path):
+    res = tmp_path / "results"
+    _acceptance_cells(res, ssl_ptb_probe=4.0)
+    out = R.build_report(res, plot=False, n_boot=100)
+    assert [r["status"] for r in out["acceptance"]] == ["MET"] * 4
+    md = Path(out["markdown"]).read_text()
+    assert md.index("## Acceptance") < md.index("## macro_auroc")
+    assert md.count("**MET**") == 4 and "test 0.9" in md
+
+
+def test_acceptance_block_missed_with_numbers(tmp_path):
+    res = tmp_path / "results"
+    _acceptance_cells(res, ssl_ptb_probe=0.0)   # PTB-XL probes no better than the twin (~0.5 macro AUROC)
+    acc = R.build_report(res, plot=False, n_boot=100)["acceptance"]
+    status = [r["status"] for r in acc]
+    assert status[0] == "MET" and status[2] == "MISSED" and status[3] == "MET"
+    assert status[1] == "MISSED" and "cinc2017 100 %: ok" in acc[1]["evidence"]
+    assert any(part.startswith("ptbxl_super") and ": no (" in part for part in acc[1]["evidence"].split(" <br> "))
+    best = acc[2]["evidence"]
+    assert best.startswith("best on validation: ") and "(linear probe)" in best
+    assert float(best.split(" test ")[1].split()[0]) < 0.85
+
+
+def test_acceptance_without_cells_is_missed():
+    acc = R.acceptance([], R.summarize(pd.DataFrame(columns=R.TIDY_COLUMNS)), {})
+    assert [r["status"] for r in acc] == ["MISSED"] * 4
+    assert all("not measured" in r["evidence"] for r in acc)
+
+
+def test_best_probe_is_chosen_on_validation_not_test(tmp_path):
+    """Criterion 1 reads on test the probe that is best on *validation*, even when another one is better on test."""
+    res = tmp_path / "results"
+    for seed in (0, 1):
+        kw = dict(task="cinc2017", seed=seed, fraction=1.0)
+        _cell(res, method=R.HANDCRAFTED_METHOD, mode="linear", strength=0.8, kind="handcrafted",
+              backbone="handcrafted", arch=None, recipe="rh", ckpt="handcrafted", **kw)
+        a = _cell(res, method="mae", mode="linear", strength=4.0, ckpt="mae", **kw)            # best on test
+        b = _cell(res, method="simclr", mode="attention", strength=2.0, ckpt="simclr", **kw)
+        for cell, val in ((a, 0.70), (b, 0.90)):                                              # b best on validation
+            cell["val_macro_auroc"] = val
+            path = res / "cells" / cell["mode"] / "cinc2017" / cell["checkpoint"] / f"f1_s{seed}.json"
+            path.write_text(json.dumps(cell))
+    acc = R.build_report(res, plot=False, n_boot=50)["acceptance"]
+    assert "simclr (attention probe)" in acc[0]["evidence"] and "validation 0.900" in acc[0]["evidence"]
