@@ -485,8 +485,8 @@ def main(argv: list[str] | None = None) -> None:
             run([PY, "finetune.py", "-m", f"checkpoint=supervised:{args.xresnet}", f"task={tasks}",
                  *([f"window_seconds={win:g}"] if win else []), *cnn], env)
     if "report" in args.stages:
+        curve_report(args)      # first: the report copies the learning-curve table into docs/BENCHMARK.md
         report(args)
-        curve_report(args)
     log(f"total {time.perf_counter() - t0:.0f} s")
 
 

@@ -133,7 +133,10 @@ class ECGRecord:
         meta: JSON-serialisable facts used by tasks and splits (``strat_fold``, ``age``, ``sex``,
             ``scp_codes`` with likelihoods, ...).
         header: JSON-serialisable original header facts: ``units``, ``gain``, ``fmt``, ``lead_names``
-            (as published), ``dropped_leads``, ``path``, ``fs_original``...
+            (as published), ``dropped_leads``, ``path``, ``fs_original``... Provenance marker:
+            ``derived_leads``, the canonical names of present leads that were computed from other leads rather
+            than recorded (e.g. ``["III", "aVR", "aVL", "aVF"]`` from I and II for generated ECGs); absent or
+            empty when every present lead was recorded. Kept by the cache (``index.jsonl``).
         evidence: optional ``(12, samples)`` bool ground-truth mask of the class-defining feature
             (synthetic corpus).
         annotations: optional dict of annotation arrays (``{"sample": (n,), "symbol": (n,)}`` for beats,
@@ -164,6 +167,11 @@ class ECGRecord:
     @property
     def present_leads(self) -> tuple[str, ...]:
         return tuple(name for name, m in zip(CANONICAL_LEADS, self.lead_mask) if m)
+
+    @property
+    def derived_leads(self) -> tuple[str, ...]:
+        """Present leads computed from other leads rather than recorded (``header["derived_leads"]``)."""
+        return tuple(str(v) for v in self.header.get("derived_leads", ()) or ())
 
     @property
     def key(self) -> str:

@@ -6,6 +6,9 @@ One-record readers (:func:`read_wfdb`, :func:`read_challenge`, :func:`read_cpsc2
 :class:`~ecgfm.data.record.ECGRecord` (``(12, T)`` float32 mV in canonical lead order) and raises
 :class:`~ecgfm.data.record.ECGDataError` naming the file and the problem for bad input.
 
+One generated corpus is registered beside them: :class:`~ecgfm.data.readers.deepfake.DeepfakeSource`
+(``"deepfake"``, the deepfake-ecg package's Pulse2Pulse GAN; optional dependency, imported on first use).
+
 ``get_source(name, **kwargs)`` builds a source by name (used by the Hydra data configs)::
 
     src = get_source("ptbxl", root="../shared/data/ptbxl", fs=100)
@@ -17,6 +20,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from ecgfm.data.readers.deepfake import DeepfakeSource
 from ecgfm.data.readers.folder import FolderSource, WFDBFolderSource
 from ecgfm.data.readers.formats import (
     FS_RANGE,
@@ -69,6 +73,7 @@ SOURCES: dict[str, Any] = {
     "folder": FolderSource,
     "wfdb": WFDBFolderSource,
     "synthetic": "ecgfm.data.synthetic:SyntheticSource",
+    "deepfake": DeepfakeSource,
 }
 
 
@@ -100,6 +105,7 @@ __all__ = [
     "CPSC2021Source",
     "Challenge2021Source",
     "CinC2017Source",
+    "DeepfakeSource",
     "FolderSource",
     "LabelTable",
     "MITBIHSource",
