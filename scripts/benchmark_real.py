@@ -498,12 +498,13 @@ def pretrain_times_markdown(args: argparse.Namespace) -> str:
         if info:
             rows.append(f"| {method} | +experiment={info.get('experiment')} | {info.get('steps')} | "
                         f"{info.get('wall_s')} | {info.get('fit_time_s') and round(float(info['fit_time_s']), 1)} | "
-                        f"{info.get('threads')} | {info.get('finished_utc')} |")
+                        f"{info.get('cpu_s', '-')} | {info.get('threads')} | {info.get('finished_utc')} | "
+                        f"{info.get('note', '')} |")
     if not rows:
         return ""
     return "\n".join(["## Pretraining wall time", "",
-                      "| method | recipe | steps | wall time (s, whole train.py) | fit time (s) | threads | finished "
-                      "(UTC) |", "|---|---|---|---|---|---|---|", *rows, ""])
+                      "| method | recipe | steps | wall time (s, whole train.py) | fit time (s) | CPU time (s, user + sys) "
+                      "| threads | finished (UTC) | note |", "|---|---|---|---|---|---|---|---|---|", *rows, ""])
 
 
 RESULTS_START, RESULTS_END = "<!-- RESULTS START -->", "<!-- RESULTS END -->"

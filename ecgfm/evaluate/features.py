@@ -625,27 +625,39 @@ def cached_tokens(backbone: nn.Module, cache: Any, window: int, stride: int, fea
     :func:`feature_key` (``kind="tokens"``: never an embedding file's key). Extracted once per (encoder, corpus,
     window, stride, lead handling); a damaged file is recomputed with a log line; ``nonfinite`` as
     :func:`cached_features`. Arguments as :func:`cached_features`."""
+    return _through_cache(
+        backbone, cache, window, stride, feature_dir, encoder_fp, lead_aware, nonfinite, kind="tokens",
+        load=_load_tokens, save=_save_tokens, what="token", items="tokens", stat="token_cache_hits",
+        compute=lambda: extract_tokens(backbone, cache, window, stride, batch_size=batch_size, device=device,
+                                       nonfinite=nonfinite, lead_aware=lead_aware))
+
+
+def _through_cache(backbone: nn.Module, cache: Any, window: int, stride: int, feature_dir: str | os.PathLike,
+                   encoder_fp: str | None, lead_aware: bool, nonfinite: str, *, kind: str | None, load: Any,
+                   save: Any, compute: Any, what: str, items: str, stat: str) -> Any:
+    """The on-disk cache shared by :func:`cached_features` and :func:`cached_tokens`: the key of
+    :func:`feature_key`, a valid file reused (its records skipped for non-finite values refused under
+    ``nonfinite="error"``), a damaged one recomputed with a log line, a new one computed and written atomically."""
     encoder_fp = encoder_fp or encoder_fingerprint(backbone)
-    check_window(backbone, int(window))
+    check_window(backbone, int(window))  # before a cached file is trusted: an encoder that cannot take the window
     key = feature_key(encoder_fp, cache_fingerprint(cache), window, stride,
-                      uses_lead_masks(backbone, cache, lead_aware), kind="tokens")
+                      uses_lead_masks(backbone, cache, lead_aware), **({"kind": kind} if kind else {}))
     path = Path(feature_dir) / f"{key}.npz"
     if path.exists():
         try:
-            ts = _load_tokens(path, key, len(cache), int(window), int(stride))
+            out = load(path, key, len(cache), int(window), int(stride))
         except ValueError as exc:
-            log.warning("token cache %s: %s; recomputing it", path, exc)
+            log.warning("%s cache %s: %s; recomputing it", what, path, exc)
         else:
-            if len(ts.skipped) and nonfinite == "error":
-                raise _nonfinite_error(cache, ts.skipped, "the input or tokens (token cache written with "
-                                                          "nonfinite='skip')")
-            STATS["token_cache_hits"] += 1
-            return ts
-    ts = extract_tokens(backbone, cache, window, stride, batch_size=batch_size, device=device, nonfinite=nonfinite,
-                        lead_aware=lead_aware)
-    ts.key = key
-    _save_tokens(path, ts, int(window), int(stride))
-    return ts
+            if len(out.skipped) and nonfinite == "error":
+                raise _nonfinite_error(cache, out.skipped, f"the input or {items} ({what} cache written with "
+                                                           f"nonfinite='skip')")
+            STATS[stat] += 1
+            return out
+    out = compute()
+    out.key = key
+    save(path, out, int(window), int(stride))
+    return out
 
 
 def _describe(cache: Any, rows: Sequence[int]) -> str:
@@ -707,24 +719,8 @@ def cached_features(backbone: nn.Module, cache: Any, window: int, stride: int, f
         nonfinite: ``"error"`` or ``"skip"``, see :func:`extract_features`.
         lead_aware: see :func:`extract_features`; part of the key when it changes the features.
     """
-    encoder_fp = encoder_fp or encoder_fingerprint(backbone)
-    check_window(backbone, int(window))  # before a cached file is trusted: an encoder that cannot take the window
-    key = feature_key(encoder_fp, cache_fingerprint(cache), window, stride,
-                      uses_lead_masks(backbone, cache, lead_aware))
-    path = Path(feature_dir) / f"{key}.npz"
-    if path.exists():
-        try:
-            fs = _load_features(path, key, len(cache), int(window), int(stride))
-        except ValueError as exc:
-            log.warning("feature cache %s: %s; recomputing it", path, exc)
-        else:
-            if len(fs.skipped) and nonfinite == "error":
-                raise _nonfinite_error(cache, fs.skipped, "the input or embeddings (feature cache written with "
-                                                          "nonfinite='skip')")
-            STATS["cache_hits"] += 1
-            return fs
-    fs = extract_features(backbone, cache, window, stride, batch_size=batch_size, device=device,
-                          nonfinite=nonfinite, lead_aware=lead_aware)
-    fs.key = key
-    _save_features(path, fs, int(window), int(stride))
-    return fs
+    return _through_cache(
+        backbone, cache, window, stride, feature_dir, encoder_fp, lead_aware, nonfinite, kind=None,
+        load=_load_features, save=_save_features, what="feature", items="embeddings", stat="cache_hits",
+        compute=lambda: extract_features(backbone, cache, window, stride, batch_size=batch_size, device=device,
+                                         nonfinite=nonfinite, lead_aware=lead_aware))
