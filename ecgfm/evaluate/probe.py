@@ -119,6 +119,38 @@ __all__ = ["LinearProbe", "MLPProbe", "AttentionProbe", "ProbeData", "run_probe_
            "AGGREGATIONS", "MODES"]
 
 
+class _BestOnValidation:
+    """Early stopping on validation macro AUROC for the trained probes: keeps a copy of the best weights, says
+    when ``patience`` evaluations in a row did not beat it, and puts the best weights back.
+
+    Args:
+        net: the module being trained.
+        patience: evaluations without a new best before stopping.
+    """
+
+    def __init__(self, net: torch.nn.Module, patience: int) -> None:
+        self.net, self.patience = net, int(patience)
+        self.best, self.best_epoch, self.bad = -np.inf, 0, 0
+        self.state: dict[str, torch.Tensor] | None = None
+
+    def update(self, auc: float, epoch: int) -> bool:
+        """Record one validation score (NaN counts as no score); True when training should stop."""
+        auc = -np.inf if not np.isfinite(auc) else float(auc)
+        if auc > self.best:
+            self.best, self.best_epoch, self.bad = auc, epoch, 0
+            self.state = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
+            return False
+        self.bad += 1
+        return self.bad >= self.patience
+
+    def restore(self) -> bool:
+        """Load the best weights back; False when no validation score was ever recorded."""
+        if self.state is None:
+            return False
+        self.net.load_state_dict(self.state)
+        return True
+
+
 class MLPProbe:
     """:class:`ecgfm.heads.MLPHead` on standardised features, full-batch AdamW, early stopping on validation.
 
@@ -182,7 +214,7 @@ class MLPProbe:
             yt = torch.from_numpy(labels.argmax(axis=1).astype(np.int64))
             loss_fn = torch.nn.CrossEntropyLoss()
         opt = torch.optim.AdamW(self.net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        best_state, best, bad = None, -np.inf, 0
+        stop = _BestOnValidation(self.net, self.patience)
         for epoch in range(1, self.epochs + 1):
             self.net.train()
             opt.zero_grad()
@@ -190,18 +222,10 @@ class MLPProbe:
             loss.backward()
             opt.step()
             if x_val is not None and labels_val is not None and epoch % self.eval_every == 0:
-                auc = macro_auroc(labels_val, self._probs(x_val))
-                auc = -np.inf if not np.isfinite(auc) else auc
-                if auc > best:
-                    best, bad = auc, 0
-                    best_state = {k: v.clone() for k, v in self.net.state_dict().items()}
-                else:
-                    bad += 1
-                    if bad >= self.patience:
-                        break
-        if best_state is not None:
-            self.net.load_state_dict(best_state)
-            self.best_val = float(best)
+                if stop.update(macro_auroc(labels_val, self._probs(x_val)), epoch):
+                    break
+        if stop.restore():
+            self.best_val = stop.best
         return self
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
@@ -294,7 +318,7 @@ class AttentionProbe:
             y = torch.from_numpy(labels.argmax(axis=1).astype(np.int64))
             loss_fn = torch.nn.CrossEntropyLoss()
         opt = torch.optim.AdamW(self.net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        best_state, best, bad = None, -np.inf, 0
+        stop = _BestOnValidation(self.net, self.patience)
         t0 = time.perf_counter()
         epoch = 0
         for epoch in range(1, self.epochs + 1):
@@ -305,20 +329,10 @@ class AttentionProbe:
                 loss = loss_fn(self.net(x, pad), y[idx].to(self.device))
                 loss.backward()
                 opt.step()
-            if val is None:
-                continue
-            auc = macro_auroc(labels_val, self._probs_of(val))
-            auc = -np.inf if not np.isfinite(auc) else auc
-            if auc > best:
-                best, bad, self.best_epoch = auc, 0, epoch
-                best_state = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
-            else:
-                bad += 1
-                if bad >= self.patience:
-                    break
-        if best_state is not None:
-            self.net.load_state_dict(best_state)
-            self.best_val = float(best)
+            if val is not None and stop.update(macro_auroc(labels_val, self._probs_of(val)), epoch):
+                break
+        if stop.restore():
+            self.best_val, self.best_epoch = stop.best, stop.best_epoch
         log.info("attention probe lr %g, weight decay %g: %d epoch(s) in %.1f s, best validation macro AUROC %.4f "
                  "(epoch %d)", self.lr, self.weight_decay, epoch, time.perf_counter() - t0, self.best_val,
                  self.best_epoch)
