@@ -134,6 +134,8 @@ MIN_DURATION = 2.5  # seconds: shorter records could miss a PVC or show a single
 
 # Canonical lead indices.
 _L = {name: i for i, name in enumerate(CANONICAL_LEADS)}
+#: leads computed from I and II (Einthoven / Goldberger), marked in every record's ``header["derived_leads"]``
+DERIVED_LIMB_LEADS: tuple[str, ...] = ("III", "aVR", "aVL", "aVF")
 # The 8 independent leads (I, II, V1-V6): rows of the projection, where the noise is added.
 _INDEP = np.array([_L["I"], _L["II"], _L["V1"], _L["V2"], _L["V3"], _L["V4"], _L["V5"], _L["V6"]])
 
@@ -887,7 +889,8 @@ def _make_record(batch: tuple, k: int, index: int, seed: int, fs: float, noise: 
     if c == _TWI:
         meta["t_amplitude_mv"] = {CANONICAL_LEADS[i]: round(float(v), 4) for i, v in enumerate(info["t_lead"][k])}
     header = {"units": "mV", "lead_names": list(CANONICAL_LEADS), "fs_original": fs,
-              "generator": "ecgfm.data.synthetic", "path": f"synthetic/syn{index:06d}"}
+              "generator": "ecgfm.data.synthetic", "path": f"synthetic/syn{index:06d}",
+              "derived_leads": list(DERIVED_LIMB_LEADS)}
     return ECGRecord(
         signal=X[k].copy(), fs=fs, lead_mask=np.ones(N_LEADS, dtype=bool), record_id=f"syn{index:06d}",
         source="synthetic", patient_id=f"synp{index // _RECORDS_PER_PATIENT:06d}",
@@ -941,8 +944,9 @@ class SyntheticSource:
 
     def __repr__(self) -> str:
         leads = f", leads={self.leads}" if self.leads is not None else ""
+        # "derived=...": records carry header["derived_leads"] (a cache written before they did has another key)
         return (f"SyntheticSource(n_records={self.n_records}, seed={self.seed}, fs={self.fs}, "
-                f"duration={self.duration}{leads})")
+                f"duration={self.duration}{leads}, derived={','.join(DERIVED_LIMB_LEADS)})")
 
     def __len__(self) -> int:
         return self.n_records
@@ -967,8 +971,9 @@ class SyntheticSource:
                               self.noise)
         if self.leads is not None:
             mask = np.isin(np.asarray(CANONICAL_LEADS), self.leads)
+            header = dict(record.header, derived_leads=[v for v in DERIVED_LIMB_LEADS if v in self.leads])
             record = record.replace(signal=(record.signal * mask[:, None]).astype(record.signal.dtype),
-                                    lead_mask=mask)
+                                    lead_mask=mask, header=header)
         return record.replace(record_id=rid)
 
 

@@ -274,6 +274,9 @@ class BaselineSpec:
             is paired with the baseline cells of the same mode.
         same_architecture: also require the same architecture (backbone name and arguments) and recipe: the
             random-init twin of exactly this network.
+        checkpoints: when set, a baseline cell's ``checkpoint`` (the value the sweep was given) must be one of
+            these: one encoder as the reference of others of the same method (e.g. the real-data-only MAE of the
+            pool-size study against the MAEs pretrained with generated records).
     """
 
     name: str
@@ -282,10 +285,13 @@ class BaselineSpec:
     backbone_families: tuple[str, ...] | None = None
     mode_map: tuple[tuple[str, str], ...] = ()
     same_architecture: bool = False
+    checkpoints: tuple[str, ...] | None = None
 
     def is_baseline(self, cell: dict[str, Any]) -> bool:
         """Whether ``cell`` is a row of this baseline."""
         if cell.get("method") not in self.methods:
+            return False
+        if self.checkpoints is not None and str(cell.get("checkpoint")) not in self.checkpoints:
             return False
         if self.backbone_families is None:
             return True

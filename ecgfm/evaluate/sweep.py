@@ -763,6 +763,10 @@ def finetune_main(cfg: DictConfig) -> dict[str, Any]:
         for frac in fracs:
             enc = resolve_checkpoint(checkpoint, window, int(cfg.init_seed) + int(seed),
                                      _container(cfg.get("backbone_args")) or {}, _spec_override(cfg))
+            try:  # a ViT-1D pretrained on shorter crops is rebuilt (same weights) for longer windows, as the probes do
+                backbone = fit_window(enc.backbone, window)
+            except ValueError as exc:
+                raise EvaluationError(f"checkpoint {checkpoint!r}: {exc}") from None
             if leakage is None:
                 leakage = leakage_check(enc, task, ext, bool(cfg.allow_leakage), _container(cfg.pretrain_caches) or [])
             common = _cell_common(ctx, enc, task, ext, window, stride, leakage)
@@ -771,7 +775,7 @@ def finetune_main(cfg: DictConfig) -> dict[str, Any]:
             if ext is not None:
                 external = {f"external:{ext.dataset}": (ext.cache_dir, ext.labels, ext.splits["test"])}
             log.info("fine-tuning %s on %s: fraction %g, seed %d", checkpoint, task.name, frac, seed)
-            out = run_finetune(enc.backbone, task.cache_dir, task.labels, splits, task.multilabel, window, stride,
+            out = run_finetune(backbone, task.cache_dir, task.labels, splits, task.multilabel, window, stride,
                                typed_recipe, seed=seed, accelerator=str(cfg.accelerator), external=external,
                                feature_dir=str(checked.features.dir), predict_val=task.multilabel,
                                lead_aware=bool(checked.features.lead_aware))

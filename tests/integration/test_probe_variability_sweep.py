@@ -115,3 +115,32 @@ def test_long_window_classifier_artifact_embeds_its_windows(work):
     keys = pred["keys"][:8]
     got = np.concatenate([clf.predict_proba(source.load(k.split("/", 1)[1])).to_numpy() for k in keys])
     np.testing.assert_allclose(got, np.asarray(pred["scores"][:8]), rtol=0, atol=1e-4)
+
+
+def test_finetune_rebuilds_a_vit_for_windows_longer_than_its_seq_len(work):
+    """finetune.py with window_seconds beyond the encoder's seq_len: the ViT-1D is rebuilt (same weights) as in the
+    probes, the cell's windows are the long ones and its classifier artifact reproduces the test scores; an encoder
+    with learned positions is refused by name."""
+    import numpy as np
+
+    import ecgfm
+    from ecgfm.data.synthetic import SyntheticSource
+    from ecgfm.evaluate.sweep import finetune_main
+
+    base = [f"paths.cache_root={work / 'cache'}", f"results_dir={work / 'results'}", "prepare_workers=0",
+            "task=synthetic", "task.params.n_records=120", "bootstrap.n=20", "plot=false", "torch_threads=1",
+            "checkpoint=random:vit1d_test", "+backbone_args.seq_len=100", "+backbone_args.patch_size=25",
+            "window_seconds=2", "stride_seconds=2", "fraction=1.0", "seed=0", "finetune.epochs=1",
+            "finetune.batch_size=32", "finetune.patience=1"]
+    with initialize_config_dir(str(ROOT / "ecgfm" / "conf"), version_base="1.3"):
+        cfg = compose("finetune", overrides=base)
+        refused = compose("finetune", overrides=base + ["checkpoint=random:stmem_vit", "window_seconds=3"])
+    cell = _cell(finetune_main(cfg))
+    assert cell["window_samples"] == 200
+    clf = ecgfm.Classifier.load(cell["classifier"])
+    source = SyntheticSource(n_records=120, seed=1, fs=500.0, duration=10.0)
+    pred = cell["predictions"]["test"]
+    got = np.concatenate([clf.predict_proba(source.load(k.split("/", 1)[1])).to_numpy() for k in pred["keys"][:8]])
+    np.testing.assert_allclose(got, np.asarray(pred["scores"][:8]), rtol=0, atol=1e-5)
+    with pytest.raises(EvaluationError, match=r"seq_len=100 .*300 samples"):
+        finetune_main(refused)

@@ -246,3 +246,26 @@ def test_prepare_and_train_a_few_steps_on_generated_records(tmp_path):
     assert manifest["counts"]["converted"] == 8
     assert manifest["sources"][0]["derived_leads"] == "III,aVR,aVL,aVF"
     assert manifest["spec"]["fs"] == cfg.preprocess.fs      # the same preprocessing as the real records
+
+
+def test_prepare_script_preset_builds_the_same_records(tmp_path, source):
+    """conf/prepare.yaml's deepfake preset (scripts/prepare.py sources=[deepfake]) gives the records of
+    DeepfakeSource(n, seed): what data=deepfake caches."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from ecgfm.data.cache import prepare_from_config, project_root
+
+    with initialize_config_dir(str(project_root() / "ecgfm" / "conf"), version_base="1.3"):
+        cfg = compose("prepare", overrides=["sources=[deepfake]", "deepfake.n=6", "deepfake.seed=1",
+                                            f"out={tmp_path / 'df'}", "workers=0", "progress=false",
+                                            "spec.fs=100"])
+    assert cfg.deepfake.torch_threads == 1 and cfg.deepfake.device == "cpu"
+    rep = prepare_from_config(OmegaConf.to_container(cfg, resolve=True))
+    assert rep.n_converted == 6
+    cache = CorpusCache(tmp_path / "df")
+    assert cache.record(0).derived_leads == ("III", "aVR", "aVL", "aVF")
+    prepare_corpus(source, tmp_path / "direct", dict(OmegaConf.to_container(cfg.spec)), workers=0, progress=False)
+    direct = CorpusCache(tmp_path / "direct")
+    for i in range(6):
+        np.testing.assert_array_equal(cache.record(i).signal, direct.record(i).signal)

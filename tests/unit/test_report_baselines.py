@@ -192,3 +192,26 @@ def test_best_probe_is_chosen_on_validation_not_test(tmp_path):
             path.write_text(json.dumps(cell))
     acc = R.build_report(res, plot=False, n_boot=50)["acceptance"]
     assert "simclr (attention probe)" in acc[0]["evidence"] and "validation 0.900" in acc[0]["evidence"]
+
+
+def test_one_checkpoint_as_the_reference_of_others_of_its_method(tmp_path):
+    """BaselineSpec(checkpoints=...): the real-data-only MAE is the baseline of the MAEs pretrained with generated
+    records (the pool-size study); the other MAEs are rows, the reference itself is not."""
+    res = tmp_path / "results"
+    for seed in (0, 1):
+        kw = dict(task="cinc2017", seed=seed, fraction=1.0, method="mae", mode="linear")
+        _cell(res, strength=1.0, ckpt="real/encoder", **kw)
+        _cell(res, strength=3.0, ckpt="df100k/encoder", **kw)
+        _cell(res, strength=1.0, ckpt="df20k/encoder", noise=seed, **kw)
+        _cell(res, method="mae", mode="linear", strength=1.0, ckpt="real/encoder", task="cinc2017", seed=seed,
+              fraction=0.1)
+    cells = R.load_cells(res)
+    spec = R.BaselineSpec("real-only pool", "Paired comparison with the real-only pool", ("mae",),
+                          same_architecture=True, checkpoints=("real/encoder",))
+    assert [spec.is_baseline(c) for c in cells] == [c["checkpoint"] == "real/encoder" for c in cells]
+    per_seed, mean = R.compare_with_baseline(cells, spec, n_boot=200)
+    labels = {c["checkpoint"]: c["label"] for c in cells}
+    assert set(mean["label"]) == {labels["df100k/encoder"], labels["df20k/encoder"]}
+    assert set(mean["baseline"]) == {labels["real/encoder"]} and set(mean["fraction"]) == {1.0}
+    big = mean[mean["label"] == labels["df100k/encoder"]].iloc[0]
+    assert big["ci_low"] > 0 and big["n_seeds"] == 2 and len(per_seed) == 4

@@ -470,3 +470,15 @@ def test_synthetic_source_lead_subset():
     assert "leads" not in repr(full) and "leads=['I']" in repr(one)
     with pytest.raises(ValueError, match="leads"):
         SyntheticSource(4, leads=["X9"])
+
+
+def test_derived_limb_leads_are_marked():
+    """III, aVR, aVL and aVF are computed from I and II: every record says so (``derived_leads``), a lead subset
+    marks only the derived leads it keeps, and the cache key (repr) names the marking."""
+    from ecgfm.data.synthetic import SyntheticSource
+
+    full, some = SyntheticSource(4, seed=3), SyntheticSource(4, seed=3, leads=["I", "II", "aVF"])
+    assert full.load("syn000001").derived_leads == ("III", "aVR", "aVL", "aVF")
+    assert some.load("syn000001").derived_leads == ("aVF",)
+    assert SyntheticSource(4, seed=3, leads=["I"]).load("syn000000").derived_leads == ()
+    assert "derived=III,aVR,aVL,aVF" in repr(full)
