@@ -1,5 +1,6 @@
-"""scripts/pool_size_study.py: the report of the pool-size study (rows per pool, paired differences against the
-real-only encoder and the random-init twin, CSV and plot) from probe cells, without pretraining."""
+"""scripts/pool_size_study.py and scripts/crop_ablation.py: their reports from probe cells, without pretraining
+(pool-size rows with paired differences against the real-only encoder and the random-init twin, CSV and plot; the
+crop x window grid with paired differences against the recipe's 10 s / 10 s)."""
 
 from __future__ import annotations
 
@@ -16,24 +17,25 @@ ROOT = Path(__file__).resolve().parents[2]
 N = 150
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("pool_size_study", ROOT / "scripts" / "pool_size_study.py")
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
-    sys.modules["pool_size_study"] = mod
+    sys.modules[name] = mod
     spec.loader.exec_module(mod)
     return mod
 
 
-S = _script()
+S = _script("pool_size_study")
+A = _script("crop_ablation")
 
 
-def _cell(res: Path, ckpt: str, method: str, strength: float, seed: int) -> None:
+def _cell(res: Path, ckpt: str, method: str, strength: float, seed: int, arch: str = "A") -> None:
     rng = np.random.default_rng(0)
     y = np.eye(3, dtype=int)[rng.integers(0, 3, N)]
     s = y * strength + np.random.default_rng(seed * 7 + int(strength * 10)).normal(size=y.shape)
     p = np.exp(s) / np.exp(s).sum(axis=1, keepdims=True)
     cell = {"mode": "linear", "task": "cinc2017", "dataset": "cinc2017", "method": method, "checkpoint": ckpt,
-            "backbone": "vit1d_tiny", "architecture": "A", "recipe_id": "r", "checkpoint_id": ckpt[-12:].ljust(12),
+            "backbone": "vit1d_tiny", "architecture": arch, "recipe_id": "r", "checkpoint_id": ckpt[-12:].ljust(12),
             "fraction": 1.0, "seed": seed, "multilabel": False, "val_macro_auroc": 0.5 + strength / 10,
             "results": {"test": evaluate_scores(y.argmax(1), p, False, ["a", "b", "c"], n_boot=20)},
             "predictions": {"test": {"keys": [f"r{i}" for i in range(N)], "y": y.tolist(), "scores": p.tolist()}}}
@@ -63,3 +65,21 @@ def test_report_rows_deltas_and_plot(tmp_path):
     assert (tmp_path / "docs" / "pool_size.png").stat().st_size > 0
     csv = (tmp_path / "docs" / "pool_size.csv").read_text().splitlines()
     assert csv[0].startswith("pool,task,fraction,seed") and len(csv) == 1 + 8
+
+
+def test_crop_ablation_report_pairs_every_cell_with_the_recipe(tmp_path):
+    out = tmp_path / "abl"
+    ns = type("A", (), dict(out=str(out), docs=str(tmp_path / "docs"), bootstrap=200, encoder_2p5s=None,
+                            encoder_10s=None))()
+    enc = A.encoders(ns)
+    strength = {("10", "10"): 2.0, ("10", "2.5"): 2.0, ("2.5", "10"): 0.8, ("2.5", "2.5"): 1.0}
+    for (crop, window), st in strength.items():
+        for seed in (0, 1):   # the 2.5 s encoder is another architecture (seq_len): still paired with the recipe
+            _cell(out / f"results_w{window}", enc[crop], "mae", st, seed, arch=f"seq{crop}")
+    md = A.report(ns)
+    rows = {line.split(" | ")[2]: line for line in md.splitlines() if line.startswith("| cinc2017")}
+    assert set(rows) == {f"crop {c} s / window {w} s" for c, w in strength}
+    assert rows[A.RECIPE].endswith("| reference |")
+    low = rows["crop 2.5 s / window 10 s"].split(" | ")[5]
+    assert low.startswith("-") and float(low.split(", ")[1].rstrip("] |")) < 0      # CI below 0
+    assert (tmp_path / "docs" / "crop_ablation.md").read_text() == md
