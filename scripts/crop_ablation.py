@@ -15,13 +15,15 @@ holds the step budget fixed, not the compute.
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from pool_size_study import run_stages  # noqa: E402  (scripts/, beside this file)
 
 PY = sys.executable
 STAGES = ["pretrain", "probe", "report"]
@@ -117,15 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-time", default="00:02:00:00")
     ap.add_argument("--stages", nargs="+", default=STAGES, choices=STAGES)
-    args = ap.parse_args(argv)
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
-               MPLBACKEND="Agg", WANDB_MODE="offline", HYDRA_FULL_ERROR="1")
-    if "pretrain" in args.stages:
-        stage_pretrain(args, env)
-    if "probe" in args.stages:
-        stage_probe(args, env)
-    if "report" in args.stages:
-        report(args)
+    run_stages(ap.parse_args(argv), stage_pretrain, stage_probe, report)
 
 
 if __name__ == "__main__":

@@ -238,15 +238,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--stages", nargs="+", default=STAGES, choices=STAGES)
     ap.add_argument("--train-overrides", nargs="*", default=[])
     ap.add_argument("--eval-overrides", nargs="*", default=[])
-    args = ap.parse_args(argv)
+    run_stages(ap.parse_args(argv), stage_pretrain, stage_probe, report)
+
+
+def run_stages(args: argparse.Namespace, pretrain: Any, probe: Any, make_report: Any) -> None:
+    """Run the study's stages named in ``args.stages`` in order (pretrain, probe, report); the child processes get
+    ``args.threads`` BLAS threads, offline wandb and a headless matplotlib (shared with scripts/crop_ablation.py)."""
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
                MPLBACKEND="Agg", WANDB_MODE="offline", HYDRA_FULL_ERROR="1")
     if "pretrain" in args.stages:
-        stage_pretrain(args, env)
+        pretrain(args, env)
     if "probe" in args.stages:
-        stage_probe(args, env)
+        probe(args, env)
     if "report" in args.stages:
-        report(args)
+        make_report(args)
 
 
 if __name__ == "__main__":
