@@ -80,8 +80,17 @@ log = logging.getLogger(__name__)
 STATS: collections.Counter = collections.Counter()
 
 
+class _SkippedRecords:
+    """What :class:`FeatureSet` and :class:`TokenSet` share about their ``skipped`` cache rows."""
+
+    def valid_rows(self, rows: np.ndarray) -> np.ndarray:
+        """``rows`` without the :attr:`skipped` records (order kept)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        return rows[~np.isin(rows, np.asarray(self.skipped, dtype=np.int64))]
+
+
 @dataclass
-class FeatureSet:
+class FeatureSet(_SkippedRecords):
     """Window embeddings of every record of a cache.
 
     Attributes:
@@ -129,11 +138,6 @@ class FeatureSet:
         out = np.concatenate([mean, std], axis=1).astype(np.float32)
         out[np.asarray(self.skipped, dtype=np.int64)] = np.nan
         return out
-
-    def valid_rows(self, rows: np.ndarray) -> np.ndarray:
-        """``rows`` without the :attr:`skipped` records (order kept)."""
-        rows = np.asarray(rows, dtype=np.int64)
-        return rows[~np.isin(rows, np.asarray(self.skipped, dtype=np.int64))]
 
     def windows_of(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Windows of the given records: ``(features (w, D), position of each window's record in rows (w,))``."""
@@ -414,7 +418,7 @@ def extract_features(backbone: nn.Module, cache: Any, window: int, stride: int, 
 
 # ------------------------------------------------------------------------------------------------ token cache
 @dataclass
-class TokenSet:
+class TokenSet(_SkippedRecords):
     """Frozen tokens of every window of every record of a cache (the attention probe's input).
 
     Memory: ``tokens`` holds records x windows per record x tokens per window x ``D`` x 2 bytes (float16).
@@ -470,11 +474,6 @@ class TokenSet:
         sums = np.add.reduceat(self.tokens.astype(np.float32), self.window_offsets[:-1], axis=0) \
             if len(self.record) else np.zeros((0, self.dim), np.float32)
         return sums / np.diff(self.window_offsets)[:, None]
-
-    def valid_rows(self, rows: np.ndarray) -> np.ndarray:
-        """``rows`` without the :attr:`skipped` records (order kept)."""
-        rows = np.asarray(rows, dtype=np.int64)
-        return rows[~np.isin(rows, np.asarray(self.skipped, dtype=np.int64))]
 
 
 _TRANSFORMER_NAMES = ("ViT1D", "StMemViT", "HubertECG")
