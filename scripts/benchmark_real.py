@@ -9,7 +9,8 @@ Stages (each one skips what is already done, so an interrupted run resumes):
    encoder (``conf/data/pretrain_pool.yaml`` holds every record). Written as caches with
    :class:`ecgfm.evaluate.tasks.ExcludingSource`; every recipe trains on them (``data=cached``).
 2. **pretrain**: ``train.py +experiment=<recipe> data=cached data.cache_dirs=[pool caches]`` for MAE, SimCLR,
-   CLOCS and the hybrid (CREMA). Recipe: without ``--steps``, the CPU-budget recipe
+   CLOCS, the hybrid (CREMA) and SimCLR on the 1-D ResNet (``simclr_cnn``; ``--embed-dim`` / ``--depth`` /
+   ``--heads`` are ViT sizes and refused for it). Recipe: without ``--steps``, the CPU-budget recipe
    ``conf/experiment/<method>_cpu30.yaml`` when it exists (its own steps, checkpoint interval, crop and backbone),
    else ``+experiment=<method>`` for 300 steps; ``--steps N``: ``+experiment=<method>`` for ``N`` steps (checkpoint
    every ``N // 4``). Every periodic checkpoint is kept (``checkpoint.save_top_k=-1``, for the learning curve). The
@@ -56,7 +57,7 @@ sys.path.insert(0, str(ROOT))
 
 PY = sys.executable
 #: benchmark method -> conf/experiment name
-EXPERIMENTS = {"mae": "mae", "simclr": "simclr", "clocs": "clocs", "hybrid": "crema"}
+EXPERIMENTS = {"mae": "mae", "simclr": "simclr", "clocs": "clocs", "hybrid": "crema", "simclr_cnn": "simclr_cnn"}
 #: suffix of the CPU-budget recipes (conf/experiment/<experiment>_cpu30.yaml)
 CPU_RECIPE_SUFFIX = "_cpu30"
 DEFAULT_STEPS = 300
@@ -131,6 +132,12 @@ def pretrain_recipe(args: argparse.Namespace, method: str) -> tuple[str, list[st
     use_cpu = args.recipe == "cpu30" or (args.recipe == "auto" and args.steps is None and has_cpu)
     over: list[str] = []
     sizes = {k: getattr(args, k) for k in BASE_SIZES}
+    if not _vit_experiment(name=cpu if use_cpu else exp):   # a CNN has no width / depth / heads of a ViT
+        bad = [f"--{k.replace('_', '-')}" for k in ("embed_dim", "depth", "heads") if sizes[k] is not None]
+        if bad:
+            raise SystemExit(f"{' '.join(bad)}: method {method} pretrains a CNN (+experiment="
+                             f"{cpu if use_cpu else exp}), which has no ViT sizes")
+        sizes = {"batch_size": sizes["batch_size"]}
     if use_cpu:
         name = cpu
         if args.steps is not None:
@@ -146,6 +153,22 @@ def pretrain_recipe(args: argparse.Namespace, method: str) -> tuple[str, list[st
              "batch_size": "data.batch_size"}
     over += [f"{names[k]}={v}" for k, v in sizes.items() if v is not None]
     return name, over
+
+
+def _vit_experiment(name: str) -> bool:
+    """Whether ``conf/experiment/<name>.yaml`` pretrains a ViT-1D (its ``/backbone`` override; a file without one,
+    or no file, is taken as the default ViT)."""
+    from omegaconf import OmegaConf
+
+    path = ROOT / "ecgfm" / "conf" / "experiment" / f"{name}.yaml"
+    if not path.is_file():
+        return True
+    cfg = OmegaConf.load(path)
+    for d in cfg.get("defaults") or []:
+        for key, value in (d.items() if isinstance(d, dict) or OmegaConf.is_dict(d) else []):
+            if str(key).endswith("backbone"):
+                return str(value).startswith("vit")
+    return True
 
 
 def stage_pretrain(args: argparse.Namespace, pools: list[str], env: dict[str, str]) -> dict[str, str]:

@@ -3,8 +3,9 @@
 Both modules read :class:`~ecgfm.data.cache.CorpusCache` directories (memory-mapped, opened lazily in every
 DataLoader worker, so datasets pickle to a few hundred bytes) and return batches as dicts:
 
-* :class:`PretrainDataModule`: ``x (B, 12, T)`` float32, ``x2 (B, 12, T)`` (``views="adjacent"`` only: the
-  segment right after ``x`` in the same record, CLOCS CMSC), ``lead_mask (B, 12)`` bool, ``patient (B,)`` int64
+* :class:`PretrainDataModule`: ``x (B, 12, T)`` float32, ``x2 (B, 12, T)`` (``views="adjacent"``: the
+  segment right after ``x`` in the same record, CLOCS CMSC; ``views="segments"``: a second, independently placed
+  crop of the same record, the same as ``x`` when the record is no longer than a crop), ``lead_mask (B, 12)`` bool, ``patient (B,)`` int64
   (stable hash, -1 unknown), ``index (B,)`` int64 (position in the concatenation of the caches, in the order of
   ``cache_dirs``) and ``y (B, C)`` float32 when ``probe_labels`` is given.
 * :class:`DownstreamDataModule`: ``x``, ``y`` (``(B, C)`` float32 multi-label, ``(B,)`` int64 otherwise),
@@ -38,7 +39,9 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_co
 from ecgfm.data.cache import CorpusCache, NonFiniteDataError, die_with_parent
 from ecgfm.data.record import N_LEADS
 
-VIEWS = ("single", "adjacent")
+VIEWS = ("single", "adjacent", "segments")
+#: multiplier whose fractional product turns a crop's offset draw ``u`` into the second segment's draw (``segments``)
+_SEGMENT_MIX = 7919.0
 
 
 def _dist_rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -364,7 +367,8 @@ class CropDataset(Dataset):
         pool: the caches.
         indices: flat record indices this dataset covers.
         crop_samples: crop length ``T`` in samples.
-        views: ``"single"`` or ``"adjacent"`` (also return ``x2``, the next ``T`` samples).
+        views: ``"single"``, ``"adjacent"`` (also return ``x2``, the next ``T`` samples) or ``"segments"``
+            (``x2``: another crop of the same record, placed independently; centred crops repeat ``x``).
         labels: optional ``(len(pool), C)`` float32 or ``(len(pool),)`` int64, returned as ``y``.
         with_patient: include ``patient``.
         nonfinite: a record holding NaN / Inf raises :class:`~ecgfm.data.cache.NonFiniteDataError` naming the
@@ -413,7 +417,7 @@ class CropDataset(Dataset):
             ks, us = self._skip_nonfinite(ks, us, known)
         while True:   # ends: every pass marks at least one more record bad (or raises)
             batch = self._build(ks, us)
-            bad = _nonfinite_rows(batch, ["x", "x2"] if self.views == "adjacent" else ["x"])
+            bad = _nonfinite_rows(batch, ["x"] if self.views == "single" else ["x", "x2"])
             if bad is None:
                 return batch
             self.pool.mark_nonfinite(self.indices[ks][bad])
@@ -440,7 +444,7 @@ class CropDataset(Dataset):
 
     def _build(self, ks: np.ndarray, us: np.ndarray) -> dict[str, torch.Tensor]:
         """The batch of crops ``(indices[ks[b]], u[b])`` (``u`` NaN: centred)."""
-        n, views = len(ks), 2 if self.views == "adjacent" else 1
+        n, views = len(ks), 1 if self.views == "single" else 2
         fields: dict[str, tuple[tuple[int, ...], torch.dtype]] = {
             "x": ((n, N_LEADS, self.crop), torch.float32), "lead_mask": ((n, N_LEADS), torch.bool),
             "index": ((n,), torch.int64)}
@@ -454,7 +458,7 @@ class CropDataset(Dataset):
         out = {k: t.numpy() for k, t in batch.items()}
         flats = self.indices[ks]
         out["index"][:] = flats
-        need = self.crop * views
+        need = self.crop * (2 if self.views == "adjacent" else 1)
         xnames = ["x", "x2"][:views]
         # Whole-batch look-ups, one group per cache; per crop only the slice copy is left in Python.
         for cache, rows, local in self.pool.group(flats):
@@ -467,8 +471,16 @@ class CropDataset(Dataset):
             whole = len(rows) == n
             parts = [out[k] if whole else np.zeros((len(rows),) + out[k].shape[1:], np.float32) for k in xnames]
             out["lead_mask"][rows] = cache.read_windows_into(local, start, parts[0])
-            if views == 2:
+            if self.views == "adjacent":
                 cache.read_windows_into(local, start + self.crop, parts[1])
+            elif self.views == "segments":
+                # the second segment's draw: the fractional part of u * _SEGMENT_MIX is uniform and (for a
+                # continuous u) unrelated to u itself, so both segments follow from the sampler's one draw and stay
+                # reproducible; a centred crop (u NaN) and a record no longer than the crop give the same segment
+                u2 = np.modf(u * _SEGMENT_MIX)[0]
+                start2 = np.where(np.isnan(u), start, np.minimum(np.nan_to_num(u2 * (free + 1)).astype(np.int64),
+                                                                   free))
+                cache.read_windows_into(local, start2, parts[1])
             if not whole:
                 for k, part in zip(xnames, parts):
                     out[k][rows] = part
@@ -592,7 +604,9 @@ class PretrainDataModule(LightningDataModule):
         cache_dirs: one cache directory or several (mixed).
         weights: sampling probability of each cache (None: proportional to its training records).
         crop_samples: crop length in samples (at the caches' common rate).
-        views: ``"single"`` or ``"adjacent"`` (``x2``: the next ``crop_samples`` of the same record).
+        views: ``"single"``, ``"adjacent"`` (``x2``: the next ``crop_samples`` of the same record) or
+            ``"segments"`` (``x2``: a second crop of the same record at its own random offset; SimCLR then
+            contrasts two segments of one recording, as CLOCS CMSC does, with its augmentations on top).
         batch_size: per-rank batch size.
         num_workers: DataLoader worker processes (persistent when > 0).
         val_fraction: share of each cache's records held out for validation, whole patients at a time.

@@ -166,12 +166,15 @@ class SimCLRModule(PretrainModule):
         self._gens.pop("val", None)  # same validation views every epoch
 
     def views(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Two independently augmented views ``(B, L, T)`` of ``batch["x"]`` (absent leads stay zero)."""
+        """Two independently augmented views ``(B, L, T)``: of ``batch["x"]`` twice, or of ``batch["x"]`` and
+        ``batch["x2"]`` when the batch holds a second segment of each record (``PretrainDataModule(views=
+        "segments")``: positives are then two moments of one recording; absent leads stay zero)."""
         x = batch["x"]
+        x2 = batch.get("x2", x)
         lead_mask = batch.get("lead_mask")
         gen = self._generator(x.device)
         with torch.no_grad():
-            return self.augment(x, lead_mask, gen), self.augment(x, lead_mask, gen)
+            return self.augment(x, lead_mask, gen), self.augment(x2, lead_mask, gen)
 
     def shared_step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
         """NT-Xent of the projections of two augmented views.

@@ -121,3 +121,12 @@ def test_pretrain_recipe_choice(tmp_path, monkeypatch):
     assert name == "mae_cpu30" and "trainer.max_steps=40" in over and over[-1] == "backbone.embed_dim=32"
     with pytest.raises(SystemExit):
         B.pretrain_recipe(a, "clocs")
+    # a CNN recipe takes the batch size but no ViT sizes
+    (conf / "simclr_cnn_cpu30.yaml").write_text("# @package _global_\ndefaults:\n  - override /backbone: "
+                                                "resnet1d_tiny\n")
+    a.embed_dim, a.steps, a.batch_size = None, None, 32
+    name, over = B.pretrain_recipe(a, "simclr_cnn")
+    assert name == "simclr_cnn_cpu30" and over == ["data.batch_size=32"]
+    a.depth = 2
+    with pytest.raises(SystemExit, match="--depth.*CNN"):
+        B.pretrain_recipe(a, "simclr_cnn")

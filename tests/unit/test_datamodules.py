@@ -84,6 +84,31 @@ def test_pretrain_batch_contract_and_adjacent_views(caches):
     assert all(torch.equal(a["x"], b["x"]) for a, b in zip(val, again))
 
 
+def test_segment_views_are_two_independent_crops_of_one_record(caches):
+    """views="segments": x2 is another crop of x's record at its own offset (not tied to x's), reproducible;
+    records no longer than a crop give the same segment twice; validation (centred) repeats x."""
+    dm = PretrainDataModule(caches[0], crop_samples=100, views="segments", batch_size=16, val_fraction=0.1, seed=0)
+    batch = next(iter(dm.train_dataloader()))
+    assert set(batch) == {"x", "x2", "lead_mask", "patient", "index"}
+    cache = CorpusCache(caches[0])
+    gaps = []
+    for b in range(16):
+        full = cache.signal(int(batch["index"][b]))
+        s1, s2 = _find_start(full, batch["x"][b].numpy()), _find_start(full, batch["x2"][b].numpy())
+        assert s1 is not None and s2 is not None, "x / x2 are not crops of their record"
+        gaps.append(s2 - s1)
+    assert len(set(gaps)) > 8 and min(gaps) < 0 < max(gaps)       # placed independently, either side of x
+    again = next(iter(PretrainDataModule(caches[0], crop_samples=100, views="segments", batch_size=16,
+                                         val_fraction=0.1, seed=0).train_dataloader()))
+    assert torch.equal(batch["x2"], again["x2"])                     # a pure function of the sampler's draws
+    val = next(iter(dm.val_dataloader()))
+    assert torch.equal(val["x"], val["x2"])
+    short = PretrainDataModule(caches[1], crop_samples=200, views="segments", batch_size=6, val_fraction=0.0,
+                               drop_last=False)
+    sb = next(iter(short.train_dataloader()))
+    assert torch.equal(sb["x"], sb["x2"])                            # shorter than a crop: one zero-padded segment
+
+
 def test_short_records_are_zero_padded(caches):
     dm = PretrainDataModule(caches[1], crop_samples=100, views="adjacent", batch_size=6, val_fraction=0.0,
                             drop_last=False)
@@ -262,7 +287,7 @@ def test_batched_crops_equal_per_record_windows(caches):
     crop = 150
     rng = np.random.default_rng(3)
     keys = [(int(k), float(u)) for k, u in zip(rng.integers(0, len(pool), 40), rng.random(40))] + [0, 41, 45]
-    for views in ("single", "adjacent"):
+    for views in ("single", "adjacent", "segments"):
         ds = CropDataset(pool, np.arange(len(pool)), crop, views)
         batch = ds.__getitems__(keys)
         for b, key in enumerate(keys):
@@ -274,6 +299,9 @@ def test_batched_crops_equal_per_record_windows(caches):
             np.testing.assert_array_equal(batch["x"][b].numpy(), cache.window(i, start, crop))
             if views == "adjacent":
                 np.testing.assert_array_equal(batch["x2"][b].numpy(), cache.window(i, start + crop, crop))
+            if views == "segments":   # second draw: the fractional part of u * 7919; centred crops repeat x
+                start2 = start if u is None else min(int(((u * 7919.0) % 1.0) * (free + 1)), free)
+                np.testing.assert_array_equal(batch["x2"][b].numpy(), cache.window(i, start2, crop))
             assert torch.equal(batch["lead_mask"][b], torch.from_numpy(cache.lead_mask(i)))
             assert int(batch["patient"][b]) == int(cache.patients[i]) and int(batch["index"][b]) == k
     wins = WindowDataset(pool, np.array([1, 40, 43]), crop, stride=70)

@@ -103,6 +103,20 @@ def test_simclr_views_respect_lead_mask_and_seed():
     assert torch.equal(v1, m1.views(batch)[0])
 
 
+def test_simclr_second_view_comes_from_x2_when_the_batch_has_one():
+    """PretrainDataModule(views="segments"): the second view augments batch["x2"] (another moment of the record)."""
+    batch = {k: v for k, v in synthetic_batch().items() if k != "x2"}
+    m = SimCLRModule(TinyBackbone(), aug_seed=3, p_crop=0, p_noise=0, p_amplitude=0, p_wander=0, p_powerline=0,
+                     p_time_mask=0, p_lead_mask=0, p_lowpass=0)   # identity augmentations
+    v1, v2 = m.views(batch)
+    assert torch.equal(v1, batch["x"]) and torch.equal(v2, batch["x"])
+    x2 = batch["x"].flip(-1).contiguous()
+    v1, v2 = m.views({**batch, "x2": x2})
+    assert torch.equal(v1, batch["x"]) and torch.equal(v2, x2)
+    loss, terms = SimCLRModule(TinyBackbone(), aug_seed=0).shared_step({**batch, "x2": x2})
+    assert torch.isfinite(loss) and 0.0 <= float(terms["acc"]) <= 1.0
+
+
 def test_clocs_views_and_absent_leads():
     batch = synthetic_batch(b=4)
     m = CLOCSModule(TinyBackbone(), mode="cmsmlc", view_leads=("II", "V2", "avl"))
