@@ -5,9 +5,9 @@ DataLoader worker, so datasets pickle to a few hundred bytes) and return batches
 
 * :class:`PretrainDataModule`: ``x (B, 12, T)`` float32, ``x2 (B, 12, T)`` (``views="adjacent"``: the
   segment right after ``x`` in the same record, CLOCS CMSC; ``views="segments"``: a second, independently placed
-  crop of the same record, the same as ``x`` when the record is no longer than a crop), ``lead_mask (B, 12)`` bool, ``patient (B,)`` int64
-  (stable hash, -1 unknown), ``index (B,)`` int64 (position in the concatenation of the caches, in the order of
-  ``cache_dirs``) and ``y (B, C)`` float32 when ``probe_labels`` is given.
+  crop of the same record, the same as ``x`` when the record is no longer than a crop), ``lead_mask (B, 12)``
+  bool, ``patient (B,)`` int64 (stable hash, -1 unknown), ``index (B,)`` int64 (position in the concatenation of
+  the caches, in the order of ``cache_dirs``) and ``y (B, C)`` float32 when ``probe_labels`` is given.
 * :class:`DownstreamDataModule`: ``x``, ``y`` (``(B, C)`` float32 multi-label, ``(B,)`` int64 otherwise),
   ``lead_mask``, ``index`` (record index in the cache; with ``test_stride`` one item per sliding window, so
   aggregate predictions by ``index``).
