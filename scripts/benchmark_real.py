@@ -130,21 +130,20 @@ def pretrain_recipe(args: argparse.Namespace, method: str) -> tuple[str, list[st
     if args.recipe == "cpu30" and not has_cpu:
         raise SystemExit(f"--recipe cpu30: ecgfm/conf/experiment/{cpu}.yaml does not exist")
     use_cpu = args.recipe == "cpu30" or (args.recipe == "auto" and args.steps is None and has_cpu)
+    name = cpu if use_cpu else exp
     over: list[str] = []
     sizes = {k: getattr(args, k) for k in BASE_SIZES}
-    if not _vit_experiment(name=cpu if use_cpu else exp):   # a CNN has no width / depth / heads of a ViT
+    if not _vit_experiment(name):   # a CNN has no width / depth / heads of a ViT
         bad = [f"--{k.replace('_', '-')}" for k in ("embed_dim", "depth", "heads") if sizes[k] is not None]
         if bad:
-            raise SystemExit(f"{' '.join(bad)}: method {method} pretrains a CNN (+experiment="
-                             f"{cpu if use_cpu else exp}), which has no ViT sizes")
+            raise SystemExit(f"{' '.join(bad)}: method {method} pretrains a CNN (+experiment={name}), which has "
+                             "no ViT sizes")
         sizes = {"batch_size": sizes["batch_size"]}
     if use_cpu:
-        name = cpu
         if args.steps is not None:
             over += [f"trainer.max_steps={args.steps}",
                      f"checkpoint.every_n_train_steps={max(args.steps // MIN_CURVE_POINTS, 1)}"]
     else:
-        name = exp
         steps = DEFAULT_STEPS if args.steps is None else args.steps
         over += [f"trainer.max_steps={steps}",
                  f"checkpoint.every_n_train_steps={max(steps // MIN_CURVE_POINTS, 1)}"]
