@@ -41,9 +41,16 @@ Token cache (``probe.mode=attention``, :func:`cached_tokens`): the frozen *token
 same folder under a distinct key (:func:`feature_key` with ``kind="tokens"``): a :class:`TokenSet` with per-window and
 per-record offsets. Tokens are what the pooled embedding averages: a ViT's patch tokens (the lead-aware ViT: the
 present leads' patch tokens only; SEP tokens excluded), HuBERT-ECG's frames, a CNN's final feature-map positions
-(``(B, C, T') -> T'`` tokens of width ``C``). Cost on disk and in memory: records x windows x tokens per window x
-dim x 2 bytes (CinC 2017 with a 1-lead ViT of width 192, 2.5 s windows of 10 patches: 33,262 windows x 10 x 192 x 2
-B = 128 MB; a 12-lead record multiplies the tokens per window by 12).
+(``(B, C, T') -> T'`` tokens of width ``C``). Cost on disk: records x windows x tokens per window x dim x 2 bytes
+(CinC 2017 with a 1-lead ViT of width 192, 2.5 s windows of 10 patches: 33,262 windows x 10 x 192 x 2 B = 128 MB; a
+12-lead record multiplies the tokens per window by 12; the 1-D ResNet at 5 s strides: 233 MB). The tokens are not
+held in memory: :func:`cached_tokens` streams them batch by batch into a raw float16 file
+``<key>.<nonce>.tokens`` and hands back a read-only ``np.memmap`` of it, so extraction needs memory for one batch
+and the attention probe pages in the records of its current minibatch, whatever the corpus size. ``<key>.npz`` holds
+the small arrays (offsets, records) and names its token file; it is written last and is the commit point: a
+token file without it, or of the wrong size, is never read (an older token file of the key is removed once a new
+``.npz`` names another; ``.npz`` files of the single-file format written before hold the tokens themselves and are
+still read).
 
 Nothing non-finite gets through: a record whose signal holds NaN / Inf, or whose embedding does, raises
 :class:`~ecgfm.data.cache.NonFiniteDataError` naming the cache, shard and record keys (``nonfinite="error"``,
@@ -424,7 +431,8 @@ class TokenSet(_SkippedRecords):
     Memory: ``tokens`` holds records x windows per record x tokens per window x ``D`` x 2 bytes (float16).
 
     Attributes:
-        tokens: ``(T, D)`` float16 tokens of all windows, window after window (a record's windows consecutive).
+        tokens: ``(T, D)`` float16 tokens of all windows, window after window (a record's windows consecutive):
+            in memory, or a read-only ``np.memmap`` of the token cache's file (:func:`cached_tokens`).
         window_offsets: ``(W + 1,)`` int64: window ``w``'s tokens are ``tokens[window_offsets[w]:window_offsets[w+1]]``.
         record: ``(W,)`` int64 cache row of each window.
         n_records: number of records in the cache.
@@ -517,13 +525,76 @@ def window_tokens(backbone: nn.Module, x: torch.Tensor, lead_mask: torch.Tensor 
     return list(out.transpose(1, 2))
 
 
+class _TokenSink:
+    """Where :func:`extract_tokens` puts each batch's ``(n, D)`` float16 tokens: a list in memory, or (``path``) a
+    raw float16 file appended batch by batch, so that memory stays at one batch whatever the corpus size. Written
+    by hand: ``np.lib.format.open_memmap`` needs the final shape up front, which a lead-aware extraction only knows
+    at the end."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self.chunks: list[np.ndarray] = []
+        self.rows = 0
+        self.dim = 0
+        self.file = open(path, "wb") if path is not None else None
+
+    def append(self, flat: np.ndarray) -> None:
+        self.dim = int(flat.shape[1])
+        self.rows += len(flat)
+        if self.file is None:
+            self.chunks.append(flat)
+        else:
+            self.file.write(np.ascontiguousarray(flat, dtype=np.float16).tobytes())
+
+    def close(self) -> None:
+        if self.file is not None and not self.file.closed:
+            self.file.close()
+
+    def tokens(self, keep: np.ndarray | None = None, chunk: int = 1 << 20) -> np.ndarray:
+        """The ``(T, D)`` tokens, only the rows where ``keep`` (bool ``(T,)``) is True when given: an array in
+        memory, or a read-only memmap of the file (rewritten without the dropped rows, ``chunk`` rows at a
+        time)."""
+        if self.file is None:
+            tok = np.concatenate(self.chunks) if self.chunks else np.zeros((0, self.dim), np.float16)
+            return tok if keep is None else tok[keep]
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.close()
+        assert self.path is not None
+        if keep is not None:
+            src = _open_tokens(self.path, (self.rows, self.dim))
+            tmp = self.path.with_name(self.path.name + ".keep")
+            with open(tmp, "wb") as f:
+                for i in range(0, self.rows, chunk):
+                    f.write(np.ascontiguousarray(src[i:i + chunk][keep[i:i + chunk]]).tobytes())
+                f.flush()
+                os.fsync(f.fileno())
+            del src
+            os.replace(tmp, self.path)
+            self.rows = int(keep.sum())
+        return _open_tokens(self.path, (self.rows, self.dim))
+
+
+def _open_tokens(path: Path, shape: tuple[int, int]) -> np.ndarray:
+    """Read-only memmap ``shape`` float16 of a raw token file (an empty array for zero tokens: mmap refuses empty
+    files)."""
+    if shape[0] * shape[1] == 0:
+        return np.zeros(shape, np.float16)
+    return np.memmap(path, dtype=np.float16, mode="r", shape=shape)
+
+
 @torch.no_grad()
 def extract_tokens(backbone: nn.Module, cache: Any, window: int, stride: int, batch_size: int = 256,
                    device: str | torch.device = "cpu", rows: np.ndarray | None = None, nonfinite: str = "error",
-                   lead_aware: bool = True) -> TokenSet:
+                   lead_aware: bool = True, tokens_path: str | os.PathLike | None = None) -> TokenSet:
     """The frozen tokens (:func:`window_tokens`) of every sliding window of every record (or ``rows``), float16;
     no disk cache. Windows, batching, lead masks, long windows and ``nonfinite`` as :func:`extract_features`
     (a token that overflows float16 counts as non-finite).
+
+    Args:
+        tokens_path: None: the tokens are collected in memory. A file path: they are streamed into it as raw
+            float16 (memory of one batch), and :attr:`TokenSet.tokens` is a read-only memmap of it; the file is
+            removed when the extraction fails. :func:`cached_tokens` uses this.
 
     Returns:
         :class:`TokenSet` with ``n_records = len(cache)``; every token finite.
@@ -535,7 +606,7 @@ def extract_tokens(backbone: nn.Module, cache: Any, window: int, stride: int, ba
     model.eval().to(device)
     rows = np.arange(len(cache)) if rows is None else np.asarray(rows, dtype=np.int64)
     masks = _lead_masks(cache) if uses_lead_masks(model, cache, lead_aware) else None
-    chunks: list[np.ndarray] = []
+    sink = _TokenSink(None if tokens_path is None else Path(tokens_path))
     counts: list[np.ndarray] = []
     owners: list[np.ndarray] = []
     bad_input: list[int] = []
@@ -553,22 +624,28 @@ def extract_tokens(backbone: nn.Module, cache: Any, window: int, stride: int, ba
                 if nonfinite == "error":
                     raise _embedding_error(cache, bad.tolist(), "tokens (or tokens beyond float16's range)")
                 bad_tokens.update(bad.tolist())
-            chunks.append(flat)
+            sink.append(flat)
             counts.append(n_tok)
             owners.append(owner)
+        n_tok = np.concatenate(counts) if counts else np.zeros(0, np.int64)
+        record = np.concatenate(owners) if owners else np.zeros(0, np.int64)
+        skipped = np.asarray(sorted(set(bad_input) | bad_tokens), dtype=np.int64)
+        keep = None
+        if len(skipped):
+            keep = ~np.isin(record, skipped)
+            n_tok, record, keep = n_tok[keep], record[keep], np.repeat(keep, np.concatenate(counts))
+            log.warning("tokens: left out %d record(s) with non-finite input or tokens (nonfinite='skip'): %s",
+                        len(skipped), _describe(cache, skipped))
+        tokens = sink.tokens(keep)
+    except BaseException:
+        sink.close()
+        if tokens_path is not None:
+            Path(tokens_path).unlink(missing_ok=True)
+        raise
     finally:
         model.train(was_training)
     seconds = time.perf_counter() - t0
-    d = chunks[0].shape[1] if chunks else 0
-    tokens = np.concatenate(chunks) if chunks else np.zeros((0, d), np.float16)
-    n_tok = np.concatenate(counts) if counts else np.zeros(0, np.int64)
-    record = np.concatenate(owners) if owners else np.zeros(0, np.int64)
-    skipped = np.asarray(sorted(set(bad_input) | bad_tokens), dtype=np.int64)
-    if len(skipped):
-        keep = ~np.isin(record, skipped)
-        tokens, n_tok, record = tokens[np.repeat(keep, n_tok)], n_tok[keep], record[keep]
-        log.warning("tokens: left out %d record(s) with non-finite input or tokens (nonfinite='skip'): %s",
-                    len(skipped), _describe(cache, skipped))
+    d = int(tokens.shape[1])
     offsets = np.concatenate([[0], np.cumsum(n_tok)]).astype(np.int64)
     out = TokenSet(tokens=tokens, window_offsets=offsets, record=record, n_records=len(cache), seconds=seconds,
                    skipped=skipped)
@@ -582,28 +659,64 @@ def extract_tokens(backbone: nn.Module, cache: Any, window: int, stride: int, ba
 
 
 def _save_tokens(path: Path, ts: TokenSet, window: int, stride: int) -> None:
-    """Write a token set atomically (plain arrays, float16 tokens)."""
+    """Write a token set: its tokens as the raw float16 file ``<key>.<nonce>.tokens`` (a streamed extraction's
+    file is renamed into place, an in-memory array written atomically), then ``<key>.npz`` (the small arrays and the
+    token file's name and shape) atomically, then older token files of the key are removed. The ``.npz`` is the
+    commit point: until it names the new file, readers see the previous state."""
+    nonce = os.urandom(6).hex()
+    name = f"{path.stem}.{nonce}.tokens"
+    final = path.with_name(name)
+    src = getattr(ts.tokens, "filename", None)
+    if src is not None and Path(src).parent.resolve() == path.parent.resolve():
+        os.replace(src, final)                     # the streamed file (fsync'ed by the sink): same inode, no copy
+    else:
+        atomic_write(final, lambda tmp: np.ascontiguousarray(ts.tokens, dtype=np.float16).tofile(tmp))
 
     def write(tmp: str) -> None:
         with open(tmp, "wb") as f:
-            np.savez(f, tokens=ts.tokens, window_offsets=ts.window_offsets, record=ts.record,
-                     n_records=np.asarray(ts.n_records), window=np.asarray(window), stride=np.asarray(stride),
-                     skipped=ts.skipped)
+            np.savez(f, tokens_file=np.asarray(name), tokens_shape=np.asarray(ts.tokens.shape, dtype=np.int64),
+                     window_offsets=ts.window_offsets, record=ts.record, n_records=np.asarray(ts.n_records),
+                     window=np.asarray(window), stride=np.asarray(stride), skipped=ts.skipped)
 
     atomic_write(path, write)
+    for old in path.parent.glob(f"{path.stem}.*.tokens"):
+        if old.name != name:
+            old.unlink(missing_ok=True)
+
+
+def _all_finite(a: np.ndarray, chunk: int = 1 << 20) -> bool:
+    """``np.isfinite(a).all()`` ``chunk`` rows at a time (a memmap is read once, never held whole)."""
+    return all(bool(np.isfinite(a[i:i + chunk]).all()) for i in range(0, len(a), chunk))
 
 
 def _load_tokens(path: Path, key: str, n_records: int, window: int, stride: int) -> TokenSet:
-    """Read and validate a token file; ``ValueError`` saying what is wrong with it."""
-    names = ("tokens", "window_offsets", "record", "n_records", "window", "stride", "skipped")
+    """Read and validate a token cache entry (``<key>.npz`` and the token file it names, memory-mapped);
+    ``ValueError`` saying what is wrong with it."""
+    names = ("window_offsets", "record", "n_records", "window", "stride", "skipped")
     try:
         with np.load(path, allow_pickle=False) as z:
             a = {k: z[k] for k in names}
+            legacy = "tokens" in z.files                  # the single-file format: tokens inside the .npz
+            tok = z["tokens"] if legacy else None
+            name = "" if legacy else str(z["tokens_file"])
+            shape = None if legacy else tuple(int(v) for v in z["tokens_shape"])
     except Exception as exc:  # noqa: BLE001 - BadZipFile, EOFError, zlib.error, KeyError, OSError...
         raise ValueError(f"unreadable ({type(exc).__name__}: {exc})") from None
     if int(a["n_records"]) != n_records or int(a["window"]) != window or int(a["stride"]) != stride:
         raise ValueError("written for another cache or window (record count / window / stride differ)")
-    tok, off, rec = a["tokens"], a["window_offsets"], a["record"]
+    if tok is None:
+        file = path.with_name(name)
+        if Path(name).name != name or not name.startswith(f"{path.stem}.") or not name.endswith(".tokens"):
+            raise ValueError(f"names a token file outside its key: {name!r}")
+        if shape is None or len(shape) != 2 or min(shape) < 0:
+            raise ValueError(f"wrong token shape {shape}")
+        if not file.is_file():
+            raise ValueError(f"its token file {name} is missing")
+        if file.stat().st_size != shape[0] * shape[1] * 2:
+            raise ValueError(f"its token file {name} holds {file.stat().st_size} bytes, not {shape[0]} x "
+                             f"{shape[1]} float16")
+        tok = _open_tokens(file, (shape[0], shape[1]))
+    off, rec = a["window_offsets"], a["record"]
     if tok.ndim != 2 or tok.dtype != np.float16 or off.ndim != 1 or rec.ndim != 1 or len(off) != len(rec) + 1 \
             or off.dtype.kind not in "iu" or rec.dtype.kind not in "iu":
         raise ValueError(f"wrong arrays (tokens {tok.shape} {tok.dtype}, offsets {off.shape}, record {rec.shape})")
@@ -611,7 +724,7 @@ def _load_tokens(path: Path, key: str, n_records: int, window: int, stride: int)
         raise ValueError("window offsets do not partition the tokens")
     if len(rec) and (rec.min() < 0 or rec.max() >= n_records):
         raise ValueError("record rows out of range")
-    if not np.isfinite(tok).all():
+    if not _all_finite(tok):
         raise ValueError("holds non-finite tokens")
     return TokenSet(tokens=tok, window_offsets=off.astype(np.int64), record=rec.astype(np.int64),
                     n_records=n_records, key=key, skipped=np.asarray(a["skipped"], dtype=np.int64))
@@ -621,14 +734,20 @@ def cached_tokens(backbone: nn.Module, cache: Any, window: int, stride: int, fea
                   batch_size: int = 256, device: str | torch.device = "cpu", encoder_fp: str | None = None,
                   nonfinite: str = "error", lead_aware: bool = True) -> TokenSet:
     """:func:`extract_tokens` behind the on-disk feature cache: ``<feature_dir>/<key>.npz`` with the key of
-    :func:`feature_key` (``kind="tokens"``: never an embedding file's key). Extracted once per (encoder, corpus,
-    window, stride, lead handling); a damaged file is recomputed with a log line; ``nonfinite`` as
-    :func:`cached_features`. Arguments as :func:`cached_features`."""
+    :func:`feature_key` (``kind="tokens"``: never an embedding file's key) and the raw float16 token file it names
+    (module docstring); the tokens come back memory-mapped, read-only. Extracted once per (encoder, corpus,
+    window, stride, lead handling), streamed to disk batch by batch; a damaged entry (either file) is recomputed
+    with a log line; ``nonfinite`` as :func:`cached_features`. Arguments as :func:`cached_features`."""
+    def compute() -> TokenSet:
+        Path(feature_dir).mkdir(parents=True, exist_ok=True)
+        tmp = Path(feature_dir) / f".tokens.{os.getpid()}.{os.urandom(6).hex()}.tmp"
+        return extract_tokens(backbone, cache, window, stride, batch_size=batch_size, device=device,
+                              nonfinite=nonfinite, lead_aware=lead_aware, tokens_path=tmp)
+
     return _through_cache(
         backbone, cache, window, stride, feature_dir, encoder_fp, lead_aware, nonfinite, kind="tokens",
         load=_load_tokens, save=_save_tokens, what="token", items="tokens", stat="token_cache_hits",
-        compute=lambda: extract_tokens(backbone, cache, window, stride, batch_size=batch_size, device=device,
-                                       nonfinite=nonfinite, lead_aware=lead_aware))
+        compute=compute)
 
 
 def _through_cache(backbone: nn.Module, cache: Any, window: int, stride: int, feature_dir: str | os.PathLike,

@@ -269,23 +269,24 @@ class AttentionProbe:
         self.best_epoch = 0
 
     @staticmethod
-    def _records(ts: TokenSet, rows: np.ndarray) -> list[torch.Tensor]:
-        """float16 ``(K_r, D)`` token tensors of ``rows`` (views of the cache, no copy)."""
+    def _records(ts: TokenSet, rows: np.ndarray) -> list[np.ndarray]:
+        """float16 ``(K_r, D)`` token arrays of ``rows`` (views of the token set, no copy: with the memory-mapped
+        token cache nothing is read until a minibatch needs it)."""
         bounds = ts.record_offsets()[np.asarray(rows, dtype=np.int64)]
         empty = bounds[:, 1] <= bounds[:, 0]
         if empty.any():
             raise ValueError(f"records without tokens (skipped for non-finite values?): cache rows "
                              f"{np.asarray(rows)[empty][:10].tolist()}")
-        return [torch.from_numpy(ts.tokens[a:b]) for a, b in bounds]
+        return [ts.tokens[a:b] for a, b in bounds]
 
-    def _batch(self, recs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _batch(self, recs: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         """Pad to ``(B, T_max, D)`` float32 and the ``(B, T_max)`` padding mask (True = padding)."""
         lengths = torch.tensor([len(r) for r in recs])
-        x = torch.nn.utils.rnn.pad_sequence(recs, batch_first=True).float()
+        x = torch.nn.utils.rnn.pad_sequence([torch.from_numpy(np.array(r)) for r in recs], batch_first=True).float()
         pad = torch.arange(x.shape[1])[None, :] >= lengths[:, None]
         return x.to(self.device), pad.to(self.device)
 
-    def _probs_of(self, recs: list[torch.Tensor]) -> np.ndarray:
+    def _probs_of(self, recs: list[np.ndarray]) -> np.ndarray:
         assert self.net is not None
         self.net.eval()
         out = []

@@ -7,9 +7,10 @@ import logging
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from ecgfm.backbones import create_backbone
-from ecgfm.data.cache import CorpusCache, prepare_corpus
+from ecgfm.data.cache import CorpusCache, NonFiniteDataError, prepare_corpus
 from ecgfm.data.preprocess import PreprocessSpec, sliding_windows
 from ecgfm.data.record import ECGRecord
 from ecgfm.evaluate import features as F
@@ -146,3 +147,75 @@ def test_token_cache_is_reused_keyed_apart_and_repaired(cache, tmp_path, caplog)
         c = cached_tokens(vit, cache, 100, 100, tmp_path)
     assert path.name in caplog.text and F.STATS["token_extractions"] == before + 3
     np.testing.assert_array_equal(c.tokens, a.tokens)
+
+
+def test_token_cache_is_streamed_memory_mapped_and_committed_by_its_npz(cache, tmp_path, caplog):
+    vit = _vit(100)
+    mem = extract_tokens(vit, cache, 100, 100)                                  # in memory: the reference
+    a = cached_tokens(vit, cache, 100, 100, tmp_path)
+    assert isinstance(a.tokens, np.memmap) and not a.tokens.flags.writeable
+    np.testing.assert_array_equal(np.asarray(a.tokens), mem.tokens)
+    np.testing.assert_array_equal(a.window_offsets, mem.window_offsets)
+    files = list(tmp_path.glob(f"{a.key}.*.tokens"))
+    assert len(files) == 1 and files[0].stat().st_size == mem.tokens.nbytes
+    with np.load(tmp_path / f"{a.key}.npz") as z:                              # small arrays + the file's name
+        assert "tokens" not in z.files and str(z["tokens_file"]) == files[0].name
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]       # no temporary left behind
+    b = cached_tokens(vit, cache, 100, 100, tmp_path)
+    assert isinstance(b.tokens, np.memmap) and np.array_equal(np.asarray(b.tokens), mem.tokens)
+    del a, b                                                                   # no map of the file survives
+    before = F.STATS["token_extractions"]
+    files[0].write_bytes(files[0].read_bytes()[:10])                           # truncated token file
+    with caplog.at_level(logging.WARNING):
+        c = cached_tokens(vit, cache, 100, 100, tmp_path)
+    assert files[0].name in caplog.text and "bytes" in caplog.text and F.STATS["token_extractions"] == before + 1
+    left = list(tmp_path.glob(f"{c.key}.*.tokens"))
+    assert not files[0].exists() and len(left) == 1                            # the stale file went with the commit
+    np.testing.assert_array_equal(np.asarray(c.tokens), mem.tokens)
+    del c
+    left[0].unlink()                                                           # token file gone, .npz kept
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        d = cached_tokens(vit, cache, 100, 100, tmp_path)
+    assert "missing" in caplog.text and np.array_equal(np.asarray(d.tokens), mem.tokens)
+    legacy = tmp_path / "legacy"                                               # the single-file format still reads
+    legacy.mkdir()
+    np.savez(legacy / f"{d.key}.npz", tokens=mem.tokens, window_offsets=mem.window_offsets, record=mem.record,
+             n_records=np.asarray(mem.n_records), window=np.asarray(100), stride=np.asarray(100),
+             skipped=mem.skipped)
+    before = F.STATS["token_extractions"]
+    e = cached_tokens(vit, cache, 100, 100, legacy)
+    assert F.STATS["token_extractions"] == before and np.array_equal(e.tokens, mem.tokens)
+
+
+class _BlowsUpOnTwelveLeads(nn.Module):
+    """A CNN-like encoder whose feature map is NaN for windows with all twelve leads (records 1 and 3)."""
+
+    name = "blows_up"
+    init_args: dict = {}
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv1d(12, 4, 5, stride=5)
+
+    def forward_features(self, x):
+        out = self.conv(x)
+        out[(x.abs().sum(-1) > 0).all(dim=1)] = float("nan")
+        return out
+
+    def embed(self, x):
+        return self.forward_features(x).mean(-1)
+
+
+def test_streamed_tokens_leave_out_nonfinite_records_and_a_failed_extraction_leaves_nothing(cache, tmp_path):
+    enc, out = _BlowsUpOnTwelveLeads(), tmp_path / "f"
+    with pytest.raises(NonFiniteDataError, match="src/r1"):
+        cached_tokens(enc, cache, 100, 100, out)
+    assert not list(out.iterdir())                                             # no token file, no temporary
+    ts = cached_tokens(enc, cache, 100, 100, out, nonfinite="skip")
+    mem = extract_tokens(enc, cache, 100, 100, nonfinite="skip")
+    assert ts.skipped.tolist() == mem.skipped.tolist() == [1, 3] and set(ts.record.tolist()) == {0, 2, 4}
+    assert isinstance(ts.tokens, np.memmap) and np.array_equal(np.asarray(ts.tokens), mem.tokens)
+    assert [p.stat().st_size for p in out.glob("*.tokens")] == [mem.tokens.nbytes]   # rewritten without them
+    assert ts.window_offsets[-1] == len(ts.tokens) and np.isfinite(np.asarray(ts.tokens)).all()
