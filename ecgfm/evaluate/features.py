@@ -572,6 +572,8 @@ class _TokenSink:
             del src
             os.replace(tmp, self.path)
             self.rows = int(keep.sum())
+        if self.rows * self.dim == 0:                 # nothing to map: an in-memory empty array, no file
+            self.path.unlink(missing_ok=True)
         return _open_tokens(self.path, (self.rows, self.dim))
 
 

@@ -194,14 +194,16 @@ class _BlowsUpOnTwelveLeads(nn.Module):
     name = "blows_up"
     init_args: dict = {}
 
-    def __init__(self):
+    def __init__(self, everywhere: bool = False):
         super().__init__()
         torch.manual_seed(0)
         self.conv = nn.Conv1d(12, 4, 5, stride=5)
+        self.everywhere = everywhere
+        self.init_args = {"everywhere": everywhere}
 
     def forward_features(self, x):
         out = self.conv(x)
-        out[(x.abs().sum(-1) > 0).all(dim=1)] = float("nan")
+        out[(x.abs().sum(-1) > 0).all(dim=1) | self.everywhere] = float("nan")
         return out
 
     def embed(self, x):
@@ -219,3 +221,8 @@ def test_streamed_tokens_leave_out_nonfinite_records_and_a_failed_extraction_lea
     assert isinstance(ts.tokens, np.memmap) and np.array_equal(np.asarray(ts.tokens), mem.tokens)
     assert [p.stat().st_size for p in out.glob("*.tokens")] == [mem.tokens.nbytes]   # rewritten without them
     assert ts.window_offsets[-1] == len(ts.tokens) and np.isfinite(np.asarray(ts.tokens)).all()
+    none = cached_tokens(_BlowsUpOnTwelveLeads(everywhere=True), cache, 100, 100, out, nonfinite="skip")
+    assert none.tokens.shape == (0, 4) and none.skipped.tolist() == [0, 1, 2, 3, 4]
+    again = cached_tokens(_BlowsUpOnTwelveLeads(everywhere=True), cache, 100, 100, out, nonfinite="skip")
+    assert again.tokens.shape == (0, 4) and again.key == none.key
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]            # no temporary left behind
