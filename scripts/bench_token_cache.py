@@ -1,0 +1,110 @@
+"""Peak memory and time of frozen-token extraction (the attention probe's input): collected in memory
+(``extract_tokens``) against streamed to the memory-mapped token cache (``cached_tokens``), each in a fresh process.
+
+Prints, per mode, the tokens (count x width, MB float16), the time, and the peak resident set size above the
+process's size once the encoder and the corpus are open, so the difference is what holding the tokens costs::
+
+    python scripts/bench_token_cache.py                                   # random 1-D ResNet, 300 synthetic records
+    python scripts/bench_token_cache.py --checkpoint runs/cnn_ssl/simclr_d3600/encoder \\
+        --cache cache/cinc2017-918a13402267 --window-seconds 10 --stride-seconds 5
+
+Figures (2026-12-05, 1 thread, CinC 2017 through the SimCLR 1-D ResNet, 10 s windows every 5 s, 454,624 tokens x
+256 = 222 MB): in memory +736 MB, streamed +233 MB, 27-28 s each (docs/BENCHMARK.md, attention probe).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _rss_mib() -> float:
+    """Peak resident set size of this process so far (VmHWM), MiB."""
+    import resource
+
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _child(args: argparse.Namespace) -> dict:
+    """One extraction in this process; the result as a dict."""
+    import time
+
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from ecgfm.data.cache import CorpusCache
+    from ecgfm.evaluate.features import cached_tokens, extract_tokens
+    from ecgfm.evaluate.sweep import resolve_checkpoint
+
+    torch.set_num_threads(args.threads)
+    cache = CorpusCache(args.cache)
+    fs = float(cache.manifest.get("spec", {}).get("fs") or 100.0)
+    window, stride = int(round(args.window_seconds * fs)), int(round(args.stride_seconds * fs))
+    backbone = resolve_checkpoint(args.checkpoint, window).backbone
+    base = _rss_mib()
+    t0 = time.perf_counter()
+    if args.mode == "memory":
+        ts = extract_tokens(backbone, cache, window, stride)
+    else:
+        ts = cached_tokens(backbone, cache, window, stride, tempfile.mkdtemp(prefix="bench_tokens_"))
+    seconds = time.perf_counter() - t0
+    return {"mode": args.mode, "array": type(ts.tokens).__name__, "tokens": int(ts.tokens.shape[0]), "dim": ts.dim,
+            "tokens_mb": ts.nbytes / 2**20, "seconds": seconds, "rss_before_mib": base,
+            "rss_above_mib": _rss_mib() - base}
+
+
+def _synthetic_cache(n: int, work: Path) -> Path:
+    sys.path.insert(0, str(ROOT))
+    from ecgfm.data.cache import prepare_corpus
+    from ecgfm.data.preprocess import PreprocessSpec
+    from ecgfm.data.synthetic import SyntheticSource
+
+    out = work / "synthetic"
+    prepare_corpus(SyntheticSource(n, seed=0, fs=100.0, duration=30.0), out, PreprocessSpec(fs=100), workers=0,
+                   progress=False)
+    return out
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", default="random:resnet1d_tiny", help="exported encoder or random:<backbone>")
+    ap.add_argument("--cache", default=None, help="a corpus cache folder (default: synthetic 30 s records)")
+    ap.add_argument("--records", type=int, default=300, help="synthetic records (without --cache)")
+    ap.add_argument("--window-seconds", type=float, default=10.0)
+    ap.add_argument("--stride-seconds", type=float, default=5.0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--mode", choices=["memory", "streamed"], default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.mode:                                      # the child: one extraction, JSON on the last line
+        print(json.dumps(_child(args)))
+        return []
+    with tempfile.TemporaryDirectory(prefix="bench_token_cache_") as work:
+        cache = args.cache or str(_synthetic_cache(args.records, Path(work)))
+        out = []
+        for mode in ("memory", "streamed"):
+            cmd = [sys.executable, __file__, "--mode", mode, "--checkpoint", args.checkpoint, "--cache", cache,
+                   "--window-seconds", str(args.window_seconds), "--stride-seconds", str(args.stride_seconds),
+                   "--threads", str(args.threads)]
+            res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            r = json.loads(res.stdout.strip().splitlines()[-1])
+            out.append(r)
+            print(f"{mode:<8} ({r['array']}): {r['tokens']:,} tokens x {r['dim']} = {r['tokens_mb']:.0f} MB float16 in "
+                  f"{r['seconds']:.1f} s; peak RSS {r['rss_above_mib']:.0f} MiB above the {r['rss_before_mib']:.0f} MiB "
+                  f"of the loaded encoder and corpus ({args.threads} thread(s))")
+    return out
+
+
+if __name__ == "__main__":
+    main()
