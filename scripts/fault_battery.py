@@ -980,6 +980,34 @@ def _features_truncated(tmp: Path, shared: Shared) -> Outcome:
     return c.result("recover", p)
 
 
+@fault("tokens_truncated_file", 10, "recover",
+       "the attention probe's memory-mapped token file truncated; probe.py detects it and recomputes the tokens")
+def _tokens_truncated(tmp: Path, shared: Shared) -> Outcome:
+    root = tmp / "cache"
+    shutil.copytree(probed_task(shared), root)
+    attention = ("probe.mode=attention", "probe.attention.epochs=2", "probe.attention.lrs=[0.001]")
+
+    def probe(results: str) -> Proc:
+        return run("probe.py", *TINY_PROBE, *attention, "checkpoint=random:resnet1d_test", f"paths.cache_root={root}",
+                   f"results_dir={tmp / results}", f"hydra.run.dir={tmp / ('h' + results)}")
+
+    first = probe("r1")
+    if first.rc != 0:
+        return Check().result("recover", first)
+    (tok,) = list((root / "features").glob("*.tokens"))
+    size = tok.stat().st_size
+    tok.write_bytes(tok.read_bytes()[: size // 2])
+    p = probe("r2")
+    c = Check()
+    if p.rc == 0:
+        c.that(re.search(rf"token cache .*recomputing", p.text) and tok.name in p.text,
+               "no 'recomputing' log line naming the token file")
+        again = list((root / "features").glob("*.tokens"))
+        c.that(len(again) == 1 and again[0].stat().st_size == size, "token file not rewritten at its full size")
+        c.that(list((tmp / "r2" / "cells").rglob("*.json")), "no cell written")
+    return c.result("recover", p)
+
+
 @fault("cache_index_missing", 10, "recover",
        "records.npy deleted and index.jsonl truncated in a task cache; probe.py rebuilds them")
 def _cache_index(tmp: Path, shared: Shared) -> Outcome:
