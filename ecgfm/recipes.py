@@ -43,6 +43,8 @@ LP_CS = (0.001, 0.01, 0.1, 1.0, 10.0, 100.0)
 #: accepted values of ``probe.mode`` and ``probe.aggregate`` (:mod:`ecgfm.evaluate.probe`).
 PROBE_MODES = ("linear", "mlp", "attention")
 PROBE_AGGREGATES = ("mean_embedding", "mean_std", "mean_prediction")
+#: accepted values of ``probe.side_features`` (record features appended to an encoder's, besides None).
+PROBE_SIDE_FEATURES = ("handcrafted",)
 #: accepted values of ``report`` (probe.py / finetune.py).
 REPORT_WHEN = ("auto", "always", "never")
 #: accepted values of explain.py's ``overlay`` and ``faithfulness.order``.
@@ -157,6 +159,10 @@ class ProbeRecipe:
         max_iter: L-BFGS iterations of the linear probe.
         mlp: MLP probe settings.
         attention: attention probe settings.
+        side_features: None, or ``"handcrafted"``: the handcrafted baseline's record features
+            (:mod:`ecgfm.evaluate.handcrafted`) appended to the encoder's aggregated record features (linear / MLP
+            heads, ``mean_embedding`` / ``mean_std``): does the encoder add information to RR / HRV features? Its
+            cells are a row of their own (``linear+handcrafted``), never the encoder's frozen probe.
     """
 
     mode: str = "linear"
@@ -166,6 +172,7 @@ class ProbeRecipe:
     max_iter: int = 1000
     mlp: ProbeMLPRecipe = field(default_factory=ProbeMLPRecipe)
     attention: ProbeAttentionRecipe = field(default_factory=ProbeAttentionRecipe)
+    side_features: Optional[str] = None
 
 
 # ----------------------------------------------------------------------------------------------- config schemas
@@ -436,6 +443,17 @@ def validate_probe_config(cfg: Any) -> DictConfig:
         raise ConfigError("probe.lrs", "is empty: the MLP probe needs at least one learning rate")
     if merged.probe.mode == "attention":
         _check_attention(merged)
+    if merged.probe.side_features is not None:
+        _one_of("probe.side_features", merged.probe.side_features, PROBE_SIDE_FEATURES)
+        if merged.probe.mode == "attention" or merged.probe.aggregate == "mean_prediction":
+            what = "probe.mode" if merged.probe.mode == "attention" else "probe.aggregate"
+            raise ConfigError("probe.side_features", f"record features are appended to one feature row per record; "
+                                                     f"{what}={merged.probe[what.split('.')[1]]!r} has none (use "
+                                                     f"a linear or MLP probe on mean_embedding or mean_std)")
+        if merged.save_classifier:
+            raise ConfigError("save_classifier", "a classifier artifact is a head on the encoder alone; with "
+                                                 "probe.side_features it would need the handcrafted features too: "
+                                                 "use save_classifier=false")
     if merged.save_classifier and (merged.probe.mode == "attention" or merged.probe.aggregate == "mean_std"):
         what = "probe.mode" if merged.probe.mode == "attention" else "probe.aggregate"
         raise ConfigError("save_classifier", f"a classifier artifact is a linear head on the mean window embedding; "

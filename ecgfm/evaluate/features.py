@@ -155,6 +155,36 @@ class FeatureSet(_SkippedRecords):
         return self.features[sel], pos[self.record[sel]]
 
 
+def with_record_features(fs: FeatureSet, side: FeatureSet, aggregate: str = "mean_embedding") -> FeatureSet:
+    """One row per record: the encoder's aggregated record features (``aggregate``: ``mean_embedding`` -> mean,
+    ``mean_std`` -> mean and std of its window embeddings) followed by ``side``'s record means (e.g. the handcrafted
+    baseline's whole-record features, :func:`ecgfm.evaluate.handcrafted.cached_handcrafted`), ``(N, D + D_side)``.
+    A record skipped by either is skipped (and has no row).
+
+    Args:
+        fs: window embeddings of the corpus.
+        side: record features of the same corpus (same cache rows).
+        aggregate: ``mean_embedding`` or ``mean_std``.
+
+    Returns:
+        A :class:`FeatureSet` with one window per kept record; its key joins both keys.
+    """
+    if fs.n_records != side.n_records:
+        raise ValueError(f"record features of another corpus: {fs.n_records} records here, {side.n_records} in the "
+                         f"side features")
+    if aggregate not in ("mean_embedding", "mean_std"):
+        raise ValueError(f"aggregate must be mean_embedding or mean_std to append record features, got {aggregate!r}")
+    own = fs.record_means() if aggregate == "mean_embedding" else fs.record_stats()
+    skipped = np.union1d(np.asarray(fs.skipped, np.int64), np.asarray(side.skipped, np.int64))
+    has = np.zeros(fs.n_records, bool)
+    has[np.intersect1d(fs.record, side.record)] = True
+    has[skipped] = False
+    rows = np.flatnonzero(has)
+    feats = np.concatenate([own[rows], side.record_means()[rows]], axis=1).astype(np.float32)
+    return FeatureSet(features=feats, record=rows.astype(np.int64), n_records=fs.n_records,
+                      key=f"{fs.key}+{side.key}", seconds=fs.seconds + side.seconds, skipped=skipped)
+
+
 def accepts_lead_mask(backbone: nn.Module) -> bool:
     """Whether ``backbone.embed`` takes ``lead_mask`` (class attribute ``accepts_lead_mask`` or the signature)."""
     if getattr(backbone, "accepts_lead_mask", False):

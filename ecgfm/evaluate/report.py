@@ -52,7 +52,11 @@ TIDY_COLUMNS = ["mode", "task", "dataset", "split", "label", "method", "checkpoi
 SUMMARY_METRICS = ("macro_auroc", "macro_f1", "fmax", "accuracy")
 MODE_NAMES = {"linear": "linear probe", "mlp": "MLP probe", "attention": "attention probe", "finetune": "fine-tune",
               "linear+mean_std": "linear probe, mean+std", "mlp+mean_std": "MLP probe, mean+std",
-              "linear+mean_prediction": "linear probe, window-level", "mlp+mean_prediction": "MLP probe, window-level"}
+              "linear+mean_prediction": "linear probe, window-level", "mlp+mean_prediction": "MLP probe, window-level",
+              "linear+handcrafted": "linear probe + handcrafted features",
+              "mlp+handcrafted": "MLP probe + handcrafted features",
+              "linear+mean_std+handcrafted": "linear probe, mean+std + handcrafted features",
+              "mlp+mean_std+handcrafted": "MLP probe, mean+std + handcrafted features"}
 GROUP_KEYS = ["task", "dataset", "split", "mode", "label", "method", "backbone", "checkpoint_id", "recipe_id",
               "fraction"]
 
@@ -600,9 +604,11 @@ def _rows_at(summ: pd.DataFrame, task: str, mode: str, fraction: float, labels: 
     return sel.sort_values("mean", ascending=False)
 
 
-#: frozen-feature probe modes (:func:`ecgfm.evaluate.sweep.probe_variant`): every mode but fine-tuning
+#: frozen-feature probe modes of an encoder alone (:func:`ecgfm.evaluate.sweep.probe_variant`): every mode but
+#: fine-tuning and the probes that also see the handcrafted features (``...+handcrafted``: their own rows, never
+#: "the SSL encoder's frozen probe" of the acceptance criteria)
 def _is_probe_mode(mode: Any) -> bool:
-    return isinstance(mode, str) and mode != "finetune"
+    return isinstance(mode, str) and mode != "finetune" and not mode.endswith("+handcrafted")
 
 
 def _best_probe_on_val(cells: list[dict[str, Any]], summ: pd.DataFrame, task: str, fraction: float,

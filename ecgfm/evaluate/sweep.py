@@ -318,14 +318,14 @@ def _container(node: Any) -> Any:
         else node
 
 
-def probe_variant(mode: str, aggregate: str) -> str:
+def probe_variant(mode: str, aggregate: str, side_features: str | None = None) -> str:
     """The ``mode`` of a probe cell (its folder under ``cells/`` and its row in the tables): the head, plus the record
     aggregation when it is not the default mean window embedding (``linear``, ``mlp``, ``attention``,
-    ``linear+mean_std``, ``mlp+mean_prediction``, ...), so that variants in one ``results_dir`` are rows of their
-    own instead of overwriting each other's cells. The attention probe pools by itself."""
-    if mode == "attention" or aggregate == "mean_embedding":
-        return mode
-    return f"{mode}+{aggregate}"
+    ``linear+mean_std``, ``mlp+mean_prediction``, ...), plus ``+handcrafted`` when the handcrafted features are
+    appended (``probe.side_features``), so that variants in one ``results_dir`` are rows of their own instead of
+    overwriting each other's cells. The attention probe pools by itself."""
+    base = mode if mode == "attention" or aggregate == "mean_embedding" else f"{mode}+{aggregate}"
+    return base if not side_features else f"{base}+{side_features}"
 
 
 def cell_path(results_dir: str | os.PathLike, mode: str, task: str, checkpoint: str, fraction: float, seed: int,
@@ -450,6 +450,8 @@ def _probe_recipe(probe: dict[str, Any]) -> dict[str, Any]:
     it), and the aggregation (``mean_embedding`` / ``mean_std`` / ``mean_prediction``; the attention probe pools
     by itself)."""
     unused = _PROBE_UNUSED.get(str(probe.get("mode", "linear")), ())
+    if probe.get("side_features") is None:      # the default leaves the identity of cells written before it
+        unused = (*unused, "side_features")
     return {k: v for k, v in probe.items() if k not in unused}
 
 
@@ -596,7 +598,8 @@ def probe_main(cfg: DictConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     validate_probe_config(cfg)  # ConfigError naming the key (probe.Cs=x, +probe.foo=1)
     mode = str(cfg.probe.mode)
-    ctx = _context(cfg, probe_variant(mode, str(cfg.probe.aggregate)))
+    side = cfg.probe.get("side_features")
+    ctx = _context(cfg, probe_variant(mode, str(cfg.probe.aggregate), side))
     checkpoint = str(cfg.checkpoint)
     if checkpoint.startswith("supervised:"):
         raise EvaluationError(f"checkpoint {checkpoint!r}: 'supervised:' is a fine-tuning baseline (supervised "
@@ -607,6 +610,9 @@ def probe_main(cfg: DictConfig) -> dict[str, Any]:
     if desc.kind == HANDCRAFTED and bool(cfg.get("save_classifier", False)):
         raise EvaluationError(f"checkpoint {checkpoint!r}: save_classifier=true needs an encoder; the handcrafted "
                               f"baseline has no network to save (run it with save_classifier=false)")
+    if desc.kind == HANDCRAFTED and side:
+        raise EvaluationError(f"checkpoint {checkpoint!r}: probe.side_features={side} appends the handcrafted "
+                              f"features to an encoder's; the handcrafted baseline already is them")
     if desc.kind == HANDCRAFTED and mode == "attention":
         raise EvaluationError(f"checkpoint {checkpoint!r}: probe.mode=attention pools an encoder's frozen tokens; the "
                               f"handcrafted baseline has one feature row per record (use probe.mode=linear or mlp)")
@@ -650,6 +656,15 @@ def probe_main(cfg: DictConfig) -> dict[str, Any]:
                              batch_size=int(cfg.features.batch_size), device=str(cfg.device), encoder_fp=efp,
                              lead_aware=lead_aware)
             external[f"external:{ext.dataset}"] = (efeats, ext.labels, ext.splits["test"])
+    aggregate = str(probe_cfg.aggregate)
+    if side:                       # encoder record features + the handcrafted ones: one row per record
+        from ecgfm.evaluate.features import with_record_features
+        from ecgfm.evaluate.handcrafted import cached_handcrafted
+
+        feats = with_record_features(feats, cached_handcrafted(task.cache, feat_dir), aggregate)
+        external = {k: (with_record_features(f, cached_handcrafted(ext.cache, feat_dir), aggregate), y, rows)
+                    for k, (f, y, rows) in external.items()} if ext is not None else {}
+        aggregate = "mean_embedding"
     from ecgfm.evaluate.probe import ProbeData, run_probe_grid
 
     data = ProbeData(features=feats, labels=task.labels, splits=task.splits, multilabel=task.multilabel,
@@ -671,7 +686,7 @@ def probe_main(cfg: DictConfig) -> dict[str, Any]:
         fracs = [f for f, s in todo if s == seed]
         results = run_probe_grid(
             data, fractions=fracs, seeds=[seed], mode=mode, Cs=[float(c) for c in probe_cfg.Cs],
-            lrs=[float(x) for x in probe_cfg.lrs], aggregate=str(probe_cfg.aggregate),
+            lrs=[float(x) for x in probe_cfg.lrs], aggregate=aggregate,
             n_boot=int(cfg.bootstrap.n), bootstrap_seed=int(cfg.bootstrap.seed), max_iter=int(probe_cfg.max_iter),
             mlp_kwargs=_container(probe_cfg.mlp) or {},
             attention_kwargs=dict(_container(probe_cfg.get("attention")) or {}, device=str(cfg.device)))
@@ -680,7 +695,7 @@ def probe_main(cfg: DictConfig) -> dict[str, Any]:
                         hparam=r["hparam"], grid=r["grid"], val_macro_auroc=r["val_macro_auroc"],
                         results={"test": r["test"], **r["external"]}, seconds=r["seconds"],
                         probe={"aggregate": "attention" if mode == "attention" else str(probe_cfg.aggregate),
-                               "head": mode},
+                               "head": mode, **({"side_features": side} if side else {})},
                         predictions=_predictions(r["predictions"], task, ext))
             p = cell_path(ctx.results_dir, ctx.mode, task.name, checkpoint, r["fraction"], r["seed"], eval_name)
             if bool(cfg.get("save_classifier", False)):

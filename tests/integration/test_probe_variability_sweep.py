@@ -144,3 +144,34 @@ def test_finetune_rebuilds_a_vit_for_windows_longer_than_its_seq_len(work):
     np.testing.assert_allclose(got, np.asarray(pred["scores"][:8]), rtol=0, atol=1e-5)
     with pytest.raises(EvaluationError, match=r"seq_len=100 .*300 samples"):
         finetune_main(refused)
+
+
+def test_handcrafted_side_features_are_their_own_row_and_keep_older_identities(work):
+    plain = _cell(probe_main(_cfg(work, "probe.Cs=[1.0]")))
+    again = _cell(probe_main(_cfg(work, "probe.Cs=[1.0]", "probe.side_features=null", "overwrite=true")))
+    assert again["recipe_id"] == plain["recipe_id"]               # the default keeps identities written before it
+    out = probe_main(_cfg(work, "probe.Cs=[1.0]", "probe.side_features=handcrafted"))
+    both = _cell(out)
+    assert both["mode"] == "linear+handcrafted" and "/linear+handcrafted/" in out["cells_written"][0]
+    assert both["probe"] == {"aggregate": "mean_embedding", "head": "linear", "side_features": "handcrafted"}
+    assert both["recipe_id"] != plain["recipe_id"] and both["feature_key"].startswith(plain["feature_key"] + "+hc-")
+    assert both["checkpoint_id"] == plain["checkpoint_id"] and both["results"]["test"]["macro_auroc"]["value"] > 0.5
+    std = _cell(probe_main(_cfg(work, "probe.Cs=[1.0]", "probe.aggregate=mean_std", "probe.side_features=handcrafted")))
+    assert std["mode"] == "linear+mean_std+handcrafted" and std["recipe_id"] != both["recipe_id"]
+
+
+@pytest.mark.parametrize("override, key, match", [
+    (["probe.side_features=rr"], "probe.side_features", "handcrafted"),
+    (["probe.side_features=handcrafted", "probe.aggregate=mean_prediction"], "probe.side_features", "mean_prediction"),
+    (["probe.side_features=handcrafted", "probe.mode=attention"], "probe.side_features", "attention"),
+    (["probe.side_features=handcrafted", "save_classifier=true"], "save_classifier", "handcrafted"),
+])
+def test_side_features_refuse_what_has_no_record_row(work, override, key, match):
+    with pytest.raises(ConfigError, match=match) as e:
+        validate_probe_config(_cfg(work, *override))
+    assert e.value.key == key
+
+
+def test_side_features_are_refused_for_the_handcrafted_baseline(work):
+    with pytest.raises(EvaluationError, match="already is them"):
+        probe_main(_cfg(work, "checkpoint=handcrafted", "probe.side_features=handcrafted"))

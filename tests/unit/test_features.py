@@ -204,3 +204,25 @@ def test_lead_aware_extraction_of_a_twelve_lead_cache_keeps_its_key(cache, tmp_p
     b = cached_features(vit, cache, 100, 100, tmp_path / "f", lead_aware=False)
     assert a.key == b.key and F.STATS["cache_hits"] >= 1
     np.testing.assert_array_equal(a.features, extract_features(vit, cache, 100, 100, lead_aware=False).features)
+
+
+def test_record_features_are_appended_per_record_and_skips_are_joined():
+    from ecgfm.evaluate.features import FeatureSet, with_record_features
+
+    fs = FeatureSet(features=np.arange(12, dtype=np.float32).reshape(6, 2), record=np.array([0, 0, 1, 1, 3, 3]),
+                    n_records=4, key="enc", skipped=np.array([2]))
+    side = FeatureSet(features=np.array([[10.0], [11.0], [13.0]], np.float32), record=np.array([0, 1, 3]),
+                      n_records=4, key="hc", skipped=np.zeros(0, np.int64))
+    out = with_record_features(fs, side)
+    assert out.record.tolist() == [0, 1, 3] and out.skipped.tolist() == [2] and out.key == "enc+hc"
+    np.testing.assert_allclose(out.features, [[1, 2, 10], [5, 6, 11], [9, 10, 13]])
+    stats = with_record_features(fs, side, "mean_std")
+    np.testing.assert_allclose(stats.features[0], [1, 2, 1, 1, 10])           # mean, std, side
+    side.skipped = np.array([1])                                               # skipped by the side features
+    side.record = np.array([0, 3])
+    side.features = side.features[[0, 2]]
+    assert with_record_features(fs, side).record.tolist() == [0, 3]
+    with pytest.raises(ValueError, match="another corpus"):
+        with_record_features(fs, FeatureSet(features=side.features, record=side.record, n_records=5))
+    with pytest.raises(ValueError, match="mean_embedding or mean_std"):
+        with_record_features(fs, side, "mean_prediction")

@@ -215,3 +215,17 @@ def test_one_checkpoint_as_the_reference_of_others_of_its_method(tmp_path):
     assert set(mean["baseline"]) == {labels["real/encoder"]} and set(mean["fraction"]) == {1.0}
     big = mean[mean["label"] == labels["df100k/encoder"]].iloc[0]
     assert big["ci_low"] > 0 and big["n_seeds"] == 2 and len(per_seed) == 4
+
+
+def test_probes_with_handcrafted_side_features_never_count_as_the_encoders_probe(tmp_path):
+    res = tmp_path / "results"
+    _acceptance_cells(res, ssl_ptb_probe=0.0)   # PTB-XL probes of the encoders alone: ~0.5, criterion 3 missed
+    for seed in (0, 1):                         # ... the same encoder with the handcrafted features: far better
+        _cell(res, method="mae", mode="linear+handcrafted", strength=4.0, recipe="rhc", ckpt="mae",
+              task="ptbxl_super", seed=seed, fraction=1.0)
+    assert not R._is_probe_mode("linear+handcrafted") and not R._is_probe_mode("mlp+mean_std+handcrafted")
+    assert R._is_probe_mode("linear+mean_std") and not R._is_probe_mode("finetune")
+    out = R.build_report(res, plot=False, n_boot=100)
+    assert out["acceptance"][2]["status"] == "MISSED" and "+ handcrafted" not in out["acceptance"][2]["evidence"]
+    md = Path(out["markdown"]).read_text()
+    assert "linear probe + handcrafted features" in md        # still its own row of the table
