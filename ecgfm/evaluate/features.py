@@ -43,7 +43,7 @@ per-record offsets. Tokens are what the pooled embedding averages: a ViT's patch
 present leads' patch tokens only; SEP tokens excluded), HuBERT-ECG's frames, a CNN's final feature-map positions
 (``(B, C, T') -> T'`` tokens of width ``C``). Cost on disk: records x windows x tokens per window x dim x 2 bytes
 (CinC 2017 with a 1-lead ViT of width 192, 2.5 s windows of 10 patches: 33,262 windows x 10 x 192 x 2 B = 128 MB; a
-12-lead record multiplies the tokens per window by 12; the 1-D ResNet at 5 s strides: 233 MB). The tokens are not
+12-lead record multiplies the tokens per window by 12; the 1-D ResNet at 5 s strides: 233 MB = 222 MiB). The tokens are not
 held in memory: :func:`cached_tokens` streams them batch by batch into a raw float16 file
 ``<key>.<nonce>.tokens`` and hands back a read-only ``np.memmap`` of it, so extraction needs memory for one batch
 and the attention probe pages in the records of its current minibatch, whatever the corpus size. ``<key>.npz`` holds
@@ -672,7 +672,8 @@ def extract_tokens(backbone: nn.Module, cache: Any, window: int, stride: int, ba
     except BaseException:
         sink.close()
         if tokens_path is not None:
-            Path(tokens_path).unlink(missing_ok=True)
+            for left in (Path(tokens_path), Path(f"{tokens_path}.keep")):   # the stream and its rewrite
+                left.unlink(missing_ok=True)
         raise
     finally:
         model.train(was_training)
