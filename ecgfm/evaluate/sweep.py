@@ -663,7 +663,7 @@ def probe_main(cfg: DictConfig) -> dict[str, Any]:
 
         feats = with_record_features(feats, cached_handcrafted(task.cache, feat_dir), aggregate)
         external = {k: (with_record_features(f, cached_handcrafted(ext.cache, feat_dir), aggregate), y, rows)
-                    for k, (f, y, rows) in external.items()} if ext is not None else {}
+                    for k, (f, y, rows) in external.items()}       # only with eval_data: ext is set
         aggregate = "mean_embedding"
     from ecgfm.evaluate.probe import ProbeData, run_probe_grid
 
