@@ -1000,7 +1000,7 @@ def _tokens_truncated(tmp: Path, shared: Shared) -> Outcome:
     p = probe("r2")
     c = Check()
     if p.rc == 0:
-        c.that(re.search(rf"token cache .*recomputing", p.text) and tok.name in p.text,
+        c.that(re.search(r"token cache .*recomputing", p.text) and tok.name in p.text,
                "no 'recomputing' log line naming the token file")
         again = list((root / "features").glob("*.tokens"))
         c.that(len(again) == 1 and again[0].stat().st_size == size, "token file not rewritten at its full size")
