@@ -376,6 +376,8 @@ class CropDataset(Dataset):
         on_skip: what replaces the crop of a skipped record: ``"replace"`` (the next record of ``indices`` with
             finite values, same crop position: the batch keeps its size, for training) or ``"drop"`` (the batch
             gets smaller: evaluation never scores a record on another record's signal).
+        targets: optional ``(len(pool), F)`` float32 record-level pretext targets (NaN where unknown), returned
+            as ``t (B, F)``.
 
     Every batch is checked (:func:`_nonfinite_rows`: one sum, the per-row check only when it is not finite); a
     record found with NaN / Inf in a crop is remembered (:meth:`CachePool.mark_nonfinite`) and skipped for the
@@ -385,7 +387,8 @@ class CropDataset(Dataset):
 
     def __init__(self, pool: CachePool, indices: np.ndarray, crop_samples: int, views: str = "single",
                  labels: np.ndarray | None = None, with_patient: bool = True, nonfinite: str = "error",
-                 on_skip: str = "replace", counter: NonFiniteCounter | None = None):
+                 on_skip: str = "replace", counter: NonFiniteCounter | None = None,
+                 targets: np.ndarray | None = None):
         if on_skip not in ("replace", "drop"):
             raise ValueError(f"on_skip must be 'replace' or 'drop', got {on_skip!r}")
         self.nonfinite, self.on_skip = _check_nonfinite_mode(nonfinite), on_skip
@@ -396,6 +399,9 @@ class CropDataset(Dataset):
             raise ValueError(f"crop_samples must be >= 1, got {crop_samples}")
         self.pool, self.indices = pool, np.asarray(indices, dtype=np.int64)
         self.crop, self.views, self.labels, self.with_patient = int(crop_samples), views, labels, with_patient
+        if targets is not None and (targets.ndim != 2 or len(targets) != len(pool)):
+            raise ValueError(f"targets must be (len(pool)={len(pool)}, F), got {targets.shape}")
+        self.targets = None if targets is None else np.asarray(targets, dtype=np.float32)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -454,6 +460,8 @@ class CropDataset(Dataset):
             fields["patient"] = ((n,), torch.int64)
         if self.labels is not None:
             fields["y"] = (tuple((n,) + self.labels.shape[1:]), torch.from_numpy(self.labels[:0]).dtype)
+        if self.targets is not None:
+            fields["t"] = ((n, self.targets.shape[1]), torch.float32)
         batch = batch_buffers(fields)
         out = {k: t.numpy() for k, t in batch.items()}
         flats = self.indices[ks]
@@ -488,6 +496,8 @@ class CropDataset(Dataset):
                 out["patient"][rows] = fields_c["patient"][local]
         if self.labels is not None:
             out["y"][:] = self.labels[flats]
+        if self.targets is not None:
+            out["t"][:] = self.targets[flats]
         return batch
 
 
@@ -615,6 +625,9 @@ class PretrainDataModule(LightningDataModule):
             or a list of class names (looked up with :meth:`CorpusCache.labels_matrix` in every cache). Batches
             then carry ``y (B, C)`` float32.
         samples_per_epoch: draws per epoch over all ranks (None: the number of training records).
+        record_targets: optional ``(N_total, F)`` float32 record-level pretext targets over the concatenated
+            caches, NaN where unknown (e.g. :func:`ecgfm.evaluate.handcrafted.pretext_targets`); batches then
+            carry ``t (B, F)``, the targets of each crop's record.
         pin_memory, persistent_workers, drop_last: DataLoader options (drop_last for training only).
         rank, world_size: override ``torch.distributed`` (tests).
         nonfinite: a crop holding NaN / Inf (a damaged cache) raises
@@ -628,10 +641,12 @@ class PretrainDataModule(LightningDataModule):
                  batch_size: int = 32, num_workers: int = 0, val_fraction: float = 0.05, seed: int = 0,
                  probe_labels: np.ndarray | Sequence[str] | None = None, samples_per_epoch: int | None = None,
                  pin_memory: bool = False, persistent_workers: bool = True, drop_last: bool = True,
-                 rank: int | None = None, world_size: int | None = None, nonfinite: str = "error"):
+                 rank: int | None = None, world_size: int | None = None, nonfinite: str = "error",
+                 record_targets: np.ndarray | None = None):
         super().__init__()
         self.nonfinite = _check_nonfinite_mode(nonfinite)
         self._counters = {k: NonFiniteCounter(int(num_workers) + 1) for k in ("train", "val")}
+        self.record_targets = record_targets
         if isinstance(cache_dirs, (str, os.PathLike)):
             cache_dirs = [cache_dirs]
         self.cache_dirs = [str(c) for c in cache_dirs]
@@ -675,6 +690,11 @@ class PretrainDataModule(LightningDataModule):
                 self.labels = np.asarray(pl, dtype=np.float32)
             if self.labels.ndim != 2 or len(self.labels) != len(pool):
                 raise ValueError(f"probe_labels must be (N_total={len(pool)}, C), got {self.labels.shape}")
+        if self.record_targets is not None:
+            t = np.asarray(self.record_targets, dtype=np.float32)
+            if t.ndim != 2 or len(t) != len(pool):
+                raise ValueError(f"record_targets must be (N_total={len(pool)}, F), got {t.shape}")
+            self.record_targets = t
         self.pool = pool
 
     @property
@@ -686,7 +706,8 @@ class PretrainDataModule(LightningDataModule):
     def train_dataset(self) -> CropDataset:
         self.setup()
         return CropDataset(self.pool, np.concatenate(self.train_pools), self.crop_samples, self.views,
-                           self.labels, nonfinite=self.nonfinite, on_skip="replace", counter=self._counters["train"])
+                           self.labels, nonfinite=self.nonfinite, on_skip="replace", counter=self._counters["train"],
+                           targets=self.record_targets)
 
     def nonfinite_report(self) -> dict[str, Any]:
         """Non-finite crops skipped so far (``nonfinite="skip"``), over all loader workers of this process:
@@ -711,7 +732,8 @@ class PretrainDataModule(LightningDataModule):
         if len(self.val_indices) == 0:
             return []
         ds = CropDataset(self.pool, self.val_indices, self.crop_samples, self.views, self.labels,
-                         nonfinite=self.nonfinite, on_skip="drop", counter=self._counters["val"])
+                         nonfinite=self.nonfinite, on_skip="drop", counter=self._counters["val"],
+                         targets=self.record_targets)
         return _loader(ds, self.batch_size, self.num_workers, self.persistent_workers, self.pin_memory)
 
 

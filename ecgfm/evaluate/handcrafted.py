@@ -46,7 +46,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -349,3 +349,61 @@ def cached_handcrafted(cache: Any, feature_dir: str | os.PathLike, nonfinite: st
     fs.key = key
     _save_features(path, fs, 0, 0)
     return fs
+
+
+def pretext_targets(caches: Sequence[Any], feature_dir: str | os.PathLike, max_seconds: float = 60.0,
+                    clip: float = 5.0, nonfinite: str = "error") -> np.ndarray:
+    """Standardised handcrafted features of every record of a pretraining pool, as self-supervised targets.
+
+    A pretraining method may regress these from its crops' embeddings (``SimCLRModule(aux_targets=
+    "handcrafted")``): the targets are computed from the signal alone (no label), like MaskFeat's HOG targets
+    (Wei et al. 2022, "Masked feature prediction for self-supervised visual pre-training"), and ask the encoder to
+    keep the beat-timing and morphology statistics that rhythm classes depend on. Every entry is record-level; a
+    crop is shorter than its record, so records longer than ``max_seconds`` (Holter-like recordings whose rhythm
+    may change) get no target.
+
+    Per column: robust standardisation over the records that have a value (median, IQR / 1.349; a column
+    without spread is only centred), clipped to ``[-clip, clip]`` so that a few extreme records do not dominate
+    the squared error. Unknown entries are NaN (:func:`ecgfm.losses.masked_target_mse` skips them): a feature
+    group flagged missing by its indicator, a record too long, a record skipped for non-finite input.
+
+    Args:
+        caches: the pool's caches in :class:`~ecgfm.data.datamodules.CachePool` order.
+        feature_dir: on-disk cache of the handcrafted features (:func:`cached_handcrafted`).
+        max_seconds: longest record that gets targets.
+        clip: bound of the standardised values.
+        nonfinite: ``"error"`` or ``"skip"`` (see :func:`extract_handcrafted`).
+
+    Returns:
+        ``(N_total, len(FEATURE_NAMES))`` float32.
+    """
+    if max_seconds <= 0 or clip <= 0:
+        raise ValueError(f"max_seconds and clip must be > 0, got {max_seconds}, {clip}")
+    blocks = []
+    for cache in caches:
+        feats = cached_handcrafted(cache, feature_dir, nonfinite=nonfinite)
+        block = np.full((len(cache), len(FEATURE_NAMES)), np.nan, dtype=np.float64)
+        block[feats.record] = feats.features
+        for names, indicator in _GROUPS:
+            cols = [FEATURE_NAMES.index(n) for n in names]
+            missing = block[:, FEATURE_NAMES.index(indicator)] > 0.5
+            block[np.ix_(missing, cols)] = np.nan
+        seconds = np.asarray(cache.columns()["n_samples"], dtype=np.float64) / float(cache.fs)
+        block[seconds > max_seconds] = np.nan
+        blocks.append(block)
+    raw = np.concatenate(blocks) if blocks else np.zeros((0, len(FEATURE_NAMES)))
+    out = np.full(raw.shape, np.nan, dtype=np.float32)
+    for j in range(raw.shape[1]):
+        col = raw[:, j]
+        known = np.isfinite(col)
+        if not known.any():
+            continue
+        q25, q50, q75 = np.percentile(col[known], [25, 50, 75])
+        scale = (q75 - q25) / 1.349
+        if not scale > 0:
+            scale = float(np.std(col[known])) or 1.0
+        out[known, j] = np.clip((col[known] - q50) / scale, -clip, clip)
+    n_rows = int(np.isfinite(out).any(axis=1).sum())
+    log.info("handcrafted pretext targets: %d of %d records, %.0f %% of the entries known", n_rows, len(out),
+             100.0 * float(np.isfinite(out).mean()) if out.size else 0.0)
+    return out

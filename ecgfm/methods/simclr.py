@@ -3,6 +3,12 @@
 Two augmented views of every crop are encoded by the backbone, projected by an MLP head and pulled together with
 NT-Xent against the other ``2N - 2`` embeddings of the (DDP-global) batch.
 
+Optional pretext regression (``aux_targets="handcrafted"``): a linear head on the backbone embedding of every view
+regresses record-level rhythm and morphology statistics computed from the signal
+(:func:`ecgfm.evaluate.handcrafted.pretext_targets`, batch key ``t``), with weight ``aux_weight`` beside NT-Xent.
+The targets use no label; they ask the encoder to keep beat timing, which augmentation invariance alone may wash
+out (MaskFeat's HOG targets are the image counterpart: Wei et al. 2022).
+
 Augmentation randomness: with ``aug_seed=None`` the augmentations draw from torch's global generator, which the
 training pipeline reseeds from ``(seed, rank, step)`` before every step (:class:`ecgfm.train.loop.StepSeedCallback`),
 so a resumed run draws what an uninterrupted one would. With a fixed ``aug_seed`` the module keeps its own
@@ -22,9 +28,13 @@ from torch import nn
 from ecgfm.augment import make_generator, simclr_augment
 from ecgfm.heads import ProjectionHead
 from ecgfm.losses.contrastive import nt_xent
+from ecgfm.losses.regression import masked_target_mse
 from ecgfm.methods.base import PretrainModule
 
-__all__ = ["SimCLRModule", "AUG_STATE_KEY"]
+__all__ = ["SimCLRModule", "AUG_STATE_KEY", "AUX_TARGETS"]
+
+#: pretext targets a SimCLR run may regress besides NT-Xent (``aux_targets``)
+AUX_TARGETS = ("handcrafted",)
 
 #: checkpoint entry holding the training augmentation generators: ``{"aug_seed": int, "device_type": str,
 #: "states": [uint8 tensor per rank]}`` (plain data and tensors: loads with ``weights_only=True``)
@@ -57,6 +67,11 @@ class SimCLRModule(PretrainModule):
         lead_aware: for backbones whose ``embed`` takes ``lead_mask`` (ViT-1D), encode only the record's present
             leads (as frozen features and fine-tuning see them downstream; a one-lead record costs ~1/12).
             False: absent leads are encoded as zero leads.
+        aux_targets: ``None`` (plain SimCLR) or ``"handcrafted"``: also regress the batch's record-level pretext
+            targets ``t (B, aux_dim)`` from each view's backbone embedding with a linear head (the training
+            pipeline computes the targets and passes ``aux_dim``).
+        aux_dim: number of pretext targets (required with ``aux_targets``).
+        aux_weight: weight of the regression loss (:func:`~ecgfm.losses.masked_target_mse`) beside NT-Xent.
         lr, weight_decay, warmup_steps, max_steps, betas, probe_num_classes, probe_multilabel: see
             :class:`~ecgfm.methods.base.PretrainModule`.
     """
@@ -69,7 +84,8 @@ class SimCLRModule(PretrainModule):
                  aug_seed: int | None = 0, lr: float = 1e-3, weight_decay: float = 0.05, warmup_steps: int = 100,
                  max_steps: int = 10000, betas: tuple[float, float] = (0.9, 0.95),
                  probe_num_classes: int | None = None, probe_multilabel: bool = False,
-                 lead_aware: bool = True) -> None:
+                 lead_aware: bool = True, aux_targets: str | None = None, aux_dim: int | None = None,
+                 aux_weight: float = 1.0) -> None:
         super().__init__(backbone, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
                          max_steps=max_steps, betas=betas, probe_num_classes=probe_num_classes,
                          probe_multilabel=probe_multilabel)
@@ -78,6 +94,13 @@ class SimCLRModule(PretrainModule):
         self.temperature = float(temperature)
         self.lead_aware = bool(lead_aware)
         self.projector = ProjectionHead(int(backbone.num_features), proj_hidden, proj_dim, num_layers=proj_layers)
+        if aux_targets is not None and aux_targets not in AUX_TARGETS:
+            raise ValueError(f"aux_targets must be None or one of {AUX_TARGETS}, got {aux_targets!r}")
+        if aux_targets is not None and (aux_dim is None or int(aux_dim) < 1 or not float(aux_weight) > 0):
+            raise ValueError(f"aux_targets={aux_targets!r} needs aux_dim >= 1 and aux_weight > 0, got aux_dim="
+                             f"{aux_dim}, aux_weight={aux_weight}")
+        self.aux_targets, self.aux_weight = aux_targets, float(aux_weight)
+        self.aux_head = None if aux_targets is None else nn.Linear(int(backbone.num_features), int(aux_dim))
         self.augment = simclr_augment(fs=fs, crop_scale=tuple(crop_scale), p_crop=p_crop,
                                       noise_snr_db=tuple(noise_snr_db), p_noise=p_noise, p_amplitude=p_amplitude,
                                       p_wander=p_wander, p_powerline=p_powerline, p_time_mask=p_time_mask,
@@ -179,16 +202,23 @@ class SimCLRModule(PretrainModule):
     def shared_step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
         """NT-Xent of the projections of two augmented views.
 
+        With ``aux_targets``, the loss adds ``aux_weight`` times the masked MSE of the pretext head's predictions
+        from both views' embeddings against the batch's targets ``t (B, F)``.
+
         Returns:
             ``(loss, {"pos_sim": mean cosine of positive pairs, "acc": top-1 positive retrieval in the local
-            batch})``.
+            batch})``; with ``aux_targets`` also ``"nt_xent"`` and ``"aux_mse"`` (the two parts of the loss).
         """
+        if self.aux_head is not None and "t" not in batch:
+            raise ValueError(f"aux_targets={self.aux_targets!r}: the batch holds no pretext targets 't' (build the "
+                             "data module with record_targets, as the training pipeline does)")
         v1, v2 = self.views(batch)
         n = v1.shape[0]
         lead_mask = batch.get("lead_mask")
         if lead_mask is not None:
             lead_mask = torch.cat([lead_mask, lead_mask])
-        z = self.projector(self.embed_batch(torch.cat([v1, v2]), lead_mask))  # both views in one pass: (2B, proj)
+        h = self.embed_batch(torch.cat([v1, v2]), lead_mask)               # both views in one pass: (2B, D)
+        z = self.projector(h)                                              # (2B, proj)
         z1, z2 = z[:n], z[n:]
         loss = nt_xent(z1, z2, temperature=self.temperature)
         with torch.no_grad():
@@ -196,4 +226,9 @@ class SimCLRModule(PretrainModule):
             sim = u1 @ u2.T
             acc = (sim.argmax(1) == torch.arange(n, device=sim.device)).float().mean()
             terms = {"pos_sim": sim.diagonal().mean(), "acc": acc}
+        if self.aux_head is not None:
+            t = batch["t"]
+            aux = masked_target_mse(self.aux_head(h), torch.cat([t, t]))  # each view predicts its record's targets
+            terms.update(nt_xent=loss.detach(), aux_mse=aux.detach())
+            loss = loss + self.aux_weight * aux
         return loss, terms

@@ -21,7 +21,7 @@ from ecgfm.train.loop import LossHistory, StepSeedCallback, ThroughputCallback
 from ecgfm.train.safety import NonFiniteGuard
 
 __all__ = ["compile_backbone", "data_rate", "check_backbone_fits_crop", "build_callbacks", "build_logger",
-           "log_dir"]
+           "log_dir", "pretext_targets_for"]
 
 
 def compile_backbone(backbone: torch.nn.Module) -> torch.nn.Module:
@@ -61,6 +61,30 @@ def data_rate(cache_dirs: Sequence[str], cfg: DictConfig) -> tuple[PreprocessSpe
         raise ConfigError("preprocess.fs", "is needed to convert crop_seconds to samples when the data node has no "
                                            "caches")
     return spec, float(spec.fs)
+
+
+def pretext_targets_for(cfg: DictConfig, cache_dirs: Sequence[str]) -> Any:
+    """The record-level pretext targets that ``method.aux_targets`` names, over the training caches.
+
+    ``"handcrafted"``: :func:`ecgfm.evaluate.handcrafted.pretext_targets` of the data node's caches (features
+    cached under ``<paths.cache_root>/features``, where probe.py keeps them, so the probe's handcrafted baseline
+    and the pretext reuse one extraction per cache).
+
+    Returns:
+        ``(N_total, F)`` float32 array (NaN where unknown).
+
+    Raises:
+        ConfigError: the data node has no caches (the targets are computed per cached record).
+    """
+    kind = str(cfg.method.aux_targets)
+    if not cache_dirs:
+        raise ConfigError("method.aux_targets", f"{kind!r} targets are computed per record of the data node's "
+                                                "caches; this data node has none (use a cached corpus or pool)")
+    from ecgfm.data.cache import CorpusCache
+    from ecgfm.evaluate.handcrafted import pretext_targets
+
+    caches = [CorpusCache(d) for d in cache_dirs]
+    return pretext_targets(caches, Path(str(cfg.paths.cache_root)) / "features", nonfinite=str(cfg.nonfinite))
 
 
 def check_backbone_fits_crop(cfg: DictConfig, fs: float, backbone: torch.nn.Module | None = None) -> None:

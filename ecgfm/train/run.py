@@ -36,7 +36,7 @@ from ecgfm.config import ConfigError, crop_samples_for, strip_params, validate_t
 from ecgfm.data.prepare import build_cache_dirs, check_data_paths
 from ecgfm.io import atomic_write_json, atomic_write_text, jsonable
 from ecgfm.train.build import (build_callbacks, build_logger, check_backbone_fits_crop, compile_backbone, data_rate,
-                               log_dir)
+                               log_dir, pretext_targets_for)
 from ecgfm.train.checkpoints import (AtomicCheckpointIO, DataFacts, find_resume_checkpoint, guard_fresh_start,
                                      remove_stale_temporaries)
 from ecgfm.train.loop import make_resumable
@@ -97,12 +97,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     check_backbone_fits_crop(cfg, fs)
     data_cfg = strip_params(cfg.data)
     data_kwargs: dict[str, Any] = {"cache_dirs": cache_dirs} if "cache_dirs" in data_cfg else {}
+    method_kwargs: dict[str, Any] = {}
+    if cfg.method.get("aux_targets"):
+        targets = pretext_targets_for(cfg, cache_dirs)
+        data_kwargs["record_targets"], method_kwargs["aux_dim"] = targets, int(targets.shape[1])
     datamodule = instantiate(data_cfg, **data_kwargs, _convert_="all")
     make_resumable(datamodule)
 
     backbone = instantiate(cfg.backbone, _convert_="all")
     check_backbone_fits_crop(cfg, fs, backbone)
-    model = instantiate(cfg.method, backbone=backbone, _convert_="all")
+    model = instantiate(cfg.method, backbone=backbone, **method_kwargs, _convert_="all")
     if str(cfg.trainer.get("accelerator", "auto")) == "cpu" or not torch.cuda.is_available():
         try:  # float32 CPU linears on oneDNN: same mathematics, faster GEMMs on non-Intel CPUs (ecgfm/accel.py)
             n_linear = use_onednn_linears(model, str(cfg.cpu_linear))

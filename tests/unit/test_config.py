@@ -15,6 +15,7 @@ from ecgfm.config import ConfigError, PreprocessConfig, TrainConfig, check_targe
 from ecgfm.data.preprocess import PreprocessSpec
 from ecgfm.data.record import ECGDataError
 from ecgfm.data.prepare import check_data_paths
+from ecgfm.evaluate.handcrafted import FEATURE_NAMES
 
 ROOT = Path(__file__).resolve().parents[2]
 CONF = ROOT / "ecgfm" / "conf"
@@ -61,7 +62,9 @@ def test_every_experiment_composes_validates_and_instantiates(experiment, tmp_pa
     assert cfg.crop_samples == round(cfg.crop_seconds * cfg.preprocess.fs)
     assert cfg.method.max_steps == cfg.trainer.max_steps
     backbone = instantiate(cfg.backbone, _convert_="all")
-    model = instantiate(cfg.method, backbone=backbone, _convert_="all")
+    # the pipeline passes aux_dim (the number of pretext targets) when the method regresses them
+    aux = {"aux_dim": len(FEATURE_NAMES)} if cfg.method.get("aux_targets") else {}
+    model = instantiate(cfg.method, backbone=backbone, **aux, _convert_="all")
     assert model.backbone is backbone
     # hyper-parameters are plain Python (checkpoints load with weights_only=True)
     for value in model.hparams.values():
