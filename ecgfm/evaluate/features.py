@@ -773,6 +773,7 @@ def cached_tokens(backbone: nn.Module, cache: Any, window: int, stride: int, fea
     with a log line; ``nonfinite`` as :func:`cached_features`. Arguments as :func:`cached_features`."""
     def compute() -> TokenSet:
         Path(feature_dir).mkdir(parents=True, exist_ok=True)
+        _remove_orphan_token_files(Path(feature_dir))
         tmp = Path(feature_dir) / f".tokens.{os.getpid()}.{os.urandom(6).hex()}.tmp"
         return extract_tokens(backbone, cache, window, stride, batch_size=batch_size, device=device,
                               nonfinite=nonfinite, lead_aware=lead_aware, tokens_path=tmp)
@@ -781,6 +782,28 @@ def cached_tokens(backbone: nn.Module, cache: Any, window: int, stride: int, fea
         backbone, cache, window, stride, feature_dir, encoder_fp, lead_aware, nonfinite, kind="tokens",
         load=_load_tokens, save=_save_tokens, what="token", items="tokens", stat="token_cache_hits",
         compute=compute)
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this machine (signal 0 checks without sending anything)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:       # exists, owned by someone else
+        return True
+    return True
+
+
+def _remove_orphan_token_files(feature_dir: Path) -> None:
+    """Delete the temporary token files (``.tokens.<pid>.<nonce>.tmp`` and its ``.keep`` rewrite) of extractions
+    whose process is gone (killed before its cleanup ran); those of running processes are left alone. A feature
+    folder shared between machines should not be: a pid names a process of this machine only."""
+    for f in feature_dir.glob(".tokens.*.tmp*"):
+        parts = f.name.split(".")              # ["", "tokens", pid, nonce, "tmp"(, "keep")]
+        if len(parts) >= 5 and parts[2].isdigit() and not _process_alive(int(parts[2])):
+            log.info("removing %s: temporary token file of a process that no longer runs", f)
+            f.unlink(missing_ok=True)
 
 
 def _through_cache(backbone: nn.Module, cache: Any, window: int, stride: int, feature_dir: str | os.PathLike,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import numpy as np
 import pytest
@@ -226,3 +227,22 @@ def test_streamed_tokens_leave_out_nonfinite_records_and_a_failed_extraction_lea
     again = cached_tokens(_BlowsUpOnTwelveLeads(everywhere=True), cache, 100, 100, out, nonfinite="skip")
     assert again.tokens.shape == (0, 4) and again.key == none.key
     assert not [p for p in out.iterdir() if p.name.startswith(".")]            # no temporary left behind
+
+
+def test_temporary_token_files_of_killed_extractions_are_removed(cache, tmp_path):
+    """A SIGKILLed extraction cannot clean up after itself: the next extraction in the folder deletes the temporary
+    files of processes that no longer run, and leaves those of running ones alone."""
+    import subprocess
+    import sys
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
+    dead = int(gone.stdout)                                  # a pid that has exited
+    orphans = [tmp_path / f".tokens.{dead}.abc123.tmp", tmp_path / f".tokens.{dead}.abc123.tmp.keep"]
+    live = tmp_path / f".tokens.{os.getpid()}.def456.tmp"    # this process: still running
+    other = tmp_path / ".tokens.notapid.tmp"                 # not ours to judge
+    for f in [*orphans, live, other]:
+        f.write_bytes(b"\0" * 64)
+    cached_tokens(_vit(100), cache, 100, 100, tmp_path)
+    assert not any(f.exists() for f in orphans)
+    assert live.exists() and other.exists()
