@@ -9,8 +9,9 @@ Stages (each one skips what is already done, so an interrupted run resumes):
    encoder (``conf/data/pretrain_pool.yaml`` holds every record). Written as caches with
    :class:`ecgfm.evaluate.tasks.ExcludingSource`; every recipe trains on them (``data=cached``).
 2. **pretrain**: ``train.py +experiment=<recipe> data=cached data.cache_dirs=[pool caches]`` for MAE, SimCLR,
-   CLOCS, the hybrid (CREMA) and SimCLR on the 1-D ResNet (``simclr_cnn``; ``--embed-dim`` / ``--depth`` /
-   ``--heads`` are ViT sizes and refused for it). Recipe: without ``--steps``, the CPU-budget recipe
+   CLOCS, the hybrid (CREMA), SimCLR on the 1-D ResNet (``simclr_cnn``) and the same with the handcrafted pretext
+   regression (``simclr_cnn_hc``, ``method.aux_targets=handcrafted``; ``--embed-dim`` / ``--depth`` /
+   ``--heads`` are ViT sizes and refused for both). Recipe: without ``--steps``, the CPU-budget recipe
    ``conf/experiment/<method>_cpu30.yaml`` when it exists (its own steps, checkpoint interval, crop and backbone),
    else ``+experiment=<method>`` for 300 steps; ``--steps N``: ``+experiment=<method>`` for ``N`` steps (checkpoint
    every ``N // 4``). Every periodic checkpoint is kept (``checkpoint.save_top_k=-1``, for the learning curve). The
@@ -57,7 +58,8 @@ sys.path.insert(0, str(ROOT))
 
 PY = sys.executable
 #: benchmark method -> conf/experiment name
-EXPERIMENTS = {"mae": "mae", "simclr": "simclr", "clocs": "clocs", "hybrid": "crema", "simclr_cnn": "simclr_cnn"}
+EXPERIMENTS = {"mae": "mae", "simclr": "simclr", "clocs": "clocs", "hybrid": "crema", "simclr_cnn": "simclr_cnn",
+               "simclr_cnn_hc": "simclr_cnn_hc"}
 #: suffix of the CPU-budget recipes (conf/experiment/<experiment>_cpu30.yaml)
 CPU_RECIPE_SUFFIX = "_cpu30"
 DEFAULT_STEPS = 300
@@ -155,8 +157,9 @@ def pretrain_recipe(args: argparse.Namespace, method: str) -> tuple[str, list[st
 
 
 def _vit_experiment(name: str) -> bool:
-    """Whether ``conf/experiment/<name>.yaml`` pretrains a ViT-1D (its ``/backbone`` override; a file without one,
-    or no file, is taken as the default ViT)."""
+    """Whether ``conf/experiment/<name>.yaml`` pretrains a ViT-1D (its ``/backbone`` override, or that of the
+    experiment it extends: a plain ``defaults`` entry naming another experiment file; a file without either, or no
+    file, is taken as the default ViT)."""
     from omegaconf import OmegaConf
 
     path = ROOT / "ecgfm" / "conf" / "experiment" / f"{name}.yaml"
@@ -164,6 +167,8 @@ def _vit_experiment(name: str) -> bool:
         return True
     cfg = OmegaConf.load(path)
     for d in cfg.get("defaults") or []:
+        if isinstance(d, str) and d not in ("_self_", name) and (path.parent / f"{d}.yaml").is_file():
+            return _vit_experiment(d)
         for key, value in (d.items() if isinstance(d, dict) or OmegaConf.is_dict(d) else []):
             if str(key).endswith("backbone"):
                 return str(value).startswith("vit")

@@ -47,6 +47,15 @@ log = logging.getLogger(__name__)
 __all__ = ["train"]
 
 
+def exported_method_name(method_class: str, aux_targets: str | None) -> str:
+    """The method an exported encoder names (its rows' method in benchmark tables): the module class
+    (``SimCLRModule``), or with pretext targets ``SimCLR+handcrafted-pretext``, so that an encoder trained to keep
+    the handcrafted statistics is never read as plain SimCLR."""
+    if not aux_targets:
+        return method_class
+    return f"{method_class.removesuffix('Module')}+{aux_targets}-pretext"
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Pretrain a backbone with a self-supervised method as described by ``cfg`` (``conf/train.yaml``).
 
@@ -179,7 +188,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         enc_dir = out_dir / "encoder"
         export_encoder(model.backbone, enc_dir, spec, extra={
             "fs": fs, "crop_samples": int(cfg.crop_samples), "crop_seconds": float(cfg.crop_seconds),
-            "method": summary["method"], "steps": summary["steps"], "seed": int(cfg.seed),
+            "method": exported_method_name(summary["method"], cfg.method.get("aux_targets")),
+            "steps": summary["steps"], "seed": int(cfg.seed),
             "method_hparams": jsonable(OmegaConf.to_container(cfg.method, resolve=True)),
             # what the encoder saw: the benchmarking leakage guard compares these caches with test splits
             "pretrain_caches": [str(Path(c).resolve()) for c in cache_dirs or []],

@@ -130,3 +130,9 @@ def test_pretrain_recipe_choice(tmp_path, monkeypatch):
     a.depth = 2
     with pytest.raises(SystemExit, match="--depth.*CNN"):
         B.pretrain_recipe(a, "simclr_cnn")
+    # an experiment that extends another one inherits its backbone (simclr_cnn_hc_cpu30 extends simclr_cnn_cpu30)
+    (conf / "simclr_cnn_hc_cpu30.yaml").write_text("# @package _global_\ndefaults:\n  - simclr_cnn_cpu30\n")
+    with pytest.raises(SystemExit, match="--depth.*CNN"):
+        B.pretrain_recipe(a, "simclr_cnn_hc")
+    a.depth = None
+    assert B.pretrain_recipe(a, "simclr_cnn_hc") == ("simclr_cnn_hc_cpu30", ["data.batch_size=32"])

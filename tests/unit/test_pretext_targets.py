@@ -18,6 +18,7 @@ from ecgfm.data.datamodules import PretrainDataModule
 from ecgfm.data.preprocess import PreprocessSpec
 from ecgfm.data.record import ECGRecord
 from ecgfm.evaluate import handcrafted as H
+from ecgfm.export import load_encoder
 from ecgfm.losses import masked_target_mse
 from ecgfm.methods.simclr import SimCLRModule
 from ecgfm.pipelines import train
@@ -190,6 +191,9 @@ def test_training_with_handcrafted_targets_end_to_end(beat_cache, tmp_path):
     assert list((tmp_path / "cache_root" / "features").glob("hc-*.npz"))
     state = torch.load(summary["last_checkpoint"], map_location="cpu", weights_only=True)["state_dict"]
     assert state["aux_head.weight"].shape[0] == len(NAMES)
+    from ecgfm.evaluate.sweep import _method_of
+    info = load_encoder(summary["encoder_dir"])[2]
+    assert _method_of(info, summary["encoder_dir"]) == "simclr+handcrafted-pretext"   # never "simclr" in tables
     rows = list(csv.DictReader(open(Path(summary["log_dir"]) / "metrics.csv")))
     assert any(r.get("train/aux_mse") for r in rows) and any(r.get("train/nt_xent") for r in rows)
 
