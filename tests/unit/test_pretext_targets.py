@@ -196,6 +196,9 @@ def test_training_with_handcrafted_targets_end_to_end(beat_cache, tmp_path):
     assert _method_of(info, summary["encoder_dir"]) == "simclr+handcrafted-pretext"   # never "simclr" in tables
     rows = list(csv.DictReader(open(Path(summary["log_dir"]) / "metrics.csv")))
     assert any(r.get("train/aux_mse") for r in rows) and any(r.get("train/nt_xent") for r in rows)
+    # a rerun into the same folder resumes: the targets are recomputed from the feature cache, the head reloaded
+    resumed = train(_cfg(tmp_path, beat_cache.path, "trainer.max_steps=3"))
+    assert resumed["steps"] == 3 and resumed["resumed_from"]
 
 
 def test_handcrafted_targets_need_caches(tmp_path):
