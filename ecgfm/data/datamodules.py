@@ -399,9 +399,9 @@ class CropDataset(Dataset):
             raise ValueError(f"crop_samples must be >= 1, got {crop_samples}")
         self.pool, self.indices = pool, np.asarray(indices, dtype=np.int64)
         self.crop, self.views, self.labels, self.with_patient = int(crop_samples), views, labels, with_patient
-        if targets is not None and (targets.ndim != 2 or len(targets) != len(pool)):
-            raise ValueError(f"targets must be (len(pool)={len(pool)}, F), got {targets.shape}")
         self.targets = None if targets is None else np.asarray(targets, dtype=np.float32)
+        if self.targets is not None and (self.targets.ndim != 2 or len(self.targets) != len(pool)):
+            raise ValueError(f"targets must be (len(pool)={len(pool)}, F), got {self.targets.shape}")
 
     def __len__(self) -> int:
         return len(self.indices)
