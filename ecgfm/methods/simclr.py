@@ -72,6 +72,8 @@ class SimCLRModule(PretrainModule):
             pipeline computes the targets and passes ``aux_dim``).
         aux_dim: number of pretext targets (required with ``aux_targets``).
         aux_weight: weight of the regression loss (:func:`~ecgfm.losses.masked_target_mse`) beside NT-Xent.
+        contrastive_weight: weight of NT-Xent; 0 (only with ``aux_targets``) trains on the pretext regression
+            alone, the ablation that tells what the contrastive task adds (NT-Xent is still logged).
         lr, weight_decay, warmup_steps, max_steps, betas, probe_num_classes, probe_multilabel: see
             :class:`~ecgfm.methods.base.PretrainModule`.
     """
@@ -85,7 +87,7 @@ class SimCLRModule(PretrainModule):
                  max_steps: int = 10000, betas: tuple[float, float] = (0.9, 0.95),
                  probe_num_classes: int | None = None, probe_multilabel: bool = False,
                  lead_aware: bool = True, aux_targets: str | None = None, aux_dim: int | None = None,
-                 aux_weight: float = 1.0) -> None:
+                 aux_weight: float = 1.0, contrastive_weight: float = 1.0) -> None:
         super().__init__(backbone, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
                          max_steps=max_steps, betas=betas, probe_num_classes=probe_num_classes,
                          probe_multilabel=probe_multilabel)
@@ -99,7 +101,11 @@ class SimCLRModule(PretrainModule):
         if aux_targets is not None and (aux_dim is None or int(aux_dim) < 1 or not float(aux_weight) > 0):
             raise ValueError(f"aux_targets={aux_targets!r} needs aux_dim >= 1 and aux_weight > 0, got aux_dim="
                              f"{aux_dim}, aux_weight={aux_weight}")
+        if not float(contrastive_weight) >= 0 or (float(contrastive_weight) == 0 and aux_targets is None):
+            raise ValueError(f"contrastive_weight must be > 0, or 0 with aux_targets (nothing else to learn), got "
+                             f"{contrastive_weight}")
         self.aux_targets, self.aux_weight = aux_targets, float(aux_weight)
+        self.contrastive_weight = float(contrastive_weight)
         self.aux_head = None if aux_targets is None else nn.Linear(int(backbone.num_features), int(aux_dim))
         self.augment = simclr_augment(fs=fs, crop_scale=tuple(crop_scale), p_crop=p_crop,
                                       noise_snr_db=tuple(noise_snr_db), p_noise=p_noise, p_amplitude=p_amplitude,
@@ -202,8 +208,9 @@ class SimCLRModule(PretrainModule):
     def shared_step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
         """NT-Xent of the projections of two augmented views.
 
-        With ``aux_targets``, the loss adds ``aux_weight`` times the masked MSE of the pretext head's predictions
-        from both views' embeddings against the batch's targets ``t (B, F)``.
+        NT-Xent is weighted by ``contrastive_weight``. With ``aux_targets``, the loss adds ``aux_weight`` times the
+        masked MSE of the pretext head's predictions from both views' embeddings against the batch's targets
+        ``t (B, F)``.
 
         Returns:
             ``(loss, {"pos_sim": mean cosine of positive pairs, "acc": top-1 positive retrieval in the local
@@ -220,7 +227,8 @@ class SimCLRModule(PretrainModule):
         h = self.embed_batch(torch.cat([v1, v2]), lead_mask)               # both views in one pass: (2B, D)
         z = self.projector(h)                                              # (2B, proj)
         z1, z2 = z[:n], z[n:]
-        loss = nt_xent(z1, z2, temperature=self.temperature)
+        nt = nt_xent(z1, z2, temperature=self.temperature)
+        loss = self.contrastive_weight * nt
         with torch.no_grad():
             u1, u2 = F.normalize(z1.float(), dim=1), F.normalize(z2.float(), dim=1)
             sim = u1 @ u2.T
@@ -229,6 +237,6 @@ class SimCLRModule(PretrainModule):
         if self.aux_head is not None:
             t = batch["t"]
             aux = masked_target_mse(self.aux_head(h), torch.cat([t, t]))  # each view predicts its record's targets
-            terms.update(nt_xent=loss.detach(), aux_mse=aux.detach())
+            terms.update(nt_xent=nt.detach(), aux_mse=aux.detach())
             loss = loss + self.aux_weight * aux
         return loss, terms

@@ -162,6 +162,25 @@ def test_simclr_aux_head_regresses_the_targets():
     assert plain.aux_head is None and "aux_mse" not in plain.shared_step(batch)[1]
 
 
+def test_pretext_alone_ablation():
+    """contrastive_weight=0 trains on the regression only (NT-Xent still logged); refused without aux_targets."""
+    batch = synthetic_batch(b=8)
+    batch["t"] = torch.randn(8, 3)
+    torch.manual_seed(0)
+    m = SimCLRModule(TinyBackbone(), aug_seed=0, aux_targets="handcrafted", aux_dim=3, aux_weight=2.0,
+                     contrastive_weight=0.0)
+    loss, terms = m.shared_step(batch)
+    assert torch.allclose(loss.detach(), 2.0 * terms["aux_mse"]) and float(terms["nt_xent"]) > 0
+    loss.backward()
+    assert all(p.grad is None or not p.grad.any() for p in m.projector.parameters())   # NT-Xent trains nothing
+    with pytest.raises(ValueError, match="contrastive_weight"):
+        SimCLRModule(TinyBackbone(), contrastive_weight=0.0)
+    half = SimCLRModule(TinyBackbone(), aug_seed=0, contrastive_weight=0.5)
+    full = SimCLRModule(TinyBackbone(), aug_seed=0)
+    full.load_state_dict(half.state_dict())
+    assert torch.allclose(half.shared_step(batch)[0], 0.5 * full.shared_step(batch)[0])
+
+
 def test_simclr_aux_errors():
     with pytest.raises(ValueError, match="aux_targets must be"):
         SimCLRModule(TinyBackbone(), aux_targets="rr", aux_dim=3)
