@@ -20,15 +20,16 @@ On-disk format (``format_version`` 2; version 1 caches are read, without input f
                               shard <i4, offset <i8 (bytes), n_samples <i8, n_leads u1, lead_mask (12,) bool,
                               fs <f8, patient <i8 (stable hash of source/patient_id, -1 unknown)
       skipped.csv             source, record_id, path, reason for every record that was not converted
-      inputs.json             what the cache was built from: record files (size, mtime_ns), label tables (size,
-                              mtime_ns, sha256), folders (mtime_ns); see :func:`input_changes`
+      inputs.json             what the cache was built from: record files (size, mtime_ns, content digest),
+                              label tables (size, mtime_ns, sha256), folders (mtime_ns); see :func:`input_changes`
       manifest.json           written LAST: format version, spec, sources, shard list with sizes and sha256,
                               derived files with sizes and sha256, counts
       .verified.json          stats of the files whose sha256 was last checked (open-time integrity check)
       .lock                   the preparation lock (:func:`ecgfm.io.file_lock`)
 
-Each shard index also records, per record, the files it was read from (``inputs``: path, size, mtime_ns) and
-the fingerprint of its sources' label tables (``labels_fp``).
+Each shard index also records, per record, the files it was read from (``inputs``: path, size, mtime_ns and the
+first 16 hex characters of the file's sha256; indexes written before digests lack the last) and the fingerprint
+of its sources' label tables (``labels_fp``).
 
 Guarantees:
 
@@ -75,9 +76,13 @@ Integrity and freshness (format version 2):
   refused, naming them (:func:`ecgfm.data.prepare.prepare_cache` rebuilds its keyed caches instead). A source
   may define ``input_files(record_id)`` and ``label_files()``; otherwise the files sharing the stem of the
   record's ``header["path"]`` and the ``*.csv`` tables of its ``root`` (and table-valued attributes such as
-  ``labels_csv``) are used. Files are compared by size + mtime (a replacement with the same size and mtime is
-  not seen, and ``verify=true`` does not see it either: it hashes the cache's own files, not the source records;
-  rebuild into a new ``out=`` after replacing records with preserved times); label tables by sha256.
+  ``labels_csv``) are used. Record files are compared by size + mtime, and a file whose size or mtime changed
+  by its content: when its bytes are those it was converted from (a corpus copied without its times, touched,
+  checked out or re-mounted), nothing is converted again and its new times are recorded (one hash per such file,
+  once). A replacement with the same size and mtime is not seen, and ``verify=true`` does not see it either: it
+  hashes the cache's own files, not the source records; rebuild into a new ``out=`` after replacing records with
+  preserved times. Label tables are compared by sha256. The log names the first 10 changes
+  (``CacheReport.changes`` holds them all).
 * **Workers die with their parent** (:func:`die_with_parent`): a killed conversion leaves no process behind.
 
 Testing hook: the environment variable ``ECGFM_PREPARE_RECORD_DELAY`` (seconds) makes every conversion worker
@@ -167,6 +172,33 @@ def _file_stat(path: str | os.PathLike) -> list[int]:
     """``[size, mtime_ns]`` of an input file (what the freshness check of record and label files compares)."""
     st = os.stat(path)
     return [int(st.st_size), int(st.st_mtime_ns)]
+
+
+#: hex characters kept of a record file's sha256 in the cache's input fingerprints (64 bits: enough to tell a
+#: changed file from a copied or touched one; the fingerprints are read on every open, so they are kept short)
+_INPUT_DIGEST_CHARS = 16
+
+
+def _input_digest(path: str | os.PathLike) -> str:
+    """Content fingerprint of a record file (the first :data:`_INPUT_DIGEST_CHARS` hex characters of its sha256)."""
+    return sha256_file(path)[:_INPUT_DIGEST_CHARS]
+
+
+def _content_unchanged(path: str, digest: str | None, restamped: dict[str, list[int]] | None = None) -> bool:
+    """Whether a record file whose size or mtime changed still holds the bytes it was converted from (a copy of
+    the corpus, a ``touch``, a checkout or a re-mount with new times). ``False`` when no digest was recorded
+    (caches written before digests) or the file is gone. A file found unchanged is added to ``restamped`` with
+    its current ``[size, mtime_ns]``, so the cache can remember the new times and skip the hash next time."""
+    if not digest:
+        return False
+    try:
+        now = _file_stat(path)
+        same = _input_digest(path) == digest
+    except OSError:
+        return False
+    if same and restamped is not None:
+        restamped[path] = now
+    return same
 
 
 class NonFiniteDataError(ECGDataError):
@@ -450,9 +482,11 @@ def _siblings(path: str) -> list[str]:
 
 
 def _record_inputs(src: RecordSource, rid: str, path: Any) -> list[list[Any]]:
-    """``[[file, size, mtime_ns], ...]`` of the files record ``rid`` is read from: ``src.input_files(rid)`` when
-    the source defines it, else the files sharing the stem of ``path`` (the record's ``header["path"]``, or the
-    file a skip reason names). Empty for sources without files (synthetic). About 10 us per record."""
+    """``[[file, size, mtime_ns, digest], ...]`` of the files record ``rid`` is read from (``digest``:
+    :func:`_input_digest`): ``src.input_files(rid)`` when the source defines it, else the files sharing the stem
+    of ``path`` (the record's ``header["path"]``, or the file a skip reason names). Empty for sources without
+    files (synthetic). About 10 us per record plus the hash (the file was just read, so it is in the page cache).
+    Shard indexes written before digests hold ``[file, size, mtime_ns]``."""
     files: list[str] | None = None
     fn = getattr(src, "input_files", None)
     if callable(fn):
@@ -470,9 +504,10 @@ def _record_inputs(src: RecordSource, rid: str, path: Any) -> list[list[Any]]:
             continue
         try:
             st = os.stat(f)
+            digest = _input_digest(f)
         except OSError:
             continue
-        out.append([f, int(st.st_size), int(st.st_mtime_ns)])
+        out.append([f, int(st.st_size), int(st.st_mtime_ns), digest])
     return out
 
 
@@ -514,18 +549,23 @@ def _source_dirs(src: RecordSource) -> list[str]:
     return []
 
 
-def input_changes(out_dir: str | os.PathLike, limit: int | None = None) -> list[str]:
-    """What changed in the inputs of a finished cache since it was built (stat only; label tables are hashed
-    only when their size or time changed). Empty when nothing did, or when the cache records no inputs (caches
-    of synthetic sources, caches written before format version 2).
+def input_changes(out_dir: str | os.PathLike, limit: int | None = None,
+                  restamped: dict[str, list[int]] | None = None) -> list[str]:
+    """What changed in the inputs of a finished cache since it was built (stat first; a file is hashed only when
+    its size or time changed). Empty when nothing did, or when the cache records no inputs (caches of synthetic
+    sources, caches written before format version 2).
 
-    Checks every record file (size + mtime), every label table (sha256) and the folders that held records
-    (their mtime changes when a file is added, removed or renamed). Cost: one ``stat`` per input file plus
-    reading ``inputs.json``: 0.1 s for the 9,114 files of the shared PTB-XL + CinC 2017 cache (2 busy cores).
+    Checks every record file (size + mtime; when they differ, its content against the digest recorded at
+    conversion, so a corpus that was copied, touched or re-mounted with new times is not converted again),
+    every label table (sha256) and the folders that held records (their mtime changes when a file is added,
+    removed or renamed). Cost: one ``stat`` per input file plus reading ``inputs.json``: 0.1 s for the 9,114
+    files of the shared PTB-XL + CinC 2017 cache (2 busy cores), plus one hash per file with new times.
 
     Args:
         out_dir: the cache folder.
-        limit: stop after this many changes (None: all).
+        limit: stop after this many changes and restamped files together (None: all).
+        restamped: when given, receives ``{file: [size, mtime_ns]}`` of the record files with new times and
+            unchanged content (not changes; :func:`prepare_corpus` records their new times in ``inputs.json``).
 
     Returns:
         One line per change, naming the file or folder.
@@ -538,12 +578,16 @@ def input_changes(out_dir: str | os.PathLike, limit: int | None = None) -> list[
     except (OSError, ValueError):
         return [f"{path}: unreadable, checking every shard"]
     changes: list[str] = []
+    same: dict[str, list[int]] = {} if restamped is None else restamped
+
+    def full() -> bool:   # restamped files count toward the limit only for a caller that asked for them
+        return limit is not None and len(changes) + (len(same) if restamped is not None else 0) >= limit
 
     def add(line: str) -> bool:
         changes.append(line)
-        return limit is not None and len(changes) >= limit
+        return full()
 
-    for f, (size, mtime) in inputs.get("records", {}).items():
+    for f, (size, mtime, *digest) in inputs.get("records", {}).items():
         try:
             now = _file_stat(f)
         except OSError:
@@ -551,6 +595,10 @@ def input_changes(out_dir: str | os.PathLike, limit: int | None = None) -> list[
                 return changes
             continue
         if now != [size, mtime]:
+            if _content_unchanged(f, digest[0] if digest else None, same):
+                if full():
+                    return changes
+                continue
             if add(f"record file {f} changed (size {size} -> {now[0]}, modified {_when(now[1])})"):
                 return changes
     for f, (size, mtime, digest) in inputs.get("labels", {}).items():
@@ -922,8 +970,10 @@ def _prepare_locked(sources: list[RecordSource], spec: PreprocessSpec, shard_rec
     # files whose stat changed since their checksum was last verified (a copy, a touch, an in-place write)
     suspect = set(stat_changes(out, manifest)) if manifest else set()
     hashed_ok: set[str] = set()
-    quick = input_changes(out) if manifest and not todo else ["(no manifest)"]
+    restamped: dict[str, list[int]] = {}    # record files with new times and the bytes they were converted from
+    quick = input_changes(out, restamped=restamped) if manifest and not todo else ["(no manifest)"]
     if quick or verify or suspect:
+        known = _recorded_inputs(out)
         index_shas = {sh["index"]: sh.get("index_sha256") for sh in manifest.get("shards", [])}
         for i in range(n_shards):
             info = infos[i]
@@ -931,7 +981,7 @@ def _prepare_locked(sources: list[RecordSource], spec: PreprocessSpec, shard_rec
                 continue
             name = _SHARD_FMT.format(i)
             stale = [f for r in info.get("records", []) + info.get("skipped", []) for f in r.get("inputs", [])
-                     if _stat_or_none(f[0]) != [f[1], f[2]]]
+                     if not _input_unchanged(f, known, restamped)]
             if stale:
                 changes.extend(f"record file {f[0]} changed or removed (shard {name})" for f in stale)
                 todo.append(i)
@@ -954,8 +1004,14 @@ def _prepare_locked(sources: list[RecordSource], spec: PreprocessSpec, shard_rec
             changes.extend(f"label table {f} changed" for f in (changed or ["(label tables)"]))
     todo = sorted(set(todo))
     relabel = [i for i in relabel if i not in todo]
-    for line in dict.fromkeys(changes):
+    lines = list(dict.fromkeys(changes))
+    for line in lines[:_LOGGED_CHANGES]:
         log.warning("%s: %s", out, line)
+    if len(lines) > _LOGGED_CHANGES:
+        log.warning("%s: ... and %d more changed inputs (%d in all)", out, len(lines) - _LOGGED_CHANGES, len(lines))
+    if restamped:
+        log.info("%s: %d record file(s) have new times but the bytes they were converted from (a copy, a touch or "
+                 "a re-mount): kept, their times recorded", out, len(restamped))
     if (todo or relabel) and manifest_path.exists():
         manifest_path.unlink()        # unreadable until consistent again: nobody trains on a half-updated cache
     for i in todo:
@@ -980,17 +1036,17 @@ def _prepare_locked(sources: list[RecordSource], spec: PreprocessSpec, shard_rec
     fresh = {f"shards/{_SHARD_FMT.format(int(r['shard']))}.{ext}" for r in results for ext in ("bin", "json")}
     fresh |= hashed_ok
     if not manifest_path.exists():
-        _finalize(out, plan, plan_doc, label_info, sources)
+        _finalize(out, plan, plan_doc, label_info, sources, restamped)
         fresh.update(("index.jsonl", "records.npy", "skipped.csv"))
     else:
         derived = None if verify else suspect & {"index.jsonl", "records.npy", "skipped.csv"}
         if derived is None or derived:
             _verify_derived(out, derived)
             fresh.update(derived or ("index.jsonl", "records.npy", "skipped.csv"))
-        if quick or not (out / INPUTS_FILE).exists():
-            # nothing to redo (e.g. a folder's mtime changed), or a cache from before input fingerprints:
-            # remember the inputs as they are now
-            _write_inputs(out, plan, label_info, sources)
+        if quick or restamped or not (out / INPUTS_FILE).exists():
+            # nothing to redo (e.g. a folder's mtime changed, or files got new times but kept their bytes), or a
+            # cache from before input fingerprints: remember the inputs as they are now
+            _write_inputs(out, plan, label_info, sources, restamped)
     manifest = _read_manifest(out)
     if fresh:
         _record_verified(out, {rel: out / rel for rel in sorted(fresh)})
@@ -1010,6 +1066,36 @@ def _prepare_locked(sources: list[RecordSource], spec: PreprocessSpec, shard_rec
         wall_s=time.perf_counter() - t0, peak_rss_mb=max((p for p in peak if p == p), default=float("nan")),
         workers=workers, cpu_s=(cpu1[0] - cpu0[0]) + (cpu1[1] - cpu0[1]), cpu_s_workers=cpu1[1] - cpu0[1],
         n_shards_repaired=repaired, n_relabelled=relabelled, changes=list(dict.fromkeys(changes)))
+
+
+#: changed inputs named one by one in the log (all of them are in the report's ``changes``)
+_LOGGED_CHANGES = 10
+
+
+def _recorded_inputs(out: Path) -> dict[str, list[Any]]:
+    """The record files of ``inputs.json`` (``{file: [size, mtime_ns(, digest)]}``); empty when unreadable."""
+    try:
+        return dict(json.loads((out / INPUTS_FILE).read_text(encoding="utf-8")).get("records", {}))
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+def _input_unchanged(entry: Sequence[Any], known: Mapping[str, Sequence[Any]],
+                     restamped: dict[str, list[int]]) -> bool:
+    """Whether a shard index's input ``[file, size, mtime_ns(, digest)]`` still holds what was converted: same
+    stat; or the times ``inputs.json`` (``known``) or this run (``restamped``) recorded after verifying the same
+    digest; or, hashed now, the same content (then added to ``restamped``)."""
+    f, size, mtime, *digest = entry
+    now = _stat_or_none(f)
+    if now is None:
+        return False
+    if now == [size, mtime]:
+        return True
+    d = digest[0] if digest else None
+    old = known.get(f)
+    if d and (restamped.get(f) == now or (old is not None and list(old[:2]) == now and old[2:3] == [d])):
+        return True
+    return _content_unchanged(f, d, restamped)
 
 
 def _stat_or_none(path: str) -> list[int] | None:
@@ -1071,7 +1157,9 @@ def _run_shards(plan: _Plan, jobs: list[tuple[int, bool]], sources: list[RecordS
                     except cf.process.BrokenProcessPool as exc:
                         raise RuntimeError(
                             f"{shards_dir.parent}: a conversion worker died while converting shard {i} ({exc}); "
-                            f"finished shards are kept, rerun the same command to resume") from exc
+                            f"finished shards are kept, rerun the same command to resume. (Workers are spawned: "
+                            f"they import the calling script again, so a script must call prepare_corpus with "
+                            f"workers > 0 under `if __name__ == '__main__':`, or use workers=0.)") from exc
         except BaseException:
             for fut in running:
                 fut.cancel()
@@ -1161,16 +1249,26 @@ def _skipped_csv(rows: Sequence[Mapping[str, Any]]) -> bytes:
 
 
 def _write_inputs(out: Path, plan: _Plan, label_info: Sequence[Mapping[str, Any]],
-                  sources: Sequence[RecordSource]) -> None:
+                  sources: Sequence[RecordSource], restamped: Mapping[str, list[int]] | None = None) -> None:
     """``inputs.json``: the record files, label tables and folders the cache was built from, as they are now
-    (what :func:`input_changes` compares against)."""
-    records: dict[str, list[int]] = {}
+    (what :func:`input_changes` compares against). A record file's ``[size, mtime_ns, digest]`` comes from its
+    shard index, unless its content was verified under newer times: ``restamped`` (this run) or the previous
+    ``inputs.json`` (an earlier run; same digest)."""
+    previous = _recorded_inputs(out)
+    records: dict[str, list[Any]] = {}
     dirs: set[str] = set()
     for i in range(len(plan.shards)):
         info = _shard_info(out / "shards", i) or {}
         for r in info.get("records", []) + info.get("skipped", []):
-            for f, size, mtime in r.get("inputs", []):
-                records[f] = [size, mtime]
+            for f, size, mtime, *digest in r.get("inputs", []):
+                d = digest[0] if digest else None
+                old = previous.get(f)
+                if restamped and f in restamped:
+                    size, mtime = restamped[f]
+                elif d and old is not None and old[2:3] == [d] and list(old[:2]) != [size, mtime] \
+                        and _stat_or_none(f) == list(old[:2]):
+                    size, mtime = old[0], old[1]
+                records[f] = [size, mtime, d] if d else [size, mtime]
                 dirs.add(str(Path(f).parent))
     for s in sources:
         dirs.update(_source_dirs(s))
@@ -1185,9 +1283,9 @@ def _write_inputs(out: Path, plan: _Plan, label_info: Sequence[Mapping[str, Any]
 
 
 def _finalize(out: Path, plan: _Plan, plan_doc: dict[str, Any], label_info: Sequence[Mapping[str, Any]] = (),
-              sources: Sequence[RecordSource] = ()) -> None:
-    """Merge the shard indexes into index.jsonl + records.npy, write skipped.csv, inputs.json and (last)
-    manifest.json."""
+              sources: Sequence[RecordSource] = (), restamped: Mapping[str, list[int]] | None = None) -> None:
+    """Merge the shard indexes into index.jsonl + records.npy, write skipped.csv, inputs.json (``restamped``:
+    see :func:`_write_inputs`) and (last) manifest.json."""
     merged = _merge_shards(out, [_SHARD_FMT.format(i) for i in range(len(plan.shards))])
     skipped_rows = list(plan.skipped) + merged["skipped"]
     by_source = merged["by_source"]
@@ -1195,7 +1293,7 @@ def _finalize(out: Path, plan: _Plan, plan_doc: dict[str, Any], label_info: Sequ
         by_source.setdefault(row["source"], {"converted": 0, "skipped": 0})["skipped"] += 1
     skipped_bytes = _skipped_csv(skipped_rows)
     skipped_sha = atomic_write_bytes(out / "skipped.csv", skipped_bytes)
-    _write_inputs(out, plan, label_info, sources)
+    _write_inputs(out, plan, label_info, sources, restamped)
     fs_values = merged["fs_values"]
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "dtype": DTYPE, "leads": list(CANONICAL_LEADS),

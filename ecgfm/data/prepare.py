@@ -128,7 +128,8 @@ def prepare_cache(sources: Sequence[Any], cache_root: str, preprocess: Any, name
         if verify or not marker.exists() or not (out / "manifest.json").exists():
             return False
         try:
-            return not input_changes(out, 1) and not stat_changes(out)
+            restamped: dict = {}   # files with new times but unchanged bytes: prepared below to record the times
+            return not input_changes(out, 1, restamped=restamped) and not restamped and not stat_changes(out)
         except ECGDataError:
             return False
 

@@ -338,6 +338,86 @@ def test_replaced_record_file_rebuilds_its_shard(fixture_dir, tmp_path, caplog):
     assert np.array_equal(after.signal(0), sig1) and not np.array_equal(after.signal(0), sig0)
 
 
+def _retime(files, when_ns: int) -> None:
+    for f in files:
+        os.utime(f, ns=(when_ns, when_ns))
+
+
+def test_new_times_with_the_same_bytes_keep_the_cache(fixture_dir, tmp_path, caplog):
+    """A corpus copied without its times, touched or re-mounted is not converted again: each file with new times
+    is hashed once against the digest recorded at conversion, and its new times are remembered."""
+    from ecgfm.data.prepare import prepare_cache
+    from ecgfm.data.readers import PTBXLSource
+
+    root = _ptbxl_copy(fixture_dir, tmp_path / "ptbxl")
+    cfg = {"_target_": "ecgfm.data.readers.PTBXLSource", "root": str(root), "fs": 100}
+    out = Path(prepare_cache([cfg], str(tmp_path / "auto"), SPEC, name="p", progress=False, shard_records=2))
+    bins = _stats(out)
+    records = sorted(p for p in root.rglob("*") if p.suffix in (".dat", ".hea"))
+    entry = next(iter(cache_mod._recorded_inputs(out).values()))
+    assert len(entry) == 3 and len(entry[2]) == cache_mod._INPUT_DIGEST_CHARS
+    _retime(records, time.time_ns() + 10**10)
+    restamped: dict = {}
+    assert cache_mod.input_changes(out) == []                       # new times, same bytes: no change
+    assert cache_mod.input_changes(out, restamped=restamped) == [] and set(restamped) == {str(f) for f in records}
+    with caplog.at_level(logging.INFO, logger="ecgfm.data.cache"):
+        assert prepare_cache([cfg], str(tmp_path / "auto"), SPEC, name="p", progress=False,
+                             shard_records=2) == str(out)
+    assert f"{len(records)} record file(s) have new times" in caplog.text
+    assert _stats(out) == bins and len(CorpusCache(out)) == 6     # nothing converted again
+    restamped.clear()                                                # the new times were recorded: no hash now
+    assert cache_mod.input_changes(out, restamped=restamped) == [] and restamped == {}
+    # a later run that checks every shard (a folder changed) keeps the verified times too
+    (records[0].parent / "new_note.txt").write_text("x")
+    rep = prepare_corpus(PTBXLSource(root), out, SPEC, shard_records=2, workers=0, progress=False)
+    assert rep.n_converted_now == 0 and _stats(out) == bins
+    assert cache_mod.input_changes(out, restamped=restamped) == [] and restamped == {}
+    # new bytes are still a change, whatever the times say
+    dat = next(f for f in records if f.suffix == ".dat")
+    raw = bytearray(dat.read_bytes())
+    raw[100] ^= 1
+    dat.write_bytes(bytes(raw))
+    assert any(dat.name in c for c in cache_mod.input_changes(out))
+    rep = prepare_corpus(PTBXLSource(root), out, SPEC, shard_records=2, workers=0, progress=False)
+    assert rep.n_converted_now == 2
+
+
+def test_inputs_without_digests_count_new_times_as_changes(fixture_dir, tmp_path):
+    """Caches written before content digests: a file with new times is a change (converted again), as before."""
+    import json
+
+    from ecgfm.data.readers import PTBXLSource
+
+    root = _ptbxl_copy(fixture_dir, tmp_path / "ptbxl", n=2)
+    out = tmp_path / "c"
+    prepare_corpus(PTBXLSource(root), out, SPEC, workers=0, progress=False)
+    doc = json.loads((out / "inputs.json").read_text())
+    doc["records"] = {f: v[:2] for f, v in doc["records"].items()}
+    (out / "inputs.json").write_text(json.dumps(doc))
+    dat = sorted(root.rglob("*.dat"))[0]
+    _retime([dat], time.time_ns() + 10**10)
+    assert any(dat.name in c for c in cache_mod.input_changes(out))
+    assert cache_mod._content_unchanged(str(dat), None) is False
+    assert cache_mod._content_unchanged(str(tmp_path / "gone.dat"), "0" * 16) is False
+
+
+def test_many_changed_inputs_are_summarised_in_the_log(fixture_dir, tmp_path, caplog):
+    from ecgfm.data.readers import PTBXLSource
+
+    root = _ptbxl_copy(fixture_dir, tmp_path / "ptbxl", n=12)
+    out = tmp_path / "c"
+    prepare_corpus(PTBXLSource(root), out, SPEC, workers=0, progress=False)
+    heads = sorted(root.rglob("*.hea"))
+    for h in heads:                                                  # new bytes (a comment line), still readable
+        h.write_text(h.read_text() + "# edited\n")
+    with caplog.at_level(logging.WARNING, logger="ecgfm.data.cache"):
+        rep = prepare_corpus(PTBXLSource(root), out, SPEC, workers=0, progress=False)
+    assert len(rep.changes) == 12 and rep.n_converted_now == 12
+    named = [r for r in caplog.records if "changed or removed" in r.getMessage()]
+    assert len(named) == cache_mod._LOGGED_CHANGES
+    assert "... and 2 more changed inputs (12 in all)" in caplog.text
+
+
 def test_added_record_is_named_or_rebuilt_by_prepare_cache(fixture_dir, tmp_path):
     from ecgfm.data.prepare import prepare_cache
     from ecgfm.data.readers import PTBXLSource
