@@ -37,7 +37,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate, get_worker_info
 
 from ecgfm.data.cache import CorpusCache, NonFiniteDataError, die_with_parent
-from ecgfm.data.record import N_LEADS
+from ecgfm.data.record import N_LEADS, ECGDataError
 
 VIEWS = ("single", "adjacent", "segments")
 #: multiplier whose fractional product turns a crop's offset draw ``u`` into the second segment's draw (``segments``)
@@ -355,6 +355,30 @@ def collate_batch(batch: Any) -> Any:
     return batch if isinstance(batch, dict) else default_collate(batch)
 
 
+def open_pretext_targets(path: str | os.PathLike) -> np.ndarray:
+    """Memory-map a record-level pretext targets file (``.npy``, ``(N, F)`` float32, NaN where unknown: e.g.
+    :func:`ecgfm.evaluate.handcrafted.pretext_targets_file`); the pages are shared by every process reading it.
+
+    Raises:
+        ECGDataError: naming the file: missing, unreadable, not float32 or not 2-D.
+    """
+    try:
+        t = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise ECGDataError(path, f"pretext targets unreadable ({type(exc).__name__}: {exc})") from None
+    if t.dtype != np.float32 or t.ndim != 2:
+        raise ECGDataError(path, f"pretext targets must be a 2-D float32 array, got {t.dtype} {t.shape}")
+    return t
+
+
+def _targets_of(targets: np.ndarray | str | os.PathLike | None) -> np.ndarray | None:
+    if targets is None:
+        return None
+    if isinstance(targets, (str, os.PathLike)):
+        return open_pretext_targets(targets)
+    return np.asarray(targets, dtype=np.float32)
+
+
 class CropDataset(Dataset):
     """Crops of records of a :class:`CachePool`.
 
@@ -377,7 +401,8 @@ class CropDataset(Dataset):
             finite values, same crop position: the batch keeps its size, for training) or ``"drop"`` (the batch
             gets smaller: evaluation never scores a record on another record's signal).
         targets: optional ``(len(pool), F)`` float32 record-level pretext targets (NaN where unknown), returned
-            as ``t (B, F)``.
+            as ``t (B, F)``; or the path of a ``.npy`` file holding them (:func:`open_pretext_targets`), which
+            is memory-mapped and, when the dataset is pickled for a spawned loader worker, sent as its path.
 
     Every batch is checked (:func:`_nonfinite_rows`: one sum, the per-row check only when it is not finite); a
     record found with NaN / Inf in a crop is remembered (:meth:`CachePool.mark_nonfinite`) and skipped for the
@@ -388,7 +413,7 @@ class CropDataset(Dataset):
     def __init__(self, pool: CachePool, indices: np.ndarray, crop_samples: int, views: str = "single",
                  labels: np.ndarray | None = None, with_patient: bool = True, nonfinite: str = "error",
                  on_skip: str = "replace", counter: NonFiniteCounter | None = None,
-                 targets: np.ndarray | None = None):
+                 targets: np.ndarray | str | os.PathLike | None = None):
         if on_skip not in ("replace", "drop"):
             raise ValueError(f"on_skip must be 'replace' or 'drop', got {on_skip!r}")
         self.nonfinite, self.on_skip = _check_nonfinite_mode(nonfinite), on_skip
@@ -399,9 +424,24 @@ class CropDataset(Dataset):
             raise ValueError(f"crop_samples must be >= 1, got {crop_samples}")
         self.pool, self.indices = pool, np.asarray(indices, dtype=np.int64)
         self.crop, self.views, self.labels, self.with_patient = int(crop_samples), views, labels, with_patient
-        self.targets = None if targets is None else np.asarray(targets, dtype=np.float32)
-        if self.targets is not None and (self.targets.ndim != 2 or len(self.targets) != len(pool)):
-            raise ValueError(f"targets must be (len(pool)={len(pool)}, F), got {self.targets.shape}")
+        self._targets_path = str(targets) if isinstance(targets, (str, os.PathLike)) else None
+        self._targets = _targets_of(targets)
+        if self._targets is not None and (self._targets.ndim != 2 or len(self._targets) != len(pool)):
+            raise ValueError(f"targets{' ' + self._targets_path if self._targets_path else ''} must be "
+                             f"(len(pool)={len(pool)}, F), got {self._targets.shape}")
+
+    @property
+    def targets(self) -> np.ndarray | None:
+        """``(len(pool), F)`` pretext targets (memory-mapped when given as a file), or None."""
+        if self._targets is None and self._targets_path is not None:
+            self._targets = open_pretext_targets(self._targets_path)
+        return self._targets
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        if self._targets_path is not None:
+            state["_targets"] = None          # a spawned worker maps the file itself: no copy of the array
+        return state
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -626,8 +666,9 @@ class PretrainDataModule(LightningDataModule):
             then carry ``y (B, C)`` float32.
         samples_per_epoch: draws per epoch over all ranks (None: the number of training records).
         record_targets: optional ``(N_total, F)`` float32 record-level pretext targets over the concatenated
-            caches, NaN where unknown (e.g. :func:`ecgfm.evaluate.handcrafted.pretext_targets`); batches then
-            carry ``t (B, F)``, the targets of each crop's record.
+            caches, NaN where unknown (e.g. :func:`ecgfm.evaluate.handcrafted.pretext_targets`), or the path of a
+            ``.npy`` file holding them (:func:`ecgfm.evaluate.handcrafted.pretext_targets_file`; memory-mapped,
+            what train.py passes); batches then carry ``t (B, F)``, the targets of each crop's record.
         pin_memory, persistent_workers, drop_last: DataLoader options (drop_last for training only).
         rank, world_size: override ``torch.distributed`` (tests).
         nonfinite: a crop holding NaN / Inf (a damaged cache) raises
@@ -642,7 +683,7 @@ class PretrainDataModule(LightningDataModule):
                  probe_labels: np.ndarray | Sequence[str] | None = None, samples_per_epoch: int | None = None,
                  pin_memory: bool = False, persistent_workers: bool = True, drop_last: bool = True,
                  rank: int | None = None, world_size: int | None = None, nonfinite: str = "error",
-                 record_targets: np.ndarray | None = None):
+                 record_targets: np.ndarray | str | os.PathLike | None = None):
         super().__init__()
         self.nonfinite = _check_nonfinite_mode(nonfinite)
         self._counters = {k: NonFiniteCounter(int(num_workers) + 1) for k in ("train", "val")}
@@ -691,10 +732,12 @@ class PretrainDataModule(LightningDataModule):
             if self.labels.ndim != 2 or len(self.labels) != len(pool):
                 raise ValueError(f"probe_labels must be (N_total={len(pool)}, C), got {self.labels.shape}")
         if self.record_targets is not None:
-            t = np.asarray(self.record_targets, dtype=np.float32)
+            t = _targets_of(self.record_targets)
             if t.ndim != 2 or len(t) != len(pool):
-                raise ValueError(f"record_targets must be (N_total={len(pool)}, F), got {t.shape}")
-            self.record_targets = t
+                where = f" ({self.record_targets})" if isinstance(self.record_targets, (str, os.PathLike)) else ""
+                raise ValueError(f"record_targets{where} must be (N_total={len(pool)}, F), got {t.shape}")
+            if not isinstance(self.record_targets, (str, os.PathLike)):
+                self.record_targets = t
         self.pool = pool
 
     @property

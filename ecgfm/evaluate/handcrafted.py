@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import io
 import logging
 import os
 import time
@@ -51,6 +52,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ecgfm.evaluate.features import FeatureSet, _load_features, _nonfinite_error, _save_features, cache_fingerprint
+from ecgfm.io import atomic_write_bytes, file_lock
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,8 @@ KEYWORD = "handcrafted"
 METHOD = "handcrafted (RR/HRV + morphology)"
 #: bump when a feature's definition changes: cached features and results cells are then recomputed.
 FEATURE_VERSION = "hc-1"
+#: bump when the pretext targets' standardisation changes (their files are then written again)
+PRETEXT_VERSION = "pt-1"
 
 RR_FEATURES = ("mean_rr", "median_rr", "hr_mean", "sdnn", "cv_rr", "rr_p5_rel", "rr_p25_rel", "rr_p75_rel",
                "rr_p95_rel", "rr_iqr_rel", "rr_mad_rel", "rr_min_rel", "rr_max_rel", "rr_entropy")
@@ -73,7 +77,7 @@ FEATURE_NAMES: tuple[str, ...] = ALWAYS_FEATURES + RR_FEATURES + DRR_FEATURES + 
 _GROUPS = ((RR_FEATURES, "missing_rr"), (DRR_FEATURES, "missing_drr"), (MORPH_FEATURES, "missing_morph"))
 
 #: counters of real work done in this process: ``extractions`` (feature passes over a cache), ``records``,
-#: ``cache_hits`` (feature sets loaded from disk), ``seconds``.
+#: ``cache_hits`` (feature sets loaded from disk), ``seconds``, ``pretext_hits`` (pretext target files reused).
 STATS: collections.Counter = collections.Counter()
 
 _PRE_S, _POST_S = 0.25, 0.45       # beat window around the R-peak
@@ -328,26 +332,42 @@ def handcrafted_key(cache: Any) -> str:
     return "hc-" + hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
+def _cached_features(cache: Any, path: Path, key: str, nonfinite: str) -> FeatureSet | None:
+    """The valid feature file ``path`` of ``cache`` (None: absent, or invalid and to be recomputed)."""
+    if not path.exists():
+        return None
+    try:
+        fs = _load_features(path, key, len(cache), 0, 0)
+        if fs.dim != len(FEATURE_NAMES):
+            raise ValueError(f"{fs.dim} features, expected {len(FEATURE_NAMES)}")
+    except ValueError as exc:
+        log.warning("handcrafted feature cache %s: %s; recomputing it", path, exc)
+        return None
+    if len(fs.skipped) and nonfinite == "error":
+        raise _nonfinite_error(cache, fs.skipped, "the input (feature cache written with nonfinite='skip')")
+    STATS["cache_hits"] += 1
+    return fs
+
+
 def cached_handcrafted(cache: Any, feature_dir: str | os.PathLike, nonfinite: str = "error") -> FeatureSet:
     """:func:`extract_handcrafted` behind the on-disk feature cache (``<feature_dir>/<handcrafted_key>.npz``,
-    the encoder features' format with window = stride = 0). An unreadable or invalid file is recomputed."""
+    the encoder features' format with window = stride = 0). An unreadable or invalid file is recomputed.
+
+    Processes that need the same features at once (the DDP ranks of a pretraining run with handcrafted pretext
+    targets, parallel probe jobs) extract them once: the first takes a lock per key, the others wait for it and
+    read its file."""
     key = handcrafted_key(cache)
     path = Path(feature_dir) / f"{key}.npz"
-    if path.exists():
-        try:
-            fs = _load_features(path, key, len(cache), 0, 0)
-            if fs.dim != len(FEATURE_NAMES):
-                raise ValueError(f"{fs.dim} features, expected {len(FEATURE_NAMES)}")
-        except ValueError as exc:
-            log.warning("handcrafted feature cache %s: %s; recomputing it", path, exc)
-        else:
-            if len(fs.skipped) and nonfinite == "error":
-                raise _nonfinite_error(cache, fs.skipped, "the input (feature cache written with nonfinite='skip')")
-            STATS["cache_hits"] += 1
+    fs = _cached_features(cache, path, key, nonfinite)
+    if fs is not None:
+        return fs
+    with file_lock(Path(feature_dir) / f".{key}.lock", blocking=True):
+        fs = _cached_features(cache, path, key, nonfinite)   # written by another process while this one waited
+        if fs is not None:
             return fs
-    fs = extract_handcrafted(cache, nonfinite=nonfinite)
-    fs.key = key
-    _save_features(path, fs, 0, 0)
+        fs = extract_handcrafted(cache, nonfinite=nonfinite)
+        fs.key = key
+        _save_features(path, fs, 0, 0)
     return fs
 
 
@@ -407,3 +427,49 @@ def pretext_targets(caches: Sequence[Any], feature_dir: str | os.PathLike, max_s
     log.info("handcrafted pretext targets: %d of %d records, %.0f %% of the entries known", n_rows, len(out),
              100.0 * float(np.isfinite(out).mean()) if out.size else 0.0)
     return out
+
+
+def pretext_targets_file(caches: Sequence[Any], feature_dir: str | os.PathLike, max_seconds: float = 60.0,
+                         clip: float = 5.0, nonfinite: str = "error") -> Path:
+    """:func:`pretext_targets` computed once and kept as ``<feature_dir>/pretext-<key>.npy``, for loaders that
+    memory-map it (``np.load(path, mmap_mode="r")``) instead of each process holding (and each spawned loader
+    worker receiving) its own copy: ``4 x len(FEATURE_NAMES)`` bytes per record, 160 MB at a million records.
+
+    The key covers every cache's :func:`handcrafted_key` (cache content, feature version, neurokit2 version), the
+    order of the caches, ``max_seconds``, ``clip``, ``nonfinite`` and :data:`PRETEXT_VERSION`. The file is
+    written atomically under a lock, so the DDP ranks of one run compute the targets once; an unreadable file or
+    one of the wrong shape is computed again.
+
+    Returns:
+        The ``.npy`` path: ``(N_total, len(FEATURE_NAMES))`` float32, NaN where unknown.
+    """
+    if max_seconds <= 0 or clip <= 0:
+        raise ValueError(f"max_seconds and clip must be > 0, got {max_seconds}, {clip}")
+    text = "|".join([PRETEXT_VERSION, *(handcrafted_key(c) for c in caches), f"{float(max_seconds):g}",
+                     f"{float(clip):g}", nonfinite])
+    path = Path(feature_dir) / f"pretext-{hashlib.sha256(text.encode()).hexdigest()[:24]}.npy"
+    shape = (sum(len(c) for c in caches), len(FEATURE_NAMES))
+
+    def valid() -> bool:
+        if not path.exists():
+            return False
+        try:
+            t = np.load(path, mmap_mode="r", allow_pickle=False)
+            if t.dtype != np.float32 or t.shape != shape:
+                raise ValueError(f"{t.dtype} {t.shape}, expected float32 {shape}")
+        except (OSError, ValueError) as exc:
+            log.warning("pretext targets %s: %s; computing them again", path, exc)
+            return False
+        STATS["pretext_hits"] += 1
+        return True
+
+    if valid():
+        return path
+    with file_lock(Path(feature_dir) / f".{path.stem}.lock", blocking=True):
+        if valid():
+            return path
+        targets = pretext_targets(caches, feature_dir, max_seconds=max_seconds, clip=clip, nonfinite=nonfinite)
+        buf = io.BytesIO()
+        np.save(buf, targets, allow_pickle=False)
+        atomic_write_bytes(path, buf.getvalue())
+    return path

@@ -63,15 +63,17 @@ def data_rate(cache_dirs: Sequence[str], cfg: DictConfig) -> tuple[PreprocessSpe
     return spec, float(spec.fs)
 
 
-def pretext_targets_for(cfg: DictConfig, cache_dirs: Sequence[str]) -> Any:
+def pretext_targets_for(cfg: DictConfig, cache_dirs: Sequence[str]) -> Path:
     """The record-level pretext targets that ``method.aux_targets`` names, over the training caches.
 
-    ``"handcrafted"``: :func:`ecgfm.evaluate.handcrafted.pretext_targets` of the data node's caches (features
+    ``"handcrafted"``: :func:`ecgfm.evaluate.handcrafted.pretext_targets_file` of the data node's caches (features
     cached under ``<paths.cache_root>/features``, where probe.py keeps them, so the probe's handcrafted baseline
-    and the pretext reuse one extraction per cache).
+    and the pretext reuse one extraction per cache; the targets file beside them, computed once for all DDP
+    ranks).
 
     Returns:
-        ``(N_total, F)`` float32 array (NaN where unknown).
+        Path of an ``(N_total, F)`` float32 ``.npy`` file (NaN where unknown), for
+        ``PretrainDataModule(record_targets=...)`` to memory-map.
 
     Raises:
         ConfigError: the data node has no caches (the targets are computed per cached record).
@@ -81,10 +83,10 @@ def pretext_targets_for(cfg: DictConfig, cache_dirs: Sequence[str]) -> Any:
         raise ConfigError("method.aux_targets", f"{kind!r} targets are computed per record of the data node's "
                                                 "caches; this data node has none (use a cached corpus or pool)")
     from ecgfm.data.cache import CorpusCache
-    from ecgfm.evaluate.handcrafted import pretext_targets
+    from ecgfm.evaluate.handcrafted import pretext_targets_file
 
     caches = [CorpusCache(d) for d in cache_dirs]
-    return pretext_targets(caches, Path(str(cfg.paths.cache_root)) / "features", nonfinite=str(cfg.nonfinite))
+    return pretext_targets_file(caches, Path(str(cfg.paths.cache_root)) / "features", nonfinite=str(cfg.nonfinite))
 
 
 def check_backbone_fits_crop(cfg: DictConfig, fs: float, backbone: torch.nn.Module | None = None) -> None:

@@ -33,6 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ecgfm.accel import use_onednn_linears
 from ecgfm.config import ConfigError, crop_samples_for, strip_params, validate_train_config
+from ecgfm.data.datamodules import open_pretext_targets
 from ecgfm.data.prepare import build_cache_dirs, check_data_paths
 from ecgfm.io import atomic_write_json, atomic_write_text, jsonable
 from ecgfm.train.build import (build_callbacks, build_logger, check_backbone_fits_crop, compile_backbone, data_rate,
@@ -108,8 +109,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     data_kwargs: dict[str, Any] = {"cache_dirs": cache_dirs} if "cache_dirs" in data_cfg else {}
     method_kwargs: dict[str, Any] = {}
     if cfg.method.get("aux_targets"):
-        targets = pretext_targets_for(cfg, cache_dirs)
-        data_kwargs["record_targets"], method_kwargs["aux_dim"] = targets, int(targets.shape[1])
+        targets = pretext_targets_for(cfg, cache_dirs)      # a .npy file: every loader memory-maps it
+        method_kwargs["aux_dim"] = int(open_pretext_targets(targets).shape[1])
+        data_kwargs["record_targets"] = str(targets)
     datamodule = instantiate(data_cfg, **data_kwargs, _convert_="all")
     make_resumable(datamodule)
 

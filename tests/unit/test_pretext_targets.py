@@ -135,6 +135,78 @@ def test_pretraining_batches_carry_each_records_targets(beat_cache):
         PretrainDataModule(str(beat_cache.path), crop_samples=500, record_targets=targets[:5]).setup()
 
 
+def test_pretext_targets_file_is_computed_once_and_memory_mapped(beat_cache, tmp_path, caplog):
+    import logging
+
+    feats = tmp_path / "features"
+    path = H.pretext_targets_file([beat_cache], feats, clip=3.0)
+    mapped = np.load(path, mmap_mode="r", allow_pickle=False)
+    assert isinstance(mapped, np.memmap) and mapped.dtype == np.float32
+    expected = H.pretext_targets([beat_cache], feats, clip=3.0)
+    np.testing.assert_array_equal(mapped, expected)
+    del mapped
+    hits = H.STATS["pretext_hits"]
+    assert H.pretext_targets_file([beat_cache], feats, clip=3.0) == path and H.STATS["pretext_hits"] == hits + 1
+    assert H.pretext_targets_file([beat_cache], feats, clip=2.0) != path          # the recipe is in the key
+    path.write_bytes(b"not an npy file")                                         # damaged: computed again
+    with caplog.at_level(logging.WARNING, logger="ecgfm.evaluate.handcrafted"):
+        assert H.pretext_targets_file([beat_cache], feats, clip=3.0) == path
+    assert "computing them again" in caplog.text
+    np.testing.assert_array_equal(np.load(path), expected)
+    with pytest.raises(ValueError, match="max_seconds"):
+        H.pretext_targets_file([beat_cache], feats, max_seconds=0)
+
+
+def test_concurrent_processes_extract_the_features_once(beat_cache, tmp_path):
+    """DDP ranks asking for the same handcrafted features at once: one extracts, the others read its file."""
+    import threading
+
+    before = H.STATS["extractions"]
+    out: list = []
+    threads = [threading.Thread(target=lambda: out.append(H.cached_handcrafted(beat_cache, tmp_path / "f")))
+               for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert H.STATS["extractions"] == before + 1 and len(out) == 3
+    for fs in out[1:]:
+        np.testing.assert_array_equal(fs.features, out[0].features)
+
+
+def test_batches_read_targets_from_a_memory_mapped_file(beat_cache, tmp_path):
+    import pickle
+
+    from ecgfm.data.datamodules import CropDataset, open_pretext_targets
+    from ecgfm.data.record import ECGDataError
+
+    targets = np.arange(7 * 3, dtype=np.float32).reshape(7, 3)
+    targets[2, 1] = np.nan
+    path = tmp_path / "t.npy"
+    np.save(path, targets)
+    dm = PretrainDataModule(str(beat_cache.path), crop_samples=500, batch_size=4, val_fraction=0.0,
+                            samples_per_epoch=8, seed=0, record_targets=str(path))
+    for batch in dm.train_dataloader():
+        np.testing.assert_array_equal(batch["t"].numpy(), targets[batch["index"].numpy()])
+    ds = dm.train_dataset()
+    assert isinstance(ds.targets, np.memmap)
+    big = np.zeros((7, 4000), np.float32)                  # pickled for a spawned worker: the path, not the array
+    np.save(tmp_path / "big.npy", big)
+    by_path = CropDataset(dm.pool, np.arange(7), 500, targets=str(tmp_path / "big.npy"))
+    by_array = CropDataset(dm.pool, np.arange(7), 500, targets=big)
+    assert len(pickle.dumps(by_array)) - len(pickle.dumps(by_path)) > big.nbytes // 2
+    clone = pickle.loads(pickle.dumps(by_path))
+    np.testing.assert_array_equal(clone[(3, 0.5)]["t"].numpy(), big[3])
+    np.save(tmp_path / "short.npy", targets[:5])
+    with pytest.raises(ValueError, match="short.npy.*N_total=7"):
+        PretrainDataModule(str(beat_cache.path), crop_samples=500, record_targets=str(tmp_path / "short.npy")).setup()
+    with pytest.raises(ECGDataError, match="missing.npy.*unreadable"):
+        open_pretext_targets(tmp_path / "missing.npy")
+    np.save(tmp_path / "f64.npy", targets.astype(np.float64))
+    with pytest.raises(ECGDataError, match="f64.npy.*float32"):
+        open_pretext_targets(tmp_path / "f64.npy")
+
+
 IDENTITY = dict(p_crop=0, p_noise=0, p_amplitude=0, p_wander=0, p_powerline=0, p_time_mask=0, p_lead_mask=0,
                 p_lowpass=0)
 
@@ -208,6 +280,7 @@ def test_training_with_handcrafted_targets_end_to_end(beat_cache, tmp_path):
     summary = train(_cfg(tmp_path, beat_cache.path))
     assert summary["steps"] == 2
     assert list((tmp_path / "cache_root" / "features").glob("hc-*.npz"))
+    assert len(list((tmp_path / "cache_root" / "features").glob("pretext-*.npy"))) == 1
     state = torch.load(summary["last_checkpoint"], map_location="cpu", weights_only=True)["state_dict"]
     assert state["aux_head.weight"].shape[0] == len(NAMES)
     from ecgfm.evaluate.sweep import _method_of
