@@ -545,6 +545,42 @@ def test_workers_exit_when_their_parent_is_killed(tmp_path, kind):
                 k.kill()
 
 
+_UNGUARDED_SCRIPT = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {root!r})
+    from ecgfm.data.cache import prepare_corpus
+    from ecgfm.data.synthetic import SyntheticSource
+
+
+    class BigIndexSource(SyntheticSource):
+        \"\"\"A source whose pickled state (a long record index) is larger than a pipe's 64 KiB buffer.\"\"\"
+
+        def __init__(self):
+            super().__init__(8, seed=0, fs=100.0, duration=2.5)
+            self.index = ["record-%06d" % i for i in range(20_000)]
+
+
+    # no `if __name__ == "__main__":` guard: each spawned worker runs this line again and dies
+    prepare_corpus(BigIndexSource(), {cache!r}, {{"fs": 100}}, shard_records=2, workers=2, progress=False)
+""")
+
+
+def test_a_script_without_a_main_guard_fails_with_a_message_not_a_hang(tmp_path):
+    """Spawned workers import the calling script again; one that calls prepare_corpus unguarded kills them at
+    start. The parent must not block on the start-up pipe (large sources used to hang it forever) and must say
+    what to do."""
+    script = tmp_path / "unguarded.py"
+    script.write_text(_UNGUARDED_SCRIPT.format(root=str(ROOT), cache=str(tmp_path / "c")))
+    try:
+        p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+    except subprocess.TimeoutExpired:
+        pytest.fail("prepare_corpus hung when its spawned workers died at start")
+    assert p.returncode != 0
+    assert "a conversion worker died" in p.stderr and "if __name__ == '__main__':" in p.stderr
+    assert not list((tmp_path / "c").glob(".workers.*"))       # the workers' argument file is removed
+
+
 def test_undecodable_record_id_is_skipped_not_fatal(tmp_path):
     class Src(RampSource):
         def record_ids(self):
