@@ -84,6 +84,9 @@ Integrity and freshness (format version 2):
   preserved times. Label tables are compared by sha256. The log names the first 10 changes
   (``CacheReport.changes`` holds them all).
 * **Workers die with their parent** (:func:`die_with_parent`): a killed conversion leaves no process behind.
+* **A worker that dies at start fails the run, never hangs it**: workers are spawned and read their arguments from
+  a file (:func:`_worker_init_from_file`), so a script that calls :func:`prepare_corpus` with ``workers > 0``
+  outside an ``if __name__ == "__main__":`` guard gets an error saying so.
 
 Testing hook: the environment variable ``ECGFM_PREPARE_RECORD_DELAY`` (seconds) makes every conversion worker
 sleep after each record, so tests can kill a conversion in the middle of a shard.
