@@ -1158,37 +1158,39 @@ def _run_shards(plan: _Plan, jobs: list[tuple[int, bool]], sources: list[RecordS
     init_file = shards_dir.parent / f".workers.{os.getpid()}.tmp"
     atomic_write_bytes(init_file, pickle.dumps((list(sources), spec, str(shards_dir), list(label_fps)),
                                                protocol=pickle.HIGHEST_PROTOCOL))
-    with cf.ProcessPoolExecutor(max_workers=n_workers, mp_context=ctx, initializer=_worker_init_from_file,
-                                initargs=(str(init_file), queue, os.getpid())) as pool:
-        try:
-            while pending_items or running:
-                # Keep at most 2 shards per worker queued: the parent never holds the whole plan in flight.
-                while pending_items and len(running) < 2 * n_workers:
-                    i, relabel = pending_items.pop(0)
-                    running[pool.submit(_shard_job, i, plan.shards[i], relabel)] = i
-                done, _ = cf.wait(list(running), timeout=0.25, return_when=cf.FIRST_COMPLETED)
+    try:
+        with cf.ProcessPoolExecutor(max_workers=n_workers, mp_context=ctx, initializer=_worker_init_from_file,
+                                    initargs=(str(init_file), queue, os.getpid())) as pool:
+            try:
+                while pending_items or running:
+                    # Keep at most 2 shards per worker queued: the parent never holds the whole plan in flight.
+                    while pending_items and len(running) < 2 * n_workers:
+                        i, relabel = pending_items.pop(0)
+                        running[pool.submit(_shard_job, i, plan.shards[i], relabel)] = i
+                    done, _ = cf.wait(list(running), timeout=0.25, return_when=cf.FIRST_COMPLETED)
+                    _drain(queue, bar)
+                    now = time.perf_counter()
+                    if now - last_sample > 0.25:
+                        peak.append(_rss_tree_mb())
+                        last_sample = now
+                    for fut in done:
+                        i = running.pop(fut)
+                        try:
+                            results.append(fut.result())
+                        except cf.process.BrokenProcessPool as exc:
+                            raise RuntimeError(
+                                f"{shards_dir.parent}: a conversion worker died while converting shard {i} ({exc}); "
+                                f"finished shards are kept, rerun the same command to resume. (Workers are spawned: "
+                                f"they import the calling script again, so a script must call prepare_corpus with "
+                                f"workers > 0 under `if __name__ == '__main__':`, or use workers=0.)") from exc
+            except BaseException:
+                for fut in running:
+                    fut.cancel()
+                raise
+            finally:
                 _drain(queue, bar)
-                now = time.perf_counter()
-                if now - last_sample > 0.25:
-                    peak.append(_rss_tree_mb())
-                    last_sample = now
-                for fut in done:
-                    i = running.pop(fut)
-                    try:
-                        results.append(fut.result())
-                    except cf.process.BrokenProcessPool as exc:
-                        raise RuntimeError(
-                            f"{shards_dir.parent}: a conversion worker died while converting shard {i} ({exc}); "
-                            f"finished shards are kept, rerun the same command to resume. (Workers are spawned: "
-                            f"they import the calling script again, so a script must call prepare_corpus with "
-                            f"workers > 0 under `if __name__ == '__main__':`, or use workers=0.)") from exc
-        except BaseException:
-            for fut in running:
-                fut.cancel()
-            raise
-        finally:
-            _drain(queue, bar)
-            init_file.unlink(missing_ok=True)
+    finally:   # after the pool has joined its workers: a late one may still be reading it
+        init_file.unlink(missing_ok=True)
     queue.close()
     return results
 

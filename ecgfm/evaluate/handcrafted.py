@@ -383,8 +383,8 @@ def pretext_targets(caches: Sequence[Any], feature_dir: str | os.PathLike, max_s
     may change) get no target.
 
     Per column: robust standardisation over the records that have a value (median, IQR / 1.349; the SD where the
-    IQR is 0, e.g. a rarely set indicator; only centred where both are 0), clipped to ``[-clip, clip]`` so that a few extreme records do not dominate
-    the squared error. Unknown entries are NaN (:func:`ecgfm.losses.masked_target_mse` skips them): a feature
+    IQR is 0, e.g. a rarely set indicator; only centred where both are 0), clipped to ``[-clip, clip]`` so that
+    a few extreme records do not dominate the squared error. Unknown entries are NaN (:func:`ecgfm.losses.masked_target_mse` skips them): a feature
     group flagged missing by its indicator, a record too long, a record skipped for non-finite input.
 
     Args:
