@@ -520,6 +520,29 @@ def _stale_record_replaced(tmp: Path, shared: Shared) -> Outcome:
     return c.result("recover", p)
 
 
+@fault("stale_record_retimed", 2, "recover",
+       "every record file copied over itself after prepare (new times, same bytes); prepare.py again converts "
+       "nothing")
+def _stale_record_retimed(tmp: Path, shared: Shared) -> Outcome:
+    root, out, args, first = _prepared_ptbxl(tmp)
+    if first.rc != 0:
+        return Outcome("setup failed", False, first.tail())
+    bins = _shard_stats(out)
+    files = sorted(root.rglob("*_lr.*"))
+    for f in files:                          # a copy without preserved times: a new file, the same bytes
+        data = f.read_bytes()
+        f.unlink()
+        f.write_bytes(data)
+    p = run("prepare.py", *args)
+    c = Check()
+    if p.rc == 0:
+        c.that(_shard_stats(out) == bins, "signal shards were converted again for files whose bytes did not change")
+        c.that(re.search(rf"{len(files)} record file\(s\) have new times but the bytes", p.text),
+               "no line saying the record files kept their bytes")
+        c.that(len(open_cache(out)) == 4, "the cache lost records")
+    return c.result("recover", p)
+
+
 @fault("stale_record_added", 2, "error",
        "a record file added to the source folder after prepare; prepare.py into the same out= refuses, naming it")
 def _stale_record_added(tmp: Path, shared: Shared) -> Outcome:
