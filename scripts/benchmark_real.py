@@ -10,7 +10,8 @@ Stages (each one skips what is already done, so an interrupted run resumes):
    :class:`ecgfm.evaluate.tasks.ExcludingSource`; every recipe trains on them (``data=cached``).
 2. **pretrain**: ``train.py +experiment=<recipe> data=cached data.cache_dirs=[pool caches]`` for MAE, SimCLR,
    CLOCS, the hybrid (CREMA), SimCLR on the 1-D ResNet (``simclr_cnn``) and the same with the handcrafted pretext
-   regression (``simclr_cnn_hc``, ``method.aux_targets=handcrafted``; ``--embed-dim`` / ``--depth`` /
+   regression (``simclr_cnn_hc``, ``method.aux_targets=handcrafted``; ``simclr_cnn_hc_s1``: the same recipe with
+   pretraining seed 1; ``--embed-dim`` / ``--depth`` /
    ``--heads`` are ViT sizes and refused for both). Recipe: without ``--steps``, the CPU-budget recipe
    ``conf/experiment/<method>_cpu30.yaml`` when it exists (its own steps, checkpoint interval, crop and backbone),
    else ``+experiment=<method>`` for 300 steps; ``--steps N``: ``+experiment=<method>`` for ``N`` steps (checkpoint
@@ -59,7 +60,10 @@ sys.path.insert(0, str(ROOT))
 PY = sys.executable
 #: benchmark method -> conf/experiment name
 EXPERIMENTS = {"mae": "mae", "simclr": "simclr", "clocs": "clocs", "hybrid": "crema", "simclr_cnn": "simclr_cnn",
-               "simclr_cnn_hc": "simclr_cnn_hc"}
+               "simclr_cnn_hc": "simclr_cnn_hc", "simclr_cnn_hc_s1": "simclr_cnn_hc"}
+#: train.py overrides of a benchmark method beyond its experiment: a second pretraining seed of one recipe (its
+#: rows are labelled by checkpoint, ``<method>@<hash>``, beside the first seed's)
+METHOD_OVERRIDES = {"simclr_cnn_hc_s1": ["seed=1"]}
 #: suffix of the CPU-budget recipes (conf/experiment/<experiment>_cpu30.yaml)
 CPU_RECIPE_SUFFIX = "_cpu30"
 DEFAULT_STEPS = 300
@@ -153,7 +157,7 @@ def pretrain_recipe(args: argparse.Namespace, method: str) -> tuple[str, list[st
     names = {"embed_dim": "backbone.embed_dim", "depth": "backbone.depth", "heads": "backbone.num_heads",
              "batch_size": "data.batch_size"}
     over += [f"{names[k]}={v}" for k, v in sizes.items() if v is not None]
-    return name, over
+    return name, over + METHOD_OVERRIDES.get(method, [])
 
 
 def _vit_experiment(name: str) -> bool:

@@ -136,3 +136,5 @@ def test_pretrain_recipe_choice(tmp_path, monkeypatch):
         B.pretrain_recipe(a, "simclr_cnn_hc")
     a.depth = None
     assert B.pretrain_recipe(a, "simclr_cnn_hc") == ("simclr_cnn_hc_cpu30", ["data.batch_size=32"])
+    # a second pretraining seed of the same recipe
+    assert B.pretrain_recipe(a, "simclr_cnn_hc_s1") == ("simclr_cnn_hc_cpu30", ["data.batch_size=32", "seed=1"])
