@@ -82,7 +82,7 @@ Integrity and freshness (format version 2):
   once). A replacement with the same size and mtime is not seen, and ``verify=true`` does not see it either: it
   hashes the cache's own files, not the source records; rebuild into a new ``out=`` after replacing records with
   preserved times. Label tables are compared by sha256. The log names the first 10 changes
-  (``CacheReport.changes`` holds them all).
+  (``PrepareReport.changes`` holds them all).
 * **Workers die with their parent** (:func:`die_with_parent`): a killed conversion leaves no process behind.
 * **A worker that dies at start fails the run, never hangs it**: workers are spawned and read their arguments from
   a file (:func:`_worker_init_from_file`), so a script that calls :func:`prepare_corpus` with ``workers > 0``
@@ -187,7 +187,8 @@ def _input_digest(path: str | os.PathLike) -> str:
     return sha256_file(path)[:_INPUT_DIGEST_CHARS]
 
 
-def _content_unchanged(path: str, digest: str | None, restamped: dict[str, list[int]] | None = None) -> bool:
+def _content_unchanged(path: str, digest: str | None, restamped: dict[str, list[int]] | None = None,
+                       size: int | None = None) -> bool:
     """Whether a record file whose size or mtime changed still holds the bytes it was converted from (a copy of
     the corpus, a ``touch``, a checkout or a re-mount with new times). ``False`` when no digest was recorded
     (caches written before digests) or the file is gone. A file found unchanged is added to ``restamped`` with
@@ -196,7 +197,7 @@ def _content_unchanged(path: str, digest: str | None, restamped: dict[str, list[
         return False
     try:
         now = _file_stat(path)
-        same = _input_digest(path) == digest
+        same = (size is None or now[0] == size) and _input_digest(path) == digest   # a new size: changed, no hash
     except OSError:
         return False
     if same and restamped is not None:
@@ -506,11 +507,14 @@ def _record_inputs(src: RecordSource, rid: str, path: Any) -> list[list[Any]]:
         if not is_decodable(f):   # a name the UTF-8 index cannot hold (undecodable bytes): not fingerprinted
             continue
         try:
-            st = os.stat(f)
+            before = _file_stat(f)
             digest = _input_digest(f)
+            after = _file_stat(f)
         except OSError:
             continue
-        out.append([f, int(st.st_size), int(st.st_mtime_ns), digest])
+        # a file rewritten while it was hashed: its digest may not match these times, so none is kept (a later
+        # change of its times then counts as a change, as without digests)
+        out.append([f, *after, digest] if after == before else [f, *after])
     return out
 
 
@@ -566,9 +570,13 @@ def input_changes(out_dir: str | os.PathLike, limit: int | None = None,
 
     Args:
         out_dir: the cache folder.
-        limit: stop after this many changes and restamped files together (None: all).
+        limit: stop after this many changes, counting the files found ``restamped`` too when that is given
+            (None: all). With ``restamped`` and ``limit``, an empty list means "nothing changed among the files
+            checked": a caller must also look at ``restamped`` (as :func:`ecgfm.data.prepare.prepare_cache` does).
         restamped: when given, receives ``{file: [size, mtime_ns]}`` of the record files with new times and
             unchanged content (not changes; :func:`prepare_corpus` records their new times in ``inputs.json``).
+            This function only reads: until a preparation records the new times, every call hashes those files
+            again.
 
     Returns:
         One line per change, naming the file or folder.
@@ -598,7 +606,7 @@ def input_changes(out_dir: str | os.PathLike, limit: int | None = None,
                 return changes
             continue
         if now != [size, mtime]:
-            if _content_unchanged(f, digest[0] if digest else None, same):
+            if _content_unchanged(f, digest[0] if digest else None, same, size):
                 if full():
                     return changes
                 continue
@@ -1113,7 +1121,7 @@ def _input_unchanged(entry: Sequence[Any], known: Mapping[str, Sequence[Any]],
     old = known.get(f)
     if d and (restamped.get(f) == now or (old is not None and list(old[:2]) == now and old[2:3] == [d])):
         return True
-    return _content_unchanged(f, d, restamped)
+    return _content_unchanged(f, d, restamped, size)
 
 
 def _stat_or_none(path: str) -> list[int] | None:
@@ -1178,11 +1186,13 @@ def _run_shards(plan: _Plan, jobs: list[tuple[int, bool]], sources: list[RecordS
                         try:
                             results.append(fut.result())
                         except cf.process.BrokenProcessPool as exc:
+                            hint = "" if results else (
+                                " (No shard finished: workers may have died at start. Workers are spawned and "
+                                "import the calling script again, so a script must call prepare_corpus with "
+                                "workers > 0 under `if __name__ == '__main__':`, or use workers=0.)")
                             raise RuntimeError(
                                 f"{shards_dir.parent}: a conversion worker died while converting shard {i} ({exc}); "
-                                f"finished shards are kept, rerun the same command to resume. (Workers are spawned: "
-                                f"they import the calling script again, so a script must call prepare_corpus with "
-                                f"workers > 0 under `if __name__ == '__main__':`, or use workers=0.)") from exc
+                                f"finished shards are kept, rerun the same command to resume.{hint}") from exc
             except BaseException:
                 for fut in running:
                     fut.cancel()

@@ -364,7 +364,7 @@ def open_pretext_targets(path: str | os.PathLike) -> np.ndarray:
     """
     try:
         t = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, EOFError) as exc:   # EOFError: an empty file
         raise ECGDataError(path, f"pretext targets unreadable ({type(exc).__name__}: {exc})") from None
     if t.dtype != np.float32 or t.ndim != 2:
         raise ECGDataError(path, f"pretext targets must be a 2-D float32 array, got {t.dtype} {t.shape}")

@@ -457,7 +457,7 @@ def pretext_targets_file(caches: Sequence[Any], feature_dir: str | os.PathLike, 
             t = np.load(path, mmap_mode="r", allow_pickle=False)
             if t.dtype != np.float32 or t.shape != shape:
                 raise ValueError(f"{t.dtype} {t.shape}, expected float32 {shape}")
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, EOFError) as exc:   # EOFError: an empty file
             log.warning("pretext targets %s: %s; computing them again", path, exc)
             return False
         STATS["pretext_hits"] += 1

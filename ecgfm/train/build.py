@@ -6,11 +6,13 @@ them together.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any, Sequence
 
 import lightning as L
+import numpy as np
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -19,6 +21,8 @@ from ecgfm.config import ConfigError
 from ecgfm.data.preprocess import PreprocessSpec
 from ecgfm.train.loop import LossHistory, StepSeedCallback, ThroughputCallback
 from ecgfm.train.safety import NonFiniteGuard
+
+log = logging.getLogger(__name__)
 
 __all__ = ["compile_backbone", "data_rate", "check_backbone_fits_crop", "build_callbacks", "build_logger",
            "log_dir", "pretext_targets_for"]
@@ -63,7 +67,7 @@ def data_rate(cache_dirs: Sequence[str], cfg: DictConfig) -> tuple[PreprocessSpe
     return spec, float(spec.fs)
 
 
-def pretext_targets_for(cfg: DictConfig, cache_dirs: Sequence[str]) -> Path:
+def pretext_targets_for(cfg: DictConfig, cache_dirs: Sequence[str]) -> Path | np.ndarray:
     """The record-level pretext targets that ``method.aux_targets`` names, over the training caches.
 
     ``"handcrafted"``: :func:`ecgfm.evaluate.handcrafted.pretext_targets_file` of the data node's caches (features
@@ -73,7 +77,8 @@ def pretext_targets_for(cfg: DictConfig, cache_dirs: Sequence[str]) -> Path:
 
     Returns:
         Path of an ``(N_total, F)`` float32 ``.npy`` file (NaN where unknown), for
-        ``PretrainDataModule(record_targets=...)`` to memory-map.
+        ``PretrainDataModule(record_targets=...)`` to memory-map; the array itself, with a warning, when that file
+        cannot be written (a read-only ``paths.cache_root`` that holds the features already).
 
     Raises:
         ConfigError: the data node has no caches (the targets are computed per cached record).
@@ -83,10 +88,16 @@ def pretext_targets_for(cfg: DictConfig, cache_dirs: Sequence[str]) -> Path:
         raise ConfigError("method.aux_targets", f"{kind!r} targets are computed per record of the data node's "
                                                 "caches; this data node has none (use a cached corpus or pool)")
     from ecgfm.data.cache import CorpusCache
-    from ecgfm.evaluate.handcrafted import pretext_targets_file
+    from ecgfm.evaluate.handcrafted import pretext_targets, pretext_targets_file
 
     caches = [CorpusCache(d) for d in cache_dirs]
-    return pretext_targets_file(caches, Path(str(cfg.paths.cache_root)) / "features", nonfinite=str(cfg.nonfinite))
+    feature_dir = Path(str(cfg.paths.cache_root)) / "features"
+    try:
+        return pretext_targets_file(caches, feature_dir, nonfinite=str(cfg.nonfinite))
+    except OSError as exc:
+        log.warning("pretext targets: cannot write their file under %s (%s); computing them in memory (each "
+                    "process holds its own copy)", feature_dir, exc)
+        return pretext_targets(caches, feature_dir, nonfinite=str(cfg.nonfinite))
 
 
 def check_backbone_fits_crop(cfg: DictConfig, fs: float, backbone: torch.nn.Module | None = None) -> None:

@@ -110,8 +110,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     method_kwargs: dict[str, Any] = {}
     if cfg.method.get("aux_targets"):
         targets = pretext_targets_for(cfg, cache_dirs)      # a .npy file: every loader memory-maps it
-        method_kwargs["aux_dim"] = int(open_pretext_targets(targets).shape[1])
-        data_kwargs["record_targets"] = str(targets)
+        if isinstance(targets, Path):
+            method_kwargs["aux_dim"] = int(open_pretext_targets(targets).shape[1])
+            data_kwargs["record_targets"] = str(targets)
+        else:                                              # the file could not be written: the array
+            method_kwargs["aux_dim"] = int(targets.shape[1])
+            data_kwargs["record_targets"] = targets
     datamodule = instantiate(data_cfg, **data_kwargs, _convert_="all")
     make_resumable(datamodule)
 

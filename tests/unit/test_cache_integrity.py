@@ -401,6 +401,42 @@ def test_inputs_without_digests_count_new_times_as_changes(fixture_dir, tmp_path
     assert cache_mod._content_unchanged(str(tmp_path / "gone.dat"), "0" * 16) is False
 
 
+def test_a_file_rewritten_while_hashed_keeps_no_digest(tmp_path, monkeypatch):
+    """The digest must describe the bytes of the recorded times: a file that changes between the stat and the hash
+    gets no digest, so a later change of its times is a change (not taken for a copy of the same bytes)."""
+    f = tmp_path / "r.dat"
+    f.write_bytes(b"old bytes")
+
+    class Src:
+        def input_files(self, rid):
+            return [str(f)]
+
+    real = cache_mod._input_digest
+    assert len(cache_mod._record_inputs(Src(), "r", None)[0]) == 4        # a quiet file: [file, size, mtime, digest]
+
+    def racing(path):
+        d = real(path)
+        Path(path).write_bytes(b"new bytes, rewritten during the hash")
+        return d
+
+    monkeypatch.setattr(cache_mod, "_input_digest", racing)
+    entry = cache_mod._record_inputs(Src(), "r", None)[0]
+    assert len(entry) == 3 and entry[1] == f.stat().st_size               # the times after it, no digest
+
+
+def test_a_file_of_another_size_is_a_change_without_a_hash(tmp_path, monkeypatch):
+    f = tmp_path / "r.dat"
+    f.write_bytes(b"0123456789")
+    digest = cache_mod._input_digest(f)
+    calls = []
+    real = cache_mod._input_digest
+    monkeypatch.setattr(cache_mod, "_input_digest", lambda p: calls.append(p) or real(p))
+    f.write_bytes(b"01234567890123")
+    assert cache_mod._content_unchanged(str(f), digest, {}, size=10) is False and calls == []
+    f.write_bytes(b"0123456789")                                            # same bytes back: hashed, unchanged
+    assert cache_mod._content_unchanged(str(f), digest, {}, size=10) is True and len(calls) == 1
+
+
 def test_many_changed_inputs_are_summarised_in_the_log(fixture_dir, tmp_path, caplog):
     from ecgfm.data.readers import PTBXLSource
 

@@ -153,8 +153,25 @@ def test_pretext_targets_file_is_computed_once_and_memory_mapped(beat_cache, tmp
         assert H.pretext_targets_file([beat_cache], feats, clip=3.0) == path
     assert "computing them again" in caplog.text
     np.testing.assert_array_equal(np.load(path), expected)
+    path.write_bytes(b"")                                                     # empty: computed again too
+    assert H.pretext_targets_file([beat_cache], feats, clip=3.0) == path
+    np.testing.assert_array_equal(np.load(path), expected)
     with pytest.raises(ValueError, match="max_seconds"):
         H.pretext_targets_file([beat_cache], feats, max_seconds=0)
+
+
+def test_targets_in_memory_when_their_file_cannot_be_written(beat_cache, tmp_path, monkeypatch, caplog):
+    """A read-only paths.cache_root (features there already): training still gets its targets, as an array."""
+    import logging
+
+    def read_only(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(H, "pretext_targets_file", read_only)
+    cfg = _cfg(tmp_path, beat_cache.path)
+    with caplog.at_level(logging.WARNING, logger="ecgfm.train.build"):
+        t = pretext_targets_for(cfg, [str(beat_cache.path)])
+    assert isinstance(t, np.ndarray) and t.shape == (7, len(NAMES)) and "in memory" in caplog.text
 
 
 def test_concurrent_processes_extract_the_features_once(beat_cache, tmp_path):
@@ -202,6 +219,9 @@ def test_batches_read_targets_from_a_memory_mapped_file(beat_cache, tmp_path):
         PretrainDataModule(str(beat_cache.path), crop_samples=500, record_targets=str(tmp_path / "short.npy")).setup()
     with pytest.raises(ECGDataError, match="missing.npy.*unreadable"):
         open_pretext_targets(tmp_path / "missing.npy")
+    (tmp_path / "empty.npy").write_bytes(b"")
+    with pytest.raises(ECGDataError, match="empty.npy.*unreadable"):
+        open_pretext_targets(tmp_path / "empty.npy")
     np.save(tmp_path / "f64.npy", targets.astype(np.float64))
     with pytest.raises(ECGDataError, match="f64.npy.*float32"):
         open_pretext_targets(tmp_path / "f64.npy")
