@@ -1,0 +1,107 @@
+"""Per-class validation AUROC of frozen record features: which classes an encoder wins or loses against the
+handcrafted baseline, without touching the test split.
+
+    python scripts/perclass_val.py --task cinc2017 \
+        --cell "pretext s0=runs/cnn_ssl/simclr_hc_w1/select/linear5/cells/linear/cinc2017/<encoder>/f1_s0.json" \
+        --handcrafted --concat "pretext s0"
+
+Each ``--cell NAME=PATH`` is a probe.py results cell; its cached window features (``feature_key`` under
+``<cache_root>/features``) are averaged per record (the linear probe's ``mean_embedding``), standardised on the
+train split, and a logistic regression (``C`` chosen on validation from the probe's grid) is fitted on train and
+scored on validation, one AUROC per class (one-vs-rest). ``--handcrafted`` adds the 40 handcrafted features,
+``--concat NAME`` the concatenation of NAME's features with them. The test split is never read.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+CS = (0.001, 0.01, 0.1, 1.0, 10.0)
+
+
+def record_means(path: Path) -> np.ndarray:
+    """``(n_records, D)`` mean window feature of each record of a cached feature file."""
+    z = np.load(path, allow_pickle=False)
+    x, rec, n = z["features"], z["record"], int(z["n_records"])
+    out = np.zeros((n, x.shape[1]))
+    np.add.at(out, rec, x)
+    return out / np.maximum(np.bincount(rec, minlength=n), 1)[:, None]
+
+
+def per_class_val(x: np.ndarray, y: np.ndarray, train: np.ndarray, val: np.ndarray, n_classes: int
+                  ) -> tuple[float, list[float]]:
+    """``(C, per-class validation AUROC)`` of the logistic regression whose mean AUROC is highest over :data:`CS`."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.preprocessing import StandardScaler
+
+    sc = StandardScaler().fit(x[train])
+    best: tuple[float, list[float]] | None = None
+    for c in CS:
+        clf = LogisticRegression(C=c, max_iter=2000).fit(sc.transform(x[train]), y[train])
+        p = clf.predict_proba(sc.transform(x[val]))
+        per = [float(roc_auc_score(y[val] == k, p[:, k])) for k in range(n_classes)]
+        if best is None or np.mean(per) > np.mean(best[1]):
+            best = (c, per)
+    assert best is not None
+    return best
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--task", default="cinc2017", help="a single-label task (conf/task/<name>.yaml)")
+    ap.add_argument("--cell", action="append", default=[], help="NAME=path of a probe.py results cell (json)")
+    ap.add_argument("--handcrafted", action="store_true", help="add the handcrafted features' row")
+    ap.add_argument("--concat", action="append", default=[], help="NAME of a --cell to concatenate with them")
+    ap.add_argument("--data-root", default="../shared/data")
+    ap.add_argument("--cache-root", default="cache")
+    args = ap.parse_args(argv)
+
+    from ecgfm.data.preprocess import PreprocessSpec
+    from ecgfm.evaluate.handcrafted import cached_handcrafted
+    from ecgfm.evaluate.tasks import build_task, load_task_spec
+
+    feats: dict[str, np.ndarray] = {}
+    preprocess = None
+    for item in args.cell:
+        name, _, path = item.partition("=")
+        if not path:
+            ap.error(f"--cell {item!r}: expected NAME=path")
+        cell = json.loads(Path(path).read_text())
+        if cell.get("task") != args.task:
+            ap.error(f"--cell {path}: a {cell.get('task')} cell, not {args.task}")
+        preprocess = preprocess or cell["preprocess"]
+        feats[name] = record_means(Path(args.cache_root) / "features" / f"{cell['feature_key']}.npz")
+    if preprocess is None:
+        ap.error("give at least one --cell (its preprocessing opens the task's cache)")
+    spec = load_task_spec(args.task, data_root=args.data_root, cache_root=args.cache_root)
+    task = build_task(spec, args.cache_root, PreprocessSpec.from_dict(preprocess))
+    if task.multilabel:
+        ap.error(f"{args.task} is multi-label; this script scores single-label tasks")
+    if args.handcrafted or args.concat:
+        hc = cached_handcrafted(task.cache, str(Path(args.cache_root) / "features"))
+        feats["handcrafted"] = np.zeros((len(task.cache), hc.dim))
+        feats["handcrafted"][hc.record] = hc.features
+    for name in args.concat:
+        feats[f"{name} + handcrafted"] = np.hstack([feats[name], feats["handcrafted"]])
+    train, val = task.splits["train"], task.splits["val"]
+    y = task.labels.argmax(1)
+    counts = np.bincount(y[val], minlength=len(task.class_names))
+    print(f"{args.task} validation split (n = {len(val)}): "
+          + ", ".join(f"{c} {k}" for c, k in zip(task.class_names, counts)))
+    print("| features | C | macro | " + " | ".join(task.class_names) + " |")
+    print("|---|---|---|" + "---|" * len(task.class_names))
+    for name, x in feats.items():
+        c, per = per_class_val(x, y, train, val, len(task.class_names))
+        print(f"| {name} | {c:g} | {np.mean(per):.3f} | " + " | ".join(f"{a:.3f}" for a in per) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
