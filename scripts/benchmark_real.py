@@ -578,6 +578,24 @@ def update_benchmark_doc(doc: Path, results_md: Path, curve_md: Path | None) -> 
     log(f"updated the generated block of {doc}")
 
 
+#: decimals kept of the metric columns in the docs copy of results.csv (the run's own results.csv keeps all)
+DOCS_DECIMALS = 6
+
+
+def docs_results_csv(src: Path, dst: Path) -> None:
+    """The committed copy of the tidy results table: without the ``cell`` column (a path into the run folder,
+    which is not in git; the run's own ``results.csv`` keeps it) and with the value / CI columns rounded to
+    :data:`DOCS_DECIMALS` decimals, so that the table stays a small text file as methods are added."""
+    import pandas as pd
+
+    df = pd.read_csv(src)
+    df = df.drop(columns=[c for c in ("cell",) if c in df.columns])
+    for col in ("value", "ci_low", "ci_high"):
+        if col in df.columns:
+            df[col] = df[col].round(DOCS_DECIMALS)
+    df.to_csv(dst, index=False)
+
+
 def report(args: argparse.Namespace) -> None:
     """Rebuild the tables, append the pretraining wall times, copy them to docs/benchmark and print the
     acceptance block."""
@@ -593,7 +611,10 @@ def report(args: argparse.Namespace) -> None:
     docs.mkdir(parents=True, exist_ok=True)
     for name in ("results.csv", "results.md", "results.png", "comparisons.csv", "comparisons_mean.csv"):
         if (res_dir / name).exists():
-            shutil.copy(res_dir / name, docs / f"real_{name}")
+            if name == "results.csv":
+                docs_results_csv(res_dir / name, docs / f"real_{name}")
+            else:
+                shutil.copy(res_dir / name, docs / f"real_{name}")
     # the document beside the docs folder (docs/BENCHMARK.md for the default --docs docs/benchmark)
     update_benchmark_doc(docs.resolve().parent / "BENCHMARK.md", res_dir / "results.md",
                          docs / "learning_curve.md" if (docs / "learning_curve.md").is_file() else None)

@@ -138,3 +138,13 @@ def test_pretrain_recipe_choice(tmp_path, monkeypatch):
     assert B.pretrain_recipe(a, "simclr_cnn_hc") == ("simclr_cnn_hc_cpu30", ["data.batch_size=32"])
     # a second pretraining seed of the same recipe
     assert B.pretrain_recipe(a, "simclr_cnn_hc_s1") == ("simclr_cnn_hc_cpu30", ["data.batch_size=32", "seed=1"])
+
+
+def test_docs_copy_of_the_results_table_is_compact(tmp_path):
+    src = tmp_path / "results.csv"
+    src.write_text("mode,task,metric,value,ci_low,ci_high,cell\n"
+                   "linear,cinc2017,macro_auroc,0.9239639207578123,0.9021,,linear/cinc2017/x/f1_s0.json\n")
+    B.docs_results_csv(src, tmp_path / "real_results.csv")
+    lines = (tmp_path / "real_results.csv").read_text().splitlines()
+    assert lines[0] == "mode,task,metric,value,ci_low,ci_high"                 # the run-folder path is dropped
+    assert lines[1] == "linear,cinc2017,macro_auroc,0.923964,0.9021,"          # rounded; a missing CI stays empty
