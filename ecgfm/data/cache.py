@@ -651,7 +651,7 @@ def _worker_init(sources: Sequence[RecordSource], spec: PreprocessSpec, shards_d
                    label_fps=list(label_fps))
 
 
-def _worker_init_from_file(path: str, progress_queue: Any, parent_pid: int | None = None) -> None:
+def _worker_init_from_file(path: str, sha256: str, progress_queue: Any, parent_pid: int | None = None) -> None:
     """Pool initializer: :func:`_worker_init` with its arguments (sources, spec, shard folder, label
     fingerprints) read from the file the parent wrote for this pool, not sent through the spawn pipe.
 
@@ -659,10 +659,14 @@ def _worker_init_from_file(path: str, progress_queue: Any, parent_pid: int | Non
     pipe's read end, so when the worker dies before reading it (a script that calls prepare_corpus outside an
     ``if __name__ == "__main__":`` guard is imported again by the worker and fails there) a payload larger than
     the pipe buffer (64 KiB: the record index of a few thousand records) blocks the parent forever. A small
-    payload lets the pool see the dead worker and fail with a message instead."""
-    with open(path, "rb") as f:
-        # written by this pool's parent process a moment ago (never a downloaded or user-supplied file)
-        sources, spec, shards_dir, label_fps = pickle.load(f)
+    payload lets the pool see the dead worker and fail with a message instead.
+
+    The file was written by this pool's parent a moment ago; its sha256 comes through the pipe and is checked
+    before anything is unpickled, so a file swapped in the meantime is refused, never executed."""
+    blob = Path(path).read_bytes()
+    if hashlib.sha256(blob).hexdigest() != sha256:
+        raise RuntimeError(f"{path}: the conversion workers' argument file changed after it was written; refusing it")
+    sources, spec, shards_dir, label_fps = pickle.loads(blob)
     _worker_init(sources, spec, shards_dir, progress_queue, label_fps, parent_pid)
 
 
@@ -1164,11 +1168,11 @@ def _run_shards(plan: _Plan, jobs: list[tuple[int, bool]], sources: list[RecordS
     # the workers' arguments go through a file (see _worker_init_from_file); ".*.tmp": _clean_temporaries
     # removes it if this process is killed
     init_file = shards_dir.parent / f".workers.{os.getpid()}.tmp"
-    atomic_write_bytes(init_file, pickle.dumps((list(sources), spec, str(shards_dir), list(label_fps)),
-                                               protocol=pickle.HIGHEST_PROTOCOL))
+    init_sha = atomic_write_bytes(init_file, pickle.dumps((list(sources), spec, str(shards_dir), list(label_fps)),
+                                                          protocol=pickle.HIGHEST_PROTOCOL))
     try:
         with cf.ProcessPoolExecutor(max_workers=n_workers, mp_context=ctx, initializer=_worker_init_from_file,
-                                    initargs=(str(init_file), queue, os.getpid())) as pool:
+                                    initargs=(str(init_file), init_sha, queue, os.getpid())) as pool:
             try:
                 while pending_items or running:
                     # Keep at most 2 shards per worker queued: the parent never holds the whole plan in flight.

@@ -617,6 +617,18 @@ def test_a_script_without_a_main_guard_fails_with_a_message_not_a_hang(tmp_path)
     assert not list((tmp_path / "c").glob(".workers.*"))       # the workers' argument file is removed
 
 
+def test_a_swapped_worker_argument_file_is_refused_not_unpickled(tmp_path):
+    import hashlib
+    import pickle
+
+    f = tmp_path / ".workers.1.tmp"
+    f.write_bytes(pickle.dumps(([], SPEC, str(tmp_path), [])))
+    good = hashlib.sha256(f.read_bytes()).hexdigest()
+    f.write_bytes(pickle.dumps(([], SPEC, str(tmp_path / "elsewhere"), [])))    # swapped after the parent wrote it
+    with pytest.raises(RuntimeError, match="changed after it was written"):
+        cache_mod._worker_init_from_file(str(f), good, None)
+
+
 def test_undecodable_record_id_is_skipped_not_fatal(tmp_path):
     class Src(RampSource):
         def record_ids(self):
