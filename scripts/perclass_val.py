@@ -7,7 +7,7 @@ handcrafted baseline, without touching the test split.
 
 Each ``--cell NAME=PATH`` is a probe.py results cell; its cached window features (``feature_key`` under
 ``<cache_root>/features``) are averaged per record (the linear probe's ``mean_embedding``), standardised on the
-train split, and a logistic regression (``C`` chosen on validation from the probe's grid) is fitted on train and
+train split, and a logistic regression (``C`` chosen on validation from :data:`CS`) is fitted on train and
 scored on validation, one AUROC per class (one-vs-rest). ``--handcrafted`` adds the 40 handcrafted features,
 ``--concat NAME`` the concatenation of NAME's features with them. The test split is never read.
 """
@@ -26,12 +26,14 @@ CS = (0.001, 0.01, 0.1, 1.0, 10.0)
 
 
 def record_means(path: Path) -> np.ndarray:
-    """``(n_records, D)`` mean window feature of each record of a cached feature file."""
+    """``(n_records, D)`` mean window feature of each record of a cached feature file
+    (:meth:`ecgfm.evaluate.features.FeatureSet.record_means`: NaN rows for records skipped at extraction)."""
+    from ecgfm.evaluate.features import FeatureSet
+
     z = np.load(path, allow_pickle=False)
-    x, rec, n = z["features"], z["record"], int(z["n_records"])
-    out = np.zeros((n, x.shape[1]))
-    np.add.at(out, rec, x)
-    return out / np.maximum(np.bincount(rec, minlength=n), 1)[:, None]
+    skipped = z["skipped"] if "skipped" in z.files else np.zeros(0, np.int64)
+    return FeatureSet(features=z["features"], record=z["record"], n_records=int(z["n_records"]),
+                      skipped=skipped).record_means()
 
 
 def per_class_val(x: np.ndarray, y: np.ndarray, train: np.ndarray, val: np.ndarray, n_classes: int
@@ -98,7 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     print("| features | C | macro | " + " | ".join(task.class_names) + " |")
     print("|---|---|---|" + "---|" * len(task.class_names))
     for name, x in feats.items():
-        c, per = per_class_val(x, y, train, val, len(task.class_names))
+        ok = np.isfinite(x).all(axis=1)             # records skipped at feature extraction (NaN rows)
+        if not ok[train].all() or not ok[val].all():
+            print(f"{name}: {int((~ok[train]).sum())} train / {int((~ok[val]).sum())} validation records skipped "
+                  f"at feature extraction are left out")
+        c, per = per_class_val(x, y, train[ok[train]], val[ok[val]], len(task.class_names))
         print(f"| {name} | {c:g} | {np.mean(per):.3f} | " + " | ".join(f"{a:.3f}" for a in per) + " |")
     return 0
 

@@ -14,9 +14,11 @@ _SPEC.loader.exec_module(P)
 
 def test_record_means_average_each_records_windows(tmp_path):
     x = np.array([[1.0, 0.0], [3.0, 2.0], [5.0, 5.0]], np.float32)
-    np.savez(tmp_path / "f.npz", features=x, record=np.array([0, 0, 2]), n_records=np.array(3))
+    np.savez(tmp_path / "f.npz", features=x, record=np.array([0, 0, 2]), n_records=np.array(3),
+             skipped=np.array([1]))
     m = P.record_means(tmp_path / "f.npz")
-    np.testing.assert_allclose(m, [[2.0, 1.0], [0.0, 0.0], [5.0, 5.0]])   # record 1 has no window: zeros
+    np.testing.assert_allclose(m[[0, 2]], [[2.0, 1.0], [5.0, 5.0]])
+    assert np.isnan(m[1]).all()                   # a record skipped at extraction: NaN, never a zero row
 
 
 def test_per_class_val_scores_each_class_on_validation_only():
