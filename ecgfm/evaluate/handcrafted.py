@@ -384,7 +384,8 @@ def pretext_targets(caches: Sequence[Any], feature_dir: str | os.PathLike, max_s
 
     Per column: robust standardisation over the records that have a value (median, IQR / 1.349; the SD where the
     IQR is 0, e.g. a rarely set indicator; only centred where both are 0), clipped to ``[-clip, clip]`` so that
-    a few extreme records do not dominate the squared error. Unknown entries are NaN (:func:`ecgfm.losses.masked_target_mse` skips them): a feature
+    a few extreme records do not dominate the squared error. Unknown entries are NaN
+    (:func:`ecgfm.losses.masked_target_mse` skips them): a feature
     group flagged missing by its indicator, a record too long, a record skipped for non-finite input.
 
     Args:
@@ -443,8 +444,6 @@ def pretext_targets_file(caches: Sequence[Any], feature_dir: str | os.PathLike, 
     Returns:
         The ``.npy`` path: ``(N_total, len(FEATURE_NAMES))`` float32, NaN where unknown.
     """
-    if max_seconds <= 0 or clip <= 0:
-        raise ValueError(f"max_seconds and clip must be > 0, got {max_seconds}, {clip}")
     text = "|".join([PRETEXT_VERSION, *(handcrafted_key(c) for c in caches), f"{float(max_seconds):g}",
                      f"{float(clip):g}", nonfinite])
     path = Path(feature_dir) / f"pretext-{hashlib.sha256(text.encode()).hexdigest()[:24]}.npy"
