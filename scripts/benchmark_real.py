@@ -11,7 +11,8 @@ Stages (each one skips what is already done, so an interrupted run resumes):
 2. **pretrain**: ``train.py +experiment=<recipe> data=cached data.cache_dirs=[pool caches]`` for MAE, SimCLR,
    CLOCS, the hybrid (CREMA), SimCLR on the 1-D ResNet (``simclr_cnn``) and the same with the handcrafted pretext
    regression (``simclr_cnn_hc``, ``method.aux_targets=handcrafted``; ``simclr_cnn_hc_s1``: the same recipe with
-   pretraining seed 1; ``--embed-dim`` / ``--depth`` /
+   pretraining seed 1; ``simclr_cnn_hcc``: crop-level rhythm targets, ``aux_targets=handcrafted_crop``;
+   ``--embed-dim`` / ``--depth`` /
    ``--heads`` are ViT sizes and refused for both). Recipe: without ``--steps``, the CPU-budget recipe
    ``conf/experiment/<method>_cpu30.yaml`` when it exists (its own steps, checkpoint interval, crop and backbone),
    else ``+experiment=<method>`` for 300 steps; ``--steps N``: ``+experiment=<method>`` for ``N`` steps (checkpoint
@@ -60,7 +61,7 @@ sys.path.insert(0, str(ROOT))
 PY = sys.executable
 #: benchmark method -> conf/experiment name
 EXPERIMENTS = {"mae": "mae", "simclr": "simclr", "clocs": "clocs", "hybrid": "crema", "simclr_cnn": "simclr_cnn",
-               "simclr_cnn_hc": "simclr_cnn_hc", "simclr_cnn_hc_s1": "simclr_cnn_hc"}
+               "simclr_cnn_hc": "simclr_cnn_hc", "simclr_cnn_hc_s1": "simclr_cnn_hc", "simclr_cnn_hcc": "simclr_cnn_hcc"}
 #: train.py overrides of a benchmark method beyond its experiment: a second pretraining seed of one recipe (its
 #: rows are labelled by checkpoint, ``<method>@<hash>``, beside the first seed's)
 METHOD_OVERRIDES = {"simclr_cnn_hc_s1": ["seed=1"]}

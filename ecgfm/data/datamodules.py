@@ -403,6 +403,11 @@ class CropDataset(Dataset):
         targets: optional ``(len(pool), F)`` float32 record-level pretext targets (NaN where unknown), returned
             as ``t (B, F)``; or the path of a ``.npy`` file holding them (:func:`open_pretext_targets`), which
             is memory-mapped and, when the dataset is pickled for a spawned loader worker, sent as its path.
+        crop_targets: optional crop-level targets (needs ``targets``): an object with ``len() == len(pool)`` and
+            ``fill(t (n, F), flats (n,), starts (n,), stops (n,))`` that overwrites some columns of each crop's
+            record-level row with values of the crop's own samples ``[start, stop)`` (e.g.
+            :class:`ecgfm.evaluate.handcrafted.CropRhythmTargets`); with two views the batch then carries ``t``
+            (of ``x``) and ``t2`` (of ``x2``).
 
     Every batch is checked (:func:`_nonfinite_rows`: one sum, the per-row check only when it is not finite); a
     record found with NaN / Inf in a crop is remembered (:meth:`CachePool.mark_nonfinite`) and skipped for the
@@ -413,7 +418,7 @@ class CropDataset(Dataset):
     def __init__(self, pool: CachePool, indices: np.ndarray, crop_samples: int, views: str = "single",
                  labels: np.ndarray | None = None, with_patient: bool = True, nonfinite: str = "error",
                  on_skip: str = "replace", counter: NonFiniteCounter | None = None,
-                 targets: np.ndarray | str | os.PathLike | None = None):
+                 targets: np.ndarray | str | os.PathLike | None = None, crop_targets: Any | None = None):
         if on_skip not in ("replace", "drop"):
             raise ValueError(f"on_skip must be 'replace' or 'drop', got {on_skip!r}")
         self.nonfinite, self.on_skip = _check_nonfinite_mode(nonfinite), on_skip
@@ -429,6 +434,11 @@ class CropDataset(Dataset):
         if self._targets is not None and (self._targets.ndim != 2 or len(self._targets) != len(pool)):
             raise ValueError(f"targets{' ' + self._targets_path if self._targets_path else ''} must be "
                              f"(len(pool)={len(pool)}, F), got {self._targets.shape}")
+        if crop_targets is not None and (self._targets is None or len(crop_targets) != len(pool)):
+            raise ValueError(f"crop_targets {crop_targets!r} need the record-level targets and len(pool)="
+                             f"{len(pool)} rows, got targets={'none' if self._targets is None else 'given'}, "
+                             f"{len(crop_targets)} rows")
+        self.crop_targets = crop_targets
 
     @property
     def targets(self) -> np.ndarray | None:
@@ -502,12 +512,16 @@ class CropDataset(Dataset):
             fields["y"] = (tuple((n,) + self.labels.shape[1:]), torch.from_numpy(self.labels[:0]).dtype)
         if self.targets is not None:
             fields["t"] = ((n, self.targets.shape[1]), torch.float32)
+            if self.crop_targets is not None and views == 2:
+                fields["t2"] = fields["t"]
         batch = batch_buffers(fields)
         out = {k: t.numpy() for k, t in batch.items()}
         flats = self.indices[ks]
         out["index"][:] = flats
         need = self.crop * (2 if self.views == "adjacent" else 1)
         xnames = ["x", "x2"][:views]
+        starts = np.zeros((views, n), dtype=np.int64)     # each view's first sample, and its record's length
+        lengths = np.zeros(n, dtype=np.int64)
         # Whole-batch look-ups, one group per cache; per crop only the slice copy is left in Python.
         for cache, rows, local in self.pool.group(flats):
             fields_c = cache.columns()
@@ -519,7 +533,9 @@ class CropDataset(Dataset):
             whole = len(rows) == n
             parts = [out[k] if whole else np.zeros((len(rows),) + out[k].shape[1:], np.float32) for k in xnames]
             out["lead_mask"][rows] = cache.read_windows_into(local, start, parts[0])
+            starts[0, rows], lengths[rows] = start, fields_c["n_samples"][local]
             if self.views == "adjacent":
+                starts[1, rows] = start + self.crop
                 cache.read_windows_into(local, start + self.crop, parts[1])
             elif self.views == "segments":
                 # the second segment's draw: the fractional part of u * _SEGMENT_MIX is uniform and (for a
@@ -528,6 +544,7 @@ class CropDataset(Dataset):
                 u2 = np.modf(u * _SEGMENT_MIX)[0]
                 start2 = np.where(np.isnan(u), start, np.minimum(np.nan_to_num(u2 * (free + 1)).astype(np.int64),
                                                                    free))
+                starts[1, rows] = start2
                 cache.read_windows_into(local, start2, parts[1])
             if not whole:
                 for k, part in zip(xnames, parts):
@@ -538,6 +555,12 @@ class CropDataset(Dataset):
             out["y"][:] = self.labels[flats]
         if self.targets is not None:
             out["t"][:] = self.targets[flats]
+            if self.crop_targets is not None:
+                if views == 2:
+                    out["t2"][:] = out["t"]            # the record-level row; the crop's columns follow
+                for k, tname in enumerate(["t", "t2"][:views]):
+                    start = np.minimum(starts[k], lengths)
+                    self.crop_targets.fill(out[tname], flats, start, np.minimum(start + self.crop, lengths))
         return batch
 
 
@@ -669,6 +692,9 @@ class PretrainDataModule(LightningDataModule):
             caches, NaN where unknown (e.g. :func:`ecgfm.evaluate.handcrafted.pretext_targets`), or the path of a
             ``.npy`` file holding them (:func:`ecgfm.evaluate.handcrafted.pretext_targets_file`; memory-mapped,
             what train.py passes); batches then carry ``t (B, F)``, the targets of each crop's record.
+        crop_targets: optional crop-level targets on top of ``record_targets`` (see :class:`CropDataset`; train.py
+            passes :class:`ecgfm.evaluate.handcrafted.CropRhythmTargets` for ``method.aux_targets=handcrafted_crop``):
+            ``t`` then holds the targets of ``x`` and, with two views, ``t2`` those of ``x2``.
         pin_memory, persistent_workers, drop_last: DataLoader options (drop_last for training only).
         rank, world_size: override ``torch.distributed`` (tests).
         nonfinite: a crop holding NaN / Inf (a damaged cache) raises
@@ -683,11 +709,11 @@ class PretrainDataModule(LightningDataModule):
                  probe_labels: np.ndarray | Sequence[str] | None = None, samples_per_epoch: int | None = None,
                  pin_memory: bool = False, persistent_workers: bool = True, drop_last: bool = True,
                  rank: int | None = None, world_size: int | None = None, nonfinite: str = "error",
-                 record_targets: np.ndarray | str | os.PathLike | None = None):
+                 record_targets: np.ndarray | str | os.PathLike | None = None, crop_targets: Any | None = None):
         super().__init__()
         self.nonfinite = _check_nonfinite_mode(nonfinite)
         self._counters = {k: NonFiniteCounter(int(num_workers) + 1) for k in ("train", "val")}
-        self.record_targets = record_targets
+        self.record_targets, self.crop_targets = record_targets, crop_targets
         if isinstance(cache_dirs, (str, os.PathLike)):
             cache_dirs = [cache_dirs]
         self.cache_dirs = [str(c) for c in cache_dirs]
@@ -750,7 +776,7 @@ class PretrainDataModule(LightningDataModule):
         self.setup()
         return CropDataset(self.pool, np.concatenate(self.train_pools), self.crop_samples, self.views,
                            self.labels, nonfinite=self.nonfinite, on_skip="replace", counter=self._counters["train"],
-                           targets=self.record_targets)
+                           targets=self.record_targets, crop_targets=self.crop_targets)
 
     def nonfinite_report(self) -> dict[str, Any]:
         """Non-finite crops skipped so far (``nonfinite="skip"``), over all loader workers of this process:
@@ -776,7 +802,7 @@ class PretrainDataModule(LightningDataModule):
             return []
         ds = CropDataset(self.pool, self.val_indices, self.crop_samples, self.views, self.labels,
                          nonfinite=self.nonfinite, on_skip="drop", counter=self._counters["val"],
-                         targets=self.record_targets)
+                         targets=self.record_targets, crop_targets=self.crop_targets)
         return _loader(ds, self.batch_size, self.num_workers, self.persistent_workers, self.pin_memory)
 
 

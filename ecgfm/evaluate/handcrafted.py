@@ -74,6 +74,9 @@ MORPH_FEATURES = ("r_amp_mean", "r_amp_cv", "tmpl_corr_mean", "tmpl_corr_p10", "
 ALWAYS_FEATURES = ("beats_per_min_count",)
 INDICATORS = ("missing_rr", "missing_drr", "missing_morph")
 FEATURE_NAMES: tuple[str, ...] = ALWAYS_FEATURES + RR_FEATURES + DRR_FEATURES + MORPH_FEATURES + INDICATORS
+#: the columns that a crop-level pretext target (:class:`CropRhythmTargets`) recomputes from the crop's own beats;
+#: the morphology columns stay record-level
+RHYTHM_FEATURES: tuple[str, ...] = ALWAYS_FEATURES + RR_FEATURES + DRR_FEATURES + ("missing_rr", "missing_drr")
 _GROUPS = ((RR_FEATURES, "missing_rr"), (DRR_FEATURES, "missing_drr"), (MORPH_FEATURES, "missing_morph"))
 
 #: counters of real work done in this process: ``extractions`` (feature passes over a cache), ``records``,
@@ -81,6 +84,7 @@ _GROUPS = ((RR_FEATURES, "missing_rr"), (DRR_FEATURES, "missing_drr"), (MORPH_FE
 STATS: collections.Counter = collections.Counter()
 
 _PRE_S, _POST_S = 0.25, 0.45       # beat window around the R-peak
+_MIN_CROP_S = 2.0                   # a crop with less signal than this gets no rhythm targets
 _P_REGION_S = (0.25, 0.05)          # P region: from 0.25 s to 0.05 s before R
 _T_REGION_S = (0.10, 0.45)          # T region: 0.10 s to 0.45 s after R
 
@@ -229,6 +233,18 @@ def _morph_features(clean: np.ndarray, peaks: np.ndarray, fs: float) -> dict[str
             "t_peak_rel": float(t_region[np.argmax(np.abs(t_region))]) / scale if len(t_region) else 0.0}
 
 
+def _rhythm_values(peaks: np.ndarray, fs: float, duration: float) -> dict[str, float]:
+    """The beat-count, RR and successive-difference features of the R-peaks ``peaks`` (sample positions) of a
+    stretch ``duration`` seconds long; a group that cannot be computed is absent from the dict."""
+    out = {"beats_per_min_count": 60.0 * len(peaks) / max(duration, 1e-9)}
+    rr = np.diff(peaks) / float(fs)
+    if len(rr) >= 2:
+        out.update(_rr_features(rr))
+    if len(rr) >= 3:
+        out.update(_drr_features(rr))
+    return out
+
+
 def raw_features(x: np.ndarray, fs: float) -> np.ndarray:
     """Features of one lead before missing values are filled: ``(len(FEATURE_NAMES),)`` float64 with NaN for
     every feature of a group that cannot be computed (indicator columns are NaN here too; see
@@ -240,13 +256,7 @@ def raw_features(x: np.ndarray, fs: float) -> np.ndarray:
     """
     out = dict.fromkeys(FEATURE_NAMES, np.nan)
     peaks, clean = detect_rpeaks(x, fs)
-    duration = len(x) / float(fs)
-    out["beats_per_min_count"] = 60.0 * len(peaks) / max(duration, 1e-9)
-    rr = np.diff(peaks) / float(fs)
-    if len(rr) >= 2:
-        out.update(_rr_features(rr))
-    if len(rr) >= 3:
-        out.update(_drr_features(rr))
+    out.update(_rhythm_values(peaks, fs, len(x) / float(fs)))
     morph = _morph_features(clean, peaks, fs) if len(peaks) >= 3 else None
     if morph is not None:
         out.update(morph)
@@ -398,6 +408,19 @@ def pretext_targets(caches: Sequence[Any], feature_dir: str | os.PathLike, max_s
     Returns:
         ``(N_total, len(FEATURE_NAMES))`` float32.
     """
+    raw = _pretext_raw(caches, feature_dir, max_seconds, clip, nonfinite)
+    center, scale = _robust_scale(raw)
+    out = _standardise(raw, center, scale, clip)
+    n_rows = int(np.isfinite(out).any(axis=1).sum())
+    log.info("handcrafted pretext targets: %d of %d records, %.0f %% of the entries known", n_rows, len(out),
+             100.0 * float(np.isfinite(out).mean()) if out.size else 0.0)
+    return out
+
+
+def _pretext_raw(caches: Sequence[Any], feature_dir: str | os.PathLike, max_seconds: float, clip: float,
+                 nonfinite: str) -> np.ndarray:
+    """``(N_total, F)`` float64 record features of the pool before standardisation, NaN where unknown (a group
+    flagged missing, a record longer than ``max_seconds`` or skipped)."""
     if max_seconds <= 0 or clip <= 0:
         raise ValueError(f"max_seconds and clip must be > 0, got {max_seconds}, {clip}")
     blocks = []
@@ -412,22 +435,28 @@ def pretext_targets(caches: Sequence[Any], feature_dir: str | os.PathLike, max_s
         seconds = np.asarray(cache.columns()["n_samples"], dtype=np.float64) / float(cache.fs)
         block[seconds > max_seconds] = np.nan
         blocks.append(block)
-    raw = np.concatenate(blocks) if blocks else np.zeros((0, len(FEATURE_NAMES)))
-    out = np.full(raw.shape, np.nan, dtype=np.float32)
+    return np.concatenate(blocks) if blocks else np.zeros((0, len(FEATURE_NAMES)))
+
+
+def _robust_scale(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per column of ``raw (N, F)``, over its finite entries: ``(median, IQR / 1.349)``; the SD where the IQR is
+    0, and 1 where both are 0 (or the column has no finite entry)."""
+    center, scale = np.zeros(raw.shape[1]), np.ones(raw.shape[1])
     for j in range(raw.shape[1]):
-        col = raw[:, j]
-        known = np.isfinite(col)
-        if not known.any():
+        col = raw[:, j][np.isfinite(raw[:, j])]
+        if not len(col):
             continue
-        q25, q50, q75 = np.percentile(col[known], [25, 50, 75])
-        scale = (q75 - q25) / 1.349
-        if not scale > 0:
-            scale = float(np.std(col[known])) or 1.0
-        out[known, j] = np.clip((col[known] - q50) / scale, -clip, clip)
-    n_rows = int(np.isfinite(out).any(axis=1).sum())
-    log.info("handcrafted pretext targets: %d of %d records, %.0f %% of the entries known", n_rows, len(out),
-             100.0 * float(np.isfinite(out).mean()) if out.size else 0.0)
-    return out
+        q25, center[j], q75 = np.percentile(col, [25, 50, 75])
+        scale[j] = (q75 - q25) / 1.349
+        if not scale[j] > 0:
+            scale[j] = float(np.std(col)) or 1.0
+    return center, scale
+
+
+def _standardise(raw: np.ndarray, center: np.ndarray, scale: np.ndarray, clip: float) -> np.ndarray:
+    """``clip((raw - center) / scale)`` as float32, NaN staying NaN."""
+    with np.errstate(invalid="ignore"):
+        return np.clip((raw - center) / scale, -clip, clip).astype(np.float32)
 
 
 def pretext_targets_file(caches: Sequence[Any], feature_dir: str | os.PathLike, max_seconds: float = 60.0,
@@ -472,3 +501,215 @@ def pretext_targets_file(caches: Sequence[Any], feature_dir: str | os.PathLike, 
         np.save(buf, targets, allow_pickle=False)
         atomic_write_bytes(path, buf.getvalue())
     return path
+
+
+def rpeaks_key(cache: Any) -> str:
+    """R-peak cache key: cache fingerprint + :data:`FEATURE_VERSION` (the detection is the features') + neurokit2."""
+    text = f"rpeaks|{FEATURE_VERSION}|nk{neurokit_version()}|{cache_fingerprint(cache)}"
+    return "rp-" + hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def record_rpeaks(cache: Any, nonfinite: str = "error") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """R-peaks (:func:`detect_rpeaks`) of the analysed lead of every record of ``cache``, ragged.
+
+    Args:
+        cache: a :class:`~ecgfm.data.cache.CorpusCache` with one sampling rate.
+        nonfinite: ``"error"`` (a record with NaN / Inf raises, naming it) or ``"skip"`` (it is not ``known``).
+
+    Returns:
+        ``(offsets (N + 1,) int64, positions (P,) float64, known (N,) bool)``: record ``i``'s peaks, in samples at
+        ``cache.fs`` and increasing, are ``positions[offsets[i]:offsets[i + 1]]``; ``known[i]`` is False for a
+        record without a present lead or with a non-finite signal (its rhythm is unknown, not "no beats").
+    """
+    fs = getattr(cache, "fs", None)
+    if fs is None:
+        raise ValueError(f"{getattr(cache, 'path', 'cache')}: mixes sampling rates (preprocess.fs null); R-peaks "
+                         f"need one rate")
+    t0 = time.perf_counter()
+    offsets = np.zeros(len(cache) + 1, dtype=np.int64)
+    known = np.zeros(len(cache), dtype=bool)
+    parts = []
+    for i in range(len(cache)):
+        signal = cache.signal(i)
+        lead = analysed_lead(cache.lead_mask(i))
+        if not np.isfinite(signal).all():
+            if nonfinite == "error":
+                raise _nonfinite_error(cache, [i], "the input signal")
+            lead = -1
+        pos = detect_rpeaks(signal[lead], float(fs))[0] if lead >= 0 else np.zeros(0)
+        known[i] = lead >= 0
+        parts.append(pos)
+        offsets[i + 1] = offsets[i] + len(pos)
+    log.info("R-peaks of %d records at %g Hz in %.1f s", len(cache), fs, time.perf_counter() - t0)
+    return offsets, (np.concatenate(parts) if parts else np.zeros(0)), known
+
+
+def _load_npz(path: Path, expect: dict[str, int]) -> dict[str, np.ndarray] | None:
+    """The arrays of ``path`` (no pickles), or None (with a warning) when it is unreadable or an array named in
+    ``expect`` has another length (-1: any length)."""
+    if not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            data = {k: z[k] for k in z.files}
+        for k, n in expect.items():
+            if k not in data or (n >= 0 and len(data[k]) != n):
+                raise ValueError(f"array {k!r}: {data[k].shape if k in data else 'missing'}, expected length {n}")
+    except (OSError, ValueError, EOFError) as exc:
+        log.warning("%s: %s; computing it again", path, exc)
+        return None
+    return data
+
+
+def _save_npz(path: Path, **arrays: np.ndarray) -> None:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def cached_rpeaks(cache: Any, feature_dir: str | os.PathLike, nonfinite: str = "error"
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`record_rpeaks` behind an on-disk cache (``<feature_dir>/<rpeaks_key>.npz``, written atomically under
+    a lock like :func:`cached_handcrafted`); an unreadable or inconsistent file is computed again."""
+    key = rpeaks_key(cache)
+    path = Path(feature_dir) / f"{key}.npz"
+    expect = {"offsets": len(cache) + 1, "positions": -1, "known": len(cache)}
+
+    def load() -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        d = _load_npz(path, expect)
+        if d is None:
+            return None
+        if d["offsets"][-1] != len(d["positions"]) or (np.diff(d["offsets"]) < 0).any():
+            log.warning("%s: offsets do not index the positions; computing it again", path)
+            return None
+        if nonfinite == "error" and not d["known"].all():
+            # written with nonfinite="skip" (or a record without a lead): check the unknown records again
+            return None
+        return d["offsets"], d["positions"], d["known"]
+
+    got = load()
+    if got is not None:
+        return got
+    with file_lock(Path(feature_dir) / f".{key}.lock", blocking=True):
+        got = load()
+        if got is not None:
+            return got
+        offsets, positions, known = record_rpeaks(cache, nonfinite=nonfinite)
+        _save_npz(path, offsets=offsets, positions=positions, known=known)
+    return offsets, positions, known
+
+
+def crop_pretext_file(caches: Sequence[Any], feature_dir: str | os.PathLike, max_seconds: float = 60.0,
+                      clip: float = 5.0, nonfinite: str = "error") -> Path:
+    """What :class:`CropRhythmTargets` needs to compute each crop's rhythm targets, over a pretraining pool.
+
+    ``<feature_dir>/croppretext-<key>.npz``: the pool's R-peaks (:func:`cached_rpeaks`, ragged over the caches in
+    :class:`~ecgfm.data.datamodules.CachePool` order), the sampling rate, and the standardisation of the
+    :data:`RHYTHM_FEATURES` columns (median and scale of the *record-level* values, exactly those of
+    :func:`pretext_targets`, so a crop's targets and its record's morphology targets share one scale). The key
+    covers the R-peak and feature keys of every cache, ``max_seconds``, ``clip``, ``nonfinite`` and
+    :data:`PRETEXT_VERSION`.
+
+    Returns:
+        The ``.npz`` path.
+    """
+    text = "|".join(["crop", PRETEXT_VERSION, *(f"{rpeaks_key(c)},{handcrafted_key(c)}" for c in caches),
+                     f"{float(max_seconds):g}", f"{float(clip):g}", nonfinite])
+    path = Path(feature_dir) / f"croppretext-{hashlib.sha256(text.encode()).hexdigest()[:24]}.npz"
+    n_total = sum(len(c) for c in caches)
+    expect = {"offsets": n_total + 1, "positions": -1, "known": n_total, "columns": len(RHYTHM_FEATURES),
+              "center": len(RHYTHM_FEATURES), "scale": len(RHYTHM_FEATURES)}
+    if _load_npz(path, expect) is not None:
+        STATS["pretext_hits"] += 1
+        return path
+    fss = {float(c.fs) for c in caches if getattr(c, "fs", None) is not None}
+    if len(fss) != 1 or any(getattr(c, "fs", None) is None for c in caches):
+        raise ValueError(f"crop-level pretext targets need one sampling rate over the pool, got {sorted(fss)}")
+    with file_lock(Path(feature_dir) / f".{path.stem}.lock", blocking=True):
+        if _load_npz(path, expect) is not None:
+            return path
+        offsets, positions, known = [np.zeros(1, np.int64)], [], []
+        for cache in caches:
+            off, pos, kn = cached_rpeaks(cache, feature_dir, nonfinite=nonfinite)
+            offsets.append(off[1:] + offsets[-1][-1])
+            positions.append(pos)
+            known.append(kn)
+        columns = np.array([FEATURE_NAMES.index(n) for n in RHYTHM_FEATURES], dtype=np.int64)
+        center, scale = _robust_scale(_pretext_raw(caches, feature_dir, max_seconds, clip, nonfinite)[:, columns])
+        _save_npz(path, offsets=np.concatenate(offsets), positions=np.concatenate(positions) if positions else
+                  np.zeros(0), known=np.concatenate(known) if known else np.zeros(0, bool), columns=columns,
+                  center=center, scale=scale, fs=np.float64(fss.pop()), clip=np.float64(clip))
+    return path
+
+
+class CropRhythmTargets:
+    """Rhythm pretext targets of each crop from the crop's own R-peaks (``method.aux_targets=handcrafted_crop``).
+
+    Record-level targets (:func:`pretext_targets`) give a 10 s view of a 30 s record its record's RR statistics,
+    which the view may not show (paroxysmal AF, ectopic beats elsewhere in the record) and which hold nothing for
+    records over ``max_seconds``. Here each view's :data:`RHYTHM_FEATURES` (beat count, RR and successive-difference
+    statistics, their missing-group indicators) are computed from the peaks inside the view: the R-peaks are found
+    once per record (:func:`cached_rpeaks`, neurokit2 on the whole record, so no crop edge disturbs the detector),
+    and a crop selects its peaks by position. The values are standardised with the record-level columns' median
+    and scale (:func:`crop_pretext_file`). The morphology columns keep their record-level targets.
+
+    The file is read on first use in each process; pickling sends only its path (spawned loader workers).
+
+    Args:
+        path: a :func:`crop_pretext_file`.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = str(path)
+        self._data: dict[str, np.ndarray] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": self.path, "_data": None}
+
+    def __repr__(self) -> str:
+        return f"CropRhythmTargets({self.path!r})"
+
+    @property
+    def data(self) -> dict[str, np.ndarray]:
+        if self._data is None:
+            d = _load_npz(Path(self.path), {"offsets": -1, "positions": -1, "known": -1, "columns": -1,
+                                            "center": -1, "scale": -1})
+            if d is None:
+                raise ValueError(f"{self.path}: not a readable crop pretext file (crop_pretext_file writes them)")
+            if len(d["offsets"]) != len(d["known"]) + 1 or d["offsets"][-1] != len(d["positions"]):
+                raise ValueError(f"{self.path}: offsets do not index the peaks of {len(d['known'])} records")
+            self._data = d
+        return self._data
+
+    def __len__(self) -> int:
+        return len(self.data["known"])
+
+    @property
+    def columns(self) -> np.ndarray:
+        """Indices (into :data:`FEATURE_NAMES`) of the columns :meth:`fill` writes."""
+        return self.data["columns"]
+
+    def fill(self, t: np.ndarray, flats: np.ndarray, starts: np.ndarray, stops: np.ndarray) -> None:
+        """Write the rhythm columns of crops into their targets rows.
+
+        Args:
+            t: ``(n, len(FEATURE_NAMES))`` float32 targets of the crops (their record-level rows), changed in place.
+            flats: ``(n,)`` flat pool indices of the crops' records.
+            starts, stops: ``(n,)`` sample range ``[start, stop)`` of each crop inside its record (the stop at the
+                record's end where the crop is zero-padded). A crop with under 2 s of signal gets NaN (unknown).
+        """
+        d = self.data
+        fs = float(d["fs"])
+        names = RHYTHM_FEATURES
+        raw = np.full((len(flats), len(names)), np.nan)
+        for b, (f, a, z) in enumerate(zip(np.asarray(flats).tolist(), np.asarray(starts).tolist(),
+                                         np.asarray(stops).tolist())):
+            if not d["known"][f] or z - a < _MIN_CROP_S * fs:   # e.g. an adjacent view past the record's end
+                continue
+            peaks = d["positions"][d["offsets"][f]:d["offsets"][f + 1]]
+            lo, hi = np.searchsorted(peaks, [a, z])
+            vals = _rhythm_values(peaks[lo:hi], fs, max(z - a, 1) / fs)
+            vals["missing_rr"] = float("mean_rr" not in vals)
+            vals["missing_drr"] = float("rmssd" not in vals)
+            raw[b] = [vals.get(k, np.nan) for k in names]
+        t[:, d["columns"]] = _standardise(raw, d["center"], d["scale"], float(d["clip"]))

@@ -6,6 +6,8 @@ NT-Xent against the other ``2N - 2`` embeddings of the (DDP-global) batch.
 Optional pretext regression (``aux_targets="handcrafted"``): a linear head on the backbone embedding of every view
 regresses record-level rhythm and morphology statistics computed from the signal
 (:func:`ecgfm.evaluate.handcrafted.pretext_targets`, batch key ``t``), with weight ``aux_weight`` beside NT-Xent.
+With ``aux_targets="handcrafted_crop"`` the rhythm statistics are those of each view's own beats
+(:class:`ecgfm.evaluate.handcrafted.CropRhythmTargets`: ``t`` of the first view, ``t2`` of the second).
 The targets use no label; they ask the encoder to keep beat timing, which augmentation invariance alone may wash
 out (MaskFeat's HOG targets are the image counterpart: Wei et al. 2022).
 
@@ -34,7 +36,7 @@ from ecgfm.methods.base import PretrainModule
 __all__ = ["SimCLRModule", "AUG_STATE_KEY", "AUX_TARGETS"]
 
 #: pretext targets a SimCLR run may regress besides NT-Xent (``aux_targets``)
-AUX_TARGETS = ("handcrafted",)
+AUX_TARGETS = ("handcrafted", "handcrafted_crop")
 
 #: checkpoint entry holding the training augmentation generators: ``{"aug_seed": int, "device_type": str,
 #: "states": [uint8 tensor per rank]}`` (plain data and tensors: loads with ``weights_only=True``)
@@ -67,9 +69,10 @@ class SimCLRModule(PretrainModule):
         lead_aware: for backbones whose ``embed`` takes ``lead_mask`` (ViT-1D), encode only the record's present
             leads (as frozen features and fine-tuning see them downstream; a one-lead record costs ~1/12).
             False: absent leads are encoded as zero leads.
-        aux_targets: ``None`` (plain SimCLR) or ``"handcrafted"``: also regress the batch's record-level pretext
-            targets ``t (B, aux_dim)`` from each view's backbone embedding with a linear head (the training
-            pipeline computes the targets and passes ``aux_dim``).
+        aux_targets: ``None`` (plain SimCLR), ``"handcrafted"`` or ``"handcrafted_crop"``: also regress the batch's
+            pretext targets ``t (B, aux_dim)`` (and ``t2`` of the second view, when the batch has it) from each
+            view's backbone embedding with a linear head (the training pipeline computes the targets and passes
+            ``aux_dim``; ``_crop``: rhythm columns from each view's own beats, morphology from its record).
         aux_dim: number of pretext targets (required with ``aux_targets``).
         aux_weight: weight of the regression loss (:func:`~ecgfm.losses.masked_target_mse`) beside NT-Xent.
         contrastive_weight: weight of NT-Xent; 0 (only with ``aux_targets``) trains on the pretext regression
@@ -236,7 +239,8 @@ class SimCLRModule(PretrainModule):
             terms = {"pos_sim": sim.diagonal().mean(), "acc": acc}
         if self.aux_head is not None:
             t = batch["t"]
-            aux = masked_target_mse(self.aux_head(h), torch.cat([t, t]))  # each view predicts its record's targets
+            # each view predicts its own targets: t2 of x2 when the targets are crop-level, else its record's
+            aux = masked_target_mse(self.aux_head(h), torch.cat([t, batch.get("t2", t)]))
             terms.update(nt_xent=nt.detach(), aux_mse=aux.detach())
             loss = loss + self.aux_weight * aux
         return loss, terms

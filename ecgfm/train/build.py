@@ -25,7 +25,7 @@ from ecgfm.train.safety import NonFiniteGuard
 log = logging.getLogger(__name__)
 
 __all__ = ["compile_backbone", "data_rate", "check_backbone_fits_crop", "build_callbacks", "build_logger",
-           "log_dir", "pretext_targets_for"]
+           "log_dir", "pretext_targets_for", "crop_targets_for"]
 
 
 def compile_backbone(backbone: torch.nn.Module) -> torch.nn.Module:
@@ -84,20 +84,43 @@ def pretext_targets_for(cfg: DictConfig, cache_dirs: Sequence[str]) -> Path | np
         ConfigError: the data node has no caches (the targets are computed per cached record).
     """
     kind = str(cfg.method.aux_targets)
-    if not cache_dirs:
-        raise ConfigError("method.aux_targets", f"{kind!r} targets are computed per record of the data node's "
-                                                "caches; this data node has none (use a cached corpus or pool)")
-    from ecgfm.data.cache import CorpusCache
+    caches, feature_dir = _pretext_caches(cfg, cache_dirs)
     from ecgfm.evaluate.handcrafted import pretext_targets, pretext_targets_file
 
-    caches = [CorpusCache(d) for d in cache_dirs]
-    feature_dir = Path(str(cfg.paths.cache_root)) / "features"
     try:
         return pretext_targets_file(caches, feature_dir, nonfinite=str(cfg.nonfinite))
     except OSError as exc:
         log.warning("pretext targets: cannot write their file under %s (%s); computing them in memory (each "
                     "process holds its own copy)", feature_dir, exc)
         return pretext_targets(caches, feature_dir, nonfinite=str(cfg.nonfinite))
+
+
+def crop_targets_for(cfg: DictConfig, cache_dirs: Sequence[str]) -> Any | None:
+    """The crop-level targets of ``method.aux_targets=handcrafted_crop`` (None for any other value):
+    :class:`ecgfm.evaluate.handcrafted.CropRhythmTargets` over the training caches, for
+    ``PretrainDataModule(crop_targets=...)`` beside :func:`pretext_targets_for`'s record-level targets.
+
+    Raises:
+        ConfigError: the data node has no caches.
+        OSError: their file cannot be written (no in-memory fallback: it holds every record's R-peaks).
+    """
+    if str(cfg.method.get("aux_targets")) != "handcrafted_crop":
+        return None
+    caches, feature_dir = _pretext_caches(cfg, cache_dirs)
+    from ecgfm.evaluate.handcrafted import CropRhythmTargets, crop_pretext_file
+
+    return CropRhythmTargets(crop_pretext_file(caches, feature_dir, nonfinite=str(cfg.nonfinite)))
+
+
+def _pretext_caches(cfg: DictConfig, cache_dirs: Sequence[str]) -> tuple[list, Path]:
+    """The training caches and the feature folder of the pretext targets (see :func:`pretext_targets_for`)."""
+    kind = str(cfg.method.aux_targets)
+    if not cache_dirs:
+        raise ConfigError("method.aux_targets", f"{kind!r} targets are computed per record of the data node's "
+                                                "caches; this data node has none (use a cached corpus or pool)")
+    from ecgfm.data.cache import CorpusCache
+
+    return [CorpusCache(d) for d in cache_dirs], Path(str(cfg.paths.cache_root)) / "features"
 
 
 def check_backbone_fits_crop(cfg: DictConfig, fs: float, backbone: torch.nn.Module | None = None) -> None:

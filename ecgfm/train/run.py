@@ -36,7 +36,8 @@ from ecgfm.config import ConfigError, crop_samples_for, strip_params, validate_t
 from ecgfm.data.datamodules import open_pretext_targets
 from ecgfm.data.prepare import build_cache_dirs, check_data_paths
 from ecgfm.io import atomic_write_json, atomic_write_text, jsonable
-from ecgfm.train.build import (build_callbacks, build_logger, check_backbone_fits_crop, compile_backbone, data_rate,
+from ecgfm.train.build import (build_callbacks, build_logger, check_backbone_fits_crop, compile_backbone,
+                               crop_targets_for, data_rate,
                                log_dir, pretext_targets_for)
 from ecgfm.train.checkpoints import (AtomicCheckpointIO, DataFacts, find_resume_checkpoint, guard_fresh_start,
                                      remove_stale_temporaries)
@@ -116,6 +117,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         else:                                              # the file could not be written: the array
             method_kwargs["aux_dim"] = int(targets.shape[1])
             data_kwargs["record_targets"] = targets
+        crop = crop_targets_for(cfg, cache_dirs)           # aux_targets=handcrafted_crop: each view's own rhythm
+        if crop is not None:
+            data_kwargs["crop_targets"] = crop
     datamodule = instantiate(data_cfg, **data_kwargs, _convert_="all")
     make_resumable(datamodule)
 
