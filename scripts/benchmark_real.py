@@ -61,7 +61,8 @@ sys.path.insert(0, str(ROOT))
 PY = sys.executable
 #: benchmark method -> conf/experiment name
 EXPERIMENTS = {"mae": "mae", "simclr": "simclr", "clocs": "clocs", "hybrid": "crema", "simclr_cnn": "simclr_cnn",
-               "simclr_cnn_hc": "simclr_cnn_hc", "simclr_cnn_hc_s1": "simclr_cnn_hc", "simclr_cnn_hcc": "simclr_cnn_hcc"}
+               "simclr_cnn_hc": "simclr_cnn_hc", "simclr_cnn_hc_s1": "simclr_cnn_hc",
+               "simclr_cnn_hcc": "simclr_cnn_hcc"}
 #: train.py overrides of a benchmark method beyond its experiment: a second pretraining seed of one recipe (its
 #: rows are labelled by checkpoint, ``<method>@<hash>``, beside the first seed's)
 METHOD_OVERRIDES = {"simclr_cnn_hc_s1": ["seed=1"]}

@@ -83,7 +83,6 @@ def pretext_targets_for(cfg: DictConfig, cache_dirs: Sequence[str]) -> Path | np
     Raises:
         ConfigError: the data node has no caches (the targets are computed per cached record).
     """
-    kind = str(cfg.method.aux_targets)
     caches, feature_dir = _pretext_caches(cfg, cache_dirs)
     from ecgfm.evaluate.handcrafted import pretext_targets, pretext_targets_file
 

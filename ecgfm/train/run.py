@@ -37,8 +37,7 @@ from ecgfm.data.datamodules import open_pretext_targets
 from ecgfm.data.prepare import build_cache_dirs, check_data_paths
 from ecgfm.io import atomic_write_json, atomic_write_text, jsonable
 from ecgfm.train.build import (build_callbacks, build_logger, check_backbone_fits_crop, compile_backbone,
-                               crop_targets_for, data_rate,
-                               log_dir, pretext_targets_for)
+                               crop_targets_for, data_rate, log_dir, pretext_targets_for)
 from ecgfm.train.checkpoints import (AtomicCheckpointIO, DataFacts, find_resume_checkpoint, guard_fresh_start,
                                      remove_stale_temporaries)
 from ecgfm.train.loop import make_resumable
