@@ -172,3 +172,23 @@ def test_training_with_crop_targets_end_to_end(rhythm_cache, tmp_path):
     assert len(list(feats.glob("croppretext-*.npz"))) == 1 and len(list(feats.glob("rp-*.npz"))) == 1
     cfg = _cfg(tmp_path, rhythm_cache.path)
     assert crop_targets_for(cfg, [str(rhythm_cache.path)]) is None         # record-level recipe: none
+
+
+def test_a_record_with_nonfinite_samples_is_named_or_unknown(tmp_path):
+    from ecgfm.data.cache import NonFiniteDataError
+    from tests.unit.test_features import _poison
+
+    prepare_corpus(BeatSource(), tmp_path / "c", PreprocessSpec(fs=FS), workers=0, progress=False)
+    _poison(CorpusCache(tmp_path / "c"), 2)
+    cache = CorpusCache(tmp_path / "c")
+    with pytest.raises(NonFiniteDataError, match="beats/b2"):
+        H.record_rpeaks(cache)
+    offsets, _, known = H.cached_rpeaks(cache, tmp_path / "f", nonfinite="skip")
+    assert known.tolist() == [True, True, False, True, True, True, True] and offsets[3] == offsets[2]
+    with pytest.raises(NonFiniteDataError, match="beats/b2"):     # a file written with "skip" does not hide it
+        H.cached_rpeaks(cache, tmp_path / "f")
+    record = np.zeros((7, len(NAMES)), np.float32)
+    path = H.crop_pretext_file([cache], tmp_path / "f", nonfinite="skip")
+    t = record[[2]].copy()
+    H.CropRhythmTargets(path).fill(t, np.array([2]), np.array([0]), np.array([1000]))
+    assert not np.isfinite(t[0, H.CropRhythmTargets(path).columns]).any()      # unknown, not "no beats"
