@@ -517,9 +517,10 @@ def record_rpeaks(cache: Any, nonfinite: str = "error") -> tuple[np.ndarray, np.
         nonfinite: ``"error"`` (a record with NaN / Inf raises, naming it) or ``"skip"`` (it is not ``known``).
 
     Returns:
-        ``(offsets (N + 1,) int64, positions (P,) float64, known (N,) bool)``: record ``i``'s peaks, in samples at
-        ``cache.fs`` and increasing, are ``positions[offsets[i]:offsets[i + 1]]``; ``known[i]`` is False for a
-        record without a present lead or with a non-finite signal (its rhythm is unknown, not "no beats").
+        ``(offsets (N + 1,) int64, positions (P,) float64, known (N,) bool, skipped (N,) bool)``: record ``i``'s
+        peaks, in samples at ``cache.fs`` and increasing, are ``positions[offsets[i]:offsets[i + 1]]``;
+        ``known[i]`` is False for a record without a present lead or skipped for a non-finite signal
+        (``skipped[i]``): its rhythm is unknown, not "no beats".
     """
     fs = getattr(cache, "fs", None)
     if fs is None:
@@ -527,7 +528,7 @@ def record_rpeaks(cache: Any, nonfinite: str = "error") -> tuple[np.ndarray, np.
                          f"need one rate")
     t0 = time.perf_counter()
     offsets = np.zeros(len(cache) + 1, dtype=np.int64)
-    known = np.zeros(len(cache), dtype=bool)
+    known, skipped = np.zeros(len(cache), dtype=bool), np.zeros(len(cache), dtype=bool)
     parts = []
     for i in range(len(cache)):
         signal = cache.signal(i)
@@ -535,30 +536,42 @@ def record_rpeaks(cache: Any, nonfinite: str = "error") -> tuple[np.ndarray, np.
         if not np.isfinite(signal).all():
             if nonfinite == "error":
                 raise _nonfinite_error(cache, [i], "the input signal")
-            lead = -1
+            lead, skipped[i] = -1, True
         pos = detect_rpeaks(signal[lead], float(fs))[0] if lead >= 0 else np.zeros(0)
         known[i] = lead >= 0
         parts.append(pos)
         offsets[i + 1] = offsets[i] + len(pos)
     log.info("R-peaks of %d records at %g Hz in %.1f s", len(cache), fs, time.perf_counter() - t0)
-    return offsets, (np.concatenate(parts) if parts else np.zeros(0)), known
+    return offsets, (np.concatenate(parts) if parts else np.zeros(0)), known, skipped
 
 
-def _load_npz(path: Path, expect: dict[str, int]) -> dict[str, np.ndarray] | None:
-    """The arrays of ``path`` (no pickles), or None (with a warning) when it is unreadable or an array named in
-    ``expect`` has another length (-1: any length)."""
-    if not path.exists():
-        return None
+def _read_npz(path: Path, expect: dict[str, int]) -> dict[str, np.ndarray]:
+    """The arrays of ``path`` (no pickles).
+
+    Raises:
+        ValueError: the file is unreadable, or an array named in ``expect`` is missing or has another length
+            (-1: any length); the message says which.
+    """
     try:
         with np.load(path, allow_pickle=False) as z:
             data = {k: z[k] for k in z.files}
-        for k, n in expect.items():
-            if k not in data or (n >= 0 and len(data[k]) != n):
-                raise ValueError(f"array {k!r}: {data[k].shape if k in data else 'missing'}, expected length {n}")
-    except (OSError, ValueError, EOFError) as exc:
+    except (OSError, ValueError, EOFError) as exc:     # EOFError: an empty file
+        raise ValueError(f"unreadable ({type(exc).__name__}: {exc})") from None
+    for k, n in expect.items():
+        if k not in data or (n >= 0 and len(data[k]) != n):
+            raise ValueError(f"array {k!r}: {data[k].shape if k in data else 'missing'}, expected length {n}")
+    return data
+
+
+def _load_npz(path: Path, expect: dict[str, int]) -> dict[str, np.ndarray] | None:
+    """:func:`_read_npz` for a file that is computed again when it is absent (None) or bad (None, a warning)."""
+    if not path.exists():
+        return None
+    try:
+        return _read_npz(path, expect)
+    except ValueError as exc:
         log.warning("%s: %s; computing it again", path, exc)
         return None
-    return data
 
 
 def _save_npz(path: Path, **arrays: np.ndarray) -> None:
@@ -568,24 +581,23 @@ def _save_npz(path: Path, **arrays: np.ndarray) -> None:
 
 
 def cached_rpeaks(cache: Any, feature_dir: str | os.PathLike, nonfinite: str = "error"
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """:func:`record_rpeaks` behind an on-disk cache (``<feature_dir>/<rpeaks_key>.npz``, written atomically under
     a lock like :func:`cached_handcrafted`); an unreadable or inconsistent file is computed again."""
     key = rpeaks_key(cache)
     path = Path(feature_dir) / f"{key}.npz"
-    expect = {"offsets": len(cache) + 1, "positions": -1, "known": len(cache)}
+    expect = {"offsets": len(cache) + 1, "positions": -1, "known": len(cache), "skipped": len(cache)}
 
-    def load() -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    def load() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
         d = _load_npz(path, expect)
         if d is None:
             return None
         if d["offsets"][-1] != len(d["positions"]) or (np.diff(d["offsets"]) < 0).any():
             log.warning("%s: offsets do not index the positions; computing it again", path)
             return None
-        if nonfinite == "error" and not d["known"].all():
-            # written with nonfinite="skip" (or a record without a lead): check the unknown records again
-            return None
-        return d["offsets"], d["positions"], d["known"]
+        if nonfinite == "error" and d["skipped"].any():
+            return None      # written with nonfinite="skip": the damaged records are found (and named) again
+        return d["offsets"], d["positions"], d["known"], d["skipped"]
 
     got = load()
     if got is not None:
@@ -594,9 +606,9 @@ def cached_rpeaks(cache: Any, feature_dir: str | os.PathLike, nonfinite: str = "
         got = load()
         if got is not None:
             return got
-        offsets, positions, known = record_rpeaks(cache, nonfinite=nonfinite)
-        _save_npz(path, offsets=offsets, positions=positions, known=known)
-    return offsets, positions, known
+        got = record_rpeaks(cache, nonfinite=nonfinite)
+        _save_npz(path, **dict(zip(("offsets", "positions", "known", "skipped"), got)))
+    return got
 
 
 def crop_pretext_file(caches: Sequence[Any], feature_dir: str | os.PathLike, max_seconds: float = 60.0,
@@ -630,7 +642,7 @@ def crop_pretext_file(caches: Sequence[Any], feature_dir: str | os.PathLike, max
             return path
         offsets, positions, known = [np.zeros(1, np.int64)], [], []
         for cache in caches:
-            off, pos, kn = cached_rpeaks(cache, feature_dir, nonfinite=nonfinite)
+            off, pos, kn, _ = cached_rpeaks(cache, feature_dir, nonfinite=nonfinite)
             offsets.append(off[1:] + offsets[-1][-1])
             positions.append(pos)
             known.append(kn)
@@ -672,10 +684,12 @@ class CropRhythmTargets:
     @property
     def data(self) -> dict[str, np.ndarray]:
         if self._data is None:
-            d = _load_npz(Path(self.path), {"offsets": -1, "positions": -1, "known": -1, "columns": -1,
-                                            "center": -1, "scale": -1})
-            if d is None:
-                raise ValueError(f"{self.path}: not a readable crop pretext file (crop_pretext_file writes them)")
+            try:
+                d = _read_npz(Path(self.path), {"offsets": -1, "positions": -1, "known": -1, "columns": -1,
+                                                "center": -1, "scale": -1, "fs": -1, "clip": -1})
+            except ValueError as exc:
+                raise ValueError(f"{self.path}: not a crop pretext file as crop_pretext_file writes them: {exc}"
+                                 ) from None
             if len(d["offsets"]) != len(d["known"]) + 1 or d["offsets"][-1] != len(d["positions"]):
                 raise ValueError(f"{self.path}: offsets do not index the peaks of {len(d['known'])} records")
             self._data = d

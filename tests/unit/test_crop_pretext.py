@@ -57,8 +57,8 @@ def _unstandardise(crop: H.CropRhythmTargets, t: np.ndarray, name: str) -> np.nd
 
 
 def test_record_rpeaks_find_the_beats_once_and_are_cached(rhythm_cache, tmp_path):
-    offsets, positions, known = H.cached_rpeaks(rhythm_cache, tmp_path)
-    assert known.all() and offsets.shape == (9,) and offsets[-1] == len(positions)
+    offsets, positions, known, skipped = H.cached_rpeaks(rhythm_cache, tmp_path)
+    assert known.all() and not skipped.any() and offsets.shape == (9,) and offsets[-1] == len(positions)
     b0 = positions[offsets[0]:offsets[1]]
     np.testing.assert_allclose(b0 / FS, regular(60, 20), atol=0.02)       # the true R times, sub-sample refined
     assert all((np.diff(positions[offsets[i]:offsets[i + 1]]) > 0).all() for i in range(8))
@@ -149,7 +149,10 @@ def test_crop_targets_pickle_as_their_path_and_refuse_a_damaged_file(crop_file, 
     assert len(blob) < 1000 and pickle.loads(blob)._data is None
     bad = tmp_path / "bad.npz"
     bad.write_bytes(b"nope")
-    with pytest.raises(ValueError, match="bad.npz"):
+    with pytest.raises(ValueError, match="bad.npz: not a crop pretext file.*unreadable"):
+        len(H.CropRhythmTargets(bad))
+    np.savez(bad, offsets=np.zeros(2, np.int64))
+    with pytest.raises(ValueError, match="bad.npz: .*'positions': missing"):
         len(H.CropRhythmTargets(bad))
 
 
@@ -183,8 +186,9 @@ def test_a_record_with_nonfinite_samples_is_named_or_unknown(tmp_path):
     cache = CorpusCache(tmp_path / "c")
     with pytest.raises(NonFiniteDataError, match="beats/b2"):
         H.record_rpeaks(cache)
-    offsets, _, known = H.cached_rpeaks(cache, tmp_path / "f", nonfinite="skip")
+    offsets, _, known, skipped = H.cached_rpeaks(cache, tmp_path / "f", nonfinite="skip")
     assert known.tolist() == [True, True, False, True, True, True, True] and offsets[3] == offsets[2]
+    assert np.flatnonzero(skipped).tolist() == [2]
     with pytest.raises(NonFiniteDataError, match="beats/b2"):     # a file written with "skip" does not hide it
         H.cached_rpeaks(cache, tmp_path / "f")
     record = np.zeros((7, len(NAMES)), np.float32)
