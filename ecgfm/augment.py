@@ -88,6 +88,43 @@ class PresentLeadMask(Transform):
         return x.masked_fill(drop[:, :, None], 0.0)
 
 
+class KeepOneLead(Transform):
+    """Zero every lead but one of a multi-lead sample: a single-lead view of a 12-lead record.
+
+    Single-lead corpora (CinC 2017: lead I) then meet 12-lead records as the encoder sees them downstream, and a
+    SimCLR pair of a one-lead and a 12-lead view of the same record asks the one lead for what the record shows.
+    Written here because ``ecg_augmentations`` has only random lead dropout, which leaves several leads.
+
+    Args:
+        lead: row of the lead to keep (0: lead I, the lead of one-lead corpora in the canonical order); when the
+            sample has it at zero (absent, or zeroed by an earlier transform), its strongest lead is kept instead.
+        p: per-sample probability; a sample with one present lead is left as it is.
+
+    Call as ``t(x, generator=None, lead_mask=None)`` with ``x (B, L, T)`` and ``lead_mask (B, L)`` bool.
+    """
+
+    uses_lead_mask = True
+
+    def __init__(self, lead: int = 0, p: float = 1.0) -> None:
+        super().__init__(p)
+        if int(lead) < 0:
+            raise ValueError(f"lead must be a row index >= 0, got {lead}")
+        self.lead = int(lead)
+
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None,
+                lead_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if x.ndim != 3 or x.shape[1] <= self.lead:
+            raise ValueError(f"expected a batch (B, L > {self.lead}, T), got shape {tuple(x.shape)}")
+        b, c, _ = x.shape
+        present = torch.ones(b, c, dtype=torch.bool, device=x.device) if lead_mask is None else lead_mask.bool()
+        energy = x.abs().sum(-1) * present                                             # (B, L)
+        keep = torch.where(energy[:, self.lead] > 0, torch.full_like(energy[:, 0], self.lead, dtype=torch.long),
+                           energy.argmax(1))
+        single = (torch.arange(c, device=x.device)[None, :] == keep[:, None])          # (B, L)
+        apply = self.gate(x, generator) & ((energy > 0).sum(1) > 1)
+        return x.masked_fill((apply[:, None] & ~single)[:, :, None], 0.0)
+
+
 class RandomResizedCropSameLength(Transform):
     """Crop a random window (fraction ``scale`` of the input) and resample it back to the input length.
 
@@ -154,11 +191,12 @@ def simclr_augment(fs: float = 100.0, crop_scale: tuple[float, float] = (0.5, 1.
                    powerline_hz: float = 50.0, p_powerline: float = 0.3,
                    time_mask_s: tuple[float, float] = (0.1, 0.5), p_time_mask: float = 0.5,
                    lead_mask_leads: tuple[int, int] = (1, 6), p_lead_mask: float = 0.5,
-                   lowpass_hz: tuple[float, float] = (15.0, 45.0), p_lowpass: float = 0.3) -> ECGAugment:
+                   lowpass_hz: tuple[float, float] = (15.0, 45.0), p_lowpass: float = 0.3,
+                   one_lead: int = 0, p_one_lead: float = 0.0) -> ECGAugment:
     """Augmentation preset for SimCLR on ECGs (two independent calls give the two views).
 
     Order: resized crop, amplitude scale, baseline wander, powerline noise, low-pass, Gaussian noise, time mask,
-    lead mask. A probability of 0 drops the transform. Powerline noise is dropped when ``fs <= 2 * powerline_hz``
+    lead mask, one-lead view. A probability of 0 drops the transform. Powerline noise is dropped when ``fs <= 2 * powerline_hz``
     (it would alias), the low-pass cut-off range is capped at ``0.45 * fs``.
 
     Args:
@@ -179,6 +217,8 @@ def simclr_augment(fs: float = 100.0, crop_scale: tuple[float, float] = (0.5, 1.
         p_lead_mask: probability of the lead mask.
         lowpass_hz: low-pass cut-off range (Hz).
         p_lowpass: probability of the low-pass filter.
+        one_lead: the lead a one-lead view keeps (:class:`KeepOneLead`).
+        p_one_lead: probability of a one-lead view of a multi-lead sample (0: never, the default).
 
     Returns:
         An :class:`ECGAugment`.
@@ -204,4 +244,6 @@ def simclr_augment(fs: float = 100.0, crop_scale: tuple[float, float] = (0.5, 1.
         t.append(ea.TimeMask(fs, duration=time_mask_s, p=p_time_mask))
     if p_lead_mask > 0:
         t.append(PresentLeadMask(lead_mask_leads, p=p_lead_mask))
+    if p_one_lead > 0:
+        t.append(KeepOneLead(one_lead, p=p_one_lead))
     return ECGAugment(t)

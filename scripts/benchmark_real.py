@@ -12,6 +12,7 @@ Stages (each one skips what is already done, so an interrupted run resumes):
    CLOCS, the hybrid (CREMA), SimCLR on the 1-D ResNet (``simclr_cnn``) and the same with the handcrafted pretext
    regression (``simclr_cnn_hc``, ``method.aux_targets=handcrafted``; ``simclr_cnn_hc_s1``: the same recipe with
    pretraining seed 1; ``simclr_cnn_hcc``: crop-level rhythm targets, ``aux_targets=handcrafted_crop``;
+   ``simclr_cnn_hc1l``: one-lead views of multi-lead records, ``method.p_one_lead=0.5``;
    ``--embed-dim`` / ``--depth`` /
    ``--heads`` are ViT sizes and refused for both). Recipe: without ``--steps``, the CPU-budget recipe
    ``conf/experiment/<method>_cpu30.yaml`` when it exists (its own steps, checkpoint interval, crop and backbone),
@@ -62,7 +63,7 @@ PY = sys.executable
 #: benchmark method -> conf/experiment name
 EXPERIMENTS = {"mae": "mae", "simclr": "simclr", "clocs": "clocs", "hybrid": "crema", "simclr_cnn": "simclr_cnn",
                "simclr_cnn_hc": "simclr_cnn_hc", "simclr_cnn_hc_s1": "simclr_cnn_hc",
-               "simclr_cnn_hcc": "simclr_cnn_hcc"}
+               "simclr_cnn_hcc": "simclr_cnn_hcc", "simclr_cnn_hc1l": "simclr_cnn_hc1l"}
 #: train.py overrides of a benchmark method beyond its experiment: a second pretraining seed of one recipe (its
 #: rows are labelled by checkpoint, ``<method>@<hash>``, beside the first seed's)
 METHOD_OVERRIDES = {"simclr_cnn_hc_s1": ["seed=1"]}

@@ -62,6 +62,8 @@ class SimCLRModule(PretrainModule):
         p_powerline: probability of powerline noise.
         p_time_mask: probability of the time mask.
         p_lead_mask: probability of masking some present leads.
+        p_one_lead: probability that a view of a multi-lead record keeps lead I alone
+            (:class:`~ecgfm.augment.KeepOneLead`; each view draws its own).
         p_lowpass: probability of the random low-pass filter.
         aug_seed: seed of the augmentation generator (rank ``r`` uses ``aug_seed + 1000 r``; validation always
             restarts from its own seed, so validation losses are comparable between epochs; the training
@@ -90,7 +92,7 @@ class SimCLRModule(PretrainModule):
                  max_steps: int = 10000, betas: tuple[float, float] = (0.9, 0.95),
                  probe_num_classes: int | None = None, probe_multilabel: bool = False,
                  lead_aware: bool = True, aux_targets: str | None = None, aux_dim: int | None = None,
-                 aux_weight: float = 1.0, contrastive_weight: float = 1.0) -> None:
+                 aux_weight: float = 1.0, contrastive_weight: float = 1.0, p_one_lead: float = 0.0) -> None:
         super().__init__(backbone, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
                          max_steps=max_steps, betas=betas, probe_num_classes=probe_num_classes,
                          probe_multilabel=probe_multilabel)
@@ -113,7 +115,7 @@ class SimCLRModule(PretrainModule):
         self.augment = simclr_augment(fs=fs, crop_scale=tuple(crop_scale), p_crop=p_crop,
                                       noise_snr_db=tuple(noise_snr_db), p_noise=p_noise, p_amplitude=p_amplitude,
                                       p_wander=p_wander, p_powerline=p_powerline, p_time_mask=p_time_mask,
-                                      p_lead_mask=p_lead_mask, p_lowpass=p_lowpass)
+                                      p_lead_mask=p_lead_mask, p_lowpass=p_lowpass, p_one_lead=p_one_lead)
         self.aug_seed = aug_seed
         self._gens: dict[str, torch.Generator] = {}
         self._restored_aug_state: dict[str, Any] | None = None  # from on_load_checkpoint, until first use

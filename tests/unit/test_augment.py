@@ -9,6 +9,7 @@ from ecgfm.augment import (
     AmplitudeScale,
     ECGAugment,
     GaussianNoise,
+    KeepOneLead,
     PresentLeadMask,
     RandomResizedCropSameLength,
     make_generator,
@@ -66,6 +67,31 @@ def test_present_lead_mask_only_masks_present_leads_and_keeps_one():
     assert dropped[3:].sum(1).min() >= 1            # samples with >= 2 present leads lost at least one
     assert dropped[2].sum() == 0                    # single-lead sample untouched
     assert len(set(dropped.sum(1).tolist())) > 1    # per-sample random counts
+
+
+def test_keep_one_lead_makes_a_lead_i_view_of_multi_lead_samples():
+    x, mask = _batch(b=64, seed=4)
+    x = x + 1.0 * mask[:, :, None]
+    x[3, 0] = 0.0                                   # lead I zeroed (e.g. by the lead mask): another lead is kept
+    out = KeepOneLead(lead=0, p=1.0)(x, generator=make_generator(0), lead_mask=mask)
+    alive = out.abs().sum(-1) > 0
+    assert torch.all(alive.sum(1) == 1)             # one lead left in every sample
+    assert torch.equal(out[2], x[2])                # a one-lead sample is left as it is
+    keep = alive.float().argmax(1)
+    no_lead_i = torch.tensor([1, 3])                # absent in sample 1, zeroed in sample 3
+    assert (keep[~torch.isin(torch.arange(64), no_lead_i)] == 0).all()
+    assert (keep[no_lead_i] != 0).all() and mask[1, keep[1]]
+    assert torch.equal(out[5, 0], x[5, 0])          # the kept lead is untouched
+    half = KeepOneLead(lead=0, p=0.5)(x, generator=make_generator(1), lead_mask=mask)
+    singles = int(((half.abs().sum(-1) > 0).sum(1) == 1).sum())
+    assert 16 < singles < 48                        # per-sample draws
+    aug = simclr_augment(fs=100.0, p_one_lead=1.0)
+    assert isinstance(aug.transforms[-1], KeepOneLead)
+    assert not any(isinstance(t, KeepOneLead) for t in simclr_augment(fs=100.0).transforms)   # off by default
+    with pytest.raises(ValueError, match="lead"):
+        KeepOneLead(lead=-1)
+    with pytest.raises(ValueError, match="L > 12"):
+        KeepOneLead(lead=12)(x)
 
 
 def test_per_sample_parameters():
