@@ -136,6 +136,11 @@ def test_batches_carry_each_views_targets(rhythm_cache, crop_file):
             est = H.fill_missing(H.raw_features(x[b], FS))[0][HR]
             assert abs(_unstandardise(crop, t[b:b + 1], "hr_mean")[0] - est) < 0.02 * est
     assert differ > 0                                                       # views of b7 see different rhythms
+    ds = dm.train_dataset()                      # what a spawned loader worker gets: the pickled dataset
+    keys = [(7, 0.1), (7, 0.9), (3, 0.5)]
+    clone, here = pickle.loads(pickle.dumps(ds)).__getitems__(keys), ds.__getitems__(keys)
+    for k in ("t", "t2"):
+        np.testing.assert_array_equal(clone[k].numpy(), here[k].numpy())
     single = CropDataset(dm.pool, np.arange(8), 1000, targets=record, crop_targets=crop)
     assert "t2" not in single[(7, 0.0)]
     with pytest.raises(ValueError, match="crop_targets"):
