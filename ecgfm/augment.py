@@ -196,8 +196,8 @@ def simclr_augment(fs: float = 100.0, crop_scale: tuple[float, float] = (0.5, 1.
     """Augmentation preset for SimCLR on ECGs (two independent calls give the two views).
 
     Order: resized crop, amplitude scale, baseline wander, powerline noise, low-pass, Gaussian noise, time mask,
-    lead mask, one-lead view. A probability of 0 drops the transform. Powerline noise is dropped when ``fs <= 2 * powerline_hz``
-    (it would alias), the low-pass cut-off range is capped at ``0.45 * fs``.
+    lead mask, one-lead view. A probability of 0 drops the transform. Powerline noise is dropped when
+    ``fs <= 2 * powerline_hz`` (it would alias), the low-pass cut-off range is capped at ``0.45 * fs``.
 
     Args:
         fs: sampling rate of the batches (Hz), i.e. the cache's ``PreprocessSpec.fs``.
