@@ -52,7 +52,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ecgfm.evaluate.features import FeatureSet, _load_features, _nonfinite_error, _save_features, cache_fingerprint
-from ecgfm.io import atomic_write_bytes, file_lock
+from ecgfm.io import atomic_write, atomic_write_bytes, file_lock
 
 log = logging.getLogger(__name__)
 
@@ -575,9 +575,13 @@ def _load_npz(path: Path, expect: dict[str, int]) -> dict[str, np.ndarray] | Non
 
 
 def _save_npz(path: Path, **arrays: np.ndarray) -> None:
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    atomic_write_bytes(path, buf.getvalue())
+    """Write ``arrays`` as an ``.npz`` atomically, streamed like the feature files (:func:`_save_features`)."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+    atomic_write(path, write)
 
 
 def cached_rpeaks(cache: Any, feature_dir: str | os.PathLike, nonfinite: str = "error"
