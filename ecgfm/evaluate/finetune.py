@@ -565,7 +565,10 @@ def run_finetune(backbone: nn.Module, cache_dir: str, labels: np.ndarray, splits
                             deterministic=False)
         if r.head_init == "lp":  # score the LP-initialised weights: fine-tuning must beat them on validation
             trainer.validate(model, datamodule=dm, verbose=False)
-            model.train()  # validate leaves the modules in eval mode and fit keeps the mode it finds
+        # Lightning's fit keeps the train / eval mode it finds, and both an exported encoder (load_encoder) and
+        # validate() leave the modules in eval mode: without this, BatchNorm would train on its frozen running
+        # statistics and dropout would be off, whatever head_init is
+        model.train()
         trainer.fit(model, datamodule=dm)
     epochs_run = int(trainer.current_epoch)
     why = "max epochs" if epochs_run >= r.epochs else f"early stopping, patience {r.patience}"

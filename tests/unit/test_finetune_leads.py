@@ -122,3 +122,25 @@ def test_cnn_is_zero_padded_and_lead_embedding_is_not_decayed():
     groups = param_groups(vit, 0.05, lr=1e-3, layer_decay=0.75, no_decay_names=FINETUNE_NO_DECAY_NAMES)
     decay = {n: g["weight_decay"] for g in groups for n in g["names"]}
     assert decay["backbone.lead_embed"] == 0.0 and max(decay.values()) == 0.05
+
+
+@pytest.mark.parametrize("head_init", ["random", "lp"])
+def test_an_exported_encoder_in_eval_mode_is_fine_tuned_in_train_mode(one_lead, monkeypatch, head_init):
+    """An exported encoder comes back in eval mode (load_encoder) and Lightning's fit keeps the mode it finds: every
+    training step must still see BatchNorm and dropout in training mode, with a random or an LP-initialised head."""
+    cache_dir, _, labels, splits = one_lead
+    torch.manual_seed(0)
+    backbone = create_backbone("resnet1d_test").eval()
+    assert any(isinstance(m, torch.nn.BatchNorm1d) for m in backbone.modules())   # BN: the mode matters
+    modes: list[bool] = []
+    real = FinetuneModule.training_step
+
+    def spy(self, batch, batch_idx):
+        modes.append(all(m.training for m in self.modules()))
+        return real(self, batch, batch_idx)
+
+    monkeypatch.setattr(FinetuneModule, "training_step", spy)
+    recipe = dict(epochs=1, batch_size=32, warmup_epochs=0, patience=3, head_init=head_init, lp_Cs=(1.0,))
+    out = run_finetune(backbone, cache_dir, labels, splits, False, WINDOW, STRIDE, recipe, seed=0, predict_val=False)
+    assert modes and all(modes)
+    assert not out["model"].training   # handed back in eval mode, as documented
