@@ -425,17 +425,23 @@ def _recipe(ctx: _Context, desc: Encoder, head: dict[str, Any]) -> dict[str, Any
             "encoder_crop_samples": desc.crop_samples, "preprocess": desc.preprocess.to_dict(),
             "task": asdict(ctx.task_spec), "eval_data": asdict(ctx.eval_spec) if ctx.eval_spec else None,
             "bootstrap": {"n": int(cfg.bootstrap.n), "seed": int(cfg.bootstrap.seed)},
-            "lead_aware": bool(cfg.features.get("lead_aware", True)), **_finetune_code_recipe(ctx.mode)}
+            "lead_aware": bool(cfg.features.get("lead_aware", True)),
+            **_finetune_code_recipe(ctx.mode, desc.kind, str(head.get("head_init", "")))}
 
 
-def _finetune_code_recipe(mode: str) -> dict[str, Any]:
+def _finetune_code_recipe(mode: str, kind: str = "", head_init: str = "") -> dict[str, Any]:
     """Fine-tuning settings fixed in code that change its numbers (part of a fine-tune cell's recipe identity):
-    the parameter names exempt from weight decay (:data:`ecgfm.evaluate.finetune.FINETUNE_NO_DECAY_NAMES`)."""
+    the parameter names exempt from weight decay (:data:`ecgfm.evaluate.finetune.FINETUNE_NO_DECAY_NAMES`), and,
+    for an exported encoder with a randomly initialised head, that it is trained in train mode (before that fix
+    such cells trained BatchNorm on frozen statistics with dropout off: they are recomputed, not reused)."""
     if mode != "finetune":
         return {}
     from ecgfm.evaluate.finetune import FINETUNE_NO_DECAY_NAMES
 
-    return {"finetune_no_decay_names": list(FINETUNE_NO_DECAY_NAMES)}
+    out: dict[str, Any] = {"finetune_no_decay_names": list(FINETUNE_NO_DECAY_NAMES)}
+    if kind == "pretrained" and head_init == "random":
+        out["fit_mode"] = "train"
+    return out
 
 
 #: probe settings a head does not read (left out of its cells' recipe identity, so that adding a setting for another

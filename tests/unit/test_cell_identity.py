@@ -192,3 +192,17 @@ def test_probe_recipe_keeps_only_the_settings_of_its_head():
              "mlp": {"epochs": 300}}
     assert set(_probe_recipe(probe)) == {"mode", "aggregate", "Cs", "max_iter"}
     assert set(_probe_recipe(dict(probe, mode="mlp"))) == {"mode", "aggregate", "lrs", "mlp"}
+
+
+def test_only_cells_of_the_fixed_fine_tune_path_change_identity():
+    """Fine-tune cells of an exported encoder with a random head trained in eval mode before the fix: their recipe
+    identity changes, so old cells are recomputed; LP-FT, supervised and random-init cells keep theirs."""
+    from ecgfm.evaluate.sweep import _finetune_code_recipe
+
+    fixed = _finetune_code_recipe("finetune", "pretrained", "random")
+    assert fixed.get("fit_mode") == "train"
+    for kind, head_init in (("pretrained", "lp"), ("supervised", "random"), ("random", "lp"), ("random", "random")):
+        recipe = _finetune_code_recipe("finetune", kind, head_init)
+        assert "fit_mode" not in recipe and recipe["finetune_no_decay_names"], (kind, head_init)
+        assert I.recipe_identity(recipe) != I.recipe_identity(fixed)
+    assert _finetune_code_recipe("linear", "pretrained", "random") == {}
