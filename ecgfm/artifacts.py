@@ -200,7 +200,10 @@ def _upgrade_v1(meta: dict[str, Any], kind: str) -> dict[str, Any]:
         out = {"architecture": arch, "input": inp, "head": meta.get("head"), "classes": meta.get("class_names"),
                "multilabel": meta.get("postprocess") == "sigmoid", "thresholds": None, "window_aggregate": "prob",
                "provenance": {}}
-    out.update(format=FORMAT, format_version=1, kind=kind, preprocess=meta.get("preprocess"),
+    pre = meta.get("preprocess")
+    if kind == "encoder" and "preprocess" not in meta:   # version-1 encoders were read with the default spec
+        pre = PreprocessSpec().to_dict()
+    out.update(format=FORMAT, format_version=1, kind=kind, preprocess=pre,
                tensors=meta.get("tensors") or {}, evaluation={}, extra=extra)
     return out
 
@@ -490,12 +493,13 @@ def save_encoder(out_dir: str | os.PathLike, backbone: nn.Module,
 
 
 def load_encoder(path: str | os.PathLike, map_location: str | torch.device = "cpu"
-                 ) -> tuple[nn.Module, PreprocessSpec, dict[str, Any]]:
+                 ) -> tuple[nn.Module, PreprocessSpec | None, dict[str, Any]]:
     """Load an encoder artifact (format version 1 or 2).
 
     Returns:
-        ``(backbone in eval mode, PreprocessSpec, info)``; ``info`` is the version-2 description plus the
-        version-1 keys older callers read (``name``, ``init_args``, ``num_features``).
+        ``(backbone in eval mode, PreprocessSpec or None, info)``; None when the artifact was saved with
+        ``preprocess=None`` (no preprocessing, as :func:`load_classifier`); ``info`` is the version-2 description
+        plus the version-1 keys older callers read (``name``, ``init_args``, ``num_features``).
 
     Raises:
         ArtifactError: not an encoder folder (a classifier folder says so), missing or malformed files, unknown
@@ -503,8 +507,8 @@ def load_encoder(path: str | os.PathLike, map_location: str | torch.device = "cp
     """
     d, meta = read_meta(path, "encoder")
     mpath, wpath = d / meta_file("encoder"), d / weights_file("encoder")
-    try:
-        spec = PreprocessSpec.from_dict(meta.get("preprocess"))
+    try:  # null: saved with preprocess=None, i.e. none (not the defaults, which would filter and normalise)
+        spec = PreprocessSpec.from_dict(meta["preprocess"]) if meta.get("preprocess") is not None else None
     except (TypeError, ValueError) as exc:
         raise ArtifactError(mpath, f"bad preprocess entry: {exc}") from exc
     arch = meta.get("architecture") or {}
@@ -521,7 +525,8 @@ def save_classifier(out_dir: str | os.PathLike, backbone: nn.Module, head: nn.Mo
                     stride_samples: int | None = None, window_aggregate: str = "prob",
                     thresholds: Sequence[float] | None = None, leads: Sequence[str] | None = None,
                     head_spec: Mapping[str, Any] | None = None, provenance: Mapping[str, Any] | None = None,
-                    evaluation: Mapping[str, Any] | None = None, extra: Mapping[str, Any] | None = None) -> Path:
+                    evaluation: Mapping[str, Any] | None = None, extra: Mapping[str, Any] | None = None,
+                    lead_aware: bool | None = None) -> Path:
     """Write a classifier artifact (encoder + head + how records are scored).
 
     Args:
@@ -539,6 +544,9 @@ def save_classifier(out_dir: str | os.PathLike, backbone: nn.Module, head: nn.Mo
         leads: lead order of the input rows.
         head_spec: ``{"name": key of HEADS, "args": {...}}``.
         provenance, evaluation, extra: as in :func:`save_encoder`.
+        lead_aware: how the model was trained and validated on records with absent leads: True, a backbone taking
+            ``lead_mask`` got the records' lead masks (absent leads make no tokens); False, zero-padded leads.
+            Written as ``lead_aware`` (read by :class:`ecgfm.api.Classifier`); None: not written (read as True).
 
     Raises:
         ValueError: unregistered backbone, unknown head, class-count mismatch, bad ``window_aggregate``.
@@ -565,6 +573,8 @@ def save_classifier(out_dir: str | os.PathLike, backbone: nn.Module, head: nn.Mo
             "thresholds": None if thresholds is None else [float(t) for t in thresholds],
             "window_aggregate": window_aggregate, "provenance": _provenance(provenance),
             "evaluation": dict(evaluation or {}), "extra": dict(extra or {})}
+    if lead_aware is not None:
+        meta["lead_aware"] = bool(lead_aware)
     return write_artifact(out_dir, "classifier", model.state_dict(), meta)
 
 

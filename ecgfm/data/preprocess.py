@@ -155,6 +155,12 @@ class PreprocessSpec:
         return out
 
     @classmethod
+    def raw(cls, fs: float | None = None) -> "PreprocessSpec":
+        """No filter, no normalisation, no clipping: lead mapping, flat-lead masking and resampling to ``fs`` only
+        (the cache-side equivalent of an artifact saved with ``preprocess=None``)."""
+        return cls(fs=fs, highpass=None, lowpass=None, notch=None, normalize="none", clip=None)
+
+    @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> "PreprocessSpec":
         if data is None:
             return cls()

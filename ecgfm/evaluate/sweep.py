@@ -257,7 +257,7 @@ def resolve_checkpoint(checkpoint: str, crop_samples: int, init_seed: int = 0,
                 raise CheckpointNotFound(f"checkpoint {text!r}: {meta} missing (a random twin copies the architecture "
                                          f"of an exported encoder folder)")
             info = encoder_meta(target)
-            spec = PreprocessSpec.from_dict(info.get("preprocess"))
+            spec = own_spec(text, info)
             crop = _crop_of(info)
             backbone = None
             if load_weights:
@@ -284,14 +284,25 @@ def resolve_checkpoint(checkpoint: str, crop_samples: int, init_seed: int = 0,
                                  f"encoder.safetensors, written by train.py / ecgfm.export.export_encoder), or "
                                  f"{HANDCRAFTED!r} for the handcrafted-feature baseline")
     if load_weights:
-        backbone, spec, info = load_encoder(path)
+        backbone, _, info = load_encoder(path)
     else:
-        info = encoder_meta(path)
-        spec, backbone = PreprocessSpec.from_dict(info.get("preprocess")), None
+        info, backbone = encoder_meta(path), None
+    spec = own_spec(text, info)
     export_dir = str(path if path.is_dir() else path.parent)
     spec = rate_checked_spec(text, preprocess or spec, trained_fs(info), override=preprocess is not None)
     return Encoder(text, "pretrained", _method_of(info, export_dir), backbone, spec, info, _crop_of(info),
                    export_dir)
+
+
+def own_spec(checkpoint: str, info: dict[str, Any]) -> PreprocessSpec:
+    """The task-cache preprocessing an exported encoder describes: its spec, or, for one saved with
+    ``preprocess=None`` (``"preprocess": null``: it expects unprocessed signals), :meth:`PreprocessSpec.raw` (no
+    filter, no normalisation; resampled to its rate by :func:`rate_checked_spec`), never the default spec."""
+    if info.get("preprocess") is not None:
+        return PreprocessSpec.from_dict(info["preprocess"])
+    log.info("checkpoint %s: saved without preprocessing (preprocess: null): task records are only resampled and "
+             "lead-mapped, not filtered or normalised", checkpoint)
+    return PreprocessSpec.raw()
 
 
 def handcrafted_encoder(preprocess: PreprocessSpec | None = None) -> Encoder:
@@ -705,7 +716,8 @@ def probe_main(cfg: DictConfig) -> dict[str, Any]:
                         predictions=_predictions(r["predictions"], task, ext))
             p = cell_path(ctx.results_dir, ctx.mode, task.name, checkpoint, r["fraction"], r["seed"], eval_name)
             if bool(cfg.get("save_classifier", False)):
-                head = probe_head(r["model"], fit_window(enc.backbone, window), task)  # seq_len >= window
+                head = probe_head(r["model"], fit_window(enc.backbone, window), task,
+                                  bool(cfg.features.get("lead_aware", True)))
                 agg = "logit" if str(probe_cfg.aggregate) == "mean_embedding" else "prob"
                 cell["classifier"] = str(_save_cell_classifier(p, head, task, enc, dict(_container(probe_cfg)),
                                                                window, stride, r["thresholds"], cell, agg))
@@ -825,9 +837,10 @@ def classifier_dir(cell_file: str | os.PathLike) -> Path:
     return p.with_name(p.stem + ".classifier")
 
 
-def probe_head(probe: Any, backbone: torch.nn.Module, task: TaskData) -> Any:
+def probe_head(probe: Any, backbone: torch.nn.Module, task: TaskData, lead_aware: bool = True) -> Any:
     """A fitted linear probe as an ``nn.Linear`` head on the backbone's window embeddings (scaler folded in,
-    :func:`ecgfm.evaluate.finetune.init_head_from_probe`), inside an object with ``backbone`` and ``head``."""
+    :func:`ecgfm.evaluate.finetune.init_head_from_probe`), inside an object with ``backbone``, ``head`` and
+    ``lead_aware`` (whether the probe's features were lead-aware, ``features.lead_aware``)."""
     from types import SimpleNamespace
 
     from ecgfm.evaluate.finetune import init_head_from_probe
@@ -839,7 +852,8 @@ def probe_head(probe: Any, backbone: torch.nn.Module, task: TaskData) -> Any:
     head = torch.nn.Linear(int(backbone.num_features), len(task.class_names))
     with torch.no_grad():
         init_head_from_probe(head, probe)
-    return SimpleNamespace(backbone=backbone, head=head, kind="linear probe on frozen features")
+    return SimpleNamespace(backbone=backbone, head=head, kind="linear probe on frozen features",
+                           lead_aware=bool(lead_aware))
 
 
 def _save_cell_classifier(cell_file: Path, model: Any, task: TaskData, enc: Encoder, recipe: dict[str, Any],
@@ -859,6 +873,7 @@ def _save_cell_classifier(cell_file: Path, model: Any, task: TaskData, enc: Enco
         fs=float(task.cache.fs), window_samples=window, stride_samples=stride,
         window_aggregate=window_aggregate or str(recipe.get("window_aggregate", "prob")),
         thresholds=None if thresholds is None else [float(t) for t in thresholds],
+        lead_aware=bool(getattr(model, "lead_aware", True)),   # as trained and validated (FinetuneModule / probe)
         provenance={"data": f"task {task.name} ({task.dataset}), train split fraction {cell['fraction']:g} "
                             f"({cell['n_train']} records), hyper-parameters chosen on val, cache {task.cache_dir}",
                     "method": f"{how} {enc.kind} encoder {enc.method} ({enc.checkpoint})",

@@ -197,9 +197,11 @@ class ECGWrapper(nn.Module):
             return cls(model, **args)
         if kind == "encoder" or path.is_dir() or path.suffix == ".json":
             try:
-                backbone, spec, _info = load_encoder(path, map_location=map_location)
+                backbone, spec, info = load_encoder(path, map_location=map_location)
             except ArtifactError as exc:
                 raise ECGDataError(path, exc.problem) from exc
+            if spec is None and kwargs.get("fs") is None:   # saved without preprocessing: the rate it describes
+                kwargs["fs"] = (info.get("input") or {}).get("fs")
             return cls.from_encoder_and_head(backbone.to(map_location), head, spec, **kwargs)
         try:
             ckpt = torch.load(path, map_location=map_location, weights_only=True)

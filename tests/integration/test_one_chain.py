@@ -135,3 +135,28 @@ def test_probe_cell_saves_a_classifier_on_request(chain, aggregate):
     pred = cell["predictions"]["test"]
     got = np.concatenate([clf.predict_proba(source.load(k.split("/", 1)[1])).to_numpy() for k in pred["keys"]])
     np.testing.assert_allclose(got, np.asarray(pred["scores"]), rtol=0, atol=1e-4)  # float32 head vs float64 probe
+
+
+@pytest.mark.parametrize("lead_aware", [True, False])
+def test_classifier_of_a_one_lead_task_is_scored_as_it_was_trained(chain, lead_aware):
+    """A fine-tune cell on lead II alone records how absent leads reached the ViT (``features.lead_aware``) in its
+    classifier artifact, and Classifier.predict_proba on the raw one-lead records reproduces the cell's scores either
+    way (scored the other way, the lead masks would change the tokens)."""
+    tmp = chain["tmp"]
+    flag = str(lead_aware).lower()
+    cfg = _compose("finetune", [f"paths.cache_root={tmp / 'cache'}", f"results_dir={tmp / f'one_lead_{flag}'}",
+                                "prepare_workers=0", "task=synthetic", "task.params.n_records=60",
+                                "+task.sources.0.leads=[II]", "bootstrap.n=20", "plot=false", "torch_threads=1",
+                                f"checkpoint={chain['encoder']}", "fraction=1.0", "seed=0", "finetune.epochs=1",
+                                "finetune.batch_size=32", "finetune.patience=1", f"features.lead_aware={flag}"])
+    cell = json.loads(Path(finetune_main(cfg)["cells_written"][0]).read_text())
+    clf = ecgfm.Classifier.load(cell["classifier"])
+    assert clf.meta["lead_aware"] is lead_aware and clf.lead_aware is lead_aware
+    source = SyntheticSource(n_records=60, seed=1, fs=500.0, duration=10.0, leads=["II"])
+    pred = cell["predictions"]["test"]
+    records = [source.load(k.split("/", 1)[1]) for k in pred["keys"]]
+    got = np.concatenate([clf.predict_proba(r).to_numpy() for r in records])
+    np.testing.assert_allclose(got, np.asarray(pred["scores"]), rtol=0, atol=1e-5)
+    clf.meta["lead_aware"] = not lead_aware                      # the other way: other numbers (the test has teeth)
+    other = np.concatenate([clf.predict_proba(r).to_numpy() for r in records])
+    assert np.abs(other - got).max() > 1e-4

@@ -290,3 +290,31 @@ def test_every_registered_backbone_builds_on_the_meta_device():
         with torch.device("meta"):
             model = create_backbone(name)
         assert all(p.is_meta for p in model.parameters()), name
+
+
+def test_encoder_saved_without_preprocessing_is_not_given_the_default_spec(tmp_path):
+    """``save_encoder(preprocess=None)`` means none: the API embeds the unprocessed signal (not high-passed,
+    z-scored and clipped by the default spec), and the sweep builds its task cache without filter or normalisation
+    at the encoder's rate."""
+    import numpy as np
+
+    import ecgfm
+    from ecgfm.artifacts import save_encoder
+    from ecgfm.evaluate.sweep import resolve_checkpoint
+
+    torch.manual_seed(0)
+    model = create_backbone("vit1d_test").eval()
+    out = save_encoder(tmp_path / "raw", model, None, fs=100.0, window_samples=250)
+    assert json.loads((out / "encoder.json").read_text())["preprocess"] is None
+    assert load_encoder(out)[1] is None
+    x = (np.random.default_rng(0).standard_normal((12, 250)) * 0.5 + 1.0).astype(np.float32)   # offset: a high-pass
+    with torch.no_grad():                                                                       # would remove it
+        want = model.embed(torch.from_numpy(x)[None]).numpy()[0]
+    np.testing.assert_allclose(ecgfm.Encoder.load(out).embed(x, fs=100), want, rtol=1e-5, atol=1e-6)
+    enc = resolve_checkpoint(str(out), 250)
+    assert enc.preprocess == PreprocessSpec.raw(fs=100.0)
+    assert enc.preprocess.highpass is None and enc.preprocess.normalize == "none" and enc.preprocess.clip is None
+    from ecgfm.explain.wrapper import ECGWrapper
+
+    wrapped = ECGWrapper.from_checkpoint(out, head=torch.nn.Linear(model.num_features, 2))   # the rate it describes
+    assert wrapped.fs == 100.0 and wrapped.spec is None
