@@ -47,10 +47,9 @@ def _cell(res: Path, *, task: str, method: str, mode: str, seed: int, fraction: 
             "n_train": 10, "multilabel": multilabel, "checkpoint_id": (ckpt or method).ljust(12, "0"),
             "recipe_id": recipe,
             "results": {"test": evaluate_scores(target, p, multilabel, CLASSES, n_boot=20)},
-            "val_macro_auroc": None,
             "predictions": {"test": {"keys": [f"r{i}" for i in range(N)], "y": y.tolist(), "scores": p.tolist()}}}
-    if mode != "finetune":   # a probe's validation score (here: its test score), which picks "the best SSL probe"
-        cell["val_macro_auroc"] = cell["results"]["test"]["macro_auroc"]["value"]
+    # the validation score (here: its test score) that picks "the best SSL probe / fine-tune"
+    cell["val_macro_auroc"] = cell["results"]["test"]["macro_auroc"]["value"]
     path = res / "cells" / mode / task / (ckpt or method).replace("/", "_") / f"f{fraction:g}_s{seed}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(cell))
@@ -192,6 +191,28 @@ def test_best_probe_is_chosen_on_validation_not_test(tmp_path):
             path.write_text(json.dumps(cell))
     acc = R.build_report(res, plot=False, n_boot=50)["acceptance"]
     assert "simclr (attention probe)" in acc[0]["evidence"] and "validation 0.900" in acc[0]["evidence"]
+
+
+def test_best_fine_tune_is_chosen_on_validation_not_test(tmp_path):
+    """Criterion 4 compares with the supervised CNN the SSL fine-tune that is best on *validation*: here it is
+    below the CNN on test, so the criterion is missed although another SSL fine-tune (worst on validation) would
+    pass on test."""
+    res = tmp_path / "results"
+    for task in ("cinc2017", "ptbxl_super"):
+        for seed in (0, 1):
+            kw = dict(task=task, seed=seed, fraction=0.1)
+            _cell(res, method="supervised", mode="finetune", strength=2.0, kind="supervised",
+                  backbone="resnet1d_tiny", arch="cnn", recipe="rs", ckpt="supervised:resnet1d_tiny", **kw)
+            a = _cell(res, method="mae", mode="finetune", strength=0.5, recipe="rf", ckpt="mae", **kw)
+            b = _cell(res, method="simclr", mode="finetune", strength=4.0, recipe="rf", ckpt="simclr", **kw)
+            for cell, val in ((a, 0.95), (b, 0.55)):                             # a best on validation
+                cell["val_macro_auroc"] = val
+                path = res / "cells" / "finetune" / task / cell["checkpoint"] / f"f0.1_s{seed}.json"
+                path.write_text(json.dumps(cell))
+    acc = R.build_report(res, plot=False, n_boot=50)["acceptance"]
+    assert acc[3]["status"] == "MISSED" and "chosen on validation" in acc[3]["criterion"]
+    for part in acc[3]["evidence"].split(" <br> "):
+        assert ": no: SSL mae " in part and "best on validation: 0.950" in part, part
 
 
 def test_one_checkpoint_as_the_reference_of_others_of_its_method(tmp_path):
