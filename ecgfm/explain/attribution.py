@@ -864,11 +864,12 @@ class Explainer:
         key = canonical_method(method)
         x = self._inputs(inputs, fs, lead_names)
         fn = _ClassObjective(self.wrapper, output)
-        with torch.no_grad():
-            logits = fn(x)
-        t = self.wrapper.resolve_target(target, logits)
-        job = _Job(self.wrapper, fn, x, t, None, self.wrapper.fs)
-        values, delta, used, elapsed = self._run(key, job, options)
+        with self.wrapper.evaluating():
+            with torch.no_grad():
+                logits = fn(x)
+            t = self.wrapper.resolve_target(target, logits)
+            job = _Job(self.wrapper, fn, x, t, None, self.wrapper.fs)
+            values, delta, used, elapsed = self._run(key, job, options)
         return Attribution(values=values, method=key, options={**used, "output": output}, target=t,
                            inputs=x.detach(), fs=self.wrapper.fs, lead_names=self.wrapper.lead_names,
                            elapsed_s=elapsed, delta=delta)
@@ -899,6 +900,11 @@ class Explainer:
         if reference is not None and direction is not None:
             raise ValueError("pass either reference= or direction=, not both")
         x = self._inputs(inputs, fs, lead_names)
+        with self.wrapper.evaluating():
+            return self._explain_embedding(key, x, reference, direction, options)
+
+    def _explain_embedding(self, key: str, x: Tensor, reference: Any, direction: Tensor | None,
+                           options: dict) -> Attribution:
         b = x.shape[0]
         with torch.no_grad():
             if reference is None:
@@ -938,17 +944,12 @@ class Explainer:
         except TypeError:
             known = [p for p in inspect.signature(impl).parameters if p != "job"]
             raise ValueError(f"unknown option(s) {sorted(options)} for method {key!r}; known: {known}") from None
-        was_training = self.wrapper.model.training
-        self.wrapper.model.eval()
         t0 = time.perf_counter()
-        try:
-            with warnings.catch_warnings():
-                # captum notes that it switched on requires_grad / hooked non-linearities: expected here.
-                warnings.filterwarnings("ignore", message=".*did not already require gradients.*")
-                warnings.filterwarnings("ignore", message=".*Setting forward, backward hooks.*")
-                values, delta, used = impl(job, **options)
-        finally:
-            self.wrapper.model.train(was_training)
+        with self.wrapper.evaluating(), warnings.catch_warnings():
+            # captum notes that it switched on requires_grad / hooked non-linearities: expected here.
+            warnings.filterwarnings("ignore", message=".*did not already require gradients.*")
+            warnings.filterwarnings("ignore", message=".*Setting forward, backward hooks.*")
+            values, delta, used = impl(job, **options)
         if job.x.is_cuda:
             torch.cuda.synchronize(job.x.device)
         elapsed = time.perf_counter() - t0

@@ -331,7 +331,7 @@ class TCAV:
 
         handle = self.wrapper.layer(layer).register_forward_hook(hook)
         try:
-            with torch.no_grad():
+            with torch.no_grad(), self.wrapper.evaluating():
                 self.wrapper(x.to(self.wrapper.device))
         finally:
             handle.remove()
@@ -393,8 +393,8 @@ class TCAV:
         """``(B, D)`` pooled gradients of the target logit at ``layer``."""
         out = []
         for i in range(0, inputs.shape[0], self.batch_size):
-            _, g, _ = self.wrapper.activations_and_gradients(inputs[i:i + self.batch_size], layer,
-                                                             target=target)
+            t = target[i:i + self.batch_size] if torch.is_tensor(target) and target.ndim else target  # per input
+            _, g, _ = self.wrapper.activations_and_gradients(inputs[i:i + self.batch_size], layer, target=t)
             out.append(self._grad_pool(g).cpu().float())
         return torch.cat(out)
 

@@ -107,6 +107,14 @@ def perturbation_curve(wrapper: ECGWrapper, inputs: Tensor, attribution: Attribu
     """
     if mode not in ("deletion", "insertion"):
         raise ValueError(f"mode must be 'deletion' or 'insertion', got {mode!r}")
+    with wrapper.evaluating():
+        return _perturbation_curve(wrapper, inputs, attribution, target, mode, segment_s, steps, baseline, order,
+                                   output)
+
+
+def _perturbation_curve(wrapper: ECGWrapper, inputs: Tensor, attribution: Attribution | Tensor,
+                        target: Tensor | None, mode: str, segment_s: float, steps: int, baseline: Any, order: str,
+                        output: str) -> dict[str, Tensor]:
     values = _values(attribution).to(inputs.device)
     if values.shape != inputs.shape:
         raise ValueError(f"attribution {tuple(values.shape)} does not match inputs {tuple(inputs.shape)}")

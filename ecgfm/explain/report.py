@@ -207,7 +207,7 @@ def explain_records(wrapper: ECGWrapper, records: Sequence[ECGRecord], out_dir: 
         t0 = time.perf_counter()
         rid = f"{record.source}_{record.record_id}".replace("/", "_")
         x = wrapper.prepare(record, missing_leads="zero")
-        with torch.no_grad():
+        with torch.no_grad(), wrapper.evaluating():
             proba = wrapper.postprocess_fn(wrapper(x))[0].cpu()
         tgt = int(wrapper.resolve_target(target, x=x)[0]) if target is not None else int(proba.argmax())
         names = wrapper.class_names or tuple(str(i) for i in range(proba.shape[0]))

@@ -19,8 +19,9 @@ named layer's activations and gradients, the encoder's embeddings, and a reshape
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -133,6 +134,20 @@ class ECGWrapper(nn.Module):
         # hook-based methods (captum DeepLift's ``model.apply``) hook its layers twice.
         object.__setattr__(self, "encoder", encoder if encoder is not None else _find_encoder(model))
         self.model.eval()
+
+    @contextlib.contextmanager
+    def evaluating(self) -> Iterator["ECGWrapper"]:
+        """Eval mode (dropout off, BatchNorm on its running statistics) inside, the mode found restored after:
+        every forward pass of an explanation (the predicted target, reference embeddings, perturbation curves,
+        concept activations) sees the model as it predicts, even when the caller left it in train mode (where
+        dropout would pick a random target and BatchNorm would overwrite its statistics with the explained
+        batch)."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            yield self
+        finally:
+            self.model.train(was_training)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -473,7 +488,7 @@ class ECGWrapper(nn.Module):
 
         handle = module.register_forward_hook(hook)
         try:
-            with torch.enable_grad():
+            with torch.enable_grad(), self.evaluating():
                 x = x.to(self.device).detach().requires_grad_(True)
                 if objective is not None:
                     scores = objective(x)
@@ -499,7 +514,7 @@ class ECGWrapper(nn.Module):
         if logits is None:
             if x is None:
                 raise ValueError("resolve_target needs logits or inputs")
-            with torch.no_grad():
+            with torch.no_grad(), self.evaluating():
                 logits = self.forward(x.to(self.device))
         b, c = logits.shape
         if target is None:

@@ -309,3 +309,33 @@ def test_lead_importance_figure_flags_a_method_without_lead_ranking():
     fig = plot_lead_importance({"gradcam": np.full(12, 2.0), "ig": np.arange(12.0)})
     labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
     assert "gradcam (no lead ranking)" in labels and "ig" in labels
+
+
+def test_a_model_left_in_train_mode_is_explained_as_it_predicts():
+    """Dropout and BatchNorm: with the model left in train mode, the predicted target, the embedding reference and
+    the faithfulness curves are computed in eval mode (the targets are the eval predictions, BatchNorm statistics
+    are not overwritten by the explained batch), and the mode found is restored."""
+    from ecgfm.explain.faithfulness import perturbation_curve
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12 * T, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Dropout(0.5),
+                          nn.Linear(64, 5))
+    w = ECGWrapper(model, fs=FS, postprocess="softmax", encoder=model[:5])
+    x = _ecg_like(16)
+    model.train()                                   # warm the running statistics away from their initial values
+    with torch.no_grad():
+        model(x)
+    model.eval()
+    with torch.no_grad():
+        pred = w(x).argmax(1)
+    stats = model[2].running_mean.clone()
+    model.train()
+    ex = Explainer(w)
+    att = ex.explain(x, target=None, method="saliency")
+    assert torch.equal(att.target, pred) and torch.equal(model[2].running_mean, stats) and model.training
+    emb = ex.explain_embedding(x, method="saliency")
+    assert torch.equal(model[2].running_mean, stats) and model.training and emb.values.shape == x.shape
+    curve = perturbation_curve(w, x, att, steps=4)["curve"]
+    assert torch.equal(model[2].running_mean, stats) and model.training
+    model.eval()
+    np.testing.assert_allclose(curve.numpy(), perturbation_curve(w, x, att, steps=4)["curve"].numpy(), atol=1e-6)

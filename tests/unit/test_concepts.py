@@ -127,3 +127,23 @@ def test_bad_input(setup):
         concept_from_arrays(np.zeros((3, 12, 250)), ["a", "b", "c"], "a")
     with pytest.raises(ValueError, match="need at least"):
         random_sets(np.zeros((3, 12, 250)), 2, 5)
+
+
+def test_more_inputs_than_a_batch_and_a_model_left_in_train_mode(setup):
+    """Inputs beyond one batch get their own targets (no shape error), and a model left in train mode is run in eval
+    mode for concept activations and gradients: same scores as in eval mode, BatchNorm statistics untouched, the
+    mode restored."""
+    wrapper, concepts, randoms, explained = setup
+    small = TCAV(wrapper, [LAYER], batch_size=7)                   # 30 inputs: 5 batches
+    want = small.run(explained, "st_elevation", [concepts["st_elevation"]], randoms[:3]).row("st_elevation", LAYER)
+    bn = next(m for m in wrapper.model.modules() if isinstance(m, torch.nn.BatchNorm1d))
+    stats = bn.running_mean.clone()
+    wrapper.model.train()
+    try:
+        got = TCAV(wrapper, [LAYER], batch_size=7).run(explained, "st_elevation", [concepts["st_elevation"]],
+                                                        randoms[:3]).row("st_elevation", LAYER)
+        assert wrapper.model.training                              # the mode found is given back
+    finally:
+        wrapper.model.eval()
+    assert torch.equal(bn.running_mean, stats)
+    assert got["scores"] == pytest.approx(want["scores"]) and got["cav_accuracy"] == pytest.approx(want["cav_accuracy"])
