@@ -84,13 +84,24 @@ def display_signal(record: ECGRecord, wrapper: ECGWrapper) -> np.ndarray:
     return resample(np.nan_to_num(rows), record.fs, wrapper.fs)
 
 
-def _evidence(record: ECGRecord, wrapper: ECGWrapper, n_t: int) -> np.ndarray | None:
-    """The record's ground-truth evidence mask at the model's rate and lead order, or None."""
+def _evidence(record: ECGRecord, wrapper: ECGWrapper, n_t: int, start: int = 0) -> np.ndarray | None:
+    """The record's ground-truth evidence mask over the model input, at the model's rate and lead order, or None.
+
+    Args:
+        record: the record (``evidence (12, T_record)`` bool at the record's rate).
+        wrapper: the model's wrapper (rate, lead order).
+        n_t: samples of the model input.
+        start: the input's first sample in the record, at the model's rate (the centred window of a record longer
+            than the model's window); model sample ``k`` is record time ``(start + k) / fs_model``. Samples past
+            the record's end (zero padding) hold no evidence.
+    """
     if record.evidence is None or not record.evidence.any():
         return None
     ev = record.evidence
-    idx = np.minimum((np.arange(n_t) * record.fs / wrapper.fs).astype(np.int64), ev.shape[1] - 1)
-    return np.stack([ev[CANONICAL_LEADS.index(lead)][idx] for lead in wrapper.lead_names])
+    idx = ((int(start) + np.arange(n_t)) * record.fs / wrapper.fs).astype(np.int64)
+    inside = idx < ev.shape[1]
+    idx = np.minimum(idx, ev.shape[1] - 1)
+    return np.stack([ev[CANONICAL_LEADS.index(lead)][idx] & inside for lead in wrapper.lead_names])
 
 
 def _predictions(wrapper: ECGWrapper, proba: torch.Tensor) -> list[dict[str, Any]]:
@@ -212,7 +223,7 @@ def explain_records(wrapper: ECGWrapper, records: Sequence[ECGRecord], out_dir: 
         tgt = int(wrapper.resolve_target(target, x=x)[0]) if target is not None else int(proba.argmax())
         names = wrapper.class_names or tuple(str(i) for i in range(proba.shape[0]))
         shown = display_signal(record, wrapper)
-        crop = None
+        crop, start = None, 0
         if wrapper.n_samples is not None and wrapper.window == "center" and shown.shape[1] > x.shape[2]:
             start = window_start(shown.shape[1], x.shape[2])  # the window the wrapper fed the model
             shown = shown[:, start:start + x.shape[2]]
@@ -222,7 +233,7 @@ def explain_records(wrapper: ECGWrapper, records: Sequence[ECGRecord], out_dir: 
                 shown, ((0, 0), (0, x.shape[2] - shown.shape[1])))
         r_peaks = waves_mod.detect_r_peaks(x[0], wrapper.fs)
         windows = waves_mod.wave_windows(r_peaks, wrapper.fs, x.shape[2])
-        evidence = _evidence(record, wrapper, x.shape[2])
+        evidence = _evidence(record, wrapper, x.shape[2], start)
         entry: dict[str, Any] = {
             "record_id": record.record_id, "source": record.source, "labels": list(record.labels),
             "fs_original": float(record.fs), "predictions": _predictions(wrapper, proba),

@@ -150,3 +150,42 @@ def test_explain_py_subprocess(tmp_path, synthetic_ckpt):
                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "report:" in out.stdout and (tmp_path / "report.json").exists()
+
+
+def test_evidence_is_mapped_into_the_centred_window(tmp_path):
+    """A 20 s record explained by a 10 s model (centred window, 5-15 s): its ground-truth evidence at 12.0-12.5 s is
+    model samples 700-749, where a model reading only those samples puts all its attribution; localisation scores
+    are 1 (mapped from the record's start they would score another stretch)."""
+    from torch import nn
+
+    from ecgfm.data.record import ECGRecord
+    from ecgfm.explain.wrapper import ECGWrapper
+
+    fs = 100.0
+    sig = (0.01 * np.random.default_rng(0).standard_normal((12, 2000))).astype(np.float32)
+    sig[:, 1200:1250] += 1.0
+    ev = np.zeros((12, 2000), bool)
+    ev[:, 1200:1250] = True
+    rec = ECGRecord(signal=sig, fs=fs, lead_mask=np.ones(12, bool), record_id="r", source="demo", evidence=ev)
+
+    class Reader(nn.Module):            # class a: the sum of model samples 700-749, class b: its negative
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(1, 2)
+            with torch.no_grad():
+                self.lin.weight[:] = torch.tensor([[1.0], [-1.0]])
+                self.lin.bias.zero_()
+
+        def embed(self, x):
+            return x[:, :, 700:750].sum((1, 2))[:, None]
+
+        def forward(self, x):
+            return self.lin(self.embed(x))
+
+    w = ECGWrapper(Reader(), fs=fs, n_samples=1000, window="center", postprocess="softmax", class_names=("a", "b"))
+    rep = explain_records(w, [rec], tmp_path / "out", methods=["saliency"], target="a", formats=["png"],
+                          faithfulness_options={"n_random": 1, "steps": 4})
+    loc = rep["records"][0]["methods"]["saliency"]["faithfulness"]["localisation"]
+    for key in ("mass_abs", "rank_accuracy", "pointing_game", "auroc"):
+        assert loc[key]["mean"] == pytest.approx(1.0), key
+    assert loc["mask_fraction"]["mean"] == pytest.approx(50 / 1000)
