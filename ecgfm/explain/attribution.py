@@ -466,19 +466,36 @@ def _m_input_x_gradient(job: _Job) -> tuple[Tensor, None, dict]:
     return InputXGradient(job.fn).attribute(job.x, target=job.target, additional_forward_args=job.args), None, {}
 
 
+class _Scaled(nn.Module):
+    """``fn(z * s, *args)``: ``fn`` seen through per-record units ``s (B, 1, 1)``, so that one noise level in ``z``
+    is ``noise_level * s_i`` for record ``i`` in the input space (captum's NoiseTunnel takes one stdev per input
+    tensor, not per record)."""
+
+    def __init__(self, fn: nn.Module):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, z: Tensor, s: Tensor, *args: Any) -> Tensor:
+        return self.fn(z * s, *args)
+
+
 def _m_smoothgrad(job: _Job, n_samples: int = 50, noise_level: float = 0.15, batch_size: int | None = None,
                   squared: bool = False) -> tuple[Tensor, None, dict]:
-    """``stdevs = noise_level * std(x)`` (Smilkov et al. use 10-20 % of the input range)."""
+    """Noise of ``noise_level * std(x_i)`` for each record ``i`` (Smilkov et al. scale it to each input: 10-20 % of
+    its range), so a record's map does not depend on the records it is batched with."""
     from captum.attr import NoiseTunnel, Saliency
 
-    stdev = float(noise_level * job.x.detach().std())
+    x = job.x.detach()
+    s = x.flatten(1).std(dim=1).clamp_min(1e-8)[:, None, None]            # (B, 1, 1) each record's scale
     if batch_size is None:  # about 256 ECG copies per forward pass
-        batch_size = max(1, min(n_samples, 256 // max(1, job.x.shape[0])))
-    v = NoiseTunnel(Saliency(job.fn)).attribute(
-        job.x, nt_type="smoothgrad_sq" if squared else "smoothgrad", nt_samples=n_samples,
-        nt_samples_batch_size=batch_size, stdevs=stdev, target=job.target, abs=False,
-        additional_forward_args=job.args)
-    return v, None, {"n_samples": n_samples, "noise_level": noise_level, "stdev": stdev, "squared": squared,
+        batch_size = max(1, min(n_samples, 256 // max(1, x.shape[0])))
+    g = NoiseTunnel(Saliency(_Scaled(job.fn))).attribute(
+        x / s, nt_type="smoothgrad_sq" if squared else "smoothgrad", nt_samples=n_samples,
+        nt_samples_batch_size=batch_size, stdevs=float(noise_level), target=job.target, abs=False,
+        additional_forward_args=(s, *(job.args or ())))
+    v = g / (s ** 2 if squared else s)                                     # d/dz = s d/dx
+    return v, None, {"n_samples": n_samples, "noise_level": noise_level,
+                     "stdev": [float(noise_level * v_) for v_ in s.flatten().tolist()], "squared": squared,
                      "batch_size": batch_size}
 
 

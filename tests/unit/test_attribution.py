@@ -339,3 +339,30 @@ def test_a_model_left_in_train_mode_is_explained_as_it_predicts():
     assert torch.equal(model[2].running_mean, stats) and model.training
     model.eval()
     np.testing.assert_allclose(curve.numpy(), perturbation_curve(w, x, att, steps=4)["curve"].numpy(), atol=1e-6)
+
+
+@pytest.mark.parametrize("squared", [False, True])
+def test_smoothgrad_noise_is_scaled_to_each_record_not_to_the_batch(squared):
+    """f(x) = sum(x^2): SmoothGrad's map is 2x (its mean is exact), SmoothGrad^2's has expectation 4(x^2 + sigma^2),
+    so its mean over a record shows the noise scale it got: sigma = noise_level * std(x_i) of that record alone,
+    whether it is explained alone or beside a record 50 times larger."""
+    class Square(nn.Module):
+        def forward(self, x):
+            return (x ** 2).flatten(1).sum(1, keepdim=True).repeat(1, 2)
+
+    w = ECGWrapper(Square(), fs=FS, encoder=nn.Identity())
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(1, 12, T, generator=g)
+    both = torch.cat([a, 50 * torch.randn(1, 12, T, generator=g)])
+    ex = Explainer(w)
+    alone = ex.explain(a, target=0, method="smoothgrad", n_samples=64, squared=squared)
+    batched = ex.explain(both, target=0, method="smoothgrad", n_samples=64, squared=squared)
+    sigma = 0.15 * float(a.std())
+    assert batched.options["stdev"][0] == pytest.approx(sigma) == alone.options["stdev"][0]
+    for att in (alone, batched):
+        got = att.values[0]
+        if squared:   # mean over 3,000 samples of an estimate of 4(x^2 + sigma^2)
+            want = 4 * (a[0] ** 2 + sigma ** 2)
+            assert float(got.mean()) == pytest.approx(float(want.mean()), rel=0.05)
+        else:
+            torch.testing.assert_close(got, 2 * a[0], rtol=0.05, atol=0.05 * float(a.abs().max()))
