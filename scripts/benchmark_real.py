@@ -268,7 +268,7 @@ def finetune_aggregate() -> str:
 
 
 # ------------------------------------------------------------------------------------------------ learning curve
-_STEP_CKPT = re.compile(r"^step(\d+)(?:-v\d+)?\.ckpt$")
+_STEP_CKPT = re.compile(r"^step(\d+)(?:-v(\d+))?\.ckpt$")
 _CURVE_DIR = re.compile(r"step(\d+)$")
 
 
@@ -276,10 +276,13 @@ def curve_sources(run_dir: Path) -> dict[int, Path]:
     """``{step: source}`` of a pretraining run: its periodic ``checkpoints/step<N>.ckpt`` and the final exported
     ``encoder`` (at ``extra.steps``, which wins over a checkpoint of the same step)."""
     out: dict[int, Path] = {}
-    for p in sorted((run_dir / "checkpoints").glob("step*.ckpt")):
+    found = []
+    for p in (run_dir / "checkpoints").glob("step*.ckpt"):
         m = _STEP_CKPT.match(p.name)
         if m and int(m.group(1)) > 0:
-            out[int(m.group(1))] = p
+            found.append((int(m.group(1)), int(m.group(2) or 0), p))
+    for step, _version, p in sorted(found):   # Lightning's step<N>-v1.ckpt is the newer file of a step: it wins
+        out[step] = p
     from ecgfm.evaluate.sweep import encoder_meta
 
     steps = (encoder_meta(run_dir / "encoder").get("extra") or {}).get("steps")
@@ -288,24 +291,33 @@ def curve_sources(run_dir: Path) -> dict[int, Path]:
     return out
 
 
+def _source_stamp(source: Path) -> str:
+    """Which file a curve point was exported from: path, size and modification time of the checkpoint (or of the
+    final export's weights), so that a retrained run's points are exported anew, not reused."""
+    f = source / "encoder.safetensors" if source.is_dir() else source
+    st = f.stat()
+    return f"{f}|{st.st_size}|{st.st_mtime_ns}"
+
+
 def export_curve_point(source: Path, final_encoder: Path, dest: Path, step: int) -> Path:
     """Export the encoder of ``source`` (a Lightning checkpoint, or the final export folder, copied) into ``dest``
     with the final export's preprocessing and provenance (``extra``: crop, rate, method, ``pretrain_caches`` for
-    the leakage guard) and ``steps = step``. Skipped when ``dest`` is already an export."""
+    the leakage guard) and ``steps = step``. Skipped when ``dest`` is already the export of this very source file
+    (``curve_stamp``); a point of an older run (retrained since) is exported again."""
+    from ecgfm.evaluate.sweep import encoder_meta
+
+    stamp = _source_stamp(source)
     if (dest / "encoder.json").is_file():
-        return dest
-    if source.is_dir():
-        tmp = dest.with_name(dest.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(source, tmp)
-        tmp.replace(dest)
-        return dest
+        if (encoder_meta(dest).get("extra") or {}).get("curve_stamp") == stamp:
+            return dest
+        log(f"curve: {dest} was exported from another file than {source} (an older run): exported again")
+        shutil.rmtree(dest)
     from ecgfm.export import backbone_from_lightning_checkpoint, export_encoder, load_encoder
 
     _, spec, info = load_encoder(final_encoder)
-    backbone, _ = backbone_from_lightning_checkpoint(source)
+    backbone = load_encoder(source)[0] if source.is_dir() else backbone_from_lightning_checkpoint(source)[0]
     extra = dict(info.get("extra") or {})
-    extra.update(steps=int(step), curve_checkpoint=str(source))
+    extra.update(steps=int(step), curve_checkpoint=str(source), curve_stamp=stamp)
     return export_encoder(backbone, dest, spec, extra=extra)
 
 
@@ -353,9 +365,11 @@ def curve_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
         return []
     where: dict[str, tuple[str, int]] = {}
     for method in args.methods:
-        for d in sorted((Path(args.out) / "pretrain" / method / "curve").glob("step*")):
+        run_dir = Path(args.out) / "pretrain" / method
+        current = set(curve_sources(run_dir)) if (run_dir / "encoder" / "encoder.json").is_file() else set()
+        for d in sorted((run_dir / "curve").glob("step*")):
             m = _CURVE_DIR.search(d.name)
-            if m:
+            if m and int(m.group(1)) in current:   # a step folder of an older run (not saved by this one): left out
                 where[str(d / "encoder")] = (method, int(m.group(1)))
     rows = []
     for c in load_cells(res):
@@ -613,11 +627,12 @@ def report(args: argparse.Namespace) -> None:
     docs = Path(args.docs)
     docs.mkdir(parents=True, exist_ok=True)
     for name in ("results.csv", "results.md", "results.png", "comparisons.csv", "comparisons_mean.csv"):
-        if (res_dir / name).exists():
-            if name == "results.csv":
-                docs_results_csv(res_dir / name, docs / f"real_{name}")
-            else:
-                shutil.copy(res_dir / name, docs / f"real_{name}")
+        if not (res_dir / name).exists():   # not made by this report: an older copy in docs would pass for current
+            (docs / f"real_{name}").unlink(missing_ok=True)
+        elif name == "results.csv":
+            docs_results_csv(res_dir / name, docs / f"real_{name}")
+        else:
+            shutil.copy(res_dir / name, docs / f"real_{name}")
     # the document beside the docs folder (docs/BENCHMARK.md for the default --docs docs/benchmark)
     update_benchmark_doc(docs.resolve().parent / "BENCHMARK.md", res_dir / "results.md",
                          docs / "learning_curve.md" if (docs / "learning_curve.md").is_file() else None)

@@ -349,7 +349,12 @@ def matched_pairs(cells: Iterable[dict[str, Any]], spec: BaselineSpec) -> list[t
 def _aligned(c: dict[str, Any], b: dict[str, Any], split: str) -> tuple[list[str], np.ndarray, np.ndarray,
                                                                         np.ndarray] | None:
     """Records both cells predicted on ``split``: ``(keys, y, scores of c, scores of b)`` (``y`` class indices for
-    single-label tasks, indicator rows for multi-label), or None when fewer than two are shared."""
+    single-label tasks, indicator rows for multi-label), or None when fewer than two are shared.
+
+    Raises:
+        ValueError: the two cells order their score columns differently (``classes``), or give one record two
+            different labels: their scores cannot be paired.
+    """
     pa, pb = c["predictions"].get(split), b["predictions"].get(split)
     if pa is None or pb is None:
         return None
@@ -359,6 +364,16 @@ def _aligned(c: dict[str, Any], b: dict[str, Any], split: str) -> tuple[list[str
         return None
     ia, ib = np.array(common).T
     y = np.asarray(pa["y"])[ia]
+
+    def name(cell: dict[str, Any]) -> str:
+        return f"{cell.get('mode')} / {cell.get('task')} / {cell.get('checkpoint')} / seed {cell.get('seed')}"
+
+    ca, cb = c.get("classes"), b.get("classes")
+    if ca is not None and cb is not None and list(ca) != list(cb):
+        raise ValueError(f"cannot pair cell {name(c)} with {name(b)}: class columns {list(ca)} vs {list(cb)}")
+    if not np.array_equal(y, np.asarray(pb["y"])[ib]):
+        raise ValueError(f"cannot pair cell {name(c)} with {name(b)}: the same {split} records carry different "
+                         f"labels (caches built from different label files?)")
     if not c.get("multilabel", True):
         y = y.argmax(axis=1)
     keys = [pa["keys"][i] for i in ia]
@@ -808,19 +823,24 @@ def build_report(results_dir: str | os.PathLike, plot: bool = True, compare: boo
                 continue
             per_seed.append(comp)
             sections.append(comparison_markdown(comp, reference=spec.name, title=spec.title, means=mean))
+        all_means = [m for m in means.values() if not m.empty]
         if per_seed:
             comp_path = root / "comparisons.csv"
             _atomic_write_text(comp_path, pd.concat(per_seed, ignore_index=True).to_csv(index=False))
-            all_means = [m for m in means.values() if not m.empty]
-            if all_means:
-                _atomic_write_text(root / "comparisons_mean.csv",
-                                   pd.concat(all_means, ignore_index=True).to_csv(index=False))
+        if all_means:
+            _atomic_write_text(root / "comparisons_mean.csv",
+                               pd.concat(all_means, ignore_index=True).to_csv(index=False))
+        for name, fresh in (("comparisons.csv", per_seed), ("comparisons_mean.csv", all_means)):
+            if not fresh:   # nothing to compare now: an older run's file would be read (and copied) as current
+                (root / name).unlink(missing_ok=True)
         accepted = acceptance(cells, summarize(df, "macro_auroc"), means)
         if len(df):
             md = md.replace("# Results\n", "# Results\n\n" + acceptance_markdown(accepted), 1)
         md += "".join("\n" + s for s in sections)
     _atomic_write_text(root / "results.md", md)
     png = plot_results(df, root / "results.png") if plot and len(df) else None
+    if png is None and not len(df):
+        (root / "results.png").unlink(missing_ok=True)   # no cells: no figure of older ones
     return {"csv": str(root / "results.csv"), "markdown": str(root / "results.md"),
             "plot": None if png is None else str(png), "n_cells": len(cells),
             "comparisons": None if comp_path is None else str(comp_path), "acceptance": accepted}

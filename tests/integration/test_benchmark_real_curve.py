@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -75,6 +77,27 @@ def test_curve_stage_exports_probes_and_draws(tmp_path):
     again = B.curve_encoders(args)
     assert sorted(again["mae"]) == [2, 4, 6, 8]
     assert (run_dir / "curve" / "step2" / "encoder" / "encoder.json").stat().st_mtime == mtime
+
+    # a retrained run (a newer checkpoint file for step 2): that point is exported again, not reused
+    ckpt = sources[2]
+    os.utime(ckpt, ns=(ckpt.stat().st_atime_ns, ckpt.stat().st_mtime_ns + 10**9))
+    B.curve_encoders(args)
+    assert (run_dir / "curve" / "step2" / "encoder" / "encoder.json").stat().st_mtime != mtime
+    # Lightning's step<N>-v1.ckpt (a second save of one step) is the newer file: it is the source of that step
+    newer = ckpt.with_name(ckpt.stem + "-v1.ckpt")
+    shutil.copy(ckpt, newer)
+    assert B.curve_sources(run_dir)[2] == newer
+    newer.unlink()
+    # a step folder left by an older run of the method (not a checkpoint of this run) gives no curve row
+    shutil.copytree(run_dir / "curve" / "step2", run_dir / "curve" / "step1000")
+    cell_file = next(p for p in (out / "curve" / "results" / "cells").rglob("*.json")
+                     if json.loads(p.read_text()).get("checkpoint") == str(run_dir / "curve" / "step2" / "encoder"))
+    old = json.loads(cell_file.read_text())
+    old["checkpoint"] = str(run_dir / "curve" / "step1000" / "encoder")
+    stale = cell_file.parent.with_name(cell_file.parent.name + "_old") / cell_file.name
+    stale.parent.mkdir()
+    stale.write_text(json.dumps(old))
+    assert sorted(r["step"] for r in B.curve_rows(args)) == [2, 4, 6, 8]
 
 
 def B_args(argv: list[str]):

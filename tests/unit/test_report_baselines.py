@@ -250,3 +250,38 @@ def test_probes_with_handcrafted_side_features_never_count_as_the_encoders_probe
     assert out["acceptance"][2]["status"] == "MISSED" and "+ handcrafted" not in out["acceptance"][2]["evidence"]
     md = Path(out["markdown"]).read_text()
     assert "linear probe + handcrafted features" in md        # still its own row of the table
+
+
+def test_comparison_files_of_an_older_run_do_not_outlive_it(tmp_path):
+    """A results folder whose baselines are gone (here: only encoder rows left) keeps no comparisons*.csv from the
+    run before, which the benchmark would otherwise copy into the docs as current."""
+    res = tmp_path / "results"
+    for seed in (0, 1):
+        kw = dict(task="cinc2017", seed=seed, fraction=1.0)
+        _cell(res, method="random-init", mode="linear", strength=0.0, kind="random", ckpt="random:enc", **kw)
+        _cell(res, method="mae", mode="linear", strength=2.5, **kw)
+    out = R.build_report(res, plot=False, n_boot=50)
+    assert out["comparisons"] and (res / "comparisons.csv").exists() and (res / "comparisons_mean.csv").exists()
+    import shutil
+
+    shutil.rmtree(res / "cells" / "linear" / "cinc2017" / "random:enc")
+    out = R.build_report(res, plot=False, n_boot=50)
+    assert out["comparisons"] is None
+    assert not (res / "comparisons.csv").exists() and not (res / "comparisons_mean.csv").exists()
+
+
+def test_cells_with_other_class_columns_or_labels_are_not_paired(tmp_path):
+    """Paired differences need the same score columns and the same labels on the same records: otherwise the
+    report refuses, naming both cells, instead of subtracting mismatched columns."""
+    res = tmp_path / "results"
+    kw = dict(task="cinc2017", seed=0, fraction=1.0)
+    twin = _cell(res, method="random-init", mode="linear", strength=0.0, kind="random", ckpt="random:enc", **kw)
+    enc = _cell(res, method="mae", mode="linear", strength=2.5, **kw)
+    assert R._aligned(enc, twin, "test") is not None
+    swapped = dict(enc, classes=list(reversed(CLASSES)))
+    with pytest.raises(ValueError, match="class columns"):
+        R._aligned(dict(twin, classes=list(CLASSES)), swapped, "test")
+    relabelled = json.loads(json.dumps(enc))
+    relabelled["predictions"]["test"]["y"] = relabelled["predictions"]["test"]["y"][::-1]
+    with pytest.raises(ValueError, match="different labels"):
+        R._aligned(relabelled, twin, "test")
