@@ -172,3 +172,16 @@ def test_every_record_of_every_corpus(shared_data):
     assert len(counts["challenge_dx_raw"]) == 25 and counts["challenge_dx_raw"]["427084000"] == 23
     assert counts["cpsc2021"] == {"non_af": 6, "paroxysmal_af": 6, "persistent_af": 6}
     assert {k: counts["mitbih"][k] for k in "NAV"} == {"N": 2239, "A": 33, "V": 1}
+
+
+def test_mitbih_records_of_one_subject_share_a_patient(shared_data, tmp_path):
+    """MIT-BIH records 201 and 202 come from one subject: one patient id, so patient-level splits keep them
+    together (record 100 copied under those names; any other record keeps its own name)."""
+    src = shared_data / "physionet-samples"
+    for name in ("201", "202", "203"):
+        header = (src / "100.hea").read_text().replace("100 2 360", f"{name} 2 360").replace("100.dat", f"{name}.dat")
+        (tmp_path / f"{name}.hea").write_text(header)
+        for ext in ("dat", "atr"):
+            (tmp_path / f"{name}.{ext}").write_bytes((src / f"100.{ext}").read_bytes())
+    mit = MITBIHSource(tmp_path)
+    assert {r: mit.load(r).patient_id for r in mit.record_ids()} == {"201": "201", "202": "201", "203": "203"}

@@ -302,13 +302,20 @@ class CPSC2018Source(_FolderIndex):
         return read_cpsc2018(base.with_name(base.name + ".mat"), source=self.name).replace(record_id=record_id)
 
 
+#: MIT-BIH Arrhythmia records of one subject (the database's directory of records): record -> the record whose
+#: name is used as both records' patient id.
+MITBIH_SAME_SUBJECT = {"202": "201"}
+
+
 class MITBIHSource(_FolderIndex):
     """MIT-BIH Arrhythmia records (WFDB format 212, 360 Hz, 2 leads) with their beat annotations.
 
     Lists every record of ``root`` that has an ``.atr`` file (other records in the folder are ignored).
     MLII is placed in lead II, V1/V2/V4/V5 in their rows. ``annotations``: ``{"sample": (n,) int64,
     "symbol": (n,) str, "aux_note": (n,) str}`` (all annotations, beats and rhythm changes). ``meta``: age
-    and sex from the header comment ``# 69 M ...``. ``patient_id``: the record name.
+    and sex from the header comment ``# 69 M ...``. ``patient_id``: the record name, except that records 201 and
+    202 share one (the database's directory: they "came from the same male subject"), so patient-level splits keep
+    them together.
 
     Args:
         root: folder with ``*.hea`` / ``*.dat`` / ``*.atr``.
@@ -343,4 +350,6 @@ class MITBIHSource(_FolderIndex):
         annotations = {"sample": np.asarray(ann.sample, dtype=np.int64),
                        "symbol": np.asarray(ann.symbol, dtype=str),
                        "aux_note": np.asarray([str(n).strip("\x00") for n in (ann.aux_note or [])], dtype=str)}
-        return record.replace(record_id=record_id, patient_id=record_id, meta=meta, annotations=annotations)
+        name = Path(record_id).name
+        patient = record_id[: len(record_id) - len(name)] + MITBIH_SAME_SUBJECT.get(name, name)
+        return record.replace(record_id=record_id, patient_id=patient, meta=meta, annotations=annotations)
