@@ -109,7 +109,12 @@ class _Model:
             raise ECGDataError(where, f"the signal is at {out_fs} Hz after preprocessing but the model expects "
                                       f"{self.fs} Hz (the artifact's preprocessing spec has no resampling rate)")
         order = [CANONICAL_LEADS.index(lead) for lead in self.leads]
-        return np.ascontiguousarray(x12[order], dtype=np.float32), np.asarray(mask, dtype=bool)[order]
+        mask = np.asarray(mask, dtype=bool)
+        if not mask[order].any():  # the network would see only zeros: an embedding of nothing, not of this record
+            have = [lead for lead, m in zip(CANONICAL_LEADS, mask) if m]
+            raise ECGDataError(where, f"none of the model's input leads ({', '.join(self.leads)}) is present in "
+                                      f"the record (present after preprocessing: {', '.join(have) or 'none'})")
+        return np.ascontiguousarray(x12[order], dtype=np.float32), mask[order]
 
     def _windows(self, x: np.ndarray, stride: int | None) -> np.ndarray:
         """``(L, T) -> (W, L, window)`` (the whole record when the artifact has no window)."""

@@ -55,3 +55,20 @@ def test_all_lead_records_and_lead_unaware_artifacts_take_the_unmasked_path():
     with torch.no_grad():
         padded = backbone.embed(torch.from_numpy(x0)[None]).numpy()[0]
     np.testing.assert_allclose(enc.embed(one, fs=100, leads=["II"]), padded, rtol=1e-6, atol=1e-7)
+
+
+def test_a_record_without_any_of_the_models_leads_is_refused():
+    """A lead-I model given lead II only (or a record whose leads are all flat) would embed zeros: refused, naming
+    the model's leads and the record's."""
+    import pytest
+
+    from ecgfm.data.record import ECGDataError
+
+    torch.manual_seed(0)
+    backbone = create_backbone("resnet1d_test", num_leads=1).eval()
+    meta = {"input": {"fs": 100.0, "leads": ["I"], "window_samples": 250, "stride_samples": 250}}
+    enc = Encoder(backbone, None, meta, "cpu")
+    x = np.random.default_rng(0).normal(size=(1, 250)).astype(np.float32)
+    assert enc.embed(x, fs=100, leads=["I"]).shape == (backbone.num_features,)
+    with pytest.raises(ECGDataError, match=r"none of the model's input leads \(I\).*present after preprocessing: II"):
+        enc.embed(x, fs=100, leads=["II"])
