@@ -81,7 +81,8 @@ def wrapper_from_artifact(model: nn.Module, spec: PreprocessSpec | None, meta: M
     return ECGWrapper(model, fs=float(inp["fs"]), lead_names=tuple(inp.get("leads") or CANONICAL_LEADS),
                       preprocess=spec, postprocess="sigmoid" if meta.get("multilabel") else "softmax",
                       class_names=meta.get("classes"), n_samples=inp.get("window_samples"),
-                      encoder=getattr(model, "encoder", None), window="center")
+                      encoder=getattr(model, "encoder", None), window="center",
+                      lead_aware=bool(meta.get("lead_aware", True)))   # as trained; default as the API reads it
 
 
 def load_classifier(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> ECGWrapper:

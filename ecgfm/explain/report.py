@@ -218,82 +218,85 @@ def explain_records(wrapper: ECGWrapper, records: Sequence[ECGRecord], out_dir: 
         t0 = time.perf_counter()
         rid = f"{record.source}_{record.record_id}".replace("/", "_")
         x = wrapper.prepare(record, missing_leads="zero")
-        with torch.no_grad(), wrapper.evaluating():
-            proba = wrapper.postprocess_fn(wrapper(x))[0].cpu()
-        tgt = int(wrapper.resolve_target(target, x=x)[0]) if target is not None else int(proba.argmax())
-        names = wrapper.class_names or tuple(str(i) for i in range(proba.shape[0]))
-        shown = display_signal(record, wrapper)
-        crop, start = None, 0
-        if wrapper.n_samples is not None and wrapper.window == "center" and shown.shape[1] > x.shape[2]:
-            start = window_start(shown.shape[1], x.shape[2])  # the window the wrapper fed the model
-            shown = shown[:, start:start + x.shape[2]]
-            crop = {"start_s": start / wrapper.fs, "length_s": x.shape[2] / wrapper.fs}
-        if shown.shape[1] != x.shape[2]:
-            shown = shown[:, :x.shape[2]] if shown.shape[1] > x.shape[2] else np.pad(
-                shown, ((0, 0), (0, x.shape[2] - shown.shape[1])))
-        r_peaks = waves_mod.detect_r_peaks(x[0], wrapper.fs)
-        windows = waves_mod.wave_windows(r_peaks, wrapper.fs, x.shape[2])
-        evidence = _evidence(record, wrapper, x.shape[2], start)
-        entry: dict[str, Any] = {
-            "record_id": record.record_id, "source": record.source, "labels": list(record.labels),
-            "fs_original": float(record.fs), "predictions": _predictions(wrapper, proba),
-            "target": {"class": names[tgt], "index": tgt, "probability": float(proba[tgt])},
-            "n_beats_detected": int(len(r_peaks)), "methods": {}, "figures": [],
-            "window": crop,   # None: the whole record; else the centred window a windowed classifier sees
-        }
-        atts = {}
-        for key in keys:
-            att = explainer.explain(x, target=tgt, method=key, **opts.get(key, {}))
-            atts[key] = att
-            summary: dict[str, Any] = {"options": _jsonable(att.options), "elapsed_s": float(att.elapsed_s),
-                                       "per_lead": _lead_summary(att, wrapper.lead_names),
-                                       "per_wave": _wave_summary(att, windows)}
-            if att.delta is not None:
-                summary["convergence_delta_abs"] = float(att.delta.abs().max())
-            if not bool(att.values.abs().gt(0).any()):
-                # e.g. Grad-CAM's ReLU when the layer holds no positive evidence for the class
-                summary["warning"] = "all-zero attribution: the method found no evidence for this class"
-            if faithfulness:
-                fo = dict(faithfulness_options or {})
-                fo.setdefault("n_random", 3)
-                # signed order: delete / insert the segments that most support the explained class first
-                # (Samek et al.'s "most relevant first"); |attribution| would mix in the evidence against it.
-                fo.setdefault("order", "signed")
-                mask = None if evidence is None else torch.as_tensor(evidence[None])
-                scores = faithfulness_report(explainer, att, mask=mask, **fo)
-                summary["faithfulness"] = _jsonable(scores)
-            entry["methods"][key] = summary
-            if key in chart_keys:
-                fig = viz.plot_ecg_chart(shown, wrapper.fs, wrapper.lead_names, attribution=att.values[0],
-                                         overlay=overlay, record_id=f"{record.source}/{record.record_id}",
-                                         title=f"{record.source} {record.record_id} | labels: "
-                                               f"{', '.join(record.labels) or '-'} | {key} for "
-                                               f"{names[tgt]} (p = {float(proba[tgt]):.2f})")
-                entry["figures"] += [str(p.name) for p in viz.save_figure(fig, out / f"{rid}_chart_{key}",
-                                                                          formats, dpi)]
-        fig = viz.plot_method_comparison(shown, wrapper.fs, {k: a.values[0] for k, a in atts.items()},
-                                         wrapper.lead_names,
-                                         title=f"{record.source} {record.record_id}: methods for {names[tgt]}")
-        entry["figures"] += [p.name for p in viz.save_figure(fig, out / f"{rid}_methods", formats, dpi)]
-        fig = viz.plot_lead_importance({k: a.per_lead()[0] for k, a in atts.items()}, wrapper.lead_names,
-                                       title=f"{record.record_id}: per-lead share of |attribution| ({names[tgt]})")
-        entry["figures"] += [p.name for p in viz.save_figure(fig, out / f"{rid}_leads", formats, dpi)]
-        if counterfactual is not None:
-            from ecgfm.explain.counterfactual import counterfactual as make_cf
+        # a lead-aware classifier sees the record's lead mask (absent leads: zero rows of x), as when it was
+        # validated and as Classifier.predict_proba scores it
+        with wrapper.present_leads((x[0] != 0).any(dim=-1).cpu().numpy()):
+            with torch.no_grad(), wrapper.evaluating():
+                proba = wrapper.postprocess_fn(wrapper(x))[0].cpu()
+            tgt = int(wrapper.resolve_target(target, x=x)[0]) if target is not None else int(proba.argmax())
+            names = wrapper.class_names or tuple(str(i) for i in range(proba.shape[0]))
+            shown = display_signal(record, wrapper)
+            crop, start = None, 0
+            if wrapper.n_samples is not None and wrapper.window == "center" and shown.shape[1] > x.shape[2]:
+                start = window_start(shown.shape[1], x.shape[2])  # the window the wrapper fed the model
+                shown = shown[:, start:start + x.shape[2]]
+                crop = {"start_s": start / wrapper.fs, "length_s": x.shape[2] / wrapper.fs}
+            if shown.shape[1] != x.shape[2]:
+                shown = shown[:, :x.shape[2]] if shown.shape[1] > x.shape[2] else np.pad(
+                    shown, ((0, 0), (0, x.shape[2] - shown.shape[1])))
+            r_peaks = waves_mod.detect_r_peaks(x[0], wrapper.fs)
+            windows = waves_mod.wave_windows(r_peaks, wrapper.fs, x.shape[2])
+            evidence = _evidence(record, wrapper, x.shape[2], start)
+            entry: dict[str, Any] = {
+                "record_id": record.record_id, "source": record.source, "labels": list(record.labels),
+                "fs_original": float(record.fs), "predictions": _predictions(wrapper, proba),
+                "target": {"class": names[tgt], "index": tgt, "probability": float(proba[tgt])},
+                "n_beats_detected": int(len(r_peaks)), "methods": {}, "figures": [],
+                "window": crop,   # None: the whole record; else the centred window a windowed classifier sees
+            }
+            atts = {}
+            for key in keys:
+                att = explainer.explain(x, target=tgt, method=key, **opts.get(key, {}))
+                atts[key] = att
+                summary: dict[str, Any] = {"options": _jsonable(att.options), "elapsed_s": float(att.elapsed_s),
+                                           "per_lead": _lead_summary(att, wrapper.lead_names),
+                                           "per_wave": _wave_summary(att, windows)}
+                if att.delta is not None:
+                    summary["convergence_delta_abs"] = float(att.delta.abs().max())
+                if not bool(att.values.abs().gt(0).any()):
+                    # e.g. Grad-CAM's ReLU when the layer holds no positive evidence for the class
+                    summary["warning"] = "all-zero attribution: the method found no evidence for this class"
+                if faithfulness:
+                    fo = dict(faithfulness_options or {})
+                    fo.setdefault("n_random", 3)
+                    # signed order: delete / insert the segments that most support the explained class first
+                    # (Samek et al.'s "most relevant first"); |attribution| would mix in the evidence against it.
+                    fo.setdefault("order", "signed")
+                    mask = None if evidence is None else torch.as_tensor(evidence[None])
+                    scores = faithfulness_report(explainer, att, mask=mask, **fo)
+                    summary["faithfulness"] = _jsonable(scores)
+                entry["methods"][key] = summary
+                if key in chart_keys:
+                    fig = viz.plot_ecg_chart(shown, wrapper.fs, wrapper.lead_names, attribution=att.values[0],
+                                             overlay=overlay, record_id=f"{record.source}/{record.record_id}",
+                                             title=f"{record.source} {record.record_id} | labels: "
+                                                   f"{', '.join(record.labels) or '-'} | {key} for "
+                                                   f"{names[tgt]} (p = {float(proba[tgt]):.2f})")
+                    entry["figures"] += [str(p.name) for p in viz.save_figure(fig, out / f"{rid}_chart_{key}",
+                                                                              formats, dpi)]
+            fig = viz.plot_method_comparison(shown, wrapper.fs, {k: a.values[0] for k, a in atts.items()},
+                                             wrapper.lead_names,
+                                             title=f"{record.source} {record.record_id}: methods for {names[tgt]}")
+            entry["figures"] += [p.name for p in viz.save_figure(fig, out / f"{rid}_methods", formats, dpi)]
+            fig = viz.plot_lead_importance({k: a.per_lead()[0] for k, a in atts.items()}, wrapper.lead_names,
+                                           title=f"{record.record_id}: per-lead share of |attribution| ({names[tgt]})")
+            entry["figures"] += [p.name for p in viz.save_figure(fig, out / f"{rid}_leads", formats, dpi)]
+            if counterfactual is not None:
+                from ecgfm.explain.counterfactual import counterfactual as make_cf
 
-            cf_opts = dict(counterfactual)
-            cf_target = cf_opts.pop("target", None)
-            if cf_target is None:
-                cf_target = int(proba.argsort(descending=True)[1])
-            cf = make_cf(wrapper, x, cf_target, **cf_opts)
-            entry["counterfactual"] = cf.to_dict()
-            fig = viz.plot_counterfactual(cf.original[0], cf.counterfactual[0], wrapper.fs, wrapper.lead_names,
-                                          windows=windows, title=f"{record.record_id}: counterfactual towards "
-                                          f"{names[int(cf.target[0])]} (valid: {bool(cf.valid[0])})")
-            entry["figures"] += [p.name for p in viz.save_figure(fig, out / f"{rid}_counterfactual", formats,
-                                                                 dpi)]
-        entry["elapsed_s"] = time.perf_counter() - t0
-        report["records"].append(entry)
+                cf_opts = dict(counterfactual)
+                cf_target = cf_opts.pop("target", None)
+                if cf_target is None:
+                    cf_target = int(proba.argsort(descending=True)[1])
+                cf = make_cf(wrapper, x, cf_target, **cf_opts)
+                entry["counterfactual"] = cf.to_dict()
+                fig = viz.plot_counterfactual(cf.original[0], cf.counterfactual[0], wrapper.fs, wrapper.lead_names,
+                                              windows=windows, title=f"{record.record_id}: counterfactual towards "
+                                              f"{names[int(cf.target[0])]} (valid: {bool(cf.valid[0])})")
+                entry["figures"] += [p.name for p in viz.save_figure(fig, out / f"{rid}_counterfactual", formats,
+                                                                     dpi)]
+            entry["elapsed_s"] = time.perf_counter() - t0
+            report["records"].append(entry)
     (out / "report.json").write_text(json.dumps(_jsonable(report), indent=2))
     return report
 

@@ -82,6 +82,10 @@ class ECGWrapper(nn.Module):
             catch inputs at another rate).
         encoder: the encoder part of ``model`` (for :meth:`embed`; should be a sub-module of ``model``); found
             automatically for ecgfm classifiers (``model.encoder`` / ``model.backbone`` / a 2-module Sequential).
+        lead_aware: the model was trained with lead masks (a classifier artifact's ``lead_aware`` with a backbone
+            that takes ``lead_mask``, ViT-1D): inside :meth:`present_leads` its forward passes get the record's
+            lead mask (absent leads make no tokens), as :class:`ecgfm.api.Classifier` scores it; otherwise absent
+            leads are zero rows.
 
     Raises:
         ValueError: unknown ``postprocess`` / ``input_layout``, unknown lead names, or ``fs`` disagreeing with
@@ -92,7 +96,7 @@ class ECGWrapper(nn.Module):
                  preprocess: PreprocessSpec | None = None, postprocess: str | None = "softmax",
                  input_layout: str = "BLT", class_names: Sequence[str] | None = None,
                  num_classes: int | None = None, n_samples: int | None = None,
-                 encoder: nn.Module | None = None, window: str = "error"):
+                 encoder: nn.Module | None = None, window: str = "error", lead_aware: bool = False):
         super().__init__()
         if window not in WINDOW_POLICIES:
             raise ValueError(f"window must be one of {WINDOW_POLICIES}, got {window!r}")
@@ -134,6 +138,26 @@ class ECGWrapper(nn.Module):
         # hook-based methods (captum DeepLift's ``model.apply``) hook its layers twice.
         object.__setattr__(self, "encoder", encoder if encoder is not None else _find_encoder(model))
         self.model.eval()
+        self.lead_aware = bool(lead_aware) and bool(getattr(model, "accepts_lead_mask", False))
+        self._present: Tensor | None = None   # (L,) lead mask of the record being explained (present_leads)
+
+    @contextlib.contextmanager
+    def present_leads(self, mask: Any) -> Iterator["ECGWrapper"]:
+        """Inside, every forward pass of a :attr:`lead_aware` model gets ``mask`` (``(L,)`` bool in the model's
+        lead order, the leads the explained record has) for each row of the batch, however captum expands it;
+        a model that is not lead-aware, or a record with every lead, runs unmasked (absent leads: zero rows)."""
+        m = torch.as_tensor(np.asarray(mask, dtype=bool)).flatten()
+        if m.numel() != self.n_leads:
+            raise ValueError(f"lead mask of {m.numel()} values for a model of {self.n_leads} leads")
+        before = self._present
+        self._present = m if self.lead_aware and not bool(m.all()) else None
+        try:
+            yield self
+        finally:
+            self._present = before
+
+    def _mask_for(self, x: Tensor) -> Tensor | None:
+        return None if self._present is None else self._present.to(x.device).expand(x.shape[0], -1)
 
     @contextlib.contextmanager
     def evaluating(self) -> Iterator["ECGWrapper"]:
@@ -277,7 +301,8 @@ class ECGWrapper(nn.Module):
         """``(B, L, T) -> (B, C)`` logits (or ``(B, D)`` embeddings for a bare encoder)."""
         if self.input_layout == "BTL":
             x = x.transpose(1, 2)
-        out = self.model(x)
+        mask = self._mask_for(x)
+        out = self.model(x) if mask is None else self.model(x, mask)
         if out.ndim == 1:
             out = out[:, None]
         return out
@@ -312,7 +337,8 @@ class ECGWrapper(nn.Module):
         if self.input_layout == "BTL" and self.encoder is self.model:
             x = x.transpose(1, 2)
         fn = getattr(self.encoder, "embed", None)
-        out = fn(x) if callable(fn) else self.encoder(x)
+        mask = self._mask_for(x) if getattr(self.encoder, "accepts_lead_mask", False) else None
+        out = (fn(x) if mask is None else fn(x, lead_mask=mask)) if callable(fn) else self.encoder(x)
         if out.ndim > 2:  # feature map (B, C, T') of a plain CNN encoder: global average pool
             out = out.flatten(2).mean(-1)
         return out

@@ -189,3 +189,33 @@ def test_evidence_is_mapped_into_the_centred_window(tmp_path):
     for key in ("mass_abs", "rank_accuracy", "pointing_game", "auroc"):
         assert loc[key]["mean"] == pytest.approx(1.0), key
     assert loc["mask_fraction"]["mean"] == pytest.approx(50 / 1000)
+
+
+@pytest.mark.parametrize("lead_aware", [True, False])
+def test_a_one_lead_record_is_explained_as_the_classifier_scores_it(tmp_path, lead_aware):
+    """A classifier artifact says how absent leads reached its ViT (``lead_aware``): the explain report's prediction
+    for a lead-II record is that model's on its lead mask (or zero-padded), and the attribution explains it."""
+    from ecgfm.artifacts import EncoderClassifier
+    from ecgfm.data.record import CANONICAL_LEADS, ECGRecord
+    from ecgfm.explain.classifier import wrapper_from_artifact
+
+    torch.manual_seed(0)
+    model = EncoderClassifier(create_backbone("vit1d_test"), torch.nn.Linear(create_backbone("vit1d_test")
+                                                                             .num_features, 3)).eval()
+    meta = {"input": {"fs": 100.0, "leads": list(CANONICAL_LEADS), "window_samples": 250}, "multilabel": False,
+            "classes": ["a", "b", "c"], "lead_aware": lead_aware}
+    wrapper = wrapper_from_artifact(model, None, meta)
+    sig = np.zeros((12, 250), np.float32)
+    sig[1] = np.sin(np.arange(250) / 7.0)
+    mask = np.zeros(12, bool)
+    mask[1] = True
+    rec = ECGRecord(signal=sig, fs=100.0, lead_mask=mask, record_id="r", source="demo")
+    rep = explain_records(wrapper, [rec], tmp_path / "out", methods=["saliency"], faithfulness=False,
+                          formats=["png"])
+    got = np.array([p["probability"] for p in sorted(rep["records"][0]["predictions"], key=lambda p: p["index"])])
+    x = torch.from_numpy(sig)[None]
+    with torch.no_grad():
+        masked = model(x, torch.from_numpy(mask)[None]).softmax(-1)[0].numpy()
+        padded = model(x).softmax(-1)[0].numpy()
+    assert np.abs(masked - padded).max() > 1e-4                 # the mask matters: the test has teeth
+    np.testing.assert_allclose(got, masked if lead_aware else padded, rtol=1e-5, atol=1e-6)
