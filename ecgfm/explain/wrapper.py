@@ -232,7 +232,7 @@ class ECGWrapper(nn.Module):
             args = {"fs": float(inp["fs"]), "lead_names": tuple(inp.get("leads") or CANONICAL_LEADS),
                     "preprocess": spec, "postprocess": "sigmoid" if meta.get("multilabel") else "softmax",
                     "class_names": meta.get("classes"), "n_samples": inp.get("window_samples"),
-                    "encoder": model.encoder, **kwargs}
+                    "encoder": model.encoder, "lead_aware": bool(meta.get("lead_aware", True)), **kwargs}
             return cls(model, **args)
         if kind == "encoder" or path.is_dir() or path.suffix == ".json":
             try:
