@@ -5,7 +5,8 @@ The published checkpoint is ``{"state_dict": state_dict}`` of the authors' ``Net
 widths and block counts, the bottleneck ratio, the groups of every stage (hence ``groups_width``) and the number of
 classes. Not in the weights, so options with the published values as defaults: ``stride`` (2) and ``use_bn``
 (default: True only when a BatchNorm layer has tracked batches, i.e. was trained; the published model has
-``use_bn=False``, and its BatchNorm tensors are then never used and are not imported).
+``use_bn=False``, and its BatchNorm tensors are then never used and are not imported; a file with BatchNorm
+tensors but no ``num_batches_tracked`` counters is refused until ``use_bn`` is given).
 
 Key layout (authors -> ecgfm)::
 
@@ -71,7 +72,15 @@ def infer_args(state: Mapping[str, torch.Tensor], options: Mapping[str, Any]) ->
     if ratio is None or any(int(w * ratio) != int(need(KIND, state, f"stage_list.{i}.block_list.0.conv1.conv.weight")
                                                    .shape[0]) for i, w in zip(stages, widths)):
         raise ZooImportError(KIND, f"the bottleneck widths do not follow one ratio (found {sorted(ratios)})")
-    trained_bn = any(int(v) > 0 for k, v in state.items() if k.endswith("num_batches_tracked"))
+    counters = [int(v) for k, v in state.items() if k.endswith("num_batches_tracked")]
+    trained_bn = any(n > 0 for n in counters)
+    has_bn = any(".bn" in k or k.startswith("first_bn.") for k in state)
+    if options.get("use_bn") is None and has_bn and not counters:
+        # a converted file without the counters: whether its BatchNorm ran is not in the weights, and guessing
+        # "no" would silently drop trained layers
+        raise ZooImportError(KIND, "the checkpoint holds BatchNorm tensors but no num_batches_tracked counters, so "
+                                   "whether the model used BatchNorm cannot be read from it: pass use_bn=True or "
+                                   "False (--use-bn / --no-bn)")
     use_bn = bool(options["use_bn"]) if options.get("use_bn") is not None else trained_bn
     leads = options.get("leads")
     if leads is None and in_channels != len(CANONICAL_LEADS):
@@ -138,6 +147,9 @@ def from_peer(state: Mapping[str, torch.Tensor], use_bn: bool) -> StateDict:
 
 def convert(state: StateDict, options: Mapping[str, Any]) -> ImportedWeights:
     args, inferred = infer_args(state, options)
+    if args["use_bn"]:  # a converted file without the counters (use_bn given): they are bookkeeping, not weights
+        state = {**{k[: -len("running_mean")] + "num_batches_tracked": torch.tensor(0) for k in state
+                    if k.endswith(".running_mean")}, **state}
     model = create_backbone(BACKBONE, **args)
     ignored: dict[str, str] = {}
     if not args["use_bn"]:

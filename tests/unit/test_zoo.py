@@ -389,3 +389,19 @@ def test_fairseq_style_checkpoints_are_refused_with_the_exact_reason(tmp_path):
     with pytest.raises(ValueError, match="ecg_fm: cannot be imported: .*weights_only=True"):
         import_encoder("ecg_fm", tmp_path / "cfg.pt", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_ecgfounder_without_batchnorm_counters_needs_use_bn(tmp_path):
+    """Whether BatchNorm ran is read from num_batches_tracked; a converted file without the counters is refused
+    until use_bn is given (guessing False would drop trained BatchNorm layers silently)."""
+    size = NET1D_SIZES[1]                                   # use_bn=True
+    native = _perturb(create_backbone("net1d", **size), 2)
+    peer = {k: v for k, v in zoo_ecgfounder.to_peer(native.state_dict()).items()
+            if not k.endswith("num_batches_tracked")}
+    torch.save({"state_dict": peer}, tmp_path / "peer.pth")
+    with pytest.raises(ZooImportError, match="num_batches_tracked.*use_bn"):
+        import_encoder("ecgfounder", tmp_path / "peer.pth", tmp_path / "enc", stride=3)
+    out = import_encoder("ecgfounder", tmp_path / "peer.pth", tmp_path / "enc", stride=3, use_bn=True)
+    x = torch.randn(2, 12, 500)
+    with torch.no_grad():
+        assert torch.equal(load_encoder(out)[0].embed(x), native.embed(x))
