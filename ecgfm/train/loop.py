@@ -24,7 +24,7 @@ from torch.utils.data import BatchSampler, DataLoader
 log = logging.getLogger(__name__)
 
 __all__ = ["StepSeedCallback", "ThroughputCallback", "LossHistory", "ResumableBatchSampler", "ResumableDataLoader",
-           "make_resumable"]
+           "make_resumable", "save_final_checkpoint"]
 
 
 # ---------------------------------------------------------------------------------------------------- callbacks
@@ -49,7 +49,10 @@ class StepSeedCallback(L.Callback):
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        self._reseed(trainer.global_rank, trainer.global_step, 0)
+        acc = int(trainer.accumulate_grad_batches)
+        # with gradient accumulation the micro-batches of one optimiser step share global_step: their position
+        # joins the seed, or they would all draw the same masks / augmentations (unchanged streams without it)
+        self._reseed(trainer.global_rank, trainer.global_step, 0, *((batch_idx % acc,) if acc > 1 else ()))
 
     def on_validation_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                                   batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -90,19 +93,31 @@ class ThroughputCallback(L.Callback):
 
 
 class LossHistory(L.Callback):
-    """Record ``(global_step, loss)`` of every training step on this rank; kept in checkpoints so a resumed run
-    still knows its first loss. Plain lists of numbers: loadable with ``weights_only=True``."""
+    """Record ``(global_step, loss)`` of every optimiser step on this rank; kept in checkpoints so a resumed run
+    still knows its first loss. Plain lists of numbers: loadable with ``weights_only=True``.
+
+    With ``accumulate_grad_batches = k`` Lightning hands the hook each micro-batch's loss divided by ``k``: the
+    recorded loss is the mean of the ``k`` unscaled micro-batch losses, one entry per optimiser step (the value
+    ``train/loss`` logs).
+    """
 
     def __init__(self) -> None:
         self.steps: list[int] = []
         self.losses: list[float] = []
+        self._micro: list[float] = []
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        if loss is not None:
+        if loss is None:
+            return
+        acc = int(trainer.accumulate_grad_batches)
+        self._micro.append(float(loss.detach().float().cpu()) * acc)
+        n = trainer.num_training_batches
+        if (batch_idx + 1) % acc == 0 or (isinstance(n, int) and batch_idx + 1 >= n):   # an optimiser step ended
             self.steps.append(int(trainer.global_step))
-            self.losses.append(float(loss.detach().float().cpu()))
+            self.losses.append(float(np.mean(self._micro)))
+            self._micro = []
 
     def state_dict(self) -> dict[str, Any]:
         return {"steps": list(self.steps), "losses": list(self.losses)}
@@ -217,3 +232,31 @@ def make_resumable(datamodule: L.LightningDataModule) -> None:
     """
     # a bound method (not a closure): Lightning inspects its ``__code__`` and ``ddp_spawn`` pickles it
     datamodule.train_dataloader = _ResumableTrainLoader(datamodule, datamodule.train_dataloader).train_dataloader
+
+
+def save_final_checkpoint(trainer: L.Trainer, path: str | Any) -> None:
+    """Save the state ``trainer.fit`` ended in, as a checkpoint a rerun resumes exactly.
+
+    When fit stops inside an epoch (``trainer.max_time``, ``max_steps`` reached mid-epoch, ``should_stop``),
+    Lightning's fit loop has counted that epoch as finished by the time fit returns: a checkpoint saved then says
+    "epoch e + 1, k batches done" for "epoch e, k batches done", and the resumed run would skip the rest of epoch e
+    and the first k batches of epoch e + 1. Lightning has no call for this, so the epoch counters are set back for
+    the save (only when the stop was mid-epoch and the counter did move) and restored after it.
+    """
+    fl = trainer.fit_loop
+    done = int(fl.epoch_loop.batch_progress.current.completed)
+    n = trainer.num_training_batches
+    counters = (fl.epoch_progress.current, fl.epoch_progress.total)
+    mid = (isinstance(n, int) and 0 < done < n
+           and all(c.completed == c.started and c.completed > 0 for c in counters))
+    if mid:
+        for c in counters:
+            c.processed -= 1
+            c.completed -= 1
+    try:
+        trainer.save_checkpoint(str(path))
+    finally:
+        if mid:
+            for c in counters:
+                c.processed += 1
+                c.completed += 1

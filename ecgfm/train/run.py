@@ -40,7 +40,7 @@ from ecgfm.train.build import (build_callbacks, build_logger, check_backbone_fit
                                crop_targets_for, data_rate, log_dir, pretext_targets_for)
 from ecgfm.train.checkpoints import (AtomicCheckpointIO, DataFacts, find_resume_checkpoint, guard_fresh_start,
                                      remove_stale_temporaries)
-from ecgfm.train.loop import make_resumable
+from ecgfm.train.loop import make_resumable, save_final_checkpoint
 from ecgfm.train.safety import NonFiniteGuard, check_finite_state
 
 log = logging.getLogger(__name__)
@@ -161,7 +161,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.checkpoint.save_last and ck is not None and not trainer.fast_dev_run and \
             getattr(ck, "_last_global_step_saved", -1) != trainer.global_step:
         # ModelCheckpoint saves every N steps; make last.ckpt the final state so a rerun does not repeat steps.
-        trainer.save_checkpoint(str(last))
+        save_final_checkpoint(trainer, last)
 
     summary: dict[str, Any] = {
         "method": str(cfg.method._target_).rsplit(".", 1)[-1],

@@ -8,6 +8,7 @@ then rerun into the same folder.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -80,6 +81,21 @@ def test_stop_mid_epoch_then_resume_matches_uninterrupted_run(reference, tmp_pat
     assert _final_state(run)["callbacks"]["LossHistory"]["losses"] == ref_losses
 
 
+@pytest.mark.parametrize("stop", [3, 7])
+def test_stop_between_periodic_checkpoints_then_resume_matches(reference, tmp_path, stop):
+    """The run stops mid-epoch at a step no periodic checkpoint saved (as a trainer.max_time stop does), so
+    last.ckpt is written after fit: it must still hold that epoch's position, not the next epoch's."""
+    ref_run, cache_root = reference
+    run = tmp_path / f"stop{stop}"
+    assert train(_cfg(run, cache_root, stop))["steps"] == stop and stop % 2 and stop % EPOCH
+    second = train(_cfg(run, cache_root, TOTAL))
+    assert second["resumed_from"] == str(run / "checkpoints" / "last.ckpt")
+    _assert_same_training_state(_final_state(run), _final_state(ref_run))
+    ref_losses = _final_state(ref_run)["callbacks"]["LossHistory"]["losses"]
+    assert _final_state(run)["callbacks"]["LossHistory"]["losses"] == ref_losses
+    assert second["epochs"] == json.loads((ref_run / "summary.json").read_text())["epochs"]
+
+
 def test_resume_from_periodic_mid_epoch_checkpoint(reference, tmp_path):
     """Resume from a periodic checkpoint written during the first epoch (step 4 of 5) by an explicit path."""
     ref_run, cache_root = reference
@@ -142,3 +158,33 @@ def test_resumable_loader_skips_the_batches_already_trained(reference):
     assert resumable.sampler.epoch == 2
     plain.sampler.set_epoch(2)
     assert all(torch.equal(a["x"], b["x"]) for a, b in zip(resumable, plain))
+
+
+def test_gradient_accumulation_draws_per_micro_batch_and_records_step_losses(tmp_path, monkeypatch):
+    """accumulate_grad_batches=2: the two micro-batches of one optimiser step draw different random numbers (MAE
+    masks, augmentations), and the loss history has one entry per optimiser step, the mean of its micro-batches'
+    unscaled losses (Lightning hands the hooks loss / 2)."""
+    from ecgfm.methods.base import PretrainModule
+
+    draws: list[tuple[int, float]] = []
+    losses: list[tuple[int, float]] = []
+    real = PretrainModule.training_step
+
+    def spy(self, batch, batch_idx):
+        draws.append((self.trainer.global_step, float(torch.rand(()))))    # right after the step's reseed
+        loss = real(self, batch, batch_idx)
+        losses.append((self.trainer.global_step, float(loss.detach())))
+        return loss
+
+    monkeypatch.setattr(PretrainModule, "training_step", spy)
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[*COMMON, "trainer.max_steps=2",
+                                                      "trainer.accumulate_grad_batches=2",
+                                                      f"out_dir={tmp_path / 'acc'}",
+                                                      f"paths.cache_root={tmp_path / 'cache'}"])
+    summary = train(cfg)
+    assert summary["steps"] == 2 and len(draws) == 4
+    assert draws[0][1] != draws[1][1] and draws[2][1] != draws[3][1]       # micro-batches of one step differ
+    assert summary["loss_history_steps"] == 2
+    assert summary["first_loss"] == pytest.approx((losses[0][1] + losses[1][1]) / 2, rel=1e-6)
+    assert summary["last_loss"] == pytest.approx((losses[2][1] + losses[3][1]) / 2, rel=1e-6)
