@@ -710,7 +710,11 @@ def probe_main(cfg: DictConfig) -> dict[str, Any]:
         for r in results:
             cell = dict(common, fraction=r["fraction"], seed=r["seed"], n_train=r["n_train"],
                         hparam=r["hparam"], grid=r["grid"], val_macro_auroc=r["val_macro_auroc"],
-                        results={"test": r["test"], **r["external"]}, seconds=r["seconds"],
+                        results={"test": r["test"], **{
+                            name: score_external(task, ext, *r["predictions"][name], r["thresholds"],
+                                                 int(cfg.bootstrap.n), int(cfg.bootstrap.seed))
+                            if ext is not None and ext.label_report else m for name, m in r["external"].items()}},
+                        seconds=r["seconds"],
                         probe={"aggregate": "attention" if mode == "attention" else str(probe_cfg.aggregate),
                                "head": mode, **({"side_features": side} if side else {})},
                         predictions=_predictions(r["predictions"], task, ext))
@@ -893,6 +897,26 @@ def _save_cell_classifier(cell_file: Path, model: Any, task: TaskData, enc: Enco
     return out
 
 
+def score_external(task: TaskData, ext: TaskData, rows: np.ndarray, p: np.ndarray,
+                   thresholds: np.ndarray | None, n_boot: int, seed: int) -> dict[str, Any]:
+    """Metrics of a head's predictions on an external set. When its labels were translated from SNOMED CT codes,
+    the task classes no code reaches (``label_report["classes_without_code"]``: their label is unknown, not
+    negative) are left out of every metric, Fmax and macro F1 included, and listed as ``not_evaluable_classes``
+    (a prediction of such a class would otherwise count as a false positive)."""
+    y = ext.labels[rows] if task.multilabel else ext.labels[rows].argmax(axis=1)
+    names = list(task.class_names)
+    gone = list((ext.label_report or {}).get("classes_without_code") or []) if task.multilabel else []
+    keep = np.array([i for i, c in enumerate(names) if c not in gone], dtype=np.int64)
+    if gone and len(keep):
+        y, p = y[:, keep], np.asarray(p)[:, keep]
+        thresholds = None if thresholds is None else np.asarray(thresholds)[keep]
+        names = [names[i] for i in keep]
+    res = evaluate_scores(y, p, task.multilabel, names, thresholds, n_boot=n_boot, seed=seed)
+    if gone:
+        res["not_evaluable_classes"] = gone
+    return res
+
+
 def _score(task: TaskData, out: dict[str, Any], cfg: DictConfig, ext: TaskData | None
            ) -> tuple[dict[str, Any], np.ndarray | None]:
     """Metrics of fine-tuning predictions: thresholds on validation, bootstrap CIs on test / external.
@@ -914,5 +938,5 @@ def _score(task: TaskData, out: dict[str, Any], cfg: DictConfig, ext: TaskData |
     res = {"test": score(task.labels, test_rows, p_test)}
     for name, (rows, p) in out["external"].items():
         assert ext is not None
-        res[name] = score(ext.labels, rows, p)
+        res[name] = score_external(task, ext, rows, p, thresholds, int(cfg.bootstrap.n), int(cfg.bootstrap.seed))
     return res, thresholds

@@ -99,3 +99,32 @@ def test_cpsc2018_without_labels_is_refused(tmp_path, cache_root, fixture_dir, s
     cfg = _cfg(tmp_path, cache_root, fixture_dir, "eval_data=cpsc2018", f"eval_data.root={shared_data / 'cpsc2018'}")
     with pytest.raises(ValueError, match="CPSC 2018 records carry no labels"):
         probe_main(cfg)
+
+
+def test_classes_no_code_reaches_are_not_scored_as_negatives():
+    """A task class that no SNOMED CT code maps to has an unknown label on the external set, not a negative one:
+    it is left out of every external metric (Fmax and macro F1 included) and listed, so a head that predicts it is
+    not charged false positives."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from ecgfm.evaluate.metrics import evaluate_scores
+    from ecgfm.evaluate.sweep import score_external
+
+    rng = np.random.default_rng(0)
+    y = np.zeros((40, 3), np.float32)
+    y[:20, 0] = 1
+    y[20:, 1] = 1                                              # class "C" (column 2): no code, label unknown
+    p = np.clip(y + rng.uniform(0, 0.2, y.shape), 0, 1)
+    p[:, 2] = 1.0                                              # the head says "C" everywhere, surely
+    task = SimpleNamespace(multilabel=True, class_names=["A", "B", "C"])
+    ext = SimpleNamespace(labels=y, label_report={"classes_without_code": ["C"]})
+    rows = np.arange(40)
+    got = score_external(task, ext, rows, p, np.full(3, 0.5), n_boot=20, seed=0)
+    assert got["not_evaluable_classes"] == ["C"] and "C" not in got["per_class_auroc"]
+    assert got["fmax"]["value"] == pytest.approx(1.0) and got["macro_f1"]["value"] == pytest.approx(1.0)
+    charged = evaluate_scores(y, p, True, ["A", "B", "C"], np.full(3, 0.5), n_boot=20, seed=0)
+    assert charged["fmax"]["value"] < 0.9                      # scored as negatives, "C" costs precision
+    plain = score_external(task, SimpleNamespace(labels=y, label_report=None), rows, p, None, n_boot=20, seed=0)
+    assert "not_evaluable_classes" not in plain and plain["fmax"]["value"] == charged["fmax"]["value"]

@@ -190,6 +190,11 @@ def test_challenge2021_source(fixture_dir, tmp_path):
     assert rec.meta["dx_raw"] == ["59118001", "713427006", "17338001", "164909002"]
     assert rec.labels == ("427172004", "713427006", "733534002") and list(rec.labels) == rec.meta["dx"]
     assert rec.meta["subset"] == "georgia" and "ptbxl_ecg_id" not in rec.meta
+    # codes on a second "# Dx:" line count too (the challenge's own get_labels reads every Dx line)
+    (sub / "E00001.hea").write_text(text.replace("# Dx: 59118001,713427006,17338001,164909002",
+                                                 "# Dx: 164889003\n# Dx: 59118001"))
+    rec = Challenge2021Source(tmp_path).load("E00001")
+    assert rec.meta["dx_raw"] == ["164889003", "59118001"] and rec.labels == ("164889003", "713427006")
 
 
 def test_challenge_helpers():

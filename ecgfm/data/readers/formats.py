@@ -284,6 +284,17 @@ def read_header(path: str | os.PathLike, fs_range: Sequence[float] | None = None
     return parse_header(text, hea, fs_range)
 
 
+def header_comment_values(comments: Sequence[str], key: str) -> list[str]:
+    """Every value of ``key`` (case-insensitive) in header comment lines, in order (a key may repeat: the
+    challenge's ``# Dx:`` lines)."""
+    out = []
+    for line in comments:
+        m = _KEY_VALUE.match(str(line))
+        if m and m.group(1).strip().lower() == key.lower():
+            out.append(m.group(2))
+    return out
+
+
 def parse_header_comments(comments: Sequence[str]) -> dict[str, str]:
     """``key: value`` pairs of header comment lines (keys lower-cased), e.g. ``{"age": "59", "dx": "..."}``."""
     out: dict[str, str] = {}

@@ -12,7 +12,7 @@ import wfdb
 from ecgfm.data.readers._scan import check_decodable, scan_records
 from ecgfm.data.readers.formats import (
     check_fs_range,
-    parse_header_comments,
+    header_comment_values,
     read_challenge,
     read_cpsc2018,
     read_wfdb,
@@ -190,8 +190,9 @@ class Challenge2021Source(_FolderIndex):
     def load(self, record_id: str) -> ECGRecord:
         base = self._base(record_id)
         record = read_challenge(base, source=self.name, root=self.root, fs_range=self.fs_range)
-        fields = parse_header_comments(record.header.get("comments", []))
-        raw = [c.strip() for c in fields.get("dx", "").split(",") if c.strip()]
+        # every "# Dx:" line (the challenge's own get_labels reads them all)
+        raw = [c.strip() for text in header_comment_values(record.header.get("comments", []), "dx")
+               for c in text.split(",") if c.strip()]
         merged = merge_equivalent_codes(raw)
         meta: dict[str, Any] = dict(record.meta)
         meta.pop("dx_text", None)
