@@ -104,13 +104,13 @@ class Backbone(nn.Module):
     # the top backbone layer ("per-stage" decay). Otherwise the backbone is a single layer 0.
     @property
     def num_layer_ids(self) -> int:
-        """Number of backbone layer ids: ``layer_id`` is in ``[0, num_layer_ids)``, a head on top gets this id."""
+        """Number of backbone layer ids: one above the highest ``layer_id`` a parameter has, so ``layer_id`` is in
+        ``[0, num_layer_ids)`` and a head on top gets this id with no empty level between (an XResNet has nothing
+        after its stages: its last stage is one decay step below the head, as a ViT's final norm is)."""
         blocks, stages = getattr(self, "blocks", None), getattr(self, "stages", None)
-        if isinstance(blocks, nn.ModuleList):
-            return len(blocks) + 2
-        if isinstance(stages, nn.Sequential):
-            return len(stages) + 2
-        return 1
+        if not isinstance(blocks, nn.ModuleList) and not isinstance(stages, nn.Sequential):
+            return 1
+        return 1 + max((self.layer_id(n) for n, _ in self.named_parameters()), default=0)
 
     def layer_id(self, name: str) -> int:
         """Layer id of the parameter called ``name`` (as in ``self.named_parameters()``), 0 on the input side.

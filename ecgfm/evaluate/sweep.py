@@ -437,19 +437,25 @@ def _recipe(ctx: _Context, desc: Encoder, head: dict[str, Any]) -> dict[str, Any
             "task": asdict(ctx.task_spec), "eval_data": asdict(ctx.eval_spec) if ctx.eval_spec else None,
             "bootstrap": {"n": int(cfg.bootstrap.n), "seed": int(cfg.bootstrap.seed)},
             "lead_aware": bool(cfg.features.get("lead_aware", True)),
-            **_finetune_code_recipe(ctx.mode, desc.kind, str(head.get("head_init", "")))}
+            **_finetune_code_recipe(ctx.mode, desc.kind, str(head.get("head_init", "")),
+                                    float(head.get("layer_decay", 1.0)))}
 
 
-def _finetune_code_recipe(mode: str, kind: str = "", head_init: str = "") -> dict[str, Any]:
+def _finetune_code_recipe(mode: str, kind: str = "", head_init: str = "", layer_decay: float = 1.0
+                          ) -> dict[str, Any]:
     """Fine-tuning settings fixed in code that change its numbers (part of a fine-tune cell's recipe identity):
-    the parameter names exempt from weight decay (:data:`ecgfm.evaluate.finetune.FINETUNE_NO_DECAY_NAMES`), and,
-    for an exported encoder with a randomly initialised head, that it is trained in train mode (before that fix
-    such cells trained BatchNorm on frozen statistics with dropout off: they are recomputed, not reused)."""
+    the parameter names exempt from weight decay (:data:`ecgfm.evaluate.finetune.FINETUNE_NO_DECAY_NAMES`); with
+    layer-wise lr decay, how layer ids are counted (``Backbone.num_layer_ids``: CNN cells from before the fix had an
+    empty level under the head, one extra decay factor on every layer); and, for an exported encoder with a randomly
+    initialised head, that it is trained in train mode (before that fix such cells trained BatchNorm on frozen
+    statistics with dropout off). Cells from before a fix are recomputed, not reused."""
     if mode != "finetune":
         return {}
     from ecgfm.evaluate.finetune import FINETUNE_NO_DECAY_NAMES
 
     out: dict[str, Any] = {"finetune_no_decay_names": list(FINETUNE_NO_DECAY_NAMES)}
+    if layer_decay != 1.0:   # the head is one decay step above the highest backbone layer (was two for CNNs)
+        out["layer_ids"] = "top = highest backbone layer + 1"
     if kind == "pretrained" and head_init == "random":
         out["fit_mode"] = "train"
     return out

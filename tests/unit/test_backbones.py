@@ -35,11 +35,12 @@ def test_registry_lists_the_documented_names():
 
 @pytest.mark.parametrize("name", [n for n in list_backbones() if n.endswith("_test")])
 def test_layer_ids_cover_every_parameter(name):
-    # layer-wise lr decay (ecgfm.optim.param_groups): ids in [0, num_layer_ids), the first and the last used
+    # layer-wise lr decay (ecgfm.optim.param_groups): ids in [0, num_layer_ids), the first and the last used, so
+    # the head (id num_layer_ids) is one decay step above the top backbone layer, never two
     model = create_backbone(name)
     ids = {n: model.layer_id(n) for n, _ in model.named_parameters()}
     assert set(ids.values()) <= set(range(model.num_layer_ids))
-    assert min(ids.values()) == 0 and max(ids.values()) >= model.num_layer_ids - 2
+    assert min(ids.values()) == 0 and max(ids.values()) == model.num_layer_ids - 1
 
 
 @pytest.mark.parametrize("name", list_backbones())

@@ -206,3 +206,6 @@ def test_only_cells_of_the_fixed_fine_tune_path_change_identity():
         assert "fit_mode" not in recipe and recipe["finetune_no_decay_names"], (kind, head_init)
         assert I.recipe_identity(recipe) != I.recipe_identity(fixed)
     assert _finetune_code_recipe("linear", "pretrained", "random") == {}
+    # layer-wise decay cells (LP-FT's 0.75) carry the layer-id count fixed for CNNs; no decay (supervised): unchanged
+    assert "layer_ids" in _finetune_code_recipe("finetune", "pretrained", "lp", 0.75)
+    assert "layer_ids" not in _finetune_code_recipe("finetune", "supervised", "random", 1.0)

@@ -58,7 +58,9 @@ def _ref_layer_ids(backbone: nn.Module) -> tuple[dict[str, int], int]:
         for n in names:
             m = re.match(r"stages\.(\d+)\.", n)
             ids[n] = int(m.group(1)) + 1 if m else (0 if n.startswith("stem") else n_stages + 1)
-        return ids, n_stages + 2
+        # the head is one decay step above the last stage: nothing of an XResNet / Net1D follows its stages
+        assert max(ids.values()) == n_stages
+        return ids, n_stages + 1
     return {n: 0 for n in names}, 1
 
 
@@ -166,8 +168,12 @@ def test_layer_ids_come_from_the_backbone():
     assert vit.layer_id("patch_embed.1.weight") == 0 and vit.layer_id("lead_embed") == 0
     assert vit.layer_id("blocks.1.attn.qkv.weight") == 2 and vit.layer_id("norm.weight") == 3
     cnn = create_backbone("resnet1d_test")
-    assert cnn.num_layer_ids == 4 and cnn.layer_id("stem.0.0.weight") == 0
+    assert cnn.num_layer_ids == 3 and cnn.layer_id("stem.0.0.weight") == 0
     assert max(cnn.layer_id(n) for n, _ in cnn.named_parameters()) == 2   # per-stage decay
+    module = FinetuneModule(cnn, 3, True, lr=1.0, weight_decay=0.05, layer_decay=0.5)
+    lrs = {g["layer"]: g["lr"] for g in param_groups(module, 0.1, lr=1.0, layer_decay=0.5,
+                                                     no_decay_names=FINETUNE_NO_DECAY_NAMES)}
+    assert lrs == pytest.approx({3: 1.0, 2: 0.5, 1: 0.25, 0: 0.125})   # the last stage: one decay step below the head
 
     layer, top = layer_of(types.SimpleNamespace(backbone=_TinyBackbone()))   # no layer ids: one layer
     assert top == 1 and layer("backbone.conv.weight") == 0 and layer("head.weight") == 1
