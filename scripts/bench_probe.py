@@ -56,6 +56,10 @@ def main(argv: list[str] | None = None) -> dict:
                     help="feature extraction: 'aware' (lead masks to backbones that take them, the default) and/or "
                          "'padded' (zero-padded 12-lead windows, as before)")
     ap.add_argument("--leads", nargs="+", default=None, help="synthetic corpus: keep only these leads (e.g. I)")
+    ap.add_argument("--no-warmup", dest="warmup", action="store_false",
+                    help="time the first extraction cold (default: one untimed run of each checkpoint, task and "
+                         "lead mode first, so that process start-up, first-call kernel set-up and cache preparation "
+                         "are not charged to whichever mode runs first)")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for conf/probe.yaml")
     args = ap.parse_args(argv)
 
@@ -70,20 +74,29 @@ def main(argv: list[str] | None = None) -> dict:
     modes = list(dict.fromkeys(args.lead_modes))
     cells = [(c, t, m, f, s) for c in args.checkpoints for t in args.tasks for m in modes for f in args.fractions
              for s in args.seeds]
-    per_cell = []
-    t_all = time.perf_counter()
-    passes: dict[tuple[str, str, str], dict] = {}
-    for ckpt, task, mode, frac, seed in cells:
+    def cell_cfg(ckpt: str, task: str, mode: str, frac: float, seed: int, results: Path, features: Path | None):
         over = [f"checkpoint={ckpt}", f"task={task}", f"fraction={frac}", f"seed={seed}",
-                f"paths.cache_root={work / 'cache'}", f"results_dir={results_dir / mode}",
+                f"paths.cache_root={work / 'cache'}", f"results_dir={results}",
                 f"bootstrap.n={args.bootstrap}", "plot=false", f"features.lead_aware={mode == 'aware'}",
-                *([f"features.dir={feat_dir / mode}"] if len(modes) > 1 else []), *args.overrides]
+                *([f"features.dir={features}"] if features is not None else []), *args.overrides]
         if task == "synthetic":
             over.append(f"task.params.n_records={args.synthetic_records}")
             if args.leads:
                 over.append(f"+task.sources.0.leads=[{','.join(args.leads)}]")
         with initialize_config_dir(str(ROOT / "ecgfm" / "conf"), version_base="1.3"):
-            cfg = compose("probe", overrides=over)
+            return compose("probe", overrides=over)
+
+    if args.warmup:  # untimed, into folders of their own: the timed cells below extract again from scratch
+        for ckpt in args.checkpoints:
+            for task in args.tasks:
+                for mode in modes:
+                    probe_main(cell_cfg(ckpt, task, mode, args.fractions[0], args.seeds[0],
+                                        work / "warmup" / "results" / mode, work / "warmup" / "features" / mode))
+    per_cell = []
+    t_all = time.perf_counter()
+    passes: dict[tuple[str, str, str], dict] = {}
+    for ckpt, task, mode, frac, seed in cells:
+        cfg = cell_cfg(ckpt, task, mode, frac, seed, results_dir / mode, feat_dir / mode if len(modes) > 1 else None)
         before = dict(F.STATS)
         _reset_peak_memory()
         t0 = time.perf_counter()
@@ -107,7 +120,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     print(f"\n== probe sweep: {len(cells)} cells = {len(args.checkpoints)} checkpoint(s) x {len(args.tasks)} task(s) "
           f"x {len(modes)} lead mode(s) x {len(args.fractions)} fraction(s) x {len(args.seeds)} seed(s); torch threads: "
-          f"{__import__('torch').get_num_threads()}")
+          f"{__import__('torch').get_num_threads()}; "
+          + ("warm-up excluded (one untimed run per checkpoint, task and lead mode first)" if args.warmup
+             else "cold: the first extraction includes process start-up (--no-warmup)"))
     print("feature extraction (frozen encoder, every sliding window of every record of the corpus):")
     for (ckpt, task, mode), p in passes.items():
         print(f"  {ckpt:<28} {task:<12} {mode:<6} backbone {p['backbone']:<14} window {p['window_samples']} / "
@@ -137,12 +152,16 @@ def main(argv: list[str] | None = None) -> dict:
             "passes": {"|".join(k): v for k, v in passes.items()}, "total_s": total}
 
 
+_PEAK_RESET = {"ok": False}
+
+
 def _reset_peak_memory() -> None:
     """Reset the process's peak RSS (Linux ``clear_refs`` 5) and the CUDA peak, where possible."""
     try:
         Path("/proc/self/clear_refs").write_text("5")
+        _PEAK_RESET["ok"] = True
     except OSError:
-        pass
+        _PEAK_RESET["ok"] = False
     import torch
 
     if torch.cuda.is_available():
@@ -150,12 +169,14 @@ def _reset_peak_memory() -> None:
 
 
 def _peak_memory() -> str:
-    """Peak resident set size since :func:`_reset_peak_memory` (VmHWM), plus the CUDA peak on a GPU."""
+    """Peak resident set size of the whole process during the cell (VmHWM since :func:`_reset_peak_memory`; "since
+    start" when the reset was refused), plus the CUDA peak on a GPU."""
     out = "n/a"
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
-                out = f"RSS {int(line.split()[1]) / 1024:.0f} MiB"
+                since = "process, this cell" if _PEAK_RESET["ok"] else "process, since start: reset refused"
+                out = f"RSS {int(line.split()[1]) / 1024:.0f} MiB ({since})"
     except OSError:
         import resource
 

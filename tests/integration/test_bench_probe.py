@@ -1,0 +1,23 @@
+"""scripts/bench_probe.py: one encoder pass per checkpoint, corpus and lead mode over the timed cells, with the
+untimed warm-up run first (so the first-timed lead mode is not charged process start-up) in folders of its own."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_bench_probe_warms_up_then_times_one_pass_per_mode(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("bench_probe", ROOT / "scripts" / "bench_probe.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.main(["--checkpoints", "random:resnet1d_test", "--tasks", "synthetic", "--leads", "I", "--lead-modes",
+              "aware", "padded", "--fractions", "1", "--seeds", "0", "--synthetic-records", "60", "--bootstrap", "10",
+              "--work", str(tmp_path), "torch_threads=1", "probe.Cs=[1.0]"])
+    out = capsys.readouterr().out
+    assert "warm-up excluded" in out and "ONE PASS PER CHECKPOINT AND CORPUS: yes" in out
+    assert "lead-aware vs zero-padded 12-lead grid" in out
+    assert len(list((tmp_path / "warmup" / "features").rglob("*.npz"))) == 2          # the warm-up's own files
+    assert len(list((tmp_path / "cache" / "features").rglob("*.npz"))) == 2           # the timed cells' files
