@@ -224,14 +224,34 @@ class NonFiniteDataError(ECGDataError):
         super().__init__(path, problem)
 
 
+def _is_setting(value: Any) -> bool:
+    """A plain setting: a scalar, a path, None, or a list / tuple / dict of them (no objects, whose ``str`` could
+    hold a memory address and change the fingerprint on every run)."""
+    if value is None or isinstance(value, (str, int, float, bool, Path)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_is_setting(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _is_setting(v) for k, v in value.items())
+    return False
+
+
 def describe_source(source: RecordSource) -> dict[str, Any]:
-    """JSON description of a source for the manifest: name, type and its scalar public attributes."""
+    """JSON description of a source for the manifest (and the plan fingerprint): name, type and its public
+    settings, lists and dicts included (a changed ``leads`` / ``label_columns`` / ``fs_range`` changes the plan, so
+    the cache is converted again instead of being returned as current); a wrapped source is described in turn, and
+    a set of ids (a pool's excluded records) by its size and digest."""
     desc: dict[str, Any] = {"name": str(source.name),
                             "type": f"{type(source).__module__}.{type(source).__qualname__}"}
     for key, value in sorted(getattr(source, "__dict__", {}).items()):
         if key.startswith("_") or key == "name":
             continue
-        if isinstance(value, (str, int, float, bool, Path)) or value is None:
+        if callable(getattr(value, "record_ids", None)) and callable(getattr(value, "load", None)):
+            desc[key] = describe_source(value)
+        elif isinstance(value, (set, frozenset)) and all(_is_setting(v) for v in value):
+            ids = sorted(str(v) for v in value)
+            desc[key] = {"n": len(ids), "sha256": hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]}
+        elif _is_setting(value):
             desc[key] = jsonable(value)
     return desc
 
@@ -619,7 +639,7 @@ def input_changes(out_dir: str | os.PathLike, limit: int | None = None,
             if add(f"label table {f} was removed"):
                 return changes
             continue
-        if now != [size, mtime] and sha256_file(f) != digest:
+        if sha256_file(f) != digest:   # always hashed (tables are small): an edit may keep its size and time
             if add(f"label table {f} changed (modified {_when(now[1])})"):
                 return changes
     for d, mtime in inputs.get("dirs", {}).items():
@@ -1004,6 +1024,7 @@ def _prepare_locked(sources: list[RecordSource], spec: PreprocessSpec, shard_rec
     quick = input_changes(out, restamped=restamped) if manifest and not todo else ["(no manifest)"]
     if quick or verify or suspect:
         known = _recorded_inputs(out)
+        moved = _changed_dirs(out)   # folders with a file added, removed or renamed since inputs.json was written
         index_shas = {sh["index"]: sh.get("index_sha256") for sh in manifest.get("shards", [])}
         for i in range(n_shards):
             info = infos[i]
@@ -1012,8 +1033,14 @@ def _prepare_locked(sources: list[RecordSource], spec: PreprocessSpec, shard_rec
             name = _SHARD_FMT.format(i)
             stale = [f for r in info.get("records", []) + info.get("skipped", []) for f in r.get("inputs", [])
                      if not _input_unchanged(f, known, restamped)]
-            if stale:
+            # a record skipped for a missing file lists only the files it had: one restored since shows as a
+            # changed folder, and that record is read again (else it would stay skipped, the change then forgotten)
+            retry = [r for r in info.get("skipped", []) if moved and
+                     any(str(Path(f[0]).parent) in moved for f in r.get("inputs", []))]
+            if stale or retry:
                 changes.extend(f"record file {f[0]} changed or removed (shard {name})" for f in stale)
+                changes.extend(f"skipped record {r.get('source')}/{r.get('record_id')}: its folder changed, "
+                               f"reading it again (shard {name})" for r in retry)
                 todo.append(i)
                 continue
             rel_bin, rel_json = f"shards/{name}.bin", f"shards/{name}.json"
@@ -1100,6 +1127,23 @@ def _prepare_locked(sources: list[RecordSource], spec: PreprocessSpec, shard_rec
 
 #: changed inputs named one by one in the log (all of them are in the report's ``changes``)
 _LOGGED_CHANGES = 10
+
+
+def _changed_dirs(out: Path) -> set[str]:
+    """The folders of ``inputs.json`` whose modification time changed (a file added, removed or renamed)."""
+    try:
+        dirs = dict(json.loads((out / INPUTS_FILE).read_text(encoding="utf-8")).get("dirs", {}))
+    except (OSError, ValueError, AttributeError):
+        return set()
+    out_dirs = set()
+    for d, mtime in dirs.items():
+        try:
+            now = os.stat(d).st_mtime_ns
+        except OSError:
+            now = None
+        if now != mtime:
+            out_dirs.add(str(Path(d)))
+    return out_dirs
 
 
 def _recorded_inputs(out: Path) -> dict[str, list[Any]]:

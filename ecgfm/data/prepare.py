@@ -25,15 +25,16 @@ from typing import Any, Sequence
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from ecgfm.data.cache import (LOCK_FILE, _check_prepare_args, _prepare_locked, input_changes, project_root,
-                              stat_changes)
+from ecgfm.data.cache import (LOCK_FILE, _check_prepare_args, _prepare_locked, describe_source, input_changes,
+                              project_root, stat_changes)
 from ecgfm.data.preprocess import PreprocessSpec
 from ecgfm.data.record import ECGDataError
 from ecgfm.io import atomic_write_json, file_lock, jsonable, to_container
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PREPARED_MARKER", "build_cache_dirs", "cache_key", "check_data_paths", "prepare_cache"]
+__all__ = ["PREPARED_MARKER", "build_cache_dirs", "cache_key", "check_data_paths", "prepare_cache",
+           "source_description"]
 
 PREPARED_MARKER = ".ecgfm_prepared.json"
 # Source-constructor arguments that name files or folders: checked before anything is built.
@@ -80,6 +81,34 @@ def check_data_paths(node: Any, key: str = "data") -> None:
                                    f"{project_root()})")
 
 
+def _absolute_paths(node: Any) -> Any:
+    """A source config (``_target_`` + arguments, nested ones too) as plain data with its relative path arguments
+    made absolute by the one rule (:func:`_resolve`: against the working directory; a ``labels_csv`` that exists
+    relative to its ``root`` against that, as the readers accept it)."""
+    node = to_container(node)
+    if isinstance(node, list):
+        return [_absolute_paths(v) for v in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: _absolute_paths(v) for k, v in node.items()}
+    if "_target_" in out:
+        for k in _PATH_KEYS:
+            value = os.fspath(out[k]) if isinstance(out.get(k), os.PathLike) else out.get(k)
+            if not isinstance(value, str) or not value or Path(value).is_absolute():
+                continue
+            if k == "labels_csv" and out.get("root") and (_resolve(str(out["root"])) / value).exists():
+                out[k] = str((_resolve(str(out["root"])) / value).resolve())
+            else:
+                out[k] = str(_resolve(value).resolve())
+    return out
+
+
+def source_description(source: Any) -> dict[str, Any]:
+    """What keys the cache of an already-built source: its ``repr`` (a pool names its excluded set there) and every
+    public setting (:func:`~ecgfm.data.cache.describe_source`: a repr may name only a few, e.g. FolderSource's)."""
+    return {"repr": repr(source), **describe_source(source)}
+
+
 def cache_key(sources: Any, spec: PreprocessSpec) -> str:
     """Stable 12-hex-digit key of a list of source configs (``_target_`` + arguments) and a preprocessing spec."""
     payload = json.dumps({"sources": to_container(sources), "spec": spec.fingerprint()}, sort_keys=True,
@@ -118,8 +147,11 @@ def prepare_cache(sources: Sequence[Any], cache_root: str, preprocess: Any, name
         ECGDataError: a source path does not exist, or the source data is unreadable.
     """
     spec = preprocess if isinstance(preprocess, PreprocessSpec) else PreprocessSpec.from_dict(to_container(preprocess))
-    configs = [s for s in sources if isinstance(s, (DictConfig, dict))]
-    described = [to_container(s) if isinstance(s, (DictConfig, dict)) else repr(s) for s in sources]
+    # the key: every setting of a config source, relative paths resolved against the working directory (the same
+    # "root: data" in two folders is two corpora), and every public setting of a built one (its repr may name few)
+    resolved = [_absolute_paths(s) if isinstance(s, (DictConfig, dict)) else s for s in sources]
+    configs = [s for s in resolved if isinstance(s, dict)]
+    described = [s if isinstance(s, dict) else source_description(s) for s in resolved]
     out = _resolve(cache_root) / f"{name}-{cache_key(described, spec)}"
     marker = out / PREPARED_MARKER
 
@@ -141,7 +173,7 @@ def prepare_cache(sources: Sequence[Any], cache_root: str, preprocess: Any, name
     with file_lock(out / LOCK_FILE, blocking=True):
         if fresh():  # another process finished while we waited
             return str(out)
-        built = [instantiate(s, _convert_="all") if isinstance(s, (DictConfig, dict)) else s for s in sources]
+        built = [instantiate(s, _convert_="all") if isinstance(s, dict) else s for s in resolved]
         log.info("preparing cache %s from %d source(s)", out, len(built))
         args = _check_prepare_args(built, spec, shard_records, workers)
         report = _prepare_locked(*args, out, progress=progress, verify=verify, rebuild_on_plan_change=True)

@@ -20,7 +20,7 @@ from ecgfm.evaluate.tasks import (
     load_task_spec,
     tasks_holdout_record_ids,
 )
-from ecgfm.data.prepare import build_cache_dirs, cache_key, prepare_cache
+from ecgfm.data.prepare import build_cache_dirs, cache_key, prepare_cache, source_description
 
 ROOT = Path(__file__).resolve().parents[2]
 SPEC = PreprocessSpec()
@@ -77,9 +77,10 @@ def test_cache_key_follows_the_excluded_set(tmp_path):
     b = heldout_free_source(src, [_syn_task(0), _syn_task(1, "syn_b")], cache_root=str(tmp_path))
     c = heldout_free_source(src, [_syn_task(1, "syn_b")], cache_root=str(tmp_path))  # same size, other records
     assert len(a.exclude) == len(c.exclude) and a.exclude != c.exclude
-    keys = {n: cache_key([repr(s)], SPEC) for n, s in (("a", a), ("a2", a_again), ("b", b), ("c", c))}
+    keys = {n: cache_key([source_description(s)], SPEC) for n, s in (("a", a), ("a2", a_again), ("b", b),
+                                                                         ("c", c))}
     assert keys["a"] == keys["a2"] and len({keys["a"], keys["b"], keys["c"]}) == 3
-    # prepare_cache keys a built source by this repr: the folder name changes with the excluded set
+    # prepare_cache keys a built source by its description: the folder name changes with the excluded set
     pool_dir = prepare_cache([a], str(tmp_path), SPEC, name="pool", progress=False)
     assert Path(pool_dir).name == f"pool-{keys['a']}"
     from ecgfm.data.cache import CorpusCache

@@ -1,0 +1,106 @@
+"""What identifies a cache: every setting of its sources (lists included), relative paths resolved against the
+working directory, so a changed setting or another data folder is never answered with an older cache."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ecgfm.data.cache import CorpusCache, prepare_corpus
+from ecgfm.data.prepare import prepare_cache
+from ecgfm.data.preprocess import PreprocessSpec
+from ecgfm.data.synthetic import SyntheticSource
+
+SPEC = PreprocessSpec(fs=100)
+
+
+def test_a_changed_list_setting_is_another_preparation(tmp_path):
+    """SyntheticSource(leads=[I]) then leads=[I, II] into the same folder: a list setting is part of the plan, so
+    the folder is refused as holding a different preparation (it was returned as current, with lead I only)."""
+    out = tmp_path / "syn"
+    prepare_corpus(SyntheticSource(6, seed=0, duration=5.0, leads=["I"]), out, SPEC, workers=0, progress=False)
+    assert CorpusCache(out).lead_masks[0, :2].tolist() == [True, False]
+    with pytest.raises(ValueError, match="holds a different preparation"):
+        prepare_corpus(SyntheticSource(6, seed=0, duration=5.0, leads=["I", "II"]), out, SPEC, workers=0,
+                       progress=False)
+
+
+def test_built_sources_with_other_settings_get_their_own_cache(tmp_path, fixture_dir):
+    """Two FolderSources over one folder that read other label columns (their repr names neither): two caches,
+    each with its own labels (the second was handed the first one's)."""
+    from ecgfm.data.readers.folder import FolderSource
+
+    root = fixture_dir / "cinc2021"
+    ids = [p.stem for p in sorted(root.glob("*.hea"))]
+    table = tmp_path / "labels.csv"
+    table.write_text("record_id,a,b\n" + "".join(f"{i},x{k},y{k}\n" for k, i in enumerate(ids)))
+    dirs = [prepare_cache([FolderSource(root, labels_csv=table, label_columns=[col])], str(tmp_path / "c"), SPEC,
+                          name="f", progress=False) for col in ("a", "b")]
+    assert dirs[0] != dirs[1]
+    assert [CorpusCache(d).index["labels"].iat[0] for d in dirs] != [CorpusCache(dirs[0]).index["labels"].iat[0]] * 2
+
+
+def test_the_same_relative_root_in_two_folders_is_two_caches(tmp_path, monkeypatch, fixture_dir):
+    """``root: data`` run from two project folders names two corpora: two keys, two caches, each its own records."""
+    import shutil
+
+    cache_root = tmp_path / "cache"
+    dirs = {}
+    for name, n in (("projA", 2), ("projB", 3)):
+        data = tmp_path / name / "data"
+        data.mkdir(parents=True)
+        for src in sorted((fixture_dir / "cinc2021").glob("*.hea"))[:n]:
+            for f in src.parent.glob(src.stem + ".*"):
+                shutil.copy(f, data / f.name)
+        monkeypatch.chdir(tmp_path / name)
+        dirs[name] = prepare_cache([{"_target_": "ecgfm.data.readers.Challenge2021Source", "root": "data"}],
+                                   str(cache_root), SPEC, name="c", progress=False)
+    assert dirs["projA"] != dirs["projB"]
+    assert [len(CorpusCache(dirs[k])) for k in ("projA", "projB")] == [2, 3]
+
+
+def _copy_records(fixture_dir, dest, n):
+    import shutil
+
+    dest.mkdir(parents=True)
+    for hea in sorted((fixture_dir / "cinc2021").glob("*.hea"))[:n]:
+        for f in hea.parent.glob(hea.stem + ".*"):
+            shutil.copy(f, dest / f.name)
+    return sorted(p.stem for p in dest.glob("*.hea"))
+
+
+def test_a_record_skipped_for_a_missing_file_is_read_again_once_restored(tmp_path, fixture_dir):
+    from ecgfm.data.readers.folder import FolderSource
+
+    data = tmp_path / "data"
+    ids = _copy_records(fixture_dir, data, 3)
+    mat = data / f"{ids[1]}.mat"
+    kept = mat.read_bytes()
+    mat.unlink()
+    out = tmp_path / "cache"
+    first = prepare_corpus(FolderSource(data), out, SPEC, workers=0, progress=False)
+    assert (first.n_converted, first.n_skipped) == (2, 1)
+    mat.write_bytes(kept)                                    # restored: only its folder's time tells
+    again = prepare_corpus(FolderSource(data), out, SPEC, workers=0, progress=False)
+    assert (again.n_converted, again.n_skipped) == (3, 0)
+    assert any("its folder changed" in line for line in again.changes)
+    assert len(CorpusCache(out)) == 3
+
+
+def test_a_label_table_edited_in_place_with_the_same_size_and_time_is_read_again(tmp_path, fixture_dir):
+    import os
+
+    from ecgfm.data.readers.folder import FolderSource
+
+    data = tmp_path / "data"
+    ids = _copy_records(fixture_dir, data, 2)
+    table = tmp_path / "labels.csv"
+    table.write_text("record_id,label\n" + "".join(f"{i},aaaa\n" for i in ids))
+    out = tmp_path / "cache"
+    prepare_corpus(FolderSource(data, labels_csv=table), out, SPEC, workers=0, progress=False)
+    st = table.stat()
+    table.write_text("record_id,label\n" + "".join(f"{i},bbbb\n" for i in ids))   # same size
+    os.utime(table, ns=(st.st_atime_ns, st.st_mtime_ns))                            # same time
+    report = prepare_corpus(FolderSource(data, labels_csv=table), out, SPEC, workers=0, progress=False)
+    assert report.n_relabelled == 2
+    assert set(CorpusCache(out).labels_matrix(["aaaa", "bbbb"]).argmax(axis=1)) == {1}
