@@ -109,8 +109,10 @@ def stage_pool(args: argparse.Namespace) -> list[str]:
     pools = []
     for name, source in (("pool_ptbxl", PTBXLSource(data_root / "ptbxl", fs=100, include_unlabelled=True)),
                          ("pool_cinc2017", CinC2017Source(data_root / "cinc2017"))):
-        # the validation / test records of both tasks, and every PTB-XL record of strat_fold 9 / 10
-        src = heldout_free_source(source, ["ptbxl_super", "cinc2017"], parts=("val", "test"),
+        # the validation / test records of every task evaluated (--tasks, and always both benchmark tasks), and
+        # every PTB-XL record of strat_fold 9 / 10
+        held = sorted({"ptbxl_super", "cinc2017", *args.tasks})
+        src = heldout_free_source(source, held, parts=("val", "test"),
                                   data_root=str(data_root), cache_root=args.cache_root, preprocess=spec,
                                   exclude_ptbxl_folds=(9, 10), workers=args.workers, progress=True)
         pools.append(prepare_cache([src], args.cache_root, spec, name=name, workers=args.workers, progress=True))
@@ -183,15 +185,29 @@ def _vit_experiment(name: str) -> bool:
 
 
 def stage_pretrain(args: argparse.Namespace, pools: list[str], env: dict[str, str]) -> dict[str, str]:
-    """Pretrain every method (skipping finished runs); prints and records each method's wall time."""
+    """Pretrain every method (skipping finished runs of the same recipe); prints and records each method's wall time.
+
+    A finished run is reused only when it was trained with the recipe asked for now (experiment, its overrides,
+    ``--train-overrides`` and the pool): another ``--steps`` / size / recipe into the same ``--out`` is refused,
+    naming both, instead of probing the older encoder under the new settings. A run without that record (an
+    encoder copied into ``pretrain/<method>``) is reused with a line saying it could not be checked.
+    """
     encoders = {}
     times = []
     for method in args.methods:
         out = Path(args.out) / "pretrain" / method
         enc = out / "encoder"
         record = out / "pretrain_time.json"
-        if not (enc / "encoder.json").is_file():
-            name, over = pretrain_recipe(args, method)
+        name, over = pretrain_recipe(args, method)
+        requested = {"experiment": name, "overrides": [*over, *args.train_overrides], "pool": list(pools)}
+        if (enc / "encoder.json").is_file():
+            had = _read_json(record).get("requested")
+            if had is None:
+                log(f"pretrain: {method}: reusing {enc} (no recorded recipe to check against {requested})")
+            elif had != requested:
+                raise SystemExit(f"error: pretrain/{method} in {args.out} was trained with {had}, but this run asks "
+                                 f"for {requested}: use another --out, or delete {out} to train it again")
+        else:
             cmd = [PY, "train.py", f"+experiment={name}", "data=cached", f"data.cache_dirs=[{','.join(pools)}]",
                    f"hydra.run.dir={out}", f"torch_threads={args.threads}", "data.num_workers=0",
                    f"paths.cache_root={args.cache_root}", "trainer.enable_progress_bar=false",
@@ -201,7 +217,7 @@ def stage_pretrain(args: argparse.Namespace, pools: list[str], env: dict[str, st
             info = {"method": method, "experiment": name, "wall_s": round(wall, 1),
                     "fit_time_s": summary.get("fit_time_s"), "steps": summary.get("steps"),
                     "threads": args.threads, "finished_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
-                    "command": " ".join(cmd[1:])}
+                    "command": " ".join(cmd[1:]), "requested": requested}
             from ecgfm.io import atomic_write_json
 
             atomic_write_json(record, info, indent=2)

@@ -171,3 +171,33 @@ def test_docs_copy_of_the_results_table_is_compact(tmp_path):
     lines = (tmp_path / "real_results.csv").read_text().splitlines()
     assert lines[0] == "mode,task,metric,value,ci_low,ci_high"                 # the run-folder path is dropped
     assert lines[1] == "linear,cinc2017,macro_auroc,0.923964,0.9021,"          # rounded; a missing CI stays empty
+
+
+def test_a_finished_run_is_reused_only_for_the_recipe_it_was_trained_with(tmp_path, monkeypatch):
+    """stage_pretrain records the recipe it trained; a later run asking for other steps into the same --out is
+    refused naming both (it probed the old encoder as if it were the new one), the same recipe is reused, and an
+    encoder copied in without a record is reused with a line saying so."""
+    calls = []
+
+    def fake_run(cmd, env):
+        calls.append(cmd)
+        out = Path(next(c for c in cmd if c.startswith("hydra.run.dir=")).split("=", 1)[1])
+        (out / "encoder").mkdir(parents=True)
+        (out / "encoder" / "encoder.json").write_text("{}")
+        (out / "summary.json").write_text(json.dumps({"steps": 40, "fit_time_s": 1.0}))
+        return 1.0
+
+    monkeypatch.setattr(B, "run", fake_run)
+    args = type("A", (), {})()
+    args.__dict__.update(out=str(tmp_path / "bench"), methods=["mae"], steps=40, recipe="auto", embed_dim=None,
+                         depth=None, heads=None, batch_size=None, train_overrides=[], threads=1,
+                         cache_root=str(tmp_path / "cache"))
+    B.stage_pretrain(args, ["pool_a"], {})
+    B.stage_pretrain(args, ["pool_a"], {})                          # same recipe: reused, not trained again
+    assert len(calls) == 1
+    args.steps = 80
+    with pytest.raises(SystemExit, match=r"pretrain/mae .*trained with .*max_steps=40.*asks for .*max_steps=80"):
+        B.stage_pretrain(args, ["pool_a"], {})
+    (tmp_path / "bench" / "pretrain" / "mae" / "pretrain_time.json").unlink()   # a copied-in encoder
+    B.stage_pretrain(args, ["pool_a"], {})
+    assert len(calls) == 1
