@@ -374,7 +374,10 @@ def _pretraining_identities(enc: Encoder, extra_caches: Sequence[str]) -> tuple[
 
 def leakage_check(enc: Encoder, task: TaskData, external: TaskData | None, allow: bool,
                   pretrain_caches: Sequence[str]) -> dict[str, Any]:
-    """Run the leakage guard for the test split (and the external set); returns a JSON-able report."""
+    """Run the leakage guard for the test and validation splits (and the external set); returns a JSON-able report.
+
+    Validation counts as much as test: it chooses the probe's C, the thresholds, early stopping and, in the
+    benchmark, which encoder and probe are read on test."""
     if enc.kind == HANDCRAFTED:  # nothing is learned outside the task's own training split
         return {"checked": True, "leaked": False,
                 "note": f"{enc.method}: no pretraining data (fixed feature definitions; the probe sees only the "
@@ -388,7 +391,7 @@ def leakage_check(enc: Encoder, task: TaskData, external: TaskData | None, allow
                     "pretrain_caches=[...])", enc.checkpoint)
         return {"checked": False, "leaked": False, "note": "pretraining data unknown"}
     out: dict[str, Any] = {"provenance": provenance}
-    parts = [("test", task, task.splits["test"])]
+    parts = [("test", task, task.splits["test"]), ("val", task, task.splits["val"])]
     if external is not None:
         parts.append((f"external:{external.dataset}", external, external.splits["test"]))
     for name, t, rows in parts:

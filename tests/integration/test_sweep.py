@@ -359,3 +359,27 @@ def test_cli_user_errors_are_one_line(work, tmp_path, capsys):
         assert exit_info.value.code == EXIT_USER_ERROR
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: "), err
+
+
+def test_leakage_guard_checks_the_validation_split_too(work, tmp_path):
+    """A pool without the test records but with the validation ones: validation chooses C, thresholds and, in
+    the benchmark, the encoder read on test, so the guard refuses it as it refuses test records."""
+    from ecgfm.data.cache import CorpusCache
+    from ecgfm.data.prepare import prepare_cache
+    from ecgfm.data.synthetic import SyntheticSource
+    from ecgfm.evaluate.tasks import ExcludingSource, build_task, load_task_spec
+
+    probe_main(_cfg("probe", work, "checkpoint=random:resnet1d_test", "fraction=1.0", "seed=0"))
+    cache_dir = next(p for p in (work / "cache").iterdir() if p.name.startswith("synthetic-"))
+
+    spec = CorpusCache(cache_dir).spec
+    task = build_task(load_task_spec(_cfg("probe", work).task), str(work / "cache"), spec)   # the probe's task
+    test_patients = {task.patient_ids[int(i)] for i in task.splits["test"]}
+    test_ids = [str(task.cache.index["record_id"].iat[i]) for i in range(len(task.cache))
+                if task.patient_ids[i] in test_patients]                   # test records and their patients
+    pool = prepare_cache([ExcludingSource(SyntheticSource(180, seed=1, fs=500.0, duration=10.0), test_ids)],
+                         str(tmp_path / "pool"), spec, name="pool", progress=False)
+    cfg = _cfg("probe", work, "checkpoint=random:resnet1d_test", f"pretrain_caches=[{pool}]",
+               f"results_dir={tmp_path / 'r'}", "fraction=1.0", "seed=0")
+    with pytest.raises(LeakageError, match="val split"):
+        probe_main(cfg)
