@@ -11,8 +11,10 @@ patient); all other recordings in the (DDP-global) batch are negatives. Modes:
 
 A lead view is fed to the backbone as a 12-lead tensor in which only that lead is kept and the others are zero
 (rather than a 1-lead input or lead groups), so the same encoder, with its 12-lead input contract, serves
-12-lead and reduced-lead downstream inputs unchanged; this matches how absent leads are represented everywhere in
-ecgfm. A lead that is absent from a recording (``lead_mask``) is never a view: it is masked out of the loss.
+12-lead and reduced-lead downstream inputs unchanged. With ``lead_aware`` (default) each view also carries its lead
+mask, so a lead-aware backbone (ViT-1D) encodes only the view's leads, as the online probe and downstream
+features encode a record's present leads; a CNN sees the zero leads either way. A lead that is absent from a
+recording (``lead_mask``) is never a view: it is masked out of the loss.
 All views of a batch are encoded in one backbone pass of size ``V * B``.
 """
 
@@ -48,6 +50,8 @@ class CLOCSModule(PretrainModule):
         temperature: softmax temperature (CLOCS: 0.1).
         patient_aware: also use other recordings of the same patient (``batch["patient"] >= 0``) as positives.
         view_leads: lead names (canonical or aliases) used as views in the multi-lead modes; ``None`` = all 12.
+        lead_aware: pass each view's leads as ``lead_mask`` to a backbone that takes one (see the module docstring);
+            False: every view is a zero-padded 12-lead input.
         lr, weight_decay, warmup_steps, max_steps, betas, probe_num_classes, probe_multilabel: see
             :class:`~ecgfm.methods.base.PretrainModule`.
     """
@@ -56,7 +60,8 @@ class CLOCSModule(PretrainModule):
                  proj_layers: int = 1, temperature: float = 0.1, patient_aware: bool = True,
                  view_leads: Sequence[str] | None = CLOCS_LEADS, lr: float = 1e-3, weight_decay: float = 0.05,
                  warmup_steps: int = 100, max_steps: int = 10000, betas: tuple[float, float] = (0.9, 0.95),
-                 probe_num_classes: int | None = None, probe_multilabel: bool = False) -> None:
+                 probe_num_classes: int | None = None, probe_multilabel: bool = False,
+                 lead_aware: bool = True) -> None:
         if view_leads is not None:
             view_leads = list(view_leads)  # plain list in the saved hyper-parameters
         super().__init__(backbone, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
@@ -67,6 +72,7 @@ class CLOCSModule(PretrainModule):
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.mode = mode
+        self.lead_aware = bool(lead_aware)
         self.temperature = float(temperature)
         self.patient_aware = bool(patient_aware)
         names = CANONICAL_LEADS if view_leads is None else view_leads
@@ -120,6 +126,24 @@ class CLOCSModule(PretrainModule):
             masks.append(lead_mask[:, idx].T)                                  # (K, B)
         return torch.cat(views), torch.cat(masks)
 
+    def view_lead_masks(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``(V, B, L)`` bool: the leads of each view of :meth:`views` (a segment view: its record's present leads;
+        a lead view: that lead). A view that does not exist (its lead absent) gets its record's mask, or every lead
+        for a record without any: it is masked out of the loss, and a lead-aware encoder must still see a token."""
+        x = batch["x"]
+        b, n_leads, _ = x.shape
+        lead_mask = batch.get("lead_mask")
+        lead_mask = torch.ones(b, n_leads, dtype=torch.bool, device=x.device) if lead_mask is None \
+            else lead_mask.bool()
+        n_seg = 2 if self.mode in ("cmsc", "cmsmlc") else 1
+        if self.mode == "cmsc":
+            masks = lead_mask[None].expand(2, b, n_leads)
+        else:
+            one = F.one_hot(self.view_lead_idx, n_leads).bool()                     # (K, L)
+            masks = (one[:, None, :] & lead_mask[None]).repeat(n_seg, 1, 1)          # (n_seg * K, B, L)
+        fallback = torch.where(lead_mask.any(1, keepdim=True), lead_mask, torch.ones_like(lead_mask))
+        return torch.where(masks.any(-1, keepdim=True), masks, fallback[None].expand_as(masks))
+
     def shared_step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
         """CLOCS loss over all view pairs.
 
@@ -129,7 +153,8 @@ class CLOCSModule(PretrainModule):
         """
         xv, mask = self.views(batch)
         v, b = mask.shape
-        z = self.projector(self.backbone.embed(xv.flatten(0, 1))).reshape(v, b, -1)   # (V, B, D)
+        h = self.embed_batch(xv.flatten(0, 1), self.view_lead_masks(batch).flatten(0, 1))
+        z = self.projector(h).reshape(v, b, -1)                                        # (V, B, D)
         patient = batch.get("patient")
         loss = clocs_loss(z, patient, temperature=self.temperature, patient_aware=self.patient_aware,
                           view_mask=mask)

@@ -43,6 +43,16 @@ AUX_TARGETS = ("handcrafted", "handcrafted_crop")
 AUG_STATE_KEY = "simclr_aug_generator"
 
 
+def view_lead_masks(views: torch.Tensor, lead_mask: torch.Tensor) -> torch.Tensor:
+    """The leads each augmented view still has: ``lead_mask (N, L)`` without the leads its augmentation zeroed
+    (:class:`~ecgfm.augment.PresentLeadMask`, :class:`~ecgfm.augment.KeepOneLead` run last, so a zeroed lead is an
+    all-zero row of ``views (N, L, T)``). A lead-aware encoder then makes no tokens for them, as it sees such a
+    record downstream; a view left with no lead keeps its record's mask."""
+    m = lead_mask & (views != 0).any(dim=-1)
+    empty = ~m.any(dim=1)
+    return torch.where(empty[:, None], lead_mask, m)
+
+
 class SimCLRModule(PretrainModule):
     """SimCLR pretraining of ``backbone`` on :class:`~ecgfm.data.datamodules.PretrainDataModule` batches.
 
@@ -109,6 +119,10 @@ class SimCLRModule(PretrainModule):
         if not float(contrastive_weight) >= 0 or (float(contrastive_weight) == 0 and aux_targets is None):
             raise ValueError(f"contrastive_weight must be > 0, or 0 with aux_targets (nothing else to learn), got "
                              f"{contrastive_weight}")
+        if aux_targets is not None and float(p_crop) > 0:
+            warnings.warn(f"aux_targets={aux_targets!r} with p_crop={p_crop}: a resized crop stretches a view in time, "
+                          "so its RR / heart-rate targets no longer describe what the encoder sees (the recipes set "
+                          "method.p_crop=0)", stacklevel=2)
         self.aux_targets, self.aux_weight = aux_targets, float(aux_weight)
         self.contrastive_weight = float(contrastive_weight)
         self.aux_head = None if aux_targets is None else nn.Linear(int(backbone.num_features), int(aux_dim))
@@ -228,7 +242,7 @@ class SimCLRModule(PretrainModule):
         n = v1.shape[0]
         lead_mask = batch.get("lead_mask")
         if lead_mask is not None:
-            lead_mask = torch.cat([lead_mask, lead_mask])
+            lead_mask = view_lead_masks(torch.cat([v1, v2]), torch.cat([lead_mask, lead_mask]))
         h = self.embed_batch(torch.cat([v1, v2]), lead_mask)               # both views in one pass: (2B, D)
         z = self.projector(h)                                              # (2B, proj)
         z1, z2 = z[:n], z[n:]

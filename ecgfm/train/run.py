@@ -108,6 +108,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     data_cfg = strip_params(cfg.data)
     data_kwargs: dict[str, Any] = {"cache_dirs": cache_dirs} if "cache_dirs" in data_cfg else {}
     method_kwargs: dict[str, Any] = {}
+    if "fs" in cfg.method:   # augmentations in seconds / Hz (SimCLR) run at the cache's rate, as the crops do
+        method_kwargs["fs"] = float(fs)
     if cfg.method.get("aux_targets"):
         targets = pretext_targets_for(cfg, cache_dirs)      # a .npy file: every loader memory-maps it
         if isinstance(targets, Path):

@@ -291,3 +291,24 @@ def test_cpu_linear_backends_train_the_same_model(tmp_path, cache_root):
         # atol: the key part of a qkv bias has a true gradient of 0 (softmax ignores it), so Adam scales
         # rounding noise of either library up to ~lr-sized steps there (3e-5 after 3 steps at lr 1e-3)
         torch.testing.assert_close(a["state"][k], b["state"][k], rtol=1e-4, atol=1e-4, msg=k)
+
+
+def test_simclr_augments_at_the_cache_rate(tmp_path):
+    """A cache prepared at 250 Hz (preprocess.fs says 100): SimCLR's augmentations in seconds and Hz (time masks,
+    baseline wander, low-pass) run at 250 Hz, the rate its crops are cut at, not at preprocess.fs."""
+    from ecgfm.data.cache import prepare_corpus
+    from ecgfm.data.preprocess import PreprocessSpec
+    from ecgfm.data.synthetic import SyntheticSource
+
+    cache = tmp_path / "cache" / "syn250"
+    prepare_corpus(SyntheticSource(24, seed=3, duration=6.0), cache, PreprocessSpec(fs=250.0), workers=0,
+                   progress=False)
+    tiny = [o for o in TINY if not o.startswith(("data.params.", "backbone="))]
+    overrides = ["+experiment=simclr", "backbone=resnet1d_test", "data=cached", f"data.cache_dirs=[{cache}]",
+                 "data.num_workers=0", f"out_dir={tmp_path / 'run'}", *tiny, *METHOD_TINY["simclr"]]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides)
+    summary = train(cfg)
+    assert summary["fs"] == 250.0
+    hp = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["hyper_parameters"]
+    assert hp["fs"] == 250.0

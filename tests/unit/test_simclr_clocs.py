@@ -252,3 +252,80 @@ def test_heads_shapes_and_linear_probe_is_linear():
         ProjectionHead(16, 32, 8, num_layers=0)
     with pytest.raises(ValueError, match="dropout"):
         MLPHead(16, 5, dropout=1.0)
+
+
+class _SpyViT(nn.Module):
+    """A lead-aware stand-in: records the lead masks it is given (one token per present lead)."""
+
+    name = ""
+    num_features = 16
+    accepts_lead_mask = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(1, 16)
+        self.init_args = {}
+        self.masks: list[torch.Tensor] = []
+
+    def embed(self, x, lead_mask=None):
+        self.masks.append(lead_mask)
+        m = torch.ones(x.shape[:2], dtype=torch.bool) if lead_mask is None else lead_mask
+        tok = self.proj(x.abs().mean(-1, keepdim=True))                      # (B, L, 16)
+        return (tok * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp_min(1)
+
+    forward = embed
+
+
+def test_simclr_views_reach_a_lead_aware_encoder_with_the_leads_they_kept():
+    """KeepOneLead / PresentLeadMask zero leads inside a view: that view's lead mask drops them, so a lead-aware
+    encoder makes no tokens for them (as for a one-lead record downstream)."""
+    torch.manual_seed(0)
+    spy = _SpyViT()
+    m = SimCLRModule(spy, fs=100.0, p_one_lead=1.0, p_lead_mask=0.0, p_crop=0.0, proj_dim=8, proj_hidden=16)
+    batch = synthetic_batch(b=4)
+    m.shared_step(batch)
+    masks = spy.masks[-1]
+    assert masks is not None and masks.shape == (8, 12)
+    assert masks.sum(1).tolist() == [1] * 8                                   # one lead per view
+    assert not (masks & ~torch.cat([batch["lead_mask"]] * 2)).any()          # never a lead the record lacks
+
+
+@pytest.mark.parametrize("mode", ["cmsc", "cmlc", "cmsmlc"])
+def test_clocs_views_reach_a_lead_aware_encoder_with_their_leads(mode):
+    """A CMLC view is one lead: a lead-aware encoder gets that lead alone as its mask (it made 12 lead tokens, 11 of
+    them zero, while the online probe and downstream features encode present leads only); a CMSC view gets its
+    record's leads; lead_aware=False keeps the zero-padded input."""
+    spy = _SpyViT()
+    m = CLOCSModule(spy, mode=mode, view_leads=("II", "V2"))
+    batch = synthetic_batch(b=4)
+    loss, _ = m.shared_step(batch)
+    assert torch.isfinite(loss)
+    masks = spy.masks[-1].reshape(-1, 4, 12)
+    _, valid = m.views(batch)
+    lead_mask = batch["lead_mask"]
+    for v in range(masks.shape[0]):
+        for b in range(4):
+            if not valid[v, b]:
+                continue
+            if mode == "cmsc":
+                assert torch.equal(masks[v, b], lead_mask[b])
+            else:
+                assert masks[v, b].sum() == 1 and lead_mask[b][masks[v, b]].all()
+    spy.masks.clear()
+    CLOCSModule(spy, mode=mode, view_leads=("II", "V2"), lead_aware=False).shared_step(batch)
+    assert spy.masks[-1] is None
+
+
+def test_pretext_recipes_do_not_stretch_views_in_time():
+    """Pretext rhythm targets describe unstretched beats: the pretext experiments (synthetic ones too) set
+    p_crop=0, and a module built with both is warned."""
+    from hydra import compose, initialize_config_dir
+
+    from ecgfm.conf import config_dir
+
+    for exp in ("simclr_cnn_hc", "simclr_cnn_hcc", "simclr_cnn_hc1l", "simclr_cnn_hc_cpu30"):
+        with initialize_config_dir(str(config_dir()), version_base="1.3"):
+            cfg = compose("train", overrides=[f"+experiment={exp}"])
+        assert cfg.method.aux_targets and float(cfg.method.p_crop) == 0.0, exp
+    with pytest.warns(UserWarning, match="p_crop"):
+        SimCLRModule(TinyBackbone(), aux_targets="handcrafted", aux_dim=3, p_crop=0.8)
