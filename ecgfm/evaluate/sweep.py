@@ -489,6 +489,26 @@ def _identify(ctx: _Context, desc: Encoder, head: dict[str, Any]) -> None:
     ctx.recipe = _recipe(ctx, desc, head)
 
 
+def data_identity(task: TaskData, ext: TaskData | None) -> dict[str, str]:
+    """What a cell's numbers were computed on, by content: each cache's records (:func:`cache_fingerprint`: plan,
+    count, shard checksums), its labels, splits and classes. Part of the recipe identity, so a cell computed before
+    a label table was edited or records were added is recomputed, not reused."""
+    from ecgfm.evaluate.features import cache_fingerprint
+
+    def one(t: TaskData) -> str:
+        h = hashlib.sha256(cache_fingerprint(t.cache).encode())
+        h.update(np.ascontiguousarray(t.labels, dtype=np.float32).tobytes())
+        for part in sorted(t.splits):
+            h.update(f"|{part}:".encode() + np.asarray(t.splits[part], dtype=np.int64).tobytes())
+        h.update("|".join(map(str, t.class_names)).encode())
+        return h.hexdigest()[:20]
+
+    out = {"task": one(task)}
+    if ext is not None:
+        out["external"] = one(ext)
+    return out
+
+
 def _todo(ctx: _Context, checkpoint: str) -> list[tuple[float, int]]:
     """Cells of this job still to compute: missing ones, and those whose stored checkpoint identity or recipe
     differs from this job's (:func:`ecgfm.evaluate.identity.stale_reason`, logged): a retrained encoder, a
@@ -643,13 +663,14 @@ def probe_main(cfg: DictConfig) -> dict[str, Any]:
         raise EvaluationError(f"checkpoint {checkpoint!r}: probe.mode=attention pools an encoder's frozen tokens; the "
                               f"handcrafted baseline has one feature row per record (use probe.mode=linear or mlp)")
     _identify(ctx, desc, _probe_recipe(_container(cfg.probe)))
+    task, ext = _prepare(ctx, desc)
+    ctx.recipe["data"] = data_identity(task, ext)   # a changed label table or record set: the cells are stale
     todo = _todo(ctx, checkpoint)
     n_all = len(ctx.fractions) * len(ctx.seeds)
     if not todo:
         log.info("every cell of %s / %s / %s exists: nothing to do", mode, ctx.task_spec.name, checkpoint)
         return _finish(ctx, [], n_all, t0)
     probe_cfg = cfg.probe
-    task, ext = _prepare(ctx, desc)
     fs = float(task.cache.fs)  # checked against the encoder's rate by _prepare
     window = _window(cfg, ctx.task_spec.crop_seconds, fs, desc.crop_samples)
     enc = resolve_checkpoint(checkpoint, window, int(cfg.init_seed), _container(cfg.get("backbone_args")) or {},
@@ -786,12 +807,13 @@ def finetune_main(cfg: DictConfig) -> dict[str, Any]:
         recipe.update(_container(cfg.supervised) or {})
     typed_recipe = finetune_recipe(checked, supervised=desc.kind == "supervised")  # what run_finetune gets
     _identify(ctx, desc, recipe)
+    task, ext = _prepare(ctx, desc)
+    ctx.recipe["data"] = data_identity(task, ext)   # a changed label table or record set: the cells are stale
     todo = _todo(ctx, checkpoint)
     n_all = len(ctx.fractions) * len(ctx.seeds)
     if not todo:
         log.info("every cell of finetune / %s / %s exists: nothing to do", ctx.task_spec.name, checkpoint)
         return _finish(ctx, [], n_all, t0)
-    task, ext = _prepare(ctx, desc)
     fs = float(task.cache.fs)  # checked against the encoder's rate by _prepare
     window = _window(cfg, ctx.task_spec.crop_seconds, fs, desc.crop_samples)
     stride = int(round(float(cfg.stride_seconds) * fs)) if cfg.get("stride_seconds") is not None \

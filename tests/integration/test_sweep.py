@@ -383,3 +383,32 @@ def test_leakage_guard_checks_the_validation_split_too(work, tmp_path):
                f"results_dir={tmp_path / 'r'}", "fraction=1.0", "seed=0")
     with pytest.raises(LeakageError, match="val split"):
         probe_main(cfg)
+
+
+def test_cells_of_edited_task_labels_are_recomputed(tmp_path, fixture_dir, caplog):
+    """A folder task whose label table is edited after its cells were computed: the cache is relabelled and the
+    cells, computed on the old labels, are recomputed instead of reported as done."""
+    import shutil
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for hea in sorted((fixture_dir / "ptbxl" / "records100").rglob("*_lr.hea"))[:40]:
+        for f in hea.parent.glob(hea.stem + ".*"):
+            shutil.copy(f, data / f.name)
+    ids = sorted(p.stem for p in data.glob("*.hea"))
+    table = data / "labels.csv"
+    table.write_text("record_id,label\n" + "".join(f"{r},{'a' if i % 2 else 'b'}\n" for i, r in enumerate(ids)))
+    over = [f"paths.cache_root={tmp_path / 'cache'}", "prepare_workers=0", "bootstrap.n=20", "plot=false",
+            "torch_threads=1", "checkpoint=random:resnet1d_test", "task=folder", f"task.root={data}",
+            "task.multilabel=false", f"results_dir={tmp_path / 'r'}", "fraction=1.0", "seed=0", "probe.Cs=[1.0]"]
+
+    def cfg():
+        with initialize_config_dir(str(ROOT / "ecgfm" / "conf"), version_base="1.3"):
+            return compose("probe", overrides=over)
+
+    assert len(probe_main(cfg())["cells_written"]) == 1
+    assert probe_main(cfg())["cells_written"] == []                               # unchanged: reused
+    table.write_text("record_id,label\n" + "".join(f"{r},{'a' if i % 3 else 'b'}\n" for i, r in enumerate(ids)))
+    caplog.set_level("WARNING", logger="ecgfm.evaluate.sweep")
+    assert len(probe_main(cfg())["cells_written"]) == 1
+    assert any("data" in r.getMessage() for r in caplog.records)
