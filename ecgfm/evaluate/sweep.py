@@ -449,9 +449,10 @@ def _finetune_code_recipe(mode: str, kind: str = "", head_init: str = "", layer_
     """Fine-tuning settings fixed in code that change its numbers (part of a fine-tune cell's recipe identity):
     the parameter names exempt from weight decay (:data:`ecgfm.evaluate.finetune.FINETUNE_NO_DECAY_NAMES`); with
     layer-wise lr decay, how layer ids are counted (``Backbone.num_layer_ids``: CNN cells from before the fix had an
-    empty level under the head, one extra decay factor on every layer); and, for an exported encoder with a randomly
-    initialised head, that it is trained in train mode (before that fix such cells trained BatchNorm on frozen
-    statistics with dropout off). Cells from before a fix are recomputed, not reused."""
+    empty level under the head, one extra decay factor on every layer); and, with a randomly initialised head, that
+    the model is trained in train mode (before that fix an exported encoder's cells trained BatchNorm on frozen
+    statistics with dropout off; the key is set for every kind, so a row and its random-init twin keep one recipe
+    and stay paired). Cells from before a fix are recomputed, not reused."""
     if mode != "finetune":
         return {}
     from ecgfm.evaluate.finetune import FINETUNE_NO_DECAY_NAMES
@@ -459,7 +460,7 @@ def _finetune_code_recipe(mode: str, kind: str = "", head_init: str = "", layer_
     out: dict[str, Any] = {"finetune_no_decay_names": list(FINETUNE_NO_DECAY_NAMES)}
     if layer_decay != 1.0:   # the head is one decay step above the highest backbone layer (was two for CNNs)
         out["layer_ids"] = "top = highest backbone layer + 1"
-    if kind == "pretrained" and head_init == "random":
+    if head_init == "random":   # every kind, so an encoder's cells still share their random-init twin's recipe
         out["fit_mode"] = "train"
     return out
 
