@@ -35,7 +35,7 @@ from torch import nn
 
 from ecgfm.artifacts import EncoderClassifier, load_classifier, load_encoder
 from ecgfm.data.preprocess import PreprocessSpec, preprocess_signal, sliding_windows
-from ecgfm.data.record import CANONICAL_LEADS, ECGDataError, ECGRecord, map_leads
+from ecgfm.data.record import CANONICAL_LEADS, ECGDataError, ECGRecord, canonical_lead, map_leads
 
 __all__ = ["Encoder", "Classifier", "load_record"]
 
@@ -75,11 +75,15 @@ class _Model:
         if isinstance(signal, ECGRecord):
             mask = np.asarray(signal.lead_mask, dtype=bool)
             names = [lead for lead, m in zip(CANONICAL_LEADS, mask) if m]
+            if fs is not None and float(fs) != float(signal.fs):
+                raise ValueError(f"{signal.key}: fs={fs} given but the record is at {signal.fs} Hz")
+            _same_leads(signal.key, leads, names)
             return [self._prepare(signal.signal[mask], float(signal.fs), names, signal.key)], [signal.key]
         if isinstance(signal, (str, os.PathLike)):
             sig, rec_fs, names = load_record(signal)
             if fs is not None and float(fs) != rec_fs:
                 raise ValueError(f"{signal}: fs={fs} given but the header says {rec_fs} Hz")
+            _same_leads(str(signal), leads, names)
             return [self._prepare(sig, rec_fs, names, str(signal))], [str(signal)]
         x = np.asarray(signal, dtype=np.float32)
         if x.ndim not in (2, 3):
@@ -139,6 +143,22 @@ class _Model:
             x = torch.from_numpy(windows[i:i + batch_size]).to(self.device)
             out.append(fn(x, None if m is None else m.expand(len(x), -1)).double().cpu().numpy())
         return np.concatenate(out)
+
+
+def _same_leads(where: str, given: Sequence[str] | None, found: Sequence[str]) -> None:
+    """A record or file names its own leads: ``leads=`` may only repeat them (it was silently ignored)."""
+    if given is None:
+        return
+
+    def canon(name: Any) -> str:
+        try:
+            return canonical_lead(str(name)) or str(name)
+        except KeyError:
+            return str(name)
+
+    if [canon(n) for n in given] != [canon(n) for n in found]:
+        raise ValueError(f"{where}: leads={list(given)} given, but it holds {list(found)}: a record or file names its "
+                         "own leads (pass leads= only with an array)")
 
 
 class Encoder(_Model):

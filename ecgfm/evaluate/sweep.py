@@ -247,6 +247,11 @@ def resolve_checkpoint(checkpoint: str, crop_samples: int, init_seed: int = 0,
     if text == HANDCRAFTED:
         return handcrafted_encoder(preprocess)
     kind, _, target = text.partition(":")
+    if backbone_args and not (kind in KEYWORDS and target and not Path(target).is_dir()):
+        # only a registry name is built from arguments; an export (or its random twin) has its own architecture
+        raise EvaluationError(f"checkpoint {text!r}: backbone_args={dict(backbone_args)} only apply to "
+                              f"random:<backbone name> / supervised:<backbone name>; this checkpoint's architecture "
+                              f"is fixed by its encoder.json (drop backbone_args)")
     if kind in KEYWORDS and target:
         info: dict[str, Any] = {}
         export_dir = None

@@ -412,3 +412,21 @@ def test_cells_of_edited_task_labels_are_recomputed(tmp_path, fixture_dir, caplo
     caplog.set_level("WARNING", logger="ecgfm.evaluate.sweep")
     assert len(probe_main(cfg())["cells_written"]) == 1
     assert any("data" in r.getMessage() for r in caplog.records)
+
+
+def test_backbone_args_for_an_exported_architecture_are_refused(tmp_path):
+    """backbone_args build a registry name; on an export (or its random twin) they were silently ignored."""
+    import torch
+
+    from ecgfm.backbones import create_backbone
+    from ecgfm.data.preprocess import PreprocessSpec
+    from ecgfm.evaluate.sweep import EvaluationError, resolve_checkpoint
+    from ecgfm.export import export_encoder
+
+    torch.manual_seed(0)
+    enc = export_encoder(create_backbone("resnet1d_test"), tmp_path / "enc", PreprocessSpec(),
+                         extra={"method": "ToyModule", "crop_samples": 250})
+    for ckpt in (str(enc), f"random:{enc}"):
+        with pytest.raises(EvaluationError, match="backbone_args.*only apply to random:<backbone name>"):
+            resolve_checkpoint(ckpt, 250, backbone_args={"pool": "avg"})
+    assert resolve_checkpoint("random:resnet1d_test", 250, backbone_args={"pool": "avg"}).backbone is not None

@@ -72,3 +72,28 @@ def test_a_record_without_any_of_the_models_leads_is_refused():
     assert enc.embed(x, fs=100, leads=["I"]).shape == (backbone.num_features,)
     with pytest.raises(ECGDataError, match=r"none of the model's input leads \(I\).*present after preprocessing: II"):
         enc.embed(x, fs=100, leads=["II"])
+
+
+def test_leads_and_fs_given_beside_a_record_must_agree_with_it(fixture_dir):
+    """A record (or a file) names its own leads and rate: a different leads= or fs= beside it is refused (it was
+    silently ignored); the same ones are accepted."""
+    import pytest
+
+    from ecgfm.data.readers import get_source
+
+    from ecgfm.data.preprocess import PreprocessSpec
+
+    _, _, backbone = _models()
+    meta = {"input": {"fs": 100.0, "leads": list(CANONICAL_LEADS), "window_samples": 250, "stride_samples": 250}}
+    enc = Encoder(backbone, PreprocessSpec(fs=100.0), meta, "cpu")
+    rec = get_source("challenge2021", root=fixture_dir / "cinc2021").load("HR06000")
+    names = [lead for lead, m in zip(CANONICAL_LEADS, rec.lead_mask) if m]
+    want = enc.embed(rec)
+    np.testing.assert_array_equal(enc.embed(rec, fs=rec.fs, leads=names), want)
+    with pytest.raises(ValueError, match="fs=250 given but the record is at"):
+        enc.embed(rec, fs=250)
+    with pytest.raises(ValueError, match=r"leads=\['II'\] given, but it holds"):
+        enc.embed(rec, leads=["II"])
+    hea = fixture_dir / "cinc2021" / "HR06000.hea"
+    with pytest.raises(ValueError, match=r"leads=\['II'\] given, but it holds"):
+        enc.embed(str(hea.with_suffix("")), leads=["II"])
