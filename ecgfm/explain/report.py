@@ -376,8 +376,11 @@ def explain_main(cfg: Any) -> dict[str, Any]:
         extra={"checkpoint": str(checkpoint), "source": repr(source)})
     for rec in report["records"]:
         pred = rec["predictions"][0]
-        print(f"record {rec['source']}/{rec['record_id']} (labels {rec['labels']}): predicted {pred['class']} "
-              f"p={pred['probability']:.3f}; explained {rec['target']['class']}")
+        w = rec.get("window")   # the attribution's input: one centred window of a longer record, not the record
+        where = "whole record" if not w else \
+            f"centre window {w['start_s']:.2f}-{w['start_s'] + w['length_s']:.2f} s (not the record's prediction)"
+        print(f"record {rec['source']}/{rec['record_id']} (labels {rec['labels']}), {where}: predicted "
+              f"{pred['class']} p={pred['probability']:.3f}; explained {rec['target']['class']}")
         for key, m in rec["methods"].items():
             leads = m["per_lead"]
             line = (f"  {key:22s} {m['elapsed_s']:.2f} s  " + (f"top leads {leads['top']}" if leads.get("top")

@@ -44,11 +44,15 @@ def _cfg(tmp: Path, *overrides: str):
                                              "faithfulness.n_random=1", "faithfulness.steps=5"] + list(overrides))
 
 
-def test_explain_entry_synthetic(tmp_path, synthetic_ckpt):
+def test_explain_entry_synthetic(tmp_path, synthetic_ckpt, capsys):
     cfg = _cfg(tmp_path, f"checkpoint={synthetic_ckpt}", "record=syn000006", "methods=[ig,gradcam,occlusion]",
                "formats=[png]",
                "method_options={ig: {n_steps: 8}}", "counterfactual.enabled=true", "counterfactual.max_steps=20")
     report = explain_main(cfg)
+    w = report["records"][0]["window"]
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("record "))
+    # the printed prediction names what it is of: the whole record, or the centred window the attribution saw
+    assert ("whole record" in line) if not w else (f"centre window {w['start_s']:.2f}-" in line)
     saved = json.loads((tmp_path / "report.json").read_text())
     assert saved["methods"] == ["integrated_gradients", "gradcam", "occlusion"]
     rec = saved["records"][0]
