@@ -183,8 +183,11 @@ def markdown_table(df: pd.DataFrame, metrics: Iterable[str] = ("macro_auroc", "m
         if summ.empty:
             continue
         for (task, dataset, split), block in summ.groupby(["task", "dataset", "split"], sort=True):
-            n_test = int(block["n_test"].max()) if block["n_test"].notna().any() else 0
-            lines += [f"## {metric} | task {task} | dataset {dataset} | split {split} (n = {n_test} records)", ""]
+            ns = sorted({int(v) for v in block["n_test"].dropna()})
+            # rows scored on different record sets (e.g. another task size) must not share one n
+            n_text = f"n = {ns[0]} records" if len(ns) == 1 else \
+                f"n = {', '.join(map(str, ns))} records: rows differ, not comparable" if ns else "n = 0 records"
+            lines += [f"## {metric} | task {task} | dataset {dataset} | split {split} ({n_text})", ""]
             fracs = sorted(block["fraction"].unique())
             lines.append("| method | backbone | mode | " + " | ".join(_fmt_frac(f) for f in fracs) + " |")
             lines.append("|---|---|---|" + "---|" * len(fracs))

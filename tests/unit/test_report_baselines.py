@@ -285,3 +285,14 @@ def test_cells_with_other_class_columns_or_labels_are_not_paired(tmp_path):
     relabelled["predictions"]["test"]["y"] = relabelled["predictions"]["test"]["y"][::-1]
     with pytest.raises(ValueError, match="different labels"):
         R._aligned(relabelled, twin, "test")
+
+
+def test_a_table_of_rows_scored_on_different_record_sets_says_so(tmp_path):
+    res = tmp_path / "results"
+    for seed in (0, 1):
+        _cell(res, method="mae", mode="linear", strength=2.0, task="cinc2017", seed=seed, fraction=1.0)
+        _cell(res, method="simclr", mode="linear", strength=2.0, task="cinc2017", seed=seed, fraction=1.0)
+    df = R.tidy_rows(R.load_cells(res))
+    assert f"(n = {N} records)" in R.markdown_table(df)
+    df.loc[df["method"] == "simclr", "n_test"] = N - 10          # as if scored on a smaller task
+    assert f"(n = {N - 10}, {N} records: rows differ, not comparable)" in R.markdown_table(df)
