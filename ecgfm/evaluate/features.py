@@ -226,12 +226,16 @@ def encoder_fingerprint(backbone: nn.Module) -> str:
 
 
 def cache_fingerprint(cache: Any) -> str:
-    """Identity of a prepared corpus: its plan fingerprint (sources, spec, layout), record count and the sha256
-    of every shard's signals (a shard converted again after its input changed gives new features)."""
+    """Identity of a prepared corpus: its plan fingerprint (sources, spec, layout), record count, the sha256 of
+    every shard's signals (a shard converted again after its input changed gives new features) and the records'
+    lead masks (lead-aware features depend on them: equal signal bytes with other masks are other features)."""
     manifest = getattr(cache, "manifest", {}) or {}
     fp = manifest.get("plan_fingerprint") or manifest.get("spec_fingerprint") or str(getattr(cache, "path", ""))
     shards = ",".join(str(sh.get("bin_sha256", "")) for sh in manifest.get("shards", []) or [])
-    return hashlib.sha256(f"{fp}|{len(cache)}|{shards}".encode()).hexdigest()[:20]
+    masks = getattr(cache, "lead_masks", None)
+    lm = hashlib.sha256(np.ascontiguousarray(masks, dtype=bool).tobytes()).hexdigest()[:16] if masks is not None \
+        else ""
+    return hashlib.sha256(f"{fp}|{len(cache)}|{shards}|{lm}".encode()).hexdigest()[:20]
 
 
 FEATURE_KINDS = ("embeddings", "tokens")

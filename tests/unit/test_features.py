@@ -142,6 +142,15 @@ def test_feature_key_follows_cache_content(cache, tmp_path):
 
     assert F.cache_fingerprint(_Other()) != fp
 
+    class _OtherMasks:                      # the same signal bytes, other lead masks: other lead-aware features
+        manifest = cache.manifest
+        lead_masks = ~np.asarray(cache.lead_masks, dtype=bool)
+
+        def __len__(self):
+            return len(cache)
+
+    assert F.cache_fingerprint(_OtherMasks()) != fp
+
 
 # ---------------------------------------------------------------------- lead-aware extraction (issue 12, item 1)
 class _MixedSrc(_Src):
