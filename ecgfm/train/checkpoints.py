@@ -217,3 +217,61 @@ class DataFacts(L.Callback):
                                         f"run's data is {self.facts['fs']:g} Hz with {self.facts['crop_seconds']:g} "
                                         f"s = {self.facts['crop_samples']} samples. Resume with the same data and "
                                         "crop_seconds, or start a new run folder")
+
+
+#: config sections a run resumed from its own folder must share with the run that wrote the checkpoint (what it
+#: learns and from what); the schedule length (``method.max_steps``, to extend a run), the trainer, checkpointing,
+#: logging, threads and paths may change.
+RESUME_FIXED = ("method", "backbone", "preprocess", "seed", "crop_seconds", "data.batch_size")
+RESUME_FREE = ("method.max_steps",)
+
+
+def check_resume_config(out_dir: str | os.PathLike, cfg: Any) -> None:
+    """Refuse to continue a run in ``out_dir`` with other settings than it was trained with.
+
+    A rerun into a run folder resumes from its newest checkpoint; with another ``method.mask_ratio`` (say) the
+    steps done and the steps to come would follow two recipes while ``config.yaml`` and the exported encoder name
+    only the new one. The run's ``config.yaml`` is compared with ``cfg`` on :data:`RESUME_FIXED` (except
+    :data:`RESUME_FREE`); no ``config.yaml`` (an older run): nothing to compare.
+
+    Raises:
+        ConfigError: naming every differing key, with the two values and the ways out (another folder,
+            ``overwrite=true`` to start again, ``resume=<checkpoint>`` to continue deliberately).
+    """
+    from omegaconf import OmegaConf
+
+    path = Path(out_dir) / "config.yaml"
+    if not path.is_file():
+        return
+    try:
+        old = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    except Exception as exc:  # noqa: BLE001 - an unreadable record of the old run: say so, do not guess
+        log.warning("resume: %s unreadable (%s): the old run's settings are not compared", path, exc)
+        return
+    new = OmegaConf.to_container(cfg, resolve=True)
+
+    def flat(node: Any, prefix: str) -> dict[str, Any]:
+        if isinstance(node, dict):
+            out: dict[str, Any] = {}
+            for k, v in node.items():
+                out.update(flat(v, f"{prefix}.{k}"))
+            return out
+        return {prefix: node}
+
+    def pick(tree: dict[str, Any], key: str) -> dict[str, Any]:
+        node: Any = tree
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        return flat(node, key)
+
+    diffs = []
+    for key in RESUME_FIXED:
+        a, b = pick(old, key), pick(new, key)
+        for k in sorted(set(a) | set(b)):
+            if k not in RESUME_FREE and a.get(k) != b.get(k):
+                diffs.append(f"{k}: {a.get(k)!r} -> {b.get(k)!r}")
+    if diffs:
+        raise ConfigError("resume", f"{Path(out_dir)} holds a run trained with other settings ({'; '.join(diffs[:6])}"
+                                    f"{' ...' if len(diffs) > 6 else ''}); continuing it would mix two recipes. Use "
+                                    f"another hydra.run.dir, overwrite=true to train it again from step 0, or "
+                                    f"resume=<its checkpoint> to continue on purpose with the new settings")

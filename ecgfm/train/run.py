@@ -38,8 +38,8 @@ from ecgfm.data.prepare import build_cache_dirs, check_data_paths
 from ecgfm.io import atomic_write_json, atomic_write_text, jsonable
 from ecgfm.train.build import (build_callbacks, build_logger, check_backbone_fits_crop, compile_backbone,
                                crop_targets_for, data_rate, log_dir, pretext_targets_for)
-from ecgfm.train.checkpoints import (AtomicCheckpointIO, DataFacts, find_resume_checkpoint, guard_fresh_start,
-                                     remove_stale_temporaries)
+from ecgfm.train.checkpoints import (AtomicCheckpointIO, DataFacts, check_resume_config, find_resume_checkpoint,
+                                     guard_fresh_start, remove_stale_temporaries)
 from ecgfm.train.loop import make_resumable, save_final_checkpoint
 from ecgfm.train.safety import NonFiniteGuard, check_finite_state
 
@@ -104,6 +104,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     cache_dirs = build_cache_dirs(data_node)
     spec, fs = data_rate(cache_dirs, cfg)
     cfg.crop_samples = crop_samples_for(cfg, fs)   # crop_seconds at the cache's own rate; ${crop_samples} follows
+    if ckpt_path is not None and not cfg.resume:   # found in the run folder: only its own recipe continues there
+        check_resume_config(out_dir, cfg)
     check_backbone_fits_crop(cfg, fs)
     data_cfg = strip_params(cfg.data)
     data_kwargs: dict[str, Any] = {"cache_dirs": cache_dirs} if "cache_dirs" in data_cfg else {}

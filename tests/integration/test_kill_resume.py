@@ -188,3 +188,20 @@ def test_gradient_accumulation_draws_per_micro_batch_and_records_step_losses(tmp
     assert summary["loss_history_steps"] == 2
     assert summary["first_loss"] == pytest.approx((losses[0][1] + losses[1][1]) / 2, rel=1e-6)
     assert summary["last_loss"] == pytest.approx((losses[2][1] + losses[3][1]) / 2, rel=1e-6)
+
+
+def test_a_rerun_with_other_settings_does_not_continue_the_run(reference, tmp_path):
+    """A rerun into a run folder continues its checkpoint only with the recipe it was trained with: another
+    method.mask_ratio is refused naming it (steps of two recipes, config.yaml naming one); resume=<checkpoint>
+    continues on purpose; a longer schedule (trainer.max_steps) is how a run is extended, not a new recipe."""
+    from ecgfm.config import ConfigError
+
+    _, cache_root = reference
+    run = tmp_path / "run"
+    train(_cfg(run, cache_root, 4))
+    cfg = _cfg(run, cache_root, 6)
+    cfg.method.mask_ratio = 0.3
+    with pytest.raises(ConfigError, match=r"other settings \(method\.mask_ratio: 0\.75 -> 0\.3"):
+        train(cfg)
+    cfg.resume = str(run / "checkpoints" / "last.ckpt")
+    assert train(cfg)["steps"] == 6
