@@ -642,14 +642,9 @@ def input_changes(out_dir: str | os.PathLike, limit: int | None = None,
         if sha256_file(f) != digest:   # always hashed (tables are small): an edit may keep its size and time
             if add(f"label table {f} changed (modified {_when(now[1])})"):
                 return changes
-    for d, mtime in inputs.get("dirs", {}).items():
-        try:
-            now_m = os.stat(d).st_mtime_ns
-        except OSError:
-            now_m = None
-        if now_m != mtime:
-            if add(f"folder {d} changed (a file was added, removed or renamed)"):
-                return changes
+    for d in _moved_dirs(inputs.get("dirs", {})):
+        if add(f"folder {d} changed (a file was added, removed or renamed)"):
+            return changes
     return changes
 
 
@@ -1129,21 +1124,27 @@ def _prepare_locked(sources: list[RecordSource], spec: PreprocessSpec, shard_rec
 _LOGGED_CHANGES = 10
 
 
-def _changed_dirs(out: Path) -> set[str]:
-    """The folders of ``inputs.json`` whose modification time changed (a file added, removed or renamed)."""
-    try:
-        dirs = dict(json.loads((out / INPUTS_FILE).read_text(encoding="utf-8")).get("dirs", {}))
-    except (OSError, ValueError, AttributeError):
-        return set()
-    out_dirs = set()
+def _moved_dirs(dirs: Mapping[str, int]) -> list[str]:
+    """The folders of ``{folder: mtime_ns}`` (``inputs.json``'s ``dirs``) whose modification time changed (a file
+    added, removed or renamed), or that are gone."""
+    out = []
     for d, mtime in dirs.items():
         try:
             now = os.stat(d).st_mtime_ns
         except OSError:
             now = None
         if now != mtime:
-            out_dirs.add(str(Path(d)))
-    return out_dirs
+            out.append(d)
+    return out
+
+
+def _changed_dirs(out: Path) -> set[str]:
+    """:func:`_moved_dirs` of the cache's ``inputs.json`` (empty when unreadable)."""
+    try:
+        dirs = dict(json.loads((out / INPUTS_FILE).read_text(encoding="utf-8")).get("dirs", {}))
+    except (OSError, ValueError, AttributeError):
+        return set()
+    return {str(Path(d)) for d in _moved_dirs(dirs)}
 
 
 def _recorded_inputs(out: Path) -> dict[str, list[Any]]:
