@@ -445,12 +445,10 @@ def _recipe(ctx: _Context, desc: Encoder, head: dict[str, Any]) -> dict[str, Any
             "task": asdict(ctx.task_spec), "eval_data": asdict(ctx.eval_spec) if ctx.eval_spec else None,
             "bootstrap": {"n": int(cfg.bootstrap.n), "seed": int(cfg.bootstrap.seed)},
             "lead_aware": bool(cfg.features.get("lead_aware", True)),
-            **_finetune_code_recipe(ctx.mode, desc.kind, str(head.get("head_init", "")),
-                                    float(head.get("layer_decay", 1.0)))}
+            **_finetune_code_recipe(ctx.mode, str(head.get("head_init", "")), float(head.get("layer_decay", 1.0)))}
 
 
-def _finetune_code_recipe(mode: str, kind: str = "", head_init: str = "", layer_decay: float = 1.0
-                          ) -> dict[str, Any]:
+def _finetune_code_recipe(mode: str, head_init: str = "", layer_decay: float = 1.0) -> dict[str, Any]:
     """Fine-tuning settings fixed in code that change its numbers (part of a fine-tune cell's recipe identity):
     the parameter names exempt from weight decay (:data:`ecgfm.evaluate.finetune.FINETUNE_NO_DECAY_NAMES`); with
     layer-wise lr decay, how layer ids are counted (``Backbone.num_layer_ids``: CNN cells from before the fix had an

@@ -200,14 +200,12 @@ def test_only_cells_of_the_fixed_fine_tune_path_change_identity():
     random-init twin keep one recipe (the twin pairing needs it); LP-FT cells keep theirs."""
     from ecgfm.evaluate.sweep import _finetune_code_recipe
 
-    fixed = _finetune_code_recipe("finetune", "pretrained", "random")
+    fixed = _finetune_code_recipe("finetune", "random")       # the same for an encoder and its random-init twin
     assert fixed.get("fit_mode") == "train"
-    assert _finetune_code_recipe("finetune", "random", "random") == fixed                  # twin: same recipe
-    for kind in ("pretrained", "random"):
-        recipe = _finetune_code_recipe("finetune", kind, "lp")
-        assert "fit_mode" not in recipe and recipe["finetune_no_decay_names"], kind
-        assert I.recipe_identity(recipe) != I.recipe_identity(fixed)
-    assert _finetune_code_recipe("linear", "pretrained", "random") == {}
+    recipe = _finetune_code_recipe("finetune", "lp")
+    assert "fit_mode" not in recipe and recipe["finetune_no_decay_names"]
+    assert I.recipe_identity(recipe) != I.recipe_identity(fixed)
+    assert _finetune_code_recipe("linear", "random") == {}
     # layer-wise decay cells (LP-FT's 0.75) carry the layer-id count fixed for CNNs; no decay (supervised): unchanged
-    assert "layer_ids" in _finetune_code_recipe("finetune", "pretrained", "lp", 0.75)
-    assert "layer_ids" not in _finetune_code_recipe("finetune", "supervised", "random", 1.0)
+    assert "layer_ids" in _finetune_code_recipe("finetune", "lp", 0.75)
+    assert "layer_ids" not in _finetune_code_recipe("finetune", "random", 1.0)
