@@ -962,7 +962,7 @@ class Explainer:
             known = [p for p in inspect.signature(impl).parameters if p != "job"]
             raise ValueError(f"unknown option(s) {sorted(options)} for method {key!r}; known: {known}") from None
         t0 = time.perf_counter()
-        with self.wrapper.evaluating(), warnings.catch_warnings():
+        with warnings.catch_warnings():   # eval mode: set by explain / explain_embedding around the whole job
             # captum notes that it switched on requires_grad / hooked non-linearities: expected here.
             warnings.filterwarnings("ignore", message=".*did not already require gradients.*")
             warnings.filterwarnings("ignore", message=".*Setting forward, backward hooks.*")
