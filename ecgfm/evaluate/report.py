@@ -100,10 +100,13 @@ def assign_labels(cells: list[dict[str, Any]]) -> None:
 
 
 def load_cells(results_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """Every finished cell JSON under ``<results_dir>/cells`` (sorted by path)."""
+    """Every finished cell JSON under ``<results_dir>/cells`` (sorted by path). The JSON files of a cell's
+    classifier artifact (``<cell>.classifier/classifier.json``) are not cells and are left out."""
     root = Path(results_dir) / "cells"
     cells = []
     for p in sorted(root.rglob("*.json")):
+        if any(part.endswith(".classifier") for part in p.relative_to(root).parts[:-1]):
+            continue
         try:
             cell = json.loads(p.read_text())
         except (OSError, ValueError) as exc:

@@ -131,6 +131,19 @@ def test_legacy_cells_are_labelled_apart_and_duplicates_count_once(tmp_path):
     assert new["n_seeds"] == 2
 
 
+def test_classifier_artifact_json_is_not_a_cell(tmp_path):
+    """``<cell>.classifier/classifier.json`` (fine-tune cells, ``save_classifier=true``) sits under ``cells/`` too;
+    it is an artifact description, not a results cell, and must not be counted or tabled as one."""
+    res = tmp_path / "results"
+    _cell(res, "mae", "1111111aaaa", 0, 1.0, name="mae", mode="finetune")
+    art = res / "cells" / "finetune" / "toy" / "mae" / "f1_s0.classifier"
+    art.mkdir()
+    (art / "classifier.json").write_text(json.dumps({"format": "ecgfm-classifier", "kind": "classifier"}))
+    cells = load_cells(res)
+    assert [c["_path"] for c in cells] == ["finetune/toy/mae/f1_s0.json"]
+    assert build_report(res, plot=False)["n_cells"] == 1
+
+
 def test_one_checkpoint_two_recipes_are_two_rows(tmp_path):
     res = tmp_path / "results"
     _cell(res, "mae", "1111111aaaa", 0, 1.0, recipe_id="recipeAAA", name="a")
