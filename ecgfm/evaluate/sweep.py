@@ -12,7 +12,12 @@ runs one job per combination. Each job
    (:mod:`ecgfm.evaluate.identity`: the weights' sha256, or backbone + arguments + init seed for ``random:`` /
    ``supervised:``; the probe / fine-tuning recipe, window, stride, task, preprocessing and bootstrap); any
    other existing cell (retrained encoder, changed recipe, a cell without identity) is recomputed, with a log
-   line saying why; ``overwrite=true`` recomputes everything;
+   line saying why; ``overwrite=true`` recomputes everything. A multirun over a recipe setting
+   (``probe.py -m probe.aggregate=mean_embedding,mean_std`` is a new mode, but ``finetune.lr=1e-3,1e-4`` or
+   ``window_seconds=2.5,5`` are one cell path per recipe) keeps every recipe's cells: a job that finds the cell
+   written by another job *of the same multirun* with another recipe files its own as
+   ``f<fraction>_s<seed>.r<recipe hash>.json`` beside it (:func:`_cell_target`), and the table shows one row per
+   recipe;
 2. resolves ``checkpoint``: a path to an exported encoder (:func:`ecgfm.export.load_encoder`), or
    ``random:<backbone name | export path>`` (same architecture, random weights from ``init_seed``: the
    random-init twin), or ``supervised:<backbone name | export path>`` (fine-tuning only: supervised training
@@ -345,12 +350,15 @@ def probe_variant(mode: str, aggregate: str, side_features: str | None = None) -
 
 
 def cell_path(results_dir: str | os.PathLike, mode: str, task: str, checkpoint: str, fraction: float, seed: int,
-              eval_name: str | None = None) -> Path:
+              eval_name: str | None = None, recipe_id: str | None = None) -> Path:
     """Where one cell's JSON lives (named after the ``checkpoint`` string; what the cell was computed from is
-    its stored ``checkpoint_id`` / ``recipe_id``, checked before a rerun skips it)."""
+    its stored ``checkpoint_id`` / ``recipe_id``, checked before a rerun skips it). ``recipe_id``: the file of
+    that recipe beside the plain one (``f1_s0.r<hash>.json``), used when one multirun sweeps a recipe setting
+    (:func:`_cell_target`)."""
     task_dir = task if not eval_name else f"{task}@{eval_name}"
+    tag = f".r{recipe_id[:12]}" if recipe_id else ""
     return (Path(results_dir) / "cells" / mode / task_dir / checkpoint_slug(checkpoint)
-            / f"f{float(fraction):g}_s{int(seed)}.json")
+            / f"f{float(fraction):g}_s{int(seed)}{tag}.json")
 
 
 def _window(cfg: DictConfig, task_crop_seconds: float, fs: float, encoder_crop: int | None) -> int:
@@ -524,21 +532,53 @@ def _todo(ctx: _Context, checkpoint: str) -> list[tuple[float, int]]:
     out = []
     for s in ctx.seeds:
         for f in ctx.fractions:
-            p = cell_path(ctx.results_dir, ctx.mode, ctx.task_spec.name, checkpoint, f, s, eval_name)
-            if ctx.cfg.get("overwrite") or not p.exists():
-                out.append((f, s))
-                continue
-            try:
-                stored = json.loads(p.read_text())
-            except (OSError, ValueError) as exc:
-                log.warning("%s: unreadable cell (%s): recomputing", p, exc)
-                out.append((f, s))
-                continue
-            why = stale_reason(stored, ctx.identity, rid, ctx.recipe)
-            if why is not None:
-                log.warning("%s: %s since this cell was computed: recomputing", p, why)
+            base = cell_path(ctx.results_dir, ctx.mode, ctx.task_spec.name, checkpoint, f, s, eval_name)
+            tagged = cell_path(ctx.results_dir, ctx.mode, ctx.task_spec.name, checkpoint, f, s, eval_name, rid)
+            if ctx.cfg.get("overwrite") or not any(_reusable(p, ctx, rid) for p in (tagged, base) if p.exists()):
                 out.append((f, s))
     return out
+
+
+def _reusable(p: Path, ctx: _Context, rid: str) -> bool:
+    """Whether the existing cell ``p`` was computed from this job's checkpoint and recipe (else logs why not)."""
+    try:
+        stored = json.loads(p.read_text())
+    except (OSError, ValueError) as exc:
+        log.warning("%s: unreadable cell (%s): recomputing", p, exc)
+        return False
+    why = stale_reason(stored, ctx.identity, rid, ctx.recipe)
+    if why is not None:
+        log.warning("%s: %s since this cell was computed: recomputing", p, why)
+    return why is None
+
+
+def _cell_target(ctx: _Context, task: str, checkpoint: str, fraction: float, seed: int) -> Path:
+    """The file a newly computed cell goes to, decided when it is written (not when the job starts), so that the
+    jobs of one multirun see each other's cells.
+
+    The plain ``f<fraction>_s<seed>.json``, replacing a stale cell there (a retrained encoder, a changed recipe
+    since an earlier run), except when that cell was written by another job *of this same multirun* (its
+    ``sweep`` id) for the same checkpoint with another recipe: the multirun sweeps a recipe setting, and
+    replacing it would keep only the last job's recipe. This job's cell then goes to the recipe's own file
+    ``f<fraction>_s<seed>.r<recipe hash>.json``, which is also where it goes whenever that file exists already.
+    (Jobs of a parallel launcher that finish within the same instant can still both take the plain file.)"""
+    eval_name = ctx.eval_spec.name if ctx.eval_spec else None
+    rid = recipe_identity(ctx.recipe)
+    base = cell_path(ctx.results_dir, ctx.mode, task, checkpoint, fraction, seed, eval_name)
+    tagged = cell_path(ctx.results_dir, ctx.mode, task, checkpoint, fraction, seed, eval_name, rid)
+    if tagged.exists() or not base.exists():
+        return tagged if tagged.exists() else base
+    sweep = _sweep_id()
+    try:
+        stored = json.loads(base.read_text())
+    except (OSError, ValueError):
+        return base
+    if (sweep is not None and stored.get("sweep") == sweep and stored.get("recipe_id") not in (None, rid)
+            and stored.get("checkpoint_id") == (ctx.identity or {}).get("id")):
+        log.info("%s: written by another job of this multirun with recipe %s; this job's recipe %s goes to %s",
+                 base, str(stored.get("recipe_id"))[:7], rid[:7], tagged.name)
+        return tagged
+    return base
 
 
 def _prepare(ctx: _Context, enc: Encoder) -> tuple[TaskData, TaskData | None]:
@@ -587,8 +627,24 @@ def _cell_common(ctx: _Context, enc: Encoder, task: TaskData, ext: TaskData | No
         "external_dataset": ext.dataset if ext is not None else None,
         "external_notes": ext.notes if ext is not None else None,
         "external_label_map": ext.label_report if ext is not None else None, "leakage": leakage,
-        "cache_dir": task.cache_dir,
+        "cache_dir": task.cache_dir, "sweep": _sweep_id(),
     }
+
+
+#: environment variable holding the id of the running multirun (set by :class:`ReportCallback`)
+SWEEP_ENV = "ECGFM_SWEEP_ID"
+
+
+def _sweep_id() -> str | None:
+    """The id of the multirun this job belongs to (one per ``-m`` invocation: set by
+    :meth:`ReportCallback.on_multirun_start`, else the sweep folder); None outside a multirun."""
+    if not _in_multirun():
+        return None
+    if os.environ.get(SWEEP_ENV):
+        return os.environ[SWEEP_ENV]
+    from hydra.core.hydra_config import HydraConfig
+
+    return f"dir:{Path(str(HydraConfig.get().sweep.dir)).resolve()}"
 
 
 def _in_multirun() -> bool:
@@ -622,7 +678,14 @@ except ImportError:  # pragma: no cover
 
 class ReportCallback(_HydraCallback):  # type: ignore[misc,valid-type]
     """Hydra callback (``hydra.callbacks.report`` in conf/probe.yaml and conf/finetune.yaml): after a multirun,
-    rebuild the results table and plot once from every cell (also after a SLURM sweep via submitit)."""
+    rebuild the results table and plot once from every cell (also after a SLURM sweep via submitit). At its start it
+    gives the multirun an id (:data:`SWEEP_ENV`, inherited by the jobs) that its cells record (``sweep``), so that
+    a multirun over a recipe setting keeps one cell per recipe (:func:`_cell_target`)."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        import uuid
+
+        os.environ[SWEEP_ENV] = uuid.uuid4().hex
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if str(config.get("report", "auto")) == "never":
@@ -732,7 +795,6 @@ def probe_main(cfg: DictConfig) -> dict[str, Any]:
         common["handcrafted"] = {"feature_version": enc.info["feature_version"], "features": enc.info["features"],
                                  "neurokit2": neurokit_version(), "unit": "whole record"}
     written = []
-    eval_name = ctx.eval_spec.name if ctx.eval_spec else None
     for seed in sorted({s for _, s in todo}):
         fracs = [f for f, s in todo if s == seed]
         results = run_probe_grid(
@@ -752,7 +814,7 @@ def probe_main(cfg: DictConfig) -> dict[str, Any]:
                         probe={"aggregate": "attention" if mode == "attention" else str(probe_cfg.aggregate),
                                "head": mode, **({"side_features": side} if side else {})},
                         predictions=_predictions(r["predictions"], task, ext))
-            p = cell_path(ctx.results_dir, ctx.mode, task.name, checkpoint, r["fraction"], r["seed"], eval_name)
+            p = _cell_target(ctx, task.name, checkpoint, r["fraction"], r["seed"])
             if bool(cfg.get("save_classifier", False)):
                 head = probe_head(r["model"], fit_window(enc.backbone, window), task,
                                   bool(cfg.features.get("lead_aware", True)))
@@ -826,7 +888,6 @@ def finetune_main(cfg: DictConfig) -> dict[str, Any]:
     from ecgfm.evaluate.fractions import fraction_subsets
 
     written: list[str] = []
-    eval_name = ctx.eval_spec.name if ctx.eval_spec else None
     leakage = None
     for seed in sorted({s for _, s in todo}):
         fracs = [f for f, s in todo if s == seed]
@@ -858,7 +919,7 @@ def finetune_main(cfg: DictConfig) -> dict[str, Any]:
                         val_macro_auroc=float(out["best_val_macro_auroc"]), best_epoch=out["best_epoch"],
                         epochs_run=out["epochs_run"], results=results, seconds=out["seconds"], lp=out.get("lp"),
                         finetune=recipe, predictions=_predictions(preds, task, ext))
-            p = cell_path(ctx.results_dir, "finetune", task.name, checkpoint, frac, seed, eval_name)
+            p = _cell_target(ctx, task.name, checkpoint, frac, seed)
             cell["classifier"] = str(_save_cell_classifier(p, out["model"], task, enc, recipe, window, stride,
                                                            thresholds, cell))
             atomic_write_json(p, cell)

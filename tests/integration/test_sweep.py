@@ -173,6 +173,39 @@ def test_report_callback_builds_the_table_at_multirun_end(work, tmp_path):
     assert (res / "results.csv").exists() and (res / "results.md").exists()
 
 
+def test_multirun_over_a_recipe_setting_keeps_every_recipe(work, tmp_path, monkeypatch):
+    """``probe.py -m probe.Cs=[0.1],[10.0]``: both jobs have one cell path; the second job must not replace the
+    first one's cell (the table would silently hold the last recipe only). Each recipe keeps its file; a rerun of
+    the multirun skips both; a later run (another multirun, or none) replaces a stale plain cell as before."""
+    from ecgfm.evaluate import sweep as S
+    from ecgfm.evaluate.report import load_cells
+
+    res = tmp_path / "r"
+    monkeypatch.setattr(S, "_in_multirun", lambda: True)
+    monkeypatch.setenv(S.SWEEP_ENV, "sweep-1")
+    job = ["checkpoint=random:resnet1d_test", f"results_dir={res}", "fraction=1.0", "seed=0", "report=never"]
+    a = probe_main(_cfg("probe", work, *job, "probe.Cs=[0.1]"))
+    b = probe_main(_cfg("probe", work, *job, "probe.Cs=[10.0]"))
+    assert len(a["cells_written"]) == len(b["cells_written"]) == 1
+    pa, pb = Path(a["cells_written"][0]), Path(b["cells_written"][0])
+    assert pa.name == "f1_s0.json" and pb.name.startswith("f1_s0.r") and pb.parent == pa.parent
+    ca, cb = json.loads(pa.read_text()), json.loads(pb.read_text())
+    assert ca["sweep"] == cb["sweep"] == "sweep-1" and ca["recipe_id"] != cb["recipe_id"]
+    assert ca["hparam"] != cb["hparam"]
+    cells = load_cells(res)
+    assert len(cells) == 2 and len({c["label"] for c in cells}) == 2       # two rows, "[recipe <hash>]"
+    # the same multirun again (another id): every cell is found, nothing recomputed
+    monkeypatch.setenv(S.SWEEP_ENV, "sweep-2")
+    for cs in ("[0.1]", "[10.0]"):
+        again = probe_main(_cfg("probe", work, *job, f"probe.Cs={cs}"))
+        assert again["cells_written"] == [] and again["cells_skipped"] == 1
+    # outside a multirun, a new recipe replaces the stale plain cell (the documented rerun behaviour)
+    monkeypatch.setattr(S, "_in_multirun", lambda: False)
+    c = probe_main(_cfg("probe", work, *job, "probe.Cs=[1.0]"))
+    assert c["cells_written"] == [str(pa)] and json.loads(pa.read_text())["sweep"] is None
+    assert len(load_cells(res)) == 2
+
+
 @pytest.mark.slow
 def test_cli_multirun_builds_one_table(work, tmp_path):
     """`python probe.py -m ...`: one job per cell, the table built once by the sweep's Hydra callback."""
