@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import re
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -373,6 +374,55 @@ def strip_params(node: DictConfig) -> DictConfig:
     return OmegaConf.create(plain)
 
 
+#: ``params`` keys that code reads itself instead of through an interpolation (``ecgfm.evaluate.tasks``: external
+#: sets' label vocabulary and exclusions)
+CODE_READ_PARAMS = frozenset({"label_map", "cpsc2018_reference", "label_root", "exclude_task_corpus"})
+_PARAMS_REF = re.compile(r"(?:(\w+)\.)?params\.(\w+)")
+
+
+def check_params_used(cfg: Any, groups: tuple[str, ...] = ("data", "task", "eval_data")) -> None:
+    """Refuse a key under ``<group>.params`` that no setting reads.
+
+    ``params`` knobs reach their readers through interpolations (``n_records: ${task.params.n_records}``), so a
+    misspelt knob (``+task.params.n_record=100``, or a typo in one's own ``conf/task/*.yaml``) would otherwise be
+    accepted and silently do nothing: the run would use the default it meant to change.
+
+    Args:
+        cfg: the composed config (interpolations unresolved).
+        groups: the top-level nodes whose ``params`` are checked.
+
+    Raises:
+        ConfigError: naming ``<group>.params.<key>``, with the closest key that is read.
+    """
+    plain = OmegaConf.to_container(cfg, resolve=False) if OmegaConf.is_config(cfg) else dict(cfg)
+    plain.pop("hydra", None)
+    refs: set[tuple[str | None, str]] = set()
+
+    def walk(value: Any) -> None:
+        if isinstance(value, dict):
+            for v in value.values():
+                walk(v)
+        elif isinstance(value, list):
+            for v in value:
+                walk(v)
+        elif isinstance(value, str) and "${" in value:
+            refs.update((m.group(1), m.group(2)) for m in _PARAMS_REF.finditer(value))
+
+    walk(plain)
+    for group in groups:
+        node = plain.get(group)
+        params = node.get("params") if isinstance(node, dict) else None
+        if not isinstance(params, dict):
+            continue
+        read = {k for g, k in refs if g in (None, group)} | CODE_READ_PARAMS
+        for key in params:
+            if key not in read:
+                raise ConfigError(f"{group}.params.{key}",
+                                  f"no setting of this {group} config reads it (nothing refers to "
+                                  f"${{{group}.params.{key}}}), so it would silently do nothing"
+                                  f"{_close(str(key), sorted(k for k in read if k in params or k not in CODE_READ_PARAMS))}")
+
+
 # --------------------------------------------------------------------------------------------------- entry point
 def _reformat(err: OmegaConfBaseException, schema_cls: type) -> ConfigError:
     key = getattr(err, "full_key", None) or ""
@@ -432,6 +482,7 @@ def validate_train_config(cfg: DictConfig, provided: dict[str, tuple[str, ...]] 
     missing = _missing_keys(plain)
     if missing:
         raise ConfigError(missing[0], "mandatory value '???' is not set (give it on the command line)")
+    check_params_used(plain)
     try:
         merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), plain)
         OmegaConf.to_container(merged, resolve=True)  # every interpolation resolves, every value converts

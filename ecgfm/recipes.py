@@ -30,7 +30,7 @@ from typing import Any, Dict, List, Mapping, Optional
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ecgfm.config import ConfigError, PathsConfig, _close, _missing_keys, _reformat
+from ecgfm.config import ConfigError, PathsConfig, _close, _missing_keys, _reformat, check_params_used
 
 #: accepted values of ``finetune.head``.
 HEADS = ("linear", "mlp")
@@ -433,7 +433,9 @@ def validate_probe_config(cfg: Any) -> DictConfig:
     Raises:
         ConfigError: naming the first wrong key.
     """
-    merged = _merge(ProbeConfig, _plain(cfg))
+    plain = _plain(cfg)
+    check_params_used(plain)
+    merged = _merge(ProbeConfig, plain)
     _check_cells(merged)
     _one_of("probe.mode", merged.probe.mode, PROBE_MODES)
     _one_of("probe.aggregate", merged.probe.aggregate, PROBE_AGGREGATES)
@@ -495,7 +497,9 @@ def validate_finetune_config(cfg: Any) -> DictConfig:
     Raises:
         ConfigError: naming the first wrong key (``finetune.epochs``, ``supervised.lrr``...).
     """
-    merged = _merge(FinetuneConfig, _plain(cfg))
+    plain = _plain(cfg)
+    check_params_used(plain)
+    merged = _merge(FinetuneConfig, plain)
     _check_cells(merged)
     supervised = str(merged.checkpoint).strip().startswith("supervised:")
     sup_recipe = finetune_recipe(merged, supervised=True)  # types of the override block, whatever the checkpoint
@@ -560,6 +564,8 @@ def validate_explain_config(cfg: Any) -> DictConfig:
     plain = _plain(cfg)
     # the data group's other settings (data.root of data=folder...) do not matter when `source` replaces it
     skip = ("data",) if plain.get("source") is not None else ()
+    if not skip:
+        check_params_used(plain, ("data",))
     merged = _merge(ExplainConfig, plain, skip_missing=skip)
     if not list(merged.methods):
         raise ConfigError("methods", "is empty: name at least one attribution method")

@@ -126,6 +126,7 @@ def test_trainer_and_logger_options_instantiate(tmp_path):
     ("+backbone.depth=two", "backbone.depth", "int"),
     ("data.batch_size=many", "data.batch_size", "int"),
     ("+data.batchsize=8", "data.batchsize", "batch_size"),
+    ("+data.params.n_record=8", "data.params.n_record", "n_records"),
     ("logger._target_=lightning.pytorch.loggers.NoSuchLogger", "logger._target_", "NoSuchLogger"),
 ])
 def test_bad_override_names_the_key(override, key, hint, tmp_path):

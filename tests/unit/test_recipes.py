@@ -11,7 +11,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 import ecgfm.conf
-from ecgfm.config import ConfigError
+from ecgfm.config import ConfigError, check_params_used
 from ecgfm.recipes import (
     SUPERVISED_OVERRIDES,
     FinetuneRecipe,
@@ -56,6 +56,9 @@ def test_every_entry_config_validates_as_composed(name):
     ("probe", "bootstrap.n=abc", "bootstrap.n"),
     ("probe", "eval_data=folder", "eval_data.root"),                   # mandatory ??? not given
     ("probe", "preprocess={fs:abc}", "preprocess"),
+    ("probe", "+task.params.n_record=100", "task.params.n_record"),       # read by nothing: silently the default
+    ("finetune", "+task.params.seeed=3", "task.params.seeed"),
+    ("explain", "+data.params.n_record=4", "data.params.n_record"),
     ("explain", "+faithfulness.stepz=3", "faithfulness.stepz"),
     ("explain", "threads=abc", "threads"),
     ("explain", "overlay=bnad", "overlay"),
@@ -67,6 +70,16 @@ def test_bad_override_names_the_key(name, override, key):
         VALIDATE[name](cfg)
     assert info.value.key == key, str(info.value)
     assert f"'{key}'" in str(info.value)
+
+
+@pytest.mark.parametrize("group,name", [(g, p.stem) for g in ("task", "eval_data")
+                                        for p in sorted((ecgfm.conf.config_dir() / g).glob("*.yaml"))])
+def test_every_shipped_option_reads_all_its_params(group, name):
+    """Every ``params`` knob of the shipped task / eval_data options is read (by an interpolation or by code), so
+    the unused-knob check never refuses a shipped config."""
+    over = [f"{group}={name}"] + (["task=ptbxl_super", "eval_data.root=/x"] if name == "folder" and group == "eval_data"
+                                  else ["task=ptbxl_super"] if group == "eval_data" else [])
+    check_params_used(_compose("probe", *over))
 
 
 def test_typo_suggests_the_setting():
