@@ -68,8 +68,10 @@ class StMemViT(Backbone):
         seq_len: longest input in samples (a multiple of ``patch_size``); the position table has
             ``seq_len / patch_size + 2`` rows.
         patch_size: samples per patch ``P``.
-        num_leads: number of lead embeddings; an input may have at most this many leads (lead ``i`` uses
-            embedding ``i``, as in the authors' code).
+        num_leads: number of lead embeddings. With 12 they are the canonical leads I, II, III, aVR, aVL, aVF,
+            V1-V6 (ST-MEM's order), and a lead read through ``input_leads`` takes its own lead's embedding (lead II
+            takes row 1 whichever leads are read); otherwise, and without ``input_leads``, input row ``i`` takes
+            embedding ``i`` (the authors stack all embeddings onto all leads, so their inputs have every lead).
         width: token width ``D``.
         depth: number of transformer blocks.
         mlp_dim: hidden width of the block MLP.
@@ -97,6 +99,12 @@ class StMemViT(Backbone):
         if self._lead_idx is not None and len(self._lead_idx) > num_leads:
             raise ValueError(f"input_leads has {len(self._lead_idx)} leads but the model has {num_leads} lead "
                              f"embeddings")
+        if self._lead_idx is not None and num_leads != len(CANONICAL_LEADS) and len(self._lead_idx) != num_leads:
+            raise ValueError(f"input_leads names {len(self._lead_idx)} leads but the model has {num_leads} lead "
+                             f"embeddings, not the canonical 12: name the lead of every embedding, in order")
+        # rows of lead_embed the model's leads take: by lead identity when the 12 rows are the canonical leads
+        self._embed_idx = (self._lead_idx if self._lead_idx is not None and num_leads == len(CANONICAL_LEADS)
+                           else None)
         self.seq_len, self.patch_size, self.num_leads = seq_len, patch_size, num_leads
         self.num_patches = seq_len // patch_size
         self.width = self.num_features = width
@@ -128,10 +136,13 @@ class StMemViT(Backbone):
 
     # ------------------------------------------------------------------ tokens
     def patchify(self, x: torch.Tensor) -> torch.Tensor:
-        """Model channels ``(B, L, T) -> (B, L, N, P)`` patches (checks ``L`` and ``T``)."""
+        """Model channels ``(B, L, T) -> (B, L, N, P)`` patches (checks ``L`` and ``T``: without ``input_leads``
+        the input has one row per lead embedding, as the token helpers :meth:`pool` / :meth:`tokens_to_grid`
+        assume)."""
         b, n_leads, t = x.shape
-        if n_leads > self.num_leads:
-            raise ValueError(f"StMemViT has {self.num_leads} lead embeddings, got an input with {n_leads} leads")
+        if self._lead_idx is None and n_leads != self.num_leads:
+            raise ValueError(f"StMemViT has {self.num_leads} lead embeddings, got an input with {n_leads} leads (set "
+                             f"input_leads to read a subset of a canonical 12-lead input)")
         if t == 0 or t % self.patch_size or t > self.seq_len:
             raise ValueError(f"input length {t} must be a positive multiple of patch_size={self.patch_size} and at "
                              f"most seq_len={self.seq_len}")
@@ -141,7 +152,8 @@ class StMemViT(Backbone):
         """Input tokens before the blocks: ``(B, L_in, T) -> (B, L*N + 2L, D)`` (layout in the module docstring)."""
         patches = self.patchify(select_leads(x, self._lead_idx, "StMemViT"))      # (B, L, N, P)
         b, n_leads, n, _ = patches.shape
-        lead = self.lead_embed[:n_leads, None, :]                                  # (L, 1, D)
+        table = self.lead_embed if self._embed_idx is None else self.lead_embed[self._embed_idx]
+        lead = table[:n_leads, None, :]                                            # (L, 1, D)
         tokens = self.patch_embed(patches) + self.pos_embed[1:n + 1]              # (B, L, N, D)
         tokens = (tokens + lead).reshape(b, n_leads * n, self.width)              # (B, L*N, D)
         left = (self.sep_embed + self.pos_embed[0]) + lead[:, 0]                  # (L, D)
@@ -158,10 +170,8 @@ class StMemViT(Backbone):
         return tokens
 
     def _input_leads(self, x: torch.Tensor | None = None) -> int:
-        """Leads the model sees: ``len(input_leads)``, else the input's (default ``num_leads``)."""
-        if self._lead_idx is not None:
-            return len(self._lead_idx)
-        return self.num_leads if x is None else x.shape[1]
+        """Leads the model sees: ``len(input_leads)``, else ``num_leads`` (:meth:`patchify` checks the input)."""
+        return len(self._lead_idx) if self._lead_idx is not None else self.num_leads
 
     def num_patch_tokens(self, tokens: torch.Tensor, num_leads: int | None = None) -> int:
         """Number of patch tokens ``L*N`` at the front of a ``(B, L*N + 2L, D)`` token tensor (``L`` defaults to

@@ -210,6 +210,30 @@ def test_stmem_other_sizes_import_and_match(size, tmp_path):
         assert ("blocks.0.attn.proj.weight" in native.state_dict()) == (size["heads"] > 1)
 
 
+def test_stmem_lead_subset_takes_each_leads_own_embedding(tmp_path):
+    """A 12-lead checkpoint imported with leads=[II, V1] reads rows II and V1 of a canonical input; each must take
+    its *own* lead embedding (rows 1 and 6 of the 12), not rows 0 and 1 (leads I and II): the authors' model on
+    those two leads alone is the reference."""
+    size = STMEM_SIZES[0]
+    native = _perturb(create_backbone("stmem_vit", **size), 1)
+    peer = zoo_stmem.to_peer(native.state_dict())
+    torch.save({"model": peer}, tmp_path / "peer.pth")
+    out = import_encoder("stmem", tmp_path / "peer.pth", tmp_path / "enc", num_heads=size["heads"],
+                         leads=["II", "V1"])
+    loaded, _, info = load_encoder(out)
+    assert info["init_args"]["input_leads"] == ["II", "V1"] and info["init_args"]["num_leads"] == 12
+    idx = [CANONICAL_LEADS.index("II"), CANONICAL_LEADS.index("V1")]
+    two = {k: v for k, v in peer.items() if not k.startswith("lead_embeddings.")}
+    two.update({f"lead_embeddings.{j}": peer[f"lead_embeddings.{i}"] for j, i in enumerate(idx)})
+    x = torch.randn(2, 12, size["seq_len"])
+    with torch.no_grad():
+        assert (loaded.embed(x) - stmem_reference(two, x[:, idx], size["heads"])).abs().max() <= TOL
+    with pytest.raises(ValueError, match="name the lead of every embedding"):   # 2 embeddings, 1 lead named
+        create_backbone("stmem_vit", **{**size, "num_leads": 2}, input_leads=["II"])
+    with pytest.raises(ValueError, match="12 lead embeddings, got an input with 2 leads"):
+        native.embed(x[:, idx])                                   # no input_leads: which embeddings? refused
+
+
 def test_stmem_pretraining_model_imports_its_encoder(peers, tmp_path):
     sd = torch.load(peers / "stmem_vit_tiny.pth", weights_only=True)["model"]
     whole = {**{f"encoder.{k}": v for k, v in sd.items()}, "mask_token": torch.zeros(1, 1, 32),
