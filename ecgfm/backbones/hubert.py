@@ -156,6 +156,14 @@ class HubertECG(Backbone):
             HubertLayer(hidden_size, num_attention_heads, intermediate_size, hidden_act, layer_norm_eps,
                         do_stable_layer_norm, dropout) for _ in range(num_hidden_layers))
 
+    def layer_id(self, name: str) -> int:
+        """Layer id for layer-wise lr decay (:meth:`Backbone.layer_id`): the feature encoder and position
+        embedding 0, block ``i`` ``i + 1``; the shared ``layer_norm`` is where it runs: on the input (0) post-norm,
+        after the last block (``depth + 1``, below the head) with ``do_stable_layer_norm``."""
+        if self.stable and name.startswith("layer_norm."):
+            return len(self.blocks) + 1
+        return super().layer_id(name)
+
     def num_frames(self, samples: int) -> int:
         """Frames the feature encoder makes of ``samples`` input samples."""
         for k, s in zip(self.conv_kernel, self.conv_stride):

@@ -179,6 +179,16 @@ def test_layer_ids_come_from_the_backbone():
     assert top == 1 and layer("backbone.conv.weight") == 0 and layer("head.weight") == 1
 
 
+@pytest.mark.parametrize("stable", [False, True])
+def test_hubert_final_layer_norm_sits_where_it_runs(stable):
+    """HuBERT's shared ``layer_norm`` runs on the input (post-norm: layer 0) or after the last block (pre-norm,
+    ``do_stable_layer_norm``: the top backbone layer, one decay step below the head, as a ViT's final norm)."""
+    hub = create_backbone("hubert_ecg", num_hidden_layers=3, do_stable_layer_norm=stable)
+    assert hub.layer_id("blocks.2.fc2.weight") == 3 and hub.layer_id("pos_conv_g") == 0
+    assert hub.layer_id("layer_norm.weight") == (4 if stable else 0)
+    assert hub.num_layer_ids == (5 if stable else 4)
+
+
 def test_layer_wise_decay_groups():
     module = _finetune_module("vit1d_test", layer_decay=0.5)
     groups = param_groups(module, 0.1, lr=1.0, layer_decay=0.5, no_decay_names=FINETUNE_NO_DECAY_NAMES)
