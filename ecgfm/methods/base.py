@@ -82,6 +82,12 @@ def fit_probe_auroc(emb: np.ndarray, y: np.ndarray, multilabel: bool, num_classe
         Y = np.asarray(y, dtype=np.float64).reshape(n, -1) > 0.5
     else:
         y = np.asarray(y)
+        if y.ndim == 2:
+            hits = (y > 0.5).sum(1)
+            if len(hits) and not (hits == 1).all():
+                raise ValueError(f"probe targets are not one class per sample: {int((hits == 0).sum())} rows have "
+                                 f"no class and {int((hits > 1).sum())} several (multi-hot labels); an argmax "
+                                 f"would count them as class 0 / their first class: set probe_multilabel=true")
         labels = y.argmax(1) if y.ndim == 2 else y.astype(np.int64)
         if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
             raise ValueError(f"probe labels must lie in [0, {num_classes}), got [{labels.min()}, {labels.max()}]")

@@ -105,6 +105,27 @@ def test_probe_fit():
     assert 0.35 < auc_rand < 0.65                  # uninformative embeddings give chance level
 
 
+def test_probe_refuses_multi_hot_targets_as_single_label():
+    """The pretraining datamodule's probe labels are a multi-hot (N, C) matrix: a record without any probe class
+    (or with several) must not become class 0 (its first class) through an argmax; the shipped method configs take
+    the multilabel path, which scores the same OvR AUROC for one-hot rows."""
+    from hydra import compose, initialize_config_dir
+
+    from ecgfm.conf import config_dir
+
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(200, 4))
+    onehot = np.eye(3)[rng.integers(0, 3, 200)]
+    assert fit_probe_auroc(emb, onehot, False, 3) == fit_probe_auroc(emb, onehot, True, 3)
+    none = onehot.copy()
+    none[:5] = 0
+    with pytest.raises(ValueError, match="5 rows have no class.*probe_multilabel=true"):
+        fit_probe_auroc(emb, none, multilabel=False, num_classes=3)
+    with initialize_config_dir(str(config_dir()), version_base="1.3"):
+        for method in ("mae", "simclr", "clocs", "crema"):
+            assert compose("train", overrides=[f"method={method}"]).method.probe_multilabel is True
+
+
 def _val_batches(n_batches: int, informative: bool):
     g = torch.Generator().manual_seed(1)
     out = []
