@@ -186,8 +186,10 @@ class MLPProbe:
         return p.double().numpy()
 
     def fit(self, x: np.ndarray, labels: np.ndarray, x_val: np.ndarray | None = None,
-            labels_val: np.ndarray | None = None) -> "MLPProbe":
-        """Fit on ``x (n, D)``, ``labels (n, C)``; early-stop on ``(x_val, labels_val)`` macro AUROC if given."""
+            labels_val: np.ndarray | None = None, val_score: Any = None) -> "MLPProbe":
+        """Fit on ``x (n, D)``, ``labels (n, C)``; early-stop on the validation macro AUROC: ``val_score(probe)``
+        when given (e.g. the record-level AUROC of window predictions averaged per record, the number the
+        probe is chosen and reported on), else the AUROC of the rows ``(x_val, labels_val)``."""
         from ecgfm.heads import MLPHead
 
         # Full-batch steps on a few thousand x a few hundred numbers: one thread is faster than several and
@@ -195,12 +197,12 @@ class MLPProbe:
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            return self._fit(x, labels, x_val, labels_val, MLPHead)
+            return self._fit(x, labels, x_val, labels_val, MLPHead, val_score)
         finally:
             torch.set_num_threads(threads)
 
     def _fit(self, x: np.ndarray, labels: np.ndarray, x_val: np.ndarray | None, labels_val: np.ndarray | None,
-             MLPHead: Any) -> "MLPProbe":
+             MLPHead: Any, val_score: Any = None) -> "MLPProbe":
         torch.manual_seed(self.seed)
         self.scaler.fit(x)
         xt = torch.from_numpy(self.scaler.transform(x).astype(np.float32))
@@ -221,8 +223,10 @@ class MLPProbe:
             loss = loss_fn(self.net(xt), yt)
             loss.backward()
             opt.step()
-            if x_val is not None and labels_val is not None and epoch % self.eval_every == 0:
-                if stop.update(macro_auroc(labels_val, self._probs(x_val)), epoch):
+            if epoch % self.eval_every == 0 and (val_score is not None or
+                                                 (x_val is not None and labels_val is not None)):
+                score = val_score(self) if val_score is not None else macro_auroc(labels_val, self._probs(x_val))
+                if stop.update(score, epoch):
                     break
         if stop.restore():
             self.best_val = stop.best
@@ -391,10 +395,14 @@ def _predict_records(model: Any, fs: FeatureSet | TokenSet, rows: np.ndarray, ag
         assert means is not None
         return model.predict_proba(means[rows])
     x, pos = fs.windows_of(rows)
+    counts = np.bincount(pos, minlength=len(rows))
+    if (counts == 0).any():   # a record skipped for non-finite input: no windows, no prediction (not 0 for all)
+        raise ValueError(f"records {np.asarray(rows)[counts == 0][:5].tolist()} (cache rows) have no windows in the "
+                         f"feature set (skipped for non-finite input?); predict on FeatureSet.valid_rows only")
     p = model.predict_proba(x)
     out = np.zeros((len(rows), p.shape[1]))
     np.add.at(out, pos, p)
-    return out / np.maximum(np.bincount(pos, minlength=len(rows)), 1)[:, None]
+    return out / counts[:, None]
 
 
 def _hp_name(hp: Any) -> str:
@@ -466,7 +474,7 @@ def run_probe_grid(data: ProbeData, fractions: Sequence[float], seeds: Sequence[
     means = None if tokens else record_matrix(fs, aggregate)
     ext_means = {k: (None if tokens else record_matrix(v[0], aggregate)) for k, v in data.external.items()}
     train, val, test = (np.asarray(data.splits[k], dtype=np.int64) for k in ("train", "val", "test"))
-    x_val, y_val = (None, labels[val]) if tokens else _design(fs, labels, val, aggregate, means)
+    y_val = labels[val]
     results = []
     for seed in seeds:
         subsets = fraction_subsets(train, labels if data.multilabel else labels.argmax(axis=1),
@@ -482,7 +490,10 @@ def run_probe_grid(data: ProbeData, fractions: Sequence[float], seeds: Sequence[
                     model = LinearProbe(data.multilabel, C=hp, max_iter=max_iter, seed=int(seed)).fit(x_tr, y_tr)
                 elif mode == "mlp":
                     model = MLPProbe(data.multilabel, lr=hp, seed=int(seed), **(mlp_kwargs or {}))
-                    model.fit(x_tr, y_tr, x_val, y_val)
+                    # early stopping on the record-level validation AUROC, the number the lr is chosen on (with
+                    # mean_prediction, the validation windows' AUROC would weigh records by their window count)
+                    model.fit(x_tr, y_tr, val_score=lambda m: macro_auroc(
+                        labels[val], _predict_records(m, fs, val, aggregate, means)))
                 else:
                     model = AttentionProbe(data.multilabel, lr=hp[0], weight_decay=hp[1], seed=int(seed), **att)
                     assert isinstance(fs, TokenSet)

@@ -77,6 +77,35 @@ def test_mlp_probe_learns_nonlinear_xor():
     assert macro_auroc(y[500:], mlp.predict_proba(x[500:])) > 0.9
 
 
+def test_mlp_mean_prediction_early_stops_on_the_record_level_auroc():
+    """With ``mean_prediction`` the MLP sees windows, but the learning rate is chosen and reported on the
+    record-level validation AUROC (window predictions averaged per record); early stopping must use that number
+    too, not the window-level AUROC (records with more windows would weigh more): the epoch kept scores exactly
+    the reported validation AUROC."""
+    rng = np.random.default_rng(0)
+    n = 240
+    y = (rng.random((n, 2)) < 0.4).astype(np.float32)
+    nwin = rng.integers(1, 13, n)                               # unequal window counts
+    rec = np.repeat(np.arange(n), nwin)
+    feats = (y @ rng.normal(size=(2, 8)) * 0.6)[rec] + rng.normal(size=(len(rec), 8)) * 2.0
+    fs = FeatureSet(features=feats.astype(np.float32), record=rec, n_records=n)
+    splits = {"train": np.arange(120), "val": np.arange(120, 180), "test": np.arange(180, 240)}
+    res = run_probe_grid(ProbeData(fs, y, splits, True, ["a", "b"]), [1.0], [0], mode="mlp", lrs=[1e-3],
+                         aggregate="mean_prediction", n_boot=0,
+                         mlp_kwargs=dict(epochs=200, eval_every=5, patience=1000, hidden_dim=32))
+    assert res[0]["model"].best_val == pytest.approx(res[0]["val_macro_auroc"], abs=1e-12)
+
+
+def test_mean_prediction_refuses_records_without_windows():
+    """A record skipped for non-finite input has no windows: it must not be scored as probability 0."""
+    fs, y, splits = _blobs(n=60, windows=2)
+    keep = fs.record != splits["test"][0]
+    holey = FeatureSet(features=fs.features[keep], record=fs.record[keep], n_records=fs.n_records)
+    with pytest.raises(ValueError, match="no windows"):
+        run_probe_grid(ProbeData(holey, y, splits, False, ["a", "b", "c"]), [1.0], [0], Cs=[1.0],
+                       aggregate="mean_prediction", n_boot=0)
+
+
 class _Cache:
     """Minimal stand-in for CorpusCache: len, signal(i), manifest."""
 
