@@ -19,8 +19,10 @@ A task is a YAML file in ``conf/task/`` (a new task needs no code)::
 Split kinds: ``folds`` (published folds in ``meta[key]``, :func:`ecgfm.data.splits.fold_split`),
 ``stratified`` (``fractions: [train, val, test]``, ``seed``; patient-level iterative stratification,
 :func:`ecgfm.data.splits.patient_stratified_split`; records without a patient id are their own patient),
-``column`` (a per-record split name in ``meta[key]``: train / val / test) and ``all`` (every labelled record
-is test data: external validation sets).
+``column`` (a per-record split name in ``meta[key]``: train / val / test, or training / valid / validation / dev /
+testing; any other value is refused, a labelled record without one is in no split and counted in the notes) and
+``all`` (every labelled record is test data: external validation sets). Every split is checked for a patient on
+two sides (:func:`ecgfm.data.splits.assert_disjoint_patients`), the published folds and split columns too.
 
 Records without any label of the class space are left out of every split (as in the PTB-XL benchmark). The cache
 is prepared on first use with :func:`ecgfm.data.prepare.prepare_cache` and the *encoder's* preprocessing, so the
@@ -185,7 +187,7 @@ def build_task(spec: TaskSpec, cache_root: str, preprocess: PreprocessSpec, clas
         ValueError: no labelled record, a single-label task with multi-label records, bad split settings.
     """
     from ecgfm.data.cache import CorpusCache
-    from ecgfm.data.splits import fold_split, patient_stratified_split
+    from ecgfm.data.splits import assert_disjoint_patients, fold_split, patient_stratified_split
 
     cache_dir = prepare_task_cache(spec, cache_root, preprocess, workers=workers, progress=progress)
     cache = CorpusCache(cache_dir)
@@ -259,16 +261,33 @@ def build_task(spec: TaskSpec, cache_root: str, preprocess: PreprocessSpec, clas
         sp = {k: rows[v] for k, v in local.items()}
     elif kind == "column":
         key = spec.split.get("key", "split")
-        names = np.array([str((m or {}).get(key, "")).lower() for m in index["meta"]])
+        names = np.array([_SPLIT_NAMES.get(v, v) for v in
+                          (str((m or {}).get(key, "") or "").strip().lower() for m in index["meta"])])
+        odd = sorted({str(v) for v in names[labelled] if v not in ("train", "val", "test", "", "none", "nan")})
+        if odd:
+            raise ValueError(f"task {spec.name}: split column {key!r} holds {odd[:5]} beside train / val / test "
+                             f"(also accepted: {', '.join(sorted(_SPLIT_NAMES))}); those labelled records would be "
+                             f"in no split")
+        missing = int((labelled & ~np.isin(names, ("train", "val", "test"))).sum())
+        if missing:
+            notes.append(f"{missing} labelled record(s) have no value in split column {key!r}: in no split")
         sp = {k: np.flatnonzero((names == k) & labelled) for k in ("train", "val", "test")}
     else:  # all
         sp = {"train": np.zeros(0, np.int64), "val": np.zeros(0, np.int64), "test": rows}
     splits = {k: np.sort(np.asarray(sp.get(k, []), dtype=np.int64)) for k in ("train", "val", "test")}
+    try:   # every kind: published folds or a split column can put one patient on two sides too
+        assert_disjoint_patients(splits, pids)
+    except ValueError as exc:
+        raise ValueError(f"task {spec.name} ({kind} split of {cache_dir}): {exc}") from None
     fs = float(cache.fs or preprocess.fs or 100.0)
     return TaskData(spec=spec, cache_dir=str(cache_dir), cache=cache, labels=y, class_names=class_names,
                     multilabel=bool(spec.multilabel), splits=splits, patient_ids=pids,
                     crop_samples=int(round(spec.crop_seconds * fs)),
                     stride_samples=max(1, int(round(spec.stride_seconds * fs))), notes=notes)
+
+
+#: other spellings of the split names in a ``column`` split
+_SPLIT_NAMES = {"training": "train", "valid": "val", "validation": "val", "dev": "val", "testing": "test"}
 
 
 # ------------------------------------------------------------------ external validation across label vocabularies
