@@ -408,7 +408,8 @@ def preprocess_signal(sig: np.ndarray, fs: float, mask: np.ndarray, spec: Prepro
 
 
 def preprocess_record(record: ECGRecord, spec: PreprocessSpec) -> ECGRecord:
-    """Apply ``spec`` to a record; the evidence mask (if any) is resampled with nearest-neighbour."""
+    """Apply ``spec`` to a record; the evidence mask (if any) is resampled with nearest-neighbour, and the sample
+    positions of its annotations (R peaks, beat samples, AF episode bounds) are moved to the new rate."""
     where = record.header.get("path", record.key)
     sig, fs, mask = preprocess_signal(record.signal, record.fs, record.lead_mask, spec, where)
     evidence = record.evidence
@@ -417,7 +418,21 @@ def preprocess_record(record: ECGRecord, spec: PreprocessSpec) -> ECGRecord:
         evidence = evidence[:, idx]
     header = dict(record.header)
     header.setdefault("fs_original", float(record.fs))
-    return record.replace(signal=sig, fs=fs, lead_mask=mask, evidence=evidence, header=header)
+    annotations = record.annotations
+    if annotations and float(fs) != float(record.fs):
+        annotations = {k: _rescale_samples(v, fs / float(record.fs), sig.shape[1]) for k, v in annotations.items()}
+    return record.replace(signal=sig, fs=fs, lead_mask=mask, evidence=evidence, header=header,
+                          annotations=annotations)
+
+
+def _rescale_samples(value: Any, ratio: float, n_samples: int) -> Any:
+    """Integer sample positions (an array, or ``[[start, end], ...]`` lists) at ``ratio`` times the rate, within
+    ``[0, n_samples)``; negative sentinels and non-integer annotations (symbols, notes) are kept as they are."""
+    arr = np.asarray(value)
+    if arr.dtype.kind not in "iu" or arr.size == 0:
+        return value
+    moved = np.where(arr >= 0, np.minimum(np.round(arr * ratio), n_samples - 1), arr).astype(arr.dtype)
+    return moved.tolist() if isinstance(value, list) else moved
 
 
 def crop_or_pad(sig: np.ndarray, length: int, start: int | None = None,

@@ -252,3 +252,19 @@ def test_errors_name_the_record_and_the_problem():
                           PreprocessSpec(fs=100.0))
     with pytest.raises(ECGDataError, match="test/r1"):      # no path in the header: the record key
         preprocess_record(_record(np.zeros((12, 500)), 100.0), PreprocessSpec())
+
+
+def test_annotations_follow_the_resampling():
+    """R peaks, beat samples and AF episode bounds are sample positions: at 200 -> 100 Hz they halve (they kept
+    the 200 Hz positions, so RR intervals doubled and half the peaks lay past the end); symbols stay as they are."""
+    sig = np.tile(_sine(1.0, 200, 10.0), (12, 1))
+    ann = {"r_peaks": np.array([10, 1001, 1999], dtype=np.int64), "symbol": np.array(["N", "V", "N"]),
+           "af_episodes": [[400, 1999]], "sample": np.array([-1, 600], dtype=np.int64)}
+    out = preprocess_record(_record(sig, 200.0, annotations=ann), PreprocessSpec(fs=100, **NONE))
+    assert out.fs == 100.0 and out.n_samples == 1000
+    assert out.annotations["r_peaks"].tolist() == [5, 500, 999] and out.annotations["r_peaks"].dtype == np.int64
+    assert out.annotations["symbol"].tolist() == ["N", "V", "N"]
+    assert out.annotations["af_episodes"] == [[200, 999]]
+    assert out.annotations["sample"].tolist() == [-1, 300]                   # a sentinel is not a position
+    same = preprocess_record(_record(sig, 200.0, annotations=ann), PreprocessSpec(fs=200, **NONE))
+    assert same.annotations["r_peaks"].tolist() == [10, 1001, 1999]
