@@ -33,7 +33,7 @@ import torch
 
 from ecgfm.artifacts import ArtifactError, artifact_kind
 from ecgfm.artifacts import load_classifier as load_classifier_artifact
-from ecgfm.data.preprocess import PreprocessSpec, preprocess_signal, resample
+from ecgfm.data.preprocess import PreprocessSpec, resample
 from ecgfm.data.record import CANONICAL_LEADS, ECGDataError, ECGRecord
 from ecgfm.explain import visualize as viz
 from ecgfm.explain import waves as waves_mod
@@ -79,8 +79,7 @@ def display_signal(record: ECGRecord, wrapper: ECGWrapper) -> np.ndarray:
             mask[j] = True
     if wrapper.spec is not None:
         spec = PreprocessSpec(**{**wrapper.spec.to_dict(), "fs": wrapper.fs, "normalize": "none", "clip": None})
-        out, _, _ = preprocess_signal(rows, record.fs, mask, spec, record.key)
-        return out
+        return wrapper.preprocess_rows(rows, record.fs, mask, spec, record.key)[0]
     return resample(np.nan_to_num(rows), record.fs, wrapper.fs)
 
 

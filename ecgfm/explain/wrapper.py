@@ -455,7 +455,7 @@ class ECGWrapper(nn.Module):
                 present[j] = True
         if self.spec is not None:
             spec = self.spec if self.spec.fs is not None else PreprocessSpec(**{**self.spec.to_dict(), "fs": self.fs})
-            rows, out_fs, _ = preprocess_signal(rows, fs, present, spec, where)
+            rows, out_fs = self.preprocess_rows(rows, fs, present, spec, where)
         else:
             rows = resample(rows, fs, self.fs)
             out_fs = self.fs
@@ -470,6 +470,18 @@ class ECGWrapper(nn.Module):
                                       f"expects {self.n_samples}; crop or pad first "
                                       "(ecgfm.data.preprocess.crop_or_pad)")
         return t.to(self.device)
+
+    def preprocess_rows(self, rows: np.ndarray, fs: float, present: np.ndarray, spec: PreprocessSpec,
+                        where: str) -> tuple[np.ndarray, float]:
+        """Preprocess the model's rows ``(L_model, T)`` (model lead order) with ``spec``: through the canonical
+        12-lead layout :func:`~ecgfm.data.preprocess.preprocess_signal` works on, then back to the model's order.
+        Returns ``(rows (L_model, T'), fs')``."""
+        idx = [CANONICAL_LEADS.index(lead) for lead in self.lead_names]
+        full = np.zeros((len(CANONICAL_LEADS), rows.shape[1]), dtype=np.float32)
+        mask = np.zeros(len(CANONICAL_LEADS), dtype=bool)
+        full[idx], mask[idx] = rows, present
+        out, out_fs, _ = preprocess_signal(full, fs, mask, spec, where)
+        return out[idx], out_fs
 
     # ------------------------------------------------------------------ layers
     def layer_names(self) -> list[str]:

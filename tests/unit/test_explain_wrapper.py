@@ -256,3 +256,21 @@ def test_from_checkpoint_reads_classifier_directories(tmp_path):
     assert w.class_names == ("n", "pvc") and w.postprocess == "softmax"
     w2 = ECGWrapper.from_checkpoint(tmp_path / "clf", postprocess="sigmoid")
     assert w2.postprocess == "sigmoid" and w2.n_samples == 250 and w2.encoder is w2.model.encoder
+
+
+@pytest.mark.parametrize("leads", [["II"], ["V1", "I"]])
+def test_prepare_with_a_spec_for_a_model_of_fewer_or_reordered_leads(leads):
+    """A model of other leads than the canonical 12, with a preprocessing spec: the rows are preprocessed in the
+    canonical layout (only the model's leads present) and handed over in the model's order (this raised
+    "12 leads but the model expects 1")."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((12, 1000)).astype(np.float32)
+    spec = PreprocessSpec(fs=100)
+    w = ECGWrapper(nn.Sequential(nn.Flatten(), nn.LazyLinear(2)), fs=100, lead_names=leads, preprocess=spec)
+    got = w.prepare(x, fs=100, lead_names=list(CANONICAL_LEADS))
+    idx = [CANONICAL_LEADS.index(lead) for lead in leads]
+    only = np.zeros_like(x)
+    only[idx] = x[idx]
+    ref, _, _ = preprocess_signal(only, 100.0, np.isin(np.arange(12), idx), spec, "ref")
+    assert got.shape == (1, len(leads), 1000)
+    np.testing.assert_allclose(got[0].numpy(), ref[idx], atol=1e-6)
