@@ -234,6 +234,17 @@ def make_resumable(datamodule: L.LightningDataModule) -> None:
     datamodule.train_dataloader = _ResumableTrainLoader(datamodule, datamodule.train_dataloader).train_dataloader
 
 
+def stopped_mid_epoch(trainer: L.Trainer) -> bool:
+    """Whether ``trainer.fit`` returned inside an epoch that its epoch counter already counts as finished (see
+    :func:`save_final_checkpoint`): then ``trainer.current_epoch`` is one more than the epochs completed."""
+    fl = trainer.fit_loop
+    done = int(fl.epoch_loop.batch_progress.current.completed)
+    n = trainer.num_training_batches
+    counters = (fl.epoch_progress.current, fl.epoch_progress.total)
+    return (isinstance(n, int) and 0 < done < n
+            and all(c.completed == c.started and c.completed > 0 for c in counters))
+
+
 def save_final_checkpoint(trainer: L.Trainer, path: str | Any) -> None:
     """Save the state ``trainer.fit`` ended in, as a checkpoint a rerun resumes exactly.
 
@@ -244,11 +255,8 @@ def save_final_checkpoint(trainer: L.Trainer, path: str | Any) -> None:
     the save (only when the stop was mid-epoch and the counter did move) and restored after it.
     """
     fl = trainer.fit_loop
-    done = int(fl.epoch_loop.batch_progress.current.completed)
-    n = trainer.num_training_batches
     counters = (fl.epoch_progress.current, fl.epoch_progress.total)
-    mid = (isinstance(n, int) and 0 < done < n
-           and all(c.completed == c.started and c.completed > 0 for c in counters))
+    mid = stopped_mid_epoch(trainer)
     if mid:
         for c in counters:
             c.processed -= 1

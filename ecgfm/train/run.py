@@ -40,7 +40,7 @@ from ecgfm.train.build import (build_callbacks, build_logger, check_backbone_fit
                                crop_targets_for, data_rate, log_dir, pretext_targets_for)
 from ecgfm.train.checkpoints import (AtomicCheckpointIO, DataFacts, check_resume_config, find_resume_checkpoint,
                                      guard_fresh_start, remove_stale_temporaries)
-from ecgfm.train.loop import make_resumable, save_final_checkpoint
+from ecgfm.train.loop import make_resumable, save_final_checkpoint, stopped_mid_epoch
 from ecgfm.train.safety import NonFiniteGuard, check_finite_state
 
 log = logging.getLogger(__name__)
@@ -167,12 +167,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         # ModelCheckpoint saves every N steps; make last.ckpt the final state so a rerun does not repeat steps.
         save_final_checkpoint(trainer, last)
 
+    mid_epoch = stopped_mid_epoch(trainer)
     summary: dict[str, Any] = {
         "method": str(cfg.method._target_).rsplit(".", 1)[-1],
         "backbone": getattr(model.backbone, "name", type(model.backbone).__name__),
         "n_parameters": int(sum(p.numel() for p in model.backbone.parameters())),
         "steps": int(trainer.global_step),
-        "epochs": int(trainer.current_epoch),
+        # whole epochs run (fit counts an epoch stopped part-way by max_steps / max_time as finished), and the
+        # batches of the unfinished one
+        "epochs": int(trainer.current_epoch) - int(mid_epoch),
+        "partial_epoch_batches": int(trainer.fit_loop.epoch_loop.batch_progress.current.completed) if mid_epoch
+        else 0,
         "split": "train",
         **history.summary(),
         "loss_history_steps": len(history.losses),
