@@ -17,7 +17,8 @@ Measures, on the shared real data (``../shared/data``):
 4. (after 1) the cost of the cache's integrity check on open (stat check vs none vs full sha256) and of the
    input-freshness check (:func:`ecgfm.data.cache.input_changes`).
 
-Throughputs are means over timing blocks with a 95% t-interval across blocks. Caches go to a temporary folder
+Throughputs are samples / time over timing blocks (ecgfm.timing.rate_interval: 1 / mean time per sample, not a
+mean of per-block rates) with the 95% t-interval across blocks, inverted. Caches go to a temporary folder
 (``--work``) that is deleted afterwards unless ``--keep``.
 """
 
@@ -40,6 +41,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
+
+from ecgfm.timing import rate_interval  # noqa: E402
 
 DATA = (ROOT / ".." / "shared" / "data").resolve()
 
@@ -82,18 +85,6 @@ def load_average() -> str:
         return f"load {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
     except OSError:  # pragma: no cover
         return f"{os.cpu_count()} CPUs"
-
-
-def t_interval(values: list[float]) -> tuple[float, float, float]:
-    """Mean and 95% t-interval of ``values``."""
-    from scipy import stats
-
-    x = np.asarray(values, dtype=np.float64)
-    m = float(x.mean())
-    if len(x) < 2:
-        return m, float("nan"), float("nan")
-    h = float(stats.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x)))
-    return m, m - h, m + h
 
 
 def integrity_costs(cache_dir: Path) -> dict:
@@ -194,7 +185,7 @@ def _time_loader(loader, n_batches: int, blocks: int, warmup: int = 2) -> tuple[
     for _ in range(warmup):
         next(it)
     per = max(n_batches // blocks, 1)
-    rates, total = [], 0
+    counts, times = [], []
     for _ in range(blocks):
         t0, n = time.perf_counter(), 0
         for _ in range(per):
@@ -204,10 +195,10 @@ def _time_loader(loader, n_batches: int, blocks: int, warmup: int = 2) -> tuple[
                 it = iter(loader)
                 b = next(it)
             n += b["x"].shape[0]
-        rates.append(n / (time.perf_counter() - t0))
-        total += n
-    m, lo, hi = t_interval(rates)
-    return m, lo, hi, total
+        times.append(time.perf_counter() - t0)
+        counts.append(n)
+    m, lo, hi = rate_interval(counts, times)   # samples / time, not a mean of per-block rates
+    return m, lo, hi, sum(counts)
 
 
 def _cpu_per_sample(loader, n_batches: int) -> float:

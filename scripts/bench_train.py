@@ -22,8 +22,9 @@ samples, patch 75, mask 0.75, batch 8). FLOPs of one step (forward + backward, o
 :class:`torch.utils.flop_counter.FlopCounterMode`; the machine's dense matmul peak is measured in the same run by
 timing a large matrix product (float32 on both MKL and oneDNN on CPU, the faster counting; bfloat16 with
 ``--bf16``); MFU = FLOPs/step x steps/s / peak.
-Throughput is the mean over the timed steps with a 95 % confidence interval from the per-step times
-(normal approximation). All methods are built first and their timed steps are interleaved (round robin), so a
+Throughput is samples / time over the timed steps (batch / mean step time, :func:`ecgfm.timing.rate_interval`;
+not a mean of per-step rates, which overstates it when step times vary) with the 95 % t-interval of the mean step
+time, inverted. All methods are built first and their timed steps are interleaved (round robin), so a
 change of machine load during the run affects every method alike.
 
 Examples::
@@ -58,6 +59,7 @@ from ecgfm.accel import (CPU_LINEAR_MODES, onednn_flop_formulas, onednn_linear_a
                          resolve_cpu_linear, use_onednn_linears)
 from ecgfm.backbones import create_backbone  # noqa: E402
 from ecgfm.backbones.vit1d import sincos_1d  # noqa: E402
+from ecgfm.timing import rate_interval  # noqa: E402
 
 SIZES = {"test": "vit1d_test", "tiny": "vit1d_tiny", "small": "vit1d_small", "base": "vit1d_base"}
 ALL_METHODS = ("reference", "reference_onednn", "mae_stmem", "mae", "crema", "simclr", "clocs")
@@ -273,14 +275,6 @@ def matmul_peak(device: str, dtype: torch.dtype, n: int, reps: int) -> float:
     return 2 * n ** 3 / best
 
 
-def mean_ci(values: list[float]) -> tuple[float, float, float]:
-    m = statistics.fmean(values)
-    if len(values) < 2:
-        return m, float("nan"), float("nan")
-    half = 1.96 * statistics.stdev(values) / math.sqrt(len(values))
-    return m, m - half, m + half
-
-
 class Runner:
     """One method's model, optimiser and timed training step."""
 
@@ -319,8 +313,7 @@ class Runner:
         self.times.append(time.perf_counter() - t0)
 
     def result(self) -> dict[str, Any]:
-        rates = [self.args.batch / t for t in self.times]
-        mean, lo, hi = mean_ci(rates)
+        mean, lo, hi = rate_interval(self.args.batch, self.times)   # samples / time, not a mean of step rates
         return {"method": self.method, "params": self.params, "flops_per_step": self.flops, "samples_per_s": mean,
                 "samples_per_s_ci95": [lo, hi], "step_s_median": statistics.median(self.times),
                 "steps": len(self.times)}

@@ -1,0 +1,59 @@
+"""ecgfm.timing.rate_interval: a throughput is items / time, not the mean of per-block rates."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from ecgfm.timing import rate_interval
+
+
+def test_rate_is_items_over_time_not_a_mean_of_rates():
+    rate, lo, hi = rate_interval(8, [0.01, 0.1])          # 16 samples in 0.11 s
+    assert rate == pytest.approx(16 / 0.11)               # the mean of rates would say 440
+    assert lo < rate < hi
+    same, lo1, hi1 = rate_interval(8, [0.05] * 4)
+    assert same == pytest.approx(160.0) and lo1 == pytest.approx(160.0) and hi1 == pytest.approx(160.0)
+
+
+def test_rate_with_unequal_blocks_and_degenerate_inputs():
+    rate, _, _ = rate_interval([100, 50], [1.0, 0.5])     # both blocks at 100 items/s
+    assert rate == pytest.approx(100.0)
+    one, lo, hi = rate_interval([10], [2.0])
+    assert one == 5.0 and math.isnan(lo) and math.isnan(hi)
+    assert rate_interval(1, [0.001, 1.0])[2] == math.inf  # the interval of the time per item reaches 0
+    with pytest.raises(ValueError, match="positive"):
+        rate_interval(0, [1.0, 1.0])
+
+
+def test_bench_data_loader_rate_is_samples_over_time():
+    """scripts/bench_data.py's loader throughput on a fake loader whose blocks alternate 2 ms / 100 ms: samples /
+    timed time (the old mean of per-block rates said ~3x that)."""
+    import importlib.util
+    import time
+    from pathlib import Path
+
+    import numpy as np
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_data", Path(__file__).resolve().parents[2] / "scripts" / "bench_data.py")
+    bd = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bd)
+    slept: list[float] = []
+
+    def loader():
+        for k in range(12):
+            d = 0.0 if k < 2 else (0.001 if (k - 2) // 2 % 2 == 0 else 0.05)   # 2 warm-up batches, then blocks
+            time.sleep(d)
+            slept.append(d)
+            yield {"x": np.zeros((256, 1))}
+
+    class Loader:
+        def __iter__(self):
+            return loader()
+
+    rate, lo, hi, total = bd._time_loader(Loader(), n_batches=8, blocks=4)
+    assert total == 8 * 256
+    timed = sum(slept[2:10])
+    assert 0.8 * total / timed < rate <= 1.05 * total / timed and lo <= rate <= hi
