@@ -62,7 +62,9 @@ class StepSeedCallback(L.Callback):
 class ThroughputCallback(L.Callback):
     """Log training throughput (``train/samples_per_s``, all ranks together) to the progress bar and loggers.
 
-    Uses Lightning's :class:`~lightning.fabric.utilities.throughput.Throughput` rolling window.
+    Uses Lightning's :class:`~lightning.fabric.utilities.throughput.Throughput` rolling window over training time:
+    the time spent in validation loops during fit is left out (as Lightning's ``ThroughputMonitor`` does), so a
+    window spanning an end-of-epoch validation does not show a collapsed rate.
     """
 
     def __init__(self, window_size: int = 5) -> None:
@@ -71,11 +73,23 @@ class ThroughputCallback(L.Callback):
         self._t0 = 0.0
         self._samples = 0
         self._batches = 0
+        self._paused = 0.0               # seconds of validation inside fit, left out of the training time
+        self._val_t0: float | None = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._throughput = Throughput(window_size=self.window_size, world_size=trainer.world_size)
         self._t0 = time.perf_counter()
         self._samples = self._batches = 0
+        self._paused = 0.0
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._throughput is not None and not trainer.sanity_checking:
+            self._val_t0 = time.perf_counter()
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._val_t0 is not None:
+            self._paused += time.perf_counter() - self._val_t0
+            self._val_t0 = None
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -84,7 +98,8 @@ class ThroughputCallback(L.Callback):
         x = batch["x"] if isinstance(batch, dict) else batch[0]
         self._batches += 1
         self._samples += int(x.shape[0])
-        self._throughput.update(time=time.perf_counter() - self._t0, batches=self._batches, samples=self._samples)
+        self._throughput.update(time=time.perf_counter() - self._t0 - self._paused, batches=self._batches,
+                                samples=self._samples)
         metrics = self._throughput.compute()
         rate = metrics.get("device/samples_per_sec")
         if rate is not None:

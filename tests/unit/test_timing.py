@@ -57,3 +57,30 @@ def test_bench_data_loader_rate_is_samples_over_time():
     assert total == 8 * 256
     timed = sum(slept[2:10])
     assert 0.8 * total / timed < rate <= 1.05 * total / timed and lo <= rate <= hi
+
+
+def test_training_throughput_leaves_validation_time_out(monkeypatch):
+    """ThroughputCallback's train/samples_per_s: 8 samples per 0.1 s step; a 1 s validation between steps must not
+    show as a collapsed rate for the windows spanning it."""
+    import types
+
+    import torch
+
+    import ecgfm.train.loop as loop
+
+    clock = [0.0]
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: clock[0])
+    logged: list[float] = []
+    trainer = types.SimpleNamespace(world_size=1, sanity_checking=False)
+    module = types.SimpleNamespace(log=lambda name, value, **kw: logged.append(value))
+    cb = loop.ThroughputCallback(window_size=3)
+    cb.on_train_start(trainer, module)
+    batch = {"x": torch.zeros(8, 12, 10)}
+    for step in range(8):
+        clock[0] += 0.1
+        cb.on_train_batch_end(trainer, module, None, batch, step)
+        if step == 3:                                   # an end-of-epoch validation of 1 s
+            cb.on_validation_start(trainer, module)
+            clock[0] += 1.0
+            cb.on_validation_end(trainer, module)
+    assert logged and all(v == pytest.approx(80.0) for v in logged)
