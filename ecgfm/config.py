@@ -417,10 +417,11 @@ def check_params_used(cfg: Any, groups: tuple[str, ...] = ("data", "task", "eval
         read = {k for g, k in refs if g in (None, group)} | CODE_READ_PARAMS
         for key in params:
             if key not in read:
+                known = sorted(k for k in read if k in params or k not in CODE_READ_PARAMS)
                 raise ConfigError(f"{group}.params.{key}",
                                   f"no setting of this {group} config reads it (nothing refers to "
                                   f"${{{group}.params.{key}}}), so it would silently do nothing"
-                                  f"{_close(str(key), sorted(k for k in read if k in params or k not in CODE_READ_PARAMS))}")
+                                  f"{_close(str(key), known)}")
 
 
 # --------------------------------------------------------------------------------------------------- entry point

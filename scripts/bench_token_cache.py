@@ -1,7 +1,7 @@
 """Peak memory and time of frozen-token extraction (the attention probe's input): collected in memory
 (``extract_tokens``) against streamed to the memory-mapped token cache (``cached_tokens``), each in a fresh process.
 
-Prints, per mode, the tokens (count x width, MB float16), the time, and the peak resident set size above the
+Prints, per mode, the tokens (count x width, MiB float16), the time, and the peak resident set size above the
 process's size once the encoder and the corpus are open, so the difference is what holding the tokens costs::
 
     python scripts/bench_token_cache.py                                   # random 1-D ResNet, 300 synthetic records
@@ -9,7 +9,7 @@ process's size once the encoder and the corpus are open, so the difference is wh
         --cache cache/cinc2017-918a13402267 --window-seconds 10 --stride-seconds 5
 
 Figures (2026-12-05, 1 thread, CinC 2017 through the SimCLR 1-D ResNet, 10 s windows every 5 s, 454,624 tokens x
-256 = 222 MB): in memory +736 MB, streamed +233 MB, 27-28 s each (docs/BENCHMARK.md, attention probe).
+256 = 222 MiB): in memory +736 MiB, streamed +233 MiB, 27-28 s each (docs/BENCHMARK.md, attention probe).
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def _child(args: argparse.Namespace) -> dict:
         ts = cached_tokens(backbone, cache, window, stride, tempfile.mkdtemp(prefix="bench_tokens_"))
     seconds = time.perf_counter() - t0
     return {"mode": args.mode, "array": type(ts.tokens).__name__, "tokens": int(ts.tokens.shape[0]), "dim": ts.dim,
-            "tokens_mb": ts.nbytes / 2**20, "seconds": seconds, "rss_before_mib": base,
+            "tokens_mib": ts.nbytes / 2**20, "seconds": seconds, "rss_before_mib": base,
             "rss_above_mib": _rss_mib() - base}
 
 
@@ -100,8 +100,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             res = subprocess.run(cmd, capture_output=True, text=True, check=True)
             r = json.loads(res.stdout.strip().splitlines()[-1])
             out.append(r)
-            print(f"{mode:<8} ({r['array']}): {r['tokens']:,} tokens x {r['dim']} = {r['tokens_mb']:.0f} MB float16 in "
-                  f"{r['seconds']:.1f} s; peak RSS {r['rss_above_mib']:.0f} MiB above the {r['rss_before_mib']:.0f} MiB "
+            print(f"{mode:<8} ({r['array']}): {r['tokens']:,} tokens x {r['dim']} = {r['tokens_mib']:.0f} MiB "
+                  f"float16 in {r['seconds']:.1f} s; peak RSS {r['rss_above_mib']:.0f} MiB above the {r['rss_before_mib']:.0f} MiB "
                   f"of the loaded encoder and corpus ({args.threads} thread(s))")
     return out
 

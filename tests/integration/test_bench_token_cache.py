@@ -21,5 +21,5 @@ def test_bench_token_cache_measures_memory_and_streamed_extraction(tmp_path):
     mem, streamed = runs
     assert (mem["array"], streamed["array"]) == ("ndarray", "memmap")
     assert mem["tokens"] == streamed["tokens"] > 0 and mem["dim"] == streamed["dim"]
-    assert mem["tokens_mb"] == streamed["tokens_mb"] > 0 and mem["seconds"] > 0
+    assert mem["tokens_mib"] == streamed["tokens_mib"] > 0 and mem["seconds"] > 0
     assert mem["rss_before_mib"] > 0 and streamed["rss_above_mib"] >= 0
