@@ -157,7 +157,7 @@ class CLOCSModule(PretrainModule):
         z = self.projector(h).reshape(v, b, -1)                                        # (V, B, D)
         patient = batch.get("patient")
         loss = clocs_loss(z, patient, temperature=self.temperature, patient_aware=self.patient_aware,
-                          view_mask=mask)
+                          view_mask=mask, record=batch.get("index"))
         with torch.no_grad():
             u = F.normalize(z.float(), dim=-1)
             m = mask.float()

@@ -100,6 +100,6 @@ class CREMAModule(MAEModule):
         inverse = torch.argsort(torch.cat(order))                                      # back to batch order
         z1 = self.projector(torch.cat(pooled1)[inverse])                               # (B, proj_dim)
         z2 = self.projector(torch.cat(pooled2)[inverse])
-        contrastive = nt_xent(z1, z2, temperature=self.temperature)
+        contrastive = nt_xent(z1, z2, temperature=self.temperature, record=batch.get("index"))
         terms["contrastive"] = contrastive.detach()
         return recon + self.contrastive_weight * contrastive, terms

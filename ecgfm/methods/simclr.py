@@ -246,7 +246,7 @@ class SimCLRModule(PretrainModule):
         h = self.embed_batch(torch.cat([v1, v2]), lead_mask)               # both views in one pass: (2B, D)
         z = self.projector(h)                                              # (2B, proj)
         z1, z2 = z[:n], z[n:]
-        nt = nt_xent(z1, z2, temperature=self.temperature)
+        nt = nt_xent(z1, z2, temperature=self.temperature, record=batch.get("index"))
         loss = self.contrastive_weight * nt
         with torch.no_grad():
             u1, u2 = F.normalize(z1.float(), dim=1), F.normalize(z2.float(), dim=1)

@@ -146,13 +146,30 @@ def test_clocs_bad_input_and_no_positives():
     assert loss.item() == 0.0 and loss.requires_grad
 
 
+def test_a_recording_drawn_twice_is_not_its_own_negative():
+    """The pretraining sampler draws with replacement: one recording can fill two rows of a batch. Its other
+    crops must not be pushed away as negatives (NT-Xent: left out; CLOCS: positives, views of one recording)."""
+    e = torch.eye(4)[[0, 1, 0, 2]] * 10                    # rows 0 and 2: the same recording, same embedding
+    record = torch.tensor([7, 8, 7, 9])
+    assert nt_xent(e, e, temperature=0.1) > 0.5             # without record ids: its twin is a hard negative
+    assert nt_xent(e, e, temperature=0.1, record=record) < 1e-3
+    together = torch.stack([e, e])
+    apart = torch.stack([torch.eye(4)[[0, 1, 3, 2]] * 10] * 2)   # the twin's crops embedded away from the first's
+    # without record ids CLOCS rewards moving the twin's crops apart; with them, bringing them together
+    assert clocs_loss(apart, None, temperature=0.1) < clocs_loss(together, None, temperature=0.1)
+    assert clocs_loss(together, None, temperature=0.1, record=record) < clocs_loss(apart, None, temperature=0.1,
+                                                                                   record=record)
+    with pytest.raises(ValueError, match="record must be"):
+        nt_xent(e, e, record=record[:3])
+
+
 # ----------------------------------------------------------------------------- DDP (2 gloo processes on CPU)
 def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        x1, x2, xv, patient, mask, w = torch.load(os.path.join(out_dir, "inputs.pt"), weights_only=True)
+        x1, x2, xv, patient, mask, w, record = torch.load(os.path.join(out_dir, "inputs.pt"), weights_only=True)
         n = x1.shape[0] // world
         sl = slice(rank * n, (rank + 1) * n)
         results = {}
@@ -161,9 +178,10 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
             with torch.no_grad():
                 lin.weight.copy_(w)
             if name == "nt_xent":
-                loss = nt_xent(lin(x1[sl]), lin(x2[sl]), temperature=0.2, gather=True)
+                loss = nt_xent(lin(x1[sl]), lin(x2[sl]), temperature=0.2, gather=True, record=record[sl])
             else:
-                loss = clocs_loss(lin(xv[:, sl]), patient[sl], temperature=0.2, gather=True, view_mask=mask[:, sl])
+                loss = clocs_loss(lin(xv[:, sl]), patient[sl], temperature=0.2, gather=True, view_mask=mask[:, sl],
+                                  record=record[sl])
             loss.backward()
             grad = lin.weight.grad.clone()
             dist.all_reduce(grad)          # what DDP does: average the parameter gradients over ranks
@@ -187,7 +205,8 @@ def test_ddp_gather_equals_single_process(tmp_path):
     patient = torch.tensor([3, -1, 5, 9, 3, 5, -1, 9])  # patients 3, 5, 9 span both ranks' halves
     mask = torch.rand(3, 8, generator=g) > 0.2
     w = torch.randn(4, 6, generator=g)
-    torch.save((x1, x2, xv, patient, mask, w), tmp_path / "inputs.pt")
+    record = torch.tensor([0, 1, 2, 3, 0, 5, 6, 2])     # recordings 0 and 2 drawn twice, on both ranks
+    torch.save((x1, x2, xv, patient, mask, w, record), tmp_path / "inputs.pt")
     mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     ddp = torch.load(tmp_path / "ddp.pt", weights_only=True)
     for name in ("nt_xent", "clocs"):
@@ -195,9 +214,9 @@ def test_ddp_gather_equals_single_process(tmp_path):
         with torch.no_grad():
             lin.weight.copy_(w)
         if name == "nt_xent":
-            loss = nt_xent(lin(x1), lin(x2), temperature=0.2)
+            loss = nt_xent(lin(x1), lin(x2), temperature=0.2, record=record)
         else:
-            loss = clocs_loss(lin(xv), patient, temperature=0.2, view_mask=mask)
+            loss = clocs_loss(lin(xv), patient, temperature=0.2, view_mask=mask, record=record)
         loss.backward()
         assert torch.allclose(ddp[name][0], loss.detach(), atol=1e-5), name
         assert torch.allclose(ddp[name][1], lin.weight.grad, atol=1e-5), name

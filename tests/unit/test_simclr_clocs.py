@@ -329,3 +329,30 @@ def test_pretext_recipes_do_not_stretch_views_in_time():
         assert cfg.method.aux_targets and float(cfg.method.p_crop) == 0.0, exp
     with pytest.warns(UserWarning, match="p_crop"):
         SimCLRModule(TinyBackbone(), aux_targets="handcrafted", aux_dim=3, p_crop=0.8)
+
+
+@pytest.mark.parametrize("method", ["simclr", "clocs", "crema"])
+def test_methods_hand_the_batch_recordings_to_the_loss(method, monkeypatch):
+    """Each contrastive method passes the batch's recording ids (``index``) to its loss, so a recording drawn
+    twice in one batch (the sampler draws with replacement) is not its own negative."""
+    import ecgfm.methods.clocs as clocs_mod
+    import ecgfm.methods.crema as crema_mod
+    import ecgfm.methods.simclr as simclr_mod
+    from ecgfm.backbones import create_backbone
+
+    seen = []
+    mod, name = {"simclr": (simclr_mod, "nt_xent"), "clocs": (clocs_mod, "clocs_loss"),
+                 "crema": (crema_mod, "nt_xent")}[method]
+    real = getattr(mod, name)
+    monkeypatch.setattr(mod, name, lambda *a, **kw: seen.append(kw.get("record")) or real(*a, **kw))
+    batch = synthetic_batch(b=6)
+    batch["index"] = torch.tensor([4, 9, 4, 1, 2, 3])
+    if method == "crema":
+        m = crema_mod.CREMAModule(create_backbone("vit1d_test"), decoder_dim=16, decoder_depth=1, decoder_heads=2,
+                                  contrastive_weight=1.0)
+        batch = {"x": torch.randn(6, 12, 250), "lead_mask": torch.ones(6, 12, dtype=torch.bool),
+                 "index": batch["index"]}
+    else:
+        m = SimCLRModule(TinyBackbone()) if method == "simclr" else CLOCSModule(TinyBackbone())
+    m.shared_step(batch)
+    assert len(seen) == 1 and torch.equal(seen[0], batch["index"])
