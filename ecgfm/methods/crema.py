@@ -81,12 +81,14 @@ class CREMAModule(MAEModule):
             xg = x.index_select(0, rows)
             mg = None if lead_mask is None else lead_mask.index_select(0, rows).to(torch.bool)
             gen = self._val_generator(xg)
-            latent1, mask1, ids_restore1 = self.forward_encoder(xg, gen, present=leads)   # view 1: (b, K + 2L, D)
+            pool = self.subset_pool(mg) if leads is None else None    # lead_aware=False: leads every row has
+            latent1, mask1, ids_restore1 = self.forward_encoder(xg, gen, present=leads,
+                                                                subset_from=pool)   # view 1: (b, K + 2L, D)
             recons.append(self.reconstruction_loss(xg, latent1, mask1, ids_restore1, mg))
             counts.append(mask1.sum() if mg is None else (mask1 & mg[:, :, None]).sum())
             order.append(rows)
             if self.contrastive_weight != 0:
-                latent2, _, _ = self.forward_encoder(xg, gen, present=leads)                # view 2: new masks
+                latent2, _, _ = self.forward_encoder(xg, gen, present=leads, subset_from=pool)   # view 2: new masks
                 pooled1.append(self.backbone.pool(latent1))
                 pooled2.append(self.backbone.pool(latent2))
         if len(recons) == 1:

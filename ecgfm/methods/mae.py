@@ -284,7 +284,8 @@ class MAEModule(PretrainModule):
         return present[torch.randperm(len(present))[:k]].sort().values
 
     def forward_encoder(self, x: torch.Tensor, generator: torch.Generator | None = None,
-                        present: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                        present: torch.Tensor | None = None, subset_from: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Mask and encode.
 
         Args:
@@ -292,6 +293,9 @@ class MAEModule(PretrainModule):
             generator: optional RNG for the masks.
             present: optional ``(l,)`` int64 leads present in every row of ``x`` (a lead-set group): visible
                 patches are drawn from these leads only and only they are encoded. None: all leads.
+            subset_from: optional ``(l,)`` int64 leads a ``lead_subset_prob`` subset is drawn from when
+                ``present`` is None (``lead_aware=False``: the leads present in every row, so that the subset is
+                not made of zero-filled absent leads); empty: no subset. None: ``present`` (all leads).
 
         Returns:
             ``latent (B, K + 2L, D)`` (visible patch tokens, then SEP tokens; zero SEP tokens at leads not
@@ -300,7 +304,9 @@ class MAEModule(PretrainModule):
         self.backbone.patchify(x)  # validates the input shape with a clear error
         if present is not None and len(present) == x.shape[1]:
             present = None
-        leads = self.draw_lead_subset(x.shape[1], present) if generator is None else None
+        pool = present if subset_from is None or present is not None else subset_from
+        leads = self.draw_lead_subset(x.shape[1], pool) if generator is None and (pool is None or len(pool)) \
+            else None
         if leads is None:
             leads = present
         ids_keep, ids_restore, mask = self.random_masking(x, generator, leads)
@@ -369,6 +375,14 @@ class MAEModule(PretrainModule):
             return None
         return torch.Generator(device=x.device).manual_seed(0)
 
+    @staticmethod
+    def subset_pool(lead_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """The leads a ``lead_subset_prob`` subset of a batch encoded whole (``lead_aware=False``) is drawn from:
+        those present in every row (possibly none); None when every lead is present (all 12)."""
+        if lead_mask is None or bool(lead_mask.all()):
+            return None
+        return lead_mask.to(torch.bool).all(0).nonzero().flatten()
+
     def lead_set_groups(self, batch: dict[str, torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         """Rows of a batch by lead set: ``[(rows (b,), present leads (l,) or None = all), ...]``.
 
@@ -383,7 +397,8 @@ class MAEModule(PretrainModule):
         x, lead_mask = batch["x"], batch.get("lead_mask")
         groups = self.lead_set_groups(batch)
         if len(groups) == 1 and groups[0][1] is None:
-            latent, mask, ids_restore = self.forward_encoder(x, self._val_generator(x))
+            latent, mask, ids_restore = self.forward_encoder(x, self._val_generator(x),
+                                                             subset_from=self.subset_pool(lead_mask))
             loss = self.reconstruction_loss(x, latent, mask, ids_restore, lead_mask)
             return loss, {"recon": loss.detach()}
         losses, counts = [], []

@@ -403,3 +403,27 @@ def test_lead_aware_is_bit_identical_when_every_lead_is_present():
         torch.manual_seed(3)
         out.append(m.shared_step(batch)[0])
     assert out[0].item() == out[1].item()
+
+
+def test_lead_subset_without_lead_awareness_is_drawn_from_leads_every_row_has():
+    """``lead_aware=False`` with ``lead_subset_prob``: the subset is "l of the present leads" as documented; drawn
+    from all 12, half the batches of one-lead records hid every patch of their only lead from the encoder."""
+    from ecgfm.backbones import create_backbone
+    from ecgfm.methods.mae import MAEModule
+
+    m = MAEModule(create_backbone("vit1d_test"), decoder_dim=16, decoder_depth=1, decoder_heads=2,
+                  lead_aware=False, lead_subset_prob=1.0).train()
+    x = torch.zeros(4, 12, 250)
+    x[:, 0] = torch.randn(4, 250)
+    lm = torch.zeros(4, 12, dtype=torch.bool)
+    lm[:, 0] = True
+    drawn = []
+    real = m.draw_lead_subset
+    m.draw_lead_subset = lambda n, present=None: drawn.append(real(n, present)) or drawn[-1]
+    for _ in range(5):
+        assert torch.isfinite(m.shared_step({"x": x, "lead_mask": lm})[0])
+    assert drawn and all(d.tolist() == [0] for d in drawn)
+    lm[0, 0], lm[0, 1] = False, True                     # no lead present in every row: no subset
+    drawn.clear()
+    m.shared_step({"x": x, "lead_mask": lm})
+    assert drawn == []
