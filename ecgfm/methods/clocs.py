@@ -97,7 +97,8 @@ class CLOCSModule(PretrainModule):
         """Build the views of the batch.
 
         Returns:
-            ``(x_views (V, B, L, T), view_mask (V, B) bool)``.
+            ``(x_views (V, B, L, T), view_mask (V, B) bool)``: false for a view without a present lead or without
+            any signal (zero padding).
         """
         x = batch["x"]
         b, n_leads, _ = x.shape
@@ -116,15 +117,18 @@ class CLOCSModule(PretrainModule):
         segments = [s * lead_mask.to(s.dtype)[:, :, None] for s in segments]
         if self.mode == "cmsc":
             # a recording with no present lead would be all-zero: not a view
-            mask = lead_mask.any(1)[None].expand(2, b)
-            return torch.stack(segments), mask
-        idx = self.view_lead_idx
-        onehot = F.one_hot(idx, n_leads).to(x.dtype)                        # (K, L)
-        views, masks = [], []
-        for seg in segments:
-            views.append(seg[None] * onehot[:, None, :, None])                 # (K, B, L, T): lead k alone
-            masks.append(lead_mask[:, idx].T)                                  # (K, B)
-        return torch.cat(views), torch.cat(masks)
+            xv, mask = torch.stack(segments), lead_mask.any(1)[None].expand(2, b)
+        else:
+            idx = self.view_lead_idx
+            onehot = F.one_hot(idx, n_leads).to(x.dtype)                        # (K, L)
+            views, masks = [], []
+            for seg in segments:
+                views.append(seg[None] * onehot[:, None, :, None])                 # (K, B, L, T): lead k alone
+                masks.append(lead_mask[:, idx].T)                                  # (K, B)
+            xv, mask = torch.cat(views), torch.cat(masks)
+        # nor is an all-zero view: the adjacent segment of a record shorter than two crops is zero padding (all-zero
+        # views of different recordings would be each other's perfect matches)
+        return xv, mask & xv.ne(0).flatten(2).any(-1)
 
     def view_lead_masks(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """``(V, B, L)`` bool: the leads of each view of :meth:`views` (a segment view: its record's present leads;

@@ -356,3 +356,15 @@ def test_methods_hand_the_batch_recordings_to_the_loss(method, monkeypatch):
         m = SimCLRModule(TinyBackbone()) if method == "simclr" else CLOCSModule(TinyBackbone())
     m.shared_step(batch)
     assert len(seen) == 1 and torch.equal(seen[0], batch["index"])
+
+
+@pytest.mark.parametrize("mode", ["cmsc", "cmsmlc"])
+def test_clocs_zero_padding_segment_is_not_a_view(mode):
+    """The adjacent segment of a record shorter than two crops is zero padding: not a view (all-zero segments of
+    different recordings would otherwise be perfect positives / negatives of each other)."""
+    batch = synthetic_batch(b=4, absent=False)
+    batch["x2"][0] = 0.0
+    m = CLOCSModule(TinyBackbone(), mode=mode)
+    xv, mask = m.views(batch)
+    v = mask.shape[0] // 2
+    assert not mask[v:, 0].any() and mask[:v, 0].all() and mask[:, 1:].all()
