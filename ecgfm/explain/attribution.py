@@ -727,7 +727,11 @@ def _m_gradcam(job: _Job, layer: str | None = None, relu: bool = True) -> tuple[
         impl = "captum.LayerGradCam"
     else:
         acts, grads = _layer_job_grads(job, layer)
-        weights = grads.mean(dim=(2, 3), keepdim=True)
+        # global average of the gradients over the positions the model has: a lead-aware model on a lead subset
+        # has no token at the absent leads' (zero) rows of the grid
+        leads = job.wrapper.present_lead_indices()
+        rows = len(leads) if leads is not None and grads.shape[2] == job.wrapper.n_leads else grads.shape[2]
+        weights = grads.sum(dim=(2, 3), keepdim=True) / (rows * grads.shape[3])
         cam = (weights * acts).sum(1, keepdim=True)
         if relu:
             cam = cam.clamp_min(0)
@@ -762,8 +766,14 @@ def _m_attention_rollout(job: _Job, head_fusion: str = "mean", residual: float =
     to_grid = getattr(enc, "tokens_to_grid", None)
     if not callable(fn) or not callable(to_grid):
         raise ValueError("attention_rollout needs a ViT-1D encoder with attention_maps(x) and tokens_to_grid")
+    leads = job.wrapper.present_lead_indices()
     with torch.no_grad():
-        maps = fn(job.x)
+        if leads is None:
+            maps = fn(job.x)
+        else:   # a lead-aware model on a record's present leads: the attention it runs has only their tokens
+            from ecgfm.backbones.vit1d import block_attention_maps
+
+            maps = block_attention_maps(enc.blocks, enc.embed_lead_tokens(job.x, leads.to(job.x.device)))
         n = maps[0].shape[-1]
         eye = torch.eye(n, device=job.x.device)
         roll = eye.expand(job.x.shape[0], n, n)
@@ -782,9 +792,13 @@ def _m_attention_rollout(job: _Job, head_fusion: str = "mean", residual: float =
         # ViT-1D has no class token and pools the mean of its patch tokens: average the rows of those tokens
         # (SEP tokens are not pooled, so their rows are left out; tokens_to_grid drops their columns).
         count = getattr(enc, "num_patch_tokens", None)
-        k = int(count(roll)) if callable(count) else n
+        if leads is not None:
+            k = n - 2 * len(leads)                                 # the present leads' patch tokens
+        else:
+            k = int(count(roll)) if callable(count) else n
         rel = roll[:, :k].mean(1)                                  # (B, N_tok)
-        grid = to_grid(rel[:, :, None])                            # (B, 1, leads, patches)
+        rel = job.wrapper.full_token_layout(rel[:, :, None], job.x.shape[-1])
+        grid = to_grid(rel)                                        # (B, 1, leads, patches)
     return _upsample_grid(grid, *job.x.shape[1:]), None, {
         "head_fusion": head_fusion, "residual": residual,
         "lead_resolution": _grid_lead_resolution(grid, job.x.shape[1])}

@@ -140,6 +140,7 @@ class ECGWrapper(nn.Module):
         self.model.eval()
         self.lead_aware = bool(lead_aware) and bool(getattr(model, "accepts_lead_mask", False))
         self._present: Tensor | None = None   # (L,) lead mask of the record being explained (present_leads)
+        self._present_time: int | None = None   # samples of the last input run under that mask
 
     @contextlib.contextmanager
     def present_leads(self, mask: Any) -> Iterator["ECGWrapper"]:
@@ -157,7 +158,41 @@ class ECGWrapper(nn.Module):
             self._present = before
 
     def _mask_for(self, x: Tensor) -> Tensor | None:
-        return None if self._present is None else self._present.to(x.device).expand(x.shape[0], -1)
+        if self._present is None:
+            return None
+        self._present_time = int(x.shape[-1])
+        return self._present.to(x.device).expand(x.shape[0], -1)
+
+    def present_lead_indices(self) -> Tensor | None:
+        """``(l,)`` int64 indices of the explained record's leads while a lead-aware model runs on a subset
+        (:meth:`present_leads`); None when every lead is encoded."""
+        return None if self._present is None else self._present.nonzero().flatten()
+
+    def full_token_layout(self, tokens: Tensor, n_samples: int | None = None) -> Tensor:
+        """Tokens of a lead-aware ViT run on the present leads only, ``(B, l*N + 2l, C)`` (a layer inside the
+        encoder sees no token of an absent lead), in the full layout ``(B, L*N + 2L, C)`` with zero tokens at absent
+        leads, so that ``tokens_to_grid`` puts every token on its own lead. Tokens already in the full layout, and
+        every token outside :meth:`present_leads` of a subset, pass through.
+
+        Args:
+            tokens: ``(B, N_tok, C)``.
+            n_samples: input samples (default: the last input run under the lead mask), for ``N`` patches per lead.
+        """
+        leads = self.present_lead_indices()
+        enc = self.encoder
+        n_leads, patch = getattr(enc, "num_leads", None), getattr(enc, "patch_size", None)
+        n_samples = n_samples if n_samples is not None else self._present_time
+        if leads is None or n_leads is None or patch is None or n_samples is None or len(self._present) != n_leads:
+            return tokens
+        n, l = int(n_samples) // int(patch), len(leads)
+        if tokens.ndim != 3 or tokens.shape[1] != l * (n + 2):
+            return tokens
+        leads = leads.to(tokens.device)
+        b, c = tokens.shape[0], tokens.shape[2]
+        out = tokens.new_zeros(b, n_leads * (n + 2), c)
+        out[:, : n_leads * n].view(b, n_leads, n, c)[:, leads] = tokens[:, : l * n].reshape(b, l, n, c)
+        out[:, n_leads * n:].view(b, 2, n_leads, c)[:, :, leads] = tokens[:, l * n:].reshape(b, 2, l, c)
+        return out
 
     @contextlib.contextmanager
     def evaluating(self) -> Iterator["ECGWrapper"]:
@@ -583,7 +618,8 @@ class ECGWrapper(nn.Module):
         * ``(B, C, T')`` CNN feature maps -> ``(B, C, 1, T')`` (the lead axis was mixed by the first conv);
         * ``(B, C, H, W)`` 2-D maps pass through;
         * ``(B, N, D)`` transformer tokens -> ``(B, D, leads, patches)`` with the backbone's
-          ``tokens_to_grid`` (ViT-1D drops its class/separator tokens there).
+          ``tokens_to_grid`` (ViT-1D drops its class/separator tokens there); the tokens of a lead-aware model run
+          on a record's present leads only are first put in the full layout (:meth:`full_token_layout`).
 
         Raises:
             ValueError: tokens from a model without ``tokens_to_grid``, or an unsupported rank.
@@ -594,7 +630,7 @@ class ECGWrapper(nn.Module):
             to_grid = getattr(self.encoder, "tokens_to_grid", None)
             if not callable(to_grid):
                 raise ValueError("transformer tokens (B, N, D) but the encoder has no tokens_to_grid(tokens)")
-            return to_grid(layer_output)
+            return to_grid(self.full_token_layout(layer_output))
         if layer_output.ndim == 3:
             return layer_output[:, :, None, :]
         raise ValueError(f"cannot reshape a layer output of shape {tuple(layer_output.shape)} to a grid")

@@ -274,3 +274,32 @@ def test_prepare_with_a_spec_for_a_model_of_fewer_or_reordered_leads(leads):
     ref, _, _ = preprocess_signal(only, 100.0, np.isin(np.arange(12), idx), spec, "ref")
     assert got.shape == (1, len(leads), 1000)
     np.testing.assert_allclose(got[0].numpy(), ref[idx], atol=1e-6)
+
+
+def test_token_maps_of_a_lead_aware_vit_on_a_lead_subset_sit_on_their_leads():
+    """A lead-aware ViT explained on a record with leads I, II, V1 encodes 3 x N patch tokens, not 12 x N: Grad-CAM,
+    Grad-CAM++ and attention rollout must put each token on its own lead (they reshaped the 3-lead sequence as 12
+    leads of fewer patches, most of the map on absent leads)."""
+    from ecgfm.artifacts import EncoderClassifier
+    from ecgfm.backbones import create_backbone
+    from ecgfm.explain.attribution import Explainer, _upsample_grid
+
+    torch.manual_seed(0)
+    bb = create_backbone("vit1d_test")                        # 250 samples, 10 patches per lead
+    w = ECGWrapper(EncoderClassifier(bb, nn.Linear(bb.embed_dim, 3)), fs=100.0, n_samples=250, lead_aware=True)
+    x = torch.randn(1, 12, 250, generator=torch.Generator().manual_seed(0))
+    present = torch.zeros(12, dtype=torch.bool)
+    present[[0, 1, 6]] = True
+    x[:, ~present] = 0
+    ex = Explainer(w)
+    with w.present_leads(present.numpy()):
+        maps = {m: ex.explain(x, target=0, method=m).values[0] for m in ("gradcam", "gradcam++", "attention_rollout")}
+        acts, grads, _ = w.activations_and_gradients(x, "encoder.norm", target=0)
+    for m, v in maps.items():
+        assert v[~present].abs().sum() == 0 and v[present].abs().sum() > 0, m
+    assert acts.shape[1] == 3 * (10 + 2)                      # what the model ran: the present leads' tokens
+    tok_a, tok_g = acts[:, :30].reshape(1, 3, 10, -1), grads[:, :30].reshape(1, 3, 10, -1)
+    cam = (tok_g.mean(dim=(1, 2), keepdim=True) * tok_a).sum(-1).clamp_min(0)          # (1, 3, 10)
+    full = torch.zeros(1, 1, 12, 10)
+    full[0, 0, present] = cam[0]
+    torch.testing.assert_close(maps["gradcam"], _upsample_grid(full, 12, 250)[0], atol=1e-6, rtol=1e-5)
