@@ -92,11 +92,11 @@ def _evidence(record: ECGRecord, wrapper: ECGWrapper, n_t: int, start: int = 0) 
         n_t: samples of the model input.
         start: the input's first sample in the record, at the model's rate (the centred window of a record longer
             than the model's window); model sample ``k`` is record time ``(start + k) / fs_model``. Samples past
-            the record's end (zero padding) hold no evidence.
+            the record's end (zero padding) hold no evidence, nor do absent leads (no signal there to point at).
     """
     if record.evidence is None or not record.evidence.any():
         return None
-    ev = record.evidence
+    ev = record.evidence & np.asarray(record.lead_mask, dtype=bool)[:, None]
     idx = ((int(start) + np.arange(n_t)) * record.fs / wrapper.fs).astype(np.int64)
     inside = idx < ev.shape[1]
     idx = np.minimum(idx, ev.shape[1] - 1)

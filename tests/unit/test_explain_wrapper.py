@@ -303,3 +303,19 @@ def test_token_maps_of_a_lead_aware_vit_on_a_lead_subset_sit_on_their_leads():
     full = torch.zeros(1, 1, 12, 10)
     full[0, 0, present] = cam[0]
     torch.testing.assert_close(maps["gradcam"], _upsample_grid(full, 12, 250)[0], atol=1e-6, rtol=1e-5)
+
+
+def test_evidence_on_absent_leads_is_not_evidence():
+    """Localisation compares attributions with the record's evidence mask: evidence drawn on leads the record does
+    not have (a synthetic record with leads= keeps the 12-lead mask) cannot be pointed at and must not count."""
+    from ecgfm.explain.report import _evidence
+
+    ev = np.zeros((12, 500), bool)
+    ev[:, 100:150] = True
+    mask = np.zeros(12, bool)
+    mask[[0, 1, 6]] = True
+    rec = ECGRecord(signal=np.zeros((12, 500), np.float32), fs=100.0, lead_mask=mask, record_id="r", source="t",
+                    evidence=ev)
+    w = ECGWrapper(nn.Sequential(nn.Flatten(), nn.LazyLinear(2)), fs=100.0)
+    out = _evidence(rec, w, 500)
+    assert out[mask].all(axis=0)[100:150].all() and not out[~mask].any()
