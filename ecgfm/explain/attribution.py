@@ -991,8 +991,18 @@ class Explainer:
 
 
 def random_attribution(like: Attribution | Tensor, seed: int = 0) -> Tensor:
-    """A random attribution (standard normal) shaped like ``like``: the reference every method must beat."""
-    shape = like.values.shape if isinstance(like, Attribution) else like.shape
-    device = like.values.device if isinstance(like, Attribution) else like.device
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(shape, generator=g).to(device)
+    """A random attribution (standard normal) shaped like ``like``: the reference every method must beat.
+
+    Each record (row) draws its own values from ``seed`` and the record's content, so two records never share one
+    random ordering, and a record gets the same ordering alone or anywhere in a batch (one generator seeded by
+    ``seed`` would give row ``b`` of every batch the same values)."""
+    import hashlib
+
+    values = like.values if isinstance(like, Attribution) else like
+    x = like.inputs if isinstance(like, Attribution) else like
+    rows = []
+    for b in range(values.shape[0]):
+        digest = hashlib.sha256(x[b].detach().float().cpu().numpy().tobytes()).digest()
+        g = torch.Generator().manual_seed((int.from_bytes(digest[:8], "little") + int(seed)) % (2 ** 63))
+        rows.append(torch.randn(tuple(values.shape[1:]), generator=g))
+    return torch.stack(rows).to(values.device)

@@ -180,24 +180,21 @@ def compare_with_random(wrapper: ECGWrapper, inputs: Tensor, attribution: Attrib
 
 
 def spearman(a: Tensor, b: Tensor) -> Tensor:
-    """Per-sample Spearman rank correlation of two ``(B, ...)`` tensors: ``(B,)``.
+    """Per-sample Spearman rank correlation of two ``(B, ...)`` tensors: ``(B,)``; NaN for a constant map.
 
-    Ranks are computed with a double argsort (ties broken by position; attribution maps of continuous models
-    have few ties), then the Pearson correlation of the ranks (written here because it runs batched on the
-    device; equals :func:`scipy.stats.spearmanr` without ties, checked in the tests).
+    Ties get their average rank (:func:`scipy.stats.rankdata`), as :func:`scipy.stats.spearmanr` does: ReLU'd
+    maps (Grad-CAM) are mostly exact zeros, and ranks broken by position there correlated two unrelated maps.
     """
-    a = a.reshape(a.shape[0], -1).double()
-    b = b.reshape(b.shape[0], -1).double()
+    from scipy.stats import rankdata
 
-    def rank(v: Tensor) -> Tensor:
-        r = torch.empty_like(v)
-        r.scatter_(1, v.argsort(1), torch.arange(v.shape[1], dtype=v.dtype, device=v.device).expand_as(v).contiguous())
-        return r
+    def ranks(v: Tensor) -> Tensor:
+        r = torch.from_numpy(rankdata(v.reshape(v.shape[0], -1).detach().double().cpu().numpy(), axis=1))
+        return r - r.mean(1, keepdim=True)
 
-    ra, rb = rank(a), rank(b)
-    ra = ra - ra.mean(1, keepdim=True)
-    rb = rb - rb.mean(1, keepdim=True)
-    return ((ra * rb).sum(1) / (ra.norm(dim=1) * rb.norm(dim=1)).clamp_min(1e-12)).float()
+    ra, rb = ranks(a), ranks(b)
+    den = ra.norm(dim=1) * rb.norm(dim=1)
+    out = (ra * rb).sum(1) / den.clamp_min(1e-300)
+    return torch.where(den > 0, out, torch.full_like(out, float("nan"))).float().to(a.device)
 
 
 def parametrised_layers(model: nn.Module) -> list[str]:

@@ -104,6 +104,28 @@ def test_mean_ci():
     assert mean_ci([])["n"] == 0
 
 
+def test_spearman_ties_and_constant_maps_as_scipy():
+    """Mostly-zero (ReLU'd) maps are full of ties: average ranks, as scipy; a constant map has no correlation."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.relu(torch.randn(4, 12, 50, generator=g) - 0.5)        # ~70 % exact zeros, independent maps
+    b = torch.relu(torch.randn(4, 12, 50, generator=g) - 0.5)
+    ours = spearman(a, b)
+    for i in range(4):
+        assert ours[i].item() == pytest.approx(spearmanr(a[i].ravel(), b[i].ravel()).statistic, abs=1e-6)
+    assert torch.isnan(spearman(torch.zeros(2, 3, 4), torch.zeros(2, 3, 4))).all()
+
+
+def test_random_orderings_are_per_record_and_batch_free():
+    """The random attributions faithfulness is compared with: each record its own, the same in any batch."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 12, 40, generator=g)
+    alone = [random_attribution(x[i:i + 1], 5) for i in range(3)]
+    together = random_attribution(x, 5)
+    assert not torch.equal(alone[0], alone[1])
+    assert all(torch.equal(alone[i][0], together[i]) for i in range(3))
+    assert not torch.equal(together, random_attribution(x, 6))
+
+
 def test_spearman_matches_scipy():
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(3, 4, 50, generator=g), torch.randn(3, 4, 50, generator=g)
