@@ -412,19 +412,21 @@ class TCAV:
             inputs: ``(B, L, T)`` model-space inputs to explain (typically examples of the target class).
             target: class index or name (one class for all inputs).
             concepts: concept sets.
-            randoms: at least 2 random sets (Kim et al. use tens; 5-10 gives usable p-values).
+            randoms: at least 3 random sets (Kim et al. use tens; 5-10 gives usable p-values); the null scores
+                pair set ``i`` with set ``i + 1`` (cyclically), so 2 sets would give one pair twice, swapped.
             alpha: significance level after Bonferroni correction.
 
         Returns:
             :class:`TCAVResult`.
 
         Raises:
-            ValueError: fewer than 2 random sets, a target that is not one class.
+            ValueError: fewer than 3 random sets, a target that is not one class.
         """
         from scipy import stats
 
-        if len(randoms) < 2:
-            raise ValueError(f"need at least 2 random sets for the significance test, got {len(randoms)}")
+        if len(randoms) < 3:
+            raise ValueError(f"need at least 3 random sets for the significance test (the random-vs-random null pairs "
+                             f"set i with set i + 1: with 2 that is one pair twice), got {len(randoms)}")
         x = self.wrapper.check(torch.as_tensor(inputs, dtype=torch.float32).to(self.wrapper.device),
                                "<TCAV inputs>")
         tgt = self.wrapper.resolve_target(target, x=x)
@@ -450,6 +452,10 @@ class TCAV:
                 s_arr, n_arr = np.asarray(scores), np.asarray(null)
                 if np.ptp(np.concatenate([s_arr, n_arr])) == 0:
                     t_stat, p = 0.0, 1.0
+                elif np.ptp(s_arr) == 0 and np.ptp(n_arr) == 0:
+                    # two constant groups that differ: Welch's t is infinite (p = 0) on no evidence of spread;
+                    # undetermined, not significant
+                    t_stat, p = float("nan"), 1.0
                 else:
                     with warnings.catch_warnings():
                         # all concept scores equal (e.g. 1.0): scipy warns about the zero variance, Welch's test

@@ -4,6 +4,7 @@ corpus; caches are keyed by weights and data, so changing either is a cache miss
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -117,8 +118,8 @@ def test_bad_input(setup):
         TCAV(wrapper, ["encoder.nope"])
     with pytest.raises(ValueError, match="pool"):
         TCAV(wrapper, [LAYER], pool="max")
-    with pytest.raises(ValueError, match="at least 2 random"):
-        TCAV(wrapper, [LAYER]).run(explained, 2, [concepts["st_elevation"]], randoms[:1])
+    with pytest.raises(ValueError, match="at least 3 random"):
+        TCAV(wrapper, [LAYER]).run(explained, 2, [concepts["st_elevation"]], randoms[:2])
     with pytest.raises(ValueError, match="one target class"):
         TCAV(wrapper, [LAYER]).run(explained[:2], [0, 1], [concepts["st_elevation"]], randoms)
     with pytest.raises(ValueError, match="outside"):
@@ -147,3 +148,20 @@ def test_more_inputs_than_a_batch_and_a_model_left_in_train_mode(setup):
         wrapper.model.eval()
     assert torch.equal(bn.running_mean, stats)
     assert got["scores"] == pytest.approx(want["scores"]) and got["cav_accuracy"] == pytest.approx(want["cav_accuracy"])
+
+
+def test_constant_scores_in_both_groups_are_not_significant(setup, monkeypatch):
+    """Concept scores all 1.0 against random-vs-random scores all 0.5: Welch's t is infinite and p = 0 without any
+    evidence of spread; the row must be undetermined (t NaN, p 1), not significant."""
+    wrapper, concepts, randoms, explained = setup
+    calls = []
+
+    def score(grads, cav):
+        calls.append(1)
+        return (0.5, 0.0) if len(calls) <= len(randoms[:3]) else (1.0, 0.1)   # the null pairs come first
+
+    monkeypatch.setattr(TCAV, "score", staticmethod(score))
+    row = TCAV(wrapper, [LAYER]).run(explained, "st_elevation", [concepts["st_elevation"]],
+                                     randoms[:3]).row("st_elevation", LAYER)
+    assert row["score_mean"] == 1.0 and row["random_mean"] == 0.5
+    assert row["p"] == 1.0 and not row["significant"] and math.isnan(row["t"])
