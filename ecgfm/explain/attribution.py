@@ -156,6 +156,8 @@ class Attribution:
         delta: ``(B,)`` convergence delta (sum of attributions - (f(x) - f(baseline))) for IG / DeepLift /
             GradientSHAP, else None.
         scores: faithfulness / sanity scores attached later (:mod:`ecgfm.explain.faithfulness`).
+        call_options: the method options as passed (tensors included: ``options`` shows a tensor baseline as its
+            shape), so that a check can explain again with exactly the same ones.
 
     ``lead_resolution`` comes from ``options["lead_resolution"]`` (set by methods whose map may lack a lead axis;
     ``"per-lead"`` otherwise); see the module docstring.
@@ -171,6 +173,7 @@ class Attribution:
     elapsed_s: float
     delta: Tensor | None = None
     scores: dict = field(default_factory=dict)
+    call_options: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if self.values.shape != self.inputs.shape:
@@ -903,7 +906,7 @@ class Explainer:
             values, delta, used, elapsed = self._run(key, job, options)
         return Attribution(values=values, method=key, options={**used, "output": output}, target=t,
                            inputs=x.detach(), fs=self.wrapper.fs, lead_names=self.wrapper.lead_names,
-                           elapsed_s=elapsed, delta=delta)
+                           elapsed_s=elapsed, delta=delta, call_options={**options, "output": output})
 
     def explain_embedding(self, inputs: Any, reference: Any = None, direction: Tensor | None = None,
                           method: str = "integrated_gradients", fs: float | None = None,

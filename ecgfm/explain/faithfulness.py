@@ -220,7 +220,8 @@ def _randomise(module: nn.Module, generator_seed: int) -> None:
 
 def randomisation_check(explainer: Explainer, inputs: Tensor, method: str, target: Any = None,
                         mode: str = "cascading", layers: Sequence[str] | None = None, max_layers: int | None = None,
-                        seed: int = 0, **options: Any) -> dict[str, Any]:
+                        seed: int = 0, method_options: dict[str, Any] | None = None,
+                        **options: Any) -> dict[str, Any]:
     """Adebayo et al. (2018) model-parameter randomisation test.
 
     Args:
@@ -234,7 +235,9 @@ def randomisation_check(explainer: Explainer, inputs: Tensor, method: str, targe
         layers: layer names to randomise (default :func:`parametrised_layers`, output side first).
         max_layers: randomise only the first ``max_layers`` of them.
         seed: seed of the re-initialisation and of stochastic methods.
-        **options: method options.
+        method_options: method options as a mapping (also those named like an argument here, e.g. integrated
+            gradients' ``method``).
+        **options: more method options.
 
     Returns:
         ``{"layers": [...], "spearman_abs": (n_layers, B), "spearman_signed": (n_layers, B), "summary": [{"layer",
@@ -244,6 +247,7 @@ def randomisation_check(explainer: Explainer, inputs: Tensor, method: str, targe
     if mode not in ("cascading", "independent"):
         raise ValueError(f"mode must be 'cascading' or 'independent', got {mode!r}")
     wrapper = explainer.wrapper
+    options = {**(method_options or {}), **options}
     torch.manual_seed(seed)
     original = explainer.explain(inputs, target=target, method=method, **options)
     target_t = original.target
@@ -347,10 +351,12 @@ def faithfulness_report(explainer: Explainer, attribution: Attribution, mask: An
         loc = localisation(attribution, mask)
         out["localisation"] = {k: mean_ci(v) for k, v in loc.items()}
     if randomisation:
-        opts = {k: v for k, v in attribution.options.items() if k in _explain_option_names(attribution.method)
-                and not (isinstance(v, str) and v.startswith("tensor("))}
+        # re-explain with the options as passed (a tensor baseline included), else those recorded as used
+        opts = dict(attribution.call_options) or {
+            k: v for k, v in attribution.options.items() if k in _explain_option_names(attribution.method)
+            and not (isinstance(v, str) and v.startswith("tensor("))}
         rc = randomisation_check(explainer, attribution.inputs, attribution.method, target=attribution.target,
-                                 max_layers=randomisation_layers, seed=seed, **opts)
+                                 max_layers=randomisation_layers, seed=seed, method_options=opts)
         out["randomisation"] = rc["summary"]
     if attach:
         attribution.scores.update(out)

@@ -197,3 +197,23 @@ def test_faithfulness_report_refuses_embedding_explanations():
     att = ex.explain_embedding(_inputs(2), method="saliency")
     with pytest.raises(ValueError, match="encoder embedding"):
         faithfulness_report(ex, att)
+
+
+def test_randomisation_re_explains_with_the_options_passed(monkeypatch):
+    """faithfulness_report's sanity check explains again with the attribution's own options: integrated gradients
+    (whose ``method`` option clashed with the check's argument) runs, and a tensor baseline reaches the re-explained
+    attributions as the tensor (it was dropped, so the check scored the default baseline's maps)."""
+    import ecgfm.explain.faithfulness as Fa
+
+    w = ECGWrapper(TinyCNN(), fs=FS)
+    ex = Explainer(w)
+    x = _inputs(1)
+    att = ex.explain(x, target=1, method="ig", n_steps=4)
+    faithfulness_report(ex, att, randomisation=True, randomisation_layers=1, n_random=1, steps=2)
+    seen = {}
+    real = Fa.randomisation_check
+    monkeypatch.setattr(Fa, "randomisation_check", lambda *a, **kw: seen.update(kw) or real(*a, **kw))
+    base = torch.full((1, 12, T), 0.5)
+    att = ex.explain(x, target=1, method="deeplift", baselines=base)
+    faithfulness_report(ex, att, randomisation=True, randomisation_layers=1, n_random=1, steps=2)
+    assert torch.equal(seen["method_options"]["baselines"], base)
