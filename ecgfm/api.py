@@ -105,10 +105,10 @@ class _Model:
     def _prepare(self, sig: np.ndarray, fs: float, names: Sequence[str], where: str
                  ) -> tuple[np.ndarray, np.ndarray]:
         x12, mask, _dropped = map_leads(sig, names, where)
-        if self.spec is not None:
-            x12, out_fs, mask = preprocess_signal(x12, fs, mask, self.spec, where)
-        else:
-            out_fs = fs
+        # an artifact without preprocessing still gets what every cache gives its records (and the sweep its
+        # encoder, PreprocessSpec.raw): flat leads marked absent, NaN runs filled, the signal at the model's rate
+        spec = self.spec if self.spec is not None else PreprocessSpec.raw(self.fs)
+        x12, out_fs, mask = preprocess_signal(x12, fs, mask, spec, where)
         if self.fs is not None and abs(float(out_fs) - float(self.fs)) > 1e-6:
             raise ECGDataError(where, f"the signal is at {out_fs} Hz after preprocessing but the model expects "
                                       f"{self.fs} Hz (the artifact's preprocessing spec has no resampling rate)")
@@ -198,7 +198,9 @@ class Encoder(_Model):
             per record (a list for a batch).
         """
         recs, _names = self._records(signal, fs, leads)
-        single = len(recs) == 1 and (not isinstance(signal, np.ndarray) or np.ndim(signal) == 2)
+        # one record: a record, a path, or a (leads, samples) array / list / tensor; a (1, leads, samples) batch of
+        # one keeps its batch axis whatever container it comes in
+        single = len(recs) == 1 and (isinstance(signal, (ECGRecord, str, os.PathLike)) or np.ndim(signal) == 2)
         outs = []
         embed = self.network.embed
         for x, mask in recs:

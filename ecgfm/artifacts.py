@@ -199,7 +199,7 @@ def _upgrade_v1(meta: dict[str, Any], kind: str) -> dict[str, Any]:
                "window_seconds": (n / fs) if n and fs else None, "stride_samples": None}
         out = {"architecture": arch, "input": inp, "head": meta.get("head"), "classes": meta.get("class_names"),
                "multilabel": meta.get("postprocess") == "sigmoid", "thresholds": None, "window_aggregate": "prob",
-               "provenance": {}}
+               "provenance": {}, "lead_aware": False}   # version 1 trained on zero-filled absent leads
     pre = meta.get("preprocess")
     if kind == "encoder" and "preprocess" not in meta:   # version-1 encoders were read with the default spec
         pre = PreprocessSpec().to_dict()

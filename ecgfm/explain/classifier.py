@@ -43,7 +43,9 @@ def save_classifier(out_dir: str | os.PathLike, backbone: nn.Module, head: nn.Mo
                     multilabel: bool, fs: float | None = None, n_samples: int | None = None,
                     lead_names: Sequence[str] = CANONICAL_LEADS, head_spec: Mapping[str, Any] | None = None,
                     extra: Mapping[str, Any] | None = None) -> Path:
-    """Write a classifier artifact (:func:`ecgfm.artifacts.save_classifier`) with the explain demos' arguments.
+    """Write a classifier artifact (:func:`ecgfm.artifacts.save_classifier`) with the explain demos' arguments
+    (also used by the model zoo's importer), marked ``lead_aware: false``: these models were trained (or, imported,
+    written) for zero-filled absent leads, not for a lead mask.
 
     Args:
         out_dir: directory (created).
@@ -65,9 +67,11 @@ def save_classifier(out_dir: str | os.PathLike, backbone: nn.Module, head: nn.Mo
     extra = dict(extra or {})
     evaluation = {"validation macro AUROC": extra["val_macro_auroc"]} if "val_macro_auroc" in extra else None
     provenance = {"data": extra["data"]} if "data" in extra else None
+    # the demo classifiers train on zero-filled absent leads (train_classifier passes no lead mask): a lead-aware
+    # backbone must run them the same way, not on masked tokens it was never trained on
     return artifacts.save_classifier(out_dir, backbone, head, preprocess, class_names, multilabel, fs=fs,
                                      window_samples=n_samples, leads=lead_names, head_spec=head_spec,
-                                     provenance=provenance, evaluation=evaluation, extra=extra)
+                                     provenance=provenance, evaluation=evaluation, extra=extra, lead_aware=False)
 
 
 def is_classifier_dir(path: str | os.PathLike) -> bool:

@@ -1,0 +1,75 @@
+"""ecgfm.Encoder / Classifier inputs: an artifact without preprocessing still masks flat leads and fills NaN runs
+(as the sweep's features of it do), classifiers trained on zero-filled leads are not run with lead masks, and a
+batch of one keeps its batch axis in any container."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+
+import ecgfm
+from ecgfm.artifacts import EncoderClassifier, save_encoder
+from ecgfm.backbones import create_backbone
+from ecgfm.data.preprocess import PreprocessSpec, preprocess_signal
+from ecgfm.explain.classifier import save_classifier
+
+
+def test_encoder_without_preprocessing_masks_flat_leads_and_fills_nan(tmp_path):
+    torch.manual_seed(0)
+    bb = create_backbone("vit1d_test").eval()
+    save_encoder(tmp_path / "enc", bb, None, fs=100.0, window_samples=250)
+    enc = ecgfm.Encoder.load(tmp_path / "enc")
+    x = np.random.default_rng(0).standard_normal((12, 250)).astype(np.float32)
+    x[11] = 0.0                                                   # V6 disconnected
+    x12, _, mask = preprocess_signal(x, 100.0, np.ones(12, bool), PreprocessSpec.raw(100.0))   # the sweep's view
+    assert not mask[11]
+    with torch.no_grad():
+        ref = bb.embed(torch.from_numpy(x12[None]), lead_mask=torch.from_numpy(mask[None])).numpy()[0]
+    np.testing.assert_allclose(enc.embed(x, fs=100), ref, atol=1e-6)
+    x[0, 100:110] = np.nan
+    assert np.isfinite(enc.embed(x, fs=100)).all()
+
+
+def test_batch_of_one_keeps_its_axis_in_any_container(tmp_path):
+    save_encoder(tmp_path / "enc", create_backbone("vit1d_test").eval(), None, fs=100.0, window_samples=250)
+    enc = ecgfm.Encoder.load(tmp_path / "enc")
+    x = np.random.default_rng(1).standard_normal((1, 12, 250)).astype(np.float32)
+    for batch in (x, x.tolist(), torch.from_numpy(x)):
+        assert enc.embed(batch, fs=100).shape == (1, 16)
+    assert enc.embed(x[0], fs=100).shape == (16,)
+
+
+def test_classifiers_trained_on_zero_filled_leads_are_not_run_with_lead_masks(tmp_path):
+    """The explain demos' (and the zoo's) classifiers, and version-1 folders, never saw a lead mask: a lead-aware
+    ViT must score a partial record on zero-filled leads, as trained."""
+    torch.manual_seed(0)
+    bb = create_backbone("vit1d_test")
+    head = torch.nn.Linear(bb.num_features, 3)
+    model = EncoderClassifier(bb, head).eval()
+    spec = PreprocessSpec(fs=100.0)
+    x = np.random.default_rng(0).standard_normal((1, 250)).astype(np.float32)
+    from ecgfm.data.record import map_leads
+
+    x12, m, _ = map_leads(x, ["II"])
+    x12, _, m = preprocess_signal(x12, 100.0, m, spec)
+    with torch.no_grad():
+        want = torch.softmax(model(torch.from_numpy(x12[None])), -1).double().numpy()[0]   # zero-filled leads
+    save_classifier(tmp_path / "demo", bb, head, spec, ["a", "b", "c"], multilabel=False, n_samples=250)
+    v1 = tmp_path / "v1"
+    v1.mkdir()
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(v1 / "classifier.safetensors"),
+              metadata={"format": "ecgfm-classifier"})
+    (v1 / "classifier.json").write_text(json.dumps({
+        "format": "ecgfm-classifier", "format_version": 1,
+        "backbone": {"name": "vit1d_test", "init_args": dict(bb.init_args)},
+        "head": {"name": "linear", "args": {"in_dim": bb.num_features, "num_classes": 3, "bias": True}},
+        "preprocess": spec.to_dict(), "fs": 100.0, "n_samples": 250, "class_names": ["a", "b", "c"],
+        "postprocess": "softmax", "extra": {}}))
+    for folder in (tmp_path / "demo", v1):
+        clf = ecgfm.Classifier.load(folder)
+        assert not clf.lead_aware
+        np.testing.assert_allclose(clf.predict_proba(x, fs=100, leads=["II"]).to_numpy()[0], want, atol=1e-6)
