@@ -165,7 +165,12 @@ def summarize(df: pd.DataFrame, metric: str = "macro_auroc") -> pd.DataFrame:
         sub = sub[~dup]
     g = sub.groupby(keys, dropna=False)
     out = g.agg(mean=("value", "mean"), sd=("value", "std"), ci_low=("ci_low", "mean"),
-                ci_high=("ci_high", "mean"), n_seeds=("seed", "nunique"), n_test=("n_test", "max"))
+                ci_high=("ci_high", "mean"), n_seeds=("seed", "nunique"), n_test=("n_test", "max"),
+                n_test_min=("n_test", "min"))
+    mixed = out["n_test_min"].notna() & (out["n_test_min"] != out["n_test"])
+    if mixed.any():
+        log.warning("%d %s row(s) average seeds scored on different numbers of records (cells of another record "
+                    "set?): marked in the table", int(mixed.sum()), metric)
     return out.reset_index()
 
 
@@ -203,8 +208,10 @@ def markdown_table(df: pd.DataFrame, metrics: Iterable[str] = ("macro_auroc", "m
                         continue
                     r = r.iloc[0]
                     sd = 0.0 if not np.isfinite(r["sd"]) else r["sd"]
+                    mixed = pd.notna(r.get("n_test_min")) and r["n_test_min"] != r["n_test"]
                     cells.append(f"{r['mean']:.3f} +- {sd:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}] "
-                                 f"({int(r['n_seeds'])})")
+                                 f"({int(r['n_seeds'])})" + (f" (seeds on n = {int(r['n_test_min'])}-"
+                                                             f"{int(r['n_test'])} records)" if mixed else ""))
                 lines.append(f"| {method} | {backbone} | {MODE_NAMES.get(mode, mode)} | " + " | ".join(cells) + " |")
             lines.append("")
     return "\n".join(lines)
@@ -513,17 +520,25 @@ def compare_with_baseline(cells: Iterable[dict[str, Any]], spec: BaselineSpec, n
             joint: dict[int, dict[str, float]] = {}
             d = None
             if len(ref_keys) >= 2:
-                score_pairs, y = [], None
+                score_pairs, y, same_labels = [], None, True
                 for s in aligned:
                     keys, ys, sa, sb = aligned[s]
                     pos = {k: i for i, k in enumerate(keys)}
                     idx = np.array([pos[k] for k in ref_keys])
+                    if y is not None and not np.array_equal(ys[idx], y):
+                        same_labels = False   # seeds disagree on a record's labels: no joint resampling
                     y = ys[idx] if y is None else y
                     score_pairs.append((sa[idx], sb[idx]))
-                try:
-                    d, each = seed_mean_paired_delta(y, score_pairs, n_boot=n_boot, seed=seed, per_seed=True)
-                except ValueError:
+                if not same_labels:
+                    log.warning("%s vs %s (%s, %s, fraction %g, %s): the seeds' cells hold different labels for the "
+                                "same records (computed on different label tables?): no seed mean, per-seed "
+                                "comparisons only", label, blabel, mode, task, frac, split)
                     d, each = None, []
+                else:
+                    try:
+                        d, each = seed_mean_paired_delta(y, score_pairs, n_boot=n_boot, seed=seed, per_seed=True)
+                    except ValueError:
+                        d, each = None, []
                 # a seed scored on exactly the shared records: its own paired bootstrap is the joint one's
                 joint = {s: e for s, e in zip(aligned, each) if len(aligned[s][0]) == len(ref_keys)}
             for s, (c, b) in sorted(seen.items()):

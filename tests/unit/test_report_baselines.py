@@ -296,3 +296,42 @@ def test_a_table_of_rows_scored_on_different_record_sets_says_so(tmp_path):
     assert f"(n = {N} records)" in R.markdown_table(df)
     df.loc[df["method"] == "simclr", "n_test"] = N - 10          # as if scored on a smaller task
     assert f"(n = {N - 10}, {N} records: rows differ, not comparable)" in R.markdown_table(df)
+
+
+def _rewrite(res: Path, mode: str, task: str, ckpt: str, fraction: float, seed: int, fn) -> None:
+    path = res / "cells" / mode / task / ckpt.replace("/", "_") / f"f{fraction:g}_s{seed}.json"
+    cell = json.loads(path.read_text())
+    fn(cell)
+    path.write_text(json.dumps(cell))
+
+
+def test_seed_mean_refuses_seeds_with_different_labels(tmp_path):
+    """Two seeds whose cells carry different labels for the same record keys (another label table): the joint
+    seed mean resampled every seed against the first seed's labels, and gave seed 1 that number too. Now: no seed
+    mean, each seed its own paired bootstrap."""
+    res = tmp_path / "results"
+    for seed in (0, 1):
+        kw = dict(task="cinc2017", seed=seed, fraction=1.0)
+        _cell(res, method="random-init", mode="linear", strength=0.0, kind="random", ckpt="random:enc", **kw)
+        _cell(res, method="mae", mode="linear", strength=2.5, **kw)
+
+    def roll(c):
+        c["predictions"]["test"]["y"] = np.roll(np.asarray(c["predictions"]["test"]["y"]), 37, axis=0).tolist()
+
+    for ckpt in ("random:enc", "mae"):
+        _rewrite(res, "linear", "cinc2017", ckpt, 1.0, 1, roll)
+    cells = R.load_cells(res)
+    per_seed, mean = R.compare_with_baseline(cells, R.TWIN, n_boot=50)
+    assert mean.empty
+    own = {c["seed"]: R._paired_rows(c, b, 50, 0)[0] for c, b in R.matched_pairs(cells, R.TWIN)}
+    for _, r in per_seed.iterrows():
+        assert r["delta"] == pytest.approx(own[r["seed"]]["delta"])
+
+
+def test_a_row_whose_seeds_saw_different_record_counts_is_marked(tmp_path):
+    res = tmp_path / "results"
+    for seed in (0, 1):
+        _cell(res, task="cinc2017", method="mae", mode="linear", seed=seed, fraction=1.0, strength=2.0)
+    _rewrite(res, "linear", "cinc2017", "mae", 1.0, 1, lambda c: c["results"]["test"].update(n=40))
+    md = R.markdown_table(R.tidy_rows(R.load_cells(res)))
+    assert "(seeds on n = 40-" in md
