@@ -595,8 +595,8 @@ def comparison_markdown(comp: pd.DataFrame, reference: str = "random-init", titl
     title = title or "Paired comparison with the random-init twin"
     lines = [f"## {title} (macro AUROC difference, same test records)", "",
              f"delta = row - {reference}. Mean over seeds with its paired 95 % bootstrap CI (the test records "
-             f"resampled jointly for every seed and both rows); per seed: delta [95 % paired bootstrap CI], `*` = "
-             f"that CI excludes 0.", "",
+             f"resampled jointly for every seed and both rows; n = the records both rows of every seed predicted); "
+             f"per seed: delta [95 % paired bootstrap CI], `*` = that CI excludes 0, with its n when it differs.", "",
              "| mode | task | split | method | baseline | fraction | mean delta [95 % CI] | CI excludes 0 | per seed |",
              "|---|---|---|---|---|---|---|---|---|"]
     comp = comp.assign(label=comp["label"].fillna(comp["method"]) if "label" in comp else comp["method"])
@@ -606,11 +606,15 @@ def comparison_markdown(comp: pd.DataFrame, reference: str = "random-init", titl
         for r in means.itertuples():
             mean_of[(r.mode, r.task, r.split, r.label, r.baseline, float(r.fraction))] = r
     for key, g in comp.sort_values(keys + ["seed"]).groupby(keys, sort=True):
-        per = "; ".join(f"s{int(r.seed)}: {r.delta:+.3f} [{r.ci_low:+.3f}, {r.ci_high:+.3f}]"
-                        f"{'*' if r.ci_low > 0 or r.ci_high < 0 else ''}" for r in g.itertuples())
         m = mean_of.get(key[:5] + (float(key[5]),))
+        n_mean = int(m.n) if m is not None and pd.notna(getattr(m, "n", None)) else None
+        per = "; ".join(f"s{int(r.seed)}: {r.delta:+.3f} [{r.ci_low:+.3f}, {r.ci_high:+.3f}]"
+                        f"{'*' if r.ci_low > 0 or r.ci_high < 0 else ''}"
+                        + (f" (n = {int(r.n)})" if "n" in g and pd.notna(r.n) and int(r.n) != n_mean else "")
+                        for r in g.itertuples())
         if m is not None:
-            mean = f"{m.delta:+.3f} [{m.ci_low:+.3f}, {m.ci_high:+.3f}] ({int(m.n_seeds)})"
+            mean = (f"{m.delta:+.3f} [{m.ci_low:+.3f}, {m.ci_high:+.3f}] ({int(m.n_seeds)} seeds"
+                    + (f", n = {n_mean})" if n_mean is not None else ")"))
             flag = _flag(m.excludes_zero)
         else:
             mean, flag = f"{g['delta'].mean():+.3f}", "n/a"

@@ -335,3 +335,22 @@ def test_a_row_whose_seeds_saw_different_record_counts_is_marked(tmp_path):
     _rewrite(res, "linear", "cinc2017", "mae", 1.0, 1, lambda c: c["results"]["test"].update(n=40))
     md = R.markdown_table(R.tidy_rows(R.load_cells(res)))
     assert "(seeds on n = 40-" in md
+
+
+def test_comparison_markdown_says_on_how_many_records(tmp_path):
+    """Pairs use the records both rows predicted: the markdown says how many (it only said "same test records")."""
+    res = tmp_path / "results"
+    for seed in (0, 1):
+        kw = dict(task="cinc2017", seed=seed, fraction=1.0)
+        _cell(res, method="random-init", mode="linear", strength=0.0, kind="random", ckpt="random:enc", **kw)
+        _cell(res, method="mae", mode="linear", strength=2.5, **kw)
+
+    def half(c):
+        p = c["predictions"]["test"]
+        p.update({k: v[: N // 2] for k, v in p.items()})
+
+    for seed in (0, 1):
+        _rewrite(res, "linear", "cinc2017", "random:enc", 1.0, seed, half)
+    per_seed, mean = R.compare_with_baseline(R.load_cells(res), R.TWIN, n_boot=50)
+    md = R.comparison_markdown(per_seed, means=mean)
+    assert f"(2 seeds, n = {N // 2})" in md
