@@ -283,6 +283,28 @@ class PretrainModule(L.LightningModule):
         self.log("val/probe_n", float(len(emb)), on_epoch=True, sync_dist=False)
 
     # --------------------------------------------------------------- optimiser
+    def on_train_start(self) -> None:
+        """Apply this run's optimiser settings after a resume.
+
+        Lightning restores the optimiser and scheduler state of the checkpoint, including each group's ``lr``
+        (the old schedule's last value: 0 at the end of a finished run), ``initial_lr``, ``weight_decay`` and
+        ``betas``: an extended run (same folder, larger ``trainer.max_steps``) took its first step at the old
+        schedule's end value, and ``resume=<ckpt>`` with a new ``method.lr`` / ``weight_decay`` / ``betas`` kept
+        the old ones. Here each group takes this run's values and the lr of this run's schedule at the restored
+        step. A fresh run is unchanged (the same values, already set)."""
+        sched_cfgs = getattr(self.trainer, "lr_scheduler_configs", None) or []
+        if not sched_cfgs:
+            return
+        wd_of = {id(p): g["weight_decay"] for g in param_groups(self, self.hparams.weight_decay) for p in g["params"]}
+        sched = sched_cfgs[0].scheduler
+        lr, betas = float(self.hparams.lr), tuple(self.hparams.betas)
+        for i, g in enumerate(sched.optimizer.param_groups):
+            g["initial_lr"] = lr
+            g["betas"] = betas
+            g["weight_decay"] = wd_of.get(id(g["params"][0]), g["weight_decay"])
+            sched.base_lrs[i] = lr
+            g["lr"] = lr * sched.lr_lambdas[i](sched.last_epoch)
+
     def configure_optimizers(self) -> dict[str, Any]:
         """AdamW over :func:`ecgfm.optim.param_groups` with the per-step warm-up cosine schedule of
         :mod:`ecgfm.optim`."""

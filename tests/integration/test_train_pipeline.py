@@ -314,3 +314,38 @@ def test_simclr_augments_at_the_cache_rate(tmp_path):
     assert summary["fs"] == 250.0
     hp = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["hyper_parameters"]
     assert hp["fs"] == 250.0
+
+
+def test_resumed_runs_step_on_their_own_schedule_and_settings(tmp_path, cache_root, monkeypatch):
+    """An extended run (same folder, larger trainer.max_steps) took its first step at the old schedule's end value
+    (0), and resume=<ckpt> with a new method.lr kept the checkpoint's: every step now uses this run's lr and
+    schedule at the restored step."""
+    import lightning as L
+
+    import ecgfm.train.run as run_mod
+    from ecgfm.optim import warmup_cosine
+
+    seen: dict[int, float] = {}
+
+    class LR(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen[trainer.global_step] = trainer.optimizers[0].param_groups[0]["lr"]
+
+    real = run_mod.build_callbacks
+
+    def with_lr(*a, **kw):
+        cbs, hist = real(*a, **kw)
+        return [*cbs, LR()], hist
+
+    monkeypatch.setattr(run_mod, "build_callbacks", with_lr)
+    out = tmp_path / "run"
+    train(tiny_cfg(out, cache_root))                                          # 3 steps, the schedule ends at 0
+    cfg = tiny_cfg(out, cache_root, extra=["trainer.max_steps=6"])
+    train(cfg)
+    lr, warm = float(cfg.method.lr), int(cfg.method.warmup_steps)
+    assert seen[3] == pytest.approx(lr * warmup_cosine(3, warm, 6)) and seen[3] > 0
+    seen.clear()
+    cfg = tiny_cfg(tmp_path / "again", cache_root, extra=[f"resume={out / 'checkpoints' / 'step0000002.ckpt'}",
+                                                          "method.lr=0.01"])
+    train(cfg)
+    assert seen[2] == pytest.approx(0.01 * warmup_cosine(2, warm, 3))
