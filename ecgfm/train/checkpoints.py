@@ -19,7 +19,7 @@ import math
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import lightning as L
 import torch
@@ -197,19 +197,50 @@ class DataFacts(L.Callback):
     rate would feed the weights signals of another time scale, with the same tensor shapes when the sample counts
     happen to agree: refused, naming both.
 
+    It also keeps the training caches (their folder names hash the record sources and the preprocessing) and the
+    mixture settings: a run continued from its own folder (``deliberate=False``) on other caches, mixture weights,
+    validation fraction or views is refused (the steps would follow two data sets while the export names one);
+    ``resume=<checkpoint>`` continues deliberately. Either way :attr:`seen_caches` holds every cache the weights
+    were trained on, old and new, which the exported encoder records for the leakage guard.
+
     Args:
         fs: sampling rate of the training caches (Hz).
         crop_seconds: training crop in seconds.
         crop_samples: the same in samples at ``fs``.
+        caches: the training cache folders.
+        mixture: the data settings that decide what is drawn (``weights``, ``val_fraction``, ``views``).
+        deliberate: ``resume=`` was given: other caches / mixture settings are accepted (and recorded).
     """
 
-    def __init__(self, fs: float, crop_seconds: float, crop_samples: int) -> None:
+    def __init__(self, fs: float, crop_seconds: float, crop_samples: int, caches: Sequence[str] = (),
+                 mixture: Mapping[str, Any] | None = None, deliberate: bool = False) -> None:
         self.facts = {"fs": float(fs), "crop_seconds": float(crop_seconds), "crop_samples": int(crop_samples)}
+        self.caches = [str(Path(c).resolve()) for c in caches]
+        self.mixture = dict(mixture or {})
+        self.deliberate = bool(deliberate)
+        self.seen_caches = list(self.caches)
 
     def state_dict(self) -> dict[str, Any]:
-        return dict(self.facts)
+        return {**self.facts, "caches": list(self.caches), "seen_caches": list(self.seen_caches),
+                "mixture": dict(self.mixture)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._check_rate(state_dict)
+        old = state_dict.get("caches")
+        if old is not None and not self.deliberate:
+            names = lambda cs: sorted(Path(c).name for c in cs)   # noqa: E731 - the content-hashed folder names
+            was, now = state_dict.get("mixture") or {}, self.mixture
+            diffs = ([f"caches {names(old)} -> {names(self.caches)}"] if names(old) != names(self.caches) else []) \
+                + [f"data.{k}: {was.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(was) | set(now))
+                   if was.get(k) != now.get(k)]
+            if diffs:
+                raise ConfigError("resume", f"the run in this folder was trained on other data ({'; '.join(diffs)});"
+                                            " continuing it would mix two data sets. Use another hydra.run.dir, "
+                                            "overwrite=true to train again from step 0, or resume=<its checkpoint> "
+                                            "to continue on purpose on the new data")
+        self.seen_caches = list(dict.fromkeys([*(state_dict.get("seen_caches") or old or []), *self.caches]))
+
+    def _check_rate(self, state_dict: dict[str, Any]) -> None:
         saved = {k: state_dict.get(k) for k in self.facts}
         if any(v is not None and not math.isclose(float(v), float(self.facts[k])) for k, v in saved.items()):
             raise ConfigError("resume", f"the checkpoint was trained on {saved['fs']:g} Hz data with "

@@ -139,7 +139,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         compile_backbone(model.backbone)
 
     callbacks, history = build_callbacks(cfg, out_dir)
-    callbacks.append(DataFacts(fs, float(cfg.crop_seconds), int(cfg.crop_samples)))
+    facts = DataFacts(fs, float(cfg.crop_seconds), int(cfg.crop_samples), caches=cache_dirs or [],
+                      mixture={k: jsonable(OmegaConf.to_container(v, resolve=True)) if OmegaConf.is_config(v) else v
+                               for k in ("weights", "val_fraction", "views") if (v := cfg.data.get(k)) is not None},
+                      deliberate=bool(cfg.resume))
+    callbacks.append(facts)
     guard = next(c for c in callbacks if isinstance(c, NonFiniteGuard))
     logger = build_logger(cfg, out_dir)
     # AtomicCheckpointIO: every checkpoint is written to a temporary file, fsync'ed and renamed
@@ -210,7 +214,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             "steps": summary["steps"], "seed": int(cfg.seed),
             "method_hparams": jsonable(OmegaConf.to_container(cfg.method, resolve=True)),
             # what the encoder saw: the benchmarking leakage guard compares these caches with test splits
-            "pretrain_caches": [str(Path(c).resolve()) for c in cache_dirs or []],
+            # every cache the weights were trained on, those of the runs this one continued included
+            "pretrain_caches": list(facts.seen_caches),
             "nonfinite_records_skipped": summary["nonfinite_records_skipped"],
         })
         summary["encoder_dir"] = str(enc_dir)

@@ -349,3 +349,18 @@ def test_resumed_runs_step_on_their_own_schedule_and_settings(tmp_path, cache_ro
                                                           "method.lr=0.01"])
     train(cfg)
     assert seen[2] == pytest.approx(0.01 * warmup_cosine(2, warm, 3))
+
+
+def test_rerun_on_other_data_is_refused_and_a_deliberate_one_records_every_cache(tmp_path, cache_root):
+    """A rerun into a run folder with another corpus (or mixture settings) resumed silently and exported only the
+    new cache as the encoder's pretraining data; the leakage guard never heard of the first one."""
+    out = tmp_path / "run"
+    first = train(tiny_cfg(out, cache_root))
+    with pytest.raises(ConfigError, match=r"trained on other data \(caches .*data.val_fraction: 0.2 -> 0.5"):
+        train(tiny_cfg(out, cache_root, extra=["data.params.n_records=30", "data.val_fraction=0.5",
+                                               "trainer.max_steps=5"]))
+    again = train(tiny_cfg(tmp_path / "more", cache_root, extra=[
+        f"resume={out / 'checkpoints' / 'last.ckpt'}", "data.params.n_records=30", "trainer.max_steps=5"]))
+    _, _, info = load_encoder(again["encoder_dir"])
+    assert info["extra"]["pretrain_caches"] == [str(Path(c).resolve()) for c in
+                                               first["cache_dirs"] + again["cache_dirs"]]
