@@ -211,14 +211,31 @@ class ResumableDataLoader(DataLoader):
         batch_sampler = ResumableBatchSampler(loader.batch_sampler.sampler, loader.batch_size, loader.drop_last)
         return cls(loader.dataset, batch_sampler, progress=progress, **kwargs)
 
+    def _world(self) -> int:
+        return int(getattr(self.sampler, "num_replicas", 1) or 1)
+
     def state_dict(self) -> dict[str, int]:
         epoch, batches = self.progress() if self.progress is not None else (0, 0)
-        return {"epoch": int(epoch), "batches": int(batches)}
+        return {"epoch": int(epoch), "batches": int(batches), "world": self._world()}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         epoch, batches = int(state.get("epoch", 0)), int(state.get("batches", 0))
         if batches >= len(self):  # saved on the last batch of an epoch: the next epoch starts afresh
             epoch, batches = epoch + 1, 0
+        old, new = int(state.get("world", self._world())), self._world()
+        if batches and old != new:
+            # the ranks take interleaved slots of one global order: W ranks after b batches have drawn its first
+            # b * W batches' worth; another rank count continues there only when that splits evenly over it
+            if (batches * old) % new:
+                from ecgfm.config import ConfigError
+
+                raise ConfigError("resume", f"the checkpoint stopped {batches} batches into epoch {epoch} on {old} "
+                                            f"process(es); resuming on {new} cannot continue that epoch's draws "
+                                            f"without repeating or skipping some: resume on {old}, or from a "
+                                            f"checkpoint at an epoch end")
+            log.info("resume: %d batch(es) of epoch %d on %d process(es) = %d on %d", batches, epoch, old,
+                     batches * old // new, new)
+            batches = batches * old // new
         set_epoch = getattr(self.sampler, "set_epoch", None)
         if callable(set_epoch):
             set_epoch(epoch)
