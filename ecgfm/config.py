@@ -497,6 +497,12 @@ def validate_train_config(cfg: DictConfig, provided: dict[str, tuple[str, ...]] 
             raise ConfigError(name, "is not set (choose one of the conf/" + name + "/ options)")
         if isinstance(node, DictConfig):
             check_target_node(strip_params(node), name, provided.get(name, ()))
+    trainer_node = merged._get_node("trainer")
+    for key, how in (("logger", "choose it with the logger group (logger=csv, logger=wandb, ...) or ~logger"),
+                     ("default_root_dir", "the run folder is hydra.run.dir (out_dir)")):
+        if isinstance(trainer_node, DictConfig) and trainer_node.get(key) is not None:
+            raise ConfigError(f"trainer.{key}", f"is set by the training pipeline, which would replace this value "
+                                                f"silently: {how}")
     try:
         PreprocessSpec.from_dict(OmegaConf.to_container(merged.preprocess, resolve=True))  # value checks
     except ValueError as err:

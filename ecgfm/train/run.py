@@ -104,6 +104,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     cache_dirs = build_cache_dirs(data_node)
     spec, fs = data_rate(cache_dirs, cfg)
     cfg.crop_samples = crop_samples_for(cfg, fs)   # crop_seconds at the cache's own rate; ${crop_samples} follows
+    if "fs" in cfg.method:   # augmentations in seconds / Hz (SimCLR) run at the cache's rate: config.yaml says so
+        cfg.method.fs = float(fs)
     if ckpt_path is not None and not cfg.resume:   # found in the run folder: only its own recipe continues there
         check_resume_config(out_dir, cfg)
     check_backbone_fits_crop(cfg, fs)
@@ -147,8 +149,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     guard = next(c for c in callbacks if isinstance(c, NonFiniteGuard))
     logger = build_logger(cfg, out_dir)
     # AtomicCheckpointIO: every checkpoint is written to a temporary file, fsync'ed and renamed
-    trainer = instantiate(cfg.trainer, default_root_dir=str(out_dir), callbacks=callbacks, logger=logger,
-                          plugins=[AtomicCheckpointIO()], _convert_="all")
+    # the config's own trainer.callbacks / plugins join ecgfm's (instantiate's keyword arguments would replace them)
+    node = OmegaConf.masked_copy(cfg.trainer, [k for k in cfg.trainer if k not in ("callbacks", "plugins")])
+    extra = {k: list(instantiate(cfg.trainer[k], _convert_="all") or []) for k in ("callbacks", "plugins")
+             if cfg.trainer.get(k) is not None}
+    trainer = instantiate(node, default_root_dir=str(out_dir), callbacks=[*callbacks, *extra.get("callbacks", [])],
+                          logger=logger, plugins=[AtomicCheckpointIO(), *extra.get("plugins", [])], _convert_="all")
     if trainer.is_global_zero:
         atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         log.info("training crops: %g s = %d samples at the cache's %g Hz", float(cfg.crop_seconds),

@@ -364,3 +364,15 @@ def test_rerun_on_other_data_is_refused_and_a_deliberate_one_records_every_cache
     _, _, info = load_encoder(again["encoder_dir"])
     assert info["extra"]["pretrain_caches"] == [str(Path(c).resolve()) for c in
                                                first["cache_dirs"] + again["cache_dirs"]]
+
+
+def test_trainer_callbacks_from_the_config_join_the_pipelines(tmp_path, cache_root):
+    """+trainer.callbacks=[...] was silently replaced by the pipeline's callbacks; logger / default_root_dir, which
+    the pipeline sets, are refused with the way to set them."""
+    out = tmp_path / "run"
+    train(tiny_cfg(out, cache_root, extra=[
+        "logger=csv", "+trainer.callbacks=[{_target_: lightning.pytorch.callbacks.LearningRateMonitor}]"]))
+    header = next((out / "csv").rglob("metrics.csv")).read_text().splitlines()[0]
+    assert "lr-AdamW" in header                      # LearningRateMonitor ran
+    with pytest.raises(ConfigError, match="trainer.default_root_dir.*hydra.run.dir"):
+        train(tiny_cfg(tmp_path / "x", cache_root, extra=[f"+trainer.default_root_dir={tmp_path}"]))
