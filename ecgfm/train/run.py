@@ -164,6 +164,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     t_fit = time.perf_counter()
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     fit_s = time.perf_counter() - t_fit
+    sched_steps = int(cfg.method.get("max_steps") or 0)
+    if 0 < trainer.global_step < sched_steps and not trainer.interrupted:
+        log.warning("training stopped at step %d of the %d its learning-rate schedule runs to (trainer.max_epochs, "
+                    "max_time or an early stop came first): the schedule did not finish its decay",
+                    trainer.global_step, sched_steps)
     if trainer.global_step == 0 and int(cfg.trainer.get("max_steps", -1) or -1) != 0:
         n_train = sum(len(p) for p in getattr(datamodule, "train_pools", [])) or "too few"
         raise ConfigError("data.batch_size", f"the run trained 0 steps: the training loader gave no batch "

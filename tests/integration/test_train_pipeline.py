@@ -376,3 +376,11 @@ def test_trainer_callbacks_from_the_config_join_the_pipelines(tmp_path, cache_ro
     assert "lr-AdamW" in header                      # LearningRateMonitor ran
     with pytest.raises(ConfigError, match="trainer.default_root_dir.*hydra.run.dir"):
         train(tiny_cfg(tmp_path / "x", cache_root, extra=[f"+trainer.default_root_dir={tmp_path}"]))
+
+
+def test_a_run_stopped_before_its_schedule_ends_says_so(tmp_path, cache_root, caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="ecgfm.train.run"):
+        s = train(tiny_cfg(tmp_path / "run", cache_root, extra=["trainer.max_steps=10", "+trainer.max_epochs=1"]))
+    assert s["steps"] == 2 and "stopped at step 2 of the 10" in caplog.text
