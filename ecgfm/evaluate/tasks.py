@@ -341,7 +341,10 @@ def _cpsc2018_codes(path: str) -> dict[str, list[str]]:
         rows = list(csv.reader(fh))
     if not rows:
         raise ValueError(f"{path}: empty CPSC 2018 labels table")
-    for lineno, row in enumerate(rows[1:], start=2):
+    # the published file opens with a header row (Recording,First_label,...); a file without one starts with data
+    first = 1 if rows[0] and not any(v.strip() in CPSC2018_NUMBERS or v.strip() in code_of for v in rows[0][1:]) \
+        else 0
+    for lineno, row in enumerate(rows[first:], start=first + 1):
         if not row or not row[0].strip():
             continue
         codes = []

@@ -180,3 +180,5 @@ def test_cpsc2018_reference_table(tmp_path):
     ref.write_text("Recording,First_label\nX1,10\n")
     with pytest.raises(ValueError, match="line 2"):
         _cpsc2018_codes(str(ref))
+    ref.write_text("X1,1,,\nX3,AF,,\n")                    # no header row: the first record is a record
+    assert _cpsc2018_codes(str(ref)) == {"X1": ["426783006"], "X3": ["164889003"]}
