@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from ecgfm.artifacts import EncoderClassifier, load_classifier, load_encoder
-from ecgfm.data.preprocess import PreprocessSpec, preprocess_signal, sliding_windows
+from ecgfm.data.preprocess import PreprocessSpec, preprocess_signal, sliding_windows, with_input_leads
 from ecgfm.data.record import CANONICAL_LEADS, ECGDataError, ECGRecord, canonical_lead, map_leads
 
 __all__ = ["Encoder", "Classifier", "load_record"]
@@ -67,6 +67,11 @@ class _Model:
         self.leads: tuple[str, ...] = tuple(inp.get("leads") or CANONICAL_LEADS)
         self.window_samples: int | None = inp.get("window_samples")
         self.stride_samples: int | None = inp.get("stride_samples") or self.window_samples
+        # what every record goes through: the artifact's spec (an artifact without one: what every cache gives its
+        # records, PreprocessSpec.raw, as the sweep's features of it), restricted to the leads the backbone reads
+        backbone = getattr(network, "backbone", network)
+        self._pre = with_input_leads(spec if spec is not None else PreprocessSpec.raw(self.fs),
+                                     (getattr(backbone, "init_args", None) or {}).get("input_leads"))
 
     # ------------------------------------------------------------------------------------------ inputs
     def _records(self, signal: Any, fs: float | None, leads: Sequence[str] | None
@@ -105,10 +110,7 @@ class _Model:
     def _prepare(self, sig: np.ndarray, fs: float, names: Sequence[str], where: str
                  ) -> tuple[np.ndarray, np.ndarray]:
         x12, mask, _dropped = map_leads(sig, names, where)
-        # an artifact without preprocessing still gets what every cache gives its records (and the sweep its
-        # encoder, PreprocessSpec.raw): flat leads marked absent, NaN runs filled, the signal at the model's rate
-        spec = self.spec if self.spec is not None else PreprocessSpec.raw(self.fs)
-        x12, out_fs, mask = preprocess_signal(x12, fs, mask, spec, where)
+        x12, out_fs, mask = preprocess_signal(x12, fs, mask, self._pre, where)
         if self.fs is not None and abs(float(out_fs) - float(self.fs)) > 1e-6:
             raise ECGDataError(where, f"the signal is at {out_fs} Hz after preprocessing but the model expects "
                                       f"{self.fs} Hz (the artifact's preprocessing spec has no resampling rate)")

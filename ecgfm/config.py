@@ -76,6 +76,7 @@ class PreprocessConfig:
     notch_first: bool = False
     median_baseline: Optional[float] = None
     normalize_scope: str = "lead"
+    leads: Optional[list] = None
 
 
 @dataclass

@@ -36,13 +36,13 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from fractions import Fraction
 from typing import Any
 
 import numpy as np
 
-from ecgfm.data.record import N_LEADS, ECGDataError, ECGRecord
+from ecgfm.data.record import CANONICAL_LEADS, N_LEADS, ECGDataError, ECGRecord
 
 
 class _LazySciPySignal:
@@ -66,7 +66,7 @@ FILTER_DESIGNS = ("sos", "ba")
 # so every spec written before keeps its dict and fingerprint.
 _ADDED_DEFAULTS: dict[str, Any] = {"resample_method": "polyphase", "bandpass_mode": "bandpass",
                                    "filter_design": "sos", "notch_q": 30.0, "notch_first": False,
-                                   "median_baseline": None, "normalize_scope": "lead"}
+                                   "median_baseline": None, "normalize_scope": "lead", "leads": None}
 
 
 @dataclass(frozen=True)
@@ -96,6 +96,9 @@ class PreprocessSpec:
             None: off.
         normalize_scope: ``lead`` (one centre / scale per lead) or ``record`` (one centre / scale over all present
             leads and time together: ST-MEM, ECGFounder).
+        leads: canonical leads kept; the others are marked absent before any step (None: all). For a model that
+            reads a lead subset (ECGFounder's 1-lead model reads lead I): a ``record``-scope normalisation then
+            takes its statistics over the model's leads only, as its authors' code does on its own input.
     """
 
     fs: float | None = 100.0
@@ -113,8 +116,16 @@ class PreprocessSpec:
     notch_first: bool = False
     median_baseline: float | None = None
     normalize_scope: str = "lead"
+    leads: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
+        if self.leads is not None:
+            leads = tuple(str(lead) for lead in self.leads)
+            bad = [lead for lead in leads if lead not in CANONICAL_LEADS]
+            if bad or not leads or len(set(leads)) != len(leads):
+                raise ValueError(f"PreprocessSpec.leads must be distinct canonical lead names {CANONICAL_LEADS}, "
+                                 f"got {list(self.leads)}")
+            object.__setattr__(self, "leads", leads)
         for name, allowed in (("normalize_scope", NORMALIZE_SCOPES), ("resample_method", RESAMPLE_METHODS),
                               ("bandpass_mode", BANDPASS_MODES), ("filter_design", FILTER_DESIGNS)):
             if getattr(self, name) not in allowed:
@@ -149,6 +160,8 @@ class PreprocessSpec:
         """Plain-data form; the fields added after the first release appear only when they differ from their
         defaults (so the dict and :meth:`fingerprint` of every earlier spec stay the same)."""
         out = asdict(self)
+        if out.get("leads") is not None:
+            out["leads"] = list(out["leads"])
         for name, default in _ADDED_DEFAULTS.items():
             if out[name] == default and type(out[name]) is type(default):
                 del out[name]
@@ -173,6 +186,18 @@ class PreprocessSpec:
     def fingerprint(self) -> str:
         """Short stable hash of the spec (used in cache keys)."""
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def with_input_leads(spec: PreprocessSpec, input_leads: Any) -> PreprocessSpec:
+    """``spec`` for a model that reads only ``input_leads`` (a backbone's ``init_args["input_leads"]``) of the
+    canonical 12: the other leads absent from the start (:attr:`PreprocessSpec.leads`), so that no step (a
+    ``record``-scope normalisation, above all) sees leads the model never reads. Unchanged for all 12 or None."""
+    if input_leads is None or spec.leads is not None:
+        return spec
+    leads = tuple(str(lead) for lead in input_leads)
+    if set(leads) >= set(CANONICAL_LEADS):
+        return spec
+    return replace(spec, leads=tuple(lead for lead in CANONICAL_LEADS if lead in leads))
 
 
 def _interpolate_nans(x: np.ndarray) -> np.ndarray:
@@ -358,6 +383,10 @@ def preprocess_signal(sig: np.ndarray, fs: float, mask: np.ndarray, spec: Prepro
     """
     sig = np.asarray(sig, dtype=np.float32)
     mask = np.asarray(mask, dtype=bool).copy()
+    if spec.leads is not None:   # leads the model does not read: absent from the start
+        mask &= np.isin(np.array(CANONICAL_LEADS), spec.leads)
+        if not mask.any():
+            raise ECGDataError(where, f"none of the leads {list(spec.leads)} the preprocessing keeps is present")
     if sig.shape[-1] == 0:
         raise ECGDataError(where, "zero-length record (0 samples)")
     # Every step below acts on each lead on its own, so only the present leads are processed, as a compact

@@ -54,7 +54,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ecgfm.conf import config_dir
-from ecgfm.data.preprocess import PreprocessSpec
+from ecgfm.data.preprocess import PreprocessSpec, with_input_leads
 from ecgfm.evaluate.features import cached_features, cached_tokens, check_window, encoder_fingerprint, fit_window
 from ecgfm.evaluate.identity import checkpoint_identity, recipe_identity, short_hash, stale_reason
 from ecgfm.evaluate.leakage import check_leakage, index_identities, pretrain_identities
@@ -284,6 +284,7 @@ def resolve_checkpoint(checkpoint: str, crop_samples: int, init_seed: int = 0,
                 backbone = _backbone_from_conf(target, crop_samples, dict(backbone_args or {}))
         method = "random-init" if kind == "random" else "supervised"
         spec = rate_checked_spec(text, preprocess or spec, trained_fs(info), override=preprocess is not None)
+        spec = with_input_leads(spec, (info.get("init_args") or {}).get("input_leads"))
         return Encoder(text, kind, method, backbone, spec, info, crop, export_dir)
     if ":" in text and not Path(text).exists() and kind not in KEYWORDS and len(kind) > 1:
         raise EvaluationError(f"checkpoint {text!r}: unknown keyword {kind!r}; use a path to an exported encoder, "
@@ -300,6 +301,8 @@ def resolve_checkpoint(checkpoint: str, crop_samples: int, init_seed: int = 0,
     spec = own_spec(text, info)
     export_dir = str(path if path.is_dir() else path.parent)
     spec = rate_checked_spec(text, preprocess or spec, trained_fs(info), override=preprocess is not None)
+    # a model reading a lead subset (ECGFounder's 1-lead model): its task cache keeps only those leads
+    spec = with_input_leads(spec, (info.get("init_args") or {}).get("input_leads"))
     return Encoder(text, "pretrained", _method_of(info, export_dir), backbone, spec, info, _crop_of(info),
                    export_dir)
 

@@ -13,6 +13,7 @@ import ecgfm
 from ecgfm.artifacts import EncoderClassifier, save_encoder
 from ecgfm.backbones import create_backbone
 from ecgfm.data.preprocess import PreprocessSpec, preprocess_signal
+from ecgfm.data.record import CANONICAL_LEADS
 from ecgfm.explain.classifier import save_classifier
 
 
@@ -73,3 +74,26 @@ def test_classifiers_trained_on_zero_filled_leads_are_not_run_with_lead_masks(tm
         clf = ecgfm.Classifier.load(folder)
         assert not clf.lead_aware
         np.testing.assert_allclose(clf.predict_proba(x, fs=100, leads=["II"]).to_numpy()[0], want, atol=1e-6)
+
+
+def test_a_model_reading_a_lead_subset_is_preprocessed_on_its_leads_only(tmp_path):
+    """ECGFounder's 1-lead layout (reads lead I) with a record-scope z-score: the statistics took every present
+    lead, so the same lead I gave another embedding inside a 12-lead record. The API and the sweep's task caches
+    now keep only the leads the backbone reads (PreprocessSpec.leads)."""
+    from ecgfm.data.preprocess import with_input_leads
+    from ecgfm.evaluate.sweep import resolve_checkpoint
+    from ecgfm.export import export_encoder
+
+    bb = create_backbone("net1d_test", in_channels=1, input_leads=["I"]).eval()
+    spec = PreprocessSpec(fs=100.0, highpass=None, normalize="zscore", normalize_scope="record", clip=None)
+    export_encoder(bb, tmp_path / "enc", spec, extra={"fs": 100.0, "crop_samples": 500})
+    enc = ecgfm.Encoder.load(tmp_path / "enc")
+    rng = np.random.default_rng(0)
+    lead_i = rng.standard_normal(500).astype(np.float32)
+    x12 = 5.0 * rng.standard_normal((12, 500)).astype(np.float32)
+    x12[0] = lead_i
+    np.testing.assert_allclose(enc.embed(x12, fs=100), enc.embed(lead_i[None], fs=100, leads=["I"]), atol=1e-6)
+    desc = resolve_checkpoint(str(tmp_path / "enc"), 500, load_weights=False)
+    assert desc.preprocess.leads == ("I",)
+    assert desc.preprocess.fingerprint() != spec.fingerprint()          # a cache of its own
+    assert with_input_leads(spec, None) is spec and with_input_leads(spec, list(CANONICAL_LEADS)) is spec

@@ -268,3 +268,24 @@ def test_annotations_follow_the_resampling():
     assert out.annotations["sample"].tolist() == [-1, 300]                   # a sentinel is not a position
     same = preprocess_record(_record(sig, 200.0, annotations=ann), PreprocessSpec(fs=200, **NONE))
     assert same.annotations["r_peaks"].tolist() == [10, 1001, 1999]
+
+
+def test_spec_leads_keep_only_those_leads_and_old_fingerprints_stay():
+    """PreprocessSpec.leads: the other leads are absent before any step (a record-scope z-score over the kept leads
+    only); a spec without it keeps the dict and fingerprint it had (cache keys unchanged)."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((12, 500)).astype(np.float32) * np.arange(1, 13, dtype=np.float32)[:, None]
+    base = dict(fs=None, highpass=None, lowpass=None, notch=None, normalize="zscore", normalize_scope="record",
+                clip=None)
+    out, _, mask = preprocess_signal(x, 100.0, np.ones(12, bool), PreprocessSpec(**base, leads=["II", "I"]))
+    assert mask.tolist() == [True, True] + [False] * 10 and (out[2:] == 0).all()
+    both = out[:2]
+    assert abs(float(both.mean())) < 1e-5 and abs(float(both.std()) - 1.0) < 1e-4      # stats over I and II only
+    spec = PreprocessSpec(**base, leads=("I", "II"))
+    assert PreprocessSpec.from_dict(spec.to_dict()) == spec and spec.to_dict()["leads"] == ["I", "II"]
+    assert "leads" not in PreprocessSpec().to_dict()
+    assert PreprocessSpec().fingerprint() == PreprocessSpec(leads=None).fingerprint()
+    with pytest.raises(ValueError, match="canonical lead names"):
+        PreprocessSpec(leads=["I", "X"])
+    with pytest.raises(ECGDataError, match="none of the leads"):
+        preprocess_signal(x, 100.0, np.eye(12, dtype=bool)[5], PreprocessSpec(**base, leads=["I"]))
