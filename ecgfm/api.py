@@ -34,7 +34,8 @@ import torch
 from torch import nn
 
 from ecgfm.artifacts import EncoderClassifier, load_classifier, load_encoder
-from ecgfm.data.preprocess import PreprocessSpec, preprocess_signal, sliding_windows, with_input_leads
+from ecgfm.data.preprocess import (PreprocessSpec, preprocess_signal, preprocessed_spec, sliding_windows,
+                                   with_input_leads)
 from ecgfm.data.record import CANONICAL_LEADS, ECGDataError, ECGRecord, canonical_lead, map_leads
 
 __all__ = ["Encoder", "Classifier", "load_record"]
@@ -83,7 +84,9 @@ class _Model:
             if fs is not None and float(fs) != float(signal.fs):
                 raise ValueError(f"{signal.key}: fs={fs} given but the record is at {signal.fs} Hz")
             _same_leads(signal.key, leads, names)
-            return [self._prepare(signal.signal[mask], float(signal.fs), names, signal.key)], [signal.key]
+            done = preprocessed_spec(signal, self._pre, "this artifact")   # a cache record: preprocessed already
+            return [self._prepare(signal.signal[mask], float(signal.fs), names, signal.key,
+                                  preprocessed=done is not None)], [signal.key]
         if isinstance(signal, (str, os.PathLike)):
             sig, rec_fs, names = load_record(signal)
             if fs is not None and float(fs) != rec_fs:
@@ -107,10 +110,13 @@ class _Model:
         recs = [self._prepare(b, float(fs), names, f"record {i}") for i, b in enumerate(batch)]
         return recs, [str(i) for i in range(len(batch))]
 
-    def _prepare(self, sig: np.ndarray, fs: float, names: Sequence[str], where: str
+    def _prepare(self, sig: np.ndarray, fs: float, names: Sequence[str], where: str, preprocessed: bool = False
                  ) -> tuple[np.ndarray, np.ndarray]:
         x12, mask, _dropped = map_leads(sig, names, where)
-        x12, out_fs, mask = preprocess_signal(x12, fs, mask, self._pre, where)
+        if preprocessed:   # a cache record prepared with this very spec: as the sweep's features read it
+            out_fs = fs
+        else:
+            x12, out_fs, mask = preprocess_signal(x12, fs, mask, self._pre, where)
         if self.fs is not None and abs(float(out_fs) - float(self.fs)) > 1e-6:
             raise ECGDataError(where, f"the signal is at {out_fs} Hz after preprocessing but the model expects "
                                       f"{self.fs} Hz (the artifact's preprocessing spec has no resampling rate)")

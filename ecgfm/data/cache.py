@@ -1795,12 +1795,15 @@ class CorpusCache:
         return masks
 
     def record(self, i: int) -> ECGRecord:
-        """Record ``i`` as an :class:`ECGRecord` (preprocessed signal, ids, labels, meta, header)."""
+        """Record ``i`` as an :class:`ECGRecord` (preprocessed signal, ids, labels, meta, header). Its header says
+        so (``header["preprocessed"]``: the cache's spec), so that a model does not preprocess it again
+        (:func:`preprocessed_spec`)."""
         i = self._check(i)
         row = self.index.iloc[i]
         return ECGRecord(signal=self.signal(i), fs=float(row["fs"]), lead_mask=self.lead_mask(i),
                          record_id=row["record_id"], source=row["source"], patient_id=row["patient_id"],
-                         labels=tuple(row["labels"]), meta=dict(row["meta"]), header=dict(row["header"]))
+                         labels=tuple(row["labels"]), meta=dict(row["meta"]),
+                         header={**dict(row["header"]), "preprocessed": self.spec.to_dict()})
 
     def label_space(self, label_fn: Callable[[tuple[str, ...], dict], Iterable[str]] | None = None) -> list[str]:
         """Sorted set of every label in the cache (after ``label_fn(labels, meta)`` when given)."""

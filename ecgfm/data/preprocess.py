@@ -188,6 +188,30 @@ class PreprocessSpec:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
 
+def preprocessed_spec(record: ECGRecord, model_spec: PreprocessSpec | None, what: str = "the model"
+                      ) -> PreprocessSpec | None:
+    """The spec a record was already preprocessed with (a record read back from a corpus cache says so in
+    ``header["preprocessed"]``), checked against the model's: None for a raw record (a reader's), which the caller
+    preprocesses.
+
+    Raises:
+        ECGDataError: the record was preprocessed with another spec than the model's (preprocessing it again
+            would filter and normalise twice): pass the raw record from its reader instead.
+    """
+    done = record.header.get("preprocessed")
+    if done is None:
+        return None
+    spec = PreprocessSpec.from_dict(dict(done))
+    if model_spec is None or spec.fingerprint() != model_spec.fingerprint():
+        raise ECGDataError(record.header.get("path", record.key),
+                           f"record already preprocessed (read back from a corpus cache, spec {spec.fingerprint()}) "
+                           f"but {what} preprocesses with "
+                           f"{'no spec' if model_spec is None else 'spec ' + model_spec.fingerprint()}: "
+                           f"preprocessing it again would filter and normalise twice; pass the raw record (read "
+                           f"it with its reader) or a cache prepared with {what}'s preprocessing")
+    return spec
+
+
 def with_input_leads(spec: PreprocessSpec, input_leads: Any) -> PreprocessSpec:
     """``spec`` for a model that reads only ``input_leads`` (a backbone's ``init_args["input_leads"]``) of the
     canonical 12: the other leads absent from the start (:attr:`PreprocessSpec.leads`), so that no step (a

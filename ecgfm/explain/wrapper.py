@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ecgfm.data.preprocess import PreprocessSpec, preprocess_signal, resample
+from ecgfm.data.preprocess import PreprocessSpec, preprocess_signal, preprocessed_spec, resample
 from ecgfm.artifacts import ArtifactError, EncoderClassifier, artifact_kind, load_classifier, load_encoder
 from ecgfm.data.record import CANONICAL_LEADS, ECGDataError, ECGRecord, canonical_lead
 
@@ -431,8 +431,10 @@ class ECGWrapper(nn.Module):
         if isinstance(x, ECGRecord):
             return self.prepare([x], where=x.key, missing_leads=missing_leads)
         if isinstance(x, (list, tuple)) and x and all(isinstance(r, ECGRecord) for r in x):
-            return self.check(torch.cat([self._prepare_one(r.signal, r.fs, CANONICAL_LEADS, r.lead_mask, r.key,
-                                                           missing_leads)[None] for r in x]), where)
+            return self.check(torch.cat([self._prepare_one(
+                r.signal, r.fs, CANONICAL_LEADS, r.lead_mask, r.key, missing_leads,
+                preprocessed=preprocessed_spec(r, self.spec, "the explained model") is not None)[None]
+                for r in x]), where)
         arr = x.detach().cpu().numpy() if isinstance(x, Tensor) else np.asarray(x)
         if arr.ndim == 2:
             arr = arr[None]
@@ -461,8 +463,9 @@ class ECGWrapper(nn.Module):
         return self.check(torch.stack(out), where)
 
     def _prepare_one(self, sig: np.ndarray, fs: float, names: Sequence[str], mask: np.ndarray | None,
-                     where: Any, missing_leads: str) -> Tensor:
-        """One ``(n, T)`` signal -> ``(L_model, T')`` tensor."""
+                     where: Any, missing_leads: str, preprocessed: bool = False) -> Tensor:
+        """One ``(n, T)`` signal -> ``(L_model, T')`` tensor (``preprocessed``: a cache record prepared with the
+        model's own spec, only mapped to its leads)."""
         if missing_leads not in ("error", "zero"):
             raise ValueError(f"missing_leads must be 'error' or 'zero', got {missing_leads!r}")
         sig = np.asarray(sig, dtype=np.float32)
@@ -488,7 +491,11 @@ class ECGWrapper(nn.Module):
             if lead in by_name:
                 rows[j] = sig[by_name[lead]]
                 present[j] = True
-        if self.spec is not None:
+        if preprocessed:
+            out_fs = float(fs)
+            if abs(out_fs - float(self.fs)) > 1e-6:
+                raise ECGDataError(where, f"a preprocessed record at {out_fs:g} Hz for a model at {self.fs:g} Hz")
+        elif self.spec is not None:
             spec = self.spec if self.spec.fs is not None else PreprocessSpec(**{**self.spec.to_dict(), "fs": self.fs})
             rows, out_fs = self.preprocess_rows(rows, fs, present, spec, where)
         else:

@@ -97,3 +97,33 @@ def test_a_model_reading_a_lead_subset_is_preprocessed_on_its_leads_only(tmp_pat
     assert desc.preprocess.leads == ("I",)
     assert desc.preprocess.fingerprint() != spec.fingerprint()          # a cache of its own
     assert with_input_leads(spec, None) is spec and with_input_leads(spec, list(CANONICAL_LEADS)) is spec
+
+
+def test_a_record_read_back_from_a_cache_is_not_preprocessed_twice(tmp_path):
+    """CorpusCache.record gives the preprocessed signal: the API and the explain wrapper take it as it is when the
+    cache has the model's spec (it was filtered and normalised a second time), and refuse it under another spec."""
+    import pytest
+
+    from ecgfm.data.cache import CorpusCache, prepare_corpus
+    from ecgfm.data.record import ECGDataError
+    from ecgfm.data.synthetic import SyntheticSource
+    from ecgfm.explain.wrapper import ECGWrapper
+
+    spec = PreprocessSpec(fs=100.0)
+    src = SyntheticSource(n_records=2, seed=0, fs=500.0, duration=5.0)
+    prepare_corpus(src, tmp_path / "c", spec, workers=0, progress=False)
+    cache = CorpusCache(tmp_path / "c")
+    raw = src.load(src.record_ids()[0])
+    assert cache.record(0).record_id == raw.record_id
+    bb = create_backbone("vit1d_test").eval()
+    save_encoder(tmp_path / "enc", bb, spec, fs=100.0, window_samples=250)
+    enc = ecgfm.Encoder.load(tmp_path / "enc")
+    np.testing.assert_allclose(enc.embed(cache.record(0)), enc.embed(raw), atol=1e-5)
+    w = ECGWrapper(EncoderClassifier(bb, torch.nn.Linear(16, 2)), fs=100.0, preprocess=spec)
+    torch.testing.assert_close(w.prepare(cache.record(0)), w.prepare(raw), atol=1e-5, rtol=1e-4)
+    other = PreprocessSpec(fs=100.0, highpass=1.0)
+    save_encoder(tmp_path / "enc2", bb, other, fs=100.0, window_samples=250)
+    with pytest.raises(ECGDataError, match="already preprocessed"):
+        ecgfm.Encoder.load(tmp_path / "enc2").embed(cache.record(0))
+    with pytest.raises(ECGDataError, match="already preprocessed"):
+        ECGWrapper(EncoderClassifier(bb, torch.nn.Linear(16, 2)), fs=100.0, preprocess=other).prepare(cache.record(0))
