@@ -48,7 +48,8 @@ from ecgfm.io import atomic_write, atomic_write_text
 
 log = logging.getLogger(__name__)
 TIDY_COLUMNS = ["mode", "task", "dataset", "split", "label", "method", "checkpoint", "checkpoint_id", "recipe_id",
-                "backbone", "fraction", "seed", "n_train", "n_test", "metric", "value", "ci_low", "ci_high", "cell"]
+                "backbone", "fraction", "seed", "n_train", "n_test", "metric", "value", "ci_low", "ci_high", "cell",
+                "leakage"]
 SUMMARY_METRICS = ("macro_auroc", "macro_f1", "fmax", "accuracy")
 MODE_NAMES = {"linear": "linear probe", "mlp": "MLP probe", "attention": "attention probe", "finetune": "fine-tune",
               "linear+mean_std": "linear probe, mean+std", "mlp+mean_std": "MLP probe, mean+std",
@@ -74,11 +75,28 @@ def cell_identity(cell: dict[str, Any]) -> tuple[str, str]:
     return str(ck), str(cell.get("recipe_id") or "legacy")
 
 
+def leakage_status(cell: dict[str, Any]) -> str:
+    """What the leakage guard said of a cell: ``leaked`` (pretraining data overlapped an evaluated split, kept with
+    ``allow_leakage=true``), ``unchecked`` (the encoder's pretraining data was unknown), ``ok``, or ``""`` (a cell
+    written before the guard)."""
+    rep = cell.get("leakage")
+    if not isinstance(rep, dict):
+        return ""
+    if rep.get("leaked"):
+        return "leaked"
+    return "ok" if rep.get("checked") else "unchecked"
+
+
+#: row label suffix of a cell the leakage guard did not clear (:func:`leakage_status`)
+LEAKAGE_MARKS = {"leaked": " [LEAKED: pretraining data overlaps this split]", "unchecked": " [leakage not checked]"}
+
+
 def assign_labels(cells: list[dict[str, Any]]) -> None:
     """Set ``cell["label"]``: the method name, `` (<backbone>)`` when the method has rows of several backbones
     (e.g. ``supervised (resnet1d_tiny)`` beside ``supervised (vit1d_tiny)``), ``@<checkpoint hash>`` when the
     method (and backbone) has several checkpoint identities among ``cells``, ``[recipe <hash>]`` when one
-    checkpoint has several recipes in the same (mode, task)."""
+    checkpoint has several recipes in the same (mode, task); and :data:`LEAKAGE_MARKS` when the leakage guard did
+    not clear the cell (such rows are never chosen by the acceptance block)."""
     ckpts: dict[tuple, set[str]] = {}
     recipes: dict[tuple, set[str]] = {}
     backbones: dict[Any, set[str]] = {}
@@ -96,7 +114,7 @@ def assign_labels(cells: list[dict[str, Any]]) -> None:
             label += f"@{ck if ck.startswith('legacy-') else ck[:7]}"
         if len(recipes[(c.get("mode"), c.get("task"), c.get("method"), c.get("backbone"), ck)]) > 1:
             label += f" [recipe {rc[:7]}]"
-        c["label"] = label
+        c["label"] = label + LEAKAGE_MARKS.get(leakage_status(c), "")
 
 
 def load_cells(results_dir: str | os.PathLike) -> list[dict[str, Any]]:
@@ -127,6 +145,7 @@ def tidy_rows(cells: Iterable[dict[str, Any]]) -> pd.DataFrame:
         base = {k: cell.get(k) for k in ("mode", "task", "dataset", "label", "method", "checkpoint", "backbone",
                                          "fraction", "seed", "n_train")}
         base["checkpoint_id"], base["recipe_id"] = cell_identity(cell)
+        base["leakage"] = leakage_status(cell)
         for split, metrics in (cell.get("results") or {}).items():
             common = dict(base, split=split, n_test=metrics.get("n"), cell=cell.get("_path", ""))
             for metric in SUMMARY_METRICS:
@@ -858,7 +877,9 @@ def build_report(results_dir: str | os.PathLike, plot: bool = True, compare: boo
         for name, fresh in (("comparisons.csv", per_seed), ("comparisons_mean.csv", all_means)):
             if not fresh:   # nothing to compare now: an older run's file would be read (and copied) as current
                 (root / name).unlink(missing_ok=True)
-        accepted = acceptance(cells, summarize(df, "macro_auroc"), means)
+        clear = df[df["leakage"] != "leaked"] if "leakage" in df else df   # a leaked row never meets a criterion
+        accepted = acceptance([c for c in cells if leakage_status(c) != "leaked"], summarize(clear, "macro_auroc"),
+                              means)
         if len(df):
             md = md.replace("# Results\n", "# Results\n\n" + acceptance_markdown(accepted), 1)
         md += "".join("\n" + s for s in sections)

@@ -735,6 +735,9 @@ def probe_main(cfg: DictConfig) -> dict[str, Any]:
     _identify(ctx, desc, _probe_recipe(_container(cfg.probe)))
     task, ext = _prepare(ctx, desc)
     ctx.recipe["data"] = data_identity(task, ext)   # a changed label table or record set: the cells are stale
+    # the guard before any cell is reused: a cell kept from a run with allow_leakage=true, or from before the
+    # pretraining data was known, must not pass silently now
+    leakage = leakage_check(desc, task, ext, bool(cfg.allow_leakage), _container(cfg.pretrain_caches) or [])
     todo = _todo(ctx, checkpoint)
     n_all = len(ctx.fractions) * len(ctx.seeds)
     if not todo:
@@ -745,7 +748,6 @@ def probe_main(cfg: DictConfig) -> dict[str, Any]:
     window = _window(cfg, ctx.task_spec.crop_seconds, fs, desc.crop_samples)
     enc = resolve_checkpoint(checkpoint, window, int(cfg.init_seed), _container(cfg.get("backbone_args")) or {},
                              override)
-    leakage = leakage_check(enc, task, ext, bool(cfg.allow_leakage), _container(cfg.pretrain_caches) or [])
     stride = int(round(float(cfg.stride_seconds) * fs)) if cfg.get("stride_seconds") is not None \
         else task.stride_samples
     feat_dir = str(cfg.features.dir)
@@ -878,6 +880,7 @@ def finetune_main(cfg: DictConfig) -> dict[str, Any]:
     _identify(ctx, desc, recipe)
     task, ext = _prepare(ctx, desc)
     ctx.recipe["data"] = data_identity(task, ext)   # a changed label table or record set: the cells are stale
+    leakage = leakage_check(desc, task, ext, bool(cfg.allow_leakage), _container(cfg.pretrain_caches) or [])
     todo = _todo(ctx, checkpoint)
     n_all = len(ctx.fractions) * len(ctx.seeds)
     if not todo:
@@ -891,7 +894,6 @@ def finetune_main(cfg: DictConfig) -> dict[str, Any]:
     from ecgfm.evaluate.fractions import fraction_subsets
 
     written: list[str] = []
-    leakage = None
     for seed in sorted({s for _, s in todo}):
         fracs = [f for f, s in todo if s == seed]
         target = task.labels if task.multilabel else task.labels.argmax(axis=1)
@@ -903,8 +905,6 @@ def finetune_main(cfg: DictConfig) -> dict[str, Any]:
                 backbone = fit_window(enc.backbone, window)
             except ValueError as exc:
                 raise EvaluationError(f"checkpoint {checkpoint!r}: {exc}") from None
-            if leakage is None:
-                leakage = leakage_check(enc, task, ext, bool(cfg.allow_leakage), _container(cfg.pretrain_caches) or [])
             common = _cell_common(ctx, enc, task, ext, window, stride, leakage)
             splits = {"train": subsets[frac], "val": task.splits["val"], "test": task.splits["test"]}
             external = None

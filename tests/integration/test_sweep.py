@@ -101,6 +101,13 @@ def test_leakage_guard_in_the_pipeline(work, tmp_path):
     out = probe_main(cfg)
     cell = json.loads(Path(out["cells_written"][0]).read_text())
     assert cell["leakage"]["leaked"] and cell["leakage"]["test"]["n_shared_records"] > 0
+    # the leaked cell exists now: a rerun without allow_leakage must still stop (it skipped the finished cell
+    # before the guard ran), the probe's and the fine-tune's
+    cfg = _cfg("probe", work, "checkpoint=random:resnet1d_test", f"pretrain_caches=[{cache_dir}]",
+               f"results_dir={tmp_path / 'r'}", "fraction=1.0", "seed=0")
+    with pytest.raises(LeakageError, match="shares"):
+        probe_main(cfg)
+    assert "[LEAKED" in (tmp_path / "r" / "results.md").read_text()   # and the table says what the row is
 
 
 def test_cell_paths_are_distinct():
@@ -347,7 +354,8 @@ def test_two_checkpoints_of_one_method_are_not_averaged_as_seeds(work, tmp_path)
     rows = [line for line in auroc.splitlines() if line.startswith("| toy")]
     assert len(rows) == 2, md
     assert {cells[0]["checkpoint_id"][:7], cells[1]["checkpoint_id"][:7]} == \
-        {r.split("|")[1].strip().split("@")[1] for r in rows}
+        {r.split("|")[1].strip().split("@")[1].split(" [")[0] for r in rows}
+    assert all("[leakage not checked]" in r for r in rows)     # toy exports: no pretraining provenance, said
     assert all(r.rstrip(" |").endswith("(1)") for r in rows)          # one seed each, a and c not double counted
     df = pd.read_csv(res / "results.csv")
     assert df["checkpoint_id"].nunique() == 2
