@@ -78,6 +78,16 @@ def record_identities(source: str, record_id: Any, patient_id: Any = None,
         ecg = _ptbxl_int(meta["ptbxl_ecg_id"])
         if ecg is not None:
             ids.add(f"rec:ptbxl/{ecg}")
+    # the PhysioNet 2020/21 challenge ships other corpora under their own ids, read off the id itself (so that a
+    # bare "source/id" key without meta is covered too): HR<n> = PTB-XL record n, A<nnnn> = CPSC 2018 record
+    name = str(record_id).replace("\\", "/").rsplit("/", 1)[-1]
+    if source.lower().startswith("challenge"):
+        m = re.fullmatch(r"HR(\d+)", name, flags=re.IGNORECASE)
+        if m:
+            ids.add(f"rec:ptbxl/{int(m.group(1))}")
+    if (source.lower().startswith("challenge") or source.lower().startswith("cpsc2018")) and \
+            re.fullmatch(r"A\d{4}", name):
+        ids.add(f"rec:cpsc2018/{name}")
     pid = _norm_patient(patient_id)
     if pid is not None:
         src = "ptbxl" if source.lower().startswith("ptbxl") else source
@@ -110,6 +120,9 @@ def keys_identities(keys: Iterable[str]) -> dict[str, list[str]]:
         src, _, rid = str(key).partition("/")
         if not rid:
             raise ValueError(f"pretraining record key {key!r} is not of the form 'source/record_id'")
+        if src == "synthetic":   # its ids repeat across corpus seeds: a bare key would match none of them
+            raise ValueError(f"pretraining record key {key!r}: synthetic record ids repeat across corpus seeds; "
+                             f"write 'synthetic@seed<N>/{rid}'")
         for ident in record_identities(src, rid):
             out.setdefault(ident, []).append(str(key))
     return out

@@ -118,3 +118,21 @@ def test_excluding_source_hides_held_out_records():
         ex.load("syn000004")
     # the repr keys the prepared cache: another held-out set of the same size is another cache
     assert repr(ex) != repr(ExcludingSource(src, ["syn000001", "syn000003"]))
+
+
+def test_challenge_ids_name_the_corpus_they_come_from():
+    """PhysioNet 2020/21 ships PTB-XL as HR<n> and CPSC 2018 as A<nnnn>: the same recordings, recognised from the id
+    itself (a cache index with meta, or a bare pretraining key without)."""
+    assert "rec:cpsc2018/A1980" in record_identities("challenge2021", "A1980")
+    assert "rec:cpsc2018/A1980" in record_identities("cpsc2018", "TrainingSet3/A1980")
+    assert "rec:ptbxl/10" in record_identities("challenge2021", "WFDB_PTBXL/HR00010")
+    assert not any(i.startswith("rec:cpsc2018") for i in record_identities("cinc2017", "A00002"))
+    pre = keys_identities(["challenge2021/HR00010", "cpsc2018/A1980"])
+    test = {**index_identities(pd.DataFrame({"source": ["ptbxl"], "record_id": ["00010_lr"], "patient_id": [None],
+                                             "meta": [{}]})),
+            **index_identities(pd.DataFrame({"source": ["challenge2021"], "record_id": ["A1980"],
+                                             "patient_id": [None], "meta": [{}]}))}
+    rep = check_leakage(pre, test, allow=True)
+    assert rep.leaked and rep.to_dict()["n_shared_records"] == 2
+    with pytest.raises(ValueError, match="synthetic@seed"):
+        keys_identities(["synthetic/syn0003"])
