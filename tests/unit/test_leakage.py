@@ -136,3 +136,9 @@ def test_challenge_ids_name_the_corpus_they_come_from():
     assert rep.leaked and rep.to_dict()["n_shared_records"] == 2
     with pytest.raises(ValueError, match="synthetic@seed"):
         keys_identities(["synthetic/syn0003"])
+
+
+def test_the_report_says_how_many_records_the_patient_check_cannot_see():
+    pre = index_identities(_index([("00001", "ptbxl", "7", {}), ("09999", "ptbxl", None, {})]))
+    rep = check_leakage(pre, index_identities(PTBXL_TEST))
+    assert rep.to_dict()["patient_check_blind_to"] == {"pretraining_records": 1, "test_records": 0}
