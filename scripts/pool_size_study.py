@@ -73,11 +73,18 @@ def stage_pretrain(args: argparse.Namespace, env: dict[str, str]) -> None:
         cpu0, t0 = _cpu_children(), time.perf_counter()
         subprocess.run(cmd, cwd=ROOT, env=env, check=True)
         summary = json.loads((out / "summary.json").read_text())
-        (out / "pretrain_time.json").write_text(json.dumps({
-            "pool": pool, "experiment": "mae_cpu30", "wall_s": round(time.perf_counter() - t0, 1),
-            "fit_time_s": summary.get("fit_time_s"), "steps": summary.get("steps"),
-            "cpu_s": round(_cpu_children() - cpu0, 1), "threads": args.threads, "command": " ".join(cmd[1:])},
-            indent=1))
+        leg = {"wall_s": round(time.perf_counter() - t0, 1), "fit_time_s": summary.get("fit_time_s") or 0.0,
+               "cpu_s": round(_cpu_children() - cpu0, 1)}
+        # a resumed run's summary counts every step but times only this leg: add the legs before it
+        times = out / "pretrain_time.json"
+        legs = (json.loads(times.read_text()).get("legs") or []) if summary.get("resumed_from") and \
+            times.is_file() else []
+        legs.append(leg)
+        times.write_text(json.dumps({
+            "pool": pool, "experiment": "mae_cpu30", "steps": summary.get("steps"), "legs": legs,
+            "resumed": bool(summary.get("resumed_from")),
+            **{k: round(sum(float(x[k]) for x in legs), 1) for k in ("wall_s", "fit_time_s", "cpu_s")},
+            "threads": args.threads, "command": " ".join(cmd[1:])}, indent=1))
 
 
 def stage_probe(args: argparse.Namespace, env: dict[str, str]) -> None:
@@ -91,6 +98,16 @@ def stage_probe(args: argparse.Namespace, env: dict[str, str]) -> None:
            *args.eval_overrides]
     print("[pool-size] $ " + " ".join(cmd), flush=True)
     subprocess.run(cmd, cwd=ROOT, env=env, check=True)
+
+
+def _run_data_settings(run: Path) -> tuple[int, float]:
+    """``(data.batch_size, data.val_fraction)`` of a pretraining run (its config.yaml; the recipe's 64 / 0.05 if
+    it has none)."""
+    import yaml
+
+    cfg = run / "config.yaml"
+    data = (yaml.safe_load(cfg.read_text()) or {}).get("data") or {} if cfg.is_file() else {}
+    return int(data.get("batch_size", 64)), float(data.get("val_fraction", 0.05))
 
 
 def pool_records(args: argparse.Namespace, pool: str) -> int | None:
@@ -118,7 +135,8 @@ def report(args: argparse.Namespace) -> str:
         c["label"] = names[c["checkpoint"]]
     if not cells:
         raise SystemExit(f"[pool-size] no probe cells under {Path(args.out) / 'results'}: run the probe stage")
-    ref = R.BaselineSpec("real-only pool", "Paired comparison with the real-only pool", ("mae",),
+    ref_name = f"{args.pools[0]} pool"     # the first pool is the reference, whichever it is
+    ref = R.BaselineSpec(ref_name, f"Paired comparison with the {ref_name}", ("mae",),
                          same_architecture=True, checkpoints=(encoder(args, args.pools[0]),))
     _, vs_real = R.compare_with_baseline(cells, ref, n_boot=args.bootstrap)
     _, vs_twin = R.compare_with_baseline(cells, R.TWIN, n_boot=args.bootstrap)
@@ -139,11 +157,16 @@ def report(args: argparse.Namespace) -> str:
         if hit.empty:
             return "–"
         d = hit.iloc[0]
-        return f"{d['delta']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]"
+        at = per_seed[(per_seed["task"] == task) & (per_seed["fraction"] == frac)]
+        rows_seeds = [set(at[at["pool"] == name]["seed"].astype(str)) for name in (pool, d["baseline"])
+                      if name in set(at["pool"])]
+        # the paired delta averages the seeds both rows have: say so when the printed means average others
+        note = f" (seeds {d['seeds']})" if any(set(str(d["seeds"]).split()) != r for r in rows_seeds) else ""
+        return f"{d['delta']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]{note}"
 
     order = list(args.pools) + ["random-init twin"]
     lines = ["| task | labels | pool | generated records | pool records | draws per record | val AUROC | "
-             "test AUROC [mean per-seed 95 % CI] | Δ vs real-only [paired 95 % CI] | Δ vs random-init twin |",
+             f"test AUROC [mean per-seed 95 % CI] | Δ vs {args.pools[0]} [paired 95 % CI] | Δ vs random-init twin |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     meta = {}
     for p in args.pools:
@@ -151,7 +174,8 @@ def report(args: argparse.Namespace) -> str:
         t = json.loads((run_dir(args, p) / "summary.json").read_text()) if (run_dir(args, p) / "summary.json"
                                                                              ).is_file() else {}
         steps = t.get("steps")
-        draws = f"{steps * 64 / (0.95 * n):.1f}" if n and steps else "–"   # batch 64; 5 % of each pool is val
+        batch, val = _run_data_settings(run_dir(args, p))
+        draws = f"{steps * batch / ((1 - val) * n):.1f}" if n and steps else "–"   # the run's own batch / val split
         meta[p] = (POOLS[p][1], n, draws, steps)
     for (task, frac), g in per_seed.groupby(["task", "fraction"], sort=True):
         for pool in order:
@@ -171,8 +195,12 @@ def report(args: argparse.Namespace) -> str:
         f = run_dir(args, p) / "pretrain_time.json"
         if f.is_file():
             t = json.loads(f.read_text())
+            legs = len(t.get("legs") or [1])
             times.append(f"{p}: {t.get('steps')} steps, fit {t.get('fit_time_s', 0):.0f} s, "
-                         f"{t.get('cpu_s', 0):.0f} CPU-s, {t.get('threads')} thread(s)")
+                         f"{t.get('cpu_s', 0):.0f} CPU-s, {t.get('threads')} thread(s)"
+                         + (f" ({legs} runs: resumed)" if legs > 1 else
+                            " (resumed: the runs before it were not timed, the time is the last run's only)"
+                            if t.get("resumed") else ""))
     md = ("Linear probe (mean window embedding), test macro AUROC, mean over seeds; differences are paired on the "
           "same test records, records resampled jointly over the seeds. Pretraining steps: "
           + ", ".join(f"{p} {s}" for p, s in steps.items()) + ".\n\n" + "\n".join(lines) + "\n\n"
@@ -213,7 +241,8 @@ def plot(per_seed: Any, order: list[str], meta: dict[str, tuple], path: Path) ->
         ax.set_xscale("log")
         ax.set_xlabel("generated records added to the real pool (+1, log scale)")
         ax.set_ylabel("test macro AUROC")
-        ax.set_title(f"{task}: MAE, fixed budget of 1,800 steps")
+        budget = sorted({m[3] for m in meta.values() if m[3]})
+        ax.set_title(f"{task}: MAE, {' / '.join(f'{b:,}' for b in budget) or '?'} pretraining steps")
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

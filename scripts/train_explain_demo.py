@@ -43,8 +43,8 @@ def main() -> None:
     print(f"data: {info['data']}")
     print(f"classes: {', '.join(info['classes'])}")
     print(f"validation (strat_fold 9, {auc['n']} records) macro AUROC {auc['value']:.3f} "
-          f"(95% bootstrap CI {auc['ci_low']:.3f}-{auc['ci_high']:.3f}); best epoch {info['best_epoch']} of "
-          f"{info['epochs_run']}")
+          f"(95% bootstrap CI {auc['ci_low']:.3f}-{auc['ci_high']:.3f}); best epoch "
+          f"{'?' if info['best_epoch'] is None else int(info['best_epoch']) + 1} of {info['epochs_run']} (1-based)")
     print(f"saved {Path(args.out).resolve()} in {time.perf_counter() - t0:.0f} s")
     print(json.dumps({"val_macro_auroc": auc}))
 

@@ -83,3 +83,23 @@ def test_crop_ablation_report_pairs_every_cell_with_the_recipe(tmp_path):
     low = rows["crop 2.5 s / window 10 s"].split(" | ")[5]
     assert low.startswith("-") and float(low.split(", ")[1].rstrip("] |")) < 0      # CI below 0
     assert (tmp_path / "docs" / "crop_ablation.md").read_text() == md
+
+
+def test_report_names_its_reference_and_the_seeds_a_delta_averages(tmp_path):
+    """--pools not starting with 'real': the Δ column names the reference; a pool missing a seed: its Δ says which
+    seeds it averages (the printed means average others)."""
+    out = tmp_path / "study"
+    pools = ["real+20k", "real+100k"]
+    ns = type("A", (), dict(out=str(out), docs=str(tmp_path / "docs"), pools=pools, bootstrap=100))()
+    for seed in (0, 1, 2):
+        _cell(out / "results", S.encoder(ns, "real+20k"), "mae", 1.0, seed)
+        if seed < 2:
+            _cell(out / "results", S.encoder(ns, "real+100k"), "mae", 2.0, seed)
+        _cell(out / "results", "random:" + S.encoder(ns, "real+20k"), "random-init", 0.2, seed)
+    for pool in pools:
+        S.run_dir(ns, pool).mkdir(parents=True)
+        (S.run_dir(ns, pool) / "summary.json").write_text(json.dumps({"steps": 900, "cache_dirs": []}))
+    md = S.report(ns)
+    assert "Δ vs real+20k [paired 95 % CI]" in md and "real-only" not in md
+    row = next(line for line in md.splitlines() if line.startswith("| cinc2017") and " real+100k " in line)
+    assert "(seeds 0 1)" in row.split(" | ")[8]
