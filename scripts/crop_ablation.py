@@ -94,6 +94,11 @@ def report(args: argparse.Namespace) -> str:
                    & (deltas["split"] == "test")]
         ds = "reference" if label == RECIPE else "–" if d.empty else \
             f"{d.iloc[0]['delta']:+.3f} [{d.iloc[0]['ci_low']:+.3f}, {d.iloc[0]['ci_high']:+.3f}]"
+        if not d.empty and label != RECIPE:   # the delta averages the seeds both rows have: say so if not all
+            ref = rows[(rows["task"] == task) & (rows["fraction"] == frac) & (rows["label"] == RECIPE)]
+            both = set(str(d.iloc[0]["seeds"]).split())
+            if any(both != {str(x) for x in r["seed"]} for r in (g, ref)):
+                ds += f" (seeds {d.iloc[0]['seeds']})"
         lines.append(f"| {task} | {100 * frac:g} % | {label} | {g['val'].mean():.3f} | {g['test'].mean():.3f} "
                      f"(seeds {' '.join(str(s) for s in sorted(g['seed']))}) | {ds} |")
     md = "\n".join(lines) + "\n"
