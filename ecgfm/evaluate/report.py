@@ -200,8 +200,8 @@ def _fmt_frac(f: float) -> str:
 def markdown_table(df: pd.DataFrame, metrics: Iterable[str] = ("macro_auroc", "macro_f1")) -> str:
     """The Markdown report: one table per (metric, task, split)."""
     lines = ["# Results", "",
-             "Each entry: mean over seeds +- sd over seeds [mean of the per-seed 95 % bootstrap CIs over the "
-             "records of the split] (number of seeds). `seed` draws the label subset (stratified, patient-level, "
+             "Each entry: mean over seeds +- sd over seeds (n/a for one seed) [mean of the per-seed 95 % bootstrap "
+             "CIs over the records of the split] (number of seeds). `seed` draws the label subset (stratified, patient-level, "
              "nested) and initialises the head. One row per checkpoint identity (content hash) and recipe: "
              "`method@<hash>` when a method has several checkpoints here, `[recipe <hash>]` when one checkpoint "
              "was run with several recipes; only seeds of one row are averaged.", ""]
@@ -226,9 +226,12 @@ def markdown_table(df: pd.DataFrame, metrics: Iterable[str] = ("macro_auroc", "m
                         cells.append("")
                         continue
                     r = r.iloc[0]
-                    sd = 0.0 if not np.isfinite(r["sd"]) else r["sd"]
+                    # one seed has no spread over seeds (not 0); bootstrap.n=0 gives no CI (not [nan, nan])
+                    sd = "n/a" if int(r["n_seeds"]) < 2 or not np.isfinite(r["sd"]) else f"{r['sd']:.3f}"
+                    ci = f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]" if np.isfinite(r["ci_low"]) and \
+                        np.isfinite(r["ci_high"]) else "[no CI]"
                     mixed = pd.notna(r.get("n_test_min")) and r["n_test_min"] != r["n_test"]
-                    cells.append(f"{r['mean']:.3f} +- {sd:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}] "
+                    cells.append(f"{r['mean']:.3f} +- {sd} {ci} "
                                  f"({int(r['n_seeds'])})" + (f" (seeds on n = {int(r['n_test_min'])}-"
                                                              f"{int(r['n_test'])} records)" if mixed else ""))
                 lines.append(f"| {method} | {backbone} | {MODE_NAMES.get(mode, mode)} | " + " | ".join(cells) + " |")

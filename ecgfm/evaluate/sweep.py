@@ -855,9 +855,11 @@ def _spec_override(cfg: DictConfig) -> PreprocessSpec | None:
 def _log_cell(cell: dict[str, Any]) -> None:
     for split, m in cell["results"].items():
         a = m["macro_auroc"]
-        log.info("%s | %s | %s | %s | fraction %g | seed %d | %s (n=%d): macro AUROC %.3f [95%% CI %.3f, %.3f]",
-                 cell["mode"], cell["task"], cell["dataset"], cell["method"], cell["fraction"], cell["seed"], split,
-                 m["n"], a["value"], a["ci_low"], a["ci_high"])
+        ci = f"[95% CI {a['ci_low']:.3f}, {a['ci_high']:.3f}]" if np.isfinite(a["ci_low"]) and \
+            np.isfinite(a["ci_high"]) else "(no CI: bootstrap.n=0 or too few records)"
+        log.info("%s | %s | %s | %s | fraction %g (%s training records) | seed %d | %s (n=%d): macro AUROC %.3f %s",
+                 cell["mode"], cell["task"], cell["dataset"], cell["method"], cell["fraction"],
+                 cell.get("n_train", "?"), cell["seed"], split, m["n"], a["value"], ci)
 
 
 # ------------------------------------------------------------------------------------------------ fine-tune

@@ -356,3 +356,16 @@ def test_comparison_markdown_says_on_how_many_records(tmp_path):
     per_seed, mean = R.compare_with_baseline(R.load_cells(res), R.TWIN, n_boot=50)
     md = R.comparison_markdown(per_seed, means=mean)
     assert f"(2 seeds, n = {N // 2})" in md
+
+
+def test_one_seed_has_no_spread_and_no_bootstrap_no_ci(tmp_path):
+    res = tmp_path / "results"
+    _cell(res, task="cinc2017", method="mae", mode="linear", seed=0, fraction=1.0, strength=2.0)
+
+    def no_ci(c):
+        c["results"]["test"]["macro_auroc"].update(ci_low=float("nan"), ci_high=float("nan"))
+
+    _rewrite(res, "linear", "cinc2017", "mae", 1.0, 0, no_ci)
+    md = R.markdown_table(R.tidy_rows(R.load_cells(res)))
+    row = next(line for line in md.splitlines() if line.startswith("| mae "))
+    assert "+- n/a [no CI] (1)" in row
