@@ -537,7 +537,13 @@ def _todo(ctx: _Context, checkpoint: str) -> list[tuple[float, int]]:
         for f in ctx.fractions:
             base = cell_path(ctx.results_dir, ctx.mode, ctx.task_spec.name, checkpoint, f, s, eval_name)
             tagged = cell_path(ctx.results_dir, ctx.mode, ctx.task_spec.name, checkpoint, f, s, eval_name, rid)
-            if ctx.cfg.get("overwrite") or not any(_reusable(p, ctx, rid) for p in (tagged, base) if p.exists()):
+            found = next((p for p in (tagged, base) if p.exists() and _reusable(p, ctx, rid)), None)
+            # a cell asked to carry its classifier artifact (fine-tunes always do; probes with save_classifier)
+            want_clf = ctx.mode == "finetune" or bool(ctx.cfg.get("save_classifier", False))
+            if found is not None and want_clf and not classifier_dir(found).is_dir():
+                log.info("%s: its classifier artifact is missing: recomputing the cell", found)
+                found = None
+            if ctx.cfg.get("overwrite") or found is None:
                 out.append((f, s))
     return out
 

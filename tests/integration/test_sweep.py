@@ -471,3 +471,16 @@ def test_backbone_args_for_an_exported_architecture_are_refused(tmp_path):
         with pytest.raises(EvaluationError, match="backbone_args.*only apply to random:<backbone name>"):
             resolve_checkpoint(ckpt, 250, backbone_args={"pool": "avg"})
     assert resolve_checkpoint("random:resnet1d_test", 250, backbone_args={"pool": "avg"}).backbone is not None
+
+
+def test_save_classifier_on_a_finished_cell_writes_the_artifact(work, tmp_path):
+    """save_classifier=true on a cell computed without it: the cell is recomputed with its classifier (it said
+    'nothing to do' and wrote none)."""
+    base = ["checkpoint=random:resnet1d_test", f"results_dir={tmp_path / 'r'}", "fraction=1.0", "seed=0",
+            "probe.Cs=[1.0]", "plot=false"]
+    first = probe_main(_cfg("probe", work, *base))
+    again = probe_main(_cfg("probe", work, *base, "save_classifier=true"))
+    assert len(again["cells_written"]) == 1
+    cell = json.loads(Path(again["cells_written"][0]).read_text())
+    assert Path(cell["classifier"]).is_dir() and first["cells_written"] == again["cells_written"]
+    assert probe_main(_cfg("probe", work, *base, "save_classifier=true"))["cells_skipped"] == 1
