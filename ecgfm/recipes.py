@@ -352,6 +352,8 @@ def _merge(schema: type, plain: DictConfig, skip_missing: tuple[str, ...] = ()) 
 def _check_cells(merged: DictConfig) -> None:
     """Value checks of the settings shared by probe.py and finetune.py."""
     fractions = list(merged.fraction) if isinstance(merged.fraction, ListConfig) else [merged.fraction]
+    if not fractions:
+        raise ConfigError("fraction", "is an empty list: give at least one label fraction")
     for f in fractions:
         try:
             ok = 0.0 < float(f) <= 1.0
@@ -360,6 +362,8 @@ def _check_cells(merged: DictConfig) -> None:
         if not ok:
             raise ConfigError("fraction", f"must be a label fraction in (0, 1] or a list of them, got {f!r}")
     seeds = list(merged.seed) if isinstance(merged.seed, ListConfig) else [merged.seed]
+    if not seeds:
+        raise ConfigError("seed", "is an empty list: give at least one seed")
     for s in seeds:
         if isinstance(s, bool) or not isinstance(s, int):
             raise ConfigError("seed", f"must be an integer or a list of integers, got {s!r}")
@@ -569,6 +573,8 @@ def validate_explain_config(cfg: Any) -> DictConfig:
     merged = _merge(ExplainConfig, plain, skip_missing=skip)
     if not list(merged.methods):
         raise ConfigError("methods", "is empty: name at least one attribution method")
+    if isinstance(merged.get("record"), ListConfig) and not list(merged.record):
+        raise ConfigError("record", "is an empty list: name at least one record (or null for the first)")
     _one_of("overlay", merged.overlay, OVERLAYS)
     _one_of("faithfulness.order", merged.faithfulness.order, FAITHFULNESS_ORDERS)
     for key in ("faithfulness.n_random", "faithfulness.steps", "counterfactual.max_steps", "demo.n_records",

@@ -59,6 +59,9 @@ def test_every_entry_config_validates_as_composed(name):
     ("probe", "+task.params.n_record=100", "task.params.n_record"),       # read by nothing: silently the default
     ("finetune", "+task.params.seeed=3", "task.params.seeed"),
     ("explain", "+data.params.n_record=4", "data.params.n_record"),
+    ("probe", "fraction=[]", "fraction"),
+    ("finetune", "seed=[]", "seed"),
+    ("explain", "record=[]", "record"),
     ("explain", "+faithfulness.stepz=3", "faithfulness.stepz"),
     ("explain", "threads=abc", "threads"),
     ("explain", "overlay=bnad", "overlay"),
