@@ -900,7 +900,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("results_dir")
     ap.add_argument("--no-plot", action="store_true")
     args = ap.parse_args(argv)
-    out = build_report(args.results_dir, plot=not args.no_plot)
+    from ecgfm.errors import run_command
+
+    def run(results_dir: str) -> dict[str, Any]:
+        cells = Path(results_dir) / "cells"
+        if not cells.is_dir():   # a typo would otherwise get a new, empty table and four MISSED criteria
+            raise ValueError(f"{results_dir}: no results folder (expected {cells} with the cell files written by "
+                             f"probe.py / finetune.py)")
+        return build_report(results_dir, plot=not args.no_plot)
+
+    out = run_command(run, args.results_dir, (ValueError,))
     print(json.dumps(out, indent=2))
 
 

@@ -369,3 +369,11 @@ def test_one_seed_has_no_spread_and_no_bootstrap_no_ci(tmp_path):
     md = R.markdown_table(R.tidy_rows(R.load_cells(res)))
     row = next(line for line in md.splitlines() if line.startswith("| mae "))
     assert "+- n/a [no CI] (1)" in row
+
+
+def test_report_command_refuses_a_folder_without_cells(tmp_path, capsys):
+    """A mistyped results_dir got a new, empty table with four MISSED criteria and exit 0."""
+    with pytest.raises(SystemExit) as info:
+        R.main([str(tmp_path / "nope")])
+    assert info.value.code == 2 and "no results folder" in capsys.readouterr().err
+    assert not (tmp_path / "nope").exists()
