@@ -342,8 +342,9 @@ class PrepareReport:
             f"{self.n_shards} shards ({self.n_shards_reused} reused from an earlier run)",
             f"this run: {self.n_converted_now} records in {self.wall_s:.1f} s "
             f"({self.records_per_s:.1f} records/s, {self.workers} workers), peak RSS {self.peak_rss_mb:.0f} MiB "
-            f"(parent + workers, sampled), CPU {self.cpu_s:.1f} s ({self.cpu_ms_per_record:.2f} ms per record, "
-            f"{self.cpu_s_workers:.1f} s in workers)",
+            f"(parent + workers, sampled), CPU {self.cpu_s:.1f} s ("
+            + (f"{self.cpu_ms_per_record:.2f} ms per record, " if self.n_converted_now else "nothing converted now, ")
+            + f"{self.cpu_s_workers:.1f} s in workers)",
         ]
         if self.n_shards_repaired:
             lines.append(f"repaired {self.n_shards_repaired} damaged shard(s) (checksum mismatch): re-converted")
@@ -1958,4 +1959,7 @@ def prepare_from_config(cfg: Mapping[str, Any], base_dir: str | os.PathLike | No
                             allow_duplicate_ids=bool(cfg.get("allow_duplicate_ids", False)),
                             verify=bool(cfg.get("verify", False)))
     print(report.summary(), file=sys.stdout, flush=True)
+    if report.n_converted == 0:   # an empty cache is no cache: training on it failed later with a rate error
+        raise ECGDataError(out_path, f"no record could be converted ({report.n_skipped} skipped; the reasons are "
+                                     f"in {out_path / 'skipped.csv'})")
     return report

@@ -218,6 +218,15 @@ def test_prepare_config_composes_and_runs(tmp_path, capsys):
     assert cache.fs == 50.0 and cache.manifest["sources"][0]["n_records"] == 5
     with pytest.raises(ValueError, match="unknown source"):
         prepare_from_config({"sources": ["nope"], "out": str(tmp_path / "x"), "spec": {}})
+    rep = prepare_from_config(OmegaConf.to_container(cfg, resolve=True))      # again: nothing converted now
+    assert rep.n_converted_now == 0 and "nan" not in capsys.readouterr().out
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "r1.hea").write_text("not a header\n")
+    (bad / "r2.hea").write_text("r2 12 five hundred\n")
+    with pytest.raises(ECGDataError, match="no record could be converted.*2 skipped"):    # not exit 0
+        prepare_from_config({"sources": ["folder"], "out": str(tmp_path / "empty"), "spec": {}, "workers": 0,
+                             "progress": False, "folder": {"root": str(bad)}})
 
 
 def test_build_sources_resolves_relative_roots(fixture_dir, tmp_path):
