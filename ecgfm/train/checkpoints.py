@@ -219,6 +219,10 @@ class DataFacts(L.Callback):
         self.mixture = dict(mixture or {})
         self.deliberate = bool(deliberate)
         self.seen_caches = list(self.caches)
+        self.start_step: int | None = None   # the global step fit started from (a resumed run: the checkpoint's)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.start_step = int(trainer.global_step)
 
     def state_dict(self) -> dict[str, Any]:
         return {**self.facts, "caches": list(self.caches), "seen_caches": list(self.seen_caches),

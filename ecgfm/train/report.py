@@ -45,7 +45,9 @@ def final_block(summary: Mapping[str, Any]) -> str:
                                 "(nonfinite=skip; keys in summary.json)"))
     width = max(len(k) for k, _ in rows)
     lines = [f"== training finished: {summary.get('method')} / {summary.get('backbone')}, {summary.get('steps')} "
-             "steps =="]
+             "steps ==" if not summary.get("nothing_trained") else
+             f"== already complete: {summary.get('method')} / {summary.get('backbone')}, {summary.get('steps')} "
+             "steps; nothing trained (raise trainer.max_steps to train on) =="]
     lines += [f"  {k:<{width}}  {v}" for k, v in rows]
     if enc:
         task = next_task(summary)

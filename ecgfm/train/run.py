@@ -21,6 +21,7 @@ and the tests call. It
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -169,6 +170,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         log.warning("training stopped at step %d of the %d its learning-rate schedule runs to (trainer.max_epochs, "
                     "max_time or an early stop came first): the schedule did not finish its decay",
                     trainer.global_step, sched_steps)
+    done = out_dir / "summary.json"
+    # (a fit with nothing to do never starts its train loop: no start step recorded)
+    if ckpt_path and facts.start_step in (None, trainer.global_step) and done.is_file():
+        # a rerun into a finished run (same max_steps): fit had nothing to do. Its summary and encoder are the
+        # finished run's; overwriting the summary would drop its validation metrics and partial-epoch count
+        log.warning("the run in %s is already complete at step %d (trainer.max_steps): nothing trained; its "
+                    "summary.json and encoder are kept (raise trainer.max_steps to train on)", out_dir,
+                    trainer.global_step)
+        return {**json.loads(done.read_text()), "nothing_trained": True}
     if trainer.global_step == 0 and int(cfg.trainer.get("max_steps", -1) or -1) != 0:
         n_train = sum(len(p) for p in getattr(datamodule, "train_pools", [])) or "too few"
         raise ConfigError("data.batch_size", f"the run trained 0 steps: the training loader gave no batch "

@@ -384,3 +384,17 @@ def test_a_run_stopped_before_its_schedule_ends_says_so(tmp_path, cache_root, ca
     with caplog.at_level(logging.WARNING, logger="ecgfm.train.run"):
         s = train(tiny_cfg(tmp_path / "run", cache_root, extra=["trainer.max_steps=10", "+trainer.max_epochs=1"]))
     assert s["steps"] == 2 and "stopped at step 2 of the 10" in caplog.text
+
+
+def test_a_rerun_into_a_finished_run_trains_nothing_and_keeps_its_summary(tmp_path, cache_root):
+    """Same folder, same max_steps: fit has nothing to do; the finished run's summary.json (validation metrics,
+    partial-epoch count) must not be overwritten by an empty one, and the report says nothing was trained."""
+    from ecgfm.train.report import final_block
+
+    out = tmp_path / "run"
+    first = train(tiny_cfg(out, cache_root))
+    before = (out / "summary.json").read_text()
+    again = train(tiny_cfg(out, cache_root))
+    assert again["nothing_trained"] and again["steps"] == first["steps"]
+    assert (out / "summary.json").read_text() == before
+    assert "already complete" in final_block(again)
