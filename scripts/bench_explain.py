@@ -224,7 +224,8 @@ def speedup(times: list[float], n: int, loop_rate: float) -> float:
 
 def fmt_ci(v: torch.Tensor) -> str:
     c = mean_ci(v)
-    return f"{c['mean']:.2e} (95% CI {c['lo']:.2e}-{c['hi']:.2e}), max {float(v.max()):.2e}"
+    ci = f"95% CI {c['lo']:.2e}-{c['hi']:.2e}" if c["lo"] is not None else f"no CI: n={c['n']}"
+    return f"{c['mean']:.2e} ({ci}), max {float(v.max()):.2e}"
 
 
 def main(argv: list[str] | None = None) -> dict:

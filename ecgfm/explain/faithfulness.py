@@ -42,10 +42,13 @@ def mean_ci(values: Any, n_boot: int = 1000, level: float = 0.95, seed: int = 0)
     """Mean of per-record values with a percentile bootstrap confidence interval over records.
 
     Returns:
-        ``{"mean", "lo", "hi", "n"}`` (NaNs are dropped; ``lo == hi == mean`` for a single value).
+        ``{"mean", "lo", "hi", "n"}`` (NaNs are dropped and ``n`` counts the values kept; ``lo`` / ``hi`` are None
+        for fewer than two values: one record has no interval, and ``lo == hi == mean`` would read as certainty).
     """
     v = torch.as_tensor(values).detach().cpu().double().numpy()
     r = bootstrap_mean(v, n_boot=n_boot, seed=seed, ci=level)   # the project's one bootstrap (evaluate/metrics.py)
+    if r["n"] < 2:
+        return {"mean": r["value"], "lo": None, "hi": None, "n": r["n"]}
     return {"mean": r["value"], "lo": r["ci_low"], "hi": r["ci_high"], "n": r["n"]}
 
 

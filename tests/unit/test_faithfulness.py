@@ -100,7 +100,7 @@ def test_compare_with_random_reports_intervals():
 def test_mean_ci():
     r = mean_ci([1.0, 2.0, 3.0, float("nan")])
     assert r["mean"] == 2.0 and r["n"] == 3 and r["lo"] < 2.0 < r["hi"]
-    assert mean_ci([5.0]) == {"mean": 5.0, "lo": 5.0, "hi": 5.0, "n": 1}
+    assert mean_ci([5.0]) == {"mean": 5.0, "lo": None, "hi": None, "n": 1}   # one record: no interval
     assert mean_ci([])["n"] == 0
 
 
