@@ -344,14 +344,21 @@ def explain_main(cfg: Any) -> dict[str, Any]:
         if getattr(source, "name", "") != "synthetic":
             raise ValueError("checkpoint= is required for real data (train one with scripts/train_explain_demo.py)")
         log.info("no checkpoint given: training a small synthetic demo classifier (%s)", out_dir / "demo_classifier")
-        train_synthetic_demo(out_dir / "demo_classifier", **OmegaConf.to_container(cfg.demo, resolve=True))
+        demo = OmegaConf.to_container(cfg.demo, resolve=True)
+        _, demo_info = train_synthetic_demo(out_dir / "demo_classifier", **demo)
         checkpoint = out_dir / "demo_classifier"
     else:
-        checkpoint = Path(cfg.checkpoint)
+        checkpoint, demo_info = Path(cfg.checkpoint), None
     wrapper = load_model(checkpoint, map_location=cfg.device)
     ids = cfg.record
     if ids is None:
-        ids = [source.record_ids()[0]]
+        first = 0
+        if demo_info is not None:   # the demo classifier trained on the first 80 % of its synthetic records
+            n_tr = int(0.8 * int(demo_info.get("n_records", cfg.demo.get("n_records", 360))))
+            first = n_tr if n_tr < len(source.record_ids()) else 0
+            log.info("no record given: explaining %s, a validation record of the demo classifier (records 0-%d "
+                     "trained it)", source.record_ids()[first], n_tr - 1)
+        ids = [source.record_ids()[first]]
     elif isinstance(ids, (str, int)):
         ids = [ids]
     all_ids = set(source.record_ids())
