@@ -349,6 +349,33 @@ def _merge(schema: type, plain: DictConfig, skip_missing: tuple[str, ...] = ()) 
     return merged
 
 
+def _check_device(key: str, value: str) -> None:
+    """A torch device string this machine has (``cpu``, ``cuda``, ``cuda:1``, ``mps``); raises ConfigError."""
+    import torch
+
+    try:
+        dev = torch.device(str(value))
+    except RuntimeError as exc:
+        raise ConfigError(key, f"{value!r} is not a device ({exc}); use cpu, cuda, cuda:<n> or mps") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(key, f"{value!r}: this machine has no CUDA device; use cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(key, f"{value!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(key, f"{value!r}: MPS is not available here; use cpu")
+
+
+def _check_accelerator(value: str) -> None:
+    """A Lightning accelerator this machine has (``cpu``, ``gpu`` / ``cuda``, ``mps``, ``auto``)."""
+    import torch
+
+    v = str(value).lower()
+    if v in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError("accelerator", f"{value!r}: this machine has no CUDA device; use cpu (or auto)")
+    if v not in ("cpu", "gpu", "cuda", "mps", "auto", "tpu"):
+        raise ConfigError("accelerator", f"{value!r}: use cpu, gpu, mps or auto")
+
+
 def _check_cells(merged: DictConfig) -> None:
     """Value checks of the settings shared by probe.py and finetune.py."""
     fractions = list(merged.fraction) if isinstance(merged.fraction, ListConfig) else [merged.fraction]
@@ -467,6 +494,7 @@ def validate_probe_config(cfg: Any) -> DictConfig:
                                              f"save_classifier=false")
     if merged.features.batch_size < 1:
         raise ConfigError("features.batch_size", f"must be >= 1, got {merged.features.batch_size}")
+    _check_device("device", merged.device)
     return merged
 
 
@@ -511,6 +539,7 @@ def validate_finetune_config(cfg: Any) -> DictConfig:
         check_finetune_recipe(sup_recipe, "finetune", {str(name): "supervised" for name in merged.supervised})
     else:
         check_finetune_recipe(merged.finetune, "finetune")
+    _check_accelerator(merged.accelerator)
     return merged
 
 
@@ -576,6 +605,18 @@ def validate_explain_config(cfg: Any) -> DictConfig:
     if isinstance(merged.get("record"), ListConfig) and not list(merged.record):
         raise ConfigError("record", "is an empty list: name at least one record (or null for the first)")
     _one_of("overlay", merged.overlay, OVERLAYS)
+    from ecgfm.explain.attribution import canonical_method   # torch / captum: deferred, as the other checks
+    from ecgfm.explain.visualize import FORMATS
+
+    for i, m in enumerate(merged.methods):
+        try:
+            canonical_method(m)
+        except ValueError as exc:
+            raise ConfigError(f"methods[{i}]", str(exc)) from None
+    for i, f in enumerate(merged.formats):   # checked before the attributions are computed, not after
+        if str(f) not in FORMATS:
+            raise ConfigError(f"formats[{i}]", f"{f!r} is not a figure format; use {', '.join(FORMATS)}")
+    _check_device("device", merged.device)
     _one_of("faithfulness.order", merged.faithfulness.order, FAITHFULNESS_ORDERS)
     for key in ("faithfulness.n_random", "faithfulness.steps", "counterfactual.max_steps", "demo.n_records",
                 "demo.epochs"):

@@ -276,6 +276,12 @@ def resolve_checkpoint(checkpoint: str, crop_samples: int, init_seed: int = 0,
                 torch.manual_seed(int(init_seed))
                 backbone = create_backbone(info["name"], **dict(info.get("init_args") or {}))
         else:
+            from ecgfm.backbones.registry import list_backbones
+
+            if not (config_dir() / "backbone" / f"{target}.yaml").is_file() and target not in list_backbones():
+                raise EvaluationError(f"checkpoint {text!r}: {target!r} is neither an exported encoder folder nor a "
+                                      f"backbone (registered: {', '.join(list_backbones())}; conf/backbone: "
+                                      f"{', '.join(sorted(p.stem for p in (config_dir() / 'backbone').glob('*.yaml')))})")
             spec = PreprocessSpec()
             crop = None
             backbone = None

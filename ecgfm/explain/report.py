@@ -325,6 +325,22 @@ def source_from_config(data_cfg: Any, source_cfg: Any = None) -> Any:
                      "source={_target_: ...} or choose data=ptbxl / synthetic / folder")
 
 
+def _check_target(target: Any, wrapper: ECGWrapper) -> None:
+    """``target=`` names one of the model's classes (or its index): refused before anything is computed."""
+    from ecgfm.config import ConfigError
+
+    if target is None:
+        return
+    names = list(wrapper.class_names or [])
+    n = len(names) or int(getattr(wrapper, "num_classes", 0) or 0)
+    if isinstance(target, str) and not target.lstrip("-").isdigit():
+        if names and target not in names:
+            raise ConfigError("target", f"{target!r} is not one of the model's classes ({', '.join(names)})")
+    elif n and not 0 <= int(target) < n:
+        raise ConfigError("target", f"class index {int(target)} outside the model's {n} classes [0, {n - 1}]"
+                                    + (f" ({', '.join(names)})" if names else ""))
+
+
 def explain_main(cfg: Any) -> dict[str, Any]:
     """Run an explanation from a Hydra config (``conf/explain.yaml``).
 
@@ -350,6 +366,7 @@ def explain_main(cfg: Any) -> dict[str, Any]:
     else:
         checkpoint, demo_info = Path(cfg.checkpoint), None
     wrapper = load_model(checkpoint, map_location=cfg.device)
+    _check_target(cfg.get("target"), wrapper)
     ids = cfg.record
     if ids is None:
         first = 0

@@ -139,7 +139,7 @@ def test_entry_bad_input(tmp_path, synthetic_ckpt):
         explain_main(_cfg(tmp_path, f"checkpoint={synthetic_ckpt}", "methods=[magic]"))
     with pytest.raises(ValueError, match="outside"):
         explain_main(_cfg(tmp_path, f"checkpoint={synthetic_ckpt}", "target=42", "methods=[saliency]"))
-    with pytest.raises(ValueError, match="unknown class name"):
+    with pytest.raises(ValueError, match="AFIB.* is not one of the model.s classes"):
         explain_main(_cfg(tmp_path, f"checkpoint={synthetic_ckpt}", "target=AFIB", "methods=[saliency]"))
     with pytest.raises(ValueError, match="no layer named"):
         explain_main(_cfg(tmp_path, f"checkpoint={synthetic_ckpt}", "methods=[gradcam]",
@@ -231,3 +231,12 @@ def test_the_demo_explains_a_record_its_classifier_did_not_train_on(tmp_path):
     rep = explain_main(_cfg(tmp_path, "demo.n_records=20", "demo.epochs=1", "methods=[saliency]",
                             "faithfulness.enabled=false", "formats=[]"))
     assert rep["records"][0]["record_id"] == "syn000016"
+
+
+@pytest.mark.parametrize("target", ["nosuch", "99"])
+def test_an_unknown_target_is_refused_before_anything_runs(tmp_path, synthetic_ckpt, target):
+    from ecgfm.config import ConfigError
+
+    with pytest.raises(ConfigError, match="target"):
+        explain_main(_cfg(tmp_path, f"checkpoint={synthetic_ckpt}", f"target={target}", "methods=[saliency]"))
+    assert not (tmp_path / "report.json").exists()

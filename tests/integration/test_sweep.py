@@ -484,3 +484,10 @@ def test_save_classifier_on_a_finished_cell_writes_the_artifact(work, tmp_path):
     cell = json.loads(Path(again["cells_written"][0]).read_text())
     assert Path(cell["classifier"]).is_dir() and first["cells_written"] == again["cells_written"]
     assert probe_main(_cfg("probe", work, *base, "save_classifier=true"))["cells_skipped"] == 1
+
+
+def test_an_unknown_backbone_name_is_one_clear_error(work):
+    from ecgfm.evaluate.sweep import EvaluationError
+
+    with pytest.raises(EvaluationError, match="'nosuch' is neither an exported encoder folder nor a backbone"):
+        probe_main(_cfg("probe", work, "checkpoint=random:nosuch", "fraction=1.0", "seed=0"))

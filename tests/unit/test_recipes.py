@@ -62,6 +62,10 @@ def test_every_entry_config_validates_as_composed(name):
     ("probe", "fraction=[]", "fraction"),
     ("finetune", "seed=[]", "seed"),
     ("explain", "record=[]", "record"),
+    ("probe", "device=cud", "device"),
+    ("explain", "methods=[foo]", "methods[0]"),
+    ("explain", "formats=[bmp]", "formats[0]"),
+    ("finetune", "accelerator=tpuu", "accelerator"),
     ("explain", "+faithfulness.stepz=3", "faithfulness.stepz"),
     ("explain", "threads=abc", "threads"),
     ("explain", "overlay=bnad", "overlay"),
@@ -132,3 +136,14 @@ def test_as_finetune_recipe_checks_keys_types_and_values():
         as_finetune_recipe(lrr=0.1)
     with pytest.raises(ConfigError, match=r"'finetune\.batch_size'"):
         as_finetune_recipe(batch_size=0)
+
+
+def test_a_cuda_device_on_a_machine_without_one_is_refused(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for name, override, key in (("probe", "device=cuda", "device"), ("finetune", "accelerator=gpu", "accelerator"),
+                                ("explain", "device=cuda:0", "device")):
+        with pytest.raises(ConfigError, match="no CUDA device") as info:
+            VALIDATE[name](_compose(name, override))
+        assert info.value.key == key
