@@ -58,6 +58,20 @@ def exported_method_name(method_class: str, aux_targets: str | None) -> str:
     return f"{method_class.removesuffix('Module')}+{aux_targets}-pretext"
 
 
+def _built(key: str, node: Any, **kwargs: Any) -> Any:
+    """``instantiate(node, **kwargs)``; a value its constructor refuses (``ValueError``: ``method.mask_ratio=1.5``,
+    ``data.batch_size=0``) is a :class:`ConfigError` naming the config node, not Hydra's traceback."""
+    from hydra.errors import InstantiationException
+
+    try:
+        return instantiate(node, **kwargs, _convert_="all")
+    except InstantiationException as exc:
+        cause = exc.__cause__ or exc.__context__
+        if isinstance(cause, (ValueError, TypeError)):
+            raise ConfigError(key, str(cause)) from None
+        raise
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Pretrain a backbone with a self-supervised method as described by ``cfg`` (``conf/train.yaml``).
 
@@ -126,12 +140,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         crop = crop_targets_for(cfg, cache_dirs)           # aux_targets=handcrafted_crop: each view's own rhythm
         if crop is not None:
             data_kwargs["crop_targets"] = crop
-    datamodule = instantiate(data_cfg, **data_kwargs, _convert_="all")
+    datamodule = _built("data", data_cfg, **data_kwargs)
     make_resumable(datamodule)
 
-    backbone = instantiate(cfg.backbone, _convert_="all")
+    backbone = _built("backbone", cfg.backbone)
     check_backbone_fits_crop(cfg, fs, backbone)
-    model = instantiate(cfg.method, backbone=backbone, **method_kwargs, _convert_="all")
+    model = _built("method", cfg.method, backbone=backbone, **method_kwargs)
     if str(cfg.trainer.get("accelerator", "auto")) == "cpu" or not torch.cuda.is_available():
         try:  # float32 CPU linears on oneDNN: same mathematics, faster GEMMs on non-Intel CPUs (ecgfm/accel.py)
             n_linear = use_onednn_linears(model, str(cfg.cpu_linear))

@@ -398,3 +398,10 @@ def test_a_rerun_into_a_finished_run_trains_nothing_and_keeps_its_summary(tmp_pa
     assert again["nothing_trained"] and again["steps"] == first["steps"]
     assert (out / "summary.json").read_text() == before
     assert "already complete" in final_block(again)
+
+
+@pytest.mark.parametrize("override, key", [("method.mask_ratio=1.5", "method"), ("data.batch_size=0", "data")])
+def test_a_value_a_constructor_refuses_is_a_config_error(tmp_path, cache_root, override, key):
+    with pytest.raises(ConfigError) as info:
+        train(tiny_cfg(tmp_path / "run", cache_root, extra=[override]))
+    assert info.value.key == key
