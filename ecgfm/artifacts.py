@@ -229,10 +229,11 @@ def read_meta(path: str | os.PathLike, kind: str | None = None) -> tuple[Path, d
         raise ArtifactNotFound(d, f"not an ecgfm artifact folder (expected {meta_file('encoder')} or "
                                f"{meta_file('classifier')} with its .safetensors weights)")
     if kind is not None and found != kind:
-        raise ArtifactError(d, f"this is an {found} artifact, not a {kind}")
+        art = lambda k: f"{'an' if k[0] in 'aeiou' else 'a'} {k}"   # noqa: E731
+        raise ArtifactError(d, f"this is {art(found)} artifact, not {art(kind)}")
     mpath, wpath = d / meta_file(found), d / weights_file(found)
     if not wpath.is_file():
-        raise ArtifactNotFound(wpath, f"missing: an {found} artifact needs {meta_file(found)} and {weights_file(found)}")
+        raise ArtifactNotFound(wpath, f"missing: {'an' if found[0] in 'aeiou' else 'a'} {found} artifact needs {meta_file(found)} and {weights_file(found)}")
     try:
         meta = read_json(mpath, f"{found} description")
     except ValueError as exc:
