@@ -90,7 +90,8 @@ def read_checkpoint(kind: str, path: str | os.PathLike) -> Any:
     only: no code from the file is run). Raises :class:`ZooImportError` for unreadable or truncated files."""
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"{kind}: checkpoint {p} not found")
+        raise FileNotFoundError(f"{kind}: checkpoint {p} " + ("is a folder: pass the checkpoint file in it"
+                                                             if p.is_dir() else "not found"))
     if p.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
