@@ -120,6 +120,11 @@ class LossHistory(L.Callback):
         self.steps: list[int] = []
         self.losses: list[float] = []
         self._micro: list[float] = []
+        self.val_step: int | None = None   # global step of this run's last validation (its val/* metrics)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self.val_step = int(trainer.global_step)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:

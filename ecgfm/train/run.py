@@ -231,6 +231,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         **guard.summary(),
         # last validation-epoch values (validation split): val/loss, val/<terms>, val/probe_auroc when enabled
         "val_metrics": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")},
+        # the step those metrics were computed at (the last validation can come before the final step)
+        "val_metrics_step": history.val_step,
     }
     summary["last_checkpoint"] = str(last) if last.is_file() else None
     if summary["nonfinite_records_skipped"]:

@@ -56,6 +56,7 @@ def test_experiment_runs_end_to_end(experiment, tmp_path, cache_root):
     assert summary["loss_history_steps"] == 3
     # 2 batches per epoch (19 training records, batch 8, last one dropped): 3 steps = 1 whole epoch + 1 batch
     assert (summary["epochs"], summary["partial_epoch_batches"]) == (1, 1)
+    assert summary["val_metrics_step"] == 2 and summary["val_metrics"]   # the epoch-end validation, before step 3
     assert json.loads((out / "summary.json").read_text())["steps"] == 3
     ckpts = sorted(p.name for p in (out / "checkpoints").glob("*.ckpt"))
     assert ckpts == ["last.ckpt", "step0000002.ckpt"]
