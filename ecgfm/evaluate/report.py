@@ -235,6 +235,16 @@ def markdown_table(df: pd.DataFrame, metrics: Iterable[str] = ("macro_auroc", "m
                                  f"({int(r['n_seeds'])})" + (f" (seeds on n = {int(r['n_test_min'])}-"
                                                              f"{int(r['n_test'])} records)" if mixed else ""))
                 lines.append(f"| {method} | {backbone} | {MODE_NAMES.get(mode, mode)} | " + " | ".join(cells) + " |")
+            # a label fraction is a subset size: say it (min_per_class can top a small fraction up to another's)
+            at = df[(df["task"] == task) & (df["dataset"] == dataset) & (df["split"] == split)
+                    & (df["metric"] == metric)] if "n_train" in df else df.iloc[:0]
+            sizes = []
+            for f in fracs:
+                n = sorted({int(v) for v in at[at["fraction"] == f]["n_train"].dropna()})
+                if n:
+                    sizes.append(f"{_fmt_frac(f)}: {n[0] if len(n) == 1 else f'{n[0]}-{n[-1]}'}")
+            if sizes:
+                lines += ["", "Training records per label fraction: " + "; ".join(sizes) + "."]
             lines.append("")
     return "\n".join(lines)
 

@@ -377,3 +377,13 @@ def test_report_command_refuses_a_folder_without_cells(tmp_path, capsys):
         R.main([str(tmp_path / "nope")])
     assert info.value.code == 2 and "no results folder" in capsys.readouterr().err
     assert not (tmp_path / "nope").exists()
+
+
+def test_tables_say_how_many_training_records_each_fraction_is(tmp_path):
+    res = tmp_path / "results"
+    for f in (0.1, 1.0):
+        _cell(res, task="cinc2017", method="mae", mode="linear", seed=0, fraction=f, strength=2.0)
+    _rewrite(res, "linear", "cinc2017", "mae", 0.1, 0, lambda c: c.update(n_train=15))
+    _rewrite(res, "linear", "cinc2017", "mae", 1.0, 0, lambda c: c.update(n_train=72))
+    md = R.markdown_table(R.tidy_rows(R.load_cells(res)))
+    assert "Training records per label fraction: 10 %: 15; 100 %: 72." in md
