@@ -605,17 +605,6 @@ def validate_explain_config(cfg: Any) -> DictConfig:
     if isinstance(merged.get("record"), ListConfig) and not list(merged.record):
         raise ConfigError("record", "is an empty list: name at least one record (or null for the first)")
     _one_of("overlay", merged.overlay, OVERLAYS)
-    from ecgfm.explain.attribution import canonical_method   # torch / captum: deferred, as the other checks
-    from ecgfm.explain.visualize import FORMATS
-
-    for i, m in enumerate(merged.methods):
-        try:
-            canonical_method(m)
-        except ValueError as exc:
-            raise ConfigError(f"methods[{i}]", str(exc)) from None
-    for i, f in enumerate(merged.formats):   # checked before the attributions are computed, not after
-        if str(f) not in FORMATS:
-            raise ConfigError(f"formats[{i}]", f"{f!r} is not a figure format; use {', '.join(FORMATS)}")
     _check_device("device", merged.device)
     _one_of("faithfulness.order", merged.faithfulness.order, FAITHFULNESS_ORDERS)
     for key in ("faithfulness.n_random", "faithfulness.steps", "counterfactual.max_steps", "demo.n_records",

@@ -325,6 +325,23 @@ def source_from_config(data_cfg: Any, source_cfg: Any = None) -> Any:
                      "source={_target_: ...} or choose data=ptbxl / synthetic / folder")
 
 
+def _check_names(cfg: Any) -> None:
+    """Attribution methods and figure formats named in the config exist: checked before anything is computed
+    (a bad format failed after every attribution had been computed)."""
+    from ecgfm.config import ConfigError
+    from ecgfm.explain.attribution import canonical_method
+    from ecgfm.explain.visualize import FORMATS
+
+    for i, m in enumerate(cfg.methods):
+        try:
+            canonical_method(m)
+        except ValueError as exc:
+            raise ConfigError(f"methods[{i}]", str(exc)) from None
+    for i, f in enumerate(cfg.formats):
+        if str(f) not in FORMATS:
+            raise ConfigError(f"formats[{i}]", f"{f!r} is not a figure format; use {', '.join(FORMATS)}")
+
+
 def _check_target(target: Any, wrapper: ECGWrapper) -> None:
     """``target=`` names one of the model's classes (or its index): refused before anything is computed."""
     from ecgfm.config import ConfigError
@@ -352,6 +369,7 @@ def explain_main(cfg: Any) -> dict[str, Any]:
     from ecgfm.recipes import validate_explain_config
 
     validate_explain_config(cfg)
+    _check_names(cfg)
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     out_dir = Path(cfg.out_dir)

@@ -240,3 +240,12 @@ def test_an_unknown_target_is_refused_before_anything_runs(tmp_path, synthetic_c
     with pytest.raises(ConfigError, match="target"):
         explain_main(_cfg(tmp_path, f"checkpoint={synthetic_ckpt}", f"target={target}", "methods=[saliency]"))
     assert not (tmp_path / "report.json").exists()
+
+
+@pytest.mark.parametrize("override, key", [("methods=[foo]", "methods[0]"), ("formats=[bmp]", "formats[0]")])
+def test_unknown_methods_and_formats_are_refused_before_anything_runs(tmp_path, synthetic_ckpt, override, key):
+    from ecgfm.config import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        explain_main(_cfg(tmp_path, f"checkpoint={synthetic_ckpt}", override))
+    assert info.value.key == key and not (tmp_path / "report.json").exists()

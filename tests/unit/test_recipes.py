@@ -63,8 +63,6 @@ def test_every_entry_config_validates_as_composed(name):
     ("finetune", "seed=[]", "seed"),
     ("explain", "record=[]", "record"),
     ("probe", "device=cud", "device"),
-    ("explain", "methods=[foo]", "methods[0]"),
-    ("explain", "formats=[bmp]", "formats[0]"),
     ("finetune", "accelerator=tpuu", "accelerator"),
     ("explain", "+faithfulness.stepz=3", "faithfulness.stepz"),
     ("explain", "threads=abc", "threads"),
