@@ -96,7 +96,7 @@ def assign_labels(cells: list[dict[str, Any]]) -> None:
     (e.g. ``supervised (resnet1d_tiny)`` beside ``supervised (vit1d_tiny)``), ``@<checkpoint hash>`` when the
     method (and backbone) has several checkpoint identities among ``cells``, ``[recipe <hash>]`` when one
     checkpoint has several recipes in the same (mode, task); and :data:`LEAKAGE_MARKS` when the leakage guard did
-    not clear the cell (such rows are never chosen by the acceptance block)."""
+    not clear the cell (leaked rows are never chosen by the acceptance block; unchecked ones may be)."""
     ckpts: dict[tuple, set[str]] = {}
     recipes: dict[tuple, set[str]] = {}
     backbones: dict[Any, set[str]] = {}
