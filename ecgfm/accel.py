@@ -104,7 +104,8 @@ class OneDNNLinearFunction(torch.autograd.Function):
         return _inner_product(x2, weight, bias).reshape(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    @torch.autograd.function.once_differentiable   # oneDNN's op has no autograd: a second derivative raises
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:   # (was silently zero)
         x2, weight = ctx.saved_tensors
         out_f, in_f = weight.shape
         g = grad_out.reshape(-1, out_f)                                            # (M, out)

@@ -972,8 +972,13 @@ class SyntheticSource:
         if self.leads is not None:
             mask = np.isin(np.asarray(CANONICAL_LEADS), self.leads)
             header = dict(record.header, derived_leads=[v for v in DERIVED_LIMB_LEADS if v in self.leads])
+            # the evidence too: a class-defining feature on a lead this corpus does not have is no ground truth
+            meta = dict(record.meta)
+            if "evidence_leads" in meta:
+                meta["evidence_leads"] = [lead for lead in meta["evidence_leads"] if lead in self.leads]
+            evidence = None if record.evidence is None else record.evidence & mask[:, None]
             record = record.replace(signal=(record.signal * mask[:, None]).astype(record.signal.dtype),
-                                    lead_mask=mask, header=header)
+                                    lead_mask=mask, header=header, evidence=evidence, meta=meta)
         return record.replace(record_id=rid)
 
 

@@ -155,3 +155,18 @@ def test_inductor_compiles_a_model_with_onednn_linears():
     out = compiled(x)
     out.sum().backward()
     torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_a_second_derivative_through_onednn_linears_raises_instead_of_zeros():
+    """oneDNN's linear op has no autograd of its own: create_graph=True (a gradient penalty) silently gave zero
+    second derivatives; now it raises."""
+    if not onednn_linear_available():
+        pytest.skip("no oneDNN linear on this CPU build")
+    OneDNNLinearFunction = accel.OneDNNLinearFunction
+    torch.manual_seed(0)
+    x = torch.randn(4, 8, requires_grad=True)
+    w = torch.randn(16, 8, requires_grad=True)
+    y = OneDNNLinearFunction.apply(x, w, None)
+    (gx,) = torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        gx.pow(2).sum().backward()

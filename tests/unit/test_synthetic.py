@@ -482,3 +482,13 @@ def test_derived_limb_leads_are_marked():
     assert some.load("syn000001").derived_leads == ("aVF",)
     assert SyntheticSource(4, seed=3, leads=["I"]).load("syn000000").derived_leads == ()
     assert "derived=III,aVR,aVL,aVF" in repr(full)
+
+
+def test_a_lead_subset_keeps_evidence_on_its_leads_only():
+    """SyntheticSource(leads=[...]) zeroed the other leads but kept their evidence: ground truth on flat leads."""
+    src = SyntheticSource(6, seed=0, leads=["I"])
+    for rid in src.record_ids():
+        rec = src.load(rid)
+        if rec.evidence is not None:
+            assert not rec.evidence[1:].any()
+        assert set(rec.meta.get("evidence_leads", [])) <= {"I"}
