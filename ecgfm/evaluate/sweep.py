@@ -536,13 +536,11 @@ def _todo(ctx: _Context, checkpoint: str) -> list[tuple[float, int]]:
     changed probe grid / learning rate / window / preprocessing, or a cell without identity (older ecgfm) is
     recomputed, never silently reused. Needs :func:`_identify` first."""
     assert ctx.identity is not None and ctx.recipe is not None, "call _identify(ctx, ...) first"
-    eval_name = ctx.eval_spec.name if ctx.eval_spec else None
     rid = recipe_identity(ctx.recipe)
     out = []
     for s in ctx.seeds:
         for f in ctx.fractions:
-            base = cell_path(ctx.results_dir, ctx.mode, ctx.task_spec.name, checkpoint, f, s, eval_name)
-            tagged = cell_path(ctx.results_dir, ctx.mode, ctx.task_spec.name, checkpoint, f, s, eval_name, rid)
+            base, tagged = _cell_files(ctx, ctx.task_spec.name, checkpoint, f, s)
             found = next((p for p in (tagged, base) if p.exists() and _reusable(p, ctx, rid)), None)
             # a cell asked to carry its classifier artifact (fine-tunes always do; probes with save_classifier)
             want_clf = ctx.mode == "finetune" or bool(ctx.cfg.get("save_classifier", False))
@@ -552,6 +550,14 @@ def _todo(ctx: _Context, checkpoint: str) -> list[tuple[float, int]]:
             if ctx.cfg.get("overwrite") or found is None:
                 out.append((f, s))
     return out
+
+
+def _cell_files(ctx: _Context, task: str, checkpoint: str, fraction: float, seed: int) -> tuple[Path, Path]:
+    """A cell's plain file and its recipe's own file (:func:`cell_path` without / with this job's recipe id)."""
+    eval_name = ctx.eval_spec.name if ctx.eval_spec else None
+    return (cell_path(ctx.results_dir, ctx.mode, task, checkpoint, fraction, seed, eval_name),
+            cell_path(ctx.results_dir, ctx.mode, task, checkpoint, fraction, seed, eval_name,
+                      recipe_identity(ctx.recipe)))
 
 
 def _reusable(p: Path, ctx: _Context, rid: str) -> bool:
@@ -577,10 +583,8 @@ def _cell_target(ctx: _Context, task: str, checkpoint: str, fraction: float, see
     replacing it would keep only the last job's recipe. This job's cell then goes to the recipe's own file
     ``f<fraction>_s<seed>.r<recipe hash>.json``, which is also where it goes whenever that file exists already.
     (Jobs of a parallel launcher that finish within the same instant can still both take the plain file.)"""
-    eval_name = ctx.eval_spec.name if ctx.eval_spec else None
     rid = recipe_identity(ctx.recipe)
-    base = cell_path(ctx.results_dir, ctx.mode, task, checkpoint, fraction, seed, eval_name)
-    tagged = cell_path(ctx.results_dir, ctx.mode, task, checkpoint, fraction, seed, eval_name, rid)
+    base, tagged = _cell_files(ctx, task, checkpoint, fraction, seed)
     if tagged.exists() or not base.exists():
         return tagged if tagged.exists() else base
     sweep = _sweep_id()

@@ -343,19 +343,16 @@ def _check_names(cfg: Any) -> None:
 
 
 def _check_target(target: Any, wrapper: ECGWrapper) -> None:
-    """``target=`` names one of the model's classes (or its index): refused before anything is computed."""
+    """``target=`` names one of the model's classes (or its index): :meth:`ECGWrapper.resolve_target` on a dummy
+    score row, before anything is computed."""
     from ecgfm.config import ConfigError
 
     if target is None:
         return
-    names = list(wrapper.class_names or [])
-    n = len(names) or int(getattr(wrapper, "num_classes", 0) or 0)
-    if isinstance(target, str) and not target.lstrip("-").isdigit():
-        if names and target not in names:
-            raise ConfigError("target", f"{target!r} is not one of the model's classes ({', '.join(names)})")
-    elif n and not 0 <= int(target) < n:
-        raise ConfigError("target", f"class index {int(target)} outside the model's {n} classes [0, {n - 1}]"
-                                    + (f" ({', '.join(names)})" if names else ""))
+    try:
+        wrapper.resolve_target(target, logits=torch.zeros(1, wrapper.num_classes))
+    except ValueError as exc:
+        raise ConfigError("target", str(exc)) from None
 
 
 def explain_main(cfg: Any) -> dict[str, Any]:
