@@ -17,8 +17,8 @@ see :mod:`ecgfm.evaluate.sweep`). :func:`build_report` reads every cell and writ
   mechanism (:class:`BaselineSpec`, :func:`compare_with_baseline`): per seed a paired bootstrap 95 % CI, and the
   mean over seeds with a CI from resampling the records jointly for every seed; ``excludes_zero`` flags a CI
   that excludes 0 (column ``reference`` names the baseline kind, ``baseline`` its row);
-* an acceptance block at the top of ``results.md`` (:func:`acceptance`): the criteria of issue 12, MET or
-  MISSED with the numbers, computed from the cells.
+* an acceptance block at the top of ``results.md`` (:func:`acceptance`): the criteria of issue 12, MET,
+  MISSED or NOT MEASURED with the numbers, computed from the cells.
 
 Rows are grouped by checkpoint *identity*, not by method name: each cell stores the content hash of its
 checkpoint (``checkpoint_id``) and of its full recipe (``recipe_id``, :mod:`ecgfm.evaluate.identity`). Only cells
@@ -39,7 +39,7 @@ import logging
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -760,7 +760,8 @@ def acceptance(cells: Iterable[dict[str, Any]], summ: pd.DataFrame, means: dict[
         fractions: ``(low, full)`` label fractions.
 
     Returns:
-        One dict per criterion: ``{"criterion", "status" ("MET" / "MISSED"), "evidence"}``.
+        One dict per criterion: ``{"criterion", "status", "evidence"}``; status ``"MET"``, ``"MISSED"`` (a measured
+        part falls short) or ``"NOT MEASURED"`` (no measured part falls short, but cells a part needs are absent).
     """
     cinc, ptb = tasks
     low, full = fractions
@@ -774,15 +775,18 @@ def acceptance(cells: Iterable[dict[str, Any]], summ: pd.DataFrame, means: dict[
              f"and above the handcrafted baseline (paired CI excludes 0)")
     best = _best_on_val(cells, summ, cinc, full, ssl)
     if best is None:
-        out.append({"criterion": crit1, "status": "MISSED", "evidence": "not measured: no SSL probe cells"})
+        out.append({"criterion": crit1, "status": NOT_MEASURED, "evidence": "not measured: no SSL probe cells"})
     else:
         d = _mean_delta(means.get(HANDCRAFTED.name), cinc, best["mode"], full, best["label"])
-        ok = best["mean"] >= ACCEPT_PROBE_AUROC and d is not None and d["ci_low"] > 0
-        out.append({"criterion": crit1, "status": "MET" if ok else "MISSED",
+        if best["mean"] < ACCEPT_PROBE_AUROC or (d is not None and d["ci_low"] <= 0):
+            status = "MISSED"
+        else:
+            status = "MET" if d is not None else NOT_MEASURED   # no handcrafted cells to compare with
+        out.append({"criterion": crit1, "status": status,
                     "evidence": f"best on validation: {_fmt_probe(best)}; {_fmt_delta(d, 'handcrafted baseline')}"})
 
     # 2. SSL beats the random-init twin
-    parts, ok_all = [], True
+    parts, verdicts = [], []
     twin = means.get(TWIN.name)
     for task in (cinc, ptb):
         for frac in (low, full):
@@ -791,48 +795,61 @@ def acceptance(cells: Iterable[dict[str, Any]], summ: pd.DataFrame, means: dict[
             for lab in rows["label"] if not rows.empty else []:
                 d = _mean_delta(twin, task, "linear", frac, lab)
                 got[lab] = d
-            mae = [lab for lab, d in got.items() if ssl_method[lab] == "mae" and d is not None and d["ci_low"] > 0]
-            con = [lab for lab, d in got.items()
-                   if ssl_method[lab] in CONTRASTIVE_METHODS and d is not None and d["ci_low"] > 0]
-            ok = bool(mae) and bool(con)
-            ok_all &= ok
+            groups = {"MAE": lambda m: m == "mae", "contrastive": lambda m: m in CONTRASTIVE_METHODS}
+            said = []
+            for name, of_group in groups.items():   # yes / no / not measured (no paired comparison in the group)
+                ds = [d for lab, d in got.items() if of_group(ssl_method[lab]) and d is not None]
+                said.append("yes" if any(d["ci_low"] > 0 for d in ds) else "no" if ds else "not measured")
+            verdict = ("ok" if said == ["yes", "yes"] else "no" if "no" in said else "not measured")
+            verdicts.append(verdict)
             detail = "; ".join(f"{lab} {'-' if d is None else f'{d.delta:+.3f} [{d.ci_low:+.3f}, {d.ci_high:+.3f}]'}"
-                               for lab, d in got.items()) or "not measured"
-            parts.append(f"{task} {_fmt_frac(frac)}: {'ok' if ok else 'no'} (MAE {'yes' if mae else 'no'}, "
-                         f"contrastive {'yes' if con else 'no'}: {detail})")
+                               for lab, d in got.items()) or "no cells"
+            parts.append(f"{task} {_fmt_frac(frac)}: {verdict} (MAE {said[0]}, contrastive {said[1]}: {detail})")
     out.append({"criterion": f"SSL > random-init twin (linear probe, paired CI excludes 0) at {_fmt_frac(low)} and "
                              f"{_fmt_frac(full)} on {cinc} and {ptb}, for MAE and >= 1 contrastive method "
                              f"({', '.join(CONTRASTIVE_METHODS)})",
-                "status": "MET" if ok_all else "MISSED", "evidence": " <br> ".join(parts)})
+                "status": _overall(verdicts), "evidence": " <br> ".join(parts)})
 
     # 3. PTB-XL super probe >= 0.85 (the best SSL frozen probe chosen on validation)
     best = _best_on_val(cells, summ, ptb, full, ssl)
     out.append({"criterion": f"{ptb} {_fmt_frac(full)}: best SSL frozen probe (chosen on validation) >= "
                              f"{ACCEPT_PROBE_AUROC:.2f}",
-                "status": "MET" if best is not None and best["mean"] >= ACCEPT_PROBE_AUROC else "MISSED",
+                "status": (NOT_MEASURED if best is None else
+                           "MET" if best["mean"] >= ACCEPT_PROBE_AUROC else "MISSED"),
                 "evidence": f"best on validation: {_fmt_probe(best)}" if best is not None else "not measured"})
 
     # 4. fine-tuned SSL (chosen on validation) >= supervised CNN at the low fraction
     cnn = {c["label"] for c in cells if SUPERVISED_CNN.is_baseline(c) and "label" in c}
-    parts, ok_all = [], True
+    parts, verdicts = [], []
     for task in (cinc, ptb):
         s = _best_on_val(cells, summ, task, low, ssl, lambda mode: mode == "finetune")
         c_rows = _rows_at(summ, task, "finetune", low, cnn)
         if s is None or c_rows.empty:
-            ok_all = False
+            verdicts.append("not measured")
             parts.append(f"{task}: not measured ({'no SSL fine-tune' if s is None else 'no supervised CNN'} "
                          f"cells at {_fmt_frac(low)})")
             continue
         c = c_rows.iloc[0]
         ok = s["mean"] >= c["mean"]
-        ok_all &= ok
+        verdicts.append("ok" if ok else "no")
         d = _mean_delta(means.get(SUPERVISED_CNN.name), task, "finetune", low, s["label"])
         parts.append(f"{task}: {'ok' if ok else 'no'}: SSL {_fmt_row(s)} (best on validation: "
                      f"{s['val_mean']:.3f}) vs CNN {_fmt_row(c)}; paired {_fmt_delta(d, 'supervised CNN')}")
     out.append({"criterion": f"{_fmt_frac(low)} of the labels: best fine-tuned SSL (chosen on validation) >= "
                              f"supervised-from-scratch CNN on {cinc} and {ptb}",
-                "status": "MET" if ok_all else "MISSED", "evidence": " <br> ".join(parts)})
+                "status": _overall(verdicts), "evidence": " <br> ".join(parts)})
     return out
+
+
+NOT_MEASURED = "NOT MEASURED"
+
+
+def _overall(verdicts: Sequence[str]) -> str:
+    """A criterion's status from its parts' ``ok`` / ``no`` / ``not measured``: a measured miss is MISSED whatever
+    else is absent; otherwise any part without cells leaves the criterion NOT MEASURED."""
+    if "no" in verdicts:
+        return "MISSED"
+    return NOT_MEASURED if "not measured" in verdicts else "MET"
 
 
 def acceptance_markdown(rows: list[dict[str, str]]) -> str:

@@ -170,10 +170,35 @@ def test_acceptance_block_missed_with_numbers(tmp_path):
     assert float(best.split(" test ")[1].split()[0]) < 0.85
 
 
-def test_acceptance_without_cells_is_missed():
+def test_acceptance_without_cells_is_not_measured():
     acc = R.acceptance([], R.summarize(pd.DataFrame(columns=R.TIDY_COLUMNS)), {})
-    assert [r["status"] for r in acc] == ["MISSED"] * 4
+    assert [r["status"] for r in acc] == ["NOT MEASURED"] * 4
     assert all("not measured" in r["evidence"] for r in acc)
+
+
+def test_acceptance_part_without_cells_is_not_measured_but_a_measured_miss_wins(tmp_path):
+    """Without handcrafted and supervised-CNN cells, criteria that need them are NOT MEASURED (not MISSED) when
+    everything measured passes; a measured miss (PTB-XL probe < 0.85) stays MISSED."""
+    res = tmp_path / "results"
+    _acceptance_cells(res, ssl_ptb_probe=4.0)
+    for path in (res / "cells").rglob("*.json"):
+        cell = json.loads(path.read_text())
+        if cell["checkpoint"] in ("handcrafted", "supervised:resnet1d_tiny") or (
+                cell["task"] == "ptbxl_super" and cell["method"] == "simclr"):
+            path.unlink()
+    acc = R.build_report(res, plot=False, n_boot=100)["acceptance"]
+    assert [r["status"] for r in acc] == ["NOT MEASURED", "NOT MEASURED", "MET", "NOT MEASURED"]
+    assert "ptbxl_super 10 %: not measured (MAE yes, contrastive not measured" in acc[1]["evidence"]
+    assert "no paired comparison with the handcrafted baseline" in acc[0]["evidence"]
+    assert "NOT MEASURED" in Path(res / "results.md").read_text()
+
+    res2 = tmp_path / "results2"
+    _acceptance_cells(res2, ssl_ptb_probe=0.0)
+    for path in (res2 / "cells").rglob("*.json"):
+        if json.loads(path.read_text())["checkpoint"] == "supervised:resnet1d_tiny":
+            path.unlink()
+    acc = R.build_report(res2, plot=False, n_boot=100)["acceptance"]
+    assert [r["status"] for r in acc] == ["MET", "MISSED", "MISSED", "NOT MEASURED"]
 
 
 def test_best_probe_is_chosen_on_validation_not_test(tmp_path):
