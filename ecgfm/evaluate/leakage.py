@@ -213,6 +213,23 @@ def pretrain_identities(encoder_info: Mapping[str, Any] | None, pretrain_caches:
     return idents, provenance
 
 
+# reader names that several corpora share unless the user names them (FolderSource's defaults): identities are
+# source/record_id, so two different folders with the same file names would look like the same records
+GENERIC_SOURCE_NAMES = ("folder", "external_folder")
+
+
+def _generic_name_hint(report: LeakageReport) -> str:
+    """A hint for an overlap seen only under a generic reader name (possibly two folders with equal file names)."""
+    shared = list(report.shared_records) + list(report.shared_patients)
+    sources = {k.split(":", 1)[-1].partition("/")[0] for k in shared}
+    if not sources or not sources <= set(GENERIC_SOURCE_NAMES):
+        return ""
+    return (f" Every shared identity is under the generic source name {', '.join(sorted(sources))!r}: if the "
+            f"pretraining folder and this one are different corpora whose file names coincide, give each its own "
+            f"source name (data.params.source_name / task.params.source_name / eval_data.params.source_name) and "
+            f"prepare again.")
+
+
 def check_leakage(pretrain: Mapping[str, list[str]], test: Mapping[str, list[str]], allow: bool = False,
                   what: str = "test split") -> LeakageReport:
     """Raise :class:`LeakageError` when pretraining and test identities overlap (unless ``allow``).
@@ -229,5 +246,6 @@ def check_leakage(pretrain: Mapping[str, list[str]], test: Mapping[str, list[str
         raise LeakageError(
             f"leakage: the encoder's pretraining data shares {len(report.shared_records)} record(s) and "
             f"{len(report.shared_patients)} patient(s) with the {what} (e.g. test ~ pretraining: {ex}). Exclude "
-            f"those records from pretraining, or pass allow_leakage=true to report the overlap and continue.")
+            f"those records from pretraining, or pass allow_leakage=true to report the overlap and continue."
+            + _generic_name_hint(report))
     return report

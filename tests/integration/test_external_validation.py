@@ -79,3 +79,19 @@ def test_bring_your_own_folder_as_the_training_task(tmp_path, cache_root, hospit
     assert cell["multilabel"] is False and len(cell["classes"]) >= 5
     m = cell["results"]["test"]
     assert 0.0 <= m["macro_auroc"]["value"] <= 1.0 and m["n"] == cell["splits"]["test"]
+
+
+def test_folder_source_names_come_from_params(tmp_path, cache_root, hospital_b):
+    """``*.params.source_name`` reaches the FolderSource of each folder config (the leakage guard's identities);
+    the defaults keep the names (and so the cache keys) of before."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    cfg = _cfg("probe", tmp_path, cache_root, "task=folder", f"task.root={hospital_b}", *_ext(hospital_b),
+               "task.params.source_name=hospital_a")
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    assert instantiate(plain["task"]["sources"][0]).name == "hospital_a"
+    assert plain["eval_data"]["sources"][0]["name"] == "external_folder"
+    with initialize_config_dir(str(ROOT / "ecgfm" / "conf"), version_base="1.3"):
+        tr = compose("train", overrides=["data=folder", f"data.params.root={hospital_b}"])
+    assert OmegaConf.to_container(tr.data, resolve=True)["cache_dirs"][0]["sources"][0]["name"] == "folder"

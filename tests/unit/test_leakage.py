@@ -142,3 +142,17 @@ def test_the_report_says_how_many_records_the_patient_check_cannot_see():
     pre = index_identities(_index([("00001", "ptbxl", "7", {}), ("09999", "ptbxl", None, {})]))
     rep = check_leakage(pre, index_identities(PTBXL_TEST))
     assert rep.to_dict()["patient_check_blind_to"] == {"pretraining_records": 1, "test_records": 0}
+
+
+def test_overlap_only_under_the_generic_folder_name_says_how_to_tell_folders_apart():
+    """Two different folders read with FolderSource's default name share identities when their file names
+    coincide: the error stays (it cannot know they differ) but names the knob that separates them."""
+    pre = index_identities(_index([("rec1", "folder", None, {}), ("rec2", "folder", None, {})]))
+    test = index_identities(_index([("rec1", "folder", None, {})]))
+    with pytest.raises(LeakageError, match="task.params.source_name"):
+        check_leakage(pre, test)
+    other = index_identities(_index([("rec1", "hospital_b", None, {})]))   # named apart: nothing shared
+    assert not check_leakage(pre, other).leaked
+    with pytest.raises(LeakageError) as exc:            # a real corpus overlap gets no such hint
+        check_leakage(index_identities(_index([("00010", "ptbxl", None, {})])), index_identities(PTBXL_TEST))
+    assert "source_name" not in str(exc.value)
