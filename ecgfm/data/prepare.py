@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -75,10 +76,15 @@ def check_data_paths(node: Any, key: str = "data") -> None:
                     (_resolve(node["root"]) / str(value)).exists():   # readers accept a CSV path relative to root
                 continue
             if not path.exists():
-                raise ECGDataError(path.resolve(), f"data path does not exist (config key '{sub}'; point it to "
-                                   "the data, e.g. paths.data_root=/folder/holding/datasets or "
-                                   "data.params.root=/path; relative paths are relative to the working directory "
-                                   f"{project_root()})")
+                # the key a user sets: the one this value interpolates (data.params.root, eval_data.root...), not
+                # the reader argument inside the group's source list
+                raw = child._value()
+                m = re.fullmatch(r"\$\{([\w.]+)\}", raw.strip()) if isinstance(raw, str) else None
+                hint = (f"set {m.group(1)}=/path" if m else
+                        "e.g. paths.data_root=/folder/holding/datasets for the shipped corpora")
+                raise ECGDataError(path.resolve(), f"data path does not exist (config key "
+                                   f"'{m.group(1) if m else sub}'; point it to the data: {hint}; relative paths "
+                                   f"are relative to the working directory {project_root()})")
 
 
 def _absolute_paths(node: Any) -> Any:

@@ -441,6 +441,11 @@ class _Context:
 def _context(cfg: DictConfig, mode: str) -> _Context:
     if cfg.get("torch_threads"):
         torch.set_num_threads(int(cfg.torch_threads))
+    from ecgfm.data.prepare import check_data_paths
+
+    for group in ("task", "eval_data"):     # before anything runs, naming the key the user sets
+        if cfg.get(group) and cfg[group].get("sources") is not None:
+            check_data_paths(cfg[group].sources, f"{group}.sources")
     task_spec = TaskSpec.from_config(cfg.task)
     eval_node = cfg.get("eval_data")
     eval_spec = TaskSpec.from_config(eval_node) if eval_node else None

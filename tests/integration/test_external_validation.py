@@ -95,3 +95,18 @@ def test_folder_source_names_come_from_params(tmp_path, cache_root, hospital_b):
     with initialize_config_dir(str(ROOT / "ecgfm" / "conf"), version_base="1.3"):
         tr = compose("train", overrides=["data=folder", f"data.params.root={hospital_b}"])
     assert OmegaConf.to_container(tr.data, resolve=True)["cache_dirs"][0]["sources"][0]["name"] == "folder"
+
+
+def test_a_missing_folder_names_the_key_the_user_sets(tmp_path, cache_root):
+    """``eval_data.root=/nosuch`` is reported as ``eval_data.root`` (not the reader argument inside the source
+    list), before anything is prepared; the same for ``data=folder``'s ``data.params.root``."""
+    from ecgfm.data.prepare import check_data_paths
+    from ecgfm.data.record import ECGDataError
+
+    missing = tmp_path / "nosuch"
+    with pytest.raises(ECGDataError, match=r"config key 'eval_data.root'; .*set eval_data.root=/path"):
+        probe_main(_cfg("probe", tmp_path, cache_root, *_ext(missing)))
+    with initialize_config_dir(str(ROOT / "ecgfm" / "conf"), version_base="1.3"):
+        tr = compose("train", overrides=["data=folder", f"data.params.root={missing}"])
+    with pytest.raises(ECGDataError, match=r"config key 'data.params.root'"):
+        check_data_paths(tr.data)
