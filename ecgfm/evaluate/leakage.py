@@ -11,7 +11,8 @@ Identities are canonical strings so that the same recording is recognised across
 * ``rec:<source>/<record_id>`` for every record;
 * ``rec:ptbxl/<ecg_id>`` for PTB-XL records (``record_id`` normalised to the integer ecg_id) and for records of
   other corpora that carry ``meta["ptbxl_ecg_id"]`` (the PhysioNet 2021 ``HR*`` records, set by
-  ``Challenge2021Source``);
+  ``Challenge2021Source``), and ``pat:ptbxl/<patient_id>`` for those that carry ``meta["ptbxl_patient_id"]``
+  (``Challenge2021Source(ptbxl_root=...)``);
 * synthetic records are namespaced by their corpus seed (``meta["seed"]``): ids repeat across seeds;
 * ``pat:<source>/<patient_id>`` for records with a patient id (PTB-XL ``patient_id``; CinC 2017 has none, each
   record is then its own patient and only record identity is checked).
@@ -88,6 +89,9 @@ def record_identities(source: str, record_id: Any, patient_id: Any = None,
     if (source.lower().startswith("challenge") or source.lower().startswith("cpsc2018")) and \
             re.fullmatch(r"A\d{4}", name):
         ids.add(f"rec:cpsc2018/{name}")
+    ptbxl_pid = _norm_patient(meta.get("ptbxl_patient_id"))   # a PTB-XL record under another corpus' name
+    if ptbxl_pid is not None:
+        ids.add(f"pat:ptbxl/{ptbxl_pid}")
     pid = _norm_patient(patient_id)
     if pid is not None:
         src = "ptbxl" if source.lower().startswith("ptbxl") else source

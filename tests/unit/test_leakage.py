@@ -156,3 +156,31 @@ def test_overlap_only_under_the_generic_folder_name_says_how_to_tell_folders_apa
     with pytest.raises(LeakageError) as exc:            # a real corpus overlap gets no such hint
         check_leakage(index_identities(_index([("00010", "ptbxl", None, {})])), index_identities(PTBXL_TEST))
     assert "source_name" not in str(exc.value)
+
+
+def test_physionet2021_hr_record_gets_its_ptbxl_patient_from_the_database(fixture_dir, tmp_path):
+    """With ``ptbxl_root`` an HR record carries its PTB-XL patient: a PTB-XL test record of the same patient under
+    another ecg_id is then a shared patient (without it the patient check cannot see HR records at all)."""
+    from ecgfm.data.readers import Challenge2021Source
+
+    db = tmp_path / "ptbxl"
+    db.mkdir()
+    (db / "ptbxl_database.csv").write_text(
+        "ecg_id,patient_id,age,sex,scp_codes,strat_fold\n"
+        "5,777.0,60,0,\"{'NORM': 100.0}\",10\n"
+        "6000,777.0,60,0,\"{'NORM': 100.0}\",3\n"
+        "6001,,61,1,\"{'NORM': 100.0}\",4\n")
+    src = Challenge2021Source(fixture_dir / "cinc2021", ptbxl_root=db)
+    assert src.label_files() == [db / "ptbxl_database.csv"]
+    rec = {rid: src.load(rid) for rid in ("HR06000", "HR06001", "HR06002")}
+    assert rec["HR06000"].patient_id == "777" and rec["HR06000"].meta["ptbxl_patient_id"] == "777"
+    assert rec["HR06001"].patient_id is None and "ptbxl_patient_id" not in rec["HR06001"].meta   # empty cell
+    assert rec["HR06002"].patient_id is None                                                     # no row
+    pre = index_identities(_index([(r.record_id, r.source, r.patient_id, r.meta) for r in rec.values()]))
+    test = index_identities(_index([("00005", "ptbxl", "777", {"strat_fold": 10})]))
+    rep = check_leakage(pre, test, allow=True)
+    assert rep.shared_patients == ["pat:ptbxl/777"] and rep.n_pretrain_records_without_patient == 2
+    plain = Challenge2021Source(fixture_dir / "cinc2021")       # no database: as before, blind to the patient
+    assert plain.label_files() == [] and plain.load("HR06000").patient_id is None
+    pre = index_identities(_index([(r, "challenge2021", None, plain.load(r).meta) for r in ("HR06000",)]))
+    assert not check_leakage(pre, test).leaked

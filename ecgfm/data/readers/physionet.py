@@ -170,22 +170,42 @@ class Challenge2021Source(_FolderIndex):
     (sorted); ``meta["dx_raw"]``: the codes as published; ``meta["subset"]``: the sub-database from the id
     prefix (:func:`challenge_subset`); ``meta["ptbxl_ecg_id"]``: for ``HR`` records, the PTB-XL ``ecg_id``
     (``HR06000`` is PTB-XL record 6000), used to guard against PTB-XL leakage. ``age`` / ``sex`` as parsed.
+    The challenge's headers carry no patient id; with ``ptbxl_root`` an ``HR`` record whose ecg_id has a row in
+    that PTB-XL folder's ``ptbxl_database.csv`` gets its PTB-XL ``patient_id`` (``record.patient_id`` and
+    ``meta["ptbxl_patient_id"]``), so the leakage guard sees a PTB-XL patient behind another ecg_id and a
+    patient-level split keeps that patient's records together.
 
     Args:
         root: folder (tree) holding the records.
         fs_range: plausible sampling rates ``(low, high)`` in Hz (default
             :data:`~ecgfm.data.readers.formats.FS_RANGE`).
+        ptbxl_root: a PTB-XL folder holding ``ptbxl_database.csv`` (optional; records without a row keep no
+            patient id).
     """
 
     name = "challenge2021"
     _what = "challenge record"
 
-    def __init__(self, root: str | os.PathLike, fs_range: Sequence[float] | None = None):
+    def __init__(self, root: str | os.PathLike, fs_range: Sequence[float] | None = None,
+                 ptbxl_root: str | os.PathLike | None = None):
         self.root = Path(root)
         self.fs_range = check_fs_range(fs_range)
         self._files = scan_records(self.root, ".hea", recursive=True)
         if not self._files:
             raise ECGDataError(self.root, "no challenge records (*.hea) found")
+        self.ptbxl_root = None if ptbxl_root is None else Path(ptbxl_root)
+        self._ptbxl_patients: dict[int, str] = {}
+        if self.ptbxl_root is not None:
+            from ecgfm.data.readers.ptbxl import load_ptbxl_table, ptbxl_patient   # the one checked reader
+
+            table = load_ptbxl_table(self.ptbxl_root)
+            self._ptbxl_patients = {int(e): ptbxl_patient(p) for e, p in table["patient_id"].items()
+                                    if ptbxl_patient(p) is not None}
+
+    def label_files(self) -> list[Path]:
+        """``ptbxl_database.csv`` when ``ptbxl_root`` is given (patient ids come from it), for the cache's
+        freshness check; the labels themselves come from the headers."""
+        return [] if self.ptbxl_root is None else [self.ptbxl_root / "ptbxl_database.csv"]
 
     def load(self, record_id: str) -> ECGRecord:
         base = self._base(record_id)
@@ -197,9 +217,12 @@ class Challenge2021Source(_FolderIndex):
         meta: dict[str, Any] = dict(record.meta)
         meta.pop("dx_text", None)
         meta.update({"dx": merged, "dx_raw": raw, "subset": challenge_subset(record_id)})
+        patient = record.patient_id
         if record_id.upper().startswith("HR") and record_id[2:].isdigit():
             meta["ptbxl_ecg_id"] = int(record_id[2:])
-        return record.replace(record_id=record_id, labels=tuple(merged), meta=meta)
+            if meta["ptbxl_ecg_id"] in self._ptbxl_patients:
+                patient = meta["ptbxl_patient_id"] = self._ptbxl_patients[meta["ptbxl_ecg_id"]]
+        return record.replace(record_id=record_id, labels=tuple(merged), meta=meta, patient_id=patient)
 
 
 def _af_episodes(ann: wfdb.Annotation, sig_len: int) -> list[list[int]]:

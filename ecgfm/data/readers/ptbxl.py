@@ -80,6 +80,12 @@ def ptbxl_record_id(ecg_id: Any) -> str:
     return f"{value:05d}"
 
 
+def ptbxl_patient(value: Any) -> str | None:
+    """A ``patient_id`` cell of ``ptbxl_database.csv`` (pandas reads ``15709.0``) as ``"15709"``; None if empty."""
+    number = _finite_or_none(value)
+    return None if number is None else str(int(number))
+
+
 def load_ptbxl_table(root: str | os.PathLike) -> pd.DataFrame:
     """``ptbxl_database.csv`` indexed by ``ecg_id`` (int), with ``scp_codes`` parsed into ``{code: likelihood}``.
 
@@ -233,11 +239,10 @@ class PTBXLSource:
             df = load_ptbxl_table(self.root)
             for ecg_id, pid, codes, fold, age, sex in zip(df.index, df["patient_id"], df["scp_codes"],
                                                           df["strat_fold"], df["age"], df["sex"]):
-                pid_f = _finite_or_none(pid)
                 fold_f = _finite_or_none(fold)
                 meta = {"scp_codes": codes, "strat_fold": int(fold_f) if fold_f is not None else None,
                         "age": _finite_or_none(age), "sex": normalise_sex(_finite_or_none(sex))}
-                self._rows[f"{int(ecg_id):05d}"] = (str(int(pid_f)) if pid_f is not None else None, meta)
+                self._rows[f"{int(ecg_id):05d}"] = (ptbxl_patient(pid), meta)
         elif not self.include_unlabelled:
             raise ECGDataError(self.root / "ptbxl_database.csv",
                                "PTB-XL metadata file not found (needed with include_unlabelled=False)")
