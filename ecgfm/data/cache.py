@@ -664,7 +664,8 @@ def _worker_init(sources: Sequence[RecordSource], spec: PreprocessSpec, shards_d
         die_with_parent(parent_pid)
     _DIR_LISTINGS.clear()
     _WORKER.update(sources=list(sources), spec=spec, shards_dir=Path(shards_dir), queue=progress_queue,
-                   label_fps=list(label_fps))
+                   label_fps=list(label_fps),
+                   content_fp=_content_fingerprint(spec.to_dict(), [describe_source(s) for s in sources]))
 
 
 def _worker_init_from_file(path: str, sha256: str, progress_queue: Any, parent_pid: int | None = None) -> None:
@@ -764,7 +765,7 @@ def _convert_shard(shard_index: int, items: Sequence[tuple[int, str]]) -> dict[s
     if queue is not None and pending:
         queue.put(pending)
     index = {"shard": name, "bin_bytes": offset, "bin_sha256": h.hexdigest(), "records": records,
-             "skipped": jsonable(skipped), "labels_fp": _shard_label_fps(items)}
+             "skipped": jsonable(skipped), "labels_fp": _shard_label_fps(items), "content_fp": _WORKER["content_fp"]}
     os.replace(tmp_bin, final_bin)          # 1. the data ...
     fsync_dir(shards_dir)
     atomic_write_bytes(final_json, dumps(index, convert=False).encode())   # 2. ... then the commit marker
@@ -828,6 +829,27 @@ def _clean_temporaries(out_dir: Path) -> None:
             for pattern in (".*.tmp-*", ".*.tmp"):
                 for p in folder.glob(pattern):
                     p.unlink(missing_ok=True)
+
+
+def _content_fingerprint(spec: Mapping[str, Any], sources: Sequence[Mapping[str, Any]]) -> str:
+    """What a shard's bytes depend on besides which records it holds: the format, the preprocessing and the
+    sources' settings (``spec.to_dict()``, :func:`describe_source` of each). Written into each shard's index, so a
+    shard is recognised as this preparation's even when plan.json and manifest.json are both lost."""
+    doc = {"format_version": FORMAT_VERSION, "dtype": DTYPE, "spec": spec, "sources": list(sources)}
+    return hashlib.sha256(dumps(jsonable(doc)).encode()).hexdigest()
+
+
+def _manifest_plan(out: Path) -> dict[str, Any] | None:
+    """The plan fields of a readable ``manifest.json`` (fingerprint, spec, sources, shard size, duplicate rule,
+    number of shards), or None: what the folder was prepared with when plan.json is lost."""
+    try:
+        manifest = _read_manifest(out)
+    except (OSError, ECGDataError):
+        return None
+    if "plan_fingerprint" not in manifest:
+        return None
+    keys = ("plan_fingerprint", "spec", "sources", "shard_records", "allow_duplicate_ids")
+    return {**{k: manifest[k] for k in keys if k in manifest}, "n_shards": len(manifest["shards"])}
 
 
 def _plan_change_message(out: Path, old: dict[str, Any], plan: _Plan) -> str:
@@ -959,16 +981,25 @@ def _prepare_locked(sources: list[RecordSource], spec: PreprocessSpec, shard_rec
     plan_doc = dict(plan.header, plan_fingerprint=plan.fingerprint, skipped=plan.skipped)
     plan_path = out / "plan.json"
     changes: list[str] = []
+    old: dict[str, Any] | None = None     # the preparation the folder's files were made by, where it is known
     if plan_path.exists():
         try:
             old = json.loads(plan_path.read_text(encoding="utf-8"))
             if not isinstance(old, dict) or "plan_fingerprint" not in old:
                 raise ValueError("no plan fingerprint")
         except (OSError, ValueError) as exc:
-            # derived from the arguments: rewritten; every finished shard is checked against the plan below
+            # derived from the arguments: rewritten; what the shards were made by is then read from the manifest
             log.warning("%s: unreadable (%s): written again", plan_path, exc)
             plan_path.unlink()
-            old = {"plan_fingerprint": plan.fingerprint}
+            old = None
+    if old is None:
+        old = _manifest_plan(out)   # plan.json lost: the manifest names the same spec, sources and fingerprint
+        if old is None and any(shards_dir.glob("shard-*.json")):
+            # neither says what the finished shards were made by: only shards that name this plan's spec and
+            # sources (their content fingerprint) are kept below
+            log.warning("%s: no plan.json or manifest.json: finished shards are kept only where they record this "
+                        "preparation's spec and sources", out)
+    if old is not None:
         if old.get("plan_fingerprint") != plan.fingerprint:
             message = _plan_change_message(out, old, plan)
             if not rebuild_on_plan_change:
@@ -979,7 +1010,7 @@ def _prepare_locked(sources: list[RecordSource], spec: PreprocessSpec, shard_rec
                 # are kept (checked below), the others converted again
                 log.warning("%s: updating it (shards whose records did not change are kept)", changes[-1])
                 (out / "manifest.json").unlink(missing_ok=True)
-                plan_path.unlink()
+                plan_path.unlink(missing_ok=True)
                 for extra in shards_dir.glob("shard-*.*"):
                     if int(extra.name[6:11]) >= len(plan.shards):
                         extra.unlink()
@@ -996,12 +1027,17 @@ def _prepare_locked(sources: list[RecordSource], spec: PreprocessSpec, shard_rec
     manifest_path = out / "manifest.json"
     infos = {i: _shard_info(shards_dir, i) for i in range(n_shards)}
     names = [str(src.name) for src in sources]
+    content = _content_fingerprint(plan.header["spec"], plan.header["sources"])
     for i, info in infos.items():   # a finished shard must hold exactly the records the plan gives it
         held = {(r.get("source"), r.get("record_id")) for r in info.get("records", []) + info.get("skipped", [])} \
             if info is not None else None
         if held is not None and held != {(names[si], rid) for si, rid in plan.shards[i]}:
             log.warning("%s: shard %s holds other records than planned: converting it again", out,
                         _SHARD_FMT.format(i))
+            infos[i] = None
+        elif info is not None and old is None and info.get("content_fp") != content:
+            log.warning("%s: shard %s does not record this preparation's spec and sources: converting it again",
+                        out, _SHARD_FMT.format(i))
             infos[i] = None
     todo = [i for i in range(n_shards) if infos[i] is None]
     relabel: list[int] = []

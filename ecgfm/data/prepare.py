@@ -39,7 +39,7 @@ __all__ = ["PREPARED_MARKER", "build_cache_dirs", "cache_key", "check_data_paths
 
 PREPARED_MARKER = ".ecgfm_prepared.json"
 # Source-constructor arguments that name files or folders: checked before anything is built.
-_PATH_KEYS = ("root", "path", "labels_csv", "cache_dir", "ptbxl_root")
+_PATH_KEYS = ("root", "path", "labels_csv", "cache_dir", "ptbxl_root", "checkpoint")   # made absolute in keys
 
 
 def _resolve(path: str | os.PathLike) -> Path:

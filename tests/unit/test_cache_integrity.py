@@ -204,6 +204,31 @@ def test_a_shard_from_another_plan_is_not_reused(tmp_path):
     assert CorpusCache(out).keys == [f"ramp/r{i}" for i in range(9)]
 
 
+@pytest.mark.parametrize("lost", [("plan.json",), ("plan.json", "manifest.json")])
+def test_lost_bookkeeping_never_passes_old_shards_off_as_another_spec(tmp_path, lost):
+    """plan.json lost (and maybe manifest.json): a rerun with another preprocessing is refused (the manifest still
+    names the old spec), or, with neither file left, converts every shard again; the same spec keeps them."""
+    out = _cache(tmp_path)
+    other = PreprocessSpec.raw(fs=100)
+    for name in lost:
+        (out / name).unlink()
+    if lost == ("plan.json",):
+        with pytest.raises(ValueError, match="spec differ"):
+            prepare_corpus(RampSource(9), out, other, shard_records=3, workers=0, progress=False)
+        assert prepare_corpus(RampSource(9), out, SPEC, shard_records=3, workers=0,
+                              progress=False).n_converted_now == 0
+        return
+    rep = prepare_corpus(RampSource(9), out, other, shard_records=3, workers=2, progress=False)
+    assert rep.n_converted_now == 9
+    ref = tmp_path / "ref"
+    prepare_corpus(RampSource(9), ref, other, shard_records=3, workers=0, progress=False)
+    assert np.array_equal(CorpusCache(out).signal(4), CorpusCache(ref).signal(4))
+    for name in lost:                 # shards written since record their preparation: kept on the next loss
+        (out / name).unlink()
+    assert prepare_corpus(RampSource(9), out, other, shard_records=3, workers=0,
+                          progress=False).n_converted_now == 0
+
+
 # ---------------------------------------------------------------------------------------------- loaders
 
 

@@ -104,3 +104,18 @@ def test_a_label_table_edited_in_place_with_the_same_size_and_time_is_read_again
     report = prepare_corpus(FolderSource(data, labels_csv=table), out, SPEC, workers=0, progress=False)
     assert report.n_relabelled == 2
     assert set(CorpusCache(out).labels_matrix(["aaaa", "bbbb"]).argmax(axis=1)) == {1}
+
+
+def test_a_relative_checkpoint_argument_is_resolved_in_the_cache_key(tmp_path, monkeypatch):
+    """``checkpoint: g.pt`` (e.g. a generator's weights) read from two working directories is two files: the key of
+    a source config resolves it as it resolves ``root`` (one cache for both would hold the first file's output)."""
+    from ecgfm.data.prepare import _absolute_paths, cache_key
+
+    keys = []
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+        monkeypatch.chdir(tmp_path / sub)
+        cfg = _absolute_paths({"_target_": "ecgfm.data.synthetic.SyntheticSource", "checkpoint": "g.pt"})
+        assert cfg["checkpoint"] == str((tmp_path / sub / "g.pt").resolve())
+        keys.append(cache_key([cfg], PreprocessSpec()))
+    assert keys[0] != keys[1]
