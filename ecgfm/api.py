@@ -34,8 +34,8 @@ import torch
 from torch import nn
 
 from ecgfm.artifacts import EncoderClassifier, load_classifier, load_encoder
-from ecgfm.data.preprocess import (PreprocessSpec, preprocess_signal, preprocessed_spec, sliding_windows,
-                                   with_input_leads)
+from ecgfm.data.preprocess import (PreprocessSpec, model_input_leads, preprocess_signal, preprocessed_spec,
+                                   sliding_windows, with_input_leads)
 from ecgfm.data.record import CANONICAL_LEADS, ECGDataError, ECGRecord, canonical_lead, map_leads
 
 __all__ = ["Encoder", "Classifier", "load_record"]
@@ -70,9 +70,8 @@ class _Model:
         self.stride_samples: int | None = inp.get("stride_samples") or self.window_samples
         # what every record goes through: the artifact's spec (an artifact without one: what every cache gives its
         # records, PreprocessSpec.raw, as the sweep's features of it), restricted to the leads the backbone reads
-        backbone = getattr(network, "backbone", network)
         self._pre = with_input_leads(spec if spec is not None else PreprocessSpec.raw(self.fs),
-                                     (getattr(backbone, "init_args", None) or {}).get("input_leads"))
+                                     model_input_leads(network))
 
     # ------------------------------------------------------------------------------------------ inputs
     def _records(self, signal: Any, fs: float | None, leads: Sequence[str] | None

@@ -212,6 +212,20 @@ def preprocessed_spec(record: ECGRecord, model_spec: PreprocessSpec | None, what
     return spec
 
 
+def model_input_leads(network: Any) -> Any:
+    """``init_args["input_leads"]`` of the backbone inside ``network`` (the network itself, its ``encoder`` (an
+    :class:`~ecgfm.artifacts.EncoderClassifier`) or ``backbone``, one level down again), or None."""
+    seen: list[Any] = [network]
+    for obj in seen:
+        args = getattr(obj, "init_args", None)
+        if isinstance(args, dict) and args.get("input_leads") is not None:
+            return args["input_leads"]
+        if len(seen) < 8:
+            seen.extend(sub for sub in (getattr(obj, "encoder", None), getattr(obj, "backbone", None))
+                        if sub is not None and all(sub is not o for o in seen))
+    return None
+
+
 def with_input_leads(spec: PreprocessSpec, input_leads: Any) -> PreprocessSpec:
     """``spec`` for a model that reads only ``input_leads`` (a backbone's ``init_args["input_leads"]``) of the
     canonical 12: the other leads absent from the start (:attr:`PreprocessSpec.leads`), so that no step (a

@@ -27,7 +27,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ecgfm.data.preprocess import PreprocessSpec, preprocess_signal, preprocessed_spec, resample
+from ecgfm.data.preprocess import (PreprocessSpec, model_input_leads, preprocess_signal, preprocessed_spec, resample,
+                                   with_input_leads)
 from ecgfm.artifacts import ArtifactError, EncoderClassifier, artifact_kind, load_classifier, load_encoder
 from ecgfm.data.record import CANONICAL_LEADS, ECGDataError, ECGRecord, canonical_lead
 
@@ -128,7 +129,10 @@ class ECGWrapper(nn.Module):
         self.model = model
         self.fs = float(fs)
         self.lead_names: tuple[str, ...] = tuple(names)
-        self.spec = preprocess
+        # a model that reads a lead subset (ECGFounder 1-lead, ST-MEM --leads) is preprocessed on those leads only,
+        # as the API and the sweep do (a record-scope z-score over leads it never reads would change its input)
+        self.spec = None if preprocess is None else with_input_leads(
+            preprocess, model_input_leads(encoder if encoder is not None else model))
         self.postprocess = postprocess
         self.input_layout = input_layout
         self.class_names = class_names

@@ -296,6 +296,39 @@ def test_ecgfounder_other_sizes_import_and_match(size, tmp_path):
         assert (load_classifier(clf)(x) - dense(ref_f)).abs().max() <= TOL
 
 
+def test_one_lead_classifier_is_preprocessed_on_its_lead_only(tmp_path):
+    """A 1-lead ECGFounder imported as a *classifier*: the API Classifier and the explain wrapper z-score lead I on
+    its own (ECGFounder's 1-lead pipeline), so a 12-lead record scores as its lead I alone, whatever the other
+    leads' amplitudes (they scored over all 12 leads before)."""
+    import numpy as np
+
+    from ecgfm.api import Classifier
+    from ecgfm.data.preprocess import preprocess_signal
+    from ecgfm.explain.classifier import load_classifier
+
+    native = _perturb(create_backbone("net1d", **NET1D_SIZES[2], input_leads=["I"]), 3)
+    dense = torch.nn.Linear(16, 3)
+    peer = zoo_ecgfounder.to_peer(native.state_dict())
+    peer.update({"dense.weight": dense.weight.detach(), "dense.bias": dense.bias.detach()})
+    torch.save({"state_dict": peer}, tmp_path / "peer.pth")
+    out = import_classifier("ecgfounder", tmp_path / "peer.pth", tmp_path / "clf")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((12, 5000)).astype(np.float32).cumsum(1) * 0.01
+    x[1:] *= 5                                            # other leads far larger than lead I
+    clf = Classifier.load(out)
+    mask = np.eye(12, dtype=bool)[0]
+    p, _, _ = preprocess_signal(np.where(mask[:, None], x, 0), 500.0, mask, clf.spec)
+    with torch.no_grad():
+        _, ref = net1d_reference(peer, torch.from_numpy(p[:1])[None], 2, False, 4)
+    ref = torch.sigmoid(ref)[0].numpy()
+    np.testing.assert_allclose(clf.predict_proba(x, fs=500).to_numpy()[0], ref, atol=1e-5)
+    np.testing.assert_allclose(clf.predict_proba(x[:1], fs=500, leads=["I"]).to_numpy()[0], ref, atol=1e-5)
+    w = load_classifier(out)
+    assert w.spec.leads == ("I",)
+    with torch.no_grad():
+        np.testing.assert_allclose(w.predict_proba(w.prepare(x, fs=500)).numpy()[0], ref, atol=1e-5)
+
+
 # ------------------------------------------------------------------ errors
 def test_wrong_kind_is_named(peers, tmp_path):
     with pytest.raises(ZooImportError, match=r"^stmem: .*looks like a 'ecgfounder' checkpoint"):
