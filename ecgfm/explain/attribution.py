@@ -662,13 +662,18 @@ def _grid_lead_resolution(cam: Tensor, n_leads: int) -> str:
 
 def _upsample_grid(cam: Tensor, n_leads: int, n_t: int) -> Tensor:
     """``(B, 1, H, W)`` -> ``(B, L, T)``: rows equal to the leads keep their lead, a single row is broadcast to
-    every lead; time is linearly interpolated (patch / feature-map centres aligned)."""
+    every lead; time is linearly interpolated with column ``k`` centred on input samples ``k*s .. k*s + s - 1``,
+    ``s = ceil(T / W)`` the layer's total stride (a strided CNN gives ``W = ceil(T / s)`` columns, so when ``s``
+    does not divide ``T`` stretching ``W`` columns over ``T`` samples would drift by up to ``s`` samples along the
+    record; a ViT's patches tile ``T`` exactly, where both are the same)."""
     b, _, h, w = cam.shape
+    stride = -(-n_t // w) if w < n_t else None
+    size_t = w * stride if stride else n_t
     if h == 1:
-        up = F.interpolate(cam[:, :, 0, :], size=n_t, mode="linear", align_corners=False)
+        up = F.interpolate(cam[:, :, 0, :], size=size_t, mode="linear", align_corners=False)[..., :n_t]
         return up.expand(b, n_leads, n_t).contiguous()
-    up = F.interpolate(cam, size=(n_leads, n_t), mode="bilinear", align_corners=False)
-    return up[:, 0]
+    up = F.interpolate(cam, size=(n_leads, size_t), mode="bilinear", align_corners=False)
+    return up[:, 0, :, :n_t].contiguous()
 
 
 def _default_layer(job: "_Job") -> str:

@@ -366,3 +366,22 @@ def test_smoothgrad_noise_is_scaled_to_each_record_not_to_the_batch(squared):
             assert float(got.mean()) == pytest.approx(float(want.mean()), rel=0.05)
         else:
             torch.testing.assert_close(got, 2 * a[0], rtol=0.05, atol=0.05 * float(a.abs().max()))
+
+
+def test_grid_columns_sit_on_their_stride_not_stretched_over_the_record():
+    """A CNN with total stride 32 gives ceil(1000 / 32) = 32 columns for 1000 samples: column k covers samples
+    32k .. 32k + 31, so a map that is one column must peak there (stretching 32 columns over 1000 samples drew
+    column 30 at ~953 instead of ~975, 0.2 s early at 100 Hz); a ViT's exact tiling is unchanged."""
+    import torch
+
+    from ecgfm.explain.attribution import _upsample_grid
+
+    cam = torch.zeros(1, 1, 1, 32)
+    cam[..., 30] = 1.0
+    up = _upsample_grid(cam, 12, 1000)
+    assert up.shape == (1, 12, 1000)
+    assert up[0, 0].argmax().item() in (30 * 32 + 15, 30 * 32 + 16)   # the column's centre
+    grid = torch.zeros(1, 1, 12, 40)                    # per-lead grid, 40 patches of 25 samples: exact tiling
+    grid[0, 0, 3, 7] = 1.0
+    up = _upsample_grid(grid, 12, 1000)
+    assert up[0, 3].argmax().item() in (7 * 25 + 12, 7 * 25 + 13) and up[0].sum(1).argmax().item() == 3
