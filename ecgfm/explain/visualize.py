@@ -20,8 +20,9 @@ figure registry is involved). Colormaps come from :data:`matplotlib.colormaps` (
 matplotlib 3.9).
 
 Conventions: ``signal`` is ``(L, T)`` (numpy or torch), in mV for the chart (pass ``units`` otherwise), sampled
-at ``fs``; an attribution is ``(L, T')`` at ``attribution_fs`` (default ``fs``; it is interpolated onto the
-signal's time axis when the rates differ).
+at ``fs``; an attribution is ``(L, T')`` at ``attribution_fs`` (default: the rate at which it spans the signal's
+duration, ``fs * T' / T``); it is interpolated onto the signal's time axis when the rates differ, and refused
+when it covers another duration than the signal.
 """
 
 from __future__ import annotations
@@ -94,10 +95,24 @@ def _cmap(name: str = CMAP):
     return matplotlib.colormaps[name]
 
 
-def _resample_to(att: np.ndarray, att_fs: float, n: int, fs: float) -> np.ndarray:
-    """Attribution ``(L, T')`` at ``att_fs`` onto ``n`` samples at ``fs`` (linear interpolation)."""
+def _resample_to(att: np.ndarray, att_fs: float | None, n: int, fs: float) -> np.ndarray:
+    """Attribution ``(L, T')`` at ``att_fs`` onto ``n`` samples at ``fs`` (linear interpolation). ``att_fs=None``:
+    the attribution spans the signal's duration (its rate is ``fs * T' / n``: a model-rate map of the drawn
+    record). An attribution covering another duration than the signal is refused: stretched or edge-held it
+    would colour beats it never saw.
+
+    Raises:
+        ValueError: the two durations differ by more than one sample of the coarser rate.
+    """
+    if att_fs is None:
+        att_fs = fs * att.shape[-1] / n
     if att.shape[-1] == n and float(att_fs) == float(fs):
         return att
+    dur_att, dur_sig = att.shape[-1] / float(att_fs), n / float(fs)
+    if abs(dur_att - dur_sig) > 1.0 / min(float(att_fs), float(fs)) + 1e-9:
+        raise ValueError(f"the attribution covers {dur_att:.3f} s ({att.shape[-1]} samples at {att_fs:g} Hz) but "
+                         f"the signal {dur_sig:.3f} s ({n} samples at {fs:g} Hz): draw the signal the attribution "
+                         f"was computed on (the model's window), or give attribution_fs")
     t_sig = np.arange(n) / fs
     t_att = np.arange(att.shape[-1]) / att_fs
     return np.stack([np.interp(t_sig, t_att, row) for row in att])
@@ -184,19 +199,22 @@ def _wrap_parts(parts: Sequence[str], sep: str, width: int) -> list[str]:
 
 
 def _trace(ax, t: np.ndarray, y: np.ndarray, att: np.ndarray | None, norm: Normalize | None, overlay: str,
-           offset: float, band_height: float, cmap_name: str, linewidth: float = 0.8) -> None:
-    """One trace at vertical ``offset`` with an optional attribution overlay."""
+           offset: float, band_height: float, cmap_name: str, linewidth: float = 0.8,
+           band_center: float | None = None) -> None:
+    """One trace at vertical ``offset`` with an optional attribution overlay (a band of ``band_height`` centred
+    on ``band_center``, default ``offset``)."""
     if att is None:
         ax.plot(t, y + offset, color=TRACE, linewidth=linewidth)
         return
     cmap = _cmap(cmap_name)
     if overlay == "band":
+        centre = offset if band_center is None else band_center
         rgba = cmap(norm(att))                                            # (T, 4)
         alpha = np.clip(np.abs(att) / max(norm.vmax, 1e-12), 0, 1) * 0.85
         rgba[:, 3] = alpha
         img = ax.imshow(rgba[None], aspect="auto", interpolation="nearest",
-                        extent=(t[0], t[-1] + (t[1] - t[0] if len(t) > 1 else 0), offset - band_height / 2,
-                                offset + band_height / 2), zorder=1)
+                        extent=(t[0], t[-1] + (t[1] - t[0] if len(t) > 1 else 0), centre - band_height / 2,
+                                centre + band_height / 2), zorder=1)
         img.set_gid("attribution")
         ax.plot(t, y + offset, color=TRACE, linewidth=linewidth, zorder=3)
     elif overlay == "line":
@@ -238,7 +256,7 @@ def plot_ecg_chart(signal: Any, fs: float, lead_names: Sequence[str] = CANONICAL
         fs: sampling rate in Hz.
         lead_names: name of each row of ``signal``.
         attribution: optional ``(L, T')`` signed attribution, rows in the same lead order.
-        attribution_fs: its rate (default ``fs``).
+        attribution_fs: its rate (default: ``fs * T' / T``, i.e. it spans the signal; another duration is refused).
         overlay: ``"line"`` (coloured trace segments) or ``"band"`` (translucent band behind the trace).
         title: figure title.
         rhythm_lead: lead of the rhythm strip.
@@ -270,7 +288,7 @@ def plot_ecg_chart(signal: Any, fs: float, lead_names: Sequence[str] = CANONICAL
         att = _np(attribution)
         if att.shape[0] != sig.shape[0]:
             raise ValueError(f"attribution has {att.shape[0]} rows but the signal has {sig.shape[0]}")
-        att = _resample_to(att, attribution_fs or fs, n_t, fs)
+        att = _resample_to(att, attribution_fs, n_t, fs)
     norm = symmetric_norm(att, percentile) if att is not None else None
     idx = _lead_index(lead_names)
     duration = n_t / fs
@@ -417,7 +435,7 @@ def plot_method_comparison(signal: Any, fs: float, attributions: Mapping[str, An
         a = _np(a)
         if a.shape[0] != sig.shape[0]:
             raise ValueError(f"attribution {name!r} has {a.shape[0]} rows, signal {sig.shape[0]}")
-        atts[name] = _resample_to(a, fs * a.shape[1] / n_t if a.shape[1] != n_t else fs, n_t, fs)
+        atts[name] = _resample_to(a, None, n_t, fs)
     share = sum(np.abs(a).sum(1) / max(np.abs(a).sum(), 1e-12) for a in atts.values())
     cols = _select_leads(lead_names, leads, share, n_leads)
     t = np.arange(n_t) / fs
@@ -432,7 +450,8 @@ def plot_method_comparison(signal: Any, fs: float, attributions: Mapping[str, An
             ax = axes[r, c]
             ax.set_gid(f"method:{name}|lead:{lead_names[li]}")
             paper_grid(ax, (0, t[-1]), (lo, hi), minor=False)
-            _trace(ax, t, sig[li], a[li], norm, overlay, 0.0, hi - lo, cmap, linewidth=0.7)
+            _trace(ax, t, sig[li], a[li], norm, overlay, 0.0, hi - lo, cmap, linewidth=0.7,
+                   band_center=(lo + hi) / 2)   # the band covers the panel [lo, hi]
             if r == 0:
                 ax.set_title(str(lead_names[li]), fontsize=9)
             if c == 0:

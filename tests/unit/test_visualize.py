@@ -207,3 +207,37 @@ def test_tcav_plot_stars():
     assert viz.significance_stars(0.0005) == "***" and viz.significance_stars(float("nan")) == "n/a"
     with pytest.raises(ValueError):
         viz.plot_tcav([])
+
+
+def test_a_model_rate_map_lands_on_its_time_and_another_duration_is_refused():
+    """A 100 Hz map (1000 samples) over a 500 Hz, 10 s record without attribution_fs is drawn where it belongs
+    (it was drawn at 1/5 of its time); a map covering 2 s of a 10 s record is refused (its last value was held
+    over the remaining 8 s); the comparison figure's band covers its panel."""
+    import pytest
+
+    from ecgfm.explain.visualize import _resample_to, plot_ecg_chart
+
+    att = np.zeros((12, 1000))
+    att[:, 495:505] = 1.0                                 # 4.95-5.05 s at 100 Hz
+    up = _resample_to(att, None, 5000, 500.0)
+    hot = np.nonzero(up[0] > 0.5)[0] / 500.0
+    assert 4.94 <= hot.min() and hot.max() <= 5.06
+    np.testing.assert_allclose(_resample_to(att, 100.0, 5000, 500.0), up)
+    with pytest.raises(ValueError, match="covers 2.000 s"):
+        _resample_to(att[:, :200], 100.0, 5000, 500.0)
+    sig = np.zeros((12, 5000), dtype=np.float32)
+    with pytest.raises(ValueError, match="attribution covers"):
+        plot_ecg_chart(sig, 500.0, attribution=att[:, :200], attribution_fs=100.0)
+    plot_ecg_chart(sig, 500.0, attribution=att)           # inferred rate: drawn
+
+
+def test_method_comparison_band_covers_the_panel():
+    from ecgfm.explain.visualize import plot_method_comparison
+
+    t = np.arange(1000) / 100.0
+    sig = np.tile(0.4 + 0.8 * np.sin(2 * np.pi * t), (12, 1)).astype(np.float32)   # -0.4 .. 1.2 mV, off-centre
+    fig = plot_method_comparison(sig, 100.0, {"m": np.ones((12, 1000))}, overlay="band", leads=["II"])
+    ax = [a for a in fig.axes if a.get_gid() and a.get_gid().startswith("method:")][0]
+    band = [im for im in ax.images if im.get_gid() == "attribution"][0]
+    lo, hi = band.get_extent()[2:]
+    assert lo <= sig.min() and hi >= sig.max()
