@@ -33,7 +33,7 @@ import torch
 
 from ecgfm.artifacts import ArtifactError, artifact_kind
 from ecgfm.artifacts import load_classifier as load_classifier_artifact
-from ecgfm.data.preprocess import PreprocessSpec, resample
+from ecgfm.data.preprocess import PreprocessSpec, preprocessed_spec, resample
 from ecgfm.data.record import CANONICAL_LEADS, ECGDataError, ECGRecord
 from ecgfm.explain import visualize as viz
 from ecgfm.explain import waves as waves_mod
@@ -67,9 +67,18 @@ def load_model(checkpoint: str | os.PathLike, map_location: str = "cpu") -> ECGW
     return ECGWrapper.from_checkpoint(path, map_location=map_location)
 
 
-def display_signal(record: ECGRecord, wrapper: ECGWrapper) -> np.ndarray:
-    """The record in mV at the model's rate and lead order, filtered like the model input but not normalised:
-    ``(L_model, T)`` float32 (absent leads are 0)."""
+def display_signal(record: ECGRecord, wrapper: ECGWrapper) -> tuple[np.ndarray, str]:
+    """The record at the model's rate and lead order, filtered like the model input but not normalised:
+    ``((L_model, T) float32, units)`` (absent leads are 0). A raw (reader's) record is drawn in mV; a record read
+    back from a corpus cache is already normalised (``header["preprocessed"]``): its values are drawn as they are,
+    in ``"normalised units"`` (a chart in mV would claim amplitudes and a gain the record no longer has)."""
+    if preprocessed_spec(record, wrapper.spec, "the explained model") is not None:
+        rows = np.zeros((wrapper.n_leads, record.n_samples), dtype=np.float32)
+        for j, lead in enumerate(wrapper.lead_names):
+            i = CANONICAL_LEADS.index(lead)
+            if record.lead_mask[i]:
+                rows[j] = record.signal[i]
+        return rows, "mV" if wrapper.spec.normalize == "none" else "normalised units"
     rows = np.zeros((wrapper.n_leads, record.n_samples), dtype=np.float32)
     mask = np.zeros(wrapper.n_leads, dtype=bool)
     for j, lead in enumerate(wrapper.lead_names):
@@ -79,8 +88,17 @@ def display_signal(record: ECGRecord, wrapper: ECGWrapper) -> np.ndarray:
             mask[j] = True
     if wrapper.spec is not None:
         spec = PreprocessSpec(**{**wrapper.spec.to_dict(), "fs": wrapper.fs, "normalize": "none", "clip": None})
-        return wrapper.preprocess_rows(rows, record.fs, mask, spec, record.key)[0]
-    return resample(np.nan_to_num(rows), record.fs, wrapper.fs)
+        return wrapper.preprocess_rows(rows, record.fs, mask, spec, record.key)[0], "mV"
+    return resample(np.nan_to_num(rows), record.fs, wrapper.fs), "mV"
+
+
+def _window_text(window: dict[str, float] | None, record: ECGRecord) -> str:
+    """`` | window 10.00-20.00 s of 30.00 s`` for the centred window a windowed model saw ('' for the whole
+    record): the drawn time axis starts at the window, not at the record's start."""
+    if not window:
+        return ""
+    return (f" | window {window['start_s']:.2f}-{window['start_s'] + window['length_s']:.2f} s of "
+            f"{record.n_samples / record.fs:.2f} s")
 
 
 def _evidence(record: ECGRecord, wrapper: ECGWrapper, n_t: int, start: int = 0) -> np.ndarray | None:
@@ -224,7 +242,7 @@ def explain_records(wrapper: ECGWrapper, records: Sequence[ECGRecord], out_dir: 
                 proba = wrapper.postprocess_fn(wrapper(x))[0].cpu()
             tgt = int(wrapper.resolve_target(target, x=x)[0]) if target is not None else int(proba.argmax())
             names = wrapper.class_names or tuple(str(i) for i in range(proba.shape[0]))
-            shown = display_signal(record, wrapper)
+            shown, units = display_signal(record, wrapper)
             crop, start = None, 0
             if wrapper.n_samples is not None and wrapper.window == "center" and shown.shape[1] > x.shape[2]:
                 start = window_start(shown.shape[1], x.shape[2])  # the window the wrapper fed the model
@@ -268,14 +286,16 @@ def explain_records(wrapper: ECGWrapper, records: Sequence[ECGRecord], out_dir: 
                 if key in chart_keys:
                     fig = viz.plot_ecg_chart(shown, wrapper.fs, wrapper.lead_names, attribution=att.values[0],
                                              overlay=overlay, record_id=f"{record.source}/{record.record_id}",
+                                             units=units, window_start_s=None if crop is None else crop["start_s"],
                                              title=f"{record.source} {record.record_id} | labels: "
                                                    f"{', '.join(record.labels) or '-'} | {key} for "
                                                    f"{names[tgt]} (p = {float(proba[tgt]):.2f})")
                     entry["figures"] += [str(p.name) for p in viz.save_figure(fig, out / f"{rid}_chart_{key}",
                                                                               formats, dpi)]
             fig = viz.plot_method_comparison(shown, wrapper.fs, {k: a.values[0] for k, a in atts.items()},
-                                             wrapper.lead_names,
-                                             title=f"{record.source} {record.record_id}: methods for {names[tgt]}")
+                                             wrapper.lead_names, units=units,
+                                             title=f"{record.source} {record.record_id}: methods for {names[tgt]}"
+                                                   + _window_text(crop, record))
             entry["figures"] += [p.name for p in viz.save_figure(fig, out / f"{rid}_methods", formats, dpi)]
             fig = viz.plot_lead_importance({k: a.per_lead()[0] for k, a in atts.items()}, wrapper.lead_names,
                                            title=f"{record.record_id}: per-lead share of |attribution| ({names[tgt]})")

@@ -238,7 +238,8 @@ def plot_ecg_chart(signal: Any, fs: float, lead_names: Sequence[str] = CANONICAL
                    title: str | None = None, rhythm_lead: str = "II", units: str = "mV",
                    row_spacing_mv: float = 3.0, percentile: float = 99.0, cmap: str = CMAP,
                    colorbar_label: str = "attribution (signed; red raises the score)", gain: float | str = "auto",
-                   chest_gain: float | str | None = "auto", record_id: str | None = None) -> Figure:
+                   chest_gain: float | str | None = "auto", record_id: str | None = None,
+                   window_start_s: float | None = None) -> Figure:
     """The clinical 12-lead chart, optionally with a signed attribution overlay.
 
     Gain: a trace drawn at ``g`` mm/mV is ``g / 10`` of its amplitude in paper units (the grid stays 1 mm =
@@ -261,6 +262,8 @@ def plot_ecg_chart(signal: Any, fs: float, lead_names: Sequence[str] = CANONICAL
         title: figure title.
         rhythm_lead: lead of the rhythm strip.
         units: signal units (the calibration pulse is 1 unit at the row's gain; gains are in mm per unit).
+        window_start_s: where ``signal`` starts in its record, when it is a window of it (the header then says
+            which seconds of the record the chart's 0 s is).
         row_spacing_mv: vertical distance between rows (in units).
         percentile: symmetric colour scale up to this percentile of ``|attribution|`` over all leads.
         cmap: diverging colormap name (``matplotlib.colormaps``).
@@ -341,8 +344,9 @@ def plot_ecg_chart(signal: Any, fs: float, lead_names: Sequence[str] = CANONICAL
                     f"{', '.join(_gain_text(g, units) for g in chest_g)} (chest)")
     else:
         gain_txt = f"gain {', '.join(_gain_text(g, units) for g in sorted(set(gains.values())))}"
-    header_parts = ([f"record {record_id}"] if record_id is not None else []) + [
-        f"{fs:g} Hz", gain_txt, f"paper speed {MM_PER_S:g} mm/s"]
+    header_parts = ([f"record {record_id}"] if record_id is not None else []) + (
+        [f"window {window_start_s:.2f}-{window_start_s + duration:.2f} s of the record"]
+        if window_start_s is not None else []) + [f"{fs:g} Hz", gain_txt, f"paper speed {MM_PER_S:g} mm/s"]
     # a short window makes a narrow chart: wrap the title and the header to its width (about 0.55 em per character)
     header_lines = _wrap_parts(header_parts, " | ", _chars_per_line(width - left, 8))
     title_lines = textwrap.wrap(title, _chars_per_line(width - left, 10)) if title else []

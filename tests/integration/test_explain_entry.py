@@ -249,3 +249,46 @@ def test_unknown_methods_and_formats_are_refused_before_anything_runs(tmp_path, 
     with pytest.raises(ConfigError) as info:
         explain_main(_cfg(tmp_path, f"checkpoint={synthetic_ckpt}", override))
     assert info.value.key == key and not (tmp_path / "report.json").exists()
+
+
+def test_chart_of_a_cache_record_is_not_labelled_mv_and_a_window_says_so(tmp_path, monkeypatch):
+    """A record read back from a corpus cache is already z-scored: its chart says "normalised units", not mV (it
+    drew z-scores as mV with a gain to match); the chart of a long record's centred window names the window."""
+    import dataclasses
+
+    from torch import nn
+
+    from ecgfm.data.preprocess import PreprocessSpec, preprocess_signal
+    from ecgfm.data.synthetic import generate_record
+    from ecgfm.explain import report as rep
+    from ecgfm.explain import visualize as viz
+    from ecgfm.explain.wrapper import ECGWrapper
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c, self.h = nn.Conv1d(12, 4, 5, padding=2), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.h(self.c(x).mean(-1))
+
+    headers = []
+    orig = viz.plot_ecg_chart
+
+    def spy(*args, **kw):
+        fig = orig(*args, **kw)
+        headers.append([t.get_text() for t in fig.texts if t.get_gid() == "chart_header"][0].replace("\n", " "))
+        return fig
+
+    monkeypatch.setattr(viz, "plot_ecg_chart", spy)
+    spec = PreprocessSpec(fs=100.0)
+    w = ECGWrapper(Tiny(), fs=100.0, preprocess=spec, class_names=("a", "b"), n_samples=1000, window="center")
+    raw = generate_record(3, seed=0, fs=100.0, duration=10.0)
+    sig, _, _ = preprocess_signal(raw.signal, raw.fs, raw.lead_mask, spec)
+    cached = dataclasses.replace(raw, signal=sig, header={**raw.header, "preprocessed": spec.to_dict()})
+    long = generate_record(4, seed=0, fs=100.0, duration=30.0)
+    for rec in (raw, cached, long):
+        rep.explain_records(w, [rec], tmp_path, methods=["saliency"], faithfulness=False, formats=["png"], dpi=30)
+    assert "mm/mV" in headers[0] and "window" not in headers[0]
+    assert "mm/normalised units" in headers[1] and "mV" not in headers[1]
+    assert "window 10.00-20.00 s of the record" in headers[2]
