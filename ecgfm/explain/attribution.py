@@ -705,13 +705,38 @@ def _default_layer(job: "_Job") -> str:
     return order[-1]
 
 
-def _layer_job_grads(job: _Job, layer: str) -> tuple[Tensor, Tensor]:
-    """Grid-shaped ``(B, D, H, W)`` activations and gradients of ``layer`` for the job's objective."""
+LAYER_LAYOUTS = ("BCT", "BTC")
+
+
+def _feature_layout(job: _Job, out: Tensor, layer: str, layer_layout: str | None) -> str | None:
+    """``"BCT"`` / ``"BTC"`` for a 3-D feature map (not transformer tokens) of ``layer``, None otherwise. A
+    channels-first model's maps are ``(B, C, T')``; a channels-last model (``input_layout="BTL"``) may give
+    either, which the shape cannot tell (``(B, 500, 16)`` is 500 positions of 16 channels or the reverse), so it
+    must be said (``layer_layout=``): read the wrong way, the map would put channels on the time axis."""
+    if out.ndim != 3 or job.wrapper._is_token_output(out):
+        return None
+    if layer_layout is not None:
+        if layer_layout not in LAYER_LAYOUTS:
+            raise ValueError(f"layer_layout must be one of {LAYER_LAYOUTS}, got {layer_layout!r}")
+        return layer_layout
+    if job.wrapper.input_layout == "BTL":
+        raise ValueError(f"a channels-last model (input_layout='BTL'): is the output {tuple(out.shape)} of layer "
+                         f"{layer!r} (batch, channels, time) or (batch, time, channels)? pass "
+                         f"layer_layout='BCT' or 'BTC' in the method's options")
+    return "BCT"
+
+
+def _layer_job_grads(job: _Job, layer: str, layer_layout: str | None = None) -> tuple[Tensor, Tensor]:
+    """Grid-shaped ``(B, D, H, W)`` activations and gradients of ``layer`` for the job's objective (a
+    ``(B, T', C)`` feature map is put channels first, see :func:`_feature_layout`)."""
     acts, grads, _ = job.wrapper.activations_and_gradients(job.x, layer, objective=job.score)
+    if _feature_layout(job, acts, layer, layer_layout) == "BTC":
+        acts, grads = acts.transpose(1, 2), grads.transpose(1, 2)
     return job.wrapper.grid_reshape(acts), job.wrapper.grid_reshape(grads)
 
 
-def _m_gradcam(job: _Job, layer: str | None = None, relu: bool = True) -> tuple[Tensor, None, dict]:
+def _m_gradcam(job: _Job, layer: str | None = None, relu: bool = True, layer_layout: str | None = None
+               ) -> tuple[Tensor, None, dict]:
     layer = layer or _default_layer(job)
     module = job.wrapper.layer(layer)
     n_l, n_t = job.x.shape[1:]
@@ -725,7 +750,8 @@ def _m_gradcam(job: _Job, layer: str | None = None, relu: bool = True) -> tuple[
     if "o" not in probe:
         raise ValueError(f"layer {layer!r} was not used in the forward pass")
     is_tokens = probe["o"].ndim == 3 and job.wrapper._is_token_output(probe["o"])
-    if not is_tokens and probe["o"].ndim in (3, 4):
+    layout = _feature_layout(job, probe["o"], layer, layer_layout)
+    if not is_tokens and (probe["o"].ndim == 4 or layout == "BCT"):   # captum averages over dims 2+
         from captum.attr import LayerGradCam
 
         cam = LayerGradCam(job.fn, module).attribute(job.x, target=job.target, relu_attributions=relu,
@@ -734,7 +760,7 @@ def _m_gradcam(job: _Job, layer: str | None = None, relu: bool = True) -> tuple[
             cam = cam[:, :, None, :]
         impl = "captum.LayerGradCam"
     else:
-        acts, grads = _layer_job_grads(job, layer)
+        acts, grads = _layer_job_grads(job, layer, layer_layout)
         # global average of the gradients over the positions the model has: a lead-aware model on a lead subset
         # has no token at the absent leads' (zero) rows of the grid
         leads = job.wrapper.present_lead_indices()
@@ -745,15 +771,17 @@ def _m_gradcam(job: _Job, layer: str | None = None, relu: bool = True) -> tuple[
             cam = cam.clamp_min(0)
         impl = "tokens_to_grid"
     return _upsample_grid(cam.detach(), n_l, n_t), None, {"layer": layer, "relu": relu, "impl": impl,
+                                                          "layer_layout": layout,
                                                           "lead_resolution": _grid_lead_resolution(cam, n_l)}
 
 
-def _m_gradcam_pp(job: _Job, layer: str | None = None) -> tuple[Tensor, None, dict]:
+def _m_gradcam_pp(job: _Job, layer: str | None = None, layer_layout: str | None = None
+                  ) -> tuple[Tensor, None, dict]:
     """Grad-CAM++ (Chattopadhay et al. 2018, eq. 19 with the exponential-score closed form:
     alpha = g^2 / (2 g^2 + sum(A) g^3), w_c = sum(alpha * relu(g)))."""
     layer = layer or _default_layer(job)
     n_l, n_t = job.x.shape[1:]
-    acts, grads = _layer_job_grads(job, layer)
+    acts, grads = _layer_job_grads(job, layer, layer_layout)
     g2, g3 = grads.pow(2), grads.pow(3)
     denom = 2 * g2 + acts.sum(dim=(2, 3), keepdim=True) * g3
     alpha = g2 / torch.where(denom != 0, denom, torch.ones_like(denom))

@@ -385,3 +385,40 @@ def test_grid_columns_sit_on_their_stride_not_stretched_over_the_record():
     grid[0, 0, 3, 7] = 1.0
     up = _upsample_grid(grid, 12, 1000)
     assert up[0, 3].argmax().item() in (7 * 25 + 12, 7 * 25 + 13) and up[0].sum(1).argmax().item() == 3
+
+
+def test_gradcam_on_a_channels_last_model_needs_its_layer_layout():
+    """``input_layout="BTL"``: a ``(B, T, C)`` hidden layer was read as ``(B, C, T')`` (16 channels stretched over
+    the record as if they were time). Without ``layer_layout`` it is refused; with ``"BTC"`` the map is Grad-CAM
+    over the time axis: ``sum_c mean_t(dS/dA[t, c]) * A[t, c]`` at each of the 500 samples."""
+    import pytest
+    import torch
+    from torch import nn
+
+    from ecgfm.explain.attribution import Explainer
+    from ecgfm.explain.wrapper import ECGWrapper
+
+    class ChannelsLast(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj, self.act, self.head = nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 2)
+
+        def forward(self, x):                       # (B, T, 12)
+            return self.head(self.act(self.proj(x))[:, 200:220].mean(1))
+
+    torch.manual_seed(0)
+    model = ChannelsLast()
+    w = ECGWrapper(model, fs=100.0, input_layout="BTL", class_names=("a", "b"))
+    x = torch.randn(1, 12, 500)
+    ex = Explainer(w)
+    for method in ("gradcam", "gradcam_pp"):
+        with pytest.raises(ValueError, match="layer_layout"):
+            ex.explain(x, target=0, method=method, layer="act")
+    att = ex.explain(x, target=0, method="gradcam", layer="act", relu=False, layer_layout="BTC")
+    assert att.options["layer_layout"] == "BTC"
+    xt = x.transpose(1, 2).requires_grad_(False)
+    a = model.act(model.proj(xt)).detach().requires_grad_(True)
+    score = model.head(a[:, 200:220].mean(1))[0, 0]
+    (g,) = torch.autograd.grad(score, a)
+    ref = (g.mean(1, keepdim=True) * a).sum(-1)[0].detach()      # (500,)
+    torch.testing.assert_close(att.values[0, 0], ref, atol=1e-5, rtol=1e-4)
