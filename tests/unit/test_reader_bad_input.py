@@ -310,3 +310,49 @@ def test_folder_source_reports_the_broken_record(folder):
     src = FolderSource(folder)
     assert src.load("00001_lr").signal.shape == (12, 1000)
     _raises("00002_lr.dat", "truncated", src.load, "00002_lr")
+
+
+def _cpsc2021_like(root, rid: str, cls: str, samples, symbols, aux=None):
+    """A 2-lead 200 Hz, 2,000-sample CPSC 2021-style record with the given annotations (written by wfdb)."""
+    root.mkdir(exist_ok=True)
+    sig = np.sin(np.linspace(0, 60, 2000))[:, None].repeat(2, 1)
+    wfdb.wrsamp(rid, fs=200, units=["mV", "mV"], sig_name=["I", "II"], p_signal=sig, fmt=["16", "16"],
+                write_dir=str(root), comments=[cls])
+    wfdb.wrann(rid, "atr", np.asarray(samples), symbol=list(symbols), aux_note=aux, write_dir=str(root))
+
+
+def test_cut_off_or_foreign_annotation_files_are_refused(tmp_path):
+    """``wfdb.rdann`` reads a cut-off .atr until its bytes run out (lost beats, an AF episode left open to the end
+    of the record); annotations beyond the record (another record's file) were clipped into it; AF episodes that
+    contradict the header class were taken as they came."""
+    from ecgfm.data.readers import CPSC2021Source
+
+    root = tmp_path / "c21"
+    beats = list(range(100, 1900, 150))
+    _cpsc2021_like(root, "data_1_1", "non atrial fibrillation", beats, "N" * len(beats))
+    assert len(CPSC2021Source(root).load("data_1_1").annotations["r_peaks"]) == len(beats)
+    atr = root / "data_1_1.atr"
+    atr.write_bytes(atr.read_bytes()[:-3])                                   # cut off: no end-of-file marker
+    with pytest.raises(ECGDataError, match="end-of-file marker"):
+        CPSC2021Source(root).load("data_1_1")
+    _cpsc2021_like(root, "data_1_1", "non atrial fibrillation", beats + [5000], "N" * (len(beats) + 1))
+    with pytest.raises(ECGDataError, match="annotations at samples 100..5000 but the record has 2000"):
+        CPSC2021Source(root).load("data_1_1")
+    _cpsc2021_like(root, "data_1_1", "non atrial fibrillation", [100, 400, 900], "+N+",
+                   aux=["(AFIB", "", "(N"])
+    with pytest.raises(ECGDataError, match="1 AF episode.*header says 'non_af'"):
+        CPSC2021Source(root).load("data_1_1")
+    _cpsc2021_like(root, "data_1_1", "paroxysmal atrial fibrillation", beats, "N" * len(beats))
+    with pytest.raises(ECGDataError, match="0 AF episode.*'paroxysmal_af'"):
+        CPSC2021Source(root).load("data_1_1")
+
+def test_ptbxl_ecg_id_in_two_folders_is_refused(fixture_dir, tmp_path):
+    from ecgfm.data.readers import PTBXLSource
+
+    root = tmp_path / "ptbxl"
+    shutil.copytree(fixture_dir / "ptbxl", root)
+    (root / "records100" / "99999").mkdir()
+    for ext in ("hea", "dat"):
+        shutil.copy(root / "records100" / "00000" / f"00001_lr.{ext}", root / "records100" / "99999")
+    with pytest.raises(ECGDataError, match="ecg_id 1 appears twice"):
+        PTBXLSource(root, fs=100)

@@ -151,10 +151,13 @@ def test_read_wfdb_length_from_file_size(fixture_dir, tmp_path):
 
 
 def test_parse_header_defaults_and_spaces():
-    h = parse_header("# comment first\nrec 2\nrec.dat 212\n\nrec.dat 212 200(5)/uV 12 3 0 0 0 lead with space\n")
+    h = parse_header("# comment first\nrec 2 250\nrec.dat 212\n\nrec.dat 212 200(5)/uV 12 3 0 0 0 lead with space\n")
     assert h.fs == 250.0 and h.sig_len is None
     assert h.adc_gain == [200.0, 200.0] and h.baseline == [0, 5] and h.units == ["mV", "uV"]
     assert h.sig_name == ["", "lead with space"] and h.comments == ["comment first"]
+    # no sampling rate: WFDB would assume 250 Hz; refused (a 500 Hz record would silently last twice as long)
+    with pytest.raises(ECGDataError, match="gives no sampling rate"):
+        parse_header("rec 2\nrec.dat 212\nrec.dat 212\n")
 
 
 # --------------------------------------------------------------------------------------------- challenge

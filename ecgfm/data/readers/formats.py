@@ -198,7 +198,11 @@ def parse_header(text: str, hea: str | os.PathLike = "<header>", fs_range: Seque
     n_sig = _int_field(rec[1], "number of signals", rec_line, hea)
     if n_sig < 1:
         raise ECGDataError(hea, f"impossible number of signals {n_sig} in record line {rec_line!r}")
-    fs = 250.0  # WFDB default when the field is absent
+    if len(rec) < 3:
+        # WFDB would assume 250 Hz; every ECG corpus states its rate, and a wrong one silently stretches or
+        # squeezes every interval (a 500 Hz record read as 250 Hz lasts twice as long)
+        raise ECGDataError(hea, f"record line {rec_line!r} gives no sampling rate (WFDB's default would be 250 Hz, "
+                                f"not assumed here): add it to the header")
     if len(rec) >= 3:
         fs_token = rec[2].split("/")[0]
         fs_value = _float_token(fs_token)

@@ -250,14 +250,32 @@ def _af_episodes(ann: wfdb.Annotation, sig_len: int) -> list[list[int]]:
     return [[min(s, int(sig_len) - 1), min(e, int(sig_len) - 1)] for s, e in episodes]
 
 
-def _read_atr(base: Path, extension: str = "atr") -> wfdb.Annotation | None:
+def _read_atr(base: Path, n_samples: int, extension: str = "atr") -> wfdb.Annotation | None:
+    """The record's WFDB annotations, or None when the file is absent.
+
+    Checked beyond ``wfdb.rdann`` (which reads until the bytes run out): the file ends with the format's
+    end-of-file marker (a 16-bit 0; a cut-off file would silently lose its last beats and the ``(N`` closing an AF
+    episode), and every annotation lies in the record (``0 <= sample <= n_samples``; one past the end is a known
+    published quirk): annotations of another record, or at another rate, are refused instead of clipped.
+    """
     path = base.with_name(base.name + "." + extension)
     if not path.is_file():
         return None
+    with open(path, "rb") as f:
+        f.seek(max(path.stat().st_size - 2, 0))
+        tail = f.read(2)
+    if tail != b"\0\0":
+        raise ECGDataError(path, "annotation file does not end with the WFDB end-of-file marker (0x0000): "
+                                 "truncated or damaged")
     try:
-        return wfdb.rdann(str(base), extension)
+        ann = wfdb.rdann(str(base), extension)
     except Exception as exc:
         raise ECGDataError(path, f"unreadable annotation file: {type(exc).__name__}: {exc}") from None
+    samples = np.asarray(ann.sample, dtype=np.int64)
+    if samples.size and (samples.min() < 0 or samples.max() > n_samples):
+        raise ECGDataError(path, f"annotations at samples {int(samples.min())}..{int(samples.max())} but the record "
+                                 f"has {n_samples} samples: annotations of another record or another rate")
+    return ann
 
 
 class CPSC2021Source(_FolderIndex):
@@ -294,12 +312,16 @@ class CPSC2021Source(_FolderIndex):
                                                       f"{comments} (expected one of {list(CPSC2021_CLASSES)})")
         parts = record_id.split("_")
         patient = parts[1] if len(parts) == 3 and parts[0] == "data" else None
-        ann = _read_atr(base)
+        ann = _read_atr(base, record.n_samples)
         annotations = None
         if ann is not None:
             beats = np.array([s in BEAT_SYMBOLS for s in ann.symbol], dtype=bool)
             annotations = {"r_peaks": np.asarray(ann.sample, dtype=np.int64)[beats],
                            "af_episodes": _af_episodes(ann, record.n_samples)}
+            if (cls == "non_af") == bool(annotations["af_episodes"]):   # the header and the .atr must agree
+                raise ECGDataError(base.with_name(base.name + ".atr"),
+                                   f"{len(annotations['af_episodes'])} AF episode(s) annotated but the header says "
+                                   f"{cls!r}")
         return record.replace(record_id=record_id, patient_id=patient, labels=(cls,),
                               meta={**record.meta, "class": cls}, annotations=annotations)
 
@@ -368,7 +390,7 @@ class MITBIHSource(_FolderIndex):
             if len(tok) >= 2 and tok[0].isdigit() and tok[1].upper() in ("M", "F"):
                 meta.update({"age": float(tok[0]), "sex": tok[1].upper()})
                 break
-        ann = _read_atr(base)
+        ann = _read_atr(base, record.n_samples)
         if ann is None:
             raise ECGDataError(base.with_name(base.name + ".atr"), "annotation file not found")
         annotations = {"sample": np.asarray(ann.sample, dtype=np.int64),

@@ -233,7 +233,11 @@ class PTBXLSource:
                 if entry.name.endswith(suffix + ".hea"):
                     stem = entry.name[: -len(suffix) - 4]
                     if stem.isdigit():
-                        self._files[f"{int(stem):05d}"] = f"{folder}/{sub.name}/{entry.name[:-4]}"
+                        rid, rel = f"{int(stem):05d}", f"{folder}/{sub.name}/{entry.name[:-4]}"
+                        if rid in self._files:    # one ecg_id, two signals: which one its metadata row is about?
+                            raise ECGDataError(self.root / rel, f"PTB-XL ecg_id {int(stem)} appears twice "
+                                                                f"(also {self.root / self._files[rid]}.hea)")
+                        self._files[rid] = rel
         self._rows: dict[str, tuple[str | None, dict[str, Any]]] = {}
         if (self.root / "ptbxl_database.csv").is_file():
             df = load_ptbxl_table(self.root)
