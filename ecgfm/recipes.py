@@ -43,6 +43,7 @@ LP_CS = (0.001, 0.01, 0.1, 1.0, 10.0, 100.0)
 #: accepted values of ``probe.mode`` and ``probe.aggregate`` (:mod:`ecgfm.evaluate.probe`).
 PROBE_MODES = ("linear", "mlp", "attention")
 PROBE_AGGREGATES = ("mean_embedding", "mean_std", "mean_prediction")
+PROBE_LAYERS = ("last", "stages")
 #: accepted values of ``probe.side_features`` (record features appended to an encoder's, besides None).
 PROBE_SIDE_FEATURES = ("handcrafted",)
 #: accepted values of ``report`` (probe.py / finetune.py).
@@ -163,6 +164,9 @@ class ProbeRecipe:
             (:mod:`ecgfm.evaluate.handcrafted`) appended to the encoder's aggregated record features (linear / MLP
             heads, ``mean_embedding`` / ``mean_std``): does the encoder add information to RR / HRV features? Its
             cells are a row of their own (``linear+handcrafted``), never the encoder's frozen probe.
+        layers: ``"last"`` (the encoder's pooled embedding) or ``"stages"`` (every stage of a CNN pooled the same
+            way and concatenated: multi-scale frozen features, ``embed_stages``); linear / MLP heads; its cells
+            are a row of their own (``linear+stages``).
     """
 
     mode: str = "linear"
@@ -173,6 +177,7 @@ class ProbeRecipe:
     mlp: ProbeMLPRecipe = field(default_factory=ProbeMLPRecipe)
     attention: ProbeAttentionRecipe = field(default_factory=ProbeAttentionRecipe)
     side_features: Optional[str] = None
+    layers: str = "last"
 
 
 # ----------------------------------------------------------------------------------------------- config schemas
@@ -470,6 +475,12 @@ def validate_probe_config(cfg: Any) -> DictConfig:
     _check_cells(merged)
     _one_of("probe.mode", merged.probe.mode, PROBE_MODES)
     _one_of("probe.aggregate", merged.probe.aggregate, PROBE_AGGREGATES)
+    _one_of("probe.layers", merged.probe.layers, PROBE_LAYERS)
+    if merged.probe.layers != "last" and (merged.probe.mode == "attention" or merged.save_classifier):
+        key = "probe.mode" if merged.probe.mode == "attention" else "save_classifier"
+        raise ConfigError(key, f"probe.layers={merged.probe.layers!r} pools every stage into one feature row per "
+                               f"window; the attention probe reads the last layer's tokens and a classifier "
+                               f"artifact a head on the last layer's embedding: use probe.layers=last")
     if merged.probe.mode == "linear" and not list(merged.probe.Cs):
         raise ConfigError("probe.Cs", "is empty: the linear probe needs at least one C")
     if merged.probe.mode == "mlp" and not list(merged.probe.lrs):
@@ -628,6 +639,6 @@ __all__ = ["FinetuneRecipe", "ProbeRecipe", "ProbeMLPRecipe", "ProbeAttentionRec
            "FinetuneConfig", "ExplainConfig",
            "BootstrapConfig", "FeaturesConfig", "FaithfulnessConfig", "CounterfactualConfig", "ExplainDemoConfig",
            "SUPERVISED_OVERRIDES", "HEADS", "HEAD_INITS", "WINDOW_AGGREGATES", "LP_CS", "PROBE_MODES",
-           "PROBE_AGGREGATES", "REPORT_WHEN", "OVERLAYS", "FAITHFULNESS_ORDERS", "check_finetune_recipe",
+           "PROBE_AGGREGATES", "PROBE_LAYERS", "REPORT_WHEN", "OVERLAYS", "FAITHFULNESS_ORDERS", "check_finetune_recipe",
            "validate_probe_config", "validate_finetune_config", "validate_explain_config", "finetune_recipe",
            "as_finetune_recipe"]

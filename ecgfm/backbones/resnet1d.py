@@ -145,6 +145,19 @@ class XResNet1d(Backbone):
         """Pooled embedding ``(B, num_features)``."""
         return self.pool(self.forward_features(x))
 
+    def embed_stages(self, x: torch.Tensor) -> torch.Tensor:
+        """Every stage's feature map pooled as :meth:`pool` pools the last, concatenated (earliest first):
+        ``(B, L, T) -> (B, sum_i widths[i] * expansion * (2 if pool == "concat" else 1))``; its last block is
+        :meth:`embed`. Earlier stages keep finer time and wave-shape detail that the last stage's pooling averages
+        away: the multi-scale features of a frozen-encoder probe (``probe.layers=stages``)."""
+        self._check_input(x)
+        h = self.stem(x)
+        pooled = []
+        for stage in self.stages:
+            h = stage(h)
+            pooled.append(self.pool(h))
+        return torch.cat(pooled, dim=1)
+
 
 RESNET_SIZES: dict[str, dict[str, Any]] = {
     # a few thousand parameters: for tests only

@@ -238,7 +238,10 @@ def cache_fingerprint(cache: Any) -> str:
     return hashlib.sha256(f"{fp}|{len(cache)}|{shards}|{lm}".encode()).hexdigest()[:20]
 
 
-FEATURE_KINDS = ("embeddings", "tokens")
+FEATURE_KINDS = ("embeddings", "tokens", "stages")
+#: which embedding a probe reads: ``last`` (``embed``: the pooled last layer) or ``stages`` (``embed_stages``: every
+#: stage pooled and concatenated, a backbone that has it)
+FEATURE_LAYERS = ("last", "stages")
 
 
 def feature_key(encoder_fp: str, cache_fp: str, window: int, stride: int, lead_aware: bool = False,
@@ -246,11 +249,12 @@ def feature_key(encoder_fp: str, cache_fp: str, window: int, stride: int, lead_a
     """Feature-cache key; ``lead_aware`` (only when it changes the features, see :func:`uses_lead_masks`) adds a
     flag, so zero-padded features are never reused for a lead-aware extraction; ``kind="tokens"`` (a
     :func:`cached_tokens` file) adds another, so a token file and an embedding file never share a key (embedding
-    keys are the ones written before token caches existed)."""
+    keys are the ones written before token caches existed); ``kind="stages"`` (every stage pooled,
+    ``layers="stages"``) likewise."""
     if kind not in FEATURE_KINDS:
         raise ValueError(f"kind must be one of {FEATURE_KINDS}, got {kind!r}")
     leads = "|leads" if lead_aware else ""
-    tokens = "|tokens" if kind == "tokens" else ""
+    tokens = f"|{kind}" if kind != "embeddings" else ""
     return hashlib.sha256(f"{encoder_fp}|{cache_fp}|w{int(window)}|s{int(stride)}{leads}{tokens}".encode()
                           ).hexdigest()[:24]
 
@@ -380,10 +384,27 @@ def _embedding_error(cache: Any, rows_bad: list[int], what: str = "embeddings") 
                               f"records out")
 
 
+def embed_fn(backbone: nn.Module, layers: str = "last") -> Any:
+    """The backbone's embedding for ``layers`` (:data:`FEATURE_LAYERS`): ``embed`` or ``embed_stages``.
+
+    Raises:
+        ValueError: an unknown ``layers``, or ``"stages"`` for a backbone without ``embed_stages``.
+    """
+    if layers not in FEATURE_LAYERS:
+        raise ValueError(f"layers must be one of {FEATURE_LAYERS}, got {layers!r}")
+    if layers == "last":
+        return backbone.embed
+    fn = getattr(backbone, "embed_stages", None)
+    if not callable(fn):
+        raise ValueError(f"backbone {getattr(backbone, 'name', type(backbone).__name__)} has no stage-wise "
+                         f"embedding (embed_stages): layers='stages' needs a CNN such as xresnet1d / resnet1d_*")
+    return fn
+
+
 @torch.no_grad()
 def extract_features(backbone: nn.Module, cache: Any, window: int, stride: int, batch_size: int = 256,
                      device: str | torch.device = "cpu", rows: np.ndarray | None = None,
-                     nonfinite: str = "error", lead_aware: bool = True) -> FeatureSet:
+                     nonfinite: str = "error", lead_aware: bool = True, layers: str = "last") -> FeatureSet:
     """Embed every sliding window of every record (or ``rows``) of ``cache``; no disk cache.
 
     Args:
@@ -401,6 +422,7 @@ def extract_features(backbone: nn.Module, cache: Any, window: int, stride: int, 
             windows and listed in ``FeatureSet.skipped`` (``"skip"``).
         lead_aware: pass each window's record lead mask (``cache.lead_masks``) to a backbone that accepts it
             (:func:`uses_lead_masks`); False: every window as a zero-padded 12-lead input.
+        layers: ``"last"`` (``embed``) or ``"stages"`` (``embed_stages``, see :func:`embed_fn`).
 
     Returns:
         :class:`FeatureSet` with ``n_records = len(cache)``; every feature finite.
@@ -408,6 +430,7 @@ def extract_features(backbone: nn.Module, cache: Any, window: int, stride: int, 
     _check_args(window, stride, nonfinite)
     t0 = time.perf_counter()
     model = fit_window(backbone, int(window))
+    embed = embed_fn(model, layers)
     was_training = model.training
     model.eval().to(device)
     rows = np.arange(len(cache)) if rows is None else np.asarray(rows, dtype=np.int64)
@@ -421,9 +444,9 @@ def extract_features(backbone: nn.Module, cache: Any, window: int, stride: int, 
         for xb, owner in _window_batches(cache, rows, window, stride, batch_size, nonfinite, bad_input):
             x = torch.from_numpy(xb).to(device)
             if masks is None:
-                z = model.embed(x).float().cpu().numpy()
+                z = embed(x).float().cpu().numpy()
             else:
-                z = model.embed(x, lead_mask=torch.from_numpy(masks[owner]).to(device)).float().cpu().numpy()
+                z = embed(x, lead_mask=torch.from_numpy(masks[owner]).to(device)).float().cpu().numpy()
             bad = ~np.isfinite(z).all(axis=1)
             if bad.any():
                 if nonfinite == "error":
@@ -878,7 +901,8 @@ def _load_features(path: Path, key: str, n_records: int, window: int, stride: in
 
 def cached_features(backbone: nn.Module, cache: Any, window: int, stride: int, feature_dir: str | os.PathLike,
                     batch_size: int = 256, device: str | torch.device = "cpu",
-                    encoder_fp: str | None = None, nonfinite: str = "error", lead_aware: bool = True) -> FeatureSet:
+                    encoder_fp: str | None = None, nonfinite: str = "error", lead_aware: bool = True,
+                    layers: str = "last") -> FeatureSet:
     """:func:`extract_features` behind an on-disk cache (see the module docstring for the key).
 
     A feature file that cannot be read or fails validation is recomputed and replaced, with a log line. A file
@@ -896,9 +920,12 @@ def cached_features(backbone: nn.Module, cache: Any, window: int, stride: int, f
         encoder_fp: precomputed :func:`encoder_fingerprint` (computed when None).
         nonfinite: ``"error"`` or ``"skip"``, see :func:`extract_features`.
         lead_aware: see :func:`extract_features`; part of the key when it changes the features.
+        layers: see :func:`extract_features`; ``"stages"`` files have a key of their own.
     """
+    embed_fn(backbone, layers)     # refused before a cached file is looked for
     return _through_cache(
-        backbone, cache, window, stride, feature_dir, encoder_fp, lead_aware, nonfinite, kind=None,
+        backbone, cache, window, stride, feature_dir, encoder_fp, lead_aware, nonfinite,
+        kind=None if layers == "last" else "stages",
         load=_load_features, save=_save_features, what="feature", items="embeddings", stat="cache_hits",
         compute=lambda: extract_features(backbone, cache, window, stride, batch_size=batch_size, device=device,
-                                         nonfinite=nonfinite, lead_aware=lead_aware))
+                                         nonfinite=nonfinite, lead_aware=lead_aware, layers=layers))

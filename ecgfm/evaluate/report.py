@@ -57,7 +57,10 @@ MODE_NAMES = {"linear": "linear probe", "mlp": "MLP probe", "attention": "attent
               "linear+handcrafted": "linear probe + handcrafted features",
               "mlp+handcrafted": "MLP probe + handcrafted features",
               "linear+mean_std+handcrafted": "linear probe, mean+std + handcrafted features",
-              "mlp+mean_std+handcrafted": "MLP probe, mean+std + handcrafted features"}
+              "mlp+mean_std+handcrafted": "MLP probe, mean+std + handcrafted features",
+              "linear+stages": "linear probe, all stages", "mlp+stages": "MLP probe, all stages",
+              "linear+mean_std+stages": "linear probe, mean+std, all stages",
+              "mlp+mean_std+stages": "MLP probe, mean+std, all stages"}
 GROUP_KEYS = ["task", "dataset", "split", "mode", "label", "method", "backbone", "checkpoint_id", "recipe_id",
               "fraction"]
 

@@ -46,6 +46,7 @@ import os
 import re
 import time
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -55,7 +56,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from ecgfm.conf import config_dir
 from ecgfm.data.preprocess import PreprocessSpec, with_input_leads
-from ecgfm.evaluate.features import cached_features, cached_tokens, check_window, encoder_fingerprint, fit_window
+from ecgfm.evaluate.features import (cached_features, cached_tokens, check_window, embed_fn, encoder_fingerprint,
+                                     fit_window)
 from ecgfm.evaluate.identity import checkpoint_identity, recipe_identity, short_hash, stale_reason
 from ecgfm.evaluate.leakage import check_leakage, index_identities, pretrain_identities
 from ecgfm.evaluate.metrics import choose_thresholds, evaluate_scores
@@ -348,13 +350,15 @@ def _container(node: Any) -> Any:
         else node
 
 
-def probe_variant(mode: str, aggregate: str, side_features: str | None = None) -> str:
+def probe_variant(mode: str, aggregate: str, side_features: str | None = None, layers: str = "last") -> str:
     """The ``mode`` of a probe cell (its folder under ``cells/`` and its row in the tables): the head, plus the record
     aggregation when it is not the default mean window embedding (``linear``, ``mlp``, ``attention``,
     ``linear+mean_std``, ``mlp+mean_prediction``, ...), plus ``+handcrafted`` when the handcrafted features are
-    appended (``probe.side_features``), so that variants in one ``results_dir`` are rows of their own instead of
-    overwriting each other's cells. The attention probe pools by itself."""
+    appended (``probe.side_features``), and ``+stages`` on every stage's pooled features (``probe.layers``), so
+    that variants in one ``results_dir`` are rows of their own instead of overwriting each other's cells. The
+    attention probe pools by itself."""
     base = mode if mode == "attention" or aggregate == "mean_embedding" else f"{mode}+{aggregate}"
+    base = base if layers == "last" else f"{base}+{layers}"
     return base if not side_features else f"{base}+{side_features}"
 
 
@@ -504,6 +508,8 @@ def _probe_recipe(probe: dict[str, Any]) -> dict[str, Any]:
     unused = _PROBE_UNUSED.get(str(probe.get("mode", "linear")), ())
     if probe.get("side_features") is None:      # the default leaves the identity of cells written before it
         unused = (*unused, "side_features")
+    if probe.get("layers", "last") == "last":   # likewise
+        unused = (*unused, "layers")
     return {k: v for k, v in probe.items() if k not in unused}
 
 
@@ -736,7 +742,8 @@ def probe_main(cfg: DictConfig) -> dict[str, Any]:
     validate_probe_config(cfg)  # ConfigError naming the key (probe.Cs=x, +probe.foo=1)
     mode = str(cfg.probe.mode)
     side = cfg.probe.get("side_features")
-    ctx = _context(cfg, probe_variant(mode, str(cfg.probe.aggregate), side))
+    layers = str(cfg.probe.get("layers", "last"))
+    ctx = _context(cfg, probe_variant(mode, str(cfg.probe.aggregate), side, layers))
     checkpoint = str(cfg.checkpoint)
     if checkpoint.startswith("supervised:"):
         raise EvaluationError(f"checkpoint {checkpoint!r}: 'supervised:' is a fine-tuning baseline (supervised "
@@ -750,6 +757,9 @@ def probe_main(cfg: DictConfig) -> dict[str, Any]:
     if desc.kind == HANDCRAFTED and side:
         raise EvaluationError(f"checkpoint {checkpoint!r}: probe.side_features={side} appends the handcrafted "
                               f"features to an encoder's; the handcrafted baseline already is them")
+    if desc.kind == HANDCRAFTED and layers != "last":
+        raise EvaluationError(f"checkpoint {checkpoint!r}: probe.layers={layers} pools an encoder's stages; the "
+                              f"handcrafted baseline has none (use probe.layers=last)")
     if desc.kind == HANDCRAFTED and mode == "attention":
         raise EvaluationError(f"checkpoint {checkpoint!r}: probe.mode=attention pools an encoder's frozen tokens; the "
                               f"handcrafted baseline has one feature row per record (use probe.mode=linear or mlp)")
@@ -788,7 +798,11 @@ def probe_main(cfg: DictConfig) -> dict[str, Any]:
             raise EvaluationError(f"checkpoint {checkpoint!r}: {exc}") from None
         efp = encoder_fingerprint(enc.backbone)
         lead_aware = bool(cfg.features.get("lead_aware", True))
-        extract = cached_tokens if mode == "attention" else cached_features
+        try:
+            embed_fn(enc.backbone, layers)     # a backbone without embed_stages: refused before any work
+        except ValueError as exc:
+            raise EvaluationError(f"checkpoint {checkpoint!r}: {exc}") from None
+        extract = cached_tokens if mode == "attention" else partial(cached_features, layers=layers)
         feats = extract(enc.backbone, task.cache, window, stride, feat_dir, batch_size=int(cfg.features.batch_size),
                         device=str(cfg.device), encoder_fp=efp, lead_aware=lead_aware)
         if ext is not None:
@@ -838,7 +852,8 @@ def probe_main(cfg: DictConfig) -> dict[str, Any]:
                             if ext is not None and ext.label_report else m for name, m in r["external"].items()}},
                         seconds=r["seconds"],
                         probe={"aggregate": "attention" if mode == "attention" else str(probe_cfg.aggregate),
-                               "head": mode, **({"side_features": side} if side else {})},
+                               "head": mode, **({"side_features": side} if side else {}),
+                               **({"layers": layers} if layers != "last" else {})},
                         predictions=_predictions(r["predictions"], task, ext))
             p = _cell_target(ctx, task.name, checkpoint, r["fraction"], r["seed"])
             if bool(cfg.get("save_classifier", False)):

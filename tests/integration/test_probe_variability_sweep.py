@@ -22,6 +22,8 @@ def _cfg(tmp: Path, *overrides: str):
             "task=synthetic", "task.params.n_records=120", "bootstrap.n=20", "plot=false", "torch_threads=1",
             "report=never", "checkpoint=random:vit1d_test", "+backbone_args.seq_len=100",
             "+backbone_args.patch_size=25", "window_seconds=1", "stride_seconds=1"]
+    if any(o.startswith("checkpoint=random:resnet") for o in overrides):   # a CNN: no ViT sizes
+        base = [b for b in base if not b.startswith(("+backbone_args", "checkpoint="))]
     with initialize_config_dir(str(ROOT / "ecgfm" / "conf"), version_base="1.3"):
         return compose("probe", overrides=base + list(overrides))
 
@@ -175,3 +177,54 @@ def test_side_features_refuse_what_has_no_record_row(work, override, key, match)
 def test_side_features_are_refused_for_the_handcrafted_baseline(work):
     with pytest.raises(EvaluationError, match="already is them"):
         probe_main(_cfg(work, "checkpoint=handcrafted", "probe.side_features=handcrafted"))
+
+
+def test_all_stage_features_are_their_own_row_and_keep_older_identities(work):
+    """``probe.layers=stages``: every stage of a CNN pooled and concatenated (its last block is the plain
+    embedding), its own cells (``linear+stages``), feature file and recipe; the default keeps older identities; a
+    backbone without stages, the handcrafted baseline and the attention probe / classifier artifact refuse it."""
+    import numpy as np
+    import torch
+
+    from ecgfm.backbones import create_backbone
+
+    cnn = ["checkpoint=random:resnet1d_test", "window_seconds=2.5", "stride_seconds=2.5", "probe.Cs=[1.0]"]
+    plain = _cell(probe_main(_cfg(work, *cnn)))
+    again = _cell(probe_main(_cfg(work, *cnn, "probe.layers=last", "overwrite=true")))
+    assert again["recipe_id"] == plain["recipe_id"]
+    out = probe_main(_cfg(work, *cnn, "probe.layers=stages"))
+    st = _cell(out)
+    assert st["mode"] == "linear+stages" and "/linear+stages/" in out["cells_written"][0]
+    assert st["probe"] == {"aggregate": "mean_embedding", "head": "linear", "layers": "stages"}
+    assert st["recipe_id"] != plain["recipe_id"] and st["feature_key"] != plain["feature_key"]
+    assert st["checkpoint_id"] == plain["checkpoint_id"] and st["results"]["test"]["macro_auroc"]["value"] > 0.5
+    net = create_backbone("resnet1d_test").eval()
+    x = torch.randn(3, 12, 250)
+    with torch.no_grad():
+        z, last = net.embed_stages(x), net.embed(x)
+    assert z.shape == (3, 2 * (8 + 16)) and torch.equal(z[:, -last.shape[1]:], last)
+    feats = F.extract_features(net, _Signals(np.random.default_rng(0).standard_normal((4, 12, 500))), 250, 250,
+                               layers="stages")
+    assert feats.features.shape == (8, 48)
+    with pytest.raises(EvaluationError, match="no stage-wise embedding"):
+        probe_main(_cfg(work, "probe.Cs=[1.0]", "probe.layers=stages"))            # the ViT of _cfg
+    with pytest.raises(EvaluationError, match="handcrafted baseline has none"):
+        probe_main(_cfg(work, "checkpoint=handcrafted", "probe.layers=stages"))
+    for over, key in ((["probe.mode=attention"], "probe.mode"), (["save_classifier=true"], "save_classifier"),
+                      (["probe.layers=all"], "probe.layers")):
+        with pytest.raises(ConfigError) as e:
+            validate_probe_config(_cfg(work, *cnn, "probe.layers=stages", *over))
+        assert e.value.key == key
+
+
+class _Signals:
+    """The least a cache offers extract_features: ``len`` and ``signal(i)`` (12 x T float32)."""
+
+    def __init__(self, x):
+        self.x = x.astype("float32")
+
+    def __len__(self):
+        return len(self.x)
+
+    def signal(self, i):
+        return self.x[i]
