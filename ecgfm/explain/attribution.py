@@ -243,8 +243,9 @@ class Attribution:
                 detects R peaks on the inputs and uses the standard offsets.
             reduce: see :meth:`per_lead`.
             by_lead: return ``(B, L)`` per wave instead of ``(B,)``.
-            normalize: divide by the number of samples of the wave (mean attribution density), so long T
-                windows are not favoured over short QRS windows.
+            normalize: divide by the number of samples of the wave, and without ``by_lead`` by the number of
+                leads too (mean attribution per lead and sample), so long T windows are not favoured over short
+                QRS windows.
 
         Returns:
             ``{"P": (B,), "QRS": (B,), "T": (B,), "other": (B,)}`` (``(B, L)`` with ``by_lead``).
@@ -264,9 +265,9 @@ class Attribution:
             for w in out:
                 m = torch.as_tensor(masks[w], device=vals.device)
                 s = (vals[b] * m).sum(-1)
-                if normalize:
+                if normalize:   # mean per sample of each lead; over leads too without by_lead
                     s = s / m.sum().clamp_min(1)
-                out[w].append(s if by_lead else s.sum())
+                out[w].append(s if by_lead else (s.mean() if normalize else s.sum()))
         return {w: torch.stack(v) for w, v in out.items()}
 
     def to_dict(self) -> dict[str, Any]:

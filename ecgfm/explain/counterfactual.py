@@ -76,17 +76,21 @@ class MAEPrior(nn.Module):
         the MAE was trained with ``norm_pix_loss``)."""
         from ecgfm.losses.mae import masked_patch_mse
 
-        total = x.new_zeros(x.shape[0])
-        for k in range(self.n_masks):
-            gen = torch.Generator(device=x.device).manual_seed(self.seed + k)
-            latent, mask, ids_restore = self.mae.forward_encoder(x, gen)
-            pred = self.mae.forward_decoder(latent, ids_restore, mask.shape[2])
-            target = self.mae.patchify(x)
-            norm = bool(getattr(self.mae, "norm_pix_loss", True))
-            # masked_patch_mse averages over the whole batch; one call per input keeps the per-input value.
-            total = total + torch.stack([masked_patch_mse(pred[i], target[i], mask[i], norm_pix=norm)
-                                         for i in range(x.shape[0])])
-        return total / self.n_masks
+        norm = bool(getattr(self.mae, "norm_pix_loss", True))
+        per_input = []
+        # one input at a time: the masks are drawn per batch, so in a batch an input's mask would depend on its
+        # position and the batch size; alone, each input gets masks k = 0..n_masks-1 wherever it sits
+        for i in range(x.shape[0]):
+            xi = x[i:i + 1]
+            target = self.mae.patchify(xi)
+            err = xi.new_zeros(())
+            for k in range(self.n_masks):
+                gen = torch.Generator(device=x.device).manual_seed(self.seed + k)
+                latent, mask, ids_restore = self.mae.forward_encoder(xi, gen)
+                pred = self.mae.forward_decoder(latent, ids_restore, mask.shape[2])
+                err = err + masked_patch_mse(pred[0], target[0], mask[0], norm_pix=norm)
+            per_input.append(err / self.n_masks)
+        return torch.stack(per_input)
 
 
 def total_variation(delta: Tensor) -> Tensor:
@@ -126,7 +130,9 @@ class Counterfactual:
         target: ``(B,)`` requested classes.
         original_proba: ``(B, C)`` model probabilities on the originals.
         counterfactual_proba: ``(B, C)`` on the counterfactuals.
-        valid: ``(B,)`` bool, the prediction flipped to the target.
+        valid: ``(B,)`` bool, the prediction is the target on the counterfactual.
+        already_target: ``(B,)`` bool, the original was already predicted as the target (its "counterfactual"
+            changes nothing: not an explanation; :func:`default_target` avoids it).
         steps: ``(B,)`` optimisation steps used.
         l1: ``(B,)`` mean |delta| over all samples.
         l2: ``(B,)`` root mean square of delta.
@@ -162,6 +168,7 @@ class Counterfactual:
     options: dict = field(default_factory=dict)
     history: list[float] = field(default_factory=list)
     elapsed_s: float = 0.0
+    already_target: Tensor | None = None
 
     @property
     def delta(self) -> Tensor:
@@ -196,6 +203,7 @@ class Counterfactual:
                 "counterfactual_prediction": self._name(int(self.counterfactual_proba[i].argmax())),
                 "counterfactual_target_proba": float(self.counterfactual_proba[i, t]),
                 "valid": bool(self.valid[i]),
+                "already_target": None if self.already_target is None else bool(self.already_target[i]),
                 "steps": int(self.steps[i]),
                 "l1": float(self.l1[i]),
                 "l2": float(self.l2[i]),
@@ -376,4 +384,23 @@ def counterfactual(wrapper: ECGWrapper, inputs: Tensor, target: Any, lambda_prox
                  "early_stop": early_stop, "threshold": threshold, "leads": list(leads) if leads else None,
                  "knot_s": knot_s, "edge_s": float(edge_s), "ramp_s": float(ramp_s),
                  "prior": type(prior).__name__ if prior is not None else None},
-        history=history, elapsed_s=time.perf_counter() - t0)
+        history=history, elapsed_s=time.perf_counter() - t0,
+        already_target=_is_valid(proba0.detach(), tgt, multilabel, threshold))
+
+
+def default_target(proba: Tensor, multilabel: bool, threshold: float = 0.5) -> int | None:
+    """The class a counterfactual of one record should move to when none is asked for: one the model does not
+    already predict. Single-label: the second most probable class. Multi-label (sigmoid): the most probable class
+    at or below ``threshold`` (the second most probable may be a predicted label too, whose "counterfactual" is
+    the record itself). None when every class is already predicted.
+
+    Args:
+        proba: ``(C,)`` probabilities of the record.
+        multilabel: sigmoid outputs (independent labels).
+        threshold: probability a multi-label prediction needs.
+    """
+    order = [int(i) for i in proba.argsort(descending=True)]
+    if not multilabel:
+        return order[1] if len(order) > 1 else None
+    below = [i for i in order if float(proba[i]) <= threshold]
+    return below[0] if below else None

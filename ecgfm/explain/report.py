@@ -224,7 +224,7 @@ def explain_records(wrapper: ECGWrapper, records: Sequence[ECGRecord], out_dir: 
         "notes": {
             "per_lead.share_abs": "share of the summed |attribution| in each lead",
             "per_wave": "P / QRS / T windows from R peaks detected on the model input (ecgfm.explain.waves); "
-                        "share_abs: share of |attribution|; density_abs: mean |attribution| per sample",
+                        "share_abs: share of |attribution|; density_abs: mean |attribution| per lead and sample",
             "faithfulness": "deletion AOPC (higher = more faithful) and insertion AUC (higher = better) of the "
                             "explained class's probability; (lead x segment_s) segments ordered by signed "
                             "attribution (most supporting first) and replaced by the record's own smoothed "
@@ -302,11 +302,19 @@ def explain_records(wrapper: ECGWrapper, records: Sequence[ECGRecord], out_dir: 
             entry["figures"] += [p.name for p in viz.save_figure(fig, out / f"{rid}_leads", formats, dpi)]
             if counterfactual is not None:
                 from ecgfm.explain.counterfactual import counterfactual as make_cf
+                from ecgfm.explain.counterfactual import default_target
 
                 cf_opts = dict(counterfactual)
                 cf_target = cf_opts.pop("target", None)
+                if cf_target is None:    # a class the model does not predict already
+                    cf_target = default_target(proba, wrapper.postprocess == "sigmoid",
+                                               float(cf_opts.get("threshold", 0.5)))
                 if cf_target is None:
-                    cf_target = int(proba.argsort(descending=True)[1])
+                    entry["counterfactual"] = {"skipped": "every class is already predicted for this record: no "
+                                                          "class to move it to (give counterfactual.target)"}
+                    entry["elapsed_s"] = time.perf_counter() - t0
+                    report["records"].append(entry)
+                    continue
                 cf = make_cf(wrapper, x, cf_target, **cf_opts)
                 entry["counterfactual"] = cf.to_dict()
                 fig = viz.plot_counterfactual(cf.original[0], cf.counterfactual[0], wrapper.fs, wrapper.lead_names,

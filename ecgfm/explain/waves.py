@@ -258,7 +258,7 @@ def annotation_mask(annotations: dict, wave: str, n_samples: int, n_leads: int =
         raise ValueError(f"annotations have no {on_key}/{off_key} fiducials (keys: {sorted(annotations)})")
     m = np.zeros(n_samples, dtype=bool)
     for a, b in zip(np.asarray(annotations[on_key]), np.asarray(annotations[off_key])):
-        if a < 0 or b < 0:
+        if b < 0:            # no such wave (-1 / -1: a beat without P), or one ending before the record
             continue
-        m[max(int(a), 0):min(int(b) + 1, n_samples)] = True
+        m[max(int(a), 0):min(int(b) + 1, n_samples)] = True     # a wave cut by the record's start keeps its part
     return np.tile(m, (n_leads, 1))

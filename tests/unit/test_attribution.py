@@ -422,3 +422,23 @@ def test_gradcam_on_a_channels_last_model_needs_its_layer_layout():
     (g,) = torch.autograd.grad(score, a)
     ref = (g.mean(1, keepdim=True) * a).sum(-1)[0].detach()      # (500,)
     torch.testing.assert_close(att.values[0, 0], ref, atol=1e-5, rtol=1e-4)
+
+
+def test_per_wave_density_is_per_lead_and_sample():
+    """normalize=True: the mean |attribution| per lead and sample (an all-ones map gives 1 for every wave, with
+    or without by_lead; it gave the number of leads without)."""
+    import torch
+
+    from ecgfm.data.synthetic import generate_record
+    from ecgfm.explain.attribution import Attribution
+
+    rec = generate_record(0, seed=0, fs=100.0, duration=10.0)
+    x = torch.as_tensor(rec.signal)[None]
+    from ecgfm.data.record import CANONICAL_LEADS
+
+    att = Attribution(values=torch.ones_like(x), method="saliency", options={}, target=torch.tensor([0]), inputs=x,
+                      fs=100.0, lead_names=tuple(CANONICAL_LEADS), elapsed_s=0.0)
+    for by_lead in (False, True):
+        dens = att.per_wave(normalize=True, by_lead=by_lead)
+        for w, v in dens.items():
+            torch.testing.assert_close(v, torch.ones_like(v), msg=w)

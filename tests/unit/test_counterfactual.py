@@ -197,3 +197,33 @@ def test_top_segments_rank_only_waves_when_leads_cannot_be_ranked(model):
     cf.per_lead = torch.full_like(cf.per_lead, 1.0 / cf.per_lead.shape[1])
     segs = cf.to_dict()["records"][0]["top_segments"]
     assert {s["lead"] for s in segs} == {"all"} and segs[0]["share"] >= segs[-1]["share"]
+
+
+def test_mae_prior_does_not_depend_on_the_batch_position():
+    """The prior is a fixed function of each input: a record scores the same alone, first or second in a batch
+    (the masks were drawn per batch, so a record's mask depended on its position)."""
+    from ecgfm.data.synthetic import generate_arrays
+
+    x, _, _ = generate_arrays(3, seed=1, fs=100.0, duration=2.5)
+    x = torch.as_tensor(x)
+    torch.manual_seed(0)
+    from ecgfm.methods.mae import MAEModule
+
+    prior = MAEPrior(MAEModule(create_backbone("vit1d_test"), decoder_dim=16, decoder_depth=1, decoder_heads=2),
+                     n_masks=2)
+    with torch.no_grad():
+        alone, first = prior(x[:1])[0], prior(x)[0]
+        second = prior(torch.stack([x[1], x[0], x[2]]))[1]
+    torch.testing.assert_close(first, alone)
+    torch.testing.assert_close(second, alone)
+
+
+def test_default_target_is_a_class_not_already_predicted():
+    """Multi-label: the second most probable class may be a predicted label too (its 'counterfactual' is the record
+    itself, reported valid after 0 steps); the default is the most probable class below the threshold."""
+    from ecgfm.explain.counterfactual import default_target
+
+    p = torch.tensor([0.95, 0.88, 0.05, 0.30])
+    assert default_target(p, multilabel=True) == 3 and default_target(p, multilabel=False) == 1
+    assert default_target(torch.tensor([0.9, 0.8]), multilabel=True) is None
+    assert default_target(torch.tensor([0.9, 0.8]), multilabel=True, threshold=0.85) == 1

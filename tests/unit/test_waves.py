@@ -118,3 +118,14 @@ def test_annotation_mask_matches_windows():
         waves.annotation_mask(rec.annotations, "U", rec.n_samples)
     with pytest.raises(ValueError, match="no p_onset"):
         waves.annotation_mask({"sample": [1]}, "P", 10)
+
+
+def test_annotation_mask_keeps_a_wave_cut_by_the_record_start():
+    """A first QRS from -3 to 6 is visible on samples 0-6 (it was dropped with the -1 'no P wave' marker); a
+    missing P (-1 / -1) and a wave ending before the record stay out."""
+    ann = {"sample": [1, 40], "qrs_onset": [-3, 35], "qrs_offset": [6, 45], "p_onset": [-1, 20], "p_offset": [-1, 28]}
+    qrs = waves.annotation_mask(ann, "QRS", 60, n_leads=1)[0]
+    assert qrs[:7].all() and not qrs[7:35].any() and qrs[35:46].all()
+    p = waves.annotation_mask(ann, "P", 60, n_leads=1)[0]
+    assert np.flatnonzero(p).tolist() == list(range(20, 29))
+    assert not waves.annotation_mask({"qrs_onset": [-9], "qrs_offset": [-2]}, "QRS", 10, n_leads=1).any()
