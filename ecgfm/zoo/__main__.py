@@ -24,7 +24,7 @@ def _class_names(value: str | None) -> list[str] | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ecgfm.zoo.importer import KINDS
+    from ecgfm.zoo.importer import KINDS, NOT_IMPORTABLE
 
     kinds = "\n".join(f"  {k}: {s.title}; options: " + "; ".join(f"{o} ({h})" for o, h in s.options.items())
                       for k, s in KINDS.items())
@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Import a published ECG foundation model checkpoint (a local file) as an ecgfm encoder "
                     "folder (or, with --classifier, a classifier folder).",
         epilog=f"kinds:\n{kinds}\n\nexample: python -m ecgfm.zoo stmem st_mem_vit_base.pth encoders/stmem_base")
-    ap.add_argument("kind", choices=sorted(KINDS))
+    ap.add_argument("kind", choices=sorted({*KINDS, *NOT_IMPORTABLE}))   # ecg_fm: refused with its reason
     ap.add_argument("checkpoint", help="local weights file (.pth / .pt / .bin read with weights_only, .safetensors)")
     ap.add_argument("out_dir", help="artifact folder to create")
     ap.add_argument("--num-heads", type=int, help="stmem: attention heads (ViT-S 6, ViT-B 12 are recognised)")
@@ -58,9 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from ecgfm.zoo.base import ZooImportError
-    from ecgfm.zoo.importer import KINDS, import_classifier, import_encoder
+    from ecgfm.zoo.importer import KINDS, NOT_IMPORTABLE, import_classifier, import_encoder
 
     args = build_parser().parse_args(argv)
+    if args.kind not in KINDS:
+        print(f"error: {args.kind}: cannot be imported: {NOT_IMPORTABLE[args.kind]}", file=sys.stderr)
+        return 1
     known = KINDS[args.kind].options
     given = {"num_heads": args.num_heads, "stride": args.stride, "use_bn": args.use_bn,
              "window_seconds": args.window_seconds, "config": args.config,

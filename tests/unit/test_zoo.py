@@ -428,7 +428,7 @@ def test_load_peer_and_backbone_contract(peers):
         backbone.embed(torch.randn(1, 12, 100))
 
 
-def test_fairseq_style_checkpoints_are_refused_with_the_exact_reason(tmp_path):
+def test_fairseq_style_checkpoints_are_refused_with_the_exact_reason(tmp_path, capsys):
     """ECG-FM (fairseq-signals) checkpoints pickle their configuration (omegaconf / argparse objects) beside the
     tensors: weights_only loading refuses them, and the error names the refused class."""
     import argparse
@@ -446,6 +446,9 @@ def test_fairseq_style_checkpoints_are_refused_with_the_exact_reason(tmp_path):
     with pytest.raises(ValueError, match="ecg_fm: cannot be imported: .*weights_only=True"):
         import_encoder("ecg_fm", tmp_path / "cfg.pt", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+    # the command line gives the same reason (argparse refused the kind as an unknown choice)
+    assert zoo_main(["ecg_fm", str(tmp_path / "cfg.pt"), str(tmp_path / "out")]) == 1
+    assert "cannot be imported" in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
 def test_ecgfounder_without_batchnorm_counters_needs_use_bn(tmp_path):
