@@ -165,6 +165,28 @@ def pretrain_recipe(args: argparse.Namespace, method: str) -> tuple[str, list[st
     return name, over + METHOD_OVERRIDES.get(method, [])
 
 
+def experiment_sha256(name: str) -> str:
+    """Content hash of ``conf/experiment/<name>.yaml`` and the experiment files it extends (a plain ``defaults``
+    entry naming another one), so that a pretraining run of an edited recipe (other steps, lr, crop) is not
+    reused as the current recipe's."""
+    import hashlib
+
+    from omegaconf import OmegaConf
+
+    h = hashlib.sha256()
+    seen: set[str] = set()
+    todo = [name]
+    while todo:
+        n = todo.pop(0)
+        path = ROOT / "ecgfm" / "conf" / "experiment" / f"{n}.yaml"
+        if n in seen or not path.is_file():
+            continue
+        seen.add(n)
+        h.update(n.encode() + b"\0" + path.read_bytes())
+        todo += [d for d in OmegaConf.load(path).get("defaults") or [] if isinstance(d, str) and d != "_self_"]
+    return h.hexdigest()[:16]
+
+
 def _vit_experiment(name: str) -> bool:
     """Whether ``conf/experiment/<name>.yaml`` pretrains a ViT-1D (its ``/backbone`` override, or that of the
     experiment it extends: a plain ``defaults`` entry naming another experiment file; a file without either, or no
@@ -199,9 +221,13 @@ def stage_pretrain(args: argparse.Namespace, pools: list[str], env: dict[str, st
         enc = out / "encoder"
         record = out / "pretrain_time.json"
         name, over = pretrain_recipe(args, method)
-        requested = {"experiment": name, "overrides": [*over, *args.train_overrides], "pool": list(pools)}
+        requested = {"experiment": name, "overrides": [*over, *args.train_overrides], "pool": list(pools),
+                     "recipe_sha256": experiment_sha256(name)}
         if (enc / "encoder.json").is_file():
             had = _read_json(record).get("requested")
+            if had is not None and "recipe_sha256" not in had:   # recorded before the recipe's content was
+                log(f"pretrain: {method}: {enc} records no recipe content hash: checked on name and overrides only")
+                had = {**had, "recipe_sha256": requested["recipe_sha256"]}
             if had is None:
                 log(f"pretrain: {method}: reusing {enc} (no recorded recipe to check against {requested})")
             elif had != requested:
@@ -387,26 +413,42 @@ def curve_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
             m = _CURVE_DIR.search(d.name)
             if m and int(m.group(1)) in current:   # a step folder of an older run (not saved by this one): left out
                 where[str(d / "encoder")] = (method, int(m.group(1)))
+    from ecgfm.evaluate.identity import checkpoint_identity
+
+    ids = {path: checkpoint_identity(path)["id"] for path in where}
     rows = []
+    modes: set[str] = set()
     for c in load_cells(res):
         key = where.get(str(c.get("checkpoint")))
-        if key is None or c.get("mode") != "linear" or "test" not in (c.get("results") or {}):
+        if key is None or "test" not in (c.get("results") or {}):
+            continue
+        if c.get("checkpoint_id") != ids[str(c["checkpoint"])]:   # computed from other weights (an older run)
+            log(f"curve: {c['checkpoint']} ({c.get('task')}): its cell was computed from other weights than the "
+                f"folder holds now: left out (rerun --stages curve)")
+            continue
+        if c.get("mode") != "linear":
+            modes.add(str(c.get("mode")))
             continue
         t = c["results"]["test"]["macro_auroc"]
         rows.append({"method": key[0], "step": key[1], "task": c["task"], "val": float(c["val_macro_auroc"]),
                      "test": float(t["value"]), "ci_low": float(t["ci_low"]), "ci_high": float(t["ci_high"]),
                      "n_test": int(c["results"]["test"]["n"]), "n_val": int((c.get("splits") or {}).get("val", 0))})
+    if modes:   # e.g. --probe-overrides probe.layers=stages reached the curve probe: its cells are not the curve's
+        log(f"curve: cells of probe variant(s) {sorted(modes)} left out: the learning curve is the plain linear "
+            f"probe (run --stages curve without probe-variant overrides)")
     return sorted(rows, key=lambda r: (r["task"], r["method"], r["step"]))
 
 
 def curve_report(args: argparse.Namespace) -> dict[str, str] | None:
     """``learning_curve.md`` / ``.png`` in ``<out>/curve`` and ``docs/benchmark/`` from the curve cells."""
     rows = curve_rows(args)
+    docs = Path(args.docs)
     if not rows:
         log("curve: no probed curve points yet")
+        for name in ("learning_curve.md", "learning_curve.png"):   # an older run's curve must not pass for this one
+            (docs / name).unlink(missing_ok=True)
         return None
     out_dir = Path(args.out) / "curve"
-    docs = Path(args.docs)
     docs.mkdir(parents=True, exist_ok=True)
     md = curve_markdown(rows)
     (out_dir / "learning_curve.md").write_text(md)
@@ -514,6 +556,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--probe-overrides", nargs="*", default=[], help="extra overrides of probe.py (probe, curve)")
     ap.add_argument("--finetune-overrides", nargs="*", default=[], help="extra overrides of finetune.py")
     args = ap.parse_args(argv)
+    seeded = [m for m in args.methods if any(o.startswith("seed=") for o in METHOD_OVERRIDES.get(m, []))]
+    if seeded and any(o.lstrip("+~").startswith("seed=") for o in args.train_overrides):
+        ap.error(f"--train-overrides sets seed=, which would replace the pretraining seed of {', '.join(seeded)} "
+                 f"(a second seed of a recipe): leave those methods out or the seed override")
 
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
                MPLBACKEND="Agg", WANDB_MODE="offline", HYDRA_FULL_ERROR="1")
@@ -588,27 +634,40 @@ def update_benchmark_doc(doc: Path, results_md: Path, curve_md: Path | None) -> 
     if not doc.is_file() or not results_md.is_file():
         return
     text = doc.read_text()
-    if RESULTS_START not in text or RESULTS_END not in text:
-        log(f"warning: {doc} has no {RESULTS_START} / {RESULTS_END} markers: not updated")
+    lines = text.split("\n")
+    starts = [i for i, line in enumerate(lines) if line.strip() == RESULTS_START]
+    ends = [i for i, line in enumerate(lines) if line.strip() == RESULTS_END]
+    if not starts or not ends:
+        log(f"warning: {doc} has no {RESULTS_START} / {RESULTS_END} marker lines: not updated")
         return
+    if len(starts) > 1 or len(ends) > 1 or ends[0] < starts[0]:
+        raise SystemExit(f"error: {doc}: the generated block must be one {RESULTS_START} line followed by one "
+                         f"{RESULTS_END} line (found {len(starts)} / {len(ends)}): not updated")
     md = results_md.read_text()
     body = results_sections(md, ("Acceptance", "macro_auroc", "Paired comparison", "Pretraining wall time"))
     block = [RESULTS_START, "",
              f"Generated by `bash scripts/benchmark_real.sh` (report stage, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}) "
-             "from the cells in `runs/benchmark_real/results`; every table of the run (macro F1, Fmax, per class) is in "
+             f"from the cells in `{_shown(results_md.parent)}`; every table of the run (macro F1, Fmax, per class) is in "
              "[benchmark/real_results.md](benchmark/real_results.md), per-seed paired differences in "
              "`benchmark/real_comparisons.csv`.", "", "![macro AUROC vs label fraction](benchmark/real_results.png)", "",
              body.replace("\n## ", "\n#### ").replace("## ", "#### ", 1) if body.startswith("## ") else body]
     if curve_md is not None:
         curve = curve_md.read_text().strip()
+        curve = re.sub(r"\A# .*\n", "", curve)                   # its title: the heading below says it
+        curve = re.sub(r"(?m)^## ", "##### ", curve)               # one heading per task, under that one
         block += ["", "#### Learning curve (linear probe, 100 % of the labels, seed 0)", "",
-                  "![learning curve](benchmark/learning_curve.png)", "",
-                  re.sub(r"(?m)^#+ .*\n", "", curve).strip()]
+                  "![learning curve](benchmark/learning_curve.png)", "", curve.strip()]
     block += ["", RESULTS_END]
-    head, rest = text.split(RESULTS_START, 1)
-    tail = rest.split(RESULTS_END, 1)[1]
-    doc.write_text(head + "\n".join(block) + tail)
+    doc.write_text("\n".join(lines[:starts[0]] + block + lines[ends[0] + 1:]))
     log(f"updated the generated block of {doc}")
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the project when it is inside it (as the document names it), else absolute."""
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path.resolve())
 
 
 #: decimals kept of the metric columns in the docs copy of results.csv (the run's own results.csv keeps all)

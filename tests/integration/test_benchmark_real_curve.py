@@ -98,6 +98,16 @@ def test_curve_stage_exports_probes_and_draws(tmp_path):
     stale.parent.mkdir()
     stale.write_text(json.dumps(old))
     assert sorted(r["step"] for r in B.curve_rows(args)) == [2, 4, 6, 8]
+    # a cell computed from other weights than its step folder holds now (re-exported after a retrain, the curve
+    # probe not rerun): no row, rather than the old run's number at this run's step
+    cell = json.loads(cell_file.read_text())
+    cell["checkpoint_id"] = "other-weights"
+    cell_file.write_text(json.dumps(cell))
+    assert sorted(r["step"] for r in B.curve_rows(args)) == [4, 6, 8]
+    # no curve rows at all: docs' learning_curve.md / .png of an earlier run are removed, not shown as this one's
+    shutil.rmtree(out / "curve" / "results")
+    assert B.curve_report(args) is None
+    assert not (docs / "learning_curve.md").exists() and not (docs / "learning_curve.png").exists()
 
 
 def B_args(argv: list[str]):

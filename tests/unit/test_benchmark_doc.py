@@ -42,3 +42,53 @@ def test_a_document_without_markers_is_left_alone(tmp_path):
     (tmp_path / "results.md").write_text("## Acceptance\n")
     mod.update_benchmark_doc(doc, tmp_path / "results.md", None)
     assert doc.read_text() == "no markers\n"
+
+
+def test_curve_task_headings_results_folder_and_marker_lines(tmp_path):
+    """The learning curve keeps one heading per task (its tables were left without task names); the block names
+    the results folder it was built from; only marker *lines* delimit the block (a mention of the marker in the
+    text is text), and two blocks are refused rather than merged."""
+    import pytest
+
+    mod = _script()
+    doc = tmp_path / "BENCHMARK.md"
+    doc.write_text(f"intro: the block starts at `{mod.RESULTS_START}`.\nkept\n{mod.RESULTS_START}\nold\n"
+                   f"{mod.RESULTS_END}\nafter\n")
+    res = tmp_path / "out" / "results"
+    res.mkdir(parents=True)
+    (res / "results.md").write_text("## Acceptance (issue 12), computed from the cells\n\nMET: x\n")
+    curve = tmp_path / "learning_curve.md"
+    curve.write_text("# Learning curve: linear probe vs pretraining steps\n\ntext\n\n"
+                     "## cinc2017 (n = 3 validation, 4 test records)\n\n| a |\n\n## ptbxl_super (n = 1 validation, 2 "
+                     "test records)\n\n| b |\n")
+    mod.update_benchmark_doc(doc, res / "results.md", curve)
+    text = doc.read_text()
+    assert text.startswith(f"intro: the block starts at `{mod.RESULTS_START}`.\nkept\n") and "old" not in text
+    assert "##### cinc2017 (n = 3 validation" in text and "##### ptbxl_super" in text
+    assert "Learning curve: linear probe vs" not in text and f"`{(res).resolve()}`" in text
+    doc.write_text(f"{mod.RESULTS_START}\n{mod.RESULTS_END}\n{mod.RESULTS_START}\n{mod.RESULTS_END}\n")
+    with pytest.raises(SystemExit, match="must be one"):
+        mod.update_benchmark_doc(doc, res / "results.md", None)
+
+
+def test_recipe_content_hash_follows_the_experiment_chain(tmp_path, monkeypatch):
+    """An edited recipe (or the experiment it extends) is another recipe: its finished run is not reused."""
+    mod = _script()
+    conf = tmp_path / "ecgfm" / "conf" / "experiment"
+    conf.mkdir(parents=True)
+    (conf / "base_cpu30.yaml").write_text("trainer:\n  max_steps: 100\n")
+    (conf / "child_cpu30.yaml").write_text("defaults:\n  - base_cpu30\nmethod:\n  lr: 0.1\n")
+    monkeypatch.setattr(mod, "ROOT", tmp_path)
+    before = mod.experiment_sha256("child_cpu30")
+    (conf / "base_cpu30.yaml").write_text("trainer:\n  max_steps: 300\n")
+    assert mod.experiment_sha256("child_cpu30") != before
+
+
+def test_a_seed_override_is_refused_beside_a_second_seed_method():
+    import pytest
+
+    mod = _script()
+    with pytest.raises(SystemExit) as e:
+        mod.main(["--methods", "simclr_cnn_hc", "simclr_cnn_hc_s1", "--stages", "report",
+                  "--train-overrides", "seed=7"])
+    assert e.value.code == 2
