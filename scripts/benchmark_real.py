@@ -272,14 +272,17 @@ def eval_overrides(args: argparse.Namespace, results_dir: Path | None = None) ->
 
 
 def random_twins(encoders: list[str]) -> list[str]:
-    """``random:<encoder>`` for the first encoder of each distinct architecture (backbone name and arguments)."""
+    """``random:<encoder>`` for the first encoder of each distinct architecture and input (backbone name and
+    arguments, input window / rate / leads, preprocessing): the report pairs an encoder with the twin of the same
+    recipe, so two encoders of one architecture but another crop or preprocessing each need their own."""
     from ecgfm.evaluate.sweep import encoder_meta
 
     seen: dict[str, str] = {}
     for enc in encoders:
         try:
             meta = encoder_meta(enc)
-            arch = json.dumps([meta["name"], meta["init_args"]], sort_keys=True, default=str)
+            arch = json.dumps([meta["name"], meta["init_args"], meta.get("input"), meta.get("preprocess")],
+                              sort_keys=True, default=str)
         except (OSError, ValueError):   # not exported yet: one twin per folder
             arch = enc
         seen.setdefault(arch, enc)

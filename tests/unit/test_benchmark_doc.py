@@ -92,3 +92,18 @@ def test_a_seed_override_is_refused_beside_a_second_seed_method():
         mod.main(["--methods", "simclr_cnn_hc", "simclr_cnn_hc_s1", "--stages", "report",
                   "--train-overrides", "seed=7"])
     assert e.value.code == 2
+
+
+def test_random_twins_one_per_architecture_and_input(tmp_path):
+    """Two encoders of one architecture but another training window each get a twin (the report pairs an encoder
+    with the twin of its own recipe: the second had none); equal ones share one."""
+    from ecgfm.backbones import create_backbone
+    from ecgfm.data.preprocess import PreprocessSpec
+    from ecgfm.export import export_encoder
+
+    mod = _script()
+    net = create_backbone("resnet1d_test")
+    a = export_encoder(net, tmp_path / "a", PreprocessSpec(fs=100), {"fs": 100, "crop_samples": 1000})
+    b = export_encoder(net, tmp_path / "b", PreprocessSpec(fs=100), {"fs": 100, "crop_samples": 500})
+    c = export_encoder(net, tmp_path / "c", PreprocessSpec(fs=100), {"fs": 100, "crop_samples": 1000})
+    assert mod.random_twins([str(a), str(b), str(c)]) == [f"random:{a}", f"random:{b}"]
