@@ -418,12 +418,20 @@ def curve_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
                 where[str(d / "encoder")] = (method, int(m.group(1)))
     from ecgfm.evaluate.identity import checkpoint_identity
 
-    ids = {path: checkpoint_identity(path)["id"] for path in where}
+    ids: dict[str, str | None] = {}
+    for path in where:
+        try:
+            ids[path] = checkpoint_identity(path)["id"]
+        except (OSError, ValueError) as exc:   # an export that never finished (or was removed): no point
+            log(f"curve: {path}: no readable export ({exc}): left out")
+            ids[path] = None
     rows = []
     modes: set[str] = set()
     for c in load_cells(res):
         key = where.get(str(c.get("checkpoint")))
         if key is None or "test" not in (c.get("results") or {}):
+            continue
+        if ids[str(c["checkpoint"])] is None:
             continue
         if c.get("checkpoint_id") != ids[str(c["checkpoint"])]:   # computed from other weights (an older run)
             log(f"curve: {c['checkpoint']} ({c.get('task')}): its cell was computed from other weights than the "

@@ -230,8 +230,8 @@ def _generic_name_hint(report: LeakageReport) -> str:
         return ""
     return (f" Every shared identity is under the generic source name {', '.join(sorted(sources))!r}: if the "
             f"pretraining folder and this one are different corpora whose file names coincide, give each its own "
-            f"source name (data.params.source_name / task.params.source_name / eval_data.params.source_name) and "
-            f"prepare again.")
+            f"source name (e.g. +data.cache_dirs.0.sources.0.name=hospital_a when pretraining, "
+            f"+task.sources.0.name=hospital_b, eval_data.sources.0.name=hospital_c) and prepare again.")
 
 
 def check_leakage(pretrain: Mapping[str, list[str]], test: Mapping[str, list[str]], allow: bool = False,

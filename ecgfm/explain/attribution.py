@@ -664,11 +664,16 @@ def _grid_lead_resolution(cam: Tensor, n_leads: int) -> str:
 def _upsample_grid(cam: Tensor, n_leads: int, n_t: int) -> Tensor:
     """``(B, 1, H, W)`` -> ``(B, L, T)``: rows equal to the leads keep their lead, a single row is broadcast to
     every lead; time is linearly interpolated with column ``k`` centred on input samples ``k*s .. k*s + s - 1``,
-    ``s = ceil(T / W)`` the layer's total stride (a strided CNN gives ``W = ceil(T / s)`` columns, so when ``s``
-    does not divide ``T`` stretching ``W`` columns over ``T`` samples would drift by up to ``s`` samples along the
-    record; a ViT's patches tile ``T`` exactly, where both are the same)."""
+    ``s = ceil(T / W)`` the layer's total stride, when the columns tile the input as a "same"-padded strided CNN's
+    do (``W = ceil(T / s)``: when ``s`` does not divide ``T``, stretching ``W`` columns over ``T`` samples would
+    drift by up to ``s`` samples along the record; a ViT's patches tile ``T`` exactly, where both are the same);
+    other layouts (unpadded convolutions, floor-mode pooling) are stretched over the ``T`` samples."""
     b, _, h, w = cam.shape
     stride = -(-n_t // w) if w < n_t else None
+    if stride is not None and -(-n_t // stride) != w:
+        # the columns do not tile the input as a "same"-padded stride-s layer's do (an unpadded convolution has
+        # T - k + 1 columns, a floor-mode pooling floor(T / s)): stretched over the input as before
+        stride = None
     size_t = w * stride if stride else n_t
     if h == 1:
         up = F.interpolate(cam[:, :, 0, :], size=size_t, mode="linear", align_corners=False)[..., :n_t]

@@ -81,21 +81,26 @@ def test_bring_your_own_folder_as_the_training_task(tmp_path, cache_root, hospit
     assert 0.0 <= m["macro_auroc"]["value"] <= 1.0 and m["n"] == cell["splits"]["test"]
 
 
-def test_folder_source_names_come_from_params(tmp_path, cache_root, hospital_b):
-    """``*.params.source_name`` reaches the FolderSource of each folder config (the leakage guard's identities);
-    the defaults keep the names (and so the cache keys) of before."""
+def test_folder_source_names_can_be_set_and_defaults_keep_their_identity(tmp_path, cache_root, hospital_b):
+    """A folder's source name (its records' identities in the leakage guard) is set on the source node, as the
+    leakage error says (``+task.sources.0.name=...``, ``eval_data.sources.0.name=...``,
+    ``+data.cache_dirs.0.sources.0.name=...``); the default nodes carry no new keys, so caches and cells of
+    before keep their keys."""
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
     cfg = _cfg("probe", tmp_path, cache_root, "task=folder", f"task.root={hospital_b}", *_ext(hospital_b),
-               "task.params.source_name=hospital_a")
+               "+task.sources.0.name=hospital_a", "eval_data.sources.0.name=hospital_c")
     plain = OmegaConf.to_container(cfg, resolve=True)
     assert instantiate(plain["task"]["sources"][0]).name == "hospital_a"
-    assert plain["eval_data"]["sources"][0]["name"] == "external_folder"
+    assert plain["eval_data"]["sources"][0]["name"] == "hospital_c"
+    default = OmegaConf.to_container(_cfg("probe", tmp_path, cache_root, "task=folder", f"task.root={hospital_b}"),
+                                     resolve=True)
+    assert "name" not in default["task"]["sources"][0] and "source_name" not in default["task"]["params"]
     with initialize_config_dir(str(ROOT / "ecgfm" / "conf"), version_base="1.3"):
-        tr = compose("train", overrides=["data=folder", f"data.params.root={hospital_b}"])
-    assert OmegaConf.to_container(tr.data, resolve=True)["cache_dirs"][0]["sources"][0]["name"] == "folder"
-
+        tr = compose("train", overrides=["data=folder", f"data.params.root={hospital_b}",
+                                         "+data.cache_dirs.0.sources.0.name=hospital_a"])
+    assert OmegaConf.to_container(tr.data, resolve=True)["cache_dirs"][0]["sources"][0]["name"] == "hospital_a"
 
 def test_a_missing_folder_names_the_key_the_user_sets(tmp_path, cache_root):
     """``eval_data.root=/nosuch`` is reported as ``eval_data.root`` (not the reader argument inside the source

@@ -381,6 +381,11 @@ def test_grid_columns_sit_on_their_stride_not_stretched_over_the_record():
     up = _upsample_grid(cam, 12, 1000)
     assert up.shape == (1, 12, 1000)
     assert up[0, 0].argmax().item() in (30 * 32 + 15, 30 * 32 + 16)   # the column's centre
+    cam = torch.zeros(1, 1, 1, 994)                     # an unpadded k=7 convolution: T - 6 columns, not strided
+    cam[..., 497] = 1.0
+    cam[..., 993] = 1.0
+    up = _upsample_grid(cam, 1, 1000)[0, 0]
+    assert abs(up[:750].argmax().item() - 500) <= 1 and up[990:].max() > 0.5     # stretched, the end kept
     grid = torch.zeros(1, 1, 12, 40)                    # per-lead grid, 40 patches of 25 samples: exact tiling
     grid[0, 0, 3, 7] = 1.0
     up = _upsample_grid(grid, 12, 1000)

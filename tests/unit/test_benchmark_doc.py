@@ -107,3 +107,19 @@ def test_random_twins_one_per_architecture_and_input(tmp_path):
     b = export_encoder(net, tmp_path / "b", PreprocessSpec(fs=100), {"fs": 100, "crop_samples": 500})
     c = export_encoder(net, tmp_path / "c", PreprocessSpec(fs=100), {"fs": 100, "crop_samples": 1000})
     assert mod.random_twins([str(a), str(b), str(c)]) == [f"random:{a}", f"random:{b}"]
+
+
+def test_a_step_folder_without_its_export_is_left_out_of_the_curve(tmp_path, monkeypatch):
+    """An export that never finished (the folder exists, no weights): no curve point, not a crash of the report."""
+    import types
+
+    mod = _script()
+    run = tmp_path / "pretrain" / "mae"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "step100.ckpt").write_bytes(b"x")
+    (run / "curve" / "step100").mkdir(parents=True)
+    (run / "encoder").mkdir()
+    (run / "encoder" / "encoder.json").write_text("{}")
+    (tmp_path / "curve" / "results" / "cells").mkdir(parents=True)
+    monkeypatch.setattr(mod, "curve_sources", lambda d: {100: d / "checkpoints" / "step100.ckpt"})
+    assert mod.curve_rows(types.SimpleNamespace(out=str(tmp_path), methods=["mae"], docs=str(tmp_path / "d"))) == []

@@ -149,7 +149,7 @@ def test_overlap_only_under_the_generic_folder_name_says_how_to_tell_folders_apa
     coincide: the error stays (it cannot know they differ) but names the knob that separates them."""
     pre = index_identities(_index([("rec1", "folder", None, {}), ("rec2", "folder", None, {})]))
     test = index_identities(_index([("rec1", "folder", None, {})]))
-    with pytest.raises(LeakageError, match="task.params.source_name"):
+    with pytest.raises(LeakageError, match=r"\+task\.sources\.0\.name="):
         check_leakage(pre, test)
     other = index_identities(_index([("rec1", "hospital_b", None, {})]))   # named apart: nothing shared
     assert not check_leakage(pre, other).leaked

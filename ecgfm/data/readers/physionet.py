@@ -193,9 +193,11 @@ class Challenge2021Source(_FolderIndex):
         self._files = scan_records(self.root, ".hea", recursive=True)
         if not self._files:
             raise ECGDataError(self.root, "no challenge records (*.hea) found")
-        self.ptbxl_root = None if ptbxl_root is None else Path(ptbxl_root)
         self._ptbxl_patients: dict[int, str] = {}
-        if self.ptbxl_root is not None:
+        if ptbxl_root is not None:
+            # a public setting (in the cache's source description) only when given: a source without it describes
+            # itself as before, so its existing caches stay current
+            self.ptbxl_root = Path(ptbxl_root)
             from ecgfm.data.readers.ptbxl import load_ptbxl_table, ptbxl_patient   # the one checked reader
 
             table = load_ptbxl_table(self.ptbxl_root)
@@ -205,7 +207,8 @@ class Challenge2021Source(_FolderIndex):
     def label_files(self) -> list[Path]:
         """``ptbxl_database.csv`` when ``ptbxl_root`` is given (patient ids come from it), for the cache's
         freshness check; the labels themselves come from the headers."""
-        return [] if self.ptbxl_root is None else [self.ptbxl_root / "ptbxl_database.csv"]
+        root = getattr(self, "ptbxl_root", None)
+        return [] if root is None else [root / "ptbxl_database.csv"]
 
     def load(self, record_id: str) -> ECGRecord:
         base = self._base(record_id)
