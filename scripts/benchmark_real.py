@@ -567,6 +567,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--probe-overrides", nargs="*", default=[], help="extra overrides of probe.py (probe, curve)")
     ap.add_argument("--finetune-overrides", nargs="*", default=[], help="extra overrides of finetune.py")
     args = ap.parse_args(argv)
+    if "probe" in args.stages and not args.no_handcrafted and any(
+            o.split("=", 1)[0].lstrip("+") == "probe.layers" and o.split("=", 1)[1] != "last"
+            for o in args.probe_overrides if "=" in o):
+        ap.error("--probe-overrides probe.layers=... pools an encoder's stages, which the handcrafted baseline "
+                 "has not (probe.py refuses it): add --no-handcrafted")
     seeded = [m for m in args.methods if any(o.startswith("seed=") for o in METHOD_OVERRIDES.get(m, []))]
     if seeded and any(o.lstrip("+~").startswith("seed=") for o in args.train_overrides):
         ap.error(f"--train-overrides sets seed=, which would replace the pretraining seed of {', '.join(seeded)} "

@@ -92,6 +92,9 @@ def test_a_seed_override_is_refused_beside_a_second_seed_method():
         mod.main(["--methods", "simclr_cnn_hc", "simclr_cnn_hc_s1", "--stages", "report",
                   "--train-overrides", "seed=7"])
     assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:      # the handcrafted job would be refused half-way through the sweep
+        mod.main(["--methods", "simclr_cnn", "--stages", "probe", "--probe-overrides", "probe.layers=stages"])
+    assert e.value.code == 2
 
 
 def test_random_twins_one_per_architecture_and_input(tmp_path):
