@@ -72,13 +72,6 @@ def display_signal(record: ECGRecord, wrapper: ECGWrapper) -> tuple[np.ndarray, 
     ``((L_model, T) float32, units)`` (absent leads are 0). A raw (reader's) record is drawn in mV; a record read
     back from a corpus cache is already normalised (``header["preprocessed"]``): its values are drawn as they are,
     in ``"normalised units"`` (a chart in mV would claim amplitudes and a gain the record no longer has)."""
-    if preprocessed_spec(record, wrapper.spec, "the explained model") is not None:
-        rows = np.zeros((wrapper.n_leads, record.n_samples), dtype=np.float32)
-        for j, lead in enumerate(wrapper.lead_names):
-            i = CANONICAL_LEADS.index(lead)
-            if record.lead_mask[i]:
-                rows[j] = record.signal[i]
-        return rows, "mV" if wrapper.spec.normalize == "none" else "normalised units"
     rows = np.zeros((wrapper.n_leads, record.n_samples), dtype=np.float32)
     mask = np.zeros(wrapper.n_leads, dtype=bool)
     for j, lead in enumerate(wrapper.lead_names):
@@ -86,6 +79,8 @@ def display_signal(record: ECGRecord, wrapper: ECGWrapper) -> tuple[np.ndarray, 
         if record.lead_mask[i]:
             rows[j] = record.signal[i]
             mask[j] = True
+    if preprocessed_spec(record, wrapper.spec, "the explained model") is not None:
+        return rows, "mV" if wrapper.spec.normalize == "none" else "normalised units"
     if wrapper.spec is not None:
         spec = PreprocessSpec(**{**wrapper.spec.to_dict(), "fs": wrapper.fs, "normalize": "none", "clip": None})
         return wrapper.preprocess_rows(rows, record.fs, mask, spec, record.key)[0], "mV"
