@@ -47,7 +47,8 @@ from ecgfm.backbones.registry import create_backbone, list_backbones
 from ecgfm.data.preprocess import PreprocessSpec
 from ecgfm.data.record import CANONICAL_LEADS
 from ecgfm.heads import LinearProbeHead, MLPHead
-from ecgfm.io import atomic_write, atomic_write_json, atomic_write_text, fsync_dir, jsonable, read_json
+from ecgfm.io import (atomic_write, atomic_write_json, atomic_write_text, fsync_dir, jsonable, read_json,
+                      sort_safetensors_metadata)
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "KINDS", "HEADS", "ArtifactError", "ArtifactNotFound", "EncoderClassifier", "meta_file",
            "weights_file", "artifact_kind", "read_meta", "write_artifact", "save_encoder", "load_encoder",
@@ -404,8 +405,11 @@ def write_artifact(out_dir: str | os.PathLike, kind: str, state: Mapping[str, Te
     out = Path(out_dir)
 
     def write_into(folder: Path) -> None:
-        atomic_write(folder / weights_file(kind), lambda p: save_file(tensors, p, metadata={"format": FORMAT,
-                                                                                             "kind": kind}))
+        def save_weights(p: Path) -> None:
+            save_file(tensors, p, metadata={"format": FORMAT, "kind": kind})
+            sort_safetensors_metadata(p)   # the same weights give the same bytes (see ecgfm.io)
+
+        atomic_write(folder / weights_file(kind), save_weights)
         atomic_write_text(folder / "README.md", model_card(doc, str(out)))
         atomic_write_json(folder / meta_file(kind), doc, indent=2)
 

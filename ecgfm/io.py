@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+import struct
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -20,7 +21,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 __all__ = ["jsonable", "dumps", "atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_write_json",
-           "read_json", "sha256_file", "sha256_bytes", "fsync_dir", "file_lock", "LockBusy", "to_container"]
+           "read_json", "sha256_file", "sha256_bytes", "safetensors_sha256", "sort_safetensors_metadata", "fsync_dir", "file_lock", "LockBusy", "to_container"]
 
 
 def to_container(value: Any) -> Any:
@@ -147,6 +148,65 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+# safetensors (0.8) writes the free-text ``__metadata__`` of a file from a Rust HashMap, whose order changes from
+# process to process: the same tensors saved twice gave different bytes, and so a different checkpoint identity (a
+# cell computed from those very weights then looked stale). No safetensors option fixes the order, so the header is
+# put in one canonical form here: the metadata keys sorted, the JSON as compact as safetensors writes it, the same
+# length (the header is space-padded). Nothing else in the file moves.
+def _canonical_safetensors_header(head: bytes) -> bytes | None:
+    """``head`` (a safetensors JSON header with its padding) with the ``__metadata__`` keys sorted, or None where
+    it has no metadata or is not in safetensors' own compact form (then its bytes are taken as they are)."""
+    try:
+        body = head.decode("utf-8").rstrip(" ")
+        doc = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    meta = doc.get("__metadata__") if isinstance(doc, dict) else None
+    if not isinstance(meta, dict) or json.dumps(doc, separators=(",", ":"), ensure_ascii=False) != body:
+        return None
+    doc["__metadata__"] = dict(sorted(meta.items()))
+    out = json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return out + b" " * (len(head) - len(out))
+
+
+def _safetensors_header(f: Any) -> bytes | None:
+    raw = f.read(8)
+    if len(raw) < 8:
+        return None
+    n = struct.unpack("<Q", raw)[0]
+    head = f.read(n) if n < (1 << 27) else b""
+    return head if len(head) == n else None
+
+
+def safetensors_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    """sha256 of a ``.safetensors`` file in its canonical form (metadata keys sorted; see above): the same tensors
+    and metadata give the same digest whichever order the writer put the metadata in. Equal to
+    :func:`sha256_file` for a file already in that form (every file ecgfm writes); any file that is not
+    safetensors' compact form is hashed as it is."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        head = _safetensors_header(f)
+        fixed = None if head is None else _canonical_safetensors_header(head)
+        if fixed is None:
+            f.seek(0)
+        else:
+            h.update(struct.pack("<Q", len(fixed)) + fixed)
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sort_safetensors_metadata(path: str | os.PathLike) -> None:
+    """Rewrite a just-written ``.safetensors`` file's header in place into its canonical form (same length), so
+    that saving the same tensors twice gives the same bytes."""
+    with open(path, "r+b") as f:
+        head = _safetensors_header(f)
+        fixed = None if head is None else _canonical_safetensors_header(head)
+        if fixed is not None and fixed != head:
+            f.seek(8)
+            f.write(fixed)
 
 
 class LockBusy(RuntimeError):

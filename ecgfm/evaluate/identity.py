@@ -25,7 +25,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-from ecgfm.io import dumps, sha256_bytes, sha256_file
+from ecgfm.io import dumps, safetensors_sha256, sha256_bytes
 
 __all__ = ["CELL_SCHEMA", "weights_sha256", "checkpoint_identity", "recipe_identity", "short_hash", "diff_keys",
            "stale_reason"]
@@ -44,7 +44,7 @@ def _file_sha256(path: Path) -> str:
     st = path.stat()
     key = (str(path.resolve()), int(st.st_size), int(st.st_mtime_ns))
     if key not in _HASH_CACHE:
-        _HASH_CACHE[key] = sha256_file(path)
+        _HASH_CACHE[key] = safetensors_sha256(path)
     return _HASH_CACHE[key]
 
 

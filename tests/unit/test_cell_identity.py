@@ -17,6 +17,7 @@ from ecgfm.evaluate import identity as I
 from ecgfm.evaluate.metrics import evaluate_scores
 from ecgfm.evaluate.report import build_report, load_cells, paired_comparisons, summarize, tidy_rows
 from ecgfm.export import export_encoder
+from ecgfm.io import sha256_file
 
 
 def _export(path: Path, seed: int) -> Path:
@@ -32,16 +33,51 @@ def test_checkpoint_identity_is_the_weights_content(tmp_path):
     ia, ib, ic = (I.checkpoint_identity(str(p)) for p in (a, b, c))
     assert ia["id"] != ib["id"] and ia["id"] == ic["id"]
     assert I.checkpoint_identity(str(a / "encoder.safetensors"))["id"] == ia["id"]  # a file of the folder
-    assert ia["basis"]["weights_sha256"]["encoder.safetensors"] == I.sha256_file(a / "encoder.safetensors")
+    assert ia["basis"]["weights_sha256"]["encoder.safetensors"] == sha256_file(a / "encoder.safetensors")
     _export(a, 2)                                                          # retrained into the same folder
     assert I.checkpoint_identity(str(a))["id"] not in (ia["id"], ib["id"])
+
+
+def _metadata_reversed(path: Path) -> None:
+    """Rewrite a safetensors file's header with its ``__metadata__`` keys in reverse order (what safetensors itself
+    writes in about half of all processes: its metadata map has no fixed order)."""
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    doc = json.loads(raw[8:8 + n])
+    doc["__metadata__"] = dict(reversed(list(doc["__metadata__"].items())))
+    head = json.dumps(doc, separators=(",", ":")).encode()
+    path.write_bytes(raw[:8] + head + b" " * (n - len(head)) + raw[8 + n:])
+
+
+def test_identity_does_not_depend_on_the_metadata_order_safetensors_happened_to_write(tmp_path):
+    # the same weights exported twice once gave two identities (a learning-curve cell of unchanged weights was
+    # then left out as "computed from other weights"), because the metadata order of the file changed
+    a = _export(tmp_path / "a", 0)
+    b = tmp_path / "b"
+    shutil.copytree(a, b)
+    _metadata_reversed(b / "encoder.safetensors")
+    assert (a / "encoder.safetensors").read_bytes() != (b / "encoder.safetensors").read_bytes()
+    assert I.checkpoint_identity(str(a))["id"] == I.checkpoint_identity(str(b))["id"]
+    # ecgfm writes the canonical form: exporting the reversed file's weights again restores a's bytes
+    from ecgfm.export import load_encoder
+
+    backbone, spec, info = load_encoder(b)
+    export_encoder(backbone, tmp_path / "c", spec, extra=info.get("extra") or {})
+    assert (tmp_path / "c" / "encoder.safetensors").read_bytes() == (a / "encoder.safetensors").read_bytes()
+    # a file that is not in safetensors' compact form is hashed as it is
+    d = tmp_path / "d.safetensors"
+    raw = (a / "encoder.safetensors").read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    head = json.dumps(json.loads(raw[8:8 + n]), indent=1).encode()
+    d.write_bytes(len(head).to_bytes(8, "little") + head + raw[8 + n:])
+    assert I.safetensors_sha256(d) == sha256_file(d)
 
 
 def test_weights_hash_is_cached_by_size_and_mtime(tmp_path, monkeypatch):
     a = _export(tmp_path / "a", 0)
     calls = []
-    real = I.sha256_file
-    monkeypatch.setattr(I, "sha256_file", lambda p: calls.append(p) or real(p))
+    real = I.safetensors_sha256
+    monkeypatch.setattr(I, "safetensors_sha256", lambda p: calls.append(p) or real(p))
     I._HASH_CACHE.clear()
     for _ in range(3):
         I.weights_sha256(a)
