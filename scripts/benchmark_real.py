@@ -560,6 +560,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--xresnet", default="resnet1d_tiny",
                     help="strong supervised CNN baseline (resnet1d / xresnet1d family) on every task ('' to skip; "
                          "xresnet1d50 = full size)")
+    ap.add_argument("--replace-docs", action="store_true",
+                    help="let the report replace committed docs tables that show rows its cells lack (default: such "
+                         "a partial report leaves --docs and docs/BENCHMARK.md alone and says so)")
     ap.add_argument("--no-handcrafted", action="store_true", help="leave the handcrafted-feature probe out")
     ap.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
     ap.add_argument("--train-overrides", nargs="*", default=[])
@@ -611,7 +614,6 @@ def main(argv: list[str] | None = None) -> None:
             run([PY, "finetune.py", "-m", f"checkpoint=supervised:{args.xresnet}", f"task={tasks}",
                  *([f"window_seconds={win:g}"] if win else []), *cnn], env)
     if "report" in args.stages:
-        curve_report(args)      # first: the report copies the learning-curve table into docs/BENCHMARK.md
         report(args)
     log(f"total {time.perf_counter() - t0:.0f} s")
 
@@ -704,9 +706,27 @@ def docs_results_csv(src: Path, dst: Path) -> None:
     df.to_csv(dst, index=False)
 
 
+def rows_not_in(old_csv: Path, new_csv: Path) -> list[str]:
+    """The table rows (method, backbone, probe mode, task) of a committed ``real_results.csv`` that a new
+    ``results.csv`` lacks, as ``"method / backbone / mode / task"`` strings (empty when there is no committed table).
+    A report built from a checkout that holds only some cells (one retrained encoder, say) must not replace the
+    full run's tables with a partial one."""
+    import pandas as pd
+
+    if not old_csv.is_file():
+        return []
+    key = ["method", "backbone", "mode", "task"]
+    old = pd.read_csv(old_csv, usecols=lambda c: c in key)
+    if not set(key) <= set(old.columns):
+        return []   # not a table of this format: nothing to protect
+    new = pd.read_csv(new_csv, usecols=lambda c: c in key) if new_csv.is_file() else pd.DataFrame(columns=key)
+    have = set(map(tuple, new[key].astype(str).values)) if len(new) else set()
+    return [" / ".join(t) for t in sorted(set(map(tuple, old[key].astype(str).values)) - have)]
+
+
 def report(args: argparse.Namespace) -> None:
-    """Rebuild the tables, append the pretraining wall times, copy them to docs/benchmark and print the
-    acceptance block."""
+    """Rebuild the tables, append the pretraining wall times, copy them and the learning curve to docs/benchmark
+    (unless they would lose rows the committed tables show: :func:`rows_not_in`), and print the acceptance block."""
     from ecgfm.evaluate.report import build_report
 
     res_dir = Path(args.out) / "results"
@@ -717,6 +737,15 @@ def report(args: argparse.Namespace) -> None:
         md.write_text(md.read_text() + "\n" + times)
     docs = Path(args.docs)
     docs.mkdir(parents=True, exist_ok=True)
+    lost = rows_not_in(docs / "real_results.csv", res_dir / "results.csv")
+    if lost and not args.replace_docs:
+        log(f"warning: {docs} shows {len(lost)} row(s) that the cells in {res_dir} lack ("
+            f"{'; '.join(lost[:6])}{' ...' if len(lost) > 6 else ''}): a partial run's report would replace them, so "
+            f"{docs} and the generated block of {docs.resolve().parent / 'BENCHMARK.md'} were left as they are; this "
+            f"run's tables are in {res_dir} (pass --docs <another folder> to write them there, or --replace-docs to "
+            f"replace the committed ones anyway)")
+        return
+    curve_report(args)      # first: the generated block copies the learning-curve table from docs
     for name in ("results.csv", "results.md", "results.png", "comparisons.csv", "comparisons_mean.csv"):
         if not (res_dir / name).exists():   # not made by this report: an older copy in docs would pass for current
             (docs / f"real_{name}").unlink(missing_ok=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 from pathlib import Path
 
@@ -126,3 +127,47 @@ def test_a_step_folder_without_its_export_is_left_out_of_the_curve(tmp_path, mon
     (tmp_path / "curve" / "results" / "cells").mkdir(parents=True)
     monkeypatch.setattr(mod, "curve_sources", lambda d: {100: d / "checkpoints" / "step100.ckpt"})
     assert mod.curve_rows(types.SimpleNamespace(out=str(tmp_path), methods=["mae"], docs=str(tmp_path / "d"))) == []
+
+
+def test_a_partial_report_does_not_replace_the_committed_tables(tmp_path, monkeypatch):
+    # a report run from a checkout holding only one retrained encoder's cells once replaced the full run's
+    # generated block of docs/BENCHMARK.md and docs/benchmark/real_* with a one-encoder table
+    import ecgfm.evaluate.report as R
+
+    mod = _script()
+    cols = "mode,task,dataset,split,label,method,checkpoint,checkpoint_id,recipe_id,backbone,fraction,seed,metric,value\n"
+    full = cols + ("linear,cinc2017,cinc2017,test,mae,mae,x,a,b,vit1d_tiny,1,0,macro_auroc,0.7\n"
+                   "linear,cinc2017,cinc2017,test,hc,handcrafted,handcrafted,c,d,handcrafted,1,0,macro_auroc,0.9\n")
+    partial = cols + "linear,cinc2017,cinc2017,test,hc,handcrafted,handcrafted,c,d,handcrafted,1,0,macro_auroc,0.9\n"
+    out, docs = tmp_path / "run", tmp_path / "repo" / "docs" / "benchmark"
+    docs.mkdir(parents=True)
+    (docs / "real_results.csv").write_text(full)
+    doc = docs.parent / "BENCHMARK.md"
+    doc.write_text(f"intro\n{mod.RESULTS_START}\nthe full run\n{mod.RESULTS_END}\n")
+    table = {"csv": partial}
+
+    def fake_build_report(res_dir, n_boot=1000):
+        res_dir = Path(res_dir)
+        res_dir.mkdir(parents=True, exist_ok=True)
+        (res_dir / "results.csv").write_text(table["csv"])
+        (res_dir / "results.md").write_text("## Acceptance (issue 12), computed from the cells\n\nnew block\n")
+        return {"acceptance": []}
+
+    monkeypatch.setattr(R, "build_report", fake_build_report)
+    monkeypatch.setattr(mod, "pretrain_times_markdown", lambda args: "")
+    curves = []
+    monkeypatch.setattr(mod, "curve_report", lambda args: curves.append(args.docs))
+    args = argparse.Namespace(out=str(out), docs=str(docs), bootstrap=10, replace_docs=False)
+    mod.report(args)
+    assert (docs / "real_results.csv").read_text() == full and "the full run" in doc.read_text()
+    assert not (docs / "real_headline.txt").exists() and not curves   # nor the learning curve
+    args.replace_docs = True                       # asked for: replaced
+    mod.report(args)
+    assert (docs / "real_results.csv").read_text().count("\n") == 2 and "new block" in doc.read_text()
+    # a run that has every committed row (and more) replaces them without being asked
+    table["csv"] = full + "linear,ptbxl_super,ptbxl,test,mae,mae,x,a,b,vit1d_tiny,1,0,macro_auroc,0.8\n"
+    (docs / "real_results.csv").write_text(full)
+    args.replace_docs = False
+    mod.report(args)
+    assert (docs / "real_results.csv").read_text().count("\n") == 4
+    assert mod.rows_not_in(docs / "real_results.csv", out / "results" / "results.csv") == []
