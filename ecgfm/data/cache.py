@@ -155,8 +155,11 @@ def patient_hash(source: str, patient_id: Any) -> int:
 
 
 def natural_key(text: str) -> tuple:
-    """Sort key ordering embedded numbers numerically (``"2" < "10"``, ``"A2" < "A10"``)."""
-    return tuple((0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", str(text)) if t)
+    """Sort key ordering embedded numbers numerically (``"2" < "10"``, ``"A2" < "A10"``); texts that differ only
+    in leading zeros (``"1"`` / ``"01"``) are ordered by the text itself, so that sorting a set of them does not keep
+    the set's iteration order (which changes from process to process with the string hash seed)."""
+    text = str(text)
+    return tuple((0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", text) if t), text
 
 
 def _tmp_name(final: Path) -> Path:

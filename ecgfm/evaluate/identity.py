@@ -15,7 +15,8 @@ again with another probe grid, learning rate, window or bootstrap. So every cell
 
 A rerun reuses a finished cell only when both match (:func:`stale_reason` says why not), and the results table
 groups cells by ``checkpoint_id`` (:mod:`ecgfm.evaluate.report`), so two checkpoints of one method are never
-averaged as if they were seeds. Hashing a weights file is cached by (path, size, mtime), so skip checks stay cheap.
+averaged as if they were seeds. Hashing a weights file is cached by (path, size, mtime, ctime, inode), so skip checks
+stay cheap.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ __all__ = ["CELL_SCHEMA", "weights_sha256", "checkpoint_identity", "recipe_ident
 
 CELL_SCHEMA = 2  # bump when the meaning of a cell's numbers changes (old cells are then recomputed)
 ID_LEN = 16      # hex characters kept in checkpoint_id / recipe_id
-_HASH_CACHE: dict[tuple[str, int, int], str] = {}
+_HASH_CACHE: dict[tuple[str, int, int, int, int], str] = {}
 
 
 def short_hash(obj: Any, n: int = ID_LEN) -> str:
@@ -42,7 +43,9 @@ def short_hash(obj: Any, n: int = ID_LEN) -> str:
 
 def _file_sha256(path: Path) -> str:
     st = path.stat()
-    key = (str(path.resolve()), int(st.st_size), int(st.st_mtime_ns))
+    # ctime and inode too: a re-export of the same architecture has the same size, and on a kernel with coarse
+    # timestamps a rewrite within one tick keeps the mtime (the old weights' identity would be returned)
+    key = (str(path.resolve()), int(st.st_size), int(st.st_mtime_ns), int(st.st_ctime_ns), int(st.st_ino))
     if key not in _HASH_CACHE:
         _HASH_CACHE[key] = safetensors_sha256(path)
     return _HASH_CACHE[key]
@@ -52,7 +55,7 @@ def weights_sha256(folder: str | os.PathLike) -> dict[str, str]:
     """``{file name: sha256}`` of the weights of an exported model folder.
 
     The weights are the folder's ``*.safetensors`` files (an encoder export has ``encoder.safetensors``). Each
-    hash is cached by (path, size, modification time), so asking again for an unchanged file reads nothing.
+    hash is cached by (path, size, modification and change time, inode), so asking again for an unchanged file reads nothing.
 
     Raises:
         FileNotFoundError: the folder holds no ``.safetensors`` file.

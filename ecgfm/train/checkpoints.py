@@ -114,9 +114,9 @@ def find_resume_checkpoint(out_dir: str | os.PathLike, resume: Optional[str]) ->
         resume: an explicit checkpoint (``resume=``): it must exist and load.
 
     Returns:
-        ``resume`` if given; else the newest (by modification time) of ``checkpoints/last.ckpt``,
-        ``hpc_ckpt_*.ckpt`` (Lightning's SLURM pre-emption saves) and the periodic ``checkpoints/*.ckpt`` that
-        loads, each skipped one logged with its reason; ``None`` when there is none.
+        ``resume`` if given; else the one at the furthest ``global_step`` (then the newest by modification time)
+        of ``checkpoints/last.ckpt``, ``hpc_ckpt_*.ckpt`` (Lightning's SLURM pre-emption saves) and the periodic
+        ``checkpoints/*.ckpt`` that load, each skipped one logged with its reason; ``None`` when there is none.
 
     Raises:
         ConfigError: ``resume`` does not exist or is not a checkpoint.
@@ -130,12 +130,23 @@ def find_resume_checkpoint(out_dir: str | os.PathLike, resume: Optional[str]) ->
             raise ConfigError("resume", f"{path.resolve()} is not a checkpoint ({problem}); point resume= at a .ckpt "
                                         "file of a training run (its checkpoints/ folder)")
         return str(path)
+    # the furthest training step wins, the modification time only breaks ties: a run folder copied without its
+    # times (cp -r, scp -r) has mtimes in the copy's listing order, and "newest file" then resumed from an older
+    # periodic checkpoint than last.ckpt
+    best: Optional[tuple[tuple[int, int], Path]] = None
     for path in _candidates(Path(out_dir)):
-        problem = checkpoint_problem(path)
-        if problem is None:
-            return str(path)
-        log.warning("resume: skipping checkpoint %s: %s", path, problem)
-    return None
+        try:
+            step = int(_load(path, mmap=True).get("global_step") or 0)
+        except NotACheckpointError as err:
+            log.warning("resume: skipping checkpoint %s: %s", path, err.reason)
+            continue
+        except OSError as err:
+            log.warning("resume: skipping checkpoint %s: unreadable: %s", path, err.strerror or err)
+            continue
+        key = (step, path.stat().st_mtime_ns)
+        if best is None or key > best[0]:
+            best = (key, path)
+    return None if best is None else str(best[1])
 
 
 def finished_run_files(out_dir: str | os.PathLike) -> list[Path]:

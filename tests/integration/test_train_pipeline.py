@@ -203,7 +203,7 @@ def test_no_logger_trains(tmp_path, cache_root):
     assert not (tmp_path / "run" / "csv").exists()
 
 
-def test_find_resume_checkpoint_prefers_the_newest(tmp_path):
+def test_find_resume_checkpoint_prefers_the_furthest_step(tmp_path):
     import os
 
     from ecgfm.pipelines import find_resume_checkpoint
@@ -222,9 +222,14 @@ def test_find_resume_checkpoint_prefers_the_newest(tmp_path):
     assert find_resume_checkpoint(tmp_path, str(last)) == str(last)
     periodic = ckpt(tmp_path / "checkpoints" / "step0000002.ckpt", 2)
     os.utime(periodic, ns=(2, 2))
-    hpc.write_bytes(b"x")                                 # damaged: the newest one that loads is last.ckpt
-    assert find_resume_checkpoint(tmp_path, None) == str(periodic)
-    os.utime(last, ns=(3, 3))
+    hpc.write_bytes(b"x")                                 # damaged: skipped
+    # a run folder copied without its times: the periodic checkpoint of step 2 is the newer file, but last.ckpt
+    # holds step 4 (resuming from the "newest" file recomputed two steps)
+    assert find_resume_checkpoint(tmp_path, None) == str(last)
+    same = ckpt(tmp_path / "checkpoints" / "step0000004.ckpt", 4)   # a tie of steps: the newer file
+    os.utime(same, ns=(5, 5))
+    assert find_resume_checkpoint(tmp_path, None) == str(same)
+    os.utime(last, ns=(6, 6))
     assert find_resume_checkpoint(tmp_path, None) == str(last)
 
 

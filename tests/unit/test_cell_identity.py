@@ -85,6 +85,16 @@ def test_weights_hash_is_cached_by_size_and_mtime(tmp_path, monkeypatch):
     _export(a, 5)
     I.weights_sha256(a)
     assert len(calls) == 2
+    # a rewrite with the same size and modification time (a coarse-timestamp kernel, one tick): hashed again
+    import os
+
+    f = a / "encoder.safetensors"
+    st = f.stat()
+    _export(a, 6)
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert f.stat().st_size == st.st_size
+    I.weights_sha256(a)
+    assert len(calls) == 3
 
 
 def test_pseudo_checkpoint_identity(tmp_path):
