@@ -443,6 +443,9 @@ def paired_bootstrap_delta(y: np.ndarray, scores_a: np.ndarray, scores_b: np.nda
     with np.errstate(invalid="ignore"):
         d = np.nanmean(a - b, axis=1)
     d = d[np.isfinite(d)]
+    if d.size == 0:   # n_boot = 0 (no CIs asked for) or no resample with a defined class: no CI, not a crash
+        return {"delta": delta, "ci_low": float("nan"), "ci_high": float("nan"), "p_not_positive": float("nan"),
+                "n": int(n)}
     lo, hi = np.percentile(d, [50 * (1 - ci), 100 - 50 * (1 - ci)])
     return {"delta": delta, "ci_low": float(lo), "ci_high": float(hi), "p_not_positive": float(np.mean(d <= 0)),
             "n": int(n)}

@@ -688,11 +688,16 @@ def _in_multirun() -> bool:
         return False
 
 
+def _report_n_boot(cfg: Any) -> int:
+    """The paired-comparison resamples of the report: the sweep's own ``bootstrap.n`` (0: no CIs)."""
+    return int((cfg.get("bootstrap") or {}).get("n", 1000))
+
+
 def _finish(ctx: _Context, written: list[str], skipped: int, t0: float) -> dict[str, Any]:
     when = str(ctx.cfg.get("report", "auto"))
     report = None
     if when == "always" or (when == "auto" and not _in_multirun()):
-        report = build_report(ctx.results_dir, plot=bool(ctx.cfg.get("plot", True)))
+        report = build_report(ctx.results_dir, plot=bool(ctx.cfg.get("plot", True)), n_boot=_report_n_boot(ctx.cfg))
     out = {"cells_written": written, "cells_skipped": skipped, "report": report,
            "seconds": time.perf_counter() - t0}
     log.info("%s: %d cell(s) written, %d skipped in %s%s", ctx.mode, len(written), skipped, ctx.results_dir,
@@ -720,7 +725,8 @@ class ReportCallback(_HydraCallback):  # type: ignore[misc,valid-type]
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if str(config.get("report", "auto")) == "never":
             return
-        out = build_report(str(config.results_dir), plot=bool(config.get("plot", True)))
+        out = build_report(str(config.results_dir), plot=bool(config.get("plot", True)),
+                           n_boot=_report_n_boot(config))
         log.info("sweep finished: %d cells; table %s", out["n_cells"], out["markdown"])
 
 
