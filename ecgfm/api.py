@@ -25,8 +25,9 @@ come from its header. Nothing is downloaded; artifacts load without pickle (:mod
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -41,16 +42,34 @@ from ecgfm.data.record import CANONICAL_LEADS, ECGDataError, ECGRecord, canonica
 __all__ = ["Encoder", "Classifier", "load_record"]
 
 
-def load_record(path: str | os.PathLike) -> tuple[np.ndarray, float, list[str]]:
+def load_record(path: str | os.PathLike, rename_leads: Mapping[str, str] | None = None
+                ) -> tuple[np.ndarray, float, list[str]]:
     """Read one WFDB record (``.hea`` + ``.dat``) or challenge record (``.hea`` + ``.mat``).
 
+    Args:
+        path: the record (its header, or the name without extension).
+        rename_leads: header lead name -> standard lead, for leads the header does not name by a standard name
+            (a CinC 2017 record's one AliveCor lead ``ECG`` is lead I, as ecgfm's CinC 2017 reader reads it:
+            ``{"ECG": "I"}``).
+
     Returns:
-        ``(signal (12, T) float32 mV in canonical order, fs, lead names present)``.
+        ``(signal (present leads, T) float32 mV in canonical order, fs, lead names present)``.
+
+    Raises:
+        ECGDataError: an unreadable record, or one without a standard lead (the message says how to name it).
     """
     from ecgfm.data.readers.formats import header_path, read_challenge, read_wfdb
 
     hea = header_path(path)
-    rec = read_challenge(hea) if hea.with_suffix(".mat").is_file() else read_wfdb(hea)
+    read = read_challenge if hea.with_suffix(".mat").is_file() else read_wfdb
+    try:
+        rec = read(hea, rename_leads=rename_leads)
+    except ECGDataError as exc:
+        if rename_leads is None and "no standard ECG lead among ['ECG']" in str(exc):
+            raise ECGDataError(hea, "its one lead is named 'ECG', not a standard lead name; a CinC 2017 (AliveCor) "
+                                    "record's lead is lead I, as ecgfm's CinC 2017 reader (and every benchmark "
+                                    "cell of it) reads it: pass rename_leads={'ECG': 'I'}") from None
+        raise
     present = [name for name, m in zip(CANONICAL_LEADS, rec.lead_mask) if m]
     return rec.signal[np.asarray(rec.lead_mask, dtype=bool)], float(rec.fs), present
 
@@ -70,13 +89,21 @@ class _Model:
         self.stride_samples: int | None = inp.get("stride_samples") or self.window_samples
         # what every record goes through: the artifact's spec (an artifact without one: what every cache gives its
         # records, PreprocessSpec.raw, as the sweep's features of it), restricted to the leads the backbone reads
+        if spec is not None and spec.fs is None and self.fs is not None:
+            # a cache that keeps each record's rate (spec.fs null) under a model trained at one rate: records of
+            # another rate are resampled to it, as the sweep (rate_checked_spec) and the explain wrapper do
+            spec = dataclasses.replace(spec, fs=float(self.fs))
         self._pre = with_input_leads(spec if spec is not None else PreprocessSpec.raw(self.fs),
                                      model_input_leads(network))
 
     # ------------------------------------------------------------------------------------------ inputs
-    def _records(self, signal: Any, fs: float | None, leads: Sequence[str] | None
+    def _records(self, signal: Any, fs: float | None, leads: Sequence[str] | None,
+                 rename_leads: Mapping[str, str] | None = None
                  ) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[str]]:
         """Model-space records ``[(x (L_model, T_i), lead mask (L_model,) bool)]`` and their names."""
+        if rename_leads is not None and not isinstance(signal, (str, os.PathLike)):
+            raise ValueError("rename_leads= renames the leads of a record file's header; an array names its rows "
+                             "with leads=, and an ECGRecord has standard lead names already")
         if isinstance(signal, ECGRecord):
             mask = np.asarray(signal.lead_mask, dtype=bool)
             names = [lead for lead, m in zip(CANONICAL_LEADS, mask) if m]
@@ -87,7 +114,7 @@ class _Model:
             return [self._prepare(signal.signal[mask], float(signal.fs), names, signal.key,
                                   preprocessed=done is not None)], [signal.key]
         if isinstance(signal, (str, os.PathLike)):
-            sig, rec_fs, names = load_record(signal)
+            sig, rec_fs, names = load_record(signal, rename_leads)
             if fs is not None and float(fs) != rec_fs:
                 raise ValueError(f"{signal}: fs={fs} given but the header says {rec_fs} Hz")
             _same_leads(str(signal), leads, names)
@@ -187,8 +214,8 @@ class Encoder(_Model):
         return int(getattr(self.network, "num_features", 0) or self.meta.get("num_features") or 0)
 
     def embed(self, signal: Any, fs: float | None = None, leads: Sequence[str] | None = None,
-              per_window: bool = False, stride_samples: int | None = None, batch_size: int = 64
-              ) -> np.ndarray | list[np.ndarray]:
+              per_window: bool = False, stride_samples: int | None = None, batch_size: int = 64,
+              rename_leads: Mapping[str, str] | None = None) -> np.ndarray | list[np.ndarray]:
         """Embed one record or a batch.
 
         Args:
@@ -199,12 +226,13 @@ class Encoder(_Model):
             per_window: return every window's embedding instead of their mean.
             stride_samples: hop between windows at the model rate (default: the window, no overlap).
             batch_size: windows per forward pass.
+            rename_leads: for a record path: header lead name -> standard lead (see :func:`load_record`).
 
         Returns:
             ``(D,)`` for one record or ``(B, D)`` for a batch (float32); with ``per_window`` a ``(W, D)`` array
             per record (a list for a batch).
         """
-        recs, _names = self._records(signal, fs, leads)
+        recs, _names = self._records(signal, fs, leads, rename_leads)
         # one record: a record, a path, or a (leads, samples) array / list / tensor; a (1, leads, samples) batch of
         # one keeps its batch axis whatever container it comes in
         single = len(recs) == 1 and (isinstance(signal, (ECGRecord, str, os.PathLike)) or np.ndim(signal) == 2)
@@ -252,7 +280,7 @@ class Classifier(_Model):
         return torch.sigmoid(logits) if self.multilabel else torch.softmax(logits, dim=-1)
 
     def predict_proba(self, signal: Any, fs: float | None = None, leads: Sequence[str] | None = None,
-                      batch_size: int = 64) -> pd.DataFrame:
+                      batch_size: int = 64, rename_leads: Mapping[str, str] | None = None) -> pd.DataFrame:
         """Class probabilities per record.
 
         Args:
@@ -261,13 +289,14 @@ class Classifier(_Model):
             fs: the signal's sampling rate in Hz (read from the header / record for a path / record).
             leads: names of the signal's rows (default: the 12 standard leads in order I..V6).
             batch_size: windows per forward pass.
+            rename_leads: for a record path: header lead name -> standard lead (see :func:`load_record`).
 
         Returns:
             A ``(records, C)`` DataFrame of float64 probabilities, columns = :attr:`classes`, index = record
             number (or the path). Records are scored over sliding windows, aggregated as the classifier was
             validated (``window_aggregate``).
         """
-        recs, names = self._records(signal, fs, leads)
+        recs, names = self._records(signal, fs, leads, rename_leads)
         aggregate = self.meta.get("window_aggregate", "prob")
         rows = []
         net = self.network
@@ -282,10 +311,11 @@ class Classifier(_Model):
                                           mask).mean(axis=0))
         return pd.DataFrame(np.stack(rows), index=names, columns=self.classes)
 
-    def predict(self, signal: Any, fs: float | None = None, leads: Sequence[str] | None = None) -> pd.DataFrame:
+    def predict(self, signal: Any, fs: float | None = None, leads: Sequence[str] | None = None,
+                rename_leads: Mapping[str, str] | None = None) -> pd.DataFrame:
         """Decisions: the arg-max class (single-label) or probabilities above the validation thresholds
         (multi-label; 0.5 where none were stored), as a 0/1 DataFrame like :meth:`predict_proba`."""
-        p = self.predict_proba(signal, fs, leads)
+        p = self.predict_proba(signal, fs, leads, rename_leads=rename_leads)
         if self.multilabel:
             t = self.thresholds if self.thresholds is not None else np.full(p.shape[1], 0.5)
             return (p >= t).astype(int)

@@ -127,3 +127,45 @@ def test_a_record_read_back_from_a_cache_is_not_preprocessed_twice(tmp_path):
         ecgfm.Encoder.load(tmp_path / "enc2").embed(cache.record(0))
     with pytest.raises(ECGDataError, match="already preprocessed"):
         ECGWrapper(EncoderClassifier(bb, torch.nn.Linear(16, 2)), fs=100.0, preprocess=other).prepare(cache.record(0))
+
+
+def test_a_cinc2017_record_file_is_scored_with_its_lead_named(tmp_path):
+    """A CinC 2017 record's one lead is named 'ECG' (AliveCor); the CinC 2017 reader reads it as lead I. The API
+    refused the very files its benchmark cell scored, with no way out, and naming the lead II by hand (accepted)
+    put it in another row. Now the error says rename_leads={'ECG': 'I'}, which gives the reader's view."""
+    from pathlib import Path
+
+    import pytest
+
+    from ecgfm.data.readers.formats import read_challenge
+    from ecgfm.data.record import ECGDataError
+
+    rec = Path(__file__).resolve().parents[3] / "shared" / "data" / "cinc2017" / "A00002.hea"
+    if not rec.is_file():
+        pytest.skip(f"{rec} not found (the shared CinC 2017 records)")
+    torch.manual_seed(0)
+    bb = create_backbone("vit1d_test")
+    head = torch.nn.Linear(bb.num_features, 4)
+    save_classifier(tmp_path / "clf", bb, head, PreprocessSpec(fs=100.0), ["N", "A", "O", "~"], multilabel=False,
+                    n_samples=250)
+    clf = ecgfm.Classifier.load(tmp_path / "clf")
+    with pytest.raises(ECGDataError, match=r"rename_leads=\{'ECG': 'I'\}"):
+        clf.predict_proba(rec)
+    got = clf.predict_proba(rec, rename_leads={"ECG": "I"}).to_numpy()[0]
+    reader = read_challenge(rec, rename_leads={"ECG": "I"})
+    want = clf.predict_proba(reader.signal[:1], fs=reader.fs, leads=["I"]).to_numpy()[0]
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    with pytest.raises(ValueError, match="rename_leads"):
+        clf.predict_proba(reader.signal[:1], fs=reader.fs, leads=["I"], rename_leads={"ECG": "I"})
+
+
+def test_an_encoder_of_a_rate_keeping_cache_resamples_like_the_sweep(tmp_path):
+    """An encoder whose preprocessing keeps the record rate (spec.fs null) but was trained at 100 Hz: the sweep and
+    the explain wrapper resample other rates to 100 Hz; the API refused them."""
+    torch.manual_seed(0)
+    bb = create_backbone("vit1d_test").eval()
+    save_encoder(tmp_path / "keep", bb, PreprocessSpec(fs=None), fs=100.0, window_samples=250)
+    save_encoder(tmp_path / "at100", bb, PreprocessSpec(fs=100.0), fs=100.0, window_samples=250)
+    x = np.random.default_rng(2).standard_normal((12, 500)).astype(np.float32)
+    got = ecgfm.Encoder.load(tmp_path / "keep").embed(x, fs=200)
+    np.testing.assert_allclose(got, ecgfm.Encoder.load(tmp_path / "at100").embed(x, fs=200), atol=1e-6)
