@@ -36,8 +36,8 @@ def to_container(value: Any) -> Any:
 
 
 def jsonable(value: Any) -> Any:
-    """Plain JSON data from NumPy scalars / arrays, tuples, sets, paths, OmegaConf nodes and dataclass-like
-    objects; non-finite floats become ``None`` (JSON has no NaN); anything else becomes its ``str``."""
+    """Plain JSON data from NumPy scalars / arrays, tuples, sets (as sorted lists), paths, OmegaConf nodes and
+    dataclass-like objects; non-finite floats become ``None`` (JSON has no NaN); anything else becomes its ``str``."""
     # the plain types first: this runs on every record's metadata while a cache is built (hot path)
     if value is None or isinstance(value, (str, bool, int)):
         return value
@@ -45,8 +45,11 @@ def jsonable(value: Any) -> Any:
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
         return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, set, frozenset)):
+    if isinstance(value, (list, tuple)):
         return [jsonable(v) for v in value]
+    if isinstance(value, (set, frozenset)):   # sorted: a set of strings iterates in a per-process (hash seed) order
+        items = [jsonable(v) for v in value]
+        return sorted(items, key=lambda v: json.dumps(v, sort_keys=True, default=str))
     if isinstance(value, np.ndarray):
         return jsonable(value.tolist())
     if isinstance(value, np.generic):

@@ -268,3 +268,17 @@ def test_only_cells_of_the_fixed_fine_tune_path_change_identity():
     # layer-wise decay cells (LP-FT's 0.75) carry the layer-id count fixed for CNNs; no decay (supervised): unchanged
     assert "layer_ids" in _finetune_code_recipe("finetune", "lp", 0.75)
     assert "layer_ids" not in _finetune_code_recipe("finetune", "random", 1.0)
+
+
+def test_a_set_becomes_one_json_text_whatever_the_hash_seed():
+    """jsonable turned a set into a list in its iteration order, which for strings changes from process to
+    process (PYTHONHASHSEED): anything hashed from it would change identity between runs."""
+    import os
+    import subprocess
+    import sys
+
+    code = "from ecgfm.io import dumps; print(dumps({'s': {'V1', 'II', 'aVR', 'I', 'V6', 'III', 'x', 'y', 'z'}}))"
+    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout
+            for seed in (1, 2, 3, 4)}
+    assert len(outs) == 1
