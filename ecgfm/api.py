@@ -89,6 +89,9 @@ class _Model:
         self.stride_samples: int | None = inp.get("stride_samples") or self.window_samples
         # what every record goes through: the artifact's spec (an artifact without one: what every cache gives its
         # records, PreprocessSpec.raw, as the sweep's features of it), restricted to the leads the backbone reads
+        # a record read back from a cache prepared with the artifact's own spec is not preprocessed again
+        self._cache_pre = with_input_leads(spec if spec is not None else PreprocessSpec.raw(self.fs),
+                                           model_input_leads(network))
         if spec is not None and spec.fs is None and self.fs is not None:
             # a cache that keeps each record's rate (spec.fs null) under a model trained at one rate: records of
             # another rate are resampled to it, as the sweep (rate_checked_spec) and the explain wrapper do
@@ -110,7 +113,12 @@ class _Model:
             if fs is not None and float(fs) != float(signal.fs):
                 raise ValueError(f"{signal.key}: fs={fs} given but the record is at {signal.fs} Hz")
             _same_leads(signal.key, leads, names)
-            done = preprocessed_spec(signal, self._pre, "this artifact")   # a cache record: preprocessed already
+            done = None
+            if signal.header.get("preprocessed") is not None and \
+                    PreprocessSpec.from_dict(dict(signal.header["preprocessed"])).fingerprint() == \
+                    self._cache_pre.fingerprint():   # the model's own rate-keeping cache (the rate is checked below)
+                done = self._cache_pre
+            done = done or preprocessed_spec(signal, self._pre, "this artifact")   # a cache record: done already
             return [self._prepare(signal.signal[mask], float(signal.fs), names, signal.key,
                                   preprocessed=done is not None)], [signal.key]
         if isinstance(signal, (str, os.PathLike)):

@@ -707,21 +707,27 @@ def docs_results_csv(src: Path, dst: Path) -> None:
 
 
 def rows_not_in(old_csv: Path, new_csv: Path) -> list[str]:
-    """The table rows (method, backbone, probe mode, task) of a committed ``real_results.csv`` that a new
-    ``results.csv`` lacks, as ``"method / backbone / mode / task"`` strings (empty when there is no committed table).
+    """The table rows (row label, method, backbone, probe mode, task, label fraction, seed) of a committed
+    ``real_results.csv`` that a new ``results.csv`` lacks, as ``"label / ... / seed"`` strings (empty when there is
+    no committed table).
     A report built from a checkout that holds only some cells (one retrained encoder, say) must not replace the
     full run's tables with a partial one."""
     import pandas as pd
 
     if not old_csv.is_file():
         return []
-    key = ["method", "backbone", "mode", "task"]
+    key = ["label", "method", "backbone", "mode", "task", "fraction", "seed"]
     old = pd.read_csv(old_csv, usecols=lambda c: c in key)
     if not set(key) <= set(old.columns):
         return []   # not a table of this format: nothing to protect
     new = pd.read_csv(new_csv, usecols=lambda c: c in key) if new_csv.is_file() else pd.DataFrame(columns=key)
-    have = set(map(tuple, new[key].astype(str).values)) if len(new) else set()
-    return [" / ".join(t) for t in sorted(set(map(tuple, old[key].astype(str).values)) - have)]
+    def rows(df: Any) -> set[tuple[str, ...]]:
+        df = df[key].copy()
+        df["fraction"] = pd.to_numeric(df["fraction"], errors="coerce").map(lambda f: f"{f:g}")
+        return set(map(tuple, df.astype(str).values))
+
+    have = rows(new) if len(new) else set()
+    return [" / ".join(t) for t in sorted(rows(old) - have)]
 
 
 def report(args: argparse.Namespace) -> None:
@@ -742,8 +748,12 @@ def report(args: argparse.Namespace) -> None:
         log(f"warning: {docs} shows {len(lost)} row(s) that the cells in {res_dir} lack ("
             f"{'; '.join(lost[:6])}{' ...' if len(lost) > 6 else ''}): a partial run's report would replace them, so "
             f"{docs} and the generated block of {docs.resolve().parent / 'BENCHMARK.md'} were left as they are; this "
-            f"run's tables are in {res_dir} (pass --docs <another folder> to write them there, or --replace-docs to "
-            f"replace the committed ones anyway)")
+            f"run's tables are in {res_dir} (to have them as docs, pass --docs /tmp/<dir>/docs/benchmark: a folder "
+            f"outside this repository, since the report also rewrites the BENCHMARK.md beside its parent; or "
+            f"--replace-docs to replace the committed ones anyway)")
+        text = "\n".join(f"{r['status']}: {r['criterion']}: {r['evidence'].replace(' <br> ', '; ')}"
+                         for r in out.get("acceptance") or [])
+        log("acceptance (issue 12) of this run's cells, test macro AUROC (not written to the docs):\n" + text)
         return
     curve_report(args)      # first: the generated block copies the learning-curve table from docs
     for name in ("results.csv", "results.md", "results.png", "comparisons.csv", "comparisons_mean.csv"):

@@ -188,6 +188,9 @@ def summarize(df: pd.DataFrame, metric: str = "macro_auroc") -> pd.DataFrame:
         sub = sub[~dup]
     # what a seed gave: seeds of a deterministic recipe at 100 % of the labels (same training records, L-BFGS) give
     # one and the same result, which the table must not show as several replicates with a spread of 0
+    for col in ("value", "ci_low", "ci_high"):   # a cell without a CI stores null (JSON has no NaN): NaN here
+        sub[col] = pd.to_numeric(sub[col], errors="coerce").astype(float)
+    sub.loc[~np.isfinite(sub["value"]), "value"] = np.nan   # a seed without a finite value is not counted
     sub["_result"] = [f"{v:.12g}|{lo:.12g}|{hi:.12g}" for v, lo, hi in
                       zip(sub["value"], sub["ci_low"], sub["ci_high"])]
     sub.loc[sub["value"].isna(), "_result"] = np.nan
@@ -216,11 +219,11 @@ def _seeds_text(r: pd.Series, short: bool = False) -> str:
     result; ``2 of 3 with a value`` when some seed has none (NaN)."""
     n = int(r["n_seeds"])
     text = f"{n}" if short else f"{n} seed{'s' if n != 1 else ''}"
-    if n > 1 and int(r.get("n_results", 2) or 0) == 1:
-        text += ", identical"
     run = int(r.get("n_seeds_run", n) or n)
     if run > n:
         text += f" of {run} with a value"
+    if n > 1 and int(r.get("n_results", 2) or 0) == 1:
+        text += ", identical"
     return text
 
 
@@ -933,6 +936,8 @@ def excluded_classes_markdown(cells: Iterable[dict[str, Any]]) -> str:
     rows = []
     for c in cells:
         for split, r in sorted((c.get("results") or {}).items()):
+            if split == "val":   # what the tables show: test and external splits
+                continue
             left = list(r.get("excluded_classes") or [])
             deg = int(r.get("n_degenerate") or 0)
             if left or deg:

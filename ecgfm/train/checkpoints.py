@@ -4,8 +4,9 @@
   ``last.ckpt``, the final save) is written to a temporary file beside its final name, fsync'ed and renamed
   (:func:`ecgfm.io.atomic_write`), so the final name always holds a whole checkpoint; a file that does not load
   is reported as "not a checkpoint" rather than with torch's unpickling advice.
-* :func:`find_resume_checkpoint` picks the newest checkpoint of a run folder that loads (``last.ckpt``, Lightning's
-  SLURM ``hpc_ckpt_*.ckpt``, the periodic ``checkpoints/step*.ckpt``), logging each one it skips and why.
+* :func:`find_resume_checkpoint` picks the checkpoint of a run folder to resume from: ``last.ckpt`` or Lightning's
+  SLURM ``hpc_ckpt_*.ckpt`` (newest), else the periodic ``checkpoints/step*.ckpt`` of the furthest step, the first
+  that loads, logging each one it skips and why.
 * :class:`DataFacts` keeps the data's sampling rate and crop in every checkpoint and refuses a resume on data of
   another rate or crop.
 * :func:`guard_fresh_start` refuses to start from step 0 in a folder that already holds a trained run (exported
@@ -17,6 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
@@ -106,6 +108,28 @@ def _candidates(out_dir: Path) -> list[Path]:
     return sorted(unique, key=lambda p: p.stat().st_mtime_ns, reverse=True)
 
 
+_STEP_IN_NAME = re.compile(r"step=?(\d+)")
+
+
+def _resume_order(out_dir: Path) -> list[Path]:
+    """The order in which a resume tries a run folder's checkpoints: ``last.ckpt`` and Lightning's SLURM saves
+    first (the state of the run when it stopped; newest file first), then the periodic checkpoints by the step in
+    their name (furthest first; modification time breaks ties). A run folder copied without its times (cp -r,
+    scp -r) gets mtimes in the copy's listing order, so "the newest file" could be a periodic checkpoint older
+    than last.ckpt; and a periodic checkpoint of a branch abandoned by ``resume=<earlier step>`` is never preferred
+    to the last.ckpt of the branch that followed."""
+    primary = [p for p in [out_dir / "checkpoints" / "last.ckpt", *out_dir.glob("hpc_ckpt_*.ckpt")] if p.is_file()]
+    primary.sort(key=lambda p: p.stat().st_mtime_ns, reverse=True)
+
+    def step_of(p: Path) -> int:
+        m = _STEP_IN_NAME.search(p.stem)
+        return int(m.group(1)) if m else -1
+
+    periodic = [p for p in (out_dir / "checkpoints").glob("*.ckpt") if p.is_file() and p not in primary]
+    periodic.sort(key=lambda p: (step_of(p), p.stat().st_mtime_ns), reverse=True)
+    return primary + periodic
+
+
 def find_resume_checkpoint(out_dir: str | os.PathLike, resume: Optional[str]) -> Optional[str]:
     """The checkpoint a run resumes from.
 
@@ -114,9 +138,10 @@ def find_resume_checkpoint(out_dir: str | os.PathLike, resume: Optional[str]) ->
         resume: an explicit checkpoint (``resume=``): it must exist and load.
 
     Returns:
-        ``resume`` if given; else the one at the furthest ``global_step`` (then the newest by modification time)
-        of ``checkpoints/last.ckpt``, ``hpc_ckpt_*.ckpt`` (Lightning's SLURM pre-emption saves) and the periodic
-        ``checkpoints/*.ckpt`` that load, each skipped one logged with its reason; ``None`` when there is none.
+        ``resume`` if given; else the first that loads of ``checkpoints/last.ckpt`` and ``hpc_ckpt_*.ckpt``
+        (Lightning's SLURM pre-emption saves; newest file first), then the periodic ``checkpoints/*.ckpt`` by
+        the step in their name (furthest first), each skipped one logged with its reason (:func:`_resume_order`);
+        ``None`` when there is none.
 
     Raises:
         ConfigError: ``resume`` does not exist or is not a checkpoint.
@@ -130,23 +155,12 @@ def find_resume_checkpoint(out_dir: str | os.PathLike, resume: Optional[str]) ->
             raise ConfigError("resume", f"{path.resolve()} is not a checkpoint ({problem}); point resume= at a .ckpt "
                                         "file of a training run (its checkpoints/ folder)")
         return str(path)
-    # the furthest training step wins, the modification time only breaks ties: a run folder copied without its
-    # times (cp -r, scp -r) has mtimes in the copy's listing order, and "newest file" then resumed from an older
-    # periodic checkpoint than last.ckpt
-    best: Optional[tuple[tuple[int, int], Path]] = None
-    for path in _candidates(Path(out_dir)):
-        try:
-            step = int(_load(path, mmap=True).get("global_step") or 0)
-        except NotACheckpointError as err:
-            log.warning("resume: skipping checkpoint %s: %s", path, err.reason)
-            continue
-        except OSError as err:
-            log.warning("resume: skipping checkpoint %s: unreadable: %s", path, err.strerror or err)
-            continue
-        key = (step, path.stat().st_mtime_ns)
-        if best is None or key > best[0]:
-            best = (key, path)
-    return None if best is None else str(best[1])
+    for path in _resume_order(Path(out_dir)):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return str(path)
+        log.warning("resume: skipping checkpoint %s: %s", path, problem)
+    return None
 
 
 def finished_run_files(out_dir: str | os.PathLike) -> list[Path]:

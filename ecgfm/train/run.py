@@ -5,9 +5,9 @@ and the tests call. It
 
 1. validates the composed config (:func:`ecgfm.config.validate_train_config`: typos and wrong types fail early,
    naming the key);
-2. decides between resuming (the newest checkpoint of the run folder that loads, or ``resume=<path>``) and a fresh
-   start, which is refused in a folder holding a trained run unless ``overwrite=true``
-   (:mod:`ecgfm.train.checkpoints`);
+2. decides between resuming (last.ckpt, else the furthest periodic checkpoint of the run folder that loads, or
+   ``resume=<path>``) and a fresh start, which is refused in a folder holding a trained run unless
+   ``overwrite=true`` (:mod:`ecgfm.train.checkpoints`);
 3. prepares or reuses every corpus cache the data node asks for (:func:`ecgfm.data.prepare.prepare_cache`), reads
    their sampling rate and converts ``crop_seconds`` to samples at that rate (``${crop_samples}`` in the data and
    backbone nodes follows);
@@ -99,7 +99,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     out_dir = Path(str(cfg.out_dir)).resolve()
     is_zero = rank_zero_only.rank == 0
     # Decide resume vs fresh start before anything is prepared or written: a damaged last.ckpt falls back to the
-    # newest checkpoint that loads; a finished run is not restarted from step 0 unless overwrite=true.
+    # furthest periodic checkpoint that loads; a finished run is not restarted from step 0 unless overwrite=true.
     if cfg.overwrite and not cfg.resume:
         guard_fresh_start(out_dir, overwrite=True, is_global_zero=is_zero)
         ckpt_path = None

@@ -224,13 +224,13 @@ def test_find_resume_checkpoint_prefers_the_furthest_step(tmp_path):
     os.utime(periodic, ns=(2, 2))
     hpc.write_bytes(b"x")                                 # damaged: skipped
     # a run folder copied without its times: the periodic checkpoint of step 2 is the newer file, but last.ckpt
-    # holds step 4 (resuming from the "newest" file recomputed two steps)
+    # holds the run's state when it stopped (resuming from the "newest" file recomputed two steps)
     assert find_resume_checkpoint(tmp_path, None) == str(last)
-    same = ckpt(tmp_path / "checkpoints" / "step0000004.ckpt", 4)   # a tie of steps: the newer file
-    os.utime(same, ns=(5, 5))
-    assert find_resume_checkpoint(tmp_path, None) == str(same)
-    os.utime(last, ns=(6, 6))
-    assert find_resume_checkpoint(tmp_path, None) == str(last)
+    # no loadable last.ckpt: the periodic checkpoint of the furthest step, whatever the file times say
+    later = ckpt(tmp_path / "checkpoints" / "step0000003.ckpt", 3)
+    os.utime(later, ns=(1, 1))
+    last.write_bytes(b"x")
+    assert find_resume_checkpoint(tmp_path, None) == str(later)
 
 
 def test_cli_prints_where_everything_is(tmp_path, cache_root):

@@ -169,3 +169,24 @@ def test_an_encoder_of_a_rate_keeping_cache_resamples_like_the_sweep(tmp_path):
     x = np.random.default_rng(2).standard_normal((12, 500)).astype(np.float32)
     got = ecgfm.Encoder.load(tmp_path / "keep").embed(x, fs=200)
     np.testing.assert_allclose(got, ecgfm.Encoder.load(tmp_path / "at100").embed(x, fs=200), atol=1e-6)
+
+
+def test_a_record_of_the_models_own_rate_keeping_cache_is_not_refused(tmp_path):
+    """Resampling other rates to the model's (test above) must not make the API refuse a record read back from the
+    model's own rate-keeping cache as "preprocessed with another spec"."""
+    from ecgfm.data.cache import CorpusCache, prepare_corpus
+    from ecgfm.data.synthetic import SyntheticSource
+
+    spec = PreprocessSpec(fs=None)
+    prepare_corpus(SyntheticSource(n_records=1, seed=0, fs=100.0, duration=5.0), tmp_path / "c", spec, workers=0,
+                   progress=False)
+    rec = CorpusCache(tmp_path / "c").record(0)
+    torch.manual_seed(0)
+    bb = create_backbone("vit1d_test").eval()
+    save_encoder(tmp_path / "enc", bb, spec, fs=100.0, window_samples=250)
+    enc = ecgfm.Encoder.load(tmp_path / "enc")
+    got = enc.embed(rec)
+    with torch.no_grad():   # the cache's signal as it is (already preprocessed), windows of 250 samples
+        x = torch.from_numpy(np.ascontiguousarray(rec.signal[:, :500].reshape(12, 2, 250).transpose(1, 0, 2)))
+        want = bb.embed(x, lead_mask=torch.from_numpy(np.asarray(rec.lead_mask, bool))[None].expand(2, -1))
+    np.testing.assert_allclose(got, want.mean(0).numpy(), atol=1e-5)

@@ -488,3 +488,25 @@ def test_a_class_left_out_of_a_macro_average_is_named(tmp_path):
     res2 = tmp_path / "clean"
     _cell(res2, task="cinc2017", method="mae", mode="linear", seed=0, fraction=1.0, strength=2.0)
     assert "classes left out" not in Path(R.build_report(res2, plot=False, n_boot=20)["markdown"]).read_text()
+
+
+def test_cells_written_without_cis_by_the_sweep_report(tmp_path):
+    """A sweep with bootstrap.n=0 writes its cells through ecgfm.io (no CI -> JSON null); summarize formatted
+    None and the sweep's own report crashed."""
+    from ecgfm.io import dumps
+
+    res = tmp_path / "results"
+    for seed in (0, 1):
+        _cell(res, task="cinc2017", method="mae", mode="linear", seed=seed, fraction=0.1, strength=2.0)
+
+        def no_ci(c):
+            c["results"]["test"]["macro_auroc"].update(ci_low=float("nan"), ci_high=float("nan"))
+
+        path = res / "cells" / "linear" / "cinc2017" / "mae" / f"f0.1_s{seed}.json"
+        cell = json.loads(path.read_text())
+        no_ci(cell)
+        path.write_text(dumps(cell))
+    assert '"ci_low":null' in path.read_text()
+    md = Path(R.build_report(res, plot=False, n_boot=0)["markdown"]).read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| mae "))
+    assert "[no CI] (2)" in row
