@@ -886,6 +886,20 @@ def canonical_method(name: str) -> str:
 # Explainer
 
 
+def _absent_leads_zeroed(values: Tensor, x: Tensor, used: dict) -> Tensor:
+    """``values`` with the rows of absent leads (all-zero, zero-filled rows of ``x``) set to 0.
+
+    A model that was not trained with lead masks still has a gradient on a zero-filled row, and broadcast maps
+    (Grad-CAM) paint every row: without this, leads the record does not have were ranked, charted and counted as
+    evidence. ``used["absent_leads_zeroed"]`` records how many (record, lead) rows were cleared.
+    """
+    absent = ~(x.detach().abs().amax(-1) > 0)                      # (B, L)
+    if bool(absent.any()):
+        used["absent_leads_zeroed"] = int(absent.sum())
+        return values.masked_fill(absent[:, :, None].to(values.device), 0.0)
+    return values
+
+
 class Explainer:
     """Batched attributions for a wrapped ECG model.
 
@@ -943,6 +957,7 @@ class Explainer:
             t = self.wrapper.resolve_target(target, logits)
             job = _Job(self.wrapper, fn, x, t, None, self.wrapper.fs)
             values, delta, used, elapsed = self._run(key, job, options)
+        values = _absent_leads_zeroed(values, x, used)
         return Attribution(values=values, method=key, options={**used, "output": output}, target=t,
                            inputs=x.detach(), fs=self.wrapper.fs, lead_names=self.wrapper.lead_names,
                            elapsed_s=elapsed, delta=delta, call_options={**options, "output": output})
@@ -1006,6 +1021,7 @@ class Explainer:
         job = _Job(self.wrapper, fn, x, torch.zeros(b, dtype=torch.long, device=x.device), (ref,),
                    self.wrapper.fs)
         values, delta, used, elapsed = self._run(key, job, options)
+        values = _absent_leads_zeroed(values, x, used)
         return Attribution(values=values, method=key, options={**used, "objective": desc}, target=None,
                            inputs=x.detach(), fs=self.wrapper.fs, lead_names=self.wrapper.lead_names,
                            elapsed_s=elapsed, delta=delta)

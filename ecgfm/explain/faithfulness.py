@@ -127,8 +127,14 @@ def _perturbation_curve(wrapper: ECGWrapper, inputs: Tensor, attribution: Attrib
     target = wrapper.resolve_target(target, x=x).to(x.device)
     b, n_l, n_t = x.shape
     seg = max(1, int(round(segment_s * wrapper.fs)))
-    scores = segment_scores(values, seg, order).reshape(b, -1)            # (B, L*S)
+    scores = segment_scores(values, seg, order)                           # (B, L, S)
+    # segments of absent (zero-filled) leads are not part of the record: ranked last and never counted in the
+    # budget, for the method and the random reference alike (deleting a zero row changes nothing, so a budget
+    # share spent there made any map that avoids absent leads look better than random)
+    present = (x.abs().amax(-1) > 0)[:, :, None].expand_as(scores).reshape(b, -1)
+    scores = scores.reshape(b, -1).masked_fill(~present, float("-inf"))
     n_seg = scores.shape[1]
+    n_valid = present.sum(1).clamp_min(1)                                 # (B,)
     # rank[i, j] = position of segment j in decreasing-score order (stable: ties keep lead/time order).
     ranks = torch.empty_like(scores, dtype=torch.long)
     ranks.scatter_(1, scores.argsort(dim=1, descending=True, stable=True),
@@ -139,8 +145,8 @@ def _perturbation_curve(wrapper: ECGWrapper, inputs: Tensor, attribution: Attrib
     curve = []
     with torch.inference_mode():
         for f in fractions.tolist():
-            k = int(round(f * n_seg))
-            removed = ranks < k
+            k = torch.round(f * n_valid.double()).long().to(x.device)    # (B,) segments of present leads
+            removed = ranks < k[:, None, None]
             if mode == "deletion":
                 xk = torch.where(removed, base, x)
             else:
@@ -279,6 +285,14 @@ def randomisation_check(explainer: Explainer, inputs: Tensor, method: str, targe
 # Localisation
 
 
+def present_leads_of(attribution: Attribution | Tensor) -> Tensor | None:
+    """``(B, L)`` bool: the leads of an :class:`Attribution`'s inputs that are not all zero (absent leads are
+    zero-filled); None for a bare tensor (no inputs to tell)."""
+    if isinstance(attribution, Attribution):
+        return attribution.inputs.detach().abs().amax(-1).to(attribution.values.device) > 0
+    return None
+
+
 def localisation(attribution: Attribution | Tensor, mask: Any) -> dict[str, Tensor]:
     """Agreement of an attribution with a ground-truth mask, per record.
 
@@ -289,10 +303,12 @@ def localisation(attribution: Attribution | Tensor, mask: Any) -> dict[str, Tens
     Returns:
         ``(B,)`` tensors: ``mass_positive`` (share of positive attribution inside the mask: relevance mass
         accuracy), ``mass_abs`` (same with |attribution|), ``rank_accuracy`` (share of the ``|mask|`` highest
-        |attribution| samples inside the mask), ``pointing_game`` (1 if the largest |attribution| falls inside
-        the mask), ``auroc`` (|attribution| as a detector of mask samples; NaN when the mask is empty or full),
-        ``mask_fraction`` (the share of samples in the mask: what a random attribution scores on the mass and
-        rank measures, and the AUROC of chance is 0.5).
+        |attribution| samples inside the mask; samples tied at the cut share it), ``pointing_game`` (the share of
+        the samples at the largest |attribution| that fall inside the mask: 1 for a single maximum inside; NaN for
+        an all-zero map), ``auroc`` (|attribution| as a detector of mask samples; NaN when the mask is empty or
+        full), ``mask_fraction`` (the share of samples in the mask: what a random attribution scores on the mass
+        and rank measures, and the AUROC of chance is 0.5). Samples of absent (all-zero, zero-filled) leads of an
+        :class:`Attribution`'s inputs are left out of every score.
     """
     from sklearn.metrics import roc_auc_score
 
@@ -303,25 +319,34 @@ def localisation(attribution: Attribution | Tensor, mask: Any) -> dict[str, Tens
     if m.shape != v.shape:
         raise ValueError(f"mask {tuple(m.shape)} does not match attribution {tuple(v.shape)}")
     b = v.shape[0]
-    vf, mf = v.reshape(b, -1), m.reshape(b, -1).float()
-    pos, mag = vf.clamp_min(0), vf.abs()
+    # samples of absent (zero-filled) leads are not part of the record: neither candidates for the top of the map
+    # nor part of the chance level
+    present = present_leads_of(attribution)
+    keep = (present[:, :, None].expand_as(v) if present is not None else torch.ones_like(m)).reshape(b, -1)
+    vf, mf = v.reshape(b, -1), (m.reshape(b, -1) & keep).float()
+    pos, mag = vf.clamp_min(0) * keep, vf.abs() * keep
     mass_pos = (pos * mf).sum(1) / pos.sum(1).clamp_min(1e-12)
     mass_abs = (mag * mf).sum(1) / mag.sum(1).clamp_min(1e-12)
-    k = mf.sum(1).long()
-    order = mag.argsort(1, descending=True)
-    in_sorted = mf.gather(1, order)
-    ranks = torch.arange(vf.shape[1], device=v.device)[None]
-    rank_acc = ((in_sorted * (ranks < k[:, None])).sum(1) / k.clamp_min(1)).float()
-    pointing = in_sorted[:, 0]
-    aurocs = []
-    mag_np, m_np = mag.cpu().numpy(), mf.cpu().numpy().astype(bool)
+    rank_acc, pointing, aurocs, frac = [], [], [], []
     for i in range(b):
-        if m_np[i].all() or not m_np[i].any():
-            aurocs.append(float("nan"))
+        a, inside = mag[i][keep[i]].cpu().numpy(), mf[i][keep[i]].cpu().numpy().astype(bool)
+        frac.append(float(inside.mean()) if inside.size else float("nan"))
+        k = int(inside.sum())
+        top = float(a.max()) if a.size else 0.0
+        if top <= 0 or k == 0:   # an all-zero map points nowhere; an empty mask has nothing to find
+            pointing.append(float("nan"))
+            rank_acc.append(float("nan") if top <= 0 and k else 0.0 if k == 0 else float("nan"))
         else:
-            aurocs.append(float(roc_auc_score(m_np[i], mag_np[i])))
-    return {"mass_positive": mass_pos, "mass_abs": mass_abs, "rank_accuracy": rank_acc, "pointing_game": pointing,
-            "auroc": torch.tensor(aurocs), "mask_fraction": mf.mean(1)}
+            # ties share the credit: the samples tied at the maximum, and at the k-th value, count in proportion
+            at_max = a == top
+            pointing.append(float(inside[at_max].mean()))
+            t = np.partition(a, a.size - k)[a.size - k]
+            above, tied = a > t, a == t
+            rank_acc.append(float((inside & above).sum() + (inside & tied).sum() * (k - above.sum()) / tied.sum())
+                            / k)
+        aurocs.append(float("nan") if inside.all() or not inside.any() else float(roc_auc_score(inside, a)))
+    return {"mass_positive": mass_pos, "mass_abs": mass_abs, "rank_accuracy": torch.tensor(rank_acc),
+            "pointing_game": torch.tensor(pointing), "auroc": torch.tensor(aurocs), "mask_fraction": torch.tensor(frac)}
 
 
 def faithfulness_report(explainer: Explainer, attribution: Attribution, mask: Any = None,

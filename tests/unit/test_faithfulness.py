@@ -217,3 +217,51 @@ def test_randomisation_re_explains_with_the_options_passed(monkeypatch):
     att = ex.explain(x, target=1, method="deeplift", baselines=base)
     faithfulness_report(ex, att, randomisation=True, randomisation_layers=1, n_random=1, steps=2)
     assert torch.equal(seen["method_options"]["baselines"], base)
+
+
+def test_absent_leads_are_no_budget_no_evidence_and_no_chance_level():
+    """Zero-filled absent leads: deleting them changes nothing, so a budget share spent there made any map that
+    avoids them look better than random; and a map's values there were ranked and charted as evidence."""
+    from ecgfm.explain.attribution import Attribution
+
+    torch.manual_seed(0)
+    w = ECGWrapper(TinyCNN(), fs=FS, postprocess="softmax")
+    x = _inputs(3)
+    x[:, 6:] = 0.0                                             # V1-V6 absent
+    rnd = random_attribution(x, 1)
+    loud = rnd.clone()
+    loud[:, 6:] = 100.0                                        # the same map, shouting on the absent leads
+    for mode in ("deletion", "insertion"):
+        a = perturbation_curve(w, x, rnd, mode=mode, segment_s=0.25, steps=8)["curve"]
+        b = perturbation_curve(w, x, loud, mode=mode, segment_s=0.25, steps=8)["curve"]
+        assert torch.allclose(a, b), mode                      # absent segments are never in the budget
+    # the explainer clears what a method puts on absent leads and says so
+    att = Explainer(w).explain(x, method="saliency")
+    assert att.values[:, 6:].eq(0).all() and att.values[:, :6].abs().sum() > 0
+    assert att.options["absent_leads_zeroed"] == 3 * 6
+    assert all(set(top) <= set(att.lead_names[:6]) for top in att.top_leads())
+    # localisation: chance level and candidates over the present leads only
+    mask = torch.zeros(3, 12, T, dtype=torch.bool)
+    mask[:, 2, 50:100] = True
+    v = _perfect(x)
+    loc = localisation(Attribution(values=v, method="m", options={}, target=None, inputs=x, fs=FS,
+                                   lead_names=tuple(f"l{i}" for i in range(12)), elapsed_s=0.0), mask)
+    assert torch.allclose(loc["mask_fraction"], torch.full((3,), 50 / (6 * T)))
+
+
+def test_localisation_shares_ties_instead_of_breaking_them_by_position():
+    """An all-zero map scored a pointing-game hit when the mask covered the record's start, and a map equal on every
+    lead (Grad-CAM) hit or missed depending only on which lead holds the evidence."""
+    mask = torch.zeros(1, 12, T, dtype=torch.bool)
+    mask[:, 0, :20] = True
+    zero = localisation(torch.zeros(1, 12, T), mask)
+    assert torch.isnan(zero["pointing_game"]).all() and torch.isnan(zero["rank_accuracy"]).all()
+    bump = torch.zeros(1, 12, T)
+    bump[:, :, 60] = 1.0                                       # one column, the same on every lead
+    for lead in (0, 11):
+        m = torch.zeros(1, 12, T, dtype=torch.bool)
+        m[:, lead, 55:65] = True
+        loc = localisation(bump, m)
+        assert loc["pointing_game"].item() == pytest.approx(1 / 12)
+        # the 10 top samples: 12 tied at the top (1 inside the mask) share the 10 places
+        assert loc["rank_accuracy"].item() == pytest.approx((1 * 10 / 12) / 10)
