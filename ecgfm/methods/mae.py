@@ -28,6 +28,7 @@ Choices, and how they differ from the ST-MEM code:
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import torch
@@ -44,6 +45,14 @@ MASK_MODES = ("global", "per_lead")
 DECODER_LAYOUTS = ("joint", "per_lead")
 
 
+
+def _visible(n: int, mask_ratio: float) -> int:
+    """Patches left visible of ``n`` at ``mask_ratio``: ``floor(n * (1 - ratio))`` in exact arithmetic. In floats
+    ``1 - 0.9`` is 0.0999..98 and ``1 - 0.8`` is 0.1999..96, so a plain ``int()`` dropped a whole patch: 10 patches
+    of a one-lead crop at 0.9 kept none (the step failed), 12 x 10 at 0.8 kept 23 instead of 24 (ST-MEM's
+    reference code has the same expression)."""
+    return int(math.floor(n * (1 - mask_ratio) + 1e-9))
+
 def random_masking(batch: int, num_leads: int, num_patches: int, mask_ratio: float, mode: str = "global",
                    device: torch.device | str = "cpu", generator: torch.Generator | None = None,
                    leads: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -54,12 +63,12 @@ def random_masking(batch: int, num_leads: int, num_patches: int, mask_ratio: flo
         num_leads: ``L``.
         num_patches: ``N`` patches per lead.
         mask_ratio: fraction of patches hidden from the encoder, in ``[0, 1)``.
-        mode: ``"global"`` (keep ``int(L*N*(1-r))`` patches anywhere) or ``"per_lead"`` (keep ``int(N*(1-r))``
-            patches in every lead).
+        mode: ``"global"`` (keep ``floor(L*N*(1-r))`` patches anywhere, in exact arithmetic) or ``"per_lead"``
+            (keep ``floor(N*(1-r))`` patches in every lead).
         device: device of the outputs.
         generator: optional RNG (validation uses a fixed one); the global RNG otherwise.
         leads: optional ``(l,)`` int64 lead indices (a random lead subset): visible patches are drawn from these
-            leads only (``int(l*N*(1-r))`` of them, or ``int(N*(1-r))`` per lead), every patch of the other leads
+            leads only (``floor(l*N*(1-r))`` of them, or ``floor(N*(1-r))`` per lead), every patch of the other leads
             is hidden. None: all leads (the default draws, unchanged).
 
     Returns:
@@ -78,13 +87,13 @@ def random_masking(batch: int, num_leads: int, num_patches: int, mask_ratio: flo
         out_lead[leads] = False
     if mode == "global":
         n_in = total if leads is None else len(leads) * num_patches
-        keep = int(n_in * (1 - mask_ratio))
+        keep = _visible(n_in, mask_ratio)
         noise = torch.rand(batch, total, device=device, generator=generator)
         if leads is not None:   # patches of the other leads sort last: never visible
             noise = noise + 2.0 * out_lead.repeat_interleave(num_patches)[None].to(noise.dtype)
         ids_shuffle = torch.argsort(noise, dim=1)                                   # ascending: small noise kept
     else:
-        k_lead = int(num_patches * (1 - mask_ratio))
+        k_lead = _visible(num_patches, mask_ratio)
         keep = k_lead * num_leads
         noise = torch.rand(batch, num_leads, num_patches, device=device, generator=generator)
         offset = torch.arange(num_leads, device=device)[None, :, None] * num_patches

@@ -77,7 +77,8 @@ class SimCLRModule(PretrainModule):
         p_lowpass: probability of the random low-pass filter.
         aug_seed: seed of the augmentation generator (rank ``r`` uses ``aug_seed + 1000 r``; validation always
             restarts from its own seed, so validation losses are comparable between epochs; the training
-            generator's state travels in checkpoints); ``None`` draws from torch's global generator.
+            generator's state travels in checkpoints); ``None`` draws training views from torch's global generator
+            (validation views still come from a fixed generator, seeded as for ``aug_seed=0``).
         lead_aware: for backbones whose ``embed`` takes ``lead_mask`` (ViT-1D), encode only the record's present
             leads (as frozen features and fine-tuning see them downstream; a one-lead record costs ~1/12).
             False: absent leads are encoded as zero leads.
@@ -140,15 +141,18 @@ class SimCLRModule(PretrainModule):
         return int(self.trainer.global_rank), int(self.trainer.world_size)
 
     def _generator(self, device: torch.device) -> torch.Generator | None:
-        if self.aug_seed is None:
-            return None
-        return self._generator_for("train" if self.training else "val", device)
+        """The views' RNG: in training the seeded one (``aug_seed``) or the global RNG; in evaluation always a fixed
+        one (reset every validation epoch), so that validation losses compare between epochs even without
+        ``aug_seed`` (the global RNG, reseeded from the step, drew other views each epoch)."""
+        if self.training:
+            return None if self.aug_seed is None else self._generator_for("train", device)
+        return self._generator_for("val", device)
 
     def _generator_for(self, key: str, device: torch.device) -> torch.Generator:
         gen = self._gens.get(key)
         if gen is None or gen.device != device:
             rank, world = self._rank_world()
-            seed = self.aug_seed + 1000 * rank + (0 if key == "train" else 999_983)
+            seed = int(self.aug_seed or 0) + 1000 * rank + (0 if key == "train" else 999_983)
             gen = self._gens[key] = make_generator(seed, device)
             if key == "train" and self._restored_aug_state is not None:
                 self._apply_restored_state(gen, rank, world)

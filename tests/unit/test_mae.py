@@ -427,3 +427,16 @@ def test_lead_subset_without_lead_awareness_is_drawn_from_leads_every_row_has():
     drawn.clear()
     m.shared_step({"x": x, "lead_mask": lm})
     assert drawn == []
+
+
+def test_mask_ratio_keeps_the_exact_number_of_visible_patches():
+    """1 - 0.9 and 1 - 0.8 are a hair below 0.1 / 0.2 in floats: a plain int() dropped a patch, so a one-lead crop
+    of 10 patches at mask_ratio=0.9 (the documented sweep's last point) kept none and the step failed."""
+    from ecgfm.methods.mae import random_masking
+
+    for ratio, n_leads, n_patches, kept in ((0.9, 1, 10, 1), (0.8, 12, 10, 24), (0.9, 12, 10, 12),
+                                            (0.75, 12, 10, 30)):
+        ids_keep, _, mask = random_masking(2, n_leads, n_patches, ratio)
+        assert ids_keep.shape[1] == kept and int((~mask).sum()) == 2 * kept, (ratio, n_leads)
+    ids_keep, _, mask = random_masking(2, 12, 10, 0.8, mode="per_lead")
+    assert ids_keep.shape[1] == 24 and (~mask).sum(-1).eq(2).all()

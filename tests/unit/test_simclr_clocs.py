@@ -368,3 +368,24 @@ def test_clocs_zero_padding_segment_is_not_a_view(mode):
     xv, mask = m.views(batch)
     v = mask.shape[0] // 2
     assert not mask[v:, 0].any() and mask[:v, 0].all() and mask[:, 1:].all()
+
+
+def test_simclr_validation_views_are_fixed_without_an_aug_seed():
+    """With aug_seed=None (the config default) validation views came from the global RNG, which the pipeline
+    reseeds from the step: every epoch validated on other views, so val/loss did not compare between epochs."""
+    from ecgfm.backbones import create_backbone
+    from ecgfm.methods.simclr import SimCLRModule
+
+    m = SimCLRModule(create_backbone("resnet1d_test"), aug_seed=None).eval()
+    batch = {"x": torch.randn(3, 12, 250)}
+    m.on_validation_epoch_start()
+    a = m.views(batch)
+    torch.manual_seed(123)                     # another step's reseed
+    m.on_validation_epoch_start()
+    b = m.views(batch)
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+    m.train()
+    torch.manual_seed(1)
+    c = m.views(batch)
+    torch.manual_seed(2)
+    assert not torch.equal(c[0], m.views(batch)[0])   # training views: the global RNG, as before
