@@ -486,17 +486,31 @@ class _Scaled(nn.Module):
 def _m_smoothgrad(job: _Job, n_samples: int = 50, noise_level: float = 0.15, batch_size: int | None = None,
                   squared: bool = False) -> tuple[Tensor, None, dict]:
     """Noise of ``noise_level * std(x_i)`` for each record ``i`` (Smilkov et al. scale it to each input: 10-20 % of
-    its range), so a record's map does not depend on the records it is batched with."""
+    its range), drawn per record from its content, so a record's map does not depend on the records it is batched
+    with."""
     from captum.attr import NoiseTunnel, Saliency
+
+    import hashlib
 
     x = job.x.detach()
     s = x.flatten(1).std(dim=1).clamp_min(1e-8)[:, None, None]            # (B, 1, 1) each record's scale
     if batch_size is None:  # about 256 ECG copies per forward pass
-        batch_size = max(1, min(n_samples, 256 // max(1, x.shape[0])))
-    g = NoiseTunnel(Saliency(_Scaled(job.fn))).attribute(
-        x / s, nt_type="smoothgrad_sq" if squared else "smoothgrad", nt_samples=n_samples,
-        nt_samples_batch_size=batch_size, stdevs=float(noise_level), target=job.target, abs=False,
-        additional_forward_args=(s, *(job.args or ())))
+        batch_size = max(1, min(n_samples, 256))
+    tunnel = NoiseTunnel(Saliency(_Scaled(job.fn)))
+    rows = []
+    # one record at a time, its noise drawn from a generator seeded by its content (NoiseTunnel draws from the
+    # global RNG for the whole batch, so a record's map depended on the records batched with it)
+    for b in range(x.shape[0]):
+        digest = hashlib.sha256(x[b].float().cpu().numpy().tobytes()).digest()
+        with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
+            torch.manual_seed(int.from_bytes(digest[:8], "little") % (2 ** 63))
+            args = tuple(a[b:b + 1] if isinstance(a, Tensor) and a.shape[:1] == x.shape[:1] else a
+                         for a in (job.args or ()))
+            rows.append(tunnel.attribute(
+                x[b:b + 1] / s[b:b + 1], nt_type="smoothgrad_sq" if squared else "smoothgrad", nt_samples=n_samples,
+                nt_samples_batch_size=batch_size, stdevs=float(noise_level), target=job.target[b:b + 1], abs=False,
+                additional_forward_args=(s[b:b + 1], *args)))
+    g = torch.cat(rows)
     v = g / (s ** 2 if squared else s)                                     # d/dz = s d/dx
     return v, None, {"n_samples": n_samples, "noise_level": noise_level,
                      "stdev": [float(noise_level * v_) for v_ in s.flatten().tolist()], "squared": squared,
