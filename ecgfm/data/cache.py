@@ -735,6 +735,7 @@ def _convert_shard(shard_index: int, items: Sequence[tuple[int, str]]) -> dict[s
                 rec = preprocess_record(rec, spec)
                 rec.validate()
                 meta, header = jsonable(rec.meta), jsonable(rec.header)
+                header.pop("preprocessed", None)   # the cache's own spec, added back on read (CorpusCache.record)
                 dumps(meta, convert=False), dumps(header, convert=False)  # fail here (skip the record)
             except Exception as exc:  # any failure of one record skips that record only
                 kind = "" if isinstance(exc, ECGDataError) else f"{type(exc).__name__}: "

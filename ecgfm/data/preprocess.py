@@ -476,8 +476,17 @@ def preprocess_signal(sig: np.ndarray, fs: float, mask: np.ndarray, spec: Prepro
 
 def preprocess_record(record: ECGRecord, spec: PreprocessSpec) -> ECGRecord:
     """Apply ``spec`` to a record; the evidence mask (if any) is resampled with nearest-neighbour, and the sample
-    positions of its annotations (R peaks, beat samples, AF episode bounds) are moved to the new rate."""
+    positions of its annotations (R peaks, beat samples, AF episode bounds) are moved to the new rate. The result
+    says so in ``header["preprocessed"]`` (``spec``), as a record read back from a corpus cache does, so that a
+    model given it does not filter and normalise it a second time (:func:`preprocessed_spec`).
+
+    Raises:
+        ECGDataError: the record was preprocessed already (a cache record, or the output of this function).
+    """
     where = record.header.get("path", record.key)
+    if record.header.get("preprocessed") is not None:
+        raise ECGDataError(where, "record already preprocessed (header['preprocessed']); preprocessing it again "
+                                  "would filter and normalise twice: pass the raw record from its reader")
     sig, fs, mask = preprocess_signal(record.signal, record.fs, record.lead_mask, spec, where)
     evidence = record.evidence
     if evidence is not None and evidence.shape[1] != sig.shape[1]:
@@ -485,6 +494,7 @@ def preprocess_record(record: ECGRecord, spec: PreprocessSpec) -> ECGRecord:
         evidence = evidence[:, idx]
     header = dict(record.header)
     header.setdefault("fs_original", float(record.fs))
+    header["preprocessed"] = spec.to_dict()
     annotations = record.annotations
     if annotations and float(fs) != float(record.fs):
         annotations = {k: _rescale_samples(v, fs / float(record.fs), sig.shape[1]) for k, v in annotations.items()}

@@ -190,3 +190,28 @@ def test_a_record_of_the_models_own_rate_keeping_cache_is_not_refused(tmp_path):
         x = torch.from_numpy(np.ascontiguousarray(rec.signal[:, :500].reshape(12, 2, 250).transpose(1, 0, 2)))
         want = bb.embed(x, lead_mask=torch.from_numpy(np.asarray(rec.lead_mask, bool))[None].expand(2, -1))
     np.testing.assert_allclose(got, want.mean(0).numpy(), atol=1e-5)
+
+
+def test_a_record_preprocessed_by_the_public_function_is_not_preprocessed_again(tmp_path):
+    """preprocess_record did not mark its output: the API filtered and normalised it a second time, and one
+    preprocessed with another spec was accepted."""
+    import pytest
+
+    from ecgfm.data.preprocess import preprocess_record
+    from ecgfm.data.record import ECGDataError
+    from ecgfm.data.synthetic import SyntheticSource
+
+    raw = SyntheticSource(n_records=1, seed=0, fs=100.0, duration=5.0).load(
+        SyntheticSource(n_records=1, seed=0, fs=100.0, duration=5.0).record_ids()[0])
+    spec = PreprocessSpec(fs=100.0)
+    torch.manual_seed(0)
+    save_encoder(tmp_path / "enc", create_backbone("vit1d_test").eval(), spec, fs=100.0, window_samples=250)
+    enc = ecgfm.Encoder.load(tmp_path / "enc")
+    done = preprocess_record(raw, spec)
+    assert done.header["preprocessed"] == spec.to_dict()
+    np.testing.assert_allclose(enc.embed(done), enc.embed(raw), atol=1e-5)      # the same, not filtered twice
+    other = preprocess_record(raw, PreprocessSpec(fs=100.0, lowpass=30.0))
+    with pytest.raises(ECGDataError, match="already preprocessed"):
+        enc.embed(other)
+    with pytest.raises(ECGDataError, match="already preprocessed"):
+        preprocess_record(done, spec)
