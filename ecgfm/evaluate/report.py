@@ -866,7 +866,7 @@ def acceptance(cells: Iterable[dict[str, Any]], summ: pd.DataFrame, means: dict[
         else:
             verdicts.append("not measured")
             said.append(f"{name}: not measured (" + (
-                "no paired comparisons" if not labs else
+                "no encoder of the group has paired comparisons" if not labs else
                 "no encoder has a paired comparison at every setting without a miss") + ")")
     out.append({"criterion": f"SSL > random-init twin (linear probe, paired CI excludes 0) at {_fmt_frac(low)} and "
                              f"{_fmt_frac(full)} on {cinc} and {ptb}, for MAE and >= 1 contrastive method "
