@@ -502,7 +502,8 @@ def _m_smoothgrad(job: _Job, n_samples: int = 50, noise_level: float = 0.15, bat
     # global RNG for the whole batch, so a record's map depended on the records batched with it)
     for b in range(x.shape[0]):
         digest = hashlib.sha256(x[b].float().cpu().numpy().tobytes()).digest()
-        with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
+        # every CUDA device: torch.manual_seed reseeds them all, and fork_rng restores only those it is given
+        with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if torch.cuda.is_available() else []):
             torch.manual_seed(int.from_bytes(digest[:8], "little") % (2 ** 63))
             args = tuple(a[b:b + 1] if isinstance(a, Tensor) and a.shape[:1] == x.shape[:1] else a
                          for a in (job.args or ()))
@@ -900,18 +901,24 @@ def canonical_method(name: str) -> str:
 # Explainer
 
 
-def _absent_leads_zeroed(values: Tensor, x: Tensor, used: dict) -> Tensor:
-    """``values`` with the rows of absent leads (all-zero, zero-filled rows of ``x``) set to 0.
+def _absent_leads_zeroed(values: Tensor, delta: Tensor | None, x: Tensor, used: dict
+                         ) -> tuple[Tensor, Tensor | None]:
+    """``values`` with the rows of absent leads (all-zero, zero-filled rows of ``x``) set to 0, and the convergence
+    ``delta`` kept true of the map returned (``sum(values) - (f(x) - f(baseline))`` loses what was cleared).
 
     A model that was not trained with lead masks still has a gradient on a zero-filled row, and broadcast maps
     (Grad-CAM) paint every row: without this, leads the record does not have were ranked, charted and counted as
     evidence. ``used["absent_leads_zeroed"]`` records how many (record, lead) rows were cleared.
     """
     absent = ~(x.detach().abs().amax(-1) > 0)                      # (B, L)
-    if bool(absent.any()):
-        used["absent_leads_zeroed"] = int(absent.sum())
-        return values.masked_fill(absent[:, :, None].to(values.device), 0.0)
-    return values
+    if not bool(absent.any()):
+        return values, delta
+    used["absent_leads_zeroed"] = int(absent.sum())
+    mask = absent[:, :, None].to(values.device)
+    if delta is not None:
+        removed = (values * mask).flatten(1).sum(1)
+        delta = delta - removed.to(delta.device, delta.dtype)
+    return values.masked_fill(mask, 0.0), delta
 
 
 class Explainer:
@@ -971,7 +978,7 @@ class Explainer:
             t = self.wrapper.resolve_target(target, logits)
             job = _Job(self.wrapper, fn, x, t, None, self.wrapper.fs)
             values, delta, used, elapsed = self._run(key, job, options)
-        values = _absent_leads_zeroed(values, x, used)
+        values, delta = _absent_leads_zeroed(values, delta, x, used)
         return Attribution(values=values, method=key, options={**used, "output": output}, target=t,
                            inputs=x.detach(), fs=self.wrapper.fs, lead_names=self.wrapper.lead_names,
                            elapsed_s=elapsed, delta=delta, call_options={**options, "output": output})
@@ -1035,7 +1042,7 @@ class Explainer:
         job = _Job(self.wrapper, fn, x, torch.zeros(b, dtype=torch.long, device=x.device), (ref,),
                    self.wrapper.fs)
         values, delta, used, elapsed = self._run(key, job, options)
-        values = _absent_leads_zeroed(values, x, used)
+        values, delta = _absent_leads_zeroed(values, delta, x, used)
         return Attribution(values=values, method=key, options={**used, "objective": desc}, target=None,
                            inputs=x.detach(), fs=self.wrapper.fs, lead_names=self.wrapper.lead_names,
                            elapsed_s=elapsed, delta=delta)

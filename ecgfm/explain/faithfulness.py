@@ -141,6 +141,9 @@ def _perturbation_curve(wrapper: ECGWrapper, inputs: Tensor, attribution: Attrib
                    torch.arange(n_seg, device=x.device).expand(b, -1).contiguous())
     ranks = ranks.reshape(b, n_l, -1).repeat_interleave(seg, dim=2)[:, :, :n_t]   # (B, L, T)
     base = make_baseline(baseline, x, wrapper.fs).expand_as(x)
+    # absent leads stay as they are (zero rows) at every step, whatever the baseline: they are never in the budget,
+    # and an insertion curve must end at f(x)
+    base = torch.where(present.reshape(b, n_l, -1)[:, :, :1], base, x)
     fractions = torch.linspace(0, 1, steps + 1)
     curve = []
     with torch.inference_mode():
@@ -188,22 +191,30 @@ def compare_with_random(wrapper: ECGWrapper, inputs: Tensor, attribution: Attrib
 # Model-parameter randomisation
 
 
-def spearman(a: Tensor, b: Tensor) -> Tensor:
+def spearman(a: Tensor, b: Tensor, keep: Tensor | None = None) -> Tensor:
     """Per-sample Spearman rank correlation of two ``(B, ...)`` tensors: ``(B,)``; NaN for a constant map.
 
     Ties get their average rank (:func:`scipy.stats.rankdata`), as :func:`scipy.stats.spearmanr` does: ReLU'd
     maps (Grad-CAM) are mostly exact zeros, and ranks broken by position there correlated two unrelated maps.
+    ``keep`` (bool, shaped like ``a``) restricts each sample to its kept entries: the samples of absent leads, 0
+    in every map, are shared ties that made two unrelated maps of a one-lead record correlate at ~1.
     """
     from scipy.stats import rankdata
 
-    def ranks(v: Tensor) -> Tensor:
-        r = torch.from_numpy(rankdata(v.reshape(v.shape[0], -1).detach().double().cpu().numpy(), axis=1))
-        return r - r.mean(1, keepdim=True)
-
-    ra, rb = ranks(a), ranks(b)
-    den = ra.norm(dim=1) * rb.norm(dim=1)
-    out = (ra * rb).sum(1) / den.clamp_min(1e-300)
-    return torch.where(den > 0, out, torch.full_like(out, float("nan"))).float().to(a.device)
+    fa = a.reshape(a.shape[0], -1).detach().double().cpu().numpy()
+    fb = b.reshape(b.shape[0], -1).detach().double().cpu().numpy()
+    fk = None if keep is None else keep.reshape(keep.shape[0], -1).detach().bool().cpu().numpy()
+    out = []
+    for i in range(fa.shape[0]):
+        x, y = (fa[i], fb[i]) if fk is None else (fa[i][fk[i]], fb[i][fk[i]])
+        if x.size == 0:
+            out.append(float("nan"))
+            continue
+        rx, ry = rankdata(x), rankdata(y)
+        rx, ry = rx - rx.mean(), ry - ry.mean()
+        den = float(np.linalg.norm(rx) * np.linalg.norm(ry))
+        out.append(float((rx * ry).sum() / den) if den > 0 else float("nan"))
+    return torch.tensor(out, dtype=torch.float32, device=a.device)
 
 
 def parametrised_layers(model: nn.Module) -> list[str]:
@@ -266,6 +277,8 @@ def randomisation_check(explainer: Explainer, inputs: Tensor, method: str, targe
     if not layers:
         raise ValueError("the model has no parametrised layer to randomise")
     s_abs, s_signed = [], []
+    present = present_leads_of(original)
+    keep = None if present is None else present[:, :, None].expand_as(original.values)   # absent leads: no ranks
     copy_w = copy.deepcopy(wrapper)
     for i, name in enumerate(layers):
         if mode == "independent":
@@ -273,8 +286,8 @@ def randomisation_check(explainer: Explainer, inputs: Tensor, method: str, targe
         _randomise(copy_w.layer(name), seed + 1 + i)
         torch.manual_seed(seed)
         att = Explainer(copy_w).explain(original.inputs, target=target_t, method=method, **options)
-        s_abs.append(spearman(original.values.abs(), att.values.abs()))
-        s_signed.append(spearman(original.values, att.values))
+        s_abs.append(spearman(original.values.abs(), att.values.abs(), keep))
+        s_signed.append(spearman(original.values, att.values, keep))
     sa, ss = torch.stack(s_abs), torch.stack(s_signed)
     return {"mode": mode, "method": original.method, "layers": layers, "spearman_abs": sa, "spearman_signed": ss,
             "summary": [{"layer": n, "spearman_abs": mean_ci(sa[i]), "spearman_signed": mean_ci(ss[i])}
@@ -335,7 +348,7 @@ def localisation(attribution: Attribution | Tensor, mask: Any) -> dict[str, Tens
         top = float(a.max()) if a.size else 0.0
         if top <= 0 or k == 0:   # an all-zero map points nowhere; an empty mask has nothing to find
             pointing.append(float("nan"))
-            rank_acc.append(float("nan") if top <= 0 and k else 0.0 if k == 0 else float("nan"))
+            rank_acc.append(float("nan"))
         else:
             # ties share the credit: the samples tied at the maximum, and at the k-th value, count in proportion
             at_max = a == top
@@ -345,6 +358,9 @@ def localisation(attribution: Attribution | Tensor, mask: Any) -> dict[str, Tens
             rank_acc.append(float((inside & above).sum() + (inside & tied).sum() * (k - above.sum()) / tied.sum())
                             / k)
         aurocs.append(float("nan") if inside.all() or not inside.any() else float(roc_auc_score(inside, a)))
+    empty = mf.sum(1) == 0   # nothing to find (an empty mask, or a record without present leads): not a score of 0
+    mass_pos = mass_pos.masked_fill(empty, float("nan"))
+    mass_abs = mass_abs.masked_fill(empty, float("nan"))
     return {"mass_positive": mass_pos, "mass_abs": mass_abs, "rank_accuracy": torch.tensor(rank_acc),
             "pointing_game": torch.tensor(pointing), "auroc": torch.tensor(aurocs), "mask_fraction": torch.tensor(frac)}
 

@@ -265,3 +265,34 @@ def test_localisation_shares_ties_instead_of_breaking_them_by_position():
         assert loc["pointing_game"].item() == pytest.approx(1 / 12)
         # the 10 top samples: 12 tied at the top (1 inside the mask) share the 10 places
         assert loc["rank_accuracy"].item() == pytest.approx((1 * 10 / 12) / 10)
+
+
+def test_absent_leads_do_not_fake_agreement_completeness_or_curve_ends():
+    """Follow-ups of clearing absent leads: (1) the randomisation check's Spearman over all samples saw the shared
+    zero rows as agreement (0.998 for a one-lead record, against 0.22 before the clearing); (2) the convergence
+    delta must describe the map returned; (3) an insertion curve must end at f(x) whatever the baseline on absent
+    leads; (4) a record with nothing to find has no localisation score, not 0."""
+    torch.manual_seed(0)
+    model = TinyCNN()
+    w = ECGWrapper(model, fs=FS, postprocess=None)
+    x = _inputs(2)
+    x[:, 1:] = 0.0                                                 # one lead present
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(2, 12, T, generator=g), torch.randn(2, 12, T, generator=g)
+    a[:, 1:], b[:, 1:] = 0.0, 0.0
+    keep = (x.abs().amax(-1) > 0)[:, :, None].expand_as(a)
+    assert spearman(a.abs(), b.abs()).min() > 0.8                  # the shared zeros, lowest in |map|
+    assert spearman(a.abs(), b.abs(), keep).abs().max() < 0.15     # the present lead only
+    ex = Explainer(w)
+    check = randomisation_check(ex, x, "saliency", target=1, mode="cascading", layers=parametrised_layers(model)[:1])
+    assert check["spearman_abs"].abs().max() < 0.9
+    ig = ex.explain(x, target=1, method="integrated_gradients", baselines=0.5, n_steps=64)
+    with torch.no_grad():
+        gap = model(x)[:, 1] - model(torch.full_like(x, 0.5))[:, 1]
+    torch.testing.assert_close(ig.delta.float(), ig.values.flatten(1).sum(1) - gap, atol=1e-4, rtol=1e-4)
+    curve = perturbation_curve(w, x, ig, target=torch.tensor([1, 1]), mode="insertion", baseline=0.5, steps=4,
+                               output="logit")["curve"]
+    with torch.no_grad():
+        torch.testing.assert_close(curve[:, -1], model(x)[:, 1], atol=1e-5, rtol=1e-5)
+    empty = localisation(ig, torch.zeros(2, 12, T, dtype=torch.bool))
+    assert torch.isnan(empty["mass_abs"]).all() and torch.isnan(empty["rank_accuracy"]).all()
