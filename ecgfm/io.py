@@ -21,7 +21,8 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 __all__ = ["jsonable", "dumps", "atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_write_json",
-           "read_json", "sha256_file", "sha256_bytes", "safetensors_sha256", "sort_safetensors_metadata", "fsync_dir", "file_lock", "LockBusy", "to_container"]
+           "read_json", "sha256_file", "sha256_bytes", "safetensors_sha256", "sort_safetensors_metadata", "fsync_dir",
+           "file_lock", "LockBusy", "to_container"]
 
 
 def to_container(value: Any) -> Any:

@@ -55,7 +55,8 @@ def weights_sha256(folder: str | os.PathLike) -> dict[str, str]:
     """``{file name: sha256}`` of the weights of an exported model folder.
 
     The weights are the folder's ``*.safetensors`` files (an encoder export has ``encoder.safetensors``). Each
-    hash is cached by (path, size, modification and change time, inode), so asking again for an unchanged file reads nothing.
+    hash is cached by (path, size, modification and change time, inode), so asking again for an unchanged file
+    reads nothing.
 
     Raises:
         FileNotFoundError: the folder holds no ``.safetensors`` file.

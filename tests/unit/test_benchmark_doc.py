@@ -135,7 +135,8 @@ def test_a_partial_report_does_not_replace_the_committed_tables(tmp_path, monkey
     import ecgfm.evaluate.report as R
 
     mod = _script()
-    cols = "mode,task,dataset,split,label,method,checkpoint,checkpoint_id,recipe_id,backbone,fraction,seed,metric,value\n"
+    cols = ("mode,task,dataset,split,label,method,checkpoint,checkpoint_id,recipe_id,backbone,fraction,seed,metric,"
+            "value\n")
     full = cols + ("linear,cinc2017,cinc2017,test,mae,mae,x,a,b,vit1d_tiny,1,0,macro_auroc,0.7\n"
                    "linear,cinc2017,cinc2017,test,hc,handcrafted,handcrafted,c,d,handcrafted,1,0,macro_auroc,0.9\n")
     partial = cols + "linear,cinc2017,cinc2017,test,hc,handcrafted,handcrafted,c,d,handcrafted,1,0,macro_auroc,0.9\n"
