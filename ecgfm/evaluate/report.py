@@ -238,8 +238,9 @@ def markdown_table(df: pd.DataFrame, metrics: Iterable[str] = ("macro_auroc", "m
              "CIs over the records of the split] (number of seeds; `identical`: every seed gave the same result, "
              "e.g. a deterministic probe on 100 % of the labels, so one result, not replicates). `seed` draws the "
              "label subset (stratified, patient-level, nested) and initialises the head. One row per checkpoint "
-             "identity (content hash) and recipe: `method@<hash>` when a method has several checkpoints here, `[recipe <hash>]` when one checkpoint "
-             "was run with several recipes; only seeds of one row are averaged.", ""]
+             "identity (content hash) and recipe: `method@<hash>` when a method has several checkpoints here, "
+             "`[recipe <hash>]` when one checkpoint was run with several recipes; only seeds of one row are "
+             "averaged.", ""]
     for metric in metrics:
         summ = summarize(df, metric)
         if summ.empty:
