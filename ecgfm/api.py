@@ -26,6 +26,7 @@ come from its header. Nothing is downloaded; artifacts load without pickle (:mod
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from typing import Any, Mapping, Sequence
 
@@ -40,6 +41,8 @@ from ecgfm.data.preprocess import (PreprocessSpec, model_input_leads, preprocess
 from ecgfm.data.record import CANONICAL_LEADS, ECGDataError, ECGRecord, canonical_lead, map_leads
 
 __all__ = ["Encoder", "Classifier", "load_record"]
+
+log = logging.getLogger(__name__)
 
 
 def load_record(path: str | os.PathLike, rename_leads: Mapping[str, str] | None = None
@@ -160,7 +163,26 @@ class _Model:
             have = [lead for lead, m in zip(CANONICAL_LEADS, mask) if m]
             raise ECGDataError(where, f"none of the model's input leads ({', '.join(self.leads)}) is present in "
                                       f"the record (present after preprocessing: {', '.join(have) or 'none'})")
+        self._check_trained_leads(mask, where)
         return np.ascontiguousarray(x12[order], dtype=np.float32), mask[order]
+
+    def _check_trained_leads(self, mask: np.ndarray, where: str) -> None:
+        """A classifier saved by a sweep names the leads present in its training records
+        (``extra.trained_leads``): a record sharing none of them is refused (a one-lead model trained on lead I,
+        given lead II, scored zeros in lead I's row), and leads it never saw are named in a warning."""
+        trained = (self.meta.get("extra") or {}).get("trained_leads")
+        if not trained:
+            return
+        have = [lead for lead, m in zip(CANONICAL_LEADS, mask) if m]
+        if not set(have) & set(trained):
+            raise ECGDataError(where, f"the classifier was trained on records with leads {', '.join(trained)}; this "
+                                      f"record has {', '.join(have) or 'none'}: it would be scored on leads the "
+                                      f"model never saw (name the record's leads as its reader does, e.g. "
+                                      f"rename_leads= / leads=)")
+        unseen = [lead for lead in have if lead not in trained]
+        if unseen:
+            log.warning("%s: lead(s) %s were never present in the classifier's training records (trained on %s): "
+                        "scored as given", where, ", ".join(unseen), ", ".join(trained))
 
     def _windows(self, x: np.ndarray, stride: int | None) -> np.ndarray:
         """``(L, T) -> (W, L, window)`` (the whole record when the artifact has no window)."""

@@ -56,6 +56,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ecgfm.conf import config_dir
 from ecgfm.data.preprocess import PreprocessSpec, with_input_leads
+from ecgfm.data.record import CANONICAL_LEADS
 from ecgfm.evaluate.features import (cached_features, cached_tokens, check_window, embed_fn, encoder_fingerprint,
                                      fit_window)
 from ecgfm.evaluate.identity import checkpoint_identity, recipe_identity, short_hash, stale_reason
@@ -1015,6 +1016,10 @@ def _save_cell_classifier(cell_file: Path, model: Any, task: TaskData, enc: Enco
 
     test = cell["results"]["test"]["macro_auroc"]
     how = getattr(model, "kind", "fine-tuned")
+    # the leads present in any training record: the API refuses a record sharing none of them (a one-lead model
+    # trained on lead I given lead II alone scored zeros in lead I's row without a word) and names leads never seen
+    train_rows = np.asarray(task.splits.get("train", []), dtype=np.int64)
+    seen = task.cache.lead_masks[train_rows].any(axis=0) if len(train_rows) else np.ones(len(CANONICAL_LEADS), bool)
     out = save_classifier(
         classifier_dir(cell_file), model.backbone, model.head, task.cache.spec, task.class_names, task.multilabel,
         fs=float(task.cache.fs), window_samples=window, stride_samples=stride,
@@ -1027,7 +1032,8 @@ def _save_cell_classifier(cell_file: Path, model: Any, task: TaskData, enc: Enco
                     "recipe": recipe, "seed": cell["seed"], "checkpoint": enc.checkpoint},
         evaluation={f"test macro AUROC (n={cell['results']['test']['n']})":
                     f"{test['value']:.3f} [95% CI {test['ci_low']:.3f}, {test['ci_high']:.3f}]",
-                    "validation macro AUROC (early stopping)": round(float(cell["val_macro_auroc"]), 4)})
+                    "validation macro AUROC (early stopping)": round(float(cell["val_macro_auroc"]), 4)},
+        extra={"trained_leads": [lead for lead, m in zip(CANONICAL_LEADS, seen) if m]})
     pred = cell["predictions"]["test"]
     scores = np.asarray(pred["scores"], dtype=np.float64)
     table = pd.DataFrame(scores, columns=[f"p_{c}" for c in task.class_names])

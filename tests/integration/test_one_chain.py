@@ -138,7 +138,7 @@ def test_probe_cell_saves_a_classifier_on_request(chain, aggregate):
 
 
 @pytest.mark.parametrize("lead_aware", [True, False])
-def test_classifier_of_a_one_lead_task_is_scored_as_it_was_trained(chain, lead_aware):
+def test_classifier_of_a_one_lead_task_is_scored_as_it_was_trained(chain, lead_aware, caplog):
     """A fine-tune cell on lead II alone records how absent leads reached the ViT (``features.lead_aware``) in its
     classifier artifact, and Classifier.predict_proba on the raw one-lead records reproduces the cell's scores either
     way (scored the other way, the lead masks would change the tokens)."""
@@ -160,3 +160,16 @@ def test_classifier_of_a_one_lead_task_is_scored_as_it_was_trained(chain, lead_a
     clf.meta["lead_aware"] = not lead_aware                      # the other way: other numbers (the test has teeth)
     other = np.concatenate([clf.predict_proba(r).to_numpy() for r in records])
     assert np.abs(other - got).max() > 1e-4
+    if lead_aware:
+        # the artifact names the leads it was trained on: lead I alone is refused (it scored zeros in lead II's row
+        # without a word), leads it never saw beside lead II are named
+        from ecgfm.data.record import ECGDataError
+
+        clf.meta["lead_aware"] = lead_aware
+        assert clf.meta["extra"]["trained_leads"] == ["II"]
+        x = records[0].signal[records[0].lead_mask]
+        with pytest.raises(ECGDataError, match="trained on records with leads II"):
+            clf.predict_proba(x, fs=records[0].fs, leads=["I"])
+        with caplog.at_level("WARNING", logger="ecgfm.api"):
+            clf.predict_proba(np.concatenate([x, x]), fs=records[0].fs, leads=["II", "V1"])
+        assert any("V1" in r.getMessage() and "never present" in r.getMessage() for r in caplog.records)
