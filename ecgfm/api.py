@@ -116,12 +116,10 @@ class _Model:
             if fs is not None and float(fs) != float(signal.fs):
                 raise ValueError(f"{signal.key}: fs={fs} given but the record is at {signal.fs} Hz")
             _same_leads(signal.key, leads, names)
-            done = None
-            if signal.header.get("preprocessed") is not None and \
-                    PreprocessSpec.from_dict(dict(signal.header["preprocessed"])).fingerprint() == \
-                    self._cache_pre.fingerprint():   # the model's own rate-keeping cache (the rate is checked below)
-                done = self._cache_pre
-            done = done or preprocessed_spec(signal, self._pre, "this artifact")   # a cache record: done already
+            try:   # a record of the artifact's own cache (a rate-keeping one too: the rate is checked below)
+                done = preprocessed_spec(signal, self._cache_pre, "this artifact")
+            except ECGDataError:
+                done = preprocessed_spec(signal, self._pre, "this artifact")
             return [self._prepare(signal.signal[mask], float(signal.fs), names, signal.key,
                                   preprocessed=done is not None)], [signal.key]
         if isinstance(signal, (str, os.PathLike)):

@@ -490,8 +490,6 @@ def _m_smoothgrad(job: _Job, n_samples: int = 50, noise_level: float = 0.15, bat
     with."""
     from captum.attr import NoiseTunnel, Saliency
 
-    import hashlib
-
     x = job.x.detach()
     s = x.flatten(1).std(dim=1).clamp_min(1e-8)[:, None, None]            # (B, 1, 1) each record's scale
     if batch_size is None:  # about 256 ECG copies per forward pass
@@ -501,10 +499,9 @@ def _m_smoothgrad(job: _Job, n_samples: int = 50, noise_level: float = 0.15, bat
     # one record at a time, its noise drawn from a generator seeded by its content (NoiseTunnel draws from the
     # global RNG for the whole batch, so a record's map depended on the records batched with it)
     for b in range(x.shape[0]):
-        digest = hashlib.sha256(x[b].float().cpu().numpy().tobytes()).digest()
         # every CUDA device: torch.manual_seed reseeds them all, and fork_rng restores only those it is given
         with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if torch.cuda.is_available() else []):
-            torch.manual_seed(int.from_bytes(digest[:8], "little") % (2 ** 63))
+            torch.manual_seed(record_seed(x[b]))
             args = tuple(a[b:b + 1] if isinstance(a, Tensor) and a.shape[:1] == x.shape[:1] else a
                          for a in (job.args or ()))
             rows.append(tunnel.attribute(
@@ -901,6 +898,20 @@ def canonical_method(name: str) -> str:
 # Explainer
 
 
+def present_rows(x: Tensor) -> Tensor:
+    """``(B, L)`` bool: the rows of ``(B, L, T)`` inputs that are not all zero (absent leads are zero-filled)."""
+    return x.detach().abs().amax(-1) > 0
+
+
+def record_seed(x_row: Tensor, seed: int = 0) -> int:
+    """A seed drawn from one record's content (plus ``seed``): the same record gets the same random draws alone or
+    anywhere in a batch."""
+    import hashlib
+
+    digest = hashlib.sha256(x_row.detach().float().cpu().numpy().tobytes()).digest()
+    return (int.from_bytes(digest[:8], "little") + int(seed)) % (2 ** 63)
+
+
 def _absent_leads_zeroed(values: Tensor, delta: Tensor | None, x: Tensor, used: dict
                          ) -> tuple[Tensor, Tensor | None]:
     """``values`` with the rows of absent leads (all-zero, zero-filled rows of ``x``) set to 0, and the convergence
@@ -910,7 +921,7 @@ def _absent_leads_zeroed(values: Tensor, delta: Tensor | None, x: Tensor, used: 
     (Grad-CAM) paint every row: without this, leads the record does not have were ranked, charted and counted as
     evidence. ``used["absent_leads_zeroed"]`` records how many (record, lead) rows were cleared.
     """
-    absent = ~(x.detach().abs().amax(-1) > 0)                      # (B, L)
+    absent = ~present_rows(x)                                      # (B, L)
     if not bool(absent.any()):
         return values, delta
     used["absent_leads_zeroed"] = int(absent.sum())
@@ -1075,13 +1086,10 @@ def random_attribution(like: Attribution | Tensor, seed: int = 0) -> Tensor:
     Each record (row) draws its own values from ``seed`` and the record's content, so two records never share one
     random ordering, and a record gets the same ordering alone or anywhere in a batch (one generator seeded by
     ``seed`` would give row ``b`` of every batch the same values)."""
-    import hashlib
-
     values = like.values if isinstance(like, Attribution) else like
     x = like.inputs if isinstance(like, Attribution) else like
     rows = []
     for b in range(values.shape[0]):
-        digest = hashlib.sha256(x[b].detach().float().cpu().numpy().tobytes()).digest()
-        g = torch.Generator().manual_seed((int.from_bytes(digest[:8], "little") + int(seed)) % (2 ** 63))
+        g = torch.Generator().manual_seed(record_seed(x[b], seed))
         rows.append(torch.randn(tuple(values.shape[1:]), generator=g))
     return torch.stack(rows).to(values.device)

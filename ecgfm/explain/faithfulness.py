@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ecgfm.explain.attribution import (Attribution, Explainer, make_baseline, random_attribution)
+from ecgfm.explain.attribution import Attribution, Explainer, make_baseline, present_rows, random_attribution
 from ecgfm.explain.wrapper import ECGWrapper
 from ecgfm.evaluate.metrics import bootstrap_mean
 
@@ -131,7 +131,7 @@ def _perturbation_curve(wrapper: ECGWrapper, inputs: Tensor, attribution: Attrib
     # segments of absent (zero-filled) leads are not part of the record: ranked last and never counted in the
     # budget, for the method and the random reference alike (deleting a zero row changes nothing, so a budget
     # share spent there made any map that avoids absent leads look better than random)
-    present = (x.abs().amax(-1) > 0)[:, :, None].expand_as(scores).reshape(b, -1)
+    present = present_rows(x)[:, :, None].expand_as(scores).reshape(b, -1)
     scores = scores.reshape(b, -1).masked_fill(~present, float("-inf"))
     n_seg = scores.shape[1]
     n_valid = present.sum(1).clamp_min(1)                                 # (B,)
@@ -302,7 +302,7 @@ def present_leads_of(attribution: Attribution | Tensor) -> Tensor | None:
     """``(B, L)`` bool: the leads of an :class:`Attribution`'s inputs that are not all zero (absent leads are
     zero-filled); None for a bare tensor (no inputs to tell)."""
     if isinstance(attribution, Attribution):
-        return attribution.inputs.detach().abs().amax(-1).to(attribution.values.device) > 0
+        return present_rows(attribution.inputs).to(attribution.values.device)
     return None
 
 
