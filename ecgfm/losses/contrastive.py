@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-__all__ = ["nt_xent", "clocs_loss", "gather_with_grad", "world_info"]
+__all__ = ["nt_xent", "clocs_loss", "gather_with_grad", "world_info", "ddp_mean_count"]
 
 _NEG = -1e9  # logit of an absent candidate (exp underflows to 0 in float32)
 
@@ -25,6 +25,27 @@ def world_info() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def ddp_mean_count(count: torch.Tensor) -> torch.Tensor:
+    """The denominator that makes a rank-local sum a global mean under DDP: ``all_reduce(count) / world``.
+
+    DDP averages gradients over ranks, so ``local_sum / ddp_mean_count(local_count)`` on every rank gives the
+    gradient of ``global_sum / global_count``, whatever the split of the counted items between ranks (dividing by
+    the local count instead weighs an item of a rank with few items more). Identity without a process group.
+
+    Args:
+        count: scalar or ``(k,)`` local count(s); not differentiated.
+
+    Returns:
+        ``count``'s shape: the global count(s) divided by the world size.
+    """
+    _, world = world_info()
+    if world == 1:
+        return count
+    total = count.detach().clone()
+    dist.all_reduce(total)
+    return total / world
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
@@ -226,12 +247,8 @@ def _clocs_loss(z_views: torch.Tensor, patient: torch.Tensor | None, temperature
     iu = torch.triu_indices(v, v, offset=1, device=device)                     # unordered pairs a < b
     sums = ordered_sums[iu[0], iu[1]] + ordered_sums[iu[1], iu[0]]             # (P,) both directions
     counts = ordered_counts[iu[0], iu[1]] + ordered_counts[iu[1], iu[0]]       # (P,) local counts
-    # so that sum / global_count * world, averaged over ranks (DDP), equals the full-batch mean
-    if world > 1:
-        counts_global = counts.detach().clone()
-        dist.all_reduce(counts_global)
-    else:
-        counts_global = counts
-    valid = (counts_global > 0).float()      # no host sync: pairs without positives get weight 0
-    per_pair = sums / counts_global.clamp_min(1) * world
+    # so that the per-pair sum over the global count, averaged over ranks (DDP), equals the full-batch mean
+    counts_mean = ddp_mean_count(counts) if world > 1 else counts
+    valid = (counts_mean > 0).float()        # no host sync: pairs without positives get weight 0
+    per_pair = sums / counts_mean.clamp_min(1.0 / world)
     return (per_pair * valid).sum() / valid.sum().clamp_min(1.0)

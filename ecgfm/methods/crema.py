@@ -91,11 +91,7 @@ class CREMAModule(MAEModule):
                 latent2, _, _ = self.forward_encoder(xg, gen, present=leads, subset_from=pool)   # view 2: new masks
                 pooled1.append(self.backbone.pool(latent1))
                 pooled2.append(self.backbone.pool(latent2))
-        if len(recons) == 1:
-            recon = recons[0]
-        else:
-            weights = torch.stack(counts).to(recons[0].dtype)
-            recon = (torch.stack(recons) * weights).sum() / weights.sum().clamp_min(1)
+        recon = self.pooled_recon(recons, counts)
         terms = {"recon": recon.detach()}
         if self.contrastive_weight == 0:
             return recon, terms

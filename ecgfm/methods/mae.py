@@ -36,6 +36,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from ecgfm.backbones.vit1d import sincos_1d
+from ecgfm.losses.contrastive import ddp_mean_count
 from ecgfm.losses.mae import masked_patch_mse
 from ecgfm.methods.base import PretrainModule
 
@@ -403,19 +404,36 @@ class MAEModule(PretrainModule):
         return self.backbone.lead_groups(lead_mask.to(x.device))
 
     def shared_step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Mean reconstruction error per counted patch (hidden patch of a present lead) of the batch.
+
+        Under DDP a training step divides its sum by the mean count over ranks (:func:`ddp_mean_count`), so that
+        DDP's gradient average is the gradient of the global per-patch mean even when the ranks hold different
+        numbers of counted patches (one-lead and 12-lead records split unevenly); one process: its own count.
+        """
         x, lead_mask = batch["x"], batch.get("lead_mask")
         groups = self.lead_set_groups(batch)
         if len(groups) == 1 and groups[0][1] is None:
             latent, mask, ids_restore = self.forward_encoder(x, self._val_generator(x),
                                                              subset_from=self.subset_pool(lead_mask))
-            loss = self.reconstruction_loss(x, latent, mask, ids_restore, lead_mask)
-            return loss, {"recon": loss.detach()}
-        losses, counts = [], []
-        for rows, leads in groups:   # each lead set masked and encoded over its present leads
-            xg, mg = x.index_select(0, rows), lead_mask.index_select(0, rows).to(torch.bool)
-            latent, mask, ids_restore = self.forward_encoder(xg, self._val_generator(xg), present=leads)
-            losses.append(self.reconstruction_loss(xg, latent, mask, ids_restore, mg))
-            counts.append((mask & mg[:, :, None]).sum())
-        weights = torch.stack(counts).to(losses[0].dtype)
-        loss = (torch.stack(losses) * weights).sum() / weights.sum().clamp_min(1)
+            losses = [self.reconstruction_loss(x, latent, mask, ids_restore, lead_mask)]
+            counts = [(mask if lead_mask is None else mask & lead_mask.to(torch.bool)[:, :, None]).sum()]
+        else:
+            losses, counts = [], []
+            for rows, leads in groups:   # each lead set masked and encoded over its present leads
+                xg, mg = x.index_select(0, rows), lead_mask.index_select(0, rows).to(torch.bool)
+                latent, mask, ids_restore = self.forward_encoder(xg, self._val_generator(xg), present=leads)
+                losses.append(self.reconstruction_loss(xg, latent, mask, ids_restore, mg))
+                counts.append((mask & mg[:, :, None]).sum())
+        loss = self.pooled_recon(losses, counts)
         return loss, {"recon": loss.detach()}
+
+    def pooled_recon(self, losses: list[torch.Tensor], counts: list[torch.Tensor]) -> torch.Tensor:
+        """The per-patch mean of lead-set groups' mean errors ``losses`` over ``counts`` counted patches each.
+
+        In training the sum is divided by :func:`ddp_mean_count` of the batch's count (the mean count over DDP
+        ranks; this process's count without DDP), so that DDP's gradient average is that of the global mean.
+        """
+        counts_t = torch.stack(counts).to(losses[0].dtype)
+        local = counts_t.sum()
+        denom = ddp_mean_count(local) if self.training else local
+        return (torch.stack(losses) * counts_t).sum() / denom.clamp_min(1e-6)

@@ -29,7 +29,7 @@ from torch import nn
 
 from ecgfm.augment import make_generator, simclr_augment
 from ecgfm.heads import ProjectionHead
-from ecgfm.losses.contrastive import nt_xent
+from ecgfm.losses.contrastive import ddp_mean_count, nt_xent
 from ecgfm.losses.regression import masked_target_mse
 from ecgfm.methods.base import PretrainModule
 
@@ -260,7 +260,10 @@ class SimCLRModule(PretrainModule):
         if self.aux_head is not None:
             t = batch["t"]
             # each view predicts its own targets: t2 of x2 when the targets are crop-level, else its record's
-            aux = masked_target_mse(self.aux_head(h), torch.cat([t, batch.get("t2", t)]))
+            target = torch.cat([t, batch.get("t2", t)])
+            known = torch.isfinite(target).sum()   # the mean over DDP ranks' known entries in training
+            aux = masked_target_mse(self.aux_head(h), target,
+                                    count=ddp_mean_count(known) if self.training else None)
             terms.update(nt_xent=nt.detach(), aux_mse=aux.detach())
             loss = loss + self.aux_weight * aux
         return loss, terms

@@ -6,6 +6,11 @@ compute their local loss on half of it, backpropagate, and average gradients ove
 
 * MAE: the random masks are drawn for the *global* batch from one fixed-seed generator and each rank takes its
   rows ("fixed masking seed"), so both set-ups mask every sample identically;
+* MAE on a batch mixing one-lead and 12-lead records split unevenly between the ranks (``mae_mixed``; rank 0 holds
+  three one-lead rows, so far fewer counted patches than rank 1): each row's mask is drawn from a generator seeded
+  by the row's content, so it is the same in whichever batch or lead-set group the row is encoded; the ranks divide
+  their error sums by the mean count over ranks (``ecgfm.losses.ddp_mean_count``), without which a one-lead patch
+  of rank 0 weighs several times more than in one process;
 * CLOCS (CMSC, patient-aware, a linear head without BatchNorm): the contrastive candidates of every rank are
   gathered *with gradients* (``ecgfm.losses.contrastive.gather_with_grad``); patients repeat across the two
   halves so cross-rank positives are exercised.
@@ -30,11 +35,14 @@ GLOBAL_BATCH = 8
 WORLD = 2
 
 
-def _global_batch() -> dict[str, torch.Tensor]:
+def _global_batch(method: str = "mae") -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(1234)
     x = torch.randn(GLOBAL_BATCH, 12, 250, generator=g)
-    return {"x": x, "x2": torch.randn(GLOBAL_BATCH, 12, 250, generator=g),
-            "lead_mask": torch.ones(GLOBAL_BATCH, 12, dtype=torch.bool),
+    lead_mask = torch.ones(GLOBAL_BATCH, 12, dtype=torch.bool)
+    if method == "mae_mixed":   # rows 0-2 (rank 0) are one-lead records: lead I, the other leads zero-filled
+        lead_mask[:3, 1:] = False
+        x[:3, 1:] = 0
+    return {"x": x, "x2": torch.randn(GLOBAL_BATCH, 12, 250, generator=g), "lead_mask": lead_mask,
             # rows 1 and 5 (one on each rank) share a patient; -1 is unknown
             "patient": torch.tensor([10, 11, -1, 12, 13, 11, -1, 14]),
             "index": torch.arange(GLOBAL_BATCH)}
@@ -43,10 +51,10 @@ def _global_batch() -> dict[str, torch.Tensor]:
 def _build(method: str) -> torch.nn.Module:
     torch.manual_seed(0)
     backbone = create_backbone("vit1d_test", seq_len=250, patch_size=25)
-    if method == "mae":
+    if method in ("mae", "mae_mixed"):
         from ecgfm.methods.mae import MAEModule
 
-        model = MAEModule(backbone, decoder_dim=16, decoder_depth=1, decoder_heads=2)
+        model = MAEModule(backbone, decoder_dim=16, decoder_depth=1, decoder_heads=2, lead_aware=True)
     else:
         from ecgfm.methods.clocs import CLOCSModule
 
@@ -71,6 +79,28 @@ def _fix_masks(model: torch.nn.Module, rank: int, world: int) -> None:
     model.random_masking = masking
 
 
+def _row_keyed_masks(model: torch.nn.Module) -> None:
+    """Each row's mask from a generator seeded by the row's content: the same whatever batch or lead-set group
+    the row is encoded in (the visible patches drawn from the group's present leads, as the module does)."""
+    from ecgfm.methods.mae import random_masking
+
+    def masking(x: torch.Tensor, generator: torch.Generator | None = None, leads: torch.Tensor | None = None):
+        n = x.shape[2] // model.backbone.patch_size
+        rows = [random_masking(1, x.shape[1], n, model.mask_ratio, model.mask_mode, leads=leads,
+                               generator=torch.Generator().manual_seed(int(x[i].abs().sum() * 1000) % 2**31))
+                for i in range(x.shape[0])]
+        return tuple(torch.cat(parts) for parts in zip(*rows))
+
+    model.random_masking = masking
+
+
+def _fix(model: torch.nn.Module, method: str, rank: int, world: int) -> None:
+    if method == "mae":
+        _fix_masks(model, rank, world)
+    elif method == "mae_mixed":
+        _row_keyed_masks(model)
+
+
 def _loss_and_grads(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[float, dict[str, torch.Tensor]]:
     model.zero_grad(set_to_none=True)
     loss, _ = model.shared_step(batch)
@@ -85,10 +115,9 @@ def _worker(rank: int, world: int, methods: list[str], init_file: str, out_dir: 
     try:
         for method in methods:
             model = _build(method)
-            if method == "mae":
-                _fix_masks(model, rank, world)
+            _fix(model, method, rank, world)
             n = GLOBAL_BATCH // world
-            local = {k: v[rank * n:(rank + 1) * n] for k, v in _global_batch().items()}
+            local = {k: v[rank * n:(rank + 1) * n] for k, v in _global_batch(method).items()}
             loss, grads = _loss_and_grads(model, local)
             loss_t = torch.tensor([loss], dtype=torch.float64)
             dist.all_reduce(loss_t)
@@ -110,15 +139,15 @@ def _assert_equal(ddp_loss: float, ddp_grads: dict, loss_1: float, grads_1: dict
 
 
 def test_two_processes_equal_one_process(tmp_path):
-    """Real process group (2 spawned processes, gloo): MAE and CLOCS. ~1 min on a busy 2-core machine."""
+    """Real process group (2 spawned processes, gloo): MAE (one lead set, and one- and 12-lead records split unevenly
+    between the ranks) and CLOCS. ~1 min on a busy 2-core machine."""
     torch.set_num_threads(1)
-    methods = ["mae", "clocs"]
+    methods = ["mae", "mae_mixed", "clocs"]
     single = {}
     for method in methods:
         model = _build(method)
-        if method == "mae":
-            _fix_masks(model, 0, 1)
-        single[method] = _loss_and_grads(model, _global_batch())
+        _fix(model, method, 0, 1)
+        single[method] = _loss_and_grads(model, _global_batch(method))
 
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     mp.start_processes(_worker, args=(WORLD, methods, str(tmp_path / "pg"), str(tmp_path)), nprocs=WORLD,
@@ -144,6 +173,40 @@ def test_mae_half_batches_average_to_the_global_batch():
         for k, v in g.items():
             grads[k] = grads.get(k, 0) + v / WORLD
     _assert_equal(sum(losses) / WORLD, grads, loss_1, grads_1)
+
+
+@pytest.mark.parametrize("global_count", [True, False])
+def test_mae_mixed_lead_halves_average_to_the_global_batch(monkeypatch, global_count):
+    """Fast variant for one- and 12-lead rows split unevenly between two ranks, without processes: each rank's sum
+    over the mean count of both (what ``ddp_mean_count`` all-reduces) averages to the one-process loss and
+    gradients; over its own count (the old per-rank mean) it does not, so the comparison can fail."""
+    import ecgfm.methods.mae as M
+
+    torch.set_num_threads(1)
+    model = _build("mae_mixed")
+    _row_keyed_masks(model)
+    seen = []
+    monkeypatch.setattr(M, "ddp_mean_count", lambda c: seen.append(float(c)) or c)
+    loss_1, grads_1 = _loss_and_grads(model, _global_batch("mae_mixed"))
+    n = GLOBAL_BATCH // WORLD
+    halves = [{k: v[r * n:(r + 1) * n] for k, v in _global_batch("mae_mixed").items()} for r in range(WORLD)]
+    for half in halves:
+        model.shared_step(half)
+    counts = seen[1:]
+    assert sum(counts) == seen[0] and counts[0] < counts[1] / 2      # rank 0 holds far fewer counted patches
+    mean_count = torch.tensor(sum(counts) / WORLD)
+    if global_count:
+        monkeypatch.setattr(M, "ddp_mean_count", lambda c: mean_count)
+    losses, grads = [], {}
+    for half in halves:
+        loss, g = _loss_and_grads(model, half)
+        losses.append(loss)
+        for k, v in g.items():
+            grads[k] = grads.get(k, 0) + v / WORLD
+    if global_count:
+        _assert_equal(sum(losses) / WORLD, grads, loss_1, grads_1)
+    else:
+        assert abs(sum(losses) / WORLD - loss_1) > 1e-3
 
 
 def test_without_gathering_the_contrastive_gradients_differ(tmp_path):

@@ -49,6 +49,30 @@ def test_masked_target_mse_matches_reference_and_ignores_unknown_entries():
         masked_target_mse(pred, target[:, :3])
 
 
+def test_masked_target_mse_over_a_mean_count_averages_halves_to_the_whole_batch():
+    """What DDP does with ``count=ddp_mean_count(known)``: two ranks with unevenly many known targets each divide by
+    the mean count, and the mean of their losses (and gradients) is the whole batch's; their own counts are not."""
+    from ecgfm.losses import ddp_mean_count
+
+    g = torch.Generator().manual_seed(1)
+    pred = torch.randn(6, 4, generator=g, requires_grad=True)
+    target = torch.randn(6, 4, generator=g)
+    target[:3, 1:] = float("nan")                      # the first half knows 3 entries, the second 12
+    whole = masked_target_mse(pred, target)
+    (grad_whole,) = torch.autograd.grad(whole, pred)
+    known = [torch.isfinite(target[:3]).sum(), torch.isfinite(target[3:]).sum()]
+    assert torch.equal(ddp_mean_count(known[0]), known[0])          # no process group: the local count
+    mean_count = (known[0] + known[1]) / 2
+    halves = [masked_target_mse(pred[:3], target[:3], count=mean_count),
+              masked_target_mse(pred[3:], target[3:], count=mean_count)]
+    avg = (halves[0] + halves[1]) / 2
+    assert torch.allclose(avg, whole)
+    (grad_avg,) = torch.autograd.grad(avg, pred)
+    assert torch.allclose(grad_avg, grad_whole)
+    own = (masked_target_mse(pred[:3], target[:3]) + masked_target_mse(pred[3:], target[3:])) / 2
+    assert abs(float(own) - float(whole)) > 1e-3
+
+
 class BeatSource:
     """Records with known beat trains on lead II (20 s, one of them 90 s)."""
 
