@@ -522,7 +522,7 @@ def run_probe_grid(data: ProbeData, fractions: Sequence[float], seeds: Sequence[
                                                  n_boot=n_boot, seed=bootstrap_seed)
                 predictions[name] = (erows, p_ext)
             results.append({
-                "fraction": float(frac), "seed": int(seed), "n_train": int(len(rows)),
+                "fraction": float(frac), "seed": int(seed), "n_train": int(len(rows)), "train_rows": rows,
                 "n_val": int(len(val)), "n_test": int(len(test)),
                 "hparam": ({"lr": hp[0], "weight_decay": hp[1]} if mode == "attention"
                            else {"C" if mode == "linear" else "lr": float(hp)}),

@@ -411,7 +411,9 @@ BASELINES: tuple[BaselineSpec, ...] = (TWIN, HANDCRAFTED, SUPERVISED_CNN)
 
 def matched_pairs(cells: Iterable[dict[str, Any]], spec: BaselineSpec) -> list[tuple[dict[str, Any], dict[str, Any]]]:
     """``(row cell, baseline cell)`` pairs of ``spec`` among the cells holding predictions (see
-    :class:`BaselineSpec`); a baseline cell is never compared with a cell of its own baseline."""
+    :class:`BaselineSpec`); a baseline cell is never compared with a cell of its own baseline, nor a cell with one
+    whose ``train_records`` digest (the identity of its training records) differs: that pair is left out with a
+    warning. Cells written before the digest existed pair as before."""
     cells = [c for c in cells if c.get("predictions")]
     if any("label" not in c for c in cells):
         assign_labels(cells)
@@ -424,6 +426,15 @@ def matched_pairs(cells: Iterable[dict[str, Any]], spec: BaselineSpec) -> list[t
         if spec.is_baseline(c):
             continue
         for b in base.get(spec.key(c, spec.baseline_mode(c["mode"])), []):
+            ta, tb = c.get("train_records"), b.get("train_records")
+            if ta is not None and tb is not None and ta != tb:
+                # same (fraction, seed), other labelled records (subsets are drawn over cache rows, and the two
+                # caches order or hold the records differently): not the paired comparison it would claim to be
+                log.warning("not paired with its %s baseline: %s and %s (%s, fraction %g, seed %s) were trained on "
+                            "different records (train_records %s vs %s)", spec.name, c.get("checkpoint"),
+                            b.get("checkpoint"), c.get("task"), float(c.get("fraction", float("nan"))),
+                            c.get("seed"), ta, tb)
+                continue
             pairs.append((c, b))
     return pairs
 

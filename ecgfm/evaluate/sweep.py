@@ -852,6 +852,7 @@ def probe_main(cfg: DictConfig) -> dict[str, Any]:
             attention_kwargs=dict(_container(probe_cfg.get("attention")) or {}, device=str(cfg.device)))
         for r in results:
             cell = dict(common, fraction=r["fraction"], seed=r["seed"], n_train=r["n_train"],
+                        train_records=train_records_digest(task, r["train_rows"]),
                         hparam=r["hparam"], grid=r["grid"], val_macro_auroc=r["val_macro_auroc"],
                         results={"test": r["test"], **{
                             name: score_external(task, ext, *r["predictions"][name], r["thresholds"],
@@ -873,6 +874,16 @@ def probe_main(cfg: DictConfig) -> dict[str, Any]:
             written.append(str(p))
             _log_cell(cell)
     return _finish(ctx, written, n_all - len(todo), t0)
+
+
+def train_records_digest(task: TaskData, rows: Sequence[int]) -> str:
+    """Which records a cell was trained on, by identity: sha256 (first 16 hex digits) of their sorted record keys.
+
+    The label-fraction subsets are drawn over cache rows, so two caches of one dataset that order (or hold) records
+    differently give one seed different subsets; paired comparisons check this digest
+    (:func:`ecgfm.evaluate.report.matched_pairs`) instead of trusting (fraction, seed) alone.
+    """
+    return hashlib.sha256("\n".join(sorted(task.record_keys(rows))).encode()).hexdigest()[:16]
 
 
 def _predictions(preds: dict[str, tuple[np.ndarray, np.ndarray]], task: TaskData, ext: TaskData | None
@@ -963,6 +974,7 @@ def finetune_main(cfg: DictConfig) -> dict[str, Any]:
             results, thresholds = _score(task, out, cfg, ext)
             preds = {"test": out["test"], **out["external"]}
             cell = dict(common, fraction=float(frac), seed=int(seed), n_train=int(len(splits["train"])),
+                        train_records=train_records_digest(task, splits["train"]),
                         hparam={k: recipe[k] for k in ("lr", "layer_decay", "warmup_epochs", "epochs")},
                         val_macro_auroc=float(out["best_val_macro_auroc"]), best_epoch=out["best_epoch"],
                         epochs_run=out["epochs_run"], results=results, seconds=out["seconds"], lp=out.get("lp"),

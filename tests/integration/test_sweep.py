@@ -55,6 +55,14 @@ def test_probe_sweep_resumes_and_extracts_once(work):
     # the 10 % subset of seed 2 is the one any method gets (cell records n_train)
     c = json.loads(Path(more["cells_written"][0]).read_text())
     assert 0 < c["n_train"] < cell["n_train"]
+    # ... and names its training records by identity: every 100 % cell the same records, the 10 % subset others
+    full = [json.loads(Path(p).read_text()) for p in out["cells_written"]]
+    digests = {x["fraction"]: set() for x in full}
+    for x in full:
+        digests[x["fraction"]].add(x["train_records"])
+    assert len(digests[1.0]) == 1 and len(next(iter(digests[1.0]))) == 16
+    assert len(digests[0.3]) == 2                  # seeds 0 and 1 draw different 30 % subsets
+    assert c["train_records"] not in digests[1.0] | digests[0.3]
 
     # report: tidy CSV, Markdown, plot
     res = work / "results"
@@ -79,6 +87,11 @@ def test_finetune_cell_and_supervised_baseline(work):
     assert 0.0 <= cell["results"]["test"]["macro_auroc"]["value"] <= 1.0
     assert cell["epochs_run"] >= 1
     assert finetune_main(cfg)["cells_skipped"] == 1
+    # its training records are those of a probe cell of the same fraction (same split, same subset rule)
+    probe = probe_main(_cfg("probe", work, "checkpoint=random:resnet1d_test", "fraction=1.0", "seed=0"))
+    pcell = json.loads(Path((probe["cells_written"] or [None])[0] or next(
+        (work / "results" / "cells" / "linear").rglob("f1_s0.json"))).read_text())
+    assert pcell["train_records"] == cell["train_records"]
     md = (work / "results" / "results.md").read_text()
     assert "fine-tune" in md
 

@@ -510,3 +510,26 @@ def test_cells_written_without_cis_by_the_sweep_report(tmp_path):
     md = Path(R.build_report(res, plot=False, n_boot=0)["markdown"]).read_text()
     row = next(line for line in md.splitlines() if line.startswith("| mae "))
     assert "[no CI] (2)" in row
+
+
+def test_cells_trained_on_different_records_are_not_paired(tmp_path, caplog):
+    """Same (task, fraction, seed) is not enough: a twin whose training records differ (its cache orders the records
+    otherwise, so the seed's subset is other records) is left out with a warning; cells without the digest (written
+    before it existed) and cells with equal digests pair as before."""
+    res = tmp_path / "results"
+    kw = dict(task="cinc2017", fraction=0.1, mode="linear")
+    cells = [_cell(res, method="random-init", strength=0.0, kind="random", ckpt="random:enc", seed=0, **kw),
+             _cell(res, method="mae", strength=2.0, seed=0, **kw),
+             _cell(res, method="random-init", strength=0.0, kind="random", ckpt="random:enc", seed=1, **kw),
+             _cell(res, method="mae", strength=2.0, seed=1, **kw),
+             _cell(res, method="random-init", strength=0.0, kind="random", ckpt="random:enc", seed=2, **kw),
+             _cell(res, method="mae", strength=2.0, seed=2, **kw)]
+    digests = {(0, "random-init"): "aaaa", (0, "mae"): "bbbb", (1, "random-init"): "cccc", (1, "mae"): "cccc"}
+    for c in cells:                                   # seed 2: no digest on either side (older cells)
+        if (c["seed"], c["method"]) in digests:
+            c["train_records"] = digests[c["seed"], c["method"]]
+    with caplog.at_level("WARNING", logger=R.__name__):
+        pairs = R.matched_pairs(cells, R.TWIN)
+    assert sorted(c["seed"] for c, _ in pairs) == [1, 2]
+    assert "trained on different records" in caplog.text and "aaaa vs" not in caplog.text
+    assert "bbbb vs aaaa" in caplog.text
