@@ -339,6 +339,7 @@ class TCAV:
 
     def activations(self, concept: ConceptSet, layer: str) -> Tensor:
         """``(N, D)`` pooled activations of a concept's examples at ``layer`` (cached by model + data)."""
+        self.wrapper.check(concept.inputs, f"concept {concept.name!r}")   # the model's input space, as inputs are
         key = _key("act", self._model_fp(), layer, concept.fingerprint, self.pool)
         hit = self.cache.get(key)
         if hit is not None:
@@ -420,7 +421,8 @@ class TCAV:
             :class:`TCAVResult`.
 
         Raises:
-            ValueError: fewer than 3 random sets, a target that is not one class.
+            ValueError: fewer than 3 random sets, a target that is not one class, a concept or random set that is
+                not in the model's input space (:meth:`ECGWrapper.check`) or not shaped as ``inputs``.
         """
         from scipy import stats
 
@@ -432,6 +434,12 @@ class TCAV:
         tgt = self.wrapper.resolve_target(target, x=x)
         if len(set(tgt.tolist())) != 1:
             raise ValueError("TCAV explains one target class at a time")
+        for c in [*concepts, *randoms]:   # a set at another rate or length: its CAV would learn that, not a concept
+            self.wrapper.check(c.inputs, f"concept {c.name!r}")
+            if tuple(c.inputs.shape[1:]) != tuple(x.shape[1:]):
+                raise ValueError(f"concept {c.name!r}: examples of shape (leads, samples) {tuple(c.inputs.shape[1:])}"
+                                 f" but the explained inputs are {tuple(x.shape[1:])}; prepare every set as the "
+                                 f"inputs (same rate, window and leads, ECGWrapper.prepare)")
         k = int(tgt[0])
         n_tests = len(concepts) * len(self.layers)
         rows = []

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ecgfm.explain import waves as waves_mod
+from ecgfm.explain.attribution import present_rows
 from ecgfm.explain.wrapper import ECGWrapper
 
 PROXIMITY = ("l1", "l2")
@@ -277,7 +278,8 @@ def counterfactual(wrapper: ECGWrapper, inputs: Tensor, target: Any, lambda_prox
         max_steps: step budget.
         early_stop: stop each input at its first flipped iterate.
         threshold: probability a multi-label (sigmoid) model must give the target.
-        leads: restrict the change to these leads (default all).
+        leads: restrict the change to these leads (default all). A record's absent leads (all-zero rows, ecgfm's
+            convention) are never changed.
         knot_s: the change is piecewise linear between knots ``knot_s`` seconds apart (default 40 ms, one small
             ECG-paper square), i.e. it has no content above about ``1 / (2 knot_s)`` Hz. Adam moves every free
             parameter by about ``lr`` per step whatever its gradient, so a free per-sample change turns into
@@ -317,6 +319,9 @@ def counterfactual(wrapper: ECGWrapper, inputs: Tensor, target: Any, lambda_prox
         if unknown:
             raise ValueError(f"unknown leads {unknown}; the model's leads are {wrapper.lead_names}")
         lead_mask = torch.tensor([[[float(n in leads)] for n in wrapper.lead_names]], device=x.device)
+    # a record's absent (zero-filled) leads stay absent: a change there would be signal the patient does not have
+    # (and, for a model that reads zero rows as signal, the cheapest one to add), reported as the counterfactual
+    lead_mask = lead_mask * present_rows(x)[:, :, None].to(lead_mask.dtype)                   # (B, L, 1)
     n_t = x.shape[-1]
     lead_mask = lead_mask * edge_taper(n_t, wrapper.fs, edge_s, ramp_s).to(x.device)     # (1, L, T)
     step_n = 1 if knot_s is None else max(1, int(round(knot_s * wrapper.fs)))

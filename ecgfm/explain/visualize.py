@@ -20,9 +20,10 @@ figure registry is involved). Colormaps come from :data:`matplotlib.colormaps` (
 matplotlib 3.9).
 
 Conventions: ``signal`` is ``(L, T)`` (numpy or torch), in mV for the chart (pass ``units`` otherwise), sampled
-at ``fs``; an attribution is ``(L, T')`` at ``attribution_fs`` (default: the rate at which it spans the signal's
-duration, ``fs * T' / T``); it is interpolated onto the signal's time axis when the rates differ, and refused
-when it covers another duration than the signal.
+at ``fs``; an attribution is ``(L, T')`` at ``attribution_fs`` (default: the signal's rate, so ``T' = T``; an
+:class:`~ecgfm.explain.attribution.Attribution` brings its own rate); it is interpolated onto the signal's time axis
+when the rates differ, and refused when it covers another duration than the signal or has another length and no
+rate.
 """
 
 from __future__ import annotations
@@ -69,6 +70,22 @@ def _np(a: Any) -> np.ndarray:
     return np.asarray(a, dtype=np.float64)
 
 
+def _attribution_and_rate(a: Any, fs: float | None) -> tuple[Any, float | None]:
+    """``(L, T')`` values and their rate from an :class:`~ecgfm.explain.attribution.Attribution` of one record
+    (its own ``fs``) or from an array (rate ``fs``, None = the signal's)."""
+    if hasattr(a, "values") and hasattr(a, "fs") and not callable(a.values):
+        values = a.values
+        if values.ndim == 3:
+            if values.shape[0] != 1:
+                raise ValueError(f"an Attribution of {values.shape[0]} records: draw one (Attribution.values[i] with "
+                                 f"attribution_fs=Attribution.fs)")
+            values = values[0]
+        if fs is not None and float(fs) != float(a.fs):
+            raise ValueError(f"attribution_fs={fs:g} but the Attribution was computed at {a.fs:g} Hz")
+        return values, float(a.fs)
+    return a, fs
+
+
 def _lead_index(lead_names: Sequence[str]) -> dict[str, int]:
     out = {}
     for i, name in enumerate(lead_names):
@@ -97,15 +114,19 @@ def _cmap(name: str = CMAP):
 
 def _resample_to(att: np.ndarray, att_fs: float | None, n: int, fs: float) -> np.ndarray:
     """Attribution ``(L, T')`` at ``att_fs`` onto ``n`` samples at ``fs`` (linear interpolation). ``att_fs=None``:
-    the attribution spans the signal's duration (its rate is ``fs * T' / n``: a model-rate map of the drawn
-    record). An attribution covering another duration than the signal is refused: stretched or edge-held it
-    would colour beats it never saw.
+    only an attribution of the signal's own length (``T' = n``, the signal's rate). An attribution covering another
+    duration than the signal is refused: stretched or edge-held it would colour beats it never saw.
 
     Raises:
-        ValueError: the two durations differ by more than one sample of the coarser rate.
+        ValueError: the two durations differ by more than one sample of the coarser rate, or ``T' != n`` without
+            ``att_fs`` (the rate, hence the duration, is unknown: inferring it made any map "fit" the signal).
     """
     if att_fs is None:
-        att_fs = fs * att.shape[-1] / n
+        if att.shape[-1] != n:   # a 1000-sample map of a 5000-sample record: 100 Hz over 10 s, or 2 s at 500 Hz?
+            raise ValueError(f"the attribution has {att.shape[-1]} samples and the signal {n}: give attribution_fs "
+                             f"(the rate the attribution was computed at, e.g. Attribution.fs) so that its duration "
+                             f"can be checked, or pass the Attribution itself")
+        att_fs = fs
     if att.shape[-1] == n and float(att_fs) == float(fs):
         return att
     dur_att, dur_sig = att.shape[-1] / float(att_fs), n / float(fs)
@@ -257,7 +278,8 @@ def plot_ecg_chart(signal: Any, fs: float, lead_names: Sequence[str] = CANONICAL
         fs: sampling rate in Hz.
         lead_names: name of each row of ``signal``.
         attribution: optional ``(L, T')`` signed attribution, rows in the same lead order.
-        attribution_fs: its rate (default: ``fs * T' / T``, i.e. it spans the signal; another duration is refused).
+        attribution_fs: its rate (default: the signal's, for an attribution of ``T`` samples; an
+            :class:`~ecgfm.explain.attribution.Attribution` brings its own); another duration is refused.
         overlay: ``"line"`` (coloured trace segments) or ``"band"`` (translucent band behind the trace).
         title: figure title.
         rhythm_lead: lead of the rhythm strip.
@@ -288,6 +310,7 @@ def plot_ecg_chart(signal: Any, fs: float, lead_names: Sequence[str] = CANONICAL
     n_t = sig.shape[1]
     att = None
     if attribution is not None:
+        attribution, attribution_fs = _attribution_and_rate(attribution, attribution_fs)
         att = _np(attribution)
         if att.shape[0] != sig.shape[0]:
             raise ValueError(f"attribution has {att.shape[0]} rows but the signal has {sig.shape[0]}")
@@ -409,7 +432,8 @@ def _select_leads(lead_names: Sequence[str], leads: Sequence[str] | None, scores
 def plot_method_comparison(signal: Any, fs: float, attributions: Mapping[str, Any],
                            lead_names: Sequence[str] = CANONICAL_LEADS, leads: Sequence[str] | None = None,
                            n_leads: int = 3, overlay: str = "line", title: str | None = None, cmap: str = CMAP,
-                           units: str = "mV", percentile: float = 99.0) -> Figure:
+                           units: str = "mV", percentile: float = 99.0, attribution_fs: float | None = None
+                           ) -> Figure:
     """Several attributions of one record side by side: one row per method, one column per lead.
 
     Each method is normalised on its own (symmetric, over all its leads), so the figure compares *where* the
@@ -418,7 +442,8 @@ def plot_method_comparison(signal: Any, fs: float, attributions: Mapping[str, An
     Args:
         signal: ``(L, T)`` at ``fs``.
         fs: sampling rate.
-        attributions: ``{method: (L, T') values}`` (numpy / torch; interpolated onto the signal's time axis).
+        attributions: ``{method: (L, T') values}`` (numpy / torch, or one record's
+            :class:`~ecgfm.explain.attribution.Attribution`; interpolated onto the signal's time axis).
         lead_names: rows of ``signal``.
         leads: leads to show (default: the ``n_leads`` with the largest summed share of |attribution| over the
             methods).
@@ -426,6 +451,8 @@ def plot_method_comparison(signal: Any, fs: float, attributions: Mapping[str, An
         overlay, cmap, percentile: see :func:`plot_ecg_chart`.
         title: figure title.
         units: signal units.
+        attribution_fs: rate of the arrays in ``attributions`` (default: the signal's, for ``T`` samples; see
+            :func:`plot_ecg_chart`).
 
     Returns:
         the figure (axes ``gid="method:<name>|lead:<lead>"``).
@@ -436,10 +463,11 @@ def plot_method_comparison(signal: Any, fs: float, attributions: Mapping[str, An
     n_t = sig.shape[1]
     atts = {}
     for name, a in attributions.items():
+        a, a_fs = _attribution_and_rate(a, attribution_fs)
         a = _np(a)
         if a.shape[0] != sig.shape[0]:
             raise ValueError(f"attribution {name!r} has {a.shape[0]} rows, signal {sig.shape[0]}")
-        atts[name] = _resample_to(a, None, n_t, fs)
+        atts[name] = _resample_to(a, a_fs, n_t, fs)
     share = sum(np.abs(a).sum(1) / max(np.abs(a).sum(), 1e-12) for a in atts.values())
     cols = _select_leads(lead_names, leads, share, n_leads)
     t = np.arange(n_t) / fs

@@ -250,7 +250,8 @@ class ECGWrapper(nn.Module):
         * a classifier checkpoint file: a ``torch.save``-d dict with ``backbone`` (``{"name", "init_args"}``),
           ``state_dict`` (of :class:`EncoderClassifier`: ``encoder.*`` and ``head.*`` keys; the head is a linear
           layer rebuilt from ``head.weight`` unless ``head`` is passed) and optional ``preprocess`` (spec dict),
-          ``fs``, ``class_names``, ``postprocess``, ``n_samples``, ``lead_names``.
+          ``fs``, ``class_names``, ``postprocess`` (required, here or as an argument), ``n_samples``,
+          ``lead_names``.
 
         Args:
             path: file or directory.
@@ -304,12 +305,16 @@ class ECGWrapper(nn.Module):
         args: dict[str, Any] = {
             "fs": ckpt.get("fs", spec.fs if spec is not None else None),
             "class_names": ckpt.get("class_names"),
-            "postprocess": ckpt.get("postprocess", "sigmoid"),
+            "postprocess": ckpt.get("postprocess"),
             "n_samples": ckpt.get("n_samples"),
         }
         if ckpt.get("lead_names") is not None:
             args["lead_names"] = tuple(ckpt["lead_names"])
         args.update(kwargs)
+        if "postprocess" not in ckpt and "postprocess" not in kwargs:   # softmax vs sigmoid: every probability
+            raise ECGDataError(path, "the checkpoint does not say whether its classes exclude each other (no "
+                                     "'postprocess' key): pass postprocess='softmax' (single-label) or 'sigmoid' "
+                                     "(multi-label)")
         if args["fs"] is None:
             raise ECGDataError(path, "checkpoint has neither 'fs' nor a preprocessing spec with fs: pass fs=")
         return cls(model.to(map_location), preprocess=spec, encoder=backbone, **args)
@@ -606,8 +611,12 @@ class ECGWrapper(nn.Module):
         if isinstance(target, str):
             target = self._class_index(target)
         if isinstance(target, (list, tuple)):
-            target = [self._class_index(t) if isinstance(t, str) else int(t) for t in target]
-        t = torch.as_tensor(target, dtype=torch.long, device=logits.device)
+            target = [self._class_index(t) if isinstance(t, str) else t for t in target]
+        raw = np.asarray(target.detach().cpu() if isinstance(target, Tensor) else target)
+        # a bool or a fraction is not a class index: int() would make 1.7 class 1 and True class 1 without a word
+        if raw.dtype.kind not in "iuf" or (raw.dtype.kind == "f" and not np.all(np.isfinite(raw) & (raw == np.round(raw)))):
+            raise ValueError(f"target must be a class index (int) or name, or one per input, got {target!r}")
+        t = torch.as_tensor(raw.astype(np.int64), device=logits.device)
         if t.ndim == 0:
             t = t.expand(b)
         if t.ndim != 1 or t.shape[0] != b:

@@ -130,6 +130,23 @@ def test_bad_input(setup):
         random_sets(np.zeros((3, 12, 250)), 2, 5)
 
 
+def test_concept_sets_outside_the_inputs_space_are_refused(setup):
+    """A concept of the same ECGs at 500 Hz for a 100 Hz, 250-sample model was scored as a significant concept (its
+    CAV learnt the rate); now refused, as are sets of another length for a model of free length."""
+    from ecgfm.explain.concepts import ConceptSet
+
+    wrapper, concepts, randoms, explained = setup
+    fast = ConceptSet("fast", torch.repeat_interleave(concepts["st_elevation"].inputs, 5, dim=-1))
+    with pytest.raises(ValueError, match="concept 'fast'.*1250 samples"):
+        TCAV(wrapper, [LAYER]).run(explained, "st_elevation", [fast], randoms)
+    with pytest.raises(ValueError, match="concept 'fast'"):
+        TCAV(wrapper, [LAYER]).activations(fast, LAYER)
+    free = ECGWrapper(wrapper.model, fs=100.0, class_names=KEEP, postprocess="softmax")
+    assert free.n_samples is None
+    with pytest.raises(ValueError, match="concept 'fast': examples of shape"):
+        TCAV(free, [LAYER]).run(explained, "st_elevation", [fast], randoms)
+
+
 def test_more_inputs_than_a_batch_and_a_model_left_in_train_mode(setup):
     """Inputs beyond one batch get their own targets (no shape error), and a model left in train mode is run in eval
     mode for concept activations and gradients: same scores as in eval mode, BatchNorm statistics untouched, the

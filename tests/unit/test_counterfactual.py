@@ -83,6 +83,22 @@ def test_leads_restriction_and_early_stop(model):
     assert same.valid.all() and (same.steps == 0).all() and same.delta.abs().max() == 0
 
 
+def test_absent_leads_of_a_record_are_never_changed(model):
+    """A two-lead record (the other rows zero-filled, ecgfm's absent leads): the change stays in its two leads, and
+    the leads it reports as changed are among them (the search used to put most of the change into absent rows)."""
+    wrapper, normal = model
+    rec = torch.zeros_like(normal[:2])
+    keep = [wrapper.lead_names.index("I"), wrapper.lead_names.index("II")]
+    rec[:, keep] = normal[:2, keep]
+    cf = counterfactual(wrapper, rec, "st_elevation", max_steps=100)
+    changed = cf.delta.abs().sum(-1)                              # (B, L)
+    others = [i for i in range(12) if i not in keep]
+    assert changed[:, others].max() == 0 and changed[:, keep].sum() > 0
+    tops = cf.top_leads(2)       # None for a record the model already gave the target (nothing changed)
+    assert all((t is None) == (float(changed[i].sum()) == 0) for i, t in enumerate(tops))
+    assert all(set(t) <= {"I", "II"} for t in tops if t is not None) and any(t is not None for t in tops)
+
+
 def test_proximity_weight_shrinks_the_change(model):
     wrapper, normal = model
     loose = counterfactual(wrapper, normal[:2], "st_elevation", lambda_prox=0.0, lambda_smooth=0.0, max_steps=60,

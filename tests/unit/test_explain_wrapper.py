@@ -185,6 +185,13 @@ def test_resolve_target(wrapper):
         wrapper.resolve_target("zz", logits)
     with pytest.raises(ValueError, match="one class per input"):
         wrapper.resolve_target([0, 1, 2], logits)
+    # integer-valued numbers of any type are indices; fractions and bools are refused (1.7 was read as class 1)
+    assert wrapper.resolve_target(np.int64(2), logits).tolist() == [2, 2]
+    assert wrapper.resolve_target(2.0, logits).tolist() == [2, 2]
+    assert wrapper.resolve_target(torch.tensor([1, 0]), logits).tolist() == [1, 0]
+    for bad in (1.7, True, np.float64(0.5), [0.9, 1.2], float("nan")):
+        with pytest.raises(ValueError, match="must be a class index"):
+            wrapper.resolve_target(bad, logits)
 
 
 def test_embed_and_grid_for_ecgfm_backbones():
@@ -231,6 +238,14 @@ def test_from_checkpoint_roundtrip(tmp_path):
     assert w.class_names == ("x", "y", "z") and w.fs == 100 and w.n_samples == 250
     with pytest.raises(ECGDataError, match="checkpoint not found"):
         ECGWrapper.from_checkpoint(tmp_path / "missing.pt")
+    # a checkpoint that does not say softmax or sigmoid is refused (it was read as multi-label), unless told
+    state = torch.load(path, weights_only=True)
+    del state["postprocess"]
+    torch.save(state, tmp_path / "bare.pt")
+    with pytest.raises(ECGDataError, match="postprocess='softmax'"):
+        ECGWrapper.from_checkpoint(tmp_path / "bare.pt")
+    told = ECGWrapper.from_checkpoint(tmp_path / "bare.pt", postprocess="softmax")
+    assert torch.allclose(told.predict_proba(x).sum(1), torch.ones(2))
     torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
     with pytest.raises(ECGDataError, match="not an ecgfm classifier checkpoint"):
         ECGWrapper.from_checkpoint(tmp_path / "other.pt")

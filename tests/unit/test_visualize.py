@@ -210,25 +210,40 @@ def test_tcav_plot_stars():
 
 
 def test_a_model_rate_map_lands_on_its_time_and_another_duration_is_refused():
-    """A 100 Hz map (1000 samples) over a 500 Hz, 10 s record without attribution_fs is drawn where it belongs
-    (it was drawn at 1/5 of its time); a map covering 2 s of a 10 s record is refused (its last value was held
-    over the remaining 8 s); the comparison figure's band covers its panel."""
+    """A 100 Hz map (1000 samples) over a 500 Hz, 10 s record is drawn where it belongs given its rate (it was drawn
+    at 1/5 of its time); a map covering 2 s of a 10 s record is refused (its last value was held over the remaining
+    8 s); a map of another length without its rate is refused (its rate used to be inferred, so a 2.5 s window's map
+    was stretched over a 10 s record), in the comparison figure too; an Attribution brings its own rate."""
     import pytest
+    import torch
 
-    from ecgfm.explain.visualize import _resample_to, plot_ecg_chart
+    from ecgfm.explain.attribution import Attribution
+    from ecgfm.explain.visualize import _resample_to, plot_ecg_chart, plot_method_comparison
 
     att = np.zeros((12, 1000))
     att[:, 495:505] = 1.0                                 # 4.95-5.05 s at 100 Hz
-    up = _resample_to(att, None, 5000, 500.0)
+    up = _resample_to(att, 100.0, 5000, 500.0)
     hot = np.nonzero(up[0] > 0.5)[0] / 500.0
     assert 4.94 <= hot.min() and hot.max() <= 5.06
-    np.testing.assert_allclose(_resample_to(att, 100.0, 5000, 500.0), up)
     with pytest.raises(ValueError, match="covers 2.000 s"):
         _resample_to(att[:, :200], 100.0, 5000, 500.0)
     sig = np.zeros((12, 5000), dtype=np.float32)
     with pytest.raises(ValueError, match="attribution covers"):
         plot_ecg_chart(sig, 500.0, attribution=att[:, :200], attribution_fs=100.0)
-    plot_ecg_chart(sig, 500.0, attribution=att)           # inferred rate: drawn
+    for bad in (att, att[:, :250]):                       # no rate: refused, whatever the length
+        with pytest.raises(ValueError, match="give attribution_fs"):
+            plot_ecg_chart(sig, 500.0, attribution=bad)
+        with pytest.raises(ValueError, match="give attribution_fs"):
+            plot_method_comparison(sig, 500.0, {"m": bad})
+    plot_ecg_chart(sig, 500.0, attribution=att, attribution_fs=100.0)
+    plot_method_comparison(sig, 500.0, {"m": att}, attribution_fs=100.0)
+    one = Attribution(values=torch.as_tensor(att[None]), method="saliency", options={}, target=None,
+                      inputs=torch.zeros(1, 12, 1000), fs=100.0, lead_names=tuple(f"L{i}" for i in range(12)),
+                      elapsed_s=0.0)
+    plot_ecg_chart(sig, 500.0, attribution=one)
+    plot_method_comparison(sig, 500.0, {"m": one})
+    with pytest.raises(ValueError, match="computed at 100 Hz"):
+        plot_ecg_chart(sig, 500.0, attribution=one, attribution_fs=500.0)
 
 
 def test_method_comparison_band_covers_the_panel():
