@@ -56,6 +56,8 @@ the method; :meth:`Attribution.top_leads` then returns None instead of a ranking
 
 from __future__ import annotations
 
+import contextlib
+
 import inspect
 import math
 import time
@@ -499,15 +501,11 @@ def _m_smoothgrad(job: _Job, n_samples: int = 50, noise_level: float = 0.15, bat
     # one record at a time, its noise drawn from a generator seeded by its content (NoiseTunnel draws from the
     # global RNG for the whole batch, so a record's map depended on the records batched with it)
     for b in range(x.shape[0]):
-        # every CUDA device: torch.manual_seed reseeds them all, and fork_rng restores only those it is given
-        with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if torch.cuda.is_available() else []):
-            torch.manual_seed(record_seed(x[b]))
-            args = tuple(a[b:b + 1] if isinstance(a, Tensor) and a.shape[:1] == x.shape[:1] else a
-                         for a in (job.args or ()))
+        with _seeded_by_record(x[b]):
             rows.append(tunnel.attribute(
                 x[b:b + 1] / s[b:b + 1], nt_type="smoothgrad_sq" if squared else "smoothgrad", nt_samples=n_samples,
                 nt_samples_batch_size=batch_size, stdevs=float(noise_level), target=job.target[b:b + 1], abs=False,
-                additional_forward_args=(s[b:b + 1], *args)))
+                additional_forward_args=(s[b:b + 1], *_record_args(job, b))))
     g = torch.cat(rows)
     v = g / (s ** 2 if squared else s)                                     # d/dz = s d/dx
     return v, None, {"n_samples": n_samples, "noise_level": noise_level,
@@ -573,28 +571,35 @@ def _m_gradient_shap(job: _Job, baselines: Any = "smoothed", n_samples: int = 25
     from captum.attr import GradientShap
 
     opts = {"baselines": _baseline_name(baselines), "n_samples": n_samples, "stdevs": stdevs}
+    x = job.x
+    shift = bank = None
     if isinstance(baselines, str) and baselines in ("smoothed", "median"):
-        shift = make_baseline(baselines, job.x, job.fs)
-        args = (shift,) + tuple(job.args or ())
-        v, delta = GradientShap(_Shifted(job.fn)).attribute(
-            job.x - shift, baselines=torch.zeros_like(job.x[:1]), target=job.target, n_samples=n_samples,
-            stdevs=stdevs, return_convergence_delta=True, additional_forward_args=args)
+        shift = make_baseline(baselines, x, job.fs)
+    elif baselines is None or isinstance(baselines, str):
+        bank = make_baseline(baselines, x[:1], job.fs)
     else:
-        if baselines is None or isinstance(baselines, str):
-            bank = make_baseline(baselines, job.x[:1], job.fs)
-        else:
-            bank = torch.as_tensor(baselines, dtype=job.x.dtype, device=job.x.device)
-            if bank.ndim == 2:
-                bank = bank[None]
-            if bank.ndim != 3 or bank.shape[1:] != job.x.shape[1:]:
-                raise ValueError(f"baseline bank {tuple(bank.shape)} must be (N, {job.x.shape[1]}, "
-                                 f"{job.x.shape[2]})")
-        v, delta = GradientShap(job.fn).attribute(job.x, baselines=bank, target=job.target, n_samples=n_samples,
-                                                  stdevs=stdevs, return_convergence_delta=True,
-                                                  additional_forward_args=job.args)
-        # captum returns one delta per (input, sample): average per input.
-    delta = delta.reshape(job.x.shape[0], -1).mean(1)
-    return v, delta, opts
+        bank = torch.as_tensor(baselines, dtype=x.dtype, device=x.device)
+        if bank.ndim == 2:
+            bank = bank[None]
+        if bank.ndim != 3 or bank.shape[1:] != x.shape[1:]:
+            raise ValueError(f"baseline bank {tuple(bank.shape)} must be (N, {x.shape[1]}, {x.shape[2]})")
+    vs, deltas = [], []
+    # one record at a time with draws seeded by its content: captum draws the interpolation points (numpy) and
+    # the baselines of the whole batch together, so a record's map depended on its batch and the global RNGs
+    for b in range(x.shape[0]):
+        with _seeded_by_record(x[b]):
+            if shift is not None:
+                v, delta = GradientShap(_Shifted(job.fn)).attribute(
+                    x[b:b + 1] - shift[b:b + 1], baselines=torch.zeros_like(x[:1]), target=job.target[b:b + 1],
+                    n_samples=n_samples, stdevs=stdevs, return_convergence_delta=True,
+                    additional_forward_args=(shift[b:b + 1], *_record_args(job, b)))
+            else:
+                v, delta = GradientShap(job.fn).attribute(
+                    x[b:b + 1], baselines=bank, target=job.target[b:b + 1], n_samples=n_samples, stdevs=stdevs,
+                    return_convergence_delta=True, additional_forward_args=_record_args(job, b))
+        vs.append(v)
+        deltas.append(delta.reshape(-1).mean()[None])   # captum: one delta per (input, sample): their mean
+    return torch.cat(vs), torch.cat(deltas), opts
 
 
 def _default_window(fs: float, seconds: float) -> int:
@@ -901,6 +906,28 @@ def canonical_method(name: str) -> str:
 def present_rows(x: Tensor) -> Tensor:
     """``(B, L)`` bool: the rows of ``(B, L, T)`` inputs that are not all zero (absent leads are zero-filled)."""
     return x.detach().abs().amax(-1) > 0
+
+
+@contextlib.contextmanager
+def _seeded_by_record(x_row: Tensor):
+    """Seed torch (every device) and numpy's global RNG from one record's content (:func:`record_seed`) for the
+    block, restoring both afterwards: captum's stochastic methods draw from them for the whole batch."""
+    seed = record_seed(x_row)
+    state = np.random.get_state()
+    # every CUDA device: torch.manual_seed reseeds them all, and fork_rng restores only those it is given
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if torch.cuda.is_available() else []):
+        torch.manual_seed(seed)
+        np.random.seed(seed % 2 ** 32)
+        try:
+            yield
+        finally:
+            np.random.set_state(state)
+
+
+def _record_args(job: "_Job", b: int) -> tuple:
+    """The job's additional forward arguments for record ``b`` alone (per-record tensors sliced)."""
+    return tuple(a[b:b + 1] if isinstance(a, Tensor) and a.shape[:1] == job.x.shape[:1] else a
+                 for a in (job.args or ()))
 
 
 def record_seed(x_row: Tensor, seed: int = 0) -> int:
