@@ -678,25 +678,91 @@ def _grid_lead_resolution(cam: Tensor, n_leads: int) -> str:
     return "per-lead" if h == n_leads else ("none" if h == 1 else "interpolated")
 
 
-def _upsample_grid(cam: Tensor, n_leads: int, n_t: int) -> Tensor:
+def _upsample_grid(cam: Tensor, n_leads: int, n_t: int, offset: float | None = None) -> Tensor:
     """``(B, 1, H, W)`` -> ``(B, L, T)``: rows equal to the leads keep their lead, a single row is broadcast to
-    every lead; time is linearly interpolated with column ``k`` centred on input samples ``k*s .. k*s + s - 1``,
+    every lead; time is linearly interpolated with column ``k`` centred on input sample ``offset + k*s``,
     ``s = ceil(T / W)`` the layer's total stride, when the columns tile the input as a "same"-padded strided CNN's
     do (``W = ceil(T / s)``: when ``s`` does not divide ``T``, stretching ``W`` columns over ``T`` samples would
-    drift by up to ``s`` samples along the record; a ViT's patches tile ``T`` exactly, where both are the same);
-    other layouts (unpadded convolutions, floor-mode pooling) are stretched over the ``T`` samples."""
+    drift by up to ``s`` samples along the record); values beyond the first / last column's centre are held.
+    ``offset`` None: ``(s - 1) / 2``, the centre of samples ``k*s .. k*s + s - 1`` (a ViT's patches, non-overlapping
+    pooling); a padded strided convolution's column ``k`` is centred near ``k*s`` instead, which
+    :func:`_measured_column_offset` finds. Other layouts (unpadded convolutions, floor-mode pooling) are stretched
+    over the ``T`` samples."""
     b, _, h, w = cam.shape
     stride = -(-n_t // w) if w < n_t else None
     if stride is not None and -(-n_t // stride) != w:
         # the columns do not tile the input as a "same"-padded stride-s layer's do (an unpadded convolution has
         # T - k + 1 columns, a floor-mode pooling floor(T / s)): stretched over the input as before
         stride = None
-    size_t = w * stride if stride else n_t
-    if h == 1:
-        up = F.interpolate(cam[:, :, 0, :], size=size_t, mode="linear", align_corners=False)[..., :n_t]
-        return up.expand(b, n_leads, n_t).contiguous()
-    up = F.interpolate(cam, size=(n_leads, size_t), mode="bilinear", align_corners=False)
-    return up[:, 0, :, :n_t].contiguous()
+    if h not in (1, n_leads):
+        cam = F.interpolate(cam, size=(n_leads, w), mode="bilinear", align_corners=False)
+    rows = cam[:, 0]                                                                  # (B, H', W)
+    if stride is None:
+        up = F.interpolate(rows, size=n_t, mode="linear", align_corners=False)
+    else:
+        centre = (stride - 1) / 2 if offset is None else float(offset)
+        pos = ((torch.arange(n_t, dtype=torch.float64, device=cam.device) - centre) / stride).clamp(0, w - 1)
+        i0 = pos.floor().long()
+        i1 = (i0 + 1).clamp_max(w - 1)
+        frac = (pos - i0).to(rows.dtype)
+        up = rows[..., i0] * (1 - frac) + rows[..., i1] * frac
+    return up.expand(b, n_leads, n_t).contiguous()
+
+
+def _measured_column_offset(job: "_Job", layer: str, layer_layout: str | None) -> float | None:
+    """Where a CNN layer's columns sit on the input, measured: the input samples that column ``k`` depends on
+    (non-zero gradient of the column, summed over channels and the job's records with noise added, so that no ReLU
+    is dead over a flat stretch) span its receptive field, whose
+    midpoint is the column's centre ``offset + k*s``. Measured at the middle column and the next one, which must be
+    one stride apart. None when it cannot be measured: the support reaches both ends of the input (a receptive
+    field wider than the record, or a global operation such as squeeze-excitation or attention), the two centres
+    are not one stride apart, or the layer has no time columns.
+
+    Why measured and not assumed: "same"-padded strided convolutions (ecgfm's ResNets) centre column ``k`` at
+    ``k*s``, not at ``k*s + (s - 1) / 2`` as patches do: at ``s = 32`` and 100 Hz that put every Grad-CAM peak
+    ~150 ms late (QRS evidence drawn on the ST segment). Walking the modules cannot tell a residual branch from the
+    next layer; the gradient support is what the map's column actually reads.
+    """
+    module = job.wrapper.layer(layer)
+    store: dict[str, Tensor] = {}
+
+    def hook(_m: nn.Module, _i: Any, out: Any) -> None:
+        store["o"] = out[0] if isinstance(out, (tuple, list)) else out
+
+    n_t = job.x.shape[-1]
+    handle = module.register_forward_hook(hook)
+    try:
+        with torch.enable_grad(), job.wrapper.evaluating():
+            # the records plus noise of their own scale on their present leads (fixed seed): flat stretches of a
+            # record (a bump on a zero line) leave ReLUs dead there and would cut the support short
+            x = job.x.detach()
+            g = torch.Generator(device="cpu").manual_seed(0)
+            noise = torch.randn(x.shape, generator=g).to(x.device, x.dtype)
+            scale = x.flatten(1).std(dim=1).clamp_min(1e-3)[:, None, None]
+            x = (x + noise * scale * present_rows(x)[:, :, None]).requires_grad_(True)
+            job.fn(x, *(job.args or ()))
+            out = store.get("o")
+            if out is None or out.ndim not in (3, 4) or (out.ndim == 3 and job.wrapper._is_token_output(out)):
+                return None   # transformer tokens: every token reads the whole input; patch centres are exact
+            if out.ndim == 3 and _feature_layout(job, out, layer, layer_layout) == "BTC":
+                out = out.transpose(1, 2)
+            w = out.shape[-1]
+            stride = -(-n_t // w) if 1 < w < n_t else None
+            if stride is None or -(-n_t // stride) != w:
+                return None
+            centres = []
+            for k in (w // 2, w // 2 + 1):
+                (g,) = torch.autograd.grad(out[..., k].sum(), x, retain_graph=True)
+                mass = g.detach().abs().sum(dim=(0, 1))                               # (T,)
+                nz = torch.nonzero(mass > 1e-12 * float(mass.max().clamp_min(1e-30))).flatten()
+                if len(nz) == 0 or int(nz[0]) == 0 or int(nz[-1]) == n_t - 1:
+                    return None
+                centres.append((int(nz[0]) + int(nz[-1])) / 2)
+    finally:
+        handle.remove()
+    if abs(centres[1] - centres[0] - stride) > 0.5:
+        return None
+    return centres[0] - (w // 2) * stride
 
 
 def _default_layer(job: "_Job") -> str:
@@ -793,9 +859,10 @@ def _m_gradcam(job: _Job, layer: str | None = None, relu: bool = True, layer_lay
         if relu:
             cam = cam.clamp_min(0)
         impl = "tokens_to_grid"
-    return _upsample_grid(cam.detach(), n_l, n_t), None, {"layer": layer, "relu": relu, "impl": impl,
-                                                          "layer_layout": layout,
-                                                          "lead_resolution": _grid_lead_resolution(cam, n_l)}
+    offset = None if is_tokens else _measured_column_offset(job, layer, layer_layout)
+    return _upsample_grid(cam.detach(), n_l, n_t, offset), None, {
+        "layer": layer, "relu": relu, "impl": impl, "layer_layout": layout,
+        "lead_resolution": _grid_lead_resolution(cam, n_l), **_offset_option(offset)}
 
 
 def _m_gradcam_pp(job: _Job, layer: str | None = None, layer_layout: str | None = None
@@ -810,8 +877,17 @@ def _m_gradcam_pp(job: _Job, layer: str | None = None, layer_layout: str | None 
     alpha = g2 / torch.where(denom != 0, denom, torch.ones_like(denom))
     weights = (alpha * grads.clamp_min(0)).sum(dim=(2, 3), keepdim=True)
     cam = (weights * acts).sum(1, keepdim=True).clamp_min(0)
-    return _upsample_grid(cam, n_l, n_t), None, {"layer": layer,
-                                                 "lead_resolution": _grid_lead_resolution(cam, n_l)}
+    offset = _measured_column_offset(job, layer, layer_layout)
+    return _upsample_grid(cam, n_l, n_t, offset), None, {"layer": layer,
+                                                         "lead_resolution": _grid_lead_resolution(cam, n_l),
+                                                         **_offset_option(offset)}
+
+
+def _offset_option(offset: float | None) -> dict[str, Any]:
+    """How a layer map's columns were placed on the input (options of Grad-CAM / Grad-CAM++)."""
+    if offset is None:
+        return {"column_centres": "patch centres (k*s + (s-1)/2) or stretched"}
+    return {"column_centres": f"measured receptive-field centres ({offset:g} + k*s)"}
 
 
 def _m_attention_rollout(job: _Job, head_fusion: str = "mean", residual: float = 0.5,

@@ -143,7 +143,11 @@ def test_gradcam_matches_hand_computation(explainer):
     att = explainer.explain(x, target=2, method="gradcam", layer="features.3")
     acts, grads, _ = w.activations_and_gradients(x, "features.3", target=2)
     cam = (grads.mean(-1, keepdim=True) * acts).sum(1).clamp_min(0)                 # (B, T')
-    up = torch.nn.functional.interpolate(cam[:, None], size=T, mode="linear", align_corners=False)[:, 0]
+    # two "same"-padded k=7 convolutions, the second of stride 2: column k reads input 2k - 6 .. 2k + 6, so it is
+    # drawn at sample 2k (measured from the gradient support), not at 2k + 0.5 as a patch would be
+    assert att.options["column_centres"] == "measured receptive-field centres (0 + k*s)"
+    up = torch.stack([torch.as_tensor(np.interp(np.arange(T), 2.0 * np.arange(cam.shape[1]), c.numpy()))
+                      for c in cam]).float()
     assert torch.allclose(att.values[:, 0], up, atol=1e-6)
     assert torch.allclose(att.values[:, 5], att.values[:, 0])                      # broadcast to every lead
     pp = explainer.explain(x, target=2, method="gradcam++", layer="features.3")
@@ -372,6 +376,57 @@ def test_smoothgrad_noise_is_scaled_to_each_record_not_to_the_batch(squared):
             assert float(got.mean()) == pytest.approx(float(want.mean()), rel=0.05)
         else:
             torch.testing.assert_close(got, 2 * a[0], rtol=0.05, atol=0.05 * float(a.abs().max()))
+
+
+def test_gradcam_of_a_strided_resnet_peaks_where_its_column_reads_the_input():
+    """ecgfm's ResNets downsample with "same"-padded strided convolutions (total stride 32): a column's receptive
+    field is centred on k*32, and Grad-CAM drew it at k*32 + 15.5 (150 ms late at 100 Hz, QRS evidence on the ST
+    segment). The column offset is now measured (0 here), so the drawn response to a bump peaks at the bump; a
+    Grad-CAM call reports the measured placement, and a ViT's token grid keeps its exact patch centres."""
+    from ecgfm.backbones.registry import create_backbone
+    from ecgfm.explain.attribution import _Job, _measured_column_offset, _upsample_grid
+
+    torch.manual_seed(0)
+    bb = create_backbone("resnet1d_tiny")
+    for m in bb.modules():
+        if isinstance(m, nn.BatchNorm1d):
+            nn.init.uniform_(m.weight, 0.5, 1.5)          # trained-like scales, not the zero-initialised residuals
+    w = ECGWrapper.from_encoder_and_head(bb, nn.Linear(bb.num_features, 2), None, fs=100.0)
+    t = np.arange(1000)
+    feats = {}
+    hook = bb.stages.register_forward_hook(lambda _m, _i, o: feats.__setitem__("a", o.detach()))
+    try:
+        with torch.no_grad():
+            w(torch.zeros(1, 12, 1000))
+        a0 = feats["a"]
+        for t0 in (320, 480, 640):
+            x = torch.tensor(np.exp(-((t - t0) ** 2) / (2 * 2.0 ** 2)), dtype=torch.float32).expand(1, 12, 1000)
+            x = x.contiguous()
+            job = _Job(wrapper=w, fn=w.model, x=x, target=torch.zeros(1, dtype=torch.long), args=None, fs=100.0)
+            offset = _measured_column_offset(job, "encoder.stages", None)
+            assert offset is not None and abs(offset) <= 1.0
+            with torch.no_grad():
+                w(x)
+            resp = (feats["a"] - a0).abs().sum(1)[:, None, None]            # (1, 1, 1, W): the columns that moved
+            col = int(resp.argmax())
+            assert abs(col * 32 - t0) <= 32                                  # a column whose field holds the bump
+            drawn = _upsample_grid(resp, 12, 1000, offset)[0, 0]
+            assert abs(int(drawn.argmax()) - col * 32) <= 1                  # drawn at that column's centre
+            assert int(_upsample_grid(resp, 12, 1000)[0, 0].argmax()) - col * 32 >= 15   # the old placement: late
+        # ground truth for the centre: column 16's receptive field (gradient support on a noise input)
+        xn = torch.randn(1, 12, 1000, requires_grad=True)
+        bb.eval()
+        (g,) = torch.autograd.grad(bb.forward_features(xn)[..., 16].sum(), xn)
+        nz = torch.nonzero(g.abs().sum((0, 1)) > 0).flatten()
+        assert abs((int(nz[0]) + int(nz[-1])) / 2 - 16 * 32) <= 1
+    finally:
+        hook.remove()
+    att = Explainer(w).explain(x, target=0, method="gradcam", layer="encoder.stages")
+    assert att.options["column_centres"].startswith("measured")
+    vit = create_backbone("vit1d_test")
+    wv = ECGWrapper.from_encoder_and_head(vit, nn.Linear(vit.num_features, 2), None, fs=100.0, n_samples=250)
+    att = Explainer(wv).explain(torch.randn(1, 12, 250), target=0, method="gradcam")
+    assert att.options["column_centres"].startswith("patch centres")
 
 
 def test_grid_columns_sit_on_their_stride_not_stretched_over_the_record():
