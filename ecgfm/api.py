@@ -14,9 +14,11 @@ Both apply the artifact's own preprocessing, so a caller never re-implements it:
 2. **Preprocessing**: :func:`ecgfm.data.preprocess.preprocess_signal` with the artifact's spec: resampling from
    ``fs`` to the artifact's rate, filters, baseline removal, normalisation.
 3. **Windows**: records are cut into the artifact's window (sliding, the last window aligned to the end; a shorter
-   record is zero-padded), the windows go through the network in batches, and window outputs are averaged: the
-   mean window embedding (encoders), or the mean window probability / the activation of the mean logit as the
-   classifier was validated with (classifiers; ``window_aggregate`` in its description).
+   record is zero-padded, as the benchmark's caches pad it, with a ``UserWarning`` naming the record, its length,
+   the window and the padded fraction: the padding is embedded with it), the windows go through the network in
+   batches, and window outputs are averaged: the mean window embedding (encoders), or the mean window probability
+   / the activation of the mean logit as the classifier was validated with (classifiers; ``window_aggregate`` in
+   its description).
 
 Inputs: a NumPy array ``(leads, samples)`` for one record or ``(batch, leads, samples)`` for records of one
 length, or a WFDB record path (``.hea`` + ``.dat``, or challenge ``.hea`` + ``.mat``), whose rate and lead names
@@ -28,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import warnings
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -182,10 +185,24 @@ class _Model:
             log.warning("%s: lead(s) %s were never present in the classifier's training records (trained on %s): "
                         "scored as given", where, ", ".join(unseen), ", ".join(trained))
 
-    def _windows(self, x: np.ndarray, stride: int | None) -> np.ndarray:
-        """``(L, T) -> (W, L, window)`` (the whole record when the artifact has no window)."""
+    def _windows(self, x: np.ndarray, stride: int | None, where: str = "record") -> np.ndarray:
+        """``(L, T) -> (W, L, window)`` (the whole record when the artifact has no window).
+
+        A record shorter than the window is zero-padded at the end (as the benchmark's caches are) and the network
+        embeds the padding with it: a ``UserWarning`` names the record, its length, the window and the padded
+        fraction, since the result is not the model's embedding of the record alone.
+        """
         if not self.window_samples:
             return x[None]
+        t, window = int(x.shape[-1]), int(self.window_samples)
+        if t < window:
+            fs = float(self.fs) if self.fs else None
+            secs = (lambda n: f" ({n / fs:.3g} s at {fs:g} Hz)") if fs else (lambda n: "")  # noqa: E731
+            warnings.warn(f"{where}: {t} samples{secs(t)} after preprocessing, shorter than the model's window of "
+                          f"{window} samples{secs(window)}: zero-padded at the end, so {(window - t) / window:.0%} "
+                          f"of the window the network sees is padding, and the padding shapes the output (not the "
+                          f"model's output for the record alone); pass records at least one window long",
+                          UserWarning, stacklevel=3)
         return sliding_windows(x, int(self.window_samples), int(stride or self.stride_samples or self.window_samples))
 
     @property
@@ -205,6 +222,11 @@ class _Model:
             x = torch.from_numpy(windows[i:i + batch_size]).to(self.device)
             out.append(fn(x, None if m is None else m.expand(len(x), -1)).double().cpu().numpy())
         return np.concatenate(out)
+
+
+def _where(name: str) -> str:
+    """A record's name in messages: ``record 3`` for the rows of an array, else the path or record key."""
+    return f"record {name}" if name.isdigit() else name
 
 
 def _same_leads(where: str, given: Sequence[str] | None, found: Sequence[str]) -> None:
@@ -266,8 +288,8 @@ class Encoder(_Model):
         single = len(recs) == 1 and (isinstance(signal, (ECGRecord, str, os.PathLike)) or np.ndim(signal) == 2)
         outs = []
         embed = self.network.embed
-        for x, mask in recs:
-            z = self._forward(self._windows(x, stride_samples),
+        for (x, mask), name in zip(recs, _names):
+            z = self._forward(self._windows(x, stride_samples, _where(name)),
                               lambda t, m: embed(t) if m is None else embed(t, lead_mask=m), batch_size, mask)
             outs.append((z if per_window else z.mean(axis=0)).astype(np.float32))
         if per_window:
@@ -329,8 +351,8 @@ class Classifier(_Model):
         rows = []
         net = self.network
         logits = (lambda t, m: net(t)) if not isinstance(net, EncoderClassifier) else net
-        for x, mask in recs:
-            w = self._windows(x, None)
+        for (x, mask), name in zip(recs, names):
+            w = self._windows(x, None, _where(name))
             if aggregate == "logit":
                 mean_logit = self._forward(w, logits, batch_size, mask).mean(axis=0)
                 rows.append(self._activate(torch.from_numpy(mean_logit)).numpy())

@@ -38,12 +38,25 @@ __all__ = ["StMemViT", "STMEM_SIZES", "lead_indices"]
 
 def lead_indices(input_leads: Sequence[str] | None) -> list[int] | None:
     """Rows of a canonical 12-lead input (:data:`~ecgfm.data.record.CANONICAL_LEADS`) that feed a model's input
-    channels, in the model's order; None when the input is passed through as it is."""
+    channels, in the model's order; None when the input is passed through as it is.
+
+    Raises:
+        ValueError: ``input_leads`` is a string or not a sequence, is empty, names a non-canonical lead, or names a
+            lead twice.
+    """
     if input_leads is None:
         return None
+    if isinstance(input_leads, (str, bytes)) or not isinstance(input_leads, Sequence):
+        raise ValueError(f"input_leads must be a list of canonical lead names, got {type(input_leads).__name__} "
+                         f"{input_leads!r}" + (" (a string is not split: pass a list, e.g. ['II'])"
+                                               if isinstance(input_leads, str) else ""))
     unknown = [lead for lead in input_leads if lead not in CANONICAL_LEADS]
     if unknown or not input_leads:
         raise ValueError(f"input_leads must be canonical lead names {CANONICAL_LEADS}, got {list(input_leads)}")
+    twice = sorted({lead for lead in input_leads if list(input_leads).count(lead) > 1})
+    if twice:
+        raise ValueError(f"input_leads names lead(s) {twice} more than once ({list(input_leads)}): every input "
+                         f"channel is a different lead")
     return [CANONICAL_LEADS.index(lead) for lead in input_leads]
 
 
@@ -70,8 +83,10 @@ class StMemViT(Backbone):
         patch_size: samples per patch ``P``.
         num_leads: number of lead embeddings. With 12 they are the canonical leads I, II, III, aVR, aVL, aVF,
             V1-V6 (ST-MEM's order), and a lead read through ``input_leads`` takes its own lead's embedding (lead II
-            takes row 1 whichever leads are read); otherwise, and without ``input_leads``, input row ``i`` takes
-            embedding ``i`` (the authors stack all embeddings onto all leads, so their inputs have every lead).
+            takes row 1 whichever leads are read, and in whatever order: a checkpoint trained on another channel
+            order has its rows put into the canonical order by :mod:`ecgfm.zoo.stmem`); otherwise, and without
+            ``input_leads``, input row ``i`` takes embedding ``i`` (the authors stack all embeddings onto all
+            leads, so their inputs have every lead).
         width: token width ``D``.
         depth: number of transformer blocks.
         mlp_dim: hidden width of the block MLP.

@@ -36,8 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("kind", choices=sorted({*KINDS, *NOT_IMPORTABLE}))   # ecg_fm: refused with its reason
     ap.add_argument("checkpoint", help="local weights file (.pth / .pt / .bin read with weights_only, .safetensors)")
     ap.add_argument("out_dir", help="artifact folder to create")
-    ap.add_argument("--num-heads", type=int, help="stmem: attention heads (ViT-S 6, ViT-B 12 are recognised)")
-    ap.add_argument("--leads", help="comma-separated canonical lead names of the model's input channels")
+    ap.add_argument("--num-heads", type=int, help="stmem: attention heads (not in the weights; without it the ViT-S / "
+                                                  "ViT-B shapes are assumed to have 6 / 12 heads, with a warning)")
+    ap.add_argument("--leads", help="comma-separated canonical lead names of the model's input channels, in order "
+                                    "(each once)")
     ap.add_argument("--stride", type=int, help="ecgfounder: stage downsampling stride (default 2)")
     ap.add_argument("--use-bn", dest="use_bn", action="store_true", default=None,
                     help="ecgfounder: the model uses BatchNorm (default: inferred)")
@@ -49,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="hubert_ecg: pre-norm transformer layers")
     ap.add_argument("--post-norm", dest="stable_layer_norm", action="store_false",
                     help="hubert_ecg: post-norm transformer layers")
+    ap.add_argument("--feat-extract-norm", choices=("group", "layer"),
+                    help="hubert_ecg: feature-encoder normalisation (needed for a single-convolution feature encoder "
+                         "without config.json)")
     ap.add_argument("--classifier", action="store_true", help="write a classifier (encoder + the checkpoint's head)")
     ap.add_argument("--class-names", help="classifier: JSON list file, text file (one a line) or comma list")
     ap.add_argument("--multiclass", action="store_true", help="classifier: softmax outputs (default: sigmoid)")
@@ -68,6 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     given = {"num_heads": args.num_heads, "stride": args.stride, "use_bn": args.use_bn,
              "window_seconds": args.window_seconds, "config": args.config,
              "stable_layer_norm": args.stable_layer_norm,
+             "feat_extract_norm": args.feat_extract_norm,
              "conv_stride": None if args.conv_stride is None else [int(x) for x in args.conv_stride.split(",")],
              "leads": None if args.leads is None else [x.strip() for x in args.leads.split(",") if x.strip()]}
     misplaced = sorted(k for k, v in given.items() if v is not None and k not in known)

@@ -6,13 +6,15 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
 from ecgfm.data.preprocess import PreprocessSpec
+from ecgfm.data.record import CANONICAL_LEADS
 
 
 class ZooImportError(ValueError):
@@ -38,6 +40,9 @@ class ImportedWeights:
         inferred: how each architecture argument was obtained (``"shape of <key>"``, ``"option"``, ...).
         ignored: peer keys that are read but not used (with the reason), e.g. BatchNorm buffers of a model built
             with ``use_bn=False``, which its forward never touches.
+        assumed: the arguments that were neither read from the weights nor given (a guess, e.g. the published
+            configuration's number of attention heads), with what was assumed and how to override it. The importer
+            warns about each and writes them to the artifact (``extra.zoo.assumed``).
     """
 
     backbone: str
@@ -46,6 +51,7 @@ class ImportedWeights:
     head: StateDict | None = None
     inferred: dict[str, str] = field(default_factory=dict)
     ignored: dict[str, str] = field(default_factory=dict)
+    assumed: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -151,6 +157,36 @@ def state_dict_of(kind: ZooKind, obj: Any, where: str, others: Mapping[str, ZooK
         raise ZooImportError(kind.name, f"{where}: not a {kind.title} state dict: key {kind.signature!r} is missing; "
                                         f"first keys: {list(state)[:5]}")
     return state
+
+
+def leads_option(kind: str, options: Mapping[str, Any]) -> list[str] | None:
+    """The ``leads`` option, checked: a list (or tuple) of distinct canonical lead names, or None when not given.
+
+    Args:
+        kind: for the message.
+        options: the import options.
+
+    Raises:
+        ZooImportError: ``leads`` is a string (it would be read character by character: ``"II"`` as I, I) or not a
+            sequence, is empty, holds something other than a canonical lead name, or names a lead twice.
+    """
+    leads = options.get("leads")
+    if leads is None:
+        return None
+    if isinstance(leads, (str, bytes)) or not isinstance(leads, Sequence):
+        raise ZooImportError(kind, f"option leads must be a list of canonical lead names, one per input channel "
+                                   f"(e.g. ['II'] or ['I', 'II', 'V1']), got {type(leads).__name__} {leads!r}"
+                                   + (" (a string is not split: pass a list)" if isinstance(leads, str) else ""))
+    leads = list(leads)
+    bad = [x for x in leads if not isinstance(x, str) or x not in CANONICAL_LEADS]
+    if not leads or bad:
+        raise ZooImportError(kind, f"option leads must name canonical leads {list(CANONICAL_LEADS)}, got {leads}"
+                                   + (f" (not canonical: {bad})" if bad else " (empty)"))
+    twice = [x for x, n in Counter(leads).items() if n > 1]
+    if twice:
+        raise ZooImportError(kind, f"option leads names lead(s) {twice} more than once ({leads}): every input "
+                                   f"channel is a different lead")
+    return leads
 
 
 def indices(state: Mapping[str, Any], pattern: str) -> list[int]:

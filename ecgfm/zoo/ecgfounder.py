@@ -29,7 +29,8 @@ import torch
 from ecgfm.backbones import create_backbone
 from ecgfm.data.preprocess import PreprocessSpec
 from ecgfm.data.record import CANONICAL_LEADS
-from ecgfm.zoo.base import ImportedWeights, StateDict, ZooImportError, ZooKind, check_keys, indices, need
+from ecgfm.zoo.base import (ImportedWeights, StateDict, ZooImportError, ZooKind, check_keys, indices, leads_option,
+                             need)
 
 KIND = "ecgfounder"
 BACKBONE = "net1d"
@@ -82,7 +83,7 @@ def infer_args(state: Mapping[str, torch.Tensor], options: Mapping[str, Any]) ->
                                    "whether the model used BatchNorm cannot be read from it: pass use_bn=True or "
                                    "False (--use-bn / --no-bn)")
     use_bn = bool(options["use_bn"]) if options.get("use_bn") is not None else trained_bn
-    leads = options.get("leads")
+    leads = leads_option(KIND, options)
     if leads is None and in_channels != len(CANONICAL_LEADS):
         if in_channels == 1:
             leads = ["I"]
@@ -95,7 +96,7 @@ def infer_args(state: Mapping[str, torch.Tensor], options: Mapping[str, Any]) ->
     args = dict(in_channels=in_channels, base_filters=base_filters, ratio=float(ratio), filter_list=widths,
                 m_blocks_list=blocks, kernel_size=kernel_size, stride=int(options.get("stride") or 2),
                 groups_width=_groups_width(widths, groups), use_bn=use_bn, use_do=bool(options.get("use_do", False)),
-                input_leads=None if leads is None else [str(x) for x in leads])
+                input_leads=leads)
     inferred = {"in_channels": "first_conv.conv.weight", "base_filters": "first_conv.conv.weight",
                 "kernel_size": "first_conv.conv.weight", "filter_list": "conv3 of each stage",
                 "m_blocks_list": "count of block_list.* per stage", "ratio": "conv1 / conv3 widths",

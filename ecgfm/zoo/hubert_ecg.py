@@ -4,8 +4,10 @@ The published models (Edoardo-BS/hubert-ecg-{small,base,large}) are Hugging Face
 ``model.safetensors`` or ``pytorch_model.bin``. Sizes are read from tensor shapes; what the weights cannot tell
 (the convolution strides, the attention heads, pre- or post-norm layers, activations, LayerNorm eps) comes from
 ``config.json`` beside the checkpoint (plain JSON, read as data; the ``auto_map`` remote code it names is never run)
-or from options (``num_heads``, ``conv_stride``, ``stable_layer_norm``), and an import without either fails naming
-what is missing.
+or from options (``num_heads``, ``conv_stride``, ``stable_layer_norm``, ``feat_extract_norm``), and an import without
+either fails naming what is missing. ``feat_extract_norm`` is read from the weights when the feature encoder has
+two or more convolutions (a LayerNorm in every layer, or a GroupNorm in the first only); with a single convolution
+the two leave tensors of the same shapes, so it comes from ``config.json`` or the option.
 
 Key layout (Hugging Face -> ecgfm)::
 
@@ -17,7 +19,8 @@ Key layout (Hugging Face -> ecgfm)::
     encoder.layers.{i}.attention.{q,k,v,out}_proj.*         -> blocks.{i}.{q,k,v,out}_proj.*
     encoder.layers.{i}.layer_norm.* / .final_layer_norm.*   -> blocks.{i}.layer_norm.* / .final_layer_norm.*
     encoder.layers.{i}.feed_forward.{intermediate,output}_dense.* -> blocks.{i}.fc{1,2}.*
-    masked_spec_embed, final_proj*, label_embeddings*       -> not imported (pretraining only)
+    masked_spec_embed, final_proj*, label_embedding(s)*     -> not imported (pretraining only; HuBERT-ECG's own
+                                                               HuBERTECG class has final_proj.{i}, label_embedding.{i})
 """
 
 from __future__ import annotations
@@ -39,7 +42,8 @@ BACKBONE = "hubert_ecg"
 _POS_NEW = ("encoder.pos_conv_embed.conv.parametrizations.weight.original0",
             "encoder.pos_conv_embed.conv.parametrizations.weight.original1")
 _POS_OLD = ("encoder.pos_conv_embed.conv.weight_g", "encoder.pos_conv_embed.conv.weight_v")
-_PRETRAINING = re.compile(r"^(masked_spec_embed|final_proj|label_embeddings)")
+# HubertForPreTraining-style models name it label_embeddings, HuBERT-ECG's HuBERTECG class label_embedding.{i}
+_PRETRAINING = re.compile(r"^(masked_spec_embed|final_proj|label_embeddings?)")
 _LAYER_RULES = [("attention.q_proj.", "q_proj."), ("attention.k_proj.", "k_proj."), ("attention.v_proj.", "v_proj."),
                 ("attention.out_proj.", "out_proj."), ("layer_norm.", "layer_norm."),
                 ("final_layer_norm.", "final_layer_norm."), ("feed_forward.intermediate_dense.", "fc1."),
@@ -70,6 +74,46 @@ def _config(options: Mapping[str, Any]) -> dict[str, Any]:
     if not isinstance(cfg, dict):
         raise ZooImportError(KIND, f"{path}: expected a JSON object")
     return cfg
+
+
+def _feat_extract_norm(options: Mapping[str, Any], cfg: Mapping[str, Any], n_conv: int, has_layer_ln: bool,
+                       inferred: dict[str, str]) -> str:
+    """``group`` or ``layer``: from the weights when they tell (two or more convolutions: a LayerNorm in the second
+    layer or not), else from the option ``feat_extract_norm`` or ``config.json`` (one without the key: Hugging
+    Face's default ``group``).
+
+    Raises:
+        ZooImportError: a value other than ``group`` / ``layer``, a stated value the weights contradict, or a
+            single convolution with neither the option nor a config.json (a GroupNorm with one group per channel
+            and a LayerNorm over channels have weights of the same shapes).
+    """
+    from_weights = ("layer" if has_layer_ln else "group") if n_conv > 1 else None
+    stated, where = None, None
+    for value, source in ((options.get("feat_extract_norm"), "option feat_extract_norm"),
+                          (cfg.get("feat_extract_norm"), "config.json")):
+        if value is not None:
+            stated, where = value, source
+            break
+    if stated is not None and stated not in ("group", "layer"):
+        raise ZooImportError(KIND, f"{where}: feat_extract_norm must be 'group' or 'layer', got {stated!r}")
+    if from_weights is not None:
+        if stated is not None and stated != from_weights:
+            raise ZooImportError(KIND, f"{where} says feat_extract_norm={stated!r} but the weights have "
+                                       f"{'a LayerNorm in every' if has_layer_ln else 'no LayerNorm after the first'}"
+                                       f" feature-encoder layer, i.e. {from_weights!r}")
+        inferred["feat_extract_norm"] = "feature_extractor.conv_layers.1.layer_norm present or not"
+        return from_weights
+    if stated is None and cfg:   # a config.json without the key: HubertConfig's default, as transformers reads it
+        inferred["feat_extract_norm"] = "config.json without feat_extract_norm: HubertConfig's default ('group')"
+        return "group"
+    if stated is None:
+        raise ZooImportError(KIND, "feat_extract_norm cannot be read from the weights of a single-convolution "
+                                   "feature encoder (a GroupNorm with one group per channel and a LayerNorm over "
+                                   "channels have weights of the same shape): put the model's config.json beside the "
+                                   "checkpoint (or pass config=) or pass feat_extract_norm='group' or 'layer' "
+                                   "(--feat-extract-norm)")
+    inferred["feat_extract_norm"] = where
+    return str(stated)
 
 
 def infer_args(state: Mapping[str, torch.Tensor], options: Mapping[str, Any]) -> tuple[dict[str, Any], dict]:
@@ -106,8 +150,7 @@ def infer_args(state: Mapping[str, torch.Tensor], options: Mapping[str, Any]) ->
         inferred[name] = f"Hugging Face default ({default})"
         return default
 
-    norm = "layer" if has_layer_ln else ("group" if n_conv > 1 else pick("feat_extract_norm", None,
-                                                                         "feat_extract_norm", "group"))
+    norm = _feat_extract_norm(options, cfg, n_conv, has_layer_ln, inferred)
     stride = [int(s) for s in pick("conv_stride", "conv_stride", "conv_stride", required=True)]
     if len(stride) != n_conv:
         raise ZooImportError(KIND, f"conv_stride has {len(stride)} entries but the checkpoint has {n_conv} "
@@ -227,5 +270,7 @@ SPEC = ZooKind(
              "num_heads": "attention heads (else from config.json)",
              "conv_stride": "feature-encoder strides (else from config.json)",
              "stable_layer_norm": "pre-norm transformer layers (else from config.json)",
+             "feat_extract_norm": "'group' or 'layer' normalisation in the feature encoder (read from the weights "
+                                  "unless it has a single convolution; else from config.json)",
              "window_seconds": "input window in seconds at 100 Hz (HuBERT-ECG: 5)"},
 )

@@ -14,6 +14,7 @@ import datetime as _dt
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -55,6 +56,10 @@ def load_peer(kind: str, checkpoint: str | os.PathLike, **options: Any) -> tuple
         checkpoint: a local ``.pth`` / ``.pt`` / ``.bin`` (read with ``weights_only=True``) or ``.safetensors``.
         **options: what the state dict cannot tell (see ``KINDS[kind].options``).
 
+    Warns:
+        UserWarning: for every architecture argument that was assumed (``ImportedWeights.assumed``: neither read
+            from the weights nor given as an option), naming the option that overrides it.
+
     Raises:
         FileNotFoundError: no such file.
         ZooImportError: unreadable or truncated file, a checkpoint of another kind, missing / unexpected keys or
@@ -71,6 +76,8 @@ def load_peer(kind: str, checkpoint: str | os.PathLike, **options: Any) -> tuple
     obj = read_checkpoint(kind, checkpoint)
     state = state_dict_of(spec, obj, str(checkpoint), KINDS)
     weights = spec.convert(state, options)
+    for name, what in weights.assumed.items():   # guesses, not read from the weights: said aloud, and recorded
+        warnings.warn(f"{kind}: {checkpoint}: {name} {what}", UserWarning, stacklevel=2)
     try:
         backbone = create_backbone(weights.backbone, **weights.init_args)
         backbone.load_state_dict(weights.state, strict=True)
@@ -98,7 +105,7 @@ def _extra(spec: ZooKind, checkpoint: Path, weights: ImportedWeights, options: M
             "window_seconds": int(window) / float(pre.fs), "lead_order": spec.lead_order(weights.init_args),
             "input_rows": list(CANONICAL_LEADS),
             "options": {k: v for k, v in options.items() if v is not None},
-            "inferred": weights.inferred, "ignored_keys": sorted(weights.ignored),
+            "inferred": weights.inferred, "assumed": weights.assumed, "ignored_keys": sorted(weights.ignored),
             "head": None if weights.head is None else {"num_classes": int(weights.head["weight"].shape[0])},
         },
     }

@@ -2,8 +2,19 @@
 
 The published encoder checkpoint is ``{"model": state_dict}`` of the authors' ``ST_MEM_ViT``. Every size argument
 is read from tensor shapes except the number of attention heads (the q, k, v projection holds ``heads * dim_head``
-rows, and any split fits): give ``num_heads``; the two published sizes (ViT-S: width 384, 6 heads; ViT-B: width
-768, 12 heads, both with 64-wide heads and 12 blocks) are recognised without it.
+rows, and any split fits): give ``num_heads``. Without it, the two published shapes (ViT-S: width 384, ViT-B: width
+768, both 12 blocks with ``heads * dim_head == width``) are given the published heads (6 and 12 heads of 64); that
+is an assumption, not read from the weights, so the import warns and the artifact records it under
+``extra.zoo.assumed``.
+
+Lead embeddings: ``lead_embeddings.{i}`` belongs to the model's input channel ``i`` (the authors' forward adds
+embedding ``i`` to input row ``i``). Without ``leads`` the 12 channels are ST-MEM's order, which is ecgfm's
+canonical order. ``leads`` naming all 12 leads in another order says the checkpoint was trained on that channel
+order: the rows are put into the canonical order at import (lead ``leads[i]`` keeps embedding ``i``), and the model
+reads its channels in that order (``input_leads``), so it gives what the authors' model gives on inputs in that
+channel order. ``leads`` naming fewer leads of a 12-embedding checkpoint reads those leads of the canonical input,
+each with its own (canonical) embedding. A checkpoint with another number of embeddings needs ``leads`` naming the
+lead of every embedding, in order.
 
 Key layout (authors -> ecgfm)::
 
@@ -32,10 +43,13 @@ import torch
 from ecgfm.backbones import create_backbone
 from ecgfm.data.preprocess import PreprocessSpec
 from ecgfm.data.record import CANONICAL_LEADS
-from ecgfm.zoo.base import ImportedWeights, StateDict, ZooImportError, ZooKind, check_keys, indices, need
+from ecgfm.zoo.base import (ImportedWeights, StateDict, ZooImportError, ZooKind, check_keys, indices, leads_option,
+                             need)
 
 KIND = "stmem"
 BACKBONE = "stmem_vit"
+#: How an ``inferred`` entry that is a guess (neither read from the weights nor given) begins.
+ASSUMED = "assumed:"
 # (width, attention width, depth) -> heads of the published sizes (models/encoder/st_mem_vit.py).
 PUBLISHED_HEADS = {(384, 384, 12): (6, "ST-MEM ViT-S"), (768, 768, 12): (12, "ST-MEM ViT-B")}
 
@@ -48,17 +62,34 @@ _PATCH_RULES = [("to_patch_embedding.1.", "patch_embed.0."), ("to_patch_embeddin
 
 
 def _leads_option(options: Mapping[str, Any], num_leads: int) -> tuple[list[str] | None, str]:
-    leads = options.get("leads")
+    """The checked ``leads`` option and how the input leads were obtained (see the module docstring)."""
+    leads = leads_option(KIND, options)
     if leads is None:
         if num_leads == len(CANONICAL_LEADS):
             return None, "12 lead embeddings: the canonical order I, II, III, aVR, aVL, aVF, V1-V6 (ST-MEM's)"
         raise ZooImportError(KIND, f"the checkpoint has {num_leads} lead embeddings: pass leads= (--leads) with the "
                                    f"{num_leads} canonical lead names it was trained on, in order")
-    leads = [str(x) for x in leads]
     if len(leads) > num_leads:
         raise ZooImportError(KIND, f"leads= names {len(leads)} leads but the checkpoint has {num_leads} lead "
                                    f"embeddings")
-    return leads, "option"
+    if num_leads != len(CANONICAL_LEADS):
+        return leads, "option leads: the lead of every lead embedding, in order"
+    if leads == list(CANONICAL_LEADS):
+        return leads, "option leads: the canonical order I, II, III, aVR, aVL, aVF, V1-V6 (ST-MEM's)"
+    if len(leads) == num_leads:
+        return leads, ("option leads: the checkpoint's 12 input channels, in order (lead_embeddings.i is lead "
+                       "leads[i]; rows put into the canonical order at import)")
+    return leads, "option leads: a subset of the canonical leads, each with its own (canonical) lead embedding"
+
+
+def _canonical_rows(leads: list[str] | None, num_leads: int) -> list[int] | None:
+    """For a 12-embedding checkpoint whose channel order ``leads`` names all 12 leads in a non-canonical order: the
+    canonical row of each checkpoint row (``lead_embeddings.i`` -> row ``CANONICAL_LEADS.index(leads[i])``);
+    None when the rows are already canonical."""
+    if (leads is None or num_leads != len(CANONICAL_LEADS) or len(leads) != num_leads
+            or list(leads) == list(CANONICAL_LEADS)):
+        return None
+    return [CANONICAL_LEADS.index(lead) for lead in leads]
 
 
 def infer_args(state: Mapping[str, torch.Tensor], options: Mapping[str, Any]) -> tuple[dict[str, Any], dict]:
@@ -85,7 +116,10 @@ def infer_args(state: Mapping[str, torch.Tensor], options: Mapping[str, Any]) ->
             raise ZooImportError(KIND, f"the number of attention heads cannot be read from the weights (to_qkv "
                                        f"holds heads * dim_head = {inner} rows per q, k, v): pass num_heads= "
                                        f"(--num-heads); the published sizes are ViT-S 6 heads, ViT-B 12 heads")
-        heads, inferred["heads"] = published[0], f"the published {published[1]} configuration"
+        heads = published[0]
+        inferred["heads"] = (f"{ASSUMED} the published {published[1]} configuration ({heads} heads of "
+                             f"{inner // heads}), not readable from the weights (any split of the attention width "
+                             f"{inner} fits them); pass num_heads= (--num-heads) to override")
     else:
         heads, inferred["heads"] = int(heads), "option num_heads"
     if heads <= 0 or inner % heads:
@@ -148,8 +182,18 @@ def _encoder_part(state: StateDict) -> tuple[StateDict, dict[str, str]]:
 
 
 def convert(state: StateDict, options: Mapping[str, Any]) -> ImportedWeights:
+    """The authors' state dict (or a whole pretraining model) -> :class:`~ecgfm.zoo.base.ImportedWeights`.
+
+    Guesses (the published heads) are listed in ``assumed`` (:func:`~ecgfm.zoo.load_peer` warns about each); a
+    12-lead channel order given by ``leads`` has the lead embedding rows put into the canonical order (recorded in
+    ``inferred["lead_embed"]``).
+
+    Raises:
+        ZooImportError: options or keys that do not fit the checkpoint.
+    """
     state, outside = _encoder_part(state)
     args, inferred = infer_args(state, options)
+    assumed = {k: v for k, v in inferred.items() if v.startswith(ASSUMED)}   # load_peer warns about each
     model = create_backbone(BACKBONE, **args)
     head = None
     if "head.weight" in state:  # a fine-tuned model: its head becomes the classifier head
@@ -157,7 +201,17 @@ def convert(state: StateDict, options: Mapping[str, Any]) -> ImportedWeights:
     ignored = {f"head.{n}": "classification head (importable as a classifier)" for n in (head or {})}
     check_keys(KIND, to_peer(model.state_dict()), state, ignored)
     ignored.update(outside)
-    return ImportedWeights(BACKBONE, args, from_peer(state, args["num_leads"]), head, inferred, ignored)
+    native = from_peer(state, args["num_leads"])
+    rows = _canonical_rows(args["input_leads"], args["num_leads"])
+    if rows is not None:
+        # lead_embeddings.i is the embedding of input channel i = lead leads[i]: row CANONICAL_LEADS.index(leads[i])
+        # of the native table, which StMemViT gives to that lead wherever input_leads reads it
+        table = torch.empty_like(native["lead_embed"])
+        table[rows] = native["lead_embed"]
+        native["lead_embed"] = table
+        inferred["lead_embed"] = (f"lead_embeddings.0-11 in the checkpoint's channel order {args['input_leads']} "
+                                  f"(option leads), put into the canonical order {list(CANONICAL_LEADS)} at import")
+    return ImportedWeights(BACKBONE, args, native, head, inferred, ignored, assumed)
 
 
 def preprocess(options: Mapping[str, Any]) -> PreprocessSpec:
@@ -192,6 +246,9 @@ SPEC = ZooKind(
                  "and then cuts windows, which differs only near crop edges (identical on a record one window "
                  "long). ST-MEM's evaluation averages 3 crops; the probe averages sliding windows.",
     },
-    options={"num_heads": "attention heads (not stored in the weights; ViT-S 6 and ViT-B 12 are recognised)",
-             "leads": "canonical lead names of the model's input channels (needed when it has other than 12)"},
+    options={"num_heads": "attention heads (not stored in the weights; without it the ViT-S / ViT-B shapes are "
+                          "assumed to have the published 6 / 12 heads, with a warning)",
+             "leads": "canonical lead names of the model's input channels, in order (needed when it has other than "
+                      "12; all 12 in another order: the channel order the checkpoint was trained on; fewer: the "
+                      "leads read, each with its own embedding)"},
 )
