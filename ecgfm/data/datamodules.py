@@ -806,13 +806,46 @@ class PretrainDataModule(LightningDataModule):
         return _loader(ds, self.batch_size, self.num_workers, self.persistent_workers, self.pin_memory)
 
 
+def check_single_label(labels: np.ndarray, rows: Sequence[int] | np.ndarray | None = None,
+                       where: str = "labels") -> np.ndarray:
+    """Refuse single-label indicator rows that are not one-hot; return their class indices.
+
+    Args:
+        labels: ``(N, C)`` indicators.
+        rows: the rows used (e.g. a split's cache rows; None: every row). Rows outside are not checked.
+        where: how the rows are named in the error (e.g. ``"split 'train'"``).
+
+    Returns:
+        ``(len(rows),)`` int64 class index of each row used (its one positive).
+
+    Raises:
+        ValueError: ``labels`` is not 2-D, or a row used has no positive or several (naming how many rows and the
+            first of them, with their positive counts).
+    """
+    y = np.asarray(labels)
+    if y.ndim != 2:
+        raise ValueError(f"{where}: single-label indicator rows must be (n, C), got shape {y.shape}")
+    idx = np.arange(len(y)) if rows is None else np.asarray(rows, dtype=np.int64).ravel()
+    sub = y[idx]
+    n_pos = (sub != 0).sum(axis=1)
+    bad = np.flatnonzero(n_pos != 1)
+    if bad.size:
+        first = ", ".join(f"row {int(idx[b])} ({int(n_pos[b])} positives)" for b in bad[:5])
+        raise ValueError(f"{where}: a single-label task (multilabel=False) needs exactly one positive per record, "
+                         f"but {bad.size} of its {len(idx)} rows have none or several (e.g. {first}); an argmax would "
+                         f"silently take the first positive or class 0. Use multilabel=True for multi-label data, "
+                         f"or leave unlabelled / multi-class records out of the splits")
+    return sub.argmax(axis=1).astype(np.int64)
+
+
 class DownstreamDataModule(LightningDataModule):
     """Labelled crops of one cache with fixed train / val / test splits.
 
     Args:
         cache_dir: the cache.
         labels: ``(N, C)`` float32 multi-hot for every cache record (multi-label), or ``(N,)`` class indices /
-            ``(N, C)`` one-hot with ``multilabel=False``.
+            ``(N, C)`` one-hot with ``multilabel=False`` (every row of the train / val / test splits must then have
+            exactly one positive; rows outside the splits are not used and not checked).
         splits: ``{"train", "val", "test"}`` -> record indices (e.g. from :mod:`ecgfm.data.splits`).
         crop_samples: crop length in samples.
         batch_size, num_workers: DataLoader options.
@@ -844,12 +877,6 @@ class DownstreamDataModule(LightningDataModule):
                 raise ValueError(f"multilabel=True needs labels (N, C), got shape {y.shape}")
             y = y.astype(np.float32)
             self.num_classes = int(y.shape[1])
-        else:
-            if y.ndim == 2:
-                y = y.argmax(axis=1)
-            y = y.astype(np.int64)
-            self.num_classes = int(y.max()) + 1 if len(y) else 0
-        self.labels = y
         missing = [k for k in ("train", "val", "test") if k not in splits]
         if missing:
             raise ValueError(f"splits lacks {missing} (needs train, val, test)")
@@ -859,6 +886,14 @@ class DownstreamDataModule(LightningDataModule):
             if len(idx) and (idx.min() < 0 or idx.max() >= n):
                 raise ValueError(f"split {k!r} has indices outside [0, {n})")
             self.splits[k] = idx
+        if not multilabel:
+            if y.ndim == 2:
+                for k in ("train", "val", "test"):   # the rows used must be one-hot: no silent argmax
+                    check_single_label(y, self.splits[k], where=f"split {k!r}")
+                y = y.argmax(axis=1)
+            y = y.astype(np.int64)
+            self.num_classes = int(y.max()) + 1 if len(y) else 0
+        self.labels = y
         if test_stride is not None and int(test_stride) < 1:
             raise ValueError(f"test_stride must be >= 1, got {test_stride}")
         self.crop_samples, self.batch_size, self.num_workers = int(crop_samples), int(batch_size), int(num_workers)

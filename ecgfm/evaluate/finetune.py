@@ -16,8 +16,18 @@
 * validation after every epoch (one centred crop per record, or whole records with ``val_sliding=True``), early
   stopping on validation macro AUROC (Lightning ``EarlyStopping``), and the best epoch's weights restored
   (kept in memory: no pickled checkpoint is written or read);
-* final validation (for the F1 thresholds) and test predictions on whole records: sliding windows, window
-  probabilities averaged per record (the PTB-XL benchmark's test-time aggregation).
+* final validation (for the F1 thresholds) and test predictions on whole records: sliding windows, the window
+  outputs aggregated per record as ``window_aggregate`` says: by default (``"logit"``) the mean window logit,
+  then the sigmoid / softmax; with ``"prob"`` the mean window probability (the PTB-XL benchmark's test-time
+  aggregation).
+* bad labels are refused before any work: a single-label task needs exactly one positive in every label row it
+  uses (train / val / test), and validation must hold at least one class with both positive and negative records
+  (otherwise the validation macro AUROC, which early stopping, the best-weights restore and the LP-FT probe's
+  ``C`` are chosen on, is undefined).
+
+**Frozen backbone** (``FinetuneModule(freeze_backbone=True)``): the backbone's parameters get no gradient and
+the backbone stays in eval mode whatever ``train()`` is called with, so BatchNorm running statistics do not
+change and dropout is off: the head trains on the same features the frozen encoder gives at evaluation.
 
 **Head initialisation** (``head_init``): ``"lp"`` is LP-FT (Kumar et al. 2022, "Fine-tuning can distort
 pretrained features and underperform out-of-distribution"): the linear head starts as a linear probe fitted on the
@@ -55,7 +65,7 @@ from torch import nn
 from ecgfm.data.datamodules import DownstreamDataModule
 from ecgfm.evaluate.features import accepts_lead_mask, cached_features, extract_features
 from ecgfm.evaluate.metrics import macro_auroc
-from ecgfm.evaluate.probe import LinearProbe
+from ecgfm.evaluate.probe import LinearProbe, check_single_label, check_validation_defined
 from ecgfm.heads import MLPHead
 from ecgfm.optim import NO_DECAY_NAMES, lightning_optimizers, param_groups
 from ecgfm.recipes import HEAD_INITS, LP_CS, WINDOW_AGGREGATES, FinetuneRecipe, as_finetune_recipe
@@ -90,7 +100,9 @@ class FinetuneModule(L.LightningModule):
         warmup_epochs: linear warm-up length in epochs (may be fractional).
         max_epochs: schedule length (cosine decay to 0 at the end).
         head: ``"linear"`` or ``"mlp"`` (:class:`ecgfm.heads.MLPHead`).
-        freeze_backbone: train the head only (a linear probe trained end-to-end on crops).
+        freeze_backbone: train the head only (a linear probe trained end-to-end on crops): the backbone's
+            parameters get no gradient and it stays in eval mode (see :meth:`train`), so its BatchNorm running
+            statistics and weights are those it came with.
         window_aggregate: how window outputs make a record's prediction: ``"prob"`` (mean window probability,
             the PTB-XL benchmark's test-time aggregation) or ``"logit"`` (mean window logit, then the
             sigmoid / softmax: with a linear head this is the head applied to the record's mean window
@@ -121,9 +133,11 @@ class FinetuneModule(L.LightningModule):
         self.multilabel = multilabel
         self.lr, self.weight_decay, self.layer_decay = float(lr), float(weight_decay), float(layer_decay)
         self.warmup_epochs, self.max_epochs = float(warmup_epochs), int(max_epochs)
-        if freeze_backbone:
+        self.freeze_backbone = bool(freeze_backbone)
+        if self.freeze_backbone:
             for p in self.backbone.parameters():
                 p.requires_grad_(False)
+            self.backbone.eval()
         self._val_probs: list[torch.Tensor] = []
         self._val_index: list[torch.Tensor] = []
         self._val_y: list[torch.Tensor] = []
@@ -137,6 +151,24 @@ class FinetuneModule(L.LightningModule):
                    layer_decay=recipe.layer_decay, warmup_epochs=recipe.warmup_epochs, max_epochs=recipe.epochs,
                    head=recipe.head, freeze_backbone=freeze_backbone, window_aggregate=recipe.window_aggregate,
                    lead_aware=lead_aware)
+
+    def train(self, mode: bool = True) -> "FinetuneModule":
+        """Set the training mode; a frozen backbone (``freeze_backbone=True``) stays in eval mode.
+
+        Turning ``requires_grad`` off is not enough to freeze an encoder: in train mode its BatchNorm layers would
+        still update their running statistics from the training batches, and dropout would be active. (Lightning
+        then warns that modules are in eval mode at the start of training: intended here.)
+
+        Args:
+            mode: training mode of the head (and of the backbone when it is not frozen).
+
+        Returns:
+            ``self``.
+        """
+        super().train(mode)
+        if getattr(self, "freeze_backbone", False):
+            self.backbone.eval()
+        return self
 
     def forward(self, x: torch.Tensor, lead_mask: torch.Tensor | None = None) -> torch.Tensor:
         """``(B, 12, T)`` (and the records' ``lead_mask (B, 12)`` bool, used when :attr:`lead_aware`) ->
@@ -296,15 +328,19 @@ def quiet_lightning() -> Iterator[None]:
 
 def aggregate_windows(probs: np.ndarray, index: np.ndarray, y: np.ndarray | None = None
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """Mean window probability per record.
+    """Mean window output per record.
+
+    The outputs are whatever the caller averages: window logits with ``window_aggregate="logit"`` (the default;
+    :meth:`FinetuneModule.record_probs` then applies the sigmoid / softmax to the mean logit) or window
+    probabilities with ``"prob"`` (the mean is then the record probability).
 
     Args:
-        probs: ``(W, C)`` window probabilities.
+        probs: ``(W, C)`` window outputs (logits or probabilities).
         index: ``(W,)`` record of each window.
         y: ``(W, ...)`` window labels (a record's windows share them).
 
     Returns:
-        ``(records (R,) sorted, probs (R, C), labels (R, ...) or None)``.
+        ``(records (R,) sorted, mean outputs (R, C), labels (R, ...) or None)``.
     """
     records, inverse = np.unique(index, return_inverse=True)
     out = np.zeros((len(records), probs.shape[1]))
@@ -446,10 +482,16 @@ def fit_probe_head(backbone: nn.Module, cache: Any, labels: np.ndarray, splits: 
 
     Returns:
         ``(probe, info)`` with ``info = {"C", "val_macro_auroc", "grid", "windows", "seconds"}``.
+
+    Raises:
+        ValueError: before any encoder pass, a single-label train / val row that is not one-hot, or a validation
+            split without a class holding both positive and negative records (its macro AUROC, on which ``C`` is
+            chosen, would be undefined).
     """
     t0 = time.perf_counter()
     train, val = (np.asarray(splits[k], dtype=np.int64) for k in ("train", "val"))
     labels = np.asarray(labels, dtype=np.float32)
+    _check_labels(labels, {"train": train, "val": val}, multilabel, "the LP-FT probe's C is chosen on it")
     device = next(backbone.parameters()).device
     # the features the fine-tuned model's forward pass computes: lead-aware as FinetuneModule(lead_aware=...)
     if feature_dir:
@@ -488,6 +530,29 @@ def fit_probe_head(backbone: nn.Module, cache: Any, labels: np.ndarray, splits: 
             "seconds": time.perf_counter() - t0}
     return best[1], info
 
+
+
+def _check_labels(labels: np.ndarray, splits: Mapping[str, np.ndarray], multilabel: bool, purpose: str) -> None:
+    """Refuse labels that would make training or validation silently wrong, before any work.
+
+    Args:
+        labels: ``(N, C)`` indicators for every cache row.
+        splits: split name -> cache rows used (``val`` among them).
+        multilabel: multi-label task (else every row used must be one-hot).
+        purpose: what the validation macro AUROC decides (for the error message).
+
+    Raises:
+        ValueError: ``labels`` not ``(N, C)``; a single-label row used with no or several positives
+            (:func:`ecgfm.evaluate.probe.check_single_label`); no class with both label values on ``val``
+            (:func:`ecgfm.evaluate.probe.check_validation_defined`).
+    """
+    if labels.ndim != 2:
+        raise ValueError(f"labels must be (N, C) indicators for every cache row, got shape {labels.shape}")
+    if not multilabel:
+        for name, rows in splits.items():
+            check_single_label(labels, rows, where=f"split {name!r}")
+    check_validation_defined(labels[np.asarray(splits["val"], dtype=np.int64)], where="split 'val'",
+                             purpose=purpose)
 
 
 def run_finetune(backbone: nn.Module, cache_dir: str, labels: np.ndarray, splits: dict[str, np.ndarray],
@@ -530,8 +595,21 @@ def run_finetune(backbone: nn.Module, cache_dir: str, labels: np.ndarray, splits
 
     Raises:
         ecgfm.config.ConfigError: a bad recipe value (a ``ValueError`` naming ``finetune.<key>``), before any work.
+        ValueError: before any work, single-label (``multilabel=False``) rows of train / val / test (or of an
+            external set) without exactly one positive, or a validation split without a class holding both
+            positive and negative records: its macro AUROC, on which early stopping, the best-weights restore and
+            the LP-FT probe are decided, would be undefined.
     """
     r = as_finetune_recipe(recipe)
+    missing = [k for k in ("train", "val", "test") if k not in splits]
+    if missing:
+        raise ValueError(f"splits lacks {missing} (needs train, val, test)")
+    labels = np.asarray(labels)
+    _check_labels(labels, {k: splits[k] for k in ("train", "val", "test")}, multilabel,
+                  "early stopping and the best-weights restore are decided on it")
+    if not multilabel:
+        for name, (_, ext_labels, rows) in (external or {}).items():
+            check_single_label(ext_labels, rows, where=f"external set {name!r}")
     t0 = time.perf_counter()
     L.seed_everything(int(seed), workers=True, verbose=False)
     target = labels if multilabel else labels.argmax(axis=1)

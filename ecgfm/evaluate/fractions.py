@@ -13,7 +13,8 @@ shortest prefix of that order holding at least ``f`` of the training records. He
   prefix holds each stratum in about its overall proportion.
 * With ``min_per_class=k`` (default 1), when a prefix holds fewer than ``k`` patients of a class, the first
   ``k`` patients of that class (in the same order) are added, so a tiny fraction still sees every class. This
-  keeps nesting: a larger prefix either adds the same patients or already contains them.
+  keeps nesting: a larger prefix either adds the same patients or already contains them. A class no training
+  patient holds at all cannot be topped up: :func:`fraction_subsets` logs a warning naming its index.
 
 scikit-learn's stratified splitters draw independent subsets per size (not nested) and know nothing of
 patients, hence this small hand-written sampler.
@@ -21,9 +22,12 @@ patients, hence this small hand-written sampler.
 
 from __future__ import annotations
 
+import logging
 from typing import Sequence
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 
 def _patient_groups(patient_ids: Sequence[object] | None, indices: np.ndarray) -> tuple[list, np.ndarray]:
@@ -86,7 +90,8 @@ def fraction_subsets(indices: Sequence[int], labels: np.ndarray, patient_ids: Se
         fractions: fractions in ``(0, 1]``.
         seed: random seed; the same seed gives the same subsets.
         min_per_class: if > 0, a subset with fewer patients of a class gets the first ``min_per_class``
-            patients of that class (in the seed's order) added.
+            patients of that class (in the seed's order) added; a class without any training patient is logged
+            as a warning (there is nothing to add).
 
     Returns:
         ``{fraction: sorted record indices}``; ``subset(f1) <= subset(f2)`` whenever ``f1 <= f2``.
@@ -104,6 +109,12 @@ def fraction_subsets(indices: Sequence[int], labels: np.ndarray, patient_ids: Se
     onehot = labels[indices] if labels.ndim == 2 else np.eye(int(labels.max()) + 1)[labels[indices]]
     pat_has = np.zeros((len(order), onehot.shape[1]), dtype=bool)
     np.logical_or.at(pat_has, patient_of, onehot > 0.5)
+    if min_per_class > 0:
+        absent = np.flatnonzero(~pat_has.any(axis=0))
+        if absent.size:
+            log.warning("label fractions: the training split holds no patient of class(es) %s (class index), so "
+                        "min_per_class=%d cannot add any: no training subset has a positive of them",
+                        absent.tolist(), int(min_per_class))
     out: dict[float, np.ndarray] = {}
     for f in fractions:
         target = int(np.ceil(float(f) * len(indices)))

@@ -30,6 +30,12 @@ window probabilities of a record. The attention probe aggregates by attention an
 
 Multi-label heads use per-class sigmoids (binary cross-entropy) and per-class thresholds chosen on validation for
 F1; single-label heads use a softmax.
+
+**Label checks** (before any training): a single-label task needs exactly one positive in every label row it uses
+(:func:`check_single_label`: a multi-hot or all-zero row is refused, not silently turned into its first positive
+or class 0 by an argmax), and the validation split must hold a class with both positive and negative records
+(:func:`check_validation_defined`): otherwise the validation macro AUROC, on which the hyper-parameter is chosen
+and the trained probes early-stop, is undefined and the choice would be arbitrary.
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ from sklearn.multiclass import OneVsRestClassifier
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from ecgfm.data.datamodules import check_single_label
 from ecgfm.evaluate.features import FeatureSet, TokenSet
 from ecgfm.evaluate.fractions import fraction_subsets
 from ecgfm.evaluate.metrics import choose_thresholds, evaluate_scores, macro_auroc
@@ -70,6 +77,36 @@ def record_matrix(fs: FeatureSet, aggregate: str) -> np.ndarray | None:
     return None
 
 
+def check_validation_defined(labels_val: np.ndarray, where: str = "validation",
+                             class_names: Sequence[str] | None = None, purpose: str = "") -> None:
+    """Refuse a validation set on which macro AUROC is undefined (no class with both label values).
+
+    Args:
+        labels_val: ``(n, C)`` indicators of the validation records.
+        where: how the records are named in the error (e.g. ``"split 'val'"``).
+        class_names: ``C`` names for the error message (None: class indices).
+        purpose: what the validation AUROC decides (appended to the error).
+
+    Raises:
+        ValueError: no class has both positive and negative records (naming the split and the positives per class).
+    """
+    y = np.asarray(labels_val)
+    if y.ndim != 2:
+        raise ValueError(f"{where}: validation labels must be (n, C) indicators, got shape {y.shape}")
+    pos = (y > 0.5).sum(axis=0)
+    n = len(y)
+    if ((pos > 0) & (pos < n)).any():
+        return
+    names = list(class_names) if class_names is not None and len(class_names) == y.shape[1] \
+        else [str(c) for c in range(y.shape[1])]
+    counts = ", ".join(f"{name}: {int(k)}" for name, k in zip(names, pos))
+    why = f" ({purpose})" if purpose else ""
+    raise ValueError(f"{where} ({n} records) has no class with both positive and negative records, so its macro "
+                     f"AUROC is undefined{why}: positives per class of {n} records {{{counts}}}. Put records of at "
+                     f"least two classes (single-label), or records with and without a class (multi-label), in "
+                     f"validation")
+
+
 class LinearProbe:
     """Standardise + L2 logistic regression (softmax, or one-vs-rest for multi-label), see the module docstring.
 
@@ -89,8 +126,13 @@ class LinearProbe:
         self._model: Any = None
 
     def fit(self, x: np.ndarray, labels: np.ndarray) -> "LinearProbe":
-        """Fit on ``x (n, D)`` and ``labels (n, C)`` indicators."""
+        """Fit on ``x (n, D)`` and ``labels (n, C)`` indicators.
+
+        Raises:
+            ValueError: single-label (``multilabel=False``) rows that are not one-hot (:func:`check_single_label`).
+        """
         self.n_classes = labels.shape[1]
+        target = None if self.multilabel else check_single_label(labels, where="LinearProbe.fit labels")
         lr = LogisticRegression(C=self.C, max_iter=self.max_iter, random_state=self.seed)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
@@ -100,7 +142,7 @@ class LinearProbe:
                 self._model = make_pipeline(StandardScaler(), OneVsRestClassifier(lr))
                 self._model.fit(x, labels.astype(np.int64))
             else:
-                self._model = make_pipeline(StandardScaler(), lr).fit(x, labels.argmax(axis=1))
+                self._model = make_pipeline(StandardScaler(), lr).fit(x, target)
         return self
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
@@ -116,7 +158,7 @@ class LinearProbe:
 
 
 __all__ = ["LinearProbe", "MLPProbe", "AttentionProbe", "ProbeData", "run_probe_grid", "record_matrix",
-           "AGGREGATIONS", "MODES"]
+           "check_single_label", "check_validation_defined", "AGGREGATIONS", "MODES"]
 
 
 class _BestOnValidation:
@@ -213,7 +255,7 @@ class MLPProbe:
             yt = torch.from_numpy(labels.astype(np.float32))
             loss_fn = torch.nn.BCEWithLogitsLoss()
         else:
-            yt = torch.from_numpy(labels.argmax(axis=1).astype(np.int64))
+            yt = torch.from_numpy(check_single_label(labels, where="MLPProbe.fit labels"))
             loss_fn = torch.nn.CrossEntropyLoss()
         opt = torch.optim.AdamW(self.net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         stop = _BestOnValidation(self.net, self.patience)
@@ -320,7 +362,7 @@ class AttentionProbe:
             y = torch.from_numpy(labels.astype(np.float32))
             loss_fn: torch.nn.Module = torch.nn.BCEWithLogitsLoss()
         else:
-            y = torch.from_numpy(labels.argmax(axis=1).astype(np.int64))
+            y = torch.from_numpy(check_single_label(labels, where="AttentionProbe.fit labels"))
             loss_fn = torch.nn.CrossEntropyLoss()
         opt = torch.optim.AdamW(self.net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         stop = _BestOnValidation(self.net, self.patience)
@@ -470,6 +512,14 @@ def run_probe_grid(data: ProbeData, fractions: Sequence[float], seeds: Sequence[
         if part not in data.splits or len(data.splits[part]) == 0:
             raise ValueError(f"the task has no {part!r} records")
     fs, labels = data.features, np.asarray(data.labels, dtype=np.float32)
+    if not data.multilabel:   # every row used must be one-hot (rows outside the splits are ignored)
+        for part in ("train", "val", "test"):
+            check_single_label(labels, data.splits[part], where=f"split {part!r}")
+        for name, (_, elabels, erows) in data.external.items():
+            check_single_label(elabels, erows, where=f"external set {name!r}")
+    check_validation_defined(labels[np.asarray(data.splits["val"], dtype=np.int64)], where="split 'val'",
+                             class_names=data.class_names,
+                             purpose=f"the probe's {'C' if mode == 'linear' else 'hyper-parameter'} is chosen on it")
     tokens = mode == "attention"
     means = None if tokens else record_matrix(fs, aggregate)
     ext_means = {k: (None if tokens else record_matrix(v[0], aggregate)) for k, v in data.external.items()}
