@@ -24,7 +24,10 @@ testing; any other value is refused, a labelled record without one is in no spli
 ``all`` (every labelled record is test data: external validation sets). Every split is checked for a patient on
 two sides (:func:`ecgfm.data.splits.assert_disjoint_patients`), the published folds and split columns too.
 
-Records without any label of the class space are left out of every split (as in the PTB-XL benchmark). The cache
+Records without any label of the class space are left out of every split (as in the PTB-XL benchmark), except in
+a multi-label ``labels: record`` task the records whose labels are known (``meta["labels_known"]``, set by
+:class:`~ecgfm.data.readers.FolderSource` for a labels-CSV row): those are negatives, kept as all-zero rows. A
+one-class task whose train or test split lacks positives or negatives is refused. The cache
 is prepared on first use with :func:`ecgfm.data.prepare.prepare_cache` and the *encoder's* preprocessing, so the
 downstream signal matches pretraining unless the caller overrides it.
 
@@ -184,9 +187,11 @@ def build_task(spec: TaskSpec, cache_root: str, preprocess: PreprocessSpec, clas
             ``classes`` (external validation across vocabularies, :func:`build_external`); needs ``classes``.
 
     Raises:
-        ValueError: no labelled record, a single-label task with multi-label records, bad split settings.
+        ValueError: no labelled record, a single-label task with multi-label records, bad split settings, a
+            one-class task whose train or test split holds only positives or only negatives.
     """
     from ecgfm.data.cache import CorpusCache
+    from ecgfm.data.readers.folder import LABELS_KNOWN
     from ecgfm.data.splits import assert_disjoint_patients, fold_split, patient_stratified_split
 
     cache_dir = prepare_task_cache(spec, cache_root, preprocess, workers=workers, progress=progress)
@@ -224,6 +229,15 @@ def build_task(spec: TaskSpec, cache_root: str, preprocess: PreprocessSpec, clas
     else:
         y = cache.labels_matrix(class_names, label_fn).astype(np.float32)
     labelled = y.sum(axis=1) > 0
+    if spec.multilabel and mapper is None and spec.labels == "record":
+        # a record whose labels are known (FolderSource: a labels-CSV row, e.g. 0 in every flag column) but that
+        # carries no class of the space is a negative for every class: kept as an all-zero row, not unlabelled
+        known = np.array([isinstance(m, dict) and m.get(LABELS_KNOWN) is True for m in index["meta"]], dtype=bool)
+        negatives = known & ~labelled
+        if negatives.any():
+            notes.append(f"{int(negatives.sum())} record(s) with known labels but no class of {class_names} are "
+                         f"negatives for every class")
+        labelled |= negatives
     if not labelled.any():
         why = ""
         if mapper is not None:
@@ -279,11 +293,58 @@ def build_task(spec: TaskSpec, cache_root: str, preprocess: PreprocessSpec, clas
         assert_disjoint_patients(splits, pids)
     except ValueError as exc:
         raise ValueError(f"task {spec.name} ({kind} split of {cache_dir}): {exc}") from None
+    _check_split_classes(spec, y, splits, class_names, notes, cache_dir,
+                         has_known=any(isinstance(m, dict) and LABELS_KNOWN in m for m in index["meta"]))
     fs = float(cache.fs or preprocess.fs or 100.0)
     return TaskData(spec=spec, cache_dir=str(cache_dir), cache=cache, labels=y, class_names=class_names,
                     multilabel=bool(spec.multilabel), splits=splits, patient_ids=pids,
                     crop_samples=int(round(spec.crop_seconds * fs)),
                     stride_samples=max(1, int(round(spec.stride_seconds * fs))), notes=notes)
+
+
+def _check_split_classes(spec: TaskSpec, y: np.ndarray, splits: Mapping[str, np.ndarray], class_names: Sequence[str],
+                         notes: list[str], cache_dir: Any, has_known: bool = True) -> None:
+    """Refuse a one-class task whose train or test split lacks positives or negatives; note other such gaps.
+
+    A task of one class (e.g. one 0/1 flag column) with only positives (or only negatives) in its train or test
+    split can be neither trained nor scored (AUROC is undefined): a ValueError says so. In a task of several classes,
+    a class without positives or negatives in a split is listed in ``notes`` (the metrics leave it out of the macro
+    averages).
+
+    Raises:
+        ValueError: a one-class task whose non-empty train or test split holds a single outcome.
+    """
+    for part in ("train", "val", "test"):
+        rows = splits[part]
+        if not len(rows):
+            continue
+        pos = y[rows].sum(axis=0)
+        neg = len(rows) - pos
+        if len(class_names) == 1:
+            if pos[0] and neg[0]:
+                continue
+            what = (f"task {spec.name}: its only class {class_names[0]!r} has {int(pos[0])} positive and "
+                    f"{int(neg[0])} negative record(s) in the {part} split")
+            if part == "val":
+                notes.append(f"{what} (validation metrics undefined)")
+                continue
+            if not spec.multilabel:
+                hint = (" A single-label (softmax) task needs at least two classes; for one 0/1 flag column use "
+                        "multilabel: true (rows of 0 are the negatives).")
+            elif not neg[0]:
+                hint = (" A one-class task needs negatives: records whose labels are known but carry no class (a "
+                        "labels-CSV row with 0 in the flag column); records without a row are unlabelled.")
+                if not has_known:
+                    hint += (f" No record of the cache says whether its labels are known: if it was prepared before "
+                             f"negatives were recorded, delete {cache_dir} to prepare it again.")
+            else:
+                hint = " Too few positives for the split: add positives or change the split."
+            raise ValueError(f"{what}: it can be neither trained nor scored.{hint}")
+        for outcome, n in (("positive", pos), ("negative", neg)):
+            missing = [c for c, k in zip(class_names, n) if k == 0]
+            if missing:
+                notes.append(f"{part} split: {len(missing)} class(es) without a {outcome} record: {missing[:10]}"
+                             f"{' ...' if len(missing) > 10 else ''}")
 
 
 #: other spellings of the split names in a ``column`` split

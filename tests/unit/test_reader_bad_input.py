@@ -214,6 +214,48 @@ def test_mat_shape_disagrees_with_header(fixture_dir, tmp_path):
     _raises(tmp_path / "HR06000.mat", "holds no 'val' array", read_challenge, hea)
 
 
+def test_mat_val_unsigned_or_outside_int16_is_refused(fixture_dir, tmp_path):
+    """Format 16 is signed: a uint16 ``val`` (negative samples read as ~+65 mV) or a wider array holding a value
+    outside -32768..32767 is refused even though the 16-bit header checksums still match."""
+    hea = _copy_challenge(fixture_dir, tmp_path)
+    mat = tmp_path / "HR06000.mat"
+    val = scipy.io.loadmat(mat)["val"]
+    assert val.dtype == np.int16 and val.min() < 0
+    scipy.io.savemat(mat, {"val": val.astype(np.uint16)}, format="4")
+    _raises(mat, r"'val' is unsigned \(uint16\), but the header HR06000.hea declares format 16", read_challenge, hea)
+    wide = val.astype(np.int32)
+    r, c = np.unravel_index(np.argmin(wide), wide.shape)
+    wide[r, c] += 65536                                  # same sum modulo 2**16: the checksum alone cannot see it
+    scipy.io.savemat(mat, {"val": wide}, format="4")
+    leads = ["I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6"]   # the header's order
+    _raises(mat, rf"1 value\(s\) outside the signed 16-bit range .* e.g. {wide[r, c]} in {leads[r]} at sample {c}",
+            read_challenge, hea)
+    scipy.io.savemat(mat, {"val": val}, format="4")      # the original reads
+    assert read_challenge(hea).header["checksum"] == "verified"
+
+
+def test_cpsc2018_integer_data_or_text_age_is_refused(tmp_path):
+    data = np.random.default_rng(0).normal(size=(12, 500))
+    scipy.io.savemat(tmp_path / "A1.mat", {"ECG": {"sex": "Male", "age": 61, "data": (data * 1000).astype(np.int16)}})
+    _raises(tmp_path / "A1.mat", "ECG.data is int16: CPSC 2018 stores millivolts as floating-point", read_cpsc2018,
+            tmp_path / "A1.mat")
+    scipy.io.savemat(tmp_path / "A2.mat", {"ECG": {"sex": "Male", "age": "61", "data": data}})
+    _raises(tmp_path / "A2.mat", r"ECG.age must be a number, got '61'", read_cpsc2018, tmp_path / "A2.mat")
+    scipy.io.savemat(tmp_path / "A3.mat", {"ECG": {"sex": "Male", "age": 61, "data": data}})
+    assert read_cpsc2018(tmp_path / "A3.mat").meta == {"age": 61.0, "sex": "M"}
+
+
+@pytest.mark.parametrize("likelihood", ["'high'", "None", "'100'"])
+def test_ptbxl_scp_likelihood_not_a_number(fixture_dir, tmp_path, likelihood):
+    from ecgfm.data.readers import load_ptbxl_table
+
+    text = (fixture_dir / "ptbxl" / "ptbxl_database.csv").read_text()
+    assert "{'NORM': 100.0" in text.splitlines()[1]
+    (tmp_path / "ptbxl_database.csv").write_text(text.replace("{'NORM': 100.0", f"{{'NORM': {likelihood}", 1))
+    _raises(tmp_path / "ptbxl_database.csv", rf"ecg_id 1: scp_codes likelihood of 'NORM' is {likelihood}, not a "
+                                             rf"finite number", load_ptbxl_table, tmp_path)
+
+
 def test_cpsc2018_bad_files(tmp_path):
     (tmp_path / "A1.mat").write_bytes(b"garbage" * 50)
     _raises(tmp_path / "A1.mat", "unreadable or corrupt .mat file", read_cpsc2018, tmp_path / "A1.mat")
@@ -235,6 +277,41 @@ def test_cinc2017_bad_reference(tmp_path):
     _raises(tmp_path / "REFERENCE.csv", "REFERENCE.csv not found", CinC2017Source, tmp_path)
     (tmp_path / "REFERENCE.csv").write_text("A00001,N\nA00002,X\n")
     _raises(tmp_path / "REFERENCE.csv", r"line 2: expected 'record,label'", CinC2017Source, tmp_path)
+
+
+def test_cinc2017_reference_rows_without_a_record_are_warned(tmp_path, caplog):
+    for name in ("A00001", "A00002"):
+        scipy.io.savemat(tmp_path / f"{name}.mat", {"val": np.zeros((1, 300), np.int16)}, format="4")
+        (tmp_path / f"{name}.hea").write_text(f"{name} 1 300 300\n{name}.mat 16+24 1000/mV 16 0 0 0 0 ECG\n")
+    (tmp_path / "REFERENCE.csv").write_text("A00001,N\nA00002,A\n")
+    with caplog.at_level("WARNING", logger="ecgfm.data.readers"):
+        CinC2017Source(tmp_path)
+    assert not caplog.records                                            # complete: no word
+    (tmp_path / "REFERENCE.csv").write_text("A00001,N\nA00002,A\nA00007,O\nA00009,N\n")
+    with caplog.at_level("WARNING", logger="ecgfm.data.readers"):
+        src = CinC2017Source(tmp_path)
+    assert src.record_ids() == ["A00001", "A00002"]                     # behaviour kept: listed as before
+    (msg,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert "2 labelled row(s) of REFERENCE.csv have no record" in msg and "A00007, A00009" in msg
+    assert str(tmp_path) in msg
+
+
+def test_ptbxl_rows_without_a_signal_file_are_warned(fixture_dir, tmp_path, caplog):
+    root = tmp_path / "ptbxl"
+    shutil.copytree(fixture_dir / "ptbxl", root)
+    with caplog.at_level("WARNING", logger="ecgfm.data.readers"):
+        full = PTBXLSource(root, fs=100, include_unlabelled=False)
+    assert not caplog.records
+    test_ids = sorted(r for r, f in full.folds().items() if f == 10)[:3]
+    for rid in test_ids:                                                 # a partial download
+        for ext in ("hea", "dat"):
+            (root / "records100" / "00000" / f"{rid}_lr.{ext}").unlink()
+    with caplog.at_level("WARNING", logger="ecgfm.data.readers"):
+        src = PTBXLSource(root, fs=100, include_unlabelled=False)
+    assert len(src) == len(full) - 3                                    # behaviour kept: left out
+    (msg,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert "3 labelled row(s) of ptbxl_database.csv have no 100 Hz signal file" in msg
+    assert ", ".join(test_ids) in msg and str(root / "records100") in msg
 
 
 def test_ptbxl_bad_metadata(fixture_dir, tmp_path):

@@ -150,6 +150,20 @@ def test_read_wfdb_length_from_file_size(fixture_dir, tmp_path):
                                                         "00003_lr").signal)
 
 
+def test_read_wfdb_mitbih_format_212_baseline_matches_wfdb(shared_data):
+    """MIT-BIH record 100: format 212 (decoded through wfdb) with baseline 1024 and gain 200/mV; ignoring the
+    baseline would shift every sample by 5.12 mV."""
+    path = shared_data / "physionet-samples" / "100"
+    if not path.with_suffix(".hea").is_file():
+        pytest.skip(f"MIT-BIH record 100 not found at {path}.hea (../shared/data/physionet-samples)")
+    ref = wfdb.rdrecord(str(path))
+    assert ref.fmt == ["212", "212"] and ref.baseline == [1024, 1024]
+    rec = read_wfdb(path)
+    assert rec.header["baseline"] == [1024, 1024] and rec.present_leads == ("II", "V5")   # MLII is lead II
+    rows = [CANONICAL_LEADS.index("II"), CANONICAL_LEADS.index("V5")]
+    np.testing.assert_allclose(rec.signal[rows], ref.p_signal.T, atol=1e-5)
+
+
 def test_parse_header_defaults_and_spaces():
     h = parse_header("# comment first\nrec 2 250\nrec.dat 212\n\nrec.dat 212 200(5)/uV 12 3 0 0 0 lead with space\n")
     assert h.fs == 250.0 and h.sig_len is None
@@ -172,6 +186,24 @@ def test_read_challenge_matches_wfdb(fixture_dir):
     assert rec.header["signal_file"].endswith("HR06000.mat")
     # read_wfdb dispatches .mat records to the same reader
     np.testing.assert_array_equal(read_wfdb(path).signal, rec.signal)
+
+
+def test_read_challenge_applies_a_nonzero_baseline(tmp_path):
+    """(val - baseline) / gain with each signal's baseline, as wfdb.rdrecord reads the same .mat (a reader ignoring
+    the baseline is off by baseline / gain: here +0.5 and -0.25 mV)."""
+    val = np.random.default_rng(1).integers(-2000, 2000, (2, 1000)).astype(np.int16)
+    baselines, gain = (100, -50), 200.0
+    scipy.io.savemat(tmp_path / "B1.mat", {"val": val}, format="4")
+    sums = [(int(v.astype(np.int64).sum()) + 32768) % 65536 - 32768 for v in val]
+    lines = ["B1 2 250 1000"] + [f"B1.mat 16+24 {gain:g}({b})/mV 16 0 {int(v[0])} {c} 0 {lead}"
+                                 for v, b, c, lead in zip(val, baselines, sums, ("II", "V1"))]
+    (tmp_path / "B1.hea").write_text("\n".join(lines) + "\n")
+    expected = (val - np.array(baselines)[:, None]) / gain
+    np.testing.assert_allclose(wfdb.rdrecord(str(tmp_path / "B1")).p_signal.T, expected, atol=1e-12)
+    rec = read_challenge(tmp_path / "B1")
+    rows = [CANONICAL_LEADS.index("II"), CANONICAL_LEADS.index("V1")]
+    np.testing.assert_allclose(rec.signal[rows], expected, atol=1e-6)
+    assert rec.header["checksum"] == "verified" and rec.header["baseline"] == [100, -50]
 
 
 def test_challenge2021_source(fixture_dir, tmp_path):
@@ -434,15 +466,57 @@ def test_folder_source_binary_and_multi_label_columns(fixture_dir, tmp_path):
     assert src.record_ids() == ["00001_lr", "00002_lr", "sub/HR06000"]
     a = src.load("00001_lr")
     assert a.source == "mydata" and a.labels == ("AF", "SR", "PAC") and a.patient_id == "p1"
-    assert a.meta == {"AF": 1, "MI": 0, "rhythm": "SR;PAC", "split": "train", "patient": "p1"}
+    assert a.meta == {"AF": 1, "MI": 0, "rhythm": "SR;PAC", "split": "train", "patient": "p1", "labels_known": True}
     assert src.label_columns == ["AF", "MI", "rhythm"]  # id, patient and split columns are not labels
     b = src.load("sub/HR06000")
     assert b.labels == ("MI",) and b.signal.shape == (12, 5000) and b.meta["age"] == 59.0
-    assert src.load("00002_lr").labels == ()
+    assert src.load("00002_lr").labels == () and src.load("00002_lr").meta["labels_known"] is False  # no row
     only = FolderSource(root, labels_csv=root / "labels.csv", label_columns=["rhythm"],
                         include_unlabelled=False)
     assert only.record_ids() == ["00001_lr", "sub/HR06000"] and only.load("00001_lr").labels == ("SR", "PAC")
     assert FolderSource(root).load("00002_lr").labels == ()
+
+
+def test_folder_source_flag_rows_of_zeros_are_known_negatives(fixture_dir, tmp_path):
+    """A row with 0 in every flag column is a record with known labels (a negative), unlike a record without a row
+    or a row whose label cells are all empty (unknown): ``meta["labels_known"]`` tells them apart."""
+    root = _folder_with_records(fixture_dir, tmp_path)
+    (root / "labels.csv").write_text("record_id,AF,MI\n00001_lr,0,0\nHR06000,,\n")
+    src = FolderSource(root, labels_csv="labels.csv")
+    neg, empty, no_row = (src.load(r) for r in ("00001_lr", "sub/HR06000", "00002_lr"))
+    assert neg.labels == empty.labels == no_row.labels == ()
+    assert neg.meta["labels_known"] is True
+    assert empty.meta["labels_known"] is False and no_row.meta["labels_known"] is False
+    assert "labels_known" not in FolderSource(root).load("00001_lr").meta   # no labels CSV: nothing is claimed
+
+
+@pytest.mark.parametrize("patient", ["patient_id", "patient", "subject_id", "subject", "Subject_ID"])
+def test_folder_source_default_columns_skip_patients_and_demographics(fixture_dir, tmp_path, patient):
+    root = _folder_with_records(fixture_dir, tmp_path)
+    (root / "labels.csv").write_text(f"record_id,{patient},Age,sex,gender,height,weight,diagnosis\n"
+                                     f"00001_lr,S1,61,M,male,180,80.5,AF\n00002_lr,S1,62,F,female,165,60,NORM\n"
+                                     f"HR06000,S2,70,M,male,170,70,AF;MI\n")
+    src = FolderSource(root, labels_csv="labels.csv")
+    assert src.label_columns == ["diagnosis"]
+    a, b, c = (src.load(r) for r in ("00001_lr", "00002_lr", "sub/HR06000"))
+    assert (a.labels, b.labels, c.labels) == (("AF",), ("NORM",), ("AF", "MI"))
+    assert (a.patient_id, b.patient_id, c.patient_id) == ("S1", "S1", "S2")   # patients grouped, not labels
+    # explicit label columns are kept as given, demographic columns included
+    assert FolderSource(root, labels_csv="labels.csv", label_columns=["sex"]).load("00001_lr").labels == ("M",)
+
+
+def test_folder_source_ambiguous_patient_or_numeric_label_columns_are_refused(fixture_dir, tmp_path):
+    root = _folder_with_records(fixture_dir, tmp_path)
+    (root / "two.csv").write_text("record_id,patient_id,subject,AF\n00001_lr,P1,S1,1\n00002_lr,P2,S2,0\n")
+    with pytest.raises(ECGDataError, match=r"two.csv: several patient columns \['patient_id', 'subject'\]"):
+        FolderSource(root, labels_csv="two.csv")
+    assert FolderSource(root, labels_csv="two.csv", patient_column="subject").load("00001_lr").patient_id == "S1"
+    (root / "hr.csv").write_text("record_id,heart_rate,AF\n00001_lr,72,1\n00002_lr,1,0\n")
+    with pytest.raises(ECGDataError, match=r"hr.csv: column 'heart_rate' holds numbers other than 0/1 "
+                                           r"\(e.g. '72' on line 2\)"):
+        FolderSource(root, labels_csv="hr.csv")
+    src = FolderSource(root, labels_csv="hr.csv", label_columns=["AF", "heart_rate"])  # named: class names
+    assert src.load("00001_lr").labels == ("AF", "72")
 
 
 def test_folder_source_reads_the_synthetic_wfdb_folder(tmp_path):

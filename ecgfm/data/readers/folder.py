@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from pathlib import Path
@@ -12,7 +13,24 @@ from ecgfm.data.readers.formats import check_fs_range, read_wfdb
 from ecgfm.data.readers.tables import read_label_table
 from ecgfm.data.record import ECGDataError, ECGRecord
 
-__all__ = ["FolderSource", "WFDBFolderSource"]
+__all__ = ["LABELS_KNOWN", "NON_LABEL_COLUMNS", "PATIENT_COLUMNS", "FolderSource", "WFDBFolderSource"]
+
+log = logging.getLogger(__name__)
+
+#: ``record.meta`` key set by a source whose label table lists the record: True when the record's labels are known,
+#: so a record without a class of a task is a *negative* for every class (``ecgfm.evaluate.tasks.build_task`` keeps
+#: it in a multi-label task as an all-zero row); False when nothing is known (no row, or a row whose label cells are
+#: all empty): the record is in no split, as a record without a row.
+LABELS_KNOWN = "labels_known"
+
+#: Column names taken as the patient column when ``patient_column`` is not given (compared case-insensitively).
+PATIENT_COLUMNS: tuple[str, ...] = ("patient_id", "patient", "subject_id", "subject")
+
+#: Columns never taken as label columns by default (compared case-insensitively): demographics and record / patient
+#: ids. ``label_columns`` can still name them.
+NON_LABEL_COLUMNS = frozenset({"age", "sex", "gender", "height", "weight", "bmi", "race", "ethnicity",
+                               "record_id", "record", "ecg_id", "id", "filename", "file_name", "file", "path",
+                               *PATIENT_COLUMNS})
 
 _SPLIT_COLUMNS = frozenset({"split", "fold", "strat_fold"})
 _BINARY = {"0", "1", "0.0", "1.0", "true", "false", ""}
@@ -33,8 +51,20 @@ class FolderSource:
       column name as a label where the value is 1;
     - any other column holds label names, several separated by ``;`` (empty = none).
 
+    Labelled, negative and unlabelled records: a record whose row has at least one non-empty label cell has
+    *known* labels (``meta["labels_known"]`` is True, :data:`LABELS_KNOWN`): a row with 0 in every flag column is a
+    negative, kept by a multi-label task as an all-zero row. A record without a row, or whose label cells are
+    all empty, is unlabelled (``meta["labels_known"]`` is False): it is in no split of a task.
+
+    Default label columns: every column except the id, the patient column, split columns (``split``, ``fold``,
+    ``strat_fold``) and :data:`NON_LABEL_COLUMNS` (age, sex, gender, height, weight, ... and record / patient id
+    columns such as ``subject_id``). A default label column that holds numbers other than 0/1 (a heart rate, a
+    class number) is refused: name the label columns with ``label_columns`` (a column named there is read as
+    label names, numbers included).
+
     ``meta`` holds the raw CSV values of the record (``{column: value}`` for every column but the id, so a
-    split or fold column is available to the split helpers) plus age/sex from the header comments.
+    split or fold column is available to the split helpers) plus age/sex from the header comments and, with a
+    labels CSV, ``labels_known``.
 
     Args:
         root: folder to scan.
@@ -42,10 +72,12 @@ class FolderSource:
             directory).
         id_column: CSV column holding the record id.
         label_columns: CSV columns to use as labels (default: every column except ``id_column``,
-            ``patient_column`` and split columns named ``split``, ``fold`` or ``strat_fold``).
+            ``patient_column``, split columns named ``split``, ``fold`` or ``strat_fold`` and
+            :data:`NON_LABEL_COLUMNS`; see above).
         name: value of ``record.source``.
-        patient_column: CSV column giving the patient id (for patient-wise splits). Default: the column
-            ``patient_id`` when the CSV has one (it is then not a label column); ``""`` for none.
+        patient_column: CSV column giving the patient id (for patient-wise splits). Default: the column named
+            ``patient_id``, ``patient``, ``subject_id`` or ``subject`` (:data:`PATIENT_COLUMNS`, any case) when
+            the CSV has exactly one of them; ``""`` for none.
         include_unlabelled: with a CSV, also list records that have no CSV row (loaded with ``labels=()``).
         rename_leads: optional published-name -> lead-name mapping applied before the lead mapping, e.g.
             ``{"ECG": "I"}`` for single-lead devices that do not name their lead.
@@ -55,9 +87,10 @@ class FolderSource:
 
     Raises:
         ECGDataError: no record found, labels CSV missing or undecodable (naming the line and encoding), id /
-            label / patient column missing, a duplicated id (naming both lines), a ragged row, CSV ids that
-            match no record (the message lists them). The CSV is read by
-            :func:`~ecgfm.data.readers.tables.read_label_table`.
+            label / patient column missing, several candidate patient columns, a default label column holding
+            numbers other than 0/1 (naming the column and a line), a column named ``labels_known``, a duplicated
+            id (naming both lines), a ragged row, CSV ids that match no record (the message lists them). The CSV
+            is read by :func:`~ecgfm.data.readers.tables.read_label_table`.
     """
 
     def __init__(self, root: str | os.PathLike, labels_csv: str | os.PathLike | None = None,
@@ -76,6 +109,7 @@ class FolderSource:
         self.labels_csv: Path | None = None
         self.label_columns: list[str] = []
         self._labels: dict[str, tuple[str, ...]] = {}
+        self._known: set[str] = set()   # records whose row has a non-empty label cell (labels known)
         self._meta: dict[str, dict[str, Any]] = {}
         self._patients: dict[str, str | None] = {}
         if labels_csv is not None:
@@ -105,17 +139,30 @@ class FolderSource:
         columns = table.columns
         id_column = table.id_column
         rows = list(table.rows.values())
+        if LABELS_KNOWN in columns:
+            raise ECGDataError(path, f"column name {LABELS_KNOWN!r} is reserved (records' meta[{LABELS_KNOWN!r}] says "
+                                     f"whether their labels are known); rename the column")
         if patient_column is not None:
             patient_column = str(patient_column).strip()
         if patient_column is None:
-            patient_column = "patient_id" if "patient_id" in columns and id_column != "patient_id" else None
+            found = [c for c in columns if c.lower() in PATIENT_COLUMNS and c != id_column]
+            if len(found) > 1:
+                raise ECGDataError(path, f"several patient columns {found}: give the one identifying the patient "
+                                         f"as patient_column (or patient_column='' for none)")
+            patient_column = found[0] if found else None
         elif patient_column == "":
             patient_column = None
         if patient_column is not None and patient_column not in columns:
             raise ECGDataError(path, f"patient column {patient_column!r} not found; columns are {columns}")
-        if label_columns is None:
+        default = label_columns is None
+        if default:
             label_columns = [c for c in columns
-                             if c not in (id_column, patient_column) and c.lower() not in _SPLIT_COLUMNS]
+                             if c not in (id_column, patient_column) and c.lower() not in _SPLIT_COLUMNS
+                             and c.lower() not in NON_LABEL_COLUMNS]
+            skipped = [c for c in columns if c not in label_columns and c != id_column]
+            if skipped:
+                log.info("%s: columns %s are not label columns (id, patient, split, demographics); give "
+                         "label_columns to choose others", path, skipped)
         elif isinstance(label_columns, str):
             label_columns = [label_columns]
         label_columns = [str(c).strip() for c in label_columns]
@@ -123,7 +170,8 @@ class FolderSource:
         if missing:
             raise ECGDataError(path, f"label column(s) {missing} not found; columns are {columns}")
         if not label_columns:
-            raise ECGDataError(path, "no label column (the CSV has only the id column)")
+            raise ECGDataError(path, f"no label column (columns are {columns}: only ids, patient, split or "
+                                     f"demographic columns); give label_columns")
         self.label_columns = list(label_columns)
         ids = list(table.rows)
         unknown = [i for i in ids if i not in self._files]
@@ -133,7 +181,18 @@ class FolderSource:
                                      f"paths relative to the folder without extension, e.g. "
                                      f"{next(iter(self._files))!r})")
         binary = {c: all(r[c].lower() in _BINARY for r in rows) for c in self.label_columns}
+        if default:  # a numeric column that is not 0/1 is a measurement or a class number, not label names
+            for col in self.label_columns:
+                if binary[col] or not all(_is_number(r[col]) for r in rows if r[col]):
+                    continue
+                rid = next(i for i, r in zip(ids, rows) if r[col].lower() not in _BINARY)
+                raise ECGDataError(path, f"column {col!r} holds numbers other than 0/1 (e.g. {table.rows[rid][col]!r} "
+                                         f"on line {table.lines[rid]}): it is not taken as a label column by default; "
+                                         f"name the label columns with label_columns (a column named there is read as "
+                                         f"class names)")
         for rid, row in zip(ids, rows):
+            if any(row[col] for col in self.label_columns):
+                self._known.add(rid)
             labels: list[str] = []
             for col in self.label_columns:
                 value = row[col]
@@ -169,8 +228,19 @@ class FolderSource:
         record = read_wfdb(self.root / rel, source=self.name, rename_leads=self.rename_leads, root=self.root,
                            fs_range=self.fs_range)
         meta = {**record.meta, **self._meta.get(record_id, {})}
+        if self.labels_csv is not None:
+            meta[LABELS_KNOWN] = record_id in self._known
         return record.replace(record_id=record_id, labels=self._labels.get(record_id, ()), meta=meta,
                               patient_id=self._patients.get(record_id))
+
+
+def _is_number(value: str) -> bool:
+    """Whether a (stripped) CSV cell is a number (``"72"``, ``"-1.5"``, ``"nan"``)."""
+    try:
+        float(value)
+    except ValueError:
+        return False
+    return True
 
 
 def _json_value(value: Any) -> Any:

@@ -654,8 +654,10 @@ def read_challenge(path: str | os.PathLike, source: str = "challenge",
 
     Raises:
         ECGDataError: missing/unreadable/corrupt ``.mat`` or one outside ``root``, a ``val`` array whose shape
-            disagrees with the header or that holds non-integer values, a header checksum that does not match
-            ``val``, plus everything :func:`read_wfdb` checks in the header.
+            disagrees with the header or that holds non-integer values, a format-16 record whose ``val`` is
+            unsigned (uint16: negative samples would read as ~+65 mV, and the 16-bit checksums would still match)
+            or holds values outside the signed 16-bit range, a header checksum that does not match ``val``, plus
+            everything :func:`read_wfdb` checks in the header.
     """
     hea = header_path(path)
     return _read_mat_record(hea, read_header(hea, fs_range), source, rename_leads, root)
@@ -688,6 +690,7 @@ def _read_mat_record(hea: Path, header: WFDBHeader, source: str, rename_leads: M
         if not np.isfinite(val).all() or (val != np.round(val)).any():
             raise ECGDataError(mat, f"'val' holds non-integer values ({val.dtype}): the challenge format stores "
                                     "ADC units, which are integers")
+    _check_signed_16(val, header, hea, mat)
     digital = val.astype(np.int64)
     _verify_checksums(header, digital.sum(axis=1), mat)
     gain = np.asarray(header.adc_gain, dtype=np.float64)[:, None]
@@ -705,6 +708,33 @@ def _read_mat_record(hea: Path, header: WFDBHeader, source: str, rename_leads: M
     return record
 
 
+def _check_signed_16(val: np.ndarray, header: WFDBHeader, hea: Path, mat: Path) -> None:
+    """Refuse a ``val`` array that cannot hold the signed 16-bit samples its header's format 16 (or 61) declares.
+
+    An unsigned array (e.g. the int16 samples re-saved as uint16) turns every negative sample into a value near
+    +65,536 ADC units (+65 mV at a gain of 1000/mV), and the header checksums, being sums modulo 2**16, still
+    match; a value outside -32768..32767 cannot be a 16-bit sample either.
+
+    Raises:
+        ECGDataError: naming the ``.mat`` file, its dtype or the first out-of-range value and its signal.
+    """
+    rows = [i for i, f in enumerate(header.fmt) if str(f) in ("16", "61")]
+    if not rows:
+        return
+    if np.issubdtype(val.dtype, np.unsignedinteger):
+        raise ECGDataError(mat, f"'val' is unsigned ({val.dtype}), but the header {hea.name} declares format 16 "
+                                f"(signed 16-bit samples): negative samples would read as about +65536 ADC units; "
+                                f"save 'val' as int16")
+    sub = val[rows]
+    bad = (sub < -32768) | (sub > 32767)
+    if bad.any():
+        r, c = np.argwhere(bad)[0]
+        i = rows[int(r)]
+        raise ECGDataError(mat, f"'val' holds {int(bad.sum())} value(s) outside the signed 16-bit range "
+                                f"-32768..32767 that the header {hea.name} declares (format 16), e.g. "
+                                f"{sub[r, c].item()!r} in {header.sig_name[i] or f'signal {i}'} at sample {int(c)}")
+
+
 def read_cpsc2018(path: str | os.PathLike, source: str = "cpsc2018") -> ECGRecord:
     """Read an original CPSC 2018 MATLAB v5 file: struct ``ECG`` with ``data`` (12 x N, mV), ``age``, ``sex``.
 
@@ -713,7 +743,9 @@ def read_cpsc2018(path: str | os.PathLike, source: str = "cpsc2018") -> ECGRecor
     2020 PhysioNet re-release stores the same records as ``data * 1000`` with gain 1000/mV).
 
     Raises:
-        ECGDataError: unreadable file, missing ``ECG`` struct or ``data`` field, wrong shape, empty or NaN.
+        ECGDataError: unreadable file, missing ``ECG`` struct or ``data`` field, wrong shape, ``data`` not
+            floating-point (integers are ADC units, e.g. the int16 microvolts of a re-export, not millivolts),
+            empty or NaN, an ``age`` that is not a number.
     """
     p = Path(path)
     if p.suffix.lower() != ".mat":
@@ -731,6 +763,10 @@ def read_cpsc2018(path: str | os.PathLike, source: str = "cpsc2018") -> ECGRecor
     data = np.asarray(entry["data"])
     if data.ndim != 2 or data.shape[0] != 12 or not np.issubdtype(data.dtype, np.number):
         raise ECGDataError(p, f"ECG.data must be a numeric 12 x N array, got {data.dtype} {data.shape}")
+    if not np.issubdtype(data.dtype, np.floating):
+        raise ECGDataError(p, f"ECG.data is {data.dtype}: CPSC 2018 stores millivolts as floating-point numbers; "
+                              f"integers are ADC units (an int16 re-export holds microvolts, 1000 x too large), "
+                              f"so convert them to mV as floats")
     if data.shape[1] == 0:
         raise ECGDataError(p, "zero-length record (0 samples)")
     signal = data.astype(np.float32)
@@ -741,6 +777,9 @@ def read_cpsc2018(path: str | os.PathLike, source: str = "cpsc2018") -> ECGRecor
     meta: dict[str, Any] = {}
     if "age" in ecg.dtype.names:
         age = np.asarray(entry["age"]).ravel()
+        numeric = np.issubdtype(age.dtype, np.number) and not np.issubdtype(age.dtype, np.complexfloating)
+        if age.size and not numeric:
+            raise ECGDataError(p, f"ECG.age must be a number, got {str(age[0])!r} ({age.dtype})")
         meta["age"] = float(age[0]) if age.size and np.isfinite(age[0]) else None
     if "sex" in ecg.dtype.names:
         sex = np.asarray(entry["sex"]).ravel()

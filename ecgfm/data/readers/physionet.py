@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -33,6 +34,8 @@ __all__ = [
     "challenge_subset",
     "merge_equivalent_codes",
 ]
+
+log = logging.getLogger(__name__)
 
 #: CinC 2017 classes: normal sinus rhythm, atrial fibrillation, other rhythm, too noisy to classify.
 CINC2017_CLASSES: tuple[str, ...] = ("N", "A", "O", "~")
@@ -118,7 +121,8 @@ class CinC2017Source(_FolderIndex):
     The AliveCor lead (published as ``ECG``) is recorded between the two hands, a lead-I configuration, so
     it is placed in the ``I`` row; ``header["lead_renamed"] == {"ECG": "I"}`` records the choice.
     Labels from ``REFERENCE.csv`` (no header line): ``(label,)`` with label in :data:`CINC2017_CLASSES`, and
-    ``meta["label"]``. Records without a reference row load unlabelled.
+    ``meta["label"]``. Records without a reference row load unlabelled; reference rows without a record (a
+    partial download) are left out with a logged warning naming their count, the first ids and the folder.
 
     Args:
         root: folder with ``A*.hea`` + ``A*.mat`` and ``REFERENCE.csv`` (read with
@@ -147,6 +151,11 @@ class CinC2017Source(_FolderIndex):
                 raise ECGDataError(ref, f"line {table.lines[rid]}: expected 'record,label' with label in "
                                         f"{CINC2017_CLASSES}, got label {row['label']!r}")
             self._labels[rid] = row["label"]
+        missing = sorted(r for r in self._labels if r not in self._files)
+        if missing:  # a partial download: the labelled set would shrink without a word
+            log.warning("%s: %d labelled row(s) of REFERENCE.csv have no record (.hea) in %s and are left out "
+                        "(%s%s); complete the download if they should be there", ref, len(missing), self.root,
+                        ", ".join(missing[:5]), " ..." if len(missing) > 5 else "")
 
     def label_files(self) -> list[Path]:
         """``[REFERENCE.csv]``: the label table this source reads (for the cache's freshness check)."""

@@ -23,6 +23,7 @@ statements below a likelihood instead.
 from __future__ import annotations
 
 import ast
+import logging
 import math
 import os
 from pathlib import Path
@@ -46,6 +47,8 @@ __all__ = [
     "ptbxl_task_map",
 ]
 
+log = logging.getLogger(__name__)
+
 PTBXL_TASKS: tuple[str, ...] = ("all", "diagnostic", "subdiagnostic", "superdiagnostic", "form", "rhythm")
 _RATES = {100: ("records100", "_lr"), 500: ("records500", "_hr")}
 
@@ -54,11 +57,18 @@ def _parse_scp_codes(text: Any, where: Path, ecg_id: Any) -> dict[str, float]:
     # ast.literal_eval parses the dict literal without executing code (the benchmark uses it too).
     try:
         value = ast.literal_eval(str(text))
-    except (ValueError, SyntaxError):
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
         raise ECGDataError(where, f"ecg_id {ecg_id}: scp_codes {text!r} is not a dict literal") from None
     if not isinstance(value, dict):
         raise ECGDataError(where, f"ecg_id {ecg_id}: scp_codes {text!r} is not a dict")
-    return {str(k): float(v) for k, v in value.items()}
+    codes: dict[str, float] = {}
+    for k, v in value.items():
+        # a likelihood is a number (0-100); a string, None or NaN would be compared wrongly with min_likelihood
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ECGDataError(where, f"ecg_id {ecg_id}: scp_codes likelihood of {k!r} is {v!r}, not a finite "
+                                      f"number (scp_codes {text!r})")
+        codes[str(k)] = float(v)
+    return codes
 
 
 def ptbxl_record_id(ecg_id: Any) -> str:
@@ -94,7 +104,7 @@ def load_ptbxl_table(root: str | os.PathLike) -> pd.DataFrame:
 
     Raises:
         ECGDataError: missing or undecodable file, missing columns, a duplicated or non-integer ``ecg_id``
-            (naming the lines), unparsable ``scp_codes``.
+            (naming the lines), unparsable ``scp_codes`` or a likelihood in it that is not a finite number.
     """
     path = Path(root) / "ptbxl_database.csv"
     table = read_label_table(path, id_column="ecg_id", normalise_id=ptbxl_record_id, what="PTB-XL metadata file")
@@ -197,6 +207,8 @@ class PTBXLSource:
     (``labels=()``, ``meta={}``, ``patient_id=None``). Labelled records get ``patient_id`` (string),
     ``labels`` = their SCP codes (sorted keys of ``scp_codes``, any likelihood) and ``meta`` =
     ``{"scp_codes", "strat_fold", "age", "sex"}``. ``record_id`` is the zero-padded ``ecg_id`` (``"00001"``).
+    Rows of ``ptbxl_database.csv`` without a signal file at this rate (a partial download) are left out with a
+    logged warning naming their count, the first ids and the record folder.
 
     Args:
         root: folder holding ``records100/`` and/or ``records500/`` and (optionally) the CSVs.
@@ -250,6 +262,11 @@ class PTBXLSource:
         elif not self.include_unlabelled:
             raise ECGDataError(self.root / "ptbxl_database.csv",
                                "PTB-XL metadata file not found (needed with include_unlabelled=False)")
+        missing = sorted(i for i in self._rows if i not in self._files)
+        if missing:  # a partial download or sync: the folds (the test fold too) would shrink without a word
+            log.warning("%s: %d labelled row(s) of ptbxl_database.csv have no %d Hz signal file in %s and are left "
+                        "out (ecg_id %s%s); complete the download if they should be there", self.root, len(missing),
+                        self.fs, base, ", ".join(missing[:5]), " ..." if len(missing) > 5 else "")
         ids = self._files if self.include_unlabelled else [i for i in self._files if i in self._rows]
         self._ids = sorted(ids)
         if not self._ids:
