@@ -39,6 +39,7 @@ task's classes, the task's own records excluded, and for a PTB-XL task on SNOMED
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -94,6 +95,11 @@ class TaskSpec:
             raise ValueError(f"task {spec.name}: split.kind must be one of {SPLIT_KINDS}, got {kind!r}")
         if not (spec.labels == "record" or spec.labels.startswith("ptbxl:")):
             raise ValueError(f"task {spec.name}: labels must be 'record' or 'ptbxl:<task>', got {spec.labels!r}")
+        for key in ("crop_seconds", "stride_seconds"):   # a stride <= 0 was clamped to one sample without a word
+            value = getattr(spec, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 \
+                    or not math.isfinite(value):
+                raise ValueError(f"task {spec.name}: {key} must be a positive number of seconds, got {value!r}")
         return spec
 
 

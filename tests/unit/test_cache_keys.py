@@ -119,3 +119,30 @@ def test_a_relative_checkpoint_argument_is_resolved_in_the_cache_key(tmp_path, m
         assert cfg["checkpoint"] == str((tmp_path / sub / "g.pt").resolve())
         keys.append(cache_key([cfg], PreprocessSpec()))
     assert keys[0] != keys[1]
+
+
+def test_folder_source_caches_of_before_labels_known_are_not_reused(tmp_path, fixture_dir):
+    """A FolderSource cache prepared before records carried meta["labels_known"] would be reused (same config) and
+    its tasks would still drop the negatives of 0/1 flag columns: the reader's version is part of its caches' key.
+    Readers without a version keep their keys (the benchmark's PTB-XL / CinC 2017 caches are not rebuilt)."""
+    import hashlib
+    import json
+
+    from ecgfm.data.prepare import SOURCE_VERSIONS, cache_key
+    from ecgfm.data.readers.folder import FolderSource
+
+    def old_key(sources):   # the key before reader versions existed
+        payload = json.dumps({"sources": sources, "spec": SPEC.fingerprint()}, sort_keys=True, default=str)
+        return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+    folder = [{"_target_": "ecgfm.data.readers.FolderSource", "root": "/data/x", "labels_csv": "/data/x/l.csv"}]
+    ptbxl = [{"_target_": "ecgfm.data.readers.PTBXLSource", "root": "/data/ptbxl", "sampling_rate": 100}]
+    assert SOURCE_VERSIONS["FolderSource"] >= 2
+    assert cache_key(folder, SPEC) != old_key(folder)
+    assert cache_key(ptbxl, SPEC) == old_key(ptbxl)
+    built = prepare_cache([FolderSource(fixture_dir / "cinc2021")], str(tmp_path / "c"), SPEC, name="f",
+                          progress=False)
+    from ecgfm.data.prepare import source_description
+
+    described = [source_description(FolderSource(fixture_dir / "cinc2021"))]
+    assert built.endswith(cache_key(described, SPEC)) and cache_key(described, SPEC) != old_key(described)

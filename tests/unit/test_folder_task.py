@@ -76,3 +76,15 @@ def test_class_without_negatives_in_a_split_is_noted(tmp_path, fixture_dir):
     task = _task(_folder(tmp_path, fixture_dir, "patient_id,af,paced", rows), tmp_path)
     assert task.class_names == ["af", "paced"]
     assert any("test split: 1 class(es) without a negative record: ['paced']" in n for n in task.notes)
+
+
+@pytest.mark.parametrize("key,value", [("stride_seconds", 0), ("stride_seconds", -1.25), ("crop_seconds", 0.0),
+                                       ("stride_seconds", float("nan")), ("crop_seconds", "10")])
+def test_task_window_and_stride_must_be_positive_seconds(key, value):
+    """stride_seconds <= 0 was clamped to a one-sample stride without a word (and a NaN crashed later)."""
+    from ecgfm.evaluate.tasks import TaskSpec
+
+    cfg = {"name": "t", "dataset": "d", "sources": [{"_target_": "x"}], key: value}
+    with pytest.raises(ValueError, match=f"{key} must be a positive number of seconds"):
+        TaskSpec.from_config(cfg)
+    assert TaskSpec.from_config({**cfg, key: 2.5}).__dict__[key] == 2.5
