@@ -175,8 +175,14 @@ class AttentionPoolingHead(nn.Module):
         """Attention-pooled, normed record representation ``(B, T, D) -> (B, Q, D)``."""
         if tokens.ndim != 3:
             raise ValueError(f"tokens must be (batch, tokens, dim), got shape {tuple(tokens.shape)}")
-        if key_padding_mask is not None and bool(key_padding_mask.all(dim=1).any()):
-            raise ValueError("a row of key_padding_mask masks every token: each record needs at least one token")
+        if key_padding_mask is not None:
+            if key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != tuple(tokens.shape[:2]):
+                # a float / int mask is *added* to the attention scores by nn.MultiheadAttention: a 0/1 mask would
+                # give padding more weight instead of none
+                raise ValueError(f"key_padding_mask must be bool (True = padding) of shape {tuple(tokens.shape[:2])}"
+                                 f", got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}")
+            if bool(key_padding_mask.all(dim=1).any()):
+                raise ValueError("a row of key_padding_mask masks every token: each record needs at least one token")
         kv = self.norm_in(tokens)
         q = self.query.expand(tokens.shape[0], -1, -1)
         out, _ = self.attn(q, kv, kv, key_padding_mask=key_padding_mask, need_weights=False)

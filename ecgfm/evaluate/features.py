@@ -214,10 +214,14 @@ def uses_lead_masks(backbone: nn.Module, cache: Any, lead_aware: bool = True) ->
 
 
 def encoder_fingerprint(backbone: nn.Module) -> str:
-    """Stable hash of a backbone's identity: name, ``init_args`` and every tensor of its ``state_dict``."""
+    """Stable hash of a backbone's identity: name, ``init_args`` (else its recorded constructor arguments) and every
+    tensor of its ``state_dict``."""
     h = hashlib.sha256()
     h.update(str(getattr(backbone, "name", type(backbone).__name__)).encode())
-    h.update(json.dumps(getattr(backbone, "init_args", {}), sort_keys=True, default=str).encode())
+    # a backbone built without the registry has no init_args: its recorded constructor call stands in (settings
+    # such as pool="avg" / "concat" change the features, not the weights)
+    args = getattr(backbone, "init_args", None) or getattr(backbone, "_constructor_args", None) or {}
+    h.update(json.dumps(args, sort_keys=True, default=str).encode())
     for name, t in sorted(backbone.state_dict().items()):
         h.update(name.encode())
         h.update(str(tuple(t.shape)).encode())
@@ -228,10 +232,19 @@ def encoder_fingerprint(backbone: nn.Module) -> str:
 def cache_fingerprint(cache: Any) -> str:
     """Identity of a prepared corpus: its plan fingerprint (sources, spec, layout), record count, the sha256 of
     every shard's signals (a shard converted again after its input changed gives new features) and the records'
-    lead masks (lead-aware features depend on them: equal signal bytes with other masks are other features)."""
+    lead masks (lead-aware features depend on them: equal signal bytes with other masks are other features). A
+    corpus without a manifest (in memory) is identified by the sha256 of its signals."""
     manifest = getattr(cache, "manifest", {}) or {}
-    fp = manifest.get("plan_fingerprint") or manifest.get("spec_fingerprint") or str(getattr(cache, "path", ""))
+    fp = manifest.get("plan_fingerprint") or manifest.get("spec_fingerprint")
     shards = ",".join(str(sh.get("bin_sha256", "")) for sh in manifest.get("shards", []) or [])
+    if not fp and not shards.strip(","):
+        # no manifest (an in-memory corpus with len() and signal(i)): a path or a record count does not tell two
+        # corpora apart, so the signals themselves are hashed (such corpora are small)
+        h = hashlib.sha256(str(getattr(cache, "fs", "")).encode())
+        for i in range(len(cache)):
+            h.update(np.ascontiguousarray(np.asarray(cache.signal(i)), dtype=np.float32).tobytes())
+            h.update(b"|")
+        fp = f"content:{h.hexdigest()}"
     masks = getattr(cache, "lead_masks", None)
     lm = hashlib.sha256(np.ascontiguousarray(masks, dtype=bool).tobytes()).hexdigest()[:16] if masks is not None \
         else ""
@@ -352,6 +365,7 @@ def _window_batches(cache: Any, rows: np.ndarray, window: int, stride: int, batc
     (``nonfinite="error"``) or is appended to ``bad_input`` and left out (``"skip"``)."""
     buf: list[np.ndarray] = []
     owner: list[int] = []
+    short: list[int] = []
     for i in rows:
         signal = cache.signal(int(i))
         if not np.isfinite(signal).all():
@@ -359,6 +373,8 @@ def _window_batches(cache: Any, rows: np.ndarray, window: int, stride: int, batc
                 raise _nonfinite_error(cache, [int(i)], "the input signal")
             bad_input.append(int(i))
             continue
+        if signal.shape[-1] < window:
+            short.append(int(signal.shape[-1]))
         for w in sliding_windows(signal, int(window), int(stride)):  # (n, 12, window)
             buf.append(np.ascontiguousarray(w, dtype=np.float32))
             owner.append(int(i))
@@ -367,6 +383,20 @@ def _window_batches(cache: Any, rows: np.ndarray, window: int, stride: int, batc
                 buf, owner = [], []
     if buf:
         yield np.stack(buf), np.asarray(owner, dtype=np.int64)
+    if short:   # their one window is zero-padded at the end, and the pooling averages the padding in
+        log.info("%s: %d of %d record(s) are shorter than the %d-sample window (shortest %d samples): zero-padded "
+                 "at the end, and the padding is part of their pooled embedding", getattr(cache, "path", "<cache>"),
+                 len(short), len(rows), int(window), min(short))
+
+
+def _rows(cache: Any, rows: np.ndarray | None) -> np.ndarray:
+    """The records to extract (all when None), each once: a record listed twice would not have its windows in one
+    run, and :func:`record_offsets` would give its token range another record's tokens too."""
+    rows = np.arange(len(cache)) if rows is None else np.asarray(rows, dtype=np.int64).ravel()
+    if len(np.unique(rows)) != len(rows):
+        vals, counts = np.unique(rows, return_counts=True)
+        raise ValueError(f"rows lists record(s) {vals[counts > 1][:5].tolist()} more than once; each record once")
+    return rows
 
 
 def _check_args(window: int, stride: int, nonfinite: str) -> None:
@@ -433,7 +463,7 @@ def extract_features(backbone: nn.Module, cache: Any, window: int, stride: int, 
     embed = embed_fn(model, layers)
     was_training = model.training
     model.eval().to(device)
-    rows = np.arange(len(cache)) if rows is None else np.asarray(rows, dtype=np.int64)
+    rows = _rows(cache, rows)
     feats: list[np.ndarray] = []
     owners: list[np.ndarray] = []
     masks = _lead_masks(cache) if uses_lead_masks(model, cache, lead_aware) else None
@@ -663,7 +693,7 @@ def extract_tokens(backbone: nn.Module, cache: Any, window: int, stride: int, ba
     model = fit_window(backbone, int(window))
     was_training = model.training
     model.eval().to(device)
-    rows = np.arange(len(cache)) if rows is None else np.asarray(rows, dtype=np.int64)
+    rows = _rows(cache, rows)
     masks = _lead_masks(cache) if uses_lead_masks(model, cache, lead_aware) else None
     sink = _TokenSink(None if tokens_path is None else Path(tokens_path))
     counts: list[np.ndarray] = []

@@ -51,7 +51,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ecgfm.evaluate.features import FeatureSet, _load_features, _nonfinite_error, _save_features, cache_fingerprint
+from ecgfm.evaluate.features import (NONFINITE_MODES, FeatureSet, _load_features, _nonfinite_error, _rows,
+                                     _save_features, cache_fingerprint)
 from ecgfm.io import atomic_write, atomic_write_bytes, file_lock
 
 log = logging.getLogger(__name__)
@@ -304,13 +305,14 @@ def extract_handcrafted(cache: Any, rows: np.ndarray | None = None, nonfinite: s
     Raises:
         ValueError: the cache mixes sampling rates (``cache.fs`` is None).
     """
+    _check_nonfinite(nonfinite)
     fs = getattr(cache, "fs", None)
     if fs is None:
         raise ValueError(f"{getattr(cache, 'path', 'cache')}: mixes sampling rates (preprocess.fs null); the "
                          f"handcrafted features need one rate")
     fs = float(fs)
     t0 = time.perf_counter()
-    rows = np.arange(len(cache)) if rows is None else np.asarray(rows, dtype=np.int64)
+    rows = _rows(cache, rows)
     feats, owners, skipped = [], [], []
     for n, i in enumerate(rows):
         signal = cache.signal(int(i))
@@ -359,6 +361,12 @@ def _cached_features(cache: Any, path: Path, key: str, nonfinite: str) -> Featur
     return fs
 
 
+def _check_nonfinite(nonfinite: str) -> None:
+    """Only ``"error"`` and ``"skip"``: any other spelling ("Error") used to skip damaged records silently."""
+    if nonfinite not in NONFINITE_MODES:
+        raise ValueError(f"nonfinite must be one of {NONFINITE_MODES}, got {nonfinite!r}")
+
+
 def cached_handcrafted(cache: Any, feature_dir: str | os.PathLike, nonfinite: str = "error") -> FeatureSet:
     """:func:`extract_handcrafted` behind the on-disk feature cache (``<feature_dir>/<handcrafted_key>.npz``,
     the encoder features' format with window = stride = 0). An unreadable or invalid file is recomputed.
@@ -366,6 +374,7 @@ def cached_handcrafted(cache: Any, feature_dir: str | os.PathLike, nonfinite: st
     Processes that need the same features at once (the DDP ranks of a pretraining run with handcrafted pretext
     targets, parallel probe jobs) extract them once: the first takes a lock per key, the others wait for it and
     read its file."""
+    _check_nonfinite(nonfinite)
     key = handcrafted_key(cache)
     path = Path(feature_dir) / f"{key}.npz"
     fs = _cached_features(cache, path, key, nonfinite)
@@ -408,6 +417,7 @@ def pretext_targets(caches: Sequence[Any], feature_dir: str | os.PathLike, max_s
     Returns:
         ``(N_total, len(FEATURE_NAMES))`` float32.
     """
+    _check_nonfinite(nonfinite)
     raw = _pretext_raw(caches, feature_dir, max_seconds, clip, nonfinite)
     center, scale = _robust_scale(raw)
     out = _standardise(raw, center, scale, clip)
@@ -522,6 +532,7 @@ def record_rpeaks(cache: Any, nonfinite: str = "error") -> tuple[np.ndarray, np.
         ``known[i]`` is False for a record without a present lead or skipped for a non-finite signal
         (``skipped[i]``): its rhythm is unknown, not "no beats".
     """
+    _check_nonfinite(nonfinite)
     fs = getattr(cache, "fs", None)
     if fs is None:
         raise ValueError(f"{getattr(cache, 'path', 'cache')}: mixes sampling rates (preprocess.fs null); R-peaks "
@@ -588,6 +599,7 @@ def cached_rpeaks(cache: Any, feature_dir: str | os.PathLike, nonfinite: str = "
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """:func:`record_rpeaks` behind an on-disk cache (``<feature_dir>/<rpeaks_key>.npz``, written atomically under
     a lock like :func:`cached_handcrafted`); an unreadable or inconsistent file is computed again."""
+    _check_nonfinite(nonfinite)
     key = rpeaks_key(cache)
     path = Path(feature_dir) / f"{key}.npz"
     expect = {"offsets": len(cache) + 1, "positions": -1, "known": len(cache), "skipped": len(cache)}

@@ -235,3 +235,59 @@ def test_record_features_are_appended_per_record_and_skips_are_joined():
         with_record_features(fs, FeatureSet(features=side.features, record=side.record, n_records=5))
     with pytest.raises(ValueError, match="mean_embedding or mean_std"):
         with_record_features(fs, side, "mean_prediction")
+
+
+class _MemCache:
+    """An in-memory corpus (len + signal(i)), as extract_features accepts."""
+
+    def __init__(self, seed: int):
+        self.x = np.random.default_rng(seed).standard_normal((4, 12, 500)).astype(np.float32)
+
+    def __len__(self):
+        return len(self.x)
+
+    def signal(self, i):
+        return self.x[i]
+
+
+def test_feature_cache_keys_tell_corpora_and_constructor_settings_apart(tmp_path):
+    """Two in-memory corpora of one size had one key (no manifest: the record count alone), and a backbone built
+    without the registry hashed no constructor settings (pool='avg' and 'concat', same weights): the second call
+    was handed the first one's features."""
+    import torch
+
+    from ecgfm.backbones import create_backbone
+    from ecgfm.backbones.resnet1d import XResNet1d
+
+    torch.manual_seed(0)
+    vit = create_backbone("vit1d_test")
+    a = cached_features(vit, _MemCache(0), 250, 250, tmp_path / "a")
+    b = cached_features(vit, _MemCache(1), 250, 250, tmp_path / "a")
+    assert a.key != b.key
+    np.testing.assert_array_equal(b.features, extract_features(vit, _MemCache(1), 250, 250).features)
+    assert cached_features(vit, _MemCache(0), 250, 250, tmp_path / "a").key == a.key     # same content: reused
+    kw = dict(layers=(1, 1), expansion=1, widths=(8, 16), stem_widths=(8, 8, 8))
+    torch.manual_seed(0)
+    r_avg = XResNet1d(pool="avg", **kw)
+    torch.manual_seed(0)
+    r_cat = XResNet1d(pool="concat", **kw)
+    assert F.encoder_fingerprint(r_avg) != F.encoder_fingerprint(r_cat)
+    fc = cached_features(r_cat, _MemCache(0), 250, 250, tmp_path / "b")
+    cached_features(r_avg, _MemCache(0), 250, 250, tmp_path / "b")
+    assert cached_features(r_cat, _MemCache(0), 250, 250, tmp_path / "b").dim == fc.dim == r_cat.num_features
+    # a registry-built backbone keeps its key (its init_args): the benchmark's feature caches stay valid
+    assert F.encoder_fingerprint(vit) == F.encoder_fingerprint(vit)
+
+
+def test_rows_listed_twice_are_refused():
+    """rows=[0, 1, 0] gave record 0 a token range that held record 1's tokens too (record_offsets assumes a
+    record's windows are consecutive)."""
+    import torch
+
+    from ecgfm.backbones import create_backbone
+
+    torch.manual_seed(0)
+    vit = create_backbone("vit1d_test")
+    for fn in (F.extract_features, F.extract_tokens):
+        with pytest.raises(ValueError, match=r"record\(s\) \[0\] more than once"):
+            fn(vit, _MemCache(0), 250, 250, rows=np.array([0, 1, 0]))

@@ -228,3 +228,24 @@ def test_identity_changes_with_the_feature_version(monkeypatch):
     assert a["basis"]["kind"] == "handcrafted" and a == checkpoint_identity("handcrafted", init_seed=3)
     monkeypatch.setattr(H, "FEATURE_VERSION", "hc-test")
     assert checkpoint_identity("handcrafted")["id"] != a["id"]
+
+
+def test_a_misspelt_nonfinite_mode_is_refused(tmp_path):
+    """Any value but "error" behaved as "skip" (a damaged record dropped with a warning); the encoder path refused
+    it. Every handcrafted entry point now refuses it too."""
+
+    class Mem:
+        fs = 100.0
+
+        def __len__(self):
+            return 2
+
+        def signal(self, i):
+            return np.tile(regular(60, 10.0), (12, 1)).astype(np.float32)
+
+    for call in (lambda: H.extract_handcrafted(Mem(), nonfinite="Error"),
+                 lambda: H.cached_handcrafted(Mem(), tmp_path, nonfinite="skipp"),
+                 lambda: H.record_rpeaks(Mem(), nonfinite="ERROR"),
+                 lambda: H.cached_rpeaks(Mem(), tmp_path, nonfinite="")):
+        with pytest.raises(ValueError, match="nonfinite must be one of"):
+            call()

@@ -74,3 +74,19 @@ def test_bad_arguments():
         ProjectionHead(16, 32, 8, num_layers=0)
     with pytest.raises(ValueError, match="dimensions"):
         ProjectionHead(16, 0, 8)
+
+
+def test_attention_pool_refuses_a_mask_that_is_not_bool():
+    """nn.MultiheadAttention adds a float mask to the scores: a 0/1 float mask gave padding more weight."""
+    import pytest
+    import torch
+
+    from ecgfm.heads import AttentionPoolingHead
+
+    head = AttentionPoolingHead(8, 3, num_heads=2)
+    tokens = torch.randn(2, 5, 8)
+    mask = torch.tensor([[False] * 4 + [True], [False] * 5])
+    head(tokens, mask)
+    for bad in (mask.float(), mask.long(), mask[:, :4]):
+        with pytest.raises(ValueError, match="key_padding_mask must be bool"):
+            head(tokens, bad)
