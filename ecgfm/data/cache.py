@@ -588,8 +588,8 @@ def input_changes(out_dir: str | os.PathLike, limit: int | None = None,
 
     Checks every record file (size + mtime; when they differ, its content against the digest recorded at
     conversion, so a corpus that was copied, touched or re-mounted with new times is not converted again),
-    every label table (sha256) and the folders that held records (their mtime changes when a file is added,
-    removed or renamed). Cost: one ``stat`` per input file plus reading ``inputs.json``: 0.1 s for the 9,114
+    every label table (sha256) and the folders that held records, with every folder between them and their
+    source's root (their mtime changes when a file or sub-folder is added, removed or renamed). Cost: one ``stat`` per input file plus reading ``inputs.json``: 0.1 s for the 9,114
     files of the shared PTB-XL + CinC 2017 cache (2 busy cores), plus one hash per file with new times.
 
     Args:
@@ -1395,8 +1395,16 @@ def _write_inputs(out: Path, plan: _Plan, label_info: Sequence[Mapping[str, Any]
                     size, mtime = old[0], old[1]
                 records[f] = [size, mtime, d] if d else [size, mtime]
                 dirs.add(str(Path(f).parent))
-    for s in sources:
-        dirs.update(_source_dirs(s))
+    roots = [Path(d) for s in sources for d in _source_dirs(s)]
+    for d in list(dirs):   # and every folder between a source root and a record folder: a new sub-folder of
+        p = Path(d)        # records (PTB-XL's records100/01000/) changes only its parent's mtime
+        for root in roots:
+            if root in p.parents:
+                q = p.parent
+                while q != root:
+                    dirs.add(str(q))
+                    q = q.parent
+    dirs.update(str(r) for r in roots)
     labels = {f: v for li in label_info for f, v in li["files"].items()}
     dir_m = {}
     for d in sorted(dirs):

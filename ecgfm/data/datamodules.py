@@ -744,10 +744,19 @@ class PretrainDataModule(LightningDataModule):
             return
         pool = CachePool(self.cache_dirs)
         self.train_pools, val = [], []
+        helds = [patient_holdout(cache.patients, self.val_fraction, self.seed + k)[1] for k, cache in
+                 enumerate(pool.caches)]
+        # a patient held out in one cache is held out in every cache: two caches sharing patients (two exports of
+        # one hospital) would otherwise validate on patients the other cache trains on. Caches of distinct patients
+        # (every pool of the shipped configs) keep their own hold-outs unchanged.
+        held_patients = np.unique(np.concatenate([c.patients[h] for c, h in zip(pool.caches, helds)]))
+        held_patients = held_patients[held_patients >= 0]
         for k, cache in enumerate(pool.caches):
-            keep, held = patient_holdout(cache.patients, self.val_fraction, self.seed + k)
-            self.train_pools.append(keep + pool.offsets[k])
-            val.append(held + pool.offsets[k])
+            held = np.zeros(len(cache), dtype=bool)
+            held[helds[k]] = True
+            held |= (cache.patients >= 0) & np.isin(cache.patients, held_patients)
+            self.train_pools.append(np.flatnonzero(~held).astype(np.int64) + pool.offsets[k])
+            val.append(np.flatnonzero(held).astype(np.int64) + pool.offsets[k])
         self.val_indices = np.concatenate(val).astype(np.int64)
         if self.probe_labels is not None:
             pl = self.probe_labels

@@ -153,6 +153,11 @@ class PreprocessSpec:
             raise ValueError(f"PreprocessSpec.highpass={self.highpass} must be below lowpass={self.lowpass}")
         if self.notch is not None and self.notch <= 0:
             raise ValueError(f"PreprocessSpec.notch must be a positive frequency in Hz, got {self.notch}")
+        if self.fs is not None and self.notch is not None and self.notch >= self.fs / 2:
+            # the notch is applied after resampling to fs: at or above Nyquist it would do nothing, while the spec
+            # (written into manifests and artifacts) would say the powerline was removed
+            raise ValueError(f"PreprocessSpec.notch={self.notch} must be below fs/2={self.fs / 2} (it is applied at "
+                             f"fs); use notch=None")
         if int(self.filter_order) < 1:
             raise ValueError(f"PreprocessSpec.filter_order must be at least 1, got {self.filter_order}")
 
@@ -274,7 +279,13 @@ def resample(sig: np.ndarray, fs_in: float, fs_out: float, method: str = "polyph
         return sps.resample(np.asarray(sig, dtype=np.float64), n_out, axis=-1).astype(np.float32)
     if method != "polyphase":
         raise ValueError(f"resample: method must be one of {RESAMPLE_METHODS}, got {method!r}")
-    ratio = Fraction(float(fs_out) / float(fs_in)).limit_denominator(1000)
+    if float(fs_in).is_integer() and float(fs_out).is_integer():   # exact: 4096 -> 100 is 25/1024, not 24/983
+        ratio = Fraction(int(fs_out), int(fs_in))
+    else:
+        ratio = Fraction(float(fs_out) / float(fs_in)).limit_denominator(1000)
+        if abs(float(ratio) - float(fs_out) / float(fs_in)) > 1e-6 * float(fs_out) / float(fs_in):
+            raise ValueError(f"resample: no small integer ratio for {fs_in} -> {fs_out} Hz (nearest {ratio}); "
+                             f"resample_method='fourier' resamples to any length")
     up, down = ratio.numerator, ratio.denominator
     sig = np.asarray(sig)
     if sig.dtype in (np.float32, np.float64) and max(up, down) > 1:

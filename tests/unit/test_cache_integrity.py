@@ -514,6 +514,28 @@ def test_added_record_is_named_or_rebuilt_by_prepare_cache(fixture_dir, tmp_path
     assert len(cache) == 4 and cache.record(0).labels == ("LVH",)
 
 
+def test_records_in_a_new_sub_folder_are_not_missed_by_prepare_cache(fixture_dir, tmp_path):
+    """A record added in a new sub-folder (records100/01000/, the next PTB-XL block) changes only the mtime of
+    records100/, which held no record and was not the root: the cache was returned as current, without it."""
+    from ecgfm.data.prepare import prepare_cache
+    from ecgfm.data.readers import PTBXLSource
+
+    root = _ptbxl_copy(fixture_dir, tmp_path / "ptbxl", n=4)
+    cfg = {"_target_": "ecgfm.data.readers.PTBXLSource", "root": str(root), "fs": 100}
+    d = prepare_cache([cfg], str(tmp_path / "auto"), SPEC, name="p", progress=False)
+    assert len(CorpusCache(d)) == 4
+    full = PTBXLSource(fixture_dir / "ptbxl")
+    rel = full._files[full.record_ids()[0]]
+    new = root / "records100" / "01000"
+    new.mkdir()
+    hea = (fixture_dir / "ptbxl" / f"{rel}.hea").read_text().replace(Path(rel).name, "01001_lr")
+    (new / "01001_lr.hea").write_text(hea)
+    shutil.copy2(fixture_dir / "ptbxl" / f"{rel}.dat", new / "01001_lr.dat")
+    assert cache_mod.input_changes(d)
+    d2 = prepare_cache([cfg], str(tmp_path / "auto"), SPEC, name="p", progress=False)
+    assert len(CorpusCache(d2)) == len(PTBXLSource(root, fs=100).record_ids()) == 5
+
+
 def test_prepare_cache_fast_path_costs_no_source_build(tmp_path, monkeypatch):
     from ecgfm.data import prepare as prep
 

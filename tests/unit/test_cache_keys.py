@@ -146,3 +146,24 @@ def test_folder_source_caches_of_before_labels_known_are_not_reused(tmp_path, fi
 
     described = [source_description(FolderSource(fixture_dir / "cinc2021"))]
     assert built.endswith(cache_key(described, SPEC)) and cache_key(described, SPEC) != old_key(described)
+
+
+def test_folder_source_patient_and_id_columns_are_part_of_its_identity(tmp_path):
+    """A FolderSource read with another patient_column (or id_column, encoding) describes itself differently, so a
+    cache of the old setting is not returned as current (it kept the old cache's patients: every record its own
+    patient, after patient ids were asked for)."""
+    from ecgfm.data.cache import describe_source
+    from ecgfm.data.readers.folder import FolderSource
+    from ecgfm.data.synthetic import write_wfdb
+
+    write_wfdb(tmp_path / "data", 6, fs=100.0, duration=5.0)
+    kw = dict(labels_csv="labels.csv", id_column="record_id", label_columns=["label"])
+    a = FolderSource(tmp_path / "data", patient_column="", **kw)
+    b = FolderSource(tmp_path / "data", patient_column="patient_id", **kw)
+    assert describe_source(a) != describe_source(b) and describe_source(b)["patient_column"] == "patient_id"
+    da = prepare_cache([a], str(tmp_path / "c"), SPEC, name="f", progress=False)
+    db = prepare_cache([b], str(tmp_path / "c"), SPEC, name="f", progress=False)
+    assert da != db
+    assert (CorpusCache(da).patients == -1).all() and (CorpusCache(db).patients != -1).all()
+    with pytest.raises(ValueError, match="different preparation"):
+        prepare_corpus(b, da, SPEC, workers=0, progress=False)

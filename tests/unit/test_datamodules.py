@@ -327,3 +327,40 @@ def test_batch_buffers_share_one_zeroed_storage():
         assert t.data_ptr() % t.element_size() == 0
     bufs["index"][:] = -1                            # views do not overlap
     assert not bufs["x"].any() and not bufs["lead_mask"].any() and not bufs["y"].any()
+
+
+def test_pretraining_holdout_keeps_a_patient_of_two_caches_on_one_side(tmp_path):
+    """Two caches of one hospital share patients: each cache held out its own patients (seed + k), so a patient
+    validated in one cache was trained on in the other (4 of 5 validation patients). A patient held out anywhere is
+    now held out everywhere; caches of distinct patients keep their own hold-outs."""
+    import csv
+
+    from ecgfm.data.datamodules import PretrainDataModule, patient_holdout
+    from ecgfm.data.readers.folder import FolderSource
+    from ecgfm.data.synthetic import write_wfdb
+
+    dirs = []
+    for part, seed in (("2019", 1), ("2020", 2)):
+        d = tmp_path / part
+        write_wfdb(d, 20, seed=seed, fs=100.0, duration=5.0)
+        rows = list(csv.reader(open(d / "labels.csv")))
+        col = rows[0].index("patient_id")
+        for i, r in enumerate(rows[1:]):
+            r[col] = f"pat{i % 10}"                    # 10 patients, 2 records each, in both exports
+        with open(d / "labels.csv", "w", newline="") as fh:
+            csv.writer(fh).writerows(rows)
+        src = FolderSource(d, labels_csv="labels.csv", label_columns=["label"], name="hospital")
+        prepare_corpus(src, tmp_path / f"cache{part}", PreprocessSpec(fs=100.0), workers=0, progress=False)
+        dirs.append(str(tmp_path / f"cache{part}"))
+    dm = PretrainDataModule(dirs, crop_samples=250, val_fraction=0.3, seed=0)
+    dm.setup()
+    pat = np.concatenate([c.patients for c in dm.pool.caches])
+    train, val = set(pat[np.concatenate(dm.train_pools)].tolist()), set(pat[dm.val_indices].tolist())
+    assert val and train and not (train & val)
+    assert len(dm.val_indices) + sum(map(len, dm.train_pools)) == 40
+    # one cache alone: exactly patient_holdout's split, as before
+    one = PretrainDataModule(dirs[:1], crop_samples=250, val_fraction=0.3, seed=0)
+    one.setup()
+    keep, held = patient_holdout(one.pool.caches[0].patients, 0.3, 0)
+    np.testing.assert_array_equal(one.val_indices, held)
+    np.testing.assert_array_equal(one.train_pools[0], keep)

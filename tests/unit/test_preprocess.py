@@ -101,9 +101,25 @@ def test_notch_removes_powerline(line):
     core = slice(int(fs), int(9 * fs))
     assert _amplitude_at(y[0, core], fs, line) < 0.02
     assert abs(_amplitude_at(y[0, core], fs, 5.0) - 1.0) < 0.02
-    # at or above Nyquist the notch is skipped, not an error
+    # at or above Nyquist the notch function skips (a rate-keeping spec may meet such a record) ...
     z = notch(x[:, ::5], 100.0, 50.0)
     np.testing.assert_array_equal(z, x[:, ::5])
+    # ... but a spec with its own rate cannot ask for it: it would say the powerline was removed and do nothing
+    with pytest.raises(ValueError, match="notch=50.0 must be below fs/2=50.0"):
+        PreprocessSpec(fs=100.0, notch=50.0)
+
+
+def test_integer_rates_resample_by_their_exact_ratio():
+    """limit_denominator(1000) turned 4096 -> 100 Hz into 24/983 (10 min -> 60,003 samples, 30 ms drift) and
+    2001 -> 100 into 1/20 (300 ms); integer rates now use their exact ratio, common rates are unchanged."""
+    from ecgfm.data.preprocess import resample
+
+    for fs_in in (4096, 2001, 500, 360, 300):
+        n = fs_in * 60
+        y = resample(np.zeros((1, n), dtype=np.float32), fs_in, 100)
+        assert y.shape[-1] == 6000, fs_in
+    with pytest.raises(ValueError, match="no small integer ratio"):
+        resample(np.zeros((1, 1000), dtype=np.float32), 333.3337, 100)
 
 
 # ---- NaN, flat leads, normalisation ----------------------------------------------------------------------
