@@ -195,7 +195,9 @@ def guard_fresh_start(out_dir: str | os.PathLike, overwrite: bool, is_global_zer
                                            "to replace it, or give another run folder (hydra.run.dir=... / "
                                            "out_dir=...)")
         return
-    gone = [p for p in [*found, out / "checkpoints"] if p.exists()]
+    # SLURM requeue saves too: Lightning's fit(ckpt_path=None) restores an hpc_ckpt_* under SLURM by itself, so a
+    # "fresh" run would silently continue the old one (and ecgfm's resume picks them first)
+    gone = [p for p in [*found, out / "checkpoints", *sorted(out.glob("hpc_ckpt_*.ckpt"))] if p.exists()]
     if is_global_zero and gone:
         for p in gone:
             if p.is_dir():

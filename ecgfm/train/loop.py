@@ -128,7 +128,8 @@ class LossHistory(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        # a batch emptied by nonfinite=skip returns no loss (Lightning passes {}): nothing to record for it
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if loss is None:
             return
         acc = int(trainer.accumulate_grad_batches)

@@ -44,10 +44,16 @@ def final_block(summary: Mapping[str, Any]) -> str:
         rows.append(("skipped", f"{summary['nonfinite_records_skipped']} record(s) with non-finite values "
                                 "(nonfinite=skip; keys in summary.json)"))
     width = max(len(k) for k, _ in rows)
-    lines = [f"== training finished: {summary.get('method')} / {summary.get('backbone')}, {summary.get('steps')} "
-             "steps ==" if not summary.get("nothing_trained") else
-             f"== already complete: {summary.get('method')} / {summary.get('backbone')}, {summary.get('steps')} "
-             "steps; nothing trained (raise trainer.max_steps to train on) =="]
+    stop, sched = summary.get("stop_reason"), summary.get("schedule_steps")
+    early = stop not in (None, "max_steps") or (sched and summary.get("steps") is not None
+                                                and int(summary["steps"]) < int(sched))
+    name = f"{summary.get('method')} / {summary.get('backbone')}"
+    what = (f"stopped early ({stop}): {name}, step {summary.get('steps')}" + (f" of {sched}" if sched else "")
+            if early else f"training finished: {name}, {summary.get('steps')} steps")
+    limit = str(summary.get("nothing_trained_limit") or "trainer.max_steps").split(" ")[0]
+    lines = [f"== {what} ==" if not summary.get("nothing_trained")
+             else f"== already complete: {summary.get('method')} / {summary.get('backbone')}, {summary.get('steps')} "
+                  f"steps; nothing trained (raise {limit} to train on) =="]
     lines += [f"  {k:<{width}}  {v}" for k, v in rows]
     if enc:
         task = next_task(summary)

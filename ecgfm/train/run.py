@@ -72,6 +72,44 @@ def _built(key: str, node: Any, **kwargs: Any) -> Any:
         raise
 
 
+def _check_schedule(cfg: DictConfig) -> None:
+    """The learning-rate schedule (``method.max_steps``, warm-up ``method.warmup_steps``) against the run's length.
+
+    Raises:
+        ConfigError: ``trainer.max_steps`` beyond ``method.max_steps``: the steps after the schedule's end would
+            train at learning rate 0 while the export counts them. (Fewer steps than the schedule is allowed: a
+            budgeted stop, warned about after the fit and recorded as ``stop_reason``.)
+    """
+    sched = int(cfg.method.get("max_steps") or 0)
+    steps = int(cfg.trainer.get("max_steps", -1) or -1)
+    if sched > 0 and steps > sched:
+        raise ConfigError("method.max_steps", f"trainer.max_steps={steps} runs past the learning-rate schedule's "
+                                              f"method.max_steps={sched}: its last {steps - sched} steps would "
+                                              f"train at learning rate 0; set method.max_steps={steps} (its "
+                                              f"default follows trainer.max_steps)")
+    warm = cfg.method.get("warmup_steps")
+    if sched > 0 and warm is not None and int(warm) >= sched:
+        log.warning("method.warmup_steps=%d >= the schedule's %d steps: the whole run is warm-up and never reaches "
+                    "the peak learning rate (method.lr)", int(warm), sched)
+
+
+def _stop_reason(trainer: Any, max_steps: int) -> str:
+    """What ended a fit: ``max_steps``, ``max_time`` (Lightning's Timer), ``max_epochs``, ``interrupted`` or
+    ``early_stop`` (a callback's ``should_stop``)."""
+    if trainer.interrupted:
+        return "interrupted"
+    if max_steps > 0 and trainer.global_step >= max_steps:
+        return "max_steps"
+    timer = next((c for c in trainer.callbacks if type(c).__name__ == "Timer"), None)
+    if timer is not None and getattr(timer, "_duration", None) is not None and \
+            timer.time_elapsed("train") >= timer._duration:
+        return "max_time"
+    max_epochs = trainer.max_epochs
+    if max_epochs is not None and max_epochs > 0 and trainer.current_epoch >= max_epochs:
+        return "max_epochs"
+    return "early_stop"
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Pretrain a backbone with a self-supervised method as described by ``cfg`` (``conf/train.yaml``).
 
@@ -96,6 +134,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     t_start = time.perf_counter()
     cfg = validate_train_config(cfg)
+    _check_schedule(cfg)
     out_dir = Path(str(cfg.out_dir)).resolve()
     is_zero = rank_zero_only.rank == 0
     # Decide resume vs fresh start before anything is prepared or written: a damaged last.ckpt falls back to the
@@ -180,19 +219,21 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     fit_s = time.perf_counter() - t_fit
     sched_steps = int(cfg.method.get("max_steps") or 0)
+    stop_reason = _stop_reason(trainer, int(cfg.trainer.get("max_steps", -1) or -1))
     if 0 < trainer.global_step < sched_steps and not trainer.interrupted:
-        log.warning("training stopped at step %d of the %d its learning-rate schedule runs to (trainer.max_epochs, "
-                    "max_time or an early stop came first): the schedule did not finish its decay",
-                    trainer.global_step, sched_steps)
+        log.warning("training stopped at step %d of the %d its learning-rate schedule runs to (%s came first): the "
+                    "schedule did not finish its decay", trainer.global_step, sched_steps, stop_reason)
     done = out_dir / "summary.json"
     # (a fit with nothing to do never starts its train loop: no start step recorded)
     if ckpt_path and facts.start_step in (None, trainer.global_step) and done.is_file():
         # a rerun into a finished run (same max_steps): fit had nothing to do. Its summary and encoder are the
         # finished run's; overwriting the summary would drop its validation metrics and partial-epoch count
-        log.warning("the run in %s is already complete at step %d (trainer.max_steps): nothing trained; its "
-                    "summary.json and encoder are kept (raise trainer.max_steps to train on)", out_dir,
-                    trainer.global_step)
-        return {**json.loads(done.read_text()), "nothing_trained": True}
+        limit = {"max_time": "trainer.max_time (its elapsed time is restored on resume)",
+                 "max_epochs": "trainer.max_epochs"}.get(stop_reason, "trainer.max_steps")
+        log.warning("the run in %s is already complete at step %d (%s): nothing trained; its summary.json and "
+                    "encoder are kept (raise %s to train on)", out_dir, trainer.global_step, stop_reason,
+                    limit.split(" ")[0])
+        return {**json.loads(done.read_text()), "nothing_trained": True, "nothing_trained_limit": limit}
     if trainer.global_step == 0 and int(cfg.trainer.get("max_steps", -1) or -1) != 0:
         n_train = sum(len(p) for p in getattr(datamodule, "train_pools", [])) or "too few"
         raise ConfigError("data.batch_size", f"the run trained 0 steps: the training loader gave no batch "
@@ -212,6 +253,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "backbone": getattr(model.backbone, "name", type(model.backbone).__name__),
         "n_parameters": int(sum(p.numel() for p in model.backbone.parameters())),
         "steps": int(trainer.global_step),
+        # what ended the fit (max_steps, or max_time / max_epochs / an early stop before it) and the step the
+        # learning-rate schedule runs to: steps < schedule_steps is a run stopped before its decay finished
+        "stop_reason": stop_reason,
+        "schedule_steps": sched_steps or None,
         # whole epochs run (fit counts an epoch stopped part-way by max_steps / max_time as finished), and the
         # batches of the unfinished one
         "epochs": int(trainer.current_epoch) - int(mid_epoch),
@@ -248,7 +293,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         export_encoder(model.backbone, enc_dir, spec, extra={
             "fs": fs, "crop_samples": int(cfg.crop_samples), "crop_seconds": float(cfg.crop_seconds),
             "method": exported_method_name(summary["method"], cfg.method.get("aux_targets")),
-            "steps": summary["steps"], "seed": int(cfg.seed),
+            "steps": summary["steps"], "seed": int(cfg.seed), "stop_reason": stop_reason,
+            "schedule_steps": sched_steps or None,
             "method_hparams": jsonable(OmegaConf.to_container(cfg.method, resolve=True)),
             # what the encoder saw: the benchmarking leakage guard compares these caches with test splits
             # every cache the weights were trained on, those of the runs this one continued included

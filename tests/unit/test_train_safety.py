@@ -168,21 +168,28 @@ def test_nonfinite_loss_stops_at_once_naming_step_and_records(tmp_path, clean_ca
         assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()), ckpt.name
 
 
-def test_nonfinite_weights_are_never_exported(tmp_path, clean_cache, monkeypatch):
-    """Weights that turn non-finite without a non-finite loss (e.g. an inf gradient) stop the run before the
-    encoder is exported."""
+@pytest.mark.parametrize("save_last", [True, False])
+def test_nonfinite_weights_are_never_exported(tmp_path, clean_cache, monkeypatch, save_last):
+    """Weights that turn non-finite without a non-finite loss (e.g. an inf gradient) stop the run before they are
+    checkpointed or exported. Poisoned after the last optimiser step, so no later loss can be what stops the run
+    (poisoned at step 2 of 3, the NaN loss of step 3 raised first and the weight checks were never reached)."""
     from ecgfm.methods.base import PretrainModule
+    from ecgfm.train.safety import NonFiniteWeightsError
 
     def poison(self, *args, **kwargs):
-        if self.trainer.global_step == 2:
+        if self.trainer.global_step == 3:
             with torch.no_grad():
                 next(self.backbone.parameters()).fill_(float("inf"))
 
     monkeypatch.setattr(PretrainModule, "on_train_batch_end", poison, raising=False)
     out = tmp_path / "run"
-    with pytest.raises(RuntimeError, match="non-finite"):
-        train(_cfg(out, clean_cache, ["trainer.max_steps=3"]))
+    with pytest.raises(NonFiniteWeightsError, match="non-finite"):
+        train(_cfg(out, clean_cache, ["trainer.max_steps=3", "checkpoint.every_n_train_steps=5",
+                                      f"checkpoint.save_last={str(save_last).lower()}"]))
     assert not (out / "encoder").exists()
+    for ckpt in (out / "checkpoints").glob("*.ckpt"):
+        state = torch.load(ckpt, weights_only=True, map_location="cpu")["state_dict"]
+        assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()), ckpt.name
 
 
 def test_crop_follows_the_cache_sampling_rate(tmp_path, tmp_path_factory):
@@ -253,3 +260,58 @@ def test_pipelines_is_a_thin_reexport_of_ecgfm_train():
     assert pipelines.train is run.train
     assert pipelines.ResumableDataLoader is loop.ResumableDataLoader
     assert len((ROOT / "ecgfm" / "pipelines.py").read_text().splitlines()) < 40
+
+
+def test_overwrite_removes_slurm_requeue_checkpoints(tmp_path, clean_cache):
+    """overwrite=true left <out>/hpc_ckpt_*.ckpt behind; under SLURM Lightning's fit(ckpt_path=None) restores it by
+    itself, so the "fresh" run continued the old one (its weights, steps and losses) and said resumed_from None."""
+    from ecgfm.train.checkpoints import guard_fresh_start
+
+    out = tmp_path / "run"
+    train(_cfg(out, clean_cache, ["trainer.max_steps=2"]))
+    import shutil
+
+    shutil.copy2(out / "checkpoints" / "last.ckpt", out / "hpc_ckpt_1.ckpt")
+    guard_fresh_start(out, overwrite=True)
+    assert not list(out.glob("hpc_ckpt_*.ckpt")) and not (out / "checkpoints").exists()
+
+
+def test_schedule_shorter_than_the_run_is_refused(tmp_path, clean_cache):
+    """trainer.max_steps=12 with method.max_steps=6 trained its last 6 steps at learning rate 0 while the export
+    counted 12; a run shorter than the schedule (a budgeted stop) is still allowed."""
+    from ecgfm.config import ConfigError
+
+    with pytest.raises(ConfigError, match="last 6 steps would train at learning rate 0"):
+        train(_cfg(tmp_path / "a", clean_cache, ["trainer.max_steps=12", "method.max_steps=6"]))
+    summary = train(_cfg(tmp_path / "b", clean_cache, ["trainer.max_steps=2", "method.max_steps=6"]))
+    assert summary["steps"] == 2 and summary["stop_reason"] == "max_steps" and summary["schedule_steps"] == 6
+
+
+def test_a_time_limited_run_says_so(tmp_path, clean_cache):
+    """A run stopped by trainer.max_time was reported as "training finished" with no stop reason in summary.json,
+    and a rerun advised raising trainer.max_steps (the elapsed time is restored, so only max_time helps)."""
+    from ecgfm.train.report import final_block
+
+    out = tmp_path / "run"
+    s = train(_cfg(out, clean_cache, ["trainer.max_steps=100000", "+trainer.max_time=00:00:00:01"]))
+    assert s["stop_reason"] == "max_time" and s["steps"] < s["schedule_steps"] == 100000
+    assert "stopped early (max_time)" in final_block(s)
+    _, _, info = load_encoder(out / "encoder")
+    assert info["extra"]["stop_reason"] == "max_time"
+    again = train(_cfg(out, clean_cache, ["trainer.max_steps=100000", "+trainer.max_time=00:00:00:01"]))
+    if again.get("nothing_trained"):
+        assert "raise trainer.max_time" in final_block(again)
+
+
+def test_a_batch_emptied_by_nonfinite_skip_is_not_a_crash():
+    """training_step returns None for a batch whose every record was non-finite (nonfinite=skip); Lightning then
+    passes {} to on_train_batch_end and the loss history raised KeyError('loss')."""
+    from types import SimpleNamespace
+
+    from ecgfm.train.loop import LossHistory
+
+    hist = LossHistory()
+    trainer = SimpleNamespace(accumulate_grad_batches=1, num_training_batches=4, global_step=1)
+    hist.on_train_batch_end(trainer, None, {}, None, 0)
+    hist.on_train_batch_end(trainer, None, {"loss": torch.tensor(2.0)}, None, 1)
+    assert hist.losses == [2.0]
