@@ -24,7 +24,9 @@ testing; any other value is refused, a labelled record without one is in no spli
 ``all`` (every labelled record is test data: external validation sets). Every split is checked for a patient on
 two sides (:func:`ecgfm.data.splits.assert_disjoint_patients`), the published folds and split columns too.
 
-Records without any label of the class space are left out of every split (as in the PTB-XL benchmark), except in
+A class without a positive record in the train split leaves the task (a note says so; the class space is
+otherwise counted over the whole cache). Records without any label of the class space are left out of every split
+(as in the PTB-XL benchmark), except in
 a multi-label ``labels: record`` task the records whose labels are known (``meta["labels_known"]``, set by
 :class:`~ecgfm.data.readers.FolderSource` for a labels-CSV row): those are negatives, kept as all-zero rows. A
 one-class task whose train or test split lacks positives or negatives is refused. The cache
@@ -299,6 +301,8 @@ def build_task(spec: TaskSpec, cache_root: str, preprocess: PreprocessSpec, clas
         assert_disjoint_patients(splits, pids)
     except ValueError as exc:
         raise ValueError(f"task {spec.name} ({kind} split of {cache_dir}): {exc}") from None
+    if classes is None and len(splits["train"]):
+        y, class_names, splits = _drop_untrainable_classes(spec, y, class_names, splits, notes)
     _check_split_classes(spec, y, splits, class_names, notes, cache_dir,
                          has_known=any(isinstance(m, dict) and LABELS_KNOWN in m for m in index["meta"]))
     fs = float(cache.fs or preprocess.fs or 100.0)
@@ -306,6 +310,37 @@ def build_task(spec: TaskSpec, cache_root: str, preprocess: PreprocessSpec, clas
                     multilabel=bool(spec.multilabel), splits=splits, patient_ids=pids,
                     crop_samples=int(round(spec.crop_seconds * fs)),
                     stride_samples=max(1, int(round(spec.stride_seconds * fs))), notes=notes)
+
+
+def _drop_untrainable_classes(spec: TaskSpec, y: np.ndarray, class_names: list[str],
+                              splits: dict[str, np.ndarray], notes: list[str]
+                              ) -> tuple[np.ndarray, list[str], dict[str, np.ndarray]]:
+    """Leave out the classes without a positive record in the train split (the class space is otherwise counted over
+    the whole cache, test records included).
+
+    A head never shown a positive cannot learn the class: a probe scores it at chance (0.5) and a fine-tune with a
+    random head at seed-dependent noise (0.28 / 0.81 in two seeds of PTB-XL rhythm's AFLT on the shared subset), and
+    either joined the macro AUROC. Multi-label: the column goes, records keep their other labels (a record with none
+    left is a negative for every class). Single-label: the class's records leave every split. A note names them.
+
+    Returns:
+        ``(labels, class_names, splits)`` without those classes (unchanged when every class has one).
+    """
+    trained = y[splits["train"]].sum(axis=0) > 0
+    if trained.all():
+        return y, class_names, splits
+    gone = [c for c, t in zip(class_names, trained) if not t]
+    keep = np.flatnonzero(trained)
+    if not len(keep):
+        raise ValueError(f"task {spec.name}: no class has a positive record in the train split")
+    notes.append(f"class(es) {gone} have no positive record in the train split: left out of the task (a head "
+                 f"cannot learn them; scored, they would put chance-level or seed-dependent AUROCs in the macro "
+                 f"average)")
+    y = np.ascontiguousarray(y[:, keep])
+    if not spec.multilabel:
+        orphan = y.sum(axis=1) == 0
+        splits = {k: v[~orphan[v]] for k, v in splits.items()}
+    return y, [class_names[i] for i in keep], splits
 
 
 def _check_split_classes(spec: TaskSpec, y: np.ndarray, splits: Mapping[str, np.ndarray], class_names: Sequence[str],

@@ -88,3 +88,24 @@ def test_task_window_and_stride_must_be_positive_seconds(key, value):
     with pytest.raises(ValueError, match=f"{key} must be a positive number of seconds"):
         TaskSpec.from_config(cfg)
     assert TaskSpec.from_config({**cfg, key: 2.5}).__dict__[key] == 2.5
+
+
+def test_classes_without_a_training_positive_leave_the_task():
+    """PTB-XL rhythm on the shared subset had AFLT and SVTAC with no training positive: probes scored them at 0.5
+    and fine-tunes at seed-dependent noise (0.28 / 0.81), inside the macro AUROC. They leave the task, with a note;
+    multi-label records keep their other labels, single-label records of the class leave every split."""
+    from ecgfm.evaluate.tasks import _drop_untrainable_classes
+
+    y = np.array([[1, 0, 0], [0, 1, 0], [1, 0, 0], [0, 0, 1], [0, 1, 0], [1, 0, 1]], dtype=np.float32)
+    splits = {"train": np.array([0, 1, 2]), "val": np.array([3, 4]), "test": np.array([5])}
+    multi = TaskSpec(name="t", dataset="d", sources=[{}], multilabel=True)
+    notes: list[str] = []
+    y2, names, sp = _drop_untrainable_classes(multi, y, ["a", "b", "c"], splits, notes)
+    assert names == ["a", "b"] and y2.shape == (6, 2) and sp == splits
+    assert "['c'] have no positive record in the train split" in notes[0]
+    single = TaskSpec(name="t", dataset="d", sources=[{}], multilabel=False)
+    ys = np.eye(3, dtype=np.float32)[[0, 1, 0, 2, 1, 2]]
+    y3, names, sp = _drop_untrainable_classes(single, ys, ["a", "b", "c"], splits, [])
+    assert names == ["a", "b"] and sp["val"].tolist() == [4] and sp["test"].tolist() == []
+    same = _drop_untrainable_classes(multi, y[:, :2], ["a", "b"], splits, [])
+    assert same[1] == ["a", "b"] and same[0] is not None
