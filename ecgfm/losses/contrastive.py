@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-__all__ = ["nt_xent", "clocs_loss", "gather_with_grad", "world_info", "ddp_mean_count"]
+__all__ = ["nt_xent", "clocs_loss", "gather_with_grad", "world_info", "ddp_mean_count", "ddp_mean"]
 
 _NEG = -1e9  # logit of an absent candidate (exp underflows to 0 in float32)
 
@@ -46,6 +46,30 @@ def ddp_mean_count(count: torch.Tensor) -> torch.Tensor:
     total = count.detach().clone()
     dist.all_reduce(total)
     return total / world
+
+
+def ddp_mean(local_sum: torch.Tensor, local_count: torch.Tensor) -> torch.Tensor:
+    """A per-item mean whose *value* is this rank's (``local_sum / local_count``: what is logged and recorded) and
+    whose *gradient* is that of ``local_sum / ddp_mean_count(local_count)``, which DDP's average over ranks turns
+    into the gradient of the global per-item mean. Without a process group: ``local_sum / local_count``.
+
+    (Returning the rescaled sum itself would log each rank's loss multiplied by its share of the items, e.g. x0.48
+    and x1.52 for a rank of one-lead records and a rank of 12-lead ones.)
+
+    Args:
+        local_sum: scalar sum over this rank's items (differentiable).
+        local_count: scalar count of this rank's items.
+
+    Returns:
+        Scalar.
+    """
+    count = local_count.to(local_sum.dtype)
+    own = local_sum / count.clamp_min(1e-6)
+    _, world = world_info()
+    if world == 1:
+        return own
+    scaled = local_sum / ddp_mean_count(count).clamp_min(1e-6)
+    return scaled + (own - scaled).detach()
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ import torch
 __all__ = ["masked_target_mse"]
 
 
-def masked_target_mse(pred: torch.Tensor, target: torch.Tensor, count: torch.Tensor | None = None) -> torch.Tensor:
+def masked_target_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean squared error over the finite entries of ``target`` only.
 
     A target entry that could not be computed (NaN, e.g. a rhythm statistic of a record with too few beats) adds
@@ -16,8 +16,6 @@ def masked_target_mse(pred: torch.Tensor, target: torch.Tensor, count: torch.Ten
     Args:
         pred: ``(B, F)`` predictions.
         target: ``(B, F)`` targets, NaN where unknown.
-        count: divide the squared errors' sum by this instead of the number of finite entries (under DDP: their
-            mean over ranks, :func:`~ecgfm.losses.ddp_mean_count`, so that the averaged gradient is the global mean's).
 
     Returns:
         Scalar loss (float32); ``0`` (attached to ``pred``'s graph) when no target entry is finite.
@@ -26,5 +24,4 @@ def masked_target_mse(pred: torch.Tensor, target: torch.Tensor, count: torch.Ten
         raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} must have the same shape")
     known = torch.isfinite(target)
     diff = torch.where(known, pred.float() - torch.nan_to_num(target.float()), pred.new_zeros(()).float())
-    denom = known.sum().clamp_min(1).to(diff.dtype) if count is None else count.to(diff.dtype).clamp_min(1e-6)
-    return diff.pow(2).sum() / denom
+    return diff.pow(2).sum() / known.sum().clamp_min(1).to(diff.dtype)

@@ -36,7 +36,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from ecgfm.backbones.vit1d import sincos_1d
-from ecgfm.losses.contrastive import ddp_mean_count
+from ecgfm.losses.contrastive import ddp_mean
 from ecgfm.losses.mae import masked_patch_mse
 from ecgfm.methods.base import PretrainModule
 
@@ -406,9 +406,9 @@ class MAEModule(PretrainModule):
     def shared_step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Mean reconstruction error per counted patch (hidden patch of a present lead) of the batch.
 
-        Under DDP a training step divides its sum by the mean count over ranks (:func:`ddp_mean_count`), so that
-        DDP's gradient average is the gradient of the global per-patch mean even when the ranks hold different
-        numbers of counted patches (one-lead and 12-lead records split unevenly); one process: its own count.
+        Under DDP a training step's gradient is that of its sum over the mean count over ranks (:func:`ddp_mean`),
+        so that DDP's gradient average is the global per-patch mean's even when the ranks hold different numbers of
+        counted patches (one-lead and 12-lead records split unevenly); its value (logged) is this rank's own mean.
         """
         x, lead_mask = batch["x"], batch.get("lead_mask")
         groups = self.lead_set_groups(batch)
@@ -430,10 +430,11 @@ class MAEModule(PretrainModule):
     def pooled_recon(self, losses: list[torch.Tensor], counts: list[torch.Tensor]) -> torch.Tensor:
         """The per-patch mean of lead-set groups' mean errors ``losses`` over ``counts`` counted patches each.
 
-        In training the sum is divided by :func:`ddp_mean_count` of the batch's count (the mean count over DDP
-        ranks; this process's count without DDP), so that DDP's gradient average is that of the global mean.
+        In training under DDP its gradient is that of the sum over the mean count over ranks (:func:`ddp_mean`), so
+        that DDP's gradient average is the global per-patch mean's; its value stays this rank's own mean.
         """
         counts_t = torch.stack(counts).to(losses[0].dtype)
-        local = counts_t.sum()
-        denom = ddp_mean_count(local) if self.training else local
-        return (torch.stack(losses) * counts_t).sum() / denom.clamp_min(1e-6)
+        total = (torch.stack(losses) * counts_t).sum()
+        if self.training:
+            return ddp_mean(total, counts_t.sum())
+        return total / counts_t.sum().clamp_min(1e-6)

@@ -29,7 +29,7 @@ from torch import nn
 
 from ecgfm.augment import make_generator, simclr_augment
 from ecgfm.heads import ProjectionHead
-from ecgfm.losses.contrastive import ddp_mean_count, nt_xent
+from ecgfm.losses.contrastive import ddp_mean, nt_xent
 from ecgfm.losses.regression import masked_target_mse
 from ecgfm.methods.base import PretrainModule
 
@@ -261,9 +261,10 @@ class SimCLRModule(PretrainModule):
             t = batch["t"]
             # each view predicts its own targets: t2 of x2 when the targets are crop-level, else its record's
             target = torch.cat([t, batch.get("t2", t)])
-            known = torch.isfinite(target).sum()   # the mean over DDP ranks' known entries in training
-            aux = masked_target_mse(self.aux_head(h), target,
-                                    count=ddp_mean_count(known) if self.training else None)
+            aux = masked_target_mse(self.aux_head(h), target)
+            if self.training:   # DDP: the gradient of the global mean over known entries, the value this rank's
+                known = torch.isfinite(target).sum()
+                aux = ddp_mean(aux * known, known)
             terms.update(nt_xent=nt.detach(), aux_mse=aux.detach())
             loss = loss + self.aux_weight * aux
         return loss, terms

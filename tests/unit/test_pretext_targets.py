@@ -49,10 +49,11 @@ def test_masked_target_mse_matches_reference_and_ignores_unknown_entries():
         masked_target_mse(pred, target[:, :3])
 
 
-def test_masked_target_mse_over_a_mean_count_averages_halves_to_the_whole_batch():
-    """What DDP does with ``count=ddp_mean_count(known)``: two ranks with unevenly many known targets each divide by
-    the mean count, and the mean of their losses (and gradients) is the whole batch's; their own counts are not."""
-    from ecgfm.losses import ddp_mean_count
+def test_ddp_mean_logs_the_rank_mean_and_gives_the_global_gradient(monkeypatch):
+    """What SimCLR's pretext regression does under DDP with ``ddp_mean``: two ranks with unevenly many known targets
+    each return their own mean as the value (what is logged), and the mean of their gradients (DDP's average) is the
+    whole batch's gradient; dividing each by its own count (the old per-rank mean) gives another gradient."""
+    import ecgfm.losses.contrastive as C
 
     g = torch.Generator().manual_seed(1)
     pred = torch.randn(6, 4, generator=g, requires_grad=True)
@@ -60,17 +61,21 @@ def test_masked_target_mse_over_a_mean_count_averages_halves_to_the_whole_batch(
     target[:3, 1:] = float("nan")                      # the first half knows 3 entries, the second 12
     whole = masked_target_mse(pred, target)
     (grad_whole,) = torch.autograd.grad(whole, pred)
-    known = [torch.isfinite(target[:3]).sum(), torch.isfinite(target[3:]).sum()]
-    assert torch.equal(ddp_mean_count(known[0]), known[0])          # no process group: the local count
-    mean_count = (known[0] + known[1]) / 2
-    halves = [masked_target_mse(pred[:3], target[:3], count=mean_count),
-              masked_target_mse(pred[3:], target[3:], count=mean_count)]
-    avg = (halves[0] + halves[1]) / 2
-    assert torch.allclose(avg, whole)
-    (grad_avg,) = torch.autograd.grad(avg, pred)
-    assert torch.allclose(grad_avg, grad_whole)
-    own = (masked_target_mse(pred[:3], target[:3]) + masked_target_mse(pred[3:], target[3:])) / 2
-    assert abs(float(own) - float(whole)) > 1e-3
+    halves = [(slice(0, 3)), (slice(3, 6))]
+    known = [torch.isfinite(target[h]).sum() for h in halves]
+    assert torch.equal(C.ddp_mean_count(known[0]), known[0])          # no process group: the local count
+    own = [masked_target_mse(pred[h], target[h]) for h in halves]
+    assert torch.allclose(C.ddp_mean(own[0] * known[0], known[0]), own[0])   # one process: its own mean
+    mean_count = (known[0] + known[1]).float() / 2
+    monkeypatch.setattr(C, "world_info", lambda: (0, 2))
+    monkeypatch.setattr(C, "ddp_mean_count", lambda c: mean_count)
+    values = [C.ddp_mean(o * k, k) for o, k in zip(own, known)]
+    for v, o in zip(values, own):
+        assert torch.allclose(v, o)                                   # logged: the rank's own mean
+    grads = [torch.autograd.grad(v, pred, retain_graph=True)[0] for v in values]
+    assert torch.allclose((grads[0] + grads[1]) / 2, grad_whole)      # DDP's average: the global mean's gradient
+    old = [torch.autograd.grad(o, pred)[0] for o in own]
+    assert not torch.allclose((old[0] + old[1]) / 2, grad_whole)
 
 
 class BeatSource:
