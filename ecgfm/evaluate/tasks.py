@@ -48,6 +48,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ecgfm.conf import config_dir
+from ecgfm.config import ConfigError
 from ecgfm.data.preprocess import PreprocessSpec
 
 SPLIT_KINDS = ("folds", "stratified", "column", "all")
@@ -87,21 +88,23 @@ class TaskSpec:
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"task config: unknown key(s) {unknown}; known: {sorted(known)}")
+            raise ConfigError("task", f"unknown key(s) {unknown}; known: {sorted(known)}")
         for key in ("name", "dataset", "sources"):
             if not data.get(key):
-                raise ValueError(f"task config: {key!r} is required")
+                raise ConfigError(f"task.{key}", "is required")
         spec = cls(**data)
         kind = spec.split.get("kind")
         if kind not in SPLIT_KINDS:
-            raise ValueError(f"task {spec.name}: split.kind must be one of {SPLIT_KINDS}, got {kind!r}")
+            raise ConfigError("task.split.kind", f"task {spec.name}: must be one of {SPLIT_KINDS}, got {kind!r}")
         if not (spec.labels == "record" or spec.labels.startswith("ptbxl:")):
-            raise ValueError(f"task {spec.name}: labels must be 'record' or 'ptbxl:<task>', got {spec.labels!r}")
+            raise ConfigError("task.labels", f"task {spec.name}: must be 'record' or 'ptbxl:<task>', got "
+                                              f"{spec.labels!r}")
         for key in ("crop_seconds", "stride_seconds"):   # a stride <= 0 was clamped to one sample without a word
             value = getattr(spec, key)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 \
                     or not math.isfinite(value):
-                raise ValueError(f"task {spec.name}: {key} must be a positive number of seconds, got {value!r}")
+                raise ConfigError(f"task.{key}", f"task {spec.name}: {key} must be a positive number of seconds, "
+                                                f"got {value!r}")
         return spec
 
 
@@ -237,16 +240,19 @@ def build_task(spec: TaskSpec, cache_root: str, preprocess: PreprocessSpec, clas
     else:
         y = cache.labels_matrix(class_names, label_fn).astype(np.float32)
     labelled = y.sum(axis=1) > 0
-    if spec.multilabel and mapper is None and spec.labels == "record":
-        # a record whose labels are known (FolderSource: a labels-CSV row, e.g. 0 in every flag column) but that
-        # carries no class of the space is a negative for every class: kept as an all-zero row, not unlabelled
+    any_positive = bool(labelled.any())
+    if spec.multilabel and mapper is None and spec.labels == "record" and any_positive:
+        # a record whose labels are known to be none (FolderSource: a labels-CSV row of 0 in every flag column) is a
+        # negative for every class: kept as an all-zero row, not unlabelled. A record with labels outside the class
+        # space is not (another vocabulary: "Normal" is not known to be no NORM), it stays out of every split
         known = np.array([isinstance(m, dict) and m.get(LABELS_KNOWN) is True for m in index["meta"]], dtype=bool)
-        negatives = known & ~labelled
+        empty = np.array([len(tuple(lab or ())) == 0 for lab in index["labels"]], dtype=bool)
+        negatives = known & empty & ~labelled
         if negatives.any():
-            notes.append(f"{int(negatives.sum())} record(s) with known labels but no class of {class_names} are "
-                         f"negatives for every class")
+            notes.append(f"{int(negatives.sum())} record(s) whose labels are known to be none (0 in every flag "
+                         f"column) are negatives for every class")
         labelled |= negatives
-    if not labelled.any():
+    if not any_positive:
         why = ""
         if mapper is not None:
             from ecgfm.data.labelmaps import summary_lines

@@ -51,8 +51,21 @@ def test_flag_column_negatives_are_in_every_split(tmp_path, fixture_dir):
         y = task.labels[task.splits[part], 0]
         assert 0 < y.sum() < len(y), (part, y)                   # positives and negatives on both sides
     assert task.labels[in_split, 0].sum() == 4
-    assert any("8 record(s) with known labels but no class of ['af'] are negatives" in n for n in task.notes)
+    assert any("8 record(s) whose labels are known to be none" in n for n in task.notes)
     assert any("3 record(s) without a label of the class space are in no split" in n for n in task.notes)
+
+
+def test_labels_outside_the_class_space_are_not_negatives(tmp_path, fixture_dir):
+    """Records labelled in another vocabulary ("Normal", "Infarct" for a task of NORM / MI) are not known to be
+    negatives: a task imposing those classes still finds no positive and says so (they were all turned into
+    negatives: an external set with no positive, or real positives scored as negatives)."""
+    root = _folder(tmp_path, fixture_dir, "patient_id,dx", [f"P{i},{'Normal' if i % 2 else 'Infarct'}"
+                                                            for i in range(8)])
+    spec = TaskSpec(name="ext", dataset="ext", sources=[{
+        "_target_": "ecgfm.data.readers.FolderSource", "root": str(root), "labels_csv": str(root / "labels.csv"),
+        "include_unlabelled": False}], labels="record", multilabel=True, split={"kind": "all"})
+    with pytest.raises(ValueError, match=r"no record of .* has a label among \['NORM', 'MI'\]"):
+        build_task(spec, str(tmp_path / "cache"), PreprocessSpec(fs=100), classes=["NORM", "MI"])
 
 
 def test_one_class_task_without_negatives_is_refused(tmp_path, fixture_dir):
@@ -85,7 +98,7 @@ def test_task_window_and_stride_must_be_positive_seconds(key, value):
     from ecgfm.evaluate.tasks import TaskSpec
 
     cfg = {"name": "t", "dataset": "d", "sources": [{"_target_": "x"}], key: value}
-    with pytest.raises(ValueError, match=f"{key} must be a positive number of seconds"):
+    with pytest.raises(ValueError, match=f"{key} must be a positive number of seconds"):   # a ConfigError
         TaskSpec.from_config(cfg)
     assert TaskSpec.from_config({**cfg, key: 2.5}).__dict__[key] == 2.5
 

@@ -108,11 +108,6 @@ class FolderSource:
             raise ECGDataError(self.root, "no WFDB records (*.hea) found in the folder or its sub-folders")
         self.labels_csv: Path | None = None
         self.label_columns: list[str] = []
-        # public: every setting that shapes what a record loads as is part of the source's description, hence of
-        # its caches' identity (a changed patient column was answered with the old cache's patients)
-        self.id_column: str | None = None
-        self.patient_column: str | None = None
-        self.labels_encoding: str | None = None
         self._labels: dict[str, tuple[str, ...]] = {}
         self._known: set[str] = set()   # records whose row has a non-empty label cell (labels known)
         self._meta: dict[str, dict[str, Any]] = {}
@@ -159,6 +154,9 @@ class FolderSource:
             patient_column = None
         if patient_column is not None and patient_column not in columns:
             raise ECGDataError(path, f"patient column {patient_column!r} not found; columns are {columns}")
+        # public (set only with a labels CSV, so the description of a source without one is as before): every
+        # setting that shapes what a record loads as is part of the source's description, hence of its caches'
+        # identity (a changed patient column was answered with the old cache's patients)
         self.id_column, self.patient_column, self.labels_encoding = id_column, patient_column, str(encoding)
         default = label_columns is None
         if default:
