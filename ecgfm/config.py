@@ -505,9 +505,11 @@ def validate_train_config(cfg: DictConfig, provided: dict[str, tuple[str, ...]] 
             raise ConfigError(f"trainer.{key}", f"is set by the training pipeline, which would replace this value "
                                                 f"silently: {how}")
     try:
-        PreprocessSpec.from_dict(OmegaConf.to_container(merged.preprocess, resolve=True))  # value checks
+        spec = PreprocessSpec.from_dict(OmegaConf.to_container(merged.preprocess, resolve=True))  # value checks
     except ValueError as err:
         raise ConfigError("preprocess", str(err)) from None
+    if spec.notch_problem():
+        raise ConfigError("preprocess.notch", spec.notch_problem())
     if not merged.crop_seconds > 0:
         raise ConfigError("crop_seconds", f"must be positive, got {merged.crop_seconds}")
     if merged.crop_samples <= 0:
@@ -602,9 +604,11 @@ def validate_prepare_config(cfg: Any) -> dict[str, Any]:
     if out["workers"] < 0:
         raise ConfigError("workers", f"must be >= 0, got {out['workers']}")
     try:
-        PreprocessSpec.from_dict(out["spec"])
+        spec = PreprocessSpec.from_dict(out["spec"])
     except ValueError as err:
         raise ConfigError("spec", str(err)) from None
+    if spec.notch_problem():
+        raise ConfigError("spec.notch", spec.notch_problem())
     try:
         presets_plain = {k: OmegaConf.to_container(plain._get_node(k), resolve=True)
                          if isinstance(plain._get_node(k), DictConfig) else None for k in presets}

@@ -36,6 +36,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 from dataclasses import asdict, dataclass, fields, replace
 from fractions import Fraction
 from typing import Any
@@ -43,6 +44,8 @@ from typing import Any
 import numpy as np
 
 from ecgfm.data.record import CANONICAL_LEADS, N_LEADS, ECGDataError, ECGRecord
+
+log = logging.getLogger(__name__)
 
 
 class _LazySciPySignal:
@@ -153,13 +156,18 @@ class PreprocessSpec:
             raise ValueError(f"PreprocessSpec.highpass={self.highpass} must be below lowpass={self.lowpass}")
         if self.notch is not None and self.notch <= 0:
             raise ValueError(f"PreprocessSpec.notch must be a positive frequency in Hz, got {self.notch}")
-        if self.fs is not None and self.notch is not None and self.notch >= self.fs / 2:
-            # the notch is applied after resampling to fs: at or above Nyquist it would do nothing, while the spec
-            # (written into manifests and artifacts) would say the powerline was removed
-            raise ValueError(f"PreprocessSpec.notch={self.notch} must be below fs/2={self.fs / 2} (it is applied at "
-                             f"fs); use notch=None")
         if int(self.filter_order) < 1:
             raise ValueError(f"PreprocessSpec.filter_order must be at least 1, got {self.filter_order}")
+
+    def notch_problem(self) -> str | None:
+        """Why ``notch`` cannot act, or None: it is applied after resampling to ``fs``, so a notch at or above
+        ``fs / 2`` does nothing while the spec (written into manifests and artifacts) says the powerline was removed.
+        Not an error here, so that specs already written stay loadable; new configurations are refused
+        (:mod:`ecgfm.config`)."""
+        if self.fs is not None and self.notch is not None and self.notch >= self.fs / 2:
+            return (f"notch={self.notch} Hz is at or above fs/2={self.fs / 2} Hz (it is applied at fs, where it does "
+                    f"nothing); use notch=null")
+        return None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form; the fields added after the first release appear only when they differ from their
@@ -269,8 +277,12 @@ def _polyphase_fir(up: int, down: int, dtype: str) -> np.ndarray:
 def resample(sig: np.ndarray, fs_in: float, fs_out: float, method: str = "polyphase") -> np.ndarray:
     """Resampling along the last axis. ``(..., T) -> (..., T * fs_out / fs_in)``.
 
-    ``method="polyphase"`` (default): anti-aliased polyphase filter. ``"fourier"``: :func:`scipy.signal.resample`
-    to ``int(T * fs_out / fs_in)`` samples (ST-MEM's ``Resample``), computed in float64.
+    ``method="polyphase"`` (default): anti-aliased polyphase filter by the exact ratio of integer rates (before
+    2026-12-06 every ratio was reduced to a denominator of at most 1000: exact for 500, 360, 300, 257, 250, 200 ->
+    100 Hz, but 4096 -> 100 Hz ran 30 ms per 10 min off; a cache prepared before then from such a rate pair keeps
+    those samples until its folder is deleted); other rates by the nearest ratio of denominator <= 1000, with a
+    warning when the time axis runs off. ``"fourier"``: :func:`scipy.signal.resample` to ``int(T * fs_out / fs_in)``
+    samples (ST-MEM's ``Resample``), computed in float64.
     """
     if float(fs_in) == float(fs_out):
         return sig
@@ -283,9 +295,11 @@ def resample(sig: np.ndarray, fs_in: float, fs_out: float, method: str = "polyph
         ratio = Fraction(int(fs_out), int(fs_in))
     else:
         ratio = Fraction(float(fs_out) / float(fs_in)).limit_denominator(1000)
-        if abs(float(ratio) - float(fs_out) / float(fs_in)) > 1e-6 * float(fs_out) / float(fs_in):
-            raise ValueError(f"resample: no small integer ratio for {fs_in} -> {fs_out} Hz (nearest {ratio}); "
-                             f"resample_method='fourier' resamples to any length")
+        err = abs(float(ratio) * float(fs_in) / float(fs_out) - 1.0)
+        if err > 1e-6:   # the output is labelled fs_out: say how far its time axis runs off
+            log.warning("resample %g -> %g Hz: approximated by the ratio %s, so the output's time runs off by %.2g s "
+                        "per hour; resample_method='fourier' resamples to the exact length", float(fs_in),
+                        float(fs_out), ratio, err * 3600.0)
     up, down = ratio.numerator, ratio.denominator
     sig = np.asarray(sig)
     if sig.dtype in (np.float32, np.float64) and max(up, down) > 1:

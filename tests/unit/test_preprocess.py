@@ -104,9 +104,20 @@ def test_notch_removes_powerline(line):
     # at or above Nyquist the notch function skips (a rate-keeping spec may meet such a record) ...
     z = notch(x[:, ::5], 100.0, 50.0)
     np.testing.assert_array_equal(z, x[:, ::5])
-    # ... but a spec with its own rate cannot ask for it: it would say the powerline was removed and do nothing
-    with pytest.raises(ValueError, match="notch=50.0 must be below fs/2=50.0"):
-        PreprocessSpec(fs=100.0, notch=50.0)
+    # ... a spec with its own rate that asks for it still loads (artifacts written before keep working) but says
+    # why it does nothing, and a new training / preparation config asking for it is refused
+    spec = PreprocessSpec(fs=100.0, notch=50.0)
+    assert "at or above fs/2=50.0" in spec.notch_problem() and PreprocessSpec(fs=500.0, notch=50.0).notch_problem() \
+        is None
+    from hydra import compose, initialize_config_dir
+
+    from ecgfm.conf import config_dir
+    from ecgfm.config import ConfigError, validate_train_config
+
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["+experiment=mae", "preprocess.notch=60", "out_dir=/tmp/x"])
+    with pytest.raises(ConfigError, match="preprocess.notch.*at or above fs/2"):
+        validate_train_config(cfg)
 
 
 def test_integer_rates_resample_by_their_exact_ratio():
@@ -118,8 +129,15 @@ def test_integer_rates_resample_by_their_exact_ratio():
         n = fs_in * 60
         y = resample(np.zeros((1, n), dtype=np.float32), fs_in, 100)
         assert y.shape[-1] == 6000, fs_in
-    with pytest.raises(ValueError, match="no small integer ratio"):
-        resample(np.zeros((1, 1000), dtype=np.float32), 333.3337, 100)
+
+
+
+def test_a_non_integer_rate_without_a_small_ratio_is_approximated_with_a_warning(caplog):
+    from ecgfm.data.preprocess import resample
+
+    with caplog.at_level("WARNING"):
+        y = resample(np.zeros((1, 1000), dtype=np.float32), 99.95, 100)
+    assert y.shape == (1, 1001) and "time runs off by" in caplog.text
 
 
 # ---- NaN, flat leads, normalisation ----------------------------------------------------------------------
