@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "ViT-B shapes are assumed to have 6 / 12 heads, with a warning)")
     ap.add_argument("--leads", help="comma-separated canonical lead names of the model's input channels, in order "
                                     "(each once)")
+    ap.add_argument("--checkpoint-leads", dest="checkpoint_leads",
+                    help="stmem: comma-separated lead of each of the checkpoint's 12 lead embeddings (its training "
+                         "channel order, e.g. HEEDB's I,II,III,aVR,aVF,aVL,V1,V2,V3,V4,V5,V6)")
     ap.add_argument("--stride", type=int, help="ecgfounder: stage downsampling stride (default 2)")
     ap.add_argument("--use-bn", dest="use_bn", action="store_true", default=None,
                     help="ecgfounder: the model uses BatchNorm (default: inferred)")
@@ -75,7 +78,9 @@ def main(argv: Sequence[str] | None = None) -> int:
              "stable_layer_norm": args.stable_layer_norm,
              "feat_extract_norm": args.feat_extract_norm,
              "conv_stride": None if args.conv_stride is None else [int(x) for x in args.conv_stride.split(",")],
-             "leads": None if args.leads is None else [x.strip() for x in args.leads.split(",") if x.strip()]}
+             "leads": None if args.leads is None else [x.strip() for x in args.leads.split(",") if x.strip()],
+             "checkpoint_leads": None if args.checkpoint_leads is None else
+             [x.strip() for x in args.checkpoint_leads.split(",") if x.strip()]}
     misplaced = sorted(k for k, v in given.items() if v is not None and k not in known)
     if misplaced:
         print(f"error: option(s) {', '.join('--' + k.replace('_', '-') for k in misplaced)} do not apply to "

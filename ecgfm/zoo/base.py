@@ -159,32 +159,34 @@ def state_dict_of(kind: ZooKind, obj: Any, where: str, others: Mapping[str, ZooK
     return state
 
 
-def leads_option(kind: str, options: Mapping[str, Any]) -> list[str] | None:
-    """The ``leads`` option, checked: a list (or tuple) of distinct canonical lead names, or None when not given.
+def leads_option(kind: str, options: Mapping[str, Any], key: str = "leads") -> list[str] | None:
+    """The ``leads`` option (or another lead-list option ``key``), checked: a list (or tuple) of distinct canonical
+    lead names, or None when not given.
 
     Args:
         kind: for the message.
         options: the import options.
+        key: the option's name.
 
     Raises:
         ZooImportError: ``leads`` is a string (it would be read character by character: ``"II"`` as I, I) or not a
             sequence, is empty, holds something other than a canonical lead name, or names a lead twice.
     """
-    leads = options.get("leads")
+    leads = options.get(key)
     if leads is None:
         return None
     if isinstance(leads, (str, bytes)) or not isinstance(leads, Sequence):
-        raise ZooImportError(kind, f"option leads must be a list of canonical lead names, one per input channel "
+        raise ZooImportError(kind, f"option {key} must be a list of canonical lead names, one per input channel "
                                    f"(e.g. ['II'] or ['I', 'II', 'V1']), got {type(leads).__name__} {leads!r}"
                                    + (" (a string is not split: pass a list)" if isinstance(leads, str) else ""))
     leads = list(leads)
     bad = [x for x in leads if not isinstance(x, str) or x not in CANONICAL_LEADS]
     if not leads or bad:
-        raise ZooImportError(kind, f"option leads must name canonical leads {list(CANONICAL_LEADS)}, got {leads}"
+        raise ZooImportError(kind, f"option {key} must name canonical leads {list(CANONICAL_LEADS)}, got {leads}"
                                    + (f" (not canonical: {bad})" if bad else " (empty)"))
     twice = [x for x, n in Counter(leads).items() if n > 1]
     if twice:
-        raise ZooImportError(kind, f"option leads names lead(s) {twice} more than once ({leads}): every input "
+        raise ZooImportError(kind, f"option {key} names lead(s) {twice} more than once ({leads}): every input "
                                    f"channel is a different lead")
     return leads
 

@@ -7,14 +7,14 @@ rows, and any split fits): give ``num_heads``. Without it, the two published sha
 is an assumption, not read from the weights, so the import warns and the artifact records it under
 ``extra.zoo.assumed``.
 
-Lead embeddings: ``lead_embeddings.{i}`` belongs to the model's input channel ``i`` (the authors' forward adds
-embedding ``i`` to input row ``i``). Without ``leads`` the 12 channels are ST-MEM's order, which is ecgfm's
-canonical order. ``leads`` naming all 12 leads in another order says the checkpoint was trained on that channel
-order: the rows are put into the canonical order at import (lead ``leads[i]`` keeps embedding ``i``), and the model
-reads its channels in that order (``input_leads``), so it gives what the authors' model gives on inputs in that
-channel order. ``leads`` naming fewer leads of a 12-embedding checkpoint reads those leads of the canonical input,
-each with its own (canonical) embedding. A checkpoint with another number of embeddings needs ``leads`` naming the
-lead of every embedding, in order.
+Lead embeddings: ``lead_embeddings.{i}`` belongs to the checkpoint's input channel ``i`` (the authors' forward adds
+embedding ``i`` to input row ``i``). By default the 12 channels are ST-MEM's order, which is ecgfm's canonical
+order. A checkpoint trained on another channel order (HEEDB / MIMIC-IV-ECG store aVF before aVL) says so with
+``checkpoint_leads`` (the lead of each row, all 12): the rows are put into the canonical order at import, so every
+lead keeps the embedding it was trained with. ``leads`` is what the model reads: those leads of the canonical input,
+in that order, each with its own embedding (so a subset or another order reads the same embeddings). ``leads``
+naming all 12 in another order without ``checkpoint_leads`` is refused: the two readings give different models. A
+checkpoint with another number of embeddings needs ``leads`` naming the lead of every embedding, in order.
 
 Key layout (authors -> ecgfm)::
 
@@ -74,22 +74,33 @@ def _leads_option(options: Mapping[str, Any], num_leads: int) -> tuple[list[str]
                                    f"embeddings")
     if num_leads != len(CANONICAL_LEADS):
         return leads, "option leads: the lead of every lead embedding, in order"
-    if leads == list(CANONICAL_LEADS):
-        return leads, "option leads: the canonical order I, II, III, aVR, aVL, aVF, V1-V6 (ST-MEM's)"
-    if len(leads) == num_leads:
-        return leads, ("option leads: the checkpoint's 12 input channels, in order (lead_embeddings.i is lead "
-                       "leads[i]; rows put into the canonical order at import)")
-    return leads, "option leads: a subset of the canonical leads, each with its own (canonical) lead embedding"
+    if (len(leads) == num_leads and leads != list(CANONICAL_LEADS) and options.get("checkpoint_leads") is None):
+        # two readings: the checkpoint's own channel order (embedding i is lead leads[i]), or merely the order to
+        # read canonical leads in (each with its canonical embedding); they give different models
+        raise ZooImportError(KIND, f"leads= names all 12 leads in another order ({leads}): if the checkpoint was "
+                                   f"trained on that channel order (its lead_embeddings.i belongs to leads[i]), say "
+                                   f"so with checkpoint_leads= (--checkpoint-leads) the same list; if not, leave "
+                                   f"leads out (each lead takes its own embedding whatever the order)")
+    return leads, "option leads: the leads read, in order, each with its own lead embedding"
 
 
-def _canonical_rows(leads: list[str] | None, num_leads: int) -> list[int] | None:
-    """For a 12-embedding checkpoint whose channel order ``leads`` names all 12 leads in a non-canonical order: the
-    canonical row of each checkpoint row (``lead_embeddings.i`` -> row ``CANONICAL_LEADS.index(leads[i])``);
-    None when the rows are already canonical."""
-    if (leads is None or num_leads != len(CANONICAL_LEADS) or len(leads) != num_leads
-            or list(leads) == list(CANONICAL_LEADS)):
-        return None
-    return [CANONICAL_LEADS.index(lead) for lead in leads]
+def _checkpoint_rows(options: Mapping[str, Any], num_leads: int) -> tuple[list[int] | None, list[str] | None]:
+    """``checkpoint_leads`` (the lead of each of a 12-embedding checkpoint's ``lead_embeddings`` rows, i.e. the
+    channel order it was trained on): the canonical row of each checkpoint row, or None when canonical / not given.
+
+    Raises:
+        ZooImportError: not 12 distinct canonical names, or a checkpoint without 12 lead embeddings.
+    """
+    order = leads_option(KIND, options, key="checkpoint_leads")
+    if order is None:
+        return None, None
+    if num_leads != len(CANONICAL_LEADS) or len(order) != num_leads:
+        raise ZooImportError(KIND, f"checkpoint_leads names the lead of each of the checkpoint's 12 lead embeddings "
+                                   f"(all 12, in the checkpoint's channel order); got {len(order)} for a checkpoint "
+                                   f"with {num_leads}")
+    if order == list(CANONICAL_LEADS):
+        return None, order
+    return [CANONICAL_LEADS.index(lead) for lead in order], order
 
 
 def infer_args(state: Mapping[str, torch.Tensor], options: Mapping[str, Any]) -> tuple[dict[str, Any], dict]:
@@ -202,15 +213,16 @@ def convert(state: StateDict, options: Mapping[str, Any]) -> ImportedWeights:
     check_keys(KIND, to_peer(model.state_dict()), state, ignored)
     ignored.update(outside)
     native = from_peer(state, args["num_leads"])
-    rows = _canonical_rows(args["input_leads"], args["num_leads"])
+    rows, order = _checkpoint_rows(options, args["num_leads"])
     if rows is not None:
-        # lead_embeddings.i is the embedding of input channel i = lead leads[i]: row CANONICAL_LEADS.index(leads[i])
-        # of the native table, which StMemViT gives to that lead wherever input_leads reads it
+        # lead_embeddings.i is the embedding of the checkpoint's channel i = lead order[i]: row
+        # CANONICAL_LEADS.index(order[i]) of the native table, which StMemViT gives to that lead wherever it is read
         table = torch.empty_like(native["lead_embed"])
         table[rows] = native["lead_embed"]
         native["lead_embed"] = table
-        inferred["lead_embed"] = (f"lead_embeddings.0-11 in the checkpoint's channel order {args['input_leads']} "
-                                  f"(option leads), put into the canonical order {list(CANONICAL_LEADS)} at import")
+        inferred["lead_embed"] = (f"lead_embeddings.0-11 in the checkpoint's channel order {order} (option "
+                                  f"checkpoint_leads), put into the canonical order {list(CANONICAL_LEADS)} at "
+                                  f"import")
     return ImportedWeights(BACKBONE, args, native, head, inferred, ignored, assumed)
 
 
@@ -248,7 +260,8 @@ SPEC = ZooKind(
     },
     options={"num_heads": "attention heads (not stored in the weights; without it the ViT-S / ViT-B shapes are "
                           "assumed to have the published 6 / 12 heads, with a warning)",
-             "leads": "canonical lead names of the model's input channels, in order (needed when it has other than "
-                      "12; all 12 in another order: the channel order the checkpoint was trained on; fewer: the "
-                      "leads read, each with its own embedding)"},
+             "leads": "canonical lead names of the model's input channels, in order, each with its own lead "
+                      "embedding (needed when the checkpoint has other than 12 embeddings: the lead of each)",
+             "checkpoint_leads": "a 12-embedding checkpoint trained on another channel order: the lead of each "
+                                 "lead_embeddings row, in order (e.g. HEEDB's I, II, III, aVR, aVF, aVL, V1-V6)"},
 )

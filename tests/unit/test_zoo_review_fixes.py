@@ -58,22 +58,28 @@ def _save_safetensors(state, path):
 # ------------------------------------------------------------------ 1. ST-MEM: leads= naming all 12 in another order
 def test_stmem_full_lead_order_reproduces_the_peer_on_that_channel_order(peers, tmp_path):
     """The peer adds lead_embeddings.i to input channel i. A checkpoint trained on HEEDB's channel order, imported
-    with leads=that order, must give on a canonical record what the peer gives on the record in that order: the
-    fixture's input is the peer's channels, so the canonical record is its rows put back in canonical order."""
+    with checkpoint_leads=that order, must give on a canonical record what the peer gives on the record in that
+    order: the fixture's input is the peer's channels, so the canonical record is its rows put back in canonical
+    order. leads= that order alone is refused (it used to be ignored: 0.013 off the peer); any reading order (or
+    none) then gives the same embedding, each lead with the embedding it was trained with."""
     from safetensors.torch import load_file
 
     io = load_file(str(peers / "stmem_vit_tiny_io.safetensors"))
     x_peer = io["input"]                                          # channel i = lead HEEDB_ORDER[i]
     x_canon = torch.empty_like(x_peer)
     x_canon[:, [CANONICAL_LEADS.index(lead) for lead in HEEDB_ORDER]] = x_peer
-    out = import_encoder("stmem", peers / "stmem_vit_tiny.pth", tmp_path / "enc", num_heads=4, leads=HEEDB_ORDER)
-    loaded, _, info = load_encoder(out)
-    with torch.no_grad():
-        diff = (loaded.embed(x_canon) - io["embedding"]).abs().max().item()
-    assert diff <= TOL, diff
-    zoo = info["extra"]["zoo"]
-    assert zoo["lead_order"] == HEEDB_ORDER and info["init_args"]["input_leads"] == HEEDB_ORDER
-    assert "put into the canonical order" in zoo["inferred"]["lead_embed"]
+    with pytest.raises(ZooImportError, match="checkpoint_leads"):
+        import_encoder("stmem", peers / "stmem_vit_tiny.pth", tmp_path / "bad", num_heads=4, leads=HEEDB_ORDER)
+    for k, leads in enumerate((HEEDB_ORDER, None)):
+        out = import_encoder("stmem", peers / "stmem_vit_tiny.pth", tmp_path / f"enc{k}", num_heads=4,
+                             leads=leads, checkpoint_leads=HEEDB_ORDER)
+        loaded, _, info = load_encoder(out)
+        with torch.no_grad():
+            diff = (loaded.embed(x_canon) - io["embedding"]).abs().max().item()
+        assert diff <= TOL, diff
+        zoo = info["extra"]["zoo"]
+        assert info["init_args"]["input_leads"] == leads
+        assert "put into the canonical order" in zoo["inferred"]["lead_embed"]
 
 
 def test_stmem_random_channel_order_matches_the_reference_and_canonical_order_is_unchanged(tmp_path):
@@ -81,13 +87,18 @@ def test_stmem_random_channel_order_matches_the_reference_and_canonical_order_is
     native, path = _stmem_checkpoint(tmp_path, size)
     peer = zoo_stmem.to_peer(native.state_dict())
     order = [CANONICAL_LEADS[i] for i in torch.randperm(12, generator=torch.Generator().manual_seed(3)).tolist()]
-    bb, w = load_peer("stmem", path, num_heads=size["heads"], leads=order)
+    bb, w = load_peer("stmem", path, num_heads=size["heads"], checkpoint_leads=order)
     x = torch.randn(2, 12, size["seq_len"])
     with torch.no_grad():
         expected = stmem_reference(peer, x[:, [CANONICAL_LEADS.index(lead) for lead in order]], size["heads"])
         assert (bb.embed(x) - expected).abs().max() <= TOL
+        # a subset read from that checkpoint: each lead with the embedding the checkpoint trained it with
+        sub, _ = load_peer("stmem", path, num_heads=size["heads"], leads=["aVF", "II"], checkpoint_leads=order)
+        for lead in ("aVF", "II"):
+            assert torch.equal(sub.lead_embed[CANONICAL_LEADS.index(lead)], peer[f"lead_embeddings.{order.index(lead)}"])
         # the canonical order spelled out is the default: no permutation
-        canon, w2 = load_peer("stmem", path, num_heads=size["heads"], leads=list(CANONICAL_LEADS))
+        canon, w2 = load_peer("stmem", path, num_heads=size["heads"], leads=list(CANONICAL_LEADS),
+                              checkpoint_leads=list(CANONICAL_LEADS))
         assert torch.equal(canon.embed(x), native.embed(x)) and "lead_embed" not in w2.inferred
 
 
