@@ -54,7 +54,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -305,10 +305,15 @@ def encoder_window_seconds(encoder: str) -> float | None:
     return None
 
 
-def finetune_aggregate() -> str:
-    """``finetune.window_aggregate`` of conf/finetune.yaml (the record aggregation of the encoder fine-tunes)."""
+def finetune_aggregate(overrides: Sequence[str] = ()) -> str:
+    """The record aggregation of the encoder fine-tunes: the last ``finetune.window_aggregate=`` of ``overrides``
+    (the user's --eval-overrides / --finetune-overrides), else conf/finetune.yaml's, so the supervised baselines
+    aggregate as the fine-tunes they are compared with do."""
     from omegaconf import OmegaConf
 
+    given = [o.split("=", 1)[1] for o in overrides if o.lstrip("+").startswith("finetune.window_aggregate=")]
+    if given:
+        return given[-1]
     return str(OmegaConf.load(ROOT / "ecgfm" / "conf" / "finetune.yaml").finetune.window_aggregate)
 
 
@@ -598,7 +603,7 @@ def main(argv: list[str] | None = None) -> None:
              f"fraction={','.join(args.fractions)}", f"seed={','.join(args.seeds)}", *eval_overrides(args),
              *args.probe_overrides], env)
     if "finetune" in args.stages:
-        agg = finetune_aggregate()
+        agg = finetune_aggregate([*eval_overrides(args), *args.finetune_overrides])
         ft = [f"finetune.epochs={args.ft_epochs}", f"finetune.patience={max(2, args.ft_epochs // 2)}",
               f"finetune.warmup_epochs={1 if args.ft_epochs < 10 else 2}", f"supervised.window_aggregate={agg}",
               f"fraction=[{','.join(args.fractions)}]", f"seed=[{','.join(args.seeds)}]", *eval_overrides(args),

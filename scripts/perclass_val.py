@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
 
     feats: dict[str, np.ndarray] = {}
     preprocess = None
+    cells: dict[str, dict] = {}
     for item in args.cell:
         name, _, path = item.partition("=")
         if not path:
@@ -78,12 +79,23 @@ def main(argv: list[str] | None = None) -> int:
         cell = json.loads(Path(path).read_text())
         if cell.get("task") != args.task:
             ap.error(f"--cell {path}: a {cell.get('task')} cell, not {args.task}")
+        if preprocess is not None and cell["preprocess"] != preprocess:
+            ap.error(f"--cell {path}: its preprocessing differs from the first cell's (another cache of the task)")
         preprocess = preprocess or cell["preprocess"]
+        cells[path] = cell
         feats[name] = record_means(Path(args.cache_root) / "features" / f"{cell['feature_key']}.npz")
     if preprocess is None:
         ap.error("give at least one --cell (its preprocessing opens the task's cache)")
     spec = load_task_spec(args.task, data_root=args.data_root, cache_root=args.cache_root)
     task = build_task(spec, args.cache_root, PreprocessSpec.from_dict(preprocess))
+    for path, cell in cells.items():   # feature row i must be record i of this very cache: else labels mismatch
+        if cell.get("cache_dir") and Path(cell["cache_dir"]).resolve() != Path(task.cache_dir).resolve():
+            ap.error(f"--cell {path}: its features come from {cell['cache_dir']}, but --task {args.task} with "
+                     f"--data-root {args.data_root} builds {task.cache_dir} (other data or settings); pass the "
+                     f"--data-root / --cache-root the cell was computed with")
+    for name, f in feats.items():
+        if len(f) != len(task.cache):
+            ap.error(f"--cell {name}: {len(f)} feature rows for a cache of {len(task.cache)} records")
     if task.multilabel:
         ap.error(f"{args.task} is multi-label; this script scores single-label tasks")
     if args.handcrafted or args.concat:

@@ -70,7 +70,11 @@ def main(cfg: DictConfig) -> None:
 
     # a wrong key or value, unreadable data, a cache built from other inputs or spec (ValueError), a concurrent
     # prepare of the same cache (RuntimeError / LockBusy): one line and exit status 2
-    run_command(prepare, cfg, (ConfigError, ECGDataError, LockBusy, ValueError, RuntimeError))
+    from hydra.errors import InstantiationException
+
+    # a source argument that does not exist (+synthetic.n_recordz=5): TypeError, or Hydra's wrapper of it
+    run_command(prepare, cfg, (ConfigError, ECGDataError, LockBusy, ValueError, RuntimeError, TypeError,
+                               InstantiationException))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,30 @@ def main(cfg: DictConfig) -> None:
     from ecgfm.train import train
     from ecgfm.train.report import run_cli
 
-    run_cli(train, cfg)
+    def checked(cfg: DictConfig) -> dict:
+        _check_out_dir(cfg)
+        return train(cfg)
+
+    run_cli(checked, cfg)
+
+
+def _check_out_dir(cfg: DictConfig) -> None:
+    """``out_dir`` on the command line must be the Hydra run folder: train.log and .hydra/ (the composed config)
+    go to ``hydra.run.dir``, so another out_dir would split the run over two folders.
+
+    Raises:
+        ecgfm.config.ConfigError: ``out_dir`` differs from Hydra's output folder.
+    """
+    from pathlib import Path
+
+    from hydra.core.hydra_config import HydraConfig
+
+    from ecgfm.config import ConfigError
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir).resolve()
+    if Path(str(cfg.out_dir)).resolve() != run_dir:
+        raise ConfigError("out_dir", f"{cfg.out_dir} is not the run folder Hydra writes train.log and .hydra/ to "
+                                     f"({run_dir}): give hydra.run.dir={cfg.out_dir} instead (out_dir follows it)")
 
 
 if __name__ == "__main__":

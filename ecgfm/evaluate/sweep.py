@@ -227,13 +227,21 @@ def _backbone_from_conf(name: str, crop_samples: int, overrides: dict[str, Any])
 
     from ecgfm.backbones import create_backbone
 
+    from hydra.errors import InstantiationException
+
+    from ecgfm.config import ConfigError
+
     conf = config_dir() / "backbone" / f"{name}.yaml"
-    if conf.is_file():
-        node = OmegaConf.create({"crop_samples": int(crop_samples), "b": OmegaConf.load(conf)})
-        cfg = OmegaConf.to_container(node, resolve=True)["b"]
-        cfg.update(overrides)
-        return instantiate(cfg, _convert_="all")
-    return create_backbone(name, **overrides)
+    try:
+        if conf.is_file():
+            node = OmegaConf.create({"crop_samples": int(crop_samples), "b": OmegaConf.load(conf)})
+            cfg = OmegaConf.to_container(node, resolve=True)["b"]
+            cfg.update(overrides)
+            return instantiate(cfg, _convert_="all")
+        return create_backbone(name, **overrides)
+    except (TypeError, InstantiationException) as exc:   # e.g. +backbone_args.embed_dimm=8: one line, not a trace
+        cause = exc.__cause__ if isinstance(exc, InstantiationException) and exc.__cause__ else exc
+        raise ConfigError("backbone_args", f"{name}: {str(cause).splitlines()[0]}") from None
 
 
 def resolve_checkpoint(checkpoint: str, crop_samples: int, init_seed: int = 0,

@@ -63,7 +63,7 @@ import math
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -1006,6 +1006,21 @@ def _record_args(job: "_Job", b: int) -> tuple:
                  for a in (job.args or ()))
 
 
+def check_method_options(key: str, options: Mapping[str, Any]) -> None:
+    """Refuse options a method does not take (``key`` canonical, see :func:`canonical_method`).
+
+    Raises:
+        ecgfm.config.ConfigError: (a ``ValueError``) naming ``method_options.<key>``, the unknown options and the
+            known ones.
+    """
+    from ecgfm.config import ConfigError
+
+    known = [p for p in inspect.signature(METHODS[key]).parameters if p != "job"]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ConfigError(f"method_options.{key}", f"unknown option(s) {unknown} for method {key!r}; known: {known}")
+
+
 def record_seed(x_row: Tensor, seed: int = 0) -> int:
     """A seed drawn from one record's content (plus ``seed``): the same record gets the same random draws alone or
     anywhere in a batch."""
@@ -1163,11 +1178,7 @@ class Explainer:
 
     def _run(self, key: str, job: _Job, options: dict) -> tuple[Tensor, Tensor | None, dict, float]:
         impl = METHODS[key]
-        try:
-            inspect.signature(impl).bind(job, **options)
-        except TypeError:
-            known = [p for p in inspect.signature(impl).parameters if p != "job"]
-            raise ValueError(f"unknown option(s) {sorted(options)} for method {key!r}; known: {known}") from None
+        check_method_options(key, options)
         t0 = time.perf_counter()
         with warnings.catch_warnings():   # eval mode: set by explain / explain_embedding around the whole job
             # captum notes that it switched on requires_grad / hooked non-linearities: expected here.

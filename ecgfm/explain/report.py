@@ -33,11 +33,12 @@ import torch
 
 from ecgfm.artifacts import ArtifactError, artifact_kind
 from ecgfm.artifacts import load_classifier as load_classifier_artifact
+from ecgfm.config import ConfigError
 from ecgfm.data.preprocess import PreprocessSpec, preprocessed_spec, resample
 from ecgfm.data.record import CANONICAL_LEADS, ECGDataError, ECGRecord
 from ecgfm.explain import visualize as viz
 from ecgfm.explain import waves as waves_mod
-from ecgfm.explain.attribution import Explainer, canonical_method
+from ecgfm.explain.attribution import Explainer, canonical_method, check_method_options
 from ecgfm.explain.classifier import train_synthetic_demo, wrapper_from_artifact
 from ecgfm.explain.wrapper import ECGWrapper, window_start
 
@@ -209,6 +210,8 @@ def explain_records(wrapper: ECGWrapper, records: Sequence[ECGRecord], out_dir: 
     if not keys:
         raise ValueError("give at least one attribution method")
     opts = {canonical_method(k): dict(v) for k, v in (method_options or {}).items()}
+    for key, o in opts.items():   # a misspelt option fails here, before any record is explained
+        check_method_options(key, o)
     chart_keys = keys if chart_methods is None else [canonical_method(m) for m in chart_methods]
     explainer = Explainer(wrapper)
     report: dict[str, Any] = {
@@ -351,7 +354,6 @@ def source_from_config(data_cfg: Any, source_cfg: Any = None) -> Any:
 def _check_names(cfg: Any) -> None:
     """Attribution methods and figure formats named in the config exist: checked before anything is computed
     (a bad format failed after every attribution had been computed)."""
-    from ecgfm.config import ConfigError
     from ecgfm.explain.attribution import canonical_method
     from ecgfm.explain.visualize import FORMATS
 
@@ -368,8 +370,6 @@ def _check_names(cfg: Any) -> None:
 def _check_target(target: Any, wrapper: ECGWrapper) -> None:
     """``target=`` names one of the model's classes (or its index): :meth:`ECGWrapper.resolve_target` on a dummy
     score row, before anything is computed."""
-    from ecgfm.config import ConfigError
-
     if target is None:
         return
     try:
@@ -396,7 +396,8 @@ def explain_main(cfg: Any) -> dict[str, Any]:
     source = source_from_config(cfg.get("data"), cfg.get("source"))
     if cfg.checkpoint is None:
         if getattr(source, "name", "") != "synthetic":
-            raise ValueError("checkpoint= is required for real data (train one with scripts/train_explain_demo.py)")
+            raise ConfigError("checkpoint", "checkpoint= is required for real data (train one with "
+                                            "scripts/train_explain_demo.py)")
         log.info("no checkpoint given: training a small synthetic demo classifier (%s)", out_dir / "demo_classifier")
         demo = OmegaConf.to_container(cfg.demo, resolve=True)
         _, demo_info = train_synthetic_demo(out_dir / "demo_classifier", **demo)
@@ -410,7 +411,13 @@ def explain_main(cfg: Any) -> dict[str, Any]:
         first = 0
         if demo_info is not None:   # the demo classifier trained on the first 80 % of its synthetic records
             n_tr = int(0.8 * int(demo_info.get("n_records", cfg.demo.get("n_records", 360))))
-            first = n_tr if n_tr < len(source.record_ids()) else 0
+            if n_tr >= len(source.record_ids()):
+                # record 0 .. n_tr - 1 of the same generator are the demo's training records: none is left over
+                raise ConfigError("record", f"the synthetic source has {len(source.record_ids())} records and the "
+                                            f"demo classifier trained on the first {n_tr}: no validation record is "
+                                            f"left to explain by default; give record= (or more "
+                                            f"data.params.n_records)")
+            first = n_tr
             log.info("no record given: explaining %s, a validation record of the demo classifier (records 0-%d "
                      "trained it)", source.record_ids()[first], n_tr - 1)
         ids = [source.record_ids()[first]]

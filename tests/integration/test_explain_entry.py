@@ -231,6 +231,13 @@ def test_the_demo_explains_a_record_its_classifier_did_not_train_on(tmp_path):
     rep = explain_main(_cfg(tmp_path, "demo.n_records=20", "demo.epochs=1", "methods=[saliency]",
                             "faithfulness.enabled=false", "formats=[]"))
     assert rep["records"][0]["record_id"] == "syn000016"
+    # a source with no record beyond the demo's training ones: refused (record 0, a training record, was explained
+    # and logged as a validation record)
+    from ecgfm.config import ConfigError
+
+    with pytest.raises(ConfigError, match="no validation record is left"):
+        explain_main(_cfg(tmp_path / "few", "demo.n_records=20", "demo.epochs=1", "data.params.n_records=16",
+                          "methods=[saliency]", "faithfulness.enabled=false", "formats=[]"))
 
 
 @pytest.mark.parametrize("target", ["nosuch", "99"])
@@ -242,7 +249,8 @@ def test_an_unknown_target_is_refused_before_anything_runs(tmp_path, synthetic_c
     assert not (tmp_path / "report.json").exists()
 
 
-@pytest.mark.parametrize("override, key", [("methods=[foo]", "methods[0]"), ("formats=[bmp]", "formats[0]")])
+@pytest.mark.parametrize("override, key", [("methods=[foo]", "methods[0]"), ("formats=[bmp]", "formats[0]"),
+                                           ("+method_options={ig: {n_stepz: 4}}", "method_options.integrated_gradients")])
 def test_unknown_methods_and_formats_are_refused_before_anything_runs(tmp_path, synthetic_ckpt, override, key):
     from ecgfm.config import ConfigError
 

@@ -406,7 +406,11 @@ def test_cli_user_errors_are_one_line(work, tmp_path, capsys):
     cases = [(probe_main, _cfg("probe", work, f"checkpoint={enc}", "preprocess={fs:250.0}")),
              (probe_main, _cfg("probe", work, "checkpoint=supervised:resnet1d_test")),
              (probe_main, _cfg("probe", work, f"checkpoint={tmp_path / 'nothing'}")),
-             (finetune_main, _cfg("finetune", work, f"checkpoint={enc}", "preprocess={fs:250.0}"))]
+             (finetune_main, _cfg("finetune", work, f"checkpoint={enc}", "preprocess={fs:250.0}")),
+             # a misspelt backbone argument and task key: ConfigErrors (a TypeError / ValueError trace before)
+             (probe_main, _cfg("probe", work, "checkpoint=random:vit1d_test", "+backbone_args.embed_dimm=8")),
+             (probe_main, _cfg("probe", work, "checkpoint=random:resnet1d_test", "+task.crop_secondz=5")),
+             (probe_main, _cfg("probe", work, "checkpoint=random:resnet1d_test", "task.stride_seconds=0"))]
     for main, cfg in cases:
         with pytest.raises(SystemExit) as exit_info:
             run_cli(main, cfg)

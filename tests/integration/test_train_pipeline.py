@@ -252,6 +252,12 @@ def test_cli_prints_where_everything_is(tmp_path, cache_root):
     assert summary["log_dir"] in block and Path(summary["log_dir"]).is_dir()
     assert f"python probe.py checkpoint={out / 'encoder'} task=synthetic" in block
     assert f"python finetune.py checkpoint={out / 'encoder'} task=synthetic" in block
+    # out_dir= another folder than hydra.run.dir: refused in one line (train.log and .hydra/ went to the other)
+    bad = subprocess.run([*cmd[:-1], f"hydra.run.dir={tmp_path / 'hydra'}", f"out_dir={tmp_path / 'other'}"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2, bad.stderr[-2000:]
+    assert bad.stderr.strip().splitlines()[-1].startswith("error: config key 'out_dir'")
+    assert not (tmp_path / "other").exists()
 
 
 def test_folder_of_wfdb_records(tmp_path, cache_root):

@@ -172,3 +172,12 @@ def test_a_partial_report_does_not_replace_the_committed_tables(tmp_path, monkey
     mod.report(args)
     assert (docs / "real_results.csv").read_text().count("\n") == 4
     assert mod.rows_not_in(docs / "real_results.csv", out / "results" / "results.csv") == []
+
+
+def test_supervised_baselines_aggregate_as_the_overridden_fine_tunes():
+    """--finetune-overrides finetune.window_aggregate=prob changed the encoder fine-tunes but the supervised baselines
+    kept the YAML's logit: criterion 4 compared two record aggregations."""
+    mod = _script()
+    assert mod.finetune_aggregate([]) == "logit"
+    assert mod.finetune_aggregate(["stride_seconds=5", "finetune.window_aggregate=prob"]) == "prob"
+    assert mod.finetune_aggregate(["finetune.window_aggregate=prob", "+finetune.window_aggregate=logit"]) == "logit"

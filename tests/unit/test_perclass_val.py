@@ -32,3 +32,26 @@ def test_per_class_val_scores_each_class_on_validation_only():
     noise = rng.normal(size=(120, 5))             # no signal: near chance
     _, per = P.per_class_val(noise, y, train, val, 3)
     assert 0.2 < np.mean(per) < 0.8
+
+
+def test_a_cell_of_another_cache_is_refused(tmp_path, monkeypatch, capsys):
+    """The script rebuilt the task from --task / --data-root and only compared task names: features of a cell
+    computed on another corpus (a full download, another seed) were scored against this cache's labels by row."""
+    import json
+    from types import SimpleNamespace
+
+    import pytest
+
+    import ecgfm.evaluate.tasks as T
+
+    (tmp_path / "features").mkdir()
+    np.savez(tmp_path / "features" / "k.npz", features=np.zeros((3, 2), np.float32), record=np.arange(3),
+             n_records=np.array(3), skipped=np.zeros(0, np.int64))
+    cell = {"task": "synthetic", "preprocess": {"fs": 100.0}, "feature_key": "k", "cache_dir": "/data/other-cache"}
+    (tmp_path / "c.json").write_text(json.dumps(cell))
+    fake = SimpleNamespace(cache_dir=str(tmp_path / "this-cache"), cache=[0, 1, 2], multilabel=False)
+    monkeypatch.setattr(T, "load_task_spec", lambda *a, **k: None)
+    monkeypatch.setattr(T, "build_task", lambda *a, **k: fake)
+    with pytest.raises(SystemExit):
+        P.main(["--task", "synthetic", "--cell", f"a={tmp_path / 'c.json'}", "--cache-root", str(tmp_path)])
+    assert "its features come from /data/other-cache" in capsys.readouterr().err
