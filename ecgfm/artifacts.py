@@ -14,9 +14,12 @@ explain, :mod:`ecgfm.api`) goes through it.
 
 Guarantees:
 
-* **Atomic.** A new folder is written beside its final name and renamed into place, so it exists complete or not
-  at all; an existing folder has its files replaced one by one atomically, the JSON last (a reader sees the old
-  artifact or the new one).
+* **Atomic.** A folder is written beside its final name and renamed into place, so it exists complete or not at
+  all; an existing one is moved aside and replaced by rename (a reader sees the old artifact, the new one or, for
+  the instant between the two renames, none; never new weights under an old description).
+* **Weights named by their description.** ``weights_sha256`` in the JSON is the sha256 of the weights file
+  (:func:`ecgfm.io.safetensors_sha256`); a file that does not match is refused at load (artifacts written before
+  2026-12-06 have no such entry and load as before).
 * **Safe to load.** Backbones are rebuilt only through :func:`ecgfm.backbones.create_backbone` (registered names)
   and heads only from :data:`HEADS`; the architecture is first built on the ``meta`` device and compared with the
   safetensors header, so a description that does not fit its weights (or asks for a huge model) is refused
@@ -48,7 +51,7 @@ from ecgfm.data.preprocess import PreprocessSpec
 from ecgfm.data.record import CANONICAL_LEADS
 from ecgfm.heads import LinearProbeHead, MLPHead
 from ecgfm.io import (atomic_write, atomic_write_json, atomic_write_text, fsync_dir, jsonable, read_json,
-                      sort_safetensors_metadata)
+                      safetensors_sha256, sort_safetensors_metadata)
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "KINDS", "HEADS", "ArtifactError", "ArtifactNotFound", "EncoderClassifier", "meta_file",
            "weights_file", "artifact_kind", "read_meta", "write_artifact", "save_encoder", "load_encoder",
@@ -329,7 +332,12 @@ def build_backbone(name: Any, init_args: Any, where: Any, weights_shapes: Mappin
         raise ArtifactError(where, f"cannot build backbone {name!r} with init_args {init_args}: {exc}") from exc
 
 
-def _load_weights(module: nn.Module, weights_path: Path, map_location: str | torch.device) -> None:
+def _load_weights(module: nn.Module, weights_path: Path, map_location: str | torch.device,
+                  expected_sha256: str | None = None) -> None:
+    if expected_sha256 and safetensors_sha256(weights_path) != expected_sha256:
+        raise ArtifactError(weights_path, "the weights are not the ones its description was written with (sha256 "
+                                          "differs from weights_sha256 in the JSON): a weights file swapped or "
+                                          "edited under the description")
     try:
         state = load_file(str(weights_path), device=str(map_location))
     except (SafetensorError, OSError, ValueError) as exc:
@@ -385,8 +393,10 @@ def write_artifact(out_dir: str | os.PathLike, kind: str, state: Mapping[str, Te
                    ) -> Path:
     """Write ``<kind>.safetensors``, ``<kind>.json`` and ``README.md`` atomically.
 
-    A folder that does not exist yet is written under a temporary name beside it and renamed, so it appears
-    complete or not at all. In an existing folder each file is replaced atomically, the JSON last.
+    The folder is written under a temporary name beside its final one and renamed into place, so it appears
+    complete or not at all; an existing artifact folder is moved aside first (its other files, e.g. a cell's
+    predictions, move into the new one) and deleted after the swap. The JSON records the sha256 of the weights
+    (``weights_sha256``), checked at load.
 
     Args:
         out_dir: the artifact folder.
@@ -410,26 +420,40 @@ def write_artifact(out_dir: str | os.PathLike, kind: str, state: Mapping[str, Te
             sort_safetensors_metadata(p)   # the same weights give the same bytes (see ecgfm.io)
 
         atomic_write(folder / weights_file(kind), save_weights)
+        # the description names its weights: a weights file swapped under it is refused at load
+        doc["weights_sha256"] = safetensors_sha256(folder / weights_file(kind))
         atomic_write_text(folder / "README.md", model_card(doc, str(out)))
         atomic_write_json(folder / meta_file(kind), doc, indent=2)
 
-    if out.is_dir() and any(out.iterdir()):
+    replacing = out.is_dir() and any(out.iterdir())
+    if replacing:
         other = [k for k in KINDS if k != kind and (out / meta_file(k)).exists()]
         if other:
             raise ArtifactError(out, f"holds an {other[0]} artifact; write the {kind} to another folder")
-        write_into(out)
-        return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    old = None
     try:
         write_into(tmp)
-        if out.is_dir():
+        if replacing:
+            # a whole new folder swapped in by renames, never files replaced one by one (a kill between them left
+            # new weights under the old description); other files of the folder (e.g. a cell's predictions) move
+            # along with it
+            own = {weights_file(kind), meta_file(kind), "README.md"}
+            for f in out.iterdir():
+                if f.name not in own and not (tmp / f.name).exists():
+                    os.replace(f, tmp / f.name)
+            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
+            os.replace(out, old / "artifact")
+        elif out.is_dir():
             out.rmdir()  # empty
         os.replace(tmp, out)
         fsync_dir(out.parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     return out
 
 
@@ -518,7 +542,7 @@ def load_encoder(path: str | os.PathLike, map_location: str | torch.device = "cp
         raise ArtifactError(mpath, f"bad preprocess entry: {exc}") from exc
     arch = meta.get("architecture") or {}
     backbone = build_backbone(arch.get("name"), arch.get("init_args") or {}, mpath, _header_shapes(wpath))
-    _load_weights(backbone, wpath, map_location)
+    _load_weights(backbone, wpath, map_location, meta.get("weights_sha256"))
     info = dict(meta, name=arch.get("name"), init_args=arch.get("init_args") or {},
                 num_features=arch.get("num_features") or int(getattr(backbone, "num_features", 0)), dir=str(d))
     return backbone.to(map_location).eval(), spec, info
@@ -613,7 +637,7 @@ def load_classifier(path: str | os.PathLike, map_location: str | torch.device = 
     except (TypeError, ValueError) as exc:
         raise ArtifactError(mpath, f"cannot build head {hd['name']!r} with args {hd.get('args')}: {exc}") from exc
     model = EncoderClassifier(backbone, head)
-    _load_weights(model, wpath, map_location)
+    _load_weights(model, wpath, map_location, meta.get("weights_sha256"))
     try:
         spec = PreprocessSpec.from_dict(meta["preprocess"]) if meta.get("preprocess") is not None else None
     except (TypeError, ValueError) as exc:

@@ -819,8 +819,8 @@ def _explained(shared: Shared) -> tuple[Path, Proc]:
         out = folder / "explain"
         p = run("explain.py", "demo.n_records=40", "demo.epochs=1", "methods=[gradcam,saliency]",
                 "faithfulness.enabled=false", "counterfactual.enabled=true", "counterfactual.max_steps=60",
-                "formats=[png]", "data.params.n_records=4", f"paths.cache_root={folder / 'cache'}",
-                f"hydra.run.dir={out}")
+                "formats=[png]", "data.params.n_records=4", "record=syn000000",   # named: a demo training record
+                f"paths.cache_root={folder / 'cache'}", f"hydra.run.dir={out}")
         return out, p
     return shared.get("explained", build)
 

@@ -31,7 +31,11 @@ from ecgfm.io import dumps, safetensors_sha256, sha256_bytes
 __all__ = ["CELL_SCHEMA", "weights_sha256", "checkpoint_identity", "recipe_identity", "short_hash", "diff_keys",
            "stale_reason"]
 
-CELL_SCHEMA = 2  # bump when the meaning of a cell's numbers changes (old cells are then recomputed)
+# Bump when the meaning of a cell's numbers changes (old cells are then recomputed, and never averaged as seeds
+# with new ones: the recipe id includes it). 3 (2026-12-06): since 2 (2026-12-05) macro F1 counts only classes with
+# a positive record, the MLP probe early-stops on record-level validation AUROC, external metrics leave out classes
+# no SNOMED code reaches, and classes without a training positive leave their task.
+CELL_SCHEMA = 3
 ID_LEN = 16      # hex characters kept in checkpoint_id / recipe_id
 _HASH_CACHE: dict[tuple[str, int, int, int, int], str] = {}
 

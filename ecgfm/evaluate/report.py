@@ -265,8 +265,7 @@ def markdown_table(df: pd.DataFrame, metrics: Iterable[str] = ("macro_auroc", "m
                     # one seed (or seeds that all gave one result) has no spread over seeds (not 0); bootstrap.n=0
                     # gives no CI (not [nan, nan])
                     sd = "n/a" if _one_result(r) or not np.isfinite(r["sd"]) else f"{r['sd']:.3f}"
-                    ci = f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]" if np.isfinite(r["ci_low"]) and \
-                        np.isfinite(r["ci_high"]) else "[no CI]"
+                    ci = _ci_text(r["ci_low"], r["ci_high"])
                     mixed = pd.notna(r.get("n_test_min")) and r["n_test_min"] != r["n_test"]
                     cells.append(f"{r['mean']:.3f} +- {sd} {ci} "
                                  f"({_seeds_text(r, short=True)})" + (f" (seeds on n = {int(r['n_test_min'])}-"
@@ -691,12 +690,12 @@ def comparison_markdown(comp: pd.DataFrame, reference: str = "random-init", titl
     for key, g in comp.sort_values(keys + ["seed"]).groupby(keys, sort=True):
         m = mean_of.get(key[:5] + (float(key[5]),))
         n_mean = int(m.n) if m is not None and pd.notna(getattr(m, "n", None)) else None
-        per = "; ".join(f"s{int(r.seed)}: {r.delta:+.3f} [{r.ci_low:+.3f}, {r.ci_high:+.3f}]"
+        per = "; ".join(f"s{int(r.seed)}: {r.delta:+.3f} {_ci_text(r.ci_low, r.ci_high, signed=True)}"
                         f"{'*' if r.ci_low > 0 or r.ci_high < 0 else ''}"
                         + (f" (n = {int(r.n)})" if "n" in g and pd.notna(r.n) and int(r.n) != n_mean else "")
                         for r in g.itertuples())
         if m is not None:
-            mean = (f"{m.delta:+.3f} [{m.ci_low:+.3f}, {m.ci_high:+.3f}] ({int(m.n_seeds)} seeds"
+            mean = (f"{m.delta:+.3f} {_ci_text(m.ci_low, m.ci_high, signed=True)} ({int(m.n_seeds)} seeds"
                     + (f", n = {n_mean})" if n_mean is not None else ")"))
             flag = _flag(m.excludes_zero)
         else:
@@ -771,18 +770,31 @@ def _mean_delta(means: pd.DataFrame | None, task: str, mode: str, fraction: floa
 def _fmt_delta(d: pd.Series | None, against: str) -> str:
     if d is None:
         return f"no paired comparison with the {against}"
-    return (f"{d['delta']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}] vs {d['baseline']} "
+    return (f"{d['delta']:+.3f} {_ci_text(d['ci_low'], d['ci_high'], signed=True)} vs {d['baseline']} "
             f"({int(d['n_seeds'])} seeds, n = {int(d['n'])})")
+
+
+def _ci_text(lo: Any, hi: Any, signed: bool = False) -> str:
+    """``[lo, hi]`` to 3 decimals (with signs for differences), or ``[no CI]`` when either bound is not a finite
+    number (``bootstrap.n=0``, or no resample with a defined class): never ``[nan, nan]``."""
+    try:
+        ok = np.isfinite(float(lo)) and np.isfinite(float(hi))
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        return "[no CI]"
+    fmt = "+.3f" if signed else ".3f"
+    return f"[{float(lo):{fmt}}, {float(hi):{fmt}}]"
 
 
 def _fmt_probe(r: pd.Series) -> str:
     """A probe row with its variant and validation score: ``label (linear probe) test ... (val 0.xxx)``."""
     return (f"{r['label']} ({MODE_NAMES.get(r['mode'], r['mode'])}) test {r['mean']:.3f} "
-            f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}] ({_seeds_text(r)}; validation {r['val_mean']:.3f})")
+            f"{_ci_text(r['ci_low'], r['ci_high'])} ({_seeds_text(r)}; validation {r['val_mean']:.3f})")
 
 
 def _fmt_row(r: pd.Series) -> str:
-    return f"{r['label']} {r['mean']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}] ({_seeds_text(r)})"
+    return f"{r['label']} {r['mean']:.3f} {_ci_text(r['ci_low'], r['ci_high'])} ({_seeds_text(r)})"
 
 
 def acceptance(cells: Iterable[dict[str, Any]], summ: pd.DataFrame, means: dict[str, pd.DataFrame],
@@ -820,7 +832,10 @@ def acceptance(cells: Iterable[dict[str, Any]], summ: pd.DataFrame, means: dict[
     cinc, ptb = tasks
     low, full = fractions
     cells = list(cells)
-    ssl = {c["label"] for c in cells if c.get("checkpoint_kind") == "pretrained" and "label" in c}
+    # SSL rows: encoders this project pretrained; imported models (zoo:<name>) are not (ECGFounder was trained with
+    # labels, other imports on data the leakage guard cannot see)
+    ssl = {c["label"] for c in cells if c.get("checkpoint_kind") == "pretrained" and "label" in c
+           and not str(c.get("method", "")).startswith("zoo:")}
     ssl_method = {c["label"]: str(c.get("method")) for c in cells if c.get("label") in ssl}
     out: list[dict[str, str]] = []
 
@@ -852,7 +867,8 @@ def acceptance(cells: Iterable[dict[str, Any]], summ: pd.DataFrame, means: dict[
                (rows["label"] if not rows.empty else [])}
         for lab, d in got.items():
             deltas.setdefault(lab, {})[(task, frac)] = d
-        detail = "; ".join(f"{lab} {'-' if d is None else f'{d.delta:+.3f} [{d.ci_low:+.3f}, {d.ci_high:+.3f}]'}"
+        detail = "; ".join(f"{lab} -" if d is None else
+                           f"{lab} {d.delta:+.3f} {_ci_text(d.ci_low, d.ci_high, signed=True)}"
                            for lab, d in got.items()) or "no cells"
         parts.append(f"{task} {_fmt_frac(frac)}: {detail}")
     groups = {"MAE": lambda m: m == "mae", "contrastive": lambda m: m in CONTRASTIVE_METHODS}

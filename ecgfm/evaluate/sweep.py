@@ -44,6 +44,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
@@ -65,7 +66,7 @@ from ecgfm.evaluate.metrics import choose_thresholds, evaluate_scores
 from ecgfm.evaluate.report import build_report
 from ecgfm.evaluate.tasks import TaskData, TaskSpec, build_external, build_task
 from ecgfm.errors import EXIT_USER_ERROR, run_command  # noqa: F401  (EXIT_USER_ERROR re-exported)
-from ecgfm.io import atomic_write_json
+from ecgfm.io import atomic_write_json, jsonable
 
 log = logging.getLogger(__name__)
 KEYWORDS = ("random", "supervised")
@@ -550,11 +551,13 @@ def data_identity(task: TaskData, ext: TaskData | None) -> dict[str, str]:
     return out
 
 
-def _todo(ctx: _Context, checkpoint: str) -> list[tuple[float, int]]:
+def _todo(ctx: _Context, checkpoint: str, leakage: dict[str, Any] | None = None) -> list[tuple[float, int]]:
     """Cells of this job still to compute: missing ones, and those whose stored checkpoint identity or recipe
     differs from this job's (:func:`ecgfm.evaluate.identity.stale_reason`, logged): a retrained encoder, a
     changed probe grid / learning rate / window / preprocessing, or a cell without identity (older ecgfm) is
-    recomputed, never silently reused. Needs :func:`_identify` first."""
+    recomputed, never silently reused. A reused cell gets this run's leakage verdict (``leakage``: the pretraining
+    data may be known now, or allowed now), and one asked to carry a classifier artifact is reused only with the
+    artifact of its own checkpoint and recipe. Needs :func:`_identify` first."""
     assert ctx.identity is not None and ctx.recipe is not None, "call _identify(ctx, ...) first"
     rid = recipe_identity(ctx.recipe)
     out = []
@@ -564,12 +567,49 @@ def _todo(ctx: _Context, checkpoint: str) -> list[tuple[float, int]]:
             found = next((p for p in (tagged, base) if p.exists() and _reusable(p, ctx, rid)), None)
             # a cell asked to carry its classifier artifact (fine-tunes always do; probes with save_classifier)
             want_clf = ctx.mode == "finetune" or bool(ctx.cfg.get("save_classifier", False))
-            if found is not None and want_clf and not classifier_dir(found).is_dir():
-                log.info("%s: its classifier artifact is missing: recomputing the cell", found)
-                found = None
+            if found is not None and want_clf:
+                why = _classifier_mismatch(found, ctx.identity["id"], rid)
+                if why:
+                    log.info("%s: %s: recomputing the cell", found, why)
+                    found = None
             if ctx.cfg.get("overwrite") or found is None:
                 out.append((f, s))
+            elif leakage is not None:
+                _refresh_leakage(found, leakage)
     return out
+
+
+def _classifier_mismatch(cell_file: Path, checkpoint_id: str, rid: str) -> str | None:
+    """Why the classifier artifact beside a cell cannot be reused with it (None: it can): missing, or written for
+    another checkpoint or recipe (a cell recomputed without save_classifier left an older one behind)."""
+    d = classifier_dir(cell_file)
+    if not d.is_dir():
+        return "its classifier artifact is missing"
+    try:
+        from ecgfm.artifacts import read_meta
+
+        _, meta = read_meta(d, "classifier")
+    except Exception as exc:  # noqa: BLE001 - any unreadable artifact is recomputed
+        return f"its classifier artifact is unreadable ({exc})"
+    extra = meta.get("extra") or {}
+    if extra.get("cell_recipe_id") != rid or extra.get("checkpoint_id") != checkpoint_id:
+        return "its classifier artifact was written for another checkpoint or recipe (or before artifacts named them)"
+    return None
+
+
+def _refresh_leakage(cell_file: Path, leakage: dict[str, Any]) -> None:
+    """Give a reused cell this run's leakage verdict: a cell written before its encoder's pretraining data was
+    named (or under allow_leakage=true with other data) kept "ok" / "unchecked" and could be read as clean."""
+    try:
+        cell = json.loads(cell_file.read_text())
+    except (OSError, ValueError):
+        return
+    leakage = json.loads(json.dumps(jsonable(leakage)))   # as a cell stores it
+    if cell.get("leakage") != leakage:
+        log.warning("%s: reused with this run's leakage check (%s), not the one it was written with (%s)", cell_file,
+                    leakage, cell.get("leakage"))
+        cell["leakage"] = leakage
+        atomic_write_json(cell_file, cell)
 
 
 def _cell_files(ctx: _Context, task: str, checkpoint: str, fraction: float, seed: int) -> tuple[Path, Path]:
@@ -784,7 +824,7 @@ def probe_main(cfg: DictConfig) -> dict[str, Any]:
     # the guard before any cell is reused: a cell kept from a run with allow_leakage=true, or from before the
     # pretraining data was known, must not pass silently now
     leakage = leakage_check(desc, task, ext, bool(cfg.allow_leakage), _container(cfg.pretrain_caches) or [])
-    todo = _todo(ctx, checkpoint)
+    todo = _todo(ctx, checkpoint, leakage)
     n_all = len(ctx.fractions) * len(ctx.seeds)
     if not todo:
         log.info("every cell of %s / %s / %s exists: nothing to do", mode, ctx.task_spec.name, checkpoint)
@@ -877,7 +917,10 @@ def probe_main(cfg: DictConfig) -> dict[str, Any]:
                                   bool(cfg.features.get("lead_aware", True)))
                 agg = "logit" if str(probe_cfg.aggregate) == "mean_embedding" else "prob"
                 cell["classifier"] = str(_save_cell_classifier(p, head, task, enc, dict(_container(probe_cfg)),
-                                                               window, stride, r["thresholds"], cell, agg))
+                                                               window, stride, r["thresholds"], cell, agg,
+                                                               train_rows=r["train_rows"]))
+            elif classifier_dir(p).is_dir():   # an artifact of the cell this one replaces: not this cell's model
+                shutil.rmtree(classifier_dir(p))
             atomic_write_json(p, cell)
             written.append(str(p))
             _log_cell(cell)
@@ -945,7 +988,7 @@ def finetune_main(cfg: DictConfig) -> dict[str, Any]:
     task, ext = _prepare(ctx, desc)
     ctx.recipe["data"] = data_identity(task, ext)   # a changed label table or record set: the cells are stale
     leakage = leakage_check(desc, task, ext, bool(cfg.allow_leakage), _container(cfg.pretrain_caches) or [])
-    todo = _todo(ctx, checkpoint)
+    todo = _todo(ctx, checkpoint, leakage)
     n_all = len(ctx.fractions) * len(ctx.seeds)
     if not todo:
         log.info("every cell of finetune / %s / %s exists: nothing to do", ctx.task_spec.name, checkpoint)
@@ -989,7 +1032,7 @@ def finetune_main(cfg: DictConfig) -> dict[str, Any]:
                         finetune=recipe, predictions=_predictions(preds, task, ext))
             p = _cell_target(ctx, task.name, checkpoint, frac, seed)
             cell["classifier"] = str(_save_cell_classifier(p, out["model"], task, enc, recipe, window, stride,
-                                                           thresholds, cell))
+                                                           thresholds, cell, train_rows=splits["train"]))
             atomic_write_json(p, cell)
             written.append(str(p))
             print(f"classifier artifact: {cell['classifier']}\n  explain it:  python explain.py "
@@ -1026,10 +1069,13 @@ def probe_head(probe: Any, backbone: torch.nn.Module, task: TaskData, lead_aware
 
 def _save_cell_classifier(cell_file: Path, model: Any, task: TaskData, enc: Encoder, recipe: dict[str, Any],
                           window: int, stride: int, thresholds: np.ndarray | None, cell: dict[str, Any],
-                          window_aggregate: str | None = None) -> Path:
+                          window_aggregate: str | None = None, train_rows: Sequence[int] | None = None) -> Path:
     """Write a cell's classifier artifact (fine-tuned model, or a probe as :func:`probe_head`) and its test
     predictions (``predictions_test.csv``: record key, label columns, score columns) into
-    :func:`classifier_dir`; returns the folder."""
+    :func:`classifier_dir`; returns the folder. ``train_rows``: the records it was trained on (the fraction's
+    subset; default the whole train split), whose leads it names (``extra.trained_leads``). The artifact names the
+    cell's checkpoint and recipe (``extra.checkpoint_id``, ``extra.cell_recipe_id``) so that a cell is reused only
+    with its own artifact."""
     import pandas as pd
 
     from ecgfm.artifacts import save_classifier
@@ -1038,7 +1084,7 @@ def _save_cell_classifier(cell_file: Path, model: Any, task: TaskData, enc: Enco
     how = getattr(model, "kind", "fine-tuned")
     # the leads present in any training record: the API refuses a record sharing none of them (a one-lead model
     # trained on lead I given lead II alone scored zeros in lead I's row without a word) and names leads never seen
-    train_rows = np.asarray(task.splits.get("train", []), dtype=np.int64)
+    train_rows = np.asarray(task.splits.get("train", []) if train_rows is None else train_rows, dtype=np.int64)
     seen = task.cache.lead_masks[train_rows].any(axis=0) if len(train_rows) else np.ones(len(CANONICAL_LEADS), bool)
     out = save_classifier(
         classifier_dir(cell_file), model.backbone, model.head, task.cache.spec, task.class_names, task.multilabel,
@@ -1051,9 +1097,14 @@ def _save_cell_classifier(cell_file: Path, model: Any, task: TaskData, enc: Enco
                     "method": f"{how} {enc.kind} encoder {enc.method} ({enc.checkpoint})",
                     "recipe": recipe, "seed": cell["seed"], "checkpoint": enc.checkpoint},
         evaluation={f"test macro AUROC (n={cell['results']['test']['n']})":
-                    f"{test['value']:.3f} [95% CI {test['ci_low']:.3f}, {test['ci_high']:.3f}]",
+                    f"{test['value']:.3f} " + (f"[95% CI {test['ci_low']:.3f}, {test['ci_high']:.3f}]"
+                                               if test.get("ci_low") is not None and test.get("ci_high") is not None
+                                               and np.isfinite(test["ci_low"]) and np.isfinite(test["ci_high"])
+                                               else "[no CI]"),
                     "validation macro AUROC (early stopping)": round(float(cell["val_macro_auroc"]), 4)},
-        extra={"trained_leads": [lead for lead, m in zip(CANONICAL_LEADS, seen) if m]})
+        extra={"trained_leads": [lead for lead, m in zip(CANONICAL_LEADS, seen) if m],
+               "checkpoint_id": cell.get("checkpoint_id"),
+               "cell_recipe_id": cell.get("recipe_id")})
     pred = cell["predictions"]["test"]
     scores = np.asarray(pred["scores"], dtype=np.float64)
     table = pd.DataFrame(scores, columns=[f"p_{c}" for c in task.class_names])

@@ -503,6 +503,45 @@ def test_save_classifier_on_a_finished_cell_writes_the_artifact(work, tmp_path):
     assert probe_main(_cfg("probe", work, *base, "save_classifier=true"))["cells_skipped"] == 1
 
 
+def test_a_reused_cell_keeps_only_its_own_classifier_artifact(work, tmp_path):
+    """A cell recomputed with another recipe and save_classifier=false left the old recipe's artifact beside it, and a
+    later save_classifier=true reused that artifact (a model and numbers of another recipe); now the stale artifact
+    goes with the cell it belonged to, and an artifact is reused only if it names the cell's checkpoint and recipe."""
+    import pandas as pd
+
+    base = ["checkpoint=random:resnet1d_test", f"results_dir={tmp_path / 'r'}", "fraction=1.0", "seed=0", "plot=false"]
+    one = probe_main(_cfg("probe", work, *base, "probe.Cs=[0.001]", "save_classifier=true"))
+    clf = Path(json.loads(Path(one["cells_written"][0]).read_text())["classifier"])
+    assert clf.is_dir()
+    two = probe_main(_cfg("probe", work, *base, "probe.Cs=[100.0]"))        # another recipe, no artifact asked
+    assert len(two["cells_written"]) == 1 and not clf.exists()
+    three = probe_main(_cfg("probe", work, *base, "probe.Cs=[100.0]", "save_classifier=true"))
+    assert len(three["cells_written"]) == 1
+    cell = json.loads(Path(three["cells_written"][0]).read_text())
+    from ecgfm.artifacts import read_meta
+
+    _, meta = read_meta(cell["classifier"], "classifier")
+    assert meta["extra"]["cell_recipe_id"] == cell["recipe_id"] and meta["extra"]["checkpoint_id"] == \
+        cell["checkpoint_id"]
+    pred = pd.read_csv(Path(cell["classifier"]) / "predictions_test.csv")
+    assert len(pred) == len(cell["predictions"]["test"]["keys"])
+    assert probe_main(_cfg("probe", work, *base, "probe.Cs=[100.0]", "save_classifier=true"))["cells_skipped"] == 1
+
+
+def test_a_reused_cell_carries_this_runs_leakage_verdict(work, tmp_path):
+    """A cell written before the encoder's pretraining data was named kept leakage "ok" when a later run named data
+    overlapping the test split under allow_leakage=true: the report could read the row as clean."""
+    base = ["checkpoint=random:resnet1d_test", f"results_dir={tmp_path / 'r'}", "fraction=1.0", "seed=0",
+            "probe.Cs=[1.0]", "plot=false"]
+    first = probe_main(_cfg("probe", work, *base))
+    path = Path(first["cells_written"][0])
+    cell = json.loads(path.read_text())
+    assert not cell["leakage"].get("leaked")
+    again = probe_main(_cfg("probe", work, *base, f"pretrain_caches=[{cell['cache_dir']}]", "allow_leakage=true"))
+    assert again["cells_skipped"] == 1 and again["cells_written"] == []
+    assert json.loads(path.read_text())["leakage"]["leaked"] is True
+
+
 def test_an_unknown_backbone_name_is_one_clear_error(work):
     from ecgfm.evaluate.sweep import EvaluationError
 

@@ -533,3 +533,27 @@ def test_cells_trained_on_different_records_are_not_paired(tmp_path, caplog):
     assert sorted(c["seed"] for c, _ in pairs) == [1, 2]
     assert "trained on different records" in caplog.text and "aaaa vs" not in caplog.text
     assert "bbbb vs aaaa" in caplog.text
+
+
+def test_imported_models_are_not_ssl_rows_of_the_acceptance_block(tmp_path):
+    """A zoo import (zoo:ecgfounder was trained with 150 labels) is checkpoint_kind "pretrained" too: it met criterion
+    3 for a project whose own SSL encoders missed it."""
+    res = tmp_path / "results"
+    _acceptance_cells(res, ssl_ptb_probe=0.0)
+    for frac in (0.1, 1.0):
+        for seed in (0, 1):
+            _cell(res, method="zoo:ecgfounder", mode="linear", strength=6.0, ckpt="zoo_ecgfounder", task="ptbxl_super",
+                  seed=seed, fraction=frac)
+    acc = R.build_report(res, plot=False, n_boot=100)["acceptance"]
+    assert acc[2]["status"] == "MISSED" and "zoo:" not in acc[2]["evidence"]
+
+
+def test_no_ci_is_written_as_no_ci_not_nan(tmp_path):
+    """bootstrap.n=0 cells: the acceptance block and the comparison tables printed [nan, nan] as intervals."""
+    assert R._ci_text(float("nan"), 0.2) == "[no CI]" and R._ci_text(None, None) == "[no CI]"
+    assert R._ci_text(0.1, 0.2) == "[0.100, 0.200]" and R._ci_text(-0.1, 0.2, signed=True) == "[-0.100, +0.200]"
+    res = tmp_path / "results"
+    _acceptance_cells(res, ssl_ptb_probe=4.0)
+    out = R.build_report(res, plot=False, n_boot=0)
+    md = Path(out["markdown"]).read_text()
+    assert "nan" not in md.lower().replace("nan-", "") and "[no CI]" in md
