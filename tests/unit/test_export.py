@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -262,6 +263,55 @@ def test_new_folder_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space"):
         export_encoder(model, tmp_path / "enc", PreprocessSpec())
     assert not (tmp_path / "enc").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_an_existing_folder_is_replaced_whole_and_keeps_its_other_files(tmp_path, monkeypatch):
+    """An existing artifact folder had its files replaced one by one: a kill between them left new weights under the
+    old description. Now a new folder is swapped in by rename (a failure leaves the old artifact whole), other files
+    of the folder (a cell's predictions) move along."""
+    import ecgfm.artifacts as art
+
+    torch.manual_seed(0)
+    a, b = create_backbone("vit1d_test"), create_backbone("vit1d_test")
+    export_encoder(a, tmp_path / "enc", PreprocessSpec(fs=100.0))
+    (tmp_path / "enc" / "predictions_test.csv").write_text("key,score\n")
+    real = art.atomic_write_json
+
+    def broken(*_a, **_k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(art, "atomic_write_json", broken)
+    with pytest.raises(OSError, match="No space"):
+        export_encoder(b, tmp_path / "enc", PreprocessSpec(fs=500.0))
+    monkeypatch.setattr(art, "atomic_write_json", real)
+    loaded, spec, _ = load_encoder(tmp_path / "enc")           # the old artifact, whole
+    assert spec.fs == 100.0 and all(torch.equal(loaded.state_dict()[k], v) for k, v in a.state_dict().items())
+    export_encoder(b, tmp_path / "enc", PreprocessSpec(fs=500.0))
+    loaded, spec, _ = load_encoder(tmp_path / "enc")
+    assert spec.fs == 500.0 and all(torch.equal(loaded.state_dict()[k], v) for k, v in b.state_dict().items())
+    assert (tmp_path / "enc" / "predictions_test.csv").read_text() == "key,score\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["enc"]        # no temporary folder left
+
+
+def test_weights_swapped_under_their_description_are_refused(tmp_path):
+    """Nothing tied a description to its weights: another model's weights of the same shapes loaded under the first
+    one's description (and model card numbers). The JSON now names the weights' sha256."""
+    from ecgfm.artifacts import ArtifactError, load_classifier, read_meta, save_classifier
+
+    torch.manual_seed(0)
+    a, b = create_backbone("vit1d_test"), create_backbone("vit1d_test")
+    export_encoder(a, tmp_path / "a", PreprocessSpec(fs=100.0))
+    export_encoder(b, tmp_path / "b", PreprocessSpec(fs=100.0))
+    assert read_meta(tmp_path / "a", "encoder")[1]["weights_sha256"]
+    shutil.copy2(tmp_path / "b" / "encoder.safetensors", tmp_path / "a" / "encoder.safetensors")
+    with pytest.raises(ArtifactError, match="not the ones its description was written with"):
+        load_encoder(tmp_path / "a")
+    for name, m in (("c1", a), ("c2", b)):
+        save_classifier(tmp_path / name, m, torch.nn.Linear(m.num_features, 2), PreprocessSpec(fs=100.0), ["x", "y"],
+                        multilabel=False, window_samples=250)
+    shutil.copy2(tmp_path / "c2" / "classifier.safetensors", tmp_path / "c1" / "classifier.safetensors")
+    with pytest.raises(ArtifactError, match="not the ones its description was written with"):
+        load_classifier(tmp_path / "c1")
 
 
 def test_encoder_and_classifier_folders_are_told_apart(tmp_path):
