@@ -38,7 +38,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ecgfm.artifacts import EncoderClassifier, load_classifier, load_encoder
+from ecgfm.artifacts import EncoderClassifier, check_trained_leads, load_classifier, load_encoder
 from ecgfm.data.preprocess import (PreprocessSpec, model_input_leads, preprocess_signal, preprocessed_spec,
                                    sliding_windows, with_input_leads)
 from ecgfm.data.record import CANONICAL_LEADS, ECGDataError, ECGRecord, canonical_lead, map_leads
@@ -110,6 +110,10 @@ class _Model:
                  rename_leads: Mapping[str, str] | None = None
                  ) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[str]]:
         """Model-space records ``[(x (L_model, T_i), lead mask (L_model,) bool)]`` and their names."""
+        if fs is not None and (isinstance(fs, (bool, np.bool_)) or not isinstance(fs, (int, float, np.number))
+                               or not np.isfinite(float(fs)) or float(fs) <= 0):
+            # fs=True was read as 1 Hz; 0, NaN or negative rates crashed inside the resampler
+            raise ValueError(f"fs must be a positive sampling rate in Hz, got {fs!r}")
         if rename_leads is not None and not isinstance(signal, (str, os.PathLike)):
             raise ValueError("rename_leads= renames the leads of a record file's header; an array names its rows "
                              "with leads=, and an ECGRecord has standard lead names already")
@@ -168,19 +172,10 @@ class _Model:
         return np.ascontiguousarray(x12[order], dtype=np.float32), mask[order]
 
     def _check_trained_leads(self, mask: np.ndarray, where: str) -> None:
-        """A classifier saved by a sweep names the leads present in its training records
-        (``extra.trained_leads``): a record sharing none of them is refused (a one-lead model trained on lead I,
-        given lead II, scored zeros in lead I's row), and leads it never saw are named in a warning."""
+        """Records against the leads of the classifier's training records (:func:`ecgfm.artifacts.
+        check_trained_leads`): none of them refused, leads never seen named in a warning."""
         trained = (self.meta.get("extra") or {}).get("trained_leads")
-        if not trained:
-            return
-        have = [lead for lead, m in zip(CANONICAL_LEADS, mask) if m]
-        if not set(have) & set(trained):
-            raise ECGDataError(where, f"the classifier was trained on records with leads {', '.join(trained)}; this "
-                                      f"record has {', '.join(have) or 'none'}: it would be scored on leads the "
-                                      f"model never saw (name the record's leads as its reader does, e.g. "
-                                      f"rename_leads= / leads=)")
-        unseen = [lead for lead in have if lead not in trained]
+        unseen = check_trained_leads(trained, [lead for lead, m in zip(CANONICAL_LEADS, mask) if m], where)
         if unseen:
             log.warning("%s: lead(s) %s were never present in the classifier's training records (trained on %s): "
                         "scored as given", where, ", ".join(unseen), ", ".join(trained))

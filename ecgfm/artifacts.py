@@ -40,6 +40,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
@@ -349,6 +350,36 @@ def _load_weights(module: nn.Module, weights_path: Path, map_location: str | tor
     module.load_state_dict(state, strict=True)
 
 
+def check_trained_leads(trained: Sequence[str] | None, present: Sequence[str], where: Any) -> list[str]:
+    """A classifier saved by a sweep names the leads present in its training records (``extra.trained_leads``): a
+    record sharing none of them is refused (a one-lead model trained on lead I, given lead II, scored zeros in lead
+    I's row), and the leads it never saw are returned (callers warn about them). The API and the explain stage
+    both check records with it.
+
+    Args:
+        trained: ``extra.trained_leads`` of the artifact (None / empty: not recorded, nothing checked).
+        present: the record's present leads (canonical names).
+        where: the record, for the message.
+
+    Returns:
+        The present leads the classifier never saw in training.
+
+    Raises:
+        ECGDataError: no present lead among ``trained``.
+    """
+    from ecgfm.data.record import ECGDataError
+
+    if not trained:
+        return []
+    have = list(present)
+    if not set(have) & set(trained):
+        raise ECGDataError(where, f"the classifier was trained on records with leads {', '.join(trained)}; this "
+                                  f"record has {', '.join(have) or 'none'}: it would be scored on leads the model "
+                                  f"never saw (name the record's leads as its reader does, e.g. rename_leads= / "
+                                  f"leads=)")
+    return [lead for lead in have if lead not in trained]
+
+
 # ------------------------------------------------------------------------------------------------ writing
 def model_card(meta: Mapping[str, Any], folder_name: str = "<this folder>") -> str:
     """A short Markdown model card for an artifact description."""
@@ -607,6 +638,43 @@ def save_classifier(out_dir: str | os.PathLike, backbone: nn.Module, head: nn.Mo
     return write_artifact(out_dir, "classifier", model.state_dict(), meta)
 
 
+def _check_classifier_meta(meta: Mapping[str, Any], where: Path) -> None:
+    """The fields of a classifier's description that decide how records are scored, as :func:`save_classifier`
+    writes them: a hand-edited or foreign JSON with another value was read silently (``"logits"`` as ``prob``, a
+    lead twice, a stride of 0 as "the window").
+
+    Raises:
+        ArtifactError: naming the field and the value.
+    """
+    from ecgfm.data.record import CANONICAL_LEADS
+
+    agg = meta.get("window_aggregate", "prob")
+    if agg not in WINDOW_AGGREGATES:
+        raise ArtifactError(where, f"window_aggregate must be one of {WINDOW_AGGREGATES}, got {agg!r}")
+    if not isinstance(meta.get("multilabel", False), bool):
+        raise ArtifactError(where, f"multilabel must be true or false, got {meta.get('multilabel')!r}")
+    inp = meta.get("input") or {}
+    leads = inp.get("leads")
+    if leads is not None:
+        bad = [x for x in leads if x not in CANONICAL_LEADS]
+        if bad or len(set(leads)) != len(leads) or not leads:
+            raise ArtifactError(where, f"input.leads must be distinct canonical lead names, got {leads}")
+    for key in ("window_samples", "stride_samples"):
+        v = inp.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ArtifactError(where, f"input.{key} must be a positive integer or null, got {v!r}")
+    classes = meta.get("classes")
+    n_out = ((meta.get("head") or {}).get("args") or {}).get("num_classes")
+    if classes is not None and n_out is not None and len(classes) != int(n_out):
+        raise ArtifactError(where, f"{len(classes)} classes for a head of {n_out} outputs")
+    thr = meta.get("thresholds")
+    if thr is not None:
+        n = len(classes) if classes is not None else n_out
+        if (n is not None and len(thr) != int(n)) or not all(isinstance(t, (int, float)) and np.isfinite(t)
+                                                               for t in thr):
+            raise ArtifactError(where, f"thresholds must be {n} finite numbers (one per class), got {thr}")
+
+
 def load_classifier(path: str | os.PathLike, map_location: str | torch.device = "cpu"
                     ) -> tuple[EncoderClassifier, PreprocessSpec | None, dict[str, Any]]:
     """Load a classifier artifact (format version 1 or 2).
@@ -627,6 +695,7 @@ def load_classifier(path: str | os.PathLike, map_location: str | torch.device = 
                                "that folder.")
     d, meta = read_meta(d, "classifier")
     mpath, wpath = d / meta_file("classifier"), d / weights_file("classifier")
+    _check_classifier_meta(meta, mpath)
     arch, hd = meta.get("architecture") or {}, meta.get("head") or {}
     if hd.get("name") not in HEADS:
         raise ArtifactError(mpath, f"unknown head {hd.get('name')!r}; known: {sorted(HEADS)}")

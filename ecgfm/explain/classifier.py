@@ -82,11 +82,16 @@ def is_classifier_dir(path: str | os.PathLike) -> bool:
 def wrapper_from_artifact(model: nn.Module, spec: PreprocessSpec | None, meta: Mapping[str, Any]) -> ECGWrapper:
     """An :class:`ECGWrapper` around a loaded classifier artifact (:func:`ecgfm.artifacts.load_classifier`)."""
     inp = meta.get("input") or {}
-    return ECGWrapper(model, fs=float(inp["fs"]), lead_names=tuple(inp.get("leads") or CANONICAL_LEADS),
-                      preprocess=spec, postprocess="sigmoid" if meta.get("multilabel") else "softmax",
+    fs = float(inp["fs"])
+    return ECGWrapper(model, fs=fs, lead_names=tuple(inp.get("leads") or CANONICAL_LEADS),
+                      # saved with preprocess=None: the API reads it with the raw spec (flat leads masked), so here too
+                      preprocess=spec if spec is not None else PreprocessSpec.raw(fs),
+                      postprocess="sigmoid" if meta.get("multilabel") else "softmax",
                       class_names=meta.get("classes"), n_samples=inp.get("window_samples"),
                       encoder=getattr(model, "encoder", None), window="center",
-                      lead_aware=bool(meta.get("lead_aware", True)))   # as trained; default as the API reads it
+                      lead_aware=bool(meta.get("lead_aware", True)),   # as trained; default as the API reads it
+                      thresholds=meta.get("thresholds") if meta.get("multilabel") else None,
+                      trained_leads=(meta.get("extra") or {}).get("trained_leads"))
 
 
 def load_classifier(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> ECGWrapper:

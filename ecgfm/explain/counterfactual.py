@@ -115,9 +115,27 @@ def edge_taper(n_t: int, fs: float, edge_s: float, ramp_s: float) -> Tensor:
     return w
 
 
-def _is_valid(proba: Tensor, target: Tensor, multilabel: bool, threshold: float) -> Tensor:
+def class_thresholds(threshold: float | Sequence[float] | Tensor | None, wrapper: ECGWrapper | None,
+                     n_classes: int) -> Tensor:
+    """``(C,)`` per-class probability a multi-label prediction needs: ``threshold`` (one for all, or one per class),
+    else the classifier's own (chosen on validation, ``wrapper.thresholds``), else 0.5."""
+    if threshold is None:
+        threshold = getattr(wrapper, "thresholds", None)
+    if threshold is None:
+        threshold = 0.5
+    t = torch.as_tensor(threshold, dtype=torch.float32).flatten()
+    if t.numel() == 1:
+        t = t.expand(n_classes)
+    if t.numel() != n_classes:
+        raise ValueError(f"{t.numel()} thresholds for {n_classes} classes")
+    return t.clone()
+
+
+def _is_valid(proba: Tensor, target: Tensor, multilabel: bool, threshold: Tensor | float) -> Tensor:
     if multilabel:
-        return proba.gather(1, target[:, None])[:, 0] > threshold
+        thr = torch.as_tensor(threshold, dtype=proba.dtype, device=proba.device).flatten()
+        thr = thr.expand(proba.shape[1]) if thr.numel() == 1 else thr
+        return proba.gather(1, target[:, None])[:, 0] > thr[target]
     return proba.argmax(1) == target
 
 
@@ -261,7 +279,8 @@ def change_summary(delta: Tensor, original: Tensor, fs: float, lead_names: Seque
 def counterfactual(wrapper: ECGWrapper, inputs: Tensor, target: Any, lambda_prox: float = 0.1,
                    proximity: str = "l1", lambda_smooth: float = 0.003, prior: nn.Module | None = None,
                    lambda_plaus: float = 0.1, lr: float = 0.01, max_steps: int = 500, early_stop: bool = True,
-                   threshold: float = 0.5, leads: Sequence[str] | None = None, knot_s: float | None = 0.04,
+                   threshold: float | Sequence[float] | None = None, leads: Sequence[str] | None = None,
+                   knot_s: float | None = 0.04,
                    edge_s: float = 0.3, ramp_s: float = 0.1) -> Counterfactual:
     """Counterfactual ECGs for a target class.
 
@@ -277,7 +296,8 @@ def counterfactual(wrapper: ECGWrapper, inputs: Tensor, target: Any, lambda_prox
         lr: Adam learning rate (model input units per step).
         max_steps: step budget.
         early_stop: stop each input at its first flipped iterate.
-        threshold: probability a multi-label (sigmoid) model must give the target.
+        threshold: probability a multi-label (sigmoid) model must give the target (one, or one per class);
+            default the classifier's own thresholds (``wrapper.thresholds``, chosen on validation), else 0.5.
         leads: restrict the change to these leads (default all). A record's absent leads (all-zero rows, ecgfm's
             convention) are never changed.
         knot_s: the change is piecewise linear between knots ``knot_s`` seconds apart (default 40 ms, one small
@@ -313,6 +333,7 @@ def counterfactual(wrapper: ECGWrapper, inputs: Tensor, target: Any, lambda_prox
         tgt = wrapper.resolve_target(target, logits0)
         proba0 = wrapper.postprocess_fn(logits0)
         plaus0 = prior(x) if prior is not None else None
+    threshold = class_thresholds(threshold, wrapper, proba0.shape[1]).to(x.device)
     lead_mask = torch.ones(1, x.shape[1], 1, device=x.device)
     if leads is not None:
         unknown = [lead for lead in leads if lead not in wrapper.lead_names]
@@ -386,26 +407,30 @@ def counterfactual(wrapper: ECGWrapper, inputs: Tensor, target: Any, lambda_prox
         plausibility=None if prior is None else {"original": plaus0.detach(), "counterfactual": plaus1.detach()},
         options={"lambda_prox": lambda_prox, "proximity": proximity, "lambda_smooth": lambda_smooth,
                  "lambda_plaus": lambda_plaus if prior is not None else None, "lr": lr, "max_steps": max_steps,
-                 "early_stop": early_stop, "threshold": threshold, "leads": list(leads) if leads else None,
+                 "early_stop": early_stop, "threshold": [round(float(t), 6) for t in threshold] if multilabel
+                 else None, "leads": list(leads) if leads else None,
                  "knot_s": knot_s, "edge_s": float(edge_s), "ramp_s": float(ramp_s),
                  "prior": type(prior).__name__ if prior is not None else None},
         history=history, elapsed_s=time.perf_counter() - t0,
         already_target=_is_valid(proba0.detach(), tgt, multilabel, threshold))
 
 
-def default_target(proba: Tensor, multilabel: bool, threshold: float = 0.5) -> int | None:
+def default_target(proba: Tensor, multilabel: bool, threshold: float | Sequence[float] | Tensor = 0.5
+                   ) -> int | None:
     """The class a counterfactual of one record should move to when none is asked for: one the model does not
     already predict. Single-label: the second most probable class. Multi-label (sigmoid): the most probable class
-    at or below ``threshold`` (the second most probable may be a predicted label too, whose "counterfactual" is
+    at or below its threshold (the second most probable may be a predicted label too, whose "counterfactual" is
     the record itself). None when every class is already predicted.
 
     Args:
         proba: ``(C,)`` probabilities of the record.
         multilabel: sigmoid outputs (independent labels).
-        threshold: probability a multi-label prediction needs.
+        threshold: probability a multi-label prediction needs: one for all classes or ``(C,)`` (a classifier's own
+            validation thresholds, :func:`class_thresholds`).
     """
     order = [int(i) for i in proba.argsort(descending=True)]
     if not multilabel:
         return order[1] if len(order) > 1 else None
-    below = [i for i in order if float(proba[i]) <= threshold]
+    thr = class_thresholds(threshold, None, len(order))
+    below = [i for i in order if float(proba[i]) <= float(thr[i])]
     return below[0] if below else None

@@ -300,13 +300,13 @@ def explain_records(wrapper: ECGWrapper, records: Sequence[ECGRecord], out_dir: 
             entry["figures"] += [p.name for p in viz.save_figure(fig, out / f"{rid}_leads", formats, dpi)]
             if counterfactual is not None:
                 from ecgfm.explain.counterfactual import counterfactual as make_cf
-                from ecgfm.explain.counterfactual import default_target
+                from ecgfm.explain.counterfactual import class_thresholds, default_target
 
                 cf_opts = dict(counterfactual)
                 cf_target = cf_opts.pop("target", None)
-                if cf_target is None:    # a class the model does not predict already
+                if cf_target is None:    # a class the model does not predict already (its own thresholds)
                     cf_target = default_target(proba, wrapper.postprocess == "sigmoid",
-                                               float(cf_opts.get("threshold", 0.5)))
+                                               class_thresholds(cf_opts.get("threshold"), wrapper, len(proba)))
                 if cf_target is None:
                     entry["counterfactual"] = {"skipped": "every class is already predicted for this record: no "
                                                           "class to move it to (give counterfactual.target)"}

@@ -20,6 +20,7 @@ named layer's activations and gradients, the encoder's embeddings, and a reshape
 from __future__ import annotations
 
 import contextlib
+import logging
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -29,8 +30,11 @@ from torch import Tensor, nn
 
 from ecgfm.data.preprocess import (PreprocessSpec, model_input_leads, preprocess_signal, preprocessed_spec, resample,
                                    with_input_leads)
-from ecgfm.artifacts import ArtifactError, EncoderClassifier, artifact_kind, load_classifier, load_encoder
+from ecgfm.artifacts import (ArtifactError, EncoderClassifier, artifact_kind, check_trained_leads, load_classifier,
+                             load_encoder)
 from ecgfm.data.record import CANONICAL_LEADS, ECGDataError, ECGRecord, canonical_lead
+
+log = logging.getLogger(__name__)
 
 POSTPROCESS = ("softmax", "sigmoid", None)
 LAYOUTS = ("BLT", "BTL")
@@ -87,6 +91,11 @@ class ECGWrapper(nn.Module):
             that takes ``lead_mask``, ViT-1D): inside :meth:`present_leads` its forward passes get the record's
             lead mask (absent leads make no tokens), as :class:`ecgfm.api.Classifier` scores it; otherwise absent
             leads are zero rows.
+        thresholds: ``(C,)`` per-class decision thresholds of a multi-label classifier (chosen on validation,
+            a classifier artifact's ``thresholds``): what "predicted" means for its counterfactuals; None: 0.5.
+        trained_leads: the leads of the classifier's training records (a sweep artifact's
+            ``extra.trained_leads``): :meth:`prepare` refuses a record sharing none of them and warns about leads
+            never seen, as :class:`ecgfm.api.Classifier` does.
 
     Raises:
         ValueError: unknown ``postprocess`` / ``input_layout``, unknown lead names, or ``fs`` disagreeing with
@@ -97,7 +106,8 @@ class ECGWrapper(nn.Module):
                  preprocess: PreprocessSpec | None = None, postprocess: str | None = "softmax",
                  input_layout: str = "BLT", class_names: Sequence[str] | None = None,
                  num_classes: int | None = None, n_samples: int | None = None,
-                 encoder: nn.Module | None = None, window: str = "error", lead_aware: bool = False):
+                 encoder: nn.Module | None = None, window: str = "error", lead_aware: bool = False,
+                 thresholds: Sequence[float] | None = None, trained_leads: Sequence[str] | None = None):
         super().__init__()
         if window not in WINDOW_POLICIES:
             raise ValueError(f"window must be one of {WINDOW_POLICIES}, got {window!r}")
@@ -126,6 +136,14 @@ class ECGWrapper(nn.Module):
             if num_classes is not None and num_classes != len(class_names):
                 raise ValueError(f"num_classes={num_classes} but {len(class_names)} class_names")
             num_classes = len(class_names)
+        if thresholds is not None:
+            thresholds = tuple(float(t) for t in thresholds)
+            if num_classes is not None and len(thresholds) != num_classes:
+                raise ValueError(f"{len(thresholds)} thresholds for {num_classes} classes")
+            if not all(np.isfinite(t) for t in thresholds):
+                raise ValueError(f"thresholds must be finite, got {thresholds}")
+        self.thresholds: tuple[float, ...] | None = thresholds
+        self.trained_leads: tuple[str, ...] | None = tuple(trained_leads) if trained_leads else None
         self.model = model
         self.fs = float(fs)
         self.lead_names: tuple[str, ...] = tuple(names)
@@ -270,9 +288,13 @@ class ECGWrapper(nn.Module):
             model, spec, meta = load_classifier(path, map_location=map_location)
             inp = meta.get("input") or {}
             args = {"fs": float(inp["fs"]), "lead_names": tuple(inp.get("leads") or CANONICAL_LEADS),
-                    "preprocess": spec, "postprocess": "sigmoid" if meta.get("multilabel") else "softmax",
+                    # saved with preprocess=None: the API reads it with the raw spec (flat leads masked), so here too
+                    "preprocess": spec if spec is not None else PreprocessSpec.raw(float(inp["fs"])),
+                    "postprocess": "sigmoid" if meta.get("multilabel") else "softmax",
                     "class_names": meta.get("classes"), "n_samples": inp.get("window_samples"),
-                    "encoder": model.encoder, "lead_aware": bool(meta.get("lead_aware", True)), **kwargs}
+                    "encoder": model.encoder, "lead_aware": bool(meta.get("lead_aware", True)),
+                    "thresholds": meta.get("thresholds") if meta.get("multilabel") else None,
+                    "trained_leads": (meta.get("extra") or {}).get("trained_leads"), **kwargs}
             return cls(model, **args)
         if kind == "encoder" or path.is_dir() or path.suffix == ".json":
             try:
@@ -500,6 +522,11 @@ class ECGWrapper(nn.Module):
             if lead in by_name:
                 rows[j] = sig[by_name[lead]]
                 present[j] = True
+        unseen = check_trained_leads(self.trained_leads, [lead for lead, p in zip(self.lead_names, present) if p],
+                                     where)
+        if unseen:
+            log.warning("%s: lead(s) %s were never present in the classifier's training records (trained on %s): "
+                        "explained as given", where, ", ".join(unseen), ", ".join(self.trained_leads or ()))
         if preprocessed:
             out_fs = float(fs)
             if abs(out_fs - float(self.fs)) > 1e-6:

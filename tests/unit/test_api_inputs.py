@@ -215,3 +215,24 @@ def test_a_record_preprocessed_by_the_public_function_is_not_preprocessed_again(
         enc.embed(other)
     with pytest.raises(ECGDataError, match="already preprocessed"):
         preprocess_record(done, spec)
+
+
+def test_a_bad_sampling_rate_is_one_clear_error(tmp_path):
+    """fs=True was read as 1 Hz (another prediction, no error); fs=0 / NaN / negative crashed in the resampler."""
+    import numpy as np
+    import pytest
+    import torch
+
+    from ecgfm.api import Encoder
+    from ecgfm.backbones import create_backbone
+    from ecgfm.data.preprocess import PreprocessSpec
+    from ecgfm.export import export_encoder
+
+    torch.manual_seed(0)
+    export_encoder(create_backbone("resnet1d_test"), tmp_path / "enc", PreprocessSpec(fs=100.0))
+    enc = Encoder.load(tmp_path / "enc")
+    x = np.random.default_rng(0).standard_normal((12, 1000)).astype(np.float32)
+    for bad in (True, 0, float("nan"), -500, "500"):
+        with pytest.raises(ValueError, match="fs must be a positive sampling rate"):
+            enc.embed(x, fs=bad)
+    assert enc.embed(x, fs=np.float64(100.0)).shape == enc.embed(x, fs=100).shape

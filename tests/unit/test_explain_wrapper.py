@@ -334,3 +334,33 @@ def test_evidence_on_absent_leads_is_not_evidence():
     w = ECGWrapper(nn.Sequential(nn.Flatten(), nn.LazyLinear(2)), fs=100.0)
     out = _evidence(rec, w, 500)
     assert out[mask].all(axis=0)[100:150].all() and not out[~mask].any()
+
+
+def test_classifier_artifacts_explain_as_the_api_scores_them(tmp_path):
+    """Three ways the explain stage read a classifier artifact unlike ecgfm.api: it dropped a multi-label model's
+    validation thresholds (a counterfactual then targeted a class already predicted at its threshold 0.04), it
+    ignored extra.trained_leads (a lead-II model explained a lead-I record), and an artifact saved with
+    preprocess=None was only resampled (a flat, disconnected lead fed as 0.5 mV; the API masks it)."""
+    from ecgfm.artifacts import save_classifier
+    from ecgfm.backbones.registry import create_backbone
+    from ecgfm.data.record import ECGDataError
+    from ecgfm.explain.counterfactual import class_thresholds, default_target
+
+    torch.manual_seed(0)
+    bb = create_backbone("resnet1d_test")
+    save_classifier(tmp_path / "ml", bb, nn.Linear(bb.num_features, 3), None, ["a", "b", "c"], multilabel=True,
+                    fs=100.0, window_samples=250, thresholds=[0.04, 0.5, 0.5], extra={"trained_leads": ["II"]})
+    w = ECGWrapper.from_checkpoint(tmp_path / "ml")
+    assert w.thresholds == (0.04, 0.5, 0.5) and w.trained_leads == ("II",)
+    proba = torch.tensor([0.47, 0.30, 0.10])
+    assert default_target(proba, True, 0.5) == 0                                   # 0.47 <= 0.5: "not predicted"
+    assert default_target(proba, True, class_thresholds(None, w, 3)) == 1         # 0.47 > 0.04: predicted
+    t = np.arange(250) / 100.0
+    ecg = np.sin(2 * np.pi * t).astype(np.float32)
+    with pytest.raises(ECGDataError, match="trained on records with leads II; this record has I"):
+        w.prepare(ecg[None], fs=100.0, lead_names=["I"], missing_leads="zero")
+    sig = np.stack([ecg, ecg, np.full_like(ecg, 0.5)])                              # V6 disconnected: flat 0.5 mV
+    x = w.prepare(sig, fs=100.0, lead_names=["I", "II", "V6"], missing_leads="zero")
+    assert w.spec is not None and float(x[0, w.lead_names.index("V6")].abs().max()) == 0.0
+    with pytest.raises(ValueError, match="2 thresholds for 3 classes"):
+        ECGWrapper(w.model, fs=100.0, class_names=["a", "b", "c"], thresholds=[0.1, 0.2])

@@ -368,3 +368,28 @@ def test_encoder_saved_without_preprocessing_is_not_given_the_default_spec(tmp_p
 
     wrapped = ECGWrapper.from_checkpoint(out, head=torch.nn.Linear(model.num_features, 2))   # the rate it describes
     assert wrapped.fs == 100.0 and wrapped.spec is None
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda m: m.update(window_aggregate="logits"), "window_aggregate must be one of"),
+    (lambda m: m["input"].update(leads=["II", "II", "III"]), "input.leads must be distinct canonical"),
+    (lambda m: m["input"].update(stride_samples=0), "input.stride_samples must be a positive integer"),
+    (lambda m: m.update(thresholds=[0.5]), "thresholds must be 2 finite numbers"),
+    (lambda m: m.update(classes=["a", "b", "c"]), "3 classes for a head of 2 outputs"),
+    (lambda m: m.update(multilabel="yes"), "multilabel must be true or false"),
+])
+def test_classifier_description_fields_are_checked_at_load(tmp_path, edit, match):
+    """A hand-edited or foreign classifier.json was read silently ("logits" as prob, a lead fed twice, stride 0 as
+    the window); load_classifier now checks what save_classifier writes."""
+    from ecgfm.artifacts import ArtifactError, load_classifier, save_classifier
+
+    model = create_backbone("vit1d_test")
+    save_classifier(tmp_path / "c", model, torch.nn.Linear(model.num_features, 2), PreprocessSpec(fs=100.0),
+                    ["a", "b"], multilabel=True, window_samples=250, leads=["I", "II", "III"] + [
+                        "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6"])
+    load_classifier(tmp_path / "c")
+    meta = json.loads((tmp_path / "c" / "classifier.json").read_text())
+    edit(meta)
+    (tmp_path / "c" / "classifier.json").write_text(json.dumps(meta))
+    with pytest.raises(ArtifactError, match=match):
+        load_classifier(tmp_path / "c")
