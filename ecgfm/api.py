@@ -110,10 +110,8 @@ class _Model:
                  rename_leads: Mapping[str, str] | None = None
                  ) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[str]]:
         """Model-space records ``[(x (L_model, T_i), lead mask (L_model,) bool)]`` and their names."""
-        if fs is not None and (isinstance(fs, (bool, np.bool_)) or not isinstance(fs, (int, float, np.number))
-                               or not np.isfinite(float(fs)) or float(fs) <= 0):
-            # fs=True was read as 1 Hz; 0, NaN or negative rates crashed inside the resampler
-            raise ValueError(f"fs must be a positive sampling rate in Hz, got {fs!r}")
+        if fs is not None:
+            _rate(fs)   # checked here; used as given (messages keep the caller's spelling)
         if rename_leads is not None and not isinstance(signal, (str, os.PathLike)):
             raise ValueError("rename_leads= renames the leads of a record file's header; an array names its rows "
                              "with leads=, and an ECGRecord has standard lead names already")
@@ -217,6 +215,21 @@ class _Model:
             x = torch.from_numpy(windows[i:i + batch_size]).to(self.device)
             out.append(fn(x, None if m is None else m.expand(len(x), -1)).double().cpu().numpy())
         return np.concatenate(out)
+
+
+def _rate(fs: Any) -> float:
+    """A sampling rate given as a number, a 0-d array (``np.load(npz)["fs"]``) or a scalar tensor, as a float.
+
+    Raises:
+        ValueError: a bool (``True`` was read as 1 Hz), text, several values, or not a finite positive number (0,
+            NaN or negative rates crashed inside the resampler).
+    """
+    if hasattr(fs, "detach"):
+        fs = fs.detach().cpu().numpy()
+    value = np.asarray(fs)
+    if value.ndim != 0 or value.dtype.kind not in "iuf" or not np.isfinite(float(value)) or float(value) <= 0:
+        raise ValueError(f"fs must be a positive sampling rate in Hz, got {fs!r}")
+    return float(value)
 
 
 def _where(name: str) -> str:

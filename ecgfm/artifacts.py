@@ -35,8 +35,10 @@ import datetime as _dt
 import functools
 import os
 import shutil
+import stat
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -51,8 +53,8 @@ from ecgfm.backbones.registry import create_backbone, list_backbones
 from ecgfm.data.preprocess import PreprocessSpec
 from ecgfm.data.record import CANONICAL_LEADS
 from ecgfm.heads import LinearProbeHead, MLPHead
-from ecgfm.io import (atomic_write, atomic_write_json, atomic_write_text, fsync_dir, jsonable, read_json,
-                      safetensors_sha256, sort_safetensors_metadata)
+from ecgfm.io import (atomic_write, atomic_write_json, atomic_write_text, cached_safetensors_sha256, file_key,
+                      file_lock, fsync_dir, jsonable, read_json, safetensors_sha256, sort_safetensors_metadata)
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "KINDS", "HEADS", "ArtifactError", "ArtifactNotFound", "EncoderClassifier", "meta_file",
            "weights_file", "artifact_kind", "read_meta", "write_artifact", "save_encoder", "load_encoder",
@@ -333,9 +335,20 @@ def build_backbone(name: Any, init_args: Any, where: Any, weights_shapes: Mappin
         raise ArtifactError(where, f"cannot build backbone {name!r} with init_args {init_args}: {exc}") from exc
 
 
+class _Swapped(Exception):
+    """The artifact folder was replaced while it was being read (a writer's folder swap): read it again."""
+
+
 def _load_weights(module: nn.Module, weights_path: Path, map_location: str | torch.device,
-                  expected_sha256: str | None = None) -> None:
-    if expected_sha256 and safetensors_sha256(weights_path) != expected_sha256:
+                  expected_sha256: str | None = None, meta_path: Path | None = None) -> None:
+    before = file_key(weights_path) if expected_sha256 else None
+    if expected_sha256 and cached_safetensors_sha256(weights_path) != expected_sha256:
+        try:   # a description read just before a writer swapped the folder: not a tampered file, read again
+            now = read_json(meta_path).get("weights_sha256") if meta_path is not None else expected_sha256
+        except (OSError, ValueError, AttributeError):
+            now = None
+        if now != expected_sha256:
+            raise _Swapped()
         raise ArtifactError(weights_path, "the weights are not the ones its description was written with (sha256 "
                                           "differs from weights_sha256 in the JSON): a weights file swapped or "
                                           "edited under the description")
@@ -343,11 +356,28 @@ def _load_weights(module: nn.Module, weights_path: Path, map_location: str | tor
         state = load_file(str(weights_path), device=str(map_location))
     except (SafetensorError, OSError, ValueError) as exc:
         raise ArtifactError(weights_path, f"cannot read safetensors weights: {exc}") from exc
+    if before is not None and file_key(weights_path) != before:   # replaced between the hash and the read
+        raise _Swapped()
     problem = _mismatch({k: tuple(v.shape) for k, v in module.state_dict().items()},
                         {k: tuple(v.shape) for k, v in state.items()})
     if problem:
         raise ArtifactError(weights_path, f"weights do not fit the described model: {problem}")
     module.load_state_dict(state, strict=True)
+
+
+def _consistent(load: Callable[[], Any], where: Any) -> Any:
+    """``load()`` again (up to 3 times) when the folder was swapped by a writer while it was read (or was missing
+    for the instant between a swap's two renames)."""
+    for attempt in range(3):
+        try:
+            return load()
+        except _Swapped:
+            pass
+        except ArtifactNotFound:
+            if attempt == 2:
+                raise
+        time.sleep(0.05 * (attempt + 1))
+    raise ArtifactError(where, "the artifact kept changing while it was read (another process rewriting it)")
 
 
 def check_trained_leads(trained: Sequence[str] | None, present: Sequence[str], where: Any) -> list[str]:
@@ -456,36 +486,56 @@ def write_artifact(out_dir: str | os.PathLike, kind: str, state: Mapping[str, Te
         atomic_write_text(folder / "README.md", model_card(doc, str(out)))
         atomic_write_json(folder / meta_file(kind), doc, indent=2)
 
-    replacing = out.is_dir() and any(out.iterdir())
-    if replacing:
-        other = [k for k in KINDS if k != kind and (out / meta_file(k)).exists()]
-        if other:
-            raise ArtifactError(out, f"holds an {other[0]} artifact; write the {kind} to another folder")
+    if out.is_symlink():   # a link to a versioned folder: the folder it names is replaced, the link kept
+        out = Path(os.path.realpath(out))
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    old = None
-    try:
-        write_into(tmp)
+    # one writer at a time per folder (two sweep jobs can write one cell's artifact)
+    with file_lock(out.parent / f".{out.name}.lock"):
+        replacing = out.is_dir() and any(out.iterdir())
         if replacing:
-            # a whole new folder swapped in by renames, never files replaced one by one (a kill between them left
-            # new weights under the old description); other files of the folder (e.g. a cell's predictions) move
-            # along with it
-            own = {weights_file(kind), meta_file(kind), "README.md"}
-            for f in out.iterdir():
-                if f.name not in own and not (tmp / f.name).exists():
-                    os.replace(f, tmp / f.name)
-            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
-            os.replace(out, old / "artifact")
-        elif out.is_dir():
-            out.rmdir()  # empty
-        os.replace(tmp, out)
-        fsync_dir(out.parent)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            other = [k for k in KINDS if k != kind and (out / meta_file(k)).exists()]
+            if other:
+                raise ArtifactError(out, f"holds an {other[0]} artifact; write the {kind} to another folder")
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+        old = None
+        try:
+            write_into(tmp)
+            # the folder's permissions: the old folder's, or what a plain mkdir would give (mkdtemp makes 0700)
+            os.chmod(tmp, stat.S_IMODE(out.stat().st_mode) if out.is_dir() else 0o777 & ~_umask())
+            if replacing:
+                # a whole new folder swapped in by renames, never files replaced one by one (a kill between them
+                # left new weights under the old description)
+                old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
+                os.replace(out, old / "artifact")
+                try:
+                    os.replace(tmp, out)
+                except OSError:
+                    os.replace(old / "artifact", out)      # the old artifact back, whole
+                    raise
+                own = {weights_file(kind), meta_file(kind), "README.md"}
+                for f in (old / "artifact").iterdir():      # other files of the folder (a cell's predictions)
+                    if f.name not in own and not (out / f.name).exists():
+                        os.replace(f, out / f.name)
+            else:
+                if out.is_dir():
+                    out.rmdir()  # empty
+                os.replace(tmp, out)
+            fsync_dir(out.parent)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+            # the previous artifact is deleted once the new one is in place; were the restore itself to fail, it
+            # stays where it is (<folder>.*.old/artifact) rather than being lost
+            if old is not None and not ((old / "artifact").exists() and not out.is_dir()):
+                shutil.rmtree(old, ignore_errors=True)
     return out
+
+
+def _umask() -> int:
+    """The process umask (read by setting and restoring it)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _spec(preprocess: PreprocessSpec | Mapping[str, Any] | None) -> PreprocessSpec | None:
@@ -565,6 +615,11 @@ def load_encoder(path: str | os.PathLike, map_location: str | torch.device = "cp
         ArtifactError: not an encoder folder (a classifier folder says so), missing or malformed files, unknown
             backbone, or weights that do not fit the description.
     """
+    return _consistent(lambda: _load_encoder(path, map_location), path)
+
+
+def _load_encoder(path: str | os.PathLike, map_location: str | torch.device
+                  ) -> tuple[nn.Module, PreprocessSpec | None, dict[str, Any]]:
     d, meta = read_meta(path, "encoder")
     mpath, wpath = d / meta_file("encoder"), d / weights_file("encoder")
     try:  # null: saved with preprocess=None, i.e. none (not the defaults, which would filter and normalise)
@@ -573,7 +628,7 @@ def load_encoder(path: str | os.PathLike, map_location: str | torch.device = "cp
         raise ArtifactError(mpath, f"bad preprocess entry: {exc}") from exc
     arch = meta.get("architecture") or {}
     backbone = build_backbone(arch.get("name"), arch.get("init_args") or {}, mpath, _header_shapes(wpath))
-    _load_weights(backbone, wpath, map_location, meta.get("weights_sha256"))
+    _load_weights(backbone, wpath, map_location, meta.get("weights_sha256"), mpath)
     info = dict(meta, name=arch.get("name"), init_args=arch.get("init_args") or {},
                 num_features=arch.get("num_features") or int(getattr(backbone, "num_features", 0)), dir=str(d))
     return backbone.to(map_location).eval(), spec, info
@@ -693,6 +748,11 @@ def load_classifier(path: str | os.PathLike, map_location: str | torch.device = 
                                f"checkpoint={d} task=ptbxl_super` (every fine-tune cell saves a classifier "
                                "folder) or `python probe.py checkpoint=... save_classifier=true`; then explain "
                                "that folder.")
+    return _consistent(lambda: _load_classifier(d, map_location), d)
+
+
+def _load_classifier(d: Path, map_location: str | torch.device
+                     ) -> tuple[EncoderClassifier, PreprocessSpec | None, dict[str, Any]]:
     d, meta = read_meta(d, "classifier")
     mpath, wpath = d / meta_file("classifier"), d / weights_file("classifier")
     _check_classifier_meta(meta, mpath)
@@ -706,7 +766,7 @@ def load_classifier(path: str | os.PathLike, map_location: str | torch.device = 
     except (TypeError, ValueError) as exc:
         raise ArtifactError(mpath, f"cannot build head {hd['name']!r} with args {hd.get('args')}: {exc}") from exc
     model = EncoderClassifier(backbone, head)
-    _load_weights(model, wpath, map_location, meta.get("weights_sha256"))
+    _load_weights(model, wpath, map_location, meta.get("weights_sha256"), mpath)
     try:
         spec = PreprocessSpec.from_dict(meta["preprocess"]) if meta.get("preprocess") is not None else None
     except (TypeError, ValueError) as exc:

@@ -35,6 +35,14 @@ from omegaconf.errors import OmegaConfBaseException
 from ecgfm.data.preprocess import PreprocessSpec
 
 
+def bad_arguments(exc: TypeError) -> bool:
+    """Whether a ``TypeError`` is a call with arguments the callee does not take (a misspelt or missing config key
+    passed on to a constructor), not a bug inside it."""
+    text = str(exc)
+    return "unexpected keyword argument" in text or "required positional argument" in text or \
+        "required keyword-only argument" in text
+
+
 class ConfigError(ValueError):
     """A configuration mistake. The message starts with the dotted key that is wrong."""
 

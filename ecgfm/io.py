@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 __all__ = ["jsonable", "dumps", "atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_write_json",
-           "read_json", "sha256_file", "sha256_bytes", "safetensors_sha256", "sort_safetensors_metadata", "fsync_dir",
+           "read_json", "sha256_file", "sha256_bytes", "safetensors_sha256", "cached_safetensors_sha256", "file_key", "sort_safetensors_metadata", "fsync_dir",
            "file_lock", "LockBusy", "to_container"]
 
 
@@ -200,6 +200,26 @@ def safetensors_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+_SHA_CACHE: dict[tuple[str, int, int, int, int], str] = {}
+
+
+def file_key(path: str | os.PathLike) -> tuple[str, int, int, int, int]:
+    """``(resolved path, size, mtime_ns, ctime_ns, inode)``: what a rewrite of the file changes (ctime and inode
+    too: on a kernel with coarse timestamps a rewrite within one tick of the same size keeps the mtime)."""
+    p = Path(path)
+    st = p.stat()
+    return str(p.resolve()), int(st.st_size), int(st.st_mtime_ns), int(st.st_ctime_ns), int(st.st_ino)
+
+
+def cached_safetensors_sha256(path: str | os.PathLike) -> str:
+    """:func:`safetensors_sha256`, remembered per :func:`file_key` in this process (loads of one artifact, cells of
+    one encoder: hashed once)."""
+    key = file_key(path)
+    if key not in _SHA_CACHE:
+        _SHA_CACHE[key] = safetensors_sha256(path)
+    return _SHA_CACHE[key]
 
 
 def sort_safetensors_metadata(path: str | os.PathLike) -> None:

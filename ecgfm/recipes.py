@@ -262,11 +262,13 @@ class FaithfulnessConfig:
 
 @dataclass
 class CounterfactualConfig:
-    """Gradient counterfactual (:mod:`ecgfm.explain.counterfactual`); ``target`` None: the second most probable
-    class."""
+    """Gradient counterfactual (:mod:`ecgfm.explain.counterfactual`); ``target`` None: a class not already predicted
+    (the second most probable for softmax, the most probable below its threshold for sigmoid); ``threshold`` None:
+    a multi-label classifier's own validation thresholds (else 0.5), or one value / one per class."""
 
     enabled: bool = False
     target: Any = None
+    threshold: Any = None
     max_steps: int = 500
     lambda_prox: float = 0.1
     lambda_smooth: float = 0.003
@@ -420,9 +422,11 @@ def _check_cells(merged: DictConfig) -> None:
             raise ConfigError("preprocess", f"must be null or a mapping of PreprocessSpec fields, got "
                                             f"{merged.preprocess!r}")
         try:
-            PreprocessSpec.from_dict(OmegaConf.to_container(merged.preprocess, resolve=True))
+            spec = PreprocessSpec.from_dict(OmegaConf.to_container(merged.preprocess, resolve=True))
         except (ValueError, TypeError) as err:
             raise ConfigError("preprocess", str(err)) from None
+        if spec.notch_problem():   # refused in every new configuration (train, prepare, probe / fine-tune)
+            raise ConfigError("preprocess.notch", spec.notch_problem())
 
 
 def check_finetune_recipe(recipe: FinetuneRecipe | DictConfig, key: str = "finetune",

@@ -59,22 +59,28 @@ def main(cfg: DictConfig) -> None:
     The config is checked first (:func:`ecgfm.config.validate_prepare_config`): a wrong key or value
     (``spec.fs=abc``) ends with one ``error: config key '...': ...`` line and exit status 2.
     """
-    from ecgfm.config import ConfigError, validate_prepare_config
+    from ecgfm.config import ConfigError, bad_arguments, validate_prepare_config
     from ecgfm.data.cache import prepare_from_config
     from ecgfm.data.record import ECGDataError
     from ecgfm.errors import run_command
     from ecgfm.io import LockBusy
 
+    from hydra.errors import InstantiationException
+
     def prepare(cfg: DictConfig) -> Any:
-        return prepare_from_config(validate_prepare_config(resolve_out(cfg)))
+        try:
+            return prepare_from_config(validate_prepare_config(resolve_out(cfg)))
+        except (TypeError, InstantiationException) as exc:
+            # a source argument that does not exist (+synthetic.n_recordz=5) is the user's: one line; any other
+            # TypeError is a bug and keeps its traceback
+            cause = exc.__cause__ if isinstance(exc, InstantiationException) and exc.__cause__ else exc
+            if isinstance(cause, TypeError) and bad_arguments(cause):
+                raise ConfigError("sources", str(cause).splitlines()[0]) from None
+            raise
 
     # a wrong key or value, unreadable data, a cache built from other inputs or spec (ValueError), a concurrent
     # prepare of the same cache (RuntimeError / LockBusy): one line and exit status 2
-    from hydra.errors import InstantiationException
-
-    # a source argument that does not exist (+synthetic.n_recordz=5): TypeError, or Hydra's wrapper of it
-    run_command(prepare, cfg, (ConfigError, ECGDataError, LockBusy, ValueError, RuntimeError, TypeError,
-                               InstantiationException))
+    run_command(prepare, cfg, (ConfigError, ECGDataError, LockBusy, ValueError, RuntimeError))
 
 
 if __name__ == "__main__":

@@ -115,11 +115,11 @@ def source_description(source: Any) -> dict[str, Any]:
     return {"repr": repr(source), **describe_source(source)}
 
 
-#: Readers whose records gained content that their caches written before lack (2: FolderSource's
+#: Readers whose records gained content that their caches written before lack (2 and 3: FolderSource's
 #: ``meta["labels_known"]``, 2026-12-06, without which a task drops the negatives of 0/1 flag columns). The version
 #: is part of their caches' key, so such a cache is prepared again instead of reused; the keys (and caches) of
 #: readers not listed are unchanged.
-SOURCE_VERSIONS: dict[str, int] = {"FolderSource": 2}
+SOURCE_VERSIONS: dict[str, int] = {"FolderSource": 3}   # 3: labels_known only for 0/1 flag tables
 
 
 def _source_versions(sources: Any) -> dict[str, int]:

@@ -26,7 +26,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-from ecgfm.io import dumps, safetensors_sha256, sha256_bytes
+from ecgfm.io import cached_safetensors_sha256, dumps, sha256_bytes
 
 __all__ = ["CELL_SCHEMA", "weights_sha256", "checkpoint_identity", "recipe_identity", "short_hash", "diff_keys",
            "stale_reason"]
@@ -37,22 +37,10 @@ __all__ = ["CELL_SCHEMA", "weights_sha256", "checkpoint_identity", "recipe_ident
 # no SNOMED code reaches, and classes without a training positive leave their task.
 CELL_SCHEMA = 3
 ID_LEN = 16      # hex characters kept in checkpoint_id / recipe_id
-_HASH_CACHE: dict[tuple[str, int, int, int, int], str] = {}
-
 
 def short_hash(obj: Any, n: int = ID_LEN) -> str:
     """First ``n`` hex characters of the sha256 of the deterministic JSON of ``obj`` (:func:`ecgfm.io.dumps`)."""
     return sha256_bytes(dumps(obj).encode("utf-8"))[:n]
-
-
-def _file_sha256(path: Path) -> str:
-    st = path.stat()
-    # ctime and inode too: a re-export of the same architecture has the same size, and on a kernel with coarse
-    # timestamps a rewrite within one tick keeps the mtime (the old weights' identity would be returned)
-    key = (str(path.resolve()), int(st.st_size), int(st.st_mtime_ns), int(st.st_ctime_ns), int(st.st_ino))
-    if key not in _HASH_CACHE:
-        _HASH_CACHE[key] = safetensors_sha256(path)
-    return _HASH_CACHE[key]
 
 
 def weights_sha256(folder: str | os.PathLike) -> dict[str, str]:
@@ -69,7 +57,7 @@ def weights_sha256(folder: str | os.PathLike) -> dict[str, str]:
     files = sorted(p for p in d.glob("*.safetensors") if p.is_file())
     if not files:
         raise FileNotFoundError(f"{d}: no weights file (*.safetensors) to identify the checkpoint by")
-    return {p.name: _file_sha256(p) for p in files}
+    return {p.name: cached_safetensors_sha256(p) for p in files}
 
 
 def _architecture(folder: Path) -> dict[str, Any]:

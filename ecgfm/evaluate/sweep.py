@@ -66,7 +66,7 @@ from ecgfm.evaluate.metrics import choose_thresholds, evaluate_scores
 from ecgfm.evaluate.report import build_report
 from ecgfm.evaluate.tasks import TaskData, TaskSpec, build_external, build_task
 from ecgfm.errors import EXIT_USER_ERROR, run_command  # noqa: F401  (EXIT_USER_ERROR re-exported)
-from ecgfm.io import atomic_write_json, jsonable
+from ecgfm.io import atomic_write_json, file_key, jsonable
 
 log = logging.getLogger(__name__)
 KEYWORDS = ("random", "supervised")
@@ -230,7 +230,7 @@ def _backbone_from_conf(name: str, crop_samples: int, overrides: dict[str, Any])
 
     from hydra.errors import InstantiationException
 
-    from ecgfm.config import ConfigError
+    from ecgfm.config import ConfigError, bad_arguments
 
     conf = config_dir() / "backbone" / f"{name}.yaml"
     try:
@@ -242,7 +242,9 @@ def _backbone_from_conf(name: str, crop_samples: int, overrides: dict[str, Any])
         return create_backbone(name, **overrides)
     except (TypeError, InstantiationException) as exc:   # e.g. +backbone_args.embed_dimm=8: one line, not a trace
         cause = exc.__cause__ if isinstance(exc, InstantiationException) and exc.__cause__ else exc
-        raise ConfigError("backbone_args", f"{name}: {str(cause).splitlines()[0]}") from None
+        if isinstance(cause, TypeError) and bad_arguments(cause):
+            raise ConfigError("backbone_args", f"{name}: {str(cause).splitlines()[0]}") from None
+        raise
 
 
 def resolve_checkpoint(checkpoint: str, crop_samples: int, init_seed: int = 0,
@@ -599,17 +601,27 @@ def _classifier_mismatch(cell_file: Path, checkpoint_id: str, rid: str) -> str |
 
 def _refresh_leakage(cell_file: Path, leakage: dict[str, Any]) -> None:
     """Give a reused cell this run's leakage verdict: a cell written before its encoder's pretraining data was
-    named (or under allow_leakage=true with other data) kept "ok" / "unchecked" and could be read as clean."""
+    named (or under allow_leakage=true with other data) kept "ok" / "unchecked" and could be read as clean.
+
+    Only a changed verdict (``checked`` / ``leaked``) rewrites the cell (a path spelt otherwise does not), and only
+    if no other job rewrote the file since it was read."""
     try:
+        before = file_key(cell_file)
         cell = json.loads(cell_file.read_text())
     except (OSError, ValueError):
         return
     leakage = json.loads(json.dumps(jsonable(leakage)))   # as a cell stores it
-    if cell.get("leakage") != leakage:
-        log.warning("%s: reused with this run's leakage check (%s), not the one it was written with (%s)", cell_file,
-                    leakage, cell.get("leakage"))
-        cell["leakage"] = leakage
-        atomic_write_json(cell_file, cell)
+    old = cell.get("leakage") or {}
+    if all(old.get(k) == leakage.get(k) for k in ("checked", "leaked")):
+        return
+    log.warning("%s: reused with this run's leakage check (%s), not the one it was written with (%s)", cell_file,
+                leakage, old)
+    cell["leakage"] = leakage
+    try:
+        if file_key(cell_file) == before:
+            atomic_write_json(cell_file, cell)
+    except OSError:
+        pass
 
 
 def _cell_files(ctx: _Context, task: str, checkpoint: str, fraction: float, seed: int) -> tuple[Path, Path]:

@@ -242,15 +242,15 @@ def build_task(spec: TaskSpec, cache_root: str, preprocess: PreprocessSpec, clas
     labelled = y.sum(axis=1) > 0
     any_positive = bool(labelled.any())
     if spec.multilabel and mapper is None and spec.labels == "record" and any_positive:
-        # a record whose labels are known to be none (FolderSource: a labels-CSV row of 0 in every flag column) is a
-        # negative for every class: kept as an all-zero row, not unlabelled. A record with labels outside the class
-        # space is not (another vocabulary: "Normal" is not known to be no NORM), it stays out of every split
+        # a record whose flags are known (FolderSource: a labels-CSV row of 0/1 flag columns) but that has none of
+        # the task's classes is a negative for them (also with flags outside them, rbbb=1 for a task of af): kept as
+        # an all-zero row, not unlabelled. Labels given as names are not known this way ("Normal" says nothing of
+        # NORM): such a record stays out of every split
         known = np.array([isinstance(m, dict) and m.get(LABELS_KNOWN) is True for m in index["meta"]], dtype=bool)
-        empty = np.array([len(tuple(lab or ())) == 0 for lab in index["labels"]], dtype=bool)
-        negatives = known & empty & ~labelled
+        negatives = known & ~labelled
         if negatives.any():
-            notes.append(f"{int(negatives.sum())} record(s) whose labels are known to be none (0 in every flag "
-                         f"column) are negatives for every class")
+            notes.append(f"{int(negatives.sum())} record(s) whose flags are known but none of {class_names} are "
+                         f"negatives for every class")
         labelled |= negatives
     if not any_positive:
         why = ""

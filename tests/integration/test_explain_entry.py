@@ -47,7 +47,8 @@ def _cfg(tmp: Path, *overrides: str):
 def test_explain_entry_synthetic(tmp_path, synthetic_ckpt, capsys):
     cfg = _cfg(tmp_path, f"checkpoint={synthetic_ckpt}", "record=syn000006", "methods=[ig,gradcam,occlusion]",
                "formats=[png]",
-               "method_options={ig: {n_steps: 8}}", "counterfactual.enabled=true", "counterfactual.max_steps=20")
+               "method_options={ig: {n_steps: 8}}", "counterfactual.enabled=true", "counterfactual.max_steps=20",
+               "counterfactual.threshold=0.3")   # accepted (a multi-label model's "predicted"; softmax: unused)
     report = explain_main(cfg)
     w = report["records"][0]["window"]
     line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("record "))
@@ -70,6 +71,7 @@ def test_explain_entry_synthetic(tmp_path, synthetic_ckpt, capsys):
         assert "localisation" in f                                   # the synthetic record has an evidence mask
     assert "convergence_delta_abs" in rec["methods"]["integrated_gradients"]
     assert rec["counterfactual"]["records"][0]["top_leads"]
+    assert rec["counterfactual"]["options"]["threshold"] is None     # single-label: no threshold applies
     files = {p.name for p in tmp_path.iterdir()}
     for stem in ("chart_integrated_gradients", "chart_gradcam", "chart_occlusion", "methods", "leads",
                  "counterfactual"):

@@ -17,7 +17,7 @@ from ecgfm.evaluate import identity as I
 from ecgfm.evaluate.metrics import evaluate_scores
 from ecgfm.evaluate.report import build_report, load_cells, paired_comparisons, summarize, tidy_rows
 from ecgfm.export import export_encoder
-from ecgfm.io import sha256_file
+from ecgfm.io import safetensors_sha256, sha256_file
 
 
 def _export(path: Path, seed: int) -> Path:
@@ -70,15 +70,17 @@ def test_identity_does_not_depend_on_the_metadata_order_safetensors_happened_to_
     n = int.from_bytes(raw[:8], "little")
     head = json.dumps(json.loads(raw[8:8 + n]), indent=1).encode()
     d.write_bytes(len(head).to_bytes(8, "little") + head + raw[8 + n:])
-    assert I.safetensors_sha256(d) == sha256_file(d)
+    assert safetensors_sha256(d) == sha256_file(d)
 
 
 def test_weights_hash_is_cached_by_size_and_mtime(tmp_path, monkeypatch):
+    import ecgfm.io as io
+
     a = _export(tmp_path / "a", 0)
     calls = []
-    real = I.safetensors_sha256
-    monkeypatch.setattr(I, "safetensors_sha256", lambda p: calls.append(p) or real(p))
-    I._HASH_CACHE.clear()
+    real = io.safetensors_sha256
+    monkeypatch.setattr(io, "safetensors_sha256", lambda p: calls.append(p) or real(p))
+    io._SHA_CACHE.clear()
     for _ in range(3):
         I.weights_sha256(a)
     assert len(calls) == 1

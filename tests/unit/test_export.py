@@ -262,7 +262,7 @@ def test_new_folder_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
     monkeypatch.setattr(art, "atomic_write_json", broken)
     with pytest.raises(OSError, match="No space"):
         export_encoder(model, tmp_path / "enc", PreprocessSpec())
-    assert not (tmp_path / "enc").exists() and list(tmp_path.iterdir()) == []
+    assert not (tmp_path / "enc").exists() and [p.name for p in tmp_path.iterdir()] == [".enc.lock"]
 
 
 def test_an_existing_folder_is_replaced_whole_and_keeps_its_other_files(tmp_path, monkeypatch):
@@ -290,7 +290,84 @@ def test_an_existing_folder_is_replaced_whole_and_keeps_its_other_files(tmp_path
     loaded, spec, _ = load_encoder(tmp_path / "enc")
     assert spec.fs == 500.0 and all(torch.equal(loaded.state_dict()[k], v) for k, v in b.state_dict().items())
     assert (tmp_path / "enc" / "predictions_test.csv").read_text() == "key,score\n"
-    assert [p.name for p in tmp_path.iterdir()] == ["enc"]        # no temporary folder left
+    assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == ["enc"]   # no temporary folder
+
+
+def test_a_failed_swap_restores_the_old_artifact_and_links_and_modes_are_kept(tmp_path, monkeypatch):
+    """The second rename of the swap failing deleted both the old and the new artifact (and the moved predictions);
+    a symlinked folder was replaced by a real one; the folder's mode became mkdtemp's 0700."""
+    import os
+
+    import ecgfm.artifacts as art
+
+    torch.manual_seed(0)
+    a, b = create_backbone("vit1d_test"), create_backbone("vit1d_test")
+    export_encoder(a, tmp_path / "v1", PreprocessSpec(fs=100.0))
+    (tmp_path / "v1" / "predictions_test.csv").write_text("k\n")
+    os.chmod(tmp_path / "v1", 0o2775)
+    real = os.replace
+    calls = []
+
+    def second_fails(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:                       # out -> old/artifact done; tmp -> out fails
+            raise OSError(39, "Directory not empty")
+        return real(src, dst)
+
+    monkeypatch.setattr(art.os, "replace", second_fails)
+    with pytest.raises(OSError, match="not empty"):
+        export_encoder(b, tmp_path / "v1", PreprocessSpec(fs=500.0))
+    monkeypatch.setattr(art.os, "replace", real)
+    assert load_encoder(tmp_path / "v1")[1].fs == 100.0 and (tmp_path / "v1" / "predictions_test.csv").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith((".old", ".tmp"))]
+    (tmp_path / "current").symlink_to(tmp_path / "v1")
+    export_encoder(b, tmp_path / "current", PreprocessSpec(fs=500.0))
+    assert (tmp_path / "current").is_symlink() and load_encoder(tmp_path / "v1")[1].fs == 500.0
+    assert (tmp_path / "v1" / "predictions_test.csv").exists()
+    assert (os.stat(tmp_path / "v1").st_mode & 0o7777) == 0o2775
+
+
+def test_concurrent_writers_and_a_reader_see_whole_artifacts(tmp_path):
+    """Two processes rewriting one artifact (two sweep jobs on one cell) raced in the swap (FileNotFoundError,
+    lost files); a reader paired one description with the other's weights. Writers now take the folder's lock and
+    readers read again when the folder was swapped under them."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    export_encoder(create_backbone("vit1d_test"), tmp_path / "enc", PreprocessSpec(fs=100.0))
+    (tmp_path / "enc" / "predictions_test.csv").write_text("k\n")
+    procs = [ctx.Process(target=_rewrite_many, args=(str(tmp_path / "enc"), fs, 12)) for fs in (100.0, 500.0)]
+    for p in procs:
+        p.start()
+    seen = set()
+    while any(p.is_alive() for p in procs):
+        backbone, spec, info = load_encoder(tmp_path / "enc")
+        seen.add(spec.fs)
+        # the weights are the ones this description names (each writer's weights differ: seeded by its fs)
+        assert info["weights_sha256"] == safetensors_sha256_of(tmp_path / "enc", backbone)
+    for p in procs:
+        p.join()
+        assert p.exitcode == 0
+    assert (tmp_path / "enc" / "predictions_test.csv").exists()
+
+
+def _rewrite_many(path: str, fs: float, n: int) -> None:
+    torch.manual_seed(int(fs))
+    model = create_backbone("vit1d_test")
+    for _ in range(n):
+        export_encoder(model, path, PreprocessSpec(fs=fs))
+
+
+def safetensors_sha256_of(folder, backbone) -> str:
+    """sha256 of the weights the loaded backbone holds, as ecgfm writes them."""
+    import tempfile
+
+    from ecgfm.artifacts import save_encoder
+    from ecgfm.io import read_json
+
+    with tempfile.TemporaryDirectory() as d:
+        save_encoder(d, backbone, None)
+        return read_json(f"{d}/encoder.json")["weights_sha256"]
 
 
 def test_weights_swapped_under_their_description_are_refused(tmp_path):

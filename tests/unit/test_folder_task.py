@@ -51,7 +51,7 @@ def test_flag_column_negatives_are_in_every_split(tmp_path, fixture_dir):
         y = task.labels[task.splits[part], 0]
         assert 0 < y.sum() < len(y), (part, y)                   # positives and negatives on both sides
     assert task.labels[in_split, 0].sum() == 4
-    assert any("8 record(s) whose labels are known to be none" in n for n in task.notes)
+    assert any("8 record(s) whose flags are known but none of ['af'] are negatives" in n for n in task.notes)
     assert any("3 record(s) without a label of the class space are in no split" in n for n in task.notes)
 
 
@@ -66,6 +66,20 @@ def test_labels_outside_the_class_space_are_not_negatives(tmp_path, fixture_dir)
         "include_unlabelled": False}], labels="record", multilabel=True, split={"kind": "all"})
     with pytest.raises(ValueError, match=r"no record of .* has a label among \['NORM', 'MI'\]"):
         build_task(spec, str(tmp_path / "cache"), PreprocessSpec(fs=100), classes=["NORM", "MI"])
+
+
+def test_flags_outside_the_class_space_still_make_negatives(tmp_path, fixture_dir):
+    """A record with rbbb=1, af=0 is known to be negative for af: a task of af alone keeps it (it had left every
+    split, so the task became "AF vs all-zero records" and its AUROC rose)."""
+    rows = [f"P{i},{1 if i < 4 else 0},{1 if 4 <= i < 8 else 0}" for i in range(12)]
+    root = _folder(tmp_path, fixture_dir, "patient_id,af,rbbb", rows)
+    spec = TaskSpec(name="af", dataset="af", sources=[{
+        "_target_": "ecgfm.data.readers.FolderSource", "root": str(root), "labels_csv": str(root / "labels.csv"),
+        "include_unlabelled": False}], labels="record", multilabel=True, classes=["af"],
+        split={"kind": "stratified", "fractions": [0.5, 0.0, 0.5], "seed": 0})
+    task = build_task(spec, str(tmp_path / "cache"), PreprocessSpec(fs=100))
+    in_split = np.concatenate([task.splits[k] for k in ("train", "val", "test")])
+    assert len(in_split) == 12 and task.labels[in_split, 0].sum() == 4
 
 
 def test_one_class_task_without_negatives_is_refused(tmp_path, fixture_dir):

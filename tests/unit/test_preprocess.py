@@ -118,6 +118,12 @@ def test_notch_removes_powerline(line):
         cfg = compose(config_name="train", overrides=["+experiment=mae", "preprocess.notch=60", "out_dir=/tmp/x"])
     with pytest.raises(ConfigError, match="preprocess.notch.*at or above fs/2"):
         validate_train_config(cfg)
+    from ecgfm.recipes import validate_probe_config
+
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        pcfg = compose(config_name="probe", overrides=["checkpoint=random:resnet1d_test", "preprocess={fs:100,notch:60}"])
+    with pytest.raises(ConfigError, match="preprocess.notch.*at or above fs/2"):
+        validate_probe_config(pcfg)
 
 
 def test_integer_rates_resample_by_their_exact_ratio():

@@ -466,7 +466,8 @@ def test_folder_source_binary_and_multi_label_columns(fixture_dir, tmp_path):
     assert src.record_ids() == ["00001_lr", "00002_lr", "sub/HR06000"]
     a = src.load("00001_lr")
     assert a.source == "mydata" and a.labels == ("AF", "SR", "PAC") and a.patient_id == "p1"
-    assert a.meta == {"AF": 1, "MI": 0, "rhythm": "SR;PAC", "split": "train", "patient": "p1", "labels_known": True}
+    # a table that mixes flags and label names: what the names leave out is not known (no negatives claimed)
+    assert a.meta == {"AF": 1, "MI": 0, "rhythm": "SR;PAC", "split": "train", "patient": "p1", "labels_known": False}
     assert src.label_columns == ["AF", "MI", "rhythm"]  # id, patient and split columns are not labels
     b = src.load("sub/HR06000")
     assert b.labels == ("MI",) and b.signal.shape == (12, 5000) and b.meta["age"] == 59.0
@@ -488,6 +489,8 @@ def test_folder_source_flag_rows_of_zeros_are_known_negatives(fixture_dir, tmp_p
     assert neg.meta["labels_known"] is True
     assert empty.meta["labels_known"] is False and no_row.meta["labels_known"] is False
     assert "labels_known" not in FolderSource(root).load("00001_lr").meta   # no labels CSV: nothing is claimed
+    (root / "labels.csv").write_text("record_id,dx\n00001_lr,Normal\n")        # label names: nothing of others
+    assert FolderSource(root, labels_csv="labels.csv").load("00001_lr").meta["labels_known"] is False
 
 
 @pytest.mark.parametrize("patient", ["patient_id", "patient", "subject_id", "subject", "Subject_ID"])

@@ -17,10 +17,11 @@ __all__ = ["LABELS_KNOWN", "NON_LABEL_COLUMNS", "PATIENT_COLUMNS", "FolderSource
 
 log = logging.getLogger(__name__)
 
-#: ``record.meta`` key set by a source whose label table lists the record: True when the record's labels are known,
-#: so a record without a class of a task is a *negative* for every class (``ecgfm.evaluate.tasks.build_task`` keeps
-#: it in a multi-label task as an all-zero row); False when nothing is known (no row, or a row whose label cells are
-#: all empty): the record is in no split, as a record without a row.
+#: ``record.meta`` key set by a source whose label table lists the record: True when the table says, for every class
+#: it names, whether the record has it (0/1 flag columns only, at least one filled), so a record without a class of
+#: a task is a *negative* for it (``ecgfm.evaluate.tasks.build_task`` keeps it in a multi-label task as an all-zero
+#: row, also when it carries flags outside the task's classes); False otherwise: no row, empty cells, or label names
+#: (a name outside a task's vocabulary, "Normal" for NORM, says nothing about its classes): in no split.
 LABELS_KNOWN = "labels_known"
 
 #: Column names taken as the patient column when ``patient_column`` is not given (compared case-insensitively).
@@ -51,10 +52,11 @@ class FolderSource:
       column name as a label where the value is 1;
     - any other column holds label names, several separated by ``;`` (empty = none).
 
-    Labelled, negative and unlabelled records: a record whose row has at least one non-empty label cell has
-    *known* labels (``meta["labels_known"]`` is True, :data:`LABELS_KNOWN`): a row with 0 in every flag column is a
-    negative, kept by a multi-label task as an all-zero row. A record without a row, or whose label cells are
-    all empty, is unlabelled (``meta["labels_known"]`` is False): it is in no split of a task.
+    Labelled, negative and unlabelled records: with label columns that are all 0/1 flags, a record whose row has a
+    filled flag has *known* labels (``meta["labels_known"]`` is True, :data:`LABELS_KNOWN`): a row of 0 in a task's
+    flag columns is a negative for them, kept by a multi-label task as an all-zero row. A record without a row, with
+    empty cells, or labelled by names (not flags) is known only by its names (``meta["labels_known"]`` False): with
+    none of a task's classes it is in no split.
 
     Default label columns: every column except the id, the patient column, split columns (``split``, ``fold``,
     ``strat_fold``) and :data:`NON_LABEL_COLUMNS` (age, sex, gender, height, weight, ... and record / patient id
@@ -194,8 +196,9 @@ class FolderSource:
                                          f"on line {table.lines[rid]}): it is not taken as a label column by default; "
                                          f"name the label columns with label_columns (a column named there is read as "
                                          f"class names)")
+        flags_only = all(binary.values())
         for rid, row in zip(ids, rows):
-            if any(row[col] for col in self.label_columns):
+            if flags_only and any(row[col] for col in self.label_columns):
                 self._known.add(rid)
             labels: list[str] = []
             for col in self.label_columns:
