@@ -33,7 +33,9 @@ from __future__ import annotations
 
 import datetime as _dt
 import functools
+import logging
 import os
+import secrets
 import shutil
 import stat
 import subprocess
@@ -55,6 +57,8 @@ from ecgfm.data.record import CANONICAL_LEADS
 from ecgfm.heads import LinearProbeHead, MLPHead
 from ecgfm.io import (atomic_write, atomic_write_json, atomic_write_text, cached_safetensors_sha256, file_key,
                       file_lock, fsync_dir, jsonable, read_json, safetensors_sha256, sort_safetensors_metadata)
+
+log = logging.getLogger(__name__)
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "KINDS", "HEADS", "ArtifactError", "ArtifactNotFound", "EncoderClassifier", "meta_file",
            "weights_file", "artifact_kind", "read_meta", "write_artifact", "save_encoder", "load_encoder",
@@ -263,6 +267,8 @@ def read_meta(path: str | os.PathLike, kind: str | None = None) -> tuple[Path, d
 
 def _header_shapes(weights_path: Path) -> dict[str, tuple[int, ...]]:
     """Tensor shapes from a safetensors header (reads the header only, not the tensors)."""
+    if not weights_path.exists():
+        raise ArtifactNotFound(weights_path, "weights file not found")   # (also: a folder mid-swap; read again)
     try:
         with safe_open(str(weights_path), framework="pt") as f:
             return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
@@ -341,8 +347,12 @@ class _Swapped(Exception):
 
 def _load_weights(module: nn.Module, weights_path: Path, map_location: str | torch.device,
                   expected_sha256: str | None = None, meta_path: Path | None = None) -> None:
-    before = file_key(weights_path) if expected_sha256 else None
-    if expected_sha256 and cached_safetensors_sha256(weights_path) != expected_sha256:
+    try:
+        before = file_key(weights_path) if expected_sha256 else None
+        actual = cached_safetensors_sha256(weights_path) if expected_sha256 else None
+    except FileNotFoundError:
+        raise _Swapped() from None    # gone since the description was read: a writer's swap
+    if expected_sha256 and actual != expected_sha256:
         try:   # a description read just before a writer swapped the folder: not a tampered file, read again
             now = read_json(meta_path).get("weights_sha256") if meta_path is not None else expected_sha256
         except (OSError, ValueError, AttributeError):
@@ -356,7 +366,11 @@ def _load_weights(module: nn.Module, weights_path: Path, map_location: str | tor
         state = load_file(str(weights_path), device=str(map_location))
     except (SafetensorError, OSError, ValueError) as exc:
         raise ArtifactError(weights_path, f"cannot read safetensors weights: {exc}") from exc
-    if before is not None and file_key(weights_path) != before:   # replaced between the hash and the read
+    try:
+        changed = before is not None and file_key(weights_path) != before
+    except FileNotFoundError:
+        changed = True
+    if changed:   # replaced between the hash and the read
         raise _Swapped()
     problem = _mismatch({k: tuple(v.shape) for k, v in module.state_dict().items()},
                         {k: tuple(v.shape) for k, v in state.items()})
@@ -496,22 +510,26 @@ def write_artifact(out_dir: str | os.PathLike, kind: str, state: Mapping[str, Te
             other = [k for k in KINDS if k != kind and (out / meta_file(k)).exists()]
             if other:
                 raise ArtifactError(out, f"holds an {other[0]} artifact; write the {kind} to another folder")
-        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-        old = None
+        # a plain mkdir (mode 0777 less the umask, as any folder the user makes), not mkdtemp's 0700
+        tmp = out.parent / f".{out.name}.{secrets.token_hex(6)}.tmp"
+        os.mkdir(tmp, 0o777)
+        old: Path | None = None
+        moved_out = installed = restored = False
         try:
             write_into(tmp)
-            # the folder's permissions: the old folder's, or what a plain mkdir would give (mkdtemp makes 0700)
-            os.chmod(tmp, stat.S_IMODE(out.stat().st_mode) if out.is_dir() else 0o777 & ~_umask())
+            if out.is_dir():
+                try:   # the old folder's permissions (group-shared result folders stay shared)
+                    os.chmod(tmp, stat.S_IMODE(out.stat().st_mode))
+                except OSError:
+                    pass
             if replacing:
                 # a whole new folder swapped in by renames, never files replaced one by one (a kill between them
                 # left new weights under the old description)
                 old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
                 os.replace(out, old / "artifact")
-                try:
-                    os.replace(tmp, out)
-                except OSError:
-                    os.replace(old / "artifact", out)      # the old artifact back, whole
-                    raise
+                moved_out = True
+                os.replace(tmp, out)
+                installed = True
                 own = {weights_file(kind), meta_file(kind), "README.md"}
                 for f in (old / "artifact").iterdir():      # other files of the folder (a cell's predictions)
                     if f.name not in own and not (out / f.name).exists():
@@ -520,22 +538,25 @@ def write_artifact(out_dir: str | os.PathLike, kind: str, state: Mapping[str, Te
                 if out.is_dir():
                     out.rmdir()  # empty
                 os.replace(tmp, out)
+                installed = True
             fsync_dir(out.parent)
+        except BaseException:
+            if moved_out and not installed:   # the old artifact back, whole (also on an interrupt)
+                try:
+                    os.replace(old / "artifact", out)
+                    restored = True
+                except OSError:
+                    log.error("%s: the previous artifact could not be put back; it is kept in %s", out,
+                              old / "artifact")
+            raise
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
-            # the previous artifact is deleted once the new one is in place; were the restore itself to fail, it
-            # stays where it is (<folder>.*.old/artifact) rather than being lost
-            if old is not None and not ((old / "artifact").exists() and not out.is_dir()):
+            # the previous artifact is deleted only once the new one is in place (or it was put back); otherwise it
+            # stays in <folder>.*.old/artifact rather than being lost
+            if old is not None and (installed or restored or not moved_out):
                 shutil.rmtree(old, ignore_errors=True)
     return out
-
-
-def _umask() -> int:
-    """The process umask (read by setting and restoring it)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _spec(preprocess: PreprocessSpec | Mapping[str, Any] | None) -> PreprocessSpec | None:

@@ -59,24 +59,16 @@ def main(cfg: DictConfig) -> None:
     The config is checked first (:func:`ecgfm.config.validate_prepare_config`): a wrong key or value
     (``spec.fs=abc``) ends with one ``error: config key '...': ...`` line and exit status 2.
     """
-    from ecgfm.config import ConfigError, bad_arguments, validate_prepare_config
+    from ecgfm.config import ConfigError, validate_prepare_config
     from ecgfm.data.cache import prepare_from_config
     from ecgfm.data.record import ECGDataError
     from ecgfm.errors import run_command
     from ecgfm.io import LockBusy
 
-    from hydra.errors import InstantiationException
-
     def prepare(cfg: DictConfig) -> Any:
-        try:
-            return prepare_from_config(validate_prepare_config(resolve_out(cfg)))
-        except (TypeError, InstantiationException) as exc:
-            # a source argument that does not exist (+synthetic.n_recordz=5) is the user's: one line; any other
-            # TypeError is a bug and keeps its traceback
-            cause = exc.__cause__ if isinstance(exc, InstantiationException) and exc.__cause__ else exc
-            if isinstance(cause, TypeError) and bad_arguments(cause):
-                raise ConfigError("sources", str(cause).splitlines()[0]) from None
-            raise
+        # a source argument it does not take or of the wrong type (+synthetic.n_recordz=5): a ConfigError naming
+        # the preset (ecgfm.data.cache.build_sources); any other TypeError is a bug and keeps its traceback
+        return prepare_from_config(validate_prepare_config(resolve_out(cfg)))
 
     # a wrong key or value, unreadable data, a cache built from other inputs or spec (ValueError), a concurrent
     # prepare of the same cache (RuntimeError / LockBusy): one line and exit status 2

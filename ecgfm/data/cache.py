@@ -97,6 +97,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures as cf
 import csv
+import functools
 import hashlib
 import importlib
 import io
@@ -1965,9 +1966,15 @@ def build_sources(names: Sequence[str], presets: dict[str, dict[str, Any]],
             if isinstance(target, str):
                 module, _, attr = target.partition(":")
                 target = getattr(importlib.import_module(module), attr)
-            out.append(target(**kwargs))
+            build = functools.partial(target, **kwargs)
         else:
-            out.append(get_source(kind, **kwargs))
+            build = functools.partial(get_source, kind, **kwargs)
+        try:
+            out.append(build())
+        except TypeError as exc:   # an argument the source does not take, or of the wrong type: the preset's
+            from ecgfm.config import ConfigError
+
+            raise ConfigError(name, f"source {kind!r}: {str(exc).splitlines()[0]}") from None
     return out
 
 

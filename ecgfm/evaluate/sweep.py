@@ -240,9 +240,10 @@ def _backbone_from_conf(name: str, crop_samples: int, overrides: dict[str, Any])
             cfg.update(overrides)
             return instantiate(cfg, _convert_="all")
         return create_backbone(name, **overrides)
-    except (TypeError, InstantiationException) as exc:   # e.g. +backbone_args.embed_dimm=8: one line, not a trace
+    except (TypeError, ValueError, InstantiationException) as exc:   # e.g. +backbone_args.embed_dimm=8: one line
         cause = exc.__cause__ if isinstance(exc, InstantiationException) and exc.__cause__ else exc
-        if isinstance(cause, TypeError) and bad_arguments(cause):
+        # a wrong argument, or a value the constructor refuses (patch_size not dividing seq_len): the user's
+        if isinstance(cause, ValueError) or (isinstance(cause, TypeError) and bad_arguments(cause)):
             raise ConfigError("backbone_args", f"{name}: {str(cause).splitlines()[0]}") from None
         raise
 

@@ -409,6 +409,7 @@ def test_cli_user_errors_are_one_line(work, tmp_path, capsys):
              (finetune_main, _cfg("finetune", work, f"checkpoint={enc}", "preprocess={fs:250.0}")),
              # a misspelt backbone argument and task key: ConfigErrors (a TypeError / ValueError trace before)
              (probe_main, _cfg("probe", work, "checkpoint=random:vit1d_test", "+backbone_args.embed_dimm=8")),
+             (probe_main, _cfg("probe", work, "checkpoint=random:vit1d_test", "+backbone_args.patch_size=7")),
              (probe_main, _cfg("probe", work, "checkpoint=random:resnet1d_test", "+task.crop_secondz=5")),
              (probe_main, _cfg("probe", work, "checkpoint=random:resnet1d_test", "task.stride_seconds=0"))]
     for main, cfg in cases:

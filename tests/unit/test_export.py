@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -306,18 +307,20 @@ def test_a_failed_swap_restores_the_old_artifact_and_links_and_modes_are_kept(tm
     (tmp_path / "v1" / "predictions_test.csv").write_text("k\n")
     os.chmod(tmp_path / "v1", 0o2775)
     real = os.replace
-    calls = []
+    moved_aside = []
 
-    def second_fails(src, dst):
-        calls.append(dst)
-        if len(calls) == 2:                       # out -> old/artifact done; tmp -> out fails
-            raise OSError(39, "Directory not empty")
+    def install_fails(src, dst):
+        if Path(src).parent == tmp_path and Path(dst) == tmp_path / "v1" and str(src).endswith(".tmp"):
+            raise OSError(39, "Directory not empty")          # the new folder's rename into place
+        if Path(src) == tmp_path / "v1":
+            moved_aside.append(dst)                           # the old folder moved aside first
         return real(src, dst)
 
-    monkeypatch.setattr(art.os, "replace", second_fails)
+    monkeypatch.setattr(art.os, "replace", install_fails)
     with pytest.raises(OSError, match="not empty"):
         export_encoder(b, tmp_path / "v1", PreprocessSpec(fs=500.0))
     monkeypatch.setattr(art.os, "replace", real)
+    assert moved_aside                                        # the swap was reached, and undone
     assert load_encoder(tmp_path / "v1")[1].fs == 100.0 and (tmp_path / "v1" / "predictions_test.csv").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.endswith((".old", ".tmp"))]
     (tmp_path / "current").symlink_to(tmp_path / "v1")
@@ -470,3 +473,32 @@ def test_classifier_description_fields_are_checked_at_load(tmp_path, edit, match
     (tmp_path / "c" / "classifier.json").write_text(json.dumps(meta))
     with pytest.raises(ArtifactError, match=match):
         load_classifier(tmp_path / "c")
+
+
+def test_a_load_during_a_swap_reads_again(tmp_path, monkeypatch):
+    """The folder gone for an instant between a writer's two renames, after the description was read: the load
+    failed with "cannot read safetensors weights"; it now reads again."""
+    import os
+
+    import ecgfm.artifacts as art
+
+    export_encoder(create_backbone("vit1d_test"), tmp_path / "enc", PreprocessSpec(fs=100.0))
+    real = art.read_meta
+    state = {"n": 0}
+
+    def read_then_vanish(*a, **k):
+        out = real(*a, **k)
+        state["n"] += 1
+        if state["n"] == 1:          # the first read: the folder leaves just after it (a swap in progress)
+            os.rename(tmp_path / "enc", tmp_path / "away")
+        elif (tmp_path / "away").exists():
+            os.rename(tmp_path / "away", tmp_path / "enc")
+        return out
+
+    monkeypatch.setattr(art, "read_meta", read_then_vanish)
+    import threading
+
+    threading.Timer(0.02, lambda: (tmp_path / "away").exists() and os.rename(tmp_path / "away",
+                                                                             tmp_path / "enc")).start()
+    backbone, spec, _ = load_encoder(tmp_path / "enc")
+    assert spec.fs == 100.0 and state["n"] >= 2

@@ -59,12 +59,15 @@ def test_prepare_script_bad_setting_is_one_error_line(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
-def test_prepare_misspelt_source_argument_is_one_error_line(tmp_path):
-    """+synthetic.n_recordz=5 raised a TypeError trace with exit status 1; now one error line and exit 2."""
+@pytest.mark.parametrize("override, word", [("+synthetic.n_recordz=5", "n_recordz"),
+                                            ("synthetic.n_records=[1,2]", "synthetic")])
+def test_prepare_misspelt_source_argument_is_one_error_line(tmp_path, override, word):
+    """+synthetic.n_recordz=5 (or a list for a number) raised a TypeError trace with exit status 1; now one error
+    line naming the preset, and exit 2."""
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "prepare.py"), "sources=[synthetic]", "+synthetic.n_recordz=5",
+        [sys.executable, str(ROOT / "prepare.py"), "sources=[synthetic]", override,
          f"out={tmp_path / 'c'}", f"hydra.run.dir={tmp_path / 'h'}"],
         cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and "n_recordz" in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and word in proc.stderr
     assert "Traceback" not in proc.stderr
