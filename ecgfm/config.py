@@ -33,23 +33,7 @@ from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ecgfm.data.preprocess import PreprocessSpec
-
-
-def bad_arguments(exc: TypeError) -> bool:
-    """Whether a ``TypeError`` is a call with arguments the callee does not take (a misspelt or missing config key
-    passed on to a constructor), not a bug inside it."""
-    text = str(exc)
-    return "unexpected keyword argument" in text or "required positional argument" in text or \
-        "required keyword-only argument" in text
-
-
-class ConfigError(ValueError):
-    """A configuration mistake. The message starts with the dotted key that is wrong."""
-
-    def __init__(self, key: str, problem: str):
-        self.key = key
-        self.problem = problem
-        super().__init__(f"config key '{key}': {problem}" if key else problem)
+from ecgfm.errors import ConfigError, bad_arguments  # noqa: F401 - defined there (every layer raises it)
 
 
 def _seconds_to_samples(seconds: Any, fs: Any) -> int:

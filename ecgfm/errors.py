@@ -19,6 +19,23 @@ log = logging.getLogger("ecgfm")
 EXIT_USER_ERROR = 2
 
 
+def bad_arguments(exc: TypeError) -> bool:
+    """Whether a ``TypeError`` is a call with arguments the callee does not take (a misspelt or missing config key
+    passed on to a constructor), not a bug inside it."""
+    text = str(exc)
+    return "unexpected keyword argument" in text or "required positional argument" in text or \
+        "required keyword-only argument" in text
+
+
+class ConfigError(ValueError):
+    """A configuration mistake. The message starts with the dotted key that is wrong."""
+
+    def __init__(self, key: str, problem: str):
+        self.key = key
+        self.problem = problem
+        super().__init__(f"config key '{key}': {problem}" if key else problem)
+
+
 def fail(message: str) -> NoReturn:
     """Print ``error: <message>`` as one line on stderr (and log it), then exit with :data:`EXIT_USER_ERROR`."""
     line = " ".join(str(message).split())

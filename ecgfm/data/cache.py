@@ -1972,7 +1972,7 @@ def build_sources(names: Sequence[str], presets: dict[str, dict[str, Any]],
         try:
             out.append(build())
         except TypeError as exc:   # an argument the source does not take, or of the wrong type: the preset's
-            from ecgfm.config import ConfigError
+            from ecgfm.errors import ConfigError
 
             raise ConfigError(name, f"source {kind!r}: {str(exc).splitlines()[0]}") from None
     return out
