@@ -20,7 +20,9 @@ import numpy as np
 SPLIT_NAMES = ("train", "val", "test")
 
 
-def _is_unknown(p: Any) -> bool:
+def is_unknown_patient(p: Any) -> bool:
+    """True for the markers of an unknown patient: None, NaN, ``-1`` and the strings ``""``, ``"nan"``,
+    ``"None"``, ``"-1"`` (a CSV column or a cache index may carry any of them)."""
     if p is None:
         return True
     if isinstance(p, (float, np.floating)) and math.isnan(p):
@@ -40,7 +42,7 @@ def patient_groups(patient_ids: Sequence[Any]) -> np.ndarray:
     table: dict[str, int] = {}
     out = np.empty(len(ids), dtype=np.int64)
     for i, p in enumerate(ids):
-        key = f"u{i}" if _is_unknown(p) else f"p{p}"
+        key = f"u{i}" if is_unknown_patient(p) else f"p{p}"
         out[i] = table.setdefault(key, len(table))
     return out
 
@@ -64,7 +66,7 @@ def fold_split(folds: Sequence[Any], train: Iterable[int] = range(1, 9), val: It
         common = sets[a] & sets[b]
         if common:
             raise ValueError(f"fold_split: folds {sorted(common)} are in both {a} and {b}")
-    values = np.array([np.nan if _is_unknown(f) else float(f) for f in folds], dtype=np.float64)
+    values = np.array([np.nan if is_unknown_patient(f) else float(f) for f in folds], dtype=np.float64)
     return {name: np.flatnonzero(np.isin(values, sorted(s))).astype(np.int64) for name, s in sets.items()}
 
 
@@ -77,7 +79,7 @@ def _label_matrix(labels: Any, n: int) -> np.ndarray:
         return (np.asarray(arr, dtype=np.float64) > 0).astype(np.float64)
     if arr.ndim != 1 or arr.shape[0] != n:
         raise ValueError(f"labels must be (N,) or (N, C) with N={n}, got shape {arr.shape}")
-    keys = [None if _is_unknown(v) or (isinstance(v, (int, np.integer)) and v < 0) else str(v) for v in arr]
+    keys = [None if is_unknown_patient(v) or (isinstance(v, (int, np.integer)) and v < 0) else str(v) for v in arr]
     classes = sorted({k for k in keys if k is not None})
     col = {c: j for j, c in enumerate(classes)}
     out = np.zeros((n, len(classes)), dtype=np.float64)
@@ -193,7 +195,7 @@ def assert_disjoint_patients(splits: Mapping[str, Sequence[int]], patient_ids: S
                 raise ValueError(f"record {i} is in both {owner_rec[i]!r} and {name!r}")
             owner_rec[i] = name
             p = pids[i]
-            if _is_unknown(p):
+            if is_unknown_patient(p):
                 continue
             key = str(p)
             if owner_pat.setdefault(key, name) != name:

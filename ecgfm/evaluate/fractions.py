@@ -27,6 +27,8 @@ from typing import Sequence
 
 import numpy as np
 
+from ecgfm.data.splits import is_unknown_patient
+
 log = logging.getLogger(__name__)
 
 
@@ -38,7 +40,7 @@ def _patient_groups(patient_ids: Sequence[object] | None, indices: np.ndarray) -
     inverse = np.empty(len(indices), dtype=np.int64)
     for k, i in enumerate(indices):
         pid = patient_ids[int(i)]
-        if pid is None or (isinstance(pid, float) and np.isnan(pid)) or pid == "":
+        if is_unknown_patient(pid):  # the markers the splits take as unknown (None, NaN, "", -1, "-1", ...)
             pid = ("__record__", int(i))  # unknown patient: the record is its own patient
         inverse[k] = keys.setdefault(pid, len(keys))
     return list(keys), inverse

@@ -1,7 +1,8 @@
 """Classification metrics with bootstrap confidence intervals over test records.
 
-Point estimates come from scikit-learn (``roc_auc_score``, ``f1_score``, ``accuracy_score``,
-``precision_recall_curve``). Two pieces are written here because no library provides them:
+Point estimates come from scikit-learn (``roc_auc_score``, ``accuracy_score``,
+``precision_recall_curve``; F1 per class from its counts, as the bootstrap computes it). Two pieces are written
+here because no library provides them:
 
 * **Fmax** (the sample-centric maximum F-measure of CAFA, used by Strodthoff et al. 2020 for PTB-XL);
 * **vectorised bootstrap**: a percentile bootstrap needs the metrics on ~1000 resamples; calling
@@ -34,7 +35,7 @@ import warnings
 from typing import Any, Sequence
 
 import numpy as np
-from sklearn.metrics import accuracy_score, f1_score, precision_recall_curve, roc_auc_score
+from sklearn.metrics import accuracy_score, precision_recall_curve, roc_auc_score
 
 FMAX_THRESHOLDS = np.linspace(0.0, 1.0, 101)
 
@@ -128,11 +129,22 @@ def predict_labels(scores: np.ndarray, multilabel: bool, thresholds: np.ndarray 
 
 
 def macro_f1(y: np.ndarray, scores: np.ndarray, multilabel: bool, thresholds: np.ndarray | None = None) -> float:
-    """Macro F1 (scikit-learn, ``zero_division=0``) of the thresholded (multi-label) or argmax predictions."""
+    """Macro F1 (``zero_division=0``) of the thresholded (multi-label) or argmax predictions, over the classes with
+    a positive record (NaN when none has one), as :func:`evaluate_scores` reports it."""
     y, scores = _check(y, scores)
     yo = _as_onehot(y, scores.shape[1])
-    pred = predict_labels(scores, multilabel, thresholds)
-    return float(f1_score(yo, pred, average="macro", zero_division=0))
+    return _macro_f1_over_positives(yo, predict_labels(scores, multilabel, thresholds))
+
+
+def _macro_f1_over_positives(yo: np.ndarray, pred: np.ndarray) -> float:
+    """Mean per-class F1 over the classes with a positive record; ``yo, pred (n, C)`` in {0, 1}.
+
+    Per class, not scikit-learn's ``f1_score(average="macro")`` on the kept columns: with one column left that
+    takes the input as binary and averages the F1 of the positives with the F1 of the negatives."""
+    has_pos = yo.any(axis=0)
+    if not has_pos.any():
+        return float("nan")
+    return float(_weighted_f1(yo[:, has_pos], pred[:, has_pos], np.ones((1, len(yo))))[0])
 
 
 def accuracy(y: np.ndarray, scores: np.ndarray) -> float:
@@ -314,8 +326,7 @@ def evaluate_scores(y: np.ndarray, scores: np.ndarray, multilabel: bool,
         "macro_auroc": float(np.nanmean(per)) if defined.any() else float("nan"),
         # macro F1 over the classes with a positive record in the set (as macro AUROC leaves out classes it cannot
         # score): a class without positives has no F1, and counting it as 0 would drag the mean for no reason
-        "macro_f1": (float(f1_score(yo[:, has_pos], pred[:, has_pos], average="macro", zero_division=0))
-                     if has_pos.any() else float("nan")),
+        "macro_f1": _macro_f1_over_positives(yo, pred),
         "fmax": fmax(yo, scores),
     }
     if not multilabel:

@@ -699,7 +699,9 @@ def comparison_markdown(comp: pd.DataFrame, reference: str = "random-init", titl
                     + (f", n = {n_mean})" if n_mean is not None else ")"))
             flag = _flag(m.excludes_zero)
         else:
-            mean, flag = f"{g['delta'].mean():+.3f}", "n/a"
+            # no seed-mean row (e.g. the seeds' cells disagree on the labels of a record): the plain mean of the
+            # per-seed deltas, which has no joint resample behind it, so no CI
+            mean, flag = f"{g['delta'].mean():+.3f} [no CI] (mean of the seeds, not jointly resampled)", "n/a"
         bmode = g["baseline_mode"].iloc[0] if "baseline_mode" in g else key[0]
         base = key[4] if bmode == key[0] or pd.isna(bmode) else f"{key[4]} ({MODE_NAMES.get(bmode, bmode)})"
         lines.append(f"| {MODE_NAMES.get(key[0], key[0])} | {key[1]} | {key[2]} | {key[3]} | {base} | "

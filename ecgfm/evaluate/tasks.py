@@ -203,7 +203,8 @@ def build_task(spec: TaskSpec, cache_root: str, preprocess: PreprocessSpec, clas
     """
     from ecgfm.data.cache import CorpusCache
     from ecgfm.data.readers.folder import LABELS_KNOWN
-    from ecgfm.data.splits import assert_disjoint_patients, fold_split, patient_stratified_split
+    from ecgfm.data.splits import (assert_disjoint_patients, fold_split, is_unknown_patient,
+                                    patient_stratified_split)
 
     cache_dir = prepare_task_cache(spec, cache_root, preprocess, workers=workers, progress=progress)
     cache = CorpusCache(cache_dir)
@@ -268,8 +269,7 @@ def build_task(spec: TaskSpec, cache_root: str, preprocess: PreprocessSpec, clas
     if n_unlabelled:
         notes.append(f"{n_unlabelled} record(s) without a label of the class space are in no split")
 
-    pids = np.array([None if p is None or (isinstance(p, float) and np.isnan(p)) else str(p)
-                     for p in index["patient_id"]], dtype=object)
+    pids = np.array([None if is_unknown_patient(p) else str(p) for p in index["patient_id"]], dtype=object)
     if all(p is None for p in pids[labelled]):
         notes.append(f"{spec.dataset} gives no patient ids: each record is treated as its own patient")
 

@@ -113,3 +113,15 @@ def test_bad_fraction():
         fraction_subset(np.arange(50), y, pat, 0.0, seed=0)
     with pytest.raises(ValueError, match="fraction"):
         fraction_subset(np.arange(50), y, pat, 1.5, seed=0)
+
+
+@pytest.mark.parametrize("unknown", ["-1", -1, "nan", "None", None])
+def test_unknown_patient_markers_are_one_patient_per_record(unknown):
+    """The splits take "-1" / -1 / "nan" / "None" as an unknown patient (each record its own); the fractions merged
+    every such record into one "patient", so a 10 % subset of 80 unknown-patient records took 63-70 of them."""
+    y = np.r_[np.zeros(50, int), np.ones(50, int)]
+    pids = [unknown] * 80 + [f"p{i}" for i in range(20)]
+    train = np.arange(100)
+    for seed in range(4):
+        sub = fraction_subset(train, y, pids, 0.1, seed=seed)
+        assert 10 <= len(sub) <= 12, (seed, len(sub))

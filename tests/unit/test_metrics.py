@@ -217,3 +217,30 @@ def test_macro_f1_leaves_out_classes_without_a_positive_record():
     assert out["macro_f1"]["value"] == pytest.approx(want)
     assert out["f1_excluded_classes"] == ["c"] and out["excluded_classes"] == ["c"]
     assert out["macro_f1"]["ci_low"] <= want <= out["macro_f1"]["ci_high"]
+
+
+@pytest.mark.parametrize("case", ["one_class_task", "second_class_without_positive", "single_label_one_class"])
+def test_macro_f1_of_a_single_scored_class_is_that_class_f1(case):
+    """scikit-learn's macro F1 of one kept column takes it as a binary problem and averages the F1 of the
+    positives with the F1 of the negatives (0.626 for a class whose own F1 is 0.542): the reported value and its
+    bootstrap CI (the class's own F1) then disagreed."""
+    from ecgfm.evaluate.metrics import evaluate_scores, macro_f1
+
+    rng = np.random.default_rng(0)
+    n = 200
+    y = (rng.random((n, 1)) < 0.3).astype(int)
+    s = np.clip(0.3 * y + rng.random((n, 1)) * 0.8, 0, 1)
+    if case == "one_class_task":
+        yy, ss, ml, th, col = y, s, True, np.array([0.5]), 0
+    elif case == "second_class_without_positive":
+        yy, ss, ml, th, col = np.c_[y, np.zeros((n, 1), int)], np.c_[s, rng.random((n, 1))], True, \
+            np.array([0.5, 0.5]), 0
+    else:
+        yy, ss, ml, th, col = np.zeros(n, int), rng.random((n, 3)), False, None, 0
+    yo = yy if yy.ndim == 2 else np.eye(3, dtype=int)[yy]
+    pred = (ss >= th).astype(int) if ml else np.eye(3, dtype=int)[ss.argmax(axis=1)]
+    want = f1_score(yo[:, col], pred[:, col], zero_division=0)       # the one scored class's own F1
+    assert macro_f1(yy, ss, ml, th) == pytest.approx(want)
+    out = evaluate_scores(yy, ss, ml, thresholds=th, n_boot=300, seed=0)
+    assert out["macro_f1"]["value"] == pytest.approx(want)
+    assert out["macro_f1"]["ci_low"] < want < out["macro_f1"]["ci_high"]

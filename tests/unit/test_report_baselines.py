@@ -557,3 +557,18 @@ def test_no_ci_is_written_as_no_ci_not_nan(tmp_path):
     out = R.build_report(res, plot=False, n_boot=0)
     md = Path(out["markdown"]).read_text()
     assert "nan" not in md.lower().replace("nan-", "") and "[no CI]" in md
+
+
+def test_a_delta_without_a_seed_mean_row_says_it_has_no_ci():
+    """A comparison group without a seed-mean row (the seeds' cells disagree on a record's labels) printed a bare
+    mean delta, as if it were an estimate with nothing to qualify it."""
+    from ecgfm.evaluate.report import COMPARISON_COLUMNS, COMPARISON_MEAN_COLUMNS, comparison_markdown
+
+    rows = [dict(reference="random-init twin", mode="linear", task="t", dataset="d", split="test", method="mae",
+                 label="mae", baseline="random-init", baseline_mode="linear", fraction=1.0, seed=s, delta=d,
+                 ci_low=d - .05, ci_high=d + .05, p_not_positive=0., n=50, excludes_zero="+")
+            for s, d in ((0, .1), (1, .2))]
+    md = comparison_markdown(pd.DataFrame(rows, columns=COMPARISON_COLUMNS),
+                             means=pd.DataFrame(columns=COMPARISON_MEAN_COLUMNS))
+    row = [line for line in md.splitlines() if "| mae |" in line or "| t |" in line][-1]
+    assert "+0.150 [no CI] (mean of the seeds, not jointly resampled)" in row
