@@ -164,6 +164,13 @@ class HubertECG(Backbone):
             return len(self.blocks) + 1
         return super().layer_id(name)
 
+    def no_weight_decay(self) -> set[str]:
+        """Parameters exempt from weight decay beyond norms / biases / 1-D ones (timm convention, read by
+        :func:`ecgfm.optim.param_groups`): the weight-norm gain ``pos_conv_g`` is ``(1, 1, k)``, so the 1-D rule
+        misses it, and decaying a weight-norm gain shrinks the effective position kernel rather than regularising
+        its direction."""
+        return {"pos_conv_g"}
+
     def num_frames(self, samples: int) -> int:
         """Frames the feature encoder makes of ``samples`` input samples."""
         for k, s in zip(self.conv_kernel, self.conv_stride):

@@ -28,6 +28,7 @@ Choices, and how they differ from the ST-MEM code:
 
 from __future__ import annotations
 
+import inspect
 import math
 from functools import partial
 
@@ -108,8 +109,9 @@ def random_masking(batch: int, num_leads: int, num_patches: int, mask_ratio: flo
                                      per_lead[:, leads, k_lead:].reshape(batch, -1),
                                      per_lead[:, out_lead].reshape(batch, -1)], dim=1)
     if keep < 1:
-        raise ValueError(f"mask_ratio={mask_ratio} leaves no visible patch of {num_leads} x {num_patches} "
-                         f"(mode {mode!r})")
+        n_masked = num_leads if leads is None else len(leads)
+        raise ValueError(f"mask_ratio={mask_ratio} leaves no visible patch of {n_masked} lead(s) x {num_patches} "
+                         f"patches (mode {mode!r})")
     ids_restore = torch.argsort(ids_shuffle, dim=1)                                 # (B, L*N)
     ids_keep = ids_shuffle[:, :keep]                                                # (B, K)
     mask = (ids_restore >= keep).reshape(batch, num_leads, num_patches)             # rank >= K: hidden
@@ -244,11 +246,21 @@ class MAEModule(PretrainModule):
         super().__init__(backbone, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps, max_steps=max_steps,
                          betas=betas, probe_num_classes=probe_num_classes, probe_multilabel=probe_multilabel)
         needed = ("patchify", "embed_tokens", "num_patch_tokens", "num_leads", "patch_size", "num_patches")
-        if not all(hasattr(backbone, a) for a in needed):
-            raise ValueError(f"MAEModule needs a patch-token backbone (ViT1D: {', '.join(needed)}); got "
+        # the attributes alone admit ST-MEM's ViT (it patchifies too) but its forward_features has no masked path:
+        # it would fail at the first step with a TypeError about ``ids_keep``
+        masked_path = "ids_keep" in inspect.signature(getattr(backbone, "forward_features", lambda: None)).parameters
+        if not all(hasattr(backbone, a) for a in needed) or not masked_path:
+            raise ValueError(f"MAEModule needs a patch-token backbone (ViT1D: {', '.join(needed)} and a "
+                             f"forward_features(x, ids_keep=...) for the visible patches); got "
                              f"{type(backbone).__name__} ({getattr(backbone, 'name', '?')})")
         if not 0.0 <= mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
+        if _visible(int(backbone.num_patches), mask_ratio) < 1:
+            # a one-lead record (lead-aware grouping) or a one-lead subset keeps floor(N * (1 - r)) patches: with
+            # none visible the run would stop at a random step, not here
+            raise ValueError(f"mask_ratio={mask_ratio} leaves no visible patch of a one-lead record "
+                             f"({backbone.num_patches} patches per lead); use mask_ratio <= "
+                             f"{1 - 1 / int(backbone.num_patches):.4f}")
         if mask_mode not in MASK_MODES:
             raise ValueError(f"mask_mode must be one of {MASK_MODES}, got {mask_mode!r}")
         if not 0.0 <= lead_subset_prob <= 1.0:

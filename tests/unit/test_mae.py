@@ -59,6 +59,24 @@ def test_masking_bad_arguments():
         MAEModule(create_backbone("resnet1d_test"))
 
 
+def test_module_refuses_what_would_fail_at_a_random_step():
+    """ST-MEM's ViT has every patch attribute but no masked path (a TypeError about ids_keep at the first step);
+    a ratio that leaves a one-lead record no visible patch stopped training at the first one-lead subset / record,
+    with a message naming the 12-lead grid."""
+    from ecgfm.methods.crema import CREMAModule
+
+    for cls in (MAEModule, CREMAModule):
+        with pytest.raises(ValueError, match="patch-token backbone"):
+            cls(create_backbone("stmem_vit"), decoder_dim=16, decoder_depth=1, decoder_heads=2)
+    backbone = create_backbone("vit1d_test")
+    n = backbone.num_patches
+    with pytest.raises(ValueError, match="one-lead record"):
+        MAEModule(backbone, mask_ratio=1 - 0.5 / n, decoder_dim=16, decoder_depth=1, decoder_heads=2)
+    MAEModule(backbone, mask_ratio=1 - 1 / n, decoder_dim=16, decoder_depth=1, decoder_heads=2)  # one visible: ok
+    with pytest.raises(ValueError, match=r"of 1 lead\(s\)"):
+        random_masking(2, 12, 10, 0.92, leads=torch.tensor([3]))
+
+
 # ---------------------------------------------------------------- loss
 def _reference_loss(pred, target, mask, norm_pix):
     """Slow, obviously-correct loop: mean over masked patches of the per-patch mean squared error."""

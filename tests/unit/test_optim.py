@@ -287,3 +287,15 @@ def test_adamw_keeps_group_lrs():
     opt = adamw(groups, lr=1.0)
     assert [g["lr"] for g in opt.param_groups] == [g["lr"] for g in groups]
     assert {g["layer"] for g in opt.param_groups} == {0, 1}   # backbone (one layer), then the decoder on top
+
+
+def test_hubert_weight_norm_gain_gets_no_weight_decay():
+    """HuBERT's positional-conv gain is (1, 1, k): the 1-D rule missed it and decay shrank the position kernel."""
+    from ecgfm.backbones import create_backbone
+
+    m = nn.Module()
+    m.backbone = create_backbone("hubert_ecg")
+    m.head = nn.Linear(m.backbone.num_features, 3)
+    decayed = {n for g in param_groups(m, 0.05, lr=1e-3, layer_decay=0.75) if g["weight_decay"] > 0
+               for n in g["names"]}
+    assert "backbone.pos_conv_v" in decayed and "backbone.pos_conv_g" not in decayed
