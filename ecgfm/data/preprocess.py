@@ -251,6 +251,10 @@ def with_input_leads(spec: PreprocessSpec, input_leads: Any) -> PreprocessSpec:
     return replace(spec, leads=tuple(lead for lead in CANONICAL_LEADS if lead in leads))
 
 
+#: Share of a lead's samples missing (NaN / inf) above which :func:`preprocess_signal` warns that it filled them.
+MISSING_WARN_SHARE = 0.1
+
+
 def _interpolate_nans(x: np.ndarray) -> np.ndarray:
     """Linear interpolation over NaN (and +-inf) runs of a 1-D signal (edges hold the nearest valid value)."""
     bad = ~np.isfinite(x)
@@ -465,6 +469,11 @@ def preprocess_signal(sig: np.ndarray, fs: float, mask: np.ndarray, spec: Prepro
                 keep[j] = False
                 x[j] = 0.0
             else:
+                share = 1.0 - float(finite[j].mean())
+                if share > MISSING_WARN_SHARE:   # scored as if recorded: say so, with how much was made up
+                    log.warning("%s: lead %s: %.0f%% of its samples are missing (NaN / inf) and were filled by "
+                                "interpolation (runs at the edges hold the nearest value); trim records to their "
+                                "recorded part", where, CANONICAL_LEADS[rows[j]], 100 * share)
                 x[j] = _interpolate_nans(x[j])
     if len(rows):
         keep &= x.std(axis=1) >= spec.flat_threshold

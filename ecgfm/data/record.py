@@ -104,7 +104,9 @@ def map_leads(signal: np.ndarray, names: Sequence[str], path: Any = "<memory>",
             lead = canonical_lead(name)
         except KeyError:
             raise ECGDataError(path, f"unknown lead name {name!r} (known: {', '.join(CANONICAL_LEADS)} "
-                                     f"and aliases such as MLII)") from None
+                                     f"and aliases such as MLII); if it is a standard lead under another name, "
+                                     f"map it: rename_leads={{{str(name)!r}: 'II'}} in the API, "
+                                     f"'+folder.rename_leads={{{name}:II}}' for prepare") from None
         if lead is None:
             dropped.append(str(name))
             continue
@@ -116,6 +118,41 @@ def map_leads(signal: np.ndarray, names: Sequence[str], path: Any = "<memory>",
     if not mask.any():
         raise ECGDataError(path, f"no standard ECG lead among {list(names)}")
     return out, mask, dropped
+
+
+#: The four limb leads a 12-lead cart computes from I and II (Einthoven: III = II - I; Goldberger's augmented leads:
+#: aVR = -(I + II) / 2, aVL = I - II / 2, aVF = II - I / 2). Exact for the ideal lead system, which is how carts
+#: that store 8 leads (I, II, V1-V6) expect them to be restored.
+DERIVABLE_LIMB_LEADS: tuple[str, ...] = ("III", "aVR", "aVL", "aVF")
+
+
+def derive_limb_leads(signal12: np.ndarray, mask: np.ndarray, leads: Sequence[str] = DERIVABLE_LIMB_LEADS
+                      ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Fill absent limb leads from I and II (see :data:`DERIVABLE_LIMB_LEADS`).
+
+    Args:
+        signal12: ``(12, T)`` raw signal in the canonical lead order (not normalised per lead: the identities are
+            linear in the recorded voltages).
+        mask: ``(12,)`` bool presence mask.
+        leads: which of III / aVR / aVL / aVF may be derived.
+
+    Returns:
+        ``(signal12, mask, derived)``: copies with the derived rows filled and marked present, and the derived lead
+        names (empty, and the inputs returned unchanged, when I or II is absent or nothing is missing).
+    """
+    idx = {lead: CANONICAL_LEADS.index(lead) for lead in ("I", "II", *DERIVABLE_LIMB_LEADS)}
+    mask = np.asarray(mask, dtype=bool)
+    todo = [lead for lead in DERIVABLE_LIMB_LEADS if lead in leads and not mask[idx[lead]]]
+    if not todo or not (mask[idx["I"]] and mask[idx["II"]]):
+        return signal12, mask, []
+    out, m = np.array(signal12, dtype=np.float32, copy=True), mask.copy()
+    i, ii = out[idx["I"]], out[idx["II"]]
+    formula = {"III": lambda: ii - i, "aVR": lambda: -(i + ii) / 2, "aVL": lambda: i - ii / 2,
+               "aVF": lambda: ii - i / 2}
+    for lead in todo:
+        out[idx[lead]] = formula[lead]()
+        m[idx[lead]] = True
+    return out, m, todo
 
 
 @dataclass

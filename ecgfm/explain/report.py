@@ -246,6 +246,8 @@ def explain_records(wrapper: ECGWrapper, records: Sequence[ECGRecord], out_dir: 
                 start = window_start(shown.shape[1], x.shape[2])  # the window the wrapper fed the model
                 shown = shown[:, start:start + x.shape[2]]
                 crop = {"start_s": start / wrapper.fs, "length_s": x.shape[2] / wrapper.fs}
+            # zero padding the model saw (the wrapper warned when it padded): in the report and its console line
+            padded = max(0, x.shape[2] - shown.shape[1]) / x.shape[2]
             if shown.shape[1] != x.shape[2]:
                 shown = shown[:, :x.shape[2]] if shown.shape[1] > x.shape[2] else np.pad(
                     shown, ((0, 0), (0, x.shape[2] - shown.shape[1])))
@@ -258,6 +260,7 @@ def explain_records(wrapper: ECGWrapper, records: Sequence[ECGRecord], out_dir: 
                 "target": {"class": names[tgt], "index": tgt, "probability": float(proba[tgt])},
                 "n_beats_detected": int(len(r_peaks)), "methods": {}, "figures": [],
                 "window": crop,   # None: the whole record; else the centred window a windowed classifier sees
+                "padded_fraction": float(padded),   # share of the model's input that is zero padding
             }
             atts = {}
             for key in keys:
@@ -447,6 +450,8 @@ def explain_main(cfg: Any) -> dict[str, Any]:
         w = rec.get("window")   # the attribution's input: one centred window of a longer record, not the record
         where = "whole record" if not w else \
             f"centre window {w['start_s']:.2f}-{w['start_s'] + w['length_s']:.2f} s (not the record's prediction)"
+        if rec.get("padded_fraction"):
+            where += f", zero-padded to the model's window ({rec['padded_fraction']:.0%} of its input is padding)"
         print(f"record {rec['source']}/{rec['record_id']} (labels {rec['labels']}), {where}: predicted "
               f"{pred['class']} p={pred['probability']:.3f}; explained {rec['target']['class']}")
         for key, m in rec["methods"].items():

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -541,6 +542,11 @@ class ECGWrapper(nn.Module):
         t = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32))
         if self.n_samples is not None and t.shape[1] != self.n_samples and self.window == "center":
             start = window_start(t.shape[1], self.n_samples)
+            if t.shape[1] < self.n_samples:   # as Classifier.predict_proba warns: the padding shapes the output
+                warnings.warn(f"{where}: {t.shape[1] / self.fs:.3g} s at {self.fs:g} Hz, shorter than the model's "
+                              f"window of {self.n_samples / self.fs:.3g} s: zero-padded at the end, so "
+                              f"{1 - t.shape[1] / self.n_samples:.0%} of what the model sees (and what is explained) "
+                              f"is padding", UserWarning, stacklevel=3)
             t = t[:, start:start + self.n_samples] if t.shape[1] > self.n_samples else \
                 torch.nn.functional.pad(t, (0, self.n_samples - t.shape[1]))
         if self.n_samples is not None and t.shape[1] != self.n_samples:

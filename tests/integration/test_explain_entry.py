@@ -197,6 +197,25 @@ def test_evidence_is_mapped_into_the_centred_window(tmp_path):
     assert loc["mask_fraction"]["mean"] == pytest.approx(50 / 1000)
 
 
+def test_a_record_shorter_than_the_window_is_said_to_be_padded(tmp_path):
+    """A 2 s record through a 10 s model: 80 % of what was explained is zero padding; the report said "whole
+    record" and nothing warned (Classifier.predict_proba warns for the same record)."""
+    from torch import nn
+
+    from ecgfm.data.record import ECGRecord
+    from ecgfm.explain.wrapper import ECGWrapper
+
+    fs = 100.0
+    sig = (0.1 * np.random.default_rng(0).standard_normal((12, 200))).astype(np.float32)
+    rec = ECGRecord(signal=sig, fs=fs, lead_mask=np.ones(12, bool), record_id="short", source="demo")
+    w = ECGWrapper(nn.Sequential(nn.Flatten(), nn.Linear(12 * 1000, 2)), fs=fs, n_samples=1000, window="center",
+                   postprocess="softmax", class_names=("a", "b"))
+    with pytest.warns(UserWarning, match="80% of what the model sees"):
+        rep = explain_records(w, [rec], tmp_path / "out", methods=["saliency"], target="a", formats=["png"],
+                              faithfulness=False, dpi=30)
+    assert rep["records"][0]["padded_fraction"] == pytest.approx(0.8)
+
+
 @pytest.mark.parametrize("lead_aware", [True, False])
 def test_a_one_lead_record_is_explained_as_the_classifier_scores_it(tmp_path, lead_aware):
     """A classifier artifact says how absent leads reached its ViT (``lead_aware``): the explain report's prediction

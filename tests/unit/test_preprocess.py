@@ -160,6 +160,19 @@ def test_nan_runs_are_interpolated_linearly():
     np.testing.assert_allclose(y[5, 100], x[0, 100], atol=1e-6)
 
 
+def test_much_missing_signal_is_filled_with_a_warning(caplog):
+    """Half a lead NaN (a record padded to length, a dropped-out electrode) was filled and scored as if recorded,
+    without a word; a few missing samples stay quiet."""
+    x = np.tile(np.linspace(0.0, 1.0, 200, dtype=np.float32), (12, 1))
+    x[3, 100:] = np.nan
+    x[4, 10:15] = np.nan
+    with caplog.at_level("WARNING", logger="ecgfm.data.preprocess"):
+        preprocess_signal(x, 100.0, np.ones(12, bool), PreprocessSpec(fs=None, **NONE), where="rec.hea")
+    msgs = [r.getMessage() for r in caplog.records]
+    assert any("rec.hea" in m and "lead aVR" in m and "50%" in m for m in msgs), msgs
+    assert not any("lead aVL" in m for m in msgs)
+
+
 def test_all_nan_and_flat_leads_are_masked_out():
     rng = np.random.default_rng(1)
     x = rng.standard_normal((12, 1000)).astype(np.float32)
