@@ -48,6 +48,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from sklearn.base import BaseEstimator, clone
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.multiclass import OneVsRestClassifier
@@ -107,8 +108,68 @@ def check_validation_defined(labels_val: np.ndarray, where: str = "validation",
                      f"validation")
 
 
+class _ConstantFlag(BaseEstimator):
+    """The probability of a 0/1 flag that was constant on the training subset: always that value.
+
+    Mirrors scikit-learn's private ``sklearn.multiclass._ConstantPredictor`` (``y_`` holds the value, as
+    :func:`ecgfm.evaluate.finetune.init_head_from_probe` reads it) without importing a private class.
+
+    Args:
+        value: the flag's only training value (0 or 1).
+    """
+
+    def __init__(self, value: float = 0.0):
+        self.value = value
+
+    def fit(self, x: np.ndarray, y: np.ndarray) -> "_ConstantFlag":
+        """Store ``value`` as ``y_`` (the features are not used)."""
+        self.y_ = np.array([float(self.value)])
+        return self
+
+    def predict_proba(self, x: np.ndarray) -> np.ndarray:
+        """``(n, 2)``: ``[1 - value, value]`` on every row."""
+        return np.repeat([[1.0 - self.y_[0], self.y_[0]]], len(x), axis=0)
+
+
+class _OneFlagOneVsRest(BaseEstimator):
+    """``OneVsRestClassifier``'s multi-label behaviour for a target with ONE 0/1 indicator column.
+
+    Why not ``OneVsRestClassifier`` itself: scikit-learn decides the target type from the values, and an
+    ``(n, 1)`` indicator is "binary", not "multilabel-indicator"; it then returns two probability columns
+    (``[P(0), P(1)]``) instead of one, and a training column of only ones is binarised against the single class it
+    saw and predicted as probability 0. This fits the one binary model the multi-label path would fit for that
+    column (or a :class:`_ConstantFlag` when the column is constant on the training subset, as scikit-learn's
+    constant predictor) and keeps the same ``estimators_`` list, so
+    :func:`ecgfm.evaluate.finetune.init_head_from_probe` copies it like any multi-label probe.
+
+    Args:
+        estimator: the binary classifier to clone and fit (a ``LogisticRegression``).
+    """
+
+    def __init__(self, estimator: Any = None):
+        self.estimator = estimator
+
+    def fit(self, x: np.ndarray, y: np.ndarray) -> "_OneFlagOneVsRest":
+        """Fit on ``x (n, D)`` and ``y (n, 1)`` 0/1 indicators."""
+        flag = np.asarray(y).reshape(len(y), -1)
+        if flag.shape[1] != 1:
+            raise ValueError(f"_OneFlagOneVsRest takes one indicator column, got shape {np.asarray(y).shape}")
+        flag = flag[:, 0]
+        values = np.unique(flag)
+        est = (_ConstantFlag(float(values[0])) if len(values) == 1 else clone(self.estimator))
+        self.estimators_ = [est.fit(x, flag)]
+        return self
+
+    def predict_proba(self, x: np.ndarray) -> np.ndarray:
+        """``(n, D) -> (n, 1)``: the probability that the flag is 1."""
+        return np.asarray(self.estimators_[0].predict_proba(x), dtype=np.float64)[:, 1:2]
+
+
 class LinearProbe:
     """Standardise + L2 logistic regression (softmax, or one-vs-rest for multi-label), see the module docstring.
+
+    A multi-label task with one class (one 0/1 flag column) gets one probability column, as any multi-label task
+    (:class:`_OneFlagOneVsRest`; ``OneVsRestClassifier`` would read the column as a binary target).
 
     Args:
         multilabel: one sigmoid per class through ``OneVsRestClassifier`` (else one softmax).
@@ -139,7 +200,9 @@ class LinearProbe:
             # a class constant in a tiny label subset: OneVsRestClassifier predicts that constant (and warns)
             warnings.filterwarnings("ignore", message="Label .* is present in all training examples")
             if self.multilabel:
-                self._model = make_pipeline(StandardScaler(), OneVsRestClassifier(lr))
+                # one flag column: OneVsRestClassifier would read it as a binary target (two output columns)
+                ovr = _OneFlagOneVsRest(lr) if self.n_classes == 1 else OneVsRestClassifier(lr)
+                self._model = make_pipeline(StandardScaler(), ovr)
                 self._model.fit(x, labels.astype(np.int64))
             else:
                 self._model = make_pipeline(StandardScaler(), lr).fit(x, target)

@@ -8,8 +8,10 @@ baseline, format, lead names as published, dropped leads, path, rate), and raise
 What is written by hand, and why (``wfdb`` is used for everything else):
 
 - the WFDB header parser (:func:`parse_header`): ``wfdb.rdheader`` silently replaces values it cannot parse by
-  defaults (a negative or NaN rate becomes 250 Hz, a gain of 0 becomes 200), hiding corrupt headers, and costs
-  ~5 ms per header (pandas look-ups per field), 10x the cost of reading a 10 s 12-lead signal;
+  defaults (a negative or NaN rate becomes 250 Hz), hiding corrupt headers, and costs ~5 ms per header (pandas
+  look-ups per field), 10x the cost of reading a 10 s 12-lead signal. An ADC gain of 0 is not corrupt: the WFDB
+  header(5) page defines it as an uncalibrated signal, read with the default 200 adu/mV (as ``wfdb.rdheader``
+  does); the record is read, a warning says so and ``header["uncalibrated_leads"]`` names the signals;
 - a signal-file size check before decoding: on a truncated file ``wfdb.rdrecord`` fails with messages that
   name neither the file nor the problem ("operands could not be broadcast together...", "Samples were not
   loaded correctly");
@@ -29,10 +31,17 @@ Strict validation (nothing is read that the header does not account for exactly;
   samples already read (one vectorised sum). Headers whose checksums are all 0 (CinC 2017 writes 0 as a
   placeholder) are not verified; ``record.header["checksum"]`` says ``"verified"`` or why not;
 - the sampling rate must be plausible: within ``fs_range`` (default :data:`FS_RANGE`, 50-10,000 Hz).
+
+Channels that are not ECG leads (an ICU monitor's ``ABP`` in mmHg, ``PLETH`` / ``RESP`` in normalised units) are
+dropped by their units, before the lead names are mapped, with a warning naming the file; they are listed in
+``header["dropped_leads"]`` and their units in ``header["dropped_units"]``. A record is refused when no channel
+with voltage units remains, or when a standard ECG lead name (after ``rename_leads``) carries units that are not a
+voltage (a corrupt header: dropping that lead would silently lose it).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
@@ -44,7 +53,9 @@ import numpy as np
 import scipy.io
 import wfdb
 
-from ecgfm.data.record import ECGDataError, ECGRecord, map_leads
+from ecgfm.data.record import ECGDataError, ECGRecord, canonical_lead, map_leads
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "FS_RANGE",
@@ -123,6 +134,8 @@ class WFDBHeader:
 
     Per-signal fields are lists of length ``n_sig``. ``sig_len`` is None when the header leaves the length
     to the signal file size; ``init_value`` / ``checksum`` entries are None where the header omits them.
+    ``uncalibrated`` names the signals whose header gain is 0 (WFDB: uncalibrated; ``adc_gain`` holds the
+    default 200 for them).
     """
 
     record_name: str
@@ -143,6 +156,7 @@ class WFDBHeader:
     comments: list[str] = field(default_factory=list)
     init_value: list[int | None] = field(default_factory=list)
     checksum: list[int | None] = field(default_factory=list)
+    uncalibrated: list[str] = field(default_factory=list)
 
 
 _RX_FMT = re.compile(r"^(\d+)(?:x(\d+))?(?::(\d+))?(?:\+(\d+))?$")
@@ -161,10 +175,14 @@ def parse_header(text: str, hea: str | os.PathLike = "<header>", fs_range: Seque
     """Parse and validate the text of a single-segment WFDB header (format of the WFDB ``header(5)`` page).
 
     Written by hand instead of calling ``wfdb.rdheader`` for two reasons: ``wfdb.rdheader`` silently replaces
-    values it cannot parse by defaults (a negative or NaN rate becomes 250 Hz, a gain of 0 becomes 200), which
-    hides corrupt headers; and it looks every field up in pandas tables, ~5 ms per header, 10x the cost of
-    reading a 10 s 12-lead signal, which would dominate the conversion of a corpus. The result agrees with
-    ``wfdb.rdheader`` on valid headers (tested).
+    values it cannot parse by defaults (a negative or NaN rate becomes 250 Hz), which hides corrupt headers; and
+    it looks every field up in pandas tables, ~5 ms per header, 10x the cost of reading a 10 s 12-lead signal,
+    which would dominate the conversion of a corpus. The result agrees with ``wfdb.rdheader`` on valid headers
+    (tested).
+
+    An ADC gain of 0 is valid: WFDB header(5) defines it as an uncalibrated signal, whose gain is the default
+    200 adu/mV; ``adc_gain`` holds 200 (as ``wfdb.rdheader`` reads it) and ``uncalibrated`` names the signal
+    (the readers warn when they read the record).
 
     Args:
         text: the header's text.
@@ -239,10 +257,16 @@ def parse_header(text: str, hea: str | os.PathLike = "<header>", fs_range: Seque
         if len(tok) >= 3:
             g = _RX_GAIN.match(tok[2])
             gain_value = _float_token(g.group(1)) if g else None
-            if gain_value is None or not math.isfinite(gain_value) or gain_value <= 0:
+            if gain_value is None or not math.isfinite(gain_value) or gain_value < 0:
                 shown = g.group(1) if g else tok[2]
                 raise ECGDataError(hea, f"impossible ADC gain {shown!r} for {name} in line {line!r} (must be a "
-                                        "finite number > 0 ADC units per physical unit)")
+                                        "finite number > 0 ADC units per physical unit, or 0 for an "
+                                        "uncalibrated signal)")
+            if gain_value == 0:
+                # not corrupt: WFDB defines gain 0 as an uncalibrated signal, read with the default gain of
+                # 200 adu/mV (wfdb.rdheader gives 200 too); the reader warns that the amplitudes are not mV
+                h.uncalibrated.append(name)
+                gain_value = 200.0
             gain = gain_value
             if g.group(2) is not None:
                 baseline = _int_field(g.group(2), "baseline", line, hea)
@@ -336,12 +360,17 @@ def normalise_sex(value: Any) -> str | None:
     return None
 
 
-def _units_factor(unit: str | None, lead: str, where: Path) -> float:
-    key = (unit or "mV").strip().lower()  # WFDB: missing units mean millivolts
-    if key not in _TO_MV:
-        raise ECGDataError(where, f"lead {lead!r} has units {unit!r}, which are not a voltage "
-                                  f"(supported: {', '.join(sorted(_TO_MV))})")
-    return _TO_MV[key]
+def _units_factor(unit: str | None) -> float | None:
+    """Multiplier from ``unit`` to millivolts, or None when ``unit`` is not a voltage (WFDB: no units = mV)."""
+    return _TO_MV.get((unit or "mV").strip().lower())
+
+
+def _is_standard_lead(name: str) -> bool:
+    """Whether ``name`` is one of the twelve standard leads (or an alias such as MLII)."""
+    try:
+        return canonical_lead(name) is not None
+    except KeyError:
+        return False
 
 
 def _signal_file(hea: Path, fname: str, root: str | os.PathLike | None) -> Path:
@@ -465,7 +494,18 @@ def _verify_checksums(header: WFDBHeader, sums: Sequence[int] | np.ndarray, wher
 def _finish(signal: np.ndarray, names: Sequence[str], header: WFDBHeader, hea: Path, source: str,
             extra_header: Mapping[str, Any] | None = None, rename: Mapping[str, str] | None = None,
             ) -> ECGRecord:
-    """Convert ``(n_sig, T)`` physical values to mV, place them in the 12-lead layout, build the record."""
+    """Convert ``(n_sig, T)`` physical values to mV, place them in the 12-lead layout, build the record.
+
+    Channels whose units are not a voltage (an ICU monitor's ABP in mmHg, PLETH / RESP in NU) are not ECG leads:
+    they are dropped before the lead names are mapped (so their names need no ``rename_leads``), with a warning
+    naming the file, and listed in ``dropped_leads`` with their units in ``dropped_units``. Gain-0 (uncalibrated)
+    signals are read with the default 200 adu/mV, with a warning, and listed in ``uncalibrated_leads``.
+
+    Raises:
+        ECGDataError: zero-length or all-NaN record; a standard lead name (after ``rename``) with units that are
+            not a voltage; no channel with voltage units; what :func:`~ecgfm.data.record.map_leads` refuses
+            (unknown lead name, a lead twice, no standard lead).
+    """
     if signal.shape[1] == 0:
         raise ECGDataError(hea, "zero-length record (0 samples)")
     if np.isnan(signal).all():
@@ -473,11 +513,42 @@ def _finish(signal: np.ndarray, names: Sequence[str], header: WFDBHeader, hea: P
     units = list(header.units or [None] * header.n_sig)
     published = [str(n) for n in names]
     mapped = [rename.get(n, n) if rename else n for n in published]
+    keep: list[int] = []
+    non_voltage: dict[str, str] = {}
     for row, (unit, lead) in enumerate(zip(units, published)):
-        factor = _units_factor(unit, lead, hea)
+        factor = _units_factor(unit)
+        if factor is None:
+            if _is_standard_lead(mapped[row]):
+                # a standard ECG lead in mmHg is a corrupt header, not a non-ECG channel: dropping it would
+                # silently lose a lead the record has
+                raise ECGDataError(hea, f"lead {lead!r} has units {unit!r}, which are not a voltage (supported: "
+                                        f"{', '.join(sorted(_TO_MV))}); a standard ECG lead must be a voltage: "
+                                        f"fix the header's units")
+            non_voltage[lead] = str(unit)
+            continue
+        keep.append(row)
         if factor != 1.0:
             signal[row] *= factor
-    signal12, mask, dropped = map_leads(signal, mapped, hea)
+    shown = ", ".join(f"{k} [{v}]" for k, v in non_voltage.items())
+    if not keep:
+        raise ECGDataError(hea, f"no channel has voltage units (mV, uV, V...), so the record holds no ECG lead: "
+                                f"{shown}")
+    if non_voltage:
+        log.warning("%s: dropped %d channel(s) whose units are not a voltage (not ECG leads): %s", hea,
+                    len(non_voltage), shown)
+    signal12, mask, dropped_ecg = map_leads(signal[keep], [mapped[r] for r in keep], hea)
+    # every dropped channel in the header's order: non-voltage ones by published name, the others (Frank vx...)
+    # by their mapped name as map_leads reports them
+    left, kept = list(dropped_ecg), set(keep)
+    dropped: list[str] = []
+    for row, lead in enumerate(published):
+        if row not in kept:
+            dropped.append(lead)
+        elif mapped[row] in left:
+            dropped.append(left.pop(left.index(mapped[row])))
+    if header.uncalibrated:
+        log.warning("%s: ADC gain 0 (uncalibrated, WFDB) for %s: read with the default 200 adu/mV, so the "
+                    "amplitudes are not calibrated millivolts", hea, ", ".join(header.uncalibrated))
     fields = parse_header_comments(header.comments or [])
     info: dict[str, Any] = {
         "path": str(hea),
@@ -491,6 +562,10 @@ def _finish(signal: np.ndarray, names: Sequence[str], header: WFDBHeader, hea: P
         "n_samples_original": int(signal.shape[1]),
         "comments": [str(c) for c in (header.comments or [])],
     }
+    if non_voltage:
+        info["dropped_units"] = dict(non_voltage)
+    if header.uncalibrated:
+        info["uncalibrated_leads"] = list(header.uncalibrated)
     if rename:
         info["lead_renamed"] = {k: v for k, v in rename.items() if k in published}
     if extra_header:
@@ -514,14 +589,17 @@ def read_wfdb(path: str | os.PathLike, source: str = "wfdb", rename_leads: Mappi
 
     Returns:
         The record: ``signal (12, T)`` float32 mV, ``record_id`` = record name, ``meta`` with ``age`` /
-        ``sex`` when the header comments give them, non-standard leads (Frank vx/vy/vz) listed in
-        ``header["dropped_leads"]``, ``header["checksum"]`` = ``"verified"`` or why not.
+        ``sex`` when the header comments give them, non-standard leads (Frank vx/vy/vz) and channels whose units
+        are not a voltage (ABP, PLETH...) listed in ``header["dropped_leads"]`` (the latter's units in
+        ``header["dropped_units"]``), gain-0 (uncalibrated) signals in ``header["uncalibrated_leads"]``,
+        ``header["checksum"]`` = ``"verified"`` or why not.
 
     Raises:
         ECGDataError: missing header or signal file, a signal file outside ``root``, a signal file whose size
             disagrees with the header (truncated, or wrong signal count / length), a header checksum that does
             not match the samples, impossible or implausible rate, impossible gain, zero-length or all-NaN
-            record, units that are not a voltage, unknown lead names.
+            record, no channel with voltage units, a standard lead whose units are not a voltage, unknown lead
+            names.
     """
     hea = header_path(path)
     header = read_header(hea, fs_range)
@@ -687,7 +765,19 @@ def _read_mat_record(hea: Path, header: WFDBHeader, source: str, rename_leads: M
         raise ECGDataError(mat, f"'val' has {val.shape[1]} samples but the header {hea.name} announces "
                                 f"{header.sig_len} (truncated or mismatched file)")
     if not np.issubdtype(val.dtype, np.integer):
-        if not np.isfinite(val).all() or (val != np.round(val)).any():
+        finite = np.isfinite(val)
+        if not finite.all():
+            # say what the values are: "non-integer" hides that the file marks missing samples with NaN
+            r, c = np.argwhere(~finite)[0]
+            what = "NaN" if np.isnan(val[r, c]) else "infinite values"
+            n_nan, n_inf = int(np.isnan(val).sum()), int(np.isinf(val).sum())
+            counts = ", ".join(f"{k} {name}" for k, name in ((n_nan, "NaN"), (n_inf, "infinite")) if k)
+            raise ECGDataError(mat, f"'val' holds {what} ({counts} of {val.size} values, first in "
+                                    f"{header.sig_name[int(r)] or f'signal {int(r)}'} at sample {int(c)}; "
+                                    f"{val.dtype}): the challenge format stores ADC units, which are integers; "
+                                    f"mark a missing sample with the format's invalid-sample value (-32768 for "
+                                    f"format 16, which reads back as NaN)")
+        if (val != np.round(val)).any():
             raise ECGDataError(mat, f"'val' holds non-integer values ({val.dtype}): the challenge format stores "
                                     "ADC units, which are integers")
     _check_signed_16(val, header, hea, mat)
