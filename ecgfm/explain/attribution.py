@@ -259,6 +259,9 @@ class Attribution:
         elif isinstance(windows, dict):
             windows = [windows] * self.batch_size
         vals = _reduce(self.values, reduce)
+        # a lead the record does not have (zero-filled row) is not averaged in: a one-lead record's density would
+        # be 1/12 of the same map's on its lead
+        present = present_rows(self.inputs).to(vals.device)                  # (B, L)
         out: dict[str, list[Tensor]] = {w: [] for w in (*waves_mod.WAVES, "other")}
         for b, win in enumerate(windows):
             masks = waves_mod.wave_mask(win, n_t)
@@ -267,9 +270,10 @@ class Attribution:
             for w in out:
                 m = torch.as_tensor(masks[w], device=vals.device)
                 s = (vals[b] * m).sum(-1)
-                if normalize:   # mean per sample of each lead; over leads too without by_lead
+                if normalize:   # mean per sample of each lead; over the record's present leads without by_lead
                     s = s / m.sum().clamp_min(1)
-                out[w].append(s if by_lead else (s.mean() if normalize else s.sum()))
+                out[w].append(s if by_lead else (s[present[b]].sum() / present[b].sum().clamp_min(1) if normalize
+                                                 else s.sum()))
         return {w: torch.stack(v) for w, v in out.items()}
 
     def to_dict(self) -> dict[str, Any]:
@@ -427,8 +431,26 @@ class _Shifted(nn.Module):
         super().__init__()
         self.fn = fn
 
-    def forward(self, z: Tensor, shift: Tensor, *args: Tensor) -> Tensor:
-        return self.fn(z + shift, *args)
+    def forward(self, z: Tensor, shift: Tensor, keep: Tensor, *args: Tensor) -> Tensor:
+        return self.fn((z + shift) * keep, *args)
+
+
+class _Present(nn.Module):
+    """``fn(x * keep, *args)`` with ``keep (B, L, 1)`` = the record's present leads: the noise and the baselines of
+    a sampling method (GradientSHAP, SmoothGrad) never reach a lead the record does not have (the absent rows are
+    cleared from the map afterwards, but the present leads' maps were computed on inputs that had them)."""
+
+    def __init__(self, fn: nn.Module):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: Tensor, keep: Tensor, *args: Tensor) -> Tensor:
+        return self.fn(x * keep, *args)
+
+
+def _keep(x: Tensor) -> Tensor:
+    """``(B, L, 1)`` float: 1 for the present leads of ``x (B, L, T)``, 0 for the absent (zero-filled) ones."""
+    return present_rows(x)[:, :, None].to(x.dtype)
 
 
 @dataclass
@@ -481,8 +503,8 @@ class _Scaled(nn.Module):
         super().__init__()
         self.fn = fn
 
-    def forward(self, z: Tensor, s: Tensor, *args: Any) -> Tensor:
-        return self.fn(z * s, *args)
+    def forward(self, z: Tensor, s: Tensor, keep: Tensor, *args: Any) -> Tensor:
+        return self.fn(z * s * keep, *args)   # keep: noise never reaches an absent lead (see _Present)
 
 
 def _m_smoothgrad(job: _Job, n_samples: int = 50, noise_level: float = 0.15, batch_size: int | None = None,
@@ -494,6 +516,7 @@ def _m_smoothgrad(job: _Job, n_samples: int = 50, noise_level: float = 0.15, bat
 
     x = job.x.detach()
     s = x.flatten(1).std(dim=1).clamp_min(1e-8)[:, None, None]            # (B, 1, 1) each record's scale
+    keep = _keep(x)                                                        # (B, L, 1) present leads
     if batch_size is None:  # about 256 ECG copies per forward pass
         batch_size = max(1, min(n_samples, 256))
     tunnel = NoiseTunnel(Saliency(_Scaled(job.fn)))
@@ -505,7 +528,7 @@ def _m_smoothgrad(job: _Job, n_samples: int = 50, noise_level: float = 0.15, bat
             rows.append(tunnel.attribute(
                 x[b:b + 1] / s[b:b + 1], nt_type="smoothgrad_sq" if squared else "smoothgrad", nt_samples=n_samples,
                 nt_samples_batch_size=batch_size, stdevs=float(noise_level), target=job.target[b:b + 1], abs=False,
-                additional_forward_args=(s[b:b + 1], *_record_args(job, b))))
+                additional_forward_args=(s[b:b + 1], keep[b:b + 1], *_record_args(job, b))))
     g = torch.cat(rows)
     v = g / (s ** 2 if squared else s)                                     # d/dz = s d/dx
     return v, None, {"n_samples": n_samples, "noise_level": noise_level,
@@ -566,15 +589,22 @@ def _m_deeplift(job: _Job, baselines: Any = "smoothed") -> tuple[Tensor, Tensor,
 
 def _m_gradient_shap(job: _Job, baselines: Any = "smoothed", n_samples: int = 25, stdevs: float = 0.0,
                      ) -> tuple[Tensor, Tensor, dict]:
-    """Baselines: ``"zeros"``, ``"smoothed"`` / ``"median"`` (each record's own baseline, batched through
-    :class:`_Shifted`), or a bank ``(N, L, T)`` of reference ECGs sampled uniformly."""
+    """Baselines as every other method reads them: ``"zeros"``, ``"smoothed"`` / ``"median"`` / a number / a
+    ``(B, L, T)`` tensor of one baseline per record (each record's own baseline, batched through
+    :class:`_Shifted`); any other ``(N, L, T)`` tensor (or ``(L, T)``) is a bank of reference ECGs sampled
+    uniformly (:func:`baseline_bank`). Noise (``stdevs``) and bank baselines never reach the record's absent
+    leads."""
     from captum.attr import GradientShap
 
     opts = {"baselines": _baseline_name(baselines), "n_samples": n_samples, "stdevs": stdevs}
     x = job.x
+    keep = _keep(x)
     shift = bank = None
-    if isinstance(baselines, str) and baselines in ("smoothed", "median"):
-        shift = make_baseline(baselines, x, job.fs)
+    per_record = (isinstance(baselines, (torch.Tensor, np.ndarray)) and np.ndim(baselines) == 3
+                  and x.shape[0] > 1 and baselines.shape[0] == x.shape[0])
+    if (isinstance(baselines, str) and baselines in ("smoothed", "median")) or per_record or (
+            isinstance(baselines, (int, float)) and not isinstance(baselines, bool)):
+        shift = make_baseline(baselines, x, job.fs).expand_as(x)
     elif baselines is None or isinstance(baselines, str):
         bank = make_baseline(baselines, x[:1], job.fs)
     else:
@@ -592,11 +622,11 @@ def _m_gradient_shap(job: _Job, baselines: Any = "smoothed", n_samples: int = 25
                 v, delta = GradientShap(_Shifted(job.fn)).attribute(
                     x[b:b + 1] - shift[b:b + 1], baselines=torch.zeros_like(x[:1]), target=job.target[b:b + 1],
                     n_samples=n_samples, stdevs=stdevs, return_convergence_delta=True,
-                    additional_forward_args=(shift[b:b + 1], *_record_args(job, b)))
+                    additional_forward_args=(shift[b:b + 1], keep[b:b + 1], *_record_args(job, b)))
             else:
-                v, delta = GradientShap(job.fn).attribute(
+                v, delta = GradientShap(_Present(job.fn)).attribute(
                     x[b:b + 1], baselines=bank, target=job.target[b:b + 1], n_samples=n_samples, stdevs=stdevs,
-                    return_convergence_delta=True, additional_forward_args=_record_args(job, b))
+                    return_convergence_delta=True, additional_forward_args=(keep[b:b + 1], *_record_args(job, b)))
         vs.append(v)
         deltas.append(delta.reshape(-1).mean()[None])   # captum: one delta per (input, sample): their mean
     return torch.cat(vs), torch.cat(deltas), opts
@@ -639,10 +669,12 @@ def _ablate(job: _Job, mask: Tensor, base: Tensor, perturbations_per_eval: int) 
                                               additional_forward_args=job.args)
     v = v.clone()
     m = mask.expand_as(job.x).reshape(job.x.shape[0], -1)
-    counts = torch.zeros(m.shape[0], int(m.max()) + 1, device=m.device).scatter_add_(
-        1, m, torch.ones_like(m, dtype=torch.float32))
+    # the samples of absent (zero-filled) leads are cleared from every map afterwards: a feature's effect is spread
+    # over its present samples only, so that its sum stays the effect (it was 1/3 of it for a 1-of-3-lead record)
+    here = present_rows(job.x)[:, :, None].expand_as(job.x).reshape(job.x.shape[0], -1).to(torch.float32)
+    counts = torch.zeros(m.shape[0], int(m.max()) + 1, device=m.device).scatter_add_(1, m, here)
     size = counts.gather(1, m).reshape(job.x.shape)
-    return v / size.clamp_min(1)
+    return v * here.reshape(job.x.shape).to(v.dtype) / size.clamp_min(1)
 
 
 def _m_lead_ablation(job: _Job, baselines: Any = "zeros", perturbations_per_eval: int = 12,

@@ -33,7 +33,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ecgfm.explain.attribution import Attribution, Explainer, make_baseline, present_rows, random_attribution
+from ecgfm.explain.attribution import (Attribution, Explainer, make_baseline, present_rows, random_attribution,
+                                      record_seed)
 from ecgfm.explain.wrapper import ECGWrapper
 from ecgfm.evaluate.metrics import bootstrap_mean
 
@@ -135,10 +136,14 @@ def _perturbation_curve(wrapper: ECGWrapper, inputs: Tensor, attribution: Attrib
     scores = scores.reshape(b, -1).masked_fill(~present, float("-inf"))
     n_seg = scores.shape[1]
     n_valid = present.sum(1).clamp_min(1)                                 # (B,)
-    # rank[i, j] = position of segment j in decreasing-score order (stable: ties keep lead/time order).
+    # rank[i, j] = position of segment j in decreasing-score order. Ties are broken in a random order drawn from
+    # the record (not lead-major: an all-zero map, or the zero tail of a Grad-CAM map after its ReLU, deleted all
+    # of lead I first and scored +0.014 or -0.005 against random depending only on which lead the model reads)
+    shuffle = torch.stack([torch.randperm(n_seg, generator=torch.Generator().manual_seed(record_seed(x[i], 1)))
+                           for i in range(b)]).to(x.device)                   # (B, n_seg) random tie order
+    by_score = scores.gather(1, shuffle).argsort(dim=1, descending=True, stable=True)
     ranks = torch.empty_like(scores, dtype=torch.long)
-    ranks.scatter_(1, scores.argsort(dim=1, descending=True, stable=True),
-                   torch.arange(n_seg, device=x.device).expand(b, -1).contiguous())
+    ranks.scatter_(1, shuffle.gather(1, by_score), torch.arange(n_seg, device=x.device).expand(b, -1).contiguous())
     ranks = ranks.reshape(b, n_l, -1).repeat_interleave(seg, dim=2)[:, :, :n_t]   # (B, L, T)
     base = make_baseline(baseline, x, wrapper.fs).expand_as(x)
     # absent leads stay as they are (zero rows) at every step, whatever the baseline: they are never in the budget,
@@ -315,7 +320,8 @@ def localisation(attribution: Attribution | Tensor, mask: Any) -> dict[str, Tens
 
     Returns:
         ``(B,)`` tensors: ``mass_positive`` (share of positive attribution inside the mask: relevance mass
-        accuracy), ``mass_abs`` (same with |attribution|), ``rank_accuracy`` (share of the ``|mask|`` highest
+        accuracy; NaN for a map without positive attribution), ``mass_abs`` (same with |attribution|; NaN for an
+        all-zero map), ``rank_accuracy`` (share of the ``|mask|`` highest
         |attribution| samples inside the mask; samples tied at the cut share it), ``pointing_game`` (the share of
         the samples at the largest |attribution| that fall inside the mask: 1 for a single maximum inside; NaN for
         an all-zero map), ``auroc`` (|attribution| as a detector of mask samples; NaN when the mask is empty or
@@ -338,8 +344,9 @@ def localisation(attribution: Attribution | Tensor, mask: Any) -> dict[str, Tens
     keep = (present[:, :, None].expand_as(v) if present is not None else torch.ones_like(m)).reshape(b, -1)
     vf, mf = v.reshape(b, -1), (m.reshape(b, -1) & keep).float()
     pos, mag = vf.clamp_min(0) * keep, vf.abs() * keep
-    mass_pos = (pos * mf).sum(1) / pos.sum(1).clamp_min(1e-12)
-    mass_abs = (mag * mf).sum(1) / mag.sum(1).clamp_min(1e-12)
+    # a map without positive (or any) attribution has no mass to place: NaN, as the pointing game gives it
+    mass_pos = torch.where(pos.sum(1) > 0, (pos * mf).sum(1) / pos.sum(1).clamp_min(1e-12), float("nan"))
+    mass_abs = torch.where(mag.sum(1) > 0, (mag * mf).sum(1) / mag.sum(1).clamp_min(1e-12), float("nan"))
     rank_acc, pointing, aurocs, frac = [], [], [], []
     for i in range(b):
         a, inside = mag[i][keep[i]].cpu().numpy(), mf[i][keep[i]].cpu().numpy().astype(bool)

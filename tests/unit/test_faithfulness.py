@@ -145,7 +145,8 @@ def test_localisation_scores():
         assert torch.allclose(perfect[k], torch.ones(2)), k
     assert torch.allclose(perfect["mask_fraction"], torch.full((2,), 50 / (12 * T)))
     inverted = localisation(-_perfect(x) + 0.0, mask)
-    assert inverted["mass_positive"].eq(0).all() and inverted["mass_abs"].eq(1).all()
+    # no positive attribution anywhere: no positive mass to place (NaN, as for an all-zero map), not a score of 0
+    assert inverted["mass_positive"].isnan().all() and inverted["mass_abs"].eq(1).all()
     rnd = localisation(random_attribution(x, 0), mask)
     assert (rnd["auroc"] - 0.5).abs().max() < 0.1 and rnd["mass_abs"].max() < 0.05
     # A (B, T) mask is broadcast over the leads; an empty mask gives a NaN AUROC.
