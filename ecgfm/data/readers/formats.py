@@ -32,6 +32,13 @@ Strict validation (nothing is read that the header does not account for exactly;
   placeholder) are not verified; ``record.header["checksum"]`` says ``"verified"`` or why not;
 - the sampling rate must be plausible: within ``fs_range`` (default :data:`FS_RANGE`, 50-10,000 Hz).
 
+Multi-segment records (PhysioNet long-term and ICU databases: a master header listing segments, each a
+single-segment record, ``~`` for a gap, and for a variable layout a layout header naming the signals) are read
+whole by :func:`read_wfdb` (:func:`parse_multi_header`): one record, the segments concatenated, gaps and the
+signals a segment lacks as NaN, every segment checked as above. The segments are read here rather than by
+``wfdb.rdrecord(m2s=True)``, whose errors on a truncated segment name no file, which fails on a gap in a
+fixed-layout record, and which joins a signal's segments without converting their units.
+
 Channels that are not ECG leads (an ICU monitor's ``ABP`` in mmHg, ``PLETH`` / ``RESP`` in normalised units) are
 dropped by their units, before the lead names are mapped, with a warning naming the file; they are listed in
 ``header["dropped_leads"]`` and their units in ``header["dropped_units"]``. A record is refused when no channel
@@ -45,7 +52,8 @@ import logging
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from collections import Counter
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -60,12 +68,16 @@ log = logging.getLogger(__name__)
 __all__ = [
     "FS_RANGE",
     "MAX_FS",
+    "MultiSegmentHeader",
     "WFDBHeader",
     "check_fs_range",
     "header_path",
+    "is_multi_segment",
+    "multi_segment_members",
     "normalise_sex",
     "parse_header",
     "parse_header_comments",
+    "parse_multi_header",
     "read_challenge",
     "read_cpsc2018",
     "read_header",
@@ -170,8 +182,46 @@ def _int_field(token: str, what: str, line: str, hea: Path) -> int:
         raise ECGDataError(hea, f"{what} {token!r} is not an integer in line {line!r}") from None
 
 
+def _header_lines(text: str) -> tuple[list[str], list[str]]:
+    """``(comments, lines)`` of a header's text: comment lines without their ``#``, the other non-empty lines."""
+    comments: list[str] = []
+    lines: list[str] = []
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line:
+            continue
+        if line.startswith("#"):
+            comments.append(line[1:].strip())
+        else:
+            lines.append(line)
+    return comments, lines
+
+
+def _record_rate(rec: Sequence[str], rec_line: str, hea: Path, fs_low: float, fs_high: float) -> float:
+    """The sampling rate (Hz) of a record line split into tokens, checked to be given, finite and plausible.
+
+    Raises:
+        ECGDataError: no rate, an impossible one, or one outside ``[fs_low, fs_high]``.
+    """
+    if len(rec) < 3:
+        # WFDB would assume 250 Hz; every ECG corpus states its rate, and a wrong one silently stretches or
+        # squeezes every interval (a 500 Hz record read as 250 Hz lasts twice as long)
+        raise ECGDataError(hea, f"record line {rec_line!r} gives no sampling rate (WFDB's default would be 250 Hz, "
+                                f"not assumed here): add it to the header")
+    fs_token = rec[2].split("/")[0]
+    fs_value = _float_token(fs_token)
+    if fs_value is None or not math.isfinite(fs_value) or fs_value <= 0 or fs_value > MAX_FS:
+        raise ECGDataError(hea, f"impossible sampling rate {fs_token!r} Hz in record line {rec_line!r} "
+                                f"(must be a finite number in (0, {MAX_FS:g}])")
+    if not fs_low <= fs_value <= fs_high:
+        raise ECGDataError(hea, f"implausible sampling rate for an ECG: {fs_token!r} Hz in record line "
+                                f"{rec_line!r} (allowed {fs_low:g}-{fs_high:g} Hz; set fs_range to accept "
+                                "it)")
+    return fs_value
+
+
 def parse_header(text: str, hea: str | os.PathLike = "<header>", fs_range: Sequence[float] | None = None,
-                 ) -> WFDBHeader:
+                 *, layout: bool = False) -> WFDBHeader:
     """Parse and validate the text of a single-segment WFDB header (format of the WFDB ``header(5)`` page).
 
     Written by hand instead of calling ``wfdb.rdheader`` for two reasons: ``wfdb.rdheader`` silently replaces
@@ -184,27 +234,23 @@ def parse_header(text: str, hea: str | os.PathLike = "<header>", fs_range: Seque
     200 adu/mV; ``adc_gain`` holds 200 (as ``wfdb.rdheader`` reads it) and ``uncalibrated`` names the signal
     (the readers warn when they read the record).
 
+    A multi-segment master header is refused here (its record line is ``name/n_segments ...``): it is parsed by
+    :func:`parse_multi_header`, and :func:`read_wfdb` reads such a record whole.
+
     Args:
         text: the header's text.
         hea: the header file, for error messages.
         fs_range: plausible sampling rates ``(low, high)`` in Hz (default :data:`FS_RANGE`).
+        layout: the header is the layout header of a variable-layout multi-segment record, which describes the
+            signals and holds no samples: a length of 0 is accepted (refused otherwise).
 
     Raises:
-        ECGDataError: malformed lines, multi-segment records, impossible or implausible rate, impossible
+        ECGDataError: malformed lines, a multi-segment master header, impossible or implausible rate, impossible
             length, gain or format.
     """
     hea = Path(hea)
     fs_low, fs_high = check_fs_range(fs_range)
-    comments: list[str] = []
-    lines: list[str] = []
-    for raw in text.splitlines():
-        line = raw.strip()
-        if not line:
-            continue
-        if line.startswith("#"):
-            comments.append(line[1:].strip())
-        else:
-            lines.append(line)
+    comments, lines = _header_lines(text)
     if not lines:
         raise ECGDataError(hea, "empty header (no record line)")
     rec_line = lines[0]
@@ -212,32 +258,21 @@ def parse_header(text: str, hea: str | os.PathLike = "<header>", fs_range: Seque
     if len(rec) < 2:
         raise ECGDataError(hea, f"malformed record line {rec_line!r} (expected 'name n_signals [fs [n_samples]]')")
     if "/" in rec[0]:
-        raise ECGDataError(hea, f"multi-segment WFDB records are not supported (record line {rec_line!r})")
+        # a master header lists segments, not signals; read_wfdb reads it (parse_multi_header), but a segment
+        # or a layout header must be single-segment (WFDB does not nest multi-segment records)
+        raise ECGDataError(hea, f"multi-segment master header where a single-segment header is expected (record "
+                                f"line {rec_line!r}): read the record with read_wfdb; a segment of a multi-segment "
+                                f"record cannot itself be multi-segment")
     n_sig = _int_field(rec[1], "number of signals", rec_line, hea)
     if n_sig < 1:
         raise ECGDataError(hea, f"impossible number of signals {n_sig} in record line {rec_line!r}")
-    if len(rec) < 3:
-        # WFDB would assume 250 Hz; every ECG corpus states its rate, and a wrong one silently stretches or
-        # squeezes every interval (a 500 Hz record read as 250 Hz lasts twice as long)
-        raise ECGDataError(hea, f"record line {rec_line!r} gives no sampling rate (WFDB's default would be 250 Hz, "
-                                f"not assumed here): add it to the header")
-    if len(rec) >= 3:
-        fs_token = rec[2].split("/")[0]
-        fs_value = _float_token(fs_token)
-        if fs_value is None or not math.isfinite(fs_value) or fs_value <= 0 or fs_value > MAX_FS:
-            raise ECGDataError(hea, f"impossible sampling rate {fs_token!r} Hz in record line {rec_line!r} "
-                                    f"(must be a finite number in (0, {MAX_FS:g}])")
-        if not fs_low <= fs_value <= fs_high:
-            raise ECGDataError(hea, f"implausible sampling rate for an ECG: {fs_token!r} Hz in record line "
-                                    f"{rec_line!r} (allowed {fs_low:g}-{fs_high:g} Hz; set fs_range to accept "
-                                    "it)")
-        fs = fs_value
+    fs = _record_rate(rec, rec_line, hea, fs_low, fs_high)
     sig_len: int | None = None
     if len(rec) >= 4:
         sig_len = _int_field(rec[3], "number of samples", rec_line, hea)
         if sig_len < 0:
             raise ECGDataError(hea, f"impossible number of samples {sig_len} in record line {rec_line!r}")
-        if sig_len == 0:
+        if sig_len == 0 and not layout:
             raise ECGDataError(hea, "zero-length record (the header gives 0 samples)")
     sig_lines = lines[1:1 + n_sig]
     if len(sig_lines) < n_sig:
@@ -299,6 +334,15 @@ def read_header(path: str | os.PathLike, fs_range: Sequence[float] | None = None
         ECGDataError: missing or unreadable header, impossible or implausible rate, impossible gain or length.
     """
     hea = header_path(path)
+    return parse_header(_header_text(hea), hea, fs_range)
+
+
+def _header_text(hea: Path) -> str:
+    """The text of a header file: UTF-8, or Latin-1 when it is not valid UTF-8 (older headers' comments).
+
+    Raises:
+        ECGDataError: missing or unreadable file.
+    """
     try:
         raw = hea.read_bytes()
     except FileNotFoundError:
@@ -306,10 +350,136 @@ def read_header(path: str | os.PathLike, fs_range: Sequence[float] | None = None
     except OSError as exc:
         raise ECGDataError(hea, f"cannot read header: {exc}") from None
     try:
-        text = raw.decode("utf-8")
+        return raw.decode("utf-8")
     except UnicodeDecodeError:
-        text = raw.decode("latin-1")  # every byte decodes: never fails
-    return parse_header(text, hea, fs_range)
+        return raw.decode("latin-1")  # every byte decodes: never fails
+
+
+@dataclass
+class MultiSegmentHeader:
+    """The master header of a multi-segment WFDB record (attribute names as in ``wfdb.MultiRecord``), parsed and
+    validated.
+
+    ``seg_name`` / ``seg_len`` list the segments in order: a segment is the name of a single-segment record in the
+    master's folder, ``"~"`` a gap (no samples were recorded: read as NaN). In a variable-layout record the first
+    segment is the layout header (length 0), which names the record's signals; each segment then holds some of
+    them. ``sig_len`` is the record's length, the sum of ``seg_len``.
+    """
+
+    record_name: str
+    n_sig: int
+    fs: float
+    sig_len: int
+    seg_name: list[str]
+    seg_len: list[int]
+    comments: list[str] = field(default_factory=list)
+
+    @property
+    def layout(self) -> str:
+        """``"variable"`` (the first segment is a layout header of length 0) or ``"fixed"`` (WFDB's terms)."""
+        return "variable" if self.seg_len[0] == 0 else "fixed"
+
+
+def is_multi_segment(text: str) -> bool:
+    """Whether a header's text is a multi-segment master header (its record line is ``name/n_segments ...``)."""
+    lines = _header_lines(text)[1]
+    return bool(lines) and "/" in lines[0].split()[0]
+
+
+def parse_multi_header(text: str, hea: str | os.PathLike = "<header>", fs_range: Sequence[float] | None = None,
+                       ) -> MultiSegmentHeader:
+    """Parse and validate the master header of a multi-segment WFDB record (WFDB ``header(5)`` page).
+
+    The record line is ``name/n_segments n_signals fs [n_samples]``, followed by one line ``segment_name
+    n_samples`` per segment (``~`` for a gap). Written by hand for the reasons given in :func:`parse_header`
+    (``wfdb.rdheader`` replaces a rate it cannot parse by 250 Hz); the rate is checked as there.
+
+    Args:
+        text: the master header's text.
+        hea: the header file, for error messages.
+        fs_range: plausible sampling rates ``(low, high)`` in Hz (default :data:`FS_RANGE`).
+
+    Raises:
+        ECGDataError: not a master header, a malformed record or segment line, a segment count that disagrees
+            with the segment lines, impossible or implausible rate, a length that is not the sum of the
+            segments' lengths, a zero-length segment other than the first (the layout header), a record of
+            nothing but gaps.
+    """
+    hea = Path(hea)
+    fs_low, fs_high = check_fs_range(fs_range)
+    comments, lines = _header_lines(text)
+    if not lines:
+        raise ECGDataError(hea, "empty header (no record line)")
+    rec_line = lines[0]
+    rec = rec_line.split()
+    name, _, n_seg_token = rec[0].partition("/")
+    if len(rec) < 2 or not name or "/" in n_seg_token:
+        raise ECGDataError(hea, f"malformed multi-segment record line {rec_line!r} (expected 'name/n_segments "
+                                f"n_signals fs [n_samples]')")
+    n_seg = _int_field(n_seg_token, "number of segments", rec_line, hea)
+    if n_seg < 1:
+        raise ECGDataError(hea, f"impossible number of segments {n_seg} in record line {rec_line!r}")
+    n_sig = _int_field(rec[1], "number of signals", rec_line, hea)
+    if n_sig < 1:
+        raise ECGDataError(hea, f"impossible number of signals {n_sig} in record line {rec_line!r}")
+    fs = _record_rate(rec, rec_line, hea, fs_low, fs_high)
+    sig_len = None
+    if len(rec) >= 4:
+        sig_len = _int_field(rec[3], "number of samples", rec_line, hea)
+        if sig_len < 0:
+            raise ECGDataError(hea, f"impossible number of samples {sig_len} in record line {rec_line!r}")
+    if len(lines) - 1 != n_seg:
+        raise ECGDataError(hea, f"multi-segment header announces {n_seg} segments but has {len(lines) - 1} "
+                                f"segment lines (expected one 'segment_name n_samples' line per segment)")
+    seg_name: list[str] = []
+    seg_len: list[int] = []
+    for i, line in enumerate(lines[1:]):
+        tok = line.split()
+        if len(tok) != 2:
+            raise ECGDataError(hea, f"malformed segment line {line!r} in a multi-segment header (expected "
+                                    "'segment_name n_samples')")
+        n = _int_field(tok[1], "segment length", line, hea)
+        if n < 0:
+            raise ECGDataError(hea, f"impossible segment length {n} in line {line!r}")
+        if n == 0 and (i > 0 or tok[0] == "~"):
+            # WFDB gives length 0 only to the layout header of a variable-layout record, which comes first
+            raise ECGDataError(hea, f"segment {tok[0]!r} has 0 samples (line {line!r}): only the first segment, "
+                                    "the layout header of a variable-layout record, may")
+        seg_name.append(tok[0])
+        seg_len.append(n)
+    total = sum(seg_len)
+    if sig_len is not None and sig_len != total:
+        raise ECGDataError(hea, f"the record line announces {sig_len} samples but the segments add up to {total} "
+                                f"(record line {rec_line!r})")
+    if total == 0:
+        raise ECGDataError(hea, "zero-length record (its segments hold 0 samples)")
+    if all(s == "~" for s, n in zip(seg_name, seg_len) if n):
+        raise ECGDataError(hea, "every segment is a gap ('~'): the record holds no samples")
+    return MultiSegmentHeader(record_name=name, n_sig=n_sig, fs=fs, sig_len=total, seg_name=seg_name,
+                              seg_len=seg_len, comments=comments)
+
+
+def multi_segment_members(path: str | os.PathLike) -> list[str] | None:
+    """The segment and layout headers a multi-segment master header refers to, or None for any other header.
+
+    For a folder scan, which must not take them as records of their own. Lenient on purpose: only the names are
+    taken (first token of each segment line, gaps ``~`` left out), so that a malformed master still claims its
+    segments; reading the master reports what is wrong with it.
+
+    Args:
+        path: the header, with or without ``.hea``.
+
+    Returns:
+        Segment record names as written in the master (relative to its folder, without ``.hea``), or None when
+        the header is not a master header.
+
+    Raises:
+        ECGDataError: missing or unreadable header.
+    """
+    lines = _header_lines(_header_text(header_path(path)))[1]
+    if not lines or "/" not in lines[0].split()[0]:
+        return None
+    return [tok[0] for tok in (line.split() for line in lines[1:]) if tok[0] != "~"]
 
 
 def header_comment_values(comments: Sequence[str], key: str) -> list[str]:
@@ -373,7 +543,7 @@ def _is_standard_lead(name: str) -> bool:
         return False
 
 
-def _signal_file(hea: Path, fname: str, root: str | os.PathLike | None) -> Path:
+def _signal_file(hea: Path, fname: str, root: str | os.PathLike | None, what: str = "signal file") -> Path:
     """The path of a signal file named in a header, refused unless it lies inside ``root``.
 
     WFDB names signal files relative to the header's folder. A name that is absolute, or that climbs out of the
@@ -384,17 +554,18 @@ def _signal_file(hea: Path, fname: str, root: str | os.PathLike | None) -> Path:
         hea: the header file.
         fname: the file name as written in the header.
         root: the dataset root (default: the header's folder).
+        what: what the file is, for the message (a multi-segment master names ``"segment header"`` files).
 
     Raises:
         ECGDataError: the file lies outside ``root``.
     """
     base = os.path.abspath(root if root is not None else hea.parent)
     if os.path.isabs(fname) or re.match(r"^[A-Za-z]:[\\/]", fname) or fname.startswith("\\"):
-        raise ECGDataError(hea, f"signal file outside the dataset root: the header names the absolute path "
-                                f"{fname!r} (signal files must be relative to the header's folder, inside {base})")
+        raise ECGDataError(hea, f"{what} outside the dataset root: the header names the absolute path "
+                                f"{fname!r} ({what}s must be relative to the header's folder, inside {base})")
     path = os.path.abspath(os.path.join(hea.parent, fname))
     if os.path.commonpath([path, base]) != base:
-        raise ECGDataError(hea, f"signal file outside the dataset root: the header names {fname!r}, which "
+        raise ECGDataError(hea, f"{what} outside the dataset root: the header names {fname!r}, which "
                                 f"resolves to {path} (outside {base})")
     return Path(path)
 
@@ -579,8 +750,14 @@ def read_wfdb(path: str | os.PathLike, source: str = "wfdb", rename_leads: Mappi
               root: str | os.PathLike | None = None, fs_range: Sequence[float] | None = None) -> ECGRecord:
     """Read one WFDB record (any format wfdb decodes: 16, 212, 24, 32, 80, ..., several signal files).
 
+    A multi-segment record (PhysioNet long-term and ICU databases; its master header's record line is
+    ``name/n_segments ...``) is read whole, as one record: its segments concatenated in time, gaps (``~``
+    segments) and the signals a segment of a variable-layout record does not hold as NaN, each segment checked as
+    a single-segment record is (see :func:`_read_multi_segment`). ``header["multi_segment"]`` then gives the layout
+    (``"fixed"`` / ``"variable"``), the number of segments and of gap samples.
+
     Args:
-        path: the record, with or without ``.hea``.
+        path: the record, with or without ``.hea`` (for a multi-segment record, its master header).
         source: value of ``record.source``.
         rename_leads: optional published-name -> lead-name mapping applied before :func:`map_leads`
             (e.g. ``{"ECG": "I"}``); recorded in ``header["lead_renamed"]``.
@@ -588,7 +765,8 @@ def read_wfdb(path: str | os.PathLike, source: str = "wfdb", rename_leads: Mappi
         fs_range: plausible sampling rates ``(low, high)`` in Hz (default :data:`FS_RANGE`).
 
     Returns:
-        The record: ``signal (12, T)`` float32 mV, ``record_id`` = record name, ``meta`` with ``age`` /
+        The record: ``signal (12, T)`` float32 mV, ``record_id`` = record name (a multi-segment record's: the
+        master's), ``meta`` with ``age`` /
         ``sex`` when the header comments give them, non-standard leads (Frank vx/vy/vz) and channels whose units
         are not a voltage (ABP, PLETH...) listed in ``header["dropped_leads"]`` (the latter's units in
         ``header["dropped_units"]``), gain-0 (uncalibrated) signals in ``header["uncalibrated_leads"]``,
@@ -599,10 +777,16 @@ def read_wfdb(path: str | os.PathLike, source: str = "wfdb", rename_leads: Mappi
             disagrees with the header (truncated, or wrong signal count / length), a header checksum that does
             not match the samples, impossible or implausible rate, impossible gain, zero-length or all-NaN
             record, no channel with voltage units, a standard lead whose units are not a voltage, unknown lead
-            names.
+            names; for a multi-segment record also a malformed master header, a segment or layout header that is
+            missing (naming it) or disagrees with the master (rate, length, signals), and every check above on
+            each segment (the message names the segment's file and the master).
     """
     hea = header_path(path)
-    header = read_header(hea, fs_range)
+    text = _header_text(hea)
+    if is_multi_segment(text):
+        return _read_multi_segment(hea, parse_multi_header(text, hea, fs_range), source, rename_leads, root,
+                                   fs_range)
+    header = parse_header(text, hea, fs_range)
     if any(str(f).lower().endswith(".mat") for f in header.file_name):
         return _read_mat_record(hea, header, source, rename_leads, root)
     _check_signal_files(header, hea, root)
@@ -611,6 +795,180 @@ def read_wfdb(path: str | os.PathLike, source: str = "wfdb", rename_leads: Mappi
         signal = _decode_with_wfdb(header, hea)
     return _finish(signal, header.sig_name, header, hea, source, rename=rename_leads,
                    extra_header={"checksum": _checksum_status(header)})
+
+
+def _read_multi_segment(hea: Path, master: MultiSegmentHeader, source: str,
+                        rename_leads: Mapping[str, str] | None, root: str | os.PathLike | None,
+                        fs_range: Sequence[float] | None) -> ECGRecord:
+    """Read a multi-segment record whole: its segments concatenated in time into one ``(n_sig, T)`` signal.
+
+    Each segment is a single-segment record read as :func:`read_wfdb` reads one, with the same checks (signal
+    files inside ``root`` and of the size the header says, checksums, rate), instead of with
+    ``wfdb.rdrecord(m2s=True)``, which falls short here (wfdb 4.3): a truncated segment file fails with "cannot
+    reshape array of size 500 into shape (12)" (no file named), a gap in a fixed-layout record with
+    "'NoneType' object has no attribute 'p_signal'", and in a variable-layout record signals whose units differ
+    between segments (uV in one, mV in the next) are joined without conversion. The result agrees with
+    ``wfdb.rdrecord(master, m2s=True, physical=True)`` on the records it reads (tested).
+
+    Gaps (``~`` segments) and, in a variable-layout record, the signals a segment does not hold are NaN. Signals
+    are matched to the record's by position in a fixed-layout record (every segment has the master's signals),
+    by name in a variable-layout one (the layout header names them). A signal's units are those of the first
+    segment holding it (a layout header's units are a template, which wfdb does not trust either); a later
+    segment in other voltage units (uV where the first said mV) is converted. The record's other header facts
+    (gain, format) are the layout header's, or the first segment's in a fixed layout.
+
+    Raises:
+        ECGDataError: naming the segment's file and the master: a segment or layout header that is missing, lies
+            outside ``root`` or is malformed; a segment whose rate, length or signals disagree with the master or
+            the layout; a voltage in one segment and a non-voltage in another on one signal; everything
+            :func:`read_wfdb` checks in a single-segment record (missing or truncated signal file, checksum
+            mismatch, ...).
+    """
+    base = root if root is not None else hea.parent
+    segments = list(zip(master.seg_name, master.seg_len))
+    reference: WFDBHeader | None = None   # names the record's signals: the layout header, or the first segment
+    where = ""
+    if master.layout == "variable":
+        name = segments.pop(0)[0]
+        try:
+            lhea = _signal_file(hea, f"{name}.hea", base, "layout header")
+            if not lhea.is_file():
+                raise ECGDataError(lhea, "layout header not found")
+            reference = parse_header(_header_text(lhea), lhea, fs_range, layout=True)
+            if reference.sig_len:
+                raise ECGDataError(lhea, f"layout header gives {reference.sig_len} samples: a layout header "
+                                         "describes the signals and holds none (0)")
+            _check_segment_rate(reference, master, lhea)
+            if reference.n_sig != master.n_sig:
+                raise ECGDataError(lhea, f"layout header lists {reference.n_sig} signals, the master announces "
+                                         f"{master.n_sig}")
+            twice = sorted({n for n in reference.sig_name if reference.sig_name.count(n) > 1})
+            if twice:
+                # a variable layout matches each segment's signals to the record's by name
+                raise ECGDataError(lhea, f"layout header names signal(s) {twice} more than once: segments' "
+                                         "signals are matched by name")
+        except ECGDataError as exc:
+            raise _in_master(exc, name, hea) from None
+        where = f"layout header {lhea.name}"
+    names: list[str] = list(reference.sig_name) if reference is not None else []
+    units: list[str] = list(reference.units) if reference is not None else []
+    units_from: list[str | None] = [None] * master.n_sig   # the segment header that gave a signal its units
+    signal = np.full((master.n_sig, master.sig_len), np.nan, dtype=np.float32)
+    uncalibrated: dict[str, None] = {}
+    checksums: list[str] = []
+    pos = 0
+    for name, n in segments:
+        if name == "~":   # a gap: nothing was recorded, the samples stay NaN
+            pos += n
+            continue
+        try:
+            shea = _signal_file(hea, f"{name}.hea", base, "segment header")
+            if not shea.is_file():
+                raise ECGDataError(shea, "segment header not found")
+            seg = read_header(shea, fs_range)
+            _check_segment_rate(seg, master, shea)
+            if seg.sig_len is not None and seg.sig_len != n:
+                raise ECGDataError(shea, f"segment header gives {seg.sig_len} samples, the master {n}")
+            if any(str(f).lower().endswith(".mat") for f in seg.file_name):
+                raise ECGDataError(shea, "segments with .mat signal files are not supported")
+            if reference is None:   # fixed layout: the first segment read names the record's signals
+                if seg.n_sig != master.n_sig:
+                    raise ECGDataError(shea, f"segment has {seg.n_sig} signals, the master announces "
+                                             f"{master.n_sig}")
+                reference, names, units = seg, list(seg.sig_name), list(seg.units)
+                where = f"first segment {shea.name}"
+            rows = _segment_rows(seg, names, master.layout, shea, where)
+            _check_signal_files(seg, shea, base)
+            data = _decode_simple(seg, shea)
+            if data is None:
+                data = _decode_with_wfdb(seg, shea)
+            if data.shape[1] != n:
+                raise ECGDataError(shea, f"segment holds {data.shape[1]} samples, the master gives it {n}")
+            for r, target in enumerate(rows):
+                if units_from[target] is None:
+                    units[target], units_from[target] = seg.units[r], f"segment {shea.name}"
+                signal[target, pos:pos + n] = data[r] * _unit_ratio(seg.units[r], units[target], names[target],
+                                                                    shea, units_from[target])
+        except ECGDataError as exc:
+            raise _in_master(exc, name, hea) from None
+        uncalibrated.update(dict.fromkeys(seg.uncalibrated))
+        checksums.append(_checksum_status(seg))
+        pos += n
+    assert reference is not None   # parse_multi_header refuses a record of nothing but gaps
+    header = replace(reference, record_name=master.record_name, n_sig=master.n_sig, fs=master.fs,
+                     sig_len=master.sig_len, sig_name=names, units=units, uncalibrated=list(uncalibrated),
+                     comments=[*master.comments, *(reference.comments if master.layout == "variable" else [])])
+    counts = Counter(checksums)
+    status = (checksums[0] if len(counts) == 1
+              else "; ".join(f"{k} in {v} of {len(checksums)} segments" for k, v in counts.items()))
+    n_gap = sum(n for s, n in segments if s == "~")
+    return _finish(signal, names, header, hea, source, rename=rename_leads,
+                   extra_header={"checksum": status, "multi_segment": {
+                       "layout": master.layout, "n_segments": len(segments), "gap_samples": n_gap}})
+
+
+def _in_master(exc: ECGDataError, segment: str, hea: Path) -> ECGDataError:
+    """``exc`` (naming a segment's file) with the multi-segment record it belongs to added to the problem."""
+    return ECGDataError(exc.path, f"{exc.problem} (segment {segment!r} of the multi-segment record {hea})")
+
+
+def _check_segment_rate(seg: WFDBHeader, master: MultiSegmentHeader, shea: Path) -> None:
+    """Refuse a segment (or layout) header whose sampling rate is not the master's (its samples would be
+    joined at the wrong time scale)."""
+    if not math.isclose(seg.fs, master.fs, rel_tol=1e-9):
+        raise ECGDataError(shea, f"sampling rate {seg.fs:g} Hz differs from the multi-segment record's "
+                                 f"{master.fs:g} Hz")
+
+
+def _segment_rows(seg: WFDBHeader, names: Sequence[str], layout: str, shea: Path, where: str) -> list[int]:
+    """The record's signal index of each signal of a segment.
+
+    Fixed layout: by position, the names must agree (a different name means a different signal in that row).
+    Variable layout: by name, each of the segment's signals must be one of the layout header's, once.
+
+    Raises:
+        ECGDataError: naming the segment header and the signal.
+    """
+    if layout == "fixed":
+        if list(seg.sig_name) != list(names):
+            raise ECGDataError(shea, f"segment's signals {seg.sig_name} differ from the {where}'s {list(names)} "
+                                     "(a fixed-layout record has the same signals in every segment)")
+        return list(range(len(names)))
+    rows = []
+    for s in seg.sig_name:
+        if s not in names:
+            raise ECGDataError(shea, f"signal {s!r} is not in the {where} (signals {list(names)})")
+        if seg.sig_name.count(s) > 1:
+            raise ECGDataError(shea, f"signal {s!r} appears more than once in the segment")
+        rows.append(names.index(s))
+    return rows
+
+
+def _unit_ratio(unit: str, record_unit: str, name: str, shea: Path, where: str) -> float:
+    """Factor from a segment's units of a signal to the record's units of it (1 when they agree).
+
+    Two voltages convert (uV in this segment, mV in the first). Two different units that are not voltages leave
+    the values as they are: such a channel is not an ECG lead and is dropped (:func:`_finish`).
+
+    Args:
+        unit: the segment's units of the signal.
+        record_unit: the record's units of it.
+        name: the signal's name, for the message.
+        shea: the segment header, for the message.
+        where: what gave the record's units (``"segment x.hea"``), for the message.
+
+    Raises:
+        ECGDataError: a voltage on one side and not on the other (the segments disagree on what the signal is).
+    """
+    if unit.strip().lower() == record_unit.strip().lower():
+        return 1.0
+    mine, theirs = _units_factor(unit), _units_factor(record_unit)
+    if mine is not None and theirs is not None:
+        return mine / theirs
+    if mine is None and theirs is None:
+        return 1.0
+    raise ECGDataError(shea, f"signal {name!r} has units {unit!r} in this segment but {record_unit!r} in "
+                             f"{where}: a voltage and a non-voltage on one signal")
 
 
 # numpy dtype and invalid-sample value of the WFDB formats that are plain arrays of integers.
