@@ -197,6 +197,11 @@ class PretrainModule(L.LightningModule):
             return None
         loss, terms = self.shared_step(batch)
         self.log_terms("train", {"loss": loss, **terms}, batch_size=self._batch_size(batch))
+        trainer = getattr(self, "_trainer", None)
+        if trainer is not None and trainer.optimizers:
+            # the schedule's value: the largest group lr (with layer-wise decay the lower layers get less)
+            lr = max(float(g["lr"]) for g in trainer.optimizers[0].param_groups)
+            self.log("train/lr", lr, on_step=True, on_epoch=False, batch_size=self._batch_size(batch))
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:

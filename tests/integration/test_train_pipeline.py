@@ -386,6 +386,7 @@ def test_trainer_callbacks_from_the_config_join_the_pipelines(tmp_path, cache_ro
         "logger=csv", "+trainer.callbacks=[{_target_: lightning.pytorch.callbacks.LearningRateMonitor}]"]))
     header = next((out / "csv").rglob("metrics.csv")).read_text().splitlines()[0]
     assert "lr-AdamW" in header                      # LearningRateMonitor ran
+    assert "train/lr" in header                      # logged by every method (docs/TRAINING.md), monitor or not
     with pytest.raises(ConfigError, match="trainer.default_root_dir.*hydra.run.dir"):
         train(tiny_cfg(tmp_path / "x", cache_root, extra=[f"+trainer.default_root_dir={tmp_path}"]))
 
