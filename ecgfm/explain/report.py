@@ -224,9 +224,12 @@ def explain_records(wrapper: ECGWrapper, records: Sequence[ECGRecord], out_dir: 
             "per_wave": "P / QRS / T windows from R peaks detected on the model input (ecgfm.explain.waves); "
                         "share_abs: share of |attribution|; density_abs: mean |attribution| per lead and sample",
             "faithfulness": "deletion AOPC (higher = more faithful) and insertion AUC (higher = better) of the "
-                            "explained class's probability; (lead x segment_s) segments ordered by signed "
-                            "attribution (most supporting first) and replaced by the record's own smoothed "
-                            "baseline; *_gain = method minus the mean of random attributions (> 0 beats random)",
+                            "explained class's probability; (lead x segment_s) segments ordered by "
+                            + ("|attribution| (largest first)" if (faithfulness_options or {}).get("order") == "abs"
+                               else "signed attribution (most supporting first)")
+                            + " (ties in a random order drawn from the record) and replaced by the record's own "
+                            "smoothed baseline; *_gain = method minus the mean of random attributions (> 0 beats "
+                            "random); each method's faithfulness.order says which order it used",
         },
     }
     for record in records:
@@ -282,7 +285,7 @@ def explain_records(wrapper: ECGWrapper, records: Sequence[ECGRecord], out_dir: 
                     fo.setdefault("order", "signed")
                     mask = None if evidence is None else torch.as_tensor(evidence[None])
                     scores = faithfulness_report(explainer, att, mask=mask, **fo)
-                    summary["faithfulness"] = _jsonable(scores)
+                    summary["faithfulness"] = {**_jsonable(scores), "order": fo["order"]}
                 entry["methods"][key] = summary
                 if key in chart_keys:
                     fig = viz.plot_ecg_chart(shown, wrapper.fs, wrapper.lead_names, attribution=att.values[0],

@@ -216,6 +216,26 @@ def test_a_record_shorter_than_the_window_is_said_to_be_padded(tmp_path):
     assert rep["records"][0]["padded_fraction"] == pytest.approx(0.8)
 
 
+def test_the_report_says_which_faithfulness_order_it_used(tmp_path):
+    """faithfulness.order=abs was used but report.json's note said "signed attribution" whatever was run."""
+    from torch import nn
+
+    from ecgfm.data.record import ECGRecord
+    from ecgfm.explain.wrapper import ECGWrapper
+
+    sig = (0.1 * np.random.default_rng(1).standard_normal((12, 1000))).astype(np.float32)
+    rec = ECGRecord(signal=sig, fs=100.0, lead_mask=np.ones(12, bool), record_id="r", source="demo")
+    torch.manual_seed(0)
+    w = ECGWrapper(nn.Sequential(nn.Flatten(), nn.Linear(12 * 1000, 2)), fs=100.0, n_samples=1000,
+                   postprocess="softmax", class_names=("a", "b"))
+    for order in ("abs", "signed"):
+        rep = explain_records(w, [rec], tmp_path / order, methods=["saliency"], target="a", formats=["png"],
+                              faithfulness_options={"n_random": 1, "steps": 4, "order": order}, dpi=30)
+        assert rep["records"][0]["methods"]["saliency"]["faithfulness"]["order"] == order
+        said = rep["notes"]["faithfulness"]
+        assert ("|attribution| (largest first)" in said) == (order == "abs"), said
+
+
 @pytest.mark.parametrize("lead_aware", [True, False])
 def test_a_one_lead_record_is_explained_as_the_classifier_scores_it(tmp_path, lead_aware):
     """A classifier artifact says how absent leads reached its ViT (``lead_aware``): the explain report's prediction
