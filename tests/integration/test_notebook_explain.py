@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOK = ROOT / "notebooks" / "explain.ipynb"
 
 
+@pytest.mark.slow   # ~40 s with the kernel start (docs/EXPLAIN.md: opt-in); the explain chain it walks has fast tests
 @pytest.mark.realdata
 def test_explain_notebook_runs(shared_data):
     if not (shared_data / "ptbxl" / "records100").is_dir():
