@@ -22,20 +22,14 @@ import wfdb
 
 from ecgfm.data.readers import read_challenge, read_wfdb
 from ecgfm.data.readers.formats import parse_header, read_header
-from ecgfm.data.record import CANONICAL_LEADS, ECGDataError
+from ecgfm.data.record import CANONICAL_LEADS
+
+from tests.unit.test_reader_bad_input import _raises
 
 FS, N = 250, 1000
 LOGGER = "ecgfm.data.readers.formats"
 
 
-def _raises(path_part: str | Path, problem: str, fn, *args, **kwargs) -> ECGDataError:
-    """Call ``fn`` and check the ECGDataError names ``path_part`` and matches ``problem``."""
-    with pytest.raises(ECGDataError) as info:
-        fn(*args, **kwargs)
-    err = info.value
-    assert str(path_part) in err.path, (err.path, path_part)
-    assert re.search(problem, err.problem), err.problem
-    return err
 
 
 def _icu(tmp_path: Path, names: list[str], units: list[str], name: str = "icu") -> tuple[Path, np.ndarray]:

@@ -182,6 +182,18 @@ def _int_field(token: str, what: str, line: str, hea: Path) -> int:
         raise ECGDataError(hea, f"{what} {token!r} is not an integer in line {line!r}") from None
 
 
+def _record_line(text: str, hea: Path) -> tuple[list[str], list[str], str, list[str]]:
+    """``(comments, lines, record line, its tokens)`` of a header's text (single- or multi-segment).
+
+    Raises:
+        ECGDataError: no record line.
+    """
+    comments, lines = _header_lines(text)
+    if not lines:
+        raise ECGDataError(hea, "empty header (no record line)")
+    return comments, lines, lines[0], lines[0].split()
+
+
 def _header_lines(text: str) -> tuple[list[str], list[str]]:
     """``(comments, lines)`` of a header's text: comment lines without their ``#``, the other non-empty lines."""
     comments: list[str] = []
@@ -250,11 +262,7 @@ def parse_header(text: str, hea: str | os.PathLike = "<header>", fs_range: Seque
     """
     hea = Path(hea)
     fs_low, fs_high = check_fs_range(fs_range)
-    comments, lines = _header_lines(text)
-    if not lines:
-        raise ECGDataError(hea, "empty header (no record line)")
-    rec_line = lines[0]
-    rec = rec_line.split()
+    comments, lines, rec_line, rec = _record_line(text, hea)
     if len(rec) < 2:
         raise ECGDataError(hea, f"malformed record line {rec_line!r} (expected 'name n_signals [fs [n_samples]]')")
     if "/" in rec[0]:
@@ -407,11 +415,7 @@ def parse_multi_header(text: str, hea: str | os.PathLike = "<header>", fs_range:
     """
     hea = Path(hea)
     fs_low, fs_high = check_fs_range(fs_range)
-    comments, lines = _header_lines(text)
-    if not lines:
-        raise ECGDataError(hea, "empty header (no record line)")
-    rec_line = lines[0]
-    rec = rec_line.split()
+    comments, lines, rec_line, rec = _record_line(text, hea)
     name, _, n_seg_token = rec[0].partition("/")
     if len(rec) < 2 or not name or "/" in n_seg_token:
         raise ECGDataError(hea, f"malformed multi-segment record line {rec_line!r} (expected 'name/n_segments "
