@@ -75,7 +75,8 @@ Integrity and freshness (format version 2):
   shard indexes rewritten atomically, signals untouched); records added or removed change the plan and are
   refused, naming them (:func:`ecgfm.data.prepare.prepare_cache` rebuilds its keyed caches instead). A source
   may define ``input_files(record_id)`` and ``label_files()``; otherwise the files sharing the stem of the
-  record's ``header["path"]`` and the ``*.csv`` tables of its ``root`` (and table-valued attributes such as
+  record's ``header["path"]`` (for a WFDB header also the files it names: a ``.dat`` of another name, a
+  multi-segment record's segments) and the ``*.csv`` tables of its ``root`` (and table-valued attributes such as
   ``labels_csv``) are used. Record files are compared by size + mtime, and a file whose size or mtime changed
   by its content: when its bytes are those it was converted from (a corpus copied without its times, touched,
   checked out or re-mounted), nothing is converted again and its new times are recorded (one hash per such file,
@@ -527,6 +528,10 @@ def _record_inputs(src: RecordSource, rid: str, path: Any) -> list[list[Any]]:
         if not path:
             return []
         files = _siblings(os.path.abspath(str(path)))
+        if str(path).endswith(".hea"):   # and what the header reads that does not share its stem (segments)
+            from ecgfm.data.readers.formats import header_input_files
+
+            files += [f for f in header_input_files(path) if f not in files and os.path.isfile(f)]
     out = []
     for f in files:
         if not is_decodable(f):   # a name the UTF-8 index cannot hold (undecodable bytes): not fingerprinted

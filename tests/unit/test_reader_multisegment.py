@@ -254,3 +254,20 @@ def test_labels_naming_a_segment_point_to_its_master(tmp_path):
     (root / "labels.csv").write_text("record_id,AF\nms_1,1\nsingle,0\n")
     with pytest.raises(ECGDataError, match=r"'ms_1' of 'ms'\): label the master"):
         FolderSource(root, labels_csv="labels.csv")
+
+
+def test_a_rerun_sees_an_edited_segment_and_converts_it_again(tmp_path):
+    """The stale-input check watched only the files sharing the master's stem (ms.*): a rewritten ms_2.dat was
+    reused silently, and the cache kept serving the old signal."""
+    from ecgfm.data.cache import CorpusCache
+
+    src = tmp_path / "src"
+    src.mkdir()
+    _fixed(src)
+    out, fresh = tmp_path / "cache", tmp_path / "fresh"
+    prepare_corpus(FolderSource(src), out, {"fs": 100}, workers=0, progress=False)
+    _segment(src, "ms_2", 700, ["I", "II", "V1"], seed=7, scale=3.0)           # same size, new samples
+    rerun = prepare_corpus(FolderSource(src), out, {"fs": 100}, workers=0, progress=False)
+    assert any("ms_2.dat" in c for c in rerun.changes), rerun.changes
+    prepare_corpus(FolderSource(src), fresh, {"fs": 100}, workers=0, progress=False)
+    np.testing.assert_array_equal(CorpusCache(out).signal(0), CorpusCache(fresh).signal(0))

@@ -486,6 +486,50 @@ def multi_segment_members(path: str | os.PathLike) -> list[str] | None:
     return [tok[0] for tok in (line.split() for line in lines[1:]) if tok[0] != "~"]
 
 
+def header_input_files(path: str | os.PathLike) -> list[str]:
+    """Every file a WFDB header reads from: its signal files, and for a multi-segment master its segment (and
+    layout) headers with their signal files. Lenient (names only, nothing validated, ``[]`` for an unreadable
+    header): for the cache's stale-input check, which otherwise watches only the files sharing the header's stem
+    and so missed an edited segment ``ms_0002.dat`` of master ``ms.hea`` (or a ``.dat`` of another name).
+
+    Args:
+        path: the header (``.hea``).
+
+    Returns:
+        Absolute paths, in header order, without duplicates.
+    """
+    out: list[str] = []
+
+    def add(f: str) -> None:
+        if f not in out:
+            out.append(f)
+
+    def signal_files(hea: str) -> None:
+        try:
+            lines = _header_lines(Path(hea).read_text(errors="replace"))[1]
+        except OSError:
+            return
+        if not lines:
+            return
+        rec = lines[0].split()
+        folder = os.path.dirname(hea)
+        if "/" in rec[0]:   # a master: its segments (and the layout header), each with its own signal files
+            for tok in (line.split() for line in lines[1:]):
+                if tok and tok[0] != "~" and not os.path.isabs(tok[0]):
+                    seg = os.path.abspath(os.path.join(folder, tok[0] + ".hea"))
+                    if seg != os.path.abspath(hea):
+                        add(seg)
+                        signal_files(seg)
+            return
+        n_sig = int(rec[1]) if len(rec) > 1 and rec[1].isdigit() else 0
+        for tok in (line.split() for line in lines[1:1 + n_sig]):
+            if tok and tok[0] not in ("~", "-") and not os.path.isabs(tok[0]):
+                add(os.path.abspath(os.path.join(folder, tok[0])))
+
+    signal_files(os.path.abspath(str(path)))
+    return out
+
+
 def header_comment_values(comments: Sequence[str], key: str) -> list[str]:
     """Every value of ``key`` (case-insensitive) in header comment lines, in order (a key may repeat: the
     challenge's ``# Dx:`` lines)."""
