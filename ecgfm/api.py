@@ -38,11 +38,11 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ecgfm.artifacts import EncoderClassifier, check_trained_leads, load_classifier, load_encoder
+from ecgfm.artifacts import (EncoderClassifier, check_trained_leads, derive_trained_limb_leads, load_classifier,
+                             load_encoder)
 from ecgfm.data.preprocess import (PreprocessSpec, model_input_leads, preprocess_signal, preprocessed_spec,
                                    sliding_windows, with_input_leads)
-from ecgfm.data.record import (CANONICAL_LEADS, DERIVABLE_LIMB_LEADS, ECGDataError, ECGRecord, canonical_lead,
-                               derive_limb_leads, map_leads)
+from ecgfm.data.record import CANONICAL_LEADS, ECGDataError, ECGRecord, canonical_lead, map_leads
 
 __all__ = ["Encoder", "Classifier", "load_record"]
 
@@ -158,7 +158,8 @@ class _Model:
         if preprocessed:   # a cache record prepared with this very spec: as the sweep's features read it
             out_fs = fs
         else:
-            x12, mask = self._derive_trained_limb_leads(x12, mask, where)
+            x12, mask = derive_trained_limb_leads(x12, mask, (self.meta.get("extra") or {}).get("trained_leads"),
+                                                  self.leads, self._pre.flat_threshold, where)
             x12, out_fs, mask = preprocess_signal(x12, fs, mask, self._pre, where)
         if self.fs is not None and abs(float(out_fs) - float(self.fs)) > 1e-6:
             raise ECGDataError(where, f"the signal is at {out_fs} Hz after preprocessing but the model expects "
@@ -171,23 +172,6 @@ class _Model:
                                       f"the record (present after preprocessing: {', '.join(have) or 'none'})")
         self._check_trained_leads(mask, where)
         return np.ascontiguousarray(x12[order], dtype=np.float32), mask[order]
-
-    def _derive_trained_limb_leads(self, x12: np.ndarray, mask: np.ndarray, where: str
-                                   ) -> tuple[np.ndarray, np.ndarray]:
-        """A raw record without III / aVR / aVL / aVF but with I and II (carts that store 8 leads) gets them
-        derived (:func:`ecgfm.data.record.derive_limb_leads`) when the classifier's training records had them
-        (``extra.trained_leads``) and the model reads them: scored with zero rows instead, the same record gave
-        NORM 0.956 against 0.766 with all 12. Only for classifiers that record their training leads, so a model
-        trained on records without those leads (e.g. a folder of 8-lead records) sees what it was trained on."""
-        trained = (self.meta.get("extra") or {}).get("trained_leads")
-        if not trained:
-            return x12, mask
-        want = [lead for lead in DERIVABLE_LIMB_LEADS if lead in trained and lead in self.leads]
-        x12, mask, derived = derive_limb_leads(x12, mask, want)
-        if derived:
-            log.info("%s: lead(s) %s absent, derived from I and II as a 12-lead cart does (III = II - I, "
-                     "aVR = -(I + II) / 2, aVL = I - II / 2, aVF = II - I / 2)", where, ", ".join(derived))
-        return x12, mask
 
     def _check_trained_leads(self, mask: np.ndarray, where: str) -> None:
         """Records against the leads of the classifier's training records (:func:`ecgfm.artifacts.

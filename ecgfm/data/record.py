@@ -126,8 +126,8 @@ def map_leads(signal: np.ndarray, names: Sequence[str], path: Any = "<memory>",
 DERIVABLE_LIMB_LEADS: tuple[str, ...] = ("III", "aVR", "aVL", "aVF")
 
 
-def derive_limb_leads(signal12: np.ndarray, mask: np.ndarray, leads: Sequence[str] = DERIVABLE_LIMB_LEADS
-                      ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def derive_limb_leads(signal12: np.ndarray, mask: np.ndarray, leads: Sequence[str] = DERIVABLE_LIMB_LEADS,
+                      flat_threshold: float = 0.0) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Fill absent limb leads from I and II (see :data:`DERIVABLE_LIMB_LEADS`).
 
     Args:
@@ -135,16 +135,25 @@ def derive_limb_leads(signal12: np.ndarray, mask: np.ndarray, leads: Sequence[st
             linear in the recorded voltages).
         mask: ``(12,)`` bool presence mask.
         leads: which of III / aVR / aVL / aVF may be derived.
+        flat_threshold: I and II must each vary by at least this (standard deviation over their finite samples,
+            mV; the preprocessing's ``flat_threshold``): a flat lead I (electrode off) would make III = II and
+            aVR = aVL = -II / 2, leads never recorded, while preprocessing then drops lead I itself.
 
     Returns:
         ``(signal12, mask, derived)``: copies with the derived rows filled and marked present, and the derived lead
-        names (empty, and the inputs returned unchanged, when I or II is absent or nothing is missing).
+        names (empty, and the inputs returned unchanged, when I or II is absent, flat or all NaN, or nothing is
+        missing).
     """
     idx = {lead: CANONICAL_LEADS.index(lead) for lead in ("I", "II", *DERIVABLE_LIMB_LEADS)}
     mask = np.asarray(mask, dtype=bool)
     todo = [lead for lead in DERIVABLE_LIMB_LEADS if lead in leads and not mask[idx[lead]]]
     if not todo or not (mask[idx["I"]] and mask[idx["II"]]):
         return signal12, mask, []
+    for lead in ("I", "II"):
+        row = np.asarray(signal12[idx[lead]], dtype=np.float64)
+        row = row[np.isfinite(row)]
+        if row.size == 0 or not row.std() >= max(float(flat_threshold), 1e-12):
+            return signal12, mask, []
     out, m = np.array(signal12, dtype=np.float32, copy=True), mask.copy()
     i, ii = out[idx["I"]], out[idx["II"]]
     formula = {"III": lambda: ii - i, "aVR": lambda: -(i + ii) / 2, "aVL": lambda: i - ii / 2,

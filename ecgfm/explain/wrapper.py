@@ -31,8 +31,8 @@ from torch import Tensor, nn
 
 from ecgfm.data.preprocess import (PreprocessSpec, model_input_leads, preprocess_signal, preprocessed_spec, resample,
                                    with_input_leads)
-from ecgfm.artifacts import (ArtifactError, EncoderClassifier, artifact_kind, check_trained_leads, load_classifier,
-                             load_encoder)
+from ecgfm.artifacts import (ArtifactError, EncoderClassifier, artifact_kind, check_trained_leads,
+                             derive_trained_limb_leads, load_classifier, load_encoder)
 from ecgfm.data.record import CANONICAL_LEADS, ECGDataError, ECGRecord, canonical_lead
 
 log = logging.getLogger(__name__)
@@ -513,6 +513,8 @@ class ECGWrapper(nn.Module):
                 raise ECGDataError(where, f"unknown lead name {name!r}") from None
             if lead is not None and mask[i]:
                 by_name[lead] = i
+        if not preprocessed and self.trained_leads:
+            sig, by_name = self._derive_limb_leads(sig, by_name, where)
         absent = [lead for lead in self.lead_names if lead not in by_name]
         if absent and missing_leads == "error":
             raise ECGDataError(where, f"leads {absent} needed by the model are missing (pass missing_leads='zero' "
@@ -554,6 +556,22 @@ class ECGWrapper(nn.Module):
                                       f"expects {self.n_samples}; crop or pad first "
                                       "(ecgfm.data.preprocess.crop_or_pad)")
         return t.to(self.device)
+
+    def _derive_limb_leads(self, sig: np.ndarray, by_name: dict[str, int], where: Any
+                           ) -> tuple[np.ndarray, dict[str, int]]:
+        """``sig (n, T)`` with rows appended for the limb leads :func:`ecgfm.artifacts.derive_trained_limb_leads`
+        derives from I and II (as ``Classifier.predict_proba`` prepares the record), and ``by_name`` naming them."""
+        x12 = np.zeros((len(CANONICAL_LEADS), sig.shape[1]), dtype=np.float32)
+        had = np.zeros(len(CANONICAL_LEADS), dtype=bool)
+        for lead, i in by_name.items():
+            x12[CANONICAL_LEADS.index(lead)], had[CANONICAL_LEADS.index(lead)] = sig[i], True
+        flat = self.spec.flat_threshold if self.spec is not None else 0.0
+        x12, now = derive_trained_limb_leads(x12, had, self.trained_leads, self.lead_names, flat, where)
+        new = [j for j in np.flatnonzero(now & ~had)]
+        if not new:
+            return sig, by_name
+        by_name = {**by_name, **{CANONICAL_LEADS[j]: sig.shape[0] + k for k, j in enumerate(new)}}
+        return np.concatenate([sig, x12[new]]), by_name
 
     def preprocess_rows(self, rows: np.ndarray, fs: float, present: np.ndarray, spec: PreprocessSpec,
                         where: str) -> tuple[np.ndarray, float]:

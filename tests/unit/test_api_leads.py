@@ -115,7 +115,7 @@ def test_an_eight_lead_record_gets_its_limb_leads_derived_for_a_twelve_lead_clas
     x12 = np.stack([x8[eight.index(lead)] if lead in eight else limb[lead] for lead in CANONICAL_LEADS])
     zero12 = np.stack([x8[eight.index(lead)] if lead in eight else np.zeros(500, np.float32)
                        for lead in CANONICAL_LEADS])
-    with caplog.at_level("INFO", logger="ecgfm.api"):
+    with caplog.at_level("INFO"):
         p8 = clf.predict_proba(x8, fs=100, leads=eight).to_numpy()
     assert any("derived from I and II" in r.getMessage() for r in caplog.records)
     np.testing.assert_allclose(p8, clf.predict_proba(x12, fs=100).to_numpy(), atol=1e-5)
@@ -146,3 +146,29 @@ def test_absent_training_leads_are_named_and_nan_padding_is_not_scored(caplog):
     padded[1] = rng.normal(size=(12, 1000))
     got = clf.predict_proba(padded, fs=100).to_numpy()
     np.testing.assert_allclose(got[0], clf.predict_proba(short, fs=100).to_numpy()[0], atol=1e-6)
+
+
+def test_the_explain_stage_derives_as_the_api_does_and_never_from_a_flat_lead(tmp_path):
+    """explain.py's wrapper scored the 8-lead record with zero rows while the API derived them (0.025 apart);
+    and a flat lead I (electrode off) made up III = II, aVR = aVL = -II / 2, then lead I itself was dropped."""
+    from ecgfm.artifacts import save_classifier
+    from ecgfm.explain.wrapper import ECGWrapper
+
+    torch.manual_seed(0)
+    backbone = create_backbone("vit1d_test").eval()
+    save_classifier(tmp_path / "clf", backbone, nn.Linear(backbone.num_features, 3), None, ["a", "b", "c"], False,
+                    fs=100.0, window_samples=250, extra={"trained_leads": list(CANONICAL_LEADS)})
+    clf = Classifier.load(tmp_path / "clf")
+    eight = ["I", "II", "V1", "V2", "V3", "V4", "V5", "V6"]
+    x8 = np.random.default_rng(1).normal(size=(8, 250)).astype(np.float32)
+    w = ECGWrapper.from_checkpoint(tmp_path / "clf")
+    with torch.no_grad():
+        p_exp = w.predict_proba(w.prepare(x8, fs=100, lead_names=eight, missing_leads="zero")).numpy()[0]
+    np.testing.assert_allclose(p_exp, clf.predict_proba(x8, fs=100, leads=eight).to_numpy()[0], atol=1e-5)
+
+    flat = x8.copy()
+    flat[0] = 0.0                                                  # lead I off: nothing to derive from
+    zero12 = np.stack([flat[eight.index(lead)] if lead in eight else np.zeros(250, np.float32)
+                       for lead in CANONICAL_LEADS])
+    np.testing.assert_allclose(clf.predict_proba(flat, fs=100, leads=eight).to_numpy(),
+                               clf.predict_proba(zero12, fs=100).to_numpy(), atol=1e-6)
