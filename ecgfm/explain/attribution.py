@@ -14,7 +14,8 @@ Methods (:data:`METHODS`; captum wherever captum has the method):
                       Riemann sums of hand-written loops; Sundararajan et al. 2017)
 ``deeplift``          DeepLift rescale rule (captum ``DeepLift``; Shrikumar et al. 2017)
 ``gradient_shap``     expected gradients over a baseline distribution (captum ``GradientShap``): ``"zeros"``,
-                      ``"smoothed"`` (each record's own low-pass copy) or a bank ``(N, L, T)`` of real normal ECGs
+                      ``"smoothed"`` (each record's own low-pass copy), any baseline of :func:`make_baseline`, or
+                      ``bank=`` a bank ``(N, L, T)`` of real normal ECGs (:func:`baseline_bank`)
 ``occlusion``         lead x time windows replaced by a baseline (captum ``Occlusion``, forward only)
 ``lead_ablation``     one lead at a time replaced (captum ``FeatureAblation``, per-lead feature mask)
 ``wave_ablation``     P / QRS / T segments replaced (``FeatureAblation`` with masks from :mod:`ecgfm.explain.waves`)
@@ -357,7 +358,7 @@ def make_baseline(kind: str | float | Tensor | None, x: Tensor, fs: float) -> Te
 
 def baseline_bank(wrapper: ECGWrapper, records: Sequence[Any], n_samples: int | None = None,
                   max_records: int | None = None, seed: int = 0) -> Tensor:
-    """A bank of reference ECGs (e.g. PTB-XL records labelled NORM) for GradientSHAP's baselines.
+    """A bank of reference ECGs (e.g. PTB-XL records labelled NORM) for GradientSHAP's ``bank=``.
 
     Each record goes through :meth:`ECGWrapper.prepare` (the model's rate, leads and preprocessing; absent leads
     zero) and is cropped (random start, ``seed``) or zero-padded to ``n_samples`` (default: the wrapper's fixed
@@ -588,31 +589,34 @@ def _m_deeplift(job: _Job, baselines: Any = "smoothed") -> tuple[Tensor, Tensor,
 
 
 def _m_gradient_shap(job: _Job, baselines: Any = "smoothed", n_samples: int = 25, stdevs: float = 0.0,
-                     ) -> tuple[Tensor, Tensor, dict]:
-    """Baselines as every other method reads them: ``"zeros"``, ``"smoothed"`` / ``"median"`` / a number / a
-    ``(B, L, T)`` tensor of one baseline per record (each record's own baseline, batched through
-    :class:`_Shifted`); any other ``(N, L, T)`` tensor (or ``(L, T)``) is a bank of reference ECGs sampled
-    uniformly (:func:`baseline_bank`). Noise (``stdevs``) and bank baselines never reach the record's absent
-    leads."""
+                     bank: Any = None) -> tuple[Tensor, Tensor, dict]:
+    """``baselines`` as every other method reads them (:func:`make_baseline`: ``"zeros"``, ``"smoothed"`` /
+    ``"median"``, a number, a tensor of one baseline per record ``(B, L, T)`` or one for all ``(L, T)``), each
+    record's own baseline batched through :class:`_Shifted`; or ``bank``, an ``(N, L, T)`` bank of reference ECGs
+    sampled uniformly for every record (:func:`baseline_bank`), which replaces ``baselines``. The two are separate
+    arguments because an ``(N, L, T)`` tensor with ``N`` equal to the batch size reads both ways. Noise
+    (``stdevs``) and bank baselines never reach the record's absent leads."""
     from captum.attr import GradientShap
 
-    opts = {"baselines": _baseline_name(baselines), "n_samples": n_samples, "stdevs": stdevs}
     x = job.x
     keep = _keep(x)
-    shift = bank = None
-    per_record = (isinstance(baselines, (torch.Tensor, np.ndarray)) and np.ndim(baselines) == 3
-                  and x.shape[0] > 1 and baselines.shape[0] == x.shape[0])
-    if (isinstance(baselines, str) and baselines in ("smoothed", "median")) or per_record or (
-            isinstance(baselines, (int, float)) and not isinstance(baselines, bool)):
-        shift = make_baseline(baselines, x, job.fs).expand_as(x)
-    elif baselines is None or isinstance(baselines, str):
-        bank = make_baseline(baselines, x[:1], job.fs)
-    else:
-        bank = torch.as_tensor(baselines, dtype=x.dtype, device=x.device)
+    shift = None
+    if bank is not None:
+        opts = {"bank": _baseline_name(bank), "n_samples": n_samples, "stdevs": stdevs}
+        bank = torch.as_tensor(bank, dtype=x.dtype, device=x.device)
         if bank.ndim == 2:
             bank = bank[None]
         if bank.ndim != 3 or bank.shape[1:] != x.shape[1:]:
             raise ValueError(f"baseline bank {tuple(bank.shape)} must be (N, {x.shape[1]}, {x.shape[2]})")
+    else:
+        opts = {"baselines": _baseline_name(baselines), "n_samples": n_samples, "stdevs": stdevs}
+        if baselines is None or (isinstance(baselines, str) and baselines == "zeros"):
+            bank = torch.zeros_like(x[:1])         # one zero ECG: captum's plain path, as before
+        else:
+            try:
+                shift = make_baseline(baselines, x, job.fs).expand_as(x)
+            except ValueError as exc:
+                raise ValueError(f"{exc}; gradient_shap takes a bank of reference ECGs as bank=(N, L, T)") from None
     vs, deltas = [], []
     # one record at a time with draws seeded by its content: captum draws the interpolation points (numpy) and
     # the baselines of the whole batch together, so a record's map depended on its batch and the global RNGs

@@ -129,8 +129,8 @@ def test_gradient_shap_smoothed_equals_captum_per_record(explainer):
     ref = GradientShap(explainer.wrapper.model).attribute(x, baselines=smoothed_copy(x, FS), target=0, n_samples=8)
     assert torch.allclose(att.values, ref, atol=1e-7)
     bank = _ecg_like(5, seed=3)
-    att = explainer.explain(x, method="gradient_shap", baselines=bank, n_samples=6)
-    assert att.values.shape == x.shape and att.options["baselines"] == "tensor(5, 12, 250)"
+    att = explainer.explain(x, method="gradient_shap", bank=bank, n_samples=6)
+    assert att.values.shape == x.shape and att.options["bank"] == "tensor(5, 12, 250)"
     torch.manual_seed(seed)
     np.random.seed(seed % 2 ** 32)
     ref = GradientShap(explainer.wrapper.model).attribute(x, baselines=bank, target=att.target, n_samples=6)
@@ -252,8 +252,15 @@ def test_baseline_bank_from_normal_records(explainer):
     recs = [generate_record(i, seed=0, fs=500.0, duration=3.0, cls="normal_sinus") for i in range(3)]
     bank = baseline_bank(explainer.wrapper, recs, n_samples=T, max_records=2)
     assert bank.shape == (2, 12, T) and torch.isfinite(bank).all()
-    att = explainer.explain(_ecg_like(2), method="gradient_shap", baselines=bank, n_samples=4)
+    att = explainer.explain(_ecg_like(2), method="gradient_shap", bank=bank, n_samples=4)
     assert att.values.shape == (2, 12, T)
+    # a bank of as many ECGs as records is a bank (bank=), not one baseline per record: record 0's map is the
+    # same in a batch of 2 and of 3 (as baselines= the 2-ECG tensor paired one reference per record)
+    three = explainer.explain(torch.cat([_ecg_like(2), _ecg_like(1, seed=9)]), method="gradient_shap", bank=bank,
+                              n_samples=4)
+    assert torch.allclose(att.values[0], three.values[0], atol=1e-7)
+    with pytest.raises(ValueError, match="bank="):
+        explainer.explain(_ecg_like(3), method="gradient_shap", baselines=bank, n_samples=4)
     with pytest.raises(ValueError, match="at least one record"):
         baseline_bank(explainer.wrapper, [])
 
