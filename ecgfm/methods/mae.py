@@ -255,9 +255,11 @@ class MAEModule(PretrainModule):
                              f"{type(backbone).__name__} ({getattr(backbone, 'name', '?')})")
         if not 0.0 <= mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
-        if _visible(int(backbone.num_patches), mask_ratio) < 1:
-            # a one-lead record (lead-aware grouping) or a one-lead subset keeps floor(N * (1 - r)) patches: with
-            # none visible the run would stop at a random step, not here
+        one_lead_grids = mask_mode == "per_lead" or bool(lead_aware) or lead_subset_prob > 0
+        if one_lead_grids and _visible(int(backbone.num_patches), mask_ratio) < 1:
+            # a lead masked on its own (per-lead mode), a one-lead record (lead-aware grouping) or a one-lead subset
+            # keeps floor(N * (1 - r)) patches: with none visible the run would stop at a random step, not here
+            # (crops shorter than the backbone's seq_len have fewer patches: the step's error names them)
             raise ValueError(f"mask_ratio={mask_ratio} leaves no visible patch of a one-lead record "
                              f"({backbone.num_patches} patches per lead); use mask_ratio <= "
                              f"{1 - 1 / int(backbone.num_patches):.4f}")

@@ -73,6 +73,8 @@ def test_module_refuses_what_would_fail_at_a_random_step():
     with pytest.raises(ValueError, match="one-lead record"):
         MAEModule(backbone, mask_ratio=1 - 0.5 / n, decoder_dim=16, decoder_depth=1, decoder_heads=2)
     MAEModule(backbone, mask_ratio=1 - 1 / n, decoder_dim=16, decoder_depth=1, decoder_heads=2)  # one visible: ok
+    # the 12-lead grid of a lead-unaware global mask keeps floor(12 N (1 - r)) >= 1 patches: not refused
+    MAEModule(backbone, mask_ratio=1 - 0.5 / n, lead_aware=False, decoder_dim=16, decoder_depth=1, decoder_heads=2)
     with pytest.raises(ValueError, match=r"of 1 lead\(s\)"):
         random_masking(2, 12, 10, 0.92, leads=torch.tensor([3]))
 
