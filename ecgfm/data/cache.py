@@ -148,9 +148,14 @@ _SKIPPED_FIELDS = ("source", "record_id", "path", "reason")
 def patient_hash(source: str, patient_id: Any) -> int:
     """Stable non-negative int64 hash of ``source/patient_id``; ``-1`` when the patient is unknown.
 
-    Unlike Python's ``hash`` it is the same in every process and run (blake2b of the UTF-8 key).
+    Unlike Python's ``hash`` it is the same in every process and run (blake2b of the UTF-8 key). Unknown: the
+    markers the splits take as unknown (:func:`ecgfm.data.splits.is_unknown_patient`: None, NaN, ``""``, ``-1``,
+    ``"-1"``, ``"nan"``, ``"None"``), so that CLOCS's patient-aware positives never pool every record of an
+    unknown patient as one patient.
     """
-    if patient_id is None or (isinstance(patient_id, float) and math.isnan(patient_id)) or str(patient_id) == "":
+    from ecgfm.data.splits import is_unknown_patient
+
+    if is_unknown_patient(patient_id):
         return -1
     digest = hashlib.blake2b(f"{source}/{patient_id}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF

@@ -44,9 +44,9 @@ def _norm_patient(pid: Any) -> str | None:
         if np.isnan(pid):
             return None
         if pid.is_integer():
-            return str(int(pid))
+            return None if pid == -1 else str(int(pid))
     s = str(pid).strip()
-    if not s or s.lower() in ("nan", "none"):
+    if not s or s.lower() in ("nan", "none") or s in ("-1", "-1.0"):   # unknown, as the splits read it
         return None
     if re.fullmatch(r"\d+\.0+", s):
         s = s.split(".")[0]

@@ -198,6 +198,8 @@ def test_helpers():
     for order in (["1", "01", "A01", "A1", "2"], ["01", "1", "A1", "A01", "2"]):
         assert sorted(order, key=natural_key) == ["01", "1", "2", "A01", "A1"]
     assert patient_hash("a", None) == -1 and patient_hash("a", "") == -1
+    # the splits' unknown markers: every "-1" record was one "patient" to CLOCS's patient-aware positives
+    assert patient_hash("a", "-1") == patient_hash("a", -1) == patient_hash("a", "nan") == -1
     assert patient_hash("a", "7") == patient_hash("a", 7) >= 0 and patient_hash("a", "7") != patient_hash("b", "7")
 
 

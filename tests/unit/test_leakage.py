@@ -184,3 +184,12 @@ def test_physionet2021_hr_record_gets_its_ptbxl_patient_from_the_database(fixtur
     assert plain.label_files() == [] and plain.load("HR06000").patient_id is None
     pre = index_identities(_index([(r, "challenge2021", None, plain.load(r).meta) for r in ("HR06000",)]))
     assert not check_leakage(pre, test).leaked
+
+
+def test_unknown_patient_markers_are_not_a_shared_patient():
+    """The splits read -1 / "-1" as an unknown patient; the leakage guard took "-1" as one patient shared by
+    pretraining and test records."""
+    from ecgfm.evaluate.leakage import _norm_patient
+
+    assert [_norm_patient(p) for p in ("-1", -1, -1.0, " -1 ", "nan", None)] == [None] * 6
+    assert _norm_patient(12.0) == "12" and _norm_patient("0012") == "0012"
