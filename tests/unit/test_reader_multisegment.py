@@ -271,3 +271,12 @@ def test_a_rerun_sees_an_edited_segment_and_converts_it_again(tmp_path):
     assert any("ms_2.dat" in c for c in rerun.changes), rerun.changes
     prepare_corpus(FolderSource(src), fresh, {"fs": 100}, workers=0, progress=False)
     np.testing.assert_array_equal(CorpusCache(out).signal(0), CorpusCache(fresh).signal(0))
+
+
+def test_the_stale_check_survives_masters_that_list_each_other(tmp_path):
+    """Two corrupt master headers naming each other sent the input listing into unbounded recursion."""
+    from ecgfm.data.readers.formats import header_input_files
+
+    (tmp_path / "a.hea").write_text("a/1 2 200 100\nb 100\n")
+    (tmp_path / "b.hea").write_text("b/1 2 200 100\na 100\n")
+    assert header_input_files(tmp_path / "a.hea") == [str(tmp_path / "b.hea"), str(tmp_path / "a.hea")]

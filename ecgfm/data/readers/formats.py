@@ -499,12 +499,16 @@ def header_input_files(path: str | os.PathLike) -> list[str]:
         Absolute paths, in header order, without duplicates.
     """
     out: list[str] = []
+    seen: set[str] = set()   # headers read: corrupt masters that list each other must not recurse forever
 
     def add(f: str) -> None:
         if f not in out:
             out.append(f)
 
     def signal_files(hea: str) -> None:
+        if hea in seen:
+            return
+        seen.add(hea)
         try:
             lines = _header_lines(Path(hea).read_text(errors="replace"))[1]
         except OSError:
@@ -517,7 +521,7 @@ def header_input_files(path: str | os.PathLike) -> list[str]:
             for tok in (line.split() for line in lines[1:]):
                 if tok and tok[0] != "~" and not os.path.isabs(tok[0]):
                     seg = os.path.abspath(os.path.join(folder, tok[0] + ".hea"))
-                    if seg != os.path.abspath(hea):
+                    if seg != hea:
                         add(seg)
                         signal_files(seg)
             return
