@@ -472,6 +472,18 @@ def _aligned(c: dict[str, Any], b: dict[str, Any], split: str) -> tuple[list[str
     return keys, y, np.asarray(pa["scores"], dtype=np.float64)[ia], np.asarray(pb["scores"], dtype=np.float64)[ib]
 
 
+def _aligned_or_skipped(c: dict[str, Any], b: dict[str, Any], split: str
+                        ) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray] | None:
+    """:func:`_aligned`, with a pair that cannot be paired (other class columns, or one record labelled two ways:
+    e.g. a baseline cell left from an older label table) left out with a warning instead of failing the whole
+    report."""
+    try:
+        return _aligned(c, b, split)
+    except ValueError as exc:
+        log.warning("left out of the paired comparisons: %s", exc)
+        return None
+
+
 def _excludes_zero(lo: float, hi: float) -> str:
     """``"+"`` (CI above 0), ``"-"`` (below 0) or ``""`` (it contains 0)."""
     return "+" if lo > 0 else "-" if hi < 0 else ""
@@ -494,7 +506,7 @@ def _paired_rows(c: dict[str, Any], b: dict[str, Any], n_boot: int, seed: int,
 
     rows = []
     for split in c["predictions"]:
-        got = _aligned(c, b, split)
+        got = _aligned_or_skipped(c, b, split)
         if got is None:
             continue
         _, y, sa, sb = got
@@ -595,7 +607,7 @@ def compare_with_baseline(cells: Iterable[dict[str, Any]], spec: BaselineSpec, n
                 if split not in splits:
                     splits.append(split)
         for split in splits:
-            aligned = {s: _aligned(c, b, split) for s, (c, b) in sorted(seen.items())}
+            aligned = {s: _aligned_or_skipped(c, b, split) for s, (c, b) in sorted(seen.items())}
             aligned = {s: a for s, a in aligned.items() if a is not None}
             shared = set.intersection(*(set(a[0]) for a in aligned.values())) if aligned else set()
             ref_keys = [k for k in next(iter(aligned.values()))[0] if k in shared] if aligned else []
@@ -986,6 +998,32 @@ def excluded_classes_markdown(cells: Iterable[dict[str, Any]]) -> str:
                       "|---|---|---|---|---|---|---|---|", *rows, ""])
 
 
+def superseded_cells(cells: Iterable[dict[str, Any]]) -> set[tuple[str, str]]:
+    """``(checkpoint, checkpoint_id)`` of cells computed from an exported encoder whose folder now holds other
+    weights (overwritten in place by a later run): their rows stay in the tables (labelled ``method@<hash>``) but
+    no acceptance criterion may choose them, since those weights exist nowhere any more. A folder that is gone or
+    unreadable, and pseudo-checkpoints (``random:``, ``supervised:``, ``zoo:``, ``handcrafted``), are not judged.
+    A warning names each."""
+    from ecgfm.evaluate.identity import checkpoint_identity
+
+    now: dict[str, str | None] = {}
+    out: set[tuple[str, str]] = set()
+    for c in cells:
+        ck, cid = str(c.get("checkpoint") or ""), cell_identity(c)[0]
+        if not ck or ck == "handcrafted" or ":" in ck or not Path(ck).exists():
+            continue
+        if ck not in now:
+            try:
+                now[ck] = checkpoint_identity(ck)["id"]
+            except (OSError, ValueError):
+                now[ck] = None
+        if now[ck] is not None and not cid.startswith("legacy") and cid != now[ck] and (ck, cid) not in out:
+            out.add((ck, cid))
+            log.warning("%s: cells of checkpoint identity %s were computed from weights this folder no longer "
+                        "holds (now %s): kept in the tables, left out of the acceptance block", ck, cid, now[ck])
+    return out
+
+
 def build_report(results_dir: str | os.PathLike, plot: bool = True, compare: bool = True,
                  n_boot: int = 1000) -> dict[str, Any]:
     """Rebuild ``results.csv``, ``results.md`` and ``results.png`` from every cell of ``results_dir``.
@@ -1028,8 +1066,12 @@ def build_report(results_dir: str | os.PathLike, plot: bool = True, compare: boo
             if not fresh:   # nothing to compare now: an older run's file would be read (and copied) as current
                 (root / name).unlink(missing_ok=True)
         clear = df[df["leakage"] != "leaked"] if "leakage" in df else df   # a leaked row never meets a criterion
-        accepted = acceptance([c for c in cells if leakage_status(c) != "leaked"], summarize(clear, "macro_auroc"),
-                              means)
+        gone = superseded_cells(cells)
+        if gone:   # weights that exist nowhere any more: shown in the tables, never chosen by a criterion
+            clear = clear[[(str(ck), cid) not in gone for ck, cid in zip(clear["checkpoint"], clear["checkpoint_id"])]]
+        accepted = acceptance([c for c in cells if leakage_status(c) != "leaked"
+                               and (str(c.get("checkpoint")), cell_identity(c)[0]) not in gone],
+                              summarize(clear, "macro_auroc"), means)
         if len(df):
             md = md.replace("# Results\n", "# Results\n\n" + acceptance_markdown(accepted), 1)
         md += "".join("\n" + s for s in sections)

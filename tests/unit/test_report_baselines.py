@@ -572,3 +572,43 @@ def test_a_delta_without_a_seed_mean_row_says_it_has_no_ci():
                              means=pd.DataFrame(columns=COMPARISON_MEAN_COLUMNS))
     row = [line for line in md.splitlines() if "| mae |" in line or "| t |" in line][-1]
     assert "+0.150 [no CI] (mean of the seeds, not jointly resampled)" in row
+
+
+def test_a_pair_labelled_two_ways_is_left_out_not_a_failed_report(tmp_path, caplog):
+    """A baseline cell left from an older label table (same records, one test record labelled otherwise) made
+    build_report raise a ValueError, so no table at all; now that pair is left out with a warning."""
+    res = tmp_path / "results"
+    _mae_and_twin(res)
+
+    def relabel(c):
+        y = np.asarray(c["predictions"]["test"]["y"])
+        y[0] = np.roll(y[0], 1)
+        c["predictions"]["test"]["y"] = y.tolist()
+
+    _rewrite(res, "linear", "cinc2017", "random:enc", 1.0, 0, relabel)
+    cells = R.load_cells(res)
+    with caplog.at_level("WARNING"):
+        per_seed, _ = R.compare_with_baseline(cells, R.TWIN, n_boot=20)
+    assert any("different labels" in r.getMessage() for r in caplog.records)
+    assert 0 not in set(per_seed["seed"]) if len(per_seed) else True
+
+
+def test_cells_of_weights_overwritten_in_place_are_never_chosen(tmp_path):
+    """An encoder folder overwritten with new weights: its old cells stayed eligible for the acceptance block (the
+    table's mae@<old> row was chosen on validation although those weights exist nowhere any more)."""
+    import torch
+
+    from ecgfm.artifacts import save_encoder
+    from ecgfm.backbones import create_backbone
+    from ecgfm.evaluate.identity import checkpoint_identity
+
+    enc = tmp_path / "enc"
+    torch.manual_seed(0)
+    save_encoder(enc, create_backbone("vit1d_test"), None, fs=100.0, window_samples=250)
+    old = checkpoint_identity(str(enc))["id"]
+    cells = [{"checkpoint": str(enc), "checkpoint_id": old, "mode": "linear"},
+             {"checkpoint": "random:vit1d_test", "checkpoint_id": "x", "mode": "linear"}]
+    assert R.superseded_cells(cells) == set()
+    torch.manual_seed(1)
+    save_encoder(enc, create_backbone("vit1d_test"), None, fs=100.0, window_samples=250)   # overwritten in place
+    assert R.superseded_cells(cells) == {(str(enc), old)}
