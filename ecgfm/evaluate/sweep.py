@@ -12,12 +12,15 @@ runs one job per combination. Each job
    (:mod:`ecgfm.evaluate.identity`: the weights' sha256, or backbone + arguments + init seed for ``random:`` /
    ``supervised:``; the probe / fine-tuning recipe, window, stride, task, preprocessing and bootstrap); any
    other existing cell (retrained encoder, changed recipe, a cell without identity) is recomputed, with a log
-   line saying why; ``overwrite=true`` recomputes everything. A multirun over a recipe setting
+   line saying why; ``overwrite=true`` recomputes everything. Cells that share a cell path but not a checkpoint
+   identity or recipe are all kept (:func:`_cell_target`): a multirun over a recipe setting
    (``probe.py -m probe.aggregate=mean_embedding,mean_std`` is a new mode, but ``finetune.lr=1e-3,1e-4`` or
-   ``window_seconds=2.5,5`` are one cell path per recipe) keeps every recipe's cells: a job that finds the cell
-   written by another job *of the same multirun* with another recipe files its own as
-   ``f<fraction>_s<seed>.r<recipe hash>.json`` beside it (:func:`_cell_target`), and the table shows one row per
-   recipe;
+   ``window_seconds=2.5,5`` are one cell path per recipe), over ``init_seed`` or ``backbone_args`` of a ``random:``
+   / ``supervised:`` checkpoint, or resuming such a multirun: a job that finds the plain file holding a cell still
+   valid for *its* checkpoint and recipe files its own as ``f<fraction>_s<seed>.r<hash>.json`` beside it (the hash
+   of its checkpoint identity and recipe), and the table shows one row per checkpoint identity and recipe. A stale
+   cell (an encoder retrained in place, an older cell schema) is replaced, and so is, outside a multirun, a cell
+   of the same checkpoint with another recipe (the run's recipe is the current one);
 2. resolves ``checkpoint``: a path to an exported encoder (:func:`ecgfm.export.load_encoder`), or
    ``random:<backbone name | export path>`` (same architecture, random weights from ``init_seed``: the
    random-init twin), or ``supervised:<backbone name | export path>`` (fine-tuning only: supervised training
@@ -60,7 +63,7 @@ from ecgfm.data.preprocess import PreprocessSpec, with_input_leads
 from ecgfm.data.record import CANONICAL_LEADS
 from ecgfm.evaluate.features import (cached_features, cached_tokens, check_window, embed_fn, encoder_fingerprint,
                                      fit_window)
-from ecgfm.evaluate.identity import checkpoint_identity, recipe_identity, short_hash, stale_reason
+from ecgfm.evaluate.identity import checkpoint_identity, diff_keys, recipe_identity, short_hash, stale_reason
 from ecgfm.evaluate.leakage import check_leakage, index_identities, pretrain_identities
 from ecgfm.evaluate.metrics import choose_thresholds, evaluate_scores
 from ecgfm.evaluate.report import build_report
@@ -376,13 +379,30 @@ def probe_variant(mode: str, aggregate: str, side_features: str | None = None, l
 
 
 def cell_path(results_dir: str | os.PathLike, mode: str, task: str, checkpoint: str, fraction: float, seed: int,
-              eval_name: str | None = None, recipe_id: str | None = None) -> Path:
+              eval_name: str | None = None, recipe_id: str | None = None, checkpoint_id: str | None = None) -> Path:
     """Where one cell's JSON lives (named after the ``checkpoint`` string; what the cell was computed from is
-    its stored ``checkpoint_id`` / ``recipe_id``, checked before a rerun skips it). ``recipe_id``: the file of
-    that recipe beside the plain one (``f1_s0.r<hash>.json``), used when one multirun sweeps a recipe setting
-    (:func:`_cell_target`)."""
+    its stored ``checkpoint_id`` / ``recipe_id``, checked before a rerun skips it).
+
+    Args:
+        results_dir, mode, task, checkpoint, fraction, seed, eval_name: the cell (``f<fraction:g>_s<seed>.json``
+            under ``cells/<mode>/<task>[@<eval_name>]/<checkpoint slug>/``).
+        recipe_id: with ``checkpoint_id``: the tagged file of that (checkpoint identity, recipe) beside the plain
+            one, ``f1_s0.r<12 hex of the hash of both>.json``, used when the plain file holds a cell of another
+            checkpoint identity or recipe that is kept (:func:`_cell_target`). Alone: the file tagged with the
+            recipe only, ``f1_s0.r<first 12 hex of recipe_id>.json``, which older versions wrote for a multirun over
+            a recipe setting (still read, so those cells are found).
+        checkpoint_id: see ``recipe_id``.
+
+    Raises:
+        ValueError: ``checkpoint_id`` without ``recipe_id``.
+    """
+    if checkpoint_id and not recipe_id:
+        raise ValueError("cell_path: checkpoint_id tags a cell file only together with its recipe_id")
     task_dir = task if not eval_name else f"{task}@{eval_name}"
-    tag = f".r{recipe_id[:12]}" if recipe_id else ""
+    if recipe_id and checkpoint_id:   # one file per (checkpoint identity, recipe): init seeds and recipes coexist
+        tag = f".r{short_hash({'checkpoint_id': checkpoint_id, 'recipe_id': recipe_id}, 12)}"
+    else:
+        tag = f".r{recipe_id[:12]}" if recipe_id else ""
     return (Path(results_dir) / "cells" / mode / task_dir / checkpoint_slug(checkpoint)
             / f"f{float(fraction):g}_s{int(seed)}{tag}.json")
 
@@ -517,13 +537,30 @@ def _probe_recipe(probe: dict[str, Any]) -> dict[str, Any]:
     """The probe settings that change a probe cell's numbers: a linear probe's ``Cs`` / ``max_iter``, an MLP
     probe's ``lrs`` / ``mlp``, the attention probe's ``attention`` block (the other heads' settings do not touch
     it), and the aggregation (``mean_embedding`` / ``mean_std`` / ``mean_prediction``; the attention probe pools
-    by itself)."""
+    by itself). With ``side_features``, also the version of those features (:func:`_side_feature_versions`): the
+    cells were computed on them, as a ``checkpoint=handcrafted`` cell is (its checkpoint identity)."""
     unused = _PROBE_UNUSED.get(str(probe.get("mode", "linear")), ())
     if probe.get("side_features") is None:      # the default leaves the identity of cells written before it
         unused = (*unused, "side_features")
     if probe.get("layers", "last") == "last":   # likewise
         unused = (*unused, "layers")
-    return {k: v for k, v in probe.items() if k not in unused}
+    out = {k: v for k, v in probe.items() if k not in unused}
+    if probe.get("side_features") is not None:  # only then: every other cell keeps its recipe id byte for byte
+        out[SIDE_FEATURE_VERSIONS] = _side_feature_versions()
+    return out
+
+
+#: key of a probe recipe (``recipe.head``) holding the handcrafted side features' versions
+SIDE_FEATURE_VERSIONS = "side_feature_versions"
+
+
+def _side_feature_versions() -> dict[str, str]:
+    """What the handcrafted side features (``probe.side_features=handcrafted``) are, as the identity of
+    ``checkpoint=handcrafted`` has it: the feature definitions' version and the installed neurokit2 (its peak
+    detector). A bump of either makes older cells stale instead of averaging them with new seeds."""
+    from ecgfm.evaluate.handcrafted import FEATURE_VERSION, neurokit_version
+
+    return {"feature_version": FEATURE_VERSION, "neurokit2": neurokit_version()}
 
 
 def _identify(ctx: _Context, desc: Encoder, head: dict[str, Any]) -> None:
@@ -557,8 +594,10 @@ def data_identity(task: TaskData, ext: TaskData | None) -> dict[str, str]:
 def _todo(ctx: _Context, checkpoint: str, leakage: dict[str, Any] | None = None) -> list[tuple[float, int]]:
     """Cells of this job still to compute: missing ones, and those whose stored checkpoint identity or recipe
     differs from this job's (:func:`ecgfm.evaluate.identity.stale_reason`, logged): a retrained encoder, a
-    changed probe grid / learning rate / window / preprocessing, or a cell without identity (older ecgfm) is
-    recomputed, never silently reused. A reused cell gets this run's leakage verdict (``leakage``: the pretraining
+    changed probe grid / learning rate / window / preprocessing, a cell without identity (older ecgfm), or one
+    of another label fraction that shares its file name (``f<fraction:g>`` keeps 6 significant digits) is
+    recomputed, never silently reused. Every file this cell may be in is looked at (:func:`_cell_files`). A
+    reused cell gets this run's leakage verdict (``leakage``: the pretraining
     data may be known now, or allowed now), and one asked to carry a classifier artifact is reused only with the
     artifact of its own checkpoint and recipe. Needs :func:`_identify` first."""
     assert ctx.identity is not None and ctx.recipe is not None, "call _identify(ctx, ...) first"
@@ -566,8 +605,8 @@ def _todo(ctx: _Context, checkpoint: str, leakage: dict[str, Any] | None = None)
     out = []
     for s in ctx.seeds:
         for f in ctx.fractions:
-            base, tagged = _cell_files(ctx, ctx.task_spec.name, checkpoint, f, s)
-            found = next((p for p in (tagged, base) if p.exists() and _reusable(p, ctx, rid)), None)
+            base, legacy, own = _cell_files(ctx, ctx.task_spec.name, checkpoint, f, s)
+            found = next((p for p in (own, legacy, base) if p.exists() and _reusable(p, ctx, rid, f, s)), None)
             # a cell asked to carry its classifier artifact (fine-tunes always do; probes with save_classifier)
             want_clf = ctx.mode == "finetune" or bool(ctx.cfg.get("save_classifier", False))
             if found is not None and want_clf:
@@ -625,52 +664,130 @@ def _refresh_leakage(cell_file: Path, leakage: dict[str, Any]) -> None:
         pass
 
 
-def _cell_files(ctx: _Context, task: str, checkpoint: str, fraction: float, seed: int) -> tuple[Path, Path]:
-    """A cell's plain file and its recipe's own file (:func:`cell_path` without / with this job's recipe id)."""
+def _cell_files(ctx: _Context, task: str, checkpoint: str, fraction: float, seed: int) -> tuple[Path, Path, Path]:
+    """The files a cell of this job may be in (:func:`cell_path`): the plain one, the one tagged with its recipe
+    only (written by older versions for a multirun over a recipe setting: read, so those cells are still found),
+    and the one tagged with its (checkpoint identity, recipe), where it goes when the plain file holds another
+    cell that is kept (:func:`_cell_target`). Needs :func:`_identify` first."""
+    assert ctx.identity is not None and ctx.recipe is not None, "call _identify(ctx, ...) first"
     eval_name = ctx.eval_spec.name if ctx.eval_spec else None
+    rid = recipe_identity(ctx.recipe)
     return (cell_path(ctx.results_dir, ctx.mode, task, checkpoint, fraction, seed, eval_name),
-            cell_path(ctx.results_dir, ctx.mode, task, checkpoint, fraction, seed, eval_name,
-                      recipe_identity(ctx.recipe)))
+            cell_path(ctx.results_dir, ctx.mode, task, checkpoint, fraction, seed, eval_name, rid),
+            cell_path(ctx.results_dir, ctx.mode, task, checkpoint, fraction, seed, eval_name, rid,
+                      ctx.identity["id"]))
 
 
-def _reusable(p: Path, ctx: _Context, rid: str) -> bool:
-    """Whether the existing cell ``p`` was computed from this job's checkpoint and recipe (else logs why not)."""
+def _reusable(p: Path, ctx: _Context, rid: str, fraction: float, seed: int) -> bool:
+    """Whether the existing cell ``p`` was computed from this job's checkpoint and recipe, for this label fraction
+    and seed (else logs why not)."""
     try:
         stored = json.loads(p.read_text())
     except (OSError, ValueError) as exc:
         log.warning("%s: unreadable cell (%s): recomputing", p, exc)
         return False
-    why = stale_reason(stored, ctx.identity, rid, ctx.recipe)
+    why = stale_reason(stored, ctx.identity, rid, ctx.recipe) or _other_cell(stored, fraction, seed)
     if why is not None:
         log.warning("%s: %s since this cell was computed: recomputing", p, why)
     return why is None
+
+
+def _other_cell(stored: dict[str, Any], fraction: float, seed: int) -> str | None:
+    """Why a stored cell is not the (fraction, seed) cell asked for, though in its file (None: it is): the file name
+    keeps 6 significant digits of the fraction (``f0.123457``), so two fractions can share one file."""
+    try:
+        same = float(stored["fraction"]) == float(fraction) and int(stored["seed"]) == int(seed)
+    except (KeyError, TypeError, ValueError):
+        same = False
+    if same:
+        return None
+    return (f"the label fraction / seed changed (the file holds fraction {stored.get('fraction')!r}, seed "
+            f"{stored.get('seed')!r}; asked: fraction {float(fraction)!r}, seed {int(seed)})")
+
+
+def _outdated(stored: dict[str, Any], ctx: _Context) -> str | None:
+    """Why an existing cell can no longer be had from *its own* checkpoint string and recipe (None: it can, so it
+    stays a valid row of the table even where it is not this job's cell).
+
+    Outdated: its checkpoint string now has another identity (an encoder retrained in place, a changed
+    ``conf/backbone`` file; init seed and ``backbone_args`` are its own, from its stored identity) or none; its
+    recipe hash is of an older cell schema; the parts of its recipe fixed in code (fine-tuning's
+    :func:`_finetune_code_recipe`, the side features' :func:`_side_feature_versions`) are not what this code
+    writes; or it was computed on the same task, external set and preprocessing as this job but on other data
+    (records, labels or splits changed since)."""
+    basis = (stored.get("checkpoint_identity") or {}).get("basis") or {}
+    try:
+        now = checkpoint_identity(str(stored["checkpoint"]), int(basis.get("init_seed", 0)),
+                                  dict(basis.get("backbone_args") or {}))
+    except Exception as exc:  # noqa: BLE001 - any checkpoint that cannot be identified now cannot give the cell again
+        return f"its checkpoint cannot be identified now ({str(exc).splitlines()[0] if str(exc) else exc!r})"
+    if now["id"] != stored.get("checkpoint_id"):
+        return (f"its checkpoint {stored['checkpoint']!r} has another identity now "
+                f"({str(stored.get('checkpoint_id'))[:7]} -> {now['label']})")
+    recipe = stored.get("recipe")
+    if not isinstance(recipe, dict) or recipe_identity(recipe) != stored.get("recipe_id"):
+        return "its recipe id is not the hash of its recipe under this cell schema (an older ecgfm)"
+    head = recipe.get("head") or {}
+    if recipe.get("mode") == "finetune":
+        code = _finetune_code_recipe("finetune", str(head.get("head_init", "")),
+                                     float(head.get("layer_decay", 1.0)))
+        every = _finetune_code_recipe("finetune", "random", 0.5)   # every key the function can set
+        changed = [k for k in every if diff_keys(recipe.get(k), code.get(k))]
+        if changed:
+            return f"the fine-tuning settings fixed in code changed ({', '.join(changed)})"
+    if head.get("side_features") is not None and diff_keys(head.get(SIDE_FEATURE_VERSIONS),
+                                                           _side_feature_versions()):
+        return (f"the handcrafted side features changed ({head.get(SIDE_FEATURE_VERSIONS)} -> "
+                f"{_side_feature_versions()})")
+    mine = ctx.recipe or {}
+    if ("data" in mine and not any(diff_keys(recipe.get(k), mine.get(k)) for k in ("task", "eval_data", "preprocess"))
+            and diff_keys(recipe.get("data"), mine["data"])):
+        return "the task's records, labels or splits changed"
+    return None
+
+
+def _replaceable(p: Path, ctx: _Context, rid: str) -> bool:
+    """Whether this job's new cell may replace the existing file ``p``: it is unreadable, has no identity, is
+    this very cell (``overwrite=true``, a classifier artifact to redo), is outdated (:func:`_outdated`, logged), or,
+    outside a multirun, is this checkpoint's cell with another recipe (the run's recipe is the current one). A cell
+    of another checkpoint identity or recipe still valid for its own is kept: another ``init_seed`` /
+    ``backbone_args`` of a ``random:`` checkpoint, another recipe of a multirun (or of the multirun it resumes)."""
+    try:
+        stored = json.loads(p.read_text())
+    except (OSError, ValueError):
+        return True
+    ck, rc = stored.get("checkpoint_id"), stored.get("recipe_id")
+    if ck is None or rc is None or (ck, rc) == ((ctx.identity or {}).get("id"), rid):
+        return True
+    why = _outdated(stored, ctx)
+    if why is not None:
+        log.info("%s: replaced: %s", p, why)
+        return True
+    return ck == (ctx.identity or {}).get("id") and not _in_multirun()
 
 
 def _cell_target(ctx: _Context, task: str, checkpoint: str, fraction: float, seed: int) -> Path:
     """The file a newly computed cell goes to, decided when it is written (not when the job starts), so that the
     jobs of one multirun see each other's cells.
 
-    The plain ``f<fraction>_s<seed>.json``, replacing a stale cell there (a retrained encoder, a changed recipe
-    since an earlier run), except when that cell was written by another job *of this same multirun* (its
-    ``sweep`` id) for the same checkpoint with another recipe: the multirun sweeps a recipe setting, and
-    replacing it would keep only the last job's recipe. This job's cell then goes to the recipe's own file
-    ``f<fraction>_s<seed>.r<recipe hash>.json``, which is also where it goes whenever that file exists already.
-    (Jobs of a parallel launcher that finish within the same instant can still both take the plain file.)"""
+    Its (checkpoint identity, recipe)'s tagged file when that exists; else the recipe-tagged file of an older
+    version, or else the plain ``f<fraction>_s<seed>.json``, when the cell there may be replaced
+    (:func:`_replaceable`: no other valid cell is lost); else the tagged file, so that a multirun over a recipe
+    setting, over ``init_seed`` / ``backbone_args``, or resuming one, keeps every (checkpoint, recipe)'s cell
+    and a rerun finds each in its own file. (Jobs of a parallel launcher that finish within the same instant can
+    still both take the plain file.)"""
     rid = recipe_identity(ctx.recipe)
-    base, tagged = _cell_files(ctx, task, checkpoint, fraction, seed)
-    if tagged.exists() or not base.exists():
-        return tagged if tagged.exists() else base
-    sweep = _sweep_id()
-    try:
-        stored = json.loads(base.read_text())
-    except (OSError, ValueError):
+    base, legacy, own = _cell_files(ctx, task, checkpoint, fraction, seed)
+    if own.exists():
+        return own
+    if legacy.exists() and _replaceable(legacy, ctx, rid):
+        return legacy
+    if not base.exists() or _replaceable(base, ctx, rid):
         return base
-    if (sweep is not None and stored.get("sweep") == sweep and stored.get("recipe_id") not in (None, rid)
-            and stored.get("checkpoint_id") == (ctx.identity or {}).get("id")):
-        log.info("%s: written by another job of this multirun with recipe %s; this job's recipe %s goes to %s",
-                 base, str(stored.get("recipe_id"))[:7], rid[:7], tagged.name)
-        return tagged
-    return base
+    log.info("%s holds a cell of another checkpoint identity or recipe, still valid for its own (kept); this "
+             "job's cell (checkpoint %s, recipe %s) goes to %s", base, (ctx.identity or {}).get("label"), rid[:7],
+             own.name)
+    return own
 
 
 def _prepare(ctx: _Context, enc: Encoder) -> tuple[TaskData, TaskData | None]:
@@ -776,8 +893,8 @@ except ImportError:  # pragma: no cover
 class ReportCallback(_HydraCallback):  # type: ignore[misc,valid-type]
     """Hydra callback (``hydra.callbacks.report`` in conf/probe.yaml and conf/finetune.yaml): after a multirun,
     rebuild the results table and plot once from every cell (also after a SLURM sweep via submitit). At its start it
-    gives the multirun an id (:data:`SWEEP_ENV`, inherited by the jobs) that its cells record (``sweep``), so that
-    a multirun over a recipe setting keeps one cell per recipe (:func:`_cell_target`)."""
+    gives the multirun an id (:data:`SWEEP_ENV`, inherited by the jobs) that its cells record (``sweep``: which
+    cells one multirun wrote; where a cell is filed does not depend on it, :func:`_cell_target`)."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         import uuid
