@@ -13,16 +13,21 @@ Stages (each one skips what is already done, so an interrupted run resumes):
    regression (``simclr_cnn_hc``, ``method.aux_targets=handcrafted``; ``simclr_cnn_hc_s1``: the same recipe with
    pretraining seed 1; ``simclr_cnn_hcc``: crop-level rhythm targets, ``aux_targets=handcrafted_crop``;
    ``simclr_cnn_hc1l``: one-lead views of multi-lead records, ``method.p_one_lead=0.5``;
-   ``--embed-dim`` / ``--depth`` /
-   ``--heads`` are ViT sizes and refused for both). Recipe: without ``--steps``, the CPU-budget recipe
-   ``conf/experiment/<method>_cpu30.yaml`` when it exists (its own steps, checkpoint interval, crop and backbone),
-   else ``+experiment=<method>`` for 300 steps; ``--steps N``: ``+experiment=<method>`` for ``N`` steps (checkpoint
-   every ``N // 4``). Every periodic checkpoint is kept (``checkpoint.save_top_k=-1``, for the learning curve). The
-   wall time of each method is printed and written to ``pretrain/<method>/pretrain_time.json``.
+   ``--embed-dim`` / ``--depth`` / ``--heads`` are ViT sizes and refused for both). A finished run in ``--out``
+   is reused only for the same recipe and the same composed config (experiment, method, backbone, data and
+   train.yaml files as they are now); a record written before that hash existed is checked by its older rule (the
+   experiment files only), with a log line, rather than retraining every encoder. Recipe: without ``--steps``, the
+   CPU-budget recipe ``conf/experiment/<method>_cpu30.yaml`` when it exists (its own steps, checkpoint interval,
+   crop and backbone), else ``+experiment=<method>`` for 300 steps; ``--steps N``: ``+experiment=<method>`` for
+   ``N`` steps (checkpoint every ``N // 4``). Every periodic checkpoint is kept (``checkpoint.save_top_k=-1``, for
+   the learning curve). The wall time of each method is printed and written to
+   ``pretrain/<method>/pretrain_time.json``.
 3. **curve**: the learning curve: every intermediate checkpoint of each method's run
    (``pretrain/<method>/checkpoints/step<N>.ckpt``, plus the final encoder) exported to
    ``pretrain/<method>/curve/step<N>/encoder`` and linear-probed on the tasks (fraction 1, seed 0; validation and
-   test macro AUROC) into ``<out>/curve/results``; ``docs/benchmark/learning_curve.{png,md}``.
+   test macro AUROC) into ``<out>/curve/results``; ``<out>/curve/learning_curve.{png,md}``, copied to
+   ``docs/benchmark/`` by the report of the same command, or by this stage when it runs without one, under the
+   report's docs check (below).
 4. **probe**: ``probe.py -m checkpoint=<encoders>,random:<encoder of each architecture>,handcrafted
    task=ptbxl_super,cinc2017 fraction=0.1,1 seed=0,1,2`` (linear probe, one frozen pass per checkpoint and corpus;
    ``handcrafted`` = the RR / HRV + morphology feature baseline).
@@ -33,7 +38,14 @@ Stages (each one skips what is already done, so an interrupted run resumes):
    (``supervised.window_aggregate`` = ``finetune.window_aggregate``).
 6. **report**: results.csv / results.md (acceptance block, paired comparisons with the random-init twin, the
    handcrafted baseline and the supervised CNN, pretraining wall times) / results.png / comparisons*.csv in
-   ``<out>/results`` and a copy in ``docs/benchmark/real_*``.
+   ``<out>/results`` and a copy in ``docs/benchmark/real_*``, the learning curve and the generated block of
+   ``docs/BENCHMARK.md``.
+
+Docs check: the copies in ``--docs`` (and the generated block of the ``BENCHMARK.md`` beside it) are replaced only
+when the run's tables hold every row they show: results rows (label, method, backbone, mode, task, fraction, seed),
+pretraining wall-time rows (method) and learning-curve rows (task, method, step). A partial run (``--methods mae``,
+a checkout holding some cells) leaves them as they are, names the rows it would drop and keeps its own copies in
+``<out>``; ``--replace-docs`` replaces them anyway.
 
 Knobs (command-line flags): ``--steps`` pretraining steps per method, ``--recipe``, ``--ft-epochs``,
 ``--cnn-epochs``, ``--seeds``, ``--fractions``, ``--methods``, ``--threads``, ``--embed-dim`` / ``--depth`` /
@@ -168,7 +180,11 @@ def pretrain_recipe(args: argparse.Namespace, method: str) -> tuple[str, list[st
 def experiment_sha256(name: str) -> str:
     """Content hash of ``conf/experiment/<name>.yaml`` and the experiment files it extends (a plain ``defaults``
     entry naming another one), so that a pretraining run of an edited recipe (other steps, lr, crop) is not
-    reused as the current recipe's."""
+    reused as the current recipe's.
+
+    The older reuse check (``recipe_sha256`` of a run's record): blind to the method / backbone / data /
+    train.yaml files the experiment pulls in. New records carry :func:`config_sha256`; this one is kept to check
+    the records written before it (:func:`stage_pretrain`)."""
     import hashlib
 
     from omegaconf import OmegaConf
@@ -185,6 +201,46 @@ def experiment_sha256(name: str) -> str:
         h.update(n.encode() + b"\0" + path.read_bytes())
         todo += [d for d in OmegaConf.load(path).get("defaults") or [] if isinstance(d, str) and d != "_self_"]
     return h.hexdigest()[:16]
+
+
+def config_sha256(name: str, overrides: Sequence[str] = ()) -> str:
+    """Content hash of the config a pretraining run of ``+experiment=<name>`` composes to.
+
+    :func:`experiment_sha256` reads the experiment files only, so an edited ``conf/method/*.yaml``,
+    ``conf/backbone/*.yaml``, ``conf/train.yaml`` or ``conf/data/cached.yaml`` kept reusing the encoder trained
+    before the edit. This hash composes ``train`` with Hydra's compose API as ``train.py`` does (``+experiment``,
+    ``data=cached`` and ``overrides``: a ``backbone=...`` / ``method=...`` override brings its own file), so it
+    covers every file the run reads and nothing else: a comment or key order edited in a YAML keeps the encoder.
+    Interpolations are hashed unresolved (``${hydra:runtime.output_dir}`` or an environment variable differ between
+    machines, their text does not). The run-specific arguments of the train command (output folder, cache paths,
+    threads, progress bar) are left out: another ``--threads`` is the same recipe.
+
+    Args:
+        name: the ``conf/experiment`` name.
+        overrides: the recipe's train.py overrides (:func:`pretrain_recipe`'s, then ``--train-overrides``).
+
+    Returns:
+        16 hex digits.
+    """
+    import hashlib
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    # a caller inside an initialised Hydra (a test composing its own config) keeps it: compose needs its own
+    gh = GlobalHydra.instance()
+    outer = gh.hydra if gh.is_initialized() else None
+    gh.clear()
+    try:
+        with initialize_config_dir(config_dir=str(ROOT / "ecgfm" / "conf"), version_base="1.3"):
+            cfg = compose(config_name="train", overrides=[f"+experiment={name}", "data=cached", *overrides])
+    finally:
+        gh.clear()
+        if outer is not None:
+            gh.initialize(outer)
+    text = json.dumps(OmegaConf.to_container(cfg, resolve=False), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _vit_experiment(name: str) -> bool:
@@ -209,10 +265,19 @@ def _vit_experiment(name: str) -> bool:
 def stage_pretrain(args: argparse.Namespace, pools: list[str], env: dict[str, str]) -> dict[str, str]:
     """Pretrain every method (skipping finished runs of the same recipe); prints and records each method's wall time.
 
-    A finished run is reused only when it was trained with the recipe asked for now (experiment, its overrides,
-    ``--train-overrides`` and the pool): another ``--steps`` / size / recipe into the same ``--out`` is refused,
-    naming both, instead of probing the older encoder under the new settings. A run without that record (an
-    encoder copied into ``pretrain/<method>``) is reused with a line saying it could not be checked.
+    A finished run is reused only when it was trained with the recipe asked for now: experiment, its overrides,
+    ``--train-overrides``, the pool and :func:`config_sha256`, the hash of the composed config (experiment, method,
+    backbone, data and train.yaml files as they are now). Another ``--steps`` / size / recipe, or an edited config
+    file, into the same ``--out`` is refused, naming both, instead of probing the older encoder under the new
+    settings.
+
+    Older records are checked by the rule they were written under, with a line saying so, rather than retraining
+    every encoder of an existing ``--out`` (hours of CPU): a record with ``recipe_sha256`` (the experiment files
+    only, :func:`experiment_sha256`) is compared on that hash, name, overrides and pool, so an edit of a method /
+    backbone / train.yaml file since that run is not seen; a record with neither hash on name, overrides and pool.
+    A run without a record (an encoder copied into ``pretrain/<method>``) is reused with a line saying it could
+    not be checked. Records are not rewritten: a hash taken now would vouch for a config the encoder may not have
+    been trained with.
     """
     encoders = {}
     times = []
@@ -221,18 +286,28 @@ def stage_pretrain(args: argparse.Namespace, pools: list[str], env: dict[str, st
         enc = out / "encoder"
         record = out / "pretrain_time.json"
         name, over = pretrain_recipe(args, method)
-        requested = {"experiment": name, "overrides": [*over, *args.train_overrides], "pool": list(pools),
-                     "recipe_sha256": experiment_sha256(name)}
+        overrides = [*over, *args.train_overrides]
+        requested = {"experiment": name, "overrides": overrides, "pool": list(pools),
+                     "config_sha256": config_sha256(name, overrides)}
         if (enc / "encoder.json").is_file():
             had = _read_json(record).get("requested")
-            if had is not None and "recipe_sha256" not in had:   # recorded before the recipe's content was
-                log(f"pretrain: {method}: {enc} records no recipe content hash: checked on name and overrides only")
-                had = {**had, "recipe_sha256": requested["recipe_sha256"]}
+            check = requested
+            if had is not None and "config_sha256" not in had:
+                check = {k: requested[k] for k in ("experiment", "overrides", "pool")}
+                if "recipe_sha256" in had:
+                    check["recipe_sha256"] = experiment_sha256(name)
+                    log(f"pretrain: {method}: {record} records the older experiment-file hash (recipe_sha256), not "
+                        f"the composed config's: checked by that rule (experiment files, name, overrides, pool); an "
+                        f"edit of a method / backbone / data / train.yaml file since is not seen (delete {out} to "
+                        f"train it again under the current check)")
+                else:   # recorded before the recipe's content was hashed
+                    log(f"pretrain: {method}: {enc} records no recipe content hash: checked on name, overrides and "
+                        f"pool only")
             if had is None:
                 log(f"pretrain: {method}: reusing {enc} (no recorded recipe to check against {requested})")
-            elif had != requested:
+            elif had != check:
                 raise SystemExit(f"error: pretrain/{method} in {args.out} was trained with {had}, but this run asks "
-                                 f"for {requested}: use another --out, or delete {out} to train it again")
+                                 f"for {check}: use another --out, or delete {out} to train it again")
         else:
             cmd = [PY, "train.py", f"+experiment={name}", "data=cached", f"data.cache_dirs=[{','.join(pools)}]",
                    f"hydra.run.dir={out}", f"torch_threads={args.threads}", "data.num_workers=0",
@@ -402,7 +477,12 @@ def stage_curve(args: argparse.Namespace, env: dict[str, str]) -> dict[str, dict
         run([PY, "probe.py", "-m", f"checkpoint={','.join(ckpts)}", f"task={','.join(args.tasks)}",
              f"fraction={CURVE_FRACTION}", f"seed={CURVE_SEED}", "report=never",
              *eval_overrides(args, Path(args.out) / "curve" / "results"), *args.probe_overrides], env)
-    curve_report(args)
+    if "report" in args.stages:
+        # the report of this very invocation copies the curve into --docs together with the tables, under one
+        # check: copying it here first would leave a new curve beside old tables when that check keeps the docs
+        curve_outputs(args)
+    else:
+        curve_report(args)
     return points
 
 
@@ -455,24 +535,55 @@ def curve_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: (r["task"], r["method"], r["step"]))
 
 
-def curve_report(args: argparse.Namespace) -> dict[str, str] | None:
-    """``learning_curve.md`` / ``.png`` in ``<out>/curve`` and ``docs/benchmark/`` from the curve cells."""
+CURVE_FILES = ("learning_curve.md", "learning_curve.png")
+
+
+def curve_outputs(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """``learning_curve.md`` / ``.png`` in ``<out>/curve`` from the curve cells of ``args.methods``; the run's own
+    copy, written whatever ``--docs`` holds. Without probed points they are removed (an older run's curve must not
+    pass for this one). Returns the rows (:func:`curve_rows`)."""
     rows = curve_rows(args)
-    docs = Path(args.docs)
+    out_dir = Path(args.out) / "curve"
     if not rows:
         log("curve: no probed curve points yet")
-        for name in ("learning_curve.md", "learning_curve.png"):   # an older run's curve must not pass for this one
-            (docs / name).unlink(missing_ok=True)
-        return None
-    out_dir = Path(args.out) / "curve"
-    docs.mkdir(parents=True, exist_ok=True)
-    md = curve_markdown(rows)
-    (out_dir / "learning_curve.md").write_text(md)
-    shutil.copy(out_dir / "learning_curve.md", docs / "learning_curve.md")
+        for name in CURVE_FILES:
+            (out_dir / name).unlink(missing_ok=True)
+        return rows
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "learning_curve.md").write_text(curve_markdown(rows))
     plot_curve(rows, out_dir / "learning_curve.png")
-    shutil.copy(out_dir / "learning_curve.png", docs / "learning_curve.png")
-    log(f"curve: {len(rows)} points -> {docs / 'learning_curve.md'}, {docs / 'learning_curve.png'}")
+    log(f"curve: {len(rows)} points -> {out_dir / 'learning_curve.md'}, {out_dir / 'learning_curve.png'}")
+    return rows
+
+
+def copy_curve_to_docs(args: argparse.Namespace) -> dict[str, str] | None:
+    """Mirror ``<out>/curve/learning_curve.{md,png}`` into ``--docs`` (a file the run has not is removed there).
+
+    Writes without checking: callers first ask :func:`docs_losses` (:func:`curve_report`, :func:`report`)."""
+    src, docs = Path(args.out) / "curve", Path(args.docs)
+    docs.mkdir(parents=True, exist_ok=True)
+    for name in CURVE_FILES:
+        if (src / name).is_file():
+            shutil.copy(src / name, docs / name)
+        else:
+            (docs / name).unlink(missing_ok=True)
+    if not (docs / "learning_curve.md").is_file():
+        return None
+    log(f"curve: copied to {docs / 'learning_curve.md'}, {docs / 'learning_curve.png'}")
     return {"markdown": str(docs / "learning_curve.md"), "plot": str(docs / "learning_curve.png")}
+
+
+def curve_report(args: argparse.Namespace) -> dict[str, str] | None:
+    """The learning curve of a curve stage run without the report: ``<out>/curve`` always
+    (:func:`curve_outputs`), ``--docs`` only when that loses none of the rows the docs copy shows (or with
+    ``--replace-docs``), as the report's tables. Returns the docs paths, or None when nothing was copied."""
+    curve_outputs(args)
+    lost = docs_losses(args)
+    if lost and not args.replace_docs:
+        docs = Path(args.docs)
+        warn_docs_kept(args, lost, f"{docs / 'learning_curve.md'} and {docs / 'learning_curve.png'}")
+        return None
+    return copy_curve_to_docs(args)
 
 
 def curve_markdown(rows: list[dict[str, Any]]) -> str:
@@ -539,7 +650,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/benchmark_real")
     ap.add_argument("--docs", default=str(ROOT / "docs" / "benchmark"),
-                    help="where the report copies real_results.* and learning_curve.*")
+                    help="where the report copies real_results.* and learning_curve.* (see the docs check above)")
     ap.add_argument("--cache-root", default="cache")
     ap.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data"))
     ap.add_argument("--methods", nargs="+", default=list(EXPERIMENTS), choices=list(EXPERIMENTS))
@@ -566,8 +677,10 @@ def main(argv: list[str] | None = None) -> None:
                     help="strong supervised CNN baseline (resnet1d / xresnet1d family) on every task ('' to skip; "
                          "xresnet1d50 = full size)")
     ap.add_argument("--replace-docs", action="store_true",
-                    help="let the report replace committed docs tables that show rows its cells lack (default: such "
-                         "a partial report leaves --docs and docs/BENCHMARK.md alone and says so)")
+                    help="let the report / curve stage replace docs copies that show rows this run lacks: results "
+                         "rows, pretraining wall-time rows (method), learning-curve rows (task, method, step) "
+                         "(default: such a partial run leaves --docs and the BENCHMARK.md beside it alone and says "
+                         "so; its own copies are in --out)")
     ap.add_argument("--no-handcrafted", action="store_true", help="leave the handcrafted-feature probe out")
     ap.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
     ap.add_argument("--train-overrides", nargs="*", default=[])
@@ -735,9 +848,132 @@ def rows_not_in(old_csv: Path, new_csv: Path) -> list[str]:
     return [" / ".join(t) for t in sorted(rows(old) - have)]
 
 
+def _read_text(path: Path) -> str:
+    """The text of ``path``; "" when it is missing (a docs copy not made yet has no rows to lose)."""
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return ""
+
+
+def markdown_section(text: str, title: str) -> str:
+    """The first section of ``text`` whose heading (any level) starts with ``title``: its heading line and every
+    line up to the next heading of the same or a higher level ("" when there is none). The same table sits under
+    ``## `` in results.md and ``#### `` in the generated block of BENCHMARK.md."""
+    out: list[str] = []
+    level = None
+    for line in text.split("\n"):
+        m = re.match(r"^(#+) (.*)", line)
+        if level is None:
+            if m and m.group(2).startswith(title):
+                level = len(m.group(1))
+                out.append(line)
+        elif m and len(m.group(1)) <= level:
+            break
+        else:
+            out.append(line)
+    return "\n".join(out)
+
+
+def _table_rows(text: str) -> list[list[str]]:
+    """The cells of every markdown table row of ``text`` (separator rows left out)."""
+    rows = []
+    for line in text.split("\n"):
+        line = line.strip()
+        if not line.startswith("|"):
+            continue
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if not all(set(c) <= set("-: ") for c in cells):
+            rows.append(cells)
+    return rows
+
+
+def wall_time_rows(section: str) -> set[str]:
+    """The methods of a pretraining wall-time table (:func:`pretrain_times_markdown`)."""
+    return {r[0] for r in _table_rows(section) if r and r[0] not in ("", "method")}
+
+
+_CURVE_TASK = re.compile(r"^#+ (\S+) \(n = ")
+
+
+def curve_table_rows(text: str) -> set[str]:
+    """The ``"task / method / step"`` rows of learning-curve tables (:func:`curve_markdown`, or its copy in the
+    generated block of BENCHMARK.md, where the task headings are ``##### ``). Keyed by step too: a run of the
+    same methods whose checkpoints fall on other steps (another recipe) replaces the curve only when asked."""
+    rows: set[str] = set()
+    task = None
+    for line in text.split("\n"):
+        if line.startswith("#"):
+            m = _CURVE_TASK.match(line)
+            task = m.group(1) if m else None
+            continue
+        if task is None or not line.strip().startswith("|"):
+            continue
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 2 and cells[1].isdigit():
+            rows.add(f"{task} / {cells[0]} / {cells[1]}")
+    return rows
+
+
+def generated_block(doc: Path) -> str:
+    """The text between the RESULTS marker lines of ``doc`` ("" without the markers or the file)."""
+    lines = _read_text(doc).split("\n")
+    starts = [i for i, line in enumerate(lines) if line.strip() == RESULTS_START]
+    ends = [i for i, line in enumerate(lines) if line.strip() == RESULTS_END]
+    if len(starts) != 1 or len(ends) != 1 or ends[0] < starts[0]:
+        return ""
+    return "\n".join(lines[starts[0] + 1:ends[0]])
+
+
+def docs_losses(args: argparse.Namespace, res_dir: Path | None = None) -> dict[str, list[str]]:
+    """The rows that the ``--docs`` copies show and this run's would lack, per table (empty: nothing is lost).
+
+    A run over some methods (``--methods mae`` after a full run) builds a learning curve and a wall-time table of
+    those methods only; copied over the docs, they silently dropped the other methods' rows. The rule of the
+    results tables (:func:`rows_not_in`) holds for them too.
+
+    Args:
+        args: the run's arguments (``out``, ``docs``).
+        res_dir: the report's results folder: the results tables, the pretraining wall-time table of its
+            ``results.md`` and the learning curve of ``<out>/curve``, against ``real_results.*``,
+            ``learning_curve.md`` and the generated block of the ``BENCHMARK.md`` beside ``--docs`` (the report
+            rewrites all of them). None: the learning curve alone against ``learning_curve.md`` (what the curve
+            stage writes).
+
+    Returns:
+        ``{table: [rows]}``, only the tables that lose rows.
+    """
+    docs = Path(args.docs)
+    shown_curve = _read_text(docs / "learning_curve.md")
+    lost: dict[str, list[str]] = {}
+    if res_dir is not None:
+        block = generated_block(docs.resolve().parent / "BENCHMARK.md")
+        lost["results"] = rows_not_in(docs / "real_results.csv", res_dir / "results.csv")
+        title = "Pretraining wall time"
+        shown = (wall_time_rows(markdown_section(_read_text(docs / "real_results.md"), title))
+                 | wall_time_rows(markdown_section(block, title)))
+        lost["pretraining wall time"] = sorted(shown - wall_time_rows(
+            markdown_section(_read_text(res_dir / "results.md"), title)))
+        shown_curve += "\n" + markdown_section(block, "Learning curve")
+    lost["learning curve"] = sorted(curve_table_rows(shown_curve) - curve_table_rows(
+        _read_text(Path(args.out) / "curve" / "learning_curve.md")))
+    return {k: v for k, v in lost.items() if v}
+
+
+def warn_docs_kept(args: argparse.Namespace, lost: dict[str, list[str]], kept: str) -> None:
+    """Say which docs rows a run would have dropped (:func:`docs_losses`) and that ``kept`` was left alone."""
+    what = "; ".join(f"{part}: {len(rows)} row(s) ({'; '.join(rows[:6])}{' ...' if len(rows) > 6 else ''})"
+                     for part, rows in lost.items())
+    log(f"warning: {args.docs} shows rows that this run lacks ({what}): a partial run would replace them, so {kept} "
+        f"were left as they are; this run's tables are in {args.out} (results/, curve/) (to have them as docs, "
+        f"pass --docs /tmp/<dir>/docs/benchmark: a folder outside this repository, since the report also rewrites "
+        f"the BENCHMARK.md beside its parent; or --replace-docs to replace the committed ones anyway)")
+
+
 def report(args: argparse.Namespace) -> None:
     """Rebuild the tables, append the pretraining wall times, copy them and the learning curve to docs/benchmark
-    (unless they would lose rows the committed tables show: :func:`rows_not_in`), and print the acceptance block."""
+    (unless they would lose rows the committed tables, wall-time table or learning curve show:
+    :func:`docs_losses`; this run's copies stay in ``<out>``), and print the acceptance block."""
     from ecgfm.evaluate.report import build_report
 
     res_dir = Path(args.out) / "results"
@@ -746,21 +982,17 @@ def report(args: argparse.Namespace) -> None:
     if times:
         md = res_dir / "results.md"
         md.write_text(md.read_text() + "\n" + times)
+    curve_outputs(args)     # the run's own curve, whatever the docs check below decides
     docs = Path(args.docs)
     docs.mkdir(parents=True, exist_ok=True)
-    lost = rows_not_in(docs / "real_results.csv", res_dir / "results.csv")
+    lost = docs_losses(args, res_dir)
     if lost and not args.replace_docs:
-        log(f"warning: {docs} shows {len(lost)} row(s) that the cells in {res_dir} lack ("
-            f"{'; '.join(lost[:6])}{' ...' if len(lost) > 6 else ''}): a partial run's report would replace them, so "
-            f"{docs} and the generated block of {docs.resolve().parent / 'BENCHMARK.md'} were left as they are; this "
-            f"run's tables are in {res_dir} (to have them as docs, pass --docs /tmp/<dir>/docs/benchmark: a folder "
-            f"outside this repository, since the report also rewrites the BENCHMARK.md beside its parent; or "
-            f"--replace-docs to replace the committed ones anyway)")
+        warn_docs_kept(args, lost, f"{docs} and the generated block of {docs.resolve().parent / 'BENCHMARK.md'}")
         text = "\n".join(f"{r['status']}: {r['criterion']}: {r['evidence'].replace(' <br> ', '; ')}"
                          for r in out.get("acceptance") or [])
         log("acceptance (issue 12) of this run's cells, test macro AUROC (not written to the docs):\n" + text)
         return
-    curve_report(args)      # first: the generated block copies the learning-curve table from docs
+    copy_curve_to_docs(args)    # first: the generated block copies the learning-curve table from docs
     for name in ("results.csv", "results.md", "results.png", "comparisons.csv", "comparisons_mean.csv"):
         if not (res_dir / name).exists():   # not made by this report: an older copy in docs would pass for current
             (docs / f"real_{name}").unlink(missing_ok=True)

@@ -7,10 +7,11 @@
 # Pretraining recipe: conf/experiment/<method>_cpu30.yaml when it exists and --steps is not given, else
 # +experiment=<method> for --steps (default 300) steps.
 # Stages: pool (held-out-free pretraining caches) -> pretrain (MAE, SimCLR, CLOCS, hybrid; wall time recorded)
-# -> curve (every saved checkpoint linear-probed: docs/benchmark/learning_curve.{md,png}) -> probe (encoders,
+# -> curve (every saved checkpoint linear-probed: runs/benchmark_real/curve/learning_curve.{md,png}) -> probe (encoders,
 # random-init twins, handcrafted baseline) -> finetune (encoders, twins, supervised ViT, supervised CNN on every
 # task) -> report (runs/benchmark_real/results/ and docs/benchmark/real_*: acceptance block, paired comparisons
-# with every baseline). See scripts/benchmark_real.py.
+# with every baseline, the learning curve). A run over some methods leaves docs/ alone when it would drop rows they
+# show (--replace-docs to replace them anyway). See scripts/benchmark_real.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}

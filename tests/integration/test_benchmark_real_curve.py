@@ -104,8 +104,13 @@ def test_curve_stage_exports_probes_and_draws(tmp_path):
     cell["checkpoint_id"] = "other-weights"
     cell_file.write_text(json.dumps(cell))
     assert sorted(r["step"] for r in B.curve_rows(args)) == [4, 6, 8]
-    # no curve rows at all: docs' learning_curve.md / .png of an earlier run are removed, not shown as this one's
+    # no curve rows at all: the run's own learning_curve.md / .png go (an earlier run's must not pass for this
+    # one); the docs copies, which show rows this run lacks, stay unless --replace-docs
     shutil.rmtree(out / "curve" / "results")
+    assert B.curve_report(args) is None
+    assert not (out / "curve" / "learning_curve.md").exists() and not (out / "curve" / "learning_curve.png").exists()
+    assert (docs / "learning_curve.md").is_file() and (docs / "learning_curve.png").is_file()
+    args.replace_docs = True
     assert B.curve_report(args) is None
     assert not (docs / "learning_curve.md").exists() and not (docs / "learning_curve.png").exists()
 
