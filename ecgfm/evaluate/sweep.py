@@ -748,10 +748,12 @@ def _outdated(stored: dict[str, Any], ctx: _Context) -> str | None:
 
 def _replaceable(p: Path, ctx: _Context, rid: str) -> bool:
     """Whether this job's new cell may replace the existing file ``p``: it is unreadable, has no identity, is
-    this very cell (``overwrite=true``, a classifier artifact to redo), is outdated (:func:`_outdated`, logged), or,
-    outside a multirun, is this checkpoint's cell with another recipe (the run's recipe is the current one). A cell
-    of another checkpoint identity or recipe still valid for its own is kept: another ``init_seed`` /
-    ``backbone_args`` of a ``random:`` checkpoint, another recipe of a multirun (or of the multirun it resumes)."""
+    this very cell (``overwrite=true``, a classifier artifact to redo), is outdated (:func:`_outdated`, logged), or
+    is this checkpoint's cell with another recipe not written by this same multirun (the run's recipe is the
+    current one: a rerun with a changed setting replaces the old recipe's cells; resuming a recipe multirun
+    recomputes a cell the older sweep filed under another recipe, once). A cell of another checkpoint identity
+    still valid for its own is kept (another ``init_seed`` / ``backbone_args`` of a ``random:`` checkpoint), and
+    so is another recipe's cell of this multirun."""
     try:
         stored = json.loads(p.read_text())
     except (OSError, ValueError):
@@ -763,7 +765,10 @@ def _replaceable(p: Path, ctx: _Context, rid: str) -> bool:
     if why is not None:
         log.info("%s: replaced: %s", p, why)
         return True
-    return ck == (ctx.identity or {}).get("id") and not _in_multirun()
+    # this checkpoint's cell of another recipe: the run's recipe is the current one, so it takes over (a rerun
+    # with a changed setting must not leave the old recipe's rows beside the new, for the acceptance block to
+    # choose among), except a cell written by another job of this same multirun (a recipe sweep keeps each recipe)
+    return ck == (ctx.identity or {}).get("id") and not (_in_multirun() and stored.get("sweep") == _sweep_id())
 
 
 def _cell_target(ctx: _Context, task: str, checkpoint: str, fraction: float, seed: int) -> Path:

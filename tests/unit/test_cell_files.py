@@ -90,23 +90,27 @@ def test_another_init_seed_outside_a_multirun_is_kept_too(work, tmp_path, monkey
                                  f"init_seed={i}"))["cells_skipped"] == 1
 
 
-def test_resumed_recipe_multirun_keeps_the_finished_cell(work, tmp_path, multirun):
-    """An interrupted ``-m probe.max_iter=100,200 seed=0,1`` (only max_iter=100 / seed 0 finished), resumed: the
-    max_iter=200 job once replaced the finished max_iter=100 cell (written under another sweep id), so that row
-    lost seed 0 and the next rerun recomputed seed 0 twice."""
+def test_a_changed_recipe_takes_over_and_a_recipe_multirun_settles(work, tmp_path, multirun):
+    """A rerun whose recipe changed replaces the old recipe's cell of the same checkpoint (the old row must not
+    stay beside the new one for the acceptance block to choose among), while the jobs of one recipe multirun keep
+    each other's cells; resuming an older multirun recomputes what it filed otherwise once, then every rerun
+    reuses every cell."""
     res = tmp_path / "r"
     ck = "checkpoint=random:resnet1d_test"
     multirun("sweep-1")
     assert len(S.probe_main(_cfg(work, res, ck, "probe.max_iter=100", "seed=0"))["cells_written"]) == 1
-    multirun("sweep-2")
+    multirun("sweep-1b")   # a later run with another recipe: takes the file over
+    S.probe_main(_cfg(work, res, ck, "probe.max_iter=300", "seed=0"))
+    assert [c["recipe"]["head"]["max_iter"] for c in _cells(res).values()] == [300]
     jobs = [_cfg(work, res, ck, f"probe.max_iter={m}", f"seed={s}") for m in (100, 200) for s in (0, 1)]
-    outs = [S.probe_main(cfg) for cfg in jobs]
-    assert [len(o["cells_written"]) for o in outs] == [0, 1, 1, 1]
+    for sweep in ("sweep-2", "sweep-3"):
+        multirun(sweep)
+        for cfg in jobs:
+            S.probe_main(cfg)
     cells = _cells(res)
-    assert len(cells) == 4
-    got = sorted((c["recipe"]["head"]["max_iter"], c["seed"], name.count(".")) for name, c in cells.items())
-    assert got == [(100, 0, 1), (100, 1, 1), (200, 0, 2), (200, 1, 2)]  # max_iter=100 plain, 200 tagged
-    multirun("sweep-3")
+    assert sorted((c["recipe"]["head"]["max_iter"], c["seed"]) for c in cells.values()) == \
+        [(100, 0), (100, 1), (200, 0), (200, 1)]
+    multirun("sweep-4")
     for cfg in jobs:
         assert S.probe_main(cfg)["cells_written"] == []
     assert _cells(res) == cells
