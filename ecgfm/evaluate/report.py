@@ -1001,26 +1001,33 @@ def excluded_classes_markdown(cells: Iterable[dict[str, Any]]) -> str:
 def superseded_cells(cells: Iterable[dict[str, Any]]) -> set[tuple[str, str]]:
     """``(checkpoint, checkpoint_id)`` of cells computed from an exported encoder whose folder now holds other
     weights (overwritten in place by a later run): their rows stay in the tables (labelled ``method@<hash>``) but
-    no acceptance criterion may choose them, since those weights exist nowhere any more. A folder that is gone or
-    unreadable, and pseudo-checkpoints (``random:``, ``supervised:``, ``zoo:``, ``handcrafted``), are not judged.
-    A warning names each."""
+    no acceptance criterion may choose them, since those weights exist nowhere any more. The folder is the cell's
+    recorded ``checkpoint_path`` (absolute), or its checkpoint string when that is absolute; a relative string
+    without a recorded path (cells before 2026-12-06), a folder that is gone or unreadable, and pseudo-checkpoints
+    (``random:``, ``supervised:``, ``zoo:``, ``handcrafted``) are not judged. A warning names each."""
     from ecgfm.evaluate.identity import checkpoint_identity
 
     now: dict[str, str | None] = {}
     out: set[tuple[str, str]] = set()
     for c in cells:
         ck, cid = str(c.get("checkpoint") or ""), cell_identity(c)[0]
-        if not ck or ck == "handcrafted" or ":" in ck or not Path(ck).exists():
+        if not ck or ck == "handcrafted" or ":" in ck:
             continue
-        if ck not in now:
+        # the folder the cell was computed from: its recorded absolute path, or the string if it is absolute (a
+        # relative one resolved from the report's folder could name other weights: not judged)
+        where = c.get("checkpoint_path") or (ck if os.path.isabs(ck) else None)
+        if where is None or not Path(where).exists():
+            continue
+        if where not in now:
             try:
-                now[ck] = checkpoint_identity(ck)["id"]
-            except (OSError, ValueError):
-                now[ck] = None
-        if now[ck] is not None and not cid.startswith("legacy") and cid != now[ck] and (ck, cid) not in out:
+                now[where] = checkpoint_identity(where)["id"]
+            except Exception:  # noqa: BLE001 - an unreadable folder is not judged (the report must still be built)
+                now[where] = None
+        if now[where] is not None and not cid.startswith("legacy") and cid != now[where] and (ck, cid) not in out:
             out.add((ck, cid))
             log.warning("%s: cells of checkpoint identity %s were computed from weights this folder no longer "
-                        "holds (now %s): kept in the tables, left out of the acceptance block", ck, cid, now[ck])
+                        "holds (now %s): kept in the tables, left out of the acceptance block", where, cid,
+                        now[where])
     return out
 
 

@@ -831,6 +831,9 @@ def _cell_common(ctx: _Context, enc: Encoder, task: TaskData, ext: TaskData | No
     return {
         "mode": ctx.mode, "task": task.name, "dataset": task.dataset, "method": enc.method,
         "checkpoint": enc.checkpoint, "checkpoint_kind": enc.kind, "backbone": enc.backbone_name,
+        # where a relative checkpoint string pointed when the cell was computed (the report, run from another
+        # folder, judges the weights there: ecgfm.evaluate.report.superseded_cells)
+        "checkpoint_path": (os.path.abspath(str(enc.checkpoint)) if os.path.exists(str(enc.checkpoint)) else None),
         "encoder_fingerprint": encoder_fingerprint(enc.backbone) if enc.backbone is not None else None,
         "checkpoint_id": (ctx.identity or {}).get("id"), "checkpoint_identity": ctx.identity,
         "recipe_id": recipe_identity(ctx.recipe) if ctx.recipe is not None else None, "recipe": ctx.recipe,

@@ -612,3 +612,8 @@ def test_cells_of_weights_overwritten_in_place_are_never_chosen(tmp_path):
     torch.manual_seed(1)
     save_encoder(enc, create_backbone("vit1d_test"), None, fs=100.0, window_samples=250)   # overwritten in place
     assert R.superseded_cells(cells) == {(str(enc), old)}
+    # a relative checkpoint string is judged at the folder the cell recorded, not from the report's folder
+    rel = [{"checkpoint": "enc", "checkpoint_id": old, "mode": "linear", "checkpoint_path": str(enc)},
+           {"checkpoint": "enc", "checkpoint_id": old, "mode": "linear"}]
+    assert R.superseded_cells(rel) == {("enc", old)}
+    assert R.superseded_cells(rel[1:]) == set()
