@@ -38,7 +38,9 @@ class LeakageError(ValueError):
 
 
 def _norm_patient(pid: Any) -> str | None:
-    if pid is None:
+    from ecgfm.data.splits import is_unknown_patient
+
+    if is_unknown_patient(pid):   # the markers the splits read as unknown
         return None
     if isinstance(pid, float):
         if np.isnan(pid):

@@ -200,6 +200,7 @@ def test_helpers():
     assert patient_hash("a", None) == -1 and patient_hash("a", "") == -1
     # the splits' unknown markers: every "-1" record was one "patient" to CLOCS's patient-aware positives
     assert patient_hash("a", "-1") == patient_hash("a", -1) == patient_hash("a", "nan") == -1
+    assert patient_hash("a", -1.0) == patient_hash("a", "-1.0") == -1   # an int column with gaps, read by pandas
     assert patient_hash("a", "7") == patient_hash("a", 7) >= 0 and patient_hash("a", "7") != patient_hash("b", "7")
 
 
