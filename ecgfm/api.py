@@ -134,20 +134,34 @@ class _Model:
                 raise ValueError(f"{signal}: fs={fs} given but the header says {rec_fs} Hz")
             _same_leads(str(signal), leads, names)
             return [self._prepare(sig, rec_fs, names, str(signal))], [str(signal)]
-        x = np.asarray(signal, dtype=np.float32)
-        if x.ndim not in (2, 3):
-            raise ValueError(f"signal must be (leads, samples) or (batch, leads, samples), got shape {x.shape}")
-        batch = x[None] if x.ndim == 2 else x
+        if isinstance(signal, torch.Tensor):   # a tensor that requires grad (or lives on a GPU) has no .numpy()
+            signal = signal.detach().cpu()
+        if _record_list(signal):
+            # a list of (leads, samples_i) records of any lengths: one record each (they are prepared one by one)
+            batch = [np.asarray(s.detach().cpu() if isinstance(s, torch.Tensor) else s, dtype=np.float32)
+                     for s in signal]
+            if len({b.shape[0] for b in batch}) != 1:
+                raise ValueError(f"the records of the list have different lead counts "
+                                 f"({sorted({b.shape[0] for b in batch})}): pass records of one lead layout")
+        else:
+            x = np.asarray(signal, dtype=np.float32)
+            if x.ndim not in (2, 3):
+                raise ValueError(f"signal must be (leads, samples), (batch, leads, samples) or a list of (leads, "
+                                 f"samples_i) records, got shape {x.shape}")
+            batch = x[None] if x.ndim == 2 else x
+        if len(batch) == 0:
+            raise ValueError("no records: the batch is empty")
         if fs is None:
             raise ValueError("pass fs= (the sampling rate of the signal in Hz)")
         names = list(leads) if leads is not None else None
+        n_rows = batch[0].shape[0]
         if names is None:
-            if batch.shape[1] != len(CANONICAL_LEADS):
-                raise ValueError(f"the signal has {batch.shape[1]} leads: pass leads=[names of its rows] "
+            if n_rows != len(CANONICAL_LEADS):
+                raise ValueError(f"the signal has {n_rows} leads: pass leads=[names of its rows] "
                                  f"(e.g. ['II'] for one lead)")
             names = list(CANONICAL_LEADS)
-        if len(names) != batch.shape[1]:
-            raise ValueError(f"{len(names)} lead names for {batch.shape[1]} signal rows")
+        if len(names) != n_rows:
+            raise ValueError(f"{len(names)} lead names for {n_rows} signal rows")
         recs = [self._prepare(_trim_missing_edges(b), float(fs), names, f"record {i}")
                 for i, b in enumerate(batch)]
         return recs, [str(i) for i in range(len(batch))]
@@ -196,6 +210,10 @@ class _Model:
         embeds the padding with it: a ``UserWarning`` names the record, its length, the window and the padded
         fraction, since the result is not the model's embedding of the record alone.
         """
+        if stride is not None and (isinstance(stride, bool) or not isinstance(stride, (int, np.integer))
+                                   or stride < 1):
+            raise ValueError(f"stride_samples must be a positive whole number of samples at the model rate, got "
+                             f"{stride!r}")
         if not self.window_samples:
             return x[None]
         t, window = int(x.shape[-1]), int(self.window_samples)
@@ -237,6 +255,12 @@ def _trim_missing_edges(x: np.ndarray) -> np.ndarray:
         return x
     first, last = int(np.argmax(recorded)), len(recorded) - int(np.argmax(recorded[::-1]))
     return x[:, first:last]
+
+
+def _record_list(signal: Any) -> bool:
+    """Whether ``signal`` is a list / tuple of ``(leads, samples_i)`` records (lengths may differ)."""
+    return isinstance(signal, (list, tuple)) and bool(signal) and all(
+        isinstance(s, (np.ndarray, torch.Tensor)) and s.ndim == 2 for s in signal)
 
 
 def _rate(fs: Any) -> float:
@@ -300,7 +324,8 @@ class Encoder(_Model):
 
         Args:
             signal: ``(L, T)`` or ``(B, L, T)`` array in mV (samples NaN in every lead at the start or end of a
-                row are padding, left out), a WFDB record path, or an
+                row are padding, left out), a list of ``(L, T_i)`` arrays / tensors (records of any lengths), a
+                WFDB record path, or an
                 :class:`~ecgfm.data.record.ECGRecord` from an ecgfm reader.
             fs: the signal's sampling rate in Hz (read from the header / record for a path / record).
             leads: names of the signal's rows (default: the 12 standard leads in order I..V6).
@@ -316,7 +341,8 @@ class Encoder(_Model):
         recs, _names = self._records(signal, fs, leads, rename_leads)
         # one record: a record, a path, or a (leads, samples) array / list / tensor; a (1, leads, samples) batch of
         # one keeps its batch axis whatever container it comes in
-        single = len(recs) == 1 and (isinstance(signal, (ECGRecord, str, os.PathLike)) or np.ndim(signal) == 2)
+        single = len(recs) == 1 and (isinstance(signal, (ECGRecord, str, os.PathLike))
+                                     or (not _record_list(signal) and np.ndim(signal) == 2))
         outs = []
         embed = self.network.embed
         for (x, mask), name in zip(recs, _names):
@@ -366,7 +392,8 @@ class Classifier(_Model):
 
         Args:
             signal: ``(L, T)`` or ``(B, L, T)`` array in mV (samples NaN in every lead at the start or end of a
-                row are padding, left out), a WFDB record path, or an
+                row are padding, left out), a list of ``(L, T_i)`` arrays / tensors (records of any lengths), a
+                WFDB record path, or an
                 :class:`~ecgfm.data.record.ECGRecord` from an ecgfm reader.
             fs: the signal's sampling rate in Hz (read from the header / record for a path / record).
             leads: names of the signal's rows (default: the 12 standard leads in order I..V6).

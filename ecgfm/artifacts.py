@@ -676,6 +676,7 @@ def _load_encoder(path: str | os.PathLike, map_location: str | torch.device
                   ) -> tuple[nn.Module, PreprocessSpec | None, dict[str, Any]]:
     d, meta = read_meta(path, "encoder")
     mpath, wpath = d / meta_file("encoder"), d / weights_file("encoder")
+    _check_input_meta(meta, mpath)
     try:  # null: saved with preprocess=None, i.e. none (not the defaults, which would filter and normalise)
         spec = PreprocessSpec.from_dict(meta["preprocess"]) if meta.get("preprocess") is not None else None
     except (TypeError, ValueError) as exc:
@@ -747,21 +748,17 @@ def save_classifier(out_dir: str | os.PathLike, backbone: nn.Module, head: nn.Mo
     return write_artifact(out_dir, "classifier", model.state_dict(), meta)
 
 
-def _check_classifier_meta(meta: Mapping[str, Any], where: Path) -> None:
-    """The fields of a classifier's description that decide how records are scored, as :func:`save_classifier`
-    writes them: a hand-edited or foreign JSON with another value was read silently (``"logits"`` as ``prob``, a
-    lead twice, a stride of 0 as "the window").
+def _check_input_meta(meta: Mapping[str, Any], where: Path) -> None:
+    """The input fields of an encoder's or classifier's description, as the writers produce them: a hand-edited
+    JSON was read silently otherwise (lead I listed 12 times fed lead I 12 times; a window of 0 meant "the whole
+    record"; ``lead_aware: "false"`` read as true; an ``input.fs`` other than the preprocessing's rate failed each
+    call with a message about a missing rate).
 
     Raises:
         ArtifactError: naming the field and the value.
     """
     from ecgfm.data.record import CANONICAL_LEADS
 
-    agg = meta.get("window_aggregate", "prob")
-    if agg not in WINDOW_AGGREGATES:
-        raise ArtifactError(where, f"window_aggregate must be one of {WINDOW_AGGREGATES}, got {agg!r}")
-    if not isinstance(meta.get("multilabel", False), bool):
-        raise ArtifactError(where, f"multilabel must be true or false, got {meta.get('multilabel')!r}")
     inp = meta.get("input") or {}
     leads = inp.get("leads")
     if leads is not None:
@@ -772,6 +769,28 @@ def _check_classifier_meta(meta: Mapping[str, Any], where: Path) -> None:
         v = inp.get(key)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
             raise ArtifactError(where, f"input.{key} must be a positive integer or null, got {v!r}")
+    if "lead_aware" in meta and meta["lead_aware"] is not None and not isinstance(meta["lead_aware"], bool):
+        raise ArtifactError(where, f"lead_aware must be true, false or null, got {meta['lead_aware']!r}")
+    fs, pre_fs = inp.get("fs"), (meta.get("preprocess") or {}).get("fs")
+    if fs is not None and pre_fs is not None and abs(float(fs) - float(pre_fs)) > 1e-6:
+        raise ArtifactError(where, f"input.fs ({fs} Hz) and preprocess.fs ({pre_fs} Hz) disagree: the model reads "
+                                   f"records at the preprocessing's rate")
+
+
+def _check_classifier_meta(meta: Mapping[str, Any], where: Path) -> None:
+    """The fields of a classifier's description that decide how records are scored, as :func:`save_classifier`
+    writes them: a hand-edited or foreign JSON with another value was read silently (``"logits"`` as ``prob``, a
+    lead twice, a stride of 0 as "the window").
+
+    Raises:
+        ArtifactError: naming the field and the value.
+    """
+    agg = meta.get("window_aggregate", "prob")
+    if agg not in WINDOW_AGGREGATES:
+        raise ArtifactError(where, f"window_aggregate must be one of {WINDOW_AGGREGATES}, got {agg!r}")
+    if not isinstance(meta.get("multilabel", False), bool):
+        raise ArtifactError(where, f"multilabel must be true or false, got {meta.get('multilabel')!r}")
+    _check_input_meta(meta, where)
     classes = meta.get("classes")
     n_out = ((meta.get("head") or {}).get("args") or {}).get("num_classes")
     if classes is not None and n_out is not None and len(classes) != int(n_out):

@@ -238,3 +238,33 @@ def test_a_bad_sampling_rate_is_one_clear_error(tmp_path):
     ref = enc.embed(x, fs=100)
     for ok in (np.float64(100.0), np.array(100.0), torch.tensor(100.0), 100.0):   # np.load(npz)["fs"] is 0-d
         np.testing.assert_array_equal(enc.embed(x, fs=ok), ref)
+
+
+def test_lists_of_records_grad_tensors_empty_batches_and_strides():
+    """A list of records of different lengths failed with numpy's "inhomogeneous shape", a tensor that requires
+    grad with "Can't call numpy()", an empty batch with "need at least one array to stack", and stride_samples=2.5
+    silently became 2 (0: the default)."""
+    import pytest
+    import torch
+
+    from ecgfm.api import Encoder
+    from ecgfm.backbones import create_backbone
+    from ecgfm.data.record import CANONICAL_LEADS
+
+    torch.manual_seed(0)
+    backbone = create_backbone("vit1d_test").eval()
+    enc = Encoder(backbone, None, {"input": {"fs": 100.0, "leads": list(CANONICAL_LEADS), "window_samples": 250,
+                                             "stride_samples": 250}}, "cpu")
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(12, 500)).astype(np.float32), rng.normal(size=(12, 750)).astype(np.float32)
+    z = enc.embed([a, b], fs=100)
+    assert z.shape[0] == 2
+    np.testing.assert_allclose(z[0], enc.embed(a, fs=100), atol=1e-6)
+    np.testing.assert_allclose(z[1], enc.embed(b, fs=100), atol=1e-6)
+    t = torch.from_numpy(a).requires_grad_(True)
+    np.testing.assert_allclose(enc.embed(t, fs=100), enc.embed(a, fs=100), atol=1e-6)
+    with pytest.raises(ValueError, match="empty"):
+        enc.embed(np.zeros((0, 12, 500), np.float32), fs=100)
+    for bad in (2.5, 0, -1):
+        with pytest.raises(ValueError, match="stride_samples"):
+            enc.embed(a, fs=100, stride_samples=bad)

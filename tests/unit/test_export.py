@@ -457,6 +457,8 @@ def test_encoder_saved_without_preprocessing_is_not_given_the_default_spec(tmp_p
     (lambda m: m.update(thresholds=[0.5]), "thresholds must be 2 finite numbers"),
     (lambda m: m.update(classes=["a", "b", "c"]), "3 classes for a head of 2 outputs"),
     (lambda m: m.update(multilabel="yes"), "multilabel must be true or false"),
+    (lambda m: m.update(lead_aware="false"), "lead_aware must be true, false or null"),
+    (lambda m: m["input"].update(fs=250.0), r"input.fs \(250.0 Hz\) and preprocess.fs \(100.0 Hz\) disagree"),
 ])
 def test_classifier_description_fields_are_checked_at_load(tmp_path, edit, match):
     """A hand-edited or foreign classifier.json was read silently ("logits" as prob, a lead fed twice, stride 0 as
@@ -473,6 +475,28 @@ def test_classifier_description_fields_are_checked_at_load(tmp_path, edit, match
     (tmp_path / "c" / "classifier.json").write_text(json.dumps(meta))
     with pytest.raises(ArtifactError, match=match):
         load_classifier(tmp_path / "c")
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda m: m["input"].update(leads=["I"] * 12), "input.leads must be distinct canonical"),
+    (lambda m: m["input"].update(leads=["X"] + m["input"]["leads"][1:]), "input.leads must be distinct canonical"),
+    (lambda m: m["input"].update(window_samples=0), "input.window_samples must be a positive integer"),
+    (lambda m: m["input"].update(window_samples="2250"), "input.window_samples must be a positive integer"),
+    (lambda m: m["input"].update(stride_samples=-3), "input.stride_samples must be a positive integer"),
+    (lambda m: m["input"].update(fs=250.0), "disagree"),
+])
+def test_encoder_description_fields_are_checked_at_load(tmp_path, edit, match):
+    """An encoder.json edited by hand was not checked: lead I listed 12 times fed lead I 12 times, a window of 0
+    meant the whole record, an unknown lead failed at the first call with "tuple.index(x)"."""
+    from ecgfm.artifacts import ArtifactError, load_encoder, save_encoder
+
+    save_encoder(tmp_path / "e", create_backbone("vit1d_test"), PreprocessSpec(fs=100.0), window_samples=250)
+    load_encoder(tmp_path / "e")
+    meta = json.loads((tmp_path / "e" / "encoder.json").read_text())
+    edit(meta)
+    (tmp_path / "e" / "encoder.json").write_text(json.dumps(meta))
+    with pytest.raises(ArtifactError, match=match):
+        load_encoder(tmp_path / "e")
 
 
 def test_a_load_during_a_swap_reads_again(tmp_path, monkeypatch):
