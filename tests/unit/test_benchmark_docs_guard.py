@@ -5,21 +5,17 @@ experiment files."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import shutil
 from pathlib import Path
 
 import pytest
 
+from tests.unit.test_benchmark_doc import _script   # a fresh module of scripts/benchmark_real.py per call
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("benchmark_real_docs_guard", ROOT / "scripts" / "benchmark_real.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 STEPS = (100, 200)
