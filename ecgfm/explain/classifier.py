@@ -59,19 +59,25 @@ def save_classifier(out_dir: str | os.PathLike, backbone: nn.Module, head: nn.Mo
         lead_names: lead order of the input rows.
         head_spec: ``{"name": key of HEADS, "args": {...}}`` (default: recognised from the head's layers).
         extra: JSON-able information (training data, metrics); ``data`` / ``val_macro_auroc`` also go to the
-            model card.
+            model card, and so does a ``provenance`` dict (licence, citation, source: the model zoo's), merged into
+            the artifact's provenance as :func:`ecgfm.export.export_encoder` does.
 
     Returns:
         ``out_dir``.
     """
     extra = dict(extra or {})
     evaluation = {"validation macro AUROC": extra["val_macro_auroc"]} if "val_macro_auroc" in extra else None
-    provenance = {"data": extra["data"]} if "data" in extra else None
+    provenance = {"data": extra["data"]} if "data" in extra else {}
+    if isinstance(extra.get("provenance"), dict):
+        # as export_encoder does for encoders: an imported model's licence, citation and source checksum (the
+        # model zoo) belong on the classifier's card too; a non-commercial licence must not vanish with the head
+        provenance.update(extra["provenance"])
     # the demo classifiers train on zero-filled absent leads (train_classifier passes no lead mask): a lead-aware
     # backbone must run them the same way, not on masked tokens it was never trained on
     return artifacts.save_classifier(out_dir, backbone, head, preprocess, class_names, multilabel, fs=fs,
                                      window_samples=n_samples, leads=lead_names, head_spec=head_spec,
-                                     provenance=provenance, evaluation=evaluation, extra=extra, lead_aware=False)
+                                     provenance=provenance or None, evaluation=evaluation, extra=extra,
+                                     lead_aware=False)
 
 
 def is_classifier_dir(path: str | os.PathLike) -> bool:

@@ -59,7 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
                          "without config.json)")
     ap.add_argument("--classifier", action="store_true", help="write a classifier (encoder + the checkpoint's head)")
     ap.add_argument("--class-names", help="classifier: JSON list file, text file (one a line) or comma list")
-    ap.add_argument("--multiclass", action="store_true", help="classifier: softmax outputs (default: sigmoid)")
+    act = ap.add_mutually_exclusive_group()
+    act.add_argument("--multilabel", dest="multilabel", action="store_const", const=True, default=None,
+                     help="classifier: sigmoid outputs, independent labels (a head trained with binary "
+                          "cross-entropy; ecgfounder's default)")
+    act.add_argument("--multiclass", dest="multilabel", action="store_const", const=False,
+                     help="classifier: softmax outputs, one class per record (a head trained with cross-entropy, "
+                          "ST-MEM's recipe); stmem needs --multilabel or --multiclass")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
     return ap
 
@@ -86,11 +92,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: option(s) {', '.join('--' + k.replace('_', '-') for k in misplaced)} do not apply to "
               f"{args.kind}", file=sys.stderr)
         return 2
+    if not args.classifier and (args.multilabel is not None or args.class_names is not None):
+        # an encoder has no outputs to name or activate: saying so beats silently dropping the option
+        flag = "--class-names" if args.class_names is not None else \
+            ("--multilabel" if args.multilabel else "--multiclass")
+        print(f"error: {flag} applies to a classifier import only (add --classifier)", file=sys.stderr)
+        return 2
     options = {k: v for k, v in given.items() if v is not None}
     try:
         if args.classifier:
             out = import_classifier(args.kind, args.checkpoint, args.out_dir,
-                                    class_names=_class_names(args.class_names), multilabel=not args.multiclass, overwrite=args.overwrite, **options)
+                                    class_names=_class_names(args.class_names), multilabel=args.multilabel,
+                                    overwrite=args.overwrite, **options)
         else:
             out = import_encoder(args.kind, args.checkpoint, args.out_dir, overwrite=args.overwrite, **options)
     except (ZooImportError, FileNotFoundError, FileExistsError, ValueError) as exc:

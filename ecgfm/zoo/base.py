@@ -69,6 +69,12 @@ class ZooKind:
         lead_order: ``init_args -> lead names`` of the model's input channels.
         provenance: licence, citation, code and weights URLs (plain data).
         options: option name -> help text (what the state dict cannot tell).
+        head_multilabel: the output activation of the kind's classification heads where the peer's own code fixes
+            it (True: sigmoid, independent labels; False: softmax), or None where it is the fine-tuner's choice and
+            :func:`~ecgfm.zoo.import_classifier` must be told (``multilabel=``, ``--multilabel`` /
+            ``--multiclass``): the weights do not say, and a wrong guess gives wrong probabilities without an error.
+        head_multilabel_source: where ``head_multilabel`` is read from in the peer's code (written to the
+            classifier's ``extra.zoo.head.activation_from``).
     """
 
     name: str
@@ -81,6 +87,8 @@ class ZooKind:
     lead_order: Callable[[Mapping[str, Any]], list[str]]
     provenance: dict[str, Any]
     options: dict[str, str]
+    head_multilabel: bool | None = None
+    head_multilabel_source: str = ""
 
 
 def sha256_of(path: Path) -> str:
@@ -206,6 +214,45 @@ def need(kind: str, state: Mapping[str, torch.Tensor], key: str, ndim: int | Non
     if ndim is not None and t.ndim != ndim:
         raise ZooImportError(kind, f"{key!r} has shape {tuple(t.shape)}, expected {ndim} dimensions")
     return t
+
+
+def head_of(kind: str, state: Mapping[str, torch.Tensor], prefix: str, in_dim: int) -> StateDict | None:
+    """The checkpoint's classification layer ``{prefix}weight`` / ``{prefix}bias`` (None when it has none), checked
+    to be a linear layer on the ``in_dim``-wide embedding.
+
+    Checked here, at conversion, because nothing later catches a misfit cleanly: a head of the wrong width used to
+    import and then fail at predict time (a matrix-product error, or a bare IndexError for a 1-D weight), and a bias
+    of the wrong length escaped the command line as a raw ``size mismatch`` traceback.
+
+    Args:
+        kind: for the message.
+        state: the checkpoint's state dict (peer key layout).
+        prefix: the head's key prefix, e.g. ``"dense."`` or ``"head."``.
+        in_dim: the backbone's embedding width (the head's input).
+
+    Raises:
+        ZooImportError: naming the key, its shape and the expected shape: a weight that is not
+            ``(num_classes, in_dim)`` with ``num_classes >= 1``, a bias that is not ``(num_classes,)``, or a bias
+            without a weight.
+    """
+    wkey, bkey = prefix + "weight", prefix + "bias"
+    if wkey not in state:
+        if bkey in state:
+            raise ZooImportError(kind, f"{bkey!r} (shape {tuple(state[bkey].shape)}) is present but {wkey!r} is "
+                                       f"missing: not a complete classification layer")
+        return None
+    w = state[wkey]
+    if w.ndim != 2 or w.shape[1] != in_dim or w.shape[0] < 1:
+        raise ZooImportError(kind, f"{wkey!r} has shape {tuple(w.shape)}, expected (num_classes, {in_dim}): a linear "
+                                   f"layer on the model's {in_dim}-wide embedding")
+    head = {"weight": w}
+    if bkey in state:
+        b = state[bkey]
+        if tuple(b.shape) != (int(w.shape[0]),):
+            raise ZooImportError(kind, f"{bkey!r} has shape {tuple(b.shape)}, expected ({int(w.shape[0])},): one "
+                                       f"value per output of {wkey!r} {tuple(w.shape)}")
+        head["bias"] = b
+    return head
 
 
 def check_keys(kind: str, expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor],

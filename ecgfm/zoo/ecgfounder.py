@@ -29,8 +29,8 @@ import torch
 from ecgfm.backbones import create_backbone
 from ecgfm.data.preprocess import PreprocessSpec
 from ecgfm.data.record import CANONICAL_LEADS
-from ecgfm.zoo.base import (ImportedWeights, StateDict, ZooImportError, ZooKind, check_keys, indices, leads_option,
-                             need)
+from ecgfm.zoo.base import (ImportedWeights, StateDict, ZooImportError, ZooKind, check_keys, head_of, indices,
+                             leads_option, need)
 
 KIND = "ecgfounder"
 BACKBONE = "net1d"
@@ -157,13 +157,8 @@ def convert(state: StateDict, options: Mapping[str, Any]) -> ImportedWeights:
         ignored.update({k: "BatchNorm of a model built with use_bn=False (never used by its forward)"
                         for k in state if k.startswith("first_bn.") or
                         ((m := _BLOCK.match(k)) is not None and re.match(r"bn\d\.", m.group(3)))})
-    head = None
-    if "dense.weight" in state:
-        head = {n: state[f"dense.{n}"] for n in ("weight", "bias") if f"dense.{n}" in state}
-        ignored.update({f"dense.{n}": "classification layer (importable as a classifier)" for n in head})
-        if head["weight"].ndim != 2 or head["weight"].shape[1] != model.num_features:
-            raise ZooImportError(KIND, f"dense.weight has shape {tuple(head['weight'].shape)}, expected "
-                                       f"(n_classes, {model.num_features})")
+    head = head_of(KIND, state, "dense.", model.num_features)
+    ignored.update({f"dense.{n}": "classification layer (importable as a classifier)" for n in (head or {})})
     check_keys(KIND, to_peer(model.state_dict()), state, ignored)
     return ImportedWeights(BACKBONE, args, from_peer(state, args["use_bn"]), head, inferred, ignored)
 
@@ -208,4 +203,8 @@ SPEC = ZooKind(
              "use_do": "dropout in the blocks when fine-tuning (ECGFounder: off)",
              "leads": "canonical lead names of the input channels (default: 12 canonical leads, or I for 1)",
              "window_seconds": "model input length in seconds at 500 Hz (ECGFounder: 10)"},
+    # the peer's code fixes it: every head is trained with BCEWithLogitsLoss and read with torch.sigmoid
+    head_multilabel=True,
+    head_multilabel_source="ECGFounder's code: heads trained with nn.BCEWithLogitsLoss and read with torch.sigmoid "
+                           "(MIMIC_finetune_template.py); the released dense layer scores 150 independent labels",
 )

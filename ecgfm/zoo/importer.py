@@ -111,28 +111,53 @@ def _extra(spec: ZooKind, checkpoint: Path, weights: ImportedWeights, options: M
     }
 
 
+def _folder_lock(out: Path):
+    """The lock :func:`ecgfm.artifacts.write_artifact` takes for the same folder (``.<name>.lock`` beside it,
+    :func:`ecgfm.io.file_lock`), so an import and an artifact writer (or two imports) of one folder run one at a
+    time. The lock file stays, as every writer's does: removing it while another process waits on it would let
+    two writers hold "the" lock at once."""
+    from ecgfm.io import file_lock
+
+    return file_lock(out.parent / f".{out.name}.lock")
+
+
 def _publish(out_dir: str | os.PathLike, overwrite: bool, write: Callable[[Path], None]) -> Path:
-    """Run ``write(folder)`` on a fresh folder beside ``out_dir`` and rename it to ``out_dir`` when it returns."""
+    """Run ``write(folder)`` on a fresh folder beside ``out_dir`` and rename it to ``out_dir`` when it returns.
+
+    Holds the lock file :func:`ecgfm.artifacts.write_artifact` takes for the same folder (:func:`_folder_lock`)
+    from the existence check to the retitled model card: without it two imports (or an import and a sweep writing
+    an artifact) into one folder could both pass the check and the later rename would silently replace the other's
+    folder, or one's README could name the other's weights. ``write_artifact`` itself is not reused: it writes
+    from tensors and a description, while the zoo writes through ``export_encoder`` / ``save_classifier`` and
+    checks the reloaded result before the swap.
+
+    Raises:
+        FileExistsError: ``out_dir`` exists, is not an empty folder, and ``overwrite`` is False.
+    """
     out = Path(out_dir)
-    if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not overwrite:
-        raise FileExistsError(f"{out} exists and is not empty (pass overwrite=True / --overwrite to replace it)")
+    if out.is_symlink():   # as write_artifact: a link to a versioned folder keeps linking, the folder is replaced
+        out = Path(os.path.realpath(out))
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.zoo-", suffix=".tmp"))
-    try:
-        folder = staging / "artifact"
-        write(folder)
-        previous = staging / "previous"
-        if out.exists():
-            os.replace(out, previous)
+    with _folder_lock(out):
+        # checked under the lock: another writer may have filled the folder since the caller started
+        if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not overwrite:
+            raise FileExistsError(f"{out} exists and is not empty (pass overwrite=True / --overwrite to replace it)")
+        staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.zoo-", suffix=".tmp"))
         try:
-            os.replace(folder, out)
-        except OSError:
-            if previous.exists():  # put the old folder back before the staging folder is removed
-                os.replace(previous, out)
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    _retitle_card(out)
+            folder = staging / "artifact"
+            write(folder)
+            previous = staging / "previous"
+            if out.exists():
+                os.replace(out, previous)
+            try:
+                os.replace(folder, out)
+            except OSError:
+                if previous.exists():  # put the old folder back before the staging folder is removed
+                    os.replace(previous, out)
+                raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        _retitle_card(out)
     return out
 
 
@@ -147,15 +172,33 @@ def _retitle_card(out: Path) -> None:
     atomic_write_text(out / "README.md", model_card(meta, str(out)))
 
 
-def _check_same(kind: str, reference: nn.Module, loaded: nn.Module, window: int) -> None:
-    """The reloaded artifact must embed exactly as the imported model (guards every step in between)."""
+def _check_same(kind: str, reference: Callable[[torch.Tensor], torch.Tensor],
+                loaded: Callable[[torch.Tensor], torch.Tensor], window: int, what: str = "embeddings") -> None:
+    """The reloaded artifact must compute exactly what the imported model computes (guards every step in between).
+
+    Args:
+        kind: for the message.
+        reference: ``(B, 12, window) -> output`` of the model in memory (e.g. ``backbone.embed``).
+        loaded: the same of the reloaded artifact.
+        window: input length in samples.
+        what: the compared output, for the message.
+
+    Raises:
+        ZooImportError: the outputs differ, or the reloaded artifact does not run on a batch of the model's input.
+    """
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, len(CANONICAL_LEADS), window, generator=g)
     with torch.no_grad():
-        a, b = reference.embed(x), loaded.embed(x)
-    if not torch.equal(a, b):
-        raise ZooImportError(kind, f"the written artifact does not reproduce the imported model (max abs "
-                                   f"difference {(a - b).abs().max().item():.3g})")
+        a = reference(x)
+        try:
+            b = loaded(x)
+        except (RuntimeError, ValueError, IndexError) as exc:   # a misfit that only shows when the model runs
+            raise ZooImportError(kind, f"the written artifact does not run on a ({2}, {len(CANONICAL_LEADS)}, "
+                                       f"{window}) batch: {type(exc).__name__}: {exc}") from exc
+    if a.shape != b.shape or not torch.equal(a, b):
+        diff = (f"shape {tuple(b.shape)} vs {tuple(a.shape)}" if a.shape != b.shape else
+                f"max abs difference {(a - b).abs().max().item():.3g}")
+        raise ZooImportError(kind, f"the written artifact does not reproduce the imported model's {what} ({diff})")
 
 
 def import_encoder(kind: str, checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *,
@@ -184,14 +227,40 @@ def import_encoder(kind: str, checkpoint: str | os.PathLike, out_dir: str | os.P
 
     def write(folder: Path) -> None:
         export_encoder(backbone, folder, spec.preprocess(options), extra=extra)
-        _check_same(kind, backbone, load_encoder(folder)[0], window)
+        _check_same(kind, backbone.embed, load_encoder(folder)[0].embed, window)
 
     return _publish(out_dir, overwrite, write)
 
 
+def _multilabel(spec: ZooKind, multilabel: bool | None) -> tuple[bool, str]:
+    """The head's output activation (True: sigmoid, False: softmax) and where it comes from.
+
+    Not in the weights, and a wrong one gives plausible but wrong probabilities (sigmoid over a softmax-trained
+    head: rows summing to ~C/2 with no error), so it is never guessed: the caller's ``multilabel``, else the kind's
+    activation where the peer's own code fixes it (:attr:`ZooKind.head_multilabel`), else an error.
+
+    Raises:
+        ZooImportError: ``multilabel`` is not a bool, or None for a kind whose heads' activation is the
+            fine-tuner's choice.
+    """
+    if multilabel is not None:
+        if not isinstance(multilabel, bool):   # "false" or 0.0 would be read as a truth value
+            raise ZooImportError(spec.name, f"multilabel must be True (sigmoid) or False (softmax), got "
+                                            f"{type(multilabel).__name__} {multilabel!r}")
+        return multilabel, "option multilabel (--multilabel / --multiclass)"
+    if spec.head_multilabel is not None:
+        return spec.head_multilabel, spec.head_multilabel_source
+    raise ZooImportError(spec.name, f"the output activation of the checkpoint's head (sigmoid or softmax) is not "
+                                    f"stored in the weights, and {spec.name} does not fix it "
+                                    f"({spec.head_multilabel_source}): pass "
+                                    f"multilabel=False (--multiclass) for a head trained with cross-entropy "
+                                    f"(softmax, one class per record) or multilabel=True (--multilabel) for one "
+                                    f"trained with binary cross-entropy (sigmoid, independent labels)")
+
+
 def import_classifier(kind: str, checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *,
-                      class_names: Sequence[str] | None = None, multilabel: bool = True, overwrite: bool = False,
-                      **options: Any) -> Path:
+                      class_names: Sequence[str] | None = None, multilabel: bool | None = None,
+                      overwrite: bool = False, **options: Any) -> Path:
     """Import a peer checkpoint with its classification layer as an ecgfm classifier artifact folder.
 
     Args:
@@ -199,13 +268,25 @@ def import_classifier(kind: str, checkpoint: str | os.PathLike, out_dir: str | o
         checkpoint: the local weights file.
         out_dir: the classifier folder to create.
         class_names: the ``C`` output names in order (default ``class_0 .. class_{C-1}``).
-        multilabel: sigmoid outputs (ECGFounder: 150 independent labels); False: softmax.
+        multilabel: True: sigmoid outputs (independent labels); False: softmax (one class per record). None (the
+            default) takes the kind's activation where the peer's code fixes it (``ecgfounder``: sigmoid, its heads
+            are trained with ``BCEWithLogitsLoss``) and is an error otherwise (``stmem``: the fine-tuner chose the
+            loss; ST-MEM's recipe defaults to cross-entropy, i.e. ``multilabel=False``). Recorded with its source
+            in ``extra.zoo.head``.
         overwrite: replace an existing non-empty ``out_dir``.
         **options: as :func:`import_encoder`.
 
     Returns:
         ``out_dir`` (loads with :func:`ecgfm.explain.classifier.load_classifier`).
+
+    Raises:
+        FileNotFoundError, FileExistsError: see :func:`import_encoder`.
+        ZooImportError: as :func:`load_peer` (including a head that is not ``(C, D)`` on the ``D``-wide embedding
+            or whose bias is not ``(C,)``); no head in the checkpoint; ``class_names`` not ``C`` long; no
+            ``multilabel`` for a kind without a fixed activation; the written classifier does not reload or does
+            not give the imported model's logits. Nothing is left at ``out_dir``.
     """
+    from ecgfm.artifacts import load_classifier
     from ecgfm.explain.classifier import save_classifier
 
     spec = _kind(kind)
@@ -213,22 +294,39 @@ def import_classifier(kind: str, checkpoint: str | os.PathLike, out_dir: str | o
     if weights.head is None:
         raise ZooImportError(kind, f"{checkpoint} holds no classification layer to import as a classifier "
                                    f"(import it as an encoder instead)")
+    multilabel, activation_from = _multilabel(spec, multilabel)
     w = weights.head["weight"]
     head = nn.Linear(w.shape[1], w.shape[0], bias="bias" in weights.head)
-    head.load_state_dict(weights.head, strict=True)
+    try:   # the converters check the shapes; this keeps any misfit they miss a ZooImportError (one CLI line)
+        head.load_state_dict(weights.head, strict=True)
+    except RuntimeError as exc:
+        raise ZooImportError(kind, f"{checkpoint}: the classification layer does not load into a linear head "
+                                   f"{tuple(w.shape)}: {exc}") from exc
+    head.eval()
     names = [str(c) for c in class_names] if class_names is not None else [f"class_{i}" for i in range(w.shape[0])]
     if len(names) != w.shape[0]:
         raise ZooImportError(kind, f"{len(names)} class names given for a head with {w.shape[0]} outputs")
     window = spec.window(weights.init_args, options)
     pre = spec.preprocess(options)
     extra = _extra(spec, Path(checkpoint), weights, options, window)
+    extra["zoo"]["head"].update(multilabel=multilabel, activation="sigmoid" if multilabel else "softmax",
+                                activation_from=activation_from)
 
     def write(folder: Path) -> None:
-        save_classifier(folder, backbone, head.eval(), pre, names, multilabel, fs=pre.fs, n_samples=window,
+        save_classifier(folder, backbone, head, pre, names, multilabel, fs=pre.fs, n_samples=window,
                         lead_names=CANONICAL_LEADS,
                         head_spec={"name": "linear", "args": {"in_dim": int(w.shape[1]),
                                                               "num_classes": int(w.shape[0]),
                                                               "bias": "bias" in weights.head}},
                         extra=extra)
+        # as import_encoder: reload what was written and run it once before it replaces anything at out_dir
+        try:
+            model, _, meta = load_classifier(folder)
+        except ValueError as exc:   # ArtifactError: the file and the problem
+            raise ZooImportError(kind, f"the written classifier does not reload: {exc}") from exc
+        if meta.get("multilabel") is not multilabel:
+            raise ZooImportError(kind, f"the written classifier says multilabel={meta.get('multilabel')!r}, "
+                                       f"expected {multilabel}")
+        _check_same(kind, lambda x: head(backbone.embed(x)), model, window, what="logits")
 
     return _publish(out_dir, overwrite, write)

@@ -43,8 +43,8 @@ import torch
 from ecgfm.backbones import create_backbone
 from ecgfm.data.preprocess import PreprocessSpec
 from ecgfm.data.record import CANONICAL_LEADS
-from ecgfm.zoo.base import (ImportedWeights, StateDict, ZooImportError, ZooKind, check_keys, indices, leads_option,
-                             need)
+from ecgfm.zoo.base import (ImportedWeights, StateDict, ZooImportError, ZooKind, check_keys, head_of, indices,
+                             leads_option, need)
 
 KIND = "stmem"
 BACKBONE = "stmem_vit"
@@ -206,9 +206,7 @@ def convert(state: StateDict, options: Mapping[str, Any]) -> ImportedWeights:
     args, inferred = infer_args(state, options)
     assumed = {k: v for k, v in inferred.items() if v.startswith(ASSUMED)}   # load_peer warns about each
     model = create_backbone(BACKBONE, **args)
-    head = None
-    if "head.weight" in state:  # a fine-tuned model: its head becomes the classifier head
-        head = {n: state[f"head.{n}"] for n in ("weight", "bias") if f"head.{n}" in state}
+    head = head_of(KIND, state, "head.", args["width"])  # a fine-tuned model: its head becomes the classifier head
     ignored = {f"head.{n}": "classification head (importable as a classifier)" for n in (head or {})}
     check_keys(KIND, to_peer(model.state_dict()), state, ignored)
     ignored.update(outside)
@@ -264,4 +262,9 @@ SPEC = ZooKind(
                       "embedding (needed when the checkpoint has other than 12 embeddings: the lead of each)",
              "checkpoint_leads": "a 12-embedding checkpoint trained on another channel order: the lead of each "
                                  "lead_embeddings row, in order (e.g. HEEDB's I, II, III, aVR, aVF, aVL, V1-V6)"},
+    # no default activation: the authors publish no head, and a fine-tuned one's loss is a config choice
+    # (configs/downstream/st_mem.yaml: loss cross_entropy, i.e. softmax, by default; BCE is one line away)
+    head_multilabel=None,
+    head_multilabel_source="ST-MEM's downstream recipe (configs/downstream/st_mem.yaml) trains heads with "
+                           "loss.name: cross_entropy (softmax) by default, but the loss is the fine-tuner's choice",
 )
