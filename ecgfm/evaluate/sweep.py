@@ -616,8 +616,8 @@ def _todo(ctx: _Context, checkpoint: str, leakage: dict[str, Any] | None = None)
                     found = None
             if ctx.cfg.get("overwrite") or found is None:
                 out.append((f, s))
-            elif leakage is not None:
-                _refresh_leakage(found, leakage)
+            else:
+                _refresh_reused(found, checkpoint, leakage)
     return out
 
 
@@ -639,24 +639,38 @@ def _classifier_mismatch(cell_file: Path, checkpoint_id: str, rid: str) -> str |
     return None
 
 
-def _refresh_leakage(cell_file: Path, leakage: dict[str, Any]) -> None:
-    """Give a reused cell this run's leakage verdict: a cell written before its encoder's pretraining data was
-    named (or under allow_leakage=true with other data) kept "ok" / "unchecked" and could be read as clean.
+def _refresh_reused(cell_file: Path, checkpoint: str, leakage: dict[str, Any] | None) -> None:
+    """Bring a reused cell up to this run, without touching its numbers:
 
-    Only a changed verdict (``checked`` / ``leaked``) rewrites the cell (a path spelt otherwise does not), and only
-    if no other job rewrote the file since it was read."""
+    * this run's leakage verdict (``leakage``): a cell written before its encoder's pretraining data was named (or
+      under allow_leakage=true with other data) kept "ok" / "unchecked" and could be read as clean; only a changed
+      verdict (``checked`` / ``leaked``) counts (a path spelt otherwise does not);
+    * in a multirun, this sweep's id: a resumed recipe multirun must see the cells it reuses as its own, or a job
+      of another recipe would take over the file of a finished one (:func:`_replaceable`);
+    * ``checkpoint_path`` where the cell has none (cells before 2026-12-06): where its relative checkpoint string
+      points from the folder the sweep runs in, for the report's superseded check.
+
+    The file is rewritten only when something changed, and only if no other job rewrote it since it was read."""
     try:
         before = file_key(cell_file)
         cell = json.loads(cell_file.read_text())
     except (OSError, ValueError):
         return
-    leakage = json.loads(json.dumps(jsonable(leakage)))   # as a cell stores it
-    old = cell.get("leakage") or {}
-    if all(old.get(k) == leakage.get(k) for k in ("checked", "leaked")):
+    changed = False
+    if leakage is not None:
+        leakage = json.loads(json.dumps(jsonable(leakage)))   # as a cell stores it
+        old = cell.get("leakage") or {}
+        if not all(old.get(k) == leakage.get(k) for k in ("checked", "leaked")):
+            log.warning("%s: reused with this run's leakage check (%s), not the one it was written with (%s)",
+                        cell_file, leakage, old)
+            cell["leakage"], changed = leakage, True
+    sweep = _sweep_id()
+    if _in_multirun() and sweep is not None and cell.get("sweep") != sweep:
+        cell["sweep"], changed = sweep, True
+    if not cell.get("checkpoint_path") and os.path.exists(str(checkpoint)):
+        cell["checkpoint_path"], changed = os.path.abspath(str(checkpoint)), True
+    if not changed:
         return
-    log.warning("%s: reused with this run's leakage check (%s), not the one it was written with (%s)", cell_file,
-                leakage, old)
-    cell["leakage"] = leakage
     try:
         if file_key(cell_file) == before:
             atomic_write_json(cell_file, cell)

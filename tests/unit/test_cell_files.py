@@ -45,6 +45,11 @@ def _cells(results: Path) -> dict[str, dict]:
     return {p.name: json.loads(p.read_text()) for p in (results / "cells").rglob("*.json")}
 
 
+def _numbers(cells: dict[str, dict]) -> dict[str, dict]:
+    """The cells without ``sweep`` (a reused cell takes the running sweep's id)."""
+    return {name: {k: v for k, v in c.items() if k != "sweep"} for name, c in cells.items()}
+
+
 def test_cell_path_tags():
     plain = S.cell_path("r", "linear", "t", "random:x", 1.0, 0)
     legacy = S.cell_path("r", "linear", "t", "random:x", 1.0, 0, recipe_id="abcdef0123456789")
@@ -74,7 +79,7 @@ def test_multirun_over_init_seed_keeps_one_cell_per_seed(work, tmp_path, multiru
     for cfg in jobs:
         again = S.probe_main(cfg)
         assert again["cells_written"] == [] and again["cells_skipped"] == 1
-    assert _cells(res) == cells
+    assert _numbers(_cells(res)) == _numbers(cells)   # reused: only the sweep id a reused cell takes changes
 
 
 def test_another_init_seed_outside_a_multirun_is_kept_too(work, tmp_path, monkeypatch):
@@ -88,6 +93,25 @@ def test_another_init_seed_outside_a_multirun_is_kept_too(work, tmp_path, monkey
     for i in (0, 1):
         assert S.probe_main(_cfg(work, res, "checkpoint=random:resnet1d_test", "seed=0",
                                  f"init_seed={i}"))["cells_skipped"] == 1
+
+
+def test_resumed_recipe_multirun_keeps_the_finished_cell(work, tmp_path, multirun):
+    """An interrupted ``-m probe.max_iter=100,200 seed=0,1`` (only max_iter=100 / seed 0 finished), resumed under a
+    new sweep id: the max_iter=200 job replaced the finished max_iter=100 cell (written under the old id), so that
+    row lost seed 0 and the next resume recomputed it. A reused cell now takes the running sweep's id."""
+    res = tmp_path / "r"
+    ck = "checkpoint=random:resnet1d_test"
+    multirun("sweep-1")
+    assert len(S.probe_main(_cfg(work, res, ck, "probe.max_iter=100", "seed=0"))["cells_written"]) == 1
+    multirun("sweep-2")
+    jobs = [_cfg(work, res, ck, f"probe.max_iter={m}", f"seed={s}") for m in (100, 200) for s in (0, 1)]
+    assert [len(S.probe_main(cfg)["cells_written"]) for cfg in jobs] == [0, 1, 1, 1]
+    cells = _cells(res)
+    assert sorted((c["recipe"]["head"]["max_iter"], c["seed"]) for c in cells.values()) == \
+        [(100, 0), (100, 1), (200, 0), (200, 1)]
+    multirun("sweep-3")
+    for cfg in jobs:
+        assert S.probe_main(cfg)["cells_written"] == []
 
 
 def test_a_changed_recipe_takes_over_and_a_recipe_multirun_settles(work, tmp_path, multirun):
@@ -113,7 +137,7 @@ def test_a_changed_recipe_takes_over_and_a_recipe_multirun_settles(work, tmp_pat
     multirun("sweep-4")
     for cfg in jobs:
         assert S.probe_main(cfg)["cells_written"] == []
-    assert _cells(res) == cells
+    assert _numbers(_cells(res)) == _numbers(cells)   # reused: only the sweep id a reused cell takes changes
 
 
 def test_stale_plain_cell_is_still_replaced(work, tmp_path, multirun):
@@ -140,6 +164,29 @@ def test_stale_plain_cell_is_still_replaced(work, tmp_path, multirun):
     multirun("sweep-2")
     second = S.probe_main(cfg)["cells_written"]
     assert first == second and Path(first[0]).name == "f1_s0.json" and len(_cells(res)) == 1
+
+
+def test_a_reused_cell_records_where_its_checkpoint_is(work, tmp_path, multirun):
+    """Cells written before checkpoint_path existed (all of an older benchmark) could not be judged by the
+    report's superseded check; a rerun that reuses one records where its checkpoint string points."""
+    import torch
+
+    from ecgfm.backbones import create_backbone
+    from ecgfm.data.preprocess import PreprocessSpec
+    from ecgfm.export import export_encoder
+
+    res, enc = tmp_path / "r", tmp_path / "enc" / "encoder"
+    torch.manual_seed(0)
+    export_encoder(create_backbone("resnet1d_test"), enc, PreprocessSpec(), extra={"method": "ToyModule"})
+    multirun("sweep-1")
+    cfg = _cfg(work, res, f"checkpoint={enc}", "seed=0")
+    (p,) = S.probe_main(cfg)["cells_written"]
+    cell = json.loads(Path(p).read_text())
+    assert cell["checkpoint_path"] == str(enc)
+    del cell["checkpoint_path"]
+    Path(p).write_text(json.dumps(cell))
+    assert S.probe_main(cfg)["cells_written"] == []
+    assert json.loads(Path(p).read_text())["checkpoint_path"] == str(enc)
 
 
 def test_legacy_recipe_tagged_file_is_still_found(work, tmp_path, multirun):
