@@ -136,6 +136,8 @@ class _Model:
             return [self._prepare(sig, rec_fs, names, str(signal))], [str(signal)]
         if isinstance(signal, torch.Tensor):   # a tensor that requires grad (or lives on a GPU) has no .numpy()
             signal = signal.detach().cpu()
+        if isinstance(signal, (list, tuple)) and not signal:
+            raise ValueError("no records: the batch is empty")
         if _record_list(signal):
             # a list of (leads, samples_i) records of any lengths: one record each (they are prepared one by one)
             batch = [np.asarray(s.detach().cpu() if isinstance(s, torch.Tensor) else s, dtype=np.float32)
@@ -210,10 +212,13 @@ class _Model:
         embeds the padding with it: a ``UserWarning`` names the record, its length, the window and the padded
         fraction, since the result is not the model's embedding of the record alone.
         """
-        if stride is not None and (isinstance(stride, bool) or not isinstance(stride, (int, np.integer))
-                                   or stride < 1):
-            raise ValueError(f"stride_samples must be a positive whole number of samples at the model rate, got "
-                             f"{stride!r}")
+        if stride is not None:
+            ok = not isinstance(stride, bool) and isinstance(stride, (int, float, np.integer, np.floating)) and \
+                float(stride).is_integer() and stride >= 1
+            if not ok:   # 2.5 became 2 and 0 meant "the default" without a word
+                raise ValueError(f"stride_samples must be a positive whole number of samples at the model rate "
+                                 f"(None: the artifact's stride), got {stride!r}")
+            stride = int(stride)
         if not self.window_samples:
             return x[None]
         t, window = int(x.shape[-1]), int(self.window_samples)

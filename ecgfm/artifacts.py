@@ -653,6 +653,7 @@ def save_encoder(out_dir: str | os.PathLike, backbone: nn.Module,
     meta = {"architecture": _architecture(backbone), "preprocess": None if spec is None else spec.to_dict(),
             "input": _input(fs, leads, window_samples, None), "provenance": _provenance(provenance),
             "evaluation": dict(evaluation or {}), "extra": dict(extra or {})}
+    _check_input_meta(meta, Path(out_dir))   # what the loader refuses is not written
     return write_artifact(out_dir, "encoder", getattr(backbone, "_orig_mod", backbone).state_dict(), meta)
 
 
@@ -745,6 +746,7 @@ def save_classifier(out_dir: str | os.PathLike, backbone: nn.Module, head: nn.Mo
             "evaluation": dict(evaluation or {}), "extra": dict(extra or {})}
     if lead_aware is not None:
         meta["lead_aware"] = bool(lead_aware)
+    _check_classifier_meta(meta, Path(out_dir))   # what the loader refuses is not written
     return write_artifact(out_dir, "classifier", model.state_dict(), meta)
 
 

@@ -1004,11 +1004,13 @@ def superseded_cells(cells: Iterable[dict[str, Any]]) -> set[tuple[str, str]]:
     no acceptance criterion may choose them, since those weights exist nowhere any more. The folder is the cell's
     recorded ``checkpoint_path`` (absolute), or its checkpoint string when that is absolute; a relative string
     without a recorded path (cells before 2026-12-06), a folder that is gone or unreadable, and pseudo-checkpoints
-    (``random:``, ``supervised:``, ``zoo:``, ``handcrafted``) are not judged. A warning names each."""
+    (``random:``, ``supervised:``, ``zoo:``, ``handcrafted``) are not judged (the unjudged relative ones are
+    counted in a warning). A warning names each superseded one."""
     from ecgfm.evaluate.identity import checkpoint_identity
 
     now: dict[str, str | None] = {}
     out: set[tuple[str, str]] = set()
+    unjudged: set[str] = set()
     for c in cells:
         ck, cid = str(c.get("checkpoint") or ""), cell_identity(c)[0]
         if not ck or ck == "handcrafted" or ":" in ck:
@@ -1016,7 +1018,10 @@ def superseded_cells(cells: Iterable[dict[str, Any]]) -> set[tuple[str, str]]:
         # the folder the cell was computed from: its recorded absolute path, or the string if it is absolute (a
         # relative one resolved from the report's folder could name other weights: not judged)
         where = c.get("checkpoint_path") or (ck if os.path.isabs(ck) else None)
-        if where is None or not Path(where).exists():
+        if where is None:
+            unjudged.add(ck)
+            continue
+        if not Path(where).exists():
             continue
         if where not in now:
             try:
@@ -1028,6 +1033,10 @@ def superseded_cells(cells: Iterable[dict[str, Any]]) -> set[tuple[str, str]]:
             log.warning("%s: cells of checkpoint identity %s were computed from weights this folder no longer "
                         "holds (now %s): kept in the tables, left out of the acceptance block", where, cid,
                         now[where])
+    if unjudged:
+        log.warning("%d checkpoint(s) of cells written before cells recorded their checkpoint's folder (e.g. %s) "
+                    "could not be checked for weights overwritten since: rerun their sweep (reused cells record "
+                    "it) to include them", len(unjudged), sorted(unjudged)[0])
     return out
 
 

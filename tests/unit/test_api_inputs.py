@@ -265,6 +265,9 @@ def test_lists_of_records_grad_tensors_empty_batches_and_strides():
     np.testing.assert_allclose(enc.embed(t, fs=100), enc.embed(a, fs=100), atol=1e-6)
     with pytest.raises(ValueError, match="empty"):
         enc.embed(np.zeros((0, 12, 500), np.float32), fs=100)
+    with pytest.raises(ValueError, match="empty"):
+        enc.embed([], fs=100)
     for bad in (2.5, 0, -1):
         with pytest.raises(ValueError, match="stride_samples"):
             enc.embed(a, fs=100, stride_samples=bad)
+    np.testing.assert_allclose(enc.embed(a, fs=100, stride_samples=100.0), enc.embed(a, fs=100, stride_samples=100))

@@ -477,6 +477,18 @@ def test_classifier_description_fields_are_checked_at_load(tmp_path, edit, match
         load_classifier(tmp_path / "c")
 
 
+def test_writers_refuse_what_the_loader_refuses(tmp_path):
+    from ecgfm.artifacts import ArtifactError, save_classifier, save_encoder
+
+    model = create_backbone("vit1d_test")
+    with pytest.raises(ArtifactError, match="disagree"):
+        save_encoder(tmp_path / "e", model, PreprocessSpec(fs=250.0), fs=500.0, window_samples=250)
+    with pytest.raises(ArtifactError, match="disagree"):
+        save_classifier(tmp_path / "c", model, torch.nn.Linear(model.num_features, 2), PreprocessSpec(fs=250.0),
+                        ["a", "b"], multilabel=True, fs=500.0, window_samples=250)
+    assert not (tmp_path / "e").exists() and not (tmp_path / "c").exists()
+
+
 @pytest.mark.parametrize("edit, match", [
     (lambda m: m["input"].update(leads=["I"] * 12), "input.leads must be distinct canonical"),
     (lambda m: m["input"].update(leads=["X"] + m["input"]["leads"][1:]), "input.leads must be distinct canonical"),
