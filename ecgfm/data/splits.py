@@ -21,8 +21,9 @@ SPLIT_NAMES = ("train", "val", "test")
 
 
 def is_unknown_patient(p: Any) -> bool:
-    """True for the markers of an unknown patient: None, NaN, ``-1`` (int or float) and the strings ``""``,
-    ``"nan"``, ``"None"``, ``"-1"``, ``"-1.0"`` (a CSV column or a cache index may carry any of them)."""
+    """True for the markers of an unknown patient: None, NaN, pandas' NA, ``-1`` (int or float) and the strings
+    ``""``, ``"nan"``, ``"none"``, ``"null"``, ``"<NA>"``, ``"-1"``, ``"-1.0"`` (any case; a CSV column or a cache
+    index may carry any of them)."""
     if p is None:
         return True
     if isinstance(p, (float, np.floating)) and math.isnan(p):
@@ -31,7 +32,7 @@ def is_unknown_patient(p: Any) -> bool:
         return True
     if isinstance(p, (float, np.floating)) and float(p) == -1.0:   # pandas reads an int column with gaps as float
         return True
-    return str(p).strip() in ("", "nan", "None", "-1", "-1.0")
+    return str(p).strip().lower() in ("", "nan", "none", "null", "<na>", "-1", "-1.0")
 
 
 def patient_groups(patient_ids: Sequence[Any]) -> np.ndarray:

@@ -191,5 +191,9 @@ def test_unknown_patient_markers_are_not_a_shared_patient():
     pretraining and test records."""
     from ecgfm.evaluate.leakage import _norm_patient
 
-    assert [_norm_patient(p) for p in ("-1", -1, -1.0, " -1 ", "nan", None, "-1.0")] == [None] * 7
+    assert [_norm_patient(p) for p in ("-1", -1, -1.0, " -1 ", "nan", None, "-1.0", "NaN", "none", "<NA>")] == \
+        [None] * 10
+    from ecgfm.data.splits import is_unknown_patient
+
+    assert all(is_unknown_patient(p) for p in ("NaN", "NONE", "null", "<NA>")) and not is_unknown_patient("p1")
     assert _norm_patient(12.0) == "12" and _norm_patient("0012") == "0012"
