@@ -291,6 +291,9 @@ def explain_records(wrapper: ECGWrapper, records: Sequence[ECGRecord], out_dir: 
                     fig = viz.plot_ecg_chart(shown, wrapper.fs, wrapper.lead_names, attribution=att.values[0],
                                              overlay=overlay, record_id=f"{record.source}/{record.record_id}",
                                              units=units, window_start_s=None if crop is None else crop["start_s"],
+                                             present=(x[0] != 0).any(dim=-1).cpu().numpy(),
+                                             padded_from_s=(x.shape[2] * (1 - padded) / wrapper.fs
+                                                            if padded > 0 else None),
                                              title=f"{record.source} {record.record_id} | labels: "
                                                    f"{', '.join(record.labels) or '-'} | {key} for "
                                                    f"{names[tgt]} (p = {float(proba[tgt]):.2f})")

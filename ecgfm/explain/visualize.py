@@ -260,7 +260,8 @@ def plot_ecg_chart(signal: Any, fs: float, lead_names: Sequence[str] = CANONICAL
                    row_spacing_mv: float = 3.0, percentile: float = 99.0, cmap: str = CMAP,
                    colorbar_label: str = "attribution (signed; red raises the score)", gain: float | str = "auto",
                    chest_gain: float | str | None = "auto", record_id: str | None = None,
-                   window_start_s: float | None = None) -> Figure:
+                   window_start_s: float | None = None, layout: str = "3x4", present: Any = None,
+                   padded_from_s: float | None = None) -> Figure:
     """The clinical 12-lead chart, optionally with a signed attribution overlay.
 
     Gain: a trace drawn at ``g`` mm/mV is ``g / 10`` of its amplitude in paper units (the grid stays 1 mm =
@@ -294,6 +295,13 @@ def plot_ecg_chart(signal: Any, fs: float, lead_names: Sequence[str] = CANONICAL
             amplitude (10, 5 or 2.5).
         chest_gain: mm per unit of V1-V6; ``"auto"``: from their amplitude; None: ``gain``.
         record_id: shown in the header.
+        layout: ``"3x4"`` (12 canonical leads: the standard 3 x 4 + rhythm strip, each lead 2.5 s of 10 s; with
+            an attribution the header says what share of ``|attribution|`` the chart draws) or ``"rows"`` (one
+            full-length row per lead: the whole attribution).
+        present: optional ``(L,)`` bool, the leads the record has: an absent lead is labelled "not recorded" and
+            not drawn (a zero-filled row would read as a flat recorded trace); default: all present.
+        padded_from_s: where zero padding (a record shorter than the model's window) starts: shaded and named in
+            the header, so that it does not read as a flat recorded stretch.
 
     Returns:
         the figure; its chart axes has ``gid="ecg_chart"``, the calibration pulses ``gid="calibration"``,
@@ -315,10 +323,18 @@ def plot_ecg_chart(signal: Any, fs: float, lead_names: Sequence[str] = CANONICAL
         if att.shape[0] != sig.shape[0]:
             raise ValueError(f"attribution has {att.shape[0]} rows but the signal has {sig.shape[0]}")
         att = _resample_to(att, attribution_fs, n_t, fs)
-    norm = symmetric_norm(att, percentile) if att is not None else None
+    if layout not in ("3x4", "rows"):
+        raise ValueError(f"layout must be '3x4' or 'rows', got {layout!r}")
+    here = np.ones(sig.shape[0], dtype=bool) if present is None else np.asarray(_np(present), dtype=bool).reshape(-1)
+    if here.shape[0] != sig.shape[0]:
+        raise ValueError(f"present has {here.shape[0]} entries for {sig.shape[0]} leads")
+    n_real = n_t if padded_from_s is None else min(n_t, max(0, int(round(padded_from_s * fs))))
+    # the colour scale from the recorded samples only (absent rows and padding are zeros that pull it down)
+    norm = symmetric_norm(att[here][:, :n_real] if att is not None and here.any() and n_real else att, percentile) \
+        if att is not None else None
     idx = _lead_index(lead_names)
     duration = n_t / fs
-    full = all(lead in idx for lead in CANONICAL_LEADS)
+    full = layout == "3x4" and all(lead in idx for lead in CANONICAL_LEADS)
     if full:
         if rhythm_lead not in idx:
             raise ValueError(f"rhythm lead {rhythm_lead!r} not among {list(lead_names)}")
@@ -370,6 +386,21 @@ def plot_ecg_chart(signal: Any, fs: float, lead_names: Sequence[str] = CANONICAL
     header_parts = ([f"record {record_id}"] if record_id is not None else []) + (
         [f"window {window_start_s:.2f}-{window_start_s + duration:.2f} s of the record"]
         if window_start_s is not None else []) + [f"{fs:g} Hz", gain_txt, f"paper speed {MM_PER_S:g} mm/s"]
+    if padded_from_s is not None and n_real < n_t:
+        header_parts.append(f"zero-padded from {n_real / fs:.2f} s (shaded)")
+    absent = [name for name, h in zip(lead_names, here) if not h]
+    if absent:
+        header_parts.append(f"not recorded: {', '.join(map(str, absent))}")
+    if att is not None and full:
+        on_chart = np.zeros(att.shape, dtype=bool)                       # (L, T) samples some row draws
+        for row in rows:
+            for lead, a, b in row:
+                on_chart[idx[lead], plotted(lead, a, b)] = True
+        total = float(np.abs(att).sum())
+        drawn = float(np.abs(att)[on_chart].sum())
+        if total > 0 and drawn < 0.995 * total:   # each lead shows 2.5 s: the rest of its map is not on the chart
+            header_parts.append(f"3 x 4 layout: {100 * drawn / total:.0f} % of |attribution| drawn "
+                                f"(layout='rows' draws all)")
     # a short window makes a narrow chart: wrap the title and the header to its width (about 0.55 em per character)
     header_lines = _wrap_parts(header_parts, " | ", _chars_per_line(width - left, 8))
     title_lines = textwrap.wrap(title, _chars_per_line(width - left, 10)) if title else []
@@ -390,8 +421,12 @@ def plot_ecg_chart(signal: Any, fs: float, lead_names: Sequence[str] = CANONICAL
             i = idx[lead]
             sl = plotted(lead, a, b)
             scale = gains[lead] / MM_PER_MV
-            _trace(ax, t_all[sl], sig[i, sl] * scale, None if att is None else att[i, sl], norm, overlay, base,
-                   row_spacing_mv * 0.9, cmap)
+            if here[i]:
+                _trace(ax, t_all[sl], sig[i, sl] * scale, None if att is None else att[i, sl], norm, overlay, base,
+                       row_spacing_mv * 0.9, cmap)
+            else:   # no trace: a zero-filled row would read as a flat recorded lead
+                ax.text((a + b) / 2, base, "not recorded", ha="center", va="center", fontsize=8,
+                        color="#777777", zorder=4).set_gid("absent_lead")
             txt = ax.text(a + 0.05, base + row_spacing_mv * 0.3, lead, fontsize=9, fontweight="bold",
                           color=TRACE, zorder=4)
             txt.set_gid("lead_label")
@@ -401,6 +436,8 @@ def plot_ecg_chart(signal: Any, fs: float, lead_names: Sequence[str] = CANONICAL
                 note.set_gid("lead_gain")
             if a > 0:  # lead-change marker as on printed ECGs
                 ax.plot([a, a], [base - 0.25, base + 0.25], color=TRACE, linewidth=0.8)
+    if n_real < n_t:
+        ax.axvspan(n_real / fs, duration, color="#bbbbbb", alpha=0.35, zorder=0.5, lw=0).set_gid("padding")
     head = fig.text(left / W, 1 - (0.12 + len(title_lines) * title_h + 0.04) / H, "\n".join(header_lines),
                     ha="left", va="top", fontsize=8, color="#333333", linespacing=1.2)
     head.set_gid("chart_header")
@@ -410,8 +447,11 @@ def plot_ecg_chart(signal: Any, fs: float, lead_names: Sequence[str] = CANONICAL
     if att is not None:
         cax = fig.add_axes(((left + ax_w + 0.25) / W, bottom / H, 0.15 / W, ax_h / H))
         sm = matplotlib.cm.ScalarMappable(norm=norm, cmap=_cmap(cmap))
-        cb = fig.colorbar(sm, cax=cax)
-        cb.set_label(colorbar_label, fontsize=8)
+        over = float(np.nanmax(np.abs(att))) > norm.vmax * (1 + 1e-9) if att.size else False
+        # values beyond the scale (it ends at a percentile) share its end colour: say so with the bar's arrows
+        cb = fig.colorbar(sm, cax=cax, extend="both" if over else "neither")
+        cb.set_label(colorbar_label + (f" (scale clipped at the {percentile:g}th percentile)" if over else ""),
+                     fontsize=8)
         cb.ax.tick_params(labelsize=7)
     return fig
 
