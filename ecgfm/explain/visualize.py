@@ -87,13 +87,18 @@ def _attribution_and_rate(a: Any, fs: float | None) -> tuple[Any, float | None]:
 
 
 def _lead_index(lead_names: Sequence[str]) -> dict[str, int]:
-    out = {}
+    """Row of each lead, by canonical name where it has one. A lead named twice is refused: one of its rows would
+    not be drawn (the chart showed one of two ``II`` rows without a word)."""
+    out: dict[str, int] = {}
     for i, name in enumerate(lead_names):
         try:
             lead = canonical_lead(name)
         except KeyError:
             lead = str(name)
-        out[lead or str(name)] = i
+        key = lead or str(name)
+        if key in out:
+            raise ValueError(f"lead {key!r} is named twice in {list(lead_names)}: one row would not be drawn")
+        out[key] = i
     return out
 
 
@@ -343,6 +348,8 @@ def plot_ecg_chart(signal: Any, fs: float, lead_names: Sequence[str] = CANONICAL
         for r in LAYOUT_3X4:
             rows.append([(lead, c * seg, (c + 1) * seg) for c, lead in enumerate(r)])
         rows.append([(rhythm_lead, 0.0, duration)])
+        # leads beyond the standard 12 (V3R, V4R, V7, ...): a full-length row each, not left off the chart
+        rows += [[(name, 0.0, duration)] for name in idx if name not in CANONICAL_LEADS]
     else:
         rows = [[(name, 0.0, duration)] for name in idx]
 
@@ -413,6 +420,7 @@ def plot_ecg_chart(signal: Any, fs: float, lead_names: Sequence[str] = CANONICAL
     ax.set_gid("ecg_chart")
     paper_grid(ax, (x0, x1), (y0, y1))
     t_all = np.arange(n_t) / fs
+    clipped: list[str] = []
     for r, row in enumerate(rows):
         base = -r * row_spacing_mv
         row_gain = gains[row[0][0]]
@@ -422,7 +430,14 @@ def plot_ecg_chart(signal: Any, fs: float, lead_names: Sequence[str] = CANONICAL
             sl = plotted(lead, a, b)
             scale = gains[lead] / MM_PER_MV
             if here[i]:
-                _trace(ax, t_all[sl], sig[i, sl] * scale, None if att is None else att[i, sl], norm, overlay, base,
+                y = sig[i, sl] * scale
+                over = np.abs(y) > room                                    # beyond its row: into the next one
+                if over.any():   # clipped at the row's edge and marked, not drawn over the neighbouring row
+                    y = np.clip(y, -room, room)
+                    ax.plot(t_all[sl][over], y[over] + base, linestyle="none", marker="|", markersize=4,
+                            color="#d62728", zorder=5, gid="clipped")
+                    clipped.append(lead)
+                _trace(ax, t_all[sl], y, None if att is None else att[i, sl], norm, overlay, base,
                        row_spacing_mv * 0.9, cmap)
             else:   # no trace: a zero-filled row would read as a flat recorded lead
                 ax.text((a + b) / 2, base, "not recorded", ha="center", va="center", fontsize=8,
@@ -438,6 +453,10 @@ def plot_ecg_chart(signal: Any, fs: float, lead_names: Sequence[str] = CANONICAL
                 ax.plot([a, a], [base - 0.25, base + 0.25], color=TRACE, linewidth=0.8)
     if n_real < n_t:
         ax.axvspan(n_real / fs, duration, color="#bbbbbb", alpha=0.35, zorder=0.5, lw=0).set_gid("padding")
+    if clipped:   # the header was laid out before drawing: the note goes under the chart
+        fig.text(left / W, 0.02, f"clipped at the row's edge (red ticks): {', '.join(dict.fromkeys(clipped))}; a "
+                 f"lower gain shows them whole", ha="left", va="bottom", fontsize=7, color="#d62728",
+                 gid="clipped_note")
     head = fig.text(left / W, 1 - (0.12 + len(title_lines) * title_h + 0.04) / H, "\n".join(header_lines),
                     ha="left", va="top", fontsize=8, color="#333333", linespacing=1.2)
     head.set_gid("chart_header")

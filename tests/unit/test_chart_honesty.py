@@ -49,3 +49,20 @@ def test_absent_leads_padding_and_clipped_colours_are_shown_as_such():
     assert any(p.get_gid() == "padding" for p in chart.patches)
     bar = [a for a in fig.axes if a is not chart][0]
     assert "clipped" in bar.get_ylabel()
+
+
+def test_traces_beyond_their_row_are_clipped_and_marked_and_no_lead_is_dropped():
+    """A 5 mV peak at a fixed 10 mm/mV ran off the chart (or into the row above) unmarked; leads beyond the
+    standard 12 were left off the 3 x 4 chart, and a lead named twice lost one of its rows."""
+    sig = _signal()
+    sig[0, 100:105] = 5.0                              # lead I, inside its 0-2.5 s column
+    fig = plot_ecg_chart(sig, FS, gain=10)
+    chart = next(a for a in fig.axes if a.get_gid() == "ecg_chart")
+    assert any(line.get_gid() == "clipped" for line in chart.lines)
+    assert any(t.get_gid() == "clipped_note" and "I" in t.get_text() for t in fig.texts)
+    extra = np.vstack([_signal(), _signal()[:1]])
+    fig = plot_ecg_chart(extra, FS, lead_names=list(CANONICAL_LEADS) + ["V4R"])
+    chart = next(a for a in fig.axes if a.get_gid() == "ecg_chart")
+    assert "V4R" in [t.get_text() for t in chart.texts if t.get_gid() == "lead_label"]
+    with pytest.raises(ValueError, match="named twice"):
+        plot_ecg_chart(extra, FS, lead_names=list(CANONICAL_LEADS) + ["II"])
