@@ -480,10 +480,15 @@ def multi_segment_members(path: str | os.PathLike) -> list[str] | None:
     Raises:
         ECGDataError: missing or unreadable header.
     """
-    lines = _header_lines(_header_text(header_path(path)))[1]
+    return _master_segments(_header_lines(_header_text(header_path(path)))[1])
+
+
+def _master_segments(lines: Sequence[str]) -> list[str] | None:
+    """Segment (and layout) record names of a master header's non-comment ``lines`` (gaps ``~`` left out), or
+    None when the record line is not a master's. Names only, nothing validated."""
     if not lines or "/" not in lines[0].split()[0]:
         return None
-    return [tok[0] for tok in (line.split() for line in lines[1:]) if tok[0] != "~"]
+    return [tok[0] for tok in (line.split() for line in lines[1:]) if tok and tok[0] != "~"]
 
 
 def header_input_files(path: str | os.PathLike) -> list[str]:
@@ -517,13 +522,13 @@ def header_input_files(path: str | os.PathLike) -> list[str]:
             return
         rec = lines[0].split()
         folder = os.path.dirname(hea)
-        if "/" in rec[0]:   # a master: its segments (and the layout header), each with its own signal files
-            for tok in (line.split() for line in lines[1:]):
-                if tok and tok[0] != "~" and not os.path.isabs(tok[0]):
-                    seg = os.path.abspath(os.path.join(folder, tok[0] + ".hea"))
-                    if seg != hea:
-                        add(seg)
-                        signal_files(seg)
+        segments = _master_segments(lines)
+        if segments is not None:   # a master: its segments (and the layout header), each with its own signal files
+            for name in segments:
+                seg = os.path.abspath(os.path.join(folder, name + ".hea"))
+                if not os.path.isabs(name) and seg != hea:
+                    add(seg)
+                    signal_files(seg)
             return
         n_sig = int(rec[1]) if len(rec) > 1 and rec[1].isdigit() else 0
         for tok in (line.split() for line in lines[1:1 + n_sig]):
