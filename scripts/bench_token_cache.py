@@ -54,15 +54,18 @@ def _child(args: argparse.Namespace) -> dict:
     window, stride = int(round(args.window_seconds * fs)), int(round(args.stride_seconds * fs))
     backbone = resolve_checkpoint(args.checkpoint, window).backbone
     base = _rss_mib()
-    t0 = time.perf_counter()
-    if args.mode == "memory":
-        ts = extract_tokens(backbone, cache, window, stride)
-    else:
-        ts = cached_tokens(backbone, cache, window, stride, tempfile.mkdtemp(prefix="bench_tokens_"))
-    seconds = time.perf_counter() - t0
-    return {"mode": args.mode, "array": type(ts.tokens).__name__, "tokens": int(ts.tokens.shape[0]), "dim": ts.dim,
-            "tokens_mib": ts.nbytes / 2**20, "seconds": seconds, "rss_before_mib": base,
-            "rss_above_mib": _rss_mib() - base}
+    with tempfile.TemporaryDirectory(prefix="bench_tokens_") as scratch:  # the token cache is removed afterwards
+        t0 = time.perf_counter()
+        if args.mode == "memory":
+            ts = extract_tokens(backbone, cache, window, stride)
+        else:
+            ts = cached_tokens(backbone, cache, window, stride, scratch)
+        seconds = time.perf_counter() - t0
+        result = {"mode": args.mode, "array": type(ts.tokens).__name__, "tokens": int(ts.tokens.shape[0]),
+                  "dim": ts.dim, "tokens_mib": ts.nbytes / 2**20, "seconds": seconds, "rss_before_mib": base,
+                  "rss_above_mib": _rss_mib() - base}
+        del ts
+    return result
 
 
 def _synthetic_cache(n: int, work: Path) -> Path:

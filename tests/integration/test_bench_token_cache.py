@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_bench_token_cache_measures_memory_and_streamed_extraction(tmp_path):
+def test_bench_token_cache_measures_memory_and_streamed_extraction(tmp_path, monkeypatch):
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where the streamed token cache goes
     spec = importlib.util.spec_from_file_location("bench_token_cache", ROOT / "scripts" / "bench_token_cache.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -23,3 +27,4 @@ def test_bench_token_cache_measures_memory_and_streamed_extraction(tmp_path):
     assert mem["tokens"] == streamed["tokens"] > 0 and mem["dim"] == streamed["dim"]
     assert mem["tokens_mib"] == streamed["tokens_mib"] > 0 and mem["seconds"] > 0
     assert mem["rss_before_mib"] > 0 and streamed["rss_above_mib"] >= 0
+    assert not list(scratch.glob("bench_tokens_*")), "the streamed token cache is left behind"

@@ -28,5 +28,7 @@ def test_quickstart_notebook_runs(cwd):
     outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "embeddings: (4, " in outputs
     assert "12 steps" in outputs
+    scratch = outputs.split("scratch folder: ", 1)[1].split("\n", 1)[0].strip()
+    assert scratch and not Path(scratch).exists(), f"the notebook leaves its scratch folder {scratch}"
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
     assert not errors
