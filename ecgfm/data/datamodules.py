@@ -103,11 +103,20 @@ class MixtureSampler(DistributedSampler):
         self.num_samples = self.total_size // world
 
     def global_order(self, epoch: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """The whole epoch over all ranks: ``(positions (total,), u (total,))``. Pure function of (seed, epoch)."""
+        """The whole epoch over all ranks: ``(positions (total,), u (total,))``. Pure function of (seed, epoch).
+
+        The ``num_samples`` draws do not depend on the world size (padded to a multiple of it by wrapping around,
+        as ``DistributedSampler`` pads), so a run resumed mid-epoch on another number of processes continues the
+        same order: drawing ``total_size`` values instead would shift every later draw of the generator.
+        """
         rng = np.random.default_rng([self.seed, self.epoch if epoch is None else int(epoch)])
-        pool = rng.choice(len(self.sizes), size=self.total_size, p=self.probs)
-        within = np.floor(rng.random(self.total_size) * self.sizes[pool]).astype(np.int64)
-        return self.offsets[pool] + within, rng.random(self.total_size)
+        n = len(self.dataset)
+        pool = rng.choice(len(self.sizes), size=n, p=self.probs)
+        within = np.floor(rng.random(n) * self.sizes[pool]).astype(np.int64)
+        pos, u = self.offsets[pool] + within, rng.random(n)
+        if self.total_size > n:
+            pos, u = np.resize(pos, self.total_size), np.resize(u, self.total_size)
+        return pos, u
 
     def __iter__(self) -> Iterator[tuple[int, float]]:
         pos, u = self.global_order()
@@ -121,20 +130,39 @@ class MixtureSampler(DistributedSampler):
 class EpochShuffleSampler(DistributedSampler):
     """Permutation of ``range(n)`` per epoch (deterministic by ``(seed, epoch)``), sliced per rank; yields
     ``(position, u)`` like :class:`MixtureSampler`. The permutation is padded by wrapping around so every rank
-    gets the same number of items."""
+    gets the same number of items.
 
-    def __init__(self, n: int, seed: int = 0, rank: int | None = None, world_size: int | None = None):
+    Args:
+        n: items.
+        seed: base seed.
+        rank, world_size: override ``torch.distributed``.
+        epoch_size: items per epoch over all ranks (None: ``n``, one pass). Larger: further passes, each in a
+            fresh order, make up the epoch (a small labelled subset then gets as many optimiser steps per epoch,
+            and so per validation and per patience epoch, as a large one). The first pass is the ``n``-item
+            epoch's permutation.
+    """
+
+    def __init__(self, n: int, seed: int = 0, rank: int | None = None, world_size: int | None = None,
+                 epoch_size: int | None = None):
         if int(n) < 1:
             raise ValueError("EpochShuffleSampler needs at least one item (empty train split?)")
         rank, world = _dist_rank_world(rank, world_size)
         super().__init__(range(int(n)), num_replicas=world, rank=rank, shuffle=True, seed=int(seed),
                          drop_last=False)
+        self.passes = 1
+        if epoch_size is not None and int(epoch_size) > int(n):
+            self.passes = int(math.ceil(int(epoch_size) / int(n)))
+            self.num_samples = int(math.ceil(int(epoch_size) / world))
+            self.total_size = self.num_samples * world
 
     def __iter__(self) -> Iterator[tuple[int, float]]:
         rng = np.random.default_rng([self.seed, self.epoch])
         perm = rng.permutation(len(self.dataset))
+        if self.passes > 1:
+            perm = np.concatenate([perm] + [rng.permutation(len(self.dataset)) for _ in range(self.passes - 1)])
         if self.total_size > len(perm):
             perm = np.resize(perm, self.total_size)
+        perm = perm[:self.total_size]
         u = rng.random(self.total_size)
         sl = slice(self.rank, self.total_size, self.num_replicas)
         return _pairs(perm[sl], u[sl])
@@ -866,16 +894,22 @@ class DownstreamDataModule(LightningDataModule):
         rank, world_size: override ``torch.distributed`` (tests).
         nonfinite: ``"error"`` (default) or ``"skip"``, as in :class:`PretrainDataModule`; skipped records are
             left out of validation / test entirely (every window), see :meth:`nonfinite_report`.
+        epoch_samples: training crops per epoch (None: one per training record); more than the training records
+            repeats them, each pass in a fresh order (:class:`EpochShuffleSampler`'s ``epoch_size``).
     """
 
     def __init__(self, cache_dir: str | os.PathLike | CorpusCache, labels: np.ndarray,
                  splits: Mapping[str, Sequence[int]], crop_samples: int = 250, batch_size: int = 32,
                  num_workers: int = 0, multilabel: bool = True, test_stride: int | None = None, seed: int = 0,
                  pin_memory: bool = False, persistent_workers: bool = True, drop_last: bool = False,
-                 rank: int | None = None, world_size: int | None = None, nonfinite: str = "error"):
+                 rank: int | None = None, world_size: int | None = None, nonfinite: str = "error",
+                 epoch_samples: int | None = None):
         super().__init__()
         self.nonfinite = _check_nonfinite_mode(nonfinite)
         self._counters = {k: NonFiniteCounter(int(num_workers) + 1) for k in ("train", "val", "test")}
+        if epoch_samples is not None and int(epoch_samples) < 1:
+            raise ValueError(f"epoch_samples must be >= 1 or None, got {epoch_samples}")
+        self.epoch_samples = None if epoch_samples is None else int(epoch_samples)
         self.pool = CachePool([cache_dir])
         n = len(self.pool)
         y = np.asarray(labels)
@@ -922,7 +956,7 @@ class DownstreamDataModule(LightningDataModule):
         ds = CropDataset(self.pool, self.splits["train"], self.crop_samples, "single", self.labels,
                          with_patient=False, nonfinite=self.nonfinite, on_skip="replace",
                          counter=self._counters["train"])
-        sampler = EpochShuffleSampler(len(ds), self.seed, self.rank, self.world_size)
+        sampler = EpochShuffleSampler(len(ds), self.seed, self.rank, self.world_size, epoch_size=self.epoch_samples)
         return _loader(ds, self.batch_size, self.num_workers, self.persistent_workers, self.pin_memory,
                        sampler=sampler, drop_last=self.drop_last)
 

@@ -572,9 +572,9 @@ def run_finetune(backbone: nn.Module, cache_dir: str, labels: np.ndarray, splits
         stride_samples: evaluation sliding-window hop.
         recipe: the training recipe (:class:`ecgfm.recipes.FinetuneRecipe`, or a mapping of its fields; None: its
             defaults, those of ``conf/finetune.yaml``): epochs, batch size, lr, weight decay, layer decay, warm-up,
-            patience, min_epochs, head, ``head_init`` (``"lp"``: LP-FT, the head starts as the linear probe of
-            :func:`fit_probe_head` on ``lp_Cs`` and the initial weights are a best-weights candidate; or
-            ``"random"``), ``window_aggregate`` (record prediction = the sigmoid / softmax of the mean window logit,
+            patience, min_epochs, min_epoch_samples (training crops an epoch at least), head, ``head_init``
+            (``"lp"``: LP-FT, the head starts as the linear probe of :func:`fit_probe_head` on ``lp_Cs`` and the
+            initial weights are a best-weights candidate; or ``"random"``), ``window_aggregate`` (record prediction = the sigmoid / softmax of the mean window logit,
             or the mean window probability; used for validation, the returned predictions and the LP-FT probe),
             ``val_sliding`` (early-stop on whole-record sliding-window validation, else one centred crop per record;
             the final validation and test predictions always use whole records) and DataLoader ``num_workers``.
@@ -613,17 +613,19 @@ def run_finetune(backbone: nn.Module, cache_dir: str, labels: np.ndarray, splits
     t0 = time.perf_counter()
     L.seed_everything(int(seed), workers=True, verbose=False)
     target = labels if multilabel else labels.argmax(axis=1)
+    epoch_n = max(len(splits["train"]), int(r.min_epoch_samples))
     dm = DownstreamDataModule(cache_dir, target, splits, crop_samples=crop_samples, batch_size=r.batch_size,
                               num_workers=r.num_workers, multilabel=multilabel,
-                              test_stride=stride_samples if r.val_sliding else None,
-                              seed=int(seed), drop_last=len(splits["train"]) > r.batch_size)
+                              test_stride=stride_samples if r.val_sliding else None, seed=int(seed),
+                              drop_last=epoch_n > r.batch_size,
+                              epoch_samples=epoch_n if epoch_n > len(splits["train"]) else None)
     windows = DownstreamDataModule(cache_dir, target, splits, crop_samples=crop_samples, batch_size=r.batch_size,
                                    num_workers=r.num_workers, multilabel=multilabel, test_stride=stride_samples)
     model = FinetuneModule.from_recipe(backbone, labels.shape[1], multilabel, r, lead_aware=lead_aware)
     val_name = (f"val ({len(splits['val'])} records, "
                 f"{'whole-record windows' if r.val_sliding else 'centred crops'})")
-    log.info("fine-tuning: %d train records, %s; up to %d epochs (patience %d), lr %g, %s head (%s init)",
-             len(splits["train"]), val_name, r.epochs, r.patience, r.lr, r.head, r.head_init)
+    log.info("fine-tuning: %d train records (%d crops an epoch), %s; up to %d epochs (patience %d), lr %g, %s head "
+             "(%s init)", len(splits["train"]), epoch_n, val_name, r.epochs, r.patience, r.lr, r.head, r.head_init)
     lp_info = None
     if r.head_init == "lp":
         probe, lp_info = fit_probe_head(backbone, windows.cache, labels, splits, multilabel, crop_samples,

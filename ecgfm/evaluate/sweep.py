@@ -498,7 +498,9 @@ def _recipe(ctx: _Context, desc: Encoder, head: dict[str, Any]) -> dict[str, Any
     probe / fine-tuning recipe, window and stride settings, the encoder's crop, the preprocessing, the task and
     external-set specs and the bootstrap settings. Settings that only change speed are left out."""
     cfg = ctx.cfg
-    return {"mode": ctx.mode, "head": {k: v for k, v in head.items() if k not in ("num_workers",)},
+    # min_epoch_samples 0 is the behaviour from before the key existed: left out, so those cells keep their identity
+    head = {k: v for k, v in head.items() if k != "num_workers" and not (k == "min_epoch_samples" and not v)}
+    return {"mode": ctx.mode, "head": head,
             "window_seconds": cfg.get("window_seconds"), "stride_seconds": cfg.get("stride_seconds"),
             "encoder_crop_samples": desc.crop_samples, "preprocess": desc.preprocess.to_dict(),
             "task": asdict(ctx.task_spec), "eval_data": asdict(ctx.eval_spec) if ctx.eval_spec else None,
@@ -1188,7 +1190,8 @@ def finetune_main(cfg: DictConfig) -> dict[str, Any]:
             atomic_write_json(p, cell)
             written.append(str(p))
             print(f"classifier artifact: {cell['classifier']}\n  explain it:  python explain.py "
-                  f"checkpoint={cell['classifier']}\n  use it:      ecgfm.Classifier.load('{cell['classifier']}')"
+                  f"checkpoint={cell['classifier']}  (installed: ecgfm-explain ...)\n"
+                  f"  use it:      ecgfm.Classifier.load('{cell['classifier']}')"
                   f".predict_proba(signal, fs=..., leads=[...])", flush=True)
             _log_cell(cell)
     return _finish(ctx, written, n_all - len(todo), t0)

@@ -308,7 +308,7 @@ def test_changed_finetune_recipe_recomputes(work, tmp_path, caplog):
     assert len(finetune_main(_cfg("finetune", work, *base))["cells_written"]) == 1
     assert finetune_main(_cfg("finetune", work, *base))["cells_skipped"] == 1
     caplog.set_level("INFO", logger="ecgfm.evaluate.sweep")
-    for change in ("supervised.lr=0.003", "supervised.window_aggregate=logit", "finetune.head=mlp"):
+    for change in ("supervised.lr=0.003", "supervised.window_aggregate=prob", "finetune.head=mlp"):
         out = finetune_main(_cfg("finetune", work, *base, change))
         assert len(out["cells_written"]) == 1, change
     msgs = " ".join(r.getMessage() for r in caplog.records if "recipe changed" in r.getMessage())

@@ -144,7 +144,9 @@ def test_ddp_slices_are_disjoint_and_cover_the_epoch():
     r0 = list(MixtureSampler([7, 5], [0.5, 0.5], num_samples=101, seed=3, rank=0, world_size=2))
     r1 = list(MixtureSampler([7, 5], [0.5, 0.5], num_samples=101, seed=3, rank=1, world_size=2))
     assert len(r0) == len(r1) == 51
-    assert r0 == whole_padded(3, 102)[0::2] and r1 == whole_padded(3, 102)[1::2]
+    # the 101 draws do not depend on the world size; the last slot is padded by wrapping around
+    padded = whole + whole[:1]
+    assert r0 == padded[0::2] and r1 == padded[1::2]
     assert whole == whole_padded(3, 101)
     e0 = [k for k, _ in EpochShuffleSampler(10, seed=5, rank=0, world_size=2)]
     e1 = [k for k, _ in EpochShuffleSampler(10, seed=5, rank=1, world_size=2)]
@@ -364,3 +366,53 @@ def test_pretraining_holdout_keeps_a_patient_of_two_caches_on_one_side(tmp_path)
     keep, held = patient_holdout(one.pool.caches[0].patients, 0.3, 0)
     np.testing.assert_array_equal(one.val_indices, held)
     np.testing.assert_array_equal(one.train_pools[0], keep)
+
+
+def test_mixture_order_does_not_depend_on_the_world_size():
+    """A run resumed mid-epoch on another number of processes continues the same epoch order (the draws used to
+    be total_size = ceil(n / world) * world long, which shifted every later draw of the generator)."""
+    one = MixtureSampler([600, 425], None, seed=0, world_size=1, rank=0).global_order(3)
+    for world in (2, 3, 8):
+        pos, u = MixtureSampler([600, 425], None, seed=0, world_size=world, rank=0).global_order(3)
+        assert len(pos) % world == 0
+        np.testing.assert_array_equal(pos[:1025], one[0])
+        np.testing.assert_array_equal(u[:1025], one[1])
+
+
+def test_mixture_single_process_order_unchanged():
+    """One process draws exactly what it drew before (pool, then record, then offset; numpy generator)."""
+    s = MixtureSampler([7, 5], [0.5, 0.5], num_samples=50, seed=3, rank=0, world_size=1)
+    rng = np.random.default_rng([3, 0])
+    pool = rng.choice(2, size=50, p=[0.5, 0.5])
+    within = np.floor(rng.random(50) * np.array([7, 5])[pool]).astype(np.int64)
+    pos, u = s.global_order()
+    np.testing.assert_array_equal(pos, np.array([0, 7])[pool] + within)
+    np.testing.assert_array_equal(u, rng.random(50))
+
+
+def test_epoch_shuffle_sampler_epoch_size_repeats_in_fresh_orders():
+    n = 10
+    plain = [k for k, _ in EpochShuffleSampler(n, seed=5)]
+    long = [k for k, _ in EpochShuffleSampler(n, seed=5, epoch_size=25)]
+    assert len(long) == 25 and long[:n] == plain                       # the first pass is the one-pass epoch
+    assert sorted(long[n:2 * n]) == list(range(n)) and long[n:2 * n] != plain   # a second pass, in a new order
+    assert set(long[2 * n:]) <= set(range(n)) and len(set(long[2 * n:])) == 5
+    assert [k for k, _ in EpochShuffleSampler(n, seed=5, epoch_size=4)] == plain   # never fewer than one pass
+    r = [[k for k, _ in EpochShuffleSampler(n, seed=5, rank=i, world_size=2, epoch_size=25)] for i in (0, 1)]
+    assert len(r[0]) == len(r[1]) == 13
+
+
+def test_downstream_epoch_samples_sets_the_batches_per_epoch(tmp_path):
+    root = tmp_path / "syn"
+    prepare_corpus(SyntheticSource(12, seed=0, fs=100.0, duration=4.0), root, PreprocessSpec(fs=100), workers=0,
+                   progress=False)
+    y = np.zeros(12, dtype=np.int64)
+    y[::2] = 1
+    splits = {"train": np.arange(6), "val": np.arange(6, 9), "test": np.arange(9, 12)}
+    one = DownstreamDataModule(root, y, splits, crop_samples=100, batch_size=4, multilabel=False)
+    more = DownstreamDataModule(root, y, splits, crop_samples=100, batch_size=4, multilabel=False, epoch_samples=20)
+    assert len(one.train_dataloader()) == 2 and len(more.train_dataloader()) == 5
+    idx = torch.cat([b["index"] for b in more.train_dataloader()]).numpy()
+    assert len(idx) == 20 and set(idx.tolist()) == set(range(6))
+    with pytest.raises(ValueError, match="epoch_samples"):
+        DownstreamDataModule(root, y, splits, crop_samples=100, batch_size=4, multilabel=False, epoch_samples=0)

@@ -251,3 +251,18 @@ def test_recipe_defaults_in_conf():
     assert cfg.finetune.head_init == "lp" and cfg.finetune.window_aggregate in ("prob", "logit")
     assert cfg.supervised.head_init == "random"
     check_head_init(cfg.finetune.head_init, cfg.finetune.head)
+
+
+def test_min_epoch_samples_gives_small_subsets_more_steps_per_epoch(task, caplog):
+    """An epoch of a 90-record subset at batch 32 is 2 steps (drop_last); with min_epoch_samples=200 it is 6."""
+    import logging
+
+    steps = {}
+    for m in (0, 200):
+        with caplog.at_level(logging.INFO, logger="ecgfm.evaluate.finetune"):
+            out = _run(task, head_init="random", epochs=1, min_epoch_samples=m)
+        steps[m] = out["model"].trainer.global_step
+    assert steps == {0: 2, 200: 6}
+    assert any("90 train records (200 crops an epoch)" in r.getMessage() for r in caplog.records)
+    with pytest.raises(ValueError, match=r"finetune\.min_epoch_samples"):
+        _run(task, min_epoch_samples=-1)

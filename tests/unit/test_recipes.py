@@ -120,8 +120,9 @@ def test_yaml_spells_out_the_dataclass_defaults():
 def test_finetune_recipe_applies_the_supervised_block():
     cfg = validate_finetune_config(_compose("finetune", "checkpoint=supervised:resnet1d_test", "finetune.head=mlp"))
     sup = finetune_recipe(cfg, supervised=True)
+    # validation and aggregation stay the fine-tunes' (whole records, mean logit): the rows pair like for like
     assert (sup.lr, sup.layer_decay, sup.warmup_epochs, sup.head_init, sup.val_sliding, sup.window_aggregate,
-            sup.head) == (1e-3, 1.0, 0.0, "random", False, "prob", "mlp")
+            sup.head, sup.min_epoch_samples) == (1e-3, 1.0, 0.0, "random", True, "logit", "mlp", 2048)
     base = finetune_recipe(cfg)
     assert base == FinetuneRecipe(head="mlp")
     assert isinstance(base.warmup_epochs, float) and isinstance(base.epochs, int)
