@@ -65,12 +65,13 @@ def load_record(path: str | os.PathLike, rename_leads: Mapping[str, str] | None 
     Raises:
         ECGDataError: an unreadable record, or one without a standard lead (the message says how to name it).
     """
-    from ecgfm.data.readers.formats import header_path, read_challenge, read_wfdb
+    from ecgfm.data.readers.formats import header_path, read_wfdb
 
     hea = header_path(path)
-    read = read_challenge if hea.with_suffix(".mat").is_file() else read_wfdb
     try:
-        rec = read(hea, rename_leads=rename_leads)
+        # read_wfdb reads the .mat file when the header names one (a challenge record): a <name>.mat lying beside a
+        # .dat record is not taken for its signal
+        rec = read_wfdb(hea, rename_leads=rename_leads)
     except ECGDataError as exc:
         if rename_leads is None and "no standard ECG lead among ['ECG']" in str(exc):
             raise ECGDataError(hea, "its one lead is named 'ECG', not a standard lead name; a CinC 2017 (AliveCor) "

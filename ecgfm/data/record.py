@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
@@ -77,7 +77,13 @@ def canonical_lead(name: str) -> str | None:
     raise KeyError(name)
 
 
+#: What an unknown lead name's hint asks for in place of a standard lead (never a real lead: pasted as is, a
+#: suggested ``'II'`` mapped ECG1 or I-ref to lead II without a word).
+LEAD_PLACEHOLDER = "<standard lead, e.g. I, II, V1>"
+
+
 def map_leads(signal: np.ndarray, names: Sequence[str], path: Any = "<memory>",
+              rename_hint: Callable[[str], str] | None = None,
               ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Place the rows of ``signal`` into the canonical 12-lead layout.
 
@@ -85,6 +91,8 @@ def map_leads(signal: np.ndarray, names: Sequence[str], path: Any = "<memory>",
         signal: ``(n_channels, samples)`` array in the order of ``names``.
         names: lead name of each row, as written by the publisher.
         path: file the signal came from, for error messages.
+        rename_hint: given an unknown lead name, how the caller's user maps it to a standard lead (e.g. a reader's
+            ``rename_leads={...}``), for the error message; default: give the standard name instead.
 
     Returns:
         ``(signal12, mask, dropped)``: ``(12, samples)`` float32, ``(12,)`` bool presence mask, and the names
@@ -103,10 +111,11 @@ def map_leads(signal: np.ndarray, names: Sequence[str], path: Any = "<memory>",
         try:
             lead = canonical_lead(name)
         except KeyError:
+            how = (rename_hint(str(name)) if rename_hint is not None
+                   else "name the row by that standard lead instead")
             raise ECGDataError(path, f"unknown lead name {name!r} (known: {', '.join(CANONICAL_LEADS)} "
                                      f"and aliases such as MLII); if it is a standard lead under another name, "
-                                     f"map it: rename_leads={{{str(name)!r}: 'II'}} in the API, "
-                                     f"'+folder.rename_leads={{{name}:II}}' for prepare") from None
+                                     f"{how}") from None
         if lead is None:
             dropped.append(str(name))
             continue
@@ -248,8 +257,8 @@ class ECGRecord:
                                       f"{self.lead_mask.dtype}")
         if not self.lead_mask.any():
             raise ECGDataError(where, "no lead present")
-        present = sig[self.lead_mask]
-        if np.isnan(present).all():
+        # one row at a time: a copy of every present lead would double the memory of a long record
+        if all(np.isnan(sig[i]).all() for i in np.flatnonzero(self.lead_mask)):
             raise ECGDataError(where, "every sample of every lead is NaN")
         if self.evidence is not None and self.evidence.shape != sig.shape:
             raise ECGDataError(where, f"evidence mask {self.evidence.shape} does not match {sig.shape}")

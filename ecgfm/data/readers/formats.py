@@ -30,7 +30,10 @@ Strict validation (nothing is read that the header does not account for exactly;
 - the header's checksums (16-bit sums of each signal's samples) must match the samples, computed on the integer
   samples already read (one vectorised sum). Headers whose checksums are all 0 (CinC 2017 writes 0 as a
   placeholder) are not verified; ``record.header["checksum"]`` says ``"verified"`` or why not;
-- the sampling rate must be plausible: within ``fs_range`` (default :data:`FS_RANGE`, 50-10,000 Hz).
+- the sampling rate must be plausible: within ``fs_range`` (default :data:`FS_RANGE`, 50-10,000 Hz);
+- the record must fit in memory: more than :data:`MAX_RECORD_SAMPLES` values (signals x samples, ~2 GB as float32;
+  estimated from the header before any sample is read) is refused with a message saying to split it. Samples are
+  converted to float32 in blocks, so that reading a record takes little more than its float32 array.
 
 Multi-segment records (PhysioNet long-term and ICU databases: a master header listing segments, each a
 single-segment record, ``~`` for a gap, and for a variable layout a layout header naming the signals) are read
@@ -55,19 +58,20 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import scipy.io
 import wfdb
 
-from ecgfm.data.record import ECGDataError, ECGRecord, canonical_lead, map_leads
+from ecgfm.data.record import LEAD_PLACEHOLDER, ECGDataError, ECGRecord, canonical_lead, map_leads
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "FS_RANGE",
     "MAX_FS",
+    "MAX_RECORD_SAMPLES",
     "MultiSegmentHeader",
     "WFDBHeader",
     "check_fs_range",
@@ -119,8 +123,26 @@ _COMPRESSED_FORMATS = frozenset({"508", "516", "524"})
 # Invalid-sample sentinel of the 16-bit formats (WFDB writes it for NaN).
 _INVALID_16 = -32768
 
-# Multiplier from a header's units to millivolts (lower-case keys).
-_TO_MV: dict[str, float] = {"mv": 1.0, "uv": 1e-3, "µv": 1e-3, "μv": 1e-3, "v": 1e3, "nv": 1e-6}
+# Multiplier from a header's units to millivolts (lower-case keys): WFDB's symbols (mV, uV, V) and the spellings
+# found in headers written by other tools (full words, singular or plural; "mvolts").
+_TO_MV: dict[str, float] = {
+    "mv": 1.0, "uv": 1e-3, "µv": 1e-3, "μv": 1e-3, "v": 1e3, "nv": 1e-6,
+    **{f"{word}{plural}": factor for word, factor in (
+        ("volt", 1e3), ("millivolt", 1.0), ("mvolt", 1.0), ("microvolt", 1e-3), ("uvolt", 1e-3),
+        ("µvolt", 1e-3), ("μvolt", 1e-3), ("nanovolt", 1e-6)) for plural in ("", "s")},
+}
+# Units that are clearly not a voltage (lower-case): pressure, normalised or dimensionless units, rates,
+# temperature, impedance... A channel in other units that are not in _TO_MV either is reported as
+# "unrecognised units" (a typo of a voltage is possible), not as a non-voltage.
+_NOT_VOLTAGE: frozenset[str] = frozenset({
+    "mmhg", "cmh2o", "kpa", "pa", "nu", "%", "bpm", "/min", "degc", "°c", "degf", "ohm", "ohms", "kohm", "l",
+    "ml", "l/s", "l/min", "ml/s", "hz", "ma", "ua", "mmol/l",
+})
+
+#: Largest record (signals x samples, with at least the 12 rows of ecgfm's layout) read in one piece: 500 million
+#: float32 values, ~2 GB. A longer record (a multi-day Holter) is refused with a message saying to split it, rather
+#: than exhausting memory while its samples are converted (tests monkeypatch it).
+MAX_RECORD_SAMPLES = 500_000_000
 
 _KEY_VALUE = re.compile(r"^\s*([A-Za-z][A-Za-z0-9 _()/.-]*?)\s*:\s*(.*?)\s*$")
 
@@ -592,6 +614,44 @@ def _units_factor(unit: str | None) -> float | None:
     return _TO_MV.get((unit or "mV").strip().lower())
 
 
+def _units_problem(unit: str | None) -> str:
+    """What is wrong with units that are not in :data:`_TO_MV`: clearly not a voltage (mmHg), or unrecognised."""
+    if str(unit).strip().lower() in _NOT_VOLTAGE:
+        return f"units {unit!r}, which are not a voltage"
+    return (f"unrecognised units {unit!r} (voltage units read: mV, uV, V, nV, or the words volts, millivolts, "
+            f"microvolts)")
+
+
+def _rename_hint(source: str) -> Callable[[str], str]:
+    """How the user maps an unknown lead name of a record read for ``source`` to a standard lead.
+
+    Every reader takes ``rename_leads``; the prepare hint (``+folder.rename_leads``) is added only when the record
+    source that read it takes ``rename_leads`` too (the folder sources, or a source name no registered source has,
+    i.e. a folder source given another ``name``): PTB-XL's or a challenge's source does not.
+    """
+    def hint(name: str) -> str:
+        text = f"map it: rename_leads={{{name!r}: {LEAD_PLACEHOLDER!r}}} (the API, read_wfdb)"
+        if _source_takes_rename(source):
+            text += f", '+folder.rename_leads={{{name}:<lead>}}' for prepare (sources=[folder])"
+        return text
+
+    return hint
+
+
+def _source_takes_rename(source: str) -> bool:
+    """Whether the record source registered as ``source`` takes ``rename_leads`` (True for unregistered names)."""
+    import inspect
+
+    from ecgfm.data.readers import SOURCES   # here: the package imports this module
+
+    target = SOURCES.get(source)
+    if target is None:
+        return True
+    if isinstance(target, str):   # registered lazily by "module:Class": generated records, no header lead names
+        return False
+    return "rename_leads" in inspect.signature(target).parameters
+
+
 def _is_standard_lead(name: str) -> bool:
     """Whether ``name`` is one of the twelve standard leads (or an alias such as MLII)."""
     try:
@@ -681,6 +741,51 @@ def _check_signal_files(header: WFDBHeader, hea: Path, root: str | os.PathLike |
                                   f"signal count or length in the header")
 
 
+def _record_length(header: WFDBHeader, hea: Path, root: str | os.PathLike | None = None) -> int | None:
+    """Samples per signal of a record: the header's length, or when it leaves the length out, what its largest
+    uncompressed signal file holds (None when nothing tells: compressed or missing files)."""
+    if header.sig_len is not None:
+        return header.sig_len
+    per_file: dict[str, list[int]] = {}
+    for i, fname in enumerate(header.file_name):
+        per_file.setdefault(fname, []).append(i)
+    longest = None
+    for fname, idx in per_file.items():
+        fmt = str(header.fmt[idx[0]])
+        if fname in ("-", "~") or fmt not in _BYTES_PER_SAMPLE:
+            continue
+        f = _signal_file(hea, fname, root)
+        if not f.is_file():
+            continue
+        per_frame = sum(int((header.samps_per_frame or [1] * header.n_sig)[i] or 1) for i in idx)
+        size = f.stat().st_size - int((header.byte_offset or [0] * header.n_sig)[idx[0]] or 0)
+        n = int(max(size, 0) // (per_frame * _BYTES_PER_SAMPLE[fmt]))
+        longest = n if longest is None else max(longest, n)
+    return longest
+
+
+def _check_record_size(where: Path, n_sig: int, n_samples: int | None, fs: float) -> None:
+    """Refuse a record too long to convert in one piece, before its samples are read.
+
+    The limit is :data:`MAX_RECORD_SAMPLES` float32 values over the record's rows: its signals, and at least the 12
+    rows of ecgfm's layout, which every record is placed in.
+
+    Raises:
+        ECGDataError: naming the file, the record's duration, samples and signals, and how to split it.
+    """
+    if n_samples is None:
+        return
+    rows = max(int(n_sig), 12)
+    if rows * n_samples <= MAX_RECORD_SAMPLES:
+        return
+    hours = n_samples / fs / 3600.0
+    gb = rows * n_samples * 4 / 1e9
+    raise ECGDataError(where, f"record of {hours:.1f} h ({n_samples} samples x {n_sig} signals, ~{gb:.1f} GB as "
+                              f"float32{' in the 12-lead layout' if n_sig < 12 else ''}): too long to convert in "
+                              f"one piece (limit {MAX_RECORD_SAMPLES / 1e9 * 4:.1f} GB, MAX_RECORD_SAMPLES of "
+                              f"ecgfm.data.readers.formats), split it (e.g. wfdb.rdrecord sampfrom/sampto)")
+
+
 def _checksum_status(header: WFDBHeader) -> str:
     """Whether the header's checksums can be verified: ``"verified"`` (they will be), or why not."""
     given = [c for c in header.checksum if c is not None]
@@ -736,7 +841,7 @@ def _finish(signal: np.ndarray, names: Sequence[str], header: WFDBHeader, hea: P
     """
     if signal.shape[1] == 0:
         raise ECGDataError(hea, "zero-length record (0 samples)")
-    if np.isnan(signal).all():
+    if all(np.isnan(row).all() for row in signal):   # row by row: no (n_sig, T) temporary for a long record
         raise ECGDataError(hea, "every sample of every signal is NaN")
     units = list(header.units or [None] * header.n_sig)
     published = [str(n) for n in names]
@@ -749,11 +854,15 @@ def _finish(signal: np.ndarray, names: Sequence[str], header: WFDBHeader, hea: P
             if _is_standard_lead(mapped[row]):
                 # a standard ECG lead in mmHg is a corrupt header, not a non-ECG channel: dropping it would
                 # silently lose a lead the record has
-                raise ECGDataError(hea, f"lead {lead!r} has units {unit!r}, which are not a voltage (supported: "
-                                        f"{', '.join(sorted(_TO_MV))}); a standard ECG lead must be a voltage: "
-                                        f"fix the header's units")
-            non_voltage[lead] = str(unit)
+                raise ECGDataError(hea, f"lead {lead!r} has {_units_problem(unit)}; a standard ECG lead must be a "
+                                        f"voltage: fix the header's units")
+            non_voltage[lead or f"signal {row}"] = str(unit)
             continue
+        if not mapped[row].strip():
+            # WFDB takes a signal's name from the description field ending its signal line, which may be left out
+            raise ECGDataError(hea, f"signal {row} (signal line {row + 1} of {len(published)}) has no name in the "
+                                    f"header (its line has no description field, which WFDB uses as the lead "
+                                    f"name): add the lead's name at the end of that line")
         keep.append(row)
         if factor != 1.0:
             signal[row] *= factor
@@ -762,9 +871,14 @@ def _finish(signal: np.ndarray, names: Sequence[str], header: WFDBHeader, hea: P
         raise ECGDataError(hea, f"no channel has voltage units (mV, uV, V...), so the record holds no ECG lead: "
                                 f"{shown}")
     if non_voltage:
-        log.warning("%s: dropped %d channel(s) whose units are not a voltage (not ECG leads): %s", hea,
-                    len(non_voltage), shown)
-    signal12, mask, dropped_ecg = map_leads(signal[keep], [mapped[r] for r in keep], hea)
+        odd = sorted({u for u in non_voltage.values() if u.strip().lower() not in _NOT_VOLTAGE})
+        log.warning("%s: dropped %d channel(s) whose units are not a voltage (not ECG leads): %s%s", hea,
+                    len(non_voltage), shown,
+                    f" (unrecognised units {odd}: if they are a voltage, fix the header)" if odd else "")
+    # every row kept (the usual case): no copy of a possibly long signal
+    rows = signal if len(keep) == len(signal) else signal[keep]
+    signal12, mask, dropped_ecg = map_leads(rows, [mapped[r] for r in keep], hea,
+                                            rename_hint=_rename_hint(source))
     # every dropped channel in the header's order: non-voltage ones by published name, the others (Frank vx...)
     # by their mapped name as map_leads reports them
     left, kept = list(dropped_ecg), set(keep)
@@ -833,10 +947,11 @@ def read_wfdb(path: str | os.PathLike, source: str = "wfdb", rename_leads: Mappi
         ECGDataError: missing header or signal file, a signal file outside ``root``, a signal file whose size
             disagrees with the header (truncated, or wrong signal count / length), a header checksum that does
             not match the samples, impossible or implausible rate, impossible gain, zero-length or all-NaN
-            record, no channel with voltage units, a standard lead whose units are not a voltage, unknown lead
-            names; for a multi-segment record also a malformed master header, a segment or layout header that is
-            missing (naming it) or disagrees with the master (rate, length, signals), and every check above on
-            each segment (the message names the segment's file and the master).
+            record, no channel with voltage units, a standard lead whose units are not a voltage (or are
+            unrecognised), a signal without a name, unknown lead names, a record longer than
+            :data:`MAX_RECORD_SAMPLES`; for a multi-segment record also a malformed master header, a segment or
+            layout header that is missing (naming it) or disagrees with the master (rate, length, signals), and
+            every check above on each segment (the message names the segment's file and the master).
     """
     hea = header_path(path)
     text = _header_text(hea)
@@ -847,6 +962,7 @@ def read_wfdb(path: str | os.PathLike, source: str = "wfdb", rename_leads: Mappi
     if any(str(f).lower().endswith(".mat") for f in header.file_name):
         return _read_mat_record(hea, header, source, rename_leads, root)
     _check_signal_files(header, hea, root)
+    _check_record_size(hea, header.n_sig, _record_length(header, hea, root), header.fs)
     signal = _decode_simple(header, hea)
     if signal is None:
         signal = _decode_with_wfdb(header, hea)
@@ -881,6 +997,7 @@ def _read_multi_segment(hea: Path, master: MultiSegmentHeader, source: str,
             :func:`read_wfdb` checks in a single-segment record (missing or truncated signal file, checksum
             mismatch, ...).
     """
+    _check_record_size(hea, master.n_sig, master.sig_len, master.fs)
     base = root if root is not None else hea.parent
     segments = list(zip(master.seg_name, master.seg_len))
     reference: WFDBHeader | None = None   # names the record's signals: the layout header, or the first segment
@@ -1028,6 +1145,9 @@ def _unit_ratio(unit: str, record_unit: str, name: str, shea: Path, where: str) 
                              f"{where}: a voltage and a non-voltage on one signal")
 
 
+# Values converted at once to physical units (float64 arithmetic) when a record is decoded: bounds the temporaries.
+_DECODE_BLOCK = 1 << 18
+
 # numpy dtype and invalid-sample value of the WFDB formats that are plain arrays of integers.
 _SIMPLE_FORMATS: dict[str, tuple[str, int, int]] = {  # fmt -> (dtype, offset added, invalid value)
     "16": ("<i2", 0, -32768), "61": (">i2", 0, -32768), "32": ("<i4", 0, -2**31), "80": ("u1", -128, -128),
@@ -1074,18 +1194,24 @@ def _decode_simple(header: WFDBHeader, hea: Path) -> np.ndarray | None:
             raise ECGDataError(hea.parent / fname, f"truncated signal file: read {n} samples per signal, the "
                                                    f"header {hea.name} announces {header.sig_len} ({width} bytes "
                                                    "per sample)")
-        digital = raw[: n * len(idx)].reshape(n, len(idx)).T.astype(np.int64) + shift
+        frames = raw[: n * len(idx)].reshape(n, len(idx))   # a view: (samples, signals of this file)
         if n:  # an empty file is reported as a zero-length record
-            _verify_checksums(header, digital.sum(axis=1), hea.parent / fname, idx)
+            sums = frames.sum(axis=0, dtype=np.int64) + shift * n
+            _verify_checksums(header, sums, hea.parent / fname, idx)
         if out is None:
             out = np.empty((header.n_sig, n), dtype=np.float32)
         elif out.shape[1] != n:
             raise ECGDataError(hea, f"signal files hold different numbers of samples ({out.shape[1]} and {n})")
         baseline = np.asarray([header.baseline[i] for i in idx], dtype=np.float64)[:, None]
         gain = np.asarray([header.adc_gain[i] for i in idx], dtype=np.float64)[:, None]
-        phys = ((digital - baseline) / gain).astype(np.float32)
-        phys[digital == invalid] = np.nan
-        out[idx] = phys
+        # converted in blocks of samples: the float64 arithmetic (values as before, exactly) never holds more than
+        # _DECODE_BLOCK values, instead of int64 + float64 copies of a whole long record (~13x its file size)
+        step = max(1, _DECODE_BLOCK // len(idx))
+        for start in range(0, n, step):
+            digital = frames[start:start + step].T.astype(np.int64) + shift
+            phys = ((digital - baseline) / gain).astype(np.float32)
+            phys[digital == invalid] = np.nan
+            out[idx, start:start + step] = phys
     return out
 
 
@@ -1101,7 +1227,8 @@ def _decode_with_wfdb(header: WFDBHeader, hea: Path) -> np.ndarray:
         rec = wfdb.rdrecord(str(hea.with_suffix("")), physical=False, smooth_frames=False, return_res=64)
     except Exception as exc:
         raise ECGDataError(hea, f"wfdb could not decode the signal: {type(exc).__name__}: {exc}") from None
-    channels = rec.e_d_signal
+    channels = None if rec.e_d_signal is None else list(rec.e_d_signal)
+    del rec   # the list above holds wfdb's arrays, freed one by one as they are converted
     if channels is None or len(channels) != header.n_sig:
         raise ECGDataError(hea, f"decoded {0 if channels is None else len(channels)} signals, expected "
                                 f"{header.n_sig}")
@@ -1115,13 +1242,20 @@ def _decode_with_wfdb(header: WFDBHeader, hea: Path) -> np.ndarray:
     if n:
         _verify_checksums(header, [int(np.asarray(c, dtype=np.int64).sum()) for c in channels], hea)
     out = np.empty((header.n_sig, n), dtype=np.float32)
-    for i, (digital, k) in enumerate(zip(channels, spf)):
-        digital = np.asarray(digital, dtype=np.int64)
-        phys = (digital - float(header.baseline[i])) / float(header.adc_gain[i])
+    for i, k in enumerate(spf):
+        samples = np.asarray(channels[i], dtype=np.int64)
+        channels[i] = None   # wfdb's copy of this signal is freed once converted
+        baseline, gain = float(header.baseline[i]), float(header.adc_gain[i])
         invalid = _INVALID.get(str(header.fmt[i]))
-        if invalid is not None:
-            phys[digital == invalid] = np.nan
-        out[i] = phys.reshape(n, k).mean(axis=1) if k > 1 else phys
+        # in blocks of frames: the float64 temporaries of a long record stay small (values as converted whole)
+        step = max(1, _DECODE_BLOCK // k)
+        for start in range(0, n, step):
+            digital = samples[start * k:(start + step) * k]
+            phys = (digital - baseline) / gain
+            if invalid is not None:
+                phys[digital == invalid] = np.nan
+            out[i, start:start + step] = phys.reshape(-1, k).mean(axis=1) if k > 1 else phys
+        del samples
     return out
 
 
@@ -1164,18 +1298,22 @@ def _read_mat_record(hea: Path, header: WFDBHeader, source: str, rename_leads: M
     mat = _signal_file(hea, files[0], root)
     if not mat.is_file():
         raise ECGDataError(hea, f"signal file {files[0]!r} named in the header is missing (looked for {mat})")
+    _check_record_size(hea, header.n_sig, header.sig_len, header.fs)
     try:
         content = scipy.io.loadmat(str(mat), variable_names=["val"])
     except Exception as exc:  # scipy raises ValueError/TypeError/OSError for corrupt files
         raise ECGDataError(mat, f"unreadable or corrupt .mat file: {type(exc).__name__}: {exc}") from None
     if "val" not in content:
-        raise ECGDataError(mat, "the .mat file holds no 'val' array")
+        raise ECGDataError(mat, _no_val_problem(mat))
     val = np.asarray(content["val"])
     if val.ndim != 2 or not np.issubdtype(val.dtype, np.number) or np.issubdtype(val.dtype, np.complexfloating):
         raise ECGDataError(mat, f"'val' must be a 2-D real numeric array, got {val.dtype} {val.shape}")
     n_sig = header.n_sig
     if val.shape[0] != n_sig:
-        raise ECGDataError(mat, f"'val' has {val.shape[0]} rows but the header {hea.name} lists {n_sig} signals")
+        transposed = val.shape[1] == n_sig and (header.sig_len is None or val.shape[0] == header.sig_len)
+        raise ECGDataError(mat, f"'val' has {val.shape[0]} rows but the header {hea.name} lists {n_sig} signals"
+                                + (f"; it looks transposed (shape {val.shape} is samples x signals): save it as "
+                                   f"signals x samples, {n_sig} x {val.shape[0]}" if transposed else ""))
     if header.sig_len is not None and val.shape[1] != header.sig_len:
         raise ECGDataError(mat, f"'val' has {val.shape[1]} samples but the header {hea.name} announces "
                                 f"{header.sig_len} (truncated or mismatched file)")
@@ -1211,6 +1349,22 @@ def _read_mat_record(hea: Path, header: WFDBHeader, source: str, rename_leads: M
     if "dx" in fields:
         record.meta["dx_text"] = fields["dx"]
     return record
+
+
+def _no_val_problem(mat: Path) -> str:
+    """Why a challenge ``.mat`` file without ``val`` cannot be read: the variables it holds, and for a struct
+    ``ECG`` (the original CPSC 2018 release) which source reads it."""
+    try:
+        found = scipy.io.whosmat(str(mat))
+    except Exception:   # loadmat read the file; listing it should not fail, and must not hide the problem
+        found = []
+    shown = ", ".join(f"{name!r} ({kind} {'x'.join(str(d) for d in shape)})" for name, shape, kind in found[:10])
+    text = (f"the .mat file holds no 'val' array (the challenge format's ADC samples, signals x samples); it holds "
+            f"{shown + (' ...' if len(found) > 10 else '') if found else 'no variable'}")
+    if any(name == "ECG" and kind == "struct" for name, _shape, kind in found):
+        text += ("; a struct 'ECG' is the original CPSC 2018 release (ECG.data in mV, no header needed): read it "
+                 "with sources=[cpsc2018] (cpsc2018.root=<folder>) or ecgfm.data.readers.read_cpsc2018")
+    return text
 
 
 def _check_signed_16(val: np.ndarray, header: WFDBHeader, hea: Path, mat: Path) -> None:

@@ -208,7 +208,8 @@ class PTBXLSource:
     ``labels`` = their SCP codes (sorted keys of ``scp_codes``, any likelihood) and ``meta`` =
     ``{"scp_codes", "strat_fold", "age", "sex"}``. ``record_id`` is the zero-padded ``ecg_id`` (``"00001"``).
     Rows of ``ptbxl_database.csv`` without a signal file at this rate (a partial download) are left out with a
-    logged warning naming their count, the first ids and the record folder.
+    logged warning naming their count, the first ids and the record folder; so are, with
+    ``include_unlabelled=False``, signal files without a row.
 
     Args:
         root: folder holding ``records100/`` and/or ``records500/`` and (optionally) the CSVs.
@@ -268,6 +269,12 @@ class PTBXLSource:
                         "out (ecg_id %s%s); complete the download if they should be there", self.root, len(missing),
                         self.fs, base, ", ".join(missing[:5]), " ..." if len(missing) > 5 else "")
         ids = self._files if self.include_unlabelled else [i for i in self._files if i in self._rows]
+        unlisted = [] if self.include_unlabelled else sorted(i for i in self._files if i not in self._rows)
+        if unlisted:  # the opposite case of `missing`: signal files that ptbxl_database.csv does not list
+            log.warning("%s: %d %d Hz signal file(s) in %s have no row in ptbxl_database.csv and are left out "
+                        "(include_unlabelled=false; ecg_id %s%s); set include_unlabelled=true to read them as "
+                        "unlabelled records", self.root, len(unlisted), self.fs, base, ", ".join(unlisted[:5]),
+                        " ..." if len(unlisted) > 5 else "")
         self._ids = sorted(ids)
         if not self._ids:
             raise ECGDataError(base, "no PTB-XL records found")
