@@ -125,7 +125,8 @@ class TrainConfig:
         torch_threads: ``torch.set_num_threads`` for CPU ops (None: torch's default). On a shared machine with
             few cores, 1 thread avoids OpenMP oversubscription (measured 4-5x faster for the small CPU demos).
         deterministic_steps: reseed torch/numpy/random from ``(seed, rank, global_step)`` before every step so
-            a resumed run draws the same masks/augmentations as an uninterrupted one.
+            a resumed run draws the same masks/augmentations as an uninterrupted one; false: every rank but 0 is
+            reseeded once from ``(seed, rank)`` (``RankSeedCallback``), so DDP ranks still draw different ones.
         progress_refresh: TQDM progress bar refresh rate in steps.
         export: export the encoder to ``<out_dir>/encoder`` at the end.
         data, backbone, method, trainer, logger: ``_target_`` nodes, checked by :func:`check_target_node`.

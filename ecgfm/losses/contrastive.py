@@ -4,8 +4,10 @@ Both are plain functions of embeddings, DDP-aware: with ``gather=True`` and an i
 embeddings of every rank are gathered *with gradients* (:func:`gather_with_grad`, whose backward sums the
 incoming gradients over ranks), each rank uses its local samples as anchors against the global
 set of candidates, and the loss is normalised so that the mean over ranks (what DDP's gradient averaging
-optimises) equals the single-process loss on the concatenated global batch. All ranks must hold the same local
-batch size (``DistributedSampler`` guarantees this; use ``drop_last`` for the last batch). Without a process
+optimises) equals the single-process loss on the concatenated global batch. The local batch sizes may differ
+between ranks (``nonfinite=skip`` leaves records out, a last validation batch is short, a rank's batch may even be
+empty): the row counts are gathered first, every rank's rows are padded to the largest count for ``all_gather``
+and the padding is dropped from the candidates (:func:`gather_counts`, :func:`gather_with_grad`). Without a process
 group, gathering is the identity.
 """
 
@@ -15,7 +17,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-__all__ = ["nt_xent", "clocs_loss", "gather_with_grad", "world_info", "ddp_mean_count", "ddp_mean"]
+__all__ = ["nt_xent", "clocs_loss", "gather_with_grad", "gather_counts", "world_info", "ddp_mean_count",
+           "ddp_mean"]
 
 _NEG = -1e9  # logit of an absent candidate (exp underflows to 0 in float32)
 
@@ -72,19 +75,55 @@ def ddp_mean(local_sum: torch.Tensor, local_count: torch.Tensor) -> torch.Tensor
     return scaled + (own - scaled).detach()
 
 
-def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``x`` from all ranks along dim 0, keeping the autograd graph; identity without DDP.
+def gather_counts(n: int, device: torch.device | str = "cpu") -> list[int]:
+    """The local row count of every rank (one small ``all_gather``); ``[n]`` without a process group.
 
     Args:
-        x: ``(n, ...)`` local tensor; same shape on every rank.
+        n: this rank's number of rows.
+        device: where the count tensor lives (the backend's device: CUDA for NCCL).
 
     Returns:
-        ``(world * n, ...)``: rank 0's rows first.
+        ``world`` counts, rank 0's first.
+    """
+    _, world = world_info()
+    if world == 1:
+        return [int(n)]
+    t = torch.tensor([int(n)], dtype=torch.long, device=device)
+    out = [torch.empty_like(t) for _ in range(world)]
+    dist.all_gather(out, t)
+    return [int(c) for c in torch.cat(out).tolist()]
+
+
+def _padded(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """``x`` with zero rows appended up to ``rows`` rows (contiguous, as ``all_gather`` needs)."""
+    if x.shape[0] < rows:
+        x = torch.cat([x, x.new_zeros(rows - x.shape[0], *x.shape[1:])])
+    return x.contiguous()
+
+
+def gather_with_grad(x: torch.Tensor, counts: list[int] | None = None) -> torch.Tensor:
+    """Concatenate ``x`` from all ranks along dim 0, keeping the autograd graph; identity without DDP.
+
+    The ranks may hold different numbers of rows (even none): each is padded to the largest count, gathered, and
+    the padding dropped, so the result is exactly the concatenation of the ranks' rows.
+
+    Args:
+        x: ``(n, ...)`` local tensor; the same trailing shape on every rank, ``n`` may differ.
+        counts: every rank's ``n`` (:func:`gather_counts`), when the caller already has them; ``None``: gathered.
+
+    Returns:
+        ``(sum(counts), ...)``: rank 0's rows first.
     """
     _, world = world_info()
     if world == 1:
         return x
-    return torch.cat(_GatherWithGrad.apply(x.contiguous()), dim=0)
+    if counts is None:
+        counts = gather_counts(x.shape[0], x.device)
+    top = max(counts)
+    if min(counts) == top > 0:    # equal local batches: a plain gather, as before
+        return torch.cat(_GatherWithGrad.apply(x.contiguous()), dim=0)
+    parts = _GatherWithGrad.apply(_padded(x, max(top, 1)))
+    return torch.cat([part[:c] for part, c in zip(parts, counts)], dim=0)
 
 
 class _GatherWithGrad(torch.autograd.Function):
@@ -109,13 +148,16 @@ class _GatherWithGrad(torch.autograd.Function):
         return all_grads[dist.get_rank()]
 
 
-def _gather_no_grad(x: torch.Tensor) -> torch.Tensor:
+def _gather_no_grad(x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """:func:`gather_with_grad` without autograd (ids and masks), for the ranks' row ``counts``."""
     _, world = world_info()
     if world == 1:
         return x
-    out = [torch.empty_like(x) for _ in range(world)]
-    dist.all_gather(out, x.contiguous())
-    return torch.cat(out, dim=0)
+    top = max(max(counts), 1)
+    xp = _padded(x, top)
+    out = [torch.empty_like(xp) for _ in range(world)]
+    dist.all_gather(out, xp)
+    return torch.cat([part[:c] for part, c in zip(out, counts)], dim=0)
 
 
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1, gather: bool = True,
@@ -138,7 +180,9 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1, gather
             rows are distinct recordings.
 
     Returns:
-        Scalar loss.
+        Scalar loss. Gathered under DDP: this rank's anchors' sum over the mean anchor count of the ranks, so the
+        mean over ranks is the loss of one process on the union of the batches (with equal local batches, this
+        rank's mean; with an empty one, 0 still attached to the graph).
     """
     if z1.shape != z2.shape or z1.ndim != 2:
         raise ValueError(f"z1 and z2 must both be (n, D), got {tuple(z1.shape)} and {tuple(z2.shape)}")
@@ -161,23 +205,29 @@ def _nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float, gather: boo
     z1 = F.normalize(z1.float(), dim=1)
     z2 = F.normalize(z2.float(), dim=1)
     rank, world = world_info() if gather else (0, 1)
-    g1 = gather_with_grad(z1) if world > 1 else z1  # (N, D), N = world * n
-    g2 = gather_with_grad(z2) if world > 1 else z2
+    counts = gather_counts(n, z1.device) if world > 1 else [n]
+    g1 = gather_with_grad(z1, counts) if world > 1 else z1  # (N, D), N = sum of the ranks' n
+    g2 = gather_with_grad(z2, counts) if world > 1 else z2
     big_n = g1.shape[0]
     anchors = torch.cat([z1, z2])                   # (2n, D) local anchors
     cands = torch.cat([g1, g2])                     # (2N, D) global candidates
     logits = anchors @ cands.T / temperature        # (2n, 2N)
-    local = torch.arange(n, device=z1.device) + rank * n
+    local = torch.arange(n, device=z1.device) + sum(counts[:rank])
     self_idx = torch.cat([local, local + big_n])    # column of each anchor itself
     pos_idx = torch.cat([local + big_n, local])     # column of its positive
     drop = F.one_hot(self_idx, 2 * big_n).bool()
     if record is not None:   # the same recording's other draws are neither negatives nor positives
         rec = record.to(z1.device).long()
-        rec_g = _gather_no_grad(rec) if world > 1 else rec
+        rec_g = _gather_no_grad(rec, counts) if world > 1 else rec
         same = torch.cat([rec, rec])[:, None] == torch.cat([rec_g, rec_g])[None, :]     # (2n, 2N)
         drop = drop | (same & ~F.one_hot(pos_idx, 2 * big_n).bool())
     logits = logits.masked_fill(drop, float("-inf"))
-    return F.cross_entropy(logits, pos_idx)
+    if world == 1:
+        return F.cross_entropy(logits, pos_idx)
+    # the sum over this rank's 2n anchors over the mean anchor count of the ranks: DDP's mean over ranks is the
+    # mean over all 2N anchors whatever the split (equal n: this rank's mean); an empty rank gives 0, attached
+    total = F.cross_entropy(logits, pos_idx, reduction="sum")
+    return total / (2.0 * max(big_n, 1) / world)
 
 
 def clocs_loss(z_views: torch.Tensor, patient: torch.Tensor | None = None, temperature: float = 0.1,
@@ -236,20 +286,21 @@ def _clocs_loss(z_views: torch.Tensor, patient: torch.Tensor | None, temperature
     rank, world = world_info() if gather else (0, 1)
     patient = patient.to(device).long()
     view_mask = view_mask.to(device).bool()
+    counts = gather_counts(n, device) if world > 1 else [n]
     if world > 1:
-        zg = gather_with_grad(z.transpose(0, 1).contiguous()).transpose(0, 1)  # (V, N, D)
-        pg = _gather_no_grad(patient)
-        mg = _gather_no_grad(view_mask.t().contiguous()).t()                    # (V, N)
+        zg = gather_with_grad(z.transpose(0, 1).contiguous(), counts).transpose(0, 1)  # (V, N, D)
+        pg = _gather_no_grad(patient, counts)
+        mg = _gather_no_grad(view_mask.t().contiguous(), counts).t()                    # (V, N)
     else:
         zg, pg, mg = z, patient, view_mask
     big_n = zg.shape[1]
-    local = torch.arange(n, device=device) + rank * n
+    local = torch.arange(n, device=device) + sum(counts[:rank])
     same = local[:, None] == torch.arange(big_n, device=device)[None, :]      # (n, N) same recording
     if record is not None:                                                     # ... also drawn twice
         if tuple(record.shape) != (n,):
             raise ValueError(f"record must be ({n},), got {tuple(record.shape)}")
         rec = record.to(device).long()
-        same = same | (rec[:, None] == (_gather_no_grad(rec) if world > 1 else rec)[None, :])
+        same = same | (rec[:, None] == (_gather_no_grad(rec, counts) if world > 1 else rec)[None, :])
     if patient_aware:
         same = same | ((patient[:, None] == pg[None, :]) & (patient[:, None] >= 0))
 

@@ -192,8 +192,29 @@ class PretrainModule(L.LightningModule):
     def _batch_size(batch: dict[str, torch.Tensor]) -> int:
         return int(batch["x"].shape[0])
 
+    def _empty_batch(self, stage: str) -> None:
+        """An empty batch (every record left out by ``nonfinite=skip``) is skipped in one process; under DDP it
+        raises, since a rank cannot skip a step whose collectives (the contrastive losses' ``all_gather``, the
+        ``ddp_mean`` counts, the gradient all-reduce) the other ranks take: they would wait for it (gloo aborts).
+
+        Raises:
+            NonFiniteDataError: ``world_size > 1``.
+        """
+        trainer = getattr(self, "_trainer", None)
+        world = int(trainer.world_size) if trainer is not None else 1
+        if world > 1:
+            from ecgfm.data.cache import NonFiniteDataError
+
+            step = int(trainer.global_step)
+            raise NonFiniteDataError("<batch>", f"every record of a {stage} batch of rank {trainer.global_rank} (step "
+                                                f"{step}) was left out as non-finite (nonfinite=skip). One process "
+                                                f"skips such a batch; under DDP (world_size={world}) a rank cannot "
+                                                "skip a step the other ranks take. Repair or rebuild the cache (the "
+                                                "skipped records are logged), or train on one process")
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         if self._batch_size(batch) == 0:  # every record dropped (nonfinite=skip): no step (Lightning skips None)
+            self._empty_batch("training")
             return None
         loss, terms = self.shared_step(batch)
         self.log_terms("train", {"loss": loss, **terms}, batch_size=self._batch_size(batch))
@@ -206,6 +227,7 @@ class PretrainModule(L.LightningModule):
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         if self._batch_size(batch) == 0:
+            self._empty_batch("validation")
             return None
         loss, terms = self.shared_step(batch)
         self.log_terms("val", {"loss": loss, **terms}, batch_size=self._batch_size(batch))

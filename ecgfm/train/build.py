@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ecgfm.config import ConfigError
 from ecgfm.data.preprocess import PreprocessSpec
-from ecgfm.train.loop import LossHistory, StepSeedCallback, ThroughputCallback
+from ecgfm.train.loop import LossHistory, RankSeedCallback, StepSeedCallback, ThroughputCallback
 from ecgfm.train.safety import NonFiniteGuard
 
 log = logging.getLogger(__name__)
@@ -144,13 +144,13 @@ def check_backbone_fits_crop(cfg: DictConfig, fs: float, backbone: torch.nn.Modu
 
 
 def build_callbacks(cfg: DictConfig, out_dir: Path) -> tuple[list[L.Callback], LossHistory]:
-    """Non-finite guard, checkpointing, progress bar, throughput, per-step seeding and loss history."""
+    """Non-finite guard, checkpointing, progress bar, throughput, per-step (or per-rank) seeding and loss history."""
     from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 
     history = LossHistory()
     callbacks: list[L.Callback] = [NonFiniteGuard(str(cfg.get("nonfinite", "error"))), history, ThroughputCallback()]
-    if cfg.deterministic_steps:
-        callbacks.insert(0, StepSeedCallback(cfg.seed))
+    # one stream per DDP rank: reseeded before every step, or (deterministic_steps=false) once per rank at setup
+    callbacks.insert(0, StepSeedCallback(cfg.seed) if cfg.deterministic_steps else RankSeedCallback(cfg.seed))
     ck = cfg.checkpoint
     # save_top_k > 1 keeps the k newest periodic checkpoints: rank them by "step", which ModelCheckpoint always
     # offers as a monitor candidate (monitor=None only allows -1, 0 or 1).

@@ -2,7 +2,8 @@
 
 Resume reproduces the uninterrupted run: Lightning restores weights, optimiser, scheduler and loop position;
 :class:`StepSeedCallback` makes every step's random draws (masks, augmentations, dropout) a function of
-``(seed, rank, global_step)`` instead of the history of the global RNG; the DataModule's sampler order is a
+``(seed, rank, global_step)`` instead of the history of the global RNG (without it, :class:`RankSeedCallback` still
+gives every DDP rank its own stream); the DataModule's sampler order is a
 function of ``(seed, epoch)`` and its train loader is made resumable (:func:`make_resumable`: Lightning saves its
 ``state_dict``). Callback states are plain data, keyed by class name (checkpoints load with ``weights_only=True``).
 """
@@ -23,11 +24,25 @@ from torch.utils.data import BatchSampler, DataLoader
 
 log = logging.getLogger(__name__)
 
-__all__ = ["StepSeedCallback", "ThroughputCallback", "LossHistory", "ResumableBatchSampler", "ResumableDataLoader",
-           "make_resumable", "save_final_checkpoint"]
+__all__ = ["reseed", "StepSeedCallback", "RankSeedCallback", "ThroughputCallback", "LossHistory",
+           "ResumableBatchSampler", "ResumableDataLoader", "make_resumable", "save_final_checkpoint"]
 
 
 # ---------------------------------------------------------------------------------------------------- callbacks
+def reseed(seed: int, *parts: int) -> None:
+    """Seed ``torch``, ``numpy`` and ``random`` from a hash of ``(seed, *parts)``: the one seeding rule of the loop.
+
+    Args:
+        seed: the run's ``seed``.
+        *parts: integers that tell the streams apart (rank, step, ...); different tuples give unrelated streams.
+    """
+    digest = hashlib.sha256(repr((int(seed),) + tuple(parts)).encode()).digest()
+    s = int.from_bytes(digest[:8], "little") & (2**63 - 1)
+    torch.manual_seed(s)
+    np.random.seed(s % 2**32)
+    random.seed(s)
+
+
 class StepSeedCallback(L.Callback):
     """Reseed ``torch``, ``numpy`` and ``random`` from ``(seed, rank, global_step)`` before every training step.
 
@@ -41,11 +56,7 @@ class StepSeedCallback(L.Callback):
         self.seed = int(seed)
 
     def _reseed(self, *parts: int) -> None:
-        digest = hashlib.sha256(repr((self.seed,) + parts).encode()).digest()
-        s = int.from_bytes(digest[:8], "little") & (2**63 - 1)
-        torch.manual_seed(s)
-        np.random.seed(s % 2**32)
-        random.seed(s)
+        reseed(self.seed, *parts)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
@@ -57,6 +68,33 @@ class StepSeedCallback(L.Callback):
     def on_validation_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                                   batch_idx: int, dataloader_idx: int = 0) -> None:
         self._reseed(trainer.global_rank, trainer.global_step, 1, batch_idx)
+
+
+class RankSeedCallback(L.Callback):
+    """Give every DDP rank its own random stream once, when the rank is known (``deterministic_steps=false``).
+
+    ``train()`` seeds every process with the same ``seed`` (so the weights start identical), and without per-step
+    reseeding nothing else tells the ranks apart: all would draw the same masks and augmentations, a ``world``-fold
+    smaller effective batch of views. At ``setup`` (after the process group exists, before the first batch) every
+    rank but 0 reseeds ``torch`` / ``numpy`` / ``random`` from ``(seed, global_rank, -1)`` with :func:`reseed` (the
+    rule of :class:`StepSeedCallback`; step seeds never use ``-1``). Rank 0 keeps the stream of
+    ``seed_everything(seed)``, so a one-process run draws exactly what it drew without this callback.
+
+    Args:
+        seed: the run's ``seed``.
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.seed = int(seed)
+        self._done = False
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._done:   # once per run: a later validate()/test() on the same trainer keeps the stream going
+            return
+        self._done = True
+        rank = int(trainer.global_rank)
+        if rank != 0:
+            reseed(self.seed, rank, -1)
 
 
 class ThroughputCallback(L.Callback):
