@@ -157,11 +157,49 @@ def head_description(head: nn.Module) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------ provenance
+def _project_name(pyproject: Path) -> str | None:
+    """``[project] name`` of a ``pyproject.toml`` (None: no such file, or unreadable)."""
+    try:
+        text = pyproject.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10: the [project] table's name line
+        import re
+
+        m = re.search(r"(?ms)^\[project\][ \t]*$(?:(?!^\[).)*?^name\s*=\s*[\"']([^\"']+)[\"']", text)
+        return m.group(1) if m else None
+    try:
+        name = tomllib.loads(text).get("project", {}).get("name")
+    except tomllib.TOMLDecodeError:
+        return None
+    return name if isinstance(name, str) else None
+
+
+def _ecgfm_checkout(package_dir: Path) -> Path | None:
+    """The folder holding the ecgfm package when it is a git checkout of ecgfm itself, else None.
+
+    An installed ecgfm (site-packages, possibly in a venv inside the user's own git repository) is not: asking git
+    there would report the user's commit as ecgfm's. A checkout is recognised by its git top level being the folder
+    that holds the package and having a ``pyproject.toml`` whose project name is ``ecgfm``.
+    """
+    root = package_dir.parent
+    if _project_name(root / "pyproject.toml") != "ecgfm":
+        return None
+    top = subprocess.run(["git", "-C", str(root), "rev-parse", "--show-toplevel"], capture_output=True, text=True,
+                         timeout=5, check=True).stdout.strip()
+    return root if top and Path(top).resolve() == root.resolve() else None
+
+
 @functools.lru_cache(maxsize=1)
 def code_version() -> str:
-    """``ecgfm <version>`` plus the git commit when the package runs from a checkout (``+dirty`` if modified)."""
+    """``ecgfm <version>`` plus the git commit when the package runs from a checkout of ecgfm (``+dirty`` if
+    modified); an installed package (no ecgfm checkout around it) is the version alone."""
     here = Path(__file__).resolve().parent
     try:
+        if _ecgfm_checkout(here) is None:
+            return f"ecgfm {__version__}"
         sha = subprocess.run(["git", "-C", str(here), "rev-parse", "--short=12", "HEAD"], capture_output=True,
                              text=True, timeout=5, check=True).stdout.strip()
         dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no", "--",
@@ -493,7 +531,8 @@ def model_card(meta: Mapping[str, Any], folder_name: str = "<this folder>") -> s
               f"out = model.{call}   # signal: (leads, samples) or (batch, leads, samples) NumPy array",
               "```", ""]
     if kind == "classifier":
-        lines += ["Explain it: `python explain.py checkpoint=" + folder_name + "`", ""]
+        lines += ["Explain it: `python explain.py checkpoint=" + folder_name + "` (installed: `ecgfm-explain "
+                  "checkpoint=" + folder_name + "`)", ""]
     return "\n".join(lines)
 
 
@@ -821,8 +860,8 @@ def load_classifier(path: str | os.PathLike, map_location: str | torch.device = 
         raise ArtifactError(d, "this is an encoder (a pretrained backbone without a classification head), not a "
                                "classifier. Make a classifier from it first, e.g. `python finetune.py "
                                f"checkpoint={d} task=ptbxl_super` (every fine-tune cell saves a classifier "
-                               "folder) or `python probe.py checkpoint=... save_classifier=true`; then explain "
-                               "that folder.")
+                               "folder) or `python probe.py checkpoint=... save_classifier=true` (installed: "
+                               "ecgfm-finetune / ecgfm-probe, same arguments); then explain that folder.")
     return _consistent(lambda: _load_classifier(d, map_location), d)
 
 

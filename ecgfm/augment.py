@@ -22,12 +22,13 @@ from typing import Sequence
 import torch
 from torch import nn
 
-try:  # optional dependency: pip install "ecgfm[augment]"
+try:  # a core dependency of ecgfm (pyproject.toml), guarded for an environment that lacks it
     import ecg_augmentations as ea
     from ecg_augmentations.base import Transform, as_range, uniform
     from ecg_augmentations.ops import interp
 except ImportError as exc:  # pragma: no cover - exercised only without the package
-    raise ImportError("ecgfm.augment needs the ecg-augmentations package: pip install 'ecgfm[augment]'") from exc
+    raise ImportError("ecgfm.augment needs the ecg-augmentations package, a dependency of ecgfm: "
+                      "pip install ecg-augmentations (or reinstall ecgfm)") from exc
 
 __all__ = [
     "ECGAugment", "PresentLeadMask", "RandomResizedCropSameLength", "simclr_augment", "make_generator",

@@ -312,6 +312,7 @@ class ExplainConfig:
     overlay: str = "line"
     device: str = "cpu"
     threads: Optional[int] = 1
+    torch_threads: Optional[int] = None  # train / probe / finetune's name for it: wins over `threads` when set
     source: Any = None                  # free-form record source node ({_target_: ...})
     demo: ExplainDemoConfig = field(default_factory=ExplainDemoConfig)
     out_dir: str = "${hydra:runtime.output_dir}"
@@ -637,8 +638,9 @@ def validate_explain_config(cfg: Any) -> DictConfig:
             raise ConfigError(key, f"must be >= 1, got {OmegaConf.select(merged, key)}")
     if not merged.faithfulness.segment_s > 0:
         raise ConfigError("faithfulness.segment_s", f"must be positive, got {merged.faithfulness.segment_s}")
-    if merged.threads is not None and merged.threads < 1:
-        raise ConfigError("threads", f"must be >= 1 (or null), got {merged.threads}")
+    for key in ("threads", "torch_threads"):
+        if merged[key] is not None and merged[key] < 1:
+            raise ConfigError(key, f"must be >= 1 (or null), got {merged[key]}")
     for key in ("source", "method_options"):
         node = merged._get_node(key)
         if not (node is None or node._is_none() or isinstance(node, DictConfig)):

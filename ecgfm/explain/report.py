@@ -399,8 +399,9 @@ def explain_main(cfg: Any) -> dict[str, Any]:
 
     validate_explain_config(cfg)
     _check_names(cfg)
-    if cfg.get("threads"):
-        torch.set_num_threads(int(cfg.threads))
+    threads = cfg.get("torch_threads") if cfg.get("torch_threads") is not None else cfg.get("threads")
+    if threads:  # torch_threads: the name train / probe / finetune use; it wins over explain's own `threads`
+        torch.set_num_threads(int(threads))
     out_dir = Path(cfg.out_dir)
     source = source_from_config(cfg.get("data"), cfg.get("source"))
     if cfg.checkpoint is None:

@@ -57,7 +57,8 @@ def final_block(summary: Mapping[str, Any]) -> str:
     lines += [f"  {k:<{width}}  {v}" for k, v in rows]
     if enc:
         task = next_task(summary)
-        lines += ["  next:", f"    python probe.py checkpoint={enc} task={task}",
+        lines += ["  next (installed: ecgfm-probe / ecgfm-finetune, same arguments):",
+                  f"    python probe.py checkpoint={enc} task={task}",
                   f"    python finetune.py checkpoint={enc} task={task}"]
     return "\n".join(lines)
 

@@ -69,8 +69,8 @@ N_SAMPLES = 5000
 #: The package's output scaling: ``int(tanh_output * 6000)`` microvolts.
 UV_SCALE = 6000.0
 PACKAGE = "deepfake-ecg"
-INSTALL_HINT = ("the deepfake-ecg package is not installed: pip install deepfake-ecg (or pip install -e '.[deepfake]'; "
-                "scripts/setup.sh installs it with the dev extras)")
+INSTALL_HINT = ("the deepfake-ecg package is not installed: pip install 'ecgfm[deepfake]' (or pip install "
+                "deepfake-ecg; in a checkout: pip install -e '.[deepfake]', or scripts/setup.sh with the dev extras)")
 _ID_RE = re.compile(r"^deepfake_s(\d+)_(\d+)$")
 
 
