@@ -574,8 +574,9 @@ def run_finetune(backbone: nn.Module, cache_dir: str, labels: np.ndarray, splits
             defaults, those of ``conf/finetune.yaml``): epochs, batch size, lr, weight decay, layer decay, warm-up,
             patience, min_epochs, min_epoch_samples (training crops an epoch at least), head, ``head_init``
             (``"lp"``: LP-FT, the head starts as the linear probe of :func:`fit_probe_head` on ``lp_Cs`` and the
-            initial weights are a best-weights candidate; or ``"random"``), ``window_aggregate`` (record prediction = the sigmoid / softmax of the mean window logit,
-            or the mean window probability; used for validation, the returned predictions and the LP-FT probe),
+            initial weights are a best-weights candidate; or ``"random"``), ``window_aggregate`` (record
+            prediction = the sigmoid / softmax of the mean window logit, or the mean window probability; used for
+            validation, the returned predictions and the LP-FT probe),
             ``val_sliding`` (early-stop on whole-record sliding-window validation, else one centred crop per record;
             the final validation and test predictions always use whole records) and DataLoader ``num_workers``.
         seed: seed of initialisation of the head, crop positions and order.

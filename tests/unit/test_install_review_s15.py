@@ -86,7 +86,8 @@ def test_py_typed_ships():
 def _git(cwd: Path, *args: str) -> str:
     env = {**os.environ, "GIT_CONFIG_GLOBAL": os.devnull, "GIT_CONFIG_NOSYSTEM": "1"}
     return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@example.org",
-                           "-c", "init.defaultBranch=main", *args], cwd=cwd, check=True, capture_output=True, text=True, env=env).stdout.strip()
+                           "-c", "init.defaultBranch=main", *args], cwd=cwd, check=True, capture_output=True,
+                          text=True, env=env).stdout.strip()
 
 
 def _mini_checkout(tmp: Path, package_data: str) -> Path:
@@ -149,6 +150,17 @@ def _fake_package(parent: Path) -> Path:
     return pkg
 
 
+def _project_with_package(root: Path, pyproject: str) -> Path:
+    """A committed git project at ``root`` with ``pyproject`` and an ``ecgfm`` package folder at its top level."""
+    root.mkdir()
+    (root / "pyproject.toml").write_text(pyproject)
+    pkg = _fake_package(root)
+    _git(root, "init", "-q")
+    _git(root, "add", "-A")
+    _git(root, "commit", "-qm", "x")
+    return pkg
+
+
 @pytest.fixture
 def fresh_code_version():
     artifacts.code_version.cache_clear()
@@ -176,13 +188,7 @@ def test_code_version_of_a_wheel_in_the_users_repo_is_not_the_users_commit(tmp_p
 @pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
 def test_code_version_of_a_package_vendored_into_another_project_is_not_that_projects_commit(
         tmp_path, monkeypatch, fresh_code_version):
-    other = tmp_path / "other"
-    other.mkdir()
-    (other / "pyproject.toml").write_text('[project]\nname = "not-ecgfm"\n')
-    pkg = _fake_package(other)
-    _git(other, "init", "-q")
-    _git(other, "add", "-A")
-    _git(other, "commit", "-qm", "x")
+    pkg = _project_with_package(tmp_path / "other", '[project]\nname = "not-ecgfm"\n')
     monkeypatch.setattr(artifacts, "__file__", str(pkg / "artifacts.py"))
     assert fresh_code_version() == f"ecgfm {ecgfm.__version__}"
 
@@ -190,12 +196,7 @@ def test_code_version_of_a_package_vendored_into_another_project_is_not_that_pro
 @pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
 def test_code_version_of_an_ecgfm_checkout_names_its_commit(tmp_path, monkeypatch, fresh_code_version):
     co = tmp_path / "ecgfm-src"
-    co.mkdir()
-    (co / "pyproject.toml").write_text('[project]\nname = "ecgfm"\nversion = "0.1.0"\n')
-    pkg = _fake_package(co)
-    _git(co, "init", "-q")
-    _git(co, "add", "-A")
-    _git(co, "commit", "-qm", "x")
+    pkg = _project_with_package(co, '[project]\nname = "ecgfm"\nversion = "0.1.0"\n')
     sha = _git(co, "rev-parse", "--short=12", "HEAD")
     monkeypatch.setattr(artifacts, "__file__", str(pkg / "artifacts.py"))
     assert fresh_code_version() == f"ecgfm {ecgfm.__version__} (git {sha})"
