@@ -21,8 +21,9 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 __all__ = ["jsonable", "dumps", "atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_write_json",
-           "read_json", "sha256_file", "sha256_bytes", "safetensors_sha256", "cached_safetensors_sha256", "file_key", "sort_safetensors_metadata", "fsync_dir",
-           "file_lock", "LockBusy", "to_container"]
+           "new_file_mode", "read_json", "sha256_file", "sha256_bytes", "safetensors_sha256",
+           "cached_safetensors_sha256", "file_key", "sort_safetensors_metadata", "fsync_dir", "file_lock", "LockBusy",
+           "to_container"]
 
 
 def to_container(value: Any) -> Any:
@@ -89,9 +90,35 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
+def _read_umask() -> int:
+    """The process umask, read without changing it (Linux: ``/proc/self/status``); -1 where it cannot be."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return -1
+
+
+_IMPORT_UMASK = _read_umask()
+if _IMPORT_UMASK < 0:   # set and restored once, at import (os.umask is process-global: not on every write)
+    _IMPORT_UMASK = os.umask(0o022)
+    os.umask(_IMPORT_UMASK)
+
+
+def new_file_mode() -> int:
+    """The mode a plainly created file gets (``0o666`` less the umask): what :func:`atomic_write` gives its files,
+    whose temporary file ``mkstemp`` creates ``0o600`` (unreadable by the group on a shared file system)."""
+    mask = _read_umask()
+    return 0o666 & ~(_IMPORT_UMASK if mask < 0 else mask)
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> Path:
-    """Write ``path`` atomically: ``write(tmp_path)`` fills a temporary file beside it, which is fsync'ed and
-    renamed over ``path``. On any error the temporary file is removed and ``path`` is untouched.
+    """Write ``path`` atomically: ``write(tmp_path)`` fills a temporary file beside it, which is given the mode of
+    a plainly created file (:func:`new_file_mode`), fsync'ed and renamed over ``path``. On any error the temporary
+    file is removed and ``path`` is untouched.
 
     Args:
         path: final file name (its folder is created).
@@ -106,6 +133,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, new_file_mode())   # mkstemp's 0o600 -> 0o666 less the umask, as open() gives
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, final)

@@ -2,7 +2,7 @@
 
 PTB-XL superdiagnostic statements (NORM, MI, STTC, CD, HYP; multi-label), the labelled records of the shared copy
 (ecg_id 1-500) at 100 Hz, whole 10 s records, strat_fold 1-8 train / 9 validation (fold 10 is not used), a small
-xresnet1d (``ecgfm.explain.classifier.DEMO_BACKBONE``), about 1-2 minutes on 2 CPU cores. Saved as a classifier
+xresnet1d (``ecgfm.explain.classifier.DEMO_BACKBONE``), ~1-2 min on 2 CPU cores. Saved as a classifier
 folder (classifier.json + classifier.safetensors)::
 
     python scripts/train_explain_demo.py [--root ../shared/data/ptbxl] [--out outputs/explain_demo/ptbxl_super]

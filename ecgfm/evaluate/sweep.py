@@ -1077,6 +1077,8 @@ def probe_main(cfg: DictConfig) -> dict[str, Any]:
                 shutil.rmtree(classifier_dir(p))
             atomic_write_json(p, cell)
             written.append(str(p))
+            if cell.get("classifier"):
+                _announce_classifier(cell["classifier"])
             _log_cell(cell)
     return _finish(ctx, written, n_all - len(todo), t0)
 
@@ -1189,12 +1191,18 @@ def finetune_main(cfg: DictConfig) -> dict[str, Any]:
                                                            thresholds, cell, train_rows=splits["train"]))
             atomic_write_json(p, cell)
             written.append(str(p))
-            print(f"classifier artifact: {cell['classifier']}\n  explain it:  python explain.py "
-                  f"checkpoint={cell['classifier']}  (installed: ecgfm-explain ...)\n"
-                  f"  use it:      ecgfm.Classifier.load('{cell['classifier']}')"
-                  f".predict_proba(signal, fs=..., leads=[...])", flush=True)
+            _announce_classifier(cell["classifier"])
             _log_cell(cell)
     return _finish(ctx, written, n_all - len(todo), t0)
+
+
+def _announce_classifier(folder: str | os.PathLike) -> None:
+    """Print where a cell's classifier artifact is and how to explain / use it (fine-tunes, probes with
+    ``save_classifier=true``)."""
+    print(f"classifier artifact: {folder}\n  explain it:  python explain.py "
+          f"checkpoint={folder}  (installed: ecgfm-explain ...)\n"
+          f"  use it:      ecgfm.Classifier.load('{folder}')"
+          f".predict_proba(signal, fs=..., leads=[...])", flush=True)
 
 
 def classifier_dir(cell_file: str | os.PathLike) -> Path:
