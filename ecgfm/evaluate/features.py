@@ -2,24 +2,31 @@
 
 Every record of a cache is cut into sliding windows of ``window`` samples every ``stride`` samples
 (:func:`ecgfm.data.preprocess.sliding_windows`: the last window is aligned to the end so the whole record is
-covered; records shorter than a window are zero-padded); each window goes through ``backbone.embed`` once. The
+covered; records shorter than a window are zero-padded; a ``stride`` longer than the ``window`` leaves gaps that
+are never embedded, which is allowed with a warning); each window goes through ``backbone.embed`` once. The
 result, a :class:`FeatureSet` (window embeddings and the record each belongs to), is written atomically to
 ``<feature_dir>/<key>.npz`` (plain arrays, loaded with ``allow_pickle=False``). The key hashes
 
-* the encoder: registry name, constructor arguments and the bytes of every weight tensor (so a path, a random
-  initialisation with a given seed, or a re-export of the same weights all map to the right entry);
+* the extraction code: :data:`FEATURE_SCHEMA`, bumped with any change to how features are extracted (``embed``,
+  ``embed_stages``, ``window_tokens``, ``sliding_windows``, the lead-mask handling...), so features written by
+  older code are never reused;
+* the encoder: registry name, constructor arguments, the bytes of every weight tensor (so a path, a random
+  initialisation with a given seed, or a re-export of the same weights all map to the right entry) and the
+  backbone's ``embed_version`` attribute when it defines one (a backbone class bumps it when its own embedding
+  code changes);
 * the cache: its ``plan_fingerprint`` (sources + preprocessing spec + shard layout) and record count;
 * ``window`` and ``stride``;
-* ``tokens`` for a token cache (:func:`cached_tokens`; embedding keys are unchanged);
+* ``tokens`` for a token cache (:func:`cached_tokens`) and ``stages`` for stage-wise embeddings;
 * a ``leads`` flag when the extraction is lead-aware and the cache holds records with absent leads (below).
 
 Lead-aware extraction (default): a backbone whose ``embed`` takes ``lead_mask`` (:func:`accepts_lead_mask`,
 e.g. :class:`~ecgfm.backbones.vit1d.ViT1D`) gets each window's record mask from the cache, so absent
 (zero-padded) leads make no tokens and do not dilute the pooled embedding; a one-lead corpus then costs about 1/12
 of the zero-padded 12-lead grid. With every lead present the embeddings are bit-identical to the zero-padded path,
-so a cache whose records all have 12 leads keeps its old key (and feature files); a cache with partial lead sets
-gets a new key, so zero-padded features written before are never reused for it. ``lead_aware=False`` restores the
-zero-padded extraction (the fine-tuning LP-FT head uses it, to match the fine-tuned model's forward pass).
+so a cache whose records all have 12 leads shares the zero-padded extraction's key (and feature files); a cache
+with partial lead sets gets a key of its own, so zero-padded features are never reused for it.
+``lead_aware=False`` restores the zero-padded extraction (the fine-tuning LP-FT head uses it, to match the
+fine-tuned model's forward pass).
 
 Hence a sweep over many heads, label fractions and seeds (and every PTB-XL task, which share one cache) runs the
 encoder once per checkpoint and corpus. :data:`STATS` counts real extractions (encoder passes over a corpus) so
@@ -213,11 +220,23 @@ def uses_lead_masks(backbone: nn.Module, cache: Any, lead_aware: bool = True) ->
     return masks is not None and not bool(masks.all())
 
 
+#: version of the feature extraction code, part of every :func:`feature_key`. Bump it with ANY change to how
+#: features are extracted (a backbone's ``embed`` / ``embed_stages`` / ``window_tokens``,
+#: :func:`~ecgfm.data.preprocess.sliding_windows`, the lead-mask handling, the token layout...): the feature caches
+#: written before are then recomputed on the next run instead of being reused silently (stale features).
+FEATURE_SCHEMA = 1
+
+
 def encoder_fingerprint(backbone: nn.Module) -> str:
-    """Stable hash of a backbone's identity: name, ``init_args`` (else its recorded constructor arguments) and every
-    tensor of its ``state_dict``."""
+    """Stable hash of a backbone's identity: name, ``init_args`` (else its recorded constructor arguments), every
+    tensor of its ``state_dict`` and, when the backbone defines it (not None), its ``embed_version`` attribute (an
+    int or str a backbone class bumps when its embedding code changes; backbones without it keep their
+    fingerprint)."""
     h = hashlib.sha256()
     h.update(str(getattr(backbone, "name", type(backbone).__name__)).encode())
+    version = getattr(backbone, "embed_version", None)
+    if version is not None:
+        h.update(f"|embed_version={version!r}|".encode())
     # a backbone built without the registry has no init_args: its recorded constructor call stands in (settings
     # such as pool="avg" / "concat" change the features, not the weights)
     args = getattr(backbone, "init_args", None) or getattr(backbone, "_constructor_args", None) or {}
@@ -259,17 +278,34 @@ FEATURE_LAYERS = ("last", "stages")
 
 def feature_key(encoder_fp: str, cache_fp: str, window: int, stride: int, lead_aware: bool = False,
                 kind: str = "embeddings") -> str:
-    """Feature-cache key; ``lead_aware`` (only when it changes the features, see :func:`uses_lead_masks`) adds a
-    flag, so zero-padded features are never reused for a lead-aware extraction; ``kind="tokens"`` (a
-    :func:`cached_tokens` file) adds another, so a token file and an embedding file never share a key (embedding
-    keys are the ones written before token caches existed); ``kind="stages"`` (every stage pooled,
-    ``layers="stages"``) likewise."""
+    """Feature-cache key.
+
+    It hashes :data:`FEATURE_SCHEMA` (so features written by older extraction code are never reused), the encoder
+    and cache fingerprints, ``window`` and ``stride``. ``lead_aware`` (only when it changes the features, see
+    :func:`uses_lead_masks`) adds a flag, so zero-padded features are never reused for a lead-aware extraction;
+    ``kind="tokens"`` (a :func:`cached_tokens` file) adds another, so a token file and an embedding file never
+    share a key; ``kind="stages"`` (every stage pooled, ``layers="stages"``) likewise.
+
+    Args:
+        encoder_fp: :func:`encoder_fingerprint` of the backbone.
+        cache_fp: :func:`cache_fingerprint` of the corpus.
+        window: window length in samples.
+        stride: hop in samples.
+        lead_aware: the extraction passes lead masks that change the features.
+        kind: one of :data:`FEATURE_KINDS`.
+
+    Returns:
+        24 hex digits.
+
+    Raises:
+        ValueError: an unknown ``kind``.
+    """
     if kind not in FEATURE_KINDS:
         raise ValueError(f"kind must be one of {FEATURE_KINDS}, got {kind!r}")
     leads = "|leads" if lead_aware else ""
     tokens = f"|{kind}" if kind != "embeddings" else ""
-    return hashlib.sha256(f"{encoder_fp}|{cache_fp}|w{int(window)}|s{int(stride)}{leads}{tokens}".encode()
-                          ).hexdigest()[:24]
+    return hashlib.sha256(f"schema{FEATURE_SCHEMA}|{encoder_fp}|{cache_fp}|w{int(window)}|s{int(stride)}{leads}"
+                          f"{tokens}".encode()).hexdigest()[:24]
 
 
 # ------------------------------------------------------------------------------------------------ long windows
@@ -400,10 +436,22 @@ def _rows(cache: Any, rows: np.ndarray | None) -> np.ndarray:
 
 
 def _check_args(window: int, stride: int, nonfinite: str) -> None:
+    """Validate the extraction arguments (once per extraction call).
+
+    A ``stride`` longer than the ``window`` is allowed (a cheap, sparse extraction) but logged as a warning: the
+    ``stride - window`` samples between consecutive windows are never embedded.
+
+    Raises:
+        ValueError: a non-positive window or stride, or an unknown ``nonfinite``.
+    """
     if window <= 0 or stride <= 0:
         raise ValueError(f"window and stride must be positive, got {window}, {stride}")
     if nonfinite not in NONFINITE_MODES:
         raise ValueError(f"nonfinite must be one of {NONFINITE_MODES}, got {nonfinite!r}")
+    if stride > window:
+        log.warning("stride %d samples is longer than the window %d samples: the %d samples between consecutive "
+                    "windows are never embedded (gaps in every record longer than one window)", int(stride),
+                    int(window), int(stride) - int(window))
 
 
 def _embedding_error(cache: Any, rows_bad: list[int], what: str = "embeddings") -> NonFiniteDataError:

@@ -40,11 +40,12 @@ and the trained probes early-stop, is undefined and the choice would be arbitrar
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -165,6 +166,15 @@ class _OneFlagOneVsRest(BaseEstimator):
         return np.asarray(self.estimators_[0].predict_proba(x), dtype=np.float64)[:, 1:2]
 
 
+def _max_iterations(est: Any) -> int:
+    """The most solver iterations of a fitted ``LogisticRegression``, or of the models of a one-vs-rest classifier
+    (``estimators_``; constant predictors, which optimise nothing, count 0)."""
+    models = getattr(est, "estimators_", None)
+    models = [est] if models is None else list(models)
+    its = [int(np.max(m.n_iter_)) for m in models if np.size(getattr(m, "n_iter_", [])) > 0]
+    return max(its, default=0)
+
+
 class LinearProbe:
     """Standardise + L2 logistic regression (softmax, or one-vs-rest for multi-label), see the module docstring.
 
@@ -176,6 +186,15 @@ class LinearProbe:
         C: inverse L2 strength.
         max_iter: L-BFGS iterations.
         seed: ``random_state`` (L-BFGS is deterministic; kept for completeness).
+
+    Attributes:
+        converged: after :meth:`fit`, whether every fitted logistic regression (each one-vs-rest model of a
+            multi-label task) converged: fewer than ``max_iter`` L-BFGS iterations and no scikit-learn
+            ``ConvergenceWarning`` (which also reports an L-BFGS line-search failure). The warnings themselves are
+            not shown (a grid of ``C`` would print dozens); :func:`run_probe_grid` lists the ``C`` that did not
+            converge and logs a warning when the chosen one did not.
+        n_iter: after :meth:`fit`, the most L-BFGS iterations any fitted model took (0 when every one-vs-rest
+            column was constant, so nothing was optimised).
     """
 
     def __init__(self, multilabel: bool, C: float = 1.0, max_iter: int = 1000, seed: int = 0):
@@ -185,6 +204,8 @@ class LinearProbe:
         self.seed = int(seed)
         self.n_classes = 0
         self._model: Any = None
+        self.converged = True
+        self.n_iter = 0
 
     def fit(self, x: np.ndarray, labels: np.ndarray) -> "LinearProbe":
         """Fit on ``x (n, D)`` and ``labels (n, C)`` indicators.
@@ -195,8 +216,9 @@ class LinearProbe:
         self.n_classes = labels.shape[1]
         target = None if self.multilabel else check_single_label(labels, where="LinearProbe.fit labels")
         lr = LogisticRegression(C=self.C, max_iter=self.max_iter, random_state=self.seed)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)
+        with warnings.catch_warnings(record=True) as caught:
+            # recorded, not shown: every one of them counts as a model that did not converge (self.converged)
+            warnings.simplefilter("always", ConvergenceWarning)
             # a class constant in a tiny label subset: OneVsRestClassifier predicts that constant (and warns)
             warnings.filterwarnings("ignore", message="Label .* is present in all training examples")
             if self.multilabel:
@@ -206,6 +228,12 @@ class LinearProbe:
                 self._model.fit(x, labels.astype(np.int64))
             else:
                 self._model = make_pipeline(StandardScaler(), lr).fit(x, target)
+        convergence = [w for w in caught if issubclass(w.category, ConvergenceWarning)]
+        for w in caught:   # any other warning goes on as it would have without the recording
+            if not issubclass(w.category, ConvergenceWarning):
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+        self.n_iter = _max_iterations(self._model[-1])
+        self.converged = not convergence and self.n_iter < self.max_iter
         return self
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
@@ -256,6 +284,30 @@ class _BestOnValidation:
         return True
 
 
+@contextlib.contextmanager
+def _seeded_rng(seed: int, device: torch.device | None = None) -> Iterator[None]:
+    """Run the block with torch's global RNG seeded with ``seed`` and put the caller's random state back after it.
+
+    The CPU generator (and, for a CUDA ``device``, that device's generator) is forked
+    (:func:`torch.random.fork_rng`) and seeded inside the fork, so the block draws exactly what it drew after a
+    plain ``torch.manual_seed(seed)`` on that device, while the caller's random state, and every other device's,
+    is left as it was.
+
+    Args:
+        seed: the seed.
+        device: the device the block draws on (None or CPU: only the CPU generator).
+    """
+    cuda = device is not None and torch.device(device).type == "cuda"
+    index = (torch.device(device).index if torch.device(device).index is not None
+             else torch.cuda.current_device()) if cuda else None
+    with torch.random.fork_rng(devices=[index] if cuda else []):
+        torch.random.default_generator.manual_seed(int(seed))
+        if cuda:
+            with torch.cuda.device(index):
+                torch.cuda.manual_seed(int(seed))
+        yield
+
+
 class MLPProbe:
     """:class:`ecgfm.heads.MLPHead` on standardised features, full-batch AdamW, early stopping on validation.
 
@@ -268,7 +320,8 @@ class MLPProbe:
         dropout: dropout of the hidden layer.
         patience: evaluations without validation improvement before stopping.
         eval_every: epochs between validation evaluations.
-        seed: torch seed for the initialisation.
+        seed: torch seed for the initialisation and the dropout (on a fork of the global RNG: the caller's random
+            state is left as it was).
     """
 
     def __init__(self, multilabel: bool, lr: float = 1e-3, hidden_dim: int = 256, epochs: int = 300,
@@ -308,7 +361,12 @@ class MLPProbe:
 
     def _fit(self, x: np.ndarray, labels: np.ndarray, x_val: np.ndarray | None, labels_val: np.ndarray | None,
              MLPHead: Any, val_score: Any = None) -> "MLPProbe":
-        torch.manual_seed(self.seed)
+        # seeded on a fork of the global RNG: the caller's torch random state is left as it was
+        with _seeded_rng(self.seed):
+            return self._train(x, labels, x_val, labels_val, MLPHead, val_score)
+
+    def _train(self, x: np.ndarray, labels: np.ndarray, x_val: np.ndarray | None, labels_val: np.ndarray | None,
+               MLPHead: Any, val_score: Any = None) -> "MLPProbe":
         self.scaler.fit(x)
         xt = torch.from_numpy(self.scaler.transform(x).astype(np.float32))
         n_classes = labels.shape[1]
@@ -361,7 +419,8 @@ class AttentionProbe:
         batch_size: records per step.
         patience: epochs without validation improvement before stopping.
         dropout: attention dropout.
-        seed: torch seed of the initialisation and the batch order.
+        seed: torch seed of the initialisation and the batch order (on a fork of the global RNG: the caller's
+            random state is left as it was).
         device: torch device of the head.
     """
 
@@ -414,7 +473,12 @@ class AttentionProbe:
         if self.num_heads < 1 or ts.dim % self.num_heads:
             raise ValueError(f"probe.attention.num_heads={self.num_heads} must divide the token width {ts.dim} of "
                              f"this encoder")
-        torch.manual_seed(self.seed)
+        # seeded on a fork of the global RNG: the caller's torch random state is left as it was
+        with _seeded_rng(self.seed, self.device):
+            return self._train(ts, rows, labels, val_rows, labels_val, AttentionPoolingHead)
+
+    def _train(self, ts: TokenSet, rows: np.ndarray, labels: np.ndarray, val_rows: np.ndarray | None,
+               labels_val: np.ndarray | None, AttentionPoolingHead: Any) -> "AttentionProbe":
         gen = torch.Generator().manual_seed(self.seed)
         recs = self._records(ts, rows)
         val = self._records(ts, val_rows) if val_rows is not None and labels_val is not None else None
@@ -539,7 +603,9 @@ def run_probe_grid(data: ProbeData, fractions: Sequence[float], seeds: Sequence[
 
     Returns:
         One dict per (fraction, seed) with ``fraction``, ``seed``, ``n_train``, ``hparam``, ``val_macro_auroc``,
-        ``grid`` (validation AUROC of every head), ``test`` (metrics, see
+        ``grid`` (validation AUROC of every head), ``not_converged`` (the ``C`` values of the grid whose linear
+        probe did not converge, see :attr:`LinearProbe.converged`; always empty for the trained probes), ``test``
+        (metrics, see
         :func:`~ecgfm.evaluate.metrics.evaluate_scores`), ``external`` (name -> metrics), ``predictions``
         (split -> (cache rows, record probabilities)) and ``seconds``.
     """
@@ -597,10 +663,13 @@ def run_probe_grid(data: ProbeData, fractions: Sequence[float], seeds: Sequence[
             rows = subsets[float(frac)]
             x_tr, y_tr = (None, labels[rows]) if tokens else _design(fs, labels, rows, aggregate, means)
             grid: dict[str, float] = {}
+            not_converged: list[float] = []
             best: tuple[float, Any, Any] | None = None
             for hp in grid_hps:
                 if mode == "linear":
                     model = LinearProbe(data.multilabel, C=hp, max_iter=max_iter, seed=int(seed)).fit(x_tr, y_tr)
+                    if not model.converged:
+                        not_converged.append(float(hp))
                 elif mode == "mlp":
                     model = MLPProbe(data.multilabel, lr=hp, seed=int(seed), **(mlp_kwargs or {}))
                     # early stopping on the record-level validation AUROC, the number the lr is chosen on (with
@@ -619,6 +688,11 @@ def run_probe_grid(data: ProbeData, fractions: Sequence[float], seeds: Sequence[
                     best = (score, model, hp)
             assert best is not None
             _, model, hp = best
+            if isinstance(model, LinearProbe) and not model.converged:
+                log.warning("linear probe: the chosen C=%g (fraction %g, seed %d) did not converge (L-BFGS stopped "
+                            "after %d of max_iter=%d iterations, or failed its line search); its validation AUROC "
+                            "%.4f may understate it: raise probe.max_iter", float(hp), float(frac), int(seed),
+                            model.n_iter, model.max_iter, float(grid[_hp_name(hp)]))
             p_val = _predict_records(model, fs, val, aggregate, means)
             thresholds = choose_thresholds(labels[val], p_val) if data.multilabel else None
             y_test = labels[test] if data.multilabel else labels[test].argmax(axis=1)
@@ -639,7 +713,8 @@ def run_probe_grid(data: ProbeData, fractions: Sequence[float], seeds: Sequence[
                 "n_val": int(len(val)), "n_test": int(len(test)),
                 "hparam": ({"lr": hp[0], "weight_decay": hp[1]} if mode == "attention"
                            else {"C" if mode == "linear" else "lr": float(hp)}),
-                "val_macro_auroc": float(grid[_hp_name(hp)]), "grid": grid, "test": metrics, "external": external,
+                "val_macro_auroc": float(grid[_hp_name(hp)]), "grid": grid, "not_converged": not_converged,
+                "test": metrics, "external": external,
                 "predictions": predictions, "seconds": time.perf_counter() - t0,
                 "model": model, "thresholds": thresholds,   # the chosen probe (a classifier artifact on request)
             })

@@ -1055,7 +1055,8 @@ def probe_main(cfg: DictConfig) -> dict[str, Any]:
         for r in results:
             cell = dict(common, fraction=r["fraction"], seed=r["seed"], n_train=r["n_train"],
                         train_records=train_records_digest(task, r["train_rows"]),
-                        hparam=r["hparam"], grid=r["grid"], val_macro_auroc=r["val_macro_auroc"],
+                        hparam=r["hparam"], grid=r["grid"], not_converged=r.get("not_converged", []),
+                        val_macro_auroc=r["val_macro_auroc"],
                         results={"test": r["test"], **{
                             name: score_external(task, ext, *r["predictions"][name], r["thresholds"],
                                                  int(cfg.bootstrap.n), int(cfg.bootstrap.seed))
