@@ -212,6 +212,7 @@ def test_multirun_over_a_recipe_setting_keeps_every_recipe(work, tmp_path, monke
     ca, cb = json.loads(pa.read_text()), json.loads(pb.read_text())
     assert ca["sweep"] == cb["sweep"] == "sweep-1" and ca["recipe_id"] != cb["recipe_id"]
     assert ca["hparam"] != cb["hparam"]
+    assert ca["not_converged"] == cb["not_converged"] == []     # every C of both grids converged (recorded)
     cells = load_cells(res)
     assert len(cells) == 2 and len({c["label"] for c in cells}) == 2       # two rows, "[recipe <hash>]"
     # the same multirun again (another id): every cell is found, nothing recomputed
