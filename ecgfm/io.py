@@ -13,17 +13,16 @@ import hashlib
 import json
 import math
 import os
+import secrets
 import struct
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
 
 __all__ = ["jsonable", "dumps", "atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_write_json",
-           "new_file_mode", "read_json", "sha256_file", "sha256_bytes", "safetensors_sha256",
-           "cached_safetensors_sha256", "file_key", "sort_safetensors_metadata", "fsync_dir", "file_lock", "LockBusy",
-           "to_container"]
+           "read_json", "sha256_file", "sha256_bytes", "safetensors_sha256", "cached_safetensors_sha256", "file_key",
+           "sort_safetensors_metadata", "fsync_dir", "file_lock", "LockBusy", "to_container"]
 
 
 def to_container(value: Any) -> Any:
@@ -90,35 +89,25 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def _read_umask() -> int:
-    """The process umask, read without changing it (Linux: ``/proc/self/status``); -1 where it cannot be."""
-    try:
-        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    return -1
-
-
-_IMPORT_UMASK = _read_umask()
-if _IMPORT_UMASK < 0:   # set and restored once, at import (os.umask is process-global: not on every write)
-    _IMPORT_UMASK = os.umask(0o022)
-    os.umask(_IMPORT_UMASK)
-
-
-def new_file_mode() -> int:
-    """The mode a plainly created file gets (``0o666`` less the umask): what :func:`atomic_write` gives its files,
-    whose temporary file ``mkstemp`` creates ``0o600`` (unreadable by the group on a shared file system)."""
-    mask = _read_umask()
-    return 0o666 & ~(_IMPORT_UMASK if mask < 0 else mask)
+def _new_temporary(final: Path) -> str:
+    """An empty new file beside ``final`` (hidden, ``.tmp``), created with mode ``0o666`` so that the kernel applies
+    the process umask as it does to a plain ``open()``: ``mkstemp``'s ``0o600`` would survive the rename and leave
+    caches and artifacts unreadable by the group on a shared file system."""
+    for _ in range(100):
+        tmp = final.parent / f".{final.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return str(tmp)
+    raise FileExistsError(f"no free temporary name beside {final}")
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> Path:
-    """Write ``path`` atomically: ``write(tmp_path)`` fills a temporary file beside it, which is given the mode of
-    a plainly created file (:func:`new_file_mode`), fsync'ed and renamed over ``path``. On any error the temporary
-    file is removed and ``path`` is untouched.
+    """Write ``path`` atomically: ``write(tmp_path)`` fills a temporary file beside it (created with the mode a
+    plain ``open()`` gives, the umask applied), which is fsync'ed and renamed over ``path``. On any error the
+    temporary file is removed and ``path`` is untouched.
 
     Args:
         path: final file name (its folder is created).
@@ -129,11 +118,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> Path:
     """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = _new_temporary(final)
     try:
         write(tmp)
-        os.chmod(tmp, new_file_mode())   # mkstemp's 0o600 -> 0o666 less the umask, as open() gives
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, final)

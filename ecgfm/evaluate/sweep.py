@@ -498,15 +498,20 @@ def _recipe(ctx: _Context, desc: Encoder, head: dict[str, Any]) -> dict[str, Any
     probe / fine-tuning recipe, window and stride settings, the encoder's crop, the preprocessing, the task and
     external-set specs and the bootstrap settings. Settings that only change speed are left out."""
     cfg = ctx.cfg
-    # min_epoch_samples 0 is the behaviour from before the key existed: left out, so those cells keep their identity
-    head = {k: v for k, v in head.items() if k != "num_workers" and not (k == "min_epoch_samples" and not v)}
-    return {"mode": ctx.mode, "head": head,
+    return {"mode": ctx.mode, "head": _head_identity(head),
             "window_seconds": cfg.get("window_seconds"), "stride_seconds": cfg.get("stride_seconds"),
             "encoder_crop_samples": desc.crop_samples, "preprocess": desc.preprocess.to_dict(),
             "task": asdict(ctx.task_spec), "eval_data": asdict(ctx.eval_spec) if ctx.eval_spec else None,
             "bootstrap": {"n": int(cfg.bootstrap.n), "seed": int(cfg.bootstrap.seed)},
             "lead_aware": bool(cfg.features.get("lead_aware", True)),
             **_finetune_code_recipe(ctx.mode, str(head.get("head_init", "")), float(head.get("layer_decay", 1.0)))}
+
+
+def _head_identity(head: dict[str, Any]) -> dict[str, Any]:
+    """The probe / fine-tuning settings that join a cell's recipe identity: all but ``num_workers`` (speed only);
+    ``min_epoch_samples`` only when set (0 is the behaviour from before the key existed, so those cells keep their
+    identity and are reused)."""
+    return {k: v for k, v in head.items() if k != "num_workers" and not (k == "min_epoch_samples" and not v)}
 
 
 def _finetune_code_recipe(mode: str, head_init: str = "", layer_decay: float = 1.0) -> dict[str, Any]:
@@ -1200,8 +1205,8 @@ def finetune_main(cfg: DictConfig) -> dict[str, Any]:
 def _announce_classifier(folder: str | os.PathLike) -> None:
     """Print where a cell's classifier artifact is and how to explain / use it (fine-tunes, probes with
     ``save_classifier=true``)."""
-    print(f"classifier artifact: {folder}\n  explain it:  python explain.py "
-          f"checkpoint={folder}  (installed: ecgfm-explain ...)\n"
+    print(f"classifier artifact: {folder}\n  explain it:  python explain.py checkpoint={folder}\n"
+          f"               (installed: ecgfm-explain checkpoint=...)\n"
           f"  use it:      ecgfm.Classifier.load('{folder}')"
           f".predict_proba(signal, fs=..., leads=[...])", flush=True)
 

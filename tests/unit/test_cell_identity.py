@@ -284,3 +284,17 @@ def test_a_set_becomes_one_json_text_whatever_the_hash_seed():
                            env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout
             for seed in (1, 2, 3, 4)}
     assert len(outs) == 1
+
+
+def test_min_epoch_samples_joins_the_recipe_only_when_set():
+    """Fine-tune cells written before ``min_epoch_samples`` existed keep their recipe id (reused, not recomputed);
+    a recipe that sets it is another recipe."""
+    from ecgfm.evaluate.identity import recipe_identity
+    from ecgfm.evaluate.sweep import _head_identity
+
+    old = {"epochs": 40, "lr": 1e-3, "num_workers": 2}
+    assert _head_identity(dict(old, min_epoch_samples=0)) == {"epochs": 40, "lr": 1e-3}
+    assert recipe_identity({"head": _head_identity(dict(old, min_epoch_samples=0))}) == \
+        recipe_identity({"head": {"epochs": 40, "lr": 1e-3}})
+    assert recipe_identity({"head": _head_identity(dict(old, min_epoch_samples=2048))}) != \
+        recipe_identity({"head": _head_identity(old)})

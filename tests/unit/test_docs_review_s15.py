@@ -52,7 +52,8 @@ def test_a_probe_with_save_classifier_announces_its_artifact(tmp_path, capsys):
     folder = json.loads(Path(out["cells_written"][0]).read_text())["classifier"]
     assert Path(folder).is_dir()
     assert f"classifier artifact: {folder}\n" in printed
-    assert f"explain it:  python explain.py checkpoint={folder}" in printed
+    assert f"explain it:  python explain.py checkpoint={folder}\n" in printed   # pasteable: the hint on its own line
+    assert "(installed: ecgfm-explain checkpoint=...)" in printed
     assert f"use it:      ecgfm.Classifier.load('{folder}')" in printed
 
     probe_main(cfg("probe.Cs=[0.5]", f"results_dir={tmp_path / 'other'}"))

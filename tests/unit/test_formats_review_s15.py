@@ -24,7 +24,7 @@ import pytest
 import scipy.io
 import wfdb
 
-from ecgfm.data.readers import FolderSource, PTBXLSource, read_challenge, read_wfdb
+from ecgfm.data.readers import FolderSource, PTBXLSource, WFDBFolderSource, read_challenge, read_wfdb
 from ecgfm.data.readers import formats
 from ecgfm.data.record import CANONICAL_LEADS, ECGDataError, map_leads
 
@@ -126,6 +126,19 @@ def test_a_record_too_long_is_refused_before_its_samples_are_read(tmp_path, monk
     assert read_wfdb(hea).signal.shape == (12, 3000)
 
 
+def test_the_size_guard_counts_every_sample_of_a_frame(tmp_path, monkeypatch):
+    """With 4 samples per frame the decoder holds 4x the frames of every signal: a limit of 12 x frames let a
+    record through that decoded 48 x frames values."""
+    frames, k = 3000, 4
+    wfdb.wrsamp("r", fs=250, units=["mV"] * 12, sig_name=L12, fmt=["16"] * 12, adc_gain=[200.0] * 12,
+                baseline=[0] * 12, samps_per_frame=[k] * 12, write_dir=str(tmp_path),
+                e_d_signal=[np.zeros(frames * k, np.int64) for _ in range(12)])
+    monkeypatch.setattr(formats, "MAX_RECORD_SAMPLES", 12 * frames)
+    _raises(tmp_path / "r.hea", r"3000 samples x 12 signals.*too long", read_wfdb, tmp_path / "r.hea")
+    monkeypatch.setattr(formats, "MAX_RECORD_SAMPLES", 12 * k * frames)
+    assert read_wfdb(tmp_path / "r.hea").signal.shape[0] == 12
+
+
 def test_a_challenge_record_too_long_is_refused_before_its_mat_is_loaded(tmp_path, monkeypatch):
     val = _digital(3000, 12).T.astype(np.int16)
     scipy.io.savemat(tmp_path / "c.mat", {"val": val})
@@ -185,9 +198,12 @@ def test_the_unknown_lead_hint_gives_a_placeholder_not_lead_ii(tmp_path):
     err = _raises(hea, r"unknown lead name 'ECG1'", read_wfdb, hea)
     assert "rename_leads={'ECG1': '<standard lead, e.g. I, II, V1>'}" in err.problem
     assert "'II'}" not in err.problem and ":II}" not in err.problem
-    assert "'+folder.rename_leads={ECG1:<lead>}' for prepare" in err.problem   # read_wfdb / the folder source
+    assert "'+wfdb.rename_leads={ECG1:<lead>}' for prepare" in err.problem   # read_wfdb's source: wfdb
     err = _raises(hea, r"unknown lead name 'ECG1'", FolderSource(tmp_path).load, "e")
     assert "+folder.rename_leads" in err.problem
+    # the preset in use is named (sources=[wfdb] is told +wfdb..., not to switch to the folder preset)
+    err = _raises(hea, r"unknown lead name 'ECG1'", WFDBFolderSource(tmp_path).load, "e")
+    assert "'+wfdb.rename_leads={ECG1:<lead>}' for prepare (sources=[wfdb])" in err.problem
     # a source that takes no rename_leads (PTB-XL, the challenges) gets no prepare hint it could not follow
     err = _raises(hea, r"unknown lead name 'ECG1'", read_wfdb, hea, source="ptbxl")
     assert "rename_leads={'ECG1': '<standard lead" in err.problem and "+folder" not in err.problem

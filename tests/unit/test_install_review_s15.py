@@ -265,11 +265,6 @@ def test_model_card_and_encoder_error_name_the_console_scripts(tmp_path):
         artifacts.load_classifier(tmp_path / "enc")
 
 
-def test_sweep_prints_the_installed_explain_command():
-    src = (ROOT / "ecgfm" / "evaluate" / "sweep.py").read_text(encoding="utf-8")
-    assert "explain it:  python explain.py " in src and "(installed: ecgfm-explain ...)" in src
-
-
 def test_install_hints_do_not_assume_a_checkout():
     from ecgfm.data.readers.deepfake import INSTALL_HINT
 

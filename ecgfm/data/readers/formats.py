@@ -631,11 +631,19 @@ def _rename_hint(source: str) -> Callable[[str], str]:
     """
     def hint(name: str) -> str:
         text = f"map it: rename_leads={{{name!r}: {LEAD_PLACEHOLDER!r}}} (the API, read_wfdb)"
-        if _source_takes_rename(source):
-            text += f", '+folder.rename_leads={{{name}:<lead>}}' for prepare (sources=[folder])"
+        if _source_takes_rename(source):   # the preset in use when it is registered (folder, wfdb, ...)
+            preset = source if _registered(source) else "folder"
+            text += f", '+{preset}.rename_leads={{{name}:<lead>}}' for prepare (sources=[{preset}])"
         return text
 
     return hint
+
+
+def _registered(source: str) -> bool:
+    """Whether ``source`` is the name of a registered record source (a ``sources=[...]`` preset)."""
+    from ecgfm.data.readers import SOURCES   # here: the package imports this module
+
+    return source in SOURCES
 
 
 def _source_takes_rename(source: str) -> bool:
@@ -764,18 +772,21 @@ def _record_length(header: WFDBHeader, hea: Path, root: str | os.PathLike | None
     return longest
 
 
-def _check_record_size(where: Path, n_sig: int, n_samples: int | None, fs: float) -> None:
+def _check_record_size(where: Path, n_sig: int, n_samples: int | None, fs: float,
+                       samps_per_frame: Sequence[int] | None = None) -> None:
     """Refuse a record too long to convert in one piece, before its samples are read.
 
-    The limit is :data:`MAX_RECORD_SAMPLES` float32 values over the record's rows: its signals, and at least the 12
-    rows of ecgfm's layout, which every record is placed in.
+    The limit is :data:`MAX_RECORD_SAMPLES` values over the record's rows: its signals, and at least the 12 rows of
+    ecgfm's layout, which every record is placed in; with several samples per frame, every sample of a frame
+    counts (the decoder holds them all).
 
     Raises:
         ECGDataError: naming the file, the record's duration, samples and signals, and how to split it.
     """
     if n_samples is None:
         return
-    rows = max(int(n_sig), 12)
+    per_frame = sum(int(n or 1) for n in samps_per_frame) if samps_per_frame else int(n_sig)
+    rows = max(int(n_sig), 12, per_frame)
     if rows * n_samples <= MAX_RECORD_SAMPLES:
         return
     hours = n_samples / fs / 3600.0
@@ -962,7 +973,7 @@ def read_wfdb(path: str | os.PathLike, source: str = "wfdb", rename_leads: Mappi
     if any(str(f).lower().endswith(".mat") for f in header.file_name):
         return _read_mat_record(hea, header, source, rename_leads, root)
     _check_signal_files(header, hea, root)
-    _check_record_size(hea, header.n_sig, _record_length(header, hea, root), header.fs)
+    _check_record_size(hea, header.n_sig, _record_length(header, hea, root), header.fs, header.samps_per_frame)
     signal = _decode_simple(header, hea)
     if signal is None:
         signal = _decode_with_wfdb(header, hea)
