@@ -69,6 +69,8 @@ class PreprocessConfig:
     median_baseline: Optional[float] = None
     normalize_scope: str = "lead"
     leads: Optional[list] = None
+    notch_at_source: bool = False
+    resample_padtype: str = "constant"
 
 
 @dataclass

@@ -7,12 +7,17 @@ new records, so every stage sees the same signal.
 Order of operations in :func:`preprocess_record` (fixed, documented so that results are reproducible):
 1. NaN handling (linear interpolation inside a lead, +-inf counts as NaN; a lead that is entirely NaN or flat is
    marked absent);
-2. resampling to ``spec.fs`` with a polyphase filter (:func:`scipy.signal.resample_poly`; or Fourier resampling);
-3. band-pass / baseline-wander removal (zero-phase Butterworth, second-order sections);
-4. powerline notch (zero-phase IIR notch at ``spec.notch`` Hz; or before step 3 with ``notch_first``);
-5. running-median baseline removal (``median_baseline``; off by default);
-6. per-lead normalisation (``zscore``, ``robust`` (median / IQR), ``range`` (min / max to -1 / 1) or ``none``) over
-   the whole record (or one statistic over all present leads with ``normalize_scope="record"``).
+2. with ``notch_at_source`` only: the powerline notch at the record's own rate (before resampling: step 5 is then
+   skipped);
+3. resampling to ``spec.fs`` with a polyphase filter (:func:`scipy.signal.resample_poly`, edge padding
+   ``resample_padtype``; or Fourier resampling);
+4. band-pass / baseline-wander removal (zero-phase Butterworth, second-order sections);
+5. powerline notch (zero-phase IIR notch at ``spec.notch`` Hz at ``spec.fs``; or before step 4 with ``notch_first``);
+6. running-median baseline removal (``median_baseline``; off by default); a record whose filtered signal is not
+   finite is refused here (:class:`~ecgfm.data.record.ECGDataError`);
+7. per-lead normalisation (``zscore``, ``robust`` (median / IQR), ``range`` (min / max to -1 / 1) or ``none``) over
+   the whole record (or one statistic over all present leads with ``normalize_scope="record"``);
+8. clipping to ``[-clip, clip]`` (``clip``; 20 by default).
 Crop / pad / sliding windows are applied afterwards by the loaders (:func:`crop_or_pad`, :func:`sliding_windows`).
 
 Published models were trained with pipelines that differ in details, and an imported encoder (:mod:`ecgfm.zoo`)
@@ -22,13 +27,21 @@ artifacts do not change): the resampling method (``resample_method``: polyphase 
 (``bandpass_mode``: one band-pass or a high-pass then a low-pass, each of ``filter_order``; ``filter_design``:
 second-order sections with ``sosfiltfilt`` or transfer-function coefficients with ``filtfilt``), the notch quality
 factor and whether it comes first (``notch_q``, ``notch_first``), a median-filter baseline removal after the filters
-(``median_baseline`` seconds) and the normalisation scope (``normalize_scope``: per lead, or one statistic over all
-present leads and time together).
+(``median_baseline`` seconds), the normalisation scope (``normalize_scope``: per lead, or one statistic over all
+present leads and time together), a notch at the record's own rate before resampling (``notch_at_source``) and the
+edge padding of polyphase resampling (``resample_padtype``).
 
 Every step acts on each lead on its own (except ``normalize_scope="record"``, whose statistic pools the present
 leads, never the absent ones), so :func:`preprocess_signal` processes only the present leads (a 1-lead
 record costs 1/12 of a 12-lead one) and reuses the filter designs (Butterworth sections, polyphase FIR); the output
-is bit-identical to the plain scipy calls on all 12 rows (tested). ``scipy.signal`` is imported on first use.
+of that ``(k, T)`` block is bit-identical to running the same steps (the same functions, the same padding) on all 12
+rows (tested). It is not, in general, identical to plain scipy calls with their defaults: the default path
+(``bandpass_mode="bandpass"``, ``filter_design="sos"``, :func:`bandpass`) pads ``sosfiltfilt`` with
+``3 * (2 * len(sos) + 1)`` samples, while :func:`butterworth` (every other ``bandpass_mode`` / ``filter_design``)
+uses scipy's default padding (``sosfiltfilt``'s, which discounts trailing zero coefficients, or ``filtfilt``'s
+``3 * max(len(a), len(b))``), so ``bandpass_mode="cascade"`` with a single cut-off differs from the default path, most
+near the record's edges (up to ~0.2 z on real records). Polyphase resampling with the cached FIR is bit-identical to
+:func:`scipy.signal.resample_poly`'s default design. ``scipy.signal`` is imported on first use.
 """
 
 from __future__ import annotations
@@ -65,11 +78,14 @@ NORMALIZE_SCOPES = ("lead", "record")
 RESAMPLE_METHODS = ("polyphase", "fourier")
 BANDPASS_MODES = ("bandpass", "cascade")
 FILTER_DESIGNS = ("sos", "ba")
+#: Edge paddings of polyphase resampling (:func:`scipy.signal.resample_poly`'s ``padtype``) a spec may ask for.
+RESAMPLE_PADTYPES = ("constant", "line", "mean", "median", "edge")
 # Fields added after the first release: left out of to_dict() (and so of the fingerprint) while at their default,
 # so every spec written before keeps its dict and fingerprint.
 _ADDED_DEFAULTS: dict[str, Any] = {"resample_method": "polyphase", "bandpass_mode": "bandpass",
                                    "filter_design": "sos", "notch_q": 30.0, "notch_first": False,
-                                   "median_baseline": None, "normalize_scope": "lead", "leads": None}
+                                   "median_baseline": None, "normalize_scope": "lead", "leads": None,
+                                   "notch_at_source": False, "resample_padtype": "constant"}
 
 
 @dataclass(frozen=True)
@@ -102,6 +118,15 @@ class PreprocessSpec:
         leads: canonical leads kept; the others are marked absent before any step (None: all). For a model that
             reads a lead subset (ECGFounder's 1-lead model reads lead I): a ``record``-scope normalisation then
             takes its statistics over the model's leads only, as its authors' code does on its own input.
+        notch_at_source: apply the notch at the record's own rate, before resampling (instead of at ``fs`` after
+            it). Needed to remove mains at or above ``fs / 2``: at ``fs=100`` a 50 Hz notch cannot act after
+            resampling, and the polyphase anti-aliasing filter is only -6 dB at the new Nyquist, so 500 -> 100 Hz
+            keeps about half of 50 Hz mains as a sample-to-sample alternation. A record whose rate is at or below
+            twice ``notch`` is then refused (:class:`~ecgfm.data.record.ECGDataError`). Needs ``notch``; not with
+            ``notch_first``.
+        resample_padtype: how polyphase resampling extends the record beyond its ends (``padtype`` of
+            :func:`scipy.signal.resample_poly`): ``constant`` (zeros: a lead with a DC offset gets a spike at each
+            end), ``line``, ``mean``, ``median`` or ``edge``. Polyphase only.
     """
 
     fs: float | None = 100.0
@@ -120,6 +145,8 @@ class PreprocessSpec:
     median_baseline: float | None = None
     normalize_scope: str = "lead"
     leads: tuple[str, ...] | None = None
+    notch_at_source: bool = False
+    resample_padtype: str = "constant"
 
     def __post_init__(self) -> None:
         if self.leads is not None:
@@ -130,7 +157,8 @@ class PreprocessSpec:
                                  f"got {list(self.leads)}")
             object.__setattr__(self, "leads", leads)
         for name, allowed in (("normalize_scope", NORMALIZE_SCOPES), ("resample_method", RESAMPLE_METHODS),
-                              ("bandpass_mode", BANDPASS_MODES), ("filter_design", FILTER_DESIGNS)):
+                              ("bandpass_mode", BANDPASS_MODES), ("filter_design", FILTER_DESIGNS),
+                              ("resample_padtype", RESAMPLE_PADTYPES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"PreprocessSpec.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         # numbers as floats, so that equal specs have equal dicts and fingerprints (30 vs 30.0)
@@ -158,15 +186,30 @@ class PreprocessSpec:
             raise ValueError(f"PreprocessSpec.notch must be a positive frequency in Hz, got {self.notch}")
         if int(self.filter_order) < 1:
             raise ValueError(f"PreprocessSpec.filter_order must be at least 1, got {self.filter_order}")
+        if not isinstance(self.notch_at_source, (bool, np.bool_)) and self.notch_at_source not in (0, 1):
+            raise ValueError(f"PreprocessSpec.notch_at_source must be true or false, got {self.notch_at_source!r}")
+        object.__setattr__(self, "notch_at_source", bool(self.notch_at_source))
+        if self.notch_at_source and self.notch is None:
+            raise ValueError("PreprocessSpec.notch_at_source=True needs a notch frequency (notch); set "
+                             "notch_at_source=False when notch is null")
+        if self.notch_at_source and self.notch_first:
+            raise ValueError("PreprocessSpec.notch_at_source and notch_first are exclusive (a notch at the source "
+                             "rate comes before the band-pass already)")
+        if self.resample_padtype != "constant" and self.resample_method != "polyphase":
+            raise ValueError(f"PreprocessSpec.resample_padtype={self.resample_padtype!r} acts on polyphase "
+                             f"resampling only, not resample_method={self.resample_method!r}")
 
     def notch_problem(self) -> str | None:
         """Why ``notch`` cannot act, or None: it is applied after resampling to ``fs``, so a notch at or above
         ``fs / 2`` does nothing while the spec (written into manifests and artifacts) says the powerline was removed.
         Not an error here, so that specs already written stay loadable; new configurations are refused
-        (:mod:`ecgfm.config`)."""
+        (:mod:`ecgfm.config`). None with ``notch_at_source`` (the notch acts at each record's own rate, and a record
+        too slow for it is refused when it is preprocessed)."""
+        if self.notch_at_source:
+            return None
         if self.fs is not None and self.notch is not None and self.notch >= self.fs / 2:
             return (f"notch={self.notch} Hz is at or above fs/2={self.fs / 2} Hz (it is applied at fs, where it does "
-                    f"nothing); use notch=null")
+                    f"nothing); use notch=null, or notch_at_source=true to remove it at the record's own rate")
         return None
 
     def to_dict(self) -> dict[str, Any]:
@@ -278,7 +321,8 @@ def _polyphase_fir(up: int, down: int, dtype: str) -> np.ndarray:
     return sps.firwin(2 * 10 * max_rate + 1, 1.0 / max_rate, window=("kaiser", 5.0)).astype(dtype)
 
 
-def resample(sig: np.ndarray, fs_in: float, fs_out: float, method: str = "polyphase") -> np.ndarray:
+def resample(sig: np.ndarray, fs_in: float, fs_out: float, method: str = "polyphase",
+             padtype: str = "constant") -> np.ndarray:
     """Resampling along the last axis. ``(..., T) -> (..., T * fs_out / fs_in)``.
 
     ``method="polyphase"`` (default): anti-aliased polyphase filter by the exact ratio of integer rates (before
@@ -287,10 +331,19 @@ def resample(sig: np.ndarray, fs_in: float, fs_out: float, method: str = "polyph
     those samples until its folder is deleted); other rates by the nearest ratio of denominator <= 1000, with a
     warning when the time axis runs off. ``"fourier"``: :func:`scipy.signal.resample` to ``int(T * fs_out / fs_in)``
     samples (ST-MEM's ``Resample``), computed in float64.
+
+    Output length: ``ceil(T * up / down)`` samples for polyphase (``up / down`` the rate ratio used), ``int(T * fs_out
+    / fs_in)`` (rounded down) for Fourier. ``padtype`` (polyphase only) is :func:`scipy.signal.resample_poly`'s:
+    ``constant`` (zeros beyond the ends, the default: a lead with a DC offset gets a spike at each end), ``line``,
+    ``mean``, ``median``, ``edge``.
     """
+    if padtype not in RESAMPLE_PADTYPES:
+        raise ValueError(f"resample: padtype must be one of {RESAMPLE_PADTYPES}, got {padtype!r}")
     if float(fs_in) == float(fs_out):
         return sig
     if method == "fourier":
+        if padtype != "constant":
+            raise ValueError(f"resample: padtype={padtype!r} applies to method='polyphase' only")
         n_out = int(sig.shape[-1] * float(fs_out) / float(fs_in))
         return sps.resample(np.asarray(sig, dtype=np.float64), n_out, axis=-1).astype(np.float32)
     if method != "polyphase":
@@ -308,8 +361,8 @@ def resample(sig: np.ndarray, fs_in: float, fs_out: float, method: str = "polyph
     sig = np.asarray(sig)
     if sig.dtype in (np.float32, np.float64) and max(up, down) > 1:
         window = _polyphase_fir(up, down, sig.dtype.str)
-        return sps.resample_poly(sig, up, down, axis=-1, window=window).astype(np.float32)
-    return sps.resample_poly(sig, up, down, axis=-1).astype(np.float32)
+        return sps.resample_poly(sig, up, down, axis=-1, window=window, padtype=padtype).astype(np.float32)
+    return sps.resample_poly(sig, up, down, axis=-1, padtype=padtype).astype(np.float32)
 
 
 @functools.lru_cache(maxsize=64)
@@ -337,9 +390,41 @@ def bandpass(sig: np.ndarray, fs: float, highpass: float | None, lowpass: float 
 
 @functools.lru_cache(maxsize=64)
 def _butter_design(order: int, cutoff: tuple[float, ...], btype: str, fs: float, design: str) -> Any:
-    """Butterworth design as ``sos`` sections or ``(b, a)``, cached."""
+    """Butterworth design as ``sos`` sections or ``(b, a)``, cached.
+
+    Raises:
+        ValueError: a ``ba`` design whose transfer-function coefficients cannot represent the filter (see
+            :func:`_check_ba`).
+    """
     wn = cutoff[0] if len(cutoff) == 1 else list(cutoff)
-    return sps.butter(order, wn, btype=btype, fs=fs, output="sos" if design == "sos" else "ba")
+    coeffs = sps.butter(order, wn, btype=btype, fs=fs, output="sos" if design == "sos" else "ba")
+    if design == "ba":
+        _check_ba(coeffs[1], sps.butter(order, wn, btype=btype, fs=fs, output="zpk")[1], order, cutoff, btype, fs)
+    return coeffs
+
+
+#: A ``ba`` design is refused when a pole of its rounded denominator lies this close to the unit circle or beyond,
+BA_MAX_POLE_RADIUS = 1.0 - 1e-9
+#: or when a pole moved, by rounding the coefficients, by more than this share of its distance to the unit circle
+#: (0.12 at order 6, 0.5 Hz, 500 Hz: the output is 0.14 z off the second-order-sections result; ECGFounder's order 4
+#: band-pass at 500 Hz moves them by 4e-5).
+BA_MAX_POLE_SHIFT = 0.01
+
+
+def _check_ba(a: np.ndarray, poles: np.ndarray, order: int, cutoff: tuple[float, ...], btype: str,
+              fs: float) -> None:
+    """Refuse transfer-function coefficients that do not represent the Butterworth designed: high orders at low
+    cut-offs (relative to ``fs``) put the poles so close to ``z = 1`` that rounding ``a`` moves them, or takes
+    them out of the unit circle (``filtfilt`` then returns NaN or a wrong signal)."""
+    realised = np.roots(a)
+    radius = float(np.abs(realised).max()) if realised.size else 0.0
+    shift = max((float(np.abs(realised - p).min()) / max(1.0 - abs(p), 1e-300) for p in poles), default=0.0)
+    if radius >= BA_MAX_POLE_RADIUS or shift > BA_MAX_POLE_SHIFT:
+        raise ValueError(
+            f"filter_design='ba' with filter_order={order}: the {btype} Butterworth at {list(cutoff)} Hz "
+            f"(rate {fs:g} Hz) is numerically unstable as transfer-function coefficients (largest pole |z| = "
+            f"{radius:.9f}; rounding moved a pole by {shift:.2g} of its distance to the unit circle): use "
+            f"filter_design='sos' (second-order sections) or a lower filter_order")
 
 
 def _zero_phase(sig: np.ndarray, design: str, coeffs: Any) -> np.ndarray:
@@ -446,7 +531,9 @@ def preprocess_signal(sig: np.ndarray, fs: float, mask: np.ndarray, spec: Prepro
         ``(signal, fs, mask)`` after preprocessing; leads found NaN-only or flat are removed from the mask.
 
     Raises:
-        ECGDataError: when no usable lead is left, or the record is shorter than a filter needs.
+        ECGDataError: when no usable lead is left, the record is shorter than a filter needs, its rate is too low
+            for a ``notch_at_source`` notch, or the filtered / normalised signal is not finite.
+        ValueError: a ``filter_design="ba"`` filter that is numerically unstable at this rate.
     """
     sig = np.asarray(sig, dtype=np.float32)
     mask = np.asarray(mask, dtype=bool).copy()
@@ -482,25 +569,43 @@ def preprocess_signal(sig: np.ndarray, fs: float, mask: np.ndarray, spec: Prepro
         rows, x = rows[keep], x[keep]
     if not mask.any():
         raise ECGDataError(where, "no usable lead after preprocessing (all leads NaN or flat)")
+    if spec.notch_at_source and spec.notch is not None:
+        if not float(spec.notch) < float(fs) / 2:
+            raise ECGDataError(where, f"notch={spec.notch} Hz with notch_at_source: the record's rate {float(fs):g} Hz "
+                                      f"(Nyquist {float(fs) / 2:g} Hz) cannot carry {spec.notch} Hz mains, so the "
+                                      "notch cannot act; use a spec without notch for records at this rate")
+        if x.shape[-1] < 8:
+            raise ECGDataError(where, f"record too short to preprocess ({x.shape[-1]} samples at {float(fs)} Hz)")
+        x = notch(x, float(fs), spec.notch, spec.notch_q)
     out_fs = float(fs)
     if spec.fs is not None and float(spec.fs) != float(fs):
-        x = resample(x, fs, spec.fs, spec.resample_method)
+        x = resample(x, fs, spec.fs, spec.resample_method, spec.resample_padtype)
         out_fs = float(spec.fs)
     if x.shape[-1] < 8:
         raise ECGDataError(where, f"record too short to preprocess ({x.shape[-1]} samples at {out_fs} Hz)")
-    if spec.notch_first:
+    if spec.notch_first and not spec.notch_at_source:
         x = notch(x, out_fs, spec.notch, spec.notch_q)
     if spec.bandpass_mode == "bandpass" and spec.filter_design == "sos":
         x = bandpass(x, out_fs, spec.highpass, spec.lowpass, spec.filter_order)  # the original path, unchanged
     else:
         x = butterworth(x, out_fs, spec.highpass, spec.lowpass, spec.filter_order, spec.bandpass_mode,
                         spec.filter_design)
-    if not spec.notch_first:
+    if not spec.notch_first and not spec.notch_at_source:
         x = notch(x, out_fs, spec.notch, spec.notch_q)
     if spec.median_baseline is not None:
         x = median_baseline(x, out_fs, spec.median_baseline)
+    if not np.isfinite(x).all():   # never hand NaN / inf to a network
+        raise ECGDataError(where, f"the filtered signal is not finite (fs={spec.fs}, highpass={spec.highpass}, "
+                                  f"lowpass={spec.lowpass}, filter_order={spec.filter_order}, filter_design="
+                                  f"{spec.filter_design!r}, bandpass_mode={spec.bandpass_mode!r}, notch={spec.notch}"
+                                  f", median_baseline={spec.median_baseline}); check the record's amplitude and the "
+                                  "filter settings (filter_design='sos' is the stable design)")
     if spec.normalize != "none":
         x = _normalize_rows(x, spec.normalize, spec.normalize_scope)
+        if not np.isfinite(x).all():
+            raise ECGDataError(where, f"the normalised signal is not finite (normalize={spec.normalize!r}, "
+                                      f"normalize_scope={spec.normalize_scope!r}): the record's amplitude overflows "
+                                      "float32")
     if spec.clip is not None:
         np.clip(x, -spec.clip, spec.clip, out=x)
     out = np.zeros((N_LEADS, x.shape[-1]), dtype=np.float32)
@@ -509,7 +614,8 @@ def preprocess_signal(sig: np.ndarray, fs: float, mask: np.ndarray, spec: Prepro
 
 
 def preprocess_record(record: ECGRecord, spec: PreprocessSpec) -> ECGRecord:
-    """Apply ``spec`` to a record; the evidence mask (if any) is resampled with nearest-neighbour, and the sample
+    """Apply ``spec`` to a record; the evidence mask (if any) is resampled by taking, for each output sample, the
+    input sample at or before its time (``floor(i * fs_in / fs_out)``), and the sample
     positions of its annotations (R peaks, beat samples, AF episode bounds) are moved to the new rate. The result
     says so in ``header["preprocessed"]`` (``spec``), as a record read back from a corpus cache does, so that a
     model given it does not filter and normalise it a second time (:func:`preprocessed_spec`).

@@ -1,0 +1,254 @@
+"""Review s15 of ecgfm/data/preprocess.py: mains at 100 Hz (``notch_at_source``), resampling edge padding
+(``resample_padtype``), unstable ``ba`` designs and non-finite outputs, and docstrings that said more than the code
+does. Every existing spec keeps its dict, fingerprint and output (hard-coded below from the code before the review).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import numpy as np
+import pytest
+
+import ecgfm.data.preprocess as P
+from ecgfm.data.preprocess import PreprocessSpec, butterworth, preprocess_signal, resample
+from ecgfm.data.record import ECGDataError
+
+
+def _record(fs: int = 500, seconds: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """A fixed synthetic 12-lead record (two leads absent): 1.1 Hz 'beats', 0.3 mV 50 Hz mains, DC offsets, slow
+    wander and a 17 Hz component."""
+    t = np.arange(int(fs * seconds)) / fs
+    sig = np.zeros((12, t.size), np.float32)
+    for i in range(12):
+        sig[i] = (np.sin(2 * np.pi * 1.1 * t + i) + 0.3 * np.cos(2 * np.pi * 50 * t) + 0.5 + 0.1 * i
+                  + 0.2 * np.sin(2 * np.pi * 0.2 * t) + 0.05 * np.sin(2 * np.pi * 17 * t * (1 + 0.01 * i)))
+    mask = np.ones(12, bool)
+    mask[[3, 7]] = False
+    return sig, mask
+
+
+def _existing_specs() -> dict[str, PreprocessSpec]:
+    from ecgfm.zoo import ecgfounder, hubert_ecg, stmem
+
+    return {"default": PreprocessSpec(),
+            "notch500": PreprocessSpec(fs=500, notch=50, lowpass=40),
+            "fourier_cascade": PreprocessSpec(fs=250, resample_method="fourier", bandpass_mode="cascade", lowpass=40,
+                                              highpass=0.67, filter_order=5),
+            "ecgfounder": ecgfounder.preprocess({}),
+            "stmem": stmem.preprocess({}),
+            "hubert": hubert_ecg.preprocess({})}
+
+
+# name: (fingerprint, sha256[:32] of the float32 output on _record(), output rate, output samples), computed with
+# the code before this review
+_EXPECTED = {
+    "default": ("15af357ac92c9c3a", "021c6b2a0b600ab8c71f3026e4eee97e", 100.0, 1000),
+    "notch500": ("e5b00e3814fe74f2", "0f10ba9a4237dd6eb3fa17487d0c32ae", 500.0, 5000),
+    "fourier_cascade": ("15d409db3b6f3bad", "e00510a578a49afa69900540ebcac34c", 250.0, 2500),
+    "ecgfounder": ("d5afd6baeedf1a95", "eb4c31f50f8b258b078502b8e2646536", 500.0, 5000),
+    "stmem": ("db787876bcaeec12", "e5bbd584df331e35579e4318578130a0", 250.0, 2500),
+    "hubert": ("aea1da85b593b964", "8cbfcfbe24610df539be84974a39bee4", 100.0, 1000),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_EXPECTED))
+def test_existing_specs_keep_fingerprint_dict_and_output(name):
+    spec = _existing_specs()[name]
+    fingerprint, digest, fs_out, n_out = _EXPECTED[name]
+    assert spec.fingerprint() == fingerprint
+    assert "notch_at_source" not in spec.to_dict() and "resample_padtype" not in spec.to_dict()
+    sig, mask = _record()
+    y, fs, _ = preprocess_signal(sig, 500, mask, spec)
+    assert (fs, y.shape) == (fs_out, (12, n_out))
+    assert hashlib.sha256(y.tobytes()).hexdigest()[:32] == digest
+
+
+def test_default_spec_fingerprint_is_unchanged():
+    assert PreprocessSpec().fingerprint() == "15af357ac92c9c3a"
+    assert PreprocessSpec.from_dict(PreprocessSpec().to_dict()) == PreprocessSpec()
+
+
+# ------------------------------------------------------------------------------- 1. notch at the source rate
+def _mains_record() -> tuple[np.ndarray, np.ndarray]:
+    t = np.arange(500 * 10) / 500
+    ecg = np.zeros((12, t.size), np.float32)
+    mask = np.zeros(12, bool)
+    mask[0] = True
+    ecg[0] = np.sin(2 * np.pi * 1.2 * t) + 0.3 * np.cos(2 * np.pi * 50 * t)
+    return ecg, mask
+
+
+def _alternation(y: np.ndarray) -> float:
+    k = np.arange(y.shape[-1])[100:-100]
+    return abs(float(np.mean(y[0][100:-100] * (-1.0) ** k)))
+
+
+def test_notch_at_source_removes_50hz_mains_from_a_100hz_output():
+    ecg, mask = _mains_record()
+    y, _, _ = preprocess_signal(ecg, 500, mask, PreprocessSpec(fs=100, normalize="none", clip=None))
+    assert 0.12 < _alternation(y) < 0.18   # ~half of the 0.3 mV mains survives 500 -> 100 Hz (documented)
+    spec = PreprocessSpec(fs=100, notch=50, notch_at_source=True, normalize="none", clip=None)
+    assert spec.notch_problem() is None
+    y2, fs, _ = preprocess_signal(ecg, 500, mask, spec)
+    assert fs == 100.0 and _alternation(y2) < 0.005
+    # the same as notching at 500 Hz by hand, then resampling and filtering
+    by_hand = P.bandpass(resample(P.notch(ecg[[0]], 500.0, 50.0), 500, 100), 100.0, 0.5, None, 3)
+    np.testing.assert_array_equal(y2[[0]], by_hand)
+
+
+def test_notch_at_source_spec_fields_and_config():
+    spec = PreprocessSpec(fs=100, notch=50, notch_at_source=True)
+    assert spec.to_dict()["notch_at_source"] is True
+    assert spec.fingerprint() != PreprocessSpec(fs=100, notch=50).fingerprint()
+    assert PreprocessSpec.from_dict(spec.to_dict()) == spec
+    assert "notch_at_source" in PreprocessSpec(fs=100, notch=50).notch_problem()   # the refusal says how to fix it
+    with pytest.raises(ValueError, match="notch_at_source=True needs a notch"):
+        PreprocessSpec(notch_at_source=True)
+    with pytest.raises(ValueError, match="exclusive"):
+        PreprocessSpec(notch=50, notch_at_source=True, notch_first=True)
+    with pytest.raises(ValueError, match="true or false"):
+        PreprocessSpec(notch=50, notch_at_source="yes")
+    # a training config at 100 Hz with a 50 Hz notch at the source rate is accepted (without it: refused)
+    from hydra import compose, initialize_config_dir
+
+    from ecgfm.conf import config_dir
+    from ecgfm.config import ConfigError, validate_prepare_config, validate_train_config
+
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["+experiment=mae", "preprocess.notch=50",
+                                                      "preprocess.notch_at_source=true", "out_dir=/tmp/x"])
+        bad = compose(config_name="train", overrides=["+experiment=mae", "preprocess.notch=50", "out_dir=/tmp/x"])
+        prep = compose(config_name="prepare", overrides=["out=/tmp/x", "spec.notch=50", "+spec.notch_at_source=true"])
+    validate_train_config(cfg)
+    with pytest.raises(ConfigError, match="preprocess.notch"):
+        validate_train_config(bad)
+    assert PreprocessSpec.from_dict(validate_prepare_config(prep)["spec"]).notch_at_source is True
+
+
+def test_notch_at_source_refuses_a_record_too_slow_for_the_notch():
+    ecg, mask = _mains_record()
+    spec = PreprocessSpec(fs=100, notch=50, notch_at_source=True)
+    with pytest.raises(ECGDataError, match="rate 100 Hz"):
+        preprocess_signal(ecg[:, ::5], 100, mask, spec)
+
+
+def test_notch_at_source_without_resampling_is_notch_first():
+    sig, mask = _record()
+    a, _, _ = preprocess_signal(sig, 500, mask, PreprocessSpec(fs=None, notch=50, lowpass=40, notch_at_source=True))
+    b, _, _ = preprocess_signal(sig, 500, mask, PreprocessSpec(fs=None, notch=50, lowpass=40, notch_first=True))
+    np.testing.assert_array_equal(a, b)
+
+
+# --------------------------------------------------------------------------------- 2. resampling edge padding
+def test_resample_padtype_removes_the_edge_spike_of_a_dc_offset():
+    from scipy import signal as sps
+
+    x = np.ones((1, 5000), np.float32)
+    zero = resample(x, 500, 100)
+    assert abs(zero[0, 0] - 1.0) > 0.3   # zeros beyond the ends: the offset drops at each end
+    np.testing.assert_array_equal(zero, sps.resample_poly(x, 1, 5, axis=-1).astype(np.float32))
+    for padtype in ("line", "mean", "median", "edge"):
+        y = resample(x, 500, 100, padtype=padtype)
+        assert y.shape == zero.shape and np.abs(y - 1.0).max() < 1e-5, padtype
+    with pytest.raises(ValueError, match="padtype"):
+        resample(x, 500, 100, padtype="wrap")
+    with pytest.raises(ValueError, match="polyphase"):
+        resample(x, 500, 100, method="fourier", padtype="line")
+
+
+def test_resample_padtype_spec_field():
+    t = np.arange(5000) / 500
+    sig = np.zeros((12, t.size), np.float32)
+    mask = np.zeros(12, bool)
+    mask[0] = True
+    sig[0] = 2.0 + 0.5 * np.sin(2 * np.pi * 1.0 * t)   # a 2 mV offset
+    raw = dict(highpass=None, normalize="none", clip=None)
+    zero, _, _ = preprocess_signal(sig, 500, mask, PreprocessSpec(**raw))
+    line, _, _ = preprocess_signal(sig, 500, mask, PreprocessSpec(**raw, resample_padtype="line"))
+    ref = 2.0 + 0.5 * np.sin(2 * np.pi * np.arange(1000) / 100)
+    assert np.abs(zero[0] - ref)[:3].max() > 0.5
+    assert np.abs(line[0] - ref).max() < 0.01
+    spec = PreprocessSpec(resample_padtype="mean")
+    assert spec.to_dict()["resample_padtype"] == "mean" and PreprocessSpec.from_dict(spec.to_dict()) == spec
+    with pytest.raises(ValueError, match="resample_padtype"):
+        PreprocessSpec(resample_padtype="wrap")
+    with pytest.raises(ValueError, match="polyphase"):
+        PreprocessSpec(resample_method="fourier", resample_padtype="line")
+
+
+# ---------------------------------------------------------------- 3. unstable ba designs and non-finite outputs
+@pytest.mark.parametrize("order", [6, 8])
+def test_ba_design_refuses_unstable_coefficients(order):
+    x = np.ones((1, 5000))
+    x[:, 2500:] += 1.0
+    with pytest.raises(ValueError, match=f"filter_order={order}.*filter_design='sos'"):
+        butterworth(x, 500, 0.5, None, order, "cascade", "ba")
+    spec = PreprocessSpec(fs=500, filter_order=order, filter_design="ba", bandpass_mode="cascade")
+    with pytest.raises(ValueError, match="filter_design='ba'"):
+        preprocess_signal(np.tile(x.astype(np.float32), (12, 1)), 500, np.ones(12, bool), spec)
+
+
+def test_ba_design_accepts_stable_coefficients():
+    x = np.ones((1, 5000))
+    x[:, 2500:] += 1.0
+    for fs, hp, lp, order, mode in [(500, 0.5, None, 4, "cascade"), (500, 0.67, 40.0, 4, "bandpass"),
+                                    (250, 0.67, 40.0, 5, "cascade"), (100, 0.05, 47.0, 4, "bandpass")]:
+        a = butterworth(x, fs, hp, lp, order, mode, "ba")
+        b = butterworth(x, fs, hp, lp, order, mode, "sos")
+        assert np.abs(a - b).max() < 1e-3, (fs, hp, lp, order)
+
+
+def test_non_finite_filter_output_is_refused(monkeypatch):
+    sig, mask = _record()
+
+    def broken(x, *args, **kwargs):
+        return np.full_like(np.asarray(x, dtype=np.float32), np.nan)
+
+    monkeypatch.setattr(P, "butterworth", broken)
+    monkeypatch.setattr(P, "bandpass", broken)
+    for spec in (PreprocessSpec(), PreprocessSpec(filter_design="ba", bandpass_mode="cascade", normalize="none")):
+        with pytest.raises(ECGDataError, match="not finite.*filter_order"):
+            preprocess_signal(sig, 500, mask, spec)
+
+
+def test_non_finite_normalised_output_is_refused(monkeypatch):
+    sig, mask = _record()
+    monkeypatch.setattr(P, "_normalize_rows", lambda x, *a: np.full_like(x, np.inf))
+    with pytest.raises(ECGDataError, match="normalised signal is not finite"):
+        preprocess_signal(sig, 500, mask, PreprocessSpec(clip=None))
+
+
+# ----------------------------------------------------------------------------------- 4. and 5. the docstrings
+def test_module_docstring_says_what_is_bit_identical():
+    doc = " ".join(P.__doc__.split())
+    assert "bit-identical to the plain scipy calls" not in doc
+    assert "3 * (2 * len(sos) + 1)" in doc and "scipy's default padding" in doc
+    # and that is what the code does: a single high-pass by the two paths differs, mostly at the edges
+    x = np.random.default_rng(0).standard_normal((2, 1000)).astype(np.float32)
+    a = P.bandpass(x, 100.0, 0.5, None, 3)
+    b = butterworth(x, 100.0, 0.5, None, 3, "cascade", "sos")
+    d = np.abs(a - b)
+    assert d[:, :20].max() > 0.1 and d[:, :20].max() > 20 * d[:, 300:700].max()
+
+
+def test_docstrings_list_every_step_and_describe_the_evidence_resampling():
+    doc = " ".join(P.__doc__.split())
+    assert "clipping to ``[-clip, clip]``" in doc and "notch_at_source" in doc
+    assert "at or before" in " ".join(P.preprocess_record.__doc__.split())
+    assert "nearest-neighbour" not in P.preprocess_record.__doc__
+    rdoc = " ".join(P.resample.__doc__.split())
+    assert "ceil(T * up / down)" in rdoc and "int(T * fs_out / fs_in)" in rdoc
+    # the evidence mask takes the sample at or before (not the nearest), and the lengths are as documented
+    from ecgfm.data.record import ECGRecord
+
+    n = 3601
+    sig = np.random.default_rng(1).standard_normal((12, n)).astype(np.float32)
+    evidence = np.zeros((12, n), bool)
+    evidence[:, 3] = True   # 360 -> 100 Hz: output sample 1 is at input 3.6: nearest would take input 4, floor 3
+    rec = ECGRecord(signal=sig, fs=360.0, lead_mask=np.ones(12, bool), record_id="r", source="test", evidence=evidence)
+    out = P.preprocess_record(rec, PreprocessSpec())
+    assert out.signal.shape[1] == math.ceil(n * 5 / 18)
+    assert out.evidence[0, 1] and not out.evidence[0, 0] and not out.evidence[0, 2]
+    assert resample(sig, 360, 100, method="fourier").shape[1] == int(n * 100 / 360)
