@@ -504,7 +504,17 @@ def _recipe(ctx: _Context, desc: Encoder, head: dict[str, Any]) -> dict[str, Any
             "task": asdict(ctx.task_spec), "eval_data": asdict(ctx.eval_spec) if ctx.eval_spec else None,
             "bootstrap": {"n": int(cfg.bootstrap.n), "seed": int(cfg.bootstrap.seed)},
             "lead_aware": bool(cfg.features.get("lead_aware", True)),
+            **_feature_code_recipe(ctx.mode),
             **_finetune_code_recipe(ctx.mode, str(head.get("head_init", "")), float(head.get("layer_decay", 1.0)))}
+
+
+def _feature_code_recipe(mode: str) -> dict[str, Any]:
+    """The frozen-feature extraction code's version (:data:`ecgfm.evaluate.features.FEATURE_SCHEMA`) in a probe
+    cell's recipe identity once it is bumped past 1, so cells computed from features of older extraction code are
+    recomputed, not reused (at 1, the version of every cell written before it existed, it is left out)."""
+    from ecgfm.evaluate.features import FEATURE_SCHEMA
+
+    return {"feature_schema": FEATURE_SCHEMA} if mode != "finetune" and FEATURE_SCHEMA > 1 else {}
 
 
 def _head_identity(head: dict[str, Any]) -> dict[str, Any]:

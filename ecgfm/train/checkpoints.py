@@ -294,7 +294,9 @@ def check_resume_config(out_dir: str | os.PathLike, cfg: Any) -> None:
     A rerun into a run folder resumes from its newest checkpoint; with another ``method.mask_ratio`` (say) the
     steps done and the steps to come would follow two recipes while ``config.yaml`` and the exported encoder name
     only the new one. The run's ``config.yaml`` is compared with ``cfg`` on :data:`RESUME_FIXED` (except
-    :data:`RESUME_FREE`); no ``config.yaml`` (an older run): nothing to compare.
+    :data:`RESUME_FREE`); no ``config.yaml`` (an older run): nothing to compare. A preprocessing field added to
+    ecgfm after the run was started (absent from its ``config.yaml``) reads as its default, which keeps the old
+    pipeline (:data:`ecgfm.data.preprocess._ADDED_DEFAULTS`).
 
     Raises:
         ConfigError: naming every differing key, with the two values and the ways out (another folder,
@@ -326,10 +328,16 @@ def check_resume_config(out_dir: str | os.PathLike, cfg: Any) -> None:
             node = node.get(part) if isinstance(node, dict) else None
         return flat(node, key)
 
+    from ecgfm.data.preprocess import _ADDED_DEFAULTS
+
+    added = {f"preprocess.{name}": value for name, value in _ADDED_DEFAULTS.items()}
     diffs = []
     for key in RESUME_FIXED:
         a, b = pick(old, key), pick(new, key)
         for k in sorted(set(a) | set(b)):
+            if k in added and (k not in a or k not in b):   # a field newer than one side's record: its default
+                a.setdefault(k, added[k])
+                b.setdefault(k, added[k])
             if k not in RESUME_FREE and a.get(k) != b.get(k):
                 diffs.append(f"{k}: {a.get(k)!r} -> {b.get(k)!r}")
     if diffs:

@@ -298,3 +298,15 @@ def test_min_epoch_samples_joins_the_recipe_only_when_set():
         recipe_identity({"head": {"epochs": 40, "lr": 1e-3}})
     assert recipe_identity({"head": _head_identity(dict(old, min_epoch_samples=2048))}) != \
         recipe_identity({"head": _head_identity(old)})
+
+
+def test_a_bumped_feature_schema_makes_probe_cells_another_recipe(monkeypatch):
+    """Bumping FEATURE_SCHEMA recomputes the feature files; the probe cells built on the old ones must be
+    recomputed too (their recipe changes), fine-tune cells (no cached features) not; at 1 nothing changes."""
+    from ecgfm.evaluate import features
+    from ecgfm.evaluate.sweep import _feature_code_recipe
+
+    assert features.FEATURE_SCHEMA == 1 and _feature_code_recipe("linear") == {}
+    monkeypatch.setattr(features, "FEATURE_SCHEMA", 2)
+    assert _feature_code_recipe("linear") == _feature_code_recipe("mlp") == {"feature_schema": 2}
+    assert _feature_code_recipe("finetune") == {}

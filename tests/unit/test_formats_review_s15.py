@@ -198,12 +198,13 @@ def test_the_unknown_lead_hint_gives_a_placeholder_not_lead_ii(tmp_path):
     err = _raises(hea, r"unknown lead name 'ECG1'", read_wfdb, hea)
     assert "rename_leads={'ECG1': '<standard lead, e.g. I, II, V1>'}" in err.problem
     assert "'II'}" not in err.problem and ":II}" not in err.problem
-    assert "'+wfdb.rename_leads={ECG1:<lead>}' for prepare" in err.problem   # read_wfdb's source: wfdb
+    assert "'+<preset>.rename_leads={ECG1:<lead>}' for prepare (<preset>: the sources=[...] entry that read it, " \
+        "e.g. wfdb)" in err.problem   # read_wfdb's source: wfdb
     err = _raises(hea, r"unknown lead name 'ECG1'", FolderSource(tmp_path).load, "e")
-    assert "+folder.rename_leads" in err.problem
-    # the preset in use is named (sources=[wfdb] is told +wfdb..., not to switch to the folder preset)
+    assert "e.g. folder)" in err.problem
+    # the reader's own type is the example, not an instruction to switch to the folder preset
     err = _raises(hea, r"unknown lead name 'ECG1'", WFDBFolderSource(tmp_path).load, "e")
-    assert "'+wfdb.rename_leads={ECG1:<lead>}' for prepare (sources=[wfdb])" in err.problem
+    assert "e.g. wfdb)" in err.problem and "e.g. folder" not in err.problem
     # a source that takes no rename_leads (PTB-XL, the challenges) gets no prepare hint it could not follow
     err = _raises(hea, r"unknown lead name 'ECG1'", read_wfdb, hea, source="ptbxl")
     assert "rename_leads={'ECG1': '<standard lead" in err.problem and "+folder" not in err.problem

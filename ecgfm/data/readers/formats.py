@@ -631,9 +631,10 @@ def _rename_hint(source: str) -> Callable[[str], str]:
     """
     def hint(name: str) -> str:
         text = f"map it: rename_leads={{{name!r}: {LEAD_PLACEHOLDER!r}}} (the API, read_wfdb)"
-        if _source_takes_rename(source):   # the preset in use when it is registered (folder, wfdb, ...)
+        if _source_takes_rename(source):   # the reader's type, which a user's own preset may not be named after
             preset = source if _registered(source) else "folder"
-            text += f", '+{preset}.rename_leads={{{name}:<lead>}}' for prepare (sources=[{preset}])"
+            text += (f", '+<preset>.rename_leads={{{name}:<lead>}}' for prepare (<preset>: the sources=[...] "
+                     f"entry that read it, e.g. {preset})")
         return text
 
     return hint
