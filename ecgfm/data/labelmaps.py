@@ -9,9 +9,13 @@ a record carrying a SNOMED code would have been given the row's SCP statement(s)
 ``subdiagnostic``, ``diagnostic``, ``form``, ``rhythm`` or ``all``): a record is positive for a task class when one
 of its codes maps to an SCP statement of that class (``same`` / ``narrower`` rows), when a ``broader`` code's
 statements all fall into that one class, or through a ``sole`` rule (NORM <- sinus rhythm as the record's only
-code). :meth:`SnomedTaskMap.report` lists, for a set of records, the task classes with a code and their positives,
-the classes no code reaches (not evaluable), and every code present by fate: mapped, known but outside the task,
-ambiguous for the task, or unknown to the table, so nothing is dropped silently.
+code). For the superdiagnostic task, a few form statements *suggest* a superclass
+(:data:`SUGGESTIVE_FORM_STATEMENTS`: ST/T form codes -> STTC, Q waves -> MI): a record carrying such a code but not
+positive for that class has an unknown label for it and is left out (:meth:`SnomedTaskMap.uncertain`), never scored
+as a negative. :meth:`SnomedTaskMap.report` lists, for a set of records, the task classes with a code and their
+positives, the classes no code of the table reaches, the classes no code *present in these records* reaches (not
+evaluable), and every code present by fate: mapped, known but outside the task, ambiguous for the task, or unknown
+to the table, so nothing is dropped silently.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ __all__ = [
     "EVIDENCE",
     "CPSC2018_CLASSES",
     "SnomedRow",
+    "SUGGESTIVE_FORM_STATEMENTS",
     "SnomedTaskMap",
     "load_scp_snomed",
     "scp_snomed_table_path",
@@ -42,6 +47,22 @@ RELATIONS = ("same", "narrower", "broader", "sole")
 EVIDENCE = ("challenge", "equivalent", "name", "meaning")
 #: CPSC 2018 classes (as numbered 1-9 in its REFERENCE.csv).
 CPSC2018_CLASSES = ("Normal", "AF", "I-AVB", "LBBB", "RBBB", "PAC", "PVC", "STD", "STE")
+#: Form statements (PTB-XL ``form``, no diagnostic superclass) that suggest a superdiagnostic class, used only for the
+#: ``superdiagnostic`` task: a record carrying a code of one of them and NOT positive for the suggested class has an
+#: unknown label for that class (left out of the scored set and counted as ``records.uncertain`` in the report), not a
+#: negative. Rule: in the shared PTB-XL copy (500 labelled records), most records with the statement also carry a
+#: diagnostic statement of the class (at least 4 of 5 and two thirds), or, for the ST/T statements too rare there,
+#: the class is the statement's own subject (STTC is "ST/T change"):
+#:   STD_  ST depression      16 of 22 records with an STTC statement
+#:   INVT  T inversion         4 of 5 with STTC
+#:   TAB_  T abnormal          0 of 1 (too rare; by meaning)
+#:   STE_  ST elevation        no record (by meaning)
+#:   QWAVE Q waves            10 of 10 with an MI statement
+#: Checked and left out by the same rule: LVOLT low QRS voltage (0 of 4 STTC, 2 of 4 MI), ABQRS (12 of 22 MI),
+#: LPR (3 of 3 CD: too few records). The table has no row for LV high voltage (55827005 ~ VCLVH) nor for nonspecific
+#: ST-T abnormality (428750005): those codes stay unknown (their records are counted as ``partially_mapped``).
+SUGGESTIVE_FORM_STATEMENTS: dict[str, str] = {"STD_": "STTC", "INVT": "STTC", "TAB_": "STTC", "STE_": "STTC",
+                                              "QWAVE": "MI"}
 _COLUMNS = ("snomed_code", "snomed_name", "abbreviation", "scp_codes", "relation", "evidence", "challenge_ptbxl_n",
             "equivalent", "cpsc2018", "note")
 
@@ -79,8 +100,8 @@ def load_scp_snomed(path: str | Path | None = None) -> list[SnomedRow]:
 
     Raises:
         ValueError: a malformed row (named by line): non-numeric code, unknown relation / evidence, a non-broader
-            row with several statements, a duplicated (code, statements) pair, an asymmetric equivalence, an
-            unknown CPSC 2018 class.
+            row with several statements, a duplicated (code, statements) pair, an asymmetric equivalence, equivalent
+            codes with different rows, an unknown CPSC 2018 class.
     """
     path = Path(path) if path is not None else scp_snomed_table_path()
     text = path.read_text(encoding="utf-8")
@@ -155,6 +176,11 @@ def _check_consistency(rows: Sequence[SnomedRow], path: Path) -> None:
         if not any(o.scp_codes == r.scp_codes for o in back):
             raise ValueError(f"{path} line {r.line}: equivalent codes {r.snomed_code} / {r.equivalent} map to "
                              f"different statements")
+        stmts = {(o.scp_codes, o.relation) for o in by_code[r.snomed_code]}
+        other = {(o.scp_codes, o.relation) for o in by_code[r.equivalent]}
+        if stmts != other:
+            raise ValueError(f"{path} line {r.line}: equivalent codes {r.snomed_code} / {r.equivalent} have different "
+                             f"rows: {sorted(stmts ^ other)}")
 
 
 def table_digest(path: str | Path | None = None) -> str:
@@ -169,6 +195,7 @@ class _CodeFate:
     sole_classes: tuple[str, ...]     # task classes it gives when it is the record's only code
     statements: tuple[str, ...]       # every SCP statement the table links it to
     kind: str                         # mapped | outside_task | ambiguous
+    suggests: tuple[str, ...] = ()    # task classes a form statement of the code suggests (unknown if not positive)
 
 
 class SnomedTaskMap:
@@ -181,11 +208,17 @@ class SnomedTaskMap:
             values are listed as having no code.
         rows: the table (default :func:`load_scp_snomed`).
         task: the task's name, for the report.
+        suggestions: ``{form statement: task class}`` it suggests (see :data:`SUGGESTIVE_FORM_STATEMENTS`, the
+            default for ``task="superdiagnostic"``; none for the other tasks).
     """
 
     def __init__(self, statement_classes: Mapping[str, str], classes: Sequence[str],
-                 rows: Sequence[SnomedRow] | None = None, task: str = ""):
+                 rows: Sequence[SnomedRow] | None = None, task: str = "",
+                 suggestions: Mapping[str, str] | None = None):
         self.task = task
+        if suggestions is None:
+            suggestions = SUGGESTIVE_FORM_STATEMENTS if task == "superdiagnostic" else {}
+        self.suggestions = {str(k): str(v) for k, v in suggestions.items()}
         self.classes = [str(c) for c in classes]
         self.statement_classes = {str(k): str(v) for k, v in statement_classes.items()}
         self.rows = list(rows) if rows is not None else load_scp_snomed()
@@ -193,8 +226,13 @@ class SnomedTaskMap:
         wanted = set(self.classes)
         per_code: dict[str, dict[str, set[str]]] = {}
         for r in self.rows:
-            slot = per_code.setdefault(r.snomed_code, {"any": set(), "sole": set(), "stmts": set(), "amb": set()})
+            slot = per_code.setdefault(r.snomed_code, {"any": set(), "sole": set(), "stmts": set(), "amb": set(),
+                                                       "suggests": set()})
             slot["stmts"].update(r.scp_codes)
+            if r.relation in ("same", "narrower"):
+                slot["suggests"].update(self.suggestions[s] for s in r.scp_codes
+                                        if s in self.suggestions and s not in self.statement_classes
+                                        and self.suggestions[s] in wanted)
             mapped = [self.statement_classes[s] for s in r.scp_codes if s in self.statement_classes]
             if r.relation == "broader":
                 targets = set(mapped)
@@ -215,7 +253,7 @@ class SnomedTaskMap:
             else:
                 kind = "outside_task"
             self.fates[code] = _CodeFate(tuple(sorted(slot["any"])), tuple(sorted(slot["sole"])),
-                                         tuple(sorted(slot["stmts"])), kind)
+                                         tuple(sorted(slot["stmts"])), kind, tuple(sorted(slot["suggests"])))
 
     def codes_of(self, cls: str) -> list[str]:
         """SNOMED codes that can make a record positive for ``cls`` (sole-rule codes included)."""
@@ -235,6 +273,41 @@ class SnomedTaskMap:
                 out.update(fate.sole_classes)
         return sorted(out)
 
+    def uncertain(self, codes: Iterable[str], evaluable: Iterable[str] | None = None) -> dict[str, list[str]]:
+        """``{task class: codes}`` whose label is unknown for a record with these codes: a code suggests the class
+        (:data:`SUGGESTIVE_FORM_STATEMENTS`) but the record is not positive for it. Empty: every label is known.
+
+        Args:
+            codes: the record's SNOMED CT codes.
+            evaluable: only these classes count (None: all): a class no code of the set reaches is left out of every
+                metric anyway (:meth:`reached_classes`), so a record need not be dropped for it (CPSC 2018's ST
+                depression records when STTC cannot be scored there).
+        """
+        codes = sorted({str(c).strip() for c in codes if str(c).strip()})
+        positive = set(self.labels(codes))
+        keep = None if evaluable is None else set(evaluable)
+        out: dict[str, list[str]] = {}
+        for c in codes:
+            fate = self.fates.get(c)
+            for cls in (fate.suggests if fate is not None else ()):
+                if cls not in positive and (keep is None or cls in keep):
+                    out.setdefault(cls, []).append(c)
+        return out
+
+    def reached_classes(self, records: Iterable[Sequence[str]]) -> list[str]:
+        """The task classes some code of these records reaches (a code mapped to the class, or its sole-code rule
+        with that code alone in a record); the others are not evaluable on these records."""
+        present: set[str] = set()
+        sole_present: set[str] = set()
+        for codes in records:
+            codes = {str(c).strip() for c in codes if str(c).strip()}
+            present.update(codes)
+            if len(codes) == 1:
+                sole_present.update(codes)
+        return [c for c in self.classes if any(
+            c in f.classes and code in present or c in f.sole_classes and code in sole_present
+            for code, f in self.fates.items())]
+
     def report(self, records: Mapping[str, Sequence[str]], excluded: Mapping[str, Sequence[str]] | None = None,
                examples: int = 10) -> dict[str, Any]:
         """How the codes of some records map into the task (JSON-able).
@@ -246,12 +319,16 @@ class SnomedTaskMap:
             examples: record keys listed per group.
 
         Returns:
-            ``classes`` (per mapped class: codes, positives), ``classes_without_code`` (not evaluable: no code of
-            the table reaches them), ``classes_without_positives`` (a code exists, no record has it),
+            ``classes`` (per mapped class: codes, positives), ``classes_without_code`` (no code of the table reaches
+            them), ``not_evaluable_classes`` (no code present in the records considered reaches them: they include
+            ``classes_without_code``; an external set's metrics leave them out), ``classes_without_positives`` (a
+            code exists, no record has it),
             ``codes`` (``mapped`` / ``outside_task`` / ``ambiguous`` / ``unknown``: per code its name, classes or
             statements and record count), ``records`` (total, evaluated, ``no_mapped_label`` (excluded: their
             labels are unknown for this task, they are not negatives), ``partially_mapped`` (evaluated, but also
-            carrying an unknown or ambiguous code: some negatives may be missed positives), excluded per reason).
+            carrying an unknown or ambiguous code: some negatives may be missed positives), ``uncertain`` (left out,
+            with a mapped label: a code suggests a class they are not positive for; ``uncertain_codes`` counts
+            them per class and code), excluded per reason).
         """
         excluded = {k: sorted(set(map(str, v))) for k, v in (excluded or {}).items() if len(v)}
         dropped = {k for keys in excluded.values() for k in keys}
@@ -259,6 +336,9 @@ class SnomedTaskMap:
         code_records: Counter[str] = Counter()
         no_label: list[str] = []
         partial: list[str] = []
+        uncertain: list[str] = []
+        uncertain_codes: dict[str, Counter[str]] = {}
+        reached = self.reached_classes(codes for key, codes in records.items() if str(key) not in dropped)
         evaluated = 0
         for key, codes in records.items():
             if str(key) in dropped:
@@ -268,6 +348,12 @@ class SnomedTaskMap:
             labels = self.labels(codes)
             if not labels:
                 no_label.append(str(key))
+                continue
+            unknown = self.uncertain(codes, reached)
+            if unknown:
+                uncertain.append(str(key))
+                for cls, cs in unknown.items():
+                    uncertain_codes.setdefault(cls, Counter()).update(cs)
                 continue
             evaluated += 1
             positives.update(labels)
@@ -288,18 +374,23 @@ class SnomedTaskMap:
                     entry["classes_when_sole_code"] = list(fate.sole_classes)
             else:
                 entry["statements"] = list(fate.statements)
+            if fate.suggests:
+                entry["suggests"] = list(fate.suggests)
             codes_out[fate.kind][code] = entry
         return {
             "vocabulary": f"SNOMED CT -> PTB-XL {self.task}".strip(),
             "table": "ecgfm/data/scp_snomed.csv", "table_sha256": table_digest(),
             "classes": classes,
             "classes_without_code": [c for c in self.classes if not self.codes_of(c)],
+            "not_evaluable_classes": [c for c in self.classes if c not in reached],
             "classes_without_positives": [c for c, v in classes.items() if v["positives"] == 0],
             "codes": codes_out,
             "records": {
                 "total": len(records), "evaluated": evaluated,
                 "no_mapped_label": len(no_label), "no_mapped_label_examples": no_label[:examples],
                 "partially_mapped": len(partial), "partially_mapped_examples": partial[:examples],
+                "uncertain": len(uncertain), "uncertain_examples": uncertain[:examples],
+                "uncertain_codes": {c: dict(sorted(n.items())) for c, n in sorted(uncertain_codes.items())},
                 "excluded": {k: len(v) for k, v in excluded.items()},
                 "excluded_examples": {k: v[:examples] for k, v in excluded.items()},
             },
@@ -325,13 +416,18 @@ def summary_lines(report: Mapping[str, Any], top: int = 8) -> list[str]:
     cls = ", ".join(f"{c} {v['positives']}" for c, v in report["classes"].items()) or "none"
     out = [f"{report['vocabulary']}: {rec['evaluated']} of {rec['total']} records evaluated; positives per class: "
            f"{cls}"]
-    if report["classes_without_code"]:
-        out.append(f"  not evaluable (no SNOMED code maps to them): {', '.join(report['classes_without_code'])}")
+    gone = report.get("not_evaluable_classes", report["classes_without_code"])
+    if gone:
+        out.append(f"  not evaluable (no SNOMED code of these records maps to them): {', '.join(gone)}")
     if report["classes_without_positives"]:
         out.append(f"  no positive record: {', '.join(report['classes_without_positives'])}")
     if rec["no_mapped_label"]:
         out.append(f"  {rec['no_mapped_label']} record(s) without a mapped label left out (unknown labels, not "
                    f"negatives), e.g. {', '.join(rec['no_mapped_label_examples'][:3])}")
+    if rec.get("uncertain"):
+        per = "; ".join(f"{c} <- {', '.join(n)}" for c, n in rec["uncertain_codes"].items())
+        out.append(f"  {rec['uncertain']} record(s) with a code suggesting a class they are not positive for left out "
+                   f"(label unknown, not negative): {per}")
     if rec["partially_mapped"]:
         out.append(f"  {rec['partially_mapped']} evaluated record(s) also carry unmapped codes")
     for reason, n in rec["excluded"].items():

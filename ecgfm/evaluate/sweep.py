@@ -1299,12 +1299,15 @@ def _save_cell_classifier(cell_file: Path, model: Any, task: TaskData, enc: Enco
 def score_external(task: TaskData, ext: TaskData, rows: np.ndarray, p: np.ndarray,
                    thresholds: np.ndarray | None, n_boot: int, seed: int) -> dict[str, Any]:
     """Metrics of a head's predictions on an external set. When its labels were translated from SNOMED CT codes,
-    the task classes no code reaches (``label_report["classes_without_code"]``: their label is unknown, not
-    negative) are left out of every metric, Fmax and macro F1 included, and listed as ``not_evaluable_classes``
-    (a prediction of such a class would otherwise count as a false positive)."""
+    the task classes no code present in the set's records reaches (``label_report["not_evaluable_classes"]``, or
+    ``classes_without_code`` in a report written before it: their label is unknown, not negative) are left out of
+    every metric, Fmax and macro F1 included, and listed as ``not_evaluable_classes`` (a prediction of such a class
+    would otherwise count as a false positive)."""
     y = ext.labels[rows] if task.multilabel else ext.labels[rows].argmax(axis=1)
     names = list(task.class_names)
-    gone = list((ext.label_report or {}).get("classes_without_code") or []) if task.multilabel else []
+    report = ext.label_report or {}
+    gone = list(report.get("not_evaluable_classes", report.get("classes_without_code")) or []) \
+        if task.multilabel else []
     keep = np.array([i for i, c in enumerate(names) if c not in gone], dtype=np.int64)
     if gone and len(keep):
         y, p = y[:, keep], np.asarray(p)[:, keep]

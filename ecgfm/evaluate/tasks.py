@@ -241,6 +241,13 @@ def build_task(spec: TaskSpec, cache_root: str, preprocess: PreprocessSpec, clas
     else:
         y = cache.labels_matrix(class_names, label_fn).astype(np.float32)
     labelled = y.sum(axis=1) > 0
+    if mapper is not None:  # a code suggests a class the record is not positive for: that label is unknown
+        reached = mapper.reached_classes(codes)   # a class no code reaches is scored nowhere: no record is lost for it
+        unknown = np.array([bool(mapper.uncertain(rec, reached)) for rec in codes], dtype=bool)
+        if (unknown & labelled).any():
+            notes.append(f"{int((unknown & labelled).sum())} record(s) carrying a code that suggests a class they are "
+                         f"not positive for (label unknown, not negative) are in no split")
+        labelled &= ~unknown
     any_positive = bool(labelled.any())
     if spec.multilabel and mapper is None and spec.labels == "record" and any_positive:
         # a record whose flags are known (FolderSource: a labels-CSV row of 0/1 flag columns) but that has none of
@@ -486,7 +493,9 @@ def build_external(spec: TaskSpec, task: TaskData, cache_root: str, preprocess: 
     1. Labels: the records' own labels when they are the task's classes (``eval_data=folder``); or, with
        ``params.label_map: ptbxl:<task>`` (``eval_data=cinc2021`` / ``cpsc2018`` with a PTB-XL task), the records'
        SNOMED CT codes translated through :mod:`ecgfm.data.labelmaps`. Records no code maps into the class space
-       are left out (their labels are unknown for this task, not negative); the mapping report (classes with their
+       are left out (their labels are unknown for this task, not negative), and so are records carrying a form code
+       that suggests a superclass they are not positive for (:meth:`~ecgfm.data.labelmaps.SnomedTaskMap.uncertain`,
+       e.g. RBBB + ST depression for STTC); the mapping report (classes with their
        codes and positives, classes no code reaches, codes unmapped / outside the task, excluded records) is
        stored in ``label_report`` and summarised in ``notes``.
     2. Records that are also records (or patients) of the task's own splits (train, val or test; e.g. a CinC 2021
