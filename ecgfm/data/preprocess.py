@@ -198,6 +198,9 @@ class PreprocessSpec:
         if self.resample_padtype != "constant" and self.resample_method != "polyphase":
             raise ValueError(f"PreprocessSpec.resample_padtype={self.resample_padtype!r} acts on polyphase "
                              f"resampling only, not resample_method={self.resample_method!r}")
+        if self.filter_design == "ba" and self.fs is not None:   # refused here, not record by record in a prepare
+            for cutoff, btype in _filter_steps(float(self.fs), self.highpass, self.lowpass, self.bandpass_mode):
+                _butter_design(int(self.filter_order), cutoff, btype, float(self.fs), "ba")
 
     def notch_problem(self) -> str | None:
         """Why ``notch`` cannot act, or None: it is applied after resampling to ``fs``, so a notch at or above
@@ -454,6 +457,19 @@ def _zero_phase(sig: np.ndarray, design: str, coeffs: Any) -> np.ndarray:
     return sps.filtfilt(b, a, sig, axis=-1, padlen=max(min(t - 1, 3 * max(len(a), len(b))), 0))
 
 
+def _filter_steps(fs: float, highpass: float | None, lowpass: float | None,
+                  mode: str) -> list[tuple[tuple[float, ...], str]]:
+    """The Butterworth filters :func:`butterworth` runs: ``[(cut-offs, btype)]`` (a cut-off at or above Nyquist is
+    skipped; ``bandpass`` mode makes one band-pass when both are set, ``cascade`` a high-pass then a low-pass)."""
+    nyq = fs / 2.0
+    hp = highpass if highpass is not None and highpass < nyq else None
+    lp = lowpass if lowpass is not None and lowpass < nyq else None
+    if mode == "bandpass" and hp is not None and lp is not None:
+        return [((float(hp), float(lp)), "bandpass")]
+    return ([((float(hp),), "highpass")] if hp is not None else []) + \
+        ([((float(lp),), "lowpass")] if lp is not None else [])
+
+
 def butterworth(sig: np.ndarray, fs: float, highpass: float | None, lowpass: float | None, order: int,
                 mode: str = "cascade", design: str = "sos") -> np.ndarray:
     """Zero-phase Butterworth filtering with an explicit design, for pipelines that must be reproduced exactly.
@@ -469,14 +485,7 @@ def butterworth(sig: np.ndarray, fs: float, highpass: float | None, lowpass: flo
     Returns:
         Filtered float32 ``(..., T)`` (computed in float64).
     """
-    nyq = fs / 2.0
-    hp = highpass if highpass is not None and highpass < nyq else None
-    lp = lowpass if lowpass is not None and lowpass < nyq else None
-    if mode == "bandpass" and hp is not None and lp is not None:
-        steps = [((float(hp), float(lp)), "bandpass")]
-    else:
-        steps = ([((float(hp),), "highpass")] if hp is not None else []) + \
-                ([((float(lp),), "lowpass")] if lp is not None else [])
+    steps = _filter_steps(fs, highpass, lowpass, mode)
     if not steps:
         return sig
     x = np.asarray(sig, dtype=np.float64)

@@ -185,8 +185,10 @@ def test_ba_design_refuses_unstable_coefficients(order):
     x[:, 2500:] += 1.0
     with pytest.raises(ValueError, match=f"filter_order={order}.*filter_design='sos'"):
         butterworth(x, 500, 0.5, None, order, "cascade", "ba")
-    spec = PreprocessSpec(fs=500, filter_order=order, filter_design="ba", bandpass_mode="cascade")
-    with pytest.raises(ValueError, match="filter_design='ba'"):
+    with pytest.raises(ValueError, match="filter_design='ba'"):   # a spec at that rate: refused when built
+        PreprocessSpec(fs=500, filter_order=order, filter_design="ba", bandpass_mode="cascade")
+    spec = PreprocessSpec(fs=None, filter_order=order, filter_design="ba", bandpass_mode="cascade")
+    with pytest.raises(ValueError, match="filter_design='ba'"):   # the record's own rate: refused when applied
         preprocess_signal(np.tile(x.astype(np.float32), (12, 1)), 500, np.ones(12, bool), spec)
 
 
@@ -283,3 +285,12 @@ def test_a_run_started_before_the_new_fields_still_resumes(tmp_path):
     check_resume_config(tmp_path, cfg())                                   # same recipe: resumes
     with pytest.raises(ConfigError, match=r"preprocess\.resample_padtype: 'constant' -> 'line'"):
         check_resume_config(tmp_path, cfg("preprocess.resample_padtype=line"))
+
+
+def test_an_unstable_ba_spec_is_refused_when_built():
+    """Refused when the spec is made (a config, an artifact), not record by record in a prepare run that then
+    skips every record; stable ba specs (ECGFounder's) are built as before."""
+    with pytest.raises(ValueError, match="filter_design='ba' with filter_order=6"):
+        PreprocessSpec(fs=500, filter_order=6, filter_design="ba", bandpass_mode="cascade")
+    PreprocessSpec(fs=500, highpass=0.5, lowpass=40.0, filter_order=4, filter_design="ba")
+    PreprocessSpec(fs=None, filter_order=8, filter_design="ba")      # the rate decides: checked when applied
