@@ -56,6 +56,8 @@ def main(argv: list[str] | None = None) -> dict:
                     help="feature extraction: 'aware' (lead masks to backbones that take them, the default) and/or "
                          "'padded' (zero-padded 12-lead windows, as before)")
     ap.add_argument("--leads", nargs="+", default=None, help="synthetic corpus: keep only these leads (e.g. I)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads of every cell (torch_threads=...; default: the environment's)")
     ap.add_argument("--no-warmup", dest="warmup", action="store_false",
                     help="time the first extraction cold (default: one untimed run of each checkpoint, task and "
                          "lead mode first, so that process start-up, first-call kernel set-up and cache preparation "
@@ -78,7 +80,8 @@ def main(argv: list[str] | None = None) -> dict:
         over = [f"checkpoint={ckpt}", f"task={task}", f"fraction={frac}", f"seed={seed}",
                 f"paths.cache_root={work / 'cache'}", f"results_dir={results}",
                 f"bootstrap.n={args.bootstrap}", "plot=false", f"features.lead_aware={mode == 'aware'}",
-                *([f"features.dir={features}"] if features is not None else []), *args.overrides]
+                *([f"features.dir={features}"] if features is not None else []),
+                *([f"torch_threads={args.threads}"] if args.threads else []), *args.overrides]
         if task == "synthetic":
             over.append(f"task.params.n_records={args.synthetic_records}")
             if args.leads:
@@ -99,6 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
         cfg = cell_cfg(ckpt, task, mode, frac, seed, results_dir / mode, feat_dir / mode if len(modes) > 1 else None)
         before = dict(F.STATS)
         _reset_peak_memory()
+        rss_start = _rss_mib()
         t0 = time.perf_counter()
         out = probe_main(cfg)
         dt = time.perf_counter() - t0
@@ -112,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
                                           "window_samples": cell["window_samples"],
                                           "stride_samples": cell["stride_samples"], "backbone": cell["backbone"],
                                           "cache_records": None, "labelled_records": n_rec,
-                                          "peak_memory": _peak_memory()}
+                                          "peak_memory": _peak_memory(), "rss_start": rss_start}
         per_cell.append({"checkpoint": ckpt, "task": task, "lead_mode": mode, "fraction": frac, "seed": seed,
                          "seconds": dt, "encoder_passes": extracted})
     total = time.perf_counter() - t_all
@@ -127,7 +131,8 @@ def main(argv: list[str] | None = None) -> dict:
     for (ckpt, task, mode), p in passes.items():
         print(f"  {ckpt:<28} {task:<12} {mode:<6} backbone {p['backbone']:<14} window {p['window_samples']} / "
               f"stride {p['stride_samples']} samples: {p['windows']} windows in {p['seconds']:.2f} s = "
-              f"{p['windows'] / max(p['seconds'], 1e-9):.0f} windows/s; peak memory {p['peak_memory']}")
+              f"{p['windows'] / max(p['seconds'], 1e-9):.0f} windows/s; peak memory {p['peak_memory']}, "
+              f"{_rise(p)} above the {p['rss_start']:.0f} MiB the process held when the cell started")
     for ckpt in args.checkpoints:
         for task in args.tasks:
             a, b = passes.get((ckpt, task, "aware")), passes.get((ckpt, task, "padded"))
@@ -153,6 +158,26 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 _PEAK_RESET = {"ok": False}
+
+
+def _rss_mib() -> float:
+    """The process's resident set size now, in MiB (NaN where /proc is not readable)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def _rise(p: dict) -> str:
+    """The cell's own peak footprint: its peak RSS less the RSS it started from (libraries already loaded)."""
+    try:
+        peak = float(str(p["peak_memory"]).split("RSS ", 1)[1].split(" MiB", 1)[0])
+    except (IndexError, ValueError):
+        return "rise n/a"
+    return f"+{peak - p['rss_start']:.0f} MiB"
 
 
 def _reset_peak_memory() -> None:

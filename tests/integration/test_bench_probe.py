@@ -15,9 +15,12 @@ def test_bench_probe_warms_up_then_times_one_pass_per_mode(tmp_path, capsys):
     spec.loader.exec_module(mod)
     mod.main(["--checkpoints", "random:resnet1d_test", "--tasks", "synthetic", "--leads", "I", "--lead-modes",
               "aware", "padded", "--fractions", "1", "--seeds", "0", "--synthetic-records", "60", "--bootstrap", "10",
-              "--work", str(tmp_path), "torch_threads=1", "probe.Cs=[1.0]"])
+              "--work", str(tmp_path), "--threads", "1", "probe.Cs=[1.0]"])
     out = capsys.readouterr().out
     assert "warm-up excluded" in out and "ONE PASS PER CHECKPOINT AND CORPUS: yes" in out
+    assert "torch threads: 1;" in out
+    # the cell's own footprint beside the process's peak (which includes every library loaded before)
+    assert out.count("MiB above the ") == 2 and "MiB the process held when the cell started" in out
     assert "lead-aware vs zero-padded 12-lead grid" in out
     assert len(list((tmp_path / "warmup" / "features").rglob("*.npz"))) == 2          # the warm-up's own files
     assert len(list((tmp_path / "cache" / "features").rglob("*.npz"))) == 2           # the timed cells' files
