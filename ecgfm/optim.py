@@ -161,21 +161,35 @@ def warmup_cosine_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int,
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, warm, total))
 
 
-def adamw(groups: Sequence[dict[str, Any]], lr: float, betas: Sequence[float] = (0.9, 0.999)) -> torch.optim.AdamW:
+def adamw(groups: Sequence[dict[str, Any]], lr: float, betas: Sequence[float] = (0.9, 0.999),
+          fused_ok: bool = True) -> torch.optim.AdamW:
     """``torch.optim.AdamW`` over :func:`param_groups` output (``"names"`` dropped), fused where available.
 
     Args:
         groups: parameter groups.
         lr: default lr (groups with their own ``"lr"`` keep it).
         betas: AdamW betas.
+        fused_ok: False: the for-each implementation even where a fused one exists (:func:`fused_allowed`).
     """
     groups = [{k: v for k, v in g.items() if k != "names"} for g in groups]
     params = [p for g in groups for p in g["params"]]
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), **adamw_kwargs(params))
+    kwargs = adamw_kwargs(params) if fused_ok else {"foreach": True}
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), **kwargs)
+
+
+def fused_allowed(trainer: Any) -> bool:
+    """Whether a fused AdamW may run under ``trainer``: not with mixed precision and gradient clipping together
+    (Lightning refuses to clip the gradients of an optimiser that unscales them itself: ``trainer=gpu`` /
+    ``trainer=ddp``, bf16-mixed with ``gradient_clip_val`` 1.0, stopped at the first step). For-each AdamW computes
+    the same update."""
+    if trainer is None:
+        return True
+    mixed = "mixed" in str(getattr(trainer, "precision", ""))
+    return not (mixed and getattr(trainer, "gradient_clip_val", None))
 
 
 def lightning_optimizers(groups: Sequence[dict[str, Any]], lr: float, warmup_steps: int, max_steps: int,
-                         betas: Sequence[float] = (0.9, 0.999)) -> dict[str, Any]:
+                         betas: Sequence[float] = (0.9, 0.999), trainer: Any = None) -> dict[str, Any]:
     """AdamW (:func:`adamw`) with the per-step warm-up cosine schedule, as ``configure_optimizers`` returns it.
 
     Args:
@@ -184,10 +198,11 @@ def lightning_optimizers(groups: Sequence[dict[str, Any]], lr: float, warmup_ste
         warmup_steps: linear warm-up steps.
         max_steps: step at which the schedule reaches 0.
         betas: AdamW betas.
+        trainer: the Lightning trainer that will step it (its precision and clipping decide :func:`fused_allowed`).
 
     Returns:
         ``{"optimizer": AdamW, "lr_scheduler": {"scheduler": LambdaLR, "interval": "step", "frequency": 1}}``.
     """
-    opt = adamw(groups, lr, betas)
+    opt = adamw(groups, lr, betas, fused_ok=fused_allowed(trainer))
     sched = warmup_cosine_scheduler(opt, warmup_steps, max_steps)
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}

@@ -227,7 +227,7 @@ class FinetuneModule(L.LightningModule):
         total = max(1, int(self.trainer.estimated_stepping_batches))
         per_epoch = max(1, total // max(1, self.trainer.max_epochs or self.max_epochs))
         warm = int(round(self.warmup_epochs * per_epoch))
-        return lightning_optimizers(groups, self.lr, warm, total)
+        return lightning_optimizers(groups, self.lr, warm, total, trainer=self.trainer)
 
 
 class BestWeights(L.Callback):

@@ -337,4 +337,5 @@ class PretrainModule(L.LightningModule):
         :mod:`ecgfm.optim`."""
         groups = param_groups(self, self.hparams.weight_decay)
         return lightning_optimizers(groups, self.hparams.lr, int(self.hparams.warmup_steps),
-                                    int(self.hparams.max_steps), betas=tuple(self.hparams.betas))
+                                    int(self.hparams.max_steps), betas=tuple(self.hparams.betas),
+                                    trainer=self._trainer)

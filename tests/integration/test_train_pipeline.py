@@ -418,3 +418,24 @@ def test_a_value_a_constructor_refuses_is_a_config_error(tmp_path, cache_root, o
     with pytest.raises(ConfigError) as info:
         train(tiny_cfg(tmp_path / "run", cache_root, extra=[override]))
     assert info.value.key == key
+
+
+def test_gpu_trainer_preset_with_mixed_precision_and_clipping_trains(tmp_path, cache_root):
+    """trainer=gpu / ddp (bf16-mixed + gradient_clip_val 1.0) stopped at the first step: the fused AdamW unscales
+    its gradients itself and Lightning refuses to clip them. Run here on the CPU with the preset's precision and
+    clipping (a GPU has the same optimiser path)."""
+    summary = train(tiny_cfg(tmp_path / "run", cache_root,
+                             extra=["trainer=gpu", "trainer.accelerator=cpu", "trainer.devices=1", "trainer.max_steps=2",
+                                    "trainer.log_every_n_steps=1"]))
+    assert summary["steps"] == 2
+
+
+def test_fused_adamw_only_where_lightning_can_clip():
+    from types import SimpleNamespace
+
+    from ecgfm.optim import fused_allowed
+
+    assert fused_allowed(None) and fused_allowed(SimpleNamespace(precision="32-true", gradient_clip_val=1.0))
+    assert fused_allowed(SimpleNamespace(precision="bf16-mixed", gradient_clip_val=None))
+    assert not fused_allowed(SimpleNamespace(precision="bf16-mixed", gradient_clip_val=1.0))
+    assert not fused_allowed(SimpleNamespace(precision="16-mixed", gradient_clip_val=0.5))
