@@ -19,7 +19,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from ecgfm.config import ConfigError
 from ecgfm.data.preprocess import PreprocessSpec
-from ecgfm.train.loop import LossHistory, RankSeedCallback, StepSeedCallback, ThroughputCallback
+from ecgfm.train.loop import (
+    InterruptCheckpoint,
+    LossHistory,
+    RankSeedCallback,
+    StepSeedCallback,
+    ThroughputCallback,
+)
 from ecgfm.train.safety import NonFiniteGuard
 
 log = logging.getLogger(__name__)
@@ -159,6 +165,8 @@ def build_callbacks(cfg: DictConfig, out_dir: Path) -> tuple[list[L.Callback], L
                                      auto_insert_metric_name=False, every_n_train_steps=ck.every_n_train_steps,
                                      save_top_k=ck.save_top_k, save_last=ck.save_last, monitor=monitor,
                                      mode="max"))
+    if ck.save_last:   # Ctrl-C / SIGTERM: last.ckpt at the step reached, not the last periodic checkpoint
+        callbacks.append(InterruptCheckpoint(out_dir / "checkpoints" / "last.ckpt"))
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(TQDMProgressBar(refresh_rate=cfg.progress_refresh))
     return callbacks, history

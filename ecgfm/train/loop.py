@@ -344,3 +344,42 @@ def save_final_checkpoint(trainer: L.Trainer, path: str | Any) -> None:
             for c in counters:
                 c.processed += 1
                 c.completed += 1
+
+
+class InterruptCheckpoint(L.Callback):
+    """Write ``last.ckpt`` when a fit is interrupted (Ctrl-C, ``SIGTERM`` from a scheduler), so a rerun resumes
+    from the step it stopped at, not from the last periodic checkpoint (up to ``every_n_train_steps`` back).
+
+    Lightning calls ``on_exception`` before it exits (``sys.exit(1)`` after Ctrl-C, a code-less ``SystemExit``
+    after ``SIGTERM``: status 0, which a scheduler reads as success); :attr:`signal` says which it was, so the entry
+    point can end with a message and the conventional status (130 / 143). Other exceptions (a divergence, a data
+    error) are left alone: their state is not worth resuming from. One process only: under DDP a save is a
+    collective that would wait for ranks the interrupt may not have reached (DDP runs resume from the periodic
+    checkpoints; under SLURM, Lightning's own requeue checkpoint).
+
+    Args:
+        path: the ``last.ckpt`` to write.
+    """
+
+    def __init__(self, path: Any) -> None:
+        self.path = path
+        self.signal: str | None = None
+        self.saved = False
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        if isinstance(exception, SIGTERMException):
+            self.signal = "SIGTERM"
+        elif isinstance(exception, KeyboardInterrupt):
+            self.signal = "SIGINT"
+        else:
+            return
+        if trainer.global_step == 0 or trainer.world_size > 1:
+            return
+        try:   # a failed save must not hide the interrupt; the periodic checkpoints are still there
+            save_final_checkpoint(trainer, self.path)
+            self.saved = True
+        except Exception as exc:  # noqa: BLE001
+            log.warning("interrupted at step %d: last.ckpt could not be written (%s)", trainer.global_step, exc)
+

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -91,6 +92,24 @@ def _check_schedule(cfg: DictConfig) -> None:
     if sched > 0 and warm is not None and int(warm) >= sched:
         log.warning("method.warmup_steps=%d >= the schedule's %d steps: the whole run is warm-up and never reaches "
                     "the peak learning rate (method.lr)", int(warm), sched)
+
+
+def _exit_interrupted(callbacks: list[Any], trainer: Any, out_dir: Path) -> None:
+    """After an interrupted fit: one ``error:`` line (where the run stands, how to resume) and the conventional
+    status, 130 after Ctrl-C, 143 after SIGTERM. Returns (the caller re-raises) when the exit was not an
+    interrupt."""
+    from ecgfm.train.loop import InterruptCheckpoint
+
+    stop = next((c for c in callbacks if isinstance(c, InterruptCheckpoint)), None)
+    if stop is None or stop.signal is None:
+        return
+    saved = (f"{stop.path} written at step {trainer.global_step}: rerun the same command to resume" if stop.saved
+             else "no checkpoint written at this step: a rerun resumes from the newest periodic checkpoint, if any")
+    msg = f"interrupted ({stop.signal}) in {out_dir}; {saved}"
+    log.error(msg)
+    if trainer.is_global_zero:
+        print(f"error: {msg}", file=sys.stderr, flush=True)
+    raise SystemExit(130 if stop.signal == "SIGINT" else 143)
 
 
 def _stop_reason(trainer: Any, max_steps: int) -> str:
@@ -216,7 +235,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if ckpt_path:
             log.info("resuming from %s", ckpt_path)
     t_fit = time.perf_counter()
-    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    except SystemExit:   # Lightning exits after Ctrl-C (1) and SIGTERM (0: "success" to a scheduler)
+        _exit_interrupted(callbacks, trainer, out_dir)
+        raise
     fit_s = time.perf_counter() - t_fit
     sched_steps = int(cfg.method.get("max_steps") or 0)
     stop_reason = _stop_reason(trainer, int(cfg.trainer.get("max_steps", -1) or -1))

@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -439,3 +440,37 @@ def test_fused_adamw_only_where_lightning_can_clip():
     assert fused_allowed(SimpleNamespace(precision="bf16-mixed", gradient_clip_val=None))
     assert not fused_allowed(SimpleNamespace(precision="bf16-mixed", gradient_clip_val=1.0))
     assert not fused_allowed(SimpleNamespace(precision="16-mixed", gradient_clip_val=0.5))
+
+
+class InterruptAt(L.Callback):
+    """Raise an interrupt (as Lightning raises them on Ctrl-C / SIGTERM) after ``step`` optimiser steps."""
+
+    def __init__(self, step: int, kind: str) -> None:
+        self.step, self.kind = int(step), kind
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step >= self.step:
+            from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+            raise SIGTERMException() if self.kind == "SIGTERM" else KeyboardInterrupt()
+
+
+@pytest.mark.parametrize("kind,status", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_an_interrupted_run_writes_last_ckpt_and_exits_with_the_signal_status(tmp_path, cache_root, capsys, kind,
+                                                                                status):
+    """Ctrl-C ended with status 1 and SIGTERM with 0 (success, to a scheduler), both without last.ckpt: the steps
+    since the last periodic checkpoint were lost. Now last.ckpt holds the step reached, one error line says so, and
+    a rerun resumes there."""
+    target = f"{__name__}.InterruptAt"
+    run = tmp_path / "run"
+    extra = ["trainer.max_steps=8", "checkpoint.every_n_train_steps=100",
+             f"+trainer.callbacks=[{{_target_: {target}, step: 3, kind: {kind}}}]"]
+    with pytest.raises(SystemExit) as info:
+        train(tiny_cfg(run, cache_root, extra=extra))
+    assert info.value.code == status
+    err = capsys.readouterr().err
+    assert f"error: interrupted ({kind})" in err and "written at step 3: rerun the same command to resume" in err
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 3
+    summary = train(tiny_cfg(run, cache_root, extra=["trainer.max_steps=8", "checkpoint.every_n_train_steps=100"]))
+    assert summary["steps"] == 8
