@@ -174,14 +174,18 @@ def build_callbacks(cfg: DictConfig, out_dir: Path) -> tuple[list[L.Callback], L
 
 def build_logger(cfg: DictConfig, out_dir: Path) -> Any:
     """Instantiate ``cfg.logger`` (``False`` when it is null). A W&B logger stays offline unless the user asked for
-    online mode (``WANDB_MODE=online`` or ``logger.offline=false``)."""
+    online mode (``WANDB_MODE=online`` or ``logger.offline=false``); ``WANDB_MODE=disabled`` turns it off (an
+    offline Lightning logger sets ``WANDB_MODE=dryrun`` itself, which overrode it)."""
     node = cfg.get("logger")
     if node is None:
         return False
     kwargs: dict[str, Any] = {}
     if str(node.get("_target_", "")).endswith("WandbLogger"):
-        if os.environ.get("WANDB_MODE", "").lower() == "online":
+        mode = os.environ.get("WANDB_MODE", "").lower()
+        if mode == "online":
             kwargs["offline"] = False
+        elif mode == "disabled":
+            kwargs.update(offline=False, mode="disabled")
         Path(str(node.get("save_dir") or out_dir)).mkdir(parents=True, exist_ok=True)
     return instantiate(node, **kwargs, _convert_="all")
 

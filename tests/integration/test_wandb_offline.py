@@ -52,3 +52,11 @@ def test_wandb_logger_is_offline_unless_asked(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "online")
     cfg = validate_train_config(_cfg(tmp_path))
     assert build_logger(cfg, tmp_path)._offline is False
+
+
+def test_wandb_mode_disabled_writes_no_run(tmp_path, no_network, monkeypatch):
+    """WANDB_MODE=disabled was overridden: the offline logger sets WANDB_MODE=dryrun itself and wrote a run."""
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    summary = train(_cfg(tmp_path))
+    assert summary["steps"] == 2
+    assert not list((tmp_path / "run").rglob("offline-run-*"))

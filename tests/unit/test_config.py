@@ -236,3 +236,10 @@ def test_prepare_cli_bad_value_is_one_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip().splitlines()[-1]]
     assert proc.stderr.startswith("error: config key 'spec.fs'"), proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("trainer", _options("trainer"))
+def test_every_trainer_preset_takes_max_time_without_a_plus(trainer):
+    """TRAINING.md names trainer.max_time; it was absent from the presets, so Hydra refused it without '+'."""
+    cfg = _compose(["+experiment=mae", f"trainer={trainer}", "trainer.max_time=00:00:30:00"])
+    assert cfg.trainer.max_time == "00:00:30:00"

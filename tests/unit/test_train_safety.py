@@ -293,12 +293,12 @@ def test_a_time_limited_run_says_so(tmp_path, clean_cache):
     from ecgfm.train.report import final_block
 
     out = tmp_path / "run"
-    s = train(_cfg(out, clean_cache, ["trainer.max_steps=100000", "+trainer.max_time=00:00:00:01"]))
+    s = train(_cfg(out, clean_cache, ["trainer.max_steps=100000", "trainer.max_time=00:00:00:01"]))
     assert s["stop_reason"] == "max_time" and s["steps"] < s["schedule_steps"] == 100000
     assert "stopped early (max_time)" in final_block(s)
     _, _, info = load_encoder(out / "encoder")
     assert info["extra"]["stop_reason"] == "max_time"
-    again = train(_cfg(out, clean_cache, ["trainer.max_steps=100000", "+trainer.max_time=00:00:00:01"]))
+    again = train(_cfg(out, clean_cache, ["trainer.max_steps=100000", "trainer.max_time=00:00:00:01"]))
     if again.get("nothing_trained"):
         assert "raise trainer.max_time" in final_block(again)
 
