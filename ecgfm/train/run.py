@@ -148,7 +148,33 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         ECGDataError: a data path that does not exist, unreadable data, or non-finite values in a cache
             (:class:`~ecgfm.train.safety.NonFiniteDataError`, with ``nonfinite=error``).
         NonFiniteLossError, NonFiniteWeightsError: the run diverged (nothing is exported).
+        ConfigError: another training run is using the run folder (``hydra.run.dir``; a lock held for the run).
     """
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from ecgfm.io import LockBusy, file_lock
+
+    cfg = validate_train_config(cfg)
+    if rank_zero_only.rank != 0:   # the DDP ranks of one run share its folder: rank 0 holds the lock
+        return _train(cfg)
+    out_dir = Path(str(cfg.out_dir)).resolve()
+    # two runs started in the same second got one Hydra folder (its name has seconds) and wrote over each other:
+    # the second now stops at once
+    lock = file_lock(out_dir / ".train.lock", blocking=False)
+    try:
+        lock.__enter__()
+    except LockBusy:
+        raise ConfigError("hydra.run.dir", f"{out_dir} is in use by another training run (two runs started in the "
+                                           f"same second share Hydra's default run folder): give this one its own "
+                                           f"hydra.run.dir=...") from None
+    try:
+        return _train(cfg)
+    finally:
+        lock.__exit__(None, None, None)
+
+
+def _train(cfg: DictConfig) -> dict[str, Any]:
+    """:func:`train`'s work, in its run folder (locked by rank 0)."""
     from lightning.pytorch.utilities import rank_zero_only
 
     t_start = time.perf_counter()

@@ -474,3 +474,16 @@ def test_an_interrupted_run_writes_last_ckpt_and_exits_with_the_signal_status(tm
     assert ckpt["global_step"] == 3
     summary = train(tiny_cfg(run, cache_root, extra=["trainer.max_steps=8", "checkpoint.every_n_train_steps=100"]))
     assert summary["steps"] == 8
+
+
+def test_a_run_folder_in_use_is_refused(tmp_path, cache_root):
+    """Two runs started in the same second got one Hydra run folder and wrote over each other (the first run's
+    config, encoder and summary were lost). The folder is locked for the run: the second stops at once."""
+    from ecgfm.io import file_lock
+
+    run = tmp_path / "run"
+    with file_lock(run / ".train.lock"):           # another run holds the folder
+        with pytest.raises(ConfigError, match=r"in use by another training run.*hydra\.run\.dir"):
+            train(tiny_cfg(run, cache_root))
+    assert not (run / "checkpoints").exists()
+    assert train(tiny_cfg(run, cache_root))["steps"] > 0        # free again: runs
