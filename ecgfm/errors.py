@@ -36,11 +36,33 @@ class ConfigError(ValueError):
         super().__init__(f"config key '{key}': {problem}" if key else problem)
 
 
+class JobFailed(Exception):
+    """A user error inside one job of a Hydra multirun (see :func:`fail`)."""
+
+
+def in_multirun() -> bool:
+    """True inside a job of a Hydra multirun."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    except (ImportError, ValueError):
+        return False
+
+
 def fail(message: str) -> NoReturn:
-    """Print ``error: <message>`` as one line on stderr (and log it), then exit with :data:`EXIT_USER_ERROR`."""
+    """Print ``error: <message>`` as one line on stderr (and log it), then exit with :data:`EXIT_USER_ERROR`.
+
+    Inside a Hydra multirun the job raises :class:`JobFailed` instead: Hydra's launcher records an exception as that
+    job's failure and runs the other jobs (a ``SystemExit`` went past it and ended the whole sweep at the first
+    failing point); the sweep then ends with that error and a non-zero status.
+    """
     line = " ".join(str(message).split())
     log.error("%s", line)
     print(f"error: {line}", file=sys.stderr, flush=True)
+    if in_multirun():
+        raise JobFailed(line) from None
     raise SystemExit(EXIT_USER_ERROR)
 
 

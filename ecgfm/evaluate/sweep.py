@@ -897,13 +897,9 @@ def _sweep_id() -> str | None:
 
 def _in_multirun() -> bool:
     """True inside a job of a Hydra multirun (the sweep's ReportCallback then builds the table once at the end)."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
+    from ecgfm.errors import in_multirun
 
-        return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-    except (ImportError, ValueError):
-        return False
+    return in_multirun()
 
 
 def _report_n_boot(cfg: Any) -> int:

@@ -487,3 +487,20 @@ def test_a_run_folder_in_use_is_refused(tmp_path, cache_root):
             train(tiny_cfg(run, cache_root))
     assert not (run / "checkpoints").exists()
     assert train(tiny_cfg(run, cache_root))["steps"] > 0        # free again: runs
+
+
+def test_a_failing_point_of_a_multirun_does_not_stop_the_others(tmp_path, cache_root):
+    """A user error in one job (here a schedule shorter than the warm-up) ended the whole sweep at that job (the
+    error's SystemExit went past Hydra's launcher); now that job fails with its error line, the next job runs, and
+    the sweep ends non-zero."""
+    import subprocess
+    import sys
+
+    overrides = [o for o in TINY if o not in ("trainer.max_steps=3", "method.warmup_steps=1")]
+    cmd = [sys.executable, str(ROOT / "train.py"), "-m", "+experiment=mae", *overrides, *METHOD_TINY["mae"],
+           "trainer.max_steps=1", "method.warmup_steps=1", "method.max_steps=-1,20", f"paths.cache_root={cache_root}",
+           f"hydra.sweep.dir={tmp_path / 'mr'}"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    assert "error: config key 'method'" in proc.stderr
+    assert (tmp_path / "mr" / "1" / "summary.json").is_file(), proc.stderr[-2000:]   # the second job ran
