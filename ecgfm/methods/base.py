@@ -141,7 +141,8 @@ class PretrainModule(L.LightningModule):
         if weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
         if warmup_steps < 0 or max_steps < 1:
-            raise ValueError(f"need warmup_steps >= 0 and max_steps >= 1, got {warmup_steps}, {max_steps}")
+            raise ValueError(f"need warmup_steps >= 0 and max_steps >= 1 (the learning-rate schedule's length: set "
+                             f"method.max_steps when trainer.max_steps is -1), got {warmup_steps}, {max_steps}")
         if probe_num_classes is not None and probe_num_classes < (1 if probe_multilabel else 2):
             raise ValueError(f"probe_num_classes must be >= {1 if probe_multilabel else 2} for a "
                              f"{'multilabel' if probe_multilabel else 'multiclass'} probe, got {probe_num_classes}")

@@ -33,6 +33,11 @@ from ecgfm.data.cache import NonFiniteDataError
 
 log = logging.getLogger(__name__)
 
+#: How a rerun after a divergence goes: it resumes only where a checkpoint was written before the divergence (a
+#: divergence at step 1 leaves none), and a changed recipe is refused until the user says which way to go.
+RERUN_HINT = ("a rerun into the run folder resumes from its newest checkpoint, if one was written (with a changed "
+              "method.lr: resume=<checkpoint> to continue on purpose, or overwrite=true to start again)")
+
 __all__ = ["NONFINITE_MODES", "NonFiniteDataError", "NonFiniteLossError", "NonFiniteWeightsError", "NonFiniteGuard",
            "nonfinite_rows", "locate_records", "describe_records", "check_finite_state"]
 #: record keys named per shard in a message (the rest are counted)
@@ -131,7 +136,7 @@ def check_finite_state(state: Mapping[str, Any], where: str) -> None:
         if torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
             raise NonFiniteWeightsError(f"non-finite weights ({name}) in the {where}: the run diverged; nothing "
                                         "was saved or exported. Lower method.lr (or raise method.warmup_steps) and "
-                                        "rerun; a rerun resumes from the last good checkpoint")
+                                        f"rerun: {RERUN_HINT}")
 
 
 class NonFiniteGuard(L.Callback):
@@ -205,8 +210,7 @@ class NonFiniteGuard(L.Callback):
         raise NonFiniteLossError(f"non-finite training loss ({float(loss.detach().float().reshape(-1)[0])}) at step "
                                  f"{trainer.global_step} (epoch {trainer.current_epoch}); the batch held "
                                  f"{len(flats)} record(s): {where}. Nothing was exported; lower method.lr (or raise "
-                                 "method.warmup_steps) or check those records, then rerun (it resumes from the last "
-                                 "checkpoint)")
+                                 f"method.warmup_steps) or check those records, then rerun: {RERUN_HINT}")
 
     # ------------------------------------------------------------------------------------------------ weights
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule,

@@ -242,3 +242,11 @@ def test_online_probe_gathers_across_ddp_ranks(tmp_path):
     (metrics,) = trainer.validate(module, loader, verbose=False)
     assert metrics["val/probe_n"] == 47
     assert metrics["val/probe_auroc"] > 0.9
+
+
+def test_a_schedule_without_length_names_method_max_steps():
+    """trainer.max_steps=-1 (epochs instead) leaves the schedule without a length: the message says which key."""
+    from ecgfm.methods.mae import MAEModule
+
+    with pytest.raises(ValueError, match=r"set method\.max_steps when trainer\.max_steps is -1"):
+        MAEModule(backbone=None, max_steps=-1)

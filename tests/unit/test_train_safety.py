@@ -162,6 +162,9 @@ def test_nonfinite_loss_stops_at_once_naming_step_and_records(tmp_path, clean_ca
     with pytest.raises(RuntimeError, match=r"non-finite training loss.*step 1") as info:
         train(_cfg(out, clean_cache, ["trainer.max_steps=4"]))
     assert "synthetic/" in str(info.value)           # the batch's record keys
+    # no checkpoint before step 1: the message does not promise a resume from one (it said "it resumes from the
+    # last checkpoint"), and says how a changed method.lr continues
+    assert "if one was written" in str(info.value) and "resume=<checkpoint>" in str(info.value)
     assert not (out / "encoder").exists() and not (out / "summary.json").exists()
     for ckpt in (out / "checkpoints").glob("*.ckpt"):  # nothing non-finite was checkpointed either
         state = torch.load(ckpt, weights_only=True, map_location="cpu")["state_dict"]
