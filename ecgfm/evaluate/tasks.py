@@ -481,7 +481,15 @@ def external_codes(spec: TaskSpec, cache: Any) -> list[list[str]]:
     index = cache.index
     table = (spec.params or {}).get("cpsc2018_reference")
     if table:
+        import logging
+
         by_id = _cpsc2018_codes(str(table))
+        missing = [str(rid) for rid in index["record_id"] if str(rid) not in by_id]
+        if missing:   # not "no mapped label": the table says nothing of them (a partial or another set's table)
+            logging.getLogger(__name__).warning(
+                "%s has no row for %d of the %d records (e.g. %s): their labels are unknown, so they are left out "
+                "with the records without a mapped label; check that the table is the set's whole REFERENCE.csv",
+                table, len(missing), len(index["record_id"]), ", ".join(missing[:5]))
         return [by_id.get(str(rid), []) for rid in index["record_id"]]
     return [record_codes(lab, meta) for lab, meta in zip(index["labels"], index["meta"])]
 

@@ -192,3 +192,22 @@ def test_records_are_not_dropped_for_a_class_the_set_cannot_score(statements_roo
     rep = m.report({"a": [rbbb, std], "b": [rbbb]})
     assert rep["records"]["uncertain"] == 0 and rep["records"]["evaluated"] == 2
     assert "STTC" in rep["not_evaluable_classes"]
+
+
+def test_cpsc_records_without_a_reference_row_are_warned(tmp_path, caplog):
+    """A REFERENCE.csv that lacks some records read them as "no mapped label" without a word (a partial or another
+    set's table quietly shrank the scored set)."""
+    import logging
+    from types import SimpleNamespace
+
+    from ecgfm.evaluate.tasks import external_codes
+
+    table = tmp_path / "REFERENCE.csv"
+    table.write_text("Recording,First_label,Second_label,Third_label\nA0001,1,,\nA0002,2,,\n")
+    cache = SimpleNamespace(index={"record_id": ["A0001", "A0002", "A0003", "A0004"], "labels": [()] * 4,
+                                   "meta": [{}] * 4})
+    spec = SimpleNamespace(params={"cpsc2018_reference": str(table)})
+    with caplog.at_level(logging.WARNING, logger="ecgfm.evaluate.tasks"):
+        codes = external_codes(spec, cache)
+    assert codes[2] == codes[3] == [] and codes[0] and codes[1]
+    assert any("no row for 2 of the 4 records (e.g. A0003, A0004)" in r.getMessage() for r in caplog.records)
