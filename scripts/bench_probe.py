@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -40,6 +41,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from ecgfm.timing import rate_interval  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -62,8 +65,15 @@ def main(argv: list[str] | None = None) -> dict:
                     help="time the first extraction cold (default: one untimed run of each checkpoint, task and "
                          "lead mode first, so that process start-up, first-call kernel set-up and cache preparation "
                          "are not charged to whichever mode runs first)")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="timed extractions per checkpoint, task and lead mode (>= 1): the sweep's own pass plus "
+                         "repeats - 1 more into fresh feature folders, lead modes interleaved within each round; "
+                         "with >= 2 the windows/s carry a 95%% interval over the passes and the lead-aware speed-up "
+                         "is given per round (median, min-max)")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for conf/probe.yaml")
     args = ap.parse_args(argv)
+    if args.repeats < 1:
+        ap.error(f"--repeats must be >= 1, got {args.repeats}")
 
     from hydra import compose, initialize_config_dir
 
@@ -121,6 +131,19 @@ def main(argv: list[str] | None = None) -> dict:
                          "seconds": dt, "encoder_passes": extracted})
     total = time.perf_counter() - t_all
     n_files = len(list(feat_dir.rglob("*.npz")))
+    # Repeated timings (--repeats): the sweep's pass is round 0; each further round extracts every checkpoint, task
+    # and lead mode again into folders of its own (modes interleaved, so slow drift of the machine's load hits them
+    # alike). Outside the sweep's totals and its one-pass count.
+    timings = {k: [(p["windows"], p["seconds"])] for k, p in passes.items()}
+    for r in range(1, args.repeats):
+        for key in passes:
+            ckpt, task, mode = key
+            before = dict(F.STATS)
+            probe_main(cell_cfg(ckpt, task, mode, args.fractions[0], args.seeds[0],
+                                work / "repeats" / str(r) / "results" / mode,
+                                work / "repeats" / str(r) / "features" / mode))
+            timings[key].append((F.STATS["windows"] - before.get("windows", 0),
+                                 F.STATS["seconds"] - before.get("seconds", 0.0)))
 
     print(f"\n== probe sweep: {len(cells)} cells = {len(args.checkpoints)} checkpoint(s) x {len(args.tasks)} task(s) "
           f"x {len(modes)} lead mode(s) x {len(args.fractions)} fraction(s) x {len(args.seeds)} seed(s); torch threads: "
@@ -128,18 +151,31 @@ def main(argv: list[str] | None = None) -> dict:
           + ("warm-up excluded (one untimed run per checkpoint, task and lead mode first)" if args.warmup
              else "cold: the first extraction includes process start-up (--no-warmup)"))
     print("feature extraction (frozen encoder, every sliding window of every record of the corpus):")
-    for (ckpt, task, mode), p in passes.items():
+    for key, p in passes.items():
+        ckpt, task, mode = key
+        if args.repeats > 1:
+            rate, lo, hi = rate_interval([w for w, _ in timings[key]], [t for _, t in timings[key]])
+            p["windows_per_s"] = [rate, lo, hi]
+            speed = f"{rate:.0f} windows/s (95% CI {lo:.0f}-{hi:.0f} over {args.repeats} passes)"
+        else:
+            speed = f"{p['windows'] / max(p['seconds'], 1e-9):.0f} windows/s (one pass)"
         print(f"  {ckpt:<28} {task:<12} {mode:<6} backbone {p['backbone']:<14} window {p['window_samples']} / "
-              f"stride {p['stride_samples']} samples: {p['windows']} windows in {p['seconds']:.2f} s = "
-              f"{p['windows'] / max(p['seconds'], 1e-9):.0f} windows/s; peak memory {p['peak_memory']}, "
+              f"stride {p['stride_samples']} samples: {p['windows']} windows in {p['seconds']:.2f} s; {speed}; "
+              f"peak memory {p['peak_memory']}, "
               f"{_rise(p)} above the {p['rss_start']:.0f} MiB the process held when the cell started")
     for ckpt in args.checkpoints:
         for task in args.tasks:
             a, b = passes.get((ckpt, task, "aware")), passes.get((ckpt, task, "padded"))
             if a and b:
-                speed = (a["windows"] / max(a["seconds"], 1e-9)) / max(b["windows"] / max(b["seconds"], 1e-9), 1e-9)
-                print(f"  lead-aware vs zero-padded 12-lead grid, {ckpt} on {task}: {speed:.1f}x windows/s")
+                ratios = [(wa / max(ta, 1e-9)) / max(wb / max(tb, 1e-9), 1e-9)
+                          for (wa, ta), (wb, tb) in zip(timings[(ckpt, task, "aware")],
+                                                        timings[(ckpt, task, "padded")])]
+                speed = statistics.median(ratios)
+                spread = (f" (median of {len(ratios)} rounds, min-max {min(ratios):.1f}-{max(ratios):.1f}x)"
+                          if len(ratios) > 1 else " (one round; --repeats for a spread)")
+                print(f"  lead-aware vs zero-padded 12-lead grid, {ckpt} on {task}: {speed:.1f}x windows/s{spread}")
                 a["speedup_vs_padded"] = speed
+                a["speedup_rounds"] = ratios
     n_pass = sum(c["encoder_passes"] for c in per_cell)
     expected = len(args.checkpoints) * len(set(_dataset(t) for t in args.tasks)) * len(modes)
     print(f"encoder passes over a corpus: {n_pass} for {len(cells)} cells "

@@ -24,3 +24,24 @@ def test_bench_probe_warms_up_then_times_one_pass_per_mode(tmp_path, capsys):
     assert "lead-aware vs zero-padded 12-lead grid" in out
     assert len(list((tmp_path / "warmup" / "features").rglob("*.npz"))) == 2          # the warm-up's own files
     assert len(list((tmp_path / "cache" / "features").rglob("*.npz"))) == 2           # the timed cells' files
+
+
+def test_bench_probe_repeats_give_an_interval_and_per_round_speedups(tmp_path, capsys):
+    """--repeats 2: each checkpoint / lead mode extracted twice (the second into its own folders, outside the
+    one-pass count), windows/s with a 95 % interval, the speed-up per round."""
+    spec = importlib.util.spec_from_file_location("bench_probe_r", ROOT / "scripts" / "bench_probe.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    res = mod.main(["--checkpoints", "random:resnet1d_test", "--tasks", "synthetic", "--leads", "I", "--lead-modes",
+                    "aware", "padded", "--fractions", "1", "--seeds", "0", "--synthetic-records", "40", "--bootstrap",
+                    "10", "--work", str(tmp_path), "--threads", "1", "--no-warmup", "--repeats", "2",
+                    "probe.Cs=[1.0]"])
+    out = capsys.readouterr().out
+    assert out.count("over 2 passes)") == 2 and "ONE PASS PER CHECKPOINT AND CORPUS: yes" in out
+    assert "(median of 2 rounds, min-max " in out
+    aware = res["passes"]["random:resnet1d_test|synthetic|aware"]
+    assert len(aware["speedup_rounds"]) == 2 and aware["speedup_vs_padded"] > 0
+    lo, hi = aware["windows_per_s"][1], aware["windows_per_s"][2]
+    assert lo <= aware["windows_per_s"][0] <= hi
+    assert len(list((tmp_path / "repeats" / "1" / "features").rglob("*.npz"))) == 2   # the second round's files
+    assert len(list((tmp_path / "cache" / "features").rglob("*.npz"))) == 2
