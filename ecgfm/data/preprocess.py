@@ -161,10 +161,20 @@ class PreprocessSpec:
                               ("resample_padtype", RESAMPLE_PADTYPES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"PreprocessSpec.{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        # numbers as floats, so that equal specs have equal dicts and fingerprints (30 vs 30.0)
-        object.__setattr__(self, "notch_q", float(self.notch_q))
-        if self.median_baseline is not None:
-            object.__setattr__(self, "median_baseline", float(self.median_baseline))
+        # numbers in one type, so that equal specs have equal dicts and fingerprints (fs 100 from a YAML file vs
+        # 100.0 from another: two cache keys for one preprocessing, and a cache record refused as preprocessed
+        # "with another spec"); every shipped spec already wrote these as floats, so their fingerprints stay
+        for name in ("fs", "highpass", "lowpass", "notch", "flat_threshold", "clip", "notch_q", "median_baseline"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, bool):
+                try:
+                    object.__setattr__(self, name, float(value))
+                except (TypeError, ValueError):
+                    raise ValueError(f"PreprocessSpec.{name} must be a number or null, got {value!r}") from None
+        order = self.filter_order
+        if isinstance(order, bool) or not float(order).is_integer():
+            raise ValueError(f"PreprocessSpec.filter_order must be a whole number, got {order!r}")
+        object.__setattr__(self, "filter_order", int(order))
         if not self.notch_q > 0:
             raise ValueError(f"PreprocessSpec.notch_q must be positive, got {self.notch_q}")
         if self.median_baseline is not None and not float(self.median_baseline) > 0:
