@@ -31,8 +31,10 @@ change and dropout is off: the head trains on the same features the frozen encod
 
 **Head initialisation** (``head_init``): ``"lp"`` is LP-FT (Kumar et al. 2022, "Fine-tuning can distort
 pretrained features and underperform out-of-distribution"): the linear head starts as a linear probe fitted on the
-frozen encoder's features of the training split (:func:`fit_probe_head`: record mean embeddings with
-``window_aggregate="logit"``, windows with ``"prob"``), and those initial weights are a
+frozen encoder's features of the training split (:func:`fit_probe_head`: every window, each labelled with its
+record's labels, after the BatchNorm running statistics were recomputed on the training crops,
+:func:`recalibrate_batchnorm`, so that the probe sees the features fine-tuning's train-mode forward computes), and
+those initial weights are a
 candidate of the best-weights restore (validated before the first step, ``best_epoch == -1``), so fine-tuning
 keeps the probe when no epoch beats it on validation. ``"random"`` is the usual randomly initialised head (the
 supervised-from-scratch recipe). With a random head on a small labelled set the first steps back-propagate the
@@ -442,6 +444,82 @@ def init_head_from_probe(head: nn.Linear, probe: Any) -> nn.Linear:
     return head
 
 
+def aggregate_window_probabilities(p: np.ndarray, pos: np.ndarray, n_records: int, multilabel: bool,
+                                   aggregate: str) -> np.ndarray:
+    """Record probabilities from window probabilities of a linear model, as the fine-tuned model aggregates.
+
+    ``"prob"``: the mean window probability. ``"logit"``: the sigmoid / softmax of the mean window logit,
+    recovered from the probabilities (multi-label: ``logit(p)`` is the logit; single-label: ``log p`` is the logit
+    minus a per-window constant, which the softmax of the mean removes).
+
+    Args:
+        p: ``(W, C)`` window probabilities.
+        pos: ``(W,)`` record position of each window in ``[0, n_records)``.
+        n_records: number of records.
+        multilabel: sigmoid per class (else softmax).
+        aggregate: ``"logit"`` or ``"prob"``.
+
+    Returns:
+        ``(n_records, C)`` record probabilities (a record without windows: zeros).
+    """
+    counts = np.maximum(np.bincount(pos, minlength=n_records), 1)[:, None]
+    p = np.asarray(p, dtype=np.float64)
+    if aggregate == "prob":
+        out = np.zeros((n_records, p.shape[1]))
+        np.add.at(out, pos, p)
+        return out / counts
+    q = np.clip(p, 1e-12, 1 - 1e-12)
+    z = np.log(q) - np.log1p(-q) if multilabel else np.log(q)
+    mean = np.zeros((n_records, p.shape[1]))
+    np.add.at(mean, pos, z)
+    mean /= counts
+    if multilabel:
+        return 1.0 / (1.0 + np.exp(-mean))
+    mean -= mean.max(axis=1, keepdims=True)
+    e = np.exp(mean)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def recalibrate_batchnorm(model: nn.Module, loader: Any) -> int:
+    """Recompute every BatchNorm layer's running statistics of ``model`` on one pass of ``loader`` (no gradient).
+
+    LP-FT fits its probe on features computed in eval mode (running statistics) and then fine-tunes in train mode
+    (batch statistics). A randomly initialised CNN's running statistics are the initial 0 / 1, not its activations'
+    (a review measured feature standard deviations of 1e-5 in eval mode, probe weights up to 6,000 after
+    standardisation, and a first fine-tuning loss 1,000x the probe's in train mode: the first epoch wrecked the
+    network and the best-weights restore handed back the probe). After this pass the running statistics are the
+    cumulative mean / variance over the task's training crops, which a batch's statistics estimate. Forward passes
+    in train mode (as fine-tuning runs); each layer's momentum and the module's mode are restored.
+
+    Args:
+        model: a :class:`FinetuneModule` (or any module called as ``model(x, lead_mask)``; it uses the mask as
+            its own forward does).
+        loader: batches with ``x`` ``(B, 12, T)`` and ``lead_mask`` ``(B, 12)``.
+
+    Returns:
+        The number of BatchNorm layers recalibrated (0: none, and no pass is made).
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:
+        return 0
+    was_training = model.training
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None          # cumulative average over the pass, not an exponential one
+    device = next(model.parameters()).device
+    model.train()
+    try:
+        with torch.no_grad():
+            for batch in loader:
+                model(batch["x"].to(device), batch["lead_mask"].to(device))
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        model.train(was_training)
+    return len(norms)
+
+
 def fit_probe_head(backbone: nn.Module, cache: Any, labels: np.ndarray, splits: dict[str, np.ndarray],
                    multilabel: bool, window: int, stride: int, Cs: Sequence[float] = LP_CS, seed: int = 0,
                    batch_size: int = 256, feature_dir: str | None = None,
@@ -455,11 +533,11 @@ def fit_probe_head(backbone: nn.Module, cache: Any, labels: np.ndarray, splits: 
     these sizes, and it is the same model as the benchmark's linear-probe rows. It matches the fine-tuning
     evaluation's aggregation of window outputs, so that the initialised model *is* the probe at record level:
 
-    * ``aggregate="logit"`` (mean window logit): the probe is fitted on each record's mean window embedding
-      (the benchmark probe's ``mean_embedding``); a linear head's mean window logit equals its logit of the
-      mean embedding;
-    * ``aggregate="prob"`` (mean window probability): fitted on every sliding window of the training records
-      (each labelled with its record's labels), validated on the mean window probability (``mean_prediction``).
+    the probe is fitted on every sliding window of the training records (each labelled with its record's
+    labels: fine-tuning's loss is per training crop, so the initialised model starts from the probe's own loss),
+    and ``C`` is chosen on the record predictions aggregated as ``aggregate`` says
+    (:func:`aggregate_window_probabilities`): ``"logit"`` the mean window logit, ``"prob"`` the mean window
+    probability. (Before 2026-12-06 a ``"logit"`` probe was fitted on record-mean embeddings.)
 
     ``C`` is chosen on validation macro AUROC of the record-level predictions.
 
@@ -502,23 +580,20 @@ def fit_probe_head(backbone: nn.Module, cache: Any, labels: np.ndarray, splits: 
                               rows=np.concatenate([train, val]), lead_aware=lead_aware)
     if aggregate not in WINDOW_AGGREGATES:
         raise ValueError(f"finetune.window_aggregate must be one of {WINDOW_AGGREGATES}, got {aggregate!r}")
-    if aggregate == "logit":
-        means = fs.record_means()
-        x_tr, y_tr = means[train], labels[train]
-        x_val, pos_val = means[val], np.arange(len(val))
-    else:
-        x_tr, pos = fs.windows_of(train)
-        y_tr = labels[train][pos]
-        x_val, pos_val = fs.windows_of(val)
+    # Fitted on windows, each labelled with its record's labels, whatever the aggregation: fine-tuning's loss is
+    # per training crop, so a head fitted on record-mean embeddings starts fine-tuning with window logits far
+    # larger than the probe's record logits (a review measured a 21x larger starting loss on CinC 2017 for a ViT:
+    # the first steps undid the probe). Validation aggregates as the fine-tuned model does.
+    x_tr, pos = fs.windows_of(train)
+    y_tr = labels[train][pos]
+    x_val, pos_val = fs.windows_of(val)
     grid: dict[str, float] = {}
     best: tuple[float, Any, float] | None = None
     with threadpool_limits(limits=1):  # small convex problems: one BLAS thread is as fast, no oversubscription
         for C in Cs:
             probe = LinearProbe(multilabel, C=float(C), seed=int(seed)).fit(x_tr, y_tr)
-            p = probe.predict_proba(x_val)
-            p_rec = np.zeros((len(val), p.shape[1]))
-            np.add.at(p_rec, pos_val, p)
-            p_rec /= np.maximum(np.bincount(pos_val, minlength=len(val)), 1)[:, None]
+            p_rec = aggregate_window_probabilities(probe.predict_proba(x_val), pos_val, len(val), multilabel,
+                                                   aggregate)
             auc = macro_auroc(labels[val], p_rec)
             grid[f"{C:g}"] = float(auc)
             score = auc if np.isfinite(auc) else -np.inf
@@ -629,6 +704,11 @@ def run_finetune(backbone: nn.Module, cache_dir: str, labels: np.ndarray, splits
              "(%s init)", len(splits["train"]), epoch_n, val_name, r.epochs, r.patience, r.lr, r.head, r.head_init)
     lp_info = None
     if r.head_init == "lp":
+        # BatchNorm statistics of the task's training crops first, so that the probe's (eval-mode) features are the
+        # ones fine-tuning's train-mode forward computes (see recalibrate_batchnorm); none for a frozen backbone
+        recal = 0 if model.freeze_backbone else recalibrate_batchnorm(model, windows.train_dataloader())
+        if recal:
+            log.info("LP head: BatchNorm running statistics of %d layer(s) recomputed on the training crops", recal)
         probe, lp_info = fit_probe_head(backbone, windows.cache, labels, splits, multilabel, crop_samples,
                                         stride_samples, Cs=r.lp_Cs, seed=int(seed), batch_size=max(r.batch_size, 256),
                                         feature_dir=feature_dir, aggregate=r.window_aggregate,

@@ -1,0 +1,130 @@
+"""LP-FT on the inputs fine-tuning trains on (review of 2026-12-06):
+
+* BatchNorm backbones: the probe was fitted on eval-mode features of a random CNN's initial running statistics
+  (0 / 1), and fine-tuning in train mode (batch statistics) started with logits in the thousands; the running
+  statistics are now recomputed on the training crops first (:func:`recalibrate_batchnorm`);
+* the probe is fitted on windows (fine-tuning's loss is per crop), with ``C`` chosen on the records aggregated as
+  the model aggregates (:func:`aggregate_window_probabilities`).
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from ecgfm.backbones.registry import create_backbone
+from ecgfm.data.cache import CorpusCache, prepare_corpus
+from ecgfm.data.datamodules import DownstreamDataModule
+from ecgfm.data.preprocess import PreprocessSpec
+from ecgfm.data.synthetic import SYNTHETIC_CLASSES, SyntheticSource
+from ecgfm.evaluate.finetune import (
+    FinetuneModule,
+    aggregate_window_probabilities,
+    fit_probe_head,
+    init_head_from_probe,
+    recalibrate_batchnorm,
+    run_finetune,
+)
+
+WINDOW = STRIDE = 250
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lpft_s16") / "syn"
+    prepare_corpus(SyntheticSource(120, seed=1, fs=100.0, duration=7.5), root, PreprocessSpec(fs=100),
+                   workers=0, progress=False)
+    cache = CorpusCache(root)
+    labels = cache.labels_matrix(list(SYNTHETIC_CLASSES))
+    idx = np.random.default_rng(0).permutation(len(cache))
+    splits = {"train": np.sort(idx[:72]), "val": np.sort(idx[72:96]), "test": np.sort(idx[96:])}
+    return str(root), cache, labels, splits
+
+
+def _cnn(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return create_backbone("resnet1d_test")
+
+
+def _train_batch(task):
+    cache_dir, _, labels, splits = task
+    dm = DownstreamDataModule(cache_dir, labels.argmax(axis=1), splits, crop_samples=WINDOW, batch_size=48, seed=3,
+                              multilabel=False)
+    return next(iter(dm.train_dataloader()))
+
+
+def test_recalibrated_running_statistics_match_the_batch_statistics(task):
+    cache_dir, _, labels, splits = task
+    model = FinetuneModule(_cnn(), labels.shape[1], multilabel=False)
+    batch = _train_batch(task)
+
+    def gap() -> float:
+        with torch.no_grad():
+            model.eval()
+            e = model.backbone.embed(batch["x"])
+            model.train()
+            t = model.backbone.embed(batch["x"])
+        return float((e - t).abs().mean() / t.abs().mean())
+
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm1d)]
+    assert norms and all(m.momentum == 0.1 for m in norms)
+    before = gap()                                      # initial running statistics 0 / 1: eval != train
+    dm = DownstreamDataModule(cache_dir, labels.argmax(axis=1), splits, crop_samples=WINDOW, batch_size=32,
+                              test_stride=STRIDE, multilabel=False)
+    model.eval()
+    assert recalibrate_batchnorm(model, dm.train_dataloader()) == len(norms)
+    assert not model.training and all(m.momentum == 0.1 for m in norms)      # mode and momentum restored
+    after = gap()
+    assert after < 0.25 * before and after < 0.2
+    vit = FinetuneModule(create_backbone("vit1d_test"), labels.shape[1], multilabel=False)
+    assert recalibrate_batchnorm(vit, dm.train_dataloader()) == 0             # no BatchNorm: nothing to do
+
+
+def test_lp_ft_on_a_batchnorm_cnn_starts_from_the_probe_loss(task):
+    """At lr 0 the first epoch's train-mode loss is the probe's loss, not the thousands of the review's
+    reproducer: the fine-tune of a random-init CNN was a linear probe in disguise (its first epoch wrecked the
+    network, the best-weights restore handed back the probe)."""
+    cache_dir, cache, labels, splits = task
+    out = run_finetune(_cnn(), cache_dir, labels, splits, False, WINDOW, STRIDE,
+                       dict(epochs=1, batch_size=32, warmup_epochs=0, patience=3, lr=0.0, head_init="lp",
+                            lp_Cs=(0.1, 1.0)), seed=0)
+    loss = float(re.search(r"train loss ([0-9.]+)", out["progress"][-1]).group(1))
+    model = out["model"]
+    model.eval()
+    batch = _train_batch(task)
+    with torch.no_grad():
+        eval_loss = float(model.loss(model(batch["x"], batch["lead_mask"]), batch["y"]))
+    assert loss < 3.0 * eval_loss + 0.5, (loss, eval_loss)
+    assert float(model.head.weight.abs().max()) < 50.0
+
+
+def test_logit_probe_is_fitted_on_windows(task):
+    _, cache, labels, splits = task
+    _, info = fit_probe_head(_cnn(), cache, labels, splits, False, WINDOW, STRIDE, Cs=(1.0,), aggregate="logit")
+    assert info["windows"] == 3 * len(splits["train"])                        # 7.5 s records: 3 windows each
+
+
+@pytest.mark.parametrize("multilabel", [False, True])
+def test_window_probabilities_aggregate_as_the_model_does(multilabel):
+    rng = np.random.default_rng(0)
+    z = rng.normal(0, 3, (7, 4))
+    pos = np.array([0, 0, 1, 2, 2, 2, 1])
+    p = 1 / (1 + np.exp(-z)) if multilabel else np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+    model = FinetuneModule(create_backbone("vit1d_test"), 4, multilabel=multilabel, window_aggregate="logit")
+    mean = np.stack([z[pos == r].mean(axis=0) for r in range(3)])
+    np.testing.assert_allclose(aggregate_window_probabilities(p, pos, 3, multilabel, "logit"),
+                               model.record_probs(mean), atol=1e-9)
+    np.testing.assert_allclose(aggregate_window_probabilities(p, pos, 3, multilabel, "prob"),
+                               np.stack([p[pos == r].mean(axis=0) for r in range(3)]), atol=1e-12)
+
+
+def test_lp_init_recipe_joins_the_cell_identity():
+    from ecgfm.evaluate.sweep import _finetune_code_recipe
+
+    assert "lp_init" in _finetune_code_recipe("finetune", "lp")
+    assert "lp_init" not in _finetune_code_recipe("finetune", "random")
+    assert _finetune_code_recipe("linear", "lp") == {}
