@@ -497,7 +497,18 @@ def derive_trained_limb_leads(x12: np.ndarray, mask: np.ndarray, trained: Sequen
 
 # ------------------------------------------------------------------------------------------------ writing
 def model_card(meta: Mapping[str, Any], folder_name: str = "<this folder>") -> str:
-    """A short Markdown model card for an artifact description."""
+    """A short Markdown model card for an artifact description.
+
+    Args:
+        meta: the artifact's description (``encoder.json`` / ``classifier.json``).
+        folder_name: the folder named in the loading example.
+
+    Returns:
+        The card's Markdown. Besides the training provenance it names, when recorded, the source of an imported
+        model (:mod:`ecgfm.zoo`): ``provenance.model``, the checkpoint file with its sha256
+        (``provenance.source_checkpoint``), and the peer's code and weights URLs (``provenance.code`` /
+        ``provenance.weights``), so the card says which published weights it holds.
+    """
     kind = meta["kind"]
     arch, inp, prov = meta.get("architecture") or {}, meta.get("input") or {}, meta.get("provenance") or {}
     spec = meta.get("preprocess") or {}
@@ -516,8 +527,15 @@ def model_card(meta: Mapping[str, Any], folder_name: str = "<this folder>") -> s
         lines.append(f"- {'multi-label (sigmoid)' if meta.get('multilabel') else 'single-label (softmax)'}; "
                      f"record prediction = {meta.get('window_aggregate')} mean over windows")
     lines += ["", "## Training", ""]
-    for key in ("data", "method", "recipe", "seed", "steps", "source", "source_sha256", "licence", "license",
-                "citation", "code_version", "created"):
+    for key in ("model", "data", "method", "recipe", "seed", "steps", "source", "source_sha256"):
+        if prov.get(key) not in (None, "", {}, []):
+            lines.append(f"- {key}: {prov[key]}")
+    source = prov.get("source_checkpoint")   # an imported model (ecgfm.zoo): the file its weights were read from
+    if isinstance(source, Mapping) and (source.get("file") or source.get("sha256")):
+        size = f", {source['bytes']} bytes" if source.get("bytes") is not None else ""
+        lines.append(f"- source checkpoint: {source.get('file') or '(file not recorded)'} "
+                     f"(sha256 {source.get('sha256') or 'not recorded'}{size})")
+    for key in ("code", "weights", "licence", "license", "citation", "code_version", "imported", "created"):
         if prov.get(key) not in (None, "", {}, []):
             lines.append(f"- {key}: {prov[key]}")
     evaluation = meta.get("evaluation") or {}

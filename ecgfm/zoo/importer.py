@@ -63,7 +63,8 @@ def load_peer(kind: str, checkpoint: str | os.PathLike, **options: Any) -> tuple
     Raises:
         FileNotFoundError: no such file.
         ZooImportError: unreadable or truncated file, a checkpoint of another kind, missing / unexpected keys or
-            shapes that do not fit; the message names the kind and the first offending keys.
+            shapes that do not fit, options that contradict the weights; the message names the kind, the file and
+            the first offending keys.
     """
     spec = _kind(kind)
     unknown = sorted(k for k, v in options.items() if v is not None and k not in spec.options)
@@ -75,25 +76,74 @@ def load_peer(kind: str, checkpoint: str | os.PathLike, **options: Any) -> tuple
             options = {**options, "config": str(beside)}
     obj = read_checkpoint(kind, checkpoint)
     state = state_dict_of(spec, obj, str(checkpoint), KINDS)
-    weights = spec.convert(state, options)
+    try:
+        weights = spec.convert(state, options)
+    except ZooImportError as exc:   # the converters see tensors, not the file: name it, keeping their message
+        named = _naming_file(exc, checkpoint)
+        if named is exc:
+            raise
+        raise named from exc
     for name, what in weights.assumed.items():   # guesses, not read from the weights: said aloud, and recorded
         warnings.warn(f"{kind}: {checkpoint}: {name} {what}", UserWarning, stacklevel=2)
     try:
         backbone = create_backbone(weights.backbone, **weights.init_args)
         backbone.load_state_dict(weights.state, strict=True)
     except (RuntimeError, ValueError, TypeError) as exc:
-        raise ZooImportError(kind, f"the weights do not load into {weights.backbone} {weights.init_args}: {exc}"
-                             ) from exc
+        raise ZooImportError(kind, f"the weights do not load into {weights.backbone} {weights.init_args}: {exc} "
+                                   f"(checkpoint {checkpoint})") from exc
     return backbone.eval(), weights
+
+
+def _naming_file(exc: ZooImportError, checkpoint: str | os.PathLike) -> ZooImportError:
+    """``exc`` with ``checkpoint`` in its message: ``"<kind>: <original message> (checkpoint <checkpoint>)"``, so the
+    original message is kept as it was, first.
+
+    Args:
+        exc: an error raised while converting the state dict read from ``checkpoint`` (key / shape / option
+            checks, which see tensors only).
+        checkpoint: the file the state dict was read from.
+
+    Returns:
+        A new :class:`ZooImportError` of the same kind, which the caller raises ``from exc``; ``exc`` itself when
+        its message names the file already.
+    """
+    path = str(checkpoint)
+    message = str(exc)
+    if path in message:
+        return exc
+    prefix = f"{exc.kind}: "
+    detail = message[len(prefix):] if message.startswith(prefix) else message
+    return ZooImportError(exc.kind, f"{detail} (checkpoint {path})")
 
 
 def _extra(spec: ZooKind, checkpoint: Path, weights: ImportedWeights, options: Mapping[str, Any],
            window: int) -> dict[str, Any]:
+    """The ``extra`` block of an imported encoder or classifier: input rate and window, provenance and the import
+    record (``zoo``), and the leads of the peer's training records (``trained_leads``).
+
+    ``trained_leads`` is the peer's input lead order (:attr:`ZooKind.lead_order`) written as a sweep writes it: the
+    canonical names in the canonical order. The peers were trained on records holding every lead they read, and
+    the API and the explain stage act on it as on a sweep's classifier: a record without III / aVR / aVL / aVF but
+    with I and II gets them derived, a record missing a lead the model reads is warned about (it used to be scored
+    with a zero row, silently), and one sharing none of them is refused.
+
+    Args:
+        spec: the kind.
+        checkpoint: the imported file (its name, size and sha256 are recorded).
+        weights: the converted weights (architecture, what was inferred or assumed, ignored keys, head).
+        options: the import options.
+        window: the model's input length in samples.
+
+    Returns:
+        JSON-able plain data for ``export_encoder`` / ``save_classifier``.
+    """
     pre = spec.preprocess(options)
+    read = set(spec.lead_order(weights.init_args))
     return {
         "method": f"zoo:{spec.name}",
         "fs": pre.fs,
         "crop_samples": int(window),
+        "trained_leads": [lead for lead in CANONICAL_LEADS if lead in read],
         "provenance": {
             **spec.provenance,
             "source_checkpoint": {"file": checkpoint.name, "sha256": sha256_of(checkpoint),

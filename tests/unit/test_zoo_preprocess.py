@@ -109,6 +109,11 @@ def test_record_scope_normalisation():
 
 
 # ------------------------------------------------------------------ the peers' pipelines on a real record
+#: Bound on |ecgfm - the peer's pipeline written with scipy calls| on z-scored outputs (unit scale). Not float32
+#: rounding alone: ecgfm filters in its own code (float32 output, its own resampling and median filter) while the
+#: reference runs scipy in float64, so the difference grows with the filters' transients. Measured 1.5e-6 (ST-MEM)
+#: and 4.4e-6 (ECGFounder); a wrong filter order, cutoff or normalisation scope is orders of magnitude larger.
+PIPELINE_TOL = 2e-5
 @pytest.fixture(scope="module")
 def ptbxl_500(shared_data):
     """PTB-XL record 1 at 500 Hz, 10 s, 12 leads: ecgfm's reader output and the raw samples as wfdb reads them."""
@@ -137,7 +142,7 @@ def test_stmem_pipeline_on_a_real_record(ptbxl_500):
     ref = (x - x.mean()) / x.std()
     ours, out_fs, _ = preprocess_signal(record.signal[:, :n], record.fs, record.lead_mask, zoo_stmem.preprocess({}))
     assert out_fs == 250.0 and ours.shape == ref.shape
-    assert np.abs(ours - ref).max() <= 1e-4
+    assert np.abs(ours - ref).max() <= PIPELINE_TOL
 
 
 @pytest.mark.realdata
@@ -155,4 +160,4 @@ def test_ecgfounder_pipeline_on_a_real_record(ptbxl_500):
     ref = (x - np.mean(x)) / (np.std(x) + 1e-8)
     ours, out_fs, _ = preprocess_signal(record.signal, record.fs, record.lead_mask, zoo_ecgfounder.preprocess({}))
     assert out_fs == 500.0 and ours.shape == ref.shape == (12, 5000)
-    assert np.abs(ours - ref).max() <= 1e-4
+    assert np.abs(ours - ref).max() <= PIPELINE_TOL

@@ -20,7 +20,7 @@ from ecgfm.zoo import ecgfounder as zoo_ecgfounder
 from ecgfm.zoo import hubert_ecg as zoo_hubert
 from ecgfm.zoo import stmem as zoo_stmem
 from ecgfm.zoo.__main__ import main as zoo_main
-from tests.unit.test_zoo import NET1D_SIZES, PEERS, STMEM_SIZES, TOL, _perturb, stmem_reference
+from tests.unit.test_zoo import NET1D_SIZES, PEERS, STMEM_SIZES, _perturb, assert_matches, stmem_reference
 
 # HEEDB / MIMIC-IV-ECG store aVF before aVL
 HEEDB_ORDER = ["I", "II", "III", "aVR", "aVF", "aVL", "V1", "V2", "V3", "V4", "V5", "V6"]
@@ -75,8 +75,7 @@ def test_stmem_full_lead_order_reproduces_the_peer_on_that_channel_order(peers, 
                              leads=leads, checkpoint_leads=HEEDB_ORDER)
         loaded, _, info = load_encoder(out)
         with torch.no_grad():
-            diff = (loaded.embed(x_canon) - io["embedding"]).abs().max().item()
-        assert diff <= TOL, diff
+            assert_matches(loaded.embed(x_canon), io["embedding"])
         zoo = info["extra"]["zoo"]
         assert info["init_args"]["input_leads"] == leads
         assert "put into the canonical order" in zoo["inferred"]["lead_embed"]
@@ -91,7 +90,7 @@ def test_stmem_random_channel_order_matches_the_reference_and_canonical_order_is
     x = torch.randn(2, 12, size["seq_len"])
     with torch.no_grad():
         expected = stmem_reference(peer, x[:, [CANONICAL_LEADS.index(lead) for lead in order]], size["heads"])
-        assert (bb.embed(x) - expected).abs().max() <= TOL
+        assert_matches(bb.embed(x), expected)
         # a subset read from that checkpoint: each lead with the embedding the checkpoint trained it with
         sub, _ = load_peer("stmem", path, num_heads=size["heads"], leads=["aVF", "II"], checkpoint_leads=order)
         for lead in ("aVF", "II"):
