@@ -42,7 +42,9 @@ Guarantees:
   only, never of the worker count: see :func:`auto_shard_records`); outputs carry no timestamps; two conversions
   of the same inputs give byte-identical files (sha256 of each is in the manifest), whatever ``workers`` is.
 * **Bounded memory.** Workers hold one record at a time (records are streamed to the shard file); the parent holds
-  the list of record ids and a few shard results. Peak memory does not grow with the corpus.
+  the list of record ids and a few shard results, and reads the shard indexes one at a time (the final merge into
+  ``records.npy`` / ``index.jsonl`` is streamed shard by shard). Beyond the record ids and the input fingerprints
+  of ``inputs.json`` (a few hundred bytes per record), peak memory does not grow with the corpus.
 * **Bad records are skipped, never fatal.** Any exception while loading or preprocessing a record (normally
   :class:`~ecgfm.data.record.ECGDataError`) skips that record with a line in ``skipped.csv``; every good record is
   kept. The key of a record is ``source/record_id``; a key seen twice is skipped as a duplicate (never
@@ -83,7 +85,14 @@ Integrity and freshness (format version 2):
   once). A replacement with the same size and mtime is not seen, and ``verify=true`` does not see it either: it
   hashes the cache's own files, not the source records; rebuild into a new ``out=`` after replacing records with
   preserved times. Label tables are compared by sha256. The log names the first 10 changes
-  (``PrepareReport.changes`` holds them all).
+  (``PrepareReport.changes`` holds them all). The folders' mtimes and the label tables' fingerprints are taken
+  before the record ids are listed, so a file added or a table edited while a preparation runs is a change for
+  the next one. A record file that exists but could not be read at conversion (permission denied, I/O error) is
+  recorded as ``unreadable`` and counts as changed once it can be read; ``verify=true`` also reads again every
+  record skipped for an OS error.
+* **Readers of a cache updated in place** (:class:`CorpusCache`): a shard converted again replaces its file under
+  the same name; a reader opened before refuses, naming the file, to map the new file with its old offsets
+  (reopen the cache to read the update).
 * **Workers die with their parent** (:func:`die_with_parent`): a killed conversion leaves no process behind.
 * **A worker that dies at start fails the run, never hangs it**: workers are spawned and read their arguments from
   a file (:func:`_worker_init_from_file`), so a script that calls :func:`prepare_corpus` with ``workers > 0``
@@ -138,6 +147,8 @@ RECORDS_DTYPE = np.dtype([
     ("lead_mask", "?", (N_LEADS,)), ("fs", "<f8"), ("patient", "<i8"),
 ])
 DELAY_ENV = "ECGFM_PREPARE_RECORD_DELAY"
+#: Default bound on the shard memory maps a :class:`CorpusCache` keeps open (see its ``max_open_shards``).
+MAX_OPEN_SHARDS = 4096
 _SHARD_FMT = "shard-{:05d}"
 _SKIPPED_FIELDS = ("source", "record_id", "path", "reason")
 
@@ -181,6 +192,12 @@ def _stat_key(path: str | os.PathLike) -> list[int]:
     return [int(st.st_size), int(st.st_mtime_ns), int(st.st_ctime_ns), int(st.st_ino)]
 
 
+def _identity(st: os.stat_result) -> tuple[int, int, int]:
+    """``(inode, size, mtime_ns)`` of a stat: what tells a reader that a cache file it opened was replaced (a
+    rerun of the preparation writes a re-converted shard under a new inode with the same name)."""
+    return int(st.st_ino), int(st.st_size), int(st.st_mtime_ns)
+
+
 def _file_stat(path: str | os.PathLike) -> list[int]:
     """``[size, mtime_ns]`` of an input file (what the freshness check of record and label files compares)."""
     st = os.stat(path)
@@ -190,6 +207,51 @@ def _file_stat(path: str | os.PathLike) -> list[int]:
 #: hex characters kept of a record file's sha256 in the cache's input fingerprints (64 bits: enough to tell a
 #: changed file from a copied or touched one; the fingerprints are read on every open, so they are kept short)
 _INPUT_DIGEST_CHARS = 16
+
+
+#: the digest recorded for a record file that could not be read when its record was converted (permission
+#: denied, I/O error): such a file counts as changed as soon as it can be read (see :func:`_unreadable_fixed`)
+UNREADABLE = "unreadable"
+
+
+def _readable(path: str | os.PathLike) -> bool:
+    """Whether ``path`` can be opened and read now (its first byte)."""
+    try:
+        with open(path, "rb") as fh:
+            fh.read(1)
+        return True
+    except OSError:
+        return False
+
+
+def _unreadable_fixed(digest: Sequence[Any], path: str) -> bool:
+    """Whether a record file recorded as :data:`UNREADABLE` (``digest``: what follows ``[size, mtime_ns]`` in its
+    fingerprint) can be read now: a permission or I/O problem was fixed, which changes neither its size nor its
+    mtime, so the stat comparison alone would never see it."""
+    return list(digest[:1]) == [UNREADABLE] and _readable(path)
+
+
+def _os_error_in(exc: BaseException) -> bool:
+    """Whether ``exc`` is, or was raised from or while handling, an :class:`OSError` (a reader's ``ECGDataError``
+    usually wraps the ``PermissionError`` / I/O error that made a record unreadable)."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
+
+
+_ERRNO_RE = re.compile(r"\[Errno \d+\]|Permission denied|Input/output error")
+
+
+def _transient_skip(row: Mapping[str, Any]) -> bool:
+    """Whether a skipped record failed with an OS error (permission denied, I/O error...) rather than bad data:
+    flagged ``"transient"`` in its shard index, or (indexes written before the flag) its reason names one.
+    ``verify=True`` reads such records again."""
+    return bool(row.get("transient")) or bool(_ERRNO_RE.search(str(row.get("reason", ""))))
 
 
 def _input_digest(path: str | os.PathLike) -> str:
@@ -203,7 +265,7 @@ def _content_unchanged(path: str, digest: str | None, restamped: dict[str, list[
     the corpus, a ``touch``, a checkout or a re-mount with new times). ``False`` when no digest was recorded
     (caches written before digests) or the file is gone. A file found unchanged is added to ``restamped`` with
     its current ``[size, mtime_ns]``, so the cache can remember the new times and skip the hash next time."""
-    if not digest:
+    if not digest or digest == UNREADABLE:
         return False
     try:
         now = _file_stat(path)
@@ -521,7 +583,8 @@ def _record_inputs(src: RecordSource, rid: str, path: Any) -> list[list[Any]]:
     :func:`_input_digest`): ``src.input_files(rid)`` when the source defines it, else the files sharing the stem
     of ``path`` (the record's ``header["path"]``, or the file a skip reason names). Empty for sources without
     files (synthetic). About 10 us per record plus the hash (the file was just read, so it is in the page cache).
-    Shard indexes written before digests hold ``[file, size, mtime_ns]``."""
+    Shard indexes written before digests hold ``[file, size, mtime_ns]``; a file that exists but cannot be read
+    holds the digest :data:`UNREADABLE`."""
     files: list[str] | None = None
     fn = getattr(src, "input_files", None)
     if callable(fn):
@@ -543,7 +606,16 @@ def _record_inputs(src: RecordSource, rid: str, path: Any) -> list[list[Any]]:
             continue
         try:
             before = _file_stat(f)
+        except OSError:   # gone: a file that appears again shows as a change of its folder
+            continue
+        try:
             digest = _input_digest(f)
+        except OSError:
+            # there but unreadable (permission denied, I/O error): recorded as such, so that the record (skipped
+            # now, or converted from the other files) is read again once the file can be read
+            out.append([f, *before, UNREADABLE])
+            continue
+        try:
             after = _file_stat(f)
         except OSError:
             continue
@@ -638,6 +710,10 @@ def input_changes(out_dir: str | os.PathLike, limit: int | None = None,
             now = _file_stat(f)
         except OSError:
             if add(f"record file {f} was removed"):
+                return changes
+            continue
+        if _unreadable_fixed(digest, f):
+            if add(f"record file {f} could not be read when the cache was built and can be read now"):
                 return changes
             continue
         if now != [size, mtime]:
@@ -752,9 +828,14 @@ def _convert_shard(shard_index: int, items: Sequence[tuple[int, str]]) -> dict[s
                 kind = "" if isinstance(exc, ECGDataError) else f"{type(exc).__name__}: "
                 problem = exc.problem if isinstance(exc, ECGDataError) else str(exc)
                 path = _error_path(exc, src, rid)
-                skipped.append({"source": str(src.name), "record_id": rid, "path": printable(str(path)),
-                                "reason": printable(f"{kind}{problem}".replace("\n", " ")),
-                                "inputs": _record_inputs(src, rid, path)})
+                if not isinstance(exc, ECGDataError) and isinstance(exc, OSError) and exc.filename:
+                    path = exc.filename   # the file that could not be read (not the source's root)
+                row = {"source": str(src.name), "record_id": rid, "path": printable(str(path)),
+                       "reason": printable(f"{kind}{problem}".replace("\n", " ")),
+                       "inputs": _record_inputs(src, rid, path)}
+                if _os_error_in(exc):   # permission denied, I/O error: may go away; verify=True retries it
+                    row["transient"] = True
+                skipped.append(row)
             else:
                 data = np.ascontiguousarray(rec.signal[rec.lead_mask], dtype=DTYPE)
                 buf = memoryview(data).cast("B")
@@ -992,6 +1073,11 @@ def _prepare_locked(sources: list[RecordSource], spec: PreprocessSpec, shard_rec
     shards_dir = out / "shards"
     shards_dir.mkdir(parents=True, exist_ok=True)
     peak = [_rss_tree_mb()]
+    # the state of the inputs BEFORE the record ids are listed: a record file added (or a label table edited)
+    # while this call runs then shows as a change on the next check, never as the state the cache was built from
+    dirs_before = _dir_snapshot(out, sources)
+    label_info = [_label_fingerprint(s) for s in sources]
+    label_fps = [li["fp"] for li in label_info]
     plan = _make_plan(sources, spec, shard_records, allow_duplicate_ids)
     plan_doc = dict(plan.header, plan_fingerprint=plan.fingerprint, skipped=plan.skipped)
     plan_path = out / "plan.json"
@@ -1035,17 +1121,19 @@ def _prepare_locked(sources: list[RecordSource], spec: PreprocessSpec, shard_rec
     if not plan_path.exists():
         atomic_write_json(plan_path, plan_doc)
     _clean_temporaries(out)
-    label_info = [_label_fingerprint(s) for s in sources]
-    label_fps = [li["fp"] for li in label_info]
 
     n_shards = len(plan.shards)
     manifest_path = out / "manifest.json"
-    infos = {i: _shard_info(shards_dir, i) for i in range(n_shards)}
     names = [str(src.name) for src in sources]
     content = _content_fingerprint(plan.header["spec"], plan.header["sources"])
-    for i, info in infos.items():   # a finished shard must hold exactly the records the plan gives it
+    # per finished shard only what the checks below need (not its index: ~8 KB a record, all of them held at
+    # once would grow with the corpus); a shard's index is read again, one at a time, when its inputs are checked
+    infos: dict[int, dict[str, Any] | None] = {}
+    for i in range(n_shards):   # a finished shard must hold exactly the records the plan gives it
+        info = _shard_info(shards_dir, i)
         held = {(r.get("source"), r.get("record_id")) for r in info.get("records", []) + info.get("skipped", [])} \
             if info is not None else None
+        infos[i] = None if info is None else {k: info.get(k) for k in ("bin_sha256", "labels_fp")}
         if held is not None and held != {(names[si], rid) for si, rid in plan.shards[i]}:
             log.warning("%s: shard %s holds other records than planned: converting it again", out,
                         _SHARD_FMT.format(i))
@@ -1054,6 +1142,7 @@ def _prepare_locked(sources: list[RecordSource], spec: PreprocessSpec, shard_rec
             log.warning("%s: shard %s does not record this preparation's spec and sources: converting it again",
                         out, _SHARD_FMT.format(i))
             infos[i] = None
+        del info, held
     todo = [i for i in range(n_shards) if infos[i] is None]
     relabel: list[int] = []
     repaired = 0
@@ -1074,8 +1163,12 @@ def _prepare_locked(sources: list[RecordSource], spec: PreprocessSpec, shard_rec
         moved = _changed_dirs(out)   # folders with a file added, removed or renamed since inputs.json was written
         index_shas = {sh["index"]: sh.get("index_sha256") for sh in manifest.get("shards", [])}
         for i in range(n_shards):
-            info = infos[i]
-            if info is None:
+            if infos[i] is None:
+                continue
+            info = _shard_info(shards_dir, i)   # read again, one shard at a time (see above)
+            if info is None:   # gone since (not expected: this call holds the lock)
+                infos[i] = None
+                todo.append(i)
                 continue
             name = _SHARD_FMT.format(i)
             stale = [f for r in info.get("records", []) + info.get("skipped", []) for f in r.get("inputs", [])
@@ -1084,10 +1177,18 @@ def _prepare_locked(sources: list[RecordSource], spec: PreprocessSpec, shard_rec
             # changed folder, and that record is read again (else it would stay skipped, the change then forgotten)
             retry = [r for r in info.get("skipped", []) if moved and
                      any(str(Path(f[0]).parent) in moved for f in r.get("inputs", []))]
-            if stale or retry:
-                changes.extend(f"record file {f[0]} changed or removed (shard {name})" for f in stale)
+            # verify=True also reads again the records skipped for an OS error (permission denied, I/O error):
+            # the problem may be gone without any file of the record changing
+            transient = [r for r in info.get("skipped", []) if verify and r not in retry and _transient_skip(r)]
+            if stale or retry or transient:
+                changes.extend(f"record file {f[0]} could not be read when converted and can be read now (shard "
+                               f"{name})" if list(f[3:4]) == [UNREADABLE] else
+                               f"record file {f[0]} changed or removed (shard {name})" for f in stale)
                 changes.extend(f"skipped record {r.get('source')}/{r.get('record_id')}: its folder changed, "
                                f"reading it again (shard {name})" for r in retry)
+                changes.extend(f"skipped record {r.get('source')}/{r.get('record_id')} failed with an OS error "
+                               f"({str(r.get('reason', ''))[:120]}): reading it again (verify, shard {name})"
+                               for r in transient)
                 todo.append(i)
                 continue
             rel_bin, rel_json = f"shards/{name}.bin", f"shards/{name}.json"
@@ -1140,7 +1241,7 @@ def _prepare_locked(sources: list[RecordSource], spec: PreprocessSpec, shard_rec
     fresh = {f"shards/{_SHARD_FMT.format(int(r['shard']))}.{ext}" for r in results for ext in ("bin", "json")}
     fresh |= hashed_ok
     if not manifest_path.exists():
-        _finalize(out, plan, plan_doc, label_info, sources, restamped)
+        _finalize(out, plan, plan_doc, label_info, sources, restamped, dirs_before)
         fresh.update(("index.jsonl", "records.npy", "skipped.csv"))
     else:
         derived = None if verify else suspect & {"index.jsonl", "records.npy", "skipped.csv"}
@@ -1150,7 +1251,7 @@ def _prepare_locked(sources: list[RecordSource], spec: PreprocessSpec, shard_rec
         if quick or restamped or not (out / INPUTS_FILE).exists():
             # nothing to redo (e.g. a folder's mtime changed, or files got new times but kept their bytes), or a
             # cache from before input fingerprints: remember the inputs as they are now
-            _write_inputs(out, plan, label_info, sources, restamped)
+            _write_inputs(out, plan, label_info, sources, restamped, dirs_before)
     manifest = _read_manifest(out)
     if fresh:
         _record_verified(out, {rel: out / rel for rel in sorted(fresh)})
@@ -1216,9 +1317,13 @@ def _input_unchanged(entry: Sequence[Any], known: Mapping[str, Sequence[Any]],
     now = _stat_or_none(f)
     if now is None:
         return False
+    if _unreadable_fixed(digest, f):   # a permission / I/O problem fixed: its stat may not have changed
+        return False
     if now == [size, mtime]:
         return True
     d = digest[0] if digest else None
+    if d == UNREADABLE:
+        return False
     old = known.get(f)
     if d and (restamped.get(f) == now or (old is not None and list(old[:2]) == now and old[2:3] == [d])):
         return True
@@ -1321,55 +1426,65 @@ def _drain(queue: Any, bar: Any) -> None:
 def _merge_shards(out: Path, shard_names: Sequence[str]) -> dict[str, Any]:
     """Merge the shard indexes into ``index.jsonl`` + ``records.npy`` (atomically); returns what the manifest
     needs: shard entries, the shard-level skips, per-source counts, rates and the two files' sha256. A pure
-    function of the shard indexes, so a rebuilt file has the checksum the manifest recorded."""
+    function of the shard indexes, so a rebuilt file has the checksum the manifest recorded.
+
+    Streamed: one shard index is parsed at a time; its rows of ``records.npy`` (49 bytes a record) and its lines
+    of ``index.jsonl`` go to temporary files at once, and only small facts are kept per shard (its manifest entry,
+    the ``source``/``record_id``/``path``/``reason`` of its skipped records), so peak memory is one shard index,
+    whatever the size of the corpus. ``records.npy`` is then its ``.npy`` header (for the final row count)
+    followed by the rows: the same bytes as a table filled in memory.
+    """
     shards_dir = out / "shards"
-    jsons = []
-    n_total = 0
-    for name in shard_names:
-        json_bytes = (shards_dir / f"{name}.json").read_bytes()
-        info = json.loads(json_bytes)
-        jsons.append((name, json_bytes, info))
-        n_total += len(info["records"])
     records_path = out / "records.npy"
     index_path = out / "index.jsonl"
+    rows_tmp, lines_tmp = _tmp_name(out / "records.npy.rows"), _tmp_name(out / "index.jsonl.lines")
     skipped_rows: list[dict[str, Any]] = []
     by_source: dict[str, dict[str, int]] = {}
     fs_values: set[float] = set()
     shard_infos = []
     h_index = hashlib.sha256()
-
-    def write_records(tmp: str) -> None:
-        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=RECORDS_DTYPE, shape=(n_total,))
-        pos = 0
-        for i, (_, _, info) in enumerate(jsons):
-            for r in info["records"]:
-                arr[pos] = (i, r["offset"], r["n_samples"], r["n_leads"], np.array(r["lead_mask"], dtype=bool),
-                            r["fs"], patient_hash(r["source"], r["patient_id"]))
-                pos += 1
-        arr.flush()
-        del arr
-
-    def write_index(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8", newline="\n") as fidx:
-            for _, _, info in jsons:
-                for r in info["records"]:
-                    row = {k: r[k] for k in ("record_id", "source", "patient_id", "labels", "fs", "n_samples",
-                                             "lead_mask", "meta", "header")}
-                    line = dumps(row, convert=False) + "\n"
+    n_total = 0
+    index_keys = ("record_id", "source", "patient_id", "labels", "fs", "n_samples", "lead_mask", "meta", "header")
+    try:
+        with open(rows_tmp, "wb") as frows, open(lines_tmp, "w", encoding="utf-8", newline="\n") as fidx:
+            for i, name in enumerate(shard_names):
+                json_bytes = (shards_dir / f"{name}.json").read_bytes()
+                info = json.loads(json_bytes)
+                records = info["records"]
+                table = np.zeros(len(records), dtype=RECORDS_DTYPE)
+                for k, r in enumerate(records):
+                    table[k] = (i, r["offset"], r["n_samples"], r["n_leads"], np.array(r["lead_mask"], dtype=bool),
+                                r["fs"], patient_hash(r["source"], r["patient_id"]))
+                    line = dumps({key: r[key] for key in index_keys}, convert=False) + "\n"
                     fidx.write(line)
                     h_index.update(line.encode())
+                    fs_values.add(float(r["fs"]))
+                    by_source.setdefault(r["source"], {"converted": 0, "skipped": 0})["converted"] += 1
+                frows.write(table.tobytes())
+                n_total += len(records)
+                # only what skipped.csv and the counts read (a skipped record's input fingerprints are not kept)
+                skipped_rows.extend({key: row[key] for key in _SKIPPED_FIELDS if key in row}
+                                    for row in info["skipped"])
+                shard_infos.append({"name": name, "bin": f"shards/{name}.bin", "index": f"shards/{name}.json",
+                                    "n_records": len(records), "n_skipped": len(info["skipped"]),
+                                    "bin_bytes": int(info["bin_bytes"]), "bin_sha256": info["bin_sha256"],
+                                    "index_bytes": len(json_bytes),
+                                    "index_sha256": hashlib.sha256(json_bytes).hexdigest()})
+                del info, records, table, json_bytes
 
-    atomic_write(records_path, write_records)
-    atomic_write(index_path, write_index)
-    for name, json_bytes, info in jsons:
-        for r in info["records"]:
-            fs_values.add(float(r["fs"]))
-            by_source.setdefault(r["source"], {"converted": 0, "skipped": 0})["converted"] += 1
-        skipped_rows.extend(info["skipped"])
-        shard_infos.append({"name": name, "bin": f"shards/{name}.bin", "index": f"shards/{name}.json",
-                            "n_records": len(info["records"]), "n_skipped": len(info["skipped"]),
-                            "bin_bytes": int(info["bin_bytes"]), "bin_sha256": info["bin_sha256"],
-                            "index_bytes": len(json_bytes), "index_sha256": hashlib.sha256(json_bytes).hexdigest()})
+        def write_records(tmp: str) -> None:
+            arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=RECORDS_DTYPE, shape=(n_total,))
+            del arr   # the header for n_total rows (the data part is left as a hole, filled below)
+            header = os.path.getsize(tmp) - n_total * RECORDS_DTYPE.itemsize
+            with open(tmp, "r+b") as fout, open(rows_tmp, "rb") as fin:
+                fout.seek(header)
+                shutil.copyfileobj(fin, fout, 1 << 20)
+
+        atomic_write(records_path, write_records)
+        atomic_write(index_path, lambda tmp: os.replace(lines_tmp, tmp))
+    finally:
+        for p in (rows_tmp, lines_tmp):
+            p.unlink(missing_ok=True)
     return {"n_total": n_total, "shards": shard_infos, "skipped": skipped_rows, "by_source": by_source,
             "fs_values": fs_values, "index_sha256": h_index.hexdigest(), "records_sha256": sha256_file(records_path)}
 
@@ -1384,12 +1499,49 @@ def _skipped_csv(rows: Sequence[Mapping[str, Any]]) -> bytes:
     return buf.getvalue().encode()
 
 
+def _dir_snapshot(out: Path, sources: Sequence[RecordSource]) -> dict[str, int | None]:
+    """``{folder: mtime_ns or None (missing)}`` of the folders that may hold records, taken before the record ids
+    are listed: every folder under each source's ``root`` (directories only, one ``scandir`` per folder, no
+    ``stat`` per file) and the folders the previous ``inputs.json`` recorded. :func:`_write_inputs` stores these
+    values, so a file added to, removed from or renamed in one of them while the cache is being built changes its
+    mtime after the recorded one, and the next check (:func:`input_changes`) sees it."""
+    snap: dict[str, int | None] = {}
+
+    def add(d: str) -> None:
+        if d not in snap:
+            try:
+                snap[d] = os.stat(d).st_mtime_ns
+            except OSError:
+                snap[d] = None
+
+    try:
+        previous = dict(json.loads((out / INPUTS_FILE).read_text(encoding="utf-8")).get("dirs", {}))
+    except (OSError, ValueError, AttributeError):
+        previous = {}
+    for d in previous:
+        add(str(d))
+    for src in sources:
+        root = getattr(src, "root", None)
+        if not isinstance(root, (str, os.PathLike)) or not os.path.isdir(root):
+            continue
+        tops = dict.fromkeys((os.path.abspath(root), str(Path(root).resolve())))   # symlinked roots: both spellings
+        for top in tops:
+            add(top)
+            for folder, subdirs, _ in os.walk(top):
+                for sub in subdirs:
+                    add(os.path.join(folder, sub))
+    return snap
+
+
 def _write_inputs(out: Path, plan: _Plan, label_info: Sequence[Mapping[str, Any]],
-                  sources: Sequence[RecordSource], restamped: Mapping[str, list[int]] | None = None) -> None:
-    """``inputs.json``: the record files, label tables and folders the cache was built from, as they are now
-    (what :func:`input_changes` compares against). A record file's ``[size, mtime_ns, digest]`` comes from its
+                  sources: Sequence[RecordSource], restamped: Mapping[str, list[int]] | None = None,
+                  dirs_before: Mapping[str, int | None] | None = None) -> None:
+    """``inputs.json``: the record files, label tables and folders the cache was built from (what
+    :func:`input_changes` compares against). A record file's ``[size, mtime_ns, digest]`` comes from its
     shard index, unless its content was verified under newer times: ``restamped`` (this run) or the previous
-    ``inputs.json`` (an earlier run; same digest)."""
+    ``inputs.json`` (an earlier run; same digest). ``label_info`` is the label tables' fingerprint taken before
+    the record ids were listed; a folder's mtime is the one of ``dirs_before`` (:func:`_dir_snapshot`, also taken
+    before) where it has one, else its mtime now (a folder outside every source root)."""
     previous = _recorded_inputs(out)
     records: dict[str, list[Any]] = {}
     dirs: set[str] = set()
@@ -1418,7 +1570,14 @@ def _write_inputs(out: Path, plan: _Plan, label_info: Sequence[Mapping[str, Any]
     dirs.update(str(r) for r in roots)
     labels = {f: v for li in label_info for f, v in li["files"].items()}
     dir_m = {}
+    before = dirs_before or {}
     for d in sorted(dirs):
+        if d in before:
+            if before[d] is not None:
+                dir_m[d] = before[d]
+            else:   # created while this call ran: its files may postdate the plan; recorded as changed
+                dir_m[d] = -1
+            continue
         try:
             dir_m[d] = os.stat(d).st_mtime_ns
         except OSError:
@@ -1427,9 +1586,10 @@ def _write_inputs(out: Path, plan: _Plan, label_info: Sequence[Mapping[str, Any]
 
 
 def _finalize(out: Path, plan: _Plan, plan_doc: dict[str, Any], label_info: Sequence[Mapping[str, Any]] = (),
-              sources: Sequence[RecordSource] = (), restamped: Mapping[str, list[int]] | None = None) -> None:
-    """Merge the shard indexes into index.jsonl + records.npy, write skipped.csv, inputs.json (``restamped``:
-    see :func:`_write_inputs`) and (last) manifest.json."""
+              sources: Sequence[RecordSource] = (), restamped: Mapping[str, list[int]] | None = None,
+              dirs_before: Mapping[str, int | None] | None = None) -> None:
+    """Merge the shard indexes into index.jsonl + records.npy, write skipped.csv, inputs.json (``restamped``,
+    ``dirs_before``: see :func:`_write_inputs`) and (last) manifest.json."""
     merged = _merge_shards(out, [_SHARD_FMT.format(i) for i in range(len(plan.shards))])
     skipped_rows = list(plan.skipped) + merged["skipped"]
     by_source = merged["by_source"]
@@ -1437,7 +1597,7 @@ def _finalize(out: Path, plan: _Plan, plan_doc: dict[str, Any], label_info: Sequ
         by_source.setdefault(row["source"], {"converted": 0, "skipped": 0})["skipped"] += 1
     skipped_bytes = _skipped_csv(skipped_rows)
     skipped_sha = atomic_write_bytes(out / "skipped.csv", skipped_bytes)
-    _write_inputs(out, plan, label_info, sources, restamped)
+    _write_inputs(out, plan, label_info, sources, restamped, dirs_before)
     fs_values = merged["fs_values"]
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "dtype": DTYPE, "leads": list(CANONICAL_LEADS),
@@ -1615,21 +1775,38 @@ class CorpusCache:
     640 ms with ``check="full"``; the first open after one 6.5 MiB shard was touched costs 51 ms (that shard
     hashed once).
 
+    A reader stays consistent with the cache as it was when it was opened. A rerun of the preparation may update
+    the cache in place (a record whose files changed: its shard is converted again under the same file name, with
+    new offsets in ``records.npy``). A shard map already open keeps reading the old file (the old inode stays
+    alive while it is mapped), but a shard mapped later (first use, or again after being closed by the LRU bound)
+    would be the new file read with the old offsets: another record's samples. So the identity (inode, size,
+    mtime) of every shard file and of ``records.npy`` / ``index.jsonl`` is recorded at open (it travels with a
+    pickled cache to the DataLoader workers) and compared each time one of them is (re)opened (never per crop):
+    a changed file raises :class:`ECGDataError` naming the cache and the file; open the cache again.
+
     Args:
         path: cache directory.
-        max_open_shards: memory maps kept open (least recently used are closed).
+        max_open_shards: shard memory maps kept open at a time (least recently used are closed). Each open
+            map costs one entry of the process's ``vm.max_map_count`` (65,530 by default on Linux, shared by
+            everything the process maps: libraries, the allocator's arenas, CUDA) and a little kernel memory, in
+            every DataLoader worker; that is why there is a bound at all. The default, :data:`MAX_OPEN_SHARDS`
+            (4,096), keeps every shard of a 1 M-record cache (~1,000 shards) open: a random crop from a shard
+            that is not mapped costs a new ``mmap`` (~18x a crop from a mapped one).
         check: ``"stat"`` (default, as above), ``"full"`` (hash every file on open) or ``"none"``.
 
     Raises:
         ECGDataError: the directory is not a cache, is incomplete (interrupted preparation) or is damaged
-            (missing shard, wrong size or checksum), naming the file.
+            (missing shard, wrong size or checksum), naming the file. Also raised later, when a cache file
+            is (re)opened, if it was replaced since this reader opened the cache (see above).
     """
 
-    def __init__(self, path: str | os.PathLike, max_open_shards: int = 64, check: str = "stat"):
+    def __init__(self, path: str | os.PathLike, max_open_shards: int | None = None, check: str = "stat"):
         if check not in ("stat", "full", "none"):
             raise ValueError(f"check must be 'stat', 'full' or 'none', got {check!r}")
         self.path = Path(path)
-        self.max_open_shards = int(max_open_shards)
+        self.max_open_shards = MAX_OPEN_SHARDS if max_open_shards is None else int(max_open_shards)
+        if self.max_open_shards < 1:
+            raise ValueError(f"max_open_shards must be >= 1, got {max_open_shards}")
         manifest_path = self.path / "manifest.json"
         if not manifest_path.exists():
             raise ECGDataError(self.path, _incomplete_message(self.path))
@@ -1637,8 +1814,19 @@ class CorpusCache:
         if self.manifest.get("format") != FORMAT or int(self.manifest.get("format_version", -1)) > FORMAT_VERSION:
             raise ECGDataError(manifest_path, f"unsupported cache format {self.manifest.get('format')!r} "
                                               f"version {self.manifest.get('format_version')!r}")
+        seen: dict[str, tuple[int, int, int]] = {}
         if check != "none":
-            self._check_integrity(full=check == "full")
+            seen = self._check_integrity(full=check == "full")
+        # what this reader reads: the files as they are now (see the class docstring); stats the integrity check
+        # took are reused, so opening costs no extra stat with check="stat" / "full"
+        self._ids: dict[str, tuple[int, int, int] | None] = {}
+        for rel in [sh["bin"] for sh in self.manifest["shards"]] + ["records.npy", "index.jsonl"]:
+            if rel not in seen:
+                try:
+                    seen[rel] = _identity(os.stat(self.path / rel))
+                except OSError:
+                    seen[rel] = None   # missing: reading it fails then, naming it
+            self._ids[rel] = seen[rel]
         self.spec = PreprocessSpec.from_dict(self.manifest["spec"])
         self._records: np.ndarray | None = None
         self._cols: dict[str, np.ndarray] | None = None
@@ -1646,17 +1834,21 @@ class CorpusCache:
         self._index = None
         self._n = int(self.manifest["counts"]["converted"])
 
-    def _check_integrity(self, full: bool = False) -> None:
-        """The open-time check (see the class docstring)."""
+    def _check_integrity(self, full: bool = False) -> dict[str, tuple[int, int, int]]:
+        """The open-time check (see the class docstring). Returns the :func:`_identity` of the shard files it
+        stat'ed and found intact (what this reader then reads)."""
         verified = {} if full else _read_verified(self.path)
         hashed: dict[str, list] = {}
         damaged: list[str] = []
+        ids: dict[str, tuple[int, int, int]] = {}
         for rel, (digest, size, kind) in _expected_files(self.manifest).items():
             p = self.path / rel
             try:
                 key = _stat_key(p)
             except OSError:
                 key = None
+            if key is not None and kind == "shard":
+                ids[rel] = (key[3], key[0], key[1])
             if key is None or (size is not None and key[0] != int(size)):
                 if kind == "shard":
                     raise ECGDataError(p, f"shard missing or of the wrong size (expected {size} bytes); the cache "
@@ -1693,6 +1885,19 @@ class CorpusCache:
                             self.path, rel)
         if hashed:
             _store_verified(self.path, hashed)
+        return ids
+
+    def _changed_error(self, rel: str) -> ECGDataError:
+        """The error for a cache file replaced since this reader opened the cache."""
+        return ECGDataError(self.path / rel, f"changed since this reader opened the cache {self.path} (a rerun of "
+                                             f"prepare updated it); reopen the cache (CorpusCache({str(self.path)!r})"
+                                             f", or restart the run) to read the updated records")
+
+    def _check_same(self, rel: str, st: os.stat_result) -> None:
+        """Raise :meth:`_changed_error` unless ``st`` is the stat of the file this reader saw at open."""
+        ids = getattr(self, "_ids", None)   # a cache pickled before identities were recorded: not checked
+        if ids is not None and rel in ids and _identity(st) != ids[rel]:
+            raise self._changed_error(rel)
 
     # -- pickling: path only ------------------------------------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:
@@ -1719,7 +1924,11 @@ class CorpusCache:
     def records(self) -> np.ndarray:
         """The memory-mapped numeric table (structured array, see :data:`RECORDS_DTYPE`)."""
         if self._records is None:
-            self._records = np.load(self.path / "records.npy", mmap_mode="r", allow_pickle=False)
+            path = self.path / "records.npy"
+            records = np.load(path, mmap_mode="r", allow_pickle=False)
+            # stat after mapping: a file replaced before (or while) it was mapped shows a new identity
+            self._check_same("records.npy", os.stat(path))
+            self._records = records
             if len(self._records) != self._n:
                 raise ECGDataError(self.path / "records.npy", f"{len(self._records)} rows, manifest says {self._n}")
         return self._records
@@ -1748,6 +1957,7 @@ class CorpusCache:
 
             rows = []
             with open(self.path / "index.jsonl", encoding="utf-8") as f:
+                self._check_same("index.jsonl", os.fstat(f.fileno()))
                 for line in f:
                     rows.append(json.loads(line))
             cols = ["record_id", "source", "patient_id", "labels", "fs", "n_samples", "lead_mask", "meta",
@@ -1780,11 +1990,15 @@ class CorpusCache:
         return self._cols
 
     def _shard_map(self, shard: int) -> np.ndarray:
+        """The memory map of shard ``shard`` (opened on first use and again after the LRU bound closed it; the
+        file's identity is then checked against the one seen at open, see the class docstring)."""
         mm = self._maps.get(shard)
         if mm is None:
-            path = self.path / self.manifest["shards"][shard]["bin"]
-            # a plain ndarray view of the memmap (keeps the map alive; slicing skips np.memmap's overhead)
-            mm = np.memmap(path, dtype=DTYPE, mode="r").view(np.ndarray)
+            rel = self.manifest["shards"][shard]["bin"]
+            with open(self.path / rel, "rb") as f:   # fstat + map of the same open file: no race with a rename
+                self._check_same(rel, os.fstat(f.fileno()))
+                # a plain ndarray view of the memmap (keeps the map alive; slicing skips np.memmap's overhead)
+                mm = np.memmap(f, dtype=DTYPE, mode="r").view(np.ndarray)
             self._maps[shard] = mm
             while len(self._maps) > self.max_open_shards:
                 self._maps.popitem(last=False)
