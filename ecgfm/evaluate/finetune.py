@@ -733,8 +733,10 @@ def run_finetune(backbone: nn.Module, cache_dir: str, labels: np.ndarray, splits
         trainer.fit(model, datamodule=dm)
     epochs_run = int(trainer.current_epoch)
     why = "max epochs" if epochs_run >= r.epochs else f"early stopping, patience {r.patience}"
-    log.info("fine-tuning done: %d/%d epochs (%s), best val macro AUROC %.3f @ %s (weights restored), %.1f s",
-             epochs_run, r.epochs, why, best.best, _epoch_name(best.best_epoch), time.perf_counter() - t0)
+    log.info("fine-tuning done: %d/%d epochs (%s), best val (%d records) macro AUROC %.3f @ %s (weights restored; "
+             "the model-selection value, optimistic, no CI: the test line reports the estimate), %.1f s",
+             epochs_run, r.epochs, why, len(splits["val"]), best.best, _epoch_name(best.best_epoch),
+             time.perf_counter() - t0)
     out: dict[str, Any] = {"val": predict_records(model, windows.val_dataloader()) if predict_val else None,
                            "test": predict_records(model, windows.test_dataloader()), "external": {}}
     for name, (ext_dir, ext_labels, rows) in (external or {}).items():

@@ -1280,7 +1280,9 @@ def _save_cell_classifier(cell_file: Path, model: Any, task: TaskData, enc: Enco
                                                if test.get("ci_low") is not None and test.get("ci_high") is not None
                                                and np.isfinite(test["ci_low"]) and np.isfinite(test["ci_high"])
                                                else "[no CI]"),
-                    "validation macro AUROC (early stopping)": round(float(cell["val_macro_auroc"]), 4)},
+                    f"validation macro AUROC (n={(cell.get('splits') or {}).get('val', '?')}; the model-selection "
+                    f"value: early stopping / C chosen on it, so optimistic; no CI)":
+                    round(float(cell["val_macro_auroc"]), 4)},
         extra={"trained_leads": [lead for lead, m in zip(CANONICAL_LEADS, seen) if m],
                "checkpoint_id": cell.get("checkpoint_id"),
                "cell_recipe_id": cell.get("recipe_id")})

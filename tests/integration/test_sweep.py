@@ -503,6 +503,10 @@ def test_save_classifier_on_a_finished_cell_writes_the_artifact(work, tmp_path):
     cell = json.loads(Path(again["cells_written"][0]).read_text())
     assert Path(cell["classifier"]).is_dir() and first["cells_written"] == again["cells_written"]
     assert probe_main(_cfg("probe", work, *base, "save_classifier=true"))["cells_skipped"] == 1
+    # the model card's validation number says what it is: the model-selection value, with its n
+    evaluation = json.loads((Path(cell["classifier"]) / "classifier.json").read_text())["evaluation"]
+    val_key = next(k for k in evaluation if k.startswith("validation macro AUROC"))
+    assert f"n={cell['splits']['val']}" in val_key and "model-selection value" in val_key
 
 
 def test_a_reused_cell_keeps_only_its_own_classifier_artifact(work, tmp_path):
