@@ -948,6 +948,14 @@ def _manifest_plan(out: Path) -> dict[str, Any] | None:
     return {**{k: manifest[k] for k in keys if k in manifest}, "n_shards": len(manifest["shards"])}
 
 
+def _same_spec(a: Any, b: Any) -> bool:
+    """Whether two stored spec dicts are one preprocessing (numbers compared by value: ``100 == 100.0``)."""
+    try:
+        return PreprocessSpec.from_dict(dict(a)) == PreprocessSpec.from_dict(dict(b))
+    except (TypeError, ValueError):
+        return False
+
+
 def _plan_change_message(out: Path, old: dict[str, Any], plan: _Plan) -> str:
     """Why ``out`` cannot be resumed or reused with ``plan``: what differs, record ids added / removed."""
     what = [k for k in ("spec", "sources", "shard_records", "allow_duplicate_ids")
@@ -964,6 +972,10 @@ def _plan_change_message(out: Path, old: dict[str, Any], plan: _Plan) -> str:
     parts = []
     if what:
         parts.append(" and ".join(what) + " differ")
+    if "spec" in what and _same_spec(old.get("spec"), plan.header["spec"]):
+        parts.append("the two specs are equal but the cache's was written with whole numbers (e.g. fs 100, not "
+                     "100.0) by ecgfm before 2026-12-06, which fingerprinted the two forms apart: its plan cannot "
+                     "be matched")
     if old_keys:
         added, removed = sorted(new_keys - old_keys, key=natural_key), sorted(old_keys - new_keys, key=natural_key)
         if added:

@@ -46,3 +46,24 @@ def test_record_preprocessed_with_the_whole_number_form_is_accepted():
 def test_non_numbers_are_refused_by_name(kwargs, match):
     with pytest.raises(ValueError, match=match):
         PreprocessSpec(**kwargs)
+
+
+def test_a_cache_written_with_whole_numbers_is_explained_when_its_plan_no_longer_matches(tmp_path):
+    """A cache prepared before the numbers were unified, with ``fs: 100`` (conf/prepare.yaml), holds a plan whose
+    fingerprint the equal spec no longer reproduces: the refusal says why instead of 'spec differ' alone."""
+    import json
+
+    from ecgfm.data.cache import prepare_corpus
+    from ecgfm.data.synthetic import SyntheticSource
+
+    out = tmp_path / "c"
+    prepare_corpus(SyntheticSource(4, seed=0, fs=100.0, duration=2.5), out, PreprocessSpec(), workers=0,
+                   progress=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["spec"]["fs"] = 100                       # as the old code stored a whole-number spec
+    manifest["plan_fingerprint"] = "0" * 64            # ... whose plan fingerprint differed
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    (out / "plan.json").unlink(missing_ok=True)
+    with pytest.raises(ValueError, match="written with whole numbers"):
+        prepare_corpus(SyntheticSource(4, seed=0, fs=100.0, duration=2.5), out, PreprocessSpec(), workers=0,
+                       progress=False)
