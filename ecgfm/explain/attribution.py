@@ -106,7 +106,9 @@ def lead_ranking(per_lead: Tensor | np.ndarray | Sequence[float], k: int = 3, rt
 
     A lead is listed only if its value exceeds the largest value left out by more than ``rtol`` times the
     largest magnitude, so ties at the cut are never broken by sort order and equal shares (e.g. a map broadcast
-    to every lead) give no ranking at all.
+    to every lead) give no ranking at all. A lead whose value is not positive (beyond ``rtol``) is never listed:
+    with ``k`` at least the number of leads nothing is left out to compare with, and a lead holding no share of
+    the attribution is not a "top lead".
 
     Args:
         per_lead: ``(L,)`` importance per lead (e.g. :meth:`Attribution.per_lead` ``[i]`` or change shares).
@@ -126,7 +128,9 @@ def lead_ranking(per_lead: Tensor | np.ndarray | Sequence[float], k: int = 3, rt
     tol = rtol * scale
     order = np.argsort(-v, kind="stable")
     k = max(0, min(int(k), v.size))
-    cut = v[order[k]] if k < v.size else -np.inf
+    # the cut: the largest value left out, and never below 0 (a zero share is no evidence for a lead, also when
+    # k >= the number of leads leaves nothing out)
+    cut = max(float(v[order[k]]), 0.0) if k < v.size else 0.0
     top = [int(i) for i in order[:k] if v[i] > cut + tol]
     return top or None
 
@@ -1018,6 +1022,40 @@ def canonical_method(name: str) -> str:
 def present_rows(x: Tensor) -> Tensor:
     """``(B, L)`` bool: the rows of ``(B, L, T)`` inputs that are not all zero (absent leads are zero-filled)."""
     return x.detach().abs().amax(-1) > 0
+
+
+def recorded_samples(x: Tensor, recorded: Any = None) -> Tensor:
+    """``(B, L, T)`` bool: the samples of ``(B, L, T)`` inputs that are recorded signal.
+
+    A sample is recorded when its lead is present (:func:`present_rows`) and ``recorded`` marks it: the zero
+    padding of a record shorter than the model's window (``t >= n_real``) is neither signal to delete, insert or
+    change nor a sample a map can be right or wrong about.
+
+    Args:
+        x: ``(B, L, T)`` model inputs.
+        recorded: None (every sample of a present lead), or a bool mask of ``(T,)``, ``(B, T)`` or ``(B, L, T)``
+            (numpy or torch), e.g. ``arange(T) < n_real``.
+
+    Returns:
+        ``(B, L, T)`` bool on ``x``'s device.
+
+    Raises:
+        ValueError: a mask that does not broadcast to ``x``.
+    """
+    keep = present_rows(x)[:, :, None].expand(x.shape)
+    if recorded is None:
+        return keep
+    r = torch.as_tensor(np.asarray(recorded) if not isinstance(recorded, Tensor) else recorded,
+                        device=x.device).bool()
+    if r.ndim == 1:
+        r = r[None, None, :]
+    elif r.ndim == 2:
+        r = r[:, None, :]
+    try:
+        return keep & r.expand(x.shape)
+    except RuntimeError:
+        raise ValueError(f"recorded mask {tuple(r.shape)} does not match inputs {tuple(x.shape)}: give (T,), "
+                         "(B, T) or (B, L, T)") from None
 
 
 @contextlib.contextmanager

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ecgfm.explain import waves as waves_mod
-from ecgfm.explain.attribution import present_rows
+from ecgfm.explain.attribution import present_rows, recorded_samples
 from ecgfm.explain.wrapper import ECGWrapper
 
 PROXIMITY = ("l1", "l2")
@@ -281,7 +281,7 @@ def counterfactual(wrapper: ECGWrapper, inputs: Tensor, target: Any, lambda_prox
                    lambda_plaus: float = 0.1, lr: float = 0.01, max_steps: int = 500, early_stop: bool = True,
                    threshold: float | Sequence[float] | None = None, leads: Sequence[str] | None = None,
                    knot_s: float | None = 0.04,
-                   edge_s: float = 0.3, ramp_s: float = 0.1) -> Counterfactual:
+                   edge_s: float = 0.3, ramp_s: float = 0.1, recorded: Any = None) -> Counterfactual:
     """Counterfactual ECGs for a target class.
 
     Args:
@@ -309,6 +309,11 @@ def counterfactual(wrapper: ECGWrapper, inputs: Tensor, target: Any, lambda_prox
             zero padding makes a model cheapest to fool). 0: the whole record may change (the zero-padded total
             variation still charges a jump at an end).
         ramp_s: seconds over which the change ramps in after the untouched ends (raised cosine, no step).
+        recorded: the recorded samples (``(T,)``, ``(B, T)`` or ``(B, L, T)`` bool, e.g. ``t < n_real`` for a
+            record zero-padded to the model's window; :func:`~ecgfm.explain.attribution.recorded_samples`): the
+            change is confined to them, as to the present leads (a change written into the padding is signal the
+            patient's record does not have), and the untouched end margin sits at the recording's end. Default:
+            every sample.
 
     Returns:
         :class:`Counterfactual`.
@@ -344,7 +349,21 @@ def counterfactual(wrapper: ECGWrapper, inputs: Tensor, target: Any, lambda_prox
     # (and, for a model that reads zero rows as signal, the cheapest one to add), reported as the counterfactual
     lead_mask = lead_mask * present_rows(x)[:, :, None].to(lead_mask.dtype)                   # (B, L, 1)
     n_t = x.shape[-1]
-    lead_mask = lead_mask * edge_taper(n_t, wrapper.fs, edge_s, ramp_s).to(x.device)     # (1, L, T)
+    if recorded is None:
+        lead_mask = lead_mask * edge_taper(n_t, wrapper.fs, edge_s, ramp_s).to(x.device)     # (1, L, T)
+    else:
+        # the zero padding of a short record stays zero, and the untouched end margin is at the recording's end
+        # (where the padding starts), not at the padded window's
+        rec = recorded_samples(x, recorded)                                                  # (B, L, T)
+        t_idx = torch.arange(1, n_t + 1, device=x.device)
+        ends = torch.where(rec.any(1), t_idx, 0).amax(-1).tolist()      # each input's last recorded sample + 1
+        tapers = []
+        for n_rec in ends:
+            w = torch.zeros(n_t)
+            if n_rec > 0:
+                w[:n_rec] = edge_taper(n_rec, wrapper.fs, edge_s, ramp_s)
+            tapers.append(w)
+        lead_mask = lead_mask * torch.stack(tapers)[:, None, :].to(x.device) * rec.to(lead_mask.dtype)
     step_n = 1 if knot_s is None else max(1, int(round(knot_s * wrapper.fs)))
     n_knots = n_t if step_n == 1 else -(-(n_t - 1) // step_n) + 1
 

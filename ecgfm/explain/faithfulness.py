@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from ecgfm.explain.attribution import (Attribution, Explainer, make_baseline, present_rows, random_attribution,
-                                      record_seed)
+                                      record_seed, recorded_samples)
 from ecgfm.explain.wrapper import ECGWrapper
 from ecgfm.evaluate.metrics import bootstrap_mean
 
@@ -87,7 +87,7 @@ def _target_score(wrapper: ECGWrapper, x: Tensor, target: Tensor, output: str) -
 def perturbation_curve(wrapper: ECGWrapper, inputs: Tensor, attribution: Attribution | Tensor,
                        target: Tensor | None = None, mode: str = "deletion", segment_s: float = 0.1,
                        steps: int = 20, baseline: Any = "smoothed", order: str = "abs", output: str = "proba",
-                       ) -> dict[str, Tensor]:
+                       recorded: Any = None) -> dict[str, Tensor]:
     """Deletion or insertion curve of the target score over (lead, time) segments.
 
     Args:
@@ -103,6 +103,10 @@ def perturbation_curve(wrapper: ECGWrapper, inputs: Tensor, attribution: Attribu
             smoothed copy).
         order: ``"abs"`` (attribution magnitude) or ``"signed"``.
         output: ``"proba"`` (post-processed) or ``"logit"``.
+        recorded: the recorded samples (:func:`~ecgfm.explain.attribution.recorded_samples`: ``(T,)``,
+            ``(B, T)`` or ``(B, L, T)`` bool, e.g. ``t < n_real`` for a record zero-padded to the model's window);
+            default every sample of a present lead. Segments without a recorded sample are ranked last and left
+            out of the budget, and unrecorded samples are never replaced, as for absent leads.
 
     Returns:
         ``{"fractions": (K+1,), "curve": (B, K+1), "aopc": (B,), "auc": (B,)}``. ``aopc`` is Samek's
@@ -113,12 +117,12 @@ def perturbation_curve(wrapper: ECGWrapper, inputs: Tensor, attribution: Attribu
         raise ValueError(f"mode must be 'deletion' or 'insertion', got {mode!r}")
     with wrapper.evaluating():
         return _perturbation_curve(wrapper, inputs, attribution, target, mode, segment_s, steps, baseline, order,
-                                   output)
+                                   output, recorded)
 
 
 def _perturbation_curve(wrapper: ECGWrapper, inputs: Tensor, attribution: Attribution | Tensor,
                         target: Tensor | None, mode: str, segment_s: float, steps: int, baseline: Any, order: str,
-                        output: str) -> dict[str, Tensor]:
+                        output: str, recorded: Any = None) -> dict[str, Tensor]:
     values = _values(attribution).to(inputs.device)
     if values.shape != inputs.shape:
         raise ValueError(f"attribution {tuple(values.shape)} does not match inputs {tuple(inputs.shape)}")
@@ -131,8 +135,10 @@ def _perturbation_curve(wrapper: ECGWrapper, inputs: Tensor, attribution: Attrib
     scores = segment_scores(values, seg, order)                           # (B, L, S)
     # segments of absent (zero-filled) leads are not part of the record: ranked last and never counted in the
     # budget, for the method and the random reference alike (deleting a zero row changes nothing, so a budget
-    # share spent there made any map that avoids absent leads look better than random)
-    present = present_rows(x)[:, :, None].expand_as(scores).reshape(b, -1)
+    # share spent there made any map that avoids absent leads look better than random). The same holds for the
+    # zero padding of a record shorter than the window: a segment counts when it holds a recorded sample.
+    keep = recorded_samples(x, recorded)                                  # (B, L, T)
+    present = segment_scores(keep.float(), seg, "abs").gt(0).reshape(b, -1)
     scores = scores.reshape(b, -1).masked_fill(~present, float("-inf"))
     n_seg = scores.shape[1]
     n_valid = present.sum(1).clamp_min(1)                                 # (B,)
@@ -148,7 +154,7 @@ def _perturbation_curve(wrapper: ECGWrapper, inputs: Tensor, attribution: Attrib
     base = make_baseline(baseline, x, wrapper.fs).expand_as(x)
     # absent leads stay as they are (zero rows) at every step, whatever the baseline: they are never in the budget,
     # and an insertion curve must end at f(x)
-    base = torch.where(present.reshape(b, n_l, -1)[:, :, :1], base, x)
+    base = torch.where(keep, base, x)
     fractions = torch.linspace(0, 1, steps + 1)
     curve = []
     with torch.inference_mode():
@@ -311,12 +317,16 @@ def present_leads_of(attribution: Attribution | Tensor) -> Tensor | None:
     return None
 
 
-def localisation(attribution: Attribution | Tensor, mask: Any) -> dict[str, Tensor]:
+def localisation(attribution: Attribution | Tensor, mask: Any, recorded: Any = None) -> dict[str, Tensor]:
     """Agreement of an attribution with a ground-truth mask, per record.
 
     Args:
         attribution: ``(B, L, T)`` values or an :class:`Attribution`.
         mask: ``(B, L, T)`` bool ground truth (or ``(B, T)``, broadcast over leads).
+        recorded: the recorded samples (``(T,)``, ``(B, T)`` or ``(B, L, T)`` bool, e.g. ``t < n_real`` for a
+            record zero-padded to the model's window); only these are scored. Default: every sample (of the
+            present leads of an :class:`Attribution`). A map near 0 on padding would otherwise get free correct
+            negatives there (a noise map scored AUROC 0.83 on a 4 s record in a 10 s window, 0.52 on its 4 s).
 
     Returns:
         ``(B,)`` tensors: ``mass_positive`` (share of positive attribution inside the mask: relevance mass
@@ -327,7 +337,7 @@ def localisation(attribution: Attribution | Tensor, mask: Any) -> dict[str, Tens
         an all-zero map), ``auroc`` (|attribution| as a detector of mask samples; NaN when the mask is empty or
         full), ``mask_fraction`` (the share of samples in the mask: what a random attribution scores on the mass
         and rank measures, and the AUROC of chance is 0.5). Samples of absent (all-zero, zero-filled) leads of an
-        :class:`Attribution`'s inputs are left out of every score.
+        :class:`Attribution`'s inputs, and samples ``recorded`` leaves out, are left out of every score.
     """
     from sklearn.metrics import roc_auc_score
 
@@ -341,7 +351,10 @@ def localisation(attribution: Attribution | Tensor, mask: Any) -> dict[str, Tens
     # samples of absent (zero-filled) leads are not part of the record: neither candidates for the top of the map
     # nor part of the chance level
     present = present_leads_of(attribution)
-    keep = (present[:, :, None].expand_as(v) if present is not None else torch.ones_like(m)).reshape(b, -1)
+    keep = present[:, :, None].expand_as(v) if present is not None else torch.ones_like(m)
+    if recorded is not None:   # the zero padding of a short record is not part of it either
+        keep = keep & recorded_samples(torch.ones_like(v), recorded).to(keep.device)
+    keep = keep.reshape(b, -1)
     vf, mf = v.reshape(b, -1), (m.reshape(b, -1) & keep).float()
     pos, mag = vf.clamp_min(0) * keep, vf.abs() * keep
     # a map without positive (or any) attribution has no mass to place: NaN, as the pointing game gives it
@@ -374,7 +387,8 @@ def localisation(attribution: Attribution | Tensor, mask: Any) -> dict[str, Tens
 
 def faithfulness_report(explainer: Explainer, attribution: Attribution, mask: Any = None,
                         randomisation: bool = False, n_random: int = 3, seed: int = 0, attach: bool = True,
-                        randomisation_layers: int | None = 3, **curve_kwargs: Any) -> dict[str, Any]:
+                        randomisation_layers: int | None = 3, recorded: Any = None,
+                        **curve_kwargs: Any) -> dict[str, Any]:
     """All scores for one attribution, as JSON-able :func:`mean_ci` summaries over the records.
 
     Args:
@@ -385,6 +399,10 @@ def faithfulness_report(explainer: Explainer, attribution: Attribution, mask: An
         n_random: random attributions for :func:`compare_with_random`.
         seed: seed for the random attributions and the randomisation.
         attach: store the result in ``attribution.scores``.
+        randomisation_layers: layers randomised by the randomisation check.
+        recorded: the recorded samples (``(T,)``, ``(B, T)`` or ``(B, L, T)`` bool; default every sample of a
+            present lead): the zero padding of a record shorter than the model's window is left out of the
+            perturbation budget and of the localisation scores (:func:`perturbation_curve`, :func:`localisation`).
         **curve_kwargs: :func:`perturbation_curve` options (``segment_s``, ``steps``, ``baseline``...).
 
     Returns:
@@ -395,11 +413,13 @@ def faithfulness_report(explainer: Explainer, attribution: Attribution, mask: An
         raise ValueError("faithfulness_report scores class explanations; this attribution explains an encoder "
                          f"embedding ({attribution.options['objective']}), which has no class score to delete from")
     out: dict[str, Any] = {}
+    if recorded is not None:
+        curve_kwargs["recorded"] = recorded
     cmp = compare_with_random(explainer.wrapper, attribution.inputs, attribution, attribution.target,
                               n_random=n_random, seed=seed, **curve_kwargs)
     out.update({k: v for k, v in cmp.items() if k != "curves"})
     if mask is not None:
-        loc = localisation(attribution, mask)
+        loc = localisation(attribution, mask, recorded=recorded)
         out["localisation"] = {k: mean_ci(v) for k, v in loc.items()}
     if randomisation:
         # re-explain with the options as passed (a tensor baseline included), else those recorded as used

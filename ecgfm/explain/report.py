@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -31,7 +32,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from ecgfm.artifacts import ArtifactError, artifact_kind
+from ecgfm.artifacts import ArtifactError, artifact_kind, derive_trained_limb_leads
 from ecgfm.artifacts import load_classifier as load_classifier_artifact
 from ecgfm.config import ConfigError
 from ecgfm.data.preprocess import PreprocessSpec, preprocessed_spec, resample
@@ -72,20 +73,59 @@ def display_signal(record: ECGRecord, wrapper: ECGWrapper) -> tuple[np.ndarray, 
     """The record at the model's rate and lead order, filtered like the model input but not normalised:
     ``((L_model, T) float32, units)`` (absent leads are 0). A raw (reader's) record is drawn in mV; a record read
     back from a corpus cache is already normalised (``header["preprocessed"]``): its values are drawn as they are,
-    in ``"normalised units"`` (a chart in mV would claim amplitudes and a gain the record no longer has)."""
+    in ``"normalised units"`` (a chart in mV would claim amplitudes and a gain the record no longer has).
+
+    Limb leads the model derives from I and II (:func:`display_signal_and_derived`) are drawn derived, as the
+    model reads them."""
+    rows, units, _ = display_signal_and_derived(record, wrapper)
+    return rows, units
+
+
+def display_signal_and_derived(record: ECGRecord, wrapper: ECGWrapper) -> tuple[np.ndarray, str, list[str]]:
+    """:func:`display_signal` and the leads it derived.
+
+    A classifier that records its training leads (``extra.trained_leads``, sweep artifacts) reads III / aVR /
+    aVL / aVF derived from I and II when a raw record lacks them (:meth:`ECGWrapper._prepare_one`, through
+    :func:`ecgfm.artifacts.derive_trained_limb_leads`). The drawn signal applies the same derivation on the
+    canonical 12 x T layout before mapping rows to the model's order, so that those rows show the signal the
+    attribution is about (zero rows drew them as flat recorded traces with attribution coloured on them).
+
+    Args:
+        record: the explained record.
+        wrapper: the model's wrapper (rate, lead order, preprocessing, ``trained_leads``).
+
+    Returns:
+        ``(rows (L_model, T) float32, units, derived)``: ``derived`` names the model's leads that were computed
+        from I and II rather than recorded (empty when none was).
+    """
+    x12 = np.zeros((len(CANONICAL_LEADS), record.n_samples), dtype=np.float32)
+    had = np.zeros(len(CANONICAL_LEADS), dtype=bool)
+    for i in range(len(CANONICAL_LEADS)):
+        if record.lead_mask[i]:
+            x12[i], had[i] = record.signal[i], True
+    preprocessed = preprocessed_spec(record, wrapper.spec, "the explained model") is not None
+    now = had
+    if not preprocessed and wrapper.trained_leads:   # as the wrapper derives them for the model's input
+        flat = wrapper.spec.flat_threshold if wrapper.spec is not None else 0.0
+        x12, now = derive_trained_limb_leads(x12, had.copy(), wrapper.trained_leads, wrapper.lead_names, flat,
+                                             record.key)
+        now = np.asarray(now, dtype=bool)
     rows = np.zeros((wrapper.n_leads, record.n_samples), dtype=np.float32)
     mask = np.zeros(wrapper.n_leads, dtype=bool)
+    derived: list[str] = []
     for j, lead in enumerate(wrapper.lead_names):
         i = CANONICAL_LEADS.index(lead)
-        if record.lead_mask[i]:
-            rows[j] = record.signal[i]
+        if now[i]:
+            rows[j] = x12[i]
             mask[j] = True
-    if preprocessed_spec(record, wrapper.spec, "the explained model") is not None:
-        return rows, "mV" if wrapper.spec.normalize == "none" else "normalised units"
+            if not had[i]:
+                derived.append(lead)
+    if preprocessed:
+        return rows, ("mV" if wrapper.spec.normalize == "none" else "normalised units"), derived
     if wrapper.spec is not None:
         spec = PreprocessSpec(**{**wrapper.spec.to_dict(), "fs": wrapper.fs, "normalize": "none", "clip": None})
-        return wrapper.preprocess_rows(rows, record.fs, mask, spec, record.key)[0], "mV"
-    return resample(np.nan_to_num(rows), record.fs, wrapper.fs), "mV"
+        return wrapper.preprocess_rows(rows, record.fs, mask, spec, record.key)[0], "mV", derived
+    return resample(np.nan_to_num(rows), record.fs, wrapper.fs), "mV", derived
 
 
 def _window_text(window: dict[str, float] | None, record: ECGRecord) -> str:
@@ -243,7 +283,7 @@ def explain_records(wrapper: ECGWrapper, records: Sequence[ECGRecord], out_dir: 
                 proba = wrapper.postprocess_fn(wrapper(x))[0].cpu()
             tgt = int(wrapper.resolve_target(target, x=x)[0]) if target is not None else int(proba.argmax())
             names = wrapper.class_names or tuple(str(i) for i in range(proba.shape[0]))
-            shown, units = display_signal(record, wrapper)
+            shown, units, derived = display_signal_and_derived(record, wrapper)
             crop, start = None, 0
             if wrapper.n_samples is not None and wrapper.window == "center" and shown.shape[1] > x.shape[2]:
                 start = window_start(shown.shape[1], x.shape[2])  # the window the wrapper fed the model
@@ -251,6 +291,10 @@ def explain_records(wrapper: ECGWrapper, records: Sequence[ECGRecord], out_dir: 
                 crop = {"start_s": start / wrapper.fs, "length_s": x.shape[2] / wrapper.fs}
             # zero padding the model saw (the wrapper warned when it padded): in the report and its console line
             padded = max(0, x.shape[2] - shown.shape[1]) / x.shape[2]
+            # the recorded samples of the model input (present leads, t < the record's end): the zero padding of a
+            # short record is left out of the faithfulness budget, the localisation scores and the counterfactual
+            n_real = min(shown.shape[1], x.shape[2])
+            recorded = torch.arange(x.shape[2], device=x.device)[None] < n_real                  # (1, T)
             if shown.shape[1] != x.shape[2]:
                 shown = shown[:, :x.shape[2]] if shown.shape[1] > x.shape[2] else np.pad(
                     shown, ((0, 0), (0, x.shape[2] - shown.shape[1])))
@@ -284,7 +328,7 @@ def explain_records(wrapper: ECGWrapper, records: Sequence[ECGRecord], out_dir: 
                     # (Samek et al.'s "most relevant first"); |attribution| would mix in the evidence against it.
                     fo.setdefault("order", "signed")
                     mask = None if evidence is None else torch.as_tensor(evidence[None])
-                    scores = faithfulness_report(explainer, att, mask=mask, **fo)
+                    scores = faithfulness_report(explainer, att, mask=mask, recorded=recorded, **fo)
                     summary["faithfulness"] = {**_jsonable(scores), "order": fo["order"]}
                 entry["methods"][key] = summary
                 if key in chart_keys:
@@ -292,6 +336,7 @@ def explain_records(wrapper: ECGWrapper, records: Sequence[ECGRecord], out_dir: 
                                              overlay=overlay, record_id=f"{record.source}/{record.record_id}",
                                              units=units, window_start_s=None if crop is None else crop["start_s"],
                                              present=(x[0] != 0).any(dim=-1).cpu().numpy(),
+                                             derived=derived,
                                              padded_from_s=(x.shape[2] * (1 - padded) / wrapper.fs
                                                             if padded > 0 else None),
                                              title=f"{record.source} {record.record_id} | labels: "
@@ -322,7 +367,7 @@ def explain_records(wrapper: ECGWrapper, records: Sequence[ECGRecord], out_dir: 
                     entry["elapsed_s"] = time.perf_counter() - t0
                     report["records"].append(entry)
                     continue
-                cf = make_cf(wrapper, x, cf_target, **cf_opts)
+                cf = make_cf(wrapper, x, cf_target, recorded=recorded, **cf_opts)
                 entry["counterfactual"] = cf.to_dict()
                 fig = viz.plot_counterfactual(cf.original[0], cf.counterfactual[0], wrapper.fs, wrapper.lead_names,
                                               windows=windows, title=f"{record.record_id}: counterfactual towards "
@@ -358,6 +403,65 @@ def source_from_config(data_cfg: Any, source_cfg: Any = None) -> Any:
             return instantiate(sources[0])
     raise ValueError("the data config names no record source (data.cache_dirs[*].sources); pass "
                      "source={_target_: ...} or choose data=ptbxl / synthetic / folder")
+
+
+_PTBXL_DEMO_DATA = re.compile(r"PTB-XL .*ecg_id <= (\d+).*strat_fold (\d+)-(\d+) train.*?(\d+) validation")
+_SYNTHETIC_DEMO_DATA = re.compile(r"synthetic seed (\d+): records (\d+)-(\d+) train, (\d+)-(\d+) validation")
+
+
+def training_data(checkpoint: str | os.PathLike) -> str | None:
+    """The training data a classifier artifact names (``provenance.data``, else ``extra.data``), or None (a
+    torch checkpoint, or an artifact that does not say)."""
+    try:
+        if artifact_kind(Path(checkpoint)) != "classifier":
+            return None
+        from ecgfm.explain.classifier import classifier_info
+
+        meta = classifier_info(checkpoint)
+    except Exception:   # noqa: BLE001 -- only a note for the console: an unreadable description has none
+        return None
+    data = (meta.get("provenance") or {}).get("data") or (meta.get("extra") or {}).get("data")
+    return str(data) if data else None
+
+
+def training_membership(data: str | None, record: ECGRecord) -> str | None:
+    """Whether ``record`` was among the training records that ``data`` (:func:`training_data`) describes.
+
+    Determinable for the descriptions the explain demos write (:func:`ecgfm.explain.classifier.train_ptbxl_demo`:
+    PTB-XL ``ecg_id`` bound and ``strat_fold`` ranges; :func:`~ecgfm.explain.classifier.train_synthetic_demo`:
+    synthetic record index ranges, same generator seed assumed); other descriptions (a sweep cell's "train split
+    fraction ...") name no records.
+
+    Returns:
+        ``"training"`` (in the classifier's training folds / records), ``"validation"`` (the fold its epoch was
+        chosen on), ``"held out"`` (neither), or None when it cannot be determined.
+    """
+    if not data:
+        return None
+    m = _PTBXL_DEMO_DATA.search(data)
+    if m and record.source == "ptbxl" and str(record.record_id).isdigit():
+        fold = (record.meta or {}).get("strat_fold")
+        if fold is None:
+            return None
+        max_id, lo, hi, val = (int(g) for g in m.groups())
+        if int(record.record_id) > max_id:
+            return "held out"
+        return "training" if lo <= int(fold) <= hi else "validation" if int(fold) == val else "held out"
+    m = _SYNTHETIC_DEMO_DATA.search(data)
+    if m and record.source == "synthetic":
+        digits = re.sub(r"\D", "", str(record.record_id))
+        if not digits:
+            return None
+        _, lo, hi, vlo, vhi = (int(g) for g in m.groups())
+        i = int(digits)
+        return "training" if lo <= i <= hi else "validation" if vlo <= i <= vhi else "held out"
+    return None
+
+
+_MEMBERSHIP_TEXT = {"training": "IN THE CLASSIFIER'S TRAINING DATA (its explanation shows what the model learnt "
+                                "from this record, not how it generalises)",
+                    "validation": "in the classifier's validation data (used to choose its epoch)",
+                    "held out": "not in the classifier's training or validation data"}
 
 
 def _check_names(cfg: Any) -> None:
@@ -444,6 +548,8 @@ def explain_main(cfg: Any) -> dict[str, Any]:
     cf_opts = None
     if cf is not None and cf.get("enabled", False):
         cf_opts = {k: v for k, v in OmegaConf.to_container(cf, resolve=True).items() if k != "enabled"}
+    data = training_data(checkpoint)
+    membership = {r.key: training_membership(data, r) for r in records}
     report = explain_records(
         wrapper, records, out_dir, methods=list(cfg.methods), target=cfg.get("target"),
         method_options=OmegaConf.to_container(cfg.method_options, resolve=True) if cfg.get("method_options") else None,
@@ -451,16 +557,22 @@ def explain_main(cfg: Any) -> dict[str, Any]:
         faithfulness_options={k: v for k, v in OmegaConf.to_container(cfg.faithfulness, resolve=True).items()
                               if k != "enabled"},
         counterfactual=cf_opts, formats=list(cfg.formats), overlay=cfg.overlay,
-        extra={"checkpoint": str(checkpoint), "source": repr(source)})
+        extra={"checkpoint": str(checkpoint), "source": repr(source), "training_data": data})
+    # one line naming the classifier's training data, and per record whether it was among those records
+    print(f"classifier's training data: {data}" if data else
+          f"classifier's training data: not recorded in {checkpoint} (provenance.data)")
     for rec in report["records"]:
+        rec["training_membership"] = membership.get(f"{rec['source']}/{rec['record_id']}")
         pred = rec["predictions"][0]
         w = rec.get("window")   # the attribution's input: one centred window of a longer record, not the record
         where = "whole record" if not w else \
             f"centre window {w['start_s']:.2f}-{w['start_s'] + w['length_s']:.2f} s (not the record's prediction)"
         if rec.get("padded_fraction"):
             where += f", zero-padded to the model's window ({rec['padded_fraction']:.0%} of its input is padding)"
+        member = _MEMBERSHIP_TEXT.get(rec["training_membership"]) if rec["training_membership"] else None
         print(f"record {rec['source']}/{rec['record_id']} (labels {rec['labels']}), {where}: predicted "
-              f"{pred['class']} p={pred['probability']:.3f}; explained {rec['target']['class']}")
+              f"{pred['class']} p={pred['probability']:.3f}; explained {rec['target']['class']}"
+              + (f"; {member}" if member else ""))
         for key, m in rec["methods"].items():
             leads = m["per_lead"]
             line = (f"  {key:22s} {m['elapsed_s']:.2f} s  " + (f"top leads {leads['top']}" if leads.get("top")
@@ -470,5 +582,6 @@ def explain_main(cfg: Any) -> dict[str, Any]:
                 g = f["deletion_aopc_gain"]
                 line += (f"  deletion AOPC gain vs random (this record, {g['n']} record) {g['mean']:+.3f}")
             print(line)
+    (out_dir / "report.json").write_text(json.dumps(_jsonable(report), indent=2))   # with the membership
     print(f"report: {out_dir / 'report.json'}")
     return report

@@ -266,7 +266,7 @@ def plot_ecg_chart(signal: Any, fs: float, lead_names: Sequence[str] = CANONICAL
                    colorbar_label: str = "attribution (signed; red raises the score)", gain: float | str = "auto",
                    chest_gain: float | str | None = "auto", record_id: str | None = None,
                    window_start_s: float | None = None, layout: str = "3x4", present: Any = None,
-                   padded_from_s: float | None = None) -> Figure:
+                   padded_from_s: float | None = None, derived: Sequence[str] | None = None) -> Figure:
     """The clinical 12-lead chart, optionally with a signed attribution overlay.
 
     Gain: a trace drawn at ``g`` mm/mV is ``g / 10`` of its amplitude in paper units (the grid stays 1 mm =
@@ -307,6 +307,9 @@ def plot_ecg_chart(signal: Any, fs: float, lead_names: Sequence[str] = CANONICAL
             not drawn (a zero-filled row would read as a flat recorded trace); default: all present.
         padded_from_s: where zero padding (a record shorter than the model's window) starts: shaded and named in
             the header, so that it does not read as a flat recorded stretch.
+        derived: leads computed from I and II rather than recorded (a classifier trained on 12 leads reads III /
+            aVR / aVL / aVF derived when a record lacks them): named in the header ("derived: III, aVR, ..."),
+            so that a computed trace does not read as a recorded one.
 
     Returns:
         the figure; its chart axes has ``gid="ecg_chart"``, the calibration pulses ``gid="calibration"``,
@@ -398,6 +401,26 @@ def plot_ecg_chart(signal: Any, fs: float, lead_names: Sequence[str] = CANONICAL
     absent = [name for name, h in zip(lead_names, here) if not h]
     if absent:
         header_parts.append(f"not recorded: {', '.join(map(str, absent))}")
+    shown_derived = [str(d) for d in (derived or ()) if d in idx]
+    if shown_derived:
+        header_parts.append(f"derived: {', '.join(shown_derived)} (computed from I and II, not recorded)")
+    # the colour bar's label runs along the chart's height: on a short chart (few rows) a long label was cut off
+    # at the figure's edge, losing the "scale clipped" note; the label is wrapped to the bar's height and the note
+    # goes into the header when it does not fit beside the bar
+    scale_over = bool(att.size and float(np.nanmax(np.abs(att))) > norm.vmax * (1 + 1e-9)) if att is not None \
+        else False
+    clip_note = f"scale clipped at the {percentile:g}th percentile"
+    cb_chars = max(12, int(ax_h / (0.55 * 8 / 72)))
+    cb_label = colorbar_label
+    if scale_over:
+        if len(colorbar_label) + len(clip_note) + 3 <= 2 * cb_chars:
+            cb_label = f"{colorbar_label} ({clip_note})"
+        else:
+            header_parts.append(f"colour {clip_note}")
+    cb_lines = textwrap.wrap(cb_label, cb_chars) or [""]
+    if len(cb_lines) > 3:   # wider than the right margin holds: the label goes into the header as well
+        header_parts.append(f"colour: {cb_label}")
+        cb_lines = textwrap.wrap("attribution", cb_chars)
     if att is not None and full:
         on_chart = np.zeros(att.shape, dtype=bool)                       # (L, T) samples some row draws
         for row in rows:
@@ -466,11 +489,10 @@ def plot_ecg_chart(signal: Any, fs: float, lead_names: Sequence[str] = CANONICAL
     if att is not None:
         cax = fig.add_axes(((left + ax_w + 0.25) / W, bottom / H, 0.15 / W, ax_h / H))
         sm = matplotlib.cm.ScalarMappable(norm=norm, cmap=_cmap(cmap))
-        over = float(np.nanmax(np.abs(att))) > norm.vmax * (1 + 1e-9) if att.size else False
         # values beyond the scale (it ends at a percentile) share its end colour: say so with the bar's arrows
-        cb = fig.colorbar(sm, cax=cax, extend="both" if over else "neither")
-        cb.set_label(colorbar_label + (f" (scale clipped at the {percentile:g}th percentile)" if over else ""),
-                     fontsize=8)
+        cb = fig.colorbar(sm, cax=cax, extend="both" if scale_over else "neither")
+        cb.set_label("\n".join(cb_lines), fontsize=8, linespacing=1.1)
+        cb.ax.yaxis.label.set_gid("colorbar_label")
         cb.ax.tick_params(labelsize=7)
     return fig
 

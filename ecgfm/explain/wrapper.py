@@ -463,10 +463,11 @@ class ECGWrapper(nn.Module):
         if isinstance(x, ECGRecord):
             return self.prepare([x], where=x.key, missing_leads=missing_leads)
         if isinstance(x, (list, tuple)) and x and all(isinstance(r, ECGRecord) for r in x):
-            return self.check(torch.cat([self._prepare_one(
-                r.signal, r.fs, CANONICAL_LEADS, r.lead_mask, r.key, missing_leads,
-                preprocessed=preprocessed_spec(r, self.spec, "the explained model") is not None)[None]
-                for r in x]), where)
+            rows = [self._prepare_one(r.signal, r.fs, CANONICAL_LEADS, r.lead_mask, r.key, missing_leads,
+                                      preprocessed=preprocessed_spec(r, self.spec, "the explained model") is not None)
+                    for r in x]
+            self._check_same_length(x, rows)
+            return self.check(torch.stack(rows), where)
         arr = x.detach().cpu().numpy() if isinstance(x, Tensor) else np.asarray(x)
         if arr.ndim == 2:
             arr = arr[None]
@@ -493,6 +494,23 @@ class ECGWrapper(nn.Module):
         out = [self._prepare_one(a, float(fs), lead_names, None, f"{where}[{i}]", missing_leads)
                for i, a in enumerate(arr)]
         return self.check(torch.stack(out), where)
+
+    def _check_same_length(self, records: Sequence[ECGRecord], rows: Sequence[Tensor]) -> None:
+        """Records prepared for one batch must have one length at the model's rate.
+
+        A variable-length model (no ``n_samples``) keeps each record's own length, and a batch needs one.
+
+        Raises:
+            ECGDataError: two records of different lengths, both named with their lengths.
+        """
+        first = rows[0].shape[-1]
+        for rec, t in zip(records[1:], rows[1:]):
+            if t.shape[-1] != first:
+                raise ECGDataError(
+                    rec.key, f"{t.shape[-1]} samples ({t.shape[-1] / self.fs:.3g} s at {self.fs:g} Hz) after "
+                    f"conversion, but record {records[0].key} has {first} ({first / self.fs:.3g} s): this model takes "
+                    "inputs of any length, and one batch needs one length; crop or pad the records to one length "
+                    "(ecgfm.data.preprocess.crop_or_pad) or explain them in separate calls")
 
     def _prepare_one(self, sig: np.ndarray, fs: float, names: Sequence[str], mask: np.ndarray | None,
                      where: Any, missing_leads: str, preprocessed: bool = False) -> Tensor:
