@@ -38,6 +38,8 @@ HEADS = ("linear", "mlp")
 HEAD_INITS = ("lp", "random")
 #: accepted values of ``finetune.window_aggregate``.
 WINDOW_AGGREGATES = ("prob", "logit")
+#: accepted values of ``finetune.lp_features`` (what the LP-FT head's probe is fitted on).
+LP_FEATURES = ("records", "windows")
 #: L2 grid of the linear probes (``probe.Cs`` and the LP-FT head's ``finetune.lp_Cs``).
 LP_CS = (0.001, 0.01, 0.1, 1.0, 10.0, 100.0)
 #: accepted values of ``probe.mode`` and ``probe.aggregate`` (:mod:`ecgfm.evaluate.probe`).
@@ -78,6 +80,11 @@ class FinetuneRecipe:
             of the training split and is kept if no epoch beats it on validation (needs ``head="linear"``);
             ``"random"``: a randomly initialised head.
         lp_Cs: L2 grid of that probe, chosen on validation macro AUROC.
+        lp_features: what that probe is fitted on: ``"records"`` (each training record's mean window embedding,
+            the benchmark probe's ``mean_embedding``; with ``window_aggregate="prob"`` the windows are used
+            whatever this says) or ``"windows"`` (every window, labelled with its record's labels: fine-tuning's
+            per-crop loss then starts at the probe's). Chosen on validation (docs/BENCHMARK.md, "The fine-tuning
+            recipe chosen on validation").
         window_aggregate: a record's prediction from its windows: ``"logit"`` (softmax / sigmoid of the mean
             window logit = a linear head on the mean window embedding, the probe's ``mean_embedding``) or
             ``"prob"`` (mean window probability, the PTB-XL benchmark's aggregation).
@@ -99,6 +106,7 @@ class FinetuneRecipe:
     head: str = "linear"
     head_init: str = "lp"
     lp_Cs: List[float] = field(default_factory=lambda: list(LP_CS))
+    lp_features: str = "records"
     window_aggregate: str = "logit"
     val_sliding: bool = True
     num_workers: int = 0
@@ -461,6 +469,7 @@ def check_finetune_recipe(recipe: FinetuneRecipe | DictConfig, key: str = "finet
         raise ConfigError(k("head_init"), f"'lp' initialises a linear head from a linear probe, but "
                                           f"{k('head')} is {recipe.head!r}: use head=linear or head_init=random")
     _one_of(k("window_aggregate"), recipe.window_aggregate, WINDOW_AGGREGATES)
+    _one_of(k("lp_features"), recipe.lp_features, LP_FEATURES)
     for name in ("epochs", "batch_size"):
         if getattr(recipe, name) < 1:
             raise ConfigError(k(name), f"must be >= 1, got {getattr(recipe, name)}")

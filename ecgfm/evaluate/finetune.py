@@ -31,8 +31,8 @@ change and dropout is off: the head trains on the same features the frozen encod
 
 **Head initialisation** (``head_init``): ``"lp"`` is LP-FT (Kumar et al. 2022, "Fine-tuning can distort
 pretrained features and underperform out-of-distribution"): the linear head starts as a linear probe fitted on the
-frozen encoder's features of the training split (:func:`fit_probe_head`: every window, each labelled with its
-record's labels, after the BatchNorm running statistics were recomputed on the training crops,
+frozen encoder's features of the training split (:func:`fit_probe_head`: record mean embeddings or every window,
+``lp_features``, after the BatchNorm running statistics were recomputed on the training crops,
 :func:`recalibrate_batchnorm`, so that the probe sees the features fine-tuning's train-mode forward computes), and
 those initial weights are a
 candidate of the best-weights restore (validated before the first step, ``best_epoch == -1``), so fine-tuning
@@ -70,7 +70,7 @@ from ecgfm.evaluate.metrics import macro_auroc
 from ecgfm.evaluate.probe import LinearProbe, check_single_label, check_validation_defined
 from ecgfm.heads import MLPHead
 from ecgfm.optim import NO_DECAY_NAMES, lightning_optimizers, param_groups
-from ecgfm.recipes import HEAD_INITS, LP_CS, WINDOW_AGGREGATES, FinetuneRecipe, as_finetune_recipe
+from ecgfm.recipes import HEAD_INITS, LP_CS, LP_FEATURES, WINDOW_AGGREGATES, FinetuneRecipe, as_finetune_recipe
 
 log = logging.getLogger(__name__)
 VAL_METRIC = "val/macro_auroc"
@@ -523,8 +523,8 @@ def recalibrate_batchnorm(model: nn.Module, loader: Any) -> int:
 def fit_probe_head(backbone: nn.Module, cache: Any, labels: np.ndarray, splits: dict[str, np.ndarray],
                    multilabel: bool, window: int, stride: int, Cs: Sequence[float] = LP_CS, seed: int = 0,
                    batch_size: int = 256, feature_dir: str | None = None,
-                   aggregate: str = FinetuneRecipe.window_aggregate, lead_aware: bool = True
-                   ) -> tuple[Any, dict[str, Any]]:
+                   aggregate: str = FinetuneRecipe.window_aggregate, lead_aware: bool = True,
+                   features: str = FinetuneRecipe.lp_features) -> tuple[Any, dict[str, Any]]:
     """The linear probe that initialises the LP-FT head, on the frozen encoder's features.
 
     Choice (closed form rather than head-only epochs): the project's probe
@@ -533,11 +533,12 @@ def fit_probe_head(backbone: nn.Module, cache: Any, labels: np.ndarray, splits: 
     these sizes, and it is the same model as the benchmark's linear-probe rows. It matches the fine-tuning
     evaluation's aggregation of window outputs, so that the initialised model *is* the probe at record level:
 
-    the probe is fitted on every sliding window of the training records (each labelled with its record's
-    labels: fine-tuning's loss is per training crop, so the initialised model starts from the probe's own loss),
-    and ``C`` is chosen on the record predictions aggregated as ``aggregate`` says
-    (:func:`aggregate_window_probabilities`): ``"logit"`` the mean window logit, ``"prob"`` the mean window
-    probability. (Before 2026-12-06 a ``"logit"`` probe was fitted on record-mean embeddings.)
+    ``features="records"`` with ``aggregate="logit"``: the probe is fitted on each record's mean window
+    embedding (the benchmark probe's ``mean_embedding``; a linear head's mean window logit equals its logit of the
+    mean embedding). Otherwise on every sliding window of the training records, each labelled with its record's
+    labels (fine-tuning's loss is per training crop, so the initialised model starts from the probe's own loss),
+    with ``C`` chosen on the record predictions aggregated as ``aggregate`` says
+    (:func:`aggregate_window_probabilities`: ``"logit"`` the mean window logit, ``"prob"`` the mean probability).
 
     ``C`` is chosen on validation macro AUROC of the record-level predictions.
 
@@ -557,6 +558,7 @@ def fit_probe_head(backbone: nn.Module, cache: Any, labels: np.ndarray, splits: 
             records now, no cache.
         lead_aware: lead-aware features (the record lead masks passed to a backbone that accepts them), as the
             :class:`FinetuneModule` it initialises sees its input (its ``lead_aware``); False: zero-padded.
+        features: ``"records"`` or ``"windows"`` (``finetune.lp_features``, see above).
 
     Returns:
         ``(probe, info)`` with ``info = {"C", "val_macro_auroc", "grid", "windows", "seconds"}``.
@@ -580,13 +582,22 @@ def fit_probe_head(backbone: nn.Module, cache: Any, labels: np.ndarray, splits: 
                               rows=np.concatenate([train, val]), lead_aware=lead_aware)
     if aggregate not in WINDOW_AGGREGATES:
         raise ValueError(f"finetune.window_aggregate must be one of {WINDOW_AGGREGATES}, got {aggregate!r}")
-    # Fitted on windows, each labelled with its record's labels, whatever the aggregation: fine-tuning's loss is
-    # per training crop, so a head fitted on record-mean embeddings starts fine-tuning with window logits far
-    # larger than the probe's record logits (a review measured a 21x larger starting loss on CinC 2017 for a ViT:
-    # the first steps undid the probe). Validation aggregates as the fine-tuned model does.
-    x_tr, pos = fs.windows_of(train)
-    y_tr = labels[train][pos]
-    x_val, pos_val = fs.windows_of(val)
+    if features not in LP_FEATURES:
+        raise ValueError(f"finetune.lp_features must be one of {LP_FEATURES}, got {features!r}")
+    if aggregate == "logit" and features == "records":
+        # a linear head's mean window logit is its logit of the mean embedding: the benchmark's linear probe
+        means = fs.record_means()
+        x_tr, y_tr = means[train], labels[train]
+        x_val, pos_val = means[val], np.arange(len(val))
+        fitted_on = "records"
+    else:
+        # every window with its record's labels: fine-tuning's loss is per training crop, and a head fitted on
+        # record means starts it with window logits larger than the probe's record logits (a review measured a
+        # 21x larger first loss on CinC 2017 for a ViT). Validation aggregates as the fine-tuned model does.
+        x_tr, pos = fs.windows_of(train)
+        y_tr = labels[train][pos]
+        x_val, pos_val = fs.windows_of(val)
+        fitted_on = "windows"
     grid: dict[str, float] = {}
     best: tuple[float, Any, float] | None = None
     with threadpool_limits(limits=1):  # small convex problems: one BLAS thread is as fast, no oversubscription
@@ -601,6 +612,7 @@ def fit_probe_head(backbone: nn.Module, cache: Any, labels: np.ndarray, splits: 
                 best = (score, probe, float(C))
     assert best is not None
     info = {"C": best[2], "val_macro_auroc": float(best[0]), "grid": grid, "aggregate": aggregate,
+            "features": fitted_on,
             "windows": int(len(x_tr)), "lead_aware": bool(lead_aware and accepts_lead_mask(backbone)),
             "seconds": time.perf_counter() - t0}
     return best[1], info
@@ -712,7 +724,7 @@ def run_finetune(backbone: nn.Module, cache_dir: str, labels: np.ndarray, splits
         probe, lp_info = fit_probe_head(backbone, windows.cache, labels, splits, multilabel, crop_samples,
                                         stride_samples, Cs=r.lp_Cs, seed=int(seed), batch_size=max(r.batch_size, 256),
                                         feature_dir=feature_dir, aggregate=r.window_aggregate,
-                                        lead_aware=model.lead_aware)
+                                        lead_aware=model.lead_aware, features=r.lp_features)
         init_head_from_probe(model.head, probe)
         log.info("LP head: linear probe C=%g fitted on the frozen features (%.1f s)", lp_info["C"],
                  lp_info["seconds"])

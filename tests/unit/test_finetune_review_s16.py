@@ -3,8 +3,9 @@
 * BatchNorm backbones: the probe was fitted on eval-mode features of a random CNN's initial running statistics
   (0 / 1), and fine-tuning in train mode (batch statistics) started with logits in the thousands; the running
   statistics are now recomputed on the training crops first (:func:`recalibrate_batchnorm`);
-* the probe is fitted on windows (fine-tuning's loss is per crop), with ``C`` chosen on the records aggregated as
-  the model aggregates (:func:`aggregate_window_probabilities`).
+* ``finetune.lp_features=windows`` fits the probe on windows (fine-tuning's loss is per crop), with ``C`` chosen
+  on the records aggregated as the model aggregates (:func:`aggregate_window_probabilities`); ``records`` (the
+  default, chosen on validation) on record-mean embeddings as before.
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ def test_lp_ft_on_a_batchnorm_cnn_starts_from_the_probe_loss(task):
     cache_dir, cache, labels, splits = task
     out = run_finetune(_cnn(), cache_dir, labels, splits, False, WINDOW, STRIDE,
                        dict(epochs=1, batch_size=32, warmup_epochs=0, patience=3, lr=0.0, head_init="lp",
-                            lp_Cs=(0.1, 1.0)), seed=0)
+                            lp_Cs=(0.1, 1.0), lp_features="windows"), seed=0)
     loss = float(re.search(r"train loss ([0-9.]+)", out["progress"][-1]).group(1))
     model = out["model"]
     model.eval()
@@ -102,10 +103,27 @@ def test_lp_ft_on_a_batchnorm_cnn_starts_from_the_probe_loss(task):
     assert float(model.head.weight.abs().max()) < 50.0
 
 
-def test_logit_probe_is_fitted_on_windows(task):
+def test_lp_features_choose_record_means_or_windows(task):
     _, cache, labels, splits = task
+    _, info = fit_probe_head(_cnn(), cache, labels, splits, False, WINDOW, STRIDE, Cs=(1.0,), aggregate="logit",
+                             features="windows")
+    assert info["windows"] == 3 * len(splits["train"]) and info["features"] == "windows"   # 3 windows a record
     _, info = fit_probe_head(_cnn(), cache, labels, splits, False, WINDOW, STRIDE, Cs=(1.0,), aggregate="logit")
-    assert info["windows"] == 3 * len(splits["train"])                        # 7.5 s records: 3 windows each
+    assert info["windows"] == len(splits["train"]) and info["features"] == "records"       # the default
+    _, info = fit_probe_head(_cnn(), cache, labels, splits, False, WINDOW, STRIDE, Cs=(1.0,), aggregate="prob")
+    assert info["features"] == "windows"                                     # mean probability: windows always
+    with pytest.raises(ValueError, match="lp_features"):
+        fit_probe_head(_cnn(), cache, labels, splits, False, WINDOW, STRIDE, Cs=(1.0,), features="crops")
+
+
+def test_lp_features_is_a_checked_recipe_key():
+    from ecgfm.config import ConfigError
+    from ecgfm.recipes import as_finetune_recipe
+
+    assert as_finetune_recipe().lp_features == "records"
+    assert as_finetune_recipe(lp_features="windows").lp_features == "windows"
+    with pytest.raises(ConfigError, match="finetune.lp_features"):
+        as_finetune_recipe(lp_features="crops")
 
 
 @pytest.mark.parametrize("multilabel", [False, True])
