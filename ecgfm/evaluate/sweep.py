@@ -524,6 +524,12 @@ def _head_identity(head: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in head.items() if k != "num_workers" and not (k == "min_epoch_samples" and not v)}
 
 
+def _record_keys(cache: Any, rows: Any) -> list[str]:
+    """Sorted ``source/record_id`` keys of cache ``rows``."""
+    keys = cache.keys
+    return sorted(keys[int(i)] for i in np.asarray(rows, dtype=np.int64))
+
+
 def _finetune_code_recipe(mode: str, head_init: str = "", layer_decay: float = 1.0) -> dict[str, Any]:
     """Fine-tuning settings fixed in code that change its numbers (part of a fine-tune cell's recipe identity):
     the parameter names exempt from weight decay (:data:`ecgfm.evaluate.finetune.FINETUNE_NO_DECAY_NAMES`); with
@@ -1284,6 +1290,10 @@ def _save_cell_classifier(cell_file: Path, model: Any, task: TaskData, enc: Enco
                     f"value: early stopping / C chosen on it, so optimistic; no CI)":
                     round(float(cell["val_macro_auroc"]), 4)},
         extra={"trained_leads": [lead for lead, m in zip(CANONICAL_LEADS, seen) if m],
+               # the records it was trained / selected on ("source/record_id"), so that explain.py can say whether
+               # a record it explains was among them (a training record's explanation is not a held-out one's)
+               "training_records": _record_keys(task.cache, train_rows),
+               "validation_records": _record_keys(task.cache, task.splits.get("val", [])),
                "checkpoint_id": cell.get("checkpoint_id"),
                "cell_recipe_id": cell.get("recipe_id")})
     pred = cell["predictions"]["test"]

@@ -424,7 +424,24 @@ def training_data(checkpoint: str | os.PathLike) -> str | None:
     return str(data) if data else None
 
 
-def training_membership(data: str | None, record: ECGRecord) -> str | None:
+def training_records(checkpoint: str | os.PathLike) -> tuple[set[str], set[str]] | None:
+    """The ``source/record_id`` keys a classifier artifact was trained and validated on (``extra.training_records``
+    / ``extra.validation_records``, written by probe / fine-tune sweeps since 2026-12-06), or None."""
+    try:
+        if artifact_kind(Path(checkpoint)) != "classifier":
+            return None
+        from ecgfm.explain.classifier import classifier_info
+
+        extra = classifier_info(checkpoint).get("extra") or {}
+    except Exception:   # noqa: BLE001 -- only a note for the console: an unreadable description has none
+        return None
+    if not isinstance(extra.get("training_records"), list):
+        return None
+    return set(map(str, extra["training_records"])), set(map(str, extra.get("validation_records") or []))
+
+
+def training_membership(data: str | None, record: ECGRecord,
+                        records: tuple[set[str], set[str]] | None = None) -> str | None:
     """Whether ``record`` was among the training records that ``data`` (:func:`training_data`) describes.
 
     Determinable for the descriptions the explain demos write (:func:`ecgfm.explain.classifier.train_ptbxl_demo`:
@@ -432,10 +449,15 @@ def training_membership(data: str | None, record: ECGRecord) -> str | None:
     synthetic record index ranges, same generator seed assumed); other descriptions (a sweep cell's "train split
     fraction ...") name no records.
 
+    ``records`` (:func:`training_records`: the keys a sweep's artifact lists) decides first, by the record's key.
+
     Returns:
         ``"training"`` (in the classifier's training folds / records), ``"validation"`` (the fold its epoch was
         chosen on), ``"held out"`` (neither), or None when it cannot be determined.
     """
+    if records is not None:
+        train_keys, val_keys = records
+        return "training" if record.key in train_keys else "validation" if record.key in val_keys else "held out"
     if not data:
         return None
     m = _PTBXL_DEMO_DATA.search(data)
@@ -549,7 +571,8 @@ def explain_main(cfg: Any) -> dict[str, Any]:
     if cf is not None and cf.get("enabled", False):
         cf_opts = {k: v for k, v in OmegaConf.to_container(cf, resolve=True).items() if k != "enabled"}
     data = training_data(checkpoint)
-    membership = {r.key: training_membership(data, r) for r in records}
+    known = training_records(checkpoint)
+    membership = {r.key: training_membership(data, r, known) for r in records}
     report = explain_records(
         wrapper, records, out_dir, methods=list(cfg.methods), target=cfg.get("target"),
         method_options=OmegaConf.to_container(cfg.method_options, resolve=True) if cfg.get("method_options") else None,

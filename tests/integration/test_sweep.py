@@ -507,6 +507,19 @@ def test_save_classifier_on_a_finished_cell_writes_the_artifact(work, tmp_path):
     evaluation = json.loads((Path(cell["classifier"]) / "classifier.json").read_text())["evaluation"]
     val_key = next(k for k in evaluation if k.startswith("validation macro AUROC"))
     assert f"n={cell['splits']['val']}" in val_key and "model-selection value" in val_key
+    # ... and it lists the records it was trained and validated on, which explain.py checks a record against
+    from ecgfm.data.record import ECGRecord
+    from ecgfm.explain.report import training_membership, training_records
+
+    known = training_records(cell["classifier"])
+    assert known is not None and len(known[0]) == cell["n_train"] and len(known[1]) == cell["splits"]["val"]
+    source, rid = sorted(known[0])[0].split("/", 1)
+    rec = ECGRecord(signal=np.zeros((12, 10), np.float32), fs=100.0, lead_mask=np.ones(12, bool), record_id=rid,
+                    source=source)
+    assert training_membership(None, rec, known) == "training"
+    assert training_membership("task x", ECGRecord(signal=np.zeros((12, 10), np.float32), fs=100.0,
+                                                   lead_mask=np.ones(12, bool), record_id="nope",
+                                                   source=source), known) == "held out"
 
 
 def test_a_reused_cell_keeps_only_its_own_classifier_artifact(work, tmp_path):
