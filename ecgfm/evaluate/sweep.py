@@ -537,8 +537,9 @@ def _finetune_code_recipe(mode: str, head_init: str = "", layer_decay: float = 1
     empty level under the head, one extra decay factor on every layer); and, with a randomly initialised head, that
     the model is trained in train mode (before that fix an exported encoder's cells trained BatchNorm on frozen
     statistics with dropout off; the key is set for every kind, so a row and its random-init twin keep one recipe
-    and stay paired); with an LP-initialised head, that the probe is fitted after the BatchNorm statistics are
-    recomputed on the training crops (since 2026-12-06: :func:`ecgfm.evaluate.finetune.recalibrate_batchnorm`).
+    and stay paired); with an LP-initialised head, that the probe is fitted after never-estimated (random-init)
+    BatchNorm statistics are computed on the training crops (since 2026-12-06:
+    :func:`ecgfm.evaluate.finetune.recalibrate_batchnorm`).
     Cells from before a fix are recomputed, not reused."""
     if mode != "finetune":
         return {}
@@ -550,7 +551,7 @@ def _finetune_code_recipe(mode: str, head_init: str = "", layer_decay: float = 1
     if head_init == "random":   # every kind, so an encoder's cells still share their random-init twin's recipe
         out["fit_mode"] = "train"
     if head_init == "lp":   # since 2026-12-06: BatchNorm statistics of the training crops before the probe
-        out["lp_init"] = "bn recalibrated on training crops"
+        out["lp_init"] = "never-estimated bn statistics computed on training crops"
     return out
 
 
