@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from ecgfm.artifacts import (EncoderClassifier, check_trained_leads, derive_trained_limb_leads, load_classifier,
-                             load_encoder)
+                             load_encoder, pretraining_lead_aware)
 from ecgfm.data.preprocess import (PreprocessSpec, model_input_leads, preprocess_signal, preprocessed_spec,
                                    sliding_windows, with_input_leads)
 from ecgfm.data.record import CANONICAL_LEADS, ECGDataError, ECGRecord, canonical_lead, map_leads
@@ -236,8 +236,13 @@ class _Model:
     @property
     def lead_aware(self) -> bool:
         """Absent leads reach the network as a ``lead_mask`` (it takes one and the artifact does not say
-        ``lead_aware: false``); otherwise they are zero rows."""
-        return bool(self.meta.get("lead_aware", True)) and bool(getattr(self.network, "accepts_lead_mask", False))
+        ``lead_aware: false``, nor that the encoder was pretrained with absent leads as zero rows:
+        :func:`~ecgfm.artifacts.pretraining_lead_aware`, the layout probes and fine-tunes use); otherwise they are
+        zero rows."""
+        said = self.meta.get("lead_aware")
+        if said is None:
+            said = pretraining_lead_aware(self.meta)
+        return (True if said is None else bool(said)) and bool(getattr(self.network, "accepts_lead_mask", False))
 
     @torch.no_grad()
     def _forward(self, windows: np.ndarray, fn: Any, batch_size: int, mask: np.ndarray | None = None

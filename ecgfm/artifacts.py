@@ -462,6 +462,27 @@ def check_trained_leads(trained: Sequence[str] | None, present: Sequence[str], w
     return [lead for lead in have if lead not in trained]
 
 
+def pretraining_lead_aware(info: dict[str, Any]) -> bool | None:
+    """How an exported encoder was pretrained on records with absent leads: its pretraining's ``method.lead_aware``.
+
+    train.py writes the method's settings into ``encoder.json`` as ``method_hparams`` (under ``provenance`` and
+    ``extra``). True: a lead-aware backbone (ViT-1D) saw tokens of a record's present leads only; False: absent leads
+    were zero-filled leads with tokens of their own (all 12 leads' patches and SEP tokens).
+
+    Args:
+        info: the encoder's description (:func:`encoder_meta` / :func:`ecgfm.export.load_encoder`).
+
+    Returns:
+        The recorded setting, or None when the encoder does not record one (a zoo import, an export from before
+        ``method_hparams``, a method without the setting).
+    """
+    for part in ("provenance", "extra"):
+        hparams = (info.get(part) or {}).get("method_hparams")
+        if isinstance(hparams, dict) and isinstance(hparams.get("lead_aware"), bool):
+            return bool(hparams["lead_aware"])
+    return None
+
+
 def derive_trained_limb_leads(x12: np.ndarray, mask: np.ndarray, trained: Sequence[str] | None,
                               model_leads: Sequence[str], flat_threshold: float, where: Any
                               ) -> tuple[np.ndarray, np.ndarray]:

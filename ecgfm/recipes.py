@@ -211,8 +211,9 @@ class FeaturesConfig:
 
     dir: str = "${paths.cache_root}/features"
     batch_size: int = 256
-    lead_aware: bool = True  # absent leads make no tokens (backbones taking lead_mask), in probe.py's frozen
-    #                          features and in finetune.py's forward pass and LP-FT head alike
+    lead_aware: Optional[bool] = None  # absent leads make no tokens (backbones taking lead_mask), in probe.py's
+    #   frozen features and in finetune.py's forward pass and LP-FT head alike; None: as the encoder was pretrained
+    #   (its method_hparams.lead_aware; True when not recorded), see ecgfm.evaluate.sweep.resolve_lead_aware
 
 
 @dataclass

@@ -58,6 +58,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from ecgfm.artifacts import pretraining_lead_aware
 from ecgfm.conf import config_dir
 from ecgfm.data.preprocess import PreprocessSpec, with_input_leads
 from ecgfm.data.record import CANONICAL_LEADS
@@ -177,6 +178,36 @@ def trained_fs(info: dict[str, Any]) -> float | None:
         if fs > 0:
             return fs
     return None
+
+
+def resolve_lead_aware(setting: bool | None, desc: Encoder) -> bool:
+    """The ``features.lead_aware`` a job runs with: the user's setting, or the encoder's pretraining setting.
+
+    A lead-aware encoder given another token layout than the one it was pretrained on embeds differently (an encoder
+    pretrained on zero-filled absent leads, 144 tokens per one-lead record, probed lead-aware on 12 tokens gave
+    embeddings at cosine 0.68-0.93 to its own), so the default (None) follows the pretraining.
+
+    Args:
+        setting: ``features.lead_aware``: True / False, or None for "as pretrained".
+        desc: the resolved checkpoint. Only a ``pretrained`` encoder has a pretraining setting
+            (:func:`pretraining_lead_aware`); random initialisations, supervised baselines and encoders that do not
+            record it resolve None to True.
+
+    Returns:
+        Whether absent leads reach a backbone taking ``lead_mask`` as a lead mask (True) or as zero-filled leads
+        (False). This value, not the raw setting, is part of a cell's recipe identity.
+    """
+    trained = pretraining_lead_aware(desc.info) if desc.kind == "pretrained" else None
+    if setting is None:
+        return True if trained is None else trained
+    chosen = bool(setting)
+    if trained is not None and chosen != trained:
+        log.warning("features.lead_aware=%s but checkpoint %s was pretrained with method.lead_aware=%s: absent leads "
+                    "reach it in a token layout it was not trained on (%s); drop features.lead_aware (default null: "
+                    "as pretrained) unless this is intended", str(chosen).lower(), desc.checkpoint,
+                    str(trained).lower(), "present-lead tokens only, pretrained on zero-filled leads" if chosen else
+                    "zero-filled leads, pretrained on present-lead tokens only")
+    return chosen
 
 
 def rate_checked_spec(checkpoint: str, spec: PreprocessSpec, fs: float | None, override: bool = True
@@ -503,7 +534,8 @@ def _recipe(ctx: _Context, desc: Encoder, head: dict[str, Any]) -> dict[str, Any
             "encoder_crop_samples": desc.crop_samples, "preprocess": desc.preprocess.to_dict(),
             "task": asdict(ctx.task_spec), "eval_data": asdict(ctx.eval_spec) if ctx.eval_spec else None,
             "bootstrap": {"n": int(cfg.bootstrap.n), "seed": int(cfg.bootstrap.seed)},
-            "lead_aware": bool(cfg.features.get("lead_aware", True)),
+            # resolved (null: as pretrained): a lead-aware-pretrained encoder's cells keep their identity
+            "lead_aware": resolve_lead_aware(cfg.features.get("lead_aware"), desc),
             **_feature_code_recipe(ctx.mode),
             **_finetune_code_recipe(ctx.mode, str(head.get("head_init", "")), float(head.get("layer_decay", 1.0)))}
 
@@ -1028,7 +1060,7 @@ def probe_main(cfg: DictConfig) -> dict[str, Any]:
         except ValueError as exc:
             raise EvaluationError(f"checkpoint {checkpoint!r}: {exc}") from None
         efp = encoder_fingerprint(enc.backbone)
-        lead_aware = bool(cfg.features.get("lead_aware", True))
+        lead_aware = bool(ctx.recipe["lead_aware"])   # features.lead_aware resolved by _identify
         try:
             embed_fn(enc.backbone, layers)     # a backbone without embed_stages: refused before any work
         except ValueError as exc:
@@ -1091,7 +1123,7 @@ def probe_main(cfg: DictConfig) -> dict[str, Any]:
             p = _cell_target(ctx, task.name, checkpoint, r["fraction"], r["seed"])
             if bool(cfg.get("save_classifier", False)):
                 head = probe_head(r["model"], fit_window(enc.backbone, window), task,
-                                  bool(cfg.features.get("lead_aware", True)))
+                                  bool(ctx.recipe["lead_aware"]))
                 agg = "logit" if str(probe_cfg.aggregate) == "mean_embedding" else "prob"
                 cell["classifier"] = str(_save_cell_classifier(p, head, task, enc, dict(_container(probe_cfg)),
                                                                window, stride, r["thresholds"], cell, agg,
@@ -1200,7 +1232,7 @@ def finetune_main(cfg: DictConfig) -> dict[str, Any]:
             out = run_finetune(backbone, task.cache_dir, task.labels, splits, task.multilabel, window, stride,
                                typed_recipe, seed=seed, accelerator=str(cfg.accelerator), external=external,
                                feature_dir=str(checked.features.dir), predict_val=task.multilabel,
-                               lead_aware=bool(checked.features.lead_aware))
+                               lead_aware=bool(ctx.recipe["lead_aware"]))   # resolved by _identify
             results, thresholds = _score(task, out, cfg, ext)
             preds = {"test": out["test"], **out["external"]}
             cell = dict(common, fraction=float(frac), seed=int(seed), n_train=int(len(splits["train"])),

@@ -51,6 +51,12 @@ PROXIMITY = ("l1", "l2")
 class MAEPrior(nn.Module):
     """Plausibility prior: per-input masked-patch reconstruction error of a pretrained MAE.
 
+    A record's absent leads (``lead_mask`` false; by default its all-zero rows, ecgfm's convention) are masked and
+    encoded as the MAE's training step does (:meth:`ecgfm.methods.mae.MAEModule.encode_lead_sets`): with
+    ``lead_aware`` (default) only the present leads' visible patches and SEP tokens reach the encoder, otherwise the
+    zero-filled leads are encoded as in its pretraining; either way only hidden patches of present leads count in
+    the error (the training loss's patches), so an absent lead's zeros never score as (im)plausible signal.
+
     Args:
         mae: an :class:`ecgfm.methods.mae.MAEModule` (its backbone must take the classifier's input space:
             same leads, rate, length and normalisation).
@@ -61,7 +67,7 @@ class MAEPrior(nn.Module):
 
     def __init__(self, mae: nn.Module, n_masks: int = 4, seed: int = 0):
         super().__init__()
-        for attr in ("forward_encoder", "forward_decoder", "patchify"):
+        for attr in ("encode_lead_sets", "forward_decoder", "patchify"):
             if not callable(getattr(mae, attr, None)):
                 raise ValueError(f"MAEPrior needs an ecgfm MAEModule (missing {attr}); got {type(mae).__name__}")
         if n_masks < 1:
@@ -72,26 +78,53 @@ class MAEPrior(nn.Module):
         for p in self.mae.parameters():
             p.requires_grad_(False)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """``(B, L, T) -> (B,)`` mean squared reconstruction error over masked patches (normalised patches when
-        the MAE was trained with ``norm_pix_loss``)."""
+    def forward(self, x: Tensor, lead_mask: Tensor | None = None) -> Tensor:
+        """Mean squared reconstruction error over the hidden patches of each input's present leads (normalised
+        patches when the MAE was trained with ``norm_pix_loss``).
+
+        Args:
+            x: ``(B, L, T)`` model-space inputs.
+            lead_mask: optional ``(B, L)`` bool, false = absent lead (not encoded with a lead-aware MAE, never
+                counted). None: the rows of ``x`` that are not all zero (:func:`present_rows`).
+
+        Returns:
+            ``(B,)`` prior values.
+        """
         from ecgfm.losses.mae import masked_patch_mse
 
         norm = bool(getattr(self.mae, "norm_pix_loss", True))
+        present = present_rows(x) if lead_mask is None else lead_mask.to(device=x.device, dtype=torch.bool)
+        if present.shape != x.shape[:2]:
+            raise ValueError(f"lead_mask must have shape {tuple(x.shape[:2])}, got {tuple(present.shape)}")
         per_input = []
         # one input at a time: the masks are drawn per batch, so in a batch an input's mask would depend on its
         # position and the batch size; alone, each input gets masks k = 0..n_masks-1 wherever it sits
         for i in range(x.shape[0]):
-            xi = x[i:i + 1]
-            target = self.mae.patchify(xi)
+            xi, mi = x[i:i + 1], present[i:i + 1]                                   # (1, L, T), (1, L)
+            target = self.mae.patchify(xi)                                          # (1, L, N, P)
             err = xi.new_zeros(())
             for k in range(self.n_masks):
                 gen = torch.Generator(device=x.device).manual_seed(self.seed + k)
-                latent, mask, ids_restore = self.mae.forward_encoder(xi, gen)
-                pred = self.mae.forward_decoder(latent, ids_restore, mask.shape[2])
-                err = err + masked_patch_mse(pred[0], target[0], mask[0], norm_pix=norm)
+                # one record is one lead set: encoded over its present leads as in the MAE's training step
+                ((*_, latent, mask, ids_restore),) = self.mae.encode_lead_sets(xi, mi, gen)
+                pred = self.mae.forward_decoder(latent, ids_restore, mask.shape[2])  # (1, L, N, P)
+                counted = mask[0] & mi[0][:, None]                                  # (L, N) hidden and present
+                err = err + masked_patch_mse(pred[0], target[0], counted, norm_pix=norm)
             per_input.append(err / self.n_masks)
         return torch.stack(per_input)
+
+
+def _prior_values(prior: nn.Module, x: Tensor, present: Tensor) -> Tensor:
+    """``prior(x)`` with the records' lead mask ``present (B, L)`` for a prior that takes one (:class:`MAEPrior`),
+    so the original and the changed inputs are scored over the same present leads."""
+    import inspect
+
+    try:
+        takes_mask = "lead_mask" in inspect.signature(prior.forward if isinstance(prior, nn.Module) else prior
+                                                      ).parameters
+    except (TypeError, ValueError):
+        takes_mask = False
+    return prior(x, lead_mask=present) if takes_mask else prior(x)
 
 
 def total_variation(delta: Tensor) -> Tensor:
@@ -337,7 +370,8 @@ def counterfactual(wrapper: ECGWrapper, inputs: Tensor, target: Any, lambda_prox
         logits0 = wrapper(x)
         tgt = wrapper.resolve_target(target, logits0)
         proba0 = wrapper.postprocess_fn(logits0)
-        plaus0 = prior(x) if prior is not None else None
+        present = present_rows(x)                                       # (B, L) the records' leads
+        plaus0 = _prior_values(prior, x, present) if prior is not None else None
     threshold = class_thresholds(threshold, wrapper, proba0.shape[1]).to(x.device)
     lead_mask = torch.ones(1, x.shape[1], 1, device=x.device)
     if leads is not None:
@@ -347,7 +381,7 @@ def counterfactual(wrapper: ECGWrapper, inputs: Tensor, target: Any, lambda_prox
         lead_mask = torch.tensor([[[float(n in leads)] for n in wrapper.lead_names]], device=x.device)
     # a record's absent (zero-filled) leads stay absent: a change there would be signal the patient does not have
     # (and, for a model that reads zero rows as signal, the cheapest one to add), reported as the counterfactual
-    lead_mask = lead_mask * present_rows(x)[:, :, None].to(lead_mask.dtype)                   # (B, L, 1)
+    lead_mask = lead_mask * present[:, :, None].to(lead_mask.dtype)                          # (B, L, 1)
     n_t = x.shape[-1]
     if recorded is None:
         lead_mask = lead_mask * edge_taper(n_t, wrapper.fs, edge_s, ramp_s).to(x.device)     # (1, L, T)
@@ -400,7 +434,7 @@ def counterfactual(wrapper: ECGWrapper, inputs: Tensor, target: Any, lambda_prox
         prox = (d.abs() if proximity == "l1" else d.pow(2)).flatten(1).sum(1) / wrapper.fs
         loss = cls + lambda_prox * prox + lambda_smooth * total_variation(F.pad(d, (1, 1)))  # ends charged
         if prior is not None:
-            loss = loss + lambda_plaus * (prior(xc) - plaus0)
+            loss = loss + lambda_plaus * (_prior_values(prior, xc, present) - plaus0)
         loss = (loss * (~done).float()).sum()                              # finished inputs stop moving
         (grad,) = torch.autograd.grad(loss, delta)
         delta.grad = grad
@@ -414,7 +448,7 @@ def counterfactual(wrapper: ECGWrapper, inputs: Tensor, target: Any, lambda_prox
         best[still] = final[still]
         proba1 = wrapper.postprocess_fn(wrapper(best))
         valid = _is_valid(proba1, tgt, multilabel, threshold)
-        plaus1 = prior(best) if prior is not None else None
+        plaus1 = _prior_values(prior, best, present) if prior is not None else None
     wrapper.model.train(was_training)
     diff = best - x
     per_lead, per_wave, segments = change_summary(diff, x, wrapper.fs, wrapper.lead_names)

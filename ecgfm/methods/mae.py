@@ -23,7 +23,9 @@ Choices, and how they differ from the ST-MEM code:
   one in the encoder and its visible patches are never empty-lead patches; the group losses are combined weighted by
   their counted patches, which equals the loss over the whole batch. ``lead_aware=False``: absent leads are encoded
   as zero leads (the model learns that a lead is missing). Either way they are never counted in the loss. A batch
-  whose rows all have every lead takes the same path (and random draws) either way.
+  whose rows all have every lead takes the same path (and random draws) either way. The public full pass
+  :meth:`MAEModule.forward` masks and encodes through the same grouping (:meth:`MAEModule.encode_lead_sets`) as the
+  training step.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from __future__ import annotations
 import inspect
 import math
 from functools import partial
+from typing import Any
 
 import torch
 from timm.models.vision_transformer import Block
@@ -386,12 +389,74 @@ class MAEModule(PretrainModule):
                                 norm_pix=self.norm_pix_loss)
 
     def forward(self, x: torch.Tensor, lead_mask: torch.Tensor | None = None,
-                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        """Full MAE pass: ``{"loss", "pred" (B, L, N, P), "mask" (B, L, N), "latent" (B, K + 2L, D)}``."""
-        latent, mask, ids_restore = self.forward_encoder(x, generator)
-        pred = self.forward_decoder(latent, ids_restore, mask.shape[2])
-        loss = self.forward_loss(x, pred, mask, lead_mask)
-        return {"loss": loss, "pred": pred, "mask": mask, "latent": latent}
+                generator: torch.Generator | None = None) -> dict[str, Any]:
+        """Full MAE pass (every patch predicted), masked and encoded as :meth:`shared_step` does.
+
+        With ``lead_aware`` a batch whose rows lack leads is split by lead set (:meth:`encode_lead_sets`) and each
+        group is masked and encoded over its present leads only, so no visible patch lies on an absent lead and
+        the loss is the training step's (the same value for the same random draws).
+
+        Args:
+            x: ``(B, L, T)`` signal (absent leads zero-filled).
+            lead_mask: optional ``(B, L)`` bool, false = absent lead (never counted; not encoded with
+                ``lead_aware``). None: every lead present.
+            generator: optional RNG for the masks, shared by the lead-set groups in turn. None: the training
+                step's (the global RNG in training, a fixed seed per group in evaluation).
+
+        Returns:
+            ``{"loss": scalar, "pred": (B, L, N, P), "mask": (B, L, N) bool (true = hidden), "latent", "groups"}``:
+            ``latent`` is the encoder output ``(B, K + 2L, D)`` when the batch is one group, else a tuple with one
+            ``(b_g, K_g + 2L, D)`` per group (groups keep different numbers of visible tokens); ``groups`` lists
+            ``(rows (b_g,) int64, present leads (l_g,) int64 or None = all)`` in that order.
+        """
+        parts = self.encode_lead_sets(x, lead_mask, generator)
+        preds, masks, latents, losses, counts = [], [], [], [], []
+        for _, _, xg, mg, latent, mask, ids_restore in parts:
+            pred = self.forward_decoder(latent, ids_restore, mask.shape[2])           # (b_g, L, N, P)
+            preds.append(pred)
+            masks.append(mask)
+            latents.append(latent)
+            losses.append(self.forward_loss(xg, pred, mask, mg))
+            counts.append(mask.sum() if mg is None else (mask & mg[:, :, None]).sum())
+        groups = [(rows, leads) for rows, leads, *_ in parts]
+        if len(parts) == 1:   # the whole batch (every lead present, or lead_aware=False): as before
+            return {"loss": losses[0], "pred": preds[0], "mask": masks[0], "latent": latents[0], "groups": groups}
+        inverse = torch.argsort(torch.cat([rows for rows, _ in groups]))               # back to batch order
+        return {"loss": self.pooled_recon(losses, counts), "pred": torch.cat(preds)[inverse],   # (B, L, N, P)
+                "mask": torch.cat(masks)[inverse], "latent": tuple(latents), "groups": groups}  # (B, L, N)
+
+    def encode_lead_sets(self, x: torch.Tensor, lead_mask: torch.Tensor | None = None,
+                         generator: torch.Generator | None = None) -> list[tuple[Any, ...]]:
+        """Mask and encode a batch by lead set, as the training step does (one group unless ``lead_aware`` and some
+        row lacks a lead; see :meth:`lead_set_groups`).
+
+        Args:
+            x: ``(B, L, T)``.
+            lead_mask: optional ``(B, L)`` bool, false = absent lead.
+            generator: optional RNG for the masks, used by every group in turn; None: :meth:`_val_generator` of each
+                group (a fixed seed in evaluation, the global RNG in training).
+
+        Returns:
+            One ``(rows (b,) int64, present leads (l,) int64 or None = all, x (b, L, T), lead_mask (b, L) bool or
+            None, latent (b, K + 2L, D), mask (b, L, N) bool, ids_restore (b, L*N))`` per group; a group with
+            absent leads is masked and encoded over its present leads only. One group: ``rows`` is ``arange(B)``
+            and ``x`` the batch itself (``lead_aware=False`` draws a lead subset from the leads every row has,
+            :meth:`subset_pool`).
+        """
+        groups = self.lead_set_groups({"x": x, "lead_mask": lead_mask})
+        if len(groups) == 1 and groups[0][1] is None:
+            gen = generator if generator is not None else self._val_generator(x)
+            latent, mask, ids_restore = self.forward_encoder(x, gen, subset_from=self.subset_pool(lead_mask))
+            mg = None if lead_mask is None else lead_mask.to(torch.bool)
+            return [(groups[0][0], None, x, mg, latent, mask, ids_restore)]
+        assert lead_mask is not None
+        out = []
+        for rows, leads in groups:   # each lead set masked and encoded over its present leads
+            xg, mg = x.index_select(0, rows), lead_mask.index_select(0, rows).to(torch.bool)
+            gen = generator if generator is not None else self._val_generator(xg)
+            latent, mask, ids_restore = self.forward_encoder(xg, gen, present=leads)
+            out.append((rows, leads, xg, mg, latent, mask, ids_restore))
+        return out
 
     def _val_generator(self, x: torch.Tensor) -> torch.Generator | None:
         """Fixed masks in evaluation mode, so validation losses are comparable between epochs."""
@@ -424,20 +489,10 @@ class MAEModule(PretrainModule):
         so that DDP's gradient average is the global per-patch mean's even when the ranks hold different numbers of
         counted patches (one-lead and 12-lead records split unevenly); its value (logged) is this rank's own mean.
         """
-        x, lead_mask = batch["x"], batch.get("lead_mask")
-        groups = self.lead_set_groups(batch)
-        if len(groups) == 1 and groups[0][1] is None:
-            latent, mask, ids_restore = self.forward_encoder(x, self._val_generator(x),
-                                                             subset_from=self.subset_pool(lead_mask))
-            losses = [self.reconstruction_loss(x, latent, mask, ids_restore, lead_mask)]
-            counts = [(mask if lead_mask is None else mask & lead_mask.to(torch.bool)[:, :, None]).sum()]
-        else:
-            losses, counts = [], []
-            for rows, leads in groups:   # each lead set masked and encoded over its present leads
-                xg, mg = x.index_select(0, rows), lead_mask.index_select(0, rows).to(torch.bool)
-                latent, mask, ids_restore = self.forward_encoder(xg, self._val_generator(xg), present=leads)
-                losses.append(self.reconstruction_loss(xg, latent, mask, ids_restore, mg))
-                counts.append((mask & mg[:, :, None]).sum())
+        losses, counts = [], []
+        for *_, xg, mg, latent, mask, ids_restore in self.encode_lead_sets(batch["x"], batch.get("lead_mask")):
+            losses.append(self.reconstruction_loss(xg, latent, mask, ids_restore, mg))
+            counts.append(mask.sum() if mg is None else (mask & mg[:, :, None]).sum())
         loss = self.pooled_recon(losses, counts)
         return loss, {"recon": loss.detach()}
 

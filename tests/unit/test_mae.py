@@ -261,7 +261,9 @@ def test_bench_train_script_runs_tiny(tmp_path):
                                                  ("per_lead", "global", 1)])
 def test_training_loss_decodes_only_counted_patches_with_the_same_loss_and_gradients(layout, mode, depth):
     """reconstruction_loss (last decoder block and head on the counted rows only) == the full forward's loss."""
-    m = _module(decoder_layout=layout, mask_mode=mode, decoder_depth=depth).train()
+    # lead_aware=False: the whole batch is one group, so forward_encoder(x) below encodes what forward does (with
+    # lead_aware the forward pass groups by lead set as shared_step: tests/unit/test_lead_layout_review_s16.py)
+    m = _module(decoder_layout=layout, mask_mode=mode, decoder_depth=depth, lead_aware=False).train()
     x = torch.randn(3, 12, 250, generator=torch.Generator().manual_seed(1))
     lead_mask = torch.ones(3, 12, dtype=torch.bool)
     lead_mask[1, 3:] = False                                           # a partly absent record
