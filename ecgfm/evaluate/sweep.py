@@ -1327,6 +1327,8 @@ def _save_cell_classifier(cell_file: Path, model: Any, task: TaskData, enc: Enco
                # a record it explains was among them (a training record's explanation is not a held-out one's)
                "training_records": _record_keys(task.cache, train_rows),
                "validation_records": _record_keys(task.cache, task.splits.get("val", [])),
+               # ... of this corpus (record ids repeat across corpora: synthetic seeds, other roots)
+               "training_sources": list(task.cache.manifest.get("sources") or []),
                "checkpoint_id": cell.get("checkpoint_id"),
                "cell_recipe_id": cell.get("recipe_id")})
     pred = cell["predictions"]["test"]

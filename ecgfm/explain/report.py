@@ -424,9 +424,14 @@ def training_data(checkpoint: str | os.PathLike) -> str | None:
     return str(data) if data else None
 
 
-def training_records(checkpoint: str | os.PathLike) -> tuple[set[str], set[str]] | None:
+def training_records(checkpoint: str | os.PathLike, source: Any = None) -> tuple[set[str], set[str]] | None:
     """The ``source/record_id`` keys a classifier artifact was trained and validated on (``extra.training_records``
-    / ``extra.validation_records``, written by probe / fine-tune sweeps since 2026-12-06), or None."""
+    / ``extra.validation_records``, written by probe / fine-tune sweeps since 2026-12-06), or None.
+
+    Record ids repeat across corpora (``syn000000`` of every synthetic seed, ``00001`` of two PTB-XL copies), so
+    with ``source`` (the record source being explained) the keys are returned only when that source is one the
+    classifier was trained on (:func:`same_corpus` against ``extra.training_sources``); otherwise None (cannot tell).
+    """
     try:
         if artifact_kind(Path(checkpoint)) != "classifier":
             return None
@@ -437,7 +442,33 @@ def training_records(checkpoint: str | os.PathLike) -> tuple[set[str], set[str]]
         return None
     if not isinstance(extra.get("training_records"), list):
         return None
+    if source is not None and not same_corpus(source, extra.get("training_sources")):
+        return None
     return set(map(str, extra["training_records"])), set(map(str, extra.get("validation_records") or []))
+
+
+def same_corpus(source: Any, described: Any) -> bool:
+    """Whether record ``source`` is one of the ``described`` sources (a cache manifest's ``sources``: the
+    :func:`ecgfm.data.cache.describe_source` of each): same type and settings, paths compared after resolving
+    them. False when nothing is described."""
+    from ecgfm.data.cache import describe_source
+
+    def norm(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: norm(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [norm(v) for v in value]
+        if isinstance(value, str) and os.sep in value and os.path.exists(value):
+            return os.path.realpath(value)
+        return value
+
+    if not isinstance(described, list) or not described:
+        return False
+    try:
+        mine = norm(describe_source(source))
+    except Exception:   # noqa: BLE001 -- a source that cannot be described cannot be matched
+        return False
+    return any(norm(d) == mine for d in described if isinstance(d, dict))
 
 
 def training_membership(data: str | None, record: ECGRecord,
@@ -571,7 +602,7 @@ def explain_main(cfg: Any) -> dict[str, Any]:
     if cf is not None and cf.get("enabled", False):
         cf_opts = {k: v for k, v in OmegaConf.to_container(cf, resolve=True).items() if k != "enabled"}
     data = training_data(checkpoint)
-    known = training_records(checkpoint)
+    known = training_records(checkpoint, source)
     membership = {r.key: training_membership(data, r, known) for r in records}
     report = explain_records(
         wrapper, records, out_dir, methods=list(cfg.methods), target=cfg.get("target"),

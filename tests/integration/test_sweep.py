@@ -513,6 +513,17 @@ def test_save_classifier_on_a_finished_cell_writes_the_artifact(work, tmp_path):
 
     known = training_records(cell["classifier"])
     assert known is not None and len(known[0]) == cell["n_train"] and len(known[1]) == cell["splits"]["val"]
+    # ... of its own corpus only: record ids repeat across synthetic seeds (and copies of a corpus)
+    from ecgfm.data.synthetic import SyntheticSource
+
+    meta = json.loads((Path(cell["classifier"]) / "classifier.json").read_text())
+    trained_on = meta["extra"]["training_sources"][0]
+    same = SyntheticSource(trained_on["n_records"], seed=trained_on["seed"], fs=trained_on["fs"],
+                           duration=trained_on["duration"])
+    assert training_records(cell["classifier"], same) == known
+    other = SyntheticSource(trained_on["n_records"], seed=trained_on["seed"] + 1, fs=trained_on["fs"],
+                            duration=trained_on["duration"])
+    assert training_records(cell["classifier"], other) is None
     source, rid = sorted(known[0])[0].split("/", 1)
     rec = ECGRecord(signal=np.zeros((12, 10), np.float32), fs=100.0, lead_mask=np.ones(12, bool), record_id=rid,
                     source=source)
