@@ -621,3 +621,24 @@ def test_cells_of_weights_overwritten_in_place_are_never_chosen(tmp_path):
            {"checkpoint": "enc", "checkpoint_id": old, "mode": "linear"}]
     assert R.superseded_cells(rel) == {("enc", old)}
     assert R.superseded_cells(rel[1:]) == set()
+
+
+def test_results_of_other_tasks_get_no_acceptance_block(tmp_path):
+    """A user's sweep on another task (here cells named 'mytask', CinC-shaped) has no issue-12 block of four NOT
+    MEASURED criteria about tasks it never ran; the block comes back with a cell of one of its tasks."""
+    res = tmp_path / "results"
+    for seed in (0, 1):
+        for method, kind in (("mae", "pretrained"), ("mae", "random")):
+            cell = _cell(res, task="cinc2017", method=method, mode="linear", seed=seed, fraction=1.0, strength=2.0,
+                         kind=kind, ckpt=f"{kind}/mae")
+            path = res / "cells" / "linear" / "cinc2017" / f"{kind}_mae" / f"f1_s{seed}.json"
+            cell["task"] = cell["dataset"] = "mytask"
+            moved = res / "cells" / "linear" / "mytask" / f"{kind}_mae" / f"f1_s{seed}.json"
+            moved.parent.mkdir(parents=True, exist_ok=True)
+            moved.write_text(json.dumps(cell))
+            path.unlink()
+    out = R.build_report(res, plot=False, n_boot=50)
+    assert out["acceptance"] == [] and "Acceptance (issue 12)" not in (res / "results.md").read_text()
+    _cell(res, task="cinc2017", method="mae", mode="linear", seed=0, fraction=1.0, strength=2.0)
+    out = R.build_report(res, plot=False, n_boot=50)
+    assert len(out["acceptance"]) == 4 and "Acceptance (issue 12)" in (res / "results.md").read_text()
