@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from ecgfm.artifacts import (EncoderClassifier, check_trained_leads, derive_trained_limb_leads, load_classifier,
-                             load_encoder, pretraining_lead_aware)
+                             load_encoder, pretraining_lead_aware, trained_leads_words)
 from ecgfm.data.preprocess import (PreprocessSpec, model_input_leads, preprocess_signal, preprocessed_spec,
                                    sliding_windows, with_input_leads)
 from ecgfm.data.record import CANONICAL_LEADS, ECGDataError, ECGRecord, canonical_lead, map_leads
@@ -47,6 +47,12 @@ from ecgfm.data.record import CANONICAL_LEADS, ECGDataError, ECGRecord, canonica
 __all__ = ["Encoder", "Classifier", "load_record"]
 
 log = logging.getLogger(__name__)
+
+# An array record whose largest lead peak-to-peak amplitude is below this many "mV" looks like volts: an ECG in mV
+# swings about 0.5-5 mV in its largest lead (in volts: 0.0005-0.005), and no recorded ECG stays under 50 uV in
+# every lead. Microvolts or raw counts are harmless (normalisation cancels the scale); volts are not, since the
+# flat-lead threshold (PreprocessSpec.flat_threshold, in mV) then marks recorded leads absent.
+VOLTS_MAX_PTP_MV = 0.05
 
 
 def load_record(path: str | os.PathLike, rename_leads: Mapping[str, str] | None = None
@@ -85,6 +91,9 @@ def load_record(path: str | os.PathLike, rename_leads: Mapping[str, str] | None 
 class _Model:
     """What :class:`Encoder` and :class:`Classifier` share: input handling and windowing."""
 
+    #: the artifact's kind, for the wording of messages (:func:`ecgfm.artifacts.trained_leads_words`)
+    kind: str = "model"
+
     def __init__(self, network: nn.Module, spec: PreprocessSpec | None, meta: dict[str, Any], device: str):
         self.network = network.to(device).eval()
         self.spec = spec
@@ -114,6 +123,9 @@ class _Model:
         """Model-space records ``[(x (L_model, T_i), lead mask (L_model,) bool)]`` and their names."""
         if fs is not None:
             _rate(fs)   # checked here; used as given (messages keep the caller's spelling)
+        if isinstance(leads, (str, bytes)):   # "II" read as ['I', 'I'] ("lead I appears twice"), "V1" as ['V', '1']
+            raise ValueError(f"leads must be a list of names, e.g. ['II'], got the string {leads!r}"
+                             + (f": pass leads=[{leads!r}]" if isinstance(leads, str) else ""))
         if rename_leads is not None and not isinstance(signal, (str, os.PathLike)):
             raise ValueError("rename_leads= renames the leads of a record file's header; an array names its rows "
                              "with leads=, and an ECGRecord has standard lead names already")
@@ -144,8 +156,12 @@ class _Model:
             batch = [np.asarray(s.detach().cpu() if isinstance(s, torch.Tensor) else s, dtype=np.float32)
                      for s in signal]
             if len({b.shape[0] for b in batch}) != 1:
+                transposed = len({b.shape[1] for b in batch}) == 1 and all(
+                    _transposed_hint(signal, [b]) for b in batch)
                 raise ValueError(f"the records of the list have different lead counts "
-                                 f"({sorted({b.shape[0] for b in batch})}): pass records of one lead layout")
+                                 f"({sorted({b.shape[0] for b in batch})}): "
+                                 + (_transposed_hint(signal, batch) if transposed else
+                                    "pass records of one lead layout"))
         else:
             x = np.asarray(signal, dtype=np.float32)
             if x.ndim not in (2, 3):
@@ -160,24 +176,40 @@ class _Model:
         n_rows = batch[0].shape[0]
         if names is None:
             if n_rows != len(CANONICAL_LEADS):
-                raise ValueError(f"the signal has {n_rows} leads: pass leads=[names of its rows] "
+                raise ValueError(_transposed_hint(signal, batch) or
+                                 f"the signal has {n_rows} leads: pass leads=[names of its rows] "
                                  f"(e.g. ['II'] for one lead)")
             names = list(CANONICAL_LEADS)
         if len(names) != n_rows:
-            raise ValueError(f"{len(names)} lead names for {n_rows} signal rows")
-        recs = [self._prepare(_trim_missing_edges(b), float(fs), names, f"record {i}")
+            hint = _transposed_hint(signal, batch)
+            raise ValueError(f"{len(names)} lead names for {n_rows} signal rows" + (f"; {hint}" if hint else ""))
+        recs = [self._prepare(_trim_missing_edges(b), float(fs), names, f"record {i}", check_units=True)
                 for i, b in enumerate(batch)]
         return recs, [str(i) for i in range(len(batch))]
 
-    def _prepare(self, sig: np.ndarray, fs: float, names: Sequence[str], where: str, preprocessed: bool = False
-                 ) -> tuple[np.ndarray, np.ndarray]:
+    def _prepare(self, sig: np.ndarray, fs: float, names: Sequence[str], where: str, preprocessed: bool = False,
+                 check_units: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """One record ``(rows, T)`` named by ``names`` -> ``(x (L_model, T'), mask (L_model,))`` at the model rate.
+
+        Args:
+            sig: the record's rows.
+            fs: its rate in Hz.
+            names: the rows' lead names.
+            where: the record, for messages.
+            preprocessed: a cache record prepared with this artifact's spec (not preprocessed again).
+            check_units: an array from the caller: warn when it looks like volts (:func:`_warn_if_volts`).
+        """
         x12, mask, _dropped = map_leads(sig, names, where)
+        if check_units:
+            _warn_if_volts(x12, mask, where)
         if preprocessed:   # a cache record prepared with this very spec: as the sweep's features read it
             out_fs = fs
         else:
             x12, mask = derive_trained_limb_leads(x12, mask, (self.meta.get("extra") or {}).get("trained_leads"),
                                                   self.leads, self._pre.flat_threshold, where)
+            raw, given = x12, np.asarray(mask, dtype=bool).copy()
             x12, out_fs, mask = preprocess_signal(x12, fs, mask, self._pre, where)
+            self._warn_flat_leads(raw, given, np.asarray(mask, dtype=bool), where)
         if self.fs is not None and abs(float(out_fs) - float(self.fs)) > 1e-6:
             raise ECGDataError(where, f"the signal is at {out_fs} Hz after preprocessing but the model expects "
                                       f"{self.fs} Hz (the artifact's preprocessing spec has no resampling rate)")
@@ -190,21 +222,60 @@ class _Model:
         self._check_trained_leads(mask, where)
         return np.ascontiguousarray(x12[order], dtype=np.float32), mask[order]
 
+    def _warn_flat_leads(self, raw: np.ndarray, given: np.ndarray, kept: np.ndarray, where: str) -> None:
+        """Warn about the leads that preprocessing marked absent as flat although they vary.
+
+        A lead that is all zeros, all NaN or constant is a disconnected lead, absent without a word; one that varies
+        but by less than the flat-lead threshold (``flat_threshold``, a standard deviation in mV) is named, since
+        it was given as recorded (a signal in volts loses most of its leads so, and the output changes).
+
+        Args:
+            raw: ``(12, T)`` the record as given to preprocessing.
+            given: ``(12,)`` its present leads before preprocessing.
+            kept: ``(12,)`` those left present after it.
+            where: the record, for the message.
+        """
+        _, done = trained_leads_words(self.kind)
+        read = self._pre.leads
+        flat = []
+        for i in np.flatnonzero(given & ~kept):
+            if read is not None and CANONICAL_LEADS[i] not in read:
+                continue    # a lead the model does not read, not a flat one
+            values = raw[i][np.isfinite(raw[i])]
+            if values.size and float(values.max() - values.min()) > 0:
+                flat.append(CANONICAL_LEADS[i])
+        if flat:
+            warnings.warn(f"{where}: lead(s) {', '.join(flat)} vary, but by less than the flat-lead threshold "
+                          f"(standard deviation below {self._pre.flat_threshold:g} mV): marked absent as flat "
+                          f"(disconnected) and {done} without them; if they are recorded leads, check the signal's "
+                          f"units (the API expects millivolts)", UserWarning, stacklevel=5)
+
     def _check_trained_leads(self, mask: np.ndarray, where: str) -> None:
-        """Records against the leads of the classifier's training records (:func:`ecgfm.artifacts.
+        """Records against the leads of the artifact's training records (:func:`ecgfm.artifacts.
         check_trained_leads`): none of them refused, leads never seen named in a warning, and the model's input
         leads that the training records had but this record lacks named in a warning too (they are scored as
-        absent: zero rows, or left out by a lead-aware model)."""
+        absent: zero rows, or left out by a lead-aware model). An artifact that does not record its training
+        leads (no ``extra.trained_leads``) gets every one of the model's input leads absent from the record named.
+        The messages name the artifact by its kind (the encoder's records are embedded, the classifier's scored)."""
         trained = (self.meta.get("extra") or {}).get("trained_leads")
+        noun, done = trained_leads_words(self.kind)
         have = [lead for lead, m in zip(CANONICAL_LEADS, mask) if m]
-        unseen = check_trained_leads(trained, have, where)
+        unseen = check_trained_leads(trained, have, where, kind=self.kind)
         if unseen:
-            log.warning("%s: lead(s) %s were never present in the classifier's training records (trained on %s): "
-                        "scored as given", where, ", ".join(unseen), ", ".join(trained))
-        missing = [lead for lead in (trained or ()) if lead in self.leads and lead not in have]
+            log.warning("%s: lead(s) %s were never present in the %s's training records (trained on %s): "
+                        "%s as given", where, ", ".join(unseen), noun, ", ".join(trained), done)
+        if trained:
+            missing = [lead for lead in trained if lead in self.leads and lead not in have]
+            if missing:
+                log.warning("%s: lead(s) %s of the %s's training records are absent from this record: %s "
+                            "without them", where, ", ".join(missing), noun, done)
+            return
+        missing = [lead for lead in self.leads if lead not in have]
         if missing:
-            log.warning("%s: lead(s) %s of the classifier's training records are absent from this record: scored "
-                        "without them", where, ", ".join(missing))
+            log.warning("%s: lead(s) %s of the %s's input (%d leads) are absent from this record: %s without them "
+                        "(the artifact does not record the leads of its training records, extra.trained_leads, so "
+                        "whether it was trained on records without them is unknown)", where, ", ".join(missing),
+                        noun, len(self.leads), done)
 
     def _windows(self, x: np.ndarray, stride: int | None, where: str = "record") -> np.ndarray:
         """``(L, T) -> (W, L, window)`` (the whole record when the artifact has no window).
@@ -268,6 +339,44 @@ def _trim_missing_edges(x: np.ndarray) -> np.ndarray:
     return x[:, first:last]
 
 
+def _warn_if_volts(x12: np.ndarray, mask: np.ndarray, where: str) -> None:
+    """Warn when an array record looks like volts: the API expects millivolts.
+
+    Its present leads that vary (all-zero, all-NaN or constant leads are absent, not small) all swing less than
+    :data:`VOLTS_MAX_PTP_MV` peak to peak. Microvolts or raw counts are not flagged: normalisation cancels their
+    scale, while volts fall under the flat-lead threshold (in mV) and lose leads.
+
+    Args:
+        x12: ``(12, T)`` the record in the canonical lead order.
+        mask: ``(12,)`` its present leads.
+        where: the record, for the message.
+    """
+    ptp = []
+    for i in np.flatnonzero(np.asarray(mask, dtype=bool)):
+        values = x12[i][np.isfinite(x12[i])]
+        if values.size:
+            ptp.append(float(values.max() - values.min()))
+    ptp = [p for p in ptp if p > 0]
+    if ptp and max(ptp) < VOLTS_MAX_PTP_MV:
+        warnings.warn(f"{where}: its largest lead peak-to-peak amplitude is {max(ptp):.3g}, where an ECG in "
+                      f"millivolts swings about 0.5-5 mV: the signal looks like volts, but the API expects "
+                      f"millivolts (multiply it by 1000); as given, leads under the flat-lead threshold are marked "
+                      f"absent and the output changes", UserWarning, stacklevel=6)
+
+
+def _transposed_hint(signal: Any, batch: Sequence[np.ndarray]) -> str | None:
+    """The message for an array that looks transposed (``(samples, leads)``: more rows than columns, at most 15
+    columns), saying how to pass it with rows as leads; None otherwise."""
+    rows, cols = (int(n) for n in batch[0].shape[:2])
+    if not (rows > cols and cols <= 15):
+        return None
+    fix = ("[s.T for s in signal]" if _record_list(signal) else
+           "signal.transpose(0, 2, 1)" if np.ndim(signal) == 3 else "signal.T")
+    what = "the signal has" if fix == "signal.T" else "the signal's records have"
+    return (f"{what} {rows} rows and {cols} columns: rows must be leads ((leads, samples)), and this looks like "
+            f"(samples, leads): pass {fix}")
+
+
 def _record_list(signal: Any) -> bool:
     """Whether ``signal`` is a list / tuple of ``(leads, samples_i)`` records (lengths may differ)."""
     return isinstance(signal, (list, tuple)) and bool(signal) and all(
@@ -312,6 +421,8 @@ def _same_leads(where: str, given: Sequence[str] | None, found: Sequence[str]) -
 
 class Encoder(_Model):
     """An encoder artifact, ready to embed ECGs. Build with :meth:`load`."""
+
+    kind = "encoder"
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str = "cpu") -> "Encoder":
@@ -367,6 +478,8 @@ class Encoder(_Model):
 
 class Classifier(_Model):
     """A classifier artifact, ready to score ECGs. Build with :meth:`load`."""
+
+    kind = "classifier"
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str = "cpu") -> "Classifier":

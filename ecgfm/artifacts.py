@@ -432,7 +432,22 @@ def _consistent(load: Callable[[], Any], where: Any) -> Any:
     raise ArtifactError(where, "the artifact kept changing while it was read (another process rewriting it)")
 
 
-def check_trained_leads(trained: Sequence[str] | None, present: Sequence[str], where: Any) -> list[str]:
+def trained_leads_words(kind: str = "classifier") -> tuple[str, str]:
+    """How the lead messages name an artifact and what it does to a record.
+
+    Args:
+        kind: the artifact's kind (``"classifier"``, ``"encoder"``; anything else reads as "model").
+
+    Returns:
+        ``(noun, past participle)``: ``("classifier", "scored")``, ``("encoder", "embedded")`` or
+        ``("model", "processed")``.
+    """
+    return {"classifier": ("classifier", "scored"), "encoder": ("encoder", "embedded")}.get(
+        str(kind), ("model", "processed"))
+
+
+def check_trained_leads(trained: Sequence[str] | None, present: Sequence[str], where: Any,
+                        kind: str = "classifier") -> list[str]:
     """A classifier saved by a sweep names the leads present in its training records (``extra.trained_leads``): a
     record sharing none of them is refused (a one-lead model trained on lead I, given lead II, scored zeros in lead
     I's row), and the leads it never saw are returned (callers warn about them). The API and the explain stage
@@ -442,9 +457,11 @@ def check_trained_leads(trained: Sequence[str] | None, present: Sequence[str], w
         trained: ``extra.trained_leads`` of the artifact (None / empty: not recorded, nothing checked).
         present: the record's present leads (canonical names).
         where: the record, for the message.
+        kind: the artifact's kind, for the message's wording (:func:`trained_leads_words`: an encoder's records
+            are "embedded", a classifier's "scored").
 
     Returns:
-        The present leads the classifier never saw in training.
+        The present leads the artifact never saw in training.
 
     Raises:
         ECGDataError: no present lead among ``trained``.
@@ -453,10 +470,11 @@ def check_trained_leads(trained: Sequence[str] | None, present: Sequence[str], w
 
     if not trained:
         return []
+    noun, done = trained_leads_words(kind)
     have = list(present)
     if not set(have) & set(trained):
-        raise ECGDataError(where, f"the classifier was trained on records with leads {', '.join(trained)}; this "
-                                  f"record has {', '.join(have) or 'none'}: it would be scored on leads the model "
+        raise ECGDataError(where, f"the {noun} was trained on records with leads {', '.join(trained)}; this "
+                                  f"record has {', '.join(have) or 'none'}: it would be {done} on leads the model "
                                   f"never saw (name the record's leads as its reader does, e.g. rename_leads= / "
                                   f"leads=)")
     return [lead for lead in have if lead not in trained]

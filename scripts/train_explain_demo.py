@@ -9,7 +9,9 @@ folder (classifier.json + classifier.safetensors)::
     python explain.py checkpoint=outputs/explain_demo/ptbxl_super data=ptbxl record=8
 
 It is a demonstration model (a few hundred training records): its validation AUROC is printed with a bootstrap
-confidence interval; do not read clinical performance into it.
+confidence interval, and it is the model-selection value (the epoch kept is the one best on fold 9, so it is
+optimistic); do not read clinical performance into it. The folder records the leads of its training records
+(``extra.trained_leads``), so ``ecgfm.Classifier`` names the leads a partial-lead record lacks.
 """
 
 from __future__ import annotations
@@ -42,9 +44,13 @@ def main() -> None:
     auc = info["val_macro_auroc"]
     print(f"data: {info['data']}")
     print(f"classes: {', '.join(info['classes'])}")
+    # as finetune.py says of its validation line: the epoch kept is the one best on this fold, so the value is the
+    # model-selection value, not a held-out estimate
     print(f"validation (strat_fold 9, {auc['n']} records) macro AUROC {auc['value']:.3f} "
-          f"(95% bootstrap CI {auc['ci_low']:.3f}-{auc['ci_high']:.3f}); best epoch "
+          f"(95% bootstrap CI {auc['ci_low']:.3f}-{auc['ci_high']:.3f}; the model-selection value: the epoch was "
+          f"chosen on this fold, so optimistic); best epoch "
           f"{'?' if info['best_epoch'] is None else int(info['best_epoch']) + 1} of {info['epochs_run']} (1-based)")
+    print(f"trained leads (extra.trained_leads): {', '.join(info.get('trained_leads') or []) or 'not recorded'}")
     print(f"saved {Path(args.out).resolve()} in {time.perf_counter() - t0:.0f} s")
     print(json.dumps({"val_macro_auroc": auc}))
 

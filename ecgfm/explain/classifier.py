@@ -210,6 +210,14 @@ def train_classifier(backbone: nn.Module, x_train: np.ndarray, y_train: np.ndarr
 DEMO_BACKBONE = {"name": "resnet1d_tiny", "init_args": {"widths": [16, 32, 32, 64], "stem_widths": [16, 16, 16]}}
 
 
+def _trained_leads(x: np.ndarray) -> list[str]:
+    """The leads present in any of the training records ``x (N, 12, T)`` (preprocessed: an absent lead is a zero
+    row), as a sweep writes ``extra.trained_leads``: canonical names in canonical order. The API and the explain
+    stage check records against them (a record sharing none of them is refused, absent ones are named)."""
+    seen = np.any(np.asarray(x) != 0, axis=(0, 2))
+    return [lead for lead, m in zip(CANONICAL_LEADS, seen) if m]
+
+
 def _predict(wrapper: ECGWrapper, x: np.ndarray, batch: int = 64) -> np.ndarray:
     with torch.no_grad():
         return torch.cat([wrapper.predict_proba(torch.as_tensor(x[i:i + batch]))
@@ -223,7 +231,8 @@ def train_synthetic_demo(out_dir: str | os.PathLike, n_records: int = 360, seed:
     100 Hz, z-scored; 80 % train / 20 % validation by record index).
 
     Returns:
-        ``(wrapper, info)`` with the validation macro AUROC (95 % bootstrap CI) in ``info``.
+        ``(wrapper, info)`` with the validation macro AUROC (95 % bootstrap CI) in ``info``; the artifact's
+        ``extra.trained_leads`` names the leads of the training records (all 12), as a sweep's artifacts do.
     """
     from ecgfm.backbones.registry import create_backbone
     from ecgfm.data.preprocess import preprocess_signal
@@ -243,6 +252,7 @@ def train_synthetic_demo(out_dir: str | os.PathLike, n_records: int = 360, seed:
                                                n_samples=x.shape[-1], postprocess="softmax")
     info["val_macro_auroc"] = macro_auroc_ci(y[n_tr:], _predict(wrapper, x[n_tr:]), n_boot=500, seed=0)
     info["data"] = f"synthetic seed {seed}: records 0-{n_tr - 1} train, {n_tr}-{len(y) - 1} validation"
+    info["trained_leads"] = _trained_leads(x[:n_tr])
     save_classifier(out_dir, bb, head, spec, SYNTHETIC_CLASSES, multilabel=False, n_samples=x.shape[-1],
                     extra=info)
     return wrapper, info
@@ -275,7 +285,10 @@ def train_ptbxl_demo(root: str | os.PathLike, out_dir: str | os.PathLike, epochs
     100 Hz, whole 10 s records, ``strat_fold`` 1-8 train / 9 validation (fold 10 untouched).
 
     Returns:
-        ``(wrapper, info)``; ``info["val_macro_auroc"]`` is the fold-9 macro AUROC with a 95 % bootstrap CI.
+        ``(wrapper, info)``; ``info["val_macro_auroc"]`` is the fold-9 macro AUROC with a 95 % bootstrap CI (the
+        model-selection value: the best epoch is chosen on fold 9, so optimistic), and ``info["trained_leads"]``
+        (saved as the artifact's ``extra.trained_leads``, as a sweep writes it) the leads present in the training
+        records, so that the API warns about a record's absent leads and refuses one sharing none of them.
     """
     from ecgfm.backbones.registry import create_backbone
 
@@ -291,6 +304,7 @@ def train_ptbxl_demo(root: str | os.PathLike, out_dir: str | os.PathLike, epochs
                                                postprocess="sigmoid")
     info["val_macro_auroc"] = macro_auroc_ci(y[va], _predict(wrapper, x[va]), n_boot=500, seed=0)
     info.update(data=f"PTB-XL superdiagnostic, ecg_id <= {max_id}, 100 Hz; strat_fold 1-8 train "
-                     f"({int(tr.sum())} records), 9 validation ({int(va.sum())})", classes=classes)
+                     f"({int(tr.sum())} records), 9 validation ({int(va.sum())})", classes=classes,
+                trained_leads=_trained_leads(x[tr]))
     save_classifier(out_dir, bb, head, spec, classes, multilabel=True, n_samples=x.shape[-1], extra=info)
     return wrapper, info
