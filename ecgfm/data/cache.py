@@ -107,6 +107,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures as cf
 import csv
+import errno
 import functools
 import hashlib
 import importlib
@@ -147,8 +148,35 @@ RECORDS_DTYPE = np.dtype([
     ("lead_mask", "?", (N_LEADS,)), ("fs", "<f8"), ("patient", "<i8"),
 ])
 DELAY_ENV = "ECGFM_PREPARE_RECORD_DELAY"
-#: Default bound on the shard memory maps a :class:`CorpusCache` keeps open (see its ``max_open_shards``).
+#: Upper bound on the shard memory maps a :class:`CorpusCache` keeps open by default (see its ``max_open_shards``);
+#: the default is also at most a quarter of the process's open-file limit (:func:`default_max_open_shards`).
 MAX_OPEN_SHARDS = 4096
+
+
+def _recorded_sha256(manifest: Mapping[str, Any], rel: str) -> str | None:
+    """The sha256 ``manifest`` records for cache file ``rel`` (a derived file or a shard's ``.bin``), or None."""
+    files = manifest.get("files") or {}
+    if rel in files:
+        return str(files[rel])
+    for entry in manifest.get("shards") or []:
+        if entry.get("bin") == rel:
+            return str(entry.get("bin_sha256"))
+    return None
+
+
+def default_max_open_shards() -> int:
+    """:data:`MAX_OPEN_SHARDS`, or a quarter of this process's soft open-file limit when that is lower (at least
+    16): each open shard map holds a file descriptor (Python's ``mmap`` keeps a duplicate), and DataLoader workers
+    and torch's shared memory draw on the same limit (1,024 on many Linux hosts)."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):   # pragma: no cover -- not POSIX
+        return MAX_OPEN_SHARDS
+    if soft == resource.RLIM_INFINITY or soft <= 0:
+        return MAX_OPEN_SHARDS
+    return max(16, min(MAX_OPEN_SHARDS, int(soft) // 4))
 _SHARD_FMT = "shard-{:05d}"
 _SKIPPED_FIELDS = ("source", "record_id", "path", "reason")
 
@@ -231,20 +259,29 @@ def _unreadable_fixed(digest: Sequence[Any], path: str) -> bool:
     return list(digest[:1]) == [UNREADABLE] and _readable(path)
 
 
+#: errno values of a read failure that may go away without the file changing (permissions fixed, a disk or a
+#: network mount back): a record skipped for one is read again by ``verify=True``. A missing file is not among
+#: them (it is a change of its folder when it comes back).
+TRANSIENT_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EIO, errno.EAGAIN, errno.EBUSY, errno.ETIMEDOUT,
+                              errno.ESTALE, errno.ENXIO, errno.EHOSTDOWN, errno.ENOTCONN})
+
+
 def _os_error_in(exc: BaseException) -> bool:
-    """Whether ``exc`` is, or was raised from or while handling, an :class:`OSError` (a reader's ``ECGDataError``
-    usually wraps the ``PermissionError`` / I/O error that made a record unreadable)."""
+    """Whether ``exc`` is, or was raised from or while handling, an :class:`OSError` whose errno is in
+    :data:`TRANSIENT_ERRNOS` (a reader's ``ECGDataError`` usually wraps the ``PermissionError`` / I/O error that
+    made a record unreadable)."""
     seen: set[int] = set()
     e: BaseException | None = exc
     while e is not None and id(e) not in seen:
-        if isinstance(e, OSError):
+        if isinstance(e, OSError) and e.errno in TRANSIENT_ERRNOS:
             return True
         seen.add(id(e))
         e = e.__cause__ or e.__context__
     return False
 
 
-_ERRNO_RE = re.compile(r"\[Errno \d+\]|Permission denied|Input/output error")
+_ERRNO_RE = re.compile(r"\[Errno (?:%s)\]|Permission denied|Input/output error"
+                       % "|".join(str(n) for n in sorted(TRANSIENT_ERRNOS)))
 
 
 def _transient_skip(row: Mapping[str, Any]) -> bool:
@@ -1801,9 +1838,12 @@ class CorpusCache:
         max_open_shards: shard memory maps kept open at a time (least recently used are closed). Each open
             map costs one entry of the process's ``vm.max_map_count`` (65,530 by default on Linux, shared by
             everything the process maps: libraries, the allocator's arenas, CUDA) and a little kernel memory, in
-            every DataLoader worker; that is why there is a bound at all. The default, :data:`MAX_OPEN_SHARDS`
-            (4,096), keeps every shard of a 1 M-record cache (~1,000 shards) open: a random crop from a shard
-            that is not mapped costs a new ``mmap`` (~18x a crop from a mapped one).
+            every DataLoader worker, and one file descriptor; that is why there is a bound at all. The default
+            (:func:`default_max_open_shards`: :data:`MAX_OPEN_SHARDS`, 4,096, or a quarter of the open-file limit
+            when lower, 256 under the common 1,024) keeps every shard of a 1 M-record cache (~1,000 shards) open
+            where the limit allows: a random crop from a shard that is not mapped costs a new ``mmap`` (~18x a
+            crop from a mapped one). Running out of file descriptors closes the older half of the maps and
+            retries; a second failure is an error naming this setting.
         check: ``"stat"`` (default, as above), ``"full"`` (hash every file on open) or ``"none"``.
 
     Raises:
@@ -1816,7 +1856,7 @@ class CorpusCache:
         if check not in ("stat", "full", "none"):
             raise ValueError(f"check must be 'stat', 'full' or 'none', got {check!r}")
         self.path = Path(path)
-        self.max_open_shards = MAX_OPEN_SHARDS if max_open_shards is None else int(max_open_shards)
+        self.max_open_shards = default_max_open_shards() if max_open_shards is None else int(max_open_shards)
         if self.max_open_shards < 1:
             raise ValueError(f"max_open_shards must be >= 1, got {max_open_shards}")
         manifest_path = self.path / "manifest.json"
@@ -1906,10 +1946,21 @@ class CorpusCache:
                                              f", or restart the run) to read the updated records")
 
     def _check_same(self, rel: str, st: os.stat_result) -> None:
-        """Raise :meth:`_changed_error` unless ``st`` is the stat of the file this reader saw at open."""
+        """Raise :meth:`_changed_error` unless ``st`` is the stat of the file this reader saw at open, or the file
+        was replaced by one of the same content: the cache's current manifest records for it the sha256 this
+        reader's manifest recorded (a rerun that only relabels writes ``records.npy`` and unchanged shards anew,
+        byte for byte; open readers, pretraining jobs among them, go on)."""
         ids = getattr(self, "_ids", None)   # a cache pickled before identities were recorded: not checked
-        if ids is not None and rel in ids and _identity(st) != ids[rel]:
+        if ids is None or rel not in ids or _identity(st) == ids[rel]:
+            return
+        seen = _recorded_sha256(self.manifest, rel)
+        try:
+            now = _recorded_sha256(_read_manifest(self.path), rel)
+        except (OSError, ValueError, ECGDataError):   # mid-update (the manifest goes first) or unreadable
+            now = None
+        if seen is None or now != seen:
             raise self._changed_error(rel)
+        ids[rel] = _identity(st)
 
     # -- pickling: path only ------------------------------------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:
@@ -2007,16 +2058,36 @@ class CorpusCache:
         mm = self._maps.get(shard)
         if mm is None:
             rel = self.manifest["shards"][shard]["bin"]
-            with open(self.path / rel, "rb") as f:   # fstat + map of the same open file: no race with a rename
-                self._check_same(rel, os.fstat(f.fileno()))
-                # a plain ndarray view of the memmap (keeps the map alive; slicing skips np.memmap's overhead)
-                mm = np.memmap(f, dtype=DTYPE, mode="r").view(np.ndarray)
+            try:
+                mm = self._open_map(rel)
+            except OSError as exc:
+                if exc.errno != errno.EMFILE or not self._maps:
+                    raise
+                # out of file descriptors: close the older half of the maps (each holds one) and try again
+                for _ in range(max(1, len(self._maps) // 2)):
+                    self._maps.popitem(last=False)
+                try:
+                    mm = self._open_map(rel)
+                except OSError as again:
+                    if again.errno != errno.EMFILE:
+                        raise
+                    raise ECGDataError(self.path / rel, f"too many open files while mapping a shard of {self.path} "
+                                                        f"({len(self._maps)} shard maps open): pass a smaller "
+                                                        f"max_open_shards (now {self.max_open_shards}) or raise "
+                                                        f"the open-file limit (ulimit -n)") from again
             self._maps[shard] = mm
             while len(self._maps) > self.max_open_shards:
                 self._maps.popitem(last=False)
         else:
             self._maps.move_to_end(shard)
         return mm
+
+    def _open_map(self, rel: str) -> np.ndarray:
+        """The ``float32`` map of shard file ``rel``, its identity checked (see :meth:`_shard_map`)."""
+        with open(self.path / rel, "rb") as f:   # fstat + map of the same open file: no race with a rename
+            self._check_same(rel, os.fstat(f.fileno()))
+            # a plain ndarray view of the memmap (keeps the map alive; slicing skips np.memmap's overhead)
+            return np.memmap(f, dtype=DTYPE, mode="r").view(np.ndarray)
 
     def _stored(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """``(present-lead view (n_leads, T) of the shard map, lead mask (12,))`` of record ``i`` (checked)."""

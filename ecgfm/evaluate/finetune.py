@@ -526,6 +526,9 @@ def recalibrate_batchnorm(model: nn.Module, loader: Any, only_never_estimated: b
         m.momentum = None          # cumulative average over the pass, not an exponential one
     device = next(model.parameters()).device
     model.train()
+    for m in model.modules():   # the other BatchNorm layers keep their statistics: eval mode during the pass
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and all(m is not n for n in norms):
+            m.eval()
     try:
         with torch.no_grad():
             for batch in loader:

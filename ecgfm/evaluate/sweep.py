@@ -552,8 +552,14 @@ def _feature_code_recipe(mode: str) -> dict[str, Any]:
 def _head_identity(head: dict[str, Any]) -> dict[str, Any]:
     """The probe / fine-tuning settings that join a cell's recipe identity: all but ``num_workers`` (speed only);
     ``min_epoch_samples`` only when set (0 is the behaviour from before the key existed, so those cells keep their
-    identity and are reused)."""
-    return {k: v for k, v in head.items() if k != "num_workers" and not (k == "min_epoch_samples" and not v)}
+    identity and are reused); ``lp_features`` only when it changes something (an LP head fitted on windows: the
+    default ``records`` is the behaviour from before the key, and a random head has no probe)."""
+    def counts(k: str, v: Any) -> bool:
+        if k == "num_workers" or (k == "min_epoch_samples" and not v):
+            return False
+        return not (k == "lp_features" and (v == "records" or head.get("head_init") != "lp"))
+
+    return {k: v for k, v in head.items() if counts(k, v)}
 
 
 def _record_keys(cache: Any, rows: Any) -> list[str]:
