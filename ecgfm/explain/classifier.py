@@ -251,7 +251,8 @@ def train_synthetic_demo(out_dir: str | os.PathLike, n_records: int = 360, seed:
     wrapper = ECGWrapper.from_encoder_and_head(bb, head, spec, class_names=SYNTHETIC_CLASSES,
                                                n_samples=x.shape[-1], postprocess="softmax")
     info["val_macro_auroc"] = macro_auroc_ci(y[n_tr:], _predict(wrapper, x[n_tr:]), n_boot=500, seed=0)
-    info["data"] = f"synthetic seed {seed}: records 0-{n_tr - 1} train, {n_tr}-{len(y) - 1} validation"
+    info["data"] = (f"synthetic seed {seed} (500 Hz, {duration:g} s records): records 0-{n_tr - 1} train, "
+                    f"{n_tr}-{len(y) - 1} validation")
     info["trained_leads"] = _trained_leads(x[:n_tr])
     save_classifier(out_dir, bb, head, spec, SYNTHETIC_CLASSES, multilabel=False, n_samples=x.shape[-1],
                     extra=info)

@@ -406,7 +406,8 @@ def source_from_config(data_cfg: Any, source_cfg: Any = None) -> Any:
 
 
 _PTBXL_DEMO_DATA = re.compile(r"PTB-XL .*ecg_id <= (\d+).*strat_fold (\d+)-(\d+) train.*?(\d+) validation")
-_SYNTHETIC_DEMO_DATA = re.compile(r"synthetic seed (\d+): records (\d+)-(\d+) train, (\d+)-(\d+) validation")
+_SYNTHETIC_DEMO_DATA = re.compile(r"synthetic seed (\d+)(?: \(500 Hz, ([0-9.]+) s records\))?: records (\d+)-(\d+) "
+                                  r"train, (\d+)-(\d+) validation")
 
 
 def training_data(checkpoint: str | os.PathLike) -> str | None:
@@ -472,7 +473,7 @@ def same_corpus(source: Any, described: Any) -> bool:
 
 
 def training_membership(data: str | None, record: ECGRecord,
-                        records: tuple[set[str], set[str]] | None = None) -> str | None:
+                        records: tuple[set[str], set[str]] | None = None, source: Any = None) -> str | None:
     """Whether ``record`` was among the training records that ``data`` (:func:`training_data`) describes.
 
     Determinable for the descriptions the explain demos write (:func:`ecgfm.explain.classifier.train_ptbxl_demo`:
@@ -481,6 +482,8 @@ def training_membership(data: str | None, record: ECGRecord,
     fraction ...") name no records.
 
     ``records`` (:func:`training_records`: the keys a sweep's artifact lists) decides first, by the record's key.
+    For the synthetic demo, ``source`` (the explained records' source) must be the generator the demo drew from
+    (same seed, 500 Hz, same duration); otherwise None.
 
     Returns:
         ``"training"`` (in the classifier's training folds / records), ``"validation"`` (the fold its epoch was
@@ -505,7 +508,13 @@ def training_membership(data: str | None, record: ECGRecord,
         digits = re.sub(r"\D", "", str(record.record_id))
         if not digits:
             return None
-        _, lo, hi, vlo, vhi = (int(g) for g in m.groups())
+        seed, duration = int(m.group(1)), float(m.group(2)) if m.group(2) else 10.0
+        # record i of a synthetic corpus is a function of (seed, rate, duration) only: another seed's syn000000
+        # is another ECG (a source that does not say is not claimed)
+        if source is None or (getattr(source, "seed", None), getattr(source, "fs", None),
+                              getattr(source, "duration", None)) != (seed, 500.0, duration):
+            return None
+        lo, hi, vlo, vhi = (int(g) for g in m.groups()[2:])
         i = int(digits)
         return "training" if lo <= i <= hi else "validation" if vlo <= i <= vhi else "held out"
     return None
@@ -603,7 +612,7 @@ def explain_main(cfg: Any) -> dict[str, Any]:
         cf_opts = {k: v for k, v in OmegaConf.to_container(cf, resolve=True).items() if k != "enabled"}
     data = training_data(checkpoint)
     known = training_records(checkpoint, source)
-    membership = {r.key: training_membership(data, r, known) for r in records}
+    membership = {r.key: training_membership(data, r, known, source) for r in records}
     report = explain_records(
         wrapper, records, out_dir, methods=list(cfg.methods), target=cfg.get("target"),
         method_options=OmegaConf.to_container(cfg.method_options, resolve=True) if cfg.get("method_options") else None,

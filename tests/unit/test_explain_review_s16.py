@@ -321,7 +321,19 @@ def test_explain_names_the_training_data_and_flags_training_records(tmp_path):
     syn = "synthetic seed 0: records 0-287 train, 288-359 validation"
     rec = lambda i: ECGRecord(signal=np.zeros((12, 10), np.float32), fs=FS, lead_mask=np.ones(12, bool),  # noqa
                               record_id=f"syn{i:06d}", source="synthetic")
-    assert [training_membership(syn, rec(i)) for i in (0, 288, 400)] == ["training", "validation", "held out"]
+    from ecgfm.data.synthetic import SyntheticSource
+
+    same = SyntheticSource(1024, seed=0, fs=500.0, duration=10.0)
+    assert [training_membership(syn, rec(i), source=same) for i in (0, 288, 400)] == \
+        ["training", "validation", "held out"]
+    # another seed's syn000000 is another ECG (the README's chain explains data=synthetic of another corpus);
+    # a source that does not say cannot be matched
+    assert training_membership(syn, rec(0), source=SyntheticSource(1024, seed=1, fs=500.0, duration=10.0)) is None
+    assert training_membership(syn, rec(0)) is None
+    syn_d = "synthetic seed 0 (500 Hz, 5 s records): records 0-287 train, 288-359 validation"
+    assert training_membership(syn_d, rec(0), source=same) is None                   # 10 s records are others
+    assert training_membership(syn_d, rec(0), source=SyntheticSource(10, seed=0, fs=500.0, duration=5.0)) == \
+        "training"
     # a description that names no records (a sweep cell's) cannot tell
     assert training_membership("task ptbxl_super (ptbxl), train split fraction 1 (17000 records)",
                                _ptbxl("00001", 3)) is None
