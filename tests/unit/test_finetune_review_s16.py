@@ -19,10 +19,7 @@ import torch
 from torch import nn
 
 from ecgfm.backbones.registry import create_backbone
-from ecgfm.data.cache import CorpusCache, prepare_corpus
 from ecgfm.data.datamodules import DownstreamDataModule
-from ecgfm.data.preprocess import PreprocessSpec
-from ecgfm.data.synthetic import SYNTHETIC_CLASSES, SyntheticSource
 from ecgfm.evaluate.finetune import (
     FinetuneModule,
     aggregate_window_probabilities,
@@ -32,19 +29,14 @@ from ecgfm.evaluate.finetune import (
     run_finetune,
 )
 
+from synthetic_tasks import synthetic_task  # noqa: E402  (tests/unit helper)
+
 WINDOW = STRIDE = 250
 
 
 @pytest.fixture(scope="module")
 def task(tmp_path_factory):
-    root = tmp_path_factory.mktemp("lpft_s16") / "syn"
-    prepare_corpus(SyntheticSource(120, seed=1, fs=100.0, duration=7.5), root, PreprocessSpec(fs=100),
-                   workers=0, progress=False)
-    cache = CorpusCache(root)
-    labels = cache.labels_matrix(list(SYNTHETIC_CLASSES))
-    idx = np.random.default_rng(0).permutation(len(cache))
-    splits = {"train": np.sort(idx[:72]), "val": np.sort(idx[72:96]), "test": np.sort(idx[96:])}
-    return str(root), cache, labels, splits
+    return synthetic_task(tmp_path_factory.mktemp("lpft_s16") / "syn", 120, seed=1, duration=7.5)
 
 
 def _cnn(seed: int = 0) -> nn.Module:

@@ -8,9 +8,7 @@ import torch
 from torch import nn
 
 from ecgfm.backbones.registry import create_backbone
-from ecgfm.data.cache import CorpusCache, prepare_corpus
-from ecgfm.data.preprocess import PreprocessSpec, sliding_windows
-from ecgfm.data.synthetic import SYNTHETIC_CLASSES, SyntheticSource
+from ecgfm.data.preprocess import sliding_windows
 from ecgfm.evaluate.finetune import (
     FinetuneModule,
     check_head_init,
@@ -21,6 +19,8 @@ from ecgfm.evaluate.finetune import (
 from ecgfm.evaluate.metrics import macro_auroc
 from ecgfm.evaluate.probe import LinearProbe
 from ecgfm.recipes import FinetuneRecipe
+
+from synthetic_tasks import synthetic_task  # noqa: E402  (tests/unit helper)
 
 WINDOW = STRIDE = 250   # vit1d_test's sequence length; 6 s records at 100 Hz -> 3 windows each
 
@@ -99,14 +99,7 @@ def test_head_init_is_validated():
 @pytest.fixture(scope="module")
 def task(tmp_path_factory):
     """A tiny synthetic single-label task (9 classes, 6 s records at 100 Hz) in a corpus cache."""
-    root = tmp_path_factory.mktemp("lpft") / "syn"
-    prepare_corpus(SyntheticSource(150, seed=0, fs=100.0, duration=6.0), root, PreprocessSpec(fs=100),
-                   workers=0, progress=False)
-    cache = CorpusCache(root)
-    labels = cache.labels_matrix(list(SYNTHETIC_CLASSES))
-    idx = np.random.default_rng(0).permutation(len(cache))
-    splits = {"train": np.sort(idx[:90]), "val": np.sort(idx[90:120]), "test": np.sort(idx[120:])}
-    return str(root), cache, labels, splits
+    return synthetic_task(tmp_path_factory.mktemp("lpft") / "syn", 150, seed=0, duration=6.0)
 
 
 def _backbone(seed: int = 0) -> nn.Module:
