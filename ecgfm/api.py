@@ -10,7 +10,8 @@ Both apply the artifact's own preprocessing, so a caller never re-implements it:
 1. **Leads**: rows named by ``leads`` are placed into the canonical 12-lead layout (aliases such as ``MLII``
    accepted, non-standard leads dropped, absent leads zero and masked), then into the artifact's input order. A
    network whose ``embed`` takes ``lead_mask`` (ViT-1D) gets the mask, so absent leads make no tokens, as in the
-   project's frozen features and fine-tuning (``lead_aware`` in the artifact's description, default true).
+   project's frozen features and fine-tuning (``lead_aware`` in the artifact's description; absent: as the
+   encoder was pretrained, ``method_hparams.lead_aware``, else true).
 2. **Preprocessing**: :func:`ecgfm.data.preprocess.preprocess_signal` with the artifact's spec: resampling from
    ``fs`` to the artifact's rate, filters, baseline removal, normalisation.
 3. **Windows**: records are cut into the artifact's window (sliding, the last window aligned to the end; a shorter

@@ -79,8 +79,10 @@ class FinetuneRecipe:
             dropped each epoch). Left out of a cell's recipe identity when 0 (cells from before it existed).
         head: ``"linear"`` or ``"mlp"`` (:class:`ecgfm.heads.MLPHead`).
         head_init: ``"lp"``: LP-FT (Kumar et al. 2022), the head starts as a linear probe of the frozen features
-            of the training split and is kept if no epoch beats it on validation (needs ``head="linear"``);
-            ``"random"``: a randomly initialised head.
+            of the training split and is kept if no epoch beats it on validation (needs ``head="linear"``); before
+            the probe, a random-init network's never-estimated BatchNorm running statistics are computed on one
+            pass of the training crops (a pretrained encoder's are kept;
+            :func:`ecgfm.evaluate.finetune.recalibrate_batchnorm`); ``"random"``: a randomly initialised head.
         lp_Cs: L2 grid of that probe, chosen on validation macro AUROC.
         lp_features: what that probe is fitted on: ``"records"`` (each training record's mean window embedding,
             the benchmark probe's ``mean_embedding``; with ``window_aggregate="prob"`` the windows are used
