@@ -1065,8 +1065,16 @@ def probe_main(cfg: DictConfig) -> dict[str, Any]:
             check_window(enc.backbone, window)  # a ViT-1D is rebuilt for longer windows; learned positions: refused
         except ValueError as exc:
             raise EvaluationError(f"checkpoint {checkpoint!r}: {exc}") from None
-        efp = encoder_fingerprint(enc.backbone)
         lead_aware = bool(ctx.recipe["lead_aware"])   # features.lead_aware resolved by _identify
+        if enc.kind == "random":   # a random twin's BatchNorm statistics from the training windows (no labels)
+            from ecgfm.evaluate.finetune import random_init_batchnorm_statistics
+
+            n_bn = random_init_batchnorm_statistics(enc.backbone, task.cache, task.splits["train"], window,
+                                                    lead_aware, batch_size=int(cfg.features.batch_size))
+            if n_bn:
+                log.info("random-init twin: BatchNorm statistics of %d layer(s) computed on the %d training "
+                         "records' windows (no labels)", n_bn, len(task.splits["train"]))
+        efp = encoder_fingerprint(enc.backbone)
         try:
             embed_fn(enc.backbone, layers)     # a backbone without embed_stages: refused before any work
         except ValueError as exc:

@@ -158,3 +158,36 @@ def test_estimated_statistics_of_a_pretrained_encoder_are_kept(task):
     assert all(torch.equal(a, m.running_mean) for a, m in zip(before, norms))
     assert recalibrate_batchnorm(model, dm.train_dataloader(), only_never_estimated=False) == len(norms)
     assert not all(torch.equal(a, m.running_mean) for a, m in zip(before, norms))
+
+
+def test_random_twin_frozen_features_get_batchnorm_statistics_of_the_training_windows(task):
+    """A random-init CNN probed frozen: its never-estimated statistics (0 / 1) are computed on the training
+    records' windows first (no labels), deterministically; the estimated ones are then left alone."""
+    from ecgfm.evaluate.features import extract_features
+    from ecgfm.evaluate.finetune import random_init_batchnorm_statistics
+
+    _, cache, labels, splits = task
+    rows = np.concatenate([splits["train"], splits["val"]])
+
+    def feats(bb):
+        return extract_features(bb.eval(), cache, WINDOW, STRIDE, batch_size=64, device="cpu", rows=rows).features
+
+    raw = feats(_cnn())
+    a, b = _cnn(), _cnn()
+    assert random_init_batchnorm_statistics(a, cache, splits["train"], WINDOW) > 0
+    random_init_batchnorm_statistics(b, cache, splits["train"], WINDOW)
+    fa, fb = feats(a), feats(b)
+    assert np.array_equal(fa, fb) and not a.training                          # deterministic, back in eval mode
+    assert not np.allclose(fa, raw)                                            # other features than 0 / 1 give
+    norms = [m for m in a.modules() if isinstance(m, nn.BatchNorm1d)]
+    assert norms and all(int(m.num_batches_tracked) > 0 for m in norms)
+    assert any(float(m.running_mean.abs().max()) > 0 for m in norms)
+    assert random_init_batchnorm_statistics(a, cache, splits["train"], WINDOW) == 0   # estimated now: kept
+    assert np.array_equal(feats(a), fa)
+
+
+def test_random_twin_identity_says_its_statistics_are_computed():
+    from ecgfm.evaluate.identity import checkpoint_identity
+
+    assert "batchnorm" in checkpoint_identity("random:resnet1d_test")["basis"]
+    assert "batchnorm" not in checkpoint_identity("supervised:resnet1d_test")["basis"]
