@@ -583,16 +583,16 @@ def random_init_batchnorm_statistics(backbone: nn.Module, cache: Any, rows: np.n
     def batches() -> Iterator[dict[str, torch.Tensor]]:
         xs: list[np.ndarray] = []
         masks: list[np.ndarray] = []
-        seen = 0
+        seen = pending = 0
         for i in np.asarray(rows, dtype=np.int64):
             w = sliding_windows(cache.signal(int(i)), int(window), int(window))[: max_windows - seen]
             xs.append(w)
             masks.append(np.repeat(cache.lead_mask(int(i))[None], len(w), axis=0))
-            seen += len(w)
-            if sum(len(a) for a in xs) >= batch_size or seen >= max_windows:
+            seen, pending = seen + len(w), pending + len(w)
+            if pending >= batch_size or seen >= max_windows:
                 yield {"x": torch.from_numpy(np.concatenate(xs).astype(np.float32)),
                        "lead_mask": torch.from_numpy(np.concatenate(masks))}
-                xs, masks = [], []
+                xs, masks, pending = [], [], 0
             if seen >= max_windows:
                 return
         if xs:

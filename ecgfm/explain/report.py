@@ -410,16 +410,24 @@ _SYNTHETIC_DEMO_DATA = re.compile(r"synthetic seed (\d+)(?: \(500 Hz, ([0-9.]+) 
                                   r"train, (\d+)-(\d+) validation")
 
 
-def training_data(checkpoint: str | os.PathLike) -> str | None:
-    """The training data a classifier artifact names (``provenance.data``, else ``extra.data``), or None (a
-    torch checkpoint, or an artifact that does not say)."""
+def _classifier_description(checkpoint: str | os.PathLike) -> dict[str, Any] | None:
+    """A classifier artifact's description (``classifier.json``), or None (a torch checkpoint, another kind, or an
+    unreadable description: what is read from it here is only a note for the console)."""
     try:
         if artifact_kind(Path(checkpoint)) != "classifier":
             return None
         from ecgfm.explain.classifier import classifier_info
 
-        meta = classifier_info(checkpoint)
-    except Exception:   # noqa: BLE001 -- only a note for the console: an unreadable description has none
+        return classifier_info(checkpoint)
+    except Exception:   # noqa: BLE001 -- an unreadable description says nothing
+        return None
+
+
+def training_data(checkpoint: str | os.PathLike) -> str | None:
+    """The training data a classifier artifact names (``provenance.data``, else ``extra.data``), or None (a
+    torch checkpoint, or an artifact that does not say)."""
+    meta = _classifier_description(checkpoint)
+    if meta is None:
         return None
     data = (meta.get("provenance") or {}).get("data") or (meta.get("extra") or {}).get("data")
     return str(data) if data else None
@@ -433,14 +441,10 @@ def training_records(checkpoint: str | os.PathLike, source: Any = None) -> tuple
     with ``source`` (the record source being explained) the keys are returned only when that source is one the
     classifier was trained on (:func:`same_corpus` against ``extra.training_sources``); otherwise None (cannot tell).
     """
-    try:
-        if artifact_kind(Path(checkpoint)) != "classifier":
-            return None
-        from ecgfm.explain.classifier import classifier_info
-
-        extra = classifier_info(checkpoint).get("extra") or {}
-    except Exception:   # noqa: BLE001 -- only a note for the console: an unreadable description has none
+    meta = _classifier_description(checkpoint)
+    if meta is None:
         return None
+    extra = meta.get("extra") or {}
     if not isinstance(extra.get("training_records"), list):
         return None
     if source is not None and not same_corpus(source, extra.get("training_sources")):
