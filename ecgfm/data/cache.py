@@ -200,6 +200,23 @@ def patient_hash(source: str, patient_id: Any) -> int:
     return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
+def record_patient_hash(source: str, patient_id: Any, meta: Mapping[str, Any] | None = None) -> int:
+    """The patient hash of one cached record, one PTB-XL patient being one patient whichever corpus ships it.
+
+    A PTB-XL record read by a source of another name (a PhysioNet 2021 ``HR`` record read with ``ptbxl_root``,
+    which records ``meta["ptbxl_patient_id"]``) and a PTB-XL source of any ``ptbxl*`` name hash as
+    ``ptbxl/<patient>``, the identity the leakage guard uses (:func:`ecgfm.evaluate.leakage.record_identities`);
+    so the pretraining hold-out and CLOCS's patient-aware positives see a patient across such caches. Every other
+    record: :func:`patient_hash` of its own source.
+    """
+    from ecgfm.data.splits import is_unknown_patient
+
+    ptbxl_pid = (meta or {}).get("ptbxl_patient_id")
+    if not is_unknown_patient(ptbxl_pid):
+        return patient_hash("ptbxl", ptbxl_pid)
+    return patient_hash("ptbxl" if str(source).lower().startswith("ptbxl") else source, patient_id)
+
+
 def natural_key(text: str) -> tuple:
     """Sort key ordering embedded numbers numerically (``"2" < "10"``, ``"A2" < "A10"``); texts that differ only
     in leading zeros (``"1"`` / ``"01"``) are ordered by the text itself, so that sorting a set of them does not keep
@@ -1503,7 +1520,7 @@ def _merge_shards(out: Path, shard_names: Sequence[str]) -> dict[str, Any]:
                 table = np.zeros(len(records), dtype=RECORDS_DTYPE)
                 for k, r in enumerate(records):
                     table[k] = (i, r["offset"], r["n_samples"], r["n_leads"], np.array(r["lead_mask"], dtype=bool),
-                                r["fs"], patient_hash(r["source"], r["patient_id"]))
+                                r["fs"], record_patient_hash(r["source"], r["patient_id"], r.get("meta")))
                     line = dumps({key: r[key] for key in index_keys}, convert=False) + "\n"
                     fidx.write(line)
                     h_index.update(line.encode())
@@ -2008,7 +2025,8 @@ class CorpusCache:
 
     @property
     def patients(self) -> np.ndarray:
-        """``(N,)`` int64 stable patient hashes (-1 unknown), see :func:`patient_hash`."""
+        """``(N,)`` int64 stable patient hashes (-1 unknown), see :func:`record_patient_hash` (caches built before
+        2026-12-06 hashed a PTB-XL record read by another source under that source's name)."""
         return np.asarray(self.records["patient"], dtype=np.int64)
 
     @property

@@ -776,7 +776,8 @@ class PretrainDataModule(LightningDataModule):
                  enumerate(pool.caches)]
         # a patient held out in one cache is held out in every cache: two caches sharing patients (two exports of
         # one hospital) would otherwise validate on patients the other cache trains on. Caches of distinct patients
-        # (every pool of the shipped configs) keep their own hold-outs unchanged.
+        # (every pool of the shipped configs) keep their own hold-outs unchanged. A PTB-XL patient is one hash in
+        # every cache, whichever source read the record (cache.record_patient_hash).
         held_patients = np.unique(np.concatenate([c.patients[h] for c, h in zip(pool.caches, helds)]))
         held_patients = held_patients[held_patients >= 0]
         for k, cache in enumerate(pool.caches):

@@ -197,3 +197,29 @@ def test_unknown_patient_markers_are_not_a_shared_patient():
 
     assert all(is_unknown_patient(p) for p in ("NaN", "NONE", "null", "<NA>")) and not is_unknown_patient("p1")
     assert _norm_patient(12.0) == "12" and _norm_patient("0012") == "0012"
+
+
+def test_a_ptbxl_patient_is_one_patient_in_every_cache(fixture_dir, tmp_path):
+    """The pretraining hold-out and CLOCS's positives read the cache's patient hashes: an HR record carrying its
+    PTB-XL patient (``ptbxl_root``) hashed under "challenge2021", so the same patient in a PTB-XL cache beside it
+    was two patients (one could train while the other validated). Now both hash as ``ptbxl/<patient>``."""
+    from ecgfm.data.cache import CorpusCache, patient_hash, prepare_corpus, record_patient_hash
+    from ecgfm.data.readers import Challenge2021Source
+
+    assert record_patient_hash("challenge2021", "777", {"ptbxl_patient_id": "777"}) == patient_hash("ptbxl", "777")
+    assert record_patient_hash("ptbxl_hr", "777", {}) == patient_hash("ptbxl", "777")   # any ptbxl* source name
+    assert record_patient_hash("cpsc2018", "777", None) == patient_hash("cpsc2018", "777") != \
+        patient_hash("ptbxl", "777")                                                       # other corpora unchanged
+    assert record_patient_hash("challenge2021", None, {"ptbxl_patient_id": "nan"}) == -1
+    db = tmp_path / "ptbxl"
+    db.mkdir()
+    (db / "ptbxl_database.csv").write_text(
+        "ecg_id,patient_id,age,sex,scp_codes,strat_fold\n"
+        "6000,777.0,60,0,\"{'NORM': 100.0}\",3\n")
+    out = tmp_path / "cache"
+    prepare_corpus(Challenge2021Source(fixture_dir / "cinc2021", ptbxl_root=db), out,
+                   {"fs": 100.0}, workers=0, progress=False)
+    cache = CorpusCache(out)
+    by_id = dict(zip(cache.index["record_id"], cache.patients))
+    assert by_id["HR06000"] == patient_hash("ptbxl", "777")          # the PTB-XL cache's hash of patient 777
+    assert by_id["HR06001"] == -1                                    # no database row: unknown, as before
