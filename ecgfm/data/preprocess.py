@@ -186,6 +186,10 @@ class PreprocessSpec:
             raise ValueError(f"PreprocessSpec.fs must be a positive rate in Hz, got {self.fs!r}")
         if self.fs is not None and self.lowpass is not None and self.lowpass >= self.fs / 2:
             raise ValueError(f"PreprocessSpec.lowpass={self.lowpass} must be below fs/2={self.fs / 2}")
+        if self.fs is not None and self.highpass is not None and self.highpass >= self.fs / 2:
+            # the filter would be skipped (nothing to pass above Nyquist) while the spec says baseline was removed
+            raise ValueError(f"PreprocessSpec.highpass={self.highpass} must be below fs/2={self.fs / 2} (a high-pass "
+                             f"cut-off in Hz, e.g. 0.5)")
         if self.highpass is not None and self.highpass <= 0:
             raise ValueError(f"PreprocessSpec.highpass must be positive, got {self.highpass}")
         if self.lowpass is not None and self.lowpass <= 0:

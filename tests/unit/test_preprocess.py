@@ -282,6 +282,7 @@ def test_spec_round_trip_fingerprint_and_unknown_keys():
     (dict(normalize="minmax"), "normalize"),
     (dict(fs=0), "fs"),
     (dict(fs=100, lowpass=60), "lowpass"),
+    (dict(fs=100, highpass=60, lowpass=None), "highpass=60.0 must be below fs/2=50.0"),   # was skipped silently
     (dict(highpass=-1.0), "highpass"),
     (dict(highpass=5.0, lowpass=4.0), "below lowpass"),
     (dict(notch=0.0), "notch"),

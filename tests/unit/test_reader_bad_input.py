@@ -433,3 +433,31 @@ def test_ptbxl_ecg_id_in_two_folders_is_refused(fixture_dir, tmp_path):
         shutil.copy(root / "records100" / "00000" / f"00001_lr.{ext}", root / "records100" / "99999")
     with pytest.raises(ECGDataError, match="ecg_id 1 appears twice"):
         PTBXLSource(root, fs=100)
+
+
+@pytest.mark.parametrize("column, value, problem", [
+    ("strat_fold", "3.7", "strat_fold 3.7 is not a whole number 1-10"),       # was read as fold 3
+    ("strat_fold", "11", "strat_fold 11 is not a whole number 1-10"),         # was kept: a fold no split reads
+    ("strat_fold", "0", "strat_fold 0 is not a whole number 1-10"),
+    ("strat_fold", "x", "strat_fold x is not a whole number 1-10"),           # was no fold: no split at all
+    ("age", "-5", "age -5(.0)? is not a non-negative number"),                   # the header path refuses it
+    ("age", "old", "age old is not a non-negative number"),
+    ("sex", "2", "sex 2 is not 0 \\(male\\) / 1 \\(female\\)"),                # was read as unknown
+])
+def test_ptbxl_cells_that_would_be_changed_silently_are_refused(fixture_dir, tmp_path, column, value, problem):
+    """A damaged or hand-edited ptbxl_database.csv moved records between splits (or out of them) without a word."""
+    import csv
+
+    from ecgfm.data.readers import load_ptbxl_table
+
+    with open(fixture_dir / "ptbxl" / "ptbxl_database.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    rows[1][rows[0].index(column)] = value
+    with open(tmp_path / "ptbxl_database.csv", "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    _raises(tmp_path / "ptbxl_database.csv", f"ecg_id 1: {problem}", load_ptbxl_table, tmp_path)
+    for ok in ("", "300" if column == "age" else "1"):      # empty = unknown; PTB-XL writes age 300 above 89
+        rows[1][rows[0].index(column)] = ok
+        with open(tmp_path / "ptbxl_database.csv", "w", newline="") as f:
+            csv.writer(f).writerows(rows)
+        assert len(load_ptbxl_table(tmp_path)) == 100

@@ -104,7 +104,9 @@ def load_ptbxl_table(root: str | os.PathLike) -> pd.DataFrame:
 
     Raises:
         ECGDataError: missing or undecodable file, missing columns, a duplicated or non-integer ``ecg_id``
-            (naming the lines), unparsable ``scp_codes`` or a likelihood in it that is not a finite number.
+            (naming the lines), unparsable ``scp_codes`` or a likelihood in it that is not a finite number, a
+            ``strat_fold`` that is not a whole number 1-10, a negative or non-numeric ``age``, a ``sex`` other than
+            0 / 1 / M / F (empty cells are unknown).
     """
     path = Path(root) / "ptbxl_database.csv"
     table = read_label_table(path, id_column="ecg_id", normalise_id=ptbxl_record_id, what="PTB-XL metadata file")
@@ -113,7 +115,35 @@ def load_ptbxl_table(root: str | os.PathLike) -> pd.DataFrame:
         raise ECGDataError(path, f"missing columns {sorted(missing)}")
     df = table_frame(table, index=int)
     df["scp_codes"] = [_parse_scp_codes(t, path, i) for i, t in zip(df.index, df["scp_codes"])]
+    for ecg_id, fold, age, sex in zip(df.index, df["strat_fold"], df["age"], df["sex"]):
+        _check_cells(path, ecg_id, fold, age, sex)
     return df
+
+
+def _sex_of(value: Any) -> str | None:
+    """``"M"`` / ``"F"`` / None of a ``sex`` cell (0 / 1 as PTB-XL writes it, or a spelled-out sex)."""
+    number = _finite_or_none(value)
+    return normalise_sex(value if number is None else number)
+
+
+def _blank(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value)) or str(value).strip() == ""
+
+
+def _check_cells(where: Path, ecg_id: Any, fold: Any, age: Any, sex: Any) -> None:
+    """Refuse the cells the reader would otherwise change without a word: a ``strat_fold`` that is not a whole number
+    1-10 (3.7 read as fold 3, "x" as no fold: the splits would move the record), a negative or non-numeric ``age``
+    (PTB-XL writes 300 for ages above 89), a ``sex`` other than 0 / 1 (or M / F). Empty cells stay unknown."""
+    if not _blank(fold):
+        f = _finite_or_none(fold)
+        if f is None or not f.is_integer() or not 1 <= f <= 10:
+            raise ECGDataError(where, f"ecg_id {ecg_id}: strat_fold {fold} is not a whole number 1-10")
+    if not _blank(age):
+        a = _finite_or_none(age)
+        if a is None or a < 0:
+            raise ECGDataError(where, f"ecg_id {ecg_id}: age {age} is not a non-negative number")
+    if not _blank(sex) and _sex_of(sex) is None:
+        raise ECGDataError(where, f"ecg_id {ecg_id}: sex {sex} is not 0 (male) / 1 (female)")
 
 
 def load_scp_statements(root: str | os.PathLike) -> pd.DataFrame:
@@ -258,7 +288,8 @@ class PTBXLSource:
                                                           df["strat_fold"], df["age"], df["sex"]):
                 fold_f = _finite_or_none(fold)
                 meta = {"scp_codes": codes, "strat_fold": int(fold_f) if fold_f is not None else None,
-                        "age": _finite_or_none(age), "sex": normalise_sex(_finite_or_none(sex))}
+                        "age": _finite_or_none(age),
+                        "sex": _sex_of(sex)}
                 self._rows[f"{int(ecg_id):05d}"] = (ptbxl_patient(pid), meta)
         elif not self.include_unlabelled:
             raise ECGDataError(self.root / "ptbxl_database.csv",
