@@ -67,6 +67,11 @@ class CREMAModule(MAEModule):
         # (B, D) -> (B, proj_dim): Linear -> BN -> ReLU -> Linear (with bias), no BatchNorm on the output
         self.projector = ProjectionHead(d, proj_hidden_dim or d, proj_dim, num_layers=2,
                                         batch_norm=proj_batch_norm, final_batch_norm=False)
+        if self.contrastive_weight == 0:
+            # the projector takes no part in the loss: frozen, so DDP (find_unused_parameters=False) does not wait
+            # for its gradients (the second step failed "Expected to have finished reduction"); kept in the
+            # state_dict so that checkpoints of either weight load alike
+            self.projector.requires_grad_(False)
 
     def shared_step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``loss = recon + w * contrastive``; terms ``recon`` and (when ``w > 0``) ``contrastive``.

@@ -158,11 +158,13 @@ class LossHistory(L.Callback):
         self.steps: list[int] = []
         self.losses: list[float] = []
         self._micro: list[float] = []
-        self.val_step: int | None = None   # global step of this run's last validation (its val/* metrics)
+        self.val_step: int | None = None   # global step of the run's last validation (also before a resume)
+        self.val_metrics: dict[str, float] = {}   # its val/* values (Lightning does not restore callback_metrics)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking:
             self.val_step = int(trainer.global_step)
+            self.val_metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -179,11 +181,15 @@ class LossHistory(L.Callback):
             self._micro = []
 
     def state_dict(self) -> dict[str, Any]:
-        return {"steps": list(self.steps), "losses": list(self.losses)}
+        return {"steps": list(self.steps), "losses": list(self.losses), "val_step": self.val_step,
+                "val_metrics": dict(self.val_metrics)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.steps = [int(s) for s in state_dict.get("steps", [])]
         self.losses = [float(v) for v in state_dict.get("losses", [])]
+        val_step = state_dict.get("val_step")
+        self.val_step = None if val_step is None else int(val_step)
+        self.val_metrics = {str(k): float(v) for k, v in dict(state_dict.get("val_metrics") or {}).items()}
 
     def summary(self, n: int = 10) -> dict[str, Any]:
         """First/last loss and the means of the first/last ``n`` steps (less noisy), ``None`` when empty."""
@@ -260,26 +266,27 @@ class ResumableDataLoader(DataLoader):
 
     def state_dict(self) -> dict[str, int]:
         epoch, batches = self.progress() if self.progress is not None else (0, 0)
-        return {"epoch": int(epoch), "batches": int(batches), "world": self._world()}
+        return {"epoch": int(epoch), "batches": int(batches), "world": self._world(),
+                "batch_size": int(self.batch_sampler.batch_size), "epoch_batches": len(self)}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         epoch, batches = int(state.get("epoch", 0)), int(state.get("batches", 0))
-        if batches >= len(self):  # saved on the last batch of an epoch: the next epoch starts afresh
+        # the epoch's length in the checkpoint's own units (older checkpoints: this loader's)
+        if batches >= int(state.get("epoch_batches", len(self))):   # saved on its last batch: next epoch afresh
             epoch, batches = epoch + 1, 0
-        old, new = int(state.get("world", self._world())), self._world()
+        old = (int(state.get("world", self._world())), int(state.get("batch_size", self.batch_sampler.batch_size)))
+        new = (self._world(), int(self.batch_sampler.batch_size))
         if batches and old != new:
-            # the ranks take interleaved slots of one global order: W ranks after b batches have drawn its first
-            # b * W batches' worth; another rank count continues there only when that splits evenly over it
-            if (batches * old) % new:
-                from ecgfm.config import ConfigError
+            # Lightning restores its own count of the epoch's batches in the checkpoint's units and ends the epoch
+            # when that count reaches this loader's length: with another rank count or batch size some of the
+            # epoch's draws would be skipped (or repeated) whatever this loader skips, so the resume is refused
+            from ecgfm.config import ConfigError
 
-                raise ConfigError("resume", f"the checkpoint stopped {batches} batches into epoch {epoch} on {old} "
-                                            f"process(es); resuming on {new} cannot continue that epoch's draws "
-                                            f"without repeating or skipping some: resume on {old}, or from a "
-                                            f"checkpoint at an epoch end")
-            log.info("resume: %d batch(es) of epoch %d on %d process(es) = %d on %d", batches, epoch, old,
-                     batches * old // new, new)
-            batches = batches * old // new
+            raise ConfigError("resume", f"the checkpoint stopped {batches} batches into epoch {epoch} on {old[0]} "
+                                        f"process(es) with batch size {old[1]}; resuming on {new[0]} process(es) "
+                                        f"with batch size {new[1]} cannot continue that epoch without skipping or "
+                                        f"repeating draws: resume with {old[0]} process(es) and "
+                                        f"data.batch_size={old[1]}, or from a checkpoint saved at an epoch end")
         set_epoch = getattr(self.sampler, "set_epoch", None)
         if callable(set_epoch):
             set_epoch(epoch)

@@ -292,8 +292,10 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     last = out_dir / "checkpoints" / "last.ckpt"
     ck = trainer.checkpoint_callback
     if cfg.checkpoint.save_last and ck is not None and not trainer.fast_dev_run and \
-            getattr(ck, "_last_global_step_saved", -1) != trainer.global_step:
-        # ModelCheckpoint saves every N steps; make last.ckpt the final state so a rerun does not repeat steps.
+            (getattr(ck, "_last_global_step_saved", -1) != trainer.global_step
+             or history.val_step == trainer.global_step):
+        # ModelCheckpoint saves every N steps; make last.ckpt the final state so a rerun does not repeat steps
+        # (also when it saved at this step: an epoch-end validation after that save belongs in it too)
         save_final_checkpoint(trainer, last)
 
     mid_epoch = stopped_mid_epoch(trainer)
@@ -323,8 +325,9 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         "crop_seconds": float(cfg.crop_seconds),
         "crop_samples": int(cfg.crop_samples),
         **guard.summary(),
-        # last validation-epoch values (validation split): val/loss, val/<terms>, val/probe_auroc when enabled
-        "val_metrics": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")},
+        # last validation-epoch values (validation split): val/loss, val/<terms>, val/probe_auroc when enabled;
+        # kept in checkpoints, so a resumed segment that ends before its first validation still reports them
+        "val_metrics": dict(history.val_metrics),
         # the step those metrics were computed at (the last validation can come before the final step)
         "val_metrics_step": history.val_step,
     }

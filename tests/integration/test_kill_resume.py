@@ -143,7 +143,8 @@ def test_resumable_loader_skips_the_batches_already_trained(reference):
     plain = dm.train_dataloader()
     resumable = ResumableDataLoader.wrap(dm.train_dataloader(), progress=lambda: (1, 3))
     assert type(resumable.sampler) is type(plain.sampler)   # Lightning sees the DDP-aware sampler, not a default
-    assert resumable.state_dict() == {"epoch": 1, "batches": 3, "world": 1}
+    assert resumable.state_dict() == {"epoch": 1, "batches": 3, "world": 1, "batch_size": 8,
+                                      "epoch_batches": len(plain)}
 
     plain.sampler.set_epoch(1)
     expected = [b["index"] for b in plain][3:]

@@ -96,6 +96,18 @@ def test_resume_from_explicit_checkpoint(tmp_path, cache_root):
     assert summary["steps"] == 3
 
 
+
+def test_a_resumed_segment_without_validation_still_reports_the_last_one(tmp_path, cache_root):
+    """Step 3 has no validation of its own: the summary names the last one (step 2, before the resume); it read
+    {} / None (Lightning does not restore callback_metrics)."""
+    out = tmp_path / "run"
+    first = train(tiny_cfg(out, cache_root, extra=["trainer.max_steps=2"]))
+    assert first["val_metrics_step"] == 2 and first["val_metrics"]
+    second = train(tiny_cfg(out, cache_root, extra=["trainer.max_steps=3"]))
+    assert second["resumed_from"] and second["steps"] == 3
+    assert second["val_metrics_step"] == 2 and second["val_metrics"] == first["val_metrics"]
+
+
 def test_resume_from_missing_checkpoint_is_a_clear_error(tmp_path, cache_root):
     with pytest.raises(ConfigError, match="resume.*not found"):
         train(tiny_cfg(tmp_path / "run", cache_root, extra=[f"resume={tmp_path / 'nope.ckpt'}"]))

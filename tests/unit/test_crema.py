@@ -152,3 +152,16 @@ def test_lead_aware_views_of_a_mixed_batch_meet_in_one_contrastive_loss():
     torch.testing.assert_close(terms["recon"], ((torch.stack(recons) * w).sum() / w.sum()).detach())
     want = nt_xent(crema.projector(z1), crema.projector(z2), temperature=0.1)
     torch.testing.assert_close(terms["contrastive"], want.detach())
+
+
+@pytest.mark.parametrize("weight", [0.0, 0.1])
+def test_every_trainable_parameter_gets_a_gradient(weight):
+    """DDP with find_unused_parameters=False (Lightning's ``strategy: ddp``) fails on its second step when a
+    parameter that requires grad takes no part in the loss: with weight 0 that was the whole projector."""
+    _, crema = _pair(weight)
+    crema.train()
+    loss, _ = crema.shared_step(_batch())
+    loss.backward()
+    unused = [n for n, p in crema.named_parameters() if p.requires_grad and p.grad is None]
+    assert unused == []
+    assert all(p.requires_grad for p in crema.projector.parameters()) == (weight > 0)
