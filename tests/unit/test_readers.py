@@ -575,3 +575,13 @@ def test_get_source_synthetic():
     pytest.importorskip("ecgfm.data.synthetic")
     src = get_source("synthetic", n_records=2)
     assert len(src.record_ids()) == 2
+
+
+def test_folder_source_empty_csv_cells_keep_the_headers_values(fixture_dir, tmp_path):
+    """An empty age cell replaced the header's age (59) with None: an empty cell is unknown, not a value."""
+    root = _folder_with_records(fixture_dir, tmp_path)
+    (root / "labels.csv").write_text("record_id,age,MI,note\nHR06000,,1,\n00001_lr,40,0,x\n")
+    src = FolderSource(root, labels_csv="labels.csv")
+    b = src.load("sub/HR06000")
+    assert b.meta["age"] == 59.0 and b.meta["MI"] == 1 and b.meta["note"] is None   # no header value: None kept
+    assert src.load("00001_lr").meta["age"] == 40                                   # a filled cell still wins

@@ -248,7 +248,9 @@ class FolderSource:
         check_decodable(self.root, rel, ".hea")
         record = read_wfdb(self.root / rel, source=self.name, rename_leads=self.rename_leads, root=self.root,
                            fs_range=self.fs_range)
-        meta = {**record.meta, **self._meta.get(record_id, {})}
+        # the CSV's cells on top of the header's values, except empty cells (unknown: the header's age / sex stay)
+        meta = {**record.meta, **{k: v for k, v in self._meta.get(record_id, {}).items()
+                                  if v is not None or k not in record.meta}}
         if self.labels_csv is not None:
             meta[LABELS_KNOWN] = record_id in self._known
         return record.replace(record_id=record_id, labels=self._labels.get(record_id, ()), meta=meta,
