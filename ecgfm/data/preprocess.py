@@ -650,6 +650,22 @@ def preprocess_signal(sig: np.ndarray, fs: float, mask: np.ndarray, spec: Prepro
     return out, out_fs, mask
 
 
+_WARNED_NOT_ACTING: set[tuple[str, ...]] = set()
+
+
+def filters_not_acting(spec: PreprocessSpec, fs: float) -> list[str]:
+    """The filters of ``spec`` that cannot act on a record at ``fs`` Hz (cut-off or notch at or above its Nyquist
+    frequency): :func:`preprocess_signal` skips them. Only a spec without ``fs`` (records kept at their own rates)
+    can have any: with ``fs`` set, such cut-offs are refused by :class:`PreprocessSpec` and such a notch by the
+    config check (:meth:`PreprocessSpec.notch_problem`)."""
+    nyq = float(fs) / 2
+    named = [("highpass", spec.highpass), ("lowpass", spec.lowpass)]
+    if not spec.notch_at_source:   # a notch at the source rate that cannot act is an error of its own
+        named.append(("notch", spec.notch))
+    return [f"{name}={value:g} Hz (at or above the Nyquist frequency {nyq:g} Hz of a {float(fs):g} Hz record)"
+            for name, value in named if value is not None and float(value) >= nyq]
+
+
 def preprocess_record(record: ECGRecord, spec: PreprocessSpec) -> ECGRecord:
     """Apply ``spec`` to a record; the evidence mask (if any) is resampled by taking, for each output sample, the
     input sample at or before its time (``floor(i * fs_in / fs_out)``), and the sample
@@ -672,6 +688,14 @@ def preprocess_record(record: ECGRecord, spec: PreprocessSpec) -> ECGRecord:
     header = dict(record.header)
     header.setdefault("fs_original", float(record.fs))
     header["preprocessed"] = spec.to_dict()
+    skipped = filters_not_acting(spec, fs)
+    if skipped:   # the spec says these filters ran: the record says they did not
+        header["filters_not_applied"] = skipped
+        if tuple(skipped) not in _WARNED_NOT_ACTING:
+            _WARNED_NOT_ACTING.add(tuple(skipped))
+            log.warning("%s: %s cannot act and was not applied (records at this rate say so in "
+                        "header['filters_not_applied']); set PreprocessSpec.fs to resample every record to one rate, "
+                        "or leave the filter out", where, "; ".join(skipped))
     annotations = record.annotations
     if annotations and float(fs) != float(record.fs):
         annotations = {k: _rescale_samples(v, fs / float(record.fs), sig.shape[1]) for k, v in annotations.items()}

@@ -343,3 +343,20 @@ def test_spec_leads_keep_only_those_leads_and_old_fingerprints_stay():
         PreprocessSpec(leads=["I", "X"])
     with pytest.raises(ECGDataError, match="none of the leads"):
         preprocess_signal(x, 100.0, np.eye(12, dtype=bool)[5], PreprocessSpec(**base, leads=["I"]))
+
+
+def test_a_filter_that_cannot_act_at_a_records_own_rate_is_named_in_its_header(caplog):
+    """fs=None keeps each record's rate: a 50 Hz notch (or a 60 Hz low-pass) cannot act on a 100 Hz record and was
+    skipped while header['preprocessed'] said it ran. Now the record says which did not, and a warning says so."""
+    from ecgfm.data.preprocess import filters_not_acting, preprocess_record
+
+    rng = np.random.default_rng(0)
+    spec = PreprocessSpec(fs=None, highpass=0.5, lowpass=60.0, notch=50.0, normalize="none")
+    slow = preprocess_record(_record(rng.standard_normal((12, 1000)), 100.0), spec)
+    fast = preprocess_record(_record(rng.standard_normal((12, 5000)), 500.0), spec)
+    assert slow.header["filters_not_applied"] == [
+        "lowpass=60 Hz (at or above the Nyquist frequency 50 Hz of a 100 Hz record)",
+        "notch=50 Hz (at or above the Nyquist frequency 50 Hz of a 100 Hz record)"]
+    assert "filters_not_applied" not in fast.header
+    assert "cannot act and was not applied" in caplog.text
+    assert filters_not_acting(PreprocessSpec(fs=100.0, highpass=0.5, lowpass=40.0), 100.0) == []
