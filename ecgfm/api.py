@@ -39,8 +39,8 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ecgfm.artifacts import (EncoderClassifier, check_trained_leads, derive_trained_limb_leads, load_classifier,
-                             load_encoder, pretraining_lead_aware, trained_leads_words)
+from ecgfm.artifacts import (EncoderClassifier, derive_trained_limb_leads, load_classifier, load_encoder,
+                             pretraining_lead_aware, trained_leads_words, warn_record_leads)
 from ecgfm.data.preprocess import (PreprocessSpec, model_input_leads, preprocess_signal, preprocessed_spec,
                                    sliding_windows, with_input_leads)
 from ecgfm.data.record import CANONICAL_LEADS, ECGDataError, ECGRecord, canonical_lead, map_leads
@@ -105,6 +105,13 @@ class _Model:
         self.leads: tuple[str, ...] = tuple(inp.get("leads") or CANONICAL_LEADS)
         self.window_samples: int | None = inp.get("window_samples")
         self.stride_samples: int | None = inp.get("stride_samples") or self.window_samples
+        if self.fs is None and self.window_samples:
+            # written before save_encoder required a rate with a window: the window is a number of samples at no
+            # stated rate, so records are cut at the caller's rate (embed(x, fs=100) == embed(x, fs=500))
+            warnings.warn(f"{meta.get('dir', 'this artifact')}: the artifact has a window of {self.window_samples} "
+                          f"samples but no input rate (input.fs and preprocess.fs are null): records are not "
+                          f"resampled and their windows are cut at the rate each record is given at; re-save it "
+                          f"with fs= (ecgfm.artifacts.save_encoder)", UserWarning, stacklevel=3)
         # what every record goes through: the artifact's spec (an artifact without one: what every cache gives its
         # records, PreprocessSpec.raw, as the sweep's features of it), restricted to the leads the backbone reads
         # a record read back from a cache prepared with the artifact's own spec is not preprocessed again
@@ -198,11 +205,11 @@ class _Model:
             names: the rows' lead names.
             where: the record, for messages.
             preprocessed: a cache record prepared with this artifact's spec (not preprocessed again).
-            check_units: an array from the caller: warn when it looks like volts (:func:`_warn_if_volts`).
+            check_units: an array from the caller: warn when it looks like volts (:func:`warn_if_volts`).
         """
         x12, mask, _dropped = map_leads(sig, names, where)
         if check_units:
-            _warn_if_volts(x12, mask, where)
+            warn_if_volts(x12, mask, where)
         if preprocessed:   # a cache record prepared with this very spec: as the sweep's features read it
             out_fs = fs
         else:
@@ -253,30 +260,11 @@ class _Model:
 
     def _check_trained_leads(self, mask: np.ndarray, where: str) -> None:
         """Records against the leads of the artifact's training records (:func:`ecgfm.artifacts.
-        check_trained_leads`): none of them refused, leads never seen named in a warning, and the model's input
-        leads that the training records had but this record lacks named in a warning too (they are scored as
-        absent: zero rows, or left out by a lead-aware model). An artifact that does not record its training
-        leads (no ``extra.trained_leads``) gets every one of the model's input leads absent from the record named.
-        The messages name the artifact by its kind (the encoder's records are embedded, the classifier's scored)."""
-        trained = (self.meta.get("extra") or {}).get("trained_leads")
-        noun, done = trained_leads_words(self.kind)
-        have = [lead for lead, m in zip(CANONICAL_LEADS, mask) if m]
-        unseen = check_trained_leads(trained, have, where, kind=self.kind)
-        if unseen:
-            log.warning("%s: lead(s) %s were never present in the %s's training records (trained on %s): "
-                        "%s as given", where, ", ".join(unseen), noun, ", ".join(trained), done)
-        if trained:
-            missing = [lead for lead in trained if lead in self.leads and lead not in have]
-            if missing:
-                log.warning("%s: lead(s) %s of the %s's training records are absent from this record: %s "
-                            "without them", where, ", ".join(missing), noun, done)
-            return
-        missing = [lead for lead in self.leads if lead not in have]
-        if missing:
-            log.warning("%s: lead(s) %s of the %s's input (%d leads) are absent from this record: %s without them "
-                        "(the artifact does not record the leads of its training records, extra.trained_leads, so "
-                        "whether it was trained on records without them is unknown)", where, ", ".join(missing),
-                        noun, len(self.leads), done)
+        warn_record_leads`): none of them refused, leads never seen and the model's input leads the record lacks
+        named in warnings. The messages name the artifact by its kind (the encoder's records are embedded, the
+        classifier's scored)."""
+        warn_record_leads((self.meta.get("extra") or {}).get("trained_leads"),
+                          [lead for lead, m in zip(CANONICAL_LEADS, mask) if m], self.leads, where, kind=self.kind)
 
     def _windows(self, x: np.ndarray, stride: int | None, where: str = "record") -> np.ndarray:
         """``(L, T) -> (W, L, window)`` (the whole record when the artifact has no window).
@@ -340,7 +328,7 @@ def _trim_missing_edges(x: np.ndarray) -> np.ndarray:
     return x[:, first:last]
 
 
-def _warn_if_volts(x12: np.ndarray, mask: np.ndarray, where: str) -> None:
+def warn_if_volts(x12: np.ndarray, mask: np.ndarray, where: str) -> None:
     """Warn when an array record looks like volts: the API expects millivolts.
 
     Its present leads that vary (all-zero, all-NaN or constant leads are absent, not small) all swing less than
@@ -348,8 +336,8 @@ def _warn_if_volts(x12: np.ndarray, mask: np.ndarray, where: str) -> None:
     scale, while volts fall under the flat-lead threshold (in mV) and lose leads.
 
     Args:
-        x12: ``(12, T)`` the record in the canonical lead order.
-        mask: ``(12,)`` its present leads.
+        x12: ``(L, T)`` the record's leads (the canonical 12, or a model's own leads: the order does not matter).
+        mask: ``(L,)`` its present leads.
         where: the record, for the message.
     """
     ptp = []

@@ -246,7 +246,9 @@ def _upgrade_v1(meta: dict[str, Any], kind: str) -> dict[str, Any]:
         fs, n = meta.get("fs"), meta.get("n_samples")
         inp = {"fs": fs, "leads": list(meta.get("lead_names") or CANONICAL_LEADS), "window_samples": n,
                "window_seconds": (n / fs) if n and fs else None, "stride_samples": None}
-        out = {"architecture": arch, "input": inp, "head": meta.get("head"), "classes": meta.get("class_names"),
+        names = meta.get("class_names")   # version 1 kept them as given (a list of ints reads as names)
+        out = {"architecture": arch, "input": inp, "head": meta.get("head"),
+               "classes": [str(c) for c in names] if isinstance(names, list) else names,
                "multilabel": meta.get("postprocess") == "sigmoid", "thresholds": None, "window_aggregate": "prob",
                "provenance": {}, "lead_aware": False}   # version 1 trained on zero-filled absent leads
     pre = meta.get("preprocess")
@@ -418,17 +420,20 @@ def _load_weights(module: nn.Module, weights_path: Path, map_location: str | tor
 
 
 def _consistent(load: Callable[[], Any], where: Any) -> Any:
-    """``load()`` again (up to 3 times) when the folder was swapped by a writer while it was read (or was missing
-    for the instant between a swap's two renames)."""
-    for attempt in range(3):
+    """``load()`` again (up to 10 times, backing off to 1 s: ~5 s in all) when the folder was swapped by a writer
+    while it was read (or was missing for the instant between a swap's two renames). Readers take no lock (the
+    folder may be read-only to them), so a reader on a busy machine beside writers that rewrite the folder in a loop
+    needs more than a few quick tries (3 tries over 0.3 s failed so on 2 loaded cores)."""
+    tries = 10
+    for attempt in range(tries):
         try:
             return load()
         except _Swapped:
             pass
         except ArtifactNotFound:
-            if attempt == 2:
+            if attempt >= 2:   # missing for longer than a swap's two renames take: not a swap
                 raise
-        time.sleep(0.05 * (attempt + 1))
+        time.sleep(min(0.05 * 2 ** attempt, 1.0))
     raise ArtifactError(where, "the artifact kept changing while it was read (another process rewriting it)")
 
 
@@ -478,6 +483,44 @@ def check_trained_leads(trained: Sequence[str] | None, present: Sequence[str], w
                                   f"never saw (name the record's leads as its reader does, e.g. rename_leads= / "
                                   f"leads=)")
     return [lead for lead in have if lead not in trained]
+
+
+def warn_record_leads(trained: Sequence[str] | None, present: Sequence[str], model_leads: Sequence[str], where: Any,
+                      kind: str = "classifier") -> None:
+    """A record's leads against the artifact's training leads, with the warnings the API and the explain stage both
+    give: none of ``trained`` present is refused (:func:`check_trained_leads`), leads never seen in training are named,
+    and so are the model's input leads the training records had but this record lacks (they are processed as
+    absent: zero rows, or left out by a lead-aware model). Without ``trained`` (not recorded) every one of
+    ``model_leads`` the record lacks is named.
+
+    Args:
+        trained: ``extra.trained_leads`` of the artifact (None / empty: not recorded).
+        present: the record's present leads (canonical names).
+        model_leads: the leads the model reads.
+        where: the record, for the messages.
+        kind: the artifact's kind, for the wording (:func:`trained_leads_words`).
+
+    Raises:
+        ECGDataError: no present lead among ``trained``.
+    """
+    noun, done = trained_leads_words(kind)
+    have = list(present)
+    unseen = check_trained_leads(trained, have, where, kind=kind)
+    if unseen:
+        log.warning("%s: lead(s) %s were never present in the %s's training records (trained on %s): %s as given",
+                    where, ", ".join(unseen), noun, ", ".join(trained), done)
+    if trained:
+        missing = [lead for lead in trained if lead in model_leads and lead not in have]
+        if missing:
+            log.warning("%s: lead(s) %s of the %s's training records are absent from this record: %s without them",
+                        where, ", ".join(missing), noun, done)
+        return
+    missing = [lead for lead in model_leads if lead not in have]
+    if missing:
+        log.warning("%s: lead(s) %s of the %s's input (%d leads) are absent from this record: %s without them (the "
+                    "artifact does not record the leads of its training records, extra.trained_leads, so whether "
+                    "it was trained on records without them is unknown)", where, ", ".join(missing), noun,
+                    len(model_leads), done)
 
 
 def pretraining_lead_aware(info: dict[str, Any]) -> bool | None:
@@ -734,18 +777,32 @@ def save_encoder(out_dir: str | os.PathLike, backbone: nn.Module,
         out_dir: the folder.
         backbone: a registered backbone (built by :func:`ecgfm.backbones.create_backbone`).
         preprocess: the preprocessing the encoder expects (applied by :meth:`ecgfm.api.Encoder.embed`).
-        fs: input sampling rate in Hz (default ``preprocess.fs``).
+        fs: input sampling rate in Hz (default ``preprocess.fs``); required with a spec or a window (only an
+            encoder saved with ``preprocess=None`` and no window, which embeds whole records as given, has none).
         window_samples: the window the encoder was trained on (its crop), in samples at ``fs``.
-        leads: lead order of the input rows (default: the 12 canonical leads).
+        leads: lead order of the input rows (default: the 12 canonical leads); as many as the backbone's input
+            channels (``num_leads`` / ``in_channels``), or all 12 in canonical order for a backbone that reads
+            ``input_leads`` from a canonical 12-lead input.
         provenance: training data, method, recipe, seed... (``code_version`` and ``created`` are added).
         evaluation: numbers to show on the model card, e.g. ``{"test macro AUROC": "0.81 [0.78, 0.84]"}``.
         extra: other JSON-able information (kept for older readers: ``fs``, ``crop_samples``, ``method``...).
 
     Returns:
         ``out_dir``.
+
+    Raises:
+        ValueError: unregistered backbone, no rate (``fs`` and ``preprocess.fs`` both None) with a spec or a
+            window; :class:`ArtifactError` for input fields the loader refuses (``leads`` that do not fit the
+            backbone's input channels, a window of 0...).
     """
     spec = _spec(preprocess)
     fs = fs if fs is not None else (None if spec is None else spec.fs)
+    if fs is None and (window_samples is not None or spec is not None):
+        # without a rate the API cut windows and filtered at whatever rate each caller gave: embed(x, fs=100) and
+        # embed(x, fs=500) returned the same array
+        raise ValueError(f"{out_dir}: pass fs= (the encoder's input rate in Hz): "
+                         + ("the preprocessing spec does not fix the sampling rate" if spec is not None else
+                            f"window_samples={window_samples} is a number of samples at that rate"))
     meta = {"architecture": _architecture(backbone), "preprocess": None if spec is None else spec.to_dict(),
             "input": _input(fs, leads, window_samples, None), "provenance": _provenance(provenance),
             "evaluation": dict(evaluation or {}), "extra": dict(extra or {})}
@@ -801,14 +858,14 @@ def save_classifier(out_dir: str | os.PathLike, backbone: nn.Module, head: nn.Mo
         backbone: a registered backbone.
         head: ``(B, D) -> (B, C)`` logits; described by ``head_spec`` or recognised (:func:`head_description`).
         preprocess: the preprocessing the classifier expects.
-        class_names: the ``C`` output names.
+        class_names: the ``C`` output names (distinct: they are the columns of ``predict_proba``).
         multilabel: sigmoid outputs (else softmax).
         fs: input rate in Hz (default ``preprocess.fs``).
         window_samples: the window each forward pass sees (records are scored over sliding windows).
         stride_samples: hop between windows (default: ``window_samples``).
         window_aggregate: ``"prob"`` (mean window probability) or ``"logit"`` (activation of the mean logit).
         thresholds: ``(C,)`` decision thresholds chosen on validation (multi-label), if any.
-        leads: lead order of the input rows.
+        leads: lead order of the input rows (as in :func:`save_encoder`).
         head_spec: ``{"name": key of HEADS, "args": {...}}``.
         provenance, evaluation, extra: as in :func:`save_encoder`.
         lead_aware: how the model was trained and validated on records with absent leads: True, a backbone taking
@@ -816,7 +873,9 @@ def save_classifier(out_dir: str | os.PathLike, backbone: nn.Module, head: nn.Mo
             Written as ``lead_aware`` (read by :class:`ecgfm.api.Classifier`); None: not written (read as True).
 
     Raises:
-        ValueError: unregistered backbone, unknown head, class-count mismatch, bad ``window_aggregate``.
+        ValueError: unregistered backbone, unknown head, class-count mismatch, bad ``window_aggregate``;
+            :class:`ArtifactError` for fields the loader refuses (class names repeated, ``leads`` that do not fit
+            the backbone's input channels...).
     """
     if window_aggregate not in WINDOW_AGGREGATES:
         raise ValueError(f"window_aggregate must be one of {WINDOW_AGGREGATES}, got {window_aggregate!r}")
@@ -863,6 +922,7 @@ def _check_input_meta(meta: Mapping[str, Any], where: Path) -> None:
         bad = [x for x in leads if x not in CANONICAL_LEADS]
         if bad or len(set(leads)) != len(leads) or not leads:
             raise ArtifactError(where, f"input.leads must be distinct canonical lead names, got {leads}")
+        _check_leads_fit_backbone(list(leads), meta.get("architecture") or {}, where)
     for key in ("window_samples", "stride_samples"):
         v = inp.get(key)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
@@ -873,6 +933,41 @@ def _check_input_meta(meta: Mapping[str, Any], where: Path) -> None:
     if fs is not None and pre_fs is not None and abs(float(fs) - float(pre_fs)) > 1e-6:
         raise ArtifactError(where, f"input.fs ({fs} Hz) and preprocess.fs ({pre_fs} Hz) disagree: the model reads "
                                    f"records at the preprocessing's rate")
+
+
+def _check_leads_fit_backbone(leads: list[str], arch: Mapping[str, Any], where: Path) -> None:
+    """``input.leads`` against the rows the described backbone reads (from its complete ``init_args``, see
+    :mod:`ecgfm.backbones.registry`): a 12-lead ResNet saved with ``leads=["I", "II"]`` was written and loaded, and
+    every record then failed in the network (or a backbone reading ``input_leads`` picked the wrong rows).
+
+    Args:
+        leads: ``input.leads`` (distinct canonical names).
+        arch: the description's ``architecture`` (``name``, ``init_args``).
+        where: the file named in the error.
+
+    Raises:
+        ArtifactError: ``input_leads`` set and the leads not the 12 canonical ones in canonical order (such a
+            backbone picks its leads from a canonical 12-lead input), or a lead count other than ``num_leads`` /
+            ``in_channels``. A backbone without either (HuBERT-ECG reads any number of rows) is not checked.
+    """
+    args = arch.get("init_args") if isinstance(arch, Mapping) else None
+    if not isinstance(args, Mapping):
+        return
+    name = arch.get("name")
+    if args.get("input_leads") is not None:
+        if leads != list(CANONICAL_LEADS):
+            raise ArtifactError(where, f"input.leads {leads} do not fit backbone {name!r}: it reads input_leads "
+                                       f"{list(args['input_leads'])} from a canonical 12-lead input, so input.leads "
+                                       f"must be the 12 canonical leads in canonical order")
+        return
+    for key in ("num_leads", "in_channels"):
+        n = args.get(key)
+        if isinstance(n, int) and not isinstance(n, bool):
+            if len(leads) != n:
+                raise ArtifactError(where, f"input.leads names {len(leads)} lead(s) {leads} but backbone {name!r} "
+                                           f"reads {n} input channels ({key}={n}): pass one lead name per input "
+                                           f"channel, in the channel order it was trained with")
+            return
 
 
 def _check_classifier_meta(meta: Mapping[str, Any], where: Path) -> None:
@@ -886,16 +981,26 @@ def _check_classifier_meta(meta: Mapping[str, Any], where: Path) -> None:
     agg = meta.get("window_aggregate", "prob")
     if agg not in WINDOW_AGGREGATES:
         raise ArtifactError(where, f"window_aggregate must be one of {WINDOW_AGGREGATES}, got {agg!r}")
-    if not isinstance(meta.get("multilabel", False), bool):
-        raise ArtifactError(where, f"multilabel must be true or false, got {meta.get('multilabel')!r}")
+    if not isinstance(meta.get("multilabel"), bool):   # a missing entry was read as softmax
+        raise ArtifactError(where, f"multilabel must be true or false (sigmoid or softmax outputs), got "
+                                   f"{meta.get('multilabel')!r}" + ("" if "multilabel" in meta else " (missing)"))
     _check_input_meta(meta, where)
     classes = meta.get("classes")
+    # the names are predict_proba's columns: none (an empty DataFrame schema, failing in pandas) or one twice
+    # (duplicate columns) was read silently
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+        raise ArtifactError(where, f"classes must be a non-empty list of class names (strings), got {classes!r}"
+                                   + ("" if "classes" in meta else " (missing)"))
+    twice = sorted({c for c in classes if classes.count(c) > 1})
+    if twice:
+        raise ArtifactError(where, f"classes lists {twice} more than once ({classes}): every output needs its own "
+                                   f"name")
     n_out = ((meta.get("head") or {}).get("args") or {}).get("num_classes")
-    if classes is not None and n_out is not None and len(classes) != int(n_out):
+    if n_out is not None and len(classes) != int(n_out):
         raise ArtifactError(where, f"{len(classes)} classes for a head of {n_out} outputs")
     thr = meta.get("thresholds")
     if thr is not None:
-        n = len(classes) if classes is not None else n_out
+        n = len(classes)
         if (n is not None and len(thr) != int(n)) or not all(isinstance(t, (int, float)) and np.isfinite(t)
                                                                for t in thr):
             raise ArtifactError(where, f"thresholds must be {n} finite numbers (one per class), got {thr}")

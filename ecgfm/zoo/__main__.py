@@ -10,17 +10,48 @@ from typing import Sequence
 
 
 def _class_names(value: str | None) -> list[str] | None:
-    """``--class-names``: a JSON list file, a text file (one name a line) or a comma-separated list."""
+    """``--class-names``: a JSON file (a list of names, or an object with one under ``classes``), a text file (one
+    name a line) or a comma-separated list.
+
+    Raises:
+        ValueError: naming the file: not UTF-8 text, not valid JSON, or JSON without a list of names (the importer
+            refuses names given twice or a count other than the head's outputs).
+    """
     if value is None:
         return None
     p = Path(value)
     if p.is_file():
-        text = p.read_text()
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"--class-names {p}: not a UTF-8 text file ({exc})") from exc
         if p.suffix == ".json":
-            names = json.loads(text)
-            return [str(n) for n in (names if isinstance(names, list) else names.get("classes", []))]
+            try:
+                names = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"--class-names {p}: not valid JSON: {exc}") from exc
+            if isinstance(names, dict):
+                names = names.get("classes")
+            if not isinstance(names, list):
+                raise ValueError(f"--class-names {p}: expected a JSON list of class names (or an object with a "
+                                 f"'classes' list), got {type(names).__name__}")
+            return [str(n) for n in names]
         return [line.strip() for line in text.splitlines() if line.strip()]
     return [n.strip() for n in value.split(",") if n.strip()]
+
+
+def _int_list(flag: str, value: str | None) -> list[int] | None:
+    """A comma-separated list of whole numbers (``--conv-stride 5,2,2``), or None when not given.
+
+    Raises:
+        ValueError: an entry that is not a whole number, naming the option.
+    """
+    if value is None:
+        return None
+    try:
+        return [int(x) for x in value.split(",")]
+    except ValueError:
+        raise ValueError(f"{flag} must be comma-separated whole numbers (e.g. 5,2,2), got {value!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,11 +110,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {args.kind}: cannot be imported: {NOT_IMPORTABLE[args.kind]}", file=sys.stderr)
         return 1
     known = KINDS[args.kind].options
+    try:
+        conv_stride = _int_list("--conv-stride", args.conv_stride)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     given = {"num_heads": args.num_heads, "stride": args.stride, "use_bn": args.use_bn,
              "window_seconds": args.window_seconds, "config": args.config,
              "stable_layer_norm": args.stable_layer_norm,
              "feat_extract_norm": args.feat_extract_norm,
-             "conv_stride": None if args.conv_stride is None else [int(x) for x in args.conv_stride.split(",")],
+             "conv_stride": conv_stride,
              "leads": None if args.leads is None else [x.strip() for x in args.leads.split(",") if x.strip()],
              "checkpoint_leads": None if args.checkpoint_leads is None else
              [x.strip() for x in args.checkpoint_leads.split(",") if x.strip()]}

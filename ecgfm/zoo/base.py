@@ -199,6 +199,63 @@ def leads_option(kind: str, options: Mapping[str, Any], key: str = "leads") -> l
     return leads
 
 
+def positive_number(kind: str, value: Any, what: str, integer: bool = False) -> int | float:
+    """``value`` checked as a positive finite number (a whole one with ``integer``).
+
+    Args:
+        kind: for the message.
+        value: the value (an option or a ``config.json`` entry).
+        what: what it is, for the message (e.g. ``"option stride (--stride)"`` or ``"config.json conv_stride"``).
+        integer: a whole number is needed (``4.0`` is read as 4; ``True`` is not a number).
+
+    Returns:
+        ``int(value)`` with ``integer``, else ``float(value)``.
+
+    Raises:
+        ZooImportError: not a number, not finite, zero or negative, or (``integer``) not whole.
+    """
+    import math
+    import numbers
+
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value)) \
+        and float(value) > 0 and (not integer or float(value).is_integer())
+    if not ok:
+        raise ZooImportError(kind, f"{what} must be a positive {'whole number' if integer else 'number'}, got "
+                                   f"{type(value).__name__} {value!r}")
+    return int(value) if integer else float(value)
+
+
+def positive_option(kind: str, options: Mapping[str, Any], key: str, default: int | float,
+                    integer: bool = False) -> int | float:
+    """The option ``key`` checked by :func:`positive_number`, or ``default`` when it is not given (None).
+
+    ``options.get(key) or default`` turned a given 0 into the default, while the artifact recorded 0 among its
+    options.
+
+    Raises:
+        ZooImportError: a given value that is not a positive number (a whole one with ``integer``).
+    """
+    value = options.get(key)
+    if value is None:
+        return default
+    return positive_number(kind, value, f"option {key} (--{key.replace('_', '-')})", integer)
+
+
+def window_samples(kind: str, options: Mapping[str, Any], default_seconds: float, fs: float) -> int:
+    """The model's input window in samples at ``fs``: the option ``window_seconds`` (checked by
+    :func:`positive_option`) or ``default_seconds``.
+
+    Raises:
+        ZooImportError: ``window_seconds`` not a positive number, or shorter than one sample at ``fs``.
+    """
+    seconds = positive_option(kind, options, "window_seconds", default_seconds)
+    n = int(round(float(seconds) * float(fs)))
+    if n < 1:
+        raise ZooImportError(kind, f"option window_seconds (--window-seconds) = {seconds} s is less than one "
+                                   f"sample at {fs:g} Hz")
+    return n
+
+
 def indices(state: Mapping[str, Any], pattern: str) -> list[int]:
     """Sorted distinct integers captured by ``pattern`` (one group) over the keys of ``state``."""
     rx = re.compile(pattern)

@@ -30,7 +30,7 @@ from ecgfm.backbones import create_backbone
 from ecgfm.data.preprocess import PreprocessSpec
 from ecgfm.data.record import CANONICAL_LEADS
 from ecgfm.zoo.base import (ImportedWeights, StateDict, ZooImportError, ZooKind, check_keys, head_of, indices,
-                             leads_option, need)
+                             leads_option, need, positive_option, window_samples)
 
 KIND = "ecgfounder"
 BACKBONE = "net1d"
@@ -94,14 +94,15 @@ def infer_args(state: Mapping[str, torch.Tensor], options: Mapping[str, Any]) ->
         raise ZooImportError(KIND, f"leads= names {len(leads)} leads but the checkpoint has {in_channels} input "
                                    f"channels")
     args = dict(in_channels=in_channels, base_filters=base_filters, ratio=float(ratio), filter_list=widths,
-                m_blocks_list=blocks, kernel_size=kernel_size, stride=int(options.get("stride") or 2),
+                m_blocks_list=blocks, kernel_size=kernel_size, stride=positive_option(KIND, options, "stride", 2, True),
                 groups_width=_groups_width(widths, groups), use_bn=use_bn, use_do=bool(options.get("use_do", False)),
                 input_leads=leads)
     inferred = {"in_channels": "first_conv.conv.weight", "base_filters": "first_conv.conv.weight",
                 "kernel_size": "first_conv.conv.weight", "filter_list": "conv3 of each stage",
                 "m_blocks_list": "count of block_list.* per stage", "ratio": "conv1 / conv3 widths",
                 "groups_width": "groups of each stage's conv2",
-                "stride": "option stride" if options.get("stride") else "ECGFounder's value (2; not in the weights)",
+                "stride": "option stride" if options.get("stride") is not None else
+                          "ECGFounder's value (2; not in the weights)",
                 "use_bn": "option use_bn" if options.get("use_bn") is not None else
                           f"num_batches_tracked {'> 0' if trained_bn else '== 0 (BatchNorm never run)'}",
                 "input_leads": "option leads" if options.get("leads") is not None else
@@ -173,7 +174,7 @@ def preprocess(options: Mapping[str, Any]) -> PreprocessSpec:
 
 
 def window(init_args: Mapping[str, Any], options: Mapping[str, Any]) -> int:
-    return int(round(float(options.get("window_seconds") or 10.0) * 500.0))
+    return window_samples(KIND, options, 10.0, 500.0)
 
 
 def lead_order(init_args: Mapping[str, Any]) -> list[str]:

@@ -35,7 +35,8 @@ import torch
 from ecgfm.backbones import create_backbone
 from ecgfm.data.preprocess import PreprocessSpec
 from ecgfm.data.record import CANONICAL_LEADS
-from ecgfm.zoo.base import ImportedWeights, StateDict, ZooImportError, ZooKind, check_keys, indices, need
+from ecgfm.zoo.base import (ImportedWeights, StateDict, ZooImportError, ZooKind, check_keys, indices, need,
+                            positive_number, window_samples)
 
 KIND = "hubert_ecg"
 BACKBONE = "hubert_ecg"
@@ -118,7 +119,15 @@ def _feat_extract_norm(options: Mapping[str, Any], cfg: Mapping[str, Any], n_con
 
 def infer_args(state: Mapping[str, torch.Tensor], options: Mapping[str, Any]) -> tuple[dict[str, Any], dict]:
     """Constructor arguments of :class:`~ecgfm.backbones.hubert.HubertECG` from a ``HubertModel`` state dict,
-    ``config.json`` (``options["config"]``) and the options."""
+    ``config.json`` (``options["config"]``) and the options.
+
+    Raises:
+        ZooImportError: what the weights cannot tell is neither in ``config.json`` nor an option, or a value of
+            the wrong type, naming the option or the config.json entry: ``conv_stride`` not a list of positive
+            whole numbers (one per convolution), ``num_attention_heads`` not a positive whole number dividing the
+            hidden size, ``do_stable_layer_norm`` not a bool, ``layer_norm_eps`` not a positive number, an
+            activation that is not a name.
+    """
     cfg = _config(options)
     n_conv = len(indices(state, r"feature_extractor\.conv_layers\.(\d+)\.conv\.weight"))
     if n_conv == 0:
@@ -136,46 +145,64 @@ def infer_args(state: Mapping[str, torch.Tensor], options: Mapping[str, Any]) ->
                 "num_hidden_layers": "count of encoder.layers.*", "intermediate_size": "intermediate_dense",
                 "num_conv_pos_embeddings / groups": "pos_conv_embed weight_v"}
 
+    sources: dict[str, str] = {}   # where each picked value came from, for the messages
+
     def pick(name: str, option: str | None, cfg_key: str, default: Any = None, required: bool = False) -> Any:
         if option is not None and options.get(option) is not None:
             inferred[name] = f"option {option}"
+            sources[name] = f"option {option} (--{option.replace('_', '-')})"
             return options[option]
         if cfg_key in cfg:
             inferred[name] = "config.json"
+            sources[name] = f"{options.get('config')}: {cfg_key}"
             return cfg[cfg_key]
         if required:
             raise ZooImportError(KIND, f"{name} cannot be read from the weights: put the model's config.json beside "
                                        f"the checkpoint (or pass config=) or pass {option}= "
                                        f"(--{option.replace('_', '-')})")
         inferred[name] = f"Hugging Face default ({default})"
+        sources[name] = name
         return default
 
+    def positive_ints(name: str, value: Any) -> list[int]:
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)) or not value:
+            raise ZooImportError(KIND, f"{sources[name]} must be a list of positive whole numbers (one per "
+                                       f"feature-encoder convolution), got {type(value).__name__} {value!r}")
+        return [positive_number(KIND, v, f"{sources[name]} (each entry)", integer=True) for v in value]
+
+    def checked(name: str, value: Any, kind: type, what: str) -> Any:
+        if not isinstance(value, kind):
+            raise ZooImportError(KIND, f"{sources[name]} must be {what}, got {type(value).__name__} {value!r}")
+        return value
+
     norm = _feat_extract_norm(options, cfg, n_conv, has_layer_ln, inferred)
-    stride = [int(s) for s in pick("conv_stride", "conv_stride", "conv_stride", required=True)]
+    stride = positive_ints("conv_stride", pick("conv_stride", "conv_stride", "conv_stride", required=True))
     if len(stride) != n_conv:
-        raise ZooImportError(KIND, f"conv_stride has {len(stride)} entries but the checkpoint has {n_conv} "
-                                   f"feature-encoder convolutions")
+        raise ZooImportError(KIND, f"{sources['conv_stride']} has {len(stride)} entries but the checkpoint has "
+                                   f"{n_conv} feature-encoder convolutions")
+    heads = pick("num_attention_heads", "num_heads", "num_attention_heads", required=True)
+    heads = positive_number(KIND, heads, sources["num_attention_heads"], integer=True)
+    stable = checked("do_stable_layer_norm", pick("do_stable_layer_norm", "stable_layer_norm",
+                                                  "do_stable_layer_norm", required=True), bool, "true or false")
+    eps = pick("layer_norm_eps", None, "layer_norm_eps", 1e-5)
+    eps = positive_number(KIND, eps, sources["layer_norm_eps"])
+    acts = {name: checked(name, pick(name, None, name, "gelu"), str, "an activation name")
+            for name in ("feat_extract_activation", "hidden_act")}
     args = dict(conv_dim=[int(c.shape[0]) for c in convs], conv_kernel=[int(c.shape[-1]) for c in convs],
                 conv_stride=stride, conv_bias="feature_extractor.conv_layers.0.conv.bias" in state,
-                feat_extract_norm=norm,
-                feat_extract_activation=pick("feat_extract_activation", None, "feat_extract_activation", "gelu"),
+                feat_extract_norm=norm, feat_extract_activation=acts["feat_extract_activation"],
                 feat_proj_layer_norm="feature_projection.layer_norm.weight" in state, hidden_size=hidden,
-                num_hidden_layers=n_layers,
-                num_attention_heads=int(pick("num_attention_heads", "num_heads", "num_attention_heads",
-                                             required=True)),
-                intermediate_size=inner, hidden_act=pick("hidden_act", None, "hidden_act", "gelu"),
+                num_hidden_layers=n_layers, num_attention_heads=heads,
+                intermediate_size=inner, hidden_act=acts["hidden_act"],
                 num_conv_pos_embeddings=int(pos_v.shape[-1]),
                 num_conv_pos_embedding_groups=hidden // int(pos_v.shape[1]),
-                do_stable_layer_norm=bool(pick("do_stable_layer_norm", "stable_layer_norm", "do_stable_layer_norm",
-                                               required=True)),
-                layer_norm_eps=float(pick("layer_norm_eps", None, "layer_norm_eps", 1e-5)),
-                input_leads=None)
+                do_stable_layer_norm=stable, layer_norm_eps=eps, input_leads=None)
     if cfg.get("conv_pos_batch_norm"):
         raise ZooImportError(KIND, "conv_pos_batch_norm=True (a BatchNorm before the position convolution) is not "
                                    "supported")
-    if hidden % int(args["num_attention_heads"]):
-        raise ZooImportError(KIND, f"num_attention_heads={args['num_attention_heads']} does not divide hidden_size "
-                                   f"{hidden}")
+    if hidden % heads:
+        raise ZooImportError(KIND, f"{sources['num_attention_heads']}: num_attention_heads={heads} does not divide "
+                                   f"hidden_size {hidden}")
     return args, inferred
 
 
@@ -245,7 +272,7 @@ def preprocess(options: Mapping[str, Any]) -> PreprocessSpec:
 
 
 def window(init_args: Mapping[str, Any], options: Mapping[str, Any]) -> int:
-    return int(round(float(options.get("window_seconds") or 5.0) * 100.0))
+    return window_samples(KIND, options, 5.0, 100.0)
 
 
 def lead_order(init_args: Mapping[str, Any]) -> list[str]:

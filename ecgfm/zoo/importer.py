@@ -332,9 +332,9 @@ def import_classifier(kind: str, checkpoint: str | os.PathLike, out_dir: str | o
     Raises:
         FileNotFoundError, FileExistsError: see :func:`import_encoder`.
         ZooImportError: as :func:`load_peer` (including a head that is not ``(C, D)`` on the ``D``-wide embedding
-            or whose bias is not ``(C,)``); no head in the checkpoint; ``class_names`` not ``C`` long; no
-            ``multilabel`` for a kind without a fixed activation; the written classifier does not reload or does
-            not give the imported model's logits. Nothing is left at ``out_dir``.
+            or whose bias is not ``(C,)``); no head in the checkpoint; ``class_names`` not ``C`` long or naming
+            a class twice; no ``multilabel`` for a kind without a fixed activation; the written classifier does
+            not reload or does not give the imported model's logits. Nothing is left at ``out_dir``.
     """
     from ecgfm.artifacts import load_classifier
     from ecgfm.explain.classifier import save_classifier
@@ -356,6 +356,10 @@ def import_classifier(kind: str, checkpoint: str | os.PathLike, out_dir: str | o
     names = [str(c) for c in class_names] if class_names is not None else [f"class_{i}" for i in range(w.shape[0])]
     if len(names) != w.shape[0]:
         raise ZooImportError(kind, f"{len(names)} class names given for a head with {w.shape[0]} outputs")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:   # the names are predict_proba's columns: one twice gave duplicate DataFrame columns
+        raise ZooImportError(kind, f"class names {twice} are given more than once ({names}): every output needs "
+                                   f"its own name")
     window = spec.window(weights.init_args, options)
     pre = spec.preprocess(options)
     extra = _extra(spec, Path(checkpoint), weights, options, window)
