@@ -285,7 +285,8 @@ class FaithfulnessConfig:
 class CounterfactualConfig:
     """Gradient counterfactual (:mod:`ecgfm.explain.counterfactual`); ``target`` None: a class not already predicted
     (the second most probable for softmax, the most probable below its threshold for sigmoid); ``threshold`` None:
-    a multi-label classifier's own validation thresholds (else 0.5), or one value / one per class."""
+    a multi-label classifier's own validation thresholds (else 0.5), or one value / one per class in ``(0, 1)``;
+    ``lambda_prox`` / ``lambda_smooth`` >= 0 and ``lr`` > 0 (:func:`check_counterfactual_options`)."""
 
     enabled: bool = False
     target: Any = None
@@ -294,6 +295,39 @@ class CounterfactualConfig:
     lambda_prox: float = 0.1
     lambda_smooth: float = 0.003
     lr: float = 0.01
+
+
+def check_counterfactual_options(options: Mapping[str, Any], prefix: str = "counterfactual.") -> None:
+    """Refuse counterfactual settings that cannot work (:func:`ecgfm.explain.counterfactual.counterfactual` and
+    the explain config's ``counterfactual`` block both check with it): a ``threshold`` (one value or one per class)
+    outside ``(0, 1)``, a negative or non-finite ``lambda_prox`` / ``lambda_smooth`` / ``lambda_plaus``, an ``lr``
+    that is not positive and finite. Keys that are absent or None are not checked.
+
+    Args:
+        options: the settings (a mapping; other keys are ignored).
+        prefix: put before the key in the error (``"counterfactual."`` for the config, ``""`` for arguments).
+
+    Raises:
+        ConfigError: naming the first bad key.
+    """
+    threshold = options.get("threshold")
+    if threshold is not None:
+        values = threshold.tolist() if hasattr(threshold, "tolist") else threshold   # a numpy array / tensor
+        values = list(values) if isinstance(values, (list, tuple, ListConfig)) else [values]
+        try:
+            bad = [v for v in values if isinstance(v, bool) or not 0.0 < float(v) < 1.0]
+        except (TypeError, ValueError):
+            bad = [threshold]
+        if bad or not values:
+            raise ConfigError(f"{prefix}threshold", f"must be a probability strictly between 0 and 1 (one, or one per "
+                                                    f"class), got {threshold!r}")
+    for key in ("lambda_prox", "lambda_smooth", "lambda_plaus"):
+        value = options.get(key)
+        if value is not None and not 0.0 <= float(value) < float("inf"):
+            raise ConfigError(f"{prefix}{key}", f"must be a finite weight >= 0, got {value!r}")
+    lr = options.get("lr")
+    if lr is not None and not 0.0 < float(lr) < float("inf"):
+        raise ConfigError(f"{prefix}lr", f"must be a positive, finite learning rate, got {lr!r}")
 
 
 @dataclass
@@ -652,6 +686,7 @@ def validate_explain_config(cfg: Any) -> DictConfig:
             raise ConfigError(key, f"must be >= 1, got {OmegaConf.select(merged, key)}")
     if not merged.faithfulness.segment_s > 0:
         raise ConfigError("faithfulness.segment_s", f"must be positive, got {merged.faithfulness.segment_s}")
+    check_counterfactual_options(OmegaConf.to_container(merged.counterfactual, resolve=True))
     for key in ("threads", "torch_threads"):
         if merged[key] is not None and merged[key] < 1:
             raise ConfigError(key, f"must be >= 1 (or null), got {merged[key]}")
@@ -669,5 +704,6 @@ __all__ = ["FinetuneRecipe", "ProbeRecipe", "ProbeMLPRecipe", "ProbeAttentionRec
            "BootstrapConfig", "FeaturesConfig", "FaithfulnessConfig", "CounterfactualConfig", "ExplainDemoConfig",
            "SUPERVISED_OVERRIDES", "HEADS", "HEAD_INITS", "WINDOW_AGGREGATES", "LP_CS", "PROBE_MODES",
            "PROBE_AGGREGATES", "PROBE_LAYERS", "REPORT_WHEN", "OVERLAYS", "FAITHFULNESS_ORDERS", "check_finetune_recipe",
-           "validate_probe_config", "validate_finetune_config", "validate_explain_config", "finetune_recipe",
+           "validate_probe_config", "validate_finetune_config", "validate_explain_config",
+           "check_counterfactual_options", "finetune_recipe",
            "as_finetune_recipe"]

@@ -52,7 +52,10 @@ lead, so every lead gets exactly 1/L of the attribution: a "top leads" list from
 sorting equal numbers. Each :class:`Attribution` therefore says ``lead_resolution`` (``"per-lead"``, ``"none"``:
 one map broadcast to every lead, ``"interpolated"``: fewer rows than leads) and ``ranks_leads``, which is also
 False whenever the per-lead totals are degenerate (all equal up to float noise, all zero, non-finite) whatever
-the method; :meth:`Attribution.top_leads` then returns None instead of a ranking (:func:`lead_ranking`).
+the method; :meth:`Attribution.top_leads` then returns None instead of a ranking (:func:`lead_ranking`). A
+transformer with one token row per lead (ViT-1D, ST-MEM) gives per-lead maps, each row on its own lead also when the
+encoder reads a subset of the leads or another order (``input_leads``: the other leads' rows are zero,
+:meth:`ECGWrapper.token_grid`).
 """
 
 from __future__ import annotations
@@ -513,14 +516,19 @@ class _Scaled(nn.Module):
 
 
 def _m_smoothgrad(job: _Job, n_samples: int = 50, noise_level: float = 0.15, batch_size: int | None = None,
-                  squared: bool = False) -> tuple[Tensor, None, dict]:
+                  squared: bool = False, recorded: Any = None) -> tuple[Tensor, None, dict]:
     """Noise of ``noise_level * std(x_i)`` for each record ``i`` (Smilkov et al. scale it to each input: 10-20 % of
     its range), drawn per record from its content, so a record's map does not depend on the records it is batched
-    with."""
+    with. The standard deviation is the record's signal's: over its present leads and its ``recorded`` samples
+    (:func:`recorded_samples`; default every sample), so that zero-filled leads and the zero padding of a short
+    record do not shrink the noise (lead I alone got about a third of the noise it got among 12 leads)."""
     from captum.attr import NoiseTunnel, Saliency
 
     x = job.x.detach()
-    s = x.flatten(1).std(dim=1).clamp_min(1e-8)[:, None, None]            # (B, 1, 1) each record's scale
+    signal = recorded_samples(x, recorded)                                 # (B, L, T) present, recorded
+    s = torch.stack([x[b][signal[b]].std() if int(signal[b].sum()) > 1 else x.new_zeros(())
+                     for b in range(x.shape[0])])
+    s = torch.nan_to_num(s).clamp_min(1e-8)[:, None, None]                 # (B, 1, 1) each record's scale
     keep = _keep(x)                                                        # (B, L, 1) present leads
     if batch_size is None:  # about 256 ECG copies per forward pass
         batch_size = max(1, min(n_samples, 256))
@@ -890,10 +898,10 @@ def _m_gradcam(job: _Job, layer: str | None = None, relu: bool = True, layer_lay
         impl = "captum.LayerGradCam"
     else:
         acts, grads = _layer_job_grads(job, layer, layer_layout)
-        # global average of the gradients over the positions the model has: a lead-aware model on a lead subset
-        # has no token at the absent leads' (zero) rows of the grid
-        leads = job.wrapper.present_lead_indices()
-        rows = len(leads) if leads is not None and grads.shape[2] == job.wrapper.n_leads else grads.shape[2]
+        # global average of the gradients over the positions the model has: a lead-aware model on a lead subset,
+        # or an encoder reading input_leads, has no token at the other leads' (zero) rows of the grid
+        tokens = job.wrapper.grid_token_rows()
+        rows = tokens if tokens is not None and grads.shape[2] == job.wrapper.n_leads else grads.shape[2]
         weights = grads.sum(dim=(2, 3), keepdim=True) / (rows * grads.shape[3])
         cam = (weights * acts).sum(1, keepdim=True)
         if relu:
@@ -935,7 +943,8 @@ def _m_attention_rollout(job: _Job, head_fusion: str = "mean", residual: float =
     """Attention rollout (Abnar & Zuidema 2020): ``A_l' = residual * I + (1 - residual) * fuse_heads(A_l)``,
     rows normalised, ``R = A_L' ... A_1'``; the relevance of input token j is the mean over the pooled (patch)
     output tokens of ``R[:, j]``, mapped back to (lead, time) with
-    ``tokens_to_grid``. Target-free (the same map for every class)."""
+    ``tokens_to_grid`` (each row on its own lead: :meth:`ECGWrapper.token_grid`). Target-free (the same map for every
+    class)."""
     enc = job.wrapper.encoder
     fn = getattr(enc, "attention_maps", None)
     to_grid = getattr(enc, "tokens_to_grid", None)
@@ -972,8 +981,7 @@ def _m_attention_rollout(job: _Job, head_fusion: str = "mean", residual: float =
         else:
             k = int(count(roll)) if callable(count) else n
         rel = roll[:, :k].mean(1)                                  # (B, N_tok)
-        rel = job.wrapper.full_token_layout(rel[:, :, None], job.x.shape[-1])
-        grid = to_grid(rel)                                        # (B, 1, leads, patches)
+        grid = job.wrapper.token_grid(rel[:, :, None], job.x.shape[-1])   # (B, 1, leads, patches)
     return _upsample_grid(grid, *job.x.shape[1:]), None, {
         "head_fusion": head_fusion, "residual": residual,
         "lead_resolution": _grid_lead_resolution(grid, job.x.shape[1])}

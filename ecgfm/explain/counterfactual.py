@@ -27,7 +27,8 @@ written here: no generator or code is downloaded (unlike ExECG's counterfactual,
 generator code).
 
 The result (:class:`Counterfactual`) reports validity, L1 / L2 distances (model input units, i.e. after the
-model's normalisation), and which leads and which P / QRS / T segments (:mod:`ecgfm.explain.waves`) changed most.
+model's normalisation; means over the record's present leads and recorded samples), and which leads and which
+P / QRS / T segments (:mod:`ecgfm.explain.waves`) changed most.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from torch import Tensor, nn
 from ecgfm.explain import waves as waves_mod
 from ecgfm.explain.attribution import present_rows, recorded_samples
 from ecgfm.explain.wrapper import ECGWrapper
+from ecgfm.recipes import check_counterfactual_options
 
 PROXIMITY = ("l1", "l2")
 
@@ -186,8 +188,10 @@ class Counterfactual:
         already_target: ``(B,)`` bool, the original was already predicted as the target (its "counterfactual"
             changes nothing: not an explanation; :func:`default_target` avoids it).
         steps: ``(B,)`` optimisation steps used.
-        l1: ``(B,)`` mean |delta| over all samples.
-        l2: ``(B,)`` root mean square of delta.
+        l1: ``(B,)`` mean |delta| over the record's recorded signal: its present leads and recorded samples (the
+            zero-filled leads and the zero padding the change never touches are left out, so the same change reads
+            the same on a one-lead or a short record).
+        l2: ``(B,)`` root mean square of delta over the same samples.
         per_lead: ``(B, L)`` share of the total |delta| in each lead.
         per_wave: ``{"P", "QRS", "T", "other"}`` -> ``(B,)`` share of |delta| in each wave type.
         segments: per input, the most-changed (lead, wave) pairs, largest first (``{"lead", "wave", "share"}``).
@@ -321,15 +325,16 @@ def counterfactual(wrapper: ECGWrapper, inputs: Tensor, target: Any, lambda_prox
         wrapper: the model (its parameters are not changed).
         inputs: ``(B, L, T)`` model-space inputs (use :meth:`ECGWrapper.prepare` for raw data).
         target: class index or name, one for all or one per input.
-        lambda_prox: weight of the proximity term.
+        lambda_prox: weight of the proximity term (>= 0).
         proximity: ``"l1"`` (sparse changes) or ``"l2"``.
-        lambda_smooth: weight of the total-variation term.
+        lambda_smooth: weight of the total-variation term (>= 0).
         prior: optional plausibility prior ``(B, L, T) -> (B,)`` (e.g. :class:`MAEPrior`).
-        lambda_plaus: weight of the prior.
-        lr: Adam learning rate (model input units per step).
+        lambda_plaus: weight of the prior (>= 0).
+        lr: Adam learning rate (model input units per step; > 0).
         max_steps: step budget.
         early_stop: stop each input at its first flipped iterate.
-        threshold: probability a multi-label (sigmoid) model must give the target (one, or one per class);
+        threshold: probability in ``(0, 1)`` a multi-label (sigmoid) model must give the target (one, or one per
+            class);
             default the classifier's own thresholds (``wrapper.thresholds``, chosen on validation), else 0.5.
         leads: restrict the change to these leads (default all). A record's absent leads (all-zero rows, ecgfm's
             convention) are never changed.
@@ -346,7 +351,7 @@ def counterfactual(wrapper: ECGWrapper, inputs: Tensor, target: Any, lambda_prox
             record zero-padded to the model's window; :func:`~ecgfm.explain.attribution.recorded_samples`): the
             change is confined to them, as to the present leads (a change written into the padding is signal the
             patient's record does not have), and the untouched end margin sits at the recording's end. Default:
-            every sample.
+            every sample. The L1 / L2 distances are means over these samples of the present leads.
 
     Returns:
         :class:`Counterfactual`.
@@ -354,7 +359,12 @@ def counterfactual(wrapper: ECGWrapper, inputs: Tensor, target: Any, lambda_prox
     Raises:
         ValueError: bad inputs (see :meth:`ECGWrapper.check`), a target outside the classes, unknown
             ``proximity`` or lead names.
+        ecgfm.config.ConfigError: (a ``ValueError``) naming the setting that cannot work: ``threshold`` outside
+            ``(0, 1)``, a negative ``lambda_*``, ``lr`` not positive
+            (:func:`ecgfm.recipes.check_counterfactual_options`).
     """
+    check_counterfactual_options({"threshold": threshold, "lambda_prox": lambda_prox, "lambda_smooth": lambda_smooth,
+                                  "lambda_plaus": lambda_plaus, "lr": lr}, prefix="")
     if proximity not in PROXIMITY:
         raise ValueError(f"proximity must be one of {PROXIMITY}, got {proximity!r}")
     if max_steps < 1:
@@ -452,10 +462,15 @@ def counterfactual(wrapper: ECGWrapper, inputs: Tensor, target: Any, lambda_prox
     wrapper.model.train(was_training)
     diff = best - x
     per_lead, per_wave, segments = change_summary(diff, x, wrapper.fs, wrapper.lead_names)
+    # distances per sample of the record's signal (present leads, recorded samples), not of the whole window
+    signal = recorded_samples(x, recorded).to(diff.dtype)
+    n_signal = signal.flatten(1).sum(1).clamp_min(1.0)
     return Counterfactual(
         original=x.detach(), counterfactual=best.detach(), target=tgt, original_proba=proba0.detach(),
-        counterfactual_proba=proba1.detach(), valid=valid, steps=steps, l1=diff.abs().flatten(1).mean(1),
-        l2=diff.pow(2).flatten(1).mean(1).sqrt(), per_lead=per_lead, per_wave=per_wave, segments=segments,
+        counterfactual_proba=proba1.detach(), valid=valid, steps=steps,
+        l1=(diff.abs() * signal).flatten(1).sum(1) / n_signal,
+        l2=((diff.pow(2) * signal).flatten(1).sum(1) / n_signal).sqrt(), per_lead=per_lead, per_wave=per_wave,
+        segments=segments,
         lead_names=wrapper.lead_names, fs=wrapper.fs, class_names=wrapper.class_names,
         plausibility=None if prior is None else {"original": plaus0.detach(), "counterfactual": plaus1.detach()},
         options={"lambda_prox": lambda_prox, "proximity": proximity, "lambda_smooth": lambda_smooth,

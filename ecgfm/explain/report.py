@@ -42,6 +42,7 @@ from ecgfm.explain import waves as waves_mod
 from ecgfm.explain.attribution import Explainer, canonical_method, check_method_options
 from ecgfm.explain.classifier import train_synthetic_demo, wrapper_from_artifact
 from ecgfm.explain.wrapper import ECGWrapper, window_start
+from ecgfm.recipes import check_counterfactual_options
 
 log = logging.getLogger(__name__)
 
@@ -252,6 +253,8 @@ def explain_records(wrapper: ECGWrapper, records: Sequence[ECGRecord], out_dir: 
     opts = {canonical_method(k): dict(v) for k, v in (method_options or {}).items()}
     for key, o in opts.items():   # a misspelt option fails here, before any record is explained
         check_method_options(key, o)
+    if counterfactual is not None:   # so does a counterfactual setting that cannot work
+        check_counterfactual_options(counterfactual)
     chart_keys = keys if chart_methods is None else [canonical_method(m) for m in chart_methods]
     explainer = Explainer(wrapper)
     report: dict[str, Any] = {
@@ -308,10 +311,16 @@ def explain_records(wrapper: ECGWrapper, records: Sequence[ECGRecord], out_dir: 
                 "n_beats_detected": int(len(r_peaks)), "methods": {}, "figures": [],
                 "window": crop,   # None: the whole record; else the centred window a windowed classifier sees
                 "padded_fraction": float(padded),   # share of the model's input that is zero padding
+                # the leads the model reads that this record lacks (explained as absent; the wrapper warned)
+                "absent_leads": [lead for lead, here in zip(wrapper.lead_names, (x[0] != 0).any(dim=-1).tolist())
+                                 if not here and lead in (wrapper.input_leads or wrapper.lead_names)],
             }
             atts = {}
             for key in keys:
-                att = explainer.explain(x, target=tgt, method=key, **opts.get(key, {}))
+                m_opts = dict(opts.get(key, {}))
+                if key == "smoothgrad":   # noise scaled to the recorded signal, not to the padding
+                    m_opts.setdefault("recorded", recorded)
+                att = explainer.explain(x, target=tgt, method=key, **m_opts)
                 atts[key] = att
                 summary: dict[str, Any] = {"options": _jsonable(att.options), "elapsed_s": float(att.elapsed_s),
                                            "per_lead": _lead_summary(att, wrapper.lead_names),
@@ -346,6 +355,9 @@ def explain_records(wrapper: ECGWrapper, records: Sequence[ECGRecord], out_dir: 
                                                                               formats, dpi)]
             fig = viz.plot_method_comparison(shown, wrapper.fs, {k: a.values[0] for k, a in atts.items()},
                                              wrapper.lead_names, units=units,
+                                             present=(x[0] != 0).any(dim=-1).cpu().numpy(),
+                                             padded_from_s=(x.shape[2] * (1 - padded) / wrapper.fs
+                                                            if padded > 0 else None),
                                              title=f"{record.source} {record.record_id}: methods for {names[tgt]}"
                                                    + _window_text(crop, record))
             entry["figures"] += [p.name for p in viz.save_figure(fig, out / f"{rid}_methods", formats, dpi)]

@@ -113,6 +113,13 @@ def symmetric_norm(values: np.ndarray, percentile: float = 99.0) -> Normalize:
     return Normalize(vmin=-vmax, vmax=vmax)
 
 
+def _scale_samples(att: np.ndarray, here: np.ndarray, n_real: int) -> np.ndarray:
+    """The attribution samples a colour scale is drawn from: the present leads' (``here``) recorded samples (the
+    first ``n_real``); absent rows and zero padding are zeros that would pull the scale down. All of ``att`` when
+    nothing is recorded."""
+    return att[here][:, :n_real] if here.any() and n_real else att
+
+
 def _cmap(name: str = CMAP):
     return matplotlib.colormaps[name]
 
@@ -338,8 +345,7 @@ def plot_ecg_chart(signal: Any, fs: float, lead_names: Sequence[str] = CANONICAL
         raise ValueError(f"present has {here.shape[0]} entries for {sig.shape[0]} leads")
     n_real = n_t if padded_from_s is None else min(n_t, max(0, int(round(padded_from_s * fs))))
     # the colour scale from the recorded samples only (absent rows and padding are zeros that pull it down)
-    norm = symmetric_norm(att[here][:, :n_real] if att is not None and here.any() and n_real else att, percentile) \
-        if att is not None else None
+    norm = symmetric_norm(_scale_samples(att, here, n_real), percentile) if att is not None else None
     idx = _lead_index(lead_names)
     duration = n_t / fs
     full = layout == "3x4" and all(lead in idx for lead in CANONICAL_LEADS)
@@ -513,12 +519,13 @@ def _select_leads(lead_names: Sequence[str], leads: Sequence[str] | None, scores
 def plot_method_comparison(signal: Any, fs: float, attributions: Mapping[str, Any],
                            lead_names: Sequence[str] = CANONICAL_LEADS, leads: Sequence[str] | None = None,
                            n_leads: int = 3, overlay: str = "line", title: str | None = None, cmap: str = CMAP,
-                           units: str = "mV", percentile: float = 99.0, attribution_fs: float | None = None
-                           ) -> Figure:
+                           units: str = "mV", percentile: float = 99.0, attribution_fs: float | None = None,
+                           present: Any = None, padded_from_s: float | None = None) -> Figure:
     """Several attributions of one record side by side: one row per method, one column per lead.
 
-    Each method is normalised on its own (symmetric, over all its leads), so the figure compares *where* the
-    methods put relevance, not their scales (which differ by orders of magnitude between methods).
+    Each method is normalised on its own (symmetric, over the recorded samples of all the record's leads, as
+    :func:`plot_ecg_chart` scales its overlay), so the figure compares *where* the methods put relevance, not their
+    scales (which differ by orders of magnitude between methods).
 
     Args:
         signal: ``(L, T)`` at ``fs``.
@@ -534,6 +541,10 @@ def plot_method_comparison(signal: Any, fs: float, attributions: Mapping[str, An
         units: signal units.
         attribution_fs: rate of the arrays in ``attributions`` (default: the signal's, for ``T`` samples; see
             :func:`plot_ecg_chart`).
+        present: optional ``(L,)`` bool, the leads the record has; default: the rows of ``signal`` that are not all
+            zero (ecgfm's absent leads are zero rows). Absent leads are left out of the colour scale.
+        padded_from_s: where zero padding (a record shorter than the model's window) starts: left out of the
+            colour scale.
 
     Returns:
         the figure (axes ``gid="method:<name>|lead:<lead>"``).
@@ -542,6 +553,10 @@ def plot_method_comparison(signal: Any, fs: float, attributions: Mapping[str, An
     if not attributions:
         raise ValueError("no attributions to compare")
     n_t = sig.shape[1]
+    here = np.abs(sig).max(axis=1) > 0 if present is None else np.asarray(_np(present), dtype=bool).reshape(-1)
+    if here.shape[0] != sig.shape[0]:
+        raise ValueError(f"present has {here.shape[0]} entries for {sig.shape[0]} leads")
+    n_real = n_t if padded_from_s is None else min(n_t, max(0, int(round(padded_from_s * fs))))
     atts = {}
     for name, a in attributions.items():
         a, a_fs = _attribution_and_rate(a, attribution_fs)
@@ -558,7 +573,7 @@ def plot_method_comparison(signal: Any, fs: float, attributions: Mapping[str, An
     fig = Figure(figsize=(3.6 * n_c + 0.8, 1.5 * n_r + (0.6 if title else 0.3)), layout="constrained")
     axes = np.atleast_2d(fig.subplots(n_r, n_c, squeeze=False, sharex=True, sharey=True))
     for r, (name, a) in enumerate(atts.items()):
-        norm = symmetric_norm(a, percentile)
+        norm = symmetric_norm(_scale_samples(a, here, n_real), percentile)   # as plot_ecg_chart's scale
         for c, li in enumerate(cols):
             ax = axes[r, c]
             ax.set_gid(f"method:{name}|lead:{lead_names[li]}")

@@ -31,8 +31,9 @@ from torch import Tensor, nn
 
 from ecgfm.data.preprocess import (PreprocessSpec, model_input_leads, preprocess_signal, preprocessed_spec, resample,
                                    with_input_leads)
-from ecgfm.artifacts import (ArtifactError, EncoderClassifier, artifact_kind, check_trained_leads,
-                             derive_trained_limb_leads, load_classifier, load_encoder)
+from ecgfm.api import warn_if_volts
+from ecgfm.artifacts import (ArtifactError, EncoderClassifier, artifact_kind, derive_trained_limb_leads,
+                             load_classifier, load_encoder, warn_record_leads)
 from ecgfm.data.record import CANONICAL_LEADS, ECGDataError, ECGRecord, canonical_lead
 
 log = logging.getLogger(__name__)
@@ -150,8 +151,10 @@ class ECGWrapper(nn.Module):
         self.lead_names: tuple[str, ...] = tuple(names)
         # a model that reads a lead subset (ECGFounder 1-lead, ST-MEM --leads) is preprocessed on those leads only,
         # as the API and the sweep do (a record-scope z-score over leads it never reads would change its input)
-        self.spec = None if preprocess is None else with_input_leads(
-            preprocess, model_input_leads(encoder if encoder is not None else model))
+        read = model_input_leads(encoder if encoder is not None else model)
+        #: the leads the encoder reads, in its channel order (its ``init_args["input_leads"]``); None: every row
+        self.input_leads: tuple[str, ...] | None = None if read is None else tuple(str(lead) for lead in read)
+        self.spec = None if preprocess is None else with_input_leads(preprocess, self.input_leads)
         self.postprocess = postprocess
         self.input_layout = input_layout
         self.class_names = class_names
@@ -215,6 +218,44 @@ class ECGWrapper(nn.Module):
         out = tokens.new_zeros(b, n_leads * (n + 2), c)
         out[:, : n_leads * n].view(b, n_leads, n, c)[:, leads] = tokens[:, : l * n].reshape(b, l, n, c)
         out[:, n_leads * n:].view(b, 2, n_leads, c)[:, :, leads] = tokens[:, l * n:].reshape(b, 2, l, c)
+        return out
+
+    def _input_lead_rows(self) -> list[int] | None:
+        """The wrapper's lead index (row of ``x``) of each channel the encoder reads (:attr:`input_leads` order), or
+        None when it reads every row as it is (no ``input_leads``, or a lead the wrapper does not have)."""
+        if self.input_leads is None or not set(self.input_leads) <= set(self.lead_names):
+            return None
+        rows = [self.lead_names.index(lead) for lead in self.input_leads]
+        return None if rows == list(range(self.n_leads)) else rows
+
+    def grid_token_rows(self) -> int | None:
+        """Rows of a token grid on the wrapper's leads (:meth:`token_grid`) that hold tokens: the present leads of a
+        lead-aware model run on a subset (:meth:`present_leads`), else the leads the encoder reads
+        (:attr:`input_leads`); None when every row does."""
+        leads = self.present_lead_indices()
+        if leads is not None:
+            return len(leads)
+        rows = self._input_lead_rows()
+        return None if rows is None else len(rows)
+
+    def token_grid(self, tokens: Tensor, n_samples: int | None = None) -> Tensor:
+        """Transformer tokens ``(B, N_tok, C)`` as a ``(B, C, L, N)`` grid whose rows are the wrapper's leads.
+
+        The encoder's ``tokens_to_grid`` gives one row per channel it reads: the full token layout of a lead-aware
+        model run on a subset first (:meth:`full_token_layout`), and for an encoder that reads ``input_leads`` (a
+        subset of the canonical input, or another order: ST-MEM with ``--leads``) its rows, in its channel order,
+        are put on those leads' rows, the other leads' rows zero (no token read them).
+
+        Args:
+            tokens: ``(B, N_tok, C)``.
+            n_samples: input samples (see :meth:`full_token_layout`).
+        """
+        grid = self.encoder.tokens_to_grid(self.full_token_layout(tokens, n_samples))
+        rows = self._input_lead_rows()
+        if rows is None or grid.ndim != 4 or grid.shape[2] != len(rows):
+            return grid
+        out = grid.new_zeros(grid.shape[0], grid.shape[1], self.n_leads, grid.shape[3])
+        out[:, :, rows] = grid
         return out
 
     @contextlib.contextmanager
@@ -543,11 +584,8 @@ class ECGWrapper(nn.Module):
             if lead in by_name:
                 rows[j] = sig[by_name[lead]]
                 present[j] = True
-        unseen = check_trained_leads(self.trained_leads, [lead for lead, p in zip(self.lead_names, present) if p],
-                                     where)
-        if unseen:
-            log.warning("%s: lead(s) %s were never present in the classifier's training records (trained on %s): "
-                        "explained as given", where, ", ".join(unseen), ", ".join(self.trained_leads or ()))
+        if not preprocessed:   # a cache record is normalised: its scale says nothing of its units
+            warn_if_volts(rows, present, where)
         if preprocessed:
             out_fs = float(fs)
             if abs(out_fs - float(self.fs)) > 1e-6:
@@ -559,6 +597,8 @@ class ECGWrapper(nn.Module):
             rows = resample(rows, fs, self.fs)
             out_fs = self.fs
         assert out_fs == self.fs
+        # the leads the record has after preprocessing (a flat lead is zeroed there), checked as the API checks them
+        self._check_leads(present & (np.abs(rows).max(axis=1) > 0 if rows.shape[1] else present), where)
         t = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32))
         if self.n_samples is not None and t.shape[1] != self.n_samples and self.window == "center":
             start = window_start(t.shape[1], self.n_samples)
@@ -574,6 +614,23 @@ class ECGWrapper(nn.Module):
                                       f"expects {self.n_samples}; crop or pad first "
                                       "(ecgfm.data.preprocess.crop_or_pad)")
         return t.to(self.device)
+
+    def _check_leads(self, present: np.ndarray, where: Any) -> None:
+        """A record's leads against the classifier's training leads, as :class:`ecgfm.api.Classifier` checks them
+        (:func:`ecgfm.artifacts.warn_record_leads`): a record sharing none of :attr:`trained_leads` is refused, leads
+        never seen in training are named in a warning, and so are the leads the model reads (:attr:`input_leads`)
+        that the record lacks (explained as absent: zero rows, or left out by a lead-aware model).
+
+        Args:
+            present: ``(L_model,)`` bool, the record's leads in the model's order after preprocessing.
+            where: the record, for the messages.
+
+        Raises:
+            ECGDataError: no present lead among :attr:`trained_leads`.
+        """
+        have = [lead for lead, p in zip(self.lead_names, present) if p]
+        warn_record_leads(self.trained_leads, have, tuple(self.input_leads or self.lead_names), where,
+                          kind="classifier" if self.trained_leads else "model")
 
     def _derive_limb_leads(self, sig: np.ndarray, by_name: dict[str, int], where: Any
                            ) -> tuple[np.ndarray, dict[str, int]]:
@@ -708,7 +765,8 @@ class ECGWrapper(nn.Module):
         * ``(B, C, H, W)`` 2-D maps pass through;
         * ``(B, N, D)`` transformer tokens -> ``(B, D, leads, patches)`` with the backbone's
           ``tokens_to_grid`` (ViT-1D drops its class/separator tokens there); the tokens of a lead-aware model run
-          on a record's present leads only are first put in the full layout (:meth:`full_token_layout`).
+          on a record's present leads only are first put in the full layout (:meth:`full_token_layout`), and the
+          rows of an encoder that reads ``input_leads`` go to those leads (:meth:`token_grid`).
 
         Raises:
             ValueError: tokens from a model without ``tokens_to_grid``, or an unsupported rank.
@@ -719,7 +777,7 @@ class ECGWrapper(nn.Module):
             to_grid = getattr(self.encoder, "tokens_to_grid", None)
             if not callable(to_grid):
                 raise ValueError("transformer tokens (B, N, D) but the encoder has no tokens_to_grid(tokens)")
-            return to_grid(self.full_token_layout(layer_output))
+            return self.token_grid(layer_output)
         if layer_output.ndim == 3:
             return layer_output[:, :, None, :]
         raise ValueError(f"cannot reshape a layer output of shape {tuple(layer_output.shape)} to a grid")
