@@ -129,19 +129,20 @@ class FeatureSet(_SkippedRecords):
         return int(self.features.shape[1])
 
     def record_means(self) -> np.ndarray:
-        """``(n_records, D)`` mean window embedding of each record (NaN rows for :attr:`skipped` records, so
-        a caller that forgets :meth:`valid_rows` fails loudly instead of fitting on zeros)."""
+        """``(n_records, D)`` mean window embedding of each record (NaN rows for records without windows: the
+        :attr:`skipped` ones and those not extracted (``extract_features(rows=...)``), so a caller that forgets
+        :meth:`valid_rows` fails loudly instead of fitting on zeros)."""
         sums = np.zeros((self.n_records, self.dim), dtype=np.float64)
         np.add.at(sums, self.record, self.features)
         counts = np.bincount(self.record, minlength=self.n_records)[:, None]
         means = (sums / np.maximum(counts, 1)).astype(np.float32)
-        means[np.asarray(self.skipped, dtype=np.int64)] = np.nan
+        means[counts[:, 0] == 0] = np.nan
         return means
 
     def record_stats(self) -> np.ndarray:
         """``(n_records, 2D)`` record features that keep window-to-window variability: ``[mean, std]`` of each
-        record's window embeddings (population std, ddof 0: a one-window record has std 0). :attr:`skipped`
-        records are NaN rows, as in :meth:`record_means`."""
+        record's window embeddings (population std, ddof 0: a one-window record has std 0). Records without
+        windows (:attr:`skipped`, not extracted) are NaN rows, as in :meth:`record_means`."""
         counts = np.bincount(self.record, minlength=self.n_records)[:, None].astype(np.float64)
         sums = np.zeros((self.n_records, self.dim), dtype=np.float64)
         np.add.at(sums, self.record, self.features)
@@ -150,7 +151,7 @@ class FeatureSet(_SkippedRecords):
         np.add.at(sq, self.record, (self.features.astype(np.float64) - mean[self.record]) ** 2)
         std = np.sqrt(sq / np.maximum(counts, 1))
         out = np.concatenate([mean, std], axis=1).astype(np.float32)
-        out[np.asarray(self.skipped, dtype=np.int64)] = np.nan
+        out[counts[:, 0] == 0] = np.nan
         return out
 
     def windows_of(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -973,6 +974,12 @@ def _load_features(path: Path, key: str, n_records: int, window: int, stride: in
         raise ValueError("record rows out of range")
     if not np.isfinite(feats).all():
         raise ValueError("holds non-finite features")
+    # every record of the cache has a window (a short record is padded to one) unless it was skipped: a file
+    # missing some records' windows gave them all-zero features
+    empty = np.setdiff1d(np.flatnonzero(np.bincount(record, minlength=n_records) == 0), skipped)
+    if len(empty):
+        raise ValueError(f"{len(empty)} record(s) have no windows and are not listed as skipped (rows "
+                         f"{empty[:10].tolist()}{' ...' if len(empty) > 10 else ''})")
     return FeatureSet(features=feats, record=record.astype(np.int64), n_records=n_records, key=key,
                       skipped=np.asarray(skipped, dtype=np.int64))
 

@@ -63,6 +63,14 @@ def _check(y: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"{y.shape[0]} targets but {scores.shape[0]} score rows")
     if not np.isfinite(scores).all():
         raise ValueError("scores contain NaN or inf")
+    # a NaN label made its class's positive count NaN, so the class was left out of the macro AUROC as "undefined"
+    if y.dtype.kind not in "biu":
+        values = y.astype(np.float64)
+        bad = ~np.isfinite(values) | ((values != 0) & (values != 1) if y.ndim == 2 else values != np.round(values))
+        if bad.any():
+            raise ValueError(f"targets hold {int(bad.sum())} value(s) that are not "
+                             + ("0 / 1 indicators" if y.ndim == 2 else "class indices") + " (NaN, inf or "
+                             f"fractional), e.g. {values[bad][:3].tolist()}")
     return y, scores
 
 

@@ -542,6 +542,39 @@ class ProbeData:
     external: dict[str, tuple[FeatureSet | TokenSet, np.ndarray, np.ndarray]] = field(default_factory=dict)
 
 
+def check_probe_splits(data: ProbeData) -> None:
+    """The splits a probe is given, checked before anything is fitted: the task builders make them right
+    (:mod:`ecgfm.evaluate.tasks`), but :func:`run_probe_grid` is public, and a test split inside the training one
+    scored 1.0 on noise, a test record listed twice narrowed its CI, and a record without windows (skipped for
+    non-finite input, or not extracted) was fitted and scored as an all-zero embedding.
+
+    Args:
+        data: the probe's inputs (``splits`` train / val / test).
+
+    Raises:
+        ValueError: a split listing a record twice, a record or a (known) patient in two splits
+            (:func:`ecgfm.data.splits.assert_disjoint_patients`), or a split record without windows (use
+            :meth:`FeatureSet.valid_rows`), naming the rows.
+    """
+    from ecgfm.data.splits import assert_disjoint_patients
+
+    n = len(data.labels)
+    parts = {k: np.asarray(data.splits[k], dtype=np.int64).ravel() for k in ("train", "val", "test")}
+    for part, rows in parts.items():
+        values, counts = np.unique(rows, return_counts=True)
+        if (counts > 1).any():
+            raise ValueError(f"split {part!r} lists record(s) {values[counts > 1][:10].tolist()} more than once")
+    assert_disjoint_patients(parts, data.patient_ids if data.patient_ids is not None else [None] * n)
+    if isinstance(data.features, FeatureSet):
+        has = np.bincount(data.features.record, minlength=data.features.n_records) > 0
+        for part, rows in parts.items():
+            empty = rows[~has[rows]]
+            if len(empty):
+                raise ValueError(f"split {part!r}: record(s) {empty[:10].tolist()} have no windows in the features "
+                                 f"(skipped for non-finite input, or not extracted): leave them out of the split "
+                                 f"(FeatureSet.valid_rows)")
+
+
 def _design(fs: FeatureSet, labels: np.ndarray, rows: np.ndarray, aggregate: str, means: np.ndarray | None
             ) -> tuple[np.ndarray, np.ndarray]:
     """Training matrix: record rows of :func:`record_matrix` (``(len(rows), D)`` or ``2D``) or every window
@@ -640,6 +673,7 @@ def run_probe_grid(data: ProbeData, fractions: Sequence[float], seeds: Sequence[
     for part in ("train", "val", "test"):
         if part not in data.splits or len(data.splits[part]) == 0:
             raise ValueError(f"the task has no {part!r} records")
+    check_probe_splits(data)
     fs, labels = data.features, np.asarray(data.labels, dtype=np.float32)
     if not data.multilabel:   # every row used must be one-hot (rows outside the splits are ignored)
         for part in ("train", "val", "test"):

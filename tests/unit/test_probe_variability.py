@@ -45,7 +45,8 @@ def test_mean_std_has_twice_the_dimension_and_differs_from_mean():
     one = FeatureSet(features=np.array([[1.0, 2.0], [3.0, 5.0], [7.0, 7.0]], np.float32),
                      record=np.array([0, 0, 1]), n_records=3, skipped=np.array([2]))
     s = one.record_stats()
-    np.testing.assert_allclose(s[0], [2.0, 3.5, 1.0, 1.5]) and np.testing.assert_allclose(s[1], [7, 7, 0, 0])
+    np.testing.assert_allclose(s[0], [2.0, 3.5, 1.0, 1.5])
+    np.testing.assert_allclose(s[1], [7, 7, 0, 0])
     assert np.isnan(s[2]).all()                  # skipped record: NaN, a caller that forgets valid_rows fails loudly
 
 

@@ -138,7 +138,8 @@ def test_token_cache_is_reused_keyed_apart_and_repaired(cache, tmp_path, caplog)
     a = cached_tokens(vit, cache, 100, 100, tmp_path)
     b = cached_tokens(vit, cache, 100, 100, tmp_path)
     assert F.STATS["token_extractions"] == before + 1 and a.key == b.key
-    np.testing.assert_array_equal(a.tokens, b.tokens) and np.testing.assert_array_equal(a.record, b.record)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    np.testing.assert_array_equal(a.record, b.record)
     emb = cached_features(vit, cache, 100, 100, tmp_path)
     assert emb.key != a.key and len(list(tmp_path.glob("*.npz"))) == 2        # one folder, distinct keys
     assert cached_tokens(vit, cache, 300, 300, tmp_path).key != a.key          # the window is in the key
