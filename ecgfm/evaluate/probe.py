@@ -57,6 +57,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from ecgfm.data.datamodules import check_single_label
+from ecgfm.data.splits import assert_disjoint_patients
 from ecgfm.evaluate.features import FeatureSet, TokenSet
 from ecgfm.evaluate.fractions import fraction_subsets
 from ecgfm.evaluate.metrics import choose_thresholds, evaluate_scores, macro_auroc
@@ -556,8 +557,6 @@ def check_probe_splits(data: ProbeData) -> None:
             (:func:`ecgfm.data.splits.assert_disjoint_patients`), or a split record without windows (use
             :meth:`FeatureSet.valid_rows`), naming the rows.
     """
-    from ecgfm.data.splits import assert_disjoint_patients
-
     n = len(data.labels)
     parts = {k: np.asarray(data.splits[k], dtype=np.int64).ravel() for k in ("train", "val", "test")}
     for part, rows in parts.items():

@@ -279,9 +279,10 @@ def explain_records(wrapper: ECGWrapper, records: Sequence[ECGRecord], out_dir: 
         t0 = time.perf_counter()
         rid = f"{record.source}_{record.record_id}".replace("/", "_")
         x = wrapper.prepare(record, missing_leads="zero")
-        # a lead-aware classifier sees the record's lead mask (absent leads: zero rows of x), as when it was
-        # validated and as Classifier.predict_proba scores it
-        with wrapper.present_leads((x[0] != 0).any(dim=-1).cpu().numpy()):
+        present = (x[0] != 0).any(dim=-1).cpu().numpy()   # (L,) the record's leads: absent ones are zero rows
+        # a lead-aware classifier sees the record's lead mask, as when it was validated and as
+        # Classifier.predict_proba scores it
+        with wrapper.present_leads(present):
             with torch.no_grad(), wrapper.evaluating():
                 proba = wrapper.postprocess_fn(wrapper(x))[0].cpu()
             tgt = int(wrapper.resolve_target(target, x=x)[0]) if target is not None else int(proba.argmax())
@@ -294,6 +295,7 @@ def explain_records(wrapper: ECGWrapper, records: Sequence[ECGRecord], out_dir: 
                 crop = {"start_s": start / wrapper.fs, "length_s": x.shape[2] / wrapper.fs}
             # zero padding the model saw (the wrapper warned when it padded): in the report and its console line
             padded = max(0, x.shape[2] - shown.shape[1]) / x.shape[2]
+            padded_from_s = x.shape[2] * (1 - padded) / wrapper.fs if padded > 0 else None   # where it starts
             # the recorded samples of the model input (present leads, t < the record's end): the zero padding of a
             # short record is left out of the faithfulness budget, the localisation scores and the counterfactual
             n_real = min(shown.shape[1], x.shape[2])
@@ -312,7 +314,7 @@ def explain_records(wrapper: ECGWrapper, records: Sequence[ECGRecord], out_dir: 
                 "window": crop,   # None: the whole record; else the centred window a windowed classifier sees
                 "padded_fraction": float(padded),   # share of the model's input that is zero padding
                 # the leads the model reads that this record lacks (explained as absent; the wrapper warned)
-                "absent_leads": [lead for lead, here in zip(wrapper.lead_names, (x[0] != 0).any(dim=-1).tolist())
+                "absent_leads": [lead for lead, here in zip(wrapper.lead_names, present.tolist())
                                  if not here and lead in (wrapper.input_leads or wrapper.lead_names)],
             }
             atts = {}
@@ -344,10 +346,9 @@ def explain_records(wrapper: ECGWrapper, records: Sequence[ECGRecord], out_dir: 
                     fig = viz.plot_ecg_chart(shown, wrapper.fs, wrapper.lead_names, attribution=att.values[0],
                                              overlay=overlay, record_id=f"{record.source}/{record.record_id}",
                                              units=units, window_start_s=None if crop is None else crop["start_s"],
-                                             present=(x[0] != 0).any(dim=-1).cpu().numpy(),
+                                             present=present,
                                              derived=derived,
-                                             padded_from_s=(x.shape[2] * (1 - padded) / wrapper.fs
-                                                            if padded > 0 else None),
+                                             padded_from_s=padded_from_s,
                                              title=f"{record.source} {record.record_id} | labels: "
                                                    f"{', '.join(record.labels) or '-'} | {key} for "
                                                    f"{names[tgt]} (p = {float(proba[tgt]):.2f})")
@@ -355,9 +356,8 @@ def explain_records(wrapper: ECGWrapper, records: Sequence[ECGRecord], out_dir: 
                                                                               formats, dpi)]
             fig = viz.plot_method_comparison(shown, wrapper.fs, {k: a.values[0] for k, a in atts.items()},
                                              wrapper.lead_names, units=units,
-                                             present=(x[0] != 0).any(dim=-1).cpu().numpy(),
-                                             padded_from_s=(x.shape[2] * (1 - padded) / wrapper.fs
-                                                            if padded > 0 else None),
+                                             present=present,
+                                             padded_from_s=padded_from_s,
                                              title=f"{record.source} {record.record_id}: methods for {names[tgt]}"
                                                    + _window_text(crop, record))
             entry["figures"] += [p.name for p in viz.save_figure(fig, out / f"{rid}_methods", formats, dpi)]
