@@ -9,13 +9,16 @@ a record carrying a SNOMED code would have been given the row's SCP statement(s)
 ``subdiagnostic``, ``diagnostic``, ``form``, ``rhythm`` or ``all``): a record is positive for a task class when one
 of its codes maps to an SCP statement of that class (``same`` / ``narrower`` rows), when a ``broader`` code's
 statements all fall into that one class, or through a ``sole`` rule (NORM <- sinus rhythm as the record's only
-code). For the superdiagnostic task, a few form statements *suggest* a superclass
-(:data:`SUGGESTIVE_FORM_STATEMENTS`: ST/T form codes -> STTC, Q waves -> MI): a record carrying such a code but not
-positive for that class has an unknown label for it and is left out (:meth:`SnomedTaskMap.uncertain`), never scored
-as a negative. :meth:`SnomedTaskMap.report` lists, for a set of records, the task classes with a code and their
-positives, the classes no code of the table reaches, the classes no code *present in these records* reaches (not
-evaluable), and every code present by fate: mapped, known but outside the task, ambiguous for the task, or unknown
-to the table, so nothing is dropped silently.
+code). For the superdiagnostic task, a few form statements *suggest* superclasses
+(:data:`SUGGESTIVE_FORM_STATEMENTS`: ST/T form codes -> STTC, ST depression also HYP, T inversion and Q waves MI); and
+a ``broader`` code whose statements span several task classes (ambiguous: 164865005 myocardial infarction for the
+subdiagnostic task) may stand for each of them. A record carrying such a code but not positive for such a class has
+an unknown label for it and is left out (:meth:`SnomedTaskMap.uncertain`), never scored as a negative.
+:meth:`SnomedTaskMap.select` decides which records are scored, after any exclusion, and
+:meth:`SnomedTaskMap.report` lists, for the same selection, the task classes with a code and their positives, the
+classes no code of the table reaches, the classes no code *present in these records* reaches (not evaluable), and
+every code present by fate: mapped, known but outside the task, ambiguous for the task, or unknown to the table, so
+nothing is dropped silently.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ __all__ = [
     "RELATIONS",
     "EVIDENCE",
     "CPSC2018_CLASSES",
+    "RecordSelection",
     "SnomedRow",
     "SUGGESTIVE_FORM_STATEMENTS",
     "SnomedTaskMap",
@@ -47,22 +51,22 @@ RELATIONS = ("same", "narrower", "broader", "sole")
 EVIDENCE = ("challenge", "equivalent", "name", "meaning")
 #: CPSC 2018 classes (as numbered 1-9 in its REFERENCE.csv).
 CPSC2018_CLASSES = ("Normal", "AF", "I-AVB", "LBBB", "RBBB", "PAC", "PVC", "STD", "STE")
-#: Form statements (PTB-XL ``form``, no diagnostic superclass) that suggest a superdiagnostic class, used only for the
-#: ``superdiagnostic`` task: a record carrying a code of one of them and NOT positive for the suggested class has an
-#: unknown label for that class (left out of the scored set and counted as ``records.uncertain`` in the report), not a
-#: negative. Rule: in the shared PTB-XL copy (500 labelled records), most records with the statement also carry a
-#: diagnostic statement of the class (at least 4 of 5 and two thirds), or, for the ST/T statements too rare there,
-#: the class is the statement's own subject (STTC is "ST/T change"):
-#:   STD_  ST depression      16 of 22 records with an STTC statement
-#:   INVT  T inversion         4 of 5 with STTC
+#: Form statements (PTB-XL ``form``, no diagnostic superclass) -> the superdiagnostic classes they suggest, used only
+#: for the ``superdiagnostic`` task: a record carrying a code of one of them and NOT positive for a suggested class has
+#: an unknown label for that class (left out of the scored set and counted as ``records.uncertain`` in the report),
+#: not a negative. Rule: in the shared PTB-XL copy (500 labelled records), at least 4 records with the statement, and
+#: at least two thirds of them, also carry a diagnostic statement of the class (every class that passes is listed);
+#: or, for the ST/T statements too rare there, the class is the statement's own subject (STTC is "ST/T change"):
+#:   STD_  ST depression      16 of 22 records with an STTC statement, 15 of 22 with HYP (11 MI, 3 CD: no)
+#:   INVT  T inversion         5 of 5 with MI, 4 of 5 with STTC (3 HYP, 2 CD: no)
 #:   TAB_  T abnormal          0 of 1 (too rare; by meaning)
 #:   STE_  ST elevation        no record (by meaning)
-#:   QWAVE Q waves            10 of 10 with an MI statement
+#:   QWAVE Q waves            10 of 10 with an MI statement (5 CD, 3 STTC, 2 HYP: no)
 #: Checked and left out by the same rule: LVOLT low QRS voltage (0 of 4 STTC, 2 of 4 MI), ABQRS (12 of 22 MI),
 #: LPR (3 of 3 CD: too few records). The table has no row for LV high voltage (55827005 ~ VCLVH) nor for nonspecific
 #: ST-T abnormality (428750005): those codes stay unknown (their records are counted as ``partially_mapped``).
-SUGGESTIVE_FORM_STATEMENTS: dict[str, str] = {"STD_": "STTC", "INVT": "STTC", "TAB_": "STTC", "STE_": "STTC",
-                                              "QWAVE": "MI"}
+SUGGESTIVE_FORM_STATEMENTS: dict[str, tuple[str, ...]] = {
+    "STD_": ("HYP", "STTC"), "INVT": ("MI", "STTC"), "TAB_": ("STTC",), "STE_": ("STTC",), "QWAVE": ("MI",)}
 _COLUMNS = ("snomed_code", "snomed_name", "abbreviation", "scp_codes", "relation", "evidence", "challenge_ptbxl_n",
             "equivalent", "cpsc2018", "note")
 
@@ -196,6 +200,28 @@ class _CodeFate:
     statements: tuple[str, ...]       # every SCP statement the table links it to
     kind: str                         # mapped | outside_task | ambiguous
     suggests: tuple[str, ...] = ()    # task classes a form statement of the code suggests (unknown if not positive)
+    spans: tuple[str, ...] = ()       # task classes of an ambiguous broader row (the code may stand for each of them)
+
+
+@dataclass(frozen=True)
+class RecordSelection:
+    """Which records of a set are scored for a task (:meth:`SnomedTaskMap.select`); records by their keys.
+
+    Attributes:
+        evaluable: the task classes some code of the records left after ``excluded`` reaches
+            (:meth:`SnomedTaskMap.reached_classes`); the others are not evaluable on the set.
+        evaluated: the records scored: a mapped label, and every evaluable label known.
+        no_mapped_label: records left out: no code maps into the task (labels unknown, not negative).
+        uncertain: ``{record: {class: codes}}`` left out: a mapped label, but the label of an evaluable class is
+            unknown (:meth:`SnomedTaskMap.uncertain`).
+        excluded: ``{reason: records}`` removed beforehand for other reasons (leakage...).
+    """
+
+    evaluable: list[str]
+    evaluated: list[str]
+    no_mapped_label: list[str]
+    uncertain: dict[str, dict[str, list[str]]]
+    excluded: dict[str, list[str]]
 
 
 class SnomedTaskMap:
@@ -208,17 +234,19 @@ class SnomedTaskMap:
             values are listed as having no code.
         rows: the table (default :func:`load_scp_snomed`).
         task: the task's name, for the report.
-        suggestions: ``{form statement: task class}`` it suggests (see :data:`SUGGESTIVE_FORM_STATEMENTS`, the
-            default for ``task="superdiagnostic"``; none for the other tasks).
+        suggestions: ``{form statement: task classes}`` it suggests (a class or a sequence of classes; see
+            :data:`SUGGESTIVE_FORM_STATEMENTS`, the default for ``task="superdiagnostic"``; none for the other
+            tasks).
     """
 
     def __init__(self, statement_classes: Mapping[str, str], classes: Sequence[str],
                  rows: Sequence[SnomedRow] | None = None, task: str = "",
-                 suggestions: Mapping[str, str] | None = None):
+                 suggestions: Mapping[str, str | Sequence[str]] | None = None):
         self.task = task
         if suggestions is None:
             suggestions = SUGGESTIVE_FORM_STATEMENTS if task == "superdiagnostic" else {}
-        self.suggestions = {str(k): str(v) for k, v in suggestions.items()}
+        self.suggestions = {str(k): tuple(sorted({str(v)} if isinstance(v, str) else {str(c) for c in v}))
+                            for k, v in suggestions.items()}
         self.classes = [str(c) for c in classes]
         self.statement_classes = {str(k): str(v) for k, v in statement_classes.items()}
         self.rows = list(rows) if rows is not None else load_scp_snomed()
@@ -230,9 +258,9 @@ class SnomedTaskMap:
                                                        "suggests": set()})
             slot["stmts"].update(r.scp_codes)
             if r.relation in ("same", "narrower"):
-                slot["suggests"].update(self.suggestions[s] for s in r.scp_codes
+                slot["suggests"].update(c for s in r.scp_codes
                                         if s in self.suggestions and s not in self.statement_classes
-                                        and self.suggestions[s] in wanted)
+                                        for c in self.suggestions[s] if c in wanted)
             mapped = [self.statement_classes[s] for s in r.scp_codes if s in self.statement_classes]
             if r.relation == "broader":
                 targets = set(mapped)
@@ -253,7 +281,8 @@ class SnomedTaskMap:
             else:
                 kind = "outside_task"
             self.fates[code] = _CodeFate(tuple(sorted(slot["any"])), tuple(sorted(slot["sole"])),
-                                         tuple(sorted(slot["stmts"])), kind, tuple(sorted(slot["suggests"])))
+                                         tuple(sorted(slot["stmts"])), kind, tuple(sorted(slot["suggests"])),
+                                         tuple(sorted(slot["amb"] & wanted)))
 
     def codes_of(self, cls: str) -> list[str]:
         """SNOMED codes that can make a record positive for ``cls`` (sole-rule codes included)."""
@@ -274,8 +303,10 @@ class SnomedTaskMap:
         return sorted(out)
 
     def uncertain(self, codes: Iterable[str], evaluable: Iterable[str] | None = None) -> dict[str, list[str]]:
-        """``{task class: codes}`` whose label is unknown for a record with these codes: a code suggests the class
-        (:data:`SUGGESTIVE_FORM_STATEMENTS`) but the record is not positive for it. Empty: every label is known.
+        """``{task class: codes}`` whose label is unknown for a record with these codes, and the record is not
+        positive for the class: a code suggests it (:data:`SUGGESTIVE_FORM_STATEMENTS`), or a ``broader`` code
+        spans several task classes, it among them (ambiguous: 164865005 myocardial infarction may be AMI, IMI, LMI
+        or PMI of the subdiagnostic task, so none of them is a known negative). Empty: every label is known.
 
         Args:
             codes: the record's SNOMED CT codes.
@@ -289,7 +320,7 @@ class SnomedTaskMap:
         out: dict[str, list[str]] = {}
         for c in codes:
             fate = self.fates.get(c)
-            for cls in (fate.suggests if fate is not None else ()):
+            for cls in (sorted(set(fate.suggests) | set(fate.spans)) if fate is not None else ()):
                 if cls not in positive and (keep is None or cls in keep):
                     out.setdefault(cls, []).append(c)
         return out
@@ -308,8 +339,35 @@ class SnomedTaskMap:
             c in f.classes and code in present or c in f.sole_classes and code in sole_present
             for code, f in self.fates.items())]
 
+    def select(self, records: Mapping[str, Sequence[str]],
+               excluded: Mapping[str, Sequence[str]] | None = None) -> RecordSelection:
+        """Which records are scored: the evaluable classes are decided on the records left after ``excluded``, and
+        the :meth:`uncertain` rule is applied to those records with those classes (one decision for the scored set
+        and its :meth:`report`).
+
+        Args:
+            records: ``{record key: SNOMED codes}`` of the records considered (before any exclusion).
+            excluded: ``{reason: record keys}`` removed for other reasons (leakage...).
+        """
+        excluded = {k: sorted(set(map(str, v))) for k, v in (excluded or {}).items() if len(v)}
+        dropped = {k for keys in excluded.values() for k in keys}
+        kept = {str(key): sorted({str(c).strip() for c in codes if str(c).strip()})
+                for key, codes in records.items() if str(key) not in dropped}
+        reached = self.reached_classes(kept.values())
+        evaluated: list[str] = []
+        no_label: list[str] = []
+        uncertain: dict[str, dict[str, list[str]]] = {}
+        for key, codes in kept.items():
+            if not self.labels(codes):
+                no_label.append(key)
+            elif unknown := self.uncertain(codes, reached):
+                uncertain[key] = unknown
+            else:
+                evaluated.append(key)
+        return RecordSelection(reached, evaluated, no_label, uncertain, excluded)
+
     def report(self, records: Mapping[str, Sequence[str]], excluded: Mapping[str, Sequence[str]] | None = None,
-               examples: int = 10) -> dict[str, Any]:
+               examples: int = 10, selection: RecordSelection | None = None) -> dict[str, Any]:
         """How the codes of some records map into the task (JSON-able).
 
         Args:
@@ -317,6 +375,8 @@ class SnomedTaskMap:
             excluded: ``{reason: record keys}`` removed from evaluation for other reasons (leakage...): they are
                 counted under that reason and left out of the class and code counts.
             examples: record keys listed per group.
+            selection: :meth:`select` of these records and exclusions, when the caller already made it (the scored
+                set it built is then exactly the one reported); None: made here.
 
         Returns:
             ``classes`` (per mapped class: codes, positives), ``classes_without_code`` (no code of the table reaches
@@ -324,41 +384,26 @@ class SnomedTaskMap:
             ``classes_without_code``; an external set's metrics leave them out), ``classes_without_positives`` (a
             code exists, no record has it),
             ``codes`` (``mapped`` / ``outside_task`` / ``ambiguous`` / ``unknown``: per code its name, classes or
-            statements and record count), ``records`` (total, evaluated, ``no_mapped_label`` (excluded: their
+            statements and record count; ``suggests`` / ``spans``: the classes it leaves unknown when not positive),
+            ``records`` (total, evaluated, ``no_mapped_label`` (excluded: their
             labels are unknown for this task, they are not negatives), ``partially_mapped`` (evaluated, but also
             carrying an unknown or ambiguous code: some negatives may be missed positives), ``uncertain`` (left out,
-            with a mapped label: a code suggests a class they are not positive for; ``uncertain_codes`` counts
-            them per class and code), excluded per reason).
+            with a mapped label: a code suggests a class, or an ambiguous code spans it, and they are not positive
+            for it; ``uncertain_codes`` counts them per class and code), excluded per reason).
         """
-        excluded = {k: sorted(set(map(str, v))) for k, v in (excluded or {}).items() if len(v)}
-        dropped = {k for keys in excluded.values() for k in keys}
-        positives: Counter[str] = Counter()
-        code_records: Counter[str] = Counter()
-        no_label: list[str] = []
-        partial: list[str] = []
-        uncertain: list[str] = []
+        sel = selection if selection is not None else self.select(records, excluded)
+        dropped = {k for keys in sel.excluded.values() for k in keys}
+        code_of = {str(key): sorted({str(c).strip() for c in codes if str(c).strip()})
+                   for key, codes in records.items()}
+        code_records: Counter[str] = Counter(c for key, codes in code_of.items() if key not in dropped
+                                             for c in codes)
+        positives: Counter[str] = Counter(c for key in sel.evaluated for c in self.labels(code_of[key]))
+        partial = [key for key in sel.evaluated if any(self.fates.get(c) is None or self.fates[c].kind == "ambiguous"
+                                                       for c in code_of[key])]
         uncertain_codes: dict[str, Counter[str]] = {}
-        reached = self.reached_classes(codes for key, codes in records.items() if str(key) not in dropped)
-        evaluated = 0
-        for key, codes in records.items():
-            if str(key) in dropped:
-                continue
-            codes = sorted({str(c).strip() for c in codes if str(c).strip()})
-            code_records.update(codes)
-            labels = self.labels(codes)
-            if not labels:
-                no_label.append(str(key))
-                continue
-            unknown = self.uncertain(codes, reached)
-            if unknown:
-                uncertain.append(str(key))
-                for cls, cs in unknown.items():
-                    uncertain_codes.setdefault(cls, Counter()).update(cs)
-                continue
-            evaluated += 1
-            positives.update(labels)
-            if any(self.fates.get(c) is None or self.fates[c].kind == "ambiguous" for c in codes):
-                partial.append(str(key))
+        for unknown in sel.uncertain.values():
+            for cls, cs in unknown.items():
+                uncertain_codes.setdefault(cls, Counter()).update(cs)
         classes = {c: {"snomed_codes": self.codes_of(c), "positives": int(positives.get(c, 0))}
                    for c in self.classes if self.codes_of(c)}
         codes_out: dict[str, dict[str, Any]] = {"mapped": {}, "outside_task": {}, "ambiguous": {}, "unknown": {}}
@@ -376,23 +421,26 @@ class SnomedTaskMap:
                 entry["statements"] = list(fate.statements)
             if fate.suggests:
                 entry["suggests"] = list(fate.suggests)
+            if fate.spans:
+                entry["spans"] = list(fate.spans)
             codes_out[fate.kind][code] = entry
         return {
             "vocabulary": f"SNOMED CT -> PTB-XL {self.task}".strip(),
             "table": "ecgfm/data/scp_snomed.csv", "table_sha256": table_digest(),
             "classes": classes,
             "classes_without_code": [c for c in self.classes if not self.codes_of(c)],
-            "not_evaluable_classes": [c for c in self.classes if c not in reached],
+            "not_evaluable_classes": [c for c in self.classes if c not in sel.evaluable],
             "classes_without_positives": [c for c, v in classes.items() if v["positives"] == 0],
             "codes": codes_out,
             "records": {
-                "total": len(records), "evaluated": evaluated,
-                "no_mapped_label": len(no_label), "no_mapped_label_examples": no_label[:examples],
+                "total": len(records), "evaluated": len(sel.evaluated),
+                "no_mapped_label": len(sel.no_mapped_label),
+                "no_mapped_label_examples": sel.no_mapped_label[:examples],
                 "partially_mapped": len(partial), "partially_mapped_examples": partial[:examples],
-                "uncertain": len(uncertain), "uncertain_examples": uncertain[:examples],
+                "uncertain": len(sel.uncertain), "uncertain_examples": list(sel.uncertain)[:examples],
                 "uncertain_codes": {c: dict(sorted(n.items())) for c, n in sorted(uncertain_codes.items())},
-                "excluded": {k: len(v) for k, v in excluded.items()},
-                "excluded_examples": {k: v[:examples] for k, v in excluded.items()},
+                "excluded": {k: len(v) for k, v in sel.excluded.items()},
+                "excluded_examples": {k: v[:examples] for k, v in sel.excluded.items()},
             },
         }
 
@@ -426,8 +474,8 @@ def summary_lines(report: Mapping[str, Any], top: int = 8) -> list[str]:
                    f"negatives), e.g. {', '.join(rec['no_mapped_label_examples'][:3])}")
     if rec.get("uncertain"):
         per = "; ".join(f"{c} <- {', '.join(n)}" for c, n in rec["uncertain_codes"].items())
-        out.append(f"  {rec['uncertain']} record(s) with a code suggesting a class they are not positive for left out "
-                   f"(label unknown, not negative): {per}")
+        out.append(f"  {rec['uncertain']} record(s) with a code suggesting a class they are not positive for (a form "
+                   f"code, or a broader code spanning several classes) left out (label unknown, not negative): {per}")
     if rec["partially_mapped"]:
         out.append(f"  {rec['partially_mapped']} evaluated record(s) also carry unmapped codes")
     for reason, n in rec["excluded"].items():

@@ -195,7 +195,8 @@ def build_task(spec: TaskSpec, cache_root: str, preprocess: PreprocessSpec, clas
         workers: cache preparation worker processes.
         progress: show a progress bar while preparing.
         mapper: a :class:`~ecgfm.data.labelmaps.SnomedTaskMap` translating the records' SNOMED CT codes into
-            ``classes`` (external validation across vocabularies, :func:`build_external`); needs ``classes``.
+            ``classes`` (external validation across vocabularies, :func:`build_external`, which also leaves out the
+            records with an unknown label); needs ``classes``.
 
     Raises:
         ValueError: no labelled record, a single-label task with multi-label records, bad split settings, a
@@ -240,14 +241,9 @@ def build_task(spec: TaskSpec, cache_root: str, preprocess: PreprocessSpec, clas
                     y[i, col[c]] = 1.0
     else:
         y = cache.labels_matrix(class_names, label_fn).astype(np.float32)
+    # with a mapper, records whose label of an evaluable class is unknown (SnomedTaskMap.uncertain) are left out by
+    # build_external, once the records that are not external are excluded: the evaluable classes depend on them
     labelled = y.sum(axis=1) > 0
-    if mapper is not None:  # a code suggests a class the record is not positive for: that label is unknown
-        reached = mapper.reached_classes(codes)   # a class no code reaches is scored nowhere: no record is lost for it
-        unknown = np.array([bool(mapper.uncertain(rec, reached)) for rec in codes], dtype=bool)
-        if (unknown & labelled).any():
-            notes.append(f"{int((unknown & labelled).sum())} record(s) carrying a code that suggests a class they are "
-                         f"not positive for (label unknown, not negative) are in no split")
-        labelled &= ~unknown
     any_positive = bool(labelled.any())
     if spec.multilabel and mapper is None and spec.labels == "record" and any_positive:
         # a record whose flags are known (FolderSource: a labels-CSV row of 0/1 flag columns) but that has none of
@@ -285,9 +281,22 @@ def build_task(spec: TaskSpec, cache_root: str, preprocess: PreprocessSpec, clas
     if kind == "folds":
         key = spec.split.get("key", "strat_fold")
         folds = [(m or {}).get(key) for m in index["meta"]]
+        known = np.array([not is_unknown_patient(f) for f in folds], dtype=bool)
+        if not (known & labelled).any():
+            seen = sorted({str(k) for m in index["meta"] if isinstance(m, Mapping) for k in m})
+            raise ValueError(f"task {spec.name}: split.key {key!r} (folds split) is in the metadata of no labelled "
+                             f"record of {cache_dir}; the records' metadata keys: {seen[:20]}")
         sp = fold_split([folds[i] if labelled[i] else None for i in range(len(folds))],
                         train=spec.split.get("train", range(1, 9)), val=spec.split.get("val", (9,)),
                         test=spec.split.get("test", (10,)))
+        placed = np.zeros(len(folds), dtype=bool)
+        placed[np.concatenate(list(sp.values()))] = True
+        unplaced = labelled & ~placed
+        if unplaced.any():
+            left = sorted({str(folds[i]) for i in np.flatnonzero(unplaced & known)})
+            notes.append(f"{int(unplaced.sum())} labelled record(s) are in no split: "
+                         f"{int((unplaced & ~known).sum())} without a {key!r} value, "
+                         f"{int((unplaced & known).sum())} in {key} {left[:10]} of none of train / val / test")
     elif kind == "stratified":
         fr = spec.split.get("fractions", [0.7, 0.15, 0.15])
         target = y[rows] if spec.multilabel else y[rows].argmax(axis=1)
@@ -445,13 +454,18 @@ def record_codes(labels: Sequence[Any], meta: Mapping[str, Any] | None) -> list[
 def _cpsc2018_codes(path: str) -> dict[str, list[str]]:
     """``{record id: SNOMED CT codes}`` from a CPSC 2018 ``REFERENCE.csv`` (``Recording,First_label,...``; classes
     as numbers 1-9 or names of :data:`~ecgfm.data.labelmaps.CPSC2018_CLASSES`), through the table's ``cpsc2018``
-    column (the codes the challenge gave the CPSC records)."""
+    column (the codes the challenge gave the CPSC records).
+
+    Raises:
+        ValueError: an empty table, an unknown class, a record listed twice (file and lines named).
+    """
     import csv
 
     from ecgfm.data.labelmaps import CPSC2018_CLASSES, load_scp_snomed
 
     code_of = {r.cpsc2018: r.snomed_code for r in load_scp_snomed() if r.cpsc2018}
     out: dict[str, list[str]] = {}
+    line_of: dict[str, int] = {}
     with open(path, newline="", encoding="utf-8") as fh:
         rows = list(csv.reader(fh))
     if not rows:
@@ -471,7 +485,12 @@ def _cpsc2018_codes(path: str) -> dict[str, list[str]]:
                 raise ValueError(f"{path} line {lineno}: CPSC 2018 class {value!r} is neither 1-9 nor one of "
                                  f"{list(CPSC2018_CLASSES)}")
             codes.append(code_of[name])
-        out[row[0].strip()] = sorted(set(codes))
+        rid = row[0].strip()
+        if rid in line_of:
+            raise ValueError(f"{path} line {lineno}: record {rid!r} is listed again (first at line {line_of[rid]}); "
+                             f"a record has one row")
+        line_of[rid] = lineno
+        out[rid] = sorted(set(codes))
     return out
 
 
@@ -502,10 +521,12 @@ def build_external(spec: TaskSpec, task: TaskData, cache_root: str, preprocess: 
        ``params.label_map: ptbxl:<task>`` (``eval_data=cinc2021`` / ``cpsc2018`` with a PTB-XL task), the records'
        SNOMED CT codes translated through :mod:`ecgfm.data.labelmaps`. Records no code maps into the class space
        are left out (their labels are unknown for this task, not negative), and so are records carrying a form code
-       that suggests a superclass they are not positive for (:meth:`~ecgfm.data.labelmaps.SnomedTaskMap.uncertain`,
-       e.g. RBBB + ST depression for STTC); the mapping report (classes with their
-       codes and positives, classes no code reaches, codes unmapped / outside the task, excluded records) is
-       stored in ``label_report`` and summarised in ``notes``.
+       that suggests a superclass, or an ambiguous broader code that spans a class, they are not positive for
+       (:meth:`~ecgfm.data.labelmaps.SnomedTaskMap.uncertain`, e.g. RBBB + ST depression for STTC), with the
+       evaluable classes of the records left after steps 2-3 (:meth:`~ecgfm.data.labelmaps.SnomedTaskMap.select`);
+       the mapping report of that same selection (classes with their codes and positives, classes no code reaches,
+       codes unmapped / outside the task, excluded records) is stored in ``label_report`` and summarised in
+       ``notes``.
     2. Records that are also records (or patients) of the task's own splits (train, val or test; e.g. a CinC 2021
        ``HR*`` record that is a PTB-XL record of the head's training folds) are removed and counted: a record the
        head was trained or selected on is no external evidence. The leakage guard only checks *pretraining* data.
@@ -522,8 +543,8 @@ def build_external(spec: TaskSpec, task: TaskData, cache_root: str, preprocess: 
         progress: show a progress bar while preparing.
 
     Raises:
-        ValueError: a CPSC 2018 set without a labels table (the shared copy carries none), a bad ``label_map``,
-            no usable record left.
+        ValueError: a CPSC 2018 set without a labels table (the shared copy carries none), a bad ``label_map`` (or
+            one naming another PTB-XL task than the task's ``labels``), no usable record left.
     """
     import logging
 
@@ -537,6 +558,12 @@ def build_external(spec: TaskSpec, task: TaskData, cache_root: str, preprocess: 
                          "table with eval_data.params.cpsc2018_reference=/path/to/REFERENCE.csv (Recording,First_label,"
                          "Second_label,Third_label; classes 1-9), or use eval_data=cinc2021")
     mapped_task = label_map_task(spec)
+    task_labels = str(getattr(task.spec, "labels", "") or "")
+    if mapped_task is not None and task_labels.startswith("ptbxl:") and task_labels != f"ptbxl:{mapped_task}":
+        raise ValueError(f"external set {spec.name}: params.label_map is 'ptbxl:{mapped_task}' but the task "
+                         f"{task.name} was trained on labels {task_labels!r}: the codes would be translated into "
+                         f"another task's classes and matched to the head's by name; set "
+                         f"eval_data.params.label_map={task_labels}")
     if params.get("cpsc2018_reference") and mapped_task is None:
         raise ValueError(f"external set {spec.name}: params.cpsc2018_reference holds CPSC 2018 classes; it needs "
                          f"params.label_map: ptbxl:<task> (a PTB-XL training task)")
@@ -581,19 +608,23 @@ def build_external(spec: TaskSpec, task: TaskData, cache_root: str, preprocess: 
         if rows:
             ext.notes.append(f"{len(rows)} record(s) excluded ({n_in} labelled): {why}, e.g. "
                              f"{', '.join(keys[i] for i in rows[:3])}")
-    if not len(kept):
-        raise ValueError(f"external set {spec.name}: no labelled record is left after excluding the task's own "
-                         f"records ({'; '.join(ext.notes)})")
-    ext.splits = {**ext.splits, "test": kept}
-    if mapper is not None:
-        from ecgfm.data.labelmaps import summary_lines
+    if mapper is not None:  # evaluable classes and unknown labels decided on the records left: one selection for
+        from ecgfm.data.labelmaps import summary_lines   # the scored records and their report
 
         codes = dict(zip(keys, external_codes(spec, ext.cache)))
-        ext.label_report = mapper.report(codes, excluded={k: [keys[i] for i in v] for k, v in reasons.items()})
+        excluded = {k: [keys[i] for i in v] for k, v in reasons.items()}
+        selection = mapper.select(codes, excluded)
+        kept = kept[np.isin(kept, [row_of[k] for k in selection.evaluated])]
+        ext.label_report = mapper.report(codes, excluded, selection=selection)
         lines = summary_lines(ext.label_report)
         ext.notes.append(" | ".join(x.strip() for x in lines))
         for line in lines:
             log.info("external %s: %s", ext.dataset, line)
+    if not len(kept):
+        raise ValueError(f"external set {spec.name}: no labelled record is left after excluding the task's own "
+                         f"records{' and those with an unknown label' if mapper is not None else ''} "
+                         f"({'; '.join(ext.notes)})")
+    ext.splits = {**ext.splits, "test": kept}
     return ext
 
 

@@ -45,17 +45,17 @@ def test_suggestive_form_statements_are_form_only_in_ptbxl(statements_root):
     from ecgfm.data.readers import load_scp_statements, ptbxl_task_map
 
     sup = ptbxl_task_map(load_scp_statements(statements_root), "superdiagnostic")
-    for stmt, cls in SUGGESTIVE_FORM_STATEMENTS.items():
-        assert stmt not in sup and cls in SUPER, stmt
+    for stmt, classes in SUGGESTIVE_FORM_STATEMENTS.items():   # a statement may suggest several classes (s18)
+        assert stmt not in sup and classes and set(classes) <= set(SUPER), stmt
 
 
 @pytest.mark.parametrize("codes, unknown", [
-    ([RBBB, STD], {"STTC": [STD]}),          # RBBB + ST depression: CD, but STTC unknown (not a clean negative)
-    ([RBBB, TINV], {"STTC": [TINV]}),
+    ([RBBB, STD], {"HYP": [STD], "STTC": [STD]}),   # RBBB + ST depression: CD, but STTC (and HYP, s18) unknown
+    ([RBBB, TINV], {"MI": [TINV], "STTC": [TINV]}),  # T inversion also suggests MI (s18)
     ([RBBB, TAB, STE], {"STTC": [STE, TAB]}),
     ([IAVB, QAB], {"MI": [QAB]}),            # Q waves suggest MI
     ([MI, QAB], {}),                         # ...known when the record is MI
-    ([RBBB, STD, NST], {}),                  # ...and STTC known when an STTC code is there
+    ([RBBB, STD, NST], {"HYP": [STD]}),      # ...and STTC known when an STTC code is there (HYP still unknown)
     ([RBBB], {}),
 ])
 def test_uncertain_labels(super_map, codes, unknown):
@@ -83,29 +83,40 @@ def test_report_leaves_uncertain_records_out_and_counts_them(super_map):
     assert sorted(r["uncertain_examples"]) == ["a", "c"]
     assert r["uncertain_codes"] == {"MI": {QAB: 1}, "STTC": {STD: 1}}
     assert {c: v["positives"] for c, v in rep["classes"].items()}["CD"] == 1      # only "b"
-    assert rep["codes"]["outside_task"][STD]["suggests"] == ["STTC"]
+    assert rep["codes"]["outside_task"][STD]["suggests"] == ["HYP", "STTC"]
     assert "suggesting a class" in "\n".join(summary_lines(rep))
 
 
-def test_build_task_leaves_uncertain_records_out_of_the_splits(monkeypatch, super_map):
-    """The scored set follows the same rule (records with no mapped label were already left out)."""
+def test_build_task_leaves_uncertain_records_out_of_the_splits(monkeypatch, super_map, statements_root):
+    """The scored set follows the same rule (records with no mapped label were already left out). Since s18 the rule
+    is applied by build_external, after the non-external records are excluded (the evaluable classes depend on
+    them), to the scored records and the report alike."""
+    import pandas as pd
+
     import ecgfm.data.cache as cache_mod
     import ecgfm.evaluate.tasks as tasks
 
     codes = [[RBBB, STD], [RBBB], [NSR], [AF], [LVH], [MI, QAB], [IAVB, QAB], [NST]]
     n = len(codes)
-    index = {"meta": [{}] * n, "patient_id": [f"p{i}" for i in range(n)], "labels": [()] * n,
-             "record_id": [str(i) for i in range(n)]}
-    fake = SimpleNamespace(index=index, keys=[f"x/{i}" for i in range(n)], fs=100.0)
+    index = pd.DataFrame({"meta": [{}] * n, "patient_id": [f"p{i}" for i in range(n)], "labels": [()] * n,
+                          "record_id": [f"E{i}" for i in range(n)], "source": ["challenge2021"] * n})
+    fake = SimpleNamespace(index=index, keys=[f"challenge2021/E{i}" for i in range(n)], fs=100.0)
     monkeypatch.setattr(tasks, "prepare_task_cache", lambda *a, **k: "/nowhere")
     monkeypatch.setattr(cache_mod, "CorpusCache", lambda d: fake)
     monkeypatch.setattr(tasks, "external_codes", lambda spec, cache: codes)
     spec = SimpleNamespace(name="ext", dataset="ext", sources=[], classes=None, multilabel=True, labels="record",
-                           split={"kind": "all"}, min_count=1, crop_seconds=10.0, stride_seconds=10.0, params={})
+                           split={"kind": "all"}, min_count=1, crop_seconds=10.0, stride_seconds=10.0,
+                           params={"label_map": "ptbxl:superdiagnostic", "label_root": str(statements_root)})
     monkeypatch.setattr(tasks, "_check_split_classes", lambda *a, **k: None)
-    ext = tasks.build_task(spec, "/nowhere", SimpleNamespace(fs=100.0), classes=SUPER, mapper=super_map)
+    task_index = pd.DataFrame({"source": ["ptbxl"] * 3, "record_id": ["1", "2", "3"], "patient_id": ["1", "2", "3"],
+                               "meta": [{}] * 3})
+    task = SimpleNamespace(class_names=SUPER, name="ptbxl_super", dataset="ptbxl",
+                           spec=SimpleNamespace(label_root=str(statements_root), labels="ptbxl:superdiagnostic"),
+                           splits={"train": np.array([0]), "val": np.array([1]), "test": np.array([2])},
+                           cache=SimpleNamespace(index=task_index))
+    ext = tasks.build_external(spec, task, "/nowhere", SimpleNamespace(fs=100.0))
     assert ext.splits["test"].tolist() == [1, 2, 4, 5, 7]    # 0 and 6 uncertain, 3 (AF only) without a label
-    assert any("suggests a class" in n for n in ext.notes)
+    assert any("suggesting a class" in n for n in ext.notes)
 
 
 # --- 2. not-evaluable classes from the set's own codes ---------------------------------------------------------

@@ -155,7 +155,7 @@ def test_overlap_only_under_the_generic_folder_name_says_how_to_tell_folders_apa
     assert not check_leakage(pre, other).leaked
     with pytest.raises(LeakageError) as exc:            # a real corpus overlap gets no such hint
         check_leakage(index_identities(_index([("00010", "ptbxl", None, {})])), index_identities(PTBXL_TEST))
-    assert "source_name" not in str(exc.value)
+    assert "+task.sources.0.name=" not in str(exc.value)
 
 
 def test_physionet2021_hr_record_gets_its_ptbxl_patient_from_the_database(fixture_dir, tmp_path):
