@@ -29,6 +29,8 @@ from __future__ import annotations
 import functools
 import math
 import os
+import warnings
+from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -38,6 +40,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_co
 
 from ecgfm.data.cache import CorpusCache, NonFiniteDataError, die_with_parent
 from ecgfm.data.record import N_LEADS, ECGDataError
+from ecgfm.data.splits import assert_disjoint_patients
 
 VIEWS = ("single", "adjacent", "segments")
 #: multiplier whose fractional product turns a crop's offset draw ``u`` into the second segment's draw (``segments``)
@@ -75,7 +78,8 @@ class MixtureSampler(DistributedSampler):
 
     Args:
         pool_sizes: records in each pool.
-        weights: sampling probability of each pool (normalised; None: proportional to ``pool_sizes``).
+        weights: sampling probability of each pool (normalised; None: proportional to ``pool_sizes``); finite and
+            non-negative, with a positive sum (else ``ValueError`` naming ``data.weights``).
         num_samples: draws per epoch over all ranks (rounded up to a multiple of the world size).
         seed: base seed.
         rank, world_size: override ``torch.distributed``.
@@ -88,8 +92,9 @@ class MixtureSampler(DistributedSampler):
         if len(sizes) == 0 or sizes.sum() == 0:
             raise ValueError("MixtureSampler needs at least one non-empty pool")
         w = sizes.astype(np.float64) if weights is None else np.asarray([float(x) for x in weights])
-        if w.shape != sizes.shape or (w < 0).any() or w.sum() <= 0:
-            raise ValueError(f"weights must be {len(sizes)} non-negative numbers with a positive sum, got {weights}")
+        if w.shape != sizes.shape or not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+            raise ValueError(f"weights (data.weights) must be {len(sizes)} finite non-negative numbers with a positive "
+                             f"sum, got {weights}")
         if ((w > 0) & (sizes == 0)).any():
             raise ValueError(f"a pool with positive weight is empty: sizes {sizes.tolist()}, weights {w.tolist()}")
         rank, world = _dist_rank_world(rank, world_size)
@@ -139,7 +144,8 @@ class EpochShuffleSampler(DistributedSampler):
         epoch_size: items per epoch over all ranks (None: ``n``, one pass). Larger: further passes, each in a
             fresh order, make up the epoch (a small labelled subset then gets as many optimiser steps per epoch,
             and so per validation and per patience epoch, as a large one). The first pass is the ``n``-item
-            epoch's permutation.
+            epoch's permutation. Smaller: one pass (a minimum: an epoch is never shorter than one pass;
+            :class:`DownstreamDataModule` refuses such an ``epoch_samples``).
     """
 
     def __init__(self, n: int, seed: int = 0, rank: int | None = None, world_size: int | None = None,
@@ -169,7 +175,13 @@ class EpochShuffleSampler(DistributedSampler):
 
 
 class CachePool:
-    """Several caches seen as one flat index (cache order, then record order). Picklable (paths only)."""
+    """Several caches seen as one flat index (cache order, then record order). Picklable (paths only).
+
+    Raises:
+        ValueError: no cache; one cache folder listed twice (its records would get two flat indices each, and a
+            record drawn under both would be a contrastive negative of itself: raise its ``data.weights`` entry
+            to sample it more often); caches of different rates or preprocessing.
+    """
 
     def __init__(self, cache_dirs: Sequence[str | os.PathLike]):
         self.caches = [c if isinstance(c, CorpusCache) else CorpusCache(c) for c in cache_dirs]
@@ -177,6 +189,14 @@ class CachePool:
         self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         if not self.caches:
             raise ValueError("no cache given")
+        seen: dict[str, int] = {}
+        for k, c in enumerate(self.caches):
+            folder = str(Path(c.path).resolve())
+            if folder in seen:
+                raise ValueError(f"cache {folder} is listed twice (data.cache_dirs entries {seen[folder]} and {k}): "
+                                 "its records would get two indices each and be contrastive negatives of "
+                                 "themselves; list it once and raise its data.weights entry to sample it more often")
+            seen[folder] = k
         rates = {c.fs for c in self.caches}
         if None in rates or len(rates) != 1:
             raise ValueError("caches must share one sampling rate (prepare them with the same spec.fs); got "
@@ -195,25 +215,14 @@ class CachePool:
     def __len__(self) -> int:
         return int(self.offsets[-1])
 
-    def known_nonfinite(self, flats: np.ndarray) -> np.ndarray:
-        """``(n,)`` bool: records of ``flats`` already found to hold NaN / Inf in this process (a look-up)."""
-        if self._finite is None:
-            return np.zeros(len(flats), dtype=bool)
-        return self._finite[np.asarray(flats, dtype=np.int64)] == 2
-
-    def mark_nonfinite(self, flats: np.ndarray) -> None:
-        """Remember that records ``flats`` hold NaN / Inf (found in a crop)."""
-        if self._finite is None:
-            self._finite = np.zeros(len(self), dtype=np.int8)
-        self._finite[np.asarray(flats, dtype=np.int64)] = 2
-
     def nonfinite_mask(self, flats: np.ndarray) -> np.ndarray:
         """``(n,)`` bool: which of the records ``flats`` hold a NaN / Inf anywhere (a damaged shard).
 
         Each record is checked whole, once per process, the first time it is asked for (about 5-15 us for 10 s
-        of 12 leads at 100 Hz: it reads the record); later calls cost one array look-up. Used by the evaluation
-        windows (a record is scored on all its windows or none) and to pick replacement records; training batches
-        use the cheaper check of the crops themselves."""
+        of 12 leads at 100 Hz: it reads the record); later calls cost one array look-up. The answer is a property
+        of the stored record, the same in every process, whatever was read before. Used with ``nonfinite="skip"``
+        for every crop and window (a record is used with all its samples or not at all) and to pick replacement
+        records; with ``nonfinite="error"`` training batches use the cheaper check of the crops themselves."""
         if self._finite is None:
             self._finite = np.zeros(len(self), dtype=np.int8)
         flats = np.asarray(flats, dtype=np.int64)
@@ -423,8 +432,9 @@ class CropDataset(Dataset):
             (``x2``: another crop of the same record, placed independently; centred crops repeat ``x``).
         labels: optional ``(len(pool), C)`` float32 or ``(len(pool),)`` int64, returned as ``y``.
         with_patient: include ``patient``.
-        nonfinite: a record holding NaN / Inf raises :class:`~ecgfm.data.cache.NonFiniteDataError` naming the
-            cache, shard and record (``"error"``), or is skipped and counted in ``counter`` (``"skip"``).
+        nonfinite: a crop holding NaN / Inf raises :class:`~ecgfm.data.cache.NonFiniteDataError` naming the
+            cache, shard and record (``"error"``), or a record holding NaN / Inf anywhere is skipped and counted in
+            ``counter`` (``"skip"``; see below).
         on_skip: what replaces the crop of a skipped record: ``"replace"`` (the next record of ``indices`` with
             finite values, same crop position: the batch keeps its size, for training) or ``"drop"`` (the batch
             gets smaller: evaluation never scores a record on another record's signal).
@@ -437,10 +447,13 @@ class CropDataset(Dataset):
             :class:`ecgfm.evaluate.handcrafted.CropRhythmTargets`); with two views the batch then carries ``t``
             (of ``x``) and ``t2`` (of ``x2``).
 
-    Every batch is checked (:func:`_nonfinite_rows`: one sum, the per-row check only when it is not finite); a
-    record found with NaN / Inf in a crop is remembered (:meth:`CachePool.mark_nonfinite`) and skipped for the
-    rest of the run in this process, also for crops that would miss its damaged samples.
         counter: where skipped records are counted (a new one when None).
+
+    With ``nonfinite="error"`` every batch is checked (:func:`_nonfinite_rows`: one sum, the per-row check only when
+    it is not finite) and a crop holding NaN / Inf raises. With ``"skip"`` a record is skipped when it holds NaN /
+    Inf anywhere (:meth:`CachePool.nonfinite_mask`, the whole record checked once per process), also for crops
+    that miss its damaged samples: whether a draw is skipped, and what replaces it, is a function of the record
+    alone, so batches do not depend on the number of loader workers or on where a run was resumed.
     """
 
     def __init__(self, pool: CachePool, indices: np.ndarray, crop_samples: int, views: str = "single",
@@ -496,22 +509,21 @@ class CropDataset(Dataset):
                 ks[b], us[b] = int(key[0]), float(key[1])
             else:
                 ks[b] = int(key)
-        known = self.pool.known_nonfinite(self.indices[ks])
-        if known.any():
-            ks, us = self._skip_nonfinite(ks, us, known)
-        while True:   # ends: every pass marks at least one more record bad (or raises)
-            batch = self._build(ks, us)
-            bad = _nonfinite_rows(batch, ["x"] if self.views == "single" else ["x", "x2"])
-            if bad is None:
-                return batch
-            self.pool.mark_nonfinite(self.indices[ks][bad])
-            ks, us = self._skip_nonfinite(ks, us, bad)
+        if self.nonfinite == "skip":
+            # decided from the whole record, not from this crop: the same in every process (see the class docstring)
+            bad = self.pool.nonfinite_mask(self.indices[ks])
+            if bad.any():
+                ks, us = self._skip_nonfinite(ks, us, bad)
+            return self._build(ks, us)
+        batch = self._build(ks, us)
+        bad = _nonfinite_rows(batch, ["x"] if self.views == "single" else ["x", "x2"])
+        if bad is not None:
+            raise self.pool.nonfinite_error(self.indices[ks][bad])
+        return batch
 
     def _skip_nonfinite(self, ks: np.ndarray, us: np.ndarray, bad: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Raise for the records ``bad`` (``nonfinite="error"``), or count them and drop / replace their keys."""
+        """Count the records ``bad`` (``nonfinite="skip"``) and drop / replace their keys."""
         flats = self.indices[ks]
-        if self.nonfinite == "error":
-            raise self.pool.nonfinite_error(flats[bad])
         self.counter.add(flats[bad])
         if self.on_skip == "drop":
             return ks[~bad], us[~bad]
@@ -707,7 +719,10 @@ class PretrainDataModule(LightningDataModule):
         crop_samples: crop length in samples (at the caches' common rate).
         views: ``"single"``, ``"adjacent"`` (``x2``: the next ``crop_samples`` of the same record) or
             ``"segments"`` (``x2``: a second crop of the same record at its own random offset; SimCLR then
-            contrasts two segments of one recording, as CLOCS CMSC does, with its augmentations on top).
+            contrasts two segments of one recording, as CLOCS CMSC does, with its augmentations on top). A record
+            no longer than a crop has no second view (``adjacent``: ``x2`` is zero padding; ``segments``: ``x2``
+            equals ``x``): :meth:`setup` warns with the share of such training draws, and refuses ``adjacent``
+            when it is every draw.
         batch_size: per-rank batch size.
         num_workers: DataLoader worker processes (persistent when > 0).
         val_fraction: share of each cache's records held out for validation, whole patients at a time.
@@ -727,8 +742,10 @@ class PretrainDataModule(LightningDataModule):
         rank, world_size: override ``torch.distributed`` (tests).
         nonfinite: a crop holding NaN / Inf (a damaged cache) raises
             :class:`~ecgfm.data.cache.NonFiniteDataError` naming the cache, shard file and record keys
-            (``"error"``, default), or is skipped (``"skip"``): in training replaced by the next finite record
-            (batches keep their size), in validation left out; counted, see :meth:`nonfinite_report`.
+            (``"error"``, default), or (``"skip"``) every crop of a record holding NaN / Inf anywhere is skipped,
+            also crops that miss the damaged samples (decided from the whole record, so every loader worker and a
+            resumed run skip the same draws): in training replaced by the next finite record (batches keep their
+            size), in validation left out; counted, see :meth:`nonfinite_report`.
     """
 
     def __init__(self, cache_dirs: str | os.PathLike | Sequence[str | os.PathLike],
@@ -803,6 +820,37 @@ class PretrainDataModule(LightningDataModule):
             if not isinstance(self.record_targets, (str, os.PathLike)):
                 self.record_targets = t
         self.pool = pool
+        try:
+            self._check_second_views()
+        except ValueError:
+            self.pool = None   # setup() runs the checks again, and raises again, when called again
+            raise
+
+    def _check_second_views(self) -> None:
+        """Refuse ``views="adjacent"`` when no training record is longer than a crop (every ``x2`` would be zero
+        padding); warn, naming the share of training draws, when some records give a degenerate second view
+        (``adjacent``: all zero padding; ``segments``: ``x2`` equal to ``x``)."""
+        if self.views == "single":
+            return
+        short = [float(np.mean(cache.columns()["n_samples"][p - self.pool.offsets[k]] <= self.crop_samples))
+                 if len(p) else 0.0 for k, (cache, p) in enumerate(zip(self.pool.caches, self.train_pools))]
+        probs = self.train_sampler().probs                            # the share of the draws: the mixture's weights
+        share = float(np.dot(probs, short))
+        if share == 0:
+            return
+        crop = (f"data.views={self.views!r} with crop_samples={self.crop_samples} (crop_seconds="
+                f"{self.crop_samples / self.pool.fs:g} at {self.pool.fs:g} Hz)")
+        what = ("the adjacent segment x2 is all zero padding" if self.views == "adjacent" else
+                "the second segment x2 is the same crop as x")
+        if self.views == "adjacent" and all(s == 1.0 for s, p in zip(short, probs) if p > 0):
+            raise ValueError(f"{crop}: no training record is longer than a crop, so {what} for every record (CLOCS "
+                             "would mask every pair and train on nothing, SimCLR would contrast all-zero views): "
+                             "lower crop_seconds below the record length (at most half of it for a whole adjacent "
+                             "segment) or use data.views=segments / single")
+        why = ("CLOCS masks those pairs" if self.views == "adjacent" else
+               "their two views are augmentations of one crop")
+        warnings.warn(f"{crop}: {what} for {share:.1%} of the training draws (records no longer than a crop: {why})",
+                      UserWarning, stacklevel=3)
 
     @property
     def fs(self) -> float:
@@ -896,7 +944,12 @@ class DownstreamDataModule(LightningDataModule):
         nonfinite: ``"error"`` (default) or ``"skip"``, as in :class:`PretrainDataModule`; skipped records are
             left out of validation / test entirely (every window), see :meth:`nonfinite_report`.
         epoch_samples: training crops per epoch (None: one per training record); more than the training records
-            repeats them, each pass in a fresh order (:class:`EpochShuffleSampler`'s ``epoch_size``).
+            repeats them, each pass in a fresh order (:class:`EpochShuffleSampler`'s ``epoch_size``); fewer is
+            refused (an epoch is at least one pass).
+
+    Raises:
+        ValueError: labels or splits that do not fit the cache, a record in two splits, ``epoch_samples`` below the
+            number of training records, or a non-one-hot row with ``multilabel=False``.
     """
 
     def __init__(self, cache_dir: str | os.PathLike | CorpusCache, labels: np.ndarray,
@@ -930,6 +983,15 @@ class DownstreamDataModule(LightningDataModule):
             if len(idx) and (idx.min() < 0 or idx.max() >= n):
                 raise ValueError(f"split {k!r} has indices outside [0, {n})")
             self.splits[k] = idx
+        try:   # record-level only: patients are the task's business (ecgfm.evaluate.tasks checks them)
+            assert_disjoint_patients(self.splits, [None] * n)
+        except ValueError as exc:
+            raise ValueError(f"DownstreamDataModule splits overlap: {exc} (train / val / test must not share "
+                             "records)") from None
+        if self.epoch_samples is not None and self.epoch_samples < len(self.splits["train"]):
+            raise ValueError(f"epoch_samples={self.epoch_samples} is below one pass over the "
+                             f"{len(self.splits['train'])} training records: an epoch is at least one pass (None: "
+                             "exactly one)")
         if not multilabel:
             if y.ndim == 2:
                 for k in ("train", "val", "test"):   # the rows used must be one-hot: no silent argmax

@@ -80,10 +80,11 @@ Record ``index`` draws all its random numbers from ``np.random.default_rng([seed
 balanced permutation of :data:`SYNTHETIC_CLASSES` per block of nine indices (``default_rng([seed, block, 2])``)
 and its patient is ``index // 3``, whose morphology (heart axis rotation, amplitudes, QRS width, QTc, PR,
 electrode placement) comes from ``default_rng([seed, patient, 1])``, so the three records of a patient look
-alike and patient-level splits matter. :func:`generate_arrays`, :func:`generate_record` and
-:class:`SyntheticSource` run the same vectorised code on batches of records; nothing a record computes depends
-on the other records of its batch, so a record is the same whichever way it is produced (bit for bit on the
-machines tested; the tests allow float rounding).
+alike and patient-level splits matter. The patient id names the seed too (:func:`synthetic_patient_id`), so two
+corpora of different seeds share no patient (a patient-level hold-out over both, CLOCS's patient positives).
+:func:`generate_arrays`, :func:`generate_record` and :class:`SyntheticSource` run the same vectorised code on
+batches of records; nothing a record computes depends on the other records of its batch, so a record is the same
+whichever way it is produced (bit for bit on the machines tested; the tests allow float rounding).
 
 Sampling: each Gaussian wave is widened by an anti-aliasing kernel (-3 dB at 0.4 ``fs``), so a 100 Hz record
 looks like a band-limited acquisition rather than a point-sampled 500 Hz one.
@@ -112,6 +113,7 @@ __all__ = [
     "class_of_index",
     "generate_arrays",
     "generate_record",
+    "synthetic_patient_id",
     "write_wfdb",
 ]
 
@@ -819,6 +821,21 @@ def _to_samples(t: np.ndarray, fs: float) -> np.ndarray:
     return np.rint(t * fs).astype(np.int64)
 
 
+def synthetic_patient_id(index: int, seed: int = 0) -> str:
+    """Patient id of record ``index`` of the corpus of ``seed``.
+
+    Args:
+        index: record index (its patient is ``index // 3``).
+        seed: corpus seed (patients of different seeds are different people: their morphology is drawn from it).
+
+    Returns:
+        ``"synp000001"`` for seed 0 (unchanged from before the seed was part of the id, so existing seed-0 caches
+        stay valid), ``"synp000001-s7"`` for seed 7.
+    """
+    base = f"synp{int(index) // _RECORDS_PER_PATIENT:06d}"
+    return base if int(seed) == 0 else f"{base}-s{int(seed)}"
+
+
 def generate_record(index: int, seed: int = 0, fs: float = 500.0, duration: float = 10.0,
                     cls: str | None = None, *, noise: bool = True) -> ECGRecord:
     """Generate one record.
@@ -893,7 +910,7 @@ def _make_record(batch: tuple, k: int, index: int, seed: int, fs: float, noise: 
               "derived_leads": list(DERIVED_LIMB_LEADS)}
     return ECGRecord(
         signal=X[k].copy(), fs=fs, lead_mask=np.ones(N_LEADS, dtype=bool), record_id=f"syn{index:06d}",
-        source="synthetic", patient_id=f"synp{index // _RECORDS_PER_PATIENT:06d}",
+        source="synthetic", patient_id=synthetic_patient_id(index, seed),
         labels=(SYNTHETIC_CLASSES[c],), meta=meta, header=header, evidence=ev[k].copy(), annotations=ann,
     ).validate()
 
@@ -915,8 +932,9 @@ class SyntheticSource:
         fs: sampling rate in Hz.
         duration: record length in seconds.
         noise: add noise (see :func:`generate_record`).
-        leads: keep only these leads (canonical names, e.g. ``["I"]``): the others are zeroed and marked absent in
-            ``lead_mask`` (a one-lead corpus for lead-set tests and benchmarks); None: all twelve.
+        leads: keep only these leads (canonical names, e.g. ``["I"]``; a string is one lead name, ``"II"``): the
+            others are zeroed and marked absent in ``lead_mask`` (a one-lead corpus for lead-set tests and
+            benchmarks); None: all twelve. Unknown or repeated names are refused.
     """
 
     name = "synthetic"
@@ -924,10 +942,12 @@ class SyntheticSource:
     def __init__(self, n_records: int, seed: int = 0, fs: float = 500.0, duration: float = 10.0,
                  noise: bool = True, leads: Sequence[str] | None = None):
         if leads is not None:
-            leads = [str(v) for v in leads]
+            leads = [leads] if isinstance(leads, str) else [str(v) for v in leads]
             unknown = [v for v in leads if v not in CANONICAL_LEADS]
             if unknown or not leads:
                 raise ValueError(f"leads must be a non-empty list of {list(CANONICAL_LEADS)}, got {leads}")
+            if len(set(leads)) != len(leads):
+                raise ValueError(f"leads lists a lead twice: {leads}")
         self.leads = leads
         self.fs, self.duration, self._n_samples = _check_args(fs, duration)
         _check_seed_index(seed)

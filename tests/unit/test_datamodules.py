@@ -147,17 +147,18 @@ def test_ddp_slices_are_disjoint_and_cover_the_epoch():
     # the 101 draws do not depend on the world size; the last slot is padded by wrapping around
     padded = whole + whole[:1]
     assert r0 == padded[0::2] and r1 == padded[1::2]
-    assert whole == whole_padded(3, 101)
+    # the draws themselves, computed from the sampler's contract: rng([seed, epoch]) picks a pool per draw with
+    # the weights, then a record of it uniformly, then the crop fraction u (not from another sampler: that would
+    # hold for any implementation)
+    rng = np.random.default_rng([3, 0])
+    pool = rng.choice(2, size=101, p=[0.5, 0.5])
+    pos = np.array([0, 7])[pool] + np.floor(rng.random(101) * np.array([7, 5])[pool]).astype(np.int64)
+    assert whole == list(zip(pos.tolist(), rng.random(101).tolist()))
     e0 = [k for k, _ in EpochShuffleSampler(10, seed=5, rank=0, world_size=2)]
     e1 = [k for k, _ in EpochShuffleSampler(10, seed=5, rank=1, world_size=2)]
     assert not set(e0) & set(e1) and sorted(e0 + e1) == list(range(10))
     with pytest.raises(ValueError, match="rank"):
         EpochShuffleSampler(10, rank=2, world_size=2)
-
-
-def whole_padded(seed, total):
-    s = MixtureSampler([7, 5], [0.5, 0.5], num_samples=total, seed=seed, rank=0, world_size=1)
-    return list(s)
 
 
 def test_two_caches_mixture_through_datamodule(caches):
