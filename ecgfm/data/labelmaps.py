@@ -203,6 +203,11 @@ class _CodeFate:
     spans: tuple[str, ...] = ()       # task classes of an ambiguous broader row (the code may stand for each of them)
 
 
+def _clean_codes(codes: Iterable[Any]) -> list[str]:
+    """A record's SNOMED codes as sorted distinct strings, blanks dropped (the one normalisation every method uses)."""
+    return sorted({str(c).strip() for c in codes if str(c).strip()})
+
+
 @dataclass(frozen=True)
 class RecordSelection:
     """Which records of a set are scored for a task (:meth:`SnomedTaskMap.select`); records by their keys.
@@ -290,7 +295,7 @@ class SnomedTaskMap:
 
     def labels(self, codes: Iterable[str]) -> list[str]:
         """Task classes of a record with these SNOMED codes (sorted; empty: no mapped label)."""
-        codes = [str(c).strip() for c in codes if str(c).strip()]
+        codes = _clean_codes(codes)
         out: set[str] = set()
         for c in codes:
             fate = self.fates.get(c)
@@ -314,7 +319,7 @@ class SnomedTaskMap:
                 metric anyway (:meth:`reached_classes`), so a record need not be dropped for it (CPSC 2018's ST
                 depression records when STTC cannot be scored there).
         """
-        codes = sorted({str(c).strip() for c in codes if str(c).strip()})
+        codes = _clean_codes(codes)
         positive = set(self.labels(codes))
         keep = None if evaluable is None else set(evaluable)
         out: dict[str, list[str]] = {}
@@ -331,7 +336,7 @@ class SnomedTaskMap:
         present: set[str] = set()
         sole_present: set[str] = set()
         for codes in records:
-            codes = {str(c).strip() for c in codes if str(c).strip()}
+            codes = _clean_codes(codes)
             present.update(codes)
             if len(codes) == 1:
                 sole_present.update(codes)
@@ -351,7 +356,7 @@ class SnomedTaskMap:
         """
         excluded = {k: sorted(set(map(str, v))) for k, v in (excluded or {}).items() if len(v)}
         dropped = {k for keys in excluded.values() for k in keys}
-        kept = {str(key): sorted({str(c).strip() for c in codes if str(c).strip()})
+        kept = {str(key): _clean_codes(codes)
                 for key, codes in records.items() if str(key) not in dropped}
         reached = self.reached_classes(kept.values())
         evaluated: list[str] = []
@@ -393,7 +398,7 @@ class SnomedTaskMap:
         """
         sel = selection if selection is not None else self.select(records, excluded)
         dropped = {k for keys in sel.excluded.values() for k in keys}
-        code_of = {str(key): sorted({str(c).strip() for c in codes if str(c).strip()})
+        code_of = {str(key): _clean_codes(codes)
                    for key, codes in records.items()}
         code_records: Counter[str] = Counter(c for key, codes in code_of.items() if key not in dropped
                                              for c in codes)
