@@ -460,6 +460,8 @@ def _check_cells(merged: DictConfig) -> None:
     _one_of("report", merged.report, REPORT_WHEN)
     if merged.bootstrap.n < 0:
         raise ConfigError("bootstrap.n", f"must be >= 0, got {merged.bootstrap.n}")
+    if merged.features.batch_size < 1:
+        raise ConfigError("features.batch_size", f"must be >= 1, got {merged.features.batch_size}")
     if merged.prepare_workers < 0:
         raise ConfigError("prepare_workers", f"must be >= 0, got {merged.prepare_workers}")
     for key in ("window_seconds", "stride_seconds"):
@@ -565,8 +567,6 @@ def validate_probe_config(cfg: Any) -> DictConfig:
         raise ConfigError("save_classifier", f"a classifier artifact is a linear head on the mean window embedding; "
                                              f"{what}={merged.probe[what.split('.')[1]]!r} is not one: use "
                                              f"save_classifier=false")
-    if merged.features.batch_size < 1:
-        raise ConfigError("features.batch_size", f"must be >= 1, got {merged.features.batch_size}")
     _check_device("device", merged.device)
     return merged
 

@@ -71,7 +71,8 @@ from ecgfm.evaluate.metrics import macro_auroc
 from ecgfm.evaluate.probe import LinearProbe, check_single_label, check_validation_defined
 from ecgfm.heads import MLPHead
 from ecgfm.optim import NO_DECAY_NAMES, lightning_optimizers, param_groups
-from ecgfm.recipes import HEAD_INITS, LP_CS, LP_FEATURES, WINDOW_AGGREGATES, FinetuneRecipe, as_finetune_recipe
+from ecgfm.recipes import (HEAD_INITS, LP_CS, LP_FEATURES, WINDOW_AGGREGATES, FeaturesConfig, FinetuneRecipe,
+                           as_finetune_recipe)
 
 log = logging.getLogger(__name__)
 VAL_METRIC = "val/macro_auroc"
@@ -572,7 +573,9 @@ def random_init_batchnorm_statistics(backbone: nn.Module, cache: Any, rows: np.n
         rows: the training split's cache rows.
         window: window length in samples (the probe's).
         lead_aware: pass the records' lead masks to a backbone that takes them (as the extraction does).
-        batch_size: windows per forward pass.
+        batch_size: windows per forward pass (records are joined until a batch holds at least this many). Part of
+            the result, not only of the speed: the running statistics are the mean of per-batch statistics
+            (``momentum=None``), so the sweep keeps the default whatever ``features.batch_size`` is.
         max_windows: at most this many windows.
 
     Returns:
@@ -730,7 +733,8 @@ def run_finetune(backbone: nn.Module, cache_dir: str, labels: np.ndarray, splits
                  multilabel: bool, crop_samples: int, stride_samples: int,
                  recipe: FinetuneRecipe | Mapping[str, Any] | None = None, *, seed: int = 0, accelerator: str = "cpu",
                  external: dict[str, tuple[str, np.ndarray, np.ndarray]] | None = None,
-                 feature_dir: str | None = None, predict_val: bool = True, lead_aware: bool = True) -> dict[str, Any]:
+                 feature_dir: str | None = None, feature_batch_size: int = FeaturesConfig.batch_size,
+                 predict_val: bool = True, lead_aware: bool = True) -> dict[str, Any]:
     """Fine-tune ``backbone`` on the ``train`` rows; early-stop on ``val``; predict val / test (and externals).
 
     Args:
@@ -754,6 +758,8 @@ def run_finetune(backbone: nn.Module, cache_dir: str, labels: np.ndarray, splits
         accelerator: Lightning accelerator.
         external: ``{name: (cache_dir, labels (M, C), rows)}`` evaluated without retraining.
         feature_dir: frozen-feature cache of the LP-FT probe (see :func:`fit_probe_head`).
+        feature_batch_size: windows per forward pass of the LP-FT probe's frozen features (``features.batch_size``;
+            eval mode, so speed and memory only).
         predict_val: return whole-record validation predictions (needed for multi-label F1 thresholds only).
         lead_aware: pass the records' lead masks to a backbone that accepts them (:class:`FinetuneModule`), in
             training, validation, test and the LP-FT probe's features; False: zero-padded 12-lead input.
@@ -808,7 +814,7 @@ def run_finetune(backbone: nn.Module, cache_dir: str, labels: np.ndarray, splits
             log.info("LP head: BatchNorm running statistics of %d never-estimated (random-init) layer(s) computed on "
                      "the training crops", recal)
         probe, lp_info = fit_probe_head(backbone, windows.cache, labels, splits, multilabel, crop_samples,
-                                        stride_samples, Cs=r.lp_Cs, seed=int(seed), batch_size=max(r.batch_size, 256),
+                                        stride_samples, Cs=r.lp_Cs, seed=int(seed), batch_size=int(feature_batch_size),
                                         feature_dir=feature_dir, aggregate=r.window_aggregate,
                                         lead_aware=model.lead_aware, features=r.lp_features)
         init_head_from_probe(model.head, probe)

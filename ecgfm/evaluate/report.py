@@ -792,13 +792,14 @@ def _val_means(cells: list[dict[str, Any]], task: str, fraction: float, labels: 
     Returns:
         ``{(label, mode): mean validation macro AUROC}``; a row without a finite validation score is absent.
     """
-    val: dict[tuple[str, str], list[float]] = {}
+    val: dict[tuple[str, str], dict[Any, float]] = {}
     for c in cells:
         if (c.get("task") == task and c.get("label") in labels and is_mode(c.get("mode"))
                 and np.isclose(float(c.get("fraction", -1)), float(fraction))
                 and c.get("val_macro_auroc") is not None and np.isfinite(float(c["val_macro_auroc"]))):
-            val.setdefault((c["label"], c["mode"]), []).append(float(c["val_macro_auroc"]))
-    return {k: float(np.mean(v)) for k, v in val.items()}
+            # one score per seed: a seed reached twice (two checkpoint paths) counts once, as in summarize()
+            val.setdefault((c["label"], c["mode"]), {}).setdefault(c.get("seed"), float(c["val_macro_auroc"]))
+    return {k: float(np.mean(list(v.values()))) for k, v in val.items()}
 
 
 def _val_mean_over(cells: list[dict[str, Any]], settings: Sequence[tuple[str, float]], labels: set[str],
@@ -852,14 +853,19 @@ def _last_epoch_note(cells: list[dict[str, Any]]) -> str:
     return f" (best epoch = last epoch in {k} of {len(have)} seeds: may be under-trained)" if k else ""
 
 
-def _mean_delta(means: pd.DataFrame | None, task: str, mode: str, fraction: float, label: str
-                ) -> pd.Series | None:
+def _mean_delta(means: pd.DataFrame | None, task: str, mode: str, fraction: float, label: str,
+                baseline: str | None = None) -> pd.Series | None:
     """The seed-mean paired comparison row of ``label`` (test split), or None (also when it has no CI, e.g. a
-    report built with ``n_boot=0``: "the CI excludes 0" is then not measured, never taken as met)."""
+    report built with ``n_boot=0``: "the CI excludes 0" is then not measured, never taken as met).
+
+    ``baseline``: only the comparison with that baseline row (its label); None: any of the table's baselines (the
+    one with the lowest CI bound), for tables that pair each row with one baseline."""
     if means is None or means.empty:
         return None
     sel = means[(means["task"] == task) & (means["split"] == "test") & (means["mode"] == mode)
                 & (means["label"] == label) & np.isclose(means["fraction"].astype(float), float(fraction))]
+    if baseline is not None:
+        sel = sel[sel["baseline"] == baseline]
     sel = sel[np.isfinite(sel["ci_low"].astype(float)) & np.isfinite(sel["ci_high"].astype(float))]
     return None if sel.empty else sel.sort_values("ci_low").iloc[0]
 
@@ -1054,7 +1060,9 @@ def acceptance(cells: Iterable[dict[str, Any]], summ: pd.DataFrame, means: dict[
         ok = s["mean"] >= c["mean"]
         verdicts.append("ok" if ok else "no")
         ref = TWIN if c["label"] in twin_cnn else SUPERVISED_CNN
-        d = _mean_delta(means.get(ref.name), task, "finetune", low, s["label"])
+        # the paired number is against the CNN row compared here (c), never another baseline of the table: a
+        # random-init twin table also pairs a ViT row with its ViT twin
+        d = _mean_delta(means.get(ref.name), task, "finetune", low, s["label"], baseline=c["label"])
         # an LP-FT seed that kept its probe initialisation is a linear probe there; a CNN best at its last epoch
         # may have been stopped before it converged
         lp_kept = _lp_kept_note(_row_cells(cells, s["label"], task, "finetune", low))

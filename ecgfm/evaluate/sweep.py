@@ -811,7 +811,8 @@ def _outdated(stored: dict[str, Any], ctx: _Context) -> str | None:
     if recipe.get("mode") == "finetune":
         code = _finetune_code_recipe("finetune", str(head.get("head_init", "")),
                                      float(head.get("layer_decay", 1.0)))
-        every = _finetune_code_recipe("finetune", "random", 0.5)   # every key the function can set
+        every = {**_finetune_code_recipe("finetune", "random", 0.5),   # every key the function can set
+                 **_finetune_code_recipe("finetune", "lp", 0.5)}
         changed = [k for k in every if diff_keys(recipe.get(k), code.get(k))]
         if changed:
             return f"the fine-tuning settings fixed in code changed ({', '.join(changed)})"
@@ -1069,8 +1070,10 @@ def probe_main(cfg: DictConfig) -> dict[str, Any]:
         if enc.kind == "random":   # a random twin's BatchNorm statistics from the training windows (no labels)
             from ecgfm.evaluate.finetune import random_init_batchnorm_statistics
 
+            # at the function's fixed batch size, not features.batch_size: the statistics average per-batch ones,
+            # so a batch size would change the features while the cell's recipe (speed settings left out) stays
             n_bn = random_init_batchnorm_statistics(enc.backbone, task.cache, task.splits["train"], window,
-                                                    lead_aware, batch_size=int(cfg.features.batch_size))
+                                                    lead_aware)
             if n_bn:
                 log.info("random-init twin: BatchNorm statistics of %d layer(s) computed on the %d training "
                          "records' windows (no labels)", n_bn, len(task.splits["train"]))
@@ -1245,7 +1248,8 @@ def finetune_main(cfg: DictConfig) -> dict[str, Any]:
             log.info("fine-tuning %s on %s: fraction %g, seed %d", checkpoint, task.name, frac, seed)
             out = run_finetune(backbone, task.cache_dir, task.labels, splits, task.multilabel, window, stride,
                                typed_recipe, seed=seed, accelerator=str(cfg.accelerator), external=external,
-                               feature_dir=str(checked.features.dir), predict_val=task.multilabel,
+                               feature_dir=str(checked.features.dir),
+                               feature_batch_size=int(checked.features.batch_size), predict_val=task.multilabel,
                                lead_aware=bool(ctx.recipe["lead_aware"]))   # resolved by _identify
             results, thresholds = _score(task, out, cfg, ext)
             preds = {"test": out["test"], **out["external"]}

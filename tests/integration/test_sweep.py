@@ -77,7 +77,7 @@ def test_probe_sweep_resumes_and_extracts_once(work):
 
 
 def test_finetune_cell_and_supervised_baseline(work):
-    cfg = _cfg("finetune", work, "checkpoint=supervised:resnet1d_test", "fraction=1.0", "seed=0",
+    cfg = _cfg("finetune", work, "checkpoint=supervised:resnet1d_test", "fraction=0.3", "seed=1",
                "finetune.epochs=2", "finetune.batch_size=32", "finetune.patience=2")
     out = finetune_main(cfg)
     assert len(out["cells_written"]) == 1
@@ -87,11 +87,13 @@ def test_finetune_cell_and_supervised_baseline(work):
     assert 0.0 <= cell["results"]["test"]["macro_auroc"]["value"] <= 1.0
     assert cell["epochs_run"] >= 1
     assert finetune_main(cfg)["cells_skipped"] == 1
-    # its training records are those of a probe cell of the same fraction (same split, same subset rule)
-    probe = probe_main(_cfg("probe", work, "checkpoint=random:resnet1d_test", "fraction=1.0", "seed=0"))
+    # its training records are those of a probe cell of the same fraction and seed (same split, same subset rule;
+    # below 100 % of the labels, where a different rule would draw another subset)
+    probe = probe_main(_cfg("probe", work, "checkpoint=random:resnet1d_test", "fraction=0.3", "seed=1"))
     pcell = json.loads(Path((probe["cells_written"] or [None])[0] or next(
-        (work / "results" / "cells" / "linear").rglob("f1_s0.json"))).read_text())
+        (work / "results" / "cells" / "linear").rglob("f0.3_s1.json"))).read_text())
     assert pcell["train_records"] == cell["train_records"]
+    assert pcell["n_train"] == cell["n_train"] and cell["fraction"] == pcell["fraction"] == 0.3
     md = (work / "results" / "results.md").read_text()
     assert "fine-tune" in md
 

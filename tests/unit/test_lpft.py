@@ -18,7 +18,7 @@ from ecgfm.evaluate.finetune import (
 )
 from ecgfm.evaluate.metrics import macro_auroc
 from ecgfm.evaluate.probe import LinearProbe
-from ecgfm.recipes import FinetuneRecipe
+from ecgfm.recipes import FeaturesConfig, FinetuneRecipe
 
 from synthetic_tasks import synthetic_task  # noqa: E402  (tests/unit helper)
 
@@ -189,7 +189,8 @@ def test_one_default_per_setting():
     assert inspect.signature(fit_probe_head).parameters["aggregate"].default == r.window_aggregate
     assert set(inspect.signature(run_finetune).parameters) == {
         "backbone", "cache_dir", "labels", "splits", "multilabel", "crop_samples", "stride_samples", "recipe",
-        "seed", "accelerator", "external", "feature_dir", "predict_val", "lead_aware"}
+        "seed", "accelerator", "external", "feature_dir", "feature_batch_size", "predict_val", "lead_aware"}
+    assert inspect.signature(run_finetune).parameters["feature_batch_size"].default == FeaturesConfig.batch_size
 
 
 def test_epoch_progress_lines(task, caplog):
