@@ -16,7 +16,8 @@ Choices, and how they differ from the ST-MEM code:
   ``mask_mode="per_lead"`` keeps the same number of patches in every lead (ST-MEM's ``random_masking``).
 * ``decoder_layout="joint"`` (default) lets all ``L * N`` decoder tokens attend to each other;
   ``decoder_layout="per_lead"`` decodes every lead on its own (ST-MEM's lead-wise decoding), batched as
-  ``(B * L, N, D)`` instead of a Python loop over leads, and without the SEP tokens ST-MEM carries through it.
+  ``(B * L, N, D)`` instead of a Python loop over leads, and without the SEP tokens ST-MEM carries through it; it
+  needs ``mask_mode="per_lead"`` and no lead subsets (a lead with no visible patch would be decoded from nothing).
 * Absent leads (``lead_mask`` false, zero-filled by the data layer): with ``lead_aware=True`` (default) a batch is
   split by lead set and each group is masked and encoded over its present leads only (as the lead-aware
   :meth:`~ecgfm.backbones.vit1d.ViT1D.embed` sees it downstream), so a one-lead record costs ~1/12 of a 12-lead
@@ -270,6 +271,13 @@ class MAEModule(PretrainModule):
             raise ValueError(f"mask_mode must be one of {MASK_MODES}, got {mask_mode!r}")
         if not 0.0 <= lead_subset_prob <= 1.0:
             raise ValueError(f"lead_subset_prob must be in [0, 1], got {lead_subset_prob}")
+        if decoder_layout == "per_lead" and (mask_mode != "per_lead" or lead_subset_prob > 0):
+            # a lead-wise decoder sees only its lead's visible tokens: a lead with none (the global mask hides a
+            # whole lead in ~5 % of leads at r = 0.75 on 12 x 10 patches; a lead_subset drop hides it always) would
+            # be "reconstructed" from mask tokens and positions alone, an input-independent guess scored in the loss
+            raise ValueError(f"decoder_layout='per_lead' decodes each lead from its own visible patches: it needs "
+                             f"mask_mode='per_lead' (every lead keeps some) and lead_subset_prob=0, got "
+                             f"mask_mode={mask_mode!r}, lead_subset_prob={lead_subset_prob}")
         self.lead_subset_prob = float(lead_subset_prob)
         self.lead_aware = bool(lead_aware)
         self.mask_ratio = float(mask_ratio)

@@ -177,6 +177,16 @@ def test_decoder_per_lead_layout_is_lead_local():
     assert torch.equal(touched, lead_of_kept == 3)
 
 
+@pytest.mark.parametrize("kw", [dict(mask_mode="global"), dict(mask_mode="per_lead", lead_subset_prob=0.5)])
+def test_per_lead_decoder_needs_every_lead_to_keep_visible_patches(kw):
+    """The lead-wise decoder sees only its lead's visible tokens: the global mask (a whole lead hidden in ~5 % of
+    leads at 0.75 on 12 x 10 patches) and lead subsets (dropped leads fully hidden) would leave leads decoded from
+    nothing and scored in the loss: refused, naming both settings."""
+    with pytest.raises(ValueError, match=r"decoder_layout='per_lead'.*mask_mode='per_lead'.*lead_subset_prob=0"):
+        _module(decoder_layout="per_lead", mask_ratio=0.75, **kw)
+    _module(decoder_layout="joint", mask_ratio=0.75, **kw)      # the joint decoder reads every lead's tokens
+
+
 def test_validation_masks_are_fixed_training_masks_are_not():
     m = _module()
     batch = {"x": torch.randn(2, 12, 250), "lead_mask": torch.ones(2, 12, dtype=torch.bool)}
@@ -258,7 +268,7 @@ def test_bench_train_script_runs_tiny(tmp_path):
 
 
 @pytest.mark.parametrize("layout, mode, depth", [("joint", "global", 2), ("per_lead", "per_lead", 2),
-                                                 ("per_lead", "global", 1)])
+                                                 ("joint", "per_lead", 1)])
 def test_training_loss_decodes_only_counted_patches_with_the_same_loss_and_gradients(layout, mode, depth):
     """reconstruction_loss (last decoder block and head on the counted rows only) == the full forward's loss."""
     # lead_aware=False: the whole batch is one group, so forward_encoder(x) below encodes what forward does (with
