@@ -7,13 +7,17 @@ DataLoader worker, so datasets pickle to a few hundred bytes) and return batches
   segment right after ``x`` in the same record, CLOCS CMSC; ``views="segments"``: a second, independently placed
   crop of the same record, the same as ``x`` when the record is no longer than a crop), ``lead_mask (B, 12)``
   bool, ``patient (B,)`` int64 (stable hash, -1 unknown), ``index (B,)`` int64 (position in the concatenation of
-  the caches, in the order of ``cache_dirs``) and ``y (B, C)`` float32 when ``probe_labels`` is given.
+  the caches, in the order of ``cache_dirs``), ``recorded (B,)`` int64 (the samples of ``x`` that come from the
+  record: ``x[:, :, recorded:]`` is zero padding; MAE and CREMA leave patches without a recorded sample out of the
+  loss) and ``y (B, C)`` float32 when ``probe_labels`` is given.
 * :class:`DownstreamDataModule`: ``x``, ``y`` (``(B, C)`` float32 multi-label, ``(B,)`` int64 otherwise),
-  ``lead_mask``, ``index`` (record index in the cache; with ``test_stride`` one item per sliding window, so
-  aggregate predictions by ``index``).
+  ``lead_mask``, ``recorded`` (crops, not sliding windows), ``index`` (record index in the cache; with
+  ``test_stride`` one item per sliding window, so aggregate predictions by ``index``).
 
 Training crops are random; evaluation crops are centred (or sliding windows), so validation is the same every
-epoch. Records shorter than a crop (or than two crops for adjacent views) are zero-padded at the end.
+epoch. Records shorter than a crop (or than two crops for adjacent views) are zero-padded at the end; setup() warns
+with the share of training draws that are (the padding is signal to SimCLR's and CLOCS's views and to a pooled
+embedding; only the MAE losses read ``recorded``).
 
 Sampling and resume: the order of an epoch is a pure function of ``(seed, epoch)`` (see :class:`MixtureSampler`
 and :class:`EpochShuffleSampler`); Lightning calls ``set_epoch`` before every epoch, so a run resumed from a
@@ -543,7 +547,7 @@ class CropDataset(Dataset):
         n, views = len(ks), 1 if self.views == "single" else 2
         fields: dict[str, tuple[tuple[int, ...], torch.dtype]] = {
             "x": ((n, N_LEADS, self.crop), torch.float32), "lead_mask": ((n, N_LEADS), torch.bool),
-            "index": ((n,), torch.int64)}
+            "index": ((n,), torch.int64), "recorded": ((n,), torch.int64)}
         if views == 2:
             fields["x2"] = ((n, N_LEADS, self.crop), torch.float32)
         if self.with_patient:
@@ -591,6 +595,7 @@ class CropDataset(Dataset):
                     out[k][rows] = part
             if self.with_patient:
                 out["patient"][rows] = fields_c["patient"][local]
+        out["recorded"][:] = np.clip(lengths - starts[0], 0, self.crop)   # x's samples before its zero padding
         if self.labels is not None:
             out["y"][:] = self.labels[flats]
         if self.targets is not None:
@@ -821,10 +826,34 @@ class PretrainDataModule(LightningDataModule):
                 self.record_targets = t
         self.pool = pool
         try:
+            self._check_padding()
             self._check_second_views()
         except ValueError:
             self.pool = None   # setup() runs the checks again, and raises again, when called again
             raise
+
+    def _draw_share(self, samples: int, strict: bool) -> tuple[list[float], np.ndarray, float]:
+        """Per cache, the share of its training records no longer (``strict``: shorter) than ``samples``; the
+        mixture's draw probabilities of the caches; the share of the training draws from such records (read from
+        the cache index, no record opened)."""
+        short = []
+        for k, (cache, p) in enumerate(zip(self.pool.caches, self.train_pools)):
+            n = cache.columns()["n_samples"][p - self.pool.offsets[k]]
+            short.append(float(np.mean(n < samples if strict else n <= samples)) if len(p) else 0.0)
+        probs = self.train_sampler().probs                            # the share of the draws: the mixture's weights
+        return short, probs, float(np.dot(probs, short))
+
+    def _check_padding(self) -> None:
+        """Warn, naming the share of training draws, when some training records are shorter than a crop: their
+        crops end in zero padding (left out of the MAE losses through ``recorded``; signal to the other methods'
+        views and to pooled embeddings)."""
+        share = self._draw_share(self.crop_samples, strict=True)[2]
+        if share > 0:
+            warnings.warn(f"crop_samples={self.crop_samples} (crop_seconds={self.crop_samples / self.pool.fs:g} at "
+                          f"{self.pool.fs:g} Hz) is longer than the training records of {share:.1%} of the draws: "
+                          f"their crops end in zero padding (MAE / CREMA leave patches without a recorded sample out "
+                          f"of the loss; SimCLR / CLOCS views and pooled embeddings include the padding)",
+                          UserWarning, stacklevel=3)
 
     def _check_second_views(self) -> None:
         """Refuse ``views="adjacent"`` when no training record is longer than a crop (every ``x2`` would be zero
@@ -832,10 +861,7 @@ class PretrainDataModule(LightningDataModule):
         (``adjacent``: all zero padding; ``segments``: ``x2`` equal to ``x``)."""
         if self.views == "single":
             return
-        short = [float(np.mean(cache.columns()["n_samples"][p - self.pool.offsets[k]] <= self.crop_samples))
-                 if len(p) else 0.0 for k, (cache, p) in enumerate(zip(self.pool.caches, self.train_pools))]
-        probs = self.train_sampler().probs                            # the share of the draws: the mixture's weights
-        share = float(np.dot(probs, short))
+        short, probs, share = self._draw_share(self.crop_samples, strict=False)
         if share == 0:
             return
         crop = (f"data.views={self.views!r} with crop_samples={self.crop_samples} (crop_seconds="

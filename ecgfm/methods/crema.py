@@ -79,7 +79,7 @@ class CREMAModule(MAEModule):
         With ``lead_aware`` each lead-set group of the batch is masked and encoded over its present leads (as
         :meth:`MAEModule.shared_step`); the pooled views of all groups meet in one contrastive loss.
         """
-        x, lead_mask = batch["x"], batch.get("lead_mask")
+        x, lead_mask, recorded = batch["x"], batch.get("lead_mask"), batch.get("recorded")
         recons, counts, pooled1, pooled2 = [], [], [], []
         order = []
         for rows, leads in self.lead_set_groups(batch):
@@ -89,8 +89,9 @@ class CREMAModule(MAEModule):
             pool = self.subset_pool(mg) if leads is None else None    # lead_aware=False: leads every row has
             latent1, mask1, ids_restore1 = self.forward_encoder(xg, gen, present=leads,
                                                                 subset_from=pool)   # view 1: (b, K + 2L, D)
-            recons.append(self.reconstruction_loss(xg, latent1, mask1, ids_restore1, mg))
-            counts.append(mask1.sum() if mg is None else (mask1 & mg[:, :, None]).sum())
+            counted = self.counted_patches(mask1, mg, None if recorded is None else recorded.index_select(0, rows))
+            recons.append(self.reconstruction_loss(xg, latent1, counted, ids_restore1))
+            counts.append(counted.sum())
             order.append(rows)
             if self.contrastive_weight != 0:
                 latent2, _, _ = self.forward_encoder(xg, gen, present=leads, subset_from=pool)   # view 2: new masks

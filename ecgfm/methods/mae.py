@@ -491,18 +491,43 @@ class MAEModule(PretrainModule):
         return self.backbone.lead_groups(lead_mask.to(x.device))
 
     def shared_step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Mean reconstruction error per counted patch (hidden patch of a present lead) of the batch.
+        """Mean reconstruction error per counted patch (hidden patch of a present lead holding recorded samples,
+        :meth:`counted_patches`) of the batch.
 
         Under DDP a training step's gradient is that of its sum over the mean count over ranks (:func:`ddp_mean`),
         so that DDP's gradient average is the global per-patch mean's even when the ranks hold different numbers of
         counted patches (one-lead and 12-lead records split unevenly); its value (logged) is this rank's own mean.
         """
         losses, counts = [], []
-        for *_, xg, mg, latent, mask, ids_restore in self.encode_lead_sets(batch["x"], batch.get("lead_mask")):
-            losses.append(self.reconstruction_loss(xg, latent, mask, ids_restore, mg))
-            counts.append(mask.sum() if mg is None else (mask & mg[:, :, None]).sum())
+        recorded = batch.get("recorded")
+        for rows, _, xg, mg, latent, mask, ids_restore in self.encode_lead_sets(batch["x"], batch.get("lead_mask")):
+            counted = self.counted_patches(mask, mg, None if recorded is None else recorded.index_select(0, rows))
+            losses.append(self.reconstruction_loss(xg, latent, counted, ids_restore))
+            counts.append(counted.sum())
         loss = self.pooled_recon(losses, counts)
         return loss, {"recon": loss.detach()}
+
+    def counted_patches(self, mask: torch.Tensor, lead_mask: torch.Tensor | None = None,
+                        recorded: torch.Tensor | None = None) -> torch.Tensor:
+        """The patches the loss counts: hidden, of a present lead, and holding at least one recorded sample.
+
+        A crop of a record shorter than the crop ends in zero padding (``PretrainDataModule``'s ``recorded``); a
+        padded patch's target is exactly 0 (also after ``norm_pix``), an easy target that would dilute the loss.
+
+        Args:
+            mask: ``(b, L, N)`` bool, true = hidden.
+            lead_mask: optional ``(b, L)`` bool, false = absent lead.
+            recorded: optional ``(b,)`` int64, samples of each crop before its padding (None: no padding).
+
+        Returns:
+            ``(b, L, N)`` bool.
+        """
+        if lead_mask is not None:
+            mask = mask & lead_mask.to(torch.bool)[:, :, None]
+        if recorded is not None:
+            first = torch.arange(mask.shape[2], device=mask.device) * int(self.backbone.patch_size)   # (N,)
+            mask = mask & (first[None, :] < recorded.to(mask.device)[:, None])[:, None, :]
+        return mask
 
     def pooled_recon(self, losses: list[torch.Tensor], counts: list[torch.Tensor]) -> torch.Tensor:
         """The per-patch mean of lead-set groups' mean errors ``losses`` over ``counts`` counted patches each.

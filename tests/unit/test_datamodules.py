@@ -64,7 +64,7 @@ def _find_start(full, window):
 def test_pretrain_batch_contract_and_adjacent_views(caches):
     dm = PretrainDataModule(caches[0], crop_samples=100, views="adjacent", batch_size=8, val_fraction=0.1, seed=0)
     batch = next(iter(dm.train_dataloader()))
-    assert set(batch) == {"x", "x2", "lead_mask", "patient", "index"}
+    assert set(batch) == {"x", "x2", "lead_mask", "patient", "index", "recorded"}
     assert batch["x"].shape == batch["x2"].shape == (8, 12, 100) and batch["x"].dtype == torch.float32
     assert batch["lead_mask"].shape == (8, 12) and batch["lead_mask"].dtype == torch.bool
     assert batch["patient"].dtype == batch["index"].dtype == torch.int64 and (batch["patient"] >= 0).all()
@@ -89,7 +89,7 @@ def test_segment_views_are_two_independent_crops_of_one_record(caches):
     records no longer than a crop give the same segment twice; validation (centred) repeats x."""
     dm = PretrainDataModule(caches[0], crop_samples=100, views="segments", batch_size=16, val_fraction=0.1, seed=0)
     batch = next(iter(dm.train_dataloader()))
-    assert set(batch) == {"x", "x2", "lead_mask", "patient", "index"}
+    assert set(batch) == {"x", "x2", "lead_mask", "patient", "index", "recorded"}
     cache = CorpusCache(caches[0])
     gaps = []
     for b in range(16):
@@ -228,7 +228,7 @@ def test_downstream_datamodule(caches):
     splits = patient_stratified_split(cache.index["patient_id"].tolist(), y, seed=0)
     dm = DownstreamDataModule(caches[0], y, splits, crop_samples=250, batch_size=4, test_stride=125)
     b = next(iter(dm.train_dataloader()))
-    assert set(b) == {"x", "y", "lead_mask", "index"} and b["x"].shape == (4, 12, 250)
+    assert set(b) == {"x", "y", "lead_mask", "index", "recorded"} and b["x"].shape == (4, 12, 250)
     assert b["y"].shape == (4, len(classes)) and b["y"].dtype == torch.float32
     assert set(b["index"].tolist()) <= set(splits["train"].tolist())
     test = list(dm.test_dataloader())
