@@ -196,8 +196,11 @@ def report(args: argparse.Namespace) -> str:
         if f.is_file():
             t = json.loads(f.read_text())
             legs = len(t.get("legs") or [1])
+            # cpu_s is the whole train.py process: with caches built by that run (a first run) it includes
+            # building them; fit_time_s is the fit only
             times.append(f"{p}: {t.get('steps')} steps, fit {t.get('fit_time_s', 0):.0f} s, "
-                         f"{t.get('cpu_s', 0):.0f} CPU-s, {t.get('threads')} thread(s)"
+                         f"{t.get('cpu_s', 0):.0f} CPU-s of the train.py process (with any cache it built), "
+                         f"{t.get('threads')} thread(s)"
                          + (f" ({legs} runs: resumed)" if legs > 1 else
                             " (resumed: the runs before it were not timed, the time is the last run's only)"
                             if t.get("resumed") else ""))
