@@ -48,7 +48,11 @@ def per_class_val(x: np.ndarray, y: np.ndarray, train: np.ndarray, val: np.ndarr
     for c in CS:
         clf = LogisticRegression(C=c, max_iter=2000).fit(sc.transform(x[train]), y[train])
         p = clf.predict_proba(sc.transform(x[val]))
-        per = [float(roc_auc_score(y[val] == k, p[:, k])) for k in range(n_classes)]
+        col = {int(k): j for j, k in enumerate(clf.classes_)}   # a class absent from train has no column
+        missing = [k for k in range(n_classes) if k not in col]
+        if missing:
+            raise ValueError(f"classes {missing} have no training record: their validation AUROC is undefined")
+        per = [float(roc_auc_score(y[val] == k, p[:, col[k]])) for k in range(n_classes)]
         if best is None or np.mean(per) > np.mean(best[1]):
             best = (c, per)
     assert best is not None

@@ -34,6 +34,21 @@ def test_per_class_val_scores_each_class_on_validation_only():
     assert 0.2 < np.mean(per) < 0.8
 
 
+def test_a_class_without_training_records_is_refused_not_scored_on_another_class_column():
+    """predict_proba's columns are the classes seen in training: with class 1 absent from train, column 1 was
+    class 2's probability and class 1 was scored on it."""
+    import pytest
+
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), 40)
+    x = rng.normal(size=(120, 5))
+    x[np.arange(120), y] += 4.0
+    train = np.flatnonzero((np.arange(120) % 2 == 0) & (y != 1))
+    val = np.arange(1, 120, 2)
+    with pytest.raises(ValueError, match=r"classes \[1\] have no training record"):
+        P.per_class_val(x, y, train, val, 3)
+
+
 def test_a_cell_of_another_cache_is_refused(tmp_path, monkeypatch, capsys):
     """The script rebuilt the task from --task / --data-root and only compared task names: features of a cell
     computed on another corpus (a full download, another seed) were scored against this cache's labels by row."""
