@@ -275,8 +275,14 @@ def test_feature_cache_keys_tell_corpora_and_constructor_settings_apart(tmp_path
     fc = cached_features(r_cat, _MemCache(0), 250, 250, tmp_path / "b")
     cached_features(r_avg, _MemCache(0), 250, 250, tmp_path / "b")
     assert cached_features(r_cat, _MemCache(0), 250, 250, tmp_path / "b").dim == fc.dim == r_cat.num_features
-    # a registry-built backbone keeps its key (its init_args): the benchmark's feature caches stay valid
-    assert F.encoder_fingerprint(vit) == F.encoder_fingerprint(vit)
+    # a registry-built backbone keeps its key (its init_args): another instance built the same way, with the same
+    # weights, has the same key (the benchmark's feature caches stay valid), one weight changed does not
+    torch.manual_seed(0)
+    twin = create_backbone("vit1d_test")
+    assert twin is not vit and F.encoder_fingerprint(twin) == F.encoder_fingerprint(vit)
+    with torch.no_grad():
+        next(twin.parameters()).view(-1)[0] += 1e-3
+    assert F.encoder_fingerprint(twin) != F.encoder_fingerprint(vit)
 
 
 def test_rows_listed_twice_are_refused():
