@@ -207,21 +207,34 @@ class Attribution:
             return False
         return all(r is not None for r in self.top_leads())
 
-    def top_leads(self, k: int = 3, reduce: str = "abs") -> list[list[str] | None]:
+    def top_leads(self, k: int = 3, reduce: str = "abs", recorded: Any = None) -> list[list[str] | None]:
         """Per input, the (at most ``k``) most important leads, or None where the attribution cannot rank leads
-        (a lead-agnostic method, or degenerate equal / zero per-lead totals)."""
+        (a lead-agnostic method, or degenerate equal / zero per-lead totals). ``recorded``: see :meth:`per_lead`."""
         if self.lead_resolution != "per-lead":
             return [None] * self.batch_size
         out: list[list[str] | None] = []
-        for row in self.per_lead(reduce):
+        for row in self.per_lead(reduce, recorded=recorded):
             idx = lead_ranking(row, k)
             out.append(None if idx is None else [self.lead_names[j] for j in idx])
         return out
 
-    def per_lead(self, reduce: str = "abs") -> Tensor:
+    def _recorded_mask(self, recorded: Any) -> Tensor | None:
+        """``(B, L, T)`` bool of the samples ``recorded`` marks (absent leads not removed: their values are 0), or
+        None for None."""
+        if recorded is None:
+            return None
+        return recorded_samples(torch.ones_like(self.values), recorded)
+
+    def per_lead(self, reduce: str = "abs", recorded: Any = None) -> Tensor:
         """``(B, L)`` importance of each lead: sum over time of ``|values|`` (``reduce``: ``"abs"``,
-        ``"positive"``, ``"negative"`` or ``"signed"``)."""
-        return _reduce(self.values, reduce).sum(-1)
+        ``"positive"``, ``"negative"`` or ``"signed"``).
+
+        ``recorded``: optional ``(T,)``, ``(B, T)`` or ``(B, L, T)`` bool recorded samples
+        (:func:`recorded_samples`, e.g. ``arange(T) < n_real`` for a record zero-padded to the model's window):
+        only these are summed (a gradient map is not 0 on the padding). Default: every sample."""
+        vals = _reduce(self.values, reduce)
+        keep = self._recorded_mask(recorded)
+        return vals.sum(-1) if keep is None else (vals * keep).sum(-1)
 
     def per_beat(self, r_peaks: Sequence[np.ndarray] | None = None, reduce: str = "abs") -> list[Tensor]:
         """Importance of each beat (beats split at the midpoints between R peaks).
@@ -245,25 +258,30 @@ class Attribution:
         return out
 
     def per_wave(self, windows: Sequence[dict] | dict | None = None, reduce: str = "abs", by_lead: bool = False,
-                 normalize: bool = False) -> dict[str, Tensor]:
+                 normalize: bool = False, recorded: Any = None) -> dict[str, Tensor]:
         """Importance of each wave type (P, QRS, T and the remainder ``"other"``).
 
         Args:
             windows: per input (or one for all) the output of :func:`ecgfm.explain.waves.wave_windows`; ``None``
-                detects R peaks on the inputs and uses the standard offsets.
+                detects R peaks on the inputs (on their ``recorded`` span) and uses the standard offsets.
             reduce: see :meth:`per_lead`.
             by_lead: return ``(B, L)`` per wave instead of ``(B,)``.
             normalize: divide by the number of samples of the wave, and without ``by_lead`` by the number of
                 leads too (mean attribution per lead and sample), so long T windows are not favoured over short
                 QRS windows.
+            recorded: optional ``(T,)``, ``(B, T)`` or ``(B, L, T)`` bool recorded samples
+                (:func:`recorded_samples`, e.g. ``arange(T) < n_real``): only these count, in the sums and in the
+                sample counts of ``normalize``, so the zero padding of a short record is neither "other" nor part
+                of a window. Default: every sample.
 
         Returns:
             ``{"P": (B,), "QRS": (B,), "T": (B,), "other": (B,)}`` (``(B, L)`` with ``by_lead``).
         """
         n_t = self.values.shape[-1]
+        keep = self._recorded_mask(recorded)                                  # (B, L, T) or None
         if windows is None:
-            windows = [waves_mod.wave_windows(r, self.fs, n_t)
-                       for r in waves_mod.detect_r_peaks_batch(self.inputs, self.fs)]
+            windows = [waves_mod.wave_windows(r, self.fs, n_t) for r in waves_mod.detect_r_peaks_batch(
+                self.inputs, self.fs, recorded=None if keep is None else keep.cpu())]
         elif isinstance(windows, dict):
             windows = [windows] * self.batch_size
         vals = _reduce(self.values, reduce)
@@ -276,10 +294,12 @@ class Attribution:
             other = ~np.any(np.stack([masks[w] for w in waves_mod.WAVES]), 0)
             masks["other"] = other
             for w in out:
-                m = torch.as_tensor(masks[w], device=vals.device)
+                m = torch.as_tensor(masks[w], device=vals.device)           # (T,)
+                if keep is not None:
+                    m = m & keep[b].to(vals.device)                           # (L, T): recorded samples only
                 s = (vals[b] * m).sum(-1)
                 if normalize:   # mean per sample of each lead; over the record's present leads without by_lead
-                    s = s / m.sum().clamp_min(1)
+                    s = s / (m.sum() if keep is None else m.sum(-1)).clamp_min(1)
                 out[w].append(s if by_lead else (s[present[b]].sum() / present[b].sum().clamp_min(1) if normalize
                                                  else s.sum()))
         return {w: torch.stack(v) for w, v in out.items()}

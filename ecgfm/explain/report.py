@@ -164,22 +164,34 @@ def _predictions(wrapper: ECGWrapper, proba: torch.Tensor) -> list[dict[str, Any
     return [{"class": names[c], "index": int(c), "probability": float(proba[c])} for c in order]
 
 
-def _wave_summary(att, windows: dict[str, np.ndarray]) -> dict[str, Any]:
-    share = att.per_wave(windows, reduce="abs")
+def _wave_summary(att, windows: dict[str, np.ndarray], recorded: Any = None) -> dict[str, Any]:
+    """Per-wave shares of the first input (:meth:`~ecgfm.explain.attribution.Attribution.per_wave`).
+
+    Args:
+        att: the attribution (``(1, L, T)``).
+        windows: :func:`ecgfm.explain.waves.wave_windows` of the record.
+        recorded: ``(T,)`` / ``(1, T)`` bool recorded samples, or None (all): the zero padding of a short record is
+            left out of every wave, "other" included, and of the per-sample densities.
+
+    Returns:
+        ``{wave: {"share_abs", "density_abs", "sum_signed"}}`` for P, QRS, T and other.
+    """
+    share = att.per_wave(windows, reduce="abs", recorded=recorded)
     total = sum(float(v[0]) for v in share.values()) or 1.0
-    density = att.per_wave(windows, reduce="abs", normalize=True)
-    signed = att.per_wave(windows, reduce="signed")
+    density = att.per_wave(windows, reduce="abs", normalize=True, recorded=recorded)
+    signed = att.per_wave(windows, reduce="signed", recorded=recorded)
     return {w: {"share_abs": float(share[w][0]) / total, "density_abs": float(density[w][0]),
                 "sum_signed": float(signed[w][0])} for w in share}
 
 
-def _lead_summary(att, lead_names: Sequence[str]) -> dict[str, Any]:
+def _lead_summary(att, lead_names: Sequence[str], recorded: Any = None) -> dict[str, Any]:
     """Per-lead shares of the first input; ``top`` is None (with a ``note``) when the attribution cannot rank
-    leads (:attr:`ecgfm.explain.attribution.Attribution.ranks_leads`)."""
-    per = att.per_lead("abs")[0]
-    signed = att.per_lead("signed")[0]
+    leads (:attr:`ecgfm.explain.attribution.Attribution.ranks_leads`). ``recorded`` (``(T,)`` / ``(1, T)`` bool, or
+    None: all): only the recorded samples are summed, not the zero padding of a short record."""
+    per = att.per_lead("abs", recorded=recorded)[0]
+    signed = att.per_lead("signed", recorded=recorded)[0]
     total = float(per.sum()) or 1.0
-    top = att.top_leads(3)[0]
+    top = att.top_leads(3, recorded=recorded)[0]
     out = {"share_abs": {n: float(v) / total for n, v in zip(lead_names, per.tolist())},
            "sum_signed": {n: float(v) for n, v in zip(lead_names, signed.tolist())},
            "top": top, "ranks_leads": top is not None, "lead_resolution": att.lead_resolution}
@@ -188,6 +200,18 @@ def _lead_summary(att, lead_names: Sequence[str]) -> dict[str, Any]:
                        f"{att.lead_resolution!r})" if att.lead_resolution != "per-lead" else
                        "no lead ranking: the per-lead totals are equal (or zero)")
     return out
+
+
+def _scored_text(faithfulness_options: Mapping[str, Any] | None) -> str:
+    """What the report's perturbation curves score, for its ``notes``: the explained class's logit or
+    probability (:func:`ecgfm.explain.faithfulness.scored_output`)."""
+    output = (faithfulness_options or {}).get("output")
+    if output == "proba":
+        return "explained class's probability (faithfulness_options output='proba')"
+    if output == "logit":
+        return "explained class's logit (faithfulness_options output='logit')"
+    return ("explained class's logit, the score the attributions explain (each method's faithfulness.output; "
+            "faithfulness_options output='proba' scores the probability instead)")
 
 
 def _jsonable(value: Any) -> Any:
@@ -263,11 +287,13 @@ def explain_records(wrapper: ECGWrapper, records: Sequence[ECGRecord], out_dir: 
                   "preprocess": None if wrapper.spec is None else wrapper.spec.to_dict()},
         "methods": keys, "extra": dict(extra or {}), "records": [],
         "notes": {
-            "per_lead.share_abs": "share of the summed |attribution| in each lead",
-            "per_wave": "P / QRS / T windows from R peaks detected on the model input (ecgfm.explain.waves); "
-                        "share_abs: share of |attribution|; density_abs: mean |attribution| per lead and sample",
+            "per_lead.share_abs": "share of the summed |attribution| in each lead (recorded samples: the zero "
+                                  "padding of a short record is not summed)",
+            "per_wave": "P / QRS / T windows from R peaks detected on the model input's recorded samples "
+                        "(ecgfm.explain.waves); share_abs: share of |attribution|; density_abs: mean |attribution| "
+                        "per lead and sample; the zero padding of a short record is in no wave and not in 'other'",
             "faithfulness": "deletion AOPC (higher = more faithful) and insertion AUC (higher = better) of the "
-                            "explained class's probability; (lead x segment_s) segments ordered by "
+                            + _scored_text(faithfulness_options) + "; (lead x segment_s) segments ordered by "
                             + ("|attribution| (largest first)" if (faithfulness_options or {}).get("order") == "abs"
                                else "signed attribution (most supporting first)")
                             + " (ties in a random order drawn from the record) and replaced by the record's own "
@@ -303,8 +329,11 @@ def explain_records(wrapper: ECGWrapper, records: Sequence[ECGRecord], out_dir: 
             if shown.shape[1] != x.shape[2]:
                 shown = shown[:, :x.shape[2]] if shown.shape[1] > x.shape[2] else np.pad(
                     shown, ((0, 0), (0, x.shape[2] - shown.shape[1])))
-            r_peaks = waves_mod.detect_r_peaks(x[0], wrapper.fs)
-            windows = waves_mod.wave_windows(r_peaks, wrapper.fs, x.shape[2])
+            # beats and their wave windows on the recorded samples only: with the padding in, a record padded to
+            # more than twice its length had no beat (the band-passed median was 0 on every lead)
+            r_peaks = waves_mod.detect_r_peaks(x[0, :, :n_real], wrapper.fs) if n_real >= int(0.5 * wrapper.fs) \
+                else np.zeros(0, dtype=np.int64)
+            windows = waves_mod.wave_windows(r_peaks, wrapper.fs, n_real)
             evidence = _evidence(record, wrapper, x.shape[2], start)
             entry: dict[str, Any] = {
                 "record_id": record.record_id, "source": record.source, "labels": list(record.labels),
@@ -325,8 +354,8 @@ def explain_records(wrapper: ECGWrapper, records: Sequence[ECGRecord], out_dir: 
                 att = explainer.explain(x, target=tgt, method=key, **m_opts)
                 atts[key] = att
                 summary: dict[str, Any] = {"options": _jsonable(att.options), "elapsed_s": float(att.elapsed_s),
-                                           "per_lead": _lead_summary(att, wrapper.lead_names),
-                                           "per_wave": _wave_summary(att, windows)}
+                                           "per_lead": _lead_summary(att, wrapper.lead_names, recorded),
+                                           "per_wave": _wave_summary(att, windows, recorded)}
                 if att.delta is not None:
                     summary["convergence_delta_abs"] = float(att.delta.abs().max())
                 if not bool(att.values.abs().gt(0).any()):
@@ -340,6 +369,8 @@ def explain_records(wrapper: ECGWrapper, records: Sequence[ECGRecord], out_dir: 
                     fo.setdefault("order", "signed")
                     mask = None if evidence is None else torch.as_tensor(evidence[None])
                     scores = faithfulness_report(explainer, att, mask=mask, recorded=recorded, **fo)
+                    # scores["output"]: the score the curves tracked (the output the attribution explains unless
+                    # faithfulness_options set one)
                     summary["faithfulness"] = {**_jsonable(scores), "order": fo["order"]}
                 entry["methods"][key] = summary
                 if key in chart_keys:
@@ -361,7 +392,8 @@ def explain_records(wrapper: ECGWrapper, records: Sequence[ECGRecord], out_dir: 
                                              title=f"{record.source} {record.record_id}: methods for {names[tgt]}"
                                                    + _window_text(crop, record))
             entry["figures"] += [p.name for p in viz.save_figure(fig, out / f"{rid}_methods", formats, dpi)]
-            fig = viz.plot_lead_importance({k: a.per_lead()[0] for k, a in atts.items()}, wrapper.lead_names,
+            fig = viz.plot_lead_importance({k: a.per_lead(recorded=recorded)[0] for k, a in atts.items()},
+                                           wrapper.lead_names,
                                            title=f"{record.record_id}: per-lead share of |attribution| ({names[tgt]})")
             entry["figures"] += [p.name for p in viz.save_figure(fig, out / f"{rid}_leads", formats, dpi)]
             if counterfactual is not None:
@@ -659,7 +691,8 @@ def explain_main(cfg: Any) -> dict[str, Any]:
             f = m.get("faithfulness")
             if f:
                 g = f["deletion_aopc_gain"]
-                line += (f"  deletion AOPC gain vs random (this record, {g['n']} record) {g['mean']:+.3f}")
+                scored = f"{f['output']}, " if f.get("output") else ""   # the score the curves tracked
+                line += (f"  deletion AOPC gain vs random ({scored}this record, {g['n']} record) {g['mean']:+.3f}")
             print(line)
     (out_dir / "report.json").write_text(json.dumps(_jsonable(report), indent=2))   # with the membership
     print(f"report: {out_dir / 'report.json'}")

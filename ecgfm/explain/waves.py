@@ -55,8 +55,14 @@ def _as_numpy(x) -> np.ndarray:
 
 
 def detect_r_peaks(signal, fs: float, method: str = "envelope", lead: int | None = None,
-                   threshold: float = 0.3) -> np.ndarray:
+                   threshold: float = 0.3, recorded=None) -> np.ndarray:
     """R-peak sample indices of one ECG.
+
+    Only the recorded span is searched: the samples from the first to the last recorded one (``recorded``), by
+    default up to the last sample where any lead is non-zero. A record shorter than the model's window is
+    zero-padded at its end; with the padding in, the band-passed signal's median was 0 on every lead once more than
+    half the input was padding, so no lead counted as active and no beat was found (a 3 s record in a 10 s window
+    gave 0 beats, 4 on its 3 s). An input without an exact-zero tail is searched whole, as before.
 
     Args:
         signal: ``(L, T)`` (all leads are combined) or ``(T,)``; numpy or torch.
@@ -64,12 +70,16 @@ def detect_r_peaks(signal, fs: float, method: str = "envelope", lead: int | None
         method: ``"envelope"`` (multi-lead, see module docstring), ``"xqrs"`` or ``"gqrs"`` (wfdb, single lead).
         lead: for the wfdb methods, the row to use (default: the row with the largest QRS-band energy).
         threshold: envelope peaks below ``threshold`` x the envelope's 99th percentile are ignored.
+        recorded: optional ``(T,)`` bool, the recorded samples (e.g. ``arange(T) < n_real``); the search runs on
+            the span from its first to its last True sample. None: the span up to the last sample where any lead
+            is non-zero (an exact-zero tail is padding).
 
     Returns:
-        ``(n_beats,)`` int64 sorted sample indices.
+        ``(n_beats,)`` int64 sorted sample indices into ``signal`` (empty when the recorded span is shorter than
+        0.5 s or holds no signal).
 
     Raises:
-        ValueError: unknown method, or a record shorter than 0.5 s.
+        ValueError: unknown method, a ``recorded`` mask of another length, or an input shorter than 0.5 s.
     """
     x = _as_numpy(signal)
     if x.ndim == 1:
@@ -79,6 +89,11 @@ def detect_r_peaks(signal, fs: float, method: str = "envelope", lead: int | None
     if x.shape[1] < int(0.5 * fs):
         raise ValueError(f"record too short for R-peak detection ({x.shape[1]} samples at {fs} Hz)")
     x = np.nan_to_num(x)
+    start, end = recorded_span(x, recorded)
+    if end - start < int(0.5 * fs):   # nothing, or too little, recorded to find a beat in
+        return np.zeros(0, dtype=np.int64)
+    if (start, end) != (0, x.shape[1]):
+        return start + detect_r_peaks(x[:, start:end], fs, method=method, lead=lead, threshold=threshold)
     hi = min(15.0, 0.45 * fs)
     sos = sps.butter(2, [5.0, hi], btype="bandpass", fs=fs, output="sos")
     band = sps.sosfiltfilt(sos, x, axis=-1)
@@ -131,10 +146,52 @@ def detect_r_peaks(signal, fs: float, method: str = "envelope", lead: int | None
     return out
 
 
-def detect_r_peaks_batch(x, fs: float, **kwargs) -> list[np.ndarray]:
-    """:func:`detect_r_peaks` on each ECG of a ``(B, L, T)`` batch."""
+def recorded_span(x, recorded=None) -> tuple[int, int]:
+    """``(start, end)``: the span ``[start, end)`` of an ``(L, T)`` signal that R peaks are searched in.
+
+    Args:
+        x: ``(L, T)`` numpy signal (NaN-free).
+        recorded: ``(T,)`` bool recorded samples (numpy or torch), or None: every sample up to the last one where
+            any lead is non-zero (the zero padding at the end of a short record is left out).
+
+    Returns:
+        ``(start, end)`` ints; ``(0, 0)`` when nothing is recorded (or the signal is all zero).
+
+    Raises:
+        ValueError: ``recorded`` is not ``(T,)``.
+    """
+    n_t = x.shape[-1]
+    if recorded is None:
+        nz = np.flatnonzero(np.any(x != 0, axis=0))
+        return (0, int(nz[-1]) + 1) if nz.size else (0, 0)
+    r = np.asarray(_as_numpy(recorded) if isinstance(recorded, torch.Tensor) else recorded).astype(bool)
+    if r.shape != (n_t,):
+        raise ValueError(f"recorded mask {r.shape} does not match the signal's {n_t} samples: give (T,)")
+    idx = np.flatnonzero(r)
+    return (int(idx[0]), int(idx[-1]) + 1) if idx.size else (0, 0)
+
+
+def detect_r_peaks_batch(x, fs: float, recorded=None, **kwargs) -> list[np.ndarray]:
+    """:func:`detect_r_peaks` on each ECG of a ``(B, L, T)`` batch.
+
+    Args:
+        x: ``(B, L, T)`` signals (numpy or torch).
+        fs: sampling rate in Hz.
+        recorded: None (each input's span up to its last non-zero sample), or a ``(T,)`` / ``(B, T)`` /
+            ``(B, L, T)`` bool mask of recorded samples (a sample of ``(B, L, T)`` counts when any lead has it).
+        **kwargs: :func:`detect_r_peaks` options.
+
+    Returns:
+        per input, ``(n_beats,)`` int64 sample indices.
+    """
     arr = _as_numpy(x)
-    return [detect_r_peaks(a, fs, **kwargs) for a in arr]
+    if recorded is None:
+        return [detect_r_peaks(a, fs, **kwargs) for a in arr]
+    r = np.asarray(_as_numpy(recorded) if isinstance(recorded, torch.Tensor) else recorded).astype(bool)
+    if r.ndim == 3:
+        r = r.any(1)
+    r = np.broadcast_to(r if r.ndim == 2 else r[None], (arr.shape[0], arr.shape[-1]))
+    return [detect_r_peaks(a, fs, recorded=m, **kwargs) for a, m in zip(arr, r)]
 
 
 def wave_windows(r_peaks: Sequence[int] | np.ndarray, fs: float, n_samples: int) -> dict[str, np.ndarray]:
