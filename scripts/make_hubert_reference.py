@@ -8,7 +8,8 @@ stores small random models and what ``HubertModel`` computes on a fixed input, a
     python scripts/make_hubert_reference.py                 # writes tests/data/hubert_ecg/<config>/
     python scripts/make_hubert_reference.py --check         # recompute with the installed transformers, compare
 
-Each folder: ``config.json`` (``HubertConfig.to_dict()``), ``model.safetensors`` (the model's weights, LayerNorm /
+Each folder: ``config.json`` (what ``HubertConfig.save_pretrained`` writes: ``to_json_string(use_diff=True)``, the
+keys that differ from the base ``PretrainedConfig``, which is every HuBERT key), ``model.safetensors`` (the model's weights, LayerNorm /
 GroupNorm affine moved away from 1 / 0 so a missing or misplaced norm shows) and ``reference.safetensors``
 (``x (2, 12, 250)`` and ``x1 (1, 12, 100)`` inputs, ``last_hidden_state`` of each).
 """
@@ -87,8 +88,8 @@ def main(argv: list[str] | None = None) -> int:
                 bad += diff > 1e-5
             continue
         folder.mkdir(parents=True, exist_ok=True)
-        # what HubertConfig.save_pretrained writes: the keys that differ from the defaults (the importer reads a
-        # missing key as HubertConfig's default, as transformers does)
+        # what HubertConfig.save_pretrained writes (use_diff: the keys that differ from PretrainedConfig's defaults,
+        # i.e. every HuBERT key)
         (folder / "config.json").write_text(config.to_json_string(use_diff=True))
         save_file({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()},
                   str(folder / "model.safetensors"))

@@ -80,14 +80,18 @@ class MAEPrior(nn.Module):
         for p in self.mae.parameters():
             p.requires_grad_(False)
 
-    def forward(self, x: Tensor, lead_mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, lead_mask: Tensor | None = None, recorded: Any = None) -> Tensor:
         """Mean squared reconstruction error over the hidden patches of each input's present leads (normalised
-        patches when the MAE was trained with ``norm_pix_loss``).
+        patches when the MAE was trained with ``norm_pix_loss``) that hold a recorded sample.
 
         Args:
             x: ``(B, L, T)`` model-space inputs.
             lead_mask: optional ``(B, L)`` bool, false = absent lead (not encoded with a lead-aware MAE, never
                 counted). None: the rows of ``x`` that are not all zero (:func:`present_rows`).
+            recorded: optional recorded samples (``(T,)``, ``(B, T)`` or ``(B, L, T)`` bool,
+                :func:`~ecgfm.explain.attribution.recorded_samples`): patches after an input's last recorded sample
+                (the zero padding of a short record) are not counted, as in the MAE's training loss
+                (:meth:`~ecgfm.methods.mae.MAEModule.counted_patches`). None: every sample.
 
         Returns:
             ``(B,)`` prior values.
@@ -98,6 +102,11 @@ class MAEPrior(nn.Module):
         present = present_rows(x) if lead_mask is None else lead_mask.to(device=x.device, dtype=torch.bool)
         if present.shape != x.shape[:2]:
             raise ValueError(f"lead_mask must have shape {tuple(x.shape[:2])}, got {tuple(present.shape)}")
+        n_rec = None
+        if recorded is not None:   # each input's last recorded sample + 1 (the padding follows it)
+            rec = recorded_samples(torch.ones_like(x), recorded)                          # (B, L, T)
+            t_idx = torch.arange(1, x.shape[-1] + 1, device=x.device)
+            n_rec = torch.where(rec.any(1), t_idx, 0).amax(-1)                            # (B,)
         per_input = []
         # one input at a time: the masks are drawn per batch, so in a batch an input's mask would depend on its
         # position and the batch size; alone, each input gets masks k = 0..n_masks-1 wherever it sits
@@ -110,23 +119,29 @@ class MAEPrior(nn.Module):
                 # one record is one lead set: encoded over its present leads as in the MAE's training step
                 ((*_, latent, mask, ids_restore),) = self.mae.encode_lead_sets(xi, mi, gen)
                 pred = self.mae.forward_decoder(latent, ids_restore, mask.shape[2])  # (1, L, N, P)
-                counted = mask[0] & mi[0][:, None]                                  # (L, N) hidden and present
+                counted = self.mae.counted_patches(                                 # (L, N) hidden, present,
+                    mask, mi, None if n_rec is None else n_rec[i:i + 1])[0]          # with a recorded sample
                 err = err + masked_patch_mse(pred[0], target[0], counted, norm_pix=norm)
             per_input.append(err / self.n_masks)
         return torch.stack(per_input)
 
 
-def _prior_values(prior: nn.Module, x: Tensor, present: Tensor) -> Tensor:
-    """``prior(x)`` with the records' lead mask ``present (B, L)`` for a prior that takes one (:class:`MAEPrior`),
-    so the original and the changed inputs are scored over the same present leads."""
+def _prior_values(prior: nn.Module, x: Tensor, present: Tensor, recorded: Any = None) -> Tensor:
+    """``prior(x)`` with the records' lead mask ``present (B, L)`` and recorded samples for a prior that takes them
+    (:class:`MAEPrior`), so the original and the changed inputs are scored over the same present leads and recorded
+    samples."""
     import inspect
 
     try:
-        takes_mask = "lead_mask" in inspect.signature(prior.forward if isinstance(prior, nn.Module) else prior
-                                                      ).parameters
+        params = inspect.signature(prior.forward if isinstance(prior, nn.Module) else prior).parameters
     except (TypeError, ValueError):
-        takes_mask = False
-    return prior(x, lead_mask=present) if takes_mask else prior(x)
+        params = {}
+    kwargs: dict[str, Any] = {}
+    if "lead_mask" in params:
+        kwargs["lead_mask"] = present
+    if "recorded" in params and recorded is not None:
+        kwargs["recorded"] = recorded
+    return prior(x, **kwargs)
 
 
 def total_variation(delta: Tensor) -> Tensor:
@@ -381,7 +396,7 @@ def counterfactual(wrapper: ECGWrapper, inputs: Tensor, target: Any, lambda_prox
         tgt = wrapper.resolve_target(target, logits0)
         proba0 = wrapper.postprocess_fn(logits0)
         present = present_rows(x)                                       # (B, L) the records' leads
-        plaus0 = _prior_values(prior, x, present) if prior is not None else None
+        plaus0 = _prior_values(prior, x, present, recorded) if prior is not None else None
     threshold = class_thresholds(threshold, wrapper, proba0.shape[1]).to(x.device)
     lead_mask = torch.ones(1, x.shape[1], 1, device=x.device)
     if leads is not None:
@@ -444,7 +459,7 @@ def counterfactual(wrapper: ECGWrapper, inputs: Tensor, target: Any, lambda_prox
         prox = (d.abs() if proximity == "l1" else d.pow(2)).flatten(1).sum(1) / wrapper.fs
         loss = cls + lambda_prox * prox + lambda_smooth * total_variation(F.pad(d, (1, 1)))  # ends charged
         if prior is not None:
-            loss = loss + lambda_plaus * (_prior_values(prior, xc, present) - plaus0)
+            loss = loss + lambda_plaus * (_prior_values(prior, xc, present, recorded) - plaus0)
         loss = (loss * (~done).float()).sum()                              # finished inputs stop moving
         (grad,) = torch.autograd.grad(loss, delta)
         delta.grad = grad
@@ -458,7 +473,7 @@ def counterfactual(wrapper: ECGWrapper, inputs: Tensor, target: Any, lambda_prox
         best[still] = final[still]
         proba1 = wrapper.postprocess_fn(wrapper(best))
         valid = _is_valid(proba1, tgt, multilabel, threshold)
-        plaus1 = _prior_values(prior, best, present) if prior is not None else None
+        plaus1 = _prior_values(prior, best, present, recorded) if prior is not None else None
     wrapper.model.train(was_training)
     diff = best - x
     per_lead, per_wave, segments = change_summary(diff, x, wrapper.fs, wrapper.lead_names)

@@ -397,7 +397,7 @@ class MAEModule(PretrainModule):
                                 norm_pix=self.norm_pix_loss)
 
     def forward(self, x: torch.Tensor, lead_mask: torch.Tensor | None = None,
-                generator: torch.Generator | None = None) -> dict[str, Any]:
+                generator: torch.Generator | None = None, recorded: torch.Tensor | None = None) -> dict[str, Any]:
         """Full MAE pass (every patch predicted), masked and encoded as :meth:`shared_step` does.
 
         With ``lead_aware`` a batch whose rows lack leads is split by lead set (:meth:`encode_lead_sets`) and each
@@ -410,6 +410,9 @@ class MAEModule(PretrainModule):
                 ``lead_aware``). None: every lead present.
             generator: optional RNG for the masks, shared by the lead-set groups in turn. None: the training
                 step's (the global RNG in training, a fixed seed per group in evaluation).
+            recorded: optional ``(B,)`` int64 samples of each input before its zero padding (the batch's
+                ``recorded``): patches without one are not counted (:meth:`counted_patches`), as in the training
+                step. None: every sample recorded.
 
         Returns:
             ``{"loss": scalar, "pred": (B, L, N, P), "mask": (B, L, N) bool (true = hidden), "latent", "groups"}``:
@@ -419,13 +422,14 @@ class MAEModule(PretrainModule):
         """
         parts = self.encode_lead_sets(x, lead_mask, generator)
         preds, masks, latents, losses, counts = [], [], [], [], []
-        for _, _, xg, mg, latent, mask, ids_restore in parts:
+        for rows, _, xg, mg, latent, mask, ids_restore in parts:
             pred = self.forward_decoder(latent, ids_restore, mask.shape[2])           # (b_g, L, N, P)
             preds.append(pred)
             masks.append(mask)
             latents.append(latent)
-            losses.append(self.forward_loss(xg, pred, mask, mg))
-            counts.append(mask.sum() if mg is None else (mask & mg[:, :, None]).sum())
+            counted = self.counted_patches(mask, mg, None if recorded is None else recorded.index_select(0, rows))
+            losses.append(self.forward_loss(xg, pred, counted))
+            counts.append(counted.sum())
         groups = [(rows, leads) for rows, leads, *_ in parts]
         if len(parts) == 1:   # the whole batch (every lead present, or lead_aware=False): as before
             return {"loss": losses[0], "pred": preds[0], "mask": masks[0], "latent": latents[0], "groups": groups}

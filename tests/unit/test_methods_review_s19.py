@@ -30,7 +30,7 @@ def short_cache(tmp_path_factory):
     return root
 
 
-def _batch(cache, crop_seconds: float) -> tuple[PretrainDataModule, dict[str, torch.Tensor]]:
+def _batch(cache, crop_seconds: float) -> tuple[PretrainDataModule, dict[str, torch.Tensor], list[str]]:
     dm = PretrainDataModule([str(cache)], crop_samples=int(crop_seconds * 100), batch_size=8, num_workers=0,
                             val_fraction=0.1, samples_per_epoch=16)
     with warnings.catch_warnings(record=True) as caught:
@@ -79,6 +79,9 @@ def test_mae_loss_leaves_patches_without_a_recorded_sample_out(lead_aware):
                                     norm_pix=m.norm_pix_loss)
     assert abs(float(loss) - float(with_padding)) > 1e-4     # the padded patches did count before
     assert m.counted_patches(out["mask"], batch["lead_mask"], batch["recorded"]).sum() == counted.sum()
+    # the full pass given the batch's recorded samples is the training step's loss again
+    full_pass = m(batch["x"], batch["lead_mask"], recorded=batch["recorded"])
+    torch.testing.assert_close(full_pass["loss"], loss, rtol=1e-5, atol=1e-7)
     # a batch without "recorded" (every sample recorded) is scored as before
     full = {k: v for k, v in _mae_batch([250, 250, 250]).items() if k != "recorded"}
     torch.testing.assert_close(m.shared_step(full)[0], m.shared_step(dict(full, recorded=torch.full((3,), 250)))[0])
@@ -95,3 +98,26 @@ def test_crema_reconstruction_term_leaves_padding_out_too():
     no_rec = {k: v for k, v in batch.items() if k != "recorded"}
     assert crema.shared_step(no_rec)[0].item() != crema.shared_step(batch)[0].item()
 
+
+
+def test_mae_prior_of_a_counterfactual_leaves_the_padding_out_like_the_training_loss():
+    """The counterfactual's plausibility prior counted the padded patches the MAE is no longer trained on (their
+    error then came from untrained outputs): given the recorded samples it counts the training loss's patches."""
+    from ecgfm.explain.counterfactual import MAEPrior
+
+    torch.manual_seed(0)
+    m = MAEModule(create_backbone("vit1d_test"), **DEC).eval()
+    batch = _mae_batch([60])
+    prior = MAEPrior(m, n_masks=2)
+    rec = torch.arange(250) < 60
+    with_rec, without = prior(batch["x"], recorded=rec), prior(batch["x"])
+    # by hand: the prior's first mask, counted patches from counted_patches with 60 recorded samples
+    manual = []
+    for k in range(2):
+        gen = torch.Generator().manual_seed(k)
+        ((*_, latent, mask, ids_restore),) = m.encode_lead_sets(batch["x"], batch["lead_mask"][:1] | True, gen)
+        pred = m.forward_decoder(latent, ids_restore, mask.shape[2])
+        counted = m.counted_patches(mask, None, torch.tensor([60]))
+        manual.append(masked_patch_mse(pred, m.patchify(batch["x"]), counted, norm_pix=m.norm_pix_loss))
+    torch.testing.assert_close(with_rec[0], torch.stack(manual).mean(), rtol=1e-5, atol=1e-6)
+    assert abs(float(with_rec[0]) - float(without[0])) > 1e-4
