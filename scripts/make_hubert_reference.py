@@ -1,29 +1,29 @@
-"""Write the HuBERT reference outputs that tests/unit/test_zoo_hubert.py compares ecgfm's native HubertECG with.
+"""Write the HuBERT reference values that tests/unit/test_zoo_hubert.py compares ecgfm's native HubertECG with.
 
 ``transformers.HubertModel`` is the reference implementation of HuBERT-ECG, but importing ``transformers`` costs
-every process that imports Lightning a few seconds (torchmetrics imports it eagerly when it is installed), so it is
-not a test dependency: this script, run once where ``transformers`` is installed (``pip install transformers``),
-stores small random models and what ``HubertModel`` computes on a fixed input, and the test compares with those.
+every process that imports Lightning a second or two (torchmetrics imports it eagerly when it is installed), so it
+is not a test dependency. This script, run once where ``transformers`` is installed (``pip install transformers``),
+builds two small HubertModels, loads weights that the test can make itself (:func:`random_state`: seeded normal
+values in a fixed key order, from the key / shape table written here), runs them on seeded inputs and writes
+``tests/unit/hubert_reference.py``: the configurations, the weight table and, per output, its shape, the sum of its
+absolute values and 32 values at fixed positions. No weight or data file is committed.
 
-    python scripts/make_hubert_reference.py                 # writes tests/data/hubert_ecg/<config>/
-    python scripts/make_hubert_reference.py --check         # recompute with the installed transformers, compare
-
-Each folder: ``config.json`` (what ``HubertConfig.save_pretrained`` writes: ``to_json_string(use_diff=True)``, the
-keys that differ from the base ``PretrainedConfig``, which is every HuBERT key), ``model.safetensors`` (the model's weights, LayerNorm /
-GroupNorm affine moved away from 1 / 0 so a missing or misplaced norm shows) and ``reference.safetensors``
-(``x (2, 12, 250)`` and ``x1 (1, 12, 100)`` inputs, ``last_hidden_state`` of each).
+    python scripts/make_hubert_reference.py             # rewrites tests/unit/hubert_reference.py
+    python scripts/make_hubert_reference.py --check     # recomputes with the installed transformers and compares
 """
 
 from __future__ import annotations
 
 import argparse
+import pprint
 import sys
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-OUT = ROOT / "tests" / "data" / "hubert_ecg"
+sys.path.insert(0, str(ROOT))
+OUT = ROOT / "tests" / "unit" / "hubert_reference.py"
 
 #: the two small configurations: GroupNorm feature encoder, post-norm, even position kernel, no conv bias; and
 #: LayerNorm feature encoder, pre-norm ("stable layer norm"), odd position kernel, conv bias
@@ -35,69 +35,53 @@ CONFIGS = {
 }
 COMMON = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
               num_conv_pos_embedding_groups=4)
-
-
-def build(name: str, seed: int = 0):
-    """``(HubertConfig, HubertModel)`` of configuration ``name`` with seeded random weights (norms perturbed)."""
-    import transformers
-
-    config = transformers.HubertConfig(**COMMON, **CONFIGS[name])
-    torch.manual_seed(seed)
-    model = transformers.HubertModel(config).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if "norm" in pname:
-                p.add_(0.2 * torch.randn(p.shape, generator=g))
-    return config, model
-
-
-def inputs() -> dict[str, torch.Tensor]:
-    """The fixed inputs: ``x (2, 12, 250)``, ``x1 (1, 12, 100)``."""
-    g = torch.Generator().manual_seed(1234)
-    return {"x": torch.randn(2, 12, 250, generator=g), "x1": torch.randn(1, 12, 100, generator=g)}
-
-
-def outputs(model, xs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``last_hidden_state`` of each input (leads concatenated in time, as HuBERT-ECG reads a 12-lead record)."""
-    with torch.no_grad():
-        return {f"{k}_out": model(v.reshape(v.shape[0], -1)).last_hidden_state.contiguous() for k, v in xs.items()}
+N_SAMPLES = 32
 
 
 def main(argv: list[str] | None = None) -> int:
-    from safetensors.torch import load_file, save_file
+    import transformers
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--check", action="store_true", help="compare the stored references with the installed "
-                                                         "transformers instead of writing them")
+    ap.add_argument("--check", action="store_true", help="compare tests/unit/hubert_reference.py with the "
+                                                         "installed transformers instead of writing it")
     args = ap.parse_args(argv)
-    bad = 0
-    for name in CONFIGS:
-        config, model = build(name)
-        folder = OUT / name
-        if args.check:
-            import transformers
+    if args.check:
+        from tests.unit import hubert_reference as ref
 
-            stored = load_file(str(folder / "reference.safetensors"))
-            model = transformers.HubertModel(transformers.HubertConfig.from_json_file(str(folder / "config.json")))
-            model.load_state_dict(load_file(str(folder / "model.safetensors")))
-            got = outputs(model.eval(), {k: stored[k] for k in ("x", "x1")})
-            for k, v in got.items():
-                diff = float((v - stored[k]).abs().max())
-                print(f"{name}: {k} max |diff| {diff:.2e}")
-                bad += diff > 1e-5
-            continue
-        folder.mkdir(parents=True, exist_ok=True)
-        # what HubertConfig.save_pretrained writes (use_diff: the keys that differ from PretrainedConfig's defaults,
-        # i.e. every HuBERT key)
-        (folder / "config.json").write_text(config.to_json_string(use_diff=True))
-        save_file({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()},
-                  str(folder / "model.safetensors"))
-        xs = inputs()
-        save_file({**xs, **outputs(model, xs)}, str(folder / "reference.safetensors"),
-                  metadata={"transformers": __import__("transformers").__version__, "torch": torch.__version__})
-        print(f"wrote {folder}")
-    return 1 if bad else 0
+    from tests.unit.hubert_reference_tools import inputs, random_state, summarize
+
+    table: dict[str, dict] = {}
+    bad = 0
+    for name, cfg in CONFIGS.items():
+        config = transformers.HubertConfig(**COMMON, **cfg)
+        model = transformers.HubertModel(config).eval()
+        shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
+        model.load_state_dict(random_state(shapes, seed=0))
+        outs = {}
+        with torch.no_grad():
+            for k, x in inputs().items():
+                outs[k] = summarize(model(x.reshape(x.shape[0], -1)).last_hidden_state, N_SAMPLES)
+        table[name] = {"config": {**COMMON, **cfg}, "shapes": shapes, "outputs": outs}
+        if args.check:
+            for k, o in outs.items():
+                want = ref.REFERENCE[name]["outputs"][k]
+                diff = max(abs(a - b) for (_, a), (_, b) in zip(o["samples"], want["samples"]))
+                print(f"{name}: {k} max |diff| over {len(o['samples'])} values {diff:.2e}, abs-sum "
+                      f"{o['abs_sum']:.6f} vs {want['abs_sum']:.6f}")
+                bad += diff > 1e-5 or abs(o["abs_sum"] - want["abs_sum"]) > 1e-5 * want["abs_sum"]
+    if args.check:
+        return 1 if bad else 0
+    OUT.write_text(
+        '"""HuBERT reference values computed by transformers.HubertModel (generated by scripts/make_hubert_reference.py'
+        f' with transformers {transformers.__version__}, torch {torch.__version__}; do not edit).\n\n'
+        "REFERENCE[config]: ``config`` (HubertConfig arguments), ``shapes`` (the HubertModel state dict's key -> shape;\n"
+        "the test makes the weights with tests.unit.hubert_reference_tools.random_state), ``outputs`` (per input of\n"
+        "hubert_reference_tools.inputs(): last_hidden_state's shape, sum of |values| and values at fixed positions).\n"
+        '"""\n\n'
+        f"TRANSFORMERS_VERSION = {transformers.__version__!r}\n\n"
+        f"REFERENCE = {pprint.pformat(table, width=118, compact=True, sort_dicts=False)}\n")
+    print(f"wrote {OUT}")
+    return 0
 
 
 if __name__ == "__main__":
