@@ -164,7 +164,10 @@ def build_callbacks(cfg: DictConfig, out_dir: Path) -> tuple[list[L.Callback], L
     callbacks.append(ModelCheckpoint(dirpath=str(out_dir / "checkpoints"), filename="step{step:07d}",
                                      auto_insert_metric_name=False, every_n_train_steps=ck.every_n_train_steps,
                                      save_top_k=ck.save_top_k, save_last=ck.save_last, monitor=monitor,
-                                     mode="max"))
+                                     mode="max", enable_version_counter=False))
+    # enable_version_counter=False: a resumed leg with other checkpoint settings (Lightning restores the callback's
+    # state only for the same ones) wrote last-v1.ckpt beside the previous leg's last.ckpt, which the next resume
+    # then took (a stale step); now last.ckpt (and a periodic file of the same step) is overwritten
     if ck.save_last:   # Ctrl-C / SIGTERM: last.ckpt at the step reached, not the last periodic checkpoint
         callbacks.append(InterruptCheckpoint(out_dir / "checkpoints" / "last.ckpt"))
     if cfg.trainer.get("enable_progress_bar", True):

@@ -328,7 +328,7 @@ def stopped_mid_epoch(trainer: L.Trainer) -> bool:
             and all(c.completed == c.started and c.completed > 0 for c in counters))
 
 
-def save_final_checkpoint(trainer: L.Trainer, path: str | Any) -> None:
+def save_final_checkpoint(trainer: L.Trainer, path: str | Any, validated: bool = False) -> None:
     """Save the state ``trainer.fit`` ended in, as a checkpoint a rerun resumes exactly.
 
     When fit stops inside an epoch (``trainer.max_time``, ``max_steps`` reached mid-epoch, ``should_stop``),
@@ -336,14 +336,31 @@ def save_final_checkpoint(trainer: L.Trainer, path: str | Any) -> None:
     "epoch e + 1, k batches done" for "epoch e, k batches done", and the resumed run would skip the rest of epoch e
     and the first k batches of epoch e + 1. Lightning has no call for this, so the epoch counters are set back for
     the save (only when the stop was mid-epoch and the counter did move) and restored after it.
+
+    Args:
+        trainer: the trainer ``fit`` returned from.
+        path: the checkpoint file.
+        validated: a validation ran at the step fit ended at (decides how a stop at an epoch's end is saved).
     """
     fl = trainer.fit_loop
     counters = (fl.epoch_progress.current, fl.epoch_progress.total)
-    mid = stopped_mid_epoch(trainer)
+    # fit ended right after an epoch's last batch (max_steps reached there): the epoch is counted but the batch count
+    # is still that epoch's, read on resume as "epoch e + 1, all its batches done" (the resumed run skipped or
+    # replayed batches). Measured with Lightning 2.6: after an epoch-end validation, saved as "epoch e, all its
+    # batches done" (as mid-epoch stops are); without one, as the start of epoch e + 1
+    batches = fl.epoch_loop.batch_progress.current
+    n = trainer.num_training_batches
+    at_end = (isinstance(n, int) and n > 0 and int(batches.completed) == n
+              and all(c.completed == c.started and c.completed > 0 for c in counters))
+    mid = stopped_mid_epoch(trainer) or (at_end and validated)
+    at_end = at_end and not mid
     if mid:
         for c in counters:
             c.processed -= 1
             c.completed -= 1
+    kept = (batches.ready, batches.started, batches.processed, batches.completed)
+    if at_end:
+        batches.ready = batches.started = batches.processed = batches.completed = 0
     try:
         trainer.save_checkpoint(str(path))
     finally:
@@ -351,6 +368,8 @@ def save_final_checkpoint(trainer: L.Trainer, path: str | Any) -> None:
             for c in counters:
                 c.processed += 1
                 c.completed += 1
+        if at_end:
+            batches.ready, batches.started, batches.processed, batches.completed = kept
 
 
 class InterruptCheckpoint(L.Callback):

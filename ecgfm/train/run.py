@@ -291,12 +291,12 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
                                              "Nothing was exported")
     last = out_dir / "checkpoints" / "last.ckpt"
     ck = trainer.checkpoint_callback
-    if cfg.checkpoint.save_last and ck is not None and not trainer.fast_dev_run and \
-            (getattr(ck, "_last_global_step_saved", -1) != trainer.global_step
-             or history.val_step == trainer.global_step):
-        # ModelCheckpoint saves every N steps; make last.ckpt the final state so a rerun does not repeat steps
-        # (also when it saved at this step: an epoch-end validation after that save belongs in it too)
-        save_final_checkpoint(trainer, last)
+    if cfg.checkpoint.save_last and ck is not None and not trainer.fast_dev_run:
+        # ModelCheckpoint saves every N steps; make last.ckpt the final state so a rerun does not repeat steps.
+        # Also when something saved at this step: an epoch-end validation after that save belongs in it, and
+        # Lightning's own end-of-fit save of last.ckpt (before this process's first periodic checkpoint) records a
+        # mid-epoch stop as the next epoch, so the resumed run trained on other batches
+        save_final_checkpoint(trainer, last, validated=history.val_step == trainer.global_step)
 
     mid_epoch = stopped_mid_epoch(trainer)
     summary: dict[str, Any] = {

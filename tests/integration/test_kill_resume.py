@@ -96,6 +96,34 @@ def test_stop_between_periodic_checkpoints_then_resume_matches(reference, tmp_pa
     assert second["epochs"] == json.loads((ref_run / "summary.json").read_text())["epochs"]
 
 
+@pytest.mark.parametrize("stop, every, validate", [(3, 100, True), (EPOCH, 2, True), (EPOCH, 100, True),
+                                                   (EPOCH, 2, False)])
+def test_stop_before_any_periodic_checkpoint_or_at_an_epoch_end_then_resume_matches(reference, tmp_path, stop,
+                                                                                   every, validate):
+    """Stops the test above does not make: before the process's first periodic checkpoint (Lightning's own
+    end-of-fit save of last.ckpt then held the next epoch, and the corrective save was skipped as "already saved at
+    this step"), and exactly at an epoch's end, with and without an epoch-end validation (the checkpoint read
+    "epoch e + 1, all batches done": the resumed run skipped or replayed batches). All resumed on other batches than
+    an uninterrupted run, exit 0. (Validation does not change the training state: the reference run validates.)"""
+    ref_run, cache_root = reference
+    run = tmp_path / f"stop{stop}_every{every}_val{validate}"
+    cfg = _cfg(run, cache_root, stop)
+    cfg.checkpoint.every_n_train_steps = every
+    if not validate:
+        cfg.trainer.limit_val_batches = 0
+    assert train(cfg)["steps"] == stop
+    cfg2 = _cfg(run, cache_root, TOTAL)
+    if not validate:
+        cfg2.trainer.limit_val_batches = 0
+    second = train(cfg2)
+    assert second["resumed_from"] == str(run / "checkpoints" / "last.ckpt")
+    _assert_same_training_state(_final_state(run), _final_state(ref_run))
+    ref_losses = _final_state(ref_run)["callbacks"]["LossHistory"]["losses"]
+    assert _final_state(run)["callbacks"]["LossHistory"]["losses"] == ref_losses
+    # the second leg's other checkpoint settings: last.ckpt overwritten, no last-v1.ckpt beside a stale last.ckpt
+    assert not list((run / "checkpoints").glob("*-v*.ckpt"))
+
+
 def test_resume_from_periodic_mid_epoch_checkpoint(reference, tmp_path):
     """Resume from a periodic checkpoint written during the first epoch (step 4 of 5) by an explicit path."""
     ref_run, cache_root = reference
