@@ -24,6 +24,7 @@ re-exports them.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Mapping, Optional
 
@@ -520,6 +521,10 @@ def check_finetune_recipe(recipe: FinetuneRecipe | DictConfig, key: str = "finet
             raise ConfigError(k(name), f"must be >= 0, got {getattr(recipe, name)}")
     if not recipe.layer_decay > 0:
         raise ConfigError(k("layer_decay"), f"must be positive, got {recipe.layer_decay}")
+    if recipe.warmup_epochs >= recipe.epochs and recipe.lr > 0:
+        # as pretraining's method.warmup_steps check (a warning there too: short test runs do this on purpose)
+        warnings.warn(f"{k('warmup_epochs')}={recipe.warmup_epochs} >= {k('epochs')}={recipe.epochs}: the whole "
+                      f"run is warm-up, it never reaches lr={recipe.lr} nor decays", UserWarning, stacklevel=2)
     if recipe.head_init == "lp" and not list(recipe.lp_Cs):
         raise ConfigError(k("lp_Cs"), "is empty: the LP-FT head needs at least one C")
 

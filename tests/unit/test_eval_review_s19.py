@@ -139,3 +139,16 @@ def test_finetune_features_batch_size_is_checked_and_used(monkeypatch, tmp_path)
         F.run_finetune(create_backbone("vit1d_test"), cache_dir, labels, splits, False, 250, 250,
                        dict(epochs=1, batch_size=512, head_init="lp"), feature_batch_size=8)
     assert seen["batch_size"] == 8
+
+
+def test_a_fine_tune_that_is_all_warm_up_is_warned_about():
+    """warmup_epochs >= epochs: the head lr climbed to 48 % of its peak and never decayed, silently."""
+    from ecgfm.recipes import FinetuneRecipe, check_finetune_recipe
+
+    with pytest.warns(UserWarning, match=r"warmup_epochs=3 >= finetune.epochs=3: the whole run is warm-up"):
+        check_finetune_recipe(FinetuneRecipe(epochs=3, warmup_epochs=3), "finetune")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_finetune_recipe(FinetuneRecipe(epochs=3, warmup_epochs=2), "finetune")
