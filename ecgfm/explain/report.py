@@ -331,8 +331,7 @@ def explain_records(wrapper: ECGWrapper, records: Sequence[ECGRecord], out_dir: 
                     shown, ((0, 0), (0, x.shape[2] - shown.shape[1])))
             # beats and their wave windows on the recorded samples only: with the padding in, a record padded to
             # more than twice its length had no beat (the band-passed median was 0 on every lead)
-            r_peaks = waves_mod.detect_r_peaks(x[0, :, :n_real], wrapper.fs) if n_real >= int(0.5 * wrapper.fs) \
-                else np.zeros(0, dtype=np.int64)
+            r_peaks = waves_mod.detect_r_peaks(x[0], wrapper.fs, recorded=np.arange(x.shape[2]) < n_real)
             windows = waves_mod.wave_windows(r_peaks, wrapper.fs, n_real)
             evidence = _evidence(record, wrapper, x.shape[2], start)
             entry: dict[str, Any] = {

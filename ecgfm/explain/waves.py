@@ -164,7 +164,7 @@ def recorded_span(x, recorded=None) -> tuple[int, int]:
     if recorded is None:
         nz = np.flatnonzero(np.any(x != 0, axis=0))
         return (0, int(nz[-1]) + 1) if nz.size else (0, 0)
-    r = np.asarray(_as_numpy(recorded) if isinstance(recorded, torch.Tensor) else recorded).astype(bool)
+    r = _as_numpy(recorded).astype(bool)
     if r.shape != (n_t,):
         raise ValueError(f"recorded mask {r.shape} does not match the signal's {n_t} samples: give (T,)")
     idx = np.flatnonzero(r)
@@ -187,7 +187,7 @@ def detect_r_peaks_batch(x, fs: float, recorded=None, **kwargs) -> list[np.ndarr
     arr = _as_numpy(x)
     if recorded is None:
         return [detect_r_peaks(a, fs, **kwargs) for a in arr]
-    r = np.asarray(_as_numpy(recorded) if isinstance(recorded, torch.Tensor) else recorded).astype(bool)
+    r = _as_numpy(recorded).astype(bool)
     if r.ndim == 3:
         r = r.any(1)
     r = np.broadcast_to(r if r.ndim == 2 else r[None], (arr.shape[0], arr.shape[-1]))

@@ -317,15 +317,23 @@ def make_resumable(datamodule: L.LightningDataModule) -> None:
     datamodule.train_dataloader = _ResumableTrainLoader(datamodule, datamodule.train_dataloader).train_dataloader
 
 
-def stopped_mid_epoch(trainer: L.Trainer) -> bool:
-    """Whether ``trainer.fit`` returned inside an epoch that its epoch counter already counts as finished (see
-    :func:`save_final_checkpoint`): then ``trainer.current_epoch`` is one more than the epochs completed."""
+def _counted_stop(trainer: L.Trainer) -> str | None:
+    """Where ``trainer.fit`` returned in an epoch that its epoch counter already counts as finished: ``"mid"``
+    (inside it), ``"end"`` (right after its last batch, the batch count still that epoch's), or None."""
     fl = trainer.fit_loop
     done = int(fl.epoch_loop.batch_progress.current.completed)
     n = trainer.num_training_batches
-    counters = (fl.epoch_progress.current, fl.epoch_progress.total)
-    return (isinstance(n, int) and 0 < done < n
-            and all(c.completed == c.started and c.completed > 0 for c in counters))
+    counted = all(c.completed == c.started and c.completed > 0
+                  for c in (fl.epoch_progress.current, fl.epoch_progress.total))
+    if not (isinstance(n, int) and counted and done > 0):
+        return None
+    return "mid" if done < n else "end" if done == n else None
+
+
+def stopped_mid_epoch(trainer: L.Trainer) -> bool:
+    """Whether ``trainer.fit`` returned inside an epoch that its epoch counter already counts as finished (see
+    :func:`save_final_checkpoint`): then ``trainer.current_epoch`` is one more than the epochs completed."""
+    return _counted_stop(trainer) == "mid"
 
 
 def save_final_checkpoint(trainer: L.Trainer, path: str | Any, validated: bool = False) -> None:
@@ -337,6 +345,11 @@ def save_final_checkpoint(trainer: L.Trainer, path: str | Any, validated: bool =
     and the first k batches of epoch e + 1. Lightning has no call for this, so the epoch counters are set back for
     the save (only when the stop was mid-epoch and the counter did move) and restored after it.
 
+    A fit that ends right after an epoch's last batch (``max_steps`` reached there) is counted the same way, read on
+    resume as "epoch e + 1, all its batches done" (the resumed run skipped or replayed batches). Measured with
+    Lightning 2.6: after an epoch-end validation it is saved as "epoch e, all its batches done" (as mid-epoch stops
+    are); without one, as the start of epoch e + 1 (no batch of it done).
+
     Args:
         trainer: the trainer ``fit`` returned from.
         path: the checkpoint file.
@@ -344,31 +357,25 @@ def save_final_checkpoint(trainer: L.Trainer, path: str | Any, validated: bool =
     """
     fl = trainer.fit_loop
     counters = (fl.epoch_progress.current, fl.epoch_progress.total)
-    # fit ended right after an epoch's last batch (max_steps reached there): the epoch is counted but the batch count
-    # is still that epoch's, read on resume as "epoch e + 1, all its batches done" (the resumed run skipped or
-    # replayed batches). Measured with Lightning 2.6: after an epoch-end validation, saved as "epoch e, all its
-    # batches done" (as mid-epoch stops are); without one, as the start of epoch e + 1
     batches = fl.epoch_loop.batch_progress.current
-    n = trainer.num_training_batches
-    at_end = (isinstance(n, int) and n > 0 and int(batches.completed) == n
-              and all(c.completed == c.started and c.completed > 0 for c in counters))
-    mid = stopped_mid_epoch(trainer) or (at_end and validated)
-    at_end = at_end and not mid
-    if mid:
+    stop = _counted_stop(trainer)
+    rewind = stop == "mid" or (stop == "end" and validated)     # "epoch e, k (or all) batches done"
+    restart = stop == "end" and not validated                   # "epoch e + 1, no batch done"
+    if rewind:
         for c in counters:
             c.processed -= 1
             c.completed -= 1
     kept = (batches.ready, batches.started, batches.processed, batches.completed)
-    if at_end:
+    if restart:
         batches.ready = batches.started = batches.processed = batches.completed = 0
     try:
         trainer.save_checkpoint(str(path))
     finally:
-        if mid:
+        if rewind:
             for c in counters:
                 c.processed += 1
                 c.completed += 1
-        if at_end:
+        if restart:
             batches.ready, batches.started, batches.processed, batches.completed = kept
 
 
