@@ -171,6 +171,11 @@ class AttentionPoolingHead(nn.Module):
         nn.init.trunc_normal_(self.linear.weight, std=0.01)
         nn.init.zeros_(self.linear.bias)
 
+    def no_weight_decay(self) -> set[str]:
+        """Parameters exempt from weight decay beyond norms / biases (timm convention, read by
+        :func:`ecgfm.optim.param_groups`): the learnable queries, a token like ViT's ``cls_token``."""
+        return {"query"}
+
     def pool(self, tokens: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
         """Attention-pooled, normed record representation ``(B, T, D) -> (B, Q, D)``."""
         if tokens.ndim != 3:

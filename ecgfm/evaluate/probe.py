@@ -11,7 +11,8 @@ the GPU-shaped machinery. The torch alternative (``LinearProbeHead`` trained wit
 epoch and batch-size grid to reach the same convex optimum.
 
 **MLP probe**: :class:`ecgfm.heads.MLPHead` trained full-batch with AdamW on the standardised features, with
-early stopping on validation macro AUROC; the learning rate is chosen from a grid on validation.
+early stopping on validation macro AUROC; the learning rate is chosen from a grid on validation. Both torch
+probes decay weights only (no decay on biases, norm layers or the attention probe's queries: :func:`ecgfm.optim.param_groups`).
 
 **Attention probe** (``mode="attention"``): :class:`ecgfm.heads.AttentionPoolingHead` (learnable queries,
 multi-head cross-attention over *all* frozen tokens of a record, LayerNorm, linear) trained on the token cache
@@ -309,6 +310,15 @@ def _seeded_rng(seed: int, device: torch.device | None = None) -> Iterator[None]
         yield
 
 
+def _adamw(net: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """The project's AdamW (:func:`ecgfm.optim.param_groups`): no weight decay on biases, norm layers' parameters
+    and learnable queries, as in pretraining and fine-tuning (decaying a LayerNorm's gain or the attention probe's
+    query pulls them towards 0, which no probe protocol intends)."""
+    from ecgfm.optim import adamw, param_groups
+
+    return adamw(param_groups(net, weight_decay), lr=lr)
+
+
 class MLPProbe:
     """:class:`ecgfm.heads.MLPHead` on standardised features, full-batch AdamW, early stopping on validation.
 
@@ -379,7 +389,7 @@ class MLPProbe:
         else:
             yt = torch.from_numpy(check_single_label(labels, where="MLPProbe.fit labels"))
             loss_fn = torch.nn.CrossEntropyLoss()
-        opt = torch.optim.AdamW(self.net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        opt = _adamw(self.net, self.lr, self.weight_decay)
         stop = _BestOnValidation(self.net, self.patience)
         for epoch in range(1, self.epochs + 1):
             self.net.train()
@@ -492,7 +502,7 @@ class AttentionProbe:
         else:
             y = torch.from_numpy(check_single_label(labels, where="AttentionProbe.fit labels"))
             loss_fn = torch.nn.CrossEntropyLoss()
-        opt = torch.optim.AdamW(self.net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        opt = _adamw(self.net, self.lr, self.weight_decay)
         stop = _BestOnValidation(self.net, self.patience)
         t0 = time.perf_counter()
         epoch = 0

@@ -604,7 +604,8 @@ def _probe_recipe(probe: dict[str, Any]) -> dict[str, Any]:
     probe's ``lrs`` / ``mlp``, the attention probe's ``attention`` block (the other heads' settings do not touch
     it), and the aggregation (``mean_embedding`` / ``mean_std`` / ``mean_prediction``; the attention probe pools
     by itself). With ``side_features``, also the version of those features (:func:`_side_feature_versions`): the
-    cells were computed on them, as a ``checkpoint=handcrafted`` cell is (its checkpoint identity)."""
+    cells were computed on them, as a ``checkpoint=handcrafted`` cell is (its checkpoint identity). An MLP or
+    attention probe's recipe also names which parameters its AdamW decays (:data:`TORCH_PROBE_DECAY`)."""
     unused = _PROBE_UNUSED.get(str(probe.get("mode", "linear")), ())
     if probe.get("side_features") is None:      # the default leaves the identity of cells written before it
         unused = (*unused, "side_features")
@@ -613,7 +614,15 @@ def _probe_recipe(probe: dict[str, Any]) -> dict[str, Any]:
     out = {k: v for k, v in probe.items() if k not in unused}
     if probe.get("side_features") is not None:  # only then: every other cell keeps its recipe id byte for byte
         out[SIDE_FEATURE_VERSIONS] = _side_feature_versions()
+    if str(probe.get("mode", "linear")) in TORCH_PROBES:   # since 2026-12-07 (cells from before are recomputed)
+        out["weight_decay_on"] = TORCH_PROBE_DECAY
     return out
+
+
+#: the trained (torch) probes, and which of their parameters AdamW decays (:func:`ecgfm.optim.param_groups`; before
+#: 2026-12-07 every parameter, biases, norms and the attention probe's queries included)
+TORCH_PROBES = ("mlp", "attention")
+TORCH_PROBE_DECAY = "weights only: no biases, norm layers or queries"
 
 
 #: key of a probe recipe (``recipe.head``) holding the handcrafted side features' versions

@@ -252,7 +252,7 @@ def test_probe_recipe_keeps_only_the_settings_of_its_head():
     probe = {"mode": "linear", "aggregate": "mean_embedding", "Cs": [1.0], "lrs": [0.01], "max_iter": 1000,
              "mlp": {"epochs": 300}}
     assert set(_probe_recipe(probe)) == {"mode", "aggregate", "Cs", "max_iter"}
-    assert set(_probe_recipe(dict(probe, mode="mlp"))) == {"mode", "aggregate", "lrs", "mlp"}
+    assert set(_probe_recipe(dict(probe, mode="mlp"))) == {"mode", "aggregate", "lrs", "mlp", "weight_decay_on"}
 
 
 def test_only_cells_of_the_fixed_fine_tune_path_change_identity():
