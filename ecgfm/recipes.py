@@ -280,6 +280,7 @@ class FaithfulnessConfig:
     segment_s: float = 0.1
     steps: int = 20
     order: str = "signed"
+    output: Optional[str] = None   # logit | proba; None: the output each attribution explains (checked by explain)
 
 
 @dataclass

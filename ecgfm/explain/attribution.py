@@ -236,23 +236,34 @@ class Attribution:
         keep = self._recorded_mask(recorded)
         return vals.sum(-1) if keep is None else (vals * keep).sum(-1)
 
-    def per_beat(self, r_peaks: Sequence[np.ndarray] | None = None, reduce: str = "abs") -> list[Tensor]:
+    def per_beat(self, r_peaks: Sequence[np.ndarray] | None = None, reduce: str = "abs",
+                 recorded: Any = None) -> list[Tensor]:
         """Importance of each beat (beats split at the midpoints between R peaks).
 
         Args:
-            r_peaks: per input, R-peak sample indices; ``None`` detects them on the inputs
-                (:func:`ecgfm.explain.waves.detect_r_peaks`).
+            r_peaks: per input, R-peak sample indices; ``None`` detects them on the inputs (on their ``recorded``
+                span; :func:`ecgfm.explain.waves.detect_r_peaks`).
             reduce: see :meth:`per_lead`.
+            recorded: optional ``(T,)``, ``(B, T)`` or ``(B, L, T)`` bool recorded samples
+                (:func:`recorded_samples`, e.g. ``arange(T) < n_real`` for a record zero-padded to the model's
+                window): the first and last beats end at the edges of the recorded span
+                (:func:`ecgfm.explain.waves.beat_bounds`), not at the edges of the window, and only recorded
+                samples are summed, so the zero padding of a short record is in no beat. Default: every sample.
 
         Returns:
             per input, a ``(n_beats, L)`` tensor.
         """
+        keep = self._recorded_mask(recorded)                                  # (B, L, T) or None
         if r_peaks is None:
-            r_peaks = waves_mod.detect_r_peaks_batch(self.inputs, self.fs)
+            r_peaks = waves_mod.detect_r_peaks_batch(self.inputs, self.fs,
+                                                     recorded=None if keep is None else keep.cpu())
         vals = _reduce(self.values, reduce)
+        if keep is not None:
+            vals = vals * keep.to(vals.device)
         out = []
         for b, r in enumerate(r_peaks):
-            bounds = waves_mod.beat_bounds(r, vals.shape[-1])
+            span = None if keep is None else keep[b].any(0).cpu()            # (T,) recorded in any lead
+            bounds = waves_mod.beat_bounds(r, vals.shape[-1], recorded=span)
             out.append(torch.stack([vals[b, :, s:e].sum(-1) for s, e in bounds])
                        if len(bounds) else vals.new_zeros(0, vals.shape[1]))
         return out

@@ -84,6 +84,11 @@ def _target_score(wrapper: ECGWrapper, x: Tensor, target: Tensor, output: str) -
     return out.gather(1, target[:, None])[:, 0]
 
 
+#: the scores a perturbation curve can track (``output=`` of :func:`perturbation_curve`; explain.py's
+#: ``faithfulness.output``): the explained class's logit, or its probability (the wrapper's postprocessing).
+SCORED_OUTPUTS: tuple[str, ...] = ("logit", "proba")
+
+
 def scored_output(attribution: Attribution | Tensor, output: str | None = None) -> str:
     """The score a perturbation curve tracks: ``output`` when given, else the output the attribution explains
     (``attribution.options["output"]``: :meth:`~ecgfm.explain.attribution.Explainer.explain` records ``"logit"``

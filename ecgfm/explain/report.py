@@ -252,7 +252,8 @@ def explain_records(wrapper: ECGWrapper, records: Sequence[ECGRecord], out_dir: 
         faithfulness: compute deletion / insertion AOPC vs random (and localisation when the record has an
             evidence mask).
         faithfulness_options: options of :func:`~ecgfm.explain.faithfulness.faithfulness_report`
-            (``n_random``, ``segment_s``, ``steps``...).
+            (``n_random``, ``segment_s``, ``steps``, ``order``, ``output``: ``"logit"`` / ``"proba"``, the score
+            the curves track; None or absent: the output each attribution explains...).
         counterfactual: None (off) or options of :func:`~ecgfm.explain.counterfactual.counterfactual` with a
             ``target`` (class name / index; default: the second most probable class).
         formats: figure formats (``png``, ``svg``, ``pdf``).
@@ -265,7 +266,8 @@ def explain_records(wrapper: ECGWrapper, records: Sequence[ECGRecord], out_dir: 
         the report (also written to ``out_dir/report.json``).
 
     Raises:
-        ValueError / ECGDataError: unknown method, bad record, target outside the classes.
+        ValueError / ECGDataError: unknown method, bad record, target outside the classes, a faithfulness
+            ``output`` other than ``"logit"`` / ``"proba"``.
     """
     from ecgfm.explain.faithfulness import faithfulness_report
 
@@ -279,6 +281,9 @@ def explain_records(wrapper: ECGWrapper, records: Sequence[ECGRecord], out_dir: 
         check_method_options(key, o)
     if counterfactual is not None:   # so does a counterfactual setting that cannot work
         check_counterfactual_options(counterfactual)
+    problem = _output_problem((faithfulness_options or {}).get("output")) if faithfulness else None
+    if problem:   # and a score the curves cannot track (it failed after the first attribution had been computed)
+        raise ValueError(f"faithfulness_options['output'] {problem}")
     chart_keys = keys if chart_methods is None else [canonical_method(m) for m in chart_methods]
     explainer = Explainer(wrapper)
     report: dict[str, Any] = {
@@ -587,6 +592,20 @@ def _check_names(cfg: Any) -> None:
     for i, f in enumerate(cfg.formats):
         if str(f) not in FORMATS:
             raise ConfigError(f"formats[{i}]", f"{f!r} is not a figure format; use {', '.join(FORMATS)}")
+    problem = _output_problem(cfg.faithfulness.get("output"))
+    if problem:
+        raise ConfigError("faithfulness.output", problem)
+
+
+def _output_problem(output: Any) -> str | None:
+    """Why ``output`` is not a score the faithfulness curves can track (``faithfulness.output`` /
+    ``faithfulness_options["output"]``), or None when it is one (None: the output the attribution explains)."""
+    from ecgfm.explain.faithfulness import SCORED_OUTPUTS
+
+    if output is None or output in SCORED_OUTPUTS:
+        return None
+    return (f"must be one of {', '.join(SCORED_OUTPUTS)} or null (the output each attribution explains), "
+            f"got {output!r}")
 
 
 def _check_target(target: Any, wrapper: ECGWrapper) -> None:
@@ -604,7 +623,8 @@ def explain_main(cfg: Any) -> dict[str, Any]:
     """Run an explanation from a Hydra config (``conf/explain.yaml``).
 
     Raises:
-        ecgfm.config.ConfigError: a wrong key or value, named (``+faithfulness.stepz=3``, ``threads=abc``).
+        ecgfm.config.ConfigError: a wrong key or value, named (``+faithfulness.stepz=3``, ``threads=abc``,
+            ``faithfulness.output=probability``).
     """
     from omegaconf import OmegaConf
 

@@ -236,16 +236,33 @@ def wave_windows(r_peaks: Sequence[int] | np.ndarray, fs: float, n_samples: int)
     return out
 
 
-def beat_bounds(r_peaks: Sequence[int] | np.ndarray, n_samples: int) -> np.ndarray:
+def beat_bounds(r_peaks: Sequence[int] | np.ndarray, n_samples: int, recorded=None) -> np.ndarray:
     """``(n_beats, 2)`` ``[start, end)`` of each beat: from the midpoint to the previous R peak to the
-    midpoint to the next one (the first/last beat extend to the record edges)."""
+    midpoint to the next one (the first/last beat extend to the edges of the recorded span).
+
+    Args:
+        r_peaks: ``(n_beats,)`` R-peak sample indices.
+        n_samples: samples of the input.
+        recorded: optional ``(T,)`` bool recorded samples (numpy or torch, e.g. ``arange(T) < n_real`` for a
+            record zero-padded to the model's window): every beat is clipped to the span from the first to the
+            last recorded sample (:func:`recorded_span`), so the last beat of a short record ends at its last
+            recorded sample, not at the end of the padding (a beat outside the span is empty, ``start == end``).
+            None: the whole input ``[0, n_samples)``, as before.
+
+    Raises:
+        ValueError: ``recorded`` is not ``(n_samples,)``.
+    """
     r = np.sort(np.asarray(r_peaks, dtype=np.int64))
+    if recorded is None:
+        lo, hi = 0, int(n_samples)
+    else:
+        lo, hi = recorded_span(np.zeros((1, int(n_samples)), dtype=np.float32), recorded)
     if r.size == 0:
         return np.zeros((0, 2), dtype=np.int64)
     mid = (r[:-1] + r[1:]) // 2
-    starts = np.concatenate([[0], mid])
-    ends = np.concatenate([mid, [n_samples]])
-    return np.stack([starts, ends], 1)
+    starts = np.clip(np.concatenate([[lo], mid]), lo, hi)
+    ends = np.clip(np.concatenate([mid, [hi]]), lo, hi)
+    return np.stack([starts, np.maximum(ends, starts)], 1)
 
 
 def wave_mask(windows: dict[str, np.ndarray], n_samples: int) -> dict[str, np.ndarray]:
