@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from ecgfm.config import ConfigError
 from ecgfm.data.preprocess import PreprocessSpec
 from ecgfm.train.loop import (
+    AccumulationWindowCheckpoint,
     InterruptCheckpoint,
     LossHistory,
     RankSeedCallback,
@@ -154,7 +155,9 @@ def build_callbacks(cfg: DictConfig, out_dir: Path) -> tuple[list[L.Callback], L
     from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 
     history = LossHistory()
-    callbacks: list[L.Callback] = [NonFiniteGuard(str(cfg.get("nonfinite", "error"))), history, ThroughputCallback()]
+    # AccumulationWindowCheckpoint: a checkpoint written inside a gradient-accumulation window resumes at its start
+    callbacks: list[L.Callback] = [NonFiniteGuard(str(cfg.get("nonfinite", "error"))), history, ThroughputCallback(),
+                                   AccumulationWindowCheckpoint()]
     # one stream per DDP rank: reseeded before every step, or (deterministic_steps=false) once per rank at setup
     callbacks.insert(0, StepSeedCallback(cfg.seed) if cfg.deterministic_steps else RankSeedCallback(cfg.seed))
     ck = cfg.checkpoint

@@ -5,7 +5,9 @@ Resume reproduces the uninterrupted run: Lightning restores weights, optimiser, 
 ``(seed, rank, global_step)`` instead of the history of the global RNG (without it, :class:`RankSeedCallback` still
 gives every DDP rank its own stream); the DataModule's sampler order is a
 function of ``(seed, epoch)`` and its train loader is made resumable (:func:`make_resumable`: Lightning saves its
-``state_dict``). Callback states are plain data, keyed by class name (checkpoints load with ``weights_only=True``).
+``state_dict``); a checkpoint written inside a gradient-accumulation window resumes at the window's start
+(:class:`AccumulationWindowCheckpoint`). Callback states are plain data, keyed by class name (checkpoints load with
+``weights_only=True``).
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from torch.utils.data import BatchSampler, DataLoader
 log = logging.getLogger(__name__)
 
 __all__ = ["reseed", "StepSeedCallback", "RankSeedCallback", "ThroughputCallback", "LossHistory",
-           "ResumableBatchSampler", "ResumableDataLoader", "make_resumable", "save_final_checkpoint"]
+           "ResumableBatchSampler", "ResumableDataLoader", "make_resumable", "stepped_batches",
+           "AccumulationWindowCheckpoint", "save_final_checkpoint"]
 
 
 # ---------------------------------------------------------------------------------------------------- callbacks
@@ -221,8 +224,9 @@ class ResumableDataLoader(DataLoader):
     Lightning restores weights, optimiser, scheduler and loop counters, but a plain DataLoader restarts an
     interrupted epoch from its first batch. The DataModule's sampler already makes the order of every epoch a pure
     function of ``(seed, epoch)``; this loader adds the missing piece: ``state_dict()`` records ``(epoch, batches
-    the trainer has processed in it)`` and ``load_state_dict`` (called by Lightning before the first ``iter()`` of
-    a resumed fit) sets the sampler's epoch and skips those batches at the index level.
+    the trainer has processed in it)`` (up to the last optimiser step: :func:`stepped_batches`) and
+    ``load_state_dict`` (called by Lightning before the first ``iter()`` of a resumed fit) sets the sampler's epoch
+    and skips those batches at the index level.
 
     The position comes from the trainer (``progress`` callable) rather than from counting yielded batches, because
     Lightning's fetcher pre-fetches one batch ahead of the one being trained on.
@@ -302,7 +306,8 @@ class _ResumableTrainLoader:
 
     def progress(self) -> tuple[int, int]:
         trainer = self.datamodule.trainer
-        return trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        # the batches up to the last optimiser step, as AccumulationWindowCheckpoint records Lightning's position
+        return trainer.current_epoch, stepped_batches(trainer)
 
     def train_dataloader(self) -> DataLoader:
         return ResumableDataLoader.wrap(self.original(), self.progress)
@@ -311,10 +316,62 @@ class _ResumableTrainLoader:
 def make_resumable(datamodule: L.LightningDataModule) -> None:
     """Make ``datamodule.train_dataloader()`` return a :class:`ResumableDataLoader` (instance-level override).
 
-    The position saved in checkpoints is read from the trainer the DataModule is attached to.
+    The position saved in checkpoints is read from the trainer the DataModule is attached to
+    (:func:`stepped_batches`); the trainer needs :class:`AccumulationWindowCheckpoint` among its callbacks, which
+    saves Lightning's own count of the epoch's batches at the same position.
     """
     # a bound method (not a closure): Lightning inspects its ``__code__`` and ``ddp_spawn`` pickles it
     datamodule.train_dataloader = _ResumableTrainLoader(datamodule, datamodule.train_dataloader).train_dataloader
+
+
+def stepped_batches(trainer: L.Trainer) -> int:
+    """The batches of the current epoch whose gradients have reached the weights: those Lightning processed, less
+    the micro-batches of a gradient-accumulation window that has not stepped the optimiser yet.
+
+    Lightning's accumulation windows start at every epoch's first batch; each steps the optimiser on its
+    ``accumulate_grad_batches``-th batch, the epoch's last one on the epoch's last batch.
+    """
+    progress = trainer.fit_loop.epoch_loop.batch_progress
+    done = int(progress.current.processed)
+    acc = int(trainer.accumulate_grad_batches)
+    n = trainer.num_training_batches
+    if acc > 1 and not progress.is_last_batch and not (isinstance(n, int) and done >= n):
+        done -= done % acc
+    return done
+
+
+class AccumulationWindowCheckpoint(L.Callback):
+    """Checkpoints written inside a gradient-accumulation window resume at the window's start.
+
+    With ``accumulate_grad_batches = k`` the gradients of a window's micro-batches add up in ``.grad`` until its k-th
+    batch steps the optimiser, and a checkpoint holds no gradients. One written inside a window (the final save after
+    ``trainer.max_time`` or a callback's ``should_stop``, Ctrl-C / SIGTERM's :class:`InterruptCheckpoint`, a periodic
+    save on the first batch of a resumed run, a time- or validation-triggered save) recorded its last micro-batch as
+    done: the resumed run started with the next micro-batch, and its first optimiser step summed the gradients of
+    only the rest of the window (other weights than an uninterrupted run). This sets the epoch's batch counters of
+    the saved fit loop (``epoch_loop.batch_progress``) back to the window's start, where :class:`ResumableDataLoader`
+    records its position too (:func:`stepped_batches`): the resumed run replays the window's micro-batches and
+    recomputes the gradients the checkpoint did not keep. Checkpoints at an optimiser step are left as they are.
+    """
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        progress = trainer.fit_loop.epoch_loop.batch_progress
+        back = int(progress.current.processed) - stepped_batches(trainer)
+        if back <= 0:
+            return
+        saved = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress")
+        if not isinstance(saved, dict):
+            log.warning("checkpoint at step %d, %d micro-batch(es) into a gradient-accumulation window: no fit-loop "
+                        "batch counters found to set back to the window's start (another Lightning version?); a "
+                        "resume from it does not continue the epoch exactly", trainer.global_step, back)
+            return
+        # every counter at the window's start, as after a finished batch: on restart Lightning then counts no further
+        # batch or optimiser step (Lightning's own saves inside on_train_batch_end leave `completed` one behind)
+        for part in ("current", "total"):
+            at = int(getattr(progress, part).processed) - back
+            saved[part].update(ready=at, started=at, processed=at, completed=at)
+        saved["is_last_batch"] = False
 
 
 def _counted_stop(trainer: L.Trainer) -> str | None:
@@ -348,7 +405,8 @@ def save_final_checkpoint(trainer: L.Trainer, path: str | Any, validated: bool =
     A fit that ends right after an epoch's last batch (``max_steps`` reached there) is counted the same way, read on
     resume as "epoch e + 1, all its batches done" (the resumed run skipped or replayed batches). Measured with
     Lightning 2.6: after an epoch-end validation it is saved as "epoch e, all its batches done" (as mid-epoch stops
-    are); without one, as the start of epoch e + 1 (no batch of it done).
+    are); without one, as the start of epoch e + 1 (no batch of it done). A stop inside a gradient-accumulation
+    window is saved at the window's start (:class:`AccumulationWindowCheckpoint`, a callback of every run).
 
     Args:
         trainer: the trainer ``fit`` returned from.

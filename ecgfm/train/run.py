@@ -42,7 +42,7 @@ from ecgfm.train.build import (build_callbacks, build_logger, check_backbone_fit
                                crop_targets_for, data_rate, log_dir, pretext_targets_for)
 from ecgfm.train.checkpoints import (AtomicCheckpointIO, DataFacts, check_resume_config, find_resume_checkpoint,
                                      guard_fresh_start, remove_stale_temporaries)
-from ecgfm.train.loop import make_resumable, save_final_checkpoint, stopped_mid_epoch
+from ecgfm.train.loop import make_resumable, save_final_checkpoint, stepped_batches, stopped_mid_epoch
 from ecgfm.train.safety import NonFiniteGuard, check_finite_state
 
 log = logging.getLogger(__name__)
@@ -309,10 +309,9 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         "stop_reason": stop_reason,
         "schedule_steps": sched_steps or None,
         # whole epochs run (fit counts an epoch stopped part-way by max_steps / max_time as finished), and the
-        # batches of the unfinished one
+        # batches of the unfinished one up to its last optimiser step (where last.ckpt resumes it)
         "epochs": int(trainer.current_epoch) - int(mid_epoch),
-        "partial_epoch_batches": int(trainer.fit_loop.epoch_loop.batch_progress.current.completed) if mid_epoch
-        else 0,
+        "partial_epoch_batches": stepped_batches(trainer) if mid_epoch else 0,
         "split": "train",
         **history.summary(),
         "loss_history_steps": len(history.losses),
