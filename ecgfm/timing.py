@@ -1,4 +1,5 @@
-"""Throughput with a confidence interval, for the benchmark scripts (``scripts/bench_*.py``).
+"""Throughput with a confidence interval, and a portable peak-memory reading, for the benchmark scripts
+(``scripts/bench_*.py``).
 
 A rate is items per second of *all* the timed work: ``1 / mean(seconds per item)`` over timed blocks, with the
 95 % t-interval of the mean seconds per item, inverted. The mean of per-block *rates* is not a throughput: a few
@@ -40,3 +41,14 @@ def rate_interval(items: Sequence[float] | float, seconds: Sequence[float]) -> t
 
     half = float(stats.t.ppf(0.975, per.size - 1) * per.std(ddof=1) / math.sqrt(per.size))
     return 1.0 / mean, 1.0 / (mean + half), (1.0 / (mean - half) if mean > half else float("inf"))
+
+
+def max_rss_bytes() -> int:
+    """Peak resident set size of this process since start, in bytes, from ``getrusage`` (the fallback where
+    ``/proc/self/status`` cannot be read): ``ru_maxrss`` is in bytes on macOS and in KiB on Linux and the other
+    platforms."""
+    import resource
+    import sys
+
+    peak = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    return peak if sys.platform == "darwin" else peak * 1024

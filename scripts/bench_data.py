@@ -244,6 +244,15 @@ def _child_cached_loader(job_json: str) -> None:
     print(json.dumps({"fast": _time_loader(dm.train_dataloader(), job["batches"], job["blocks"])}))
 
 
+def naive_record_paths(limit: int = 0) -> list[str]:
+    """WFDB record paths (no ``.hea``) the naive loader reads: PTB-XL at 100 Hz, then CinC 2017, each sorted by
+    record id, so that ``limit`` > 0 keeps the first ``limit`` records of each: the records ``--quick`` converts
+    (``SubsetSource`` over the sources' sorted record ids); 0 keeps all."""
+    groups = [sorted(glob.glob(str(DATA / "ptbxl" / "records100" / "*" / "*_lr.hea"))),
+              sorted(glob.glob(str(DATA / "cinc2017" / "A*.hea")))]
+    return [p[:-4] for g in groups for p in (g[:limit] if limit else g)]
+
+
 def _child_loaders(job_json: str) -> None:
     import torch
     from torch.utils.data import DataLoader
@@ -254,9 +263,7 @@ def _child_loaders(job_json: str) -> None:
     def datamodule(workers: int, batches: int):
         return _cached_datamodule(job, workers, batches)
 
-    paths = sorted(glob.glob(str(DATA / "ptbxl" / "records100" / "*" / "*_lr.hea")))
-    paths += sorted(glob.glob(str(DATA / "cinc2017" / "A*.hea")))
-    paths = [p[:-4] for p in paths]
+    paths = naive_record_paths(int(job.get("limit") or 0))
     rng = np.random.default_rng(0)
     paths = [paths[i] for i in rng.permutation(len(paths))]
 
@@ -304,6 +311,7 @@ def open_and_index_costs(cache_dir: Path) -> dict:
 
 
 def _fmt_bytes(n: float) -> str:
+    """Bytes in decimal units (GB = 1e9 bytes, MB = 1e6, kB = 1e3), one decimal: the table's one unit convention."""
     for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if n >= scale:
             return f"{n / scale:,.1f} {unit}"
@@ -359,7 +367,7 @@ def bench_generated(n: int, workers: int, loader_workers: int, work: Path, quick
         ("size on disk", _fmt_bytes(size["total"]), f"~{_fmt_bytes(size['total'] * f)}"),
         ("per record on disk", f"{_fmt_bytes(per)}: {_fmt_bytes(size['signal'] / n)} signal + "
          f"{_fmt_bytes(size['other'] / n)} index and reports", "same"),
-        (f"peak resident memory (parent + {workers} workers, sampled every 50 ms)", f"{peak / 1024:.2f} GB",
+        (f"peak resident memory (parent + {workers} workers, sampled every 50 ms)", _fmt_bytes(peak * 2**20),
          "about the same (workers stream shards; the parent holds the record ids)"),
         (f"`PretrainDataModule`, 2.5 s crops, batch 64, {loader_workers} loader workers", rate(2.5),
          "same (memory-mapped, independent of size)"),
@@ -470,7 +478,7 @@ def main() -> None:
         # 2. loaders ----------------------------------------------------------------------------------------
         job = {"caches": [str(cache)], "crop": 250, "batch": 256, "workers": args.loader_workers,
                "fast_batches": 40 if quick else 200, "naive_batch": 16, "naive_batches": 10 if quick else 40,
-               "blocks": 5}
+               "blocks": 5, "limit": limit}   # the naive loader reads the records converted above
         lo, _, _, _ = run_measured(["--_child", "loaders", json.dumps(job)])
         (fm, flo, fhi, fn), (nm, nlo, nhi, nn) = lo["fast"], lo["naive"]
         ratio = fm / nm
@@ -480,7 +488,8 @@ def main() -> None:
                              "cached_cpu_us_per_sample": 1e6 * lo["cpu_fast"],
                              "naive_cpu_us_per_sample": 1e6 * lo["cpu_naive"], "cpu_ratio": cpu_ratio,
                              "load_after": load_average()}
-        print(f"[loader] random 2.5 s crops, 12 leads @ 100 Hz, {args.loader_workers} workers, {what}:")
+        print(f"[loader] random 2.5 s crops, 12 leads @ 100 Hz, {args.loader_workers} workers, {what}, both loaders "
+              f"over the same records; batch size: cache {job['batch']}, naive {job['naive_batch']}:")
         print(f"    PretrainDataModule (cache): {fm:,.0f} samples/s (95% CI {flo:,.0f}-{fhi:,.0f}, {fn} samples)")
         print(f"    naive wfdb.rdrecord + resample: {nm:,.1f} samples/s (95% CI {nlo:,.1f}-{nhi:,.1f}, "
               f"{nn} samples)")

@@ -222,6 +222,17 @@ def speedup(times: list[float], n: int, loop_rate: float) -> float:
     return n / statistics.median(times) / loop_rate
 
 
+def timing_text(n_ecgs: int, times: list[float]) -> tuple[float, str]:
+    """``(ECGs/s, its label)`` of timed runs: the rate is ``n_ecgs`` over the median run time; the label gives the
+    median and the fastest / slowest runs, named as timings (their spread, not a confidence interval)."""
+    med = statistics.median(times)
+    what = "per ECG" if n_ecgs == 1 else f"for {n_ecgs} ECGs"
+    if len(times) == 1:
+        return n_ecgs / med, f"(one timed run: {med:.2f} s {what}; no spread)"
+    return n_ecgs / med, (f"(timings over {len(times)} runs: median {med:.2f} s {what}, fastest {min(times):.2f} s, "
+                          f"slowest {max(times):.2f} s; a spread, not a CI)")
+
+
 def fmt_ci(v: torch.Tensor) -> str:
     c = mean_ci(v)
     ci = f"95% CI {c['lo']:.2e}-{c['hi']:.2e}" if c["lo"] is not None else f"no CI: n={c['n']}"
@@ -274,13 +285,13 @@ def main(argv: list[str] | None = None) -> dict:
           f"accuracy {train_acc:.2f})")
     rows = []
 
+    print("# ECGs/s = ECGs / median run time; beside it the median, fastest and slowest timed runs (a spread of "
+          "timings, not a confidence interval); xN: speed-up over the loop's ECGs/s")
+
     def row(name: str, n_ecgs: int, times: list[float], extra: str = "") -> float:
-        med = statistics.median(times)
-        rate = n_ecgs / med
+        rate, label = timing_text(n_ecgs, times)
         rows.append((name, rate, extra))
-        what = "per ECG" if n_ecgs == 1 else f"for {n_ecgs} ECGs"
-        print(f"{name:<66s} {rate:8.2f} ECGs/s  (median of {len(times)} runs: {med:.2f} s {what}; "
-              f"min {min(times):.2f}, max {max(times):.2f}) {extra}", flush=True)
+        print(f"{name:<66s} {rate:8.2f} ECGs/s  {label} {extra}", flush=True)
         return rate
 
     # ---------------------------------------------------------------- integrated gradients

@@ -3,7 +3,8 @@
 Runs the cells of a probe sweep one by one, exactly as ``python probe.py -m checkpoint=a,b task=... fraction=...
 seed=...`` does with Hydra's basic launcher (one ``probe_main`` call per cell, in one process), and reports
 
-* feature-extraction throughput per checkpoint (windows/s and records/s, with the window settings);
+* feature-extraction throughput per checkpoint (windows/s, with the window settings; the corpus's records are
+  not counted: a record gives as many windows as its length holds);
 * the number of encoder passes over each corpus (``ecgfm.evaluate.features.STATS["extractions"]``) against the
   number of cells, and the feature files on disk (one per checkpoint and corpus);
 * the time spent training and scoring heads per cell.
@@ -20,7 +21,9 @@ every window as a zero-padded 12-lead input (``features.lead_aware=false``, the 
 backbones) and once lead-aware (absent leads make no tokens), each with its own feature folder, and prints the
 speed-up; ``--leads I`` makes the synthetic corpus one-lead (lead I kept, the others absent). Peak memory of each
 extraction is printed (peak resident set size of the process during that cell, reset before it where Linux
-allows; and the peak CUDA allocation on a GPU)::
+allows, and its rise above the size the process had when the cell started; where the reset is refused the peak is
+the process's since start and no rise is given; and the peak CUDA allocation on a GPU). The default ``--repeats 1``
+gives one round: no interval for windows/s or the speed-up (``--repeats 3`` or more for one)::
 
     python scripts/bench_probe.py --checkpoints random:vit1d_tiny --tasks synthetic --leads I \
         --lead-modes padded aware --fractions 1 --seeds 0
@@ -42,7 +45,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ecgfm.timing import rate_interval  # noqa: E402
+from ecgfm.timing import max_rss_bytes, rate_interval  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -121,12 +124,11 @@ def main(argv: list[str] | None = None) -> dict:
             windows = F.STATS["windows"] - before.get("windows", 0)
             secs = F.STATS["seconds"] - before.get("seconds", 0.0)
             cell = json.loads(Path(out["cells_written"][0]).read_text())
-            n_rec = sum(cell["splits"].values())
             passes[(ckpt, task, mode)] = {"windows": windows, "seconds": secs,
                                           "window_samples": cell["window_samples"],
                                           "stride_samples": cell["stride_samples"], "backbone": cell["backbone"],
-                                          "cache_records": None, "labelled_records": n_rec,
-                                          "peak_memory": _peak_memory(), "rss_start": rss_start}
+                                          "peak_memory": _peak_memory(), "peak_reset": _PEAK_RESET["ok"],
+                                          "rss_start": rss_start}
         per_cell.append({"checkpoint": ckpt, "task": task, "lead_mode": mode, "fraction": frac, "seed": seed,
                          "seconds": dt, "encoder_passes": extracted})
     total = time.perf_counter() - t_all
@@ -150,19 +152,19 @@ def main(argv: list[str] | None = None) -> dict:
           f"{__import__('torch').get_num_threads()}; "
           + ("warm-up excluded (one untimed run per checkpoint, task and lead mode first)" if args.warmup
              else "cold: the first extraction includes process start-up (--no-warmup)"))
+    if args.repeats < 3:
+        print(f"note: --repeats {args.repeats}: "
+              + ("one round, so no interval is given for the windows/s or the speed-up" if args.repeats == 1 else
+                 "two rounds: the 95% intervals have one degree of freedom (wide, often unbounded)")
+              + "; --repeats 3 or more for an interval")
     print("feature extraction (frozen encoder, every sliding window of every record of the corpus):")
     for key, p in passes.items():
         ckpt, task, mode = key
-        if args.repeats > 1:
-            rate, lo, hi = rate_interval([w for w, _ in timings[key]], [t for _, t in timings[key]])
-            p["windows_per_s"] = [rate, lo, hi]
-            speed = f"{rate:.0f} windows/s (95% CI {lo:.0f}-{hi:.0f} over {args.repeats} passes)"
-        else:
-            speed = f"{p['windows'] / max(p['seconds'], 1e-9):.0f} windows/s (one pass)"
+        speed = _speed(timings[key])
+        if len(timings[key]) > 1:
+            p["windows_per_s"] = list(rate_interval([w for w, _ in timings[key]], [t for _, t in timings[key]]))
         print(f"  {ckpt:<28} {task:<12} {mode:<6} backbone {p['backbone']:<14} window {p['window_samples']} / "
-              f"stride {p['stride_samples']} samples: {p['windows']} windows in {p['seconds']:.2f} s; {speed}; "
-              f"peak memory {p['peak_memory']}, "
-              f"{_rise(p)} above the {p['rss_start']:.0f} MiB the process held when the cell started")
+              f"stride {p['stride_samples']} samples: {speed}; peak memory {p['peak_memory']}, {_footprint(p)}")
     for ckpt in args.checkpoints:
         for task in args.tasks:
             a, b = passes.get((ckpt, task, "aware")), passes.get((ckpt, task, "padded"))
@@ -184,10 +186,13 @@ def main(argv: list[str] | None = None) -> dict:
     if heads:
         print(f"cells without an encoder pass (heads on cached features): mean {sum(heads) / len(heads):.2f} s, "
               f"max {max(heads):.2f} s per cell (C grid x bootstrap {args.bootstrap})")
-    print(f"total {total:.1f} s; results table: {results_dir / 'results.md'}")
+    kept = bool(args.keep or args.work)
+    print(f"total {total:.1f} s; " + (f"results table: {results_dir / 'results.md'}" if kept else
+                                       "results table deleted with the temporary work folder (--keep or --work to "
+                                       "keep it)"))
     ok = n_pass == expected
     print("ONE PASS PER CHECKPOINT AND CORPUS:", "yes" if ok else "NO")
-    if not args.keep and not args.work:
+    if not kept:
         shutil.rmtree(work, ignore_errors=True)
     return {"cells": len(cells), "encoder_passes": n_pass, "feature_files": n_files, "one_pass": ok,
             "passes": {"|".join(k): v for k, v in passes.items()}, "total_s": total}
@@ -207,13 +212,39 @@ def _rss_mib() -> float:
     return float("nan")
 
 
+def _speed(timings: list[tuple[int, float]]) -> str:
+    """The extraction figures of one checkpoint, task and lead mode: ``timings`` are the ``(windows, seconds)`` of
+    its timed passes (round 0 = the sweep's). One pass: its windows, time and rate. Several: round 0's windows and
+    time, then the windows, time and rate of all the passes together with the 95% interval of the rate over them
+    (each figure labelled with the passes it covers)."""
+    w0, t0 = timings[0]
+    if len(timings) == 1:
+        return f"{w0} windows in {t0:.2f} s = {w0 / max(t0, 1e-9):.0f} windows/s (one pass, no interval)"
+    ws, ts = [w for w, _ in timings], [t for _, t in timings]
+    rate, lo, hi = rate_interval(ws, ts)
+    return (f"round 0: {w0} windows in {t0:.2f} s; all {len(timings)} passes: {sum(ws)} windows in {sum(ts):.2f} s = "
+            f"{rate:.0f} windows/s (95% CI {lo:.0f}-{hi:.0f} over {len(timings)} passes)")
+
+
 def _rise(p: dict) -> str:
-    """The cell's own peak footprint: its peak RSS less the RSS it started from (libraries already loaded)."""
+    """The cell's own peak footprint: its peak RSS less the RSS it started from (libraries already loaded).
+    Not computed where the peak could not be reset before the cell (``p["peak_reset"]`` false): the peak is then
+    the process's since start (an earlier cell's, or the warm-up's), not this cell's."""
+    if not p.get("peak_reset", False):
+        return "rise n/a (peak reset refused)"
     try:
         peak = float(str(p["peak_memory"]).split("RSS ", 1)[1].split(" MiB", 1)[0])
     except (IndexError, ValueError):
         return "rise n/a"
     return f"+{peak - p['rss_start']:.0f} MiB"
+
+
+def _footprint(p: dict) -> str:
+    """:func:`_rise` with the RSS the process held when the cell started."""
+    rise = _rise(p)
+    if rise.startswith("+"):
+        return f"{rise} above the {p['rss_start']:.0f} MiB the process held when the cell started"
+    return f"{rise}; the process held {p['rss_start']:.0f} MiB when the cell started"
 
 
 def _reset_peak_memory() -> None:
@@ -239,14 +270,13 @@ def _peak_memory() -> str:
                 since = "process, this cell" if _PEAK_RESET["ok"] else "process, since start: reset refused"
                 out = f"RSS {int(line.split()[1]) / 1024:.0f} MiB ({since})"
     except OSError:
-        import resource
-
-        out = f"RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB (since start)"
+        out = f"RSS {max_rss_bytes() / 2 ** 20:.0f} MiB (since start)"
     import torch
 
     if torch.cuda.is_available():
         out += f", CUDA {torch.cuda.max_memory_allocated() / 2 ** 20:.0f} MiB"
     return out
+
 
 
 def _dataset(task: str) -> str:

@@ -24,17 +24,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _rss_mib() -> float:
-    """Peak resident set size of this process so far (VmHWM), MiB."""
-    import resource
 
+def _rss_mib() -> float:
+    """Peak resident set size of this process so far (VmHWM; ``getrusage`` where /proc is not readable), MiB."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    from ecgfm.timing import max_rss_bytes
+
+    return max_rss_bytes() / 2**20
 
 
 def _child(args: argparse.Namespace) -> dict:

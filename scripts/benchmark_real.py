@@ -20,8 +20,8 @@ Stages (each one skips what is already done, so an interrupted run resumes):
    CPU-budget recipe ``conf/experiment/<method>_cpu30.yaml`` when it exists (its own steps, checkpoint interval,
    crop and backbone), else ``+experiment=<method>`` for 300 steps; ``--steps N``: ``+experiment=<method>`` for
    ``N`` steps (checkpoint every ``N // 4``). Every periodic checkpoint is kept (``checkpoint.save_top_k=-1``, for
-   the learning curve). The wall time of each method is printed and written to
-   ``pretrain/<method>/pretrain_time.json``.
+   the learning curve). The wall time and CPU time (train.py and its child processes) of each method are printed
+   and written to ``pretrain/<method>/pretrain_time.json``.
 3. **curve**: the learning curve: every intermediate checkpoint of each method's run
    (``pretrain/<method>/checkpoints/step<N>.ckpt``, plus the final encoder) exported to
    ``pretrain/<method>/curve/step<N>/encoder`` and linear-probed on the tasks (fraction 1, seed 0; validation and
@@ -313,10 +313,14 @@ def stage_pretrain(args: argparse.Namespace, pools: list[str], env: dict[str, st
                    f"hydra.run.dir={out}", f"torch_threads={args.threads}", "data.num_workers=0",
                    f"paths.cache_root={args.cache_root}", "trainer.enable_progress_bar=false",
                    "checkpoint.save_top_k=-1", *over, *args.train_overrides]
+            cpu0 = _children_cpu_s()
             wall = run(cmd, env)
+            cpu = _children_cpu_s() - cpu0      # train.py and any process it waited for
             summary = _read_json(out / "summary.json")
             info = {"method": method, "experiment": name, "wall_s": round(wall, 1),
                     "fit_time_s": summary.get("fit_time_s"), "steps": summary.get("steps"),
+                    "cpu_s": round(cpu, 1), "cpu_scope": "train.py and its child processes, user + sys "
+                                                         "(getrusage RUSAGE_CHILDREN before / after)",
                     "threads": args.threads, "finished_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
                     "command": " ".join(cmd[1:]), "requested": requested}
             from ecgfm.io import atomic_write_json
@@ -324,12 +328,22 @@ def stage_pretrain(args: argparse.Namespace, pools: list[str], env: dict[str, st
             atomic_write_json(record, info, indent=2)
         info = _read_json(record)
         if info:
-            times.append(f"{method}: {info.get('wall_s')} s wall ({info.get('steps')} steps, +experiment="
+            cpu = f", {info['cpu_s']} CPU-s" if info.get("cpu_s") is not None else ""
+            times.append(f"{method}: {info.get('wall_s')} s wall{cpu} ({info.get('steps')} steps, +experiment="
                          f"{info.get('experiment')})")
         encoders[method] = str(enc)
     if times:
         log("pretraining wall time per method: " + "; ".join(times))
     return encoders
+
+
+def _children_cpu_s() -> float:
+    """User + system CPU seconds of every child process this process has waited for so far (a subprocess's CPU is
+    the difference of two calls around it; its own children count once it has waited for them)."""
+    import resource
+
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
 
 
 def _read_json(path: Path) -> dict[str, Any]:

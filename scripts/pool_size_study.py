@@ -9,7 +9,8 @@ Caches are drawn in proportion to their records, so at a fixed step budget every
 number of draws and the generated records *dilute* the real ones: the study measures "more (generated) data at the
 same compute". Every encoder is linear-probed beside the random-init twin of the architecture on the benchmark's
 tasks, fractions and seeds; the report gives each row's test macro AUROC (mean of seeds, mean per-seed 95 % CI),
-its validation AUROC, and the paired differences (95 % CI, records resampled jointly over the seeds) against the
+its validation AUROC (mean of seeds with their min-max: a spread over seeds, not a CI: the cells keep no
+per-record validation predictions to bootstrap), and the paired differences (95 % CI, records resampled jointly over the seeds) against the
 real-only encoder and against the twin::
 
     python scripts/pool_size_study.py                       # pretrain (resumes / skips finished runs), probe, report
@@ -50,6 +51,21 @@ def run_dir(args: argparse.Namespace, pool: str) -> Path:
 
 def encoder(args: argparse.Namespace, pool: str) -> str:
     return str(run_dir(args, pool) / "encoder")
+
+
+def seed_spread(values: Any) -> str:
+    """Mean over seeds with the seeds' min-max, labelled (a spread over seeds, not a confidence interval), e.g.
+    ``0.812 (seeds 0.800-0.820)``; ``0.812 (one seed)``; ``–`` without a finite value. Shared with
+    scripts/crop_ablation.py."""
+    import numpy as np
+
+    v = np.asarray([float(x) for x in values if x is not None], dtype=float)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return "–"
+    if v.size == 1:
+        return f"{v[0]:.3f} (one seed)"
+    return f"{v.mean():.3f} (seeds {v.min():.3f}-{v.max():.3f})"
 
 
 def _cpu_children() -> float:
@@ -165,7 +181,8 @@ def report(args: argparse.Namespace) -> str:
         return f"{d['delta']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]{note}"
 
     order = list(args.pools) + ["random-init twin"]
-    lines = ["| task | labels | pool | generated records | pool records | draws per record | val AUROC | "
+    lines = ["| task | labels | pool | generated records | pool records | draws per record | val AUROC, mean "
+             "(min-max over seeds, not a CI) | "
              f"test AUROC [mean per-seed 95 % CI] | Δ vs {args.pools[0]} [paired 95 % CI] | Δ vs random-init twin |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     meta = {}
@@ -184,7 +201,7 @@ def report(args: argparse.Namespace) -> str:
                 continue
             gen, n, draws, _ = meta.get(pool, ("–", None, "–", None))
             lines.append(f"| {task} | {100 * frac:g} % | {pool} | {gen if pool in meta else '–'} | "
-                         f"{n if n else '–'} | {draws} | {s['val'].mean():.3f} | {s['test'].mean():.3f} "
+                         f"{n if n else '–'} | {draws} | {seed_spread(s['val'])} | {s['test'].mean():.3f} "
                          f"[{s['ci_low'].mean():.3f}, {s['ci_high'].mean():.3f}] (seeds "
                          f"{' '.join(str(x) for x in s['seed'])}, n={int(s['n_test'].max())}) | "
                          f"{delta(vs_real, pool, task, frac) if pool != args.pools[0] else 'reference'} | "
@@ -205,7 +222,9 @@ def report(args: argparse.Namespace) -> str:
                             " (resumed: the runs before it were not timed, the time is the last run's only)"
                             if t.get("resumed") else ""))
     md = ("Linear probe (mean window embedding), test macro AUROC, mean over seeds; differences are paired on the "
-          "same test records, records resampled jointly over the seeds. Pretraining steps: "
+          "same test records, records resampled jointly over the seeds. The validation AUROC (the one the probe's C "
+          "was chosen on) is given with its spread over seeds, not a CI (no per-record validation predictions are "
+          "kept). Pretraining steps: "
           + ", ".join(f"{p} {s}" for p, s in steps.items()) + ".\n\n" + "\n".join(lines) + "\n\n"
           + ("Pretraining cost: " + "; ".join(times) + ".\n" if times else ""))
     (Path(args.out) / "pool_size.md").write_text(md)
