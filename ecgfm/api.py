@@ -39,8 +39,8 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ecgfm.artifacts import (EncoderClassifier, derive_trained_limb_leads, load_classifier, load_encoder,
-                             pretraining_lead_aware, trained_leads_words, warn_record_leads)
+from ecgfm.artifacts import (EncoderClassifier, artifact_lead_aware, derive_trained_limb_leads, load_classifier,
+                             load_encoder, trained_leads_words, warn_record_leads)
 from ecgfm.data.preprocess import (PreprocessSpec, model_input_leads, preprocess_signal, preprocessed_spec,
                                    sliding_windows, with_input_leads)
 from ecgfm.data.record import CANONICAL_LEADS, ECGDataError, ECGRecord, canonical_lead, map_leads
@@ -51,9 +51,18 @@ log = logging.getLogger(__name__)
 
 # An array record whose largest lead peak-to-peak amplitude is below this many "mV" looks like volts: an ECG in mV
 # swings about 0.5-5 mV in its largest lead (in volts: 0.0005-0.005), and no recorded ECG stays under 50 uV in
-# every lead. Microvolts or raw counts are harmless (normalisation cancels the scale); volts are not, since the
-# flat-lead threshold (PreprocessSpec.flat_threshold, in mV) then marks recorded leads absent.
+# every lead. Volts are never harmless: the flat-lead threshold (PreprocessSpec.flat_threshold, in mV) then marks
+# recorded leads absent.
 VOLTS_MAX_PTP_MV = 0.05
+
+# An array record whose largest lead peak-to-peak amplitude is above this many "mV" looks like microvolts or ADC
+# counts (an ECG in mV swings about 0.5-5 mV in its largest lead; even a tall QRS with baseline wander stays under
+# 10-15 mV, so 50 mV is far above any physiological lead, while the same record in microvolts swings 500-5000 and in
+# ADC counts, at the usual 100-1000 counts per mV, hundreds to thousands). Such a scale is harmless only to an
+# artifact whose preprocessing normalises (normalisation cancels it): one that does not (``normalize: none``, e.g.
+# saved with ``preprocess=None``, PreprocessSpec.raw) feeds it to the network as it is, and a record in microvolts
+# was scored [0.37, 0.38, 0.25] in mV and [1, 0, 0] in microvolts, silently.
+UNNORMALISED_MAX_PTP_MV = 50.0
 
 
 def load_record(path: str | os.PathLike, rename_leads: Mapping[str, str] | None = None
@@ -205,11 +214,12 @@ class _Model:
             names: the rows' lead names.
             where: the record, for messages.
             preprocessed: a cache record prepared with this artifact's spec (not preprocessed again).
-            check_units: an array from the caller: warn when it looks like volts (:func:`warn_if_volts`).
+            check_units: an array from the caller: warn when it does not look like millivolts (volts, or microvolts
+                / ADC counts for an artifact that does not normalise: :func:`warn_if_not_millivolts`).
         """
         x12, mask, _dropped = map_leads(sig, names, where)
         if check_units:
-            warn_if_volts(x12, mask, where)
+            warn_if_not_millivolts(x12, mask, where, self._pre)
         if preprocessed:   # a cache record prepared with this very spec: as the sweep's features read it
             out_fs = fs
         else:
@@ -296,13 +306,10 @@ class _Model:
     @property
     def lead_aware(self) -> bool:
         """Absent leads reach the network as a ``lead_mask`` (it takes one and the artifact does not say
-        ``lead_aware: false``, nor that the encoder was pretrained with absent leads as zero rows:
-        :func:`~ecgfm.artifacts.pretraining_lead_aware`, the layout probes and fine-tunes use); otherwise they are
-        zero rows."""
-        said = self.meta.get("lead_aware")
-        if said is None:
-            said = pretraining_lead_aware(self.meta)
-        return (True if said is None else bool(said)) and bool(getattr(self.network, "accepts_lead_mask", False))
+        ``lead_aware: false``, nor, without a ``lead_aware`` of its own, that the encoder was pretrained with absent
+        leads as zero rows: :func:`~ecgfm.artifacts.artifact_lead_aware`, which the explain stage reads too);
+        otherwise they are zero rows."""
+        return artifact_lead_aware(self.meta) and bool(getattr(self.network, "accepts_lead_mask", False))
 
     @torch.no_grad()
     def _forward(self, windows: np.ndarray, fn: Any, batch_size: int, mask: np.ndarray | None = None
@@ -328,17 +335,32 @@ def _trim_missing_edges(x: np.ndarray) -> np.ndarray:
     return x[:, first:last]
 
 
-def warn_if_volts(x12: np.ndarray, mask: np.ndarray, where: str) -> None:
-    """Warn when an array record looks like volts: the API expects millivolts.
+def normalises(spec: PreprocessSpec | None) -> bool:
+    """Whether preprocessing with ``spec`` normalises the signal (so that its scale, its units, cancel): not for
+    ``normalize: none`` (:meth:`PreprocessSpec.raw`, what an artifact saved with ``preprocess=None`` is read with),
+    nor for no spec at all (an :class:`~ecgfm.explain.wrapper.ECGWrapper` without one only resamples)."""
+    return spec is not None and spec.normalize != "none"
 
-    Its present leads that vary (all-zero, all-NaN or constant leads are absent, not small) all swing less than
-    :data:`VOLTS_MAX_PTP_MV` peak to peak. Microvolts or raw counts are not flagged: normalisation cancels their
-    scale, while volts fall under the flat-lead threshold (in mV) and lose leads.
+
+def warn_if_not_millivolts(x12: np.ndarray, mask: np.ndarray, where: str, spec: PreprocessSpec | None) -> None:
+    """Warn when an array record's amplitude says it is not in millivolts, the unit every artifact expects. The
+    one check of the API (:class:`Encoder`, :class:`Classifier`) and of the explain stage
+    (:meth:`ecgfm.explain.wrapper.ECGWrapper.prepare`).
+
+    Only the present leads that vary count (all-zero, all-NaN or constant leads are absent, not small), by their
+    largest peak-to-peak amplitude:
+
+    * below :data:`VOLTS_MAX_PTP_MV`: looks like volts, whatever the preprocessing (volts fall under the flat-lead
+      threshold, in mV, and lose leads);
+    * above :data:`UNNORMALISED_MAX_PTP_MV`: looks like microvolts or ADC counts, flagged only when ``spec`` does
+      not normalise (:func:`normalises`): there the scale reaches the network; a normalising spec cancels it.
 
     Args:
         x12: ``(L, T)`` the record's leads (the canonical 12, or a model's own leads: the order does not matter).
         mask: ``(L,)`` its present leads.
         where: the record, for the message.
+        spec: the preprocessing the record goes through (the artifact's effective spec; None: none, resampling
+            only).
     """
     ptp = []
     for i in np.flatnonzero(np.asarray(mask, dtype=bool)):
@@ -346,11 +368,21 @@ def warn_if_volts(x12: np.ndarray, mask: np.ndarray, where: str) -> None:
         if values.size:
             ptp.append(float(values.max() - values.min()))
     ptp = [p for p in ptp if p > 0]
-    if ptp and max(ptp) < VOLTS_MAX_PTP_MV:
-        warnings.warn(f"{where}: its largest lead peak-to-peak amplitude is {max(ptp):.3g}, where an ECG in "
+    if not ptp:
+        return
+    largest = max(ptp)
+    if largest < VOLTS_MAX_PTP_MV:
+        warnings.warn(f"{where}: its largest lead peak-to-peak amplitude is {largest:.3g}, where an ECG in "
                       f"millivolts swings about 0.5-5 mV: the signal looks like volts, but the API expects "
                       f"millivolts (multiply it by 1000); as given, leads under the flat-lead threshold are marked "
                       f"absent and the output changes", UserWarning, stacklevel=6)
+    elif largest > UNNORMALISED_MAX_PTP_MV and not normalises(spec):
+        warnings.warn(f"{where}: its largest lead peak-to-peak amplitude is {largest:.3g}, where an ECG in "
+                      f"millivolts swings about 0.5-5 mV (no lead above {UNNORMALISED_MAX_PTP_MV:g}): the signal "
+                      f"looks like microvolts or ADC counts, but the API expects millivolts (divide microvolts by "
+                      f"1000, ADC counts by the gain in counts per mV); this model's preprocessing does not "
+                      f"normalise (normalize: none), so the scale reaches the network and the output changes",
+                      UserWarning, stacklevel=6)
 
 
 def _transposed_hint(signal: Any, batch: Sequence[np.ndarray]) -> str | None:
@@ -538,8 +570,26 @@ class Classifier(_Model):
         """Decisions: the arg-max class (single-label) or probabilities above the validation thresholds
         (multi-label; 0.5 where none were stored), as a 0/1 DataFrame like :meth:`predict_proba`."""
         p = self.predict_proba(signal, fs, leads, rename_leads=rename_leads)
-        if self.multilabel:
-            t = self.thresholds if self.thresholds is not None else np.full(p.shape[1], 0.5)
-            return (p >= t).astype(int)
-        return pd.DataFrame(np.eye(p.shape[1], dtype=int)[p.to_numpy().argmax(axis=1)], index=p.index,
+        return pd.DataFrame(decisions(p.to_numpy(), self.multilabel, self.thresholds), index=p.index,
                             columns=p.columns)
+
+
+def decisions(proba: Any, multilabel: bool, thresholds: Sequence[float] | np.ndarray | None = None) -> np.ndarray:
+    """Class decisions from probabilities, as :meth:`Classifier.predict` makes them (and the explain stage's report
+    names its "predicted" classes): the arg-max class (single-label), or every class whose probability is at least
+    its threshold (multi-label: ``thresholds``, chosen on validation and stored in the artifact; 0.5 where none
+    were stored), so a multi-label record may have several predicted classes or none.
+
+    Args:
+        proba: ``(B, C)`` (or ``(C,)``) probabilities.
+        multilabel: independent (sigmoid) classes.
+        thresholds: ``(C,)`` per-class thresholds (multi-label), or None (0.5).
+
+    Returns:
+        ``(B, C)`` (or ``(C,)``) int 0/1.
+    """
+    p = np.asarray(proba, dtype=np.float64)
+    if multilabel:
+        t = np.full(p.shape[-1], 0.5) if thresholds is None else np.asarray(thresholds, dtype=np.float64)
+        return (p >= t).astype(int)
+    return np.eye(p.shape[-1], dtype=int)[p.argmax(axis=-1)]

@@ -544,6 +544,28 @@ def pretraining_lead_aware(info: dict[str, Any]) -> bool | None:
     return None
 
 
+def artifact_lead_aware(meta: Mapping[str, Any]) -> bool:
+    """Whether an artifact's model was trained and validated with absent leads as a lead mask (a backbone that takes
+    ``lead_mask``, ViT-1D, then gets one; the caller also checks that the network takes one), as
+    :class:`ecgfm.api.Classifier` / :class:`ecgfm.api.Encoder` and the explain stage
+    (:class:`ecgfm.explain.wrapper.ECGWrapper`) all read it, so both score a record the same way.
+
+    Its ``lead_aware`` when true or false (version-1 classifiers are read as false). Absent or null (the loader
+    accepts null: "not said"): as its encoder was pretrained (:func:`pretraining_lead_aware`, a recorded
+    ``method_hparams.lead_aware``, the layout probes and fine-tunes follow by default), else true. Before, the
+    explain stage read null as false and ignored the pretraining setting, so ``predict_proba`` and ``explain.py``
+    ran the same record with and without a lead mask.
+
+    Args:
+        meta: the artifact's description (``classifier.json`` / ``encoder.json`` as loaded).
+    """
+    said = meta.get("lead_aware")
+    if said is not None:   # a bool: the loader refuses anything else (_check_input_meta)
+        return bool(said)
+    pretrained = pretraining_lead_aware(dict(meta))
+    return True if pretrained is None else bool(pretrained)
+
+
 def derive_trained_limb_leads(x12: np.ndarray, mask: np.ndarray, trained: Sequence[str] | None,
                               model_leads: Sequence[str], flat_threshold: float, where: Any
                               ) -> tuple[np.ndarray, np.ndarray]:
@@ -870,7 +892,9 @@ def save_classifier(out_dir: str | os.PathLike, backbone: nn.Module, head: nn.Mo
         provenance, evaluation, extra: as in :func:`save_encoder`.
         lead_aware: how the model was trained and validated on records with absent leads: True, a backbone taking
             ``lead_mask`` got the records' lead masks (absent leads make no tokens); False, zero-padded leads.
-            Written as ``lead_aware`` (read by :class:`ecgfm.api.Classifier`); None: not written (read as True).
+            Written as ``lead_aware`` (read by :class:`ecgfm.api.Classifier` and the explain stage with
+            :func:`artifact_lead_aware`); None: not written (read as the encoder's pretraining setting where the
+            artifact records one, else True).
 
     Raises:
         ValueError: unregistered backbone, unknown head, class-count mismatch, bad ``window_aggregate``;

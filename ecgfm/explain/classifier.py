@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ecgfm import artifacts
-from ecgfm.artifacts import HEADS, EncoderClassifier, head_description
+from ecgfm.artifacts import HEADS, EncoderClassifier, artifact_lead_aware, head_description
 from ecgfm.data.preprocess import PreprocessSpec
 from ecgfm.data.record import CANONICAL_LEADS, ECGDataError
 from ecgfm.evaluate.metrics import macro_auroc_ci
@@ -95,7 +95,7 @@ def wrapper_from_artifact(model: nn.Module, spec: PreprocessSpec | None, meta: M
                       postprocess="sigmoid" if meta.get("multilabel") else "softmax",
                       class_names=meta.get("classes"), n_samples=inp.get("window_samples"),
                       encoder=getattr(model, "encoder", None), window="center",
-                      lead_aware=bool(meta.get("lead_aware", True)),   # as trained; default as the API reads it
+                      lead_aware=artifact_lead_aware(meta),   # as trained, read as the API reads it
                       thresholds=meta.get("thresholds") if meta.get("multilabel") else None,
                       trained_leads=(meta.get("extra") or {}).get("trained_leads"))
 

@@ -158,10 +158,75 @@ def _evidence(record: ECGRecord, wrapper: ECGWrapper, n_t: int, start: int = 0) 
     return np.stack([ev[CANONICAL_LEADS.index(lead)][idx] & inside for lead in wrapper.lead_names])
 
 
+#: ``target.chosen`` of a report record whose multi-label model predicts no class at its thresholds
+NONE_PREDICTED = "none predicted; explaining the most probable"
+
+
+def _decided(wrapper: ECGWrapper, proba: torch.Tensor) -> np.ndarray:
+    """``(C,)`` bool: the classes the model predicts for a record of probabilities ``proba (C,)``, decided as
+    :meth:`ecgfm.api.Classifier.predict` decides (:func:`ecgfm.api.decisions`): the arg-max (single-label), or each
+    class at or above its threshold (multi-label: the artifact's validation thresholds, else 0.5)."""
+    from ecgfm.api import decisions
+
+    p = proba.detach().cpu().double().numpy()
+    return decisions(p, wrapper.postprocess == "sigmoid", wrapper.thresholds).astype(bool)
+
+
 def _predictions(wrapper: ECGWrapper, proba: torch.Tensor) -> list[dict[str, Any]]:
+    """Every class by decreasing probability, each with ``predicted`` (the model's decision, :func:`_decided`)
+    and, for a multi-label model, the ``threshold`` that decision used."""
     names = wrapper.class_names or tuple(str(i) for i in range(proba.shape[-1]))
     order = proba.argsort(descending=True).tolist()
-    return [{"class": names[c], "index": int(c), "probability": float(proba[c])} for c in order]
+    decided = _decided(wrapper, proba)
+    multilabel = wrapper.postprocess == "sigmoid"
+    thresholds = wrapper.thresholds if wrapper.thresholds is not None else (0.5,) * int(proba.shape[-1])
+    out = []
+    for c in order:
+        row = {"class": names[c], "index": int(c), "probability": float(proba[c]), "predicted": bool(decided[c])}
+        if multilabel:
+            row["threshold"] = float(thresholds[c])
+        out.append(row)
+    return out
+
+
+def predicted_target(wrapper: ECGWrapper, proba: torch.Tensor) -> tuple[int, str]:
+    """The class a record's explanation explains when no ``target`` is given, and why.
+
+    The most probable of the classes the model predicts (:func:`_decided`: single-label, the arg-max; multi-label,
+    those at or above their thresholds, so a class above 0.5 that misses its validation threshold is not it); a
+    multi-label record with no predicted class explains its most probable class instead, said as
+    :data:`NONE_PREDICTED`.
+
+    Args:
+        wrapper: the model.
+        proba: ``(C,)`` the record's probabilities.
+
+    Returns:
+        ``(class index, "predicted" | NONE_PREDICTED)``.
+    """
+    p = proba.detach().cpu().double().numpy()
+    decided = _decided(wrapper, proba)
+    if decided.any():
+        idx = np.flatnonzero(decided)
+        return int(idx[np.argmax(p[idx])]), "predicted"
+    return int(np.argmax(p)), NONE_PREDICTED
+
+
+def _prediction_text(rec: Mapping[str, Any]) -> str:
+    """A report record's prediction and explained class, for the console: single-label ``predicted A p=..;
+    explained A``; multi-label the classes predicted at the thresholds, or "none predicted; explaining the most
+    probable"."""
+    preds, tgt = rec["predictions"], rec["target"]
+    if not any("threshold" in p for p in preds):   # single-label (or a report without decisions)
+        return f"predicted {preds[0]['class']} p={preds[0]['probability']:.3f}; explained {tgt['class']}"
+    chosen = [p for p in preds if p.get("predicted")]
+    if not chosen:
+        top = preds[0]
+        return (f"{NONE_PREDICTED}, {tgt['class']} p={tgt['probability']:.3f} (below its threshold "
+                f"{top['threshold']:.3g})" if tgt.get("chosen") == NONE_PREDICTED else
+                f"none predicted at the thresholds; explained {tgt['class']} ({tgt.get('chosen', 'target=')})")
+    said = ", ".join(f"{p['class']} p={p['probability']:.3f}" for p in chosen)
+    return f"predicted {said} (at the thresholds); explained {tgt['class']}"
 
 
 def _wave_summary(att, windows: dict[str, np.ndarray], recorded: Any = None) -> dict[str, Any]:
@@ -247,7 +312,9 @@ def explain_records(wrapper: ECGWrapper, records: Sequence[ECGRecord], out_dir: 
             fed as zeros, ecgfm's convention).
         out_dir: output folder (created).
         methods: attribution methods (names or aliases of :data:`ecgfm.explain.attribution.METHODS`).
-        target: class (index or name) to explain for every record; None: each record's predicted class.
+        target: class (index or name) to explain for every record; None: each record's predicted class
+            (:func:`predicted_target`: multi-label, the most probable class at or above its threshold, as
+            :meth:`ecgfm.api.Classifier.predict` decides; none predicted: the most probable, said in the report).
         method_options: per method (canonical name or alias) extra options, e.g. ``{"ig": {"n_steps": 32}}``.
         faithfulness: compute deletion / insertion AOPC vs random (and localisation when the record has an
             evidence mask).
@@ -289,9 +356,16 @@ def explain_records(wrapper: ECGWrapper, records: Sequence[ECGRecord], out_dir: 
     report: dict[str, Any] = {
         "model": {"class_names": list(wrapper.class_names or []), "fs": wrapper.fs, "n_samples": wrapper.n_samples,
                   "lead_names": list(wrapper.lead_names), "postprocess": wrapper.postprocess,
+                  "thresholds": None if wrapper.thresholds is None else list(wrapper.thresholds),
                   "preprocess": None if wrapper.spec is None else wrapper.spec.to_dict()},
         "methods": keys, "extra": dict(extra or {}), "records": [],
         "notes": {
+            "predictions": "every class by decreasing probability; predicted: the model's decision, as "
+                           "ecgfm.Classifier.predict makes it (single-label: the most probable class; multi-label: "
+                           "each class with probability >= its threshold, the classifier's validation thresholds, "
+                           "0.5 without them); the record's 'predicted' lists them",
+            "target": "the explained class; chosen: 'target=' (given), 'predicted' (the most probable predicted "
+                      f"class) or '{NONE_PREDICTED}' (a multi-label record with no class at its threshold)",
             "per_lead.share_abs": "share of the summed |attribution| in each lead (recorded samples: the zero "
                                   "padding of a short record is not summed)",
             "per_wave": "P / QRS / T windows from R peaks detected on the model input's recorded samples "
@@ -316,7 +390,10 @@ def explain_records(wrapper: ECGWrapper, records: Sequence[ECGRecord], out_dir: 
         with wrapper.present_leads(present):
             with torch.no_grad(), wrapper.evaluating():
                 proba = wrapper.postprocess_fn(wrapper(x))[0].cpu()
-            tgt = int(wrapper.resolve_target(target, x=x)[0]) if target is not None else int(proba.argmax())
+            if target is not None:
+                tgt, chosen = int(wrapper.resolve_target(target, x=x)[0]), "target="
+            else:   # the class the model predicts (multi-label: at its thresholds, as Classifier.predict decides)
+                tgt, chosen = predicted_target(wrapper, proba)
             names = wrapper.class_names or tuple(str(i) for i in range(proba.shape[0]))
             shown, units, derived = display_signal_and_derived(record, wrapper)
             crop, start = None, 0
@@ -339,10 +416,14 @@ def explain_records(wrapper: ECGWrapper, records: Sequence[ECGRecord], out_dir: 
             r_peaks = waves_mod.detect_r_peaks(x[0], wrapper.fs, recorded=np.arange(x.shape[2]) < n_real)
             windows = waves_mod.wave_windows(r_peaks, wrapper.fs, n_real)
             evidence = _evidence(record, wrapper, x.shape[2], start)
+            preds = _predictions(wrapper, proba)
             entry: dict[str, Any] = {
                 "record_id": record.record_id, "source": record.source, "labels": list(record.labels),
-                "fs_original": float(record.fs), "predictions": _predictions(wrapper, proba),
-                "target": {"class": names[tgt], "index": tgt, "probability": float(proba[tgt])},
+                "fs_original": float(record.fs), "predictions": preds,
+                # the classes predicted (Classifier.predict's decision), most probable first: none, one or several
+                # for a multi-label model
+                "predicted": [p["class"] for p in preds if p["predicted"]],
+                "target": {"class": names[tgt], "index": tgt, "probability": float(proba[tgt]), "chosen": chosen},
                 "n_beats_detected": int(len(r_peaks)), "methods": {}, "figures": [],
                 "window": crop,   # None: the whole record; else the centred window a windowed classifier sees
                 "padded_fraction": float(padded),   # share of the model's input that is zero padding
@@ -693,16 +774,14 @@ def explain_main(cfg: Any) -> dict[str, Any]:
           f"classifier's training data: not recorded in {checkpoint} (provenance.data)")
     for rec in report["records"]:
         rec["training_membership"] = membership.get(f"{rec['source']}/{rec['record_id']}")
-        pred = rec["predictions"][0]
         w = rec.get("window")   # the attribution's input: one centred window of a longer record, not the record
         where = "whole record" if not w else \
             f"centre window {w['start_s']:.2f}-{w['start_s'] + w['length_s']:.2f} s (not the record's prediction)"
         if rec.get("padded_fraction"):
             where += f", zero-padded to the model's window ({rec['padded_fraction']:.0%} of its input is padding)"
         member = _MEMBERSHIP_TEXT.get(rec["training_membership"]) if rec["training_membership"] else None
-        print(f"record {rec['source']}/{rec['record_id']} (labels {rec['labels']}), {where}: predicted "
-              f"{pred['class']} p={pred['probability']:.3f}; explained {rec['target']['class']}"
-              + (f"; {member}" if member else ""))
+        print(f"record {rec['source']}/{rec['record_id']} (labels {rec['labels']}), {where}: "
+              + _prediction_text(rec) + (f"; {member}" if member else ""))
         for key, m in rec["methods"].items():
             leads = m["per_lead"]
             line = (f"  {key:22s} {m['elapsed_s']:.2f} s  " + (f"top leads {leads['top']}" if leads.get("top")

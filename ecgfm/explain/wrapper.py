@@ -31,9 +31,9 @@ from torch import Tensor, nn
 
 from ecgfm.data.preprocess import (PreprocessSpec, model_input_leads, preprocess_signal, preprocessed_spec, resample,
                                    with_input_leads)
-from ecgfm.api import warn_if_volts
-from ecgfm.artifacts import (ArtifactError, EncoderClassifier, artifact_kind, derive_trained_limb_leads,
-                             load_classifier, load_encoder, warn_record_leads)
+from ecgfm.api import warn_if_not_millivolts
+from ecgfm.artifacts import (ArtifactError, EncoderClassifier, artifact_kind, artifact_lead_aware,
+                             derive_trained_limb_leads, load_classifier, load_encoder, warn_record_leads)
 from ecgfm.data.record import CANONICAL_LEADS, ECGDataError, ECGRecord, canonical_lead
 
 log = logging.getLogger(__name__)
@@ -334,7 +334,8 @@ class ECGWrapper(nn.Module):
                     "preprocess": spec if spec is not None else PreprocessSpec.raw(float(inp["fs"])),
                     "postprocess": "sigmoid" if meta.get("multilabel") else "softmax",
                     "class_names": meta.get("classes"), "n_samples": inp.get("window_samples"),
-                    "encoder": model.encoder, "lead_aware": bool(meta.get("lead_aware", True)),
+                    # as the API reads it (null / absent: the encoder's pretraining setting, else true)
+                    "encoder": model.encoder, "lead_aware": artifact_lead_aware(meta),
                     "thresholds": meta.get("thresholds") if meta.get("multilabel") else None,
                     "trained_leads": (meta.get("extra") or {}).get("trained_leads"), **kwargs}
             return cls(model, **args)
@@ -487,8 +488,10 @@ class ECGWrapper(nn.Module):
         Args:
             x: ``(L, T)`` or ``(B, L, T)`` numpy array / tensor in mV, an :class:`~ecgfm.data.record.ECGRecord`,
                 or a list of records (same length after resampling).
-            fs: sampling rate of ``x`` in Hz. Required for arrays unless their length equals the model's fixed
-                ``n_samples`` (then the model's rate is assumed). Records carry their own rate.
+            fs: sampling rate of ``x`` in Hz. Required for arrays, as :class:`ecgfm.api.Classifier` requires it,
+                except that an array whose length equals the model's fixed ``n_samples`` is still read at the
+                model's rate, with a ``UserWarning`` (a 500 Hz record of that many samples would be explained as a
+                longer one at the model's rate); pass ``fs=``. Records carry their own rate.
             lead_names: lead names of the rows of ``x``; required when ``x`` does not already have the model's
                 number of leads.
             where: name used in error messages (file, record id).
@@ -528,6 +531,12 @@ class ECGWrapper(nn.Module):
                                       "drop it before explaining")
         if fs is None:
             if self.n_samples is not None and arr.shape[2] == self.n_samples:
+                # kept for callers that pass model-length arrays (ecgfm.api.Classifier refuses the same call): said
+                warnings.warn(f"{where}: no fs= given: the array's {arr.shape[2]} samples equal the model's window, "
+                              f"so it is read at the model's rate ({self.fs:g} Hz, {self.n_samples / self.fs:.3g} "
+                              f"s); an array at another rate is explained as a different signal: pass fs= (the "
+                              f"sampling rate of the signal in Hz), as ecgfm.Classifier.predict_proba requires",
+                              UserWarning, stacklevel=2)
                 fs = self.fs
             else:
                 raise ECGDataError(where, f"sampling rate unknown: pass fs= (the model expects {self.fs:g} Hz"
@@ -585,7 +594,9 @@ class ECGWrapper(nn.Module):
                 rows[j] = sig[by_name[lead]]
                 present[j] = True
         if not preprocessed:   # a cache record is normalised: its scale says nothing of its units
-            warn_if_volts(rows, present, where)
+            # the API's check: volts; microvolts / ADC counts when the spec does not normalise (None: it only
+            # resamples, so the scale reaches the model)
+            warn_if_not_millivolts(rows, present, where, self.spec)
         if preprocessed:
             out_fs = float(fs)
             if abs(out_fs - float(self.fs)) > 1e-6:
@@ -721,7 +732,10 @@ class ECGWrapper(nn.Module):
     def resolve_target(self, target: Any, logits: Tensor | None = None, x: Tensor | None = None) -> Tensor:
         """Turn ``target`` (None, int, class name, sequence or tensor) into a ``(B,)`` long tensor.
 
-        ``None`` picks each input's predicted class (from ``logits``, or a forward pass on ``x``).
+        ``None`` picks each input's arg-max class (from ``logits``, or a forward pass on ``x``): the predicted class
+        of a single-label model; of a multi-label one the most probable class, whatever :attr:`thresholds` say
+        (:func:`ecgfm.explain.report.explain_records` explains by default the most probable class a multi-label
+        model predicts at its thresholds, as :meth:`ecgfm.api.Classifier.predict` decides).
 
         Raises:
             ValueError: an index outside ``[0, num_classes)``, an unknown class name or a length mismatch.
