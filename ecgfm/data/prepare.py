@@ -30,6 +30,7 @@ from ecgfm.data.cache import (LOCK_FILE, _check_prepare_args, _prepare_locked, d
                               project_root, stat_changes)
 from ecgfm.data.preprocess import PreprocessSpec
 from ecgfm.data.record import ECGDataError
+from ecgfm.data.synthetic import GENERATOR_VERSION
 from ecgfm.io import atomic_write_json, file_lock, jsonable, to_container
 
 log = logging.getLogger(__name__)
@@ -116,10 +117,12 @@ def source_description(source: Any) -> dict[str, Any]:
 
 
 #: Readers whose records gained content that their caches written before lack (2 and 3: FolderSource's
-#: ``meta["labels_known"]``, 2026-12-06, without which a task drops the negatives of 0/1 flag columns). The version
-#: is part of their caches' key, so such a cache is prepared again instead of reused; the keys (and caches) of
-#: readers not listed are unchanged.
-SOURCE_VERSIONS: dict[str, int] = {"FolderSource": 3}   # 3: labels_known only for 0/1 flag tables
+#: ``meta["labels_known"]``, 2026-12-06, without which a task drops the negatives of 0/1 flag columns; 4: its
+#: ``meta["sex"]`` as "M" / "F" / None, 2026-12-07, was the CSV's raw value) or whose records changed
+#: (SyntheticSource 2: :data:`ecgfm.data.synthetic.GENERATOR_VERSION`, the muscle-noise bank no longer shares record
+#: 3's random stream, 2026-12-07). The version is part of their caches' key, so such a cache is prepared again
+#: instead of reused; the keys (and caches) of readers not listed are unchanged.
+SOURCE_VERSIONS: dict[str, int] = {"FolderSource": 4, "SyntheticSource": GENERATOR_VERSION}
 
 
 def _source_versions(sources: Any) -> dict[str, int]:

@@ -10,7 +10,8 @@ Order of operations in :func:`preprocess_record` (fixed, documented so that resu
 2. with ``notch_at_source`` only: the powerline notch at the record's own rate (before resampling: step 5 is then
    skipped);
 3. resampling to ``spec.fs`` with a polyphase filter (:func:`scipy.signal.resample_poly`, edge padding
-   ``resample_padtype``; or Fourier resampling);
+   ``resample_padtype``: the default zero padding makes a spike at the ends of a lead with a DC offset, warned
+   about; ``line`` does not, see :class:`PreprocessSpec`; or Fourier resampling);
 4. band-pass / baseline-wander removal (zero-phase Butterworth, second-order sections);
 5. powerline notch (zero-phase IIR notch at ``spec.notch`` Hz at ``spec.fs``; or before step 4 with ``notch_first``);
 6. running-median baseline removal (``median_baseline``; off by default); a record whose filtered signal is not
@@ -125,8 +126,23 @@ class PreprocessSpec:
             twice ``notch`` is then refused (:class:`~ecgfm.data.record.ECGDataError`). Needs ``notch``; not with
             ``notch_first``.
         resample_padtype: how polyphase resampling extends the record beyond its ends (``padtype`` of
-            :func:`scipy.signal.resample_poly`): ``constant`` (zeros: a lead with a DC offset gets a spike at each
-            end), ``line``, ``mean``, ``median`` or ``edge``. Polyphase only.
+            :func:`scipy.signal.resample_poly`): ``constant`` (zeros, the default), ``line``, ``mean``, ``median``
+            or ``edge``. Polyphase only. Zero padding turns a lead's level at each end into a step, and resampling
+            comes before the band-pass, so the high-pass does not remove the offset first: the step becomes a spike
+            at each end of the record, about 0.42 z per unit of (end sample / lead standard deviation) after the
+            default 0.5 Hz high-pass and z-score (median over 1,140 leads of CinC 2017, Challenge 2021, CPSC 2018 /
+            2021 and MIT-BIH record 100; CPSC 2021's 200 Hz records, whose leads sit at about 20 standard deviations
+            from zero: 10 z median, clipped at 20; a synthetic record with +0.5 mV: 3.0 standard deviations of error
+            in the first 0.5 s, against 0.75 with ``line``, the high-pass's own edge error). ``line`` (or ``edge``)
+            removes it (scipy's standard remedy: the line through the end samples is taken out before the zero
+            padding and added back). ``constant`` stays the default, and is not changed in place, because every
+            cache, exported encoder and zoo spec written so far was made with it and stores it by leaving the field
+            out (:meth:`to_dict`): changing what it does would silently give them other inputs than they were
+            trained or cached with. Instead :func:`preprocess_signal` warns (once per process) when a record it
+            resamples with ``constant`` has a lead whose first or last sample is more than
+            :data:`EDGE_SPIKE_WARN_RATIO` standard deviations from zero; ``resample_padtype: line`` is a new spec
+            (a new fingerprint, so new caches). Records that are not resampled (already at ``fs``, e.g. PTB-XL's
+            ``records100`` at 100 Hz) are not affected.
     """
 
     fs: float | None = 100.0
@@ -314,6 +330,34 @@ def with_input_leads(spec: PreprocessSpec, input_leads: Any) -> PreprocessSpec:
 #: Share of a lead's samples missing (NaN / inf) above which :func:`preprocess_signal` warns that it filled them.
 MISSING_WARN_SHARE = 0.1
 
+#: A lead's first or last sample, in units of the lead's standard deviation, beyond which zero-padded polyphase
+#: resampling (``resample_padtype="constant"``) is warned about: the edge spike it makes is about 0.42 z per unit
+#: after the default high-pass and z-score (median over 1,140 real leads), so about 0.8 z and more here.
+EDGE_SPIKE_WARN_RATIO = 2.0
+_WARNED_EDGE_SPIKE: set[str] = set()   # "warned" once per process: a prepare of CinC 2017 would warn for 1 in 3
+
+
+def _warn_edge_spike(x: np.ndarray, rows: np.ndarray, fs: float, spec: "PreprocessSpec", where: Any) -> None:
+    """Warn (once per process) when zero-padded polyphase resampling of ``x`` (the present leads ``rows``) will
+    make an edge spike of about ``0.42 * ratio`` z, ``ratio`` being a lead's end sample over its standard
+    deviation (see :attr:`PreprocessSpec.resample_padtype`)."""
+    if _WARNED_EDGE_SPIKE or x.shape[-1] < 2:
+        return
+    sd = x.std(axis=1)
+    ends = np.maximum(np.abs(x[:, 0]), np.abs(x[:, -1]))
+    ratio = np.divide(ends, sd, out=np.zeros_like(ends, dtype=np.float64), where=sd > 0)
+    j = int(np.argmax(ratio))
+    if not ratio[j] > EDGE_SPIKE_WARN_RATIO:
+        return
+    _WARNED_EDGE_SPIKE.add("warned")
+    log.warning("%s: lead %s ends at %.3g mV, %.1f times its standard deviation: resampling %g -> %g Hz with "
+                "resample_padtype='constant' (zero padding, the default) turns that into a spike at the record's "
+                "edge (about %.1f z after the default high-pass and z-score; resampling comes before the filters). "
+                "Set preprocess.resample_padtype=line to remove it (a new spec fingerprint: caches are prepared "
+                "again; an encoder trained on constant-padded inputs keeps its own spec). Warned once per process",
+                where, CANONICAL_LEADS[rows[j]], float(x[j, 0] if abs(x[j, 0]) >= abs(x[j, -1]) else x[j, -1]),
+                float(ratio[j]), float(fs), float(spec.fs), 0.42 * float(ratio[j]))
+
 
 def _interpolate_nans(x: np.ndarray) -> np.ndarray:
     """Linear interpolation over NaN (and +-inf) runs of a 1-D signal (edges hold the nearest valid value)."""
@@ -351,8 +395,10 @@ def resample(sig: np.ndarray, fs_in: float, fs_out: float, method: str = "polyph
 
     Output length: ``ceil(T * up / down)`` samples for polyphase (``up / down`` the rate ratio used), ``int(T * fs_out
     / fs_in)`` (rounded down) for Fourier. ``padtype`` (polyphase only) is :func:`scipy.signal.resample_poly`'s:
-    ``constant`` (zeros beyond the ends, the default: a lead with a DC offset gets a spike at each end), ``line``,
-    ``mean``, ``median``, ``edge``.
+    ``constant`` (zeros beyond the ends, the default: a lead with a DC offset gets a step of its end values at each
+    end, e.g. the first output sample of a lead at +0.5 mV is about 0.3 mV short of it at 500 -> 100 Hz), ``line``,
+    ``mean``, ``median``, ``edge`` (``line`` and ``edge`` remove the step). See
+    :attr:`PreprocessSpec.resample_padtype` for its size after filtering and why ``constant`` stays the default.
     """
     if padtype not in RESAMPLE_PADTYPES:
         raise ValueError(f"resample: padtype must be one of {RESAMPLE_PADTYPES}, got {padtype!r}")
@@ -616,6 +662,8 @@ def preprocess_signal(sig: np.ndarray, fs: float, mask: np.ndarray, spec: Prepro
         x = notch(x, float(fs), spec.notch, spec.notch_q)
     out_fs = float(fs)
     if spec.fs is not None and float(spec.fs) != float(fs):
+        if spec.resample_method == "polyphase" and spec.resample_padtype == "constant":
+            _warn_edge_spike(x, rows, fs, spec, where)
         x = resample(x, fs, spec.fs, spec.resample_method, spec.resample_padtype)
         out_fs = float(spec.fs)
     if x.shape[-1] < 8:

@@ -10,11 +10,12 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ecgfm.data.readers._scan import check_decodable, is_decodable, scan_records
-from ecgfm.data.readers.formats import check_fs_range, multi_segment_members, read_wfdb
+from ecgfm.data.readers.formats import check_fs_range, multi_segment_members, normalise_sex, read_wfdb
 from ecgfm.data.readers.tables import read_label_table
 from ecgfm.data.record import ECGDataError, ECGRecord
 
-__all__ = ["LABELS_KNOWN", "NON_LABEL_COLUMNS", "PATIENT_COLUMNS", "FolderSource", "WFDBFolderSource"]
+__all__ = ["LABELS_KNOWN", "NON_LABEL_COLUMNS", "PATIENT_COLUMNS", "UNKNOWN_SEX", "FolderSource",
+           "WFDBFolderSource"]
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,8 @@ NON_LABEL_COLUMNS = frozenset({"age", "sex", "gender", "height", "weight", "bmi"
                                *PATIENT_COLUMNS})
 
 _SPLIT_COLUMNS = frozenset({"split", "fold", "strat_fold"})
+#: Cells of a labels CSV's ``sex`` column read as unknown (None), as an empty cell (compared lower-cased).
+UNKNOWN_SEX = frozenset({"unknown", "unk", "u", "na", "n/a", "none", "null", "?"})
 _BINARY = {"0", "1", "0.0", "1.0", "true", "false", ""}
 
 
@@ -74,7 +77,13 @@ class FolderSource:
 
     ``meta`` holds the raw CSV values of the record (``{column: value}`` for every column but the id, so a
     split or fold column is available to the split helpers) plus age/sex from the header comments and, with a
-    labels CSV, ``labels_known``.
+    labels CSV, ``labels_known``. The exception is a ``sex`` column (any case): it is read into ``meta["sex"]`` as
+    every other reader writes it, ``"M"``, ``"F"`` or None (unknown), from the spellings M / F / male / female /
+    man / woman (any case); an empty cell or one of :data:`UNKNOWN_SEX` (``unknown``, ``U``, ``NA``...) is unknown
+    (None), which leaves the header's value where the header gives one. A number is refused unless ``sex_codes``
+    says what it means: its meaning depends on the data set (PTB-XL codes 0 male, 1 female; UK Biobank 0 female,
+    1 male), so the reader does not guess; any other text is refused too (an error naming the file, the line and
+    the value).
 
     Args:
         root: folder to scan.
@@ -94,21 +103,31 @@ class FolderSource:
         labels_encoding: text encoding of the labels CSV (default UTF-8; a byte-order mark is honoured).
         fs_range: plausible sampling rates ``(low, high)`` in Hz (default
             :data:`~ecgfm.data.readers.formats.FS_RANGE`); a header outside is a skipped record.
+        sex_codes: what the cells of the labels CSV's ``sex`` column mean, for codes that are not spelled out:
+            ``{cell: "M" | "F" | None}`` (None: unknown), e.g. ``{0: "M", 1: "F"}`` for a PTB-XL-style table (in a
+            config: ``sex_codes: {0: M, 1: F}``). Numbers are compared by value (``0``, ``"0"`` and ``0.0`` are
+            one key), text case-insensitively; a code given here wins over the built-in spellings. None (default):
+            spelled-out values only.
 
     Raises:
         ECGDataError: no record found, labels CSV missing or undecodable (naming the line and encoding), id /
             label / patient column missing, several candidate patient columns, a default label column holding
             numbers other than 0/1 (naming the column and a line), a column named ``labels_known``, a duplicated
-            id (naming both lines), a ragged row, CSV ids that match no record (the message lists them). The CSV
-            is read by :func:`~ecgfm.data.readers.tables.read_label_table`.
+            id (naming both lines), a ragged row, CSV ids that match no record (the message lists them), a ``sex``
+            cell that is a number not in ``sex_codes`` or text that is neither a sex, unknown nor in ``sex_codes``
+            (naming the line and the value), several ``sex`` columns. The CSV is read by
+            :func:`~ecgfm.data.readers.tables.read_label_table`.
+        ValueError: a ``sex_codes`` value that is not M / F (or male / female) / None.
     """
 
     def __init__(self, root: str | os.PathLike, labels_csv: str | os.PathLike | None = None,
                  id_column: str = "record_id", label_columns: Sequence[str] | None = None,
                  name: str = "folder", patient_column: str | None = None, include_unlabelled: bool = True,
                  rename_leads: Mapping[str, str] | None = None, labels_encoding: str = "utf-8",
-                 fs_range: Sequence[float] | None = None):
+                 fs_range: Sequence[float] | None = None, sex_codes: Mapping[Any, str | None] | None = None):
         self.root = Path(root)
+        if sex_codes is not None:   # public only when given: the description (cache key) of other sources stays
+            self.sex_codes = _sex_codes(sex_codes)
         self.name = str(name)
         self.fs_range = check_fs_range(fs_range)
         self.rename_leads = {str(k): str(v) for k, v in rename_leads.items()} if rename_leads else None
@@ -210,6 +229,10 @@ class FolderSource:
                                          f"on line {table.lines[rid]}): it is not taken as a label column by default; "
                                          f"name the label columns with label_columns (a column named there is read as "
                                          f"class names)")
+        sex_columns = [c for c in columns if c.lower() == "sex" and c != id_column]
+        if len(sex_columns) > 1:
+            raise ECGDataError(path, f"several sex columns {sex_columns}: keep one (it is read into meta['sex'])")
+        sex_column = sex_columns[0] if sex_columns else None
         flags_only = all(binary.values())
         for rid, row in zip(ids, rows):
             if flags_only and any(row[col] for col in self.label_columns):
@@ -223,7 +246,10 @@ class FolderSource:
                 else:
                     labels.extend(v.strip() for v in value.split(";") if v.strip())
             self._labels[rid] = tuple(dict.fromkeys(labels))  # de-duplicated, CSV order kept
-            self._meta[rid] = {col: _json_value(row[col]) for col in columns if col != id_column}
+            self._meta[rid] = {col: _json_value(row[col]) for col in columns if col not in (id_column, sex_column)}
+            if sex_column is not None:
+                self._meta[rid]["sex"] = _sex_cell(row[sex_column], getattr(self, "sex_codes", None), path,
+                                                   table.lines[rid])
             if patient_column is not None:
                 pid = row[patient_column]
                 self._patients[rid] = pid or None
@@ -303,6 +329,61 @@ def _is_number(value: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _sex_key(value: Any) -> str:
+    """The key a ``sex`` cell or a ``sex_codes`` key is compared by: a number by value (``"1"``, ``1``, ``1.0`` ->
+    ``"1"``), text stripped and lower-cased."""
+    s = str(value).strip()
+    if _is_number(s):
+        f = float(s)
+        return str(int(f)) if f.is_integer() else repr(f)
+    return s.lower()
+
+
+def _sex_codes(codes: Mapping[Any, str | None]) -> dict[str, str | None]:
+    """``sex_codes`` checked: keys by :func:`_sex_key`, values ``"M"`` / ``"F"`` / None."""
+    if not isinstance(codes, Mapping):
+        raise ValueError(f"sex_codes must be a mapping {{cell: 'M' | 'F' | None}}, e.g. {{0: 'M', 1: 'F'}}; got "
+                         f"{codes!r}")
+    out: dict[str, str | None] = {}
+    for key, value in codes.items():
+        sex = None if value is None else normalise_sex(str(value))
+        if value is not None and sex is None:
+            raise ValueError(f"sex_codes[{key!r}] = {value!r}: give 'M', 'F' (or male / female) or None (unknown)")
+        out[_sex_key(key)] = sex
+    return out
+
+
+def _sex_cell(cell: str, codes: Mapping[str, str | None] | None, path: Path, line: int) -> str | None:
+    """``"M"`` / ``"F"`` / None (unknown) of a labels CSV's ``sex`` cell, as the other readers write ``meta["sex"]``.
+
+    Raises:
+        ECGDataError: a number not in ``codes`` (its meaning depends on the data set), or text that is neither a
+            sex, an unknown (:data:`UNKNOWN_SEX`) nor in ``codes``; the message names the file, line and value.
+    """
+    text = str(cell).strip()
+    if not text:
+        return None
+    key = _sex_key(text)
+    if codes and key in codes:
+        return codes[key]
+    if _is_number(text):
+        if not math.isfinite(float(text)):
+            return None
+        raise ECGDataError(path, f"line {line}: sex {text!r} is a number, whose meaning depends on the data set "
+                                 f"(PTB-XL: 0 male, 1 female; UK Biobank: 0 female, 1 male): state it with "
+                                 f"sex_codes, e.g. FolderSource(..., sex_codes={{0: 'M', 1: 'F'}}) or "
+                                 f"'sex_codes: {{0: M, 1: F}}' in the source's config (None for a code meaning "
+                                 f"unknown)")
+    sex = normalise_sex(text)
+    if sex is not None:
+        return sex
+    if key in UNKNOWN_SEX:
+        return None
+    raise ECGDataError(path, f"line {line}: sex {text!r} is neither male / female (M, F, male, female, man, woman) nor "
+                             f"unknown (empty, {', '.join(sorted(UNKNOWN_SEX))}); map it with sex_codes, e.g. "
+                             f"sex_codes={{{text!r}: None}} for unknown")
 
 
 def _json_value(value: Any) -> Any:
