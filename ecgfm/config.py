@@ -188,6 +188,92 @@ def crop_samples_for(cfg: DictConfig, fs: float) -> int:
     return samples
 
 
+#: data-node keys that mirror a top-level key (``data.crop_samples: ${crop_samples}``): the run records the
+#: top-level value (config.yaml, summary.json, the exported encoder's ``extra``) while the data module uses its own
+DATA_MIRRORS = ("crop_samples", "seed", "nonfinite")
+
+
+def check_data_mirrors(cfg: DictConfig, fs: float | None = None) -> None:
+    """Refuse a ``data.crop_samples`` / ``data.seed`` / ``data.nonfinite`` that differs from its top-level key.
+
+    The shipped data nodes interpolate them (``seed: ${seed}``). A literal ``data.crop_samples=500`` trained
+    500-sample crops while ``config.yaml``, ``summary.json`` and the exported encoder's ``extra.crop_samples``
+    said the top-level ``crop_samples`` (250): the record of the run was not what ran. A value equal to the
+    top-level one (an interpolation, or the same literal) is accepted. Called by :func:`validate_train_config`
+    and again by the training pipeline once ``crop_samples`` is converted at the cache's rate.
+
+    Args:
+        cfg: a validated training config.
+        fs: the training caches' sampling rate, when known (names the ``crop_seconds`` to give instead).
+
+    Raises:
+        ConfigError: naming ``data.<key>`` and the top-level key to set instead.
+    """
+    data = cfg.get("data")
+    if not isinstance(data, DictConfig):
+        return
+    for key in DATA_MIRRORS:
+        if key not in data or key not in cfg:
+            continue
+        if OmegaConf.is_interpolation(data, key) and str(data._get_node(key)._value()).strip() == f"${{{key}}}":
+            continue
+        mine, top = data[key], cfg[key]
+        if mine == top:
+            continue
+        if key == "crop_samples":
+            rate = float(fs) if fs else float(cfg.preprocess.fs or 0) or None
+            how = (f"crops are set in seconds: give crop_seconds={float(mine) / rate:g} (at {rate:g} Hz) and leave "
+                   f"data.crop_samples=${{crop_samples}}" if rate and isinstance(mine, (int, float))
+                   else "crops are set in seconds: give crop_seconds and leave data.crop_samples=${crop_samples}")
+        else:
+            how = f"set {key}={mine} instead and leave data.{key}=${{{key}}}"
+        raise ConfigError(f"data.{key}", f"is {mine!r}, but the run records the top-level {key}={top!r} (config.yaml, "
+                                         f"summary.json, the exported encoder) while the data module would use "
+                                         f"{mine!r}: {how}")
+
+
+def check_views(cfg: DictConfig) -> None:
+    """Refuse ``data.views`` that give a second view (``adjacent`` / ``segments``: ``batch["x2"]``) to a method
+    that reads one.
+
+    MAE and CREMA (a subclass of MAE: its two masked views are of ``x``) never read ``x2``, nor does CLOCS in
+    ``mode=cmlc`` (its views are the leads of ``x``), so the second crop was cut and loaded for nothing, and
+    ``adjacent`` also moved ``x`` (a record must hold two crops after its start), changing which crops the method
+    saw while ``config.yaml`` said ``views=adjacent`` as if it were used. The methods declare no view count, so the
+    method is recognised by its class (``ecgfm/methods`` is not changed for this check). SimCLR takes either (one
+    crop augmented twice, or ``x`` and ``x2``); CLOCS cmsc / cmsmlc need ``x2`` (refused by the method itself
+    without it).
+
+    Raises:
+        ConfigError: naming ``data.views``.
+    """
+    data, method = cfg.get("data"), cfg.get("method")
+    if not isinstance(data, DictConfig) or not isinstance(method, DictConfig) or "views" not in data:
+        return
+    views = data.get("views")
+    if views in (None, "single") or "_target_" not in method:
+        return
+    from hydra.utils import get_object
+
+    try:
+        cls = get_object(str(method._target_))
+    except Exception:  # noqa: BLE001 - an unimportable target is reported by check_target_node
+        return
+    from ecgfm.methods.clocs import CLOCSModule
+    from ecgfm.methods.mae import MAEModule
+
+    one_view = None
+    if inspect.isclass(cls) and issubclass(cls, MAEModule):
+        one_view = f"{cls.__name__} masks and reconstructs one crop"
+    elif inspect.isclass(cls) and issubclass(cls, CLOCSModule) and method.get("mode") == "cmlc":
+        one_view = "CLOCS mode=cmlc contrasts the leads of one crop"
+    if one_view:
+        moved = " (and 'adjacent' also moves x: a record must hold two crops after its start)" \
+            if views == "adjacent" else ""
+        raise ConfigError("data.views", f"is {views!r}, which loads a second crop (x2) per record, but {one_view} "
+                                        f"and never reads it{moved}: use data.views=single")
+
+
 # ----------------------------------------------------------------------------------------- target-node checking
 def _close(name: str, options: list[str]) -> str:
     match = difflib.get_close_matches(name, options, n=1, cutoff=0.6)
@@ -512,6 +598,8 @@ def validate_train_config(cfg: DictConfig, provided: dict[str, tuple[str, ...]] 
     if merged.nonfinite not in NONFINITE_MODES:
         raise ConfigError("nonfinite", f"must be one of {', '.join(NONFINITE_MODES)}, got {merged.nonfinite!r}"
                                        f"{_close(str(merged.nonfinite), list(NONFINITE_MODES))}")
+    check_data_mirrors(merged)
+    check_views(merged)
     from ecgfm.accel import CPU_LINEAR_MODES  # torch import: deferred, like the target checks
 
     if merged.cpu_linear not in CPU_LINEAR_MODES:

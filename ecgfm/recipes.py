@@ -568,6 +568,10 @@ def validate_probe_config(cfg: Any) -> DictConfig:
             raise ConfigError("save_classifier", "a classifier artifact is a head on the encoder alone; with "
                                                  "probe.side_features it would need the handcrafted features too: "
                                                  "use save_classifier=false")
+    if merged.save_classifier and merged.probe.mode == "mlp":   # was refused only after the whole grid had run
+        raise ConfigError("save_classifier", "a classifier artifact is a linear head (a linear probe folded into "
+                                             "nn.Linear); probe.mode='mlp' is not saved as one: use probe.mode=linear, "
+                                             "or fine-tune with finetune.head=mlp")
     if merged.save_classifier and (merged.probe.mode == "attention" or merged.probe.aggregate == "mean_std"):
         what = "probe.mode" if merged.probe.mode == "attention" else "probe.aggregate"
         raise ConfigError("save_classifier", f"a classifier artifact is a linear head on the mean window embedding; "

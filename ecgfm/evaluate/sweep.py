@@ -52,7 +52,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -60,6 +60,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ecgfm.artifacts import pretraining_lead_aware
 from ecgfm.conf import config_dir
+from ecgfm.config import ConfigError
 from ecgfm.data.preprocess import PreprocessSpec, with_input_leads
 from ecgfm.data.record import CANONICAL_LEADS
 from ecgfm.evaluate.features import (cached_features, cached_tokens, check_window, embed_fn, encoder_fingerprint,
@@ -439,11 +440,45 @@ def cell_path(results_dir: str | os.PathLike, mode: str, task: str, checkpoint: 
 
 
 def _window(cfg: DictConfig, task_crop_seconds: float, fs: float, encoder_crop: int | None) -> int:
+    """The window (samples) a job embeds / fine-tunes with: ``window_seconds``, else the encoder's pretraining crop,
+    else ``task.crop_seconds``. A ``task.crop_seconds`` the user set that another of these overrides is warned
+    about (logging.WARNING, naming ``window_seconds``): it was silently not used."""
     if cfg.get("window_seconds") is not None:
-        return int(round(float(cfg.window_seconds) * fs))
-    if encoder_crop:
-        return int(encoder_crop)
-    return int(round(task_crop_seconds * fs))
+        window, by = int(round(float(cfg.window_seconds) * fs)), f"window_seconds={float(cfg.window_seconds):g}"
+    elif encoder_crop:
+        window, by = int(encoder_crop), f"the encoder's pretraining crop ({int(encoder_crop)} samples)"
+    else:
+        return int(round(task_crop_seconds * fs))
+    asked = int(round(task_crop_seconds * fs))
+    if asked != window and _task_crop_set(cfg, task_crop_seconds) is not False:
+        log.warning("task.crop_seconds=%g (%d samples at %g Hz) is not used: the window is %s, %d samples = %g s. "
+                    "window_seconds sets the window (window_seconds=%g for this one); task.crop_seconds is only the "
+                    "window of an encoder without a recorded crop", task_crop_seconds, asked, fs, by, window,
+                    window / fs, task_crop_seconds)
+    return window
+
+
+def _task_crop_set(cfg: DictConfig, value: float) -> bool | None:
+    """Whether ``task.crop_seconds`` was set by the user rather than left at the task file's value: from the
+    command line's overrides inside a Hydra run; else by comparing with ``conf/task/<task.name>.yaml``; None when
+    neither can tell (a task file elsewhere)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.initialized():
+            return any(str(o).lstrip("+~").split("=", 1)[0] == "task.crop_seconds"
+                       for o in HydraConfig.get().overrides.task)
+    except Exception:  # noqa: BLE001 - no Hydra run: compare with the task file
+        pass
+    task = cfg.get("task")
+    path = config_dir() / "task" / f"{task.get('name') if task is not None else None}.yaml"
+    if not path.is_file():
+        return None
+    try:
+        shipped = OmegaConf.load(path).get("crop_seconds")
+        return shipped is None or float(shipped) != float(value)
+    except Exception:  # noqa: BLE001 - an unreadable task file: cannot tell
+        return None
 
 
 def _pretraining_identities(enc: Encoder, extra_caches: Sequence[str]) -> tuple[dict, list[str]]:
@@ -516,12 +551,63 @@ def _context(cfg: DictConfig, mode: str) -> _Context:
             check_data_paths(cfg[group].sources, f"{group}.sources")
     task_spec = TaskSpec.from_config(cfg.task)
     eval_node = cfg.get("eval_data")
-    eval_spec = TaskSpec.from_config(eval_node) if eval_node else None
-    if eval_spec is not None and eval_spec.split.get("kind") != "all":
-        eval_spec.split = {"kind": "all"}  # an external set is test data only
+    eval_spec = external_spec(eval_node, task_spec) if eval_node else None
     fractions = [float(f) for f in _as_list(cfg.fraction)]
     seeds = [int(s) for s in _as_list(cfg.seed)]
     return _Context(cfg, mode, task_spec, eval_spec, fractions, seeds, Path(str(cfg.results_dir)))
+
+
+#: task settings an external set does not read (it is scored with the task's window, stride and classes); refused
+#: in ``eval_data`` when they differ from the task's, and left out of a cell's recipe identity
+EXTERNAL_IGNORED = ("crop_seconds", "stride_seconds", "min_count")
+
+
+def external_spec(node: Any, task_spec: TaskSpec) -> TaskSpec:
+    """The :class:`TaskSpec` of an external set (``cfg.eval_data``), checked against what is used of it.
+
+    An external set is embedded with the task's windows and stride (``window_seconds`` / the encoder's pretraining
+    crop / ``task.crop_seconds``, and ``stride_seconds`` / ``task.stride_seconds``) and scored on the task's
+    classes, every record as test data. So ``eval_data.crop_seconds`` / ``stride_seconds`` / ``min_count`` were
+    ignored and a split other than ``{kind: all}`` was replaced by it, each without a word; now a value that differs
+    from what is used is refused (the same value, e.g. ``${task.crop_seconds}`` in an older copy of a shipped file,
+    is accepted), and a missing ``split`` is ``{kind: all}``.
+
+    Raises:
+        ConfigError: naming ``eval_data.<key>``.
+    """
+    from omegaconf import OmegaConf
+
+    raw = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
+    used = {"crop_seconds": task_spec.crop_seconds, "stride_seconds": task_spec.stride_seconds, "min_count": 1}
+    why = {"crop_seconds": "it is embedded with the task's window (window_seconds, else the encoder's pretraining "
+                           "crop, else task.crop_seconds)",
+           "stride_seconds": "it is embedded with the task's stride (stride_seconds, else task.stride_seconds)",
+           "min_count": "its classes are the task's (a class it lacks is listed as not evaluable, none is dropped)"}
+    for key in EXTERNAL_IGNORED:
+        if key in raw and raw[key] != used[key]:
+            raise ConfigError(f"eval_data.{key}", f"is {raw[key]!r}, but an external set is scored with the task's "
+                                                  f"window, stride and classes: {why[key]}, so it would silently do "
+                                                  f"nothing; remove eval_data.{key}")
+    if "split" not in raw:   # an external set is test data only
+        raw["split"] = {"kind": "all"}
+    split = raw.get("split")
+    if isinstance(split, Mapping) and split.get("kind") != "all":
+        raise ConfigError("eval_data.split", f"is {split!r}, but an external set is test data only: every labelled "
+                                             f"record is scored (the head is trained and selected on the task's own "
+                                             f"splits); use split: {{kind: all}} or leave it out")
+    for key in EXTERNAL_IGNORED[:2]:   # its TaskData's window fields say what is used: the task's
+        raw[key] = getattr(task_spec, key)
+    raw.pop("min_count", None)
+    return TaskSpec.from_config(raw, key="eval_data")
+
+
+def _external_identity(spec: TaskSpec | None) -> dict[str, Any] | None:
+    """An external set's part of a cell's recipe identity: its spec without the settings it does not read
+    (:data:`EXTERNAL_IGNORED`; the task's window and stride are in the identity through the task). Since
+    2026-12-07: cells with an external set computed before hold them, so they are recomputed once."""
+    if spec is None:
+        return None
+    return {k: v for k, v in asdict(spec).items() if k not in EXTERNAL_IGNORED}
 
 
 def _recipe(ctx: _Context, desc: Encoder, head: dict[str, Any]) -> dict[str, Any]:
@@ -532,7 +618,7 @@ def _recipe(ctx: _Context, desc: Encoder, head: dict[str, Any]) -> dict[str, Any
     return {"mode": ctx.mode, "head": _head_identity(head),
             "window_seconds": cfg.get("window_seconds"), "stride_seconds": cfg.get("stride_seconds"),
             "encoder_crop_samples": desc.crop_samples, "preprocess": desc.preprocess.to_dict(),
-            "task": asdict(ctx.task_spec), "eval_data": asdict(ctx.eval_spec) if ctx.eval_spec else None,
+            "task": asdict(ctx.task_spec), "eval_data": _external_identity(ctx.eval_spec),
             "bootstrap": {"n": int(cfg.bootstrap.n), "seed": int(cfg.bootstrap.seed)},
             # resolved (null: as pretrained): a lead-aware-pretrained encoder's cells keep their identity
             "lead_aware": resolve_lead_aware(cfg.features.get("lead_aware"), desc),

@@ -52,6 +52,10 @@ from ecgfm.config import ConfigError
 from ecgfm.data.preprocess import PreprocessSpec
 
 SPLIT_KINDS = ("folds", "stratified", "column", "all")
+#: the settings each split kind reads besides ``kind`` (:func:`build_task`); any other key is refused, so a typo
+#: (``split.fraction``) cannot silently leave the default in place
+SPLIT_KEYS = {"folds": ("key", "train", "val", "test"), "stratified": ("fractions", "seed"), "column": ("key",),
+              "all": ()}
 
 
 @dataclass
@@ -74,8 +78,17 @@ class TaskSpec:
     params: dict[str, Any] = field(default_factory=dict)  # free knobs the sources interpolate (n_records...)
 
     @classmethod
-    def from_config(cls, cfg: Mapping[str, Any] | Any) -> "TaskSpec":
-        """Build from a (resolved) mapping, e.g. ``cfg.task`` of ``conf/probe.yaml``; clear errors for typos."""
+    def from_config(cls, cfg: Mapping[str, Any] | Any, key: str = "task") -> "TaskSpec":
+        """Build from a (resolved) mapping, e.g. ``cfg.task`` of ``conf/probe.yaml``; clear errors for typos.
+
+        Args:
+            cfg: the task mapping.
+            key: the config node it comes from, named in errors (``task``, or ``eval_data`` for an external set).
+
+        Raises:
+            ConfigError: an unknown key (the split's included: each kind's settings are :data:`SPLIT_KEYS`), a
+                missing one or a bad value.
+        """
         try:
             from omegaconf import DictConfig, OmegaConf
 
@@ -88,23 +101,36 @@ class TaskSpec:
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ConfigError("task", f"unknown key(s) {unknown}; known: {sorted(known)}")
-        for key in ("name", "dataset", "sources"):
-            if not data.get(key):
-                raise ConfigError(f"task.{key}", "is required")
+            raise ConfigError(key, f"unknown key(s) {unknown}; known: {sorted(known)}")
+        for name in ("name", "dataset", "sources"):
+            if not data.get(name):
+                raise ConfigError(f"{key}.{name}", "is required")
         spec = cls(**data)
+        if not isinstance(spec.split, Mapping):
+            raise ConfigError(f"{key}.split", f"task {spec.name}: must be a mapping with a kind ({SPLIT_KINDS}), got "
+                                              f"{spec.split!r}")
         kind = spec.split.get("kind")
         if kind not in SPLIT_KINDS:
-            raise ConfigError("task.split.kind", f"task {spec.name}: must be one of {SPLIT_KINDS}, got {kind!r}")
+            raise ConfigError(f"{key}.split.kind", f"task {spec.name}: must be one of {SPLIT_KINDS}, got {kind!r}")
+        allowed = SPLIT_KEYS[kind]
+        for name in spec.split:
+            if name != "kind" and name not in allowed:
+                import difflib
+
+                close = difflib.get_close_matches(str(name), list(allowed), n=1, cutoff=0.6)
+                raise ConfigError(f"{key}.split.{name}",
+                                  f"task {spec.name}: a {kind!r} split does not read it"
+                                  f"{f'; did you mean {close[0]!r}?' if close else ''} (its settings: "
+                                  f"{', '.join(('kind', *allowed))}), so it would silently do nothing")
         if not (spec.labels == "record" or spec.labels.startswith("ptbxl:")):
-            raise ConfigError("task.labels", f"task {spec.name}: must be 'record' or 'ptbxl:<task>', got "
-                                              f"{spec.labels!r}")
-        for key in ("crop_seconds", "stride_seconds"):   # a stride <= 0 was clamped to one sample without a word
-            value = getattr(spec, key)
+            raise ConfigError(f"{key}.labels", f"task {spec.name}: must be 'record' or 'ptbxl:<task>', got "
+                                               f"{spec.labels!r}")
+        for name in ("crop_seconds", "stride_seconds"):   # a stride <= 0 was clamped to one sample without a word
+            value = getattr(spec, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 \
                     or not math.isfinite(value):
-                raise ConfigError(f"task.{key}", f"task {spec.name}: {key} must be a positive number of seconds, "
-                                                f"got {value!r}")
+                raise ConfigError(f"{key}.{name}", f"task {spec.name}: {name} must be a positive number of seconds, "
+                                                   f"got {value!r}")
         return spec
 
 

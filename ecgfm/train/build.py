@@ -7,6 +7,7 @@ them together.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -31,8 +32,8 @@ from ecgfm.train.safety import NonFiniteGuard
 
 log = logging.getLogger(__name__)
 
-__all__ = ["compile_backbone", "data_rate", "check_backbone_fits_crop", "build_callbacks", "build_logger",
-           "log_dir", "pretext_targets_for", "crop_targets_for"]
+__all__ = ["compile_backbone", "data_rate", "adopt_cache_preprocess", "method_fs", "check_backbone_fits_crop",
+           "build_callbacks", "build_logger", "log_dir", "pretext_targets_for", "crop_targets_for"]
 
 
 def compile_backbone(backbone: torch.nn.Module) -> torch.nn.Module:
@@ -72,6 +73,93 @@ def data_rate(cache_dirs: Sequence[str], cfg: DictConfig) -> tuple[PreprocessSpe
         raise ConfigError("preprocess.fs", "is needed to convert crop_seconds to samples when the data node has no "
                                            "caches")
     return spec, float(spec.fs)
+
+
+def adopt_cache_preprocess(cfg: DictConfig, spec: PreprocessSpec, cache_dirs: Sequence[str]) -> DictConfig | None:
+    """Make ``cfg.preprocess`` the preprocessing the training caches were prepared with (what the run trains on).
+
+    A cache's preprocessing is fixed when it is prepared, and the run trains on the cache (:func:`data_rate`), so
+    with ``data=cached`` every ``preprocess.*`` value was ignored while ``config.yaml`` recorded it. The config's
+    ``preprocess`` node always holds values (``train.yaml``'s defaults), and a cache prepared with another spec (a
+    250 Hz cache for a run that never mentions ``preprocess``) is ordinary ``data=cached`` use, so the rule is:
+
+    * a field at its default (``conf/train.yaml`` = :class:`~ecgfm.data.preprocess.PreprocessSpec`'s) that differs
+      from the caches' takes the caches' value, logged at INFO naming each field and both values;
+    * a field set to another value than its default (``preprocess.highpass=3``) that differs from the caches' is
+      refused: the user asked for preprocessing the run would not apply.
+
+    ``config.yaml`` then records the caches' spec, the one exported with the encoder. Data nodes that prepare their
+    caches from ``${preprocess}`` (synthetic, ptbxl, pools) have nothing to adopt.
+
+    Args:
+        cfg: the validated training config (``cfg.preprocess`` is changed in place).
+        spec: the caches' spec (:func:`data_rate`).
+        cache_dirs: the training caches (nothing is done without caches: ``cfg.preprocess`` is then the spec).
+
+    Returns:
+        A copy of the config's own ``preprocess`` node when fields were adopted (to compare with the
+        ``config.yaml`` of a run recorded before this rule), else None.
+
+    Raises:
+        ConfigError: naming each ``preprocess.<field>`` set to a value other than the caches', with the caches'
+            values.
+    """
+    if not cache_dirs:
+        return None
+    from dataclasses import fields
+
+    asked = PreprocessSpec.from_dict(OmegaConf.to_container(cfg.preprocess, resolve=True))
+    default = PreprocessSpec()
+    differ = [f.name for f in fields(PreprocessSpec) if getattr(asked, f.name) != getattr(spec, f.name)]
+    if not differ:
+        return None
+    chosen = [n for n in differ if getattr(asked, n) != getattr(default, n)]
+    if chosen:
+        where = ", ".join(str(d) for d in cache_dirs)
+        raise ConfigError(f"preprocess.{chosen[0]}",
+                          "the training caches were prepared with other preprocessing, and the run trains on the "
+                          "caches as they are: " + "; ".join(f"preprocess.{n}={getattr(asked, n)!r} (the caches': "
+                                                            f"{getattr(spec, n)!r})" for n in chosen)
+                          + f" [{where}]. Remove these overrides (the run then records the caches' spec), or "
+                            "prepare caches with this preprocessing (or use a data node that prepares them, e.g. "
+                            "data=synthetic / data=ptbxl)")
+    before = OmegaConf.create(OmegaConf.to_container(cfg.preprocess, resolve=True))
+    plain = {f.name: getattr(spec, f.name) for f in fields(PreprocessSpec)}
+    if plain.get("leads") is not None:
+        plain["leads"] = list(plain["leads"])
+    for name in differ:
+        cfg.preprocess[name] = plain[name]
+    log.info("preprocess: the training caches were prepared with %s; recorded in config.yaml (the config's "
+             "defaults there were not used)", ", ".join(f"{n}={plain[n]!r} (default {getattr(asked, n)!r})"
+                                                         for n in differ))
+    return before
+
+
+def method_fs(cfg: DictConfig, fs: float) -> float | None:
+    """The rate a method's augmentations in seconds / Hz run at (``method.fs``, SimCLR): the training caches'.
+
+    ``method.fs`` follows ``${preprocess.fs}``; the pipeline sets it to the caches' rate, at which the crops are cut.
+    A literal ``method.fs`` that differs was replaced without a word (``method.fs=37`` trained at 100 Hz).
+
+    Returns:
+        ``fs`` (None when the method has no ``fs``).
+
+    Raises:
+        ConfigError: a literal ``method.fs`` other than the caches' rate, naming both.
+    """
+    if "fs" not in cfg.method:
+        return None
+    if not OmegaConf.is_interpolation(cfg.method, "fs"):
+        value = cfg.method.fs
+        try:
+            same = value is not None and math.isclose(float(value), float(fs))
+        except (TypeError, ValueError):
+            same = False
+        if not same:
+            raise ConfigError("method.fs", f"is {value!r}, but the training crops are cut at the caches' {float(fs):g} "
+                                           f"Hz, where the augmentations in seconds / Hz must run: remove the "
+                                           f"override (method.fs follows the caches' rate)")
+    return float(fs)
 
 
 def pretext_targets_for(cfg: DictConfig, cache_dirs: Sequence[str]) -> Path | np.ndarray:

@@ -9,8 +9,10 @@ and the tests call. It
    ``resume=<path>``) and a fresh start, which is refused in a folder holding a trained run unless
    ``overwrite=true`` (:mod:`ecgfm.train.checkpoints`);
 3. prepares or reuses every corpus cache the data node asks for (:func:`ecgfm.data.prepare.prepare_cache`), reads
-   their sampling rate and converts ``crop_seconds`` to samples at that rate (``${crop_samples}`` in the data and
-   backbone nodes follows);
+   their preprocessing (recorded as ``preprocess``: :func:`~ecgfm.train.build.adopt_cache_preprocess`, which refuses
+   a ``preprocess.*`` set to another value) and sampling rate and converts ``crop_seconds`` to samples at that rate
+   (``${crop_samples}`` in the data and backbone nodes follows; a ``data.crop_samples`` or literal ``method.fs``
+   that differs is refused);
 4. builds the DataModule, the backbone (``ecgfm.backbones.create_backbone`` + name) and the method from their
    ``_target_`` nodes with explicit arguments;
 5. fits with a Lightning ``Trainer`` (atomic periodic + last checkpoints, :class:`~ecgfm.train.safety.NonFiniteGuard`,
@@ -34,12 +36,13 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ecgfm.accel import use_onednn_linears
-from ecgfm.config import ConfigError, crop_samples_for, strip_params, validate_train_config
+from ecgfm.config import ConfigError, check_data_mirrors, crop_samples_for, strip_params, validate_train_config
 from ecgfm.data.datamodules import open_pretext_targets
 from ecgfm.data.prepare import build_cache_dirs, check_data_paths
 from ecgfm.io import atomic_write_json, atomic_write_text, jsonable
-from ecgfm.train.build import (build_callbacks, build_logger, check_backbone_fits_crop, compile_backbone,
-                               crop_targets_for, data_rate, log_dir, pretext_targets_for)
+from ecgfm.train.build import (adopt_cache_preprocess, build_callbacks, build_logger, check_backbone_fits_crop,
+                               compile_backbone, crop_targets_for, data_rate, log_dir, method_fs,
+                               pretext_targets_for)
 from ecgfm.train.checkpoints import (AtomicCheckpointIO, DataFacts, check_resume_config, find_resume_checkpoint,
                                      guard_fresh_start, remove_stale_temporaries)
 from ecgfm.train.loop import make_resumable, save_final_checkpoint, stepped_batches, stopped_mid_epoch
@@ -129,6 +132,22 @@ def _stop_reason(trainer: Any, max_steps: int) -> str:
     return "early_stop"
 
 
+def _check_resume(out_dir: Path, cfg: DictConfig, asked_preprocess: DictConfig | None) -> None:
+    """:func:`~ecgfm.train.checkpoints.check_resume_config`, also accepting a run folder whose ``config.yaml`` was
+    written before the caches' preprocessing was recorded (it holds the config's own ``preprocess`` values, which
+    the caches overrode: ``asked_preprocess``, from :func:`~ecgfm.train.build.adopt_cache_preprocess`)."""
+    try:
+        check_resume_config(out_dir, cfg)
+    except ConfigError:
+        if asked_preprocess is None:
+            raise
+        older = cfg.copy()
+        older.preprocess = asked_preprocess
+        check_resume_config(out_dir, older)   # still differing: that error
+        log.info("resume: %s/config.yaml records the config's preprocess values, which the caches' preprocessing "
+                 "replaced (a run recorded before config.yaml held the caches' spec): continuing it", out_dir)
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Pretrain a backbone with a self-supervised method as described by ``cfg`` (``conf/train.yaml``).
 
@@ -202,17 +221,21 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     check_data_paths(data_node)
     cache_dirs = build_cache_dirs(data_node)
     spec, fs = data_rate(cache_dirs, cfg)
+    # config.yaml records the caches' preprocessing (a conflicting preprocess.* the user set is refused)
+    asked_preprocess = adopt_cache_preprocess(cfg, spec, cache_dirs)
     cfg.crop_samples = crop_samples_for(cfg, fs)   # crop_seconds at the cache's own rate; ${crop_samples} follows
-    if "fs" in cfg.method:   # augmentations in seconds / Hz (SimCLR) run at the cache's rate: config.yaml says so
-        cfg.method.fs = float(fs)
+    check_data_mirrors(cfg, fs)                    # a literal data.crop_samples must be that crop
+    method_rate = method_fs(cfg, fs)   # a literal method.fs other than the cache's rate is refused
+    if method_rate is not None:   # augmentations in seconds / Hz (SimCLR) run at the cache's rate: config.yaml says so
+        cfg.method.fs = method_rate
     if ckpt_path is not None and not cfg.resume:   # found in the run folder: only its own recipe continues there
-        check_resume_config(out_dir, cfg)
+        _check_resume(out_dir, cfg, asked_preprocess)
     check_backbone_fits_crop(cfg, fs)
     data_cfg = strip_params(cfg.data)
     data_kwargs: dict[str, Any] = {"cache_dirs": cache_dirs} if "cache_dirs" in data_cfg else {}
     method_kwargs: dict[str, Any] = {}
-    if "fs" in cfg.method:   # augmentations in seconds / Hz (SimCLR) run at the cache's rate, as the crops do
-        method_kwargs["fs"] = float(fs)
+    if method_rate is not None:   # augmentations in seconds / Hz (SimCLR) run at the cache's rate, as the crops do
+        method_kwargs["fs"] = method_rate
     if cfg.method.get("aux_targets"):
         targets = pretext_targets_for(cfg, cache_dirs)      # a .npy file: every loader memory-maps it
         if isinstance(targets, Path):
