@@ -27,14 +27,12 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 
 from ecgfm.config import ConfigError, validate_train_config
+from tests.unit.test_train_safety import TINY as SAFETY_TINY
 
 ROOT = Path(__file__).resolve().parents[2]
 CONF = ROOT / "ecgfm" / "conf"
-TINY = ["+experiment=mae", "data=cached", "data.num_workers=0", "backbone=vit1d_test", "data.batch_size=8",
-        "data.val_fraction=0.2", "trainer.max_steps=2", "checkpoint.every_n_train_steps=2",
-        "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "torch_threads=1",
-        "trainer.log_every_n_steps=1", "method.warmup_steps=1", "method.decoder_dim=16", "method.decoder_heads=2",
-        "method.decoder_depth=1"]
+# the training-safety tests' tiny MAE run, 2 steps
+TINY = [o.replace("trainer.max_steps=3", "trainer.max_steps=2") for o in SAFETY_TINY]
 
 
 def _train_cfg(overrides: list[str]):

@@ -6,7 +6,6 @@ noise bank has its own random stream (it was record 3's)."""
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -84,13 +83,10 @@ def test_default_padding_is_unchanged_scipy_constant():
 
 
 def _folder(fixture_dir: Path, tmp_path: Path, csv_text: str) -> Path:
-    root = tmp_path / "folder"
-    (root / "sub").mkdir(parents=True)
-    for i in (1, 2):
-        for ext in ("hea", "dat"):
-            shutil.copy(fixture_dir / "ptbxl" / "records100" / "00000" / f"0000{i}_lr.{ext}", root)
-    for ext in ("hea", "mat"):
-        shutil.copy(fixture_dir / "cinc2021" / f"HR06000.{ext}", root / "sub")   # header: "# Sex: Female"
+    """Two PTB-XL records and sub/HR06000 (header: "# Sex: Female") with ``csv_text`` as labels.csv."""
+    from tests.unit.test_readers import _folder_with_records
+
+    root = _folder_with_records(fixture_dir, tmp_path)
     (root / "labels.csv").write_text(csv_text)
     return root
 

@@ -64,12 +64,8 @@ def test_bench_probe_prints_the_windows_and_time_of_the_passes_its_rate_covers()
     assert "all 2 passes: 480 windows in 19.47 s = 25 windows/s (95% CI " in two and "over 2 passes)" in two
 
 
-def test_bench_probe_maxrss_fallback_is_bytes_on_macos_and_kib_elsewhere(monkeypatch):
-    """ru_maxrss / 1024 was printed as MiB: KiB / 1024 on Linux, but bytes / 1024 (1024x too large) on macOS."""
-    bp = _script("bench_probe")
-    monkeypatch.setattr(resource, "getrusage", _fake_getrusage(3 * 2**29))     # 1.5 GiB in bytes (macOS)
-    monkeypatch.setattr(sys, "platform", "darwin")
-    assert max_rss_bytes() == 3 * 2**29
+def _no_proc(monkeypatch) -> None:
+    """/proc unreadable (as off Linux): the scripts fall back to getrusage."""
     real_read = Path.read_text
 
     def no_proc(self, *a, **k):
@@ -78,6 +74,15 @@ def test_bench_probe_maxrss_fallback_is_bytes_on_macos_and_kib_elsewhere(monkeyp
         return real_read(self, *a, **k)
 
     monkeypatch.setattr(Path, "read_text", no_proc)
+
+
+def test_bench_probe_maxrss_fallback_is_bytes_on_macos_and_kib_elsewhere(monkeypatch):
+    """ru_maxrss / 1024 was printed as MiB: KiB / 1024 on Linux, but bytes / 1024 (1024x too large) on macOS."""
+    bp = _script("bench_probe")
+    monkeypatch.setattr(resource, "getrusage", _fake_getrusage(3 * 2**29))     # 1.5 GiB in bytes (macOS)
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert max_rss_bytes() == 3 * 2**29
+    _no_proc(monkeypatch)
     assert bp._peak_memory().startswith("RSS 1536 MiB (since start)")
     monkeypatch.setattr(resource, "getrusage", _fake_getrusage(3 * 2**19))     # 1.5 GiB in KiB (Linux)
     monkeypatch.setattr(sys, "platform", "linux")
@@ -87,14 +92,7 @@ def test_bench_probe_maxrss_fallback_is_bytes_on_macos_and_kib_elsewhere(monkeyp
 
 def test_bench_token_cache_maxrss_fallback_is_bytes_on_macos(monkeypatch):
     tc = _script("bench_token_cache")
-    real_read = Path.read_text
-
-    def no_proc(self, *a, **k):
-        if str(self).startswith("/proc/"):
-            raise OSError("no /proc")
-        return real_read(self, *a, **k)
-
-    monkeypatch.setattr(Path, "read_text", no_proc)
+    _no_proc(monkeypatch)
     monkeypatch.setattr(resource, "getrusage", _fake_getrusage(3 * 2**29))
     monkeypatch.setattr(sys, "platform", "darwin")
     assert tc._rss_mib() == pytest.approx(1536.0)
