@@ -380,8 +380,10 @@ def warn_if_not_millivolts(x12: np.ndarray, mask: np.ndarray, where: str, spec: 
         warnings.warn(f"{where}: its largest lead peak-to-peak amplitude is {largest:.3g}, where an ECG in "
                       f"millivolts swings about 0.5-5 mV (no lead above {UNNORMALISED_MAX_PTP_MV:g}): the signal "
                       f"looks like microvolts or ADC counts, but the API expects millivolts (divide microvolts by "
-                      f"1000, ADC counts by the gain in counts per mV); this model's preprocessing does not "
-                      f"normalise (normalize: none), so the scale reaches the network and the output changes",
+                      f"1000, ADC counts by the gain in counts per mV); "
+                      + ("this model's preprocessing does not normalise (normalize: none)" if spec is not None else
+                         "this model is wrapped without preprocessing (no spec: resampling only)")
+                      + ", so the scale reaches the network and the output changes",
                       UserWarning, stacklevel=6)
 
 
@@ -587,9 +589,27 @@ def decisions(proba: Any, multilabel: bool, thresholds: Sequence[float] | np.nda
 
     Returns:
         ``(B, C)`` (or ``(C,)``) int 0/1.
+
+    Raises:
+        ValueError: multi-label ``thresholds`` not of one value per class.
     """
     p = np.asarray(proba, dtype=np.float64)
     if multilabel:
-        t = np.full(p.shape[-1], 0.5) if thresholds is None else np.asarray(thresholds, dtype=np.float64)
-        return (p >= t).astype(int)
+        return (p >= decision_thresholds(thresholds, p.shape[-1])).astype(int)
     return np.eye(p.shape[-1], dtype=int)[p.argmax(axis=-1)]
+
+
+def decision_thresholds(thresholds: Sequence[float] | np.ndarray | None, n_classes: int) -> np.ndarray:
+    """``(C,)`` float64 per-class decision thresholds of a multi-label model: ``thresholds`` (the artifact's
+    validation thresholds), or 0.5 for every class where none were stored.
+
+    Raises:
+        ValueError: ``thresholds`` not of one value per class (a single value is not broadcast: it would apply one
+            class's threshold to all).
+    """
+    if thresholds is None:
+        return np.full(int(n_classes), 0.5)
+    t = np.asarray(thresholds, dtype=np.float64)
+    if t.shape != (int(n_classes),):
+        raise ValueError(f"thresholds: one per class expected ({n_classes}), got shape {t.shape}")
+    return t

@@ -584,7 +584,9 @@ def external_spec(node: Any, task_spec: TaskSpec) -> TaskSpec:
            "stride_seconds": "it is embedded with the task's stride (stride_seconds, else task.stride_seconds)",
            "min_count": "its classes are the task's (a class it lacks is listed as not evaluable, none is dropped)"}
     for key in EXTERNAL_IGNORED:
-        if key in raw and raw[key] != used[key]:
+        # min_count is read nowhere for an external set: 1 (none) or a copy of the task's (${task.min_count}) is fine
+        if key in raw and raw[key] != used[key] and not (key == "min_count" and
+                                                          raw[key] == getattr(task_spec, "min_count", None)):
             raise ConfigError(f"eval_data.{key}", f"is {raw[key]!r}, but an external set is scored with the task's "
                                                   f"window, stride and classes: {why[key]}, so it would silently do "
                                                   f"nothing; remove eval_data.{key}")

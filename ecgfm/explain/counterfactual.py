@@ -185,7 +185,7 @@ def _is_valid(proba: Tensor, target: Tensor, multilabel: bool, threshold: Tensor
     if multilabel:
         thr = torch.as_tensor(threshold, dtype=proba.dtype, device=proba.device).flatten()
         thr = thr.expand(proba.shape[1]) if thr.numel() == 1 else thr
-        return proba.gather(1, target[:, None])[:, 0] > thr[target]
+        return proba.gather(1, target[:, None])[:, 0] >= thr[target]   # predicted as Classifier.predict decides
     return proba.argmax(1) == target
 
 
@@ -502,8 +502,9 @@ def default_target(proba: Tensor, multilabel: bool, threshold: float | Sequence[
                    ) -> int | None:
     """The class a counterfactual of one record should move to when none is asked for: one the model does not
     already predict. Single-label: the second most probable class. Multi-label (sigmoid): the most probable class
-    at or below its threshold (the second most probable may be a predicted label too, whose "counterfactual" is
-    the record itself). None when every class is already predicted.
+    below its threshold (predicted: at or above it, as ``Classifier.predict`` decides; the second most probable
+    may be a predicted label too, whose "counterfactual" is the record itself). None when every class is already
+    predicted.
 
     Args:
         proba: ``(C,)`` probabilities of the record.
@@ -515,5 +516,5 @@ def default_target(proba: Tensor, multilabel: bool, threshold: float | Sequence[
     if not multilabel:
         return order[1] if len(order) > 1 else None
     thr = class_thresholds(threshold, None, len(order))
-    below = [i for i in order if float(proba[i]) <= float(thr[i])]
+    below = [i for i in order if float(proba[i]) < float(thr[i])]   # not predicted (predict: p >= threshold)
     return below[0] if below else None

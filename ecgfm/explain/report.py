@@ -175,11 +175,13 @@ def _decided(wrapper: ECGWrapper, proba: torch.Tensor) -> np.ndarray:
 def _predictions(wrapper: ECGWrapper, proba: torch.Tensor) -> list[dict[str, Any]]:
     """Every class by decreasing probability, each with ``predicted`` (the model's decision, :func:`_decided`)
     and, for a multi-label model, the ``threshold`` that decision used."""
+    from ecgfm.api import decision_thresholds
+
     names = wrapper.class_names or tuple(str(i) for i in range(proba.shape[-1]))
     order = proba.argsort(descending=True).tolist()
     decided = _decided(wrapper, proba)
     multilabel = wrapper.postprocess == "sigmoid"
-    thresholds = wrapper.thresholds if wrapper.thresholds is not None else (0.5,) * int(proba.shape[-1])
+    thresholds = decision_thresholds(wrapper.thresholds, int(proba.shape[-1])) if multilabel else None
     out = []
     for c in order:
         row = {"class": names[c], "index": int(c), "probability": float(proba[c]), "predicted": bool(decided[c])}

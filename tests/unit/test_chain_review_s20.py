@@ -259,3 +259,21 @@ def test_prepare_without_fs_warns_where_the_api_refuses(tmp_path):
         w.prepare(x[0])
     # with fs=: read as 2.5 s at 500 Hz (zero-padded to the 12.5 s window, which is said), no fs= warning
     assert not any("no fs=" in m for m in _user_warnings(w.prepare, x[0], fs=500.0))
+
+
+def test_thresholds_of_another_length_are_refused_and_the_counterfactual_decides_as_predict():
+    """Review of the s20 diff: a multi-label decision with thresholds of another length than the classes was a
+    numpy broadcast error (2 for 3 classes) or one class's threshold applied to all (1 value); a probability equal
+    to its threshold is predicted by Classifier.predict (>=) and was "not predicted" for the counterfactual (>)."""
+    from ecgfm.api import decision_thresholds, decisions
+    from ecgfm.explain.counterfactual import _is_valid, default_target
+
+    p = np.array([[0.2, 0.6, 0.9]])
+    for bad in ([0.5], [0.5, 0.5]):
+        with pytest.raises(ValueError, match="one per class"):
+            decisions(p, True, bad)
+    assert decision_thresholds(None, 3).tolist() == [0.5, 0.5, 0.5]
+    at = torch.tensor([0.5, 0.7, 0.2])
+    assert decisions(at.numpy(), True, [0.5, 0.8, 0.8]).tolist() == [1, 0, 0]
+    assert bool(_is_valid(at[None], torch.tensor([0]), True, torch.tensor([0.5, 0.8, 0.8]))[0])
+    assert default_target(at, True, [0.5, 0.8, 0.8]) == 1      # class 0 at its threshold is predicted already

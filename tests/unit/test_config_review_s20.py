@@ -193,6 +193,8 @@ def test_external_set_takes_the_tasks_values_and_all_by_default(tmp_path):
     assert ctx.eval_spec.split == {"kind": "all"}
     assert (ctx.eval_spec.crop_seconds, ctx.eval_spec.stride_seconds) == (ctx.task_spec.crop_seconds,
                                                                           ctx.task_spec.stride_seconds)
+    # a copy of the task's min_count (${task.min_count}) is not a conflict either: nothing reads it
+    assert _context(tmp_path, _ext_node(min_count=3), "task.crop_seconds=2.5", "+task.min_count=3").eval_spec
 
 
 def test_ignored_external_keys_leave_the_yaml_and_the_recipe_identity(tmp_path):

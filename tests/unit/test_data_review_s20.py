@@ -1,7 +1,8 @@
 """Data-layer review (s20): the edge spike of zero-padded polyphase resampling is warned about (the default,
 ``resample_padtype="constant"``, kept for the caches and encoders made with it), FolderSource reads a labels CSV's
-``sex`` column into the canonical ``"M"`` / ``"F"`` / None (numeric codes only with ``sex_codes``), and the synthetic
-noise bank has its own random stream (it was record 3's)."""
+``sex`` column into the canonical ``"M"`` / ``"F"`` / None (numeric codes only with ``sex_codes``; a cell it cannot
+read is None with the cell kept as ``sex_raw`` and one warning, not an error), and the synthetic noise bank has its
+own random stream (it was record 3's)."""
 
 from __future__ import annotations
 
@@ -107,33 +108,77 @@ def test_folder_sex_spellings_are_canonical_as_other_readers(fixture_dir, tmp_pa
     assert _sexes(FolderSource(root, labels_csv="labels.csv")) == ("F", None, "F")
 
 
-def test_folder_numeric_sex_needs_sex_codes(fixture_dir, tmp_path):
+def _sex_logs(caplog, level: int) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.name == "ecgfm.data.readers.folder" and r.levelno == level and "meta['sex_raw']" in r.getMessage()]
+
+
+def test_folder_numeric_sex_without_sex_codes_is_unknown_and_warned_once(fixture_dir, tmp_path, caplog):
     root = _folder(fixture_dir, tmp_path, "record_id,sex,AF\n00001_lr,0,1\n00002_lr,1,0\nHR06000,1.0,1\n")
-    with pytest.raises(ECGDataError, match=r"labels.csv: line 2: sex '0' is a number.*PTB-XL: 0 male.*sex_codes"):
-        FolderSource(root, labels_csv="labels.csv")     # was kept raw: meta["sex"] == 0
-    ptbxl = FolderSource(root, labels_csv="labels.csv", sex_codes={0: "M", 1: "F"})
-    assert _sexes(ptbxl) == ("M", "F", "F")
+    with caplog.at_level(logging.INFO, logger="ecgfm.data.readers.folder"):
+        src = FolderSource(root, labels_csv="labels.csv")   # was refused (ECGDataError), before that kept raw
+    # not guessed: unknown (HR06000's header "# Sex: Female" stays, as for an empty cell), the cell kept as sex_raw
+    assert _sexes(src) == (None, None, "F")
+    assert [src.load(r).meta["sex_raw"] for r in ("00001_lr", "00002_lr", "sub/HR06000")] == [0, 1, 1.0]
+    assert src.load("00001_lr").labels == ("AF",)
+    warnings = _sex_logs(caplog, logging.WARNING)
+    assert len(warnings) == 1 and not _sex_logs(caplog, logging.INFO)
+    msg = warnings[0]
+    assert "labels.csv" in msg and "3 cell(s) of column 'sex'" in msg and "first on line 2: '0'" in msg
+    assert "values '0', '1', '1.0'" in msg and "PTB-XL: 0 male" in msg and "sex_codes={0: 'M', 1: 'F'}" in msg
+    # with sex_codes: read as today, no warning, no sex_raw
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="ecgfm.data.readers.folder"):
+        ptbxl = FolderSource(root, labels_csv="labels.csv", sex_codes={0: "M", 1: "F"})
+    assert _sexes(ptbxl) == ("M", "F", "F") and "sex_raw" not in ptbxl.load("00001_lr").meta
+    assert not _sex_logs(caplog, logging.WARNING) and not _sex_logs(caplog, logging.INFO)
     ukb = FolderSource(root, labels_csv="labels.csv", sex_codes={"0": "female", "1.0": "male"})   # keys by value
     assert _sexes(ukb) == ("F", "M", "M")
     unknown = FolderSource(root, labels_csv="labels.csv", sex_codes={0: None, 1: None})
-    assert unknown.load("00001_lr").meta["sex"] is None
+    assert unknown.load("00001_lr").meta["sex"] is None and "sex_raw" not in unknown.load("00001_lr").meta
     # the codes are part of the source's description (its cache key), and absent when not given
     from ecgfm.data.cache import describe_source
 
     assert describe_source(ptbxl)["sex_codes"] == {"0": "M", "1": "F"}
     assert "sex_codes" not in describe_source(FolderSource(root))
+    # a bad sex_codes argument is still refused
     with pytest.raises(ValueError, match=r"sex_codes\[2\] = 'X'"):
         FolderSource(root, labels_csv="labels.csv", sex_codes={0: "M", 1: "F", 2: "X"})
+    with pytest.raises(ValueError, match=r"sex_codes must be a mapping"):
+        FolderSource(root, labels_csv="labels.csv", sex_codes=["M", "F"])
 
 
-def test_folder_unrecognised_sex_is_refused_by_line(fixture_dir, tmp_path):
-    root = _folder(fixture_dir, tmp_path, "record_id,sex,AF\n00001_lr,M,1\n00002_lr,X,0\n")
-    with pytest.raises(ECGDataError, match=r"labels.csv: line 3: sex 'X' is neither male / female.*sex_codes"):
-        FolderSource(root, labels_csv="labels.csv")
-    assert FolderSource(root, labels_csv="labels.csv", sex_codes={"x": None}).load("00002_lr").meta["sex"] is None
+def test_folder_unrecognised_sex_is_unknown_and_warned_by_line(fixture_dir, tmp_path, caplog):
+    root = _folder(fixture_dir, tmp_path, "record_id,sex,AF\n00001_lr,M,1\n00002_lr,?? ,0\nHR06000,2,1\n")
+    with caplog.at_level(logging.INFO, logger="ecgfm.data.readers.folder"):
+        src = FolderSource(root, labels_csv="labels.csv")   # was refused: one cell refused the data set
+    assert _sexes(src) == ("M", None, "F")
+    assert src.load("00002_lr").meta["sex_raw"] == "??" and src.load("sub/HR06000").meta["sex_raw"] == 2
+    assert "sex_raw" not in src.load("00001_lr").meta
+    (msg,) = _sex_logs(caplog, logging.WARNING)
+    assert "2 cell(s)" in msg and "first on line 3: '??'" in msg and "sex_codes={'??': 'M' | 'F' | None}" in msg
+    # mapped: read, no warning
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="ecgfm.data.readers.folder"):
+        mapped = FolderSource(root, labels_csv="labels.csv", sex_codes={"??": None, 2: "F"})
+    assert _sexes(mapped) == ("M", None, "F") and not _sex_logs(caplog, logging.WARNING)
     (root / "labels.csv").write_text("record_id,sex,SEX,AF\n00001_lr,M,M,1\n")
     with pytest.raises(ECGDataError, match=r"several sex columns \['sex', 'SEX'\]"):
         FolderSource(root, labels_csv="labels.csv")
+
+
+def test_folder_other_sex_is_none_with_sex_raw_and_info(fixture_dir, tmp_path, caplog):
+    root = _folder(fixture_dir, tmp_path, "record_id,sex,AF\n00001_lr,Other,1\n00002_lr,X,0\nHR06000,F,1\n")
+    with caplog.at_level(logging.INFO, logger="ecgfm.data.readers.folder"):
+        src = FolderSource(root, labels_csv="labels.csv")
+    # no category invented: meta["sex"] holds M / F / None only; the cell is kept
+    assert _sexes(src) == (None, None, "F")
+    assert src.load("00001_lr").meta["sex_raw"] == "Other" and src.load("00002_lr").meta["sex_raw"] == "X"
+    assert not _sex_logs(caplog, logging.WARNING)   # nothing to fix: an INFO, once
+    (msg,) = _sex_logs(caplog, logging.INFO)
+    assert "2 cell(s)" in msg and "other than male / female" in msg and "first on line 2: 'Other'" in msg
+    # sex_codes still wins (e.g. a data set whose "X" means unknown)
+    assert "sex_raw" not in FolderSource(root, labels_csv="labels.csv", sex_codes={"x": None}).load("00002_lr").meta
 
 
 def test_folder_sex_as_label_column_keeps_its_labels(fixture_dir, tmp_path):
@@ -141,6 +186,32 @@ def test_folder_sex_as_label_column_keeps_its_labels(fixture_dir, tmp_path):
     src = FolderSource(root, labels_csv="labels.csv", label_columns=["sex"])
     rec = src.load("00001_lr")
     assert rec.labels == ("male",) and rec.meta["sex"] == "M"
+
+
+def test_folder_binary_sex_label_column_is_read_as_labels(fixture_dir, tmp_path, caplog):
+    """A 0/1 sex column as the label of a sex-prediction task was refused (unmapped numbers): its labels are read as
+    any flag column's, meta["sex"] is unknown with one warning."""
+    root = _folder(fixture_dir, tmp_path, "record_id,sex,AF\n00001_lr,0,1\n00002_lr,1,0\nHR06000,,1\n")
+    with caplog.at_level(logging.INFO, logger="ecgfm.data.readers.folder"):
+        src = FolderSource(root, labels_csv="labels.csv", label_columns=["sex"])
+    recs = [src.load(r) for r in ("00001_lr", "00002_lr", "sub/HR06000")]
+    assert [r.labels for r in recs] == [(), ("sex",), ()]                  # a flag column: label "sex" where 1
+    assert [r.meta["labels_known"] for r in recs] == [True, True, False]   # 0 is a known negative, empty unknown
+    assert [r.meta["sex"] for r in recs] == [None, None, "F"]
+    assert [r.meta.get("sex_raw") for r in recs] == [0, 1, None]
+    (msg,) = _sex_logs(caplog, logging.WARNING)
+    assert "2 cell(s)" in msg and "also a label column" in msg
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == [msg]   # nothing else
+    # the labels are those of the same column under another name (the label reading path is unaffected)
+    (root / "labels.csv").write_text("record_id,is_female,AF\n00001_lr,0,1\n00002_lr,1,0\nHR06000,,1\n")
+    other = FolderSource(root, labels_csv="labels.csv", label_columns=["is_female"])
+    assert [other.load(r.record_id).labels for r in recs] == [(), ("is_female",), ()]
+    assert [other.load(r.record_id).meta["labels_known"] for r in recs] == [True, True, False]
+    # with sex_codes, meta["sex"] is read and the labels stay the same
+    (root / "labels.csv").write_text("record_id,sex,AF\n00001_lr,0,1\n00002_lr,1,0\nHR06000,,1\n")
+    coded = FolderSource(root, labels_csv="labels.csv", label_columns=["sex"], sex_codes={0: "M", 1: "F"})
+    assert [(coded.load(r.record_id).labels, coded.load(r.record_id).meta["sex"]) for r in recs] == [
+        ((), "M"), (("sex",), "F"), ((), "F")]
 
 
 # ------------------------------------------------------------------- 3. synthetic: the noise bank's own stream

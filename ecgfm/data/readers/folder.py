@@ -14,7 +14,7 @@ from ecgfm.data.readers.formats import check_fs_range, multi_segment_members, no
 from ecgfm.data.readers.tables import read_label_table
 from ecgfm.data.record import ECGDataError, ECGRecord
 
-__all__ = ["LABELS_KNOWN", "NON_LABEL_COLUMNS", "PATIENT_COLUMNS", "UNKNOWN_SEX", "FolderSource",
+__all__ = ["LABELS_KNOWN", "NON_LABEL_COLUMNS", "OTHER_SEX", "PATIENT_COLUMNS", "UNKNOWN_SEX", "FolderSource",
            "WFDBFolderSource"]
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,10 @@ NON_LABEL_COLUMNS = frozenset({"age", "sex", "gender", "height", "weight", "bmi"
 _SPLIT_COLUMNS = frozenset({"split", "fold", "strat_fold"})
 #: Cells of a labels CSV's ``sex`` column read as unknown (None), as an empty cell (compared lower-cased).
 UNKNOWN_SEX = frozenset({"unknown", "unk", "u", "na", "n/a", "none", "null", "?"})
+#: Cells of a labels CSV's ``sex`` column that name a sex other than male / female (compared lower-cased): read as
+#: ``meta["sex"] = None`` (it holds M / F / None only, as every reader writes it) with the cell kept as
+#: ``meta["sex_raw"]``, reported once per source at INFO (nothing to fix).
+OTHER_SEX = frozenset({"o", "other", "x", "intersex", "nonbinary", "non-binary", "non binary", "diverse"})
 _BINARY = {"0", "1", "0.0", "1.0", "true", "false", ""}
 
 
@@ -79,11 +83,22 @@ class FolderSource:
     split or fold column is available to the split helpers) plus age/sex from the header comments and, with a
     labels CSV, ``labels_known``. The exception is a ``sex`` column (any case): it is read into ``meta["sex"]`` as
     every other reader writes it, ``"M"``, ``"F"`` or None (unknown), from the spellings M / F / male / female /
-    man / woman (any case); an empty cell or one of :data:`UNKNOWN_SEX` (``unknown``, ``U``, ``NA``...) is unknown
-    (None), which leaves the header's value where the header gives one. A number is refused unless ``sex_codes``
-    says what it means: its meaning depends on the data set (PTB-XL codes 0 male, 1 female; UK Biobank 0 female,
-    1 male), so the reader does not guess; any other text is refused too (an error naming the file, the line and
-    the value).
+    man / woman (any case) and ``sex_codes``; an empty cell or one of :data:`UNKNOWN_SEX` (``unknown``, ``U``,
+    ``NA``...) is unknown (None). A cell read as None leaves the header's value where the header gives one.
+    A cell the reader cannot read is not an error (nothing in ecgfm reads ``meta["sex"]``): its ``meta["sex"]``
+    is None and the cell itself is kept as ``meta["sex_raw"]`` (a number as a number, like the other columns'
+    cells):
+
+    - a number not in ``sex_codes`` (its meaning depends on the data set: PTB-XL codes 0 male, 1 female; UK
+      Biobank 0 female, 1 male, so the reader does not guess) or text that is neither a sex, unknown nor in
+      ``sex_codes``: one WARNING per source naming the file, the first such line and value, how many cells and
+      which values, and how to map them with ``sex_codes``;
+    - a sex other than male / female (:data:`OTHER_SEX`: ``O``, ``other``, ``X``, ``intersex``...): no category is
+      invented; one INFO per source (nothing to fix).
+
+    A ``sex`` column named in ``label_columns`` (a sex-prediction task, e.g. 0/1 flags) is read as labels exactly
+    as any other label column; its ``meta["sex"]`` / ``meta["sex_raw"]`` are read as above (at most the one
+    warning).
 
     Args:
         root: folder to scan.
@@ -113,11 +128,10 @@ class FolderSource:
         ECGDataError: no record found, labels CSV missing or undecodable (naming the line and encoding), id /
             label / patient column missing, several candidate patient columns, a default label column holding
             numbers other than 0/1 (naming the column and a line), a column named ``labels_known``, a duplicated
-            id (naming both lines), a ragged row, CSV ids that match no record (the message lists them), a ``sex``
-            cell that is a number not in ``sex_codes`` or text that is neither a sex, unknown nor in ``sex_codes``
-            (naming the line and the value), several ``sex`` columns. The CSV is read by
-            :func:`~ecgfm.data.readers.tables.read_label_table`.
-        ValueError: a ``sex_codes`` value that is not M / F (or male / female) / None.
+            id (naming both lines), a ragged row, CSV ids that match no record (the message lists them), several
+            ``sex`` columns. A ``sex`` cell that cannot be read is not an error (a warning, see above). The CSV is
+            read by :func:`~ecgfm.data.readers.tables.read_label_table`.
+        ValueError: ``sex_codes`` not a mapping, or a value of it that is not M / F (or male / female) / None.
     """
 
     def __init__(self, root: str | os.PathLike, labels_csv: str | os.PathLike | None = None,
@@ -233,6 +247,9 @@ class FolderSource:
         if len(sex_columns) > 1:
             raise ECGDataError(path, f"several sex columns {sex_columns}: keep one (it is read into meta['sex'])")
         sex_column = sex_columns[0] if sex_columns else None
+        codes = getattr(self, "sex_codes", None)
+        unread: list[tuple[int, str]] = []   # (line, cell) of sex cells not read: unmapped numbers, other text
+        others: list[tuple[int, str]] = []   # (line, cell) of sexes other than male / female
         flags_only = all(binary.values())
         for rid, row in zip(ids, rows):
             if flags_only and any(row[col] for col in self.label_columns):
@@ -248,11 +265,16 @@ class FolderSource:
             self._labels[rid] = tuple(dict.fromkeys(labels))  # de-duplicated, CSV order kept
             self._meta[rid] = {col: _json_value(row[col]) for col in columns if col not in (id_column, sex_column)}
             if sex_column is not None:
-                self._meta[rid]["sex"] = _sex_cell(row[sex_column], getattr(self, "sex_codes", None), path,
-                                                   table.lines[rid])
+                sex, why = _sex_cell(row[sex_column], codes)
+                self._meta[rid]["sex"] = sex
+                if why is not None:
+                    self._meta[rid]["sex_raw"] = _json_value(row[sex_column])
+                    (unread if why == "unread" else others).append((table.lines[rid], row[sex_column].strip()))
             if patient_column is not None:
                 pid = row[patient_column]
                 self._patients[rid] = pid or None
+        if sex_column is not None:
+            _report_sex(path, sex_column, sex_column in self.label_columns, unread, others)
 
     def __repr__(self) -> str:
         return f"FolderSource(root={str(self.root)!r}, name={self.name!r}, n={len(self._ids)})"
@@ -355,35 +377,56 @@ def _sex_codes(codes: Mapping[Any, str | None]) -> dict[str, str | None]:
     return out
 
 
-def _sex_cell(cell: str, codes: Mapping[str, str | None] | None, path: Path, line: int) -> str | None:
-    """``"M"`` / ``"F"`` / None (unknown) of a labels CSV's ``sex`` cell, as the other readers write ``meta["sex"]``.
-
-    Raises:
-        ECGDataError: a number not in ``codes`` (its meaning depends on the data set), or text that is neither a
-            sex, an unknown (:data:`UNKNOWN_SEX`) nor in ``codes``; the message names the file, line and value.
-    """
+def _sex_cell(cell: str, codes: Mapping[str, str | None] | None) -> tuple[str | None, str | None]:
+    """``(sex, why)`` of a labels CSV's ``sex`` cell: ``sex`` is ``"M"`` / ``"F"`` / None (unknown), as the other
+    readers write ``meta["sex"]``; ``why`` is None when the cell was read (a sex, unknown, or in ``codes``),
+    ``"other"`` for a sex other than male / female (:data:`OTHER_SEX`) and ``"unread"`` for a number not in
+    ``codes`` (its meaning depends on the data set) or text that is neither; ``sex`` is None for both."""
     text = str(cell).strip()
     if not text:
-        return None
+        return None, None
     key = _sex_key(text)
     if codes and key in codes:
-        return codes[key]
+        return codes[key], None
     if _is_number(text):
-        if not math.isfinite(float(text)):
-            return None
-        raise ECGDataError(path, f"line {line}: sex {text!r} is a number, whose meaning depends on the data set "
-                                 f"(PTB-XL: 0 male, 1 female; UK Biobank: 0 female, 1 male): state it with "
-                                 f"sex_codes, e.g. FolderSource(..., sex_codes={{0: 'M', 1: 'F'}}) or "
-                                 f"'sex_codes: {{0: M, 1: F}}' in the source's config (None for a code meaning "
-                                 f"unknown)")
+        return None, (None if not math.isfinite(float(text)) else "unread")
     sex = normalise_sex(text)
     if sex is not None:
-        return sex
+        return sex, None
     if key in UNKNOWN_SEX:
-        return None
-    raise ECGDataError(path, f"line {line}: sex {text!r} is neither male / female (M, F, male, female, man, woman) nor "
-                             f"unknown (empty, {', '.join(sorted(UNKNOWN_SEX))}); map it with sex_codes, e.g. "
-                             f"sex_codes={{{text!r}: None}} for unknown")
+        return None, None
+    return None, ("other" if key in OTHER_SEX else "unread")
+
+
+def _report_sex(path: Path, column: str, is_label: bool, unread: Sequence[tuple[int, str]],
+                others: Sequence[tuple[int, str]]) -> None:
+    """One WARNING for the ``sex`` cells not read (``unread``: ``(line, cell)``) and one INFO for the sexes other
+    than male / female (``others``) of a labels CSV, each naming the first line and value, the count and values."""
+    def values(cells: Sequence[tuple[int, str]]) -> str:
+        distinct = list(dict.fromkeys(cell for _, cell in cells))
+        return ", ".join(map(repr, distinct[:8])) + (f" and {len(distinct) - 8} more" if len(distinct) > 8 else "")
+
+    kept = ("their meta['sex'] is None (unknown; a header's sex stays where the header gives one) and the cell is "
+            "kept as meta['sex_raw']")
+    label = (f" (column {column!r} is also a label column: its labels are read from its cells as any label "
+             f"column's)" if is_label else "")
+    if unread:
+        line, cell = min(unread)
+        numbers = ("; a number's meaning depends on the data set (PTB-XL: 0 male, 1 female; UK Biobank: 0 female, "
+                   "1 male), so the reader does not guess" if any(_is_number(c) for _, c in unread) else "")
+        example = ("FolderSource(..., sex_codes={0: 'M', 1: 'F'}) for PTB-XL ({0: 'F', 1: 'M'} for UK Biobank) or "
+                   "'sex_codes: {0: M, 1: F}' in the source's config" if _is_number(cell) else
+                   f"FolderSource(..., sex_codes={{{cell!r}: 'M' | 'F' | None}}) or 'sex_codes: {{{cell}: ...}}' in "
+                   f"the source's config")
+        log.warning("%s: %d cell(s) of column %r are neither male / female (M, F, male, female, man, woman), unknown "
+                    "(empty, %s) nor in sex_codes, first on line %d: %r (values %s)%s: %s. To read them, map them with "
+                    "sex_codes, e.g. %s; None for a code meaning unknown%s", path, len(unread), column,
+                    ", ".join(sorted(UNKNOWN_SEX)), line, cell, values(unread), numbers, kept, example, label)
+    if others:
+        line, cell = min(others)
+        log.info("%s: %d cell(s) of column %r name a sex other than male / female, first on line %d: %r (values %s): "
+                 "meta['sex'] holds M / F / None only, so %s%s", path, len(others), column, line, cell,
+                 values(others), kept, label)
 
 
 def _json_value(value: Any) -> Any:
