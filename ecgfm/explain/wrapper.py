@@ -346,6 +346,9 @@ class ECGWrapper(nn.Module):
                 raise ECGDataError(path, exc.problem) from exc
             if spec is None and kwargs.get("fs") is None:   # saved without preprocessing: the rate it describes
                 kwargs["fs"] = (info.get("input") or {}).get("fs")
+            # absent leads as ecgfm.Encoder embeds them (a lead-aware ViT gets the lead mask unless pretrained
+            # without one); it was False, so an encoder explained its embedding of a one-lead record from zero rows
+            kwargs.setdefault("lead_aware", artifact_lead_aware(info))
             return cls.from_encoder_and_head(backbone.to(map_location), head, spec, **kwargs)
         try:
             ckpt = torch.load(path, map_location=map_location, weights_only=True)

@@ -277,3 +277,19 @@ def test_thresholds_of_another_length_are_refused_and_the_counterfactual_decides
     assert decisions(at.numpy(), True, [0.5, 0.8, 0.8]).tolist() == [1, 0, 0]
     assert bool(_is_valid(at[None], torch.tensor([0]), True, torch.tensor([0.5, 0.8, 0.8]))[0])
     assert default_target(at, True, [0.5, 0.8, 0.8]) == 1      # class 0 at its threshold is predicted already
+
+
+@pytest.mark.parametrize("pretrained_lead_aware", [None, False])
+def test_an_encoder_is_explained_with_the_lead_layout_it_embeds_with(tmp_path, pretrained_lead_aware):
+    """ECGWrapper.from_checkpoint of an exported encoder wrapped it with lead_aware=False whatever the encoder:
+    ecgfm.Encoder gives a lead-aware ViT the record's lead mask (unless pretrained without one)."""
+    from ecgfm.artifacts import save_encoder
+    from ecgfm.backbones.registry import create_backbone
+    from ecgfm.explain.wrapper import ECGWrapper
+
+    prov = None if pretrained_lead_aware is None else {"method_hparams": {"lead_aware": pretrained_lead_aware}}
+    path = save_encoder(tmp_path / "enc", create_backbone("vit1d_test").eval(), PreprocessSpec(fs=100.0),
+                        fs=100.0, window_samples=250, provenance=prov)
+    enc = ecgfm.Encoder.load(path)
+    w = ECGWrapper.from_checkpoint(path)
+    assert w.lead_aware is enc.lead_aware is (pretrained_lead_aware is None)
