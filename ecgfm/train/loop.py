@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["reseed", "StepSeedCallback", "RankSeedCallback", "ThroughputCallback", "LossHistory",
            "ResumableBatchSampler", "ResumableDataLoader", "make_resumable", "stepped_batches",
-           "AccumulationWindowCheckpoint", "save_final_checkpoint"]
+           "AccumulationWindowCheckpoint", "window_rewind", "save_final_checkpoint"]
 
 
 # ---------------------------------------------------------------------------------------------------- callbacks
@@ -224,7 +224,7 @@ class ResumableDataLoader(DataLoader):
     Lightning restores weights, optimiser, scheduler and loop counters, but a plain DataLoader restarts an
     interrupted epoch from its first batch. The DataModule's sampler already makes the order of every epoch a pure
     function of ``(seed, epoch)``; this loader adds the missing piece: ``state_dict()`` records ``(epoch, batches
-    the trainer has processed in it)`` (up to the last optimiser step: :func:`stepped_batches`) and
+    the trainer has processed in it)`` (as :func:`make_resumable` reads it from the trainer) and
     ``load_state_dict`` (called by Lightning before the first ``iter()`` of a resumed fit) sets the sampler's epoch
     and skips those batches at the index level.
 
@@ -306,8 +306,12 @@ class _ResumableTrainLoader:
 
     def progress(self) -> tuple[int, int]:
         trainer = self.datamodule.trainer
-        # the batches up to the last optimiser step, as AccumulationWindowCheckpoint records Lightning's position
-        return trainer.current_epoch, stepped_batches(trainer)
+        if _window_callback(trainer) is not None:
+            # the batches up to the last optimiser step, where AccumulationWindowCheckpoint sets Lightning's count
+            return trainer.current_epoch, stepped_batches(trainer)
+        # without it Lightning resumes after the last batch it processed: the loader must too (else the epoch's
+        # last batches were never trained)
+        return trainer.current_epoch, int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
 
     def train_dataloader(self) -> DataLoader:
         return ResumableDataLoader.wrap(self.original(), self.progress)
@@ -316,9 +320,12 @@ class _ResumableTrainLoader:
 def make_resumable(datamodule: L.LightningDataModule) -> None:
     """Make ``datamodule.train_dataloader()`` return a :class:`ResumableDataLoader` (instance-level override).
 
-    The position saved in checkpoints is read from the trainer the DataModule is attached to
-    (:func:`stepped_batches`); the trainer needs :class:`AccumulationWindowCheckpoint` among its callbacks, which
-    saves Lightning's own count of the epoch's batches at the same position.
+    The position saved in checkpoints is read from the trainer the DataModule is attached to, the same one
+    Lightning saves: the batches of the epoch it processed, or, when the trainer has
+    :class:`AccumulationWindowCheckpoint` among its callbacks (``ecgfm.train.build.build_callbacks`` adds it), those
+    up to the last optimiser step (:func:`stepped_batches`), where that callback sets Lightning's count back to.
+    Without it, a checkpoint written inside a gradient-accumulation window resumes after its last micro-batch (the
+    window's earlier gradients are lost, as in plain Lightning).
     """
     # a bound method (not a closure): Lightning inspects its ``__code__`` and ``ddp_spawn`` pickles it
     datamodule.train_dataloader = _ResumableTrainLoader(datamodule, datamodule.train_dataloader).train_dataloader
@@ -340,6 +347,20 @@ def stepped_batches(trainer: L.Trainer) -> int:
     return done
 
 
+def _window_callback(trainer: L.Trainer) -> "AccumulationWindowCheckpoint | None":
+    return next((c for c in getattr(trainer, "callbacks", None) or () if isinstance(c, AccumulationWindowCheckpoint)),
+                None)
+
+
+def window_rewind(trainer: L.Trainer) -> int:
+    """The micro-batches a checkpoint written now is set back by (:class:`AccumulationWindowCheckpoint`): those of
+    the current gradient-accumulation window processed so far, which the resumed run replays; 0 at an optimiser
+    step or when the trainer lacks that callback."""
+    if _window_callback(trainer) is None:
+        return 0
+    return max(int(trainer.fit_loop.epoch_loop.batch_progress.current.processed) - stepped_batches(trainer), 0)
+
+
 class AccumulationWindowCheckpoint(L.Callback):
     """Checkpoints written inside a gradient-accumulation window resume at the window's start.
 
@@ -352,14 +373,50 @@ class AccumulationWindowCheckpoint(L.Callback):
     the saved fit loop (``epoch_loop.batch_progress``) back to the window's start, where :class:`ResumableDataLoader`
     records its position too (:func:`stepped_batches`): the resumed run replays the window's micro-batches and
     recomputes the gradients the checkpoint did not keep. Checkpoints at an optimiser step are left as they are.
+
+    Lightning's logger step (``_batches_that_stepped``) is kept exact too: see :meth:`on_train_batch_start`.
     """
+
+    def __init__(self) -> None:
+        self._restored_steps: int | None = None   # the logger step of a set-back checkpoint this fit resumed from
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if int(state_dict.get("rewound", 0)) > 0 and "batches_that_stepped" in state_dict:
+            self._restored_steps = int(state_dict["batches_that_stepped"])
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._restored_steps = None
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        """Undo the logger step Lightning adds before the first batch of a run resumed from a set-back checkpoint.
+
+        Its counters all agree ("restarted on last" in ``TrainingEpochLoop``: the state Lightning itself saves
+        during a validation inside ``on_advance_end``, before that batch's ``_batches_that_stepped += 1``). When the
+        restored position is a validation-check one (``_should_check_val_fx`` true for the window start's previous
+        batch, or for batch index -1 at an epoch's first window), Lightning's first ``advance`` returns without
+        training (``_skip_next_val``) and that ``on_advance_end`` adds 1 for the restored batch, which had stepped
+        the optimiser (the window start is an accumulation boundary) and was already counted when the checkpoint was
+        saved: the logger step ended one higher than in an uninterrupted run. Nothing else moves the count before
+        the first batch of a set-back checkpoint (``reset``'s +1 is for "restarted on train batch end", counters
+        these checkpoints never have), so exactly one more than the saved count is that step, and is undone here.
+        """
+        restored, self._restored_steps = self._restored_steps, None
+        if restored is None:
+            return
+        loop = trainer.fit_loop.epoch_loop
+        if int(loop._batches_that_stepped) == restored + 1:
+            loop._batches_that_stepped = restored
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
         progress = trainer.fit_loop.epoch_loop.batch_progress
         back = int(progress.current.processed) - stepped_batches(trainer)
-        if back <= 0:
+        if back <= 0 or "loops" not in checkpoint:      # at an optimiser step, or a weights-only save
             return
+        # this callback's state (plain data; restored by load_state_dict): the logger step at the window's start
+        checkpoint.setdefault("callbacks", {})[self.state_key] = {
+            "rewound": int(back), "batches_that_stepped": int(trainer.fit_loop.epoch_loop._batches_that_stepped)}
         saved = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress")
         if not isinstance(saved, dict):
             log.warning("checkpoint at step %d, %d micro-batch(es) into a gradient-accumulation window: no fit-loop "

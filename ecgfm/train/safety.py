@@ -30,6 +30,7 @@ import torch
 
 from ecgfm.config import NONFINITE_MODES
 from ecgfm.data.cache import NonFiniteDataError
+from ecgfm.train.loop import window_rewind
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +149,10 @@ class NonFiniteGuard(L.Callback):
             A non-finite loss or non-finite weights always raise.
 
     The skipped records (the loaders' and this guard's) are kept in checkpoints (plain data), so a resumed run
-    reports them all.
+    reports them all. A checkpoint that resumes at the start of a gradient-accumulation window
+    (:class:`~ecgfm.train.loop.AccumulationWindowCheckpoint`) keeps this guard's crop count as of that start: the
+    resumed run screens the window's micro-batches again. (The loaders count the crops of every batch they read,
+    also those read ahead of training: see docs/TRAINING.md, Resume.)
     """
 
     def __init__(self, mode: str = "error") -> None:
@@ -159,11 +163,14 @@ class NonFiniteGuard(L.Callback):
         self.skipped_draws = 0                  # crops dropped here (a record drawn twice counts twice)
         self._restored_keys: list[str] = []     # everything counted before the checkpoint this run resumed from
         self._restored_crops = 0
+        self._window_draws = 0                  # skipped_draws when the current accumulation window started
+        self._trainer: L.Trainer | None = None
         self._datamodule: Any = None
         self._index: torch.Tensor | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._datamodule = trainer.datamodule  # its loaders count the crops they skip (nonfinite_report)
+        self._trainer = trainer
 
     # ------------------------------------------------------------------------------------------------- inputs
     def _screen(self, trainer: L.Trainer, batch: Any, stage: str) -> None:
@@ -190,6 +197,8 @@ class NonFiniteGuard(L.Callback):
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
+        if batch_idx % max(int(getattr(trainer, "accumulate_grad_batches", 1)), 1) == 0:   # a window's first
+            self._window_draws = self.skipped_draws
         self._screen(trainer, batch, "training")
         index = batch.get("index") if isinstance(batch, dict) else None
         self._index = index if torch.is_tensor(index) else None
@@ -230,6 +239,9 @@ class NonFiniteGuard(L.Callback):
 
     def state_dict(self) -> dict[str, Any]:
         keys, crops = self._totals()
+        if self._trainer is not None and window_rewind(self._trainer) > 0:
+            # saved at the window's start, whose micro-batches (and validations) the resumed run screens again
+            crops -= self.skipped_draws - self._window_draws
         return {"keys": keys, "crops": int(crops)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
