@@ -10,9 +10,14 @@ and applies each sample with probability ``p``. This module adds what it lacks f
   keeps at least one (the package's ``LeadMask`` does not know which leads exist);
 * :class:`RandomResizedCropSameLength`: a resized crop whose output length is the input length, so the preset
   works for any crop length without knowing it in advance;
-* :func:`simclr_augment`, a preset for SimCLR on ECGs (Mehari & Strodthoff 2022 found random resized crops plus
-  Gaussian noise strongest; we add the other physiological/artefact transforms at moderate probabilities), and
-  :func:`make_generator` for reproducible draws.
+* :func:`simclr_augment`, a preset for SimCLR on ECGs, and :func:`make_generator` for reproducible draws. Mehari &
+  Strodthoff 2022 trained SimCLR on ECGs with a random resized crop plus "TimeOut" (a window of 0-50 % of the crop,
+  uniformly drawn, set to zero, applied to every view; github.com/hhi-aml/ecg-selfsupervised,
+  ``--trafos RandomResizedCrop TimeOut``). The preset's resized-crop scale (0.5, 1.0) matches theirs; its time
+  mask does not: 0.1-0.5 s with probability 0.5 zeroes about 6 % of a 2.5 s crop on average (at most 20 %) and
+  1.5 % of a 10 s crop (at most 5 %), against TimeOut's 25 % (at most 50 %). It adds amplitude scaling, baseline
+  wander, powerline and Gaussian noise, a low-pass filter and a lead mask at moderate probabilities (not part of
+  their recipe).
 """
 
 from __future__ import annotations

@@ -727,7 +727,9 @@ class PretrainDataModule(LightningDataModule):
             contrasts two segments of one recording, as CLOCS CMSC does, with its augmentations on top). A record
             no longer than a crop has no second view (``adjacent``: ``x2`` is zero padding; ``segments``: ``x2``
             equals ``x``): :meth:`setup` warns with the share of such training draws, and refuses ``adjacent``
-            when it is every draw.
+            when it is every draw. An ``adjacent`` pair needs two crops: a record shorter than that gives a pair
+            starting at the record's start whose ``x2`` ends in zero padding; :meth:`setup` warns with the share of
+            those draws too (SimCLR and CLOCS leave a pair whose ``x2`` is all zero out of the loss).
         batch_size: per-rank batch size.
         num_workers: DataLoader worker processes (persistent when > 0).
         val_fraction: share of each cache's records held out for validation, whole patients at a time.
@@ -826,8 +828,8 @@ class PretrainDataModule(LightningDataModule):
                 self.record_targets = t
         self.pool = pool
         try:
+            self._check_second_views()     # may refuse views="adjacent" outright: before the padding warning
             self._check_padding()
-            self._check_second_views()
         except ValueError:
             self.pool = None   # setup() runs the checks again, and raises again, when called again
             raise
@@ -844,16 +846,32 @@ class PretrainDataModule(LightningDataModule):
         return short, probs, float(np.dot(probs, short))
 
     def _check_padding(self) -> None:
-        """Warn, naming the share of training draws, when some training records are shorter than a crop: their
-        crops end in zero padding (left out of the MAE losses through ``recorded``; signal to the other methods'
-        views and to pooled embeddings)."""
-        share = self._draw_share(self.crop_samples, strict=True)[2]
-        if share > 0:
-            warnings.warn(f"crop_samples={self.crop_samples} (crop_seconds={self.crop_samples / self.pool.fs:g} at "
-                          f"{self.pool.fs:g} Hz) is longer than the training records of {share:.1%} of the draws: "
-                          f"their crops end in zero padding (MAE / CREMA leave patches without a recorded sample out "
-                          f"of the loss; SimCLR / CLOCS views and pooled embeddings include the padding)",
+        """Warn, naming the share of training draws, when some training records are shorter than what a draw reads:
+        one crop, or with ``views="adjacent"`` the pair ``x``, ``x2`` (two crops). Their crops end in zero padding
+        (left out of the MAE losses through ``recorded``; signal to the other methods' views and to pooled
+        embeddings); an adjacent pair of a record shorter than two crops starts at the record's start and its
+        ``x2`` ends in padding (all of it for a record no longer than a crop: :meth:`_check_second_views`)."""
+        adjacent = self.views == "adjacent"
+        need = self.crop_samples * (2 if adjacent else 1)
+        share = self._draw_share(need, strict=True)[2]
+        if share == 0:
+            return
+        crop = (f"crop_samples={self.crop_samples} (crop_seconds={self.crop_samples / self.pool.fs:g} at "
+                f"{self.pool.fs:g} Hz)")
+        if adjacent:
+            warnings.warn(f"data.views='adjacent' with {crop}: the adjacent pair x, x2 ({need} samples, "
+                          f"{need / self.pool.fs:g} s) is longer than the training records of {share:.1%} of the "
+                          f"draws: their pair starts at the record's start and x2 ends in zero padding (partly for a "
+                          f"record between one and two crops long: SimCLR / CLOCS views include it; wholly for one "
+                          f"no longer than a crop: SimCLR and CLOCS leave the pair out of the loss; x too ends in "
+                          f"padding for one shorter than a crop); a crop_seconds of at most half the records' "
+                          f"length gives whole pairs",
                           UserWarning, stacklevel=3)
+            return
+        warnings.warn(f"{crop} is longer than the training records of {share:.1%} of the draws: "
+                      f"their crops end in zero padding (MAE / CREMA leave patches without a recorded sample out "
+                      f"of the loss; SimCLR / CLOCS views and pooled embeddings include the padding)",
+                      UserWarning, stacklevel=3)
 
     def _check_second_views(self) -> None:
         """Refuse ``views="adjacent"`` when no training record is longer than a crop (every ``x2`` would be zero
@@ -869,11 +887,11 @@ class PretrainDataModule(LightningDataModule):
         what = ("the adjacent segment x2 is all zero padding" if self.views == "adjacent" else
                 "the second segment x2 is the same crop as x")
         if self.views == "adjacent" and all(s == 1.0 for s, p in zip(short, probs) if p > 0):
-            raise ValueError(f"{crop}: no training record is longer than a crop, so {what} for every record (CLOCS "
-                             "would mask every pair and train on nothing, SimCLR would contrast all-zero views): "
+            raise ValueError(f"{crop}: no training record is longer than a crop, so {what} for every record (SimCLR "
+                             "and CLOCS would mask every pair and train on nothing): "
                              "lower crop_seconds below the record length (at most half of it for a whole adjacent "
                              "segment) or use data.views=segments / single")
-        why = ("CLOCS masks those pairs" if self.views == "adjacent" else
+        why = ("SimCLR and CLOCS leave those pairs out of the loss" if self.views == "adjacent" else
                "their two views are augmentations of one crop")
         warnings.warn(f"{crop}: {what} for {share:.1%} of the training draws (records no longer than a crop: {why})",
                       UserWarning, stacklevel=3)

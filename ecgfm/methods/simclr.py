@@ -20,6 +20,7 @@ the checkpoint under :data:`AUG_STATE_KEY` and restored on load, with the same e
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any
 
@@ -29,11 +30,11 @@ from torch import nn
 
 from ecgfm.augment import make_generator, simclr_augment
 from ecgfm.heads import ProjectionHead
-from ecgfm.losses.contrastive import ddp_mean, nt_xent
+from ecgfm.losses.contrastive import ddp_mean, gather_counts, nt_xent, world_info
 from ecgfm.losses.regression import masked_target_mse
 from ecgfm.methods.base import PretrainModule
 
-__all__ = ["SimCLRModule", "AUG_STATE_KEY", "AUX_TARGETS"]
+__all__ = ["SimCLRModule", "AUG_STATE_KEY", "AUX_TARGETS", "signal_views"]
 
 #: pretext targets a SimCLR run may regress besides NT-Xent (``aux_targets``)
 AUX_TARGETS = ("handcrafted", "handcrafted_crop")
@@ -41,6 +42,16 @@ AUX_TARGETS = ("handcrafted", "handcrafted_crop")
 #: checkpoint entry holding the training augmentation generators: ``{"aug_seed": int, "device_type": str,
 #: "states": [uint8 tensor per rank]}`` (plain data and tensors: loads with ``weights_only=True``)
 AUG_STATE_KEY = "simclr_aug_generator"
+
+
+def signal_views(x: torch.Tensor, lead_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``(B,)`` bool: whether each crop of ``x (B, L, T)`` holds a non-zero sample on a present lead of ``lead_mask
+    (B, L)`` (``None``: every lead). False for the all-zero ``x2`` of ``PretrainDataModule(views="adjacent")`` for a
+    record no longer than a crop (zero padding): such views of different records are identical, each other's
+    perfect matches. The test :class:`~ecgfm.methods.clocs.CLOCSModule` applies to its views."""
+    if lead_mask is not None:
+        x = x * lead_mask.to(x.dtype)[:, :, None]
+    return x.ne(0).flatten(1).any(1)
 
 
 def view_lead_masks(views: torch.Tensor, lead_mask: torch.Tensor) -> torch.Tensor:
@@ -62,7 +73,8 @@ class SimCLRModule(PretrainModule):
         proj_hidden: hidden width of the projection head.
         proj_layers: linear layers in the projection head.
         temperature: NT-Xent temperature.
-        fs: sampling rate of the batches (Hz), for the augmentations.
+        fs: sampling rate of the batches (Hz), for the augmentations; checked against the datamodule's ``fs`` when
+            a fit starts (:meth:`on_fit_start`).
         crop_scale: resized-crop window fraction range.
         p_crop: probability of the resized crop.
         noise_snr_db: Gaussian-noise SNR range (dB).
@@ -217,6 +229,27 @@ class SimCLRModule(PretrainModule):
         super().on_validation_epoch_start()
         self._gens.pop("val", None)  # same validation views every epoch
 
+    def on_fit_start(self) -> None:
+        """Refuse a datamodule whose sampling rate (its ``fs``) is not this module's ``fs``: the augmentations in
+        seconds / Hz (time mask, baseline wander, powerline, low-pass) would run at the wrong rate without a word
+        (the training pipeline checks ``method.fs`` in :func:`ecgfm.train.build.method_fs`; this covers the Python
+        API). A datamodule without ``fs`` (or loaders passed to ``fit`` directly) is not checked.
+
+        Raises:
+            ValueError: both rates differ, naming them.
+        """
+        super().on_fit_start()
+        dm = getattr(self.trainer, "datamodule", None)
+        data_fs = getattr(dm, "fs", None) if dm is not None else None
+        if data_fs is None:
+            return
+        fs = float(self.hparams.fs)
+        if not math.isclose(fs, float(data_fs), rel_tol=1e-6, abs_tol=1e-9):
+            raise ValueError(f"SimCLRModule(fs={fs:g}) runs its augmentations in seconds / Hz (time mask, baseline "
+                             f"wander, powerline, low-pass) at {fs:g} Hz, but the datamodule "
+                             f"{type(dm).__name__} serves crops at {float(data_fs):g} Hz: build the module with "
+                             f"fs={float(data_fs):g}")
+
     def views(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Two independently augmented views ``(B, L, T)``: of ``batch["x"]`` twice, or of ``batch["x"]`` and
         ``batch["x2"]`` when the batch holds a second segment of each record (``PretrainDataModule(views=
@@ -235,9 +268,15 @@ class SimCLRModule(PretrainModule):
         masked MSE of the pretext head's predictions from both views' embeddings against the batch's targets
         ``t (B, F)``.
 
+        A pair one of whose crops holds no signal (:func:`signal_views`: the all-zero ``x2`` of an adjacent pair of
+        a record no longer than a crop, or an all-zero crop) is left out of NT-Xent, of ``pos_sim`` / ``acc`` and,
+        for its all-zero view, of the pretext regression; its views still pass the encoder. A batch with no pair left
+        (on any DDP rank) gives NT-Xent 0, attached to the graph (CLOCS's loss without a valid view).
+
         Returns:
             ``(loss, {"pos_sim": mean cosine of positive pairs, "acc": top-1 positive retrieval in the local
-            batch})``; with ``aux_targets`` also ``"nt_xent"`` and ``"aux_mse"`` (the two parts of the loss).
+            batch})`` over the pairs left in (0 without any); with ``aux_targets`` also ``"nt_xent"`` and
+            ``"aux_mse"`` (the two parts of the loss).
         """
         if self.aux_head is not None and "t" not in batch:
             raise ValueError(f"aux_targets={self.aux_targets!r}: the batch holds no pretext targets 't' (build the "
@@ -245,22 +284,45 @@ class SimCLRModule(PretrainModule):
         v1, v2 = self.views(batch)
         n = v1.shape[0]
         lead_mask = batch.get("lead_mask")
+        # a view without signal (the all-zero x2 of an adjacent pair of a record no longer than a crop) is no view:
+        # its pair is left out of NT-Xent, as CLOCS leaves such views out (decided on the crops, not the augmented
+        # views, which noise may fill)
+        x = batch["x"]
+        ok1 = signal_views(x, lead_mask)
+        ok2 = signal_views(batch["x2"], lead_mask) if "x2" in batch else ok1
+        keep = ok1 & ok2
         if lead_mask is not None:
             lead_mask = view_lead_masks(torch.cat([v1, v2]), torch.cat([lead_mask, lead_mask]))
         h = self.embed_batch(torch.cat([v1, v2]), lead_mask)               # both views in one pass: (2B, D)
         z = self.projector(h)                                              # (2B, proj)
         z1, z2 = z[:n], z[n:]
-        nt = nt_xent(z1, z2, temperature=self.temperature, record=batch.get("index"))
+        record = batch.get("index")
+        if not bool(keep.all()):
+            z1, z2 = z1[keep], z2[keep]
+            record = None if record is None else record[keep]
+        # every rank takes the same collectives: under DDP the pair counts of all ranks decide (a rank without a
+        # pair still gathers with the others; with none on any rank, nt_xent has nothing to gather)
+        world = world_info()[1]
+        pairs = z1.shape[0] if world == 1 else sum(gather_counts(z1.shape[0], z1.device))
+        if pairs == 0:
+            nt = z.sum() * 0.0       # no pair left: 0, attached to the graph (as CLOCS's loss without a positive)
+        else:
+            nt = nt_xent(z1, z2, temperature=self.temperature, record=record)
         loss = self.contrastive_weight * nt
         with torch.no_grad():
             u1, u2 = F.normalize(z1.float(), dim=1), F.normalize(z2.float(), dim=1)
             sim = u1 @ u2.T
-            acc = (sim.argmax(1) == torch.arange(n, device=sim.device)).float().mean()
-            terms = {"pos_sim": sim.diagonal().mean(), "acc": acc}
+            if sim.shape[0]:
+                acc = (sim.argmax(1) == torch.arange(sim.shape[0], device=sim.device)).float().mean()
+                terms = {"pos_sim": sim.diagonal().mean(), "acc": acc}
+            else:                    # no pair: 0, as CLOCS's pos_sim without a valid view pair
+                terms = {"pos_sim": sim.new_zeros(()), "acc": sim.new_zeros(())}
         if self.aux_head is not None:
             t = batch["t"]
             # each view predicts its own targets: t2 of x2 when the targets are crop-level, else its record's
             target = torch.cat([t, batch.get("t2", t)])
+            # nor does a view without signal regress its targets
+            target = torch.where(torch.cat([ok1, ok2])[:, None], target, torch.full_like(target, float("nan")))
             aux = masked_target_mse(self.aux_head(h), target)
             if self.training:   # DDP: the gradient of the global mean over known entries, the value this rank's
                 known = torch.isfinite(target).sum()

@@ -47,9 +47,9 @@ def test_degenerate_second_views_are_warned_with_their_share(cache):
     longer than the crop give no warning."""
     with pytest.warns(UserWarning, match=r"data.views='segments'.*same crop as x for 100.0% of the training draws"):
         PretrainDataModule(cache, crop_samples=300, views="segments", val_fraction=0.0).setup()
-    with warnings.catch_warnings():   # every record longer than the crop: a second view for every draw, silent
+    with warnings.catch_warnings():   # every record holds the adjacent pair (2 x 150): a second view, silent
         warnings.simplefilter("error")
-        dm = PretrainDataModule(cache, crop_samples=200, views="adjacent", val_fraction=0.0, batch_size=6)
+        dm = PretrainDataModule(cache, crop_samples=150, views="adjacent", val_fraction=0.0, batch_size=6)
         assert next(iter(dm.train_dataloader()))["x2"].flatten(1).ne(0).any(1).all()
 
 
