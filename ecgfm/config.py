@@ -239,9 +239,9 @@ def check_views(cfg: DictConfig) -> None:
     MAE and CREMA (a subclass of MAE: its two masked views are of ``x``) never read ``x2``, nor does CLOCS in
     ``mode=cmlc`` (its views are the leads of ``x``), so the second crop was cut and loaded for nothing, and
     ``adjacent`` also moved ``x`` (a record must hold two crops after its start), changing which crops the method
-    saw while ``config.yaml`` said ``views=adjacent`` as if it were used. The methods declare no view count, so the
-    method is recognised by its class (``ecgfm/methods`` is not changed for this check). SimCLR takes either (one
-    crop augmented twice, or ``x`` and ``x2``); CLOCS cmsc / cmsmlc need ``x2`` (refused by the method itself
+    saw while ``config.yaml`` said ``views=adjacent`` as if it were used. A method says so itself
+    (``PretrainModule.one_view_reason``, read from the ``_target_`` class without building it). SimCLR takes either
+    (one crop augmented twice, or ``x`` and ``x2``); CLOCS cmsc / cmsmlc need ``x2`` (refused by the method itself
     without it).
 
     Raises:
@@ -259,14 +259,8 @@ def check_views(cfg: DictConfig) -> None:
         cls = get_object(str(method._target_))
     except Exception:  # noqa: BLE001 - an unimportable target is reported by check_target_node
         return
-    from ecgfm.methods.clocs import CLOCSModule
-    from ecgfm.methods.mae import MAEModule
-
-    one_view = None
-    if inspect.isclass(cls) and issubclass(cls, MAEModule):
-        one_view = f"{cls.__name__} masks and reconstructs one crop"
-    elif inspect.isclass(cls) and issubclass(cls, CLOCSModule) and method.get("mode") == "cmlc":
-        one_view = "CLOCS mode=cmlc contrasts the leads of one crop"
+    reason = getattr(cls, "one_view_reason", None)
+    one_view = reason(method) if inspect.isclass(cls) and callable(reason) else None
     if one_view:
         moved = " (and 'adjacent' also moves x: a record must hold two crops after its start)" \
             if views == "adjacent" else ""

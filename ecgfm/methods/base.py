@@ -164,6 +164,13 @@ class PretrainModule(L.LightningModule):
         self._probe_idx: list[torch.Tensor] = []
 
     # ------------------------------------------------------------------ steps
+    @classmethod
+    def one_view_reason(cls, hparams: Any) -> str | None:
+        """Why a method built with ``hparams`` (its config node: ``mode``...) never reads a second view ``x2``
+        (``PretrainDataModule(views="adjacent" | "segments")``), or None when it may read one. The config check
+        (:func:`ecgfm.config.check_views`) refuses such views for it. Default: None (it may)."""
+        return None
+
     def shared_step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Compute the method's loss on one batch.
 

@@ -56,6 +56,11 @@ class CLOCSModule(PretrainModule):
             :class:`~ecgfm.methods.base.PretrainModule`.
     """
 
+    @classmethod
+    def one_view_reason(cls, hparams: Any) -> str | None:
+        """``mode=cmlc`` contrasts the leads of one crop (cmsc / cmsmlc read the second segment)."""
+        return "CLOCS mode=cmlc contrasts the leads of one crop" if hparams.get("mode") == "cmlc" else None
+
     def __init__(self, backbone: nn.Module, mode: str = "cmsc", proj_dim: int = 128, proj_hidden: int = 512,
                  proj_layers: int = 1, temperature: float = 0.1, patient_aware: bool = True,
                  view_leads: Sequence[str] | None = CLOCS_LEADS, lr: float = 1e-3, weight_decay: float = 0.05,

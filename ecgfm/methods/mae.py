@@ -241,6 +241,11 @@ class MAEModule(PretrainModule):
             :class:`~ecgfm.methods.base.PretrainModule`.
     """
 
+    @classmethod
+    def one_view_reason(cls, hparams: Any) -> str | None:
+        """MAE (and CREMA, whose two masked views are of ``x``) masks and reconstructs one crop."""
+        return f"{cls.__name__} masks and reconstructs one crop"
+
     def __init__(self, backbone: nn.Module, mask_ratio: float = 0.75, decoder_dim: int = 256, decoder_depth: int = 4,
                  decoder_heads: int = 8, decoder_mlp_ratio: float = 4.0, norm_pix_loss: bool = True,
                  mask_mode: str = "global", decoder_layout: str = "joint", lr: float = 1e-3,

@@ -14,7 +14,6 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from torch import nn
 
 import ecgfm.augment as augment_mod
 from ecgfm.augment import make_generator, simclr_augment
@@ -25,26 +24,11 @@ from ecgfm.data.synthetic import SyntheticSource
 from ecgfm.losses.regression import masked_target_mse
 from ecgfm.methods.clocs import CLOCSModule
 from ecgfm.methods.simclr import SimCLRModule
+from tests.unit.test_simclr_clocs import TinyBackbone   # the methods tests' tiny backbone
 
 ROOT = Path(__file__).resolve().parents[2]
 IDENTITY = dict(p_crop=0, p_noise=0, p_amplitude=0, p_wander=0, p_powerline=0, p_time_mask=0, p_lead_mask=0,
                 p_lowpass=0)
-
-
-class TinyBackbone(nn.Module):
-    name = ""
-    num_features = 16
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Sequential(nn.Conv1d(12, 16, 7, padding=3), nn.BatchNorm1d(16), nn.ReLU(),
-                                  nn.Conv1d(16, 16, 5, padding=2))
-        self.init_args = {}
-
-    def embed(self, x):
-        return self.conv(x).mean(-1)
-
-    forward = embed
 
 
 def _cache(root: Path, n: int, seconds: float, fs: float = 100.0) -> str:
