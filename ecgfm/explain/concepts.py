@@ -248,7 +248,9 @@ class TCAVResult:
         target_name: class name (or the index as a string).
         rows: one dict per (concept, layer): ``concept``, ``layer``, ``scores`` (one per random set),
             ``score_mean``, ``score_std``, ``magnitude_mean`` (mean directional derivative), ``random_scores``,
-            ``random_mean``, ``random_std``, ``cav_accuracy`` (held-out accuracy of the concept CAVs, mean),
+            ``random_mean``, ``random_std``, ``cav_accuracy`` (held-out accuracy of the concept CAVs, mean over
+            the random sets; a split, or leave-one-out for sets under 3 examples; NaN when a set has 1 example,
+            see :meth:`TCAV.cav`),
             ``t``, ``p``, ``p_adjusted`` (Bonferroni), ``significant``.
         alpha: significance level.
         n_tests: number of (concept, layer) tests in the correction.
@@ -274,6 +276,30 @@ class TCAVResult:
                          for r in self.rows]}
 
 
+def _fit_cav_classifier(z: np.ndarray, y: np.ndarray, C: float, test_fraction: float, seed: int) -> tuple[Any, float]:
+    """The logistic-regression CAV classifier on standardised features ``z`` / labels ``y`` and its held-out
+    accuracy.
+
+    A stratified ``test_fraction`` split when it holds at least 2 examples and each class has at least 3 (the
+    classifier is the one fitted on the training part); else the classifier is fitted on every example and scored
+    by leave-one-out cross-validation (each example by a classifier fitted on the others), which needs at least 2
+    examples per class (so that every fit sees both); else the accuracy is NaN (no held-out estimate: a training
+    accuracy would read as one)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import LeaveOneOut, cross_val_score, train_test_split
+
+    counts = np.bincount(y.astype(int), minlength=2)
+    n_test = int(round(test_fraction * len(y)))
+    if n_test >= 2 and counts.min() >= 3:
+        z_tr, z_te, y_tr, y_te = train_test_split(z, y, test_size=n_test, stratify=y, random_state=seed)
+        clf = LogisticRegression(C=C, max_iter=2000).fit(z_tr, y_tr)
+        return clf, float(clf.score(z_te, y_te))
+    clf = LogisticRegression(C=C, max_iter=2000).fit(z, y)
+    if counts.min() >= 2:
+        return clf, float(np.mean(cross_val_score(LogisticRegression(C=C, max_iter=2000), z, y, cv=LeaveOneOut())))
+    return clf, float("nan")
+
+
 class TCAV:
     """TCAV on an :class:`ECGWrapper`.
 
@@ -283,7 +309,8 @@ class TCAV:
         cache: a :class:`TCAVCache` (default: in-memory).
         pool: ``"mean"`` (position-free CAVs, default) or ``"flatten"``.
         C: inverse L2 strength of the logistic-regression CAV classifier.
-        test_fraction: share of each (concept + random) pair held out to report the CAV accuracy.
+        test_fraction: share of each (concept + random) pair held out to report the CAV accuracy (sets under 3
+            examples: leave-one-out instead, see :meth:`cav`).
         batch_size: forward batch size.
         seed: seed of the CAV train/test splits.
 
@@ -359,12 +386,15 @@ class TCAV:
     # -------------------------------------------------------------- CAVs
     def cav(self, concept: ConceptSet, random: ConceptSet, layer: str) -> tuple[Tensor, float]:
         """Unit CAV ``(D,)`` separating ``concept`` from ``random`` at ``layer`` (pointing to the concept) and the
-        classifier's held-out accuracy (cached by model + both data sets + settings)."""
-        from sklearn.linear_model import LogisticRegression
-        from sklearn.model_selection import train_test_split
+        classifier's held-out accuracy (cached by model + both data sets + settings).
 
-        key = _key("cav", self._model_fp(), layer, concept.fingerprint, random.fingerprint, self.pool, self.C,
-                   self.test_fraction, self.seed)
+        The accuracy is held out (:func:`_fit_cav_classifier`): a stratified ``test_fraction`` split when each set
+        has at least 3 examples and the split holds at least 2 (the CAV from the training part), else leave-one-out
+        cross-validation (sets of 2; the CAV from every example); NaN when no held-out estimate exists (a set of
+        1). It is never the classifier's accuracy on its own training examples."""
+        # "heldout2": entries of older versions stored the training accuracy of small sets as the held-out one
+        key = _key("cav", "heldout2", self._model_fp(), layer, concept.fingerprint, random.fingerprint, self.pool,
+                   self.C, self.test_fraction, self.seed)
         hit = self.cache.get(key)
         if hit is not None:
             return hit["cav"], float(hit["accuracy"])
@@ -374,13 +404,7 @@ class TCAV:
         # Standardise so that C means the same at every layer; the CAV is mapped back to activation space.
         mu, sd = feats.mean(0), feats.std(0) + 1e-8
         z = (feats - mu) / sd
-        n_test = int(round(self.test_fraction * len(y)))
-        if n_test >= 2 and min(len(a_c), len(a_r)) >= 3:
-            z_tr, z_te, y_tr, y_te = train_test_split(z, y, test_size=n_test, stratify=y, random_state=self.seed)
-        else:
-            z_tr, z_te, y_tr, y_te = z, z, y, y
-        clf = LogisticRegression(C=self.C, max_iter=2000).fit(z_tr, y_tr)
-        acc = float(clf.score(z_te, y_te))
+        clf, acc = _fit_cav_classifier(z, y, self.C, self.test_fraction, self.seed)
         w = clf.coef_[0] / sd                                              # direction in activation space
         v = torch.as_tensor(w / max(np.linalg.norm(w), 1e-12), dtype=torch.float32)
         self.cache.put(key, {"cav": v, "accuracy": torch.tensor(acc)},

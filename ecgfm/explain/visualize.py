@@ -307,8 +307,10 @@ def plot_ecg_chart(signal: Any, fs: float, lead_names: Sequence[str] = CANONICAL
             amplitude (10, 5 or 2.5).
         chest_gain: mm per unit of V1-V6; ``"auto"``: from their amplitude; None: ``gain``.
         record_id: shown in the header.
-        layout: ``"3x4"`` (12 canonical leads: the standard 3 x 4 + rhythm strip, each lead 2.5 s of 10 s; with
-            an attribution the header says what share of ``|attribution|`` the chart draws) or ``"rows"`` (one
+        layout: ``"3x4"`` (12 canonical leads: the standard 3 x 4 + rhythm strip, each lead a quarter of the
+            window, 2.5 s of 10 s; for another window length the header states the column width, e.g. "3 x 4
+            columns 0.625 s each" for 2.5 s; with an attribution the header says what share of ``|attribution|``
+            the chart draws) or ``"rows"`` (one
             full-length row per lead: the whole attribution).
         present: optional ``(L,)`` bool, the leads the record has: an absent lead is labelled "not recorded" and
             not drawn (a zero-filled row would read as a flat recorded trace); default: all present.
@@ -373,7 +375,8 @@ def plot_ecg_chart(signal: Any, fs: float, lead_names: Sequence[str] = CANONICAL
         if not members:
             continue
         if setting == "auto":
-            exc = max(float(np.max(np.abs(sig[idx[lead], plotted(lead, a, b)]), initial=0.0))
+            # nanmax: one missing (NaN) sample must not make the excursion NaN (no gain would then "fit")
+            exc = max(float(np.nanmax(np.abs(sig[idx[lead], plotted(lead, a, b)]), initial=0.0))
                       for lead, a, b in members)
             g = choose_gain(exc, room)
         else:
@@ -385,9 +388,11 @@ def plot_ecg_chart(signal: Any, fs: float, lead_names: Sequence[str] = CANONICAL
     n_rows = len(rows)
     cal_w = 0.4                                                            # room for the calibration pulse
     x0, x1 = -cal_w - 0.04, duration + 0.04
-    top = row_spacing_mv * 0.55
-    y1 = top
-    y0 = -(n_rows - 1) * row_spacing_mv - row_spacing_mv * 0.45
+    # the room above the first row and below the last is at least the room a trace has in its row (the gain choice
+    # and the clip marks use ``room``): a deep wave on the last row reached past the axes, cut without a clip mark
+    margin = max(row_spacing_mv * 0.55, room + 0.05 * row_spacing_mv)
+    y1 = margin
+    y0 = -(n_rows - 1) * row_spacing_mv - margin
     # True paper scale: the axes is (x1 - x0) * 25 mm wide and (y1 - y0) * 10 mm high.
     ax_w, ax_h = (x1 - x0) * MM_PER_S * _MM, (y1 - y0) * MM_PER_MV * _MM
     left, right, bottom = 0.25, (1.3 if att is not None else 0.25), 0.3
@@ -402,11 +407,19 @@ def plot_ecg_chart(signal: Any, fs: float, lead_names: Sequence[str] = CANONICAL
     header_parts = ([f"record {record_id}"] if record_id is not None else []) + (
         [f"window {window_start_s:.2f}-{window_start_s + duration:.2f} s of the record"]
         if window_start_s is not None else []) + [f"{fs:g} Hz", gain_txt, f"paper speed {MM_PER_S:g} mm/s"]
+    if full and abs(duration / 4.0 - 2.5) > 1e-6:   # the 3 x 4 columns are a quarter of the window, not 2.5 s
+        header_parts.append(f"3 x 4 columns {duration / 4.0:.3g} s each (a quarter of the {duration:.3g} s window; "
+                            f"the standard 10 s chart has 2.5 s)")
     if padded_from_s is not None and n_real < n_t:
         header_parts.append(f"zero-padded from {n_real / fs:.2f} s (shaded)")
     absent = [name for name, h in zip(lead_names, here) if not h]
     if absent:
         header_parts.append(f"not recorded: {', '.join(map(str, absent))}")
+    # missing (NaN) samples of a drawn lead are gaps in its trace: say so, not leave a gap to read as a lead change
+    with_nan = [lead for lead in dict.fromkeys(lead for row in rows for lead, _, _ in row)
+                if here[idx[lead]] and np.isnan(sig[idx[lead]]).any()]
+    if with_nan:
+        header_parts.append(f"missing (NaN) samples drawn as gaps: {', '.join(map(str, with_nan))}")
     shown_derived = [str(d) for d in (derived or ()) if d in idx]
     if shown_derived:
         header_parts.append(f"derived: {', '.join(shown_derived)} (computed from I and II, not recorded)")
@@ -503,6 +516,22 @@ def plot_ecg_chart(signal: Any, fs: float, lead_names: Sequence[str] = CANONICAL
     return fig
 
 
+def _recorded_shares(att: np.ndarray, sig: np.ndarray, here: np.ndarray, n_real: int) -> np.ndarray:
+    """``(L,)`` each lead's share of ``|att|`` summed over the recorded samples: the present leads' (``here``) first
+    ``n_real`` (:func:`ecgfm.explain.attribution.recorded_samples`, as ``Attribution.per_lead(recorded=...)``);
+    0 for absent leads; all 0 when nothing recorded carries attribution."""
+    import torch
+
+    from ecgfm.explain.attribution import recorded_samples
+
+    mask = here[:, None] & (np.arange(sig.shape[1]) < n_real)[None, :]
+    # present_rows reads a lead as absent when its row is all zero; NaN samples must not hide a present lead
+    keep = recorded_samples(torch.as_tensor(np.nan_to_num(sig, nan=1.0))[None], mask[None])[0].numpy()
+    per = np.where(keep, np.nan_to_num(np.abs(att)), 0.0).sum(1)
+    total = per.sum()
+    return per / total if total > 0 else np.zeros_like(per)
+
+
 def _select_leads(lead_names: Sequence[str], leads: Sequence[str] | None, scores: np.ndarray | None,
                   k: int) -> list[int]:
     idx = _lead_index(lead_names)
@@ -533,21 +562,24 @@ def plot_method_comparison(signal: Any, fs: float, attributions: Mapping[str, An
         attributions: ``{method: (L, T') values}`` (numpy / torch, or one record's
             :class:`~ecgfm.explain.attribution.Attribution`; interpolated onto the signal's time axis).
         lead_names: rows of ``signal``.
-        leads: leads to show (default: the ``n_leads`` with the largest summed share of |attribution| over the
-            methods).
+        leads: leads to show (default: the ``n_leads`` present leads with the largest summed share of
+            |attribution| over the methods; shares over the present leads' recorded samples, as
+            ``Attribution.per_lead(recorded=...)``). An absent lead's panel says "not recorded" and draws no trace.
         n_leads: number of leads when ``leads`` is None.
         overlay, cmap, percentile: see :func:`plot_ecg_chart`.
         title: figure title.
-        units: signal units.
+        units: signal units (the amplitude grid note under the panels).
         attribution_fs: rate of the arrays in ``attributions`` (default: the signal's, for ``T`` samples; see
             :func:`plot_ecg_chart`).
         present: optional ``(L,)`` bool, the leads the record has; default: the rows of ``signal`` that are not all
             zero (ecgfm's absent leads are zero rows). Absent leads are left out of the colour scale.
         padded_from_s: where zero padding (a record shorter than the model's window) starts: left out of the
-            colour scale.
+            colour scale and the shares, and shaded.
 
     Returns:
-        the figure (axes ``gid="method:<name>|lead:<lead>"``).
+        the figure (axes ``gid="method:<name>|lead:<lead>"``; per method row, the shares text
+        ``gid="lead_share"``; absent-lead notes ``gid="absent_lead"``; padding ``gid="padding"``; the time /
+        amplitude note ``gid="amplitude_label"``).
     """
     sig = _np(signal)
     if not attributions:
@@ -564,13 +596,17 @@ def plot_method_comparison(signal: Any, fs: float, attributions: Mapping[str, An
         if a.shape[0] != sig.shape[0]:
             raise ValueError(f"attribution {name!r} has {a.shape[0]} rows, signal {sig.shape[0]}")
         atts[name] = _resample_to(a, a_fs, n_t, fs)
-    share = sum(np.abs(a).sum(1) / max(np.abs(a).sum(), 1e-12) for a in atts.values())
-    cols = _select_leads(lead_names, leads, share, n_leads)
+    shares = {name: _recorded_shares(a, sig, here, n_real) for name, a in atts.items()}
+    # only present leads are picked (an absent lead's zero row, or its map's mass on nothing, is not a finding)
+    score = np.where(here, sum(shares.values()), -np.inf)
+    cols = _select_leads(lead_names, leads, score, min(n_leads, int(here.sum())) if here.any() else n_leads)
     t = np.arange(n_t) / fs
-    lo = float(np.min(sig[cols])) - 0.2
-    hi = float(np.max(sig[cols])) + 0.2
+    shown = [li for li in cols if here[li]]
+    vals = sig[shown][:, :n_real] if shown and n_real else np.zeros((1, 1))
+    lo = (float(np.nanmin(vals)) if np.isfinite(vals).any() else 0.0) - 0.2
+    hi = (float(np.nanmax(vals)) if np.isfinite(vals).any() else 0.0) + 0.2
     n_r, n_c = len(atts), len(cols)
-    fig = Figure(figsize=(3.6 * n_c + 0.8, 1.5 * n_r + (0.6 if title else 0.3)), layout="constrained")
+    fig = Figure(figsize=(3.6 * n_c + 0.8, 1.5 * n_r + (0.6 if title else 0.3) + 0.25), layout="constrained")
     axes = np.atleast_2d(fig.subplots(n_r, n_c, squeeze=False, sharex=True, sharey=True))
     for r, (name, a) in enumerate(atts.items()):
         norm = symmetric_norm(_scale_samples(a, here, n_real), percentile)   # as plot_ecg_chart's scale
@@ -578,16 +614,28 @@ def plot_method_comparison(signal: Any, fs: float, attributions: Mapping[str, An
             ax = axes[r, c]
             ax.set_gid(f"method:{name}|lead:{lead_names[li]}")
             paper_grid(ax, (0, t[-1]), (lo, hi), minor=False)
-            _trace(ax, t, sig[li], a[li], norm, overlay, 0.0, hi - lo, cmap, linewidth=0.7,
-                   band_center=(lo + hi) / 2)   # the band covers the panel [lo, hi]
+            if here[li]:
+                _trace(ax, t, sig[li], a[li], norm, overlay, 0.0, hi - lo, cmap, linewidth=0.7,
+                       band_center=(lo + hi) / 2)   # the band covers the panel [lo, hi]
+            else:   # no trace: a zero-filled row would read as a flat recorded lead (as plot_ecg_chart)
+                ax.text(t[-1] / 2, (lo + hi) / 2, "not recorded", ha="center", va="center", fontsize=8,
+                        color="#777777", zorder=4).set_gid("absent_lead")
+            if n_real < n_t:
+                ax.axvspan(n_real / fs, t[-1], color="#bbbbbb", alpha=0.35, zorder=0.5, lw=0).set_gid("padding")
             if r == 0:
                 ax.set_title(str(lead_names[li]), fontsize=9)
             if c == 0:
                 ax.set_ylabel(name, fontsize=9, rotation=0, ha="right", va="center")
-        share_txt = ", ".join(f"{lead_names[i]} {100 * np.abs(a[i]).sum() / max(np.abs(a).sum(), 1e-12):.0f}%"
-                              for i in cols)
+        # each lead's share of the method's |attribution| over the present leads' recorded samples (as
+        # Attribution.per_lead(recorded=...) and report.json's per_lead)
+        share_txt = ", ".join(f"{lead_names[i]} {100 * shares[name][i]:.0f}%" if here[i]
+                              else f"{lead_names[i]} not recorded" for i in cols)
         axes[r, -1].text(1.0, 1.02, share_txt, transform=axes[r, -1].transAxes, ha="right", va="bottom",
-                         fontsize=6.5, color="#444444")
+                         fontsize=6.5, color="#444444").set_gid("lead_share")
+    notes = [f"time (s); grid 0.2 s x 0.5 {units}"]
+    if n_real < n_t:
+        notes.append(f"zero-padded from {n_real / fs:.2f} s (shaded)")
+    fig.supxlabel("; ".join(notes), fontsize=7.5, color="#333333").set_gid("amplitude_label")
     if title:
         fig.suptitle(title, fontsize=10)
     return fig
