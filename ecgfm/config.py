@@ -27,7 +27,7 @@ import re
 import types
 import typing
 from dataclasses import dataclass, field, fields
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -161,6 +161,27 @@ class TrainConfig:
 NONFINITE_MODES = ("error", "skip")
 
 
+def literal_differs(node: DictConfig, key: str, expected: Any, follows: str | None = None,
+                    same: Callable[[Any, Any], bool] | None = None) -> bool:
+    """Whether ``node.<key>`` was given a value other than ``expected`` (the value the run actually uses), as
+    opposed to following it by interpolation: the shared test of the checks that refuse an override the run would
+    silently replace or not record (:func:`crop_samples_for`, :func:`check_data_mirrors`,
+    ``ecgfm.train.build.method_fs``).
+
+    An interpolation is accepted unresolved when ``follows`` is None, or when its text is ``follows`` exactly (e.g.
+    ``"${seed}"``); any other value (a literal, or an interpolation other than ``follows``) is resolved and
+    compared with ``same(value, expected)`` (default ``==``).
+
+    Returns:
+        True when the value differs (the caller raises its own :class:`ConfigError`).
+    """
+    if OmegaConf.is_interpolation(node, key) and (
+            follows is None or str(node._get_node(key)._value()).strip() == follows):
+        return False
+    value = node[key]
+    return not (same(value, expected) if same is not None else value == expected)
+
+
 def crop_samples_for(cfg: DictConfig, fs: float) -> int:
     """Training crop in samples: ``crop_seconds`` converted with ``fs``, the rate of the cache actually used.
 
@@ -181,7 +202,7 @@ def crop_samples_for(cfg: DictConfig, fs: float) -> int:
     samples = _seconds_to_samples(seconds, fs)
     if samples < 1:
         raise ConfigError("crop_seconds", f"{seconds:g} s at the cache's {fs:g} Hz is less than one sample")
-    if not OmegaConf.is_interpolation(cfg, "crop_samples") and int(cfg.crop_samples) != samples:
+    if literal_differs(cfg, "crop_samples", samples, same=lambda value, want: int(value) == want):
         raise ConfigError("crop_samples", f"is {cfg.crop_samples}, but crop_seconds={seconds:g} at the cache's "
                                           f"{fs:g} Hz is {samples} samples: crops are set in seconds, so give "
                                           f"crop_seconds={int(cfg.crop_samples) / fs:g} instead of crop_samples")
@@ -215,11 +236,9 @@ def check_data_mirrors(cfg: DictConfig, fs: float | None = None) -> None:
     for key in DATA_MIRRORS:
         if key not in data or key not in cfg:
             continue
-        if OmegaConf.is_interpolation(data, key) and str(data._get_node(key)._value()).strip() == f"${{{key}}}":
+        if not literal_differs(data, key, cfg[key], follows=f"${{{key}}}"):
             continue
         mine, top = data[key], cfg[key]
-        if mine == top:
-            continue
         if key == "crop_samples":
             rate = float(fs) if fs else float(cfg.preprocess.fs or 0) or None
             how = (f"crops are set in seconds: give crop_seconds={float(mine) / rate:g} (at {rate:g} Hz) and leave "

@@ -52,3 +52,39 @@ def max_rss_bytes() -> int:
 
     peak = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
     return peak if sys.platform == "darwin" else peak * 1024
+
+
+def proc_status_bytes(field: str) -> int | None:
+    """A size field of ``/proc/self/status`` (``VmHWM``: peak resident set size since start or since
+    :func:`reset_peak_rss`; ``VmRSS``: resident set size now), in bytes; None where the file cannot be read (off
+    Linux) or has no such field. The one place the benchmark scripts read ``/proc`` for memory figures."""
+    from pathlib import Path
+
+    try:
+        text = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) * 1024                     # "VmHWM:   123456 kB"
+    return None
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process, in bytes: ``VmHWM`` (since start, or since the last
+    :func:`reset_peak_rss` that was accepted), else :func:`max_rss_bytes` (since start: ``getrusage`` has no reset)."""
+    hwm = proc_status_bytes("VmHWM")
+    return hwm if hwm is not None else max_rss_bytes()
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's peak resident set size (``VmHWM``) to its current size, by writing 5 to
+    ``/proc/self/clear_refs`` (Linux). Returns whether the reset was accepted: where it was not, ``VmHWM`` stays
+    the peak since start."""
+    from pathlib import Path
+
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True

@@ -45,7 +45,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ecgfm.timing import max_rss_bytes, rate_interval  # noqa: E402
+from ecgfm.timing import max_rss_bytes, proc_status_bytes, rate_interval, reset_peak_rss  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -203,13 +203,8 @@ _PEAK_RESET = {"ok": False}
 
 def _rss_mib() -> float:
     """The process's resident set size now, in MiB (NaN where /proc is not readable)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
+    rss = proc_status_bytes("VmRSS")
+    return float("nan") if rss is None else rss / 2 ** 20
 
 
 def _speed(timings: list[tuple[int, float]]) -> str:
@@ -249,11 +244,7 @@ def _footprint(p: dict) -> str:
 
 def _reset_peak_memory() -> None:
     """Reset the process's peak RSS (Linux ``clear_refs`` 5) and the CUDA peak, where possible."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        _PEAK_RESET["ok"] = True
-    except OSError:
-        _PEAK_RESET["ok"] = False
+    _PEAK_RESET["ok"] = reset_peak_rss()
     import torch
 
     if torch.cuda.is_available():
@@ -263,13 +254,11 @@ def _reset_peak_memory() -> None:
 def _peak_memory() -> str:
     """Peak resident set size of the whole process during the cell (VmHWM since :func:`_reset_peak_memory`; "since
     start" when the reset was refused), plus the CUDA peak on a GPU."""
-    out = "n/a"
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                since = "process, this cell" if _PEAK_RESET["ok"] else "process, since start: reset refused"
-                out = f"RSS {int(line.split()[1]) / 1024:.0f} MiB ({since})"
-    except OSError:
+    hwm = proc_status_bytes("VmHWM")
+    if hwm is not None:
+        since = "process, this cell" if _PEAK_RESET["ok"] else "process, since start: reset refused"
+        out = f"RSS {hwm / 2 ** 20:.0f} MiB ({since})"
+    else:   # no /proc (off Linux): getrusage, which has no reset
         out = f"RSS {max_rss_bytes() / 2 ** 20:.0f} MiB (since start)"
     import torch
 

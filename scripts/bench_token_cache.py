@@ -27,15 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _rss_mib() -> float:
     """Peak resident set size of this process so far (VmHWM; ``getrusage`` where /proc is not readable), MiB."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    from ecgfm.timing import max_rss_bytes
+    from ecgfm.timing import peak_rss_bytes
 
-    return max_rss_bytes() / 2**20
+    return peak_rss_bytes() / 2**20
 
 
 def _child(args: argparse.Namespace) -> dict:

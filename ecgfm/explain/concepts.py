@@ -250,7 +250,9 @@ class TCAVResult:
             ``score_mean``, ``score_std``, ``magnitude_mean`` (mean directional derivative), ``random_scores``,
             ``random_mean``, ``random_std``, ``cav_accuracy`` (held-out accuracy of the concept CAVs, mean over
             the random sets; a split, or leave-one-out for sets under 3 examples; NaN when a set has 1 example,
-            see :meth:`TCAV.cav`),
+            see :meth:`TCAV.cav`), ``cav_accuracy_estimate`` (which estimate ``cav_accuracy`` is: ``"held-out
+            split"``, ``"leave-one-out"``, ``"mixed: held-out split and leave-one-out"`` when the random sets'
+            sizes led to both, or ``"none"`` when ``cav_accuracy`` is NaN; :func:`cav_accuracy_estimate`),
             ``t``, ``p``, ``p_adjusted`` (Bonferroni), ``significant``.
         alpha: significance level.
         n_tests: number of (concept, layer) tests in the correction.
@@ -276,6 +278,30 @@ class TCAVResult:
                          for r in self.rows]}
 
 
+#: what :func:`_fit_cav_classifier` reports as the CAV accuracy (``cav_accuracy_estimate`` of a TCAV row)
+CAV_ESTIMATES = ("held-out split", "leave-one-out", "none")
+
+
+def cav_accuracy_estimate(n_concept: int, n_random: int, test_fraction: float) -> str:
+    """Which held-out estimate of its accuracy a CAV of ``n_concept`` against ``n_random`` examples gets
+    (:func:`_fit_cav_classifier`): ``"held-out split"`` when the stratified ``test_fraction`` split holds at least
+    2 examples and each set has at least 3, else ``"leave-one-out"`` when each set has at least 2, else ``"none"``
+    (the accuracy is NaN). A function of the set sizes and ``test_fraction`` alone, both in the CAV's cache key."""
+    smallest = min(int(n_concept), int(n_random))
+    if int(round(test_fraction * (int(n_concept) + int(n_random)))) >= 2 and smallest >= 3:
+        return "held-out split"
+    return "leave-one-out" if smallest >= 2 else "none"
+
+
+def _estimate_of_mean(kinds: Sequence[str]) -> str:
+    """The estimate a mean of CAV accuracies is, from each CAV's (:func:`cav_accuracy_estimate`): ``"none"`` when
+    one has none (the mean is NaN), the common kind, or ``"mixed: held-out split and leave-one-out"``."""
+    if "none" in kinds:
+        return "none"
+    found = sorted(set(kinds), key=CAV_ESTIMATES.index)
+    return found[0] if len(found) == 1 else "mixed: " + " and ".join(found)
+
+
 def _fit_cav_classifier(z: np.ndarray, y: np.ndarray, C: float, test_fraction: float, seed: int) -> tuple[Any, float]:
     """The logistic-regression CAV classifier on standardised features ``z`` / labels ``y`` and its held-out
     accuracy.
@@ -289,13 +315,14 @@ def _fit_cav_classifier(z: np.ndarray, y: np.ndarray, C: float, test_fraction: f
     from sklearn.model_selection import LeaveOneOut, cross_val_score, train_test_split
 
     counts = np.bincount(y.astype(int), minlength=2)
-    n_test = int(round(test_fraction * len(y)))
-    if n_test >= 2 and counts.min() >= 3:
+    estimate = cav_accuracy_estimate(counts[1], counts[0], test_fraction)
+    if estimate == "held-out split":
+        n_test = int(round(test_fraction * len(y)))
         z_tr, z_te, y_tr, y_te = train_test_split(z, y, test_size=n_test, stratify=y, random_state=seed)
         clf = LogisticRegression(C=C, max_iter=2000).fit(z_tr, y_tr)
         return clf, float(clf.score(z_te, y_te))
     clf = LogisticRegression(C=C, max_iter=2000).fit(z, y)
-    if counts.min() >= 2:
+    if estimate == "leave-one-out":
         return clf, float(np.mean(cross_val_score(LogisticRegression(C=C, max_iter=2000), z, y, cv=LeaveOneOut())))
     return clf, float("nan")
 
@@ -392,7 +419,9 @@ class TCAV:
         has at least 3 examples and the split holds at least 2 (the CAV from the training part), else leave-one-out
         cross-validation (sets of 2; the CAV from every example); NaN when no held-out estimate exists (a set of
         1). It is never the classifier's accuracy on its own training examples."""
-        # "heldout2": entries of older versions stored the training accuracy of small sets as the held-out one
+        # "heldout2": entries of older versions stored the training accuracy of small sets as the held-out one.
+        # Which estimate the accuracy is (cav_accuracy_estimate) is not stored: the set sizes (in the fingerprints)
+        # and test_fraction in this key fix it, so a "heldout2" entry needs no new version for it.
         key = _key("cav", "heldout2", self._model_fp(), layer, concept.fingerprint, random.fingerprint, self.pool,
                    self.C, self.test_fraction, self.seed)
         hit = self.cache.get(key)
@@ -474,13 +503,15 @@ class TCAV:
                 v, _ = self.cav(randoms[i], randoms[(i + 1) % len(randoms)], layer)
                 null.append(self.score(grads, v)[0])
             for concept in concepts:
-                scores, mags, accs = [], [], []
+                scores, mags, accs, kinds = [], [], [], []
                 for r in randoms:
                     v, acc = self.cav(concept, r, layer)
                     s, m = self.score(grads, v)
                     scores.append(s)
                     mags.append(m)
                     accs.append(acc)
+                    # from the set sizes, not the cache: a cached CAV's accuracy was estimated the same way
+                    kinds.append(cav_accuracy_estimate(len(concept.inputs), len(r.inputs), self.test_fraction))
                 s_arr, n_arr = np.asarray(scores), np.asarray(null)
                 if np.ptp(np.concatenate([s_arr, n_arr])) == 0:
                     t_stat, p = 0.0, 1.0
@@ -502,7 +533,8 @@ class TCAV:
                              "score_mean": float(s_arr.mean()), "score_std": float(s_arr.std(ddof=1)),
                              "magnitude_mean": float(np.mean(mags)), "random_scores": list(map(float, n_arr)),
                              "random_mean": float(n_arr.mean()), "random_std": float(n_arr.std(ddof=1)),
-                             "cav_accuracy": float(np.mean(accs)), "t": t_stat, "p": p, "p_adjusted": p_adj,
+                             "cav_accuracy": float(np.mean(accs)), "cav_accuracy_estimate": _estimate_of_mean(kinds),
+                             "t": t_stat, "p": p, "p_adjusted": p_adj,
                              "significant": bool(p_adj < alpha), "n_random": len(randoms),
                              "n_inputs": int(x.shape[0])})
         names = self.wrapper.class_names

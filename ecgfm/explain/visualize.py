@@ -245,9 +245,11 @@ def _trace(ax, t: np.ndarray, y: np.ndarray, att: np.ndarray | None, norm: Norma
         rgba = cmap(norm(att))                                            # (T, 4)
         alpha = np.clip(np.abs(att) / max(norm.vmax, 1e-12), 0, 1) * 0.85
         rgba[:, 3] = alpha
+        # one cell per sample, centred on the sample's time (as the trace draws it): [t_i - dt/2, t_i + dt/2]
+        half = (t[1] - t[0]) / 2 if len(t) > 1 else 0
         img = ax.imshow(rgba[None], aspect="auto", interpolation="nearest",
-                        extent=(t[0], t[-1] + (t[1] - t[0] if len(t) > 1 else 0), centre - band_height / 2,
-                                centre + band_height / 2), zorder=1)
+                        extent=(t[0] - half, t[-1] + half, centre - band_height / 2, centre + band_height / 2),
+                        zorder=1)
         img.set_gid("attribution")
         ax.plot(t, y + offset, color=TRACE, linewidth=linewidth, zorder=3)
     elif overlay == "line":

@@ -18,7 +18,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from ecgfm.config import ConfigError
+from ecgfm.config import ConfigError, literal_differs
 from ecgfm.data.preprocess import PreprocessSpec
 from ecgfm.train.loop import (
     AccumulationWindowCheckpoint,
@@ -149,16 +149,16 @@ def method_fs(cfg: DictConfig, fs: float) -> float | None:
     """
     if "fs" not in cfg.method:
         return None
-    if not OmegaConf.is_interpolation(cfg.method, "fs"):
-        value = cfg.method.fs
+    def same_rate(value: Any, want: float) -> bool:
         try:
-            same = value is not None and math.isclose(float(value), float(fs))
+            return value is not None and math.isclose(float(value), float(want))
         except (TypeError, ValueError):
-            same = False
-        if not same:
-            raise ConfigError("method.fs", f"is {value!r}, but the training crops are cut at the caches' {float(fs):g} "
-                                           f"Hz, where the augmentations in seconds / Hz must run: remove the "
-                                           f"override (method.fs follows the caches' rate)")
+            return False
+
+    if literal_differs(cfg.method, "fs", fs, same=same_rate):   # any interpolation follows the caches' rate
+        raise ConfigError("method.fs", f"is {cfg.method.fs!r}, but the training crops are cut at the caches' "
+                                       f"{float(fs):g} Hz, where the augmentations in seconds / Hz must run: remove "
+                                       f"the override (method.fs follows the caches' rate)")
     return float(fs)
 
 
