@@ -354,8 +354,11 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def eval_overrides(args: argparse.Namespace, results_dir: Path | None = None) -> list[str]:
-    """Overrides shared by the probe.py / finetune.py commands."""
-    return [f"results_dir={results_dir or Path(args.out) / 'results'}", f"paths.cache_root={args.cache_root}",
+    """Overrides shared by the probe.py / finetune.py commands (their Hydra logs go under ``<out>/logs``, not the
+    project's ``outputs/``: a benchmark keeps its logs beside its results, and two benchmarks started in one
+    second in one checkout do not write one ``outputs/multirun/<tool>/<time>`` folder)."""
+    return [f"results_dir={results_dir or Path(args.out) / 'results'}", f"paths.output_root={Path(args.out) / 'logs'}",
+            f"paths.cache_root={args.cache_root}",
             f"paths.data_root={args.data_root}", f"bootstrap.n={args.bootstrap}", f"prepare_workers={args.workers}",
             f"torch_threads={args.threads}", *args.eval_overrides]
 

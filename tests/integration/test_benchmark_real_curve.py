@@ -59,6 +59,9 @@ def test_curve_stage_exports_probes_and_draws(tmp_path):
             "--eval-overrides", "task.params.n_records=60", "task.params.duration=6.0", "plot=false",
             "--probe-overrides", "probe.Cs=[1.0]"]
     B.main(argv)
+    # probe.py's Hydra logs are kept beside the benchmark's results, not in the project's outputs/ folder
+    logs = list((out / "logs" / "multirun" / "probe").glob("*/multirun.yaml"))
+    assert len(logs) == 1 and f"checkpoint={run_dir / 'curve' / 'step2' / 'encoder'}" in logs[0].read_text()
     for step in (2, 4, 6, 8):
         enc = run_dir / "curve" / f"step{step}" / "encoder"
         meta = json.loads((enc / "encoder.json").read_text())
