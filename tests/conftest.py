@@ -31,6 +31,12 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``long`` (minutes each) run first, the rest in their usual order: with ``-n`` (pytest-xdist,
+    as .ci/run runs) a long test left to the end of the queue would run alone on one core while the others idle."""
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)      # stable: keeps the order otherwise
+
+
 def _require(path: Path) -> Path:
     if not path.exists():
         pytest.skip(f"real data not found at {path} (expected ../shared/data beside the project root)")

@@ -79,6 +79,7 @@ def test_classification_of_what_a_command_did():
 
 
 @pytest.mark.realdata
+@pytest.mark.long
 def test_fault_battery_all_rows_pass(tmp_path):
     if not FIXTURE.exists():
         pytest.skip(f"fixture records missing: {FIXTURE}")
