@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from threadpoolctl import threadpool_limits
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -20,6 +21,9 @@ FIXTURE = SHARED_DATA / "fixture"
 # One intra-op thread: tests use tiny models, where thread start-up dominates (7.7 s vs 0.25 s seen on a busy
 # 2-core machine). Tests that need more set it themselves.
 torch.set_num_threads(1)
+# ... and one BLAS / OpenMP thread for numpy, scipy and scikit-learn: with -n (a worker per core) a second BLAS thread
+# in every worker oversubscribed the cores
+threadpool_limits(1)
 
 
 @pytest.fixture(autouse=True)

@@ -2,8 +2,8 @@
 
 Fast variant: in-process, the first run stops at ``trainer.max_steps=K`` (mid-epoch) and a rerun into the same
 folder continues to ``N`` (the LR schedule length is pinned with ``method.max_steps``).
-Slow variant (``-m slow``): ``python train.py`` in a subprocess is SIGKILLed after a mid-epoch checkpoint exists,
-then rerun into the same folder.
+Subprocess variant: ``python train.py`` is held at a mid-epoch step once its checkpoints are written, SIGKILLed
+there (no clean-up runs), then rerun into the same folder.
 """
 
 from __future__ import annotations
@@ -136,25 +136,37 @@ def test_resume_from_periodic_mid_epoch_checkpoint(reference, tmp_path):
     _assert_same_training_state(_final_state(run), _final_state(ref_run))
 
 
+HELD_AT = 6           # the killed run is held after this step's checkpoints (mid-epoch: 6 % EPOCH != 0)
+
+
 def test_sigkill_mid_epoch_then_rerun_matches_uninterrupted_run(reference, tmp_path):
     ref_run, cache_root = reference
     run = tmp_path / "killed"
-    cmd = [sys.executable, str(ROOT / "train.py"), *COMMON, f"trainer.max_steps={TOTAL}",
-           f"paths.cache_root={cache_root}", f"hydra.run.dir={run}"]
+    args = [*COMMON, f"trainer.max_steps={TOTAL}", f"paths.cache_root={cache_root}", f"hydra.run.dir={run}"]
     env = {**os.environ, "PYTHONHASHSEED": "0"}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    target = run / "checkpoints" / "step0000006.ckpt"
-    deadline = time.time() + 300
-    while not target.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    # train.py, held (asleep) once step HELD_AT's checkpoints are written (this file's __main__ below): the SIGKILL
+    # from here lands at that step however busy the machine is. Unheld, the steps from 6 to the end took ~0.2 s,
+    # and a poll delayed by a loaded machine (a parallel test run) killed a finished run
+    err = tmp_path / "killed_run.stderr"
+    with open(err, "w") as stderr:
+        proc = subprocess.Popen([sys.executable, __file__, *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                                stderr=stderr)
+    target, last = run / "checkpoints" / f"step{HELD_AT:07d}.ckpt", run / "checkpoints" / "last.ckpt"
+    try:
+        deadline = time.time() + 300
+        while not (run / "held").exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert (run / "held").exists(), \
+            f"the training subprocess was never held (exit {proc.poll()}): {err.read_text()[-3000:]}"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
     assert target.exists(), "the training subprocess never wrote a mid-epoch checkpoint"
     assert not (run / "summary.json").exists(), "the run finished before it could be killed"
-    # last.ckpt is written (atomically) just after the periodic file, so the kill may land before or after it
-    killed_at = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
-    assert killed_at in (4, 6, 8) and killed_at % EPOCH != 0      # a mid-epoch state
+    killed_at = torch.load(last, weights_only=True)["global_step"]
+    assert killed_at == HELD_AT and killed_at % EPOCH != 0      # a mid-epoch state
 
+    cmd = [sys.executable, str(ROOT / "train.py"), *args]
     rerun = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     _assert_same_training_state(_final_state(run), _final_state(ref_run))
@@ -234,3 +246,22 @@ def test_a_rerun_with_other_settings_does_not_continue_the_run(reference, tmp_pa
         train(cfg)
     cfg.resume = str(run / "checkpoints" / "last.ckpt")
     assert train(cfg)["steps"] == 6
+
+
+if __name__ == "__main__":   # the killed run of test_sigkill_mid_epoch_then_rerun_matches_uninterrupted_run
+    import runpy
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    _save = ModelCheckpoint.on_train_batch_end
+
+    def _save_then_hold(self, trainer, *args, **kwargs):
+        """ModelCheckpoint's save (the periodic file, then last.ckpt), then asleep at step HELD_AT until killed."""
+        _save(self, trainer, *args, **kwargs)
+        if trainer.global_step == HELD_AT:
+            (Path(self.dirpath).parent / "held").touch()
+            time.sleep(600)
+
+    ModelCheckpoint.on_train_batch_end = _save_then_hold
+    sys.argv = [str(ROOT / "train.py"), *sys.argv[1:]]
+    runpy.run_path(str(ROOT / "train.py"), run_name="__main__")

@@ -351,6 +351,7 @@ def test_concurrent_writers_and_a_reader_see_whole_artifacts(tmp_path):
     for p in procs:
         p.join()
         assert p.exitcode == 0
+    assert seen, "the reader never read while the writers ran"
     assert (tmp_path / "enc" / "predictions_test.csv").exists()
 
 

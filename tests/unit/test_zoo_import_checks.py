@@ -255,4 +255,5 @@ def test_folder_lock_is_held_by_one_writer_at_a_time(tmp_path):
         t.start()
     for t in threads:
         t.join(60)
+    assert not any(t.is_alive() for t in threads), "a writer is still waiting for the lock after 60 s"
     assert not errors and not overlaps
