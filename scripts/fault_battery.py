@@ -1115,8 +1115,8 @@ def _kill_parent_and_watch(cmd: list[str], cwd: Path, n_kids: int, extra_env: di
         time.sleep(1.0)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-        # 15 s: the workers (fresh interpreters, possibly still importing) were seen to take 2-3 s to notice on
-        # a busy 2-core machine; 5 s left under 2x margin beside a parallel test run (as test_cache_integrity's)
+        # 15 s: torch's DataLoader workers look for their parent every 5 s (and fresh interpreters may still be
+        # importing), so a 5 s wait raced them; 2-3 s were seen on a busy 2-core machine
         gone, alive = psutil.wait_procs(kids, timeout=WORKER_EXIT_S)
         if alive:
             return Outcome("workers alive", False, f"{len(alive)} of {len(kids)} worker(s) still running "

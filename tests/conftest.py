@@ -22,8 +22,20 @@ FIXTURE = SHARED_DATA / "fixture"
 # 2-core machine). Tests that need more set it themselves.
 torch.set_num_threads(1)
 # ... and one BLAS / OpenMP thread for numpy, scipy and scikit-learn: with -n (a worker per core) a second BLAS thread
-# in every worker oversubscribed the cores
+# in every worker oversubscribed the cores. threadpool_limits acts on the libraries loaded when it is called:
+# scikit-learn's import loads scipy's OpenBLAS and its own OpenMP runtime
+import sklearn  # noqa: E402,F401
+
 threadpool_limits(1)
+
+
+def pytest_xdist_auto_num_workers(config):
+    """Workers for ``-n logical`` / ``-n auto``: the CPUs this process may run on (its affinity), not the host's
+    count, which psutil reports inside a container limited to fewer CPUs."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:        # no sched_getaffinity (macOS)
+        return os.cpu_count() or 1
 
 
 @pytest.fixture(autouse=True)
