@@ -484,7 +484,10 @@ def save_final_checkpoint(trainer: L.Trainer, path: str | Any, validated: bool =
     if restart:
         batches.ready = batches.started = batches.processed = batches.completed = 0
     try:
-        trainer.save_checkpoint(str(path))
+        # weights_only=False: the whole training state (optimiser, schedulers, loops, callbacks) is what a resume
+        # needs; left unset, Lightning logs "`weights_only` was not set, defaulting to `False`" on every run, which
+        # reads like an unsafe load (loads here are always weights_only=True: ecgfm.train.checkpoints)
+        trainer.save_checkpoint(str(path), weights_only=False)
     finally:
         if rewind:
             for c in counters:

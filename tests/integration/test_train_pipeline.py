@@ -257,6 +257,8 @@ def test_cli_prints_where_everything_is(tmp_path, cache_root):
            "trainer.max_steps=1", f"paths.cache_root={cache_root}", f"hydra.run.dir={out}"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # the final checkpoint is saved as the whole training state on purpose: no "weights_only ... defaulting" line
+    assert "was not set, defaulting" not in proc.stdout + proc.stderr + (out / "train.log").read_text()
     block = proc.stdout[proc.stdout.index("== training finished"):]
     summary = json.loads((out / "summary.json").read_text())
     assert f"encoder     {out / 'encoder'}" in block
