@@ -96,9 +96,12 @@ def fraction_subsets(indices: Sequence[int], labels: np.ndarray, patient_ids: Se
             as a warning (there is nothing to add).
 
     Returns:
-        ``{fraction: sorted record indices}``; ``subset(f1) <= subset(f2)`` whenever ``f1 <= f2``.
+        ``{fraction: sorted record indices}``; ``subset(f1) <= subset(f2)`` whenever ``f1 <= f2``. The subsets
+        depend on which records ``indices`` holds, not on their order.
     """
-    indices = np.asarray(indices, dtype=np.int64)
+    # sorted: the patients' first-seen order (and so the seed's shuffle) followed the order of the indices, so the
+    # same training records given in another order drew another subset
+    indices = np.sort(np.asarray(indices, dtype=np.int64))
     for f in fractions:
         if not 0.0 < float(f) <= 1.0:
             raise ValueError(f"label fraction must be in (0, 1], got {f}")

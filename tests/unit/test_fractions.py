@@ -30,6 +30,18 @@ def test_nested_across_fractions_and_identical_across_calls():
     assert set(other) != set(subs[0.1])
 
 
+def test_the_subset_depends_on_the_training_records_not_their_order():
+    """The same training records in another order draw the same subsets (the patients' first-seen order, and so
+    the seed's shuffle, followed the order of the indices)."""
+    y, pat = _data()
+    train = np.arange(800)
+    subs = fraction_subsets(train, y, pat, [0.1, 0.5], seed=3)
+    shuffled = np.random.default_rng(7).permutation(train)
+    again = fraction_subsets(shuffled, y, pat, [0.1, 0.5], seed=3)
+    for f in (0.1, 0.5):
+        np.testing.assert_array_equal(again[f], subs[f])
+
+
 def test_size_and_patient_level():
     y, pat = _data()
     train = np.arange(1000)
