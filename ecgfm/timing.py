@@ -11,6 +11,7 @@ the inversion is one line.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -58,8 +59,6 @@ def proc_status_bytes(field: str) -> int | None:
     """A size field of ``/proc/self/status`` (``VmHWM``: peak resident set size since start or since
     :func:`reset_peak_rss`; ``VmRSS``: resident set size now), in bytes; None where the file cannot be read (off
     Linux) or has no such field. The one place the benchmark scripts read ``/proc`` for memory figures."""
-    from pathlib import Path
-
     try:
         text = Path("/proc/self/status").read_text()
     except OSError:
@@ -81,8 +80,6 @@ def reset_peak_rss() -> bool:
     """Reset this process's peak resident set size (``VmHWM``) to its current size, by writing 5 to
     ``/proc/self/clear_refs`` (Linux). Returns whether the reset was accepted: where it was not, ``VmHWM`` stays
     the peak since start."""
-    from pathlib import Path
-
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
