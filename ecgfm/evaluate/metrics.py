@@ -445,7 +445,9 @@ def paired_bootstrap_delta(y: np.ndarray, scores_a: np.ndarray, scores_b: np.nda
         max_redraws: rounds of redrawing resamples in which a defined class is degenerate.
 
     Returns:
-        ``{"delta", "ci_low", "ci_high", "p_not_positive" (share of resamples with delta <= 0), "n"}``.
+        ``{"delta", "ci_low", "ci_high", "p_not_positive" (share of resamples with delta <= 0), "n",
+        "n_degenerate"}``: ``n_degenerate`` counts the resamples still degenerate after the redraws, whose delta
+        averages over fewer classes (as :func:`evaluate_scores`'s).
     """
     y, scores_a = _check(y, scores_a)
     _, scores_b = _check(y, scores_b)
@@ -459,12 +461,13 @@ def paired_bootstrap_delta(y: np.ndarray, scores_a: np.ndarray, scores_b: np.nda
     delta = float(np.mean(per_class_auroc(yo, scores_a)[defined] - per_class_auroc(yo, scores_b)[defined]))
     _, (a, b) = _resampled_aurocs(yo, [scores_a, scores_b], defined, n_boot, np.random.default_rng(seed),
                                   max_redraws)
+    n_degenerate = int(np.isnan(a).any(axis=1).sum())
     with np.errstate(invalid="ignore"):
         d = np.nanmean(a - b, axis=1)
     d = d[np.isfinite(d)]
     if d.size == 0:   # n_boot = 0 (no CIs asked for) or no resample with a defined class: no CI, not a crash
         return {"delta": delta, "ci_low": float("nan"), "ci_high": float("nan"), "p_not_positive": float("nan"),
-                "n": int(n)}
+                "n": int(n), "n_degenerate": n_degenerate}
     lo, hi = np.percentile(d, [50 * (1 - ci), 100 - 50 * (1 - ci)])
     return {"delta": delta, "ci_low": float(lo), "ci_high": float(hi), "p_not_positive": float(np.mean(d <= 0)),
-            "n": int(n)}
+            "n": int(n), "n_degenerate": n_degenerate}

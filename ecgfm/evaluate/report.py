@@ -336,11 +336,11 @@ SUPERVISED_CNN_FAMILIES: tuple[str, ...] = ("resnet1d", "xresnet1d")
 #: columns of the per-seed paired comparison rows (``comparisons.csv``)
 COMPARISON_COLUMNS = ["reference", "mode", "task", "dataset", "split", "method", "label", "baseline",
                       "baseline_mode", "fraction", "seed", "delta", "ci_low", "ci_high", "p_not_positive", "n",
-                      "excludes_zero"]
+                      "n_degenerate", "excludes_zero"]
 #: columns of the seed-mean paired comparison rows (``comparisons_mean.csv``)
 COMPARISON_MEAN_COLUMNS = ["reference", "mode", "task", "dataset", "split", "method", "label", "baseline",
                            "baseline_mode", "fraction", "seeds", "n_seeds", "delta", "ci_low", "ci_high",
-                           "p_not_positive", "n", "excludes_zero"]
+                           "p_not_positive", "n", "n_degenerate", "excludes_zero"]
 
 
 @dataclass(frozen=True)
@@ -539,8 +539,9 @@ def seed_mean_paired_delta(y: np.ndarray, pairs: list[tuple[np.ndarray, np.ndarr
         per_seed: also return each seed's delta with its CI from the same resamples.
 
     Returns:
-        ``{"delta", "ci_low", "ci_high", "p_not_positive", "n"}`` (and, with ``per_seed``, the list of those of each
-        pair).
+        ``{"delta", "ci_low", "ci_high", "p_not_positive", "n", "n_degenerate"}`` (and, with ``per_seed``, the list
+        of those of each pair); ``n_degenerate``: resamples still degenerate after the redraws (their deltas average
+        over fewer classes; the same resamples for every seed).
     """
     from ecgfm.evaluate.metrics import _as_onehot, _resampled_aurocs, defined_classes, per_class_auroc
 
@@ -548,10 +549,10 @@ def seed_mean_paired_delta(y: np.ndarray, pairs: list[tuple[np.ndarray, np.ndarr
         d = d[np.isfinite(d)]
         if d.size == 0:   # n_boot = 0 (no CIs asked for) or no resample with a defined class: no CI, not a crash
             return {"delta": float(point), "ci_low": float("nan"), "ci_high": float("nan"),
-                    "p_not_positive": float("nan"), "n": int(n)}
+                    "p_not_positive": float("nan"), "n": int(n), "n_degenerate": n_degenerate}
         lo, hi = np.percentile(d, [50 * (1 - ci), 100 - 50 * (1 - ci)])
         return {"delta": float(point), "ci_low": float(lo), "ci_high": float(hi),
-                "p_not_positive": float(np.mean(d <= 0)), "n": int(n)}
+                "p_not_positive": float(np.mean(d <= 0)), "n": int(n), "n_degenerate": n_degenerate}
 
     if not pairs:
         raise ValueError("no score pairs")
@@ -565,6 +566,7 @@ def seed_mean_paired_delta(y: np.ndarray, pairs: list[tuple[np.ndarray, np.ndarr
         raise ValueError("no class has both label values: AUROC is undefined")
     points = [float(np.mean(per_class_auroc(yo, a)[defined] - per_class_auroc(yo, b)[defined])) for a, b in pairs]
     _, res = _resampled_aurocs(yo, sets, defined, n_boot, np.random.default_rng(seed), max_redraws)
+    n_degenerate = int(np.isnan(res[0]).any(axis=1).sum())   # labels and weights only: one count for every set
     with np.errstate(invalid="ignore"):
         each = [np.nanmean(res[2 * i] - res[2 * i + 1], axis=1) for i in range(len(pairs))]
     mean = stats(float(np.mean(points)), np.mean(each, axis=0))
@@ -701,7 +703,9 @@ def comparison_markdown(comp: pd.DataFrame, reference: str = "random-init", titl
              f"or an external split `external:<dataset>`). Mean over seeds with its paired 95 % bootstrap CI (the "
              f"records of that split resampled jointly for every seed and both rows; n = the records both rows of "
              f"every seed predicted); per seed: delta [95 % paired bootstrap CI], `*` = that CI excludes 0, with its "
-             f"n when it differs.", "",
+             f"n when it differs. Resamples in which a class lost all its positives or negatives are redrawn; those "
+             f"still degenerate after that average the delta over fewer classes and are counted where there are "
+             f"any (`n_degenerate` in the CSV files).", "",
              *([TWIN_INIT_NOTE, ""] if reference == TWIN.name else []),
              "| mode | task | split | method | baseline | fraction | mean delta [95 % CI] | CI excludes 0 | per seed |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -719,8 +723,11 @@ def comparison_markdown(comp: pd.DataFrame, reference: str = "random-init", titl
                         + (f" (n = {int(r.n)})" if "n" in g and pd.notna(r.n) and int(r.n) != n_mean else "")
                         for r in g.itertuples())
         if m is not None:
+            deg = getattr(m, "n_degenerate", None)
             mean = (f"{m.delta:+.3f} {_ci_text(m.ci_low, m.ci_high, signed=True)} ({int(m.n_seeds)} seeds"
-                    + (f", n = {n_mean})" if n_mean is not None else ")"))
+                    + (f", n = {n_mean}" if n_mean is not None else "")
+                    + (f"; {int(deg)} resamples over fewer classes" if pd.notna(deg) and int(deg) > 0 else "")
+                    + ")")
             flag = _flag(m.excludes_zero)
         else:
             # no seed-mean row (e.g. the seeds' cells disagree on the labels of a record): the plain mean of the
@@ -1111,7 +1118,8 @@ def acceptance_markdown(rows: list[dict[str, str]]) -> str:
 
 def excluded_classes_markdown(cells: Iterable[dict[str, Any]]) -> str:
     """A section naming every cell whose macro AUROC leaves a class out (no positive or no negative record in the
-    split: ``excluded_classes``) or whose CI had to redraw resamples (``n_degenerate``), so that a macro average
+    split: ``excluded_classes``) or whose CI has resamples still degenerate after the redraws (``n_degenerate``:
+    their macro AUROC averages over fewer classes), so that a macro average
     over fewer classes never passes for one over all; empty when there is none."""
     rows = []
     for c in cells:
@@ -1131,8 +1139,10 @@ def excluded_classes_markdown(cells: Iterable[dict[str, Any]]) -> str:
     return "\n".join(["", "## macro_auroc: classes left out of a cell's macro average", "",
                       "A class without both a positive and a negative record in a split has no AUROC: that cell's "
                       "macro AUROC is over the other classes. Bootstrap resamples in which a class had no positive or "
-                      "no negative record were redrawn (`n_degenerate`).", "",
-                      "| method | mode | task | split | fraction | seed | classes left out | resamples redrawn |",
+                      "no negative record were redrawn (up to 50 rounds); the last column counts those still degenerate "
+                      "after that (`n_degenerate`), whose macro AUROC averages over the remaining classes.", "",
+                      "| method | mode | task | split | fraction | seed | classes left out | resamples over fewer "
+                      "classes |",
                       "|---|---|---|---|---|---|---|---|", *rows, ""])
 
 

@@ -1,0 +1,47 @@
+"""Leftovers of the twenty-second session: paired comparisons count their degenerate bootstrap resamples."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from ecgfm.evaluate import report as R
+from ecgfm.evaluate.metrics import evaluate_scores, paired_bootstrap_delta
+
+
+def _rare_classes(n: int = 120, n_classes: int = 8, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Multi-label labels where most classes have 1-3 positives (resamples lose them), and two score sets."""
+    rng = np.random.default_rng(seed)
+    y = np.zeros((n, n_classes), dtype=int)
+    for c in range(n_classes):
+        y[rng.choice(n, size=1 + c % 3, replace=False), c] = 1
+    a = y * 1.5 + rng.normal(size=y.shape)
+    b = rng.normal(size=y.shape)
+    return y, 1 / (1 + np.exp(-a)), 1 / (1 + np.exp(-b))
+
+
+def test_paired_deltas_count_resamples_over_fewer_classes():
+    y, a, b = _rare_classes()
+    ref = evaluate_scores(y, a, True, n_boot=300, seed=4, max_redraws=2)
+    d = paired_bootstrap_delta(y, a, b, n_boot=300, seed=4, max_redraws=2)
+    assert ref["n_degenerate"] > 0                         # the stress case has such resamples
+    assert d["n_degenerate"] == ref["n_degenerate"]        # the same resamples as the cell's own CI
+    one = R.seed_mean_paired_delta(y, [(a, b)], n_boot=300, seed=4, max_redraws=2)
+    both, each = R.seed_mean_paired_delta(y, [(a, b), (b, a)], n_boot=300, seed=4, max_redraws=2, per_seed=True)
+    assert one["n_degenerate"] == both["n_degenerate"] == each[1]["n_degenerate"] == ref["n_degenerate"]
+    ok = np.zeros_like(y)
+    ok[:60, :] = 1                                          # every class half positive: nothing degenerate
+    assert paired_bootstrap_delta(ok, a, b, n_boot=100, seed=0)["n_degenerate"] == 0
+
+
+def test_comparison_tables_carry_and_show_n_degenerate():
+    assert "n_degenerate" in R.COMPARISON_COLUMNS and "n_degenerate" in R.COMPARISON_MEAN_COLUMNS
+    base = dict(reference=R.TWIN.name, mode="linear", task="t", dataset="t", split="test", method="mae", label="mae",
+                baseline="random-init", baseline_mode="linear", fraction=1.0, delta=0.1, ci_low=0.05, ci_high=0.15,
+                p_not_positive=0.0, n=50, excludes_zero="+")
+    per = pd.DataFrame([dict(base, seed=s, n_degenerate=12) for s in (0, 1)], columns=R.COMPARISON_COLUMNS)
+    mean = pd.DataFrame([dict(base, seeds="0 1", n_seeds=2, n_degenerate=12)], columns=R.COMPARISON_MEAN_COLUMNS)
+    md = R.comparison_markdown(per, means=mean)
+    assert "12 resamples over fewer classes" in md
+    md0 = R.comparison_markdown(per, means=mean.assign(n_degenerate=0))
+    assert "resamples over fewer classes)" not in md0 and "(2 seeds, n = 50) |" in md0
