@@ -1146,6 +1146,36 @@ def excluded_classes_markdown(cells: Iterable[dict[str, Any]]) -> str:
                       "|---|---|---|---|---|---|---|---|", *rows, ""])
 
 
+def task_notes_markdown(cells: Iterable[dict[str, Any]]) -> str:
+    """A section with the notes the tasks' builds left in their cells (``task_notes``: classes left out of a task
+    for want of a training positive or of records, records in no split, patient-id caveats, classes without a
+    positive in a split, an external set's exclusions: ``external_notes``), once per (task, data set), with how many of that task's
+    cells carry each: a table row computed on a reduced class space or split says so beside the table, not only in
+    the log of the run that computed it. Empty when no cell has a note."""
+    notes: dict[tuple[str, str], dict[str, int]] = {}
+    totals: dict[tuple[str, str], int] = {}
+    for c in cells:
+        own = [((str(c.get("task")), str(c.get("dataset") or c.get("task"))), c.get("task_notes"))]
+        if c.get("external_dataset"):
+            own.append(((str(c.get("task")), f"external:{c['external_dataset']}"), c.get("external_notes")))
+        for key, got in own:
+            totals[key] = totals.get(key, 0) + 1
+            for note in dict.fromkeys(str(n) for n in (got or [])):
+                notes.setdefault(key, {})
+                notes[key][note] = notes[key].get(note, 0) + 1
+    if not notes:
+        return ""
+    lines = ["", "## Task notes", "",
+             "What building each task's labels and splits left out or assumed (the cells' `task_notes`).", "",
+             "| task | data | note | cells |", "|---|---|---|---|"]
+    for (task, data), got in sorted(notes.items()):
+        for note, k in got.items():
+            text = note.replace("|", "/").replace("\n", " ")
+            lines.append(f"| {task} | {data} | {text} | {k} of {totals[(task, data)]} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
 def superseded_cells(cells: Iterable[dict[str, Any]]) -> set[tuple[str, str]]:
     """``(checkpoint, checkpoint_id)`` of cells computed from an exported encoder whose folder now holds other
     weights (overwritten in place by a later run): their rows stay in the tables (labelled ``method@<hash>``) but
@@ -1207,7 +1237,7 @@ def build_report(results_dir: str | os.PathLike, plot: bool = True, compare: boo
     cells = load_cells(root)
     df = tidy_rows(cells)
     _atomic_write_text(root / "results.csv", df.to_csv(index=False))
-    md = markdown_table(df) + excluded_classes_markdown(cells)
+    md = markdown_table(df) + excluded_classes_markdown(cells) + task_notes_markdown(cells)
     comp_path, accepted = None, []
     if compare:
         per_seed, means = [], {}

@@ -45,3 +45,33 @@ def test_comparison_tables_carry_and_show_n_degenerate():
     assert "12 resamples over fewer classes" in md
     md0 = R.comparison_markdown(per, means=mean.assign(n_degenerate=0))
     assert "resamples over fewer classes)" not in md0 and "(2 seeds, n = 50) |" in md0
+
+
+def test_results_md_names_the_task_notes(tmp_path):
+    """A class left out of a task (no training positive) was only in the cell's task_notes and the run's log."""
+    import json
+
+    from ecgfm.evaluate.metrics import evaluate_scores as ev
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 40)
+    p = np.stack([1 - y * 0.6 - 0.2, y * 0.6 + 0.2], axis=1)
+    note = "class(es) ['AFLT'] have no positive record in the train split: left out of the task"
+    for seed in (0, 1):
+        cell = {"mode": "linear", "task": "ptbxl_rhythm", "dataset": "ptbxl", "method": "mae", "checkpoint": "runs/m",
+                "checkpoint_kind": "pretrained", "backbone": "vit1d_tiny", "fraction": 1.0, "seed": seed, "n_train": 9,
+                "multilabel": False, "checkpoint_id": "m" * 12, "recipe_id": "r",
+                "task_notes": [note] if seed == 0 else [note, "a | second note"],
+                "external_dataset": "cinc2021", "external_notes": ["3 record(s) excluded"],
+                "results": {"test": ev(y, p, False, ["N", "A"], n_boot=10)},
+                "predictions": {"test": {"keys": [f"r{i}" for i in range(40)], "y": y.tolist(),
+                                         "scores": p.tolist()}}}
+        path = tmp_path / "cells" / "linear" / "ptbxl_rhythm" / "m" / f"f1_s{seed}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(cell))
+    md = (tmp_path / "results.md").read_text() if R.build_report(tmp_path, plot=False, compare=False) else ""
+    assert "## Task notes" in md
+    assert f"| ptbxl_rhythm | ptbxl | {note} | 2 of 2 |" in md
+    assert "| ptbxl_rhythm | ptbxl | a / second note | 1 of 2 |" in md      # a pipe cannot break the table
+    assert "| ptbxl_rhythm | external:cinc2021 | 3 record(s) excluded | 2 of 2 |" in md
+    assert R.task_notes_markdown([{"task": "t", "task_notes": []}]) == ""
