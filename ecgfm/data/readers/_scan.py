@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Iterator
 
 from ecgfm.data.record import ECGDataError, printable
 
@@ -32,14 +33,55 @@ def check_decodable(root: str | os.PathLike, rel: str, suffix: str = "") -> None
                            "file name is not valid UTF-8: rename the file (undecodable bytes shown as \\xNN)")
 
 
+def _folders(base: Path, recursive: bool) -> Iterator[tuple[str, list[str]]]:
+    """``(folder relative to base as a POSIX path, its file names sorted)`` for ``base`` and, when ``recursive``, every
+    folder below it, symlinked ones included.
+
+    The folders reached without a link come first, then the symlinked ones (each in the order found, sorted), so
+    that a folder reached both ways keeps its real path, and a dataset's record ids do not change because a link
+    to one of its folders was added. A folder is listed once, where it is first reached: the real paths of the
+    folders listed are kept, so a link to a folder above is not followed forever.
+    """
+    visited = {os.path.realpath(base)}
+    pending = ["."]   # trees to walk, relative to base: base itself, then the symlinked folders found
+    while pending:
+        top = pending.pop(0)
+        if top != ".":
+            real = os.path.realpath(base / top)
+            if real in visited:
+                continue
+            visited.add(real)
+        for dirpath, dirnames, filenames in os.walk(base / top):
+            rel_dir = Path(dirpath).relative_to(base).as_posix()
+            yield rel_dir, sorted(filenames)
+            if not recursive:
+                return
+            kept = []
+            for d in sorted(dirnames):
+                path = os.path.join(dirpath, d)
+                if os.path.islink(path):
+                    pending.append(d if rel_dir == "." else f"{rel_dir}/{d}")
+                    continue
+                real = os.path.realpath(path)
+                if real not in visited:
+                    visited.add(real)
+                    kept.append(d)
+            dirnames[:] = kept   # pruned in place: os.walk descends into these only
+
+
 def scan_records(root: str | os.PathLike, suffix: str = ".hea", recursive: bool = False,
                  ids: str = "stem") -> dict[str, str]:
     """Map record id -> path relative to ``root`` without ``suffix``, for every ``*suffix`` file.
 
+    The suffix is matched case-insensitively (``REC.HEA``, as Windows tools write it, is a record too; the readers
+    find such a header, see :func:`~ecgfm.data.readers.formats.header_path`). Hidden files (``.name``) are left out.
+
     Args:
         root: folder to scan.
         suffix: file ending that marks a record (``.hea``, ``.mat``).
-        recursive: descend into sub-folders (symlinked folders are not followed).
+        recursive: descend into sub-folders, symlinked ones included (a dataset assembled from links); a folder
+            reached twice (by its own path and a link, two links, or a link to a folder above) is scanned once,
+            preferably by its path without links.
         ids: ``"stem"`` (file name without suffix; must be unique) or ``"relative"`` (relative POSIX path
             without suffix, unique by construction).
 
@@ -49,26 +91,25 @@ def scan_records(root: str | os.PathLike, suffix: str = ".hea", recursive: bool 
         it as a skipped record instead of failing as a whole.
 
     Raises:
-        ECGDataError: ``root`` is not a folder, or two files share a stem with ``ids="stem"``.
+        ECGDataError: ``root`` is not a folder, or two files share a stem with ``ids="stem"`` (or a relative path
+            with ``ids="relative"``: ``rec.hea`` and ``rec.HEA``).
     """
     base = Path(root)
     if not base.is_dir():
         raise ECGDataError(base, "record folder not found")
     found: dict[str, str] = {}
+    found_file: dict[str, str] = {}   # id -> the file's path relative to root, for the message on a duplicate
     n = len(suffix)
-    for dirpath, dirnames, filenames in os.walk(base):
-        dirnames.sort()
-        rel_dir = Path(dirpath).relative_to(base).as_posix()
-        for fname in sorted(filenames):
-            if not fname.endswith(suffix) or fname.startswith("."):
+    for rel_dir, filenames in _folders(base, recursive):
+        for fname in filenames:
+            if not fname.lower().endswith(suffix.lower()) or fname.startswith("."):
                 continue
             stem = fname[:-n]
             rel = stem if rel_dir == "." else f"{rel_dir}/{stem}"
+            rel_file = fname if rel_dir == "." else f"{rel_dir}/{fname}"
             key = printable(stem if ids == "stem" else rel)
             if key in found:
-                raise ECGDataError(base / f"{rel}{suffix}",
-                                   f"record id {key!r} appears twice (also {found[key]}{suffix})")
+                raise ECGDataError(base / rel_file, f"record id {key!r} appears twice (also {found_file[key]})")
             found[key] = rel
-        if not recursive:
-            break
+            found_file[key] = rel_file
     return dict(sorted(found.items()))

@@ -51,10 +51,12 @@ voltage (a corrupt header: dropping that lead would silently lose it).
 
 from __future__ import annotations
 
+import codecs
 import logging
 import math
 import os
 import re
+import tempfile
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -148,11 +150,33 @@ _KEY_VALUE = re.compile(r"^\s*([A-Za-z][A-Za-z0-9 _()/.-]*?)\s*:\s*(.*?)\s*$")
 
 
 def header_path(path: str | os.PathLike) -> Path:
-    """The ``.hea`` path of a record given as ``name``, ``name.hea``, ``name.dat`` or ``name.mat``."""
+    """The ``.hea`` path of a record given as ``name``, ``name.hea``, ``name.dat`` or ``name.mat``.
+
+    A header whose extension is not lower-case (``NAME.HEA``, as Windows tools write it) is found too: when no
+    ``name.hea`` (or the header as given) exists, the folder is searched for the one file whose name differs only in
+    the case of the extension (the name itself must match exactly).
+    """
     p = Path(path)
-    if p.suffix.lower() in (".hea", ".dat", ".mat", ".xyz", ".atr"):
+    if p.suffix.lower() == ".hea":
+        return _suffix_case_variant(p)
+    if p.suffix.lower() in (".dat", ".mat", ".xyz", ".atr"):
         p = p.with_suffix("")
-    return p.with_name(p.name + ".hea")
+    return _suffix_case_variant(p.with_name(p.name + ".hea"))
+
+
+def _suffix_case_variant(path: Path) -> Path:
+    """``path`` when it is a file, else the one file of its folder whose name differs from it only in the case of
+    the extension (``rec.HEA`` for ``rec.hea``); ``path`` when there is none, or several (``rec.Hea`` and
+    ``rec.HEA``: ambiguous), for the reader to report it missing."""
+    if path.is_file():
+        return path
+    stem, n = path.name[:-len(path.suffix)], len(path.suffix)
+    try:
+        variants = [e.name for e in os.scandir(path.parent)
+                    if e.name[:-n] == stem and e.name[-n:].lower() == path.suffix.lower() and e.is_file()]
+    except OSError:   # no such folder
+        return path
+    return path.with_name(variants[0]) if len(variants) == 1 else path
 
 
 def _float_token(token: str) -> float | None:
@@ -217,10 +241,13 @@ def _record_line(text: str, hea: Path) -> tuple[list[str], list[str], str, list[
 
 
 def _header_lines(text: str) -> tuple[list[str], list[str]]:
-    """``(comments, lines)`` of a header's text: comment lines without their ``#``, the other non-empty lines."""
+    """``(comments, lines)`` of a header's text: comment lines without their ``#``, the other non-empty lines.
+
+    A leading UTF-8 byte order mark (written by Windows editors) is not part of the first line.
+    """
     comments: list[str] = []
     lines: list[str] = []
-    for raw in text.splitlines():
+    for raw in text.removeprefix("\ufeff").splitlines():
         line = raw.strip()
         if not line:
             continue
@@ -279,8 +306,8 @@ def parse_header(text: str, hea: str | os.PathLike = "<header>", fs_range: Seque
             signals and holds no samples: a length of 0 is accepted (refused otherwise).
 
     Raises:
-        ECGDataError: malformed lines, a multi-segment master header, impossible or implausible rate, impossible
-            length, gain or format.
+        ECGDataError: malformed lines, a signal count that disagrees with the number of signal lines, a
+            multi-segment master header, impossible or implausible rate, impossible length, gain or format.
     """
     hea = Path(hea)
     fs_low, fs_high = check_fs_range(fs_range)
@@ -304,9 +331,15 @@ def parse_header(text: str, hea: str | os.PathLike = "<header>", fs_range: Seque
             raise ECGDataError(hea, f"impossible number of samples {sig_len} in record line {rec_line!r}")
         if sig_len == 0 and not layout:
             raise ECGDataError(hea, "zero-length record (the header gives 0 samples)")
-    sig_lines = lines[1:1 + n_sig]
-    if len(sig_lines) < n_sig:
-        raise ECGDataError(hea, f"header announces {n_sig} signals but has {len(sig_lines)} signal lines")
+    sig_lines = lines[1:]
+    if len(sig_lines) != n_sig:
+        # header(5): after the signal lines only comment lines ('#') may follow. Extra lines are refused rather than
+        # ignored: they mean a wrong signal count, and reading the first n_sig would lose a lead (one file per
+        # signal) or scramble the leads (signals interleaved in one file whose length the header leaves out)
+        raise ECGDataError(hea, f"header announces {n_sig} signals but has {len(sig_lines)} signal lines"
+                                + (" (after the signal lines only comment lines starting with '#' may follow): "
+                                   f"correct the signal count in the record line {rec_line!r} or remove the extra "
+                                   "lines" if len(sig_lines) > n_sig else ""))
     h = WFDBHeader(record_name=rec[0], n_sig=n_sig, fs=fs, sig_len=sig_len, file_name=[], fmt=[],
                    samps_per_frame=[], skew=[], byte_offset=[], adc_gain=[], baseline=[], units=[], adc_res=[],
                    adc_zero=[], sig_name=[], comments=comments)
@@ -370,6 +403,9 @@ def read_header(path: str | os.PathLike, fs_range: Sequence[float] | None = None
 def _header_text(hea: Path) -> str:
     """The text of a header file: UTF-8, or Latin-1 when it is not valid UTF-8 (older headers' comments).
 
+    A leading UTF-8 byte order mark (written by Windows editors) is left out: it would otherwise be read as part
+    of the record name, or make a first comment line look like the record line.
+
     Raises:
         ECGDataError: missing or unreadable file.
     """
@@ -379,6 +415,7 @@ def _header_text(hea: Path) -> str:
         raise ECGDataError(hea, "header file not found") from None
     except OSError as exc:
         raise ECGDataError(hea, f"cannot read header: {exc}") from None
+    raw = raw.removeprefix(codecs.BOM_UTF8)   # before decoding: a Latin-1 fallback would turn it into 'ï»¿'
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -628,8 +665,17 @@ def _rename_hint(source: str) -> Callable[[str], str]:
     Every reader takes ``rename_leads``; the prepare hint (``+folder.rename_leads``) is added only when the record
     source that read it takes ``rename_leads`` too (the folder sources, or a source name no registered source has,
     i.e. a folder source given another ``name``): PTB-XL's or a challenge's source does not.
+
+    An inverted lead (``-aVR``, the negation of aVR) gets no ``rename_leads`` hint: renaming does not flip the
+    sign, so the lead would be read upside down as aVR.
     """
     def hint(name: str) -> str:
+        inverted = _inverted_lead(name)
+        if inverted is not None:
+            return (f"map it with rename_leads; {name!r} however is an inverted lead (its negation is {inverted}), "
+                    f"which renaming cannot map: rename_leads={{{name!r}: {inverted!r}}} would not flip its sign, "
+                    f"so the lead would be read upside down as {inverted}. Negate its samples and name it "
+                    f"{inverted} in the header, or remove that signal from the record")
         text = f"map it: rename_leads={{{name!r}: {LEAD_PLACEHOLDER!r}}} (the API, read_wfdb)"
         if _source_takes_rename(source):   # the reader's type, which a user's own preset may not be named after
             preset = source if _registered(source) else "folder"
@@ -638,6 +684,19 @@ def _rename_hint(source: str) -> Callable[[str], str]:
         return text
 
     return hint
+
+
+def _inverted_lead(name: str) -> str | None:
+    """The standard lead whose negation ``name`` is (``"-aVR"`` -> ``"aVR"``), or None."""
+    text = str(name).strip()
+    if not text.startswith("-") or not _is_standard_lead(text[1:]):
+        return None
+    return canonical_lead(text[1:])
+
+
+# Channel names that say only "an ECG" (CinC 2017's one AliveCor lead), unlike the other known non-standard names
+# (Frank X/Y/Z, V7, CM5...), which are real leads of their own: a record of nothing else gets the rename_leads hint.
+_GENERIC_LEAD_NAMES = frozenset({"ecg"})
 
 
 def _registered(source: str) -> bool:
@@ -889,8 +948,15 @@ def _finish(signal: np.ndarray, names: Sequence[str], header: WFDBHeader, hea: P
                     f" (unrecognised units {odd}: if they are a voltage, fix the header)" if odd else "")
     # every row kept (the usual case): no copy of a possibly long signal
     rows = signal if len(keep) == len(signal) else signal[keep]
-    signal12, mask, dropped_ecg = map_leads(rows, [mapped[r] for r in keep], hea,
-                                            rename_hint=_rename_hint(source))
+    hint = _rename_hint(source)
+    try:
+        signal12, mask, dropped_ecg = map_leads(rows, [mapped[r] for r in keep], hea, rename_hint=hint)
+    except ECGDataError as exc:
+        generic = [mapped[r] for r in keep if mapped[r].strip().lower() in _GENERIC_LEAD_NAMES]
+        if not exc.problem.startswith("no standard ECG lead") or not generic:
+            raise
+        raise ECGDataError(exc.path, f"{exc.problem}: {generic[0]!r} names no particular lead; if it is a standard "
+                                     f"lead, {hint(generic[0])}") from None
     # every dropped channel in the header's order: non-voltage ones by published name, the others (Frank vx...)
     # by their mapped name as map_leads reports them
     left, kept = list(dropped_ecg), set(keep)
@@ -1236,7 +1302,7 @@ def _decode_with_wfdb(header: WFDBHeader, hea: Path) -> np.ndarray:
     the mean to an integer); a frame holding an invalid sample is NaN (wfdb would average the sentinel in).
     """
     try:
-        rec = wfdb.rdrecord(str(hea.with_suffix("")), physical=False, smooth_frames=False, return_res=64)
+        rec = _wfdb_rdrecord(hea, header, physical=False, smooth_frames=False, return_res=64)
     except Exception as exc:
         raise ECGDataError(hea, f"wfdb could not decode the signal: {type(exc).__name__}: {exc}") from None
     channels = None if rec.e_d_signal is None else list(rec.e_d_signal)
@@ -1269,6 +1335,22 @@ def _decode_with_wfdb(header: WFDBHeader, hea: Path) -> np.ndarray:
             out[i, start:start + step] = phys.reshape(-1, k).mean(axis=1) if k > 1 else phys
         del samples
     return out
+
+
+def _wfdb_rdrecord(hea: Path, header: WFDBHeader, **kwargs: Any) -> wfdb.Record:
+    """``wfdb.rdrecord(**kwargs)`` of the record whose header is ``hea``, also when its extension is not ``.hea``.
+
+    wfdb opens ``<record name>.hea``, so it cannot open a header named ``REC.HEA`` on a case-sensitive file system;
+    such a record is read through links named as wfdb expects (the header and its signal files) in a temporary
+    folder.
+    """
+    if hea.suffix == ".hea":
+        return wfdb.rdrecord(str(hea.with_suffix("")), **kwargs)
+    with tempfile.TemporaryDirectory(prefix="ecgfm-wfdb-") as tmp:
+        os.symlink(hea.resolve(), os.path.join(tmp, hea.stem + ".hea"))
+        for fname in sorted(set(header.file_name) - {"-", "~"}):
+            os.symlink((hea.parent / fname).resolve(), os.path.join(tmp, fname))
+        return wfdb.rdrecord(os.path.join(tmp, hea.stem), **kwargs)
 
 
 def read_challenge(path: str | os.PathLike, source: str = "challenge",
@@ -1311,10 +1393,7 @@ def _read_mat_record(hea: Path, header: WFDBHeader, source: str, rename_leads: M
     if not mat.is_file():
         raise ECGDataError(hea, f"signal file {files[0]!r} named in the header is missing (looked for {mat})")
     _check_record_size(hea, header.n_sig, header.sig_len, header.fs)
-    try:
-        content = scipy.io.loadmat(str(mat), variable_names=["val"])
-    except Exception as exc:  # scipy raises ValueError/TypeError/OSError for corrupt files
-        raise ECGDataError(mat, f"unreadable or corrupt .mat file: {type(exc).__name__}: {exc}") from None
+    content = _loadmat(mat, "val")
     if "val" not in content:
         raise ECGDataError(mat, _no_val_problem(mat))
     val = np.asarray(content["val"])
@@ -1361,6 +1440,37 @@ def _read_mat_record(hea: Path, header: WFDBHeader, source: str, rename_leads: M
     if "dx" in fields:
         record.meta["dx_text"] = fields["dx"]
     return record
+
+
+def _loadmat(mat: Path, name: str) -> dict[str, Any]:
+    """``scipy.io.loadmat`` of the variable ``name`` of a .mat file (MATLAB v4 to v7).
+
+    Raises:
+        ECGDataError: naming the file: a MATLAB v7.3 file (HDF5-based; scipy does not read it, and ecgfm has no
+            HDF5 dependency), with how to re-save it; any other unreadable or corrupt file, with scipy's error.
+    """
+    try:
+        return scipy.io.loadmat(str(mat), variable_names=[name])
+    except Exception as exc:  # scipy raises ValueError/TypeError/OSError for corrupt files
+        if _is_mat_v73(mat):
+            raise ECGDataError(mat, "MATLAB v7.3 (HDF5-based) .mat file, which is not supported: re-save it as a "
+                                    f"v7 (or v4) MAT-file, e.g. in MATLAB save(file, '{name}', '-v7'), or from "
+                                    "Python with scipy.io.savemat") from None
+        raise ECGDataError(mat, f"unreadable or corrupt .mat file: {type(exc).__name__}: {exc}") from None
+
+
+def _is_mat_v73(mat: Path) -> bool:
+    """Whether a file's 128-byte MAT-file header says MATLAB v7.3 (version 0x0200, read as scipy does)."""
+    try:
+        with open(mat, "rb") as f:
+            head = f.read(128)
+    except OSError:
+        return False
+    if head.startswith(b"MATLAB 7.3"):
+        return True
+    if len(head) < 128 or head[126:128] not in (b"IM", b"MI"):
+        return False
+    return (head[125] if head[126:127] == b"I" else head[124]) == 2
 
 
 def _no_val_problem(mat: Path) -> str:
@@ -1419,14 +1529,11 @@ def read_cpsc2018(path: str | os.PathLike, source: str = "cpsc2018") -> ECGRecor
             empty or NaN, an ``age`` that is not a number.
     """
     p = Path(path)
-    if p.suffix.lower() != ".mat":
-        p = p.with_name(p.name + ".mat")
+    # found as X.MAT too (the folder scan matches extensions case-insensitively)
+    p = _suffix_case_variant(p if p.suffix.lower() == ".mat" else p.with_name(p.name + ".mat"))
     if not p.is_file():
         raise ECGDataError(p, "file not found")
-    try:
-        content = scipy.io.loadmat(str(p), variable_names=["ECG"])
-    except Exception as exc:
-        raise ECGDataError(p, f"unreadable or corrupt .mat file: {type(exc).__name__}: {exc}") from None
+    content = _loadmat(p, "ECG")
     ecg = content.get("ECG")
     if ecg is None or ecg.dtype.names is None or "data" not in ecg.dtype.names or ecg.size < 1:
         raise ECGDataError(p, "expected a MATLAB struct 'ECG' with a field 'data' (CPSC 2018 format)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -12,6 +13,7 @@ import wfdb
 
 from ecgfm.data.readers._scan import check_decodable, scan_records
 from ecgfm.data.readers.formats import (
+    _suffix_case_variant,
     check_fs_range,
     header_comment_values,
     read_challenge,
@@ -33,6 +35,7 @@ __all__ = [
     "MITBIHSource",
     "challenge_subset",
     "merge_equivalent_codes",
+    "parse_dx_codes",
 ]
 
 log = logging.getLogger(__name__)
@@ -64,6 +67,42 @@ def merge_equivalent_codes(codes: list[str]) -> list[str]:
     """Sorted, de-duplicated codes with the challenge's equivalent pairs merged (see
     :data:`CHALLENGE_EQUIVALENT_CODES`)."""
     return sorted({CHALLENGE_EQUIVALENT_CODES.get(c, c) for c in codes})
+
+
+#: What separates the codes of a ``# Dx:`` value: commas (as published), semicolons or white space.
+_DX_SEPARATORS = re.compile(r"[,;\s]+")
+#: A SNOMED CT id as written in a ``# Dx:`` line: digits, optionally with a zero fraction (``"426783006.0"``, as a
+#: spreadsheet or a float column writes it).
+_DX_CODE = re.compile(r"([0-9]+)(?:\.0*)?")
+
+
+def parse_dx_codes(values: Sequence[str], path: str | os.PathLike) -> list[str]:
+    """The SNOMED CT codes of a challenge header's ``# Dx:`` values, in order.
+
+    Codes are separated by ``,`` (as published), ``;`` or white space (``"164889003 59118001"`` is two codes, not
+    one fused class); an integer written as a float is the integer (``"67741000119109.0"`` is ``"67741000119109"``:
+    one class, not two), leading zeros are dropped.
+
+    Args:
+        values: the text after ``Dx:`` of every ``# Dx:`` line.
+        path: the header file, for error messages.
+
+    Raises:
+        ECGDataError: a code that is not a whole number (SNOMED CT ids are integers): free text such as
+            ``sinus bradycardia``, ``426783006.5`` or ``6.77E+13``; the message names the header file and the code.
+    """
+    codes: list[str] = []
+    for value in values:
+        for code in _DX_SEPARATORS.split(str(value).strip()):
+            if not code:
+                continue
+            m = _DX_CODE.fullmatch(code)
+            if m is None:
+                raise ECGDataError(path, f"'# Dx:' code {code!r} (line '# Dx: {str(value).strip()}') is not a SNOMED "
+                                         f"CT code: they are whole numbers, separated by ',' (e.g. "
+                                         f"'# Dx: 426783006,164889003')")
+            codes.append(str(int(m.group(1))))
+    return codes
 
 
 def challenge_subset(record_id: str) -> str:
@@ -176,7 +215,9 @@ class Challenge2021Source(_FolderIndex):
     """PhysioNet/CinC challenge 2020/2021 records (``.hea`` + ``.mat``, 12 leads), searched recursively.
 
     ``labels`` and ``meta["dx"]``: the ``# Dx:`` SNOMED-CT codes with the scoring's equivalent pairs merged
-    (sorted); ``meta["dx_raw"]``: the codes as published; ``meta["subset"]``: the sub-database from the id
+    (sorted); ``meta["dx_raw"]``: the codes as published (read by :func:`parse_dx_codes`: separated by ``,``,
+    ``;`` or white space, ``"123.0"`` read as ``"123"``; a code that is not a whole number is an error naming the
+    header file and the code, raised on load); ``meta["subset"]``: the sub-database from the id
     prefix (:func:`challenge_subset`); ``meta["ptbxl_ecg_id"]``: for ``HR`` records, the PTB-XL ``ecg_id``
     (``HR06000`` is PTB-XL record 6000), used to guard against PTB-XL leakage. ``age`` / ``sex`` as parsed.
     The challenge's headers carry no patient id; with ``ptbxl_root`` an ``HR`` record whose ecg_id has a row in
@@ -223,8 +264,8 @@ class Challenge2021Source(_FolderIndex):
         base = self._base(record_id)
         record = read_challenge(base, source=self.name, root=self.root, fs_range=self.fs_range)
         # every "# Dx:" line (the challenge's own get_labels reads them all)
-        raw = [c.strip() for text in header_comment_values(record.header.get("comments", []), "dx")
-               for c in text.split(",") if c.strip()]
+        raw = parse_dx_codes(header_comment_values(record.header.get("comments", []), "dx"),
+                             record.header.get("path", base.with_suffix(".hea")))
         merged = merge_equivalent_codes(raw)
         meta: dict[str, Any] = dict(record.meta)
         meta.pop("dx_text", None)
@@ -270,9 +311,11 @@ def _read_atr(base: Path, n_samples: int, extension: str = "atr") -> wfdb.Annota
     episode), and every annotation lies in the record (``0 <= sample <= n_samples``; one past the end is a known
     published quirk): annotations of another record, or at another rate, are refused instead of clipped.
     """
-    path = base.with_name(base.name + "." + extension)
+    # found as X.ATR too (the folder scan matches extensions case-insensitively); wfdb is given its real extension
+    path = _suffix_case_variant(base.with_name(base.name + "." + extension))
     if not path.is_file():
         return None
+    extension = path.suffix[1:]
     with open(path, "rb") as f:
         f.seek(max(path.stat().st_size - 2, 0))
         tail = f.read(2)
