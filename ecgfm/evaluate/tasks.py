@@ -482,18 +482,35 @@ def _cpsc2018_codes(path: str) -> dict[str, list[str]]:
     as numbers 1-9 or names of :data:`~ecgfm.data.labelmaps.CPSC2018_CLASSES`), through the table's ``cpsc2018``
     column (the codes the challenge gave the CPSC records).
 
+    The bytes are decoded as every label table's (:func:`~ecgfm.data.readers.tables.decode_table_bytes`): UTF-8,
+    a UTF-8 or UTF-16 byte-order mark honoured and removed (so the first record keeps its id and labels, with or
+    without a header row), an undecodable byte an error naming the file, the line and the encoding.
+
     Raises:
-        ValueError: an empty table, an unknown class, a record listed twice (file and lines named).
+        ValueError: an empty table, an unknown class, a record listed twice (file and lines named);
+            :class:`~ecgfm.data.record.ECGDataError` (a ValueError) for a missing, unreadable or undecodable file.
     """
     import csv
+    import io
+    from pathlib import Path
 
     from ecgfm.data.labelmaps import CPSC2018_CLASSES, load_scp_snomed
+    from ecgfm.data.readers.tables import decode_table_bytes
+    from ecgfm.data.record import ECGDataError
 
     code_of = {r.cpsc2018: r.snomed_code for r in load_scp_snomed() if r.cpsc2018}
     out: dict[str, list[str]] = {}
     line_of: dict[str, int] = {}
-    with open(path, newline="", encoding="utf-8") as fh:
-        rows = list(csv.reader(fh))
+    try:
+        raw = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise ECGDataError(path, "CPSC 2018 REFERENCE.csv not found") from None
+    except OSError as exc:
+        raise ECGDataError(path, f"cannot read the CPSC 2018 REFERENCE.csv: {exc}") from None
+    try:
+        rows = list(csv.reader(io.StringIO(decode_table_bytes(raw, path), newline="")))
+    except csv.Error as exc:
+        raise ECGDataError(path, f"malformed CSV: {exc}") from None
     if not rows:
         raise ValueError(f"{path}: empty CPSC 2018 labels table")
     # the published file opens with a header row (Recording,First_label,...); a file without one starts with data

@@ -6,12 +6,13 @@ import logging
 import math
 import os
 import posixpath
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ecgfm.data.readers._scan import check_decodable, is_decodable, scan_records
 from ecgfm.data.readers.formats import check_fs_range, multi_segment_members, normalise_sex, read_wfdb
-from ecgfm.data.readers.tables import read_label_table
+from ecgfm.data.readers.tables import LabelTable, read_label_table
 from ecgfm.data.record import ECGDataError, ECGRecord
 
 __all__ = ["LABELS_KNOWN", "NON_LABEL_COLUMNS", "OTHER_SEX", "PATIENT_COLUMNS", "UNKNOWN_SEX", "FolderSource",
@@ -42,11 +43,59 @@ UNKNOWN_SEX = frozenset({"unknown", "unk", "u", "na", "n/a", "none", "null", "?"
 #: ``meta["sex"] = None`` (it holds M / F / None only, as every reader writes it) with the cell kept as
 #: ``meta["sex_raw"]``, reported once per source at INFO (nothing to fix).
 OTHER_SEX = frozenset({"o", "other", "x", "intersex", "nonbinary", "non-binary", "non binary", "diverse"})
-_BINARY = {"0", "1", "0.0", "1.0", "true", "false", ""}
+#: Cells of a 0/1 flag column read as 1 / 0 besides numbers equal to 1 / 0 (``1``, ``1.0``, ``1.00``; compared
+#: lower-cased).
+_TRUE_WORDS = frozenset({"true", "yes"})
+_FALSE_WORDS = frozenset({"false", "no"})
+#: Cells that say "missing value" (compared lower-cased; any spelling of NaN too): in a column of 0/1 flags they
+#: are refused, naming the line and column (an empty cell is the one spelling of an unknown label).
+_MISSING = frozenset({"nan", "na", "n/a", "null", "none"})
+
+
+def _flag_value(value: str) -> bool | None:
+    """A label cell read as a 0/1 flag: True for ``1`` (any number equal to 1: ``1.0``, ``1.00``), ``true`` or
+    ``yes``; False for ``0`` (``0.0``...), ``false`` or ``no`` (any case); None for anything else (an empty cell,
+    text, another number)."""
+    s = value.strip().lower()
+    if s in _TRUE_WORDS:
+        return True
+    if s in _FALSE_WORDS:
+        return False
+    if _is_number(s) and float(s) in (0.0, 1.0):
+        return float(s) == 1.0
+    return None
+
+
+def _is_flag_cell(value: str) -> bool:
+    """Whether a label cell fits a 0/1 flag column: empty (unknown) or a flag (:func:`_flag_value`)."""
+    return not value.strip() or _flag_value(value) is not None
+
+
+def _is_missing(value: str) -> bool:
+    """Whether a cell spells a missing value (``NaN``, ``NA``, ``N/A``, ``null``, ``none``; any case)."""
+    s = value.strip().lower()
+    return s in _MISSING or (_is_number(s) and math.isnan(float(s)))
 
 
 def _is_true(value: str) -> bool:
-    return value.strip().lower() in ("1", "1.0", "true")
+    return _flag_value(value) is True
+
+
+def _patient_id(cell: str) -> str | None:
+    """A patient cell as the record's patient id: None when empty; a whole number by value, as
+    :func:`~ecgfm.data.readers.ptbxl.ptbxl_patient` reads PTB-XL's (``"12"``, ``"12.0"`` and ``"1.2e1"`` are patient
+    ``"12"``: a table saved through a spreadsheet or pandas writes ``12.0``, and one patient must not be two in a
+    patient-level split); any other cell as written (``"P012"``)."""
+    s = str(cell).strip()
+    if not s:
+        return None
+    try:
+        number = Decimal(s)
+    except ArithmeticError:   # decimal.InvalidOperation: not a number
+        return s
+    if number.is_finite() and number.adjusted() < 40 and number == number.to_integral_value():
+        return str(int(number))
+    return s
 
 
 class FolderSource:
@@ -63,9 +112,13 @@ class FolderSource:
 
     The labels CSV has one row per record with the id in ``id_column`` and one or more label columns:
 
-    - a column whose values are all 0/1 (or true/false, or empty) is a binary column: the record gets the
-      column name as a label where the value is 1;
-    - any other column holds label names, several separated by ``;`` (empty = none).
+    - a column whose values are all 0/1 (numbers equal to 0 / 1 such as ``1.0`` or ``1.00``, true/false or
+      yes/no in any case, or empty) is a binary column: the record gets the column name as a label where the
+      value is 1 (true, yes); an empty cell is unknown. A missing-value spelling (``NaN``, ``NA``, ``null``...)
+      among 0/1 flags is refused naming the line and column: leave such a cell empty;
+    - any other column holds label names, several separated by ``;`` (empty = none). A cell holding ``,``
+      (``"AF,RBBB"`` quoted) is read as one class name, with one WARNING per column naming the file, the column,
+      the first such line and the count: separate classes with ``;``.
 
     Labelled, negative and unlabelled records: with label columns that are all 0/1 flags, a record whose row has a
     filled flag has *known* labels (``meta["labels_known"]`` is True, :data:`LABELS_KNOWN`): a row of 0 in a task's
@@ -75,9 +128,11 @@ class FolderSource:
 
     Default label columns: every column except the id, the patient column, split columns (``split``, ``fold``,
     ``strat_fold``) and :data:`NON_LABEL_COLUMNS` (age, sex, gender, height, weight, ... and record / patient id
-    columns such as ``subject_id``). A default label column that holds numbers other than 0/1 (a heart rate, a
-    class number) is refused: name the label columns with ``label_columns`` (a column named there is read as
-    label names, numbers included).
+    columns such as ``subject_id``); the columns chosen are logged (INFO). A default label column that holds
+    numbers other than 0/1 (a heart rate, a class number) is refused, and so are several default columns of text
+    (``diagnosis,site,device``: a site or device name would become a class): name the label columns with
+    ``label_columns`` (a column named there is read as label names, numbers included). Any number of 0/1 flag
+    columns, with at most one column of class names, are taken by default.
 
     ``meta`` holds the raw CSV values of the record (``{column: value}`` for every column but the id, so a
     split or fold column is available to the split helpers) plus age/sex from the header comments and, with a
@@ -111,7 +166,8 @@ class FolderSource:
         name: value of ``record.source``.
         patient_column: CSV column giving the patient id (for patient-wise splits). Default: the column named
             ``patient_id``, ``patient``, ``subject_id`` or ``subject`` (:data:`PATIENT_COLUMNS`, any case) when
-            the CSV has exactly one of them; ``""`` for none.
+            the CSV has exactly one of them; ``""`` for none. Whole numbers are compared by value (``12`` and
+            ``12.0`` are patient ``"12"``); other ids as written.
         include_unlabelled: with a CSV, also list records that have no CSV row (loaded with ``labels=()``).
         rename_leads: optional published-name -> lead-name mapping applied before the lead mapping, e.g.
             ``{"ECG": "I"}`` for single-lead devices that do not name their lead.
@@ -127,10 +183,11 @@ class FolderSource:
     Raises:
         ECGDataError: no record found, labels CSV missing or undecodable (naming the line and encoding), id /
             label / patient column missing, several candidate patient columns, a default label column holding
-            numbers other than 0/1 (naming the column and a line), a column named ``labels_known``, a duplicated
-            id (naming both lines), a ragged row, CSV ids that match no record (the message lists them), several
-            ``sex`` columns. A ``sex`` cell that cannot be read is not an error (a warning, see above). The CSV is
-            read by :func:`~ecgfm.data.readers.tables.read_label_table`.
+            numbers other than 0/1 (naming the column and a line), several default label columns of text (naming
+            them), a missing-value cell (``NaN``...) in a 0/1 flag column (naming the line and column), a column
+            named ``labels_known``, a duplicated id (naming both lines), a ragged row, CSV ids that match no
+            record (the message lists them), several ``sex`` columns. A ``sex`` cell that cannot be read is not an
+            error (a warning, see above). The CSV is read by :func:`~ecgfm.data.readers.tables.read_label_table`.
         ValueError: ``sex_codes`` not a mapping, or a value of it that is not M / F (or male / female) / None.
     """
 
@@ -208,9 +265,9 @@ class FolderSource:
                              if c not in (id_column, patient_column) and c.lower() not in _SPLIT_COLUMNS
                              and c.lower() not in NON_LABEL_COLUMNS]
             skipped = [c for c in columns if c not in label_columns and c != id_column]
-            if skipped:
-                log.info("%s: columns %s are not label columns (id, patient, split, demographics); give "
-                         "label_columns to choose others", path, skipped)
+            log.info("%s: label columns %s (by default every column but the id, patient, split and demographic "
+                     "columns%s); give label_columns to choose others", path, label_columns,
+                     f": not {skipped}" if skipped else "")
         elif isinstance(label_columns, str):
             label_columns = [label_columns]
         label_columns = [str(c).strip() for c in label_columns]
@@ -233,16 +290,32 @@ class FolderSource:
                                      f"{unknown[:10]}{' ...' if len(unknown) > 10 else ''} (record ids are "
                                      f"paths relative to the folder without extension, e.g. "
                                      f"{next(iter(self._files))!r}){segments}")
-        binary = {c: all(r[c].lower() in _BINARY for r in rows) for c in self.label_columns}
+        binary = {c: all(_is_flag_cell(r[c]) for r in rows) for c in self.label_columns}
+        for col in self.label_columns:
+            if not binary[col]:
+                _check_missing_flags(table, ids, col)
         if default:  # a numeric column that is not 0/1 is a measurement or a class number, not label names
             for col in self.label_columns:
                 if binary[col] or not all(_is_number(r[col]) for r in rows if r[col]):
                     continue
-                rid = next(i for i, r in zip(ids, rows) if r[col].lower() not in _BINARY)
+                rid = next(i for i, r in zip(ids, rows) if not _is_flag_cell(r[col]) and not _is_missing(r[col]))
                 raise ECGDataError(path, f"column {col!r} holds numbers other than 0/1 (e.g. {table.rows[rid][col]!r} "
                                          f"on line {table.lines[rid]}): it is not taken as a label column by default; "
                                          f"name the label columns with label_columns (a column named there is read as "
                                          f"class names)")
+            text = [c for c in self.label_columns if not binary[c]]
+            if len(text) > 1:   # e.g. diagnosis, site, device: every one of them would become classes
+                examples = ", ".join(f"{c}={_first_cell(table, ids, c)}" for c in text[:4])
+                raise ECGDataError(path, f"{len(text)} columns hold text and would all be read as class names by "
+                                         f"default: {text} ({examples}), so a record's labels would mix them (a "
+                                         f"site or device name read as a diagnosis); name the label column(s) "
+                                         f"with label_columns, e.g. label_columns=[{text[0]!r}] in Python, "
+                                         f"'task.params.label_columns=[{text[0]}]' with task=folder or "
+                                         f"'folder.label_columns=[{text[0]}]' with prepare.py (by default 0/1 flag "
+                                         f"columns and at most one column of class names are taken)")
+        for col in self.label_columns:
+            if not binary[col]:
+                _warn_commas(table, ids, col)
         sex_columns = [c for c in columns if c.lower() == "sex" and c != id_column]
         if len(sex_columns) > 1:
             raise ECGDataError(path, f"several sex columns {sex_columns}: keep one (it is read into meta['sex'])")
@@ -271,8 +344,7 @@ class FolderSource:
                     self._meta[rid]["sex_raw"] = _json_value(row[sex_column])
                     (unread if why == "unread" else others).append((table.lines[rid], row[sex_column].strip()))
             if patient_column is not None:
-                pid = row[patient_column]
-                self._patients[rid] = pid or None
+                self._patients[rid] = _patient_id(row[patient_column])
         if sex_column is not None:
             _report_sex(path, sex_column, sex_column in self.label_columns, unread, others)
 
@@ -351,6 +423,47 @@ def _is_number(value: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _first_cell(table: LabelTable, ids: Sequence[str], column: str) -> str:
+    """``'value' (line n)`` for the first non-empty cell of ``column`` in a label table, for messages."""
+    for rid in ids:
+        if table.rows[rid][column]:
+            return f"{table.rows[rid][column]!r} (line {table.lines[rid]})"
+    return "empty"
+
+
+def _check_missing_flags(table: LabelTable, ids: Sequence[str], column: str) -> None:
+    """Refuse a column of 0/1 flags that holds missing-value spellings (``NaN``, ``NA``, ``null``...).
+
+    Read as class names, such a column would make ``1``, ``0`` and ``NaN`` classes; read as flags, the missing
+    value would have to be guessed. An empty cell is the one spelling of an unknown label.
+
+    Raises:
+        ECGDataError: naming the file, the first such line, the column, the cell and the count.
+    """
+    cells = [(rid, table.rows[rid][column]) for rid in ids if table.rows[rid][column]]
+    flags = [v for _, v in cells if _flag_value(v) is not None]
+    missing = [(rid, v) for rid, v in cells if _flag_value(v) is None and _is_missing(v)]
+    if not missing or len(flags) + len(missing) != len(cells):
+        return   # no missing value, or a cell that is neither: a column of class names
+    if not flags and not any(_is_number(v) for _, v in missing):
+        return   # only words such as "none": class names
+    rid, cell = missing[0]
+    raise ECGDataError(table.path, f"line {table.lines[rid]}, column {column!r}: missing value {cell!r} in a column "
+                                   f"of 0/1 flags ({len(missing)} such cell(s)); leave the cell empty for a record "
+                                   f"whose {column!r} label is unknown, or write 0 / 1")
+
+
+def _warn_commas(table: LabelTable, ids: Sequence[str], column: str) -> None:
+    """One WARNING for the cells of a class-name column holding ``,`` (a quoted ``"AF,RBBB"``): classes are split at
+    ``;`` only, so each such cell is one class name."""
+    found = [rid for rid in ids if "," in table.rows[rid][column]]
+    if found:
+        first = found[0]
+        log.warning("%s: %d cell(s) of label column %r hold ',' (first on line %d: %r): classes are separated by "
+                    "';' only, so each such cell is read as one class name; write AF;RBBB for two classes",
+                    table.path, len(found), column, table.lines[first], table.rows[first][column])
 
 
 def _sex_key(value: Any) -> str:
