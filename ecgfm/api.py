@@ -42,7 +42,7 @@ from torch import nn
 from ecgfm.artifacts import (EncoderClassifier, artifact_lead_aware, derive_trained_limb_leads, load_classifier,
                              load_encoder, trained_leads_words, warn_record_leads)
 from ecgfm.data.preprocess import (PreprocessSpec, model_input_leads, preprocess_signal, preprocessed_spec,
-                                   sliding_windows, with_input_leads)
+                                   recorded_span, sliding_windows, with_input_leads)
 from ecgfm.data.record import CANONICAL_LEADS, ECGDataError, ECGRecord, canonical_lead, map_leads
 
 __all__ = ["Encoder", "Classifier", "load_record"]
@@ -200,7 +200,7 @@ class _Model:
         if len(names) != n_rows:
             hint = _transposed_hint(signal, batch)
             raise ValueError(f"{len(names)} lead names for {n_rows} signal rows" + (f"; {hint}" if hint else ""))
-        recs = [self._prepare(_trim_missing_edges(b), float(fs), names, f"record {i}", check_units=True)
+        recs = [self._prepare(b, float(fs), names, f"record {i}", check_units=True)
                 for i, b in enumerate(batch)]
         return recs, [str(i) for i in range(len(batch))]
 
@@ -218,6 +218,8 @@ class _Model:
                 / ADC counts for an artifact that does not normalise: :func:`warn_if_not_millivolts`).
         """
         x12, mask, _dropped = map_leads(sig, names, where)
+        if not preprocessed:   # as the cache path cuts them (preprocess_record): not filled, whatever the input
+            x12 = _trim_missing_edges(x12, mask, self._pre.leads)
         if check_units:
             warn_if_not_millivolts(x12, mask, where, self._pre)
         if preprocessed:   # a cache record prepared with this very spec: as the sweep's features read it
@@ -323,16 +325,18 @@ class _Model:
             out.append(fn(x, None if m is None else m.expand(len(x), -1)).double().cpu().numpy())
         return np.concatenate(out)
 
-def _trim_missing_edges(x: np.ndarray) -> np.ndarray:
-    """``(L, T) -> (L, T')`` without the leading / trailing samples that are NaN in every lead: records of unequal
-    length stacked into one array are padded so, and those samples are not part of the record (filled by
-    interpolation, a 5 s record padded to 10 s was embedded as four windows, two of them made up). NaN inside the
-    record, or in some leads only, is left to preprocessing (interpolated, with a warning when it is much)."""
-    recorded = np.isfinite(x).any(axis=0)
-    if recorded.all() or not recorded.any():
-        return x
-    first, last = int(np.argmax(recorded)), len(recorded) - int(np.argmax(recorded[::-1]))
-    return x[:, first:last]
+def _trim_missing_edges(x12: np.ndarray, mask: np.ndarray, leads: Sequence[str] | None) -> np.ndarray:
+    """``(12, T) -> (12, T')`` without the leading / trailing samples missing in every present lead (of ``leads``,
+    the leads the preprocessing keeps): records of unequal length stacked into one array are padded so, and those
+    samples are not part of the record (filled by interpolation, a 5 s record padded to 10 s was embedded as four
+    windows, two of them made up); a file's or a record's are cut off as the cache path cuts them
+    (:func:`ecgfm.data.preprocess.trim_unrecorded_edges`: one rule for every input; before 2026-12-07 only arrays
+    were cut). NaN inside the record, or in some leads only, is left to preprocessing (interpolated)."""
+    rows = np.asarray(mask, dtype=bool)
+    if leads is not None:
+        rows = rows & np.isin(np.array(CANONICAL_LEADS), list(leads))
+    first, last = recorded_span(x12[rows]) if rows.any() else (0, x12.shape[-1])
+    return x12 if (first, last) == (0, x12.shape[-1]) else x12[:, first:last]
 
 
 def normalises(spec: PreprocessSpec | None) -> bool:

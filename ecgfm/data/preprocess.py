@@ -53,7 +53,7 @@ import json
 import logging
 from dataclasses import asdict, dataclass, fields, replace
 from fractions import Fraction
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -358,6 +358,49 @@ def _warn_edge_spike(x: np.ndarray, rows: np.ndarray, fs: float, spec: "Preproce
                 "again; an encoder trained on constant-padded inputs keeps its own spec). Warned once per process",
                 where, CANONICAL_LEADS[rows[j]], float(x[j, 0] if abs(x[j, 0]) >= abs(x[j, -1]) else x[j, -1]),
                 float(ratio[j]), float(fs), float(spec.fs), 0.42 * float(ratio[j]))
+
+
+def recorded_span(sig: np.ndarray) -> tuple[int, int]:
+    """``[first, last)``: the samples of ``sig (rows, T)`` from the first to the last at which some row is finite.
+
+    Leading and trailing samples missing (NaN / inf) in every row are not part of the record: the padding of
+    records of unequal length stacked into one array, or a recording whose every lead is invalid at its start or
+    end. Every input path cuts them off (:func:`trim_unrecorded_edges` for records, the API for arrays) rather than
+    filling them, so one record gives the model one input however it arrives. ``(0, T)`` when nothing is to cut
+    (or no sample is finite: that record is refused later as having no usable lead).
+    """
+    t = int(sig.shape[-1])
+    if sig.size == 0:
+        return 0, t
+    recorded = np.isfinite(sig).any(axis=0)
+    if recorded.all() or not recorded.any():
+        return 0, t
+    return int(np.argmax(recorded)), t - int(np.argmax(recorded[::-1]))
+
+
+def trim_unrecorded_edges(record: ECGRecord, leads: Sequence[str] | None = None) -> ECGRecord:
+    """``record`` without the leading / trailing samples missing in every present lead (:func:`recorded_span`;
+    with ``leads``, every present lead of those), its annotations and evidence moved with it; the record itself
+    when there is nothing to cut. The header records what was cut (``header["trimmed_edge_samples"] = [head,
+    tail]``, at the record's rate) and a log line says so.
+    """
+    mask = np.asarray(record.lead_mask, dtype=bool)
+    if leads is not None:
+        mask = mask & np.isin(np.array(CANONICAL_LEADS), list(leads))
+    rows = np.flatnonzero(mask)
+    first, last = recorded_span(np.asarray(record.signal)[rows]) if len(rows) else (0, record.n_samples)
+    if (first, last) == (0, record.n_samples):
+        return record
+    n = last - first
+    log.info("%s: its first %d and last %d samples are missing in every lead: cut off (not filled)",
+             record.header.get("path", record.key), first, record.n_samples - last)
+    evidence = None if record.evidence is None else record.evidence[:, first:last]
+    annotations = record.annotations
+    if annotations:
+        annotations = {k: _shift_samples(v, first, n) for k, v in annotations.items()}
+    header = {**record.header, "trimmed_edge_samples": [int(first), int(record.n_samples - last)]}
+    return record.replace(signal=record.signal[:, first:last], evidence=evidence, annotations=annotations,
+                          header=header)
 
 
 def _interpolate_nans(x: np.ndarray) -> np.ndarray:
@@ -715,8 +758,27 @@ def filters_not_acting(spec: PreprocessSpec, fs: float) -> list[str]:
             for name, value in named if value is not None and float(value) >= nyq]
 
 
+def filled_samples(sig: np.ndarray, mask: np.ndarray, leads: Sequence[str] | None = None) -> dict[str, int]:
+    """``{lead: number of missing (NaN / inf) samples}`` of the present leads (of ``leads``) that
+    :func:`preprocess_signal` fills by interpolation: leads with some finite sample only (an all-missing lead is
+    dropped, not filled); empty when nothing is filled."""
+    keep = np.asarray(mask, dtype=bool)
+    if leads is not None:
+        keep = keep & np.isin(np.array(CANONICAL_LEADS), list(leads))
+    out: dict[str, int] = {}
+    for j in np.flatnonzero(keep):
+        bad = int((~np.isfinite(sig[j])).sum())
+        if 0 < bad < sig.shape[-1]:
+            out[CANONICAL_LEADS[j]] = bad
+    return out
+
+
 def preprocess_record(record: ECGRecord, spec: PreprocessSpec) -> ECGRecord:
-    """Apply ``spec`` to a record; the evidence mask (if any) is resampled by taking, for each output sample, the
+    """Apply ``spec`` to a record: leading / trailing samples missing in every lead it keeps are cut off first
+    (:func:`trim_unrecorded_edges`), and the missing samples left inside it, which :func:`preprocess_signal` fills by
+    interpolation, are counted per lead in ``header["filled_samples"]`` (:func:`filled_samples`; a log line names
+    them) so that a cache says which of its samples were never recorded. The evidence mask (if any) is resampled by
+    taking, for each output sample, the
     input sample at or before its time (``floor(i * fs_in / fs_out)``), and the sample
     positions of its annotations (R peaks, beat samples, AF episode bounds) are moved to the new rate. The result
     says so in ``header["preprocessed"]`` (``spec``), as a record read back from a corpus cache does, so that a
@@ -729,6 +791,11 @@ def preprocess_record(record: ECGRecord, spec: PreprocessSpec) -> ECGRecord:
     if record.header.get("preprocessed") is not None:
         raise ECGDataError(where, "record already preprocessed (header['preprocessed']); preprocessing it again "
                                   "would filter and normalise twice: pass the raw record from its reader")
+    record = trim_unrecorded_edges(record, spec.leads)
+    filled = filled_samples(record.signal, record.lead_mask, spec.leads)
+    if filled:
+        log.info("%s: %s missing sample(s) (NaN / inf) filled by interpolation: %s", where,
+                 sum(filled.values()), ", ".join(f"{lead} {n}" for lead, n in filled.items()))
     sig, fs, mask = preprocess_signal(record.signal, record.fs, record.lead_mask, spec, where)
     evidence = record.evidence
     if evidence is not None and evidence.shape[1] != sig.shape[1]:
@@ -736,6 +803,8 @@ def preprocess_record(record: ECGRecord, spec: PreprocessSpec) -> ECGRecord:
         evidence = evidence[:, idx]
     header = dict(record.header)
     header.setdefault("fs_original", float(record.fs))
+    if filled:   # samples the model sees that were never recorded (at the record's own rate)
+        header["filled_samples"] = filled
     header["preprocessed"] = spec.to_dict()
     skipped = filters_not_acting(spec, fs)
     if skipped:   # the spec says these filters ran: the record says they did not
@@ -750,6 +819,17 @@ def preprocess_record(record: ECGRecord, spec: PreprocessSpec) -> ECGRecord:
         annotations = {k: _rescale_samples(v, fs / float(record.fs), sig.shape[1]) for k, v in annotations.items()}
     return record.replace(signal=sig, fs=fs, lead_mask=mask, evidence=evidence, header=header,
                           annotations=annotations)
+
+
+def _shift_samples(value: Any, offset: int, n_samples: int) -> Any:
+    """Integer sample positions (as :func:`_rescale_samples` takes them) ``offset`` samples earlier, within
+    ``[0, n_samples)`` (positions in a cut-off part land on its edge, so paired arrays keep their lengths); negative
+    sentinels and non-integer annotations are kept as they are."""
+    arr = np.asarray(value)
+    if arr.dtype.kind not in "iu" or arr.size == 0:
+        return value
+    moved = np.where(arr >= 0, np.clip(arr - offset, 0, n_samples - 1), arr).astype(arr.dtype)
+    return moved.tolist() if isinstance(value, list) else moved
 
 
 def _rescale_samples(value: Any, ratio: float, n_samples: int) -> Any:
