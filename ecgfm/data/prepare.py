@@ -15,7 +15,9 @@ sweep jobs preparing one cache: one prepares, the others wait and reuse); a dire
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -118,11 +120,13 @@ def source_description(source: Any) -> dict[str, Any]:
 
 #: Readers whose records gained content that their caches written before lack (2 and 3: FolderSource's
 #: ``meta["labels_known"]``, 2026-12-06, without which a task drops the negatives of 0/1 flag columns; 4: its
-#: ``meta["sex"]`` as "M" / "F" / None, 2026-12-07, was the CSV's raw value) or whose records changed
+#: ``meta["sex"]`` as "M" / "F" / None, 2026-12-07, was the CSV's raw value; 5: ``labels_known`` also for a row of
+#: flags beside a column of class names, and patient columns named ``PatientID`` / ``Patient ID`` / ``subjectID``
+#: read as such, whose caches held no patients and left those negatives out) or whose records changed
 #: (SyntheticSource 2: :data:`ecgfm.data.synthetic.GENERATOR_VERSION`, the muscle-noise bank no longer shares record
 #: 3's random stream, 2026-12-07). The version is part of their caches' key, so such a cache is prepared again
 #: instead of reused; the keys (and caches) of readers not listed are unchanged.
-SOURCE_VERSIONS: dict[str, int] = {"FolderSource": 4, "SyntheticSource": GENERATOR_VERSION}
+SOURCE_VERSIONS: dict[str, int] = {"FolderSource": 5, "SyntheticSource": GENERATOR_VERSION}
 
 
 def _source_versions(sources: Any) -> dict[str, int]:
@@ -201,12 +205,14 @@ def prepare_cache(sources: Sequence[Any], cache_root: str, preprocess: Any, name
             return False
 
     if fresh():
+        _warn_skipped(out, _marker_skipped(marker))
         return str(out)
     for i, cfg in enumerate(configs):
         check_data_paths(OmegaConf.create(to_container(cfg)), f"{name}.sources[{i}]")
     (out / "shards").mkdir(parents=True, exist_ok=True)
     with file_lock(out / LOCK_FILE, blocking=True):
         if fresh():  # another process finished while we waited
+            _warn_skipped(out, _marker_skipped(marker))
             return str(out)
         built = [instantiate(s, _convert_="all") if isinstance(s, dict) else s for s in resolved]
         log.info("preparing cache %s from %d source(s)", out, len(built))
@@ -216,7 +222,45 @@ def prepare_cache(sources: Sequence[Any], cache_root: str, preprocess: Any, name
         for attr in ("n_planned", "n_converted", "n_skipped"):
             info[attr] = jsonable(getattr(report, attr))
         atomic_write_json(marker, info, indent=2)
+    _warn_skipped(out, report.n_skipped)
     return str(out)
+
+
+#: Skipped records named (with their reasons) in :func:`prepare_cache`'s warning; skipped.csv lists them all.
+_SKIPPED_SHOWN = 3
+
+
+def _marker_skipped(marker: Path) -> int:
+    """``n_skipped`` recorded in a prepared cache's marker (0 when it cannot be read: nothing to warn about)."""
+    try:
+        return int(json.loads(marker.read_text(encoding="utf-8")).get("n_skipped") or 0)
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 0
+
+
+def _warn_skipped(out: Path, n_skipped: int) -> None:
+    """One WARNING when the cache ``out`` (prepared or reused) lacks skipped records (unreadable, duplicate): the
+    count, the first :data:`_SKIPPED_SHOWN` records with their reasons and the path of ``skipped.csv`` (all of them).
+
+    Training and evaluation use the cache without those records, so the loss must be said where they prepare it
+    (``prepare.py`` prints the count; :func:`prepare_cache` is what they call).
+    """
+    if n_skipped <= 0:
+        return
+    path = out / "skipped.csv"
+    shown: list[str] = []
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            for row in itertools.islice(csv.DictReader(f), _SKIPPED_SHOWN):
+                reason = " ".join(str(row.get("reason") or "?").split())
+                reason = reason if len(reason) <= 200 else reason[:197] + "..."
+                shown.append(f"{row.get('source')}/{row.get('record_id')}: {reason}")
+    except (OSError, UnicodeDecodeError, csv.Error):
+        pass   # the count and the path are still worth the warning
+    more = f"; and {n_skipped - len(shown)} more" if shown and n_skipped > len(shown) else ""
+    log.warning("cache %s: %d record(s) skipped (unreadable or duplicate), so left out of training and evaluation "
+                "(%s%s); every one with its reason in %s (fix or remove the files: the cache is updated on the next "
+                "run)", out, n_skipped, "; ".join(shown) or "see the file", more, path)
 
 
 def build_cache_dirs(data_cfg: DictConfig) -> list[str]:

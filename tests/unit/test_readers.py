@@ -466,8 +466,9 @@ def test_folder_source_binary_and_multi_label_columns(fixture_dir, tmp_path):
     assert src.record_ids() == ["00001_lr", "00002_lr", "sub/HR06000"]
     a = src.load("00001_lr")
     assert a.source == "mydata" and a.labels == ("AF", "SR", "PAC") and a.patient_id == "p1"
-    # a table that mixes flags and label names: what the names leave out is not known (no negatives claimed)
-    assert a.meta == {"AF": 1, "MI": 0, "rhythm": "SR;PAC", "split": "train", "patient": "p1", "labels_known": False}
+    # a table that mixes flags and label names: a filled flag cell makes the row's labels known (a 0 flag is an
+    # explicit negative; an all-zero row beside an empty class-name cell was dropped from every split before s22)
+    assert a.meta == {"AF": 1, "MI": 0, "rhythm": "SR;PAC", "split": "train", "patient": "p1", "labels_known": True}
     assert src.label_columns == ["AF", "MI", "rhythm"]  # id, patient and split columns are not labels
     b = src.load("sub/HR06000")
     assert b.labels == ("MI",) and b.signal.shape == (12, 5000) and b.meta["age"] == 59.0

@@ -6,6 +6,7 @@ import logging
 import math
 import os
 import posixpath
+import re
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -20,21 +21,36 @@ __all__ = ["LABELS_KNOWN", "NON_LABEL_COLUMNS", "OTHER_SEX", "PATIENT_COLUMNS", 
 
 log = logging.getLogger(__name__)
 
-#: ``record.meta`` key set by a source whose label table lists the record: True when the table says, for every class
-#: it names, whether the record has it (0/1 flag columns only, at least one filled), so a record without a class of
-#: a task is a *negative* for it (``ecgfm.evaluate.tasks.build_task`` keeps it in a multi-label task as an all-zero
-#: row, also when it carries flags outside the task's classes); False otherwise: no row, empty cells, or label names
-#: (a name outside a task's vocabulary, "Normal" for NORM, says nothing about its classes): in no split.
+#: ``record.meta`` key set by a source whose label table lists the record: True when the record's row has a filled
+#: 0/1 flag cell (a 0 is an explicit negative), also in a table that has a column of class names beside its flag
+#: columns, so a record without a class of a task is a *negative* for it (``ecgfm.evaluate.tasks.build_task`` keeps
+#: it in a multi-label task as an all-zero row, also when it carries flags outside the task's classes; a single-label
+#: task does not read it: a record without one of its classes stays in no split); False otherwise: no row, empty
+#: flag cells, or label names only (a name outside a task's vocabulary, "Normal" for NORM, says nothing about its
+#: classes): in no split.
 LABELS_KNOWN = "labels_known"
 
-#: Column names taken as the patient column when ``patient_column`` is not given (compared case-insensitively).
+#: Column names taken as the patient column when ``patient_column`` is not given, compared lower-cased without
+#: the characters that are not letters or digits, so ``PatientID``, ``Patient ID``, ``patientId`` and ``subjectID``
+#: are patient columns too.
 PATIENT_COLUMNS: tuple[str, ...] = ("patient_id", "patient", "subject_id", "subject")
 
-#: Columns never taken as label columns by default (compared case-insensitively): demographics and record / patient
-#: ids. ``label_columns`` can still name them.
+#: Columns never taken as label columns by default (compared as :data:`PATIENT_COLUMNS`, so ``Record ID`` or
+#: ``ECG-ID`` too): demographics and record / patient ids. ``label_columns`` can still name them.
 NON_LABEL_COLUMNS = frozenset({"age", "sex", "gender", "height", "weight", "bmi", "race", "ethnicity",
                                "record_id", "record", "ecg_id", "id", "filename", "file_name", "file", "path",
                                *PATIENT_COLUMNS})
+
+
+def _column_key(name: str) -> str:
+    """A CSV column name as compared with :data:`PATIENT_COLUMNS` and :data:`NON_LABEL_COLUMNS`: lower-case, every
+    character but letters and digits removed (``"Patient ID"``, ``"PatientID"`` and ``"patient_id"`` are
+    ``"patientid"``)."""
+    return re.sub(r"[^0-9a-z]", "", str(name).lower())
+
+
+_PATIENT_KEYS = frozenset(map(_column_key, PATIENT_COLUMNS))
+_NON_LABEL_KEYS = frozenset(map(_column_key, NON_LABEL_COLUMNS))
 
 _SPLIT_COLUMNS = frozenset({"split", "fold", "strat_fold"})
 #: Cells of a labels CSV's ``sex`` column read as unknown (None), as an empty cell (compared lower-cased).
@@ -102,7 +118,8 @@ class FolderSource:
     """Every WFDB record under ``root`` (recursive), optionally labelled from a CSV.
 
     ``record_id`` is the record's path relative to ``root`` without extension (``"rec1"``, ``"sub/rec2"``); the
-    CSV may also give the bare file name (``"rec2"``) where it is unique in the tree.
+    CSV may also give the bare file name (``"rec2"``) where it is unique in the tree (one that records in several
+    sub-folders share is refused as ambiguous, naming them: write the path, ``"site_a/rec2"``).
 
     A multi-segment WFDB record (PhysioNet long-term and ICU databases) is one record, its master header's: the
     segment headers and the layout header it lists are not records of their own (a log line gives their count), so
@@ -120,18 +137,20 @@ class FolderSource:
       (``"AF,RBBB"`` quoted) is read as one class name, with one WARNING per column naming the file, the column,
       the first such line and the count: separate classes with ``;``.
 
-    Labelled, negative and unlabelled records: with label columns that are all 0/1 flags, a record whose row has a
-    filled flag has *known* labels (``meta["labels_known"]`` is True, :data:`LABELS_KNOWN`): a row of 0 in a task's
-    flag columns is a negative for them, kept by a multi-label task as an all-zero row. A record without a row, with
-    empty cells, or labelled by names (not flags) is known only by its names (``meta["labels_known"]`` False): with
-    none of a task's classes it is in no split.
+    Labelled, negative and unlabelled records: a record whose row has a filled 0/1 flag cell has *known* labels
+    (``meta["labels_known"]`` is True, :data:`LABELS_KNOWN`), also when the table has a column of class names beside
+    its flag columns: a row of 0 in a task's flag columns is a negative for them, kept by a multi-label task as an
+    all-zero row (a single-label task keeps only records with one of its classes). A record without a row, with
+    empty flag cells, or labelled by names only (no flag column) is known only by its names
+    (``meta["labels_known"]`` False): with none of a task's classes it is in no split.
 
     Default label columns: every column except the id, the patient column, split columns (``split``, ``fold``,
     ``strat_fold``) and :data:`NON_LABEL_COLUMNS` (age, sex, gender, height, weight, ... and record / patient id
-    columns such as ``subject_id``); the columns chosen are logged (INFO). A default label column that holds
-    numbers other than 0/1 (a heart rate, a class number) is refused, and so are several default columns of text
-    (``diagnosis,site,device``: a site or device name would become a class): name the label columns with
-    ``label_columns`` (a column named there is read as label names, numbers included). Any number of 0/1 flag
+    columns such as ``subject_id``, compared lower-cased without non-alphanumerics: ``Subject ID``, ``PatientID``);
+    the columns chosen are logged (INFO). A default label column that holds numbers other than 0/1 (a heart rate, a
+    class number) is refused, and so are several default columns of text (``diagnosis,site,device``: a site or
+    device name would become a class): name the label columns with ``label_columns`` (a column named there is read
+    as label names, numbers included). Any number of 0/1 flag
     columns, with at most one column of class names, are taken by default.
 
     ``meta`` holds the raw CSV values of the record (``{column: value}`` for every column but the id, so a
@@ -165,8 +184,9 @@ class FolderSource:
             :data:`NON_LABEL_COLUMNS`; see above).
         name: value of ``record.source``.
         patient_column: CSV column giving the patient id (for patient-wise splits). Default: the column named
-            ``patient_id``, ``patient``, ``subject_id`` or ``subject`` (:data:`PATIENT_COLUMNS`, any case) when
-            the CSV has exactly one of them; ``""`` for none. Whole numbers are compared by value (``12`` and
+            ``patient_id``, ``patient``, ``subject_id`` or ``subject`` (:data:`PATIENT_COLUMNS`, compared lower-cased
+            without non-alphanumerics: ``PatientID``, ``Patient ID`` and ``subjectID`` too) when the CSV has
+            exactly one of them (several is an error); ``""`` for none. Whole numbers are compared by value (``12`` and
             ``12.0`` are patient ``"12"``); other ids as written.
         include_unlabelled: with a CSV, also list records that have no CSV row (loaded with ``labels=()``).
         rename_leads: optional published-name -> lead-name mapping applied before the lead mapping, e.g.
@@ -185,8 +205,9 @@ class FolderSource:
             label / patient column missing, several candidate patient columns, a default label column holding
             numbers other than 0/1 (naming the column and a line), several default label columns of text (naming
             them), a missing-value cell (``NaN``...) in a 0/1 flag column (naming the line and column), a column
-            named ``labels_known``, a duplicated id (naming both lines), a ragged row, CSV ids that match no
-            record (the message lists them), several ``sex`` columns. A ``sex`` cell that cannot be read is not an
+            named ``labels_known``, a duplicated id (naming both lines), a ragged row, a bare file name that
+            records in several sub-folders share (naming the line and their paths), CSV ids that match no record
+            (the message lists them), several ``sex`` columns. A ``sex`` cell that cannot be read is not an
             error (a warning, see above). The CSV is read by :func:`~ecgfm.data.readers.tables.read_label_table`.
         ValueError: ``sex_codes`` not a mapping, or a value of it that is not M / F (or male / female) / None.
     """
@@ -210,7 +231,7 @@ class FolderSource:
         self.labels_csv: Path | None = None
         self.label_columns: list[str] = []
         self._labels: dict[str, tuple[str, ...]] = {}
-        self._known: set[str] = set()   # records whose row has a non-empty label cell (labels known)
+        self._known: set[str] = set()   # records whose row has a filled flag cell (labels known)
         self._meta: dict[str, dict[str, Any]] = {}
         self._patients: dict[str, str | None] = {}
         if labels_csv is not None:
@@ -226,14 +247,25 @@ class FolderSource:
         if not path.is_file():
             raise ECGDataError(path, "labels CSV not found")
         self.labels_csv = path
-        # An id is the relative path without extension; a file name alone is accepted when it is unique. Ids
-        # are compared after this mapping, so "rec2" and "sub/rec2" on two lines are a duplicate.
+        # An id is the relative path without extension; a file name alone is accepted when it is unique (refused,
+        # naming the paths, when sub-folders share it). Ids are compared after this mapping, so "rec2" and
+        # "sub/rec2" on two lines are a duplicate.
         stems: dict[str, list[str]] = {}
         for rid in self._files:
             stems.setdefault(rid.rsplit("/", 1)[-1], []).append(rid)
 
         def record_id(cell: str) -> str:
-            return cell if cell in self._files or len(stems.get(cell, [])) != 1 else stems[cell][0]
+            if cell in self._files:
+                return cell
+            found = stems.get(cell, [])
+            if len(found) > 1:   # reported as "matches no record" otherwise, although it matches several
+                shown = ", ".join(repr(r) for r in sorted(found)[:4]) + (" ..." if len(found) > 4 else "")
+                n_names = sum(len(v) > 1 for v in stems.values())
+                raise ValueError(f"ambiguous: {len(found)} records under {self.root} have this file name ({shown}; "
+                                 f"{n_names} file name(s) occur in several sub-folders); record ids are paths "
+                                 f"relative to the folder without extension: write the path of the record meant, "
+                                 f"e.g. {sorted(found)[0]!r}")
+            return found[0] if found else cell
 
         table = read_label_table(path, id_column=id_column, encoding=encoding, normalise_id=record_id,
                                  what="labels CSV")
@@ -246,7 +278,7 @@ class FolderSource:
         if patient_column is not None:
             patient_column = str(patient_column).strip()
         if patient_column is None:
-            found = [c for c in columns if c.lower() in PATIENT_COLUMNS and c != id_column]
+            found = [c for c in columns if _column_key(c) in _PATIENT_KEYS and c != id_column]
             if len(found) > 1:
                 raise ECGDataError(path, f"several patient columns {found}: give the one identifying the patient "
                                          f"as patient_column (or patient_column='' for none)")
@@ -261,9 +293,11 @@ class FolderSource:
         self.id_column, self.patient_column, self.labels_encoding = id_column, patient_column, str(encoding)
         default = label_columns is None
         if default:
+            # a patient-like column is left out also when it is not the patient column (patient_column given, or
+            # ''): its ids read as class names would make every patient a class
             label_columns = [c for c in columns
                              if c not in (id_column, patient_column) and c.lower() not in _SPLIT_COLUMNS
-                             and c.lower() not in NON_LABEL_COLUMNS]
+                             and _column_key(c) not in _NON_LABEL_KEYS]
             skipped = [c for c in columns if c not in label_columns and c != id_column]
             log.info("%s: label columns %s (by default every column but the id, patient, split and demographic "
                      "columns%s); give label_columns to choose others", path, label_columns,
@@ -323,9 +357,11 @@ class FolderSource:
         codes = getattr(self, "sex_codes", None)
         unread: list[tuple[int, str]] = []   # (line, cell) of sex cells not read: unmapped numbers, other text
         others: list[tuple[int, str]] = []   # (line, cell) of sexes other than male / female
-        flags_only = all(binary.values())
+        flag_columns = [c for c in self.label_columns if binary[c]]
         for rid, row in zip(ids, rows):
-            if flags_only and any(row[col] for col in self.label_columns):
+            # a filled flag cell (0 an explicit negative) makes the row's labels known, also beside a column of
+            # class names: else a row of 0 flags with an empty class-name cell was in no split
+            if any(row[col] for col in flag_columns):
                 self._known.add(rid)
             labels: list[str] = []
             for col in self.label_columns:
