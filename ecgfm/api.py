@@ -39,8 +39,8 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ecgfm.artifacts import (EncoderClassifier, artifact_lead_aware, derive_trained_limb_leads, load_classifier,
-                             load_encoder, trained_leads_words, warn_record_leads)
+from ecgfm.artifacts import (EncoderClassifier, artifact_lead_aware, derive_trained_limb_leads, derives_limb_leads,
+                             load_classifier, load_encoder, trained_leads_words, warn_record_leads)
 from ecgfm.data.preprocess import (PreprocessSpec, model_input_leads, preprocess_signal, preprocessed_spec,
                                    recorded_span, sliding_windows, with_input_leads)
 from ecgfm.data.record import CANONICAL_LEADS, ECGDataError, ECGRecord, canonical_lead, map_leads
@@ -158,6 +158,21 @@ class _Model:
                 done = preprocessed_spec(signal, self._pre, "this artifact")
             return [self._prepare(signal.signal[mask], float(signal.fs), names, signal.key,
                                   preprocessed=done is not None)], [signal.key]
+        if isinstance(signal, (list, tuple)) and signal and all(isinstance(s, (str, os.PathLike)) for s in signal):
+            # a list of record files: each read and prepared as one file is ("could not convert string to float")
+            out: tuple[list[tuple[np.ndarray, np.ndarray]], list[str]] = ([], [])
+            for path in signal:
+                recs, names = self._records(path, fs, leads, rename_leads)
+                out[0].extend(recs)
+                out[1].extend(names)
+            return out
+        if isinstance(signal, (list, tuple)) and signal and all(isinstance(s, ECGRecord) for s in signal):
+            out = ([], [])
+            for rec in signal:
+                recs, names = self._records(rec, fs, leads)
+                out[0].extend(recs)
+                out[1].extend(names)
+            return out
         if isinstance(signal, (str, os.PathLike)):
             sig, rec_fs, names = load_record(signal, rename_leads)
             if fs is not None and float(fs) != rec_fs:
@@ -225,8 +240,9 @@ class _Model:
         if preprocessed:   # a cache record prepared with this very spec: as the sweep's features read it
             out_fs = fs
         else:
-            x12, mask = derive_trained_limb_leads(x12, mask, (self.meta.get("extra") or {}).get("trained_leads"),
-                                                  self.leads, self._pre.flat_threshold, where)
+            extra = self.meta.get("extra") or {}
+            x12, mask = derive_trained_limb_leads(x12, mask, extra.get("trained_leads") if derives_limb_leads(extra)
+                                                  else None, self.leads, self._pre.flat_threshold, where)
             raw, given = x12, np.asarray(mask, dtype=bool).copy()
             x12, out_fs, mask = preprocess_signal(x12, fs, mask, self._pre, where)
             self._warn_flat_leads(raw, given, np.asarray(mask, dtype=bool), where)
@@ -475,7 +491,8 @@ class Encoder(_Model):
             signal: ``(L, T)`` or ``(B, L, T)`` array in mV (samples NaN in every lead at the start or end of a
                 row are padding, left out), a list of ``(L, T_i)`` arrays / tensors (records of any lengths), a
                 WFDB record path, or an
-                :class:`~ecgfm.data.record.ECGRecord` from an ecgfm reader.
+                :class:`~ecgfm.data.record.ECGRecord` from an ecgfm reader; or a list of paths or of records (a
+                batch: one result per record).
             fs: the signal's sampling rate in Hz (read from the header / record for a path / record).
             leads: names of the signal's rows (default: the 12 standard leads in order I..V6).
             per_window: return every window's embedding instead of their mean.
@@ -545,7 +562,8 @@ class Classifier(_Model):
             signal: ``(L, T)`` or ``(B, L, T)`` array in mV (samples NaN in every lead at the start or end of a
                 row are padding, left out), a list of ``(L, T_i)`` arrays / tensors (records of any lengths), a
                 WFDB record path, or an
-                :class:`~ecgfm.data.record.ECGRecord` from an ecgfm reader.
+                :class:`~ecgfm.data.record.ECGRecord` from an ecgfm reader; or a list of paths or of records (a
+                batch: one result per record).
             fs: the signal's sampling rate in Hz (read from the header / record for a path / record).
             leads: names of the signal's rows (default: the 12 standard leads in order I..V6).
             batch_size: windows per forward pass.

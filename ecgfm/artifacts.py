@@ -566,6 +566,23 @@ def artifact_lead_aware(meta: Mapping[str, Any]) -> bool:
     return True if pretrained is None else bool(pretrained)
 
 
+def derives_limb_leads(extra: Mapping[str, Any] | None) -> bool:
+    """Whether the API and the explain stage derive a raw record's absent III / aVR / aVL / aVF from I and II for
+    the artifact with this ``extra`` block (:func:`derive_trained_limb_leads`).
+
+    ``extra.derive_limb_leads`` says it: ``true`` for imported models (trained on records holding every lead they
+    read), ``false`` for a sweep's classifier, whose cell scored its test records as the cache holds them, with
+    those leads absent, as it was trained: derived, the artifact's predictions of such records were not the
+    cell's (up to 0.97 apart in probability on 3-lead records; its stored test predictions must be reproducible
+    from it). Artifacts written before 2026-12-07 do not say: a sweep's (it names its cell's recipe,
+    ``cell_recipe_id``) does not derive, any other does, as before.
+    """
+    extra = extra or {}
+    if extra.get("derive_limb_leads") is not None:
+        return bool(extra["derive_limb_leads"])
+    return "cell_recipe_id" not in extra
+
+
 def derive_trained_limb_leads(x12: np.ndarray, mask: np.ndarray, trained: Sequence[str] | None,
                               model_leads: Sequence[str], flat_threshold: float, where: Any
                               ) -> tuple[np.ndarray, np.ndarray]:
@@ -573,8 +590,10 @@ def derive_trained_limb_leads(x12: np.ndarray, mask: np.ndarray, trained: Sequen
     derived (:func:`ecgfm.data.record.derive_limb_leads`) when the classifier's training records had them
     (``extra.trained_leads``) and the model reads them: scored with zero rows instead, the same record gave NORM
     0.956 against 0.766 with all 12. Only for classifiers that record their training leads, so a model trained
-    on records without those leads (a folder of 8-lead records) sees what it was trained on. The API and the
-    explain stage both prepare raw records with it, so both score the same input.
+    on records without those leads (a folder of 8-lead records) sees what it was trained on, and only where
+    :func:`derives_limb_leads` says so (callers pass ``trained=None`` otherwise: a sweep's classifier is given a
+    record as its cell scored it). The API and the explain stage both prepare raw records with it, so both score
+    the same input.
 
     Args:
         x12: ``(12, T)`` raw signal in the canonical lead order (mV, not normalised).

@@ -16,13 +16,16 @@ Two layers catch configuration mistakes before anything is built, each with a me
 
 Resolvers registered on import (so configs can use them once :mod:`ecgfm.config` is imported):
 ``${ecgfm.samples:seconds,fs}`` -> ``int(round(seconds * fs))``; ``${ecgfm.len:list}`` -> its length (None stays
-None; used for ``method.probe_num_classes: ${ecgfm.len:${data.probe_labels}}``).
+None; used for ``method.probe_num_classes: ${ecgfm.len:${data.probe_labels}}``); ``${ecgfm.path:root,path}`` ->
+``path`` when it is absolute, else ``root/path`` (``os.path.join``; None stays None; used for a task's
+``labels_csv: ${ecgfm.path:${task.root},${task.params.labels_csv}}``).
 """
 
 from __future__ import annotations
 
 import difflib
 import inspect
+import os
 import re
 import types
 import typing
@@ -44,8 +47,14 @@ def _length(value: Any) -> int | None:
     return None if value is None else len(value)
 
 
+def _path_under(root: Any, path: Any) -> str | None:
+    """``path`` as given when absolute, else ``root/path`` (``os.path.join``); None when ``path`` is None."""
+    return None if path is None else os.path.join(str(root), str(path))
+
+
 OmegaConf.register_new_resolver("ecgfm.samples", _seconds_to_samples, replace=True)
 OmegaConf.register_new_resolver("ecgfm.len", _length, replace=True)
+OmegaConf.register_new_resolver("ecgfm.path", _path_under, replace=True)
 
 
 # --------------------------------------------------------------------------------------------- dataclass schemas

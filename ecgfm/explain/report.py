@@ -85,8 +85,9 @@ def display_signal(record: ECGRecord, wrapper: ECGWrapper) -> tuple[np.ndarray, 
 def display_signal_and_derived(record: ECGRecord, wrapper: ECGWrapper) -> tuple[np.ndarray, str, list[str]]:
     """:func:`display_signal` and the leads it derived.
 
-    A classifier that records its training leads (``extra.trained_leads``, sweep artifacts) reads III / aVR /
-    aVL / aVF derived from I and II when a raw record lacks them (:meth:`ECGWrapper._prepare_one`, through
+    A classifier that records its training leads (``extra.trained_leads``) and derives (``extra.derive_limb_leads``:
+    imports and demos, not a sweep's classifier) reads III / aVR / aVL / aVF derived from I and II when a raw
+    record lacks them (:meth:`ECGWrapper._prepare_one`, through
     :func:`ecgfm.artifacts.derive_trained_limb_leads`). The drawn signal applies the same derivation on the
     canonical 12 x T layout before mapping rows to the model's order, so that those rows show the signal the
     attribution is about (zero rows drew them as flat recorded traces with attribution coloured on them).
@@ -106,7 +107,7 @@ def display_signal_and_derived(record: ECGRecord, wrapper: ECGWrapper) -> tuple[
             x12[i], had[i] = record.signal[i], True
     preprocessed = preprocessed_spec(record, wrapper.spec, "the explained model") is not None
     now = had
-    if not preprocessed and wrapper.trained_leads:   # as the wrapper derives them for the model's input
+    if not preprocessed and wrapper.trained_leads and wrapper.derive_limb_leads:   # as the wrapper derives them
         flat = wrapper.spec.flat_threshold if wrapper.spec is not None else 0.0
         x12, now = derive_trained_limb_leads(x12, had.copy(), wrapper.trained_leads, wrapper.lead_names, flat,
                                              record.key)
@@ -583,15 +584,25 @@ def training_records(checkpoint: str | os.PathLike, source: Any = None) -> tuple
     return set(map(str, extra["training_records"])), set(map(str, extra.get("validation_records") or []))
 
 
+#: Source settings that change which records are listed, or their labels and metadata, but never which ECG a
+#: record id names (a folder's ids are the records' paths under its root, with or without a labels CSV), so they
+#: are left out when :func:`same_corpus` asks whether two sources hold the same records.
+NON_IDENTITY_SETTINGS = frozenset({"include_unlabelled", "labels_csv", "id_column", "label_columns", "patient_column",
+                                   "labels_encoding", "sex_codes"})
+
+
 def same_corpus(source: Any, described: Any) -> bool:
     """Whether record ``source`` is one of the ``described`` sources (a cache manifest's ``sources``: the
-    :func:`ecgfm.data.cache.describe_source` of each): same type and settings, paths compared after resolving
-    them. False when nothing is described."""
+    :func:`ecgfm.data.cache.describe_source` of each), i.e. whether a record id names the same ECG in both: same
+    type, name and settings, paths compared after resolving them, the settings of :data:`NON_IDENTITY_SETTINGS`
+    left out (a task's folder lists only its labelled records, ``data=folder`` every record of the same root).
+    False when nothing is described."""
     from ecgfm.data.cache import describe_source
 
     def norm(value: Any) -> Any:
         if isinstance(value, dict):
-            return {k: norm(v) for k, v in value.items()}
+            described_source = "type" in value
+            return {k: norm(v) for k, v in value.items() if not (described_source and k in NON_IDENTITY_SETTINGS)}
         if isinstance(value, list):
             return [norm(v) for v in value]
         if isinstance(value, str) and os.sep in value and os.path.exists(value):
@@ -702,6 +713,22 @@ def _check_target(target: Any, wrapper: ECGWrapper) -> None:
         raise ConfigError("target", str(exc)) from None
 
 
+def _raise_unknown_record(rid: str, all_ids: set[str], source: Any) -> None:
+    """Refuse ``record=rid`` when a listed id ends with ``/rid`` (a bare file name of a folder record, which its
+    labels CSV accepts but a record id is not): the error names those ids. Otherwise return, so the source's own
+    lookup decides (and reports).
+
+    Raises:
+        ConfigError: ``record``, naming the ids that end with ``/rid``.
+    """
+    near = sorted(i for i in all_ids if i.endswith(f"/{rid}"))
+    if not near:
+        return
+    shown = ", ".join(repr(i) for i in near[:5]) + (f" ({len(near)} in all)" if len(near) > 5 else "")
+    raise ConfigError("record", f"no record {rid!r} in {source!r} (a record id is its path under the root, without "
+                                f"extension); did you mean {'one of ' if len(near) > 1 else ''}{shown}?")
+
+
 def explain_main(cfg: Any) -> dict[str, Any]:
     """Run an explanation from a Hydra config (``conf/explain.yaml``).
 
@@ -755,6 +782,8 @@ def explain_main(cfg: Any) -> dict[str, Any]:
         rid = str(rid)
         if rid not in all_ids and rid.isdigit() and f"{int(rid):05d}" in all_ids:  # PTB-XL ids are zero-padded
             rid = f"{int(rid):05d}"
+        if rid not in all_ids:
+            _raise_unknown_record(rid, all_ids, source)
         records.append(source.load(rid))
     cf = cfg.get("counterfactual")
     cf_opts = None

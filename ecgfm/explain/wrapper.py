@@ -33,7 +33,8 @@ from ecgfm.data.preprocess import (PreprocessSpec, model_input_leads, preprocess
                                    with_input_leads)
 from ecgfm.api import warn_if_not_millivolts
 from ecgfm.artifacts import (ArtifactError, EncoderClassifier, artifact_kind, artifact_lead_aware,
-                             derive_trained_limb_leads, load_classifier, load_encoder, warn_record_leads)
+                             derive_trained_limb_leads, derives_limb_leads, load_classifier, load_encoder,
+                             warn_record_leads)
 from ecgfm.data.record import CANONICAL_LEADS, ECGDataError, ECGRecord, canonical_lead
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,10 @@ class ECGWrapper(nn.Module):
         trained_leads: the leads of the classifier's training records (a sweep artifact's
             ``extra.trained_leads``): :meth:`prepare` refuses a record sharing none of them and warns about leads
             never seen, as :class:`ecgfm.api.Classifier` does.
+        derive_limb_leads: with ``trained_leads``, derive a raw record's absent III / aVR / aVL / aVF from I and II
+            when the model read them in training (:func:`ecgfm.artifacts.derive_trained_limb_leads`); a classifier
+            artifact says whether (:func:`ecgfm.artifacts.derives_limb_leads`: not for a sweep's classifier, whose
+            cell scored such records without them), as :class:`ecgfm.api.Classifier` reads it.
 
     Raises:
         ValueError: unknown ``postprocess`` / ``input_layout``, unknown lead names, or ``fs`` disagreeing with
@@ -109,7 +114,8 @@ class ECGWrapper(nn.Module):
                  input_layout: str = "BLT", class_names: Sequence[str] | None = None,
                  num_classes: int | None = None, n_samples: int | None = None,
                  encoder: nn.Module | None = None, window: str = "error", lead_aware: bool = False,
-                 thresholds: Sequence[float] | None = None, trained_leads: Sequence[str] | None = None):
+                 thresholds: Sequence[float] | None = None, trained_leads: Sequence[str] | None = None,
+                 derive_limb_leads: bool = True):
         super().__init__()
         if window not in WINDOW_POLICIES:
             raise ValueError(f"window must be one of {WINDOW_POLICIES}, got {window!r}")
@@ -146,6 +152,7 @@ class ECGWrapper(nn.Module):
                 raise ValueError(f"thresholds must be finite, got {thresholds}")
         self.thresholds: tuple[float, ...] | None = thresholds
         self.trained_leads: tuple[str, ...] | None = tuple(trained_leads) if trained_leads else None
+        self.derive_limb_leads = bool(derive_limb_leads)
         self.model = model
         self.fs = float(fs)
         self.lead_names: tuple[str, ...] = tuple(names)
@@ -337,7 +344,8 @@ class ECGWrapper(nn.Module):
                     # as the API reads it (null / absent: the encoder's pretraining setting, else true)
                     "encoder": model.encoder, "lead_aware": artifact_lead_aware(meta),
                     "thresholds": meta.get("thresholds") if meta.get("multilabel") else None,
-                    "trained_leads": (meta.get("extra") or {}).get("trained_leads"), **kwargs}
+                    "trained_leads": (meta.get("extra") or {}).get("trained_leads"),
+                    "derive_limb_leads": derives_limb_leads(meta.get("extra")), **kwargs}
             return cls(model, **args)
         if kind == "encoder" or path.is_dir() or path.suffix == ".json":
             try:
@@ -584,7 +592,7 @@ class ECGWrapper(nn.Module):
                 raise ECGDataError(where, f"unknown lead name {name!r}") from None
             if lead is not None and mask[i]:
                 by_name[lead] = i
-        if not preprocessed and self.trained_leads:
+        if not preprocessed and self.trained_leads and self.derive_limb_leads:
             sig, by_name = self._derive_limb_leads(sig, by_name, where)
         absent = [lead for lead in self.lead_names if lead not in by_name]
         if absent and missing_leads == "error":

@@ -144,6 +144,7 @@ def _extra(spec: ZooKind, checkpoint: Path, weights: ImportedWeights, options: M
         "fs": pre.fs,
         "crop_samples": int(window),
         "trained_leads": [lead for lead in CANONICAL_LEADS if lead in read],
+        "derive_limb_leads": True,   # trained on records holding every lead it reads (derives_limb_leads)
         "provenance": {
             **spec.provenance,
             "source_checkpoint": {"file": checkpoint.name, "sha256": sha256_of(checkpoint),

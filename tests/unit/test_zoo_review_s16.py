@@ -44,6 +44,7 @@ def test_imported_models_record_the_peers_leads_as_a_sweep_does(peers, tmp_path)
     clf = import_classifier("ecgfounder", peers / "ecgfounder_net1d_tiny.pth", tmp_path / "clf")
     _, meta = read_meta(clf)
     assert meta["extra"]["trained_leads"] == list(CANONICAL_LEADS)
+    assert meta["extra"]["derive_limb_leads"] is True   # trained on records holding every lead it reads
     enc = import_encoder("stmem", peers / "stmem_vit_tiny.pth", tmp_path / "enc", num_heads=4)
     assert load_encoder(enc)[2]["extra"]["trained_leads"] == list(CANONICAL_LEADS)
     # a subset read in another order: the leads it reads, in the canonical order (the sweep's format)
