@@ -81,3 +81,11 @@ def run_command(fn: Callable[[Any], Any], cfg: Any, user_errors: tuple[type[Base
             raise
         fail(f"{err.filename or ''}: disk full ({err.strerror}); files are written atomically, so what is already "
              "there is whole: free space and rerun the same command to resume")
+    except Exception as err:
+        # a reader refusing its data while Hydra builds it from a config (a labels CSV naming no record): Hydra
+        # wraps it as "Error in call to target ..." with a HYDRA_FULL_ERROR hint; the user's error is the cause
+        from hydra.errors import InstantiationException
+
+        if isinstance(err, InstantiationException) and isinstance(err.__cause__, user_errors):
+            fail(str(err.__cause__))
+        raise

@@ -75,3 +75,54 @@ def test_results_md_names_the_task_notes(tmp_path):
     assert "| ptbxl_rhythm | ptbxl | a / second note | 1 of 2 |" in md      # a pipe cannot break the table
     assert "| ptbxl_rhythm | external:cinc2021 | 3 record(s) excluded | 2 of 2 |" in md
     assert R.task_notes_markdown([{"task": "t", "task_notes": []}]) == ""
+
+
+def test_a_reader_error_raised_while_hydra_builds_it_is_one_line(capsys):
+    """An ECGDataError in a source's constructor reached probe.py as Hydra's 'Error in call to target ...' with a
+    HYDRA_FULL_ERROR hint and exit 1, not the one 'error:' line of every other user error."""
+    import pytest
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    from ecgfm.data.record import ECGDataError
+    from ecgfm.errors import EXIT_USER_ERROR, run_command
+
+    def build(_cfg):
+        return instantiate({"_target_": "ecgfm.data.readers.FolderSource", "root": "/nonexistent/ecgs"})
+
+    with pytest.raises(SystemExit) as got:
+        run_command(build, None, (ECGDataError,))
+    assert got.value.code == EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert "record folder not found" in err and "Error in call to target" not in err
+
+    def other(_cfg):
+        raise InstantiationException("something else") from KeyError("k")
+
+    with pytest.raises(InstantiationException):   # not a user error: the traceback stays
+        run_command(other, None, (ECGDataError,))
+
+
+def test_class_names_spelled_two_ways_are_warned_about(tmp_path, caplog):
+    """'NORM' and 'norm' in one class-name column became two classes without a word."""
+    import logging
+
+    import wfdb
+
+    from ecgfm.data.readers import FolderSource
+
+    rng = np.random.default_rng(0)
+    for name in ("a", "b", "c"):
+        wfdb.wrsamp(name, fs=100, units=["mV"], sig_name=["II"], p_signal=rng.normal(size=(300, 1)), fmt=["16"],
+                    adc_gain=[1000.0], baseline=[0], write_dir=str(tmp_path))
+    (tmp_path / "labels.csv").write_text("record_id,dx\na,NORM\nb,norm;AF\nc, Norm\n")
+    with caplog.at_level(logging.WARNING, logger="ecgfm.data.readers.folder"):
+        src = FolderSource(tmp_path, labels_csv=tmp_path / "labels.csv")
+    assert {src.load(r).labels for r in ("a", "b")} == {("NORM",), ("norm", "AF")}   # still read as written
+    msgs = [r.getMessage() for r in caplog.records if "spells" in r.getMessage()]
+    assert len(msgs) == 1 and "'NORM' / 'Norm' / 'norm'" in msgs[0]
+    caplog.clear()
+    (tmp_path / "labels.csv").write_text("record_id,dx\na,NORM\nb,AF\nc,NORM\n")
+    with caplog.at_level(logging.WARNING, logger="ecgfm.data.readers.folder"):
+        FolderSource(tmp_path, labels_csv=tmp_path / "labels.csv")
+    assert not [r for r in caplog.records if "spells" in r.getMessage()]

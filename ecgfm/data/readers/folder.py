@@ -350,6 +350,7 @@ class FolderSource:
         for col in self.label_columns:
             if not binary[col]:
                 _warn_commas(table, ids, col)
+                _warn_case_variants(table, ids, col)
         sex_columns = [c for c in columns if c.lower() == "sex" and c != id_column]
         if len(sex_columns) > 1:
             raise ECGDataError(path, f"several sex columns {sex_columns}: keep one (it is read into meta['sex'])")
@@ -500,6 +501,20 @@ def _warn_commas(table: LabelTable, ids: Sequence[str], column: str) -> None:
         log.warning("%s: %d cell(s) of label column %r hold ',' (first on line %d: %r): classes are separated by "
                     "';' only, so each such cell is read as one class name; write AF;RBBB for two classes",
                     table.path, len(found), column, table.lines[first], table.rows[first][column])
+
+
+def _warn_case_variants(table: LabelTable, ids: Sequence[str], column: str) -> None:
+    """One WARNING for class names of a class-name column that differ only in case or surrounding spaces (``NORM``
+    and ``norm``): each spelling is a class of its own (a task would score them as two), so say which."""
+    spellings: dict[str, set[str]] = {}
+    for rid in ids:
+        for name in (v.strip() for v in table.rows[rid][column].split(";") if v.strip()):
+            spellings.setdefault(" ".join(name.lower().split()), set()).add(name)
+    twins = [sorted(v) for v in spellings.values() if len(v) > 1]
+    if twins:
+        log.warning("%s: label column %r spells %d class(es) several ways (%s): each spelling is a class of its own; "
+                    "write one spelling if they are one class", table.path, column, len(twins),
+                    "; ".join(" / ".join(repr(n) for n in t) for t in twins[:5]))
 
 
 def _sex_key(value: Any) -> str:
