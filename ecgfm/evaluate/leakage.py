@@ -15,18 +15,39 @@ Identities are canonical strings so that the same recording is recognised across
   (``Challenge2021Source(ptbxl_root=...)``);
 * synthetic records are namespaced by their corpus seed (``meta["seed"]``): ids repeat across seeds;
 * ``pat:<source>/<patient_id>`` for records with a patient id (PTB-XL ``patient_id``; CinC 2017 has none, each
-  record is then its own patient and only record identity is checked).
+  record is then its own patient and only record identity is checked);
+* identities that do not depend on the source's name, for records of a cache index (:func:`index_identities`,
+  :func:`cache_identities`): ``file:<real path>`` of the file the record was read from (its ``header["path"]``,
+  its folder's symbolic links resolved; absolute paths only), so the same folder read under two source names (``folder`` when
+  pretraining or as the task, ``external_folder`` as an external set) is recognised; and ``content:<digest>``, a
+  digest of the content fingerprints the cache recorded for the record's files (``inputs.json``: the files sharing
+  the stem of ``header["path"]``), so a copy of those files in another folder is recognised too. Both are left out
+  for a record whose file is also another record's in the same index (a file holding several records is no
+  identity of one of them), and ``content:`` for a record whose files were not all fingerprinted (caches of format
+  version 1 or before digests, unreadable files) or whose only fingerprinted file is a WFDB header (two minimal
+  headers of different recordings can be byte-identical).
 
 Where the pretraining identities come from (first found wins, all are merged):
 ``encoder.json`` ``extra.pretrain_record_keys`` (a list of ``source/record_id`` strings written by the
 pretraining pipeline), ``extra.pretrain_caches`` (cache directories; their whole index is used), or the
-``pretrain_caches`` passed explicitly by the caller.
+``pretrain_caches`` passed explicitly by the caller. Record keys carry no file, so only caches give ``file:`` and
+``content:`` identities.
+
+:func:`check_leakage` also compares an external evaluation set with the task's training and validation splits
+(``against=``): :func:`ecgfm.evaluate.tasks.build_external` removes the task's own records from an external set by
+these identities, and the sweep checks what is left before scoring.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
+import os
 import re
+from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -65,9 +86,41 @@ def _ptbxl_int(record_id: Any) -> str | None:
     return str(int(m[-1])) if m else None
 
 
+@functools.lru_cache(maxsize=65536)
+def _real_dir(folder: str) -> str:
+    """``os.path.realpath`` of a folder, once per folder (a per-file realpath costs a ``stat`` per path component:
+    seconds for 100k records)."""
+    return os.path.realpath(folder)
+
+
+def _real_path(path: Any) -> str | None:
+    """The real path of a record's file, its folder resolved; None for no path or a relative one (relative to a
+    working directory the index does not record).
+
+    The file itself is not resolved: that would cost a ``stat`` per record (minutes for 100k records on a network
+    file system); a linked file is matched by its ``content:`` identity instead."""
+    if not isinstance(path, (str, os.PathLike)):
+        return None
+    path = os.fspath(path)
+    if not path or not os.path.isabs(path):
+        return None
+    folder, name = os.path.split(os.path.normpath(path))
+    return os.path.join(_real_dir(folder), name)
+
+
 def record_identities(source: str, record_id: Any, patient_id: Any = None,
-                      meta: Mapping[str, Any] | None = None) -> set[str]:
-    """Canonical identity strings of one record (see module docstring)."""
+                      meta: Mapping[str, Any] | None = None, path: Any = None,
+                      content: str | None = None) -> set[str]:
+    """Canonical identity strings of one record (see module docstring).
+
+    Args:
+        source: the record's source name.
+        record_id: its id within the source.
+        patient_id: its patient id (None: unknown).
+        meta: its metadata (``seed`` of a synthetic corpus, ``ecg_id``, ``ptbxl_ecg_id``, ``ptbxl_patient_id``).
+        path: the file it was read from (``header["path"]``): adds ``file:<real path>`` when absolute.
+        content: the digest of its files' contents (:func:`content_fingerprints`): adds ``content:<digest>``.
+    """
     source = str(source)
     meta = meta or {}
     if source == "synthetic" and meta.get("seed") is not None:
@@ -98,25 +151,109 @@ def record_identities(source: str, record_id: Any, patient_id: Any = None,
     if pid is not None:
         src = "ptbxl" if source.lower().startswith("ptbxl") else source
         ids.add(f"pat:{src}/{pid}")
+    real = _real_path(path)
+    if real is not None:
+        ids.add(f"file:{real}")
+    if content:
+        ids.add(f"content:{content}")
     return ids
 
 
-def index_identities(index: pd.DataFrame, rows: Sequence[int] | np.ndarray | None = None) -> dict[str, list[str]]:
+def _header_path(header: Any) -> str | None:
+    path = header.get("path") if isinstance(header, Mapping) else None
+    return path if isinstance(path, str) and path else None
+
+
+@functools.lru_cache(maxsize=4)
+def _content_map(inputs_file: str, stamp: tuple[int, int]) -> dict[str, str]:
+    """:func:`content_fingerprints` of one ``inputs.json`` (``stamp``: its size and mtime, so an update is read)."""
+    del stamp   # part of the memo key only
+    try:
+        records = json.loads(Path(inputs_file).read_text(encoding="utf-8")).get("records") or {}
+    except (OSError, ValueError, AttributeError):
+        return {}
+    groups: dict[tuple[str, str], list[tuple[str, Any]]] = {}
+    for f, entry in records.items():
+        folder, name = os.path.split(f)
+        digest = entry[2] if isinstance(entry, list) and len(entry) > 2 else None
+        groups.setdefault((folder, name.rsplit(".", 1)[0]), []).append((f, digest))
+    from ecgfm.data.cache import UNREADABLE
+
+    out: dict[str, str] = {}
+    for files in groups.values():
+        digests = [d for _, d in files]
+        if not all(isinstance(d, str) and d and d != UNREADABLE for d in digests):
+            continue   # a file without its fingerprint: the record's content is not known
+        if all(f.lower().endswith(".hea") for f, _ in files):
+            continue   # a WFDB header whose signal file has another stem: the header alone may be another's twin
+        fp = hashlib.sha256("\n".join(sorted(digests)).encode()).hexdigest()[:16]
+        for f, _ in files:
+            out[f] = fp
+    return out
+
+
+def content_fingerprints(cache_dir: str | os.PathLike) -> dict[str, str]:
+    """Content digests of a cache's records, from the fingerprints of its ``inputs.json``.
+
+    A record's files are those sharing the stem of its ``header["path"]`` (the cache's own rule for sources without
+    ``input_files``); their digest is a sha256 of their sorted content fingerprints, the same for a copy of those
+    files anywhere. Read once per ``inputs.json`` version (about a second for 100k records).
+
+    Args:
+        cache_dir: a :class:`~ecgfm.data.cache.CorpusCache` folder.
+
+    Returns:
+        ``{absolute file path: digest}`` for every file of a fully fingerprinted record (empty for a cache without
+        ``inputs.json``, e.g. of format version 1, or a synthetic corpus).
+    """
+    f = Path(cache_dir) / "inputs.json"
+    try:
+        st = f.stat()
+    except OSError:
+        return {}
+    return _content_map(str(f), (st.st_size, st.st_mtime_ns))
+
+
+def index_identities(index: pd.DataFrame, rows: Sequence[int] | np.ndarray | None = None,
+                     content: Mapping[str, str] | None = None) -> dict[str, list[str]]:
     """Identities of (some rows of) a cache index -> the ``source/record_id`` keys that carry each one.
 
     Args:
         index: a :class:`~ecgfm.data.cache.CorpusCache` index (columns ``record_id``, ``source``, ``patient_id``,
-            ``meta``).
+            ``meta``, and ``header`` for the ``file:`` / ``content:`` identities).
         rows: positional rows to use (default all).
+        content: ``{absolute file path: digest}`` (:func:`content_fingerprints` of the index's cache) for the
+            ``content:`` identities; :func:`cache_identities` passes it.
     """
     sub = index if rows is None else index.iloc[np.asarray(rows, dtype=np.int64)]
     out: dict[str, list[str]] = {}
     metas = sub["meta"] if "meta" in sub.columns else [None] * len(sub)
     pids = sub["patient_id"] if "patient_id" in sub.columns else [None] * len(sub)
-    for src, rid, pid, meta in zip(sub["source"], sub["record_id"], pids, metas):
-        for ident in record_identities(src, rid, pid, meta if isinstance(meta, Mapping) else None):
+    if "header" in sub.columns:
+        paths = [_header_path(h) for h in sub["header"]]
+        # a file several records of the index were read from identifies none of them
+        shared = {p for p, n in Counter(_header_path(h) for h in index["header"]).items() if p and n > 1}
+        paths = [None if p in shared else p for p in paths]
+    else:
+        paths = [None] * len(sub)
+    content = content or {}
+    for src, rid, pid, meta, path in zip(sub["source"], sub["record_id"], pids, metas, paths):
+        digest = content.get(os.path.abspath(path)) if path and content and os.path.isabs(path) else None
+        for ident in record_identities(src, rid, pid, meta if isinstance(meta, Mapping) else None, path, digest):
             out.setdefault(ident, []).append(f"{src}/{rid}")
     return out
+
+
+def cache_identities(cache: Any, rows: Sequence[int] | np.ndarray | None = None) -> dict[str, list[str]]:
+    """:func:`index_identities` of (some rows of) a :class:`~ecgfm.data.cache.CorpusCache`, with the content
+    digests of its recorded input fingerprints (:func:`content_fingerprints`).
+
+    Args:
+        cache: the cache (its ``index``, and ``path`` for the content digests: an object without one gets none).
+        rows: positional rows to use (default all).
+    """
+    path = getattr(cache, "path", None)
+    return index_identities(cache.index, rows, content=content_fingerprints(path) if path is not None else None)
 
 
 def keys_identities(keys: Iterable[str]) -> dict[str, list[str]]:
@@ -148,6 +285,8 @@ class LeakageReport:
     # its database row, a corpus without patient ids); a shared patient among them goes unnoticed
     n_pretrain_records_without_patient: int = 0
     n_test_records_without_patient: int = 0
+    # kinds of the shared identities ("rec", "pat", "file", "content"): how the overlap was seen
+    matched_by: list[str] = field(default_factory=list)
 
     @property
     def leaked(self) -> bool:
@@ -157,6 +296,7 @@ class LeakageReport:
         return {"checked": self.checked, "leaked": self.leaked, "n_shared_records": len(self.shared_records),
                 "n_shared_patients": len(self.shared_patients), "examples": [list(e) for e in self.examples[:10]],
                 "n_pretrain_identities": self.n_pretrain, "n_test_identities": self.n_test,
+                "matched_by": list(self.matched_by),
                 "patient_check_blind_to": {"pretraining_records": self.n_pretrain_records_without_patient,
                                            "test_records": self.n_test_records_without_patient}}
 
@@ -186,6 +326,7 @@ def find_overlap(pretrain: Mapping[str, list[str]], test: Mapping[str, list[str]
             seen_examples.add(ex)
             report.examples.append(ex)
     report.shared_records = sorted(records)
+    report.matched_by = sorted({ident.split(":", 1)[0] for ident in shared})
     return report
 
 
@@ -213,7 +354,7 @@ def pretrain_identities(encoder_info: Mapping[str, Any] | None, pretrain_caches:
         except (FileNotFoundError, OSError, ValueError) as exc:
             raise LeakageError(f"{path}: pretraining cache listed for the leakage check cannot be opened ({exc}); "
                                f"pass allow_leakage=true to skip the check knowingly") from exc
-        for k, v in index_identities(cache.index).items():
+        for k, v in cache_identities(cache).items():
             idents.setdefault(k, []).extend(v)
         provenance.append(f"cache {path} ({len(cache)} records)")
     return idents, provenance
@@ -226,6 +367,8 @@ GENERIC_SOURCE_NAMES = ("folder", "external_folder")
 
 def _generic_name_hint(report: LeakageReport) -> str:
     """A hint for an overlap seen only under a generic reader name (possibly two folders with equal file names)."""
+    if {"file", "content"} & set(report.matched_by):   # the same files: one corpus, whatever the names
+        return ""
     shared = list(report.shared_records) + list(report.shared_patients)
     sources = {k.split(":", 1)[-1].partition("/")[0] for k in shared}
     if not sources or not sources <= set(GENERIC_SOURCE_NAMES):
@@ -237,18 +380,26 @@ def _generic_name_hint(report: LeakageReport) -> str:
 
 
 def check_leakage(pretrain: Mapping[str, list[str]], test: Mapping[str, list[str]], allow: bool = False,
-                  what: str = "test split") -> LeakageReport:
+                  what: str = "test split", against: str | None = None) -> LeakageReport:
     """Raise :class:`LeakageError` when pretraining and test identities overlap (unless ``allow``).
 
     Args:
-        pretrain: identities of the pretraining corpora.
+        pretrain: identities of the pretraining corpora, or of the data named by ``against``.
         test: identities of the downstream test records.
         allow: report the overlap instead of raising.
         what: name of the test data for the message (e.g. ``"ptbxl_super test split (fold 10)"``).
+        against: what ``pretrain`` holds when it is not pretraining data (e.g. ``"the ptbxl_super training and
+            validation splits"`` for an external set): the message names it.
     """
     report = find_overlap(pretrain, test)
     if report.leaked and not allow:
         ex = ", ".join(f"{t} ~ {p}" for t, p in report.examples[:5])
+        if against is not None:
+            raise LeakageError(
+                f"leakage: {len(report.shared_records)} record(s) and {len(report.shared_patients)} patient(s) of "
+                f"the {what} are also in {against}, which trained or selected the head: scored, they are no "
+                f"evidence (e.g. evaluated ~ trained-on: {ex}). Evaluate on data without them, or pass "
+                f"allow_leakage=true to report the overlap and continue." + _generic_name_hint(report))
         raise LeakageError(
             f"leakage: the encoder's pretraining data shares {len(report.shared_records)} record(s) and "
             f"{len(report.shared_patients)} patient(s) with the {what} (e.g. test ~ pretraining: {ex}). Exclude "

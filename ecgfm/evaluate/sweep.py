@@ -66,7 +66,7 @@ from ecgfm.data.record import CANONICAL_LEADS
 from ecgfm.evaluate.features import (cached_features, cached_tokens, check_window, embed_fn, encoder_fingerprint,
                                      fit_window)
 from ecgfm.evaluate.identity import checkpoint_identity, diff_keys, recipe_identity, short_hash, stale_reason
-from ecgfm.evaluate.leakage import check_leakage, index_identities, pretrain_identities
+from ecgfm.evaluate.leakage import cache_identities, check_leakage, pretrain_identities
 from ecgfm.evaluate.metrics import choose_thresholds, evaluate_scores
 from ecgfm.evaluate.report import build_report
 from ecgfm.evaluate.tasks import TaskData, TaskSpec, build_external, build_task
@@ -497,30 +497,50 @@ def _pretraining_identities(enc: Encoder, extra_caches: Sequence[str]) -> tuple[
     return pretrain_identities(enc.info if enc.kind == "pretrained" else {}, caches)
 
 
+def external_task_check(task: TaskData, external: TaskData, allow: bool) -> dict[str, dict[str, Any]]:
+    """The external set's scored records against the task's training and validation splits (the head was trained
+    or selected on those); ``{"external:<dataset>/task_train_val": report}`` for the cell.
+
+    :func:`~ecgfm.evaluate.tasks.build_external` already removes the task's own records by the same identities, so
+    this finds nothing unless an external set was built otherwise; it is checked, and its verdict kept, anyway.
+
+    Raises:
+        LeakageError: an overlap and ``allow`` is false.
+    """
+    rows = np.concatenate([np.asarray(task.splits[k], dtype=np.int64) for k in ("train", "val")])
+    rep = check_leakage(cache_identities(task.cache, rows), cache_identities(external.cache, external.splits["test"]),
+                        allow=allow, what=f"external set {external.name} ({external.dataset})",
+                        against=f"the {task.name} training and validation splits ({task.dataset})")
+    return {f"external:{external.dataset}/task_train_val": rep.to_dict()}
+
+
 def leakage_check(enc: Encoder, task: TaskData, external: TaskData | None, allow: bool,
                   pretrain_caches: Sequence[str]) -> dict[str, Any]:
     """Run the leakage guard for the test and validation splits (and the external set); returns a JSON-able report.
 
     Validation counts as much as test: it chooses the probe's C, the thresholds, early stopping and, in the
-    benchmark, which encoder and probe are read on test."""
+    benchmark, which encoder and probe are read on test. An external set is also checked against the task's
+    training and validation splits (:func:`external_task_check`), whatever the encoder."""
+    own = external_task_check(task, external, allow) if external is not None else {}
+    own_leaked = any(v.get("leaked") for v in own.values())
     if enc.kind == HANDCRAFTED:  # nothing is learned outside the task's own training split
-        return {"checked": True, "leaked": False,
+        return {"checked": True, "leaked": own_leaked,
                 "note": f"{enc.method}: no pretraining data (fixed feature definitions; the probe sees only the "
-                        f"training split), no leakage check needed"}
+                        f"training split), no leakage check needed", **own}
     if enc.kind != "pretrained" and not pretrain_caches:
-        return {"checked": True, "leaked": False, "note": f"{enc.method}: no pretraining data"}
+        return {"checked": True, "leaked": own_leaked, "note": f"{enc.method}: no pretraining data", **own}
     pre, provenance = _pretraining_identities(enc, pretrain_caches)
     if not provenance:
         log.warning("leakage not checked for %s: its pretraining data is unknown (encoder.json has no "
                     "extra.pretrain_caches / pretrain_record_keys and no summary.json beside it; pass "
                     "pretrain_caches=[...])", enc.checkpoint)
-        return {"checked": False, "leaked": False, "note": "pretraining data unknown"}
-    out: dict[str, Any] = {"provenance": provenance}
+        return {"checked": False, "leaked": own_leaked, "note": "pretraining data unknown", **own}
+    out: dict[str, Any] = {"provenance": provenance, **own}
     parts = [("test", task, task.splits["test"]), ("val", task, task.splits["val"])]
     if external is not None:
         parts.append((f"external:{external.dataset}", external, external.splits["test"]))
     for name, t, rows in parts:
-        rep = check_leakage(pre, index_identities(t.cache.index, rows), allow=allow,
+        rep = check_leakage(pre, cache_identities(t.cache, rows), allow=allow,
                             what=f"{t.name} {name} split ({t.dataset})")
         out[name] = rep.to_dict()
     out["checked"] = True
@@ -1438,6 +1458,9 @@ def _save_cell_classifier(cell_file: Path, model: Any, task: TaskData, enc: Enco
                     f"value: early stopping / C chosen on it, so optimistic; no CI)":
                     round(float(cell["val_macro_auroc"]), 4)},
         extra={"trained_leads": [lead for lead, m in zip(CANONICAL_LEADS, seen) if m],
+               # records are given to it as this cell scored them (no leads derived from I and II), so that the
+               # API reproduces predictions_test.csv (ecgfm.artifacts.derives_limb_leads)
+               "derive_limb_leads": False,
                # the records it was trained / selected on ("source/record_id"), so that explain.py can say whether
                # a record it explains was among them (a training record's explanation is not a held-out one's)
                "training_records": _record_keys(task.cache, train_rows),

@@ -572,7 +572,9 @@ def build_external(spec: TaskSpec, task: TaskData, cache_root: str, preprocess: 
        ``notes``.
     2. Records that are also records (or patients) of the task's own splits (train, val or test; e.g. a CinC 2021
        ``HR*`` record that is a PTB-XL record of the head's training folds) are removed and counted: a record the
-       head was trained or selected on is no external evidence. The leakage guard only checks *pretraining* data.
+       head was trained or selected on is no external evidence. Records are matched by the leakage guard's
+       identities (:func:`~ecgfm.evaluate.leakage.cache_identities`: their files' real paths and contents too, so the
+       task's own folder read under the external source name is found).
     3. With ``params.exclude_task_corpus`` (default true), records drawn from the task's own corpus but absent
        from its splits (``HR*`` = PTB-XL records outside the prepared PTB-XL cache) are removed too and counted:
        same hospital, devices and annotators, so not external either.
@@ -591,7 +593,7 @@ def build_external(spec: TaskSpec, task: TaskData, cache_root: str, preprocess: 
     """
     import logging
 
-    from ecgfm.evaluate.leakage import index_identities
+    from ecgfm.evaluate.leakage import cache_identities
 
     log = logging.getLogger(__name__)
     params = dict(spec.params or {})
@@ -624,13 +626,13 @@ def build_external(spec: TaskSpec, task: TaskData, cache_root: str, preprocess: 
     index = ext.cache.index
     keys = ext.cache.keys
     task_rows = np.concatenate([task.splits[k] for k in ("train", "val", "test")])
-    task_ids = index_identities(task.cache.index, task_rows)
+    task_ids = cache_identities(task.cache, task_rows)   # file paths and contents too: any source name
     task_spaces = {i.split("/", 1)[0] for i in task_ids if i.startswith("rec:")}
     exclude_corpus = bool(params.get("exclude_task_corpus", True))
     row_of = {k: i for i, k in enumerate(keys)}
     hit: set[int] = set()
     corpus: set[int] = set()
-    for ident, carriers in index_identities(index).items():
+    for ident, carriers in cache_identities(ext.cache).items():
         space = ident.split("/", 1)[0]
         for key in carriers:
             row = row_of[key]

@@ -167,6 +167,7 @@ def test_classifier_of_a_one_lead_task_is_scored_as_it_was_trained(chain, lead_a
 
         clf.meta["lead_aware"] = lead_aware
         assert clf.meta["extra"]["trained_leads"] == ["II"]
+        assert clf.meta["extra"]["derive_limb_leads"] is False   # records given as its cell scored them
         x = records[0].signal[records[0].lead_mask]
         with pytest.raises(ECGDataError, match="trained on records with leads II"):
             clf.predict_proba(x, fs=records[0].fs, leads=["I"])
