@@ -92,8 +92,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from ecgfm.evaluate.leakage import LeakageError
 
     from ecgfm.config import ConfigError
+    from ecgfm.evaluate.tasks import TaskError
 
-    errors: list[type[BaseException]] = [EvaluationError, LeakageError, ECGDataError, ConfigError]
+    errors: list[type[BaseException]] = [EvaluationError, LeakageError, ECGDataError, ConfigError, TaskError]
     try:
         from ecgfm.artifacts import ArtifactError
 

@@ -58,6 +58,12 @@ SPLIT_KEYS = {"folds": ("key", "train", "val", "test"), "stratified": ("fraction
               "all": ()}
 
 
+class TaskError(ValueError):
+    """A task or an external set that cannot be built from its config and data (no class, no record with a label,
+    a bad split column, an unknown task...): the message names the task and what to change. A ``ValueError``, so
+    callers catching that keep working; ``probe.py`` / ``finetune.py`` print it as one ``error:`` line."""
+
+
 @dataclass
 class TaskSpec:
     """A downstream task (see the module docstring for every field)."""
@@ -191,7 +197,7 @@ def _label_fn(spec: TaskSpec, mapper: Any = None):
 
     task = spec.labels.split(":", 1)[1]
     if spec.label_root is None:
-        raise ValueError(f"task {spec.name}: labels {spec.labels!r} need label_root (the PTB-XL folder holding "
+        raise TaskError(f"task {spec.name}: labels {spec.labels!r} need label_root (the PTB-XL folder holding "
                          f"scp_statements.csv)")
     from ecgfm.data.readers import ptbxl_task_labels
 
@@ -238,12 +244,12 @@ def build_task(spec: TaskSpec, cache_root: str, preprocess: PreprocessSpec, clas
     index = cache.index
     notes: list[str] = []
     if mapper is not None and classes is None:
-        raise ValueError(f"task {spec.name}: translating SNOMED CT codes needs the training task's classes")
+        raise TaskError(f"task {spec.name}: translating SNOMED CT codes needs the training task's classes")
     label_fn = _label_fn(spec, mapper)
     if classes is not None:
         class_names = [str(c) for c in classes]
         if spec.classes is not None and list(map(str, spec.classes)) != class_names:
-            raise ValueError(f"task {spec.name}: its classes {list(spec.classes)} differ from the imposed label "
+            raise TaskError(f"task {spec.name}: its classes {list(spec.classes)} differ from the imposed label "
                              f"space {class_names}")
     elif spec.classes is not None:
         class_names = [str(c) for c in spec.classes]
@@ -256,7 +262,7 @@ def build_task(spec: TaskSpec, cache_root: str, preprocess: PreprocessSpec, clas
         if dropped:
             notes.append(f"classes with fewer than {spec.min_count} records dropped: {dropped}")
     if not class_names:
-        raise ValueError(f"task {spec.name}: no class found in the cache {cache_dir}")
+        raise TaskError(f"task {spec.name}: no class found in the cache {cache_dir}")
     if mapper is not None:  # the codes may come from a labels table keyed by record (CPSC 2018 REFERENCE.csv)
         codes = external_codes(spec, cache)
         col = {c: j for j, c in enumerate(class_names)}
@@ -288,11 +294,11 @@ def build_task(spec: TaskSpec, cache_root: str, preprocess: PreprocessSpec, clas
             from ecgfm.data.labelmaps import summary_lines
 
             why = "\n" + "\n".join(summary_lines(mapper.report(dict(zip(cache.keys, codes)))))
-        raise ValueError(f"task {spec.name}: no record of {cache_dir} has a label among {class_names}{why}")
+        raise TaskError(f"task {spec.name}: no record of {cache_dir} has a label among {class_names}{why}")
     if not spec.multilabel:
         multi = np.flatnonzero(y.sum(axis=1) > 1)
         if len(multi):
-            raise ValueError(f"task {spec.name} is single-label but {len(multi)} record(s) carry several classes "
+            raise TaskError(f"task {spec.name} is single-label but {len(multi)} record(s) carry several classes "
                              f"(e.g. {cache.keys[int(multi[0])]}); set multilabel: true")
     n_unlabelled = int((~labelled).sum())
     if n_unlabelled:
@@ -310,7 +316,7 @@ def build_task(spec: TaskSpec, cache_root: str, preprocess: PreprocessSpec, clas
         known = np.array([not is_unknown_patient(f) for f in folds], dtype=bool)
         if not (known & labelled).any():
             seen = sorted({str(k) for m in index["meta"] if isinstance(m, Mapping) for k in m})
-            raise ValueError(f"task {spec.name}: split.key {key!r} (folds split) is in the metadata of no labelled "
+            raise TaskError(f"task {spec.name}: split.key {key!r} (folds split) is in the metadata of no labelled "
                              f"record of {cache_dir}; the records' metadata keys: {seen[:20]}")
         sp = fold_split([folds[i] if labelled[i] else None for i in range(len(folds))],
                         train=spec.split.get("train", range(1, 9)), val=spec.split.get("val", (9,)),
@@ -335,7 +341,7 @@ def build_task(spec: TaskSpec, cache_root: str, preprocess: PreprocessSpec, clas
                           (str((m or {}).get(key, "") or "").strip().lower() for m in index["meta"])])
         odd = sorted({str(v) for v in names[labelled] if v not in ("train", "val", "test", "", "none", "nan")})
         if odd:
-            raise ValueError(f"task {spec.name}: split column {key!r} holds {odd[:5]} beside train / val / test "
+            raise TaskError(f"task {spec.name}: split column {key!r} holds {odd[:5]} beside train / val / test "
                              f"(also accepted: {', '.join(sorted(_SPLIT_NAMES))}); those labelled records would be "
                              f"in no split")
         missing = int((labelled & ~np.isin(names, ("train", "val", "test"))).sum())
@@ -348,7 +354,7 @@ def build_task(spec: TaskSpec, cache_root: str, preprocess: PreprocessSpec, clas
     try:   # every kind: published folds or a split column can put one patient on two sides too
         assert_disjoint_patients(splits, pids)
     except ValueError as exc:
-        raise ValueError(f"task {spec.name} ({kind} split of {cache_dir}): {exc}") from None
+        raise TaskError(f"task {spec.name} ({kind} split of {cache_dir}): {exc}") from None
     if classes is None and len(splits["train"]):
         y, class_names, splits = _drop_untrainable_classes(spec, y, class_names, splits, notes)
     _check_split_classes(spec, y, splits, class_names, notes, cache_dir,
@@ -380,7 +386,7 @@ def _drop_untrainable_classes(spec: TaskSpec, y: np.ndarray, class_names: list[s
     gone = [c for c, t in zip(class_names, trained) if not t]
     keep = np.flatnonzero(trained)
     if not len(keep):
-        raise ValueError(f"task {spec.name}: no class has a positive record in the train split")
+        raise TaskError(f"task {spec.name}: no class has a positive record in the train split")
     notes.append(f"class(es) {gone} have no positive record in the train split: left out of the task (a head "
                  f"cannot learn them; scored, they would put chance-level or seed-dependent AUROCs in the macro "
                  f"average)")
@@ -428,7 +434,7 @@ def _check_split_classes(spec: TaskSpec, y: np.ndarray, splits: Mapping[str, np.
                              f"negatives were recorded, delete {cache_dir} to prepare it again.")
             else:
                 hint = " Too few positives for the split: add positives or change the split."
-            raise ValueError(f"{what}: it can be neither trained nor scored.{hint}")
+            raise TaskError(f"{what}: it can be neither trained nor scored.{hint}")
         for outcome, n in (("positive", pos), ("negative", neg)):
             missing = [c for c, k in zip(class_names, n) if k == 0]
             if missing:
@@ -462,7 +468,7 @@ def label_map_task(spec: TaskSpec) -> str | None:
 
     task = value.split(":", 1)[1] if value.startswith("ptbxl:") else None
     if task not in PTBXL_TASKS:
-        raise ValueError(f"external set {spec.name}: params.label_map must be 'record' or 'ptbxl:<task>' with a task "
+        raise TaskError(f"external set {spec.name}: params.label_map must be 'record' or 'ptbxl:<task>' with a task "
                          f"of {PTBXL_TASKS}, got {value!r} (only PTB-XL tasks have an SCP <-> SNOMED CT mapping)")
     return task
 
@@ -512,7 +518,7 @@ def _cpsc2018_codes(path: str) -> dict[str, list[str]]:
     except csv.Error as exc:
         raise ECGDataError(path, f"malformed CSV: {exc}") from None
     if not rows:
-        raise ValueError(f"{path}: empty CPSC 2018 labels table")
+        raise TaskError(f"{path}: empty CPSC 2018 labels table")
     # the published file opens with a header row (Recording,First_label,...); a file without one starts with data
     first = 1 if rows[0] and not any(v.strip() in CPSC2018_NUMBERS or v.strip() in code_of for v in rows[0][1:]) \
         else 0
@@ -525,12 +531,12 @@ def _cpsc2018_codes(path: str) -> dict[str, list[str]]:
                 continue
             name = CPSC2018_CLASSES[CPSC2018_NUMBERS[value]] if value in CPSC2018_NUMBERS else value
             if name not in code_of:
-                raise ValueError(f"{path} line {lineno}: CPSC 2018 class {value!r} is neither 1-9 nor one of "
+                raise TaskError(f"{path} line {lineno}: CPSC 2018 class {value!r} is neither 1-9 nor one of "
                                  f"{list(CPSC2018_CLASSES)}")
             codes.append(code_of[name])
         rid = row[0].strip()
         if rid in line_of:
-            raise ValueError(f"{path} line {lineno}: record {rid!r} is listed again (first at line {line_of[rid]}); "
+            raise TaskError(f"{path} line {lineno}: record {rid!r} is listed again (first at line {line_of[rid]}); "
                              f"a record has one row")
         line_of[rid] = lineno
         out[rid] = sorted(set(codes))
@@ -598,19 +604,19 @@ def build_external(spec: TaskSpec, task: TaskData, cache_root: str, preprocess: 
     log = logging.getLogger(__name__)
     params = dict(spec.params or {})
     if spec.dataset == "cpsc2018" and not params.get("cpsc2018_reference"):
-        raise ValueError("eval_data=cpsc2018: the CPSC 2018 records carry no labels (the shared copy has no "
+        raise TaskError("eval_data=cpsc2018: the CPSC 2018 records carry no labels (the shared copy has no "
                          "REFERENCE.csv; see its PROVENANCE.md), so nothing can be scored. Give the official labels "
                          "table with eval_data.params.cpsc2018_reference=/path/to/REFERENCE.csv (Recording,First_label,"
                          "Second_label,Third_label; classes 1-9), or use eval_data=cinc2021")
     mapped_task = label_map_task(spec)
     task_labels = str(getattr(task.spec, "labels", "") or "")
     if mapped_task is not None and task_labels.startswith("ptbxl:") and task_labels != f"ptbxl:{mapped_task}":
-        raise ValueError(f"external set {spec.name}: params.label_map is 'ptbxl:{mapped_task}' but the task "
+        raise TaskError(f"external set {spec.name}: params.label_map is 'ptbxl:{mapped_task}' but the task "
                          f"{task.name} was trained on labels {task_labels!r}: the codes would be translated into "
                          f"another task's classes and matched to the head's by name; set "
                          f"eval_data.params.label_map={task_labels}")
     if params.get("cpsc2018_reference") and mapped_task is None:
-        raise ValueError(f"external set {spec.name}: params.cpsc2018_reference holds CPSC 2018 classes; it needs "
+        raise TaskError(f"external set {spec.name}: params.cpsc2018_reference holds CPSC 2018 classes; it needs "
                          f"params.label_map: ptbxl:<task> (a PTB-XL training task)")
     mapper = None
     if mapped_task is not None:
@@ -618,7 +624,7 @@ def build_external(spec: TaskSpec, task: TaskData, cache_root: str, preprocess: 
 
         root = params.get("label_root") or task.spec.label_root
         if not root:
-            raise ValueError(f"external set {spec.name}: translating SNOMED CT codes into PTB-XL {mapped_task} "
+            raise TaskError(f"external set {spec.name}: translating SNOMED CT codes into PTB-XL {mapped_task} "
                              f"classes needs the folder holding scp_statements.csv (params.label_root)")
         mapper = snomed_task_map(mapped_task, str(root), task.class_names)
     ext = build_task(spec, cache_root, preprocess, classes=task.class_names, workers=workers, progress=progress,
@@ -666,7 +672,7 @@ def build_external(spec: TaskSpec, task: TaskData, cache_root: str, preprocess: 
         for line in lines:
             log.info("external %s: %s", ext.dataset, line)
     if not len(kept):
-        raise ValueError(f"external set {spec.name}: no labelled record is left after excluding the task's own "
+        raise TaskError(f"external set {spec.name}: no labelled record is left after excluding the task's own "
                          f"records{' and those with an unknown label' if mapper is not None else ''} "
                          f"({'; '.join(ext.notes)})")
     ext.splits = {**ext.splits, "test": kept}
@@ -758,7 +764,7 @@ def load_task_spec(task: str | Mapping[str, Any], data_root: str = "../shared/da
             known = sorted(p.stem for p in folder.glob("*.yaml"))
             close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
             hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ValueError(f"unknown task {name!r}: no task file {path}{hint} (tasks in {folder}: "
+            raise TaskError(f"unknown task {name!r}: no task file {path}{hint} (tasks in {folder}: "
                              f"{', '.join(known) or 'none'})")
         cfg = OmegaConf.load(path)
         where = f"task {name!r} ({path})"
@@ -766,9 +772,9 @@ def load_task_spec(task: str | Mapping[str, Any], data_root: str = "../shared/da
     try:
         return TaskSpec.from_config(node.task)
     except ValueError as err:
-        raise ValueError(f"{where}: {err}") from None
+        raise TaskError(f"{where}: {err}") from None
     except Exception as err:  # omegaconf: an interpolation that does not resolve, a '???' value...
-        raise ValueError(f"{where}: cannot resolve the task config ({type(err).__name__}: {err})") from None
+        raise TaskError(f"{where}: cannot resolve the task config ({type(err).__name__}: {err})") from None
 
 
 def tasks_holdout_record_ids(tasks: Sequence[str | Mapping[str, Any]], parts: Sequence[str] = ("val", "test"),
@@ -800,10 +806,10 @@ def tasks_holdout_record_ids(tasks: Sequence[str | Mapping[str, Any]], parts: Se
     if isinstance(tasks, str):
         tasks = [tasks]
     if not tasks:
-        raise ValueError("tasks: give at least one task whose evaluation records to exclude")
+        raise TaskError("tasks: give at least one task whose evaluation records to exclude")
     bad = [p for p in parts if p not in SPLIT_PARTS]
     if bad or not parts:
-        raise ValueError(f"parts: expected a non-empty subset of {SPLIT_PARTS}, got {list(parts)}")
+        raise TaskError(f"parts: expected a non-empty subset of {SPLIT_PARTS}, got {list(parts)}")
     spec = _preprocess_spec(preprocess)
     specs = [load_task_spec(t, data_root, cache_root, task_dir) for t in tasks]  # every name checked first
     held: dict[str, set[str]] = {}

@@ -126,3 +126,22 @@ def test_class_names_spelled_two_ways_are_warned_about(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="ecgfm.data.readers.folder"):
         FolderSource(tmp_path, labels_csv=tmp_path / "labels.csv")
     assert not [r for r in caplog.records if "spells" in r.getMessage()]
+
+
+def test_a_task_that_cannot_be_built_is_one_error_line(capsys):
+    """build_task / build_external refused with clear ValueErrors that probe.py / finetune.py printed as tracebacks
+    (e.g. an external set that is the task's own folder: 'no labelled record is left ...')."""
+    import pytest
+
+    from ecgfm.errors import EXIT_USER_ERROR
+    from ecgfm.evaluate.sweep import run_cli
+    from ecgfm.evaluate.tasks import TaskError, load_task_spec
+
+    def main(_cfg):
+        load_task_spec("no_such_task")
+
+    with pytest.raises(TaskError):
+        main(None)
+    with pytest.raises(SystemExit) as got:
+        run_cli(main, None)
+    assert got.value.code == EXIT_USER_ERROR and "unknown task 'no_such_task'" in capsys.readouterr().err
