@@ -91,8 +91,23 @@ def leakage_status(cell: dict[str, Any]) -> str:
     return "ok" if rep.get("checked") else "unchecked"
 
 
+def _leakage_mark(cell: dict[str, Any]) -> str:
+    """The row label suffix of :func:`leakage_status`: the overlap named by what it is (pretraining data, or an
+    external set holding the task's own training / validation records, ``external:<set>/task_train_val``)."""
+    status = leakage_status(cell)
+    if status != "leaked":
+        return LEAKAGE_MARKS.get(status, "")
+    rep = cell.get("leakage") or {}
+    parts = [v for k, v in rep.items() if isinstance(v, dict) and v.get("leaked")]
+    only_task = bool(parts) and all(k.endswith("/task_train_val") for k, v in rep.items()
+                                    if isinstance(v, dict) and v.get("leaked"))
+    return LEAKAGE_MARKS["leaked_task" if only_task else "leaked"]
+
+
 #: row label suffix of a cell the leakage guard did not clear (:func:`leakage_status`)
-LEAKAGE_MARKS = {"leaked": " [LEAKED: pretraining data overlaps this split]", "unchecked": " [leakage not checked]"}
+LEAKAGE_MARKS = {"leaked": " [LEAKED: pretraining data overlaps an evaluated split]",
+                 "leaked_task": " [LEAKED: the external set overlaps the task's train / val records]",
+                 "unchecked": " [leakage not checked]"}
 
 
 def assign_labels(cells: list[dict[str, Any]]) -> None:
@@ -118,7 +133,7 @@ def assign_labels(cells: list[dict[str, Any]]) -> None:
             label += f"@{ck if ck.startswith('legacy-') else ck[:7]}"
         if len(recipes[(c.get("mode"), c.get("task"), c.get("method"), c.get("backbone"), ck)]) > 1:
             label += f" [recipe {rc[:7]}]"
-        c["label"] = label + LEAKAGE_MARKS.get(leakage_status(c), "")
+        c["label"] = label + _leakage_mark(c)
 
 
 def load_cells(results_dir: str | os.PathLike) -> list[dict[str, Any]]:

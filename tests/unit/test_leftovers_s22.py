@@ -145,3 +145,16 @@ def test_a_task_that_cannot_be_built_is_one_error_line(capsys):
     with pytest.raises(SystemExit) as got:
         run_cli(main, None)
     assert got.value.code == EXIT_USER_ERROR and "unknown task 'no_such_task'" in capsys.readouterr().err
+
+
+def test_rows_name_what_their_leakage_overlapped():
+    """An allowed overlap of an external set with the task's own train / val records was labelled 'pretraining
+    data overlaps this split'."""
+    task_only = {"leakage": {"checked": True, "leaked": True,
+                             "external:ext/task_train_val": {"leaked": True}, "test": {"leaked": False}}}
+    both = {"leakage": {"checked": True, "leaked": True,
+                        "external:ext/task_train_val": {"leaked": True}, "test": {"leaked": True}}}
+    assert "task's train / val" in R._leakage_mark(task_only)
+    assert "pretraining data" in R._leakage_mark(both)
+    assert R._leakage_mark({"leakage": {"checked": True, "leaked": False}}) == ""
+    assert R._leakage_mark({"leakage": {"checked": False, "leaked": False}}) == " [leakage not checked]"
