@@ -41,8 +41,8 @@ from torch import nn
 
 from ecgfm.artifacts import (EncoderClassifier, artifact_lead_aware, derive_trained_limb_leads, derives_limb_leads,
                              load_classifier, load_encoder, trained_leads_words, warn_record_leads)
-from ecgfm.data.preprocess import (PreprocessSpec, model_input_leads, preprocess_signal, preprocessed_spec,
-                                   recorded_span, sliding_windows, with_input_leads)
+from ecgfm.data.preprocess import (PreprocessSpec, kept_leads, model_input_leads, preprocess_signal,
+                                   preprocessed_spec, recorded_extent, sliding_windows, with_input_leads)
 from ecgfm.data.record import CANONICAL_LEADS, ECGDataError, ECGRecord, canonical_lead, map_leads
 
 __all__ = ["Encoder", "Classifier", "load_record"]
@@ -143,7 +143,7 @@ class _Model:
         if isinstance(leads, (str, bytes)):   # "II" read as ['I', 'I'] ("lead I appears twice"), "V1" as ['V', '1']
             raise ValueError(f"leads must be a list of names, e.g. ['II'], got the string {leads!r}"
                              + (f": pass leads=[{leads!r}]" if isinstance(leads, str) else ""))
-        if rename_leads is not None and not isinstance(signal, (str, os.PathLike)):
+        if rename_leads is not None and not _paths(signal):
             raise ValueError("rename_leads= renames the leads of a record file's header; an array names its rows "
                              "with leads=, and an ECGRecord has standard lead names already")
         if isinstance(signal, ECGRecord):
@@ -158,7 +158,7 @@ class _Model:
                 done = preprocessed_spec(signal, self._pre, "this artifact")
             return [self._prepare(signal.signal[mask], float(signal.fs), names, signal.key,
                                   preprocessed=done is not None)], [signal.key]
-        if isinstance(signal, (list, tuple)) and signal and all(isinstance(s, (str, os.PathLike)) for s in signal):
+        if isinstance(signal, (list, tuple)) and _paths(signal):
             # a list of record files: each read and prepared as one file is ("could not convert string to float")
             out: tuple[list[tuple[np.ndarray, np.ndarray]], list[str]] = ([], [])
             for path in signal:
@@ -348,10 +348,8 @@ def _trim_missing_edges(x12: np.ndarray, mask: np.ndarray, leads: Sequence[str] 
     windows, two of them made up); a file's or a record's are cut off as the cache path cuts them
     (:func:`ecgfm.data.preprocess.trim_unrecorded_edges`: one rule for every input; before 2026-12-07 only arrays
     were cut). NaN inside the record, or in some leads only, is left to preprocessing (interpolated)."""
-    rows = np.asarray(mask, dtype=bool)
-    if leads is not None:
-        rows = rows & np.isin(np.array(CANONICAL_LEADS), list(leads))
-    first, last = recorded_span(x12[rows]) if rows.any() else (0, x12.shape[-1])
+    rows = kept_leads(mask, leads)
+    first, last = recorded_extent(x12[rows]) if rows.any() else (0, x12.shape[-1])
     return x12 if (first, last) == (0, x12.shape[-1]) else x12[:, first:last]
 
 
@@ -418,6 +416,14 @@ def _transposed_hint(signal: Any, batch: Sequence[np.ndarray]) -> str | None:
     what = "the signal has" if fix == "signal.T" else "the signal's records have"
     return (f"{what} {rows} rows and {cols} columns: rows must be leads ((leads, samples)), and this looks like "
             f"(samples, leads): pass {fix}")
+
+
+def _paths(signal: Any) -> bool:
+    """Whether ``signal`` is a record file's path, or a non-empty list / tuple of them."""
+    if isinstance(signal, (str, os.PathLike)):
+        return True
+    return isinstance(signal, (list, tuple)) and bool(signal) and all(isinstance(s, (str, os.PathLike))
+                                                                       for s in signal)
 
 
 def _record_list(signal: Any) -> bool:
@@ -498,7 +504,8 @@ class Encoder(_Model):
             per_window: return every window's embedding instead of their mean.
             stride_samples: hop between windows at the model rate (default: the window, no overlap).
             batch_size: windows per forward pass.
-            rename_leads: for a record path: header lead name -> standard lead (see :func:`load_record`).
+            rename_leads: for a record path (or a list of them): header lead name -> standard lead (see
+                :func:`load_record`).
 
         Returns:
             ``(D,)`` for one record or ``(B, D)`` for a batch (float32); with ``per_window`` a ``(W, D)`` array
@@ -567,7 +574,8 @@ class Classifier(_Model):
             fs: the signal's sampling rate in Hz (read from the header / record for a path / record).
             leads: names of the signal's rows (default: the 12 standard leads in order I..V6).
             batch_size: windows per forward pass.
-            rename_leads: for a record path: header lead name -> standard lead (see :func:`load_record`).
+            rename_leads: for a record path (or a list of them): header lead name -> standard lead (see
+                :func:`load_record`).
 
         Returns:
             A ``(records, C)`` DataFrame of float64 probabilities, columns = :attr:`classes`, index = record

@@ -576,6 +576,12 @@ def derives_limb_leads(extra: Mapping[str, Any] | None) -> bool:
     cell's (up to 0.97 apart in probability on 3-lead records; its stored test predictions must be reproducible
     from it). Artifacts written before 2026-12-07 do not say: a sweep's (it names its cell's recipe,
     ``cell_recipe_id``) does not derive, any other does, as before.
+
+    Args:
+        extra: the artifact's ``extra`` block (None: none).
+
+    Returns:
+        True when absent limb leads are derived for this artifact.
     """
     extra = extra or {}
     if extra.get("derive_limb_leads") is not None:

@@ -360,14 +360,33 @@ def _warn_edge_spike(x: np.ndarray, rows: np.ndarray, fs: float, spec: "Preproce
                 float(ratio[j]), float(fs), float(spec.fs), 0.42 * float(ratio[j]))
 
 
-def recorded_span(sig: np.ndarray) -> tuple[int, int]:
+def kept_leads(mask: np.ndarray, leads: Sequence[str] | None) -> np.ndarray:
+    """``(12,)`` bool: the present leads of ``mask`` that a spec keeps (``PreprocessSpec.leads``; None: all).
+
+    Args:
+        mask: ``(12,)`` presence mask in the canonical lead order.
+        leads: the leads the preprocessing keeps, or None.
+    """
+    out = np.asarray(mask, dtype=bool).copy()
+    if leads is not None:
+        out &= np.isin(np.array(CANONICAL_LEADS), list(leads))
+    return out
+
+
+def recorded_extent(sig: np.ndarray) -> tuple[int, int]:
     """``[first, last)``: the samples of ``sig (rows, T)`` from the first to the last at which some row is finite.
 
     Leading and trailing samples missing (NaN / inf) in every row are not part of the record: the padding of
     records of unequal length stacked into one array, or a recording whose every lead is invalid at its start or
     end. Every input path cuts them off (:func:`trim_unrecorded_edges` for records, the API for arrays) rather than
-    filling them, so one record gives the model one input however it arrives. ``(0, T)`` when nothing is to cut
-    (or no sample is finite: that record is refused later as having no usable lead).
+    filling them, so one record gives the model one input however it arrives.
+
+    Args:
+        sig: ``(rows, T)`` signal (the rows of the present leads).
+
+    Returns:
+        ``(first, last)`` sample indices; ``(0, T)`` when nothing is to cut (or no sample is finite: that record is
+        refused later as having no usable lead).
     """
     t = int(sig.shape[-1])
     if sig.size == 0:
@@ -379,25 +398,27 @@ def recorded_span(sig: np.ndarray) -> tuple[int, int]:
 
 
 def trim_unrecorded_edges(record: ECGRecord, leads: Sequence[str] | None = None) -> ECGRecord:
-    """``record`` without the leading / trailing samples missing in every present lead (:func:`recorded_span`;
+    """``record`` without the leading / trailing samples missing in every present lead (:func:`recorded_extent`;
     with ``leads``, every present lead of those), its annotations and evidence moved with it; the record itself
     when there is nothing to cut. The header records what was cut (``header["trimmed_edge_samples"] = [head,
     tail]``, at the record's rate) and a log line says so.
+
+    Args:
+        record: a raw record (``signal (12, T)``, canonical lead order).
+        leads: the leads the preprocessing keeps (``PreprocessSpec.leads``; None: every present lead).
+
+    Returns:
+        The record, ``(12, T')`` with ``T' <= T``, annotations moved (:func:`_trim_annotations`).
     """
-    mask = np.asarray(record.lead_mask, dtype=bool)
-    if leads is not None:
-        mask = mask & np.isin(np.array(CANONICAL_LEADS), list(leads))
-    rows = np.flatnonzero(mask)
-    first, last = recorded_span(np.asarray(record.signal)[rows]) if len(rows) else (0, record.n_samples)
+    rows = np.flatnonzero(kept_leads(record.lead_mask, leads))
+    first, last = recorded_extent(np.asarray(record.signal)[rows]) if len(rows) else (0, record.n_samples)
     if (first, last) == (0, record.n_samples):
         return record
     n = last - first
     log.info("%s: its first %d and last %d samples are missing in every lead: cut off (not filled)",
              record.header.get("path", record.key), first, record.n_samples - last)
     evidence = None if record.evidence is None else record.evidence[:, first:last]
-    annotations = record.annotations
-    if annotations:
-        annotations = {k: _shift_samples(v, first, n) for k, v in annotations.items()}
+    annotations = _trim_annotations(record.annotations, first, n) if record.annotations else record.annotations
     header = {**record.header, "trimmed_edge_samples": [int(first), int(record.n_samples - last)]}
     return record.replace(signal=record.signal[:, first:last], evidence=evidence, annotations=annotations,
                           header=header)
@@ -663,9 +684,8 @@ def preprocess_signal(sig: np.ndarray, fs: float, mask: np.ndarray, spec: Prepro
         ValueError: a ``filter_design="ba"`` filter that is numerically unstable at this rate.
     """
     sig = np.asarray(sig, dtype=np.float32)
-    mask = np.asarray(mask, dtype=bool).copy()
-    if spec.leads is not None:   # leads the model does not read: absent from the start
-        mask &= np.isin(np.array(CANONICAL_LEADS), spec.leads)
+    mask = kept_leads(mask, spec.leads)   # leads the model does not read: absent from the start
+    if spec.leads is not None:
         if not mask.any():
             raise ECGDataError(where, f"none of the leads {list(spec.leads)} the preprocessing keeps is present")
     if sig.shape[-1] == 0:
@@ -761,10 +781,17 @@ def filters_not_acting(spec: PreprocessSpec, fs: float) -> list[str]:
 def filled_samples(sig: np.ndarray, mask: np.ndarray, leads: Sequence[str] | None = None) -> dict[str, int]:
     """``{lead: number of missing (NaN / inf) samples}`` of the present leads (of ``leads``) that
     :func:`preprocess_signal` fills by interpolation: leads with some finite sample only (an all-missing lead is
-    dropped, not filled); empty when nothing is filled."""
-    keep = np.asarray(mask, dtype=bool)
-    if leads is not None:
-        keep = keep & np.isin(np.array(CANONICAL_LEADS), list(leads))
+    dropped, not filled); empty when nothing is filled.
+
+    Args:
+        sig: ``(12, T)`` raw signal, canonical lead order.
+        mask: ``(12,)`` presence mask.
+        leads: the leads the preprocessing keeps (None: all).
+
+    Returns:
+        ``{lead name: number of missing samples}``.
+    """
+    keep = kept_leads(mask, leads)
     out: dict[str, int] = {}
     for j in np.flatnonzero(keep):
         bad = int((~np.isfinite(sig[j])).sum())
@@ -823,13 +850,51 @@ def preprocess_record(record: ECGRecord, spec: PreprocessSpec) -> ECGRecord:
 
 def _shift_samples(value: Any, offset: int, n_samples: int) -> Any:
     """Integer sample positions (as :func:`_rescale_samples` takes them) ``offset`` samples earlier, within
-    ``[0, n_samples)`` (positions in a cut-off part land on its edge, so paired arrays keep their lengths); negative
-    sentinels and non-integer annotations are kept as they are."""
+    ``[0, n_samples)``; negative sentinels and non-integer annotations are kept as they are."""
     arr = np.asarray(value)
     if arr.dtype.kind not in "iu" or arr.size == 0:
         return value
     moved = np.where(arr >= 0, np.clip(arr - offset, 0, n_samples - 1), arr).astype(arr.dtype)
     return moved.tolist() if isinstance(value, list) else moved
+
+
+def _trim_annotations(annotations: dict[str, Any], first: int, n_samples: int) -> dict[str, Any]:
+    """A record's annotations after cutting its first ``first`` samples and keeping ``n_samples``
+    (:func:`trim_unrecorded_edges`): what lay in a cut-off part is left out, not moved onto the edge (a beat there
+    would be made up).
+
+    * beats (``"sample"`` with arrays of the same length beside it: ``symbol``, ``aux_note``, the synthetic
+      corpus's per-beat wave onsets): the beats whose ``sample`` is cut off leave every such array; the integer
+      ones are moved (negative sentinels kept);
+    * other sample arrays (``r_peaks``): positions cut off are left out, the others moved;
+    * intervals (``[[start, end], ...]``, ``af_episodes``): moved and clipped to the record, those wholly cut off
+      left out;
+    * anything else is kept as it is.
+    """
+    out = dict(annotations)
+    beats = np.asarray(annotations.get("sample", []))
+    if beats.ndim == 1 and beats.dtype.kind in "iu" and beats.size:
+        keep = (beats >= first) & (beats < first + n_samples)
+        for k, v in annotations.items():
+            arr = np.asarray(v)
+            if arr.ndim == 1 and len(arr) == len(beats):
+                kept = arr[keep]
+                if kept.dtype.kind in "iu":
+                    kept = _shift_samples(kept, first, n_samples)
+                out[k] = kept.tolist() if isinstance(v, list) else kept
+    for k, v in annotations.items():
+        arr = np.asarray(v)
+        if out[k] is not v or arr.dtype.kind not in "iu" or arr.size == 0:
+            continue   # a beat array (done above), or not sample positions
+        if arr.ndim == 1:
+            moved = _shift_samples(arr[(arr < 0) | ((arr >= first) & (arr < first + n_samples))], first, n_samples)
+        elif arr.ndim == 2 and arr.shape[1] == 2:
+            moved = arr - first
+            moved = np.clip(moved[(moved[:, 1] >= 0) & (moved[:, 0] < n_samples)], 0, n_samples - 1)
+        else:
+            continue
+        out[k] = np.asarray(moved, dtype=arr.dtype).tolist() if isinstance(v, list) else np.asarray(moved, arr.dtype)
+    return out
 
 
 def _rescale_samples(value: Any, ratio: float, n_samples: int) -> Any:

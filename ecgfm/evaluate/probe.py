@@ -682,13 +682,13 @@ def run_probe_grid(data: ProbeData, fractions: Sequence[float], seeds: Sequence[
         raise ValueError(f"mode={mode!r} needs window embeddings (a FeatureSet), got {type(data.features).__name__}")
     for part in ("train", "val", "test"):
         if part not in data.splits or len(data.splits[part]) == 0:
-            from ecgfm.evaluate.tasks import _SPLIT_NAMES
+            from ecgfm.evaluate.tasks import SPLIT_NAMES
 
-            spelt = " / ".join([part, *sorted(k for k, v in _SPLIT_NAMES.items() if v == part)])
+            spelt = " / ".join([part, *sorted(k for k, v in SPLIT_NAMES.items() if v == part)])
             why = " (the probe chooses its hyper-parameter and F1 thresholds on them)" if part == "val" else ""
-            raise ConfigError("task.split", f"the task has no {part!r} records{why}: a split column "
-                                            f"(split={{kind: column, key: <column>}}) needs labelled rows marked "
-                                            f"{spelt}; a stratified split draws all three")
+            raise ConfigError("task.split", f"the task has no {part!r} records{why}: give the split one (a split "
+                                            f"column needs labelled rows marked {spelt}; folds need {part} folds "
+                                            f"holding labelled records; a stratified split draws all three)")
     check_probe_splits(data)
     fs, labels = data.features, np.asarray(data.labels, dtype=np.float32)
     if not data.multilabel:   # every row used must be one-hot (rows outside the splits are ignored)

@@ -80,8 +80,8 @@ def cell_identity(cell: dict[str, Any]) -> tuple[str, str]:
 
 
 def leakage_status(cell: dict[str, Any]) -> str:
-    """What the leakage guard said of a cell: ``leaked`` (pretraining data overlapped an evaluated split, kept with
-    ``allow_leakage=true``), ``unchecked`` (the encoder's pretraining data was unknown), ``ok``, or ``""`` (a cell
+    """What the leakage guard said of a cell: ``leaked`` (pretraining data overlapped an evaluated split, or an
+    external set held the task's own training / validation records, kept with ``allow_leakage=true``), ``unchecked`` (the encoder's pretraining data was unknown), ``ok``, or ``""`` (a cell
     written before the guard)."""
     rep = cell.get("leakage")
     if not isinstance(rep, dict):
@@ -98,9 +98,8 @@ def _leakage_mark(cell: dict[str, Any]) -> str:
     if status != "leaked":
         return LEAKAGE_MARKS.get(status, "")
     rep = cell.get("leakage") or {}
-    parts = [v for k, v in rep.items() if isinstance(v, dict) and v.get("leaked")]
-    only_task = bool(parts) and all(k.endswith("/task_train_val") for k, v in rep.items()
-                                    if isinstance(v, dict) and v.get("leaked"))
+    parts = [k for k, v in rep.items() if isinstance(v, dict) and v.get("leaked")]
+    only_task = bool(parts) and all(k.endswith("/task_train_val") for k in parts)
     return LEAKAGE_MARKS["leaked_task" if only_task else "leaked"]
 
 
@@ -1166,7 +1165,14 @@ def task_notes_markdown(cells: Iterable[dict[str, Any]]) -> str:
     for want of a training positive or of records, records in no split, patient-id caveats, classes without a
     positive in a split, an external set's exclusions: ``external_notes``), once per (task, data set), with how many of that task's
     cells carry each: a table row computed on a reduced class space or split says so beside the table, not only in
-    the log of the run that computed it. Empty when no cell has a note."""
+    the log of the run that computed it.
+
+    Args:
+        cells: result cells.
+
+    Returns:
+        The markdown section; empty when no cell has a note.
+    """
     notes: dict[tuple[str, str], dict[str, int]] = {}
     totals: dict[tuple[str, str], int] = {}
     for c in cells:

@@ -505,6 +505,14 @@ def external_task_check(task: TaskData, external: TaskData, allow: bool) -> dict
     :func:`~ecgfm.evaluate.tasks.build_external` already removes the task's own records by the same identities, so
     this finds nothing unless an external set was built otherwise; it is checked, and its verdict kept, anyway.
 
+    Args:
+        task: the task (its train and val rows are compared).
+        external: the external set (its scored, ``test``, rows).
+        allow: report an overlap instead of raising.
+
+    Returns:
+        ``{"external:<dataset>/task_train_val": LeakageReport.to_dict()}``.
+
     Raises:
         LeakageError: an overlap and ``allow`` is false.
     """

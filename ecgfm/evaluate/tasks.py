@@ -337,12 +337,12 @@ def build_task(spec: TaskSpec, cache_root: str, preprocess: PreprocessSpec, clas
         sp = {k: rows[v] for k, v in local.items()}
     elif kind == "column":
         key = spec.split.get("key", "split")
-        names = np.array([_SPLIT_NAMES.get(v, v) for v in
+        names = np.array([SPLIT_NAMES.get(v, v) for v in
                           (str((m or {}).get(key, "") or "").strip().lower() for m in index["meta"])])
         odd = sorted({str(v) for v in names[labelled] if v not in ("train", "val", "test", "", "none", "nan")})
         if odd:
             raise TaskError(f"task {spec.name}: split column {key!r} holds {odd[:5]} beside train / val / test "
-                             f"(also accepted: {', '.join(sorted(_SPLIT_NAMES))}); those labelled records would be "
+                             f"(also accepted: {', '.join(sorted(SPLIT_NAMES))}); those labelled records would be "
                              f"in no split")
         missing = int((labelled & ~np.isin(names, ("train", "val", "test"))).sum())
         if missing:
@@ -443,7 +443,7 @@ def _check_split_classes(spec: TaskSpec, y: np.ndarray, splits: Mapping[str, np.
 
 
 #: other spellings of the split names in a ``column`` split
-_SPLIT_NAMES = {"training": "train", "valid": "val", "validation": "val", "dev": "val", "testing": "test"}
+SPLIT_NAMES = {"training": "train", "valid": "val", "validation": "val", "dev": "val", "testing": "test"}
 
 
 # ------------------------------------------------------------------ external validation across label vocabularies

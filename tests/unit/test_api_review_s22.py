@@ -69,3 +69,5 @@ def test_a_list_of_record_files_is_a_batch(tmp_path):
 
     records = [read_wfdb(p) for p in paths]
     np.testing.assert_allclose(clf.predict_proba(records).to_numpy(), both.to_numpy(), atol=1e-6)
+    renamed = clf.predict_proba(paths, rename_leads={"V7": "V6"})   # a list of files takes rename_leads too
+    np.testing.assert_allclose(renamed.to_numpy(), both.to_numpy(), atol=1e-6)

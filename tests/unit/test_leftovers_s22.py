@@ -158,3 +158,22 @@ def test_rows_name_what_their_leakage_overlapped():
     assert "pretraining data" in R._leakage_mark(both)
     assert R._leakage_mark({"leakage": {"checked": True, "leaked": False}}) == ""
     assert R._leakage_mark({"leakage": {"checked": False, "leaked": False}}) == " [leakage not checked]"
+
+
+def test_patient_cells_and_split_columns_as_a_table_writes_them(tmp_path):
+    """Missing-value spellings were one patient shared by every such record; '12E3' / '1_000' were read as numbers;
+    a 'StratFold' / 'Split ID' column became a default label column (then refused as numbers other than 0/1)."""
+    import wfdb
+
+    from ecgfm.data.readers import FolderSource
+    from ecgfm.data.readers.folder import _patient_id
+
+    assert [_patient_id(c) for c in ("12", "12.0", " 007 ", "+3", "P012", "12E3", "1_000", "NaN", "NA", "null", "")] \
+        == ["12", "12", "7", "3", "P012", "12E3", "1_000", None, None, None, None]
+    rng = np.random.default_rng(0)
+    for name in ("a", "b", "c"):
+        wfdb.wrsamp(name, fs=100, units=["mV"], sig_name=["II"], p_signal=rng.normal(size=(300, 1)), fmt=["16"],
+                    adc_gain=[1000.0], baseline=[0], write_dir=str(tmp_path))
+    (tmp_path / "labels.csv").write_text("record_id,StratFold,af\na,1,1\nb,2,0\nc,10,1\n")
+    src = FolderSource(tmp_path, labels_csv=tmp_path / "labels.csv")
+    assert src.label_columns == ["af"] and src.load("c").meta["StratFold"] in ("10", 10)

@@ -18,7 +18,7 @@ import ecgfm
 from ecgfm.artifacts import save_encoder
 from ecgfm.backbones import create_backbone
 from ecgfm.data.cache import CorpusCache, prepare_corpus
-from ecgfm.data.preprocess import PreprocessSpec, preprocess_record, recorded_span, trim_unrecorded_edges
+from ecgfm.data.preprocess import PreprocessSpec, preprocess_record, recorded_extent, trim_unrecorded_edges
 from ecgfm.data.readers import read_wfdb
 from ecgfm.data.record import CANONICAL_LEADS, ECGRecord
 
@@ -51,10 +51,10 @@ def test_recorded_span():
     x = np.ones((2, 10))
     x[:, :3] = np.nan
     x[0, 8:] = np.nan   # one lead still recorded at the end
-    assert recorded_span(x) == (3, 10)
+    assert recorded_extent(x) == (3, 10)
     x[1, 9] = np.inf
-    assert recorded_span(x) == (3, 9)
-    assert recorded_span(np.full((2, 4), np.nan)) == (0, 4) and recorded_span(np.ones((1, 5))) == (0, 5)
+    assert recorded_extent(x) == (3, 9)
+    assert recorded_extent(np.full((2, 4), np.nan)) == (0, 4) and recorded_extent(np.ones((1, 5))) == (0, 5)
 
 
 def test_unrecorded_edges_are_cut_alike_on_every_input_path(tmp_path):
@@ -66,8 +66,14 @@ def test_unrecorded_edges_are_cut_alike_on_every_input_path(tmp_path):
     rec = rec.replace(signal=sig)
     cut = trim_unrecorded_edges(rec)
     assert cut.n_samples == 2500 - 450 and cut.header["trimmed_edge_samples"] == [300, 150]
-    assert cut.annotations["sample"].tolist() == [0, 100, 900, 2049] and len(cut.annotations["symbol"]) == 4
-    assert trim_unrecorded_edges(_raw()) is not None and trim_unrecorded_edges(_raw()).n_samples == 2500
+    # the beats at samples 10 and 2450 lay in the cut-off parts: left out with their symbols, not moved to the edges
+    assert cut.annotations["sample"].tolist() == [100, 900] and cut.annotations["symbol"].tolist() == ["N", "V"]
+    peaks = rec.replace(annotations={"r_peaks": np.array([5, 350, 2400]), "af_episodes": [[100, 500], [2300, 2490]],
+                                     "note": "x"})
+    got = trim_unrecorded_edges(peaks).annotations
+    assert got["r_peaks"].tolist() == [50] and got["af_episodes"] == [[0, 200], [2000, 2049]] and got["note"] == "x"
+    whole = _raw()
+    assert trim_unrecorded_edges(whole) is whole   # nothing to cut: the record itself
 
     spec = PreprocessSpec(fs=100.0)
     pre = preprocess_record(rec, spec)

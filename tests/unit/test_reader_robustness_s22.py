@@ -210,3 +210,22 @@ def test_an_upper_case_annotation_file_is_read(tmp_path):
     os.rename(tmp_path / "200.atr", tmp_path / "200.ATR")
     rec = MITBIHSource(tmp_path).load("200")
     assert rec.annotations["sample"].tolist() == list(range(100, 3500, 300))
+
+
+def test_upper_case_headers_are_found_without_listing_the_folder_per_record(tmp_path, monkeypatch):
+    """Each load of an ``X.HEA`` record listed its whole folder (quadratic in the folder's size)."""
+    from ecgfm.data.readers import formats
+
+    d = _digital(200, 1)
+    for i in range(5):
+        _write(tmp_path, f"r{i}", d, ["II"])
+        os.rename(tmp_path / f"r{i}.hea", tmp_path / f"r{i}.HEA")
+    calls = []
+    real = os.scandir
+    monkeypatch.setattr(formats.os, "scandir", lambda p: calls.append(p) or real(p))
+    for i in range(5):
+        assert header_path(tmp_path / f"r{i}").name == f"r{i}.HEA"
+    assert len(calls) == 1
+    _write(tmp_path, "late", d, ["II"])            # a file added afterwards is found (the folder changed)
+    os.rename(tmp_path / "late.hea", tmp_path / "late.HEA")
+    assert header_path(tmp_path / "late").name == "late.HEA"

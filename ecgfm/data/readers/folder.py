@@ -7,7 +7,6 @@ import math
 import os
 import posixpath
 import re
-from decimal import Decimal
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -52,7 +51,7 @@ def _column_key(name: str) -> str:
 _PATIENT_KEYS = frozenset(map(_column_key, PATIENT_COLUMNS))
 _NON_LABEL_KEYS = frozenset(map(_column_key, NON_LABEL_COLUMNS))
 
-_SPLIT_COLUMNS = frozenset({"split", "fold", "strat_fold"})
+_SPLIT_COLUMNS = frozenset({"split", "fold", "stratfold"})   # compared as _column_key: Split, StratFold, strat_fold
 #: Cells of a labels CSV's ``sex`` column read as unknown (None), as an empty cell (compared lower-cased).
 UNKNOWN_SEX = frozenset({"unknown", "unk", "u", "na", "n/a", "none", "null", "?"})
 #: Cells of a labels CSV's ``sex`` column that name a sex other than male / female (compared lower-cased): read as
@@ -98,20 +97,20 @@ def _is_true(value: str) -> bool:
 
 
 def _patient_id(cell: str) -> str | None:
-    """A patient cell as the record's patient id: None when empty; a whole number by value, as
-    :func:`~ecgfm.data.readers.ptbxl.ptbxl_patient` reads PTB-XL's (``"12"``, ``"12.0"`` and ``"1.2e1"`` are patient
-    ``"12"``: a table saved through a spreadsheet or pandas writes ``12.0``, and one patient must not be two in a
-    patient-level split); any other cell as written (``"P012"``)."""
+    """A patient cell as the record's patient id: None when empty or a missing-value spelling (``NaN``, ``NA``,
+    ``null``: unknown, the record is its own patient, not one patient shared by every such record); a whole number
+    by value, as :func:`~ecgfm.data.readers.ptbxl.ptbxl_patient` reads PTB-XL's (``"12"`` and ``"12.0"`` are
+    patient ``"12"``: a table saved through a spreadsheet or pandas writes ``12.0``, and one patient must not be two
+    in a patient-level split); any other cell as written (``"P012"``, ``"12E3"``, ``"1_000"``)."""
     s = str(cell).strip()
-    if not s:
+    if not s or _is_missing(s):
         return None
-    try:
-        number = Decimal(s)
-    except ArithmeticError:   # decimal.InvalidOperation: not a number
-        return s
-    if number.is_finite() and number.adjusted() < 40 and number == number.to_integral_value():
-        return str(int(number))
-    return s
+    m = _WHOLE_NUMBER.fullmatch(s)
+    return str(int(m.group(1))) if m else s
+
+
+#: A whole number as a table writes it: digits, optionally signed, optionally with a zero fraction (``12.0``).
+_WHOLE_NUMBER = re.compile(r"([+-]?[0-9]+)(?:\.0*)?")
 
 
 class FolderSource:
@@ -296,7 +295,7 @@ class FolderSource:
             # a patient-like column is left out also when it is not the patient column (patient_column given, or
             # ''): its ids read as class names would make every patient a class
             label_columns = [c for c in columns
-                             if c not in (id_column, patient_column) and c.lower() not in _SPLIT_COLUMNS
+                             if c not in (id_column, patient_column) and _column_key(c) not in _SPLIT_COLUMNS
                              and _column_key(c) not in _NON_LABEL_KEYS]
             skipped = [c for c in columns if c not in label_columns and c != id_column]
             log.info("%s: label columns %s (by default every column but the id, patient, split and demographic "
