@@ -237,11 +237,28 @@ def index_identities(index: pd.DataFrame, rows: Sequence[int] | np.ndarray | Non
     else:
         paths = [None] * len(sub)
     content = content or {}
+    if content and any(p and not os.path.isabs(p) for p in paths):
+        # a source given a relative root (Python, not the command line, which makes config paths absolute) wrote
+        # relative header paths; the cache fingerprinted the same files under their absolute paths: found there
+        by_name: dict[str, list[str]] = {}
+        for f in content:
+            by_name.setdefault(os.path.basename(f), []).append(f)
+        paths = [_absolute_from(p, by_name) for p in paths]
     for src, rid, pid, meta, path in zip(sub["source"], sub["record_id"], pids, metas, paths):
         digest = content.get(os.path.abspath(path)) if path and content and os.path.isabs(path) else None
         for ident in record_identities(src, rid, pid, meta if isinstance(meta, Mapping) else None, path, digest):
             out.setdefault(ident, []).append(f"{src}/{rid}")
     return out
+
+
+def _absolute_from(path: str | None, by_name: Mapping[str, list[str]]) -> str | None:
+    """A relative record path made absolute by the one fingerprinted file (``by_name``: base name -> absolute
+    paths) that ends with it; the path unchanged when it is absolute, None, or matches no file or several."""
+    if not path or os.path.isabs(path):
+        return path
+    tail = os.sep + os.path.normpath(path).lstrip(os.sep)
+    found = [f for f in by_name.get(os.path.basename(path), []) if f.endswith(tail)]
+    return found[0] if len(found) == 1 else path
 
 
 def cache_identities(cache: Any, rows: Sequence[int] | np.ndarray | None = None) -> dict[str, list[str]]:

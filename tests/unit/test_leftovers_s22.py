@@ -177,3 +177,25 @@ def test_patient_cells_and_split_columns_as_a_table_writes_them(tmp_path):
     (tmp_path / "labels.csv").write_text("record_id,StratFold,af\na,1,1\nb,2,0\nc,10,1\n")
     src = FolderSource(tmp_path, labels_csv=tmp_path / "labels.csv")
     assert src.label_columns == ["af"] and src.load("c").meta["StratFold"] in ("10", 10)
+
+
+def test_a_cache_of_a_source_with_a_relative_root_has_file_identities(tmp_path, monkeypatch):
+    """A source given a relative root wrote relative header paths, which gave no file: / content: identity (the
+    leakage guard then matched by source name only)."""
+    import wfdb
+
+    from ecgfm.data.cache import CorpusCache, prepare_corpus
+    from ecgfm.data.readers import FolderSource
+    from ecgfm.evaluate.leakage import cache_identities
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        wfdb.wrsamp(name, fs=100, units=["mV", "mV"], sig_name=["I", "II"], p_signal=rng.normal(size=(500, 2)),
+                    fmt=["16", "16"], write_dir="data")
+    prepare_corpus([FolderSource(root="data")], "c", spec=None, workers=0, progress=False)
+    cache = CorpusCache("c")
+    assert cache.index["header"].iloc[0]["path"] == "data/a.hea"                  # relative, as the source wrote it
+    ids = {k for k in cache_identities(cache) if k.startswith(("file:", "content:"))}
+    assert f"file:{tmp_path.resolve() / 'data' / 'a.hea'}" in ids and sum(k.startswith("content:") for k in ids) == 2
