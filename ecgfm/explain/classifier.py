@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ecgfm import artifacts
-from ecgfm.artifacts import HEADS, EncoderClassifier, artifact_lead_aware, head_description
+from ecgfm.artifacts import HEADS, EncoderClassifier, head_description
 from ecgfm.data.preprocess import PreprocessSpec
 from ecgfm.data.record import CANONICAL_LEADS, ECGDataError
 from ecgfm.evaluate.metrics import macro_auroc_ci
@@ -87,17 +87,7 @@ def is_classifier_dir(path: str | os.PathLike) -> bool:
 
 def wrapper_from_artifact(model: nn.Module, spec: PreprocessSpec | None, meta: Mapping[str, Any]) -> ECGWrapper:
     """An :class:`ECGWrapper` around a loaded classifier artifact (:func:`ecgfm.artifacts.load_classifier`)."""
-    inp = meta.get("input") or {}
-    fs = float(inp["fs"])
-    return ECGWrapper(model, fs=fs, lead_names=tuple(inp.get("leads") or CANONICAL_LEADS),
-                      # saved with preprocess=None: the API reads it with the raw spec (flat leads masked), so here too
-                      preprocess=spec if spec is not None else PreprocessSpec.raw(fs),
-                      postprocess="sigmoid" if meta.get("multilabel") else "softmax",
-                      class_names=meta.get("classes"), n_samples=inp.get("window_samples"),
-                      encoder=getattr(model, "encoder", None), window="center",
-                      lead_aware=artifact_lead_aware(meta),   # as trained, read as the API reads it
-                      thresholds=meta.get("thresholds") if meta.get("multilabel") else None,
-                      trained_leads=(meta.get("extra") or {}).get("trained_leads"))
+    return ECGWrapper.from_classifier(model, spec, meta, window="center")
 
 
 def load_classifier(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> ECGWrapper:

@@ -221,6 +221,10 @@ def compare_with_random(wrapper: ECGWrapper, inputs: Tensor, attribution: Attrib
         ``{"deletion_aopc", "random_deletion_aopc", "deletion_aopc_gain", "insertion_auc",
         "random_insertion_auc", "insertion_auc_gain"}`` each a :func:`mean_ci` dict over records (gains are
         paired per record: method minus the mean of ``n_random`` random attributions; > 0 beats random),
+        ``"score_record"`` / ``"score_baseline"`` (:func:`mean_ci` of the tracked score of the record and of the
+        record with every segment replaced by the baseline: the two ends of the curves), ``"n_baseline_above"``
+        (records whose baseline scores above the record itself: for them insertion starts above where it ends, so
+        a larger insertion AUC is no longer better, and deletion's drop can be negative for any map),
         ``"output"`` (the score tracked: ``"logit"`` or ``"proba"``), plus ``"curves"`` with the raw tensors.
     """
     if target is None and isinstance(attribution, Attribution):
@@ -237,6 +241,9 @@ def compare_with_random(wrapper: ECGWrapper, inputs: Tensor, attribution: Attrib
         res[f"random_{mode}_{key}"] = mean_ci(rnd_mean)
         res[f"{mode}_{key}_gain"] = mean_ci(own[key] - rnd_mean)
         res["curves"][mode] = {"method": own["curve"], "random": rnd_mean, "fractions": own["fractions"]}
+    ends = res["curves"]["deletion"]["method"]                             # (B, K+1): f(x) ... f(baseline)
+    res["score_record"], res["score_baseline"] = mean_ci(ends[:, 0]), mean_ci(ends[:, -1])
+    res["n_baseline_above"] = int((ends[:, -1] > ends[:, 0]).sum())
     return res
 
 

@@ -380,7 +380,10 @@ def explain_records(wrapper: ECGWrapper, records: Sequence[ECGRecord], out_dir: 
                                else "signed attribution (most supporting first)")
                             + " (ties in a random order drawn from the record) and replaced by the record's own "
                             "smoothed baseline; *_gain = method minus the mean of random attributions (> 0 beats "
-                            "random); each method's faithfulness.order says which order it used",
+                            "random); each method's faithfulness.order says which order it used; score_record / "
+                            "score_baseline: the tracked score of the record and of its baseline (the curves' ends): "
+                            "where the baseline scores above the record (n_baseline_above), insertion reads "
+                            "backwards (a larger AUC is not better) and the console says so",
         },
     }
     for record in records:
@@ -446,6 +449,10 @@ def explain_records(wrapper: ECGWrapper, records: Sequence[ECGRecord], out_dir: 
                                            "per_wave": _wave_summary(att, windows, recorded)}
                 if att.delta is not None:
                     summary["convergence_delta_abs"] = float(att.delta.abs().max())
+                    # completeness error on the scale of what the attributions explain, f(x) - f(baseline) =
+                    # sum of attributions - delta (an absolute 1.09 says nothing without it)
+                    explained = (att.values.flatten(1).sum(1) - att.delta).abs()
+                    summary["convergence_delta_rel"] = float((att.delta.abs() / explained.clamp_min(1e-12)).max())
                 if not bool(att.values.abs().gt(0).any()):
                     # e.g. Grad-CAM's ReLU when the layer holds no positive evidence for the class
                     summary["warning"] = "all-zero attribution: the method found no evidence for this class"
@@ -822,6 +829,9 @@ def explain_main(cfg: Any) -> dict[str, Any]:
                 g = f["deletion_aopc_gain"]
                 scored = f"{f['output']}, " if f.get("output") else ""   # the score the curves tracked
                 line += (f"  deletion AOPC gain vs random ({scored}this record, {g['n']} record) {g['mean']:+.3f}")
+                if f.get("n_baseline_above"):
+                    line += (f" [its baseline scores above the record ({f['score_baseline']['mean']:.3g} > "
+                             f"{f['score_record']['mean']:.3g}): insertion AUC reads backwards]")
             print(line)
     (out_dir / "report.json").write_text(json.dumps(_jsonable(report), indent=2))   # with the membership
     print(f"report: {out_dir / 'report.json'}")

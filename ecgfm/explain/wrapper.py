@@ -23,7 +23,7 @@ import contextlib
 import logging
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -335,18 +335,7 @@ class ECGWrapper(nn.Module):
         kind = artifact_kind(path)
         if kind == "classifier":
             model, spec, meta = load_classifier(path, map_location=map_location)
-            inp = meta.get("input") or {}
-            args = {"fs": float(inp["fs"]), "lead_names": tuple(inp.get("leads") or CANONICAL_LEADS),
-                    # saved with preprocess=None: the API reads it with the raw spec (flat leads masked), so here too
-                    "preprocess": spec if spec is not None else PreprocessSpec.raw(float(inp["fs"])),
-                    "postprocess": "sigmoid" if meta.get("multilabel") else "softmax",
-                    "class_names": meta.get("classes"), "n_samples": inp.get("window_samples"),
-                    # as the API reads it (null / absent: the encoder's pretraining setting, else true)
-                    "encoder": model.encoder, "lead_aware": artifact_lead_aware(meta),
-                    "thresholds": meta.get("thresholds") if meta.get("multilabel") else None,
-                    "trained_leads": (meta.get("extra") or {}).get("trained_leads"),
-                    "derive_limb_leads": derives_limb_leads(meta.get("extra")), **kwargs}
-            return cls(model, **args)
+            return cls.from_classifier(model, spec, meta, **kwargs)
         if kind == "encoder" or path.is_dir() or path.suffix == ".json":
             try:
                 backbone, spec, info = load_encoder(path, map_location=map_location)
@@ -681,6 +670,35 @@ class ECGWrapper(nn.Module):
         full[idx], mask[idx] = rows, present
         out, out_fs, _ = preprocess_signal(full, fs, mask, spec, where)
         return out[idx], out_fs
+
+    @classmethod
+    def from_classifier(cls, model: nn.Module, spec: PreprocessSpec | None, meta: Mapping[str, Any],
+                        **kwargs: Any) -> "ECGWrapper":
+        """A wrapper around a loaded classifier artifact (:func:`ecgfm.artifacts.load_classifier`), reading it as
+        :class:`ecgfm.api.Classifier` does: rate, leads, preprocessing, lead awareness, thresholds, training leads
+        and whether absent limb leads are derived (:func:`ecgfm.artifacts.derives_limb_leads`). The one place both
+        :meth:`from_checkpoint` and :func:`ecgfm.explain.classifier.wrapper_from_artifact` build it (the latter
+        left the derivation rule out: a sweep's classifier was explained on limb leads its API never computes).
+
+        Args:
+            model: the loaded classifier (an :class:`~ecgfm.artifacts.EncoderClassifier`).
+            spec: its preprocessing (None: the raw spec, as the API reads it).
+            meta: its ``classifier.json``.
+            **kwargs: override any :class:`ECGWrapper` argument.
+        """
+        inp = meta.get("input") or {}
+        fs = float(inp["fs"])
+        args = {"fs": fs, "lead_names": tuple(inp.get("leads") or CANONICAL_LEADS),
+                # saved with preprocess=None: the API reads it with the raw spec (flat leads masked), so here too
+                "preprocess": spec if spec is not None else PreprocessSpec.raw(fs),
+                "postprocess": "sigmoid" if meta.get("multilabel") else "softmax",
+                "class_names": meta.get("classes"), "n_samples": inp.get("window_samples"),
+                # as the API reads it (null / absent: the encoder's pretraining setting, else true)
+                "encoder": getattr(model, "encoder", None), "lead_aware": artifact_lead_aware(meta),
+                "thresholds": meta.get("thresholds") if meta.get("multilabel") else None,
+                "trained_leads": (meta.get("extra") or {}).get("trained_leads"),
+                "derive_limb_leads": derives_limb_leads(meta.get("extra")), **kwargs}
+        return cls(model, **args)
 
     # ------------------------------------------------------------------ layers
     def layer_names(self) -> list[str]:

@@ -71,3 +71,16 @@ def test_a_list_of_record_files_is_a_batch(tmp_path):
     np.testing.assert_allclose(clf.predict_proba(records).to_numpy(), both.to_numpy(), atol=1e-6)
     renamed = clf.predict_proba(paths, rename_leads={"V7": "V6"})   # a list of files takes rename_leads too
     np.testing.assert_allclose(renamed.to_numpy(), both.to_numpy(), atol=1e-6)
+
+
+def test_explain_py_loads_a_sweep_classifier_without_deriving(tmp_path):
+    """explain.py's loader (wrapper_from_artifact) built its wrapper without the derivation rule: a sweep's
+    classifier was explained on III / aVR / aVL / aVF made from I and II (STTC 0.987 explained where the API gave
+    NORM 1.000)."""
+    from ecgfm.explain.report import load_model
+
+    _classifier(tmp_path, {"trained_leads": list(CANONICAL_LEADS), "derive_limb_leads": False,
+                           "cell_recipe_id": "r"})
+    assert load_model(str(tmp_path / "clf")).derive_limb_leads is False
+    _classifier(tmp_path / "imp", {"trained_leads": list(CANONICAL_LEADS), "derive_limb_leads": True})
+    assert load_model(str(tmp_path / "imp" / "clf")).derive_limb_leads is True

@@ -199,3 +199,32 @@ def test_a_cache_of_a_source_with_a_relative_root_has_file_identities(tmp_path, 
     assert cache.index["header"].iloc[0]["path"] == "data/a.hea"                  # relative, as the source wrote it
     ids = {k for k in cache_identities(cache) if k.startswith(("file:", "content:"))}
     assert f"file:{tmp_path.resolve() / 'data' / 'a.hea'}" in ids and sum(k.startswith("content:") for k in ids) == 2
+
+
+def test_faithfulness_reports_the_curves_ends_and_a_baseline_above_the_record():
+    """Insertion AUC was called 'higher = better' also where the baseline scored above the record (the demo's
+    smoothed baseline: logit 2.56 against 0.90), where deletion and insertion then ranked methods oppositely."""
+    import torch
+    from torch import nn
+
+    from ecgfm.explain.faithfulness import compare_with_random
+    from ecgfm.explain.wrapper import ECGWrapper
+
+    class Energy(nn.Module):   # logit of class 1 = energy of lead 2 in samples 50-100
+        def forward(self, x):
+            e = (x[:, 2, 50:100] ** 2).mean(-1)
+            return torch.stack([-e, e], 1)
+
+    w = ECGWrapper(Energy(), fs=100.0, postprocess=None)
+    x = torch.randn(3, 12, 200, generator=torch.Generator().manual_seed(0))
+    values = torch.zeros_like(x)
+    values[:, 2, 50:100] = 1.0
+    target = torch.ones(3, dtype=torch.long)
+    res = compare_with_random(w, x, values, target, n_random=1, steps=5, baseline="zeros")
+    energy = (x[:, 2, 50:100] ** 2).mean(-1)
+    assert abs(res["score_record"]["mean"] - float(energy.mean())) < 1e-5
+    assert abs(res["score_baseline"]["mean"]) < 1e-6 and res["n_baseline_above"] == 0
+    # the class whose score rises as the evidence goes (logit 0 = -energy): its baseline scores above the record
+    flipped = compare_with_random(w, x, values, torch.zeros(3, dtype=torch.long), n_random=1, steps=5,
+                                  baseline="zeros")
+    assert flipped["n_baseline_above"] == 3
