@@ -15,6 +15,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import os
@@ -216,6 +218,25 @@ def remove_stale_temporaries(out_dir: str | os.PathLike) -> None:
             pass
 
 
+def cache_digest(cache_dir: str | os.PathLike) -> str | None:
+    """A short digest of what a corpus cache holds now: its manifest's ``index.jsonl`` and ``records.npy`` sha256
+    (the records, their labels and their samples); None for a folder without a readable manifest.
+
+    A cache's folder name hashes its sources and preprocessing, not its records: prepared again in place after a
+    file was repaired, added or removed, it keeps its name with other records (every record's position moved).
+
+    Args:
+        cache_dir: a :class:`~ecgfm.data.cache.CorpusCache` folder.
+    """
+    try:
+        files = json.loads((Path(cache_dir) / "manifest.json").read_text(encoding="utf-8")).get("files") or {}
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not files.get("index.jsonl") or not files.get("records.npy"):
+        return None
+    return hashlib.sha256(f"{files['index.jsonl']}:{files['records.npy']}".encode()).hexdigest()[:16]
+
+
 class DataFacts(L.Callback):
     """Saves the training data's sampling rate and crop in every checkpoint, and refuses to resume a checkpoint
     trained on another rate or crop (Lightning's callback ``state_dict`` / ``load_state_dict``).
@@ -246,6 +267,7 @@ class DataFacts(L.Callback):
         self.mixture = dict(mixture or {})
         self.deliberate = bool(deliberate)
         self.seen_caches = list(self.caches)
+        self.digests = {c: cache_digest(c) for c in self.caches}
         self.start_step: int | None = None   # the global step fit started from (a resumed run: the checkpoint's)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -253,7 +275,7 @@ class DataFacts(L.Callback):
 
     def state_dict(self) -> dict[str, Any]:
         return {**self.facts, "caches": list(self.caches), "seen_caches": list(self.seen_caches),
-                "mixture": dict(self.mixture)}
+                "mixture": dict(self.mixture), "cache_digests": {Path(c).name: d for c, d in self.digests.items()}}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._check_rate(state_dict)
@@ -264,6 +286,11 @@ class DataFacts(L.Callback):
             diffs = ([f"caches {names(old)} -> {names(self.caches)}"] if names(old) != names(self.caches) else []) \
                 + [f"data.{k}: {was.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(was) | set(now))
                    if was.get(k) != now.get(k)]
+            # same folder names, other records: the cache was prepared again in place (a repaired or new file)
+            saved = state_dict.get("cache_digests") or {}
+            diffs += [f"cache {Path(c).name} was prepared again since (its records changed: the sampler's "
+                      f"positions would draw other records)" for c, d in self.digests.items()
+                      if saved.get(Path(c).name) is not None and d is not None and saved[Path(c).name] != d]
             if diffs:
                 raise ConfigError("resume", f"the run in this folder was trained on other data ({'; '.join(diffs)});"
                                             " continuing it would mix two data sets. Use another hydra.run.dir, "

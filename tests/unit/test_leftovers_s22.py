@@ -228,3 +228,28 @@ def test_faithfulness_reports_the_curves_ends_and_a_baseline_above_the_record():
     flipped = compare_with_random(w, x, values, torch.zeros(3, dtype=torch.long), n_random=1, steps=5,
                                   baseline="zeros")
     assert flipped["n_baseline_above"] == 3
+
+
+def test_a_run_does_not_resume_on_a_cache_prepared_again_with_other_records(tmp_path):
+    """A cache prepared again in place (a repaired file: 23 -> 24 records) kept its folder name, and a killed run
+    resumed on it with exit 0: every record's position had moved, so the sampler drew other records."""
+    import json
+
+    import pytest
+
+    from ecgfm.config import ConfigError
+    from ecgfm.train.checkpoints import DataFacts, cache_digest
+
+    cache = tmp_path / "folder-4c45d1e24da5"
+    cache.mkdir()
+    (cache / "manifest.json").write_text(json.dumps({"files": {"index.jsonl": "a" * 64, "records.npy": "b" * 64}}))
+    first = DataFacts(100.0, 2.5, 250, caches=[cache])
+    state = first.state_dict()
+    assert cache_digest(cache) and state["cache_digests"] == {cache.name: cache_digest(cache)}
+    DataFacts(100.0, 2.5, 250, caches=[cache]).load_state_dict(state)          # the same records: resumes
+    (cache / "manifest.json").write_text(json.dumps({"files": {"index.jsonl": "c" * 64, "records.npy": "b" * 64}}))
+    with pytest.raises(ConfigError, match="prepared again since"):
+        DataFacts(100.0, 2.5, 250, caches=[cache]).load_state_dict(state)
+    DataFacts(100.0, 2.5, 250, caches=[cache], deliberate=True).load_state_dict(state)   # resume= on purpose
+    del state["cache_digests"]                                                 # a checkpoint written before
+    DataFacts(100.0, 2.5, 250, caches=[cache]).load_state_dict(state)
