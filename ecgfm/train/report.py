@@ -40,6 +40,11 @@ def final_block(summary: Mapping[str, Any]) -> str:
               if (Path(str(summary.get("out_dir"))) / "train.log").is_file() else []),
             ("summary", str(Path(str(summary.get("out_dir"))) / "summary.json")),
             ("checkpoint", summary.get("last_checkpoint") or "none")]
+    counts = summary.get("records") or {}
+    if counts.get("train") is not None:
+        left = counts.get("skipped_while_preparing")
+        rows.append(("records", f"{counts['train']} training, {counts.get('val')} validation"
+                                + (f"; {left} left out while preparing the caches (their skipped.csv)" if left else "")))
     if summary.get("nonfinite_records_skipped"):
         rows.append(("skipped", f"{summary['nonfinite_records_skipped']} record(s) with non-finite values "
                                 "(nonfinite=skip; keys in summary.json)"))

@@ -28,7 +28,7 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import lightning as L
 import torch
@@ -192,6 +192,31 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         lock.__exit__(None, None, None)
 
 
+def record_counts(datamodule: Any, cache_dirs: Sequence[str] | None) -> dict[str, int | None]:
+    """What a run trained on: ``{"train", "val"}`` records of the datamodule's split (None where it does not say)
+    and ``"skipped_while_preparing"``, the records its caches left out (unreadable, no standard lead: each cache's
+    ``skipped.csv``), from their manifests (None without one).
+
+    Args:
+        datamodule: the fitted datamodule (:class:`~ecgfm.data.datamodules.PretrainDataModule` holds
+            ``train_pools`` / ``val_indices``).
+        cache_dirs: its cache folders.
+    """
+    pools = getattr(datamodule, "train_pools", None)
+    val = getattr(datamodule, "val_indices", None)
+    skipped: int | None = 0
+    for c in cache_dirs or []:
+        try:
+            n = json.loads((Path(c) / "manifest.json").read_text(encoding="utf-8"))["counts"]["skipped"]
+        except (OSError, ValueError, KeyError, TypeError):
+            skipped = None
+            break
+        skipped += int(n)
+    return {"train": None if pools is None else int(sum(len(p) for p in pools)),
+            "val": None if val is None else int(len(val)),
+            "skipped_while_preparing": skipped if cache_dirs else None}
+
+
 def _train(cfg: DictConfig) -> dict[str, Any]:
     """:func:`train`'s work, in its run folder (locked by rank 0)."""
     from lightning.pytorch.utilities import rank_zero_only
@@ -343,6 +368,7 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         "out_dir": str(out_dir),
         "log_dir": log_dir(trainer.logger),
         "cache_dirs": cache_dirs,
+        "records": record_counts(datamodule, cache_dirs),
         "fs": fs,
         "crop_seconds": float(cfg.crop_seconds),
         "crop_samples": int(cfg.crop_samples),

@@ -267,6 +267,10 @@ def test_cli_prints_where_everything_is(tmp_path, cache_root):
     assert summary["log_dir"] in block and Path(summary["log_dir"]).is_dir()
     assert f"python probe.py checkpoint={out / 'encoder'} task=synthetic" in block
     assert f"python finetune.py checkpoint={out / 'encoder'} task=synthetic" in block
+    # what it trained on: the split's record counts (the summary gave only the cache folders)
+    counts = summary["records"]
+    assert counts["train"] > 0 and counts["val"] > 0 and counts["skipped_while_preparing"] == 0
+    assert f"records     {counts['train']} training, {counts['val']} validation" in block
     # out_dir= another folder than hydra.run.dir: refused in one line (train.log and .hydra/ went to the other)
     bad = subprocess.run([*cmd[:-1], f"hydra.run.dir={tmp_path / 'hydra'}", f"out_dir={tmp_path / 'other'}"],
                          cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -290,6 +294,7 @@ def test_folder_of_wfdb_records(tmp_path, cache_root):
     from ecgfm.data.cache import CorpusCache
 
     assert len(CorpusCache(summary["cache_dirs"][0])) == 12
+    assert summary["records"]["train"] + summary["records"]["val"] == 12
 
 
 def test_only_the_newest_periodic_checkpoints_are_kept(tmp_path, cache_root):
