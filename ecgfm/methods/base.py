@@ -24,6 +24,7 @@ results).
 
 from __future__ import annotations
 
+import logging
 import warnings
 from typing import Any
 
@@ -34,6 +35,8 @@ from torch import nn
 
 from ecgfm.evaluate.metrics import per_class_auroc
 from ecgfm.optim import lightning_optimizers, param_groups
+
+log = logging.getLogger(__name__)
 
 
 def _plain(value: Any) -> Any:
@@ -233,9 +236,26 @@ class PretrainModule(L.LightningModule):
             self.log("train/lr", lr, on_step=True, on_epoch=False, batch_size=self._batch_size(batch))
         return loss
 
+    #: the fewest records (over every process) a validation batch needs for a meaningful loss: a contrastive loss
+    #: of one record has no negative (NT-Xent 0.0, accuracy 1.0), so its methods set 2
+    min_val_batch: int = 1
+
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         if self._batch_size(batch) == 0:
             self._empty_batch("validation")
+            return None
+        trainer = getattr(self, "_trainer", None)
+        world = int(trainer.world_size) if trainer is not None else 1
+        if self._batch_size(batch) * world < self.min_val_batch:
+            # a last validation batch of one record (or a validation split of one): left out of val/*, said once
+            if not getattr(self, "_warned_small_val", False):
+                self._warned_small_val = True
+                log.warning("a validation batch of %d record(s) is left out of the val/* metrics: %s needs at least "
+                            "%d records per batch for a meaningful loss (one record has no negative); a validation "
+                            "split of that size has no val metrics (raise data.val_fraction)",
+                            self._batch_size(batch), type(self).__name__, self.min_val_batch)
+            if self.hparams.probe_num_classes is not None and "y" in batch:
+                self._collect_probe(batch)
             return None
         loss, terms = self.shared_step(batch)
         self.log_terms("val", {"loss": loss, **terms}, batch_size=self._batch_size(batch))

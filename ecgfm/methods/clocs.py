@@ -56,6 +56,8 @@ class CLOCSModule(PretrainModule):
             :class:`~ecgfm.methods.base.PretrainModule`.
     """
 
+    min_val_batch = 2   # a contrastive loss of one record has no negative (base.PretrainModule)
+
     @classmethod
     def one_view_reason(cls, hparams: Any) -> str | None:
         """``mode=cmlc`` contrasts the leads of one crop (cmsc / cmsmlc read the second segment)."""

@@ -42,6 +42,8 @@ class CREMAModule(MAEModule):
             :class:`~ecgfm.methods.base.PretrainModule`.
     """
 
+    min_val_batch = 2   # its NT-Xent term of one record has no negative (base.PretrainModule)
+
     def __init__(self, backbone: nn.Module, contrastive_weight: float = 0.1, temperature: float = 0.1,
                  proj_hidden_dim: int | None = None, proj_dim: int = 128, proj_batch_norm: bool = True,
                  mask_ratio: float = 0.75,

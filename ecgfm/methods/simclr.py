@@ -106,6 +106,8 @@ class SimCLRModule(PretrainModule):
             :class:`~ecgfm.methods.base.PretrainModule`.
     """
 
+    min_val_batch = 2   # a contrastive loss of one record has no negative (base.PretrainModule)
+
     def __init__(self, backbone: nn.Module, proj_dim: int = 128, proj_hidden: int = 512, proj_layers: int = 2,
                  temperature: float = 0.1, fs: float = 100.0, crop_scale: tuple[float, float] = (0.5, 1.0),
                  p_crop: float = 0.8, noise_snr_db: tuple[float, float] = (10.0, 30.0), p_noise: float = 0.8,

@@ -253,3 +253,27 @@ def test_a_run_does_not_resume_on_a_cache_prepared_again_with_other_records(tmp_
     DataFacts(100.0, 2.5, 250, caches=[cache], deliberate=True).load_state_dict(state)   # resume= on purpose
     del state["cache_digests"]                                                 # a checkpoint written before
     DataFacts(100.0, 2.5, 250, caches=[cache]).load_state_dict(state)
+
+
+def test_a_contrastive_validation_batch_of_one_record_is_left_out(caplog):
+    """A validation split (or last batch) of one record gave SimCLR val/loss 0.0 and val/acc 1.0 (no negative),
+    which went into summary.json."""
+    import logging
+
+    import torch
+
+    from ecgfm.backbones import create_backbone
+    from ecgfm.methods.mae import MAEModule
+    from ecgfm.methods.simclr import SimCLRModule
+
+    torch.manual_seed(0)
+    simclr = SimCLRModule(create_backbone("vit1d_test"), proj_dim=8, proj_hidden=16)
+    logged = []
+    simclr.log_terms = lambda stage, terms, batch_size: logged.append((stage, batch_size))
+    one = {"x": torch.randn(1, 12, 250), "x2": torch.randn(1, 12, 250), "index": torch.tensor([0])}
+    with caplog.at_level(logging.WARNING, logger="ecgfm.methods.base"):
+        assert simclr.validation_step(one, 0) is None
+    assert logged == [] and any("left out of the val/* metrics" in r.getMessage() for r in caplog.records)
+    two = {k: torch.cat([v, v + 1]) for k, v in one.items()}
+    assert simclr.validation_step(two, 1) is not None and logged == [("val", 2)]
+    assert SimCLRModule.min_val_batch == 2 and MAEModule.min_val_batch == 1   # MAE's loss of one record is one
