@@ -1686,6 +1686,26 @@ def _finalize(out: Path, plan: _Plan, plan_doc: dict[str, Any], label_info: Sequ
 # ----------------------------------------------------------------------------------------------- integrity
 
 
+def cache_digest(cache_dir: str | os.PathLike) -> str | None:
+    """A short digest of what a corpus cache holds now: its manifest's ``index.jsonl`` and ``records.npy`` sha256
+    (the records, their labels and their samples); None for a folder without a readable manifest.
+
+    A cache's folder name hashes its sources and preprocessing, not its records: prepared again in place after a
+    file was repaired, added or removed, it keeps its name with other records (every record's position moved).
+
+    Args:
+        cache_dir: a :class:`~ecgfm.data.cache.CorpusCache` folder.
+    """
+    try:
+        files = json.loads((Path(cache_dir) / "manifest.json").read_text(encoding="utf-8")).get("files") or {}
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not files.get("index.jsonl") or not files.get("records.npy"):
+        return None
+    return hashlib.sha256(f"{files['index.jsonl']}:{files['records.npy']}".encode()).hexdigest()[:16]
+
+
+
 def _read_manifest(out: Path) -> dict[str, Any]:
     path = out / "manifest.json"
     try:

@@ -43,6 +43,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import os
 import re
 from collections import Counter
@@ -52,6 +53,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
+
+log = logging.getLogger(__name__)
 
 
 class LeakageError(ValueError):
@@ -365,6 +368,7 @@ def pretrain_identities(encoder_info: Mapping[str, Any] | None, pretrain_caches:
             idents.setdefault(k, []).extend(v)
         provenance.append(f"encoder.json extra.pretrain_record_keys ({len(keys)} records)")
     caches = list(extra.get("pretrain_caches") or []) + [str(c) for c in pretrain_caches or ()]
+    recorded = dict(extra.get("pretrain_cache_digests") or {})
     for path in caches:
         try:
             cache = CorpusCache(path)
@@ -373,7 +377,18 @@ def pretrain_identities(encoder_info: Mapping[str, Any] | None, pretrain_caches:
                                f"pass allow_leakage=true to skip the check knowingly") from exc
         for k, v in cache_identities(cache).items():
             idents.setdefault(k, []).extend(v)
-        provenance.append(f"cache {path} ({len(cache)} records)")
+        note = ""
+        if recorded.get(path) is not None:
+            from ecgfm.data.cache import cache_digest
+
+            if cache_digest(path) != recorded[path]:
+                # prepared again in place since the export (a file repaired, added or removed): the check reads the
+                # records it holds now, so a record removed since is not compared with the test split
+                note = "; CHANGED since pretraining: records removed since are not checked"
+                log.warning("leakage check: pretraining cache %s holds other records than when the encoder was "
+                            "trained (prepared again since): records removed from it since are not compared with "
+                            "the test split; keep the pretraining data, or check those records yourself", path)
+        provenance.append(f"cache {path} ({len(cache)} records{note})")
     return idents, provenance
 
 

@@ -15,8 +15,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import os
@@ -30,6 +28,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from ecgfm.config import ConfigError
+from ecgfm.data.cache import cache_digest
 from ecgfm.io import atomic_write
 
 log = logging.getLogger(__name__)
@@ -216,25 +215,6 @@ def remove_stale_temporaries(out_dir: str | os.PathLike) -> None:
             tmp.unlink()
         except OSError:
             pass
-
-
-def cache_digest(cache_dir: str | os.PathLike) -> str | None:
-    """A short digest of what a corpus cache holds now: its manifest's ``index.jsonl`` and ``records.npy`` sha256
-    (the records, their labels and their samples); None for a folder without a readable manifest.
-
-    A cache's folder name hashes its sources and preprocessing, not its records: prepared again in place after a
-    file was repaired, added or removed, it keeps its name with other records (every record's position moved).
-
-    Args:
-        cache_dir: a :class:`~ecgfm.data.cache.CorpusCache` folder.
-    """
-    try:
-        files = json.loads((Path(cache_dir) / "manifest.json").read_text(encoding="utf-8")).get("files") or {}
-    except (OSError, ValueError, AttributeError):
-        return None
-    if not files.get("index.jsonl") or not files.get("records.npy"):
-        return None
-    return hashlib.sha256(f"{files['index.jsonl']}:{files['records.npy']}".encode()).hexdigest()[:16]
 
 
 class DataFacts(L.Callback):

@@ -37,6 +37,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ecgfm.accel import use_onednn_linears
 from ecgfm.config import ConfigError, check_data_mirrors, crop_samples_for, strip_params, validate_train_config
+from ecgfm.data.cache import cache_digest
 from ecgfm.data.datamodules import open_pretext_targets
 from ecgfm.data.prepare import build_cache_dirs, check_data_paths
 from ecgfm.io import atomic_write_json, atomic_write_text, jsonable
@@ -399,6 +400,9 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
             # what the encoder saw: the benchmarking leakage guard compares these caches with test splits
             # every cache the weights were trained on, those of the runs this one continued included
             "pretrain_caches": list(facts.seen_caches),
+            # what each held when the export was written: the leakage guard says when a cache has other records now
+            # (prepared again in place: records removed since would go unchecked)
+            "pretrain_cache_digests": {c: cache_digest(c) for c in facts.seen_caches},
             "nonfinite_records_skipped": summary["nonfinite_records_skipped"],
         })
         summary["encoder_dir"] = str(enc_dir)

@@ -396,6 +396,9 @@ def test_rerun_on_other_data_is_refused_and_a_deliberate_one_records_every_cache
     _, _, info = load_encoder(again["encoder_dir"])
     assert info["extra"]["pretrain_caches"] == [str(Path(c).resolve()) for c in
                                                first["cache_dirs"] + again["cache_dirs"]]
+    from ecgfm.data.cache import cache_digest   # what each held, so the leakage guard can tell a changed cache
+
+    assert info["extra"]["pretrain_cache_digests"] == {c: cache_digest(c) for c in info["extra"]["pretrain_caches"]}
 
 
 def test_trainer_callbacks_from_the_config_join_the_pipelines(tmp_path, cache_root):

@@ -238,7 +238,8 @@ def test_a_run_does_not_resume_on_a_cache_prepared_again_with_other_records(tmp_
     import pytest
 
     from ecgfm.config import ConfigError
-    from ecgfm.train.checkpoints import DataFacts, cache_digest
+    from ecgfm.data.cache import cache_digest
+    from ecgfm.train.checkpoints import DataFacts
 
     cache = tmp_path / "folder-4c45d1e24da5"
     cache.mkdir()
@@ -277,3 +278,26 @@ def test_a_contrastive_validation_batch_of_one_record_is_left_out(caplog):
     two = {k: torch.cat([v, v + 1]) for k, v in one.items()}
     assert simclr.validation_step(two, 1) is not None and logged == [("val", 2)]
     assert SimCLRModule.min_val_batch == 2 and MAEModule.min_val_batch == 1   # MAE's loss of one record is one
+
+
+def test_the_leakage_check_says_when_a_pretraining_cache_changed_since(tmp_path, caplog):
+    """encoder.json named its pretraining caches by folder only: prepared again after a record was removed, the
+    guard read the cache as it is now and the removed record went unchecked, without a word."""
+    import logging
+
+    from ecgfm.data.cache import cache_digest, prepare_corpus
+    from ecgfm.data.preprocess import PreprocessSpec
+    from ecgfm.data.synthetic import SyntheticSource
+    from ecgfm.evaluate.leakage import pretrain_identities
+
+    path = str(tmp_path / "c")
+    prepare_corpus(SyntheticSource(n_records=3, seed=0, fs=100.0, duration=5.0), path, PreprocessSpec(fs=100.0),
+                   workers=0, progress=False)
+    same = {"extra": {"pretrain_caches": [path], "pretrain_cache_digests": {path: cache_digest(path)}}}
+    _, prov = pretrain_identities(same)
+    assert "CHANGED" not in prov[0]
+    changed = {"extra": {"pretrain_caches": [path], "pretrain_cache_digests": {path: "0" * 16}}}
+    with caplog.at_level(logging.WARNING, logger="ecgfm.evaluate.leakage"):
+        _, prov = pretrain_identities(changed)
+    assert "CHANGED since pretraining" in prov[0] and any("holds other records" in r.getMessage()
+                                                          for r in caplog.records)
