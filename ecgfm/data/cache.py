@@ -1705,7 +1705,6 @@ def cache_digest(cache_dir: str | os.PathLike) -> str | None:
     return hashlib.sha256(f"{files['index.jsonl']}:{files['records.npy']}".encode()).hexdigest()[:16]
 
 
-
 def _read_manifest(out: Path) -> dict[str, Any]:
     path = out / "manifest.json"
     try:
