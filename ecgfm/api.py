@@ -158,18 +158,13 @@ class _Model:
                 done = preprocessed_spec(signal, self._pre, "this artifact")
             return [self._prepare(signal.signal[mask], float(signal.fs), names, signal.key,
                                   preprocessed=done is not None)], [signal.key]
-        if isinstance(signal, (list, tuple)) and _paths(signal):
-            # a list of record files: each read and prepared as one file is ("could not convert string to float")
+        if isinstance(signal, (list, tuple)) and signal and (
+                _paths(signal) or all(isinstance(s, ECGRecord) for s in signal)):
+            # a list of record files or records: each read and prepared as one is ("could not convert string to
+            # float" before 2026-12-07)
             out: tuple[list[tuple[np.ndarray, np.ndarray]], list[str]] = ([], [])
-            for path in signal:
-                recs, names = self._records(path, fs, leads, rename_leads)
-                out[0].extend(recs)
-                out[1].extend(names)
-            return out
-        if isinstance(signal, (list, tuple)) and signal and all(isinstance(s, ECGRecord) for s in signal):
-            out = ([], [])
-            for rec in signal:
-                recs, names = self._records(rec, fs, leads)
+            for one in signal:
+                recs, names = self._records(one, fs, leads, rename_leads)
                 out[0].extend(recs)
                 out[1].extend(names)
             return out
