@@ -543,6 +543,7 @@ class ProbeData:
         class_names: ``C`` names.
         patient_ids: length-``N`` patient ids (None: each record is its own patient).
         external: optional ``{name: (FeatureSet or TokenSet, labels (M, C), rows)}`` evaluated without retraining.
+        name: the task's name, for messages (None: "the task").
     """
 
     features: FeatureSet | TokenSet
@@ -552,6 +553,7 @@ class ProbeData:
     class_names: list[str]
     patient_ids: Sequence[Any] | None = None
     external: dict[str, tuple[FeatureSet | TokenSet, np.ndarray, np.ndarray]] = field(default_factory=dict)
+    name: str | None = None
 
 
 def check_probe_splits(data: ProbeData) -> None:
@@ -686,7 +688,8 @@ def run_probe_grid(data: ProbeData, fractions: Sequence[float], seeds: Sequence[
 
             spelt = " / ".join([part, *sorted(k for k, v in SPLIT_NAMES.items() if v == part)])
             why = " (the probe chooses its hyper-parameter and F1 thresholds on them)" if part == "val" else ""
-            raise ConfigError("task.split", f"the task has no {part!r} records{why}: give the split one (a split "
+            task = f"task {data.name}" if data.name else "the task"
+            raise ConfigError("task.split", f"{task} has no {part!r} records{why}: give the split one (a split "
                                             f"column needs labelled rows marked {spelt}; folds need {part} folds "
                                             f"holding labelled records; a stratified split draws all three)")
     check_probe_splits(data)

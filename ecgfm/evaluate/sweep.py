@@ -1228,7 +1228,8 @@ def probe_main(cfg: DictConfig) -> dict[str, Any]:
     from ecgfm.evaluate.probe import ProbeData, run_probe_grid
 
     data = ProbeData(features=feats, labels=task.labels, splits=task.splits, multilabel=task.multilabel,
-                     class_names=task.class_names, patient_ids=list(task.patient_ids), external=external)
+                     class_names=task.class_names, patient_ids=list(task.patient_ids), external=external,
+                     name=task.name)
     common = _cell_common(ctx, enc, task, ext, window, stride, leakage)
     common["feature_key"] = feats.key
     common["feature_seconds"] = feats.seconds

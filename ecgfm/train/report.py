@@ -52,7 +52,10 @@ def final_block(summary: Mapping[str, Any]) -> str:
     stop, sched = summary.get("stop_reason"), summary.get("schedule_steps")
     early = stop not in (None, "max_steps") or (sched and summary.get("steps") is not None
                                                 and int(summary["steps"]) < int(sched))
-    name = f"{summary.get('method')} / {summary.get('backbone')}"
+    # the registry name with its size: a config (vit1d_cpu) builds a registry backbone (vit1d_tiny) with other
+    # arguments, so the name alone read as the registry default's 2.7 M parameters
+    size = summary.get("n_parameters")
+    name = f"{summary.get('method')} / {summary.get('backbone')}" + (f" ({size / 1e6:.2g} M parameters)" if size else "")
     what = (f"stopped early ({stop}): {name}, step {summary.get('steps')}" + (f" of {sched}" if sched else "")
             if early else f"training finished: {name}, {summary.get('steps')} steps")
     limit = str(summary.get("nothing_trained_limit") or "trainer.max_steps").split(" ")[0]

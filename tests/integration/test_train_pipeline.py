@@ -261,6 +261,8 @@ def test_cli_prints_where_everything_is(tmp_path, cache_root):
     assert "was not set, defaulting" not in proc.stdout + proc.stderr + (out / "train.log").read_text()
     block = proc.stdout[proc.stdout.index("== training finished"):]
     summary = json.loads((out / "summary.json").read_text())
+    # the backbone's size beside its registry name (a config builds a registry backbone with other arguments)
+    assert f"({summary['n_parameters'] / 1e6:.2g} M parameters)" in block.splitlines()[0]
     assert f"encoder     {out / 'encoder'}" in block
     assert "fs 100 Hz, crop 2.5 s = 250 samples" in block
     assert str(out) in block and str(out / "summary.json") in block

@@ -108,6 +108,9 @@ def test_a_split_without_validation_records_is_a_config_error_saying_what_to_add
     with pytest.raises(ConfigError, match=r"task\.split.*no 'val' records") as err:
         run_probe_grid(data, fractions=[1.0], seeds=[0], Cs=[1.0], n_boot=10)
     assert "split column" in str(err.value) and "val / dev / valid / validation" in str(err.value)
+    data.name = "my_folder"   # the sweep names its task
+    with pytest.raises(ConfigError, match=r"task my_folder has no 'val' records"):
+        run_probe_grid(data, fractions=[1.0], seeds=[0], Cs=[1.0], n_boot=10)
 
 
 # --------------------------------------------------------------------------------------- 3. explain on a folder
