@@ -84,6 +84,10 @@ class ArtifactNotFound(ArtifactError, FileNotFoundError):
     """The folder, or one of its files, does not exist."""
 
 
+class _Vanished(ArtifactNotFound):
+    """A file seen a moment before was gone when it was opened: a writer swapping the folder (read it again)."""
+
+
 def meta_file(kind: str) -> str:
     return f"{kind}.json"
 
@@ -287,6 +291,8 @@ def read_meta(path: str | os.PathLike, kind: str | None = None) -> tuple[Path, d
         raise ArtifactNotFound(wpath, f"missing: {'an' if found[0] in 'aeiou' else 'a'} {found} artifact needs {meta_file(found)} and {weights_file(found)}")
     try:
         meta = read_json(mpath, f"{found} description")
+    except FileNotFoundError:   # there a moment ago (artifact_kind saw it): the folder swapped by a writer
+        raise _Vanished(mpath, "disappeared while it was read (another process replacing the artifact?)") from None
     except ValueError as exc:
         raise ArtifactError(mpath, str(exc).split(": ", 1)[-1]) from exc
     if not isinstance(meta, dict):
@@ -307,11 +313,12 @@ def read_meta(path: str | os.PathLike, kind: str | None = None) -> tuple[Path, d
 
 def _header_shapes(weights_path: Path) -> dict[str, tuple[int, ...]]:
     """Tensor shapes from a safetensors header (reads the header only, not the tensors)."""
-    if not weights_path.exists():
-        raise ArtifactNotFound(weights_path, "weights file not found")   # (also: a folder mid-swap; read again)
-    try:
+    try:   # read_meta saw the file a moment ago: gone now is a folder mid-swap (read again)
         with safe_open(str(weights_path), framework="pt") as f:
             return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except FileNotFoundError:
+        raise _Vanished(weights_path, "weights file disappeared while it was read (another process replacing the "
+                                      "artifact?)") from None
     except (SafetensorError, OSError, ValueError) as exc:
         raise ArtifactError(weights_path, f"cannot read safetensors weights: {exc}") from exc
 
@@ -428,7 +435,7 @@ def _consistent(load: Callable[[], Any], where: Any) -> Any:
     for attempt in range(tries):
         try:
             return load()
-        except _Swapped:
+        except (_Swapped, _Vanished):
             pass
         except ArtifactNotFound:
             if attempt >= 2:   # missing for longer than a swap's two renames take: not a swap

@@ -539,3 +539,29 @@ def test_a_load_during_a_swap_reads_again(tmp_path, monkeypatch):
                                                                              tmp_path / "enc")).start()
     backbone, spec, _ = load_encoder(tmp_path / "enc")
     assert spec.fs == 100.0 and state["n"] >= 2
+
+
+@pytest.mark.parametrize("where", ["description", "weights"])
+def test_a_file_gone_between_the_existence_check_and_its_read_is_read_again(tmp_path, monkeypatch, where):
+    """CI failed once with a raw FileNotFoundError from load_encoder beside writers: the folder was swapped out
+    between read_meta's checks and its read of encoder.json (or between the checks and the weights' header read).
+    That is a writer's swap, read again, not an error; outside the retry loop it is a clear ArtifactNotFound."""
+    import ecgfm.artifacts as artifacts
+
+    export_encoder(create_backbone("vit1d_test"), tmp_path / "enc", PreprocessSpec(fs=100.0))
+    name, real = ("read_json", artifacts.read_json) if where == "description" else ("safe_open", artifacts.safe_open)
+    calls = {"n": 0}
+
+    def gone_once(path, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise FileNotFoundError(2, "No such file or directory", str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(artifacts, name, gone_once)
+    backbone, spec, info = load_encoder(tmp_path / "enc")
+    assert calls["n"] >= 2 and spec.fs == 100.0 and info["name"] == "vit1d_test"
+    if where == "description":
+        calls["n"] = 0
+        with pytest.raises(artifacts.ArtifactError, match="disappeared while it was read"):
+            artifacts.read_meta(tmp_path / "enc", "encoder")
