@@ -411,6 +411,8 @@ def _load_weights(module: nn.Module, weights_path: Path, map_location: str | tor
                                           "edited under the description")
     try:
         state = load_file(str(weights_path), device=str(map_location))
+    except FileNotFoundError:
+        raise _Swapped() from None    # hashed a moment ago, gone now: a writer's swap
     except (SafetensorError, OSError, ValueError) as exc:
         raise ArtifactError(weights_path, f"cannot read safetensors weights: {exc}") from exc
     try:

@@ -541,7 +541,7 @@ def test_a_load_during_a_swap_reads_again(tmp_path, monkeypatch):
     assert spec.fs == 100.0 and state["n"] >= 2
 
 
-@pytest.mark.parametrize("where", ["description", "weights"])
+@pytest.mark.parametrize("where", ["description", "weights", "tensors"])
 def test_a_file_gone_between_the_existence_check_and_its_read_is_read_again(tmp_path, monkeypatch, where):
     """CI failed once with a raw FileNotFoundError from load_encoder beside writers: the folder was swapped out
     between read_meta's checks and its read of encoder.json (or between the checks and the weights' header read).
@@ -549,7 +549,8 @@ def test_a_file_gone_between_the_existence_check_and_its_read_is_read_again(tmp_
     import ecgfm.artifacts as artifacts
 
     export_encoder(create_backbone("vit1d_test"), tmp_path / "enc", PreprocessSpec(fs=100.0))
-    name, real = ("read_json", artifacts.read_json) if where == "description" else ("safe_open", artifacts.safe_open)
+    name = {"description": "read_json", "weights": "safe_open", "tensors": "load_file"}[where]
+    real = getattr(artifacts, name)
     calls = {"n": 0}
 
     def gone_once(path, *args, **kwargs):
