@@ -399,13 +399,20 @@ def _load_weights(module: nn.Module, weights_path: Path, map_location: str | tor
         actual = cached_safetensors_sha256(weights_path) if expected_sha256 else None
     except FileNotFoundError:
         raise _Swapped() from None    # gone since the description was read: a writer's swap
-    if expected_sha256 and actual != expected_sha256:
-        try:   # a description read just before a writer swapped the folder: not a tampered file, read again
-            now = read_json(meta_path).get("weights_sha256") if meta_path is not None else expected_sha256
+    if expected_sha256 and actual != expected_sha256 and meta_path is not None:
+        # a description read just before a writer swapped the folder is not a tampered file: tampered only when the
+        # folder, unchanged while it is read again, still pairs its description with other weights (comparing the
+        # description with the one first read is not enough: writers rewriting equal artifacts, A-B-A, fooled it)
+        try:
+            keys = (file_key(meta_path), file_key(weights_path))
+            now_meta = read_json(meta_path).get("weights_sha256")
+            now_weights = safetensors_sha256(weights_path)
+            stable = keys == (file_key(meta_path), file_key(weights_path))
         except (OSError, ValueError, AttributeError):
-            now = None
-        if now != expected_sha256:
+            raise _Swapped() from None
+        if not stable or now_meta == now_weights:
             raise _Swapped()
+    if expected_sha256 and actual != expected_sha256:
         raise ArtifactError(weights_path, "the weights are not the ones its description was written with (sha256 "
                                           "differs from weights_sha256 in the JSON): a weights file swapped or "
                                           "edited under the description")
@@ -433,14 +440,15 @@ def _consistent(load: Callable[[], Any], where: Any) -> Any:
     while it was read (or was missing for the instant between a swap's two renames). Readers take no lock (the
     folder may be read-only to them), so a reader on a busy machine beside writers that rewrite the folder in a loop
     needs more than a few quick tries (3 tries over 0.3 s failed so on 2 loaded cores)."""
-    tries = 10
+    tries, missing = 10, 0
     for attempt in range(tries):
         try:
             return load()
         except (_Swapped, _Vanished):
-            pass
+            missing = 0
         except ArtifactNotFound:
-            if attempt >= 2:   # missing for longer than a swap's two renames take: not a swap
+            missing += 1
+            if missing >= 3:   # missing on 3 reads in a row: longer than a swap's two renames take, not a swap
                 raise
         time.sleep(min(0.05 * 2 ** attempt, 1.0))
     raise ArtifactError(where, "the artifact kept changing while it was read (another process rewriting it)")

@@ -204,16 +204,20 @@ def safetensors_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     and metadata give the same digest whichever order the writer put the metadata in. Equal to
     :func:`sha256_file` for a file already in that form (every file ecgfm writes); any file that is not
     safetensors' compact form is hashed as it is."""
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        head = _safetensors_header(f)
-        fixed = None if head is None else _canonical_safetensors_header(head)
-        if fixed is None:
-            f.seek(0)
-        else:
-            h.update(struct.pack("<Q", len(fixed)) + fixed)
-        while block := f.read(chunk):
-            h.update(block)
+        return _safetensors_sha256_of(f, chunk)
+
+
+def _safetensors_sha256_of(f: Any, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    head = _safetensors_header(f)
+    fixed = None if head is None else _canonical_safetensors_header(head)
+    if fixed is None:
+        f.seek(0)
+    else:
+        h.update(struct.pack("<Q", len(fixed)) + fixed)
+    while block := f.read(chunk):
+        h.update(block)
     return h.hexdigest()
 
 
@@ -224,16 +228,21 @@ def file_key(path: str | os.PathLike) -> tuple[str, int, int, int, int]:
     """``(resolved path, size, mtime_ns, ctime_ns, inode)``: what a rewrite of the file changes (ctime and inode
     too: on a kernel with coarse timestamps a rewrite within one tick of the same size keeps the mtime)."""
     p = Path(path)
-    st = p.stat()
+    return _key(p, p.stat())
+
+
+def _key(p: Path, st: os.stat_result) -> tuple[str, int, int, int, int]:
     return str(p.resolve()), int(st.st_size), int(st.st_mtime_ns), int(st.st_ctime_ns), int(st.st_ino)
 
 
 def cached_safetensors_sha256(path: str | os.PathLike) -> str:
     """:func:`safetensors_sha256`, remembered per :func:`file_key` in this process (loads of one artifact, cells of
-    one encoder: hashed once)."""
-    key = file_key(path)
-    if key not in _SHA_CACHE:
-        _SHA_CACHE[key] = safetensors_sha256(path)
+    one encoder: hashed once). The key is the stat of the file that was opened and hashed (a stat of the path
+    before the open could pair one file's key with a file renamed over it in between)."""
+    with open(path, "rb") as f:
+        key = _key(Path(path), os.fstat(f.fileno()))
+        if key not in _SHA_CACHE:
+            _SHA_CACHE[key] = _safetensors_sha256_of(f)
     return _SHA_CACHE[key]
 
 

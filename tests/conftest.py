@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +46,17 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
+def _hermetic_distributed_env(monkeypatch):
+    """gloo on the loopback device for every test (not only after a test that happened to set it in the same
+    xdist worker: a host name that does not resolve failed the others), and no MASTER_PORT left behind by a
+    Lightning ddp_spawn test (a later test in the worker reused that unreserved port)."""
+    if sys.platform.startswith("linux"):
+        monkeypatch.setenv("GLOO_SOCKET_IFNAME", os.environ.get("GLOO_SOCKET_IFNAME", "lo"))
+    monkeypatch.setenv("MASTER_PORT", "")
+    monkeypatch.delenv("MASTER_PORT")    # recorded as unset: whatever a test sets is removed afterwards
 
 
 def pytest_collection_modifyitems(config, items):

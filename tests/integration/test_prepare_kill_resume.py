@@ -59,7 +59,7 @@ def test_sigkill_mid_shard_then_resume(tmp_path, workers):
     """workers=0: the kill hits the converting process itself (fast); workers=2: the parent and its spawned
     workers (slow: every spawned worker imports scipy)."""
     out = tmp_path / "killed"
-    env = dict(os.environ, **{DELAY_ENV: "0.15"})
+    env = dict(os.environ, **{DELAY_ENV: "0.3"})   # a shard of 4 records takes >= 1.2 s: room for a slow parent
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     proc = subprocess.Popen([sys.executable, __file__, str(out), str(workers)], env=env, cwd=ROOT,
                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -67,7 +67,7 @@ def test_sigkill_mid_shard_then_resume(tmp_path, workers):
     # kill (parent and its workers: the whole session) once a shard is done while another is half written
     _wait_for(lambda: (shards / "shard-00000.json").exists() and list(shards.glob(".shard-*.bin.tmp-*")),
               120, proc)
-    time.sleep(0.2)
+    time.sleep(0.1)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(10)
     proc.stderr.close()

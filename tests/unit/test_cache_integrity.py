@@ -591,6 +591,16 @@ _PREPARE_CHILD = textwrap.dedent("""
 """)
 
 
+def _cmdline(proc) -> str:
+    """A child's command line; "" for one that exited between the listing and this call."""
+    import psutil
+
+    try:
+        return " ".join(proc.cmdline())
+    except psutil.Error:
+        return ""
+
+
 @pytest.mark.parametrize("kind", ["loader", "prepare"])
 def test_workers_exit_when_their_parent_is_killed(tmp_path, kind):
     psutil = pytest.importorskip("psutil")
@@ -606,7 +616,7 @@ def test_workers_exit_when_their_parent_is_killed(tmp_path, kind):
         parent = psutil.Process(proc.pid)
         deadline = time.time() + 60
         while time.time() < deadline:
-            kids = [k for k in parent.children(recursive=True) if "resource_tracker" not in " ".join(k.cmdline())]
+            kids = [k for k in parent.children(recursive=True) if "resource_tracker" not in _cmdline(k)]
             if len(kids) >= 2:
                 break
             time.sleep(0.2)

@@ -78,8 +78,10 @@ def test_weights_hash_is_cached_by_size_and_mtime(tmp_path, monkeypatch):
 
     a = _export(tmp_path / "a", 0)
     calls = []
-    real = io.safetensors_sha256
-    monkeypatch.setattr(io, "safetensors_sha256", lambda p: calls.append(p) or real(p))
+    real = io._safetensors_sha256_of   # hashes the opened file (the cache key is that file's stat)
+    # the cached hash calls it with the file alone; export's uncached hash (with its chunk size) is not counted
+    monkeypatch.setattr(io, "_safetensors_sha256_of", lambda f, *chunk: (None if chunk else calls.append(f))
+                        or real(f, *chunk))
     io._SHA_CACHE.clear()
     for _ in range(3):
         I.weights_sha256(a)

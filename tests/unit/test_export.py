@@ -524,19 +524,15 @@ def test_a_load_during_a_swap_reads_again(tmp_path, monkeypatch):
     state = {"n": 0}
 
     def read_then_vanish(*a, **k):
-        out = real(*a, **k)
         state["n"] += 1
+        if state["n"] > 1 and (tmp_path / "away").exists():   # the swap's second rename, before the read again
+            os.rename(tmp_path / "away", tmp_path / "enc")
+        out = real(*a, **k)
         if state["n"] == 1:          # the first read: the folder leaves just after it (a swap in progress)
             os.rename(tmp_path / "enc", tmp_path / "away")
-        elif (tmp_path / "away").exists():
-            os.rename(tmp_path / "away", tmp_path / "enc")
         return out
 
     monkeypatch.setattr(art, "read_meta", read_then_vanish)
-    import threading
-
-    threading.Timer(0.02, lambda: (tmp_path / "away").exists() and os.rename(tmp_path / "away",
-                                                                             tmp_path / "enc")).start()
     backbone, spec, _ = load_encoder(tmp_path / "enc")
     assert spec.fs == 100.0 and state["n"] >= 2
 
@@ -566,3 +562,49 @@ def test_a_file_gone_between_the_existence_check_and_its_read_is_read_again(tmp_
         calls["n"] = 0
         with pytest.raises(artifacts.ArtifactError, match="disappeared while it was read"):
             artifacts.read_meta(tmp_path / "enc", "encoder")
+
+
+def test_an_a_b_a_swap_while_the_weights_are_hashed_reads_again(tmp_path, monkeypatch):
+    """Two writers rewriting equal artifacts: the description read (A), the weights hashed while B was in place, A
+    back before the description was read again. That was taken for weights tampered under their description (a
+    non-retried ArtifactError); the folder, read again unchanged, pairs its description with its weights."""
+    import ecgfm.artifacts as artifacts
+
+    torch.manual_seed(0)
+    a, b = create_backbone("vit1d_test"), create_backbone("vit1d_test")
+    export_encoder(b, tmp_path / "b", PreprocessSpec(fs=500.0))
+    export_encoder(a, tmp_path / "enc", PreprocessSpec(fs=100.0))
+    real, calls = artifacts.cached_safetensors_sha256, {"n": 0}
+
+    def b_was_in_place_while_hashed(path):
+        calls["n"] += 1
+        return real(tmp_path / "b" / "encoder.safetensors") if calls["n"] == 1 else real(path)
+
+    monkeypatch.setattr(artifacts, "cached_safetensors_sha256", b_was_in_place_while_hashed)
+    _, spec, _ = load_encoder(tmp_path / "enc")
+    assert spec.fs == 100.0 and calls["n"] >= 2
+
+
+def test_a_miss_after_swaps_is_read_again_only_three_misses_in_a_row_are_not_found(tmp_path, monkeypatch):
+    """The retry counted every attempt: two swaps then one read in the instant between a swap's two renames raised
+    ArtifactNotFound. Only misses in a row count now; a folder that is really missing is still refused."""
+    import ecgfm.artifacts as artifacts
+
+    export_encoder(create_backbone("vit1d_test"), tmp_path / "enc", PreprocessSpec(fs=100.0))
+    real, calls = artifacts.read_meta, {"n": 0}
+    p = tmp_path / "enc"
+
+    def swaps_then_a_miss(*a, **k):
+        calls["n"] += 1
+        if calls["n"] in (1, 3, 5):
+            raise artifacts.ArtifactNotFound(p, "not found")
+        if calls["n"] in (2, 4):
+            raise artifacts._Vanished(p, "disappeared while it was read")
+        return real(*a, **k)
+
+    monkeypatch.setattr(artifacts, "read_meta", swaps_then_a_miss)
+    monkeypatch.setattr(artifacts.time, "sleep", lambda s: None)
+    _, spec, _ = load_encoder(p)
+    assert spec.fs == 100.0 and calls["n"] == 6
+    with pytest.raises(artifacts.ArtifactNotFound):
+        load_encoder(tmp_path / "missing")
