@@ -31,6 +31,7 @@ Guarantees:
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import functools
 import logging
@@ -435,15 +436,51 @@ def _load_weights(module: nn.Module, weights_path: Path, map_location: str | tor
     module.load_state_dict(state, strict=True)
 
 
+@contextlib.contextmanager
+def _read_lock(where: Any, timeout: float = 10.0) -> Any:
+    """A shared ``flock`` on the lock file writers hold exclusively (:func:`write_artifact`, the zoo's import) for
+    the duration of one read: a read never overlaps a writer's swap. Opened read-only and never created (a
+    read-only folder, or one no writer ever locked, is read without it); a writer holding it for longer than
+    ``timeout`` seconds (hung, or this very process) is not waited for: the read then relies on the checks and
+    retries of :func:`_consistent`."""
+    p = Path(where)
+    folder = p.parent if p.suffix in (".json", ".safetensors") and p.stem in KINDS else p
+    real = Path(os.path.realpath(folder))
+    try:
+        import fcntl
+        fd = os.open(real.parent / f".{real.name}.lock", os.O_RDONLY)
+    except (ImportError, OSError):
+        fd = None
+    try:
+        deadline = time.monotonic() + timeout
+        while fd is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.01)
+            except OSError:
+                break
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)   # closing releases the flock
+
+
 def _consistent(load: Callable[[], Any], where: Any) -> Any:
     """``load()`` again (up to 10 times, backing off to 1 s: ~5 s in all) when the folder was swapped by a writer
-    while it was read (or was missing for the instant between a swap's two renames). Readers take no lock (the
-    folder may be read-only to them), so a reader on a busy machine beside writers that rewrite the folder in a loop
-    needs more than a few quick tries (3 tries over 0.3 s failed so on 2 loaded cores)."""
+    while it was read (or was missing for the instant between a swap's two renames). Each read holds the writers'
+    lock shared (:func:`_read_lock`) where it can; the checks and retries cover readers that cannot take it (no
+    lock file, a writer not using the lock, a writer holding it too long): on a busy machine beside writers that
+    rewrite the folder in a loop they need more than a few quick tries (3 tries over 0.3 s failed so on 2 loaded
+    cores)."""
     tries, missing = 10, 0
     for attempt in range(tries):
         try:
-            return load()
+            with _read_lock(where):
+                return load()
         except (_Swapped, _Vanished):
             missing = 0
         except ArtifactNotFound:

@@ -718,6 +718,9 @@ def main(argv: list[str] | None = None) -> None:
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
                MPLBACKEND="Agg", WANDB_MODE="offline", HYDRA_FULL_ERROR="1")
     t0 = time.perf_counter()
+    if "pretrain" in args.stages:   # a recipe that does not exist is refused before the pools are prepared
+        for m in args.methods:
+            pretrain_recipe(args, m)
     pools = stage_pool(args) if "pool" in args.stages or "pretrain" in args.stages else []
     encoders = stage_pretrain(args, pools, env) if "pretrain" in args.stages else {
         m: str(Path(args.out) / "pretrain" / m / "encoder") for m in args.methods}

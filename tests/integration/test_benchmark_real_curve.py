@@ -139,6 +139,15 @@ def B_args(argv: list[str]):
     return captured["ns"]
 
 
+def test_a_missing_cpu_recipe_is_refused_before_the_pools_are_prepared(tmp_path, monkeypatch):
+    """--recipe cpu30 --methods hybrid (no crema_cpu30.yaml) prepared five caches (~50 s, into the project's
+    cache/) before it was refused."""
+    monkeypatch.setattr(B, "stage_pool", lambda args: pytest.fail("the pools were prepared first"))
+    with pytest.raises(SystemExit, match="crema_cpu30.yaml does not exist"):
+        B.main(["--stages", "pool", "pretrain", "--methods", "hybrid", "--recipe", "cpu30",
+                "--out", str(tmp_path / "runs")])
+
+
 def test_pretrain_recipe_choice(tmp_path, monkeypatch):
     """No --steps: the <method>_cpu30 recipe when it exists (its own steps and sizes), else +experiment=<method>
     for 300 steps with today's sizes; --steps N: +experiment=<method> for N steps, checkpoints every N // 4."""

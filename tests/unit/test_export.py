@@ -608,3 +608,30 @@ def test_a_miss_after_swaps_is_read_again_only_three_misses_in_a_row_are_not_fou
     assert spec.fs == 100.0 and calls["n"] == 6
     with pytest.raises(artifacts.ArtifactNotFound):
         load_encoder(tmp_path / "missing")
+
+
+def test_a_read_waits_while_a_writer_holds_the_folder_lock(tmp_path):
+    """Readers hold the writers' lock shared for each read, so a read never overlaps a swap; a read-only folder
+    with no lock file (or a writer holding the lock past the timeout) is still read."""
+    import threading
+    import time
+
+    import ecgfm.artifacts as artifacts
+    from ecgfm.io import file_lock
+
+    export_encoder(create_backbone("vit1d_test"), tmp_path / "enc", PreprocessSpec(fs=100.0))
+    assert (tmp_path / ".enc.lock").exists()
+    done = []
+    with file_lock(tmp_path / ".enc.lock"):
+        t = threading.Thread(target=lambda: done.append(load_encoder(tmp_path / "enc" / "encoder.json")[1].fs))
+        t.start()
+        time.sleep(0.5)
+        assert not done, "the read did not wait for the writer's lock"
+    t.join(30)
+    assert done == [100.0]
+    with file_lock(tmp_path / ".enc.lock"):   # held past the timeout: read without the lock
+        t0 = time.monotonic()
+        with artifacts._read_lock(tmp_path / "enc", timeout=0.2):
+            assert time.monotonic() - t0 < 5
+    (tmp_path / ".enc.lock").unlink()
+    assert load_encoder(tmp_path / "enc")[1].fs == 100.0
