@@ -34,8 +34,9 @@ __all__ = ["CELL_SCHEMA", "weights_sha256", "checkpoint_identity", "recipe_ident
 # Bump when the meaning of a cell's numbers changes (old cells are then recomputed, and never averaged as seeds
 # with new ones: the recipe id includes it). 3 (2026-12-06): since 2 (2026-12-05) macro F1 counts only classes with
 # a positive record, the MLP probe early-stops on record-level validation AUROC, external metrics leave out classes
-# no SNOMED code reaches, and classes without a training positive leave their task.
-CELL_SCHEMA = 3
+# no SNOMED code reaches, and classes without a training positive leave their task. 4 (2026-12-07): multi-label
+# macro F1 leaves out classes without a validation positive (their 0.5 threshold was not chosen).
+CELL_SCHEMA = 4
 ID_LEN = 16      # hex characters kept in checkpoint_id / recipe_id
 
 def short_hash(obj: Any, n: int = ID_LEN) -> str:

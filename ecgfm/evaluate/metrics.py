@@ -105,7 +105,54 @@ def macro_auroc(y: np.ndarray, scores: np.ndarray) -> float:
     return float(np.nanmean(per)) if np.isfinite(per).any() else float("nan")
 
 
-def choose_thresholds(y_val: np.ndarray, p_val: np.ndarray) -> np.ndarray:
+class Thresholds(np.ndarray):
+    """``(C,)`` decision thresholds chosen on validation (what :func:`choose_thresholds` returns): a float array,
+    plus ``no_val_positive`` ``(C,)`` bool, the classes without a positive on validation, whose threshold (0.5) was
+    not chosen but is a placeholder. :func:`evaluate_scores` and :func:`macro_f1` leave those classes out of the
+    macro F1 (their F1 at an arbitrary threshold is noise, usually 0) and name them (``f1_no_threshold_classes``).
+
+    Hard predictions still use the 0.5 (a classifier artifact needs finite thresholds). The mark travels with the
+    array and its copies; ``np.asarray`` of it, a slice, or a list of its floats (e.g. a cell's JSON) is a plain
+    array without it, which counts every class as thresholded (the behaviour before 2026-12-07)."""
+
+    no_val_positive: np.ndarray | None
+
+    def __new__(cls, values: Any, no_val_positive: Any = None) -> "Thresholds":
+        obj = np.asarray(values, dtype=np.float64).view(cls)
+        obj.no_val_positive = None if no_val_positive is None else np.asarray(no_val_positive, dtype=bool)
+        return obj
+
+    def __array_finalize__(self, obj: Any) -> None:
+        mask = getattr(obj, "no_val_positive", None)
+        # a view or copy of the same shape keeps the mark; anything else (a slice, a reshape) drops it
+        self.no_val_positive = mask if mask is not None and getattr(obj, "shape", None) == self.shape else None
+
+    def __getitem__(self, key: Any) -> Any:
+        out = super().__getitem__(key)
+        if isinstance(out, Thresholds):   # th[keep]: the mark of the kept classes
+            try:
+                out.no_val_positive = (None if self.no_val_positive is None
+                                       else np.asarray(self.no_val_positive[key], dtype=bool))
+            except (IndexError, TypeError, ValueError):
+                out.no_val_positive = None
+            if out.no_val_positive is not None and out.no_val_positive.shape != out.shape:
+                out.no_val_positive = None
+        return out
+
+    def __reduce__(self) -> Any:   # pickling keeps the mark
+        return Thresholds, (np.asarray(self), self.no_val_positive)
+
+
+def no_threshold_mask(thresholds: Any, n_classes: int) -> np.ndarray:
+    """``(n_classes,)`` bool: the classes whose threshold was not chosen on validation (no validation positive), as
+    marked by :func:`choose_thresholds` (:class:`Thresholds`); all False for plain thresholds or None."""
+    mask = getattr(thresholds, "no_val_positive", None)
+    if mask is None or np.shape(mask) != (n_classes,):
+        return np.zeros(n_classes, dtype=bool)
+    return np.asarray(mask, dtype=bool)
+
+
+def choose_thresholds(y_val: np.ndarray, p_val: np.ndarray) -> Thresholds:
     """Per-class decision thresholds maximising F1 on the validation set.
 
     Args:
@@ -113,18 +160,21 @@ def choose_thresholds(y_val: np.ndarray, p_val: np.ndarray) -> np.ndarray:
         p_val: ``(n, C)`` probabilities.
 
     Returns:
-        ``(C,)`` thresholds; 0.5 for a class without positives on validation.
+        ``(C,)`` thresholds (:class:`Thresholds`); 0.5 for a class without positives on validation, where nothing
+        can be chosen: those are marked (``no_val_positive``) and left out of the macro F1 of
+        :func:`evaluate_scores` / :func:`macro_f1`.
     """
     y_val, p_val = _check(y_val, p_val)
     yo = _as_onehot(y_val, p_val.shape[1])
     th = np.full(p_val.shape[1], 0.5)
+    none = yo.sum(axis=0) == 0
     for c in range(p_val.shape[1]):
-        if yo[:, c].sum() == 0:
+        if none[c]:
             continue
         prec, rec, cut = precision_recall_curve(yo[:, c], p_val[:, c])
         f1 = np.where(prec + rec > 0, 2 * prec * rec / np.maximum(prec + rec, 1e-12), 0.0)[:-1]
         th[c] = float(cut[int(np.argmax(f1))])
-    return th
+    return Thresholds(th, none)
 
 
 def predict_labels(scores: np.ndarray, multilabel: bool, thresholds: np.ndarray | None = None) -> np.ndarray:
@@ -138,21 +188,24 @@ def predict_labels(scores: np.ndarray, multilabel: bool, thresholds: np.ndarray 
 
 def macro_f1(y: np.ndarray, scores: np.ndarray, multilabel: bool, thresholds: np.ndarray | None = None) -> float:
     """Macro F1 (``zero_division=0``) of the thresholded (multi-label) or argmax predictions, over the classes with
-    a positive record (NaN when none has one), as :func:`evaluate_scores` reports it."""
+    a positive record and (multi-label) a threshold chosen on validation (:class:`Thresholds`; NaN when no class is
+    left), as :func:`evaluate_scores` reports it."""
     y, scores = _check(y, scores)
     yo = _as_onehot(y, scores.shape[1])
-    return _macro_f1_over_positives(yo, predict_labels(scores, multilabel, thresholds))
+    skip = no_threshold_mask(thresholds, scores.shape[1]) if multilabel else None
+    return _macro_f1_over_positives(yo, predict_labels(scores, multilabel, thresholds), skip)
 
 
-def _macro_f1_over_positives(yo: np.ndarray, pred: np.ndarray) -> float:
-    """Mean per-class F1 over the classes with a positive record; ``yo, pred (n, C)`` in {0, 1}.
+def _macro_f1_over_positives(yo: np.ndarray, pred: np.ndarray, skip: np.ndarray | None = None) -> float:
+    """Mean per-class F1 over the classes with a positive record (and not in ``skip``, ``(C,)`` bool: classes
+    without a chosen threshold); ``yo, pred (n, C)`` in {0, 1}.
 
     Per class, not scikit-learn's ``f1_score(average="macro")`` on the kept columns: with one column left that
     takes the input as binary and averages the F1 of the positives with the F1 of the negatives."""
-    has_pos = yo.any(axis=0)
-    if not has_pos.any():
+    keep = yo.any(axis=0) if skip is None else yo.any(axis=0) & ~np.asarray(skip, dtype=bool)
+    if not keep.any():
         return float("nan")
-    return float(_weighted_f1(yo[:, has_pos], pred[:, has_pos], np.ones((1, len(yo))))[0])
+    return float(_weighted_f1(yo[:, keep], pred[:, keep], np.ones((1, len(yo))))[0])
 
 
 def accuracy(y: np.ndarray, scores: np.ndarray) -> float:
@@ -305,7 +358,9 @@ def evaluate_scores(y: np.ndarray, scores: np.ndarray, multilabel: bool,
         scores: ``(n, C)`` probabilities.
         multilabel: multi-label (thresholded sigmoid) or single-label (argmax of softmax).
         class_names: ``C`` names (default ``"0".."C-1"``).
-        thresholds: ``(C,)`` decision thresholds chosen on validation (multi-label F1); default 0.5.
+        thresholds: ``(C,)`` decision thresholds chosen on validation (multi-label F1); default 0.5. Classes
+            :func:`choose_thresholds` marked as without a validation positive (:class:`Thresholds`) are left out
+            of the macro F1 (point estimate and bootstrap).
         n_boot: bootstrap resamples (0: no CIs).
         seed: bootstrap seed.
         ci: confidence level.
@@ -314,7 +369,9 @@ def evaluate_scores(y: np.ndarray, scores: np.ndarray, multilabel: bool,
     Returns:
         ``{"macro_auroc": {"value", "ci_low", "ci_high"}, "macro_f1": ..., "fmax": ..., "accuracy": ...
         (single-label only), "per_class_auroc": {name: {...}}, "excluded_classes": [...] (not in the macro AUROC),
-        "f1_excluded_classes": [...] (no positive record: not in the macro F1), "n": n,
+        "f1_excluded_classes": [...] (not in the macro F1: no positive record in the set, or no threshold chosen on
+        validation), "f1_no_threshold_classes": [...] (multi-label: no validation positive, threshold 0.5 not
+        chosen; not in the macro F1), "n": n,
         "n_boot": B, "n_degenerate": k, "thresholds": [...]}``.
     """
     y, scores = _check(y, scores)
@@ -328,13 +385,17 @@ def evaluate_scores(y: np.ndarray, scores: np.ndarray, multilabel: bool,
     defined = defined_classes(yo)
     pred = predict_labels(scores, multilabel, thresholds)
     has_pos = yo.any(axis=0)                                              # (C,) classes with a positive record
+    # multi-label classes without a validation positive have no chosen threshold (a placeholder 0.5): their F1 is
+    # not a measurement of the model, so the macro F1 leaves them out, as it leaves out classes without a positive
+    no_thr = no_threshold_mask(thresholds, n_classes) if multilabel else np.zeros(n_classes, dtype=bool)
+    f1_cols = has_pos & ~no_thr
 
     per = per_class_auroc(yo, scores)
     point = {
         "macro_auroc": float(np.nanmean(per)) if defined.any() else float("nan"),
         # macro F1 over the classes with a positive record in the set (as macro AUROC leaves out classes it cannot
         # score): a class without positives has no F1, and counting it as 0 would drag the mean for no reason
-        "macro_f1": _macro_f1_over_positives(yo, pred),
+        "macro_f1": _macro_f1_over_positives(yo, pred, no_thr),
         "fmax": fmax(yo, scores),
     }
     if not multilabel:
@@ -353,7 +414,7 @@ def evaluate_scores(y: np.ndarray, scores: np.ndarray, multilabel: bool,
                              else np.full(n_boot, np.nan))
         samples = {
             "macro_auroc": macro_samples,
-            "macro_f1": (_weighted_f1(yo[:, has_pos], pred[:, has_pos], w) if has_pos.any()
+            "macro_f1": (_weighted_f1(yo[:, f1_cols], pred[:, f1_cols], w) if f1_cols.any()
                          else np.full(n_boot, np.nan)),
             "fmax": _weighted_fmax(yo, scores, w),
         }
@@ -369,7 +430,8 @@ def evaluate_scores(y: np.ndarray, scores: np.ndarray, multilabel: bool,
         out["per_class_auroc"] = {names[c]: {"value": float(per[c]), "ci_low": nan, "ci_high": nan}
                                   for c in range(n_classes)}
     out["excluded_classes"] = [names[c] for c in range(n_classes) if not defined[c]]
-    out["f1_excluded_classes"] = [names[c] for c in range(n_classes) if not has_pos[c]]
+    out["f1_excluded_classes"] = [names[c] for c in range(n_classes) if not f1_cols[c]]
+    out["f1_no_threshold_classes"] = [names[c] for c in range(n_classes) if no_thr[c]]
     out["n"] = int(n)
     out["n_boot"] = int(n_boot)
     out["n_degenerate"] = n_degenerate

@@ -7,7 +7,8 @@ see :mod:`ecgfm.evaluate.sweep`). :func:`build_report` reads every cell and writ
   :data:`TIDY_COLUMNS` (``split`` is ``test`` or ``external:<dataset>``; ``seed`` is the label-subset / head
   seed; every value carries its 95 % bootstrap CI over the records of that split);
 * ``results.md``: per task and split, a table of checkpoints x label fractions: mean over seeds +- standard
-  deviation over seeds, then the mean of the per-seed 95 % bootstrap CIs in brackets, and the number of seeds;
+  deviation over seeds, then the mean of the per-seed 95 % bootstrap CIs in brackets, the seeds (ids) and their
+  number;
 * ``results.png``: macro AUROC against label fraction (log axis), one line per method and mode, shaded band =
   mean per-seed 95 % CI;
 * ``comparisons.csv`` / ``comparisons_mean.csv`` (and sections of ``results.md``): every row minus each baseline
@@ -16,8 +17,9 @@ see :mod:`ecgfm.evaluate.sweep`). :func:`build_report` reads every cell and writ
   twin is one initialisation for every seed, :data:`TWIN_INIT_NOTE`), the handcrafted-feature probe
   (``checkpoint=handcrafted``) and the supervised-from-scratch CNN (``supervised:<resnet1d / xresnet1d>``), one
   mechanism (:class:`BaselineSpec`, :func:`compare_with_baseline`): per seed a paired bootstrap 95 % CI, and the
-  mean over seeds with a CI from resampling the records jointly for every seed; ``excludes_zero`` flags a CI
-  that excludes 0 (column ``reference`` names the baseline kind, ``baseline`` its row);
+  mean over seeds with a two-level bootstrap CI (per resample the seeds drawn with replacement and the records
+  resampled jointly for them, :func:`seed_mean_paired_delta`); ``excludes_zero`` flags a CI that excludes 0
+  (column ``reference`` names the baseline kind, ``baseline`` its row);
 * an acceptance block at the top of ``results.md`` (:func:`acceptance`): the criteria of issue 12, MET,
   MISSED or NOT MEASURED with the numbers, computed from the cells.
 
@@ -187,7 +189,7 @@ def summarize(df: pd.DataFrame, metric: str = "macro_auroc") -> pd.DataFrame:
     sub = df[df["metric"] == metric]
     if sub.empty:
         return pd.DataFrame(columns=GROUP_KEYS + ["mean", "sd", "ci_low", "ci_high", "n_seeds", "n_seeds_run",
-                                                  "n_results", "n_test"])
+                                                  "n_results", "n_test", "seeds"])
     sub = sub.copy()
     if "label" not in sub.columns:
         sub["label"] = sub["method"]
@@ -209,10 +211,14 @@ def summarize(df: pd.DataFrame, metric: str = "macro_auroc") -> pd.DataFrame:
     sub["_result"] = [f"{v:.12g}|{lo:.12g}|{hi:.12g}" for v, lo, hi in
                       zip(sub["value"], sub["ci_low"], sub["ci_high"])]
     sub.loc[sub["value"].isna(), "_result"] = np.nan
+    # which seeds the mean is over (those with a value): rows of one fraction averaged over different seeds were
+    # trained on different label subsets, which a count alone does not show
+    sub["_seed"] = sub["seed"].where(sub["value"].notna())
     g = sub.groupby(keys, dropna=False)
     out = g.agg(mean=("value", "mean"), sd=("value", "std"), ci_low=("ci_low", "mean"),
                 ci_high=("ci_high", "mean"), n_seeds=("value", "count"), n_seeds_run=("seed", "nunique"),
-                n_results=("_result", "nunique"), n_test=("n_test", "max"), n_test_min=("n_test", "min"))
+                n_results=("_result", "nunique"), n_test=("n_test", "max"), n_test_min=("n_test", "min"),
+                seeds=("_seed", _seed_list))
     lost = out["n_seeds"] < out["n_seeds_run"]
     if lost.any():
         log.warning("%d %s row(s) have seeds without a value (NaN): the mean is over the seeds with one, and the "
@@ -222,6 +228,34 @@ def summarize(df: pd.DataFrame, metric: str = "macro_auroc") -> pd.DataFrame:
         log.warning("%d %s row(s) average seeds scored on different numbers of records (cells of another record "
                     "set?): marked in the table", int(mixed.sum()), metric)
     return out.reset_index()
+
+
+def _seed_list(values: Iterable[Any]) -> str:
+    """The distinct seeds of ``values`` (NaN / None dropped), sorted, space-separated: ``"0 1 2"`` (the form of
+    ``comparisons_mean.csv``'s ``seeds``)."""
+    out = set()
+    for v in values:
+        if v is None or (isinstance(v, float) and not np.isfinite(v)):
+            continue
+        try:
+            out.add(int(v))
+        except (TypeError, ValueError):
+            out.add(str(v))
+    return " ".join(str(v) for v in sorted(out, key=lambda v: (isinstance(v, str), v)))
+
+
+def _seed_ids(seeds: Any) -> str:
+    """A seed list (:func:`_seed_list`'s ``"0 1 2 4"``) in short: runs of consecutive seeds as ranges, ``0-2,4``."""
+    parts = str(seeds if isinstance(seeds, str) else "").split()
+    if not all(p.lstrip("-").isdigit() for p in parts):
+        return ",".join(parts)
+    nums, runs = sorted(int(p) for p in parts), []
+    for v in nums:
+        if runs and v == runs[-1][1] + 1:
+            runs[-1][1] = v
+        else:
+            runs.append([v, v])
+    return ",".join(f"{a}" if a == b else f"{a}-{b}" if b > a + 1 else f"{a},{b}" for a, b in runs)
 
 
 def _one_result(r: pd.Series) -> bool:
@@ -250,8 +284,10 @@ def markdown_table(df: pd.DataFrame, metrics: Iterable[str] = ("macro_auroc", "m
     """The Markdown report: one table per (metric, task, split)."""
     lines = ["# Results", "",
              "Each entry: mean over seeds +- sd over seeds (n/a for one seed) [mean of the per-seed 95 % bootstrap "
-             "CIs over the records of the split] (number of seeds; `identical`: every seed gave the same result, "
-             "e.g. a deterministic probe on 100 % of the labels, so one result, not replicates). `seed` draws the "
+             "CIs over the records of the split] s<seed ids> (number of seeds; `identical`: every seed gave the same "
+             "result, e.g. a deterministic probe on 100 % of the labels, so one result, not replicates): `s0-2` = "
+             "seeds 0, 1 and 2; rows of one label fraction averaged over different seeds were trained on different "
+             "label subsets, so compare them with the paired sections below. `seed` draws the "
              "label subset (stratified, patient-level, nested) and initialises the head. One row per checkpoint "
              "identity (content hash) and recipe: `method@<hash>` when a method has several checkpoints here, "
              "`[recipe <hash>]` when one checkpoint was run with several recipes; only seeds of one row are "
@@ -282,9 +318,10 @@ def markdown_table(df: pd.DataFrame, metrics: Iterable[str] = ("macro_auroc", "m
                     sd = "n/a" if _one_result(r) or not np.isfinite(r["sd"]) else f"{r['sd']:.3f}"
                     ci = _ci_text(r["ci_low"], r["ci_high"])
                     mixed = pd.notna(r.get("n_test_min")) and r["n_test_min"] != r["n_test"]
-                    cells.append(f"{r['mean']:.3f} +- {sd} {ci} "
-                                 f"({_seeds_text(r, short=True)})" + (f" (seeds on n = {int(r['n_test_min'])}-"
-                                                             f"{int(r['n_test'])} records)" if mixed else ""))
+                    ids = _seed_ids(r.get("seeds"))
+                    cells.append(f"{r['mean']:.3f} +- {sd} {ci} " + (f"s{ids} " if ids else "")
+                                 + f"({_seeds_text(r, short=True)})" + (f" (seeds on n = {int(r['n_test_min'])}-"
+                                                               f"{int(r['n_test'])} records)" if mixed else ""))
                 lines.append(f"| {method} | {backbone} | {MODE_NAMES.get(mode, mode)} | " + " | ".join(cells) + " |")
             # a label fraction is a subset size: say it (min_per_class can top a small fraction up to another's)
             at = df[(df["task"] == task) & (df["dataset"] == dataset) & (df["split"] == split)
@@ -353,8 +390,8 @@ COMPARISON_COLUMNS = ["reference", "mode", "task", "dataset", "split", "method",
                       "n_degenerate", "excludes_zero"]
 #: columns of the seed-mean paired comparison rows (``comparisons_mean.csv``)
 COMPARISON_MEAN_COLUMNS = ["reference", "mode", "task", "dataset", "split", "method", "label", "baseline",
-                           "baseline_mode", "fraction", "seeds", "n_seeds", "delta", "ci_low", "ci_high",
-                           "p_not_positive", "n", "n_degenerate", "excludes_zero"]
+                           "baseline_mode", "fraction", "seeds", "n_seeds", "n_results", "delta", "ci_low",
+                           "ci_high", "p_not_positive", "n", "n_degenerate", "excludes_zero"]
 
 
 @dataclass(frozen=True)
@@ -536,37 +573,48 @@ def _paired_rows(c: dict[str, Any], b: dict[str, Any], n_boot: int, seed: int,
 def seed_mean_paired_delta(y: np.ndarray, pairs: list[tuple[np.ndarray, np.ndarray]], n_boot: int = 1000,
                            seed: int = 0, ci: float = 0.95, max_redraws: int = 50, per_seed: bool = False
                            ) -> dict[str, float] | tuple[dict[str, float], list[dict[str, float]]]:
-    """Mean over seeds of the macro AUROC difference ``A_s - B_s`` on the same records, with a paired percentile
-    bootstrap that resamples the records *jointly* for every seed and both models (the bootstrap of
-    :mod:`ecgfm.evaluate.metrics`: one resample scores every score set; degenerate resamples redrawn).
+    """Mean over seeds of the macro AUROC difference ``A_s - B_s`` on the same records, with a two-level paired
+    percentile bootstrap: each resample draws the seeds with replacement *and* resamples the records (jointly for
+    every seed and both models: the bootstrap of :mod:`ecgfm.evaluate.metrics`, one resample scores every score
+    set, degenerate resamples redrawn), and averages the drawn seeds' deltas on those records.
 
-    With one seed this is :func:`ecgfm.evaluate.metrics.paired_bootstrap_delta` (same resamples); so is each
-    seed's own delta of ``per_seed`` (the resamples depend on the labels and the seed only).
+    Resampling the seeds puts the seed-to-seed variation (label subset, head initialisation) into the CI: with the
+    records alone the CI was conditional on the seeds that happened to be run, and "CI excludes 0" fired about 3x
+    as often as its nominal 5 % under a null where each run lands at a random quality. Seeds whose score pairs are
+    identical (e.g. a deterministic probe on 100 % of the labels: the same training records for every seed) are
+    one result, counted once (point estimate and CI; ``n_results``). With two or three results the seed level is
+    still rough (a bootstrap over k values under-states their spread by ``(k - 1) / k``).
+
+    With one seed (or identical seeds) this is :func:`ecgfm.evaluate.metrics.paired_bootstrap_delta` (same
+    resamples); so is each seed's own delta of ``per_seed`` (the resamples depend on the labels and the seed only;
+    every seed's row is returned, identical ones included).
 
     Args:
         y: ``(n,)`` class indices or ``(n, C)`` indicators of the shared records.
         pairs: per seed ``(scores_a (n, C), scores_b (n, C))``, rows in the order of ``y``.
         n_boot: resamples.
-        seed: bootstrap seed.
+        seed: bootstrap seed (records and seed draws: the same numbers for the same inputs).
         ci: confidence level.
         max_redraws: redraw rounds of degenerate resamples.
-        per_seed: also return each seed's delta with its CI from the same resamples.
+        per_seed: also return each seed's delta with its CI from the same record resamples.
 
     Returns:
-        ``{"delta", "ci_low", "ci_high", "p_not_positive", "n", "n_degenerate"}`` (and, with ``per_seed``, the list
-        of those of each pair); ``n_degenerate``: resamples still degenerate after the redraws (their deltas average
-        over fewer classes; the same resamples for every seed).
+        ``{"delta", "ci_low", "ci_high", "p_not_positive", "n", "n_degenerate", "n_results"}`` (and, with
+        ``per_seed``, the list of those of each pair, records resampled only, without ``n_results``);
+        ``n_degenerate``: resamples still degenerate after the redraws (their deltas average over fewer classes;
+        the same resamples for every seed); ``n_results``: the distinct score pairs the mean and CI are over.
     """
     from ecgfm.evaluate.metrics import _as_onehot, _resampled_aurocs, defined_classes, per_class_auroc
 
-    def stats(point: float, d: np.ndarray) -> dict[str, float]:
+    def stats(point: float, d: np.ndarray, n_results: int | None = None) -> dict[str, float]:
         d = d[np.isfinite(d)]
+        extra = {} if n_results is None else {"n_results": n_results}
         if d.size == 0:   # n_boot = 0 (no CIs asked for) or no resample with a defined class: no CI, not a crash
             return {"delta": float(point), "ci_low": float("nan"), "ci_high": float("nan"),
-                    "p_not_positive": float("nan"), "n": int(n), "n_degenerate": n_degenerate}
+                    "p_not_positive": float("nan"), "n": int(n), "n_degenerate": n_degenerate, **extra}
         lo, hi = np.percentile(d, [50 * (1 - ci), 100 - 50 * (1 - ci)])
         return {"delta": float(point), "ci_low": float(lo), "ci_high": float(hi),
-                "p_not_positive": float(np.mean(d <= 0)), "n": int(n), "n_degenerate": n_degenerate}
+                "p_not_positive": float(np.mean(d <= 0)), "n": int(n), "n_degenerate": n_degenerate, **extra}
 
     if not pairs:
         raise ValueError("no score pairs")
@@ -583,7 +631,22 @@ def seed_mean_paired_delta(y: np.ndarray, pairs: list[tuple[np.ndarray, np.ndarr
     n_degenerate = int(np.isnan(res[0]).any(axis=1).sum())   # labels and weights only: one count for every set
     with np.errstate(invalid="ignore"):
         each = [np.nanmean(res[2 * i] - res[2 * i + 1], axis=1) for i in range(len(pairs))]
-    mean = stats(float(np.mean(points)), np.mean(each, axis=0))
+    # one result per distinct score pair: seeds that predicted exactly alike are not independent replicates
+    distinct: list[int] = []
+    for i in range(len(pairs)):
+        if not any(np.array_equal(sets[2 * i], sets[2 * j]) and np.array_equal(sets[2 * i + 1], sets[2 * j + 1])
+                   for j in distinct):
+            distinct.append(i)
+    k = len(distinct)
+    per = np.stack([each[i] for i in distinct], axis=1)   # (B, k): each result's delta on each record resample
+    if k > 1:
+        # the seed level: per resample k draws of the results with replacement, from a generator of its own (seeded
+        # from ``seed``, so a report is reproducible and the record resamples stay those of one seed alone)
+        pick = np.random.default_rng([int(seed), 1]).integers(0, k, size=per.shape)
+        samples = np.take_along_axis(per, pick, axis=1).mean(axis=1)
+    else:
+        samples = per[:, 0]
+    mean = stats(float(np.mean([points[i] for i in distinct])), samples, k)
     if not per_seed:
         return mean
     return mean, [stats(p, d) for p, d in zip(points, each)]
@@ -602,9 +665,10 @@ def compare_with_baseline(cells: Iterable[dict[str, Any]], spec: BaselineSpec, n
     Returns:
         ``(per_seed, mean)``: per-seed rows (:data:`COMPARISON_COLUMNS`: delta with its paired 95 % CI,
         ``excludes_zero`` ``"+"`` / ``"-"`` / ``""``) and one row per (mode, task, split, row label, baseline label,
-        fraction) (:data:`COMPARISON_MEAN_COLUMNS`): the mean delta over the seeds both rows have, its CI from
-        resampling the records jointly for all seeds (:func:`seed_mean_paired_delta`), on the records every seed
-        predicted.
+        fraction) (:data:`COMPARISON_MEAN_COLUMNS`): the mean delta over the seeds both rows have (``seeds``;
+        ``n_results``: how many of them gave distinct predictions, identical ones counted once), its two-level CI
+        (seeds drawn with replacement, records resampled jointly for them: :func:`seed_mean_paired_delta`), on the
+        records every seed predicted.
     """
     pairs = matched_pairs(cells, spec)
     per_seed: list[dict[str, Any]] = []
@@ -695,9 +759,11 @@ def baseline_comparisons(cells: Iterable[dict[str, Any]], baseline: str = HANDCR
 #: what the random-init twin's CI covers (:func:`comparison_markdown` of :data:`TWIN`): the sweep builds a probe's
 #: twin from ``init_seed`` for every seed, a fine-tune's from ``init_seed + seed``
 TWIN_INIT_NOTE = ("The random-init twin of a probe row (every mode but fine-tuning) is one random initialisation "
-                  "(`init_seed`) for every seed: its CI covers the resampling of the split's records and the label "
-                  "subsets, not the spread over random initialisations. A fine-tune row's twin is initialised from "
-                  "`init_seed + seed`, one initialisation per seed.")
+                  "(`init_seed`) for every seed: the seed-mean CI resamples the split's records and the seeds that "
+                  "were run (their label subsets and the row's own head initialisations), but every seed's twin is "
+                  "the same network: the CI covers the seeds' spread, not the spread over random initialisations "
+                  "of the twin (and with 2-3 seeds its seed level is rough). A fine-tune row's twin is initialised "
+                  "from `init_seed + seed`, one initialisation per seed.")
 
 
 def _flag(excl: Any) -> str:
@@ -714,9 +780,12 @@ def comparison_markdown(comp: pd.DataFrame, reference: str = "random-init", titl
     title = title or TWIN.title
     lines = [f"## {title} (macro AUROC difference, same records of each split)", "",
              f"delta = row - {reference}, each row paired with the baseline on the records of its own split (`test`, "
-             f"or an external split `external:<dataset>`). Mean over seeds with its paired 95 % bootstrap CI (the "
-             f"records of that split resampled jointly for every seed and both rows; n = the records both rows of "
-             f"every seed predicted); per seed: delta [95 % paired bootstrap CI], `*` = that CI excludes 0, with its "
+             f"or an external split `external:<dataset>`). Mean over seeds with its two-level paired 95 % bootstrap "
+             f"CI (each resample draws the seeds with replacement and resamples the records of that split jointly for "
+             f"them and both rows, so the spread over seeds, i.e. label subsets and initialisations, is in the CI; "
+             f"seeds that gave identical predictions count once, `identical`; n = the records both rows of every "
+             f"seed predicted); per seed: delta [95 % paired bootstrap CI over records], `*` = that CI excludes 0, "
+             f"with its "
              f"n when it differs. Resamples in which a class lost all its positives or negatives are redrawn; those "
              f"still degenerate after that average the delta over fewer classes and are counted where there are "
              f"any (`n_degenerate` in the CSV files).", "",
@@ -738,7 +807,10 @@ def comparison_markdown(comp: pd.DataFrame, reference: str = "random-init", titl
                         for r in g.itertuples())
         if m is not None:
             deg = getattr(m, "n_degenerate", None)
+            nres = getattr(m, "n_results", None)
+            same = int(m.n_seeds) > 1 and pd.notna(nres) and int(nres) == 1
             mean = (f"{m.delta:+.3f} {_ci_text(m.ci_low, m.ci_high, signed=True)} ({int(m.n_seeds)} seeds"
+                    + (", identical" if same else "")
                     + (f", n = {n_mean}" if n_mean is not None else "")
                     + (f"; {int(deg)} resamples over fewer classes" if pd.notna(deg) and int(deg) > 0 else "")
                     + ")")
@@ -925,14 +997,31 @@ def _fmt_row(r: pd.Series) -> str:
 ACCEPTANCE_TASKS = ("cinc2017", "ptbxl_super")
 
 
+def _rows_paired_delta(cells: list[dict[str, Any]], task: str, mode: str, fraction: float, label: str,
+                       baseline: str, n_boot: int) -> pd.Series | None:
+    """The seed-mean paired comparison (test split; :func:`compare_with_baseline`, so the same pairing rules:
+    same seed, same training records, records matched by key) of row ``label`` minus row ``baseline``, both in
+    ``mode`` at ``task`` / ``fraction``, whatever their architectures; None when they share no seed (or no
+    record)."""
+    sub = [c for c in cells if c.get("task") == task and c.get("mode") == mode and c.get("predictions")
+           and np.isclose(float(c.get("fraction", -1)), float(fraction)) and c.get("label") in (label, baseline)]
+    methods = tuple(sorted({str(c.get("method")) for c in sub if c.get("label") == baseline}))
+    if not methods or any(c.get("label") == label and c.get("method") in methods for c in sub):
+        return None   # the row would count as its own baseline: no pairing by method possible
+    spec = BaselineSpec(f"{baseline}", "", methods)
+    _, mean = compare_with_baseline(sub, spec, n_boot=n_boot)
+    mean = mean[(mean["split"] == "test") & (mean["label"] == label) & (mean["baseline"] == baseline)]
+    return None if mean.empty else mean.iloc[0]
+
+
 def acceptance(cells: Iterable[dict[str, Any]], summ: pd.DataFrame, means: dict[str, pd.DataFrame],
-               tasks: tuple[str, str] = ACCEPTANCE_TASKS, fractions: tuple[float, float] = (0.1, 1.0)
-               ) -> list[dict[str, str]]:
+               tasks: tuple[str, str] = ACCEPTANCE_TASKS, fractions: tuple[float, float] = (0.1, 1.0),
+               n_boot: int = 1000) -> list[dict[str, str]]:
     """The acceptance criteria of issue 12, evaluated on the results (never hard-coded numbers).
 
     SSL rows are the cells of pretrained checkpoints (``checkpoint_kind == "pretrained"``); numbers are test-split
-    macro AUROC means over seeds; "CI excludes 0" is the seed-mean paired bootstrap CI of
-    :func:`compare_with_baseline` (records resampled jointly for every seed).
+    macro AUROC means over seeds; "CI excludes 0" is the seed-mean two-level paired bootstrap CI of
+    :func:`compare_with_baseline` (seeds drawn with replacement, records resampled jointly for them).
 
     1. CinC 2017 at 100 %: the best SSL frozen probe (any encoder, any probe variant: linear, MLP, attention,
        mean+std; the one with the highest validation macro AUROC, then read on test) >= :data:`ACCEPT_PROBE_AUROC`
@@ -947,10 +1036,15 @@ def acceptance(cells: Iterable[dict[str, Any]], summ: pd.DataFrame, means: dict[
     3. PTB-XL super at 100 %: the best SSL frozen probe (chosen on validation as in 1) >= :data:`ACCEPT_PROBE_AUROC`;
     4. at 10 % of the labels on both tasks: the best fine-tuned SSL row (chosen on validation as in 1, then read
        on test) >= the supervised-from-scratch CNN: the ``supervised:`` rows and the fine-tunes of random-init CNN
-       twins (trained from scratch on the same labels with the fine-tunes' recipe), the best of them on test when
-       there are several, which only makes the criterion harder. The evidence says how many seeds of the SSL row kept their LP-FT probe
-       initialisation (``best_epoch == -1``: in effect a linear probe) and how many of the CNN's were best at their
-       last epoch (``best_epoch == epochs_run - 1``: possibly under-trained), when any did.
+       twins (trained from scratch on the same labels with the fine-tunes' recipe), decided on the paired
+       comparison: the seed-mean delta (SSL - CNN, same test records) over the seeds both rows have must be >= 0
+       (the point estimate; its CI is in the evidence), never the two rows' means, which may average different
+       seeds (label subsets). Of several CNN rows the one with the lowest paired delta decides, which only makes
+       the criterion harder; a CNN row without a paired comparison (no shared seed) is named and not counted, and
+       none at all is NOT MEASURED. The evidence names the paired seeds and each row's seeds, and says how many
+       seeds of the SSL row kept their LP-FT probe initialisation (``best_epoch == -1``: in effect a linear probe)
+       and how many of the CNN's were best at their last epoch (``best_epoch == epochs_run - 1``: possibly
+       under-trained), when any did.
 
     Args:
         cells: the result cells (labels assigned).
@@ -958,6 +1052,7 @@ def acceptance(cells: Iterable[dict[str, Any]], summ: pd.DataFrame, means: dict[
         means: seed-mean comparison frames by :attr:`BaselineSpec.name`.
         tasks: ``(CinC 2017 task, PTB-XL super task)``.
         fractions: ``(low, full)`` label fractions.
+        n_boot: bootstrap resamples of criterion 4's paired comparisons (computed here, pair by pair).
 
     Returns:
         One dict per criterion: ``{"criterion", "status", "evidence"}``; status ``"MET"``, ``"MISSED"`` (a measured
@@ -1077,13 +1172,32 @@ def acceptance(cells: Iterable[dict[str, Any]], summ: pd.DataFrame, means: dict[
             parts.append(f"{task}: not measured ({'no SSL fine-tune' if s is None else 'no supervised CNN'} "
                          f"cells at {_fmt_frac(low)})")
             continue
-        c = c_rows.iloc[0]
-        ok = s["mean"] >= c["mean"]
+        # decided on the paired comparison (the seed-mean delta over the seeds both rows have, on the same records),
+        # never on the two rows' table means: those can average different seeds, i.e. different label subsets (a CNN
+        # run with more seeds, a crashed seed), and then say "SSL >= CNN" when SSL is worse on every shared seed. The
+        # paired number is against that CNN row itself, never another baseline of the table (a random-init twin
+        # table also pairs a ViT row with its ViT twin); of several CNN rows, the one the SSL row beats by least
+        # (or loses to by most) decides, which only makes the criterion harder
+        paired, unpaired = [], []
+        for _, cr in c_rows.iterrows():
+            ref = TWIN if cr["label"] in twin_cnn else SUPERVISED_CNN
+            # computed here for this pair of rows: the report's tables pair an SSL row with its own twin only (a
+            # ViT SSL row has no row against a random-init CNN's fine-tune there)
+            d = _rows_paired_delta(cells, task, "finetune", low, s["label"], cr["label"], n_boot)
+            if d is None or not np.isfinite(float(d["delta"])):
+                unpaired.append(f"{cr['label']} s{_seed_ids(cr.get('seeds'))}")
+            else:
+                paired.append((cr, ref, d))
+        not_paired = (f" (CNN rows without a paired comparison on shared seeds, not counted: "
+                      f"{'; '.join(unpaired)})" if unpaired else "")
+        if not paired:
+            verdicts.append("not measured")
+            parts.append(f"{task}: not measured: no paired comparison of SSL {_fmt_row(s)} "
+                         f"s{_seed_ids(s.get('seeds'))} with a supervised CNN row on shared seeds{not_paired}")
+            continue
+        c, ref, d = min(paired, key=lambda x: (float(x[2]["delta"]), -float(x[0]["mean"]), str(x[0]["label"])))
+        ok = bool(float(d["delta"]) >= 0)
         verdicts.append("ok" if ok else "no")
-        ref = TWIN if c["label"] in twin_cnn else SUPERVISED_CNN
-        # the paired number is against the CNN row compared here (c), never another baseline of the table: a
-        # random-init twin table also pairs a ViT row with its ViT twin
-        d = _mean_delta(means.get(ref.name), task, "finetune", low, s["label"], baseline=c["label"])
         # an LP-FT seed that kept its probe initialisation is a linear probe there; a CNN best at its last epoch
         # may have been stopped before it converged
         lp_kept = _lp_kept_note(_row_cells(cells, s["label"], task, "finetune", low))
@@ -1091,10 +1205,13 @@ def acceptance(cells: Iterable[dict[str, Any]], summ: pd.DataFrame, means: dict[
         how = "random-init CNN, fine-tune recipe" if c["label"] in twin_cnn else "supervised recipe"
         parts.append(f"{task}: {'ok' if ok else 'no'}: SSL {_fmt_row(s)}{lp_kept} (best on validation: "
                      f"{s['val_mean']:.3f}) vs CNN from scratch ({how}) {_fmt_row(c)}{last}; paired "
-                     f"{_fmt_delta(d, ref.name)}")
+                     f"(decides) over seeds {_seed_ids(d.get('seeds'))}, those both rows have (SSL row: seeds "
+                     f"{_seed_ids(s.get('seeds'))}; CNN row: seeds {_seed_ids(c.get('seeds'))}): "
+                     f"{_fmt_delta(d, ref.name)}{not_paired}")
     out.append({"criterion": f"{_fmt_frac(low)} of the labels: best fine-tuned SSL (chosen on validation) >= "
                              f"supervised-from-scratch CNN (the supervised recipe or a random-init CNN fine-tuned "
-                             f"with the fine-tunes' recipe, the best on test) on {cinc} and {ptb}",
+                             f"with the fine-tunes' recipe, the hardest one) on {cinc} and {ptb}: paired mean delta "
+                             f">= 0 over the seeds both rows have",
                 "status": _overall(verdicts), "evidence": " <br> ".join(parts)})
     return out
 
@@ -1116,7 +1233,9 @@ def acceptance_markdown(rows: list[dict[str, str]]) -> str:
         return ""
     lines = ["## Acceptance (issue 12), computed from the cells", "",
              "Test-split macro AUROC, mean over seeds [mean per-seed 95 % CI] (seeds); paired deltas: mean over "
-             "seeds [joint paired 95 % bootstrap CI]. \"Chosen on validation\": the row (encoder, probe type) of "
+             "the seeds both rows have [two-level paired 95 % bootstrap CI: seeds and records resampled]. Criterion "
+             "4 is decided on the paired delta (>= 0), not on the two rows' means. \"Chosen on validation\": the "
+             "row (encoder, probe type) of "
              "the highest validation macro AUROC, mean over seeds (criterion 2: also over its four settings), then "
              "read on test once. A linear probe's validation score is the max over its C grid, an MLP / attention "
              "probe's the max over its lr (and weight-decay) grid and every early-stopped epoch, so the latter carry "
@@ -1158,6 +1277,30 @@ def excluded_classes_markdown(cells: Iterable[dict[str, Any]]) -> str:
                       "| method | mode | task | split | fraction | seed | classes left out | resamples over fewer "
                       "classes |",
                       "|---|---|---|---|---|---|---|---|", *rows, ""])
+
+
+def f1_no_threshold_markdown(cells: Iterable[dict[str, Any]]) -> str:
+    """A section naming, per cell and split, the classes its macro F1 leaves out for want of a validation positive
+    (``f1_no_threshold_classes`` of :func:`ecgfm.evaluate.metrics.evaluate_scores`: no threshold could be chosen,
+    the placeholder 0.5 is not a measurement); empty when no cell has one (cells computed before 2026-12-07 do not
+    record it: their macro F1 counted those classes at 0.5)."""
+    rows = []
+    for c in cells:
+        for split, r in sorted((c.get("results") or {}).items()):
+            left = list(r.get("f1_no_threshold_classes") or []) if split != "val" else []
+            if left:
+                rows.append(f"| {c.get('label', c.get('method'))} | {MODE_NAMES.get(c.get('mode'), c.get('mode'))} | "
+                            f"{c.get('task')} | {split} | {_fmt_frac(c.get('fraction', 1))} | {c.get('seed')} | "
+                            f"{', '.join(map(str, left))} |")
+    if not rows:
+        return ""
+    return "\n".join(["", "## macro_f1: classes without a validation positive, left out of a cell's macro F1", "",
+                      "A multi-label class without a positive validation record has no F1 threshold chosen on "
+                      "validation (a placeholder 0.5 makes the hard predictions): its F1 would measure the "
+                      "placeholder, not the model, so that cell's macro F1 (and its CI) is over the other classes "
+                      "with a positive record. Macro AUROC is not affected.", "",
+                      "| method | mode | task | split | fraction | seed | classes left out of macro F1 |",
+                      "|---|---|---|---|---|---|---|", *rows, ""])
 
 
 def task_notes_markdown(cells: Iterable[dict[str, Any]]) -> str:
@@ -1258,7 +1401,8 @@ def build_report(results_dir: str | os.PathLike, plot: bool = True, compare: boo
     cells = load_cells(root)
     df = tidy_rows(cells)
     _atomic_write_text(root / "results.csv", df.to_csv(index=False))
-    md = markdown_table(df) + excluded_classes_markdown(cells) + task_notes_markdown(cells)
+    md = (markdown_table(df) + excluded_classes_markdown(cells) + f1_no_threshold_markdown(cells)
+          + task_notes_markdown(cells))
     comp_path, accepted = None, []
     if compare:
         per_seed, means = [], {}
@@ -1289,7 +1433,7 @@ def build_report(results_dir: str | os.PathLike, plot: bool = True, compare: boo
         if {str(c.get("task")) for c in cells} & set(ACCEPTANCE_TASKS):
             accepted = acceptance([c for c in cells if leakage_status(c) != "leaked"
                                    and (str(c.get("checkpoint")), cell_identity(c)[0]) not in gone],
-                                  summarize(clear, "macro_auroc"), means)
+                                  summarize(clear, "macro_auroc"), means, n_boot=n_boot)
         if len(df):
             md = md.replace("# Results\n", "# Results\n\n" + acceptance_markdown(accepted), 1)
         md += "".join("\n" + s for s in sections)

@@ -1506,7 +1506,10 @@ def score_external(task: TaskData, ext: TaskData, rows: np.ndarray, p: np.ndarra
     keep = np.array([i for i, c in enumerate(names) if c not in gone], dtype=np.int64)
     if gone and len(keep):
         y, p = y[:, keep], np.asarray(p)[:, keep]
-        thresholds = None if thresholds is None else np.asarray(thresholds)[keep]
+        # indexed as it is (not through np.asarray): choose_thresholds' mark of classes without a validation
+        # positive (metrics.Thresholds) follows the kept classes
+        thresholds = None if thresholds is None else (thresholds[keep] if isinstance(thresholds, np.ndarray)
+                                                      else np.asarray(thresholds)[keep])
         names = [names[i] for i in keep]
     res = evaluate_scores(y, p, task.multilabel, names, thresholds, n_boot=n_boot, seed=seed)
     if gone:

@@ -419,7 +419,7 @@ def test_one_seed_has_no_spread_and_no_bootstrap_no_ci(tmp_path):
     _rewrite(res, "linear", "cinc2017", "mae", 1.0, 0, no_ci)
     md = R.markdown_table(R.tidy_rows(R.load_cells(res)))
     row = next(line for line in md.splitlines() if line.startswith("| mae "))
-    assert "+- n/a [no CI] (1)" in row
+    assert "+- n/a [no CI] s0 (1)" in row   # seed ids before the count (2026-12-07)
 
 
 def test_report_command_refuses_a_folder_without_cells(tmp_path, capsys):
@@ -513,7 +513,7 @@ def test_cells_written_without_cis_by_the_sweep_report(tmp_path):
     assert '"ci_low":null' in path.read_text()
     md = Path(R.build_report(res, plot=False, n_boot=0)["markdown"]).read_text()
     row = next(line for line in md.splitlines() if line.startswith("| mae "))
-    assert "[no CI] (2)" in row
+    assert "[no CI] s0,1 (2)" in row   # seed ids before the count (2026-12-07)
 
 
 def test_cells_trained_on_different_records_are_not_paired(tmp_path, caplog):
