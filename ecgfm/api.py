@@ -584,12 +584,8 @@ class Classifier(_Model):
         logits = (lambda t, m: net(t)) if not isinstance(net, EncoderClassifier) else net
         for (x, mask), name in zip(recs, names):
             w = self._windows(x, None, _where(name))
-            if aggregate == "logit":
-                mean_logit = self._forward(w, logits, batch_size, mask).mean(axis=0)
-                rows.append(self._activate(torch.from_numpy(mean_logit)).numpy())
-            else:
-                rows.append(self._forward(w, lambda t, m: self._activate(logits(t, m)), batch_size,
-                                          mask).mean(axis=0))
+            rows.append(aggregate_window_logits(self._forward(w, logits, batch_size, mask), aggregate,
+                                                self._activate)[0])
         return pd.DataFrame(np.stack(rows), index=names, columns=self.classes)
 
     def predict(self, signal: Any, fs: float | None = None, leads: Sequence[str] | None = None,
@@ -599,6 +595,36 @@ class Classifier(_Model):
         p = self.predict_proba(signal, fs, leads, rename_leads=rename_leads)
         return pd.DataFrame(decisions(p.to_numpy(), self.multilabel, self.thresholds), index=p.index,
                             columns=p.columns)
+
+
+def aggregate_window_logits(window_logits: Any, aggregate: str, activate: Any) -> tuple[np.ndarray, np.ndarray]:
+    """A record's class probabilities from its windows' logits, as :meth:`Classifier.predict_proba` makes them
+    (and the explain stage's report, :func:`ecgfm.explain.report.explain_records`, so that its "predicted" is the
+    API's decision): ``"prob"``, the mean of the windows' probabilities; ``"logit"``, the probabilities of the mean
+    window logit (the artifact's ``window_aggregate``, as the classifier was validated).
+
+    Args:
+        window_logits: ``(W, C)`` logits of the record's windows (:func:`~ecgfm.data.preprocess.sliding_windows`).
+        aggregate: ``"prob"`` or ``"logit"``.
+        activate: logits ``(N, C)`` tensor -> probabilities (softmax or sigmoid over the last axis).
+
+    Returns:
+        ``(proba (C,), terms (W, C))`` float64: the record's probabilities and what was averaged, each window's
+        probabilities (``"prob"``) or logits (``"logit"``): window ``w`` adds ``terms[w] / W`` to the record's mean.
+
+    Raises:
+        ValueError: ``aggregate`` neither ``"prob"`` nor ``"logit"``.
+    """
+    if aggregate not in ("prob", "logit"):
+        raise ValueError(f"window_aggregate must be 'prob' or 'logit', got {aggregate!r}")
+    z = np.asarray(window_logits.detach().cpu() if isinstance(window_logits, torch.Tensor) else window_logits)
+    if aggregate == "logit":
+        terms = z.astype(np.float64)
+        proba = activate(torch.from_numpy(terms.mean(axis=0))[None])[0].double().numpy()
+        return proba, terms
+    # each window activated as the network's float32 output (exact: the logits are float32 values)
+    terms = activate(torch.from_numpy(z.astype(np.float32))).double().numpy()
+    return terms.mean(axis=0), terms
 
 
 def decisions(proba: Any, multilabel: bool, thresholds: Sequence[float] | np.ndarray | None = None) -> np.ndarray:

@@ -41,7 +41,7 @@ from ecgfm.explain import visualize as viz
 from ecgfm.explain import waves as waves_mod
 from ecgfm.explain.attribution import Explainer, canonical_method, check_method_options
 from ecgfm.explain.classifier import train_synthetic_demo, wrapper_from_artifact
-from ecgfm.explain.wrapper import ECGWrapper, window_start
+from ecgfm.explain.wrapper import ECGWrapper
 from ecgfm.recipes import check_counterfactual_options
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,8 @@ def display_signal(record: ECGRecord, wrapper: ECGWrapper) -> tuple[np.ndarray, 
     in ``"normalised units"`` (a chart in mV would claim amplitudes and a gain the record no longer has).
 
     Limb leads the model derives from I and II (:func:`display_signal_and_derived`) are drawn derived, as the
-    model reads them."""
+    model reads them. Leads the model does not read (:attr:`ECGWrapper.read_leads`) are drawn as recorded: the
+    chart labels them "not read by the model"."""
     rows, units, _ = display_signal_and_derived(record, wrapper)
     return rows, units
 
@@ -125,18 +126,44 @@ def display_signal_and_derived(record: ECGRecord, wrapper: ECGWrapper) -> tuple[
     if preprocessed:
         return rows, ("mV" if wrapper.spec.normalize == "none" else "normalised units"), derived
     if wrapper.spec is not None:
-        spec = PreprocessSpec(**{**wrapper.spec.to_dict(), "fs": wrapper.fs, "normalize": "none", "clip": None})
+        # every lead of the record, those the model does not read too (``leads``: None): a model reading a subset
+        # (input_leads, a spec's leads) had the others zeroed here, and the chart called them "not recorded"
+        spec = PreprocessSpec(**{**wrapper.spec.to_dict(), "fs": wrapper.fs, "normalize": "none", "clip": None,
+                                 "leads": None})
         return wrapper.preprocess_rows(rows, record.fs, mask, spec, record.key)[0], "mV", derived
     return resample(np.nan_to_num(rows), record.fs, wrapper.fs), "mV", derived
 
 
 def _window_text(window: dict[str, float] | None, record: ECGRecord) -> str:
-    """`` | window 10.00-20.00 s of 30.00 s`` for the centred window a windowed model saw ('' for the whole
-    record): the drawn time axis starts at the window, not at the record's start."""
+    """`` | window 10.00-20.00 s of 30.00 s`` for the window of a longer record that was explained ('' for the
+    whole record): the drawn time axis starts at the window, not at the record's start."""
     if not window:
         return ""
     return (f" | window {window['start_s']:.2f}-{window['start_s'] + window['length_s']:.2f} s of "
             f"{record.n_samples / record.fs:.2f} s")
+
+
+def _probability_text(p_record: float, p_window: float, window: dict[str, float] | None) -> str:
+    """``p = 0.68`` (the model's input is the whole record) or ``p(record) = 0.68, p(window 10.0-20.0 s) = 0.29``:
+    the record's probability (the API's, over all its windows) and the explained window's own."""
+    if not window:
+        return f"p = {p_record:.2f}"
+    return (f"p(record) = {p_record:.2f}, p(window {window['start_s']:.1f}-"
+            f"{window['start_s'] + window['length_s']:.1f} s) = {p_window:.2f}")
+
+
+def choose_window(terms: np.ndarray, target: int) -> int:
+    """The window a record's explanation explains: the one that adds most to the record's score of ``target``.
+
+    The record's score is the mean over its windows of ``terms`` (:meth:`ECGWrapper.score_windows`: the windows'
+    probabilities, or logits for ``window_aggregate="logit"``), so window ``w`` adds ``terms[w, target] / W``; the
+    first such window on a tie.
+
+    Args:
+        terms: ``(W, C)`` what the record's mean is taken over.
+        target: the explained class.
+    """
+    return int(np.argmax(np.asarray(terms)[:, int(target)]))
 
 
 def _evidence(record: ECGRecord, wrapper: ECGWrapper, n_t: int, start: int = 0) -> np.ndarray | None:
@@ -363,12 +390,24 @@ def explain_records(wrapper: ECGWrapper, records: Sequence[ECGRecord], out_dir: 
                   "preprocess": None if wrapper.spec is None else wrapper.spec.to_dict()},
         "methods": keys, "extra": dict(extra or {}), "records": [],
         "notes": {
-            "predictions": "every class by decreasing probability; predicted: the model's decision, as "
-                           "ecgfm.Classifier.predict makes it (single-label: the most probable class; multi-label: "
-                           "each class with probability >= its threshold, the classifier's validation thresholds, "
-                           "0.5 without them); the record's 'predicted' lists them",
-            "target": "the explained class; chosen: 'target=' (given), 'predicted' (the most probable predicted "
-                      f"class) or '{NONE_PREDICTED}' (a multi-label record with no class at its threshold)",
+            "predictions": "every class by decreasing probability, the record's probabilities as "
+                           "ecgfm.Classifier.predict_proba gives them (a record longer than the model's window: all "
+                           "its sliding windows, aggregated per the classifier's window_aggregate); predicted: the "
+                           "model's decision, as ecgfm.Classifier.predict makes it (single-label: the most probable "
+                           "class; multi-label: each class with probability >= its threshold, the classifier's "
+                           "validation thresholds, 0.5 without them); the record's 'predicted' lists them",
+            "target": "the explained class; probability: the record's (as in predictions); window_probability: the "
+                      "explained window's own (the same unless the record is longer than the model's window); "
+                      "chosen: 'target=' (given), 'predicted' (the most probable predicted class) or "
+                      f"'{NONE_PREDICTED}' (a multi-label record with no class at its threshold)",
+            "window": "null: the model's input is the whole record (zero-padded when shorter than its window); else "
+                      "the explained window of a longer record (start_s, length_s at the model's rate): of the "
+                      "windows the record is scored on (index of n_windows, every stride_s, the last aligned to the "
+                      "record's end), the one adding most to the record's score of the explained class (its "
+                      "probability, or its logit for a classifier aggregating logits); the attributions, the "
+                      "faithfulness scores and the counterfactual are of that window",
+            "unread_leads": "the record's leads that the model does not read (its encoder's input_leads, its "
+                            "preprocessing's leads): drawn, labelled 'not read by the model', with no attribution",
             "per_lead.share_abs": "share of the summed |attribution| in each lead (recorded samples: the zero "
                                   "padding of a short record is not summed)",
             "per_wave": "P / QRS / T windows from R peaks detected on the model input's recorded samples "
@@ -389,24 +428,40 @@ def explain_records(wrapper: ECGWrapper, records: Sequence[ECGRecord], out_dir: 
     for record in records:
         t0 = time.perf_counter()
         rid = f"{record.source}_{record.record_id}".replace("/", "_")
-        x = wrapper.prepare(record, missing_leads="zero")
-        present = (x[0] != 0).any(dim=-1).cpu().numpy()   # (L,) the record's leads: absent ones are zero rows
+        # the record cut as ecgfm.Classifier.predict_proba cuts it: every sliding window of a record longer than
+        # the model's window (one input otherwise)
+        windows, starts = wrapper.record_windows(record, missing_leads="zero")
+        present = (windows != 0).any(dim=-1).any(dim=0).cpu().numpy()   # (L,) the record's leads: absent = zero rows
+        read = np.array([lead in wrapper.read_leads for lead in wrapper.lead_names])   # (L,) the leads it reads
         # a lead-aware classifier sees the record's lead mask, as when it was validated and as
         # Classifier.predict_proba scores it
         with wrapper.present_leads(present):
-            with torch.no_grad(), wrapper.evaluating():
-                proba = wrapper.postprocess_fn(wrapper(x))[0].cpu()
+            # the record's probabilities as the API makes them (its windows aggregated per window_aggregate), and
+            # each window's own
+            rec_p, win_p, terms = wrapper.score_windows(windows)
+            proba = torch.from_numpy(rec_p)
             if target is not None:
-                tgt, chosen = int(wrapper.resolve_target(target, x=x)[0]), "target="
+                tgt, chosen = int(wrapper.resolve_target(target, logits=torch.zeros(1, len(rec_p)))[0]), "target="
             else:   # the class the model predicts (multi-label: at its thresholds, as Classifier.predict decides)
                 tgt, chosen = predicted_target(wrapper, proba)
+            # the explained window: among the API's windows, the one adding most to the record's score of the class
+            k = choose_window(terms, tgt)
+            x, start = windows[k:k + 1], int(starts[k])
             names = wrapper.class_names or tuple(str(i) for i in range(proba.shape[0]))
             shown, units, derived = display_signal_and_derived(record, wrapper)
-            crop, start = None, 0
-            if wrapper.n_samples is not None and wrapper.window == "center" and shown.shape[1] > x.shape[2]:
-                start = window_start(shown.shape[1], x.shape[2])  # the window the wrapper fed the model
+            # the leads drawn as recorded: those the model reads and the record has (its input's non-zero rows),
+            # and the record's leads the model does not read (labelled so, not "not recorded")
+            drawn = present | (~read & (np.abs(np.nan_to_num(shown)).max(axis=1) > 0 if shown.shape[1] else False))
+            crop = None
+            if len(starts) > 1 or shown.shape[1] > x.shape[2]:
                 shown = shown[:, start:start + x.shape[2]]
-                crop = {"start_s": start / wrapper.fs, "length_s": x.shape[2] / wrapper.fs}
+                crop = {"start_s": start / wrapper.fs, "length_s": x.shape[2] / wrapper.fs, "index": k,
+                        "n_windows": len(starts),
+                        "stride_s": (wrapper.stride_samples or x.shape[2]) / wrapper.fs,
+                        "chosen": f"of the {len(starts)} windows the record is scored on, the one adding most to "
+                                  f"its {'mean logit' if wrapper.window_aggregate == 'logit' else 'probability'} "
+                                  f"of {names[tgt]}"}
+            p_text = _probability_text(float(rec_p[tgt]), float(win_p[k, tgt]), crop)
             # zero padding the model saw (the wrapper warned when it padded): in the report and its console line
             padded = max(0, x.shape[2] - shown.shape[1]) / x.shape[2]
             padded_from_s = x.shape[2] * (1 - padded) / wrapper.fs if padded > 0 else None   # where it starts
@@ -420,7 +475,7 @@ def explain_records(wrapper: ECGWrapper, records: Sequence[ECGRecord], out_dir: 
             # beats and their wave windows on the recorded samples only: with the padding in, a record padded to
             # more than twice its length had no beat (the band-passed median was 0 on every lead)
             r_peaks = waves_mod.detect_r_peaks(x[0], wrapper.fs, recorded=np.arange(x.shape[2]) < n_real)
-            windows = waves_mod.wave_windows(r_peaks, wrapper.fs, n_real)
+            wave_win = waves_mod.wave_windows(r_peaks, wrapper.fs, n_real)
             evidence = _evidence(record, wrapper, x.shape[2], start)
             preds = _predictions(wrapper, proba)
             entry: dict[str, Any] = {
@@ -429,13 +484,18 @@ def explain_records(wrapper: ECGWrapper, records: Sequence[ECGRecord], out_dir: 
                 # the classes predicted (Classifier.predict's decision), most probable first: none, one or several
                 # for a multi-label model
                 "predicted": [p["class"] for p in preds if p["predicted"]],
-                "target": {"class": names[tgt], "index": tgt, "probability": float(proba[tgt]), "chosen": chosen},
+                # probability: the record's (the API's); window_probability: the explained window's own
+                "target": {"class": names[tgt], "index": tgt, "probability": float(rec_p[tgt]),
+                           "window_probability": float(win_p[k, tgt]), "chosen": chosen},
                 "n_beats_detected": int(len(r_peaks)), "methods": {}, "figures": [],
-                "window": crop,   # None: the whole record; else the centred window a windowed classifier sees
+                "window": crop,   # None: the model's input is the whole record; else the explained window
                 "padded_fraction": float(padded),   # share of the model's input that is zero padding
                 # the leads the model reads that this record lacks (explained as absent; the wrapper warned)
-                "absent_leads": [lead for lead, here in zip(wrapper.lead_names, present.tolist())
-                                 if not here and lead in (wrapper.input_leads or wrapper.lead_names)],
+                "absent_leads": [lead for lead, here, r in zip(wrapper.lead_names, present.tolist(), read.tolist())
+                                 if not here and r],
+                # the record's leads the model does not read (drawn, labelled "not read by the model")
+                "unread_leads": [lead for lead, d, r in zip(wrapper.lead_names, drawn.tolist(), read.tolist())
+                                 if d and not r],
             }
             atts = {}
             for key in keys:
@@ -446,7 +506,7 @@ def explain_records(wrapper: ECGWrapper, records: Sequence[ECGRecord], out_dir: 
                 atts[key] = att
                 summary: dict[str, Any] = {"options": _jsonable(att.options), "elapsed_s": float(att.elapsed_s),
                                            "per_lead": _lead_summary(att, wrapper.lead_names, recorded),
-                                           "per_wave": _wave_summary(att, windows, recorded)}
+                                           "per_wave": _wave_summary(att, wave_win, recorded)}
                 if att.delta is not None:
                     summary["convergence_delta_abs"] = float(att.delta.abs().max())
                     # completeness error on the scale of what the attributions explain, f(x) - f(baseline) =
@@ -472,20 +532,20 @@ def explain_records(wrapper: ECGWrapper, records: Sequence[ECGRecord], out_dir: 
                     fig = viz.plot_ecg_chart(shown, wrapper.fs, wrapper.lead_names, attribution=att.values[0],
                                              overlay=overlay, record_id=f"{record.source}/{record.record_id}",
                                              units=units, window_start_s=None if crop is None else crop["start_s"],
-                                             present=present,
+                                             present=drawn, read=read,
                                              derived=derived,
                                              padded_from_s=padded_from_s,
                                              title=f"{record.source} {record.record_id} | labels: "
                                                    f"{', '.join(record.labels) or '-'} | {key} for "
-                                                   f"{names[tgt]} (p = {float(proba[tgt]):.2f})")
+                                                   f"{names[tgt]} ({p_text})")
                     entry["figures"] += [str(p.name) for p in viz.save_figure(fig, out / f"{rid}_chart_{key}",
                                                                               formats, dpi)]
             fig = viz.plot_method_comparison(shown, wrapper.fs, {k: a.values[0] for k, a in atts.items()},
                                              wrapper.lead_names, units=units,
-                                             present=present,
+                                             present=drawn, read=read,
                                              padded_from_s=padded_from_s,
-                                             title=f"{record.source} {record.record_id}: methods for {names[tgt]}"
-                                                   + _window_text(crop, record))
+                                             title=f"{record.source} {record.record_id}: methods for {names[tgt]} "
+                                                   f"({p_text})" + _window_text(crop, record))
             entry["figures"] += [p.name for p in viz.save_figure(fig, out / f"{rid}_methods", formats, dpi)]
             fig = viz.plot_lead_importance({k: a.per_lead(recorded=recorded)[0] for k, a in atts.items()},
                                            wrapper.lead_names,
@@ -508,9 +568,15 @@ def explain_records(wrapper: ECGWrapper, records: Sequence[ECGRecord], out_dir: 
                     continue
                 cf = make_cf(wrapper, x, cf_target, recorded=recorded, **cf_opts)
                 entry["counterfactual"] = cf.to_dict()
+                cft = int(cf.target[0])
+                # the counterfactual edits the explained window: its target's probability for the record (the
+                # API's) next to the window's own (original_target_proba)
+                entry["counterfactual"]["record_target_proba"] = float(rec_p[cft])
+                cf_p = _probability_text(float(rec_p[cft]), float(win_p[k, cft]), crop)
                 fig = viz.plot_counterfactual(cf.original[0], cf.counterfactual[0], wrapper.fs, wrapper.lead_names,
-                                              windows=windows, title=f"{record.record_id}: counterfactual towards "
-                                              f"{names[int(cf.target[0])]} (valid: {bool(cf.valid[0])})")
+                                              windows=wave_win, title=f"{record.record_id}: counterfactual towards "
+                                              f"{names[cft]} (valid{' for this window' if crop else ''}: "
+                                              f"{bool(cf.valid[0])}; {cf_p})" + _window_text(crop, record))
                 entry["figures"] += [p.name for p in viz.save_figure(fig, out / f"{rid}_counterfactual", formats,
                                                                      dpi)]
             entry["elapsed_s"] = time.perf_counter() - t0
@@ -812,9 +878,11 @@ def explain_main(cfg: Any) -> dict[str, Any]:
           f"classifier's training data: not recorded in {checkpoint} (provenance.data)")
     for rec in report["records"]:
         rec["training_membership"] = membership.get(f"{rec['source']}/{rec['record_id']}")
-        w = rec.get("window")   # the attribution's input: one centred window of a longer record, not the record
+        w = rec.get("window")   # the attribution's input: one window of a longer record (the prediction: all)
         where = "whole record" if not w else \
-            f"centre window {w['start_s']:.2f}-{w['start_s'] + w['length_s']:.2f} s (not the record's prediction)"
+            (f"window {w['start_s']:.2f}-{w['start_s'] + w['length_s']:.2f} s explained (window {w['index'] + 1} of "
+             f"{w['n_windows']}, p(window) {rec['target']['window_probability']:.3f}; the prediction is the "
+             f"record's, over all {w['n_windows']} windows)")
         if rec.get("padded_fraction"):
             where += f", zero-padded to the model's window ({rec['padded_fraction']:.0%} of its input is padding)"
         member = _MEMBERSHIP_TEXT.get(rec["training_membership"]) if rec["training_membership"] else None

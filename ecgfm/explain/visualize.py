@@ -275,7 +275,8 @@ def plot_ecg_chart(signal: Any, fs: float, lead_names: Sequence[str] = CANONICAL
                    colorbar_label: str = "attribution (signed; red raises the score)", gain: float | str = "auto",
                    chest_gain: float | str | None = "auto", record_id: str | None = None,
                    window_start_s: float | None = None, layout: str = "3x4", present: Any = None,
-                   padded_from_s: float | None = None, derived: Sequence[str] | None = None) -> Figure:
+                   padded_from_s: float | None = None, derived: Sequence[str] | None = None,
+                   read: Any = None) -> Figure:
     """The clinical 12-lead chart, optionally with a signed attribution overlay.
 
     Gain: a trace drawn at ``g`` mm/mV is ``g / 10`` of its amplitude in paper units (the grid stays 1 mm =
@@ -321,6 +322,10 @@ def plot_ecg_chart(signal: Any, fs: float, lead_names: Sequence[str] = CANONICAL
         derived: leads computed from I and II rather than recorded (a classifier trained on 12 leads reads III /
             aVR / aVL / aVF derived when a record lacks them): named in the header ("derived: III, aVR, ..."),
             so that a computed trace does not read as a recorded one.
+        read: optional ``(L,)`` bool, the leads the model reads (default: all). A present lead it does not read (a
+            model of ``input_leads``: ST-MEM with ``--leads``, a one-lead ECGFounder) is drawn as a plain trace, with
+            no attribution and out of the colour scale, labelled "not read by the model" in its panel
+            (``gid="unread_lead"``) and in the header: it is recorded, and "not recorded" would say otherwise.
 
     Returns:
         the figure; its chart axes has ``gid="ecg_chart"``, the calibration pulses ``gid="calibration"``,
@@ -347,9 +352,11 @@ def plot_ecg_chart(signal: Any, fs: float, lead_names: Sequence[str] = CANONICAL
     here = np.ones(sig.shape[0], dtype=bool) if present is None else np.asarray(_np(present), dtype=bool).reshape(-1)
     if here.shape[0] != sig.shape[0]:
         raise ValueError(f"present has {here.shape[0]} entries for {sig.shape[0]} leads")
+    rd = _read_mask(read, sig.shape[0])
     n_real = n_t if padded_from_s is None else min(n_t, max(0, int(round(padded_from_s * fs))))
-    # the colour scale from the recorded samples only (absent rows and padding are zeros that pull it down)
-    norm = symmetric_norm(_scale_samples(att, here, n_real), percentile) if att is not None else None
+    # the colour scale from the recorded samples of the leads the model reads only (absent rows, leads it does not
+    # read and padding are zeros that pull it down)
+    norm = symmetric_norm(_scale_samples(att, here & rd, n_real), percentile) if att is not None else None
     idx = _lead_index(lead_names)
     duration = n_t / fs
     full = layout == "3x4" and all(lead in idx for lead in CANONICAL_LEADS)
@@ -417,6 +424,9 @@ def plot_ecg_chart(signal: Any, fs: float, lead_names: Sequence[str] = CANONICAL
     absent = [name for name, h in zip(lead_names, here) if not h]
     if absent:
         header_parts.append(f"not recorded: {', '.join(map(str, absent))}")
+    unread = [name for name, h, r in zip(lead_names, here, rd) if h and not r]
+    if unread:   # recorded, drawn, but the model never sees them: no attribution there
+        header_parts.append(f"not read by the model (no attribution): {', '.join(map(str, unread))}")
     # missing (NaN) samples of a drawn lead are gaps in its trace: say so, not leave a gap to read as a lead change
     with_nan = [lead for lead in dict.fromkeys(lead for row in rows for lead, _, _ in row)
                 if here[idx[lead]] and np.isnan(sig[idx[lead]]).any()]
@@ -481,8 +491,13 @@ def plot_ecg_chart(signal: Any, fs: float, lead_names: Sequence[str] = CANONICAL
                     ax.plot(t_all[sl][over], y[over] + base, linestyle="none", marker="|", markersize=4,
                             color="#d62728", zorder=5, gid="clipped")
                     clipped.append(lead)
-                _trace(ax, t_all[sl], y, None if att is None else att[i, sl], norm, overlay, base,
+                _trace(ax, t_all[sl], y, None if att is None or not rd[i] else att[i, sl], norm, overlay, base,
                        row_spacing_mv * 0.9, cmap)
+                if not rd[i]:
+                    ax.text(a + 0.45, base + row_spacing_mv * 0.3, "not read by the model", fontsize=7,
+                            color="#555555", zorder=4, va="baseline",
+                            bbox={"facecolor": PAPER_BG, "edgecolor": "none", "alpha": 0.8, "pad": 0.5}
+                            ).set_gid("unread_lead")
             else:   # no trace: a zero-filled row would read as a flat recorded lead
                 ax.text((a + b) / 2, base, "not recorded", ha="center", va="center", fontsize=8,
                         color="#777777", zorder=4).set_gid("absent_lead")
@@ -518,6 +533,14 @@ def plot_ecg_chart(signal: Any, fs: float, lead_names: Sequence[str] = CANONICAL
     return fig
 
 
+def _read_mask(read: Any, n_leads: int) -> np.ndarray:
+    """``(L,)`` bool: the leads the model reads (``read``; None: all)."""
+    rd = np.ones(n_leads, dtype=bool) if read is None else np.asarray(_np(read), dtype=bool).reshape(-1)
+    if rd.shape[0] != n_leads:
+        raise ValueError(f"read has {rd.shape[0]} entries for {n_leads} leads")
+    return rd
+
+
 def _recorded_shares(att: np.ndarray, sig: np.ndarray, here: np.ndarray, n_real: int) -> np.ndarray:
     """``(L,)`` each lead's share of ``|att|`` summed over the recorded samples: the present leads' (``here``) first
     ``n_real`` (:func:`ecgfm.explain.attribution.recorded_samples`, as ``Attribution.per_lead(recorded=...)``);
@@ -551,12 +574,14 @@ def plot_method_comparison(signal: Any, fs: float, attributions: Mapping[str, An
                            lead_names: Sequence[str] = CANONICAL_LEADS, leads: Sequence[str] | None = None,
                            n_leads: int = 3, overlay: str = "line", title: str | None = None, cmap: str = CMAP,
                            units: str = "mV", percentile: float = 99.0, attribution_fs: float | None = None,
-                           present: Any = None, padded_from_s: float | None = None) -> Figure:
+                           present: Any = None, padded_from_s: float | None = None, read: Any = None) -> Figure:
     """Several attributions of one record side by side: one row per method, one column per lead.
 
     Each method is normalised on its own (symmetric, over the recorded samples of all the record's leads, as
     :func:`plot_ecg_chart` scales its overlay), so the figure compares *where* the methods put relevance, not their
-    scales (which differ by orders of magnitude between methods).
+    scales (which differ by orders of magnitude between methods). The figure says so: a colour bar
+    (``gid="colorbar"``, ticks "-max", "0", "+max") reads "red raises the explained score, blue lowers it; each
+    method (row) scaled to its own 99th percentile of |attribution|", and the note under the panels repeats it.
 
     Args:
         signal: ``(L, T)`` at ``fs``.
@@ -577,11 +602,15 @@ def plot_method_comparison(signal: Any, fs: float, attributions: Mapping[str, An
             zero (ecgfm's absent leads are zero rows). Absent leads are left out of the colour scale.
         padded_from_s: where zero padding (a record shorter than the model's window) starts: left out of the
             colour scale and the shares, and shaded.
+        read: optional ``(L,)`` bool, the leads the model reads (default: all): a present lead it does not read is
+            drawn without attribution, out of the colour scale, labelled "not read by the model"
+            (``gid="unread_lead"``); the default ``leads`` are among those it reads (the others carry no attribution
+            to compare).
 
     Returns:
         the figure (axes ``gid="method:<name>|lead:<lead>"``; per method row, the shares text
         ``gid="lead_share"``; absent-lead notes ``gid="absent_lead"``; padding ``gid="padding"``; the time /
-        amplitude note ``gid="amplitude_label"``).
+        amplitude / colour note ``gid="amplitude_label"``; the colour bar's axes ``gid="colorbar"``).
     """
     sig = _np(signal)
     if not attributions:
@@ -590,6 +619,7 @@ def plot_method_comparison(signal: Any, fs: float, attributions: Mapping[str, An
     here = np.abs(sig).max(axis=1) > 0 if present is None else np.asarray(_np(present), dtype=bool).reshape(-1)
     if here.shape[0] != sig.shape[0]:
         raise ValueError(f"present has {here.shape[0]} entries for {sig.shape[0]} leads")
+    rd = _read_mask(read, sig.shape[0])
     n_real = n_t if padded_from_s is None else min(n_t, max(0, int(round(padded_from_s * fs))))
     atts = {}
     for name, a in attributions.items():
@@ -598,27 +628,32 @@ def plot_method_comparison(signal: Any, fs: float, attributions: Mapping[str, An
         if a.shape[0] != sig.shape[0]:
             raise ValueError(f"attribution {name!r} has {a.shape[0]} rows, signal {sig.shape[0]}")
         atts[name] = _resample_to(a, a_fs, n_t, fs)
-    shares = {name: _recorded_shares(a, sig, here, n_real) for name, a in atts.items()}
-    # only present leads are picked (an absent lead's zero row, or its map's mass on nothing, is not a finding)
-    score = np.where(here, sum(shares.values()), -np.inf)
-    cols = _select_leads(lead_names, leads, score, min(n_leads, int(here.sum())) if here.any() else n_leads)
+    shares = {name: _recorded_shares(a, sig, here & rd, n_real) for name, a in atts.items()}
+    # only present leads are picked (an absent lead's zero row, or its map's mass on nothing, is not a finding),
+    # those the model reads first
+    score = np.where(here & rd, sum(shares.values()), np.where(here, -1.0, -np.inf))
+    picked = here & rd if (here & rd).any() else here   # leads with no attribution to compare only when asked
+    cols = _select_leads(lead_names, leads, score, min(n_leads, int(picked.sum())) if picked.any() else n_leads)
     t = np.arange(n_t) / fs
     shown = [li for li in cols if here[li]]
     vals = sig[shown][:, :n_real] if shown and n_real else np.zeros((1, 1))
     lo = (float(np.nanmin(vals)) if np.isfinite(vals).any() else 0.0) - 0.2
     hi = (float(np.nanmax(vals)) if np.isfinite(vals).any() else 0.0) + 0.2
     n_r, n_c = len(atts), len(cols)
-    fig = Figure(figsize=(3.6 * n_c + 0.8, 1.5 * n_r + (0.6 if title else 0.3) + 0.25), layout="constrained")
+    fig = Figure(figsize=(3.6 * n_c + 1.4, 1.5 * n_r + (0.6 if title else 0.3) + 0.45), layout="constrained")
     axes = np.atleast_2d(fig.subplots(n_r, n_c, squeeze=False, sharex=True, sharey=True))
     for r, (name, a) in enumerate(atts.items()):
-        norm = symmetric_norm(_scale_samples(a, here, n_real), percentile)   # as plot_ecg_chart's scale
+        norm = symmetric_norm(_scale_samples(a, here & rd, n_real), percentile)   # as plot_ecg_chart's scale
         for c, li in enumerate(cols):
             ax = axes[r, c]
             ax.set_gid(f"method:{name}|lead:{lead_names[li]}")
             paper_grid(ax, (0, t[-1]), (lo, hi), minor=False)
             if here[li]:
-                _trace(ax, t, sig[li], a[li], norm, overlay, 0.0, hi - lo, cmap, linewidth=0.7,
+                _trace(ax, t, sig[li], a[li] if rd[li] else None, norm, overlay, 0.0, hi - lo, cmap, linewidth=0.7,
                        band_center=(lo + hi) / 2)   # the band covers the panel [lo, hi]
+                if not rd[li]:   # recorded, but the model never sees it: no attribution, not "not recorded"
+                    ax.text(t[-1] / 2, hi, "not read by the model", ha="center", va="top", fontsize=7,
+                            color="#555555", zorder=4).set_gid("unread_lead")
             else:   # no trace: a zero-filled row would read as a flat recorded lead (as plot_ecg_chart)
                 ax.text(t[-1] / 2, (lo + hi) / 2, "not recorded", ha="center", va="center", fontsize=8,
                         color="#777777", zorder=4).set_gid("absent_lead")
@@ -630,14 +665,27 @@ def plot_method_comparison(signal: Any, fs: float, attributions: Mapping[str, An
                 ax.set_ylabel(name, fontsize=9, rotation=0, ha="right", va="center")
         # each lead's share of the method's |attribution| over the present leads' recorded samples (as
         # Attribution.per_lead(recorded=...) and report.json's per_lead)
-        share_txt = ", ".join(f"{lead_names[i]} {100 * shares[name][i]:.0f}%" if here[i]
+        share_txt = ", ".join(f"{lead_names[i]} {100 * shares[name][i]:.0f}%" if here[i] and rd[i]
+                              else f"{lead_names[i]} not read" if here[i]
                               else f"{lead_names[i]} not recorded" for i in cols)
         axes[r, -1].text(1.0, 1.02, share_txt, transform=axes[r, -1].transAxes, ha="right", va="bottom",
                          fontsize=6.5, color="#444444").set_gid("lead_share")
     notes = [f"time (s); grid 0.2 s x 0.5 {units}"]
     if n_real < n_t:
         notes.append(f"zero-padded from {n_real / fs:.2f} s (shaded)")
-    fig.supxlabel("; ".join(notes), fontsize=7.5, color="#333333").set_gid("amplitude_label")
+    # what the colours mean: the sign, and that each row has its own scale (not comparable across rows)
+    scale_txt = (f"each method (row) scaled to its own {percentile:g}th percentile of |attribution| (max), so "
+                 f"intensities do not compare across rows")
+    notes.append(f"red raises the explained score, blue lowers it; {scale_txt}")
+    sm = matplotlib.cm.ScalarMappable(norm=Normalize(vmin=-1.0, vmax=1.0), cmap=_cmap(cmap))
+    cb = fig.colorbar(sm, ax=axes.ravel().tolist(), location="right", shrink=min(1.0, 0.9 if n_r > 1 else 1.0),
+                      aspect=max(8, 10 * n_r), pad=0.01)
+    cb.set_ticks([-1.0, 0.0, 1.0], labels=["-max\n(lowers)", "0", "+max\n(raises)"])
+    cb.ax.tick_params(labelsize=6.5)
+    cb.set_label("attribution / own max", fontsize=7)
+    cb.ax.set_gid("colorbar")
+    fig.supxlabel("\n".join(_wrap_parts(notes, "; ", _chars_per_line(fig.get_size_inches()[0], 7.5))),
+                  fontsize=7.5, color="#333333").set_gid("amplitude_label")
     if title:
         fig.suptitle(title, fontsize=10)
     return fig
@@ -742,8 +790,9 @@ def plot_counterfactual(original: Any, counterfactual: Any, fs: float, lead_name
                          + ("; shaded: P / QRS / T windows" if windows is not None else ""), fontsize=9)
     axes[-1, 0].set_xlabel("time (s)")
     axes[-1, 1].set_xlabel("time (s)")
-    if title:
-        fig.suptitle(title, fontsize=10)
+    if title:   # wrapped to the figure's width (a title naming the window and both probabilities ran off it)
+        fig.suptitle("\n".join(textwrap.wrap(title, _chars_per_line(fig.get_size_inches()[0] - 0.3, 10))),
+                     fontsize=10)
     return fig
 
 

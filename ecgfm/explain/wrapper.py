@@ -30,8 +30,8 @@ import torch
 from torch import Tensor, nn
 
 from ecgfm.data.preprocess import (PreprocessSpec, model_input_leads, preprocess_signal, preprocessed_spec, resample,
-                                   with_input_leads)
-from ecgfm.api import warn_if_not_millivolts
+                                   sliding_windows, with_input_leads)
+from ecgfm.api import aggregate_window_logits, warn_if_not_millivolts
 from ecgfm.artifacts import (ArtifactError, EncoderClassifier, artifact_kind, artifact_lead_aware,
                              derive_trained_limb_leads, derives_limb_leads, load_classifier, load_encoder,
                              warn_record_leads)
@@ -103,6 +103,10 @@ class ECGWrapper(nn.Module):
             when the model read them in training (:func:`ecgfm.artifacts.derive_trained_limb_leads`); a classifier
             artifact says whether (:func:`ecgfm.artifacts.derives_limb_leads`: not for a sweep's classifier, whose
             cell scored such records without them), as :class:`ecgfm.api.Classifier` reads it.
+        window_aggregate: ``"prob"`` (mean window probability) or ``"logit"`` (probabilities of the mean window
+            logit): how :meth:`record_windows`' windows make a record's probabilities, the artifact's
+            ``window_aggregate`` (:meth:`from_classifier`), as :meth:`ecgfm.api.Classifier.predict_proba` scores it.
+        stride_samples: hop between those windows (None: ``n_samples``), the artifact's ``input.stride_samples``.
 
     Raises:
         ValueError: unknown ``postprocess`` / ``input_layout``, unknown lead names, or ``fs`` disagreeing with
@@ -115,11 +119,22 @@ class ECGWrapper(nn.Module):
                  num_classes: int | None = None, n_samples: int | None = None,
                  encoder: nn.Module | None = None, window: str = "error", lead_aware: bool = False,
                  thresholds: Sequence[float] | None = None, trained_leads: Sequence[str] | None = None,
-                 derive_limb_leads: bool = True):
+                 derive_limb_leads: bool = True, window_aggregate: str = "prob", stride_samples: int | None = None):
         super().__init__()
         if window not in WINDOW_POLICIES:
             raise ValueError(f"window must be one of {WINDOW_POLICIES}, got {window!r}")
         self.window = window
+        if window_aggregate not in ("prob", "logit"):
+            raise ValueError(f"window_aggregate must be 'prob' or 'logit', got {window_aggregate!r}")
+        #: how a record longer than the window is scored from its windows (:meth:`record_windows`), as the
+        #: artifact says (``window_aggregate``) and :meth:`ecgfm.api.Classifier.predict_proba` does
+        self.window_aggregate = window_aggregate
+        if stride_samples is not None and (isinstance(stride_samples, bool) or int(stride_samples) < 1
+                                           or float(stride_samples) != int(stride_samples)):
+            raise ValueError(f"stride_samples must be a positive whole number of samples, got {stride_samples!r}")
+        #: hop between those windows at the model's rate (None: the window, no overlap; the artifact's
+        #: ``input.stride_samples``)
+        self.stride_samples = None if stride_samples is None else int(stride_samples)
         if postprocess not in POSTPROCESS:
             raise ValueError(f"postprocess must be one of {POSTPROCESS}, got {postprocess!r}")
         if input_layout not in LAYOUTS:
@@ -396,6 +411,17 @@ class ECGWrapper(nn.Module):
         return len(self.lead_names)
 
     @property
+    def read_leads(self) -> tuple[str, ...]:
+        """The wrapper's leads (:attr:`lead_names` order) the model reads: all of them, less those its encoder does
+        not take (:attr:`input_leads`: ST-MEM with ``--leads``, a one-lead ECGFounder) and those its preprocessing
+        drops (``PreprocessSpec.leads``). A record's other leads reach the model as zero rows whatever it holds
+        there: they are "not read by the model", not "not recorded"."""
+        keep = set(self.input_leads) if self.input_leads is not None else set(self.lead_names)
+        if self.spec is not None and self.spec.leads is not None:
+            keep &= set(self.spec.leads)
+        return tuple(lead for lead in self.lead_names if lead in keep)
+
+    @property
     def num_classes(self) -> int:
         """Number of model outputs (one probe forward pass when not given)."""
         if self._num_classes is None:
@@ -545,6 +571,48 @@ class ECGWrapper(nn.Module):
                for i, a in enumerate(arr)]
         return self.check(torch.stack(out), where)
 
+    def record_windows(self, record: ECGRecord, missing_leads: str = "error") -> tuple[Tensor, np.ndarray]:
+        """A record cut into the windows :meth:`ecgfm.api.Classifier.predict_proba` scores it on: the whole record
+        prepared as :meth:`prepare` prepares it, then every window of :attr:`n_samples` every :attr:`stride_samples`
+        (:func:`~ecgfm.data.preprocess.sliding_windows`, the API's windowing: the last window aligned to the
+        record's end; a shorter record zero-padded at the end, with :meth:`prepare`'s warning). A model without a
+        fixed window, or one that refuses other lengths (``window="error"``), gets :meth:`prepare`'s one input.
+
+        Args:
+            record: the record.
+            missing_leads: see :meth:`prepare`.
+
+        Returns:
+            ``(windows (W, L, T_model) float32, starts (W,) int64)``: each window's first sample in the record at
+            the model's rate.
+        """
+        if self.n_samples is None or self.window != "center":
+            return self.prepare(record, missing_leads=missing_leads), np.zeros(1, dtype=np.int64)
+        full = self._prepare_one(record.signal, record.fs, CANONICAL_LEADS, record.lead_mask, record.key,
+                                 missing_leads, crop=False,
+                                 preprocessed=preprocessed_spec(record, self.spec, "the explained model") is not None)
+        stride = self.stride_samples or self.n_samples
+        windows = torch.from_numpy(sliding_windows(full.cpu().numpy(), self.n_samples, stride))
+        # the same function on the sample indices gives each window's start (0 for a padded short record)
+        starts = sliding_windows(np.arange(full.shape[1], dtype=np.int64)[None], self.n_samples, stride)[:, 0, 0]
+        return self.check(windows.to(self.device), record.key), starts.astype(np.int64)
+
+    def score_windows(self, windows: Tensor, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """A record's probabilities from its windows (:meth:`record_windows`), aggregated as the artifact says
+        (:attr:`window_aggregate`) by :func:`ecgfm.api.aggregate_window_logits`, the code
+        :meth:`ecgfm.api.Classifier.predict_proba` scores records with. Run it inside :meth:`present_leads` for a
+        lead-aware model, as the API passes the record's lead mask.
+
+        Returns:
+            ``(proba (C,), window_proba (W, C), terms (W, C))`` float64: the record's probabilities, each window's
+            own, and what the record's mean is taken over (window probabilities, or logits for ``"logit"``).
+        """
+        with torch.no_grad(), self.evaluating():
+            logits = torch.cat([self.forward(windows[i:i + batch_size]) for i in range(0, len(windows), batch_size)])
+        logits = logits.detach().float().cpu()
+        proba, terms = aggregate_window_logits(logits, self.window_aggregate, self.postprocess_fn)
+        return proba, self.postprocess_fn(logits).double().numpy(), terms
+
     def _check_same_length(self, records: Sequence[ECGRecord], rows: Sequence[Tensor]) -> None:
         """Records prepared for one batch must have one length at the model's rate.
 
@@ -563,9 +631,10 @@ class ECGWrapper(nn.Module):
                     "(ecgfm.data.preprocess.crop_or_pad) or explain them in separate calls")
 
     def _prepare_one(self, sig: np.ndarray, fs: float, names: Sequence[str], mask: np.ndarray | None,
-                     where: Any, missing_leads: str, preprocessed: bool = False) -> Tensor:
+                     where: Any, missing_leads: str, preprocessed: bool = False, crop: bool = True) -> Tensor:
         """One ``(n, T)`` signal -> ``(L_model, T')`` tensor (``preprocessed``: a cache record prepared with the
-        model's own spec, only mapped to its leads)."""
+        model's own spec, only mapped to its leads; ``crop=False``: the whole record at the model's rate, not cut
+        to the model's window, for :meth:`record_windows`)."""
         if missing_leads not in ("error", "zero"):
             raise ValueError(f"missing_leads must be 'error' or 'zero', got {missing_leads!r}")
         sig = np.asarray(sig, dtype=np.float32)
@@ -611,13 +680,16 @@ class ECGWrapper(nn.Module):
         # the leads the record has after preprocessing (a flat lead is zeroed there), checked as the API checks them
         self._check_leads(present & (np.abs(rows).max(axis=1) > 0 if rows.shape[1] else present), where)
         t = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32))
+        if self.n_samples is not None and t.shape[1] < self.n_samples and self.window == "center":
+            # as Classifier.predict_proba warns: the padding shapes the output
+            warnings.warn(f"{where}: {t.shape[1] / self.fs:.3g} s at {self.fs:g} Hz, shorter than the model's "
+                          f"window of {self.n_samples / self.fs:.3g} s: zero-padded at the end, so "
+                          f"{1 - t.shape[1] / self.n_samples:.0%} of what the model sees (and what is explained) "
+                          f"is padding", UserWarning, stacklevel=3)
+        if not crop:
+            return t.to(self.device)
         if self.n_samples is not None and t.shape[1] != self.n_samples and self.window == "center":
             start = window_start(t.shape[1], self.n_samples)
-            if t.shape[1] < self.n_samples:   # as Classifier.predict_proba warns: the padding shapes the output
-                warnings.warn(f"{where}: {t.shape[1] / self.fs:.3g} s at {self.fs:g} Hz, shorter than the model's "
-                              f"window of {self.n_samples / self.fs:.3g} s: zero-padded at the end, so "
-                              f"{1 - t.shape[1] / self.n_samples:.0%} of what the model sees (and what is explained) "
-                              f"is padding", UserWarning, stacklevel=3)
             t = t[:, start:start + self.n_samples] if t.shape[1] > self.n_samples else \
                 torch.nn.functional.pad(t, (0, self.n_samples - t.shape[1]))
         if self.n_samples is not None and t.shape[1] != self.n_samples:
@@ -697,7 +769,10 @@ class ECGWrapper(nn.Module):
                 "encoder": getattr(model, "encoder", None), "lead_aware": artifact_lead_aware(meta),
                 "thresholds": meta.get("thresholds") if meta.get("multilabel") else None,
                 "trained_leads": (meta.get("extra") or {}).get("trained_leads"),
-                "derive_limb_leads": derives_limb_leads(meta.get("extra")), **kwargs}
+                "derive_limb_leads": derives_limb_leads(meta.get("extra")),
+                # a record longer than the window: scored over the same windows as the API scores it
+                "window_aggregate": meta.get("window_aggregate", "prob"),
+                "stride_samples": inp.get("stride_samples") or None, **kwargs}
         return cls(model, **args)
 
     # ------------------------------------------------------------------ layers
