@@ -764,9 +764,9 @@ def _upsample_grid(cam: Tensor, n_leads: int, n_t: int, offset: float | None = N
     do (``W = ceil(T / s)``: when ``s`` does not divide ``T``, stretching ``W`` columns over ``T`` samples would
     drift by up to ``s`` samples along the record); values beyond the first / last column's centre are held.
     ``offset`` None: ``(s - 1) / 2``, the centre of samples ``k*s .. k*s + s - 1`` (a ViT's patches, non-overlapping
-    pooling); a padded strided convolution's column ``k`` is centred near ``k*s`` instead, which
-    :func:`_measured_column_offset` finds. Other layouts (unpadded convolutions, floor-mode pooling) are stretched
-    over the ``T`` samples."""
+    pooling); a CNN layer's columns sit where :func:`_measured_column_offset` finds them (for ecgfm's stride-32
+    ResNets ~13-15 samples after ``k*s``, not at the centre ``k*s`` of their symmetric receptive field). Other
+    layouts (unpadded convolutions, floor-mode pooling) are stretched over the ``T`` samples."""
     b, _, h, w = cam.shape
     stride = -(-n_t // w) if w < n_t else None
     if stride is not None and -(-n_t // stride) != w:
@@ -788,19 +788,43 @@ def _upsample_grid(cam: Tensor, n_leads: int, n_t: int, offset: float | None = N
     return up.expand(b, n_leads, n_t).contiguous()
 
 
-def _measured_column_offset(job: "_Job", layer: str, layer_layout: str | None) -> float | None:
-    """Where a CNN layer's columns sit on the input, measured: the input samples that column ``k`` depends on
-    (non-zero gradient of the column, summed over channels and the job's records with noise added, so that no ReLU
-    is dead over a flat stretch) span its receptive field, whose
-    midpoint is the column's centre ``offset + k*s``. Measured at the middle column and the next one, which must be
-    one stride apart. None when it cannot be measured: the support reaches both ends of the input (a receptive
-    field wider than the record, or a global operation such as squeeze-excitation or attention), the two centres
-    are not one stride apart, or the layer has no time columns.
+_SWEEP_ROUNDS = 4   # waves per phase of the stride in _measured_column_offset's sweep (4 x 32 waves in all)
 
-    Why measured and not assumed: "same"-padded strided convolutions (ecgfm's ResNets) centre column ``k`` at
-    ``k*s``, not at ``k*s + (s - 1) / 2`` as patches do: at ``s = 32`` and 100 Hz that put every Grad-CAM peak
-    ~150 ms late (QRS evidence drawn on the ST segment). Walking the modules cannot tell a residual branch from the
-    next layer; the gradient support is what the map's column actually reads.
+
+def _measured_column_offset(job: "_Job", layer: str, layer_layout: str | None) -> float | None:
+    """Where a CNN layer's columns sit on the input, measured: column ``k`` is drawn at ``offset + k*s``, the centre
+    of the wave positions that move column ``k`` more than any other column. None when it cannot be measured
+    (:func:`_upsample_grid` then uses patch centres or stretches the map).
+
+    Measured on a probe, not on the records: seeded Gaussian noise on the first record's present leads, at its sd
+    rounded to a power of two. So every record of one lead set and length gets the same placement (measured on the
+    record itself, the offset moved by a sample or two from record to record, and maps of two records, e.g. with
+    and without a wave, were drawn shifted against each other); and noise leaves no ReLU dead over a flat stretch.
+
+    1. Receptive field: the input samples that the middle column and the next one depend on (non-zero gradient,
+       summed over channels and four noise draws). None when that support reaches either end of the input (a
+       receptive field wider than the record, or a global operation such as squeeze-excitation or attention), when
+       the two supports are not the same stretch one stride apart (the columns are not a strided layer's; either
+       edge may differ by ``max(1, s // 4)`` samples, as a unit dead at the edge of one field trims it by a few
+       samples: 4 to 16 in narrow resnets, which the exact check refused), or when the layer has no time columns
+       (transformer tokens).
+    2. Wave sweep: Gaussian waves (sd ``s / 16`` samples, at least 1; height the probe's sd, on the present leads)
+       are added to the first noise draw, ``_SWEEP_ROUNDS`` times at each of ``N = max(s, 32)`` evenly spaced
+       phases of one stride, spread over the columns away from the input's ends and placed, several per forward
+       pass, so far apart that no column which can read one wave reads another. For each wave, the column (among
+       those whose field holds it) whose channels change most (sum of ``|change|``) is the one that responds.
+       ``offset`` is the mean of ``wave position - s * responding column``, rounded to 0.1 sample: the centre of
+       the stretch of input each column answers for, where a map's change caused by a wave there should be drawn.
+       It costs ``4 N`` forward passes of one input at most (fewer on long inputs, where waves share a pass).
+
+    Why measured and not assumed: neither the patch centre ``k*s + (s-1)/2`` nor the centre of the receptive
+    field's support is right for every strided CNN. ecgfm's ResNets have a support symmetric about ``k*s``
+    ("same"-padded strided convolutions), but the ``AvgPool(2)`` shortcut of each strided block reads samples
+    ``2j, 2j + 1``, so most of a trained network's weight lies to the right: the demo's stride-32 resnet1d_tiny
+    answers for samples ``k*s - 3 .. k*s + 28`` (offset ~13-15), and the support midpoint (0, used from 2026-12-06
+    until this sweep) drew its maps ~13 samples (~130 ms at 100 Hz) early. The |gradient|-weighted centre of the
+    receptive field is not used either: its wide, faint tails pull it away from where the column responds
+    (1.5 samples off on the trained demo at 1000 samples, 5.7 at 5000; 8-16 on untrained resnet1d_tiny models).
     """
     module = job.wrapper.layer(layer)
     store: dict[str, Tensor] = {}
@@ -808,40 +832,96 @@ def _measured_column_offset(job: "_Job", layer: str, layer_layout: str | None) -
     def hook(_m: nn.Module, _i: Any, out: Any) -> None:
         store["o"] = out[0] if isinstance(out, (tuple, list)) else out
 
+    def columns(out: Any) -> Tensor | None:
+        """The layer output as ``(B, C', W)`` time columns, or None (transformer tokens, no time axis)."""
+        if not isinstance(out, Tensor) or out.ndim not in (3, 4) or (out.ndim == 3
+                                                                      and job.wrapper._is_token_output(out)):
+            return None   # transformer tokens: every token reads the whole input; patch centres are exact
+        if out.ndim == 3 and _feature_layout(job, out, layer, layer_layout) == "BTC":
+            out = out.transpose(1, 2)
+        return out.flatten(1, -2)
+
     n_t = job.x.shape[-1]
+    # the probe: seeded noise on the first record's present leads, at its sd rounded to a power of two, so that
+    # every record (of that lead set and length) gets the same placement; noise leaves no ReLU dead over a flat
+    # stretch, which would cut the support short
+    first = job.x[:1].detach()
+    present = present_rows(first)[:, :, None].to(first.dtype)                         # (1, L, 1)
+    sd = float(first[present[..., 0] > 0].std()) if bool(present.any()) and first.shape[-1] > 1 else 1.0
+    scale = 2.0 ** round(math.log2(max(sd, 1e-3))) if math.isfinite(sd) else 1.0
+    g = torch.Generator(device="cpu").manual_seed(0)
+    probes = torch.randn((4,) + tuple(first.shape[1:]), generator=g).to(first.device, first.dtype) * scale * present
+    x = probes[:1]
+    args0 = _record_args(job, 0)
+    per_record = [isinstance(a, Tensor) and a.shape[:1] == job.x.shape[:1] for a in (job.args or ())]
+
+    def batch_args(n: int) -> tuple:
+        return tuple(a.expand(n, *a.shape[1:]) if per else a for a, per in zip(args0, per_record))
     handle = module.register_forward_hook(hook)
     try:
-        with torch.enable_grad(), job.wrapper.evaluating():
-            # the records plus noise of their own scale on their present leads (fixed seed): flat stretches of a
-            # record (a bump on a zero line) leave ReLUs dead there and would cut the support short
-            x = job.x.detach()
-            g = torch.Generator(device="cpu").manual_seed(0)
-            noise = torch.randn(x.shape, generator=g).to(x.device, x.dtype)
-            scale = x.flatten(1).std(dim=1).clamp_min(1e-3)[:, None, None]
-            x = (x + noise * scale * present_rows(x)[:, :, None]).requires_grad_(True)
-            job.fn(x, *(job.args or ()))
-            out = store.get("o")
-            if out is None or out.ndim not in (3, 4) or (out.ndim == 3 and job.wrapper._is_token_output(out)):
-                return None   # transformer tokens: every token reads the whole input; patch centres are exact
-            if out.ndim == 3 and _feature_layout(job, out, layer, layer_layout) == "BTC":
-                out = out.transpose(1, 2)
-            w = out.shape[-1]
-            stride = -(-n_t // w) if 1 < w < n_t else None
-            if stride is None or -(-n_t // stride) != w:
-                return None
-            centres = []
-            for k in (w // 2, w // 2 + 1):
-                (g,) = torch.autograd.grad(out[..., k].sum(), x, retain_graph=True)
-                mass = g.detach().abs().sum(dim=(0, 1))                               # (T,)
-                nz = torch.nonzero(mass > 1e-12 * float(mass.max().clamp_min(1e-30))).flatten()
-                if len(nz) == 0 or int(nz[0]) == 0 or int(nz[-1]) == n_t - 1:
+        with job.wrapper.evaluating():
+            with torch.enable_grad():
+                xg = probes.clone().requires_grad_(True)      # four noise draws: a unit dead at the edge of
+                job.fn(xg, *batch_args(len(xg)))               # one draw's field does not trim the support
+                out = columns(store.pop("o", None))
+                if out is None:
                     return None
-                centres.append((int(nz[0]) + int(nz[-1])) / 2)
+                w = out.shape[-1]
+                stride = -(-n_t // w) if 1 < w < n_t else None
+                if stride is None or -(-n_t // stride) != w:
+                    return None
+                support = []
+                for k in (w // 2, w // 2 + 1):
+                    (gk,) = torch.autograd.grad(out[..., k].sum(), xg, retain_graph=k == w // 2)
+                    mass = gk.detach().abs().sum(dim=(0, 1))                           # (T,)
+                    nz = torch.nonzero(mass > 1e-12 * float(mass.max().clamp_min(1e-30))).flatten()
+                    if len(nz) == 0 or int(nz[0]) == 0 or int(nz[-1]) == n_t - 1:
+                        return None
+                    support.append((int(nz[0]) - k * stride, int(nz[-1]) - k * stride))
+                del xg, out
+            if any(abs(a - b) > max(1, stride // 4) for a, b in zip(*support)):
+                return None                   # a strided layer's columns read the same stretch, one stride on
+            lo, hi = min(support[0][0], support[1][0]), max(support[0][1], support[1][1])
+            # a wave at k*s .. k*s + s lies in the fields of columns k + kl .. k + kr; waves gap columns apart
+            # are never read by one column
+            kl, kr = -(hi // stride) - 1, -(lo // stride) + 1
+            gap = max(kr + hi // stride + 1, 2 - kl - lo // stride)
+            sites = [k for k in range(w) if k * stride + lo - stride >= 0
+                     and k * stride + hi + stride <= n_t - 1] or [w // 2]
+            n_phase = max(stride, 32)
+            n_wave = n_phase * _SWEEP_ROUNDS
+            waves: list[tuple[int, int, float]] = []                      # (forward pass, column, wave position)
+            n_pass = 0
+            while len(waves) < n_wave:         # pass p: every gap-th site from the (p mod gap)-th on
+                for k in sites[n_pass % min(gap, len(sites))::gap][:n_wave - len(waves)]:
+                    waves.append((n_pass, k, k * stride + (len(waves) % n_phase) * stride / n_phase))
+                n_pass += 1
+            t = torch.arange(n_t, dtype=x.dtype, device=x.device)
+            shape = torch.exp(-0.5 * ((t - torch.tensor([v[2] for v in waves], dtype=x.dtype, device=x.device)
+                                       [:, None]) / max(1.0, stride / 16)) ** 2)          # (n_wave, T)
+            inputs = torch.zeros(n_pass, n_t, dtype=x.dtype, device=x.device).index_add_(
+                0, torch.tensor([v[0] for v in waves], device=x.device), shape)          # (n_pass, T)
+            height = scale * present                                                   # (1, L, 1)
+            with torch.no_grad():
+                job.fn(x, *args0)
+                a0 = columns(store.pop("o"))
+                resp = []
+                for first in range(0, n_pass, 32):
+                    chunk = inputs[first:first + 32]
+                    job.fn(x + height * chunk[:, None], *batch_args(len(chunk)))
+                    resp.append((columns(store.pop("o")) - a0).abs().sum(1).float().cpu())  # (n, W)
+                resp = torch.cat(resp)
     finally:
         handle.remove()
-    if abs(centres[1] - centres[0] - stride) > 0.5:
+    d = []
+    for p, k, pos in waves:
+        j0 = max(0, k + kl)
+        r = resp[p, j0:k + kr + 1]
+        if float(r.max()) > 0:
+            d.append(pos - stride * (j0 + int(r.argmax())))
+    if len(d) < n_wave // 2:      # the layer does not respond to waves (dead units, a constant output)
         return None
-    return centres[0] - (w // 2) * stride
+    return round(float(np.mean(d)), 1)
 
 
 def _default_layer(job: "_Job") -> str:
@@ -966,7 +1046,8 @@ def _offset_option(offset: float | None) -> dict[str, Any]:
     """How a layer map's columns were placed on the input (options of Grad-CAM / Grad-CAM++)."""
     if offset is None:
         return {"column_centres": "patch centres (k*s + (s-1)/2) or stretched"}
-    return {"column_centres": f"measured receptive-field centres ({offset:g} + k*s)"}
+    return {"column_centres": f"measured by a wave sweep: the centre of the wave positions each column responds "
+                              f"to most ({offset:g} + k*s)"}
 
 
 def _m_attention_rollout(job: _Job, head_fusion: str = "mean", residual: float = 0.5,
