@@ -78,7 +78,8 @@ def test_method_comparison_present_leads_and_recorded_shares(record):
     sig, present, n_real, att = _two_lead_padded(record)
     fig = viz.plot_method_comparison(sig, 100.0, {"ig": att, "saliency": np.abs(att)}, CANONICAL_LEADS,
                                      present=present, padded_from_s=4.0, units="uV")
-    leads = sorted({ax.get_gid().split("lead:")[1] for ax in fig.axes})
+    panels = [ax for ax in fig.axes if (ax.get_gid() or "").startswith("method:")]   # not the colour bar
+    leads = sorted({ax.get_gid().split("lead:")[1] for ax in panels})
     assert leads == ["II", "V5"]                                     # n_leads=3, but only 2 are present
     # the shares equal Attribution.per_lead(recorded=...) over the present leads' recorded samples
     a = Attribution(values=torch.as_tensor(att)[None], method="ig", options={}, target=None,
@@ -87,9 +88,9 @@ def test_method_comparison_present_leads_and_recorded_shares(record):
     want = per / per.sum()
     got = viz._recorded_shares(att, sig, present, n_real)
     np.testing.assert_allclose(got, want)
-    texts = [t.get_text() for ax in fig.axes for t in ax.texts if t.get_gid() == "lead_share"]
+    texts = [t.get_text() for ax in panels for t in ax.texts if t.get_gid() == "lead_share"]
     assert texts[0] == f"II {100 * want[1]:.0f}%, V5 {100 * want[10]:.0f}%"
-    assert all(len([p for p in ax.patches if p.get_gid() == "padding"]) == 1 for ax in fig.axes)
+    assert all(len([p for p in ax.patches if p.get_gid() == "padding"]) == 1 for ax in panels)
     label = next(t for t in fig.texts if t.get_gid() == "amplitude_label").get_text()
     assert "uV" in label and "zero-padded from 4.00 s" in label
 
@@ -101,7 +102,8 @@ def test_method_comparison_named_absent_lead_not_drawn(record):
     ax = next(ax for ax in fig.axes if ax.get_gid() == "method:ig|lead:aVL")
     assert [t.get_text() for t in ax.texts if t.get_gid() == "absent_lead"] == ["not recorded"]
     assert not ax.lines and not ax.images                           # no flat trace, no overlay
-    share = [t.get_text() for t in fig.axes[-1].texts if t.get_gid() == "lead_share"][0]
+    panels = [ax for ax in fig.axes if (ax.get_gid() or "").startswith("method:")]   # not the colour bar
+    share = [t.get_text() for t in panels[-1].texts if t.get_gid() == "lead_share"][0]
     assert "aVL not recorded" in share
 
 
