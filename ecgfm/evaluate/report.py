@@ -1008,7 +1008,7 @@ def _rows_paired_delta(cells: list[dict[str, Any]], task: str, mode: str, fracti
     methods = tuple(sorted({str(c.get("method")) for c in sub if c.get("label") == baseline}))
     if not methods or any(c.get("label") == label and c.get("method") in methods for c in sub):
         return None   # the row would count as its own baseline: no pairing by method possible
-    spec = BaselineSpec(f"{baseline}", "", methods)
+    spec = BaselineSpec(baseline, "", methods)
     _, mean = compare_with_baseline(sub, spec, n_boot=n_boot)
     mean = mean[(mean["split"] == "test") & (mean["label"] == label) & (mean["baseline"] == baseline)]
     return None if mean.empty else mean.iloc[0]

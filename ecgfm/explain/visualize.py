@@ -678,7 +678,7 @@ def plot_method_comparison(signal: Any, fs: float, attributions: Mapping[str, An
                  f"intensities do not compare across rows")
     notes.append(f"red raises the explained score, blue lowers it; {scale_txt}")
     sm = matplotlib.cm.ScalarMappable(norm=Normalize(vmin=-1.0, vmax=1.0), cmap=_cmap(cmap))
-    cb = fig.colorbar(sm, ax=axes.ravel().tolist(), location="right", shrink=min(1.0, 0.9 if n_r > 1 else 1.0),
+    cb = fig.colorbar(sm, ax=axes.ravel().tolist(), location="right", shrink=0.9 if n_r > 1 else 1.0,
                       aspect=max(8, 10 * n_r), pad=0.01)
     cb.set_ticks([-1.0, 0.0, 1.0], labels=["-max\n(lowers)", "0", "+max\n(raises)"])
     cb.ax.tick_params(labelsize=6.5)
