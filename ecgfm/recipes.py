@@ -83,7 +83,7 @@ class FinetuneRecipe:
             of the training split and is kept if no epoch beats it on validation (needs ``head="linear"``); before
             the probe, a random-init network's never-estimated BatchNorm running statistics are computed on one
             pass of the training crops (a pretrained encoder's are kept;
-            :func:`ecgfm.evaluate.finetune.recalibrate_batchnorm`); ``"random"``: a randomly initialised head.
+            :func:`ecgfm.evaluate.batchnorm.recalibrate_batchnorm`); ``"random"``: a randomly initialised head.
         lp_Cs: L2 grid of that probe, chosen on validation macro AUROC.
         lp_features: what that probe is fitted on: ``"records"`` (each training record's mean window embedding,
             the benchmark probe's ``mean_embedding``; with ``window_aggregate="prob"`` the windows are used

@@ -26,8 +26,6 @@ from functools import partial
 from typing import Any, Sequence
 
 import torch
-from timm.layers import Attention
-from timm.models.vision_transformer import Block
 from torch import nn
 
 from ecgfm.backbones.registry import Backbone, register_backbone
@@ -134,6 +132,9 @@ class StMemViT(Backbone):
         self.dropout = nn.Dropout(drop_out_rate)
         # (on the CPU: also when the model is built under a meta device)
         dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist() if depth else []
+        from timm.layers import Attention        # here, not at the top: see ecgfm.backbones.vit1d (start-up time)
+        from timm.models.vision_transformer import Block
+
         # timm's pre-norm Block is the authors' TransformerBlock (PreNorm attention and MLP, residuals). Its MLP
         # width is int(width * mlp_ratio): the ratio is nudged by half a unit so that this is exactly mlp_dim. Its
         # attention is replaced by one with a free head width (timm's Block has no argument for attn_head_dim).

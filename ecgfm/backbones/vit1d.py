@@ -27,13 +27,15 @@ computation is today's, bit for bit.
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import torch
-from timm.models.vision_transformer import Block
 from torch import nn
 
 from ecgfm.backbones.registry import Backbone, register_sizes
+
+if TYPE_CHECKING:
+    from timm.models.vision_transformer import Block
 
 __all__ = ["ViT1D", "sincos_1d", "block_attention_maps", "VIT_SIZES"]
 
@@ -128,6 +130,10 @@ class ViT1D(Backbone):
         self.register_buffer("pos_embed", sincos_1d(self.num_patches + 2, embed_dim), persistent=False)
         self.pos_drop = nn.Dropout(drop_rate)
         dpr = torch.linspace(0, drop_path, depth, device="cpu").tolist() if depth else []  # cpu: also under a meta device
+        # timm is imported here, not at the top: it pulls in torchvision and torch._dynamo (~3 s of start-up), which
+        # every ecgfm command would pay, since the package registers every backbone family on import.
+        from timm.models.vision_transformer import Block
+
         self.blocks = nn.ModuleList(
             Block(embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=drop_rate,
                   drop_path=dpr[i], norm_layer=norm)

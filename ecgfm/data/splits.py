@@ -204,3 +204,35 @@ def assert_disjoint_patients(splits: Mapping[str, Sequence[int]], patient_ids: S
             if owner_pat.setdefault(key, name) != name:
                 raise ValueError(f"patient {key!r} is in both {owner_pat[key]!r} and {name!r} "
                                  f"(e.g. record {i}): the split leaks patients")
+
+
+def check_single_label(labels: np.ndarray, rows: Sequence[int] | np.ndarray | None = None,
+                       where: str = "labels") -> np.ndarray:
+    """Refuse single-label indicator rows that are not one-hot; return their class indices.
+
+    Args:
+        labels: ``(N, C)`` indicators.
+        rows: the rows used (e.g. a split's cache rows; None: every row). Rows outside are not checked.
+        where: how the rows are named in the error (e.g. ``"split 'train'"``).
+
+    Returns:
+        ``(len(rows),)`` int64 class index of each row used (its one positive).
+
+    Raises:
+        ValueError: ``labels`` is not 2-D, or a row used has no positive or several (naming how many rows and the
+            first of them, with their positive counts).
+    """
+    y = np.asarray(labels)
+    if y.ndim != 2:
+        raise ValueError(f"{where}: single-label indicator rows must be (n, C), got shape {y.shape}")
+    idx = np.arange(len(y)) if rows is None else np.asarray(rows, dtype=np.int64).ravel()
+    sub = y[idx]
+    n_pos = (sub != 0).sum(axis=1)
+    bad = np.flatnonzero(n_pos != 1)
+    if bad.size:
+        first = ", ".join(f"row {int(idx[b])} ({int(n_pos[b])} positives)" for b in bad[:5])
+        raise ValueError(f"{where}: a single-label task (multilabel=False) needs exactly one positive per record, "
+                         f"but {bad.size} of its {len(idx)} rows have none or several (e.g. {first}); an argmax would "
+                         f"silently take the first positive or class 0. Use multilabel=True for multi-label data, "
+                         f"or leave unlabelled / multi-class records out of the splits")
+    return sub.argmax(axis=1).astype(np.int64)

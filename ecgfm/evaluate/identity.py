@@ -98,7 +98,7 @@ def checkpoint_identity(checkpoint: str, init_seed: int = 0, backbone_args: Mapp
                                  "neurokit2": neurokit_version()}
     elif kind in ("random", "supervised") and target:
         basis = {"kind": kind, "init_seed": int(init_seed), "backbone_args": dict(backbone_args or {})}
-        if kind == "random":   # since 2026-12-06 (frozen features: finetune.random_init_batchnorm_statistics)
+        if kind == "random":   # since 2026-12-06 (frozen features: batchnorm.random_init_batchnorm_statistics)
             basis["batchnorm"] = "never-estimated statistics computed on the task's training windows"
         p = Path(target)
         if p.is_dir():

@@ -57,8 +57,7 @@ from sklearn.multiclass import OneVsRestClassifier
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from ecgfm.data.datamodules import check_single_label
-from ecgfm.data.splits import assert_disjoint_patients
+from ecgfm.data.splits import assert_disjoint_patients, check_single_label
 from ecgfm.errors import ConfigError
 from ecgfm.evaluate.features import FeatureSet, TokenSet
 from ecgfm.evaluate.fractions import fraction_subsets

@@ -694,7 +694,7 @@ def _finetune_code_recipe(mode: str, head_init: str = "", layer_decay: float = 1
     statistics with dropout off; the key is set for every kind, so a row and its random-init twin keep one recipe
     and stay paired); with an LP-initialised head, that the probe is fitted after never-estimated (random-init)
     BatchNorm statistics are computed on the training crops (since 2026-12-06:
-    :func:`ecgfm.evaluate.finetune.recalibrate_batchnorm`).
+    :func:`ecgfm.evaluate.batchnorm.recalibrate_batchnorm`).
     Cells from before a fix are recomputed, not reused."""
     if mode != "finetune":
         return {}
@@ -1194,7 +1194,7 @@ def probe_main(cfg: DictConfig) -> dict[str, Any]:
             raise EvaluationError(f"checkpoint {checkpoint!r}: {exc}") from None
         lead_aware = bool(ctx.recipe["lead_aware"])   # features.lead_aware resolved by _identify
         if enc.kind == "random":   # a random twin's BatchNorm statistics from the training windows (no labels)
-            from ecgfm.evaluate.finetune import random_init_batchnorm_statistics
+            from ecgfm.evaluate.batchnorm import random_init_batchnorm_statistics
 
             # at the function's fixed batch size, not features.batch_size: the statistics average per-batch ones,
             # so a batch size would change the features while the cell's recipe (speed settings left out) stays
