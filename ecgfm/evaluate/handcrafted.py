@@ -41,6 +41,7 @@ neurokit2 is imported only when features are computed (``pip install neurokit2``
 from __future__ import annotations
 
 import collections
+import functools
 import hashlib
 import io
 import logging
@@ -104,8 +105,54 @@ def _neurokit() -> Any:
     try:
         import neurokit2 as nk
     except ImportError as exc:  # pragma: no cover - neurokit2 is a dependency
-        raise ImportError("the handcrafted baseline needs neurokit2: pip install 'neurokit2>=0.2'") from exc
+        raise ImportError("the handcrafted baseline needs neurokit2: pip install 'neurokit2>=0.2.2'") from exc
     return nk
+
+
+#: neurokit2's errors that say the installation, not the signal, is wrong (a missing function or module): raised,
+#: never read as "no R-peaks" (neurokit2 0.2.0 / 0.2.1 lack ``ecg_invert``; catching this made every record
+#: featureless and the handcrafted row chance-level, with exit status 0)
+_API_ERRORS = (AttributeError, ImportError, NameError)
+
+
+@functools.lru_cache(maxsize=None)
+def check_neurokit(fs: int = 100) -> int:
+    """Self-test, once per process and rate: R-peak detection finds the beats of a clean simulated ECG.
+
+    A neurokit2 that fails on every signal (an incompatible version, a broken dependency) would otherwise give every
+    record the "no R-peaks" fill: constant features and a chance-level handcrafted row with exit status 0.
+
+    Args:
+        fs: the sampling rate the features are computed at.
+
+    Returns:
+        The number of R-peaks found in 10 s at 72 beats per minute (11 or 12).
+
+    Raises:
+        RuntimeError: detection raised, or found fewer than 10 or more than 14 peaks.
+    """
+    nk = _neurokit()
+    where = f"neurokit2 {neurokit_version()}"
+    try:
+        x = np.asarray(nk.ecg_simulate(duration=10, sampling_rate=int(fs), heart_rate=72, noise=0.0,
+                                       random_state=0), dtype=np.float64)
+        n = len(_detect(nk, x, int(fs))[0])
+    except Exception as exc:  # noqa: BLE001 - reported with its type: every failure here is the installation's
+        raise RuntimeError(f"{where}: R-peak detection fails on a clean simulated ECG at {fs} Hz "
+                           f"({type(exc).__name__}: {exc}); the handcrafted features would all be missing. "
+                           f"Install a neurokit2 this code supports: pip install 'neurokit2>=0.2.2'") from exc
+    if not 10 <= n <= 14:
+        raise RuntimeError(f"{where}: R-peak detection finds {n} peaks in a clean simulated 10 s ECG at 72 beats "
+                           f"per minute and {fs} Hz (expected 11-12); the handcrafted features would be wrong")
+    return n
+
+
+def _detect(nk: Any, x: np.ndarray, fs: int) -> tuple[np.ndarray, np.ndarray]:
+    """neurokit2's polarity correction, cleaning and R-peaks: ``(peaks (n,) int64, cleaned (T,) float64)``."""
+    x, _ = nk.ecg_invert(x, sampling_rate=fs)
+    clean = np.asarray(nk.ecg_clean(x, sampling_rate=fs), dtype=np.float64)
+    _, info = nk.ecg_peaks(clean, sampling_rate=fs)
+    return np.asarray(info["ECG_R_Peaks"], dtype=np.int64), clean
 
 
 def analysed_lead(mask: np.ndarray) -> int:
@@ -117,28 +164,35 @@ def analysed_lead(mask: np.ndarray) -> int:
     return int(present[0]) if len(present) else -1
 
 
-def detect_rpeaks(x: np.ndarray, fs: float) -> tuple[np.ndarray, np.ndarray]:
+def detect_rpeaks(x: np.ndarray, fs: float, failures: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """R-peaks of one lead with neurokit2, refined to sub-sample positions.
 
     Args:
         x: ``(T,)`` one lead.
         fs: sampling rate in Hz.
+        failures: when given, a neurokit2 error on this signal is appended to it (``"<type>: <message>"``), so that
+            the caller can count records whose detection failed rather than found no beat.
 
     Returns:
         ``(positions (n,) float64 sample positions, cleaned signal (T,) float64 with upright polarity)``; no peaks
         (``n = 0``) when neurokit2 finds none or fails on a degenerate signal.
+
+    Raises:
+        AttributeError, ImportError, NameError: neurokit2 lacks a function it is called with (an unsupported
+            version): an installation error, never read as a record without beats.
     """
     nk = _neurokit()
     x = np.asarray(x, dtype=np.float64)
     if len(x) < int(2 * fs) or not np.isfinite(x).all() or np.std(x) < 1e-8:
         return np.zeros(0), x
     try:
-        x, _ = nk.ecg_invert(x, sampling_rate=int(round(fs)))
-        clean = np.asarray(nk.ecg_clean(x, sampling_rate=int(round(fs))), dtype=np.float64)
-        _, info = nk.ecg_peaks(clean, sampling_rate=int(round(fs)))
-        peaks = np.asarray(info["ECG_R_Peaks"], dtype=np.int64)
+        peaks, clean = _detect(nk, x, int(round(fs)))
+    except _API_ERRORS:
+        raise
     except Exception as exc:  # noqa: BLE001 - neurokit2 raises many types on flat / tiny / odd signals
         log.debug("neurokit2 found no R-peaks (%s: %s)", type(exc).__name__, exc)
+        if failures is not None:
+            failures.append(f"{type(exc).__name__}: {exc}")
         return np.zeros(0), np.asarray(x, dtype=np.float64)
     if len(peaks) == 0:
         return np.zeros(0), clean
@@ -246,7 +300,7 @@ def _rhythm_values(peaks: np.ndarray, fs: float, duration: float) -> dict[str, f
     return out
 
 
-def raw_features(x: np.ndarray, fs: float) -> np.ndarray:
+def raw_features(x: np.ndarray, fs: float, failures: list[str] | None = None) -> np.ndarray:
     """Features of one lead before missing values are filled: ``(len(FEATURE_NAMES),)`` float64 with NaN for
     every feature of a group that cannot be computed (indicator columns are NaN here too; see
     :func:`fill_missing`).
@@ -254,9 +308,10 @@ def raw_features(x: np.ndarray, fs: float) -> np.ndarray:
     Args:
         x: ``(T,)`` one lead of a preprocessed record.
         fs: its sampling rate in Hz.
+        failures: collects a neurokit2 error on this lead (:func:`detect_rpeaks`).
     """
     out = dict.fromkeys(FEATURE_NAMES, np.nan)
-    peaks, clean = detect_rpeaks(x, fs)
+    peaks, clean = detect_rpeaks(x, fs, failures)
     out.update(_rhythm_values(peaks, fs, len(x) / float(fs)))
     morph = _morph_features(clean, peaks, fs) if len(peaks) >= 3 else None
     if morph is not None:
@@ -281,12 +336,60 @@ def fill_missing(raw: np.ndarray) -> np.ndarray:
     return raw.astype(np.float32)
 
 
-def record_features(signal: np.ndarray, mask: np.ndarray, fs: float) -> np.ndarray:
-    """Filled features ``(len(FEATURE_NAMES),)`` of one record ``(12, T)`` (lead :func:`analysed_lead`)."""
+def record_features(signal: np.ndarray, mask: np.ndarray, fs: float, failures: list[str] | None = None
+                    ) -> np.ndarray:
+    """Filled features ``(len(FEATURE_NAMES),)`` of one record ``(12, T)`` (lead :func:`analysed_lead`);
+    ``failures`` collects a neurokit2 error on it (:func:`detect_rpeaks`)."""
     lead = analysed_lead(mask)
     if lead < 0:
         return fill_missing(np.full(len(FEATURE_NAMES), np.nan))[0]
-    return fill_missing(raw_features(signal[lead], fs))[0]
+    return fill_missing(raw_features(signal[lead], fs, failures))[0]
+
+
+def missing_counts(features: np.ndarray) -> dict[str, int]:
+    """How many records (rows of ``(N, len(FEATURE_NAMES))`` filled features) had each feature group filled
+    (their indicator set): ``{"records": N, "missing_rr": ..., "missing_drr": ..., "missing_morph": ...}``."""
+    f = np.atleast_2d(np.asarray(features))
+    out = {"records": int(len(f))}
+    for flag in INDICATORS:
+        out[flag] = int((f[:, FEATURE_NAMES.index(flag)] > 0.5).sum()) if len(f) else 0
+    return out
+
+
+def split_missing_counts(features: FeatureSet, splits: dict[str, np.ndarray]) -> dict[str, dict[str, int]]:
+    """:func:`missing_counts` of each split's records (``splits``: name -> cache rows) in a handcrafted
+    :class:`~ecgfm.evaluate.features.FeatureSet` (one row per record, ``features.record`` its cache row)."""
+    return {name: missing_counts(features.features[np.isin(features.record, np.asarray(rows, dtype=np.int64))])
+            for name, rows in splits.items()}
+
+
+#: a share of records above this without R-peaks / beats is logged as a warning
+MISSING_WARN_SHARE = 0.05
+#: neurokit2 raising on this share of the records (and at least MIN_FAILED of them) stops the extraction
+FAILED_ERROR_SHARE, MIN_FAILED = 0.5, 5
+
+
+def _report_missing(cache: Any, features: np.ndarray, owners: Sequence[int], failed: dict[int, str]) -> None:
+    """Log how many records had feature groups filled and how many neurokit2 failed on; raise when neurokit2
+    failed on most of them (the installation, not the records, is then at fault)."""
+    where = getattr(cache, "path", "cache")
+    n = len(owners)
+    if n and len(failed) >= MIN_FAILED and len(failed) >= FAILED_ERROR_SHARE * n:
+        first = list(failed.items())[:3]
+        raise RuntimeError(f"{where}: neurokit2 {neurokit_version()} failed on {len(failed)} of {n} records "
+                           f"(e.g. record {first[0][0]}: {first[0][1]}); the handcrafted features would be the "
+                           f"'no R-peaks' fill for them. Records: {[r for r, _ in first]}")
+    counts = missing_counts(features)
+    share = max((counts[k] for k in INDICATORS), default=0) / max(n, 1)
+    level = logging.WARNING if share > MISSING_WARN_SHARE or failed else logging.INFO
+    keys = getattr(cache, "keys", None)
+    first_missing = [int(owners[j]) for j in np.flatnonzero(features[:, FEATURE_NAMES.index("missing_rr")] > 0.5)[:5]]
+    names = [str(keys[i]) if keys is not None else str(i) for i in first_missing]
+    log.log(level, "handcrafted features of %s: feature groups filled with 0 + indicator (too few beats) for %d "
+            "(RR) / %d (successive differences) / %d (morphology) of %d records%s%s", where, counts["missing_rr"],
+            counts["missing_drr"], counts["missing_morph"], n,
+            f"; neurokit2 raised on {len(failed)} (e.g. {next(iter(failed.values()))})" if failed else "",
+            f"; first without RR: {', '.join(names)}" if names else "")
 
 
 def extract_handcrafted(cache: Any, rows: np.ndarray | None = None, nonfinite: str = "error") -> FeatureSet:
@@ -313,7 +416,9 @@ def extract_handcrafted(cache: Any, rows: np.ndarray | None = None, nonfinite: s
     fs = float(fs)
     t0 = time.perf_counter()
     rows = _rows(cache, rows)
+    check_neurokit(int(round(fs)))    # an unsupported neurokit2 fails here, not as "no R-peaks" on every record
     feats, owners, skipped = [], [], []
+    failed: dict[int, str] = {}
     for n, i in enumerate(rows):
         signal = cache.signal(int(i))
         if not np.isfinite(signal).all():
@@ -322,12 +427,17 @@ def extract_handcrafted(cache: Any, rows: np.ndarray | None = None, nonfinite: s
             skipped.append(int(i))
             continue
         mask = cache.lead_mask(int(i)) if hasattr(cache, "lead_mask") else np.abs(signal).sum(axis=1) > 0
-        feats.append(record_features(signal, mask, fs))
+        errors: list[str] = []
+        feats.append(record_features(signal, mask, fs, errors))
         owners.append(int(i))
+        if errors:
+            failed[int(i)] = errors[0]
         if (n + 1) % 500 == 0:
             log.info("handcrafted features: %d/%d records in %.0f s", n + 1, len(rows), time.perf_counter() - t0)
     seconds = time.perf_counter() - t0
-    out = FeatureSet(features=np.stack(feats) if feats else np.zeros((0, len(FEATURE_NAMES)), np.float32),
+    stacked = np.stack(feats) if feats else np.zeros((0, len(FEATURE_NAMES)), np.float32)
+    _report_missing(cache, stacked, owners, failed)
+    out = FeatureSet(features=stacked,
                      record=np.asarray(owners, dtype=np.int64), n_records=len(cache), seconds=seconds,
                      skipped=np.asarray(skipped, dtype=np.int64))
     STATS["extractions"] += 1
@@ -537,6 +647,7 @@ def record_rpeaks(cache: Any, nonfinite: str = "error") -> tuple[np.ndarray, np.
     if fs is None:
         raise ValueError(f"{getattr(cache, 'path', 'cache')}: mixes sampling rates (preprocess.fs null); R-peaks "
                          f"need one rate")
+    check_neurokit(int(round(float(fs))))
     t0 = time.perf_counter()
     offsets = np.zeros(len(cache) + 1, dtype=np.int64)
     known, skipped = np.zeros(len(cache), dtype=bool), np.zeros(len(cache), dtype=bool)

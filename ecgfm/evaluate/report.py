@@ -1303,6 +1303,30 @@ def f1_no_threshold_markdown(cells: Iterable[dict[str, Any]]) -> str:
                       "|---|---|---|---|---|---|---|", *rows, ""])
 
 
+def handcrafted_missing_markdown(cells: Iterable[dict[str, Any]]) -> str:
+    """A section with, per task, data set and split, how many records the handcrafted features (the handcrafted
+    row, and ``probe.side_features=handcrafted``) had to fill (``handcrafted_missing`` of the cells: fewer than 3
+    beats for the RR group, 4 for successive differences, 3 complete beats for morphology; 0 + an indicator
+    column), once per (task, data set, split); empty when no cell used handcrafted features. Cells computed before
+    2026-12-07 do not record it."""
+    seen: dict[tuple[str, str, str], dict[str, int]] = {}
+    for c in cells:
+        for split, counts in sorted((c.get("handcrafted_missing") or {}).items()):
+            seen.setdefault((str(c.get("task")), str(c.get("dataset")), str(split)), counts)
+    if not seen:
+        return ""
+    rows = [f"| {task} | {dataset} | {split} | {n.get('records', '?')} | {n.get('missing_rr', '?')} | "
+            f"{n.get('missing_drr', '?')} | {n.get('missing_morph', '?')} |"
+            for (task, dataset, split), n in sorted(seen.items())]
+    return "\n".join(["", "## Handcrafted features: records filled for too few beats", "",
+                      "Records whose R-peaks were too few for a feature group: the group is 0 and its indicator "
+                      "column 1 (never a typical value); a handcrafted number resting on many such records says "
+                      "little about rhythm.", "",
+                      "| task | data set | split | records | no RR (< 3 beats) | no successive differences (< 4) | "
+                      "no morphology (< 3 whole beats) |",
+                      "|---|---|---|---|---|---|---|", *rows, ""])
+
+
 def task_notes_markdown(cells: Iterable[dict[str, Any]]) -> str:
     """A section with the notes the tasks' builds left in their cells (``task_notes``: classes left out of a task
     for want of a training positive or of records, records in no split, patient-id caveats, classes without a
@@ -1402,7 +1426,7 @@ def build_report(results_dir: str | os.PathLike, plot: bool = True, compare: boo
     df = tidy_rows(cells)
     _atomic_write_text(root / "results.csv", df.to_csv(index=False))
     md = (markdown_table(df) + excluded_classes_markdown(cells) + f1_no_threshold_markdown(cells)
-          + task_notes_markdown(cells))
+          + handcrafted_missing_markdown(cells) + task_notes_markdown(cells))
     comp_path, accepted = None, []
     if compare:
         per_seed, means = [], {}

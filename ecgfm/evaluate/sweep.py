@@ -1179,13 +1179,16 @@ def probe_main(cfg: DictConfig) -> dict[str, Any]:
         else task.stride_samples
     feat_dir = str(cfg.features.dir)
     external = {}
+    hc_missing: dict[str, Any] = {}   # records whose handcrafted feature groups were filled (too few beats)
     if enc.kind == HANDCRAFTED:  # one feature row per whole record; window / stride unused
-        from ecgfm.evaluate.handcrafted import cached_handcrafted
+        from ecgfm.evaluate.handcrafted import cached_handcrafted, split_missing_counts
 
         feats = cached_handcrafted(task.cache, feat_dir)
+        hc_missing = split_missing_counts(feats, task.splits)
         if ext is not None:
-            external[f"external:{ext.dataset}"] = (cached_handcrafted(ext.cache, feat_dir), ext.labels,
-                                                   ext.splits["test"])
+            efeats = cached_handcrafted(ext.cache, feat_dir)
+            external[f"external:{ext.dataset}"] = (efeats, ext.labels, ext.splits["test"])
+            hc_missing[f"external:{ext.dataset}"] = split_missing_counts(efeats, {"test": ext.splits["test"]})["test"]
     else:
         assert enc.backbone is not None
         try:
@@ -1219,11 +1222,15 @@ def probe_main(cfg: DictConfig) -> dict[str, Any]:
     aggregate = str(probe_cfg.aggregate)
     if side:                       # encoder record features + the handcrafted ones: one row per record
         from ecgfm.evaluate.features import with_record_features
-        from ecgfm.evaluate.handcrafted import cached_handcrafted
+        from ecgfm.evaluate.handcrafted import cached_handcrafted, split_missing_counts
 
-        feats = with_record_features(feats, cached_handcrafted(task.cache, feat_dir), aggregate)
-        external = {k: (with_record_features(f, cached_handcrafted(ext.cache, feat_dir), aggregate), y, rows)
-                    for k, (f, y, rows) in external.items()}       # only with eval_data: ext is set
+        hc = cached_handcrafted(task.cache, feat_dir)
+        hc_missing = split_missing_counts(hc, task.splits)
+        feats = with_record_features(feats, hc, aggregate)
+        if ext is not None:
+            ehc = cached_handcrafted(ext.cache, feat_dir)
+            hc_missing[f"external:{ext.dataset}"] = split_missing_counts(ehc, {"test": ext.splits["test"]})["test"]
+            external = {k: (with_record_features(f, ehc, aggregate), y, rows) for k, (f, y, rows) in external.items()}
         aggregate = "mean_embedding"
     from ecgfm.evaluate.probe import ProbeData, run_probe_grid
 
@@ -1233,6 +1240,8 @@ def probe_main(cfg: DictConfig) -> dict[str, Any]:
     common = _cell_common(ctx, enc, task, ext, window, stride, leakage)
     common["feature_key"] = feats.key
     common["feature_seconds"] = feats.seconds
+    if hc_missing:   # per split: records whose RR / successive-difference / morphology group is the 0 + indicator fill
+        common["handcrafted_missing"] = hc_missing
     if mode == "attention":
         common["token_cache"] = {"key": feats.key, "tokens": int(feats.tokens.shape[0]), "dim": feats.dim,
                                  "windows": int(len(feats.record)), "bytes": feats.nbytes, "dtype": "float16"}

@@ -182,6 +182,10 @@ def test_probe_cell_reuse_and_paired_comparison(tmp_path):
     test = cell["results"]["test"]["macro_auroc"]
     assert 0.0 <= test["ci_low"] <= test["value"] <= test["ci_high"] <= 1.0
     assert len(cell["predictions"]["test"]["keys"]) == cell["splits"]["test"]
+    # how many records had a feature group filled (too few beats), per split: in the cell and in results.md
+    missing = cell["handcrafted_missing"]
+    assert {k: v["records"] for k, v in missing.items()} == cell["splits"]
+    assert all(0 <= v[f] <= v["records"] for v in missing.values() for f in H.INDICATORS)
     assert H.STATS["extractions"] == before.get("extractions", 0) + 1
 
     # rerun: the cell is reused; another fraction: heads retrained on the cached features, no new extraction
@@ -205,6 +209,8 @@ def test_probe_cell_reuse_and_paired_comparison(tmp_path):
     assert hc["ci_low"].iloc[0] <= hc["delta"].iloc[0] <= hc["ci_high"].iloc[0]
     md = (tmp_path / "results" / "results.md").read_text()
     assert H.METHOD in md and "Paired comparison with the handcrafted baseline" in md
+    assert "## Handcrafted features: records filled for too few beats" in md
+    assert f"| synthetic | {cell['dataset']} | test | {missing['test']['records']} | {missing['test']['missing_rr']} |" in md
 
 
 def test_finetune_and_save_classifier_are_refused(tmp_path, capsys):
