@@ -549,9 +549,16 @@ class Classifier(_Model):
 
     @property
     def thresholds(self) -> np.ndarray | None:
-        """``(C,)`` decision thresholds chosen on validation (multi-label), or ``None``."""
+        """``(C,)`` decision thresholds chosen on validation (multi-label), or ``None``; see
+        :attr:`thresholds_not_chosen` for classes whose entry is a placeholder."""
         t = self.meta.get("thresholds")
         return None if t is None else np.asarray(t, dtype=np.float64)
+
+    @property
+    def thresholds_not_chosen(self) -> list[str]:
+        """Classes whose decision threshold is the 0.5 placeholder, not chosen on validation (no positive
+        validation record when the classifier was made); empty for artifacts written before 2026-12-07."""
+        return [str(c) for c in self.meta.get("thresholds_not_chosen") or []]
 
     def _activate(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(logits) if self.multilabel else torch.softmax(logits, dim=-1)
@@ -591,8 +598,14 @@ class Classifier(_Model):
     def predict(self, signal: Any, fs: float | None = None, leads: Sequence[str] | None = None,
                 rename_leads: Mapping[str, str] | None = None) -> pd.DataFrame:
         """Decisions: the arg-max class (single-label) or probabilities above the validation thresholds
-        (multi-label; 0.5 where none were stored), as a 0/1 DataFrame like :meth:`predict_proba`."""
+        (multi-label; 0.5 where none were stored), as a 0/1 DataFrame like :meth:`predict_proba`. A class whose
+        threshold was not chosen on validation (:attr:`thresholds_not_chosen`) is decided at 0.5 with a warning."""
         p = self.predict_proba(signal, fs, leads, rename_leads=rename_leads)
+        if self.multilabel and self.thresholds_not_chosen:
+            warnings.warn(f"{self.meta.get('dir', 'this classifier')}: class(es) {', '.join(self.thresholds_not_chosen)}"
+                          f" had no positive validation record, so their decision threshold is a 0.5 placeholder, "
+                          f"not chosen on validation: read their decisions with care (predict_proba is unaffected)",
+                          stacklevel=2)
         return pd.DataFrame(decisions(p.to_numpy(), self.multilabel, self.thresholds), index=p.index,
                             columns=p.columns)
 

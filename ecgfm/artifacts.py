@@ -951,7 +951,7 @@ def save_classifier(out_dir: str | os.PathLike, backbone: nn.Module, head: nn.Mo
                     thresholds: Sequence[float] | None = None, leads: Sequence[str] | None = None,
                     head_spec: Mapping[str, Any] | None = None, provenance: Mapping[str, Any] | None = None,
                     evaluation: Mapping[str, Any] | None = None, extra: Mapping[str, Any] | None = None,
-                    lead_aware: bool | None = None) -> Path:
+                    lead_aware: bool | None = None, thresholds_not_chosen: Sequence[str] = ()) -> Path:
     """Write a classifier artifact (encoder + head + how records are scored).
 
     Args:
@@ -966,6 +966,9 @@ def save_classifier(out_dir: str | os.PathLike, backbone: nn.Module, head: nn.Mo
         stride_samples: hop between windows (default: ``window_samples``).
         window_aggregate: ``"prob"`` (mean window probability) or ``"logit"`` (activation of the mean logit).
         thresholds: ``(C,)`` decision thresholds chosen on validation (multi-label), if any.
+        thresholds_not_chosen: classes whose threshold is a placeholder (0.5), not chosen on validation (no
+            positive validation record: :func:`ecgfm.evaluate.metrics.no_threshold_mask`); written as
+            ``thresholds_not_chosen`` when not empty, so that :meth:`ecgfm.api.Classifier.predict` can say so.
         leads: lead order of the input rows (as in :func:`save_encoder`).
         head_spec: ``{"name": key of HEADS, "args": {...}}``.
         provenance, evaluation, extra: as in :func:`save_encoder`.
@@ -995,6 +998,9 @@ def save_classifier(out_dir: str | os.PathLike, backbone: nn.Module, head: nn.Mo
         raise ValueError(f"the head has {n_out} outputs but {len(class_names)} class_names were given")
     if thresholds is not None and len(thresholds) != len(class_names):
         raise ValueError(f"{len(thresholds)} thresholds for {len(class_names)} classes")
+    unchosen = [str(c) for c in thresholds_not_chosen]
+    if unchosen and thresholds is None:
+        raise ValueError(f"thresholds_not_chosen {unchosen} without thresholds")
     meta = {"architecture": _architecture(backbone), "head": {"name": hs["name"], "args": dict(hs.get("args", {}))},
             "preprocess": None if spec is None else spec.to_dict(),
             "input": _input(fs, leads, window_samples, stride_samples if stride_samples else window_samples),
@@ -1004,6 +1010,8 @@ def save_classifier(out_dir: str | os.PathLike, backbone: nn.Module, head: nn.Mo
             "evaluation": dict(evaluation or {}), "extra": dict(extra or {})}
     if lead_aware is not None:
         meta["lead_aware"] = bool(lead_aware)
+    if unchosen:
+        meta["thresholds_not_chosen"] = unchosen
     _check_classifier_meta(meta, Path(out_dir))   # what the loader refuses is not written
     return write_artifact(out_dir, "classifier", model.state_dict(), meta)
 
@@ -1107,6 +1115,11 @@ def _check_classifier_meta(meta: Mapping[str, Any], where: Path) -> None:
         if (n is not None and len(thr) != int(n)) or not all(isinstance(t, (int, float)) and np.isfinite(t)
                                                                for t in thr):
             raise ArtifactError(where, f"thresholds must be {n} finite numbers (one per class), got {thr}")
+    unchosen = meta.get("thresholds_not_chosen")
+    if unchosen is not None and (thr is None or not isinstance(unchosen, list)
+                                 or not set(map(str, unchosen)) <= set(classes)):
+        raise ArtifactError(where, f"thresholds_not_chosen must list classes of {classes} of a classifier with "
+                                   f"thresholds, got {unchosen!r}")
 
 
 def load_classifier(path: str | os.PathLike, map_location: str | torch.device = "cpu"

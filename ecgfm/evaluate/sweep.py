@@ -67,7 +67,7 @@ from ecgfm.evaluate.features import (cached_features, cached_tokens, check_windo
                                      fit_window)
 from ecgfm.evaluate.identity import checkpoint_identity, diff_keys, recipe_identity, short_hash, stale_reason
 from ecgfm.evaluate.leakage import cache_identities, check_leakage, pretrain_identities
-from ecgfm.evaluate.metrics import choose_thresholds, evaluate_scores
+from ecgfm.evaluate.metrics import choose_thresholds, evaluate_scores, no_threshold_mask
 from ecgfm.evaluate.report import build_report
 from ecgfm.evaluate.tasks import TaskData, TaskSpec, build_external, build_task
 from ecgfm.errors import EXIT_USER_ERROR, run_command  # noqa: F401  (EXIT_USER_ERROR re-exported)
@@ -1463,6 +1463,8 @@ def _save_cell_classifier(cell_file: Path, model: Any, task: TaskData, enc: Enco
         fs=float(task.cache.fs), window_samples=window, stride_samples=stride,
         window_aggregate=window_aggregate or str(recipe.get("window_aggregate", "prob")),
         thresholds=None if thresholds is None else [float(t) for t in thresholds],
+        thresholds_not_chosen=[] if thresholds is None else [   # choose_thresholds' mark: no validation positive
+            task.class_names[i] for i in np.flatnonzero(no_threshold_mask(thresholds, len(task.class_names)))],
         lead_aware=bool(getattr(model, "lead_aware", True)),   # as trained and validated (FinetuneModule / probe)
         provenance={"data": f"task {task.name} ({task.dataset}), train split fraction {cell['fraction']:g} "
                             f"({cell['n_train']} records), hyper-parameters chosen on val, cache {task.cache_dir}",
