@@ -231,19 +231,37 @@ def _rise(p: dict) -> str:
         peak = float(str(p["peak_memory"]).split("RSS ", 1)[1].split(" MiB", 1)[0])
     except (IndexError, ValueError):
         return "rise n/a"
-    return f"+{peak - p['rss_start']:.0f} MiB"
+    return f"{peak - p['rss_start']:+.0f} MiB"
 
 
 def _footprint(p: dict) -> str:
     """:func:`_rise` with the RSS the process held when the cell started."""
     rise = _rise(p)
-    if rise.startswith("+"):
+    if "n/a" not in rise:
         return f"{rise} above the {p['rss_start']:.0f} MiB the process held when the cell started"
     return f"{rise}; the process held {p['rss_start']:.0f} MiB when the cell started"
 
 
+def _release_freed_memory() -> None:
+    """Hand memory freed by earlier cells back to the system (garbage collection, glibc ``malloc_trim``), so that a
+    cell starts from what the process really holds. Without it, an earlier cell's freed heap stayed resident and
+    the next cell reused it: its "rise" read +0 to +29 MiB where it needs ~80 (lead-aware), +306 to +523 where it
+    needs ~550 (padded), moving from run to run (a 2026-12-07 review)."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):   # not glibc: the rise may then read low (said where it is printed)
+        pass
+
+
 def _reset_peak_memory() -> None:
-    """Reset the process's peak RSS (Linux ``clear_refs`` 5) and the CUDA peak, where possible."""
+    """Release freed memory (:func:`_release_freed_memory`), then reset the process's peak RSS (Linux
+    ``clear_refs`` 5) and the CUDA peak, where possible."""
+    _release_freed_memory()
     _PEAK_RESET["ok"] = reset_peak_rss()
     import torch
 

@@ -791,7 +791,7 @@ def extract_tokens(backbone: nn.Module, cache: Any, window: int, stride: int, ba
     STATS["token_extractions"] += 1
     STATS["windows"] += int(len(record))
     STATS["seconds"] += seconds
-    log.info("tokens: %d windows (%d samples, stride %d) of %d records -> %d tokens x %d = %.1f MB float16 in "
+    log.info("tokens: %d windows (%d samples, stride %d) of %d records -> %d tokens x %d = %.1f MiB float16 in "
              "%.1f s%s", len(record), window, stride, len(rows), len(tokens), d, out.nbytes / 2**20, seconds,
              " (lead-aware)" if masks is not None else "")
     return out

@@ -45,3 +45,20 @@ def test_bench_probe_repeats_give_an_interval_and_per_round_speedups(tmp_path, c
     assert lo <= aware["windows_per_s"][0] <= hi
     assert len(list((tmp_path / "repeats" / "1" / "features").rglob("*.npz"))) == 2   # the second round's files
     assert len(list((tmp_path / "cache" / "features").rglob("*.npz"))) == 2
+
+
+def test_rise_is_signed_and_freed_memory_is_released_before_a_cell(monkeypatch):
+    """A cell's rise is its peak less its starting RSS, printed with its own sign (a slightly negative one read
+    "+-0 MiB"); memory freed by earlier cells is handed back (malloc_trim) before the peak is reset, else the next
+    cell reused it and its rise read near zero (a 2026-12-07 review)."""
+    spec = importlib.util.spec_from_file_location("bench_probe_m", ROOT / "scripts" / "bench_probe.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    p = {"peak_reset": True, "peak_memory": "RSS 100 MiB (process, this cell)", "rss_start": 100.4}
+    assert mod._rise(p) == "-0 MiB" and mod._footprint(p).startswith("-0 MiB above the 100 MiB")
+    assert mod._rise(dict(p, rss_start=40.0)) == "+60 MiB"
+    calls = []
+    monkeypatch.setattr(mod, "_release_freed_memory", lambda: calls.append("release"))
+    monkeypatch.setattr(mod, "reset_peak_rss", lambda: calls.append("reset") or True)
+    mod._reset_peak_memory()
+    assert calls == ["release", "reset"]
