@@ -514,7 +514,8 @@ def _cpsc2018_codes(path: str) -> dict[str, list[str]]:
     except OSError as exc:
         raise ECGDataError(path, f"cannot read the CPSC 2018 REFERENCE.csv: {exc}") from None
     try:
-        rows = list(csv.reader(io.StringIO(decode_table_bytes(raw, path), newline="")))
+        rows = list(csv.reader(io.StringIO(decode_table_bytes(raw, path), newline=""), skipinitialspace=True,
+                               strict=True))   # as ecgfm.data.readers.tables: an unclosed quote is an error
     except csv.Error as exc:
         raise ECGDataError(path, f"malformed CSV: {exc}") from None
     if not rows:

@@ -938,7 +938,10 @@ def _finish(signal: np.ndarray, names: Sequence[str], header: WFDBHeader, hea: P
         raise ECGDataError(hea, "every sample of every signal is NaN")
     units = list(header.units or [None] * header.n_sig)
     published = [str(n) for n in names]
-    mapped = [rename.get(n, n) if rename else n for n in published]
+    # rename keys match the published names as lead names match (case and surrounding space ignored): {"ECG": "I"}
+    # left a channel the header calls "ecg" unrenamed before 2026-12-07, dropped as a non-standard lead
+    folded = _fold_rename(rename, hea)
+    mapped = [folded.get(n.strip().lower(), n) for n in published]
     keep: list[int] = []
     non_voltage: dict[str, str] = {}
     for row, (unit, lead) in enumerate(zip(units, published)):
@@ -1009,12 +1012,25 @@ def _finish(signal: np.ndarray, names: Sequence[str], header: WFDBHeader, hea: P
     if header.uncalibrated:
         info["uncalibrated_leads"] = list(header.uncalibrated)
     if rename:
-        info["lead_renamed"] = {k: v for k, v in rename.items() if k in published}
+        info["lead_renamed"] = {n: folded[n.strip().lower()] for n in published if n.strip().lower() in folded}
     if extra_header:
         info.update(extra_header)
     record = ECGRecord(signal=signal12, fs=float(header.fs), lead_mask=mask, record_id=header.record_name,
                        source=source, meta=_age_sex(fields), header=info)
     return record.validate(hea)
+
+
+def _fold_rename(rename: Mapping[str, str] | None, where: Path) -> dict[str, str]:
+    """``rename_leads`` keyed by the folded (stripped, lower-case) published name; two keys folding to one name
+    with different targets are refused."""
+    folded: dict[str, str] = {}
+    for key, lead in (rename or {}).items():
+        k = str(key).strip().lower()
+        if k in folded and folded[k] != lead:
+            raise ECGDataError(where, f"rename_leads maps {key!r} and another spelling of it to different leads "
+                                      f"({folded[k]!r}, {lead!r}); lead names are matched whatever their case")
+        folded[k] = lead
+    return folded
 
 
 def read_wfdb(path: str | os.PathLike, source: str = "wfdb", rename_leads: Mapping[str, str] | None = None,
@@ -1031,7 +1047,8 @@ def read_wfdb(path: str | os.PathLike, source: str = "wfdb", rename_leads: Mappi
         path: the record, with or without ``.hea`` (for a multi-segment record, its master header).
         source: value of ``record.source``.
         rename_leads: optional published-name -> lead-name mapping applied before :func:`map_leads`
-            (e.g. ``{"ECG": "I"}``); recorded in ``header["lead_renamed"]``.
+            (e.g. ``{"ECG": "I"}``; keys match the published names whatever their case or surrounding space, as
+            lead names do); recorded in ``header["lead_renamed"]``.
         root: dataset root: signal files named by the header must lie inside it (default: the header's folder).
         fs_range: plausible sampling rates ``(low, high)`` in Hz (default :data:`FS_RANGE`).
 

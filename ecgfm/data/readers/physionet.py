@@ -303,8 +303,10 @@ def _af_episodes(ann: wfdb.Annotation, sig_len: int) -> list[list[int]]:
     return [[min(s, int(sig_len) - 1), min(e, int(sig_len) - 1)] for s, e in episodes]
 
 
-def _read_atr(base: Path, n_samples: int, extension: str = "atr") -> wfdb.Annotation | None:
-    """The record's WFDB annotations, or None when the file is absent.
+def _read_atr(base: Path, n_samples: int, fs: float, extension: str = "atr") -> wfdb.Annotation | None:
+    """The record's WFDB annotations, or None when the file is absent; positions in samples at the record's rate
+    ``fs`` (an annotation file may store them at a time resolution of its own, ``ann.fs``: they are rescaled; read
+    as record samples before 2026-12-07, a 100 Hz file on a 200 Hz record put every beat at half its time).
 
     Checked beyond ``wfdb.rdann`` (which reads until the bytes run out): the file ends with the format's
     end-of-file marker (a 16-bit 0; a cut-off file would silently lose its last beats and the ``(N`` closing an AF
@@ -327,6 +329,12 @@ def _read_atr(base: Path, n_samples: int, extension: str = "atr") -> wfdb.Annota
     except Exception as exc:
         raise ECGDataError(path, f"unreadable annotation file: {type(exc).__name__}: {exc}") from None
     samples = np.asarray(ann.sample, dtype=np.int64)
+    ann_fs = float(ann.fs) if getattr(ann, "fs", None) else None
+    if ann_fs is not None and not np.isfinite(ann_fs) or ann_fs is not None and ann_fs <= 0:
+        raise ECGDataError(path, f"annotation time resolution {ann.fs!r} Hz is not a positive rate")
+    if ann_fs is not None and abs(ann_fs - float(fs)) > 1e-6 * float(fs):
+        samples = np.round(samples * (float(fs) / ann_fs)).astype(np.int64)
+        ann.sample, ann.fs = samples, float(fs)
     if samples.size and (samples.min() < 0 or samples.max() > n_samples):
         raise ECGDataError(path, f"annotations at samples {int(samples.min())}..{int(samples.max())} but the record "
                                  f"has {n_samples} samples: annotations of another record or another rate")
@@ -367,7 +375,7 @@ class CPSC2021Source(_FolderIndex):
                                                       f"{comments} (expected one of {list(CPSC2021_CLASSES)})")
         parts = record_id.split("_")
         patient = parts[1] if len(parts) == 3 and parts[0] == "data" else None
-        ann = _read_atr(base, record.n_samples)
+        ann = _read_atr(base, record.n_samples, record.fs)
         annotations = None
         if ann is not None:
             beats = np.array([s in BEAT_SYMBOLS for s in ann.symbol], dtype=bool)
@@ -445,7 +453,7 @@ class MITBIHSource(_FolderIndex):
             if len(tok) >= 2 and tok[0].isdigit() and tok[1].upper() in ("M", "F"):
                 meta.update({"age": float(tok[0]), "sex": tok[1].upper()})
                 break
-        ann = _read_atr(base, record.n_samples)
+        ann = _read_atr(base, record.n_samples, record.fs)
         if ann is None:
             raise ECGDataError(base.with_name(base.name + ".atr"), "annotation file not found")
         annotations = {"sample": np.asarray(ann.sample, dtype=np.int64),

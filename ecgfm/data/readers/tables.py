@@ -121,7 +121,9 @@ def read_label_table(path: str | os.PathLike, *, id_column: str | int = 0, heade
     except OSError as exc:
         raise ECGDataError(p, f"cannot read {what}: {exc}") from None
     text = decode_table_bytes(raw, p, encoding)
-    reader = csv.reader(io.StringIO(text, newline=""))
+    # skipinitialspace: a quoted cell after ", " is quoted (kept its quotes before: '"AF"' was a class of its own);
+    # strict: a quote never closed is an error (it swallowed every later row into one cell before)
+    reader = csv.reader(io.StringIO(text, newline=""), skipinitialspace=True, strict=True)
     prev_line = 0
     names: list[str] | None = None if header else [str(c).strip() for c in (columns or [])]
     if not header and not names:
@@ -143,7 +145,9 @@ def read_label_table(path: str | os.PathLike, *, id_column: str | int = 0, heade
                 table, id_idx = _new_table(p, names, id_column)
             _add_row(table, cells, start, id_idx, normalise_id)
     except csv.Error as exc:
-        raise ECGDataError(p, f"line {reader.line_num}: malformed CSV: {exc}") from None
+        hint = (f" (a double quote opened on line {prev_line + 1} is never closed)"
+                if "unexpected end of data" in str(exc) else "")
+        raise ECGDataError(p, f"line {reader.line_num}: malformed CSV: {exc}{hint}") from None
     if names is None:
         raise ECGDataError(p, "empty table (no header line)")
     if table is None:
