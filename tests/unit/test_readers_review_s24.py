@@ -66,3 +66,15 @@ def test_cpsc2018_reference_with_an_unclosed_quote_is_refused(tmp_path):
     path.write_text('Recording,First_label,Second_label,Third_label\nA0001,1,,\nA0002, "2",,\n')
     codes = _cpsc2018_codes(str(path))
     assert len(codes["A0002"]) == 1 and codes["A0002"] != codes["A0001"]      # '"2"' was refused as a class
+
+
+def test_mitbih_records_without_annotations_are_named_when_left_out(tmp_path, caplog):
+    sig = np.random.default_rng(0).standard_normal((3600, 2)) * 0.5
+    for name in ("100", "101"):
+        wfdb.wrsamp(name, fs=360, units=["mV", "mV"], sig_name=["MLII", "V1"], p_signal=sig, fmt=["212", "212"],
+                    write_dir=str(tmp_path))
+    wfdb.wrann("100", "atr", sample=np.arange(100, 3500, 300), symbol=["N"] * 12, write_dir=str(tmp_path))
+    with caplog.at_level("WARNING"):
+        src = get_source("mitbih", root=tmp_path)
+    assert src.record_ids() == ["100"]
+    assert any("without an .atr" in r.getMessage() and "101" in r.getMessage() for r in caplog.records)

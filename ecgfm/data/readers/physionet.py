@@ -443,6 +443,10 @@ class MITBIHSource(_FolderIndex):
         self._files = {k: v for k, v in heads.items() if k in atrs}
         if not self._files:
             raise ECGDataError(self.root, "no MIT-BIH records (*.hea with *.atr) found")
+        left = sorted(k for k in heads if k not in atrs)
+        if left:   # documented, but said: a record that lost its .atr must not vanish from a corpus without a word
+            log.warning("%s: %d record header(s) without an .atr annotation file left out of the MIT-BIH source "
+                        "(e.g. %s)", self.root, len(left), ", ".join(left[:5]))
 
     def load(self, record_id: str) -> ECGRecord:
         base = self._base(record_id)
