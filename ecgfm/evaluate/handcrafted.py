@@ -375,10 +375,11 @@ def _report_missing(cache: Any, features: np.ndarray, owners: Sequence[int], fai
     where = getattr(cache, "path", "cache")
     n = len(owners)
     if n and len(failed) >= MIN_FAILED and len(failed) >= FAILED_ERROR_SHARE * n:
-        first = list(failed.items())[:3]
+        keys = getattr(cache, "keys", None)
+        first = [(str(keys[r]) if keys is not None else str(r), err) for r, err in list(failed.items())[:3]]
         raise RuntimeError(f"{where}: neurokit2 {neurokit_version()} failed on {len(failed)} of {n} records "
                            f"(e.g. record {first[0][0]}: {first[0][1]}); the handcrafted features would be the "
-                           f"'no R-peaks' fill for them. Records: {[r for r, _ in first]}")
+                           f"'no R-peaks' fill for them. Records: {', '.join(r for r, _ in first)}")
     counts = missing_counts(features)
     share = max((counts[k] for k in INDICATORS), default=0) / max(n, 1)
     level = logging.WARNING if share > MISSING_WARN_SHARE or failed else logging.INFO

@@ -330,7 +330,7 @@ def _read_atr(base: Path, n_samples: int, fs: float, extension: str = "atr") -> 
         raise ECGDataError(path, f"unreadable annotation file: {type(exc).__name__}: {exc}") from None
     samples = np.asarray(ann.sample, dtype=np.int64)
     ann_fs = float(ann.fs) if getattr(ann, "fs", None) else None
-    if ann_fs is not None and not np.isfinite(ann_fs) or ann_fs is not None and ann_fs <= 0:
+    if ann_fs is not None and not (np.isfinite(ann_fs) and ann_fs > 0):
         raise ECGDataError(path, f"annotation time resolution {ann.fs!r} Hz is not a positive rate")
     if ann_fs is not None and abs(ann_fs - float(fs)) > 1e-6 * float(fs):
         samples = np.round(samples * (float(fs) / ann_fs)).astype(np.int64)
@@ -444,7 +444,7 @@ class MITBIHSource(_FolderIndex):
         if not self._files:
             raise ECGDataError(self.root, "no MIT-BIH records (*.hea with *.atr) found")
         left = sorted(k for k in heads if k not in atrs)
-        if left:   # documented, but said: a record that lost its .atr must not vanish from a corpus without a word
+        if left:   # as documented, and said: a record that lost its .atr must not vanish without a word
             log.warning("%s: %d record header(s) without an .atr annotation file left out of the MIT-BIH source "
                         "(e.g. %s)", self.root, len(left), ", ".join(left[:5]))
 
