@@ -43,6 +43,7 @@ __all__ = [
     "load_scp_snomed",
     "scp_snomed_table_path",
     "snomed_task_map",
+    "derived_suggestions",
     "summary_lines",
     "table_digest",
 ]
@@ -180,8 +181,10 @@ def _check_consistency(rows: Sequence[SnomedRow], path: Path) -> None:
         if not any(o.scp_codes == r.scp_codes for o in back):
             raise ValueError(f"{path} line {r.line}: equivalent codes {r.snomed_code} / {r.equivalent} map to "
                              f"different statements")
-        stmts = {(o.scp_codes, o.relation) for o in by_code[r.snomed_code]}
-        other = {(o.scp_codes, o.relation) for o in by_code[r.equivalent]}
+        # the rows naming each other must agree; a code may have rows of its own (the challenge coded PTB-XL SVARR
+        # with 63593006 and PAC with its equivalent 284470004: PAC records are not SVARR)
+        stmts = {(o.scp_codes, o.relation) for o in by_code[r.snomed_code] if o.equivalent == r.equivalent}
+        other = {(o.scp_codes, o.relation) for o in by_code[r.equivalent] if o.equivalent == r.snomed_code}
         if stmts != other:
             raise ValueError(f"{path} line {r.line}: equivalent codes {r.snomed_code} / {r.equivalent} have different "
                              f"rows: {sorted(stmts ^ other)}")
@@ -262,9 +265,9 @@ class SnomedTaskMap:
             slot = per_code.setdefault(r.snomed_code, {"any": set(), "sole": set(), "stmts": set(), "amb": set(),
                                                        "suggests": set()})
             slot["stmts"].update(r.scp_codes)
-            if r.relation in ("same", "narrower"):
-                slot["suggests"].update(c for s in r.scp_codes
-                                        if s in self.suggestions and s not in self.statement_classes
+            if r.relation in ("same", "narrower"):   # (a form statement that is a task class itself, as in the
+                # "all" task, still suggests the other classes: uncertain() never calls a positive class unknown)
+                slot["suggests"].update(c for s in r.scp_codes if s in self.suggestions
                                         for c in self.suggestions[s] if c in wanted)
             mapped = [self.statement_classes[s] for s in r.scp_codes if s in self.statement_classes]
             if r.relation == "broader":
@@ -460,7 +463,36 @@ def snomed_task_map(task: str, label_root: str | Path, classes: Sequence[str]) -
     """
     from ecgfm.data.readers import load_scp_statements, ptbxl_task_map
 
-    return SnomedTaskMap(ptbxl_task_map(load_scp_statements(label_root), task), classes, task=task)
+    statements = load_scp_statements(label_root)
+    task_map = ptbxl_task_map(statements, task)
+    suggestions = None if task == "superdiagnostic" else derived_suggestions(
+        task_map, ptbxl_task_map(statements, "superdiagnostic"))
+    return SnomedTaskMap(task_map, classes, task=task, suggestions=suggestions)
+
+
+def derived_suggestions(task_map: Mapping[str, str], superclass_of: Mapping[str, str]
+                        ) -> dict[str, tuple[str, ...]]:
+    """:data:`SUGGESTIVE_FORM_STATEMENTS` for a finer task: a form statement suggesting superclass S suggests every
+    task class whose statements all belong to S (subdiagnostic STTC -> NST_, STTC, ISC_, ISCA, ISCI; diagnostic:
+    the statements themselves). If a record's STTC label is unknown, so is each STTC subclass it is not positive
+    for; before 2026-12-07 only the superdiagnostic task left such records out, the finer tasks scored them as
+    negatives.
+
+    Args:
+        task_map: ``{SCP statement: task class}`` of the task.
+        superclass_of: ``{SCP statement: superdiagnostic class}``.
+    """
+    statements_of: dict[str, set[str]] = {}
+    for stmt, cls in task_map.items():
+        statements_of.setdefault(cls, set()).add(stmt)
+    family: dict[str, set[str]] = {}
+    for cls, stmts in statements_of.items():
+        supers = {superclass_of.get(s) for s in stmts}
+        if len(supers) == 1 and None not in supers:
+            family.setdefault(next(iter(supers)), set()).add(cls)
+    out = {form: tuple(sorted(set().union(*(family.get(sup, set()) for sup in supers))))
+           for form, supers in SUGGESTIVE_FORM_STATEMENTS.items()}
+    return {form: classes for form, classes in out.items() if classes}
 
 
 def summary_lines(report: Mapping[str, Any], top: int = 8) -> list[str]:
