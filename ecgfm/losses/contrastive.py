@@ -4,7 +4,9 @@ Both are plain functions of embeddings, DDP-aware: with ``gather=True`` and an i
 embeddings of every rank are gathered *with gradients* (:func:`gather_with_grad`, whose backward sums the
 incoming gradients over ranks), each rank uses its local samples as anchors against the global
 set of candidates, and the loss is normalised so that the mean over ranks (what DDP's gradient averaging
-optimises) equals the single-process loss on the concatenated global batch. The local batch sizes may differ
+optimises) equals the single-process loss on the concatenated global batch; the *value* each rank returns (and
+logs) is that global loss itself (:func:`_ddp_global_value`), the gradient staying that of the rank's
+normalised share. The local batch sizes may differ
 between ranks (``nonfinite=skip`` leaves records out, a last validation batch is short, a rank's batch may even be
 empty): the row counts are gathered first, every rank's rows are padded to the largest count for ``all_gather``
 and the padding is dropped from the candidates (:func:`gather_counts`, :func:`gather_with_grad`). Without a process
@@ -73,6 +75,31 @@ def ddp_mean(local_sum: torch.Tensor, local_count: torch.Tensor) -> torch.Tensor
         return own
     scaled = local_sum / ddp_mean_count(count).clamp_min(1e-6)
     return scaled + (own - scaled).detach()
+
+
+def _ddp_global_value(scaled: torch.Tensor) -> torch.Tensor:
+    """``scaled`` with the *value* of its mean over ranks and the *gradient* of ``scaled`` itself.
+
+    The contrastive losses return, per rank, a share normalised so that DDP's average over ranks of the gradients
+    is the gradient of the global loss (the loss of one process on the union of the batches); the mean of those
+    shares over ranks is that global loss, but a single rank's share is neither its own mean nor the global one
+    (it is weighted by the rank's share of the items). What a method logs as ``train/loss`` is the returned value,
+    so it is made the global loss (one scalar ``all_reduce``), as :func:`ddp_mean` does for the value of MAE's
+    loss, while the graph, hence the gradient, stays ``scaled``'s. Identity without a process group.
+
+    Args:
+        scaled: scalar, this rank's normalised share (differentiable); every rank must call this.
+
+    Returns:
+        Scalar.
+    """
+    _, world = world_info()
+    if world == 1:
+        return scaled
+    total = scaled.detach().clone()
+    dist.all_reduce(total)
+    total = total / world
+    return scaled + (total - scaled).detach()
 
 
 def gather_counts(n: int, device: torch.device | str = "cpu") -> list[int]:
@@ -180,9 +207,10 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1, gather
             rows are distinct recordings.
 
     Returns:
-        Scalar loss. Gathered under DDP: this rank's anchors' sum over the mean anchor count of the ranks, so the
-        mean over ranks is the loss of one process on the union of the batches (with equal local batches, this
-        rank's mean; with an empty one, 0 still attached to the graph).
+        Scalar loss. Gathered under DDP, its value on every rank is the loss of one process on the union of the
+        batches, and its gradient that of this rank's anchors' sum over the mean anchor count of the ranks (with
+        an empty local batch, 0 still attached to the graph), so that DDP's average of the gradients over ranks is
+        the gradient of that global loss.
     """
     if z1.shape != z2.shape or z1.ndim != 2:
         raise ValueError(f"z1 and z2 must both be (n, D), got {tuple(z1.shape)} and {tuple(z2.shape)}")
@@ -225,9 +253,10 @@ def _nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float, gather: boo
     if world == 1:
         return F.cross_entropy(logits, pos_idx)
     # the sum over this rank's 2n anchors over the mean anchor count of the ranks: DDP's mean over ranks is the
-    # mean over all 2N anchors whatever the split (equal n: this rank's mean); an empty rank gives 0, attached
+    # mean over all 2N anchors whatever the split (equal n: this rank's mean); an empty rank gives 0, attached;
+    # its value is made the global loss (the mean of the shares over ranks), the gradient kept (see _ddp_global_value)
     total = F.cross_entropy(logits, pos_idx, reduction="sum")
-    return total / (2.0 * max(big_n, 1) / world)
+    return _ddp_global_value(total / (2.0 * max(big_n, 1) / world))
 
 
 def clocs_loss(z_views: torch.Tensor, patient: torch.Tensor | None = None, temperature: float = 0.1,
@@ -260,7 +289,10 @@ def clocs_loss(z_views: torch.Tensor, patient: torch.Tensor | None = None, tempe
             recording are positives of each other, never negatives; ``None``: all rows are distinct recordings.
 
     Returns:
-        Scalar loss (0, still attached to the graph, if the batch holds no valid positive pair at all).
+        Scalar loss (0, still attached to the graph, if the batch holds no valid positive pair at all). Gathered
+        under DDP, its value on every rank is the loss of one process on the union of the batches, and its gradient
+        that of this rank's positives' sums over the mean positive counts of the ranks, so that DDP's average of
+        the gradients over ranks is the gradient of that global loss.
     """
     if z_views.ndim != 3 or z_views.shape[0] < 2:
         raise ValueError(f"z_views must be (V>=2, n, D), got {tuple(z_views.shape)}")
@@ -326,4 +358,6 @@ def _clocs_loss(z_views: torch.Tensor, patient: torch.Tensor | None, temperature
     counts_mean = ddp_mean_count(counts) if world > 1 else counts
     valid = (counts_mean > 0).float()        # no host sync: pairs without positives get weight 0
     per_pair = sums / counts_mean.clamp_min(1.0 / world)
-    return (per_pair * valid).sum() / valid.sum().clamp_min(1.0)
+    loss = (per_pair * valid).sum() / valid.sum().clamp_min(1.0)
+    # under DDP: the value is the global loss (the mean of the shares over ranks), the gradient kept
+    return _ddp_global_value(loss) if world > 1 else loss
