@@ -228,13 +228,41 @@ class PretrainModule(L.LightningModule):
             self._empty_batch("training")
             return None
         loss, terms = self.shared_step(batch)
-        self.log_terms("train", {"loss": loss, **terms}, batch_size=self._batch_size(batch))
         trainer = getattr(self, "_trainer", None)
+        logged = self._step_terms(trainer, {"loss": loss, **terms}, batch_idx)
+        if logged is not None:
+            self.log_terms("train", logged, batch_size=self._batch_size(batch))
         if trainer is not None and trainer.optimizers:
             # the schedule's value: the largest group lr (with layer-wise decay the lower layers get less)
             lr = max(float(g["lr"]) for g in trainer.optimizers[0].param_groups)
             self.log("train/lr", lr, on_step=True, on_epoch=False, batch_size=self._batch_size(batch))
         return loss
+
+    def _step_terms(self, trainer: Any, terms: dict[str, Any], batch_idx: int) -> dict[str, Any] | None:
+        """The ``train/*`` terms to log for this micro-batch: ``terms`` itself without gradient accumulation;
+        with ``accumulate_grad_batches = k > 1`` None inside a window and, on its last micro-batch, each term's
+        mean over the window's micro-batches (the unscaled losses, as :class:`ecgfm.train.loop.LossHistory`
+        records them). Lightning writes a step's ``on_step`` values once per optimiser step, the last logged: the
+        window's last micro-batch alone otherwise.
+
+        The window ends where ``LossHistory`` ends it: on every ``k``-th batch of an epoch and on the epoch's last
+        batch (a shorter last window). An empty batch (``nonfinite=skip``) logs nothing and ends no window, as
+        there. A term missing from some micro-batches is the mean over those that have it.
+        """
+        acc = int(getattr(trainer, "accumulate_grad_batches", 1) or 1) if trainer is not None else 1
+        if acc <= 1:
+            return terms
+        if getattr(self, "_window_trainer", None) != id(trainer):   # another trainer: no window carried over
+            self._window_trainer = id(trainer)   # its id, not the trainer (the module is pickled and deep-copied)
+            self._window_terms: dict[str, list[torch.Tensor]] = {}
+        for k, v in terms.items():
+            value = v.detach().float() if torch.is_tensor(v) else torch.tensor(float(v), dtype=torch.float32)
+            self._window_terms.setdefault(k, []).append(value.reshape(()))
+        n = trainer.num_training_batches
+        if not ((batch_idx + 1) % acc == 0 or (isinstance(n, int) and batch_idx + 1 >= n)):
+            return None
+        window, self._window_terms = self._window_terms, {}
+        return {k: torch.stack([t.to(vals[0].device) for t in vals]).mean() for k, vals in window.items()}
 
     #: the fewest records (over every process) a validation batch needs for a meaningful loss: a contrastive loss
     #: of one record has no negative (NT-Xent 0.0, accuracy 1.0), so its methods set 2
@@ -346,7 +374,10 @@ class PretrainModule(L.LightningModule):
         ``betas``: an extended run (same folder, larger ``trainer.max_steps``) took its first step at the old
         schedule's end value, and ``resume=<ckpt>`` with a new ``method.lr`` / ``weight_decay`` / ``betas`` kept
         the old ones. Here each group takes this run's values and the lr of this run's schedule at the restored
-        step. A fresh run is unchanged (the same values, already set)."""
+        step. A fresh run is unchanged (the same values, already set).
+
+        Also starts the ``train/*`` terms of a gradient-accumulation window afresh (:meth:`_step_terms`)."""
+        self._window_terms = {}
         sched_cfgs = getattr(self.trainer, "lr_scheduler_configs", None) or []
         if not sched_cfgs:
             return
