@@ -21,7 +21,8 @@ Stages (each one skips what is already done, so an interrupted run resumes):
    crop and backbone), else ``+experiment=<method>`` for 300 steps; ``--steps N``: ``+experiment=<method>`` for
    ``N`` steps (checkpoint every ``N // 4``). Every periodic checkpoint is kept (``checkpoint.save_top_k=-1``, for
    the learning curve). The wall time and CPU time (train.py and its child processes) of each method are printed
-   and written to ``pretrain/<method>/pretrain_time.json``.
+   and written to ``pretrain/<method>/pretrain_time.json``: an interrupted run's legs are each recorded
+   (``pretrain_legs.json``) and summed when a rerun resumes it (``time_scope``; :func:`pretrain_leg_times`).
 3. **curve**: the learning curve: every intermediate checkpoint of each method's run
    (``pretrain/<method>/checkpoints/step<N>.ckpt``, plus the final encoder) exported to
    ``pretrain/<method>/curve/step<N>/encoder`` and linear-probed on the tasks (fraction 1, seed 0; validation and
@@ -313,14 +314,28 @@ def stage_pretrain(args: argparse.Namespace, pools: list[str], env: dict[str, st
                    f"hydra.run.dir={out}", f"torch_threads={args.threads}", "data.num_workers=0",
                    f"paths.cache_root={args.cache_root}", "trainer.enable_progress_bar=false",
                    "checkpoint.save_top_k=-1", *over, *args.train_overrides]
-            cpu0 = _children_cpu_s()
-            wall = run(cmd, env)
-            cpu = _children_cpu_s() - cpu0      # train.py and any process it waited for
+            legs_file = out / LEGS_FILE
+            cpu0, t0, status = _children_cpu_s(), time.perf_counter(), "failed"
+            try:
+                wall = run(cmd, env)
+                status = "finished"
+            except subprocess.CalledProcessError as err:
+                status = f"exit status {err.returncode}"
+                raise
+            finally:   # every leg, an interrupted or failed one too: a rerun resumes it and adds its own
+                leg = {"wall_s": round(wall if status == "finished" else time.perf_counter() - t0, 1),
+                       "cpu_s": round(_children_cpu_s() - cpu0, 1),     # train.py and any process it waited for
+                       "status": status, "ended_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
+                from ecgfm.io import atomic_write_json
+
+                out.mkdir(parents=True, exist_ok=True)
+                atomic_write_json(legs_file, {"legs": [*(_read_json(legs_file).get("legs") or []), leg]}, indent=2)
             summary = _read_json(out / "summary.json")
-            info = {"method": method, "experiment": name, "wall_s": round(wall, 1),
-                    "fit_time_s": summary.get("fit_time_s"), "steps": summary.get("steps"),
-                    "cpu_s": round(cpu, 1), "cpu_scope": "train.py and its child processes, user + sys "
-                                                         "(getrusage RUSAGE_CHILDREN before / after)",
+            legs = _read_json(legs_file).get("legs") or [leg]
+            info = {"method": method, "experiment": name, **pretrain_leg_times(summary, legs),
+                    "steps": summary.get("steps"),
+                    "cpu_scope": "train.py and its child processes, user + sys "
+                                 "(getrusage RUSAGE_CHILDREN before / after)",
                     "threads": args.threads, "finished_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
                     "command": " ".join(cmd[1:]), "requested": requested}
             from ecgfm.io import atomic_write_json
@@ -335,6 +350,42 @@ def stage_pretrain(args: argparse.Namespace, pools: list[str], env: dict[str, st
     if times:
         log("pretraining wall time per method: " + "; ".join(times))
     return encoders
+
+
+#: ``pretrain/<method>/`` file listing every train.py run (leg) of the stage into that folder, finished or not
+LEGS_FILE = "pretrain_legs.json"
+
+
+def pretrain_leg_times(summary: dict, legs: list[dict]) -> dict:
+    """The time fields of ``pretrain_time.json`` for a run whose train.py legs are ``legs`` (this stage's records,
+    oldest first; the last one finished) and whose final summary is ``summary``.
+
+    ``wall_s`` / ``cpu_s``: every recorded leg together (an interrupted leg's time counts: it was spent, though the
+    steps after its last checkpoint were trained again); ``fit_time_s``: train.py's fit time of every leg (its
+    ``fit_time_total_s``; the steps the run kept). ``*_last_leg`` give the last leg alone. ``time_scope`` says what
+    the totals cover: ``"all legs"``, or ``"last leg only"`` for a resumed run whose earlier legs were not recorded
+    here (run before this record existed, or by hand), whose ``steps`` count every leg while its times do not.
+    """
+    last = legs[-1]
+    resumed = bool(summary.get("resumed_from"))
+    total_fit = summary.get("fit_time_total_s")
+    complete = not resumed or len(legs) > 1
+    fit_all = not resumed or (complete and total_fit is not None)   # a train.py too old to write the total: no
+    fit = total_fit if fit_all and total_fit is not None else summary.get("fit_time_s")
+    return {"wall_s": round(sum(float(x["wall_s"]) for x in legs), 1) if complete else last["wall_s"],
+            "cpu_s": round(sum(float(x["cpu_s"]) for x in legs), 1) if complete else last["cpu_s"],
+            "fit_time_s": fit, "wall_s_last_leg": last["wall_s"], "cpu_s_last_leg": last["cpu_s"],
+            "fit_time_s_last_leg": summary.get("fit_time_s"), "legs": len(legs), "resumed": resumed,
+            "time_scope": ("all legs" if fit_all else "all legs; fit time last leg only") if complete
+            else "last leg only"}
+
+
+def pretrain_time_scope(info: dict, summary: dict) -> str:
+    """What a ``pretrain_time.json`` record's times cover: its ``time_scope``, or for a record written before that
+    field (one train.py run timed), ``"last leg only"`` when the run's ``summary.json`` says it resumed."""
+    if info.get("time_scope"):
+        return str(info["time_scope"])
+    return "last leg only" if summary.get("resumed_from") else "all legs"
 
 
 def _children_cpu_s() -> float:
@@ -760,12 +811,22 @@ def pretrain_times_markdown(args: argparse.Namespace) -> str:
     """The pretraining wall-time section (from ``pretrain/<method>/pretrain_time.json``)."""
     rows = []
     for method in args.methods:
-        info = _read_json(Path(args.out) / "pretrain" / method / "pretrain_time.json")
+        folder = Path(args.out) / "pretrain" / method
+        info = _read_json(folder / "pretrain_time.json")
         if info:
+            scope = pretrain_time_scope(info, _read_json(folder / "summary.json"))
+            legs = int(info.get("legs") or 1)
+            # a resumed run: its steps count every leg; say whether its times do too
+            note = "; ".join(n for n in (
+                f"resumed: times of the last leg only ({info.get('steps')} steps are every leg's)"
+                if scope == "last leg only" else
+                (f"{legs} legs (resumed), times summed" + ("; fit time of the last leg only" if "fit time last" in
+                                                            scope else "") if legs > 1 else ""),
+                str(info.get("note") or "")) if n)
             rows.append(f"| {method} | +experiment={info.get('experiment')} | {info.get('steps')} | "
                         f"{info.get('wall_s')} | {info.get('fit_time_s') and round(float(info['fit_time_s']), 1)} | "
                         f"{info.get('cpu_s', '-')} | {info.get('threads')} | {info.get('finished_utc')} | "
-                        f"{info.get('note', '')} |")
+                        f"{note} |")
     if not rows:
         return ""
     return "\n".join(["## Pretraining wall time", "",

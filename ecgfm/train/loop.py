@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["reseed", "StepSeedCallback", "RankSeedCallback", "ThroughputCallback", "LossHistory",
            "ResumableBatchSampler", "ResumableDataLoader", "make_resumable", "stepped_batches",
-           "AccumulationWindowCheckpoint", "window_rewind", "save_final_checkpoint"]
+           "AccumulationWindowCheckpoint", "window_rewind", "save_final_checkpoint", "FitClock"]
 
 
 # ---------------------------------------------------------------------------------------------------- callbacks
@@ -201,6 +201,52 @@ class LossHistory(L.Callback):
         return {"first_loss": self.losses[0], "last_loss": self.losses[-1],
                 f"first{n}_mean_loss": float(np.mean(self.losses[:n])),
                 f"last{n}_mean_loss": float(np.mean(self.losses[-n:]))}
+
+
+class FitClock(L.Callback):
+    """The run's time across resumes, kept in checkpoints (plain numbers, as :class:`LossHistory` keeps losses).
+
+    Each process (a *leg*: the first run, and every resume) times its own ``trainer.fit`` (from :meth:`start`,
+    called just before it) and its whole ``train()`` call (from ``t_start``). A checkpoint stores the times of the
+    legs before it plus this leg's up to the save, so the leg that resumes from it knows what the steps it
+    continues cost: :meth:`totals` adds this leg's times to them. Time a leg spent after its last checkpoint (steps
+    that the next leg trains again) is not counted: the totals are the cost of the steps the run kept.
+
+    ``known`` is False when the run resumed from a checkpoint written without this state (before it existed): the
+    earlier legs' time is then unknown, and the totals cover only the legs since.
+    """
+
+    def __init__(self, t_start: float | None = None) -> None:
+        self.t_start = time.perf_counter() if t_start is None else float(t_start)   # this leg's train() start
+        self.t_fit: float | None = None           # this leg's trainer.fit start (start())
+        self.prior_fit_s = 0.0                    # the legs before the checkpoint this leg resumed from
+        self.prior_wall_s = 0.0
+        self.prior_legs = 0
+        self.restored = False                     # load_state_dict ran (this leg resumed from a checkpoint with it)
+
+    def start(self) -> None:
+        """Mark the start of this leg's ``trainer.fit``."""
+        self.t_fit = time.perf_counter()
+
+    def leg(self) -> tuple[float, float]:
+        """This leg's ``(fit, wall)`` seconds so far."""
+        now = time.perf_counter()
+        return (0.0 if self.t_fit is None else now - self.t_fit), now - self.t_start
+
+    def totals(self) -> dict[str, float | int]:
+        """``fit_s`` / ``wall_s``: the legs before this one (as of the checkpoint it resumed from) + this leg so
+        far; ``legs``: how many legs those are."""
+        fit, wall = self.leg()
+        return {"fit_s": self.prior_fit_s + fit, "wall_s": self.prior_wall_s + wall, "legs": self.prior_legs + 1}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: (int(v) if k == "legs" else float(v)) for k, v in self.totals().items()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.prior_fit_s = float(state_dict.get("fit_s", 0.0))
+        self.prior_wall_s = float(state_dict.get("wall_s", 0.0))
+        self.prior_legs = int(state_dict.get("legs", 0))
+        self.restored = True
 
 
 # ----------------------------------------------------------------------------------------- resumable data order

@@ -27,6 +27,16 @@ def next_task(summary: Mapping[str, Any]) -> str:
     return "synthetic" if caches and all(c.startswith("synthetic") for c in caches) else "ptbxl_super"
 
 
+def stopped_early(summary: Mapping[str, Any]) -> bool:
+    """Whether a run was cut short: a time limit (``max_time``), an interrupt or a callback's early stop, or a
+    learning-rate schedule left unfinished (``steps < schedule_steps``). A run that reached ``trainer.max_steps``,
+    or ran all its ``trainer.max_epochs`` without a schedule left to run (none, or one it completed), finished."""
+    stop, sched, steps = summary.get("stop_reason"), summary.get("schedule_steps"), summary.get("steps")
+    if sched and steps is not None and int(steps) < int(sched):
+        return True
+    return stop not in (None, "max_steps", "max_epochs")
+
+
 def final_block(summary: Mapping[str, Any]) -> str:
     """The lines printed at the end of a training run (encoder, run folder, logs, summary, next commands)."""
     enc = summary.get("encoder_dir")
@@ -50,14 +60,14 @@ def final_block(summary: Mapping[str, Any]) -> str:
                                 "(nonfinite=skip; keys in summary.json)"))
     width = max(len(k) for k, _ in rows)
     stop, sched = summary.get("stop_reason"), summary.get("schedule_steps")
-    early = stop not in (None, "max_steps") or (sched and summary.get("steps") is not None
-                                                and int(summary["steps"]) < int(sched))
+    early = stopped_early(summary)
     # the registry name with its size: a config (vit1d_cpu) builds a registry backbone (vit1d_tiny) with other
     # arguments, so the name alone read as the registry default's 2.7 M parameters
     size = summary.get("n_parameters")
     name = f"{summary.get('method')} / {summary.get('backbone')}" + (f" ({size / 1e6:.2g} M parameters)" if size else "")
     what = (f"stopped early ({stop}): {name}, step {summary.get('steps')}" + (f" of {sched}" if sched else "")
-            if early else f"training finished: {name}, {summary.get('steps')} steps")
+            if early else f"training finished: {name}, {summary.get('steps')} steps"
+                          + (" (max_epochs)" if stop == "max_epochs" else ""))
     limit = str(summary.get("nothing_trained_limit") or "trainer.max_steps").split(" ")[0]
     lines = [f"== {what} ==" if not summary.get("nothing_trained")
              else f"== already complete: {summary.get('method')} / {summary.get('backbone')}, {summary.get('steps')} "

@@ -46,7 +46,7 @@ from ecgfm.train.build import (adopt_cache_preprocess, build_callbacks, build_lo
                                pretext_targets_for)
 from ecgfm.train.checkpoints import (AtomicCheckpointIO, DataFacts, check_resume_config, find_resume_checkpoint,
                                      guard_fresh_start, remove_stale_temporaries)
-from ecgfm.train.loop import make_resumable, save_final_checkpoint, stepped_batches, stopped_mid_epoch
+from ecgfm.train.loop import FitClock, make_resumable, save_final_checkpoint, stepped_batches, stopped_mid_epoch
 from ecgfm.train.safety import NonFiniteGuard, check_finite_state
 
 log = logging.getLogger(__name__)
@@ -133,6 +133,27 @@ def _stop_reason(trainer: Any, max_steps: int) -> str:
     return "early_stop"
 
 
+def _nonfinite_summary(guard: NonFiniteGuard, limit: int = 20) -> dict[str, Any]:
+    """:meth:`NonFiniteGuard.summary <ecgfm.train.safety.NonFiniteGuard.summary>` over every DDP rank: each rank's
+    guard and loaders count only what that rank drew, so the ranks' skipped record keys are joined (distinct, rank
+    0's first) and their crops summed. The counts restored from the checkpoint a run resumed from are the same on
+    every rank (one checkpoint): they are counted once. One process: the guard's own summary. Every rank must call
+    it (a collective)."""
+    import torch.distributed as dist
+
+    own = guard.summary(limit=limit)
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return own
+    keys, crops = guard._totals()
+    restored = int(getattr(guard, "_restored_crops", 0))
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, (list(keys), int(crops) - restored, restored))
+    all_keys = list(dict.fromkeys(k for rank_keys, _, _ in gathered for k in rank_keys))
+    total = gathered[0][2] + sum(int(new) for _, new, _ in gathered)
+    return {**own, "nonfinite_records_skipped": len(all_keys), "nonfinite_crops_skipped": int(total),
+            "nonfinite_skipped_keys": all_keys[:limit]}
+
+
 def _check_resume(out_dir: Path, cfg: DictConfig, asked_preprocess: DictConfig | None) -> None:
     """:func:`~ecgfm.train.checkpoints.check_resume_config`, also accepting a run folder whose ``config.yaml`` was
     written before the caches' preprocessing was recorded (it holds the config's own ``preprocess`` values, which
@@ -159,7 +180,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         The summary written to ``<out_dir>/summary.json``: ``method``, ``backbone``, ``steps``, ``epochs``,
         ``first_loss``/``last_loss`` (train split, this rank) and means of the first/last 10 steps,
         ``fs``/``crop_seconds``/``crop_samples`` (the crop at the cache's rate), ``nonfinite`` and
-        ``nonfinite_records_skipped``, ``wall_time_s``, ``resumed_from``, ``out_dir``, ``log_dir``,
+        ``nonfinite_records_skipped`` (all DDP ranks), ``fit_time_s`` / ``wall_time_s`` (this process: the last leg
+        of a resumed run), ``fit_time_total_s`` / ``wall_time_total_s`` (every leg, None when a leg before the
+        checkpoint resumed from did not record its time), ``time_legs``, ``resumed_from``, ``out_dir``, ``log_dir``,
         ``last_checkpoint``, ``encoder_dir``, ``cache_dirs``.
 
     Raises:
@@ -294,6 +317,8 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
                                for k in ("weights", "val_fraction", "views") if (v := cfg.data.get(k)) is not None},
                       deliberate=bool(cfg.resume))
     callbacks.append(facts)
+    clock = FitClock(t_start)   # the run's time across resumes, kept in checkpoints
+    callbacks.append(clock)
     guard = next(c for c in callbacks if isinstance(c, NonFiniteGuard))
     logger = build_logger(cfg, out_dir)
     # AtomicCheckpointIO: every checkpoint is written to a temporary file, fsync'ed and renamed
@@ -309,13 +334,13 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
                  int(cfg.crop_samples), fs)
         if ckpt_path:
             log.info("resuming from %s", ckpt_path)
-    t_fit = time.perf_counter()
+    clock.start()
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     except SystemExit:   # Lightning exits after Ctrl-C (1) and SIGTERM (0: "success" to a scheduler)
         _exit_interrupted(callbacks, trainer, out_dir)
         raise
-    fit_s = time.perf_counter() - t_fit
+    fit_s = clock.leg()[0]
     sched_steps = int(cfg.method.get("max_steps") or 0)
     stop_reason = _stop_reason(trainer, int(cfg.trainer.get("max_steps", -1) or -1))
     if 0 < trainer.global_step < sched_steps and not trainer.interrupted:
@@ -364,7 +389,11 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         "split": "train",
         **history.summary(),
         "loss_history_steps": len(history.losses),
+        # fit_time_s / wall_time_s: this process (a resumed run's last leg); *_total_s: every leg of the run (the
+        # time of the steps it kept, from the checkpoints), None when a leg before this one did not record its time
         "fit_time_s": fit_s,
+        "fit_time_total_s": None,
+        "time_legs": None,
         "resumed_from": ckpt_path,
         "out_dir": str(out_dir),
         "log_dir": log_dir(trainer.logger),
@@ -373,7 +402,7 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         "fs": fs,
         "crop_seconds": float(cfg.crop_seconds),
         "crop_samples": int(cfg.crop_samples),
-        **guard.summary(),
+        **_nonfinite_summary(guard),   # every DDP rank's skipped records and crops
         # last validation-epoch values (validation split): val/loss, val/<terms>, val/probe_auroc when enabled;
         # kept in checkpoints, so a resumed segment that ends before its first validation still reports them
         "val_metrics": dict(history.val_metrics),
@@ -381,7 +410,7 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         "val_metrics_step": history.val_step,
     }
     summary["last_checkpoint"] = str(last) if last.is_file() else None
-    if summary["nonfinite_records_skipped"]:
+    if summary["nonfinite_records_skipped"] and trainer.is_global_zero:
         log.warning("nonfinite=skip: %d record(s) with non-finite values were left out (%d crops): %s%s",
                     summary["nonfinite_records_skipped"], summary["nonfinite_crops_skipped"],
                     ", ".join(summary["nonfinite_skipped_keys"]),
@@ -408,7 +437,12 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         summary["encoder_dir"] = str(enc_dir)
     else:
         summary["encoder_dir"] = None
+    totals = clock.totals()
+    times_known = ckpt_path is None or clock.restored   # resumed from a checkpoint without FitClock's state: unknown
+    summary["fit_time_total_s"] = fit_s + clock.prior_fit_s if times_known else None
+    summary["time_legs"] = int(totals["legs"]) if times_known else None
     summary["wall_time_s"] = time.perf_counter() - t_start
+    summary["wall_time_total_s"] = summary["wall_time_s"] + clock.prior_wall_s if times_known else None
     if trainer.is_global_zero:
         atomic_write_json(out_dir / "summary.json", summary, indent=2)
     return summary
