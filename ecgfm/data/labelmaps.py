@@ -38,6 +38,7 @@ __all__ = [
     "CPSC2018_CLASSES",
     "RecordSelection",
     "SnomedRow",
+    "RHYTHMS_EXCLUDING_SR",
     "SUGGESTIVE_FORM_STATEMENTS",
     "SnomedTaskMap",
     "load_scp_snomed",
@@ -68,6 +69,12 @@ CPSC2018_CLASSES = ("Normal", "AF", "I-AVB", "LBBB", "RBBB", "PAC", "PVC", "STD"
 #: ST-T abnormality (428750005): those codes stay unknown (their records are counted as ``partially_mapped``).
 SUGGESTIVE_FORM_STATEMENTS: dict[str, tuple[str, ...]] = {
     "STD_": ("HYP", "STTC"), "INVT": ("MI", "STTC"), "TAB_": ("STTC",), "STE_": ("STTC",), "QWAVE": ("MI",)}
+#: PTB-XL rhythm statements that exclude SR (normal-rate sinus rhythm): none of the 407 SR records of the shared
+#: PTB-XL copy carries SBRAD (9 records there), STACH (5), SARRH (26), AFIB (13) or PACE (6) (AFLT does once), while the
+#: challenge coded sinus brady- / tachycardia and sinus arrhythmia records with 426783006 *sinus rhythm* too (its
+#: PTB-XL count, 18,092, exceeds SR's 16,782). A record whose codes give one of them is not SR (HR06002: 426783006 +
+#: 426177001 sinus bradycardia, PTB-XL SBRAD alone; it was scored SR and SBRAD before 2026-12-07).
+RHYTHMS_EXCLUDING_SR: tuple[str, ...] = ("SBRAD", "STACH", "SARRH", "AFIB", "PACE")
 _COLUMNS = ("snomed_code", "snomed_name", "abbreviation", "scp_codes", "relation", "evidence", "challenge_ptbxl_n",
             "equivalent", "cpsc2018", "note")
 
@@ -204,6 +211,7 @@ class _CodeFate:
     kind: str                         # mapped | outside_task | ambiguous
     suggests: tuple[str, ...] = ()    # task classes a form statement of the code suggests (unknown if not positive)
     spans: tuple[str, ...] = ()       # task classes of an ambiguous broader row (the code may stand for each of them)
+    direct: tuple[str, ...] = ()      # SCP statements of its same / narrower rows (what it names, not may stand for)
 
 
 def _clean_codes(codes: Iterable[Any]) -> list[str]:
@@ -263,9 +271,10 @@ class SnomedTaskMap:
         per_code: dict[str, dict[str, set[str]]] = {}
         for r in self.rows:
             slot = per_code.setdefault(r.snomed_code, {"any": set(), "sole": set(), "stmts": set(), "amb": set(),
-                                                       "suggests": set()})
+                                                       "suggests": set(), "direct": set()})
             slot["stmts"].update(r.scp_codes)
-            if r.relation in ("same", "narrower"):   # (a form statement that is a task class itself, as in the
+            if r.relation in ("same", "narrower"):
+                slot["direct"].update(r.scp_codes)   # (a form statement that is a task class itself, as in the
                 # "all" task, still suggests the other classes: uncertain() never calls a positive class unknown)
                 slot["suggests"].update(c for s in r.scp_codes if s in self.suggestions
                                         for c in self.suggestions[s] if c in wanted)
@@ -290,7 +299,7 @@ class SnomedTaskMap:
                 kind = "outside_task"
             self.fates[code] = _CodeFate(tuple(sorted(slot["any"])), tuple(sorted(slot["sole"])),
                                          tuple(sorted(slot["stmts"])), kind, tuple(sorted(slot["suggests"])),
-                                         tuple(sorted(slot["amb"] & wanted)))
+                                         tuple(sorted(slot["amb"] & wanted)), tuple(sorted(slot["direct"])))
 
     def codes_of(self, cls: str) -> list[str]:
         """SNOMED codes that can make a record positive for ``cls`` (sole-rule codes included)."""
@@ -308,6 +317,12 @@ class SnomedTaskMap:
             fate = self.fates.get(codes[0])
             if fate is not None:
                 out.update(fate.sole_classes)
+        sr = self.statement_classes.get("SR")
+        if sr in out:   # a sinus-rhythm code beside a rhythm PTB-XL never labels with SR (RHYTHMS_EXCLUDING_SR)
+            named = {st for c in codes if c in self.fates for st in self.fates[c].direct}
+            if named & set(RHYTHMS_EXCLUDING_SR) and all(self.statement_classes.get(st) != sr
+                                                          for st in named - {"SR"}):
+                out.discard(sr)
         return sorted(out)
 
     def uncertain(self, codes: Iterable[str], evaluable: Iterable[str] | None = None) -> dict[str, list[str]]:

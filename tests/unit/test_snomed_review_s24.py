@@ -46,3 +46,24 @@ def test_finer_tasks_leave_out_the_subclasses_of_a_suggested_superclass(root):
                               {"NST_": "STTC", "ISCAL": "STTC", "IRBBB": "CD"})
     assert fam["STD_"] == ("ISCA", "NST_") and "QWAVE" not in fam
     assert set(SUGGESTIVE_FORM_STATEMENTS) >= set(fam)
+
+
+def test_sinus_rhythm_beside_a_rhythm_excluding_sr_is_not_sr(root):
+    """PTB-XL never labels SR beside SBRAD / STACH / SARRH / AFIB / PACE; the challenge coded those sinus rhythms
+    with 426783006 too (HR06002: 426783006 + sinus bradycardia, PTB-XL SBRAD alone, was scored SR and SBRAD)."""
+    import pandas as pd
+
+    rhythm = snomed_task_map("rhythm", root, ["SR", "SBRAD", "STACH", "AFIB"])
+    assert rhythm.labels([SR, SINUS_BRADY, IRBBB]) == ["SBRAD"]
+    assert rhythm.labels([SR, "427084000"]) == ["STACH"]
+    assert rhythm.labels([SR]) == ["SR"] and rhythm.labels([SR, IRBBB]) == ["SR"] and rhythm.labels([SR, PAC]) == ["SR"]
+    sup = snomed_task_map("superdiagnostic", root, ["NORM", "MI", "STTC", "CD", "HYP"])
+    assert sup.labels([SR]) == ["NORM"] and sup.labels([SR, SINUS_BRADY]) == []      # unchanged there
+    # the rule's evidence in the fixture copy: no SR record carries one of those rhythms
+    from ast import literal_eval
+
+    from ecgfm.data.labelmaps import RHYTHMS_EXCLUDING_SR
+
+    db = pd.read_csv(root / "ptbxl_database.csv")
+    codes = [set(literal_eval(c)) for c in db["scp_codes"]]
+    assert not any("SR" in c and c & set(RHYTHMS_EXCLUDING_SR) for c in codes)
