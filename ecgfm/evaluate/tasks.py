@@ -501,7 +501,7 @@ def _cpsc2018_codes(path: str) -> dict[str, list[str]]:
     from pathlib import Path
 
     from ecgfm.data.labelmaps import CPSC2018_CLASSES, load_scp_snomed
-    from ecgfm.data.readers.tables import decode_table_bytes
+    from ecgfm.data.readers.tables import check_quotes_closed, decode_table_bytes
     from ecgfm.data.record import ECGDataError
 
     code_of = {r.cpsc2018: r.snomed_code for r in load_scp_snomed() if r.cpsc2018}
@@ -514,8 +514,9 @@ def _cpsc2018_codes(path: str) -> dict[str, list[str]]:
     except OSError as exc:
         raise ECGDataError(path, f"cannot read the CPSC 2018 REFERENCE.csv: {exc}") from None
     try:
-        rows = list(csv.reader(io.StringIO(decode_table_bytes(raw, path), newline=""), skipinitialspace=True,
-                               strict=True))   # as ecgfm.data.readers.tables: an unclosed quote is an error
+        text = decode_table_bytes(raw, path)
+        check_quotes_closed(Path(path), text)   # as ecgfm.data.readers.tables: an unclosed quote is an error
+        rows = list(csv.reader(io.StringIO(text, newline=""), skipinitialspace=True))
     except csv.Error as exc:
         raise ECGDataError(path, f"malformed CSV: {exc}") from None
     if not rows:

@@ -212,8 +212,9 @@ class FitClock(L.Callback):
     continues cost: :meth:`totals` adds this leg's times to them. Time a leg spent after its last checkpoint (steps
     that the next leg trains again) is not counted: the totals are the cost of the steps the run kept.
 
-    ``known`` is False when the run resumed from a checkpoint written without this state (before it existed): the
-    earlier legs' time is then unknown, and the totals cover only the legs since.
+    ``known`` is False once a leg resumed from a checkpoint written without this state (before it existed): the
+    earlier legs' time is unknown, the totals cover only the legs since, and the mark is kept in this leg's
+    checkpoints, so that a later resume does not read the totals as complete.
     """
 
     def __init__(self, t_start: float | None = None) -> None:
@@ -223,6 +224,7 @@ class FitClock(L.Callback):
         self.prior_wall_s = 0.0
         self.prior_legs = 0
         self.restored = False                     # load_state_dict ran (this leg resumed from a checkpoint with it)
+        self.known = True                         # every earlier leg's time is in prior_* (see the class docstring)
 
     def start(self) -> None:
         """Mark the start of this leg's ``trainer.fit``."""
@@ -239,13 +241,20 @@ class FitClock(L.Callback):
         fit, wall = self.leg()
         return {"fit_s": self.prior_fit_s + fit, "wall_s": self.prior_wall_s + wall, "legs": self.prior_legs + 1}
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # a resume has restored callback state before this hook (whatever the strategy): a checkpoint without ours
+        # predates it (the earlier legs' time is unknown)
+        if getattr(trainer, "ckpt_path", None) and not self.restored:
+            self.known = False
+
     def state_dict(self) -> dict[str, Any]:
-        return {k: (int(v) if k == "legs" else float(v)) for k, v in self.totals().items()}
+        return {**{k: (int(v) if k == "legs" else float(v)) for k, v in self.totals().items()}, "known": self.known}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.prior_fit_s = float(state_dict.get("fit_s", 0.0))
         self.prior_wall_s = float(state_dict.get("wall_s", 0.0))
         self.prior_legs = int(state_dict.get("legs", 0))
+        self.known = bool(state_dict.get("known", True))
         self.restored = True
 
 

@@ -438,7 +438,8 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     else:
         summary["encoder_dir"] = None
     totals = clock.totals()
-    times_known = ckpt_path is None or clock.restored   # resumed from a checkpoint without FitClock's state: unknown
+    # resumed from a checkpoint without FitClock's state, now or in an earlier leg: the earlier time is unknown
+    times_known = (ckpt_path is None or clock.restored) and clock.known
     summary["fit_time_total_s"] = fit_s + clock.prior_fit_s if times_known else None
     summary["time_legs"] = int(totals["legs"]) if times_known else None
     summary["wall_time_s"] = time.perf_counter() - t_start

@@ -23,6 +23,16 @@ def test_a_quoted_cell_after_comma_space_loses_its_quotes(tmp_path):
     assert rows["r1"]["patient"] == rows["r2"]["patient"] == "P1"                          # one patient, not two
 
 
+def test_spaces_around_closing_quotes_read_as_before(tmp_path):
+    """The quote check must not refuse what the lenient reader always read (a final review: strict parsing refused
+    a space after a closing quote)."""
+    path = tmp_path / "labels.csv"
+    path.write_text('record_id,diagnosis,note\n"r1" ,AF,"a, b"\nr2,"NORM" \t,"say ""hi"""\n')
+    rows = read_label_table(path, id_column="record_id").rows
+    assert rows["r1"]["diagnosis"] == "AF" and rows["r2"]["diagnosis"] == "NORM"
+    assert rows["r1"]["note"] == "a, b" and rows["r2"]["note"] == 'say "hi"'
+
+
 def test_an_unclosed_quote_is_an_error_not_one_cell_swallowing_the_rest(tmp_path):
     path = tmp_path / "labels.csv"
     path.write_text('record_id,diagnosis\nr1,"AF\nr2,NORM\nr3,RBBB\n')
@@ -60,7 +70,7 @@ def test_cpsc2018_reference_with_an_unclosed_quote_is_refused(tmp_path):
     from ecgfm.evaluate.tasks import _cpsc2018_codes
 
     path = tmp_path / "REFERENCE.csv"
-    path.write_text('Recording,First_label,Second_label,Third_label\nA0001,"1,,\nA0002,2,,\nA0003, "3",,\n')
+    path.write_text('Recording,First_label,Second_label,Third_label\nA0001,"1,,\nA0002,2,,\nA0003,3,,\n')
     with pytest.raises(ECGDataError, match="malformed CSV"):
         _cpsc2018_codes(str(path))
     path.write_text('Recording,First_label,Second_label,Third_label\nA0001,1,,\nA0002, "2",,\n')

@@ -194,3 +194,28 @@ def test_nonfinite_summary_in_one_process_is_the_guards():
     guard = NonFiniteGuard("skip")
     guard.skipped, guard.skipped_draws = {"a": "s"}, 2
     assert _nonfinite_summary(guard) == guard.summary()
+
+
+def test_fit_clock_keeps_an_unknown_earlier_time_unknown_across_later_resumes():
+    """A leg resumed from a checkpoint without the clock's state (written before it existed) has unknown totals,
+    and so has every later leg resumed from its checkpoints (a final review: the second resume read them as known,
+    time_legs 2, the first leg's time missing)."""
+    from types import SimpleNamespace
+
+    from ecgfm.train.loop import FitClock
+
+    leg2 = FitClock(t_start=0.0)
+    leg2.start()
+    leg2.on_train_start(SimpleNamespace(ckpt_path="/old/last.ckpt"), None)   # nothing restored: old checkpoint
+    assert leg2.known is False and leg2.state_dict()["known"] is False
+    leg3 = FitClock()
+    leg3.load_state_dict(leg2.state_dict())
+    leg3.on_train_start(SimpleNamespace(ckpt_path="/run/last.ckpt"), None)
+    assert leg3.restored and leg3.known is False
+    fresh = FitClock()
+    fresh.on_train_start(SimpleNamespace(ckpt_path=None), None)
+    assert fresh.known and FitClock().state_dict()["known"] is True
+    old_state = {"fit_s": 1.0, "wall_s": 2.0, "legs": 1}            # a state written before "known" existed
+    leg = FitClock()
+    leg.load_state_dict(old_state)
+    assert leg.known and leg.prior_legs == 1

@@ -121,9 +121,9 @@ def read_label_table(path: str | os.PathLike, *, id_column: str | int = 0, heade
     except OSError as exc:
         raise ECGDataError(p, f"cannot read {what}: {exc}") from None
     text = decode_table_bytes(raw, p, encoding)
-    # skipinitialspace: a quoted cell after ", " is quoted (kept its quotes before: '"AF"' was a class of its own);
-    # strict: a quote never closed is an error (it swallowed every later row into one cell before)
-    reader = csv.reader(io.StringIO(text, newline=""), skipinitialspace=True, strict=True)
+    check_quotes_closed(p, text)
+    # skipinitialspace: a quoted cell after ", " is quoted (kept its quotes before: '"AF"' was a class of its own)
+    reader = csv.reader(io.StringIO(text, newline=""), skipinitialspace=True)
     prev_line = 0
     names: list[str] | None = None if header else [str(c).strip() for c in (columns or [])]
     if not header and not names:
@@ -145,14 +145,33 @@ def read_label_table(path: str | os.PathLike, *, id_column: str | int = 0, heade
                 table, id_idx = _new_table(p, names, id_column)
             _add_row(table, cells, start, id_idx, normalise_id)
     except csv.Error as exc:
-        hint = (f" (a double quote opened on line {prev_line + 1} is never closed)"
-                if "unexpected end of data" in str(exc) else "")
-        raise ECGDataError(p, f"line {reader.line_num}: malformed CSV: {exc}{hint}") from None
+        raise ECGDataError(p, f"line {reader.line_num}: malformed CSV: {exc}") from None
     if names is None:
         raise ECGDataError(p, "empty table (no header line)")
     if table is None:
         table, _ = _new_table(p, names, id_column)
     return table
+
+
+def check_quotes_closed(p: Path, text: str) -> None:
+    """Refuse a table with a double quote never closed: the csv module's lenient mode reads every later row into
+    that one cell (their records then load unlabelled). Its strict mode says so ("unexpected end of data") but also
+    refuses cells the lenient mode reads well (a space after a closing quote: ``"A01" ,AF``), so it is only asked
+    about the quotes: another strict complaint is left to the lenient read (which cannot see an unclosed quote after
+    such a cell: rare, and no worse than before 2026-12-07).
+
+    Raises:
+        ECGDataError: a quote opened and never closed, naming its line.
+    """
+    reader = csv.reader(io.StringIO(text, newline=""), skipinitialspace=True, strict=True)
+    last = 0
+    try:
+        for _ in reader:
+            last = reader.line_num
+    except csv.Error as exc:
+        if "unexpected end of data" in str(exc):
+            raise ECGDataError(p, f"line {last + 1}: malformed CSV: a double quote opened on line {last + 1} is "
+                                  f"never closed (every later row would be read into that cell)") from None
 
 
 def _new_table(p: Path, names: list[str], id_column: str | int) -> tuple[LabelTable, int]:
