@@ -373,19 +373,21 @@ def _report_missing(cache: Any, features: np.ndarray, owners: Sequence[int], fai
     """Log how many records had feature groups filled and how many neurokit2 failed on; raise when neurokit2
     failed on most of them (the installation, not the records, is then at fault)."""
     where = getattr(cache, "path", "cache")
+    keys = getattr(cache, "keys", None)
+
+    def name(row: int) -> str:
+        return str(keys[row]) if keys is not None else str(row)
+
     n = len(owners)
     if n and len(failed) >= MIN_FAILED and len(failed) >= FAILED_ERROR_SHARE * n:
-        keys = getattr(cache, "keys", None)
-        first = [(str(keys[r]) if keys is not None else str(r), err) for r, err in list(failed.items())[:3]]
+        first = [(name(r), err) for r, err in list(failed.items())[:3]]
         raise RuntimeError(f"{where}: neurokit2 {neurokit_version()} failed on {len(failed)} of {n} records "
                            f"(e.g. record {first[0][0]}: {first[0][1]}); the handcrafted features would be the "
                            f"'no R-peaks' fill for them. Records: {', '.join(r for r, _ in first)}")
     counts = missing_counts(features)
     share = max((counts[k] for k in INDICATORS), default=0) / max(n, 1)
     level = logging.WARNING if share > MISSING_WARN_SHARE or failed else logging.INFO
-    keys = getattr(cache, "keys", None)
-    first_missing = [int(owners[j]) for j in np.flatnonzero(features[:, FEATURE_NAMES.index("missing_rr")] > 0.5)[:5]]
-    names = [str(keys[i]) if keys is not None else str(i) for i in first_missing]
+    names = [name(int(owners[j])) for j in np.flatnonzero(features[:, FEATURE_NAMES.index("missing_rr")] > 0.5)[:5]]
     log.log(level, "handcrafted features of %s: feature groups filled with 0 + indicator (too few beats) for %d "
             "(RR) / %d (successive differences) / %d (morphology) of %d records%s%s", where, counts["missing_rr"],
             counts["missing_drr"], counts["missing_morph"], n,

@@ -1181,14 +1181,13 @@ def probe_main(cfg: DictConfig) -> dict[str, Any]:
     external = {}
     hc_missing: dict[str, Any] = {}   # records whose handcrafted feature groups were filled (too few beats)
     if enc.kind == HANDCRAFTED:  # one feature row per whole record; window / stride unused
-        from ecgfm.evaluate.handcrafted import cached_handcrafted, split_missing_counts
+        from ecgfm.evaluate.handcrafted import cached_handcrafted
 
         feats = cached_handcrafted(task.cache, feat_dir)
-        hc_missing = split_missing_counts(feats, task.splits)
+        efeats = cached_handcrafted(ext.cache, feat_dir) if ext is not None else None
+        hc_missing = _handcrafted_missing(task, ext, feats, efeats)
         if ext is not None:
-            efeats = cached_handcrafted(ext.cache, feat_dir)
             external[f"external:{ext.dataset}"] = (efeats, ext.labels, ext.splits["test"])
-            hc_missing[f"external:{ext.dataset}"] = split_missing_counts(efeats, {"test": ext.splits["test"]})["test"]
     else:
         assert enc.backbone is not None
         try:
@@ -1222,14 +1221,13 @@ def probe_main(cfg: DictConfig) -> dict[str, Any]:
     aggregate = str(probe_cfg.aggregate)
     if side:                       # encoder record features + the handcrafted ones: one row per record
         from ecgfm.evaluate.features import with_record_features
-        from ecgfm.evaluate.handcrafted import cached_handcrafted, split_missing_counts
+        from ecgfm.evaluate.handcrafted import cached_handcrafted
 
         hc = cached_handcrafted(task.cache, feat_dir)
-        hc_missing = split_missing_counts(hc, task.splits)
+        ehc = cached_handcrafted(ext.cache, feat_dir) if ext is not None else None
+        hc_missing = _handcrafted_missing(task, ext, hc, ehc)
         feats = with_record_features(feats, hc, aggregate)
         if ext is not None:
-            ehc = cached_handcrafted(ext.cache, feat_dir)
-            hc_missing[f"external:{ext.dataset}"] = split_missing_counts(ehc, {"test": ext.splits["test"]})["test"]
             external = {k: (with_record_features(f, ehc, aggregate), y, rows) for k, (f, y, rows) in external.items()}
         aggregate = "mean_embedding"
     from ecgfm.evaluate.probe import ProbeData, run_probe_grid
@@ -1437,6 +1435,17 @@ def probe_head(probe: Any, backbone: torch.nn.Module, task: TaskData, lead_aware
         init_head_from_probe(head, probe)
     return SimpleNamespace(backbone=backbone, head=head, kind="linear probe on frozen features",
                            lead_aware=bool(lead_aware))
+
+
+def _handcrafted_missing(task: TaskData, ext: Any, feats: Any, efeats: Any) -> dict[str, Any]:
+    """Per split of the task (and the external set's test records), the records whose handcrafted feature groups
+    were filled for too few beats (:func:`ecgfm.evaluate.handcrafted.split_missing_counts`)."""
+    from ecgfm.evaluate.handcrafted import split_missing_counts
+
+    out: dict[str, Any] = split_missing_counts(feats, task.splits)
+    if ext is not None:
+        out[f"external:{ext.dataset}"] = split_missing_counts(efeats, {"test": ext.splits["test"]})["test"]
+    return out
 
 
 def _save_cell_classifier(cell_file: Path, model: Any, task: TaskData, enc: Encoder, recipe: dict[str, Any],
