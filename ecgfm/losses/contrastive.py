@@ -54,12 +54,15 @@ def ddp_mean_count(count: torch.Tensor) -> torch.Tensor:
 
 
 def ddp_mean(local_sum: torch.Tensor, local_count: torch.Tensor) -> torch.Tensor:
-    """A per-item mean whose *value* is this rank's (``local_sum / local_count``: what is logged and recorded) and
-    whose *gradient* is that of ``local_sum / ddp_mean_count(local_count)``, which DDP's average over ranks turns
-    into the gradient of the global per-item mean. Without a process group: ``local_sum / local_count``.
+    """A per-item mean whose *value* is the global per-item mean (``global_sum / global_count``: what is logged and
+    recorded, the same on every rank) and whose *gradient* is that of ``local_sum / ddp_mean_count(local_count)``,
+    which DDP's average over ranks turns into the gradient of the global per-item mean. Without a process group:
+    ``local_sum / local_count``. Under DDP one ``all_reduce`` of two scalars per call; every rank must call it.
 
     (Returning the rescaled sum itself would log each rank's loss multiplied by its share of the items, e.g. x0.48
-    and x1.52 for a rank of one-lead records and a rank of 12-lead ones.)
+    and x1.52 for a rank of one-lead records and a rank of 12-lead ones; returning the rank's own mean logged a
+    number that was neither rank's share nor the loss being optimised, and the mean of two ranks' own means is not
+    the global mean when their counts differ.)
 
     Args:
         local_sum: scalar sum over this rank's items (differentiable).
@@ -69,12 +72,14 @@ def ddp_mean(local_sum: torch.Tensor, local_count: torch.Tensor) -> torch.Tensor
         Scalar.
     """
     count = local_count.to(local_sum.dtype)
-    own = local_sum / count.clamp_min(1e-6)
     _, world = world_info()
     if world == 1:
-        return own
-    scaled = local_sum / ddp_mean_count(count).clamp_min(1e-6)
-    return scaled + (own - scaled).detach()
+        return local_sum / count.clamp_min(1e-6)
+    # (global sum, global count) / world in one all_reduce
+    mean_sum, mean_count = ddp_mean_count(torch.stack([local_sum.detach(), count.detach()])).unbind()
+    scaled = local_sum / mean_count.clamp_min(1e-6)
+    value = mean_sum / mean_count.clamp_min(1e-6)
+    return scaled + (value - scaled).detach()
 
 
 def _ddp_global_value(scaled: torch.Tensor) -> torch.Tensor:
@@ -85,7 +90,7 @@ def _ddp_global_value(scaled: torch.Tensor) -> torch.Tensor:
     shares over ranks is that global loss, but a single rank's share is neither its own mean nor the global one
     (it is weighted by the rank's share of the items). What a method logs as ``train/loss`` is the returned value,
     so it is made the global loss (one scalar ``all_reduce``), as :func:`ddp_mean` does for the value of MAE's
-    loss, while the graph, hence the gradient, stays ``scaled``'s. Identity without a process group.
+    loss and SimCLR's pretext term, while the graph, hence the gradient, stays ``scaled``'s. Identity without a process group.
 
     Args:
         scaled: scalar, this rank's normalised share (differentiable); every rank must call this.

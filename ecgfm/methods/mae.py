@@ -505,7 +505,7 @@ class MAEModule(PretrainModule):
 
         Under DDP a training step's gradient is that of its sum over the mean count over ranks (:func:`ddp_mean`),
         so that DDP's gradient average is the global per-patch mean's even when the ranks hold different numbers of
-        counted patches (one-lead and 12-lead records split unevenly); its value (logged) is this rank's own mean.
+        counted patches (one-lead and 12-lead records split unevenly); its value (logged) is the global per-patch mean.
         """
         losses, counts = [], []
         recorded = batch.get("recorded")
@@ -542,7 +542,8 @@ class MAEModule(PretrainModule):
         """The per-patch mean of lead-set groups' mean errors ``losses`` over ``counts`` counted patches each.
 
         In training under DDP its gradient is that of the sum over the mean count over ranks (:func:`ddp_mean`), so
-        that DDP's gradient average is the global per-patch mean's; its value stays this rank's own mean.
+        that DDP's gradient average is the global per-patch mean's; its value is that global mean (the same on every
+        rank), so ``train/loss`` logs the loss being optimised.
         """
         counts_t = torch.stack(counts).to(losses[0].dtype)
         total = (torch.stack(losses) * counts_t).sum()

@@ -326,7 +326,7 @@ class SimCLRModule(PretrainModule):
             # nor does a view without signal regress its targets
             target = torch.where(torch.cat([ok1, ok2])[:, None], target, torch.full_like(target, float("nan")))
             aux = masked_target_mse(self.aux_head(h), target)
-            if self.training:   # DDP: the gradient of the global mean over known entries, the value this rank's
+            if self.training:   # DDP: the gradient and the value of the global mean over known entries
                 known = torch.isfinite(target).sum()
                 aux = ddp_mean(aux * known, known)
             terms.update(nt_xent=nt.detach(), aux_mse=aux.detach())

@@ -49,10 +49,11 @@ def test_masked_target_mse_matches_reference_and_ignores_unknown_entries():
         masked_target_mse(pred, target[:, :3])
 
 
-def test_ddp_mean_logs_the_rank_mean_and_gives_the_global_gradient(monkeypatch):
+def test_ddp_mean_logs_the_global_mean_and_gives_the_global_gradient(monkeypatch):
     """What SimCLR's pretext regression does under DDP with ``ddp_mean``: two ranks with unevenly many known targets
-    each return their own mean as the value (what is logged), and the mean of their gradients (DDP's average) is the
-    whole batch's gradient; dividing each by its own count (the old per-rank mean) gives another gradient."""
+    each return the whole batch's mean as the value (what is logged, the same on both), and the mean of their
+    gradients (DDP's average) is the whole batch's gradient; dividing each by its own count (the old per-rank mean)
+    gives another gradient, and the rank's own mean (the old logged value) another value."""
     import ecgfm.losses.contrastive as C
 
     g = torch.Generator().manual_seed(1)
@@ -66,12 +67,13 @@ def test_ddp_mean_logs_the_rank_mean_and_gives_the_global_gradient(monkeypatch):
     assert torch.equal(C.ddp_mean_count(known[0]), known[0])          # no process group: the local count
     own = [masked_target_mse(pred[h], target[h]) for h in halves]
     assert torch.allclose(C.ddp_mean(own[0] * known[0], known[0]), own[0])   # one process: its own mean
-    mean_count = (known[0] + known[1]).float() / 2
+    pairs = [torch.stack([(o * k).detach(), k.float()]) for o, k in zip(own, known)]
     monkeypatch.setattr(C, "world_info", lambda: (0, 2))
-    monkeypatch.setattr(C, "ddp_mean_count", lambda c: mean_count)
+    monkeypatch.setattr(C, "ddp_mean_count", lambda c: (pairs[0] + pairs[1]) / 2)   # all_reduce / world
     values = [C.ddp_mean(o * k, k) for o, k in zip(own, known)]
     for v, o in zip(values, own):
-        assert torch.allclose(v, o)                                   # logged: the rank's own mean
+        assert torch.allclose(v, whole)                               # logged: the global mean, on every rank
+        assert not torch.allclose(v, o)                               # not the rank's own
     grads = [torch.autograd.grad(v, pred, retain_graph=True)[0] for v in values]
     assert torch.allclose((grads[0] + grads[1]) / 2, grad_whole)      # DDP's average: the global mean's gradient
     old = [torch.autograd.grad(o, pred)[0] for o in own]
