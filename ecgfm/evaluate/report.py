@@ -1262,9 +1262,14 @@ def excluded_classes_markdown(cells: Iterable[dict[str, Any]]) -> str:
             left = list(r.get("excluded_classes") or [])
             deg = int(r.get("n_degenerate") or 0)
             if left or deg:
+                n_boot = r.get("n_boot")
+                # many resamples over fewer classes (a class with 1-2 positives): the interval is that of another
+                # average (without the rare classes, whose AUROCs are the extreme ones), not of the point's
+                flag = " **(over 10 %: the CI is not that of the macro average over all classes)**" \
+                    if isinstance(n_boot, int) and n_boot > 0 and deg > 0.1 * n_boot else ""
                 rows.append(f"| {c.get('label', c.get('method'))} | {MODE_NAMES.get(c.get('mode'), c.get('mode'))} | "
                             f"{c.get('task')} | {split} | {_fmt_frac(c.get('fraction', 1))} | {c.get('seed')} | "
-                            f"{', '.join(map(str, left)) or '-'} | {deg} of {r.get('n_boot', '?')} |")
+                            f"{', '.join(map(str, left)) or '-'} | {deg} of {n_boot if n_boot is not None else '?'}{flag} |")
     if not rows:
         return ""
     log.warning("%d cell split(s) average macro AUROC over fewer classes than the task has, or redrew degenerate "
