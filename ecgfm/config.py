@@ -269,8 +269,12 @@ def check_views(cfg: DictConfig) -> None:
     ``adjacent`` also moved ``x`` (a record must hold two crops after its start), changing which crops the method
     saw while ``config.yaml`` said ``views=adjacent`` as if it were used. A method says so itself
     (``PretrainModule.one_view_reason``, read from the ``_target_`` class without building it). SimCLR takes either
-    (one crop augmented twice, or ``x`` and ``x2``); CLOCS cmsc / cmsmlc need ``x2`` (refused by the method itself
-    without it).
+    (one crop augmented twice, or ``x`` and ``x2``). A method that needs one kind of second view says so
+    (``PretrainModule.views_needed``): CLOCS cmsc / cmsmlc contrast *temporally adjacent* segments, so they need
+    ``adjacent``; ``segments`` places the second crop independently, so it overlaps the first in most draws and is
+    the same crop in validation (centred crops) and on records no longer than a crop: positives that match
+    trivially (``val/pos_sim`` 1.0), which nothing reported before 2026-12-07. ``single`` gave them no ``x2`` at all
+    (refused at the first batch).
 
     Raises:
         ConfigError: naming ``data.views``.
@@ -279,13 +283,19 @@ def check_views(cfg: DictConfig) -> None:
     if not isinstance(data, DictConfig) or not isinstance(method, DictConfig) or "views" not in data:
         return
     views = data.get("views")
-    if views in (None, "single") or "_target_" not in method:
+    if "_target_" not in method:
         return
     from hydra.utils import get_object
 
     try:
         cls = get_object(str(method._target_))
     except Exception:  # noqa: BLE001 - an unimportable target is reported by check_target_node
+        return
+    needed = getattr(cls, "views_needed", None)
+    need = needed(method) if inspect.isclass(cls) and callable(needed) else None
+    if need is not None and views != need[0]:
+        raise ConfigError("data.views", f"is {views!r}, but {need[1]}: use data.views={need[0]}")
+    if views in (None, "single"):
         return
     reason = getattr(cls, "one_view_reason", None)
     one_view = reason(method) if inspect.isclass(cls) and callable(reason) else None

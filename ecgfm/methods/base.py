@@ -54,6 +54,31 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def rows_only(fn: Any, inputs: tuple[torch.Tensor | None, ...], valid: torch.Tensor) -> torch.Tensor:
+    """``fn(*inputs)`` computed on the rows ``valid (B,)`` only, zeros (attached to the graph) in the other rows.
+
+    Views a loss leaves out (no present lead, no signal) must not reach a BatchNorm layer in training either: there
+    they would enter the batch statistics, which change the embeddings of the views the loss does use, and the
+    running statistics an exported encoder keeps (review s25: the NT-Xent of four kept pairs read 2.28 alone and
+    2.74 beside four left-out pairs). With every row valid, or fewer than two (BatchNorm needs two in training, and
+    under DDP every rank must still run the module so that its parameters get a gradient), the old pass on all rows.
+
+    Args:
+        fn: the module (or function) applied to ``inputs``.
+        inputs: tensors with the rows as their first dimension, or None (passed on as None).
+        valid: ``(B,)`` bool.
+
+    Returns:
+        ``(B, ...)``: ``fn``'s output on the valid rows, zeros elsewhere.
+    """
+    n_valid = int(valid.sum())
+    if n_valid == valid.shape[0] or n_valid < 2:
+        return fn(*inputs)
+    idx = valid.nonzero().squeeze(1)
+    out = fn(*(None if t is None else t.index_select(0, idx) for t in inputs))
+    return out.new_zeros((valid.shape[0], *out.shape[1:])).index_copy(0, idx, out)
+
+
 def fit_probe_auroc(emb: np.ndarray, y: np.ndarray, multilabel: bool, num_classes: int, seed: int = 0,
                     max_samples: int | None = 10000) -> tuple[float, int]:
     """Fit a linear probe on a random half of ``emb`` and return its macro AUROC on the other half.
@@ -172,6 +197,13 @@ class PretrainModule(L.LightningModule):
         """Why a method built with ``hparams`` (its config node: ``mode``...) never reads a second view ``x2``
         (``PretrainDataModule(views="adjacent" | "segments")``), or None when it may read one. The config check
         (:func:`ecgfm.config.check_views`) refuses such views for it. Default: None (it may)."""
+        return None
+
+    @classmethod
+    def views_needed(cls, hparams: Any) -> tuple[str, str] | None:
+        """``(views, why)`` when a method built with ``hparams`` needs one kind of second view
+        (``PretrainDataModule(views=...)``), refused otherwise by :func:`ecgfm.config.check_views`; None (the
+        default) when it takes any."""
         return None
 
     def shared_step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

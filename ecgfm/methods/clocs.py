@@ -29,7 +29,7 @@ from torch import nn
 from ecgfm.data.record import CANONICAL_LEADS, canonical_lead
 from ecgfm.heads import ProjectionHead
 from ecgfm.losses.contrastive import clocs_loss
-from ecgfm.methods.base import PretrainModule
+from ecgfm.methods.base import PretrainModule, rows_only
 
 __all__ = ["CLOCSModule", "CLOCS_LEADS"]
 
@@ -62,6 +62,17 @@ class CLOCSModule(PretrainModule):
     def one_view_reason(cls, hparams: Any) -> str | None:
         """``mode=cmlc`` contrasts the leads of one crop (cmsc / cmsmlc read the second segment)."""
         return "CLOCS mode=cmlc contrasts the leads of one crop" if hparams.get("mode") == "cmlc" else None
+
+    @classmethod
+    def views_needed(cls, hparams: Any) -> tuple[str, str] | None:
+        """``mode=cmsc`` / ``cmsmlc`` contrast temporally adjacent, non-overlapping segments: ``data.views=adjacent``
+        (``segments`` places the second crop independently: overlapping, or the same crop in validation)."""
+        if hparams.get("mode", "cmsc") in ("cmsc", "cmsmlc"):
+            return "adjacent", (f"CLOCS mode={hparams.get('mode', 'cmsc')} contrasts temporally adjacent, "
+                                "non-overlapping segments of a record (the second view must be the next crop; "
+                                "'segments' places it independently, so it overlaps the first or, in validation, "
+                                "is the same crop)")
+        return None
 
     def __init__(self, backbone: nn.Module, mode: str = "cmsc", proj_dim: int = 128, proj_hidden: int = 512,
                  proj_layers: int = 1, temperature: float = 0.1, patient_aware: bool = True,
@@ -120,6 +131,11 @@ class CLOCSModule(PretrainModule):
                                  "PretrainDataModule(views='adjacent')")
             if batch["x2"].shape != x.shape:
                 raise ValueError(f"batch['x2'] {tuple(batch['x2'].shape)} must match batch['x'] {tuple(x.shape)}")
+            if b > 1 and torch.equal(batch["x2"], x):
+                # every positive pair would be one crop twice (views='segments' in validation, or one-view data)
+                raise ValueError(f"CLOCS mode {self.mode!r}: batch['x2'] is batch['x'] for every record, so each "
+                                 "positive pair is one crop twice; the second view must be the adjacent segment "
+                                 "(PretrainDataModule(views='adjacent'))")
             segments.append(batch["x2"])
         segments = [s * lead_mask.to(s.dtype)[:, :, None] for s in segments]
         if self.mode == "cmsc":
@@ -164,8 +180,10 @@ class CLOCSModule(PretrainModule):
         """
         xv, mask = self.views(batch)
         v, b = mask.shape
-        h = self.embed_batch(xv.flatten(0, 1), self.view_lead_masks(batch).flatten(0, 1))
-        z = self.projector(h).reshape(v, b, -1)                                        # (V, B, D)
+        valid = mask.flatten(0, 1)
+        # the views the loss leaves out pass neither the encoder nor the projector (their BatchNorm statistics)
+        h = rows_only(self.embed_batch, (xv.flatten(0, 1), self.view_lead_masks(batch).flatten(0, 1)), valid)
+        z = rows_only(self.projector, (h,), valid).reshape(v, b, -1)                  # (V, B, D)
         patient = batch.get("patient")
         loss = clocs_loss(z, patient, temperature=self.temperature, patient_aware=self.patient_aware,
                           view_mask=mask, record=batch.get("index"))

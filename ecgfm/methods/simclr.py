@@ -32,7 +32,7 @@ from ecgfm.augment import make_generator, simclr_augment
 from ecgfm.heads import ProjectionHead
 from ecgfm.losses.contrastive import ddp_mean, gather_counts, nt_xent, world_info
 from ecgfm.losses.regression import masked_target_mse
-from ecgfm.methods.base import PretrainModule
+from ecgfm.methods.base import PretrainModule, rows_only
 
 __all__ = ["SimCLRModule", "AUG_STATE_KEY", "AUX_TARGETS", "signal_views"]
 
@@ -272,7 +272,9 @@ class SimCLRModule(PretrainModule):
 
         A pair one of whose crops holds no signal (:func:`signal_views`: the all-zero ``x2`` of an adjacent pair of
         a record no longer than a crop, or an all-zero crop) is left out of NT-Xent, of ``pos_sim`` / ``acc`` and,
-        for its all-zero view, of the pretext regression; its views still pass the encoder. A batch with no pair left
+        for its all-zero view, of the pretext regression; such a pair skips the projector and the encoder (a view with
+        signal still passes the encoder when the pretext regression reads it), so it enters no BatchNorm's
+        statistics (:func:`~ecgfm.methods.base.rows_only`). A batch with no pair left
         (on any DDP rank) gives NT-Xent 0, attached to the graph (CLOCS's loss without a valid view).
 
         Returns:
@@ -295,8 +297,13 @@ class SimCLRModule(PretrainModule):
         keep = ok1 & ok2
         if lead_mask is not None:
             lead_mask = view_lead_masks(torch.cat([v1, v2]), torch.cat([lead_mask, lead_mask]))
-        h = self.embed_batch(torch.cat([v1, v2]), lead_mask)               # both views in one pass: (2B, D)
-        z = self.projector(h)                                              # (2B, proj)
+        # both views in one pass: (2B, D), (2B, proj); the pairs left out of NT-Xent skip the projector and the
+        # encoder (the encoder still sees a view with signal when the pretext regression uses it), so that they
+        # enter no BatchNorm's statistics (their rows are zeros)
+        pairs_kept = torch.cat([keep, keep])
+        h = rows_only(self.embed_batch, (torch.cat([v1, v2]), lead_mask),
+                      pairs_kept if self.aux_head is None else torch.cat([ok1, ok2]))
+        z = rows_only(self.projector, (h,), pairs_kept)
         z1, z2 = z[:n], z[n:]
         record = batch.get("index")
         if not bool(keep.all()):

@@ -87,6 +87,8 @@ def test_every_group_option_composes_and_validates(group, tmp_path):
             overrides.append(f"data.params.root={tmp_path}")
         if group == "data" and option == "cached":
             overrides.append(f"data.cache_dirs=[{tmp_path}]")
+        if group == "method" and option == "clocs":
+            overrides.append("data.views=adjacent")   # cmsc contrasts adjacent segments (refused otherwise)
         if group == "backbone" and option.startswith(("resnet", "xresnet")):
             overrides.append("method=simclr")  # MAE needs a ViT; the combination is checked by MAEModule itself
         cfg = validate_train_config(_compose(overrides))

@@ -300,8 +300,12 @@ def test_clocs_views_reach_a_lead_aware_encoder_with_their_leads(mode):
     batch = synthetic_batch(b=4)
     loss, _ = m.shared_step(batch)
     assert torch.isfinite(loss)
-    masks = spy.masks[-1].reshape(-1, 4, 12)
     _, valid = m.views(batch)
+    rows = spy.masks[-1]                      # the views the loss reads (rows_only: the others skip the encoder)
+    assert rows.shape[0] == int(valid.sum())
+    masks = torch.zeros(valid.numel(), 12, dtype=torch.bool)
+    masks[valid.flatten()] = rows
+    masks = masks.reshape(-1, 4, 12)
     lead_mask = batch["lead_mask"]
     for v in range(masks.shape[0]):
         for b in range(4):
