@@ -880,7 +880,9 @@ def save_encoder(out_dir: str | os.PathLike, backbone: nn.Module,
         preprocess: the preprocessing the encoder expects (applied by :meth:`ecgfm.api.Encoder.embed`).
         fs: input sampling rate in Hz (default ``preprocess.fs``); required with a spec or a window (only an
             encoder saved with ``preprocess=None`` and no window, which embeds whole records as given, has none).
-        window_samples: the window the encoder was trained on (its crop), in samples at ``fs``.
+        window_samples: the window the encoder was trained on (its crop), in samples at ``fs``; for a backbone with
+            a fixed input (ViT-1D, ST-MEM: ``patch_size`` / ``seq_len`` in its ``init_args``) a positive multiple of
+            ``patch_size``, at most ``seq_len`` (None leaves the window to the encoder's user, e.g. a task's crop).
         leads: lead order of the input rows (default: the 12 canonical leads); as many as the backbone's input
             channels (``num_leads`` / ``in_channels``), or all 12 in canonical order for a backbone that reads
             ``input_leads`` from a canonical 12-lead input.
@@ -894,7 +896,7 @@ def save_encoder(out_dir: str | os.PathLike, backbone: nn.Module,
     Raises:
         ValueError: unregistered backbone, no rate (``fs`` and ``preprocess.fs`` both None) with a spec or a
             window; :class:`ArtifactError` for input fields the loader refuses (``leads`` that do not fit the
-            backbone's input channels, a window of 0...).
+            backbone's input channels, a window of 0 or one the backbone cannot take...).
     """
     spec = _spec(preprocess)
     fs = fs if fs is not None else (None if spec is None else spec.fs)
@@ -962,7 +964,9 @@ def save_classifier(out_dir: str | os.PathLike, backbone: nn.Module, head: nn.Mo
         class_names: the ``C`` output names (distinct: they are the columns of ``predict_proba``).
         multilabel: sigmoid outputs (else softmax).
         fs: input rate in Hz (default ``preprocess.fs``).
-        window_samples: the window each forward pass sees (records are scored over sliding windows).
+        window_samples: the window each forward pass sees (records are scored over sliding windows); required for a
+            backbone with a fixed input (ViT-1D, ST-MEM: a positive multiple of its ``patch_size``, at most its
+            ``seq_len``); None (a backbone taking any length): each record whole.
         stride_samples: hop between windows (default: ``window_samples``).
         window_aggregate: ``"prob"`` (mean window probability) or ``"logit"`` (activation of the mean logit).
         thresholds: ``(C,)`` decision thresholds chosen on validation (multi-label), if any.
@@ -981,7 +985,7 @@ def save_classifier(out_dir: str | os.PathLike, backbone: nn.Module, head: nn.Mo
     Raises:
         ValueError: unregistered backbone, unknown head, class-count mismatch, bad ``window_aggregate``;
             :class:`ArtifactError` for fields the loader refuses (class names repeated, ``leads`` that do not fit
-            the backbone's input channels...).
+            the backbone's input channels, a window the backbone cannot take or none for a fixed-input one...).
     """
     if window_aggregate not in WINDOW_AGGREGATES:
         raise ValueError(f"window_aggregate must be one of {WINDOW_AGGREGATES}, got {window_aggregate!r}")
@@ -1016,11 +1020,18 @@ def save_classifier(out_dir: str | os.PathLike, backbone: nn.Module, head: nn.Mo
     return write_artifact(out_dir, "classifier", model.state_dict(), meta)
 
 
-def _check_input_meta(meta: Mapping[str, Any], where: Path) -> None:
+def _check_input_meta(meta: Mapping[str, Any], where: Path, *, window_required: bool = False) -> None:
     """The input fields of an encoder's or classifier's description, as the writers produce them: a hand-edited
     JSON was read silently otherwise (lead I listed 12 times fed lead I 12 times; a window of 0 meant "the whole
     record"; ``lead_aware: "false"`` read as true; an ``input.fs`` other than the preprocessing's rate failed each
-    call with a message about a missing rate).
+    call with a message about a missing rate; a window a fixed-input backbone cannot take failed every call inside
+    the network, see :func:`_check_window_fits_backbone`).
+
+    Args:
+        meta: the description.
+        where: the folder (when saving) or file (when loading) named in errors.
+        window_required: a fixed-input backbone needs ``input.window_samples`` (classifiers: records are scored
+            through it; an encoder without one leaves the window to its user, e.g. the fine-tuning task's crop).
 
     Raises:
         ArtifactError: naming the field and the value.
@@ -1038,12 +1049,65 @@ def _check_input_meta(meta: Mapping[str, Any], where: Path) -> None:
         v = inp.get(key)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
             raise ArtifactError(where, f"input.{key} must be a positive integer or null, got {v!r}")
+    _check_window_fits_backbone(inp.get("window_samples"), meta.get("architecture") or {}, where,
+                                window_required=window_required)
     if "lead_aware" in meta and meta["lead_aware"] is not None and not isinstance(meta["lead_aware"], bool):
         raise ArtifactError(where, f"lead_aware must be true, false or null, got {meta['lead_aware']!r}")
     fs, pre_fs = inp.get("fs"), (meta.get("preprocess") or {}).get("fs")
     if fs is not None and pre_fs is not None and abs(float(fs) - float(pre_fs)) > 1e-6:
         raise ArtifactError(where, f"input.fs ({fs} Hz) and preprocess.fs ({pre_fs} Hz) disagree: the model reads "
                                    f"records at the preprocessing's rate")
+
+
+def _input_length_limits(arch: Mapping[str, Any]) -> tuple[int, int] | None:
+    """``(patch_size, seq_len)`` of a described backbone that takes only inputs whose length is a positive multiple
+    of ``patch_size`` and at most ``seq_len`` (ViT-1D, ST-MEM: from its complete ``init_args``, see
+    :mod:`ecgfm.backbones.registry`); None for a backbone without such a limit (the CNNs, HuBERT-ECG)."""
+    args = arch.get("init_args") if isinstance(arch, Mapping) else None
+    if not isinstance(args, Mapping):
+        return None
+    patch, seq_len = args.get("patch_size"), args.get("seq_len")
+    if all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (patch, seq_len)):
+        return int(patch), int(seq_len)
+    return None
+
+
+def _check_window_fits_backbone(window: Any, arch: Mapping[str, Any], where: Path, *,
+                                window_required: bool = False) -> None:
+    """``input.window_samples`` against the input lengths the described backbone takes: a ViT-1D / ST-MEM
+    classifier saved with a window longer than ``seq_len`` or not a multiple of ``patch_size`` (or with none, so
+    that whole records reached it) was written and loaded, and every ``predict_proba`` then failed inside the
+    network with a message naming neither the artifact nor the record.
+
+    Args:
+        window: ``input.window_samples`` (a positive int or None, already checked).
+        arch: the description's ``architecture`` (``name``, ``init_args``).
+        where: the folder or file named in the error.
+        window_required: refuse no window for such a backbone (classifiers).
+
+    Raises:
+        ArtifactError: naming the window, the backbone, its ``patch_size`` and ``seq_len``. A backbone without
+            ``patch_size`` / ``seq_len`` in its ``init_args`` takes any window (or none) and is not checked.
+    """
+    limits = _input_length_limits(arch)
+    if limits is None:
+        return
+    patch, seq_len = limits
+    name = arch.get("name")
+    takes = (f"backbone {name!r} takes only inputs whose length is a positive multiple of patch_size={patch} "
+             f"samples and at most seq_len={seq_len} samples")
+    if window is None:
+        if window_required:
+            raise ArtifactError(where, f"no input.window_samples, but {takes}: whole records would reach the network "
+                                       f"and every prediction would fail there; give the window the model was "
+                                       f"trained with (window_samples=, e.g. {seq_len})")
+        return
+    if isinstance(window, int) and not isinstance(window, bool) and (window % patch or window > seq_len):
+        why = (f"longer than seq_len={seq_len}" if window > seq_len else
+               f"not a multiple of patch_size={patch}")
+        raise ArtifactError(where, f"input.window_samples={window} does not fit: {takes} ({window} is {why}), so "
+                                   f"every prediction would fail in the network; give the window the model was "
+                                   f"trained with (e.g. {seq_len})")
 
 
 def _check_leads_fit_backbone(leads: list[str], arch: Mapping[str, Any], where: Path) -> None:
@@ -1095,7 +1159,7 @@ def _check_classifier_meta(meta: Mapping[str, Any], where: Path) -> None:
     if not isinstance(meta.get("multilabel"), bool):   # a missing entry was read as softmax
         raise ArtifactError(where, f"multilabel must be true or false (sigmoid or softmax outputs), got "
                                    f"{meta.get('multilabel')!r}" + ("" if "multilabel" in meta else " (missing)"))
-    _check_input_meta(meta, where)
+    _check_input_meta(meta, where, window_required=True)
     classes = meta.get("classes")
     # the names are predict_proba's columns: none (an empty DataFrame schema, failing in pandas) or one twice
     # (duplicate columns) was read silently

@@ -227,7 +227,9 @@ def convert(state: StateDict, options: Mapping[str, Any]) -> ImportedWeights:
 def preprocess(options: Mapping[str, Any]) -> PreprocessSpec:
     """ST-MEM's downstream pipeline (configs/downstream/st_mem.yaml, util/transforms.py): 250 Hz (Fourier
     resampling), 5th-order Butterworth high-pass 0.67 Hz then low-pass 40 Hz (``sosfiltfilt``), one standardisation
-    over leads and time together, no clipping."""
+    over leads and time together, no clipping. ecgfm's record-scope standardisation pools the record's present leads
+    only; ST-MEM's ``Standardize(axis=(-1, -2))`` takes the whole (12, T) array, zero rows of absent leads included
+    (identical for complete 12-lead records; see the ``notes`` of :data:`SPEC`)."""
     return PreprocessSpec(fs=250.0, highpass=0.67, lowpass=40.0, notch=None, filter_order=5, normalize="zscore",
                           clip=None, resample_method="fourier", bandpass_mode="cascade", filter_design="sos",
                           normalize_scope="record")
@@ -254,7 +256,10 @@ SPEC = ZooKind(
                     "Spatio-Temporal Relationship of Electrocardiogram. ICLR 2024.",
         "notes": "ST-MEM filters and standardises each 9 s crop; ecgfm filters and standardises the whole record "
                  "and then cuts windows, which differs only near crop edges (identical on a record one window "
-                 "long). ST-MEM's evaluation averages 3 crops; the probe averages sliding windows.",
+                 "long). ST-MEM's evaluation averages 3 crops; the probe averages sliding windows. ST-MEM's "
+                 "standardisation (Standardize(axis=(-1, -2))) takes the whole (12, T) array, zero rows of absent "
+                 "leads included; ecgfm's record-scope z-score uses the present leads only (identical for complete "
+                 "12-lead records).",
     },
     options={"num_heads": "attention heads (not stored in the weights; without it the ViT-S / ViT-B shapes are "
                           "assumed to have the published 6 / 12 heads, with a warning)",
