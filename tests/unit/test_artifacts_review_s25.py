@@ -72,28 +72,22 @@ def test_an_encoder_without_a_window_still_saves(tmp_path):
     assert load_encoder(out)[2]["input"]["window_samples"] is None
 
 
-@pytest.mark.parametrize("window, why", [(300, "longer than seq_len=250"), (240, "not a multiple of patch_size=25"),
-                                         (None, "no input.window_samples")])
-def test_a_hand_edited_classifier_window_is_refused_at_load(tmp_path, window, why):
-    out = _save_clf(tmp_path / "clf", window_samples=250)
-    _edit_window(out / "classifier.json", window)
-    for load in (load_classifier, Classifier.load):
+@pytest.mark.parametrize("kind, window, why", [
+    ("classifier", 300, "longer than seq_len=250"), ("classifier", 240, "not a multiple of patch_size=25"),
+    ("classifier", None, "no input.window_samples"),
+    ("encoder", 300, "longer than seq_len=250"), ("encoder", 240, "not a multiple of patch_size=25")])
+def test_a_hand_edited_window_is_refused_at_load(tmp_path, kind, window, why):
+    if kind == "classifier":
+        out, loaders = _save_clf(tmp_path / "clf", window_samples=250), (load_classifier, Classifier.load)
+    else:
+        out = save_encoder(tmp_path / "enc", create_backbone("vit1d_test"), SPEC, window_samples=250)
+        loaders = (load_encoder, Encoder.load)
+    _edit_window(out / f"{kind}.json", window)
+    for load in loaders:
         with pytest.raises(ArtifactError) as err:
             load(out)
         msg = str(err.value)
-        assert re.search(r"classifier\.json: ", msg) and "patch_size=25" in msg and "seq_len=250" in msg, msg
-        assert why in msg, msg
-
-
-@pytest.mark.parametrize("window, why", [(300, "longer than seq_len=250"), (240, "not a multiple of patch_size=25")])
-def test_a_hand_edited_encoder_window_is_refused_at_load(tmp_path, window, why):
-    out = save_encoder(tmp_path / "enc", create_backbone("vit1d_test"), SPEC, window_samples=250)
-    _edit_window(out / "encoder.json", window)
-    for load in (load_encoder, Encoder.load):
-        with pytest.raises(ArtifactError) as err:
-            load(out)
-        msg = str(err.value)
-        assert re.search(r"encoder\.json: ", msg) and "patch_size=25" in msg and "seq_len=250" in msg, msg
+        assert re.search(rf"{kind}\.json: ", msg) and "patch_size=25" in msg and "seq_len=250" in msg, msg
         assert why in msg, msg
 
 
