@@ -536,8 +536,10 @@ def extract_features(backbone: nn.Module, cache: Any, window: int, stride: int, 
             done += len(xb)
             if len(feats) % 20 == 0:
                 dt = time.perf_counter() - t0
-                log.info("features: %d windows of %d/%d records in %.0f s (%.0f windows/s)", done,
-                         int(owners[-1][-1]) + 1, len(cache), dt, done / max(dt, 1e-9))
+                # records in the order of ``rows`` (not the cache row of the last one: wrong with ``rows=``)
+                n_done = int(np.flatnonzero(np.asarray(rows) == owners[-1][-1])[0]) + 1
+                log.info("features: %d windows of %d/%d records in %.0f s (%.0f windows/s)", done, n_done,
+                         len(rows), dt, done / max(dt, 1e-9))
     finally:
         model.train(was_training)
     seconds = time.perf_counter() - t0

@@ -298,3 +298,13 @@ def test_rows_listed_twice_are_refused():
     for fn in (F.extract_features, F.extract_tokens):
         with pytest.raises(ValueError, match=r"record\(s\) \[0\] more than once"):
             fn(vit, _MemCache(0), 250, 250, rows=np.array([0, 1, 0]))
+
+
+def test_progress_line_counts_the_records_asked_for(cache, caplog):
+    """With ``rows=`` the progress line counts the records of ``rows`` done (review s25: it printed the last record's
+    cache row + 1 over the cache's size, e.g. "5/5 records" after two of the records [4, 1, 2])."""
+    with caplog.at_level(logging.INFO, logger=F.log.name):
+        extract_features(_Enc(), cache, window=10, stride=10, batch_size=1, rows=np.array([4, 1, 2]))
+    lines = [r.getMessage() for r in caplog.records if "windows of" in r.getMessage()]
+    assert lines and all(l.split(" records")[0].split()[-1].split("/")[1] == "3" for l in lines)
+    assert lines[0].split(" records")[0].split()[-1] == "1/3"      # 20 windows of 40: record 4, the first of rows
