@@ -423,9 +423,37 @@ class PretrainModule(L.LightningModule):
             sched.base_lrs[i] = lr
             g["lr"] = lr * sched.lr_lambdas[i](sched.last_epoch)
 
+    def _check_schedule_length(self) -> None:
+        """The run's optimiser steps as the trainer counts them (``estimated_stepping_batches``: ``max_steps``, or
+        ``max_epochs`` x batches per epoch / ``accumulate_grad_batches``) against the schedule's
+        ``hparams.max_steps``: train.py refuses a ``trainer.max_steps`` beyond it before the fit, but an epoch-limited
+        run (``trainer.max_steps=-1``) is only known here; its steps after the schedule's end trained at learning
+        rate 0 (weight decay stopped too) while the run reported "training finished".
+
+        Raises:
+            ConfigError: naming ``method.max_steps``, the run's step count and how to fit them.
+        """
+        trainer = getattr(self, "_trainer", None)
+        try:
+            total = float(trainer.estimated_stepping_batches) if trainer is not None else float("nan")
+        except Exception:  # noqa: BLE001 - no estimate (no loader length yet): nothing to compare
+            return
+        sched = int(self.hparams.get("max_steps") or 0)
+        if sched > 0 and np.isfinite(total) and total > sched:
+            from ecgfm.errors import ConfigError
+
+            raise ConfigError("method.max_steps", f"the run trains {int(total)} optimiser steps "
+                                                  f"(trainer.max_steps={trainer.max_steps}, max_epochs="
+                                                  f"{trainer.max_epochs}, accumulate_grad_batches="
+                                                  f"{trainer.accumulate_grad_batches}), past the learning-rate "
+                                                  f"schedule's method.max_steps={sched}: its last {int(total) - sched} "
+                                                  f"steps would train at learning rate 0; set method.max_steps="
+                                                  f"{int(total)} or limit the run with trainer.max_steps")
+
     def configure_optimizers(self) -> dict[str, Any]:
         """AdamW over :func:`ecgfm.optim.param_groups` with the per-step warm-up cosine schedule of
         :mod:`ecgfm.optim`."""
+        self._check_schedule_length()
         groups = param_groups(self, self.hparams.weight_decay)
         return lightning_optimizers(groups, self.hparams.lr, int(self.hparams.warmup_steps),
                                     int(self.hparams.max_steps), betas=tuple(self.hparams.betas),

@@ -291,8 +291,14 @@ class DataFacts(L.Callback):
 #: config sections a run resumed from its own folder must share with the run that wrote the checkpoint (what it
 #: learns and from what); the schedule length (``method.max_steps``, to extend a run), the trainer, checkpointing,
 #: logging, threads and paths may change.
-RESUME_FIXED = ("method", "backbone", "preprocess", "seed", "crop_seconds", "data.batch_size")
+RESUME_FIXED = ("method", "backbone", "preprocess", "seed", "crop_seconds", "data.batch_size",
+                "trainer.accumulate_grad_batches", "trainer.gradient_clip_val", "trainer.gradient_clip_algorithm")
 RESUME_FREE = ("method.max_steps",)
+#: what an absent (null) trainer setting means to Lightning: compared as that value (``gradient_clip_val`` null or
+#: 0 = no clipping), so a config.yaml without the key is not a change. ``trainer.precision`` is not compared: it
+#: follows the hardware (a run started on a GPU in bf16 may continue on a CPU in fp32), not the recipe.
+_TRAINER_DEFAULTS = {"trainer.accumulate_grad_batches": 1, "trainer.gradient_clip_val": 0.0,
+                     "trainer.gradient_clip_algorithm": "norm"}
 
 
 def check_resume_config(out_dir: str | os.PathLike, cfg: Any) -> None:
@@ -345,6 +351,14 @@ def check_resume_config(out_dir: str | os.PathLike, cfg: Any) -> None:
             if k in added and (k not in a or k not in b):   # a field newer than one side's record: its default
                 a.setdefault(k, added[k])
                 b.setdefault(k, added[k])
+            if k in _TRAINER_DEFAULTS:   # null is Lightning's default; 1 and 1.0 are one setting
+                a[k] = _TRAINER_DEFAULTS[k] if a.get(k) is None else a[k]
+                b[k] = _TRAINER_DEFAULTS[k] if b.get(k) is None else b[k]
+                same = (float(a[k]) == float(b[k])) if all(isinstance(v, (int, float)) for v in (a[k], b[k])) \
+                    else a[k] == b[k]
+                if not same:
+                    diffs.append(f"{k}: {a[k]!r} -> {b[k]!r}")
+                continue
             if k not in RESUME_FREE and a.get(k) != b.get(k):
                 diffs.append(f"{k}: {a.get(k)!r} -> {b.get(k)!r}")
     if diffs:
