@@ -42,7 +42,7 @@ import logging
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -1249,6 +1249,35 @@ def acceptance_markdown(rows: list[dict[str, str]]) -> str:
     return "\n".join(lines)
 
 
+#: share of bootstrap resamples over fewer classes above which a cell's CI is not that of its macro average
+DEGENERATE_SHARE = 0.1
+
+
+def classes_left_out(result: Mapping[str, Any]) -> tuple[list[str], int]:
+    """The classes a split's macro averages leave out, and the task's class count.
+
+    ``excluded_classes`` (no positive or no negative record in the split) and, on an external set whose labels were
+    translated from SNOMED CT, ``not_evaluable_classes`` (no code of the set reaches the class: its label is
+    unknown, so :func:`ecgfm.evaluate.sweep.score_external` scores the other classes only; before 2026-12-07 no
+    table or log line said so).
+
+    Returns:
+        ``(names left out, number of task classes)``.
+    """
+    excluded = list(result.get("excluded_classes") or [])
+    gone = [c for c in (result.get("not_evaluable_classes") or []) if c not in excluded]
+    scored = result.get("per_class_auroc") or {}
+    n_classes = len(scored) + len([c for c in gone if c not in scored])
+    return excluded + gone, n_classes
+
+
+def degenerate_ci(result: Mapping[str, Any]) -> bool:
+    """True when over :data:`DEGENERATE_SHARE` of the split's bootstrap resamples averaged over fewer classes
+    (``n_degenerate`` of ``n_boot``): its CI is then not that of the macro average over all classes."""
+    n_boot, deg = result.get("n_boot"), int(result.get("n_degenerate") or 0)
+    return isinstance(n_boot, int) and n_boot > 0 and deg > DEGENERATE_SHARE * n_boot
+
+
 def excluded_classes_markdown(cells: Iterable[dict[str, Any]]) -> str:
     """A section naming every cell whose macro AUROC leaves a class out (no positive or no negative record in the
     split: ``excluded_classes``) or whose CI has resamples still degenerate after the redraws (``n_degenerate``:
@@ -1259,14 +1288,16 @@ def excluded_classes_markdown(cells: Iterable[dict[str, Any]]) -> str:
         for split, r in sorted((c.get("results") or {}).items()):
             if split == "val":   # what the tables show: test and external splits
                 continue
-            left = list(r.get("excluded_classes") or [])
+            left, _ = classes_left_out(r)
+            gone = set(r.get("not_evaluable_classes") or [])
+            left = [f"{c} (not evaluable: no code of the set maps to it)" if c in gone else c for c in left]
             deg = int(r.get("n_degenerate") or 0)
             if left or deg:
                 n_boot = r.get("n_boot")
                 # many resamples over fewer classes (a class with 1-2 positives): the interval is that of another
                 # average (without the rare classes, whose AUROCs are the extreme ones), not of the point's
                 flag = " **(over 10 %: the CI is not that of the macro average over all classes)**" \
-                    if isinstance(n_boot, int) and n_boot > 0 and deg > 0.1 * n_boot else ""
+                    if degenerate_ci(r) else ""
                 rows.append(f"| {c.get('label', c.get('method'))} | {MODE_NAMES.get(c.get('mode'), c.get('mode'))} | "
                             f"{c.get('task')} | {split} | {_fmt_frac(c.get('fraction', 1))} | {c.get('seed')} | "
                             f"{', '.join(map(str, left)) or '-'} | {deg} of {n_boot if n_boot is not None else '?'}{flag} |")
@@ -1275,7 +1306,8 @@ def excluded_classes_markdown(cells: Iterable[dict[str, Any]]) -> str:
     log.warning("%d cell split(s) average macro AUROC over fewer classes than the task has, or redrew degenerate "
                 "resamples: listed in the report", len(rows))
     return "\n".join(["", "## macro_auroc: classes left out of a cell's macro average", "",
-                      "A class without both a positive and a negative record in a split has no AUROC: that cell's "
+                      "A class without both a positive and a negative record in a split has no AUROC, nor has a "
+                      "class of an external set that no code of the set maps to: that cell's "
                       "macro AUROC is over the other classes. Bootstrap resamples in which a class had no positive or "
                       "no negative record were redrawn (up to 50 rounds); the last column counts those still degenerate "
                       "after that (`n_degenerate`), whose macro AUROC averages over the remaining classes.", "",

@@ -68,7 +68,7 @@ from ecgfm.evaluate.features import (cached_features, cached_tokens, check_windo
 from ecgfm.evaluate.identity import checkpoint_identity, diff_keys, recipe_identity, short_hash, stale_reason
 from ecgfm.evaluate.leakage import cache_identities, check_leakage, pretrain_identities
 from ecgfm.evaluate.metrics import choose_thresholds, evaluate_scores, no_threshold_mask
-from ecgfm.evaluate.report import build_report
+from ecgfm.evaluate.report import build_report, classes_left_out, degenerate_ci
 from ecgfm.evaluate.tasks import TaskData, TaskSpec, build_external, build_task
 from ecgfm.errors import EXIT_USER_ERROR, run_command  # noqa: F401  (EXIT_USER_ERROR re-exported)
 from ecgfm.io import atomic_write_json, file_key, jsonable
@@ -1320,13 +1320,23 @@ def _spec_override(cfg: DictConfig) -> PreprocessSpec | None:
 
 
 def _log_cell(cell: dict[str, Any]) -> None:
+    """One console line per split of a cell: its macro AUROC with CI, and (at WARNING) what the number leaves out:
+    classes without positives / negatives in the split or without a code on an external set, and a CI over
+    fewer classes in most resamples (before 2026-12-07 only results.md said so, and not with ``report=never``)."""
     for split, m in cell["results"].items():
         a = m["macro_auroc"]
         ci = f"[95% CI {a['ci_low']:.3f}, {a['ci_high']:.3f}]" if np.isfinite(a["ci_low"]) and \
             np.isfinite(a["ci_high"]) else "(no CI: bootstrap.n=0 or too few records)"
-        log.info("%s | %s | %s | %s | fraction %g (%s training records) | seed %d | %s (n=%d): macro AUROC %.3f %s",
-                 cell["mode"], cell["task"], cell["dataset"], cell["method"], cell["fraction"],
-                 cell.get("n_train", "?"), cell["seed"], split, m["n"], a["value"], ci)
+        left, n_classes = classes_left_out(m)
+        caveats = ([f"over {n_classes - len(left)} of {n_classes} classes (left out: {', '.join(map(str, left))})"]
+                   if left else []) + \
+            ([f"CI: {int(m['n_degenerate'])} of {m['n_boot']} resamples over fewer classes, not the interval of "
+              f"the macro average over all classes"] if degenerate_ci(m) else [])
+        log.log(logging.WARNING if caveats else logging.INFO,
+                "%s | %s | %s | %s | fraction %g (%s training records) | seed %d | %s (n=%d): macro AUROC %.3f %s%s",
+                cell["mode"], cell["task"], cell["dataset"], cell["method"], cell["fraction"],
+                cell.get("n_train", "?"), cell["seed"], split, m["n"], a["value"], ci,
+                "".join(f"; {c}" for c in caveats))
 
 
 # ------------------------------------------------------------------------------------------------ fine-tune

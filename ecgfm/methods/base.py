@@ -396,6 +396,16 @@ class PretrainModule(L.LightningModule):
         # Every rank computed the same value from the same gathered data: no sync needed.
         self.log("val/probe_auroc", auroc, on_epoch=True, sync_dist=False, rank_zero_only=False)
         self.log("val/probe_n", float(len(emb)), on_epoch=True, sync_dist=False)
+        # the classes the macro AUROC is over (those with both outcomes in each half of the validation records):
+        # a diagnostic of the run, not a benchmark number, but not one passed off as over every class
+        self.log("val/probe_n_classes", float(n_classes), on_epoch=True, sync_dist=False)
+        total = int(self.hparams.probe_num_classes)
+        if n_classes < total and not getattr(self, "_probe_classes_warned", False):
+            self._probe_classes_warned = True
+            log.warning("online probe: val/probe_auroc averages over %d of the %d probe classes (the others lack a "
+                        "positive or a negative in a half of the %d validation embeddings; val/probe_n_classes "
+                        "follows it), a diagnostic on few records without a CI, not a benchmark number",
+                        n_classes, total, len(emb))
 
     # --------------------------------------------------------------- optimiser
     def on_train_start(self) -> None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -75,6 +76,33 @@ def _built(key: str, node: Any, **kwargs: Any) -> Any:
         if isinstance(cause, (ValueError, TypeError)):
             raise ConfigError(key, str(cause)) from None
         raise
+
+
+def _rebased_summary(summary: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+    """A finished run's stored summary with its paths under ``out_dir``, where the run now is.
+
+    The summary names its folder, encoder, logs and checkpoint by absolute path; a run folder moved or copied since
+    then and rerun (nothing to train) printed the old folder's paths: missing after a move, another run's after a
+    copy. Paths under the stored ``out_dir`` are rewritten to the same place under ``out_dir``, with a warning.
+    """
+    old = summary.get("out_dir")
+    new = str(out_dir)
+    if not isinstance(old, str) or os.path.abspath(old) == os.path.abspath(new):
+        return summary
+    log.warning("the run folder was %s when it finished and is %s now: its paths are given under the new folder "
+                "(summary.json keeps the old ones)", old, new)
+    prefix = old.rstrip(os.sep) + os.sep
+
+    def rebase(v: Any) -> Any:
+        if isinstance(v, str) and (v == old or v.startswith(prefix)):
+            return new + v[len(old.rstrip(os.sep)):]
+        if isinstance(v, list):
+            return [rebase(x) for x in v]
+        if isinstance(v, dict):
+            return {k: rebase(x) for k, x in v.items()}
+        return v
+
+    return {k: rebase(v) for k, v in summary.items()}
 
 
 def _check_schedule(cfg: DictConfig) -> None:
@@ -356,7 +384,8 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         log.warning("the run in %s is already complete at step %d (%s): nothing trained; its summary.json and "
                     "encoder are kept (raise %s to train on)", out_dir, trainer.global_step, stop_reason,
                     limit.split(" ")[0])
-        return {**json.loads(done.read_text()), "nothing_trained": True, "nothing_trained_limit": limit}
+        return {**_rebased_summary(json.loads(done.read_text()), out_dir), "nothing_trained": True,
+                "nothing_trained_limit": limit}
     if trainer.global_step == 0 and int(cfg.trainer.get("max_steps", -1) or -1) != 0:
         n_train = sum(len(p) for p in getattr(datamodule, "train_pools", [])) or "too few"
         raise ConfigError("data.batch_size", f"the run trained 0 steps: the training loader gave no batch "
