@@ -57,10 +57,12 @@ def main(cfg: DictConfig) -> None:
     """Convert the configured sources into a cache; prints the report (counts per skip reason).
 
     The config is checked first (:func:`ecgfm.config.validate_prepare_config`): a wrong key or value
-    (``spec.fs=abc``) ends with one ``error: config key '...': ...`` line and exit status 2.
+    (``spec.fs=abc``) ends with one ``error: config key '...': ...`` line and exit status 2. So does a disk that
+    fills up while shards are written (``error: <cache>: could not write shard ...: rerun ... to resume``): the
+    finished shards are kept and no temporary file is left.
     """
     from ecgfm.config import ConfigError, validate_prepare_config
-    from ecgfm.data.cache import prepare_from_config
+    from ecgfm.data.cache import PrepareStopped, prepare_from_config
     from ecgfm.data.record import ECGDataError
     from ecgfm.errors import run_command
     from ecgfm.io import LockBusy
@@ -70,9 +72,11 @@ def main(cfg: DictConfig) -> None:
         # the preset (ecgfm.data.cache.build_sources); any other TypeError is a bug and keeps its traceback
         return prepare_from_config(validate_prepare_config(resolve_out(cfg)))
 
-    # a wrong key or value, unreadable data, a cache built from other inputs or spec (ValueError), a concurrent
-    # prepare of the same cache (RuntimeError / LockBusy): one line and exit status 2
-    run_command(prepare, cfg, (ConfigError, ECGDataError, LockBusy, ValueError, RuntimeError))
+    # a wrong key or value, unreadable data, a cache built from other inputs or spec, two sources of one name
+    # (ValueError), a concurrent prepare of the same cache (RuntimeError / LockBusy), a shard or index file that
+    # could not be written or memory / disk / file handles running out while a record is read (PrepareStopped:
+    # names the cache folder and the cause, finished shards kept, a rerun resumes): one line and exit status 2
+    run_command(prepare, cfg, (ConfigError, ECGDataError, LockBusy, PrepareStopped, ValueError, RuntimeError))
 
 
 if __name__ == "__main__":

@@ -49,7 +49,12 @@ Guarantees:
   :class:`~ecgfm.data.record.ECGDataError`) skips that record with a line in ``skipped.csv``; every good record is
   kept. The key of a record is ``source/record_id``; a key seen twice is skipped as a duplicate (never
   overwritten), and, unless ``allow_duplicate_ids=True``, so is a ``record_id`` already provided by another source
-  (the usual cause is the same dataset added twice under two names).
+  (the usual cause is the same dataset added twice under two names). Two different sources sharing a ``name``
+  (another reader type or another ``root``) are refused (ValueError naming both): their records would be merged
+  and their patient ids mixed. A failure of the machine rather than of the record (``MemoryError``; ``OSError``
+  ``ENOSPC`` / ``EDQUOT`` / ``EMFILE`` / ``ENFILE`` / ``ENOMEM``: :data:`RESOURCE_ERRNOS`) is not a skip: it stops
+  the run (:class:`PrepareStopped`, naming the record and the cause), and so does a cache file that cannot be
+  written (no temporary left); finished shards are kept and a rerun resumes.
 
 Not stored: ``evidence`` masks and ``annotations`` (sample positions would need rescaling to ``spec.fs``); read
 them from the source when needed. ``header`` and ``meta`` are stored as JSON (numpy values converted, non-finite
@@ -89,7 +94,8 @@ Integrity and freshness (format version 2):
   before the record ids are listed, so a file added or a table edited while a preparation runs is a change for
   the next one. A record file that exists but could not be read at conversion (permission denied, I/O error) is
   recorded as ``unreadable`` and counts as changed once it can be read; ``verify=true`` also reads again every
-  record skipped for an OS error.
+  record skipped for an OS error. A skipped record also lists its own header (and what that header reads) when
+  the file its reason names is another one, so a header fixed in place is seen.
 * **Readers of a cache updated in place** (:class:`CorpusCache`): a shard converted again replaces its file under
   the same name; a reader opened before refuses, naming the file, to map the new file with its old offsets
   (reopen the cache to read the update).
@@ -106,6 +112,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures as cf
+import contextlib
 import csv
 import errno
 import functools
@@ -125,7 +132,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -299,6 +306,70 @@ def _os_error_in(exc: BaseException) -> bool:
 
 _ERRNO_RE = re.compile(r"\[Errno (?:%s)\]|Permission denied|Input/output error"
                        % "|".join(str(n) for n in sorted(TRANSIENT_ERRNOS)))
+
+
+#: errno values of a failure of the machine rather than of a record (no space left or a disk quota reached, too many
+#: open files, out of memory): met while a record is read or converted, it stops the preparation
+#: (:class:`PrepareStopped`) instead of skipping that record for good, as nothing about the record is wrong.
+RESOURCE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EMFILE, errno.ENFILE, errno.ENOMEM})
+
+
+class PrepareStopped(RuntimeError):
+    """The preparation stopped for a reason of the machine, not of its inputs: memory, disk space or file handles
+    ran out while a record was read or converted, or a cache file could not be written. The message names the
+    cache folder (and the record), the cause and that a rerun of the same command resumes: finished shards are
+    kept, nothing is recorded as skipped."""
+
+
+def _physical_memory() -> int | None:
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+        return None
+
+
+def _resource_error_in(exc: BaseException) -> BaseException | None:
+    """The :class:`MemoryError` or :class:`OSError` with an errno of :data:`RESOURCE_ERRNOS` that ``exc`` is, or was
+    raised from or while handling (a reader may wrap it in an ``ECGDataError``); None when there is none.
+
+    A numpy allocation larger than this machine's physical memory (a damaged header announcing 10^12 samples) is
+    the record's problem, not the machine's: not counted (the record is skipped with numpy's message)."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        if isinstance(e, MemoryError):
+            size, total = getattr(e, "_total_size", None), _physical_memory()
+            if not (isinstance(size, int) and total and size > total):
+                return e
+        elif isinstance(e, OSError) and e.errno in RESOURCE_ERRNOS:
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _describe_os_error(exc: BaseException) -> str:
+    """``MemoryError (out of memory)`` / ``OSError: [Errno 28] No space left on device: 'file'``."""
+    if isinstance(exc, MemoryError):
+        text = str(exc)
+        return f"MemoryError ({text})" if text else "MemoryError (out of memory)"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def _write_failure(out: Path, what: str, exc: BaseException) -> PrepareStopped:
+    """The error of a cache file that could not be written (disk full, quota, a file too large, an I/O error)."""
+    return PrepareStopped(f"{out}: could not write {what}: {_describe_os_error(exc)}; free space (or fix the "
+                          f"folder) and rerun the same command to resume (finished shards are kept)")
+
+
+@contextlib.contextmanager
+def _writing(out: Path, what: str) -> Iterator[None]:
+    """Turn an ``OSError`` (disk full, quota, file too large, I/O error) or ``MemoryError`` while the cache's own
+    files are written into :func:`_write_failure` (one line, no traceback; atomic writes leave no temporary)."""
+    try:
+        yield
+    except (OSError, MemoryError) as exc:
+        raise _write_failure(out, what, exc) from None
 
 
 def _transient_skip(row: Mapping[str, Any]) -> bool:
@@ -480,9 +551,18 @@ class PrepareReport:
             lines.extend(f"  {c}" for c in self.changes[:10])
         if self.skipped_reasons:
             lines.append("skipped (see skipped.csv):")
-            for reason, count in sorted(self.skipped_reasons.items(), key=lambda kv: (-kv[1], kv[0]))[:15]:
+            ranked = sorted(self.skipped_reasons.items(), key=lambda kv: (-kv[1], kv[0]))
+            for reason, count in ranked[:_SUMMARY_REASONS]:
                 lines.append(f"  {count:6d}  {reason}")
+            rest = ranked[_SUMMARY_REASONS:]
+            if rest:   # never dropped silently: the count of what is not listed (all of it is in skipped.csv)
+                lines.append(f"  ... and {len(rest)} more reasons ({sum(c for _, c in rest)} records; see "
+                             f"skipped.csv)")
         return "\n".join(lines)
+
+
+#: reason categories listed one by one in :meth:`PrepareReport.summary` (the others are counted in one line)
+_SUMMARY_REASONS = 15
 
 
 def _cpu_times() -> tuple[float, float]:
@@ -495,9 +575,23 @@ def _cpu_times() -> tuple[float, float]:
     return me.ru_utime + me.ru_stime, kids.ru_utime + kids.ru_stime
 
 
+#: a quoted name in a skip reason ('leadAx', "rec1"): an opening quote not preceded by a letter (so that the
+#: apostrophe of "header's" is not one) up to the closing quote not followed by one
+_QUOTED_RE = re.compile(r"""(?<![\w'"])'[^'\n]*'(?![\w'])|(?<![\w'"])"[^"\n]*"(?![\w"])""")
+#: a path or file name in a skip reason: an absolute / ./ / ~/ path, or a name with a record or table suffix
+#: (``rec.hea``, ``records100/00001_lr.dat``); "I/O error" and "e.g." are not
+_FILE_SUFFIXES = "hea|dat|mat|atr|qrs|ecg|csv|tsv|json|xml|edf|bdf|npy|npz|txt|bin|h5|hdf5|zip|gz|xyz"
+_PATH_RE = re.compile(r"(?<![\w/.~-])(?:/|~/|\.\.?/)[^\s'\",;:()\[\]]+"
+                      r"|(?<![\w/.~-])(?:[\w.+~-]+/)*[\w+~-][\w.+~-]*\.(?:%s)\b" % _FILE_SUFFIXES, re.IGNORECASE)
+
+
 def _reason_category(reason: str) -> str:
-    """Collapse a skip reason into a summary category (numbers and file names removed)."""
-    text = re.sub(r"\d+(\.\d+)?", "#", reason)
+    """Collapse a skip reason into a summary category: quoted names become ``'*'``, paths and file names
+    ``<file>`` and numbers ``#``, so that the same problem in many records (an unknown lead ``'leadAx'``, a header
+    ``rec.hea`` of another length) counts as one category."""
+    text = _QUOTED_RE.sub("'*'", str(reason))
+    text = _PATH_RE.sub("<file>", text)
+    text = re.sub(r"\d+(\.\d+)?", "#", text)
     return text[:120]
 
 
@@ -632,13 +726,39 @@ def _siblings(path: str) -> list[str]:
     return [os.path.join(folder, n) for n in listing.get(name.rsplit(".", 1)[0], ())]
 
 
-def _record_inputs(src: RecordSource, rid: str, path: Any) -> list[list[Any]]:
+def _own_record_file(src: RecordSource, rid: str) -> str | None:
+    """The file record ``rid`` of ``src`` is read from, as the source's index of its folder says: the sources
+    reading a folder (:class:`~ecgfm.data.readers.folder.FolderSource`, the PhysioNet readers, PTB-XL) keep
+    ``_files`` (record id -> path relative to ``root`` without its suffix) and ``_suffix`` (``.hea`` when absent).
+    The suffix is matched case-insensitively (``REC.HEA``). None for other sources, or when the file is gone."""
+    files, root = getattr(src, "_files", None), getattr(src, "root", None)
+    if not isinstance(files, Mapping) or not isinstance(root, (str, os.PathLike)):
+        return None
+    rel = files.get(rid)
+    if not isinstance(rel, str) or not rel:
+        return None
+    suffix = str(getattr(src, "_suffix", ".hea") or ".hea")
+    base = os.path.abspath(os.path.join(str(root), rel))
+    if os.path.isfile(base + suffix):
+        return base + suffix
+    for f in _siblings(base + suffix):
+        if f.lower().endswith(suffix.lower()) and os.path.basename(f)[:-len(suffix)] == os.path.basename(base):
+            return f
+    return None
+
+
+def _record_inputs(src: RecordSource, rid: str, path: Any, skipped: bool = False) -> list[list[Any]]:
     """``[[file, size, mtime_ns, digest], ...]`` of the files record ``rid`` is read from (``digest``:
     :func:`_input_digest`): ``src.input_files(rid)`` when the source defines it, else the files sharing the stem
     of ``path`` (the record's ``header["path"]``, or the file a skip reason names). Empty for sources without
     files (synthetic). About 10 us per record plus the hash (the file was just read, so it is in the page cache).
     Shard indexes written before digests hold ``[file, size, mtime_ns]``; a file that exists but cannot be read
-    holds the digest :data:`UNREADABLE`."""
+    holds the digest :data:`UNREADABLE`.
+
+    A ``skipped`` record also lists its own files (:func:`_own_record_file`: its header, and what the header
+    reads): the file a skip reason names may be another one (a ``.dat`` of another name, a segment of a
+    multi-segment record), and a header fixed in place must still show as a change, so that the record is read
+    again."""
     files: list[str] | None = None
     fn = getattr(src, "input_files", None)
     if callable(fn):
@@ -647,13 +767,19 @@ def _record_inputs(src: RecordSource, rid: str, path: Any) -> list[list[Any]]:
         except Exception:  # noqa: BLE001 - fall back to the generic rule
             files = None
     if files is None:
-        if not path:
-            return []
-        files = _siblings(os.path.abspath(str(path)))
-        if str(path).endswith(".hea"):   # and what the header reads that does not share its stem (segments)
-            from ecgfm.data.readers.formats import header_input_files
+        paths = [str(path)] if path else []
+        own = _own_record_file(src, rid) if skipped else None
+        if own is not None and os.path.abspath(own) not in [os.path.abspath(p) for p in paths]:
+            paths.append(own)
+        files = []
+        for p in paths:
+            for f in _siblings(os.path.abspath(p)):
+                if f not in files:
+                    files.append(f)
+            if p.lower().endswith(".hea"):   # and what the header reads that does not share its stem (segments)
+                from ecgfm.data.readers.formats import header_input_files
 
-            files += [f for f in header_input_files(path) if f not in files and os.path.isfile(f)]
+                files += [f for f in header_input_files(p) if f not in files and os.path.isfile(f)]
     out = []
     for f in files:
         if not is_decodable(f):   # a name the UTF-8 index cannot hold (undecodable bytes): not fingerprinted
@@ -852,13 +978,42 @@ def _shard_job(shard_index: int, items: Sequence[tuple[int, str]], relabel: bool
 
 
 def _convert_shard(shard_index: int, items: Sequence[tuple[int, str]]) -> dict[str, Any]:
-    """Convert one shard (runs in a worker, or in-process with ``workers=0``); returns its small summary."""
-    sources, spec, shards_dir, queue = (_WORKER["sources"], _WORKER["spec"], _WORKER["shards_dir"],
-                                        _WORKER.get("queue"))
-    delay = float(os.environ.get(DELAY_ENV, "0") or 0)
+    """Convert one shard (runs in a worker, or in-process with ``workers=0``); returns its small summary.
+
+    Raises:
+        PrepareStopped: memory, disk space or file handles ran out while a record was read (the record is not
+            skipped: nothing about it is wrong), or the shard could not be written; its temporary file is removed.
+    """
+    sources, spec, shards_dir = _WORKER["sources"], _WORKER["spec"], _WORKER["shards_dir"]
     name = _SHARD_FMT.format(shard_index)
     final_bin, final_json = shards_dir / f"{name}.bin", shards_dir / f"{name}.json"
     tmp_bin = _tmp_name(final_bin)
+    try:
+        records, skipped, digest, offset = _write_shard_records(tmp_bin, name, items)
+        index = {"shard": name, "bin_bytes": offset, "bin_sha256": digest, "records": records,
+                 "skipped": jsonable(skipped), "labels_fp": _shard_label_fps(items),
+                 "content_fp": _WORKER["content_fp"]}
+        os.replace(tmp_bin, final_bin)          # 1. the data ...
+        fsync_dir(shards_dir)
+        atomic_write_bytes(final_json, dumps(index, convert=False).encode())   # 2. ... then the commit marker
+    except (OSError, MemoryError) as exc:
+        # the shard's own files (not a record's: those failures are handled per record): no traceback, no
+        # temporary file left behind; the finished shards stay
+        tmp_bin.unlink(missing_ok=True)
+        raise _write_failure(shards_dir.parent, f"shard {name}", exc) from None
+    except BaseException:
+        tmp_bin.unlink(missing_ok=True)
+        raise
+    return {"shard": shard_index, "n_records": len(records), "n_skipped": len(skipped), "relabelled": 0}
+
+
+def _write_shard_records(tmp_bin: Path, name: str, items: Sequence[tuple[int, str]]
+                         ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str, int]:
+    """Read, convert and append the records of one shard to ``tmp_bin``; returns ``(records, skipped, sha256 of
+    the bytes, number of bytes)``."""
+    sources, spec, shards_dir, queue = (_WORKER["sources"], _WORKER["spec"], _WORKER["shards_dir"],
+                                        _WORKER.get("queue"))
+    delay = float(os.environ.get(DELAY_ENV, "0") or 0)
     records: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
     h = hashlib.sha256()
@@ -878,7 +1033,15 @@ def _convert_shard(shard_index: int, items: Sequence[tuple[int, str]]) -> dict[s
                 meta, header = jsonable(rec.meta), jsonable(rec.header)
                 header.pop("preprocessed", None)   # the cache's own spec, added back on read (CorpusCache.record)
                 dumps(meta, convert=False), dumps(header, convert=False)  # fail here (skip the record)
-            except Exception as exc:  # any failure of one record skips that record only
+                data = np.ascontiguousarray(rec.signal[rec.lead_mask], dtype=DTYPE)
+            except Exception as exc:  # any failure of one record skips that record only ...
+                cause = _resource_error_in(exc)
+                if cause is not None:   # ... unless the machine ran out of memory, disk or file handles
+                    raise PrepareStopped(
+                        f"{shards_dir.parent}: stopped at record {src.name}/{rid} (shard {name}): "
+                        f"{_describe_os_error(cause)}; this is a lack of memory, disk space or file handles, not "
+                        f"a problem of the record, so it is not skipped: free the resource (or use fewer workers) "
+                        f"and rerun the same command to resume (finished shards are kept)") from None
                 kind = "" if isinstance(exc, ECGDataError) else f"{type(exc).__name__}: "
                 problem = exc.problem if isinstance(exc, ECGDataError) else str(exc)
                 path = _error_path(exc, src, rid)
@@ -886,12 +1049,11 @@ def _convert_shard(shard_index: int, items: Sequence[tuple[int, str]]) -> dict[s
                     path = exc.filename   # the file that could not be read (not the source's root)
                 row = {"source": str(src.name), "record_id": rid, "path": printable(str(path)),
                        "reason": printable(f"{kind}{problem}".replace("\n", " ")),
-                       "inputs": _record_inputs(src, rid, path)}
+                       "inputs": _record_inputs(src, rid, path, skipped=True)}
                 if _os_error_in(exc):   # permission denied, I/O error: may go away; verify=True retries it
                     row["transient"] = True
                 skipped.append(row)
             else:
-                data = np.ascontiguousarray(rec.signal[rec.lead_mask], dtype=DTYPE)
                 buf = memoryview(data).cast("B")
                 f.write(buf)
                 h.update(buf)
@@ -914,12 +1076,7 @@ def _convert_shard(shard_index: int, items: Sequence[tuple[int, str]]) -> dict[s
         os.fsync(f.fileno())
     if queue is not None and pending:
         queue.put(pending)
-    index = {"shard": name, "bin_bytes": offset, "bin_sha256": h.hexdigest(), "records": records,
-             "skipped": jsonable(skipped), "labels_fp": _shard_label_fps(items), "content_fp": _WORKER["content_fp"]}
-    os.replace(tmp_bin, final_bin)          # 1. the data ...
-    fsync_dir(shards_dir)
-    atomic_write_bytes(final_json, dumps(index, convert=False).encode())   # 2. ... then the commit marker
-    return {"shard": shard_index, "n_records": len(records), "n_skipped": len(skipped), "relabelled": 0}
+    return records, skipped, h.hexdigest(), offset
 
 
 def _relabel_shard(shard_index: int, items: Sequence[tuple[int, str]]) -> dict[str, Any] | None:
@@ -948,7 +1105,8 @@ def _relabel_shard(shard_index: int, items: Sequence[tuple[int, str]]) -> dict[s
         r.update(patient_id=None if rec.patient_id is None else str(rec.patient_id),
                  labels=[str(x) for x in rec.labels], meta=meta)
     info["labels_fp"] = _shard_label_fps(items)
-    atomic_write_bytes(final_json, dumps(info, convert=False).encode())
+    with _writing(shards_dir.parent, f"shard {final_json.stem}'s index"):
+        atomic_write_bytes(final_json, dumps(info, convert=False).encode())
     if queue is not None:
         queue.put(len(items))
     return {"shard": shard_index, "n_records": len(records), "n_skipped": 0, "relabelled": len(records)}
@@ -1116,6 +1274,7 @@ def _check_prepare_args(sources: Any, spec: Any, shard_records: Any, workers: An
         raise ValueError(f"shard_records must be >= 1 (or None: automatic), got {shard_records}")
     if int(workers) < 0:
         raise ValueError(f"workers must be >= 0, got {workers}")
+    _check_source_names(sources)
     shard_records = None if shard_records is None else int(shard_records)
     workers = int(workers)
     if workers > 0:
@@ -1127,6 +1286,48 @@ def _check_prepare_args(sources: Any, spec: Any, shard_records: Any, workers: An
                                  f"({type(exc).__name__}: {exc}); keep only plain attributes, or use workers=0"
                                  ) from None
     return sources, spec, shard_records, workers
+
+
+def _source_place(src: RecordSource) -> str | None:
+    """The folder a source reads (its ``root``, resolved), or None for a source without one (synthetic)."""
+    root = getattr(src, "root", None)
+    if not isinstance(root, (str, os.PathLike)) or not str(root):
+        return None
+    return os.path.realpath(str(root))
+
+
+def _source_where(src: RecordSource) -> str:
+    """``FolderSource of /data/site_a``: a source's type and folder, for messages."""
+    place = _source_place(src)
+    return type(src).__name__ + (f" of {place}" if place else "")
+
+
+def _check_source_names(sources: Sequence[RecordSource]) -> None:
+    """Refuse two sources that share a ``name`` but are different datasets (another reader type, or another
+    ``root`` folder): their records would be merged under one name (``name/record_id`` keys: a record id present
+    in both skipped as a "duplicate key" although the recordings differ) and their patient ids hashed into one
+    patient space (patient 1 of site A = patient 1 of site B, a leak across train/validation splits). The same
+    dataset listed twice (same type and root) keeps its same-key duplicates skipped.
+
+    Raises:
+        ValueError: naming both sources and how to name them apart.
+    """
+    first: dict[str, int] = {}
+    for i, src in enumerate(sources):
+        name = str(src.name)
+        j = first.setdefault(name, i)
+        if j == i:
+            continue
+        other = sources[j]
+        if type(other) is type(src) and _source_place(other) == _source_place(src):
+            continue
+        raise ValueError(
+            f"sources #{j} ({_source_where(other)}) and #{i} ({_source_where(src)}) are both named {name!r}: their "
+            f"records would be merged under one name (a record id in both skipped as a duplicate) and their "
+            f"patient ids mixed into one patient space; give each source its own name: in Python "
+            f"FolderSource(root, name='site_b'), "
+            f"in a prepare config the preset's name key (folder.name=site_a, and a second preset such as "
+            f"'+site_b={{type: folder, root: ..., name: site_b}}' with sources=[folder,site_b])")
 
 
 def _prepare_locked(sources: list[RecordSource], spec: PreprocessSpec, shard_records: int | None, workers: int,
@@ -1185,7 +1386,8 @@ def _prepare_locked(sources: list[RecordSource], spec: PreprocessSpec, shard_rec
                 log.warning("%s: rebuilding it", changes[-1])
                 _clear_cache_dir(out)
     if not plan_path.exists():
-        atomic_write_json(plan_path, plan_doc)
+        with _writing(out, "plan.json"):
+            atomic_write_json(plan_path, plan_doc)
     _clean_temporaries(out)
 
     n_shards = len(plan.shards)
@@ -1306,21 +1508,23 @@ def _prepare_locked(sources: list[RecordSource], spec: PreprocessSpec, shard_rec
     # files whose bytes this call wrote or hashed: their stats are recorded so opening the cache costs stats only
     fresh = {f"shards/{_SHARD_FMT.format(int(r['shard']))}.{ext}" for r in results for ext in ("bin", "json")}
     fresh |= hashed_ok
-    if not manifest_path.exists():
-        _finalize(out, plan, plan_doc, label_info, sources, restamped, dirs_before)
-        fresh.update(("index.jsonl", "records.npy", "skipped.csv"))
-    else:
-        derived = None if verify else suspect & {"index.jsonl", "records.npy", "skipped.csv"}
-        if derived is None or derived:
-            _verify_derived(out, derived)
-            fresh.update(derived or ("index.jsonl", "records.npy", "skipped.csv"))
-        if quick or restamped or not (out / INPUTS_FILE).exists():
-            # nothing to redo (e.g. a folder's mtime changed, or files got new times but kept their bytes), or a
-            # cache from before input fingerprints: remember the inputs as they are now
-            _write_inputs(out, plan, label_info, sources, restamped, dirs_before)
-    manifest = _read_manifest(out)
-    if fresh:
-        _record_verified(out, {rel: out / rel for rel in sorted(fresh)})
+    with _writing(out, "the cache's index files (index.jsonl, records.npy, skipped.csv, inputs.json, "
+                       "manifest.json)"):
+        if not manifest_path.exists():
+            _finalize(out, plan, plan_doc, label_info, sources, restamped, dirs_before)
+            fresh.update(("index.jsonl", "records.npy", "skipped.csv"))
+        else:
+            derived = None if verify else suspect & {"index.jsonl", "records.npy", "skipped.csv"}
+            if derived is None or derived:
+                _verify_derived(out, derived)
+                fresh.update(derived or ("index.jsonl", "records.npy", "skipped.csv"))
+            if quick or restamped or not (out / INPUTS_FILE).exists():
+                # nothing to redo (e.g. a folder's mtime changed, or files got new times but kept their bytes), or
+                # a cache from before input fingerprints: remember the inputs as they are now
+                _write_inputs(out, plan, label_info, sources, restamped, dirs_before)
+        manifest = _read_manifest(out)
+        if fresh:
+            _record_verified(out, {rel: out / rel for rel in sorted(fresh)})
 
     cpu1 = _cpu_times()   # the worker pool has been joined (reaped) by now, so RUSAGE_CHILDREN holds its CPU
     counts = manifest["counts"]
