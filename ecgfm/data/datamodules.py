@@ -184,7 +184,11 @@ class CachePool:
     Raises:
         ValueError: no cache; one cache folder listed twice (its records would get two flat indices each, and a
             record drawn under both would be a contrastive negative of itself: raise its ``data.weights`` entry
-            to sample it more often); caches of different rates or preprocessing.
+            to sample it more often); caches of different rates or preprocessing; two caches holding the same
+            records (:meth:`_check_shared_records`: the same corpus prepared twice, e.g. with another
+            ``shard_records``, a copied cache, or a corpus pooled with a cache that contains it), which, besides
+            the self-negatives, put a record without patient id in validation from one copy and in training from
+            the other.
     """
 
     def __init__(self, cache_dirs: Sequence[str | os.PathLike]):
@@ -212,6 +216,111 @@ class CachePool:
         self.fs = float(rates.pop())
         self.spec = specs.pop()
         self._finite: np.ndarray | None = None    # per record: 0 not checked yet, 1 finite, 2 NaN / Inf
+        self._check_shared_records()
+
+    #: candidate records whose signals are compared per chunk; a refusal stops after the first chunk with a copy
+    _SHARED_CHUNK = 65536
+
+    def _check_shared_records(self) -> None:
+        """Refuse two caches that hold the same records (the hold-out must not validate on a record training sees).
+
+        Records of two caches are matched by key (``source/record_id``, :attr:`CorpusCache.keys`). A matched
+        record is the same record, and the pool is refused, when
+
+        * the source of that name reads the same folder in both caches (a ``root`` of the source's description in
+          the manifests, wrapped sources included): the same corpus prepared twice (another ``shard_records``,
+          ``fs`` or ``include_unlabelled``: PTB-XL's 100 Hz and 500 Hz files are the same recordings), a copied
+          cache, a corpus pooled with a cache that contains it; or
+        * its stored signal is the same in both (same length, leads and lead mask, and bit-identical values at
+          the start, middle and end of the stored block; the caches share one preprocessing spec): a copy of the
+          raw corpus prepared from another folder, generated corpora of one seed.
+
+        Other records under the same key are distinct records and are kept: two exports of one hospital read
+        from two folders (one source name, ids restarting at 1) and caches of sources without a folder
+        (synthetic / generated records) whose signals differ (their shared patients are held out across caches
+        by :meth:`PretrainDataModule.setup`).
+
+        Cheap for large pools: caches whose source names (in the manifest) differ share no key and are not read
+        at all (every shipped pool); otherwise the keys are matched with a hash join (pandas), and only matched
+        records of sources without a shared folder are read, a few pages each, shard by shard.
+        """
+        if len(self.caches) < 2:
+            return
+        roots = [_source_roots(c) for c in self.caches]
+        keys: dict[int, Any] = {}
+        sources: dict[int, np.ndarray] = {}
+        for b in range(1, len(self.caches)):
+            for a in range(b):
+                if roots[a] is not None and roots[b] is not None and not roots[a].keys() & roots[b].keys():
+                    continue
+                import pandas as pd   # only when two caches share a source name
+
+                for k in (a, b):
+                    if k not in keys:
+                        keys[k] = pd.Index(self.caches[k].index["key"])
+                        sources[k] = self.caches[k].index["source"].to_numpy(dtype=object)
+                ka = keys[a]
+                pos_a = np.arange(len(ka))
+                if not ka.is_unique:
+                    first = ~ka.duplicated()
+                    ka, pos_a = ka[first], pos_a[first]
+                hit = ka.get_indexer(keys[b])
+                rows_b = np.flatnonzero(hit >= 0)
+                if not len(rows_b):
+                    continue
+                rows_a = pos_a[hit[rows_b]]
+                folder = [] if roots[a] is None or roots[b] is None else \
+                    [n for n in roots[a].keys() & roots[b].keys() if roots[a][n] & roots[b][n]]
+                by_folder = np.isin(sources[b][rows_b], np.asarray(folder, dtype=object)) if folder else \
+                    np.zeros(len(rows_b), dtype=bool)
+                found = [rows_b[by_folder]]
+                checked = int(by_folder.sum())
+                if not by_folder.all():
+                    same, n = self._same_signals(self.caches[a], rows_a[~by_folder], self.caches[b],
+                                                 rows_b[~by_folder])
+                    found.append(same)
+                    checked += n
+                dup = np.sort(np.concatenate(found))
+                if not len(dup):
+                    continue
+                shown = ", ".join(str(keys[b][int(i)]) for i in dup[:5])
+                named = [str(d.get("name")) for d in self.caches[b].manifest.get("sources") or []
+                         if isinstance(d, Mapping)]
+                si = named.index(str(sources[b][dup[0]])) if str(sources[b][dup[0]]) in named else 0
+                count = (f"{len(dup)} of its {len(self.caches[b])} records" if checked == len(rows_b) else
+                         f"at least {len(dup)} of its {len(self.caches[b])} records (stopped after comparing "
+                         f"{checked} of the {len(rows_b)} under a key of both)")
+                raise ValueError(
+                    f"caches {self.caches[a].path} and {self.caches[b].path} (data.cache_dirs entries {a} and {b}) "
+                    f"hold the same records: {count} are records of the first (same source/record_id, read from "
+                    f"the same source folder or stored with the same signal; e.g. {shown}"
+                    f"{', ...' if len(dup) > 5 else ''}). Each would get two indices (a contrastive negative of "
+                    f"itself) and a record without patient id could be validated from one copy and trained on from "
+                    f"the other. Pool caches of distinct records: the same corpus prepared twice (another "
+                    f"shard_records or fs) or a copied cache is one cache (list it once and raise its data.weights "
+                    f"entry to sample it more often); to add records, prepare a cache of the new records only; "
+                    f"distinct records that share ids need distinct source names (e.g. "
+                    f"+data.cache_dirs.{b}.sources.{si}.name=<other name>)")
+
+    @classmethod
+    def _same_signals(cls, ca: CorpusCache, rows_a: np.ndarray, cb: CorpusCache, rows_b: np.ndarray
+                      ) -> tuple[np.ndarray, int]:
+        """Of the record pairs ``(rows_a[i] of ca, rows_b[i] of cb)``, the ``rows_b`` of those stored identically
+        (:func:`_signal_probe`), and how many pairs were compared: all, or up to the first chunk of
+        :attr:`_SHARED_CHUNK` pairs holding a copy (enough to refuse)."""
+        a_cols, b_cols = ca.columns(), cb.columns()
+        shape_same = ((a_cols["n_samples"][rows_a] == b_cols["n_samples"][rows_b])
+                      & (a_cols["n_leads"][rows_a] == b_cols["n_leads"][rows_b])
+                      & (a_cols["lead_mask"][rows_a] == b_cols["lead_mask"][rows_b]).all(axis=1))
+        ra, rb = rows_a[shape_same], rows_b[shape_same]
+        checked = len(rows_a) - len(ra)
+        for start in range(0, len(ra), cls._SHARED_CHUNK):
+            sa, sb = ra[start:start + cls._SHARED_CHUNK], rb[start:start + cls._SHARED_CHUNK]
+            eq = (_signal_probe(ca, sa) == _signal_probe(cb, sb)).all(axis=1)
+            checked += len(sa)
+            if eq.any():
+                return sb[eq], checked
+        return np.zeros(0, dtype=np.int64), checked
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_finite": None}
@@ -280,6 +389,59 @@ class CachePool:
             return first
         more = "; ".join(cache.describe_records(local) for cache, _, local in groups[1:])
         return NonFiniteDataError(first.path, f"{first.problem} Also {more}")
+
+
+def _source_roots(cache: CorpusCache) -> dict[str, set[str]] | None:
+    """Source name -> the folders (``root`` settings, wrapped sources' included) it read, from the cache's
+    manifest; None when the manifest does not name every source."""
+    srcs = cache.manifest.get("sources")
+    if not isinstance(srcs, list) or not srcs:
+        return None
+    out: dict[str, set[str]] = {}
+
+    def walk(desc: Any, into: set[str]) -> None:
+        if isinstance(desc, Mapping):
+            for key, value in desc.items():
+                if key == "root" and isinstance(value, str) and value:
+                    into.add(os.path.normpath(os.path.abspath(value)))
+                else:
+                    walk(value, into)
+        elif isinstance(desc, list):
+            for value in desc:
+                walk(value, into)
+
+    for desc in srcs:
+        if not isinstance(desc, Mapping) or desc.get("name") is None:
+            return None
+        walk(desc, out.setdefault(str(desc["name"]), set()))
+    return out
+
+
+#: samples read per probe window by :func:`_signal_probe` (three windows: start, middle, end of a record)
+_PROBE = 32
+
+
+def _signal_probe(cache: CorpusCache, rows: np.ndarray) -> np.ndarray:
+    """``(len(rows), 3 * _PROBE)`` uint32: the bits of the first, middle and last :data:`_PROBE` stored values of
+    records ``rows`` (all leads, as stored; fewer values repeat the record's last one), read shard by shard
+    (vectorised: a few pages a record, never the whole record). Bits, so NaN equals NaN."""
+    rows = np.asarray(rows, dtype=np.int64)
+    out = np.zeros((len(rows), 3 * _PROBE), dtype=np.uint32)
+    if not len(rows):
+        return out
+    c = cache.columns()
+    first = c["offset"][rows].astype(np.int64) // 4
+    size = c["n_leads"][rows].astype(np.int64) * c["n_samples"][rows].astype(np.int64)
+    step = np.arange(_PROBE, dtype=np.int64)
+    rel = np.concatenate([step[None, :] + 0 * size[:, None], (size // 2)[:, None] + step[None, :],
+                          (size - _PROBE)[:, None] + step[None, :]], axis=1)
+    rel = np.clip(rel, 0, np.maximum(size - 1, 0)[:, None])
+    shard = c["shard"][rows]
+    for sh in np.unique(shard).tolist():
+        sel = np.flatnonzero(shard == sh)
+        mm = cache._shard_map(int(sh))
+        out[sel] = mm[np.minimum(first[sel, None] + rel[sel], max(len(mm) - 1, 0))].view(np.uint32)
+    return out
 
 
 def batch_buffers(fields: Mapping[str, tuple[tuple[int, ...], torch.dtype]]) -> dict[str, torch.Tensor]:

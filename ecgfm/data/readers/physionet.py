@@ -160,8 +160,9 @@ class CinC2017Source(_FolderIndex):
     The AliveCor lead (published as ``ECG``) is recorded between the two hands, a lead-I configuration, so
     it is placed in the ``I`` row; ``header["lead_renamed"] == {"ECG": "I"}`` records the choice.
     Labels from ``REFERENCE.csv`` (no header line): ``(label,)`` with label in :data:`CINC2017_CLASSES`, and
-    ``meta["label"]``. Records without a reference row load unlabelled; reference rows without a record (a
-    partial download) are left out with a logged warning naming their count, the first ids and the folder.
+    ``meta["label"]``. Records without a reference row load unlabelled, with one logged warning (when the source
+    is built) naming their count, the first ids and the folder; reference rows without a record (a partial
+    download) are left out with a logged warning naming the same.
 
     Args:
         root: folder with ``A*.hea`` + ``A*.mat`` and ``REFERENCE.csv`` (read with
@@ -195,6 +196,11 @@ class CinC2017Source(_FolderIndex):
             log.warning("%s: %d labelled row(s) of REFERENCE.csv have no record (.hea) in %s and are left out "
                         "(%s%s); complete the download if they should be there", ref, len(missing), self.root,
                         ", ".join(missing[:5]), " ..." if len(missing) > 5 else "")
+        unlabelled = sorted(r for r in self._files if r not in self._labels)
+        if unlabelled:  # a truncated REFERENCE.csv: these records would pass as unlabelled without a word
+            log.warning("%s: %d record(s) in %s have no row in REFERENCE.csv and load unlabelled (labels=()) (%s%s); "
+                        "check REFERENCE.csv if they should be labelled", ref, len(unlabelled), self.root,
+                        ", ".join(unlabelled[:5]), " ..." if len(unlabelled) > 5 else "")
 
     def label_files(self) -> list[Path]:
         """``[REFERENCE.csv]``: the label table this source reads (for the cache's freshness check)."""
