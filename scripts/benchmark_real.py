@@ -132,8 +132,12 @@ def stage_pool(args: argparse.Namespace) -> list[str]:
         log(f"{name}: {len(src.record_ids())} records ({len(src.exclude)} held-out val/test records excluded) -> "
             f"{pools[-1]}")
     # the other shared corpora, none of them a downstream task (as data=pretrain_pool_heldout_free's pool_other)
-    other = [cls(data_root / sub) for cls, sub in ((CPSC2018Source, "cpsc2018"), (CPSC2021Source, "cpsc2021"),
-                                                   (MITBIHSource, "physionet-samples")) if (data_root / sub).is_dir()]
+    corpora = ((CPSC2018Source, "cpsc2018"), (CPSC2021Source, "cpsc2021"), (MITBIHSource, "physionet-samples"))
+    other = [cls(data_root / sub) for cls, sub in corpora if (data_root / sub).is_dir()]
+    missing = [sub for _, sub in corpora if not (data_root / sub).is_dir()]
+    if missing:   # data=pretrain_pool_heldout_free refuses a missing root; here the pool is smaller: said so
+        log(f"WARNING: pool_other leaves out {', '.join(missing)} (no such folder under {data_root}): this pool is "
+            f"not the CPU recipe's (data=pretrain_pool_heldout_free)")
     if other:
         pools.append(prepare_cache(other, args.cache_root, spec, name="pool_other", workers=args.workers,
                                    progress=True))
@@ -306,7 +310,7 @@ def stage_pretrain(args: argparse.Namespace, pools: list[str], env: dict[str, st
                         f"pool only")
             if had is None:
                 log(f"pretrain: {method}: reusing {enc} (no recorded recipe to check against {requested})")
-            elif had != check:
+            elif _pools_resolved(had) != _pools_resolved(check):
                 raise SystemExit(f"error: pretrain/{method} in {args.out} was trained with {had}, but this run asks "
                                  f"for {check}: use another --out, or delete {out} to train it again")
         else:
@@ -350,6 +354,14 @@ def stage_pretrain(args: argparse.Namespace, pools: list[str], env: dict[str, st
     if times:
         log("pretraining wall time per method: " + "; ".join(times))
     return encoders
+
+
+def _pools_resolved(requested: Any) -> Any:
+    """A recorded or requested recipe with its pool folders absolute, for comparison: runs recorded before the
+    paths were made absolute (2026-12-07) name them relative to the project root, where train.py ran."""
+    if isinstance(requested, dict) and isinstance(requested.get("pool"), list):
+        return {**requested, "pool": [str((ROOT / str(p)).resolve()) for p in requested["pool"]]}
+    return requested
 
 
 #: ``pretrain/<method>/`` file listing every train.py run (leg) of the stage into that folder, finished or not
@@ -714,12 +726,18 @@ def plot_curve(rows: list[dict[str, Any]], path: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------ main
+#: set by benchmark_real.sh to the folder it was started in (it changes into the project root)
+CALLER_DIR_ENV = "ECGFM_BENCHMARK_CALLER_DIR"
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="runs/benchmark_real")
+    ap.add_argument("--out", default=str(ROOT / "runs" / "benchmark_real"),
+                    help="the run folder (default runs/benchmark_real in the project; a relative path is taken from "
+                         "the folder the command was started in, as --docs, --cache-root and --data-root)")
     ap.add_argument("--docs", default=str(ROOT / "docs" / "benchmark"),
                     help="where the report copies real_results.* and learning_curve.* (see the docs check above)")
-    ap.add_argument("--cache-root", default="cache")
+    ap.add_argument("--cache-root", default=str(ROOT / "cache"))
     ap.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data"))
     ap.add_argument("--methods", nargs="+", default=list(EXPERIMENTS), choices=list(EXPERIMENTS))
     ap.add_argument("--steps", type=int, default=None,
@@ -756,6 +774,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--probe-overrides", nargs="*", default=[], help="extra overrides of probe.py (probe, curve)")
     ap.add_argument("--finetune-overrides", nargs="*", default=[], help="extra overrides of finetune.py")
     args = ap.parse_args(argv)
+    # train.py / probe.py / finetune.py run in the project root while this script reads and writes the same folders
+    # itself: a relative path meant two places when started elsewhere (the encoder under ROOT/<out>, the time records
+    # under ./<out>, a rerun training again). Every path is made absolute here, from the caller's folder
+    # (benchmark_real.sh changes into the project root and passes where it was started).
+    caller = Path(os.environ.get(CALLER_DIR_ENV) or os.getcwd())
+    for name in ("out", "docs", "cache_root", "data_root"):
+        setattr(args, name, str((caller / getattr(args, name)).resolve()))
     if "probe" in args.stages and not args.no_handcrafted and any(
             o.split("=", 1)[0].lstrip("+") == "probe.layers" and o.split("=", 1)[1] != "last"
             for o in args.probe_overrides if "=" in o):

@@ -13,6 +13,8 @@
 # with every baseline, the learning curve). A run over some methods leaves docs/ alone when it would drop rows they
 # show (--replace-docs to replace them anyway). See scripts/benchmark_real.py.
 set -euo pipefail
+# relative --out / --docs / --cache-root / --data-root are taken from the folder this was started in
+export ECGFM_BENCHMARK_CALLER_DIR="$PWD"
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 exec "$PY" scripts/benchmark_real.py "$@"

@@ -1,0 +1,62 @@
+"""Review s25 of scripts/benchmark_real.py: relative paths mean one place (the folder the command was started in),
+for the script's own files and for the train.py / probe.py it runs in the project root."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("benchmark_real_s25", ROOT / "scripts" / "benchmark_real.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    return mod
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("via_sh", [False, True])
+def test_relative_paths_are_taken_from_where_the_command_started(tmp_path, monkeypatch, via_sh):
+    mod = _bench()
+    seen = {}
+
+    def stage_pool(args):
+        seen.update(vars(args))
+        raise _Stop
+
+    monkeypatch.setattr(mod, "stage_pool", stage_pool)
+    started = tmp_path / "here"
+    started.mkdir()
+    if via_sh:   # benchmark_real.sh changes into the project root and says where it was started
+        monkeypatch.chdir(ROOT)
+        monkeypatch.setenv(mod.CALLER_DIR_ENV, str(started))
+    else:
+        monkeypatch.chdir(started)
+        monkeypatch.delenv(mod.CALLER_DIR_ENV, raising=False)
+    with pytest.raises(_Stop):
+        mod.main(["--stages", "pool", "--out", "rel/out", "--cache-root", "c", "--docs", "d"])
+    assert seen["out"] == str(started / "rel" / "out")
+    assert seen["cache_root"] == str(started / "c") and seen["docs"] == str(started / "d")
+
+
+def test_the_defaults_stay_in_the_project(tmp_path, monkeypatch):
+    mod = _bench()
+    seen = {}
+    monkeypatch.setattr(mod, "stage_pool", lambda args: seen.update(vars(args)) or (_ for _ in ()).throw(_Stop()))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(mod.CALLER_DIR_ENV, raising=False)
+    with pytest.raises(_Stop):
+        mod.main(["--stages", "pool"])
+    assert seen["out"] == str(ROOT / "runs" / "benchmark_real") and seen["cache_root"] == str(ROOT / "cache")
