@@ -356,6 +356,14 @@ def stage_pretrain(args: argparse.Namespace, pools: list[str], env: dict[str, st
     return encoders
 
 
+def _in_project(path: Path) -> str:
+    """``path`` (absolute) relative to the project root when it is inside it, else absolute."""
+    try:
+        return str(path.relative_to(ROOT.resolve()))
+    except ValueError:
+        return str(path)
+
+
 def _pools_resolved(requested: Any) -> Any:
     """A recorded or requested recipe with its pool folders absolute, for comparison: runs recorded before the
     paths were made absolute (2026-12-07) name them relative to the project root, where train.py ran."""
@@ -732,12 +740,12 @@ CALLER_DIR_ENV = "ECGFM_BENCHMARK_CALLER_DIR"
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=str(ROOT / "runs" / "benchmark_real"),
+    ap.add_argument("--out", default=None,
                     help="the run folder (default runs/benchmark_real in the project; a relative path is taken from "
                          "the folder the command was started in, as --docs, --cache-root and --data-root)")
     ap.add_argument("--docs", default=str(ROOT / "docs" / "benchmark"),
                     help="where the report copies real_results.* and learning_curve.* (see the docs check above)")
-    ap.add_argument("--cache-root", default=str(ROOT / "cache"))
+    ap.add_argument("--cache-root", default=None, help="default: cache in the project")
     ap.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data"))
     ap.add_argument("--methods", nargs="+", default=list(EXPERIMENTS), choices=list(EXPERIMENTS))
     ap.add_argument("--steps", type=int, default=None,
@@ -778,9 +786,16 @@ def main(argv: list[str] | None = None) -> None:
     # itself: a relative path meant two places when started elsewhere (the encoder under ROOT/<out>, the time records
     # under ./<out>, a rerun training again). Every path is made absolute here, from the caller's folder
     # (benchmark_real.sh changes into the project root and passes where it was started).
+    # Inside the project, --out and --cache-root stay relative to it, as they were named before: cell folders,
+    # curve stamps and recorded pools are named from these strings, so the cells of an existing run are found again
+    # (absolute strings would recompute every cell); the script then works from the project root, like its commands.
     caller = Path(os.environ.get(CALLER_DIR_ENV) or os.getcwd())
+    defaults = {"out": ROOT / "runs" / "benchmark_real", "cache_root": ROOT / "cache"}
     for name in ("out", "docs", "cache_root", "data_root"):
-        setattr(args, name, str((caller / getattr(args, name)).resolve()))
+        given = getattr(args, name)
+        path = (defaults[name] if given is None else caller / given).resolve()
+        setattr(args, name, _in_project(path) if name in ("out", "cache_root") else str(path))
+    os.chdir(ROOT)
     if "probe" in args.stages and not args.no_handcrafted and any(
             o.split("=", 1)[0].lstrip("+") == "probe.layers" and o.split("=", 1)[1] != "last"
             for o in args.probe_overrides if "=" in o):

@@ -312,6 +312,9 @@ _ERRNO_RE = re.compile(r"\[Errno (?:%s)\]|Permission denied|Input/output error"
 #: open files, out of memory): met while a record is read or converted, it stops the preparation
 #: (:class:`PrepareStopped`) instead of skipping that record for good, as nothing about the record is wrong.
 RESOURCE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EMFILE, errno.ENFILE, errno.ENOMEM})
+#: what a failed write of the cache's own files raises: resources, a file over the size limit, a read-only or
+#: failing disk (:func:`_writing`)
+WRITE_ERRNOS = RESOURCE_ERRNOS | frozenset({errno.EFBIG, errno.EROFS, errno.EIO})
 
 
 class PrepareStopped(RuntimeError):
@@ -368,7 +371,12 @@ def _writing(out: Path, what: str) -> Iterator[None]:
     files are written into :func:`_write_failure` (one line, no traceback; atomic writes leave no temporary)."""
     try:
         yield
-    except (OSError, MemoryError) as exc:
+    except MemoryError as exc:
+        raise _write_failure(out, what, exc) from None
+    except OSError as exc:
+        # only the failures of writing (a missing shard file read on the way is another problem, reported as is)
+        if exc.errno not in WRITE_ERRNOS:
+            raise
         raise _write_failure(out, what, exc) from None
 
 
@@ -1000,6 +1008,8 @@ def _convert_shard(shard_index: int, items: Sequence[tuple[int, str]]) -> dict[s
         # the shard's own files (not a record's: those failures are handled per record): no traceback, no
         # temporary file left behind; the finished shards stay
         tmp_bin.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno not in WRITE_ERRNOS:
+            raise
         raise _write_failure(shards_dir.parent, f"shard {name}", exc) from None
     except BaseException:
         tmp_bin.unlink(missing_ok=True)

@@ -418,7 +418,11 @@ class PretrainModule(L.LightningModule):
         the old ones. Here each group takes this run's values and the lr of this run's schedule at the restored
         step. A fresh run is unchanged (the same values, already set).
 
-        Also starts the ``train/*`` terms of a gradient-accumulation window afresh (:meth:`_step_terms`)."""
+        Also starts the ``train/*`` terms of a gradient-accumulation window afresh (:meth:`_step_terms`), and checks
+        the run's step count against the schedule (:meth:`_check_schedule_length`: here, after the checkpoint and
+        the loaders' positions are restored; asked earlier, the trainer loaded the training data before the restore
+        and a mid-epoch resume replayed its epoch from the first batch)."""
+        self._check_schedule_length()
         self._window_terms = {}
         sched_cfgs = getattr(self.trainer, "lr_scheduler_configs", None) or []
         if not sched_cfgs:
@@ -463,7 +467,6 @@ class PretrainModule(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         """AdamW over :func:`ecgfm.optim.param_groups` with the per-step warm-up cosine schedule of
         :mod:`ecgfm.optim`."""
-        self._check_schedule_length()
         groups = param_groups(self, self.hparams.weight_decay)
         return lightning_optimizers(groups, self.hparams.lr, int(self.hparams.warmup_steps),
                                     int(self.hparams.max_steps), betas=tuple(self.hparams.betas),

@@ -49,6 +49,10 @@ def test_relative_paths_are_taken_from_where_the_command_started(tmp_path, monke
         mod.main(["--stages", "pool", "--out", "rel/out", "--cache-root", "c", "--docs", "d"])
     assert seen["out"] == str(started / "rel" / "out")
     assert seen["cache_root"] == str(started / "c") and seen["docs"] == str(started / "d")
+    monkeypatch.setenv(mod.CALLER_DIR_ENV, str(ROOT / "docs"))     # inside the project: named relative to it
+    with pytest.raises(_Stop):
+        mod.main(["--stages", "pool", "--out", "../runs/x"])
+    assert seen["out"] == "runs/x"
 
 
 def test_the_defaults_stay_in_the_project(tmp_path, monkeypatch):
@@ -59,4 +63,7 @@ def test_the_defaults_stay_in_the_project(tmp_path, monkeypatch):
     monkeypatch.delenv(mod.CALLER_DIR_ENV, raising=False)
     with pytest.raises(_Stop):
         mod.main(["--stages", "pool"])
-    assert seen["out"] == str(ROOT / "runs" / "benchmark_real") and seen["cache_root"] == str(ROOT / "cache")
+    # named relative to the project, as before (cell folders are named from these strings: an existing run's
+    # cells are found again), and the script works from the project root
+    assert seen["out"] == "runs/benchmark_real" and seen["cache_root"] == "cache"
+    assert Path.cwd() == ROOT

@@ -74,3 +74,21 @@ def test_null_trainer_settings_read_as_lightnings_defaults(tmp_path):
     _check(tmp_path, ("trainer.accumulate_grad_batches=null", "trainer.gradient_clip_val=null"),
            ("trainer.accumulate_grad_batches=1", "trainer.gradient_clip_val=0.0"))
     _check(tmp_path, (), ("trainer.precision=bf16-mixed",))
+
+
+def test_a_mid_epoch_resume_with_max_epochs_restores_the_loader_position(tmp_path, monkeypatch):
+    """The schedule check asks the trainer for its step count only once training starts: asked while the optimiser
+    was configured, Lightning loaded the training data before the checkpoint's restore and the loader's position
+    was never restored (the interrupted epoch replayed from its first batch; review of the first version)."""
+    import ecgfm.train.loop as loop
+    from ecgfm.train.run import train
+
+    calls = []
+    original = loop.ResumableDataLoader.load_state_dict
+    monkeypatch.setattr(loop.ResumableDataLoader, "load_state_dict",
+                        lambda self, sd: calls.append(sd) or original(self, sd))
+    common = ("method.max_steps=6", "checkpoint.every_n_train_steps=1", "trainer.max_epochs=3")
+    train(_cfg(tmp_path, "trainer.max_steps=3", *common))          # epochs of 2 batches: stops inside epoch 2
+    second = train(_cfg(tmp_path, "trainer.max_steps=5", *common))
+    assert second["steps"] == 5 and second["resumed_from"]
+    assert calls and calls[-1]["batches"] == 1, calls
