@@ -3,24 +3,13 @@ for the script's own files and for the train.py / probe.py it runs in the projec
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.unit.test_train_review_s24 import _bench   # scripts/benchmark_real.py as a module
+
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("benchmark_real_s25", ROOT / "scripts" / "benchmark_real.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        spec.loader.exec_module(mod)
-    finally:
-        sys.path.remove(str(ROOT / "scripts"))
-    return mod
 
 
 class _Stop(Exception):
