@@ -284,9 +284,6 @@ class CachePool:
                 if not len(dup):
                     continue
                 shown = ", ".join(str(keys[b][int(i)]) for i in dup[:5])
-                named = [str(d.get("name")) for d in self.caches[b].manifest.get("sources") or []
-                         if isinstance(d, Mapping)]
-                si = named.index(str(sources[b][dup[0]])) if str(sources[b][dup[0]]) in named else 0
                 count = (f"{len(dup)} of its {len(self.caches[b])} records" if checked == len(rows_b) else
                          f"at least {len(dup)} of its {len(self.caches[b])} records (stopped after comparing "
                          f"{checked} of the {len(rows_b)} under a key of both)")
@@ -299,8 +296,8 @@ class CachePool:
                     f"the other. Pool caches of distinct records: the same corpus prepared twice (another "
                     f"shard_records or fs) or a copied cache is one cache (list it once and raise its data.weights "
                     f"entry to sample it more often); to add records, prepare a cache of the new records only; "
-                    f"distinct records that share ids need distinct source names (e.g. "
-                    f"+data.cache_dirs.{b}.sources.{si}.name=<other name>)")
+                    f"distinct records that share ids need distinct source names (prepare one of them again with "
+                    f"its source named apart, e.g. prepare.py folder.name=site_b)")
 
     @classmethod
     def _same_signals(cls, ca: CorpusCache, rows_a: np.ndarray, cb: CorpusCache, rows_b: np.ndarray

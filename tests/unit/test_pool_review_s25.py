@@ -83,7 +83,7 @@ def test_pool_refuses_a_corpus_with_a_cache_that_contains_it(exports, tmp_path):
     assert "entries 0 and 2" in str(err.value) and "folder/syn000000" in str(err.value)
     with pytest.raises(ValueError, match=r"entries 0 and 1\) hold the same records: 12 of its 24 records") as err:
         PretrainDataModule([other, both], crop_samples=250).setup()
-    assert "other/syn000000" in str(err.value) and "cache_dirs.1.sources.1.name=" in str(err.value)
+    assert "other/syn000000" in str(err.value) and "prepare.py folder.name=" in str(err.value)
 
 
 def test_pool_refuses_one_folder_read_twice_even_when_the_signals_differ(exports, tmp_path):
@@ -98,7 +98,7 @@ def test_pool_refuses_one_folder_read_twice_even_when_the_signals_differ(exports
     b = _prepare([FolderSource(folder)], tmp_path / "b")
     with pytest.raises(ValueError, match=r"hold the same records: 10 of its 10 records") as err:
         PretrainDataModule([a, b], crop_samples=250).setup()
-    assert "same source folder" in str(err.value) and "sources.0.name=" in str(err.value)
+    assert "same source folder" in str(err.value) and "prepare.py folder.name=" in str(err.value)
     renamed = _prepare([FolderSource(folder, name="site_2020")], tmp_path / "renamed")
     assert len(CachePool([a, renamed])) == 22
 
