@@ -310,7 +310,7 @@ def stage_pretrain(args: argparse.Namespace, pools: list[str], env: dict[str, st
                         f"pool only")
             if had is None:
                 log(f"pretrain: {method}: reusing {enc} (no recorded recipe to check against {requested})")
-            elif _pools_resolved(had) != _pools_resolved(check):
+            elif had != check:
                 raise SystemExit(f"error: pretrain/{method} in {args.out} was trained with {had}, but this run asks "
                                  f"for {check}: use another --out, or delete {out} to train it again")
         else:
@@ -362,14 +362,6 @@ def _in_project(path: Path) -> str:
         return str(path.relative_to(ROOT.resolve()))
     except ValueError:
         return str(path)
-
-
-def _pools_resolved(requested: Any) -> Any:
-    """A recorded or requested recipe with its pool folders absolute, for comparison: runs recorded before the
-    paths were made absolute (2026-12-07) name them relative to the project root, where train.py ran."""
-    if isinstance(requested, dict) and isinstance(requested.get("pool"), list):
-        return {**requested, "pool": [str((ROOT / str(p)).resolve()) for p in requested["pool"]]}
-    return requested
 
 
 #: ``pretrain/<method>/`` file listing every train.py run (leg) of the stage into that folder, finished or not
