@@ -460,6 +460,14 @@ def encoder_window_seconds(encoder: str) -> float | None:
     return None
 
 
+def finetune_budget(epochs: int) -> list[str]:
+    """The fine-tuning budget overrides for ``epochs`` epochs: patience half of them (at least 2), warmup 1 epoch
+    below 10 epochs and 2 from 10 on. The SSL / twin rows take ``--ft-epochs`` and the CNN baseline ``--cnn-epochs``
+    (default ``--ft-epochs``), each with its own patience and warmup: a user override after them still wins."""
+    return [f"finetune.epochs={epochs}", f"finetune.patience={max(2, epochs // 2)}",
+            f"finetune.warmup_epochs={1 if epochs < 10 else 2}"]
+
+
 def finetune_aggregate(overrides: Sequence[str] = ()) -> str:
     """The record aggregation of the encoder fine-tunes: the last ``finetune.window_aggregate=`` of ``overrides``
     (the user's --eval-overrides / --finetune-overrides), else conf/finetune.yaml's, so the supervised baselines
@@ -820,18 +828,14 @@ def main(argv: list[str] | None = None) -> None:
              *args.probe_overrides], env)
     if "finetune" in args.stages:
         agg = finetune_aggregate([*eval_overrides(args), *args.finetune_overrides])
-        ft = [f"finetune.epochs={args.ft_epochs}", f"finetune.patience={max(2, args.ft_epochs // 2)}",
-              f"finetune.warmup_epochs={1 if args.ft_epochs < 10 else 2}", f"supervised.window_aggregate={agg}",
-              f"fraction=[{','.join(args.fractions)}]", f"seed=[{','.join(args.seeds)}]", *eval_overrides(args),
-              *args.finetune_overrides]
+        common = [f"supervised.window_aggregate={agg}", f"fraction=[{','.join(args.fractions)}]",
+                  f"seed=[{','.join(args.seeds)}]", *eval_overrides(args), *args.finetune_overrides]
+        ft = [*finetune_budget(args.ft_epochs), *common]
         run([PY, "finetune.py", "-m", f"checkpoint={','.join(ckpts + twins + ['supervised:' + first])}",
              f"task={tasks}", *ft], env)
         if args.xresnet:
             win = encoder_window_seconds(first)
-            cnn = [o for o in ft if not o.startswith(("finetune.epochs=", "finetune.patience="))] if args.cnn_epochs \
-                else ft
-            if args.cnn_epochs:
-                cnn = [f"finetune.epochs={args.cnn_epochs}", f"finetune.patience={max(2, args.cnn_epochs // 2)}", *cnn]
+            cnn = [*finetune_budget(args.cnn_epochs or args.ft_epochs), *common]
             run([PY, "finetune.py", "-m", f"checkpoint=supervised:{args.xresnet}", f"task={tasks}",
                  *([f"window_seconds={win:g}"] if win else []), *cnn], env)
     if "report" in args.stages:

@@ -56,3 +56,26 @@ def test_the_defaults_stay_in_the_project(tmp_path, monkeypatch):
     # cells are found again), and the script works from the project root
     assert seen["out"] == "runs/benchmark_real" and seen["cache_root"] == "cache"
     assert Path.cwd() == ROOT
+
+
+@pytest.mark.parametrize("cnn_epochs, warmup", [(None, 1), ("40", 2)])
+def test_the_cnn_baseline_takes_its_own_epochs_patience_and_warmup(tmp_path, monkeypatch, cnn_epochs, warmup):
+    """--cnn-epochs gives the supervised CNN its own budget: patience and warmup follow its epochs, not
+    --ft-epochs (before: 40 CNN epochs kept the 1-epoch warmup of 5 fine-tuning epochs)."""
+    mod = _bench()
+    calls = []
+    monkeypatch.setattr(mod, "run", lambda cmd, env: calls.append(cmd) or 1.0)
+    monkeypatch.setattr(mod, "random_twins", lambda ckpts: [])
+    monkeypatch.setattr(mod, "encoder_window_seconds", lambda enc: None)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(mod.CALLER_DIR_ENV, raising=False)
+    argv = ["--stages", "finetune", "--out", "o", "--methods", "mae", "--ft-epochs", "5"]
+    mod.main([*argv, *(["--cnn-epochs", cnn_epochs] if cnn_epochs else [])])
+    ssl, cnn = calls
+    assert {"finetune.epochs=5", "finetune.patience=2", "finetune.warmup_epochs=1"} <= set(ssl)
+    epochs = int(cnn_epochs or 5)
+    budget = [o for o in cnn if o.startswith(("finetune.epochs=", "finetune.patience=", "finetune.warmup_epochs="))]
+    assert budget == [f"finetune.epochs={epochs}", f"finetune.patience={max(2, epochs // 2)}",
+                      f"finetune.warmup_epochs={warmup}"]
+    assert [o for o in cnn if not o.startswith(("finetune.", "checkpoint="))] == \
+        [o for o in ssl if not o.startswith(("finetune.", "checkpoint="))]
