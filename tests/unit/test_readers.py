@@ -33,6 +33,7 @@ from ecgfm.data.readers import (
     merge_equivalent_codes,
     parse_header,
     ptbxl_label_space,
+    ptbxl_diagnostic_codes,
     ptbxl_task_labels,
     ptbxl_task_map,
     read_challenge,
@@ -325,7 +326,21 @@ def test_ptbxl_task_labels_by_hand():
     assert ptbxl_task_labels({"ISC_": 50.0, "NORM": 0.0}, "subdiagnostic", st) == ["ISC", "NORM"]
     assert ptbxl_task_labels({"ISC_": 50.0, "NORM": 0.0}, "superdiagnostic", st) == ["NORM", "STTC"]
     assert ptbxl_task_labels({"ISC_": 50.0, "NORM": 0.0}, "superdiagnostic", st, min_likelihood=50) == ["STTC"]
-    assert ptbxl_task_labels(codes, "all", st, min_likelihood=50.0) == ["NORM"]
+    # a threshold drops diagnostic codes below it ("unknown" 0 included); form / rhythm codes carry no likelihood
+    # in PTB-XL (always 0) and are kept (before: min_likelihood=50 emptied the rhythm task)
+    assert ptbxl_task_labels(codes, "all", st, min_likelihood=50.0) == ["LVOLT", "NORM", "SR"]
+    assert ptbxl_task_labels({"NORM": 0.0, "SR": 0.0}, "all", st, min_likelihood=50.0) == ["SR"]
+    assert ptbxl_task_labels({"NORM": 100.0, "SR": 0.0}, "rhythm", st, min_likelihood=50) == ["SR"]
+    assert ptbxl_task_labels({"LVOLT": 0.0}, "form", st, min_likelihood=50) == ["LVOLT"]
+    assert ptbxl_task_labels({"ISC_": 35.0}, "form", st, min_likelihood=50) == []     # form and diagnostic
+    diag = ptbxl_diagnostic_codes(st)
+    assert diag == {"NORM", "ISC_"}
+    rhythm = ptbxl_task_map(st, "rhythm")
+    assert ptbxl_task_labels({"SR": 0.0}, "rhythm", rhythm, min_likelihood=50, diagnostic_codes=diag) == ["SR"]
+    with pytest.raises(ValueError, match="needs diagnostic_codes"):
+        ptbxl_task_labels({"SR": 0.0}, "rhythm", rhythm, min_likelihood=50)
+    sup = ptbxl_task_map(st, "superdiagnostic")
+    assert ptbxl_task_labels({"ISC_": 50.0, "NORM": 0.0}, "superdiagnostic", sup, min_likelihood=50) == ["STTC"]
     with pytest.raises(ValueError, match="unknown PTB-XL task"):
         ptbxl_task_labels(codes, "nope", st)
 
@@ -354,6 +369,10 @@ def test_ptbxl_source_fixture(fixture_dir):
     sup = src.labels("superdiagnostic")
     ref = _benchmark_labels(table, load_scp_statements(fixture_dir / "ptbxl"), "superdiagnostic")
     assert all(sup[f"{i:05d}"] == ref[i] for i in table.index)
+    # a likelihood threshold thins diagnostic labels only: rhythm labels (likelihood 0 = not given) all stay
+    assert src.labels("rhythm", min_likelihood=50) == src.labels("rhythm")
+    assert sum(map(len, src.labels("diagnostic", min_likelihood=50).values())) < \
+        sum(map(len, src.labels("diagnostic").values()))
 
 
 def test_ptbxl_source_unlabelled_records(fixture_dir, tmp_path):

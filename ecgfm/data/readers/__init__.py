@@ -55,6 +55,7 @@ from ecgfm.data.readers.ptbxl import (
     load_scp_statements,
     ptbxl_label_space,
     ptbxl_record_id,
+    ptbxl_diagnostic_codes,
     ptbxl_task_labels,
     ptbxl_task_map,
 )
@@ -124,6 +125,7 @@ __all__ = [
     "parse_header_comments",
     "ptbxl_label_space",
     "ptbxl_record_id",
+    "ptbxl_diagnostic_codes",
     "ptbxl_task_labels",
     "ptbxl_task_map",
     "read_challenge",

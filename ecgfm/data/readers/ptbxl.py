@@ -17,7 +17,9 @@ learning for ECG analysis: benchmarks and insights from PTB-XL" (IEEE JBHI 2021)
 
 The benchmark keeps a statement whatever its likelihood (it uses the dict's keys; a likelihood of 0 means
 "unknown", not "absent"); ``min_likelihood`` (default 0.0, i.e. the benchmark's behaviour) can drop
-statements below a likelihood instead.
+diagnostic statements below a likelihood instead. PTB-XL gives likelihoods for diagnostic statements only: form
+and rhythm statements carry 0 ("not given", e.g. every ``SR``), so a threshold never drops a statement that is
+not diagnostic (before, ``min_likelihood=50`` silently emptied the rhythm task: SR on 0 of 407 records).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Collection, Mapping, Sequence
 
 import pandas as pd
 
@@ -185,9 +187,14 @@ def ptbxl_task_map(statements: pd.DataFrame, task: str) -> dict[str, str]:
     return out
 
 
+def ptbxl_diagnostic_codes(statements: pd.DataFrame) -> frozenset[str]:
+    """The SCP codes of diagnostic statements (``diagnostic == 1``): the only ones PTB-XL gives likelihoods for."""
+    return frozenset(str(c) for c in statements.index[statements["diagnostic"].fillna(0).astype(float) == 1.0])
+
+
 def ptbxl_task_labels(scp_codes: Mapping[str, float], task: str,
                       statements: pd.DataFrame | Mapping[str, str], min_likelihood: float = 0.0,
-                      ) -> list[str]:
+                      diagnostic_codes: Collection[str] | None = None) -> list[str]:
     """Labels of one record for a PTB-XL benchmark task.
 
     Args:
@@ -195,17 +202,35 @@ def ptbxl_task_labels(scp_codes: Mapping[str, float], task: str,
         task: one of :data:`PTBXL_TASKS`.
         statements: ``scp_statements.csv`` as from :func:`load_scp_statements`, or a code -> label map from
             :func:`ptbxl_task_map` (faster in loops; then ``task`` must match the map).
-        min_likelihood: keep a code only if its likelihood is >= this. The default 0.0 keeps every code, as
-            the benchmark does (for ``all`` the benchmark keeps every key even if it is not a statement).
+        min_likelihood: keep a diagnostic code only if its likelihood is >= this (a diagnostic code given with
+            likelihood 0, "unknown", is then dropped too). Codes of other statements (form, rhythm: PTB-XL gives
+            them no likelihood) are kept whatever the threshold. The default 0.0 keeps every code, as the benchmark
+            does (for ``all`` the benchmark keeps every key even if it is not a statement).
+        diagnostic_codes: the diagnostic codes (:func:`ptbxl_diagnostic_codes`); taken from ``statements`` when it
+            is the table. Needed with a ``min_likelihood`` above 0 when ``statements`` is a map of a ``form``,
+            ``rhythm`` or ``all`` task (a map of a diagnostic task holds diagnostic codes only).
 
     Returns:
         Sorted, de-duplicated labels.
+
+    Raises:
+        ValueError: an unknown task, or a threshold with a non-diagnostic task's map and no ``diagnostic_codes``.
     """
     _check_task(task)
-    mapping = ptbxl_task_map(statements, task) if isinstance(statements, pd.DataFrame) else statements
+    if isinstance(statements, pd.DataFrame):
+        mapping = ptbxl_task_map(statements, task)
+        diagnostic_codes = ptbxl_diagnostic_codes(statements) if diagnostic_codes is None else diagnostic_codes
+    else:
+        mapping = statements
+    if min_likelihood > 0 and diagnostic_codes is None:
+        if task in ("form", "rhythm", "all"):
+            raise ValueError(f"ptbxl_task_labels: min_likelihood={min_likelihood} with a {task!r} code map needs "
+                             f"diagnostic_codes (only diagnostic statements have likelihoods): pass the statements "
+                             f"table or ptbxl_diagnostic_codes(statements)")
+        diagnostic_codes = frozenset(mapping)
     out = set()
     for code, likelihood in scp_codes.items():
-        if float(likelihood) < min_likelihood:
+        if min_likelihood > 0 and code in diagnostic_codes and float(likelihood) < min_likelihood:
             continue
         if task == "all":
             out.add(str(code))
@@ -344,8 +369,9 @@ class PTBXLSource:
 
     def labels(self, task: str = "superdiagnostic", min_likelihood: float = 0.0) -> dict[str, list[str]]:
         """Task labels of every labelled record listed by this source, without reading any signal."""
-        mapping = ptbxl_task_map(load_scp_statements(self.root), task)
-        return {rid: ptbxl_task_labels(self._rows[rid][1]["scp_codes"], task, mapping, min_likelihood)
+        statements = load_scp_statements(self.root)
+        mapping, diagnostic = ptbxl_task_map(statements, task), ptbxl_diagnostic_codes(statements)
+        return {rid: ptbxl_task_labels(self._rows[rid][1]["scp_codes"], task, mapping, min_likelihood, diagnostic)
                 for rid in self._ids if rid in self._rows}
 
     def folds(self) -> dict[str, int | None]:
