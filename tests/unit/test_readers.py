@@ -605,3 +605,22 @@ def test_folder_source_empty_csv_cells_keep_the_headers_values(fixture_dir, tmp_
     b = src.load("sub/HR06000")
     assert b.meta["age"] == 59.0 and b.meta["MI"] == 1 and b.meta["note"] is None   # no header value: None kept
     assert src.load("00001_lr").meta["age"] == 40                                   # a filled cell still wins
+
+
+def test_a_generic_ecg_channel_dropped_beside_standard_leads_is_warned_about(tmp_path, caplog):
+    """A channel named only "ECG" (often a recorded lead) beside a standard one was dropped without a word (only
+    header["dropped_leads"] said so), while the same channel alone is refused with the rename_leads hint."""
+    sig = np.random.default_rng(0).standard_normal((500, 2))
+    wfdb.wrsamp("two", fs=250, units=["mV", "mV"], sig_name=["ECG", "II"], p_signal=sig, fmt=["16", "16"],
+                write_dir=str(tmp_path))
+    with caplog.at_level("WARNING", logger="ecgfm.data.readers.formats"):
+        rec = read_wfdb(tmp_path / "two")
+    assert rec.present_leads == ("II",) and rec.header["dropped_leads"] == ["ECG"]
+    assert any("two" in r.getMessage() and "'ECG'" in r.getMessage() and "rename_leads" in r.getMessage()
+               for r in caplog.records), caplog.text
+    caplog.clear()
+    wfdb.wrsamp("frank", fs=250, units=["mV", "mV"], sig_name=["vx", "II"], p_signal=sig, fmt=["16", "16"],
+                write_dir=str(tmp_path))
+    with caplog.at_level("WARNING", logger="ecgfm.data.readers.formats"):
+        read_wfdb(tmp_path / "frank")   # a real lead outside the 12-lead layout: dropped with the header's note only
+    assert not caplog.records

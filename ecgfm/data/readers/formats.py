@@ -67,7 +67,14 @@ import numpy as np
 import scipy.io
 import wfdb
 
-from ecgfm.data.record import LEAD_PLACEHOLDER, ECGDataError, ECGRecord, canonical_lead, map_leads
+from ecgfm.data.record import (
+    CANONICAL_LEADS,
+    LEAD_PLACEHOLDER,
+    ECGDataError,
+    ECGRecord,
+    canonical_lead,
+    map_leads,
+)
 
 log = logging.getLogger(__name__)
 
@@ -982,6 +989,11 @@ def _finish(signal: np.ndarray, names: Sequence[str], header: WFDBHeader, hea: P
             raise
         raise ECGDataError(exc.path, f"{exc.problem}: {generic[0]!r} names no particular lead; if it is a standard "
                                      f"lead, {hint(generic[0])}") from None
+    generic = [name for name in dropped_ecg if name.strip().lower() in _GENERIC_LEAD_NAMES]
+    if generic:   # beside standard leads a channel named only "ECG" is dropped, often a recorded lead: say so
+        log.warning("%s: dropped channel(s) %s, which name no particular lead (kept: %s); if one is a standard "
+                    "lead, %s", hea, generic, [lead for lead, on in zip(CANONICAL_LEADS, mask) if on],
+                    hint(generic[0]))
     # every dropped channel in the header's order: non-voltage ones by published name, the others (Frank vx...)
     # by their mapped name as map_leads reports them
     left, kept = list(dropped_ecg), set(keep)
