@@ -69,8 +69,18 @@ def fold_split(folds: Sequence[Any], train: Iterable[int] = range(1, 9), val: It
         common = sets[a] & sets[b]
         if common:
             raise ValueError(f"fold_split: folds {sorted(common)} are in both {a} and {b}")
-    values = np.array([np.nan if is_unknown_patient(f) else float(f) for f in folds], dtype=np.float64)
+    values = np.array([np.nan if is_unknown_patient(f) else _fold_number(i, f) for i, f in enumerate(folds)],
+                      dtype=np.float64)
     return {name: np.flatnonzero(np.isin(values, sorted(s))).astype(np.int64) for name, s in sets.items()}
+
+
+def _fold_number(index: int, fold: Any) -> float:
+    """A fold value as a number, or a ``ValueError`` naming the record's position and the value."""
+    try:
+        return float(fold)
+    except (TypeError, ValueError):
+        raise ValueError(f"fold_split: the fold of record {index} is {fold!r}, not a fold number; a split column of "
+                         f"names (train / val / test) is read with split.kind: column") from None
 
 
 def _label_matrix(labels: Any, n: int) -> np.ndarray:

@@ -318,6 +318,13 @@ def build_task(spec: TaskSpec, cache_root: str, preprocess: PreprocessSpec, clas
             seen = sorted({str(k) for m in index["meta"] if isinstance(m, Mapping) for k in m})
             raise TaskError(f"task {spec.name}: split.key {key!r} (folds split) is in the metadata of no labelled "
                              f"record of {cache_dir}; the records' metadata keys: {seen[:20]}")
+        for i in np.flatnonzero(known & labelled):
+            try:
+                float(folds[i])
+            except (TypeError, ValueError):
+                raise TaskError(f"task {spec.name}: record {cache.keys[int(i)]} of {cache_dir} has {key} "
+                                f"{folds[i]!r}, not a fold number (split.kind: folds); a split column of names "
+                                f"(train / val / test) is read with split.kind: column") from None
         sp = fold_split([folds[i] if labelled[i] else None for i in range(len(folds))],
                         train=spec.split.get("train", range(1, 9)), val=spec.split.get("val", (9,)),
                         test=spec.split.get("test", (10,)))

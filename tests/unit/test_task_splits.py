@@ -52,3 +52,21 @@ def test_split_column_spellings_and_unknown_values(tmp_path, fixture_dir):
     root = _folder(odd, fixture_dir, rows[:4] + [("P7", "holdout", "A")])
     with pytest.raises(ValueError, match=r"split column 'split' holds \['holdout'\]"):
         _task(root, odd)
+
+
+def test_a_folds_split_over_a_column_of_names_is_refused_naming_the_record(tmp_path, fixture_dir):
+    """split.kind folds over a column of names failed with float()'s bare "could not convert string to float"
+    (neither record nor setting named)."""
+    from ecgfm.data.splits import fold_split
+    from ecgfm.evaluate.tasks import TaskError
+
+    with pytest.raises(ValueError, match=r"fold of record 1 is 'train'.*split.kind: column"):
+        fold_split([1, "train", 10])
+    root = _folder(tmp_path, fixture_dir, [("P1", "train", "A"), ("P2", "test", "B"), ("P3", "val", "A")])
+    spec = TaskSpec(name="mine", dataset="mine", sources=[{
+        "_target_": "ecgfm.data.readers.FolderSource", "root": str(root), "labels_csv": str(root / "labels.csv"),
+        "id_column": "record_id", "patient_column": "patient_id", "label_columns": ["diagnosis"],
+        "include_unlabelled": False}], labels="record", multilabel=False, split={"kind": "folds", "key": "split"})
+    with pytest.raises(TaskError, match=r"task mine: record \S+00001_lr of .* has split 'train', not a fold number "
+                                        r".*split.kind: column"):
+        build_task(spec, str(tmp_path / "cache"), PreprocessSpec(fs=100))
