@@ -18,7 +18,15 @@ Per record of a task cache (the preprocessed signal at the cache's rate, :meth:`
      relative to the median RR, min / max relative RR, Shannon entropy of the relative-RR histogram;
    * irregularity (successive differences, the classic AF markers): RMSSD (absolute and relative to the mean RR),
      SD of the differences, mean absolute difference relative to the mean RR, pNN20, pNN50, share of successive
-     differences above 10 % of the preceding interval, Poincare SD1 / SD2 and their ratio, turning-point ratio;
+     differences above 10 % of the preceding interval, Poincare SD1 / SD2 and their ratio, turning-point ratio.
+     Standard deviations are population SDs (ddof 0; neurokit2 / Kubios use ddof 1: SDNN 25.2 vs 26.6 ms on 10
+     intervals). SD1 is the Poincare SD1 exactly (SD of successive differences / sqrt 2); SD2 is estimated through
+     the identity SD2^2 = 2 SDNN^2 - SD1^2 (clipped at 0), which equals the Poincare SD2 (SD of
+     (RR_n + RR_n+1) / sqrt 2) for long series but not on short ones: on the 100 PTB-XL fixture records (10 s,
+     a median of 10 intervals) the two differ by a median 5.8 % (90th percentile 22 %), on CinC 2017's 9-61 s
+     records less. Kept as defined in feature version hc-1 (review of 2026-12-07): the committed handcrafted rows
+     and the handcrafted pretext targets of the SimCLR-CNN encoders were computed with it, and a new definition
+     needs a new FEATURE_VERSION (every feature cache, pretext target file and cell recomputed);
    * morphology: beats cut from 0.25 s before to 0.45 s after each R-peak, template = median beat; R amplitude mean
      and CV, beat-to-template correlation (mean, 10th percentile, minimum, share below 0.8), residual RMS relative
      to the R amplitude, P-region (0.25-0.05 s before R) correlation with the template's P region and the
