@@ -11,7 +11,7 @@ STAMP=.venv/.ecgfm-setup-$(sha256sum pyproject.toml | cut -c1-16)
 if [ ! -f "$STAMP" ]; then
   .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
   # The torch/torchvision pair that installs from local wheels on these machines (x86_64); the project
-  # itself declares ranges (torch>=2.3) so any compatible pair works elsewhere.
+  # itself declares ranges (torch>=2.4) so any compatible pair works elsewhere.
   if [ "$(uname -m)" = "x86_64" ]; then TORCH="torch==2.14.1 torchvision==0.29.1"; else TORCH="torch==2.9.1 torchvision==0.24.1"; fi
   .venv/bin/python -m pip install -q $TORCH
   .venv/bin/python -m pip install -q -e ".[dev]"

@@ -243,9 +243,20 @@ def rate_checked_spec(checkpoint: str, spec: PreprocessSpec, fs: float | None, o
 
 
 def checkpoint_slug(checkpoint: str) -> str:
-    """Readable, file-system safe cell folder name of a checkpoint value (+ a short hash against collisions)."""
-    text = str(checkpoint)
-    readable = re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")[-60:]
+    """Readable, file-system safe cell folder name of a checkpoint value (+ a short hash against collisions).
+
+    A path (alone or after a ``random:`` / ``supervised:``-style prefix) is normalised first, so ``./runs/x/``,
+    ``runs//x`` and ``runs/x`` name one folder (before, each spelling computed its cells again, and a spelling
+    starting with ``.`` made a hidden folder); a plain spelling keeps the name it always had. An absolute and a
+    relative spelling of one folder still name two (the cells are found by the string, not the file system)."""
+    text = str(checkpoint).strip()
+    prefix, sep, rest = text.partition(":")
+    if not sep or "/" in prefix or "\\" in prefix or len(prefix) == 1:   # no prefix (or a drive letter)
+        prefix, sep, rest = "", "", text
+    if rest and ("/" in rest or rest.startswith(".")):
+        rest = os.path.normpath(rest)
+    text = f"{prefix}{sep}{rest}"
+    readable = re.sub(r"[^A-Za-z0-9._-]+", "_", text).lstrip("._").rstrip("_")[-60:].lstrip(".")
     return f"{readable}-{hashlib.sha256(text.encode()).hexdigest()[:6]}"
 
 
