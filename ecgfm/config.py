@@ -576,6 +576,24 @@ def _missing_keys(node: Any, key: str = "") -> list[str]:
     return out
 
 
+#: Lightning loggers whose package is an optional extra of ecgfm: class name -> (modules any of which serves, extra)
+OPTIONAL_LOGGERS = {"WandbLogger": (("wandb",), "wandb"),
+                    "TensorBoardLogger": (("tensorboard", "tensorboardX"), "tensorboard")}
+
+
+def check_logger_installed(node: Any) -> None:
+    """Refuse a logger whose optional package is not installed, before any data is prepared (Lightning failed only
+    when the logger was built, after the cache was prepared, as a raw instantiation error)."""
+    import importlib.util
+
+    target = str(node.get("_target_", "")) if isinstance(node, (DictConfig, dict)) else ""
+    need = OPTIONAL_LOGGERS.get(target.rsplit(".", 1)[-1])
+    if need and not any(importlib.util.find_spec(m) is not None for m in need[0]):
+        raise ConfigError("logger", f"{target} needs the {' or '.join(need[0])} package, which is not installed: "
+                                    f"pip install 'ecgfm[{need[1]}]' (in a checkout: pip install -e '.[{need[1]}]'), "
+                                    f"or choose logger=csv")
+
+
 def validate_train_config(cfg: DictConfig, provided: dict[str, tuple[str, ...]] | None = None) -> DictConfig:
     """Validate a composed training config and return it merged into the :class:`TrainConfig` schema.
 
@@ -611,6 +629,7 @@ def validate_train_config(cfg: DictConfig, provided: dict[str, tuple[str, ...]] 
             raise ConfigError(name, "is not set (choose one of the conf/" + name + "/ options)")
         if isinstance(node, DictConfig):
             check_target_node(strip_params(node), name, provided.get(name, ()))
+    check_logger_installed(merged.get("logger"))
     trainer_node = merged._get_node("trainer")
     for key, how in (("logger", "choose it with the logger group (logger=csv, logger=wandb, ...) or ~logger"),
                      ("default_root_dir", "the run folder is hydra.run.dir (out_dir)")):

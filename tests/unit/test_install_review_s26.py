@@ -47,3 +47,24 @@ def test_plain_spellings_keep_their_cell_folder_names():
     assert checkpoint_slug("handcrafted") == "handcrafted-2db522"
     assert checkpoint_slug("supervised:resnet1d_tiny") == "supervised_resnet1d_tiny-635522"
     assert checkpoint_slug("random:runs/mae/encoder") == "random_runs_mae_encoder-650356"
+
+
+@pytest.mark.parametrize("logger, module", [("wandb", "wandb"), ("tensorboard", "tensorboard")])
+def test_a_logger_whose_package_is_missing_is_refused_at_config(logger, module, monkeypatch, tmp_path):
+    """logger=wandb / tensorboard without the extra installed failed after the cache was prepared, as a raw Hydra
+    instantiation error; now one ConfigError naming the extra to install."""
+    import importlib.util
+
+    from hydra import compose, initialize_config_dir
+
+    from ecgfm.config import ConfigError, validate_train_config
+
+    with initialize_config_dir(config_dir=str(ROOT / "ecgfm" / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[f"logger={logger}", f"out_dir={tmp_path / 'run'}",
+                                          f"paths.cache_root={tmp_path / 'cache'}"])
+    validate_train_config(cfg)   # installed here (the dev extra): accepted
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a, **k: None if name in (module, "tensorboardX") else real(name, *a, **k))
+    with pytest.raises(ConfigError, match=rf"logger.*{module}.*not installed.*ecgfm\[{logger}\]"):
+        validate_train_config(cfg)
