@@ -2052,8 +2052,9 @@ def _incomplete_message(path: Path) -> str:
         except (ValueError, KeyError, OSError):
             progress = ""
         return (f"incomplete cache: preparation did not finish{progress}; rerun prepare_corpus / "
-                f"scripts/prepare.py with the same arguments to resume")
-    return "not an ecgfm corpus cache (no manifest.json); create one with scripts/prepare.py"
+                f"ecgfm-prepare (python prepare.py in a checkout) with the same arguments to resume")
+    return ("not an ecgfm corpus cache (no manifest.json); create one with ecgfm-prepare (python prepare.py in a "
+            "checkout) or ecgfm.data.cache.prepare_corpus")
 
 
 class CorpusCache:

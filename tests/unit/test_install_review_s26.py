@@ -68,3 +68,13 @@ def test_a_logger_whose_package_is_missing_is_refused_at_config(logger, module, 
                         lambda name, *a, **k: None if name in (module, "tensorboardX") else real(name, *a, **k))
     with pytest.raises(ConfigError, match=rf"logger.*{module}.*not installed.*ecgfm\[{logger}\]"):
         validate_train_config(cfg)
+
+
+def test_cache_messages_name_commands_an_installed_ecgfm_has(tmp_path):
+    """An installed ecgfm has no scripts/ folder: the messages of a folder that is not (yet) a cache name the
+    console script (ecgfm-prepare) instead of scripts/prepare.py."""
+    from ecgfm.data.cache import _incomplete_message
+
+    assert "ecgfm-prepare" in _incomplete_message(tmp_path) and "scripts/" not in _incomplete_message(tmp_path)
+    (tmp_path / "plan.json").write_text('{"n_shards": 1}')
+    assert "ecgfm-prepare" in _incomplete_message(tmp_path) and "scripts/" not in _incomplete_message(tmp_path)
