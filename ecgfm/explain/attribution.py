@@ -463,33 +463,60 @@ class EmbeddingObjective(nn.Module):
 
 
 class _Shifted(nn.Module):
-    """``f(z + shift, *args)``: lets captum's GradientShap use a per-input baseline (``z = x - baseline``,
-    baseline distribution ``{0}``) while staying batched."""
+    """``f((z + shift) * keep + held, *args)``: lets captum's GradientShap use a per-input baseline
+    (``z = x - baseline``, baseline distribution ``{0}``) while staying batched; ``keep`` / ``held`` as in
+    :class:`_Present`."""
 
     def __init__(self, fn: nn.Module):
         super().__init__()
         self.fn = fn
 
-    def forward(self, z: Tensor, shift: Tensor, keep: Tensor, *args: Tensor) -> Tensor:
-        return self.fn((z + shift) * keep, *args)
+    def forward(self, z: Tensor, shift: Tensor, keep: Tensor, held: Tensor | None, *args: Tensor) -> Tensor:
+        v = (z + shift) * keep
+        return self.fn(v if held is None else v + held, *args)
 
 
 class _Present(nn.Module):
-    """``fn(x * keep, *args)`` with ``keep (B, L, 1)`` = the record's present leads: the noise and the baselines of
-    a sampling method (GradientSHAP, SmoothGrad) never reach a lead the record does not have (the absent rows are
-    cleared from the map afterwards, but the present leads' maps were computed on inputs that had them)."""
+    """``fn(x * keep + held, *args)`` with ``keep (B, L, 1)`` = the record's present leads: the noise and the
+    baselines of a sampling method (GradientSHAP, SmoothGrad) never reach a lead the record does not have (the
+    absent rows are cleared from the map afterwards, but the present leads' maps were computed on inputs that had
+    them). With ``recorded`` samples (:func:`_keep_and_held`), ``keep (B, L, T)`` is also 0 outside them (the zero
+    padding of a short record) and ``held`` holds those samples at the input's own values (None: nothing held)."""
 
     def __init__(self, fn: nn.Module):
         super().__init__()
         self.fn = fn
 
-    def forward(self, x: Tensor, keep: Tensor, *args: Tensor) -> Tensor:
-        return self.fn(x * keep, *args)
+    def forward(self, x: Tensor, keep: Tensor, held: Tensor | None, *args: Tensor) -> Tensor:
+        v = x * keep
+        return self.fn(v if held is None else v + held, *args)
 
 
 def _keep(x: Tensor) -> Tensor:
     """``(B, L, 1)`` float: 1 for the present leads of ``x (B, L, T)``, 0 for the absent (zero-filled) ones."""
     return present_rows(x)[:, :, None].to(x.dtype)
+
+
+def _keep_and_held(x: Tensor, recorded: Any) -> tuple[Tensor, Tensor | None]:
+    """``(keep, held)`` for :class:`_Present` / :class:`_Shifted`: without ``recorded``, the present leads
+    (:func:`_keep`, ``(B, L, 1)``) and None; with it, ``keep (B, L, T)`` float of the recorded samples of present
+    leads (:func:`recorded_samples`) and ``held = x * (1 - keep)``, the input's values elsewhere (zeros for absent
+    leads and for the zero padding of a short record), so no noise or baseline is written there."""
+    if recorded is None:
+        return _keep(x), None
+    keep = recorded_samples(x, recorded).to(x.dtype)
+    return keep, x.detach() * (1 - keep)
+
+
+def _confined_baseline(base: Tensor, x: Tensor, recorded: Any) -> Tensor:
+    """``base`` (``(1 | B, L, T)``, :func:`make_baseline`) on the recorded samples of ``x``'s present leads
+    (:func:`recorded_samples`) and ``x`` itself elsewhere, as :func:`ecgfm.explain.faithfulness.perturbation_curve`
+    replaces segments: a path or a replacement from it never writes signal into the zero padding of a short record
+    (the smoothed copy carried the low-passed end of the recording into it) or into an absent lead. ``base``
+    unchanged when ``recorded`` is None."""
+    if recorded is None:
+        return base
+    return torch.where(recorded_samples(x, recorded), base.expand_as(x), x.detach())
 
 
 @dataclass
@@ -536,14 +563,22 @@ def _m_input_x_gradient(job: _Job) -> tuple[Tensor, None, dict]:
 class _Scaled(nn.Module):
     """``fn(z * s, *args)``: ``fn`` seen through per-record units ``s (B, 1, 1)``, so that one noise level in ``z``
     is ``noise_level * s_i`` for record ``i`` in the input space (captum's NoiseTunnel takes one stdev per input
-    tensor, not per record)."""
+    tensor, not per record). ``rec`` / ``held`` (both None, or ``(B, L, T)``: the recorded samples, bool, and the
+    input's values outside them) hold the samples outside the recorded span at the input's values, noise-free."""
 
     def __init__(self, fn: nn.Module):
         super().__init__()
         self.fn = fn
 
-    def forward(self, z: Tensor, s: Tensor, keep: Tensor, *args: Any) -> Tensor:
-        return self.fn(z * s * keep, *args)   # keep: noise never reaches an absent lead (see _Present)
+    def forward(self, z: Tensor, s: Tensor, keep: Tensor, rec: Tensor | None, held: Tensor | None,
+                *args: Any) -> Tensor:
+        v = z * s
+        if rec is not None:
+            # the noise never reaches the zero padding of a short record: the forward value there is the input's
+            # own (exactly: v - v.detach() is 0), but the gradient passes straight through, so the map there is
+            # still the smoothed gradient at those samples, as without ``recorded``, not a zero made by a mask
+            v = torch.where(rec, v, held + (v - v.detach()))
+        return self.fn(v * keep, *args)   # keep: noise never reaches an absent lead (see _Present)
 
 
 def _m_smoothgrad(job: _Job, n_samples: int = 50, noise_level: float = 0.15, batch_size: int | None = None,
@@ -552,7 +587,9 @@ def _m_smoothgrad(job: _Job, n_samples: int = 50, noise_level: float = 0.15, bat
     its range), drawn per record from its content, so a record's map does not depend on the records it is batched
     with. The standard deviation is the record's signal's: over its present leads and its ``recorded`` samples
     (:func:`recorded_samples`; default every sample), so that zero-filled leads and the zero padding of a short
-    record do not shrink the noise (lead I alone got about a third of the noise it got among 12 leads)."""
+    record do not shrink the noise (lead I alone got about a third of the noise it got among 12 leads); and with
+    ``recorded`` the noise is confined to those samples: every noisy copy holds the zero padding at zero (the map
+    there is still the smoothed gradient)."""
     from captum.attr import NoiseTunnel, Saliency
 
     x = job.x.detach()
@@ -561,6 +598,8 @@ def _m_smoothgrad(job: _Job, n_samples: int = 50, noise_level: float = 0.15, bat
                      for b in range(x.shape[0])])
     s = torch.nan_to_num(s).clamp_min(1e-8)[:, None, None]                 # (B, 1, 1) each record's scale
     keep = _keep(x)                                                        # (B, L, 1) present leads
+    # (B, L, T) each: the recorded samples and the input's values elsewhere (see _Scaled)
+    rec, held = (None, None) if recorded is None else (signal, x * (~signal).to(x.dtype))
     if batch_size is None:  # about 256 ECG copies per forward pass
         batch_size = max(1, min(n_samples, 256))
     tunnel = NoiseTunnel(Saliency(_Scaled(job.fn)))
@@ -572,7 +611,8 @@ def _m_smoothgrad(job: _Job, n_samples: int = 50, noise_level: float = 0.15, bat
             rows.append(tunnel.attribute(
                 x[b:b + 1] / s[b:b + 1], nt_type="smoothgrad_sq" if squared else "smoothgrad", nt_samples=n_samples,
                 nt_samples_batch_size=batch_size, stdevs=float(noise_level), target=job.target[b:b + 1], abs=False,
-                additional_forward_args=(s[b:b + 1], keep[b:b + 1], *_record_args(job, b))))
+                additional_forward_args=(s[b:b + 1], keep[b:b + 1], None if rec is None else rec[b:b + 1],
+                                         None if held is None else held[b:b + 1], *_record_args(job, b))))
     g = torch.cat(rows)
     v = g / (s ** 2 if squared else s)                                     # d/dz = s d/dx
     return v, None, {"n_samples": n_samples, "noise_level": noise_level,
@@ -589,10 +629,13 @@ def _internal_batch(job: _Job, n_steps: int, internal_batch_size: int | None) ->
 
 def _m_integrated_gradients(job: _Job, n_steps: int = 16, method: str = "gausslegendre",
                             baselines: Any = "smoothed", internal_batch_size: int | None = None,
-                            ) -> tuple[Tensor, Tensor, dict]:
+                            recorded: Any = None) -> tuple[Tensor, Tensor, dict]:
+    """``recorded``: the recorded samples (:func:`recorded_samples`); the baseline equals the input outside them
+    and on absent leads (:func:`_confined_baseline`), so the path never writes signal into the zero padding of a
+    short record. Default: every sample."""
     from captum.attr import IntegratedGradients
 
-    base = make_baseline(baselines, job.x, job.fs)
+    base = _confined_baseline(make_baseline(baselines, job.x, job.fs), job.x, recorded)
     ibs = _internal_batch(job, n_steps, internal_batch_size)
     v, delta = IntegratedGradients(job.fn, multiply_by_inputs=True).attribute(
         job.x, baselines=base, target=job.target, n_steps=n_steps, method=method,
@@ -605,12 +648,13 @@ def _baseline_name(b: Any) -> Any:
     return b if isinstance(b, (str, int, float)) or b is None else f"tensor{tuple(torch.as_tensor(b).shape)}"
 
 
-def _m_deeplift(job: _Job, baselines: Any = "smoothed") -> tuple[Tensor, Tensor, dict]:
+def _m_deeplift(job: _Job, baselines: Any = "smoothed", recorded: Any = None) -> tuple[Tensor, Tensor, dict]:
     """Note: captum's DeepLift needs every non-linearity to be its own ``nn.Module`` instance (a ReLU module
-    reused twice or ``F.relu`` falls back to plain gradients for that non-linearity)."""
+    reused twice or ``F.relu`` falls back to plain gradients for that non-linearity). ``recorded``: as for
+    integrated gradients (the baseline equals the input outside the recorded samples)."""
     from captum.attr import DeepLift
 
-    base = make_baseline(baselines, job.x, job.fs)
+    base = _confined_baseline(make_baseline(baselines, job.x, job.fs), job.x, recorded)
     if base.shape[0] == 1:
         base = base.expand_as(job.x).contiguous()
     # captum's DeepLift hooks read each non-linearity's input after the forward pass; an in-place ReLU has
@@ -632,17 +676,19 @@ def _m_deeplift(job: _Job, baselines: Any = "smoothed") -> tuple[Tensor, Tensor,
 
 
 def _m_gradient_shap(job: _Job, baselines: Any = "smoothed", n_samples: int = 25, stdevs: float = 0.0,
-                     bank: Any = None) -> tuple[Tensor, Tensor, dict]:
+                     bank: Any = None, recorded: Any = None) -> tuple[Tensor, Tensor, dict]:
     """``baselines`` as every other method reads them (:func:`make_baseline`: ``"zeros"``, ``"smoothed"`` /
     ``"median"``, a number, a tensor of one baseline per record ``(B, L, T)`` or one for all ``(L, T)``), each
     record's own baseline batched through :class:`_Shifted`; or ``bank``, an ``(N, L, T)`` bank of reference ECGs
     sampled uniformly for every record (:func:`baseline_bank`), which replaces ``baselines``. The two are separate
     arguments because an ``(N, L, T)`` tensor with ``N`` equal to the batch size reads both ways. Noise
-    (``stdevs``) and bank baselines never reach the record's absent leads."""
+    (``stdevs``) and bank baselines never reach the record's absent leads, nor, with ``recorded``
+    (:func:`recorded_samples`), the samples outside them (the zero padding of a short record, held at the input's
+    values: the map is 0 there, as integrated gradients' is)."""
     from captum.attr import GradientShap
 
     x = job.x
-    keep = _keep(x)
+    keep, held = _keep_and_held(x, recorded)
     shift = None
     if bank is not None:
         opts = {"bank": _baseline_name(bank), "n_samples": n_samples, "stdevs": stdevs}
@@ -657,7 +703,7 @@ def _m_gradient_shap(job: _Job, baselines: Any = "smoothed", n_samples: int = 25
             bank = torch.zeros_like(x[:1])         # one zero ECG: captum's plain path, as before
         else:
             try:
-                shift = make_baseline(baselines, x, job.fs).expand_as(x)
+                shift = _confined_baseline(make_baseline(baselines, x, job.fs), x, recorded).expand_as(x)
             except ValueError as exc:
                 raise ValueError(f"{exc}; gradient_shap takes a bank of reference ECGs as bank=(N, L, T)") from None
     vs, deltas = [], []
@@ -669,14 +715,21 @@ def _m_gradient_shap(job: _Job, baselines: Any = "smoothed", n_samples: int = 25
                 v, delta = GradientShap(_Shifted(job.fn)).attribute(
                     x[b:b + 1] - shift[b:b + 1], baselines=torch.zeros_like(x[:1]), target=job.target[b:b + 1],
                     n_samples=n_samples, stdevs=stdevs, return_convergence_delta=True,
-                    additional_forward_args=(shift[b:b + 1], keep[b:b + 1], *_record_args(job, b)))
+                    additional_forward_args=(shift[b:b + 1], keep[b:b + 1], _row(held, b),
+                                             *_record_args(job, b)))
             else:
                 v, delta = GradientShap(_Present(job.fn)).attribute(
                     x[b:b + 1], baselines=bank, target=job.target[b:b + 1], n_samples=n_samples, stdevs=stdevs,
-                    return_convergence_delta=True, additional_forward_args=(keep[b:b + 1], *_record_args(job, b)))
+                    return_convergence_delta=True,
+                    additional_forward_args=(keep[b:b + 1], _row(held, b), *_record_args(job, b)))
         vs.append(v)
         deltas.append(delta.reshape(-1).mean()[None])   # captum: one delta per (input, sample): their mean
     return torch.cat(vs), torch.cat(deltas), opts
+
+
+def _row(t: Tensor | None, b: int) -> Tensor | None:
+    """Row ``b`` of ``t`` as a batch of one, or None."""
+    return None if t is None else t[b:b + 1]
 
 
 def _default_window(fs: float, seconds: float) -> int:
@@ -684,14 +737,17 @@ def _default_window(fs: float, seconds: float) -> int:
 
 
 def _m_occlusion(job: _Job, window_s: float = 0.2, stride_s: float | None = None, lead_window: int = 1,
-                 baselines: Any = "smoothed", perturbations_per_eval: int = 64) -> tuple[Tensor, None, dict]:
+                 baselines: Any = "smoothed", perturbations_per_eval: int = 64, recorded: Any = None,
+                 ) -> tuple[Tensor, None, dict]:
     """Slide a ``lead_window`` x ``window_s`` patch over (lead, time), replacing it by the baseline (default: the
-    record's own smoothed copy, so no artificial step to zero is introduced)."""
+    record's own smoothed copy, so no artificial step to zero is introduced). ``recorded``: the baseline equals the
+    input outside the recorded samples (:func:`_confined_baseline`): a patch over the zero padding replaces
+    nothing."""
     from captum.attr import Occlusion
 
     w = _default_window(job.fs, window_s)
     s = _default_window(job.fs, stride_s if stride_s is not None else window_s / 2)
-    base = make_baseline(baselines, job.x, job.fs)
+    base = _confined_baseline(make_baseline(baselines, job.x, job.fs), job.x, recorded)
     if base.shape[0] == 1:
         base = base.expand_as(job.x).contiguous()
     with torch.inference_mode():
@@ -724,20 +780,24 @@ def _ablate(job: _Job, mask: Tensor, base: Tensor, perturbations_per_eval: int) 
     return v * here.reshape(job.x.shape).to(v.dtype) / size.clamp_min(1)
 
 
-def _m_lead_ablation(job: _Job, baselines: Any = "zeros", perturbations_per_eval: int = 12,
+def _m_lead_ablation(job: _Job, baselines: Any = "zeros", perturbations_per_eval: int = 12, recorded: Any = None,
                      ) -> tuple[Tensor, None, dict]:
-    """Baseline ``"zeros"`` = lead absent, ecgfm's convention for missing leads."""
+    """Baseline ``"zeros"`` = lead absent, ecgfm's convention for missing leads. ``recorded``: the baseline equals
+    the input outside the recorded samples (:func:`_confined_baseline`)."""
     b, n_l, n_t = job.x.shape
     mask = torch.arange(n_l, device=job.x.device)[None, :, None].expand(1, n_l, n_t)
-    v = _ablate(job, mask, make_baseline(baselines, job.x, job.fs), perturbations_per_eval)
+    v = _ablate(job, mask, _confined_baseline(make_baseline(baselines, job.x, job.fs), job.x, recorded),
+                perturbations_per_eval)
     return v, None, {"baselines": _baseline_name(baselines), "perturbations_per_eval": perturbations_per_eval}
 
 
 def _m_wave_ablation(job: _Job, r_peaks: Sequence[np.ndarray] | None = None, per_beat: bool = False,
                      by_lead: bool = False, baselines: Any = "smoothed", perturbations_per_eval: int = 16,
-                     ) -> tuple[Tensor, None, dict]:
+                     recorded: Any = None) -> tuple[Tensor, None, dict]:
     """P / QRS / T segments (all beats of a wave together, or each beat with ``per_beat``) replaced by the
-    baseline; the remainder (PR, ST-free TP segments) is the feature ``"other"``."""
+    baseline; the remainder (PR, ST-free TP segments) is the feature ``"other"``. ``recorded``: the baseline equals
+    the input outside the recorded samples (:func:`_confined_baseline`), so ablating ``"other"`` leaves the zero
+    padding of a short record at zero."""
     b, n_l, n_t = job.x.shape
     if r_peaks is None:
         r_peaks = waves_mod.detect_r_peaks_batch(job.x, job.fs)
@@ -746,7 +806,8 @@ def _m_wave_ablation(job: _Job, r_peaks: Sequence[np.ndarray] | None = None, per
         win = waves_mod.wave_windows(r, job.fs, n_t)
         masks.append(waves_mod.wave_feature_mask(win, n_l, n_t, per_beat=per_beat, by_lead=by_lead)[0])
     mask = torch.stack(masks).to(job.x.device)
-    v = _ablate(job, mask, make_baseline(baselines, job.x, job.fs), perturbations_per_eval)
+    v = _ablate(job, mask, _confined_baseline(make_baseline(baselines, job.x, job.fs), job.x, recorded),
+                perturbations_per_eval)
     return v, None, {"per_beat": per_beat, "by_lead": by_lead, "baselines": _baseline_name(baselines),
                      "n_beats": [int(len(r)) for r in r_peaks], "perturbations_per_eval": perturbations_per_eval}
 
@@ -791,15 +852,49 @@ def _upsample_grid(cam: Tensor, n_leads: int, n_t: int, offset: float | None = N
 _SWEEP_ROUNDS = 4   # waves per phase of the stride in _measured_column_offset's sweep (4 x 32 waves in all)
 
 
-def _measured_column_offset(job: "_Job", layer: str, layer_layout: str | None) -> float | None:
+def _probe_key(x_row: Tensor) -> tuple[tuple[bool, ...], float]:
+    """What :func:`_measured_column_offset`'s probe is built from for one record ``x_row (L, T)``: its present leads
+    and its signal's sd rounded to a power of two (the probe's amplitude). Records with the same key get the same
+    probe, hence the same column offset."""
+    present = present_rows(x_row[None].detach())[0]                                   # (L,)
+    sd = float(x_row.detach()[present].std()) if bool(present.any()) and x_row.shape[-1] > 1 else 1.0
+    scale = 2.0 ** round(math.log2(max(sd, 1e-3))) if math.isfinite(sd) else 1.0
+    return tuple(bool(p) for p in present.tolist()), scale
+
+
+def _column_offsets(job: "_Job", layer: str, layer_layout: str | None) -> list[float | None]:
+    """:func:`_measured_column_offset` of every record of the job, measured once per distinct probe
+    (:func:`_probe_key`: present leads and amplitude) on the first record that has it, so that a record's map is
+    placed as when it is explained alone, whatever records share its batch (measured once on the batch's first
+    record, a 3-lead record behind a 12-lead one was drawn with the 12-lead record's offset)."""
+    measured: dict[tuple, float | None] = {}
+    out = []
+    for b in range(job.x.shape[0]):
+        key = _probe_key(job.x[b])
+        if key not in measured:
+            measured[key] = _measured_column_offset(job, layer, layer_layout, record=b)
+        out.append(measured[key])
+    return out
+
+
+def _upsample_per_record(cam: Tensor, n_leads: int, n_t: int, offsets: Sequence[float | None]) -> Tensor:
+    """:func:`_upsample_grid` of each record of ``cam (B, 1, H, W)`` with its own column offset."""
+    if len(set(offsets)) == 1:
+        return _upsample_grid(cam, n_leads, n_t, offsets[0])
+    return torch.cat([_upsample_grid(cam[b:b + 1], n_leads, n_t, o) for b, o in enumerate(offsets)])
+
+
+def _measured_column_offset(job: "_Job", layer: str, layer_layout: str | None, record: int = 0) -> float | None:
     """Where a CNN layer's columns sit on the input, measured: column ``k`` is drawn at ``offset + k*s``, the centre
     of the wave positions that move column ``k`` more than any other column. None when it cannot be measured
     (:func:`_upsample_grid` then uses patch centres or stretches the map).
 
-    Measured on a probe, not on the records: seeded Gaussian noise on the first record's present leads, at its sd
-    rounded to a power of two. So every record of one lead set and length gets the same placement (measured on the
-    record itself, the offset moved by a sample or two from record to record, and maps of two records, e.g. with
-    and without a wave, were drawn shifted against each other); and noise leaves no ReLU dead over a flat stretch.
+    Measured on a probe, not on the records: seeded Gaussian noise on the present leads of record ``record`` of the
+    job (default the first), at its sd rounded to a power of two (:func:`_probe_key`). So every record of one lead
+    set and length gets the same placement (measured on the record itself, the offset moved by a sample or two from
+    record to record, and maps of two records, e.g. with and without a wave, were drawn shifted against each other);
+    and noise leaves no ReLU dead over a flat stretch. A batch mixing lead sets is measured once per probe
+    (:func:`_column_offsets`).
 
     1. Receptive field: the input samples that the middle column and the next one depend on (non-zero gradient,
        summed over channels and four noise draws). None when that support reaches either end of the input (a
@@ -842,17 +937,16 @@ def _measured_column_offset(job: "_Job", layer: str, layer_layout: str | None) -
         return out.flatten(1, -2)
 
     n_t = job.x.shape[-1]
-    # the probe: seeded noise on the first record's present leads, at its sd rounded to a power of two, so that
-    # every record (of that lead set and length) gets the same placement; noise leaves no ReLU dead over a flat
-    # stretch, which would cut the support short
-    first = job.x[:1].detach()
-    present = present_rows(first)[:, :, None].to(first.dtype)                         # (1, L, 1)
-    sd = float(first[present[..., 0] > 0].std()) if bool(present.any()) and first.shape[-1] > 1 else 1.0
-    scale = 2.0 ** round(math.log2(max(sd, 1e-3))) if math.isfinite(sd) else 1.0
+    # the probe: seeded noise on the record's present leads, at its sd rounded to a power of two, so that every
+    # record (of that lead set and length) gets the same placement; noise leaves no ReLU dead over a flat stretch,
+    # which would cut the support short
+    first = job.x[record:record + 1].detach()
+    leads, scale = _probe_key(first[0])
+    present = torch.tensor(leads, device=first.device)[None, :, None].to(first.dtype)   # (1, L, 1)
     g = torch.Generator(device="cpu").manual_seed(0)
     probes = torch.randn((4,) + tuple(first.shape[1:]), generator=g).to(first.device, first.dtype) * scale * present
     x = probes[:1]
-    args0 = _record_args(job, 0)
+    args0 = _record_args(job, record)
     per_record = [isinstance(a, Tensor) and a.shape[:1] == job.x.shape[:1] for a in (job.args or ())]
 
     def batch_args(n: int) -> tuple:
@@ -1018,10 +1112,10 @@ def _m_gradcam(job: _Job, layer: str | None = None, relu: bool = True, layer_lay
         if relu:
             cam = cam.clamp_min(0)
         impl = "tokens_to_grid"
-    offset = None if is_tokens else _measured_column_offset(job, layer, layer_layout)
-    return _upsample_grid(cam.detach(), n_l, n_t, offset), None, {
+    offsets = [None] * job.x.shape[0] if is_tokens else _column_offsets(job, layer, layer_layout)
+    return _upsample_per_record(cam.detach(), n_l, n_t, offsets), None, {
         "layer": layer, "relu": relu, "impl": impl, "layer_layout": layout,
-        "lead_resolution": _grid_lead_resolution(cam, n_l), **_offset_option(offset)}
+        "lead_resolution": _grid_lead_resolution(cam, n_l), **_offset_option(offsets)}
 
 
 def _m_gradcam_pp(job: _Job, layer: str | None = None, layer_layout: str | None = None
@@ -1036,18 +1130,31 @@ def _m_gradcam_pp(job: _Job, layer: str | None = None, layer_layout: str | None 
     alpha = g2 / torch.where(denom != 0, denom, torch.ones_like(denom))
     weights = (alpha * grads.clamp_min(0)).sum(dim=(2, 3), keepdim=True)
     cam = (weights * acts).sum(1, keepdim=True).clamp_min(0)
-    offset = _measured_column_offset(job, layer, layer_layout)
-    return _upsample_grid(cam, n_l, n_t, offset), None, {"layer": layer,
-                                                         "lead_resolution": _grid_lead_resolution(cam, n_l),
-                                                         **_offset_option(offset)}
+    offsets = _column_offsets(job, layer, layer_layout)
+    return _upsample_per_record(cam, n_l, n_t, offsets), None, {"layer": layer,
+                                                                "lead_resolution": _grid_lead_resolution(cam, n_l),
+                                                                **_offset_option(offsets)}
 
 
-def _offset_option(offset: float | None) -> dict[str, Any]:
-    """How a layer map's columns were placed on the input (options of Grad-CAM / Grad-CAM++)."""
-    if offset is None:
-        return {"column_centres": "patch centres (k*s + (s-1)/2) or stretched"}
-    return {"column_centres": f"measured by a wave sweep: the centre of the wave positions each column responds "
-                              f"to most ({offset:g} + k*s)"}
+def _offset_option(offsets: float | None | Sequence[float | None]) -> dict[str, Any]:
+    """How a layer map's columns were placed on the input (options of Grad-CAM / Grad-CAM++): one offset, or one
+    per record (:func:`_column_offsets`), said once when every record has the same and per record otherwise."""
+    if not isinstance(offsets, (list, tuple)):
+        offsets = [offsets]
+
+    def words(offset: float | None) -> str:
+        return "patch centres (k*s + (s-1)/2) or stretched" if offset is None else f"{offset:g} + k*s"
+
+    if len(set(offsets)) <= 1:
+        offset = offsets[0] if offsets else None
+        if offset is None:
+            return {"column_centres": words(None)}
+        return {"column_centres": f"measured by a wave sweep: the centre of the wave positions each column "
+                                  f"responds to most ({words(offset)})"}
+    # records of different lead sets (or amplitudes) in one batch: each placed with its own probe's offset
+    per = "; ".join(f"record {b}: {words(o)}" for b, o in enumerate(offsets))
+    return {"column_centres": f"measured by a wave sweep per record's lead set: the centre of the wave positions "
+                              f"each column responds to most ({per})"}
 
 
 def _m_attention_rollout(job: _Job, head_fusion: str = "mean", residual: float = 0.5,

@@ -22,9 +22,9 @@ below the classification gradient whatever the weight, and the optimiser then ig
 where ``R`` is the masked-patch reconstruction error of a pretrained MAE (:class:`MAEPrior`, wrapping an
 :class:`ecgfm.methods.mae.MAEModule`): an ECG the MAE cannot reconstruct from its visible patches is unlike the
 ECGs it was pretrained on. Each input stops as soon as its prediction flips to ``c`` (argmax for softmax models,
-probability > 0.5 for sigmoid ones); its counterfactual is the first flipped iterate. Everything is batched and
-written here: no generator or code is downloaded (unlike ExECG's counterfactual, which fetches and executes
-generator code).
+probability of ``c`` at or above its threshold for sigmoid ones: the classifier's own, else 0.5); its counterfactual
+is the first flipped iterate. Everything is batched and written here: no generator or code is downloaded (unlike
+ExECG's counterfactual, which fetches and executes generator code).
 
 The result (:class:`Counterfactual`) reports validity, L1 / L2 distances (model input units, i.e. after the
 model's normalisation; means over the record's present leads and recorded samples), and which leads and which
@@ -218,6 +218,9 @@ class Counterfactual:
         options: the optimisation settings.
         history: mean loss every 10 steps.
         elapsed_s: wall time.
+        multilabel: the model's classes are independent (sigmoid): a prediction is the set of classes at or above
+            their thresholds, not the arg-max class (:meth:`to_dict`).
+        thresholds: ``(C,)`` the per-class thresholds the counterfactual was judged with (multi-label), else None.
     """
 
     original: Tensor
@@ -240,6 +243,8 @@ class Counterfactual:
     history: list[float] = field(default_factory=list)
     elapsed_s: float = 0.0
     already_target: Tensor | None = None
+    multilabel: bool = False
+    thresholds: Tensor | None = None
 
     @property
     def delta(self) -> Tensor:
@@ -261,17 +266,35 @@ class Counterfactual:
     def _name(self, c: int) -> Any:
         return self.class_names[c] if self.class_names else int(c)
 
+    def _prediction(self, proba: Tensor) -> Any:
+        """The model's prediction from one input's ``(C,)`` probabilities, as :func:`ecgfm.api.decisions` makes it
+        (and the report's ``predicted``): the arg-max class of a single-label model; for a multi-label model the
+        list of classes at or above their thresholds (:attr:`thresholds`, 0.5 where None), most probable first,
+        empty when none is."""
+        from ecgfm.api import decisions
+
+        p = proba.detach().double().cpu().numpy()
+        if not self.multilabel:
+            return self._name(int(p.argmax()))
+        thr = None if self.thresholds is None else self.thresholds.detach().double().cpu().numpy()
+        chosen = np.flatnonzero(decisions(p, True, thr))
+        return [self._name(int(c)) for c in sorted(chosen, key=lambda c: -p[c])]
+
     def to_dict(self) -> dict[str, Any]:
-        """JSON-able summary, one entry per input."""
+        """JSON-able summary, one entry per input. ``original_prediction`` / ``counterfactual_prediction`` are the
+        predicted class of a single-label model, and the list of predicted classes (at or above their thresholds;
+        possibly empty) of a multi-label one (:meth:`_prediction`)."""
         out = []
         top = self.top_leads()
         for i in range(self.original.shape[0]):
             t = int(self.target[i])
             d = {
                 "target": self._name(t),
-                "original_prediction": self._name(int(self.original_proba[i].argmax())),
+                # a multi-label model's prediction is a set of classes (its thresholds), as the report's
+                # "predicted": the arg-max named a class the record's own prediction did not hold
+                "original_prediction": self._prediction(self.original_proba[i]),
                 "original_target_proba": float(self.original_proba[i, t]),
-                "counterfactual_prediction": self._name(int(self.counterfactual_proba[i].argmax())),
+                "counterfactual_prediction": self._prediction(self.counterfactual_proba[i]),
                 "counterfactual_target_proba": float(self.counterfactual_proba[i, t]),
                 "valid": bool(self.valid[i]),
                 "already_target": None if self.already_target is None else bool(self.already_target[i]),
@@ -495,7 +518,8 @@ def counterfactual(wrapper: ECGWrapper, inputs: Tensor, target: Any, lambda_prox
                  "knot_s": knot_s, "edge_s": float(edge_s), "ramp_s": float(ramp_s),
                  "prior": type(prior).__name__ if prior is not None else None},
         history=history, elapsed_s=time.perf_counter() - t0,
-        already_target=_is_valid(proba0.detach(), tgt, multilabel, threshold))
+        already_target=_is_valid(proba0.detach(), tgt, multilabel, threshold),
+        multilabel=multilabel, thresholds=threshold.detach().cpu() if multilabel else None)
 
 
 def default_target(proba: Tensor, multilabel: bool, threshold: float | Sequence[float] | Tensor = 0.5

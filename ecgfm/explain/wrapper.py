@@ -9,8 +9,8 @@
 
 Inputs to the explainers are always ``(batch, leads, samples)`` in the model's lead order and rate. Data in
 another rate or lead order goes through :meth:`ECGWrapper.prepare`, which uses the shared preprocessing of
-:mod:`ecgfm.data.preprocess`; anything ambiguous (unknown rate, wrong number of leads, NaN samples) is an error,
-never a silent mis-feed.
+:mod:`ecgfm.data.preprocess`; anything ambiguous (unknown rate, wrong number of leads, NaN or infinite samples) is
+an error, never a silent mis-feed.
 
 Unlike ExECG's ``TorchModelWrapper`` (batch size 1, one hooked module), the wrapper is batched, exposes every
 named layer's activations and gradients, the encoder's embeddings, and a reshape of transformer tokens back to a
@@ -51,6 +51,12 @@ WINDOW_POLICIES = ("error", "center")
 def window_start(n_total: int, n_window: int) -> int:
     """Start of the centred window of ``n_window`` samples in ``n_total`` (0 when the record is shorter)."""
     return max(0, (int(n_total) - int(n_window)) // 2)
+
+
+def _non_finite_kind(value: Any) -> str:
+    """How a non-finite sample is named in an error: ``"NaN"`` or ``"infinite (+inf)"`` / ``"infinite (-inf)"``."""
+    v = float(value)
+    return "NaN" if np.isnan(v) else f"infinite ({'+' if v > 0 else '-'}inf)"
 
 
 def _find_encoder(model: nn.Module) -> nn.Module | None:
@@ -426,7 +432,8 @@ class ECGWrapper(nn.Module):
         """Number of model outputs (one probe forward pass when not given)."""
         if self._num_classes is None:
             t = self.n_samples or getattr(self.encoder, "seq_len", None) or int(round(2.5 * self.fs))
-            with torch.no_grad():
+            # eval mode: in train mode the zero probe would overwrite BatchNorm's running statistics
+            with torch.no_grad(), self.evaluating():
                 out = self.forward(torch.zeros(1, self.n_leads, t, device=self.device))
             self._num_classes = int(out.shape[1])
         return self._num_classes
@@ -451,9 +458,11 @@ class ECGWrapper(nn.Module):
         return logits
 
     def predict_proba(self, x: Tensor) -> Tensor:
-        """``(B, L, T) -> (B, C)`` probabilities (after ``postprocess``), without gradients."""
+        """``(B, L, T) -> (B, C)`` probabilities (after ``postprocess``), without gradients, in eval mode
+        (:meth:`evaluating`: dropout off, BatchNorm on its running statistics, the mode restored after), as every
+        forward pass of an explanation runs."""
         self.check(x)
-        with torch.inference_mode():
+        with torch.inference_mode(), self.evaluating():
             return self.postprocess_fn(self.forward(x.to(self.device)))
 
     def probability_forward(self, x: Tensor) -> Tensor:
@@ -528,7 +537,8 @@ class ECGWrapper(nn.Module):
             float32 tensor on the model's device.
 
         Raises:
-            ECGDataError: wrong lead count without ``lead_names``, unknown rate, NaN samples, missing leads.
+            ECGDataError: wrong lead count without ``lead_names``, unknown rate, NaN or infinite samples (in a
+                record's present leads), missing leads.
         """
         if isinstance(x, ECGRecord):
             return self.prepare([x], where=x.key, missing_leads=missing_leads)
@@ -551,10 +561,11 @@ class ECGWrapper(nn.Module):
             lead_names = self.lead_names
         elif len(lead_names) != arr.shape[1]:
             raise ECGDataError(where, f"{len(lead_names)} lead_names for {arr.shape[1]} rows")
-        if np.isnan(arr).any():
-            b, l, t = (int(v[0]) for v in np.nonzero(np.isnan(arr)))
-            raise ECGDataError(where, f"NaN sample (batch {b}, lead {lead_names[l]}, sample {t}); interpolate or "
-                                      "drop it before explaining")
+        if not np.isfinite(arr).all():
+            # +-inf is refused as NaN is: preprocessing would fill either as missing, without a word
+            b, l, t = (int(v[0]) for v in np.nonzero(~np.isfinite(arr)))
+            raise ECGDataError(where, f"{_non_finite_kind(arr[b, l, t])} sample (batch {b}, lead {lead_names[l]}, "
+                                      f"sample {t}); interpolate or drop it before explaining")
         if fs is None:
             if self.n_samples is not None and arr.shape[2] == self.n_samples:
                 # kept for callers that pass model-length arrays (ecgfm.api.Classifier refuses the same call): said
@@ -640,8 +651,13 @@ class ECGWrapper(nn.Module):
         sig = np.asarray(sig, dtype=np.float32)
         if mask is None:
             mask = np.ones(len(names), dtype=bool)
-        if np.isnan(sig[mask]).any():
-            raise ECGDataError(where, "NaN samples in a present lead; interpolate or drop them before explaining")
+        bad = ~np.isfinite(sig) & np.asarray(mask, dtype=bool)[:, None]
+        if bad.any():
+            # +-inf is refused as NaN is: preprocessing would fill either as missing, without a word (a lead all
+            # inf became an absent lead)
+            i, t = (int(v[0]) for v in np.nonzero(bad))
+            raise ECGDataError(where, f"{_non_finite_kind(sig[i, t])} samples in a present lead (first: lead "
+                                      f"{names[i]}, sample {t}); interpolate or drop them before explaining")
         by_name: dict[str, int] = {}
         for i, name in enumerate(names):
             try:
