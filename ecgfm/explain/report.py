@@ -21,6 +21,7 @@ The chart shows the record in millivolts at the model's rate, filtered like the 
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -39,7 +40,7 @@ from ecgfm.data.preprocess import PreprocessSpec, preprocessed_spec, resample
 from ecgfm.data.record import CANONICAL_LEADS, ECGDataError, ECGRecord
 from ecgfm.explain import visualize as viz
 from ecgfm.explain import waves as waves_mod
-from ecgfm.explain.attribution import Explainer, canonical_method, check_method_options
+from ecgfm.explain.attribution import METHODS, Explainer, canonical_method, check_method_options
 from ecgfm.explain.classifier import train_synthetic_demo, wrapper_from_artifact
 from ecgfm.explain.wrapper import ECGWrapper
 from ecgfm.recipes import check_counterfactual_options
@@ -500,7 +501,8 @@ def explain_records(wrapper: ECGWrapper, records: Sequence[ECGRecord], out_dir: 
             atts = {}
             for key in keys:
                 m_opts = dict(opts.get(key, {}))
-                if key == "smoothgrad":   # noise scaled to the recorded signal, not to the padding
+                if "recorded" in inspect.signature(METHODS[key]).parameters:
+                    # noise and baselines on the recorded samples only: the zero padding of a short record stays 0
                     m_opts.setdefault("recorded", recorded)
                 att = explainer.explain(x, target=tgt, method=key, **m_opts)
                 atts[key] = att
@@ -704,9 +706,17 @@ def training_membership(data: str | None, record: ECGRecord,
     For the synthetic demo, ``source`` (the explained records' source) must be the generator the demo drew from
     (same seed, 500 Hz, same duration); otherwise None.
 
+    The PTB-XL demo trains only on the records of its folds that have a label of its task
+    (:func:`~ecgfm.explain.classifier.load_ptbxl_superdiagnostic`: 00385, ``PACE`` only, is in fold 1 but was never
+    seen), so a fold decides membership only with the record's task labels: read from its ``scp_codes`` and the
+    ``scp_statements.csv`` under ``source.root`` (the PTB-XL source it was loaded from). Without them the record
+    is said to be in the training (validation) folds, not in the training (validation) data.
+
     Returns:
-        ``"training"`` (in the classifier's training folds / records), ``"validation"`` (the fold its epoch was
-        chosen on), ``"held out"`` (neither), or None when it cannot be determined.
+        ``"training"`` (in the classifier's training records), ``"validation"`` (among the records its epoch was
+        chosen on), ``"held out"`` (neither), ``"training folds"`` / ``"validation fold"`` (a PTB-XL record in the
+        demo's training / validation folds whose task labels could not be read: a training / validation record
+        only if it has a label of the task), or None when it cannot be determined.
     """
     if records is not None:
         train_keys, val_keys = records
@@ -721,7 +731,13 @@ def training_membership(data: str | None, record: ECGRecord,
         max_id, lo, hi, val = (int(g) for g in m.groups())
         if int(record.record_id) > max_id:
             return "held out"
-        return "training" if lo <= int(fold) <= hi else "validation" if int(fold) == val else "held out"
+        where = "training" if lo <= int(fold) <= hi else "validation" if int(fold) == val else None
+        if where is None:
+            return "held out"
+        labelled = _has_task_label(data, record, source)
+        if labelled is None:   # in the folds, but whether the demo's loader kept it is unknown: never claimed
+            return "training folds" if where == "training" else "validation fold"
+        return where if labelled else "held out"   # a record without a label of the task was left out of x / y
     m = _SYNTHETIC_DEMO_DATA.search(data)
     if m and record.source == "synthetic":
         digits = re.sub(r"\D", "", str(record.record_id))
@@ -739,10 +755,33 @@ def training_membership(data: str | None, record: ECGRecord,
     return None
 
 
+def _has_task_label(data: str, record: ECGRecord, source: Any) -> bool | None:
+    """Whether a PTB-XL ``record`` has a label of the demo's task (``"PTB-XL <task>, ..."`` in ``data``), as the
+    demo's loader decides (:meth:`ecgfm.data.readers.PTBXLSource.labels`: any likelihood), or None when that cannot
+    be read: no ``scp_codes`` in the record's meta, no PTB-XL ``source`` with a ``scp_statements.csv`` under its
+    root, or a task the description does not name."""
+    from ecgfm.data.readers.ptbxl import PTBXL_TASKS, load_scp_statements, ptbxl_task_labels
+
+    m = re.match(r"\s*PTB-XL (\w+),", data)
+    codes = (record.meta or {}).get("scp_codes")
+    root = getattr(source, "root", None)
+    if not m or m.group(1) not in PTBXL_TASKS or not isinstance(codes, Mapping) or root is None \
+            or getattr(source, "name", None) != "ptbxl" or not (Path(root) / "scp_statements.csv").is_file():
+        return None
+    try:
+        return bool(ptbxl_task_labels(codes, m.group(1), load_scp_statements(root)))
+    except Exception:   # noqa: BLE001 -- an unreadable table says nothing (the console line is only a note)
+        return None
+
+
 _MEMBERSHIP_TEXT = {"training": "IN THE CLASSIFIER'S TRAINING DATA (its explanation shows what the model learnt "
                                 "from this record, not how it generalises)",
                     "validation": "in the classifier's validation data (used to choose its epoch)",
-                    "held out": "not in the classifier's training or validation data"}
+                    "held out": "not in the classifier's training or validation data",
+                    "training folds": "in the classifier's training folds (a training record only if it has a label "
+                                      "of its task, which could not be read here)",
+                    "validation fold": "in the classifier's validation fold (a validation record only if it has a "
+                                       "label of its task, which could not be read here)"}
 
 
 def _check_names(cfg: Any) -> None:
@@ -819,11 +858,19 @@ def explain_main(cfg: Any) -> dict[str, Any]:
     if threads:  # torch_threads: the name train / probe / finetune use; it wins over explain's own `threads`
         torch.set_num_threads(int(threads))
     out_dir = Path(cfg.out_dir)
+    from ecgfm.data.prepare import check_data_paths
+
+    # a missing data folder named with its config key and paths.data_root, as train / probe / finetune do
+    if cfg.get("source") is not None:
+        check_data_paths(cfg.source, "source")
+    else:
+        check_data_paths(cfg.get("data"), "data")
     source = source_from_config(cfg.get("data"), cfg.get("source"))
     if cfg.checkpoint is None:
         if getattr(source, "name", "") != "synthetic":
-            raise ConfigError("checkpoint", "checkpoint= is required for real data (train one with "
-                                            "scripts/train_explain_demo.py)")
+            raise ConfigError("checkpoint", "checkpoint= is required for real data: a classifier artifact (finetune.py "
+                                            "saves one per cell) or a torch checkpoint; in a checkout, "
+                                            "scripts/train_explain_demo.py trains the PTB-XL demo classifier")
         log.info("no checkpoint given: training a small synthetic demo classifier (%s)", out_dir / "demo_classifier")
         demo = OmegaConf.to_container(cfg.demo, resolve=True)
         _, demo_info = train_synthetic_demo(out_dir / "demo_classifier", **demo)

@@ -8,7 +8,9 @@
   optionally a
   signed attribution overlay (diverging colormap, symmetric normalisation: red drives the explained score up,
   blue down) as coloured trace segments (``overlay="line"``) or a translucent band (``overlay="band"``).
-  Records without all 12 leads get one full-length row per lead.
+  Records without all 12 leads get one full-length row per lead. A zero-padded record (shorter than the model's
+  window) gets its four columns over the recorded span, or one row per lead when that span is under
+  4 x :data:`MIN_COLUMN_S`; amplitudes implausible for mV (microvolts, ADC counts) are warned, not rescaled.
 * :func:`plot_method_comparison`: one row per attribution method, one column per lead, on the same record.
 * :func:`plot_lead_importance`: per-lead importance bars (share of |attribution| per lead, grouped by method).
 * :func:`plot_counterfactual`: original vs counterfactual traces and their difference, with wave windows.
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import os
 import textwrap
+import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -58,6 +61,13 @@ CMAP = "RdBu_r"
 # The standard layout: 4 columns of 3 leads, each column 2.5 s of a 10 s recording.
 LAYOUT_3X4: tuple[tuple[str, ...], ...] = (("I", "aVR", "V1", "V4"), ("II", "aVL", "V2", "V5"),
                                            ("III", "aVF", "V3", "V6"))
+#: narrowest 3 x 4 column (s) laid over the recorded span of a zero-padded record (about one beat at 40 bpm): a
+#: shorter recording (under 6 s) is drawn one full-length row per lead instead
+MIN_COLUMN_S = 1.5
+#: a chart "in mV" whose typical (median) present lead swings more than this peak to peak is not in mV (an ECG
+#: swings about 0.5-5 mV; microvolts or ADC counts swing hundreds to thousands): the API's threshold
+#: (:data:`ecgfm.api.UNNORMALISED_MAX_PTP_MV`)
+MAX_TYPICAL_PTP_MV = 50.0
 FORMATS = ("png", "svg", "pdf")
 _MM = 1.0 / 25.4  # inches per mm
 
@@ -221,14 +231,50 @@ def _chars_per_line(width_in: float, fontsize: float) -> int:
 
 
 def _wrap_parts(parts: Sequence[str], sep: str, width: int) -> list[str]:
-    """Join ``parts`` with ``sep`` into lines of at most ``width`` characters, breaking only between parts."""
+    """Join ``parts`` with ``sep`` into lines of at most ``width`` characters, breaking between parts; a part longer
+    than a line (a unit warning) is wrapped on its own lines (it ran off the figure's edge)."""
     lines: list[str] = []
     for part in parts:
         if lines and len(lines[-1]) + len(sep) + len(part) <= width:
             lines[-1] += sep + part
+        elif len(part) > width:
+            lines += textwrap.wrap(part, width)
         else:
             lines.append(part)
     return lines
+
+
+def unit_problem(signal: Any, units: str = "mV", present: Any = None, n_real: int | None = None) -> str | None:
+    """Why ``signal`` cannot be in ``units`` when they are millivolts, or None (plausible, or other units).
+
+    The typical lead, not the largest, decides: the median peak-to-peak amplitude of the present leads' recorded
+    samples (NaN and all-zero leads left out). An ECG in mV swings about 0.5-5 mV; above
+    :data:`MAX_TYPICAL_PTP_MV` it looks like microvolts (1000x) or ADC counts. Nothing is rescaled: the chart draws
+    what it is given, and says so.
+
+    Args:
+        signal: ``(L, T)``.
+        units: the units the chart is told (only ``"mV"`` is checked).
+        present: optional ``(L,)`` bool, the leads the record has (default: all).
+        n_real: recorded samples (the rest is zero padding; default: all).
+
+    Returns:
+        a sentence naming the typical amplitude and the likely unit problem, or None.
+    """
+    if units != "mV":
+        return None
+    sig = _np(signal)
+    here = np.ones(sig.shape[0], dtype=bool) if present is None else np.asarray(_np(present), dtype=bool).reshape(-1)
+    ptp = []
+    for row in sig[here][:, :sig.shape[1] if n_real is None else n_real]:
+        v = row[np.isfinite(row)]
+        if v.size and float(v.max() - v.min()) > 0:
+            ptp.append(float(v.max() - v.min()))
+    if not ptp or float(np.median(ptp)) <= MAX_TYPICAL_PTP_MV:
+        return None
+    return (f"amplitudes implausible for mV: the typical lead swings {float(np.median(ptp)):.0f} \"mV\" peak to peak "
+            f"(an ECG swings about 0.5-5 mV); the record looks like microvolts (1000x) or ADC counts, drawn as given, "
+            f"not rescaled: give it in mV (divide microvolts by 1000)")
 
 
 def _trace(ax, t: np.ndarray, y: np.ndarray, att: np.ndarray | None, norm: Normalize | None, overlay: str,
@@ -299,7 +345,9 @@ def plot_ecg_chart(signal: Any, fs: float, lead_names: Sequence[str] = CANONICAL
         overlay: ``"line"`` (coloured trace segments) or ``"band"`` (translucent band behind the trace).
         title: figure title.
         rhythm_lead: lead of the rhythm strip.
-        units: signal units (the calibration pulse is 1 unit at the row's gain; gains are in mm per unit).
+        units: signal units (the calibration pulse is 1 unit at the row's gain; gains are in mm per unit). With
+            ``"mV"``, a typical lead swinging more than :data:`MAX_TYPICAL_PTP_MV` peak to peak is named in the header
+            as microvolts or ADC counts (:func:`unit_problem`) and warned (``UserWarning``); nothing is rescaled.
         window_start_s: where ``signal`` starts in its record, when it is a window of it (the header then says
             which seconds of the record the chart's 0 s is).
         row_spacing_mv: vertical distance between rows (in units).
@@ -313,12 +361,17 @@ def plot_ecg_chart(signal: Any, fs: float, lead_names: Sequence[str] = CANONICAL
         layout: ``"3x4"`` (12 canonical leads: the standard 3 x 4 + rhythm strip, each lead a quarter of the
             window, 2.5 s of 10 s; for another window length the header states the column width, e.g. "3 x 4
             columns 0.625 s each" for 2.5 s; with an attribution the header says what share of ``|attribution|``
-            the chart draws) or ``"rows"`` (one
+            the chart draws; a zero-padded record, see ``padded_from_s``) or ``"rows"`` (one
             full-length row per lead: the whole attribution).
         present: optional ``(L,)`` bool, the leads the record has: an absent lead is labelled "not recorded" and
             not drawn (a zero-filled row would read as a flat recorded trace); default: all present.
         padded_from_s: where zero padding (a record shorter than the model's window) starts: shaded and named in
-            the header, so that it does not read as a flat recorded stretch.
+            the header, so that it does not read as a flat recorded stretch. The 3 x 4 columns then split the
+            recorded span, not the window (quarters of the window drew V1-V6 of a 4 s record over padding only),
+            said in the header ("3 x 4 columns 1.5 s each over the recorded 6.00 s"); a recorded span too short
+            for columns of :data:`MIN_COLUMN_S` (under 6 s) is drawn one full-length row per lead, also said
+            ("one row per lead: the recorded 4.00 s is too short ..."). The time axis stays the window's, at
+            25 mm/s; the rhythm strip spans it.
         derived: leads computed from I and II rather than recorded (a classifier trained on 12 leads reads III /
             aVR / aVL / aVF derived when a record lacks them): named in the header ("derived: III, aVR, ..."),
             so that a computed trace does not read as a recorded one.
@@ -326,6 +379,10 @@ def plot_ecg_chart(signal: Any, fs: float, lead_names: Sequence[str] = CANONICAL
             model of ``input_leads``: ST-MEM with ``--leads``, a one-lead ECGFounder) is drawn as a plain trace, with
             no attribution and out of the colour scale, labelled "not read by the model" in its panel
             (``gid="unread_lead"``) and in the header: it is recorded, and "not recorded" would say otherwise.
+
+    Traces taller than their row are clipped at its edge (red ticks) and named under the chart
+    (``gid="clipped_note"``), with "a lower gain shows them whole" only for leads that a lower standard gain would
+    show whole; the others are "too tall for a row even at the lowest standard gain".
 
     Returns:
         the figure; its chart axes has ``gid="ecg_chart"``, the calibration pulses ``gid="calibration"``,
@@ -360,11 +417,20 @@ def plot_ecg_chart(signal: Any, fs: float, lead_names: Sequence[str] = CANONICAL
     idx = _lead_index(lead_names)
     duration = n_t / fs
     full = layout == "3x4" and all(lead in idx for lead in CANONICAL_LEADS)
-    if full:
-        if rhythm_lead not in idx:
-            raise ValueError(f"rhythm lead {rhythm_lead!r} not among {list(lead_names)}")
+    if full and rhythm_lead not in idx:
+        raise ValueError(f"rhythm lead {rhythm_lead!r} not among {list(lead_names)}")
+    # A zero-padded record (shorter than the model's window): the four columns split its recorded span, not the
+    # window. Quarters of the window put V1-V6 of a 4 s record in a 10 s window over the padding only (flat traces
+    # labelled V1..V6, none of their recorded signal drawn). A recorded span too short for columns of MIN_COLUMN_S
+    # is drawn one full-length row per lead instead. Either way the header says what was done, and the time axis
+    # stays the window's at 25 mm/s (the rhythm strip and the shaded padding still span it).
+    padded = n_real < n_t
+    span = n_real / fs if padded else duration                            # what the four columns split
+    too_short = full and padded and span / 4.0 < MIN_COLUMN_S - 1e-9
+    grid = full and not too_short                                         # the 3 x 4 + rhythm layout is drawn
+    if grid:
         rows: list[list[tuple[str, float, float]]] = []
-        seg = duration / 4.0
+        seg = span / 4.0
         for r in LAYOUT_3X4:
             rows.append([(lead, c * seg, (c + 1) * seg) for c, lead in enumerate(r)])
         rows.append([(rhythm_lead, 0.0, duration)])
@@ -416,9 +482,22 @@ def plot_ecg_chart(signal: Any, fs: float, lead_names: Sequence[str] = CANONICAL
     header_parts = ([f"record {record_id}"] if record_id is not None else []) + (
         [f"window {window_start_s:.2f}-{window_start_s + duration:.2f} s of the record"]
         if window_start_s is not None else []) + [f"{fs:g} Hz", gain_txt, f"paper speed {MM_PER_S:g} mm/s"]
-    if full and abs(duration / 4.0 - 2.5) > 1e-6:   # the 3 x 4 columns are a quarter of the window, not 2.5 s
+    # a record in microvolts (or ADC counts) told to be mV: 1000x too tall, every trace clipped; the model's
+    # normalisation cancels the scale, the chart does not. Said in the header and warned, never rescaled.
+    unit_note = unit_problem(sig, units, here, n_real)
+    if unit_note:
+        header_parts.append(unit_note)
+        warnings.warn(f"{'record ' + str(record_id) if record_id is not None else 'ECG chart'}: {unit_note}",
+                      UserWarning, stacklevel=2)
+    if grid and padded:   # the columns split the recorded span: say so, and how wide they are
+        header_parts.append(f"3 x 4 columns {seg:.3g} s each over the recorded {span:.2f} s (the padding is in no "
+                            f"column; the standard 10 s chart has 2.5 s)")
+    elif grid and abs(duration / 4.0 - 2.5) > 1e-6:   # the 3 x 4 columns are a quarter of the window, not 2.5 s
         header_parts.append(f"3 x 4 columns {duration / 4.0:.3g} s each (a quarter of the {duration:.3g} s window; "
                             f"the standard 10 s chart has 2.5 s)")
+    if too_short:
+        header_parts.append(f"one row per lead: the recorded {span:.2f} s is too short for 3 x 4 columns of "
+                            f"{MIN_COLUMN_S:g} s or more")
     if padded_from_s is not None and n_real < n_t:
         header_parts.append(f"zero-padded from {n_real / fs:.2f} s (shaded)")
     absent = [name for name, h in zip(lead_names, here) if not h]
@@ -452,16 +531,30 @@ def plot_ecg_chart(signal: Any, fs: float, lead_names: Sequence[str] = CANONICAL
     if len(cb_lines) > 3:   # wider than the right margin holds: the label goes into the header as well
         header_parts.append(f"colour: {cb_label}")
         cb_lines = textwrap.wrap("attribution", cb_chars)
-    if att is not None and full:
+    if att is not None and grid:
         on_chart = np.zeros(att.shape, dtype=bool)                       # (L, T) samples some row draws
         for row in rows:
             for lead, a, b in row:
                 on_chart[idx[lead], plotted(lead, a, b)] = True
-        total = float(np.abs(att).sum())
-        drawn = float(np.abs(att)[on_chart].sum())
+        # over the recorded samples: the padding's attribution is no finding (left out of the colour scale too)
+        total = float(np.abs(att[:, :n_real]).sum())
+        drawn = float(np.abs(att[:, :n_real])[on_chart[:, :n_real]].sum())
         if total > 0 and drawn < 0.995 * total:   # each lead shows 2.5 s: the rest of its map is not on the chart
-            header_parts.append(f"3 x 4 layout: {100 * drawn / total:.0f} % of |attribution| drawn "
+            of = "the recorded samples' " if padded else ""
+            header_parts.append(f"3 x 4 layout: {100 * drawn / total:.0f} % of {of}|attribution| drawn "
                                 f"(layout='rows' draws all)")
+    # traces beyond their row are clipped at its edge (marked while drawing); found here, before the layout, so that
+    # the note under the chart gets the lines it needs
+    clip_exc: dict[str, float] = {}                                       # a clipped lead's largest |amplitude|
+    for row in rows:
+        for lead, a, b in row:
+            if here[idx[lead]]:
+                e = float(np.nanmax(np.abs(sig[idx[lead], plotted(lead, a, b)]), initial=0.0))
+                if e * gains[lead] / MM_PER_MV > room:
+                    clip_exc[lead] = max(clip_exc.get(lead, 0.0), e)
+    clip_lines = textwrap.wrap(_clip_text(list(clip_exc), clip_exc, gains, room, units, unit_note),
+                               _chars_per_line(width - left, 7)) if clip_exc else []
+    bottom += max(0, len(clip_lines) - 1) * 7 * 1.35 / 72
     # a short window makes a narrow chart: wrap the title and the header to its width (about 0.55 em per character)
     header_lines = _wrap_parts(header_parts, " | ", _chars_per_line(width - left, 8))
     title_lines = textwrap.wrap(title, _chars_per_line(width - left, 10)) if title else []
@@ -474,7 +567,6 @@ def plot_ecg_chart(signal: Any, fs: float, lead_names: Sequence[str] = CANONICAL
     ax.set_gid("ecg_chart")
     paper_grid(ax, (x0, x1), (y0, y1))
     t_all = np.arange(n_t) / fs
-    clipped: list[str] = []
     for r, row in enumerate(rows):
         base = -r * row_spacing_mv
         row_gain = gains[row[0][0]]
@@ -490,7 +582,6 @@ def plot_ecg_chart(signal: Any, fs: float, lead_names: Sequence[str] = CANONICAL
                     y = np.clip(y, -room, room)
                     ax.plot(t_all[sl][over], y[over] + base, linestyle="none", marker="|", markersize=4,
                             color="#d62728", zorder=5, gid="clipped")
-                    clipped.append(lead)
                 _trace(ax, t_all[sl], y, None if att is None or not rd[i] else att[i, sl], norm, overlay, base,
                        row_spacing_mv * 0.9, cmap)
                 if not rd[i]:
@@ -512,10 +603,9 @@ def plot_ecg_chart(signal: Any, fs: float, lead_names: Sequence[str] = CANONICAL
                 ax.plot([a, a], [base - 0.25, base + 0.25], color=TRACE, linewidth=0.8)
     if n_real < n_t:
         ax.axvspan(n_real / fs, duration, color="#bbbbbb", alpha=0.35, zorder=0.5, lw=0).set_gid("padding")
-    if clipped:   # the header was laid out before drawing: the note goes under the chart
-        fig.text(left / W, 0.02, f"clipped at the row's edge (red ticks): {', '.join(dict.fromkeys(clipped))}; a "
-                 f"lower gain shows them whole", ha="left", va="bottom", fontsize=7, color="#d62728",
-                 gid="clipped_note")
+    if clip_lines:   # the note goes under the chart (its bottom margin was made room for it)
+        fig.text(left / W, 0.05 / H, "\n".join(clip_lines), ha="left", va="bottom", fontsize=7, color="#d62728",
+                 gid="clipped_note", linespacing=1.2)
     head = fig.text(left / W, 1 - (0.12 + len(title_lines) * title_h + 0.04) / H, "\n".join(header_lines),
                     ha="left", va="top", fontsize=8, color="#333333", linespacing=1.2)
     head.set_gid("chart_header")
@@ -531,6 +621,36 @@ def plot_ecg_chart(signal: Any, fs: float, lead_names: Sequence[str] = CANONICAL
         cb.ax.yaxis.label.set_gid("colorbar_label")
         cb.ax.tick_params(labelsize=7)
     return fig
+
+
+def _clip_text(clipped: Sequence[str], excursion: Mapping[str, float], gains: Mapping[str, float], room: float,
+               units: str, unit_note: str | None) -> str:
+    """The note under a chart with clipped traces: which leads, and whether a lower gain would show them whole.
+
+    A lead is advised a lower gain only when one exists (its gain is above the smallest standard gain,
+    :data:`GAINS_MM_PER_MV`) and its largest excursion fits its row at that smallest gain; a lead too tall even
+    there is said to be so (the automatic gain already chose the smallest: "a lower gain shows them whole" was
+    wrong advice for a record in microvolts).
+
+    Args:
+        clipped: the clipped leads, in drawing order.
+        excursion: each clipped lead's largest ``|amplitude|`` (units) over what its row draws.
+        gains: each lead's gain (mm per unit).
+        room: half a row's height (paper units).
+        units: the signal's units.
+        unit_note: :func:`unit_problem`'s sentence, or None.
+    """
+    lowest = float(min(GAINS_MM_PER_MV))
+    lower = [lead for lead in clipped if gains[lead] > lowest + 1e-9
+             and excursion.get(lead, np.inf) * lowest / MM_PER_MV <= room + 1e-9]
+    tall = [lead for lead in clipped if lead not in lower]
+    parts = [f"clipped at the row's edge (red ticks): {', '.join(clipped)}"]
+    if lower:
+        parts.append(f"a lower gain shows {'them' if not tall else ', '.join(lower)} whole")
+    if tall:
+        parts.append(f"{'' if not lower else ', '.join(tall) + ' '}too tall for a row even at the lowest standard "
+                     f"gain, {_gain_text(lowest, units)}" + (" (not mV? see the header)" if unit_note else ""))
+    return "; ".join(parts)
 
 
 def _read_mask(read: Any, n_leads: int) -> np.ndarray:
@@ -671,6 +791,9 @@ def plot_method_comparison(signal: Any, fs: float, attributions: Mapping[str, An
         axes[r, -1].text(1.0, 1.02, share_txt, transform=axes[r, -1].transAxes, ha="right", va="bottom",
                          fontsize=6.5, color="#444444").set_gid("lead_share")
     notes = [f"time (s); grid 0.2 s x 0.5 {units}"]
+    unit_note = unit_problem(sig, units, here, n_real)   # said here; plot_ecg_chart of the record warns as well
+    if unit_note:
+        notes.append(unit_note)
     if n_real < n_t:
         notes.append(f"zero-padded from {n_real / fs:.2f} s (shaded)")
     # what the colours mean: the sign, and that each row has its own scale (not comparable across rows)

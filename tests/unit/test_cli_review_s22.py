@@ -175,3 +175,18 @@ def test_explain_suggests_the_record_id_for_a_bare_file_name(tmp_path, fixture_d
     ckpt = _folder_classifier(tmp_path, root, [])
     with pytest.raises(ConfigError, match=r"record.*no record '00001_lr'.*did you mean 'site_a/00001_lr'\?"):
         explain_main(_explain_cfg(tmp_path, root, ckpt, "00001_lr"))
+
+
+def test_explain_names_the_config_key_of_a_missing_data_folder(tmp_path, fixture_dir):
+    """explain.py with a data folder that does not exist said only '<path>: ... not found' (no config key, no
+    paths.data_root), unlike train / probe / finetune (review s26): now the same check_data_paths line."""
+    from ecgfm.data.record import ECGDataError
+    from ecgfm.explain.report import explain_main
+
+    cfg = _compose("explain", f"checkpoint={tmp_path / 'clf'}", "data=ptbxl", f"paths.data_root={tmp_path / 'nope'}",
+                   "record=1", f"out_dir={tmp_path / 'explain'}")
+    with pytest.raises(ECGDataError, match=r"nope.*data path does not exist \(config key 'data[^']+'.*data_root"):
+        explain_main(cfg)
+    with pytest.raises(ConfigError, match=r"checkpoint= is required for real data.*finetune\.py"):
+        explain_main(_compose("explain", "data=ptbxl", f"paths.data_root={fixture_dir}", "record=1",
+                              f"out_dir={tmp_path / 'explain'}"))

@@ -1,4 +1,4 @@
-"""Explain review s23 (2026-12-08): what the report shows for a record longer than the model's window, for a model
+"""Explain review s23 (2026-12-07): what the report shows for a record longer than the model's window, for a model
 that reads a subset of the leads, and what the method comparison's colours mean.
 
 D2. ``explain_records`` took "predicted", the default target and the probability from the centred window only; the
