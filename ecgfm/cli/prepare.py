@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import hydra
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
+from ecgfm.cli import launcher_checked
 from ecgfm.conf import CONFIG_PATH
 
 #: Folder holding the caches written without ``out=`` (relative paths are resolved like the config's others).
@@ -52,6 +53,7 @@ def resolve_out(cfg: DictConfig | dict[str, Any]) -> DictConfig:
     return cfg
 
 
+@launcher_checked
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="prepare")
 def main(cfg: DictConfig) -> None:
     """Convert the configured sources into a cache; prints the report (counts per skip reason).

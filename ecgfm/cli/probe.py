@@ -5,9 +5,11 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
+from ecgfm.cli import launcher_checked
 from ecgfm.conf import CONFIG_PATH
 
 
+@launcher_checked
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="probe")
 def main(cfg: DictConfig) -> None:
     """Linear / MLP probes on frozen encoder features (cells x fractions x seeds, bootstrap CIs)."""

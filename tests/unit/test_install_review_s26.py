@@ -78,3 +78,23 @@ def test_cache_messages_name_commands_an_installed_ecgfm_has(tmp_path):
     assert "ecgfm-prepare" in _incomplete_message(tmp_path) and "scripts/" not in _incomplete_message(tmp_path)
     (tmp_path / "plan.json").write_text('{"n_shards": 1}')
     assert "ecgfm-prepare" in _incomplete_message(tmp_path) and "scripts/" not in _incomplete_message(tmp_path)
+
+
+@pytest.mark.parametrize("cli", ["train", "probe", "finetune", "explain", "prepare"])
+def test_a_launcher_whose_plugin_is_missing_is_one_error_line(cli, monkeypatch, capsys):
+    """hydra/launcher=submitit_slurm without the slurm extra failed inside Hydra with a traceback ("Unknown plugin
+    class"); every entry point now ends with one error line and exit 2 before Hydra starts."""
+    import importlib
+    import importlib.util
+    import sys
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a, **k:
+                        None if name.startswith("hydra_plugins.hydra_submitit") else real(name, *a, **k))
+    main = importlib.import_module(f"ecgfm.cli.{cli}").main
+    monkeypatch.setattr(sys, "argv", [cli, "-m", "hydra/launcher=submitit_slurm", "x=1"])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: hydra/launcher=submitit_slurm") and "ecgfm[slurm]" in err
