@@ -1,7 +1,9 @@
 """Feature-extraction throughput and the one-frozen-pass-per-checkpoint-and-corpus property of probe sweeps.
 
-Runs the cells of a probe sweep one by one, exactly as ``python probe.py -m checkpoint=a,b task=... fraction=...
-seed=...`` does with Hydra's basic launcher (one ``probe_main`` call per cell, in one process), and reports
+Runs the cells of a probe sweep one by one, as ``python probe.py -m checkpoint=a,b task=... fraction=...
+seed=...`` does with Hydra's basic launcher (one ``probe_main`` call per cell, in one process; like the multirun's
+``ReportCallback``, the results table is built once after the cells, outside their times: ``report=never`` per cell,
+and one ``build_report`` at the end where the work folder is kept), and reports
 
 * feature-extraction throughput per checkpoint (windows/s, with the window settings; the corpus's records are
   not counted: a record gives as many windows as its length holds);
@@ -66,8 +68,8 @@ def main(argv: list[str] | None = None) -> dict:
                     help="torch threads of every cell (torch_threads=...; default: the environment's)")
     ap.add_argument("--no-warmup", dest="warmup", action="store_false",
                     help="time the first extraction cold (default: one untimed run of each checkpoint, task and "
-                         "lead mode first, so that process start-up, first-call kernel set-up and cache preparation "
-                         "are not charged to whichever mode runs first)")
+                         "lead mode first, so that first-call set-up (lazy imports, kernel set-up) and cache "
+                         "preparation are not charged to whichever mode runs first)")
     ap.add_argument("--repeats", type=int, default=1,
                     help="timed extractions per checkpoint, task and lead mode (>= 1): the sweep's own pass plus "
                          "repeats - 1 more into fresh feature folders, lead modes interleaved within each round; "
@@ -92,7 +94,10 @@ def main(argv: list[str] | None = None) -> dict:
     def cell_cfg(ckpt: str, task: str, mode: str, frac: float, seed: int, results: Path, features: Path | None):
         over = [f"checkpoint={ckpt}", f"task={task}", f"fraction={frac}", f"seed={seed}",
                 f"paths.cache_root={work / 'cache'}", f"results_dir={results}",
-                f"bootstrap.n={args.bootstrap}", "plot=false", f"features.lead_aware={mode == 'aware'}",
+                # report=never: compose()d cells are no multirun, so report=auto would rebuild the whole table
+                # (paired bootstraps included) after every cell, inside its time; it is built once below instead
+                f"bootstrap.n={args.bootstrap}", "plot=false", "report=never",
+                f"features.lead_aware={mode == 'aware'}",
                 *([f"features.dir={features}"] if features is not None else []),
                 *([f"torch_threads={args.threads}"] if args.threads else []), *args.overrides]
         if task == "synthetic":
@@ -147,11 +152,18 @@ def main(argv: list[str] | None = None) -> dict:
             timings[key].append((F.STATS["windows"] - before.get("windows", 0),
                                  F.STATS["seconds"] - before.get("seconds", 0.0)))
 
+    kept = bool(args.keep or args.work)
+    table = None
+    if kept:   # once, after the timed cells and outside their times (a multirun's ReportCallback does the same)
+        t_report = time.perf_counter()
+        table = _build_tables(results_dir, modes, args.bootstrap)
+        t_report = time.perf_counter() - t_report
+
     print(f"\n== probe sweep: {len(cells)} cells = {len(args.checkpoints)} checkpoint(s) x {len(args.tasks)} task(s) "
           f"x {len(modes)} lead mode(s) x {len(args.fractions)} fraction(s) x {len(args.seeds)} seed(s); torch threads: "
           f"{__import__('torch').get_num_threads()}; "
           + ("warm-up excluded (one untimed run per checkpoint, task and lead mode first)" if args.warmup
-             else "cold: the first extraction includes process start-up (--no-warmup)"))
+             else "cold: the first extraction includes first-call set-up (--no-warmup)"))
     if args.repeats < 3:
         print(f"note: --repeats {args.repeats}: "
               + ("one round, so no interval is given for the windows/s or the speed-up" if args.repeats == 1 else
@@ -186,10 +198,10 @@ def main(argv: list[str] | None = None) -> dict:
     if heads:
         print(f"cells without an encoder pass (heads on cached features): mean {sum(heads) / len(heads):.2f} s, "
               f"max {max(heads):.2f} s per cell (C grid x bootstrap {args.bootstrap})")
-    kept = bool(args.keep or args.work)
-    print(f"total {total:.1f} s; " + (f"results table: {results_dir / 'results.md'}" if kept else
-                                       "results table deleted with the temporary work folder (--keep or --work to "
-                                       "keep it)"))
+    print(f"total {total:.1f} s; " + (f"results table: {table} (one per lead mode; built once after the timed "
+                                       f"cells, {t_report:.1f} s, not in the total)" if table else
+                                       "results table not built (a results table deleted with the temporary work "
+                                       "folder would only cost time; --keep or --work to build and keep it)"))
     ok = n_pass == expected
     print("ONE PASS PER CHECKPOINT AND CORPUS:", "yes" if ok else "NO")
     if not kept:
@@ -199,6 +211,22 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 _PEAK_RESET = {"ok": False}
+
+
+def _build_tables(results_dir: Path, modes: list[str], n_boot: int) -> Path:
+    """The results table of each lead mode's results folder (``<results_dir>/<mode>``, where its cells are), built
+    once (``build_report``, no plot), and ``<results_dir>/results.md`` holding them one after the other."""
+    from ecgfm.evaluate.report import build_report
+
+    parts = []
+    for mode in modes:
+        (results_dir / mode).mkdir(parents=True, exist_ok=True)
+        md = Path(build_report(results_dir / mode, plot=False, n_boot=n_boot)["markdown"])
+        parts.append(f"**Lead mode {mode}** (`features.lead_aware={str(mode == 'aware').lower()}`; the table of "
+                     f"`{mode}/results.md`):\n\n{md.read_text()}")
+    out = results_dir / "results.md"
+    out.write_text(f"# bench_probe: one results table per lead mode ({', '.join(modes)})\n\n" + "\n".join(parts))
+    return out
 
 
 def _rss_mib() -> float:

@@ -9,7 +9,9 @@ synthetic random batch (there is no data split: the numbers describe compute onl
   ``N + 2`` tokens (SEP tokens included), ``torch.optim.AdamW`` with its defaults (a for-loop over parameters on
   CPU);
 * ``reference_onednn``: the same reference step with its float32 linear layers on oneDNN
-  (:func:`ecgfm.accel.use_onednn_linears`): shows how much of ecgfm's lead comes from the GEMM library alone;
+  (:func:`ecgfm.accel.use_onednn_linears`): shows how much of ecgfm's lead comes from the GEMM library alone
+  (float32 without ``--compile`` only: under bf16 autocast or ``torch.compile`` the linears take ``F.linear``,
+  see :mod:`ecgfm.accel`, so this row would run the plain reference again and is skipped);
 * ``mae_stmem``: :class:`~ecgfm.methods.mae.MAEModule` with the same configuration as the reference (per-lead
   masking, lead-wise decoder, 4 decoder heads): the comparison that keeps the math (only the decoder's unused
   SEP tokens are gone), with ecgfm's training defaults: fused AdamW and, on CPU, ``--cpu-linear`` (default
@@ -20,8 +22,10 @@ synthetic random batch (there is no data split: the numbers describe compute onl
 Default configuration: ST-MEM ViT-S MAE (embed 384, depth 12, 6 heads, decoder 256 x 4, 12 leads x 2,250
 samples, patch 75, mask 0.75, batch 8). FLOPs of one step (forward + backward, optimiser excluded) are counted with
 :class:`torch.utils.flop_counter.FlopCounterMode`; the machine's dense matmul peak is measured in the same run by
-timing a large matrix product (float32 on both MKL and oneDNN on CPU, the faster counting; bfloat16 with
-``--bf16``); MFU = FLOPs/step x steps/s / peak.
+timing a large matrix product with ``torch.matmul`` and ``F.linear`` (the op autocast's linears take), and on CPU
+in float32 also the oneDNN inner product, the fastest counting (bfloat16 with ``--bf16``); MFU = FLOPs/step x
+steps/s / peak. An MFU above 100 % means the peak was underestimated (the model's own products ran faster than
+the timed ones) and is flagged in the output.
 Throughput is samples / time over the timed steps (batch / mean step time, :func:`ecgfm.timing.rate_interval`;
 not a mean of per-step rates, which overstates it when step times vary) with the 95 % t-interval of the mean step
 time, inverted. All methods are built first and their timed steps are interleaved (round robin), so a
@@ -253,14 +257,16 @@ def count_flops(loss_fn: Callable, batch: dict, autocast) -> int:
 def matmul_peak(device: str, dtype: torch.dtype, n: int, reps: int) -> float:
     """Measured dense matmul throughput (FLOP/s) of an ``n x n`` product (best of ``reps``).
 
-    On CPU in float32 both GEMM libraries PyTorch ships are timed (``torch.matmul`` on MKL and the oneDNN inner
-    product of :mod:`ecgfm.accel`) and the faster one is the peak, so routing linears to oneDNN cannot inflate
-    the MFU.
+    Every dtype and device times ``torch.matmul`` and ``F.linear`` (``a b^T``, the op the models' ``nn.Linear``
+    layers run, under autocast too: on a CPU without native bfloat16 ``torch.matmul`` in bf16 takes a slow
+    kernel while ``F.linear`` goes through oneDNN, several times faster). On CPU in float32 the oneDNN inner
+    product of :mod:`ecgfm.accel` is timed as well. The fastest is the peak, so the GEMM path the model takes
+    cannot inflate the MFU.
     """
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    products = [lambda: torch.matmul(a, b)]
+    products = [lambda: torch.matmul(a, b), lambda: torch.nn.functional.linear(a, b)]
     if device == "cpu" and dtype == torch.float32 and onednn_linear_available():
         products.append(lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], ""))
     best = math.inf
@@ -350,17 +356,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if m not in ALL_METHODS:
             ap.error(f"unknown method {m!r}; choose from {', '.join(ALL_METHODS)}")
     gpu = args.device.startswith("cuda")
+    # ecgfm.accel routes linears to oneDNN only for float32 CPU tensors outside autocast and torch.compile
+    onednn_off = args.bf16 or args.compile
+    why_off = "on CUDA" if gpu else "under bf16 autocast" if args.bf16 else "under torch.compile"
+    skipped = []
+    if (gpu or onednn_off) and "reference_onednn" in methods:
+        methods.remove("reference_onednn")
+        skipped.append("reference_onednn")
     peak_n = args.peak_size or (8192 if gpu else 2048)
     peaks = {"float32": matmul_peak(args.device, torch.float32, peak_n, 5 if gpu else 3)}
     if args.bf16:
         peaks["bfloat16"] = matmul_peak(args.device, torch.bfloat16, peak_n, 5 if gpu else 3)
     peak = peaks["bfloat16" if args.bf16 else "float32"]
+    ecgfm_onednn = not gpu and not onednn_off and resolve_cpu_linear(args.cpu_linear)
     device_name = torch.cuda.get_device_name(args.device) if gpu else platform.processor() or platform.machine()
     print(f"# bench_train: data = synthetic random batch (no split); device {args.device} ({device_name}), "
           f"threads {torch.get_num_threads()}, torch {torch.__version__}, dtype {'bf16 autocast' if args.bf16 else 'fp32'}"
           f"{', compiled' if args.compile else ''}"
-          + ("" if gpu else f", ecgfm CPU linears on {'oneDNN' if resolve_cpu_linear(args.cpu_linear) else 'ATen/MKL'}"
-                            f" (--cpu-linear {args.cpu_linear})"))
+          + ("" if gpu else f", CPU linears on F.linear (oneDNN path not used {why_off}; --cpu-linear "
+                            f"{args.cpu_linear} has no effect)" if onednn_off
+             else f", ecgfm CPU linears on {'oneDNN' if ecgfm_onednn else 'ATen/MKL'}"
+                  f" (--cpu-linear {args.cpu_linear})"))
+    if skipped:
+        print(f"# reference_onednn skipped: its oneDNN linears are not used {why_off} "
+              "(it would run the plain reference again)")
     print(f"# config: vit1d_{args.size}, 12 leads x {args.seq_len} samples, patch {args.patch_size}, mask "
           f"{args.mask_ratio}, decoder {args.decoder_dim} x {args.decoder_depth} ({args.decoder_heads} heads), "
           f"batch {args.batch}; {args.warmup} warm-up + {args.steps} timed steps")
@@ -380,7 +399,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     peak = peaks["bfloat16" if args.bf16 else "float32"]
     print("# measured matmul peak (" + ", ".join(f"{k} {v / 1e12:.3f} TFLOP/s" for k, v in peaks.items())
           + f"; {peak_n}x{peak_n}, best of reps before and after the timed steps"
-          + (", best of MKL and oneDNN)" if not gpu and onednn_linear_available() else ")"))
+          + ("; best of torch.matmul and F.linear"
+             + (" and, in float32, the oneDNN inner product)" if not gpu and onednn_linear_available() else ")")))
     results = []
     header = f"{'method':<16} {'params':>10} {'GFLOP/step':>11} {'samples/s':>10} {'95% CI':>19} {'MFU':>7}"
     print(header)
@@ -392,6 +412,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         lo, hi = r["samples_per_s_ci95"]
         print(f"{m:<16} {r['params']:>10,} {r['flops_per_step'] / 1e9:>11.1f} {r['samples_per_s']:>10.2f} "
               f"{f'[{lo:.2f}, {hi:.2f}]':>19} {100 * r['mfu']:>6.1f}%", flush=True)
+    over = [r["method"] for r in results if r["mfu"] > 1]
+    if over:
+        print(f"# WARNING: MFU above 100 % ({', '.join(over)}): the measured peak is underestimated (these steps' "
+              f"products ran faster than the timed {peak_n}x{peak_n} ones; try a larger --peak-size): the MFU "
+              "column is not a utilisation here", flush=True)
     by = {r["method"]: r for r in results}
     summary: dict[str, Any] = {}
     if "reference" in by and "mae_stmem" in by:
@@ -407,13 +432,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ref1, ours = by["reference_onednn"], by["mae_stmem"]
         ratio = ours["samples_per_s"] / ref1["samples_per_s"]
         summary["speedup_vs_reference_onednn"] = {"ratio": ratio}
-        print(f"# mae_stmem / reference_onednn (both with oneDNN linears): {ratio:.2f}x; reference_onednn / "
+        both = ("both with oneDNN linears" if ecgfm_onednn
+                 else f"reference_onednn on oneDNN, mae_stmem on ATen/MKL by --cpu-linear {args.cpu_linear}")
+        print(f"# mae_stmem / reference_onednn ({both}): {ratio:.2f}x; reference_onednn / "
               f"reference: {ref1['samples_per_s'] / by['reference']['samples_per_s']:.2f}x" if "reference" in by
               else f"# mae_stmem / reference_onednn: {ratio:.2f}x")
     report = {"device": args.device, "device_name": device_name, "torch": torch.__version__,
               "threads": torch.get_num_threads(), "dtype": "bf16" if args.bf16 else "fp32", "compile": args.compile,
               "config": {k: v for k, v in vars(args).items() if k not in ("out",)}, "peaks_flops": peaks,
-              "results": results, "summary": summary, "data": "synthetic random batch (no split)"}
+              "results": results, "summary": summary, "data": "synthetic random batch (no split)",
+              "skipped": skipped, "mfu_above_peak": over}
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=2))

@@ -13,6 +13,9 @@ validation records (:func:`ecgfm.evaluate.metrics.evaluate_scores`, ``--bootstra
 ``C`` is chosen on the very validation split the AUROCs are computed on, so they are optimistic (the output says
 so); the CIs do not include that selection. ``--handcrafted`` adds the 40 handcrafted features, ``--concat NAME``
 the concatenation of NAME's features with them. The test split is never read.
+
+The regression is always fitted on the task's **full** training split: a ``--cell`` contributes only its feature
+file, not its label fraction (an ``f0.1_*`` cell gives 100 %-label numbers); the output says so.
 """
 from __future__ import annotations
 
@@ -144,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     counts = np.bincount(y[val], minlength=len(task.class_names))
     print(f"{args.task} validation split (n = {len(val)}): "
           + ", ".join(f"{c} {k}" for c, k in zip(task.class_names, counts)))
+    fractions = sorted({float(c["fraction"]) for c in cells.values() if c.get("fraction") is not None})
+    print(f"train: all {len(train)} training records (the cell's fraction is not used"
+          + (f"; the cells were run at fraction {', '.join(f'{f:g}' for f in fractions)})" if fractions else ")"))
     print(f"C is chosen on this same validation split (the highest macro AUROC over C in {list(CS)}): the AUROCs are "
           f"optimistic. [95 % CI]: percentile bootstrap over the validation records ({args.bootstrap} resamples, "
           f"C fixed: the choice of C is not resampled).")
