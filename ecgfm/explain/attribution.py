@@ -1480,6 +1480,10 @@ class Explainer:
     def _run(self, key: str, job: _Job, options: dict) -> tuple[Tensor, Tensor | None, dict, float]:
         impl = METHODS[key]
         check_method_options(key, options)
+        # captum's one-off import (~0.5-1 s; every method but attention rollout uses it) is not part of a method's
+        # time: a first call's elapsed_s was mostly import (0.86 s against 0.03 s warm for IG), so the first
+        # method of a report looked the slowest
+        import captum.attr  # noqa: F401
         t0 = time.perf_counter()
         with warnings.catch_warnings():   # eval mode: set by explain / explain_embedding around the whole job
             # captum notes that it switched on requires_grad / hooked non-linearities: expected here.
