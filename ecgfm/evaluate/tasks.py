@@ -861,9 +861,12 @@ def heldout_free_source(source: Any, tasks: Sequence[str | Mapping[str, Any]],
     task file gives another cache and an unchanged one reuses it.
 
     Patients: the guard also rejects shared patients. PTB-XL folds are patient-disjoint (all records of a patient
-    are in one fold) and CinC 2017 has no patient ids, so excluding records suffices for the shipped tasks; for a
-    task with a patient-level split whose patients also have records outside its splits, the guard stays the
-    backstop.
+    are in one fold), so excluding the held-out folds suffices where the source knows every record's fold; the
+    shared PTB-XL copy lists folds and patients for ecg_id 1-500 only, so its unlabelled records 501-1999 stay in
+    the pool whatever their patient (6 of them are other ECGs of test / validation patients, and ecg 1370 is a copy
+    of validation record 140 under another patient id: docs/BENCHMARK.md, "Leakage guard"). CinC 2017 has no
+    patient ids. For a task with a patient-level split whose patients also have records outside its splits, the
+    guard stays the backstop.
 
     Args:
         source: a :class:`~ecgfm.data.record.RecordSource` (or a ``_target_`` mapping of one).
