@@ -36,6 +36,10 @@ pretraining pipeline), ``extra.pretrain_caches`` (cache directories; their whole
 :func:`check_leakage` also compares an external evaluation set with the task's training and validation splits
 (``against=``): :func:`ecgfm.evaluate.tasks.build_external` removes the task's own records from an external set by
 these identities, and the sweep checks what is left before scoring.
+
+Identities do not see a recording filed twice under other ids and patients (PTB-XL ecg 140 / 1370): when the
+pretraining caches are known, :func:`signal_copies` compares the preprocessed signals themselves (the sweep records
+its near-copies in the cell's leakage report and warns; see :func:`ecgfm.evaluate.sweep.leakage_check`).
 """
 
 from __future__ import annotations
@@ -438,3 +442,206 @@ def check_leakage(pretrain: Mapping[str, list[str]], test: Mapping[str, list[str
             f"those records from pretraining, or pass allow_leakage=true to report the overlap and continue."
             + _generic_name_hint(report))
     return report
+
+
+# ------------------------------------------------------------------------------------------- signal near-copies
+# Hand-written on purpose: identities (ids, patients, paths, byte digests) miss a recording filed twice under other
+# ids (PTB-XL ecg 140 / 1370: different files, different patient ids, correlation 0.99998). No library matches
+# near-duplicate ECGs across two corpora of preprocessed, memory-mapped caches; generic near-duplicate tools hash
+# images or text, and a pairwise loop would cost minutes. Same preprocessing => the copies are sample-aligned from
+# sample 0, so a z-normalised dot product (a matrix product per chunk of the pool) finds them.
+
+@dataclass
+class SignalCopyReport:
+    """Result of :func:`signal_copies`; iterates (and ``len``) over its ``pairs``."""
+
+    pairs: list[tuple[str, str, float]] = field(default_factory=list)   # (eval key, pool key, correlation)
+    n_eval: int = 0
+    n_compared: int = 0        # pool records compared (read once)
+    n_skipped: int = 0         # pool records not compared (another sampling rate, or the pool over the limit)
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    skipped: bool = False      # the whole check was skipped (pool larger than ``max_pool_records``)
+
+    def __iter__(self):
+        return iter(self.pairs)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"n_eval": self.n_eval, "n_pool_compared": self.n_compared, "n_pool_skipped": self.n_skipped,
+                "seconds": round(self.seconds, 3), "skipped": self.skipped, "notes": list(self.notes),
+                "n_copies": len(self.pairs)}
+
+
+def _znorm(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-lead z-normalisation of ``(n, 12, S)`` float32 along time; flat leads become zero.
+
+    Returns ``(z (n, 12, S) float32, live (n, 12) float32: 1 where the lead is present and not flat)``."""
+    mu = x.mean(axis=2, keepdims=True, dtype=np.float64).astype(np.float32)
+    z = x - mu
+    sd = np.sqrt(np.square(z).mean(axis=2, keepdims=True, dtype=np.float64)).astype(np.float32)
+    live = sd[..., 0] > 1e-6
+    z /= np.where(sd > 1e-6, sd, np.float32(1.0))
+    z[~live] = 0.0
+    return z, live.astype(np.float32)
+
+
+def _pair_corr(a: np.ndarray, b: np.ndarray, ma: np.ndarray, mb: np.ndarray) -> float:
+    """Correlation of two ``(12, T)`` records over the leads both hold and their common length from sample 0."""
+    n = min(a.shape[1], b.shape[1])
+    shared = np.asarray(ma, bool) & np.asarray(mb, bool)
+    if n < 2 or not shared.any():
+        return 0.0
+    za, la = _znorm(a[None, :, :n].astype(np.float32))
+    zb, lb = _znorm(b[None, :, :n].astype(np.float32))
+    sh = shared.astype(np.float32)
+    den = n * np.sqrt(float((la[0] * sh).sum()) * float((lb[0] * sh).sum()))
+    return float((za[0][shared] * zb[0][shared]).sum(dtype=np.float64) / den) if den > 0 else 0.0
+
+
+def signal_copies(pretrain_caches: Sequence[Any], cache: Any, rows: Sequence[int] | np.ndarray | None = None,
+                  threshold: float = 0.99, *, screen_margin: float = 0.05, max_screen_seconds: float = 30.0,
+                  max_pool_records: int | None = 200_000, chunk_bytes: int = 128 << 20) -> SignalCopyReport:
+    """Pretraining records whose preprocessed signal is a near-copy of an evaluation record.
+
+    Two records are compared over the leads both hold (lead masks) and their common length from sample 0: each
+    such lead is z-normalised over that span, and the correlation is ``sum_l <z_a,l, z_b,l> / sqrt(E_a E_b)``
+    (``E``: energy of the non-flat shared leads), so a copy rescaled per lead (gain, offset) scores 1. Same
+    preprocessing means the copies are aligned; a copy cropped at another start, or resampled, is not seen.
+
+    The pool is read once, in chunks of ``(chunk, 12, S)`` windows from sample 0 (``S``: the shortest evaluation
+    record, at most ``max_screen_seconds``; a shorter pool record is compared on its own length): one matrix
+    product of normalised vectors per chunk screens every (evaluation, pool) pair at ``threshold -
+    screen_margin``, and the few candidates are then scored exactly over their whole common length.
+
+    Args:
+        pretrain_caches: pretraining caches (:class:`~ecgfm.data.cache.CorpusCache` or their folders).
+        cache: the evaluation cache.
+        rows: positional rows of ``cache`` to check (default all), e.g. a split's ``(n_eval,)`` rows.
+        threshold: correlation at or above which a pair is a copy.
+        screen_margin: the screen keeps pairs at ``threshold - screen_margin`` or above for the exact score.
+        max_screen_seconds: cap of the screened window ``S`` (bounds memory for long records).
+        max_pool_records: skip the check (``skipped=True``, a note and a log line) when the pools hold more
+            records; None: no limit.
+        chunk_bytes: memory of one pool chunk ``(chunk, 12, S)`` float32.
+
+    Returns:
+        :class:`SignalCopyReport`: ``pairs`` ``[(eval key, pool key, correlation)]`` sorted by evaluation key,
+        pool records compared / skipped, notes (pool records at another sampling rate than the evaluation
+        records are skipped, not resampled) and the time taken.
+    """
+    import time
+
+    from ecgfm.data.cache import N_LEADS, CorpusCache
+
+    t0 = time.perf_counter()
+    rep = SignalCopyReport()
+    pools = [c if isinstance(c, CorpusCache) else CorpusCache(c) for c in pretrain_caches]
+    erows = np.arange(len(cache), dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64)
+    rep.n_eval = len(erows)
+    n_pool = sum(len(p) for p in pools)
+    if max_pool_records is not None and n_pool > max_pool_records:
+        rep.skipped, rep.n_skipped = True, n_pool
+        rep.notes.append(f"signal check skipped: the pretraining caches hold {n_pool} records, over the limit "
+                         f"{max_pool_records} (pass max_pool_records=None to check anyway)")
+        log.info("leakage signal check: %s", rep.notes[-1])
+        rep.seconds = time.perf_counter() - t0
+        return rep
+    if not len(erows) or not n_pool:
+        rep.seconds = time.perf_counter() - t0
+        return rep
+    ecols = cache.records
+    efs = np.asarray(ecols["fs"], dtype=np.float64)[erows]
+    elen = np.asarray(ecols["n_samples"], dtype=np.int64)[erows]
+    emask = np.asarray(ecols["lead_mask"], dtype=bool)[erows]
+    found: dict[tuple[int, int, int], float] = {}   # (eval position, pool cache, pool row) -> correlation
+    ekeys = cache.index["key"].to_numpy()[erows]
+    for pool in pools:   # records at a rate no evaluation record has: skipped with a note, never resampled
+        pfs = np.asarray(pool.records["fs"], dtype=np.float64)
+        off = ~np.isclose(pfs[:, None], np.unique(efs)[None, :]).any(axis=1)
+        if off.any():
+            rep.n_skipped += int(off.sum())
+            rep.notes.append(f"{int(off.sum())} record(s) of {pool.path} at "
+                             f"{', '.join(f'{r:g}' for r in sorted(set(pfs[off].tolist())))} Hz not compared "
+                             f"(evaluation records at {', '.join(f'{f:g}' for f in np.unique(efs))} Hz; "
+                             f"not resampled)")
+    for fs in np.unique(efs):
+        esel = np.flatnonzero(efs == fs)
+        S = int(min(elen[esel].min(), max(2, round(max_screen_seconds * fs))))
+        ebuf = np.zeros((len(esel), N_LEADS, S), dtype=np.float32)
+        cache.read_windows_into(erows[esel], np.zeros(len(esel), np.int64), ebuf)
+        ez, elive = _znorm(ebuf)
+        del ebuf
+        emask_f = emask[esel].astype(np.float32)
+        for pi, pool in enumerate(pools):
+            pcols = pool.records
+            pfs = np.asarray(pcols["fs"], dtype=np.float64)
+            plen = np.asarray(pcols["n_samples"], dtype=np.int64)
+            pmask_all = np.asarray(pcols["lead_mask"], dtype=bool)
+            same = np.flatnonzero(np.isclose(pfs, fs))
+            rep.n_compared += len(same)
+            # pool records at least S long: screened on [0, S); shorter ones on their own length
+            groups: list[tuple[int, np.ndarray]] = [(S, same[plen[same] >= S])]
+            short = same[plen[same] < S]
+            groups += [(int(L), short[plen[short] == L]) for L in np.unique(plen[short]) if L >= 2]
+            for L, prow in groups:
+                if not len(prow):
+                    continue
+                ezL, eliveL = (ez, elive) if L == S else _znorm(_prefix(cache, erows[esel], L))
+                ef = ezL.reshape(len(esel), -1)
+                chunk = max(1, int(chunk_bytes // (N_LEADS * L * 4)))
+                for lo in range(0, len(prow), chunk):
+                    rr = prow[lo:lo + chunk]
+                    buf = np.zeros((len(rr), N_LEADS, L), dtype=np.float32)
+                    pool.read_windows_into(rr, np.zeros(len(rr), np.int64), buf)
+                    pz, plive = _znorm(buf)
+                    del buf
+                    pm = pmask_all[rr].astype(np.float32)
+                    num = ef @ pz.reshape(len(rr), -1).T                          # (n_eval, chunk)
+                    den = L * np.sqrt((eliveL @ pm.T) * (emask_f @ plive.T))     # shared, non-flat energy
+                    with np.errstate(divide="ignore", invalid="ignore"):
+                        corr = np.where(den > 0, num / np.where(den > 0, den, 1), 0.0)
+                    for i, j in zip(*np.nonzero(corr >= threshold - screen_margin)):
+                        e, p = int(erows[esel[i]]), int(rr[j])
+                        c = _pair_corr(cache.signal(e), pool.signal(p), emask[esel[i]], pmask_all[p])
+                        if c >= threshold:
+                            found[(int(esel[i]), pi, p)] = c
+    pkeys = {pi: pools[pi].index["key"].to_numpy() for pi in {k[1] for k in found}}
+    rep.pairs = sorted((str(ekeys[e]), str(pkeys[pi][p]), round(c, 5)) for (e, pi, p), c in found.items())
+    rep.seconds = time.perf_counter() - t0
+    return rep
+
+
+def _prefix(cache: Any, rows: np.ndarray, length: int) -> np.ndarray:
+    """``(n, 12, length)`` float32 windows of ``rows`` from sample 0."""
+    from ecgfm.data.cache import N_LEADS
+
+    out = np.zeros((len(rows), N_LEADS, length), dtype=np.float32)
+    cache.read_windows_into(rows, np.zeros(len(rows), np.int64), out)
+    return out
+
+
+_SIGNAL_MEMO: dict[tuple, SignalCopyReport] = {}
+
+
+def _cache_fingerprint(c: Any) -> tuple[str, str | None]:
+    from ecgfm.data.cache import cache_digest
+
+    path = str(getattr(c, "path", c))
+    return os.path.realpath(path), cache_digest(path)
+
+
+def signal_copies_memo(pretrain_caches: Sequence[Any], cache: Any, rows: Sequence[int] | np.ndarray | None = None,
+                       threshold: float = 0.99, **kwargs: Any) -> SignalCopyReport:
+    """:func:`signal_copies`, memoised in this process per (pretraining cache folders and digests, evaluation
+    cache folder and digest, rows, threshold, options): a sweep of many cells over the same data pays once. A
+    cache prepared again in place gets another digest (:func:`~ecgfm.data.cache.cache_digest`), so it is read
+    again."""
+    r = np.arange(len(cache), dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64)
+    key = (tuple(_cache_fingerprint(c) for c in pretrain_caches), _cache_fingerprint(cache),
+           hashlib.sha256(r.tobytes()).hexdigest(), float(threshold), tuple(sorted(kwargs.items())))
+    if key not in _SIGNAL_MEMO:
+        _SIGNAL_MEMO[key] = signal_copies(pretrain_caches, cache, r, threshold, **kwargs)
+    return _SIGNAL_MEMO[key]

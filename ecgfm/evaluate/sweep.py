@@ -66,7 +66,7 @@ from ecgfm.data.record import CANONICAL_LEADS
 from ecgfm.evaluate.features import (cached_features, cached_tokens, check_window, embed_fn, encoder_fingerprint,
                                      fit_window)
 from ecgfm.evaluate.identity import checkpoint_identity, diff_keys, recipe_identity, short_hash, stale_reason
-from ecgfm.evaluate.leakage import cache_identities, check_leakage, pretrain_identities
+from ecgfm.evaluate.leakage import cache_identities, check_leakage, pretrain_identities, signal_copies_memo
 from ecgfm.evaluate.metrics import choose_thresholds, evaluate_scores, no_threshold_mask
 from ecgfm.evaluate.report import build_report, classes_left_out, degenerate_ci
 from ecgfm.evaluate.tasks import TaskData, TaskSpec, build_external, build_task
@@ -493,20 +493,29 @@ def _task_crop_set(cfg: DictConfig, value: float) -> bool | None:
         return None
 
 
+def _summary_caches(enc: Encoder) -> list[str]:
+    """The cache folders of the training run's summary.json beside an exported encoder, when its encoder.json names
+    neither ``extra.pretrain_record_keys`` nor ``extra.pretrain_caches`` (older exports); else empty."""
+    if enc.export_dir is None or enc.kind != "pretrained":
+        return []
+    summary = Path(enc.export_dir).parent / "summary.json"
+    extra = enc.info.get("extra") or {}
+    if extra.get("pretrain_record_keys") or extra.get("pretrain_caches") or not summary.is_file():
+        return []
+    caches = []
+    for c in json.loads(summary.read_text()).get("cache_dirs") or []:
+        # older train.py runs recorded the cache folders as given, relative to where they ran
+        p = Path(str(c))
+        if not p.is_absolute() and not p.exists():
+            p = Path.cwd() / p
+        caches.append(str(p))
+    return caches
+
+
 def _pretraining_identities(enc: Encoder, extra_caches: Sequence[str]) -> tuple[dict, list[str]]:
     """Identities of the encoder's pretraining data: encoder.json, the run's summary.json, explicit caches."""
-    caches = [str(c) for c in extra_caches]
-    if enc.export_dir is not None and enc.kind == "pretrained":
-        summary = Path(enc.export_dir).parent / "summary.json"
-        extra = enc.info.get("extra") or {}
-        if not extra.get("pretrain_record_keys") and not extra.get("pretrain_caches") and summary.is_file():
-            for c in json.loads(summary.read_text()).get("cache_dirs") or []:
-                # older train.py runs recorded the cache folders as given, relative to where they ran
-                p = Path(str(c))
-                if not p.is_absolute() and not p.exists():
-                    p = Path.cwd() / p
-                caches.append(str(p))
-    return pretrain_identities(enc.info if enc.kind == "pretrained" else {}, caches)
+    return pretrain_identities(enc.info if enc.kind == "pretrained" else {},
+                               [str(c) for c in extra_caches] + _summary_caches(enc))
 
 
 def external_task_check(task: TaskData, external: TaskData, allow: bool) -> dict[str, dict[str, Any]]:
@@ -534,13 +543,33 @@ def external_task_check(task: TaskData, external: TaskData, allow: bool) -> dict
     return {f"external:{external.dataset}/task_train_val": rep.to_dict()}
 
 
+def _pretraining_cache_paths(enc: Encoder, extra_caches: Sequence[str]) -> list[str]:
+    """The pretraining cache folders :func:`_pretraining_identities` reads (encoder.json ``extra.pretrain_caches``,
+    the run's summary.json, explicit ones): what the signal check compares; empty when only record keys are known."""
+    recorded = (enc.info.get("extra") or {}).get("pretrain_caches") or [] if enc.kind == "pretrained" else []
+    return list(dict.fromkeys([str(c) for c in recorded] + [str(c) for c in extra_caches] + _summary_caches(enc)))
+
+
 def leakage_check(enc: Encoder, task: TaskData, external: TaskData | None, allow: bool,
-                  pretrain_caches: Sequence[str]) -> dict[str, Any]:
+                  pretrain_caches: Sequence[str], signal_check: bool = True,
+                  max_pool_records: int | None = 200_000) -> dict[str, Any]:
     """Run the leakage guard for the test and validation splits (and the external set); returns a JSON-able report.
 
     Validation counts as much as test: it chooses the probe's C, the thresholds, early stopping and, in the
     benchmark, which encoder and probe are read on test. An external set is also checked against the task's
-    training and validation splits (:func:`external_task_check`), whatever the encoder."""
+    training and validation splits (:func:`external_task_check`), whatever the encoder.
+
+    Besides identities (ids, patients, files, byte digests: :func:`~ecgfm.evaluate.leakage.check_leakage`), each
+    evaluated part is compared by signal with the pretraining caches when they are known
+    (:func:`~ecgfm.evaluate.leakage.signal_copies`, memoised in-process: a sweep of many cells reads the pool once;
+    skipped with a log line when the pools hold more than ``max_pool_records`` records). A near-copy (the same
+    recording filed under another id and patient, e.g. PTB-XL ecg 140 / 1370) is recorded in the part's report
+    (``"signal_copies": [[eval key, pool key, correlation], ...]``) and in the cell's ``"signal_copies"`` count,
+    and logs one WARNING; it does not set ``"leaked"`` and never raises, even without ``allow``: a correlation
+    threshold is evidence, not identity, the copies are usually a few validation records among many (the shipped
+    pool holds one: PTB-XL 1370, a copy of validation record 140; docs/BENCHMARK.md "Leakage guard"), and marking
+    the cell leaked would drop it from the acceptance criteria for that. Identity overlaps keep raising unless
+    ``allow``. ``signal_check=False`` skips the comparison."""
     own = external_task_check(task, external, allow) if external is not None else {}
     own_leaked = any(v.get("leaked") for v in own.values())
     if enc.kind == HANDCRAFTED:  # nothing is learned outside the task's own training split
@@ -559,12 +588,28 @@ def leakage_check(enc: Encoder, task: TaskData, external: TaskData | None, allow
     parts = [("test", task, task.splits["test"]), ("val", task, task.splits["val"])]
     if external is not None:
         parts.append((f"external:{external.dataset}", external, external.splits["test"]))
+    cache_paths = _pretraining_cache_paths(enc, pretrain_caches) if signal_check else []
     for name, t, rows in parts:
         rep = check_leakage(pre, cache_identities(t.cache, rows), allow=allow,
                             what=f"{t.name} {name} split ({t.dataset})")
         out[name] = rep.to_dict()
+        if not cache_paths:
+            continue
+        sig = signal_copies_memo(cache_paths, t.cache, rows, max_pool_records=max_pool_records)
+        out[name]["signal_check"] = sig.to_dict()
+        log.info("leakage signal check, %s %s split: %d evaluation record(s) x %d pretraining record(s) compared "
+                 "in %.2f s (%d not compared)%s", t.name, name, sig.n_eval, sig.n_compared, sig.seconds,
+                 sig.n_skipped, "".join(f"; {n}" for n in sig.notes))
+        if sig.pairs:
+            out[name]["signal_copies"] = [list(p) for p in sig.pairs]
+            log.warning("leakage: the pretraining data holds %d near-copy(ies) (signal correlation >= 0.99, same "
+                        "recording under another id) of records of the %s %s split (%s), e.g. evaluated ~ "
+                        "pretraining: %s; recorded in the cell's leakage report (not refused: remove them from the "
+                        "pretraining pool)", len(sig.pairs), t.name, name, t.dataset,
+                        ", ".join(f"{e} ~ {p} ({c:.4f})" for e, p, c in sig.pairs[:5]))
     out["checked"] = True
     out["leaked"] = any(v.get("leaked") for k, v in out.items() if isinstance(v, dict))
+    out["signal_copies"] = sum(len(v.get("signal_copies") or []) for v in out.values() if isinstance(v, dict))
     return out
 
 
