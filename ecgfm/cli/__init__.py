@@ -25,12 +25,14 @@ from typing import Any, Callable
 
 
 def launcher_checked(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Wrap a ``@hydra.main`` entry point: a ``hydra/launcher=<name>`` override whose plugin is not installed (the
-    SLURM launcher is the ``ecgfm[slurm]`` extra) ends with one ``error: ...`` line and exit status 2, before Hydra
-    fails on it with a traceback ("Unknown plugin class"). A call with a config (tests) is passed through."""
+    """Wrap a ``@hydra.main`` entry point: a multirun (``-m``) with a ``hydra/launcher=<name>`` override whose plugin
+    is not installed (the SLURM launcher is the ``ecgfm[slurm]`` extra) ends with one ``error: ...`` line and exit
+    status 2, before Hydra fails on it with a traceback ("Unknown plugin class"). A single run (which ignores the
+    launcher) and a call with a config (tests) are passed through."""
     @functools.wraps(fn)
     def entry(*args: Any, **kwargs: Any) -> Any:
-        if not args and not kwargs:
+        # a launcher acts in a multirun only (a single run ignores hydra/launcher and runs here)
+        if not args and not kwargs and {"-m", "--multirun"} & set(sys.argv[1:]):
             problem = missing_launcher(sys.argv[1:])
             if problem:
                 print(f"error: {problem}", file=sys.stderr)
@@ -55,7 +57,7 @@ def missing_launcher(argv: list[str]) -> str | None:
         module = target.group(1).rsplit(".", 1)[0]
         try:
             found = importlib.util.find_spec(module) is not None
-        except ModuleNotFoundError:   # a parent package is missing
+        except ImportError:   # a parent package is missing (or fails to import)
             found = False
         if not found:
             return (f"{arg}: its Hydra plugin ({module}) is not installed: pip install 'ecgfm[slurm]' (in a "

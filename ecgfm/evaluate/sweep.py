@@ -256,7 +256,9 @@ def checkpoint_slug(checkpoint: str) -> str:
     if rest and ("/" in rest or rest.startswith(".")):
         rest = os.path.normpath(rest)
     text = f"{prefix}{sep}{rest}"
-    readable = re.sub(r"[^A-Za-z0-9._-]+", "_", text).lstrip("._").rstrip("_")[-60:].lstrip(".")
+    # (the leading dots / underscores of the whole text are dropped; a 60-character tail is kept as before, so a
+    # long plain path keeps its folder name even where the tail starts with a dot)
+    readable = re.sub(r"[^A-Za-z0-9._-]+", "_", text).lstrip("._").rstrip("_")[-60:]
     return f"{readable}-{hashlib.sha256(text.encode()).hexdigest()[:6]}"
 
 

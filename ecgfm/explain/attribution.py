@@ -891,7 +891,7 @@ def _measured_column_offset(job: "_Job", layer: str, layer_layout: str | None, r
 
     Measured on a probe, not on the records: seeded Gaussian noise on the present leads of record ``record`` of the
     job (default the first), at its sd rounded to a power of two (:func:`_probe_key`). So every record of one lead
-    set and length gets the same placement (measured on the record itself, the offset moved by a sample or two from
+    set, amplitude class (sd to a power of two) and length gets the same placement (measured on the record itself, the offset moved by a sample or two from
     record to record, and maps of two records, e.g. with and without a wave, were drawn shifted against each other);
     and noise leaves no ReLU dead over a flat stretch. A batch mixing lead sets is measured once per probe
     (:func:`_column_offsets`).
@@ -938,7 +938,7 @@ def _measured_column_offset(job: "_Job", layer: str, layer_layout: str | None, r
 
     n_t = job.x.shape[-1]
     # the probe: seeded noise on the record's present leads, at its sd rounded to a power of two, so that every
-    # record (of that lead set and length) gets the same placement; noise leaves no ReLU dead over a flat stretch,
+    # record (of that lead set, amplitude class and length) gets the same placement; noise leaves no ReLU dead over a flat stretch,
     # which would cut the support short
     first = job.x[record:record + 1].detach()
     leads, scale = _probe_key(first[0])

@@ -322,8 +322,9 @@ def randomisation_check(explainer: Explainer, inputs: Tensor, method: str, targe
             these are ranked. Default: every sample of a present lead. Input x gradient and IG from a zero
             baseline are exactly 0 on the padding in every map; those shared ties made the correlations of a 3 s
             record in a 10 s window read 0.98 where its recorded samples gave 0.5.
-        **options: more method options (a method with a ``recorded`` option, SmoothGrad, gets ``recorded``
-            unless its options set one).
+        **options: more method options (a method with a ``recorded`` option, e.g. SmoothGrad, integrated
+            gradients, DeepLift, GradientSHAP, occlusion, lead / wave ablation, gets ``recorded`` unless its options
+            set one).
 
     Returns:
         ``{"layers": [...], "spearman_abs": (n_layers, B), "spearman_signed": (n_layers, B), "summary": [{"layer",
@@ -335,7 +336,7 @@ def randomisation_check(explainer: Explainer, inputs: Tensor, method: str, targe
     wrapper = explainer.wrapper
     options = {**(method_options or {}), **options}
     if recorded is not None and "recorded" in _explain_option_names(canonical_method(method)):
-        options.setdefault("recorded", recorded)   # SmoothGrad: its noise scale from the same recorded samples
+        options.setdefault("recorded", recorded)   # noise / baselines confined to the same recorded samples
     torch.manual_seed(seed)
     original = explainer.explain(inputs, target=target, method=method, **options)
     target_t = original.target

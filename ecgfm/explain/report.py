@@ -591,6 +591,17 @@ def explain_records(wrapper: ECGWrapper, records: Sequence[ECGRecord], out_dir: 
 # Entry point
 
 
+def _first_source_key(data_cfg: Any) -> str | None:
+    """The config key of the record source :func:`source_from_config` builds from the ``data`` group node
+    (``data.cache_dirs.<i>.sources.0``), or None."""
+    from omegaconf import OmegaConf
+
+    for i, entry in enumerate(OmegaConf.select(data_cfg, "cache_dirs", default=None) or []):
+        if OmegaConf.is_config(entry) and OmegaConf.select(entry, "sources", default=None):
+            return f"data.cache_dirs.{i}.sources.0"
+    return None
+
+
 def source_from_config(data_cfg: Any, source_cfg: Any = None) -> Any:
     """The record source of an explain run: ``source_cfg`` (a ``_target_`` node) when given, else the first
     record source of the ``data`` group node (``cache_dirs[*].sources[*]``, the node ``train.py`` prepares
@@ -604,10 +615,9 @@ def source_from_config(data_cfg: Any, source_cfg: Any = None) -> Any:
 
     if source_cfg is not None:
         return instantiate(source_cfg)
-    for entry in OmegaConf.select(data_cfg, "cache_dirs", default=None) or []:
-        sources = OmegaConf.select(entry, "sources", default=None) if OmegaConf.is_config(entry) else None
-        if sources:
-            return instantiate(sources[0])
+    key = _first_source_key(data_cfg)
+    if key is not None:
+        return instantiate(OmegaConf.select(data_cfg, key.split(".", 1)[1]))
     raise ValueError("the data config names no record source (data.cache_dirs[*].sources); pass "
                      "source={_target_: ...} or choose data=ptbxl / synthetic / folder")
 
@@ -860,11 +870,14 @@ def explain_main(cfg: Any) -> dict[str, Any]:
     out_dir = Path(cfg.out_dir)
     from ecgfm.data.prepare import check_data_paths
 
-    # a missing data folder named with its config key and paths.data_root, as train / probe / finetune do
+    # a missing data folder named with its config key and paths.data_root, as train / probe / finetune do; only the
+    # source explain reads (the first of the data group's: source_from_config), not every corpus of a pool
     if cfg.get("source") is not None:
         check_data_paths(cfg.source, "source")
     else:
-        check_data_paths(cfg.get("data"), "data")
+        first = _first_source_key(cfg.get("data"))
+        if first is not None:
+            check_data_paths(OmegaConf.select(cfg, first), first)
     source = source_from_config(cfg.get("data"), cfg.get("source"))
     if cfg.checkpoint is None:
         if getattr(source, "name", "") != "synthetic":

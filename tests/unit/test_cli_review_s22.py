@@ -187,6 +187,10 @@ def test_explain_names_the_config_key_of_a_missing_data_folder(tmp_path, fixture
                    "record=1", f"out_dir={tmp_path / 'explain'}")
     with pytest.raises(ECGDataError, match=r"nope.*data path does not exist \(config key 'data[^']+'.*data_root"):
         explain_main(cfg)
+    # only the source explain reads is checked: a pool whose other corpora are missing (no cinc2017 in the fixture)
+    with pytest.raises(ConfigError, match=r"checkpoint= is required for real data"):
+        explain_main(_compose("explain", "data=pretrain_pool", f"paths.data_root={fixture_dir}", "record=1",
+                              f"out_dir={tmp_path / 'explain'}"))
     with pytest.raises(ConfigError, match=r"checkpoint= is required for real data.*finetune\.py"):
         explain_main(_compose("explain", "data=ptbxl", f"paths.data_root={fixture_dir}", "record=1",
                               f"out_dir={tmp_path / 'explain'}"))

@@ -216,7 +216,7 @@ def test_a_fold_record_without_a_task_label_is_not_called_training(tmp_path):
         assert "TRAINING DATA" not in _MEMBERSHIP_TEXT[key] and "only if it has a label" in _MEMBERSHIP_TEXT[key]
 
 
-def test_shared_ptbxl_00385_is_not_a_training_record(shared_data):
+def test_shared_ptbxl_00385_is_not_a_training_record(shared_data, caplog):
     """The reviewer's case on the shared PTB-XL copy: 00385 was "IN THE CLASSIFIER'S TRAINING DATA"."""
     from ecgfm.data.readers import PTBXLSource
     from ecgfm.explain.report import training_membership
@@ -224,7 +224,7 @@ def test_shared_ptbxl_00385_is_not_a_training_record(shared_data):
     root = shared_data / "ptbxl"
     if not (root / "scp_statements.csv").is_file():
         pytest.skip(f"no PTB-XL copy at {root}")
-    logging.getLogger("ecgfm").setLevel(logging.ERROR)
+    caplog.set_level(logging.ERROR, logger="ecgfm")   # restored after the test (a bare setLevel leaked into others)
     src = PTBXLSource(root, fs=100, include_unlabelled=False)
     assert training_membership(PTBXL_DEMO, src.load("00385"), source=src) == "held out"
     assert training_membership(PTBXL_DEMO, src.load("00001"), source=src) == "training"

@@ -98,3 +98,11 @@ def test_a_launcher_whose_plugin_is_missing_is_one_error_line(cli, monkeypatch, 
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: hydra/launcher=submitit_slurm") and "ecgfm[slurm]" in err
+    from ecgfm.cli import missing_launcher   # the check itself; a single run (no -m) ignores the launcher
+
+    assert missing_launcher(["hydra/launcher=basic"]) is None
+    ran = []
+    monkeypatch.setattr(sys, "argv", [cli, "hydra/launcher=submitit_slurm"])
+    wrapped = importlib.import_module("ecgfm.cli").launcher_checked(lambda *a, **k: ran.append(1))
+    wrapped()
+    assert ran == [1]

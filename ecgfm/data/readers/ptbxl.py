@@ -219,7 +219,8 @@ def ptbxl_task_labels(scp_codes: Mapping[str, float], task: str,
     _check_task(task)
     if isinstance(statements, pd.DataFrame):
         mapping = ptbxl_task_map(statements, task)
-        diagnostic_codes = ptbxl_diagnostic_codes(statements) if diagnostic_codes is None else diagnostic_codes
+        if diagnostic_codes is None and min_likelihood > 0:
+            diagnostic_codes = ptbxl_diagnostic_codes(statements)
     else:
         mapping = statements
     if min_likelihood > 0 and diagnostic_codes is None:
