@@ -9,7 +9,8 @@
 Each row builds tiny data in a temporary folder (synthetic records, ``wfdb.wrsamp`` records or copies of the shared
 fixture records in ``../shared/data/fixture``), injects one fault, runs the public command (``python prepare.py``,
 ``train.py``, ``probe.py``, ``explain.py`` from the repository root, with ``sys.executable``) as a subprocess and
-classifies what it observed:
+classifies what it observed (the state a row damages first, such as a first conversion, a finished probe cell or a
+token file, is built by the same code in this process: :func:`in_process`):
 
 * ``error``   non-zero exit, the message names what is wrong (the words the row expects) and stderr holds no Python
   traceback (a one-line ``error: ...`` is the goal). ``error+traceback``: right exit and words, but a traceback.
@@ -109,6 +110,47 @@ def run(script: str, *overrides: str, cwd: Path = ROOT, timeout: float = TIMEOUT
         out = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
         err = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else (exc.stderr or "")
         return Proc(cmd, None, out, err, time.time() - t0, timed_out=True)
+
+
+def in_process(script: str, *overrides: str) -> Proc:
+    """What ``python <script> overrides...`` runs (its config composed with ``overrides``, then the command's
+    function), in this process and one call at a time: for a row's *setup* (the cache, cell or token file the
+    checked command then meets), never for the run a row checks. A subprocess paid seconds of start-up and imports
+    for a result the row does not look at. ``script``: ``prepare.py`` or ``probe.py``. ``rc`` 0, or 1 with the error
+    as ``err``."""
+    import contextlib
+    import io
+
+    from hydra import compose, initialize_config_dir
+
+    from ecgfm.conf import config_dir
+
+    def prepare(cfg: Any) -> Any:
+        from ecgfm.cli.prepare import resolve_out
+        from ecgfm.config import validate_prepare_config
+        from ecgfm.data.cache import prepare_from_config
+
+        return prepare_from_config(validate_prepare_config(resolve_out(cfg)))
+
+    def probe(cfg: Any) -> Any:
+        from ecgfm.evaluate.sweep import probe_main
+
+        return probe_main(cfg)
+
+    fn = {"prepare.py": prepare, "probe.py": probe}[script]
+    cmd = [f"{script} (in process)", *overrides]
+    out, err = io.StringIO(), io.StringIO()
+    t0 = time.time()
+    with LIB:
+        try:
+            with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+                cfg = compose(config_name=script.removesuffix(".py"), overrides=list(overrides))
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                fn(cfg)
+        except BaseException as exc:  # noqa: BLE001 - reported as the row's "setup failed" (SystemExit too)
+            return Proc(cmd, 1, out.getvalue(), f"{err.getvalue()}error: {type(exc).__name__}: {exc}",
+                        time.time() - t0)
+    return Proc(cmd, 0, out.getvalue(), err.getvalue(), time.time() - t0)
 
 
 def has_traceback(p: Proc) -> bool:
@@ -226,11 +268,12 @@ def trained_run(shared: Shared) -> Path:
 
 
 def probed_task(shared: Shared) -> Path:
-    """A cache root holding the synthetic probe task's cache and its feature file (one probe.py run)."""
+    """A cache root holding the synthetic probe task's cache and its feature file (one probe.py run, in this
+    process: every row using it runs its own probe.py); beside it, ``results/`` holds that run's finished cell."""
     def build(folder: Path) -> Path:
         root = folder / "cache"
-        p = run("probe.py", *TINY_PROBE, "checkpoint=random:resnet1d_test", f"paths.cache_root={root}",
-                f"results_dir={folder / 'results'}", f"hydra.run.dir={folder / 'hydra'}")
+        p = in_process("probe.py", *TINY_PROBE, "checkpoint=random:resnet1d_test", f"paths.cache_root={root}",
+                       f"results_dir={folder / 'results'}")
         if p.rc != 0:
             raise RuntimeError(f"probe run failed: {p.tail()}")
         return root
@@ -416,7 +459,7 @@ def _corrupt_shard_verify(tmp: Path, shared: Shared) -> Outcome:
     out = tmp / "syn"
     args = ["sources=[synthetic]", "synthetic.n_records=8", "synthetic.duration=3.0", "synthetic.fs=100.0",
             "spec.fs=100", "shard_records=2", *prepare_args(out)]
-    first = run("prepare.py", *args)
+    first = in_process("prepare.py", *args)   # setup: the cache to damage (the checked run is the verify=true one)
     if first.rc != 0:
         return Outcome("setup failed", False, first.tail())
     (shard,) = poison(out, [3], vouch=False)
@@ -466,7 +509,7 @@ def _prepared_ptbxl(tmp: Path) -> tuple[Path, Path, list[str], Proc]:
     root = copy_ptbxl(tmp / "ptbxl", n=4)
     out = tmp / "cache"
     args = ["sources=[ptbxl]", f"ptbxl.root={root}", "shard_records=2", *prepare_args(out)]
-    return root, out, args, run("prepare.py", *args)
+    return root, out, args, in_process("prepare.py", *args)   # setup: the cache the checked prepare.py run meets
 
 
 def _shard_stats(out: Path) -> dict[str, tuple[int, int]]:
@@ -729,12 +772,17 @@ def _results_two(tmp: Path, shared: Shared) -> Outcome:
     b = toy_encoder(tmp / "b" / "encoder", seed=2)
     res = tmp / "results"
     cache_root = tmp / "cache"
-    cells, p = [], None
-    for i, enc in enumerate((a, b)):
-        p = run("probe.py", *TINY_PROBE, f"checkpoint={enc}", f"results_dir={res}", f"paths.cache_root={cache_root}",
-                f"hydra.run.dir={tmp / f'h{i}'}")
-        if p.rc != 0:
-            return Check().result("correct", p)
+    cells = []
+    # the first encoder's cell is set up in this process; the second probe.py run (into the same results folder)
+    # is the command checked: its cell beside the first one's, and the results table it writes
+    first = in_process("probe.py", *TINY_PROBE, f"checkpoint={a}", f"results_dir={res}",
+                       f"paths.cache_root={cache_root}")
+    if first.rc != 0:
+        return Outcome("setup failed", False, first.tail())
+    p = run("probe.py", *TINY_PROBE, f"checkpoint={b}", f"results_dir={res}", f"paths.cache_root={cache_root}",
+            f"hydra.run.dir={tmp / 'h1'}")
+    if p.rc != 0:
+        return Check().result("correct", p)
     c = Check()
     for cell in sorted((res / "cells").rglob("*.json")):
         cells.append(json.loads(cell.read_text()))
@@ -751,12 +799,13 @@ def _results_two(tmp: Path, shared: Shared) -> Outcome:
 @fault("results_recipe_changed", 5, "recover", "a finished probe cell rerun with another probe grid (probe.Cs)")
 def _results_recipe(tmp: Path, shared: Shared) -> Outcome:
     root = tmp / "cache"
-    shutil.copytree(probed_task(shared), root)
+    shared_root = probed_task(shared)
+    shutil.copytree(shared_root, root)
     res = tmp / "results"
     base = [*TINY_PROBE, "checkpoint=random:resnet1d_test", f"paths.cache_root={root}", f"results_dir={res}"]
-    first = run("probe.py", *base, f"hydra.run.dir={tmp / 'h0'}")
-    if first.rc != 0:
-        return Outcome("setup failed", False, first.tail())
+    # the finished cell: probed_task's results folder, written by this very probe command (TINY_PROBE,
+    # random:resnet1d_test) on the cache copied above (cells are keyed by checkpoint and recipe, not by paths)
+    shutil.copytree(shared_root.parent / "results", res)
     (cell,) = list((res / "cells").rglob("*.json"))
     before = json.loads(cell.read_text())
     p = run("probe.py", *[a for a in base if not a.startswith("probe.Cs")], "probe.Cs=[0.1]",
@@ -1016,9 +1065,11 @@ def _tokens_truncated(tmp: Path, shared: Shared) -> Outcome:
         return run("probe.py", *TINY_PROBE, *attention, "checkpoint=random:resnet1d_test", f"paths.cache_root={root}",
                    f"results_dir={tmp / results}", f"hydra.run.dir={tmp / ('h' + results)}")
 
-    first = probe("r1")
+    # setup (in this process): the attention probe that writes the token file the checked probe.py run meets
+    first = in_process("probe.py", *TINY_PROBE, *attention, "checkpoint=random:resnet1d_test",
+                       f"paths.cache_root={root}", f"results_dir={tmp / 'r1'}")
     if first.rc != 0:
-        return Check().result("recover", first)
+        return Outcome("setup failed", False, first.tail())
     (tok,) = list((root / "features").glob("*.tokens"))
     size = tok.stat().st_size
     tok.write_bytes(tok.read_bytes()[: size // 2])
@@ -1266,6 +1317,7 @@ def main(argv: list[str] | None = None) -> int:
     shared = Shared(base)
     t0 = time.time()
     rows: dict[str, Row] = {}
+    console = sys.stdout        # in_process redirects sys.stdout / stderr for a moment in a row's thread
     print(f"fault battery: {len(selected)} row(s), {args.jobs} at a time, in {base}", flush=True)
     try:
         with futures.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
@@ -1273,7 +1325,8 @@ def main(argv: list[str] | None = None) -> int:
             for job in futures.as_completed(jobs):
                 r = job.result()
                 rows[r.fault] = r
-                print(f"  {'PASS' if r.passed else 'FAIL'}  {r.fault} ({r.seconds:.0f} s): {r.observed}", flush=True)
+                print(f"  {'PASS' if r.passed else 'FAIL'}  {r.fault} ({r.seconds:.0f} s): {r.observed}", flush=True,
+                      file=console)
     finally:
         if not args.keep:
             shutil.rmtree(base, ignore_errors=True)

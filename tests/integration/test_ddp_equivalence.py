@@ -23,6 +23,7 @@ GPUs only, so those methods are not part of this CPU test.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -139,8 +140,8 @@ def _assert_equal(ddp_loss: float | None, ddp_grads: dict, loss_1: float, grads_
 
 
 def test_two_processes_equal_one_process(tmp_path):
-    """Real process group (2 spawned processes, gloo): MAE (one lead set, and one- and 12-lead records split unevenly
-    between the ranks) and CLOCS. ~1 min on a busy 2-core machine."""
+    """Real process group (2 processes, gloo): MAE (one lead set, and one- and 12-lead records split unevenly
+    between the ranks) and CLOCS."""
     torch.set_num_threads(1)
     methods = ["mae", "mae_mixed", "clocs"]
     single = {}
@@ -150,8 +151,10 @@ def test_two_processes_equal_one_process(tmp_path):
         single[method] = _loss_and_grads(model, _global_batch(method))
 
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    # fork on Linux: the ranks inherit torch, Lightning and the modules imported here (spawn re-imported them in
+    # every rank, most of this test's time); spawn elsewhere
     mp.start_processes(_worker, args=(WORLD, methods, str(tmp_path / "pg"), str(tmp_path)), nprocs=WORLD,
-                       join=True, start_method="spawn")
+                       join=True, start_method="fork" if sys.platform.startswith("linux") else "spawn")
     for method in methods:
         for rank in range(WORLD):   # each rank logs the global loss, also with unequal counted patches (mae_mixed)
             ddp = torch.load(tmp_path / f"{method}_rank{rank}.pt", weights_only=True)

@@ -129,12 +129,22 @@ def test_prepare_rerun_repairs_a_shard_whose_stat_changed(tmp_path):
 
 
 def test_cli_prepare_verify_true_repairs(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from ecgfm.cli.prepare import resolve_out
+    from ecgfm.config import validate_prepare_config
+    from ecgfm.data.cache import prepare_from_config
+
     out = tmp_path / "s"
-    args = [sys.executable, "-m", "ecgfm.cli.prepare", "sources=[synthetic]", "synthetic.n_records=4",
-            "synthetic.fs=100", "synthetic.duration=2.5", f"out={out}", "workers=0", "progress=false", "spec.fs=50"]
+    overrides = ["sources=[synthetic]", "synthetic.n_records=4", "synthetic.fs=100", "synthetic.duration=2.5",
+                 f"out={out}", "workers=0", "progress=false", "spec.fs=50"]
+    args = [sys.executable, "-m", "ecgfm.cli.prepare", *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    first = subprocess.run(args, capture_output=True, text=True, env=env, cwd=ROOT)
-    assert first.returncode == 0, first.stderr
+    # the cache to damage, prepared in this process as the command would (its config, then prepare_from_config):
+    # the command checked is the verify=true run below
+    with initialize_config_dir(config_dir=str(ROOT / "ecgfm" / "conf"), version_base="1.3"):
+        cfg = compose(config_name="prepare", overrides=overrides)
+    prepare_from_config(validate_prepare_config(resolve_out(cfg)))
     _poison(out, 1, keep_stat=True)
     run = subprocess.run(args + ["verify=true"], capture_output=True, text=True, env=env, cwd=ROOT)
     assert run.returncode == 0, run.stderr
@@ -567,28 +577,63 @@ def test_pipelines_and_tasks_use_the_data_layer():
 # ---------------------------------------------------------------------------------------------- workers
 
 
-_LOADER_CHILD = textwrap.dedent("""
-    import sys, time
-    sys.path.insert(0, {root!r})
+def _loader_child(cache: str, ready) -> None:
+    """The loader's parent process: a loader with two workers, one batch drawn, then asleep until killed."""
     from ecgfm.data.datamodules import PretrainDataModule
-    dm = PretrainDataModule([{cache!r}], crop_samples=100, batch_size=3, num_workers=2, val_fraction=0.0,
+
+    dm = PretrainDataModule([cache], crop_samples=100, batch_size=3, num_workers=2, val_fraction=0.0,
                             samples_per_epoch=10_000)
     it = iter(dm.train_dataloader())
     next(it)
-    print("READY", flush=True)
+    ready()
     time.sleep(120)
+
+
+def _prepare_child(cache: str, ready) -> None:
+    """The conversion's parent process: two conversion workers, each slowed to 0.5 s per record."""
+    from ecgfm.data.synthetic import SyntheticSource
+
+    os.environ["ECGFM_PREPARE_RECORD_DELAY"] = "0.5"
+    ready()
+    prepare_corpus(SyntheticSource(64, seed=0, fs=100.0, duration=2.5), cache, {"fs": 100}, shard_records=4,
+                   workers=2, progress=False)
+
+
+_CHILD_SCRIPT = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {root!r})
+    from tests.unit.test_cache_integrity import {fn}
+    {fn}({cache!r}, lambda: print("READY", flush=True))
 """)
 
-_PREPARE_CHILD = textwrap.dedent("""
-    import os, sys
-    sys.path.insert(0, {root!r})
-    os.environ["ECGFM_PREPARE_RECORD_DELAY"] = "0.5"
-    from ecgfm.data.cache import prepare_corpus
-    from ecgfm.data.synthetic import SyntheticSource
-    print("READY", flush=True)
-    prepare_corpus(SyntheticSource(64, seed=0, fs=100.0, duration=2.5), {cache!r}, {{"fs": 100}}, shard_records=4,
-                   workers=2, progress=False)
-""")
+
+class _Parent:
+    """The process whose workers must exit when it is killed: forked from this one on Linux (a second interpreter
+    importing torch and ecgfm first took seconds), ``python -c`` elsewhere (no safe fork)."""
+
+    def __init__(self, kind: str, cache: str) -> None:
+        fn = _loader_child if kind == "loader" else _prepare_child
+        if sys.platform.startswith("linux"):
+            import multiprocessing
+
+            ctx = multiprocessing.get_context("fork")
+            ready = ctx.Event()
+            self.proc = ctx.Process(target=fn, args=(cache, ready.set))
+            self.proc.start()
+            self.ready = ready.wait(120)
+        else:
+            script = _CHILD_SCRIPT.format(root=str(ROOT), fn=fn.__name__, cache=cache)
+            self.proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+            self.ready = self.proc.stdout.readline().strip() == "READY"
+        self.pid = self.proc.pid
+
+    def running(self) -> bool:
+        return self.proc.is_alive() if hasattr(self.proc, "is_alive") else self.proc.poll() is None
+
+    def kill_and_wait(self) -> None:
+        os.kill(self.pid, signal.SIGKILL)
+        self.proc.join() if hasattr(self.proc, "join") else self.proc.wait()
 
 
 def _cmdline(proc) -> str:
@@ -605,14 +650,9 @@ def _cmdline(proc) -> str:
 def test_workers_exit_when_their_parent_is_killed(tmp_path, kind):
     psutil = pytest.importorskip("psutil")
     kids: list = []
-    if kind == "loader":
-        script = _LOADER_CHILD.format(root=str(ROOT), cache=str(_cache(tmp_path)))
-    else:
-        script = _PREPARE_CHILD.format(root=str(ROOT), cache=str(tmp_path / "p"))
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = _Parent(kind, str(_cache(tmp_path) if kind == "loader" else tmp_path / "p"))
     try:
-        assert proc.stdout.readline().strip() == "READY"
+        assert proc.ready
         parent = psutil.Process(proc.pid)
         deadline = time.time() + 60
         while time.time() < deadline:
@@ -622,15 +662,14 @@ def test_workers_exit_when_their_parent_is_killed(tmp_path, kind):
             time.sleep(0.2)
         assert len(kids) >= 2, "workers did not start"
         time.sleep(1.0)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+        proc.kill_and_wait()
         # the watchdog checks every 0.25 s; 15 s leaves room for a loaded 2-core machine (CI, a training run
         # beside the suite), where 4 s was seen to flake, and still fails workers that never exit
         gone, alive = psutil.wait_procs(kids, timeout=15)
         assert not alive, f"workers still running 15 s after their parent was killed: {alive}"
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        if proc.running():
+            proc.kill_and_wait()
         for k in kids:   # only the workers this test started
             if k.is_running():
                 k.kill()

@@ -5,6 +5,7 @@ whose average over ranks (DDP) is the gradient of that global loss. Two gloo pro
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
@@ -53,6 +54,11 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+#: start method of this file's gloo worker processes: fork on Linux (the children inherit torch and the modules already
+#: imported, where spawn re-imported them: seconds per process); spawn elsewhere (no safe fork)
+START = "fork" if sys.platform.startswith("linux") else "spawn"
+
+
 def test_ddp_value_is_global_loss_with_uneven_ranks(tmp_path):
     import torch.multiprocessing as mp
 
@@ -68,7 +74,8 @@ def test_ddp_value_is_global_loss_with_uneven_ranks(tmp_path):
     record = torch.tensor([0, 0, 0, 1, 2, 3, 4, 2])      # rank 0 drew recording 0 three times; 2 across ranks
     inputs = (x1, x2, xv, patient, mask, w, record)
     torch.save(inputs, tmp_path / "inputs.pt")
-    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    mp.start_processes(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True,
+                       start_method=START)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     for split in SPLITS:
         for name in ("nt_xent", "clocs"):

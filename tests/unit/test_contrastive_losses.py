@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 
 import pytest
 import torch
@@ -196,6 +197,11 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+#: start method of this file's gloo worker processes: fork on Linux (the children inherit torch and the modules already
+#: imported, where spawn re-imported them: seconds per process); spawn elsewhere (no safe fork)
+START = "fork" if sys.platform.startswith("linux") else "spawn"
+
+
 def test_ddp_gather_equals_single_process(tmp_path):
     import torch.multiprocessing as mp
 
@@ -207,7 +213,8 @@ def test_ddp_gather_equals_single_process(tmp_path):
     w = torch.randn(4, 6, generator=g)
     record = torch.tensor([0, 1, 2, 3, 0, 5, 6, 2])     # recordings 0 and 2 drawn twice, on both ranks
     torch.save((x1, x2, xv, patient, mask, w, record), tmp_path / "inputs.pt")
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    mp.start_processes(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True,
+                       start_method=START)
     ddp = torch.load(tmp_path / "ddp.pt", weights_only=True)
     for name in ("nt_xent", "clocs"):
         lin = torch.nn.Linear(6, 4, bias=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 from types import SimpleNamespace
 
 import lightning as L
@@ -141,6 +142,11 @@ def _unequal_worker(rank: int, world: int, init_file: str, out_dir: str) -> None
         dist.destroy_process_group()
 
 
+#: start method of this file's gloo worker processes: fork on Linux (the children inherit torch and the modules already
+#: imported, where spawn re-imported them: seconds per process); spawn elsewhere (no safe fork)
+START = "fork" if sys.platform.startswith("linux") else "spawn"
+
+
 def test_unequal_rank_batches_give_the_single_process_loss(tmp_path):
     """2 gloo processes holding 5+3, 2+6 and 8+0 rows (records left out by nonfinite=skip): the gather no longer
     aborts, and the mean over ranks of loss and gradient is one process's on the union of the rows. Before the
@@ -148,7 +154,8 @@ def test_unequal_rank_batches_give_the_single_process_loss(tmp_path):
     import torch.multiprocessing as mp
 
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    mp.spawn(_unequal_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    mp.start_processes(_unequal_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True,
+                       start_method=START)
     ddp = torch.load(tmp_path / "unequal.pt", weights_only=True)
     for name in ("nt_xent", "clocs"):
         lin = _linear()

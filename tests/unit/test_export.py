@@ -335,8 +335,11 @@ def test_concurrent_writers_and_a_reader_see_whole_artifacts(tmp_path):
     lost files); a reader paired one description with the other's weights. Writers now take the folder's lock and
     readers read again when the folder was swapped under them."""
     import multiprocessing as mp
+    import sys
 
-    ctx = mp.get_context("spawn")
+    # fork on Linux: the writers start writing at once (spawned ones re-imported torch and ecgfm first, seconds the
+    # reader spent polling an artifact nobody wrote); spawn elsewhere
+    ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
     export_encoder(create_backbone("vit1d_test"), tmp_path / "enc", PreprocessSpec(fs=100.0))
     (tmp_path / "enc" / "predictions_test.csv").write_text("k\n")
     procs = [ctx.Process(target=_rewrite_many, args=(str(tmp_path / "enc"), fs, 12)) for fs in (100.0, 500.0)]

@@ -178,8 +178,14 @@ def _guard_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+#: start method of this file's gloo worker processes: fork on Linux (the children inherit torch and the modules already
+#: imported, where spawn re-imported them: seconds per process); spawn elsewhere (no safe fork)
+START = "fork" if sys.platform.startswith("linux") else "spawn"
+
+
 def test_nonfinite_counts_are_reduced_over_ddp_ranks(tmp_path):
-    mp.spawn(_guard_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    mp.start_processes(_guard_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True,
+                       start_method=START)
     for rank in (0, 1):
         out = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert out["nonfinite_records_skipped"] == 5            # old/a + syn/0..3, distinct

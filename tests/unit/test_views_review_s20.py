@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -202,6 +203,11 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+#: start method of this file's gloo worker processes: fork on Linux (the children inherit torch and the modules already
+#: imported, where spawn re-imported them: seconds per process); spawn elsewhere (no safe fork)
+START = "fork" if sys.platform.startswith("linux") else "spawn"
+
+
 def test_simclr_masking_under_ddp_matches_one_process(tmp_path):
     """2 gloo ranks, rank 0 without any pair left (it still takes part in the gather, so rank 1 does not wait
     forever) and rank 1 with 3 of 4: the mean over ranks of loss and gradient is one process's over the 8 rows;
@@ -209,7 +215,8 @@ def test_simclr_masking_under_ddp_matches_one_process(tmp_path):
     import torch.multiprocessing as mp
 
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    mp.start_processes(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True,
+                       start_method=START)
     ddp = torch.load(tmp_path / "ddp.pt", weights_only=True)
     for case in ("some", "none"):
         m = _ddp_module()
