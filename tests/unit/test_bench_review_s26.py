@@ -302,28 +302,14 @@ def test_bench_probe_cold_run_says_first_call_set_up_not_process_start_up(bench_
 def test_perclass_val_says_it_fits_on_the_full_training_split(tmp_path, monkeypatch, capsys):
     """A --cell contributes only its feature file: the regression is fitted on all training records whatever the
     cell's fraction (an f0.1 cell gives 100 %-label numbers); the output said nothing of it."""
-    import ecgfm.evaluate.tasks as T
+    from tests.unit.test_scripts_review_s20 import run_perclass_val
 
-    pv = _script("perclass_val")
     rng = np.random.default_rng(1)
     y = np.repeat(np.arange(3), 40)
     x = rng.normal(size=(120, 5))
     x[np.arange(120), y] += 1.5
     train, val = np.arange(0, 120, 2), np.arange(1, 120, 2)
-    (tmp_path / "features").mkdir()
-    np.savez(tmp_path / "features" / "k.npz", features=x.astype(np.float32), record=np.arange(120),
-             n_records=np.array(120), skipped=np.zeros(0, np.int64))
-    cell = {"task": "synthetic", "preprocess": {"fs": 100.0}, "feature_key": "k", "cache_dir": str(tmp_path / "c"),
-            "fraction": 0.1}
-    (tmp_path / "c.json").write_text(json.dumps(cell))
-    task = types.SimpleNamespace(cache_dir=str(tmp_path / "c"), cache=list(range(120)), multilabel=False,
-                                 splits={"train": train, "val": val}, labels=np.eye(3)[y],
-                                 class_names=["a", "b", "c"])
-    monkeypatch.setattr(T, "load_task_spec", lambda *a, **k: None)
-    monkeypatch.setattr(T, "build_task", lambda *a, **k: task)
-    pv.main(["--task", "synthetic", "--cell", f"enc={tmp_path / 'c.json'}", "--cache-root", str(tmp_path),
-             "--bootstrap", "20"])
-    out = capsys.readouterr().out
+    out = run_perclass_val(tmp_path, monkeypatch, capsys, x, y, train, val, bootstrap=20, fraction=0.1)
     assert ("train: all 60 training records (the cell's fraction is not used; the cells were run at fraction 0.1)"
             in out)
 

@@ -269,25 +269,33 @@ def test_perclass_val_gives_a_bootstrap_ci_per_class():
     assert m["macro_auroc"]["value"] == pytest.approx(np.mean(per)) and m["n"] == len(val)
 
 
-def test_perclass_val_prints_cis_and_the_selection_caveat(tmp_path, monkeypatch, capsys):
-    """The script printed bare validation AUROCs, with C chosen on the same validation split and no word of it."""
+def run_perclass_val(tmp_path: Path, monkeypatch, capsys, x: np.ndarray, y: np.ndarray, train: np.ndarray,
+                     val: np.ndarray, bootstrap: int = 100, **cell_extra) -> str:
+    """scripts/perclass_val.py on features ``x`` (one row per record) of a 3-class task with labels ``y`` and the
+    given train / val rows, through a --cell file (``cell_extra`` added to it); returns what it printed."""
     import ecgfm.evaluate.tasks as T
 
     pv = _script("perclass_val")
-    x, y, train, val = _separable(1)
     (tmp_path / "features").mkdir()
-    np.savez(tmp_path / "features" / "k.npz", features=x.astype(np.float32), record=np.arange(120),
-             n_records=np.array(120), skipped=np.zeros(0, np.int64))
-    cell = {"task": "synthetic", "preprocess": {"fs": 100.0}, "feature_key": "k", "cache_dir": str(tmp_path / "c")}
+    np.savez(tmp_path / "features" / "k.npz", features=x.astype(np.float32), record=np.arange(len(x)),
+             n_records=np.array(len(x)), skipped=np.zeros(0, np.int64))
+    cell = {"task": "synthetic", "preprocess": {"fs": 100.0}, "feature_key": "k", "cache_dir": str(tmp_path / "c"),
+            **cell_extra}
     (tmp_path / "c.json").write_text(json.dumps(cell))
-    task = types.SimpleNamespace(cache_dir=str(tmp_path / "c"), cache=list(range(120)), multilabel=False,
+    task = types.SimpleNamespace(cache_dir=str(tmp_path / "c"), cache=list(range(len(x))), multilabel=False,
                                  splits={"train": train, "val": val}, labels=np.eye(3)[y],
                                  class_names=["a", "b", "c"])
     monkeypatch.setattr(T, "load_task_spec", lambda *a, **k: None)
     monkeypatch.setattr(T, "build_task", lambda *a, **k: task)
     pv.main(["--task", "synthetic", "--cell", f"enc={tmp_path / 'c.json'}", "--cache-root", str(tmp_path),
-             "--bootstrap", "100"])
-    out = capsys.readouterr().out
+             "--bootstrap", str(bootstrap)])
+    return capsys.readouterr().out
+
+
+def test_perclass_val_prints_cis_and_the_selection_caveat(tmp_path, monkeypatch, capsys):
+    """The script printed bare validation AUROCs, with C chosen on the same validation split and no word of it."""
+    x, y, train, val = _separable(1)
+    out = run_perclass_val(tmp_path, monkeypatch, capsys, x, y, train, val)
     assert "C is chosen on this same validation split" in out and "optimistic" in out
     assert "| features | C | macro [95 % CI] |" in out
     row = next(line for line in out.splitlines() if line.startswith("| enc |"))
