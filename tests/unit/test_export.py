@@ -638,3 +638,35 @@ def test_a_read_waits_while_a_writer_holds_the_folder_lock(tmp_path):
             assert time.monotonic() - t0 < 5
     (tmp_path / ".enc.lock").unlink()
     assert load_encoder(tmp_path / "enc")[1].fs == 100.0
+
+
+def test_a_writer_swaps_the_folder_only_while_it_holds_the_folder_lock(tmp_path, monkeypatch):
+    """Deterministic companion of the concurrency test above, which cannot see a missing writer lock (two writers
+    rarely interleave on a small machine): every rename that installs or replaces the artifact folder happens while
+    the writer holds ``.<folder>.lock``."""
+    import contextlib
+
+    import ecgfm.artifacts as artifacts
+
+    held, renames = [], []
+    real_lock, real_replace = artifacts.file_lock, artifacts.os.replace
+
+    @contextlib.contextmanager
+    def lock(path, *a, **k):
+        with real_lock(path, *a, **k):
+            held.append(Path(path).name)
+            try:
+                yield
+            finally:
+                held.pop()
+
+    def replace(src, dst):
+        renames.append((Path(dst).name, list(held)))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(artifacts, "file_lock", lock)
+    monkeypatch.setattr(artifacts.os, "replace", replace)
+    export_encoder(create_backbone("vit1d_test"), tmp_path / "enc", PreprocessSpec(fs=100.0))   # install
+    export_encoder(create_backbone("vit1d_test"), tmp_path / "enc", PreprocessSpec(fs=500.0))   # replace
+    swaps = [r for r in renames if r[0] in ("enc", "artifact")]
+    assert len(swaps) >= 2 and all(".enc.lock" in h for _, h in swaps), renames
