@@ -570,10 +570,7 @@ def signal_copies(pretrain_caches: Sequence[Any], cache: Any, rows: Sequence[int
     for fs in np.unique(efs):
         esel = np.flatnonzero(efs == fs)
         S = int(min(elen[esel].min(), max(2, round(max_screen_seconds * fs))))
-        ebuf = np.zeros((len(esel), N_LEADS, S), dtype=np.float32)
-        cache.read_windows_into(erows[esel], np.zeros(len(esel), np.int64), ebuf)
-        ez, elive = _znorm(ebuf)
-        del ebuf
+        ez, elive = _znorm(_prefix(cache, erows[esel], S))
         emask_f = emask[esel].astype(np.float32)
         for pi, pool in enumerate(pools):
             pcols = pool.records
@@ -594,10 +591,7 @@ def signal_copies(pretrain_caches: Sequence[Any], cache: Any, rows: Sequence[int
                 chunk = max(1, int(chunk_bytes // (N_LEADS * L * 4)))
                 for lo in range(0, len(prow), chunk):
                     rr = prow[lo:lo + chunk]
-                    buf = np.zeros((len(rr), N_LEADS, L), dtype=np.float32)
-                    pool.read_windows_into(rr, np.zeros(len(rr), np.int64), buf)
-                    pz, plive = _znorm(buf)
-                    del buf
+                    pz, plive = _znorm(_prefix(pool, rr, L))
                     pm = pmask_all[rr].astype(np.float32)
                     num = ef @ pz.reshape(len(rr), -1).T                          # (n_eval, chunk)
                     den = L * np.sqrt((eliveL @ pm.T) * (emask_f @ plive.T))     # shared, non-flat energy
