@@ -355,6 +355,19 @@ def normalises(spec: PreprocessSpec | None) -> bool:
     return spec is not None and spec.normalize != "none"
 
 
+def lead_peak_to_peak(x: np.ndarray, mask: np.ndarray | None = None) -> list[float]:
+    """Peak-to-peak amplitude of each lead of ``x`` ``(L, T)`` that ``mask`` ``(L,)`` marks present (default all)
+    and that varies, over its finite samples (all-NaN, all-zero and constant leads left out): what the unit checks
+    of the API and the explain chart read."""
+    here = np.ones(len(x), dtype=bool) if mask is None else np.asarray(mask, dtype=bool).reshape(-1)
+    ptp = []
+    for i in np.flatnonzero(here):
+        values = x[i][np.isfinite(x[i])]
+        if values.size and float(values.max() - values.min()) > 0:
+            ptp.append(float(values.max() - values.min()))
+    return ptp
+
+
 def warn_if_not_millivolts(x12: np.ndarray, mask: np.ndarray, where: str, spec: PreprocessSpec | None) -> None:
     """Warn when an array record's amplitude says it is not in millivolts, the unit every artifact expects. The
     one check of the API (:class:`Encoder`, :class:`Classifier`) and of the explain stage
@@ -375,12 +388,7 @@ def warn_if_not_millivolts(x12: np.ndarray, mask: np.ndarray, where: str, spec: 
         spec: the preprocessing the record goes through (the artifact's effective spec; None: none, resampling
             only).
     """
-    ptp = []
-    for i in np.flatnonzero(np.asarray(mask, dtype=bool)):
-        values = x12[i][np.isfinite(x12[i])]
-        if values.size:
-            ptp.append(float(values.max() - values.min()))
-    ptp = [p for p in ptp if p > 0]
+    ptp = lead_peak_to_peak(x12, mask)
     if not ptp:
         return
     largest = max(ptp)

@@ -263,13 +263,11 @@ def unit_problem(signal: Any, units: str = "mV", present: Any = None, n_real: in
     """
     if units != "mV":
         return None
+    from ecgfm.api import lead_peak_to_peak
+
     sig = _np(signal)
-    here = np.ones(sig.shape[0], dtype=bool) if present is None else np.asarray(_np(present), dtype=bool).reshape(-1)
-    ptp = []
-    for row in sig[here][:, :sig.shape[1] if n_real is None else n_real]:
-        v = row[np.isfinite(row)]
-        if v.size and float(v.max() - v.min()) > 0:
-            ptp.append(float(v.max() - v.min()))
+    ptp = lead_peak_to_peak(sig[:, :sig.shape[1] if n_real is None else n_real],
+                            None if present is None else _np(present))
     if not ptp or float(np.median(ptp)) <= MAX_TYPICAL_PTP_MV:
         return None
     return (f"amplitudes implausible for mV: the typical lead swings {float(np.median(ptp)):.0f} \"mV\" peak to peak "
