@@ -122,15 +122,17 @@ def stage_pool(args: argparse.Namespace) -> list[str]:
     pools = []
     for name, source in (("pool_ptbxl", PTBXLSource(data_root / "ptbxl", fs=100, include_unlabelled=True)),
                          ("pool_cinc2017", CinC2017Source(data_root / "cinc2017"))):
-        # the validation / test records of every task evaluated (--tasks, and always both benchmark tasks), and
-        # every PTB-XL record of strat_fold 9 / 10
+        # the validation / test records of every task evaluated (--tasks, and always both benchmark tasks), every
+        # PTB-XL record of strat_fold 9 / 10, and the records whose signal is a near-copy of one of those
         held = sorted({"ptbxl_super", "cinc2017", *args.tasks})
         src = heldout_free_source(source, held, parts=("val", "test"),
                                   data_root=str(data_root), cache_root=args.cache_root, preprocess=spec,
                                   exclude_ptbxl_folds=(9, 10), workers=args.workers, progress=True)
         pools.append(prepare_cache([src], args.cache_root, spec, name=name, workers=args.workers, progress=True))
-        log(f"{name}: {len(src.record_ids())} records ({len(src.exclude)} held-out val/test records excluded) -> "
-            f"{pools[-1]}")
+        copies = ", ".join(f"{p} ~ {e}" for e, p, _ in src.copies)
+        log(f"{name}: {len(src.record_ids())} records ({len(src.exclude)} excluded: held-out val/test records"
+            + (f" and {len({p for _, p, _ in src.copies})} near-copies of them: {copies}" if copies else "")
+            + f") -> {pools[-1]}")
     # the other shared corpora, none of them a downstream task (as data=pretrain_pool_heldout_free's pool_other)
     corpora = ((CPSC2018Source, "cpsc2018"), (CPSC2021Source, "cpsc2021"), (MITBIHSource, "physionet-samples"))
     other = [cls(data_root / sub) for cls, sub in corpora if (data_root / sub).is_dir()]

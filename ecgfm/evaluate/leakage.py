@@ -501,6 +501,84 @@ def _pair_corr(a: np.ndarray, b: np.ndarray, ma: np.ndarray, mb: np.ndarray) -> 
     return float((za[0][shared] * zb[0][shared]).sum(dtype=np.float64) / den) if den > 0 else 0.0
 
 
+def _screen(ef: np.ndarray, elive: np.ndarray, emask: np.ndarray, pz: np.ndarray, plive: np.ndarray,
+            pmask: np.ndarray, cut: float) -> zip:
+    """Candidate (evaluation, pool) index pairs whose screened correlation is at least ``cut``.
+
+    Args:
+        ef: ``(n_eval, 12 * L)`` z-normalised evaluation windows (:func:`_znorm`, flattened).
+        elive: ``(n_eval, 12)`` non-flat evaluation leads; emask: ``(n_eval, 12)`` present evaluation leads.
+        pz: ``(n_pool, 12, L)`` z-normalised pool windows; plive / pmask: ``(n_pool, 12)`` as for the evaluation.
+        cut: screening threshold.
+    """
+    L = pz.shape[-1]
+    pm = np.asarray(pmask, dtype=np.float32)
+    num = ef @ pz.reshape(len(pz), -1).T                                                  # (n_eval, n_pool)
+    den = L * np.sqrt((elive @ pm.T) * (np.asarray(emask, np.float32) @ plive.T))       # shared, non-flat energy
+    with np.errstate(divide="ignore", invalid="ignore"):
+        corr = np.where(den > 0, num / np.where(den > 0, den, 1), 0.0)
+    return zip(*np.nonzero(corr >= cut))
+
+
+def source_signal_copies(source: Any, eval_ids: Sequence[str], pool_ids: Sequence[str], threshold: float = 0.99,
+                         *, screen_margin: float = 0.05, max_screen_seconds: float = 30.0,
+                         chunk_records: int = 256) -> list[tuple[str, str, float]]:
+    """Records of one source, as it loads them, that are near-copies of some of its other records.
+
+    The check :func:`signal_copies` makes on two prepared caches, made before a pool cache exists: on the records
+    ``source.load`` returns (canonical ``(12, T)`` millivolts at the source's rate, no preprocessing), so a pool
+    that must not hold copies of evaluation records (:func:`ecgfm.evaluate.tasks.heldout_free_source`) can leave
+    them out. Same source, so copies are sample-aligned from sample 0; the score and the screen are
+    :func:`signal_copies`' (per-lead z-normalised correlation over the leads both hold and their common length;
+    a gain or offset per lead scores 1). Pool records at a rate no evaluation record has are not compared.
+
+    Args:
+        source: a :class:`~ecgfm.data.record.RecordSource`.
+        eval_ids: record ids of the records to protect (e.g. validation / test records).
+        pool_ids: record ids to check against them.
+        threshold: correlation at or above which a pair is a copy.
+        screen_margin: the screen keeps pairs at ``threshold - screen_margin`` or above for the exact score.
+        max_screen_seconds: cap of the screened window (bounds memory for long records).
+        chunk_records: pool records loaded and screened at once.
+
+    Returns:
+        ``[(eval id, pool id, correlation)]`` sorted by evaluation id, then pool id.
+    """
+    evals = [source.load(str(r)) for r in eval_ids]
+    if not evals or not len(pool_ids):
+        return []
+    efs = np.array([float(r.fs) for r in evals])
+    found: dict[tuple[int, str], float] = {}
+    groups = {}
+    for fs in np.unique(efs):
+        esel = np.flatnonzero(efs == fs)
+        S = int(min(min(evals[i].signal.shape[1] for i in esel), max(2, round(max_screen_seconds * fs))))
+        if S < 2:
+            continue
+        ez, elive = _znorm(np.stack([evals[i].signal[:, :S] for i in esel]).astype(np.float32))
+        emask = np.stack([evals[i].lead_mask for i in esel]).astype(np.float32)
+        groups[float(fs)] = (esel, S, ez.reshape(len(esel), -1), elive, emask)
+    pool_ids = [str(r) for r in pool_ids]
+    for lo in range(0, len(pool_ids), chunk_records):
+        recs = [(pid, source.load(pid)) for pid in pool_ids[lo:lo + chunk_records]]
+        for fs, (esel, S, ef, elive, emask) in groups.items():
+            same = [(pid, r) for pid, r in recs if np.isclose(float(r.fs), fs)]
+            long_ = [(pid, r) for pid, r in same if r.signal.shape[1] >= S]
+            cands = []
+            if long_:
+                pz, plive = _znorm(np.stack([r.signal[:, :S] for _, r in long_]).astype(np.float32))
+                pm = np.stack([r.lead_mask for _, r in long_])
+                cands += [(int(esel[i]), long_[j]) for i, j in _screen(ef, elive, emask, pz, plive, pm,
+                                                                        threshold - screen_margin)]
+            # a pool record shorter than the screened window: scored exactly against each evaluation record
+            cands += [(int(e), (pid, r)) for pid, r in same if 2 <= r.signal.shape[1] < S for e in esel]
+            for e, (pid, r) in cands:
+                c = _pair_corr(evals[e].signal, r.signal, evals[e].lead_mask, r.lead_mask)
+                if c >= threshold:
+                    found[(e, pid)] = c
+    return sorted((str(evals[e].record_id), pid, round(c, 5)) for (e, pid), c in found.items())
+
+
 def signal_copies(pretrain_caches: Sequence[Any], cache: Any, rows: Sequence[int] | np.ndarray | None = None,
                   threshold: float = 0.99, *, screen_margin: float = 0.05, max_screen_seconds: float = 30.0,
                   max_pool_records: int | None = 200_000, chunk_bytes: int = 128 << 20) -> SignalCopyReport:
@@ -592,12 +670,7 @@ def signal_copies(pretrain_caches: Sequence[Any], cache: Any, rows: Sequence[int
                 for lo in range(0, len(prow), chunk):
                     rr = prow[lo:lo + chunk]
                     pz, plive = _znorm(_prefix(pool, rr, L))
-                    pm = pmask_all[rr].astype(np.float32)
-                    num = ef @ pz.reshape(len(rr), -1).T                          # (n_eval, chunk)
-                    den = L * np.sqrt((eliveL @ pm.T) * (emask_f @ plive.T))     # shared, non-flat energy
-                    with np.errstate(divide="ignore", invalid="ignore"):
-                        corr = np.where(den > 0, num / np.where(den > 0, den, 1), 0.0)
-                    for i, j in zip(*np.nonzero(corr >= threshold - screen_margin)):
+                    for i, j in _screen(ef, eliveL, emask_f, pz, plive, pmask_all[rr], threshold - screen_margin):
                         e, p = int(erows[esel[i]]), int(rr[j])
                         c = _pair_corr(cache.signal(e), pool.signal(p), emask[esel[i]], pmask_all[p])
                         if c >= threshold:

@@ -707,12 +707,16 @@ class ExcludingSource:
     Args:
         source: the wrapped source.
         exclude: record ids to hide.
+        copies: ``[(held-out id, pool id, correlation)]`` of the hidden records that are near-copies of held-out
+            records (:func:`heldout_free_source`; provenance, their ids are in ``exclude`` too).
     """
 
-    def __init__(self, source: Any, exclude: Sequence[str]):
+    def __init__(self, source: Any, exclude: Sequence[str], copies: Sequence[tuple[str, str, float]] = ()):
         self.source = source
         self.name = source.name
         self.exclude = frozenset(str(x) for x in exclude)
+        # (held-out id, excluded pool id, correlation): the records excluded as near-copies of held-out ones
+        self.copies = tuple(tuple(c) for c in copies)
 
     def __repr__(self) -> str:
         # the repr keys the prepared cache (ecgfm.data.prepare.prepare_cache): it names the excluded set exactly
@@ -846,14 +850,19 @@ def heldout_free_source(source: Any, tasks: Sequence[str | Mapping[str, Any]],
                         parts: Sequence[str] = ("val", "test"), data_root: str = "../shared/data",
                         cache_root: str = "cache", preprocess: Any = None,
                         exclude_ptbxl_folds: Sequence[int] = (9, 10), task_dir: str | None = None,
-                        workers: int = 0, progress: bool = False) -> ExcludingSource:
+                        workers: int = 0, progress: bool = False,
+                        signal_copy_threshold: float | None = 0.99) -> ExcludingSource:
     """``source`` without the evaluation records of ``tasks``: a pretraining pool the leakage guard accepts.
 
     Excluded: every record of ``source`` that is in a ``parts`` split of one of the tasks (matched by source name
     and record id, :func:`tasks_holdout_record_ids`) and, for a PTB-XL source, every record whose ``strat_fold``
     is in ``exclude_ptbxl_folds`` whatever its labels (the validation / test folds of every PTB-XL task, not
     only of the tasks named). Records of other sources are untouched; a task whose records belong to another
-    source excludes nothing here.
+    source excludes nothing here. Also excluded, unless ``signal_copy_threshold`` is None: every other record of
+    ``source`` whose signal is a near-copy of an excluded one (:func:`ecgfm.evaluate.leakage.source_signal_copies`,
+    correlation >= the threshold over the leads both hold): a recording filed twice under other ids and patients
+    (PTB-XL ecg 1370 is validation record 140) passes every id check. Logged as a warning and kept in the returned
+    source's ``copies``.
 
     Usable from Python and as a Hydra ``_target_`` inside the ``sources`` of :func:`ecgfm.data.prepare.prepare_cache`
     when that node is instantiated recursively (``conf/data/pretrain_pool_heldout_free.yaml``): the cache is then
@@ -879,6 +888,8 @@ def heldout_free_source(source: Any, tasks: Sequence[str | Mapping[str, Any]],
         task_dir: folder of the task YAML files (default :func:`task_conf_dir`).
         workers: cache preparation worker processes for the task caches.
         progress: show progress bars while preparing.
+        signal_copy_threshold: correlation at or above which a record is a copy of an excluded one and excluded
+            too (one read of the source's records, ~2 s for 2,000 records); None: not checked.
 
     Returns:
         An :class:`ExcludingSource` wrapping ``source``.
@@ -902,4 +913,19 @@ def heldout_free_source(source: Any, tasks: Sequence[str | Mapping[str, Any]],
         # every PTB-XL record of the held-out folds (whatever the task), not only those with the tasks' labels
         exclude |= {r for r, f in source.folds().items() if f in folds}
     listed = set(source.record_ids())
-    return ExcludingSource(source, sorted(exclude & listed))
+    exclude &= listed
+    copies: list[tuple[str, str, float]] = []
+    if signal_copy_threshold is not None and exclude:
+        import logging
+
+        from ecgfm.evaluate.leakage import source_signal_copies
+
+        copies = source_signal_copies(source, sorted(exclude), sorted(listed - exclude),
+                                      threshold=float(signal_copy_threshold))
+        if copies:
+            logging.getLogger(__name__).warning(
+                "%s: %d pool record(s) are near-copies of held-out records (correlation >= %g), excluded too: %s",
+                name, len({p for _, p, _ in copies}), signal_copy_threshold,
+                ", ".join(f"{p} ~ {e} ({c:.5f})" for e, p, c in copies))
+            exclude |= {p for _, p, _ in copies}
+    return ExcludingSource(source, sorted(exclude), copies)
