@@ -872,8 +872,8 @@ def heldout_free_source(source: Any, tasks: Sequence[str | Mapping[str, Any]],
     Patients: the guard also rejects shared patients. PTB-XL folds are patient-disjoint (all records of a patient
     are in one fold), so excluding the held-out folds suffices where the source knows every record's fold; the
     shared PTB-XL copy lists folds and patients for ecg_id 1-500 only, so its unlabelled records 501-1999 stay in
-    the pool whatever their patient (6 of them are other ECGs of test / validation patients, and ecg 1370 is a copy
-    of validation record 140 under another patient id: docs/BENCHMARK.md, "Leakage guard"). CinC 2017 has no
+    the pool whatever their patient (6 of them are other ECGs of test / validation patients: docs/BENCHMARK.md,
+    "Leakage guard"; ecg 1370, a copy of validation record 140 under another patient id, goes by signal). CinC 2017 has no
     patient ids. For a task with a patient-level split whose patients also have records outside its splits, the
     guard stays the backstop.
 
