@@ -873,8 +873,8 @@ def heldout_free_source(source: Any, tasks: Sequence[str | Mapping[str, Any]],
     are in one fold), so excluding the held-out folds suffices where the source knows every record's fold; the
     shared PTB-XL copy lists folds and patients for ecg_id 1-500 only, so its unlabelled records 501-1999 stay in
     the pool whatever their patient (6 of them are other ECGs of test / validation patients: docs/BENCHMARK.md,
-    "Leakage guard"; ecg 1370, a copy of validation record 140 under another patient id, goes by signal). CinC 2017 has no
-    patient ids. For a task with a patient-level split whose patients also have records outside its splits, the
+    "Leakage guard"; ecg 1370, a copy of validation record 140 under another patient id, goes by signal). CinC
+    2017 has no patient ids. For a task with a patient-level split whose patients also have records outside its splits, the
     guard stays the backstop.
 
     Args:
