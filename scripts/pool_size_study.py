@@ -116,14 +116,22 @@ def stage_probe(args: argparse.Namespace, env: dict[str, str]) -> None:
     subprocess.run(cmd, cwd=ROOT, env=env, check=True)
 
 
-def _run_data_settings(run: Path) -> tuple[int, float]:
-    """``(data.batch_size, data.val_fraction)`` of a pretraining run (its config.yaml; the recipe's 64 / 0.05 if
-    it has none)."""
+def _run_data_settings(run: Path, summary: dict | None = None) -> tuple[int, float]:
+    """``(records drawn per optimiser step, data.val_fraction)`` of a pretraining run: ``data.batch_size`` x
+    gradient accumulation x processes (the run's summary.json, else its config.yaml: ``trainer.devices`` x
+    ``trainer.num_nodes`` when integers), the recipe's 64 / 0.05 where the run has no config."""
     import yaml
 
-    cfg = run / "config.yaml"
-    data = (yaml.safe_load(cfg.read_text()) or {}).get("data") or {} if cfg.is_file() else {}
-    return int(data.get("batch_size", 64)), float(data.get("val_fraction", 0.05))
+    cfg_file = run / "config.yaml"
+    cfg = (yaml.safe_load(cfg_file.read_text()) or {}) if cfg_file.is_file() else {}
+    data, trainer, summary = cfg.get("data") or {}, cfg.get("trainer") or {}, summary or {}
+
+    def _int(v: object) -> int:
+        return int(v) if isinstance(v, int) and not isinstance(v, bool) and v > 0 else 1
+
+    accum = summary.get("accumulate_grad_batches") or _int(trainer.get("accumulate_grad_batches", 1))
+    world = summary.get("world_size") or _int(trainer.get("devices", 1)) * _int(trainer.get("num_nodes", 1))
+    return int(data.get("batch_size", 64)) * int(accum) * int(world), float(data.get("val_fraction", 0.05))
 
 
 def pool_records(args: argparse.Namespace, pool: str) -> int | None:
@@ -191,8 +199,8 @@ def report(args: argparse.Namespace) -> str:
         t = json.loads((run_dir(args, p) / "summary.json").read_text()) if (run_dir(args, p) / "summary.json"
                                                                              ).is_file() else {}
         steps = t.get("steps")
-        batch, val = _run_data_settings(run_dir(args, p))
-        draws = f"{steps * batch / ((1 - val) * n):.1f}" if n and steps else "–"   # the run's own batch / val split
+        per_step, val = _run_data_settings(run_dir(args, p), t)
+        draws = f"{steps * per_step / ((1 - val) * n):.1f}" if n and steps else "–"   # the run's own batch / val split
         meta[p] = (POOLS[p][1], n, draws, steps)
     for (task, frac), g in per_seed.groupby(["task", "fraction"], sort=True):
         for pool in order:

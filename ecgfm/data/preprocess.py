@@ -219,6 +219,9 @@ class PreprocessSpec:
         if not isinstance(self.notch_at_source, (bool, np.bool_)) and self.notch_at_source not in (0, 1):
             raise ValueError(f"PreprocessSpec.notch_at_source must be true or false, got {self.notch_at_source!r}")
         object.__setattr__(self, "notch_at_source", bool(self.notch_at_source))
+        if not isinstance(self.notch_first, (bool, np.bool_)) and self.notch_first not in (0, 1):
+            raise ValueError(f"PreprocessSpec.notch_first must be true or false, got {self.notch_first!r}")
+        object.__setattr__(self, "notch_first", bool(self.notch_first))   # 0 and False: one fingerprint
         if self.notch_at_source and self.notch is None:
             raise ValueError("PreprocessSpec.notch_at_source=True needs a notch frequency (notch); set "
                              "notch_at_source=False when notch is null")
@@ -830,6 +833,9 @@ def preprocess_record(record: ECGRecord, spec: PreprocessSpec) -> ECGRecord:
         evidence = evidence[:, idx]
     header = dict(record.header)
     header.setdefault("fs_original", float(record.fs))
+    if header.get("derived_leads"):   # a derived lead the spec's lead set or a flat / NaN check dropped is not one
+        header["derived_leads"] = [v for v in header["derived_leads"]
+                                   if v in CANONICAL_LEADS and mask[CANONICAL_LEADS.index(v)]]
     if filled:   # samples the model sees that were never recorded (at the record's own rate)
         header["filled_samples"] = filled
     header["preprocessed"] = spec.to_dict()

@@ -407,6 +407,9 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         "backbone": getattr(model.backbone, "name", type(model.backbone).__name__),
         "n_parameters": int(sum(p.numel() for p in model.backbone.parameters())),
         "steps": int(trainer.global_step),
+        # samples per optimiser step = data.batch_size x these two (pool_size_study's draws per record)
+        "world_size": int(trainer.world_size),
+        "accumulate_grad_batches": int(trainer.accumulate_grad_batches),
         # what ended the fit (max_steps, or max_time / max_epochs / an early stop before it) and the step the
         # learning-rate schedule runs to: steps < schedule_steps is a run stopped before its decay finished
         "stop_reason": stop_reason,

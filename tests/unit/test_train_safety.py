@@ -288,6 +288,7 @@ def test_schedule_shorter_than_the_run_is_refused(tmp_path, clean_cache):
         train(_cfg(tmp_path / "a", clean_cache, ["trainer.max_steps=12", "method.max_steps=6"]))
     summary = train(_cfg(tmp_path / "b", clean_cache, ["trainer.max_steps=2", "method.max_steps=6"]))
     assert summary["steps"] == 2 and summary["stop_reason"] == "max_steps" and summary["schedule_steps"] == 6
+    assert summary["world_size"] == 1 and summary["accumulate_grad_batches"] == 1   # records per step: x batch
 
 
 def test_a_time_limited_run_says_so(tmp_path, clean_cache):

@@ -1,0 +1,68 @@
+"""Review (s27): provenance of derived leads after preprocessing, spec booleans given as 0 / 1, and the pool-size
+study's draws per record counting every record an optimiser step draws."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ecgfm.data.preprocess import PreprocessSpec, preprocess_record
+from ecgfm.data.record import CANONICAL_LEADS, ECGRecord
+
+DERIVED = ["III", "aVR", "aVL", "aVF"]
+
+
+def _record(flat: tuple[str, ...] = ()) -> ECGRecord:
+    rng = np.random.default_rng(0)
+    sig = rng.normal(0, 0.3, (12, 1000)).astype(np.float32)
+    for lead in flat:
+        sig[CANONICAL_LEADS.index(lead)] = 0.0
+    return ECGRecord(signal=sig, fs=100.0, lead_mask=np.ones(12, bool), record_id="r", source="gen",
+                     header={"derived_leads": list(DERIVED)})
+
+
+def test_derived_leads_name_only_leads_still_present():
+    # a lead subset: none of the derived leads is kept, so none is derived
+    out = preprocess_record(_record(), PreprocessSpec(leads=("I", "II", "V1")))
+    assert [CANONICAL_LEADS[i] for i in np.flatnonzero(out.lead_mask)] == ["I", "II", "V1"]
+    assert out.header["derived_leads"] == []
+    # a flat derived lead is dropped from the mask, and from the derived list with it
+    out = preprocess_record(_record(flat=("aVL",)), PreprocessSpec())
+    assert not out.lead_mask[CANONICAL_LEADS.index("aVL")]
+    assert out.header["derived_leads"] == ["III", "aVR", "aVF"]
+    # all present: the list is unchanged
+    assert preprocess_record(_record(), PreprocessSpec()).header["derived_leads"] == DERIVED
+
+
+def test_notch_first_given_as_an_integer_is_the_same_spec():
+    assert PreprocessSpec(notch_first=0).fingerprint() == PreprocessSpec().fingerprint()
+    assert PreprocessSpec(notch=50.0, notch_first=1).fingerprint() == \
+        PreprocessSpec(notch=50.0, notch_first=True).fingerprint()
+    with pytest.raises(ValueError, match="notch_first must be true or false"):
+        PreprocessSpec(notch_first="yes")
+
+
+def _pool_size_study():
+    path = Path(__file__).resolve().parents[2] / "scripts" / "pool_size_study.py"
+    spec = importlib.util.spec_from_file_location("pool_size_study_s27", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_pool_size_draws_count_accumulation_and_processes(tmp_path):
+    ps = _pool_size_study()
+    (tmp_path / "config.yaml").write_text(json.dumps({"data": {"batch_size": 32, "val_fraction": 0.1},
+                                                      "trainer": {"accumulate_grad_batches": 2, "devices": 4,
+                                                                  "num_nodes": 1}}))
+    assert ps._run_data_settings(tmp_path) == (32 * 2 * 4, 0.1)          # from the config
+    assert ps._run_data_settings(tmp_path, {"world_size": 2, "accumulate_grad_batches": 3}) == (32 * 3 * 2, 0.1)
+    (tmp_path / "config.yaml").write_text(json.dumps({"data": {"batch_size": 16}, "trainer": {"devices": "auto"}}))
+    assert ps._run_data_settings(tmp_path) == (16, 0.05)                   # 'auto': the summary is needed for it
+    assert ps._run_data_settings(tmp_path / "none") == (64, 0.05)          # no config: the recipe's
