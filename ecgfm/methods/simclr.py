@@ -270,8 +270,9 @@ class SimCLRModule(PretrainModule):
         masked MSE of the pretext head's predictions from both views' embeddings against the batch's targets
         ``t (B, F)``.
 
-        A pair one of whose crops holds no signal (:func:`signal_views`: the all-zero ``x2`` of an adjacent pair of
-        a record no longer than a crop, or an all-zero crop) is left out of NT-Xent, of ``pos_sim`` / ``acc`` and,
+        A pair one of whose crops or augmented views holds no signal (:func:`signal_views`: the all-zero ``x2`` of
+        an adjacent pair of a record no longer than a crop, an all-zero crop, or a resized crop that fell wholly in
+        a crop's zero padding) is left out of NT-Xent, of ``pos_sim`` / ``acc`` and,
         for its all-zero view, of the pretext regression; such a pair skips the projector and the encoder (a view with
         signal still passes the encoder when the pretext regression reads it), so it enters no BatchNorm's
         statistics (:func:`~ecgfm.methods.base.rows_only`). A batch with no pair left
@@ -289,11 +290,14 @@ class SimCLRModule(PretrainModule):
         n = v1.shape[0]
         lead_mask = batch.get("lead_mask")
         # a view without signal (the all-zero x2 of an adjacent pair of a record no longer than a crop) is no view:
-        # its pair is left out of NT-Xent, as CLOCS leaves such views out (decided on the crops, not the augmented
-        # views, which noise may fill)
+        # its pair is left out of NT-Xent, as CLOCS leaves such views out. Decided on the crops (an absolute noise
+        # may fill an all-zero crop) and on the augmented views: the resized crop can land wholly in the padding of
+        # a crop less than half recorded, and every noise of the presets scales with the signal, so that view is
+        # all zero (identical for every such record: each other's perfect match)
         x = batch["x"]
-        ok1 = signal_views(x, lead_mask)
-        ok2 = signal_views(batch["x2"], lead_mask) if "x2" in batch else ok1
+        ok1 = signal_views(x, lead_mask) & signal_views(v1, lead_mask)
+        ok2 = (signal_views(batch["x2"], lead_mask) if "x2" in batch else signal_views(x, lead_mask)) \
+            & signal_views(v2, lead_mask)
         keep = ok1 & ok2
         if lead_mask is not None:
             lead_mask = view_lead_masks(torch.cat([v1, v2]), torch.cat([lead_mask, lead_mask]))

@@ -66,3 +66,29 @@ def test_pool_size_draws_count_accumulation_and_processes(tmp_path):
     (tmp_path / "config.yaml").write_text(json.dumps({"data": {"batch_size": 16}, "trainer": {"devices": "auto"}}))
     assert ps._run_data_settings(tmp_path) == (16, 0.05)                   # 'auto': the summary is needed for it
     assert ps._run_data_settings(tmp_path / "none") == (64, 0.05)          # no config: the recipe's
+
+
+def test_simclr_leaves_out_a_pair_whose_augmented_view_is_all_zero(monkeypatch):
+    """A resized crop wholly inside a crop's zero padding is an all-zero view (the presets' noises scale with the
+    signal): its pair is no pair, as a pair with an all-zero crop is not."""
+    import torch
+
+    import ecgfm.methods.simclr as simclr
+    from ecgfm.backbones.vit1d import ViT1D
+
+    torch.manual_seed(0)
+    m = simclr.SimCLRModule(ViT1D(seq_len=100, patch_size=10, num_leads=12, embed_dim=16, depth=1, num_heads=2),
+                            proj_dim=8, proj_hidden=16, fs=100.0).train()
+    B = 6
+    x = torch.randn(B, 12, 100)
+    x[:2, :, 20:] = 0.0                       # two records recorded over a fifth of the crop
+    batch = {"x": x, "lead_mask": torch.ones(B, 12, dtype=torch.bool), "index": torch.arange(B)}
+    v1, v2 = x.clone(), x.clone() * 1.1
+    v1[0] = 0.0                               # the resized crop of record 0 fell in its padding
+    v2[1] = 0.0                               # and the second view of record 1
+    monkeypatch.setattr(m, "views", lambda b: (v1, v2))
+    seen = []
+    real = simclr.nt_xent
+    monkeypatch.setattr(simclr, "nt_xent", lambda z1, z2, **kw: seen.append(z1.shape[0]) or real(z1, z2, **kw))
+    m.shared_step(batch)
+    assert seen == [B - 2]
