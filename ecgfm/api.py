@@ -304,6 +304,9 @@ class _Model:
                                  f"(None: the artifact's stride), got {stride!r}")
             stride = int(stride)
         if not self.window_samples:
+            if stride is not None:   # accepted and ignored before: this artifact embeds whole records
+                raise ValueError(f"stride_samples={stride}: this artifact has no window (window_samples is unset), "
+                                 f"so it embeds the whole record in one pass; leave stride_samples out")
             return x[None]
         t, window = int(x.shape[-1]), int(self.window_samples)
         if t < window:

@@ -377,6 +377,12 @@ def explain_records(wrapper: ECGWrapper, records: Sequence[ECGRecord], out_dir: 
     opts = {canonical_method(k): dict(v) for k, v in (method_options or {}).items()}
     for key, o in opts.items():   # a misspelt option fails here, before any record is explained
         check_method_options(key, o)
+    unused = sorted(set(opts) - set(keys))
+    if unused:   # options of a method not run were accepted and ignored
+        from ecgfm.config import ConfigError
+
+        raise ConfigError(f"method_options.{unused[0]}", f"options given for method(s) {unused} not in methods "
+                                                          f"{keys}: add them to methods or drop their options")
     if counterfactual is not None:   # so does a counterfactual setting that cannot work
         check_counterfactual_options(counterfactual)
     problem = _output_problem((faithfulness_options or {}).get("output")) if faithfulness else None

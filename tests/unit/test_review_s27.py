@@ -92,3 +92,26 @@ def test_simclr_leaves_out_a_pair_whose_augmented_view_is_all_zero(monkeypatch):
     monkeypatch.setattr(simclr, "nt_xent", lambda z1, z2, **kw: seen.append(z1.shape[0]) or real(z1, z2, **kw))
     m.shared_step(batch)
     assert seen == [B - 2]
+
+
+def test_explain_refuses_options_of_a_method_it_does_not_run(tmp_path):
+    """method_options={occlusion: ...} beside methods=[ig] ran IG alone, exit 0, the occlusion options nowhere."""
+    from ecgfm.config import ConfigError
+    from ecgfm.explain.report import explain_records
+
+    with pytest.raises(ConfigError, match=r"method_options\.occlusion.*not in methods \['integrated_gradients'\]"):
+        explain_records(None, [], tmp_path, methods=["ig"], method_options={"occlusion": {"window_s": 0.1}})
+
+
+def test_embed_refuses_a_stride_for_an_artifact_without_a_window(tmp_path):
+    """The stride was checked, then dropped: one whole-record embedding came back for per_window=True."""
+    import ecgfm
+    from ecgfm.artifacts import save_encoder
+    from ecgfm.backbones import create_backbone
+
+    save_encoder(tmp_path / "nowin", create_backbone("resnet1d_test"), PreprocessSpec(fs=100.0), fs=100.0)
+    enc = ecgfm.Encoder.load(tmp_path / "nowin")
+    x = np.random.default_rng(0).normal(size=(12, 1000)).astype(np.float32)
+    assert enc.embed(x, fs=100, per_window=True).shape[0] == 1           # whole record, as documented
+    with pytest.raises(ValueError, match="stride_samples=100: this artifact has no window"):
+        enc.embed(x, fs=100, per_window=True, stride_samples=100)
