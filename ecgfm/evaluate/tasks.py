@@ -128,6 +128,23 @@ class TaskSpec:
                                   f"task {spec.name}: a {kind!r} split does not read it"
                                   f"{f'; did you mean {close[0]!r}?' if close else ''} (its settings: "
                                   f"{', '.join(('kind', *allowed))}), so it would silently do nothing")
+        fractions = spec.split.get("fractions")
+        if isinstance(fractions, Mapping):   # names of the sides: only train / val / test are used as splits
+            named: dict[str, Any] = {}
+            for side, value in fractions.items():
+                part = SPLIT_NAMES.get(str(side).strip().lower(), str(side).strip().lower())
+                if part not in SPLIT_PARTS or part in named:
+                    raise ConfigError(f"{key}.split.fractions.{side}",
+                                      f"task {spec.name}: a side named {side!r} "
+                                      + ("twice" if part in named else "is none of train / val / test")
+                                      + f" (also accepted: {', '.join(sorted(SPLIT_NAMES))}); its records would be "
+                                        f"in no split")
+                named[part] = value
+            spec.split = {**spec.split, "fractions": named}
+        if spec.classes is not None and spec.min_count != 1:   # min_count filters a class space read from the data
+            raise ConfigError(f"{key}.min_count", f"task {spec.name}: min_count={spec.min_count} beside a fixed "
+                                                  f"classes list would do nothing; drop classes from the list "
+                                                  f"instead, or set classes: null")
         if not (spec.labels == "record" or spec.labels.startswith("ptbxl:")):
             raise ConfigError(f"{key}.labels", f"task {spec.name}: must be 'record' or 'ptbxl:<task>', got "
                                                f"{spec.labels!r}")
@@ -381,8 +398,10 @@ def _drop_untrainable_classes(spec: TaskSpec, y: np.ndarray, class_names: list[s
 
     A head never shown a positive cannot learn the class: a probe scores it at chance (0.5) and a fine-tune with a
     random head at seed-dependent noise (0.28 / 0.81 in two seeds of PTB-XL rhythm's AFLT on the shared subset), and
-    either joined the macro AUROC. Multi-label: the column goes, records keep their other labels (a record with none
-    left is a negative for every class). Single-label: the class's records leave every split. A note names them.
+    either joined the macro AUROC. The column goes, records keep their other labels, and a record with none left
+    leaves every split (as a record whose classes ``min_count`` dropped is in no split, and as the PTB-XL benchmark
+    has no record without a label of its space; a record that had no label before stays, e.g. a folder task's
+    known negatives). A note names the classes and counts those records.
 
     Returns:
         ``(labels, class_names, splits)`` without those classes (unchanged when every class has one).
@@ -397,9 +416,13 @@ def _drop_untrainable_classes(spec: TaskSpec, y: np.ndarray, class_names: list[s
     notes.append(f"class(es) {gone} have no positive record in the train split: left out of the task (a head "
                  f"cannot learn them; scored, they would put chance-level or seed-dependent AUROCs in the macro "
                  f"average)")
+    had = y.sum(axis=1) > 0
     y = np.ascontiguousarray(y[:, keep])
-    if not spec.multilabel:
-        orphan = y.sum(axis=1) == 0
+    orphan = had & (y.sum(axis=1) == 0)
+    left = {k: int(orphan[v].sum()) for k, v in splits.items() if orphan[v].any()}
+    if left:
+        notes.append(f"record(s) labelled only with those class(es) are in no split: "
+                     f"{', '.join(f'{n} {k}' for k, n in left.items())}")
         splits = {k: v[~orphan[v]] for k, v in splits.items()}
     return y, [class_names[i] for i in keep], splits
 

@@ -120,7 +120,7 @@ def test_task_window_and_stride_must_be_positive_seconds(key, value):
 def test_classes_without_a_training_positive_leave_the_task():
     """PTB-XL rhythm on the shared subset had AFLT and SVTAC with no training positive: probes scored them at 0.5
     and fine-tunes at seed-dependent noise (0.28 / 0.81), inside the macro AUROC. They leave the task, with a note;
-    multi-label records keep their other labels, single-label records of the class leave every split."""
+    records keep their other labels, and records labelled only with such a class leave every split."""
     from ecgfm.evaluate.tasks import _drop_untrainable_classes
 
     y = np.array([[1, 0, 0], [0, 1, 0], [1, 0, 0], [0, 0, 1], [0, 1, 0], [1, 0, 1]], dtype=np.float32)
@@ -128,7 +128,9 @@ def test_classes_without_a_training_positive_leave_the_task():
     multi = TaskSpec(name="t", dataset="d", sources=[{}], multilabel=True)
     notes: list[str] = []
     y2, names, sp = _drop_untrainable_classes(multi, y, ["a", "b", "c"], splits, notes)
-    assert names == ["a", "b"] and y2.shape == (6, 2) and sp == splits
+    assert names == ["a", "b"] and y2.shape == (6, 2)
+    # record 3 was labelled 'c' only: in no split now (it was a negative of every class); 5 keeps 'a'
+    assert {k: v.tolist() for k, v in sp.items()} == {"train": [0, 1, 2], "val": [4], "test": [5]}
     assert "['c'] have no positive record in the train split" in notes[0]
     single = TaskSpec(name="t", dataset="d", sources=[{}], multilabel=False)
     ys = np.eye(3, dtype=np.float32)[[0, 1, 0, 2, 1, 2]]

@@ -115,3 +115,47 @@ def test_embed_refuses_a_stride_for_an_artifact_without_a_window(tmp_path):
     assert enc.embed(x, fs=100, per_window=True).shape[0] == 1           # whole record, as documented
     with pytest.raises(ValueError, match="stride_samples=100: this artifact has no window"):
         enc.embed(x, fs=100, per_window=True, stride_samples=100)
+
+
+# ------------------------------------------------------------------------------------------ tasks (review s27)
+def _task(**extra) -> dict:
+    base = {"name": "t", "dataset": "syn", "sources": [{"_target_": "ecgfm.data.synthetic.SyntheticSource"}]}
+    return {**base, **extra}
+
+
+def test_stratified_fraction_names_are_normalised_or_refused():
+    from ecgfm.config import ConfigError
+    from ecgfm.evaluate.tasks import TaskSpec
+
+    spec = TaskSpec.from_config(_task(split={"kind": "stratified",
+                                             "fractions": {"train": 0.7, "Validation": 0.15, "test": 0.15}}))
+    assert spec.split["fractions"] == {"train": 0.7, "val": 0.15, "test": 0.15}   # was a side named 'validation'
+    with pytest.raises(ConfigError, match=r"split\.fractions\.tests.*none of train / val / test"):
+        TaskSpec.from_config(_task(split={"kind": "stratified", "fractions": {"train": 0.8, "tests": 0.2}}))
+    with pytest.raises(ConfigError, match=r"split\.fractions\.validation.*twice"):
+        TaskSpec.from_config(_task(split={"kind": "stratified",
+                                          "fractions": {"train": 0.6, "val": 0.2, "validation": 0.2}}))
+
+
+def test_min_count_beside_fixed_classes_is_refused():
+    from ecgfm.config import ConfigError
+    from ecgfm.evaluate.tasks import TaskSpec
+
+    with pytest.raises(ConfigError, match=r"task\.min_count.*fixed classes list would do nothing"):
+        TaskSpec.from_config(_task(classes=["a", "b"], min_count=100))
+    assert TaskSpec.from_config(_task(classes=["a", "b"])).min_count == 1
+
+
+def test_records_labelled_only_with_an_untrainable_class_leave_every_split():
+    """Multi-label: such records stayed in val / test as negatives of every class (single-label ones left)."""
+    from ecgfm.evaluate.tasks import TaskSpec, _drop_untrainable_classes
+
+    spec = TaskSpec.from_config(_task(multilabel=True))
+    y = np.array([[1, 0], [0, 1], [1, 1], [0, 0], [0, 1]], np.float32)    # class 1 has no train positive
+    splits = {"train": np.array([0]), "val": np.array([1, 2, 3]), "test": np.array([4])}
+    notes: list[str] = []
+    y2, names, sp = _drop_untrainable_classes(spec, y, ["a", "b"], splits, notes)
+    assert names == ["a"] and y2.shape == (5, 1)
+    # 1 and 4 had only 'b': in no split; 2 keeps 'a'; 3 had no label before (a known negative): stays
+    assert sp["val"].tolist() == [2, 3] and sp["test"].tolist() == [] and sp["train"].tolist() == [0]
+    assert "labelled only with those class(es) are in no split: 1 val, 1 test" in notes[-1]
