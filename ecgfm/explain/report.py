@@ -167,6 +167,26 @@ def choose_window(terms: np.ndarray, target: int) -> int:
     return int(np.argmax(np.asarray(terms)[:, int(target)]))
 
 
+def _curve_settings(fo: Mapping[str, Any]) -> dict[str, Any]:
+    """The deletion / insertion settings a faithfulness report ran with (``fo``, else
+    :func:`~ecgfm.explain.faithfulness.perturbation_curve`'s defaults), JSON-ready: a tensor baseline is named."""
+    from ecgfm.explain.faithfulness import perturbation_curve
+
+    defaults = inspect.signature(perturbation_curve).parameters
+    out = {k: fo.get(k, defaults[k].default) for k in ("segment_s", "steps", "baseline")}
+    if not (out["baseline"] is None or isinstance(out["baseline"], (str, int, float))):
+        out["baseline"] = f"custom {type(out['baseline']).__name__}"
+    return {**out, "n_random": int(fo.get("n_random", 3))}
+
+
+def _baseline_text(baseline: Any) -> str:
+    """How deleted segments are replaced, for the report's note."""
+    if baseline is None or isinstance(baseline, str):
+        return {"smoothed": "the record's own smoothed baseline", "zeros": "zeros", None: "zeros",
+                "median": "the record's two-stage median baseline"}.get(baseline, f"the {baseline!r} baseline")
+    return f"the constant {baseline:g}" if isinstance(baseline, (int, float)) else "the caller's baseline tensor"
+
+
 def _evidence(record: ECGRecord, wrapper: ECGWrapper, n_t: int, start: int = 0) -> np.ndarray | None:
     """The record's ground-truth evidence mask over the model input, at the model's rate and lead order, or None.
 
@@ -424,8 +444,11 @@ def explain_records(wrapper: ECGWrapper, records: Sequence[ECGRecord], out_dir: 
                             + _scored_text(faithfulness_options) + "; (lead x segment_s) segments ordered by "
                             + ("|attribution| (largest first)" if (faithfulness_options or {}).get("order") == "abs"
                                else "signed attribution (most supporting first)")
-                            + " (ties in a random order drawn from the record) and replaced by the record's own "
-                            "smoothed baseline; *_gain = method minus the mean of random attributions (> 0 beats "
+                            + " (ties in a random order drawn from the record) and replaced by "
+                            + _baseline_text((faithfulness_options or {}).get("baseline", "smoothed"))
+                            + "; segment_s / steps / baseline / n_random: the settings used; localisation (records "
+                            "with an evidence mask) only when the explained class is one of the record's labels "
+                            "or the record has none (else localisation_skipped says why); *_gain = method minus the mean of random attributions (> 0 beats "
                             "random); each method's faithfulness.order says which order it used; score_record / "
                             "score_baseline: the tracked score of the record and of its baseline (the curves' ends): "
                             "where the baseline scores above the record (n_baseline_above), insertion reads "
@@ -530,11 +553,22 @@ def explain_records(wrapper: ECGWrapper, records: Sequence[ECGRecord], out_dir: 
                     # signed order: delete / insert the segments that most support the explained class first
                     # (Samek et al.'s "most relevant first"); |attribution| would mix in the evidence against it.
                     fo.setdefault("order", "signed")
-                    mask = None if evidence is None else torch.as_tensor(evidence[None])
+                    # the evidence mask marks the feature of the record's labelled class: localisation of
+                    # another class's explanation (a wrong prediction, target=) against it measures nothing
+                    # (a record without labels: its mask is taken as the explained class's, as given)
+                    own = evidence is not None and (not record.labels or names[tgt] in record.labels)
+                    mask = torch.as_tensor(evidence[None]) if own else None
                     scores = faithfulness_report(explainer, att, mask=mask, recorded=recorded, **fo)
                     # scores["output"]: the score the curves tracked (the output the attribution explains unless
-                    # faithfulness_options set one)
-                    summary["faithfulness"] = {**_jsonable(scores), "order": fo["order"]}
+                    # faithfulness_options set one); the curves' settings as used, so the numbers can be read
+                    summary["faithfulness"] = {**_jsonable(scores), "order": fo["order"],
+                                               **_curve_settings(fo)}
+                    if own:
+                        summary["faithfulness"]["localisation_class"] = names[tgt] if record.labels else None
+                    elif evidence is not None:
+                        summary["faithfulness"]["localisation_skipped"] = (
+                            f"the record's evidence mask marks its labelled class(es) {list(record.labels)}, not "
+                            f"the explained class {names[tgt]!r}")
                 entry["methods"][key] = summary
                 if key in chart_keys:
                     fig = viz.plot_ecg_chart(shown, wrapper.fs, wrapper.lead_names, attribution=att.values[0],
@@ -556,7 +590,8 @@ def explain_records(wrapper: ECGWrapper, records: Sequence[ECGRecord], out_dir: 
                                                    f"({p_text})" + _window_text(crop, record))
             entry["figures"] += [p.name for p in viz.save_figure(fig, out / f"{rid}_methods", formats, dpi)]
             fig = viz.plot_lead_importance({k: a.per_lead(recorded=recorded)[0] for k, a in atts.items()},
-                                           wrapper.lead_names,
+                                           wrapper.lead_names, counted=(present & read) if (present & read).any()
+                                           else None,
                                            title=f"{record.record_id}: per-lead share of |attribution| ({names[tgt]})")
             entry["figures"] += [p.name for p in viz.save_figure(fig, out / f"{rid}_leads", formats, dpi)]
             if counterfactual is not None:

@@ -813,7 +813,7 @@ def plot_method_comparison(signal: Any, fs: float, attributions: Mapping[str, An
 
 
 def plot_lead_importance(importance: Mapping[str, Any] | Any, lead_names: Sequence[str] = CANONICAL_LEADS,
-                         normalize: bool = True, title: str | None = None) -> Figure:
+                         normalize: bool = True, title: str | None = None, counted: Any = None) -> Figure:
     """Per-lead importance bars, grouped by method.
 
     Args:
@@ -821,6 +821,9 @@ def plot_lead_importance(importance: Mapping[str, Any] | Any, lead_names: Sequen
         lead_names: the ``L`` leads.
         normalize: show each method's share (sum 1) instead of raw values.
         title: figure title.
+        counted: ``(L,)`` bool, the leads that can hold attribution (the record's leads the model reads; None:
+            all): the "uniform" line is ``1 / counted.sum()`` (a 3-lead record's equal shares are 1/3, not 1/12) and
+            a method ranks the leads over those only.
 
     Returns:
         the figure (one bar container per method, labelled with the method name; ``"(no lead ranking)"`` is
@@ -837,6 +840,9 @@ def plot_lead_importance(importance: Mapping[str, Any] | Any, lead_names: Sequen
             raise ValueError(f"importance {k!r} has {v.shape[0]} values for {len(lead_names)} leads")
         if normalize:
             vals[k] = v / max(float(np.abs(v).sum()), 1e-12)
+    on = np.ones(len(lead_names), bool) if counted is None else np.asarray(counted, dtype=bool).reshape(-1)
+    if on.shape[0] != len(lead_names) or not on.any():
+        raise ValueError(f"counted must mark at least one of the {len(lead_names)} leads, got {counted!r}")
     n_m = len(vals)
     x = np.arange(len(lead_names))
     width = 0.8 / n_m
@@ -844,13 +850,15 @@ def plot_lead_importance(importance: Mapping[str, Any] | Any, lead_names: Sequen
     ax = fig.add_subplot()
     colors = matplotlib.colormaps["tab10"]
     for j, (k, v) in enumerate(vals.items()):
-        label = k if lead_ranking(v) is not None else f"{k} (no lead ranking)"
+        # at most n - 1 leads, so that n equal shares rank nothing (with k >= n nothing is left to compare with)
+        label = k if lead_ranking(v[on], k=min(3, int(on.sum()) - 1)) else f"{k} (no lead ranking)"
         ax.bar(x - 0.4 + width * (j + 0.5), v, width, label=label, color=colors(j % 10))
     ax.set_xticks(x, [str(n) for n in lead_names])
     ax.set_ylabel("share of |attribution|" if normalize else "importance")
     ax.axhline(0, color="#333333", linewidth=0.6)
     if normalize:
-        ax.axhline(1.0 / len(lead_names), color="#999999", linewidth=0.8, linestyle="--", label="uniform")
+        ax.axhline(1.0 / int(on.sum()), color="#999999", linewidth=0.8, linestyle="--",
+                   label="uniform" if on.all() else f"uniform over {int(on.sum())} leads")
     ax.legend(fontsize=7, ncols=min(4, n_m + 1))
     if title:
         ax.set_title(title, fontsize=10)

@@ -69,7 +69,11 @@ def test_explain_entry_synthetic(tmp_path, synthetic_ckpt, capsys):
         assert m["elapsed_s"] >= 0
         f = m["faithfulness"]
         assert {"deletion_aopc", "random_deletion_aopc", "deletion_aopc_gain", "insertion_auc"} <= set(f)
-        assert "localisation" in f                                   # the synthetic record has an evidence mask
+        # the synthetic record has an evidence mask: of its labelled class, so scored for that class only
+        if rec["target"]["class"] in rec["labels"]:
+            assert "localisation" in f and f["localisation_class"] == rec["target"]["class"]
+        else:
+            assert "localisation" not in f and "not the explained class" in f["localisation_skipped"]
     assert "convergence_delta_abs" in rec["methods"]["integrated_gradients"]
     assert rec["counterfactual"]["records"][0]["top_leads"]
     assert rec["counterfactual"]["options"]["threshold"] is None     # single-label: no threshold applies

@@ -159,3 +159,57 @@ def test_records_labelled_only_with_an_untrainable_class_leave_every_split():
     # 1 and 4 had only 'b': in no split; 2 keeps 'a'; 3 had no label before (a known negative): stays
     assert sp["val"].tolist() == [2, 3] and sp["test"].tolist() == [] and sp["train"].tolist() == [0]
     assert "labelled only with those class(es) are in no split: 1 val, 1 test" in notes[-1]
+
+
+# ---------------------------------------------------------------------------------------- explain (review s27)
+def test_explain_localises_only_the_labelled_class_and_records_the_curve_settings(tmp_path):
+    """Localisation of an 'atrial_fibrillation' explanation was scored against an AV-block record's PR mask; the
+    note said 'smoothed baseline' for baseline='zeros' and the curves' settings were nowhere."""
+    import torch
+    from torch import nn
+
+    from ecgfm.data.synthetic import SYNTHETIC_CLASSES, generate_record
+    from ecgfm.explain.report import explain_records
+    from ecgfm.explain.wrapper import ECGWrapper
+
+    torch.manual_seed(0)
+
+    class Tiny(nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.conv, self.head = nn.Conv1d(12, 4, 7, padding=3), nn.Linear(4, c)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.conv(x)).mean(-1))
+
+    rec = generate_record(3, fs=100.0, duration=10.0, cls="first_degree_av_block")
+    w = ECGWrapper(Tiny(len(SYNTHETIC_CLASSES)).eval(), fs=100.0, n_samples=1000, class_names=SYNTHETIC_CLASSES)
+    fo = {"n_random": 1, "steps": 5, "baseline": "zeros", "segment_s": 0.5}
+    out = {}
+    for tgt in ("first_degree_av_block", "atrial_fibrillation"):
+        rep = explain_records(w, [rec], tmp_path / tgt, methods=["saliency"], target=tgt, formats=["png"],
+                              faithfulness_options=fo)
+        out[tgt] = rep["records"][0]["methods"]["saliency"]["faithfulness"]
+    own, other = out["first_degree_av_block"], out["atrial_fibrillation"]
+    assert "localisation" in own and own["localisation_class"] == "first_degree_av_block"
+    assert "localisation" not in other and "not the explained class 'atrial_fibrillation'" in \
+        other["localisation_skipped"]
+    assert {k: own[k] for k in ("segment_s", "steps", "baseline", "n_random")} == \
+        {"segment_s": 0.5, "steps": 5, "baseline": "zeros", "n_random": 1}
+    note = rep["notes"]["faithfulness"]
+    assert "replaced by zeros" in note and "smoothed" not in note
+
+
+def test_lead_importance_uniform_line_counts_the_leads_that_can_hold_attribution():
+    from ecgfm.data.record import CANONICAL_LEADS
+    from ecgfm.explain.visualize import plot_lead_importance
+
+    imp = np.zeros(12)
+    imp[[0, 1, 7]] = 5.0                       # equal shares over a 3-lead record's leads
+    counted = imp > 0
+    ax = plot_lead_importance({"gradcam": imp}, CANONICAL_LEADS, counted=counted).axes[0]
+    uniform = [ln for ln in ax.lines if ln.get_label().startswith("uniform")][0]
+    assert uniform.get_ydata()[0] == pytest.approx(1 / 3) and uniform.get_label() == "uniform over 3 leads"
+    assert ax.containers[0].get_label() == "gradcam (no lead ranking)"
+    with pytest.raises(ValueError, match="counted must mark at least one"):
+        plot_lead_importance({"gradcam": imp}, CANONICAL_LEADS, counted=np.zeros(12, bool))
