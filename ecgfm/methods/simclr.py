@@ -15,7 +15,11 @@ Augmentation randomness: with ``aug_seed=None`` the augmentations draw from torc
 training pipeline reseeds from ``(seed, rank, step)`` before every step (:class:`ecgfm.train.loop.StepSeedCallback`),
 so a resumed run draws what an uninterrupted one would. With a fixed ``aug_seed`` the module keeps its own
 generator per rank; its state (one ``uint8`` tensor per rank, from :meth:`torch.Generator.get_state`) is saved in
-the checkpoint under :data:`AUG_STATE_KEY` and restored on load, with the same effect.
+the checkpoint under :data:`AUG_STATE_KEY` and restored on load, with the same effect. With gradient accumulation a
+checkpoint written inside a window resumes at the window's start
+(:class:`ecgfm.train.loop.AccumulationWindowCheckpoint`), so the module also keeps the generator's state at every
+window's first micro-batch and saves that one for such a checkpoint (:meth:`SimCLRModule.on_checkpoint_set_back`):
+the replayed micro-batches draw the same views again.
 """
 
 from __future__ import annotations
@@ -148,6 +152,10 @@ class SimCLRModule(PretrainModule):
         self.aug_seed = aug_seed
         self._gens: dict[str, torch.Generator] = {}
         self._restored_aug_state: dict[str, Any] | None = None  # from on_load_checkpoint, until first use
+        # (batch_progress.total.processed, training generator state) at the current accumulation window's first
+        # micro-batch, and the checkpoint (its id) that on_checkpoint_set_back set back to the window starting there
+        self._window_aug_state: tuple[int, torch.Tensor] | None = None
+        self._set_back: tuple[int, int] | None = None
 
     def _rank_world(self) -> tuple[int, int]:
         if self._trainer is None:
@@ -190,18 +198,51 @@ class SimCLRModule(PretrainModule):
             return
         gen.set_state(states[rank].detach().to("cpu", torch.uint8))
 
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """With ``aug_seed`` and ``accumulate_grad_batches > 1``: keep the training generator's state at every
+        accumulation window's first micro-batch (before it draws), for a checkpoint set back to the window's start
+        (:meth:`on_checkpoint_set_back`)."""
+        super().on_train_batch_start(batch, batch_idx)
+        if self.aug_seed is None or self._trainer is None:
+            return
+        acc = int(self.trainer.accumulate_grad_batches)
+        if acc > 1 and batch_idx % acc == 0:      # Lightning's windows start at every multiple of acc in an epoch
+            # Creating the generator here draws nothing: it is the one this micro-batch's views use.
+            gen = self._generator_for("train", self.device)
+            start = int(self.trainer.fit_loop.epoch_loop.batch_progress.total.processed)
+            self._window_aug_state = (start, gen.get_state())
+
+    def on_checkpoint_set_back(self, checkpoint: dict[str, Any], window_start: int) -> None:
+        """Called by :class:`ecgfm.train.loop.AccumulationWindowCheckpoint` for a checkpoint it set back to the
+        start of the gradient-accumulation window that began at the fit's ``window_start``-th batch, just before
+        Lightning calls :meth:`on_save_checkpoint` for it: that save stores the generator state kept at the window's
+        first micro-batch (:meth:`on_train_batch_start`), so the resumed run's replay of the window draws the same
+        views as the uninterrupted run."""
+        self._set_back = (id(checkpoint), int(window_start))
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Store the training augmentation generator state of every rank under :data:`AUG_STATE_KEY`.
 
-        Called on every rank (Lightning's ``dump_checkpoint``); under DDP the per-rank states are all-gathered, so
-        each rank continues its own stream after a resume.
+        The current state, or for a checkpoint set back to an accumulation window's start
+        (:meth:`on_checkpoint_set_back`) the state kept at that window's first micro-batch. Called on every rank
+        (Lightning's ``dump_checkpoint``); under DDP the per-rank states are all-gathered, so each rank continues
+        its own stream after a resume.
         """
         super().on_save_checkpoint(checkpoint)
+        set_back, self._set_back = self._set_back, None
         if self.aug_seed is None:
             return
         # Creating the generator here (if no step ran yet) draws nothing: it is the one the next step would make.
         gen = self._generator_for("train", self.device)
         state = gen.get_state()                                         # (n,) uint8, on the CPU
+        window = self._window_aug_state
+        if set_back is not None and set_back[0] == id(checkpoint):
+            if window is not None and window[0] == set_back[1]:
+                state = window[1]                                       # as at the window's start
+            else:   # this process resumed inside the window (from a checkpoint that was not set back)
+                warnings.warn("checkpoint set back to a gradient-accumulation window's start that this process did "
+                              "not train: it holds the SimCLR augmentation generator state from inside the window, "
+                              "so a resume from it draws other views than an uninterrupted run", stacklevel=2)
         _, world = self._rank_world()
         if world > 1:
             gathered = self.all_gather(state.to(self.device))           # (world, n): same n on every rank
@@ -241,6 +282,7 @@ class SimCLRModule(PretrainModule):
             ValueError: both rates differ, naming them.
         """
         super().on_fit_start()
+        self._window_aug_state = None     # kept by this fit's first window (on_train_batch_start)
         dm = getattr(self.trainer, "datamodule", None)
         data_fs = getattr(dm, "fs", None) if dm is not None else None
         if data_fs is None:

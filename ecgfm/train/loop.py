@@ -284,16 +284,21 @@ class ResumableDataLoader(DataLoader):
     and skips those batches at the index level.
 
     The position comes from the trainer (``progress`` callable) rather than from counting yielded batches, because
-    Lightning's fetcher pre-fetches one batch ahead of the one being trained on.
+    Lightning's fetcher pre-fetches one batch ahead of the one being trained on. The epoch's length saved beside it
+    (``epoch_batches``) is the trainer's too (``epoch_length`` callable): with ``limit_train_batches`` an epoch ends
+    before the loader does, and a position saved at such an epoch's end must resume at the next epoch's first batch
+    (not skip that many batches of it).
 
     ``sampler`` reads through to the batch sampler's sampler so Lightning sees the DataModule's DDP-aware
     ``DistributedSampler`` and neither replaces it nor wraps it again; ``set_epoch`` reaches it as usual.
     (Written here because neither Lightning nor torch offers a resumable map-style loader without extra packages.)
     """
 
-    def __init__(self, dataset: Any, batch_sampler: ResumableBatchSampler, progress: Any = None, **kwargs: Any):
+    def __init__(self, dataset: Any, batch_sampler: ResumableBatchSampler, progress: Any = None,
+                 epoch_length: Any = None, **kwargs: Any):
         super().__init__(dataset, batch_sampler=batch_sampler, **kwargs)
-        self.progress = progress
+        self.progress = progress            # () -> (epoch, batches of it done)
+        self.epoch_length = epoch_length    # () -> the trainer's batches per epoch (None: unknown / unlimited)
 
     @property  # type: ignore[override]
     def sampler(self) -> Any:
@@ -304,8 +309,15 @@ class ResumableDataLoader(DataLoader):
         pass
 
     @classmethod
-    def wrap(cls, loader: DataLoader, progress: Any) -> DataLoader:
-        """The same loader made resumable; returned unchanged when it has no plain sampler + batch size."""
+    def wrap(cls, loader: DataLoader, progress: Any, epoch_length: Any = None) -> DataLoader:
+        """The same loader made resumable; returned unchanged when it has no plain sampler + batch size.
+
+        Args:
+            loader: the DataModule's training loader.
+            progress: callable returning ``(epoch, batches of it done)``, the position saved in checkpoints.
+            epoch_length: callable returning the batches the trainer takes per epoch (``None`` when unknown or not
+                limited); the saved ``epoch_batches`` is the smaller of it and the loader's length.
+        """
         if not isinstance(loader, DataLoader) or loader.batch_size is None or \
                 type(loader.batch_sampler) is not BatchSampler:
             log.warning("train loader %r is not a plain DataLoader with a sampler: mid-epoch resume replays the "
@@ -318,19 +330,28 @@ class ResumableDataLoader(DataLoader):
         if loader.num_workers > 0:
             kwargs["prefetch_factor"] = loader.prefetch_factor
         batch_sampler = ResumableBatchSampler(loader.batch_sampler.sampler, loader.batch_size, loader.drop_last)
-        return cls(loader.dataset, batch_sampler, progress=progress, **kwargs)
+        return cls(loader.dataset, batch_sampler, progress=progress, epoch_length=epoch_length, **kwargs)
 
     def _world(self) -> int:
         return int(getattr(self.sampler, "num_replicas", 1) or 1)
 
+    def _epoch_batches(self) -> int:
+        """The batches of an epoch as the trainer takes them: this loader's length, or fewer with the trainer's
+        ``limit_train_batches``."""
+        n = len(self)
+        limit = self.epoch_length() if self.epoch_length is not None else None
+        if isinstance(limit, int) and not isinstance(limit, bool) and 0 < limit < n:
+            n = limit
+        return n
+
     def state_dict(self) -> dict[str, int]:
         epoch, batches = self.progress() if self.progress is not None else (0, 0)
         return {"epoch": int(epoch), "batches": int(batches), "world": self._world(),
-                "batch_size": int(self.batch_sampler.batch_size), "epoch_batches": len(self)}
+                "batch_size": int(self.batch_sampler.batch_size), "epoch_batches": self._epoch_batches()}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         epoch, batches = int(state.get("epoch", 0)), int(state.get("batches", 0))
-        # the epoch's length in the checkpoint's own units (older checkpoints: this loader's)
+        # the epoch's length in the checkpoint's own units, as the trainer took it (older checkpoints: this loader's)
         if batches >= int(state.get("epoch_batches", len(self))):   # saved on its last batch: next epoch afresh
             epoch, batches = epoch + 1, 0
         old = (int(state.get("world", self._world())), int(state.get("batch_size", self.batch_sampler.batch_size)))
@@ -368,8 +389,16 @@ class _ResumableTrainLoader:
         # last batches were never trained)
         return trainer.current_epoch, int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
 
+    def epoch_length(self) -> int | None:
+        """The batches per epoch the trainer takes (``num_training_batches``: fewer than the loader's with
+        ``limit_train_batches``); None when not attached or not a finite count."""
+        trainer = getattr(self.datamodule, "trainer", None)
+        n = getattr(trainer, "num_training_batches", None)
+        return n if isinstance(n, int) and not isinstance(n, bool) else None
+
     def train_dataloader(self) -> DataLoader:
-        return ResumableDataLoader.wrap(self.original(), self.progress)
+        # bound methods (not closures): see make_resumable
+        return ResumableDataLoader.wrap(self.original(), self.progress, self.epoch_length)
 
 
 def make_resumable(datamodule: L.LightningDataModule) -> None:
@@ -380,7 +409,8 @@ def make_resumable(datamodule: L.LightningDataModule) -> None:
     :class:`AccumulationWindowCheckpoint` among its callbacks (``ecgfm.train.build.build_callbacks`` adds it), those
     up to the last optimiser step (:func:`stepped_batches`), where that callback sets Lightning's count back to.
     Without it, a checkpoint written inside a gradient-accumulation window resumes after its last micro-batch (the
-    window's earlier gradients are lost, as in plain Lightning).
+    window's earlier gradients are lost, as in plain Lightning). The epoch's length saved beside the position is the
+    trainer's too (``num_training_batches``, which ``limit_train_batches`` shortens).
     """
     # a bound method (not a closure): Lightning inspects its ``__code__`` and ``ddp_spawn`` pickles it
     datamodule.train_dataloader = _ResumableTrainLoader(datamodule, datamodule.train_dataloader).train_dataloader
@@ -429,22 +459,55 @@ class AccumulationWindowCheckpoint(L.Callback):
     records its position too (:func:`stepped_batches`): the resumed run replays the window's micro-batches and
     recomputes the gradients the checkpoint did not keep. Checkpoints at an optimiser step are left as they are.
 
+    The window's micro-batches changed more than ``.grad``: every training forward pass moves the module's buffers
+    (BatchNorm's ``running_mean`` / ``running_var`` / ``num_batches_tracked``), and the replay would count them
+    twice. So, with ``accumulate_grad_batches > 1``, this callback clones the module's buffers that are in its
+    ``state_dict`` at every window's first micro-batch (buffers only: BatchNorm statistics are small) and writes
+    them into a set-back checkpoint's ``state_dict``: its weights and buffers are those of the window's start.
+    A module that keeps other state of its own that the window's micro-batches advance (a random generator:
+    :class:`~ecgfm.methods.simclr.SimCLRModule` with ``aug_seed``) is told by a call to its
+    ``on_checkpoint_set_back(checkpoint, window_start)`` method, when it has one, just before Lightning calls its
+    ``on_save_checkpoint`` for the same checkpoint (Lightning calls the callbacks' hook first):
+    ``window_start`` is the fit's count of processed batches (``batch_progress.total.processed``) at the window's
+    first micro-batch, so that the module saves the state it kept there.
+
     Lightning's logger step (``_batches_that_stepped``) is kept exact too: see :meth:`on_train_batch_start`.
     """
 
+    #: the LightningModule method told of a set-back checkpoint (see the class docstring)
+    MODULE_HOOK = "on_checkpoint_set_back"
+
     def __init__(self) -> None:
         self._restored_steps: int | None = None   # the logger step of a set-back checkpoint this fit resumed from
+        self._buffer_keys: set[str] | None = None  # the module's buffers that are in its state_dict (once per fit)
+        # (batch_progress.total.processed at the current window's first micro-batch, its buffers there)
+        self._window: tuple[int, dict[str, torch.Tensor]] | None = None
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if int(state_dict.get("rewound", 0)) > 0 and "batches_that_stepped" in state_dict:
             self._restored_steps = int(state_dict["batches_that_stepped"])
 
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._buffer_keys = None
+        self._window = None
+
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # the window's buffers stay: the final checkpoint is written after fit returns (save_final_checkpoint)
         self._restored_steps = None
+
+    def _snapshot_buffers(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Clone the module's ``state_dict`` buffers at a window's first micro-batch (before its forward pass)."""
+        if self._buffer_keys is None:
+            self._buffer_keys = set(pl_module.state_dict().keys())
+        keys = self._buffer_keys
+        buffers = {name: buf.detach().clone() for name, buf in pl_module.named_buffers() if name in keys}
+        self._window = (int(trainer.fit_loop.epoch_loop.batch_progress.total.processed), buffers)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        """Undo the logger step Lightning adds before the first batch of a run resumed from a set-back checkpoint.
+        """At a window's first micro-batch (``accumulate_grad_batches > 1``), clone the module's buffers (see the
+        class docstring). Then undo the logger step Lightning adds before the first batch of a run resumed from a
+        set-back checkpoint.
 
         Its counters all agree ("restarted on last" in ``TrainingEpochLoop``: the state Lightning itself saves
         during a validation inside ``on_advance_end``, before that batch's ``_batches_that_stepped += 1``). When the
@@ -456,6 +519,9 @@ class AccumulationWindowCheckpoint(L.Callback):
         the first batch of a set-back checkpoint (``reset``'s +1 is for "restarted on train batch end", counters
         these checkpoints never have), so exactly one more than the saved count is that step, and is undone here.
         """
+        acc = int(trainer.accumulate_grad_batches)
+        if acc > 1 and batch_idx % acc == 0:       # Lightning's windows start at every multiple of acc in an epoch
+            self._snapshot_buffers(trainer, pl_module)
         restored, self._restored_steps = self._restored_steps, None
         if restored is None:
             return
@@ -484,6 +550,24 @@ class AccumulationWindowCheckpoint(L.Callback):
             at = int(getattr(progress, part).processed) - back
             saved[part].update(ready=at, started=at, processed=at, completed=at)
         saved["is_last_batch"] = False
+        # the module's buffers as at the window's start (the resumed run's replay moves them again)
+        start = int(progress.total.processed) - back
+        window = self._window
+        state = checkpoint.get("state_dict")
+        if window is not None and window[0] == start:
+            if isinstance(state, dict):
+                for name, buf in window[1].items():   # the clones are never written to: shared by every such save
+                    if name in state:
+                        state[name] = buf
+        elif any(True for _ in pl_module.buffers()):
+            # this process did not see the window's first micro-batch (it resumed inside the window from a checkpoint
+            # that was not set back): the buffers keep the window's micro-batches, which the resumed run replays
+            log.warning("checkpoint at step %d set back %d micro-batch(es) to a gradient-accumulation window's start "
+                        "that this process did not train: the module's buffers (BatchNorm statistics) are saved as "
+                        "after those micro-batches, which a resume replays", trainer.global_step, back)
+        hook = getattr(pl_module, self.MODULE_HOOK, None)
+        if callable(hook):
+            hook(checkpoint, start)
 
 
 def _counted_stop(trainer: L.Trainer) -> str | None:
