@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ecgfm.pipelines import NonFiniteGuard, make_resumable, train
 from ecgfm.train.loop import AccumulationWindowCheckpoint
+from tests.unit.resume_helpers import SaveAndStop
 
 ROOT = Path(__file__).resolve().parents[2]
 CONF = ROOT / "ecgfm" / "conf"
@@ -190,20 +191,6 @@ class _Net(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.01)
 
 
-class _SaveAndStop(L.Callback):
-    """After ``n`` micro-batches: a checkpoint written from ``on_train_batch_end`` (as a user's or ModelCheckpoint's
-    periodic save), then ``should_stop``."""
-
-    def __init__(self, n: int, path: Path) -> None:
-        self.n, self.path, self.seen = n, path, 0
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.seen += 1
-        if self.seen == self.n:
-            trainer.save_checkpoint(str(self.path))
-            trainer.should_stop = True
-
-
 def _plain_fit(root: Path, callbacks: list, ckpt: Path | None = None, bad: tuple[int, ...] = ()) -> list[int]:
     datamodule, net = _Rows10(bad), _Net()
     make_resumable(datamodule)
@@ -225,7 +212,7 @@ def test_make_resumable_resumes_where_lightning_does(tmp_path, window_callback):
     def callbacks() -> list:
         return [AccumulationWindowCheckpoint()] if window_callback else []
 
-    first = _plain_fit(tmp_path, [*callbacks(), _SaveAndStop(3, ckpt)])
+    first = _plain_fit(tmp_path, [*callbacks(), SaveAndStop(3, ckpt)])
     saved = torch.load(ckpt, weights_only=True)["loops"]["fit_loop"]
     loader = saved["state_dict"]["combined_loader"][0]
     processed = saved["epoch_loop.batch_progress"]["current"]["processed"]
@@ -244,7 +231,7 @@ def test_nonfinite_skips_of_a_replayed_window_are_counted_once(tmp_path):
     _plain_fit(tmp_path / "reference", [AccumulationWindowCheckpoint(), reference], bad=bad)
     assert reference.summary()["nonfinite_crops_skipped"] == 2
     ckpt = tmp_path / "mid.ckpt"
-    _plain_fit(tmp_path, [AccumulationWindowCheckpoint(), NonFiniteGuard("skip"), _SaveAndStop(3, ckpt)], bad=bad)
+    _plain_fit(tmp_path, [AccumulationWindowCheckpoint(), NonFiniteGuard("skip"), SaveAndStop(3, ckpt)], bad=bad)
     assert torch.load(ckpt, weights_only=True)["callbacks"]["NonFiniteGuard"]["crops"] == 0
     resumed = NonFiniteGuard("skip")
     _plain_fit(tmp_path, [AccumulationWindowCheckpoint(), resumed], ckpt=ckpt, bad=bad)

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from ecgfm.methods.simclr import AUG_STATE_KEY
 from ecgfm.train import train
 from ecgfm.train.loop import AccumulationWindowCheckpoint, make_resumable
+from tests.unit.resume_helpers import SaveAndStop
 from tests.unit.test_train_safety import _make_cache
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -71,20 +72,6 @@ class _Net(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.01)
 
 
-class _SaveAndStop(L.Callback):
-    """After ``n`` micro-batches: a checkpoint written from ``on_train_batch_end`` (as ModelCheckpoint's periodic
-    save), then ``should_stop``."""
-
-    def __init__(self, n: int, path: Path) -> None:
-        self.n, self.path, self.seen = n, path, 0
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.seen += 1
-        if self.seen == self.n:
-            trainer.save_checkpoint(str(self.path))
-            trainer.should_stop = True
-
-
 class _BuffersAt(L.Callback):
     """The module's buffers at the start of training micro-batch ``n`` (0-based, counted over the fit)."""
 
@@ -115,7 +102,7 @@ def test_a_checkpoint_at_a_limited_epochs_end_resumes_at_the_next_epochs_first_b
     reference = _plain_fit(tmp_path / "reference", [], **kw).seen
     assert reference == [0, 1, 2, 3] * 3
     ckpt = tmp_path / "end.ckpt"
-    first = _plain_fit(tmp_path, [_SaveAndStop(2, ckpt)], **kw).seen
+    first = _plain_fit(tmp_path, [SaveAndStop(2, ckpt)], **kw).seen
     second = _plain_fit(tmp_path, [], ckpt=ckpt, **kw).seen
     assert first + second == reference
     loader = torch.load(ckpt, weights_only=True)["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
@@ -131,7 +118,7 @@ def test_a_checkpoint_set_back_to_a_window_start_holds_the_buffers_of_that_start
     at_start = _BuffersAt(2)
     reference = _plain_fit(tmp_path / "reference", [at_start], **kw)
     ckpt = tmp_path / "mid.ckpt"
-    _plain_fit(tmp_path, [_SaveAndStop(3, ckpt)], **kw)
+    _plain_fit(tmp_path, [SaveAndStop(3, ckpt)], **kw)
     saved = torch.load(ckpt, weights_only=True)
     assert saved["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["processed"] == 2   # set back
     for name in ("bn.running_mean", "bn.running_var", "bn.num_batches_tracked"):
