@@ -129,10 +129,10 @@ def stage_pool(args: argparse.Namespace) -> list[str]:
                                   data_root=str(data_root), cache_root=args.cache_root, preprocess=spec,
                                   exclude_ptbxl_folds=(9, 10), workers=args.workers, progress=True)
         pools.append(prepare_cache([src], args.cache_root, spec, name=name, workers=args.workers, progress=True))
-        copies = ", ".join(f"{p} ~ {e}" for e, p, _ in src.copies)
+        copies, n_copies = ", ".join(f"{p} ~ {e}" for e, p, _ in src.copies), len({p for _, p, _ in src.copies})
         log(f"{name}: {len(src.record_ids())} records ({len(src.exclude)} excluded: held-out val/test records"
-            + (f" and {len({p for _, p, _ in src.copies})} near-cop{'y' if len(src.copies) == 1 else 'ies'} of "
-               f"them by signal: {copies}" if copies else "")
+            + (f" and {n_copies} near-cop{'y' if n_copies == 1 else 'ies'} of them by signal: {copies}"
+               if copies else "")
             + f") -> {pools[-1]}")
     # the other shared corpora, none of them a downstream task (as data=pretrain_pool_heldout_free's pool_other)
     corpora = ((CPSC2018Source, "cpsc2018"), (CPSC2021Source, "cpsc2021"), (MITBIHSource, "physionet-samples"))

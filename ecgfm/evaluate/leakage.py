@@ -542,41 +542,67 @@ def source_signal_copies(source: Any, eval_ids: Sequence[str], pool_ids: Sequenc
         chunk_records: pool records loaded and screened at once.
 
     Returns:
-        ``[(eval id, pool id, correlation)]`` sorted by evaluation id, then pool id.
+        ``[(eval id, pool id, correlation)]`` sorted by evaluation id, then pool id. Records the source cannot
+        read (:class:`~ecgfm.data.record.ECGDataError`, logged) or shorter than 2 samples are not compared.
+
+    Raises:
+        ValueError: a threshold outside ``(0, 1]``.
+
+    Cost: one read of every record of the source each time it runs (``heldout_free_source`` runs it whenever the
+    pool's config is instantiated, since the pool cache's key is the excluded set): ~2 s for each shared corpus.
     """
-    evals = [source.load(str(r)) for r in eval_ids]
+    if not 0.0 < float(threshold) <= 1.0:   # 0 made every pair a candidate, > 1 found nothing
+        raise ValueError(f"signal copy threshold must be a correlation in (0, 1], got {threshold!r}")
+
+    def readable(ids: Sequence[str]) -> list:
+        # a record the source cannot read is not compared (the cache's preparation skips and reports it), nor is
+        # one shorter than 2 samples (no correlation: it would shrink the screened window to nothing); NaN / inf
+        # samples count as 0 (a NaN zeroed the whole lead's score)
+        from ecgfm.data.record import ECGDataError
+
+        out = []
+        for rid in ids:
+            try:
+                rec = source.load(str(rid))
+            except ECGDataError as exc:
+                log.info("signal copy check: %s not compared (%s)", rid, str(exc).splitlines()[0])
+                continue
+            if rec.signal.shape[1] >= 2:
+                out.append((str(rid), rec, np.nan_to_num(np.asarray(rec.signal, np.float32), nan=0.0,
+                                                         posinf=0.0, neginf=0.0)))
+        return out
+
+    evals = readable(eval_ids)
     if not evals or not len(pool_ids):
         return []
-    efs = np.array([float(r.fs) for r in evals])
+    efs = np.array([float(r.fs) for _, r, _ in evals])
     found: dict[tuple[int, str], float] = {}
     groups = {}
     for fs in np.unique(efs):
         esel = np.flatnonzero(efs == fs)
-        S = int(min(min(evals[i].signal.shape[1] for i in esel), max(2, round(max_screen_seconds * fs))))
-        if S < 2:
-            continue
-        ez, elive = _znorm(np.stack([evals[i].signal[:, :S] for i in esel]).astype(np.float32))
-        emask = np.stack([evals[i].lead_mask for i in esel]).astype(np.float32)
+        S = int(min(min(evals[i][2].shape[1] for i in esel), max(2, round(max_screen_seconds * fs))))
+        ez, elive = _znorm(np.stack([evals[i][2][:, :S] for i in esel]))
+        emask = np.stack([evals[i][1].lead_mask for i in esel]).astype(np.float32)
         groups[float(fs)] = (esel, S, ez.reshape(len(esel), -1), elive, emask)
     pool_ids = [str(r) for r in pool_ids]
     for lo in range(0, len(pool_ids), chunk_records):
-        recs = [(pid, source.load(pid)) for pid in pool_ids[lo:lo + chunk_records]]
+        recs = readable(pool_ids[lo:lo + chunk_records])
         for fs, (esel, S, ef, elive, emask) in groups.items():
-            same = [(pid, r) for pid, r in recs if np.isclose(float(r.fs), fs)]
-            long_ = [(pid, r) for pid, r in same if r.signal.shape[1] >= S]
+            same = [(pid, r, x) for pid, r, x in recs if np.isclose(float(r.fs), fs)]
+            long_ = [(pid, r, x) for pid, r, x in same if x.shape[1] >= S]
             cands = []
             if long_:
-                pz, plive = _znorm(np.stack([r.signal[:, :S] for _, r in long_]).astype(np.float32))
-                pm = np.stack([r.lead_mask for _, r in long_])
+                pz, plive = _znorm(np.stack([x[:, :S] for _, _, x in long_]))
+                pm = np.stack([r.lead_mask for _, r, _ in long_])
                 cands += [(int(esel[i]), long_[j]) for i, j in _screen(ef, elive, emask, pz, plive, pm,
                                                                         threshold - screen_margin)]
             # a pool record shorter than the screened window: scored exactly against each evaluation record
-            cands += [(int(e), (pid, r)) for pid, r in same if 2 <= r.signal.shape[1] < S for e in esel]
-            for e, (pid, r) in cands:
-                c = _pair_corr(evals[e].signal, r.signal, evals[e].lead_mask, r.lead_mask)
+            cands += [(int(e), one) for one in same if one[2].shape[1] < S for e in esel]
+            for e, (pid, r, x) in cands:
+                c = _pair_corr(evals[e][2], x, evals[e][1].lead_mask, r.lead_mask)
                 if c >= threshold:
                     found[(e, pid)] = c
-    return sorted((str(evals[e].record_id), pid, round(c, 5)) for (e, pid), c in found.items())
+    return sorted((evals[e][0], pid, round(c, 5)) for (e, pid), c in found.items())
 
 
 def signal_copies(pretrain_caches: Sequence[Any], cache: Any, rows: Sequence[int] | np.ndarray | None = None,

@@ -568,8 +568,9 @@ def leakage_check(enc: Encoder, task: TaskData, external: TaskData | None, allow
     recording filed under another id and patient, e.g. PTB-XL ecg 140 / 1370) is recorded in the part's report
     (``"signal_copies": [[eval key, pool key, correlation], ...]``) and in the cell's ``"signal_copies"`` count,
     and logs one WARNING; it does not set ``"leaked"`` and never raises, even without ``allow``: a correlation
-    threshold is evidence, not identity, the copies are usually a few validation records among many (the shipped
-    pool holds one: PTB-XL 1370, a copy of validation record 140; docs/BENCHMARK.md "Leakage guard"), and marking
+    threshold is evidence, not identity, the copies are usually a few validation records among many (the pool the
+    committed encoders were pretrained on held one: PTB-XL 1370, a copy of validation record 140, which
+    ``heldout_free_source`` now leaves out; docs/BENCHMARK.md "Leakage guard"), and marking
     the cell leaked would drop it from the acceptance criteria for that. Identity overlaps keep raising unless
     ``allow``. ``signal_check=False`` skips the comparison."""
     own = external_task_check(task, external, allow) if external is not None else {}

@@ -380,7 +380,8 @@ def build_task(spec: TaskSpec, cache_root: str, preprocess: PreprocessSpec, clas
     except ValueError as exc:
         raise TaskError(f"task {spec.name} ({kind} split of {cache_dir}): {exc}") from None
     if classes is None and len(splits["train"]):
-        y, class_names, splits = _drop_untrainable_classes(spec, y, class_names, splits, notes)
+        known = np.array([isinstance(m, dict) and m.get(LABELS_KNOWN) is True for m in index["meta"]], dtype=bool)
+        y, class_names, splits = _drop_untrainable_classes(spec, y, class_names, splits, notes, known)
     _check_split_classes(spec, y, splits, class_names, notes, cache_dir,
                          has_known=any(isinstance(m, dict) and LABELS_KNOWN in m for m in index["meta"]))
     fs = float(cache.fs or preprocess.fs or 100.0)
@@ -391,7 +392,7 @@ def build_task(spec: TaskSpec, cache_root: str, preprocess: PreprocessSpec, clas
 
 
 def _drop_untrainable_classes(spec: TaskSpec, y: np.ndarray, class_names: list[str],
-                              splits: dict[str, np.ndarray], notes: list[str]
+                              splits: dict[str, np.ndarray], notes: list[str], known: np.ndarray | None = None
                               ) -> tuple[np.ndarray, list[str], dict[str, np.ndarray]]:
     """Leave out the classes without a positive record in the train split (the class space is otherwise counted over
     the whole cache, test records included).
@@ -400,8 +401,10 @@ def _drop_untrainable_classes(spec: TaskSpec, y: np.ndarray, class_names: list[s
     random head at seed-dependent noise (0.28 / 0.81 in two seeds of PTB-XL rhythm's AFLT on the shared subset), and
     either joined the macro AUROC. The column goes, records keep their other labels, and a record with none left
     leaves every split (as a record whose classes ``min_count`` dropped is in no split, and as the PTB-XL benchmark
-    has no record without a label of its space; a record that had no label before stays, e.g. a folder task's
-    known negatives). A note names the classes and counts those records.
+    has no record without a label of its space; a record that had no label before stays). Except a record whose
+    flags are known (``known``: a folder task's labels-CSV row, :data:`~ecgfm.data.readers.folder.LABELS_KNOWN`):
+    with none of the classes left it is a negative for every class, as :func:`build_task` keeps such records. A
+    note names the classes and counts the records that left.
 
     Returns:
         ``(labels, class_names, splits)`` without those classes (unchanged when every class has one).
@@ -419,6 +422,8 @@ def _drop_untrainable_classes(spec: TaskSpec, y: np.ndarray, class_names: list[s
     had = y.sum(axis=1) > 0
     y = np.ascontiguousarray(y[:, keep])
     orphan = had & (y.sum(axis=1) == 0)
+    if known is not None:   # known flags: a negative for every class left, not an unlabelled record
+        orphan &= ~np.asarray(known, dtype=bool)
     left = {k: int(orphan[v].sum()) for k, v in splits.items() if orphan[v].any()}
     if left:
         notes.append(f"record(s) labelled only with those class(es) are in no split: "

@@ -138,6 +138,21 @@ def lead_ranking(per_lead: Tensor | np.ndarray | Sequence[float], k: int = 3, rt
     return top or None
 
 
+def ranked_leads(per_lead: Tensor | np.ndarray | Sequence[float], counted: Any = None, k: int = 3
+                 ) -> list[int] | None:
+    """:func:`lead_ranking` over the leads that can hold attribution only (``counted``: ``(L,)`` bool, e.g. the
+    record's leads the model reads; None: all), at most ``n - 1`` of those ``n`` (so ``n`` equal shares rank
+    nothing, and one lead ranks nothing); indices into ``per_lead``. The report's ``top`` and the lead-importance
+    chart both read it."""
+    v = np.asarray(per_lead.detach().cpu() if isinstance(per_lead, Tensor) else per_lead, dtype=np.float64)
+    v = v.reshape(-1)
+    idx = np.flatnonzero(np.ones(v.size, bool) if counted is None else np.asarray(counted, bool).reshape(-1))
+    if idx.size < 2:
+        return None
+    top = lead_ranking(v[idx], k=min(int(k), idx.size - 1))
+    return None if top is None else [int(idx[i]) for i in top]
+
+
 def _reduce(values: Tensor, reduce: str) -> Tensor:
     if reduce == "abs":
         return values.abs()

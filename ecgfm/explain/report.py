@@ -300,14 +300,19 @@ def _wave_summary(att, windows: dict[str, np.ndarray], recorded: Any = None) -> 
                 "sum_signed": float(signed[w][0])} for w in share}
 
 
-def _lead_summary(att, lead_names: Sequence[str], recorded: Any = None) -> dict[str, Any]:
+def _lead_summary(att, lead_names: Sequence[str], recorded: Any = None, counted: Any = None) -> dict[str, Any]:
     """Per-lead shares of the first input; ``top`` is None (with a ``note``) when the attribution cannot rank
     leads (:attr:`ecgfm.explain.attribution.Attribution.ranks_leads`). ``recorded`` (``(T,)`` / ``(1, T)`` bool, or
-    None: all): only the recorded samples are summed, not the zero padding of a short record."""
+    None: all): only the recorded samples are summed, not the zero padding of a short record. ``counted``
+    (``(L,)`` bool: the record's leads the model reads; None: all): the leads ranked, as the lead-importance chart
+    ranks them (:func:`~ecgfm.explain.attribution.ranked_leads`: a 3-lead record's equal shares rank nothing)."""
+    from ecgfm.explain.attribution import ranked_leads
+
     per = att.per_lead("abs", recorded=recorded)[0]
     signed = att.per_lead("signed", recorded=recorded)[0]
     total = float(per.sum()) or 1.0
-    top = att.top_leads(3, recorded=recorded)[0]
+    idx = ranked_leads(per, counted) if att.lead_resolution == "per-lead" else None
+    top = None if idx is None else [lead_names[i] for i in idx]
     out = {"share_abs": {n: float(v) / total for n, v in zip(lead_names, per.tolist())},
            "sum_signed": {n: float(v) for n, v in zip(lead_names, signed.tolist())},
            "top": top, "ranks_leads": top is not None, "lead_resolution": att.lead_resolution}
@@ -463,6 +468,7 @@ def explain_records(wrapper: ECGWrapper, records: Sequence[ECGRecord], out_dir: 
         windows, starts = wrapper.record_windows(record, missing_leads="zero")
         present = (windows != 0).any(dim=-1).any(dim=0).cpu().numpy()   # (L,) the record's leads: absent = zero rows
         read = np.array([lead in wrapper.read_leads for lead in wrapper.lead_names])   # (L,) the leads it reads
+        counted = present & read    # (L,) the leads that can hold attribution: what lead rankings rank
         # a lead-aware classifier sees the record's lead mask, as when it was validated and as
         # Classifier.predict_proba scores it
         with wrapper.present_leads(present):
@@ -536,7 +542,8 @@ def explain_records(wrapper: ECGWrapper, records: Sequence[ECGRecord], out_dir: 
                 att = explainer.explain(x, target=tgt, method=key, **m_opts)
                 atts[key] = att
                 summary: dict[str, Any] = {"options": _jsonable(att.options), "elapsed_s": float(att.elapsed_s),
-                                           "per_lead": _lead_summary(att, wrapper.lead_names, recorded),
+                                           "per_lead": _lead_summary(att, wrapper.lead_names, recorded,
+                                                                     counted if counted.any() else None),
                                            "per_wave": _wave_summary(att, wave_win, recorded)}
                 if att.delta is not None:
                     summary["convergence_delta_abs"] = float(att.delta.abs().max())
@@ -590,8 +597,7 @@ def explain_records(wrapper: ECGWrapper, records: Sequence[ECGRecord], out_dir: 
                                                    f"({p_text})" + _window_text(crop, record))
             entry["figures"] += [p.name for p in viz.save_figure(fig, out / f"{rid}_methods", formats, dpi)]
             fig = viz.plot_lead_importance({k: a.per_lead(recorded=recorded)[0] for k, a in atts.items()},
-                                           wrapper.lead_names, counted=(present & read) if (present & read).any()
-                                           else None,
+                                           wrapper.lead_names, counted=counted if counted.any() else None,
                                            title=f"{record.record_id}: per-lead share of |attribution| ({names[tgt]})")
             entry["figures"] += [p.name for p in viz.save_figure(fig, out / f"{rid}_leads", formats, dpi)]
             if counterfactual is not None:

@@ -828,9 +828,9 @@ def plot_lead_importance(importance: Mapping[str, Any] | Any, lead_names: Sequen
     Returns:
         the figure (one bar container per method, labelled with the method name; ``"(no lead ranking)"`` is
         appended for a method whose values do not rank the leads, e.g. equal shares from a map broadcast to every
-        lead, :func:`ecgfm.explain.attribution.lead_ranking`).
+        lead, :func:`ecgfm.explain.attribution.ranked_leads` over the ``counted`` leads).
     """
-    from ecgfm.explain.attribution import lead_ranking
+    from ecgfm.explain.attribution import ranked_leads
 
     if not isinstance(importance, Mapping):
         importance = {"importance": importance}
@@ -850,8 +850,7 @@ def plot_lead_importance(importance: Mapping[str, Any] | Any, lead_names: Sequen
     ax = fig.add_subplot()
     colors = matplotlib.colormaps["tab10"]
     for j, (k, v) in enumerate(vals.items()):
-        # at most n - 1 leads, so that n equal shares rank nothing (with k >= n nothing is left to compare with)
-        label = k if lead_ranking(v[on], k=min(3, int(on.sum()) - 1)) else f"{k} (no lead ranking)"
+        label = k if ranked_leads(v, on) is not None else f"{k} (no lead ranking)"
         ax.bar(x - 0.4 + width * (j + 0.5), v, width, label=label, color=colors(j % 10))
     ax.set_xticks(x, [str(n) for n in lead_names])
     ax.set_ylabel("share of |attribution|" if normalize else "importance")

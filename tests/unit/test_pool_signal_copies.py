@@ -112,3 +112,37 @@ def test_shared_ptbxl_copy_of_validation_record_140_is_found():
     ids = src.record_ids()
     pairs = source_signal_copies(src, ["00140"], [r for r in ids if r != "00140"])
     assert [(e, p) for e, p, _ in pairs] == [("00140", "01370")] and pairs[0][2] > 0.999
+
+
+def test_unreadable_short_and_nan_records_do_not_break_or_hide_the_check(tmp_path, caplog):
+    """One unreadable record ended the whole pool's preparation; a 1-sample held-out record switched the check off
+    for its rate; a NaN sample zeroed its lead's score (a copy scored 0.957)."""
+    from ecgfm.data.record import ECGDataError
+
+    inner = SyntheticSource(N_SYN, seed=1, fs=100.0, duration=3.0)
+    ids = inner.record_ids()
+    original = inner.load(ids[0])
+
+    class Source:
+        name = "synthetic"
+
+        def record_ids(self):
+            return [*ids, "broken", "tiny", "nan_copy"]
+
+        def load(self, rid):
+            if rid == "broken":
+                raise ECGDataError(f"/data/{rid}.hea", "unreadable header")
+            if rid == "tiny":
+                return dataclasses.replace(original, signal=original.signal[:, :1].copy(), record_id=rid)
+            if rid == "nan_copy":
+                sig = original.signal.copy()
+                sig[1, 40] = np.nan
+                return dataclasses.replace(original, signal=sig, record_id=rid)
+            return inner.load(rid)
+
+    with caplog.at_level(logging.INFO, logger="ecgfm.evaluate.leakage"):
+        pairs = source_signal_copies(Source(), [ids[0], "tiny", "broken"], ["broken", "nan_copy", ids[1]])
+    assert [(e, p) for e, p, _ in pairs] == [(ids[0], "nan_copy")] and pairs[0][2] > 0.999
+    assert "broken not compared (/data/broken.hea" in caplog.text
+    with pytest.raises(ValueError, match=r"threshold must be a correlation in \(0, 1\], got 0"):
+        source_signal_copies(Source(), [ids[0]], [ids[1]], threshold=0)

@@ -213,3 +213,32 @@ def test_lead_importance_uniform_line_counts_the_leads_that_can_hold_attribution
     assert ax.containers[0].get_label() == "gradcam (no lead ranking)"
     with pytest.raises(ValueError, match="counted must mark at least one"):
         plot_lead_importance({"gradcam": imp}, CANONICAL_LEADS, counted=np.zeros(12, bool))
+
+
+def test_known_flag_records_stay_as_negatives_when_their_only_class_leaves():
+    """A folder task's record with known 0/1 flags is a negative for every class it lacks (build_task keeps
+    such records); its only positive flag being an untrainable class does not make it unlabelled."""
+    from ecgfm.evaluate.tasks import TaskSpec, _drop_untrainable_classes
+
+    spec = TaskSpec.from_config(_task(multilabel=True))
+    y = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [0, 0, 1]], np.float32)      # pvc: no train positive
+    splits = {"train": np.array([0, 1]), "val": np.array([2, 3]), "test": np.array([], np.int64)}
+    known = np.array([True, True, True, False])          # record 3's labels were names, not known flags
+    _, names, sp = _drop_untrainable_classes(spec, y, ["af", "rbbb", "pvc"], splits, [], known)
+    assert names == ["af", "rbbb"] and sp["val"].tolist() == [2]
+
+
+def test_report_top_leads_rank_the_records_read_leads_like_the_chart():
+    import torch
+
+    from ecgfm.explain.attribution import Attribution
+    from ecgfm.explain.report import _lead_summary
+
+    vals = torch.zeros(1, 12, 50)
+    vals[0, [0, 1, 7]] = 1.0                               # equal shares over a 3-lead record's leads
+    att = Attribution(values=vals, method="saliency", options={}, target=None, inputs=vals, fs=100.0,
+                      lead_names=tuple(CANONICAL_LEADS), elapsed_s=0.0)
+    counted = vals[0].abs().sum(1).numpy() > 0
+    assert _lead_summary(att, CANONICAL_LEADS, counted=counted)["top"] is None      # was [I, II, V2]
+    vals[0, 7] = 3.0
+    assert _lead_summary(att, CANONICAL_LEADS, counted=counted)["top"] == ["V2"]
