@@ -130,8 +130,6 @@ _BYTES_PER_SAMPLE: dict[str, float] = {
     "212": 1.5, "310": 4.0 / 3.0, "311": 4.0 / 3.0,
 }
 _COMPRESSED_FORMATS = frozenset({"508", "516", "524"})
-# Invalid-sample sentinel of the 16-bit formats (WFDB writes it for NaN).
-_INVALID_16 = -32768
 
 # Multiplier from a header's units to millivolts (lower-case keys): WFDB's symbols (mV, uV, V) and the spellings
 # found in headers written by other tools (full words, singular or plural; "mvolts").
@@ -808,10 +806,15 @@ def _check_signal_files(header: WFDBHeader, hea: Path, root: str | os.PathLike |
         if not f.is_file():
             raise ECGDataError(hea, f"signal file {fname!r} named in the header is missing (looked for {f})")
         fmt = str(header.fmt[idx[0]])
+        declared = sorted({str(header.fmt[i]) for i in idx})
+        for one in declared:
+            if one not in _COMPRESSED_FORMATS and one not in _BYTES_PER_SAMPLE:
+                raise ECGDataError(f, f"unsupported WFDB storage format {one!r} (header {hea.name})")
+        if len(declared) > 1:   # wfdb decodes the whole file in its first signal's format, without a word
+            raise ECGDataError(hea, f"signals sharing the signal file {fname!r} declare different formats "
+                                    f"{declared}: a WFDB signal file has one format (fix the header)")
         if fmt in _COMPRESSED_FORMATS:
             continue
-        if fmt not in _BYTES_PER_SAMPLE:
-            raise ECGDataError(f, f"unsupported WFDB storage format {fmt!r} (header {hea.name})")
         offset = int((header.byte_offset or [0] * header.n_sig)[idx[0]] or 0)
         size = f.stat().st_size
         per_frame = sum(int(spf[i] or 1) for i in idx)
@@ -1281,6 +1284,8 @@ _DECODE_BLOCK = 1 << 18
 _SIMPLE_FORMATS: dict[str, tuple[str, int, int]] = {  # fmt -> (dtype, offset added, invalid value)
     "16": ("<i2", 0, -32768), "61": (">i2", 0, -32768), "32": ("<i4", 0, -2**31), "80": ("u1", -128, -128),
 }
+# Formats a .mat signal file can hold (plain integer arrays; wfdb reads .mat files in these).
+_MAT_FORMATS = ("16", "24", "32", "61", "80")
 # Invalid-sample value of every format wfdb decodes (WFDB signal(5); None: the format has none).
 _INVALID: dict[str, int | None] = {"8": None, "16": -32768, "61": -32768, "80": -128, "160": -32768,
                                    "212": -2048, "24": -8388608, "32": -2**31, "310": -512, "311": -512,
@@ -1478,14 +1483,27 @@ def _read_mat_record(hea: Path, header: WFDBHeader, source: str, rename_leads: M
             raise ECGDataError(mat, f"'val' holds non-integer values ({val.dtype}): the challenge format stores "
                                     "ADC units, which are integers")
     _check_signed_16(val, header, hea, mat)
+    fmts = [str(f).split("+")[0] for f in header.fmt]
+    other = sorted({f for f in fmts if f not in _MAT_FORMATS})
+    if other:   # a .mat holds plain integers: 16 / 61 / 24 / 32, or 80 (bytes offset by 128, as wfdb2mat writes)
+        raise ECGDataError(mat, f"the header {hea.name} declares format(s) {other} for a .mat signal file; a .mat "
+                                f"holds formats {', '.join(_MAT_FORMATS)} only")
     digital = val.astype(np.int64)
+    rows80 = [i for i, f in enumerate(fmts) if f == "80"]
+    if rows80:
+        if val.dtype.itemsize != 1 or not np.issubdtype(val.dtype, np.integer):
+            raise ECGDataError(mat, f"'val' is {val.dtype}, but the header {hea.name} declares format 80 (8-bit "
+                                    f"samples stored as bytes offset by 128): save 'val' as uint8")
+        # wfdb reads format 80 as bytes minus 128 (wfdb2mat's uint8 files hold sample + 128): read the same
+        digital[rows80] = digital[rows80] % 256 - 128
     _verify_checksums(header, digital.sum(axis=1), mat)
     gain = np.asarray(header.adc_gain, dtype=np.float64)[:, None]
     baseline = np.asarray(header.baseline, dtype=np.float64)[:, None]
     signal = ((digital - baseline) / gain).astype(np.float32)
-    invalid = digital == _INVALID_16
-    if invalid.any() and all(str(f).startswith("16") for f in header.fmt):
-        signal[invalid] = np.nan
+    for i, f in enumerate(fmts):   # each signal's own invalid-sample value reads as NaN, as wfdb and .dat files do
+        invalid = _INVALID.get(f)
+        if invalid is not None:
+            signal[i, digital[i] == invalid] = np.nan
     fields = parse_header_comments(header.comments or [])
     record = _finish(signal, header.sig_name, header, hea, source,
                      extra_header={"signal_file": str(mat), "checksum": _checksum_status(header)},
