@@ -1900,23 +1900,49 @@ def _finalize(out: Path, plan: _Plan, plan_doc: dict[str, Any], label_info: Sequ
 # ----------------------------------------------------------------------------------------------- integrity
 
 
-def cache_digest(cache_dir: str | os.PathLike) -> str | None:
-    """A short digest of what a corpus cache holds now: its manifest's ``index.jsonl`` and ``records.npy`` sha256
-    (the records, their labels and their samples); None for a folder without a readable manifest.
+#: prefix of a :func:`cache_digest` that covers the samples (the shards' checksums); digests without it (written
+#: before 2026-12-08) cover the index and records table only and are compared in that form (:func:`digest_matches`)
+DIGEST_V2 = "v2:"
+
+
+def cache_digest(cache_dir: str | os.PathLike, legacy: bool = False) -> str | None:
+    """A short digest of what a corpus cache holds now: its manifest's ``index.jsonl``, ``records.npy`` and
+    shard checksums (the records, their labels and their samples); None for a folder without a readable manifest.
 
     A cache's folder name hashes its sources and preprocessing, not its records: prepared again in place after a
-    file was repaired, added or removed, it keeps its name with other records (every record's position moved).
+    file was repaired, added or removed, it keeps its name with other records (every record's position moved); a
+    record whose file was replaced by another recording of the same length keeps the index and records table but
+    not the shard's checksum (the digest before 2026-12-08, ``legacy=True``, missed that).
 
     Args:
         cache_dir: a :class:`~ecgfm.data.cache.CorpusCache` folder.
+        legacy: the older form, without the shards (to compare with a digest recorded before, no prefix).
+
+    Returns:
+        ``"v2:<16 hex>"`` (``"<16 hex>"`` with ``legacy``), or None.
     """
     try:
-        files = json.loads((Path(cache_dir) / "manifest.json").read_text(encoding="utf-8")).get("files") or {}
+        manifest = json.loads((Path(cache_dir) / "manifest.json").read_text(encoding="utf-8"))
+        files = manifest.get("files") or {}
+        shards = [str(sh.get("bin_sha256")) for sh in manifest.get("shards") or []]
     except (OSError, ValueError, AttributeError):
         return None
     if not files.get("index.jsonl") or not files.get("records.npy"):
         return None
-    return hashlib.sha256(f"{files['index.jsonl']}:{files['records.npy']}".encode()).hexdigest()[:16]
+    base = f"{files['index.jsonl']}:{files['records.npy']}"
+    if legacy:
+        return hashlib.sha256(base.encode()).hexdigest()[:16]
+    return DIGEST_V2 + hashlib.sha256(f"{base}:{','.join(shards)}".encode()).hexdigest()[:16]
+
+
+def digest_matches(cache_dir: str | os.PathLike, recorded: str | None) -> bool | None:
+    """Whether ``cache_dir`` holds what a recorded :func:`cache_digest` says, in the recorded digest's own form
+    (a digest without the ``v2:`` prefix, from before 2026-12-08, is compared without the shards); None when
+    either is unknown."""
+    if recorded is None:
+        return None
+    now = cache_digest(cache_dir, legacy=not str(recorded).startswith(DIGEST_V2))
+    return None if now is None else now == recorded
 
 
 def _read_manifest(out: Path) -> dict[str, Any]:

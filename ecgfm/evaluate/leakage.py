@@ -383,9 +383,9 @@ def pretrain_identities(encoder_info: Mapping[str, Any] | None, pretrain_caches:
             idents.setdefault(k, []).extend(v)
         note = ""
         if recorded.get(path) is not None:
-            from ecgfm.data.cache import cache_digest
+            from ecgfm.data.cache import digest_matches
 
-            if cache_digest(path) != recorded[path]:
+            if digest_matches(path, recorded[path]) is False:
                 # prepared again in place since the export (a file repaired, added or removed): the check reads the
                 # records it holds now, so a record removed since is not compared with the test split
                 note = "; CHANGED since pretraining: records removed since are not checked"

@@ -28,7 +28,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from ecgfm.config import ConfigError
-from ecgfm.data.cache import cache_digest
+from ecgfm.data.cache import cache_digest, digest_matches
 from ecgfm.io import atomic_write
 
 log = logging.getLogger(__name__)
@@ -269,8 +269,8 @@ class DataFacts(L.Callback):
             # same folder names, other records: the cache was prepared again in place (a repaired or new file)
             saved = state_dict.get("cache_digests") or {}
             diffs += [f"cache {Path(c).name} was prepared again since (its records changed: the sampler's "
-                      f"positions would draw other records)" for c, d in self.digests.items()
-                      if saved.get(Path(c).name) is not None and d is not None and saved[Path(c).name] != d]
+                      f"positions would draw other records)" for c in self.digests
+                      if digest_matches(c, saved.get(Path(c).name)) is False]
             if diffs:
                 raise ConfigError("resume", f"the run in this folder was trained on other data ({'; '.join(diffs)});"
                                             " continuing it would mix two data sets. Use another hydra.run.dir, "

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from ecgfm.data.preprocess import PreprocessSpec, preprocess_record
-from ecgfm.data.record import CANONICAL_LEADS, ECGRecord
+from ecgfm.data.record import CANONICAL_LEADS, ECGDataError, ECGRecord
 
 DERIVED = ["III", "aVR", "aVL", "aVF"]
 
@@ -242,3 +242,113 @@ def test_report_top_leads_rank_the_records_read_leads_like_the_chart():
     assert _lead_summary(att, CANONICAL_LEADS, counted=counted)["top"] is None      # was [I, II, V2]
     vals[0, 7] = 3.0
     assert _lead_summary(att, CANONICAL_LEADS, counted=counted)["top"] == ["V2"]
+
+
+# ------------------------------------------------------------------------------ cache digest (review s27)
+class _NpySource:
+    """One ``.npy`` file ``(12, T)`` per record in ``root``."""
+
+    name = "npy"
+
+    def __init__(self, root):
+        self.root = Path(root)
+
+    def record_ids(self):
+        return sorted(p.stem for p in self.root.glob("*.npy"))
+
+    def load(self, rid):
+        p = self.root / f"{rid}.npy"
+        return ECGRecord(signal=np.load(p).astype(np.float32), fs=100.0, lead_mask=np.ones(12, bool),
+                         record_id=rid, source=self.name, labels=("x",), header={"path": str(p)})
+
+
+def test_cache_digest_sees_a_recording_replaced_by_another_of_the_same_length(tmp_path):
+    """The digest hashed the index and records table only: a record file replaced by another recording of the
+    same length, prepared again in place, kept the digest (memoised signal-copy checks and the 'CHANGED since
+    pretraining' note read a stale cache as unchanged)."""
+    from ecgfm.data.cache import cache_digest, digest_matches, prepare_corpus
+
+    root, out = tmp_path / "data", tmp_path / "cache"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        np.save(root / f"r{i}.npy", (0.1 * rng.standard_normal((12, 500))).astype(np.float32))
+    prepare_corpus(_NpySource(root), out, PreprocessSpec(fs=100.0), shard_records=2, workers=0, progress=False)
+    before, legacy = cache_digest(out), cache_digest(out, legacy=True)
+    assert before.startswith("v2:") and not legacy.startswith("v2:")
+    np.save(root / "r0.npy", (0.1 * np.random.default_rng(9).standard_normal((12, 500))).astype(np.float32))
+    prepare_corpus(_NpySource(root), out, PreprocessSpec(fs=100.0), shard_records=2, workers=0, progress=False)
+    assert cache_digest(out) != before and digest_matches(out, before) is False
+    # a digest recorded before (no prefix) is compared in its own form: same index and table, so it matches
+    assert cache_digest(out, legacy=True) == legacy and digest_matches(out, legacy) is True
+    assert digest_matches(out, None) is None and digest_matches(tmp_path / "none", before) is None
+
+
+# ------------------------------------------------------------------------------------- readers (review s27)
+FIXTURE_REC = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "fixture" / "ptbxl" / "records100" \
+    / "00000" / "00001_lr"
+needs_fixture = pytest.mark.skipif(not FIXTURE_REC.with_suffix(".hea").is_file(),
+                                   reason="needs ../shared/data/fixture (the shared fixture)")
+
+
+def _mat_record(tmp_path: Path, val: np.ndarray, fmt: str, gain: int, names: list[str]) -> Path:
+    import scipy.io
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    scipy.io.savemat(tmp_path / "rm.mat", {"val": val}, format="4")
+    lines = [f"rm {len(names)} 100 {val.shape[1]}"] + [f"rm.mat {fmt}+24 {gain}(0)/mV 16 0 0 0 0 {n}" for n in names]
+    (tmp_path / "rm.hea").write_text("\n".join(lines) + "\n")
+    return tmp_path / "rm"
+
+
+@needs_fixture
+def test_mat_records_read_as_wfdb_reads_them(tmp_path):
+    """Format 80 (wfdb2mat's uint8 bytes = sample + 128) read 128 ADC units high; the invalid-sample value of
+    formats other than 16 (format 32: -2**31) read as -2.1e6 mV instead of NaN; a packed format in a .mat was
+    taken as plain integers."""
+    import wfdb
+
+    from ecgfm.data.readers.formats import read_wfdb
+
+    w = wfdb.rdrecord(str(FIXTURE_REC), physical=False)
+    dig = w.d_signal.T.astype(np.int64)
+    dig8 = np.clip(np.round(dig / 10), -127, 127).astype(np.int64)
+    p = _mat_record(tmp_path / "f80", (dig8 + 128).astype(np.uint8), "80", 100, list(w.sig_name))
+    ours, theirs = read_wfdb(str(p)), wfdb.rdrecord(str(p))
+    np.testing.assert_allclose(ours.signal[0], theirs.p_signal[:, 0], atol=1e-6)
+    np.testing.assert_allclose(ours.signal[0, :5], dig8[0, :5] / 100, atol=1e-6)
+    d32 = dig.astype(np.int32)
+    d32[0, 10:20] = -2**31
+    p = _mat_record(tmp_path / "f32", d32, "32", 1000, list(w.sig_name))
+    sig = read_wfdb(str(p)).signal
+    assert np.isnan(sig[0, 10:20]).all() and np.isfinite(sig[0, :10]).all()
+    p = _mat_record(tmp_path / "f212", dig.astype(np.int16), "212", 1000, list(w.sig_name))
+    with pytest.raises(ECGDataError, match=r"declares format\(s\) \['212'\] for a \.mat signal file"):
+        read_wfdb(str(p))
+
+
+@needs_fixture
+def test_signals_of_one_file_declaring_two_formats_are_refused(tmp_path):
+    import shutil
+
+    from ecgfm.data.readers.formats import read_wfdb
+
+    d = tmp_path / "mix"
+    d.mkdir()
+    shutil.copy(FIXTURE_REC.with_suffix(".dat"), d / "00001_lr.dat")
+    lines = FIXTURE_REC.with_suffix(".hea").read_text().splitlines()
+    lines[2] = lines[2].replace(".dat 16 ", ".dat 61 ", 1)          # lead II says 61 inside a format-16 file
+    (d / "00001_lr.hea").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ECGDataError, match=r"declare different formats \['16', '61'\]"):
+        read_wfdb(str(d / "00001_lr"))
+
+
+def test_a_labels_csv_column_without_a_name_is_refused(tmp_path):
+    """Its cells became labels named '' (a pandas to_csv() index column)."""
+    from ecgfm.data.readers.tables import read_label_table
+
+    (tmp_path / "labels.csv").write_text("record_id,,AF\n00001_lr,1,0\n00002_lr,0,1\n")
+    with pytest.raises(ECGDataError, match=r"column\(s\) \[2\] of the header .* have no name"):
+        read_label_table(tmp_path / "labels.csv", id_column="record_id")
+    (tmp_path / "ids.csv").write_text(",description\nNORM,normal\n")    # an unnamed id column given by position
+    assert read_label_table(tmp_path / "ids.csv", id_column=0) is not None
