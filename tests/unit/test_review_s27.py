@@ -343,12 +343,16 @@ def test_signals_of_one_file_declaring_two_formats_are_refused(tmp_path):
         read_wfdb(str(d / "00001_lr"))
 
 
-def test_a_labels_csv_column_without_a_name_is_refused(tmp_path):
-    """Its cells became labels named '' (a pandas to_csv() index column)."""
-    from ecgfm.data.readers.tables import read_label_table
+@needs_fixture
+def test_a_labels_csv_column_without_a_name_is_refused_as_a_default_label_column(tmp_path):
+    """Its cells became labels named '' (a pandas to_csv() index column); named label_columns still read."""
+    import shutil
 
-    (tmp_path / "labels.csv").write_text("record_id,,AF\n00001_lr,1,0\n00002_lr,0,1\n")
+    from ecgfm.data.readers.folder import FolderSource
+
+    for ext in (".hea", ".dat"):
+        shutil.copy(FIXTURE_REC.with_suffix(ext), tmp_path / f"00001_lr{ext}")
+    (tmp_path / "labels.csv").write_text("record_id,,AF\n00001_lr,1,0\n")
     with pytest.raises(ECGDataError, match=r"column\(s\) \[2\] of the header .* have no name"):
-        read_label_table(tmp_path / "labels.csv", id_column="record_id")
-    (tmp_path / "ids.csv").write_text(",description\nNORM,normal\n")    # an unnamed id column given by position
-    assert read_label_table(tmp_path / "ids.csv", id_column=0) is not None
+        FolderSource(tmp_path, labels_csv="labels.csv")
+    assert FolderSource(tmp_path, labels_csv="labels.csv", label_columns=["AF"]).label_columns == ["AF"]

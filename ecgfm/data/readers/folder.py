@@ -297,6 +297,12 @@ class FolderSource:
             label_columns = [c for c in columns
                              if c not in (id_column, patient_column) and _column_key(c) not in _SPLIT_COLUMNS
                              and _column_key(c) not in _NON_LABEL_KEYS]
+            blank = [columns.index(c) + 1 for c in label_columns if not str(c).strip()]
+            if blank:   # its cells would be labels named '' (a pandas to_csv() index column is one)
+                raise ECGDataError(path, f"column(s) {blank} of the header {columns} have no name, so they would be "
+                                         f"read as label columns: name them, drop them (a pandas DataFrame.to_csv() "
+                                         f"writes its index as an unnamed first column: pass index=False), or give "
+                                         f"label_columns")
             skipped = [c for c in columns if c not in label_columns and c != id_column]
             log.info("%s: label columns %s (by default every column but the id, patient, split and demographic "
                      "columns%s); give label_columns to choose others", path, label_columns,

@@ -175,14 +175,6 @@ def check_quotes_closed(p: Path, text: str) -> None:
 
 
 def _new_table(p: Path, names: list[str], id_column: str | int) -> tuple[LabelTable, int]:
-    # an unnamed column other than the id column given by position (PTB-XL's scp_statements.csv names no id
-    # column): its cells became labels named '' (a pandas to_csv() index column is one)
-    id_at = id_column % len(names) if isinstance(id_column, int) and -len(names) <= id_column < len(names) else None
-    blank = [i + 1 for i, name in enumerate(names) if not str(name).strip() and i != id_at]
-    if blank:
-        raise ECGDataError(p, f"column(s) {blank} of the header {names} have no name: name them, or drop the column "
-                              f"(a pandas DataFrame.to_csv() writes its index as an unnamed first column: pass "
-                              f"index=False)")
     seen: set[str] = set()
     for name in names:
         if name in seen:
