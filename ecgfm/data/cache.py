@@ -4,7 +4,9 @@ Conversion (:func:`prepare_corpus`) runs ``load -> preprocess_record(spec) -> st
 :class:`~ecgfm.data.record.RecordSource` objects in parallel worker processes; reading (:class:`CorpusCache`)
 memory-maps the shards so every DDP rank and DataLoader worker reads only the records it needs.
 
-On-disk format (``format_version`` 2; version 1 caches are read, without input fingerprints)::
+On-disk format (``format_version`` 2; version 1 caches are read, without input fingerprints; preparing one again
+converts it in full: :func:`ecgfm.data.prepare.prepare_cache` does, :func:`prepare_corpus` refuses it naming the
+format version)::
 
     out_dir/
       plan.json               what is being prepared (spec, sources, shard size, plan fingerprint); written first
@@ -22,6 +24,8 @@ On-disk format (``format_version`` 2; version 1 caches are read, without input f
       skipped.csv             source, record_id, path, reason for every record that was not converted
       inputs.json             what the cache was built from: record files (size, mtime_ns, content digest),
                               label tables (size, mtime_ns, sha256), folders (mtime_ns); see :func:`input_changes`
+      inputs.pending.json     while shards are being converted (removed once inputs.json is written): the folders'
+                              mtime_ns when the first unfinished call started, kept across resumes
       manifest.json           written LAST: format version, spec, sources, shard list with sizes and sha256,
                               derived files with sizes and sha256, counts
       .verified.json          stats of the files whose sha256 was last checked (open-time integrity check)
@@ -148,6 +152,9 @@ FORMAT = "ecgfm-corpus-cache"
 FORMAT_VERSION = 2               # 2: shard/file sizes, input fingerprints (inputs.json), plan skips in plan.json
 VERIFIED_FILE = ".verified.json"
 INPUTS_FILE = "inputs.json"
+#: the folder snapshot (:func:`_dir_snapshot`) of the first call that converted shards since ``inputs.json`` was
+#: last written; kept across interruptions so a resume compares the folders with the state the earlier shards saw
+PENDING_DIRS_FILE = "inputs.pending.json"
 LOCK_FILE = ".lock"
 DTYPE = "<f4"
 RECORDS_DTYPE = np.dtype([
@@ -855,7 +862,8 @@ def input_changes(out_dir: str | os.PathLike, limit: int | None = None,
                   restamped: dict[str, list[int]] | None = None) -> list[str]:
     """What changed in the inputs of a finished cache since it was built (stat first; a file is hashed only when
     its size or time changed). Empty when nothing did, or when the cache records no inputs (caches of synthetic
-    sources, caches written before format version 2).
+    sources); a cache written before format version 2 (no ``inputs.json``, so its inputs cannot be checked) gives
+    one line saying so, so that :func:`ecgfm.data.prepare.prepare_cache` converts it again in the current format.
 
     Checks every record file (size + mtime; when they differ, its content against the digest recorded at
     conversion, so a corpus that was copied, touched or re-mounted with new times is not converted again),
@@ -878,6 +886,14 @@ def input_changes(out_dir: str | os.PathLike, limit: int | None = None,
     """
     path = Path(out_dir) / INPUTS_FILE
     if not path.exists():
+        try:
+            version = int(_read_manifest(Path(out_dir)).get("format_version", FORMAT_VERSION))
+        except (OSError, ECGDataError, TypeError, ValueError):
+            return []
+        if version < FORMAT_VERSION:
+            return [f"{Path(out_dir)}: written in cache format version {version}, which records no input "
+                    f"fingerprints (a changed record file cannot be seen): prepare it again to convert it in format "
+                    f"version {FORMAT_VERSION}"]
         return []
     try:
         inputs = json.loads(path.read_text(encoding="utf-8"))
@@ -1158,15 +1174,15 @@ def _content_fingerprint(spec: Mapping[str, Any], sources: Sequence[Mapping[str,
 
 
 def _manifest_plan(out: Path) -> dict[str, Any] | None:
-    """The plan fields of a readable ``manifest.json`` (fingerprint, spec, sources, shard size, duplicate rule,
-    number of shards), or None: what the folder was prepared with when plan.json is lost."""
+    """The plan fields of a readable ``manifest.json`` (fingerprint, format version, spec, sources, shard size,
+    duplicate rule, number of shards), or None: what the folder was prepared with when plan.json is lost."""
     try:
         manifest = _read_manifest(out)
     except (OSError, ECGDataError):
         return None
     if "plan_fingerprint" not in manifest:
         return None
-    keys = ("plan_fingerprint", "spec", "sources", "shard_records", "allow_duplicate_ids")
+    keys = ("plan_fingerprint", "format_version", "spec", "sources", "shard_records", "allow_duplicate_ids")
     return {**{k: manifest[k] for k in keys if k in manifest}, "n_shards": len(manifest["shards"])}
 
 
@@ -1176,6 +1192,17 @@ def _same_spec(a: Any, b: Any) -> bool:
         return PreprocessSpec.from_dict(dict(a)) == PreprocessSpec.from_dict(dict(b))
     except (TypeError, ValueError):
         return False
+
+
+def _old_format(old: Mapping[str, Any]) -> bool:
+    """Whether a stored plan (plan.json, or :func:`_manifest_plan`) is of another cache format version than
+    :data:`FORMAT_VERSION` (its shards lack what this version records, e.g. input fingerprints)."""
+    if "format_version" not in old:   # not recorded (every plan.json and manifest.json ecgfm wrote records it)
+        return False
+    try:
+        return int(old["format_version"]) != FORMAT_VERSION
+    except (TypeError, ValueError):
+        return True
 
 
 def _plan_change_message(out: Path, old: dict[str, Any], plan: _Plan) -> str:
@@ -1192,6 +1219,9 @@ def _plan_change_message(out: Path, old: dict[str, Any], plan: _Plan) -> str:
     new_keys = {f"{names[si]}/{rid}" for shard in plan.shards for si, rid in shard}
     new_keys |= {f"{r['source']}/{r['record_id']}" for r in plan.skipped if r.get("record_id") != "*"}
     parts = []
+    if _old_format(old):
+        parts.append(f"it was written in cache format version {old.get('format_version', '?')}, this ecgfm "
+                     f"writes version {FORMAT_VERSION} (with input fingerprints): it must be converted again")
     if what:
         parts.append(" and ".join(what) + " differ")
     if "spec" in what and _same_spec(old.get("spec"), plan.header["spec"]):
@@ -1233,7 +1263,11 @@ def prepare_corpus(sources: RecordSource | Sequence[RecordSource], out_dir: str 
     a log line naming what changed; a changed set of record ids is refused (see Raises). It also hashes the
     cache files whose stat changed since they were last verified (:func:`stat_changes`) and converts damaged
     shards again / rebuilds damaged derived files; unreadable ``plan.json`` / ``manifest.json`` /
-    ``inputs.json`` are written again (a finished shard is reused only if it holds exactly its planned records).
+    ``inputs.json`` are written again (a finished shard is reused only if it holds exactly its planned records),
+    and so is a ``manifest.json`` that disagrees with plan.json (a hand edit) or whose derived-file checksums
+    the files rebuilt from the shard indexes do not match. A resume of an interrupted run compares the folders
+    with their state when the interrupted run started (``inputs.pending.json``), so a record skipped for a
+    missing file that was restored meanwhile is read again.
 
     Args:
         sources: one or more picklable :class:`~ecgfm.data.record.RecordSource` objects.
@@ -1254,7 +1288,8 @@ def prepare_corpus(sources: RecordSource | Sequence[RecordSource], out_dir: str 
 
     Raises:
         ValueError: bad arguments, or ``out_dir`` holds a different preparation (other spec / sources / shard
-            size, or records added to or removed from the sources: the message names them).
+            size, records added to or removed from the sources, or another cache format version: the message
+            names them).
         RuntimeError: another process is preparing ``out_dir`` (``another preparation is writing this
             cache``), or a worker process died (finished shards are kept: rerun to resume).
     """
@@ -1383,7 +1418,10 @@ def _prepare_locked(sources: list[RecordSource], spec: PreprocessSpec, shard_rec
             if not rebuild_on_plan_change:
                 raise ValueError(message)
             changes.append(message.split("; use a new directory")[0])
-            if all(dumps(old.get(k)) == dumps(plan.header[k]) for k in ("spec", "sources", "allow_duplicate_ids")):
+            # a cache of another format version is converted again in full: its shards lack the input
+            # fingerprints (and content fingerprint) this version checks, so reused they would never be seen stale
+            if not _old_format(old) and all(dumps(old.get(k)) == dumps(plan.header[k])
+                                            for k in ("spec", "sources", "allow_duplicate_ids")):
                 # only the record ids changed: finished shards that still hold exactly their planned records
                 # are kept (checked below), the others converted again
                 log.warning("%s: updating it (shards whose records did not change are kept)", changes[-1])
@@ -1431,6 +1469,13 @@ def _prepare_locked(sources: list[RecordSource], spec: PreprocessSpec, shard_rec
         except ECGDataError as exc:
             log.warning("%s; writing it again", exc)
             manifest_path.unlink()
+        else:
+            # no checksum covers the manifest: one that disagrees with this plan (a hand edit) is written again
+            problem = _manifest_mismatch(manifest, plan_doc)
+            if problem:
+                log.warning("%s: %s: writing it again from plan.json and the shard indexes", manifest_path, problem)
+                manifest_path.unlink()
+                manifest = {}
     # files whose stat changed since their checksum was last verified (a copy, a touch, an in-place write)
     suspect = set(stat_changes(out, manifest)) if manifest else set()
     hashed_ok: set[str] = set()
@@ -1438,7 +1483,10 @@ def _prepare_locked(sources: list[RecordSource], spec: PreprocessSpec, shard_rec
     quick = input_changes(out, restamped=restamped) if manifest and not todo else ["(no manifest)"]
     if quick or verify or suspect:
         known = _recorded_inputs(out)
-        moved = _changed_dirs(out)   # folders with a file added, removed or renamed since inputs.json was written
+        # folders with a file added, removed or renamed since inputs.json was written, or since the first call of
+        # an interrupted preparation started (its shards saw the folders as they were then: a file restored
+        # before the resume must be read again, as an uninterrupted run would have)
+        moved = _changed_dirs(out) | _changed_dirs(out, PENDING_DIRS_FILE)
         index_shas = {sh["index"]: sh.get("index_sha256") for sh in manifest.get("shards", [])}
         for i in range(n_shards):
             if infos[i] is None:
@@ -1509,6 +1557,13 @@ def _prepare_locked(sources: list[RecordSource], spec: PreprocessSpec, shard_rec
     results: list[dict[str, Any]] = []
     try:
         jobs = [(i, False) for i in todo] + [(i, True) for i in relabel]
+        if jobs and not (out / PENDING_DIRS_FILE).exists():
+            # the folders as this call found them, kept until inputs.json is written: an interrupted run's shards
+            # were converted against this state, which a resume compares the folders with (the oldest one wins);
+            # a folder whose name is not valid UTF-8 holds no planned record (and cannot be written as JSON)
+            with _writing(out, PENDING_DIRS_FILE):
+                atomic_write_json(out / PENDING_DIRS_FILE, {"dirs": {d: m for d, m in dirs_before.items()
+                                                                     if is_decodable(d)}}, indent=None)
         if jobs:
             results = _run_shards(plan, jobs, sources, spec, shards_dir, workers, bar, peak, label_fps)
     finally:
@@ -1526,7 +1581,15 @@ def _prepare_locked(sources: list[RecordSource], spec: PreprocessSpec, shard_rec
         else:
             derived = None if verify else suspect & {"index.jsonl", "records.npy", "skipped.csv"}
             if derived is None or derived:
-                _verify_derived(out, derived)
+                try:
+                    _verify_derived(out, derived)
+                except ECGDataError as exc:
+                    # rebuilt from the shard indexes, a derived file still differs from the manifest's checksum:
+                    # the manifest is what is wrong (the shards' own checksums are in their indexes)
+                    log.warning("%s; writing manifest.json again from plan.json and the shard indexes", exc)
+                    manifest_path.unlink()
+                    _finalize(out, plan, plan_doc, label_info, sources, restamped, dirs_before)
+                    derived = None
                 fresh.update(derived or ("index.jsonl", "records.npy", "skipped.csv"))
             if quick or restamped or not (out / INPUTS_FILE).exists():
                 # nothing to redo (e.g. a folder's mtime changed, or files got new times but kept their bytes), or
@@ -1571,10 +1634,11 @@ def _moved_dirs(dirs: Mapping[str, int]) -> list[str]:
     return out
 
 
-def _changed_dirs(out: Path) -> set[str]:
-    """:func:`_moved_dirs` of the cache's ``inputs.json`` (empty when unreadable)."""
+def _changed_dirs(out: Path, name: str = INPUTS_FILE) -> set[str]:
+    """:func:`_moved_dirs` of the cache's ``inputs.json`` (or of ``name``: :data:`PENDING_DIRS_FILE`; empty when
+    missing or unreadable)."""
     try:
-        dirs = dict(json.loads((out / INPUTS_FILE).read_text(encoding="utf-8")).get("dirs", {}))
+        dirs = dict(json.loads((out / name).read_text(encoding="utf-8")).get("dirs", {}))
     except (OSError, ValueError, AttributeError):
         return set()
     return {str(Path(d)) for d in _moved_dirs(dirs)}
@@ -1864,6 +1928,8 @@ def _write_inputs(out: Path, plan: _Plan, label_info: Sequence[Mapping[str, Any]
         except OSError:
             continue
     atomic_write_json(out / INPUTS_FILE, {"records": records, "labels": labels, "dirs": dir_m}, indent=None)
+    # every shard has now been checked against (or converted after) the folders' state of this call's start
+    (out / PENDING_DIRS_FILE).unlink(missing_ok=True)
 
 
 def _finalize(out: Path, plan: _Plan, plan_doc: dict[str, Any], label_info: Sequence[Mapping[str, Any]] = (),
@@ -1954,6 +2020,47 @@ def _read_manifest(out: Path) -> dict[str, Any]:
     if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), list):
         raise ECGDataError(path, "not a corpus-cache manifest (no shard list); prepare the cache again")
     return manifest
+
+
+#: the fields manifest.json repeats from plan.json (what the cache was prepared with)
+_PLAN_FIELDS = ("format_version", "spec", "sources", "shard_records", "allow_duplicate_ids", "plan_fingerprint")
+
+
+def _read_plan(out: Path) -> dict[str, Any] | None:
+    """``plan.json`` of a cache, or None when missing or unreadable."""
+    try:
+        plan = json.loads((out / "plan.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return plan if isinstance(plan, dict) and "plan_fingerprint" in plan else None
+
+
+def _manifest_mismatch(manifest: Mapping[str, Any], plan: Mapping[str, Any] | None) -> str | None:
+    """Why ``manifest`` cannot be what :func:`_finalize` wrote from ``plan`` (plan.json's fields; None: only the
+    manifest's own consistency is checked), or None. Catches a hand-edited manifest (no checksum covers it): its
+    spec, sources or fs changed, or a shard entry removed. Cheap: no other file is read."""
+    if plan is not None:
+        keys = [k for k in _PLAN_FIELDS if k in plan and dumps(manifest.get(k)) != dumps(plan[k])]
+        if keys:
+            return f"its {', '.join(keys)} differ{'s' if len(keys) == 1 else ''} from plan.json's"
+        n_shards = plan.get("n_shards")
+        if n_shards is not None and len(manifest.get("shards") or []) != int(n_shards):
+            return f"it lists {len(manifest.get('shards') or [])} shards, plan.json plans {n_shards}"
+    try:
+        converted = int(manifest["counts"]["converted"])
+        held = sum(int(sh["n_records"]) for sh in manifest["shards"])
+    except (KeyError, TypeError, ValueError):
+        return "its counts or shard entries are incomplete"
+    if converted != held:
+        return f"its counts say {converted} records but its shard entries hold {held}"
+    spec_fs = (manifest.get("spec") or {}).get("fs") if isinstance(manifest.get("spec"), dict) else None
+    fs = manifest.get("fs")
+    try:
+        if spec_fs is not None and fs is not None and float(fs) != float(spec_fs):
+            return f"its fs {fs} is not its spec's fs {spec_fs}"
+    except (TypeError, ValueError):
+        return f"its fs {fs!r} or its spec's fs {spec_fs!r} is not a number"
+    return None
 
 
 def _expected_files(manifest: Mapping[str, Any]) -> dict[str, tuple[str, int | None, str]]:
@@ -2062,7 +2169,9 @@ def _rebuild_derived(out: Path, manifest: Mapping[str, Any], names: Sequence[str
     for rel, digest in (("index.jsonl", merged["index_sha256"]), ("records.npy", merged["records_sha256"])):
         if digest != manifest["files"].get(rel):
             raise ECGDataError(out / rel, "rebuilt from the shard indexes but its checksum differs from the "
-                                          "manifest's: the cache is inconsistent; prepare it again")
+                                          "manifest's: the cache is inconsistent; prepare it again with the "
+                                          "same command (it writes manifest.json again from plan.json and the "
+                                          "shard indexes)")
 
 
 # ----------------------------------------------------------------------------------------------- reading
@@ -2096,7 +2205,8 @@ class CorpusCache:
     written by the preparation and by the open that last hashed it). Only a file whose stat changed (a copy, a
     touch, an in-place write) is hashed again, once: a damaged shard raises :class:`ECGDataError` naming it, a
     damaged or missing ``index.jsonl`` / ``records.npy`` is rebuilt from the shard indexes with a log line.
-    Damage that leaves the stat unchanged (bit rot) is found by :meth:`verify` / ``prepare ... verify=true`` and
+    ``manifest.json`` itself (covered by no checksum) must repeat ``plan.json``'s spec, sources, shard size and
+    plan fingerprint, and count the records its shard entries hold (one small file read). Damage that leaves the stat unchanged (bit rot) is found by :meth:`verify` / ``prepare ... verify=true`` and
     by the loaders' non-finite checks. Measured on the shared PTB-XL + CinC 2017 cache (4,557 records, 32 shards,
     123 MiB; 2 busy cores): opening costs 4.2 ms with the stat check vs 1.1 ms without (``check="none"``) and
     640 ms with ``check="full"``; the first open after one 6.5 MiB shard was touched costs 51 ms (that shard
@@ -2126,7 +2236,8 @@ class CorpusCache:
 
     Raises:
         ECGDataError: the directory is not a cache, is incomplete (interrupted preparation) or is damaged
-            (missing shard, wrong size or checksum), naming the file. Also raised later, when a cache file
+            (missing shard, wrong size or checksum, a manifest that disagrees with plan.json or its own shard
+            list), naming the file. Also raised later, when a cache file
             is (re)opened, if it was replaced since this reader opened the cache (see above).
     """
 
@@ -2146,6 +2257,12 @@ class CorpusCache:
                                               f"version {self.manifest.get('format_version')!r}")
         seen: dict[str, tuple[int, int, int]] = {}
         if check != "none":
+            # no checksum covers the manifest: its plan fields must be plan.json's, its counts its shards'
+            problem = _manifest_mismatch(self.manifest, _read_plan(self.path))
+            if problem:
+                raise ECGDataError(manifest_path, f"{problem}: manifest.json was edited or damaged; prepare the "
+                                                  f"cache again with the same command (it writes manifest.json "
+                                                  f"again from plan.json and the shard indexes)")
             seen = self._check_integrity(full=check == "full")
         # what this reader reads: the files as they are now (see the class docstring); stats the integrity check
         # took are reused, so opening costs no extra stat with check="stat" / "full"
@@ -2336,6 +2453,11 @@ class CorpusCache:
         file's identity is then checked against the one seen at open, see the class docstring)."""
         mm = self._maps.get(shard)
         if mm is None:
+            if not 0 <= shard < len(self.manifest["shards"]):
+                raise ECGDataError(self.path / "manifest.json",
+                                   f"records.npy names shard {shard} but the manifest lists "
+                                   f"{len(self.manifest['shards'])} shards: manifest.json was edited or damaged; "
+                                   f"prepare the cache again with the same command")
             rel = self.manifest["shards"][shard]["bin"]
             try:
                 mm = self._open_map(rel)
