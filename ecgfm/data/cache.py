@@ -1585,7 +1585,14 @@ def _prepare_locked(sources: list[RecordSource], spec: PreprocessSpec, shard_rec
                     _verify_derived(out, derived)
                 except ECGDataError as exc:
                     # rebuilt from the shard indexes, a derived file still differs from the manifest's checksum:
-                    # the manifest is what is wrong (the shards' own checksums are in their indexes)
+                    # the manifest is what is wrong, unless a shard index itself is damaged with an unchanged stat
+                    # (bit rot): then a manifest written from it would vouch for the damage, so it is refused
+                    damaged = [rel for rel, (digest, _, kind) in _expected_files(manifest).items()
+                               if kind == "shard" and (not (out / rel).is_file() or sha256_file(out / rel) != digest)]
+                    if damaged:
+                        raise ECGDataError(out / damaged[0], f"differs from its checksum in manifest.json ({exc}); "
+                                                             f"repair the shards with verify=true (the same "
+                                                             f"command), or prepare the cache again") from None
                     log.warning("%s; writing manifest.json again from plan.json and the shard indexes", exc)
                     manifest_path.unlink()
                     _finalize(out, plan, plan_doc, label_info, sources, restamped, dirs_before)
@@ -2206,7 +2213,9 @@ class CorpusCache:
     touch, an in-place write) is hashed again, once: a damaged shard raises :class:`ECGDataError` naming it, a
     damaged or missing ``index.jsonl`` / ``records.npy`` is rebuilt from the shard indexes with a log line.
     ``manifest.json`` itself (covered by no checksum) must repeat ``plan.json``'s spec, sources, shard size and
-    plan fingerprint, and count the records its shard entries hold (one small file read). Damage that leaves the stat unchanged (bit rot) is found by :meth:`verify` / ``prepare ... verify=true`` and
+    plan fingerprint, and count the records its shard entries hold (one read of plan.json, whose size grows with
+    the records it lists as skipped). Damage that leaves the stat unchanged (bit rot) is found by :meth:`verify` /
+    ``prepare ... verify=true`` and
     by the loaders' non-finite checks. Measured on the shared PTB-XL + CinC 2017 cache (4,557 records, 32 shards,
     123 MiB; 2 busy cores): opening costs 4.2 ms with the stat check vs 1.1 ms without (``check="none"``) and
     640 ms with ``check="full"``; the first open after one 6.5 MiB shard was touched costs 51 ms (that shard

@@ -28,8 +28,8 @@ from typing import Any, Sequence
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from ecgfm.data.cache import (LOCK_FILE, _check_prepare_args, _prepare_locked, describe_source, input_changes,
-                              project_root, stat_changes)
+from ecgfm.data.cache import (LOCK_FILE, _check_prepare_args, _manifest_mismatch, _prepare_locked, _read_manifest,
+                              _read_plan, describe_source, input_changes, project_root, stat_changes)
 from ecgfm.data.preprocess import PreprocessSpec
 from ecgfm.data.record import ECGDataError
 from ecgfm.data.synthetic import GENERATOR_VERSION
@@ -200,7 +200,10 @@ def prepare_cache(sources: Sequence[Any], cache_root: str, preprocess: Any, name
             return False
         try:
             restamped: dict = {}   # files with new times but unchanged bytes: prepared below to record the times
-            return not input_changes(out, 1, restamped=restamped) and not restamped and not stat_changes(out)
+            if input_changes(out, 1, restamped=restamped) or restamped or stat_changes(out):
+                return False
+            # a manifest that disagrees with plan.json (a hand edit) is refused on open: prepared below, rewritten
+            return _manifest_mismatch(_read_manifest(out), _read_plan(out)) is None
         except ECGDataError:
             return False
 

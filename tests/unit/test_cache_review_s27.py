@@ -203,3 +203,42 @@ def test_a_wrong_derived_checksum_in_the_manifest_is_repaired_by_preparing_again
     assert report.n_converted == 12
     assert json.loads((out / "manifest.json").read_text())["files"]["records.npy"] == good
     assert len(CorpusCache(out, check="full")) == 12
+
+
+def test_prepare_cache_repairs_a_manifest_the_open_refuses(tmp_path):
+    """prepare_cache (training configs, tasks) took the cache for fresh and returned it untouched, so the open's
+    'prepare it again with the same command' looped."""
+    from pathlib import Path
+
+    from ecgfm.data.prepare import prepare_cache
+
+    src = [SyntheticSource(8, fs=100.0, duration=5.0)]
+    spec = PreprocessSpec(fs=100.0)
+    out = prepare_cache(src, str(tmp_path), spec, name="t", shard_records=4, progress=False)
+    _edit_manifest(Path(out), lambda m: (m["spec"].__setitem__("fs", 250.0), m.__setitem__("fs", 250.0)))
+    with pytest.raises(ECGDataError, match="manifest.json"):
+        CorpusCache(out)
+    assert prepare_cache(src, str(tmp_path), spec, name="t", shard_records=4, progress=False) == out
+    assert CorpusCache(out).fs == 100.0
+
+
+def test_a_manifest_is_not_rewritten_over_a_shard_index_damaged_without_a_stat_change(tmp_path):
+    """The derived-checksum repair wrote the manifest from a bit-rotted shard index (same size, stat marked as
+    verified), so even check='full' then vouched for the damage."""
+    from pathlib import Path
+
+    out = Path(tmp_path) / "c"
+    prepare_corpus(SyntheticSource(8, fs=100.0, duration=5.0), out, PreprocessSpec(fs=100.0), shard_records=4,
+                   workers=0, progress=False)
+    sj = out / "shards" / "shard-00001.json"
+    text = sj.read_text()
+    k = [i for i in range(len(text)) if text.startswith('"offset":', i)][1] + len('"offset":')
+    text = text[:k] + str((int(text[k]) + 1) % 10) + text[k + 1:]          # one digit: same size
+    sj.write_text(text)
+    verified = json.loads((out / ".verified.json").read_text())           # bit rot: the stat looks verified
+    verified["shards/shard-00001.json"] = [*C._stat_key(sj), verified["shards/shard-00001.json"][-1]]
+    (out / ".verified.json").write_text(json.dumps(verified))
+    (out / "index.jsonl").unlink()                                           # and a derived file lost
+    with pytest.raises(ECGDataError, match=r"shard-00001\.json: differs from its checksum .*verify=true"):
+        prepare_corpus(SyntheticSource(8, fs=100.0, duration=5.0), out, PreprocessSpec(fs=100.0), shard_records=4,
+                       workers=0, progress=False)
