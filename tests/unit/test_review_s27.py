@@ -356,3 +356,22 @@ def test_a_labels_csv_column_without_a_name_is_refused_as_a_default_label_column
     with pytest.raises(ECGDataError, match=r"column\(s\) \[2\] of the header .* have no name"):
         FolderSource(tmp_path, labels_csv="labels.csv")
     assert FolderSource(tmp_path, labels_csv="labels.csv", label_columns=["AF"]).label_columns == ["AF"]
+
+
+@needs_fixture
+def test_folder_records_without_a_labels_csv_row_are_named_in_a_warning(tmp_path, caplog):
+    import logging
+    import shutil
+
+    from ecgfm.data.readers.folder import FolderSource
+
+    for rid in ("00001_lr", "00002_lr"):
+        for ext in (".hea", ".dat"):
+            shutil.copy(FIXTURE_REC.with_suffix(ext), tmp_path / f"{rid}{ext}")
+        text = (tmp_path / f"{rid}.hea").read_text().replace("00001_lr", rid)
+        (tmp_path / f"{rid}.hea").write_text(text)
+    (tmp_path / "labels.csv").write_text("record_id,AF\n00001_lr,1\n")
+    with caplog.at_level(logging.WARNING, logger="ecgfm.data.readers.folder"):
+        src = FolderSource(tmp_path, labels_csv="labels.csv")
+    assert "1 record(s) of the folder have no row in" in caplog.text and "(00002_lr)" in caplog.text
+    assert src.record_ids() == ["00001_lr", "00002_lr"] and src.load("00002_lr").labels == ()

@@ -235,6 +235,12 @@ class FolderSource:
         self._patients: dict[str, str | None] = {}
         if labels_csv is not None:
             self._read_labels(labels_csv, id_column, label_columns, patient_column, labels_encoding)
+            norow = sorted(set(self._files) - set(self._labels))
+            if norow:   # said, as CinC2017Source says it for REFERENCE.csv (they were unlabelled without a word)
+                log.warning("%s: %d record(s) of the folder have no row in %s and %s (%s%s)", self.root, len(norow),
+                            self.labels_csv, "load unlabelled (labels=()): a task leaves them out of every split"
+                            if self.include_unlabelled else "are left out (include_unlabelled=false)",
+                            ", ".join(norow[:5]), " ..." if len(norow) > 5 else "")
         ids = self._files if (labels_csv is None or self.include_unlabelled) else self._labels
         self._ids = sorted(ids)
 
