@@ -222,14 +222,17 @@ class Attribution:
             return False
         return all(r is not None for r in self.top_leads())
 
-    def top_leads(self, k: int = 3, reduce: str = "abs", recorded: Any = None) -> list[list[str] | None]:
+    def top_leads(self, k: int = 3, reduce: str = "abs", recorded: Any = None,
+                  counted: Any = None) -> list[list[str] | None]:
         """Per input, the (at most ``k``) most important leads, or None where the attribution cannot rank leads
-        (a lead-agnostic method, or degenerate equal / zero per-lead totals). ``recorded``: see :meth:`per_lead`."""
+        (a lead-agnostic method, or degenerate equal / zero per-lead totals). ``recorded``: see :meth:`per_lead`.
+        ``counted``: ``(L,)`` bool, rank only those leads (:func:`ranked_leads`: e.g. a record's leads the model
+        reads, as the lead-importance chart ranks them); None: every lead (:func:`lead_ranking`)."""
         if self.lead_resolution != "per-lead":
             return [None] * self.batch_size
         out: list[list[str] | None] = []
         for row in self.per_lead(reduce, recorded=recorded):
-            idx = lead_ranking(row, k)
+            idx = lead_ranking(row, k) if counted is None else ranked_leads(row, counted, k)
             out.append(None if idx is None else [self.lead_names[j] for j in idx])
         return out
 

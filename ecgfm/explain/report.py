@@ -306,13 +306,10 @@ def _lead_summary(att, lead_names: Sequence[str], recorded: Any = None, counted:
     None: all): only the recorded samples are summed, not the zero padding of a short record. ``counted``
     (``(L,)`` bool: the record's leads the model reads; None: all): the leads ranked, as the lead-importance chart
     ranks them (:func:`~ecgfm.explain.attribution.ranked_leads`: a 3-lead record's equal shares rank nothing)."""
-    from ecgfm.explain.attribution import ranked_leads
-
     per = att.per_lead("abs", recorded=recorded)[0]
     signed = att.per_lead("signed", recorded=recorded)[0]
     total = float(per.sum()) or 1.0
-    idx = ranked_leads(per, counted) if att.lead_resolution == "per-lead" else None
-    top = None if idx is None else [lead_names[i] for i in idx]
+    top = att.top_leads(3, recorded=recorded, counted=counted)[0]
     out = {"share_abs": {n: float(v) / total for n, v in zip(lead_names, per.tolist())},
            "sum_signed": {n: float(v) for n, v in zip(lead_names, signed.tolist())},
            "top": top, "ranks_leads": top is not None, "lead_resolution": att.lead_resolution}

@@ -336,10 +336,9 @@ class SimCLRModule(PretrainModule):
         # may fill an all-zero crop) and on the augmented views: the resized crop can land wholly in the padding of
         # a crop less than half recorded, and every noise of the presets scales with the signal, so that view is
         # all zero (identical for every such record: each other's perfect match)
-        x = batch["x"]
-        ok1 = signal_views(x, lead_mask) & signal_views(v1, lead_mask)
-        ok2 = (signal_views(batch["x2"], lead_mask) if "x2" in batch else signal_views(x, lead_mask)) \
-            & signal_views(v2, lead_mask)
+        crop1 = signal_views(batch["x"], lead_mask)
+        ok1 = crop1 & signal_views(v1, lead_mask)
+        ok2 = (signal_views(batch["x2"], lead_mask) if "x2" in batch else crop1) & signal_views(v2, lead_mask)
         keep = ok1 & ok2
         if lead_mask is not None:
             lead_mask = view_lead_masks(torch.cat([v1, v2]), torch.cat([lead_mask, lead_mask]))
