@@ -51,6 +51,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 from dataclasses import asdict, dataclass, fields, replace
 from fractions import Fraction
 from typing import Any, Sequence
@@ -93,6 +94,13 @@ _ADDED_DEFAULTS: dict[str, Any] = {"resample_method": "polyphase", "bandpass_mod
 class PreprocessSpec:
     """Preprocessing parameters.
 
+    Every number must be finite, and a boolean is refused for each of them (``true`` is not read as 1): only
+    ``notch_first`` and ``notch_at_source`` are switches. The fingerprint (:meth:`fingerprint`) is taken over the
+    fields as written, not over what they do: an option that cannot act (``notch_q`` or ``notch_first`` without
+    ``notch``, ``resample_padtype`` with ``fs`` null, ``filter_design`` with neither cut-off) or the same ``leads`` in
+    another order gives the same output under another fingerprint (another cache key); such specs are kept as they
+    are, not refused or reordered, so that every spec already written keeps its fingerprint.
+
     Attributes:
         fs: target sampling rate in Hz (None keeps the record's rate).
         highpass: high-pass cut-off in Hz for baseline-wander removal (None: off).
@@ -101,8 +109,9 @@ class PreprocessSpec:
         filter_order: Butterworth order of the band-pass.
         normalize: normalisation, one of ``none``, ``zscore``, ``robust`` (median / IQR), ``range`` (min / max to
             -1 / 1).
-        flat_threshold: a present lead whose standard deviation (mV) is below this is marked absent.
-        clip: after normalisation, clip values to ``[-clip, clip]`` (None: off).
+        flat_threshold: a present lead whose standard deviation (mV) is below this is marked absent (0 or more; 0
+            marks no lead flat).
+        clip: after normalisation, clip values to ``[-clip, clip]`` (a positive number; None: off).
         resample_method: ``polyphase`` (:func:`scipy.signal.resample_poly`, anti-aliased FIR) or ``fourier``
             (:func:`scipy.signal.resample`, as ST-MEM's ``Resample``).
         bandpass_mode: ``bandpass`` (one Butterworth band-pass of ``filter_order`` when both cut-offs are set) or
@@ -182,13 +191,24 @@ class PreprocessSpec:
         # "with another spec"); every shipped spec already wrote these as floats, so their fingerprints stay
         for name in ("fs", "highpass", "lowpass", "notch", "flat_threshold", "clip", "notch_q", "median_baseline"):
             value = getattr(self, name)
-            if value is not None and not isinstance(value, bool):
-                try:
-                    object.__setattr__(self, name, float(value))
-                except (TypeError, ValueError):
-                    raise ValueError(f"PreprocessSpec.{name} must be a number or null, got {value!r}") from None
+            if value is None:
+                continue
+            what = "a number" if name in ("flat_threshold", "notch_q") else "a number or null (null: off)"
+            if isinstance(value, (bool, np.bool_)):   # float(True) is 1.0: clip=true clipped every sample to +-1
+                raise ValueError(f"PreprocessSpec.{name} must be {what}, got the boolean {value!r} (a boolean is "
+                                 f"not read as 1 or 0)")
+            try:
+                object.__setattr__(self, name, float(value))
+            except (TypeError, ValueError, OverflowError):
+                raise ValueError(f"PreprocessSpec.{name} must be {what}, got {value!r}") from None
+            if not math.isfinite(getattr(self, name)):   # NaN passes every comparison below as False
+                raise ValueError(f"PreprocessSpec.{name} must be a finite number, got {value!r}")
         order = self.filter_order
-        if isinstance(order, bool) or not float(order).is_integer():
+        try:
+            whole = not isinstance(order, (bool, np.bool_)) and float(order).is_integer()
+        except (TypeError, ValueError, OverflowError):
+            whole = False
+        if not whole:
             raise ValueError(f"PreprocessSpec.filter_order must be a whole number, got {order!r}")
         object.__setattr__(self, "filter_order", int(order))
         if not self.notch_q > 0:
@@ -196,6 +216,12 @@ class PreprocessSpec:
         if self.median_baseline is not None and not float(self.median_baseline) > 0:
             raise ValueError(f"PreprocessSpec.median_baseline must be a positive number of seconds, got "
                              f"{self.median_baseline}")
+        if self.flat_threshold is None or not self.flat_threshold >= 0:
+            raise ValueError(f"PreprocessSpec.flat_threshold must be a standard deviation in mV, 0 or more (0 marks "
+                             f"no lead flat), got {self.flat_threshold!r}")
+        if self.clip is not None and not self.clip > 0:   # clip=0 zeroed every sample, clip=-1 set every one to -1
+            raise ValueError(f"PreprocessSpec.clip must be a positive number (values are clipped to [-clip, clip]) "
+                             f"or null (null turns clipping off), got {self.clip!r}")
         if self.normalize not in NORMALIZATIONS:
             raise ValueError(f"PreprocessSpec.normalize must be one of {NORMALIZATIONS}, got {self.normalize!r}")
         if self.fs is not None and not (0 < float(self.fs) <= 100_000):
@@ -464,7 +490,7 @@ def resample(sig: np.ndarray, fs_in: float, fs_out: float, method: str = "polyph
     Output length: ``ceil(T * up / down)`` samples for polyphase (``up / down`` the rate ratio used), ``int(T * fs_out
     / fs_in)`` (rounded down) for Fourier. ``padtype`` (polyphase only) is :func:`scipy.signal.resample_poly`'s:
     ``constant`` (zeros beyond the ends, the default: a lead with a DC offset gets a step of its end values at each
-    end, e.g. the first output sample of a lead at +0.5 mV is about 0.3 mV short of it at 500 -> 100 Hz), ``line``,
+    end, e.g. the first output sample of a lead at +0.5 mV is 0.3 mV, 0.2 mV short of it, at 500 -> 100 Hz), ``line``,
     ``mean``, ``median``, ``edge`` (``line`` and ``edge`` remove the step). See
     :attr:`PreprocessSpec.resample_padtype` for its size after filtering and why ``constant`` stays the default.
     """
@@ -476,6 +502,9 @@ def resample(sig: np.ndarray, fs_in: float, fs_out: float, method: str = "polyph
         if padtype != "constant":
             raise ValueError(f"resample: padtype={padtype!r} applies to method='polyphase' only")
         n_out = int(sig.shape[-1] * float(fs_out) / float(fs_in))
+        if n_out < 1:   # scipy.signal.resample divides by zero
+            raise ValueError(f"resample: {sig.shape[-1]} samples at {float(fs_in):g} Hz give no sample at "
+                             f"{float(fs_out):g} Hz with method='fourier'")
         return sps.resample(np.asarray(sig, dtype=np.float64), n_out, axis=-1).astype(np.float32)
     if method != "polyphase":
         raise ValueError(f"resample: method must be one of {RESAMPLE_METHODS}, got {method!r}")
@@ -729,6 +758,10 @@ def preprocess_signal(sig: np.ndarray, fs: float, mask: np.ndarray, spec: Prepro
         x = notch(x, float(fs), spec.notch, spec.notch_q)
     out_fs = float(fs)
     if spec.fs is not None and float(spec.fs) != float(fs):
+        if spec.resample_method == "fourier":   # its output length (rounded down) can be 0: refuse it here
+            n_out = int(x.shape[-1] * float(spec.fs) / float(fs))
+            if n_out < 8:
+                raise ECGDataError(where, f"record too short to preprocess ({n_out} samples at {float(spec.fs)} Hz)")
         if spec.resample_method == "polyphase" and spec.resample_padtype == "constant":
             _warn_edge_spike(x, rows, fs, spec, where)
         x = resample(x, fs, spec.fs, spec.resample_method, spec.resample_padtype)
@@ -770,9 +803,11 @@ _WARNED_NOT_ACTING: set[tuple[str, ...]] = set()
 
 def filters_not_acting(spec: PreprocessSpec, fs: float) -> list[str]:
     """The filters of ``spec`` that cannot act on a record at ``fs`` Hz (cut-off or notch at or above its Nyquist
-    frequency): :func:`preprocess_signal` skips them. Only a spec without ``fs`` (records kept at their own rates)
-    can have any: with ``fs`` set, such cut-offs are refused by :class:`PreprocessSpec` and such a notch by the
-    config check (:meth:`PreprocessSpec.notch_problem`)."""
+    frequency): :func:`preprocess_signal` skips them. A spec without ``fs`` (records kept at their own rates) can
+    have any of them. With ``fs`` set, such cut-offs are refused by :class:`PreprocessSpec`, but a notch at or above
+    ``fs / 2`` (without ``notch_at_source``) is refused only by the config checks
+    (:meth:`PreprocessSpec.notch_problem`), so a spec made in Python (``PreprocessSpec(notch=50.0)`` at the default
+    ``fs=100``) or written before those checks can list it."""
     nyq = float(fs) / 2
     named = [("highpass", spec.highpass), ("lowpass", spec.lowpass)]
     if not spec.notch_at_source:   # a notch at the source rate that cannot act is an error of its own
@@ -844,9 +879,13 @@ def preprocess_record(record: ECGRecord, spec: PreprocessSpec) -> ECGRecord:
         header["filters_not_applied"] = skipped
         if tuple(skipped) not in _WARNED_NOT_ACTING:
             _WARNED_NOT_ACTING.add(tuple(skipped))
+            if spec.fs is None:
+                how = "set PreprocessSpec.fs to resample every record to one rate, or leave the filter out"
+            else:   # only a notch at or above Nyquist of spec.fs gets here (cut-offs there are refused by the spec)
+                how = (f"a notch at fs={float(spec.fs):g} Hz cannot remove it: use notch=null, or "
+                       f"notch_at_source=true to remove it at the record's own rate")
             log.warning("%s: %s cannot act and was not applied (records at this rate say so in "
-                        "header['filters_not_applied']); set PreprocessSpec.fs to resample every record to one rate, "
-                        "or leave the filter out", where, "; ".join(skipped))
+                        "header['filters_not_applied']); %s", where, "; ".join(skipped), how)
     annotations = record.annotations
     if annotations and float(fs) != float(record.fs):
         annotations = {k: _rescale_samples(v, fs / float(record.fs), sig.shape[1]) for k, v in annotations.items()}
