@@ -35,8 +35,17 @@ Per record of a task cache (the preprocessed signal at the cache's rate, :meth:`
 
    Missing values are explicit, never NaN: a group that cannot be computed (fewer than 3 beats for RR, fewer than
    4 for successive differences, fewer than 3 complete beats for morphology) is filled with 0 and flagged by its
-   indicator column (``missing_rr``, ``missing_drr``, ``missing_morph``); the probe standardises the columns, so
-   the indicator's weight absorbs the fill value.
+   indicator column (``missing_rr``, ``missing_drr``, ``missing_morph``) in the cached features. The probe never
+   scores those 0s: per training subset it replaces a flagged group's values by the medians of that subset's
+   records where the group is present, fitted on the training rows only, as its scaler is (:func:`missing_groups`,
+   :class:`ecgfm.evaluate.probe.GroupMedianImputer`; the handcrafted row and the
+   ``probe.side_features=handcrafted`` rows alike), and keeps the indicator columns. A record without beats is
+   then scored at typical values plus its indicator's weight. That weight carries the "no beats" signal only when
+   some training record had the group missing; where none had (all 2,558 CinC 2017 records and the PTB-XL
+   fixture's 100 have every group), the indicator is constant in training, its weight about 0, and the record gets
+   the prediction of a typical one. The bare 0 fill standardised to 5-12 SDs below the training means (mean RR
+   0 s) and gave such records a confident made-up class (2026-12-08 review). On data without missing groups the
+   imputation changes nothing.
 
 The features of a cache are computed once and cached on disk like encoder features (:mod:`ecgfm.evaluate.features`:
 a :class:`~ecgfm.evaluate.features.FeatureSet` with one "window" per record, written atomically, validated on
@@ -329,7 +338,8 @@ def raw_features(x: np.ndarray, fs: float, failures: list[str] | None = None) ->
 
 def fill_missing(raw: np.ndarray) -> np.ndarray:
     """``(N, F)`` raw features -> finite float32 features: each group with any non-finite value is set to 0 and
-    its indicator to 1 (else 0). Vectorised over records."""
+    its indicator to 1 (else 0). Vectorised over records. The 0s are placeholders for the cache, never scored:
+    the probe replaces them by training medians (:func:`missing_groups`)."""
     raw = np.atleast_2d(np.asarray(raw, dtype=np.float64)).copy()
     col = {k: j for j, k in enumerate(FEATURE_NAMES)}
     for names, flag in _GROUPS:
@@ -352,6 +362,25 @@ def record_features(signal: np.ndarray, mask: np.ndarray, fs: float, failures: l
     if lead < 0:
         return fill_missing(np.full(len(FEATURE_NAMES), np.nan))[0]
     return fill_missing(raw_features(signal[lead], fs, failures))[0]
+
+
+def missing_groups(offset: int = 0) -> tuple[tuple[tuple[int, ...], int], ...]:
+    """The feature groups that :func:`fill_missing` fills, as columns of a feature matrix whose handcrafted block
+    (:data:`FEATURE_NAMES`) starts at column ``offset``: ``((value columns, indicator column), ...)`` for the RR,
+    successive-difference and morphology groups. What :class:`ecgfm.evaluate.probe.ProbeData` takes as
+    ``missing_groups``, so that the probe imputes a flagged group from its training rows.
+
+    Args:
+        offset: the column of the first handcrafted feature (0 for ``checkpoint=handcrafted``; the encoder's
+            record-feature width for ``probe.side_features=handcrafted``, whose block comes last).
+
+    Raises:
+        ValueError: a negative ``offset``.
+    """
+    if int(offset) < 0:
+        raise ValueError(f"missing_groups: the handcrafted block's first column must be >= 0, got offset={offset}")
+    col = {k: int(offset) + j for j, k in enumerate(FEATURE_NAMES)}
+    return tuple((tuple(col[k] for k in names), col[flag]) for names, flag in _GROUPS)
 
 
 def missing_counts(features: np.ndarray) -> dict[str, int]:

@@ -32,6 +32,13 @@ window probabilities of a record. The attention probe aggregates by attention an
 Multi-label heads use per-class sigmoids (binary cross-entropy) and per-class thresholds chosen on validation for
 F1; single-label heads use a softmax.
 
+**Feature groups flagged missing** (``ProbeData.missing_groups``, the handcrafted features:
+:func:`ecgfm.evaluate.handcrafted.missing_groups`): a group of columns whose values are placeholders where its
+indicator column is set (a record with too few beats) is imputed per training subset, before the scaler: its values
+become the medians of the training rows where the group is present (:class:`GroupMedianImputer`, fitted on the
+fraction's training rows only, applied to every split and external set). The indicator columns stay. Without a
+flagged row nothing changes.
+
 **Label checks** (before any training): a single-label task needs exactly one positive in every label row it uses
 (:func:`check_single_label`: a multi-hot or all-zero row is refused, not silently turned into its first positive
 or class 0 by an argmax), and the validation split must hold a class with both positive and negative records
@@ -42,6 +49,7 @@ and the trained probes early-stop, is undefined and the choice would be arbitrar
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 import warnings
@@ -250,8 +258,67 @@ class LinearProbe:
         return out
 
 
-__all__ = ["LinearProbe", "MLPProbe", "AttentionProbe", "ProbeData", "run_probe_grid", "record_matrix",
-           "check_single_label", "check_validation_defined", "AGGREGATIONS", "MODES"]
+__all__ = ["LinearProbe", "MLPProbe", "AttentionProbe", "ProbeData", "GroupMedianImputer", "run_probe_grid",
+           "record_matrix", "check_single_label", "check_validation_defined", "AGGREGATIONS", "MODES"]
+
+
+class GroupMedianImputer:
+    """Replaces the placeholder values of a column group flagged missing by its indicator column with the medians
+    of the training rows where the group is present (see the module docstring).
+
+    A bare placeholder (the handcrafted features' 0 for "too few beats") standardises to many SDs outside the
+    training data, and the indicator's weight absorbs it only when some training row has the indicator set; the
+    medians keep a flagged row inside the data, and the indicator column (left as it is) carries the flag.
+
+    Args:
+        groups: ``((value columns, indicator column), ...)``; a row's group is missing where its indicator is
+            above 0.5.
+
+    Attributes:
+        medians_: after :meth:`fit`, per group the ``(len(value columns),)`` training medians, or None when every
+            training row had the group missing (its placeholders are then left as they are: constant in training,
+            they get no weight).
+    """
+
+    def __init__(self, groups: Sequence[tuple[Sequence[int], int]]):
+        self.groups = [(np.asarray(cols, dtype=np.int64).ravel(), int(flag)) for cols, flag in groups]
+        self.medians_: list[np.ndarray | None] | None = None
+
+    def check_width(self, dim: int, where: str) -> None:
+        """Refuse a feature width that lacks a column of the groups.
+
+        Raises:
+            ValueError: a column at or beyond ``dim`` (or negative), naming ``where``.
+        """
+        cols = [int(c) for v, flag in self.groups for c in (*v.tolist(), flag)]
+        if cols and (min(cols) < 0 or max(cols) >= dim):
+            raise ValueError(f"{where}: missing_groups name columns {min(cols)}..{max(cols)}, but the features have "
+                             f"{dim} columns")
+
+    def fit(self, x: np.ndarray) -> "GroupMedianImputer":
+        """Fit on the training rows ``x (n, D)`` only (never validation, test or external rows)."""
+        x = np.asarray(x)
+        self.medians_ = []
+        for cols, flag in self.groups:
+            present = ~(x[:, flag] > 0.5)
+            self.medians_.append(np.median(x[np.ix_(present, cols)].astype(np.float64), axis=0)
+                                 if present.any() else None)
+        return self
+
+    def transform(self, x: np.ndarray) -> np.ndarray:
+        """``x (n, D)`` with each flagged group's values replaced by the training medians (a copy); ``x`` itself,
+        not a copy, when no row is flagged."""
+        if self.medians_ is None:
+            raise RuntimeError("GroupMedianImputer.transform called before fit")
+        out = x
+        for (cols, flag), med in zip(self.groups, self.medians_):
+            missing = x[:, flag] > 0.5
+            if med is None or not missing.any():
+                continue
+            if out is x:
+                out = np.array(x, copy=True)
+            out[np.ix_(missing, cols)] = med.astype(out.dtype)
+        return out
 
 
 class _BestOnValidation:
@@ -543,6 +610,10 @@ class ProbeData:
         patient_ids: length-``N`` patient ids (None: each record is its own patient).
         external: optional ``{name: (FeatureSet or TokenSet, labels (M, C), rows)}`` evaluated without retraining.
         name: the task's name, for messages (None: "the task").
+        missing_groups: ``((value columns, indicator column), ...)`` of the feature columns whose values are
+            placeholders where the indicator is set (the handcrafted features:
+            :func:`ecgfm.evaluate.handcrafted.missing_groups`); imputed per training subset with the training
+            medians (:class:`GroupMedianImputer`). Empty: no imputation.
     """
 
     features: FeatureSet | TokenSet
@@ -553,6 +624,7 @@ class ProbeData:
     patient_ids: Sequence[Any] | None = None
     external: dict[str, tuple[FeatureSet | TokenSet, np.ndarray, np.ndarray]] = field(default_factory=dict)
     name: str | None = None
+    missing_groups: Sequence[tuple[Sequence[int], int]] = ()
 
 
 def check_probe_splits(data: ProbeData) -> None:
@@ -618,6 +690,17 @@ def _predict_records(model: Any, fs: FeatureSet | TokenSet, rows: np.ndarray, ag
     return out / counts[:, None]
 
 
+def _imputed(fs: FeatureSet, imputer: GroupMedianImputer, aggregate: str, means: np.ndarray | None
+             ) -> tuple[FeatureSet, np.ndarray | None]:
+    """``fs`` with its flagged groups imputed (:class:`GroupMedianImputer`) and its :func:`record_matrix`; the
+    inputs themselves (no copy, the same numbers) when no row of ``fs`` is flagged."""
+    x = imputer.transform(fs.features)
+    if x is fs.features:
+        return fs, means
+    out = dataclasses.replace(fs, features=x)
+    return out, record_matrix(out, aggregate)
+
+
 def _hp_name(hp: Any) -> str:
     """Key of a head in the ``grid`` of a result: ``"0.01"`` (C or lr), ``"lr=0.001,wd=0.01"`` (attention)."""
     return f"lr={hp[0]:g},wd={hp[1]:g}" if isinstance(hp, tuple) else f"{hp:g}"
@@ -645,13 +728,23 @@ def run_probe_grid(data: ProbeData, fractions: Sequence[float], seeds: Sequence[
     ``blas_threads`` caps the BLAS / OpenMP threads while the heads train (threadpoolctl): these problems are
     small (records x features), so one thread is as fast and immune to oversubscription; None leaves them.
 
+    ``data.missing_groups`` (the handcrafted features): per (fraction, seed), a :class:`GroupMedianImputer` is
+    fitted on that training subset's rows and applied to the training, validation, test and external features
+    before any head sees them.
+
     Returns:
         One dict per (fraction, seed) with ``fraction``, ``seed``, ``n_train``, ``hparam``, ``val_macro_auroc``,
         ``grid`` (validation AUROC of every head), ``not_converged`` (the ``C`` values of the grid whose linear
         probe did not converge, see :attr:`LinearProbe.converged`; always empty for the trained probes), ``test``
         (metrics, see
         :func:`~ecgfm.evaluate.metrics.evaluate_scores`), ``external`` (name -> metrics), ``predictions``
-        (split -> (cache rows, record probabilities)) and ``seconds``.
+        (split -> (cache rows, record probabilities)), ``seconds``, the chosen ``model`` and its ``thresholds``,
+        and ``imputer`` (the fitted :class:`GroupMedianImputer` the model's inputs went through, None without
+        ``data.missing_groups``).
+
+    Raises:
+        ValueError: bad settings or data (the aggregation, the mode, the splits, the labels; ``missing_groups``
+            with the attention probe or naming a column the features lack).
     """
     if blas_threads is not None:
         from threadpoolctl import threadpool_limits
@@ -704,6 +797,15 @@ def run_probe_grid(data: ProbeData, fractions: Sequence[float], seeds: Sequence[
     tokens = mode == "attention"
     means = None if tokens else record_matrix(fs, aggregate)
     ext_means = {k: (None if tokens else record_matrix(v[0], aggregate)) for k, v in data.external.items()}
+    groups = list(data.missing_groups or ())
+    if groups:
+        if tokens:
+            raise ValueError("missing_groups imputes columns of feature rows; mode='attention' reads frozen tokens: "
+                             "give the attention probe no missing_groups")
+        widths = [("the task's features", fs.dim)] + [(f"external set {k!r}", v[0].dim)
+                                                       for k, v in data.external.items()]
+        for name, dim in widths:
+            GroupMedianImputer(groups).check_width(dim, name)
     train, val, test = (np.asarray(data.splits[k], dtype=np.int64) for k in ("train", "val", "test"))
     y_val = labels[val]
     results = []
@@ -713,7 +815,12 @@ def run_probe_grid(data: ProbeData, fractions: Sequence[float], seeds: Sequence[
         for frac in fractions:
             t0 = time.perf_counter()
             rows = subsets[float(frac)]
-            x_tr, y_tr = (None, labels[rows]) if tokens else _design(fs, labels, rows, aggregate, means)
+            # flagged feature groups: imputed with this training subset's medians (training rows only)
+            imputer = GroupMedianImputer(groups).fit(fs.windows_of(rows)[0]) if groups else None
+            fs_f, means_f = _imputed(fs, imputer, aggregate, means) if imputer is not None else (fs, means)
+            ext_f = {k: (_imputed(v[0], imputer, aggregate, ext_means[k]) if imputer is not None
+                         else (v[0], ext_means[k])) for k, v in data.external.items()}
+            x_tr, y_tr = (None, labels[rows]) if tokens else _design(fs_f, labels, rows, aggregate, means_f)
             grid: dict[str, float] = {}
             not_converged: list[float] = []
             best: tuple[float, Any, Any] | None = None
@@ -727,12 +834,12 @@ def run_probe_grid(data: ProbeData, fractions: Sequence[float], seeds: Sequence[
                     # early stopping on the record-level validation AUROC, the number the lr is chosen on (with
                     # mean_prediction, the validation windows' AUROC would weigh records by their window count)
                     model.fit(x_tr, y_tr, val_score=lambda m: macro_auroc(
-                        labels[val], _predict_records(m, fs, val, aggregate, means)))
+                        labels[val], _predict_records(m, fs_f, val, aggregate, means_f)))
                 else:
                     model = AttentionProbe(data.multilabel, lr=hp[0], weight_decay=hp[1], seed=int(seed), **att)
                     assert isinstance(fs, TokenSet)
                     model.fit(fs, rows, y_tr, val, y_val)
-                p_val = _predict_records(model, fs, val, aggregate, means)
+                p_val = _predict_records(model, fs_f, val, aggregate, means_f)
                 auc = macro_auroc(labels[val], p_val)
                 grid[_hp_name(hp)] = float(auc)
                 score = auc if np.isfinite(auc) else -np.inf
@@ -745,17 +852,18 @@ def run_probe_grid(data: ProbeData, fractions: Sequence[float], seeds: Sequence[
                             "after %d of max_iter=%d iterations, or failed its line search); its validation AUROC "
                             "%.4f may understate it: raise probe.max_iter", float(hp), float(frac), int(seed),
                             model.n_iter, model.max_iter, float(grid[_hp_name(hp)]))
-            p_val = _predict_records(model, fs, val, aggregate, means)
+            p_val = _predict_records(model, fs_f, val, aggregate, means_f)
             thresholds = choose_thresholds(labels[val], p_val) if data.multilabel else None
             y_test = labels[test] if data.multilabel else labels[test].argmax(axis=1)
-            p_test = _predict_records(model, fs, test, aggregate, means)
+            p_test = _predict_records(model, fs_f, test, aggregate, means_f)
             metrics = evaluate_scores(y_test, p_test, data.multilabel, data.class_names, thresholds,
                                       n_boot=n_boot, seed=bootstrap_seed)
             external = {}
             predictions = {"test": (test, p_test)}
-            for name, (efs, elabels, erows) in data.external.items():
+            for name, (_, elabels, erows) in data.external.items():
                 erows = np.asarray(erows, dtype=np.int64)
-                p_ext = _predict_records(model, efs, erows, aggregate, ext_means[name])
+                efs, emeans = ext_f[name]
+                p_ext = _predict_records(model, efs, erows, aggregate, emeans)
                 y_ext = elabels[erows] if data.multilabel else elabels[erows].argmax(axis=1)
                 external[name] = evaluate_scores(y_ext, p_ext, data.multilabel, data.class_names, thresholds,
                                                  n_boot=n_boot, seed=bootstrap_seed)
@@ -769,5 +877,6 @@ def run_probe_grid(data: ProbeData, fractions: Sequence[float], seeds: Sequence[
                 "test": metrics, "external": external,
                 "predictions": predictions, "seconds": time.perf_counter() - t0,
                 "model": model, "thresholds": thresholds,   # the chosen probe (a classifier artifact on request)
+                "imputer": imputer,                         # its inputs' imputation (None: none)
             })
     return results

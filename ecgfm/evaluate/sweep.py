@@ -1188,7 +1188,7 @@ def probe_main(cfg: DictConfig) -> dict[str, Any]:
     Raises:
         ValueError: ``supervised:`` checkpoints (a fine-tuning baseline), bad task or probe settings, a window the
             encoder cannot embed (learned positions: :func:`ecgfm.evaluate.features.check_window`), the attention
-            probe asked of the handcrafted baseline.
+            probe or an aggregate other than ``mean_embedding`` asked of the handcrafted baseline.
         LeakageError: pretraining and test data overlap and ``allow_leakage`` is false.
     """
     from ecgfm.recipes import validate_probe_config
@@ -1218,6 +1218,12 @@ def probe_main(cfg: DictConfig) -> dict[str, Any]:
     if desc.kind == HANDCRAFTED and mode == "attention":
         raise EvaluationError(f"checkpoint {checkpoint!r}: probe.mode=attention pools an encoder's frozen tokens; the "
                               f"handcrafted baseline has one feature row per record (use probe.mode=linear or mlp)")
+    if desc.kind == HANDCRAFTED and str(cfg.probe.aggregate) != "mean_embedding":
+        # one row per record: mean_std appended an all-zero std block and mean_prediction trained on the same rows,
+        # each a duplicate of the linear row under another name in results.md
+        raise EvaluationError(f"checkpoint {checkpoint!r}: probe.aggregate={cfg.probe.aggregate} aggregates an "
+                              f"encoder's window embeddings; the handcrafted baseline has one feature row per record "
+                              f"(use probe.aggregate=mean_embedding)")
     _identify(ctx, desc, _probe_recipe(_container(cfg.probe)))
     task, ext = _prepare(ctx, desc)
     ctx.recipe["data"] = data_identity(task, ext)   # a changed label table or record set: the cells are stale
@@ -1239,10 +1245,13 @@ def probe_main(cfg: DictConfig) -> dict[str, Any]:
     feat_dir = str(cfg.features.dir)
     external = {}
     hc_missing: dict[str, Any] = {}   # records whose handcrafted feature groups were filled (too few beats)
+    # the handcrafted columns of such groups: the probe imputes them with each training subset's medians
+    groups: tuple[tuple[tuple[int, ...], int], ...] = ()
     if enc.kind == HANDCRAFTED:  # one feature row per whole record; window / stride unused
-        from ecgfm.evaluate.handcrafted import cached_handcrafted
+        from ecgfm.evaluate.handcrafted import cached_handcrafted, missing_groups
 
         feats = cached_handcrafted(task.cache, feat_dir)
+        groups = missing_groups(0)
         efeats = cached_handcrafted(ext.cache, feat_dir) if ext is not None else None
         hc_missing = _handcrafted_missing(task, ext, feats, efeats)
         if ext is not None:
@@ -1280,12 +1289,13 @@ def probe_main(cfg: DictConfig) -> dict[str, Any]:
     aggregate = str(probe_cfg.aggregate)
     if side:                       # encoder record features + the handcrafted ones: one row per record
         from ecgfm.evaluate.features import with_record_features
-        from ecgfm.evaluate.handcrafted import cached_handcrafted
+        from ecgfm.evaluate.handcrafted import cached_handcrafted, missing_groups
 
         hc = cached_handcrafted(task.cache, feat_dir)
         ehc = cached_handcrafted(ext.cache, feat_dir) if ext is not None else None
         hc_missing = _handcrafted_missing(task, ext, hc, ehc)
         feats = with_record_features(feats, hc, aggregate)
+        groups = missing_groups(feats.dim - hc.dim)   # the handcrafted block comes last
         if ext is not None:
             external = {k: (with_record_features(f, ehc, aggregate), y, rows) for k, (f, y, rows) in external.items()}
         aggregate = "mean_embedding"
@@ -1293,11 +1303,11 @@ def probe_main(cfg: DictConfig) -> dict[str, Any]:
 
     data = ProbeData(features=feats, labels=task.labels, splits=task.splits, multilabel=task.multilabel,
                      class_names=task.class_names, patient_ids=list(task.patient_ids), external=external,
-                     name=task.name)
+                     name=task.name, missing_groups=groups)
     common = _cell_common(ctx, enc, task, ext, window, stride, leakage)
     common["feature_key"] = feats.key
     common["feature_seconds"] = feats.seconds
-    if hc_missing:   # per split: records whose RR / successive-difference / morphology group is the 0 + indicator fill
+    if hc_missing:   # per split: records whose RR / successive-difference / morphology group was filled (imputed)
         common["handcrafted_missing"] = hc_missing
     if mode == "attention":
         common["token_cache"] = {"key": feats.key, "tokens": int(feats.tokens.shape[0]), "dim": feats.dim,
