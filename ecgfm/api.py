@@ -130,8 +130,12 @@ class _Model:
             # a cache that keeps each record's rate (spec.fs null) under a model trained at one rate: records of
             # another rate are resampled to it, as the sweep (rate_checked_spec) and the explain wrapper do
             spec = dataclasses.replace(spec, fs=float(self.fs))
-        self._pre = with_input_leads(spec if spec is not None else PreprocessSpec.raw(self.fs),
-                                     model_input_leads(network))
+        # an artifact whose input rows are a subset of the leads (input.leads I, II, V1 on a 3-channel network) is
+        # preprocessed on those leads only, as the training pipeline prepares a model's records (a task cache keeps
+        # only the leads the model reads: ecgfm.evaluate.sweep, with_input_leads) and the explain wrapper does; a
+        # record-scope normalisation over all 12 of the record's leads gave another input than the explain stage's
+        self._pre = with_input_leads(with_input_leads(spec if spec is not None else PreprocessSpec.raw(self.fs),
+                                                      model_input_leads(network)), self.leads)
 
     # ------------------------------------------------------------------------------------------ inputs
     def _records(self, signal: Any, fs: float | None, leads: Sequence[str] | None,
@@ -239,6 +243,10 @@ class _Model:
             x12, mask = derive_trained_limb_leads(x12, mask, extra.get("trained_leads") if derives_limb_leads(extra)
                                                   else None, self.leads, self._pre.flat_threshold, where)
             raw, given = x12, np.asarray(mask, dtype=bool).copy()
+            if not kept_leads(given, self._pre.leads).any():
+                # the preprocessing keeps only the model's leads (with_input_leads): named as below, not by
+                # preprocess_signal's "none of the leads the preprocessing keeps"
+                self._no_input_lead(given, where)
             x12, out_fs, mask = preprocess_signal(x12, fs, mask, self._pre, where)
             self._warn_flat_leads(raw, given, np.asarray(mask, dtype=bool), where)
         if self.fs is not None and abs(float(out_fs) - float(self.fs)) > 1e-6:
@@ -247,11 +255,25 @@ class _Model:
         order = [CANONICAL_LEADS.index(lead) for lead in self.leads]
         mask = np.asarray(mask, dtype=bool)
         if not mask[order].any():  # the network would see only zeros: an embedding of nothing, not of this record
-            have = [lead for lead, m in zip(CANONICAL_LEADS, mask) if m]
-            raise ECGDataError(where, f"none of the model's input leads ({', '.join(self.leads)}) is present in "
-                                      f"the record (present after preprocessing: {', '.join(have) or 'none'})")
+            self._no_input_lead(mask, where)
         self._check_trained_leads(mask, where)
         return np.ascontiguousarray(x12[order], dtype=np.float32), mask[order]
+
+    def _no_input_lead(self, mask: np.ndarray, where: str) -> None:
+        """Refuse a record without any of the model's input leads (the network would see only zeros).
+
+        Args:
+            mask: ``(12,)`` the record's present leads.
+            where: the record, for the message.
+
+        Raises:
+            ECGDataError: always, naming the model's leads and the record's.
+        """
+        have = [lead for lead, m in zip(CANONICAL_LEADS, mask) if m]
+        # the leads the network reads: its backbone's input_leads (ECGFounder's lead I) where it has them
+        read = [lead for lead in self.leads if self._pre.leads is None or lead in self._pre.leads]
+        raise ECGDataError(where, f"none of the model's input leads ({', '.join(read)}) is present in "
+                                  f"the record (present after preprocessing: {', '.join(have) or 'none'})")
 
     def _warn_flat_leads(self, raw: np.ndarray, given: np.ndarray, kept: np.ndarray, where: str) -> None:
         """Warn about the leads that preprocessing marked absent as flat although they vary.
@@ -453,6 +475,18 @@ def _rate(fs: Any) -> float:
     return float(value)
 
 
+def _batch_size(value: Any) -> int:
+    """``batch_size`` (windows per forward pass) as a positive int.
+
+    Raises:
+        ValueError: a bool (``True`` was read as 1), a fraction, or not at least 1 (0 and -1 failed inside
+            ``range`` and ``np.concatenate``).
+    """
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"batch_size must be a positive whole number of windows per forward pass, got {value!r}")
+    return int(value)
+
+
 def _where(name: str) -> str:
     """A record's name in messages: ``record 3`` for the rows of an array, else the path or record key."""
     return f"record {name}" if name.isdigit() else name
@@ -509,7 +543,7 @@ class Encoder(_Model):
             leads: names of the signal's rows (default: the 12 standard leads in order I..V6).
             per_window: return every window's embedding instead of their mean.
             stride_samples: hop between windows at the model rate (default: the window, no overlap).
-            batch_size: windows per forward pass.
+            batch_size: windows per forward pass (a positive int; anything else is a ``ValueError``).
             rename_leads: for a record path (or a list of them): header lead name -> standard lead (see
                 :func:`load_record`).
 
@@ -517,6 +551,7 @@ class Encoder(_Model):
             ``(D,)`` for one record or ``(B, D)`` for a batch (float32); with ``per_window`` a ``(W, D)`` array
             per record (a list for a batch).
         """
+        batch_size = _batch_size(batch_size)
         recs, _names = self._records(signal, fs, leads, rename_leads)
         # one record: a record, a path, or a (leads, samples) array / list / tensor; a (1, leads, samples) batch of
         # one keeps its batch axis whatever container it comes in
@@ -572,7 +607,17 @@ class Classifier(_Model):
         return [str(c) for c in self.meta.get("thresholds_not_chosen") or []]
 
     def _activate(self, logits: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(logits) if self.multilabel else torch.softmax(logits, dim=-1)
+        """Logits ``(N, C)`` -> probabilities (sigmoid or softmax over the last axis).
+
+        Raises:
+            ValueError: one output with softmax (always 1; the loader refuses such artifacts already).
+        """
+        if self.multilabel:
+            return torch.sigmoid(logits)
+        if logits.shape[-1] == 1:
+            raise ValueError(f"{self.meta.get('dir', 'this classifier')}: one output with softmax "
+                             f"(multilabel false) is always 1: a one-logit classifier is multi-label (sigmoid)")
+        return torch.softmax(logits, dim=-1)
 
     def predict_proba(self, signal: Any, fs: float | None = None, leads: Sequence[str] | None = None,
                       batch_size: int = 64, rename_leads: Mapping[str, str] | None = None) -> pd.DataFrame:
@@ -586,7 +631,7 @@ class Classifier(_Model):
                 batch: one result per record).
             fs: the signal's sampling rate in Hz (read from the header / record for a path / record).
             leads: names of the signal's rows (default: the 12 standard leads in order I..V6).
-            batch_size: windows per forward pass.
+            batch_size: windows per forward pass (a positive int; anything else is a ``ValueError``).
             rename_leads: for a record path (or a list of them): header lead name -> standard lead (see
                 :func:`load_record`).
 
@@ -595,6 +640,7 @@ class Classifier(_Model):
             number (or the path). Records are scored over sliding windows, aggregated as the classifier was
             validated (``window_aggregate``).
         """
+        batch_size = _batch_size(batch_size)
         recs, names = self._records(signal, fs, leads, rename_leads)
         aggregate = self.meta.get("window_aggregate", "prob")
         rows = []

@@ -984,8 +984,9 @@ def save_classifier(out_dir: str | os.PathLike, backbone: nn.Module, head: nn.Mo
 
     Raises:
         ValueError: unregistered backbone, unknown head, class-count mismatch, bad ``window_aggregate``;
-            :class:`ArtifactError` for fields the loader refuses (class names repeated, ``leads`` that do not fit
-            the backbone's input channels, a window the backbone cannot take or none for a fixed-input one...).
+            :class:`ArtifactError` for fields the loader refuses (class names repeated, one class with
+            ``multilabel=False``, ``leads`` that do not fit the backbone's input channels, a window the backbone
+            cannot take or none for a fixed-input one...).
     """
     if window_aggregate not in WINDOW_AGGREGATES:
         raise ValueError(f"window_aggregate must be one of {WINDOW_AGGREGATES}, got {window_aggregate!r}")
@@ -1170,6 +1171,13 @@ def _check_classifier_meta(meta: Mapping[str, Any], where: Path) -> None:
     if twice:
         raise ArtifactError(where, f"classes lists {twice} more than once ({classes}): every output needs its own "
                                    f"name")
+    if len(classes) == 1 and not meta["multilabel"]:
+        # softmax over one output is 1 for every record: predict_proba said 1.0 whatever the ECG, and every
+        # probability explanation was 0; the training pipeline refuses a single-label task of one class
+        raise ArtifactError(where, f"one class ({classes[0]!r}) with multilabel false: softmax over one output is "
+                                   f"always 1, so every record would score 1.0; a one-logit (binary, BCE-trained) "
+                                   f"classifier is multi-label (sigmoid): save it with multilabel=True "
+                                   f"(\"multilabel\": true), or give it one output per class")
     n_out = ((meta.get("head") or {}).get("args") or {}).get("num_classes")
     if n_out is not None and len(classes) != int(n_out):
         raise ArtifactError(where, f"{len(classes)} classes for a head of {n_out} outputs")

@@ -384,9 +384,9 @@ def median_baseline(x: Tensor, fs: float) -> Tensor:
     return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32)).to(x.device)
 
 
-def make_baseline(kind: str | float | Tensor | None, x: Tensor, fs: float) -> Tensor:
+def make_baseline(kind: str | float | Tensor | np.ndarray | None, x: Tensor, fs: float) -> Tensor:
     """A baseline for ``x (B, L, T)``: ``"zeros"``, ``"smoothed"`` (:func:`smoothed_copy`), ``"median"``
-    (:func:`median_baseline`), a constant, or a tensor ``(L, T)``, ``(1, L, T)`` or ``(B, L, T)``.
+    (:func:`median_baseline`), a constant, or a tensor / NumPy array ``(L, T)``, ``(1, L, T)`` or ``(B, L, T)``.
 
     Returns:
         ``(B, L, T)`` or ``(1, L, T)`` tensor on ``x``'s device.
@@ -394,7 +394,9 @@ def make_baseline(kind: str | float | Tensor | None, x: Tensor, fs: float) -> Te
     Raises:
         ValueError: unknown kind or a tensor of the wrong shape.
     """
-    if kind is None or kind == "zeros":
+    # a string is tested as one first: ``kind == "zeros"`` on a NumPy array compares element-wise ("the truth
+    # value of an array is ambiguous")
+    if kind is None or (isinstance(kind, str) and kind == "zeros"):
         return torch.zeros_like(x)
     if isinstance(kind, str):
         if kind == "smoothed":
@@ -565,6 +567,43 @@ class _Job:
 # Method implementations: (job, **options) -> (values, delta, options_used)
 
 
+def _option_error(method: str, name: str, problem: str) -> Exception:
+    """A method option out of range, named as ``method_options.<method>.<name>`` (as :func:`check_method_options`
+    names unknown options)."""
+    from ecgfm.config import ConfigError
+
+    return ConfigError(f"method_options.{method}.{name}", problem)
+
+
+def _check_positive_int(method: str, name: str, value: Any, upper: int | None = None) -> int:
+    """``value`` as a positive int (at most ``upper``), or an error naming the option (0 samples divided by zero
+    inside captum, a bool was read as 1, a fraction failed in its quadrature).
+
+    Raises:
+        ecgfm.config.ConfigError: not a whole number from 1 to ``upper``.
+    """
+    ok = isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)) and value >= 1
+    if not ok or (upper is not None and value > upper):
+        bound = f" and at most {upper}" if upper is not None else ""
+        raise _option_error(method, name, f"must be a whole number of at least 1{bound}, got {value!r}")
+    return int(value)
+
+
+def _check_number(method: str, name: str, value: Any, positive: bool = True) -> float:
+    """``value`` as a finite number, positive (or, ``positive=False``, not negative), or an error naming the option
+    (a negative window was clamped to one sample, a negative noise level failed in torch's sampler).
+
+    Raises:
+        ecgfm.config.ConfigError: not a finite number in range.
+    """
+    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_)) \
+        and math.isfinite(float(value)) and (float(value) > 0 if positive else float(value) >= 0)
+    if not ok:
+        what = "a positive number" if positive else "a number of at least 0"
+        raise _option_error(method, name, f"must be {what}, got {value!r}")
+    return float(value)
+
+
 def _m_saliency(job: _Job, abs: bool = False) -> tuple[Tensor, None, dict]:
     from captum.attr import Saliency
 
@@ -610,6 +649,10 @@ def _m_smoothgrad(job: _Job, n_samples: int = 50, noise_level: float = 0.15, bat
     there is still the smoothed gradient)."""
     from captum.attr import NoiseTunnel, Saliency
 
+    _check_positive_int("smoothgrad", "n_samples", n_samples)
+    _check_number("smoothgrad", "noise_level", noise_level, positive=False)
+    if batch_size is not None:
+        _check_positive_int("smoothgrad", "batch_size", batch_size)
     x = job.x.detach()
     signal = recorded_samples(x, recorded)                                 # (B, L, T) present, recorded
     s = torch.stack([x[b][signal[b]].std() if int(signal[b].sum()) > 1 else x.new_zeros(())
@@ -653,6 +696,7 @@ def _m_integrated_gradients(job: _Job, n_steps: int = 16, method: str = "gaussle
     short record. Default: every sample."""
     from captum.attr import IntegratedGradients
 
+    _check_positive_int("integrated_gradients", "n_steps", n_steps)
     base = _confined_baseline(make_baseline(baselines, job.x, job.fs), job.x, recorded)
     ibs = _internal_batch(job, n_steps, internal_batch_size)
     v, delta = IntegratedGradients(job.fn, multiply_by_inputs=True).attribute(
@@ -685,12 +729,41 @@ def _m_deeplift(job: _Job, baselines: Any = "smoothed", recorded: Any = None) ->
                                               target=job.target, return_convergence_delta=True,
                                               additional_forward_args=job.args)
     except RuntimeError as exc:
-        raise ValueError(f"DeepLift cannot run on this model ({exc}); a non-linearity module used more than "
-                         "once needs one instance per use. Use integrated_gradients instead.") from exc
+        raise ValueError(_deeplift_failure(job, exc)) from exc
     finally:
         for m in inplace:
             m.inplace = True
     return v, delta, {"baselines": _baseline_name(baselines)}
+
+
+def _differentiable(job: _Job) -> bool:
+    """Whether the job's explained score has a gradient with respect to the input (not for a model that runs its
+    features under ``torch.no_grad()`` or detaches them: a frozen backbone of a linear probe, whose trainable head
+    still gives an output that requires grad)."""
+    try:
+        with torch.enable_grad():
+            x = job.x[:1].detach().clone().requires_grad_(True)
+            out = job.fn(x, *_record_args(job, 0))
+            if not out.requires_grad:
+                return False
+            return torch.autograd.grad(out.sum(), x, allow_unused=True)[0] is not None
+    except Exception:  # noqa: BLE001 - only a diagnosis: the caller reports captum's own error then
+        return True
+
+
+def _deeplift_failure(job: _Job, exc: RuntimeError) -> str:
+    """Why captum's DeepLift failed, by its cause (it blamed a reused non-linearity for a model without a gradient
+    through its input too): no gradient from the output to the input, or a non-linearity module run more than once
+    (captum's hooks keep one input per module), else captum's own message."""
+    if not _differentiable(job):
+        return (f"DeepLift cannot run on this model: its output has no gradient with respect to its input (the "
+                f"model runs part of its forward pass under torch.no_grad() or detaches it, e.g. a frozen "
+                f"backbone), so no gradient method can explain it; use a perturbation method (occlusion, "
+                f"lead_ablation, wave_ablation) ({exc})")
+    if "more than once" in str(exc):
+        return (f"DeepLift cannot run on this model: a non-linearity module is used more than once in its forward "
+                f"pass and needs one instance per use; use integrated_gradients instead ({exc})")
+    return f"DeepLift cannot run on this model ({exc}); use integrated_gradients instead"
 
 
 def _m_gradient_shap(job: _Job, baselines: Any = "smoothed", n_samples: int = 25, stdevs: float = 0.0,
@@ -705,6 +778,8 @@ def _m_gradient_shap(job: _Job, baselines: Any = "smoothed", n_samples: int = 25
     values: the map is 0 there, as integrated gradients' is)."""
     from captum.attr import GradientShap
 
+    _check_positive_int("gradient_shap", "n_samples", n_samples)
+    _check_number("gradient_shap", "stdevs", stdevs, positive=False)
     x = job.x
     keep, held = _keep_and_held(x, recorded)
     shift = None
@@ -763,6 +838,12 @@ def _m_occlusion(job: _Job, window_s: float = 0.2, stride_s: float | None = None
     nothing."""
     from captum.attr import Occlusion
 
+    # a negative window or stride was clamped to one sample without a word, and lead_window=0 gave an all-NaN map
+    _check_number("occlusion", "window_s", window_s)
+    if stride_s is not None:
+        _check_number("occlusion", "stride_s", stride_s)
+    _check_positive_int("occlusion", "lead_window", lead_window, upper=int(job.x.shape[1]))
+    _check_positive_int("occlusion", "perturbations_per_eval", perturbations_per_eval)
     w = _default_window(job.fs, window_s)
     s = _default_window(job.fs, stride_s if stride_s is not None else window_s / 2)
     base = _confined_baseline(make_baseline(baselines, job.x, job.fs), job.x, recorded)
@@ -802,6 +883,7 @@ def _m_lead_ablation(job: _Job, baselines: Any = "zeros", perturbations_per_eval
                      ) -> tuple[Tensor, None, dict]:
     """Baseline ``"zeros"`` = lead absent, ecgfm's convention for missing leads. ``recorded``: the baseline equals
     the input outside the recorded samples (:func:`_confined_baseline`)."""
+    _check_positive_int("lead_ablation", "perturbations_per_eval", perturbations_per_eval)
     b, n_l, n_t = job.x.shape
     mask = torch.arange(n_l, device=job.x.device)[None, :, None].expand(1, n_l, n_t)
     v = _ablate(job, mask, _confined_baseline(make_baseline(baselines, job.x, job.fs), job.x, recorded),
@@ -816,6 +898,7 @@ def _m_wave_ablation(job: _Job, r_peaks: Sequence[np.ndarray] | None = None, per
     baseline; the remainder (PR, ST-free TP segments) is the feature ``"other"``. ``recorded``: the baseline equals
     the input outside the recorded samples (:func:`_confined_baseline`), so ablating ``"other"`` leaves the zero
     padding of a short record at zero."""
+    _check_positive_int("wave_ablation", "perturbations_per_eval", perturbations_per_eval)
     b, n_l, n_t = job.x.shape
     if r_peaks is None:
         r_peaks = waves_mod.detect_r_peaks_batch(job.x, job.fs)

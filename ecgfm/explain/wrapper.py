@@ -20,6 +20,7 @@ named layer's activations and gradients, the encoder's embeddings, and a reshape
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import warnings
 from pathlib import Path
@@ -87,10 +88,14 @@ class ECGWrapper(nn.Module):
         preprocess: the spec the model was trained with; :meth:`prepare` applies it to raw data. ``None``: raw
             data is only resampled and reordered.
         postprocess: ``"softmax"`` (single-label), ``"sigmoid"`` (multi-label) or ``None`` (the outputs are
-            already the quantity to explain).
+            already the quantity to explain). A model of one output (one logit, e.g. a binary classifier trained
+            with binary cross-entropy) takes ``"sigmoid"`` (or None): softmax over one output is always 1, so it is
+            refused.
         input_layout: ``"BLT"`` (ecgfm) or ``"BTL"`` (channels-last user models). Explainers always pass
-            ``(B, L, T)``; the wrapper transposes.
-        class_names: names of the output classes (sets ``num_classes``).
+            ``(B, L, T)``; the wrapper transposes, for the model and for its encoder (:meth:`embed`), which reads
+            the model's input.
+        class_names: names of the output classes (sets ``num_classes``); checked against the model's outputs on
+            the first forward pass.
         num_classes: number of outputs; found with one forward pass when needed and not given.
         n_samples: input length the model expects, if fixed (checked by :meth:`check`; lets :meth:`prepare`
             catch inputs at another rate).
@@ -114,9 +119,15 @@ class ECGWrapper(nn.Module):
             ``window_aggregate`` (:meth:`from_classifier`), as :meth:`ecgfm.api.Classifier.predict_proba` scores it.
         stride_samples: hop between those windows (None: ``n_samples``), the artifact's ``input.stride_samples``.
 
+    The wrapper leaves the caller's model in the mode it is in: every forward pass it runs happens in eval mode
+    (:meth:`evaluating`), each sub-module's own mode restored after.
+
+    Inputs are cast to the model's parameter dtype (a float64 or bfloat16 model) and outputs returned as float32.
+
     Raises:
-        ValueError: unknown ``postprocess`` / ``input_layout``, unknown lead names, or ``fs`` disagreeing with
-            ``preprocess.fs``.
+        ValueError: unknown ``postprocess`` / ``input_layout``, unknown lead names, ``fs`` disagreeing with
+            ``preprocess.fs``, or ``postprocess="softmax"`` for a model of one output. A model whose outputs do not
+            match ``class_names`` / ``num_classes`` / ``thresholds`` is refused on its first forward pass.
     """
 
     def __init__(self, model: nn.Module, fs: float, lead_names: Sequence[str] = CANONICAL_LEADS,
@@ -171,6 +182,8 @@ class ECGWrapper(nn.Module):
                 raise ValueError(f"{len(thresholds)} thresholds for {num_classes} classes")
             if not all(np.isfinite(t) for t in thresholds):
                 raise ValueError(f"thresholds must be finite, got {thresholds}")
+        if postprocess == "softmax" and num_classes == 1:
+            raise ValueError(_one_output_softmax(class_names))
         self.thresholds: tuple[float, ...] | None = thresholds
         self.trained_leads: tuple[str, ...] | None = tuple(trained_leads) if trained_leads else None
         self.derive_limb_leads = bool(derive_limb_leads)
@@ -191,7 +204,8 @@ class ECGWrapper(nn.Module):
         # Kept out of the module tree (it is normally a sub-module of ``model``): registering it twice would make
         # hook-based methods (captum DeepLift's ``model.apply``) hook its layers twice.
         object.__setattr__(self, "encoder", encoder if encoder is not None else _find_encoder(model))
-        self.model.eval()
+        # the caller's model keeps its mode (it was put in eval mode here for good, so a model being trained went
+        # on with dropout off and BatchNorm frozen): every forward pass runs inside evaluating()
         self.lead_aware = bool(lead_aware) and bool(getattr(model, "accepts_lead_mask", False))
         self._present: Tensor | None = None   # (L,) lead mask of the record being explained (present_leads)
         self._present_time: int | None = None   # samples of the last input run under that mask
@@ -292,13 +306,22 @@ class ECGWrapper(nn.Module):
         every forward pass of an explanation (the predicted target, reference embeddings, perturbation curves,
         concept activations) sees the model as it predicts, even when the caller left it in train mode (where
         dropout would pick a random target and BatchNorm would overwrite its statistics with the explained
-        batch)."""
-        was_training = self.model.training
+        batch).
+
+        Each sub-module's own flag is restored (``model.train(was_training)`` set every sub-module to the top
+        level's mode: a backbone kept in eval mode inside a model in train mode, a linear probe's, was switched to
+        train mode, and its "frozen" BatchNorm statistics moved on the next training step)."""
+        modules = list(dict.fromkeys([*self.modules(),
+                                      *(self.encoder.modules() if isinstance(self.encoder, nn.Module) else ())]))
+        modes = [m.training for m in modules]
         self.model.eval()
+        if isinstance(self.encoder, nn.Module):
+            self.encoder.eval()
         try:
             yield self
         finally:
-            self.model.train(was_training)
+            for m, mode in zip(modules, modes):
+                m.training = mode
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -439,19 +462,73 @@ class ECGWrapper(nn.Module):
         return self._num_classes
 
     # ------------------------------------------------------------------ forward
+    def _model_dtype(self) -> torch.dtype | None:
+        """The floating dtype of the model's parameters (or buffers), None when it has neither."""
+        for t in itertools.chain(self.model.parameters(), self.model.buffers()):
+            if t.is_floating_point():
+                return t.dtype
+        return None
+
+    def _to_model_dtype(self, x: Tensor) -> Tensor:
+        """``x`` in the model's parameter dtype (inputs are float32: a float64 or bfloat16 model failed with
+        torch's dtype mismatch); differentiable, so gradients reach the float32 input."""
+        dtype = self._model_dtype()
+        return x.to(dtype) if dtype is not None and x.is_floating_point() and x.dtype != dtype else x
+
+    @staticmethod
+    def _as_float32(out: Tensor) -> Tensor:
+        """A floating output of another dtype (a float64 / bfloat16 model) as float32, what every caller reads."""
+        return out.float() if out.is_floating_point() and out.dtype != torch.float32 else out
+
+    def _check_outputs(self, out: Tensor) -> None:
+        """The model's ``(B, C)`` output against what the wrapper was told of it.
+
+        Raises:
+            ValueError: one output with ``postprocess="softmax"`` (always 1), or ``C`` other than the number of
+                ``class_names`` / ``num_classes`` / ``thresholds`` (a name list shorter than the outputs named no
+                predicted class beyond it, and ``num_classes`` reported the names' count).
+        """
+        if out.ndim != 2:
+            return
+        n = int(out.shape[1])
+        if self.postprocess == "softmax" and n == 1:
+            raise ValueError(_one_output_softmax(self.class_names))
+        if self.class_names is not None and len(self.class_names) != n:
+            raise ValueError(f"{len(self.class_names)} class_names {list(self.class_names)} but the model has {n} "
+                             f"outputs: pass one name per output, in output order")
+        if self._num_classes is not None and self._num_classes != n:
+            raise ValueError(f"num_classes={self._num_classes} but the model has {n} outputs")
+        if self.thresholds is not None and len(self.thresholds) != n:
+            raise ValueError(f"{len(self.thresholds)} thresholds but the model has {n} outputs: pass one per output")
+
     def forward(self, x: Tensor) -> Tensor:
-        """``(B, L, T) -> (B, C)`` logits (or ``(B, D)`` embeddings for a bare encoder)."""
+        """``(B, L, T) -> (B, C)`` logits (or ``(B, D)`` embeddings for a bare encoder), float32, run in eval mode
+        (:meth:`evaluating`) on inputs in the model's dtype.
+
+        Raises:
+            ValueError: outputs that do not match ``class_names`` / ``num_classes`` / ``thresholds``, or one output
+                with ``postprocess="softmax"`` (:meth:`_check_outputs`).
+        """
         if self.input_layout == "BTL":
             x = x.transpose(1, 2)
         mask = self._mask_for(x)
-        out = self.model(x) if mask is None else self.model(x, mask)
+        x = self._to_model_dtype(x)
+        with self.evaluating():
+            out = self.model(x) if mask is None else self.model(x, mask)
         if out.ndim == 1:
             out = out[:, None]
-        return out
+        self._check_outputs(out)
+        return self._as_float32(out)
 
     def postprocess_fn(self, logits: Tensor) -> Tensor:
-        """Apply the post-processing to ``(B, C)`` logits."""
+        """Apply the post-processing to ``(B, C)`` logits.
+
+        Raises:
+            ValueError: one column with ``postprocess="softmax"`` (always 1).
+        """
         if self.postprocess == "softmax":
+            if logits.ndim == 2 and logits.shape[1] == 1:
+                raise ValueError(_one_output_softmax(self.class_names))
             return logits.softmax(dim=1)
         if self.postprocess == "sigmoid":
             return logits.sigmoid()
@@ -470,7 +547,8 @@ class ECGWrapper(nn.Module):
         return self.postprocess_fn(self.forward(x))
 
     def embed(self, x: Tensor) -> Tensor:
-        """Encoder embeddings ``(B, L, T) -> (B, D)`` (differentiable).
+        """Encoder embeddings ``(B, L, T) -> (B, D)`` (differentiable, float32, in eval mode). The encoder reads
+        the model's input, so a channels-last model's (``input_layout="BTL"``) gets ``(B, T, L)``.
 
         Raises:
             ValueError: when the wrapped model has no identifiable encoder.
@@ -478,14 +556,18 @@ class ECGWrapper(nn.Module):
         if self.encoder is None:
             raise ValueError("the wrapped model has no encoder: pass encoder= to ECGWrapper, or build it with "
                              "ECGWrapper.from_encoder_and_head")
-        if self.input_layout == "BTL" and self.encoder is self.model:
+        if self.input_layout == "BTL":
+            # the encoder is the part of the model that receives the model's input: (B, T, L) for a channels-last
+            # model, whether it is the model itself or a sub-module (model.encoder got (B, L, T) before)
             x = x.transpose(1, 2)
         fn = getattr(self.encoder, "embed", None)
         mask = self._mask_for(x) if getattr(self.encoder, "accepts_lead_mask", False) else None
-        out = (fn(x) if mask is None else fn(x, lead_mask=mask)) if callable(fn) else self.encoder(x)
+        x = self._to_model_dtype(x)
+        with self.evaluating():
+            out = (fn(x) if mask is None else fn(x, lead_mask=mask)) if callable(fn) else self.encoder(x)
         if out.ndim > 2:  # feature map (B, C, T') of a plain CNN encoder: global average pool
             out = out.flatten(2).mean(-1)
-        return out
+        return self._as_float32(out)
 
     # ------------------------------------------------------------------ input checks and conversion
     def check(self, x: Tensor, where: Any = "<inputs>") -> Tensor:
@@ -922,6 +1004,14 @@ class ECGWrapper(nn.Module):
         to_grid = getattr(self.encoder, "tokens_to_grid", None)
         width = getattr(self.encoder, "embed_dim", getattr(self.encoder, "num_features", None))
         return callable(to_grid) and width is not None and out.shape[-1] == width
+
+
+def _one_output_softmax(class_names: Sequence[str] | None) -> str:
+    """The message refusing ``postprocess="softmax"`` for a model of one output."""
+    named = f" ({class_names[0]!r})" if class_names else ""
+    return (f"the model has one output{named} and postprocess='softmax': softmax over one output is always 1, so "
+            f"every probability would be 1 and every probability explanation 0; a one-logit (binary, BCE-trained) "
+            f"model takes postprocess='sigmoid' (or None to explain the logit)")
 
 
 def _head_from_state(state: dict[str, Tensor], info: dict | None, path: Path) -> nn.Module:

@@ -224,7 +224,7 @@ def test_explain_embedding(backbone):
     from ecgfm.data.preprocess import PreprocessSpec
 
     torch.manual_seed(0)
-    enc = create_backbone(backbone)
+    enc = create_backbone(backbone).eval()
     ex = Explainer(ECGWrapper.from_encoder_and_head(enc, None, PreprocessSpec(fs=100)))
     x = _ecg_like(2, seed=9)
     att = ex.explain_embedding(x, method="ig", n_steps=64)

@@ -212,7 +212,7 @@ def test_embed_and_grid_for_ecgfm_backbones():
     assert torch.allclose(grid[:, :, 3, 4], tokens[:, 3 * (250 // vit.patch_size) + 4])
     acts, grads, _ = w.activations_and_gradients(x, "encoder.blocks.0", target=0)
     assert w.grid_reshape(grads).shape == grid.shape
-    res = create_backbone("resnet1d_test")
+    res = create_backbone("resnet1d_test").eval()
     wr = ECGWrapper.from_encoder_and_head(res, nn.Linear(res.num_features, 4), PreprocessSpec(fs=100))
     feats = res.forward_features(x)
     assert wr.grid_reshape(feats).shape == (2, feats.shape[1], 1, feats.shape[2])
@@ -226,7 +226,7 @@ def test_from_checkpoint_roundtrip(tmp_path):
     from ecgfm.backbones.registry import create_backbone
 
     torch.manual_seed(0)
-    res = create_backbone("resnet1d_test")
+    res = create_backbone("resnet1d_test").eval()
     head = nn.Linear(res.num_features, 3)
     model = EncoderClassifier(res, head).eval()
     path = tmp_path / "clf.pt"
@@ -261,7 +261,7 @@ def test_from_checkpoint_reads_classifier_directories(tmp_path):
     from ecgfm.explain.classifier import save_classifier
 
     torch.manual_seed(0)
-    res = create_backbone("resnet1d_test")
+    res = create_backbone("resnet1d_test").eval()
     head = nn.Linear(res.num_features, 2)
     save_classifier(tmp_path / "clf", res, head, PreprocessSpec(fs=100), class_names=["n", "pvc"], multilabel=False,
                     n_samples=250)
