@@ -35,7 +35,7 @@ import hashlib
 import json
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -78,7 +78,10 @@ class TCAVCache:
     """Activation and CAV cache keyed by content (model weights + data + settings), never by name.
 
     Entries are ``<key>.safetensors`` (tensors) + ``<key>.json`` (the key's ingredients, for inspection). With
-    ``directory=None`` the cache lives in memory only. ``hits`` / ``misses`` count lookups.
+    ``directory=None`` the cache lives in memory only. ``hits`` / ``misses`` count lookups. :meth:`put` stores copies
+    and :meth:`get` hands out copies, so a caller's in-place edit of a tensor it got never changes an entry. An
+    entry file that cannot be read (truncated, corrupt) is a miss, with a warning naming it: the value is recomputed
+    and the file rewritten.
 
     Args:
         directory: folder for the entries (created), or None.
@@ -93,21 +96,31 @@ class TCAVCache:
         self.misses = 0
 
     def get(self, key: str) -> dict[str, Tensor] | None:
+        """A copy of the entry ``key``, or None (a miss: not stored, or its file cannot be read)."""
         if key in self._mem:
             self.hits += 1
-            return self._mem[key]
-        if self.directory is not None and (self.directory / f"{key}.safetensors").is_file():
+            return {k: v.clone() for k, v in self._mem[key].items()}
+        path = None if self.directory is None else self.directory / f"{key}.safetensors"
+        if path is not None and path.is_file():
+            from safetensors import SafetensorError
             from safetensors.torch import load_file
 
-            value = load_file(str(self.directory / f"{key}.safetensors"))
-            self._mem[key] = value
-            self.hits += 1
-            return value
+            try:
+                value = load_file(str(path))
+            except (SafetensorError, OSError) as exc:
+                # a content-keyed entry can always be recomputed: a broken file is a miss (put rewrites it)
+                warnings.warn(f"TCAV cache entry {path} cannot be read ({type(exc).__name__}: {exc}): ignored and "
+                              f"recomputed", stacklevel=2)
+            else:
+                self._mem[key] = value
+                self.hits += 1
+                return {k: v.clone() for k, v in value.items()}
         self.misses += 1
         return None
 
     def put(self, key: str, value: dict[str, Tensor], info: dict[str, Any]) -> None:
-        value = {k: v.detach().cpu().contiguous() for k, v in value.items()}
+        """Store a copy of ``value`` under ``key`` (and its ingredients ``info`` next to the file)."""
+        value = {k: v.detach().cpu().clone().contiguous() for k, v in value.items()}
         self._mem[key] = value
         if self.directory is not None:
             from safetensors.torch import save_file
@@ -126,29 +139,35 @@ class TCAVCache:
 class ConceptSet:
     """Examples of a concept (or a random set) in the model's input space.
 
+    The set holds its own float32 copy of the examples (taken when ``inputs`` is given or reassigned, and checked
+    then), so a later change of the array it was built from does not change it.
+
     Attributes:
         name: concept name (``"st_elevation"``, ``"random_0"``...).
         inputs: ``(N, L, T)`` float32 model-space inputs.
         source: where they came from (for the report).
+
+    Raises:
+        ValueError: ``inputs`` not shaped ``(N >= 2, leads, samples)``.
     """
 
     name: str
     inputs: Tensor
     source: str = ""
-    _fp: str | None = field(default=None, repr=False)
 
-    def __post_init__(self) -> None:
-        self.inputs = torch.as_tensor(self.inputs, dtype=torch.float32)
-        if self.inputs.ndim != 3 or self.inputs.shape[0] < 2:
-            raise ValueError(f"concept {self.name!r}: need (N >= 2, leads, samples) inputs, got "
-                             f"{tuple(self.inputs.shape)}")
+    def __setattr__(self, attr: str, value: Any) -> None:
+        if attr == "inputs":   # a copy: the examples the fingerprint hashes are the set's own
+            value = torch.as_tensor(value, dtype=torch.float32).detach().clone()
+            if value.ndim != 3 or value.shape[0] < 2:
+                raise ValueError(f"concept {getattr(self, 'name', '?')!r}: need (N >= 2, leads, samples) inputs, "
+                                 f"got {tuple(value.shape)}")
+        super().__setattr__(attr, value)
 
     @property
     def fingerprint(self) -> str:
-        """SHA-256 of the examples (the data part of every cache key)."""
-        if self._fp is None:
-            self._fp = data_fingerprint(self.inputs)
-        return self._fp
+        """SHA-256 of the examples (the data part of every cache key), of the examples held now: computed on every
+        read (about a millisecond per MB), so an in-place edit of ``inputs`` can never keep an old key."""
+        return data_fingerprint(self.inputs)
 
 
 def concept_from_arrays(x: np.ndarray | Tensor, labels: Sequence[Any], concept: Any, n: int | None = None,
@@ -164,8 +183,11 @@ def concept_from_arrays(x: np.ndarray | Tensor, labels: Sequence[Any], concept: 
         name: concept name (default ``str(concept)``).
 
     Raises:
-        ValueError: fewer than 2 matching rows.
+        ValueError: ``labels`` not one per row of ``x``, fewer than 2 matching rows.
     """
+    if len(labels) != len(x):
+        raise ValueError(f"concept {concept!r}: {len(labels)} labels for {len(x)} rows of x; give one label (or "
+                         f"collection of labels) per row")
     hit = np.array([(concept in lab) if isinstance(lab, (list, tuple, set, frozenset)) else lab == concept
                     for lab in labels])
     idx = np.flatnonzero(hit)
@@ -336,13 +358,13 @@ class TCAV:
         cache: a :class:`TCAVCache` (default: in-memory).
         pool: ``"mean"`` (position-free CAVs, default) or ``"flatten"``.
         C: inverse L2 strength of the logistic-regression CAV classifier.
-        test_fraction: share of each (concept + random) pair held out to report the CAV accuracy (sets under 3
-            examples: leave-one-out instead, see :meth:`cav`).
+        test_fraction: share of each (concept + random) pair held out to report the CAV accuracy, strictly between
+            0 and 1 (sets under 3 examples, or a split under 2 examples: leave-one-out instead, see :meth:`cav`).
         batch_size: forward batch size.
         seed: seed of the CAV train/test splits.
 
     Raises:
-        ValueError: unknown layer or pool.
+        ValueError: unknown layer or pool, ``test_fraction`` not strictly between 0 and 1.
     """
 
     def __init__(self, wrapper: ECGWrapper, layers: Sequence[str], cache: TCAVCache | None = None,
@@ -352,6 +374,9 @@ class TCAV:
             raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
         if not layers:
             raise ValueError("give at least one layer")
+        if not 0.0 < float(test_fraction) < 1.0:
+            raise ValueError(f"test_fraction must be strictly between 0 and 1 (the share of each concept + random "
+                             f"pair held out to score its CAV), got {test_fraction!r}")
         for layer in layers:
             wrapper.layer(layer)  # raises with the list of names
         self.wrapper = wrapper
@@ -392,9 +417,14 @@ class TCAV:
         return store["a"]
 
     def activations(self, concept: ConceptSet, layer: str) -> Tensor:
-        """``(N, D)`` pooled activations of a concept's examples at ``layer`` (cached by model + data)."""
+        """``(N, D)`` pooled activations of a concept's examples at ``layer`` (cached by model + data; the caller's
+        own copy)."""
+        return self._activations(concept, layer, concept.fingerprint)
+
+    def _activations(self, concept: ConceptSet, layer: str, data_fp: str) -> Tensor:
+        """:meth:`activations` with the concept's fingerprint ``data_fp`` computed once by the caller."""
         self.wrapper.check(concept.inputs, f"concept {concept.name!r}")   # the model's input space, as inputs are
-        key = _key("act", self._model_fp(), layer, concept.fingerprint, self.pool)
+        key = _key("act", self._model_fp(), layer, data_fp, self.pool)
         hit = self.cache.get(key)
         if hit is not None:
             return hit["act"]
@@ -402,7 +432,7 @@ class TCAV:
                  for i in range(0, concept.inputs.shape[0], self.batch_size)]
         act = torch.cat(parts).float()
         self.cache.put(key, {"act": act}, {"kind": "activations", "layer": layer, "concept": concept.name,
-                                           "model": self._model_fp(), "data": concept.fingerprint,
+                                           "model": self._model_fp(), "data": data_fp,
                                            "pool": self.pool})
         return act
 
@@ -422,12 +452,14 @@ class TCAV:
         # "heldout2": entries of older versions stored the training accuracy of small sets as the held-out one.
         # Which estimate the accuracy is (cav_accuracy_estimate) is not stored: the set sizes (in the fingerprints)
         # and test_fraction in this key fix it, so a "heldout2" entry needs no new version for it.
-        key = _key("cav", "heldout2", self._model_fp(), layer, concept.fingerprint, random.fingerprint, self.pool,
+        fp_c, fp_r = concept.fingerprint, random.fingerprint
+        key = _key("cav", "heldout2", self._model_fp(), layer, fp_c, fp_r, self.pool,
                    self.C, self.test_fraction, self.seed)
         hit = self.cache.get(key)
         if hit is not None:
             return hit["cav"], float(hit["accuracy"])
-        a_c, a_r = self.activations(concept, layer).numpy(), self.activations(random, layer).numpy()
+        a_c = self._activations(concept, layer, fp_c).numpy()
+        a_r = self._activations(random, layer, fp_r).numpy()
         feats = np.concatenate([a_c, a_r]).astype(np.float64)
         y = np.concatenate([np.ones(len(a_c)), np.zeros(len(a_r))])
         # Standardise so that C means the same at every layer; the CAV is mapped back to activation space.
@@ -438,8 +470,8 @@ class TCAV:
         v = torch.as_tensor(w / max(np.linalg.norm(w), 1e-12), dtype=torch.float32)
         self.cache.put(key, {"cav": v, "accuracy": torch.tensor(acc)},
                        {"kind": "cav", "layer": layer, "concept": concept.name, "random": random.name,
-                        "model": self._model_fp(), "concept_data": concept.fingerprint,
-                        "random_data": random.fingerprint, "C": self.C, "pool": self.pool})
+                        "model": self._model_fp(), "concept_data": fp_c,
+                        "random_data": fp_r, "C": self.C, "pool": self.pool})
         return v, acc
 
     # -------------------------------------------------------------- scores

@@ -202,7 +202,9 @@ class Counterfactual:
         valid: ``(B,)`` bool, the prediction is the target on the counterfactual.
         already_target: ``(B,)`` bool, the original was already predicted as the target (its "counterfactual"
             changes nothing: not an explanation; :func:`default_target` avoids it).
-        steps: ``(B,)`` optimisation steps used.
+        steps: ``(B,)`` optimisation steps taken before the returned counterfactual: with early stopping, the
+            index of its first flipped iterate (0: the input itself was already the target); otherwise (or not
+            flipped within the budget) ``max_steps``, the counterfactual being the last iterate.
         l1: ``(B,)`` mean |delta| over the record's recorded signal: its present leads and recorded samples (the
             zero-filled leads and the zero padding the change never touches are left out, so the same change reads
             the same on a one-lead or a short record).
@@ -362,7 +364,11 @@ def counterfactual(wrapper: ECGWrapper, inputs: Tensor, target: Any, lambda_prox
     Args:
         wrapper: the model (its parameters are not changed).
         inputs: ``(B, L, T)`` model-space inputs (use :meth:`ECGWrapper.prepare` for raw data).
-        target: class index or name, one for all or one per input.
+        target: class index or name, one for all or one per input. ``None``: each input's own most probable
+            class (:meth:`ECGWrapper.resolve_target`); for a single-label model that is the class the input is
+            already predicted as, so the result changes nothing (``steps`` 0, ``already_target`` and ``valid``
+            true) and explains nothing: give a class, or each input's :func:`default_target` (a class it is not
+            predicted as, what the report uses).
         lambda_prox: weight of the proximity term (>= 0).
         proximity: ``"l1"`` (sparse changes) or ``"l2"``.
         lambda_smooth: weight of the total-variation term (>= 0).
@@ -370,12 +376,14 @@ def counterfactual(wrapper: ECGWrapper, inputs: Tensor, target: Any, lambda_prox
         lambda_plaus: weight of the prior (>= 0).
         lr: Adam learning rate (model input units per step; > 0).
         max_steps: step budget.
-        early_stop: stop each input at its first flipped iterate.
+        early_stop: stop each input at its first flipped iterate. False: every input takes all ``max_steps``
+            steps and its counterfactual is the last iterate (``steps`` reads ``max_steps``; ``valid`` says whether
+            that iterate is predicted as the target).
         threshold: probability in ``(0, 1)`` a multi-label (sigmoid) model must give the target (one, or one per
             class);
             default the classifier's own thresholds (``wrapper.thresholds``, chosen on validation), else 0.5.
-        leads: restrict the change to these leads (default all). A record's absent leads (all-zero rows, ecgfm's
-            convention) are never changed.
+        leads: restrict the change to these leads (default None: all; an empty list is refused, it would leave
+            nothing to change). A record's absent leads (all-zero rows, ecgfm's convention) are never changed.
         knot_s: the change is piecewise linear between knots ``knot_s`` seconds apart (default 40 ms, one small
             ECG-paper square), i.e. it has no content above about ``1 / (2 knot_s)`` Hz. Adam moves every free
             parameter by about ``lr`` per step whatever its gradient, so a free per-sample change turns into
@@ -396,7 +404,7 @@ def counterfactual(wrapper: ECGWrapper, inputs: Tensor, target: Any, lambda_prox
 
     Raises:
         ValueError: bad inputs (see :meth:`ECGWrapper.check`), a target outside the classes, unknown
-            ``proximity`` or lead names.
+            ``proximity`` or lead names, an empty ``leads``.
         ecgfm.config.ConfigError: (a ``ValueError``) naming the setting that cannot work: ``threshold`` outside
             ``(0, 1)``, a negative ``lambda_*``, ``lr`` not positive
             (:func:`ecgfm.recipes.check_counterfactual_options`).
@@ -409,10 +417,21 @@ def counterfactual(wrapper: ECGWrapper, inputs: Tensor, target: Any, lambda_prox
         raise ValueError(f"max_steps must be >= 1, got {max_steps}")
     if not (edge_s >= 0 and ramp_s >= 0):
         raise ValueError(f"edge_s and ramp_s must be >= 0 seconds, got edge_s={edge_s}, ramp_s={ramp_s}")
+    if leads is not None and len(leads) == 0:
+        raise ValueError("leads is empty: no lead could change, so no counterfactual can be found; give the leads "
+                         "the change may use, or None for all")
     x = wrapper.check(torch.as_tensor(inputs, dtype=torch.float32).to(wrapper.device), "<counterfactual inputs>")
+    with wrapper.evaluating():   # eval mode inside; each sub-module's own mode restored after
+        return _counterfactual(wrapper, x, target, lambda_prox, proximity, lambda_smooth, prior, lambda_plaus, lr,
+                               max_steps, early_stop, threshold, leads, knot_s, edge_s, ramp_s, recorded)
+
+
+def _counterfactual(wrapper: ECGWrapper, x: Tensor, target: Any, lambda_prox: float, proximity: str,
+                    lambda_smooth: float, prior: nn.Module | None, lambda_plaus: float, lr: float, max_steps: int,
+                    early_stop: bool, threshold: Any, leads: Sequence[str] | None, knot_s: float | None,
+                    edge_s: float, ramp_s: float, recorded: Any) -> Counterfactual:
+    """:func:`counterfactual` on checked inputs ``x``, the model in eval mode."""
     multilabel = wrapper.postprocess == "sigmoid"
-    was_training = wrapper.model.training
-    wrapper.model.eval()
     t0 = time.perf_counter()
     with torch.no_grad():
         logits0 = wrapper(x)
@@ -497,7 +516,8 @@ def counterfactual(wrapper: ECGWrapper, inputs: Tensor, target: Any, lambda_prox
         proba1 = wrapper.postprocess_fn(wrapper(best))
         valid = _is_valid(proba1, tgt, multilabel, threshold)
         plaus1 = _prior_values(prior, best, present, recorded) if prior is not None else None
-    wrapper.model.train(was_training)
+    if not early_stop:   # the counterfactual is the last iterate, after every step
+        steps.fill_(max_steps)
     diff = best - x
     per_lead, per_wave, segments = change_summary(diff, x, wrapper.fs, wrapper.lead_names)
     # distances per sample of the record's signal (present leads, recorded samples), not of the whole window

@@ -388,6 +388,9 @@ def explain_records(wrapper: ECGWrapper, records: Sequence[ECGRecord], out_dir: 
     Raises:
         ValueError / ECGDataError: unknown method, bad record, target outside the classes, a faithfulness
             ``output`` other than ``"logit"`` / ``"proba"``.
+        ecgfm.config.ConfigError: (a ``ValueError``) a counterfactual setting that cannot work, before any record
+            is explained: ``counterfactual.target`` not one of the classes, ``counterfactual.threshold`` outside
+            ``(0, 1)`` or neither one value nor one per class, a negative weight, a non-positive ``lr``.
     """
     from ecgfm.explain.faithfulness import faithfulness_report
 
@@ -407,6 +410,7 @@ def explain_records(wrapper: ECGWrapper, records: Sequence[ECGRecord], out_dir: 
                                                           f"{keys}: add them to methods or drop their options")
     if counterfactual is not None:   # so does a counterfactual setting that cannot work
         check_counterfactual_options(counterfactual)
+        _check_counterfactual_target(counterfactual, wrapper)   # its class and threshold count too
     problem = _output_problem((faithfulness_options or {}).get("output")) if faithfulness else None
     if problem:   # and a score the curves cannot track (it failed after the first attribution had been computed)
         raise ValueError(f"faithfulness_options['output'] {problem}")
@@ -879,6 +883,36 @@ def _check_target(target: Any, wrapper: ECGWrapper) -> None:
         raise ConfigError("target", str(exc)) from None
 
 
+def _check_counterfactual_target(options: Mapping[str, Any] | None, wrapper: ECGWrapper) -> None:
+    """The counterfactual block's ``target`` names one of the model's classes (or its index) and its ``threshold``
+    is one value or one per class, checked before any record is explained (they were first resolved after the first
+    record's attributions, faithfulness curves and charts, as a bare ``ValueError``).
+
+    Args:
+        options: the counterfactual options (``None``: off, nothing checked).
+        wrapper: the model.
+
+    Raises:
+        ConfigError: ``counterfactual.target`` (an unknown class name or an index outside the classes) or
+            ``counterfactual.threshold`` (a count that is neither 1 nor the number of classes).
+    """
+    if options is None:
+        return
+    from ecgfm.explain.counterfactual import class_thresholds
+
+    target = options.get("target")
+    if target is not None:
+        try:
+            wrapper.resolve_target(target, logits=torch.zeros(1, wrapper.num_classes))
+        except ValueError as exc:
+            raise ConfigError("counterfactual.target", str(exc)) from None
+    try:
+        class_thresholds(options.get("threshold"), wrapper, wrapper.num_classes)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError("counterfactual.threshold", f"{exc} (give one threshold, or one per class: "
+                                                      f"{wrapper.num_classes})") from None
+
+
 def _raise_unknown_record(rid: str, all_ids: set[str], source: Any) -> None:
     """Refuse ``record=rid`` when a listed id ends with ``/rid`` (a bare file name of a folder record, which its
     labels CSV accepts but a record id is not): the error names those ids. Otherwise return, so the source's own
@@ -936,6 +970,11 @@ def explain_main(cfg: Any) -> dict[str, Any]:
         checkpoint, demo_info = Path(cfg.checkpoint), None
     wrapper = load_model(checkpoint, map_location=cfg.device)
     _check_target(cfg.get("target"), wrapper)
+    cf = cfg.get("counterfactual")
+    cf_opts = None
+    if cf is not None and cf.get("enabled", False):
+        cf_opts = {k: v for k, v in OmegaConf.to_container(cf, resolve=True).items() if k != "enabled"}
+    _check_counterfactual_target(cf_opts, wrapper)   # a misspelt class fails here, not after the first record
     ids = cfg.record
     if ids is None:
         first = 0
@@ -962,10 +1001,6 @@ def explain_main(cfg: Any) -> dict[str, Any]:
         if rid not in all_ids:
             _raise_unknown_record(rid, all_ids, source)
         records.append(source.load(rid))
-    cf = cfg.get("counterfactual")
-    cf_opts = None
-    if cf is not None and cf.get("enabled", False):
-        cf_opts = {k: v for k, v in OmegaConf.to_container(cf, resolve=True).items() if k != "enabled"}
     data = training_data(checkpoint)
     known = training_records(checkpoint, source)
     membership = {r.key: training_membership(data, r, known, source) for r in records}
