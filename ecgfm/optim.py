@@ -9,7 +9,8 @@ Used by pretraining (:class:`ecgfm.methods.base.PretrainModule`) and fine-tuning
   layer ``l`` gets ``lr * layer_decay ** (top - l)``. The layer of a backbone parameter comes from the backbone
   itself (``backbone.layer_id(name)`` and ``backbone.num_layer_ids``, see
   :class:`ecgfm.backbones.registry.Backbone`); every parameter outside the backbone (heads, decoders) is the top
-  layer ``num_layer_ids``.
+  layer ``num_layer_ids``, which a ViT's final norm shares (MAE's ``param_groups_lrd``: the last block is one decay
+  step below the head).
 * :func:`warmup_cosine`: linear warm-up from ``1/(warmup+1)`` to 1, then cosine decay to 0 at ``max_steps``,
   applied per optimiser step by ``torch.optim.lr_scheduler.LambdaLR`` (:func:`warmup_cosine_scheduler`).
 * :func:`adamw`: ``torch.optim.AdamW`` over those groups, fused where PyTorch has it
@@ -61,8 +62,9 @@ def _no_decay_set(model: nn.Module) -> set[str]:
 def layer_of(model: nn.Module, backbone_attr: str = "backbone") -> tuple[Callable[[str], int], int]:
     """Layer id of every parameter of ``model`` for layer-wise lr decay, from its backbone.
 
-    A parameter ``<backbone_attr>.<name>`` gets ``backbone.layer_id(name)`` (``0`` = input side); every other
-    parameter (a head, a decoder) gets the top id ``backbone.num_layer_ids``. A backbone without ``layer_id`` /
+    A parameter ``<backbone_attr>.<name>`` gets ``backbone.layer_id(name)`` (``0`` = input side, at most the top:
+    a final norm shares it); every other parameter (a head, a decoder) gets the top id ``backbone.num_layer_ids``.
+    A backbone without ``layer_id`` /
     ``num_layer_ids`` is one layer: all its parameters are layer 0 and the top is 1.
 
     Args:

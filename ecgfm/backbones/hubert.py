@@ -159,7 +159,8 @@ class HubertECG(Backbone):
     def layer_id(self, name: str) -> int:
         """Layer id for layer-wise lr decay (:meth:`Backbone.layer_id`): the feature encoder and position
         embedding 0, block ``i`` ``i + 1``; the shared ``layer_norm`` is where it runs: on the input (0) post-norm,
-        after the last block (``depth + 1``, below the head) with ``do_stable_layer_norm``."""
+        after the last block with ``do_stable_layer_norm``: ``depth + 1`` = :attr:`num_layer_ids`, the head's level,
+        as a ViT's final norm (MAE / BEiT)."""
         if self.stable and name.startswith("layer_norm."):
             return len(self.blocks) + 1
         return super().layer_id(name)

@@ -98,22 +98,28 @@ class Backbone(nn.Module):
 
     # ------------------------------------------------------------------ layer ids (layer-wise lr decay)
     # Two layouts are recognised by attribute, so every family gets layer ids without code of its own (override
-    # both members for another layout). Transformer: ``blocks`` (nn.ModuleList): embeddings and tokens are layer 0,
-    # block i is layer i + 1, the final ``norm*`` is the top backbone layer. CNN: ``stages`` (nn.Sequential): the
-    # stem and anything else before the stages is layer 0, stage i is layer i + 1, anything after the stages is
-    # the top backbone layer ("per-stage" decay). Otherwise the backbone is a single layer 0.
+    # both members for another layout). The rule is MAE's / BEiT's (``param_groups_lrd``: ``num_layers =
+    # len(blocks) + 1``). Transformer: ``blocks`` (nn.ModuleList): embeddings and tokens are layer 0, block i is
+    # layer i + 1, the final ``norm*`` is layer ``len(blocks) + 1`` = ``num_layer_ids``: the head's level (lr scale
+    # 1), so the last block is one decay step below the head. CNN: ``stages`` (nn.Sequential): the stem and anything
+    # else before the stages is layer 0, stage i is layer i + 1, anything after the stages is the head's level
+    # ``len(stages) + 1`` ("per-stage" decay). Otherwise the backbone is a single layer 0.
     @property
     def num_layer_ids(self) -> int:
-        """Number of backbone layer ids: one above the highest ``layer_id`` a parameter has, so ``layer_id`` is in
-        ``[0, num_layer_ids)`` and a head on top gets this id with no empty level between (an XResNet has nothing
-        after its stages: its last stage is one decay step below the head, as a ViT's final norm is)."""
+        """The layer id of the head (:func:`ecgfm.optim.layer_of`), MAE's ``num_layers``: ``len(blocks) + 1`` /
+        ``len(stages) + 1``, 1 for a single-layer backbone. ``layer_id`` is in ``[0, num_layer_ids]``: block /
+        stage ``i`` is ``i + 1``, so the last block / stage is one decay step below the head, and what runs after
+        them (a ViT's final norm) shares the head's level, as in MAE / BEiT fine-tuning."""
         blocks, stages = getattr(self, "blocks", None), getattr(self, "stages", None)
-        if not isinstance(blocks, nn.ModuleList) and not isinstance(stages, nn.Sequential):
-            return 1
-        return 1 + max((self.layer_id(n) for n, _ in self.named_parameters()), default=0)
+        if isinstance(blocks, nn.ModuleList):
+            return len(blocks) + 1
+        if isinstance(stages, nn.Sequential):
+            return len(stages) + 1
+        return 1
 
     def layer_id(self, name: str) -> int:
-        """Layer id of the parameter called ``name`` (as in ``self.named_parameters()``), 0 on the input side.
+        """Layer id of the parameter called ``name`` (as in ``self.named_parameters()``), 0 on the input side, at
+        most :attr:`num_layer_ids` (the head's level, which a final norm shares).
 
         Used by :func:`ecgfm.optim.param_groups` for layer-wise learning-rate decay (BEiT / MAE fine-tuning).
         """

@@ -5,7 +5,8 @@
 * :mod:`ecgfm.optim`'s AdamW, linear warm-up then cosine decay (per step);
 * layer-wise learning-rate decay (BEiT / MAE fine-tuning): a parameter of layer ``l`` gets
   ``lr * layer_decay ** (top - l)``, layers from the backbone (``Backbone.layer_id``). ViT-1D: patch / lead / SEP
-  embeddings are layer 0, block ``i`` is layer ``i + 1``, the final norm is ``depth + 1`` and the head is the top.
+  embeddings are layer 0, block ``i`` is layer ``i + 1``, the final norm and the head share the top, ``depth + 1``
+  (MAE's ``param_groups_lrd``: the last block is one decay step below the head).
   XResNet1d: the stem is layer 0, stage ``i`` is layer ``i + 1``, the head is the top ("per-stage" decay).
   Biases, 1-D parameters, norm / embedding layers and token / embedding parameters (ViT-1D's ``lead_embed``,
   :data:`FINETUNE_NO_DECAY_NAMES` = :data:`ecgfm.optim.NO_DECAY_NAMES`) get no weight decay;

@@ -1356,9 +1356,10 @@ def handcrafted_missing_markdown(cells: Iterable[dict[str, Any]]) -> str:
             f"{n.get('missing_drr', '?')} | {n.get('missing_morph', '?')} |"
             for (task, dataset, split), n in sorted(seen.items())]
     return "\n".join(["", "## Handcrafted features: records filled for too few beats", "",
-                      "Records whose R-peaks were too few for a feature group: the group is 0 and its indicator "
-                      "column 1 (never a typical value); a handcrafted number resting on many such records says "
-                      "little about rhythm.", "",
+                      "Records whose R-peaks were too few for a feature group: the probe scores that group at the "
+                      "medians of its training records and sets the group's indicator column (whose weight means "
+                      "something only when training records lacked the group too); a handcrafted number resting "
+                      "on many such records says little about rhythm.", "",
                       "| task | data set | split | records | no RR (< 3 beats) | no successive differences (< 4) | "
                       "no morphology (< 3 whole beats) |",
                       "|---|---|---|---|---|---|---|", *rows, ""])

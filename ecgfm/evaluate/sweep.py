@@ -748,7 +748,8 @@ def _finetune_code_recipe(mode: str, head_init: str = "", layer_decay: float = 1
     """Fine-tuning settings fixed in code that change its numbers (part of a fine-tune cell's recipe identity):
     the parameter names exempt from weight decay (:data:`ecgfm.evaluate.finetune.FINETUNE_NO_DECAY_NAMES`); with
     layer-wise lr decay, how layer ids are counted (``Backbone.num_layer_ids``: CNN cells from before the fix had an
-    empty level under the head, one extra decay factor on every layer); and, with a randomly initialised head, that
+    empty level under the head, one extra decay factor on every layer; ViT cells before 2026-12-08 had the final
+    norm on a level of its own under the head, the same extra factor); and, with a randomly initialised head, that
     the model is trained in train mode (before that fix an exported encoder's cells trained BatchNorm on frozen
     statistics with dropout off; the key is set for every kind, so a row and its random-init twin keep one recipe
     and stay paired); with an LP-initialised head, that the probe is fitted after never-estimated (random-init)
@@ -760,8 +761,11 @@ def _finetune_code_recipe(mode: str, head_init: str = "", layer_decay: float = 1
     from ecgfm.evaluate.finetune import FINETUNE_NO_DECAY_NAMES
 
     out: dict[str, Any] = {"finetune_no_decay_names": list(FINETUNE_NO_DECAY_NAMES)}
-    if layer_decay != 1.0:   # the head is one decay step above the highest backbone layer (was two for CNNs)
-        out["layer_ids"] = "top = highest backbone layer + 1"
+    if layer_decay != 1.0:   # the head is one decay step above the highest backbone layer (was two for CNNs);
+        # since 2026-12-08 a transformer's final norm shares the head's level (MAE's param_groups_lrd; it had a level
+        # of its own, one more decay step on every ViT / ST-MEM / stable-HuBERT layer). Set for every backbone, so
+        # CNN cells (same numbers) are recomputed once rather than a key that needs the backbone here
+        out["layer_ids"] = "top = highest backbone layer + 1; final norm at the head's level"
     if head_init == "random":   # every kind, so an encoder's cells still share their random-init twin's recipe
         out["fit_mode"] = "train"
     if head_init == "lp":   # since 2026-12-06: BatchNorm statistics of the training crops before the probe

@@ -106,6 +106,12 @@ class ThroughputCallback(L.Callback):
     Uses Lightning's :class:`~lightning.fabric.utilities.throughput.Throughput` rolling window over training time:
     the time spent in validation loops during fit is left out (as Lightning's ``ThroughputMonitor`` does), so a
     window spanning an end-of-epoch validation does not show a collapsed rate.
+
+    A training batch left with no rows (every record dropped by ``nonfinite=skip``'s
+    :class:`~ecgfm.train.safety.NonFiniteGuard`, for a DataModule without the loaders' own non-finite check) is left
+    out of the rate: ``Throughput`` refuses a sample count that did not grow. The method skips such a batch (no loss,
+    no weight change), but Lightning still counts it as an optimiser step: it advances ``global_step`` (the run
+    summary's ``steps``) and the learning-rate schedule.
     """
 
     def __init__(self, window_size: int = 5) -> None:
@@ -137,6 +143,8 @@ class ThroughputCallback(L.Callback):
         if self._throughput is None:
             return
         x = batch["x"] if isinstance(batch, dict) else batch[0]
+        if int(x.shape[0]) == 0:   # emptied by nonfinite=skip: no samples, nothing to time (see the docstring)
+            return
         self._batches += 1
         self._samples += int(x.shape[0])
         self._throughput.update(time=time.perf_counter() - self._t0 - self._paused, batches=self._batches,
@@ -155,6 +163,12 @@ class LossHistory(L.Callback):
     With ``accumulate_grad_batches = k`` Lightning hands the hook each micro-batch's loss divided by ``k``: the
     recorded loss is the mean of the ``k`` unscaled micro-batch losses, one entry per optimiser step (the value
     ``train/loss`` logs).
+
+    ``empty_batches`` counts the training batches that reached the method with no rows (every record dropped by
+    ``nonfinite=skip``'s :class:`~ecgfm.train.safety.NonFiniteGuard`): the method skips them (no loss, nothing
+    recorded here), but Lightning still counts such a batch as an optimiser step (``global_step`` and the
+    learning-rate schedule advance; without gradient accumulation the weights do not change), so the run summary's
+    ``steps`` includes them and ``empty_batches_skipped`` says how many there were.
     """
 
     def __init__(self) -> None:
@@ -163,6 +177,7 @@ class LossHistory(L.Callback):
         self._micro: list[float] = []
         self.val_step: int | None = None   # global step of the run's last validation (also before a resume)
         self.val_metrics: dict[str, float] = {}   # its val/* values (Lightning does not restore callback_metrics)
+        self.empty_batches = 0             # training batches left with no rows by nonfinite=skip (class docstring)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking:
@@ -174,6 +189,9 @@ class LossHistory(L.Callback):
         # a batch emptied by nonfinite=skip returns no loss (Lightning passes {}): nothing to record for it
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if loss is None:
+            x = batch.get("x") if isinstance(batch, dict) else None
+            if torch.is_tensor(x) and x.ndim >= 1 and int(x.shape[0]) == 0:
+                self.empty_batches += 1
             return
         acc = int(trainer.accumulate_grad_batches)
         self._micro.append(float(loss.detach().float().cpu()) * acc)
@@ -185,7 +203,7 @@ class LossHistory(L.Callback):
 
     def state_dict(self) -> dict[str, Any]:
         return {"steps": list(self.steps), "losses": list(self.losses), "val_step": self.val_step,
-                "val_metrics": dict(self.val_metrics)}
+                "val_metrics": dict(self.val_metrics), "empty_batches": int(self.empty_batches)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.steps = [int(s) for s in state_dict.get("steps", [])]
@@ -193,6 +211,7 @@ class LossHistory(L.Callback):
         val_step = state_dict.get("val_step")
         self.val_step = None if val_step is None else int(val_step)
         self.val_metrics = {str(k): float(v) for k, v in dict(state_dict.get("val_metrics") or {}).items()}
+        self.empty_batches = int(state_dict.get("empty_batches", 0))   # 0 in checkpoints from before the count
 
     def summary(self, n: int = 10) -> dict[str, Any]:
         """First/last loss and the means of the first/last ``n`` steps (less noisy), ``None`` when empty."""

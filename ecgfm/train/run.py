@@ -145,10 +145,13 @@ def _exit_interrupted(callbacks: list[Any], trainer: Any, out_dir: Path) -> None
 
 
 def _stop_reason(trainer: Any, max_steps: int) -> str:
-    """What ended a fit: ``max_steps``, ``max_time`` (Lightning's Timer), ``max_epochs``, ``interrupted`` or
+    """What ended a fit: ``max_steps``, ``max_time`` (Lightning's Timer), ``max_epochs``, ``interrupted``,
+    ``fast_dev_run`` (``trainer=debug``: Lightning runs that many batches whatever the step / epoch limits say) or
     ``early_stop`` (a callback's ``should_stop``)."""
     if trainer.interrupted:
         return "interrupted"
+    if getattr(trainer, "fast_dev_run", False):
+        return "fast_dev_run"
     if max_steps > 0 and trainer.global_step >= max_steps:
         return "max_steps"
     timer = next((c for c in trainer.callbacks if type(c).__name__ == "Timer"), None)
@@ -208,7 +211,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         The summary written to ``<out_dir>/summary.json``: ``method``, ``backbone``, ``steps``, ``epochs``,
         ``first_loss``/``last_loss`` (train split, this rank) and means of the first/last 10 steps,
         ``fs``/``crop_seconds``/``crop_samples`` (the crop at the cache's rate), ``nonfinite`` and
-        ``nonfinite_records_skipped`` (all DDP ranks), ``fit_time_s`` / ``wall_time_s`` (this process: the last leg
+        ``nonfinite_records_skipped`` (all DDP ranks), ``empty_batches_skipped`` (training batches ``nonfinite=skip``
+        left with no rows: skipped by the method but counted in ``steps``), ``stop_reason`` (``fast_dev_run`` for
+        ``trainer=debug``), ``fit_time_s`` / ``wall_time_s`` (this process: the last leg
         of a resumed run), ``fit_time_total_s`` / ``wall_time_total_s`` (every leg, None when a leg before the
         checkpoint resumed from did not record its time), ``time_legs``, ``resumed_from``, ``out_dir``, ``log_dir``,
         ``last_checkpoint``, ``encoder_dir``, ``cache_dirs``.
@@ -371,7 +376,8 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     fit_s = clock.leg()[0]
     sched_steps = int(cfg.method.get("max_steps") or 0)
     stop_reason = _stop_reason(trainer, int(cfg.trainer.get("max_steps", -1) or -1))
-    if 0 < trainer.global_step < sched_steps and not trainer.interrupted:
+    # (a fast_dev_run debug run stops after its batch(es) by design: no warning about the schedule)
+    if 0 < trainer.global_step < sched_steps and not trainer.interrupted and stop_reason != "fast_dev_run":
         log.warning("training stopped at step %d of the %d its learning-rate schedule runs to (%s came first): the "
                     "schedule did not finish its decay", trainer.global_step, sched_steps, stop_reason)
     done = out_dir / "summary.json"
@@ -380,10 +386,14 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         # a rerun into a finished run (same max_steps): fit had nothing to do. Its summary and encoder are the
         # finished run's; overwriting the summary would drop its validation metrics and partial-epoch count
         limit = {"max_time": "trainer.max_time (its elapsed time is restored on resume)",
-                 "max_epochs": "trainer.max_epochs"}.get(stop_reason, "trainer.max_steps")
+                 "max_epochs": "trainer.max_epochs",
+                 "fast_dev_run": "trainer.fast_dev_run (trainer=debug runs that many batches whatever the step "
+                                 "limits say; leave out trainer=debug to train on)"}.get(stop_reason,
+                                                                                          "trainer.max_steps")
+        advice = ("leave out trainer=debug (fast_dev_run) to train on" if stop_reason == "fast_dev_run"
+                  else f"raise {limit.split(' ')[0]} to train on")
         log.warning("the run in %s is already complete at step %d (%s): nothing trained; its summary.json and "
-                    "encoder are kept (raise %s to train on)", out_dir, trainer.global_step, stop_reason,
-                    limit.split(" ")[0])
+                    "encoder are kept (%s)", out_dir, trainer.global_step, stop_reason, advice)
         return {**_rebased_summary(json.loads(done.read_text()), out_dir), "nothing_trained": True,
                 "nothing_trained_limit": limit}
     if trainer.global_step == 0 and int(cfg.trainer.get("max_steps", -1) or -1) != 0:
@@ -421,6 +431,9 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         "split": "train",
         **history.summary(),
         "loss_history_steps": len(history.losses),
+        # training batches nonfinite=skip left with no rows: skipped by the method, yet each counted as an optimiser
+        # step by Lightning (in steps; the schedule advanced)
+        "empty_batches_skipped": int(history.empty_batches),
         # fit_time_s / wall_time_s: this process (a resumed run's last leg); *_total_s: every leg of the run (the
         # time of the steps it kept, from the checkpoints), None when a leg before this one did not record its time
         "fit_time_s": fit_s,

@@ -35,12 +35,13 @@ def test_registry_lists_the_documented_names():
 
 @pytest.mark.parametrize("name", [n for n in list_backbones() if n.endswith("_test")])
 def test_layer_ids_cover_every_parameter(name):
-    # layer-wise lr decay (ecgfm.optim.param_groups): ids in [0, num_layer_ids), the first and the last used, so
-    # the head (id num_layer_ids) is one decay step above the top backbone layer, never two
+    # layer-wise lr decay (MAE / BEiT rule): ids in [0, num_layer_ids], the head is num_layer_ids, the last block /
+    # stage is one decay step below it (never two), only what runs after them (a ViT's final norm) shares its level
     model = create_backbone(name)
     ids = {n: model.layer_id(n) for n, _ in model.named_parameters()}
-    assert set(ids.values()) <= set(range(model.num_layer_ids))
-    assert min(ids.values()) == 0 and max(ids.values()) == model.num_layer_ids - 1
+    assert set(ids.values()) <= set(range(model.num_layer_ids + 1))
+    assert min(ids.values()) == 0 and model.num_layer_ids - 1 in ids.values()
+    assert all(not n.startswith(("blocks.", "stages.")) for n, i in ids.items() if i == model.num_layer_ids)
 
 
 @pytest.mark.parametrize("name", list_backbones())

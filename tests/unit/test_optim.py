@@ -51,7 +51,8 @@ def _ref_layer_ids(backbone: nn.Module) -> tuple[dict[str, int], int]:
         for n in names:
             m = re.match(r"blocks\.(\d+)\.", n)
             ids[n] = int(m.group(1)) + 1 if m else (depth + 1 if n.startswith("norm") else 0)
-        return ids, depth + 2
+        # MAE's param_groups_lrd: num_layers = depth + 1, the final norm and the head share it (scale 1)
+        return ids, depth + 1
     if hasattr(backbone, "stages") and isinstance(getattr(backbone, "stages"), nn.Sequential):
         n_stages = len(backbone.stages)
         ids = {}
@@ -164,7 +165,7 @@ def test_pretraining_groups_equal_the_old_rule(model):
 
 def test_layer_ids_come_from_the_backbone():
     vit = create_backbone("vit1d_test", depth=2)
-    assert vit.num_layer_ids == 4
+    assert vit.num_layer_ids == 3   # the head's level, which the final norm shares (MAE / BEiT)
     assert vit.layer_id("patch_embed.1.weight") == 0 and vit.layer_id("lead_embed") == 0
     assert vit.layer_id("blocks.1.attn.qkv.weight") == 2 and vit.layer_id("norm.weight") == 3
     cnn = create_backbone("resnet1d_test")
@@ -182,19 +183,21 @@ def test_layer_ids_come_from_the_backbone():
 @pytest.mark.parametrize("stable", [False, True])
 def test_hubert_final_layer_norm_sits_where_it_runs(stable):
     """HuBERT's shared ``layer_norm`` runs on the input (post-norm: layer 0) or after the last block (pre-norm,
-    ``do_stable_layer_norm``: the top backbone layer, one decay step below the head, as a ViT's final norm)."""
+    ``do_stable_layer_norm``: the head's level, as a ViT's final norm in MAE / BEiT)."""
     hub = create_backbone("hubert_ecg", num_hidden_layers=3, do_stable_layer_norm=stable)
     assert hub.layer_id("blocks.2.fc2.weight") == 3 and hub.layer_id("pos_conv_g") == 0
     assert hub.layer_id("layer_norm.weight") == (4 if stable else 0)
-    assert hub.num_layer_ids == (5 if stable else 4)
+    assert hub.num_layer_ids == 4
 
 
 def test_layer_wise_decay_groups():
     module = _finetune_module("vit1d_test", layer_decay=0.5)
     groups = param_groups(module, 0.1, lr=1.0, layer_decay=0.5, no_decay_names=FINETUNE_NO_DECAY_NAMES)
     by_layer = {(g["layer"], g["weight_decay"] > 0): g for g in groups}
-    assert by_layer[(4, True)]["lr"] == pytest.approx(1.0)   # the head
-    assert by_layer[(0, True)]["lr"] == pytest.approx(0.5 ** 4)
+    assert by_layer[(3, True)]["lr"] == pytest.approx(1.0)   # the head
+    assert by_layer[(3, False)]["names"][:2] == ["backbone.norm.weight", "backbone.norm.bias"]   # its level
+    assert by_layer[(2, True)]["lr"] == pytest.approx(0.5)    # the last block: one decay step below the head
+    assert by_layer[(0, True)]["lr"] == pytest.approx(0.5 ** 3)
     assert all(p.ndim == 1 or n.rsplit(".", 1)[-1] in FINETUNE_NO_DECAY_NAMES
                for g in groups if g["weight_decay"] == 0 for n, p in zip(g["names"], g["params"]))
     assert sum(p.numel() for g in groups for p in g["params"]) == sum(p.numel() for p in module.parameters())
