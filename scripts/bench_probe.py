@@ -7,8 +7,10 @@ and one ``build_report`` at the end where the work folder is kept), and reports
 
 * feature-extraction throughput per checkpoint (windows/s, with the window settings; the corpus's records are
   not counted: a record gives as many windows as its length holds);
-* the number of encoder passes over each corpus (``ecgfm.evaluate.features.STATS["extractions"]``) against the
-  number of cells, and the feature files on disk (one per checkpoint and corpus);
+* the number of encoder passes over each corpus (``ecgfm.evaluate.features.STATS["extractions"]``; for
+  ``checkpoint=handcrafted``, the baseline's feature passes, ``ecgfm.evaluate.handcrafted.STATS["extractions"]``,
+  one row per whole record) against the number of cells, and the feature files on disk (one per checkpoint and
+  corpus);
 * the time spent training and scoring heads per cell.
 
 Example (about a minute on 2 CPU cores)::
@@ -43,6 +45,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -82,7 +85,6 @@ def main(argv: list[str] | None = None) -> dict:
 
     from hydra import compose, initialize_config_dir
 
-    from ecgfm.evaluate import features as F
     from ecgfm.evaluate.sweep import probe_main
 
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench_probe_"))
@@ -118,18 +120,19 @@ def main(argv: list[str] | None = None) -> dict:
     passes: dict[tuple[str, str, str], dict] = {}
     for ckpt, task, mode, frac, seed in cells:
         cfg = cell_cfg(ckpt, task, mode, frac, seed, results_dir / mode, feat_dir / mode if len(modes) > 1 else None)
-        before = dict(F.STATS)
+        stats, unit = _extraction_stats(ckpt)
+        before = dict(stats)
         _reset_peak_memory()
         rss_start = _rss_mib()
         t0 = time.perf_counter()
         out = probe_main(cfg)
         dt = time.perf_counter() - t0
-        extracted = F.STATS["extractions"] - before.get("extractions", 0)
+        extracted = stats["extractions"] - before.get("extractions", 0)
         if extracted:
-            windows = F.STATS["windows"] - before.get("windows", 0)
-            secs = F.STATS["seconds"] - before.get("seconds", 0.0)
+            rows = stats[unit] - before.get(unit, 0)
+            secs = stats["seconds"] - before.get("seconds", 0.0)
             cell = json.loads(Path(out["cells_written"][0]).read_text())
-            passes[(ckpt, task, mode)] = {"windows": windows, "seconds": secs,
+            passes[(ckpt, task, mode)] = {unit: rows, "unit": unit, "seconds": secs,
                                           "window_samples": cell["window_samples"],
                                           "stride_samples": cell["stride_samples"], "backbone": cell["backbone"],
                                           "peak_memory": _peak_memory(), "peak_reset": _PEAK_RESET["ok"],
@@ -141,16 +144,17 @@ def main(argv: list[str] | None = None) -> dict:
     # Repeated timings (--repeats): the sweep's pass is round 0; each further round extracts every checkpoint, task
     # and lead mode again into folders of its own (modes interleaved, so slow drift of the machine's load hits them
     # alike). Outside the sweep's totals and its one-pass count.
-    timings = {k: [(p["windows"], p["seconds"])] for k, p in passes.items()}
+    timings = {k: [(p[p["unit"]], p["seconds"])] for k, p in passes.items()}
     for r in range(1, args.repeats):
         for key in passes:
             ckpt, task, mode = key
-            before = dict(F.STATS)
+            stats, unit = _extraction_stats(ckpt)
+            before = dict(stats)
             probe_main(cell_cfg(ckpt, task, mode, args.fractions[0], args.seeds[0],
                                 work / "repeats" / str(r) / "results" / mode,
                                 work / "repeats" / str(r) / "features" / mode))
-            timings[key].append((F.STATS["windows"] - before.get("windows", 0),
-                                 F.STATS["seconds"] - before.get("seconds", 0.0)))
+            timings[key].append((stats[unit] - before.get(unit, 0),
+                                 stats["seconds"] - before.get("seconds", 0.0)))
 
     kept = bool(args.keep or args.work)
     table = None
@@ -172,12 +176,16 @@ def main(argv: list[str] | None = None) -> dict:
     print("feature extraction (frozen encoder, every sliding window of every record of the corpus):")
     for key, p in passes.items():
         ckpt, task, mode = key
-        speed = _speed(timings[key])
+        speed = _speed(timings[key], p["unit"])
         if len(timings[key]) > 1:
-            p["windows_per_s"] = list(rate_interval([w for w, _ in timings[key]], [t for _, t in timings[key]]))
-        print(f"  {ckpt:<28} {task:<12} {mode:<6} backbone {p['backbone']:<14} window {p['window_samples']} / "
-              f"stride {p['stride_samples']} samples: {speed}; peak memory {p['peak_memory']}, {_footprint(p)}")
+            p[f"{p['unit']}_per_s"] = list(rate_interval([w for w, _ in timings[key]], [t for _, t in timings[key]]))
+        shape = (f"window {p['window_samples']} / stride {p['stride_samples']} samples" if p["unit"] == "windows"
+                 else "whole-record features, one row per record")
+        print(f"  {ckpt:<28} {task:<12} {mode:<6} backbone {p['backbone']:<14} {shape}: {speed}; peak memory "
+              f"{p['peak_memory']}, {_footprint(p)}")
     for ckpt in args.checkpoints:
+        if _extraction_stats(ckpt)[1] != "windows":   # no encoder: the lead modes' speed-up is an encoder's
+            continue
         for task in args.tasks:
             a, b = passes.get((ckpt, task, "aware")), passes.get((ckpt, task, "padded"))
             if a and b:
@@ -193,7 +201,10 @@ def main(argv: list[str] | None = None) -> dict:
     n_pass = sum(c["encoder_passes"] for c in per_cell)
     expected = len(args.checkpoints) * len(set(_dataset(t) for t in args.tasks)) * len(modes)
     print(f"encoder passes over a corpus: {n_pass} for {len(cells)} cells "
-          f"(expected {expected} = checkpoints x corpora x lead modes); feature files on disk: {n_files}")
+          f"(expected {expected} = checkpoints x corpora x lead modes"
+          + ("; checkpoint=handcrafted: its feature passes (handcrafted.STATS), no encoder"
+             if any(_extraction_stats(c)[1] != "windows" for c in args.checkpoints) else "")
+          + f"); feature files on disk: {n_files}")
     heads = [c["seconds"] for c in per_cell if not c["encoder_passes"]]
     if heads:
         print(f"cells without an encoder pass (heads on cached features): mean {sum(heads) / len(heads):.2f} s, "
@@ -211,6 +222,23 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 _PEAK_RESET = {"ok": False}
+
+
+def _extraction_stats(checkpoint: str) -> tuple[Any, str]:
+    """The counters of the feature pass a cell of ``checkpoint`` makes, and the unit of its feature rows:
+    ``(ecgfm.evaluate.features.STATS, "windows")`` for an encoder (one row per sliding window), and
+    ``(ecgfm.evaluate.handcrafted.STATS, "records")`` for ``checkpoint=handcrafted`` (no encoder: one row of
+    whole-record features per record, counted by that module). Handcrafted side features of an encoder's cells
+    (``probe.side_features``) are not counted: they are no encoder pass."""
+    from ecgfm.evaluate.sweep import HANDCRAFTED
+
+    if str(checkpoint).strip() == HANDCRAFTED:
+        from ecgfm.evaluate import handcrafted as H
+
+        return H.STATS, "records"
+    from ecgfm.evaluate import features as F
+
+    return F.STATS, "windows"
 
 
 def _build_tables(results_dir: Path, modes: list[str], n_boot: int) -> Path:
@@ -235,18 +263,19 @@ def _rss_mib() -> float:
     return float("nan") if rss is None else rss / 2 ** 20
 
 
-def _speed(timings: list[tuple[int, float]]) -> str:
-    """The extraction figures of one checkpoint, task and lead mode: ``timings`` are the ``(windows, seconds)`` of
-    its timed passes (round 0 = the sweep's). One pass: its windows, time and rate. Several: round 0's windows and
-    time, then the windows, time and rate of all the passes together with the 95% interval of the rate over them
-    (each figure labelled with the passes it covers)."""
+def _speed(timings: list[tuple[int, float]], unit: str = "windows") -> str:
+    """The extraction figures of one checkpoint, task and lead mode: ``timings`` are the ``(rows, seconds)`` of
+    its timed passes (round 0 = the sweep's), the rows counted in ``unit`` (``"windows"``, or ``"records"`` for the
+    handcrafted baseline). One pass: its rows, time and rate. Several: round 0's rows and time, then the rows, time
+    and rate of all the passes together with the 95% interval of the rate over them (each figure labelled with the
+    passes it covers)."""
     w0, t0 = timings[0]
     if len(timings) == 1:
-        return f"{w0} windows in {t0:.2f} s = {w0 / max(t0, 1e-9):.0f} windows/s (one pass, no interval)"
+        return f"{w0} {unit} in {t0:.2f} s = {w0 / max(t0, 1e-9):.0f} {unit}/s (one pass, no interval)"
     ws, ts = [w for w, _ in timings], [t for _, t in timings]
     rate, lo, hi = rate_interval(ws, ts)
-    return (f"round 0: {w0} windows in {t0:.2f} s; all {len(timings)} passes: {sum(ws)} windows in {sum(ts):.2f} s = "
-            f"{rate:.0f} windows/s (95% CI {lo:.0f}-{hi:.0f} over {len(timings)} passes)")
+    return (f"round 0: {w0} {unit} in {t0:.2f} s; all {len(timings)} passes: {sum(ws)} {unit} in {sum(ts):.2f} s = "
+            f"{rate:.0f} {unit}/s (95% CI {lo:.0f}-{hi:.0f} over {len(timings)} passes)")
 
 
 def _rise(p: dict) -> str:

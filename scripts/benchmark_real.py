@@ -322,6 +322,9 @@ def stage_pretrain(args: argparse.Namespace, pools: list[str], env: dict[str, st
                    f"paths.cache_root={args.cache_root}", "trainer.enable_progress_bar=false",
                    "checkpoint.save_top_k=-1", *over, *args.train_overrides]
             legs_file = out / LEGS_FILE
+            # whether this leg can resume (train.py resumes from a checkpoint in its folder): a leg started without
+            # one begins the run afresh, and the legs before it are not part of the run (pretrain_leg_times)
+            resumable = any((out / "checkpoints").glob("*.ckpt")) or any(out.glob("hpc_ckpt_*.ckpt"))
             cpu0, t0, status = _children_cpu_s(), time.perf_counter(), "failed"
             try:
                 wall = run(cmd, env)
@@ -329,10 +332,12 @@ def stage_pretrain(args: argparse.Namespace, pools: list[str], env: dict[str, st
             except subprocess.CalledProcessError as err:
                 status = f"exit status {err.returncode}"
                 raise
-            finally:   # every leg, an interrupted or failed one too: a rerun resumes it and adds its own
+            finally:   # every leg, an interrupted or failed one too: a rerun resumes it and adds its own (a rerun that
+                # starts afresh leaves it out of the times: pretrain_leg_times)
                 leg = {"wall_s": round(wall if status == "finished" else time.perf_counter() - t0, 1),
                        "cpu_s": round(_children_cpu_s() - cpu0, 1),     # train.py and any process it waited for
-                       "status": status, "ended_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
+                       "status": status, "checkpoint_at_start": resumable,
+                       "ended_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
                 from ecgfm.io import atomic_write_json
 
                 out.mkdir(parents=True, exist_ok=True)
@@ -367,6 +372,34 @@ def _in_project(path: Path) -> str:
         return str(path)
 
 
+def resolve_from_caller(args: argparse.Namespace, caller: Path, in_project: Sequence[str] = (),
+                        absolute: Sequence[str] = (), defaults: dict[str, Path] | None = None) -> None:
+    """Make the path options of ``args`` independent of the working directory, in place, before a script that runs
+    its commands (train.py, probe.py, finetune.py) in the project root changes into it (shared with
+    scripts/pool_size_study.py and scripts/crop_ablation.py).
+
+    A relative path given on the command line is taken from ``caller`` (the folder the command was started in); an
+    option left ``None`` takes its entry of ``defaults`` (absolute), or stays ``None`` when it has none. The options
+    named in ``in_project`` are then written relative to the project root when they are inside it (the strings
+    cell folders, curve stamps and recorded pools are named from, so an existing run's cells are found again),
+    else absolute; those in ``absolute`` are written absolute.
+
+    Args:
+        args: the parsed options (attribute names, e.g. ``out``, ``cache_root``).
+        caller: the folder relative paths are taken from.
+        in_project: options kept relative to the project root when inside it.
+        absolute: options made absolute.
+        defaults: absolute paths for options left ``None``.
+    """
+    defaults = defaults or {}
+    for name in (*in_project, *absolute):
+        given = getattr(args, name)
+        if given is None and name not in defaults:
+            continue
+        path = (Path(defaults[name]) if given is None else caller / given).resolve()
+        setattr(args, name, _in_project(path) if name in in_project else str(path))
+
+
 #: ``pretrain/<method>/`` file listing every train.py run (leg) of the stage into that folder, finished or not
 LEGS_FILE = "pretrain_legs.json"
 
@@ -375,14 +408,27 @@ def pretrain_leg_times(summary: dict, legs: list[dict]) -> dict:
     """The time fields of ``pretrain_time.json`` for a run whose train.py legs are ``legs`` (this stage's records,
     oldest first; the last one finished) and whose final summary is ``summary``.
 
-    ``wall_s`` / ``cpu_s``: every recorded leg together (an interrupted leg's time counts: it was spent, though the
+    Only the legs the final run is built on are counted: a run that did not resume (``summary.resumed_from`` unset)
+    is its last leg alone, and a resumed one goes back to the latest earlier leg that started without a checkpoint
+    in the folder (``checkpoint_at_start`` false; legs recorded before that field are taken as part of the run).
+    Legs before that, attempts the final run did not continue (e.g. a crash before the first checkpoint, then a
+    fresh start), are left out of the totals and given as ``discarded_legs`` / ``discarded_wall_s`` /
+    ``discarded_cpu_s``.
+
+    ``wall_s`` / ``cpu_s``: the counted legs together (an interrupted leg's time counts: it was spent, though the
     steps after its last checkpoint were trained again); ``fit_time_s``: train.py's fit time of every leg (its
-    ``fit_time_total_s``; the steps the run kept). ``*_last_leg`` give the last leg alone. ``time_scope`` says what
-    the totals cover: ``"all legs"``, or ``"last leg only"`` for a resumed run whose earlier legs were not recorded
-    here (run before this record existed, or by hand), whose ``steps`` count every leg while its times do not.
+    ``fit_time_total_s``; the steps the run kept). ``*_last_leg`` give the last leg alone. ``legs``: the legs
+    counted. ``time_scope`` says what the totals cover: ``"all legs"``, or ``"last leg only"`` for a resumed run
+    whose earlier legs were not recorded here (run before this record existed, or by hand), whose ``steps`` count
+    every leg while its times do not.
     """
     last = legs[-1]
     resumed = bool(summary.get("resumed_from"))
+    start = len(legs) - 1
+    if resumed:   # back to the leg that started the run: the latest earlier one that had no checkpoint to resume
+        fresh = [i for i, leg in enumerate(legs[:-1]) if leg.get("checkpoint_at_start") is False]
+        start = fresh[-1] if fresh else 0
+    discarded, legs = legs[:start], legs[start:]
     total_fit = summary.get("fit_time_total_s")
     complete = not resumed or len(legs) > 1
     fit_all = not resumed or (complete and total_fit is not None)   # a train.py too old to write the total: no
@@ -392,7 +438,10 @@ def pretrain_leg_times(summary: dict, legs: list[dict]) -> dict:
             "fit_time_s": fit, "wall_s_last_leg": last["wall_s"], "cpu_s_last_leg": last["cpu_s"],
             "fit_time_s_last_leg": summary.get("fit_time_s"), "legs": len(legs), "resumed": resumed,
             "time_scope": ("all legs" if fit_all else "all legs; fit time last leg only") if complete
-            else "last leg only"}
+            else "last leg only",
+            "discarded_legs": len(discarded),
+            "discarded_wall_s": round(sum(float(x["wall_s"]) for x in discarded), 1),
+            "discarded_cpu_s": round(sum(float(x["cpu_s"]) for x in discarded), 1)}
 
 
 def pretrain_time_scope(info: dict, summary: dict) -> str:
@@ -792,12 +841,9 @@ def main(argv: list[str] | None = None) -> None:
     # Inside the project, --out and --cache-root stay relative to it, as they were named before: cell folders,
     # curve stamps and recorded pools are named from these strings, so the cells of an existing run are found again
     # (absolute strings would recompute every cell); the script then works from the project root, like its commands.
-    caller = Path(os.environ.get(CALLER_DIR_ENV) or os.getcwd())
-    defaults = {"out": ROOT / "runs" / "benchmark_real", "cache_root": ROOT / "cache"}
-    for name in ("out", "docs", "cache_root", "data_root"):
-        given = getattr(args, name)
-        path = (defaults[name] if given is None else caller / given).resolve()
-        setattr(args, name, _in_project(path) if name in ("out", "cache_root") else str(path))
+    resolve_from_caller(args, Path(os.environ.get(CALLER_DIR_ENV) or os.getcwd()), in_project=("out", "cache_root"),
+                        absolute=("docs", "data_root"),
+                        defaults={"out": ROOT / "runs" / "benchmark_real", "cache_root": ROOT / "cache"})
     os.chdir(ROOT)
     if "probe" in args.stages and not args.no_handcrafted and any(
             o.split("=", 1)[0].lstrip("+") == "probe.layers" and o.split("=", 1)[1] != "last"
@@ -855,12 +901,20 @@ def pretrain_times_markdown(args: argparse.Namespace) -> str:
         if info:
             scope = pretrain_time_scope(info, _read_json(folder / "summary.json"))
             legs = int(info.get("legs") or 1)
-            # a resumed run: its steps count every leg; say whether its times do too
+            # a resumed run: its steps count every leg; say whether its times do too. "resumed" only where the run
+            # did (a record written before the discarded legs were left out may sum a fresh run with the attempts
+            # before it: say that instead)
+            resumed = info.get("resumed", True)
+            summed = (f"{legs} legs (resumed), times summed" if resumed else
+                      f"{legs} train.py runs summed, the last not resumed (its steps and fit time are its own)")
+            dropped = int(info.get("discarded_legs") or 0)
             note = "; ".join(n for n in (
                 f"resumed: times of the last leg only ({info.get('steps')} steps are every leg's)"
                 if scope == "last leg only" else
-                (f"{legs} legs (resumed), times summed" + ("; fit time of the last leg only" if "fit time last" in
-                                                            scope else "") if legs > 1 else ""),
+                (summed + ("; fit time of the last leg only" if "fit time last" in scope else "")
+                 if legs > 1 else ""),
+                (f"{dropped} earlier attempt(s) not continued by this run left out ({info.get('discarded_wall_s')} s "
+                 f"wall, {info.get('discarded_cpu_s')} CPU-s)" if dropped else ""),
                 str(info.get("note") or "")) if n)
             rows.append(f"| {method} | +experiment={info.get('experiment')} | {info.get('steps')} | "
                         f"{info.get('wall_s')} | {info.get('fit_time_s') and round(float(info['fit_time_s']), 1)} | "

@@ -17,6 +17,7 @@ holds the step budget fixed, not the compute.
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from pool_size_study import run_stages, seed_spread  # noqa: E402  (scripts/, beside this file)
+from benchmark_real import resolve_from_caller  # noqa: E402  (scripts/, beside this file)
+from pool_size_study import run_stages, seed_spread  # noqa: E402
 
 PY = sys.executable
 STAGES = ["pretrain", "probe", "report"]
@@ -126,11 +128,14 @@ def _num(x) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default="runs/ablation_crop")
+    ap.add_argument("--out", default=None,
+                    help="the ablation's folder (default runs/ablation_crop in the project; a relative path is taken "
+                         "from the folder the command was started in, as --docs, --encoder-*, --cache-root and "
+                         "--data-root)")
     ap.add_argument("--docs", default=str(ROOT / "docs" / "benchmark"))
     ap.add_argument("--encoder-2p5s", default=None, help="default: <out>/mae_2p5s/encoder")
     ap.add_argument("--encoder-10s", default=None, help="default: <out>/mae_10s/encoder")
-    ap.add_argument("--cache-root", default="cache")
+    ap.add_argument("--cache-root", default=None, help="default: cache in the project")
     ap.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data"))
     ap.add_argument("--tasks", nargs="+", default=["ptbxl_super", "cinc2017"])
     ap.add_argument("--fractions", nargs="+", default=["0.1", "1"])
@@ -139,7 +144,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-time", default="00:02:00:00")
     ap.add_argument("--stages", nargs="+", default=STAGES, choices=STAGES)
-    run_stages(ap.parse_args(argv), stage_pretrain, stage_probe, report)
+    args = ap.parse_args(argv)
+    # train.py / probe.py run in the project root while this script checks and reads their outputs itself: paths
+    # are taken from the caller's folder and the script works from the project root (as benchmark_real.py does)
+    args.encoder_2p5s, args.encoder_10s = args.encoder_2p5s or None, args.encoder_10s or None   # '': the default
+    resolve_from_caller(args, Path.cwd(), in_project=("out", "cache_root", "encoder_2p5s", "encoder_10s"),
+                        absolute=("docs", "data_root"),
+                        defaults={"out": ROOT / "runs" / "ablation_crop", "cache_root": ROOT / "cache"})
+    os.chdir(ROOT)
+    run_stages(args, stage_pretrain, stage_probe, report)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from benchmark_real import resolve_from_caller  # noqa: E402  (scripts/, beside this file)
 
 PY = sys.executable
 #: pool name -> (run folder under --out, generated records, train.py data overrides)
@@ -281,9 +284,11 @@ def plot(per_seed: Any, order: list[str], meta: dict[str, tuple], path: Path) ->
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default="runs/pool_size")
+    ap.add_argument("--out", default=None,
+                    help="the study's folder (default runs/pool_size in the project; a relative path is taken from "
+                         "the folder the command was started in, as --docs, --cache-root and --data-root)")
     ap.add_argument("--docs", default=str(ROOT / "docs" / "benchmark"))
-    ap.add_argument("--cache-root", default="cache")
+    ap.add_argument("--cache-root", default=None, help="default: cache in the project")
     ap.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data"))
     ap.add_argument("--pools", nargs="+", default=list(POOLS), choices=list(POOLS),
                     help="the first is the reference of the paired differences")
@@ -297,7 +302,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--stages", nargs="+", default=STAGES, choices=STAGES)
     ap.add_argument("--train-overrides", nargs="*", default=[])
     ap.add_argument("--eval-overrides", nargs="*", default=[])
-    run_stages(ap.parse_args(argv), stage_pretrain, stage_probe, report)
+    args = ap.parse_args(argv)
+    # train.py / probe.py run in the project root while this script reads their outputs itself: paths are taken
+    # from the caller's folder and the script works from the project root (as scripts/benchmark_real.py does)
+    resolve_from_caller(args, Path.cwd(), in_project=("out", "cache_root"), absolute=("docs", "data_root"),
+                        defaults={"out": ROOT / "runs" / "pool_size", "cache_root": ROOT / "cache"})
+    os.chdir(ROOT)
+    run_stages(args, stage_pretrain, stage_probe, report)
 
 
 def run_stages(args: argparse.Namespace, pretrain: Any, probe: Any, make_report: Any) -> None:
