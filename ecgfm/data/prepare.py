@@ -31,6 +31,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from ecgfm.data.cache import (LOCK_FILE, _check_prepare_args, _manifest_mismatch, _prepare_locked, _read_manifest,
                               _read_plan, describe_source, input_changes, project_root, stat_changes)
 from ecgfm.data.preprocess import PreprocessSpec
+from ecgfm.data.readers._scan import absolute_path
 from ecgfm.data.record import ECGDataError
 from ecgfm.data.synthetic import GENERATOR_VERSION
 from ecgfm.io import atomic_write_json, file_lock, jsonable, to_container
@@ -114,8 +115,32 @@ def _absolute_paths(node: Any) -> Any:
 
 def source_description(source: Any) -> dict[str, Any]:
     """What keys the cache of an already-built source: its ``repr`` (a pool names its excluded set there) and every
-    public setting (:func:`~ecgfm.data.cache.describe_source`: a repr may name only a few, e.g. FolderSource's)."""
-    return {"repr": repr(source), **describe_source(source)}
+    public setting (:func:`~ecgfm.data.cache.describe_source`: a repr may name only a few, e.g. FolderSource's).
+
+    Paths are absolute in it, as in a config source's key (:func:`_absolute_paths`): the readers keep their
+    ``root`` / ``labels_csv`` / ``ptbxl_root`` absolute (:func:`~ecgfm.data.readers._scan.absolute_path`, so their
+    repr shows them so), and a relative :data:`_PATH_KEYS` setting of another source (of a wrapped one too) is made
+    absolute here against the working directory. Otherwise ``root="data"`` run from two folders (two corpora) would
+    share one key, the second served the first one's records, and one corpus named relatively and absolutely would
+    be prepared twice. Absolute paths are kept as given (existing keys unchanged).
+    """
+    return {"repr": repr(source), **_absolute_settings(describe_source(source))}
+
+
+def _absolute_settings(desc: Any) -> Any:
+    """A :func:`~ecgfm.data.cache.describe_source` description with its relative :data:`_PATH_KEYS` settings made
+    absolute (:func:`~ecgfm.data.readers._scan.absolute_path`), wrapped sources' descriptions included."""
+    if isinstance(desc, list):
+        return [_absolute_settings(v) for v in desc]
+    if not isinstance(desc, dict):
+        return desc
+    out = {k: _absolute_settings(v) for k, v in desc.items()}
+    if isinstance(out.get("type"), str) and "name" in out:   # a described source (else e.g. a set's digest)
+        for k in _PATH_KEYS:
+            value = out.get(k)
+            if isinstance(value, str) and value and not os.path.isabs(value):
+                out[k] = str(absolute_path(value))
+    return out
 
 
 #: Readers whose records gained content that their caches written before lack (2 and 3: FolderSource's
@@ -187,7 +212,8 @@ def prepare_cache(sources: Sequence[Any], cache_root: str, preprocess: Any, name
     """
     spec = preprocess if isinstance(preprocess, PreprocessSpec) else PreprocessSpec.from_dict(to_container(preprocess))
     # the key: every setting of a config source, relative paths resolved against the working directory (the same
-    # "root: data" in two folders is two corpora), and every public setting of a built one (its repr may name few)
+    # "root: data" in two folders is two corpora), and every public setting of a built one (its repr may name few),
+    # its paths absolute too (source_description)
     resolved = [_absolute_paths(s) if isinstance(s, (DictConfig, dict)) else s for s in sources]
     configs = [s for s in resolved if isinstance(s, dict)]
     described = [s if isinstance(s, dict) else source_description(s) for s in resolved]

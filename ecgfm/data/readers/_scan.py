@@ -8,7 +8,33 @@ from typing import Iterator
 
 from ecgfm.data.record import ECGDataError, printable
 
-__all__ = ["check_decodable", "is_decodable", "scan_records"]
+__all__ = ["absolute_path", "check_decodable", "is_decodable", "scan_records"]
+
+
+def absolute_path(path: str | os.PathLike) -> Path:
+    """``path`` as the absolute path a source keeps (its ``root``, ``labels_csv``...): relative paths are taken
+    against the current working directory (the one rule of :func:`ecgfm.data.cache.project_root`).
+
+    A source's repr and public settings key its prepared cache (:func:`ecgfm.data.prepare.prepare_cache`), so the
+    root must be kept absolute: ``data/cpsc2018`` run from two folders names two corpora (one relative key served
+    the second the first one's records), and ``../shared/data`` and ``/work/shared/data`` name one (two keys
+    prepared it twice). ``os.path.abspath`` semantics: ``..`` and ``.`` are folded, symlinks are not followed (the
+    folder is named as the user reaches it). An absolute path is kept exactly as given (``Path(path)``), so the
+    keys of absolute roots do not change; a relative one whose folded form would name another folder (``link/..``
+    after a symlinked folder) keeps its ``..``.
+
+    Args:
+        path: a file or folder path.
+
+    Returns:
+        The absolute :class:`~pathlib.Path`.
+    """
+    given = os.fspath(path)
+    if os.path.isabs(given):
+        return Path(given)
+    joined = os.path.join(os.getcwd(), given)
+    folded = os.path.normpath(joined)   # == os.path.abspath(given)
+    return Path(folded if os.path.realpath(folded) == os.path.realpath(joined) else joined)
 
 
 def is_decodable(name: str) -> bool:

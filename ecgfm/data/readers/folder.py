@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from ecgfm.data.readers._scan import check_decodable, is_decodable, scan_records
+from ecgfm.data.readers._scan import absolute_path, check_decodable, is_decodable, scan_records
 from ecgfm.data.readers.formats import check_fs_range, multi_segment_members, normalise_sex, read_wfdb
 from ecgfm.data.readers.tables import LabelTable, read_label_table
 from ecgfm.data.record import ECGDataError, ECGRecord
@@ -174,9 +174,10 @@ class FolderSource:
     warning).
 
     Args:
-        root: folder to scan.
+        root: folder to scan (relative: to the current directory; kept absolute,
+            :func:`~ecgfm.data.readers._scan.absolute_path`).
         labels_csv: optional CSV path (relative paths are taken relative to ``root`` first, then the current
-            directory).
+            directory; kept absolute).
         id_column: CSV column holding the record id.
         label_columns: CSV columns to use as labels (default: every column except ``id_column``,
             ``patient_column``, split columns named ``split``, ``fold`` or ``strat_fold`` and
@@ -216,7 +217,7 @@ class FolderSource:
                  name: str = "folder", patient_column: str | None = None, include_unlabelled: bool = True,
                  rename_leads: Mapping[str, str] | None = None, labels_encoding: str = "utf-8",
                  fs_range: Sequence[float] | None = None, sex_codes: Mapping[Any, str | None] | None = None):
-        self.root = Path(root)
+        self.root = absolute_path(root)   # absolute: the repr keys prepared caches (prepare_cache)
         if sex_codes is not None:   # public only when given: the description (cache key) of other sources stays
             self.sex_codes = _sex_codes(sex_codes)
         self.name = str(name)
@@ -249,6 +250,7 @@ class FolderSource:
         path = Path(labels_csv)
         if not path.is_absolute() and (self.root / path).is_file():
             path = self.root / path
+        path = absolute_path(path)   # else against the working directory, kept absolute (a public setting: key)
         if not path.is_file():
             raise ECGDataError(path, "labels CSV not found")
         self.labels_csv = path

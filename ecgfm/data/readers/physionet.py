@@ -11,7 +11,7 @@ from typing import Any, Sequence
 import numpy as np
 import wfdb
 
-from ecgfm.data.readers._scan import check_decodable, scan_records
+from ecgfm.data.readers._scan import absolute_path, check_decodable, scan_records
 from ecgfm.data.readers.formats import (
     _suffix_case_variant,
     check_fs_range,
@@ -122,7 +122,11 @@ def challenge_subset(record_id: str) -> str:
 
 
 class _FolderIndex:
-    """Shared plumbing of the folder-based sources: ``self._files`` maps record id -> path relative to root."""
+    """Shared plumbing of the folder-based sources: ``self._files`` maps record id -> path relative to root.
+
+    ``root`` (and ``ptbxl_root``) are kept absolute (:func:`~ecgfm.data.readers._scan.absolute_path`: a relative one
+    against the current directory), as the repr shows them: it keys prepared caches.
+    """
 
     name = "source"
     _what = "record"
@@ -175,7 +179,7 @@ class CinC2017Source(_FolderIndex):
     _what = "CinC 2017 record"
 
     def __init__(self, root: str | os.PathLike, fs_range: Sequence[float] | None = None):
-        self.root = Path(root)
+        self.root = absolute_path(root)   # absolute: the repr keys prepared caches (prepare_cache)
         self.fs_range = check_fs_range(fs_range)
         self._files = scan_records(self.root, ".hea")
         if not self._files:
@@ -244,7 +248,7 @@ class Challenge2021Source(_FolderIndex):
 
     def __init__(self, root: str | os.PathLike, fs_range: Sequence[float] | None = None,
                  ptbxl_root: str | os.PathLike | None = None):
-        self.root = Path(root)
+        self.root = absolute_path(root)   # absolute: the repr keys prepared caches (prepare_cache)
         self.fs_range = check_fs_range(fs_range)
         self._files = scan_records(self.root, ".hea", recursive=True)
         if not self._files:
@@ -253,7 +257,7 @@ class Challenge2021Source(_FolderIndex):
         if ptbxl_root is not None:
             # a public setting (in the cache's source description) only when given: a source without it describes
             # itself as before, so its existing caches stay current
-            self.ptbxl_root = Path(ptbxl_root)
+            self.ptbxl_root = absolute_path(ptbxl_root)
             from ecgfm.data.readers.ptbxl import load_ptbxl_table, ptbxl_patient   # the one checked reader
 
             table = load_ptbxl_table(self.ptbxl_root)
@@ -365,7 +369,7 @@ class CPSC2021Source(_FolderIndex):
     _what = "CPSC 2021 record"
 
     def __init__(self, root: str | os.PathLike, fs_range: Sequence[float] | None = None):
-        self.root = Path(root)
+        self.root = absolute_path(root)   # absolute: the repr keys prepared caches (prepare_cache)
         self.fs_range = check_fs_range(fs_range)
         self._files = scan_records(self.root, ".hea")
         if not self._files:
@@ -407,7 +411,7 @@ class CPSC2018Source(_FolderIndex):
     _suffix = ".mat"
 
     def __init__(self, root: str | os.PathLike):
-        self.root = Path(root)
+        self.root = absolute_path(root)   # absolute: the repr keys prepared caches (prepare_cache)
         self._files = scan_records(self.root, ".mat")
         if not self._files:
             raise ECGDataError(self.root, "no CPSC 2018 records (*.mat) found")
@@ -442,7 +446,7 @@ class MITBIHSource(_FolderIndex):
     _what = "MIT-BIH record"
 
     def __init__(self, root: str | os.PathLike, fs_range: Sequence[float] | None = None):
-        self.root = Path(root)
+        self.root = absolute_path(root)   # absolute: the repr keys prepared caches (prepare_cache)
         self.fs_range = check_fs_range(fs_range)
         heads = scan_records(self.root, ".hea")
         atrs = scan_records(self.root, ".atr")

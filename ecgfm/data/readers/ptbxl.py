@@ -33,7 +33,7 @@ from typing import Any, Collection, Mapping, Sequence
 
 import pandas as pd
 
-from ecgfm.data.readers._scan import check_decodable
+from ecgfm.data.readers._scan import absolute_path, check_decodable
 from ecgfm.data.readers.formats import check_fs_range, normalise_sex, read_wfdb
 from ecgfm.data.readers.tables import read_label_table, table_frame
 from ecgfm.data.record import ECGDataError, ECGRecord
@@ -268,7 +268,8 @@ class PTBXLSource:
     ``include_unlabelled=False``, signal files without a row.
 
     Args:
-        root: folder holding ``records100/`` and/or ``records500/`` and (optionally) the CSVs.
+        root: folder holding ``records100/`` and/or ``records500/`` and (optionally) the CSVs (relative: to the
+            current directory; kept absolute, :func:`~ecgfm.data.readers._scan.absolute_path`).
         fs: 100 or 500 (which record folder to read).
         include_unlabelled: also list records that have no metadata row.
         fs_range: plausible sampling rates ``(low, high)`` in Hz (default
@@ -283,7 +284,7 @@ class PTBXLSource:
 
     def __init__(self, root: str | os.PathLike, fs: int = 100, include_unlabelled: bool = True,
                  fs_range: Sequence[float] | None = None):
-        self.root = Path(root)
+        self.root = absolute_path(root)   # absolute: the repr keys prepared caches (prepare_cache)
         self.fs_range = check_fs_range(fs_range)
         if int(fs) not in _RATES:
             raise ValueError(f"PTB-XL fs must be 100 or 500, got {fs!r}")
