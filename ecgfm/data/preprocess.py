@@ -193,7 +193,9 @@ class PreprocessSpec:
             value = getattr(self, name)
             if value is None:
                 continue
-            what = "a number" if name in ("flat_threshold", "notch_q") else "a number or null (null: off)"
+            what = ("a number" if name in ("flat_threshold", "notch_q") else
+                    "a number or null (null: keep each record's own rate)" if name == "fs" else
+                    "a number or null (null: off)")
             if isinstance(value, (bool, np.bool_)):   # float(True) is 1.0: clip=true clipped every sample to +-1
                 raise ValueError(f"PreprocessSpec.{name} must be {what}, got the boolean {value!r} (a boolean is "
                                  f"not read as 1 or 0)")
@@ -211,6 +213,8 @@ class PreprocessSpec:
         if not whole:
             raise ValueError(f"PreprocessSpec.filter_order must be a whole number, got {order!r}")
         object.__setattr__(self, "filter_order", int(order))
+        if self.notch_q is None:   # notch_q: null (a hand-edited encoder.json) failed with a bare TypeError below
+            raise ValueError("PreprocessSpec.notch_q must be a number (the notch's quality factor), got None")
         if not self.notch_q > 0:
             raise ValueError(f"PreprocessSpec.notch_q must be positive, got {self.notch_q}")
         if self.median_baseline is not None and not float(self.median_baseline) > 0:

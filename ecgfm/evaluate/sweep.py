@@ -815,7 +815,13 @@ def _side_feature_versions() -> dict[str, str]:
     detector). A bump of either makes older cells stale instead of averaging them with new seeds."""
     from ecgfm.evaluate.handcrafted import FEATURE_VERSION, neurokit_version
 
-    return {"feature_version": FEATURE_VERSION, "neurokit2": neurokit_version()}
+    return {"feature_version": FEATURE_VERSION, "neurokit2": neurokit_version(), "missing": HANDCRAFTED_MISSING_RULE}
+
+
+#: how a probe scores a handcrafted feature group flagged missing (:class:`ecgfm.evaluate.probe.GroupMedianImputer`,
+#: since 2026-12-08; before, the 0 fill itself): in the recipe of every cell reading handcrafted features, so cells
+#: of the old rule are recomputed, never averaged with new ones
+HANDCRAFTED_MISSING_RULE = "imputed with the training subset's medians"
 
 
 def _identify(ctx: _Context, desc: Encoder, head: dict[str, Any]) -> None:
@@ -1231,6 +1237,8 @@ def probe_main(cfg: DictConfig) -> dict[str, Any]:
     _identify(ctx, desc, _probe_recipe(_container(cfg.probe)))
     task, ext = _prepare(ctx, desc)
     ctx.recipe["data"] = data_identity(task, ext)   # a changed label table or record set: the cells are stale
+    if desc.kind == HANDCRAFTED:   # the side-feature cells carry it in SIDE_FEATURE_VERSIONS
+        ctx.recipe["handcrafted_missing"] = HANDCRAFTED_MISSING_RULE
     # the guard before any cell is reused: a cell kept from a run with allow_leakage=true, or from before the
     # pretraining data was known, must not pass silently now
     leakage = leakage_check(desc, task, ext, bool(cfg.allow_leakage), _container(cfg.pretrain_caches) or [])

@@ -69,9 +69,12 @@ def final_block(summary: Mapping[str, Any]) -> str:
             if early else f"training finished: {name}, {summary.get('steps')} steps"
                           + (" (max_epochs)" if stop == "max_epochs" else ""))
     limit = str(summary.get("nothing_trained_limit") or "trainer.max_steps").split(" ")[0]
+    # a trainer=debug run always trains one batch: raising fast_dev_run would not train on
+    advice = ("leave out trainer=debug to train on" if limit == "trainer.fast_dev_run"
+              else f"raise {limit} to train on")
     lines = [f"== {what} ==" if not summary.get("nothing_trained")
              else f"== already complete: {summary.get('method')} / {summary.get('backbone')}, {summary.get('steps')} "
-                  f"steps; nothing trained (raise {limit} to train on) =="]
+                  f"steps; nothing trained ({advice}) =="]
     lines += [f"  {k:<{width}}  {v}" for k, v in rows]
     if enc:
         task = next_task(summary)

@@ -19,13 +19,9 @@ LAYER = "encoder.stages"
 @pytest.fixture(scope="module")
 def tiny():
     """An untrained resnet1d_test classifier (2 classes, 100 Hz, 250 samples) and 40 random inputs."""
-    torch.manual_seed(0)
-    bb = create_backbone("resnet1d_test").eval()
-    d = bb.embed(torch.zeros(1, 12, 250)).shape[-1]
-    wrapper = ECGWrapper.from_encoder_and_head(bb, torch.nn.Linear(d, 2), None, fs=100.0, class_names=("a", "b"),
-                                               n_samples=250)
-    x = torch.as_tensor(np.random.default_rng(0).normal(size=(40, 12, 250)), dtype=torch.float32)
-    return wrapper, x
+    from tests.unit.explain_helpers import tiny_tcav_wrapper
+
+    return tiny_tcav_wrapper()
 
 
 def _fresh_activations(wrapper, x):

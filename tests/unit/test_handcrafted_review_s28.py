@@ -4,6 +4,7 @@ would silently ignore (L2)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -160,3 +161,27 @@ def test_the_handcrafted_baseline_refuses_an_aggregation_it_would_ignore(tmp_pat
                                               f"use probe.aggregate=mean_embedding"):
         probe_main(_cfg(tmp_path, "checkpoint=handcrafted", f"probe.aggregate={aggregate}"))
     assert not (tmp_path / "results").exists() or not list((tmp_path / "results").rglob("*.json"))
+
+
+def _cell_files(root: Path) -> list[Path]:
+    return sorted(p for p in (root / "results").rglob("*.json") if "recipe" in json.loads(p.read_text()))
+
+
+def test_a_handcrafted_cell_of_the_zero_fill_rule_is_not_reused(tmp_path):
+    """The missing-group rule is part of the recipe identity of every cell reading handcrafted features: a cell
+    written before the imputation (its recipe without the rule, hence another recipe_id) is never reused or averaged
+    as a seed of the new cells."""
+    from ecgfm.evaluate.identity import recipe_identity
+    from ecgfm.evaluate.sweep import HANDCRAFTED_MISSING_RULE, probe_main
+
+    for overrides, pop in ((["checkpoint=handcrafted"], lambda r: r.pop("handcrafted_missing")),
+                           (["checkpoint=random:resnet1d_test", "probe.side_features=handcrafted"],
+                            lambda r: r["head"]["side_feature_versions"].pop("missing"))):
+        root = tmp_path / overrides[0].split("=")[1].split(":")[0]
+        probe_main(_cfg(root, *overrides))
+        (cell,) = _cell_files(root)
+        data = json.loads(cell.read_text())
+        recipe = data["recipe"]
+        assert recipe_identity(recipe) == data["recipe_id"]
+        assert pop(recipe) == HANDCRAFTED_MISSING_RULE            # the rule is in the cell's recipe ...
+        assert recipe_identity(recipe) != data["recipe_id"]       # ... and a recipe without it is another identity

@@ -176,16 +176,9 @@ def test_cav_accuracy_estimate_follows_the_classifier_paths():
 
 @pytest.fixture(scope="module")
 def tiny_tcav():
-    from ecgfm.backbones import create_backbone
-    from ecgfm.explain.wrapper import ECGWrapper
+    from tests.unit.explain_helpers import tiny_tcav_wrapper
 
-    torch.manual_seed(0)
-    bb = create_backbone("resnet1d_test").eval()
-    d = bb.embed(torch.zeros(1, 12, 250)).shape[-1]
-    wrapper = ECGWrapper.from_encoder_and_head(bb, torch.nn.Linear(d, 2), None, fs=100.0, class_names=("a", "b"),
-                                               n_samples=250)
-    x = torch.as_tensor(np.random.default_rng(0).normal(size=(40, 12, 250)), dtype=torch.float32)
-    return wrapper, x
+    return tiny_tcav_wrapper()
 
 
 def test_tcav_rows_say_which_estimate_cav_accuracy_is(tiny_tcav):

@@ -150,3 +150,14 @@ def test_a_spec_without_fs_still_gets_the_set_fs_remedy(caplog, monkeypatch):
         out = preprocess_record(_record(t=200, fs=20.0), PreprocessSpec(fs=None, highpass=None, lowpass=15.0))
     assert out.header["filters_not_applied"]
     assert "set PreprocessSpec.fs" in " ".join(r.getMessage() for r in caplog.records)
+
+
+def test_fs_null_is_described_as_keeping_each_records_rate_and_notch_q_null_is_named():
+    import pytest as _pytest
+
+    from ecgfm.data.preprocess import PreprocessSpec as _Spec
+
+    with _pytest.raises(ValueError, match=r"PreprocessSpec\.fs .*keep each record's own rate"):
+        _Spec(fs="fast")
+    with _pytest.raises(ValueError, match=r"PreprocessSpec\.notch_q must be a number"):
+        _Spec(notch_q=None)

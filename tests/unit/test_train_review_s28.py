@@ -190,3 +190,18 @@ def test_a_debug_run_reports_fast_dev_run_without_schedule_advice(tmp_path, capl
     second = train(_cfg(run, cache, ["trainer=debug"]))
     assert second["nothing_trained"] and second["stop_reason"] == "fast_dev_run"
     assert "trainer.max_epochs" not in caplog.text and "leave out trainer=debug" in caplog.text, caplog.text
+
+
+def test_the_final_block_of_a_debug_rerun_says_to_leave_out_trainer_debug():
+    """The end-of-run block took the first word of the limit: "raise trainer.fast_dev_run to train on" (a debug run
+    trains one batch whatever it is raised to), against the log line's advice."""
+    from ecgfm.train.report import final_block
+
+    summary = {"method": "mae", "backbone": "vit1d_test", "steps": 1, "stop_reason": "fast_dev_run",
+               "nothing_trained": True,
+               "nothing_trained_limit": "trainer.fast_dev_run (trainer=debug runs that many batches whatever the "
+                                        "step limits say; leave out trainer=debug to train on)"}
+    text = final_block(summary)
+    assert "leave out trainer=debug to train on" in text and "raise trainer.fast_dev_run" not in text
+    summary.update(stop_reason="max_steps", nothing_trained_limit="trainer.max_steps")
+    assert "raise trainer.max_steps to train on" in final_block(summary)
