@@ -264,7 +264,8 @@ def test_side_feature_version_is_part_of_the_recipe(monkeypatch, bump):
     assert recipe_identity({"head": after}) != recipe_identity({"head": before})
     monkeypatch.undo()
     assert before[S.SIDE_FEATURE_VERSIONS] == {"feature_version": H.FEATURE_VERSION,
-                                               "neurokit2": H.neurokit_version()}
+                                               "neurokit2": H.neurokit_version(),
+                                               "missing": S.HANDCRAFTED_MISSING_RULE}
     # after the upgrade, a kept cell of the old version is outdated (replaced, not kept as a row beside the new one)
     upgrade()
     stored = {"checkpoint": "random:resnet1d_test", "checkpoint_identity": {"basis": {"init_seed": 0}},
