@@ -37,6 +37,14 @@ def stopped_early(summary: Mapping[str, Any]) -> bool:
     return stop not in (None, "max_steps", "max_epochs")
 
 
+def train_on_advice(limit: str) -> str:
+    """What to change to train a finished run on, for the limit that stopped it (``trainer.max_steps``,
+    ``trainer.max_time ...``: its first word is the setting): "raise <setting> to train on", except for
+    ``trainer.fast_dev_run``, which a ``trainer=debug`` run always stops at whatever it is raised to."""
+    name = limit.split(" ")[0]
+    return "leave out trainer=debug to train on" if name == "trainer.fast_dev_run" else f"raise {name} to train on"
+
+
 def final_block(summary: Mapping[str, Any]) -> str:
     """The lines printed at the end of a training run (encoder, run folder, logs, summary, next commands)."""
     enc = summary.get("encoder_dir")
@@ -68,10 +76,7 @@ def final_block(summary: Mapping[str, Any]) -> str:
     what = (f"stopped early ({stop}): {name}, step {summary.get('steps')}" + (f" of {sched}" if sched else "")
             if early else f"training finished: {name}, {summary.get('steps')} steps"
                           + (" (max_epochs)" if stop == "max_epochs" else ""))
-    limit = str(summary.get("nothing_trained_limit") or "trainer.max_steps").split(" ")[0]
-    # a trainer=debug run always trains one batch: raising fast_dev_run would not train on
-    advice = ("leave out trainer=debug to train on" if limit == "trainer.fast_dev_run"
-              else f"raise {limit} to train on")
+    advice = train_on_advice(str(summary.get("nothing_trained_limit") or "trainer.max_steps"))
     lines = [f"== {what} ==" if not summary.get("nothing_trained")
              else f"== already complete: {summary.get('method')} / {summary.get('backbone')}, {summary.get('steps')} "
                   f"steps; nothing trained ({advice}) =="]

@@ -48,6 +48,7 @@ from ecgfm.train.build import (adopt_cache_preprocess, build_callbacks, build_lo
 from ecgfm.train.checkpoints import (AtomicCheckpointIO, DataFacts, check_resume_config, find_resume_checkpoint,
                                      guard_fresh_start, remove_stale_temporaries)
 from ecgfm.train.loop import FitClock, make_resumable, save_final_checkpoint, stepped_batches, stopped_mid_epoch
+from ecgfm.train.report import train_on_advice
 from ecgfm.train.safety import NonFiniteGuard, check_finite_state
 
 log = logging.getLogger(__name__)
@@ -390,8 +391,7 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
                  "fast_dev_run": "trainer.fast_dev_run (trainer=debug runs that many batches whatever the step "
                                  "limits say; leave out trainer=debug to train on)"}.get(stop_reason,
                                                                                           "trainer.max_steps")
-        advice = ("leave out trainer=debug (fast_dev_run) to train on" if stop_reason == "fast_dev_run"
-                  else f"raise {limit.split(' ')[0]} to train on")
+        advice = train_on_advice(limit)
         log.warning("the run in %s is already complete at step %d (%s): nothing trained; its summary.json and "
                     "encoder are kept (%s)", out_dir, trainer.global_step, stop_reason, advice)
         return {**_rebased_summary(json.loads(done.read_text()), out_dir), "nothing_trained": True,
